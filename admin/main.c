@@ -1,0 +1,47 @@
+/* daybook-admin: migrate the schema (and, later, rebuild, verify, status). */
+#include <stdio.h>
+#include <string.h>
+
+#include "admin.h"
+
+static const char usage[] =
+	"usage: daybook-admin <command> [options]\n"
+	"\n"
+	"Commands:\n"
+	"  migrate [--dir DIR]   apply the SQL migrations in DIR (default: the project's sql/,\n"
+	"                        or DAYBOOK_MIGRATIONS) in order, each once, with checksums\n"
+	"\n"
+	"Environment:\n"
+	"  DAYBOOK_PG            libpq connection string or URI of a role that may run DDL\n"
+	"                        (required)\n"
+	"  DAYBOOK_LOG_LEVEL     debug|info|warn|error (default info)\n";
+
+static const struct {
+	const char *name;
+	int (*run)(struct admin_ctx *ctx, int argc, char **argv);
+} commands[] = {
+	{ "migrate", admin_migrate },
+};
+
+int main(int argc, char **argv)
+{
+	struct admin_ctx ctx = { .log = { .service = "admin", .level = LOG_INFO } };
+	char err[512];
+
+	if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+		fputs(usage, argc < 2 ? stderr : stdout);
+		return argc < 2 ? 2 : 0;
+	}
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		if (strcmp(argv[1], commands[i].name) != 0)
+			continue;
+		if (!config_load(&ctx.cfg, CONFIG_NEED_PG, NULL, err, sizeof(err))) {
+			fprintf(stderr, "daybook-admin: %s\n", err);
+			return 2;
+		}
+		ctx.log.level = ctx.cfg.log_level;
+		return commands[i].run(&ctx, argc - 1, argv + 1);
+	}
+	fprintf(stderr, "daybook-admin: unknown command '%s'\n\n%s", argv[1], usage);
+	return 2;
+}

@@ -1,0 +1,250 @@
+/* daybook-admin migrate: apply sql/NNN_name.sql files in order, each once, checksummed. */
+#include <dirent.h>
+#include <errno.h>
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "admin.h"
+#include "sha256.h"
+
+#ifndef DAYBOOK_SQL_DIR
+#define DAYBOOK_SQL_DIR "sql"
+#endif
+
+/* Any constant will do, as long as every migrate uses the same one. */
+#define MIGRATE_LOCK_KEY "7406104711"
+
+struct migration {
+	int version;
+	char name[256];
+	char checksum[2 * SHA256_DIGEST_LEN + 1];
+	char *sql; /* owned */
+};
+
+static int by_version(const void *a, const void *b)
+{
+	const struct migration *x = a, *y = b;
+	return (x->version > y->version) - (x->version < y->version);
+}
+
+static char *read_file(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	char *buf = NULL;
+	long len;
+
+	if (!f)
+		return NULL;
+	if (fseek(f, 0, SEEK_END) == 0 && (len = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
+		buf = malloc((size_t)len + 1);
+		if (buf && fread(buf, 1, (size_t)len, f) != (size_t)len) {
+			free(buf);
+			buf = NULL;
+		} else if (buf) {
+			buf[len] = '\0';
+		}
+	}
+	fclose(f);
+	return buf;
+}
+
+/* "NNN_name.sql" → version; -1 for any other file name. */
+static int file_version(const char *name)
+{
+	char *end;
+	long v;
+	size_t n = strlen(name);
+
+	if (n < 6 || strcmp(name + n - 4, ".sql") != 0 || name[0] < '0' || name[0] > '9')
+		return -1;
+	v = strtol(name, &end, 10);
+	return *end == '_' && v >= 0 && v < 1000000 ? (int)v : -1;
+}
+
+static void free_migrations(struct migration *m, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(m[i].sql);
+	free(m);
+}
+
+/* Read every migration in dir, sorted by version. */
+static int load_dir(const char *dir, struct migration **out, size_t *count)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	struct migration *m = NULL;
+	size_t n = 0;
+
+	if (!d) {
+		fprintf(stderr, "daybook-admin: cannot open migrations directory %s: %s\n", dir,
+			strerror(errno));
+		return -1;
+	}
+	while ((e = readdir(d))) {
+		int v = file_version(e->d_name);
+		char path[4096];
+		struct migration *grown;
+		if (v < 0)
+			continue;
+		grown = realloc(m, (n + 1) * sizeof(*m));
+		if (!grown)
+			goto fail;
+		m = grown;
+		memset(&m[n], 0, sizeof(m[n]));
+		m[n].version = v;
+		snprintf(m[n].name, sizeof(m[n].name), "%s", e->d_name);
+		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		m[n].sql = read_file(path);
+		if (!m[n].sql) {
+			fprintf(stderr, "daybook-admin: cannot read %s: %s\n", path, strerror(errno));
+			n++;
+			goto fail;
+		}
+		uint8_t digest[SHA256_DIGEST_LEN];
+		sha256(m[n].sql, strlen(m[n].sql), digest);
+		sha256_hex(digest, m[n].checksum);
+		n++;
+	}
+	closedir(d);
+	qsort(m, n, sizeof(*m), by_version);
+	for (size_t i = 1; i < n; i++) {
+		if (m[i].version == m[i - 1].version) {
+			fprintf(stderr, "daybook-admin: %s and %s share version %d\n", m[i - 1].name,
+				m[i].name, m[i].version);
+			free_migrations(m, n);
+			return -1;
+		}
+	}
+	*out = m;
+	*count = n;
+	return 0;
+fail:
+	closedir(d);
+	free_migrations(m, n);
+	return -1;
+}
+
+static bool exec_ok(PGconn *conn, const char *sql, const char *what)
+{
+	PGresult *r = PQexec(conn, sql);
+	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
+
+	if (!ok)
+		fprintf(stderr, "daybook-admin: %s: %s", what, PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
+/* Apply one migration and record it, in one transaction. */
+static bool apply(PGconn *conn, const struct migration *m)
+{
+	char version[16];
+	const char *params[3] = { version, m->name, m->checksum };
+	PGresult *r;
+	bool ok;
+
+	snprintf(version, sizeof(version), "%d", m->version);
+	if (!exec_ok(conn, "BEGIN", "BEGIN"))
+		return false;
+	if (!exec_ok(conn, m->sql, m->name)) {
+		exec_ok(conn, "ROLLBACK", "ROLLBACK");
+		return false;
+	}
+	r = PQexecParams(conn,
+			 "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+			 3, NULL, params, NULL, NULL, 0);
+	ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+	if (!ok)
+		fprintf(stderr, "daybook-admin: recording %s: %s", m->name, PQresultErrorMessage(r));
+	PQclear(r);
+	if (!ok) {
+		exec_ok(conn, "ROLLBACK", "ROLLBACK");
+		return false;
+	}
+	return exec_ok(conn, "COMMIT", "COMMIT");
+}
+
+/* The checksum recorded for a version, or NULL when it was never applied. */
+static const char *applied_checksum(PGresult *applied, int version)
+{
+	for (int i = 0; i < PQntuples(applied); i++)
+		if (atoi(PQgetvalue(applied, i, 0)) == version)
+			return PQgetvalue(applied, i, 1);
+	return NULL;
+}
+
+static int run(PGconn *conn, struct migration *m, size_t n)
+{
+	PGresult *applied = PQexec(conn, "SELECT version, checksum FROM schema_migrations "
+					 "WHERE to_regclass('schema_migrations') IS NOT NULL");
+	int done = 0, rc = 0;
+
+	/* Before the first migration the table does not exist: nothing applied yet. */
+	if (PQresultStatus(applied) != PGRES_TUPLES_OK) {
+		PQclear(applied);
+		applied = NULL;
+	}
+	for (size_t i = 0; i < n; i++) {
+		const char *sum = applied ? applied_checksum(applied, m[i].version) : NULL;
+		if (sum && strcmp(sum, m[i].checksum) != 0) {
+			fprintf(stderr,
+				"daybook-admin: migration %s was applied with checksum %s but the file "
+				"now has %s; an applied migration must not change (add a new one)\n",
+				m[i].name, sum, m[i].checksum);
+			rc = 1;
+			break;
+		}
+		if (sum)
+			continue;
+		if (!apply(conn, &m[i])) {
+			rc = 1;
+			break;
+		}
+		printf("applied %s\n", m[i].name);
+		done++;
+	}
+	if (rc == 0 && done == 0)
+		printf("schema is up to date (%zu migrations)\n", n);
+	PQclear(applied);
+	return rc;
+}
+
+int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
+{
+	const char *dir = getenv("DAYBOOK_MIGRATIONS");
+	struct migration *m = NULL;
+	size_t n = 0;
+	PGconn *conn;
+	int rc;
+
+	if (!dir || !*dir)
+		dir = DAYBOOK_SQL_DIR;
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc) {
+			dir = argv[++i];
+		} else {
+			fprintf(stderr, "daybook-admin migrate: unexpected argument '%s'\n", argv[i]);
+			return 2;
+		}
+	}
+	if (load_dir(dir, &m, &n))
+		return 1;
+	conn = PQconnectdb(ctx->cfg.pg);
+	if (PQstatus(conn) != CONNECTION_OK) {
+		fprintf(stderr, "daybook-admin: cannot connect to PostgreSQL: %s", PQerrorMessage(conn));
+		PQfinish(conn);
+		free_migrations(m, n);
+		return 1;
+	}
+	/* Concurrent migrates queue up instead of racing; the lock ends with the session. */
+	rc = exec_ok(conn, "SET client_min_messages = warning", "settings") &&
+			     exec_ok(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "locking")
+		     ? run(conn, m, n)
+		     : 1;
+	PQfinish(conn);
+	free_migrations(m, n);
+	return rc;
+}

@@ -1,0 +1,931 @@
+/* Group commit: concurrent commands are decided together against one state and
+ * appended in one PostgreSQL transaction (one round trip, one fsync), and each is
+ * answered only once that transaction has committed.
+ *
+ * A batch goes through two pipelines on the service's single connection:
+ *   load  - fold the streams the cache lacks, find stored idempotency records and
+ *           used transfer ids (skipped when nothing is missing);
+ *   write - INSERT every event and idempotency record; the pipeline's sync commits
+ *           them as one implicit transaction, or rolls all of them back.
+ * Decisions run in memory against a batch-local overlay of the account cache, so a
+ * command that a rule refuses refuses only itself. Should the write fail anyway (a
+ * concurrent writer elsewhere took a version or a transfer id), nothing was written:
+ * the batch's commands are retried one by one from fresh state, so one command's
+ * conflict never fails another. */
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "command.h"
+
+#define BATCH_MAX 256
+#define PENDING_MAX 20000
+#define CACHE_MAX 200000
+#define MAX_ATTEMPTS 3
+#define POSITION_PLACEHOLDER "?"
+
+static const struct pg_statement statements[] = {
+	{ "load_streams",
+	  "SELECT stream, type, data FROM events WHERE stream = ANY($1::text[]) "
+	  "ORDER BY stream, version" },
+	{ "load_idem",
+	  "SELECT token_id, key, encode(request_hash, 'hex'), status, headers::text, body "
+	  "FROM idempotency_keys WHERE (token_id, key) IN "
+	  "(SELECT * FROM unnest($1::text[], $2::text[]))" },
+	{ "load_transfers",
+	  "SELECT data->>'transfer_id' FROM events "
+	  "WHERE type = 'TransferSent' AND data->>'transfer_id' = ANY($1::text[])" },
+	{ "append",
+	  "INSERT INTO events (stream, version, type, data, metadata) "
+	  "VALUES ($1, $2, $3, $4, $5) RETURNING txid::text || '.' || position::text" },
+	/* The record commits with the events, before their positions are known to us,
+	 * so the stored body gets its position from the log in the same statement. */
+	{ "idem_put",
+	  "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, body) "
+	  "VALUES ($1, $2, decode($3, 'hex'), $4, $5, replace($6, '\"position\":\"" POSITION_PLACEHOLDER
+	  "\"', coalesce((SELECT '\"position\":\"' || txid::text || '.' || position::text || '\"' "
+	  "FROM events WHERE stream = $7 AND version = $8::integer), '')))" },
+	{ "idem_sweep",
+	  "DELETE FROM idempotency_keys WHERE created_at < now() - interval '25 hours'" },
+};
+
+/* A command's outcome within the batch. */
+struct slot {
+	struct cmd *cmd;
+	int status;       /* 0 while undecided */
+	json_t *body;     /* the response body, owned */
+	json_t *headers;  /* {"ETag": ..., "Location": ...}, owned */
+	bool replay;      /* answered from a stored record */
+	int last_event;   /* index of its last event in the batch, -1 for none */
+};
+
+struct pending_event {
+	char stream[LEDGER_ID_MAX + 16];
+	char version[12];
+	const char *type;
+	char *data, *metadata; /* owned */
+	int slot;
+};
+
+enum batch_state { B_IDLE, B_LOADING, B_WRITING, B_SWEEPING };
+
+struct batcher {
+	struct command_ctx *ctx;
+	struct cmd *head, *tail; /* commands waiting for the next batch */
+	size_t npending;
+	struct strmap *cache;    /* account id -> struct ledger_account, committed state */
+	struct strmap *inflight; /* "token\x1fkey" of keyed commands not yet answered */
+	enum batch_state state;
+	/* The batch in flight. */
+	struct slot slots[BATCH_MAX];
+	size_t nslots;
+	struct pending_event events[2 * BATCH_MAX];
+	size_t nevents;
+	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
+	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
+	int q_streams, q_idem, q_transfers; /* result index of each load query, -1: not sent */
+	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable;
+};
+
+static void start_batch(struct batcher *b);
+
+static struct ledger_account *account_new(const char *id)
+{
+	struct ledger_account *acc = calloc(1, sizeof(*acc));
+
+	if (acc)
+		snprintf(acc->id, sizeof(acc->id), "%s", id);
+	return acc;
+}
+
+int batcher_open(struct batcher **out, struct command_ctx *ctx)
+{
+	struct batcher *b = calloc(1, sizeof(*b));
+	struct metrics *m = ctx->metrics;
+
+	*out = NULL;
+	if (!b || strmap_open(&b->cache, free) || strmap_open(&b->inflight, NULL) ||
+	    strmap_open(&b->overlay, free) || strmap_open(&b->transfers, NULL)) {
+		batcher_close(&b);
+		return -1;
+	}
+	b->ctx = ctx;
+	b->batch_size = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_batch_size",
+				    "Commands per group-commit transaction.", "", metrics_size_buckets,
+				    metrics_size_buckets_len);
+	b->events_total = metrics_get(m, METRIC_COUNTER, "daybook_events_appended_total",
+				      "Events committed to the event store.", "", NULL, 0);
+	b->replays = metrics_get(m, METRIC_COUNTER, "daybook_idempotent_replays_total",
+				 "Requests answered from a stored idempotency record.", "", NULL, 0);
+	b->conflicts = metrics_get(m, METRIC_COUNTER, "daybook_append_conflicts_total",
+				   "Batches rolled back by a conflict and retried one by one.", "", NULL, 0);
+	b->unavailable = metrics_get(m, METRIC_COUNTER, "daybook_append_unavailable_total",
+				     "Commands refused because PostgreSQL was unreachable.", "", NULL, 0);
+	*out = b;
+	return 0;
+}
+
+void batcher_close(struct batcher **bp)
+{
+	struct batcher *b = *bp;
+
+	if (!b)
+		return;
+	for (struct cmd *c = b->head, *next; c; c = next) {
+		next = c->next;
+		cmd_free(c);
+	}
+	strmap_close(&b->cache);
+	strmap_close(&b->inflight);
+	strmap_close(&b->overlay);
+	strmap_close(&b->transfers);
+	free(b);
+	*bp = NULL;
+}
+
+const struct pg_statement *command_statements(size_t *n)
+{
+	*n = sizeof(statements) / sizeof(statements[0]);
+	return statements;
+}
+
+static void inflight_key(const struct cmd *cmd, char *out, size_t len)
+{
+	snprintf(out, len, "%s\x1f%s", cmd->token_id, cmd->idem_key);
+}
+
+/* Answer a command and forget it. */
+static void answer(struct batcher *b, struct cmd *cmd, int status, json_t *body, json_t *headers,
+		   bool replay)
+{
+	struct http_request *req = cmd->req;
+	const char *name;
+	json_t *value;
+
+	if (cmd->idem_key[0]) {
+		char key[400];
+		inflight_key(cmd, key, sizeof(key));
+		strmap_remove(b->inflight, key);
+	}
+	json_object_foreach(headers, name, value)
+		if (json_is_string(value))
+			http_set_header(req, name, json_string_value(value));
+	if (replay)
+		http_set_header(req, "Idempotent-Replayed", "true");
+	if (status == 503)
+		http_set_header(req, "Retry-After", "1");
+	if (status >= 400) {
+		char *text = json_dumps(body, JSON_COMPACT);
+		http_reply_raw(req, status, "application/problem+json", text ? text : "{}",
+			       text ? strlen(text) : 2);
+		free(text);
+		json_decref(body);
+	} else {
+		http_reply_json(req, status, body);
+	}
+	cmd_free(cmd);
+}
+
+static void answer_problem(struct batcher *b, struct cmd *cmd, int status, const char *code,
+			   const char *title, const char *detail)
+{
+	answer(b, cmd, status, http_problem_json(status, code, title, detail), NULL, false);
+}
+
+static void answer_unavailable(struct batcher *b, struct cmd *cmd, const char *why)
+{
+	metric_add(b->unavailable, 1);
+	answer_problem(b, cmd, 503, "unavailable", "Service unavailable", why);
+}
+
+void batcher_submit(struct batcher *b, struct cmd *cmd)
+{
+	if (b->ctx->stopping || !pg_connected(b->ctx->pg)) {
+		answer_unavailable(b, cmd, "the event store is unreachable; retry shortly");
+		return;
+	}
+	if (b->npending >= PENDING_MAX) {
+		answer_unavailable(b, cmd, "too many writes are waiting; retry shortly");
+		return;
+	}
+	if (cmd->idem_key[0]) {
+		char key[400];
+		inflight_key(cmd, key, sizeof(key));
+		if (strmap_get(b->inflight, key)) {
+			answer_problem(b, cmd, 409, "request_in_progress", "Request in progress",
+				       "a request with this Idempotency-Key is still being processed");
+			return;
+		}
+		if (!strmap_put(b->inflight, key, b)) {
+			answer_unavailable(b, cmd, "out of memory");
+			return;
+		}
+	}
+	cmd->next = NULL;
+	if (b->tail)
+		b->tail->next = cmd;
+	else
+		b->head = cmd;
+	b->tail = cmd;
+	b->npending++;
+	start_batch(b);
+}
+
+void batcher_kick(struct batcher *b)
+{
+	start_batch(b);
+}
+
+bool batcher_idle(const struct batcher *b)
+{
+	return b->state == B_IDLE && b->head == NULL;
+}
+
+/* Free the batch's working state (answers already sent or commands requeued). */
+static void reset_batch(struct batcher *b)
+{
+	for (size_t i = 0; i < b->nevents; i++) {
+		free(b->events[i].data);
+		free(b->events[i].metadata);
+	}
+	for (size_t i = 0; i < b->nslots; i++) {
+		json_decref(b->slots[i].body);
+		json_decref(b->slots[i].headers);
+	}
+	memset(b->slots, 0, b->nslots * sizeof(b->slots[0]));
+	b->nslots = b->nevents = 0;
+	strmap_clear(b->overlay);
+	strmap_clear(b->transfers);
+	b->state = B_IDLE;
+}
+
+/* Every account id a command touches. */
+static size_t cmd_accounts(const struct cmd *cmd, const char *ids[2])
+{
+	switch (cmd->kind) {
+	case CMD_OPEN:
+		ids[0] = cmd->u.open.id;
+		return 1;
+	case CMD_TRANSFER:
+		ids[0] = cmd->u.transfer.from;
+		ids[1] = cmd->u.transfer.to;
+		return 2;
+	default:
+		ids[0] = cmd->account;
+		return 1;
+	}
+}
+
+/* Forget cached state the batch may have changed: after a failure, what committed is
+ * unknown or was refused, and the log is the only truth. */
+static void invalidate(struct batcher *b)
+{
+	for (size_t i = 0; i < b->nslots; i++) {
+		const char *ids[2];
+		size_t n = cmd_accounts(b->slots[i].cmd, ids);
+		for (size_t j = 0; j < n; j++)
+			strmap_remove(b->cache, ids[j]);
+	}
+}
+
+static void fail_batch(struct batcher *b, int status, const char *why)
+{
+	invalidate(b);
+	for (size_t i = 0; i < b->nslots; i++) {
+		if (status == 503)
+			answer_unavailable(b, b->slots[i].cmd, why);
+		else
+			answer_problem(b, b->slots[i].cmd, status, "internal", "Internal error", why);
+		b->slots[i].cmd = NULL;
+	}
+	reset_batch(b);
+}
+
+/* Answer every queued command with 503: the connection is gone. */
+static void fail_pending(struct batcher *b, const char *why)
+{
+	while (b->head) {
+		struct cmd *cmd = b->head;
+		b->head = cmd->next;
+		answer_unavailable(b, cmd, why);
+	}
+	b->tail = NULL;
+	b->npending = 0;
+}
+
+/* Build a text[] literal of ids with a prefix ("account-"), or of plain strings. */
+static char *array_literal(const char *const *items, size_t n, const char *prefix)
+{
+	struct evbuffer *buf = evbuffer_new();
+	char *out = NULL, tmp[LEDGER_ID_MAX + 32];
+	size_t len;
+
+	if (!buf)
+		return NULL;
+	evbuffer_add(buf, "{", 1);
+	for (size_t i = 0; i < n; i++) {
+		snprintf(tmp, sizeof(tmp), "%s%s", prefix, items[i]);
+		pg_array_append(buf, prefix[0] ? tmp : items[i], i == 0);
+	}
+	evbuffer_add(buf, "}", 2); /* with the NUL */
+	len = evbuffer_get_length(buf);
+	out = malloc(len);
+	if (out)
+		evbuffer_remove(buf, out, len);
+	evbuffer_free(buf);
+	return out;
+}
+
+/* --- deciding ------------------------------------------------------------------ */
+
+/* This batch's view of an account: the overlay, else a copy of the cache, else
+ * a fresh "does not exist" (the load phase fetched every account the cache lacks). */
+static struct ledger_account *view(struct batcher *b, const char *id)
+{
+	struct ledger_account *acc = strmap_get(b->overlay, id), *cached;
+
+	if (acc)
+		return acc;
+	acc = account_new(id);
+	if (!acc)
+		return NULL;
+	cached = strmap_get(b->cache, id);
+	if (cached)
+		*acc = *cached;
+	if (!strmap_put(b->overlay, id, acc)) {
+		free(acc);
+		return NULL;
+	}
+	return acc;
+}
+
+static json_t *metadata_json(const struct cmd *cmd)
+{
+	json_t *m = json_pack("{s:s, s:s, s:s}", "request_id", cmd->request_id, "token_id",
+			      cmd->token_id, "time", cmd->time);
+
+	if (m && cmd->idem_key[0])
+		json_object_set_new(m, "idempotency_key", json_string(cmd->idem_key));
+	return m;
+}
+
+/* Record an event for the write pipeline and fold it into the overlay. */
+static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
+		      const struct ledger_event *ev)
+{
+	struct pending_event *pe = &b->events[b->nevents];
+	json_t *data, *meta;
+
+	if (!ledger_evolve(acc, ev))
+		return false;
+	data = ledger_event_to_json(ev);
+	meta = metadata_json(b->slots[slot].cmd);
+	pe->data = data ? json_dumps(data, JSON_COMPACT) : NULL;
+	pe->metadata = meta ? json_dumps(meta, JSON_COMPACT) : NULL;
+	json_decref(data);
+	json_decref(meta);
+	if (!pe->data || !pe->metadata) {
+		free(pe->data);
+		free(pe->metadata);
+		return false;
+	}
+	snprintf(pe->stream, sizeof(pe->stream), "account-%s", acc->id);
+	snprintf(pe->version, sizeof(pe->version), "%" PRId32, acc->version);
+	pe->type = ledger_event_name(ev->type);
+	pe->slot = slot;
+	b->slots[slot].last_event = (int)b->nevents++;
+	return true;
+}
+
+static void etag(json_t *headers, int32_t version)
+{
+	char tag[16];
+
+	snprintf(tag, sizeof(tag), "\"%" PRId32 "\"", version);
+	json_object_set_new(headers, "ETag", json_string(tag));
+}
+
+static void set_refusal(struct slot *s, enum ledger_error err, const char *detail)
+{
+	s->status = ledger_error_status(err);
+	s->body = http_problem_json(s->status, ledger_error_code(err), ledger_error_title(err), detail);
+	s->headers = json_object();
+}
+
+/* Human detail for a refusal, naming the entities involved. */
+static void refusal_detail(const struct cmd *cmd, enum ledger_error err,
+			   const struct ledger_account *acc, char *out, size_t len)
+{
+	const char *id = cmd->kind == CMD_OPEN ? cmd->u.open.id : cmd->account;
+
+	switch (err) {
+	case LEDGER_ACCOUNT_NOT_FOUND:
+		snprintf(out, len, "account '%s' does not exist", acc ? acc->id : id);
+		break;
+	case LEDGER_VERSION_MISMATCH:
+		snprintf(out, len, "account '%s' is at version %" PRId32 ", not %" PRId32, id,
+			 acc ? acc->version : 0, cmd->expected_version);
+		break;
+	case LEDGER_TRANSFER_EXISTS:
+		snprintf(out, len, "transfer '%s' already exists", cmd->u.transfer.id);
+		break;
+	default:
+		snprintf(out, len, "%s", ledger_error_title(err));
+		if (acc)
+			snprintf(out, len, "%s (account '%s')", ledger_error_title(err), acc->id);
+		break;
+	}
+}
+
+static enum ledger_error decide_transfer(struct batcher *b, int i, struct ledger_account **blame)
+{
+	struct cmd *cmd = b->slots[i].cmd;
+	const struct ledger_transfer_body *t = &cmd->u.transfer;
+	struct ledger_account *from = view(b, t->from), *to = view(b, t->to);
+	struct ledger_event ev[2];
+	enum ledger_error err;
+
+	if (!from || !to)
+		return LEDGER_OVERFLOW; /* out of memory; reported as a refusal below */
+	if (strmap_get(b->transfers, t->id))
+		return LEDGER_TRANSFER_EXISTS;
+	err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
+	*blame = !ledger_account_exists(from) || from->closed || err == LEDGER_INSUFFICIENT_FUNDS ? from : to;
+	if (err)
+		return err;
+	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
+	    !strmap_put(b->transfers, t->id, b))
+		return LEDGER_OVERFLOW;
+	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
+				     (json_int_t)from->version, "to_version", (json_int_t)to->version,
+				     "position", POSITION_PLACEHOLDER);
+	return LEDGER_OK;
+}
+
+static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_account **blame)
+{
+	struct cmd *cmd = b->slots[i].cmd;
+	const char *id = cmd->kind == CMD_OPEN ? cmd->u.open.id : cmd->account;
+	struct ledger_account *acc = view(b, id);
+	struct ledger_event ev;
+	enum ledger_error err = LEDGER_OK;
+	char location[LEDGER_ID_MAX + 16];
+
+	*blame = acc;
+	if (!acc)
+		return LEDGER_OVERFLOW;
+	switch (cmd->kind) {
+	case CMD_OPEN:
+		err = ledger_decide_open(acc, id, cmd->u.open.name, cmd->u.open.currency,
+					 cmd->u.open.overdraft_limit, &ev);
+		break;
+	case CMD_DEPOSIT:
+		err = ledger_decide_deposit(acc, cmd->expected_version, cmd->u.money.amount,
+					    cmd->u.money.reference, &ev);
+		break;
+	case CMD_WITHDRAW:
+		err = ledger_decide_withdraw(acc, cmd->expected_version, cmd->u.money.amount,
+					     cmd->u.money.reference, &ev);
+		break;
+	case CMD_CLOSE:
+		err = ledger_decide_close(acc, cmd->expected_version, &ev);
+		break;
+	case CMD_TRANSFER:
+		break;
+	}
+	if (err)
+		return err;
+	if (!add_event(b, i, acc, &ev))
+		return LEDGER_OVERFLOW;
+	etag(b->slots[i].headers, acc->version);
+	if (cmd->kind == CMD_OPEN) {
+		snprintf(location, sizeof(location), "/accounts/%s", id);
+		json_object_set_new(b->slots[i].headers, "Location", json_string(location));
+	}
+	b->slots[i].body = json_pack("{s:s, s:I}", "account_id", id, "version", (json_int_t)acc->version);
+	if (cmd->kind == CMD_DEPOSIT || cmd->kind == CMD_WITHDRAW)
+		json_object_set_new(b->slots[i].body, "balance", json_integer(acc->balance));
+	json_object_set_new(b->slots[i].body, "position", json_string(POSITION_PLACEHOLDER));
+	return LEDGER_OK;
+}
+
+static void decide(struct batcher *b, int i)
+{
+	struct slot *s = &b->slots[i];
+	struct ledger_account *blame = NULL;
+	enum ledger_error err;
+	char detail[256];
+
+	s->last_event = -1;
+	s->headers = json_object();
+	err = s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &blame) : decide_account(b, i, &blame);
+	if (err == LEDGER_OK) {
+		s->status = 201;
+		return;
+	}
+	json_decref(s->headers);
+	json_decref(s->body);
+	s->body = NULL;
+	refusal_detail(s->cmd, err, blame, detail, sizeof(detail));
+	set_refusal(s, err, detail);
+}
+
+/* --- writing ------------------------------------------------------------------- */
+
+static bool queue_event(struct batcher *b, const struct pending_event *pe)
+{
+	const char *v[5] = { pe->stream, pe->version, pe->type, pe->data, pe->metadata };
+	return pg_queue(b->ctx->pg, "append", 5, v);
+}
+
+/* Decided outcomes worth replaying: successes and business refusals. */
+static bool keeps_record(const struct slot *s)
+{
+	return s->cmd->idem_key[0] && !s->replay && s->status != 0 && s->status < 500;
+}
+
+static bool queue_record(struct batcher *b, const struct slot *s)
+{
+	const struct cmd *cmd = s->cmd;
+	const struct pending_event *last = s->last_event >= 0 ? &b->events[s->last_event] : NULL;
+	char status[8], *headers = json_dumps(s->headers, JSON_COMPACT),
+			*body = json_dumps(s->body, JSON_COMPACT);
+	const char *v[8] = { cmd->token_id, cmd->idem_key, cmd->idem_hash, status, headers, body,
+			     last ? last->stream : NULL, last ? last->version : NULL };
+	bool ok = headers && body;
+
+	snprintf(status, sizeof(status), "%d", s->status);
+	ok = ok && pg_queue(b->ctx->pg, "idem_put", 8, v);
+	free(headers);
+	free(body);
+	return ok;
+}
+
+/* Answer every slot of a committed (or write-free) batch; positions from `results`. */
+static void answer_all(struct batcher *b, PGresult *const *results)
+{
+	for (size_t i = 0; i < b->nslots; i++) {
+		struct slot *s = &b->slots[i];
+		if (s->status == 201 && !s->replay && s->last_event >= 0 && results) {
+			PGresult *r = results[s->last_event];
+			json_object_set_new(s->body, "position", json_string(PQgetvalue(r, 0, 0)));
+		}
+		if (s->replay)
+			metric_add(b->replays, 1);
+		answer(b, s->cmd, s->status, s->body, s->headers, s->replay);
+		s->body = s->headers = NULL;
+		s->cmd = NULL;
+	}
+}
+
+/* Move the overlay's accounts into the cache: they are now committed state. */
+static void commit_overlay(struct batcher *b)
+{
+	if (strmap_count(b->cache) + strmap_count(b->overlay) > CACHE_MAX)
+		strmap_clear(b->cache); /* crude bound on memory; cold accounts reload */
+	for (size_t i = 0; i < b->nevents; i++) {
+		const char *id = b->events[i].stream + strlen("account-");
+		struct ledger_account *acc = strmap_get(b->overlay, id), *copy;
+		if (!acc || strmap_get(b->cache, id) == acc)
+			continue;
+		copy = malloc(sizeof(*copy));
+		if (!copy)
+			continue;
+		*copy = *acc;
+		if (!strmap_put(b->cache, id, copy))
+			free(copy);
+	}
+}
+
+/* After a rollback: put the batch's commands back at the head of the queue, each to
+ * be retried alone from fresh state. */
+static void requeue_solo(struct batcher *b, const char *why)
+{
+	struct cmd *first = NULL, *last = NULL;
+
+	invalidate(b);
+	for (size_t i = 0; i < b->nslots; i++) {
+		struct cmd *cmd = b->slots[i].cmd;
+		b->slots[i].cmd = NULL;
+		if (++cmd->attempts >= MAX_ATTEMPTS) {
+			log_msg(&b->ctx->log, LOG_ERROR, cmd->request_id, "append failed %d times: %s",
+				cmd->attempts, why);
+			answer_problem(b, cmd, 500, "internal", "Internal error",
+				       "the event store refused the append; see the service log");
+			continue;
+		}
+		cmd->solo = true;
+		cmd->next = NULL;
+		if (last)
+			last->next = cmd;
+		else
+			first = cmd;
+		last = cmd;
+		b->npending++;
+	}
+	if (last) {
+		last->next = b->head;
+		if (!b->head)
+			b->tail = last;
+		b->head = first;
+	}
+	reset_batch(b);
+}
+
+static void write_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct batcher *b = arg;
+
+	if (error) {
+		/* The commit may or may not have happened: the clients get 503 and retry,
+		 * with their Idempotency-Key if they want exactly-once. */
+		fail_batch(b, 503, "the event store became unreachable; the outcome is unknown, retry with the same Idempotency-Key");
+		fail_pending(b, "the event store is unreachable; retry shortly");
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		ExecStatusType st = PQresultStatus(results[i]);
+		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+			if (st == PGRES_FATAL_ERROR) {
+				log_warn(&b->ctx->log, "batch of %zu rolled back (%s): %s", b->nslots,
+					 pg_sqlstate(results[i]), PQresultErrorMessage(results[i]));
+				metric_add(b->conflicts, 1);
+				requeue_solo(b, PQresultErrorMessage(results[i]));
+				start_batch(b);
+				return;
+			}
+		}
+	}
+	metric_add(b->events_total, (double)b->nevents);
+	commit_overlay(b);
+	answer_all(b, results);
+	reset_batch(b);
+	start_batch(b);
+}
+
+static void write_batch(struct batcher *b)
+{
+	size_t nrecords = 0;
+	bool ok = true;
+
+	for (size_t i = 0; ok && i < b->nevents; i++)
+		ok = queue_event(b, &b->events[i]);
+	for (size_t i = 0; ok && i < b->nslots; i++) {
+		if (keeps_record(&b->slots[i])) {
+			ok = queue_record(b, &b->slots[i]);
+			nrecords++;
+		}
+	}
+	if (ok && b->nevents == 0 && nrecords == 0) {
+		/* Nothing to write: every answer rests on committed state. */
+		answer_all(b, NULL);
+		reset_batch(b);
+		start_batch(b);
+		return;
+	}
+	if (!ok || !pg_run(b->ctx->pg, write_done, b)) {
+		fail_batch(b, 503, "the event store became unreachable; retry shortly");
+		return;
+	}
+	b->state = B_WRITING;
+}
+
+/* --- loading ------------------------------------------------------------------- */
+
+/* Fold the loaded streams into the cache. */
+static bool fold_streams(struct batcher *b, PGresult *r)
+{
+	struct ledger_account *acc = NULL;
+
+	for (int row = 0; row < PQntuples(r); row++) {
+		const char *id = PQgetvalue(r, row, 0) + strlen("account-");
+		enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 1));
+		json_t *data = json_loads(PQgetvalue(r, row, 2), 0, NULL);
+		struct ledger_event ev;
+		bool ok;
+
+		if (!acc || strcmp(acc->id, id) != 0) {
+			acc = account_new(id);
+			if (!acc || !strmap_put(b->cache, id, acc)) {
+				free(acc);
+				json_decref(data);
+				return false;
+			}
+		}
+		ok = data && type && ledger_event_from_json(type, data, &ev);
+		if (ok && type == LEDGER_ACCOUNT_OPENED)
+			ev.account_id = id;
+		ok = ok && ledger_evolve(acc, &ev);
+		json_decref(data);
+		if (!ok) {
+			log_error(&b->ctx->log, "cannot fold stream %s at row %d", PQgetvalue(r, row, 0), row);
+			strmap_remove(b->cache, id);
+			return false;
+		}
+	}
+	return true;
+}
+
+static struct slot *slot_of(struct batcher *b, const char *token_id, const char *key)
+{
+	for (size_t i = 0; i < b->nslots; i++)
+		if (strcmp(b->slots[i].cmd->token_id, token_id) == 0 &&
+		    strcmp(b->slots[i].cmd->idem_key, key) == 0)
+			return &b->slots[i];
+	return NULL;
+}
+
+/* Stored idempotency records decide their commands: replay, or refuse a reuse. */
+static void apply_records(struct batcher *b, PGresult *r)
+{
+	for (int row = 0; row < PQntuples(r); row++) {
+		struct slot *s = slot_of(b, PQgetvalue(r, row, 0), PQgetvalue(r, row, 1));
+		if (!s)
+			continue;
+		if (strcmp(PQgetvalue(r, row, 2), s->cmd->idem_hash) != 0) {
+			s->status = 422;
+			s->body = http_problem_json(422, "idempotency_key_reused", "Idempotency key reused",
+						    "this Idempotency-Key was used with a different request");
+			s->headers = json_object();
+			continue;
+		}
+		s->status = atoi(PQgetvalue(r, row, 3));
+		s->headers = json_loads(PQgetvalue(r, row, 4), 0, NULL);
+		s->body = json_loads(PQgetvalue(r, row, 5), 0, NULL);
+		s->replay = true;
+		s->last_event = -1;
+	}
+}
+
+static void decide_all(struct batcher *b)
+{
+	for (size_t i = 0; i < b->nslots; i++)
+		if (b->slots[i].status == 0)
+			decide(b, (int)i);
+	write_batch(b);
+}
+
+static void load_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct batcher *b = arg;
+
+	(void)n;
+	if (error) {
+		fail_batch(b, 503, "the event store became unreachable; retry shortly");
+		fail_pending(b, "the event store is unreachable; retry shortly");
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		if (PQresultStatus(results[i]) != PGRES_TUPLES_OK) {
+			log_error(&b->ctx->log, "loading state failed: %s", PQresultErrorMessage(results[i]));
+			fail_batch(b, 500, "loading account state failed; see the service log");
+			start_batch(b);
+			return;
+		}
+	}
+	if (b->q_streams >= 0 && !fold_streams(b, results[b->q_streams])) {
+		fail_batch(b, 500, "an account's stream cannot be folded; see the service log");
+		start_batch(b);
+		return;
+	}
+	if (b->q_idem >= 0)
+		apply_records(b, results[b->q_idem]);
+	if (b->q_transfers >= 0)
+		for (int row = 0; row < PQntuples(results[b->q_transfers]); row++)
+			if (!strmap_put(b->transfers, PQgetvalue(results[b->q_transfers], row, 0), b))
+				log_warn(&b->ctx->log, "out of memory noting transfer ids");
+	decide_all(b);
+}
+
+/* Collect what the batch needs from the log; false when out of memory. */
+struct needs {
+	const char *accounts[2 * BATCH_MAX], *tokens[BATCH_MAX], *keys[BATCH_MAX],
+		*transfers[BATCH_MAX];
+	size_t naccounts, nkeys, ntransfers;
+};
+
+static void collect_needs(struct batcher *b, struct needs *nd)
+{
+	for (size_t i = 0; i < b->nslots; i++) {
+		const struct cmd *cmd = b->slots[i].cmd;
+		const char *ids[2];
+		size_t n = cmd_accounts(cmd, ids);
+		for (size_t j = 0; j < n; j++) {
+			bool seen = strmap_get(b->cache, ids[j]) != NULL;
+			for (size_t k = 0; !seen && k < nd->naccounts; k++)
+				seen = strcmp(nd->accounts[k], ids[j]) == 0;
+			if (!seen)
+				nd->accounts[nd->naccounts++] = ids[j];
+		}
+		if (cmd->idem_key[0]) {
+			nd->tokens[nd->nkeys] = cmd->token_id;
+			nd->keys[nd->nkeys++] = cmd->idem_key;
+		}
+		if (cmd->kind == CMD_TRANSFER)
+			nd->transfers[nd->ntransfers++] = cmd->u.transfer.id;
+	}
+}
+
+/* Queue a lookup whose parameters were just built (and free them). */
+static bool queue_lookup(struct batcher *b, const char *stmt, int nparams, char **params)
+{
+	bool ok = true;
+
+	for (int i = 0; i < nparams; i++)
+		ok = ok && params[i];
+	ok = ok && pg_queue(b->ctx->pg, stmt, nparams, (const char *const *)params);
+	for (int i = 0; i < nparams; i++)
+		free(params[i]);
+	return ok;
+}
+
+/* Send the lookups the batch needs; *sent is false when it needs none. */
+static bool load(struct batcher *b, bool *sent)
+{
+	struct needs *nd = calloc(1, sizeof(*nd));
+	int queued = 0;
+	bool ok = nd != NULL;
+
+	*sent = false;
+	b->q_streams = b->q_idem = b->q_transfers = -1;
+	if (!ok)
+		return false;
+	collect_needs(b, nd);
+	if (nd->naccounts) {
+		char *p[1] = { array_literal(nd->accounts, nd->naccounts, "account-") };
+		ok = queue_lookup(b, "load_streams", 1, p);
+		b->q_streams = queued++;
+	}
+	if (ok && nd->nkeys) {
+		char *p[2] = { array_literal(nd->tokens, nd->nkeys, ""),
+			       array_literal(nd->keys, nd->nkeys, "") };
+		ok = queue_lookup(b, "load_idem", 2, p);
+		b->q_idem = queued++;
+	}
+	if (ok && nd->ntransfers) {
+		char *p[1] = { array_literal(nd->transfers, nd->ntransfers, "") };
+		ok = queue_lookup(b, "load_transfers", 1, p);
+		b->q_transfers = queued++;
+	}
+	free(nd);
+	if (ok && queued) {
+		ok = pg_run(b->ctx->pg, load_done, b);
+		*sent = ok;
+	}
+	return ok;
+}
+
+static void start_batch(struct batcher *b)
+{
+	bool sent;
+
+	if (b->state != B_IDLE || !b->head || !pg_ready(b->ctx->pg))
+		return;
+	/* A command retried after a conflict goes alone; otherwise take what waits. */
+	while (b->head && b->nslots < BATCH_MAX && (b->nslots == 0 || !b->head->solo)) {
+		struct cmd *cmd = b->head;
+		b->head = cmd->next;
+		b->npending--;
+		b->slots[b->nslots++].cmd = cmd;
+		if (cmd->solo)
+			break;
+	}
+	if (!b->head)
+		b->tail = NULL;
+	metric_observe(b->batch_size, (double)b->nslots);
+	b->state = B_LOADING;
+	if (!load(b, &sent)) {
+		fail_batch(b, 503, "the event store became unreachable; retry shortly");
+		return;
+	}
+	if (!sent)
+		decide_all(b);
+}
+
+/* --- expiry ---------------------------------------------------------------------- */
+
+static void sweep_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct batcher *b = arg;
+
+	b->state = B_IDLE;
+	if (!error && n == 1 && PQresultStatus(results[0]) == PGRES_COMMAND_OK)
+		log_debug(&b->ctx->log, "expired %s idempotency records", PQcmdTuples(results[0]));
+	else if (!error && n == 1)
+		log_warn(&b->ctx->log, "idempotency sweep failed: %s", PQresultErrorMessage(results[0]));
+	if (error)
+		fail_pending(b, "the event store is unreachable; retry shortly");
+	else
+		start_batch(b);
+}
+
+void batcher_sweep(struct batcher *b)
+{
+	if (b->state != B_IDLE || b->head || !pg_ready(b->ctx->pg))
+		return; /* busy: the next tick will do */
+	if (pg_queue(b->ctx->pg, "idem_sweep", 0, NULL) && pg_run(b->ctx->pg, sweep_done, b))
+		b->state = B_SWEEPING;
+}

@@ -1,0 +1,82 @@
+/* daybook-command: the process context, commands, and the group-commit batcher. */
+#ifndef DAYBOOK_COMMAND_H
+#define DAYBOOK_COMMAND_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "http.h"
+#include "ledger.h"
+#include "ledger_json.h"
+#include "log.h"
+#include "metrics.h"
+#include "pg.h"
+#include "sha256.h"
+#include "strmap.h"
+#include "tokens.h"
+
+struct batcher;
+
+struct command_ctx {
+	struct config cfg;
+	struct log log;
+	struct event_base *base;
+	struct metrics *metrics;
+	struct tokens *tokens;
+	struct http_server *http;
+	struct pg *pg;
+	struct batcher *batcher;
+	struct event *sigterm, *sigint, *drain_timer, *sweep_timer;
+	bool stopping;
+};
+
+enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
+
+/* One write request on its way through the batcher. Strings in `u` borrow from
+ * `body`, which the command owns. */
+struct cmd {
+	struct cmd *next;
+	struct http_request *req;
+	enum cmd_kind kind;
+	json_t *body; /* NULL for an empty close body */
+	union {
+		struct ledger_open_body open;
+		struct ledger_money_body money;
+		struct ledger_transfer_body transfer;
+	} u;
+	char account[LEDGER_ID_MAX + 1]; /* the account a path names */
+	int32_t expected_version;        /* If-Match, -1 when absent */
+	const char *token_id;
+	char request_id[129];
+	char idem_key[256];              /* "" when the request has none */
+	char idem_hash[2 * SHA256_DIGEST_LEN + 1];
+	char time[32];                   /* ISO 8601 UTC, for event metadata */
+	int attempts;                    /* write attempts after conflicts */
+	bool solo;                       /* retry alone after a batch conflict */
+};
+
+/* Start the batcher on ctx's connection and cache. */
+int batcher_open(struct batcher **out, struct command_ctx *ctx) __attribute__((warn_unused_result));
+void batcher_close(struct batcher **b);
+/* Take ownership of cmd: it is answered (and freed) when decided and committed. */
+void batcher_submit(struct batcher *b, struct cmd *cmd);
+/* PostgreSQL became ready: resume. */
+void batcher_kick(struct batcher *b);
+/* Nothing queued or in flight. */
+bool batcher_idle(const struct batcher *b);
+/* Delete idempotency records past their retention (runs on a timer). */
+void batcher_sweep(struct batcher *b);
+
+/* The statements the batcher prepares on each connection. */
+const struct pg_statement *command_statements(size_t *n);
+
+/* Free a command (and its body) without answering it. */
+void cmd_free(struct cmd *cmd);
+
+/* The HTTP routes of the write API. */
+extern const struct http_route command_routes[];
+extern const size_t command_nroutes;
+
+#endif

@@ -1,0 +1,190 @@
+/* daybook-command's routes: parse and validate a write request into a command. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "command.h"
+
+/* Idempotency-Key: 1-255 printable ASCII characters. */
+static bool valid_idem_key(const char *k)
+{
+	size_t n = 0;
+
+	for (; k[n]; n++)
+		if (k[n] < 0x20 || k[n] > 0x7e || n >= 255)
+			return false;
+	return n > 0;
+}
+
+/* If-Match: "<version>" (the quotes optional); false when malformed. */
+static bool parse_if_match(const char *h, int32_t *out)
+{
+	char *end;
+	long v;
+	size_t n = strlen(h);
+
+	if (n >= 2 && h[0] == '"' && h[n - 1] == '"') {
+		h++;
+		n -= 2;
+	}
+	if (n == 0 || n > 10 || h[0] < '0' || h[0] > '9')
+		return false;
+	v = strtol(h, &end, 10);
+	if ((size_t)(end - h) != n || v < 0 || v > INT32_MAX)
+		return false;
+	*out = (int32_t)v;
+	return true;
+}
+
+/* Fingerprint of what makes two keyed requests "the same": method, path and the
+ * canonical form of the body (key order and whitespace do not matter). */
+static void fingerprint(struct http_request *req, json_t *body, char out[65])
+{
+	uint8_t digest[SHA256_DIGEST_LEN];
+	struct sha256 h;
+	char *canon = body ? json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+
+	sha256_init(&h);
+	sha256_update(&h, http_method(req), strlen(http_method(req)) + 1);
+	sha256_update(&h, http_path(req), strlen(http_path(req)) + 1);
+	if (canon)
+		sha256_update(&h, canon, strlen(canon));
+	sha256_final(&h, digest);
+	sha256_hex(digest, out);
+	free(canon);
+}
+
+static void now_iso(char out[32])
+{
+	struct timespec ts;
+	struct tm tm;
+	size_t n;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	gmtime_r(&ts.tv_sec, &tm);
+	n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(out + n, 32 - n, ".%06dZ", (int)(ts.tv_nsec / 1000) % 1000000);
+}
+
+/* The parts every command shares: headers, body, path account. NULL after replying. */
+static struct cmd *cmd_new(struct http_request *req, enum cmd_kind kind, bool account_scoped)
+{
+	struct cmd *cmd = calloc(1, sizeof(*cmd));
+	const char *key = http_header(req, "Idempotency-Key");
+	const char *if_match = http_header(req, "If-Match");
+
+	if (!cmd) {
+		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		return NULL;
+	}
+	cmd->req = req;
+	cmd->kind = kind;
+	cmd->expected_version = -1;
+	cmd->token_id = http_token(req)->id;
+	snprintf(cmd->request_id, sizeof(cmd->request_id), "%s", http_request_id(req));
+	now_iso(cmd->time);
+	if (key && !valid_idem_key(key)) {
+		http_reply_invalid(req, "header 'Idempotency-Key' must be 1-255 printable ASCII characters");
+		goto fail;
+	}
+	if (key)
+		strcpy(cmd->idem_key, key);
+	if (if_match && !account_scoped) {
+		http_reply_invalid(req, "header 'If-Match' applies only to an existing account's commands");
+		goto fail;
+	}
+	if (if_match && !parse_if_match(if_match, &cmd->expected_version)) {
+		http_reply_invalid(req, "header 'If-Match' must be a quoted version, e.g. \"3\"");
+		goto fail;
+	}
+	if (account_scoped) {
+		if (!ledger_valid_id(http_param(req, 0))) {
+			http_reply_invalid(req, "the account id in the path must be 1-64 characters of [A-Za-z0-9._:-]");
+			goto fail;
+		}
+		strcpy(cmd->account, http_param(req, 0));
+	}
+	if (!http_body_json(req, kind == CMD_CLOSE, &cmd->body))
+		goto fail;
+	return cmd;
+fail:
+	free(cmd);
+	return NULL;
+}
+
+static bool parse_body(struct cmd *cmd, char *err, size_t errlen)
+{
+	switch (cmd->kind) {
+	case CMD_OPEN:
+		return ledger_parse_open(cmd->body, &cmd->u.open, err, errlen);
+	case CMD_DEPOSIT:
+	case CMD_WITHDRAW:
+		return ledger_parse_money(cmd->body, &cmd->u.money, err, errlen);
+	case CMD_TRANSFER:
+		return ledger_parse_transfer(cmd->body, &cmd->u.transfer, err, errlen);
+	case CMD_CLOSE:
+		return ledger_parse_close(cmd->body, err, errlen);
+	}
+	return false;
+}
+
+static void handle(struct http_request *req, void *arg, enum cmd_kind kind, bool account_scoped)
+{
+	struct command_ctx *ctx = arg;
+	struct cmd *cmd = cmd_new(req, kind, account_scoped);
+	char err[256];
+
+	if (!cmd)
+		return;
+	if (!parse_body(cmd, err, sizeof(err))) {
+		http_reply_invalid(req, err);
+		cmd_free(cmd);
+		return;
+	}
+	if (cmd->idem_key[0])
+		fingerprint(req, cmd->body, cmd->idem_hash);
+	batcher_submit(ctx->batcher, cmd);
+}
+
+static void open_account(struct http_request *req, void *arg)
+{
+	handle(req, arg, CMD_OPEN, false);
+}
+
+static void deposit(struct http_request *req, void *arg)
+{
+	handle(req, arg, CMD_DEPOSIT, true);
+}
+
+static void withdraw(struct http_request *req, void *arg)
+{
+	handle(req, arg, CMD_WITHDRAW, true);
+}
+
+static void transfer(struct http_request *req, void *arg)
+{
+	handle(req, arg, CMD_TRANSFER, false);
+}
+
+static void close_account(struct http_request *req, void *arg)
+{
+	handle(req, arg, CMD_CLOSE, true);
+}
+
+const struct http_route command_routes[] = {
+	{ "POST", "/accounts", "/accounts", SCOPE_WRITE, open_account },
+	{ "POST", "/accounts/*/deposits", "/accounts/{id}/deposits", SCOPE_WRITE, deposit },
+	{ "POST", "/accounts/*/withdrawals", "/accounts/{id}/withdrawals", SCOPE_WRITE, withdraw },
+	{ "POST", "/accounts/*/close", "/accounts/{id}/close", SCOPE_WRITE, close_account },
+	{ "POST", "/transfers", "/transfers", SCOPE_WRITE, transfer },
+};
+const size_t command_nroutes = sizeof(command_routes) / sizeof(command_routes[0]);
+
+void cmd_free(struct cmd *cmd)
+{
+	if (!cmd)
+		return;
+	json_decref(cmd->body);
+	free(cmd);
+}

@@ -1,0 +1,91 @@
+/* HTTP server plumbing on libevent's evhttp: routing, auth, request ids, problem
+ * details, body limits, metrics, and the /healthz /readyz /metrics routes. */
+#ifndef DAYBOOK_HTTP_H
+#define DAYBOOK_HTTP_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "log.h"
+#include "metrics.h"
+#include "tokens.h"
+
+#define HTTP_BODY_MAX (64 * 1024)
+#define HTTP_MAX_PARAMS 2
+
+struct event_base;
+struct http_server;
+struct http_request;
+
+/* A handler must end the request with exactly one http_reply_* call, now or later
+ * (from another callback): the request stays valid until then, even if the client
+ * went away. */
+typedef void (*http_handler)(struct http_request *req, void *arg);
+
+struct http_route {
+	const char *method;  /* "GET", "POST" */
+	const char *pattern; /* a "*" segment matches one path segment, as in /accounts/{id} */
+	const char *name;    /* metrics label, e.g. "/accounts/{id}/deposits" */
+	unsigned scope;      /* SCOPE_* the token needs; 0: public */
+	http_handler handler;
+};
+
+struct http_server_config {
+	const struct log *log;
+	struct event_base *base;
+	struct metrics *metrics;
+	const struct tokens *tokens; /* may be NULL only when no route needs a scope */
+	const struct http_route *routes;
+	size_t nroutes;
+	/* /readyz: true when dependencies are reachable; otherwise writes why. */
+	bool (*ready)(void *arg, char *why, size_t whylen);
+	void *arg; /* passed to handlers and to ready */
+};
+
+/* Bind host:port and serve. The config's pointers must outlive the server.
+ * On failure writes the reason into err. Caller closes with http_server_close. */
+int http_server_open(struct http_server **out, const struct http_server_config *cfg,
+		     const char *host, uint16_t port, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+/* Stop accepting new connections (SIGTERM); requests in flight continue. */
+void http_server_stop_accepting(struct http_server *srv);
+/* Requests received and not yet answered. */
+size_t http_server_inflight(const struct http_server *srv);
+void http_server_close(struct http_server **srv);
+
+/* Accessors: strings are valid until the request is answered. */
+const char *http_param(const struct http_request *req, size_t i); /* i-th '*' segment */
+const char *http_method(const struct http_request *req);
+const char *http_path(const struct http_request *req);
+const char *http_header(const struct http_request *req, const char *name);
+/* Query parameter by name, percent-decoded; NULL when absent. */
+const char *http_query(struct http_request *req, const char *name);
+const struct token *http_token(const struct http_request *req); /* NULL on public routes */
+const char *http_request_id(const struct http_request *req);
+/* The request body, contiguous; *len set. Empty body: "" with *len 0. */
+const char *http_body(struct http_request *req, size_t *len);
+
+/* Add a response header before replying. */
+void http_set_header(struct http_request *req, const char *name, const char *value);
+
+/* Answer the request; each frees it. http_reply_json steals `body`. */
+void http_reply_json(struct http_request *req, int status, json_t *body);
+void http_reply_raw(struct http_request *req, int status, const char *content_type,
+		    const char *body, size_t len);
+/* RFC 9457 problem details: {"type","title","status","detail","code"}. */
+void http_reply_problem(struct http_request *req, int status, const char *code, const char *title,
+			const char *detail_fmt, ...) __attribute__((format(printf, 5, 6)));
+/* The problem-details object, for callers that keep a response to replay it.
+ * New reference: caller must json_decref. */
+json_t *http_problem_json(int status, const char *code, const char *title, const char *detail);
+/* 400 invalid_request with `detail`. */
+void http_reply_invalid(struct http_request *req, const char *detail);
+
+/* Parse the JSON body of a POST: false after replying 400/413/415 itself. An empty
+ * body gives *out NULL when allow_empty, else 400. Caller must json_decref *out. */
+bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
+	__attribute__((warn_unused_result));
+
+#endif

@@ -1,0 +1,56 @@
+/* JSON shapes of the ledger: command bodies in, event data out and back. Pure code. */
+#ifndef DAYBOOK_LEDGER_JSON_H
+#define DAYBOOK_LEDGER_JSON_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "ledger.h"
+
+/* A parsed command body. Strings point into the json_t given to the parser and live
+ * as long as it does (the caller keeps a reference). */
+struct ledger_open_body {
+	const char *id, *name, *currency;
+	int64_t overdraft_limit; /* 0 when absent */
+};
+struct ledger_money_body { /* deposits and withdrawals */
+	int64_t amount;
+	const char *reference; /* NULL when absent */
+};
+struct ledger_transfer_body {
+	const char *id, *from, *to;
+	int64_t amount;
+	const char *reference; /* NULL when absent */
+};
+
+/* Parsers for request bodies. `body` must be a JSON object already decoded by the
+ * caller (not-an-object is reported here too). On a refusal they return false and
+ * write into err (size errlen) a detail that names the field, e.g.
+ * "field 'amount' must be an integer between 1 and 1000000000000000". Unknown
+ * fields, missing required fields, wrong JSON types, ids/currency of the wrong shape,
+ * amounts out of range and texts that are not valid UTF-8 or are too long are all
+ * refused. `reference` may be the empty string; `name` may not. */
+bool ledger_parse_open(json_t *body, struct ledger_open_body *out, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+bool ledger_parse_money(json_t *body, struct ledger_money_body *out, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+bool ledger_parse_transfer(json_t *body, struct ledger_transfer_body *out, char *err,
+			   size_t errlen) __attribute__((warn_unused_result));
+/* Close has no fields: an empty object, or an empty body, which the caller passes as
+ * NULL. Anything else is refused. */
+bool ledger_parse_close(json_t *body, char *err, size_t errlen) __attribute__((warn_unused_result));
+
+/* The event's data object as stored in the log (SPEC §2 names), e.g.
+ * {"amount":100,"reference":"x"} for FundsDeposited; reference is omitted when NULL.
+ * AccountOpened: {"account_id","name","currency","overdraft_limit"}; TransferSent:
+ * {"transfer_id","to","amount","reference"?}; TransferReceived: {"transfer_id","from",
+ * "amount","reference"?}; AccountClosed: {}. New reference: caller must json_decref. */
+json_t *ledger_event_to_json(const struct ledger_event *ev);
+
+/* Decode an event of the given type from its data object. Strings in *out borrow
+ * from `data`. False when a field is missing or of the wrong type. */
+bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct ledger_event *out)
+	__attribute__((warn_unused_result));
+
+#endif

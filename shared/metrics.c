@@ -1,0 +1,164 @@
+/* A small Prometheus metrics registry: counters, gauges and histograms with labels. */
+#include "metrics.h"
+
+#include <errno.h>
+#include <event2/buffer.h>
+#include <stdlib.h>
+#include <string.h>
+
+const double metrics_latency_buckets[] = { 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+					   0.005,   0.01,   0.025,   0.05,   0.1,   0.25,
+					   0.5,     1,      2.5,     5 };
+const size_t metrics_latency_buckets_len =
+	sizeof(metrics_latency_buckets) / sizeof(metrics_latency_buckets[0]);
+const double metrics_size_buckets[] = { 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024 };
+const size_t metrics_size_buckets_len = sizeof(metrics_size_buckets) / sizeof(metrics_size_buckets[0]);
+
+struct metric {
+	struct metric *next;
+	const char *name, *help;
+	char *labels;
+	enum metric_type type;
+	double value;          /* counter, gauge; histogram: sum */
+	unsigned long long count;
+	const double *bounds;
+	size_t nbounds;
+	unsigned long long *buckets; /* non-cumulative counts, nbounds + 1 */
+};
+
+struct metrics {
+	struct metric *head, *tail; /* creation order keeps families together when rendered */
+};
+
+int metrics_open(struct metrics **out)
+{
+	*out = calloc(1, sizeof(**out));
+	return *out ? 0 : -ENOMEM;
+}
+
+void metrics_close(struct metrics **m)
+{
+	if (!*m)
+		return;
+	for (struct metric *s = (*m)->head, *next; s; s = next) {
+		next = s->next;
+		free(s->labels);
+		free(s->buckets);
+		free(s);
+	}
+	free(*m);
+	*m = NULL;
+}
+
+struct metric *metrics_get(struct metrics *m, enum metric_type type, const char *name,
+			   const char *help, const char *labels, const double *buckets,
+			   size_t nbuckets)
+{
+	struct metric *s;
+
+	for (s = m->head; s; s = s->next)
+		if (strcmp(s->name, name) == 0 && strcmp(s->labels, labels) == 0)
+			return s;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->name = name;
+	s->help = help;
+	s->type = type;
+	s->labels = strdup(labels);
+	if (type == METRIC_HISTOGRAM) {
+		s->bounds = buckets;
+		s->nbounds = nbuckets;
+		s->buckets = calloc(nbuckets + 1, sizeof(*s->buckets));
+	}
+	if (!s->labels || (type == METRIC_HISTOGRAM && !s->buckets)) {
+		free(s->labels);
+		free(s->buckets);
+		free(s);
+		return NULL;
+	}
+	/* Insert after the last series of the same family, so families stay contiguous. */
+	struct metric *after = NULL;
+	for (struct metric *p = m->head; p; p = p->next)
+		if (strcmp(p->name, name) == 0)
+			after = p;
+	if (after) {
+		s->next = after->next;
+		after->next = s;
+		if (m->tail == after)
+			m->tail = s;
+	} else if (m->tail) {
+		m->tail->next = s;
+		m->tail = s;
+	} else {
+		m->head = m->tail = s;
+	}
+	return s;
+}
+
+void metric_add(struct metric *s, double v)
+{
+	if (s)
+		s->value += v;
+}
+
+void metric_set(struct metric *s, double v)
+{
+	if (s)
+		s->value = v;
+}
+
+void metric_observe(struct metric *s, double v)
+{
+	size_t i;
+
+	if (!s)
+		return;
+	for (i = 0; i < s->nbounds && v > s->bounds[i]; i++)
+		;
+	s->buckets[i]++;
+	s->count++;
+	s->value += v;
+}
+
+static const char *type_name(enum metric_type t)
+{
+	return t == METRIC_COUNTER ? "counter" : t == METRIC_GAUGE ? "gauge" : "histogram";
+}
+
+static void render_histogram(const struct metric *s, struct evbuffer *out)
+{
+	const char *sep = s->labels[0] ? "," : "";
+	unsigned long long cum = 0;
+
+	for (size_t i = 0; i <= s->nbounds; i++) {
+		cum += s->buckets[i];
+		if (i < s->nbounds)
+			evbuffer_add_printf(out, "%s_bucket{%s%sle=\"%g\"} %llu\n", s->name, s->labels,
+					    sep, s->bounds[i], cum);
+		else
+			evbuffer_add_printf(out, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", s->name,
+					    s->labels, sep, cum);
+	}
+	evbuffer_add_printf(out, "%s_sum{%s} %.9g\n%s_count{%s} %llu\n", s->name, s->labels,
+			    s->value, s->name, s->labels, s->count);
+}
+
+void metrics_render(const struct metrics *m, struct evbuffer *out)
+{
+	const char *family = NULL;
+
+	for (const struct metric *s = m->head; s; s = s->next) {
+		if (!family || strcmp(family, s->name) != 0) {
+			family = s->name;
+			evbuffer_add_printf(out, "# HELP %s %s\n# TYPE %s %s\n", s->name, s->help,
+					    s->name, type_name(s->type));
+		}
+		if (s->type == METRIC_HISTOGRAM)
+			render_histogram(s, out);
+		else if (s->labels[0])
+			evbuffer_add_printf(out, "%s{%s} %.17g\n", s->name, s->labels, s->value);
+		else
+			evbuffer_add_printf(out, "%s %.17g\n", s->name, s->value);
+	}
+}

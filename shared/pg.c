@@ -1,0 +1,433 @@
+/* PostgreSQL on the event loop: one non-blocking libpq connection in pipeline mode,
+ * reconnecting by itself, plus small helpers shared with the blocking admin tool. */
+#include "pg.h"
+
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BACKOFF_MIN 0.05
+#define BACKOFF_MAX 2.0
+#define CONNECT_TIMEOUT 5.0
+#define MAX_QUEUED 4096
+
+enum pg_state {
+	PG_DOWN,       /* waiting to reconnect */
+	PG_CONNECTING, /* PQconnectPoll in progress */
+	PG_SETUP,      /* running the setup pipeline (SET, PREPARE, LISTEN) */
+	PG_IDLE,       /* ready for a run */
+	PG_RUNNING,    /* a run awaits its results */
+};
+
+struct pg {
+	struct pg_config cfg;
+	PGconn *conn;
+	enum pg_state state;
+	struct event *io;      /* socket readiness */
+	struct event *timer;   /* reconnect backoff, connect and run timeouts */
+	double backoff;
+	bool want_write;
+	/* The current run. */
+	PGresult *results[MAX_QUEUED];
+	size_t queued, current;
+	bool current_has_result;
+	pg_done_cb done;
+	void *done_arg;
+	char error[256];
+};
+
+static void on_io(evutil_socket_t fd, short what, void *arg);
+static void start_connect(struct pg *pg);
+
+static struct timeval tv_of(double secs)
+{
+	struct timeval tv = { (time_t)secs, (suseconds_t)((secs - (double)(time_t)secs) * 1e6) };
+	return tv;
+}
+
+static void arm_timer(struct pg *pg, double secs)
+{
+	struct timeval tv = tv_of(secs);
+	evtimer_add(pg->timer, &tv);
+}
+
+/* (Re)register the socket event for reading, plus writing when output is pending. */
+static void watch(struct pg *pg, bool read, bool write)
+{
+	short what = EV_PERSIST | (read ? EV_READ : 0) | (write ? EV_WRITE : 0);
+
+	event_del(pg->io);
+	event_assign(pg->io, pg->cfg.base, PQsocket(pg->conn), what, on_io, pg);
+	event_add(pg->io, NULL);
+	pg->want_write = write;
+}
+
+static void clear_results(struct pg *pg)
+{
+	for (size_t i = 0; i < pg->queued; i++) {
+		PQclear(pg->results[i]);
+		pg->results[i] = NULL;
+	}
+	pg->queued = pg->current = 0;
+	pg->current_has_result = false;
+}
+
+/* Hand the run's results to its callback, then free them. The connection is idle (or
+ * down) before the callback runs, so the callback may start the next run at once. */
+static void complete_run(struct pg *pg, const char *error)
+{
+	pg_done_cb done = pg->done;
+	void *arg = pg->done_arg;
+	size_t n = pg->queued;
+	PGresult **results = malloc((n ? n : 1) * sizeof(*results));
+
+	if (results)
+		memcpy(results, pg->results, n * sizeof(*results));
+	else
+		clear_results(pg); /* out of memory: the callback sees no results */
+	pg->queued = pg->current = 0;
+	pg->current_has_result = false;
+	memset(pg->results, 0, n * sizeof(*results));
+	pg->done = NULL;
+	if (!error) {
+		evtimer_del(pg->timer);
+		pg->state = PG_IDLE;
+	}
+	if (done)
+		done(arg, results ? results : pg->results, results ? n : 0,
+		     results ? error : "out of memory");
+	for (size_t i = 0; results && i < n; i++)
+		PQclear(results[i]);
+	free(results);
+}
+
+static void lose_connection(struct pg *pg, const char *why)
+{
+	bool was_up = pg->state >= PG_SETUP;
+
+	snprintf(pg->error, sizeof(pg->error), "%s", why);
+	for (char *p = pg->error; *p; p++)
+		if (*p == '\n')
+			*p = ' ';
+	if (was_up || pg->backoff >= BACKOFF_MAX)
+		log_warn(pg->cfg.log, "postgresql connection lost: %s", pg->error);
+	event_del(pg->io);
+	evtimer_del(pg->timer);
+	if (pg->conn) {
+		PQfinish(pg->conn);
+		pg->conn = NULL;
+	}
+	pg->state = PG_DOWN;
+	if (pg->done)
+		complete_run(pg, pg->error);
+	else
+		clear_results(pg);
+	arm_timer(pg, pg->backoff);
+	pg->backoff = pg->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : pg->backoff * 2;
+}
+
+static void flush(struct pg *pg)
+{
+	int rc = PQflush(pg->conn);
+
+	if (rc < 0)
+		lose_connection(pg, PQerrorMessage(pg->conn));
+	else if ((rc == 1) != pg->want_write)
+		watch(pg, true, rc == 1);
+}
+
+static void setup_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct pg *pg = arg;
+
+	if (error)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		ExecStatusType st = PQresultStatus(results[i]);
+		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+			log_error(pg->cfg.log, "postgresql setup failed: %s",
+				  PQresultErrorMessage(results[i]));
+			/* Treat like a lost connection: retry with backoff. */
+			pg->state = PG_SETUP;
+			lose_connection(pg, PQresultErrorMessage(results[i]));
+			return;
+		}
+	}
+	pg->backoff = BACKOFF_MIN;
+	pg->error[0] = '\0';
+	log_info(pg->cfg.log, "postgresql connected");
+	if (pg->cfg.on_connect)
+		pg->cfg.on_connect(pg->cfg.arg);
+}
+
+static bool begin_setup(struct pg *pg)
+{
+	char sql[128];
+
+	if (PQsetnonblocking(pg->conn, 1) != 0 || PQenterPipelineMode(pg->conn) != 1)
+		return false;
+	pg->state = PG_IDLE;
+	/* Durability is part of the contract whatever the server's default. */
+	if (!pg_queue_sql(pg, "SET synchronous_commit = on", 0, NULL))
+		return false;
+	for (size_t i = 0; i < pg->cfg.nstatements; i++) {
+		const struct pg_statement *s = &pg->cfg.statements[i];
+		if (!PQsendPrepare(pg->conn, s->name, s->sql, 0, NULL))
+			return false;
+		pg->results[pg->queued++] = NULL;
+	}
+	if (pg->cfg.listen_channel) {
+		snprintf(sql, sizeof(sql), "LISTEN %s", pg->cfg.listen_channel);
+		if (!pg_queue_sql(pg, sql, 0, NULL))
+			return false;
+	}
+	if (!pg_run(pg, setup_done, pg))
+		return false;
+	pg->state = PG_SETUP;
+	return true;
+}
+
+static void poll_connect(struct pg *pg)
+{
+	switch (PQconnectPoll(pg->conn)) {
+	case PGRES_POLLING_READING:
+		watch(pg, true, false);
+		break;
+	case PGRES_POLLING_WRITING:
+		watch(pg, false, true);
+		break;
+	case PGRES_POLLING_OK:
+		evtimer_del(pg->timer);
+		watch(pg, true, false);
+		if (!begin_setup(pg))
+			lose_connection(pg, PQerrorMessage(pg->conn));
+		break;
+	default:
+		lose_connection(pg, PQerrorMessage(pg->conn));
+		break;
+	}
+}
+
+/* Collect pipeline results until the sync (or until libpq needs more input). */
+static void read_results(struct pg *pg)
+{
+	while (pg->conn && !PQisBusy(pg->conn)) {
+		PGresult *r = PQgetResult(pg->conn);
+		if (!r) {
+			if (!pg->current_has_result)
+				break;
+			pg->current++;
+			pg->current_has_result = false;
+			continue;
+		}
+		if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+			PQclear(r);
+			complete_run(pg, NULL);
+			break;
+		}
+		if (pg->current < pg->queued && !pg->current_has_result) {
+			pg->results[pg->current] = r;
+			pg->current_has_result = true;
+		} else {
+			PQclear(r); /* COPY or multi-result leftovers: the first result counts */
+		}
+	}
+}
+
+static void drain_notifies(struct pg *pg)
+{
+	PGnotify *n;
+	bool any = false;
+
+	while ((n = PQnotifies(pg->conn))) {
+		PQfreemem(n);
+		any = true;
+	}
+	if (any && pg->cfg.on_notify)
+		pg->cfg.on_notify(pg->cfg.arg);
+}
+
+static void on_io(evutil_socket_t fd, short what, void *arg)
+{
+	struct pg *pg = arg;
+
+	(void)fd;
+	if (pg->state == PG_CONNECTING) {
+		poll_connect(pg);
+		return;
+	}
+	if (what & EV_WRITE) {
+		flush(pg);
+		if (!pg->conn)
+			return;
+	}
+	if (what & EV_READ) {
+		if (!PQconsumeInput(pg->conn)) {
+			lose_connection(pg, PQerrorMessage(pg->conn));
+			return;
+		}
+		read_results(pg);
+		if (pg->conn)
+			drain_notifies(pg);
+	}
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct pg *pg = arg;
+
+	(void)fd;
+	(void)what;
+	switch (pg->state) {
+	case PG_DOWN:
+		start_connect(pg);
+		break;
+	case PG_CONNECTING:
+		lose_connection(pg, "timed out connecting");
+		break;
+	case PG_SETUP:
+	case PG_RUNNING:
+		lose_connection(pg, "timed out waiting for results");
+		break;
+	case PG_IDLE:
+		break;
+	}
+}
+
+static void start_connect(struct pg *pg)
+{
+	const char *keys[] = { "application_name", "keepalives", "keepalives_idle",
+			       "keepalives_interval", "keepalives_count", "dbname", NULL };
+	const char *values[] = { pg->cfg.application_name, "1", "10", "5", "3",
+				 pg->cfg.conninfo, NULL };
+
+	/* dbname comes last so that the configured connection string overrides our
+	 * defaults rather than the other way round. */
+	pg->conn = PQconnectStartParams(keys, values, 1);
+	if (!pg->conn || PQstatus(pg->conn) == CONNECTION_BAD) {
+		lose_connection(pg, pg->conn ? PQerrorMessage(pg->conn) : "out of memory");
+		return;
+	}
+	pg->state = PG_CONNECTING;
+	arm_timer(pg, CONNECT_TIMEOUT);
+	watch(pg, false, true);
+}
+
+int pg_open(struct pg **out, const struct pg_config *cfg)
+{
+	struct pg *pg = calloc(1, sizeof(*pg));
+
+	*out = NULL;
+	if (!pg)
+		return -ENOMEM;
+	pg->cfg = *cfg;
+	if (pg->cfg.run_timeout <= 0)
+		pg->cfg.run_timeout = 10;
+	pg->backoff = BACKOFF_MIN;
+	pg->io = event_new(cfg->base, -1, 0, on_io, pg);
+	pg->timer = evtimer_new(cfg->base, on_timer, pg);
+	if (!pg->io || !pg->timer) {
+		pg_close(&pg);
+		return -ENOMEM;
+	}
+	snprintf(pg->error, sizeof(pg->error), "connecting");
+	start_connect(pg);
+	*out = pg;
+	return 0;
+}
+
+void pg_close(struct pg **pgp)
+{
+	struct pg *pg = *pgp;
+
+	if (!pg)
+		return;
+	if (pg->io)
+		event_free(pg->io);
+	if (pg->timer)
+		event_free(pg->timer);
+	clear_results(pg);
+	if (pg->conn)
+		PQfinish(pg->conn);
+	free(pg);
+	*pgp = NULL;
+}
+
+bool pg_ready(const struct pg *pg)
+{
+	return pg->state == PG_IDLE;
+}
+
+bool pg_connected(const struct pg *pg)
+{
+	return pg->state == PG_IDLE || pg->state == PG_RUNNING;
+}
+
+const char *pg_last_error(const struct pg *pg)
+{
+	return pg->error;
+}
+
+static bool queued(struct pg *pg, int ok)
+{
+	if (!ok) {
+		lose_connection(pg, PQerrorMessage(pg->conn));
+		return false;
+	}
+	pg->results[pg->queued++] = NULL;
+	return true;
+}
+
+bool pg_queue(struct pg *pg, const char *statement, int nparams, const char *const *values)
+{
+	if (pg->state != PG_IDLE || pg->queued == MAX_QUEUED)
+		return false;
+	return queued(pg, PQsendQueryPrepared(pg->conn, statement, nparams, values, NULL, NULL, 0));
+}
+
+bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const *values)
+{
+	if (pg->state != PG_IDLE || pg->queued == MAX_QUEUED)
+		return false;
+	return queued(pg, PQsendQueryParams(pg->conn, sql, nparams, NULL, values, NULL, NULL, 0));
+}
+
+bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
+{
+	if (pg->state != PG_IDLE)
+		return false;
+	if (!PQpipelineSync(pg->conn)) {
+		lose_connection(pg, PQerrorMessage(pg->conn));
+		return false;
+	}
+	pg->state = PG_RUNNING;
+	pg->done = done;
+	pg->done_arg = arg;
+	pg->current = 0;
+	pg->current_has_result = false;
+	arm_timer(pg, pg->cfg.run_timeout);
+	flush(pg);
+	return pg->conn != NULL;
+}
+
+void pg_array_append(struct evbuffer *buf, const char *value, bool first)
+{
+	if (!first)
+		evbuffer_add(buf, ",", 1);
+	evbuffer_add(buf, "\"", 1);
+	for (const char *p = value; *p; p++) {
+		if (*p == '"' || *p == '\\')
+			evbuffer_add(buf, "\\", 1);
+		evbuffer_add(buf, p, 1);
+	}
+	evbuffer_add(buf, "\"", 1);
+}
+
+const char *pg_sqlstate(const PGresult *res)
+{
+	const char *s = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+	return s ? s : "";
+}

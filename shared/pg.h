@@ -1,0 +1,73 @@
+/* PostgreSQL on the event loop: one non-blocking libpq connection in pipeline mode,
+ * reconnecting by itself, plus small helpers shared with the blocking admin tool. */
+#ifndef DAYBOOK_PG_H
+#define DAYBOOK_PG_H
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "log.h"
+
+struct event_base;
+struct evbuffer;
+struct pg;
+
+/* A statement prepared on every (re)connection, used by name with pg_queue. */
+struct pg_statement {
+	const char *name;
+	const char *sql;
+};
+
+struct pg_config {
+	const char *conninfo;
+	const char *application_name;
+	struct event_base *base;
+	const struct log *log;
+	const struct pg_statement *statements;
+	size_t nstatements;
+	const char *listen_channel; /* LISTEN on it after connecting; NULL for none */
+	double run_timeout;         /* seconds before a pipeline run counts as lost; 0: 10 s */
+	void (*on_connect)(void *arg);
+	void (*on_notify)(void *arg);
+	void *arg;
+};
+
+/* Start connecting in the background; reconnects with backoff whenever the connection
+ * is lost. The config's pointers must outlive the connection. Close with pg_close. */
+int pg_open(struct pg **out, const struct pg_config *cfg) __attribute__((warn_unused_result));
+void pg_close(struct pg **pg);
+
+/* Connected, set up, and no pipeline run in progress: pg_queue may be called. */
+bool pg_ready(const struct pg *pg);
+bool pg_connected(const struct pg *pg);
+/* The last connection error, for /readyz and logs ("" when none). */
+const char *pg_last_error(const struct pg *pg);
+
+/* Called once per run. `error` is non-NULL when the connection failed or timed out
+ * before every result arrived: then the outcome of the run is unknown (a COMMIT may or
+ * may not have happened). Otherwise results[i] is the result of the i-th queued
+ * statement: PGRES_COMMAND_OK / PGRES_TUPLES_OK, PGRES_FATAL_ERROR, or
+ * PGRES_PIPELINE_ABORTED for those after a failed one. Results are valid only during
+ * the callback. */
+typedef void (*pg_done_cb)(void *arg, PGresult *const *results, size_t n, const char *error);
+
+/* Queue a prepared statement (by name) or SQL text with text parameters. Only while
+ * pg_ready (or while queueing a run that has not been started). False when libpq
+ * refused it (the connection is then being reset). */
+bool pg_queue(struct pg *pg, const char *statement, int nparams, const char *const *values)
+	__attribute__((warn_unused_result));
+bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const *values)
+	__attribute__((warn_unused_result));
+/* Send the queued statements with one sync; `done` gets their results. */
+bool pg_run(struct pg *pg, pg_done_cb done, void *arg) __attribute__((warn_unused_result));
+
+/* Append a PostgreSQL text[] literal element (quoted, escaped) to buf: call between
+ * evbuffer_add(buf, "{", 1) and evbuffer_add(buf, "}", 1), with `first` set for the
+ * first element. */
+void pg_array_append(struct evbuffer *buf, const char *value, bool first);
+
+/* The SQLSTATE of a result ("23505"), or "" when none. */
+const char *pg_sqlstate(const PGresult *res);
+
+#endif

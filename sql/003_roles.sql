@@ -1,0 +1,28 @@
+-- Service roles with least privilege. Roles are cluster-wide, so create them only once.
+
+DO $$
+DECLARE
+	r text;
+BEGIN
+	FOREACH r IN ARRAY ARRAY['daybook_command', 'daybook_projector', 'daybook_query'] LOOP
+		IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+			EXECUTE format('CREATE ROLE %I LOGIN', r);
+		END IF;
+	END LOOP;
+END $$;
+
+REVOKE ALL ON events, idempotency_keys FROM PUBLIC;
+
+DO $$
+BEGIN
+	EXECUTE format('GRANT CONNECT ON DATABASE %I TO daybook_command, daybook_projector, daybook_query',
+		current_database());
+END $$;
+GRANT USAGE ON SCHEMA public TO daybook_command, daybook_projector, daybook_query;
+
+-- command: append and read the log, keep idempotency records (and expire them).
+GRANT SELECT, INSERT ON events TO daybook_command;
+GRANT SELECT, INSERT, DELETE ON idempotency_keys TO daybook_command;
+
+-- projector and query: read the log.
+GRANT SELECT ON events TO daybook_projector, daybook_query;

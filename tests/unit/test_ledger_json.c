@@ -1,0 +1,689 @@
+/* Unit tests of the ledger's JSON: command body parsers and event data coding. */
+#include <criterion/criterion.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ledger_json.h"
+
+/* Bodies are written as JSON text so that each test reads like the request it models. */
+static json_t *load(const char *text)
+{
+	json_error_t error;
+	json_t *v = json_loads(text, JSON_DECODE_ANY, &error);
+
+	cr_assert_not_null(v, "bad test JSON: %s: %s", text, error.text);
+	return v;
+}
+
+/* Runs one parser on a body that must be refused and checks the detail. */
+enum parser { OPEN, MONEY, TRANSFER, CLOSE };
+
+static bool run(enum parser p, json_t *body, char *err, size_t errlen)
+{
+	struct ledger_open_body open;
+	struct ledger_money_body money;
+	struct ledger_transfer_body transfer;
+
+	switch (p) {
+	case OPEN:
+		return ledger_parse_open(body, &open, err, errlen);
+	case MONEY:
+		return ledger_parse_money(body, &money, err, errlen);
+	case TRANSFER:
+		return ledger_parse_transfer(body, &transfer, err, errlen);
+	case CLOSE:
+		return ledger_parse_close(body, err, errlen);
+	}
+	return false;
+}
+
+static void assert_refused(enum parser p, const char *text, const char *detail)
+{
+	json_t *body = load(text);
+	char err[256] = "";
+
+	cr_assert_not(run(p, body, err, sizeof(err)), "accepted %s", text);
+	cr_assert_str_eq(err, detail, "for %s", text);
+	json_decref(body);
+}
+
+static void assert_accepted(enum parser p, const char *text)
+{
+	json_t *body = load(text);
+	char err[256] = "";
+
+	cr_assert(run(p, body, err, sizeof(err)), "refused %s: %s", text, err);
+	json_decref(body);
+}
+
+/* Builds {"<field>": <value>, ...rest} with a value the JSON text form cannot carry. */
+static json_t *with_field(const char *rest, const char *field, json_t *value)
+{
+	json_t *body = load(rest);
+
+	cr_assert_eq(json_object_set_new(body, field, value), 0);
+	return body;
+}
+
+#define AMOUNT_RANGE "field 'amount' must be an integer between 1 and 1000000000000000"
+#define ID_SHAPE "must be 1-64 characters of [A-Za-z0-9._:-]"
+#define NAME_SHAPE \
+	"field 'name' must be a non-empty string of at most 200 bytes of UTF-8 text"
+#define REFERENCE_SHAPE \
+	"field 'reference' must be a string of at most 200 bytes of UTF-8 text"
+#define LIMIT_RANGE \
+	"field 'overdraft_limit' must be an integer between 0 and 9223372036854775807"
+
+/* Open */
+
+Test(parse_open, full_body)
+{
+	json_t *body = load("{\"id\":\"acc-1\",\"name\":\"Alice \u00e9\",\"currency\":\"EUR\","
+			    "\"overdraft_limit\":2500}");
+	struct ledger_open_body b;
+	char err[256];
+
+	cr_assert(ledger_parse_open(body, &b, err, sizeof(err)), "%s", err);
+	cr_assert_str_eq(b.id, "acc-1");
+	cr_assert_str_eq(b.name, "Alice \xc3\xa9");
+	cr_assert_str_eq(b.currency, "EUR");
+	cr_assert_eq(b.overdraft_limit, 2500);
+	/* borrowed from the body, not copied */
+	cr_assert_eq(b.id, json_string_value(json_object_get(body, "id")));
+	cr_assert_eq(b.name, json_string_value(json_object_get(body, "name")));
+	json_decref(body);
+}
+
+Test(parse_open, overdraft_limit_defaults_to_zero)
+{
+	json_t *body = load("{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\"}");
+	struct ledger_open_body b = {.overdraft_limit = 77};
+	char err[256];
+
+	cr_assert(ledger_parse_open(body, &b, err, sizeof(err)), "%s", err);
+	cr_assert_eq(b.overdraft_limit, 0);
+	json_decref(body);
+}
+
+Test(parse_open, overdraft_limit_range_and_type)
+{
+	assert_accepted(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
+	assert_accepted(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\","
+			      "\"overdraft_limit\":9223372036854775807}");
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":-1}",
+		       LIMIT_RANGE);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":1.0}",
+		       LIMIT_RANGE);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":\"5\"}",
+		       LIMIT_RANGE);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":null}",
+		       LIMIT_RANGE);
+}
+
+Test(parse_open, required_fields)
+{
+	assert_refused(OPEN, "{\"name\":\"A\",\"currency\":\"EUR\"}", "field 'id' is required");
+	assert_refused(OPEN, "{\"id\":\"a\",\"currency\":\"EUR\"}", "field 'name' is required");
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\"}", "field 'currency' is required");
+	assert_refused(OPEN, "{}", "field 'id' is required");
+}
+
+Test(parse_open, id_shape)
+{
+	const char *detail = "field 'id' " ID_SHAPE;
+
+	assert_refused(OPEN, "{\"id\":\"\",\"name\":\"A\",\"currency\":\"EUR\"}", detail);
+	assert_refused(OPEN, "{\"id\":\"a b\",\"name\":\"A\",\"currency\":\"EUR\"}", detail);
+	assert_refused(OPEN, "{\"id\":\"a/b\",\"name\":\"A\",\"currency\":\"EUR\"}", detail);
+	assert_refused(OPEN, "{\"id\":12,\"name\":\"A\",\"currency\":\"EUR\"}", detail);
+	assert_refused(OPEN, "{\"id\":null,\"name\":\"A\",\"currency\":\"EUR\"}", detail);
+	assert_refused(OPEN, "{\"id\":[\"a\"],\"name\":\"A\",\"currency\":\"EUR\"}", detail);
+	assert_refused(OPEN,
+		       "{\"id\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\","
+		       "\"name\":\"A\",\"currency\":\"EUR\"}",
+		       detail);
+	assert_accepted(OPEN,
+			"{\"id\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\","
+			"\"name\":\"A\",\"currency\":\"EUR\"}");
+}
+
+Test(parse_open, id_with_embedded_nul_is_refused)
+{
+	/* "a\0b" would pass as "a" if the parser trusted strlen. */
+	json_t *body = with_field("{\"name\":\"A\",\"currency\":\"EUR\"}", "id",
+				  json_stringn("a\0b", 3));
+	struct ledger_open_body b;
+	char err[256];
+
+	cr_assert_not(ledger_parse_open(body, &b, err, sizeof(err)));
+	cr_assert_str_eq(err, "field 'id' " ID_SHAPE);
+	json_decref(body);
+}
+
+Test(parse_open, currency_shape)
+{
+	const char *detail = "field 'currency' must be three upper-case letters";
+
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"eur\"}", detail);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EURO\"}", detail);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EU\"}", detail);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":978}", detail);
+}
+
+Test(parse_open, name_rules)
+{
+	char text[512];
+	char name[202];
+
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"\",\"currency\":\"EUR\"}", NAME_SHAPE);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":7,\"currency\":\"EUR\"}", NAME_SHAPE);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"line\\nbreak\",\"currency\":\"EUR\"}",
+		       NAME_SHAPE);
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"del\\u007f\",\"currency\":\"EUR\"}",
+		       NAME_SHAPE);
+
+	memset(name, 'n', 200);
+	name[200] = '\0';
+	snprintf(text, sizeof(text), "{\"id\":\"a\",\"name\":\"%s\",\"currency\":\"EUR\"}", name);
+	assert_accepted(OPEN, text);
+	name[200] = 'n';
+	name[201] = '\0';
+	snprintf(text, sizeof(text), "{\"id\":\"a\",\"name\":\"%s\",\"currency\":\"EUR\"}", name);
+	assert_refused(OPEN, text, NAME_SHAPE);
+}
+
+Test(parse_open, name_that_is_not_utf8_is_refused)
+{
+	/* json_loads would refuse this text itself; a body built in code must be checked too. */
+	json_t *body = with_field("{\"id\":\"a\",\"currency\":\"EUR\"}", "name",
+				  json_stringn_nocheck("\xed\xa0\x80", 3));
+	struct ledger_open_body b;
+	char err[256];
+
+	cr_assert_not(ledger_parse_open(body, &b, err, sizeof(err)));
+	cr_assert_str_eq(err, NAME_SHAPE);
+	json_decref(body);
+}
+
+Test(parse_open, refusal_leaves_out_untouched)
+{
+	json_t *body = load("{\"id\":\"a\",\"name\":\"A\",\"currency\":\"eur\"}");
+	struct ledger_open_body b = {.id = "keep", .overdraft_limit = 9};
+	char err[256];
+
+	cr_assert_not(ledger_parse_open(body, &b, err, sizeof(err)));
+	cr_assert_str_eq(b.id, "keep");
+	cr_assert_eq(b.overdraft_limit, 9);
+	json_decref(body);
+}
+
+/* Shared rules */
+
+Test(parse_any, body_must_be_an_object)
+{
+	static const char *const bodies[] = {"[]", "\"x\"", "12", "null", "true"};
+
+	for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
+		assert_refused(OPEN, bodies[i], "body must be a JSON object");
+		assert_refused(MONEY, bodies[i], "body must be a JSON object");
+		assert_refused(TRANSFER, bodies[i], "body must be a JSON object");
+		assert_refused(CLOSE, bodies[i], "body must be a JSON object");
+	}
+	cr_assert_not(run(OPEN, NULL, NULL, 0));
+	cr_assert_not(run(MONEY, NULL, NULL, 0));
+	cr_assert_not(run(TRANSFER, NULL, NULL, 0));
+}
+
+Test(parse_any, unknown_field_is_refused_before_missing_ones)
+{
+	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"foo\":1}",
+		       "unknown field 'foo'");
+	assert_refused(MONEY, "{\"foo\":1}", "unknown field 'foo'");
+	assert_refused(TRANSFER, "{\"amount\":1,\"Reference\":\"x\"}", "unknown field 'Reference'");
+	assert_refused(CLOSE, "{\"reason\":\"done\"}", "unknown field 'reason'");
+	/* a field of another command is unknown here */
+	assert_refused(MONEY, "{\"amount\":1,\"currency\":\"EUR\"}", "unknown field 'currency'");
+}
+
+Test(parse_any, long_unknown_field_name_is_cut_short)
+{
+	char name[300], text[400], detail[100];
+
+	memset(name, 'k', 299);
+	name[299] = '\0';
+	snprintf(text, sizeof(text), "{\"%s\":1}", name);
+	snprintf(detail, sizeof(detail), "unknown field '%.64s'", name);
+	assert_refused(MONEY, text, detail);
+}
+
+Test(parse_any, detail_is_truncated_to_errlen)
+{
+	json_t *body = load("[]");
+	char err[8];
+
+	memset(err, 'X', sizeof(err));
+	cr_assert_not(run(MONEY, body, err, sizeof(err)));
+	cr_assert_str_eq(err, "body mu");
+	json_decref(body);
+}
+
+Test(parse_any, null_error_buffer_is_allowed)
+{
+	json_t *body = load("{\"amount\":0}");
+
+	cr_assert_not(run(MONEY, body, NULL, 0));
+	json_decref(body);
+}
+
+/* Money */
+
+Test(parse_money, amount_and_reference)
+{
+	json_t *body = load("{\"amount\":1250,\"reference\":\"inv-7\"}");
+	struct ledger_money_body b;
+	char err[256];
+
+	cr_assert(ledger_parse_money(body, &b, err, sizeof(err)), "%s", err);
+	cr_assert_eq(b.amount, 1250);
+	cr_assert_str_eq(b.reference, "inv-7");
+	json_decref(body);
+}
+
+Test(parse_money, reference_absent_is_null_empty_is_empty)
+{
+	json_t *absent = load("{\"amount\":1}");
+	json_t *empty = load("{\"amount\":1,\"reference\":\"\"}");
+	struct ledger_money_body b = {.reference = "stale"};
+	char err[256];
+
+	cr_assert(ledger_parse_money(absent, &b, err, sizeof(err)), "%s", err);
+	cr_assert_null(b.reference);
+	cr_assert(ledger_parse_money(empty, &b, err, sizeof(err)), "%s", err);
+	cr_assert_not_null(b.reference);
+	cr_assert_str_eq(b.reference, "");
+	json_decref(absent);
+	json_decref(empty);
+}
+
+Test(parse_money, amount_bounds)
+{
+	json_t *body = load("{\"amount\":1000000000000000}");
+	struct ledger_money_body b;
+	char err[256];
+
+	cr_assert(ledger_parse_money(body, &b, err, sizeof(err)), "%s", err);
+	cr_assert_eq(b.amount, INT64_C(1000000000000000));
+	assert_accepted(MONEY, "{\"amount\":1}");
+	assert_refused(MONEY, "{\"amount\":1000000000000001}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":0}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":-5}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":9223372036854775807}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":-9223372036854775808}", AMOUNT_RANGE);
+	json_decref(body);
+}
+
+Test(parse_money, amount_must_be_a_json_integer)
+{
+	assert_refused(MONEY, "{\"amount\":1.0}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":1e2}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":10.5}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":\"100\"}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":true}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":null}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{\"amount\":{}}", AMOUNT_RANGE);
+	assert_refused(MONEY, "{}", "field 'amount' is required");
+	assert_refused(MONEY, "{\"reference\":\"x\"}", "field 'amount' is required");
+}
+
+Test(parse_money, reference_rules)
+{
+	char text[512], ref[202];
+
+	assert_refused(MONEY, "{\"amount\":1,\"reference\":null}", REFERENCE_SHAPE);
+	assert_refused(MONEY, "{\"amount\":1,\"reference\":42}", REFERENCE_SHAPE);
+	assert_refused(MONEY, "{\"amount\":1,\"reference\":\"tab\\there\"}", REFERENCE_SHAPE);
+	memset(ref, 'r', 200);
+	ref[200] = '\0';
+	snprintf(text, sizeof(text), "{\"amount\":1,\"reference\":\"%s\"}", ref);
+	assert_accepted(MONEY, text);
+	ref[200] = 'r';
+	ref[201] = '\0';
+	snprintf(text, sizeof(text), "{\"amount\":1,\"reference\":\"%s\"}", ref);
+	assert_refused(MONEY, text, REFERENCE_SHAPE);
+}
+
+Test(parse_money, reference_length_counts_utf8_bytes)
+{
+	/* 100 two-byte characters is 200 bytes, 101 is 202. */
+	char text[600];
+	size_t n = (size_t)snprintf(text, sizeof(text), "{\"amount\":1,\"reference\":\"");
+
+	for (int i = 0; i < 100; i++)
+		n += (size_t)snprintf(text + n, sizeof(text) - n, "\xc3\xa9");
+	snprintf(text + n, sizeof(text) - n, "\"}");
+	assert_accepted(MONEY, text);
+	n += (size_t)snprintf(text + n, sizeof(text) - n, "\xc3\xa9");
+	snprintf(text + n, sizeof(text) - n, "\"}");
+	assert_refused(MONEY, text, REFERENCE_SHAPE);
+}
+
+/* Transfer */
+
+Test(parse_transfer, full_body)
+{
+	json_t *body = load("{\"id\":\"t-1\",\"from\":\"alice\",\"to\":\"bob\",\"amount\":300,"
+			    "\"reference\":\"lunch\"}");
+	struct ledger_transfer_body b;
+	char err[256];
+
+	cr_assert(ledger_parse_transfer(body, &b, err, sizeof(err)), "%s", err);
+	cr_assert_str_eq(b.id, "t-1");
+	cr_assert_str_eq(b.from, "alice");
+	cr_assert_str_eq(b.to, "bob");
+	cr_assert_eq(b.amount, 300);
+	cr_assert_str_eq(b.reference, "lunch");
+	json_decref(body);
+}
+
+Test(parse_transfer, same_account_is_left_to_the_domain)
+{
+	json_t *body = load("{\"id\":\"t\",\"from\":\"a\",\"to\":\"a\",\"amount\":1}");
+	struct ledger_transfer_body b;
+	char err[256];
+
+	cr_assert(ledger_parse_transfer(body, &b, err, sizeof(err)), "%s", err);
+	cr_assert_null(b.reference);
+	json_decref(body);
+}
+
+Test(parse_transfer, required_fields)
+{
+	assert_refused(TRANSFER, "{\"from\":\"a\",\"to\":\"b\",\"amount\":1}",
+		       "field 'id' is required");
+	assert_refused(TRANSFER, "{\"id\":\"t\",\"to\":\"b\",\"amount\":1}",
+		       "field 'from' is required");
+	assert_refused(TRANSFER, "{\"id\":\"t\",\"from\":\"a\",\"amount\":1}",
+		       "field 'to' is required");
+	assert_refused(TRANSFER, "{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\"}",
+		       "field 'amount' is required");
+}
+
+Test(parse_transfer, field_shapes)
+{
+	assert_refused(TRANSFER, "{\"id\":\"t 1\",\"from\":\"a\",\"to\":\"b\",\"amount\":1}",
+		       "field 'id' " ID_SHAPE);
+	assert_refused(TRANSFER, "{\"id\":\"t\",\"from\":\"\",\"to\":\"b\",\"amount\":1}",
+		       "field 'from' " ID_SHAPE);
+	assert_refused(TRANSFER, "{\"id\":\"t\",\"from\":\"a\",\"to\":5,\"amount\":1}",
+		       "field 'to' " ID_SHAPE);
+	assert_refused(TRANSFER, "{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":2.5}",
+		       AMOUNT_RANGE);
+	assert_refused(TRANSFER, "{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":0}",
+		       AMOUNT_RANGE);
+	assert_refused(TRANSFER,
+		       "{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":1,\"reference\":null}",
+		       REFERENCE_SHAPE);
+}
+
+/* Close */
+
+Test(parse_close, empty_body_or_empty_object)
+{
+	char err[256];
+
+	cr_assert(ledger_parse_close(NULL, err, sizeof(err)));
+	assert_accepted(CLOSE, "{}");
+	assert_refused(CLOSE, "{\"x\":1}", "unknown field 'x'");
+}
+
+/* Event data */
+
+static char *dump(const struct ledger_event *ev)
+{
+	json_t *data = ledger_event_to_json(ev);
+	char *text;
+
+	cr_assert_not_null(data);
+	text = json_dumps(data, JSON_COMPACT | JSON_SORT_KEYS);
+	json_decref(data);
+	return text;
+}
+
+static void assert_dump(const struct ledger_event *ev, const char *expected)
+{
+	char *text = dump(ev);
+
+	cr_assert_str_eq(text, expected);
+	free(text);
+}
+
+Test(event_json, account_opened)
+{
+	struct ledger_event ev = {.type = LEDGER_ACCOUNT_OPENED, .account_id = "acc-1",
+				  .name = "Alice", .currency = "EUR", .overdraft_limit = 500};
+
+	assert_dump(&ev, "{\"account_id\":\"acc-1\",\"currency\":\"EUR\",\"name\":\"Alice\","
+			 "\"overdraft_limit\":500}");
+}
+
+Test(event_json, deposits_and_withdrawals)
+{
+	struct ledger_event ev = {.type = LEDGER_FUNDS_DEPOSITED, .amount = 100, .reference = "x"};
+
+	assert_dump(&ev, "{\"amount\":100,\"reference\":\"x\"}");
+	ev.type = LEDGER_FUNDS_WITHDRAWN;
+	ev.reference = NULL;
+	assert_dump(&ev, "{\"amount\":100}");
+	ev.reference = "";
+	assert_dump(&ev, "{\"amount\":100,\"reference\":\"\"}");
+}
+
+Test(event_json, transfers)
+{
+	struct ledger_event ev = {.type = LEDGER_TRANSFER_SENT, .transfer_id = "t-1",
+				  .counterparty = "bob", .amount = 300, .reference = "r"};
+
+	assert_dump(&ev, "{\"amount\":300,\"reference\":\"r\",\"to\":\"bob\",\"transfer_id\":\"t-1\"}");
+	ev.type = LEDGER_TRANSFER_RECEIVED;
+	ev.counterparty = "alice";
+	ev.reference = NULL;
+	assert_dump(&ev, "{\"amount\":300,\"from\":\"alice\",\"transfer_id\":\"t-1\"}");
+}
+
+Test(event_json, account_closed_is_empty)
+{
+	struct ledger_event ev = {.type = LEDGER_ACCOUNT_CLOSED_EVENT, .amount = 5};
+
+	assert_dump(&ev, "{}");
+}
+
+Test(event_json, money_stays_integer_at_the_edges)
+{
+	struct ledger_event ev = {.type = LEDGER_FUNDS_DEPOSITED, .amount = INT64_MAX};
+	json_t *data = ledger_event_to_json(&ev);
+
+	cr_assert(json_is_integer(json_object_get(data, "amount")));
+	cr_assert_eq(json_integer_value(json_object_get(data, "amount")), INT64_MAX);
+	json_decref(data);
+	ev = (struct ledger_event){.type = LEDGER_ACCOUNT_OPENED, .account_id = "a", .name = "A",
+				   .currency = "EUR", .overdraft_limit = INT64_MAX};
+	assert_dump(&ev, "{\"account_id\":\"a\",\"currency\":\"EUR\",\"name\":\"A\","
+			 "\"overdraft_limit\":9223372036854775807}");
+}
+
+Test(event_json, unusable_events_give_null)
+{
+	struct ledger_event unknown = {.type = (enum ledger_event_type)0, .amount = 1};
+	struct ledger_event no_name = {.type = LEDGER_ACCOUNT_OPENED, .account_id = "a",
+				       .currency = "EUR"};
+	struct ledger_event no_to = {.type = LEDGER_TRANSFER_SENT, .transfer_id = "t", .amount = 1};
+
+	cr_assert_null(ledger_event_to_json(&unknown));
+	cr_assert_null(ledger_event_to_json(&no_name));
+	cr_assert_null(ledger_event_to_json(&no_to));
+	cr_assert_null(ledger_event_to_json(NULL));
+}
+
+static void assert_str_or_null(const char *a, const char *b)
+{
+	if (!a || !b)
+		cr_assert_eq(a, b);
+	else
+		cr_assert_str_eq(a, b);
+}
+
+/* Through text, as the log stores it, and back; account_id only survives for
+ * AccountOpened, as the other events' data does not carry it. */
+static void assert_round_trip(const struct ledger_event *ev)
+{
+	char *text = dump(ev);
+	json_t *data = load(text);
+	struct ledger_event back;
+
+	cr_assert(ledger_event_from_json(ev->type, data, &back), "%s", text);
+	cr_assert_eq(back.type, ev->type);
+	assert_str_or_null(back.account_id, ev->account_id);
+	assert_str_or_null(back.name, ev->name);
+	assert_str_or_null(back.currency, ev->currency);
+	cr_assert_eq(back.overdraft_limit, ev->overdraft_limit);
+	cr_assert_eq(back.amount, ev->amount);
+	assert_str_or_null(back.reference, ev->reference);
+	assert_str_or_null(back.transfer_id, ev->transfer_id);
+	assert_str_or_null(back.counterparty, ev->counterparty);
+	json_decref(data);
+	free(text);
+}
+
+Test(event_json, round_trip_every_type)
+{
+	const struct ledger_event events[] = {
+		{.type = LEDGER_ACCOUNT_OPENED, .account_id = "acc-1", .name = "Ann \xe2\x82\xac",
+		 .currency = "EUR", .overdraft_limit = INT64_MAX},
+		{.type = LEDGER_ACCOUNT_OPENED, .account_id = "acc-2", .name = "B",
+		 .currency = "USD"},
+		{.type = LEDGER_FUNDS_DEPOSITED, .amount = 1000000000000000, .reference = "salary"},
+		{.type = LEDGER_FUNDS_DEPOSITED, .amount = 1},
+		{.type = LEDGER_FUNDS_WITHDRAWN, .amount = 40, .reference = ""},
+		{.type = LEDGER_TRANSFER_SENT, .transfer_id = "t-1", .counterparty = "bob",
+		 .amount = 300, .reference = "lunch"},
+		{.type = LEDGER_TRANSFER_RECEIVED, .transfer_id = "t-1", .counterparty = "alice",
+		 .amount = 300},
+		{.type = LEDGER_ACCOUNT_CLOSED_EVENT},
+	};
+
+	for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
+		assert_round_trip(&events[i]);
+}
+
+Test(event_json, decided_events_round_trip_and_fold_the_same)
+{
+	struct ledger_account a = {0}, b = {0}, a2 = {0}, b2 = {0};
+	struct ledger_event ev[6];
+
+	cr_assert_eq(ledger_decide_open(&a, "alice", "Alice", "EUR", 10, &ev[0]), LEDGER_OK);
+	cr_assert(ledger_evolve(&a, &ev[0]));
+	cr_assert_eq(ledger_decide_open(&b, "bob", "Bob", "EUR", 0, &ev[1]), LEDGER_OK);
+	cr_assert(ledger_evolve(&b, &ev[1]));
+	cr_assert_eq(ledger_decide_deposit(&a, -1, 100, "in", &ev[2]), LEDGER_OK);
+	cr_assert(ledger_evolve(&a, &ev[2]));
+	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 110, NULL, &ev[3]), LEDGER_OK);
+	cr_assert(ledger_evolve(&a, &ev[3]));
+	cr_assert(ledger_evolve(&b, &ev[4]));
+
+	/* replay a's stream (0, 2, 3) and b's (1, 4) through JSON */
+	static const int stream_a[] = {0, 2, 3}, stream_b[] = {1, 4};
+	for (size_t i = 0; i < 3; i++) {
+		json_t *data = ledger_event_to_json(&ev[stream_a[i]]);
+		struct ledger_event back;
+
+		cr_assert(ledger_event_from_json(ev[stream_a[i]].type, data, &back));
+		cr_assert(ledger_evolve(&a2, &back));
+		json_decref(data);
+	}
+	for (size_t i = 0; i < 2; i++) {
+		json_t *data = ledger_event_to_json(&ev[stream_b[i]]);
+		struct ledger_event back;
+
+		cr_assert(ledger_event_from_json(ev[stream_b[i]].type, data, &back));
+		cr_assert(ledger_evolve(&b2, &back));
+		json_decref(data);
+	}
+	cr_assert_eq(a2.balance, -10);
+	cr_assert_eq(a2.version, 3);
+	cr_assert_str_eq(a2.id, "alice");
+	cr_assert_eq(a2.overdraft_limit, 10);
+	cr_assert_eq(b2.balance, 110);
+	cr_assert_eq(b2.version, 2);
+	cr_assert_eq(a2.balance, a.balance);
+	cr_assert_eq(b2.balance, b.balance);
+}
+
+Test(event_from_json, strings_are_borrowed_from_data)
+{
+	json_t *data = load("{\"transfer_id\":\"t\",\"to\":\"bob\",\"amount\":5,\"reference\":\"r\"}");
+	struct ledger_event ev;
+
+	cr_assert(ledger_event_from_json(LEDGER_TRANSFER_SENT, data, &ev));
+	cr_assert_eq(ev.transfer_id, json_string_value(json_object_get(data, "transfer_id")));
+	cr_assert_eq(ev.counterparty, json_string_value(json_object_get(data, "to")));
+	cr_assert_eq(ev.reference, json_string_value(json_object_get(data, "reference")));
+	cr_assert_null(ev.account_id);
+	json_decref(data);
+}
+
+Test(event_from_json, extra_keys_are_tolerated)
+{
+	json_t *data = load("{\"amount\":5,\"added_later\":true}");
+	json_t *closed = load("{\"reason\":\"x\"}");
+	struct ledger_event ev;
+
+	cr_assert(ledger_event_from_json(LEDGER_FUNDS_DEPOSITED, data, &ev));
+	cr_assert_eq(ev.amount, 5);
+	cr_assert(ledger_event_from_json(LEDGER_ACCOUNT_CLOSED_EVENT, closed, &ev));
+	cr_assert_eq(ev.type, LEDGER_ACCOUNT_CLOSED_EVENT);
+	json_decref(data);
+	json_decref(closed);
+}
+
+static void assert_undecodable(enum ledger_event_type type, const char *text)
+{
+	json_t *data = load(text);
+	struct ledger_event ev = {.type = 99, .amount = 4242};
+
+	cr_assert_not(ledger_event_from_json(type, data, &ev), "decoded %s", text);
+	cr_assert_eq(ev.type, 99);
+	cr_assert_eq(ev.amount, 4242);
+	json_decref(data);
+}
+
+Test(event_from_json, missing_or_mistyped_fields)
+{
+	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"account_id\":\"a\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"account_id\":\"a\",\"name\":\"A\",\"overdraft_limit\":0}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\"}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED,
+			   "{\"account_id\":1,\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED,
+			   "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0.0}");
+	assert_undecodable(LEDGER_FUNDS_DEPOSITED, "{}");
+	assert_undecodable(LEDGER_FUNDS_DEPOSITED, "{\"amount\":1.0}");
+	assert_undecodable(LEDGER_FUNDS_WITHDRAWN, "{\"amount\":\"1\"}");
+	assert_undecodable(LEDGER_FUNDS_WITHDRAWN, "{\"amount\":1,\"reference\":null}");
+	assert_undecodable(LEDGER_FUNDS_WITHDRAWN, "{\"amount\":1,\"reference\":3}");
+	assert_undecodable(LEDGER_TRANSFER_SENT, "{\"transfer_id\":\"t\",\"amount\":1}");
+	assert_undecodable(LEDGER_TRANSFER_SENT, "{\"transfer_id\":\"t\",\"from\":\"a\",\"amount\":1}");
+	assert_undecodable(LEDGER_TRANSFER_RECEIVED, "{\"transfer_id\":\"t\",\"to\":\"b\",\"amount\":1}");
+	assert_undecodable(LEDGER_TRANSFER_RECEIVED, "{\"from\":\"a\",\"amount\":1}");
+	assert_undecodable(LEDGER_TRANSFER_RECEIVED, "{\"transfer_id\":\"t\",\"from\":\"a\"}");
+}
+
+Test(event_from_json, data_must_be_an_object_of_a_known_type)
+{
+	assert_undecodable(LEDGER_ACCOUNT_CLOSED_EVENT, "[]");
+	assert_undecodable(LEDGER_FUNDS_DEPOSITED, "5");
+	assert_undecodable((enum ledger_event_type)0, "{\"amount\":1}");
+	assert_undecodable((enum ledger_event_type)42, "{}");
+	cr_assert_not(ledger_event_from_json(LEDGER_ACCOUNT_CLOSED_EVENT, NULL,
+					     &(struct ledger_event){0}));
+}
