@@ -1,0 +1,402 @@
+/* Integration-test harness: a fresh migrated database per test, the real service
+ * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. */
+#include "harness.h"
+
+#include <arpa/inet.h>
+#include <criterion/criterion.h>
+#include <criterion/hooks.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sha256.h"
+
+static const char *env_or_skip(const char *name)
+{
+	const char *v = getenv(name);
+
+	if (!v || !*v)
+		cr_assert_fail("%s is not set: run the suite through `scripts/dev test` (or meson test with "
+			 "the DAYBOOK_TEST_* variables)",
+			 name);
+	return v;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void harness_conninfo(const char *db, const char *role, char *out, size_t len)
+{
+	PQconninfoOption *opts = PQconninfoParse(env_or_skip("DAYBOOK_TEST_PG"), NULL);
+	const char *host = "127.0.0.1", *port = "5432", *user = "postgres";
+
+	cr_assert(opts, "DAYBOOK_TEST_PG does not parse");
+	for (PQconninfoOption *o = opts; o->keyword; o++) {
+		if (!o->val)
+			continue;
+		if (strcmp(o->keyword, "host") == 0)
+			host = o->val;
+		else if (strcmp(o->keyword, "port") == 0)
+			port = o->val;
+		else if (strcmp(o->keyword, "user") == 0)
+			user = o->val;
+	}
+	snprintf(out, len, "host=%s port=%s dbname=%s user=%s connect_timeout=5", host, port, db,
+		 role ? role : user);
+	PQconninfoFree(opts);
+}
+
+static PGconn *connect_db(const char *db)
+{
+	char conninfo[512];
+	PGconn *conn;
+
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	conn = PQconnectdb(conninfo);
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting to %s: %s", db, PQerrorMessage(conn));
+	return conn;
+}
+
+PGresult *sql(const char *db, const char *query)
+{
+	PGconn *conn = connect_db(db);
+	PGresult *r = PQexec(conn, query);
+	ExecStatusType st = PQresultStatus(r);
+
+	cr_assert(st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK, "SQL failed: %s\n%s", query,
+		  PQresultErrorMessage(r));
+	PQfinish(conn);
+	return r;
+}
+
+long long sql_int(const char *db, const char *query)
+{
+	PGresult *r = sql(db, query);
+	long long v;
+
+	cr_assert(PQntuples(r) == 1, "expected one row from: %s", query);
+	v = PQgetisnull(r, 0, 0) ? 0 : atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return v;
+}
+
+void harness_db_create(char *db, size_t len)
+{
+	static int counter;
+	char cmd[1024], conninfo[512];
+	PGconn *conn;
+	PGresult *r;
+
+	snprintf(db, len, "t_%d_%d_%ld", (int)getpid(), counter++, (long)(now() * 1000) % 100000);
+	conn = PQconnectdb(env_or_skip("DAYBOOK_TEST_PG"));
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting to DAYBOOK_TEST_PG: %s",
+		  PQerrorMessage(conn));
+	snprintf(cmd, sizeof(cmd), "CREATE DATABASE %s", db);
+	r = PQexec(conn, cmd);
+	cr_assert(PQresultStatus(r) == PGRES_COMMAND_OK, "%s: %s", cmd, PQresultErrorMessage(r));
+	PQclear(r);
+	PQfinish(conn);
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	snprintf(cmd, sizeof(cmd), "DAYBOOK_PG='%s' '%s' migrate >/dev/null", conninfo,
+		 env_or_skip("DAYBOOK_ADMIN_BIN"));
+	cr_assert(system(cmd) == 0, "migrating %s failed", db);
+}
+
+static const char *tokens_file(void)
+{
+	static char path[256];
+	const char *const toks[][3] = { { "test-write", TOKEN_WRITE, "write" },
+					{ "test-read", TOKEN_READ, "read" },
+					{ "test-admin", TOKEN_ADMIN, "write,read,admin" } };
+	FILE *f;
+
+	if (path[0])
+		return path;
+	snprintf(path, sizeof(path), "/tmp/daybook-test-tokens-%d.txt", (int)getpid());
+	f = fopen(path, "w");
+	cr_assert(f, "cannot write %s", path);
+	fprintf(f, "# test tokens\n");
+	for (size_t i = 0; i < 3; i++) {
+		uint8_t d[SHA256_DIGEST_LEN];
+		char hex[65];
+		sha256(toks[i][1], strlen(toks[i][1]), d);
+		sha256_hex(d, hex);
+		fprintf(f, "%s %s %s\n", toks[i][0], hex, toks[i][2]);
+	}
+	fclose(f);
+	return path;
+}
+
+static int free_port(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t alen = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+	cr_assert(fd >= 0);
+	cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	cr_assert(getsockname(fd, (struct sockaddr *)&a, &alen) == 0);
+	port = ntohs(a.sin_port);
+	close(fd);
+	return port;
+}
+
+static void print_log(const struct service *svc)
+{
+	char line[2048];
+	FILE *f = fopen(svc->log_path, "r");
+
+	if (!f)
+		return;
+	fprintf(stderr, "---- %s log (%s) ----\n", svc->name, svc->log_path);
+	while (fgets(line, sizeof(line), f))
+		fputs(line, stderr);
+	fclose(f);
+}
+
+static void start_service(struct service *svc, const char *name, const char *binvar,
+			  const char *pg, const char *const *extra_env)
+{
+	const char *bin = env_or_skip(binvar);
+	char listen[64];
+
+	memset(svc, 0, sizeof(*svc));
+	snprintf(svc->name, sizeof(svc->name), "%s", name);
+	svc->port = free_port();
+	snprintf(listen, sizeof(listen), "127.0.0.1:%d", svc->port);
+	snprintf(svc->log_path, sizeof(svc->log_path), "/tmp/daybook-test-%d-%s-%d.log",
+		 (int)getpid(), name, svc->port);
+	svc->pid = fork();
+	cr_assert(svc->pid >= 0);
+	if (svc->pid == 0) {
+		int fd = open(svc->log_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (fd >= 0)
+			dup2(fd, 2);
+		setenv("DAYBOOK_PG", pg, 1);
+		setenv("DAYBOOK_LISTEN", listen, 1);
+		setenv("DAYBOOK_TOKENS_FILE", tokens_file(), 1);
+		setenv("DAYBOOK_LOG_LEVEL", "debug", 1);
+		for (size_t i = 0; extra_env && extra_env[i]; i += 2)
+			setenv(extra_env[i], extra_env[i + 1], 1);
+		execl(bin, bin, (char *)NULL);
+		_exit(127);
+	}
+	if (!harness_wait_status(svc, "/readyz", 200, 20)) {
+		print_log(svc);
+		harness_kill(svc);
+		cr_assert_fail("%s did not become ready", name);
+	}
+}
+
+void harness_start_command(struct service *svc, const char *db)
+{
+	char pg[512];
+
+	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
+	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, NULL);
+}
+
+bool harness_wait_status(const struct service *svc, const char *path, int status, double timeout)
+{
+	double end = now() + timeout;
+
+	while (now() < end) {
+		struct response r = http_request(svc->port, "GET", path, NULL, NULL, 2);
+		bool ok = r.status == status;
+		response_free(&r);
+		if (ok)
+			return true;
+		if (svc->pid > 0 && waitpid(svc->pid, NULL, WNOHANG) == svc->pid)
+			return false;
+		usleep(20000);
+	}
+	return false;
+}
+
+int harness_stop(struct service *svc)
+{
+	int status = 0;
+	double end = now() + 15;
+
+	if (svc->pid <= 0)
+		return -1;
+	kill(svc->pid, SIGTERM);
+	while (now() < end) {
+		if (waitpid(svc->pid, &status, WNOHANG) == svc->pid) {
+			svc->pid = 0;
+			return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+		}
+		usleep(10000);
+	}
+	harness_kill(svc);
+	return -1;
+}
+
+void harness_kill(struct service *svc)
+{
+	if (svc->pid <= 0)
+		return;
+	kill(svc->pid, SIGKILL);
+	waitpid(svc->pid, NULL, 0);
+	svc->pid = 0;
+}
+
+void harness_run_env_command(const char *var)
+{
+	char cmd[2048];
+
+	snprintf(cmd, sizeof(cmd), "%s >/dev/null 2>&1", env_or_skip(var));
+	cr_assert(system(cmd) == 0, "%s failed", var);
+}
+
+/* --- HTTP client ------------------------------------------------------------------ */
+
+static bool send_all(int fd, const char *p, size_t n)
+{
+	while (n > 0) {
+		ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return false;
+		p += w;
+		n -= (size_t)w;
+	}
+	return true;
+}
+
+/* Read until EOF or timeout; the buffer is NUL-terminated. */
+static char *recv_all(int fd, double deadline, size_t *len)
+{
+	size_t cap = 8192, n = 0;
+	char *buf = malloc(cap);
+
+	while (buf) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		int left = (int)((deadline - now()) * 1000);
+		ssize_t r;
+		if (left <= 0 || poll(&p, 1, left) <= 0)
+			break;
+		if (n + 4096 > cap) {
+			char *grown = realloc(buf, cap *= 2);
+			if (!grown)
+				break;
+			buf = grown;
+		}
+		r = recv(fd, buf + n, cap - n - 1, 0);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			buf[n] = '\0';
+			*len = n;
+			return buf;
+		}
+		n += (size_t)r;
+	}
+	free(buf);
+	return NULL; /* timed out or failed: no complete response */
+}
+
+static void parse_response(struct response *resp, char *raw)
+{
+	char *sep = strstr(raw, "\r\n\r\n");
+
+	if (!sep || sscanf(raw, "HTTP/1.%*d %d", &resp->status) != 1) {
+		resp->status = 0;
+		return;
+	}
+	*sep = '\0';
+	resp->headers = strdup(raw);
+	resp->body = strdup(sep + 4);
+	resp->json = json_loads(resp->body, 0, NULL);
+}
+
+struct response http_request(int port, const char *method, const char *path,
+			     const char *const *headers, const char *body, double timeout_s)
+{
+	struct response resp = { 0 };
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	size_t blen = body ? strlen(body) : 0, rlen, n;
+	char head[16384], *raw;
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	double deadline = now() + timeout_s;
+
+	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0)
+		goto done;
+	n = (size_t)snprintf(head, sizeof(head),
+			     "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n", method, path);
+	for (size_t i = 0; headers && headers[i] && n < sizeof(head); i++)
+		n += (size_t)snprintf(head + n, sizeof(head) - n, "%s\r\n", headers[i]);
+	if (body && n < sizeof(head))
+		n += (size_t)snprintf(head + n, sizeof(head) - n, "Content-Length: %zu\r\n", blen);
+	if (n < sizeof(head))
+		n += (size_t)snprintf(head + n, sizeof(head) - n, "\r\n");
+	cr_assert(n < sizeof(head), "request head too long");
+	if (!send_all(fd, head, n) || (body && !send_all(fd, body, blen)))
+		goto done;
+	raw = recv_all(fd, deadline, &rlen);
+	if (raw) {
+		parse_response(&resp, raw);
+		free(raw);
+	}
+done:
+	if (fd >= 0)
+		close(fd);
+	return resp;
+}
+
+void response_free(struct response *r)
+{
+	free(r->headers);
+	free(r->body);
+	json_decref(r->json);
+	memset(r, 0, sizeof(*r));
+}
+
+bool response_header(const struct response *r, const char *name, char *out, size_t len)
+{
+	size_t n = strlen(name);
+
+	for (const char *p = r->headers; p && (p = strstr(p, "\r\n")); ) {
+		p += 2;
+		if (strncasecmp(p, name, n) == 0 && p[n] == ':') {
+			const char *v = p + n + 1, *end;
+			while (*v == ' ')
+				v++;
+			end = strstr(v, "\r\n");
+			snprintf(out, len, "%.*s", (int)(end ? (size_t)(end - v) : strlen(v)), v);
+			return true;
+		}
+	}
+	return false;
+}
+
+struct response post(const struct service *svc, const char *path, const char *body,
+		     const char *const *extra)
+{
+	const char *headers[16] = { "Authorization: Bearer " TOKEN_WRITE,
+				    "Content-Type: application/json" };
+	size_t n = 2;
+
+	for (size_t i = 0; extra && extra[i] && n < 15; i++)
+		headers[n++] = extra[i];
+	headers[n] = NULL;
+	return http_request(svc->port, "POST", path, headers, body, 30);
+}

@@ -1,0 +1,66 @@
+/* Integration-test harness: a fresh migrated database per test, the real service
+ * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. */
+#ifndef DAYBOOK_TEST_HARNESS_H
+#define DAYBOOK_TEST_HARNESS_H
+
+#include <jansson.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Tokens every test service accepts (see harness.c). */
+#define TOKEN_WRITE "test-write-token"
+#define TOKEN_READ "test-read-token"
+#define TOKEN_ADMIN "test-admin-token"
+
+struct service {
+	pid_t pid;
+	int port;
+	char name[32];
+	char log_path[512];
+};
+
+struct response {
+	int status;
+	char *headers; /* the raw status line and header block */
+	char *body;
+	json_t *json;  /* parsed body, or NULL */
+};
+
+/* A fresh database with every migration applied; its name goes into db (64 bytes). */
+void harness_db_create(char *db, size_t len);
+/* A conninfo for db as role (NULL: the superuser), into out. */
+void harness_conninfo(const char *db, const char *role, char *out, size_t len);
+
+/* Start daybook-command against db and wait until /readyz says ready. */
+void harness_start_command(struct service *svc, const char *db);
+/* SIGTERM and wait; returns the exit status (or -1 if it had to be killed). */
+int harness_stop(struct service *svc);
+/* SIGKILL and reap. */
+void harness_kill(struct service *svc);
+/* Wait until GET path answers `status` (timeout in seconds); false on timeout. */
+bool harness_wait_status(const struct service *svc, const char *path, int status, double timeout);
+
+/* One HTTP/1.1 request on a new connection. headers: NULL-terminated "Name: value"
+ * strings, or NULL. body may be NULL. status is 0 when the request failed at the
+ * socket level (refused, reset, timed out after timeout_s). Free with response_free. */
+struct response http_request(int port, const char *method, const char *path,
+			     const char *const *headers, const char *body, double timeout_s);
+void response_free(struct response *r);
+/* The value of a response header (case-insensitive name) into out; false if absent. */
+bool response_header(const struct response *r, const char *name, char *out, size_t len);
+
+/* POST JSON with the write token (plus extra headers, NULL-terminated, may be NULL). */
+struct response post(const struct service *svc, const char *path, const char *body,
+		     const char *const *extra);
+
+/* Blocking SQL as superuser on db; the test fails on any error. Caller PQclear()s. */
+PGresult *sql(const char *db, const char *query);
+/* The first column of the first row as a 64-bit integer. */
+long long sql_int(const char *db, const char *query);
+
+/* Run a shell command from the environment variable `var` (e.g. DAYBOOK_TEST_PG_STOP). */
+void harness_run_env_command(const char *var);
+
+#endif
