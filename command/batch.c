@@ -59,6 +59,7 @@ struct slot {
 	json_t *body;     /* the response body, owned */
 	json_t *headers;  /* {"ETag": ..., "Location": ...}, owned */
 	bool replay;      /* answered from a stored record */
+	bool unrecorded;  /* an outcome that must not be stored (a key reused) */
 	int last_event;   /* index of its last event in the batch, -1 for none */
 };
 
@@ -544,7 +545,8 @@ static bool queue_event(struct batcher *b, const struct pending_event *pe)
 /* Decided outcomes worth replaying: successes and business refusals. */
 static bool keeps_record(const struct slot *s)
 {
-	return s->cmd->idem_key[0] && !s->replay && s->status != 0 && s->status < 500;
+	return s->cmd->idem_key[0] && !s->replay && !s->unrecorded && s->status != 0 &&
+	       s->status < 500;
 }
 
 static bool queue_record(struct batcher *b, const struct slot *s)
@@ -750,6 +752,7 @@ static void apply_records(struct batcher *b, PGresult *r)
 			s->body = http_problem_json(422, "idempotency_key_reused", "Idempotency key reused",
 						    "this Idempotency-Key was used with a different request");
 			s->headers = json_object();
+			s->unrecorded = true;
 			continue;
 		}
 		s->status = atoi(PQgetvalue(r, row, 3));

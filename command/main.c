@@ -39,6 +39,9 @@ static bool ready(void *arg, char *why, size_t whylen)
 static void on_pg_connect(void *arg)
 {
 	struct command_ctx *ctx = arg;
+
+	/* Expire old idempotency records first (and on a timer afterwards). */
+	batcher_sweep(ctx->batcher);
 	batcher_kick(ctx->batcher);
 }
 

@@ -1,0 +1,192 @@
+/* Faults: PostgreSQL stops under load. The service answers 503 (never hangs or
+ * crashes), recovers by itself, and every acknowledged write is in the log exactly once.
+ * Runs alone (is_parallel: false): it stops the shared test cluster. */
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+#define WORKERS 8
+#define MAX_ACKS 20000
+
+static char db[64];
+static struct service svc;
+
+static void setup(void)
+{
+	harness_db_create(db, sizeof(db));
+	harness_start_command(&svc, db);
+}
+
+static void teardown(void)
+{
+	harness_stop(&svc);
+}
+
+TestSuite(faults, .init = setup, .fini = teardown, .timeout = 180);
+
+struct ack {
+	int account;
+	long long version;
+	long long amount;
+};
+
+struct load {
+	atomic_bool stop;
+	atomic_int statuses[600];
+	atomic_int other; /* anything but 201/503, or a socket failure */
+	pthread_mutex_t lock;
+	struct ack acks[MAX_ACKS];
+	size_t nacks;
+};
+
+struct worker {
+	struct load *load;
+	int id;
+};
+
+static void *work(void *arg)
+{
+	struct worker *w = arg;
+	struct load *l = w->load;
+	char path[64], body[64];
+	unsigned seed = (unsigned)w->id;
+
+	snprintf(path, sizeof(path), "/accounts/f-%d/deposits", w->id);
+	while (!atomic_load(&l->stop)) {
+		long long amount = 1 + rand_r(&seed) % 1000;
+		snprintf(body, sizeof(body), "{\"amount\":%lld}", amount);
+		struct response r = post(&svc, path, body, NULL);
+		if (r.status == 201) {
+			pthread_mutex_lock(&l->lock);
+			if (l->nacks < MAX_ACKS)
+				l->acks[l->nacks++] = (struct ack){
+					w->id, json_integer_value(json_object_get(r.json, "version")), amount
+				};
+			pthread_mutex_unlock(&l->lock);
+		}
+		if (r.status == 201 || r.status == 503)
+			atomic_fetch_add(&l->statuses[r.status], 1);
+		else
+			atomic_fetch_add(&l->other, 1);
+		if (r.status == 503)
+			usleep(20000);
+		response_free(&r);
+	}
+	return NULL;
+}
+
+Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
+{
+	static struct load l;
+	struct worker w[WORKERS];
+	pthread_t t[WORKERS];
+	char q[256];
+	struct response r;
+
+	pthread_mutex_init(&l.lock, NULL);
+	for (int i = 0; i < WORKERS; i++) {
+		snprintf(q, sizeof(q), "{\"id\":\"f-%d\",\"name\":\"F\",\"currency\":\"EUR\"}", i);
+		r = post(&svc, "/accounts", q, NULL);
+		cr_assert_eq(r.status, 201);
+		response_free(&r);
+		w[i] = (struct worker){ &l, i };
+		pthread_create(&t[i], NULL, work, &w[i]);
+	}
+	usleep(700000);
+	harness_run_env_command("DAYBOOK_TEST_PG_STOP");
+	usleep(1500000);
+	/* Down: writes and readiness say 503, promptly. */
+	r = post(&svc, "/accounts/f-0/deposits", "{\"amount\":1}", NULL);
+	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
+	cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "unavailable");
+	char retry[16];
+	cr_assert(response_header(&r, "Retry-After", retry, sizeof(retry)));
+	response_free(&r);
+	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 5);
+	cr_assert_eq(r.status, 503);
+	response_free(&r);
+	harness_run_env_command("DAYBOOK_TEST_PG_START");
+	/* Back: the service reconnects by itself. */
+	cr_assert(harness_wait_status(&svc, "/readyz", 200, 20), "the service did not reconnect");
+	usleep(700000);
+	atomic_store(&l.stop, true);
+	for (int i = 0; i < WORKERS; i++)
+		pthread_join(t[i], NULL);
+
+	cr_assert_eq(atomic_load(&l.other), 0, "only 201 and 503 are acceptable answers");
+	cr_assert_gt(atomic_load(&l.statuses[503]), 0, "the outage should have been seen");
+	cr_assert_gt(l.nacks, 0);
+	/* Every acknowledged deposit is in the log, exactly once, as acknowledged. */
+	PGresult *log = sql(db, "SELECT substr(stream, 11)::int, version, (data->>'amount')::bigint "
+				"FROM events WHERE type = 'FundsDeposited'");
+	for (size_t i = 0; i < l.nacks; i++) {
+		int found = 0;
+		for (int row = 0; row < PQntuples(log); row++)
+			found += atoi(PQgetvalue(log, row, 0)) == l.acks[i].account &&
+				 atoll(PQgetvalue(log, row, 1)) == l.acks[i].version &&
+				 atoll(PQgetvalue(log, row, 2)) == l.acks[i].amount;
+		cr_assert_eq(found, 1, "acknowledged deposit f-%d v%lld of %lld found %d times",
+			     l.acks[i].account, l.acks[i].version, l.acks[i].amount, found);
+	}
+	PQclear(log);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM (SELECT stream, max(version) m, count(*) c "
+				 "FROM events GROUP BY stream) s WHERE m <> c"),
+		     0);
+	r = post(&svc, "/accounts/f-1/deposits", "{\"amount\":1}", NULL);
+	cr_assert_eq(r.status, 201, "%s", r.body);
+	response_free(&r);
+}
+
+struct burst {
+	int port;
+	struct response r;
+};
+
+static void *slow_write(void *arg)
+{
+	struct burst *b = arg;
+	const char *h[] = { "Authorization: Bearer " TOKEN_WRITE, "Content-Type: application/json", NULL };
+	b->r = http_request(b->port, "POST", "/accounts/drain/deposits", h, "{\"amount\":1}", 30);
+	return NULL;
+}
+
+Test(faults, sigterm_finishes_requests_in_flight_then_exits_zero)
+{
+	char conninfo[512];
+	struct burst b[10];
+	pthread_t t[10];
+	PGconn *blocker;
+	struct response r = post(&svc, "/accounts", "{\"id\":\"drain\",\"name\":\"D\",\"currency\":\"EUR\"}", NULL);
+
+	cr_assert_eq(r.status, 201);
+	response_free(&r);
+	/* Hold the log so that the writes are in flight when SIGTERM arrives. */
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	blocker = PQconnectdb(conninfo);
+	PQclear(PQexec(blocker, "BEGIN"));
+	PQclear(PQexec(blocker, "LOCK TABLE events IN EXCLUSIVE MODE"));
+	for (int i = 0; i < 10; i++) {
+		b[i].port = svc.port;
+		pthread_create(&t[i], NULL, slow_write, &b[i]);
+	}
+	usleep(300000);
+	kill(svc.pid, SIGTERM);
+	usleep(300000);
+	PQclear(PQexec(blocker, "COMMIT"));
+	PQfinish(blocker);
+	for (int i = 0; i < 10; i++) {
+		pthread_join(t[i], NULL);
+		cr_assert_eq(b[i].r.status, 201, "in-flight write %d: %d %s", i, b[i].r.status, b[i].r.body);
+		response_free(&b[i].r);
+	}
+	cr_assert_eq(harness_stop(&svc), 0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-drain'"), 11);
+}
