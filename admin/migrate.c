@@ -176,28 +176,51 @@ static const char *applied_checksum(PGresult *applied, int version)
 	return NULL;
 }
 
-static int run(PGconn *conn, struct migration *m, size_t n)
+/* The applied migrations (version, checksum); an empty result before the first. */
+static PGresult *applied_migrations(PGconn *conn)
 {
-	PGresult *applied = PQexec(conn, "SELECT version, checksum FROM schema_migrations "
-					 "WHERE to_regclass('schema_migrations') IS NOT NULL");
-	int done = 0, rc = 0;
+	PGresult *r = PQexec(conn, "SELECT to_regclass('schema_migrations') IS NOT NULL");
+	bool exists = PQresultStatus(r) == PGRES_TUPLES_OK && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
 
-	/* Before the first migration the table does not exist: nothing applied yet. */
-	if (PQresultStatus(applied) != PGRES_TUPLES_OK) {
-		PQclear(applied);
-		applied = NULL;
-	}
+	PQclear(r);
+	return PQexec(conn, exists ? "SELECT version, checksum FROM schema_migrations"
+				   : "SELECT NULL::int, NULL::text WHERE false");
+}
+
+/* Refuse before applying anything if an applied migration's file has changed. */
+static bool unchanged(PGresult *applied, const struct migration *m, size_t n)
+{
+	bool ok = true;
+
 	for (size_t i = 0; i < n; i++) {
-		const char *sum = applied ? applied_checksum(applied, m[i].version) : NULL;
+		const char *sum = applied_checksum(applied, m[i].version);
 		if (sum && strcmp(sum, m[i].checksum) != 0) {
 			fprintf(stderr,
 				"daybook-admin: migration %s was applied with checksum %s but the file "
 				"now has %s; an applied migration must not change (add a new one)\n",
 				m[i].name, sum, m[i].checksum);
-			rc = 1;
-			break;
+			ok = false;
 		}
-		if (sum)
+	}
+	return ok;
+}
+
+static int run(PGconn *conn, struct migration *m, size_t n)
+{
+	PGresult *applied = applied_migrations(conn);
+	int done = 0, rc = 0;
+
+	if (PQresultStatus(applied) != PGRES_TUPLES_OK) {
+		fprintf(stderr, "daybook-admin: reading schema_migrations: %s", PQresultErrorMessage(applied));
+		PQclear(applied);
+		return 1;
+	}
+	if (!unchanged(applied, m, n)) {
+		PQclear(applied);
+		return 1;
+	}
+	for (size_t i = 0; i < n && rc == 0; i++) {
+		if (applied_checksum(applied, m[i].version))
 			continue;
 		if (!apply(conn, &m[i])) {
 			rc = 1;

@@ -158,7 +158,7 @@ static void inflight_key(const struct cmd *cmd, char *out, size_t len)
 	snprintf(out, len, "%s\x1f%s", cmd->token_id, cmd->idem_key);
 }
 
-/* Answer a command and forget it. */
+/* Answer a command and forget it; steals body and headers. */
 static void answer(struct batcher *b, struct cmd *cmd, int status, json_t *body, json_t *headers,
 		   bool replay)
 {
@@ -174,6 +174,7 @@ static void answer(struct batcher *b, struct cmd *cmd, int status, json_t *body,
 	json_object_foreach(headers, name, value)
 		if (json_is_string(value))
 			http_set_header(req, name, json_string_value(value));
+	json_decref(headers);
 	if (replay)
 		http_set_header(req, "Idempotent-Replayed", "true");
 	if (status == 503)

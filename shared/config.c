@@ -11,6 +11,8 @@ static bool parse_port(const char *text, uint16_t *port)
 	char *end;
 	long v;
 
+	if (*text < '0' || *text > '9')
+		return false; /* no sign, no space */
 	errno = 0;
 	v = strtol(text, &end, 10);
 	if (errno || end == text || *end || v < 1 || v > 65535)

@@ -140,8 +140,12 @@ static void render_histogram(const struct metric *s, struct evbuffer *out)
 			evbuffer_add_printf(out, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", s->name,
 					    s->labels, sep, cum);
 	}
-	evbuffer_add_printf(out, "%s_sum{%s} %.9g\n%s_count{%s} %llu\n", s->name, s->labels,
-			    s->value, s->name, s->labels, s->count);
+	if (s->labels[0])
+		evbuffer_add_printf(out, "%s_sum{%s} %.9g\n%s_count{%s} %llu\n", s->name, s->labels,
+				    s->value, s->name, s->labels, s->count);
+	else
+		evbuffer_add_printf(out, "%s_sum %.9g\n%s_count %llu\n", s->name, s->value, s->name,
+				    s->count);
 }
 
 void metrics_render(const struct metrics *m, struct evbuffer *out)

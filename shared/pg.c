@@ -417,6 +417,10 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 {
 	if (!first)
 		evbuffer_add(buf, ",", 1);
+	if (!value) {
+		evbuffer_add(buf, "NULL", 4);
+		return;
+	}
 	evbuffer_add(buf, "\"", 1);
 	for (const char *p = value; *p; p++) {
 		if (*p == '"' || *p == '\\')

@@ -62,9 +62,9 @@ bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const
 /* Send the queued statements with one sync; `done` gets their results. */
 bool pg_run(struct pg *pg, pg_done_cb done, void *arg) __attribute__((warn_unused_result));
 
-/* Append a PostgreSQL text[] literal element (quoted, escaped) to buf: call between
- * evbuffer_add(buf, "{", 1) and evbuffer_add(buf, "}", 1), with `first` set for the
- * first element. */
+/* Append a PostgreSQL array literal element (quoted, escaped; NULL for a NULL value)
+ * to buf: call between evbuffer_add(buf, "{", 1) and evbuffer_add(buf, "}", 1), with
+ * `first` set for the first element. */
 void pg_array_append(struct evbuffer *buf, const char *value, bool first);
 
 /* The SQLSTATE of a result ("23505"), or "" when none. */

@@ -44,6 +44,8 @@ static bool parse_scopes(char *list, unsigned *out)
 	char *save = NULL;
 
 	*out = 0;
+	if (list[0] == ',' || list[strlen(list) - 1] == ',' || strstr(list, ",,"))
+		return false;
 	for (char *s = strtok_r(list, ",", &save); s; s = strtok_r(NULL, ",", &save)) {
 		if (strcmp(s, "write") == 0)
 			*out |= SCOPE_WRITE;

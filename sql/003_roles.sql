@@ -5,13 +5,17 @@ DECLARE
 	r text;
 BEGIN
 	FOREACH r IN ARRAY ARRAY['daybook_command', 'daybook_projector', 'daybook_query'] LOOP
-		IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+		-- Another database of the cluster may be migrating at the same moment.
+		BEGIN
 			EXECUTE format('CREATE ROLE %I LOGIN', r);
-		END IF;
+		EXCEPTION WHEN duplicate_object OR unique_violation THEN
+			NULL;
+		END;
 	END LOOP;
 END $$;
 
 REVOKE ALL ON events, idempotency_keys FROM PUBLIC;
+REVOKE CREATE ON SCHEMA public FROM PUBLIC; -- the default since PostgreSQL 15
 
 DO $$
 BEGIN

@@ -117,6 +117,13 @@ void harness_db_create(char *db, size_t len)
 	cr_assert(system(cmd) == 0, "migrating %s failed", db);
 }
 
+/* Test files go under $TMPDIR, which `scripts/dev test` removes afterwards. */
+static const char *tmpdir(void)
+{
+	const char *t = getenv("TMPDIR");
+	return t && *t ? t : "/tmp";
+}
+
 static const char *tokens_file(void)
 {
 	static char path[256];
@@ -127,7 +134,7 @@ static const char *tokens_file(void)
 
 	if (path[0])
 		return path;
-	snprintf(path, sizeof(path), "/tmp/daybook-test-tokens-%d.txt", (int)getpid());
+	snprintf(path, sizeof(path), "%s/daybook-test-tokens-%d.txt", tmpdir(), (int)getpid());
 	f = fopen(path, "w");
 	cr_assert(f, "cannot write %s", path);
 	fprintf(f, "# test tokens\n");
@@ -179,7 +186,7 @@ static void start_service(struct service *svc, const char *name, const char *bin
 	snprintf(svc->name, sizeof(svc->name), "%s", name);
 	svc->port = free_port();
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", svc->port);
-	snprintf(svc->log_path, sizeof(svc->log_path), "/tmp/daybook-test-%d-%s-%d.log",
+	snprintf(svc->log_path, sizeof(svc->log_path), "%s/daybook-test-%d-%s-%d.log", tmpdir(),
 		 (int)getpid(), name, svc->port);
 	svc->pid = fork();
 	cr_assert(svc->pid >= 0);
