@@ -105,19 +105,18 @@ Test(parse_open, overdraft_limit_defaults_to_zero)
 	json_decref(body);
 }
 
+/* An open body with a valid id, name and currency, and this overdraft_limit. */
+#define OPEN_WITH_LIMIT(v) "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":" v "}"
+
 Test(parse_open, overdraft_limit_range_and_type)
 {
-	assert_accepted(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
-	assert_accepted(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\","
-			      "\"overdraft_limit\":9223372036854775807}");
-	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":-1}",
-		       LIMIT_RANGE);
-	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":1.0}",
-		       LIMIT_RANGE);
-	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":\"5\"}",
-		       LIMIT_RANGE);
-	assert_refused(OPEN, "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":null}",
-		       LIMIT_RANGE);
+	assert_accepted(OPEN, OPEN_WITH_LIMIT("0"));
+	assert_accepted(OPEN, OPEN_WITH_LIMIT("9223372036854775807"));
+	assert_refused(OPEN, OPEN_WITH_LIMIT("-1"), LIMIT_RANGE);
+	assert_refused(OPEN, OPEN_WITH_LIMIT("1.0"), LIMIT_RANGE);
+	assert_refused(OPEN, OPEN_WITH_LIMIT("\"5\""), LIMIT_RANGE);
+	assert_refused(OPEN, OPEN_WITH_LIMIT("null"), LIMIT_RANGE);
+	assert_refused(OPEN, OPEN_WITH_LIMIT("true"), LIMIT_RANGE);
 }
 
 Test(parse_open, required_fields)
@@ -658,14 +657,19 @@ static void assert_undecodable(enum ledger_event_type type, const char *text)
 
 Test(event_from_json, missing_or_mistyped_fields)
 {
-	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
-	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"account_id\":\"a\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
-	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"account_id\":\"a\",\"name\":\"A\",\"overdraft_limit\":0}");
-	assert_undecodable(LEDGER_ACCOUNT_OPENED, "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\"}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED,
+			   "{\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED,
+			   "{\"account_id\":\"a\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED,
+			   "{\"account_id\":\"a\",\"name\":\"A\",\"overdraft_limit\":0}");
+	assert_undecodable(LEDGER_ACCOUNT_OPENED,
+			   "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\"}");
 	assert_undecodable(LEDGER_ACCOUNT_OPENED,
 			   "{\"account_id\":1,\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
 	assert_undecodable(LEDGER_ACCOUNT_OPENED,
-			   "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0.0}");
+			   "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\","
+			   "\"overdraft_limit\":0.0}");
 	assert_undecodable(LEDGER_FUNDS_DEPOSITED, "{}");
 	assert_undecodable(LEDGER_FUNDS_DEPOSITED, "{\"amount\":1.0}");
 	assert_undecodable(LEDGER_FUNDS_WITHDRAWN, "{\"amount\":\"1\"}");

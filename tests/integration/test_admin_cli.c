@@ -1,0 +1,682 @@
+/* The binaries as an operator meets them: configuration errors at start (exit 2, one
+ * line naming the variable), --help, and `daybook-admin migrate` on real databases. */
+#include <criterion/criterion.h>
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "sha256.h"
+
+TestSuite(admin_cli, .timeout = 120);
+
+/* --- running a binary in a controlled environment ------------------------------------ */
+
+struct proc {
+	pid_t pid;
+	FILE *out, *err;
+	int status;     /* exit status; -1 when it did not exit by itself with one */
+	bool timed_out; /* still running at the deadline: it was sent SIGTERM */
+	char *stdout_text, *stderr_text;
+};
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static const char *env_required(const char *name)
+{
+	const char *v = getenv(name);
+
+	cr_assert(v && *v, "%s is not set: run through meson test or set it by hand", name);
+	return v;
+}
+
+/* Start argv with only PATH (and the few variables a sanitizer or libpq's password
+ * lookup may need) plus `vars`, a NULL-terminated list of "NAME=value". */
+static void proc_start(struct proc *p, const char *const *argv, const char *const *vars)
+{
+	static const char *const passed[] = { "PATH", "HOME", "PGPASSWORD", "PGPASSFILE",
+					      "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS" };
+	char *envp[64], inherited[sizeof(passed) / sizeof(passed[0])][4096];
+	size_t n = 0;
+
+	memset(p, 0, sizeof(*p));
+	for (size_t i = 0; i < sizeof(passed) / sizeof(passed[0]); i++) {
+		const char *v = getenv(passed[i]);
+		if (!v)
+			continue;
+		snprintf(inherited[i], sizeof(inherited[i]), "%s=%s", passed[i], v);
+		envp[n++] = inherited[i];
+	}
+	for (size_t i = 0; vars && vars[i]; i++) {
+		cr_assert_lt(n, sizeof(envp) / sizeof(envp[0]) - 1);
+		envp[n++] = (char *)vars[i];
+	}
+	envp[n] = NULL;
+	p->out = tmpfile();
+	p->err = tmpfile();
+	cr_assert(p->out && p->err);
+	fflush(NULL);
+	p->pid = fork();
+	cr_assert(p->pid >= 0, "fork: %s", strerror(errno));
+	if (p->pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		dup2(fileno(p->out), 1);
+		dup2(fileno(p->err), 2);
+		execve(argv[0], (char *const *)argv, envp);
+		fprintf(stderr, "exec %s: %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+}
+
+static char *slurp_fd(FILE *f)
+{
+	off_t n = lseek(fileno(f), 0, SEEK_END);
+	char *text;
+
+	cr_assert(n >= 0);
+	text = calloc(1, (size_t)n + 1);
+	cr_assert_not_null(text);
+	cr_assert_eq(pread(fileno(f), text, (size_t)n, 0), (ssize_t)n);
+	fclose(f);
+	return text;
+}
+
+/* Wait up to timeout_s for the process to exit; past it, SIGTERM (then SIGKILL). */
+static void proc_wait(struct proc *p, double timeout_s)
+{
+	double end = now() + timeout_s;
+	int ws = 0;
+	pid_t r;
+
+	while ((r = waitpid(p->pid, &ws, WNOHANG)) == 0 && now() < end)
+		usleep(5000);
+	if (r == 0) {
+		p->timed_out = true;
+		kill(p->pid, SIGTERM);
+		for (end = now() + 10; (r = waitpid(p->pid, &ws, WNOHANG)) == 0 && now() < end;)
+			usleep(5000);
+		if (r == 0) {
+			kill(p->pid, SIGKILL);
+			waitpid(p->pid, &ws, 0);
+		}
+	}
+	p->status = WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
+	p->stdout_text = slurp_fd(p->out);
+	p->stderr_text = slurp_fd(p->err);
+}
+
+static struct proc run(const char *const *argv, const char *const *vars, double timeout_s)
+{
+	struct proc p;
+
+	proc_start(&p, argv, vars);
+	proc_wait(&p, timeout_s);
+	return p;
+}
+
+static void proc_free(struct proc *p)
+{
+	free(p->stdout_text);
+	free(p->stderr_text);
+}
+
+static size_t count_lines(const char *text)
+{
+	size_t n = 0;
+
+	for (; *text; text++)
+		n += *text == '\n';
+	return n;
+}
+
+/* Exit status 2, nothing on stdout, one line on stderr that names `var`. */
+static void assert_refused_naming(const struct proc *p, const char *var)
+{
+	cr_assert_not(p->timed_out, "it started instead of refusing %s; stderr: %s", var,
+		      p->stderr_text);
+	cr_assert_eq(p->status, 2, "exit status %d; stderr: %s", p->status, p->stderr_text);
+	cr_assert_str_eq(p->stdout_text, "");
+	cr_assert_not_null(strstr(p->stderr_text, var), "stderr should name %s: %s", var,
+			   p->stderr_text);
+	cr_assert_eq(count_lines(p->stderr_text), 1, "one line on stderr: %s", p->stderr_text);
+}
+
+/* --- daybook-command's configuration --------------------------------------------------- */
+
+static int free_port(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t alen = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+	cr_assert(fd >= 0);
+	cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	cr_assert(getsockname(fd, (struct sockaddr *)&a, &alen) == 0);
+	port = ntohs(a.sin_port);
+	close(fd);
+	return port;
+}
+
+static void write_file(const char *path, const char *text, const char *mode)
+{
+	FILE *f = fopen(path, mode);
+
+	cr_assert_not_null(f, "%s: %s", path, strerror(errno));
+	fputs(text, f);
+	cr_assert_eq(fclose(f), 0);
+}
+
+/* A tokens file with one valid line (and whatever `extra` adds); path gets its name. */
+static void tokens_file(char *path, size_t len, const char *extra)
+{
+	uint8_t d[SHA256_DIGEST_LEN];
+	char hex[65], text[512];
+
+	sha256("cli-secret", 10, d);
+	sha256_hex(d, hex);
+	snprintf(path, len, "/tmp/daybook-test-cli-tokens-%d-%ld.txt", (int)getpid(),
+		 (long)(now() * 1e6) % 1000000);
+	snprintf(text, sizeof(text), "# cli test\nops %s write,read\n%s", hex, extra);
+	write_file(path, text, "w");
+}
+
+/* The settings of one daybook-command run: "NAME=value", or "" to leave it unset.
+ * By default all are valid, with a PostgreSQL that is never reached. */
+struct command_env {
+	char pg[256], tokens[300], listen[64], level[64];
+	char tokens_path[256];
+};
+
+static void command_env_valid(struct command_env *e)
+{
+	tokens_file(e->tokens_path, sizeof(e->tokens_path), "");
+	snprintf(e->pg, sizeof(e->pg), "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1");
+	snprintf(e->tokens, sizeof(e->tokens), "DAYBOOK_TOKENS_FILE=%s", e->tokens_path);
+	snprintf(e->listen, sizeof(e->listen), "DAYBOOK_LISTEN=127.0.0.1:%d", free_port());
+	snprintf(e->level, sizeof(e->level), "DAYBOOK_LOG_LEVEL=info");
+}
+
+/* Run daybook-command (with `arg`, or none) for at most timeout_s seconds. */
+static struct proc run_command(const struct command_env *e, const char *arg, double timeout_s)
+{
+	const char *argv[] = { env_required("DAYBOOK_COMMAND_BIN"), arg, NULL };
+	const char *vars[5];
+	const char *const all[] = { e->pg, e->tokens, e->listen, e->level };
+	size_t n = 0;
+
+	for (size_t i = 0; i < 4; i++)
+		if (all[i][0])
+			vars[n++] = all[i];
+	vars[n] = NULL;
+	return run(argv, vars, timeout_s);
+}
+
+Test(admin_cli, command_starts_with_valid_settings)
+{
+	/* The control for the refusals below: only the one setting they spoil differs. */
+	struct command_env e;
+	struct proc p;
+
+	command_env_valid(&e);
+	p = run_command(&e, NULL, 1.5);
+	cr_assert(p.timed_out, "exited %d at start: %s", p.status, p.stderr_text);
+	cr_assert_eq(p.status, 0, "SIGTERM is a clean exit: %s", p.stderr_text);
+	proc_free(&p);
+	unlink(e.tokens_path);
+}
+
+Test(admin_cli, command_without_pg_exits_2)
+{
+	struct command_env e;
+	struct proc p;
+
+	command_env_valid(&e);
+	e.pg[0] = '\0';
+	p = run_command(&e, NULL, 10);
+	assert_refused_naming(&p, "DAYBOOK_PG");
+	proc_free(&p);
+	unlink(e.tokens_path);
+}
+
+Test(admin_cli, command_without_tokens_file_exits_2)
+{
+	struct command_env e;
+	struct proc p;
+
+	command_env_valid(&e);
+	e.tokens[0] = '\0';
+	p = run_command(&e, NULL, 10);
+	assert_refused_naming(&p, "DAYBOOK_TOKENS_FILE");
+	proc_free(&p);
+	unlink(e.tokens_path);
+}
+
+Test(admin_cli, command_with_malformed_listen_exits_2)
+{
+	const char *bad[] = { "nonsense", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", ":8081",
+			      "127.0.0.1:http" };
+	struct command_env e;
+
+	command_env_valid(&e);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		struct proc p;
+		snprintf(e.listen, sizeof(e.listen), "DAYBOOK_LISTEN=%s", bad[i]);
+		p = run_command(&e, NULL, 10);
+		assert_refused_naming(&p, "DAYBOOK_LISTEN");
+		proc_free(&p);
+	}
+	unlink(e.tokens_path);
+}
+
+Test(admin_cli, command_with_unknown_log_level_exits_2)
+{
+	struct command_env e;
+	struct proc p;
+
+	command_env_valid(&e);
+	snprintf(e.level, sizeof(e.level), "DAYBOOK_LOG_LEVEL=loud");
+	p = run_command(&e, NULL, 10);
+	assert_refused_naming(&p, "DAYBOOK_LOG_LEVEL");
+	proc_free(&p);
+	unlink(e.tokens_path);
+}
+
+Test(admin_cli, command_with_a_bad_tokens_line_exits_2)
+{
+	struct command_env e;
+	char where[300];
+	struct proc p;
+
+	command_env_valid(&e);
+	unlink(e.tokens_path);
+	tokens_file(e.tokens_path, sizeof(e.tokens_path), "intruder not-a-hash write\n");
+	snprintf(e.tokens, sizeof(e.tokens), "DAYBOOK_TOKENS_FILE=%s", e.tokens_path);
+	p = run_command(&e, NULL, 10);
+	assert_refused_naming(&p, "DAYBOOK_TOKENS_FILE");
+	snprintf(where, sizeof(where), "%s:3:", e.tokens_path);
+	cr_assert_not_null(strstr(p.stderr_text, where), "stderr should say where: %s",
+			   p.stderr_text);
+	cr_assert_null(strstr(p.stderr_text, "cli-secret"));
+	proc_free(&p);
+	unlink(e.tokens_path);
+}
+
+Test(admin_cli, command_with_a_missing_tokens_file_exits_2)
+{
+	struct command_env e;
+	struct proc p;
+
+	command_env_valid(&e);
+	unlink(e.tokens_path);
+	p = run_command(&e, NULL, 10);
+	assert_refused_naming(&p, "DAYBOOK_TOKENS_FILE");
+	cr_assert_not_null(strstr(p.stderr_text, e.tokens_path), "%s", p.stderr_text);
+	proc_free(&p);
+}
+
+Test(admin_cli, command_help_prints_usage_on_stdout)
+{
+	const char *argv[] = { env_required("DAYBOOK_COMMAND_BIN"), "--help", NULL };
+	/* No settings at all: --help needs none. */
+	struct proc p = run(argv, NULL, 10);
+
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stdout_text, "usage: daybook-command"), "%s", p.stdout_text);
+	cr_assert_not_null(strstr(p.stdout_text, "DAYBOOK_PG"), "%s", p.stdout_text);
+	cr_assert_not_null(strstr(p.stdout_text, "DAYBOOK_TOKENS_FILE"), "%s", p.stdout_text);
+	cr_assert_str_eq(p.stderr_text, "");
+	proc_free(&p);
+}
+
+Test(admin_cli, command_with_an_unknown_argument_exits_2)
+{
+	struct command_env e;
+	struct proc p;
+
+	command_env_valid(&e);
+	p = run_command(&e, "--frobnicate", 10);
+	cr_assert_not(p.timed_out, "it started and ignored the argument");
+	cr_assert_eq(p.status, 2);
+	cr_assert_not_null(strstr(p.stderr_text, "usage: daybook-command"), "%s", p.stderr_text);
+	cr_assert_str_eq(p.stdout_text, "");
+	proc_free(&p);
+	unlink(e.tokens_path);
+}
+
+/* --- daybook-admin ------------------------------------------------------------------- */
+
+Test(admin_cli, admin_help_and_usage_errors)
+{
+	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
+	const char *help[] = { bin, "--help", NULL }, *none[] = { bin, NULL },
+		   *unknown[] = { bin, "frobnicate", NULL };
+	struct proc p;
+
+	p = run(help, NULL, 10);
+	cr_assert_eq(p.status, 0);
+	cr_assert_not_null(strstr(p.stdout_text, "migrate"), "%s", p.stdout_text);
+	cr_assert_not_null(strstr(p.stdout_text, "DAYBOOK_PG"), "%s", p.stdout_text);
+	proc_free(&p);
+
+	p = run(none, NULL, 10);
+	cr_assert_eq(p.status, 2);
+	cr_assert_not_null(strstr(p.stderr_text, "usage"), "%s", p.stderr_text);
+	cr_assert_str_eq(p.stdout_text, "");
+	proc_free(&p);
+
+	p = run(unknown, NULL, 10);
+	cr_assert_eq(p.status, 2);
+	cr_assert_not_null(strstr(p.stderr_text, "frobnicate"), "%s", p.stderr_text);
+	proc_free(&p);
+}
+
+Test(admin_cli, migrate_without_pg_exits_2)
+{
+	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "migrate", NULL };
+	struct proc p = run(argv, NULL, 10);
+
+	assert_refused_naming(&p, "DAYBOOK_PG");
+	proc_free(&p);
+}
+
+/* An empty database (no migrations), named into db (64 bytes). */
+static void create_empty_db(char *db, size_t len)
+{
+	static int counter;
+	char cmd[128];
+	PGconn *conn = PQconnectdb(env_required("DAYBOOK_TEST_PG"));
+	PGresult *r;
+
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "DAYBOOK_TEST_PG: %s", PQerrorMessage(conn));
+	snprintf(db, len, "cli_%d_%d_%ld", (int)getpid(), counter++, (long)(now() * 1000) % 100000);
+	snprintf(cmd, sizeof(cmd), "CREATE DATABASE %s", db);
+	r = PQexec(conn, cmd);
+	cr_assert(PQresultStatus(r) == PGRES_COMMAND_OK, "%s: %s", cmd, PQresultErrorMessage(r));
+	PQclear(r);
+	PQfinish(conn);
+}
+
+/* Best effort: a failed test leaves its database behind for a look. */
+static void drop_db(const char *db)
+{
+	char cmd[128];
+	PGconn *conn = PQconnectdb(env_required("DAYBOOK_TEST_PG"));
+
+	snprintf(cmd, sizeof(cmd), "DROP DATABASE IF EXISTS %s WITH (FORCE)", db);
+	PQclear(PQexec(conn, cmd));
+	PQfinish(conn);
+}
+
+static int by_name(const void *a, const void *b)
+{
+	return strcmp(a, b);
+}
+
+/* The migration file names of dir, sorted; returns how many (at most max). */
+static size_t list_sql(const char *dir, char names[][256], size_t max)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	size_t n = 0;
+
+	cr_assert_not_null(d, "%s: %s", dir, strerror(errno));
+	while ((e = readdir(d))) {
+		size_t len = strlen(e->d_name);
+		if (len > 4 && strcmp(e->d_name + len - 4, ".sql") == 0 && n < max)
+			snprintf(names[n++], 256, "%s", e->d_name);
+	}
+	closedir(d);
+	qsort(names, n, 256, by_name);
+	return n;
+}
+
+static char *read_file(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+
+	cr_assert_not_null(f, "%s: %s", path, strerror(errno));
+	return slurp_fd(f);
+}
+
+/* A private copy of the project's migrations, into dir (64 bytes). */
+static size_t copy_sql_dir(char *dir, size_t len, char names[][256], size_t max)
+{
+	const char *src = env_required("DAYBOOK_SQL_DIR");
+	size_t n = list_sql(src, names, max);
+
+	snprintf(dir, len, "/tmp/daybook-test-sql-XXXXXX");
+	cr_assert_not_null(mkdtemp(dir));
+	for (size_t i = 0; i < n; i++) {
+		char from[600], to[600], *text;
+		snprintf(from, sizeof(from), "%s/%s", src, names[i]);
+		snprintf(to, sizeof(to), "%s/%s", dir, names[i]);
+		text = read_file(from);
+		write_file(to, text, "w");
+		free(text);
+	}
+	cr_assert_gt(n, 1, "no migrations in %s", src);
+	return n;
+}
+
+static void remove_dir(const char *dir)
+{
+	char names[64][256];
+	size_t n = list_sql(dir, names, 64);
+
+	for (size_t i = 0; i < n; i++) {
+		char path[600];
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		unlink(path);
+	}
+	rmdir(dir);
+}
+
+/* daybook-admin migrate --dir dir against db, as the superuser. */
+static void start_migrate(struct proc *p, const char *db, const char *dir)
+{
+	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "migrate", "--dir", dir, NULL };
+	char conninfo[512], pg[600];
+	const char *vars[] = { pg, NULL };
+
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	snprintf(pg, sizeof(pg), "DAYBOOK_PG=%s", conninfo);
+	proc_start(p, argv, vars);
+}
+
+static struct proc migrate(const char *db, const char *dir)
+{
+	struct proc p;
+
+	start_migrate(&p, db, dir);
+	proc_wait(&p, 60);
+	cr_assert_not(p.timed_out, "migrate hung; stderr: %s", p.stderr_text);
+	return p;
+}
+
+static bool table_exists(const char *db, const char *table)
+{
+	char q[256];
+
+	snprintf(q, sizeof(q), "SELECT count(*) FROM pg_class WHERE relname = '%s' AND relkind = 'r'",
+		 table);
+	return sql_int(db, q) == 1;
+}
+
+Test(admin_cli, migrate_applies_once_refuses_a_changed_file_and_applies_new_ones)
+{
+	char db[64], dir[64], names[64][256], expected[4096] = "", path[600], extra[600];
+	size_t n, len = 0;
+	char *original;
+	struct proc p;
+
+	n = copy_sql_dir(dir, sizeof(dir), names, 64);
+	create_empty_db(db, sizeof(db));
+
+	/* A fresh database: every file, in order, once. */
+	for (size_t i = 0; i < n; i++)
+		len += (size_t)snprintf(expected + len, sizeof(expected) - len, "applied %s\n", names[i]);
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_str_eq(p.stdout_text, expected);
+	proc_free(&p);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM schema_migrations"), (long long)n);
+	cr_assert(table_exists(db, "events"));
+
+	/* Again: nothing to do. */
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stdout_text, "up to date"), "%s", p.stdout_text);
+	cr_assert_null(strstr(p.stdout_text, "applied"), "%s", p.stdout_text);
+	proc_free(&p);
+
+	/* An applied file changes (and a new one waits): refused, nothing applied. */
+	snprintf(path, sizeof(path), "%s/%s", dir, names[1]);
+	original = read_file(path);
+	write_file(path, "-- an innocent-looking edit\n", "a");
+	snprintf(extra, sizeof(extra), "%s/999_extra.sql", dir);
+	write_file(extra, "-- A later migration.\nCREATE TABLE extra (x int);\n", "w");
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 1, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, names[1]), "stderr should name %s: %s", names[1],
+			   p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "change"), "stderr should say it changed: %s",
+			   p.stderr_text);
+	cr_assert_null(strstr(p.stdout_text, "applied"), "%s", p.stdout_text);
+	proc_free(&p);
+	cr_assert_not(table_exists(db, "extra"), "a refused run applies nothing");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM schema_migrations"), (long long)n);
+
+	/* Restored: only the new file is applied, recorded with its checksum. */
+	write_file(path, original, "w");
+	free(original);
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_str_eq(p.stdout_text, "applied 999_extra.sql\n");
+	proc_free(&p);
+	cr_assert(table_exists(db, "extra"));
+	{
+		char *text = read_file(extra), hex[65], q[256];
+		uint8_t d[SHA256_DIGEST_LEN];
+		sha256(text, strlen(text), d);
+		sha256_hex(d, hex);
+		free(text);
+		snprintf(q, sizeof(q),
+			 "SELECT count(*) FROM schema_migrations WHERE version = 999 AND "
+			 "name = '999_extra.sql' AND checksum = '%s'",
+			 hex);
+		cr_assert_eq(sql_int(db, q), 1, "999 recorded with the file's SHA-256");
+	}
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stdout_text, "up to date"), "%s", p.stdout_text);
+	proc_free(&p);
+
+	drop_db(db);
+	unlink(extra);
+	remove_dir(dir);
+}
+
+Test(admin_cli, a_failing_migration_leaves_nothing_behind)
+{
+	char db[64], dir[64], names[64][256], path[600];
+	struct proc p;
+
+	copy_sql_dir(dir, sizeof(dir), names, 64);
+	snprintf(path, sizeof(path), "%s/500_broken.sql", dir);
+	write_file(path, "CREATE TABLE half (x int);\nSELECT 1 / 0;\n", "w");
+	create_empty_db(db, sizeof(db));
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 1, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "500_broken.sql"), "%s", p.stderr_text);
+	cr_assert_null(strstr(p.stdout_text, "applied 500_broken.sql"), "%s", p.stdout_text);
+	proc_free(&p);
+	cr_assert_not(table_exists(db, "half"), "the failed migration was rolled back");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM schema_migrations WHERE version = 500"), 0);
+	cr_assert(table_exists(db, "events"), "the migrations before it stay applied");
+
+	/* Fixed, it applies. */
+	write_file(path, "CREATE TABLE half (x int);\n", "w");
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_str_eq(p.stdout_text, "applied 500_broken.sql\n");
+	proc_free(&p);
+	cr_assert(table_exists(db, "half"));
+	drop_db(db);
+	remove_dir(dir);
+}
+
+Test(admin_cli, two_databases_both_migrate_and_get_the_grants)
+{
+	const char *dir = env_required("DAYBOOK_SQL_DIR");
+	char dbs[2][64];
+
+	/* Roles are cluster-wide: the second database finds them already there. */
+	for (size_t i = 0; i < 2; i++) {
+		struct proc p;
+		char conninfo[512];
+		PGconn *conn;
+
+		create_empty_db(dbs[i], sizeof(dbs[i]));
+		p = migrate(dbs[i], dir);
+		cr_assert_eq(p.status, 0, "migrating %s: %s", dbs[i], p.stderr_text);
+		proc_free(&p);
+		cr_assert_eq(sql_int(dbs[i], "SELECT count(*) FROM events"), 0);
+		cr_assert_eq(sql_int(dbs[i], "SELECT has_table_privilege('daybook_command', 'events', "
+					     "'INSERT')::int"),
+			     1);
+		cr_assert_eq(sql_int(dbs[i], "SELECT has_table_privilege('daybook_query', 'events', "
+					     "'SELECT')::int"),
+			     1);
+		harness_conninfo(dbs[i], "daybook_command", conninfo, sizeof(conninfo));
+		conn = PQconnectdb(conninfo);
+		cr_assert(PQstatus(conn) == CONNECTION_OK, "daybook_command on %s: %s", dbs[i],
+			  PQerrorMessage(conn));
+		PQfinish(conn);
+	}
+	for (size_t i = 0; i < 2; i++)
+		drop_db(dbs[i]);
+}
+
+Test(admin_cli, concurrent_migrates_of_one_database_apply_each_file_once)
+{
+	char db[64], dir[64], names[64][256];
+	struct proc a, b;
+	size_t n, applied = 0;
+
+	n = copy_sql_dir(dir, sizeof(dir), names, 64);
+	create_empty_db(db, sizeof(db));
+	start_migrate(&a, db, dir);
+	start_migrate(&b, db, dir);
+	proc_wait(&a, 60);
+	proc_wait(&b, 60);
+	cr_assert_eq(a.status, 0, "first: %s", a.stderr_text);
+	cr_assert_eq(b.status, 0, "second: %s", b.stderr_text);
+	for (size_t i = 0; i < n; i++) {
+		char line[300];
+		snprintf(line, sizeof(line), "applied %.255s\n", names[i]);
+		applied += (strstr(a.stdout_text, line) != NULL) + (strstr(b.stdout_text, line) != NULL);
+	}
+	cr_assert_eq(applied, n, "each file applied by exactly one of them:\n%s---\n%s",
+		     a.stdout_text, b.stdout_text);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM schema_migrations"), (long long)n);
+	proc_free(&a);
+	proc_free(&b);
+	drop_db(db);
+	remove_dir(dir);
+}

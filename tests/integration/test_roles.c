@@ -1,0 +1,200 @@
+/* The event store's guarantees in PostgreSQL itself: least-privilege service roles,
+ * append-only triggers, gap-free versions, unique (stream, version) and transfer ids. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "harness.h"
+
+#define PERMISSION_DENIED "42501"
+#define UNIQUE_VIOLATION "23505"
+#define INTEGRITY_VIOLATION "23000"
+
+static const char *const service_roles[] = { "daybook_command", "daybook_projector",
+					     "daybook_query" };
+
+static char db[64];
+
+/* Every test starts from a fresh database holding one event: account-x opened. */
+static void setup(void)
+{
+	harness_db_create(db, sizeof(db));
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			"('account-x', 1, 'AccountOpened', '{\"account_id\":\"x\",\"name\":\"X\","
+			"\"currency\":\"EUR\",\"overdraft_limit\":0}', '{\"request_id\":\"setup\"}')"));
+}
+
+TestSuite(roles, .init = setup, .timeout = 60);
+
+struct outcome {
+	char sqlstate[6]; /* "" on success */
+	char message[512];
+};
+
+/* Run one statement on db as role (NULL: the superuser), expecting it may fail. */
+static struct outcome run_as(const char *role, const char *query)
+{
+	struct outcome out = { "", "" };
+	char conninfo[512];
+	PGconn *conn;
+	PGresult *r;
+
+	harness_conninfo(db, role, conninfo, sizeof(conninfo));
+	conn = PQconnectdb(conninfo);
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
+		  PQerrorMessage(conn));
+	r = PQexec(conn, query);
+	if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
+		const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+		snprintf(out.sqlstate, sizeof(out.sqlstate), "%s", state ? state : "?????");
+		snprintf(out.message, sizeof(out.message), "%s", PQresultErrorMessage(r));
+	}
+	PQclear(r);
+	PQfinish(conn);
+	return out;
+}
+
+static void assert_refused(const char *role, const char *query, const char *sqlstate)
+{
+	struct outcome o = run_as(role, query);
+
+	cr_assert_str_eq(o.sqlstate, sqlstate, "%s as %s: expected SQLSTATE %s, got '%s' %s", query,
+			 role ? role : "superuser", sqlstate, o.sqlstate, o.message);
+}
+
+static void assert_allowed(const char *role, const char *query)
+{
+	struct outcome o = run_as(role, query);
+
+	cr_assert_str_eq(o.sqlstate, "", "%s as %s was refused: %s", query,
+			 role ? role : "superuser", o.message);
+}
+
+/* The log still holds exactly the setup event, unchanged. */
+static void assert_log_untouched(void)
+{
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 1);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-x' AND "
+				 "version = 1 AND type = 'AccountOpened' AND data ->> 'name' = 'X'"),
+		     1);
+}
+
+static const char *const changes[] = {
+	"UPDATE events SET data = '{\"account_id\":\"x\",\"name\":\"Mallory\",\"currency\":"
+	"\"EUR\",\"overdraft_limit\":0}'",
+	"DELETE FROM events",
+	"TRUNCATE events",
+};
+
+Test(roles, service_roles_cannot_update_delete_or_truncate_events)
+{
+	for (size_t r = 0; r < sizeof(service_roles) / sizeof(service_roles[0]); r++)
+		for (size_t c = 0; c < sizeof(changes) / sizeof(changes[0]); c++)
+			assert_refused(service_roles[r], changes[c], PERMISSION_DENIED);
+	assert_log_untouched();
+}
+
+Test(roles, projector_and_query_cannot_append)
+{
+	const char *insert = "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			     "('account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{}')";
+
+	assert_refused("daybook_projector", insert, PERMISSION_DENIED);
+	assert_refused("daybook_query", insert, PERMISSION_DENIED);
+	assert_log_untouched();
+}
+
+Test(roles, projector_and_query_can_read_the_log)
+{
+	assert_allowed("daybook_projector", "SELECT position, stream, version, data FROM events");
+	assert_allowed("daybook_query", "SELECT position, stream, version, data FROM events");
+}
+
+Test(roles, command_can_append_and_read)
+{
+	PGresult *r;
+
+	assert_allowed("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{\"request_id\":\"r\"}')");
+	assert_allowed("daybook_command", "SELECT version FROM events WHERE stream = 'account-x'");
+	r = sql(db, "SELECT version, type, data ->> 'amount' FROM events ORDER BY position");
+	cr_assert_eq(PQntuples(r), 2);
+	cr_assert_str_eq(PQgetvalue(r, 1, 0), "2");
+	cr_assert_str_eq(PQgetvalue(r, 1, 1), "FundsDeposited");
+	cr_assert_str_eq(PQgetvalue(r, 1, 2), "5");
+	PQclear(r);
+}
+
+Test(roles, command_cannot_touch_other_tables_it_was_not_granted)
+{
+	/* Least privilege: no DDL, and no way around the log's append-only rule. */
+	assert_refused("daybook_command", "CREATE TABLE public.sneaky (x int)", PERMISSION_DENIED);
+	assert_refused("daybook_command", "ALTER TABLE events DISABLE TRIGGER USER",
+		       PERMISSION_DENIED);
+	assert_refused("daybook_command", "DROP TABLE events", PERMISSION_DENIED);
+	assert_log_untouched();
+}
+
+Test(roles, even_the_superuser_cannot_change_the_log)
+{
+	for (size_t c = 0; c < sizeof(changes) / sizeof(changes[0]); c++) {
+		struct outcome o = run_as(NULL, changes[c]);
+		cr_assert_str_eq(o.sqlstate, PERMISSION_DENIED, "%s as superuser: '%s' %s", changes[c],
+				 o.sqlstate, o.message);
+		cr_assert_not_null(strstr(o.message, "append-only"),
+				   "refused by the trigger, not by a grant: %s", o.message);
+	}
+	assert_log_untouched();
+}
+
+Test(roles, a_version_gap_is_refused)
+{
+	struct outcome o = run_as(NULL, "INSERT INTO events (stream, version, type, data, metadata) "
+					"VALUES ('account-x', 3, 'FundsDeposited', '{\"amount\":5}', '{}')");
+
+	cr_assert_str_eq(o.sqlstate, INTEGRITY_VIOLATION, "got '%s' %s", o.sqlstate, o.message);
+	assert_log_untouched();
+	/* A stream starts at 1, too. */
+	assert_refused(NULL,
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-y', 2, 'FundsDeposited', '{\"amount\":5}', '{}')",
+		       INTEGRITY_VIOLATION);
+	assert_log_untouched();
+}
+
+Test(roles, a_duplicate_stream_version_is_refused)
+{
+	assert_refused("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-x', 1, 'FundsDeposited', '{\"amount\":5}', '{}')",
+		       UNIQUE_VIOLATION);
+	assert_log_untouched();
+}
+
+Test(roles, a_transfer_id_is_used_once)
+{
+	const char *open_y = "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			     "('account-y', 1, 'AccountOpened', '{\"account_id\":\"y\",\"name\":"
+			     "\"Y\",\"currency\":\"EUR\",\"overdraft_limit\":100}', '{}')";
+
+	assert_allowed("daybook_command", open_y);
+	assert_allowed("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-x', 2, 'TransferSent', '{\"transfer_id\":\"t-1\",\"to\":\"y\","
+		       "\"amount\":5}', '{}')");
+	/* The same id sent from another account (a different stream and version). */
+	assert_refused("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-y', 2, 'TransferSent', '{\"transfer_id\":\"t-1\",\"to\":\"x\","
+		       "\"amount\":7}', '{}')",
+		       UNIQUE_VIOLATION);
+	/* The receiving side carries the same id: that is the one allowed repeat. */
+	assert_allowed("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-y', 2, 'TransferReceived', '{\"transfer_id\":\"t-1\",\"from\":"
+		       "\"x\",\"amount\":5}', '{}')");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data ->> 'transfer_id' = 't-1'"),
+		     2);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'TransferSent'"), 1);
+}

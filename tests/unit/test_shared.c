@@ -1,0 +1,869 @@
+/* Unit tests of the shared library's small modules: sha256, tokens, config, strmap,
+ * metrics, log and the pg text[] literal helper. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <event2/buffer.h>
+#include <jansson.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "metrics.h"
+#include "pg.h"
+#include "sha256.h"
+#include "strmap.h"
+#include "tokens.h"
+
+/* --- sha256 ------------------------------------------------------------------------ */
+
+static void assert_digest(const void *data, size_t len, const char *expected)
+{
+	uint8_t d[SHA256_DIGEST_LEN];
+	char hex[2 * SHA256_DIGEST_LEN + 1];
+
+	sha256(data, len, d);
+	sha256_hex(d, hex);
+	cr_assert_str_eq(hex, expected, "SHA-256 of %zu bytes", len);
+}
+
+Test(sha256, fips_180_4_short_messages)
+{
+	assert_digest("", 0, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+	assert_digest("abc", 3, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
+Test(sha256, fips_180_4_448_and_896_bit_messages)
+{
+	const char *m448 = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+	const char *m896 = "abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmno"
+			   "ijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu";
+
+	cr_assert_eq(strlen(m448) * 8, 448);
+	cr_assert_eq(strlen(m896) * 8, 896);
+	assert_digest(m448, strlen(m448),
+		      "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+	assert_digest(m896, strlen(m896),
+		      "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1");
+}
+
+/* The padding has edge cases where the length field does or does not fit the block. */
+Test(sha256, lengths_around_the_block_boundary)
+{
+	static const struct {
+		size_t n;
+		const char *hex;
+	} cases[] = {
+		{ 55, "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318" },
+		{ 56, "b35439a4ac6f0948b6d6f9e3c6af0f5f590ce20f1bde7090ef7970686ec6738a" },
+		{ 63, "7d3e74a05d7db15bce4ad9ec0658ea98e3f06eeecf16b4c6fff2da457ddc2f34" },
+		{ 64, "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb" },
+		{ 65, "635361c48bb9eab14198e76ea8ab7f1a41685d6ad62aa9146d301d4f17eb0ae0" },
+		{ 119, "31eba51c313a5c08226adf18d4a359cfdfd8d2e816b13f4af952f7ea6584dcfb" },
+		{ 120, "2f3d335432c70b580af0e8e1b3674a7c020d683aa5f73aaaedfdc55af904c21c" },
+	};
+	char a[128];
+
+	memset(a, 'a', sizeof(a));
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		assert_digest(a, cases[i].n, cases[i].hex);
+}
+
+Test(sha256, one_million_a_in_odd_sized_updates)
+{
+	static const size_t sizes[] = { 1, 3, 7, 13, 55, 63, 65, 127, 129, 1001 };
+	char chunk[1001];
+	struct sha256 ctx;
+	uint8_t d[SHA256_DIGEST_LEN];
+	char hex[2 * SHA256_DIGEST_LEN + 1];
+	size_t done = 0;
+
+	memset(chunk, 'a', sizeof(chunk));
+	sha256_init(&ctx);
+	for (size_t i = 0; done < 1000000; i++) {
+		size_t n = sizes[i % (sizeof(sizes) / sizeof(sizes[0]))];
+		if (n > 1000000 - done)
+			n = 1000000 - done;
+		sha256_update(&ctx, chunk, n);
+		done += n;
+	}
+	sha256_final(&ctx, d);
+	sha256_hex(d, hex);
+	cr_assert_str_eq(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+Test(sha256, a_context_is_reusable_after_init)
+{
+	struct sha256 ctx;
+	uint8_t d1[SHA256_DIGEST_LEN], d2[SHA256_DIGEST_LEN];
+
+	sha256_init(&ctx);
+	sha256_update(&ctx, "something else entirely", 23);
+	sha256_final(&ctx, d1);
+	sha256_init(&ctx);
+	sha256_update(&ctx, "ab", 2);
+	sha256_update(&ctx, "", 0);
+	sha256_update(&ctx, "c", 1);
+	sha256_final(&ctx, d2);
+	sha256("abc", 3, d1);
+	cr_assert_arr_eq(d1, d2, sizeof(d1));
+}
+
+/* --- tokens ------------------------------------------------------------------------ */
+
+/* A temporary file holding text; its path goes into path (64 bytes). */
+static void write_temp(char *path, size_t len, const char *text)
+{
+	int fd;
+
+	snprintf(path, len, "/tmp/daybook-test-shared-XXXXXX");
+	fd = mkstemp(path);
+	cr_assert(fd >= 0, "mkstemp: %s", strerror(errno));
+	cr_assert_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+	close(fd);
+}
+
+static void hash_hex(const char *secret, char hex[2 * SHA256_DIGEST_LEN + 1])
+{
+	uint8_t d[SHA256_DIGEST_LEN];
+
+	sha256(secret, strlen(secret), d);
+	sha256_hex(d, hex);
+}
+
+Test(tokens, a_valid_file_with_comments_and_blank_lines)
+{
+	char ha[65], hb[65], hc[65], text[1024], path[64], err[256] = "";
+	struct tokens *t = NULL;
+	const struct token *tok;
+
+	hash_hex("secret-alice", ha);
+	hash_hex("secret-bob", hb);
+	hash_hex("secret-carol", hc);
+	for (char *p = hc; *p; p++) /* upper-case hex is accepted too */
+		if (*p >= 'a' && *p <= 'f')
+			*p = (char)(*p - 'a' + 'A');
+	snprintf(text, sizeof(text),
+		 "# Daybook tokens\n"
+		 "\n"
+		 "alice %s write\n"
+		 "   # an indented comment\n"
+		 "   \t \n"
+		 "bob\t%s\tread,admin\n"
+		 "carol.ops:1 %s write,read,admin\r\n",
+		 ha, hb, hc);
+	write_temp(path, sizeof(path), text);
+	cr_assert_eq(tokens_open(&t, path, err, sizeof(err)), 0, "%s", err);
+	cr_assert_not_null(t);
+
+	tok = tokens_find(t, "secret-alice", strlen("secret-alice"));
+	cr_assert_not_null(tok);
+	cr_assert_str_eq(tok->id, "alice");
+	cr_assert_eq(tok->scopes, (unsigned)SCOPE_WRITE);
+	tok = tokens_find(t, "secret-bob", strlen("secret-bob"));
+	cr_assert_not_null(tok);
+	cr_assert_str_eq(tok->id, "bob");
+	cr_assert_eq(tok->scopes, (unsigned)(SCOPE_READ | SCOPE_ADMIN));
+	tok = tokens_find(t, "secret-carol", strlen("secret-carol"));
+	cr_assert_not_null(tok);
+	cr_assert_str_eq(tok->id, "carol.ops:1");
+	cr_assert_eq(tok->scopes, (unsigned)(SCOPE_WRITE | SCOPE_READ | SCOPE_ADMIN));
+
+	tokens_close(&t);
+	cr_assert_null(t, "tokens_close NULLs the caller's pointer");
+	unlink(path);
+}
+
+Test(tokens, find_is_by_the_secret_and_its_exact_length)
+{
+	char ha[65], text[256], path[64], err[256] = "";
+	struct tokens *t = NULL;
+	const struct token *tok;
+
+	hash_hex("secret-alice", ha);
+	snprintf(text, sizeof(text), "alice %s read\n", ha);
+	write_temp(path, sizeof(path), text);
+	cr_assert_eq(tokens_open(&t, path, err, sizeof(err)), 0, "%s", err);
+
+	cr_assert_null(tokens_find(t, "secret-mallory", 14));
+	cr_assert_null(tokens_find(t, "secret-alic", 11), "a prefix is not the token");
+	cr_assert_null(tokens_find(t, "secret-alice ", 13));
+	cr_assert_null(tokens_find(t, "", 0));
+	/* The hash itself is not a credential. */
+	cr_assert_null(tokens_find(t, ha, strlen(ha)));
+	/* Only `len` bytes count, whatever follows them. */
+	tok = tokens_find(t, "secret-aliceXYZ", 12);
+	cr_assert_not_null(tok);
+	cr_assert_str_eq(tok->id, "alice");
+	tokens_close(&t);
+	unlink(path);
+}
+
+Test(tokens, a_file_of_only_comments_holds_no_tokens)
+{
+	char path[64], err[256] = "";
+	struct tokens *t = NULL;
+
+	write_temp(path, sizeof(path), "# nobody yet\n\n");
+	cr_assert_eq(tokens_open(&t, path, err, sizeof(err)), 0, "%s", err);
+	cr_assert_null(tokens_find(t, "anything", 8));
+	tokens_close(&t);
+	unlink(path);
+}
+
+Test(tokens, each_malformed_line_is_refused_naming_path_and_line)
+{
+	char h[65], bad_hex[65], long_hex[67], long_id[66];
+	const struct {
+		const char *fmt, *a, *b;
+	} shapes[] = {
+		{ "%s", "dave", NULL },		  /* one field */
+		{ "dave %s", h, NULL },		  /* two fields */
+		{ "dave %s read extra", h, NULL },  /* four fields */
+		{ "bad/id %s read", h, NULL },	  /* id of the wrong shape */
+		{ "%s %s read", long_id, h },	  /* id too long */
+		{ "dave %.63s read", h, NULL },	  /* hash too short */
+		{ "dave %s read", long_hex, NULL }, /* hash too long */
+		{ "dave %s read", bad_hex, NULL },  /* hash not hex */
+		{ "dave %s read,delete", h, NULL }, /* unknown scope */
+		{ "dave %s Read", h, NULL },	  /* scopes are lower-case */
+		{ "dave %s ,", h, NULL },		  /* no scope at all */
+	};
+
+	hash_hex("x", h);
+	memcpy(bad_hex, h, sizeof(h));
+	bad_hex[10] = 'g';
+	snprintf(long_hex, sizeof(long_hex), "%s00", h);
+	memset(long_id, 'i', 65);
+	long_id[65] = '\0';
+	for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
+		char line[256], text[512], path[64], err[256] = "", prefix[96];
+		struct tokens *t = NULL;
+		int rc;
+
+		snprintf(line, sizeof(line), shapes[i].fmt, shapes[i].a, shapes[i].b);
+		snprintf(text, sizeof(text), "# tokens\nalice %s write\n%s\nbob %s read\n", h, line, h);
+		write_temp(path, sizeof(path), text);
+		rc = tokens_open(&t, path, err, sizeof(err));
+		cr_assert_lt(rc, 0, "line '%s' was accepted", line);
+		cr_assert_null(t);
+		snprintf(prefix, sizeof(prefix), "%s:3: ", path);
+		cr_assert(strncmp(err, prefix, strlen(prefix)) == 0,
+			  "for line '%s' the error '%s' should start with '%s'", line, err, prefix);
+		cr_assert_gt(strlen(err), strlen(prefix), "the error says why");
+		unlink(path);
+	}
+}
+
+Test(tokens, a_missing_file_is_an_error_naming_it)
+{
+	char err[256] = "";
+	struct tokens *t = NULL;
+	const char *path = "/tmp/daybook-test-shared-no-such-file";
+
+	unlink(path);
+	cr_assert_eq(tokens_open(&t, path, err, sizeof(err)), -ENOENT);
+	cr_assert_null(t);
+	cr_assert_not_null(strstr(err, path), "error: %s", err);
+}
+
+/* --- config ------------------------------------------------------------------------ */
+
+static void clear_config_env(void)
+{
+	static const char *const vars[] = { "DAYBOOK_PG", "DAYBOOK_REDIS", "DAYBOOK_LISTEN",
+					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL" };
+
+	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
+		unsetenv(vars[i]);
+}
+
+Test(config, parse_hostport_good_forms)
+{
+	char host[256];
+	uint16_t port = 0;
+
+	cr_assert(config_parse_hostport("127.0.0.1:8081", host, sizeof(host), &port));
+	cr_assert_str_eq(host, "127.0.0.1");
+	cr_assert_eq(port, 8081);
+	cr_assert(config_parse_hostport("localhost:1", host, sizeof(host), &port));
+	cr_assert_str_eq(host, "localhost");
+	cr_assert_eq(port, 1);
+	cr_assert(config_parse_hostport("0.0.0.0:65535", host, sizeof(host), &port));
+	cr_assert_str_eq(host, "0.0.0.0");
+	cr_assert_eq(port, 65535);
+}
+
+Test(config, parse_hostport_bad_forms)
+{
+	const char *bad[] = { "nonsense", "", ":8080",	   "host:",	 "host:0",
+			      "host:65536", "host:80x", "host:-1", "host:99999999999999999999" };
+	char host[256], small[4];
+	uint16_t port;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert_not(config_parse_hostport(bad[i], host, sizeof(host), &port),
+			      "'%s' was accepted", bad[i]);
+	cr_assert_not(config_parse_hostport("longhost:80", small, sizeof(small), &port),
+		      "a host longer than the buffer is refused, not cut short");
+}
+
+Test(config, parse_redis_good_forms)
+{
+	struct config_redis r;
+
+	cr_assert(config_parse_redis("redis://127.0.0.1:6379", &r));
+	cr_assert_str_eq(r.host, "127.0.0.1");
+	cr_assert_eq(r.port, 6379);
+	cr_assert_eq(r.db, 0);
+	cr_assert_str_eq(r.path, "");
+
+	cr_assert(config_parse_redis("redis://cache.local:6380/3", &r));
+	cr_assert_str_eq(r.host, "cache.local");
+	cr_assert_eq(r.port, 6380);
+	cr_assert_eq(r.db, 3);
+
+	cr_assert(config_parse_redis("unix:///run/redis/redis.sock", &r));
+	cr_assert_str_eq(r.path, "/run/redis/redis.sock");
+	cr_assert_str_eq(r.host, "");
+	cr_assert_eq(r.db, 0);
+
+	cr_assert(config_parse_redis("unix:///tmp/r.sock?db=2", &r));
+	cr_assert_str_eq(r.path, "/tmp/r.sock");
+	cr_assert_eq(r.db, 2);
+}
+
+Test(config, parse_redis_bad_forms)
+{
+	const char *bad[] = { "",
+			      "127.0.0.1:6379",
+			      "http://127.0.0.1:6379",
+			      "redis://",
+			      "redis://host",
+			      "redis://host:port",
+			      "redis://host:0",
+			      "redis://:6379",
+			      "redis://host:6379/x",
+			      "redis://host:6379/-1",
+			      "unix://",
+			      "unix://relative/path.sock",
+			      "unix:///tmp/r.sock?db=x" };
+	struct config_redis r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert_not(config_parse_redis(bad[i], &r), "'%s' was accepted", bad[i]);
+}
+
+Test(config, load_reads_every_setting)
+{
+	struct config cfg;
+	char err[512] = "";
+
+	clear_config_env();
+	setenv("DAYBOOK_PG", "host=db dbname=daybook", 1);
+	setenv("DAYBOOK_REDIS", "redis://cache:6390/1", 1);
+	setenv("DAYBOOK_LISTEN", "0.0.0.0:9000", 1);
+	setenv("DAYBOOK_TOKENS_FILE", "/etc/daybook/tokens", 1);
+	setenv("DAYBOOK_LOG_LEVEL", "debug", 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS,
+			      "127.0.0.1:8081", err, sizeof(err)),
+		  "%s", err);
+	cr_assert_str_eq(cfg.pg, "host=db dbname=daybook");
+	cr_assert_str_eq(cfg.redis_url, "redis://cache:6390/1");
+	cr_assert_str_eq(cfg.redis.host, "cache");
+	cr_assert_eq(cfg.redis.port, 6390);
+	cr_assert_eq(cfg.redis.db, 1);
+	cr_assert_str_eq(cfg.listen_host, "0.0.0.0");
+	cr_assert_eq(cfg.listen_port, 9000);
+	cr_assert_str_eq(cfg.tokens_file, "/etc/daybook/tokens");
+	cr_assert_eq(cfg.log_level, LOG_DEBUG);
+}
+
+Test(config, load_defaults)
+{
+	struct config cfg;
+	char err[512] = "";
+
+	clear_config_env();
+	setenv("DAYBOOK_PG", "dbname=daybook", 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG, "127.0.0.1:8082", err, sizeof(err)), "%s", err);
+	cr_assert_str_eq(cfg.listen_host, "127.0.0.1");
+	cr_assert_eq(cfg.listen_port, 8082);
+	cr_assert_eq(cfg.log_level, LOG_INFO);
+	cr_assert_null(cfg.redis_url);
+	cr_assert_null(cfg.tokens_file);
+
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
+	cr_assert_eq(cfg.listen_port, 0, "no listener without a default or DAYBOOK_LISTEN");
+}
+
+/* config_load must fail with one line naming `var`. */
+static void assert_load_fails_naming(unsigned need, const char *var)
+{
+	struct config cfg;
+	char err[512] = "";
+
+	cr_assert_not(config_load(&cfg, need, "127.0.0.1:8081", err, sizeof(err)),
+		      "expected a complaint about %s", var);
+	cr_assert_not_null(strstr(err, var), "the error '%s' should name %s", err, var);
+	cr_assert_null(strchr(err, '\n'), "one line: '%s'", err);
+}
+
+Test(config, missing_required_settings_are_named)
+{
+	struct config cfg;
+	char err[512] = "";
+
+	clear_config_env();
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_PG");
+	setenv("DAYBOOK_PG", "", 1); /* empty is as good as unset */
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_PG");
+	cr_assert(config_load(&cfg, 0, NULL, err, sizeof(err)), "not required: %s", err);
+	cr_assert_null(cfg.pg);
+
+	setenv("DAYBOOK_PG", "dbname=x", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS");
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_TOKENS, "DAYBOOK_TOKENS_FILE");
+}
+
+Test(config, malformed_settings_are_named)
+{
+	clear_config_env();
+	setenv("DAYBOOK_PG", "dbname=x", 1);
+
+	setenv("DAYBOOK_LISTEN", "nonsense", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_LISTEN");
+	setenv("DAYBOOK_LISTEN", "127.0.0.1:70000", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_LISTEN");
+	unsetenv("DAYBOOK_LISTEN");
+
+	/* Malformed is refused even where Redis is optional. */
+	setenv("DAYBOOK_REDIS", "redis://nope", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_REDIS");
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS");
+	unsetenv("DAYBOOK_REDIS");
+
+	setenv("DAYBOOK_LOG_LEVEL", "loud", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_LOG_LEVEL");
+	setenv("DAYBOOK_LOG_LEVEL", "INFO", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_LOG_LEVEL");
+}
+
+/* --- strmap ------------------------------------------------------------------------ */
+
+/* A value that counts its own release. */
+struct tracked {
+	int *freed;
+	int n;
+};
+
+static struct tracked *tracked_new(int *freed, int n)
+{
+	struct tracked *t = malloc(sizeof(*t));
+
+	cr_assert_not_null(t);
+	t->freed = freed;
+	t->n = n;
+	return t;
+}
+
+static void tracked_free(void *p)
+{
+	struct tracked *t = p;
+
+	(*t->freed)++;
+	free(t);
+}
+
+Test(strmap, put_get_and_a_copied_key)
+{
+	struct strmap *m = NULL;
+	int freed = 0;
+	char key[16] = "alpha";
+	struct tracked *a = tracked_new(&freed, 1), *b = tracked_new(&freed, 2);
+
+	cr_assert_eq(strmap_open(&m, tracked_free), 0);
+	cr_assert_eq(strmap_count(m), 0);
+	cr_assert_null(strmap_get(m, "alpha"));
+	cr_assert(strmap_put(m, key, a));
+	strcpy(key, "XXXXX"); /* the map keeps its own copy */
+	cr_assert(strmap_put(m, "beta", b));
+	cr_assert_eq(strmap_get(m, "alpha"), a);
+	cr_assert_eq(strmap_get(m, "beta"), b);
+	cr_assert_null(strmap_get(m, "XXXXX"));
+	cr_assert_null(strmap_get(m, "alph"));
+	cr_assert_null(strmap_get(m, ""));
+	cr_assert_eq(strmap_count(m), 2);
+	cr_assert_eq(freed, 0);
+	strmap_close(&m);
+	cr_assert_null(m);
+	cr_assert_eq(freed, 2, "close releases every value");
+}
+
+Test(strmap, replace_frees_the_old_value)
+{
+	struct strmap *m = NULL;
+	int freed = 0;
+	struct tracked *a = tracked_new(&freed, 1), *b = tracked_new(&freed, 2);
+
+	cr_assert_eq(strmap_open(&m, tracked_free), 0);
+	cr_assert(strmap_put(m, "k", a));
+	cr_assert(strmap_put(m, "k", b));
+	cr_assert_eq(freed, 1);
+	cr_assert_eq(strmap_get(m, "k"), b);
+	cr_assert_eq(strmap_count(m), 1);
+	/* Storing the same value again must not free what is still stored. */
+	cr_assert(strmap_put(m, "k", b));
+	cr_assert_eq(freed, 1);
+	cr_assert_eq(((struct tracked *)strmap_get(m, "k"))->n, 2);
+	strmap_close(&m);
+	cr_assert_eq(freed, 2);
+}
+
+Test(strmap, remove_and_clear)
+{
+	struct strmap *m = NULL;
+	int freed = 0;
+
+	cr_assert_eq(strmap_open(&m, tracked_free), 0);
+	cr_assert(strmap_put(m, "a", tracked_new(&freed, 1)));
+	cr_assert(strmap_put(m, "b", tracked_new(&freed, 2)));
+	cr_assert(strmap_put(m, "c", tracked_new(&freed, 3)));
+	cr_assert(strmap_remove(m, "b"));
+	cr_assert_eq(freed, 1);
+	cr_assert_null(strmap_get(m, "b"));
+	cr_assert_not(strmap_remove(m, "b"), "already gone");
+	cr_assert_not(strmap_remove(m, "zzz"));
+	cr_assert_eq(strmap_count(m), 2);
+	cr_assert_eq(((struct tracked *)strmap_get(m, "c"))->n, 3);
+
+	strmap_clear(m);
+	cr_assert_eq(freed, 3);
+	cr_assert_eq(strmap_count(m), 0);
+	cr_assert_null(strmap_get(m, "a"));
+	/* Still usable after a clear. */
+	cr_assert(strmap_put(m, "a", tracked_new(&freed, 4)));
+	cr_assert_eq(((struct tracked *)strmap_get(m, "a"))->n, 4);
+	strmap_close(&m);
+	cr_assert_eq(freed, 4);
+}
+
+Test(strmap, grows_past_many_entries)
+{
+	enum { N = 20000 };
+	struct strmap *m = NULL;
+	char key[32];
+
+	cr_assert_eq(strmap_open(&m, NULL), 0);
+	for (intptr_t i = 0; i < N; i++) {
+		snprintf(key, sizeof(key), "account-%ld", (long)i);
+		cr_assert(strmap_put(m, key, (void *)(i + 1)));
+	}
+	cr_assert_eq(strmap_count(m), N);
+	for (intptr_t i = 0; i < N; i++) {
+		snprintf(key, sizeof(key), "account-%ld", (long)i);
+		cr_assert_eq((intptr_t)strmap_get(m, key), i + 1, "lost %s", key);
+	}
+	for (intptr_t i = 0; i < N; i += 2) {
+		snprintf(key, sizeof(key), "account-%ld", (long)i);
+		cr_assert(strmap_remove(m, key));
+	}
+	cr_assert_eq(strmap_count(m), N / 2);
+	for (intptr_t i = 0; i < N; i++) {
+		snprintf(key, sizeof(key), "account-%ld", (long)i);
+		if (i % 2 == 0)
+			cr_assert_null(strmap_get(m, key));
+		else
+			cr_assert_eq((intptr_t)strmap_get(m, key), i + 1);
+	}
+	strmap_close(&m);
+}
+
+/* --- metrics ----------------------------------------------------------------------- */
+
+/* The rendered registry as a string; caller frees. */
+static char *render(const struct metrics *m)
+{
+	struct evbuffer *buf = evbuffer_new();
+	size_t n;
+	char *text;
+
+	cr_assert_not_null(buf);
+	metrics_render(m, buf);
+	n = evbuffer_get_length(buf);
+	text = malloc(n + 1);
+	cr_assert_not_null(text);
+	evbuffer_remove(buf, text, n);
+	text[n] = '\0';
+	evbuffer_free(buf);
+	return text;
+}
+
+static size_t occurrences(const char *text, const char *needle)
+{
+	size_t n = 0;
+
+	for (const char *p = text; (p = strstr(p, needle)); p += strlen(needle))
+		n++;
+	return n;
+}
+
+Test(metrics, counters_and_gauges_render_by_family)
+{
+	static const double bounds[] = { 0.1, 1, 10 };
+	struct metrics *m = NULL;
+	struct metric *a, *b, *up, *h;
+	char *text;
+
+	cr_assert_eq(metrics_open(&m), 0);
+	a = metrics_get(m, METRIC_COUNTER, "requests_total", "Requests.", "route=\"/a\"", NULL, 0);
+	up = metrics_get(m, METRIC_GAUGE, "up", "Up.", "", NULL, 0);
+	/* A later series of the first family is still rendered with it. */
+	b = metrics_get(m, METRIC_COUNTER, "requests_total", "Requests.", "route=\"/b\"", NULL, 0);
+	h = metrics_get(m, METRIC_HISTOGRAM, "latency_seconds", "Latency.", "route=\"/a\"", bounds,
+			3);
+	cr_assert(a && b && up && h);
+	cr_assert_eq(metrics_get(m, METRIC_COUNTER, "requests_total", "Requests.", "route=\"/a\"",
+				 NULL, 0),
+		     a, "the same name and labels are the same series");
+	metric_add(a, 1);
+	metric_add(a, 1);
+	metric_add(b, 1);
+	metric_set(up, 5);
+	metric_add(up, -2);
+	metric_observe(h, 0.05);
+	metric_observe(h, 0.1); /* le is inclusive */
+	metric_observe(h, 0.5);
+	metric_observe(h, 20);
+	text = render(m);
+	cr_assert_str_eq(text,
+			 "# HELP requests_total Requests.\n"
+			 "# TYPE requests_total counter\n"
+			 "requests_total{route=\"/a\"} 2\n"
+			 "requests_total{route=\"/b\"} 1\n"
+			 "# HELP up Up.\n"
+			 "# TYPE up gauge\n"
+			 "up 3\n"
+			 "# HELP latency_seconds Latency.\n"
+			 "# TYPE latency_seconds histogram\n"
+			 "latency_seconds_bucket{route=\"/a\",le=\"0.1\"} 2\n"
+			 "latency_seconds_bucket{route=\"/a\",le=\"1\"} 3\n"
+			 "latency_seconds_bucket{route=\"/a\",le=\"10\"} 3\n"
+			 "latency_seconds_bucket{route=\"/a\",le=\"+Inf\"} 4\n"
+			 "latency_seconds_sum{route=\"/a\"} 20.65\n"
+			 "latency_seconds_count{route=\"/a\"} 4\n");
+	free(text);
+	metrics_close(&m);
+	cr_assert_null(m);
+}
+
+/* The value on the line of `series` (name plus labels as rendered, or a bare name that
+ * may be followed by "{}"); fails when the line is absent. */
+static double series_value(const char *text, const char *series)
+{
+	size_t n = strlen(series);
+	const char *line = text;
+
+	while (line && *line) {
+		if (strncmp(line, series, n) == 0 && line[n] == ' ')
+			return strtod(line + n + 1, NULL);
+		if (strncmp(line, series, n) == 0 && strncmp(line + n, "{} ", 3) == 0)
+			return strtod(line + n + 3, NULL);
+		line = strchr(line, '\n');
+		if (line)
+			line++;
+	}
+	cr_assert_fail("no series %s in:\n%s", series, text);
+	return 0;
+}
+
+Test(metrics, histograms_are_cumulative_with_inf_sum_and_count)
+{
+	struct metrics *m = NULL;
+	struct metric *h, *h2;
+	char *text;
+
+	cr_assert_eq(metrics_open(&m), 0);
+	h = metrics_get(m, METRIC_HISTOGRAM, "batch_size", "Events per append.", "",
+			metrics_size_buckets, metrics_size_buckets_len);
+	h2 = metrics_get(m, METRIC_HISTOGRAM, "batch_size", "Events per append.", "kind=\"x\"",
+			 metrics_size_buckets, metrics_size_buckets_len);
+	cr_assert(h && h2);
+	metric_observe(h, 1);
+	metric_observe(h, 3);
+	metric_observe(h, 3);
+	metric_observe(h, 100);
+	metric_observe(h, 5000);
+	metric_observe(h2, 2);
+	text = render(m);
+	cr_assert_eq(occurrences(text, "# HELP batch_size "), 1, "%s", text);
+	cr_assert_eq(occurrences(text, "# TYPE batch_size histogram\n"), 1, "%s", text);
+	cr_assert_eq(series_value(text, "batch_size_bucket{le=\"1\"}"), 1);
+	cr_assert_eq(series_value(text, "batch_size_bucket{le=\"2\"}"), 1);
+	cr_assert_eq(series_value(text, "batch_size_bucket{le=\"4\"}"), 3);
+	cr_assert_eq(series_value(text, "batch_size_bucket{le=\"64\"}"), 3);
+	cr_assert_eq(series_value(text, "batch_size_bucket{le=\"128\"}"), 4);
+	cr_assert_eq(series_value(text, "batch_size_bucket{le=\"1024\"}"), 4);
+	cr_assert_eq(series_value(text, "batch_size_bucket{le=\"+Inf\"}"), 5);
+	cr_assert_eq(series_value(text, "batch_size_sum"), 5107);
+	cr_assert_eq(series_value(text, "batch_size_count"), 5);
+	cr_assert_eq(series_value(text, "batch_size_bucket{kind=\"x\",le=\"1\"}"), 0);
+	cr_assert_eq(series_value(text, "batch_size_bucket{kind=\"x\",le=\"2\"}"), 1);
+	cr_assert_eq(series_value(text, "batch_size_bucket{kind=\"x\",le=\"+Inf\"}"), 1);
+	cr_assert_eq(series_value(text, "batch_size_count{kind=\"x\"}"), 1);
+	cr_assert_eq(occurrences(text, "le=\"+Inf\""), 2);
+	free(text);
+	metrics_close(&m);
+}
+
+Test(metrics, labels_are_copied_and_null_series_are_ignored)
+{
+	struct metrics *m = NULL;
+	char labels[32] = "status=\"200\"";
+	struct metric *s;
+	char *text;
+
+	cr_assert_eq(metrics_open(&m), 0);
+	s = metrics_get(m, METRIC_COUNTER, "hits_total", "Hits.", labels, NULL, 0);
+	strcpy(labels, "status=\"999\"");
+	metric_add(s, 7);
+	/* What out of memory hands back must be harmless to use. */
+	metric_add(NULL, 1);
+	metric_set(NULL, 1);
+	metric_observe(NULL, 1);
+	text = render(m);
+	cr_assert_eq(series_value(text, "hits_total{status=\"200\"}"), 7, "%s", text);
+	cr_assert_null(strstr(text, "999"));
+	free(text);
+	metrics_close(&m);
+}
+
+Test(metrics, bucket_tables_are_ascending_as_documented)
+{
+	cr_assert_eq(metrics_latency_buckets[0], 0.00005);
+	cr_assert_eq(metrics_latency_buckets[metrics_latency_buckets_len - 1], 5);
+	for (size_t i = 1; i < metrics_latency_buckets_len; i++)
+		cr_assert_gt(metrics_latency_buckets[i], metrics_latency_buckets[i - 1]);
+	cr_assert_eq(metrics_size_buckets[0], 1);
+	cr_assert_eq(metrics_size_buckets[metrics_size_buckets_len - 1], 1024);
+	for (size_t i = 1; i < metrics_size_buckets_len; i++)
+		cr_assert_eq(metrics_size_buckets[i], 2 * metrics_size_buckets[i - 1]);
+}
+
+/* --- log --------------------------------------------------------------------------- */
+
+Test(log, level_parse)
+{
+	static const struct {
+		const char *text;
+		enum log_level level;
+	} good[] = { { "debug", LOG_DEBUG }, { "info", LOG_INFO }, { "warn", LOG_WARN },
+		     { "error", LOG_ERROR } };
+	const char *bad[] = { "", "loud", "INFO", "Info", "info ", " info", "warning", "err", "debug2" };
+	enum log_level level;
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		level = LOG_ERROR + 1;
+		cr_assert(log_level_parse(good[i].text, &level), "%s", good[i].text);
+		cr_assert_eq(level, good[i].level, "%s", good[i].text);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		level = LOG_WARN;
+		cr_assert_not(log_level_parse(bad[i], &level), "'%s' was accepted", bad[i]);
+		cr_assert_eq(level, LOG_WARN, "a refusal leaves the output alone");
+	}
+}
+
+/* Everything log_msg writes to stderr while running fn; caller frees. */
+static char *capture_stderr(void (*fn)(void))
+{
+	FILE *tmp = tmpfile();
+	int saved;
+	long n;
+	char *text;
+
+	cr_assert_not_null(tmp);
+	fflush(stderr);
+	saved = dup(2);
+	cr_assert(saved >= 0);
+	cr_assert(dup2(fileno(tmp), 2) >= 0);
+	fn();
+	fflush(stderr);
+	dup2(saved, 2);
+	close(saved);
+	n = lseek(fileno(tmp), 0, SEEK_END);
+	cr_assert(n >= 0);
+	text = calloc(1, (size_t)n + 1);
+	cr_assert_not_null(text);
+	cr_assert_eq(pread(fileno(tmp), text, (size_t)n, 0), (ssize_t)n);
+	fclose(tmp);
+	return text;
+}
+
+static void log_some_lines(void)
+{
+	const struct log lg = { .service = "command", .level = LOG_INFO };
+
+	log_debug(&lg, "hidden below the level");
+	log_msg(&lg, LOG_WARN, "req-\"7\"", "quote \" backslash \\ newline \n tab \t end %d", 42);
+	log_error(&lg, "second");
+}
+
+Test(log, lines_are_json_with_escaping_and_level_filtering)
+{
+	char *text = capture_stderr(log_some_lines);
+	char *nl = strchr(text, '\n');
+	json_error_t error;
+	json_t *first, *second;
+
+	cr_assert_not_null(nl, "no line in: %s", text);
+	cr_assert_eq(occurrences(text, "\n"), 2, "two lines, the debug one filtered: %s", text);
+	first = json_loadb(text, (size_t)(nl - text), 0, &error);
+	cr_assert_not_null(first, "not JSON: %s (%s)", text, error.text);
+	cr_assert_str_eq(json_string_value(json_object_get(first, "level")), "warn");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "service")), "command");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")),
+			 "quote \" backslash \\ newline \n tab \t end 42");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")), "req-\"7\"");
+	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
+		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
+	second = json_loads(nl + 1, 0, &error);
+	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	cr_assert_str_eq(json_string_value(json_object_get(second, "msg")), "second");
+	cr_assert_null(json_object_get(second, "request_id"));
+	json_decref(first);
+	json_decref(second);
+	free(text);
+}
+
+/* --- pg text[] literals -------------------------------------------------------------- */
+
+Test(pg, array_literal_quotes_and_escapes)
+{
+	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "", "a,b",
+				 "{brace}", "NULL", "sp ace" };
+	struct evbuffer *buf = evbuffer_new();
+	size_t n;
+	char text[256];
+
+	cr_assert_not_null(buf);
+	evbuffer_add(buf, "{", 1);
+	for (size_t i = 0; i < sizeof(values) / sizeof(values[0]); i++)
+		pg_array_append(buf, values[i], i == 0);
+	evbuffer_add(buf, "}", 1);
+	n = evbuffer_get_length(buf);
+	cr_assert_lt(n, sizeof(text));
+	evbuffer_remove(buf, text, n);
+	text[n] = '\0';
+	cr_assert_str_eq(text, "{\"plain\",\"with \\\"quote\\\"\",\"back\\\\slash\",\"\",\"a,b\","
+			       "\"{brace}\",\"NULL\",\"sp ace\"}");
+	evbuffer_free(buf);
+}
+
+Test(pg, sqlstate_of_no_result_is_empty)
+{
+	cr_assert_str_eq(pg_sqlstate(NULL), "");
+}
