@@ -153,3 +153,11 @@ size_t strmap_count(const struct strmap *m)
 {
 	return m->count;
 }
+
+void strmap_foreach(const struct strmap *m, void (*fn)(void *arg, const char *key, void *value),
+		    void *arg)
+{
+	for (size_t i = 0; i < m->nbuckets; i++)
+		for (const struct entry *e = m->buckets[i]; e; e = e->next)
+			fn(arg, e->key, e->value);
+}

@@ -20,5 +20,8 @@ bool strmap_put(struct strmap *map, const char *key, void *value) __attribute__(
 bool strmap_remove(struct strmap *map, const char *key);
 void strmap_clear(struct strmap *map);
 size_t strmap_count(const struct strmap *map);
+/* Call fn for every entry, in no particular order; fn must not change the map. */
+void strmap_foreach(const struct strmap *map, void (*fn)(void *arg, const char *key, void *value),
+		    void *arg);
 
 #endif

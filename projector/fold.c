@@ -1,0 +1,425 @@
+/* Fold a batch of log events into the SQL read models: the pure domain's evolve
+ * decides every balance, and the batch is written with a few set-based statements. */
+#include <event2/buffer.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "projector.h"
+
+/* One text[]-literal column of a multi-row statement. */
+struct column {
+	struct evbuffer *buf;
+	size_t n;
+};
+
+struct table {
+	struct column *cols;
+	size_t ncols;
+	size_t rows;
+};
+
+static bool table_init(struct table *t, struct column *cols, size_t ncols)
+{
+	t->cols = cols;
+	t->ncols = ncols;
+	t->rows = 0;
+	for (size_t i = 0; i < ncols; i++) {
+		cols[i].buf = evbuffer_new();
+		cols[i].n = 0;
+		if (!cols[i].buf)
+			return false;
+		evbuffer_add(cols[i].buf, "{", 1);
+	}
+	return true;
+}
+
+static void table_free(struct table *t)
+{
+	for (size_t i = 0; i < t->ncols; i++)
+		if (t->cols[i].buf)
+			evbuffer_free(t->cols[i].buf);
+}
+
+static void put(struct column *c, const char *value)
+{
+	pg_array_append(c->buf, value, c->n++ == 0);
+}
+
+static void put_int(struct column *c, long long v)
+{
+	char s[24];
+	snprintf(s, sizeof(s), "%lld", v);
+	put(c, s);
+}
+
+/* Queue `sql` with the table's columns as its array parameters (nothing if empty). */
+static bool queue_table(struct projector_ctx *ctx, struct table *t, const char *statement)
+{
+	char *params[12];
+	bool ok = true;
+
+	if (t->rows == 0)
+		return true;
+	for (size_t i = 0; i < t->ncols; i++) {
+		size_t len;
+		evbuffer_add(t->cols[i].buf, "}", 2); /* with the NUL */
+		len = evbuffer_get_length(t->cols[i].buf);
+		params[i] = malloc(len);
+		ok = ok && params[i];
+		if (params[i])
+			evbuffer_remove(t->cols[i].buf, params[i], len);
+	}
+	ok = ok && pg_queue(ctx->pg, statement, (int)t->ncols, (const char *const *)params);
+	for (size_t i = 0; i < t->ncols; i++)
+		free(params[i]);
+	return ok;
+}
+
+static const char *entry_type(enum ledger_event_type type)
+{
+	switch (type) {
+	case LEDGER_FUNDS_DEPOSITED: return "deposit";
+	case LEDGER_FUNDS_WITHDRAWN: return "withdrawal";
+	case LEDGER_TRANSFER_RECEIVED: return "transfer_in";
+	case LEDGER_TRANSFER_SENT: return "transfer_out";
+	default: return NULL;
+	}
+}
+
+static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency)
+{
+	struct rm_total *t = strmap_get(ctx->totals, currency);
+
+	if (t)
+		return t;
+	t = calloc(1, sizeof(*t));
+	if (!t)
+		return NULL;
+	snprintf(t->currency, sizeof(t->currency), "%s", currency);
+	if (!strmap_put(ctx->totals, currency, t)) {
+		free(t);
+		return NULL;
+	}
+	return t;
+}
+
+/* The batch's rows, built while folding. */
+struct fold_rows {
+	struct column ecols[9], tcols[7];
+	struct table entries, transfers;
+	struct rm_account **accounts; /* touched, each once */
+	size_t naccounts, cap;
+	struct rm_total *totals[64];  /* touched currencies */
+	size_t ntotals;
+	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
+	size_t nitems, icap;
+};
+
+static bool add_item(struct fold_rows *r, const char *id, int32_t version, char *json)
+{
+	struct projector_item *it;
+
+	if (!json)
+		return false;
+	if (r->nitems == r->icap) {
+		size_t cap = r->icap ? 2 * r->icap : 256;
+		struct projector_item *grown = realloc(r->items, cap * sizeof(*grown));
+		if (!grown) {
+			free(json);
+			return false;
+		}
+		r->items = grown;
+		r->icap = cap;
+	}
+	it = &r->items[r->nitems++];
+	snprintf(it->id, sizeof(it->id), "%s", id);
+	it->version = version;
+	it->json = json;
+	return true;
+}
+
+static bool add_entry(struct fold_rows *r, const struct rm_account *a, const struct log_event *e,
+		      const struct ledger_event *ev)
+{
+	struct column *c = r->ecols;
+	struct readmodel_entry item = {
+		.version = e->version, .type = entry_type(ev->type), .amount = ev->amount,
+		.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
+		.counterparty = ev->counterparty, .reference = ev->reference, .at = e->at,
+	};
+
+	put(&c[0], a->acc.id);
+	put_int(&c[1], e->version);
+	put(&c[2], entry_type(ev->type));
+	put_int(&c[3], ev->amount);
+	put_int(&c[4], a->acc.balance);
+	put(&c[5], ev->transfer_id);
+	put(&c[6], ev->counterparty);
+	put(&c[7], ev->reference);
+	put(&c[8], e->at);
+	r->entries.rows++;
+	return add_item(r, a->acc.id, e->version, readmodel_entry_json(&item));
+}
+
+static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
+			 const struct log_event *e, const struct ledger_event *ev)
+{
+	struct column *c = r->tcols;
+	struct readmodel_transfer item = {
+		.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
+		.currency = from->acc.currency, .reference = ev->reference, .at = e->at,
+		.amount = ev->amount,
+	};
+
+	put(&c[0], ev->transfer_id);
+	put(&c[1], from->acc.id);
+	put(&c[2], ev->counterparty);
+	put_int(&c[3], ev->amount);
+	put(&c[4], from->acc.currency);
+	put(&c[5], ev->reference);
+	put(&c[6], e->at);
+	r->transfers.rows++;
+	/* Version 0 marks a transfer among the items. */
+	return add_item(r, ev->transfer_id, 0, readmodel_transfer_json(&item));
+}
+
+/* Totals move with every event: count accounts, open accounts, and money. */
+static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r,
+			 const struct rm_account *a, const struct ledger_event *ev)
+{
+	struct rm_total *t = total_of(ctx, a->acc.currency);
+
+	if (!t)
+		return false;
+	if (!t->touched) {
+		if (r->ntotals == sizeof(r->totals) / sizeof(r->totals[0]))
+			return false; /* more currencies in one batch than we track: shrink it */
+		r->totals[r->ntotals++] = t;
+		t->touched = true;
+	}
+	switch (ev->type) {
+	case LEDGER_ACCOUNT_OPENED:
+		t->d_accounts++;
+		t->d_open++;
+		break;
+	case LEDGER_ACCOUNT_CLOSED_EVENT:
+		t->d_open--;
+		break;
+	case LEDGER_FUNDS_DEPOSITED:
+	case LEDGER_TRANSFER_RECEIVED:
+		t->d_sum += ev->amount;
+		break;
+	case LEDGER_FUNDS_WITHDRAWN:
+	case LEDGER_TRANSFER_SENT:
+		t->d_sum -= ev->amount;
+		break;
+	}
+	return true;
+}
+
+/* Apply one event to its account (creating it on AccountOpened). */
+static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct log_event *e)
+{
+	struct rm_account *a = strmap_get(ctx->accounts, e->account);
+	struct ledger_event ev;
+
+	if (!ledger_event_from_json(e->type, e->data, &ev))
+		return false;
+	if (!a) {
+		if (e->type != LEDGER_ACCOUNT_OPENED || !(a = calloc(1, sizeof(*a))))
+			return false;
+		if (!strmap_put(ctx->accounts, e->account, a)) {
+			free(a);
+			return false;
+		}
+	}
+	if (e->version != a->acc.version + 1) {
+		log_error(&ctx->log, "account-%s: event version %d follows version %d", e->account,
+			  e->version, a->acc.version);
+		return false;
+	}
+	if (e->type == LEDGER_ACCOUNT_OPENED)
+		ev.account_id = e->account;
+	if (!ledger_evolve(&a->acc, &ev))
+		return false;
+	if (e->type == LEDGER_ACCOUNT_OPENED) {
+		snprintf(a->name, sizeof(a->name), "%s", ev.name);
+		snprintf(a->opened_at, sizeof(a->opened_at), "%s", e->at);
+	}
+	snprintf(a->updated_at, sizeof(a->updated_at), "%s", e->at);
+	if (!a->touched) {
+		if (r->naccounts == r->cap) {
+			size_t cap = r->cap ? 2 * r->cap : 256;
+			struct rm_account **grown = realloc(r->accounts, cap * sizeof(*grown));
+			if (!grown)
+				return false;
+			r->accounts = grown;
+			r->cap = cap;
+		}
+		r->accounts[r->naccounts++] = a;
+		a->touched = true;
+	}
+	if (entry_type(e->type)) {
+		a->entries++;
+		if (!add_entry(r, a, e, &ev))
+			return false;
+	}
+	if (e->type == LEDGER_TRANSFER_SENT && !add_transfer(r, a, e, &ev))
+		return false;
+	return count_totals(ctx, r, a, &ev);
+}
+
+void projector_rows_free(struct fold_rows **rp)
+{
+	struct fold_rows *r = *rp;
+
+	if (!r)
+		return;
+	for (size_t i = 0; i < r->naccounts; i++)
+		r->accounts[i]->touched = false;
+	for (size_t i = 0; i < r->ntotals; i++) {
+		r->totals[i]->touched = false;
+		r->totals[i]->d_accounts = r->totals[i]->d_open = 0;
+		r->totals[i]->d_sum = 0;
+	}
+	table_free(&r->entries);
+	table_free(&r->transfers);
+	for (size_t i = 0; i < r->nitems; i++)
+		free(r->items[i].json);
+	free(r->items);
+	free(r->accounts);
+	free(r);
+	*rp = NULL;
+}
+
+bool projector_fold(struct projector_ctx *ctx)
+{
+	struct fold_rows *r = calloc(1, sizeof(*r));
+
+	ctx->rows = r;
+	if (!r || !table_init(&r->entries, r->ecols, 9) || !table_init(&r->transfers, r->tcols, 7))
+		return false;
+	for (size_t i = 0; i < ctx->nevents; i++) {
+		if (!apply(ctx, r, &ctx->events[i])) {
+			log_error(&ctx->log, "cannot apply event %lld (account-%s v%d)",
+				  ctx->events[i].position, ctx->events[i].account, ctx->events[i].version);
+			return false;
+		}
+	}
+	return true;
+}
+
+void projector_int128_text(__int128 v, char out[48])
+{
+	char tmp[48];
+	size_t n = 0, i = 0;
+	unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
+
+	do {
+		tmp[n++] = (char)('0' + (int)(u % 10));
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		out[i++] = '-';
+	while (n)
+		out[i++] = tmp[--n];
+	out[i] = '\0';
+}
+
+static bool queue_accounts(struct projector_ctx *ctx, struct fold_rows *r)
+{
+	struct column c[10];
+	struct table t;
+	bool ok = table_init(&t, c, 10);
+
+	for (size_t i = 0; ok && i < r->naccounts; i++) {
+		const struct rm_account *a = r->accounts[i];
+		put(&c[0], a->acc.id);
+		put(&c[1], a->name);
+		put(&c[2], a->acc.currency);
+		put_int(&c[3], a->acc.balance);
+		put_int(&c[4], a->acc.overdraft_limit);
+		put(&c[5], a->acc.closed ? "closed" : "open");
+		put_int(&c[6], a->acc.version);
+		put_int(&c[7], a->entries);
+		put(&c[8], a->opened_at);
+		put(&c[9], a->updated_at);
+		t.rows++;
+	}
+	ok = ok && queue_table(ctx, &t, "upsert_accounts");
+	table_free(&t);
+	return ok;
+}
+
+static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
+{
+	struct column c[4];
+	struct table t;
+	bool ok = table_init(&t, c, 4);
+	char sum[48];
+
+	for (size_t i = 0; ok && i < r->ntotals; i++) {
+		const struct rm_total *tot = r->totals[i];
+		put(&c[0], tot->currency);
+		put_int(&c[1], tot->d_accounts);
+		put_int(&c[2], tot->d_open);
+		projector_int128_text(tot->d_sum, sum);
+		put(&c[3], sum);
+		t.rows++;
+	}
+	ok = ok && queue_table(ctx, &t, "upsert_totals");
+	table_free(&t);
+	return ok;
+}
+
+bool projector_queue_writes(struct projector_ctx *ctx)
+{
+	const struct log_event *last = &ctx->events[ctx->nevents - 1];
+	char pos[24], newpos[24];
+	const char *cas[4] = { ctx->cp_txid, pos, last->txid, newpos };
+
+	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
+	snprintf(newpos, sizeof(newpos), "%lld", last->position);
+	/* The checkpoint moves first: if another projector moved it, the whole
+	 * transaction fails and nothing is applied twice. */
+	return pg_queue(ctx->pg, "move_checkpoint", 4, cas) && queue_accounts(ctx, ctx->rows) &&
+	       queue_table(ctx, &ctx->rows->entries, "insert_entries") &&
+	       queue_table(ctx, &ctx->rows->transfers, "insert_transfers") &&
+	       queue_totals(ctx, ctx->rows);
+}
+
+void projector_rows_committed(struct projector_ctx *ctx)
+{
+	struct fold_rows *r = ctx->rows;
+
+	for (size_t i = 0; r && i < r->ntotals; i++) {
+		r->totals[i]->accounts += r->totals[i]->d_accounts;
+		r->totals[i]->open_accounts += r->totals[i]->d_open;
+		r->totals[i]->balance_sum += r->totals[i]->d_sum;
+	}
+}
+
+size_t projector_rows_accounts(const struct fold_rows *r, struct rm_account *const **out)
+{
+	*out = r ? r->accounts : NULL;
+	return r ? r->naccounts : 0;
+}
+
+size_t projector_rows_items(const struct fold_rows *r, const struct projector_item **out)
+{
+	*out = r ? r->items : NULL;
+	return r ? r->nitems : 0;
+}
+
+char *projector_account_json(const struct rm_account *a)
+{
+	struct readmodel_account body = {
+		.account_id = a->acc.id, .name = a->name, .currency = a->acc.currency,
+		.status = a->acc.closed ? "closed" : "open", .balance = a->acc.balance,
+		.overdraft_limit = a->acc.overdraft_limit, .version = a->acc.version,
+		.opened_at = a->opened_at, .updated_at = a->updated_at,
+	};
+	return readmodel_account_json(&body);
+}

@@ -1,0 +1,666 @@
+/* daybook-projector: follows the event store and maintains the read models. One
+ * instance leads (PostgreSQL advisory lock); others wait as hot standbys. */
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "projector.h"
+
+#define LEADER_LOCK_KEY "1685551458" /* any constant shared by all projectors */
+#define POLL_INTERVAL_US 100000      /* polling is the guarantee; NOTIFY only a hint */
+#define ELECT_INTERVAL_S 1
+#define READY_LAG_SECONDS 10.0
+
+static const char usage[] =
+	"usage: daybook-projector [--help]\n"
+	"\n"
+	"Follows the Daybook event store and maintains the SQL and Redis read models.\n"
+	"One instance leads; others wait as hot standbys and take over when it dies.\n"
+	"\n"
+	"Environment:\n"
+	"  DAYBOOK_PG         libpq connection string or URI (required; role daybook_projector)\n"
+	"  DAYBOOK_REDIS      redis://host:port[/db] or unix:///path (required)\n"
+	"  DAYBOOK_LISTEN     host:port for /metrics, /healthz, /readyz (default 127.0.0.1:8083)\n"
+	"  DAYBOOK_LOG_LEVEL  debug|info|warn|error (default info)\n";
+
+static const struct pg_statement statements[] = {
+	{ "try_lead", "SELECT pg_try_advisory_lock(" LEADER_LOCK_KEY ")" },
+	{ "load_checkpoint",
+	  "SELECT txid::text, position FROM projection_checkpoints WHERE projection = 'sql'" },
+	{ "read_events",
+	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
+	  "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+	  "ORDER BY txid, position LIMIT $3" },
+	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
+	{ "load_accounts",
+	  "SELECT account_id, name, currency, balance, overdraft_limit, status, version, entries, "
+	  "to_char(opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+	  "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  "FROM rm_accounts WHERE account_id = ANY($1::text[])" },
+	{ "load_totals", "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
+	{ "sync_accounts",
+	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
+	  "LIMIT $2) SELECT p.account_id, p.name, p.currency, p.balance, p.overdraft_limit, "
+	  "p.status, p.version, p.entries, "
+	  "to_char(p.opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+	  "to_char(p.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+	  "e.version, e.type, e.amount, e.balance_after, e.transfer_id, e.counterparty, "
+	  "e.reference, to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
+	  "p.account_id ORDER BY x.version DESC LIMIT 50) e ON true ORDER BY p.account_id, e.version" },
+	{ "sync_transfers",
+	  "SELECT transfer_id, from_account, to_account, amount, currency, reference, "
+	  "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM rm_transfers "
+	  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
+	{ "move_checkpoint",
+	  "WITH moved AS (UPDATE projection_checkpoints SET txid = $3::xid8, position = $4, "
+	  "updated_at = now() WHERE projection = 'sql' AND txid = $1::xid8 AND position = $2 "
+	  "RETURNING 1) SELECT 1 / count(*)::int FROM moved" },
+	{ "upsert_accounts",
+	  "INSERT INTO rm_accounts (account_id, name, currency, balance, overdraft_limit, status, "
+	  "version, entries, opened_at, updated_at) SELECT * FROM unnest($1::text[], $2::text[], "
+	  "$3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::int[], "
+	  "$9::timestamptz[], $10::timestamptz[]) ON CONFLICT (account_id) DO UPDATE SET "
+	  "name = EXCLUDED.name, currency = EXCLUDED.currency, balance = EXCLUDED.balance, "
+	  "overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
+	  "version = EXCLUDED.version, entries = EXCLUDED.entries, opened_at = EXCLUDED.opened_at, "
+	  "updated_at = EXCLUDED.updated_at" },
+	{ "insert_entries",
+	  "INSERT INTO rm_entries (account_id, version, type, amount, balance_after, transfer_id, "
+	  "counterparty, reference, at) SELECT * FROM unnest($1::text[], $2::int[], $3::text[], "
+	  "$4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::timestamptz[])" },
+	{ "insert_transfers",
+	  "INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
+	  "reference, at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
+	  "$5::text[], $6::text[], $7::timestamptz[])" },
+	{ "upsert_totals",
+	  "INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * FROM "
+	  "unnest($1::text[], $2::bigint[], $3::bigint[], $4::numeric[]) ON CONFLICT (currency) DO "
+	  "UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, open_accounts = "
+	  "rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = rm_totals.balance_sum + "
+	  "EXCLUDED.balance_sum" },
+};
+
+const struct pg_statement *projector_statements(size_t *n)
+{
+	*n = sizeof(statements) / sizeof(statements[0]);
+	return statements;
+}
+
+static void read_batch(struct projector_ctx *ctx);
+
+static void free_events(struct projector_ctx *ctx)
+{
+	for (size_t i = 0; i < ctx->nevents; i++)
+		json_decref(ctx->events[i].data);
+	ctx->nevents = 0;
+	projector_rows_free(&ctx->rows);
+}
+
+void projector_forget(struct projector_ctx *ctx)
+{
+	strmap_clear(ctx->accounts);
+	strmap_clear(ctx->totals);
+	ctx->totals_loaded = false;
+}
+
+/* Leave the step machine idle, or exit when asked to stop. */
+static void go_idle(struct projector_ctx *ctx)
+{
+	free_events(ctx);
+	ctx->step = STEP_IDLE;
+	if (ctx->stopping) {
+		log_info(&ctx->log, "batch finished; exiting");
+		event_base_loopexit(ctx->base, NULL);
+		return;
+	}
+	if (projector_redis_maintain(ctx))
+		return; /* Redis first needs checking or copying; batches resume after */
+	if (ctx->again) {
+		ctx->again = false;
+		read_batch(ctx);
+	}
+}
+
+/* Something went wrong with the read models or the connection: start over from the
+ * checkpoint in PostgreSQL with empty caches. */
+static void recover(struct projector_ctx *ctx, const char *what)
+{
+	metric_add(ctx->m_errors, 1);
+	log_warn(&ctx->log, "%s; reloading the checkpoint", what);
+	free_events(ctx);
+	projector_forget(ctx);
+	/* The election timer resumes within a second: a persistent fault does not spin. */
+	ctx->step = STEP_BLOCKED;
+	if (ctx->stopping)
+		event_base_loopexit(ctx->base, NULL);
+}
+
+void projector_step_done(struct projector_ctx *ctx)
+{
+	go_idle(ctx);
+}
+
+void projector_wake(struct projector_ctx *ctx)
+{
+	if (ctx->role != ROLE_LEADER)
+		return;
+	if (ctx->step != STEP_IDLE || !pg_ready(ctx->pg)) {
+		ctx->again = true;
+		return;
+	}
+	read_batch(ctx);
+}
+
+static bool all_ok(PGresult *const *results, size_t n, char *why, size_t whylen)
+{
+	for (size_t i = 0; i < n; i++) {
+		ExecStatusType st = PQresultStatus(results[i]);
+		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+			snprintf(why, whylen, "%s", PQresultErrorMessage(results[i]));
+			why[strcspn(why, "\n")] = '\0';
+			return false;
+		}
+	}
+	return true;
+}
+
+/* --- write -------------------------------------------------------------------------- */
+
+static void write_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+	const struct log_event *last = &ctx->events[ctx->nevents - 1];
+	char why[256];
+	bool full = ctx->nevents == PROJECTOR_BATCH_MAX;
+
+	if (error) {
+		recover(ctx, "the connection failed while writing a batch");
+		return;
+	}
+	if (!all_ok(results, n, why, sizeof(why))) {
+		recover(ctx, why);
+		return;
+	}
+	projector_rows_committed(ctx);
+	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", last->txid);
+	ctx->cp_pos = last->position;
+	metric_set(ctx->m_position, (double)ctx->cp_pos);
+	metric_add(ctx->m_applied, (double)ctx->nevents);
+	metric_observe(ctx->m_batch, (double)ctx->nevents);
+	log_debug(&ctx->log, "applied %zu events up to %s.%lld", ctx->nevents, ctx->cp_txid, ctx->cp_pos);
+	/* A full batch means more is waiting: keep going without waiting for a poll. */
+	if (full)
+		ctx->again = true;
+	ctx->step = STEP_REDIS;
+	if (!projector_redis_batch(ctx))
+		go_idle(ctx);
+}
+
+static void fold_and_write(struct projector_ctx *ctx)
+{
+	if (!projector_fold(ctx)) {
+		recover(ctx, "a batch could not be folded");
+		return;
+	}
+	if (!projector_queue_writes(ctx) || !pg_run(ctx->pg, write_done, ctx)) {
+		recover(ctx, "queueing the batch's writes failed");
+		return;
+	}
+	ctx->step = STEP_WRITING;
+}
+
+/* --- load what the fold needs ------------------------------------------------------ */
+
+static bool cache_account_row(struct projector_ctx *ctx, PGresult *r, int row)
+{
+	struct rm_account *a = calloc(1, sizeof(*a));
+
+	if (!a)
+		return false;
+	snprintf(a->acc.id, sizeof(a->acc.id), "%s", PQgetvalue(r, row, 0));
+	snprintf(a->name, sizeof(a->name), "%s", PQgetvalue(r, row, 1));
+	snprintf(a->acc.currency, sizeof(a->acc.currency), "%s", PQgetvalue(r, row, 2));
+	a->acc.balance = strtoll(PQgetvalue(r, row, 3), NULL, 10);
+	a->acc.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10);
+	a->acc.closed = strcmp(PQgetvalue(r, row, 5), "closed") == 0;
+	a->acc.version = (int32_t)atoi(PQgetvalue(r, row, 6));
+	a->entries = (int32_t)atoi(PQgetvalue(r, row, 7));
+	snprintf(a->opened_at, sizeof(a->opened_at), "%s", PQgetvalue(r, row, 8));
+	snprintf(a->updated_at, sizeof(a->updated_at), "%s", PQgetvalue(r, row, 9));
+	if (!strmap_put(ctx->accounts, a->acc.id, a)) {
+		free(a);
+		return false;
+	}
+	return true;
+}
+
+static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
+{
+	for (int row = 0; row < PQntuples(r); row++) {
+		struct rm_total *t = calloc(1, sizeof(*t));
+		const char *sum = PQgetvalue(r, row, 3);
+		bool neg = *sum == '-';
+		if (!t)
+			return false;
+		snprintf(t->currency, sizeof(t->currency), "%s", PQgetvalue(r, row, 0));
+		t->accounts = strtoll(PQgetvalue(r, row, 1), NULL, 10);
+		t->open_accounts = strtoll(PQgetvalue(r, row, 2), NULL, 10);
+		for (const char *p = sum + neg; *p >= '0' && *p <= '9'; p++)
+			t->balance_sum = t->balance_sum * 10 + (*p - '0');
+		if (neg)
+			t->balance_sum = -t->balance_sum;
+		if (!strmap_put(ctx->totals, t->currency, t)) {
+			free(t);
+			return false;
+		}
+	}
+	ctx->totals_loaded = true;
+	return true;
+}
+
+static void load_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+	char why[256];
+
+	if (error) {
+		recover(ctx, "the connection failed while loading read-model state");
+		return;
+	}
+	if (!all_ok(results, n, why, sizeof(why))) {
+		recover(ctx, why);
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		bool totals = PQnfields(results[i]) == 4;
+		bool ok = totals ? cache_totals(ctx, results[i]) : true;
+		for (int row = 0; ok && !totals && row < PQntuples(results[i]); row++)
+			ok = cache_account_row(ctx, results[i], row);
+		if (!ok) {
+			recover(ctx, "out of memory caching read-model state");
+			return;
+		}
+	}
+	fold_and_write(ctx);
+}
+
+/* Fetch the accounts of the batch that the cache lacks (and the totals once). */
+static void load_missing(struct projector_ctx *ctx)
+{
+	struct evbuffer *ids = evbuffer_new();
+	size_t missing = 0;
+	bool ok = ids != NULL;
+
+	if (ok)
+		evbuffer_add(ids, "{", 1);
+	for (size_t i = 0; ok && i < ctx->nevents; i++) {
+		const char *id = ctx->events[i].account;
+		if (ctx->events[i].type == LEDGER_ACCOUNT_OPENED || strmap_get(ctx->accounts, id))
+			continue;
+		pg_array_append(ids, id, missing++ == 0);
+	}
+	if (ok && missing) {
+		char *param;
+		size_t len;
+		evbuffer_add(ids, "}", 2);
+		len = evbuffer_get_length(ids);
+		param = malloc(len);
+		ok = param != NULL;
+		if (ok) {
+			evbuffer_remove(ids, param, len);
+			ok = pg_queue(ctx->pg, "load_accounts", 1, (const char *const *)&param);
+			free(param);
+		}
+	}
+	if (ids)
+		evbuffer_free(ids);
+	if (ok && !ctx->totals_loaded)
+		ok = pg_queue(ctx->pg, "load_totals", 0, NULL);
+	if (!ok) {
+		recover(ctx, "queueing the state lookups failed");
+		return;
+	}
+	if (missing || !ctx->totals_loaded) {
+		if (!pg_run(ctx->pg, load_done, ctx)) {
+			recover(ctx, "the connection failed");
+			return;
+		}
+		ctx->step = STEP_LOADING;
+		return;
+	}
+	fold_and_write(ctx);
+}
+
+/* --- read ------------------------------------------------------------------------------ */
+
+static bool copy_event(struct log_event *e, PGresult *r, int row)
+{
+	e->position = strtoll(PQgetvalue(r, row, 0), NULL, 10);
+	snprintf(e->txid, sizeof(e->txid), "%s", PQgetvalue(r, row, 1));
+	snprintf(e->account, sizeof(e->account), "%s", PQgetvalue(r, row, 2));
+	e->version = (int32_t)atoi(PQgetvalue(r, row, 3));
+	e->type = ledger_event_type_from_name(PQgetvalue(r, row, 4));
+	e->data = json_loads(PQgetvalue(r, row, 5), 0, NULL);
+	snprintf(e->at, sizeof(e->at), "%s", PQgetvalue(r, row, 6));
+	return e->type && e->data;
+}
+
+static void update_lag(struct projector_ctx *ctx, PGresult *head, size_t got)
+{
+	long long head_pos = PQntuples(head) ? strtoll(PQgetvalue(head, 0, 0), NULL, 10) : 0;
+
+	/* Positions are not commit order, so this is an estimate; 0 once caught up. */
+	metric_set(ctx->m_lag_events, got == 0 || head_pos < ctx->cp_pos ? 0 : (double)(head_pos - ctx->cp_pos));
+	if (got == 0) {
+		ctx->lag_seconds = 0;
+	} else {
+		struct tm tm = { 0 };
+		const char *at = ctx->events[0].at;
+		if (strptime(at, "%Y-%m-%dT%H:%M:%S", &tm))
+			ctx->lag_seconds = difftime(time(NULL), timegm(&tm));
+	}
+	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
+}
+
+static void read_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+	char why[256];
+	PGresult *r;
+
+	if (error) {
+		recover(ctx, "the connection failed while reading the log");
+		return;
+	}
+	if (n != 2 || !all_ok(results, n, why, sizeof(why))) {
+		recover(ctx, n == 2 ? why : "reading the log failed");
+		return;
+	}
+	r = results[0];
+	ctx->nevents = 0;
+	for (int row = 0; row < PQntuples(r); row++) {
+		if (!copy_event(&ctx->events[ctx->nevents++], r, row)) {
+			recover(ctx, "an event in the log cannot be decoded");
+			return;
+		}
+	}
+	update_lag(ctx, results[1], ctx->nevents);
+	if (ctx->nevents == 0) {
+		go_idle(ctx);
+		return;
+	}
+	load_missing(ctx);
+}
+
+static void read_batch(struct projector_ctx *ctx)
+{
+	char pos[24], limit[16];
+	const char *params[3] = { ctx->cp_txid, pos, limit };
+
+	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
+	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
+	if (!pg_queue(ctx->pg, "read_events", 3, params) || !pg_queue(ctx->pg, "log_head", 0, NULL) ||
+	    !pg_run(ctx->pg, read_done, ctx))
+		return; /* the connection is being reset; on_connect starts over */
+	ctx->step = STEP_READING;
+}
+
+/* --- leadership ------------------------------------------------------------------------ */
+
+static void checkpoint_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+
+	ctx->step = STEP_IDLE;
+	if (error || n != 1 || PQresultStatus(results[0]) != PGRES_TUPLES_OK ||
+	    PQntuples(results[0]) != 1) {
+		if (!error)
+			log_error(&ctx->log, "cannot read the projection checkpoint: %s",
+				  n ? PQresultErrorMessage(results[0]) : "no result");
+		ctx->step = STEP_BLOCKED; /* retried by the election timer */
+		return;
+	}
+	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", PQgetvalue(results[0], 0, 0));
+	ctx->cp_pos = strtoll(PQgetvalue(results[0], 0, 1), NULL, 10);
+	metric_set(ctx->m_position, (double)ctx->cp_pos);
+	log_info(&ctx->log, "resuming from checkpoint %s.%lld", ctx->cp_txid, ctx->cp_pos);
+	read_batch(ctx);
+}
+
+static void load_checkpoint(struct projector_ctx *ctx)
+{
+	if (pg_queue(ctx->pg, "load_checkpoint", 0, NULL) && pg_run(ctx->pg, checkpoint_done, ctx))
+		ctx->step = STEP_LOADING;
+}
+
+static void arm_election(struct projector_ctx *ctx)
+{
+	struct timeval tv = { ELECT_INTERVAL_S, 0 };
+	evtimer_add(ctx->elect_timer, &tv);
+}
+
+static void elect_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+	bool won = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
+		   strcmp(PQgetvalue(results[0], 0, 0), "t") == 0;
+
+	ctx->step = STEP_IDLE;
+	if (error)
+		return; /* on_connect elects again */
+	if (!won) {
+		if (ctx->role != ROLE_STANDBY)
+			log_info(&ctx->log, "another projector leads; standing by");
+		ctx->role = ROLE_STANDBY;
+		metric_set(ctx->m_leader, 0);
+		arm_election(ctx);
+		return;
+	}
+	log_info(&ctx->log, "leading the projection");
+	ctx->role = ROLE_LEADER;
+	metric_set(ctx->m_leader, 1);
+	projector_forget(ctx); /* the standby's view, if any, is stale */
+	load_checkpoint(ctx);
+}
+
+static void elect(struct projector_ctx *ctx)
+{
+	if (ctx->stopping || !pg_ready(ctx->pg))
+		return;
+	if (pg_queue(ctx->pg, "try_lead", 0, NULL) && pg_run(ctx->pg, elect_done, ctx))
+		ctx->step = STEP_LOADING;
+}
+
+static void on_elect_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct projector_ctx *ctx = arg;
+
+	(void)fd;
+	(void)what;
+	if (ctx->role == ROLE_LEADER && ctx->step == STEP_BLOCKED) {
+		ctx->step = STEP_IDLE;
+		load_checkpoint(ctx);
+	} else if (ctx->role != ROLE_LEADER && ctx->step == STEP_IDLE) {
+		elect(ctx);
+	}
+}
+
+static void on_pg_connect(void *arg)
+{
+	struct projector_ctx *ctx = arg;
+
+	/* A new session holds no lock: whoever we were, we must win it again. */
+	ctx->role = ROLE_ELECTING;
+	ctx->step = STEP_IDLE;
+	metric_set(ctx->m_leader, 0);
+	free_events(ctx);
+	elect(ctx);
+}
+
+static void on_notify(void *arg)
+{
+	projector_wake(arg);
+}
+
+static void on_poll(evutil_socket_t fd, short what, void *arg)
+{
+	struct projector_ctx *ctx = arg;
+
+	(void)fd;
+	(void)what;
+	projector_redis_tick(ctx);
+	if (ctx->role == ROLE_LEADER && ctx->step == STEP_BLOCKED)
+		return;
+	projector_wake(ctx);
+}
+
+static bool ready(void *arg, char *why, size_t whylen)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (!pg_connected(ctx->pg)) {
+		snprintf(why, whylen, "postgresql: %s", pg_last_error(ctx->pg));
+		return false;
+	}
+	if (ctx->role == ROLE_LEADER && ctx->lag_seconds > READY_LAG_SECONDS) {
+		snprintf(why, whylen, "projection lags %.0f s behind the log", ctx->lag_seconds);
+		return false;
+	}
+	return true;
+}
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct projector_ctx *ctx = arg;
+
+	(void)what;
+	if (ctx->stopping)
+		return;
+	log_info(&ctx->log, "signal %d: finishing the current batch", (int)sig);
+	ctx->stopping = true;
+	http_server_stop_accepting(ctx->http);
+	if (ctx->step == STEP_IDLE || ctx->step == STEP_BLOCKED || ctx->role != ROLE_LEADER)
+		event_base_loopexit(ctx->base, NULL);
+}
+
+static void make_metrics(struct projector_ctx *ctx)
+{
+	struct metrics *m = ctx->metrics;
+	const char *sql = "projection=\"sql\"";
+
+	ctx->m_position = metrics_get(m, METRIC_GAUGE, "daybook_projection_position",
+				      "Log position of the last applied event.", sql, NULL, 0);
+	ctx->m_lag_events = metrics_get(m, METRIC_GAUGE, "daybook_projection_lag_events",
+					"Events in the log beyond the checkpoint (estimate).", sql, NULL, 0);
+	ctx->m_lag_seconds = metrics_get(m, METRIC_GAUGE, "daybook_projection_lag_seconds",
+					 "Age of the oldest event not yet applied.", sql, NULL, 0);
+	ctx->m_batch = metrics_get(m, METRIC_HISTOGRAM, "daybook_projection_batch_events",
+				   "Events per applied batch.", sql, metrics_size_buckets,
+				   metrics_size_buckets_len);
+	ctx->m_applied = metrics_get(m, METRIC_COUNTER, "daybook_projection_events_total",
+				     "Events applied.", sql, NULL, 0);
+	ctx->m_errors = metrics_get(m, METRIC_COUNTER, "daybook_projection_errors_total",
+				    "Batches abandoned and retried.", sql, NULL, 0);
+	ctx->m_leader = metrics_get(m, METRIC_GAUGE, "daybook_projector_leader",
+				    "1 while this instance leads.", "", NULL, 0);
+}
+
+static int start(struct projector_ctx *ctx)
+{
+	char err[512];
+	size_t nstatements;
+	const struct pg_statement *st = projector_statements(&nstatements);
+	struct pg_config pgc = {
+		.conninfo = ctx->cfg.pg, .application_name = "daybook-projector", .base = ctx->base,
+		.log = &ctx->log, .statements = st, .nstatements = nstatements,
+		.listen_channel = "daybook_events", .on_connect = on_pg_connect,
+		.on_notify = on_notify, .arg = ctx,
+	};
+	struct http_server_config hc = {
+		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .ready = ready, .arg = ctx,
+	};
+	struct timeval poll = { 0, POLL_INTERVAL_US };
+
+	make_metrics(ctx);
+	ctx->events = calloc(PROJECTOR_BATCH_MAX, sizeof(*ctx->events));
+	if (!ctx->events || strmap_open(&ctx->accounts, free) || strmap_open(&ctx->totals, free) ||
+	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx)) {
+		fprintf(stderr, "daybook-projector: out of memory\n");
+		return 1;
+	}
+	if (http_server_open(&ctx->http, &hc, ctx->cfg.listen_host, ctx->cfg.listen_port, err,
+			     sizeof(err))) {
+		fprintf(stderr, "daybook-projector: %s\n", err);
+		return 1;
+	}
+	ctx->poll_timer = event_new(ctx->base, -1, EV_PERSIST, on_poll, ctx);
+	ctx->elect_timer = event_new(ctx->base, -1, EV_PERSIST, on_elect_timer, ctx);
+	ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
+	ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
+	if (!ctx->poll_timer || !ctx->elect_timer || !ctx->sigterm || !ctx->sigint) {
+		fprintf(stderr, "daybook-projector: out of memory\n");
+		return 1;
+	}
+	evtimer_add(ctx->poll_timer, &poll);
+	arm_election(ctx);
+	evsignal_add(ctx->sigterm, NULL);
+	evsignal_add(ctx->sigint, NULL);
+	log_info(&ctx->log, "metrics on %s:%u", ctx->cfg.listen_host, ctx->cfg.listen_port);
+	return 0;
+}
+
+static void stop(struct projector_ctx *ctx)
+{
+	struct event *evs[] = { ctx->poll_timer, ctx->elect_timer, ctx->sigterm, ctx->sigint };
+
+	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
+		if (evs[i])
+			event_free(evs[i]);
+	free_events(ctx);
+	free(ctx->events);
+	http_server_close(&ctx->http);
+	redis_close(&ctx->redis);
+	pg_close(&ctx->pg);
+	strmap_close(&ctx->accounts);
+	strmap_close(&ctx->totals);
+	metrics_close(&ctx->metrics);
+	if (ctx->base)
+		event_base_free(ctx->base);
+}
+
+int main(int argc, char **argv)
+{
+	struct projector_ctx ctx = { .log = { .service = "projector", .level = LOG_INFO } };
+	char err[512];
+	int rc;
+
+	if (argc > 1) {
+		bool help = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0;
+		fputs(usage, help ? stdout : stderr);
+		return help ? 0 : 2;
+	}
+	if (!config_load(&ctx.cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS, "127.0.0.1:8083", err,
+			 sizeof(err))) {
+		fprintf(stderr, "daybook-projector: %s\n", err);
+		return 2;
+	}
+	ctx.log.level = ctx.cfg.log_level;
+	signal(SIGPIPE, SIG_IGN);
+	ctx.base = event_base_new();
+	if (!ctx.base || metrics_open(&ctx.metrics)) {
+		fprintf(stderr, "daybook-projector: cannot set up the event loop\n");
+		return 1;
+	}
+	rc = start(&ctx);
+	if (rc == 0)
+		rc = event_base_dispatch(ctx.base) < 0 ? 1 : 0;
+	stop(&ctx);
+	return rc;
+}

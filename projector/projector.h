@@ -1,0 +1,143 @@
+/* daybook-projector: the process context and the projection steps. */
+#ifndef DAYBOOK_PROJECTOR_H
+#define DAYBOOK_PROJECTOR_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "http.h"
+#include "ledger.h"
+#include "ledger_json.h"
+#include "log.h"
+#include "metrics.h"
+#include "pg.h"
+#include "readmodel.h"
+#include "redis.h"
+#include "strmap.h"
+
+#define PROJECTOR_BATCH_MAX 2000
+
+struct fold_rows;
+
+/* A statement item (version > 0) or a transfer (version 0) for Redis. */
+struct projector_item {
+	char id[LEDGER_ID_MAX + 1]; /* account id, or transfer id */
+	int32_t version;
+	char *json;                 /* owned */
+};
+
+enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
+
+/* An account as the SQL read model holds it. */
+struct rm_account {
+	struct ledger_account acc;
+	char name[LEDGER_NAME_MAX + 1];
+	int32_t entries;
+	char opened_at[32], updated_at[32];
+	bool touched; /* changed by the batch in progress */
+};
+
+/* One currency's totals; the sum of balances may exceed int64. */
+struct rm_total {
+	char currency[4];
+	int64_t accounts, open_accounts;
+	__int128 balance_sum;
+	int64_t d_accounts, d_open; /* the batch's deltas */
+	__int128 d_sum;
+	bool touched;
+};
+
+/* An event as read from the log; data is parsed, strings are owned. */
+struct log_event {
+	char txid[24];
+	long long position;
+	char account[LEDGER_ID_MAX + 1];
+	int32_t version;
+	enum ledger_event_type type;
+	json_t *data;
+	char at[32];
+};
+
+enum projector_role { ROLE_ELECTING, ROLE_STANDBY, ROLE_LEADER };
+enum projector_step {
+	STEP_IDLE,
+	STEP_READING,
+	STEP_LOADING,
+	STEP_WRITING,
+	STEP_REDIS,   /* the batch's Redis writes are in flight */
+	STEP_SYNCING, /* copying the SQL read models into a new Redis generation */
+	STEP_BLOCKED, /* waiting for the election timer to retry */
+};
+
+struct projector_ctx {
+	struct config cfg;
+	struct log log;
+	struct event_base *base;
+	struct metrics *metrics;
+	struct http_server *http;
+	struct pg *pg;
+	struct redis *redis;
+	enum redis_sync rsync;
+	long long gen;       /* the Redis generation this projector writes */
+	size_t rpending;     /* Redis replies still to come for the current step */
+	bool rfailed;        /* a reply of the current step failed */
+	unsigned polls;      /* poll ticks, for the slower Redis check */
+	unsigned next_sync;  /* no resync before this tick (after a failed one) */
+	struct sync_state *sync;
+	struct event *poll_timer, *elect_timer, *sigterm, *sigint;
+	enum projector_role role;
+	enum projector_step step;
+	bool again;    /* woken while busy: read again when done */
+	bool stopping;
+	/* Checkpoint of the SQL read models: (txid, position) of the last applied event. */
+	char cp_txid[24];
+	long long cp_pos;
+	double lag_seconds;
+	/* Caches of the SQL read models, valid while leading (cleared on any doubt). */
+	struct strmap *accounts; /* id -> struct rm_account */
+	struct strmap *totals;   /* currency -> struct rm_total */
+	bool totals_loaded;
+	/* The batch in progress. */
+	struct log_event *events;
+	size_t nevents;
+	struct fold_rows *rows;
+	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,
+		*m_applied;
+};
+
+/* Begin a step if idle and leading; otherwise remember to. */
+void projector_wake(struct projector_ctx *ctx);
+/* Drop every cache: the next batch reloads what it needs. */
+void projector_forget(struct projector_ctx *ctx);
+/* The statements the projector prepares on each connection. */
+const struct pg_statement *projector_statements(size_t *n);
+/* Fold the batch into the caches and queue the SQL writes; false on a corrupt log. */
+bool projector_fold(struct projector_ctx *ctx) __attribute__((warn_unused_result));
+bool projector_queue_writes(struct projector_ctx *ctx) __attribute__((warn_unused_result));
+/* The batch committed: fold its deltas into the cached totals. */
+void projector_rows_committed(struct projector_ctx *ctx);
+/* Forget the batch's rows (clears the touched marks). */
+void projector_rows_free(struct fold_rows **rows);
+/* The batch's touched accounts and Redis items. */
+size_t projector_rows_accounts(const struct fold_rows *r, struct rm_account *const **out);
+size_t projector_rows_items(const struct fold_rows *r, const struct projector_item **out);
+/* GET /accounts/{id}'s body for an account; caller frees. */
+char *projector_account_json(const struct rm_account *a);
+
+/* Redis side (redis_sync.c). */
+int projector_redis_open(struct projector_ctx *ctx) __attribute__((warn_unused_result));
+/* Send the committed batch to the live generation; false when there is nothing to
+ * wait for (Redis not live: a later resync covers the batch). */
+bool projector_redis_batch(struct projector_ctx *ctx);
+/* When leading and idle: resync Redis if it needs it; true when a resync started. */
+bool projector_redis_maintain(struct projector_ctx *ctx);
+/* Called by the step machine when the Redis step or a sync finished. */
+void projector_step_done(struct projector_ctx *ctx);
+void projector_redis_tick(struct projector_ctx *ctx);
+
+/* Decimal text of a 128-bit integer (48 bytes is enough). */
+void projector_int128_text(__int128 v, char out[48]);
+
+#endif

@@ -1,0 +1,661 @@
+/* The Redis read models: each committed batch is written to the live generation with
+ * writes guarded so a replay is a no-op; when Redis is new, lost its data or missed
+ * batches, the SQL read models are copied into a fresh generation which then goes
+ * live in one SET (docs/read-models.md). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "projector.h"
+
+#define SYNC_ACCOUNTS_PAGE "200"
+#define SYNC_TRANSFERS_PAGE "1000"
+#define ENTRIES_KEPT 50
+#define CHECK_EVERY_POLLS 10 /* the poll timer ticks every 100 ms */
+
+enum script { PUT_ACCOUNT, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS };
+
+/* newer(a, b): is position token a after b? Lua numbers are doubles: exact to 2^53. */
+#define LUA_NEWER                                                                          \
+	"local function newer(a, b) "                                                      \
+	"local at, ap = string.match(a, '^(%d+)%.(%d+)$') "                                \
+	"local bt, bp = string.match(b, '^(%d+)%.(%d+)$') "                                \
+	"if not bt then return true end "                                                  \
+	"at, ap, bt, bp = tonumber(at), tonumber(ap), tonumber(bt), tonumber(bp) "         \
+	"return at > bt or (at == bt and ap > bp) end "
+
+static const char *const scripts[] = {
+	[PUT_ACCOUNT] = "local v = redis.call('HGET', KEYS[1], 'v') "
+			"if v and tonumber(v) >= tonumber(ARGV[1]) then return 0 end "
+			"redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ARGV[2], 'j', ARGV[3]) "
+			"return 1",
+	[PUT_CHECKPOINT] = LUA_NEWER "local cur = redis.call('GET', KEYS[1]) "
+				     "if cur and not newer(ARGV[1], cur) then return 0 end "
+				     "redis.call('SET', KEYS[1], ARGV[1]) return 1",
+	[PUT_TOTALS] = LUA_NEWER "local cur = redis.call('HGET', KEYS[1], 'p') "
+				 "if cur and not newer(ARGV[1], cur) then return 0 end "
+				 "redis.call('HSET', KEYS[1], 'p', ARGV[1], 'j', ARGV[2]) return 1",
+	[LIVE_STATUS] = "local g = redis.call('GET', 'dbk:live') "
+			"if not g then return false end "
+			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
+};
+
+enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH };
+
+struct sync_state {
+	enum sync_phase phase;
+	long long gen;
+	char cp[48];
+	char after[LEDGER_ID_MAX + 1]; /* keyset cursor of the current phase */
+	bool last_page;
+};
+
+static void sync_next(struct projector_ctx *ctx);
+
+static void key(char *out, size_t len, long long gen, const char *kind, const char *id)
+{
+	snprintf(out, len, "dbk:g:%lld:%s%s%s", gen, kind, id ? ":" : "", id ? id : "");
+}
+
+static void cp_token(const struct projector_ctx *ctx, char out[48])
+{
+	snprintf(out, 48, "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+}
+
+/* --- replies ------------------------------------------------------------------------ */
+
+static void step_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (!reply || reply->type == REDIS_REPLY_ERROR) {
+		if (!ctx->rfailed)
+			log_warn(&ctx->log, "redis write failed: %s",
+				 reply ? reply->str : redis_last_error(ctx->redis));
+		ctx->rfailed = true;
+	}
+	if (--ctx->rpending > 0)
+		return;
+	if (ctx->step == STEP_SYNCING) {
+		sync_next(ctx);
+		return;
+	}
+	if (ctx->rfailed)
+		ctx->rsync = RS_UNSYNCED; /* a later resync repairs what this batch missed */
+	projector_step_done(ctx);
+}
+
+static void send(struct projector_ctx *ctx, int argc, const char *const *argv)
+{
+	if (redis_command(ctx->redis, argc, argv, NULL, step_reply, ctx))
+		ctx->rpending++;
+	else
+		ctx->rfailed = true;
+}
+
+static void eval(struct projector_ctx *ctx, enum script s, int nkeys, int argc,
+		 const char *const *argv)
+{
+	if (redis_eval(ctx->redis, s, nkeys, argc, argv, NULL, step_reply, ctx))
+		ctx->rpending++;
+	else
+		ctx->rfailed = true;
+}
+
+/* --- the pieces of a generation ------------------------------------------------------- */
+
+static void put_account(struct projector_ctx *ctx, long long gen, const char *id, int32_t version,
+			int32_t entries, const char *json)
+{
+	char k[LEDGER_ID_MAX + 48], v[16], n[16];
+	const char *argv[4] = { k, v, n, json };
+
+	key(k, sizeof(k), gen, "acct", id);
+	snprintf(v, sizeof(v), "%d", version);
+	snprintf(n, sizeof(n), "%d", entries);
+	eval(ctx, PUT_ACCOUNT, 1, 4, argv);
+}
+
+static void put_transfer(struct projector_ctx *ctx, long long gen, const char *id, const char *json)
+{
+	char k[LEDGER_ID_MAX + 48];
+	const char *argv[3] = { "SET", k, json };
+
+	key(k, sizeof(k), gen, "xfer", id);
+	send(ctx, 3, argv);
+}
+
+/* ZADD the account's items (score = version), then keep only the newest. */
+static void put_entries(struct projector_ctx *ctx, long long gen, const char *id,
+			const char *const *versions, const char *const *jsons, size_t n)
+{
+	char k[LEDGER_ID_MAX + 48], stop[16];
+	const char **argv = malloc((2 + 2 * n) * sizeof(*argv));
+	const char *trim[4] = { "ZREMRANGEBYRANK", k, "0", stop };
+
+	if (!argv) {
+		ctx->rfailed = true;
+		return;
+	}
+	key(k, sizeof(k), gen, "entries", id);
+	argv[0] = "ZADD";
+	argv[1] = k;
+	for (size_t i = 0; i < n; i++) {
+		argv[2 + 2 * i] = versions[i];
+		argv[3 + 2 * i] = jsons[i];
+	}
+	send(ctx, (int)(2 + 2 * n), argv);
+	free(argv);
+	snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
+	send(ctx, 4, trim);
+}
+
+struct totals_text {
+	char currency[4], accounts[24], open[24], sum[48];
+};
+
+static int by_currency(const void *a, const void *b)
+{
+	return strcmp(((const struct totals_text *)a)->currency, ((const struct totals_text *)b)->currency);
+}
+
+/* GET /totals's body; rows sorted here. Caller frees. */
+static char *totals_json(struct totals_text *rows, size_t n)
+{
+	size_t cap = 32 + n * 160, len;
+	char *out = malloc(cap);
+
+	if (!out)
+		return NULL;
+	qsort(rows, n, sizeof(*rows), by_currency);
+	len = (size_t)snprintf(out, cap, "{\"currencies\":[");
+	for (size_t i = 0; i < n; i++)
+		len += (size_t)snprintf(out + len, cap - len,
+					"%s{\"currency\":\"%s\",\"accounts\":%s,\"open_accounts\":%s,"
+					"\"balance_sum\":%s}",
+					i ? "," : "", rows[i].currency, rows[i].accounts, rows[i].open,
+					rows[i].sum);
+	snprintf(out + len, cap - len, "]}");
+	return out;
+}
+
+static void put_totals(struct projector_ctx *ctx, long long gen, const char *token, char *json)
+{
+	char k[64];
+	const char *argv[3] = { k, token, json };
+
+	if (!json) {
+		ctx->rfailed = true;
+		return;
+	}
+	key(k, sizeof(k), gen, "totals", NULL);
+	eval(ctx, PUT_TOTALS, 1, 3, argv);
+	free(json);
+}
+
+static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token)
+{
+	char k[64], msg[96];
+	const char *argv[2] = { k, token };
+	const char *pub[3] = { "PUBLISH", "dbk:position", msg };
+
+	key(k, sizeof(k), gen, "checkpoint", NULL);
+	eval(ctx, PUT_CHECKPOINT, 1, 2, argv);
+	snprintf(msg, sizeof(msg), "%lld %s", gen, token);
+	send(ctx, 3, pub);
+}
+
+/* --- each batch ------------------------------------------------------------------------- */
+
+struct totals_collect {
+	struct totals_text *rows;
+	size_t n, cap;
+};
+
+static void collect_total(void *arg, const char *currency, void *value)
+{
+	struct totals_collect *c = arg;
+	const struct rm_total *t = value;
+
+	(void)currency;
+	if (c->n == c->cap)
+		return;
+	snprintf(c->rows[c->n].currency, sizeof(c->rows[c->n].currency), "%s", t->currency);
+	snprintf(c->rows[c->n].accounts, sizeof(c->rows[c->n].accounts), "%lld", (long long)t->accounts);
+	snprintf(c->rows[c->n].open, sizeof(c->rows[c->n].open), "%lld", (long long)t->open_accounts);
+	projector_int128_text(t->balance_sum, c->rows[c->n].sum);
+	c->n++;
+}
+
+static char *cached_totals_json(struct projector_ctx *ctx)
+{
+	struct totals_collect c = { .cap = strmap_count(ctx->totals) };
+	char *json;
+
+	c.rows = calloc(c.cap ? c.cap : 1, sizeof(*c.rows));
+	if (!c.rows)
+		return NULL;
+	strmap_foreach(ctx->totals, collect_total, &c);
+	json = totals_json(c.rows, c.n);
+	free(c.rows);
+	return json;
+}
+
+/* Group the batch's statement items by account, in order, and send them. */
+static void send_items(struct projector_ctx *ctx, const struct projector_item *items, size_t n)
+{
+	const char **versions = malloc((n + 1) * sizeof(*versions));
+	const char **jsons = malloc((n + 1) * sizeof(*jsons));
+	char (*vtext)[16] = malloc((n + 1) * sizeof(*vtext));
+	size_t i = 0;
+
+	if (!versions || !jsons || !vtext) {
+		ctx->rfailed = true;
+		goto done;
+	}
+	while (i < n) {
+		size_t start = i, m = 0;
+		if (items[i].version == 0) {
+			put_transfer(ctx, ctx->gen, items[i].id, items[i].json);
+			i++;
+			continue;
+		}
+		/* A run of one account's items goes in one ZADD. */
+		for (; i < n && items[i].version > 0 && strcmp(items[i].id, items[start].id) == 0; i++) {
+			snprintf(vtext[m], sizeof(vtext[m]), "%d", items[i].version);
+			versions[m] = vtext[m];
+			jsons[m++] = items[i].json;
+		}
+		put_entries(ctx, ctx->gen, items[start].id, versions, jsons, m);
+	}
+done:
+	free(versions);
+	free(jsons);
+	free(vtext);
+}
+
+bool projector_redis_batch(struct projector_ctx *ctx)
+{
+	struct rm_account *const *accounts;
+	const struct projector_item *items;
+	size_t na = projector_rows_accounts(ctx->rows, &accounts);
+	size_t ni = projector_rows_items(ctx->rows, &items);
+	char token[48];
+
+	if (ctx->rsync != RS_LIVE)
+		return false;
+	if (!redis_connected(ctx->redis)) {
+		ctx->rsync = RS_UNSYNCED;
+		return false;
+	}
+	ctx->rpending = 1; /* held until everything is sent */
+	ctx->rfailed = false;
+	cp_token(ctx, token);
+	for (size_t i = 0; i < na; i++) {
+		char *json = projector_account_json(accounts[i]);
+		if (!json) {
+			ctx->rfailed = true;
+			continue;
+		}
+		put_account(ctx, ctx->gen, accounts[i]->acc.id, accounts[i]->acc.version,
+			    accounts[i]->entries, json);
+		free(json);
+	}
+	send_items(ctx, items, ni);
+	put_totals(ctx, ctx->gen, token, cached_totals_json(ctx));
+	put_checkpoint(ctx, ctx->gen, token);
+	step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS }); /* release the hold */
+	return true;
+}
+
+/* --- copying SQL into a new generation --------------------------------------------- */
+
+static void sync_abort(struct projector_ctx *ctx, const char *why)
+{
+	log_warn(&ctx->log, "redis resync abandoned: %s", why);
+	free(ctx->sync);
+	ctx->sync = NULL;
+	ctx->rsync = RS_UNSYNCED;
+	ctx->next_sync = ctx->polls + CHECK_EVERY_POLLS; /* not before a second has passed */
+	projector_step_done(ctx);
+}
+
+/* Hold the step open while a phase sends its commands. */
+static void begin_sends(struct projector_ctx *ctx)
+{
+	ctx->rpending = 1;
+}
+
+static void end_sends(struct projector_ctx *ctx)
+{
+	step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS });
+}
+
+static bool sql_ok(PGresult *const *results, size_t n, const char *error)
+{
+	return !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK;
+}
+
+static void accounts_page_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+	struct sync_state *s = ctx->sync;
+	PGresult *r = results && n ? results[0] : NULL;
+	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
+	int accounts = 0;
+
+	if (rows < 0) {
+		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
+		return;
+	}
+	begin_sends(ctx);
+	for (int row = 0; row < rows;) {
+		const char *id = PQgetvalue(r, row, 0);
+		struct readmodel_account a = {
+			.account_id = id, .name = PQgetvalue(r, row, 1),
+			.currency = PQgetvalue(r, row, 2), .balance = strtoll(PQgetvalue(r, row, 3), NULL, 10),
+			.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10),
+			.status = PQgetvalue(r, row, 5), .version = atoi(PQgetvalue(r, row, 6)),
+			.opened_at = PQgetvalue(r, row, 8), .updated_at = PQgetvalue(r, row, 9),
+		};
+		char *json = readmodel_account_json(&a), *items[ENTRIES_KEPT];
+		const char *versions[ENTRIES_KEPT];
+		size_t m = 0;
+
+		if (json)
+			put_account(ctx, s->gen, id, a.version, atoi(PQgetvalue(r, row, 7)), json);
+		else
+			ctx->rfailed = true;
+		free(json);
+		/* This account's items follow on its rows (none: one row with NULLs). */
+		for (int first = row; row < rows && strcmp(PQgetvalue(r, row, 0), id) == 0; row++) {
+			struct readmodel_entry e;
+			(void)first;
+			if (PQgetisnull(r, row, 10) || m == ENTRIES_KEPT)
+				continue;
+			e = (struct readmodel_entry){
+				.version = atoi(PQgetvalue(r, row, 10)), .type = PQgetvalue(r, row, 11),
+				.amount = strtoll(PQgetvalue(r, row, 12), NULL, 10),
+				.balance_after = strtoll(PQgetvalue(r, row, 13), NULL, 10),
+				.transfer_id = PQgetisnull(r, row, 14) ? NULL : PQgetvalue(r, row, 14),
+				.counterparty = PQgetisnull(r, row, 15) ? NULL : PQgetvalue(r, row, 15),
+				.reference = PQgetisnull(r, row, 16) ? NULL : PQgetvalue(r, row, 16),
+				.at = PQgetvalue(r, row, 17),
+			};
+			versions[m] = PQgetvalue(r, row, 10);
+			items[m] = readmodel_entry_json(&e);
+			if (items[m])
+				m++;
+		}
+		if (m)
+			put_entries(ctx, s->gen, id, versions, (const char *const *)items, m);
+		for (size_t i = 0; i < m; i++)
+			free(items[i]);
+		snprintf(s->after, sizeof(s->after), "%s", id);
+		accounts++;
+	}
+	s->last_page = accounts < atoi(SYNC_ACCOUNTS_PAGE);
+	end_sends(ctx);
+}
+
+static void transfers_page_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+	struct sync_state *s = ctx->sync;
+	PGresult *r = results && n ? results[0] : NULL;
+	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
+
+	if (rows < 0) {
+		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
+		return;
+	}
+	begin_sends(ctx);
+	for (int row = 0; row < rows; row++) {
+		struct readmodel_transfer t = {
+			.transfer_id = PQgetvalue(r, row, 0), .from = PQgetvalue(r, row, 1),
+			.to = PQgetvalue(r, row, 2), .amount = strtoll(PQgetvalue(r, row, 3), NULL, 10),
+			.currency = PQgetvalue(r, row, 4),
+			.reference = PQgetisnull(r, row, 5) ? NULL : PQgetvalue(r, row, 5),
+			.at = PQgetvalue(r, row, 6),
+		};
+		char *json = readmodel_transfer_json(&t);
+		if (json)
+			put_transfer(ctx, s->gen, t.transfer_id, json);
+		else
+			ctx->rfailed = true;
+		free(json);
+		snprintf(s->after, sizeof(s->after), "%s", t.transfer_id);
+	}
+	s->last_page = rows < atoi(SYNC_TRANSFERS_PAGE);
+	end_sends(ctx);
+}
+
+static void totals_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct projector_ctx *ctx = arg;
+	struct sync_state *s = ctx->sync;
+	PGresult *r = results && n ? results[0] : NULL;
+	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
+	struct totals_text *t;
+
+	if (rows < 0) {
+		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
+		return;
+	}
+	t = calloc((size_t)rows + 1, sizeof(*t));
+	for (int row = 0; t && row < rows; row++) {
+		snprintf(t[row].currency, sizeof(t[row].currency), "%s", PQgetvalue(r, row, 0));
+		snprintf(t[row].accounts, sizeof(t[row].accounts), "%s", PQgetvalue(r, row, 1));
+		snprintf(t[row].open, sizeof(t[row].open), "%s", PQgetvalue(r, row, 2));
+		snprintf(t[row].sum, sizeof(t[row].sum), "%s", PQgetvalue(r, row, 3));
+	}
+	begin_sends(ctx);
+	s->phase = SY_SWITCH;
+	put_totals(ctx, s->gen, s->cp, t ? totals_json(t, (size_t)rows) : NULL);
+	free(t);
+	end_sends(ctx);
+}
+
+static void query(struct projector_ctx *ctx, const char *statement, const char *page,
+		  pg_done_cb done)
+{
+	const char *params[2] = { ctx->sync->after, page };
+	int nparams = page ? 2 : 0;
+
+	if (!pg_queue(ctx->pg, statement, nparams, params) || !pg_run(ctx->pg, done, ctx))
+		sync_abort(ctx, "postgresql connection lost");
+}
+
+static void generation_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (!reply || reply->type != REDIS_REPLY_INTEGER) {
+		sync_abort(ctx, reply && reply->str ? reply->str : "INCR dbk:generation failed");
+		return;
+	}
+	ctx->sync->gen = reply->integer;
+	ctx->sync->phase = SY_ACCOUNTS;
+	log_info(&ctx->log, "copying the read models into redis generation %lld", ctx->sync->gen);
+	query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
+}
+
+/* Remove the keys of every generation but the live one, a SCAN page at a time. */
+static void cleanup_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+	char prefix[48];
+	const char *scan[6] = { "SCAN", NULL, "MATCH", "dbk:g:*", "COUNT", "1000" };
+
+	if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2)
+		return;
+	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", ctx->gen);
+	for (size_t i = 0; i < reply->element[1]->elements; i++) {
+		const char *k = reply->element[1]->element[i]->str;
+		const char *unlink[2] = { "UNLINK", k };
+		if (strncmp(k, prefix, strlen(prefix)) != 0 &&
+		    !redis_command(ctx->redis, 2, unlink, NULL, NULL, NULL))
+			return;
+	}
+	if (strcmp(reply->element[0]->str, "0") == 0)
+		return;
+	scan[1] = reply->element[0]->str;
+	if (!redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx))
+		return;
+}
+
+static void start_cleanup(struct projector_ctx *ctx)
+{
+	const char *scan[6] = { "SCAN", "0", "MATCH", "dbk:g:*", "COUNT", "1000" };
+
+	if (!redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx))
+		log_warn(&ctx->log, "cannot clean old redis generations now");
+}
+
+static void sync_next(struct projector_ctx *ctx)
+{
+	struct sync_state *s = ctx->sync;
+	char gen[24];
+	const char *live[3] = { "SET", "dbk:live", gen };
+
+	if (ctx->rfailed) {
+		sync_abort(ctx, "a redis write failed");
+		return;
+	}
+	switch (s->phase) {
+	case SY_ACCOUNTS:
+		if (!s->last_page) {
+			query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
+			return;
+		}
+		s->phase = SY_TRANSFERS;
+		s->after[0] = '\0';
+		s->last_page = false;
+		query(ctx, "sync_transfers", SYNC_TRANSFERS_PAGE, transfers_page_done);
+		return;
+	case SY_TRANSFERS:
+		if (!s->last_page) {
+			query(ctx, "sync_transfers", SYNC_TRANSFERS_PAGE, transfers_page_done);
+			return;
+		}
+		s->phase = SY_TOTALS;
+		query(ctx, "load_totals", NULL, totals_done);
+		return;
+	case SY_SWITCH:
+		/* Everything up to s->cp is in the new generation: let readers have it. */
+		begin_sends(ctx);
+		snprintf(gen, sizeof(gen), "%lld", s->gen);
+		put_checkpoint(ctx, s->gen, s->cp);
+		send(ctx, 3, live);
+		s->phase = SY_CHECK; /* reused as "switched" */
+		end_sends(ctx);
+		return;
+	case SY_CHECK:
+		log_info(&ctx->log, "redis generation %lld is live at %s", s->gen, s->cp);
+		ctx->gen = s->gen;
+		ctx->rsync = RS_LIVE;
+		free(ctx->sync);
+		ctx->sync = NULL;
+		start_cleanup(ctx);
+		projector_step_done(ctx);
+		return;
+	default:
+		sync_abort(ctx, "unexpected sync phase");
+		return;
+	}
+}
+
+static void start_sync(struct projector_ctx *ctx)
+{
+	const char *incr[2] = { "INCR", "dbk:generation" };
+
+	ctx->sync = calloc(1, sizeof(*ctx->sync));
+	if (!ctx->sync)
+		return;
+	ctx->sync->phase = SY_GENERATION;
+	cp_token(ctx, ctx->sync->cp);
+	ctx->rfailed = false;
+	ctx->step = STEP_SYNCING;
+	if (!redis_command(ctx->redis, 2, incr, NULL, generation_reply, ctx))
+		sync_abort(ctx, "redis is not connected");
+}
+
+/* --- is the live generation ours and current? ------------------------------------------- */
+
+static void status_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+	char token[48];
+
+	cp_token(ctx, token);
+	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
+	    strcmp(reply->element[1]->str, token) == 0) {
+		ctx->gen = strtoll(reply->element[0]->str, NULL, 10);
+		ctx->rsync = RS_LIVE;
+		log_info(&ctx->log, "redis generation %lld is current at %s", ctx->gen, token);
+	} else {
+		ctx->rsync = reply ? RS_UNSYNCED : RS_UNKNOWN;
+	}
+	projector_step_done(ctx);
+}
+
+bool projector_redis_maintain(struct projector_ctx *ctx)
+{
+	if (ctx->role != ROLE_LEADER || !redis_connected(ctx->redis))
+		return false;
+	if (ctx->rsync == RS_UNKNOWN) {
+		if (!redis_eval(ctx->redis, LIVE_STATUS, 0, 0, NULL, NULL, status_reply, ctx))
+			return false;
+		ctx->step = STEP_SYNCING;
+		return true;
+	}
+	if (ctx->rsync == RS_UNSYNCED && ctx->polls >= ctx->next_sync) {
+		start_sync(ctx);
+		return ctx->sync != NULL;
+	}
+	return false;
+}
+
+static void live_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (!reply || ctx->rsync != RS_LIVE)
+		return;
+	if (reply->type != REDIS_REPLY_STRING || strtoll(reply->str, NULL, 10) != ctx->gen) {
+		log_warn(&ctx->log, "redis no longer holds generation %lld as live: checking", ctx->gen);
+		ctx->rsync = RS_UNKNOWN;
+		projector_wake(ctx);
+	}
+}
+
+void projector_redis_tick(struct projector_ctx *ctx)
+{
+	const char *get[2] = { "GET", "dbk:live" };
+
+	if (++ctx->polls % CHECK_EVERY_POLLS != 0 || ctx->role != ROLE_LEADER)
+		return;
+	if (ctx->rsync == RS_LIVE && redis_connected(ctx->redis))
+		(void)!redis_command(ctx->redis, 2, get, NULL, live_reply, ctx);
+	else if (ctx->rsync != RS_LIVE)
+		projector_wake(ctx);
+}
+
+static void on_redis_ready(void *arg)
+{
+	struct projector_ctx *ctx = arg;
+
+	/* Whatever happened while we were apart, find out before writing again. */
+	ctx->rsync = RS_UNKNOWN;
+	projector_wake(ctx);
+}
+
+int projector_redis_open(struct projector_ctx *ctx)
+{
+	struct redis_config rc = {
+		.server = &ctx->cfg.redis, .name = "daybook-projector", .base = ctx->base,
+		.log = &ctx->log, .scripts = scripts, .nscripts = sizeof(scripts) / sizeof(scripts[0]),
+		.command_timeout = 5, .on_ready = on_redis_ready, .arg = ctx,
+	};
+	return redis_open(&ctx->redis, &rc);
+}

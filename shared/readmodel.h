@@ -1,0 +1,47 @@
+/* The read models' JSON bodies, built one way for every writer and reader: the
+ * projector stores them in Redis, the query service builds them from SQL rows, and
+ * both must be byte-identical (docs/read-models.md). */
+#ifndef DAYBOOK_READMODEL_H
+#define DAYBOOK_READMODEL_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+/* An account as the read models hold it; strings are borrowed. */
+struct readmodel_account {
+	const char *account_id, *name, *currency, *status;
+	int64_t balance, overdraft_limit;
+	int32_t version;
+	const char *opened_at, *updated_at; /* RFC 3339 UTC with microseconds */
+};
+
+/* One statement item; optional strings are NULL when absent. */
+struct readmodel_entry {
+	int32_t version;
+	const char *type; /* deposit, withdrawal, transfer_in, transfer_out */
+	int64_t amount, balance_after;
+	const char *transfer_id, *counterparty, *reference, *at;
+};
+
+struct readmodel_transfer {
+	const char *transfer_id, *from, *to, *currency, *reference, *at;
+	int64_t amount;
+};
+
+/* Each returns a new compact JSON text (caller frees with free()), or NULL when out
+ * of memory. Keys come in the documented order. */
+char *readmodel_account_json(const struct readmodel_account *a);
+char *readmodel_entry_json(const struct readmodel_entry *e);
+char *readmodel_transfer_json(const struct readmodel_transfer *t);
+
+/* Position tokens "<txid>.<position>": parse (false when malformed) and compare. */
+struct readmodel_position {
+	uint64_t txid;
+	uint64_t position;
+};
+bool readmodel_position_parse(const char *text, struct readmodel_position *out)
+	__attribute__((warn_unused_result));
+int readmodel_position_cmp(const struct readmodel_position *a, const struct readmodel_position *b);
+
+#endif

@@ -1,0 +1,83 @@
+/* Redis on the event loop: one hiredis async connection that reconnects by itself,
+ * with per-command deadlines, Lua scripts by EVALSHA, and a subscriber mode. */
+#ifndef DAYBOOK_REDIS_H
+#define DAYBOOK_REDIS_H
+
+#include <hiredis/hiredis.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "config.h"
+#include "log.h"
+
+struct event_base;
+struct redis;
+
+/* A reply callback. `reply` is valid only during the callback (do not keep pointers
+ * into it). It is NULL when the connection was lost, timed out or was closed before
+ * the reply arrived: the command may or may not have run. Error replies
+ * (REDIS_REPLY_ERROR) arrive as replies. The callback may send new commands; it must
+ * not call redis_close. */
+typedef void (*redis_reply_cb)(void *arg, const redisReply *reply);
+
+/* A message published on the subscribed channel; `msg` (not NUL-terminated) is valid
+ * only during the callback. */
+typedef void (*redis_message_cb)(void *arg, const char *msg, size_t len);
+
+struct redis_config {
+	const struct config_redis *server; /* TCP host:port or unix socket, and the db */
+	const char *name;                  /* CLIENT SETNAME, e.g. "daybook-query"; may be NULL */
+	struct event_base *base;
+	const struct log *log;
+	/* Lua sources, loaded (SCRIPT LOAD) on every (re)connection and run by index
+	 * with redis_eval. The strings must outlive the connection. */
+	const char *const *scripts;
+	size_t nscripts;
+	/* Subscriber mode: when set, the connection SUBSCRIBEs to this channel after
+	 * every (re)connection and delivers its messages to on_message; it then runs no
+	 * other commands (redis_command and redis_eval refuse). */
+	const char *subscribe;
+	redis_message_cb on_message;
+	/* Seconds the oldest outstanding reply may take before the connection counts as
+	 * hung: it is dropped (every pending callback gets NULL) and re-established.
+	 * 0: 1 s. */
+	double command_timeout;
+	/* Seconds to connect and run the setup (SELECT, SCRIPT LOAD, SUBSCRIBE). 0: 2 s. */
+	double connect_timeout;
+	/* Called after each successful (re)connection and setup; may be NULL. */
+	void (*on_ready)(void *arg);
+	void *arg; /* passed to on_message and on_ready */
+};
+
+/* Start connecting in the background; reconnects with backoff (50 ms doubling to
+ * 2 s) whenever the connection is lost. The config's pointers must outlive the
+ * connection. Note: a host name is resolved with a blocking getaddrinfo on each
+ * (re)connection; use an address or a unix socket where that matters.
+ * Caller closes with redis_close. */
+int redis_open(struct redis **out, const struct redis_config *cfg) __attribute__((warn_unused_result));
+/* Close the connection: every pending callback runs with a NULL reply first. Sets *r
+ * to NULL. Must not be called from a reply or message callback. */
+void redis_close(struct redis **r);
+
+/* Connected and set up: commands may be sent. */
+bool redis_connected(const struct redis *r);
+/* Why the connection is down, for /readyz and logs ("" when connected). */
+const char *redis_last_error(const struct redis *r);
+/* Commands sent whose replies have not arrived yet. */
+size_t redis_pending(const struct redis *r);
+
+/* Send one command in argv form (binary-safe; argvlen NULL means strlen of each).
+ * Commands are pipelined: they are written together at the next loop turn and their
+ * replies arrive in order. `cb` (may be NULL) runs exactly once, with the reply or
+ * NULL. False when not connected (or out of memory): then `cb` never runs. */
+bool redis_command(struct redis *r, int argc, const char *const *argv, const size_t *argvlen,
+		   redis_reply_cb cb, void *arg) __attribute__((warn_unused_result));
+
+/* EVALSHA of scripts[script] with `nkeys` keys followed by the other arguments
+ * (argc in all). If Redis answers NOSCRIPT (its script cache was flushed), the
+ * command is sent once more as EVAL with the source, transparently; note that it
+ * then runs after whatever was sent meanwhile. Same contract as redis_command. */
+bool redis_eval(struct redis *r, size_t script, int nkeys, int argc, const char *const *argv,
+		const size_t *argvlen, redis_reply_cb cb, void *arg) __attribute__((warn_unused_result));
+
+#endif
