@@ -20,6 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <hiredis/hiredis.h>
+
+#include "config.h"
 #include "sha256.h"
 
 static const char *env_or_skip(const char *name)
@@ -217,6 +220,88 @@ void harness_start_command(struct service *svc, const char *db)
 
 	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
 	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, NULL);
+}
+
+void harness_start_query(struct service *svc, const char *db, const char *redis_url)
+{
+	const char *env[] = { "DAYBOOK_REDIS", redis_url, NULL };
+	char pg[512];
+
+	harness_conninfo(db, "daybook_query", pg, sizeof(pg));
+	start_service(svc, "query", "DAYBOOK_QUERY_BIN", pg, env);
+}
+
+void harness_start_projector(struct service *svc, const char *db, const char *redis_url)
+{
+	char pg[512];
+	const char *env[] = { "DAYBOOK_REDIS", redis_url, NULL };
+
+	harness_conninfo(db, "daybook_projector", pg, sizeof(pg));
+	start_service(svc, "projector", "DAYBOOK_PROJECTOR_BIN", pg, env);
+}
+
+void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len)
+{
+	char port[16];
+	int p = reuse_port ? svc->port : free_port();
+
+	memset(svc, 0, sizeof(*svc));
+	svc->port = p;
+	snprintf(svc->name, sizeof(svc->name), "redis");
+	snprintf(port, sizeof(port), "%d", p);
+	snprintf(url, len, "redis://127.0.0.1:%d", p);
+	svc->pid = fork();
+	cr_assert(svc->pid >= 0);
+	if (svc->pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		int fd = open("/dev/null", O_WRONLY);
+		if (fd >= 0)
+			dup2(fd, 1);
+		execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1",
+		       "--save", "", "--appendonly", "no", "--protected-mode", "no", (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 200; i++) {
+		redisContext *c = redisConnect("127.0.0.1", p);
+		bool up = c && !c->err;
+		if (c)
+			redisFree(c);
+		if (up)
+			return;
+		usleep(10000);
+	}
+	cr_assert_fail("redis-server on port %d did not start", p);
+}
+
+struct redisContext *harness_redis(const char *url)
+{
+	struct config_redis addr;
+	redisContext *c;
+
+	cr_assert(config_parse_redis(url, &addr), "bad redis url %s", url);
+	c = addr.path[0] ? redisConnectUnix(addr.path) : redisConnect(addr.host, addr.port);
+	cr_assert(c && !c->err, "connecting to %s: %s", url, c ? c->errstr : "out of memory");
+	if (addr.db) {
+		redisReply *r = redisCommand(c, "SELECT %d", addr.db);
+		freeReplyObject(r);
+	}
+	return c;
+}
+
+double harness_metric(const struct service *svc, const char *name)
+{
+	struct response r = http_request(svc->port, "GET", "/metrics", NULL, NULL, 5);
+	size_t n = strlen(name);
+	double v = -1;
+
+	for (const char *p = r.body; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL) {
+		if (strncmp(p, name, n) == 0 && p[n] == ' ') {
+			v = strtod(p + n + 1, NULL);
+			break;
+		}
+	}
+	response_free(&r);
+	return v;
 }
 
 bool harness_wait_status(const struct service *svc, const char *path, int status, double timeout)

@@ -35,6 +35,19 @@ void harness_conninfo(const char *db, const char *role, char *out, size_t len);
 
 /* Start daybook-command against db and wait until /readyz says ready. */
 void harness_start_command(struct service *svc, const char *db);
+/* Start daybook-query against db (as role daybook_query) and Redis at redis_url
+ * (redis://host:port/db), and wait until /readyz says ready. */
+void harness_start_query(struct service *svc, const char *db, const char *redis_url);
+/* Start daybook-projector against db and redis_url (its metrics port is svc->port). */
+void harness_start_projector(struct service *svc, const char *db, const char *redis_url);
+/* Start a private redis-server on a free port (or on svc->port when `reuse_port`);
+ * writes redis://127.0.0.1:<port> into url. Stop it with harness_kill. */
+void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len);
+/* A blocking connection to a redis:// URL (for checks); the test fails if it cannot. */
+struct redisContext *harness_redis(const char *url);
+/* The value of metric `name` (with labels, e.g. `x{a="b"}`) from svc's /metrics; -1 if absent. */
+double harness_metric(const struct service *svc, const char *name);
+
 /* SIGTERM and wait; returns the exit status (or -1 if it had to be killed). */
 int harness_stop(struct service *svc);
 /* SIGKILL and reap. */

@@ -1,0 +1,407 @@
+/* The projector: late commits, crashes, failover and lost Redis data; the read models
+ * always end equal to a fresh fold of the log. */
+#include <criterion/criterion.h>
+#include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "readmodel.h"
+
+static char db[64], redis_url[128];
+static struct service command, redis;
+
+static void setup(void)
+{
+	harness_db_create(db, sizeof(db));
+	harness_start_command(&command, db);
+	harness_start_redis(&redis, false, redis_url, sizeof(redis_url));
+}
+
+static void teardown(void)
+{
+	harness_stop(&command);
+	harness_kill(&redis);
+}
+
+TestSuite(projector, .init = setup, .fini = teardown, .timeout = 180);
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void must(const char *path, const char *body)
+{
+	struct response r = post(&command, path, body, NULL);
+	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
+	response_free(&r);
+}
+
+static void open_accounts(int n)
+{
+	char body[128];
+
+	for (int i = 0; i < n; i++) {
+		snprintf(body, sizeof(body), "{\"id\":\"p-%d\",\"name\":\"P %d\",\"currency\":\"%s\"}", i, i,
+			 i % 4 == 3 ? "USD" : "EUR");
+		must("/accounts", body);
+		snprintf(body, sizeof(body), "/accounts/p-%d/deposits", i);
+		must(body, "{\"amount\":100000,\"reference\":\"seed\"}");
+	}
+}
+
+/* Writers: deposits, withdrawals and transfers among n accounts, until told to stop. */
+struct load {
+	atomic_bool stop;
+	atomic_int done;
+	int accounts;
+};
+
+static void *write_load(void *arg)
+{
+	struct load *l = arg;
+	unsigned seed = (unsigned)(uintptr_t)pthread_self();
+	char path[64], body[160];
+
+	while (!atomic_load(&l->stop)) {
+		int a = rand_r(&seed) % l->accounts, b = rand_r(&seed) % l->accounts, op = rand_r(&seed) % 3;
+		int n = atomic_fetch_add(&l->done, 1);
+		if (op == 0) {
+			snprintf(path, sizeof(path), "/accounts/p-%d/deposits", a);
+			snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + rand_r(&seed) % 500);
+		} else if (op == 1) {
+			snprintf(path, sizeof(path), "/accounts/p-%d/withdrawals", a);
+			snprintf(body, sizeof(body), "{\"amount\":%d,\"reference\":\"w\"}", 1 + rand_r(&seed) % 500);
+		} else {
+			snprintf(path, sizeof(path), "/transfers");
+			snprintf(body, sizeof(body),
+				 "{\"id\":\"tx-%d-%u\",\"from\":\"p-%d\",\"to\":\"p-%d\",\"amount\":%d}", n,
+				 seed % 1000, a, b, 1 + rand_r(&seed) % 300);
+		}
+		struct response r = post(&command, path, body, NULL);
+		response_free(&r);
+	}
+	return NULL;
+}
+
+static void start_load(struct load *l, pthread_t *t, int threads)
+{
+	for (int i = 0; i < threads; i++)
+		pthread_create(&t[i], NULL, write_load, l);
+}
+
+static void stop_load(struct load *l, pthread_t *t, int threads)
+{
+	atomic_store(&l->stop, true);
+	for (int i = 0; i < threads; i++)
+		pthread_join(t[i], NULL);
+}
+
+static const char head_sql[] =
+	"SELECT coalesce((SELECT txid::text || '.' || position FROM events "
+	"ORDER BY txid DESC, position DESC LIMIT 1), '0.0')";
+
+/* The SQL checkpoint as a token. */
+static void sql_checkpoint(char *out, size_t len)
+{
+	PGresult *r = sql(db, "SELECT txid::text || '.' || position FROM projection_checkpoints "
+			      "WHERE projection = 'sql'");
+	snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+}
+
+static void log_head(char *out, size_t len)
+{
+	PGresult *r = sql(db, head_sql);
+	snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+}
+
+/* The live generation and its checkpoint; false when there is none. */
+static bool redis_live(redisContext *c, long long *gen, char *cp, size_t len)
+{
+	redisReply *g = redisCommand(c, "GET dbk:live"), *p;
+	bool ok = g && g->type == REDIS_REPLY_STRING;
+
+	if (ok) {
+		*gen = atoll(g->str);
+		p = redisCommand(c, "GET dbk:g:%lld:checkpoint", *gen);
+		ok = p && p->type == REDIS_REPLY_STRING;
+		if (ok)
+			snprintf(cp, len, "%s", p->str);
+		freeReplyObject(p);
+	}
+	freeReplyObject(g);
+	return ok;
+}
+
+/* Wait until both read models have applied the whole log. */
+static void wait_caught_up(double timeout)
+{
+	char head[64], cp[64], rcp[64] = "";
+	long long gen;
+	redisContext *c = harness_redis(redis_url);
+	double end = now() + timeout;
+
+	for (;;) {
+		log_head(head, sizeof(head));
+		sql_checkpoint(cp, sizeof(cp));
+		bool live = redis_live(c, &gen, rcp, sizeof(rcp));
+		if (strcmp(head, cp) == 0 && live && strcmp(rcp, cp) == 0)
+			break;
+		cr_assert(now() < end, "not caught up: log %s, sql %s, redis %s", head, cp,
+			  live ? rcp : "(none)");
+		usleep(20000);
+	}
+	redisFree(c);
+}
+
+/* Read models equal a fresh fold of the log, computed here independently in SQL. */
+static void assert_models_match_log(void)
+{
+	static const char delta[] =
+		"CASE type WHEN 'FundsDeposited' THEN (data->>'amount')::bigint "
+		"WHEN 'TransferReceived' THEN (data->>'amount')::bigint "
+		"WHEN 'FundsWithdrawn' THEN -(data->>'amount')::bigint "
+		"WHEN 'TransferSent' THEN -(data->>'amount')::bigint ELSE 0 END";
+	static const char money[] =
+		"type IN ('FundsDeposited', 'FundsWithdrawn', 'TransferSent', 'TransferReceived')";
+	char q[2048];
+
+	snprintf(q, sizeof(q),
+		 "WITH acc AS (SELECT substr(stream, 9) id, max(version) v, sum(%s) bal, "
+		 "count(*) FILTER (WHERE %s) n, bool_or(type = 'AccountClosed') closed FROM events "
+		 "GROUP BY stream) SELECT count(*) FROM acc FULL JOIN rm_accounts r ON r.account_id = "
+		 "acc.id WHERE r.account_id IS NULL OR acc.id IS NULL OR r.balance <> acc.bal OR "
+		 "r.version <> acc.v OR r.entries <> acc.n OR (r.status = 'closed') <> acc.closed",
+		 delta, money);
+	cr_assert_eq(sql_int(db, q), 0, "rm_accounts differs from the log");
+	snprintf(q, sizeof(q),
+		 "WITH m AS (SELECT substr(stream, 9) id, version, sum(%s) OVER (PARTITION BY stream "
+		 "ORDER BY version) bal FROM events WHERE %s) SELECT count(*) FROM m FULL JOIN "
+		 "rm_entries e ON e.account_id = m.id AND e.version = m.version WHERE e.account_id IS "
+		 "NULL OR m.id IS NULL OR e.balance_after <> m.bal",
+		 delta, money);
+	cr_assert_eq(sql_int(db, q), 0, "rm_entries differs from the log");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events e FULL JOIN rm_transfers t ON "
+				 "t.transfer_id = e.data->>'transfer_id' WHERE (e.type = 'TransferSent' "
+				 "OR e.type IS NULL) AND (t.transfer_id IS NULL OR e.position IS NULL OR "
+				 "t.amount <> (e.data->>'amount')::bigint)"),
+		     0, "rm_transfers differs from the log");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM (SELECT currency, count(*) a, count(*) FILTER "
+				 "(WHERE status = 'open') o, sum(balance) s FROM rm_accounts GROUP BY "
+				 "currency) x FULL JOIN rm_totals t USING (currency) WHERE t.accounts IS "
+				 "DISTINCT FROM x.a OR t.open_accounts IS DISTINCT FROM x.o OR "
+				 "t.balance_sum IS DISTINCT FROM x.s"),
+		     0, "rm_totals differs from the accounts");
+}
+
+/* Redis's live generation holds exactly the SQL models' accounts, byte for byte. */
+static void assert_redis_matches_sql(void)
+{
+	redisContext *c = harness_redis(redis_url);
+	PGresult *r = sql(db, "SELECT account_id, name, currency, balance, overdraft_limit, status, "
+			      "version, entries, "
+			      "to_char(opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+			      "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+			      "FROM rm_accounts");
+	char cp[64];
+	long long gen;
+
+	cr_assert(redis_live(c, &gen, cp, sizeof(cp)));
+	for (int i = 0; i < PQntuples(r); i++) {
+		struct readmodel_account a = {
+			.account_id = PQgetvalue(r, i, 0), .name = PQgetvalue(r, i, 1),
+			.currency = PQgetvalue(r, i, 2), .balance = atoll(PQgetvalue(r, i, 3)),
+			.overdraft_limit = atoll(PQgetvalue(r, i, 4)), .status = PQgetvalue(r, i, 5),
+			.version = atoi(PQgetvalue(r, i, 6)), .opened_at = PQgetvalue(r, i, 8),
+			.updated_at = PQgetvalue(r, i, 9),
+		};
+		char *want = readmodel_account_json(&a);
+		redisReply *j = redisCommand(c, "HGET dbk:g:%lld:acct:%s j", gen, a.account_id);
+		redisReply *n = redisCommand(c, "ZCARD dbk:g:%lld:entries:%s", gen, a.account_id);
+		long long entries = atoll(PQgetvalue(r, i, 7));
+
+		cr_assert(j && j->type == REDIS_REPLY_STRING, "account %s missing in redis", a.account_id);
+		cr_assert_str_eq(j->str, want);
+		cr_assert_eq(n->integer, entries < 50 ? entries : 50, "statement of %s", a.account_id);
+		free(want);
+		freeReplyObject(j);
+		freeReplyObject(n);
+	}
+	PQclear(r);
+	redisFree(c);
+}
+
+Test(projector, follows_the_log_into_sql_and_redis)
+{
+	struct service proj;
+
+	open_accounts(6);
+	must("/transfers", "{\"id\":\"t-1\",\"from\":\"p-0\",\"to\":\"p-1\",\"amount\":250,\"reference\":\"rent\"}");
+	must("/accounts/p-2/withdrawals", "{\"amount\":100000}");
+	must("/accounts/p-2/close", "{}");
+	harness_start_projector(&proj, db, redis_url);
+	wait_caught_up(20);
+	assert_models_match_log();
+	assert_redis_matches_sql();
+	cr_assert_eq(sql_int(db, "SELECT balance_after FROM rm_entries WHERE account_id = 'p-1' "
+				 "AND type = 'transfer_in'"),
+		     100250);
+	cr_assert_eq(sql_int(db, "SELECT open_accounts FROM rm_totals WHERE currency = 'EUR'"), 4);
+	/* Live follow: a write after start shows up without a restart. */
+	must("/accounts/p-0/deposits", "{\"amount\":1}");
+	wait_caught_up(10);
+	assert_models_match_log();
+	assert_redis_matches_sql();
+	cr_assert_eq(harness_stop(&proj), 0);
+}
+
+Test(projector, a_late_commit_is_applied_once_not_skipped)
+{
+	struct service proj;
+	char conninfo[512], cp[64];
+	PGconn *late;
+	PGresult *r;
+
+	open_accounts(2);
+	harness_start_projector(&proj, db, redis_url);
+	wait_caught_up(20);
+	/* A transaction takes its position now and commits after later appends. */
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	late = PQconnectdb(conninfo);
+	PQclear(PQexec(late, "BEGIN"));
+	r = PQexec(late, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			 "('account-late', 1, 'AccountOpened', '{\"account_id\":\"late\",\"name\":\"L\","
+			 "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}') RETURNING position");
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+	long long late_pos = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	for (int i = 0; i < 5; i++)
+		must("/accounts/p-0/deposits", "{\"amount\":7}");
+	usleep(500000);
+	/* The projector must not have moved past the open transaction. */
+	sql_checkpoint(cp, sizeof(cp));
+	cr_assert_lt(atoll(strchr(cp, '.') + 1), late_pos + 1, "checkpoint %s passed the open transaction", cp);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"), 1);
+	PQclear(PQexec(late, "COMMIT"));
+	PQfinish(late);
+	wait_caught_up(20);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_accounts WHERE account_id = 'late'"), 1);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"), 6);
+	assert_models_match_log();
+	assert_redis_matches_sql();
+	harness_stop(&proj);
+}
+
+Test(projector, kill_9_mid_batch_loses_and_doubles_nothing)
+{
+	struct service proj;
+	struct load l = { .accounts = 12 };
+	pthread_t t[4];
+
+	open_accounts(12);
+	start_load(&l, t, 4);
+	for (int round = 0; round < 3; round++) {
+		harness_start_projector(&proj, db, redis_url);
+		usleep(300000 + 150000 * round);
+		harness_kill(&proj);
+	}
+	stop_load(&l, t, 4);
+	harness_start_projector(&proj, db, redis_url);
+	wait_caught_up(30);
+	cr_assert_gt(atomic_load(&l.done), 50);
+	assert_models_match_log();
+	assert_redis_matches_sql();
+	harness_stop(&proj);
+}
+
+Test(projector, a_standby_takes_over_within_5_s)
+{
+	struct service a, b;
+	struct load l = { .accounts = 8 };
+	pthread_t t[2];
+	double killed, end;
+
+	open_accounts(8);
+	harness_start_projector(&a, db, redis_url);
+	wait_caught_up(20);
+	harness_start_projector(&b, db, redis_url);
+	usleep(1500000);
+	cr_assert_eq(harness_metric(&a, "daybook_projector_leader"), 1);
+	cr_assert_eq(harness_metric(&b, "daybook_projector_leader"), 0, "only one leads");
+	start_load(&l, t, 2);
+	usleep(500000);
+	harness_kill(&a);
+	killed = now();
+	end = killed + 5;
+	while (harness_metric(&b, "daybook_projector_leader") != 1) {
+		cr_assert(now() < end, "the standby did not take over within 5 s");
+		usleep(50000);
+	}
+	usleep(500000);
+	stop_load(&l, t, 2);
+	wait_caught_up(20);
+	assert_models_match_log();
+	assert_redis_matches_sql();
+	harness_stop(&b);
+}
+
+Test(projector, lost_redis_data_is_repopulated_under_load)
+{
+	struct service proj;
+	struct load l = { .accounts = 10 };
+	pthread_t t[2];
+	redisContext *c;
+
+	open_accounts(10);
+	harness_start_projector(&proj, db, redis_url);
+	wait_caught_up(20);
+	start_load(&l, t, 2);
+	usleep(300000);
+	c = harness_redis(redis_url);
+	freeReplyObject(redisCommand(c, "FLUSHALL"));
+	redisFree(c);
+	usleep(700000);
+	stop_load(&l, t, 2);
+	wait_caught_up(20);
+	assert_models_match_log();
+	assert_redis_matches_sql();
+	harness_stop(&proj);
+}
+
+Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
+{
+	struct service proj;
+	char cp[64], head[64];
+
+	open_accounts(4);
+	harness_start_projector(&proj, db, redis_url);
+	wait_caught_up(20);
+	harness_kill(&redis);
+	for (int i = 0; i < 10; i++)
+		must("/accounts/p-1/deposits", "{\"amount\":3}");
+	/* SQL keeps up without Redis. */
+	for (double end = now() + 10;; usleep(20000)) {
+		sql_checkpoint(cp, sizeof(cp));
+		log_head(head, sizeof(head));
+		if (strcmp(cp, head) == 0)
+			break;
+		cr_assert(now() < end, "the SQL projection stalled while Redis was down");
+	}
+	cr_assert_eq(sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"), 12);
+	harness_start_redis(&redis, true, redis_url, sizeof(redis_url));
+	wait_caught_up(20);
+	assert_models_match_log();
+	assert_redis_matches_sql();
+	harness_stop(&proj);
+}
