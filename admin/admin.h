@@ -12,5 +12,6 @@ struct admin_ctx {
 
 /* Each returns the process exit status: 0 done, 1 failed, 2 usage. */
 int admin_migrate(struct admin_ctx *ctx, int argc, char **argv);
+int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv);
 
 #endif

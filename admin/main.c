@@ -1,4 +1,4 @@
-/* daybook-admin: migrate the schema (and, later, rebuild, verify, status). */
+/* daybook-admin: migrate the schema, rebuild, verify and inspect the read models. */
 #include <stdio.h>
 #include <string.h>
 
@@ -10,10 +10,16 @@ static const char usage[] =
 	"Commands:\n"
 	"  migrate [--dir DIR]   apply the SQL migrations in DIR (default: the project's sql/,\n"
 	"                        or DAYBOOK_MIGRATIONS) in order, each once, with checksums\n"
+	"  rebuild [redis|sql|all]\n"
+	"                        rebuild read models from the event log into shadow tables /\n"
+	"                        a new Redis generation while services run, then switch\n"
+	"                        atomically (default all); Ctrl-C leaves the live models as\n"
+	"                        they were\n"
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG            libpq connection string or URI of a role that may run DDL\n"
 	"                        (required)\n"
+	"  DAYBOOK_REDIS         redis://host:port[/db] or unix:///path (rebuild redis|all)\n"
 	"  DAYBOOK_LOG_LEVEL     debug|info|warn|error (default info)\n";
 
 static const struct {
@@ -21,6 +27,7 @@ static const struct {
 	int (*run)(struct admin_ctx *ctx, int argc, char **argv);
 } commands[] = {
 	{ "migrate", admin_migrate },
+	{ "rebuild", admin_rebuild },
 };
 
 int main(int argc, char **argv)

@@ -30,7 +30,10 @@ static const char usage[] =
 static const struct pg_statement statements[] = {
 	{ "try_lead", "SELECT pg_try_advisory_lock(" LEADER_LOCK_KEY ")" },
 	{ "load_checkpoint",
-	  "SELECT txid::text, position FROM projection_checkpoints WHERE projection = 'sql'" },
+	  "SELECT txid::text, position, generation FROM projection_checkpoints "
+	  "WHERE projection = 'sql'" },
+	/* A rebuild's switch takes this lock exclusively: writes wait while it swaps. */
+	{ "switch_guard", "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK ")" },
 	{ "read_events",
 	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
 	  "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
@@ -61,7 +64,7 @@ static const struct pg_statement statements[] = {
 	{ "move_checkpoint",
 	  "WITH moved AS (UPDATE projection_checkpoints SET txid = $3::xid8, position = $4, "
 	  "updated_at = now() WHERE projection = 'sql' AND txid = $1::xid8 AND position = $2 "
-	  "RETURNING 1) SELECT 1 / count(*)::int FROM moved" },
+	  "AND generation = $5 RETURNING 1) SELECT 1 / count(*)::int FROM moved" },
 	{ "upsert_accounts",
 	  "INSERT INTO rm_accounts (account_id, name, currency, balance, overdraft_limit, status, "
 	  "version, entries, opened_at, updated_at) SELECT * FROM unnest($1::text[], $2::text[], "
@@ -189,6 +192,7 @@ static void write_done(void *arg, PGresult *const *results, size_t n, const char
 		return;
 	}
 	projector_rows_committed(ctx);
+	snprintf(ctx->batch_from, sizeof(ctx->batch_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", last->txid);
 	ctx->cp_pos = last->position;
 	metric_set(ctx->m_position, (double)ctx->cp_pos);
@@ -429,6 +433,7 @@ static void checkpoint_done(void *arg, PGresult *const *results, size_t n, const
 	}
 	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", PQgetvalue(results[0], 0, 0));
 	ctx->cp_pos = strtoll(PQgetvalue(results[0], 0, 1), NULL, 10);
+	snprintf(ctx->cp_gen, sizeof(ctx->cp_gen), "%s", PQgetvalue(results[0], 0, 2));
 	metric_set(ctx->m_position, (double)ctx->cp_pos);
 	log_info(&ctx->log, "resuming from checkpoint %s.%lld", ctx->cp_txid, ctx->cp_pos);
 	read_batch(ctx);

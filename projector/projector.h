@@ -83,6 +83,8 @@ struct projector_ctx {
 	long long gen;       /* the Redis generation this projector writes */
 	size_t rpending;     /* Redis replies still to come for the current step */
 	bool rfailed;        /* a reply of the current step failed */
+	long long gen_moved; /* a rebuild made this generation live under the batch */
+	bool gen_lost;       /* no usable live generation seen during the batch */
 	unsigned polls;      /* poll ticks, for the slower Redis check */
 	unsigned next_sync;  /* no resync before this tick (after a failed one) */
 	struct sync_state *sync;
@@ -94,6 +96,8 @@ struct projector_ctx {
 	/* Checkpoint of the SQL read models: (txid, position) of the last applied event. */
 	char cp_txid[24];
 	long long cp_pos;
+	char cp_gen[24]; /* the tables' generation: a rebuild's swap bumps it */
+	char batch_from[48]; /* the checkpoint token before the batch in progress */
 	double lag_seconds;
 	/* Caches of the SQL read models, valid while leading (cleared on any doubt). */
 	struct strmap *accounts; /* id -> struct rm_account */

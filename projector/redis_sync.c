@@ -80,8 +80,16 @@ static void step_reply(void *arg, const redisReply *reply)
 		sync_next(ctx);
 		return;
 	}
-	if (ctx->rfailed)
+	if (ctx->rfailed || ctx->gen_lost) {
 		ctx->rsync = RS_UNSYNCED; /* a later resync repairs what this batch missed */
+	} else if (ctx->gen_moved) {
+		/* A rebuild switched generations under us; its generation reached at least
+		 * where this batch started, and every write is guarded: send it again. */
+		log_info(&ctx->log, "following redis generation %lld", ctx->gen_moved);
+		ctx->gen = ctx->gen_moved;
+		if (projector_redis_batch(ctx))
+			return;
+	}
 	projector_step_done(ctx);
 }
 
@@ -274,6 +282,26 @@ done:
 	free(vtext);
 }
 
+/* The batch's first reply: is our generation still the live one? */
+static void batch_live_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+	struct readmodel_position live, from;
+
+	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
+	    strtoll(reply->element[0]->str, NULL, 10) != ctx->gen) {
+		if (readmodel_position_parse(reply->element[1]->str, &live) &&
+		    readmodel_position_parse(ctx->batch_from, &from) &&
+		    readmodel_position_cmp(&live, &from) >= 0)
+			ctx->gen_moved = strtoll(reply->element[0]->str, NULL, 10);
+		else
+			ctx->gen_lost = true;
+	} else if (reply && reply->type == REDIS_REPLY_NIL) {
+		ctx->gen_lost = true; /* Redis lost its data */
+	}
+	step_reply(arg, reply);
+}
+
 bool projector_redis_batch(struct projector_ctx *ctx)
 {
 	struct rm_account *const *accounts;
@@ -289,8 +317,13 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 		return false;
 	}
 	ctx->rpending = 1; /* held until everything is sent */
-	ctx->rfailed = false;
+	ctx->rfailed = ctx->gen_lost = false;
+	ctx->gen_moved = 0;
 	cp_token(ctx, token);
+	if (redis_eval(ctx->redis, LIVE_STATUS, 0, 0, NULL, NULL, batch_live_reply, ctx))
+		ctx->rpending++;
+	else
+		ctx->rfailed = true;
 	for (size_t i = 0; i < na; i++) {
 		char *json = projector_account_json(accounts[i]);
 		if (!json) {
@@ -587,12 +620,19 @@ static void status_reply(void *arg, const redisReply *reply)
 	struct projector_ctx *ctx = arg;
 	char token[48];
 
+	struct readmodel_position ours, live;
+
 	cp_token(ctx, token);
+	/* A generation at or beyond our checkpoint is safe to adopt: replaying batches it
+	 * already has is a no-op, every write being guarded. */
 	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
-	    strcmp(reply->element[1]->str, token) == 0) {
+	    readmodel_position_parse(token, &ours) &&
+	    readmodel_position_parse(reply->element[1]->str, &live) &&
+	    readmodel_position_cmp(&live, &ours) >= 0) {
 		ctx->gen = strtoll(reply->element[0]->str, NULL, 10);
 		ctx->rsync = RS_LIVE;
-		log_info(&ctx->log, "redis generation %lld is current at %s", ctx->gen, token);
+		log_info(&ctx->log, "redis generation %lld is current (at %s)", ctx->gen,
+			 reply->element[1]->str);
 	} else {
 		ctx->rsync = reply ? RS_UNSYNCED : RS_UNKNOWN;
 	}

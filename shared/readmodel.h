@@ -29,6 +29,10 @@ struct readmodel_transfer {
 	int64_t amount;
 };
 
+/* Advisory lock key: projector writes hold it shared, a rebuild's switch holds it
+ * exclusively, so no batch commits while read models are swapped. */
+#define READMODEL_SWITCH_LOCK "1685551459"
+
 /* Each returns a new compact JSON text (caller frees with free()), or NULL when out
  * of memory. Keys come in the documented order. */
 char *readmodel_account_json(const struct readmodel_account *a);

@@ -1,0 +1,753 @@
+/* daybook-admin rebuild [redis|sql|all]: fold the whole log into shadow read models
+ * (SQL shadow tables, a new Redis generation) while the services keep running, catch
+ * up, then switch atomically under the projection switch lock. */
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "admin.h"
+#include "ledger.h"
+#include "ledger_json.h"
+#include "readmodel.h"
+#include "strmap.h"
+
+#define CHUNK 20000        /* events per read and per committed chunk */
+#define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
+#define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
+
+/* The one piece of process-wide state: set by the signal handler, read by the loop. */
+static volatile sig_atomic_t interrupted;
+
+struct acct {
+	struct ledger_account acc;
+	char name[LEDGER_NAME_MAX + 1];
+	int32_t entries;
+	char opened_at[32], updated_at[32];
+	bool trim; /* statement items were added in this chunk */
+};
+
+struct total {
+	char currency[4];
+	long long accounts, open;
+	__int128 sum;
+};
+
+struct buf {
+	char *p;
+	size_t len, cap;
+};
+
+struct rebuild {
+	struct admin_ctx *ctx;
+	PGconn *pg;
+	redisContext *redis;
+	bool sql, want_redis;
+	long long gen;
+	char txid[24];
+	long long position;
+	struct strmap *accounts, *totals;
+	struct buf entries, transfers; /* COPY text of the chunk */
+	size_t redis_queued;
+	long long done, total;
+	double started, last_report;
+	bool tty;
+	const char *phase;
+};
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	interrupted = 1;
+}
+
+/* --- COPY text ---------------------------------------------------------------------- */
+
+static bool reserve(struct buf *b, size_t more)
+{
+	if (b->len + more <= b->cap)
+		return true;
+	size_t cap = b->cap ? b->cap : 1 << 16;
+	while (cap < b->len + more)
+		cap *= 2;
+	char *p = realloc(b->p, cap);
+	if (!p)
+		return false;
+	b->p = p;
+	b->cap = cap;
+	return true;
+}
+
+/* One field of a COPY text row: escaped, NULL as \N, then a tab or the newline. */
+static bool field(struct buf *b, const char *v, bool last)
+{
+	size_t n = v ? strlen(v) : 0;
+
+	if (!reserve(b, 2 * n + 4))
+		return false;
+	if (!v) {
+		memcpy(b->p + b->len, "\\N", 2);
+		b->len += 2;
+	}
+	for (size_t i = 0; i < n; i++) {
+		char c = v[i];
+		if (c == '\\' || c == '\t' || c == '\n' || c == '\r') {
+			b->p[b->len++] = '\\';
+			c = c == '\t' ? 't' : c == '\n' ? 'n' : c == '\r' ? 'r' : '\\';
+		}
+		b->p[b->len++] = c;
+	}
+	b->p[b->len++] = last ? '\n' : '\t';
+	return true;
+}
+
+static bool field_int(struct buf *b, long long v, bool last)
+{
+	char s[24];
+	snprintf(s, sizeof(s), "%lld", v);
+	return field(b, s, last);
+}
+
+static bool copy_in(struct rebuild *rb, const char *table, struct buf *b)
+{
+	char sql[128];
+	PGresult *r;
+	bool ok;
+
+	if (b->len == 0)
+		return true;
+	snprintf(sql, sizeof(sql), "COPY %s FROM STDIN", table);
+	r = PQexec(rb->pg, sql);
+	ok = PQresultStatus(r) == PGRES_COPY_IN;
+	PQclear(r);
+	ok = ok && PQputCopyData(rb->pg, b->p, (int)b->len) == 1 && PQputCopyEnd(rb->pg, NULL) == 1;
+	r = PQgetResult(rb->pg);
+	ok = ok && PQresultStatus(r) == PGRES_COMMAND_OK;
+	if (!ok)
+		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(rb->pg));
+	PQclear(r);
+	while ((r = PQgetResult(rb->pg)))
+		PQclear(r);
+	b->len = 0;
+	return ok;
+}
+
+/* --- Redis pipeline ------------------------------------------------------------------- */
+
+static bool redis_drain(struct rebuild *rb)
+{
+	bool ok = true;
+
+	for (; rb->redis_queued > 0; rb->redis_queued--) {
+		redisReply *reply = NULL;
+		if (redisGetReply(rb->redis, (void **)&reply) != REDIS_OK) {
+			fprintf(stderr, "daybook-admin: redis: %s\n", rb->redis->errstr);
+			return false;
+		}
+		if (reply->type == REDIS_REPLY_ERROR) {
+			fprintf(stderr, "daybook-admin: redis: %s\n", reply->str);
+			ok = false;
+		}
+		freeReplyObject(reply);
+	}
+	return ok;
+}
+
+static bool redis_send(struct rebuild *rb, int argc, const char **argv)
+{
+	if (redisAppendCommandArgv(rb->redis, argc, argv, NULL) != REDIS_OK)
+		return false;
+	return ++rb->redis_queued < REDIS_FLUSH || redis_drain(rb);
+}
+
+static void rkey(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
+{
+	snprintf(out, len, "dbk:g:%lld:%s%s%s", rb->gen, kind, id ? ":" : "", id ? id : "");
+}
+
+/* --- progress --------------------------------------------------------------------------- */
+
+static void report(struct rebuild *rb, bool final)
+{
+	double t = now(), rate = rb->done / (t - rb->started + 1e-9);
+	double eta = rate > 0 && rb->total > rb->done ? (double)(rb->total - rb->done) / rate : 0;
+
+	if (!final && t - rb->last_report < (rb->tty ? 0.1 : 1.0))
+		return;
+	rb->last_report = t;
+	if (rb->tty) {
+		int width = 30, fill = rb->total ? (int)(width * (double)rb->done / (double)rb->total) : width;
+		fprintf(stderr, "\r%-9s [%.*s%*s] %lld/%lld events  %.0f ev/s  ETA %.0fs ", rb->phase,
+			fill > width ? width : fill, "##############################",
+			width - (fill > width ? width : fill), "", rb->done, rb->total, rate, eta);
+		if (final)
+			fputc('\n', stderr);
+	} else {
+		printf("{\"phase\":\"%s\",\"done\":%lld,\"total\":%lld,\"events_per_s\":%.0f,"
+		       "\"eta_s\":%.1f}\n",
+		       rb->phase, rb->done, rb->total, rate, eta);
+		fflush(stdout);
+	}
+}
+
+/* --- folding -------------------------------------------------------------------------- */
+
+static const char *entry_type(enum ledger_event_type type)
+{
+	switch (type) {
+	case LEDGER_FUNDS_DEPOSITED: return "deposit";
+	case LEDGER_FUNDS_WITHDRAWN: return "withdrawal";
+	case LEDGER_TRANSFER_RECEIVED: return "transfer_in";
+	case LEDGER_TRANSFER_SENT: return "transfer_out";
+	default: return NULL;
+	}
+}
+
+static struct total *total_of(struct rebuild *rb, const char *currency)
+{
+	struct total *t = strmap_get(rb->totals, currency);
+
+	if (!t && (t = calloc(1, sizeof(*t)))) {
+		snprintf(t->currency, sizeof(t->currency), "%s", currency);
+		if (!strmap_put(rb->totals, currency, t)) {
+			free(t);
+			t = NULL;
+		}
+	}
+	return t;
+}
+
+static void count_total(struct total *t, const struct ledger_event *ev)
+{
+	switch (ev->type) {
+	case LEDGER_ACCOUNT_OPENED: t->accounts++, t->open++; break;
+	case LEDGER_ACCOUNT_CLOSED_EVENT: t->open--; break;
+	case LEDGER_FUNDS_DEPOSITED:
+	case LEDGER_TRANSFER_RECEIVED: t->sum += ev->amount; break;
+	case LEDGER_FUNDS_WITHDRAWN:
+	case LEDGER_TRANSFER_SENT: t->sum -= ev->amount; break;
+	}
+}
+
+/* The statement item: a COPY row for SQL, a ZADD for Redis. */
+static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
+		       int32_t version, const char *at)
+{
+	struct buf *b = &rb->entries;
+	bool ok = true;
+
+	if (rb->sql)
+		ok = field(b, a->acc.id, false) && field_int(b, version, false) &&
+		     field(b, entry_type(ev->type), false) && field_int(b, ev->amount, false) &&
+		     field_int(b, a->acc.balance, false) && field(b, ev->transfer_id, false) &&
+		     field(b, ev->counterparty, false) && field(b, ev->reference, false) &&
+		     field(b, at, true);
+	if (ok && rb->redis) {
+		struct readmodel_entry e = {
+			.version = version, .type = entry_type(ev->type), .amount = ev->amount,
+			.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
+			.counterparty = ev->counterparty, .reference = ev->reference, .at = at,
+		};
+		char k[LEDGER_ID_MAX + 48], score[16], *json = readmodel_entry_json(&e);
+		const char *argv[4] = { "ZADD", k, score, json };
+		rkey(rb, k, sizeof(k), "entries", a->acc.id);
+		snprintf(score, sizeof(score), "%d", version);
+		ok = json && redis_send(rb, 4, argv);
+		free(json);
+		a->trim = true;
+	}
+	return ok;
+}
+
+static bool emit_transfer(struct rebuild *rb, const struct acct *from, const struct ledger_event *ev,
+			  const char *at)
+{
+	struct buf *b = &rb->transfers;
+	bool ok = true;
+
+	if (rb->sql)
+		ok = field(b, ev->transfer_id, false) && field(b, from->acc.id, false) &&
+		     field(b, ev->counterparty, false) && field_int(b, ev->amount, false) &&
+		     field(b, from->acc.currency, false) && field(b, ev->reference, false) &&
+		     field(b, at, true);
+	if (ok && rb->redis) {
+		struct readmodel_transfer t = {
+			.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
+			.currency = from->acc.currency, .reference = ev->reference, .at = at,
+			.amount = ev->amount,
+		};
+		char k[LEDGER_ID_MAX + 48], *json = readmodel_transfer_json(&t);
+		const char *argv[3] = { "SET", k, json };
+		rkey(rb, k, sizeof(k), "xfer", ev->transfer_id);
+		ok = json && redis_send(rb, 3, argv);
+		free(json);
+	}
+	return ok;
+}
+
+/* Fold one row of the read query: position, txid, account, version, type, data, at. */
+static bool fold_row(struct rebuild *rb, PGresult *r, int row)
+{
+	const char *id = PQgetvalue(r, row, 2), *at = PQgetvalue(r, row, 6);
+	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 4));
+	json_t *data = json_loads(PQgetvalue(r, row, 5), 0, NULL);
+	struct acct *a = strmap_get(rb->accounts, id);
+	struct ledger_event ev;
+	struct total *t;
+	bool ok = data && type && ledger_event_from_json(type, data, &ev);
+
+	if (ok && !a && type == LEDGER_ACCOUNT_OPENED && (a = calloc(1, sizeof(*a))) &&
+	    !strmap_put(rb->accounts, id, a)) {
+		free(a);
+		a = NULL;
+	}
+	if (ok && type == LEDGER_ACCOUNT_OPENED)
+		ev.account_id = id;
+	ok = ok && a && atoi(PQgetvalue(r, row, 3)) == a->acc.version + 1 && ledger_evolve(&a->acc, &ev);
+	if (ok && type == LEDGER_ACCOUNT_OPENED) {
+		snprintf(a->name, sizeof(a->name), "%s", ev.name);
+		snprintf(a->opened_at, sizeof(a->opened_at), "%s", at);
+	}
+	if (ok) {
+		snprintf(a->updated_at, sizeof(a->updated_at), "%s", at);
+		ok = (t = total_of(rb, a->acc.currency)) != NULL;
+		if (ok)
+			count_total(t, &ev);
+	}
+	if (ok && entry_type(type)) {
+		a->entries++;
+		ok = emit_entry(rb, a, &ev, a->acc.version, at);
+	}
+	if (ok && type == LEDGER_TRANSFER_SENT)
+		ok = emit_transfer(rb, a, &ev, at);
+	if (!ok)
+		fprintf(stderr, "daybook-admin: cannot fold event %s (account-%s v%s)\n",
+			PQgetvalue(r, row, 0), id, PQgetvalue(r, row, 3));
+	json_decref(data);
+	return ok;
+}
+
+struct trim_walk {
+	struct rebuild *rb;
+	bool ok;
+};
+
+static void trim_one(void *arg, const char *id, void *value)
+{
+	struct trim_walk *w = arg;
+	struct acct *a = value;
+	char k[LEDGER_ID_MAX + 48], stop[16];
+	const char *argv[4] = { "ZREMRANGEBYRANK", k, "0", stop };
+
+	if (!a->trim || !w->ok)
+		return;
+	a->trim = false;
+	rkey(w->rb, k, sizeof(k), "entries", id);
+	snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
+	w->ok = redis_send(w->rb, 4, argv);
+}
+
+/* Write what a chunk produced: COPY the rows, trim statements, drain Redis. */
+static bool flush_chunk(struct rebuild *rb)
+{
+	struct trim_walk w = { rb, true };
+
+	if (rb->sql && (!copy_in(rb, "rm_entries_shadow", &rb->entries) ||
+			!copy_in(rb, "rm_transfers_shadow", &rb->transfers)))
+		return false;
+	if (rb->redis) {
+		strmap_foreach(rb->accounts, trim_one, &w);
+		return w.ok && redis_drain(rb);
+	}
+	return true;
+}
+
+/* Read and fold the next chunk of the log below the snapshot xmin; *n gets its size. */
+static bool fold_chunk(struct rebuild *rb, int *n)
+{
+	char pos[24], limit[16];
+	const char *params[3] = { rb->txid, pos, limit };
+	PGresult *r;
+	bool ok = true;
+
+	snprintf(pos, sizeof(pos), "%lld", rb->position);
+	snprintf(limit, sizeof(limit), "%d", CHUNK);
+	r = PQexecParams(rb->pg,
+			 "SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
+			 "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+			 "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+			 "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+			 "ORDER BY txid, position LIMIT $3",
+			 3, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		fprintf(stderr, "daybook-admin: reading the log: %s", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	*n = PQntuples(r);
+	for (int row = 0; ok && row < *n; row++)
+		ok = fold_row(rb, r, row);
+	if (ok && *n > 0) {
+		rb->position = atoll(PQgetvalue(r, *n - 1, 0));
+		snprintf(rb->txid, sizeof(rb->txid), "%s", PQgetvalue(r, *n - 1, 1));
+		rb->done += *n;
+	}
+	PQclear(r);
+	return ok && flush_chunk(rb);
+}
+
+/* --- the end state: accounts and totals --------------------------------------------- */
+
+struct account_walk {
+	struct rebuild *rb;
+	struct buf *rows;
+	bool ok;
+};
+
+static void put_account(void *arg, const char *id, void *value)
+{
+	struct account_walk *w = arg;
+	const struct acct *a = value;
+	struct buf *b = w->rows;
+	const char *status = a->acc.closed ? "closed" : "open";
+
+	if (!w->ok)
+		return;
+	if (w->rb->sql)
+		w->ok = field(b, id, false) && field(b, a->name, false) &&
+			field(b, a->acc.currency, false) && field_int(b, a->acc.balance, false) &&
+			field_int(b, a->acc.overdraft_limit, false) && field(b, status, false) &&
+			field_int(b, a->acc.version, false) && field_int(b, a->entries, false) &&
+			field(b, a->opened_at, false) && field(b, a->updated_at, true);
+	if (w->ok && w->rb->redis) {
+		struct readmodel_account body = {
+			.account_id = id, .name = a->name, .currency = a->acc.currency, .status = status,
+			.balance = a->acc.balance, .overdraft_limit = a->acc.overdraft_limit,
+			.version = a->acc.version, .opened_at = a->opened_at, .updated_at = a->updated_at,
+		};
+		char k[LEDGER_ID_MAX + 48], v[16], n[16], *json = readmodel_account_json(&body);
+		const char *argv[8] = { "HSET", k, "v", v, "n", n, "j", json };
+		rkey(w->rb, k, sizeof(k), "acct", id);
+		snprintf(v, sizeof(v), "%d", a->acc.version);
+		snprintf(n, sizeof(n), "%d", a->entries);
+		w->ok = json && redis_send(w->rb, 8, argv);
+		free(json);
+	}
+}
+
+static void int128_text(__int128 v, char out[48])
+{
+	char tmp[48];
+	size_t n = 0, i = 0;
+	unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
+
+	do {
+		tmp[n++] = (char)('0' + (int)(u % 10));
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		out[i++] = '-';
+	while (n)
+		out[i++] = tmp[--n];
+	out[i] = '\0';
+}
+
+struct totals_walk {
+	struct rebuild *rb;
+	struct buf *rows;
+	struct total **sorted;
+	size_t n;
+	bool ok;
+};
+
+static void put_total(void *arg, const char *currency, void *value)
+{
+	struct totals_walk *w = arg;
+	struct total *t = value;
+	char sum[48];
+
+	int128_text(t->sum, sum);
+	if (w->rb->sql && w->ok)
+		w->ok = field(w->rows, currency, false) && field_int(w->rows, t->accounts, false) &&
+			field_int(w->rows, t->open, false) && field(w->rows, sum, true);
+	w->sorted[w->n++] = t;
+}
+
+static int by_currency(const void *a, const void *b)
+{
+	return strcmp((*(struct total *const *)a)->currency, (*(struct total *const *)b)->currency);
+}
+
+/* The totals body (sorted by currency) into Redis, with the checkpoint token. */
+static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const char *token)
+{
+	struct buf b = { 0 };
+	char k[64], sum[48];
+	bool ok = reserve(&b, 32 + n * 160);
+
+	qsort(t, n, sizeof(*t), by_currency);
+	if (ok)
+		b.len = (size_t)sprintf(b.p, "{\"currencies\":[");
+	for (size_t i = 0; ok && i < n; i++) {
+		int128_text(t[i]->sum, sum);
+		b.len += (size_t)sprintf(b.p + b.len,
+					 "%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
+					 "\"balance_sum\":%s}",
+					 i ? "," : "", t[i]->currency, t[i]->accounts, t[i]->open, sum);
+	}
+	if (ok) {
+		const char *argv[6] = { "HSET", k, "p", token, "j", b.p };
+		sprintf(b.p + b.len, "]}");
+		rkey(rb, k, sizeof(k), "totals", NULL);
+		ok = redis_send(rb, 6, argv);
+	}
+	free(b.p);
+	return ok;
+}
+
+static bool write_end_state(struct rebuild *rb, const char *token)
+{
+	struct buf rows = { 0 };
+	struct account_walk aw = { rb, &rows, true };
+	struct totals_walk tw = { rb, &rows, calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0, true };
+	bool ok;
+
+	strmap_foreach(rb->accounts, put_account, &aw);
+	ok = aw.ok && (!rb->sql || copy_in(rb, "rm_accounts_shadow", &rows));
+	if (ok && tw.sorted) {
+		strmap_foreach(rb->totals, put_total, &tw);
+		ok = tw.ok && (!rb->sql || copy_in(rb, "rm_totals_shadow", &rows));
+	}
+	ok = ok && tw.sorted && (!rb->redis || redis_totals(rb, tw.sorted, tw.n, token));
+	free(tw.sorted);
+	free(rows.p);
+	return ok && (!rb->redis || redis_drain(rb));
+}
+
+/* --- phases ------------------------------------------------------------------------------- */
+
+static bool exec_ok(PGconn *pg, const char *sql)
+{
+	PGresult *r = PQexec(pg, sql);
+	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
+
+	if (!ok)
+		fprintf(stderr, "daybook-admin: %s: %s", sql, PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
+/* Fold until the log is (nearly) exhausted; false on error or interruption. */
+static bool load(struct rebuild *rb)
+{
+	int n = CHUNK;
+
+	while (n == CHUNK) {
+		if (interrupted)
+			return false;
+		if (!fold_chunk(rb, &n))
+			return false;
+		report(rb, false);
+	}
+	return true;
+}
+
+/* Under the switch lock no projector commits: fold the rest, write the end state and
+ * swap, all in one transaction. */
+static bool switch_over(struct rebuild *rb)
+{
+	char token[48], gen[24];
+	const char *live[3] = { "SET", "dbk:live", gen };
+	int n = 1;
+	bool ok = exec_ok(rb->pg, "BEGIN") &&
+		  exec_ok(rb->pg, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")");
+
+	rb->phase = "switch";
+	while (ok && n > 0)
+		ok = fold_chunk(rb, &n);
+	snprintf(token, sizeof(token), "%s.%lld", rb->txid, rb->position);
+	ok = ok && write_end_state(rb, token);
+	if (ok && rb->sql) {
+		char pos[24];
+		const char *params[2] = { rb->txid, pos };
+		snprintf(pos, sizeof(pos), "%lld", rb->position);
+		PGresult *r = PQexecParams(rb->pg, "SELECT rm_shadow_swap($1::xid8, $2::bigint)", 2,
+					   NULL, params, NULL, NULL, 0);
+		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+		if (!ok)
+			fprintf(stderr, "daybook-admin: swapping the tables: %s", PQresultErrorMessage(r));
+		PQclear(r);
+	}
+	if (ok && rb->redis) {
+		char k[64], msg[96];
+		const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
+		rkey(rb, k, sizeof(k), "checkpoint", NULL);
+		snprintf(gen, sizeof(gen), "%lld", rb->gen);
+		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
+		ok = redis_send(rb, 3, cp) && redis_send(rb, 3, live) && redis_send(rb, 3, pub) &&
+		     redis_drain(rb);
+	}
+	if (!ok) {
+		exec_ok(rb->pg, "ROLLBACK");
+		return false;
+	}
+	return exec_ok(rb->pg, "COMMIT");
+}
+
+/* Delete every key of the generations other than `keep` (0: delete generation `drop`). */
+static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
+{
+	char cursor[32] = "0", match[48], prefix[48];
+
+	snprintf(match, sizeof(match), keep ? "dbk:g:*" : "dbk:g:%lld:*", drop);
+	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", keep);
+	do {
+		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 1000", cursor, match);
+		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+			freeReplyObject(r);
+			return;
+		}
+		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		for (size_t i = 0; i < r->element[1]->elements; i++) {
+			const char *k = r->element[1]->element[i]->str;
+			const char *argv[2] = { "UNLINK", k };
+			if (!keep || strncmp(k, prefix, strlen(prefix)) != 0)
+				(void)!redis_send(rb, 2, argv);
+		}
+		freeReplyObject(r);
+		(void)!redis_drain(rb);
+	} while (strcmp(cursor, "0") != 0);
+}
+
+/* --- the command ---------------------------------------------------------------------- */
+
+static bool connect_redis(struct rebuild *rb)
+{
+	const struct config_redis *c = &rb->ctx->cfg.redis;
+	redisReply *r;
+
+	if (!rb->ctx->cfg.redis_url) {
+		fprintf(stderr, "daybook-admin: DAYBOOK_REDIS is not set: rebuilding redis needs it\n");
+		return false;
+	}
+	rb->redis = c->path[0] ? redisConnectUnix(c->path) : redisConnect(c->host, c->port);
+	if (!rb->redis || rb->redis->err) {
+		fprintf(stderr, "daybook-admin: cannot connect to redis: %s\n",
+			rb->redis ? rb->redis->errstr : "out of memory");
+		return false;
+	}
+	if (c->db) {
+		r = redisCommand(rb->redis, "SELECT %d", c->db);
+		freeReplyObject(r);
+	}
+	r = redisCommand(rb->redis, "INCR dbk:generation");
+	if (!r || r->type != REDIS_REPLY_INTEGER) {
+		fprintf(stderr, "daybook-admin: redis INCR dbk:generation failed\n");
+		freeReplyObject(r);
+		return false;
+	}
+	rb->gen = r->integer;
+	freeReplyObject(r);
+	return true;
+}
+
+static bool prepare(struct rebuild *rb)
+{
+	PGresult *r;
+
+	rb->pg = PQconnectdb(rb->ctx->cfg.pg);
+	if (PQstatus(rb->pg) != CONNECTION_OK) {
+		fprintf(stderr, "daybook-admin: cannot connect to PostgreSQL: %s", PQerrorMessage(rb->pg));
+		return false;
+	}
+	if (strmap_open(&rb->accounts, free) || strmap_open(&rb->totals, free))
+		return false;
+	if (!exec_ok(rb->pg, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
+	    (rb->sql && !exec_ok(rb->pg, "SELECT rm_shadow_reset()")))
+		return false;
+	if (rb->want_redis && !connect_redis(rb))
+		return false;
+	r = PQexec(rb->pg, "SELECT count(*) FROM events");
+	rb->total = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : 0;
+	PQclear(r);
+	snprintf(rb->txid, sizeof(rb->txid), "0");
+	return true;
+}
+
+static void abandon(struct rebuild *rb)
+{
+	if (rb->sql && rb->pg && PQstatus(rb->pg) == CONNECTION_OK)
+		exec_ok(rb->pg, "SELECT rm_shadow_drop()");
+	if (rb->redis && rb->gen)
+		redis_cleanup(rb, 0, rb->gen);
+	fprintf(stderr, "daybook-admin: rebuild %s; the live read models are untouched\n",
+		interrupted ? "interrupted" : "failed");
+}
+
+static void finish(struct rebuild *rb)
+{
+	free(rb->entries.p);
+	free(rb->transfers.p);
+	strmap_close(&rb->accounts);
+	strmap_close(&rb->totals);
+	if (rb->redis)
+		redisFree(rb->redis);
+	PQfinish(rb->pg);
+}
+
+static int parse_target(int argc, char **argv, struct rebuild *rb)
+{
+	const char *t = argc > 1 ? argv[1] : "all";
+
+	if (argc > 2 || (strcmp(t, "all") && strcmp(t, "sql") && strcmp(t, "redis"))) {
+		fprintf(stderr, "usage: daybook-admin rebuild [redis|sql|all]\n");
+		return 2;
+	}
+	rb->sql = strcmp(t, "redis") != 0;
+	rb->want_redis = strcmp(t, "sql") != 0;
+	return 0;
+}
+
+int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
+{
+	struct rebuild rb = { .ctx = ctx, .phase = "load" };
+	struct sigaction sa = { .sa_handler = on_signal };
+	bool ok;
+	double secs;
+
+	if (parse_target(argc, argv, &rb))
+		return 2;
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	rb.tty = isatty(STDERR_FILENO);
+	rb.started = now();
+	ok = prepare(&rb) && load(&rb) && (!rb.sql || exec_ok(rb.pg, "SELECT rm_shadow_index()")) &&
+	     !interrupted && switch_over(&rb);
+	report(&rb, true);
+	if (!ok) {
+		abandon(&rb);
+		finish(&rb);
+		return interrupted ? 130 : 1;
+	}
+	if (rb.redis)
+		redis_cleanup(&rb, rb.gen, 0);
+	secs = now() - rb.started;
+	printf("rebuilt %s from %lld events in %.2f s (%.0f events/s); checkpoint %s.%lld\n",
+	       rb.sql && rb.redis ? "sql and redis" : rb.sql ? "sql" : "redis", rb.done, secs,
+	       rb.done / (secs + 1e-9), rb.txid, rb.position);
+	finish(&rb);
+	return 0;
+}
