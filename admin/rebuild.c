@@ -390,7 +390,7 @@ static bool fold_chunk(struct rebuild *rb, int *n)
 			 "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
 			 "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
 			 "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-			 "ORDER BY txid, position LIMIT $3",
+			 "ORDER BY events.txid, events.position LIMIT $3",
 			 3, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 		fprintf(stderr, "daybook-admin: reading the log: %s", PQresultErrorMessage(r));

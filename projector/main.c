@@ -39,7 +39,7 @@ static const struct pg_statement statements[] = {
 	  "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
 	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
 	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-	  "ORDER BY txid, position LIMIT $3" },
+	  "ORDER BY events.txid, events.position LIMIT $3" },
 	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
 	{ "load_accounts",
 	  "SELECT account_id, name, currency, balance, overdraft_limit, status, version, entries, "
