@@ -675,7 +675,8 @@ static bool prepare(struct rebuild *rb)
 	}
 	if (strmap_open(&rb->accounts, free) || strmap_open(&rb->totals, free))
 		return false;
-	if (!exec_ok(rb->pg, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
+	if (!exec_ok(rb->pg, "SET client_min_messages = warning") ||
+	    !exec_ok(rb->pg, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
 	    (rb->sql && !exec_ok(rb->pg, "SELECT rm_shadow_reset()")))
 		return false;
 	if (rb->want_redis && !connect_redis(rb))

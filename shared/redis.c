@@ -67,6 +67,12 @@ static double now(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* Which connection a log line is about. */
+static const char *label(const struct redis *r)
+{
+	return r->cfg.name ? r->cfg.name : r->cfg.subscribe ? "subscriber" : "client";
+}
+
 static void arm(struct event *ev, double secs)
 {
 	struct timeval tv = { (time_t)secs, (suseconds_t)((secs - (double)(time_t)secs) * 1e6) };
@@ -85,7 +91,7 @@ static void lose(struct redis *r, const char *why, bool free_ac)
 		return;
 	snprintf(r->error, sizeof(r->error), "%s", why && *why ? why : "connection lost");
 	if (was_ready || r->backoff >= BACKOFF_MAX)
-		log_warn(r->cfg.log, "redis connection lost: %s", r->error);
+		log_warn(r->cfg.log, "redis (%s): connection lost: %s", label(r), r->error);
 	r->ac = NULL;
 	r->state = REDIS_DOWN;
 	evtimer_del(r->deadline);
@@ -191,7 +197,8 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 		lose(r, ac_error(ac), false);
 	if (rep && rep->type == REDIS_REPLY_ERROR && p->cmd && !p->retried && ac == r->ac &&
 	    strncmp(rep->str, "NOSCRIPT", 8) == 0) {
-		log_info(r->cfg.log, "redis lost its script cache; running the script with EVAL");
+		log_info(r->cfg.log, "redis (%s): script cache lost; running the script with EVAL",
+			 label(r));
 		if (retry_as_eval(r, p))
 			return; /* the EVAL's reply comes back here */
 	}
@@ -209,7 +216,7 @@ static void setup_step_done(struct redis *r)
 	r->backoff = BACKOFF_MIN;
 	r->error[0] = '\0';
 	evtimer_del(r->timer);
-	log_info(r->cfg.log, "redis connected");
+	log_info(r->cfg.log, "redis (%s): connected", label(r));
 	if (r->cfg.on_ready)
 		r->cfg.on_ready(r->cfg.arg);
 }
@@ -224,7 +231,7 @@ static bool setup_reply_ok(struct redis *r, redisAsyncContext *ac, const redisRe
 		return false;
 	}
 	if (rep->type == REDIS_REPLY_ERROR) {
-		log_error(r->cfg.log, "redis setup failed: %s", rep->str);
+		log_error(r->cfg.log, "redis (%s): setup failed: %s", label(r), rep->str);
 		lose(r, rep->str, true);
 		return false;
 	}
@@ -346,7 +353,7 @@ static void start_connect(struct redis *r)
 	if (!ac || ac->err) {
 		snprintf(r->error, sizeof(r->error), "%s", ac ? ac->errstr : "out of memory");
 		if (r->backoff >= BACKOFF_MAX)
-			log_warn(r->cfg.log, "redis: cannot connect: %s", r->error);
+			log_warn(r->cfg.log, "redis (%s): cannot connect: %s", label(r), r->error);
 		if (ac)
 			redisAsyncFree(ac);
 		r->state = REDIS_DOWN;
@@ -356,6 +363,9 @@ static void start_connect(struct redis *r)
 	}
 	ac->data = r;
 	r->ac = ac;
+	/* Notice a vanished host on idle connections (the subscriber's above all). */
+	if (!r->server.path[0])
+		redisEnableKeepAlive(&ac->c); /* 15 s probes */
 	if (redisLibeventAttach(ac, r->cfg.base) != REDIS_OK ||
 	    redisAsyncSetConnectCallback(ac, on_connect) != REDIS_OK ||
 	    redisAsyncSetDisconnectCallback(ac, on_disconnect) != REDIS_OK || !send_setup(r)) {

@@ -35,7 +35,8 @@ struct redis_config {
 	size_t nscripts;
 	/* Subscriber mode: when set, the connection SUBSCRIBEs to this channel after
 	 * every (re)connection and delivers its messages to on_message; it then runs no
-	 * other commands (redis_command and redis_eval refuse). */
+	 * other commands (redis_command and redis_eval refuse). Having no replies to
+	 * time, it notices a lost server by TCP keepalive or a closed socket only. */
 	const char *subscribe;
 	redis_message_cb on_message;
 	/* Seconds the oldest outstanding reply may take before the connection counts as
@@ -54,7 +55,8 @@ struct redis_config {
  * connection. Note: a host name is resolved with a blocking getaddrinfo on each
  * (re)connection; use an address or a unix socket where that matters.
  * Caller closes with redis_close. */
-int redis_open(struct redis **out, const struct redis_config *cfg) __attribute__((warn_unused_result));
+int redis_open(struct redis **out, const struct redis_config *cfg)
+	__attribute__((warn_unused_result));
 /* Close the connection: every pending callback runs with a NULL reply first. Sets *r
  * to NULL. Must not be called from a reply or message callback. */
 void redis_close(struct redis **r);
@@ -78,6 +80,7 @@ bool redis_command(struct redis *r, int argc, const char *const *argv, const siz
  * command is sent once more as EVAL with the source, transparently; note that it
  * then runs after whatever was sent meanwhile. Same contract as redis_command. */
 bool redis_eval(struct redis *r, size_t script, int nkeys, int argc, const char *const *argv,
-		const size_t *argvlen, redis_reply_cb cb, void *arg) __attribute__((warn_unused_result));
+		const size_t *argvlen, redis_reply_cb cb, void *arg)
+	__attribute__((warn_unused_result));
 
 #endif

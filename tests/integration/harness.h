@@ -48,6 +48,18 @@ struct redisContext *harness_redis(const char *url);
 /* The value of metric `name` (with labels, e.g. `x{a="b"}`) from svc's /metrics; -1 if absent. */
 double harness_metric(const struct service *svc, const char *name);
 
+/* The log head and the SQL checkpoint as position tokens. */
+void harness_log_head(const char *db, char *out, size_t len);
+void harness_sql_checkpoint(const char *db, char *out, size_t len);
+/* The live Redis generation and its checkpoint; false when there is none. */
+bool harness_redis_live(struct redisContext *c, long long *gen, char *cp, size_t len);
+/* Wait until SQL and Redis read models have applied the whole log (fails on timeout). */
+void harness_wait_caught_up(const char *db, const char *redis_url, double timeout);
+/* The SQL read models equal a fold of the log computed independently in SQL. */
+void harness_assert_models_match_log(const char *db);
+/* Redis's live generation holds exactly the SQL models' accounts, byte for byte. */
+void harness_assert_redis_matches_sql(const char *db, const char *redis_url);
+
 /* SIGTERM and wait; returns the exit status (or -1 if it had to be killed). */
 int harness_stop(struct service *svc);
 /* SIGKILL and reap. */

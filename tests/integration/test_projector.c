@@ -106,142 +106,6 @@ static void stop_load(struct load *l, pthread_t *t, int threads)
 		pthread_join(t[i], NULL);
 }
 
-static const char head_sql[] =
-	"SELECT coalesce((SELECT txid::text || '.' || position FROM events "
-	"ORDER BY txid DESC, position DESC LIMIT 1), '0.0')";
-
-/* The SQL checkpoint as a token. */
-static void sql_checkpoint(char *out, size_t len)
-{
-	PGresult *r = sql(db, "SELECT txid::text || '.' || position FROM projection_checkpoints "
-			      "WHERE projection = 'sql'");
-	snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
-}
-
-static void log_head(char *out, size_t len)
-{
-	PGresult *r = sql(db, head_sql);
-	snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
-}
-
-/* The live generation and its checkpoint; false when there is none. */
-static bool redis_live(redisContext *c, long long *gen, char *cp, size_t len)
-{
-	redisReply *g = redisCommand(c, "GET dbk:live"), *p;
-	bool ok = g && g->type == REDIS_REPLY_STRING;
-
-	if (ok) {
-		*gen = atoll(g->str);
-		p = redisCommand(c, "GET dbk:g:%lld:checkpoint", *gen);
-		ok = p && p->type == REDIS_REPLY_STRING;
-		if (ok)
-			snprintf(cp, len, "%s", p->str);
-		freeReplyObject(p);
-	}
-	freeReplyObject(g);
-	return ok;
-}
-
-/* Wait until both read models have applied the whole log. */
-static void wait_caught_up(double timeout)
-{
-	char head[64], cp[64], rcp[64] = "";
-	long long gen;
-	redisContext *c = harness_redis(redis_url);
-	double end = now() + timeout;
-
-	for (;;) {
-		log_head(head, sizeof(head));
-		sql_checkpoint(cp, sizeof(cp));
-		bool live = redis_live(c, &gen, rcp, sizeof(rcp));
-		if (strcmp(head, cp) == 0 && live && strcmp(rcp, cp) == 0)
-			break;
-		cr_assert(now() < end, "not caught up: log %s, sql %s, redis %s", head, cp,
-			  live ? rcp : "(none)");
-		usleep(20000);
-	}
-	redisFree(c);
-}
-
-/* Read models equal a fresh fold of the log, computed here independently in SQL. */
-static void assert_models_match_log(void)
-{
-	static const char delta[] =
-		"CASE type WHEN 'FundsDeposited' THEN (data->>'amount')::bigint "
-		"WHEN 'TransferReceived' THEN (data->>'amount')::bigint "
-		"WHEN 'FundsWithdrawn' THEN -(data->>'amount')::bigint "
-		"WHEN 'TransferSent' THEN -(data->>'amount')::bigint ELSE 0 END";
-	static const char money[] =
-		"type IN ('FundsDeposited', 'FundsWithdrawn', 'TransferSent', 'TransferReceived')";
-	char q[2048];
-
-	snprintf(q, sizeof(q),
-		 "WITH acc AS (SELECT substr(stream, 9) id, max(version) v, sum(%s) bal, "
-		 "count(*) FILTER (WHERE %s) n, bool_or(type = 'AccountClosed') closed FROM events "
-		 "GROUP BY stream) SELECT count(*) FROM acc FULL JOIN rm_accounts r ON r.account_id = "
-		 "acc.id WHERE r.account_id IS NULL OR acc.id IS NULL OR r.balance <> acc.bal OR "
-		 "r.version <> acc.v OR r.entries <> acc.n OR (r.status = 'closed') <> acc.closed",
-		 delta, money);
-	cr_assert_eq(sql_int(db, q), 0, "rm_accounts differs from the log");
-	snprintf(q, sizeof(q),
-		 "WITH m AS (SELECT substr(stream, 9) id, version, sum(%s) OVER (PARTITION BY stream "
-		 "ORDER BY version) bal FROM events WHERE %s) SELECT count(*) FROM m FULL JOIN "
-		 "rm_entries e ON e.account_id = m.id AND e.version = m.version WHERE e.account_id IS "
-		 "NULL OR m.id IS NULL OR e.balance_after <> m.bal",
-		 delta, money);
-	cr_assert_eq(sql_int(db, q), 0, "rm_entries differs from the log");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events e FULL JOIN rm_transfers t ON "
-				 "t.transfer_id = e.data->>'transfer_id' WHERE (e.type = 'TransferSent' "
-				 "OR e.type IS NULL) AND (t.transfer_id IS NULL OR e.position IS NULL OR "
-				 "t.amount <> (e.data->>'amount')::bigint)"),
-		     0, "rm_transfers differs from the log");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM (SELECT currency, count(*) a, count(*) FILTER "
-				 "(WHERE status = 'open') o, sum(balance) s FROM rm_accounts GROUP BY "
-				 "currency) x FULL JOIN rm_totals t USING (currency) WHERE t.accounts IS "
-				 "DISTINCT FROM x.a OR t.open_accounts IS DISTINCT FROM x.o OR "
-				 "t.balance_sum IS DISTINCT FROM x.s"),
-		     0, "rm_totals differs from the accounts");
-}
-
-/* Redis's live generation holds exactly the SQL models' accounts, byte for byte. */
-static void assert_redis_matches_sql(void)
-{
-	redisContext *c = harness_redis(redis_url);
-	PGresult *r = sql(db, "SELECT account_id, name, currency, balance, overdraft_limit, status, "
-			      "version, entries, "
-			      "to_char(opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
-			      "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
-			      "FROM rm_accounts");
-	char cp[64];
-	long long gen;
-
-	cr_assert(redis_live(c, &gen, cp, sizeof(cp)));
-	for (int i = 0; i < PQntuples(r); i++) {
-		struct readmodel_account a = {
-			.account_id = PQgetvalue(r, i, 0), .name = PQgetvalue(r, i, 1),
-			.currency = PQgetvalue(r, i, 2), .balance = atoll(PQgetvalue(r, i, 3)),
-			.overdraft_limit = atoll(PQgetvalue(r, i, 4)), .status = PQgetvalue(r, i, 5),
-			.version = atoi(PQgetvalue(r, i, 6)), .opened_at = PQgetvalue(r, i, 8),
-			.updated_at = PQgetvalue(r, i, 9),
-		};
-		char *want = readmodel_account_json(&a);
-		redisReply *j = redisCommand(c, "HGET dbk:g:%lld:acct:%s j", gen, a.account_id);
-		redisReply *n = redisCommand(c, "ZCARD dbk:g:%lld:entries:%s", gen, a.account_id);
-		long long entries = atoll(PQgetvalue(r, i, 7));
-
-		cr_assert(j && j->type == REDIS_REPLY_STRING, "account %s missing in redis", a.account_id);
-		cr_assert_str_eq(j->str, want);
-		cr_assert_eq(n->integer, entries < 50 ? entries : 50, "statement of %s", a.account_id);
-		free(want);
-		freeReplyObject(j);
-		freeReplyObject(n);
-	}
-	PQclear(r);
-	redisFree(c);
-}
-
 Test(projector, follows_the_log_into_sql_and_redis)
 {
 	struct service proj;
@@ -251,18 +115,18 @@ Test(projector, follows_the_log_into_sql_and_redis)
 	must("/accounts/p-2/withdrawals", "{\"amount\":100000}");
 	must("/accounts/p-2/close", "{}");
 	harness_start_projector(&proj, db, redis_url);
-	wait_caught_up(20);
-	assert_models_match_log();
-	assert_redis_matches_sql();
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
 	cr_assert_eq(sql_int(db, "SELECT balance_after FROM rm_entries WHERE account_id = 'p-1' "
 				 "AND type = 'transfer_in'"),
 		     100250);
 	cr_assert_eq(sql_int(db, "SELECT open_accounts FROM rm_totals WHERE currency = 'EUR'"), 4);
 	/* Live follow: a write after start shows up without a restart. */
 	must("/accounts/p-0/deposits", "{\"amount\":1}");
-	wait_caught_up(10);
-	assert_models_match_log();
-	assert_redis_matches_sql();
+	harness_wait_caught_up(db, redis_url, 10);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
 	cr_assert_eq(harness_stop(&proj), 0);
 }
 
@@ -275,7 +139,7 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 
 	open_accounts(2);
 	harness_start_projector(&proj, db, redis_url);
-	wait_caught_up(20);
+	harness_wait_caught_up(db, redis_url, 20);
 	/* A transaction takes its position now and commits after later appends. */
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	late = PQconnectdb(conninfo);
@@ -290,16 +154,16 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 		must("/accounts/p-0/deposits", "{\"amount\":7}");
 	usleep(500000);
 	/* The projector must not have moved past the open transaction. */
-	sql_checkpoint(cp, sizeof(cp));
+	harness_sql_checkpoint(db, cp, sizeof(cp));
 	cr_assert_lt(atoll(strchr(cp, '.') + 1), late_pos + 1, "checkpoint %s passed the open transaction", cp);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"), 1);
 	PQclear(PQexec(late, "COMMIT"));
 	PQfinish(late);
-	wait_caught_up(20);
+	harness_wait_caught_up(db, redis_url, 20);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_accounts WHERE account_id = 'late'"), 1);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"), 6);
-	assert_models_match_log();
-	assert_redis_matches_sql();
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);
 }
 
@@ -318,10 +182,10 @@ Test(projector, kill_9_mid_batch_loses_and_doubles_nothing)
 	}
 	stop_load(&l, t, 4);
 	harness_start_projector(&proj, db, redis_url);
-	wait_caught_up(30);
+	harness_wait_caught_up(db, redis_url, 30);
 	cr_assert_gt(atomic_load(&l.done), 50);
-	assert_models_match_log();
-	assert_redis_matches_sql();
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);
 }
 
@@ -334,7 +198,7 @@ Test(projector, a_standby_takes_over_within_5_s)
 
 	open_accounts(8);
 	harness_start_projector(&a, db, redis_url);
-	wait_caught_up(20);
+	harness_wait_caught_up(db, redis_url, 20);
 	harness_start_projector(&b, db, redis_url);
 	usleep(1500000);
 	cr_assert_eq(harness_metric(&a, "daybook_projector_leader"), 1);
@@ -350,9 +214,9 @@ Test(projector, a_standby_takes_over_within_5_s)
 	}
 	usleep(500000);
 	stop_load(&l, t, 2);
-	wait_caught_up(20);
-	assert_models_match_log();
-	assert_redis_matches_sql();
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&b);
 }
 
@@ -365,7 +229,7 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 
 	open_accounts(10);
 	harness_start_projector(&proj, db, redis_url);
-	wait_caught_up(20);
+	harness_wait_caught_up(db, redis_url, 20);
 	start_load(&l, t, 2);
 	usleep(300000);
 	c = harness_redis(redis_url);
@@ -373,9 +237,9 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 	redisFree(c);
 	usleep(700000);
 	stop_load(&l, t, 2);
-	wait_caught_up(20);
-	assert_models_match_log();
-	assert_redis_matches_sql();
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);
 }
 
@@ -386,22 +250,22 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 
 	open_accounts(4);
 	harness_start_projector(&proj, db, redis_url);
-	wait_caught_up(20);
+	harness_wait_caught_up(db, redis_url, 20);
 	harness_kill(&redis);
 	for (int i = 0; i < 10; i++)
 		must("/accounts/p-1/deposits", "{\"amount\":3}");
 	/* SQL keeps up without Redis. */
 	for (double end = now() + 10;; usleep(20000)) {
-		sql_checkpoint(cp, sizeof(cp));
-		log_head(head, sizeof(head));
+		harness_sql_checkpoint(db, cp, sizeof(cp));
+		harness_log_head(db, head, sizeof(head));
 		if (strcmp(cp, head) == 0)
 			break;
 		cr_assert(now() < end, "the SQL projection stalled while Redis was down");
 	}
 	cr_assert_eq(sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"), 12);
 	harness_start_redis(&redis, true, redis_url, sizeof(redis_url));
-	wait_caught_up(20);
-	assert_models_match_log();
-	assert_redis_matches_sql();
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);
 }

@@ -1,0 +1,134 @@
+/* daybook-query: the process context, one read request's state, and the modules. */
+#ifndef DAYBOOK_QUERY_H
+#define DAYBOOK_QUERY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "http.h"
+#include "ledger.h"
+#include "log.h"
+#include "metrics.h"
+#include "pg.h"
+#include "readmodel.h"
+#include "redis.h"
+#include "tokens.h"
+
+#define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
+#define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
+
+/* A position token of `len` bytes (not NUL-terminated), as readmodel_position_parse
+ * reads a string; false when malformed. */
+bool query_position_parse_n(const char *text, size_t len, struct readmodel_position *out)
+	__attribute__((warn_unused_result));
+
+/* Why a Redis-capable read was answered from SQL (the label of the fallback counter). */
+enum fallback {
+	FALLBACK_UNAVAILABLE, /* not connected, timed out, or an error reply */
+	FALLBACK_NO_LIVE,     /* no live generation (or it has no checkpoint) */
+	FALLBACK_MISS,        /* the key is not in the live generation */
+	FALLBACK_BEHIND,      /* Redis has not reached min_position */
+	FALLBACK_NOT_CACHED,  /* a statement page beyond Redis's newest entries */
+	FALLBACK_COUNT,
+};
+
+struct sqlpool;
+struct read;
+
+struct query_ctx {
+	struct config cfg;
+	struct log log;
+	struct event_base *base;
+	struct metrics *metrics;
+	struct tokens *tokens;
+	struct http_server *http;
+	struct redis *redis;      /* the read connection */
+	struct redis *subscriber; /* dbk:position, to wake waiting reads */
+	struct sqlpool *sql;
+	struct read *waiting;     /* reads waiting for a projection to reach min_position */
+	struct event *wait_timer;
+	bool probing_sql, probing_redis; /* checkpoint probes in flight */
+	struct metric *fallbacks[FALLBACK_COUNT];
+	struct metric *served_redis, *served_sql;
+	struct event *sigterm, *sigint, *drain_timer;
+	bool stopping;
+};
+
+enum read_kind {
+	READ_ACCOUNT,
+	READ_TRANSACTIONS,
+	READ_TRANSFER,
+	READ_TOTALS,
+	READ_EVENTS,
+	READ_PROBE, /* internal: the SQL checkpoint, for waiting reads */
+};
+
+/* One read request, from its parsed parameters to its reply. */
+struct read {
+	struct read *next; /* in the SQL queue, an SQL batch, or the wait list */
+	struct query_ctx *ctx;
+	struct http_request *req; /* NULL for the internal checkpoint probe */
+	enum read_kind kind;
+	char id[LEDGER_ID_MAX + 1];
+	int limit;
+	int before;        /* transactions: 0 when absent */
+	int after_version; /* events */
+	bool has_min;
+	struct readmodel_position min;
+	double deadline;   /* monotonic seconds: stop waiting for min_position */
+	int sql_attempts;
+};
+
+/* The SQL side: a small pool of pipelined connections (sql.c). */
+int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx) __attribute__((warn_unused_result));
+void sqlpool_close(struct sqlpool **pool);
+/* Some connection is up. */
+bool sqlpool_connected(const struct sqlpool *pool);
+const char *sqlpool_last_error(const struct sqlpool *pool);
+/* Queue the read's statement; its outcome comes back through read_sql_done or
+ * read_sql_failed. False when no connection is up (nothing queued). */
+bool sqlpool_submit(struct sqlpool *pool, struct read *rd) __attribute__((warn_unused_result));
+/* Nothing queued or running. */
+bool sqlpool_idle(const struct sqlpool *pool);
+
+/* A rendered answer: status, body and the model's position. */
+struct answer {
+	int status;           /* 200, or 404 with `code` */
+	const char *code;     /* account_not_found, transfer_not_found */
+	char *body;           /* malloc'd JSON, for 200 */
+	size_t len;
+	char etag[16];        /* the account version, "" when none */
+	char position[QUERY_POSITION_MAX];
+	struct readmodel_position at;
+};
+
+/* Turn the read's SQL result into an answer; false when the result is malformed.
+ * The caller frees ans->body. */
+bool sql_render(const struct read *rd, const PGresult *res, struct answer *ans)
+	__attribute__((warn_unused_result));
+
+/* read.c: the read flow. */
+/* {"items":[<items>],"next_before":<next>|null}, malloc'd (caller frees), or NULL when
+ * out of memory. Both models' statement pages go through it, so they match. */
+char *transactions_body(const char *const *items, const size_t *lens, size_t n,
+			const char *next_before, size_t *len);
+/* Start (or restart) a read: Redis first where it can answer, then SQL. Takes
+ * ownership of rd: it is answered and freed in the end. */
+void read_start(struct read *rd);
+void read_sql_done(struct read *rd, const PGresult *res);
+void read_sql_failed(struct read *rd, const char *why, bool retry);
+/* A projection may have moved (dbk:position message, reconnect): re-check waiters. */
+void read_wake(struct query_ctx *ctx, const struct readmodel_position *reached);
+/* The Lua scripts the read connection loads. */
+const char *const *read_scripts(size_t *n);
+/* Set up the wait timer and fallback counters. */
+int read_init(struct query_ctx *ctx) __attribute__((warn_unused_result));
+void read_fini(struct query_ctx *ctx);
+
+/* The HTTP routes of the read API (routes.c). */
+extern const struct http_route query_routes[];
+extern const size_t query_nroutes;
+
+#endif

@@ -1,0 +1,494 @@
+/* daybook-query's read flow: Redis first (one EVALSHA), SQL on a miss or outage,
+ * and waiting for a projection to reach the caller's min_position. */
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "query.h"
+
+#define WAIT_TICK 0.005 /* seconds between checkpoint probes while reads wait */
+
+enum script {
+	SCRIPT_ACCOUNT,
+	SCRIPT_TRANSACTIONS,
+	SCRIPT_TRANSFER,
+	SCRIPT_TOTALS,
+	SCRIPT_CHECKPOINT,
+};
+
+/* Every script first finds the live generation and its checkpoint. It answers {} when
+ * Redis holds no usable model, {checkpoint} on a miss, {checkpoint, ...} on a hit. The
+ * keys are derived inside the script from dbk:live, so the read is one round trip and
+ * sees one consistent state (scripts run atomically). */
+#define LIVE_PREFIX \
+	"local g = redis.call('GET', 'dbk:live')\n" \
+	"if not g then return {} end\n" \
+	"local p = 'dbk:g:' .. g .. ':'\n" \
+	"local cp = redis.call('GET', p .. 'checkpoint')\n" \
+	"if not cp then return {} end\n"
+
+static const char *const scripts[] = {
+	[SCRIPT_ACCOUNT] = LIVE_PREFIX
+		"local a = redis.call('HMGET', p .. 'acct:' .. ARGV[1], 'j', 'v')\n"
+		"if not a[1] or not a[2] then return {cp} end\n"
+		"return {cp, a[1], a[2]}\n",
+	/* {cp, 'h', next_before or '', items...}; 'n' when Redis cannot answer this page,
+	 * 'm' when its entries disagree with the account's count. */
+	[SCRIPT_TRANSACTIONS] = LIVE_PREFIX
+		"local n = redis.call('HGET', p .. 'acct:' .. ARGV[1], 'n')\n"
+		"if not n then return {cp} end\n"
+		"n = tonumber(n)\n"
+		"local limit, before = tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+		"if n > 50 and (before > 0 or limit > 50) then return {cp, 'n'} end\n"
+		"local key = p .. 'entries:' .. ARGV[1]\n"
+		"if redis.call('ZCARD', key) ~= math.min(n, 50) then return {cp, 'm'} end\n"
+		"local r, more\n"
+		"if before > 0 then\n"
+		"  r = redis.call('ZREVRANGEBYSCORE', key, '(' .. before, '-inf', 'WITHSCORES',"
+		" 'LIMIT', 0, limit + 1)\n"
+		"  more = #r > 2 * limit\n"
+		"  if more then r[#r] = nil; r[#r] = nil end\n"
+		"else\n"
+		"  r = redis.call('ZREVRANGE', key, 0, limit - 1, 'WITHSCORES')\n"
+		"  more = n > limit\n"
+		"end\n"
+		"local out = {cp, 'h', more and r[#r] or ''}\n"
+		"for i = 1, #r, 2 do out[#out + 1] = r[i] end\n"
+		"return out\n",
+	[SCRIPT_TRANSFER] = LIVE_PREFIX
+		"local x = redis.call('GET', p .. 'xfer:' .. ARGV[1])\n"
+		"if not x then return {cp} end\n"
+		"return {cp, x}\n",
+	[SCRIPT_TOTALS] = LIVE_PREFIX
+		"local t = redis.call('HGET', p .. 'totals', 'j')\n"
+		"if not t then return {cp} end\n"
+		"return {cp, t}\n",
+	[SCRIPT_CHECKPOINT] = LIVE_PREFIX "return {cp}\n",
+};
+
+static const char *const fallback_names[FALLBACK_COUNT] = {
+	[FALLBACK_UNAVAILABLE] = "unavailable", [FALLBACK_NO_LIVE] = "no_live",
+	[FALLBACK_MISS] = "miss",               [FALLBACK_BEHIND] = "behind",
+	[FALLBACK_NOT_CACHED] = "not_cached",
+};
+
+const char *const *read_scripts(size_t *n)
+{
+	*n = sizeof(scripts) / sizeof(scripts[0]);
+	return scripts;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+bool query_position_parse_n(const char *text, size_t len, struct readmodel_position *out)
+{
+	char buf[QUERY_POSITION_MAX];
+
+	if (len >= sizeof(buf) || memchr(text, '\0', len))
+		return false;
+	memcpy(buf, text, len);
+	buf[len] = '\0';
+	return readmodel_position_parse(buf, out);
+}
+
+char *transactions_body(const char *const *items, const size_t *lens, size_t n,
+			const char *next_before, size_t *len)
+{
+	static const char head[] = "{\"items\":[", mid[] = "],\"next_before\":";
+	const char *next = next_before ? next_before : "null";
+	size_t total = sizeof(head) + sizeof(mid) + strlen(next) + 2 + n, at = 0;
+	char *body;
+
+	for (size_t i = 0; i < n; i++)
+		total += lens[i];
+	if (!(body = malloc(total)))
+		return NULL;
+	memcpy(body, head, sizeof(head) - 1);
+	at = sizeof(head) - 1;
+	for (size_t i = 0; i < n; i++) {
+		if (i)
+			body[at++] = ',';
+		memcpy(body + at, items[i], lens[i]);
+		at += lens[i];
+	}
+	at += (size_t)sprintf(body + at, "%s%s}", mid, next);
+	*len = at;
+	return body;
+}
+
+/* --- replies ---------------------------------------------------------------------- */
+
+static void set_position(struct read *rd, const struct readmodel_position *at)
+{
+	char text[QUERY_POSITION_MAX];
+
+	snprintf(text, sizeof(text), "%llu.%llu", (unsigned long long)at->txid,
+		 (unsigned long long)at->position);
+	http_set_header(rd->req, "X-Daybook-Position", text);
+}
+
+static void reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		       size_t len, const char *etag)
+{
+	set_position(rd, at);
+	if (etag) {
+		char quoted[24];
+		snprintf(quoted, sizeof(quoted), "\"%s\"", etag);
+		http_set_header(rd->req, "ETag", quoted);
+	}
+	http_reply_raw(rd->req, 200, "application/json", body, len);
+	free(rd);
+}
+
+static void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code)
+{
+	bool account = strcmp(code, "account_not_found") == 0;
+
+	set_position(rd, at);
+	http_reply_problem(rd->req, 404, code, account ? "Account not found" : "Transfer not found",
+			   "no %s '%s'", account ? "account" : "transfer", rd->id);
+	free(rd);
+}
+
+static void reply_unavailable(struct read *rd, const char *why)
+{
+	http_reply_problem(rd->req, 503, "unavailable", "Service unavailable",
+			   "the read models cannot be reached: %s", why);
+	free(rd);
+}
+
+/* --- waiting for min_position ------------------------------------------------------ */
+
+static void arm_tick(struct query_ctx *ctx)
+{
+	struct timeval tv = { 0, (suseconds_t)(WAIT_TICK * 1e6) };
+
+	if (!evtimer_pending(ctx->wait_timer, NULL))
+		evtimer_add(ctx->wait_timer, &tv);
+}
+
+static void reply_behind(struct read *rd)
+{
+	http_reply_problem(rd->req, 503, "projection_behind", "Projection behind",
+			   "the read models did not reach position %llu.%llu in time",
+			   (unsigned long long)rd->min.txid, (unsigned long long)rd->min.position);
+	free(rd);
+}
+
+/* Neither model has reached min_position yet: wait, or give up at the deadline. */
+static void wait_for(struct read *rd)
+{
+	struct query_ctx *ctx = rd->ctx;
+
+	if (now() >= rd->deadline) {
+		reply_behind(rd);
+		return;
+	}
+	rd->next = ctx->waiting;
+	ctx->waiting = rd;
+	arm_tick(ctx);
+}
+
+/* Take the waiters `pick` selects off the list, then restart them. */
+static void restart_waiters(struct query_ctx *ctx, bool (*pick)(const struct read *, const void *),
+			    const void *arg)
+{
+	struct read **link = &ctx->waiting, *go = NULL, *rd;
+
+	while ((rd = *link)) {
+		if (pick(rd, arg)) {
+			*link = rd->next;
+			rd->next = go;
+			go = rd;
+		} else {
+			link = &rd->next;
+		}
+	}
+	while ((rd = go)) {
+		go = rd->next;
+		rd->next = NULL;
+		read_start(rd);
+	}
+}
+
+static bool reached(const struct read *rd, const void *arg)
+{
+	return !arg || readmodel_position_cmp(&rd->min, arg) <= 0;
+}
+
+void read_wake(struct query_ctx *ctx, const struct readmodel_position *at)
+{
+	restart_waiters(ctx, reached, at);
+}
+
+/* Reads to look at again on every tick: the expired (for one last look before their
+ * 503), and those on the event store, which has no checkpoint to probe. */
+static bool due(const struct read *rd, const void *arg)
+{
+	return rd->kind == READ_EVENTS || *(const double *)arg >= rd->deadline;
+}
+
+static void on_redis_probe(void *arg, const redisReply *rep)
+{
+	struct query_ctx *ctx = arg;
+	struct readmodel_position at;
+
+	ctx->probing_redis = false;
+	if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 &&
+	    rep->element[0]->type == REDIS_REPLY_STRING &&
+	    query_position_parse_n(rep->element[0]->str, rep->element[0]->len, &at))
+		read_wake(ctx, &at);
+}
+
+static void probe(struct query_ctx *ctx)
+{
+	struct read *rd;
+
+	if (!ctx->probing_redis && redis_connected(ctx->redis) &&
+	    redis_eval(ctx->redis, SCRIPT_CHECKPOINT, 0, 0, NULL, NULL, on_redis_probe, ctx))
+		ctx->probing_redis = true;
+	if (!ctx->probing_sql && (rd = calloc(1, sizeof(*rd)))) {
+		rd->ctx = ctx;
+		rd->kind = READ_PROBE;
+		ctx->probing_sql = sqlpool_submit(ctx->sql, rd);
+		if (!ctx->probing_sql)
+			free(rd);
+	}
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct query_ctx *ctx = arg;
+	double t = now();
+
+	(void)fd;
+	(void)what;
+	restart_waiters(ctx, due, &t);
+	if (ctx->waiting) {
+		probe(ctx);
+		arm_tick(ctx);
+	}
+}
+
+/* --- the flow -------------------------------------------------------------------- */
+
+static void fallback(struct read *rd, enum fallback why)
+{
+	struct query_ctx *ctx = rd->ctx;
+
+	metric_add(ctx->fallbacks[why], 1);
+	if (!sqlpool_submit(ctx->sql, rd))
+		reply_unavailable(rd, sqlpool_last_error(ctx->sql));
+}
+
+/* A Redis hit for the read's kind: serve it, or say why not. */
+static bool serve_redis(struct read *rd, const redisReply *rep, const struct readmodel_position *at,
+			enum fallback *why)
+{
+	redisReply *const *el = rep->element;
+	char *body;
+	size_t len;
+
+	switch (rd->kind) {
+	case READ_ACCOUNT:
+		if (rep->elements != 3 || el[1]->type != REDIS_REPLY_STRING ||
+		    el[2]->type != REDIS_REPLY_STRING || el[2]->len > 10)
+			break;
+		metric_add(rd->ctx->served_redis, 1);
+		reply_body(rd, at, el[1]->str, el[1]->len, el[2]->str);
+		return true;
+	case READ_TRANSFER:
+	case READ_TOTALS:
+		if (rep->elements != 2 || el[1]->type != REDIS_REPLY_STRING)
+			break;
+		metric_add(rd->ctx->served_redis, 1);
+		reply_body(rd, at, el[1]->str, el[1]->len, NULL);
+		return true;
+	case READ_TRANSACTIONS: {
+		const char **items;
+		size_t *lens, n;
+		if (el[1]->type != REDIS_REPLY_STRING || el[1]->len != 1)
+			break;
+		if (el[1]->str[0] != 'h' || rep->elements < 3) {
+			*why = el[1]->str[0] == 'n' ? FALLBACK_NOT_CACHED : FALLBACK_MISS;
+			return false;
+		}
+		n = rep->elements - 3;
+		items = malloc((n ? n : 1) * sizeof(*items));
+		lens = malloc((n ? n : 1) * sizeof(*lens));
+		for (size_t i = 0; items && lens && i < n; i++) {
+			items[i] = el[i + 3]->str;
+			lens[i] = el[i + 3]->len;
+		}
+		body = items && lens && el[2]->type == REDIS_REPLY_STRING
+			       ? transactions_body(items, lens, n, el[2]->len ? el[2]->str : NULL, &len)
+			       : NULL;
+		free(items);
+		free(lens);
+		if (!body)
+			break;
+		metric_add(rd->ctx->served_redis, 1);
+		reply_body(rd, at, body, len, NULL);
+		free(body);
+		return true;
+	}
+	case READ_EVENTS:
+	case READ_PROBE:
+		break;
+	}
+	*why = FALLBACK_MISS;
+	return false;
+}
+
+static void on_redis_reply(void *arg, const redisReply *rep)
+{
+	struct read *rd = arg;
+	enum fallback why = FALLBACK_UNAVAILABLE;
+	struct readmodel_position at;
+
+	if (!rep || rep->type != REDIS_REPLY_ARRAY) {
+		if (rep && rep->type == REDIS_REPLY_ERROR)
+			log_warn(&rd->ctx->log, "redis read failed: %s", rep->str);
+	} else if (rep->elements == 0 || rep->element[0]->type != REDIS_REPLY_STRING ||
+		   !query_position_parse_n(rep->element[0]->str, rep->element[0]->len, &at)) {
+		why = FALLBACK_NO_LIVE;
+	} else if (rep->elements == 1) {
+		why = FALLBACK_MISS;
+	} else if (rd->has_min && readmodel_position_cmp(&at, &rd->min) < 0) {
+		why = FALLBACK_BEHIND; /* prefer SQL if it is further */
+	} else if (serve_redis(rd, rep, &at, &why)) {
+		return;
+	}
+	fallback(rd, why);
+}
+
+void read_start(struct read *rd)
+{
+	struct query_ctx *ctx = rd->ctx;
+	const char *argv[3];
+	char limit[16], before[16];
+	int argc = 1;
+	enum script script;
+
+	switch (rd->kind) {
+	case READ_ACCOUNT:
+		script = SCRIPT_ACCOUNT;
+		break;
+	case READ_TRANSACTIONS:
+		script = SCRIPT_TRANSACTIONS;
+		snprintf(limit, sizeof(limit), "%d", rd->limit);
+		snprintf(before, sizeof(before), "%d", rd->before);
+		argv[1] = limit;
+		argv[2] = before;
+		argc = 3;
+		break;
+	case READ_TRANSFER:
+		script = SCRIPT_TRANSFER;
+		break;
+	case READ_TOTALS:
+		script = SCRIPT_TOTALS;
+		argc = 0;
+		break;
+	default:
+		if (!sqlpool_submit(ctx->sql, rd))
+			reply_unavailable(rd, sqlpool_last_error(ctx->sql));
+		return;
+	}
+	argv[0] = rd->id;
+	if (!redis_eval(ctx->redis, script, 0, argc, argv, NULL, on_redis_reply, rd))
+		fallback(rd, FALLBACK_UNAVAILABLE);
+}
+
+void read_sql_done(struct read *rd, const PGresult *res)
+{
+	struct query_ctx *ctx = rd->ctx;
+	struct answer ans = { 0 };
+
+	if (rd->kind == READ_PROBE) {
+		ctx->probing_sql = false;
+		if (sql_render(rd, res, &ans))
+			read_wake(ctx, &ans.at);
+		free(rd);
+		return;
+	}
+	if (!sql_render(rd, res, &ans)) {
+		log_error(&ctx->log, "cannot render the SQL read model's answer for %s",
+			  http_path(rd->req));
+		http_reply_problem(rd->req, 500, "internal", "Internal error",
+				   "the SQL read model gave an unexpected answer");
+		free(rd);
+	} else if (rd->has_min && readmodel_position_cmp(&ans.at, &rd->min) < 0) {
+		wait_for(rd);
+	} else {
+		metric_add(ctx->served_sql, 1);
+		if (ans.status == 404)
+			reply_not_found(rd, &ans.at, ans.code);
+		else
+			reply_body(rd, &ans.at, ans.body, ans.len, ans.etag[0] ? ans.etag : NULL);
+	}
+	free(ans.body);
+}
+
+void read_sql_failed(struct read *rd, const char *why, bool retry)
+{
+	struct query_ctx *ctx = rd->ctx;
+
+	if (rd->kind == READ_PROBE) {
+		ctx->probing_sql = false;
+		free(rd);
+		return;
+	}
+	if (retry && ++rd->sql_attempts < 3 && sqlpool_submit(ctx->sql, rd))
+		return;
+	if (retry) {
+		reply_unavailable(rd, why);
+		return;
+	}
+	log_error(&ctx->log, "SQL read failed for %s: %s", http_path(rd->req), why);
+	http_reply_problem(rd->req, 500, "internal", "Internal error", "the SQL read failed");
+	free(rd);
+}
+
+int read_init(struct query_ctx *ctx)
+{
+	char labels[64];
+
+	ctx->wait_timer = evtimer_new(ctx->base, on_tick, ctx);
+	if (!ctx->wait_timer)
+		return -1;
+	for (size_t i = 0; i < FALLBACK_COUNT; i++) {
+		snprintf(labels, sizeof(labels), "reason=\"%s\"", fallback_names[i]);
+		ctx->fallbacks[i] = metrics_get(ctx->metrics, METRIC_COUNTER,
+						"daybook_query_redis_fallbacks_total",
+						"Reads Redis could not answer, answered from SQL, by reason.",
+						labels, NULL, 0);
+	}
+	ctx->served_redis = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_reads_total",
+					"Reads answered, by the model that answered.",
+					"model=\"redis\"", NULL, 0);
+	ctx->served_sql = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_reads_total",
+				      "Reads answered, by the model that answered.", "model=\"sql\"",
+				      NULL, 0);
+	return 0;
+}
+
+void read_fini(struct query_ctx *ctx)
+{
+	struct read *rd;
+
+	while ((rd = ctx->waiting)) {
+		ctx->waiting = rd->next;
+		reply_behind(rd);
+	}
+	if (ctx->wait_timer)
+		event_free(ctx->wait_timer);
+	ctx->wait_timer = NULL;
+}

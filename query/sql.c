@@ -1,0 +1,457 @@
+/* daybook-query's SQL side: a small pool of pipelined PostgreSQL connections that
+ * batch queued reads, the statements, and rendering SQL rows into response bodies. */
+#include <event2/event.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "query.h"
+
+#define POOL_SIZE 2
+#define BATCH_MAX 128
+#define QUEUE_MAX 20000 /* beyond this, new reads get 503 rather than memory */
+#define RUN_TIMEOUT 5.0
+
+#define UTC_TEXT(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+/* Every statement reads its data and the checkpoint in one statement, hence one
+ * snapshot: the position reported is exactly the state served. */
+#define CHECKPOINT "projection_checkpoints c"
+#define CHECKPOINT_WHERE " WHERE c.projection = 'sql'"
+
+static const struct pg_statement statements[] = {
+	[READ_ACCOUNT] = { "account",
+		"SELECT c.txid::text, c.position, a.account_id, a.name, a.currency, a.balance, "
+		"a.overdraft_limit, a.status, a.version, " UTC_TEXT("a.opened_at") ", "
+		UTC_TEXT("a.updated_at")
+		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
+		CHECKPOINT_WHERE },
+	[READ_TRANSACTIONS] = { "transactions",
+		"SELECT c.txid::text, c.position, a.account_id IS NOT NULL, e.version, e.type, e.amount, "
+		"e.balance_after, e.transfer_id, e.counterparty, e.reference, " UTC_TEXT("e.at")
+		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
+		" LEFT JOIN LATERAL (SELECT * FROM rm_entries WHERE account_id = a.account_id"
+		" AND version < coalesce($3::integer, 2147483647) ORDER BY version DESC"
+		" LIMIT $2::integer) e ON true" CHECKPOINT_WHERE
+		" ORDER BY e.version DESC NULLS LAST" },
+	[READ_TRANSFER] = { "transfer",
+		"SELECT c.txid::text, c.position, t.transfer_id, t.from_account, t.to_account, t.amount, "
+		"t.currency, t.reference, " UTC_TEXT("t.at")
+		" FROM " CHECKPOINT " LEFT JOIN rm_transfers t ON t.transfer_id = $1" CHECKPOINT_WHERE },
+	[READ_TOTALS] = { "totals",
+		"SELECT c.txid::text, c.position, t.currency, t.accounts, t.open_accounts, "
+		"t.balance_sum::text FROM " CHECKPOINT " LEFT JOIN rm_totals t ON true" CHECKPOINT_WHERE
+		" ORDER BY t.currency COLLATE \"C\"" },
+	/* The event store is its own model: its position is the last event below the
+	 * snapshot's xmin, since everything up to there is committed and visible. */
+	[READ_EVENTS] = { "events",
+		"WITH head AS (SELECT txid, position FROM events"
+		" WHERE txid < pg_snapshot_xmin(pg_current_snapshot())"
+		" ORDER BY txid DESC, position DESC LIMIT 1)"
+		" SELECT coalesce((SELECT txid::text FROM head), '0'),"
+		" coalesce((SELECT position FROM head), 0),"
+		" EXISTS (SELECT 1 FROM events WHERE stream = $1 AND version = 1),"
+		" e.version, e.type, e.data::text, e.metadata::text, " UTC_TEXT("e.recorded_at")
+		" FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT version, type, data, metadata, recorded_at"
+		" FROM events WHERE stream = $1 AND version > $2::integer ORDER BY version"
+		" LIMIT $3::integer) e ON true ORDER BY e.version" },
+	[READ_PROBE] = { "checkpoint",
+		"SELECT c.txid::text, c.position FROM " CHECKPOINT CHECKPOINT_WHERE },
+};
+
+struct slot {
+	struct sqlpool *pool;
+	struct pg *pg;
+	struct read *batch; /* the reads of the run in flight, in statement order */
+};
+
+struct sqlpool {
+	struct query_ctx *ctx;
+	struct slot slots[POOL_SIZE];
+	struct read *head, *tail; /* queued, not yet sent */
+	size_t queued;
+};
+
+static void kick(struct sqlpool *pool);
+
+/* Put reads back at the front of the queue (they were never sent). */
+static void requeue_front(struct sqlpool *pool, struct read *list)
+{
+	struct read *last = list;
+
+	if (!list)
+		return;
+	while (last->next)
+		last = last->next;
+	for (struct read *rd = list; rd; rd = rd->next)
+		pool->queued++;
+	last->next = pool->head;
+	pool->head = list;
+	if (!pool->tail)
+		pool->tail = last;
+}
+
+static void on_run_done(void *arg, PGresult *const *results, size_t n, const char *error)
+{
+	struct slot *slot = arg;
+	struct read *rd = slot->batch, *next;
+	size_t i = 0;
+
+	slot->batch = NULL;
+	for (; rd; rd = next, i++) {
+		next = rd->next;
+		rd->next = NULL;
+		if (error || i >= n)
+			read_sql_failed(rd, error ? error : "no result", true);
+		else if (PQresultStatus(results[i]) == PGRES_TUPLES_OK)
+			read_sql_done(rd, results[i]);
+		else if (PQresultStatus(results[i]) == PGRES_PIPELINE_ABORTED)
+			read_sql_failed(rd, "pipeline aborted", true);
+		else
+			read_sql_failed(rd, PQresultErrorMessage(results[i]), false);
+	}
+	kick(slot->pool);
+}
+
+/* The statement parameters of a read, as text. */
+static int params(const struct read *rd, char buf[3][80], const char *values[3])
+{
+	switch (rd->kind) {
+	case READ_ACCOUNT:
+	case READ_TRANSFER:
+		values[0] = rd->id;
+		return 1;
+	case READ_TRANSACTIONS:
+		values[0] = rd->id;
+		snprintf(buf[1], sizeof(buf[1]), "%d", rd->limit + 1); /* one more: is there a next page? */
+		values[1] = buf[1];
+		snprintf(buf[2], sizeof(buf[2]), "%d", rd->before);
+		values[2] = rd->before > 0 ? buf[2] : NULL;
+		return 3;
+	case READ_EVENTS:
+		snprintf(buf[0], sizeof(buf[0]), "account-%s", rd->id);
+		snprintf(buf[1], sizeof(buf[1]), "%d", rd->after_version);
+		snprintf(buf[2], sizeof(buf[2]), "%d", rd->limit);
+		values[0] = buf[0];
+		values[1] = buf[1];
+		values[2] = buf[2];
+		return 3;
+	case READ_TOTALS:
+	case READ_PROBE:
+		return 0;
+	}
+	return 0;
+}
+
+/* Send up to BATCH_MAX queued reads on one idle connection, with one sync. */
+static void run_batch(struct slot *slot)
+{
+	struct sqlpool *pool = slot->pool;
+	struct read *first = pool->head, *last = NULL, *rd;
+	size_t n = 0;
+
+	for (rd = first; rd && n < BATCH_MAX; last = rd, rd = rd->next, n++) {
+		char buf[3][80];
+		const char *values[3];
+		int np = params(rd, buf, values);
+		if (!pg_queue(slot->pg, statements[rd->kind].name, np, values))
+			return; /* the connection is being reset; the reads stay queued */
+	}
+	if (!last)
+		return;
+	last->next = NULL;
+	pool->queued -= n;
+	pool->head = rd;
+	if (!rd)
+		pool->tail = NULL;
+	slot->batch = first;
+	if (!pg_run(slot->pg, on_run_done, slot) && slot->batch) {
+		/* Nothing was sent (the callback did not run): try again elsewhere. */
+		slot->batch = NULL;
+		requeue_front(pool, first);
+	}
+}
+
+static void kick(struct sqlpool *pool)
+{
+	for (size_t i = 0; i < POOL_SIZE && pool->head; i++)
+		if (!pool->slots[i].batch && pg_ready(pool->slots[i].pg))
+			run_batch(&pool->slots[i]);
+}
+
+static void on_connect(void *arg)
+{
+	struct slot *slot = arg;
+
+	kick(slot->pool);
+}
+
+bool sqlpool_submit(struct sqlpool *pool, struct read *rd)
+{
+	if (!sqlpool_connected(pool) || pool->queued >= QUEUE_MAX)
+		return false;
+	rd->next = NULL;
+	pool->queued++;
+	if (pool->tail)
+		pool->tail->next = rd;
+	else
+		pool->head = rd;
+	pool->tail = rd;
+	kick(pool);
+	return true;
+}
+
+bool sqlpool_connected(const struct sqlpool *pool)
+{
+	for (size_t i = 0; i < POOL_SIZE; i++)
+		if (pg_connected(pool->slots[i].pg))
+			return true;
+	return false;
+}
+
+const char *sqlpool_last_error(const struct sqlpool *pool)
+{
+	return pg_last_error(pool->slots[0].pg);
+}
+
+bool sqlpool_idle(const struct sqlpool *pool)
+{
+	for (size_t i = 0; i < POOL_SIZE; i++)
+		if (pool->slots[i].batch)
+			return false;
+	return pool->head == NULL;
+}
+
+int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx)
+{
+	struct sqlpool *pool = calloc(1, sizeof(*pool));
+
+	*out = NULL;
+	if (!pool)
+		return -1;
+	pool->ctx = ctx;
+	for (size_t i = 0; i < POOL_SIZE; i++) {
+		struct pg_config pc = {
+			.conninfo = ctx->cfg.pg, .application_name = "daybook-query", .base = ctx->base,
+			.log = &ctx->log, .statements = statements,
+			.nstatements = sizeof(statements) / sizeof(statements[0]),
+			.run_timeout = RUN_TIMEOUT, .on_connect = on_connect, .arg = &pool->slots[i],
+		};
+		pool->slots[i].pool = pool;
+		if (pg_open(&pool->slots[i].pg, &pc)) {
+			sqlpool_close(&pool);
+			return -1;
+		}
+	}
+	*out = pool;
+	return 0;
+}
+
+void sqlpool_close(struct sqlpool **poolp)
+{
+	struct sqlpool *pool = *poolp;
+
+	if (!pool)
+		return;
+	for (size_t i = 0; i < POOL_SIZE; i++)
+		pg_close(&pool->slots[i].pg);
+	free(pool);
+	*poolp = NULL;
+}
+
+/* --- rendering ------------------------------------------------------------------ */
+
+static const char *val(const PGresult *res, int row, int col)
+{
+	return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
+}
+
+static int64_t int_of(const PGresult *res, int row, int col)
+{
+	return strtoll(PQgetvalue(res, row, col), NULL, 10);
+}
+
+static bool take(char *body, struct answer *ans)
+{
+	if (!body)
+		return false;
+	ans->body = body;
+	ans->len = strlen(body);
+	ans->status = 200;
+	return true;
+}
+
+static bool render_account(const PGresult *res, struct answer *ans)
+{
+	struct readmodel_account a;
+
+	if (!val(res, 0, 2)) {
+		ans->status = 404;
+		ans->code = "account_not_found";
+		return true;
+	}
+	a = (struct readmodel_account){
+		.account_id = val(res, 0, 2), .name = val(res, 0, 3), .currency = val(res, 0, 4),
+		.balance = int_of(res, 0, 5), .overdraft_limit = int_of(res, 0, 6),
+		.status = val(res, 0, 7), .version = (int32_t)int_of(res, 0, 8),
+		.opened_at = val(res, 0, 9), .updated_at = val(res, 0, 10),
+	};
+	snprintf(ans->etag, sizeof(ans->etag), "%d", a.version);
+	return take(readmodel_account_json(&a), ans);
+}
+
+/* One statement item from columns version, type, amount, balance_after, transfer_id,
+ * counterparty, reference, at starting at col. Caller frees. */
+static char *render_item(const PGresult *res, int row, int col)
+{
+	struct readmodel_entry e = {
+		.version = (int32_t)int_of(res, row, col), .type = val(res, row, col + 1),
+		.amount = int_of(res, row, col + 2), .balance_after = int_of(res, row, col + 3),
+		.transfer_id = val(res, row, col + 4), .counterparty = val(res, row, col + 5),
+		.reference = val(res, row, col + 6), .at = val(res, row, col + 7),
+	};
+
+	return readmodel_entry_json(&e);
+}
+
+static bool render_transactions(const struct read *rd, const PGresult *res, struct answer *ans)
+{
+	int rows = PQntuples(res), n = 0;
+	char *items[501];
+	size_t lens[501];
+	const char *next = NULL;
+	bool ok = true;
+
+	if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
+		ans->status = 404;
+		ans->code = "account_not_found";
+		return true;
+	}
+	for (int i = 0; i < rows && n < rd->limit && ok; i++) {
+		if (!val(res, i, 3))
+			break;
+		items[n] = render_item(res, i, 3);
+		ok = items[n] != NULL;
+		lens[n] = ok ? strlen(items[n]) : 0;
+		n += ok;
+	}
+	if (ok && rows > rd->limit && n == rd->limit)
+		next = PQgetvalue(res, n - 1, 3);
+	if (ok)
+		ans->body = transactions_body((const char *const *)items, lens, (size_t)n, next, &ans->len);
+	for (int i = 0; i < n; i++)
+		free(items[i]);
+	ans->status = 200;
+	return ok && ans->body;
+}
+
+static bool render_transfer(const PGresult *res, struct answer *ans)
+{
+	struct readmodel_transfer t;
+
+	if (!val(res, 0, 2)) {
+		ans->status = 404;
+		ans->code = "transfer_not_found";
+		return true;
+	}
+	t = (struct readmodel_transfer){
+		.transfer_id = val(res, 0, 2), .from = val(res, 0, 3), .to = val(res, 0, 4),
+		.amount = int_of(res, 0, 5), .currency = val(res, 0, 6), .reference = val(res, 0, 7),
+		.at = val(res, 0, 8),
+	};
+	return take(readmodel_transfer_json(&t), ans);
+}
+
+static bool is_integer_text(const char *s)
+{
+	if (*s == '-')
+		s++;
+	if (!*s)
+		return false;
+	for (; *s; s++)
+		if (*s < '0' || *s > '9')
+			return false;
+	return true;
+}
+
+/* balance_sum is numeric (a sum of int64 can exceed int64), so the body is spliced
+ * by hand, as the projector does: jansson has no integers beyond int64. Currencies
+ * are three capital letters, which need no escaping. */
+static bool render_totals(const PGresult *res, struct answer *ans)
+{
+	int rows = PQntuples(res);
+	size_t cap = 32 + (size_t)rows * 160, len;
+	char *body = malloc(cap);
+
+	if (!body)
+		return false;
+	len = (size_t)snprintf(body, cap, "{\"currencies\":[");
+	for (int i = 0; i < rows && val(res, i, 2); i++) {
+		const char *cur = val(res, i, 2), *sum = val(res, i, 5);
+		if (!ledger_valid_currency(cur) || strlen(sum) > 60 || !is_integer_text(sum)) {
+			free(body);
+			return false;
+		}
+		len += (size_t)snprintf(body + len, cap - len,
+					"%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
+					"\"balance_sum\":%s}",
+					i ? "," : "", cur, (long long)int_of(res, i, 3),
+					(long long)int_of(res, i, 4), sum);
+	}
+	len += (size_t)snprintf(body + len, cap - len, "]}");
+	ans->body = body;
+	ans->len = len;
+	ans->status = 200;
+	return true;
+}
+
+static bool render_events(const PGresult *res, struct answer *ans)
+{
+	int rows = PQntuples(res);
+	json_t *list, *o;
+	bool ok = true;
+
+	if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
+		ans->status = 404;
+		ans->code = "account_not_found";
+		return true;
+	}
+	list = json_array();
+	o = json_pack("{s:o}", "events", list);
+	for (int i = 0; ok && o && i < rows && val(res, i, 3); i++) {
+		/* jsonb's text is re-encoded compactly; its objects nest as objects. */
+		json_t *e = json_pack("{s:I, s:s, s:o, s:o, s:s}", "version",
+				      (json_int_t)int_of(res, i, 3), "type", val(res, i, 4), "data",
+				      json_loads(val(res, i, 5), 0, NULL), "metadata",
+				      json_loads(val(res, i, 6), 0, NULL), "recorded_at", val(res, i, 7));
+		ok = e && json_array_append_new(list, e) == 0;
+	}
+	ok = ok && o && take(json_dumps(o, JSON_COMPACT), ans);
+	json_decref(o);
+	return ok;
+}
+
+bool sql_render(const struct read *rd, const PGresult *res, struct answer *ans)
+{
+	if (PQntuples(res) < 1 || PQnfields(res) < 2 || PQgetisnull(res, 0, 0))
+		return false; /* no checkpoint row: the read models are not migrated */
+	snprintf(ans->position, sizeof(ans->position), "%s.%s", PQgetvalue(res, 0, 0),
+		 PQgetvalue(res, 0, 1));
+	if (!readmodel_position_parse(ans->position, &ans->at))
+		return false;
+	switch (rd->kind) {
+	case READ_ACCOUNT:
+		return render_account(res, ans);
+	case READ_TRANSACTIONS:
+		return render_transactions(rd, res, ans);
+	case READ_TRANSFER:
+		return render_transfer(res, ans);
+	case READ_TOTALS:
+		return render_totals(res, ans);
+	case READ_EVENTS:
+		return render_events(res, ans);
+	case READ_PROBE:
+		return true;
+	}
+	return false;
+}

@@ -1,0 +1,286 @@
+/* daybook-admin rebuild: a switch under load that readers never notice, and an
+ * interrupted rebuild that leaves the live models as they were. */
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+static char db[64], redis_url[128];
+static struct service command, redis, projector, query;
+
+static void setup(void)
+{
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis, false, redis_url, sizeof(redis_url));
+	harness_start_command(&command, db);
+	harness_start_projector(&projector, db, redis_url);
+}
+
+static void teardown(void)
+{
+	harness_stop(&query);
+	harness_stop(&projector);
+	harness_stop(&command);
+	harness_kill(&redis);
+}
+
+TestSuite(rebuild, .init = setup, .fini = teardown, .timeout = 240);
+
+/* Run `daybook-admin rebuild <target>`; its stdout (JSON progress lines) is read from
+ * *out_fd. Returns the pid. */
+static pid_t start_rebuild(const char *target, int *out_fd)
+{
+	int pipefd[2];
+	char pg[512];
+	pid_t pid;
+
+	harness_conninfo(db, NULL, pg, sizeof(pg));
+	cr_assert_eq(pipe(pipefd), 0);
+	pid = fork();
+	cr_assert(pid >= 0);
+	if (pid == 0) {
+		dup2(pipefd[1], 1);
+		close(pipefd[0]);
+		setenv("DAYBOOK_PG", pg, 1);
+		setenv("DAYBOOK_REDIS", redis_url, 1);
+		execl(getenv("DAYBOOK_ADMIN_BIN"), "daybook-admin", "rebuild", target, (char *)NULL);
+		_exit(127);
+	}
+	close(pipefd[1]);
+	*out_fd = pipefd[0];
+	return pid;
+}
+
+/* Read the child's stdout to the end; every progress line must be a JSON object. */
+static int read_progress(int fd, int *json_lines)
+{
+	FILE *f = fdopen(fd, "r");
+	char line[1024];
+	int lines = 0;
+
+	*json_lines = 0;
+	while (fgets(line, sizeof(line), f)) {
+		json_t *j;
+		lines++;
+		if (strncmp(line, "rebuilt ", 8) == 0)
+			continue;
+		j = json_loads(line, 0, NULL);
+		cr_assert(json_is_object(j), "progress line is not JSON: %s", line);
+		cr_assert(json_is_string(json_object_get(j, "phase")));
+		cr_assert(json_is_integer(json_object_get(j, "done")));
+		cr_assert(json_is_integer(json_object_get(j, "total")));
+		cr_assert(json_is_number(json_object_get(j, "events_per_s")));
+		cr_assert(json_is_number(json_object_get(j, "eta_s")));
+		json_decref(j);
+		(*json_lines)++;
+	}
+	fclose(f);
+	return lines;
+}
+
+static void must(const char *path, const char *body)
+{
+	struct response r = post(&command, path, body, NULL);
+	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
+	response_free(&r);
+}
+
+struct traffic {
+	atomic_bool stop;
+	atomic_int writes, reads, read_errors;
+	pthread_mutex_t lock;
+	struct sample {
+		int account, version;
+		long long balance;
+	} samples[20000];
+	int nsamples;
+};
+
+static void *writer(void *arg)
+{
+	struct traffic *t = arg;
+	unsigned seed = (unsigned)(uintptr_t)pthread_self();
+	char path[64], body[64];
+
+	while (!atomic_load(&t->stop)) {
+		snprintf(path, sizeof(path), "/accounts/r-%d/deposits", rand_r(&seed) % 8);
+		snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + rand_r(&seed) % 100);
+		struct response r = post(&command, path, body, NULL);
+		if (r.status == 201)
+			atomic_fetch_add(&t->writes, 1);
+		response_free(&r);
+	}
+	return NULL;
+}
+
+static void *reader(void *arg)
+{
+	struct traffic *t = arg;
+	unsigned seed = (unsigned)(uintptr_t)pthread_self();
+	const char *h[] = { "Authorization: Bearer " TOKEN_READ, NULL };
+	char path[64];
+
+	while (!atomic_load(&t->stop)) {
+		int a = rand_r(&seed) % 8;
+		snprintf(path, sizeof(path), "/accounts/r-%d", a);
+		struct response r = http_request(query.port, "GET", path, h, NULL, 10);
+		atomic_fetch_add(&t->reads, 1);
+		if (r.status != 200 || !r.json) {
+			atomic_fetch_add(&t->read_errors, 1);
+		} else {
+			pthread_mutex_lock(&t->lock);
+			if (t->nsamples < 20000)
+				t->samples[t->nsamples++] = (struct sample){
+					a, (int)json_integer_value(json_object_get(r.json, "version")),
+					json_integer_value(json_object_get(r.json, "balance"))
+				};
+			pthread_mutex_unlock(&t->lock);
+		}
+		response_free(&r);
+	}
+	return NULL;
+}
+
+/* Every balance a reader saw is the log's balance at the version it was shown with. */
+static void assert_samples_true(const struct traffic *t)
+{
+	PGresult *r = sql(db, "SELECT substr(stream, 11)::int, version, sum(CASE type WHEN "
+			      "'FundsDeposited' THEN (data->>'amount')::bigint ELSE 0 END) OVER "
+			      "(PARTITION BY stream ORDER BY version) FROM events WHERE stream LIKE "
+			      "'account-r-%' ORDER BY 1, 2");
+
+	for (int i = 0; i < t->nsamples; i++) {
+		bool found = false;
+		for (int row = 0; row < PQntuples(r) && !found; row++) {
+			if (atoi(PQgetvalue(r, row, 0)) != t->samples[i].account ||
+			    atoi(PQgetvalue(r, row, 1)) != t->samples[i].version)
+				continue;
+			found = true;
+			cr_assert_eq(atoll(PQgetvalue(r, row, 2)), t->samples[i].balance,
+				     "r-%d at version %d was shown with balance %lld", t->samples[i].account,
+				     t->samples[i].version, t->samples[i].balance);
+		}
+		cr_assert(found, "r-%d version %d is not in the log", t->samples[i].account,
+			  t->samples[i].version);
+	}
+	PQclear(r);
+}
+
+Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
+{
+	static struct traffic t;
+	pthread_t w[2], rd[2];
+	char body[128];
+	int fd, json_lines, status;
+	long long gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+
+	pthread_mutex_init(&t.lock, NULL);
+	for (int i = 0; i < 8; i++) {
+		snprintf(body, sizeof(body), "{\"id\":\"r-%d\",\"name\":\"R\",\"currency\":\"EUR\"}", i);
+		must("/accounts", body);
+	}
+	/* Some history, so the rebuild has work to do. */
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
+			"|| (i % 500), i / 500 + 1, CASE WHEN i < 500 THEN 'AccountOpened' ELSE "
+			"'FundsDeposited' END, CASE WHEN i < 500 THEN jsonb_build_object('account_id', "
+			"'h' || (i % 500), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
+			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 49999) i ORDER BY i"));
+	harness_wait_caught_up(db, redis_url, 60);
+	harness_start_query(&query, db, redis_url);
+	for (int i = 0; i < 2; i++) {
+		pthread_create(&w[i], NULL, writer, &t);
+		pthread_create(&rd[i], NULL, reader, &t);
+	}
+	usleep(300000);
+	pid_t pid = start_rebuild("all", &fd);
+	read_progress(fd, &json_lines);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	usleep(500000);
+	atomic_store(&t.stop, true);
+	for (int i = 0; i < 2; i++) {
+		pthread_join(w[i], NULL);
+		pthread_join(rd[i], NULL);
+	}
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+	cr_assert_gt(json_lines, 0, "non-terminal progress must be JSON lines");
+	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before + 1,
+		     "the tables were swapped");
+	cr_assert_eq(atomic_load(&t.read_errors), 0, "%d of %d reads failed", atomic_load(&t.read_errors),
+		     atomic_load(&t.reads));
+	cr_assert_gt(atomic_load(&t.writes), 0);
+	assert_samples_true(&t);
+	/* The live projector carries on from the rebuilt models. */
+	must("/accounts/r-0/deposits", "{\"amount\":1}");
+	harness_wait_caught_up(db, redis_url, 30);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0);
+}
+
+Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
+{
+	const char fingerprint[] =
+		"SELECT md5(string_agg(account_id || ':' || balance || ':' || version, ',' ORDER BY "
+		"account_id)) FROM rm_accounts";
+	redisContext *c;
+	redisReply *keys;
+	char before[64], live_before[64], cp[64], line[512];
+	long long gen_before, live_gen;
+	PGresult *r;
+	int fd, status;
+	FILE *f;
+
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
+			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
+			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
+			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
+			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
+	harness_wait_caught_up(db, redis_url, 120);
+	r = sql(db, fingerprint);
+	snprintf(before, sizeof(before), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+	snprintf(live_before, sizeof(live_before), "%lld", live_gen);
+
+	pid_t pid = start_rebuild("all", &fd);
+	f = fdopen(fd, "r");
+	cr_assert(fgets(line, sizeof(line), f), "no progress before the interrupt");
+	kill(pid, SIGINT);
+	while (fgets(line, sizeof(line), f))
+		;
+	fclose(f);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 130, "exit status %d", status);
+
+	r = sql(db, fingerprint);
+	cr_assert_str_eq(PQgetvalue(r, 0, 0), before, "the live SQL models changed");
+	PQclear(r);
+	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
+		     "the shadow tables are removed");
+	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+	snprintf(line, sizeof(line), "%lld", live_gen);
+	cr_assert_str_eq(line, live_before, "the live Redis generation changed");
+	keys = redisCommand(c, "KEYS dbk:g:*");
+	for (size_t i = 0; i < keys->elements; i++) {
+		char prefix[96];
+		snprintf(prefix, sizeof(prefix), "dbk:g:%s:", live_before);
+		cr_assert(strncmp(keys->element[i]->str, prefix, strlen(prefix)) == 0,
+			  "shadow key %s left behind", keys->element[i]->str);
+	}
+	freeReplyObject(keys);
+	redisFree(c);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+}
