@@ -13,5 +13,17 @@ struct admin_ctx {
 /* Each returns the process exit status: 0 done, 1 failed, 2 usage. */
 int admin_migrate(struct admin_ctx *ctx, int argc, char **argv);
 int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv);
+/* verify: 0 the read models equal a fresh fold of the log, 1 differences, 2 usage or
+ * the verification could not run (no connection, a failed query). */
+int admin_verify(struct admin_ctx *ctx, int argc, char **argv);
+/* status: 0 printed, 1 PostgreSQL unreachable, 2 usage. */
+int admin_status(struct admin_ctx *ctx, int argc, char **argv);
+
+struct redisContext;
+struct config_redis;
+/* A blocking hiredis connection (2 s to connect, 30 s per command), with the db
+ * SELECTed. NULL with a reason in err on failure. Caller frees with redisFree. */
+struct redisContext *admin_redis_connect(const struct config_redis *server, char *err,
+					 size_t errlen);
 
 #endif

@@ -15,11 +15,16 @@ static const char usage[] =
 	"                        a new Redis generation while services run, then switch\n"
 	"                        atomically (default all); Ctrl-C leaves the live models as\n"
 	"                        they were\n"
+	"  verify [--no-redis]   fold the event log independently and compare it with the SQL\n"
+	"                        read models and Redis's live generation, field by field;\n"
+	"                        prints one DIFF line per difference, exit 1 on any\n"
+	"  status [--json]       the log's head, each projection's checkpoint and its lag\n"
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG            libpq connection string or URI of a role that may run DDL\n"
 	"                        (required)\n"
-	"  DAYBOOK_REDIS         redis://host:port[/db] or unix:///path (rebuild redis|all)\n"
+	"  DAYBOOK_REDIS         redis://host:port[/db] or unix:///path (rebuild redis|all;\n"
+	"                        verify and status check Redis only when it is set)\n"
 	"  DAYBOOK_LOG_LEVEL     debug|info|warn|error (default info)\n";
 
 static const struct {
@@ -28,6 +33,8 @@ static const struct {
 } commands[] = {
 	{ "migrate", admin_migrate },
 	{ "rebuild", admin_rebuild },
+	{ "verify", admin_verify },
+	{ "status", admin_status },
 };
 
 int main(int argc, char **argv)

@@ -239,12 +239,18 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	int fd, status;
 	FILE *f;
 
+	must("/accounts", "{\"id\":\"keep-1\",\"name\":\"K\",\"currency\":\"EUR\"}");
+	must("/accounts", "{\"id\":\"keep-2\",\"name\":\"K\",\"currency\":\"EUR\"}");
+	must("/accounts/keep-1/deposits", "{\"amount\":12345}");
+	harness_wait_caught_up(db, redis_url, 30);
+	/* The live models stay as they are (the projector is stopped) while the rebuild
+	 * has a long log to fold: time enough to interrupt it. */
+	cr_assert_eq(harness_stop(&projector), 0);
 	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
 			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
 			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
 			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
 			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
-	harness_wait_caught_up(db, redis_url, 120);
 	r = sql(db, fingerprint);
 	snprintf(before, sizeof(before), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
@@ -281,6 +287,4 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	}
 	freeReplyObject(keys);
 	redisFree(c);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
 }
