@@ -205,17 +205,6 @@ static void report(struct rebuild *rb, bool final)
 
 /* --- folding -------------------------------------------------------------------------- */
 
-static const char *entry_type(enum ledger_event_type type)
-{
-	switch (type) {
-	case LEDGER_FUNDS_DEPOSITED: return "deposit";
-	case LEDGER_FUNDS_WITHDRAWN: return "withdrawal";
-	case LEDGER_TRANSFER_RECEIVED: return "transfer_in";
-	case LEDGER_TRANSFER_SENT: return "transfer_out";
-	default: return NULL;
-	}
-}
-
 static struct total *total_of(struct rebuild *rb, const char *currency)
 {
 	struct total *t = strmap_get(rb->totals, currency);
@@ -251,13 +240,13 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 
 	if (rb->sql)
 		ok = field(b, a->acc.id, false) && field_int(b, version, false) &&
-		     field(b, entry_type(ev->type), false) && field_int(b, ev->amount, false) &&
+		     field(b, readmodel_entry_type(ev->type), false) && field_int(b, ev->amount, false) &&
 		     field_int(b, a->acc.balance, false) && field(b, ev->transfer_id, false) &&
 		     field(b, ev->counterparty, false) && field(b, ev->reference, false) &&
 		     field(b, at, true);
 	if (ok && rb->redis) {
 		struct readmodel_entry e = {
-			.version = version, .type = entry_type(ev->type), .amount = ev->amount,
+			.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
 			.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
 			.counterparty = ev->counterparty, .reference = ev->reference, .at = at,
 		};
@@ -327,7 +316,7 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int row)
 		if (ok)
 			count_total(t, &ev);
 	}
-	if (ok && entry_type(type)) {
+	if (ok && readmodel_entry_type(type)) {
 		a->entries++;
 		ok = emit_entry(rb, a, &ev, a->acc.version, at);
 	}
@@ -448,23 +437,6 @@ static void put_account(void *arg, const char *id, void *value)
 	}
 }
 
-static void int128_text(__int128 v, char out[48])
-{
-	char tmp[48];
-	size_t n = 0, i = 0;
-	unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
-
-	do {
-		tmp[n++] = (char)('0' + (int)(u % 10));
-		u /= 10;
-	} while (u);
-	if (v < 0)
-		out[i++] = '-';
-	while (n)
-		out[i++] = tmp[--n];
-	out[i] = '\0';
-}
-
 struct totals_walk {
 	struct rebuild *rb;
 	struct buf *rows;
@@ -479,7 +451,7 @@ static void put_total(void *arg, const char *currency, void *value)
 	struct total *t = value;
 	char sum[48];
 
-	int128_text(t->sum, sum);
+	readmodel_int128_text(t->sum, sum);
 	if (w->rb->sql && w->ok)
 		w->ok = field(w->rows, currency, false) && field_int(w->rows, t->accounts, false) &&
 			field_int(w->rows, t->open, false) && field(w->rows, sum, true);
@@ -502,7 +474,7 @@ static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const c
 	if (ok)
 		b.len = (size_t)sprintf(b.p, "{\"currencies\":[");
 	for (size_t i = 0; ok && i < n; i++) {
-		int128_text(t[i]->sum, sum);
+		readmodel_int128_text(t[i]->sum, sum);
 		b.len += (size_t)sprintf(b.p + b.len,
 					 "%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
 					 "\"balance_sum\":%s}",

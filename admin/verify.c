@@ -124,23 +124,6 @@ static void presence(struct verify *v, const char *model, const char *entity, bo
 		     found ? "present" : "absent");
 }
 
-static void int128_text(__int128 value, char out[48])
-{
-	char tmp[48];
-	size_t n = 0, i = 0;
-	unsigned __int128 u = value < 0 ? -(unsigned __int128)value : (unsigned __int128)value;
-
-	do {
-		tmp[n++] = (char)('0' + (int)(u % 10));
-		u /= 10;
-	} while (u);
-	if (value < 0)
-		out[i++] = '-';
-	while (n)
-		out[i++] = tmp[--n];
-	out[i] = '\0';
-}
-
 static bool exec_ok(struct verify *v, const char *sql)
 {
 	PGresult *r = PQexec(v->pg, sql);
@@ -408,17 +391,6 @@ static struct pending *pending_add(struct verify *v)
 
 /* --- folding an account -------------------------------------------------------------------- */
 
-static const char *entry_type(enum ledger_event_type type)
-{
-	switch (type) {
-	case LEDGER_FUNDS_DEPOSITED: return "deposit";
-	case LEDGER_FUNDS_WITHDRAWN: return "withdrawal";
-	case LEDGER_TRANSFER_RECEIVED: return "transfer_in";
-	case LEDGER_TRANSFER_SENT: return "transfer_out";
-	default: return NULL;
-	}
-}
-
 static void ring_push(struct folded *f, int32_t version, char *json)
 {
 	size_t slot = f->pushed++ % ENTRIES_KEPT;
@@ -466,7 +438,7 @@ static void expect_entry(struct verify *v, struct folded *f, struct cursor *ent,
 			 const struct ledger_event *ev, const char *at)
 {
 	struct readmodel_entry e = {
-		.version = version, .type = entry_type(ev->type), .amount = ev->amount,
+		.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
 		.balance_after = f->acc.balance, .transfer_id = ev->transfer_id,
 		.counterparty = ev->counterparty, .reference = ev->reference, .at = at,
 	};
@@ -526,7 +498,7 @@ static void fold_event(struct verify *v, struct folded *f, struct cursor *ev, st
 		snprintf(f->opened_at, sizeof(f->opened_at), "%s", at);
 	}
 	snprintf(f->updated_at, sizeof(f->updated_at), "%s", at);
-	if (entry_type(type))
+	if (readmodel_entry_type(type))
 		expect_entry(v, f, ent, version, &e, at);
 done:
 	json_decref(data);
@@ -806,7 +778,7 @@ static void compare_total(struct verify *v, const struct total *t, PGresult *r, 
 	snprintf(entity, sizeof(entity), "totals:%s", t->currency);
 	field_int(v, "sql", entity, "accounts", t->accounts, PQgetvalue(r, row, 1));
 	field_int(v, "sql", entity, "open_accounts", t->open, PQgetvalue(r, row, 2));
-	int128_text(t->sum, sum);
+	readmodel_int128_text(t->sum, sum);
 	field(v, "sql", entity, "balance_sum", sum, PQgetvalue(r, row, 3));
 }
 
@@ -849,7 +821,7 @@ static char *totals_json(const struct verify *v)
 	len = (size_t)snprintf(out, cap, "{\"currencies\":[");
 	for (size_t i = 0; i < v->ntotals; i++) {
 		const struct total *t = &v->totals[i];
-		int128_text(t->sum, sum);
+		readmodel_int128_text(t->sum, sum);
 		len += (size_t)snprintf(out + len, cap - len,
 					"%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
 					"\"balance_sum\":%s}",

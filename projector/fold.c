@@ -77,17 +77,6 @@ static bool queue_table(struct projector_ctx *ctx, struct table *t, const char *
 	return ok;
 }
 
-static const char *entry_type(enum ledger_event_type type)
-{
-	switch (type) {
-	case LEDGER_FUNDS_DEPOSITED: return "deposit";
-	case LEDGER_FUNDS_WITHDRAWN: return "withdrawal";
-	case LEDGER_TRANSFER_RECEIVED: return "transfer_in";
-	case LEDGER_TRANSFER_SENT: return "transfer_out";
-	default: return NULL;
-	}
-}
-
 static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency)
 {
 	struct rm_total *t = strmap_get(ctx->totals, currency);
@@ -145,14 +134,14 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 {
 	struct column *c = r->ecols;
 	struct readmodel_entry item = {
-		.version = e->version, .type = entry_type(ev->type), .amount = ev->amount,
+		.version = e->version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
 		.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
 		.counterparty = ev->counterparty, .reference = ev->reference, .at = e->at,
 	};
 
 	put(&c[0], a->acc.id);
 	put_int(&c[1], e->version);
-	put(&c[2], entry_type(ev->type));
+	put(&c[2], readmodel_entry_type(ev->type));
 	put_int(&c[3], ev->amount);
 	put_int(&c[4], a->acc.balance);
 	put(&c[5], ev->transfer_id);
@@ -261,7 +250,7 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 		r->accounts[r->naccounts++] = a;
 		a->touched = true;
 	}
-	if (entry_type(e->type)) {
+	if (readmodel_entry_type(e->type)) {
 		a->entries++;
 		if (!add_entry(r, a, e, &ev))
 			return false;
@@ -311,23 +300,6 @@ bool projector_fold(struct projector_ctx *ctx)
 	return true;
 }
 
-void projector_int128_text(__int128 v, char out[48])
-{
-	char tmp[48];
-	size_t n = 0, i = 0;
-	unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
-
-	do {
-		tmp[n++] = (char)('0' + (int)(u % 10));
-		u /= 10;
-	} while (u);
-	if (v < 0)
-		out[i++] = '-';
-	while (n)
-		out[i++] = tmp[--n];
-	out[i] = '\0';
-}
-
 static bool queue_accounts(struct projector_ctx *ctx, struct fold_rows *r)
 {
 	struct column c[10];
@@ -365,7 +337,7 @@ static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
 		put(&c[0], tot->currency);
 		put_int(&c[1], tot->d_accounts);
 		put_int(&c[2], tot->d_open);
-		projector_int128_text(tot->d_sum, sum);
+		readmodel_int128_text(tot->d_sum, sum);
 		put(&c[3], sum);
 		t.rows++;
 	}

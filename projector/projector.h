@@ -141,7 +141,6 @@ bool projector_redis_maintain(struct projector_ctx *ctx);
 void projector_step_done(struct projector_ctx *ctx);
 void projector_redis_tick(struct projector_ctx *ctx);
 
-/* Decimal text of a 128-bit integer (48 bytes is enough). */
-void projector_int128_text(__int128 v, char out[48]);
+
 
 #endif

@@ -231,7 +231,7 @@ static void collect_total(void *arg, const char *currency, void *value)
 	snprintf(c->rows[c->n].currency, sizeof(c->rows[c->n].currency), "%s", t->currency);
 	snprintf(c->rows[c->n].accounts, sizeof(c->rows[c->n].accounts), "%lld", (long long)t->accounts);
 	snprintf(c->rows[c->n].open, sizeof(c->rows[c->n].open), "%lld", (long long)t->open_accounts);
-	projector_int128_text(t->balance_sum, c->rows[c->n].sum);
+	readmodel_int128_text(t->balance_sum, c->rows[c->n].sum);
 	c->n++;
 }
 

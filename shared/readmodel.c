@@ -77,3 +77,31 @@ int readmodel_position_cmp(const struct readmodel_position *a, const struct read
 		return a->position < b->position ? -1 : 1;
 	return 0;
 }
+
+const char *readmodel_entry_type(enum ledger_event_type type)
+{
+	switch (type) {
+	case LEDGER_FUNDS_DEPOSITED: return "deposit";
+	case LEDGER_FUNDS_WITHDRAWN: return "withdrawal";
+	case LEDGER_TRANSFER_RECEIVED: return "transfer_in";
+	case LEDGER_TRANSFER_SENT: return "transfer_out";
+	default: return NULL;
+	}
+}
+
+void readmodel_int128_text(__int128 v, char out[48])
+{
+	char tmp[48];
+	size_t n = 0, i = 0;
+	unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
+
+	do {
+		tmp[n++] = (char)('0' + (int)(u % 10));
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		out[i++] = '-';
+	while (n)
+		out[i++] = tmp[--n];
+	out[i] = '\0';
+}

@@ -8,6 +8,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "ledger.h"
+
 /* An account as the read models hold it; strings are borrowed. */
 struct readmodel_account {
 	const char *account_id, *name, *currency, *status;
@@ -38,6 +40,12 @@ struct readmodel_transfer {
 char *readmodel_account_json(const struct readmodel_account *a);
 char *readmodel_entry_json(const struct readmodel_entry *e);
 char *readmodel_transfer_json(const struct readmodel_transfer *t);
+
+/* The statement item type of a money event ("deposit", "withdrawal", "transfer_in",
+ * "transfer_out"); NULL for events that make no statement item. */
+const char *readmodel_entry_type(enum ledger_event_type type);
+/* Decimal text of a 128-bit integer: a sum of int64 balances can exceed int64. */
+void readmodel_int128_text(__int128 v, char out[48]);
 
 /* Position tokens "<txid>.<position>": parse (false when malformed) and compare. */
 struct readmodel_position {
