@@ -30,7 +30,7 @@ struct acct {
 	char name[LEDGER_NAME_MAX + 1];
 	int32_t entries;
 	char opened_at[32], updated_at[32];
-	bool trim; /* statement items were added in this chunk */
+	int32_t untrimmed; /* statement items added to Redis since its last trim */
 };
 
 struct total {
@@ -256,7 +256,7 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 		snprintf(score, sizeof(score), "%d", version);
 		ok = json && redis_send(rb, 4, argv);
 		free(json);
-		a->trim = true;
+		a->untrimmed++;
 	}
 	return ok;
 }
@@ -331,6 +331,7 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int row)
 
 struct trim_walk {
 	struct rebuild *rb;
+	int32_t over; /* trim the accounts with more untrimmed items than this */
 	bool ok;
 };
 
@@ -341,18 +342,20 @@ static void trim_one(void *arg, const char *id, void *value)
 	char k[LEDGER_ID_MAX + 48], stop[16];
 	const char *argv[4] = { "ZREMRANGEBYRANK", k, "0", stop };
 
-	if (!a->trim || !w->ok)
+	if (a->untrimmed <= w->over || !w->ok)
 		return;
-	a->trim = false;
+	a->untrimmed = 0;
 	rkey(w->rb, k, sizeof(k), "entries", id);
 	snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
 	w->ok = redis_send(w->rb, 4, argv);
 }
 
-/* Write what a chunk produced: COPY the rows, trim statements, drain Redis. */
-static bool flush_chunk(struct rebuild *rb)
+/* Write what a chunk produced: COPY the rows, trim the statements that have grown
+ * well past what Redis keeps (trimming each chunk would cost a command per account
+ * per chunk), drain Redis. */
+static bool flush_chunk(struct rebuild *rb, bool final)
 {
-	struct trim_walk w = { rb, true };
+	struct trim_walk w = { rb, final ? 0 : 3 * ENTRIES_KEPT, true };
 
 	if (rb->sql && (!copy_in(rb, "rm_entries_shadow", &rb->entries) ||
 			!copy_in(rb, "rm_transfers_shadow", &rb->transfers)))
@@ -395,7 +398,7 @@ static bool fold_chunk(struct rebuild *rb, int *n)
 		rb->done += *n;
 	}
 	PQclear(r);
-	return ok && flush_chunk(rb);
+	return ok && flush_chunk(rb, false);
 }
 
 /* --- the end state: accounts and totals --------------------------------------------- */
@@ -497,8 +500,10 @@ static bool write_end_state(struct rebuild *rb, const char *token)
 	struct totals_walk tw = { rb, &rows, calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0, true };
 	bool ok;
 
+
+	ok = flush_chunk(rb, true);
 	strmap_foreach(rb->accounts, put_account, &aw);
-	ok = aw.ok && (!rb->sql || copy_in(rb, "rm_accounts_shadow", &rows));
+	ok = ok && aw.ok && (!rb->sql || copy_in(rb, "rm_accounts_shadow", &rows));
 	if (ok && tw.sorted) {
 		strmap_foreach(rb->totals, put_total, &tw);
 		ok = tw.ok && (!rb->sql || copy_in(rb, "rm_totals_shadow", &rows));
