@@ -60,6 +60,22 @@ void harness_assert_models_match_log(const char *db);
 /* Redis's live generation holds exactly the SQL models' accounts, byte for byte. */
 void harness_assert_redis_matches_sql(const char *db, const char *redis_url);
 
+/* Readers: threads reading GET /accounts/{id} from a query service, in a loop, over the
+ * given accounts; every answer that is not a 200 with a body counts as an error. */
+struct read_sample {
+	char account[65];
+	int version;
+	long long balance;
+};
+struct readers;
+struct readers *harness_readers_start(const struct service *query, const char *const *accounts,
+				      size_t naccounts, int threads);
+/* Stop them; *samples (caller frees) holds what they saw. */
+void harness_readers_stop(struct readers *r, int *reads, int *errors, struct read_sample **samples,
+			  size_t *nsamples);
+/* Every sampled balance is the log's balance of that account at that version. */
+void harness_assert_samples_true(const char *db, const struct read_sample *s, size_t n);
+
 /* SIGTERM and wait; returns the exit status (or -1 if it had to be killed). */
 int harness_stop(struct service *svc);
 /* SIGKILL and reap. */

@@ -220,16 +220,36 @@ Test(projector, a_standby_takes_over_within_5_s)
 	harness_stop(&b);
 }
 
+static const char *const ids[] = { "p-0", "p-1", "p-2", "p-3", "p-4",
+				    "p-5", "p-6", "p-7", "p-8", "p-9" };
+
+/* Stop readers and check every read was a 200 showing the log's balance. */
+static void check_readers(struct readers *rd)
+{
+	struct read_sample *samples;
+	size_t n;
+	int reads, errors;
+
+	harness_readers_stop(rd, &reads, &errors, &samples, &n);
+	cr_assert_eq(errors, 0, "%d of %d reads failed", errors, reads);
+	cr_assert_gt(reads, 10);
+	harness_assert_samples_true(db, samples, n);
+	free(samples);
+}
+
 Test(projector, lost_redis_data_is_repopulated_under_load)
 {
-	struct service proj;
+	struct service proj, query;
 	struct load l = { .accounts = 10 };
 	pthread_t t[2];
 	redisContext *c;
+	struct readers *rd;
 
 	open_accounts(10);
 	harness_start_projector(&proj, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_query(&query, db, redis_url);
+	rd = harness_readers_start(&query, ids, 10, 2);
 	start_load(&l, t, 2);
 	usleep(300000);
 	c = harness_redis(redis_url);
@@ -238,6 +258,8 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 	usleep(700000);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
+	check_readers(rd);
+	harness_stop(&query);
 	harness_assert_models_match_log(db);
 	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);
@@ -245,12 +267,15 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 
 Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 {
-	struct service proj;
+	struct service proj, query;
 	char cp[64], head[64];
+	struct readers *rd;
 
 	open_accounts(4);
 	harness_start_projector(&proj, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_query(&query, db, redis_url);
+	rd = harness_readers_start(&query, ids, 4, 2);
 	harness_kill(&redis);
 	for (int i = 0; i < 10; i++)
 		must("/accounts/p-1/deposits", "{\"amount\":3}");
@@ -265,6 +290,8 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 	cr_assert_eq(sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"), 12);
 	harness_start_redis(&redis, true, redis_url, sizeof(redis_url));
 	harness_wait_caught_up(db, redis_url, 20);
+	check_readers(rd);
+	harness_stop(&query);
 	harness_assert_models_match_log(db);
 	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);

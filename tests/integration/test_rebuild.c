@@ -96,13 +96,7 @@ static void must(const char *path, const char *body)
 
 struct traffic {
 	atomic_bool stop;
-	atomic_int writes, reads, read_errors;
-	pthread_mutex_t lock;
-	struct sample {
-		int account, version;
-		long long balance;
-	} samples[20000];
-	int nsamples;
+	atomic_int writes;
 };
 
 static void *writer(void *arg)
@@ -122,68 +116,19 @@ static void *writer(void *arg)
 	return NULL;
 }
 
-static void *reader(void *arg)
-{
-	struct traffic *t = arg;
-	unsigned seed = (unsigned)(uintptr_t)pthread_self();
-	const char *h[] = { "Authorization: Bearer " TOKEN_READ, NULL };
-	char path[64];
-
-	while (!atomic_load(&t->stop)) {
-		int a = rand_r(&seed) % 8;
-		snprintf(path, sizeof(path), "/accounts/r-%d", a);
-		struct response r = http_request(query.port, "GET", path, h, NULL, 10);
-		atomic_fetch_add(&t->reads, 1);
-		if (r.status != 200 || !r.json) {
-			atomic_fetch_add(&t->read_errors, 1);
-		} else {
-			pthread_mutex_lock(&t->lock);
-			if (t->nsamples < 20000)
-				t->samples[t->nsamples++] = (struct sample){
-					a, (int)json_integer_value(json_object_get(r.json, "version")),
-					json_integer_value(json_object_get(r.json, "balance"))
-				};
-			pthread_mutex_unlock(&t->lock);
-		}
-		response_free(&r);
-	}
-	return NULL;
-}
-
-/* Every balance a reader saw is the log's balance at the version it was shown with. */
-static void assert_samples_true(const struct traffic *t)
-{
-	PGresult *r = sql(db, "SELECT substr(stream, 11)::int, version, sum(CASE type WHEN "
-			      "'FundsDeposited' THEN (data->>'amount')::bigint ELSE 0 END) OVER "
-			      "(PARTITION BY stream ORDER BY version) FROM events WHERE stream LIKE "
-			      "'account-r-%' ORDER BY 1, 2");
-
-	for (int i = 0; i < t->nsamples; i++) {
-		bool found = false;
-		for (int row = 0; row < PQntuples(r) && !found; row++) {
-			if (atoi(PQgetvalue(r, row, 0)) != t->samples[i].account ||
-			    atoi(PQgetvalue(r, row, 1)) != t->samples[i].version)
-				continue;
-			found = true;
-			cr_assert_eq(atoll(PQgetvalue(r, row, 2)), t->samples[i].balance,
-				     "r-%d at version %d was shown with balance %lld", t->samples[i].account,
-				     t->samples[i].version, t->samples[i].balance);
-		}
-		cr_assert(found, "r-%d version %d is not in the log", t->samples[i].account,
-			  t->samples[i].version);
-	}
-	PQclear(r);
-}
+static const char *const ids[] = { "r-0", "r-1", "r-2", "r-3", "r-4", "r-5", "r-6", "r-7" };
 
 Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 {
 	static struct traffic t;
-	pthread_t w[2], rd[2];
+	pthread_t w[2];
+	struct readers *rd;
+	struct read_sample *samples;
+	size_t nsamples;
 	char body[128];
-	int fd, json_lines, status;
+	int fd, json_lines, status, reads, read_errors;
 	long long gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
 
-	pthread_mutex_init(&t.lock, NULL);
 	for (int i = 0; i < 8; i++) {
 		snprintf(body, sizeof(body), "{\"id\":\"r-%d\",\"name\":\"R\",\"currency\":\"EUR\"}", i);
 		must("/accounts", body);
@@ -196,28 +141,26 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 49999) i ORDER BY i"));
 	harness_wait_caught_up(db, redis_url, 60);
 	harness_start_query(&query, db, redis_url);
-	for (int i = 0; i < 2; i++) {
+	rd = harness_readers_start(&query, ids, 8, 2);
+	for (int i = 0; i < 2; i++)
 		pthread_create(&w[i], NULL, writer, &t);
-		pthread_create(&rd[i], NULL, reader, &t);
-	}
 	usleep(300000);
 	pid_t pid = start_rebuild("all", &fd);
 	read_progress(fd, &json_lines);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	usleep(500000);
 	atomic_store(&t.stop, true);
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < 2; i++)
 		pthread_join(w[i], NULL);
-		pthread_join(rd[i], NULL);
-	}
+	harness_readers_stop(rd, &reads, &read_errors, &samples, &nsamples);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
 	cr_assert_gt(json_lines, 0, "non-terminal progress must be JSON lines");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before + 1,
 		     "the tables were swapped");
-	cr_assert_eq(atomic_load(&t.read_errors), 0, "%d of %d reads failed", atomic_load(&t.read_errors),
-		     atomic_load(&t.reads));
+	cr_assert_eq(read_errors, 0, "%d of %d reads failed", read_errors, reads);
 	cr_assert_gt(atomic_load(&t.writes), 0);
-	assert_samples_true(&t);
+	harness_assert_samples_true(db, samples, nsamples);
+	free(samples);
 	/* The live projector carries on from the rebuilt models. */
 	must("/accounts/r-0/deposits", "{\"amount\":1}");
 	harness_wait_caught_up(db, redis_url, 30);
