@@ -31,6 +31,7 @@ struct acct {
 	int32_t entries;
 	char opened_at[32], updated_at[32];
 	int32_t untrimmed; /* statement items added to Redis since its last trim */
+	int32_t expected;  /* statement items the log had when the rebuild began */
 };
 
 struct total {
@@ -54,7 +55,8 @@ struct rebuild {
 	long long position;
 	struct strmap *accounts, *totals;
 	struct buf entries, transfers; /* COPY text of the chunk */
-	size_t redis_queued;
+	size_t redis_queued; /* commands sent whose replies are not read yet */
+	size_t redis_prev;   /* of those, the ones sent before the current chunk */
 	long long done, total;
 	double started, last_report;
 	bool tty;
@@ -147,11 +149,12 @@ static bool copy_in(struct rebuild *rb, const char *table, struct buf *b)
 
 /* --- Redis pipeline ------------------------------------------------------------------- */
 
-static bool redis_drain(struct rebuild *rb)
+/* Read the replies of the n oldest commands. */
+static bool redis_drain_n(struct rebuild *rb, size_t n)
 {
 	bool ok = true;
 
-	for (; rb->redis_queued > 0; rb->redis_queued--) {
+	for (; n > 0; n--, rb->redis_queued--) {
 		redisReply *reply = NULL;
 		if (redisGetReply(rb->redis, (void **)&reply) != REDIS_OK) {
 			fprintf(stderr, "daybook-admin: redis: %s\n", rb->redis->errstr);
@@ -166,11 +169,29 @@ static bool redis_drain(struct rebuild *rb)
 	return ok;
 }
 
+static bool redis_drain(struct rebuild *rb)
+{
+	rb->redis_prev = 0;
+	return redis_drain_n(rb, rb->redis_queued);
+}
+
+/* Write the buffered commands out without waiting for their replies: Redis works on
+ * them while the next chunk is read from PostgreSQL. */
+static bool redis_write_out(struct rebuild *rb)
+{
+	int done = 0;
+
+	while (!done)
+		if (redisBufferWrite(rb->redis, &done) != REDIS_OK)
+			return false;
+	return true;
+}
+
 static bool redis_send(struct rebuild *rb, int argc, const char **argv)
 {
 	if (redisAppendCommandArgv(rb->redis, argc, argv, NULL) != REDIS_OK)
 		return false;
-	return ++rb->redis_queued < REDIS_FLUSH || redis_drain(rb);
+	return ++rb->redis_queued < 4 * REDIS_FLUSH || redis_drain(rb);
 }
 
 static void rkey(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
@@ -244,7 +265,8 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 		     field_int(b, a->acc.balance, false) && field(b, ev->transfer_id, false) &&
 		     field(b, ev->counterparty, false) && field(b, ev->reference, false) &&
 		     field(b, at, true);
-	if (ok && rb->redis) {
+	/* Redis keeps the newest items only: skip those certain to be trimmed. */
+	if (ok && rb->redis && a->entries > a->expected - ENTRIES_KEPT) {
 		struct readmodel_entry e = {
 			.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
 			.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
@@ -362,7 +384,12 @@ static bool flush_chunk(struct rebuild *rb, bool final)
 		return false;
 	if (rb->redis) {
 		strmap_foreach(rb->accounts, trim_one, &w);
-		return w.ok && redis_drain(rb);
+		if (final)
+			return w.ok && redis_drain(rb);
+		/* The previous chunk's replies are due; this chunk's go out unanswered. */
+		w.ok = w.ok && redis_drain_n(rb, rb->redis_prev) && redis_write_out(rb);
+		rb->redis_prev = rb->redis_queued;
+		return w.ok;
 	}
 	return true;
 }
@@ -416,8 +443,8 @@ static void put_account(void *arg, const char *id, void *value)
 	struct buf *b = w->rows;
 	const char *status = a->acc.closed ? "closed" : "open";
 
-	if (!w->ok)
-		return;
+	if (!w->ok || !ledger_account_exists(&a->acc))
+		return; /* counted before the rebuild began, never opened: nothing to write */
 	if (w->rb->sql)
 		w->ok = field(b, id, false) && field(b, a->name, false) &&
 			field(b, a->acc.currency, false) && field_int(b, a->acc.balance, false) &&
@@ -589,6 +616,9 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 {
 	char cursor[32] = "0", match[48], prefix[48];
 
+	/* Replies of pipelined commands come first: read them before talking again. */
+	if (!redis_drain(rb))
+		return;
 	snprintf(match, sizeof(match), keep ? "dbk:g:*" : "dbk:g:%lld:*", drop);
 	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", keep);
 	do {
@@ -641,6 +671,30 @@ static bool connect_redis(struct rebuild *rb)
 	return true;
 }
 
+/* How many statement items each account has now, so that Redis is sent only the
+ * items that will be among its newest; accounts are created here, unopened. */
+static bool count_entries(struct rebuild *rb)
+{
+	PGresult *r = PQexec(rb->pg, "SELECT substr(stream, 9), count(*) FILTER (WHERE type IN "
+				     "('FundsDeposited', 'FundsWithdrawn', 'TransferSent', "
+				     "'TransferReceived')) FROM events GROUP BY stream");
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+
+	for (int row = 0; ok && row < PQntuples(r); row++) {
+		struct acct *a = calloc(1, sizeof(*a));
+		ok = a && strmap_put(rb->accounts, PQgetvalue(r, row, 0), a);
+		if (!ok) {
+			free(a);
+			break;
+		}
+		a->expected = atoi(PQgetvalue(r, row, 1));
+	}
+	if (!ok)
+		fprintf(stderr, "daybook-admin: counting statement items: %s", PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
 static bool prepare(struct rebuild *rb)
 {
 	PGresult *r;
@@ -657,6 +711,8 @@ static bool prepare(struct rebuild *rb)
 	    (rb->sql && !exec_ok(rb->pg, "SELECT rm_shadow_reset()")))
 		return false;
 	if (rb->want_redis && !connect_redis(rb))
+		return false;
+	if (rb->want_redis && !count_entries(rb))
 		return false;
 	r = PQexec(rb->pg, "SELECT count(*) FROM events");
 	rb->total = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : 0;

@@ -853,7 +853,8 @@ static void check_totals(struct verify *v)
 {
 	redisReply *r;
 
-	qsort(v->totals, v->ntotals, sizeof(*v->totals), by_currency);
+	if (v->ntotals)
+		qsort(v->totals, v->ntotals, sizeof(*v->totals), by_currency);
 	check_sql_totals(v);
 	if (!v->redis)
 		return;

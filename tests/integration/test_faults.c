@@ -177,7 +177,11 @@ Test(faults, sigterm_finishes_requests_in_flight_then_exits_zero)
 		b[i].port = svc.port;
 		pthread_create(&t[i], NULL, slow_write, &b[i]);
 	}
-	usleep(300000);
+	/* All ten in flight (the gauge also counts the /metrics request reading it). */
+	for (int i = 0; harness_metric(&svc, "daybook_http_requests_in_flight") < 11; i++) {
+		cr_assert_lt(i, 1000, "the writes never all arrived");
+		usleep(10000);
+	}
 	kill(svc.pid, SIGTERM);
 	usleep(300000);
 	PQclear(PQexec(blocker, "COMMIT"));

@@ -156,7 +156,12 @@ Test(idempotency, a_repeat_while_the_first_is_in_flight_is_409)
 	PQclear(PQexec(blocker, "BEGIN"));
 	PQclear(PQexec(blocker, "LOCK TABLE events IN ACCESS EXCLUSIVE MODE"));
 	pthread_create(&t, NULL, deposit_with_key, &first);
-	usleep(300000);
+	/* Only once the first is in flight (blocked on the lock) may the repeat go; the
+	 * gauge counts the /metrics request that reads it too. */
+	for (int i = 0; harness_metric(&svc, "daybook_http_requests_in_flight") < 2; i++) {
+		cr_assert_lt(i, 1000, "the first request never arrived");
+		usleep(10000);
+	}
 	during = post(&svc, "/accounts/idem/deposits", "{\"amount\":5}", key);
 	PQclear(PQexec(blocker, "COMMIT"));
 	PQfinish(blocker);

@@ -60,6 +60,18 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 	return pid;
 }
 
+/* Run `daybook-admin verify`; its exit status. */
+static int run_verify(void)
+{
+	char pg[512], cmd[2048];
+
+	harness_conninfo(db, NULL, pg, sizeof(pg));
+	snprintf(cmd, sizeof(cmd), "DAYBOOK_PG='%s' DAYBOOK_REDIS='%s' '%s' verify >&2", pg, redis_url,
+		 getenv("DAYBOOK_ADMIN_BIN"));
+	int status = system(cmd);
+	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 /* Read the child's stdout to the end; every progress line must be a JSON object. */
 static int read_progress(int fd, int *json_lines)
 {
@@ -166,6 +178,7 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	harness_wait_caught_up(db, redis_url, 30);
 	harness_assert_models_match_log(db);
 	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0);
 }
 
