@@ -47,7 +47,9 @@ struct buf {
 
 struct rebuild {
 	struct admin_ctx *ctx;
-	PGconn *pg;
+	PGconn *pg;        /* reads the log; its next read runs while the writer works */
+	PGconn *wr;        /* writes the shadow tables and runs the switch */
+	bool read_pending; /* a read of the next chunk was sent on pg */
 	redisContext *redis;
 	bool sql, want_redis;
 	long long gen;
@@ -132,16 +134,16 @@ static bool copy_in(struct rebuild *rb, const char *table, struct buf *b)
 	if (b->len == 0)
 		return true;
 	snprintf(sql, sizeof(sql), "COPY %s FROM STDIN", table);
-	r = PQexec(rb->pg, sql);
+	r = PQexec(rb->wr, sql);
 	ok = PQresultStatus(r) == PGRES_COPY_IN;
 	PQclear(r);
-	ok = ok && PQputCopyData(rb->pg, b->p, (int)b->len) == 1 && PQputCopyEnd(rb->pg, NULL) == 1;
-	r = PQgetResult(rb->pg);
+	ok = ok && PQputCopyData(rb->wr, b->p, (int)b->len) == 1 && PQputCopyEnd(rb->wr, NULL) == 1;
+	r = PQgetResult(rb->wr);
 	ok = ok && PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
-		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(rb->pg));
+		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(rb->wr));
 	PQclear(r);
-	while ((r = PQgetResult(rb->pg)))
+	while ((r = PQgetResult(rb->wr)))
 		PQclear(r);
 	b->len = 0;
 	return ok;
@@ -394,36 +396,66 @@ static bool flush_chunk(struct rebuild *rb, bool final)
 	return true;
 }
 
-/* Read and fold the next chunk of the log below the snapshot xmin; *n gets its size. */
-static bool fold_chunk(struct rebuild *rb, int *n)
+static bool send_read(struct rebuild *rb)
 {
 	char pos[24], limit[16];
 	const char *params[3] = { rb->txid, pos, limit };
-	PGresult *r;
-	bool ok = true;
 
 	snprintf(pos, sizeof(pos), "%lld", rb->position);
 	snprintf(limit, sizeof(limit), "%d", CHUNK);
-	r = PQexecParams(rb->pg,
-			 "SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
-			 "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
-			 "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
-			 "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-			 "ORDER BY events.txid, events.position LIMIT $3",
-			 3, NULL, params, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		fprintf(stderr, "daybook-admin: reading the log: %s", PQresultErrorMessage(r));
+	rb->read_pending = PQsendQueryParams(
+		rb->pg,
+		"SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
+		"to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+		"FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+		"AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+		"ORDER BY events.txid, events.position LIMIT $3",
+		3, NULL, params, NULL, NULL, 0);
+	if (!rb->read_pending)
+		fprintf(stderr, "daybook-admin: reading the log: %s", PQerrorMessage(rb->pg));
+	return rb->read_pending;
+}
+
+/* The pending read's rows, or NULL on failure. Caller PQclear()s. */
+static PGresult *take_read(struct rebuild *rb)
+{
+	PGresult *r, *rows = NULL;
+
+	while ((r = PQgetResult(rb->pg))) {
+		if (!rows && PQresultStatus(r) == PGRES_TUPLES_OK) {
+			rows = r;
+			continue;
+		}
+		if (PQresultStatus(r) != PGRES_TUPLES_OK)
+			fprintf(stderr, "daybook-admin: reading the log: %s", PQresultErrorMessage(r));
 		PQclear(r);
-		return false;
 	}
+	rb->read_pending = false;
+	return rows;
+}
+
+/* Fold the next chunk of the log below the snapshot xmin; *n gets its size. A full
+ * chunk sends the read of the one after before folding, so PostgreSQL reads while
+ * we fold and write. */
+static bool fold_chunk(struct rebuild *rb, int *n)
+{
+	PGresult *r;
+	bool ok = true;
+
+	if (!rb->read_pending && !send_read(rb))
+		return false;
+	if (!(r = take_read(rb)))
+		return false;
 	*n = PQntuples(r);
-	for (int row = 0; ok && row < *n; row++)
-		ok = fold_row(rb, r, row);
-	if (ok && *n > 0) {
+	if (*n > 0) {
 		rb->position = atoll(PQgetvalue(r, *n - 1, 0));
 		snprintf(rb->txid, sizeof(rb->txid), "%s", PQgetvalue(r, *n - 1, 1));
 		rb->done += *n;
 	}
+	if (*n == CHUNK)
+		ok = send_read(rb);
+	for (int row = 0; ok && row < *n; row++)
+		ok = fold_row(rb, r, row);
 	PQclear(r);
 	return ok && flush_chunk(rb, false);
 }
@@ -576,8 +608,8 @@ static bool switch_over(struct rebuild *rb)
 	char token[48], gen[24];
 	const char *live[3] = { "SET", "dbk:live", gen };
 	int n = 1;
-	bool ok = exec_ok(rb->pg, "BEGIN") &&
-		  exec_ok(rb->pg, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")");
+	bool ok = exec_ok(rb->wr, "BEGIN") &&
+		  exec_ok(rb->wr, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")");
 
 	rb->phase = "switch";
 	while (ok && n > 0)
@@ -588,7 +620,7 @@ static bool switch_over(struct rebuild *rb)
 		char pos[24];
 		const char *params[2] = { rb->txid, pos };
 		snprintf(pos, sizeof(pos), "%lld", rb->position);
-		PGresult *r = PQexecParams(rb->pg, "SELECT rm_shadow_swap($1::xid8, $2::bigint)", 2,
+		PGresult *r = PQexecParams(rb->wr, "SELECT rm_shadow_swap($1::xid8, $2::bigint)", 2,
 					   NULL, params, NULL, NULL, 0);
 		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 		if (!ok)
@@ -605,10 +637,10 @@ static bool switch_over(struct rebuild *rb)
 		     redis_drain(rb);
 	}
 	if (!ok) {
-		exec_ok(rb->pg, "ROLLBACK");
+		exec_ok(rb->wr, "ROLLBACK");
 		return false;
 	}
-	return exec_ok(rb->pg, "COMMIT");
+	return exec_ok(rb->wr, "COMMIT");
 }
 
 /* Delete every key of the generations other than `keep` (0: delete generation `drop`). */
@@ -700,15 +732,17 @@ static bool prepare(struct rebuild *rb)
 	PGresult *r;
 
 	rb->pg = PQconnectdb(rb->ctx->cfg.pg);
-	if (PQstatus(rb->pg) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin: cannot connect to PostgreSQL: %s", PQerrorMessage(rb->pg));
+	rb->wr = PQconnectdb(rb->ctx->cfg.pg);
+	if (PQstatus(rb->pg) != CONNECTION_OK || PQstatus(rb->wr) != CONNECTION_OK) {
+		fprintf(stderr, "daybook-admin: cannot connect to PostgreSQL: %s",
+			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
 	if (strmap_open(&rb->accounts, free) || strmap_open(&rb->totals, free))
 		return false;
-	if (!exec_ok(rb->pg, "SET client_min_messages = warning") ||
-	    !exec_ok(rb->pg, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
-	    (rb->sql && !exec_ok(rb->pg, "SELECT rm_shadow_reset()")))
+	if (!exec_ok(rb->wr, "SET client_min_messages = warning") ||
+	    !exec_ok(rb->wr, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
+	    (rb->sql && !exec_ok(rb->wr, "SELECT rm_shadow_reset()")))
 		return false;
 	if (rb->want_redis && !connect_redis(rb))
 		return false;
@@ -723,8 +757,8 @@ static bool prepare(struct rebuild *rb)
 
 static void abandon(struct rebuild *rb)
 {
-	if (rb->sql && rb->pg && PQstatus(rb->pg) == CONNECTION_OK)
-		exec_ok(rb->pg, "SELECT rm_shadow_drop()");
+	if (rb->sql && rb->wr && PQstatus(rb->wr) == CONNECTION_OK)
+		exec_ok(rb->wr, "SELECT rm_shadow_drop()");
 	if (rb->redis && rb->gen)
 		redis_cleanup(rb, 0, rb->gen);
 	fprintf(stderr, "daybook-admin: rebuild %s; the live read models are untouched\n",
@@ -740,6 +774,7 @@ static void finish(struct rebuild *rb)
 	if (rb->redis)
 		redisFree(rb->redis);
 	PQfinish(rb->pg);
+	PQfinish(rb->wr);
 }
 
 static int parse_target(int argc, char **argv, struct rebuild *rb)
@@ -768,7 +803,7 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	rb.tty = isatty(STDERR_FILENO);
 	rb.started = now();
-	ok = prepare(&rb) && load(&rb) && (!rb.sql || exec_ok(rb.pg, "SELECT rm_shadow_index()")) &&
+	ok = prepare(&rb) && load(&rb) && (!rb.sql || exec_ok(rb.wr, "SELECT rm_shadow_index()")) &&
 	     !interrupted && switch_over(&rb);
 	report(&rb, true);
 	if (!ok) {
