@@ -14,6 +14,7 @@
 #define POLL_INTERVAL_US 100000      /* polling is the guarantee; NOTIFY only a hint */
 #define ELECT_INTERVAL_S 1
 #define READY_LAG_SECONDS 10.0
+#define ACCOUNT_CACHE_MAX 50000 /* cached read-model rows, about 25 MB */
 
 static const char usage[] =
 	"usage: daybook-projector [--help]\n"
@@ -117,6 +118,9 @@ void projector_forget(struct projector_ctx *ctx)
 static void go_idle(struct projector_ctx *ctx)
 {
 	free_events(ctx);
+	/* Between batches nothing points into the cache: bound its memory here. */
+	if (strmap_count(ctx->accounts) > ACCOUNT_CACHE_MAX)
+		strmap_clear(ctx->accounts);
 	ctx->step = STEP_IDLE;
 	if (ctx->stopping) {
 		log_info(&ctx->log, "batch finished; exiting");
