@@ -296,3 +296,20 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);
 }
+
+Test(projector, reads_the_log_in_transaction_id_order_not_text_order)
+{
+	struct service proj;
+
+	/* As text "100" sorts before "99"; as xid8 it follows it. A projector that sorted
+	 * by the text would fold the deposit before the opening and stall. */
+	PQclear(sql(db, "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
+			"('99', 'account-digits', 1, 'AccountOpened', '{\"account_id\":\"digits\","
+			"\"name\":\"D\",\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
+			"('100', 'account-digits', 2, 'FundsDeposited', '{\"amount\":42}', '{}')"));
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'digits'"), 42);
+	harness_assert_models_match_log(db);
+	harness_stop(&proj);
+}
