@@ -590,6 +590,10 @@ static int start(struct projector_ctx *ctx)
 		.conninfo = ctx->cfg.pg, .application_name = "daybook-projector", .base = ctx->base,
 		.log = &ctx->log, .statements = st, .nstatements = nstatements,
 		.listen_channel = "daybook_events", .on_connect = on_pg_connect,
+		/* Read models and their checkpoint commit together, so a crash that loses
+		 * the last commits rolls back to an earlier consistent point, replayed from
+		 * the log: the projector need not wait for each WAL flush. */
+		.async_commit = true,
 		.on_notify = on_notify, .arg = ctx,
 	};
 	struct http_server_config hc = {

@@ -171,7 +171,9 @@ static bool begin_setup(struct pg *pg)
 		return false;
 	pg->state = PG_IDLE;
 	/* Durability is part of the contract whatever the server's default. */
-	if (!pg_queue_sql(pg, "SET synchronous_commit = on", 0, NULL))
+	if (!pg_queue_sql(pg, pg->cfg.async_commit ? "SET synchronous_commit = off"
+						   : "SET synchronous_commit = on",
+			  0, NULL))
 		return false;
 	for (size_t i = 0; i < pg->cfg.nstatements; i++) {
 		const struct pg_statement *s = &pg->cfg.statements[i];

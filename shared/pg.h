@@ -28,6 +28,9 @@ struct pg_config {
 	size_t nstatements;
 	const char *listen_channel; /* LISTEN on it after connecting; NULL for none */
 	double run_timeout;         /* seconds before a pipeline run counts as lost; 0: 10 s */
+	/* Commit without waiting for the WAL flush. Only for derived data that a crash may
+	 * roll back consistently (the projector): never for acknowledged writes. */
+	bool async_commit;
 	void (*on_connect)(void *arg);
 	void (*on_notify)(void *arg);
 	void *arg;
