@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# Shared functions of the Daybook developer scripts (scripts/dev, the scripts
-# that `scripts/dev test` generates for the tests). Source it; it defines
-# functions and a few constants and runs nothing by itself.
+# Shared functions of the Daybook developer scripts (scripts/dev, scripts/bench,
+# the scripts that `scripts/dev test` generates for the tests). Source it; it
+# defines functions and a few constants and runs nothing by itself.
 #
 # Conventions: functions are prefixed `dbk_`; messages go to stderr; every
 # function works under `set -euo pipefail`.
@@ -17,10 +17,11 @@ DBK_PACKAGES=(
 
 # ---------------------------------------------------------------- messages --
 
-dbk_say() { printf 'dev: %s\n' "$*" >&2; }
-dbk_warn() { printf 'dev: warning: %s\n' "$*" >&2; }
+# DBK_PROG prefixes every message (default: dev).
+dbk_say() { printf '%s: %s\n' "${DBK_PROG:-dev}" "$*" >&2; }
+dbk_warn() { printf '%s: warning: %s\n' "${DBK_PROG:-dev}" "$*" >&2; }
 dbk_die() {
-  printf 'dev: error: %s\n' "$*" >&2
+  printf '%s: error: %s\n' "${DBK_PROG:-dev}" "$*" >&2
   exit 1
 }
 
@@ -32,7 +33,7 @@ dbk_tail() {
     tail -n "$lines" -- "$file" >&2 || true
     printf -- '----- end of %s -----\n' "$file" >&2
   else
-    printf 'dev: (no log at %s)\n' "$file" >&2
+    printf '%s: (no log at %s)\n' "${DBK_PROG:-dev}" "$file" >&2
   fi
 }
 
