@@ -26,6 +26,9 @@
 #define CACHE_MAX 200000
 #define MAX_ATTEMPTS 3
 #define POSITION_PLACEHOLDER "?"
+/* Not a refusal: memory ran out mid-decision, and the batch's overlay can no longer be
+ * trusted; the whole batch is answered 503 and nothing is written. */
+#define OUT_OF_MEMORY ((enum ledger_error)-1)
 
 static const struct pg_statement statements[] = {
 	{ "load_streams",
@@ -451,7 +454,7 @@ static enum ledger_error decide_transfer(struct batcher *b, int i, struct ledger
 	enum ledger_error err;
 
 	if (!from || !to)
-		return LEDGER_OVERFLOW; /* out of memory; reported as a refusal below */
+		return OUT_OF_MEMORY;
 	if (strmap_get(b->transfers, t->id))
 		return LEDGER_TRANSFER_EXISTS;
 	err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
@@ -460,7 +463,7 @@ static enum ledger_error decide_transfer(struct batcher *b, int i, struct ledger
 		return err;
 	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
 	    !strmap_put(b->transfers, t->id, b))
-		return LEDGER_OVERFLOW;
+		return OUT_OF_MEMORY;
 	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
 				     (json_int_t)from->version, "to_version", (json_int_t)to->version,
 				     "position", POSITION_PLACEHOLDER);
@@ -478,7 +481,7 @@ static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_
 
 	*blame = acc;
 	if (!acc)
-		return LEDGER_OVERFLOW;
+		return OUT_OF_MEMORY;
 	switch (cmd->kind) {
 	case CMD_OPEN:
 		err = ledger_decide_open(acc, id, cmd->u.open.name, cmd->u.open.currency,
@@ -501,7 +504,7 @@ static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_
 	if (err)
 		return err;
 	if (!add_event(b, i, acc, &ev))
-		return LEDGER_OVERFLOW;
+		return OUT_OF_MEMORY;
 	etag(b->slots[i].headers, acc->version);
 	if (cmd->kind == CMD_OPEN) {
 		snprintf(location, sizeof(location), "/accounts/%s", id);
@@ -514,7 +517,8 @@ static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_
 	return LEDGER_OK;
 }
 
-static void decide(struct batcher *b, int i)
+/* Decide slot i; false when memory ran out (the batch must be abandoned). */
+static bool decide(struct batcher *b, int i)
 {
 	struct slot *s = &b->slots[i];
 	struct ledger_account *blame = NULL;
@@ -524,15 +528,18 @@ static void decide(struct batcher *b, int i)
 	s->last_event = -1;
 	s->headers = json_object();
 	err = s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &blame) : decide_account(b, i, &blame);
+	if (err == OUT_OF_MEMORY)
+		return false;
 	if (err == LEDGER_OK) {
 		s->status = 201;
-		return;
+		return true;
 	}
 	json_decref(s->headers);
 	json_decref(s->body);
 	s->body = NULL;
 	refusal_detail(s->cmd, err, blame, detail, sizeof(detail));
 	set_refusal(s, err, detail);
+	return true;
 }
 
 /* --- writing ------------------------------------------------------------------- */
@@ -766,9 +773,13 @@ static void apply_records(struct batcher *b, PGresult *r)
 
 static void decide_all(struct batcher *b)
 {
-	for (size_t i = 0; i < b->nslots; i++)
-		if (b->slots[i].status == 0)
-			decide(b, (int)i);
+	for (size_t i = 0; i < b->nslots; i++) {
+		if (b->slots[i].status == 0 && !decide(b, (int)i)) {
+			fail_batch(b, 503, "out of memory; retry shortly");
+			start_batch(b);
+			return;
+		}
+	}
 	write_batch(b);
 }
 
