@@ -675,22 +675,17 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 
 static bool connect_redis(struct rebuild *rb)
 {
-	const struct config_redis *c = &rb->ctx->cfg.redis;
+	char err[256];
 	redisReply *r;
 
 	if (!rb->ctx->cfg.redis_url) {
 		fprintf(stderr, "daybook-admin: DAYBOOK_REDIS is not set: rebuilding redis needs it\n");
 		return false;
 	}
-	rb->redis = c->path[0] ? redisConnectUnix(c->path) : redisConnect(c->host, c->port);
-	if (!rb->redis || rb->redis->err) {
-		fprintf(stderr, "daybook-admin: cannot connect to redis: %s\n",
-			rb->redis ? rb->redis->errstr : "out of memory");
+	rb->redis = admin_redis_connect(&rb->ctx->cfg.redis, err, sizeof(err));
+	if (!rb->redis) {
+		fprintf(stderr, "daybook-admin: cannot connect to redis: %s\n", err);
 		return false;
-	}
-	if (c->db) {
-		r = redisCommand(rb->redis, "SELECT %d", c->db);
-		freeReplyObject(r);
 	}
 	r = redisCommand(rb->redis, "INCR dbk:generation");
 	if (!r || r->type != REDIS_REPLY_INTEGER) {

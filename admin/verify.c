@@ -221,36 +221,6 @@ static void cursor_close(struct cursor *c)
 
 /* --- Redis -------------------------------------------------------------------------------- */
 
-redisContext *admin_redis_connect(const struct config_redis *server, char *err, size_t errlen)
-{
-	struct timeval connect_tv = { 2, 0 }, command_tv = { 30, 0 };
-	redisContext *c = server->path[0]
-				  ? redisConnectUnixWithTimeout(server->path, connect_tv)
-				  : redisConnectWithTimeout(server->host, server->port, connect_tv);
-	redisReply *r = NULL;
-
-	if (!c || c->err) {
-		snprintf(err, errlen, "%s", c ? c->errstr : "out of memory");
-		goto fail;
-	}
-	redisSetTimeout(c, command_tv);
-	if (server->db) {
-		r = redisCommand(c, "SELECT %d", server->db);
-		if (!r || r->type == REDIS_REPLY_ERROR) {
-			snprintf(err, errlen, "SELECT %d: %s", server->db, r ? r->str : c->errstr);
-			goto fail;
-		}
-		freeReplyObject(r);
-	}
-	return c;
-fail:
-	if (r)
-		freeReplyObject(r);
-	if (c)
-		redisFree(c);
-	return NULL;
-}
-
 static const char *reply_str(const redisReply *r)
 {
 	return r && r->type == REDIS_REPLY_STRING ? r->str : NULL;
