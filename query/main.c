@@ -1,15 +1,19 @@
 /* daybook-query: the HTTP read API over the read models (Redis first, SQL fallback). */
 #include <event2/event.h>
+#include <event2/thread.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "query.h"
 
 /* A Redis read slower than this is abandoned for SQL (and the connection renewed). */
 #define REDIS_COMMAND_TIMEOUT 0.25
 #define REDIS_CONNECT_TIMEOUT 1.0
+#define MAX_WORKERS 8
 
 static const char usage[] =
 	"usage: daybook-query [--help]\n"
@@ -23,9 +27,11 @@ static const char usage[] =
 	"  DAYBOOK_REDIS        redis://host:port[/db] or unix:///path[?db=N] (required)\n"
 	"  DAYBOOK_TOKENS_FILE  API tokens: '<id> <sha256 hex> <scopes>' lines (required)\n"
 	"  DAYBOOK_LISTEN       host:port to listen on (default 127.0.0.1:8082)\n"
+	"  DAYBOOK_QUERY_WORKERS  event-loop threads sharing the port (default: CPUs, up to 4)\n"
 	"  DAYBOOK_LOG_LEVEL    debug|info|warn|error (default info)\n";
 
-/* Ready when SQL can answer; Redis down only degrades (reads fall back to SQL). */
+/* Ready when SQL can answer, in every worker (any of them may get the next request);
+ * Redis down only degrades (reads fall back to SQL). */
 static bool ready(void *arg, char *why, size_t whylen)
 {
 	struct query_ctx *ctx = arg;
@@ -38,7 +44,22 @@ static bool ready(void *arg, char *why, size_t whylen)
 		snprintf(why, whylen, "postgresql: %s", sqlpool_last_error(ctx->sql));
 		return false;
 	}
+	for (int i = 0; i < ctx->nworkers; i++) {
+		if (!atomic_load(&ctx->workers[i].up)) {
+			snprintf(why, whylen, "worker %d is not connected to postgresql yet", i);
+			return false;
+		}
+	}
 	return true;
+}
+
+static void on_ready_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct query_ctx *ctx = arg;
+
+	(void)fd;
+	(void)what;
+	atomic_store(&ctx->up, !ctx->stopping && sqlpool_connected(ctx->sql));
 }
 
 /* "<generation> <token>" on dbk:position: a projection moved. */
@@ -73,6 +94,24 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	evtimer_add(ctx->drain_timer, &later);
 }
 
+static void begin_stop(struct query_ctx *ctx)
+{
+	if (ctx->stopping)
+		return;
+	ctx->stopping = true;
+	atomic_store(&ctx->up, false);
+	http_server_stop_accepting(ctx->http);
+	on_drain_tick(-1, 0, ctx);
+}
+
+/* Another worker caught the signal. */
+static void on_stop_event(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	begin_stop(arg);
+}
+
 static void on_signal(evutil_socket_t sig, short what, void *arg)
 {
 	struct query_ctx *ctx = arg;
@@ -81,9 +120,9 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 	if (ctx->stopping)
 		return;
 	log_info(&ctx->log, "signal %d: no longer accepting; finishing requests in flight", (int)sig);
-	ctx->stopping = true;
-	http_server_stop_accepting(ctx->http);
-	on_drain_tick(-1, 0, ctx);
+	for (int i = 1; i < ctx->nworkers; i++)
+		event_active(ctx->workers[i].stop_event, EV_READ, 0);
+	begin_stop(ctx);
 }
 
 static int open_redis(struct query_ctx *ctx)
@@ -107,19 +146,18 @@ static int open_redis(struct query_ctx *ctx)
 	return 0;
 }
 
-static int start(struct query_ctx *ctx)
+/* Set up one worker: its loop, connections and listener. Worker 0 also takes the
+ * signals. The config, log, tokens and metrics are shared (read-only or locked). */
+static int start(struct query_ctx *ctx, bool signals)
 {
 	char err[512];
 	struct http_server_config hc = {
-		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics,
+		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = query_routes, .nroutes = query_nroutes, .ready = ready, .arg = ctx,
+		.reuse_port = true,
 	};
+	struct timeval tick = { 0, 100000 };
 
-	if (tokens_open(&ctx->tokens, ctx->cfg.tokens_file, err, sizeof(err))) {
-		fprintf(stderr, "daybook-query: DAYBOOK_TOKENS_FILE: %s\n", err);
-		return 2;
-	}
-	hc.tokens = ctx->tokens;
 	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx) || open_redis(ctx)) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;
@@ -129,64 +167,130 @@ static int start(struct query_ctx *ctx)
 		fprintf(stderr, "daybook-query: %s\n", err);
 		return 1;
 	}
-	ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
-	ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
 	ctx->drain_timer = evtimer_new(ctx->base, on_drain_tick, ctx);
-	if (!ctx->sigterm || !ctx->sigint || !ctx->drain_timer) {
+	ctx->stop_event = event_new(ctx->base, -1, 0, on_stop_event, ctx);
+	ctx->ready_timer = event_new(ctx->base, -1, EV_PERSIST, on_ready_timer, ctx);
+	if (signals) {
+		ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
+		ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
+	}
+	if (!ctx->drain_timer || !ctx->stop_event || !ctx->ready_timer ||
+	    (signals && (!ctx->sigterm || !ctx->sigint))) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;
 	}
-	evsignal_add(ctx->sigterm, NULL);
-	evsignal_add(ctx->sigint, NULL);
-	log_info(&ctx->log, "listening on %s:%u", ctx->cfg.listen_host, ctx->cfg.listen_port);
+	evtimer_add(ctx->ready_timer, &tick);
+	if (signals) {
+		evsignal_add(ctx->sigterm, NULL);
+		evsignal_add(ctx->sigint, NULL);
+	}
 	return 0;
 }
 
 static void stop(struct query_ctx *ctx)
 {
-	if (ctx->sigterm)
-		event_free(ctx->sigterm);
-	if (ctx->sigint)
-		event_free(ctx->sigint);
-	if (ctx->drain_timer)
-		event_free(ctx->drain_timer);
+	struct event *evs[] = { ctx->sigterm, ctx->sigint, ctx->drain_timer, ctx->stop_event,
+				ctx->ready_timer };
+
+	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
+		if (evs[i])
+			event_free(evs[i]);
 	read_fini(ctx);
 	http_server_close(&ctx->http);
 	redis_close(&ctx->subscriber);
 	redis_close(&ctx->redis);
 	sqlpool_close(&ctx->sql);
-	tokens_close(&ctx->tokens);
-	metrics_close(&ctx->metrics);
 	if (ctx->base)
 		event_base_free(ctx->base);
 }
 
+static void *run_worker(void *arg)
+{
+	struct query_ctx *ctx = arg;
+
+	event_base_dispatch(ctx->base);
+	return NULL;
+}
+
+static int worker_count(void)
+{
+	const char *v = getenv("DAYBOOK_QUERY_WORKERS");
+	long n = v && *v ? strtol(v, NULL, 10) : sysconf(_SC_NPROCESSORS_ONLN);
+
+	return n < 1 ? 1 : n > 4 && !(v && *v) ? 4 : n > MAX_WORKERS ? MAX_WORKERS : (int)n;
+}
+
+/* Start every worker; worker 0 runs on the calling thread afterwards. */
+static int start_all(struct query_ctx *w, int n, pthread_t *threads, int *started)
+{
+	sigset_t block, old;
+	int rc = 0;
+
+	for (int i = 0; i < n && rc == 0; i++) {
+		w[i].base = event_base_new();
+		rc = w[i].base ? start(&w[i], i == 0) : 1;
+	}
+	if (rc)
+		return rc;
+	/* Signals belong to worker 0's loop: the other threads never see them. */
+	sigemptyset(&block);
+	sigaddset(&block, SIGTERM);
+	sigaddset(&block, SIGINT);
+	pthread_sigmask(SIG_BLOCK, &block, &old);
+	for (*started = 1; *started < n; (*started)++)
+		if (pthread_create(&threads[*started], NULL, run_worker, &w[*started]) != 0)
+			break;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	log_info(&w[0].log, "listening on %s:%u with %d worker(s)", w[0].cfg.listen_host,
+		 w[0].cfg.listen_port, *started);
+	return *started == n ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
-	struct query_ctx ctx = { .log = { .service = "query", .level = LOG_INFO } };
+	static struct query_ctx w[MAX_WORKERS];
+	pthread_t threads[MAX_WORKERS];
+	struct config cfg;
+	struct tokens *tokens = NULL;
+	struct metrics *metrics = NULL;
 	char err[512];
-	int rc;
+	int rc, n, started = 1;
 
 	if (argc > 1) {
 		bool help = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0;
 		fputs(usage, help ? stdout : stderr);
 		return help ? 0 : 2;
 	}
-	if (!config_load(&ctx.cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS,
+	if (!config_load(&cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS,
 			 "127.0.0.1:8082", err, sizeof(err))) {
 		fprintf(stderr, "daybook-query: %s\n", err);
 		return 2;
 	}
-	ctx.log.level = ctx.cfg.log_level;
+	if (tokens_open(&tokens, cfg.tokens_file, err, sizeof(err))) {
+		fprintf(stderr, "daybook-query: DAYBOOK_TOKENS_FILE: %s\n", err);
+		return 2;
+	}
 	signal(SIGPIPE, SIG_IGN);
-	ctx.base = event_base_new();
-	if (!ctx.base || metrics_open(&ctx.metrics)) {
+	if (evthread_use_pthreads() != 0 || metrics_open(&metrics)) {
 		fprintf(stderr, "daybook-query: cannot set up the event loop\n");
 		return 1;
 	}
-	rc = start(&ctx);
+	n = worker_count();
+	for (int i = 0; i < n; i++)
+		w[i] = (struct query_ctx){ .cfg = cfg, .log = { "query", cfg.log_level },
+					   .tokens = tokens, .metrics = metrics, .workers = w,
+					   .nworkers = n };
+	rc = start_all(w, n, threads, &started);
 	if (rc == 0)
-		rc = event_base_dispatch(ctx.base) < 0 ? 1 : 0;
-	stop(&ctx);
+		rc = event_base_dispatch(w[0].base) < 0 ? 1 : 0;
+	for (int i = 1; i < started; i++) {
+		if (rc != 0)
+			event_active(w[i].stop_event, EV_READ, 0);
+		pthread_join(threads[i], NULL);
+	}
+	for (int i = 0; i < n; i++)
+		stop(&w[i]);
+	tokens_close(&tokens);
+	metrics_close(&metrics);
 	return rc;
 }

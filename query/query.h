@@ -2,6 +2,7 @@
 #ifndef DAYBOOK_QUERY_H
 #define DAYBOOK_QUERY_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -54,6 +55,12 @@ struct query_ctx {
 	struct metric *served_redis, *served_sql;
 	struct event *sigterm, *sigint, *drain_timer;
 	bool stopping;
+	/* Workers: each thread runs its own ctx and loop on the shared port. */
+	struct event *stop_event;  /* made active by the signal-handling worker */
+	struct event *ready_timer; /* refreshes `up` for the others' /readyz */
+	atomic_bool up;            /* SQL reachable and not stopping */
+	const struct query_ctx *workers; /* all of them (ctx of worker i at workers + i) */
+	int nworkers;
 };
 
 enum read_kind {

@@ -12,7 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netdb.h>
 #include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <time.h>
 
 /* evhttp's own limit only guards memory; bodies between HTTP_BODY_MAX and this get
@@ -124,7 +127,7 @@ static void finish(struct http_request *req, int status, struct evbuffer *body)
 		evhttp_clear_headers(&req->query);
 	free(req);
 	srv->inflight--;
-	metric_set(srv->inflight_gauge, (double)srv->inflight);
+	metric_add(srv->inflight_gauge, -1); /* shared by a process's workers: add, never set */
 }
 
 void http_set_header(struct http_request *req, const char *name, const char *value)
@@ -487,9 +490,38 @@ static void on_request(struct evhttp_request *ev, void *arg)
 	path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(ev));
 	snprintf(req->path, sizeof(req->path), "%s", path && *path ? path : "/");
 	srv->inflight++;
-	metric_set(srv->inflight_gauge, (double)srv->inflight);
+	metric_add(srv->inflight_gauge, 1);
 	set_request_id(req);
 	dispatch(req);
+}
+
+/* A listening socket; with reuse_port several workers may listen on the same port and
+ * the kernel spreads the connections among them. -1 with err set on failure. */
+static int listen_socket(const char *host, uint16_t port, bool reuse_port, char *err,
+			 size_t errlen)
+{
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_PASSIVE }, *ai = NULL;
+	char service[8];
+	int fd = -1, one = 1, rc;
+
+	snprintf(service, sizeof(service), "%u", port);
+	rc = getaddrinfo(host, service, &hints, &ai);
+	if (rc != 0) {
+		snprintf(err, errlen, "cannot resolve %s: %s", host, gai_strerror(rc));
+		return -1;
+	}
+	fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+	    (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
+	    bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, 1024) != 0) {
+		snprintf(err, errlen, "cannot listen on %s:%u: %s", host, port, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(ai);
+	return fd;
 }
 
 int http_server_open(struct http_server **out, const struct http_server_config *cfg,
@@ -518,9 +550,13 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 	/* Every method reaches the router, so unknown ones get our 405 with Allow. */
 	evhttp_set_allowed_methods(srv->evhttp, 0x1ff);
 	evhttp_set_gencb(srv->evhttp, on_request, srv);
-	srv->bound = evhttp_bind_socket_with_handle(srv->evhttp, host, port);
+	int fd = listen_socket(host, port, cfg->reuse_port, err, errlen);
+	srv->bound = fd >= 0 ? evhttp_accept_socket_with_handle(srv->evhttp, fd) : NULL;
 	if (!srv->bound) {
-		snprintf(err, errlen, "cannot listen on %s:%u: %s", host, port, strerror(errno));
+		if (fd >= 0) {
+			snprintf(err, errlen, "cannot accept on %s:%u", host, port);
+			close(fd);
+		}
 		evhttp_free(srv->evhttp);
 		free(srv);
 		return -EADDRINUSE;

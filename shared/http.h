@@ -42,6 +42,7 @@ struct http_server_config {
 	/* /readyz: true when dependencies are reachable; otherwise writes why. */
 	bool (*ready)(void *arg, char *why, size_t whylen);
 	void *arg; /* passed to handlers and to ready */
+	bool reuse_port; /* SO_REUSEPORT: several workers serve one port */
 };
 
 /* Bind host:port and serve. The config's pointers must outlive the server.

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <event2/buffer.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,6 +17,7 @@ const size_t metrics_size_buckets_len = sizeof(metrics_size_buckets) / sizeof(me
 
 struct metric {
 	struct metric *next;
+	struct metrics *owner;
 	const char *name, *help;
 	char *labels;
 	enum metric_type type;
@@ -28,12 +30,16 @@ struct metric {
 
 struct metrics {
 	struct metric *head, *tail; /* creation order keeps families together when rendered */
+	pthread_mutex_t lock;       /* workers of one process share the registry */
 };
 
 int metrics_open(struct metrics **out)
 {
 	*out = calloc(1, sizeof(**out));
-	return *out ? 0 : -ENOMEM;
+	if (!*out)
+		return -ENOMEM;
+	pthread_mutex_init(&(*out)->lock, NULL);
+	return 0;
 }
 
 void metrics_close(struct metrics **m)
@@ -46,13 +52,14 @@ void metrics_close(struct metrics **m)
 		free(s->buckets);
 		free(s);
 	}
+	pthread_mutex_destroy(&(*m)->lock);
 	free(*m);
 	*m = NULL;
 }
 
-struct metric *metrics_get(struct metrics *m, enum metric_type type, const char *name,
-			   const char *help, const char *labels, const double *buckets,
-			   size_t nbuckets)
+static struct metric *get_locked(struct metrics *m, enum metric_type type, const char *name,
+				 const char *help, const char *labels, const double *buckets,
+				 size_t nbuckets)
 {
 	struct metric *s;
 
@@ -62,6 +69,7 @@ struct metric *metrics_get(struct metrics *m, enum metric_type type, const char 
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return NULL;
+	s->owner = m;
 	s->name = name;
 	s->help = help;
 	s->type = type;
@@ -96,16 +104,34 @@ struct metric *metrics_get(struct metrics *m, enum metric_type type, const char 
 	return s;
 }
 
+struct metric *metrics_get(struct metrics *m, enum metric_type type, const char *name,
+			   const char *help, const char *labels, const double *buckets,
+			   size_t nbuckets)
+{
+	struct metric *s;
+
+	pthread_mutex_lock(&m->lock);
+	s = get_locked(m, type, name, help, labels, buckets, nbuckets);
+	pthread_mutex_unlock(&m->lock);
+	return s;
+}
+
 void metric_add(struct metric *s, double v)
 {
-	if (s)
-		s->value += v;
+	if (!s)
+		return;
+	pthread_mutex_lock(&s->owner->lock);
+	s->value += v;
+	pthread_mutex_unlock(&s->owner->lock);
 }
 
 void metric_set(struct metric *s, double v)
 {
-	if (s)
-		s->value = v;
+	if (!s)
+		return;
+	pthread_mutex_lock(&s->owner->lock);
+	s->value = v;
+	pthread_mutex_unlock(&s->owner->lock);
 }
 
 void metric_observe(struct metric *s, double v)
@@ -116,9 +142,11 @@ void metric_observe(struct metric *s, double v)
 		return;
 	for (i = 0; i < s->nbounds && v > s->bounds[i]; i++)
 		;
+	pthread_mutex_lock(&s->owner->lock);
 	s->buckets[i]++;
 	s->count++;
 	s->value += v;
+	pthread_mutex_unlock(&s->owner->lock);
 }
 
 static const char *type_name(enum metric_type t)
@@ -148,10 +176,11 @@ static void render_histogram(const struct metric *s, struct evbuffer *out)
 				    s->count);
 }
 
-void metrics_render(const struct metrics *m, struct evbuffer *out)
+void metrics_render(struct metrics *m, struct evbuffer *out)
 {
 	const char *family = NULL;
 
+	pthread_mutex_lock(&m->lock);
 	for (const struct metric *s = m->head; s; s = s->next) {
 		if (!family || strcmp(family, s->name) != 0) {
 			family = s->name;
@@ -165,4 +194,5 @@ void metrics_render(const struct metrics *m, struct evbuffer *out)
 		else
 			evbuffer_add_printf(out, "%s %.17g\n", s->name, s->value);
 	}
+	pthread_mutex_unlock(&m->lock);
 }

@@ -1,4 +1,5 @@
-/* A small Prometheus metrics registry: counters, gauges and histograms with labels. */
+/* A small Prometheus metrics registry: counters, gauges and histograms with labels.
+ * Thread-safe: the worker threads of one process may share a registry. */
 #ifndef DAYBOOK_METRICS_H
 #define DAYBOOK_METRICS_H
 
@@ -32,6 +33,6 @@ void metric_set(struct metric *s, double v);     /* gauges */
 void metric_observe(struct metric *s, double v); /* histograms */
 
 /* The whole registry in Prometheus text exposition format 0.0.4. */
-void metrics_render(const struct metrics *m, struct evbuffer *out);
+void metrics_render(struct metrics *m, struct evbuffer *out);
 
 #endif

@@ -585,7 +585,7 @@ Test(strmap, grows_past_many_entries)
 /* --- metrics ----------------------------------------------------------------------- */
 
 /* The rendered registry as a string; caller frees. */
-static char *render(const struct metrics *m)
+static char *render(struct metrics *m)
 {
 	struct evbuffer *buf = evbuffer_new();
 	size_t n;
