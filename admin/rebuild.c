@@ -30,8 +30,11 @@ struct acct {
 	char name[LEDGER_NAME_MAX + 1];
 	int32_t entries;
 	char opened_at[32], updated_at[32];
-	int32_t untrimmed; /* statement items added to Redis since its last trim */
 	int32_t expected;  /* statement items the log had when the rebuild began */
+	int32_t sent;      /* statement items sent to Redis */
+	int32_t npending;  /* items waiting to go in one ZADD with the account's next ones */
+	char **pending;    /* their JSON (owned), ENTRIES_KEPT slots once needed */
+	char (*scores)[12];
 };
 
 struct total {
@@ -254,7 +257,67 @@ static void count_total(struct total *t, const struct ledger_event *ev)
 	}
 }
 
-/* The statement item: a COPY row for SQL, a ZADD for Redis. */
+/* Send an account's held statement items in one ZADD. */
+static bool send_items(struct rebuild *rb, struct acct *a)
+{
+	char k[LEDGER_ID_MAX + 48];
+	const char **argv = malloc((2 + 2 * (size_t)a->npending) * sizeof(*argv));
+	bool ok = argv != NULL;
+
+	if (a->npending == 0) {
+		free(argv);
+		return true;
+	}
+	rkey(rb, k, sizeof(k), "entries", a->acc.id);
+	if (ok) {
+		argv[0] = "ZADD";
+		argv[1] = k;
+		for (int32_t i = 0; i < a->npending; i++) {
+			argv[2 + 2 * i] = a->scores[i];
+			argv[3 + 2 * i] = a->pending[i];
+		}
+		ok = redis_send(rb, 2 + 2 * a->npending, argv);
+	}
+	free(argv);
+	for (int32_t i = 0; i < a->npending; i++)
+		free(a->pending[i]);
+	a->sent += a->npending;
+	a->npending = 0;
+	return ok;
+}
+
+/* Hold a statement item (json is taken over) until the account has a full ZADD. */
+static bool hold_item(struct rebuild *rb, struct acct *a, int32_t version, char *json)
+{
+	if (!json)
+		return false;
+	if (!a->pending) {
+		a->pending = calloc(ENTRIES_KEPT, sizeof(*a->pending));
+		a->scores = calloc(ENTRIES_KEPT, sizeof(*a->scores));
+		if (!a->pending || !a->scores) {
+			free(json);
+			return false;
+		}
+	}
+	snprintf(a->scores[a->npending], sizeof(a->scores[0]), "%d", version);
+	a->pending[a->npending++] = json;
+	return a->npending < ENTRIES_KEPT || send_items(rb, a);
+}
+
+static void acct_free(void *value)
+{
+	struct acct *a = value;
+
+	for (int32_t i = 0; a && i < a->npending; i++)
+		free(a->pending[i]);
+	if (a) {
+		free(a->pending);
+		free(a->scores);
+	}
+	free(a);
+}
+
+/* The statement item: a COPY row for SQL, held for one ZADD per account for Redis. */
 static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
 		       int32_t version, const char *at)
 {
@@ -267,20 +330,15 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 		     field_int(b, a->acc.balance, false) && field(b, ev->transfer_id, false) &&
 		     field(b, ev->counterparty, false) && field(b, ev->reference, false) &&
 		     field(b, at, true);
-	/* Redis keeps the newest items only: skip those certain to be trimmed. */
+	/* Redis keeps the newest items only: skip those certain to be trimmed, and send
+	 * the rest as one ZADD per account rather than a command per item. */
 	if (ok && rb->redis && a->entries > a->expected - ENTRIES_KEPT) {
 		struct readmodel_entry e = {
 			.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
 			.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
 			.counterparty = ev->counterparty, .reference = ev->reference, .at = at,
 		};
-		char k[LEDGER_ID_MAX + 48], score[16], *json = readmodel_entry_json(&e);
-		const char *argv[4] = { "ZADD", k, score, json };
-		rkey(rb, k, sizeof(k), "entries", a->acc.id);
-		snprintf(score, sizeof(score), "%d", version);
-		ok = json && redis_send(rb, 4, argv);
-		free(json);
-		a->untrimmed++;
+		ok = hold_item(rb, a, version, readmodel_entry_json(&e));
 	}
 	return ok;
 }
@@ -353,47 +411,49 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int row)
 	return ok;
 }
 
-struct trim_walk {
+struct items_walk {
 	struct rebuild *rb;
-	int32_t over; /* trim the accounts with more untrimmed items than this */
 	bool ok;
 };
 
-static void trim_one(void *arg, const char *id, void *value)
+/* At the end: send what each account still holds, and trim any statement that got
+ * more than Redis keeps (items appended while the rebuild ran). */
+static void finish_items(void *arg, const char *id, void *value)
 {
-	struct trim_walk *w = arg;
+	struct items_walk *w = arg;
 	struct acct *a = value;
 	char k[LEDGER_ID_MAX + 48], stop[16];
 	const char *argv[4] = { "ZREMRANGEBYRANK", k, "0", stop };
 
-	if (a->untrimmed <= w->over || !w->ok)
+	if (!w->ok)
 		return;
-	a->untrimmed = 0;
-	rkey(w->rb, k, sizeof(k), "entries", id);
-	snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
-	w->ok = redis_send(w->rb, 4, argv);
+	w->ok = send_items(w->rb, a);
+	if (w->ok && a->sent > ENTRIES_KEPT) {
+		rkey(w->rb, k, sizeof(k), "entries", id);
+		snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
+		w->ok = redis_send(w->rb, 4, argv);
+	}
 }
 
-/* Write what a chunk produced: COPY the rows, trim the statements that have grown
- * well past what Redis keeps (trimming each chunk would cost a command per account
- * per chunk), drain Redis. */
+/* Write what a chunk produced: COPY the rows and let Redis work on its commands while
+ * the next chunk is read; the final call sends everything held and drains Redis. */
 static bool flush_chunk(struct rebuild *rb, bool final)
 {
-	struct trim_walk w = { rb, final ? 0 : 3 * ENTRIES_KEPT, true };
+	struct items_walk w = { rb, true };
 
 	if (rb->sql && (!copy_in(rb, "rm_entries_shadow", &rb->entries) ||
 			!copy_in(rb, "rm_transfers_shadow", &rb->transfers)))
 		return false;
-	if (rb->redis) {
-		strmap_foreach(rb->accounts, trim_one, &w);
-		if (final)
-			return w.ok && redis_drain(rb);
-		/* The previous chunk's replies are due; this chunk's go out unanswered. */
-		w.ok = w.ok && redis_drain_n(rb, rb->redis_prev) && redis_write_out(rb);
-		rb->redis_prev = rb->redis_queued;
-		return w.ok;
+	if (!rb->redis)
+		return true;
+	if (final) {
+		strmap_foreach(rb->accounts, finish_items, &w);
+		return w.ok && redis_drain(rb);
 	}
-	return true;
+	/* The previous chunk's replies are due; this chunk's go out unanswered. */
+	w.ok = redis_drain_n(rb, rb->redis_prev) && redis_write_out(rb);
+	rb->redis_prev = rb->redis_queued;
+	return w.ok;
 }
 
 static bool send_read(struct rebuild *rb)
@@ -601,6 +661,28 @@ static bool load(struct rebuild *rb)
 	return true;
 }
 
+/* After the load: PostgreSQL builds the shadow tables' keys while Redis takes the
+ * statement items still held, so that little is left for the switch. */
+static bool index_and_send(struct rebuild *rb)
+{
+	PGresult *r;
+	bool ok = !rb->sql || PQsendQuery(rb->wr, "SELECT rm_shadow_index()");
+
+	rb->phase = "index";
+	report(rb, true);
+	if (ok && rb->redis)
+		ok = flush_chunk(rb, true);
+	while (rb->sql && (r = PQgetResult(rb->wr))) {
+		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+			fprintf(stderr, "daybook-admin: indexing the shadow tables: %s",
+				PQresultErrorMessage(r));
+			ok = false;
+		}
+		PQclear(r);
+	}
+	return ok;
+}
+
 /* Under the switch lock no projector commits: fold the rest, write the end state and
  * swap, all in one transaction. */
 static bool switch_over(struct rebuild *rb)
@@ -733,7 +815,7 @@ static bool prepare(struct rebuild *rb)
 			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
-	if (strmap_open(&rb->accounts, free) || strmap_open(&rb->totals, free))
+	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free))
 		return false;
 	if (!exec_ok(rb->wr, "SET client_min_messages = warning") ||
 	    !exec_ok(rb->wr, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
@@ -798,8 +880,7 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	rb.tty = isatty(STDERR_FILENO);
 	rb.started = now();
-	ok = prepare(&rb) && load(&rb) && (!rb.sql || exec_ok(rb.wr, "SELECT rm_shadow_index()")) &&
-	     !interrupted && switch_over(&rb);
+	ok = prepare(&rb) && load(&rb) && index_and_send(&rb) && !interrupted && switch_over(&rb);
 	report(&rb, true);
 	if (!ok) {
 		abandon(&rb);
