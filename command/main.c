@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "command.h"
+#include "service.h"
 
 #define SWEEP_INTERVAL 600 /* seconds between idempotency expiry sweeps */
 
@@ -150,21 +151,12 @@ static void stop(struct command_ctx *ctx)
 int main(int argc, char **argv)
 {
 	struct command_ctx ctx = { .log = { .service = "command", .level = LOG_INFO } };
-	char err[512];
-	int rc;
+	int rc = service_init(argc, argv, "daybook-command", usage,
+			      CONFIG_NEED_PG | CONFIG_NEED_TOKENS, "127.0.0.1:8081", &ctx.cfg);
 
-	if (argc > 1) {
-		bool help = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0;
-		fputs(usage, help ? stdout : stderr);
-		return help ? 0 : 2;
-	}
-	if (!config_load(&ctx.cfg, CONFIG_NEED_PG | CONFIG_NEED_TOKENS, "127.0.0.1:8081", err,
-			 sizeof(err))) {
-		fprintf(stderr, "daybook-command: %s\n", err);
-		return 2;
-	}
+	if (rc >= 0)
+		return rc;
 	ctx.log.level = ctx.cfg.log_level;
-	signal(SIGPIPE, SIG_IGN);
 	ctx.base = event_base_new();
 	if (!ctx.base || metrics_open(&ctx.metrics)) {
 		fprintf(stderr, "daybook-command: cannot set up the event loop\n");

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "projector.h"
+#include "service.h"
 
 #define LEADER_LOCK_KEY "1685551458" /* any constant shared by all projectors */
 #define POLL_INTERVAL_US 100000      /* polling is the guarantee; NOTIFY only a hint */
@@ -651,21 +652,12 @@ static void stop(struct projector_ctx *ctx)
 int main(int argc, char **argv)
 {
 	struct projector_ctx ctx = { .log = { .service = "projector", .level = LOG_INFO } };
-	char err[512];
-	int rc;
+	int rc = service_init(argc, argv, "daybook-projector", usage,
+			      CONFIG_NEED_PG | CONFIG_NEED_REDIS, "127.0.0.1:8083", &ctx.cfg);
 
-	if (argc > 1) {
-		bool help = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0;
-		fputs(usage, help ? stdout : stderr);
-		return help ? 0 : 2;
-	}
-	if (!config_load(&ctx.cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS, "127.0.0.1:8083", err,
-			 sizeof(err))) {
-		fprintf(stderr, "daybook-projector: %s\n", err);
-		return 2;
-	}
+	if (rc >= 0)
+		return rc;
 	ctx.log.level = ctx.cfg.log_level;
-	signal(SIGPIPE, SIG_IGN);
 	ctx.base = event_base_new();
 	if (!ctx.base || metrics_open(&ctx.metrics)) {
 		fprintf(stderr, "daybook-projector: cannot set up the event loop\n");

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "query.h"
+#include "service.h"
 
 /* A Redis read slower than this is abandoned for SQL (and the connection renewed). */
 #define REDIS_COMMAND_TIMEOUT 0.25
@@ -254,23 +255,17 @@ int main(int argc, char **argv)
 	struct tokens *tokens = NULL;
 	struct metrics *metrics = NULL;
 	char err[512];
-	int rc, n, started = 1;
+	int rc = service_init(argc, argv, "daybook-query", usage,
+			      CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS, "127.0.0.1:8082",
+			      &cfg);
+	int n, started = 1;
 
-	if (argc > 1) {
-		bool help = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0;
-		fputs(usage, help ? stdout : stderr);
-		return help ? 0 : 2;
-	}
-	if (!config_load(&cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS,
-			 "127.0.0.1:8082", err, sizeof(err))) {
-		fprintf(stderr, "daybook-query: %s\n", err);
-		return 2;
-	}
+	if (rc >= 0)
+		return rc;
 	if (tokens_open(&tokens, cfg.tokens_file, err, sizeof(err))) {
 		fprintf(stderr, "daybook-query: DAYBOOK_TOKENS_FILE: %s\n", err);
 		return 2;
 	}
-	signal(SIGPIPE, SIG_IGN);
 	if (evthread_use_pthreads() != 0 || metrics_open(&metrics)) {
 		fprintf(stderr, "daybook-query: cannot set up the event loop\n");
 		return 1;

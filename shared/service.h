@@ -1,0 +1,14 @@
+/* What every service binary does first: --help, its configuration, SIGPIPE. */
+#ifndef DAYBOOK_SERVICE_H
+#define DAYBOOK_SERVICE_H
+
+#include "config.h"
+
+/* Print `usage` for --help (exit 0) or any argument (exit 2); load the configuration
+ * (`need`, `default_listen` as for config_load), reporting a bad setting on stderr as
+ * "<name>: ..." (exit 2); ignore SIGPIPE. Returns -1 when the service should go on,
+ * else the exit status to return from main. */
+int service_init(int argc, char **argv, const char *name, const char *usage, unsigned need,
+		 const char *default_listen, struct config *cfg) __attribute__((warn_unused_result));
+
+#endif
