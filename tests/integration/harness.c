@@ -155,7 +155,7 @@ static const char *tokens_file(void)
 	return path;
 }
 
-static int free_port(void)
+int harness_free_port(void)
 {
 	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t alen = sizeof(a);
@@ -190,7 +190,7 @@ static void start_service(struct service *svc, const char *name, const char *bin
 
 	memset(svc, 0, sizeof(*svc));
 	snprintf(svc->name, sizeof(svc->name), "%s", name);
-	svc->port = free_port();
+	svc->port = harness_free_port();
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", svc->port);
 	snprintf(svc->log_path, sizeof(svc->log_path), "%s/daybook-test-%d-%s-%d.log", tmpdir(),
 		 (int)getpid(), name, svc->port);
@@ -246,7 +246,7 @@ void harness_start_projector(struct service *svc, const char *db, const char *re
 void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len)
 {
 	char port[16];
-	int p = reuse_port ? svc->port : free_port();
+	int p = reuse_port ? svc->port : harness_free_port();
 
 	memset(svc, 0, sizeof(*svc));
 	svc->port = p;

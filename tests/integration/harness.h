@@ -28,6 +28,9 @@ struct response {
 	json_t *json;  /* parsed body, or NULL */
 };
 
+/* A loopback TCP port that was free a moment ago. */
+int harness_free_port(void);
+
 /* A fresh database with every migration applied; its name goes into db (64 bytes). */
 void harness_db_create(char *db, size_t len);
 /* A conninfo for db as role (NULL: the superuser), into out. */

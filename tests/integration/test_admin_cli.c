@@ -159,20 +159,6 @@ static void assert_refused_naming(const struct proc *p, const char *var)
 
 /* --- daybook-command's configuration --------------------------------------------------- */
 
-static int free_port(void)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	socklen_t alen = sizeof(a);
-	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-
-	cr_assert(fd >= 0);
-	cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
-	cr_assert(getsockname(fd, (struct sockaddr *)&a, &alen) == 0);
-	port = ntohs(a.sin_port);
-	close(fd);
-	return port;
-}
-
 static void write_file(const char *path, const char *text, const char *mode)
 {
 	FILE *f = fopen(path, mode);
@@ -208,7 +194,7 @@ static void command_env_valid(struct command_env *e)
 	tokens_file(e->tokens_path, sizeof(e->tokens_path), "");
 	snprintf(e->pg, sizeof(e->pg), "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1");
 	snprintf(e->tokens, sizeof(e->tokens), "DAYBOOK_TOKENS_FILE=%s", e->tokens_path);
-	snprintf(e->listen, sizeof(e->listen), "DAYBOOK_LISTEN=127.0.0.1:%d", free_port());
+	snprintf(e->listen, sizeof(e->listen), "DAYBOOK_LISTEN=127.0.0.1:%d", harness_free_port());
 	snprintf(e->level, sizeof(e->level), "DAYBOOK_LOG_LEVEL=info");
 }
 
