@@ -5,45 +5,253 @@
 #include <stdlib.h>
 #include <string.h>
 
-static char *dump(json_t *o)
-{
-	char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+/* The bodies are written directly rather than built as jansson values and dumped:
+ * they are made for every event the projector applies and every item a rebuild
+ * sends, and this is several times faster. The text is byte-identical to
+ * json_dumps(JSON_COMPACT) of the same object (tests/unit/test_shared.c checks). */
+struct out {
+	char *p;
+	size_t len, cap;
+	bool failed; /* out of memory, or a string that is not UTF-8 */
+};
 
-	json_decref(o);
-	return text;
+static bool room(struct out *o, size_t more)
+{
+	if (o->failed)
+		return false;
+	if (o->len + more + 1 > o->cap) {
+		size_t cap = o->cap ? o->cap * 2 : 256;
+		while (cap < o->len + more + 1)
+			cap *= 2;
+		char *p = realloc(o->p, cap);
+		if (!p) {
+			o->failed = true;
+			return false;
+		}
+		o->p = p;
+		o->cap = cap;
+	}
+	return true;
+}
+
+static void raw(struct out *o, const char *s, size_t n)
+{
+	if (room(o, n)) {
+		memcpy(o->p + o->len, s, n);
+		o->len += n;
+	}
+}
+
+/* Length of the UTF-8 sequence at s (its first byte >= 0x80), 0 when invalid: the
+ * same rule as jansson, which refuses such strings. */
+static size_t utf8_len(const unsigned char *s)
+{
+	unsigned c = s[0], n, cp;
+
+	if (c >= 0xc2 && c <= 0xdf)
+		n = 2, cp = c & 0x1f;
+	else if (c >= 0xe0 && c <= 0xef)
+		n = 3, cp = c & 0x0f;
+	else if (c >= 0xf0 && c <= 0xf4)
+		n = 4, cp = c & 0x07;
+	else
+		return 0;
+	for (unsigned i = 1; i < n; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[i] & 0x3f);
+	}
+	if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10ffff ||
+	    (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return n;
+}
+
+/* A JSON string: escapes as jansson writes them. */
+static void str(struct out *o, const char *s)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	const unsigned char *u = (const unsigned char *)s;
+	size_t i = 0, start = 0;
+
+	raw(o, "\"", 1);
+	while (!o->failed && u[i]) {
+		unsigned char c = u[i];
+		char esc[7] = "\\u00";
+		size_t n = 2;
+
+		if (c >= 0x80) {
+			size_t len = utf8_len(u + i);
+			if (!len)
+				o->failed = true;
+			i += len;
+			continue;
+		}
+		if (c >= 0x20 && c != '"' && c != '\\') {
+			i++;
+			continue;
+		}
+		raw(o, s + start, i - start);
+		switch (c) {
+		case '"': esc[1] = '"'; break;
+		case '\\': esc[1] = '\\'; break;
+		case '\b': esc[1] = 'b'; break;
+		case '\f': esc[1] = 'f'; break;
+		case '\n': esc[1] = 'n'; break;
+		case '\r': esc[1] = 'r'; break;
+		case '\t': esc[1] = 't'; break;
+		default:
+			esc[4] = hex[c >> 4];
+			esc[5] = hex[c & 15];
+			n = 6;
+		}
+		raw(o, esc, n);
+		start = ++i;
+	}
+	raw(o, s + start, i - start);
+	raw(o, "\"", 1);
+}
+
+static void integer(struct out *o, int64_t v)
+{
+	char text[48];
+
+	readmodel_int128_text(v, text);
+	raw(o, text, strlen(text));
+}
+
+/* ,"key": then the value; the first member opens the object. */
+static void key(struct out *o, const char *k)
+{
+	raw(o, o->len ? "," : "{", 1);
+	str(o, k);
+	raw(o, ":", 1);
+}
+
+static void member_str(struct out *o, const char *k, const char *v)
+{
+	key(o, k);
+	if (v)
+		str(o, v);
+	else
+		raw(o, "null", 4);
+}
+
+static void member_int(struct out *o, const char *k, int64_t v)
+{
+	key(o, k);
+	integer(o, v);
+}
+
+/* Close the object and hand its text over; NULL when anything failed. */
+static char *done(struct out *o)
+{
+	raw(o, "}", 1);
+	if (o->failed) {
+		free(o->p);
+		return NULL;
+	}
+	o->p[o->len] = '\0';
+	return o->p;
 }
 
 char *readmodel_account_json(const struct readmodel_account *a)
 {
-	return dump(json_pack("{s:s, s:s, s:s, s:I, s:I, s:s, s:I, s:s, s:s}", "account_id",
-			      a->account_id, "name", a->name, "currency", a->currency, "balance",
-			      (json_int_t)a->balance, "overdraft_limit", (json_int_t)a->overdraft_limit,
-			      "status", a->status, "version", (json_int_t)a->version, "opened_at",
-			      a->opened_at, "updated_at", a->updated_at));
+	struct out o = { 0 };
+
+	member_str(&o, "account_id", a->account_id);
+	member_str(&o, "name", a->name);
+	member_str(&o, "currency", a->currency);
+	member_int(&o, "balance", a->balance);
+	member_int(&o, "overdraft_limit", a->overdraft_limit);
+	member_str(&o, "status", a->status);
+	member_int(&o, "version", a->version);
+	member_str(&o, "opened_at", a->opened_at);
+	member_str(&o, "updated_at", a->updated_at);
+	return done(&o);
 }
 
 char *readmodel_entry_json(const struct readmodel_entry *e)
 {
-	json_t *o = json_pack("{s:I, s:s, s:I, s:I}", "version", (json_int_t)e->version, "type",
-			      e->type, "amount", (json_int_t)e->amount, "balance_after",
-			      (json_int_t)e->balance_after);
+	struct out o = { 0 };
 
-	if (o && e->transfer_id)
-		json_object_set_new(o, "transfer_id", json_string(e->transfer_id));
-	if (o && e->counterparty)
-		json_object_set_new(o, "counterparty", json_string(e->counterparty));
-	if (o && e->reference)
-		json_object_set_new(o, "reference", json_string(e->reference));
-	if (o)
-		json_object_set_new(o, "at", json_string(e->at));
-	return dump(o);
+	member_int(&o, "version", e->version);
+	member_str(&o, "type", e->type);
+	member_int(&o, "amount", e->amount);
+	member_int(&o, "balance_after", e->balance_after);
+	if (e->transfer_id)
+		member_str(&o, "transfer_id", e->transfer_id);
+	if (e->counterparty)
+		member_str(&o, "counterparty", e->counterparty);
+	if (e->reference)
+		member_str(&o, "reference", e->reference);
+	member_str(&o, "at", e->at);
+	return done(&o);
 }
 
 char *readmodel_transfer_json(const struct readmodel_transfer *t)
 {
-	return dump(json_pack("{s:s, s:s, s:s, s:I, s:s, s:s?, s:s}", "transfer_id", t->transfer_id,
-			      "from", t->from, "to", t->to, "amount", (json_int_t)t->amount,
-			      "currency", t->currency, "reference", t->reference, "at", t->at));
+	struct out o = { 0 };
+
+	member_str(&o, "transfer_id", t->transfer_id);
+	member_str(&o, "from", t->from);
+	member_str(&o, "to", t->to);
+	member_int(&o, "amount", t->amount);
+	member_str(&o, "currency", t->currency);
+	member_str(&o, "reference", t->reference); /* null when absent */
+	member_str(&o, "at", t->at);
+	return done(&o);
+}
+
+/* Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm). */
+static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
+{
+	z += 719468;
+	int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+	unsigned doe = (unsigned)(z - era * 146097);
+	unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+	unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+	unsigned mp = (5 * doy + 2) / 153;
+
+	*d = doy - (153 * mp + 2) / 5 + 1;
+	*m = mp < 10 ? mp + 3 : mp - 9;
+	*y = (int64_t)yoe + era * 400 + (*m <= 2);
+}
+
+static void digits(char *out, uint64_t v, int n)
+{
+	while (n--) {
+		out[n] = (char)('0' + v % 10);
+		v /= 10;
+	}
+}
+
+void readmodel_time_text(int64_t pg_micros, char out[READMODEL_TIME_LEN])
+{
+	const int64_t day = 86400000000LL, unix_days = 10957; /* 1970-01-01 to 2000-01-01 */
+	int64_t days = pg_micros / day, rem = pg_micros % day, year;
+	unsigned month, mday;
+
+	if (rem < 0) {
+		rem += day;
+		days--;
+	}
+	civil_from_days(days + unix_days, &year, &month, &mday);
+	digits(out, (uint64_t)(year < 0 ? 0 : year), 4);
+	out[4] = '-';
+	digits(out + 5, month, 2);
+	out[7] = '-';
+	digits(out + 8, mday, 2);
+	out[10] = 'T';
+	digits(out + 11, (uint64_t)(rem / 3600000000LL), 2);
+	out[13] = ':';
+	digits(out + 14, (uint64_t)(rem / 60000000 % 60), 2);
+	out[16] = ':';
+	digits(out + 17, (uint64_t)(rem / 1000000 % 60), 2);
+	out[19] = '.';
+	digits(out + 20, (uint64_t)(rem % 1000000), 6);
+	out[26] = 'Z';
+	out[27] = '\0';
 }
 
 static bool parse_u64(const char *s, size_t n, uint64_t *out)

@@ -44,6 +44,11 @@ char *readmodel_transfer_json(const struct readmodel_transfer *t);
 /* The statement item type of a money event ("deposit", "withdrawal", "transfer_in",
  * "transfer_out"); NULL for events that make no statement item. */
 const char *readmodel_entry_type(enum ledger_event_type type);
+/* A PostgreSQL timestamptz in binary form (microseconds since 2000-01-01 00:00 UTC)
+ * as the read models write times: "YYYY-MM-DDTHH:MM:SS.ffffffZ", the same text as
+ * to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') for years 1-9999. */
+#define READMODEL_TIME_LEN 28
+void readmodel_time_text(int64_t pg_micros, char out[READMODEL_TIME_LEN]);
 /* Decimal text of a 128-bit integer: a sum of int64 balances can exceed int64. */
 void readmodel_int128_text(__int128 v, char out[48]);
 

@@ -1,5 +1,5 @@
 /* Unit tests of the shared library's small modules: sha256, tokens, config, strmap,
- * metrics, log and the pg text[] literal helper. */
+ * metrics, log, the pg text[] literal helper and the read models' time text. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <event2/buffer.h>
@@ -8,12 +8,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
 #include "pg.h"
+#include "readmodel.h"
 #include "sha256.h"
 #include "strmap.h"
 #include "tokens.h"
@@ -866,4 +868,142 @@ Test(pg, array_literal_quotes_and_escapes)
 Test(pg, sqlstate_of_no_result_is_empty)
 {
 	cr_assert_str_eq(pg_sqlstate(NULL), "");
+}
+
+/* --- readmodel time text ----------------------------------------------------------- */
+
+static void assert_time(int64_t pg_micros, const char *expected)
+{
+	char out[READMODEL_TIME_LEN];
+
+	readmodel_time_text(pg_micros, out);
+	cr_assert_str_eq(out, expected, "time text of %lld", (long long)pg_micros);
+}
+
+Test(readmodel, time_text_of_known_instants)
+{
+	const int64_t s = 1000000, day = 86400 * s;
+
+	assert_time(0, "2000-01-01T00:00:00.000000Z");
+	assert_time(1, "2000-01-01T00:00:00.000001Z");
+	assert_time(-1, "1999-12-31T23:59:59.999999Z");
+	assert_time(59 * day, "2000-02-29T00:00:00.000000Z");
+	assert_time(60 * day - 1, "2000-02-29T23:59:59.999999Z");
+	/* 2026-11-26T15:32:21.123456Z: 9826 days after 2000-01-01 */
+	assert_time(9826 * day + (15 * 3600 + 32 * 60 + 21) * s + 123456,
+		    "2026-11-26T15:32:21.123456Z");
+	assert_time(-10957 * day, "1970-01-01T00:00:00.000000Z");
+}
+
+/* Against the C library's calendar, one instant every 7.3 days or so for 120 years. */
+Test(readmodel, time_text_agrees_with_gmtime)
+{
+	const int64_t unix_offset = 946684800; /* 2000-01-01 in Unix seconds */
+
+	for (int64_t t = -30LL * 365 * 86400; t < 90LL * 365 * 86400; t += 631151) {
+		time_t unix_s = (time_t)(t + unix_offset);
+		struct tm tm;
+		char expected[40], text[48];
+
+		cr_assert_not_null(gmtime_r(&unix_s, &tm));
+		strftime(expected, sizeof(expected), "%Y-%m-%dT%H:%M:%S", &tm);
+		snprintf(text, sizeof(text), "%s.%06dZ", expected, (int)(t % 1000 + 1000) % 1000);
+		assert_time(t * 1000000 + (t % 1000 + 1000) % 1000, text);
+	}
+}
+
+/* --- readmodel JSON bodies ----------------------------------------------------------- */
+
+/* What the bodies must equal: jansson's compact dump of the same object. */
+static char *jansson_entry(const struct readmodel_entry *e)
+{
+	json_t *o = json_pack("{s:I, s:s, s:I, s:I}", "version", (json_int_t)e->version, "type",
+			      e->type, "amount", (json_int_t)e->amount, "balance_after",
+			      (json_int_t)e->balance_after);
+	char *text;
+
+	if (o && e->transfer_id)
+		json_object_set_new(o, "transfer_id", json_string(e->transfer_id));
+	if (o && e->counterparty)
+		json_object_set_new(o, "counterparty", json_string(e->counterparty));
+	if (o && e->reference && json_object_set_new(o, "reference", json_string(e->reference))) {
+		json_decref(o);
+		return NULL; /* jansson refuses a string that is not UTF-8 */
+	}
+	if (o)
+		json_object_set_new(o, "at", json_string(e->at));
+	text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+	json_decref(o);
+	return text;
+}
+
+static void assert_entry_like_jansson(const char *reference)
+{
+	struct readmodel_entry e = {
+		.version = 7, .type = "transfer_out", .amount = INT64_MAX,
+		.balance_after = INT64_MIN, .transfer_id = "t-1", .counterparty = "b",
+		.reference = reference, .at = "2026-11-26T15:32:21.123456Z",
+	};
+	char *ours = readmodel_entry_json(&e), *theirs = jansson_entry(&e);
+
+	if (!theirs)
+		cr_assert_null(ours, "jansson refuses reference %s, so must we", reference);
+	else
+		cr_assert_str_eq(ours, theirs);
+	free(ours);
+	free(theirs);
+}
+
+Test(readmodel, strings_are_escaped_as_jansson_escapes_them)
+{
+	char one[2] = { 0 };
+	const char *texts[] = {
+		"", "plain", "with \"quotes\" and \\ back\\slash", "tab\tnew\nline\rcr\bbs\fff",
+		"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xe2\x80\xa8 slash/ del\x7f",
+		"\xff", "\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "ok\xe2\x82",
+	};
+
+	for (int c = 1; c < 0x80; c++) {
+		one[0] = (char)c;
+		assert_entry_like_jansson(one);
+	}
+	for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++)
+		assert_entry_like_jansson(texts[i]);
+}
+
+Test(readmodel, bodies_match_jansson_with_and_without_optional_members)
+{
+	struct readmodel_entry deposit = { .version = 1, .type = "deposit", .amount = 5,
+					   .balance_after = 5, .at = "2000-01-01T00:00:00.000000Z" };
+	struct readmodel_account a = { .account_id = "alice", .name = "Alice \"A\"", .currency = "EUR",
+				       .status = "open", .balance = -3, .overdraft_limit = 100,
+				       .version = 12, .opened_at = "x", .updated_at = "y" };
+	struct readmodel_transfer t = { .transfer_id = "t", .from = "a", .to = "b", .currency = "EUR",
+					.reference = NULL, .at = "z", .amount = 9 };
+	json_t *ja = json_pack("{s:s, s:s, s:s, s:I, s:I, s:s, s:I, s:s, s:s}", "account_id", "alice",
+			       "name", "Alice \"A\"", "currency", "EUR", "balance", (json_int_t)-3,
+			       "overdraft_limit", (json_int_t)100, "status", "open", "version",
+			       (json_int_t)12, "opened_at", "x", "updated_at", "y");
+	json_t *jt = json_pack("{s:s, s:s, s:s, s:I, s:s, s:n, s:s}", "transfer_id", "t", "from", "a",
+			       "to", "b", "amount", (json_int_t)9, "currency", "EUR", "reference",
+			       "at", "z");
+	char *ours, *theirs;
+
+	ours = readmodel_entry_json(&deposit);
+	theirs = jansson_entry(&deposit);
+	cr_assert_str_eq(ours, theirs);
+	free(ours);
+	free(theirs);
+	ours = readmodel_account_json(&a);
+	theirs = json_dumps(ja, JSON_COMPACT);
+	cr_assert_str_eq(ours, theirs);
+	free(ours);
+	free(theirs);
+	ours = readmodel_transfer_json(&t);
+	theirs = json_dumps(jt, JSON_COMPACT);
+	cr_assert_str_eq(ours, theirs);
+	free(ours);
+	free(theirs);
+	json_decref(ja);
+	json_decref(jt);
 }
