@@ -29,7 +29,7 @@ struct acct {
 	struct ledger_account acc;
 	char name[LEDGER_NAME_MAX + 1];
 	int32_t entries;
-	char opened_at[32], updated_at[32];
+	int64_t opened_at, updated_at; /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
 	int32_t expected;  /* statement items the log had when the rebuild began */
 	int32_t sent;      /* statement items sent to Redis */
 	int32_t npending;  /* items waiting to go in one ZADD with the account's next ones */
@@ -59,11 +59,12 @@ struct rebuild {
 	char txid[24];
 	long long position;
 	struct strmap *accounts, *totals;
-	struct buf entries, transfers; /* COPY text of the chunk */
+	struct buf entries, transfers; /* binary COPY data of the chunk */
 	size_t redis_queued; /* commands sent whose replies are not read yet */
 	size_t redis_prev;   /* of those, the ones sent before the current chunk */
 	long long done, total;
 	double started, last_report;
+	double loaded, indexed, switched; /* when each phase ended, for the summary */
 	bool tty;
 	const char *phase;
 };
@@ -81,7 +82,11 @@ static void on_signal(int sig)
 	interrupted = 1;
 }
 
-/* --- COPY text ---------------------------------------------------------------------- */
+/* --- binary COPY ------------------------------------------------------------------- */
+
+/* Rows go to PostgreSQL in COPY's binary format: nothing to escape on our side, and
+ * nothing to parse on the server's (integers and times are sent as they are stored). */
+static const char copy_header[19] = "PGCOPY\n\377\r\n\0"; /* then flags and extension: 0 */
 
 static bool reserve(struct buf *b, size_t more)
 {
@@ -98,34 +103,46 @@ static bool reserve(struct buf *b, size_t more)
 	return true;
 }
 
-/* One field of a COPY text row: escaped, NULL as \N, then a tab or the newline. */
-static bool field(struct buf *b, const char *v, bool last)
+static void put_be(struct buf *b, uint64_t v, int bytes)
 {
-	size_t n = v ? strlen(v) : 0;
+	for (int i = bytes - 1; i >= 0; i--)
+		b->p[b->len++] = (char)(v >> (8 * i));
+}
 
-	if (!reserve(b, 2 * n + 4))
+/* A row of n fields; the first row of a COPY gets the header. */
+static bool row(struct buf *b, int n)
+{
+	if (!reserve(b, sizeof(copy_header) + 2))
 		return false;
-	if (!v) {
-		memcpy(b->p + b->len, "\\N", 2);
-		b->len += 2;
+	if (b->len == 0) {
+		memcpy(b->p, copy_header, sizeof(copy_header));
+		b->len = sizeof(copy_header);
 	}
-	for (size_t i = 0; i < n; i++) {
-		char c = v[i];
-		if (c == '\\' || c == '\t' || c == '\n' || c == '\r') {
-			b->p[b->len++] = '\\';
-			c = c == '\t' ? 't' : c == '\n' ? 'n' : c == '\r' ? 'r' : '\\';
-		}
-		b->p[b->len++] = c;
-	}
-	b->p[b->len++] = last ? '\n' : '\t';
+	put_be(b, (uint64_t)n, 2);
 	return true;
 }
 
-static bool field_int(struct buf *b, long long v, bool last)
+/* A text field; NULL is SQL NULL. */
+static bool put_text(struct buf *b, const char *v)
 {
-	char s[24];
-	snprintf(s, sizeof(s), "%lld", v);
-	return field(b, s, last);
+	size_t n = v ? strlen(v) : 0;
+
+	if (!reserve(b, 4 + n))
+		return false;
+	put_be(b, v ? (uint64_t)n : 0xffffffffu, 4);
+	memcpy(b->p + b->len, v ? v : "", n);
+	b->len += n;
+	return true;
+}
+
+/* An integer field of 4 or 8 bytes; timestamptz is an 8-byte integer too. */
+static bool put_int(struct buf *b, int64_t v, int bytes)
+{
+	if (!reserve(b, 4 + (size_t)bytes))
+		return false;
+	put_be(b, (uint64_t)bytes, 4);
+	put_be(b, (uint64_t)v, bytes);
+	return true;
 }
 
 static bool copy_in(struct rebuild *rb, const char *table, struct buf *b)
@@ -136,7 +153,10 @@ static bool copy_in(struct rebuild *rb, const char *table, struct buf *b)
 
 	if (b->len == 0)
 		return true;
-	snprintf(sql, sizeof(sql), "COPY %s FROM STDIN", table);
+	if (!reserve(b, 2))
+		return false;
+	put_be(b, 0xffff, 2); /* the trailer */
+	snprintf(sql, sizeof(sql), "COPY %s FROM STDIN (FORMAT binary)", table);
 	r = PQexec(rb->wr, sql);
 	ok = PQresultStatus(r) == PGRES_COPY_IN;
 	PQclear(r);
@@ -319,48 +339,50 @@ static void acct_free(void *value)
 
 /* The statement item: a COPY row for SQL, held for one ZADD per account for Redis. */
 static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
-		       int32_t version, const char *at)
+		       int32_t version, int64_t at)
 {
 	struct buf *b = &rb->entries;
 	bool ok = true;
 
 	if (rb->sql)
-		ok = field(b, a->acc.id, false) && field_int(b, version, false) &&
-		     field(b, readmodel_entry_type(ev->type), false) && field_int(b, ev->amount, false) &&
-		     field_int(b, a->acc.balance, false) && field(b, ev->transfer_id, false) &&
-		     field(b, ev->counterparty, false) && field(b, ev->reference, false) &&
-		     field(b, at, true);
+		ok = row(b, 9) && put_text(b, a->acc.id) && put_int(b, version, 4) &&
+		     put_text(b, readmodel_entry_type(ev->type)) && put_int(b, ev->amount, 8) &&
+		     put_int(b, a->acc.balance, 8) && put_text(b, ev->transfer_id) &&
+		     put_text(b, ev->counterparty) && put_text(b, ev->reference) && put_int(b, at, 8);
 	/* Redis keeps the newest items only: skip those certain to be trimmed, and send
 	 * the rest as one ZADD per account rather than a command per item. */
 	if (ok && rb->redis && a->entries > a->expected - ENTRIES_KEPT) {
+		char at_text[READMODEL_TIME_LEN];
 		struct readmodel_entry e = {
 			.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
 			.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
-			.counterparty = ev->counterparty, .reference = ev->reference, .at = at,
+			.counterparty = ev->counterparty, .reference = ev->reference, .at = at_text,
 		};
+		readmodel_time_text(at, at_text);
 		ok = hold_item(rb, a, version, readmodel_entry_json(&e));
 	}
 	return ok;
 }
 
 static bool emit_transfer(struct rebuild *rb, const struct acct *from, const struct ledger_event *ev,
-			  const char *at)
+			  int64_t at)
 {
 	struct buf *b = &rb->transfers;
 	bool ok = true;
 
 	if (rb->sql)
-		ok = field(b, ev->transfer_id, false) && field(b, from->acc.id, false) &&
-		     field(b, ev->counterparty, false) && field_int(b, ev->amount, false) &&
-		     field(b, from->acc.currency, false) && field(b, ev->reference, false) &&
-		     field(b, at, true);
+		ok = row(b, 7) && put_text(b, ev->transfer_id) && put_text(b, from->acc.id) &&
+		     put_text(b, ev->counterparty) && put_int(b, ev->amount, 8) &&
+		     put_text(b, from->acc.currency) && put_text(b, ev->reference) && put_int(b, at, 8);
 	if (ok && rb->redis) {
+		char at_text[READMODEL_TIME_LEN], k[LEDGER_ID_MAX + 48], *json;
 		struct readmodel_transfer t = {
 			.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
-			.currency = from->acc.currency, .reference = ev->reference, .at = at,
+			.currency = from->acc.currency, .reference = ev->reference, .at = at_text,
 			.amount = ev->amount,
 		};
-		char k[LEDGER_ID_MAX + 48], *json = readmodel_transfer_json(&t);
+		readmodel_time_text(at, at_text);
+		json = readmodel_transfer_json(&t);
 		const char *argv[3] = { "SET", k, json };
 		rkey(rb, k, sizeof(k), "xfer", ev->transfer_id);
 		ok = json && redis_send(rb, 3, argv);
@@ -369,12 +391,33 @@ static bool emit_transfer(struct rebuild *rb, const struct acct *from, const str
 	return ok;
 }
 
-/* Fold one row of the read query: position, txid, account, version, type, data, at. */
-static bool fold_row(struct rebuild *rb, PGresult *r, int row)
+/* Big-endian integers of the read query's binary results. */
+static uint64_t be(const char *p, int bytes)
 {
-	const char *id = PQgetvalue(r, row, 2), *at = PQgetvalue(r, row, 6);
-	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 4));
-	json_t *data = json_loads(PQgetvalue(r, row, 5), 0, NULL);
+	uint64_t v = 0;
+
+	for (int i = 0; i < bytes; i++)
+		v = v << 8 | (unsigned char)p[i];
+	return v;
+}
+
+/* The jsonb value of a binary result: a format version byte (1), then JSON text. */
+static json_t *jsonb_value(PGresult *r, int row, int col)
+{
+	const char *p = PQgetvalue(r, row, col);
+	int len = PQgetlength(r, row, col);
+
+	return len > 1 && p[0] == 1 ? json_loadb(p + 1, (size_t)len - 1, 0, NULL) : NULL;
+}
+
+/* Fold one row of the read query (binary): position, txid, account, version, type,
+ * data, recorded_at. */
+static bool fold_row(struct rebuild *rb, PGresult *r, int i)
+{
+	const char *id = PQgetvalue(r, i, 2);
+	int64_t at = (int64_t)be(PQgetvalue(r, i, 6), 8);
+	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, i, 4));
+	json_t *data = jsonb_value(r, i, 5);
 	struct acct *a = strmap_get(rb->accounts, id);
 	struct ledger_event ev;
 	struct total *t;
@@ -387,13 +430,14 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int row)
 	}
 	if (ok && type == LEDGER_ACCOUNT_OPENED)
 		ev.account_id = id;
-	ok = ok && a && atoi(PQgetvalue(r, row, 3)) == a->acc.version + 1 && ledger_evolve(&a->acc, &ev);
+	ok = ok && a && (int32_t)be(PQgetvalue(r, i, 3), 4) == a->acc.version + 1 &&
+	     ledger_evolve(&a->acc, &ev);
 	if (ok && type == LEDGER_ACCOUNT_OPENED) {
 		snprintf(a->name, sizeof(a->name), "%s", ev.name);
-		snprintf(a->opened_at, sizeof(a->opened_at), "%s", at);
+		a->opened_at = at;
 	}
 	if (ok) {
-		snprintf(a->updated_at, sizeof(a->updated_at), "%s", at);
+		a->updated_at = at;
 		ok = (t = total_of(rb, a->acc.currency)) != NULL;
 		if (ok)
 			count_total(t, &ev);
@@ -405,8 +449,8 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int row)
 	if (ok && type == LEDGER_TRANSFER_SENT)
 		ok = emit_transfer(rb, a, &ev, at);
 	if (!ok)
-		fprintf(stderr, "daybook-admin: cannot fold event %s (account-%s v%s)\n",
-			PQgetvalue(r, row, 0), id, PQgetvalue(r, row, 3));
+		fprintf(stderr, "daybook-admin: cannot fold event %lld (account-%s v%d)\n",
+			(long long)be(PQgetvalue(r, i, 0), 8), id, (int32_t)be(PQgetvalue(r, i, 3), 4));
 	json_decref(data);
 	return ok;
 }
@@ -465,12 +509,11 @@ static bool send_read(struct rebuild *rb)
 	snprintf(limit, sizeof(limit), "%d", CHUNK);
 	rb->read_pending = PQsendQueryParams(
 		rb->pg,
-		"SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
-		"to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+		"SELECT position, txid, substr(stream, 9), version, type, data, recorded_at "
 		"FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
 		"AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
 		"ORDER BY events.txid, events.position LIMIT $3",
-		3, NULL, params, NULL, NULL, 0);
+		3, NULL, params, NULL, NULL, 1 /* binary: no text conversions on the server */);
 	if (!rb->read_pending)
 		fprintf(stderr, "daybook-admin: reading the log: %s", PQerrorMessage(rb->pg));
 	return rb->read_pending;
@@ -508,8 +551,9 @@ static bool fold_chunk(struct rebuild *rb, int *n)
 		return false;
 	*n = PQntuples(r);
 	if (*n > 0) {
-		rb->position = atoll(PQgetvalue(r, *n - 1, 0));
-		snprintf(rb->txid, sizeof(rb->txid), "%s", PQgetvalue(r, *n - 1, 1));
+		rb->position = (long long)be(PQgetvalue(r, *n - 1, 0), 8);
+		snprintf(rb->txid, sizeof(rb->txid), "%llu",
+			 (unsigned long long)be(PQgetvalue(r, *n - 1, 1), 8));
 		rb->done += *n;
 	}
 	if (*n == CHUNK)
@@ -538,18 +582,22 @@ static void put_account(void *arg, const char *id, void *value)
 	if (!w->ok || !ledger_account_exists(&a->acc))
 		return; /* counted before the rebuild began, never opened: nothing to write */
 	if (w->rb->sql)
-		w->ok = field(b, id, false) && field(b, a->name, false) &&
-			field(b, a->acc.currency, false) && field_int(b, a->acc.balance, false) &&
-			field_int(b, a->acc.overdraft_limit, false) && field(b, status, false) &&
-			field_int(b, a->acc.version, false) && field_int(b, a->entries, false) &&
-			field(b, a->opened_at, false) && field(b, a->updated_at, true);
+		w->ok = row(b, 10) && put_text(b, id) && put_text(b, a->name) &&
+			put_text(b, a->acc.currency) && put_int(b, a->acc.balance, 8) &&
+			put_int(b, a->acc.overdraft_limit, 8) && put_text(b, status) &&
+			put_int(b, a->acc.version, 4) && put_int(b, a->entries, 4) &&
+			put_int(b, a->opened_at, 8) && put_int(b, a->updated_at, 8);
 	if (w->ok && w->rb->redis) {
+		char opened[READMODEL_TIME_LEN], updated[READMODEL_TIME_LEN];
 		struct readmodel_account body = {
 			.account_id = id, .name = a->name, .currency = a->acc.currency, .status = status,
 			.balance = a->acc.balance, .overdraft_limit = a->acc.overdraft_limit,
-			.version = a->acc.version, .opened_at = a->opened_at, .updated_at = a->updated_at,
+			.version = a->acc.version, .opened_at = opened, .updated_at = updated,
 		};
-		char k[LEDGER_ID_MAX + 48], v[16], n[16], *json = readmodel_account_json(&body);
+		char k[LEDGER_ID_MAX + 48], v[16], n[16], *json;
+		readmodel_time_text(a->opened_at, opened);
+		readmodel_time_text(a->updated_at, updated);
+		json = readmodel_account_json(&body);
 		const char *argv[8] = { "HSET", k, "v", v, "n", n, "j", json };
 		rkey(w->rb, k, sizeof(k), "acct", id);
 		snprintf(v, sizeof(v), "%d", a->acc.version);
@@ -560,24 +608,40 @@ static void put_account(void *arg, const char *id, void *value)
 }
 
 struct totals_walk {
-	struct rebuild *rb;
-	struct buf *rows;
 	struct total **sorted;
 	size_t n;
-	bool ok;
 };
 
-static void put_total(void *arg, const char *currency, void *value)
+static void collect_total(void *arg, const char *currency, void *value)
 {
 	struct totals_walk *w = arg;
-	struct total *t = value;
-	char sum[48];
 
-	readmodel_int128_text(t->sum, sum);
-	if (w->rb->sql && w->ok)
-		w->ok = field(w->rows, currency, false) && field_int(w->rows, t->accounts, false) &&
-			field_int(w->rows, t->open, false) && field(w->rows, sum, true);
-	w->sorted[w->n++] = t;
+	(void)currency;
+	w->sorted[w->n++] = value;
+}
+
+/* The few totals rows: a plain INSERT each (balance_sum is numeric, whose binary
+ * form is not worth writing for a row per currency). */
+static bool sql_totals(struct rebuild *rb, struct total **t, size_t n)
+{
+	bool ok = true;
+
+	for (size_t i = 0; ok && i < n; i++) {
+		char accounts[24], open[24], sum[48];
+		const char *params[4] = { t[i]->currency, accounts, open, sum };
+		PGresult *r;
+
+		snprintf(accounts, sizeof(accounts), "%lld", t[i]->accounts);
+		snprintf(open, sizeof(open), "%lld", t[i]->open);
+		readmodel_int128_text(t[i]->sum, sum);
+		r = PQexecParams(rb->wr, "INSERT INTO rm_totals_shadow VALUES ($1, $2, $3, $4)", 4,
+				 NULL, params, NULL, NULL, 0);
+		ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+		if (!ok)
+			fprintf(stderr, "daybook-admin: writing the totals: %s", PQresultErrorMessage(r));
+		PQclear(r);
+	}
+	return ok;
 }
 
 static int by_currency(const void *a, const void *b)
@@ -585,14 +649,13 @@ static int by_currency(const void *a, const void *b)
 	return strcmp((*(struct total *const *)a)->currency, (*(struct total *const *)b)->currency);
 }
 
-/* The totals body (sorted by currency) into Redis, with the checkpoint token. */
+/* The totals body (t sorted by currency) into Redis, with the checkpoint token. */
 static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const char *token)
 {
 	struct buf b = { 0 };
 	char k[64], sum[48];
 	bool ok = reserve(&b, 32 + n * 160);
 
-	qsort(t, n, sizeof(*t), by_currency);
 	if (ok)
 		b.len = (size_t)sprintf(b.p, "{\"currencies\":[");
 	for (size_t i = 0; ok && i < n; i++) {
@@ -616,18 +679,18 @@ static bool write_end_state(struct rebuild *rb, const char *token)
 {
 	struct buf rows = { 0 };
 	struct account_walk aw = { rb, &rows, true };
-	struct totals_walk tw = { rb, &rows, calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0, true };
+	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0 };
 	bool ok;
-
 
 	ok = flush_chunk(rb, true);
 	strmap_foreach(rb->accounts, put_account, &aw);
-	ok = ok && aw.ok && (!rb->sql || copy_in(rb, "rm_accounts_shadow", &rows));
-	if (ok && tw.sorted) {
-		strmap_foreach(rb->totals, put_total, &tw);
-		ok = tw.ok && (!rb->sql || copy_in(rb, "rm_totals_shadow", &rows));
+	ok = ok && aw.ok && (!rb->sql || copy_in(rb, "rm_accounts_shadow", &rows)) && tw.sorted;
+	if (ok) {
+		strmap_foreach(rb->totals, collect_total, &tw);
+		qsort(tw.sorted, tw.n, sizeof(*tw.sorted), by_currency);
+		ok = (!rb->sql || sql_totals(rb, tw.sorted, tw.n)) &&
+		     (!rb->redis || redis_totals(rb, tw.sorted, tw.n, token));
 	}
-	ok = ok && tw.sorted && (!rb->redis || redis_totals(rb, tw.sorted, tw.n, token));
 	free(tw.sorted);
 	free(rows.p);
 	return ok && (!rb->redis || redis_drain(rb));
@@ -781,12 +844,13 @@ static bool connect_redis(struct rebuild *rb)
 }
 
 /* How many statement items each account has now, so that Redis is sent only the
- * items that will be among its newest; accounts are created here, unopened. */
+ * items that will be among its newest; accounts are created here, unopened. The
+ * events counted are the progress total. */
 static bool count_entries(struct rebuild *rb)
 {
 	PGresult *r = PQexec(rb->pg, "SELECT substr(stream, 9), count(*) FILTER (WHERE type IN "
 				     "('FundsDeposited', 'FundsWithdrawn', 'TransferSent', "
-				     "'TransferReceived')) FROM events GROUP BY stream");
+				     "'TransferReceived')), count(*) FROM events GROUP BY stream");
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 
 	for (int row = 0; ok && row < PQntuples(r); row++) {
@@ -797,6 +861,7 @@ static bool count_entries(struct rebuild *rb)
 			break;
 		}
 		a->expected = atoi(PQgetvalue(r, row, 1));
+		rb->total += atoll(PQgetvalue(r, row, 2));
 	}
 	if (!ok)
 		fprintf(stderr, "daybook-admin: counting statement items: %s", PQresultErrorMessage(r));
@@ -825,9 +890,11 @@ static bool prepare(struct rebuild *rb)
 		return false;
 	if (rb->want_redis && !count_entries(rb))
 		return false;
-	r = PQexec(rb->pg, "SELECT count(*) FROM events");
-	rb->total = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : 0;
-	PQclear(r);
+	if (!rb->want_redis) {
+		r = PQexec(rb->pg, "SELECT count(*) FROM events");
+		rb->total = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : 0;
+		PQclear(r);
+	}
 	snprintf(rb->txid, sizeof(rb->txid), "0");
 	return true;
 }
@@ -880,7 +947,12 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	rb.tty = isatty(STDERR_FILENO);
 	rb.started = now();
-	ok = prepare(&rb) && load(&rb) && index_and_send(&rb) && !interrupted && switch_over(&rb);
+	ok = prepare(&rb) && load(&rb);
+	rb.loaded = now();
+	ok = ok && index_and_send(&rb);
+	rb.indexed = now();
+	ok = ok && !interrupted && switch_over(&rb);
+	rb.switched = now();
 	report(&rb, true);
 	if (!ok) {
 		abandon(&rb);
@@ -890,9 +962,11 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	if (rb.redis)
 		redis_cleanup(&rb, rb.gen, 0);
 	secs = now() - rb.started;
-	printf("rebuilt %s from %lld events in %.2f s (%.0f events/s); checkpoint %s.%lld\n",
+	printf("rebuilt %s from %lld events in %.2f s (%.0f events/s; load %.2f s, index %.2f s, "
+	       "switch %.2f s, cleanup %.2f s); checkpoint %s.%lld\n",
 	       rb.sql && rb.redis ? "sql and redis" : rb.sql ? "sql" : "redis", rb.done, secs,
-	       rb.done / (secs + 1e-9), rb.txid, rb.position);
+	       rb.done / (secs + 1e-9), rb.loaded - rb.started, rb.indexed - rb.loaded,
+	       rb.switched - rb.indexed, now() - rb.switched, rb.txid, rb.position);
 	finish(&rb);
 	return 0;
 }
