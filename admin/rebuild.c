@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <hiredis/hiredis.h>
 #include <libpq-fe.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -48,10 +49,23 @@ struct buf {
 	size_t len, cap;
 };
 
+/* During the load a thread COPYs each chunk's rows while the next chunk is folded:
+ * the folding never waits for PostgreSQL to take the rows in. It owns the writer
+ * connection and its two buffers while busy. */
+struct copier {
+	pthread_t thread;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	PGconn *pg;
+	struct buf entries, transfers;
+	bool running, busy, stop, failed;
+};
+
 struct rebuild {
 	struct admin_ctx *ctx;
 	PGconn *pg;        /* reads the log; its next read runs while the writer works */
 	PGconn *wr;        /* writes the shadow tables and runs the switch */
+	struct copier copier;
 	bool read_pending; /* a read of the next chunk was sent on pg */
 	redisContext *redis;
 	bool sql, want_redis;
@@ -145,7 +159,7 @@ static bool put_int(struct buf *b, int64_t v, int bytes)
 	return true;
 }
 
-static bool copy_in(struct rebuild *rb, const char *table, struct buf *b)
+static bool copy_in(PGconn *pg, const char *table, struct buf *b)
 {
 	char sql[128];
 	PGresult *r;
@@ -157,19 +171,99 @@ static bool copy_in(struct rebuild *rb, const char *table, struct buf *b)
 		return false;
 	put_be(b, 0xffff, 2); /* the trailer */
 	snprintf(sql, sizeof(sql), "COPY %s FROM STDIN (FORMAT binary)", table);
-	r = PQexec(rb->wr, sql);
+	r = PQexec(pg, sql);
 	ok = PQresultStatus(r) == PGRES_COPY_IN;
 	PQclear(r);
-	ok = ok && PQputCopyData(rb->wr, b->p, (int)b->len) == 1 && PQputCopyEnd(rb->wr, NULL) == 1;
-	r = PQgetResult(rb->wr);
+	ok = ok && PQputCopyData(pg, b->p, (int)b->len) == 1 && PQputCopyEnd(pg, NULL) == 1;
+	r = PQgetResult(pg);
 	ok = ok && PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
-		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(rb->wr));
+		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(pg));
 	PQclear(r);
-	while ((r = PQgetResult(rb->wr)))
+	while ((r = PQgetResult(pg)))
 		PQclear(r);
 	b->len = 0;
 	return ok;
+}
+
+static void *copier_main(void *arg)
+{
+	struct copier *c = arg;
+
+	pthread_mutex_lock(&c->mu);
+	for (;;) {
+		while (!c->busy && !c->stop)
+			pthread_cond_wait(&c->cv, &c->mu);
+		if (!c->busy)
+			break;
+		pthread_mutex_unlock(&c->mu);
+		bool ok = copy_in(c->pg, "rm_entries_shadow", &c->entries) &&
+			  copy_in(c->pg, "rm_transfers_shadow", &c->transfers);
+		pthread_mutex_lock(&c->mu);
+		c->failed = c->failed || !ok;
+		c->busy = false;
+		pthread_cond_broadcast(&c->cv);
+	}
+	pthread_mutex_unlock(&c->mu);
+	return NULL;
+}
+
+/* Start the thread with signals blocked: they are the main thread's to handle. */
+static bool copier_start(struct copier *c, PGconn *pg)
+{
+	sigset_t all, old;
+	int err;
+
+	c->pg = pg;
+	pthread_mutex_init(&c->mu, NULL);
+	pthread_cond_init(&c->cv, NULL);
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	err = pthread_create(&c->thread, NULL, copier_main, c);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (err) {
+		fprintf(stderr, "daybook-admin: cannot start the COPY thread: %s\n", strerror(err));
+		return false;
+	}
+	c->running = true;
+	return true;
+}
+
+/* Hand the chunk's rows over (taking back the emptied buffers of the last chunk),
+ * once the thread is done with the last chunk. */
+static bool copier_submit(struct copier *c, struct buf *entries, struct buf *transfers)
+{
+	struct buf t;
+	bool ok;
+
+	pthread_mutex_lock(&c->mu);
+	while (c->busy)
+		pthread_cond_wait(&c->cv, &c->mu);
+	ok = !c->failed;
+	if (ok) {
+		t = c->entries, c->entries = *entries, *entries = t;
+		t = c->transfers, c->transfers = *transfers, *transfers = t;
+		c->busy = true;
+		pthread_cond_broadcast(&c->cv);
+	}
+	pthread_mutex_unlock(&c->mu);
+	return ok;
+}
+
+/* Wait for the last chunk and end the thread; false when any COPY failed. */
+static bool copier_stop(struct copier *c)
+{
+	if (!c->running)
+		return !c->failed;
+	pthread_mutex_lock(&c->mu);
+	c->stop = true;
+	pthread_cond_broadcast(&c->cv);
+	pthread_mutex_unlock(&c->mu);
+	pthread_join(c->thread, NULL);
+	pthread_mutex_destroy(&c->mu);
+	pthread_cond_destroy(&c->cv);
+	c->running = false;
+	return !c->failed;
 }
 
 /* --- Redis pipeline ------------------------------------------------------------------- */
@@ -485,8 +579,12 @@ static bool flush_chunk(struct rebuild *rb, bool final)
 {
 	struct items_walk w = { rb, true };
 
-	if (rb->sql && (!copy_in(rb, "rm_entries_shadow", &rb->entries) ||
-			!copy_in(rb, "rm_transfers_shadow", &rb->transfers)))
+	if (rb->sql && rb->copier.running &&
+	    !copier_submit(&rb->copier, &rb->entries, &rb->transfers))
+		return false;
+	if (rb->sql && !rb->copier.running &&
+	    (!copy_in(rb->wr, "rm_entries_shadow", &rb->entries) ||
+	     !copy_in(rb->wr, "rm_transfers_shadow", &rb->transfers)))
 		return false;
 	if (!rb->redis)
 		return true;
@@ -684,7 +782,7 @@ static bool write_end_state(struct rebuild *rb, const char *token)
 
 	ok = flush_chunk(rb, true);
 	strmap_foreach(rb->accounts, put_account, &aw);
-	ok = ok && aw.ok && (!rb->sql || copy_in(rb, "rm_accounts_shadow", &rows)) && tw.sorted;
+	ok = ok && aw.ok && (!rb->sql || copy_in(rb->wr, "rm_accounts_shadow", &rows)) && tw.sorted;
 	if (ok) {
 		strmap_foreach(rb->totals, collect_total, &tw);
 		qsort(tw.sorted, tw.n, sizeof(*tw.sorted), by_currency);
@@ -713,15 +811,13 @@ static bool exec_ok(PGconn *pg, const char *sql)
 static bool load(struct rebuild *rb)
 {
 	int n = CHUNK;
+	bool ok = !rb->sql || copier_start(&rb->copier, rb->wr);
 
-	while (n == CHUNK) {
-		if (interrupted)
-			return false;
-		if (!fold_chunk(rb, &n))
-			return false;
+	while (ok && n == CHUNK && !interrupted) {
+		ok = fold_chunk(rb, &n);
 		report(rb, false);
 	}
-	return true;
+	return copier_stop(&rb->copier) && ok && !interrupted;
 }
 
 /* After the load: PostgreSQL builds the shadow tables' keys while Redis takes the
@@ -754,6 +850,7 @@ static bool switch_over(struct rebuild *rb)
 	const char *live[3] = { "SET", "dbk:live", gen };
 	int n = 1;
 	bool ok = exec_ok(rb->wr, "BEGIN") &&
+		  exec_ok(rb->wr, "SET LOCAL synchronous_commit = on") &&
 		  exec_ok(rb->wr, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")");
 
 	rb->phase = "switch";
@@ -799,20 +896,26 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 	snprintf(match, sizeof(match), keep ? "dbk:g:*" : "dbk:g:%lld:*", drop);
 	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", keep);
 	do {
-		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 1000", cursor, match);
-		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 10000", cursor, match);
+		const char **argv;
+		int argc = 1;
+
+		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+		    !(argv = malloc((r->element[1]->elements + 1) * sizeof(*argv)))) {
 			freeReplyObject(r);
 			return;
 		}
 		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		argv[0] = "UNLINK"; /* one command for the page's keys */
 		for (size_t i = 0; i < r->element[1]->elements; i++) {
 			const char *k = r->element[1]->element[i]->str;
-			const char *argv[2] = { "UNLINK", k };
 			if (!keep || strncmp(k, prefix, strlen(prefix)) != 0)
-				(void)!redis_send(rb, 2, argv);
+				argv[argc++] = k;
 		}
+		if (argc > 1)
+			(void)!(redis_send(rb, argc, argv) && redis_drain(rb));
+		free(argv);
 		freeReplyObject(r);
-		(void)!redis_drain(rb);
 	} while (strcmp(cursor, "0") != 0);
 }
 
@@ -913,6 +1016,8 @@ static void finish(struct rebuild *rb)
 {
 	free(rb->entries.p);
 	free(rb->transfers.p);
+	free(rb->copier.entries.p);
+	free(rb->copier.transfers.p);
 	strmap_close(&rb->accounts);
 	strmap_close(&rb->totals);
 	if (rb->redis)
