@@ -117,9 +117,17 @@ static void *writer(void *arg)
 	unsigned seed = (unsigned)(uintptr_t)pthread_self();
 	char path[64], body[64];
 
-	while (!atomic_load(&t->stop)) {
-		snprintf(path, sizeof(path), "/accounts/r-%d/deposits", rand_r(&seed) % 8);
-		snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + rand_r(&seed) % 100);
+	for (int n = 0; !atomic_load(&t->stop); n++) {
+		int a = rand_r(&seed) % 8, b = (a + 1 + rand_r(&seed) % 7) % 8;
+		if (n % 3 == 2) { /* a transfer now and then; some fail for want of funds */
+			snprintf(path, sizeof(path), "/transfers");
+			snprintf(body, sizeof(body),
+				 "{\"id\":\"w%x-%d\",\"from\":\"r-%d\",\"to\":\"r-%d\",\"amount\":7}",
+				 seed, n, a, b);
+		} else {
+			snprintf(path, sizeof(path), "/accounts/r-%d/deposits", a);
+			snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + rand_r(&seed) % 100);
+		}
 		struct response r = post(&command, path, body, NULL);
 		if (r.status == 201)
 			atomic_fetch_add(&t->writes, 1);
@@ -145,6 +153,16 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 		snprintf(body, sizeof(body), "{\"id\":\"r-%d\",\"name\":\"R\",\"currency\":\"EUR\"}", i);
 		must("/accounts", body);
 	}
+	/* Every kind of event and of optional field, with text that needs escaping. */
+	must("/accounts/r-0/deposits",
+	     "{\"amount\":500,\"reference\":\"q\\\"uote \\\\ caf\xc3\xa9 \xe2\x82\xac\"}");
+	must("/transfers", "{\"id\":\"t-1\",\"from\":\"r-0\",\"to\":\"r-1\",\"amount\":120,"
+			   "\"reference\":\"rent \\\"May\\\"\"}");
+	must("/transfers", "{\"id\":\"t-2\",\"from\":\"r-1\",\"to\":\"r-2\",\"amount\":20}");
+	must("/accounts/r-1/withdrawals", "{\"amount\":50,\"reference\":\"atm\"}");
+	must("/accounts", "{\"id\":\"r-gone\",\"name\":\"Zo\xc3\xab \\\"Q\\\" \\\\\","
+			  "\"currency\":\"GBP\",\"overdraft_limit\":10}");
+	must("/accounts/r-gone/close", "{}");
 	/* Some history, so the rebuild has work to do. */
 	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
 			"|| (i % 500), i / 500 + 1, CASE WHEN i < 500 THEN 'AccountOpened' ELSE "
