@@ -4,6 +4,7 @@
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Always false, so that a refusal is one statement: return refuse(err, ...). */
@@ -206,60 +207,72 @@ json_t *ledger_event_to_json(const struct ledger_event *ev)
 	}
 }
 
-/* Decoding is lenient about extra keys, so that a later version may add data to an
- * event without making older readers refuse the log. */
-static bool data_string(json_t *data, const char *key, bool required, const char **out)
-{
-	json_t *v = json_object_get(data, key);
+/* Decoding reads event data through a table of the members it knows, filled either
+ * from a jansson object or straight from the JSON text (ledger_event_from_text), so
+ * that both follow one set of rules. Decoding is lenient about extra keys, so that a
+ * later version may add data to an event without making older readers refuse the
+ * log. */
+enum data_key { K_ACCOUNT_ID, K_NAME, K_CURRENCY, K_OVERDRAFT_LIMIT, K_AMOUNT, K_REFERENCE,
+		K_TRANSFER_ID, K_TO, K_FROM, K_COUNT };
+static const char *const data_keys[K_COUNT] = {
+	"account_id", "name", "currency", "overdraft_limit", "amount", "reference",
+	"transfer_id", "to", "from",
+};
 
-	if (!v)
+enum member_kind { M_ABSENT, M_STRING, M_INTEGER, M_OTHER };
+struct member {
+	enum member_kind kind;
+	const char *s;
+	int64_t i;
+};
+
+static bool data_string(const struct member *m, enum data_key k, bool required, const char **out)
+{
+	if (m[k].kind == M_ABSENT)
 		return !required;
-	*out = string_of(v);
-	return *out != NULL;
+	*out = m[k].s;
+	return m[k].kind == M_STRING;
 }
 
-static bool data_integer(json_t *data, const char *key, int64_t *out)
+static bool data_integer(const struct member *m, enum data_key k, int64_t *out)
 {
-	json_t *v = json_object_get(data, key);
-
-	if (!json_is_integer(v))
-		return false;
-	*out = json_integer_value(v);
-	return true;
+	*out = m[k].i;
+	return m[k].kind == M_INTEGER;
 }
 
-static bool decode_opened(json_t *data, struct ledger_event *ev)
+static bool decode_opened(const struct member *m, struct ledger_event *ev)
 {
-	return data_string(data, "account_id", true, &ev->account_id) &&
-	       data_string(data, "name", true, &ev->name) &&
-	       data_string(data, "currency", true, &ev->currency) &&
-	       data_integer(data, "overdraft_limit", &ev->overdraft_limit);
+	return data_string(m, K_ACCOUNT_ID, true, &ev->account_id) &&
+	       data_string(m, K_NAME, true, &ev->name) &&
+	       data_string(m, K_CURRENCY, true, &ev->currency) &&
+	       data_integer(m, K_OVERDRAFT_LIMIT, &ev->overdraft_limit);
 }
 
-static bool decode_money(json_t *data, struct ledger_event *ev)
+static bool decode_money(const struct member *m, struct ledger_event *ev)
 {
-	return data_integer(data, "amount", &ev->amount) &&
-	       data_string(data, "reference", false, &ev->reference);
+	return data_integer(m, K_AMOUNT, &ev->amount) &&
+	       data_string(m, K_REFERENCE, false, &ev->reference);
 }
 
-static bool decode_transfer(json_t *data, const char *counterparty_key, struct ledger_event *ev)
+static bool decode_transfer(const struct member *m, enum data_key counterparty,
+			    struct ledger_event *ev)
 {
-	return data_string(data, "transfer_id", true, &ev->transfer_id) &&
-	       data_string(data, counterparty_key, true, &ev->counterparty) && decode_money(data, ev);
+	return data_string(m, K_TRANSFER_ID, true, &ev->transfer_id) &&
+	       data_string(m, counterparty, true, &ev->counterparty) && decode_money(m, ev);
 }
 
-static bool decode(json_t *data, struct ledger_event *ev)
+static bool decode(const struct member *m, struct ledger_event *ev)
 {
 	switch (ev->type) {
 	case LEDGER_ACCOUNT_OPENED:
-		return decode_opened(data, ev);
+		return decode_opened(m, ev);
 	case LEDGER_FUNDS_DEPOSITED:
 	case LEDGER_FUNDS_WITHDRAWN:
-		return decode_money(data, ev);
+		return decode_money(m, ev);
 	case LEDGER_TRANSFER_SENT:
-		return decode_transfer(data, "to", ev);
+		return decode_transfer(m, K_TO, ev);
 	case LEDGER_TRANSFER_RECEIVED:
-		return decode_transfer(data, "from", ev);
+		return decode_transfer(m, K_FROM, ev);
 	case LEDGER_ACCOUNT_CLOSED_EVENT:
 		return true;
 	default:
@@ -267,11 +280,167 @@ static bool decode(json_t *data, struct ledger_event *ev)
 	}
 }
 
+static void members_of_json(json_t *data, struct member *m)
+{
+	for (int k = 0; k < K_COUNT; k++) {
+		json_t *v = json_object_get(data, data_keys[k]);
+		m[k] = (struct member){ .kind = !v ? M_ABSENT : M_OTHER };
+		if (json_is_string(v) && (m[k].s = string_of(v)))
+			m[k].kind = M_STRING;
+		else if (json_is_integer(v))
+			m[k] = (struct member){ .kind = M_INTEGER, .i = json_integer_value(v) };
+	}
+}
+
+/* --- the fast path: a flat object of plain strings and integers ------------------------
+ * Anything else (an escape, a byte outside printable ASCII, a nested value, a
+ * fraction, an integer out of range, odd syntax) is left to jansson, so this only
+ * ever accepts what jansson would read the same way. */
+struct scan {
+	const char *p, *end;
+	char *out; /* where string values are copied, NUL-terminated */
+};
+
+static void skip_space(struct scan *sc)
+{
+	while (sc->p < sc->end && (*sc->p == ' ' || *sc->p == '\n' || *sc->p == '\t' || *sc->p == '\r'))
+		sc->p++;
+}
+
+static bool take(struct scan *sc, char c)
+{
+	skip_space(sc);
+	if (sc->p < sc->end && *sc->p == c) {
+		sc->p++;
+		return true;
+	}
+	return false;
+}
+
+/* A string without escapes; *start and *len give its bytes. */
+static bool plain_string(struct scan *sc, const char **start, size_t *len)
+{
+	if (!take(sc, '"'))
+		return false;
+	*start = sc->p;
+	while (sc->p < sc->end && *sc->p != '"') {
+		unsigned char c = (unsigned char)*sc->p;
+		if (c < 0x20 || c >= 0x7f || c == '\\')
+			return false;
+		sc->p++;
+	}
+	if (sc->p == sc->end)
+		return false;
+	*len = (size_t)(sc->p++ - *start);
+	return true;
+}
+
+/* -?(0|[1-9][0-9]*) within int64, not followed by a fraction or an exponent. */
+static bool plain_integer(struct scan *sc, int64_t *out)
+{
+	bool neg = sc->p < sc->end && *sc->p == '-';
+	uint64_t v = 0, limit = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
+	const char *digits;
+
+	sc->p += neg;
+	digits = sc->p;
+	while (sc->p < sc->end && *sc->p >= '0' && *sc->p <= '9') {
+		unsigned d = (unsigned)(*sc->p++ - '0');
+		if (v > (limit - d) / 10)
+			return false;
+		v = v * 10 + d;
+	}
+	if (sc->p == digits || (*digits == '0' && sc->p - digits > 1))
+		return false;
+	if (sc->p < sc->end && (*sc->p == '.' || *sc->p == 'e' || *sc->p == 'E'))
+		return false;
+	*out = neg ? (int64_t)(0 - v) : (int64_t)v;
+	return true;
+}
+
+static bool plain_members(struct scan *sc, struct member *m)
+{
+	if (!take(sc, '{'))
+		return false;
+	if (take(sc, '}'))
+		goto end;
+	do {
+		const char *key, *value;
+		size_t klen, vlen;
+		struct member got;
+		int k;
+
+		if (!plain_string(sc, &key, &klen) || !take(sc, ':'))
+			return false;
+		skip_space(sc);
+		if (sc->p < sc->end && *sc->p == '"') {
+			if (!plain_string(sc, &value, &vlen))
+				return false;
+			memcpy(sc->out, value, vlen);
+			sc->out[vlen] = '\0';
+			got = (struct member){ .kind = M_STRING, .s = sc->out };
+			sc->out += vlen + 1;
+		} else {
+			got = (struct member){ .kind = M_INTEGER };
+			if (!plain_integer(sc, &got.i))
+				return false;
+		}
+		for (k = 0; k < K_COUNT; k++)
+			if (strlen(data_keys[k]) == klen && memcmp(data_keys[k], key, klen) == 0)
+				m[k] = got; /* a repeated key: the last one counts, as in jansson */
+	} while (take(sc, ','));
+	if (!take(sc, '}'))
+		return false;
+end:
+	skip_space(sc);
+	return sc->p == sc->end;
+}
+
+bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_t len,
+			    struct ledger_event_buf *buf, struct ledger_event *out)
+{
+	struct member m[K_COUNT] = { 0 };
+	struct ledger_event ev = { .type = type };
+	struct scan sc = { text, text + len, NULL };
+
+	json_decref(buf->json);
+	buf->json = NULL;
+	if (buf->cap < len + 1) {
+		char *p = realloc(buf->text, len + 1);
+		if (!p)
+			return false;
+		buf->text = p;
+		buf->cap = len + 1;
+	}
+	sc.out = buf->text;
+	if (!plain_members(&sc, m)) {
+		buf->json = json_loadb(text, len, 0, NULL);
+		if (!json_is_object(buf->json))
+			return false;
+		members_of_json(buf->json, m);
+	}
+	if (!decode(m, &ev))
+		return false;
+	*out = ev;
+	return true;
+}
+
+void ledger_event_buf_free(struct ledger_event_buf *buf)
+{
+	json_decref(buf->json);
+	free(buf->text);
+	*buf = (struct ledger_event_buf){ 0 };
+}
+
 bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct ledger_event *out)
 {
 	struct ledger_event ev = {.type = type};
+	struct member m[K_COUNT];
 
-	if (!json_is_object(data) || !decode(data, &ev))
+	if (!json_is_object(data))
+		return false;
+	members_of_json(data, m);
+	if (!decode(m, &ev))
 		return false;
 	*out = ev;
 	return true;

@@ -53,4 +53,18 @@ json_t *ledger_event_to_json(const struct ledger_event *ev);
 bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct ledger_event *out)
 	__attribute__((warn_unused_result));
 
+/* The same decoding from the data's JSON text, several times faster for the usual
+ * flat objects of plain strings and integers (anything else goes through jansson,
+ * with the same result). Strings in *out live in buf until its next use; reuse one
+ * buf for many events and free it with ledger_event_buf_free. */
+struct ledger_event_buf {
+	char *text;
+	size_t cap;
+	json_t *json;
+};
+bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_t len,
+			    struct ledger_event_buf *buf, struct ledger_event *out)
+	__attribute__((warn_unused_result));
+void ledger_event_buf_free(struct ledger_event_buf *buf);
+
 #endif

@@ -691,3 +691,127 @@ Test(event_from_json, data_must_be_an_object_of_a_known_type)
 	cr_assert_not(ledger_event_from_json(LEDGER_ACCOUNT_CLOSED_EVENT, NULL,
 					     &(struct ledger_event){0}));
 }
+
+/* --- event data from text: the same answers as through jansson ----------------------- */
+
+static bool same_str(const char *a, const char *b)
+{
+	return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+/* Decode text both ways, for every event type, and demand the same verdict and the
+ * same event. Returns how many types accepted it. */
+static int assert_text_like_json(const char *text)
+{
+	static const enum ledger_event_type types[] = {
+		LEDGER_ACCOUNT_OPENED, LEDGER_FUNDS_DEPOSITED, LEDGER_FUNDS_WITHDRAWN,
+		LEDGER_TRANSFER_SENT, LEDGER_TRANSFER_RECEIVED, LEDGER_ACCOUNT_CLOSED_EVENT,
+	};
+	struct ledger_event_buf buf = { 0 };
+	json_t *data = json_loads(text, 0, NULL);
+	int accepted = 0;
+
+	for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+		struct ledger_event a = { 0 }, b = { 0 };
+		bool via_json = data && ledger_event_from_json(types[i], data, &a);
+		bool via_text = ledger_event_from_text(types[i], text, strlen(text), &buf, &b);
+
+		cr_assert_eq(via_text, via_json, "type %d, %s: text %d, json %d", types[i], text,
+			     via_text, via_json);
+		if (!via_json)
+			continue;
+		accepted++;
+		cr_assert(same_str(a.account_id, b.account_id) && same_str(a.name, b.name) &&
+				  same_str(a.currency, b.currency) && same_str(a.reference, b.reference) &&
+				  same_str(a.transfer_id, b.transfer_id) &&
+				  same_str(a.counterparty, b.counterparty) &&
+				  a.overdraft_limit == b.overdraft_limit && a.amount == b.amount,
+			  "type %d, %s decodes differently", types[i], text);
+	}
+	json_decref(data);
+	ledger_event_buf_free(&buf);
+	return accepted;
+}
+
+Test(event_from_text, agrees_with_jansson_on_plain_and_odd_data)
+{
+	static const char *const texts[] = {
+		/* as PostgreSQL's jsonb prints them, and compact */
+		"{\"name\": \"Alice\", \"currency\": \"EUR\", \"account_id\": \"a-1\", \"overdraft_limit\": 0}",
+		"{\"amount\":57,\"reference\":\"bench\"}",
+		"{\"amount\": 9223372036854775807}",
+		"{\"amount\": -9223372036854775808}",
+		"{\"to\": \"b\", \"amount\": 5, \"transfer_id\": \"t-1\"}",
+		"{\"from\": \"a\", \"amount\": 5, \"reference\": \"\", \"transfer_id\": \"t-1\"}",
+		"{}", " { } ", "\t{\r\n\"amount\" :\n1 }\n",
+		/* jansson's business: escapes, UTF-8, nesting, other literals */
+		"{\"amount\": 5, \"reference\": \"q\\\"uote \\\\ \\u00e9\\n\"}",
+		"{\"amount\": 5, \"reference\": \"caf\xc3\xa9\"}",
+		"{\"amount\": 5, \"reference\": \"nul\\u0000cut\"}",
+		"{\"amount\": 5, \"extra\": {\"nested\": [1, 2.5, true, null]}}",
+		"{\"amount\": 5, \"reference\": null}",
+		"{\"amount\": true}",
+		/* numbers at and past the edges */
+		"{\"amount\": 9223372036854775808}", "{\"amount\": -9223372036854775809}",
+		"{\"amount\": 1.0}", "{\"amount\": 1e3}", "{\"amount\": 1E3}", "{\"amount\": 01}",
+		"{\"amount\": -0}", "{\"amount\": -}", "{\"amount\": +1}", "{\"amount\": 0x10}",
+		/* repeated keys: the last one counts */
+		"{\"amount\": 1, \"amount\": 2}", "{\"amount\": \"x\", \"amount\": 3}",
+		"{\"amount\": 3, \"amount\": \"x\"}",
+		/* broken text */
+		"", "{", "}", "[]", "{\"amount\": 1,}", "{\"amount\": 1} x", "{\"amount\" 1}",
+		"{amount: 1}", "{\"amount\": 1, \"reference\": \"open}", "{\"amount\": \"a\tb\"}",
+		"{\"amount\": 5, \"reference\": \"del\x7f\"}", "\"amount\"", "5",
+	};
+	int accepted = 0;
+
+	for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++)
+		accepted += assert_text_like_json(texts[i]);
+	cr_assert_gt(accepted, 10, "the corpus must hold data that decodes");
+}
+
+Test(event_from_text, strings_outlive_nothing_but_the_next_use_of_the_buffer)
+{
+	struct ledger_event_buf buf = { 0 };
+	struct ledger_event ev;
+	const char *text = "{\"amount\": 5, \"reference\": \"first\"}";
+
+	cr_assert(ledger_event_from_text(LEDGER_FUNDS_DEPOSITED, text, strlen(text), &buf, &ev));
+	cr_assert_str_eq(ev.reference, "first");
+	cr_assert_eq(ev.amount, 5);
+	text = "{\"amount\": 6, \"reference\": \"caf\xc3\xa9\"}"; /* through jansson */
+	cr_assert(ledger_event_from_text(LEDGER_FUNDS_DEPOSITED, text, strlen(text), &buf, &ev));
+	cr_assert_str_eq(ev.reference, "caf\xc3\xa9");
+	ledger_event_buf_free(&buf);
+	cr_assert_null(buf.text);
+}
+
+/* Random object-like texts from pieces that are right, nearly right and wrong. */
+Test(event_from_text, agrees_with_jansson_on_random_texts)
+{
+	static const char *const pieces[] = {
+		"{", "}", ",", ":", " ", "\"amount\"", "\"reference\"", "\"transfer_id\"", "\"to\"",
+		"\"from\"", "\"name\"", "\"currency\"", "\"account_id\"", "\"overdraft_limit\"",
+		"\"x\"", "1", "-7", "0", "00", "12345678901234567890", "2.5", "\"EUR\"", "\"a\\\"b\"",
+		"\"caf\xc3\xa9\"", "null", "[1]", "{\"k\": 1}", "\"", "\n",
+	};
+	const size_t n = sizeof(pieces) / sizeof(pieces[0]);
+	unsigned seed = 20261126;
+	char text[512];
+
+	for (int round = 0; round < 20000; round++) {
+		size_t len = 0;
+		int count = 1 + rand_r(&seed) % 14;
+		/* mostly well-formed: { "key": value, ... } with random slips */
+		len += (size_t)snprintf(text + len, sizeof(text) - len, "%s", rand_r(&seed) % 16 ? "{" : pieces[rand_r(&seed) % n]);
+		for (int i = 0; i < count && len < sizeof(text) - 64; i++) {
+			const char *key = pieces[5 + rand_r(&seed) % 9], *value = pieces[14 + rand_r(&seed) % 15];
+			if (rand_r(&seed) % 10 == 0)
+				key = pieces[rand_r(&seed) % n];
+			len += (size_t)snprintf(text + len, sizeof(text) - len, "%s%s%s%s", i ? "," : "", key,
+						rand_r(&seed) % 20 ? ": " : pieces[rand_r(&seed) % n], value);
+		}
+		snprintf(text + len, sizeof(text) - len, "%s", rand_r(&seed) % 16 ? "}" : pieces[rand_r(&seed) % n]);
+		assert_text_like_json(text);
+	}
+}
