@@ -73,6 +73,7 @@ struct rebuild {
 	char txid[24];
 	long long position;
 	struct strmap *accounts, *totals;
+	struct ledger_event_buf data; /* the decoded event's strings */
 	struct buf entries, transfers; /* binary COPY data of the chunk */
 	size_t redis_queued; /* commands sent whose replies are not read yet */
 	size_t redis_prev;   /* of those, the ones sent before the current chunk */
@@ -495,13 +496,16 @@ static uint64_t be(const char *p, int bytes)
 	return v;
 }
 
-/* The jsonb value of a binary result: a format version byte (1), then JSON text. */
-static json_t *jsonb_value(PGresult *r, int row, int col)
+/* The event of a row: its data is jsonb in binary form, a format version byte (1)
+ * and then JSON text. Strings in *ev live in rb->data until the next row. */
+static bool event_of(struct rebuild *rb, enum ledger_event_type type, PGresult *r, int i,
+		     struct ledger_event *ev)
 {
-	const char *p = PQgetvalue(r, row, col);
-	int len = PQgetlength(r, row, col);
+	const char *p = PQgetvalue(r, i, 5);
+	int len = PQgetlength(r, i, 5);
 
-	return len > 1 && p[0] == 1 ? json_loadb(p + 1, (size_t)len - 1, 0, NULL) : NULL;
+	return type && len > 1 && p[0] == 1 &&
+	       ledger_event_from_text(type, p + 1, (size_t)len - 1, &rb->data, ev);
 }
 
 /* Fold one row of the read query (binary): position, txid, account, version, type,
@@ -511,11 +515,10 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int i)
 	const char *id = PQgetvalue(r, i, 2);
 	int64_t at = (int64_t)be(PQgetvalue(r, i, 6), 8);
 	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, i, 4));
-	json_t *data = jsonb_value(r, i, 5);
 	struct acct *a = strmap_get(rb->accounts, id);
 	struct ledger_event ev;
 	struct total *t;
-	bool ok = data && type && ledger_event_from_json(type, data, &ev);
+	bool ok = event_of(rb, type, r, i, &ev);
 
 	if (ok && !a && type == LEDGER_ACCOUNT_OPENED && (a = calloc(1, sizeof(*a))) &&
 	    !strmap_put(rb->accounts, id, a)) {
@@ -545,7 +548,6 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int i)
 	if (!ok)
 		fprintf(stderr, "daybook-admin: cannot fold event %lld (account-%s v%d)\n",
 			(long long)be(PQgetvalue(r, i, 0), 8), id, (int32_t)be(PQgetvalue(r, i, 3), 4));
-	json_decref(data);
 	return ok;
 }
 
@@ -1018,6 +1020,7 @@ static void finish(struct rebuild *rb)
 	free(rb->transfers.p);
 	free(rb->copier.entries.p);
 	free(rb->copier.transfers.p);
+	ledger_event_buf_free(&rb->data);
 	strmap_close(&rb->accounts);
 	strmap_close(&rb->totals);
 	if (rb->redis)
