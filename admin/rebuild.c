@@ -948,17 +948,35 @@ static bool connect_redis(struct rebuild *rb)
 	return true;
 }
 
-/* How many statement items each account has now, so that Redis is sent only the
- * items that will be among its newest; accounts are created here, unopened. The
+/* The first pass over the log, sent while the rest is set up: for Redis, how many
+ * statement items each account has now (so that Redis is sent only the items that
+ * will be among its newest) and how many events; otherwise the events alone. The
  * events counted are the progress total. */
-static bool count_entries(struct rebuild *rb)
+static bool send_count(struct rebuild *rb)
 {
-	PGresult *r = PQexec(rb->pg, "SELECT substr(stream, 9), count(*) FILTER (WHERE type IN "
-				     "('FundsDeposited', 'FundsWithdrawn', 'TransferSent', "
-				     "'TransferReceived')), count(*) FROM events GROUP BY stream");
+	bool ok = PQsendQuery(rb->pg, rb->want_redis
+				      ? "SELECT substr(stream, 9), count(*) FILTER (WHERE type IN "
+					"('FundsDeposited', 'FundsWithdrawn', 'TransferSent', "
+					"'TransferReceived')), count(*) FROM events GROUP BY stream"
+				      : "SELECT NULL, 0, count(*) FROM events");
+
+	if (!ok)
+		fprintf(stderr, "daybook-admin: counting the log: %s", PQerrorMessage(rb->pg));
+	return ok;
+}
+
+/* Its answer; for Redis, the accounts are created here, unopened. */
+static bool take_count(struct rebuild *rb)
+{
+	PGresult *r = PQgetResult(rb->pg), *extra;
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 
+	while ((extra = PQgetResult(rb->pg)))
+		PQclear(extra);
 	for (int row = 0; ok && row < PQntuples(r); row++) {
+		rb->total += atoll(PQgetvalue(r, row, 2));
+		if (!rb->want_redis)
+			continue;
 		struct acct *a = calloc(1, sizeof(*a));
 		ok = a && strmap_put(rb->accounts, PQgetvalue(r, row, 0), a);
 		if (!ok) {
@@ -966,18 +984,15 @@ static bool count_entries(struct rebuild *rb)
 			break;
 		}
 		a->expected = atoi(PQgetvalue(r, row, 1));
-		rb->total += atoll(PQgetvalue(r, row, 2));
 	}
 	if (!ok)
-		fprintf(stderr, "daybook-admin: counting statement items: %s", PQresultErrorMessage(r));
+		fprintf(stderr, "daybook-admin: counting the log: %s", PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
 
 static bool prepare(struct rebuild *rb)
 {
-	PGresult *r;
-
 	rb->pg = PQconnectdb(rb->ctx->cfg.pg);
 	rb->wr = PQconnectdb(rb->ctx->cfg.pg);
 	if (PQstatus(rb->pg) != CONNECTION_OK || PQstatus(rb->wr) != CONNECTION_OK) {
@@ -985,21 +1000,16 @@ static bool prepare(struct rebuild *rb)
 			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
-	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free))
+	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free) ||
+	    !send_count(rb))
 		return false;
 	if (!exec_ok(rb->wr, "SET client_min_messages = warning") ||
 	    !exec_ok(rb->wr, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
+	    !exec_ok(rb->wr, "SET maintenance_work_mem = '256MB'") || /* the keys sort in memory */
 	    (rb->sql && !exec_ok(rb->wr, "SELECT rm_shadow_reset()")))
 		return false;
-	if (rb->want_redis && !connect_redis(rb))
+	if ((rb->want_redis && !connect_redis(rb)) || !take_count(rb))
 		return false;
-	if (rb->want_redis && !count_entries(rb))
-		return false;
-	if (!rb->want_redis) {
-		r = PQexec(rb->pg, "SELECT count(*) FROM events");
-		rb->total = PQresultStatus(r) == PGRES_TUPLES_OK ? atoll(PQgetvalue(r, 0, 0)) : 0;
-		PQclear(r);
-	}
 	snprintf(rb->txid, sizeof(rb->txid), "0");
 	return true;
 }
