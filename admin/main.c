@@ -25,7 +25,10 @@ static const char usage[] =
 	"                        (required)\n"
 	"  DAYBOOK_REDIS         redis://host:port[/db] or unix:///path (rebuild redis|all;\n"
 	"                        verify and status check Redis only when it is set)\n"
-	"  DAYBOOK_LOG_LEVEL     debug|info|warn|error (default info)\n";
+	"  DAYBOOK_LOG_LEVEL     debug|info|warn|error (default info)\n"
+	"  DAYBOOK_REBUILD_HELD_MAX\n"
+	"                        statement items rebuild holds for Redis, to send an account's\n"
+	"                        together, before it sends all it holds (default 200000)\n";
 
 static const struct {
 	const char *name;

@@ -22,6 +22,7 @@
 #define CHUNK 20000        /* events per read and per committed chunk */
 #define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
+#define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
 
 /* The one piece of process-wide state: set by the signal handler, read by the loop. */
 static volatile sig_atomic_t interrupted;
@@ -75,6 +76,7 @@ struct rebuild {
 	struct strmap *accounts, *totals;
 	struct ledger_event_buf data; /* the decoded event's strings */
 	struct buf entries, transfers; /* binary COPY data of the chunk */
+	long long held, held_max; /* statement items held for Redis, all accounts */
 	size_t redis_queued; /* commands sent whose replies are not read yet */
 	size_t redis_prev;   /* of those, the ones sent before the current chunk */
 	long long done, total;
@@ -397,11 +399,16 @@ static bool send_items(struct rebuild *rb, struct acct *a)
 	for (int32_t i = 0; i < a->npending; i++)
 		free(a->pending[i]);
 	a->sent += a->npending;
+	rb->held -= a->npending;
 	a->npending = 0;
 	return ok;
 }
 
-/* Hold a statement item (json is taken over) until the account has a full ZADD. */
+static bool send_held(struct rebuild *rb);
+
+/* Hold a statement item (json is taken over) until the account has a full ZADD; at
+ * most held_max in all (accounts whose items are spread thinly over a long log would
+ * otherwise hold theirs to the end): beyond that, every held item is sent. */
 static bool hold_item(struct rebuild *rb, struct acct *a, int32_t version, char *json)
 {
 	if (!json)
@@ -416,7 +423,10 @@ static bool hold_item(struct rebuild *rb, struct acct *a, int32_t version, char 
 	}
 	snprintf(a->scores[a->npending], sizeof(a->scores[0]), "%d", version);
 	a->pending[a->npending++] = json;
-	return a->npending < ENTRIES_KEPT || send_items(rb, a);
+	rb->held++;
+	if (a->npending == ENTRIES_KEPT && !send_items(rb, a))
+		return false;
+	return rb->held <= rb->held_max || send_held(rb);
 }
 
 static void acct_free(void *value)
@@ -573,6 +583,22 @@ static void finish_items(void *arg, const char *id, void *value)
 		snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
 		w->ok = redis_send(w->rb, 4, argv);
 	}
+}
+
+static void send_walk(void *arg, const char *id, void *value)
+{
+	struct items_walk *w = arg;
+
+	(void)id;
+	w->ok = w->ok && send_items(w->rb, value);
+}
+
+static bool send_held(struct rebuild *rb)
+{
+	struct items_walk w = { rb, true };
+
+	strmap_foreach(rb->accounts, send_walk, &w);
+	return w.ok;
 }
 
 /* Write what a chunk produced: COPY the rows and let Redis work on its commands while
@@ -1049,6 +1075,14 @@ static int parse_target(int argc, char **argv, struct rebuild *rb)
 	}
 	rb->sql = strcmp(t, "redis") != 0;
 	rb->want_redis = strcmp(t, "sql") != 0;
+	const char *held = getenv("DAYBOOK_REBUILD_HELD_MAX");
+	char *end = NULL;
+	rb->held_max = held && *held ? strtoll(held, &end, 10) : HELD_MAX;
+	if ((end && *end) || rb->held_max < 1 || rb->held_max > 100000000) {
+		fprintf(stderr, "daybook-admin: DAYBOOK_REBUILD_HELD_MAX must be a number from 1 to "
+				"100000000\n");
+		return 2;
+	}
 	return 0;
 }
 

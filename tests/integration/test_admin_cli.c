@@ -372,6 +372,24 @@ Test(admin_cli, admin_help_and_usage_errors)
 	proc_free(&p);
 }
 
+Test(admin_cli, rebuild_with_a_bad_held_max_exits_2)
+{
+	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
+	const char *argv[] = { bin, "rebuild", "all", NULL };
+	const char *bad[] = { "0", "-5", "12x", "100000001" };
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char held[64];
+		const char *env[] = { "DAYBOOK_PG=postgresql://127.0.0.1:1/none", held, NULL };
+		struct proc p;
+
+		snprintf(held, sizeof(held), "DAYBOOK_REBUILD_HELD_MAX=%s", bad[i]);
+		p = run(argv, env, 10);
+		assert_refused_naming(&p, "DAYBOOK_REBUILD_HELD_MAX");
+		proc_free(&p);
+	}
+}
+
 Test(admin_cli, migrate_without_pg_exits_2)
 {
 	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "migrate", NULL };
