@@ -660,7 +660,10 @@ static void live_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
 
-	if (!reply || ctx->rsync != RS_LIVE)
+	/* While a batch is on its way it checks the generation itself, and follows a
+	 * rebuild's switch; marking Redis unknown now would make it skip Redis, leave the
+	 * new generation behind our checkpoint and cost a full resync. */
+	if (!reply || ctx->rsync != RS_LIVE || ctx->step != STEP_IDLE)
 		return;
 	if (reply->type != REDIS_REPLY_STRING || strtoll(reply->str, NULL, 10) != ctx->gen) {
 		log_warn(&ctx->log, "redis no longer holds generation %lld as live: checking", ctx->gen);
