@@ -2,6 +2,7 @@
  * (SQL shadow tables, a new Redis generation) while the services keep running, catch
  * up, then switch atomically under the projection switch lock. */
 #include <errno.h>
+#include <event2/buffer.h>
 #include <hiredis/hiredis.h>
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -16,6 +17,7 @@
 #include "admin.h"
 #include "ledger.h"
 #include "ledger_json.h"
+#include "pg.h"
 #include "readmodel.h"
 #include "strmap.h"
 
@@ -34,6 +36,7 @@ struct acct {
 	int64_t opened_at, updated_at; /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
 	int32_t expected;  /* statement items the log had when the rebuild began */
 	int32_t sent;      /* statement items sent to Redis */
+	int32_t written;   /* the version last written to the shadow models (0: none) */
 	int32_t npending;  /* items waiting to go in one ZADD with the account's next ones */
 	char **pending;    /* their JSON (owned), ENTRIES_KEPT slots once needed */
 	char (*scores)[12];
@@ -566,23 +569,20 @@ struct items_walk {
 	bool ok;
 };
 
-/* At the end: send what each account still holds, and trim any statement that got
+/* At the end: send what the account still holds, and trim its statement if it got
  * more than Redis keeps (items appended while the rebuild ran). */
-static void finish_items(void *arg, const char *id, void *value)
+static bool finish_items(struct rebuild *rb, struct acct *a)
 {
-	struct items_walk *w = arg;
-	struct acct *a = value;
 	char k[LEDGER_ID_MAX + 48], stop[16];
 	const char *argv[4] = { "ZREMRANGEBYRANK", k, "0", stop };
 
-	if (!w->ok)
-		return;
-	w->ok = send_items(w->rb, a);
-	if (w->ok && a->sent > ENTRIES_KEPT) {
-		rkey(w->rb, k, sizeof(k), "entries", id);
-		snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
-		w->ok = redis_send(w->rb, 4, argv);
-	}
+	if (!send_items(rb, a))
+		return false;
+	if (a->sent <= ENTRIES_KEPT)
+		return true;
+	rkey(rb, k, sizeof(k), "entries", a->acc.id);
+	snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
+	return redis_send(rb, 4, argv);
 }
 
 static void send_walk(void *arg, const char *id, void *value)
@@ -601,11 +601,11 @@ static bool send_held(struct rebuild *rb)
 	return w.ok;
 }
 
-/* Write what a chunk produced: COPY the rows and let Redis work on its commands while
- * the next chunk is read; the final call sends everything held and drains Redis. */
-static bool flush_chunk(struct rebuild *rb, bool final)
+/* Write what a chunk produced: COPY the rows (from the copier thread during the load)
+ * and let Redis work on its commands while the next chunk is read. */
+static bool flush_chunk(struct rebuild *rb)
 {
-	struct items_walk w = { rb, true };
+	bool ok;
 
 	if (rb->sql && rb->copier.running &&
 	    !copier_submit(&rb->copier, &rb->entries, &rb->transfers))
@@ -616,14 +616,10 @@ static bool flush_chunk(struct rebuild *rb, bool final)
 		return false;
 	if (!rb->redis)
 		return true;
-	if (final) {
-		strmap_foreach(rb->accounts, finish_items, &w);
-		return w.ok && redis_drain(rb);
-	}
 	/* The previous chunk's replies are due; this chunk's go out unanswered. */
-	w.ok = redis_drain_n(rb, rb->redis_prev) && redis_write_out(rb);
+	ok = redis_drain_n(rb, rb->redis_prev) && redis_write_out(rb);
 	rb->redis_prev = rb->redis_queued;
-	return w.ok;
+	return ok;
 }
 
 static bool send_read(struct rebuild *rb)
@@ -687,27 +683,38 @@ static bool fold_chunk(struct rebuild *rb, int *n)
 	for (int row = 0; ok && row < *n; row++)
 		ok = fold_row(rb, r, row);
 	PQclear(r);
-	return ok && flush_chunk(rb, false);
+	return ok && flush_chunk(rb);
 }
 
 /* --- the end state: accounts and totals --------------------------------------------- */
 
+/* Accounts are written after the load, before the keys are built and outside the
+ * switch lock; the switch then rewrites only those that its tail of the log changed. */
 struct account_walk {
 	struct rebuild *rb;
 	struct buf *rows;
+	struct evbuffer *ids; /* the switch's: accounts written again, as a text[] literal */
+	size_t n;
 	bool ok;
 };
 
 static void put_account(void *arg, const char *id, void *value)
 {
 	struct account_walk *w = arg;
-	const struct acct *a = value;
+	struct acct *a = value;
 	struct buf *b = w->rows;
 	const char *status = a->acc.closed ? "closed" : "open";
 
-	if (!w->ok || !ledger_account_exists(&a->acc))
-		return; /* counted before the rebuild began, never opened: nothing to write */
-	if (w->rb->sql)
+	/* Counted before the rebuild began but never opened: nothing to write. */
+	if (!w->ok || !ledger_account_exists(&a->acc) || a->written == a->acc.version)
+		return;
+	a->written = a->acc.version;
+	if (w->ids)
+		pg_array_append(w->ids, id, w->n == 0);
+	w->n++;
+	if (w->rb->redis)
+		w->ok = finish_items(w->rb, a);
+	if (w->ok && w->rb->sql)
 		w->ok = row(b, 10) && put_text(b, id) && put_text(b, a->name) &&
 			put_text(b, a->acc.currency) && put_int(b, a->acc.balance, 8) &&
 			put_int(b, a->acc.overdraft_limit, 8) && put_text(b, status) &&
@@ -801,16 +808,49 @@ static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const c
 	return ok;
 }
 
-static bool write_end_state(struct rebuild *rb, const char *token)
+/* The switch's rewrite drops the rows it replaces first. */
+static bool delete_accounts(struct rebuild *rb, struct evbuffer *ids)
 {
-	struct buf rows = { 0 };
-	struct account_walk aw = { rb, &rows, true };
-	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0 };
+	const char *params[1];
+	PGresult *r;
 	bool ok;
 
-	ok = flush_chunk(rb, true);
-	strmap_foreach(rb->accounts, put_account, &aw);
-	ok = ok && aw.ok && (!rb->sql || copy_in(rb->wr, "rm_accounts_shadow", &rows)) && tw.sorted;
+	evbuffer_add(ids, "}", 2); /* with the NUL */
+	params[0] = (const char *)evbuffer_pullup(ids, -1);
+	r = PQexecParams(rb->wr, "DELETE FROM rm_accounts_shadow WHERE account_id = ANY($1::text[])",
+			 1, NULL, params, NULL, NULL, 0);
+	ok = params[0] && PQresultStatus(r) == PGRES_COMMAND_OK;
+	if (!ok)
+		fprintf(stderr, "daybook-admin: rewriting accounts: %s", PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
+/* Every account not written yet or changed since: all of them after the load, those
+ * the tail changed in the switch. Their statement items for Redis are finished too. */
+static bool write_accounts(struct rebuild *rb, bool rewrite)
+{
+	struct buf rows = { 0 };
+	struct account_walk w = { rb, &rows, NULL, 0, true };
+	bool ok;
+
+	if (rewrite && rb->sql && (!(w.ids = evbuffer_new()) || evbuffer_add(w.ids, "{", 1)))
+		w.ok = false;
+	if (w.ok)
+		strmap_foreach(rb->accounts, put_account, &w);
+	ok = w.ok && (!w.ids || w.n == 0 || delete_accounts(rb, w.ids)) &&
+	     (!rb->sql || copy_in(rb->wr, "rm_accounts_shadow", &rows));
+	if (w.ids)
+		evbuffer_free(w.ids);
+	free(rows.p);
+	return ok;
+}
+
+static bool write_end_state(struct rebuild *rb, const char *token)
+{
+	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0 };
+	bool ok = write_accounts(rb, true) && tw.sorted;
+
 	if (ok) {
 		strmap_foreach(rb->totals, collect_total, &tw);
 		qsort(tw.sorted, tw.n, sizeof(*tw.sorted), by_currency);
@@ -818,7 +858,6 @@ static bool write_end_state(struct rebuild *rb, const char *token)
 		     (!rb->redis || redis_totals(rb, tw.sorted, tw.n, token));
 	}
 	free(tw.sorted);
-	free(rows.p);
 	return ok && (!rb->redis || redis_drain(rb));
 }
 
@@ -848,17 +887,20 @@ static bool load(struct rebuild *rb)
 	return copier_stop(&rb->copier) && ok && !interrupted;
 }
 
-/* After the load: PostgreSQL builds the shadow tables' keys while Redis takes the
- * statement items still held, so that little is left for the switch. */
+/* After the load: the accounts go in, then PostgreSQL builds the shadow tables' keys
+ * while Redis takes the accounts and the statement items still held, so that little
+ * is left for the switch. */
 static bool index_and_send(struct rebuild *rb)
 {
 	PGresult *r;
-	bool ok = !rb->sql || PQsendQuery(rb->wr, "SELECT rm_shadow_index()");
+	bool ok;
 
 	rb->phase = "index";
 	report(rb, true);
+	ok = write_accounts(rb, false) &&
+	     (!rb->sql || PQsendQuery(rb->wr, "SELECT rm_shadow_index()"));
 	if (ok && rb->redis)
-		ok = flush_chunk(rb, true);
+		ok = redis_drain(rb);
 	while (rb->sql && (r = PQgetResult(rb->wr))) {
 		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
 			fprintf(stderr, "daybook-admin: indexing the shadow tables: %s",
