@@ -25,6 +25,8 @@
 #define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
 #define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
+#define SWITCH_LOCK_WAIT "200ms" /* longest wait for a switch lock in one attempt */
+#define SWITCH_RETRY_US 500000   /* pause between attempts */
 
 /* The one piece of process-wide state: set by the signal handler, read by the loop. */
 static volatile sig_atomic_t interrupted;
@@ -912,6 +914,52 @@ static bool index_and_send(struct rebuild *rb)
 	return ok;
 }
 
+/* One attempt at the switch's locks: false with *busy set when one was not granted
+ * within SWITCH_LOCK_WAIT. */
+static bool try_lock(struct rebuild *rb, const char *sql, bool *busy)
+{
+	PGresult *r = PQexec(rb->wr, sql);
+	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
+
+	*busy = !ok && strcmp(pg_sqlstate(r), "55P03") == 0; /* lock_not_available */
+	if (!ok && !*busy)
+		fprintf(stderr, "daybook-admin: %s: %s", sql, PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
+/* Begin the switch transaction holding the switch lock and, for SQL, the live tables
+ * (the swap drops them). A reader of those tables, a long `verify` say, holds the
+ * swap up: waiting in the lock queue would hold up every reader after it, so each
+ * attempt waits SWITCH_LOCK_WAIT at most, then everything is let go for a while. */
+static bool lock_for_switch(struct rebuild *rb)
+{
+	while (!interrupted) {
+		bool busy = false;
+		bool ok = exec_ok(rb->wr, "BEGIN") &&
+			  exec_ok(rb->wr, "SET LOCAL synchronous_commit = on") &&
+			  exec_ok(rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'") &&
+			  try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", &busy) &&
+			  (!rb->sql || try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
+						    "rm_totals IN ACCESS EXCLUSIVE MODE", &busy)) &&
+			  exec_ok(rb->wr, "SET LOCAL lock_timeout = 0");
+		if (ok)
+			return true;
+		exec_ok(rb->wr, "ROLLBACK");
+		if (!busy)
+			return false;
+		if (strcmp(rb->phase, "wait") != 0) {
+			rb->phase = "wait";
+			report(rb, true);
+			fprintf(stderr, "daybook-admin: waiting for the read-model tables: a "
+					"transaction is reading them (a verify?)\n");
+		}
+		report(rb, false);
+		usleep(SWITCH_RETRY_US);
+	}
+	return false;
+}
+
 /* Under the switch lock no projector commits: fold the rest, write the end state and
  * swap, all in one transaction. */
 static bool switch_over(struct rebuild *rb)
@@ -919,10 +967,10 @@ static bool switch_over(struct rebuild *rb)
 	char token[48], gen[24];
 	const char *live[3] = { "SET", "dbk:live", gen };
 	int n = 1;
-	bool ok = exec_ok(rb->wr, "BEGIN") &&
-		  exec_ok(rb->wr, "SET LOCAL synchronous_commit = on") &&
-		  exec_ok(rb->wr, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")");
+	bool ok = true;
 
+	if (!lock_for_switch(rb))
+		return false;
 	rb->phase = "switch";
 	while (ok && n > 0)
 		ok = fold_chunk(rb, &n);
