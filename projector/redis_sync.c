@@ -643,6 +643,11 @@ bool projector_redis_maintain(struct projector_ctx *ctx)
 {
 	if (ctx->role != ROLE_LEADER || !redis_connected(ctx->redis))
 		return false;
+	if (ctx->live_suspect) {
+		ctx->live_suspect = false;
+		if (ctx->rsync == RS_LIVE)
+			ctx->rsync = RS_UNKNOWN; /* adopted below if at or past our checkpoint */
+	}
 	if (ctx->rsync == RS_UNKNOWN) {
 		if (!redis_eval(ctx->redis, LIVE_STATUS, 0, 0, NULL, NULL, status_reply, ctx))
 			return false;
@@ -660,14 +665,15 @@ static void live_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
 
-	/* While a batch is on its way it checks the generation itself, and follows a
-	 * rebuild's switch; marking Redis unknown now would make it skip Redis, leave the
-	 * new generation behind our checkpoint and cost a full resync. */
-	if (!reply || ctx->rsync != RS_LIVE || ctx->step != STEP_IDLE)
+	if (!reply || ctx->rsync != RS_LIVE)
 		return;
 	if (reply->type != REDIS_REPLY_STRING || strtoll(reply->str, NULL, 10) != ctx->gen) {
 		log_warn(&ctx->log, "redis no longer holds generation %lld as live: checking", ctx->gen);
-		ctx->rsync = RS_UNKNOWN;
+		/* A batch on its way checks the generation itself and follows a rebuild's
+		 * switch; marking Redis unknown under it would make it skip Redis, leave the
+		 * new generation behind our checkpoint and cost a full resync. So the check
+		 * waits for the step machine to be idle. */
+		ctx->live_suspect = true;
 		projector_wake(ctx);
 	}
 }

@@ -265,6 +265,29 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 	harness_stop(&proj);
 }
 
+/* Nothing is written: only the periodic check can notice that Redis lost its data. */
+Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
+{
+	struct service proj;
+	redisContext *c;
+	long long gen = 0;
+	char cp[64];
+
+	open_accounts(3);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	c = harness_redis(redis_url);
+	freeReplyObject(redisCommand(c, "FLUSHALL"));
+	/* The check runs every second: a few seconds is plenty, but the next event, which
+	 * might never come, must not be what it takes. */
+	for (double end = now() + 5; !harness_redis_live(c, &gen, cp, sizeof(cp)); usleep(50000))
+		cr_assert(now() < end, "Redis was not repopulated while the log was quiet");
+	redisFree(c);
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_redis_matches_sql(db, redis_url);
+	harness_stop(&proj);
+}
+
 Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 {
 	struct service proj, query;
