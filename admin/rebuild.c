@@ -23,6 +23,8 @@
 
 #define CHUNK 20000        /* events per read in reader order, and per committed chunk */
 #define BULK_BLOCKS 500    /* heap blocks per read of the bulk (some 20,000 events) */
+#define COPY_PIECE (1 << 20) /* bytes per PQputCopyData */
+#define ACCOUNT_ROWS_MAX (8 << 20) /* bytes of account rows buffered before a COPY */
 #define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
 #define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
@@ -40,6 +42,7 @@ struct acct {
 	int32_t expected;  /* statement items the log had when the rebuild began */
 	int32_t sent;      /* statement items sent to Redis */
 	int32_t written;   /* the version last written to the shadow models (0: none) */
+	bool listed;       /* in rb->holders */
 	struct stashed *stash; /* events read before their predecessor, by version */
 	int32_t npending;  /* items waiting to go in one ZADD with the account's next ones */
 	char **pending;    /* their JSON (owned), ENTRIES_KEPT slots once needed */
@@ -107,6 +110,8 @@ struct rebuild {
 	struct ledger_event_buf data; /* the decoded event's strings */
 	struct buf entries, transfers; /* binary COPY data of the chunk */
 	long long held, held_max; /* statement items held for Redis, all accounts */
+	struct acct **holders;    /* accounts that have held items since the last send_held */
+	size_t nholders, holders_cap;
 	size_t redis_queued; /* commands sent whose replies are not read yet */
 	size_t redis_prev;   /* of those, the ones sent before the current chunk */
 	long long done, total;
@@ -207,14 +212,20 @@ static bool copy_in(PGconn *pg, const char *table, struct buf *b)
 	r = PQexec(pg, sql);
 	ok = PQresultStatus(r) == PGRES_COPY_IN;
 	PQclear(r);
-	ok = ok && PQputCopyData(pg, b->p, (int)b->len) == 1 && PQputCopyEnd(pg, NULL) == 1;
-	r = PQgetResult(pg);
-	ok = ok && PQresultStatus(r) == PGRES_COMMAND_OK;
+	/* In pieces: a buffer can outgrow PQputCopyData's int. */
+	for (size_t at = 0; ok && at < b->len; at += COPY_PIECE)
+		ok = PQputCopyData(pg, b->p + at, (int)(b->len - at < COPY_PIECE ? b->len - at : COPY_PIECE)) == 1;
+	if (PQputCopyEnd(pg, ok ? NULL : "the rebuild could not send its rows") != 1)
+		ok = false;
+	while ((r = PQgetResult(pg))) {
+		ExecStatusType st = PQresultStatus(r);
+		ok = ok && st == PGRES_COMMAND_OK;
+		PQclear(r);
+		if (st == PGRES_COPY_IN) /* the end could not be sent: the connection is lost */
+			break;
+	}
 	if (!ok)
 		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(pg));
-	PQclear(r);
-	while ((r = PQgetResult(pg)))
-		PQclear(r);
 	b->len = 0;
 	return ok;
 }
@@ -451,6 +462,20 @@ static bool hold_item(struct rebuild *rb, struct acct *a, int32_t version, char 
 			return false;
 		}
 	}
+	if (!a->listed) {
+		if (rb->nholders == rb->holders_cap) {
+			size_t cap = rb->holders_cap ? 2 * rb->holders_cap : 1024;
+			struct acct **h = realloc(rb->holders, cap * sizeof(*h));
+			if (!h) {
+				free(json);
+				return false;
+			}
+			rb->holders = h;
+			rb->holders_cap = cap;
+		}
+		rb->holders[rb->nholders++] = a;
+		a->listed = true;
+	}
 	snprintf(a->scores[a->npending], sizeof(a->scores[0]), "%d", version);
 	a->pending[a->npending++] = json;
 	rb->held++;
@@ -641,11 +666,6 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int i)
 	return ok;
 }
 
-struct items_walk {
-	struct rebuild *rb;
-	bool ok;
-};
-
 /* At the end: send what the account still holds, and trim its statement if it got
  * more than Redis keeps (items appended while the rebuild ran). */
 static bool finish_items(struct rebuild *rb, struct acct *a)
@@ -662,20 +682,16 @@ static bool finish_items(struct rebuild *rb, struct acct *a)
 	return redis_send(rb, 4, argv);
 }
 
-static void send_walk(void *arg, const char *id, void *value)
-{
-	struct items_walk *w = arg;
-
-	(void)id;
-	w->ok = w->ok && send_items(w->rb, value);
-}
-
 static bool send_held(struct rebuild *rb)
 {
-	struct items_walk w = { rb, true };
+	bool ok = true;
 
-	strmap_foreach(rb->accounts, send_walk, &w);
-	return w.ok;
+	for (size_t i = 0; i < rb->nholders; i++) {
+		ok = ok && send_items(rb, rb->holders[i]);
+		rb->holders[i]->listed = false;
+	}
+	rb->nholders = 0;
+	return ok;
 }
 
 /* Write what a chunk produced: COPY the rows (from the copier thread during the load)
@@ -818,6 +834,9 @@ static void put_account(void *arg, const char *id, void *value)
 			put_int(b, a->acc.overdraft_limit, 8) && put_text(b, status) &&
 			put_int(b, a->acc.version, 4) && put_int(b, a->entries, 4) &&
 			put_int(b, a->opened_at, 8) && put_int(b, a->updated_at, 8);
+	/* The first pass COPYs as it goes; the switch's rewrite deletes the old rows first. */
+	if (w->ok && w->rb->sql && !w->ids && b->len > ACCOUNT_ROWS_MAX)
+		w->ok = copy_in(w->rb->wr, "rm_accounts_shadow", b);
 	if (w->ok && w->rb->redis) {
 		char opened[READMODEL_TIME_LEN], updated[READMODEL_TIME_LEN];
 		struct readmodel_account body = {
@@ -1061,17 +1080,87 @@ static bool lock_for_switch(struct rebuild *rb)
 	return false;
 }
 
+/* Redis switches inside the SQL transaction, so that no projector batch lands in
+ * between; if that transaction then does not commit, Redis's live generation is put
+ * back as it was. */
+struct live_before {
+	bool read, present;
+	char gen[32];
+};
+
+static bool get_live(struct rebuild *rb, struct live_before *old)
+{
+	redisReply *r = redisCommand(rb->redis, "GET dbk:live");
+
+	old->read = r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_NIL);
+	old->present = old->read && r->type == REDIS_REPLY_STRING;
+	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->str : "");
+	if (!old->read)
+		fprintf(stderr, "daybook-admin: redis GET dbk:live failed\n");
+	freeReplyObject(r);
+	return old->read;
+}
+
+static void put_back_live(struct rebuild *rb, const struct live_before *old)
+{
+	redisReply *r;
+
+	if (!rb->redis || !old->read)
+		return;
+	(void)!redis_drain(rb);
+	r = old->present ? redisCommand(rb->redis, "SET dbk:live %s", old->gen)
+			 : redisCommand(rb->redis, "DEL dbk:live");
+	if (!r || r->type == REDIS_REPLY_ERROR)
+		fprintf(stderr, "daybook-admin: could not put dbk:live back to %s: set it by hand\n",
+			old->present ? old->gen : "(none)");
+	freeReplyObject(r);
+}
+
+/* COMMIT failed or its outcome is unknown (the connection broke): did the swap land? */
+static bool committed_anyway(struct rebuild *rb, long long expected_gen)
+{
+	PGresult *r = PQexec(rb->pg, "SELECT generation FROM projection_checkpoints "
+				     "WHERE projection = 'sql'");
+	bool landed = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+		      atoll(PQgetvalue(r, 0, 0)) == expected_gen;
+
+	PQclear(r);
+	if (landed)
+		fprintf(stderr, "daybook-admin: the switch committed although COMMIT failed\n");
+	return landed;
+}
+
+/* The SQL generation before the swap, in the switch transaction. */
+static bool sql_generation(struct rebuild *rb, long long *gen)
+{
+	PGresult *r = PQexec(rb->wr, "SELECT generation FROM projection_checkpoints "
+				     "WHERE projection = 'sql'");
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+
+	*gen = ok ? atoll(PQgetvalue(r, 0, 0)) : 0;
+	if (!ok)
+		fprintf(stderr, "daybook-admin: reading the checkpoint: %s", PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
 /* Under the switch lock no projector commits: fold the rest, write the end state and
  * swap, all in one transaction. */
 static bool switch_over(struct rebuild *rb)
 {
 	char token[48], gen[24];
 	const char *live[3] = { "SET", "dbk:live", gen };
+	struct live_before old = { 0 };
+	long long sql_gen = 0;
 	int n = 1;
 	bool ok = true;
 
 	if (!lock_for_switch(rb))
 		return false;
+	if (rb->sql && !sql_generation(rb, &sql_gen)) {
+		exec_ok(rb->wr, "ROLLBACK");
+		return false;
+	}
 	rb->phase = "switch";
 	while (ok && n > 0)
 		ok = fold_chunk(rb, &n);
@@ -1099,14 +1188,18 @@ static bool switch_over(struct rebuild *rb)
 		rkey(rb, k, sizeof(k), "checkpoint", NULL);
 		snprintf(gen, sizeof(gen), "%lld", rb->gen);
 		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
-		ok = redis_send(rb, 3, cp) && redis_send(rb, 3, live) && redis_send(rb, 3, pub) &&
-		     redis_drain(rb);
+		ok = redis_drain(rb) && get_live(rb, &old) && redis_send(rb, 3, cp) &&
+		     redis_send(rb, 3, live) && redis_send(rb, 3, pub) && redis_drain(rb);
 	}
 	if (!ok) {
+		put_back_live(rb, &old);
 		exec_ok(rb->wr, "ROLLBACK");
 		return false;
 	}
-	return exec_ok(rb->wr, "COMMIT");
+	if (exec_ok(rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
+		return true;
+	put_back_live(rb, &old);
+	return false;
 }
 
 /* Delete every key of the generations other than `keep` (0: delete generation `drop`). */
@@ -1173,13 +1266,16 @@ static bool connect_redis(struct rebuild *rb)
 /* The first pass over the log, sent while the rest is set up: for Redis, how many
  * statement items each account has now (so that Redis is sent only the items that
  * will be among its newest) and how many events; otherwise the events alone. The
- * events counted are the progress total. */
+ * events counted are the progress total. Only events below the snapshot xmin count,
+ * as the fold will have applied at least those: too high a count would leave an
+ * account's newest items short, too low only sends Redis a few that the end trims. */
 static bool send_count(struct rebuild *rb)
 {
 	bool ok = PQsendQuery(rb->pg, rb->want_redis
 				      ? "SELECT substr(stream, 9), count(*) FILTER (WHERE type IN "
 					"('FundsDeposited', 'FundsWithdrawn', 'TransferSent', "
-					"'TransferReceived')), count(*) FROM events GROUP BY stream"
+					"'TransferReceived')), count(*) FROM events "
+					"WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) GROUP BY stream"
 				      : "SELECT NULL, 0, count(*) FROM events");
 
 	if (!ok)
@@ -1271,6 +1367,7 @@ static void finish(struct rebuild *rb)
 	free(rb->copier.entries.p);
 	free(rb->copier.transfers.p);
 	ledger_event_buf_free(&rb->data);
+	free(rb->holders);
 	strmap_close(&rb->accounts);
 	strmap_close(&rb->totals);
 	if (rb->redis)

@@ -1,6 +1,6 @@
 /* daybook-admin rebuild: a switch under load that readers never notice, a switch that
- * waits for a long reader without holding up the others, and an
- * interrupted rebuild that leaves the live models as they were. */
+ * waits for a long reader without holding up the others, an interrupted rebuild and one
+ * whose switch fails to commit, both leaving the live models as they were. */
 #include <criterion/criterion.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -368,4 +368,51 @@ Test(rebuild, a_long_reader_delays_the_switch_without_holding_up_other_readers)
 	harness_wait_caught_up(db, redis_url, 30);
 	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'w-1'"), 8);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
+}
+
+/* The switch's COMMIT fails (a deferred trigger stands in for a lost server): Redis's
+ * live generation goes back to what it was, and a second rebuild goes through. */
+Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
+{
+	redisContext *c;
+	long long gen_before, live_before, live_after;
+	char cp[64], line[512];
+	struct lines progress = { 0 };
+	int status;
+
+	must("/accounts", "{\"id\":\"f-1\",\"name\":\"F\",\"currency\":\"EUR\"}");
+	must("/accounts/f-1/deposits", "{\"amount\":5}");
+	harness_wait_caught_up(db, redis_url, 30);
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &live_before, cp, sizeof(cp)));
+	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	PQclear(sql(db, "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+			"RAISE EXCEPTION 'injected at commit'; END $$; CREATE CONSTRAINT TRIGGER "
+			"fail_switch AFTER UPDATE ON projection_checkpoints DEFERRABLE INITIALLY DEFERRED "
+			"FOR EACH ROW WHEN (OLD.generation <> NEW.generation) EXECUTE FUNCTION fail_commit()"));
+
+	pid_t pid = start_rebuild("all", &progress.fd);
+	while (next_line(&progress, line, sizeof(line), 120))
+		;
+	close(progress.fd);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d", status);
+	cr_assert(harness_redis_live(c, &live_after, cp, sizeof(cp)));
+	cr_assert_eq(live_after, live_before, "dbk:live was not put back");
+	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0);
+	must("/accounts/f-1/deposits", "{\"amount\":1}");
+	harness_wait_caught_up(db, redis_url, 30);
+	harness_assert_redis_matches_sql(db, redis_url);
+
+	PQclear(sql(db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
+	pid = start_rebuild("all", &progress.fd);
+	while (next_line(&progress, line, sizeof(line), 120))
+		;
+	close(progress.fd);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+	harness_wait_caught_up(db, redis_url, 30);
+	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
+	redisFree(c);
 }
