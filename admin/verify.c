@@ -970,7 +970,8 @@ static void orphans_of(struct verify *v, const struct orphan_page *page, const c
 }
 
 /* Sort the page's keys: an account's hash or statement, a transfer, the generation's
- * own keys, or something that has no business in the generation. */
+ * own keys, or something that has no business in the generation (an id that no
+ * event could carry included). */
 static void classify(struct verify *v, struct orphan_page *page, char *key, size_t prefix)
 {
 	static const char *const kinds[] = { "acct", "entries", "xfer" };
@@ -979,7 +980,8 @@ static void classify(struct verify *v, struct orphan_page *page, char *key, size
 	if (strcmp(rest, "totals") == 0 || strcmp(rest, "checkpoint") == 0)
 		return;
 	for (size_t k = 0; colon && k < sizeof(kinds) / sizeof(kinds[0]); k++) {
-		if ((size_t)(colon - rest) == strlen(kinds[k]) && strncmp(rest, kinds[k], strlen(kinds[k])) == 0) {
+		if ((size_t)(colon - rest) == strlen(kinds[k]) &&
+		    strncmp(rest, kinds[k], strlen(kinds[k])) == 0 && ledger_valid_id(colon + 1)) {
 			page->kind[page->n] = kinds[k];
 			page->id[page->n++] = colon + 1;
 			return;

@@ -379,6 +379,7 @@ Test(admin_verify, names_redis_keys_that_nothing_in_the_log_accounts_for)
 	redis_get(line, sizeof(line), "ZADD dbk:g:%s:entries:ghost-2 1 {}", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:xfer:t-ghost {}", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:stray 1", gen);
+	redis_get(line, sizeof(line), "SET dbk:g:%s:acct:\xff\xfe 1", gen); /* no event has such an id */
 	/* Another generation's keys are not the live models' business. */
 	redis_get(line, sizeof(line), "SET dbk:g:999999:acct:elsewhere 1");
 	const char *const lines[] = {
@@ -386,6 +387,7 @@ Test(admin_verify, names_redis_keys_that_nothing_in_the_log_accounts_for)
 		"DIFF redis entries:ghost-2 key: expected absent, found present\n",
 		"DIFF redis transfer:t-ghost key: expected absent, found present\n",
 		"DIFF redis key:dbk:g:", /* the stray key, named in full */
+		":acct:\xff\xfe key: expected absent, found present\n",
 	};
 	expect_diffs(lines, sizeof(lines) / sizeof(lines[0]));
 }
