@@ -5,7 +5,6 @@
 #include <event2/buffer.h>
 #include <hiredis/hiredis.h>
 #include <libpq-fe.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -15,6 +14,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "copy.h"
 #include "ledger.h"
 #include "ledger_json.h"
 #include "pg.h"
@@ -23,7 +23,6 @@
 
 #define CHUNK 20000        /* events per read in reader order, and per committed chunk */
 #define BULK_BLOCKS 500    /* heap blocks per read of the bulk (some 20,000 events) */
-#define COPY_PIECE (1 << 20) /* bytes per PQputCopyData */
 #define ACCOUNT_ROWS_MAX (8 << 20) /* bytes of account rows buffered before a COPY */
 #define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
@@ -73,23 +72,6 @@ struct total {
 	__int128 sum;
 };
 
-struct buf {
-	char *p;
-	size_t len, cap;
-};
-
-/* During the load a thread COPYs each chunk's rows while the next chunk is folded:
- * the folding never waits for PostgreSQL to take the rows in. It owns the writer
- * connection and its two buffers while busy. */
-struct copier {
-	pthread_t thread;
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	PGconn *pg;
-	struct buf entries, transfers;
-	bool running, busy, stop, failed;
-};
-
 struct rebuild {
 	struct admin_ctx *ctx;
 	PGconn *pg;        /* reads the log; its next read runs while the writer works */
@@ -108,7 +90,7 @@ struct rebuild {
 	long long stashed;  /* events waiting for their predecessors */
 	struct strmap *accounts, *totals;
 	struct ledger_event_buf data; /* the decoded event's strings */
-	struct buf entries, transfers; /* binary COPY data of the chunk */
+	struct copy_buf entries, transfers; /* binary COPY data of the chunk */
 	long long held, held_max; /* statement items held for Redis, all accounts */
 	struct acct **holders;    /* accounts that have held items since the last send_held */
 	size_t nholders, holders_cap;
@@ -132,182 +114,6 @@ static void on_signal(int sig)
 {
 	(void)sig;
 	interrupted = 1;
-}
-
-/* --- binary COPY ------------------------------------------------------------------- */
-
-/* Rows go to PostgreSQL in COPY's binary format: nothing to escape on our side, and
- * nothing to parse on the server's (integers and times are sent as they are stored). */
-static const char copy_header[19] = "PGCOPY\n\377\r\n\0"; /* then flags and extension: 0 */
-
-static bool reserve(struct buf *b, size_t more)
-{
-	if (b->len + more <= b->cap)
-		return true;
-	size_t cap = b->cap ? b->cap : 1 << 16;
-	while (cap < b->len + more)
-		cap *= 2;
-	char *p = realloc(b->p, cap);
-	if (!p)
-		return false;
-	b->p = p;
-	b->cap = cap;
-	return true;
-}
-
-static void put_be(struct buf *b, uint64_t v, int bytes)
-{
-	for (int i = bytes - 1; i >= 0; i--)
-		b->p[b->len++] = (char)(v >> (8 * i));
-}
-
-/* A row of n fields; the first row of a COPY gets the header. */
-static bool row(struct buf *b, int n)
-{
-	if (!reserve(b, sizeof(copy_header) + 2))
-		return false;
-	if (b->len == 0) {
-		memcpy(b->p, copy_header, sizeof(copy_header));
-		b->len = sizeof(copy_header);
-	}
-	put_be(b, (uint64_t)n, 2);
-	return true;
-}
-
-/* A text field; NULL is SQL NULL. */
-static bool put_text(struct buf *b, const char *v)
-{
-	size_t n = v ? strlen(v) : 0;
-
-	if (!reserve(b, 4 + n))
-		return false;
-	put_be(b, v ? (uint64_t)n : 0xffffffffu, 4);
-	memcpy(b->p + b->len, v ? v : "", n);
-	b->len += n;
-	return true;
-}
-
-/* An integer field of 4 or 8 bytes; timestamptz is an 8-byte integer too. */
-static bool put_int(struct buf *b, int64_t v, int bytes)
-{
-	if (!reserve(b, 4 + (size_t)bytes))
-		return false;
-	put_be(b, (uint64_t)bytes, 4);
-	put_be(b, (uint64_t)v, bytes);
-	return true;
-}
-
-static bool copy_in(PGconn *pg, const char *table, struct buf *b)
-{
-	char sql[128];
-	PGresult *r;
-	bool ok;
-
-	if (b->len == 0)
-		return true;
-	if (!reserve(b, 2))
-		return false;
-	put_be(b, 0xffff, 2); /* the trailer */
-	snprintf(sql, sizeof(sql), "COPY %s FROM STDIN (FORMAT binary)", table);
-	r = PQexec(pg, sql);
-	ok = PQresultStatus(r) == PGRES_COPY_IN;
-	PQclear(r);
-	/* In pieces: a buffer can outgrow PQputCopyData's int. */
-	for (size_t at = 0; ok && at < b->len; at += COPY_PIECE)
-		ok = PQputCopyData(pg, b->p + at, (int)(b->len - at < COPY_PIECE ? b->len - at : COPY_PIECE)) == 1;
-	if (PQputCopyEnd(pg, ok ? NULL : "the rebuild could not send its rows") != 1)
-		ok = false;
-	while ((r = PQgetResult(pg))) {
-		ExecStatusType st = PQresultStatus(r);
-		ok = ok && st == PGRES_COMMAND_OK;
-		PQclear(r);
-		if (st == PGRES_COPY_IN) /* the end could not be sent: the connection is lost */
-			break;
-	}
-	if (!ok)
-		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(pg));
-	b->len = 0;
-	return ok;
-}
-
-static void *copier_main(void *arg)
-{
-	struct copier *c = arg;
-
-	pthread_mutex_lock(&c->mu);
-	for (;;) {
-		while (!c->busy && !c->stop)
-			pthread_cond_wait(&c->cv, &c->mu);
-		if (!c->busy)
-			break;
-		pthread_mutex_unlock(&c->mu);
-		bool ok = copy_in(c->pg, "rm_entries_shadow", &c->entries) &&
-			  copy_in(c->pg, "rm_transfers_shadow", &c->transfers);
-		pthread_mutex_lock(&c->mu);
-		c->failed = c->failed || !ok;
-		c->busy = false;
-		pthread_cond_broadcast(&c->cv);
-	}
-	pthread_mutex_unlock(&c->mu);
-	return NULL;
-}
-
-/* Start the thread with signals blocked: they are the main thread's to handle. */
-static bool copier_start(struct copier *c, PGconn *pg)
-{
-	sigset_t all, old;
-	int err;
-
-	c->pg = pg;
-	pthread_mutex_init(&c->mu, NULL);
-	pthread_cond_init(&c->cv, NULL);
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	err = pthread_create(&c->thread, NULL, copier_main, c);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (err) {
-		fprintf(stderr, "daybook-admin: cannot start the COPY thread: %s\n", strerror(err));
-		return false;
-	}
-	c->running = true;
-	return true;
-}
-
-/* Hand the chunk's rows over (taking back the emptied buffers of the last chunk),
- * once the thread is done with the last chunk. */
-static bool copier_submit(struct copier *c, struct buf *entries, struct buf *transfers)
-{
-	struct buf t;
-	bool ok;
-
-	pthread_mutex_lock(&c->mu);
-	while (c->busy)
-		pthread_cond_wait(&c->cv, &c->mu);
-	ok = !c->failed;
-	if (ok) {
-		t = c->entries, c->entries = *entries, *entries = t;
-		t = c->transfers, c->transfers = *transfers, *transfers = t;
-		c->busy = true;
-		pthread_cond_broadcast(&c->cv);
-	}
-	pthread_mutex_unlock(&c->mu);
-	return ok;
-}
-
-/* Wait for the last chunk and end the thread; false when any COPY failed. */
-static bool copier_stop(struct copier *c)
-{
-	if (!c->running)
-		return !c->failed;
-	pthread_mutex_lock(&c->mu);
-	c->stop = true;
-	pthread_cond_broadcast(&c->cv);
-	pthread_mutex_unlock(&c->mu);
-	pthread_join(c->thread, NULL);
-	pthread_mutex_destroy(&c->mu);
-	pthread_cond_destroy(&c->cv);
-	c->running = false;
-	return !c->failed;
 }
 
 /* --- Redis pipeline ------------------------------------------------------------------- */
@@ -506,14 +312,14 @@ static void acct_free(void *value)
 static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
 		       int32_t version, int64_t at)
 {
-	struct buf *b = &rb->entries;
+	struct copy_buf *b = &rb->entries;
 	bool ok = true;
 
 	if (rb->sql)
-		ok = row(b, 9) && put_text(b, a->acc.id) && put_int(b, version, 4) &&
-		     put_text(b, readmodel_entry_type(ev->type)) && put_int(b, ev->amount, 8) &&
-		     put_int(b, a->acc.balance, 8) && put_text(b, ev->transfer_id) &&
-		     put_text(b, ev->counterparty) && put_text(b, ev->reference) && put_int(b, at, 8);
+		ok = copy_row(b, 9) && copy_text(b, a->acc.id) && copy_int(b, version, 4) &&
+		     copy_text(b, readmodel_entry_type(ev->type)) && copy_int(b, ev->amount, 8) &&
+		     copy_int(b, a->acc.balance, 8) && copy_text(b, ev->transfer_id) &&
+		     copy_text(b, ev->counterparty) && copy_text(b, ev->reference) && copy_int(b, at, 8);
 	/* Redis keeps the newest items only: skip those certain to be trimmed, and send
 	 * the rest as one ZADD per account rather than a command per item. */
 	if (ok && rb->redis && a->entries > a->expected - ENTRIES_KEPT) {
@@ -532,13 +338,13 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 static bool emit_transfer(struct rebuild *rb, const struct acct *from, const struct ledger_event *ev,
 			  int64_t at)
 {
-	struct buf *b = &rb->transfers;
+	struct copy_buf *b = &rb->transfers;
 	bool ok = true;
 
 	if (rb->sql)
-		ok = row(b, 7) && put_text(b, ev->transfer_id) && put_text(b, from->acc.id) &&
-		     put_text(b, ev->counterparty) && put_int(b, ev->amount, 8) &&
-		     put_text(b, from->acc.currency) && put_text(b, ev->reference) && put_int(b, at, 8);
+		ok = copy_row(b, 7) && copy_text(b, ev->transfer_id) && copy_text(b, from->acc.id) &&
+		     copy_text(b, ev->counterparty) && copy_int(b, ev->amount, 8) &&
+		     copy_text(b, from->acc.currency) && copy_text(b, ev->reference) && copy_int(b, at, 8);
 	if (ok && rb->redis) {
 		char at_text[READMODEL_TIME_LEN], k[LEDGER_ID_MAX + 48], *json;
 		struct readmodel_transfer t = {
@@ -806,7 +612,7 @@ static bool fold_chunk(struct rebuild *rb, int *n)
  * switch lock; the switch then rewrites only those that its tail of the log changed. */
 struct account_walk {
 	struct rebuild *rb;
-	struct buf *rows;
+	struct copy_buf *rows;
 	struct evbuffer *ids; /* the switch's: accounts written again, as a text[] literal */
 	size_t n;
 	bool ok;
@@ -816,7 +622,7 @@ static void put_account(void *arg, const char *id, void *value)
 {
 	struct account_walk *w = arg;
 	struct acct *a = value;
-	struct buf *b = w->rows;
+	struct copy_buf *b = w->rows;
 	const char *status = a->acc.closed ? "closed" : "open";
 
 	/* Counted before the rebuild began but never opened: nothing to write. */
@@ -829,11 +635,11 @@ static void put_account(void *arg, const char *id, void *value)
 	if (w->rb->redis)
 		w->ok = finish_items(w->rb, a);
 	if (w->ok && w->rb->sql)
-		w->ok = row(b, 10) && put_text(b, id) && put_text(b, a->name) &&
-			put_text(b, a->acc.currency) && put_int(b, a->acc.balance, 8) &&
-			put_int(b, a->acc.overdraft_limit, 8) && put_text(b, status) &&
-			put_int(b, a->acc.version, 4) && put_int(b, a->entries, 4) &&
-			put_int(b, a->opened_at, 8) && put_int(b, a->updated_at, 8);
+		w->ok = copy_row(b, 10) && copy_text(b, id) && copy_text(b, a->name) &&
+			copy_text(b, a->acc.currency) && copy_int(b, a->acc.balance, 8) &&
+			copy_int(b, a->acc.overdraft_limit, 8) && copy_text(b, status) &&
+			copy_int(b, a->acc.version, 4) && copy_int(b, a->entries, 4) &&
+			copy_int(b, a->opened_at, 8) && copy_int(b, a->updated_at, 8);
 	/* The first pass COPYs as it goes; the switch's rewrite deletes the old rows first. */
 	if (w->ok && w->rb->sql && !w->ids && b->len > ACCOUNT_ROWS_MAX)
 		w->ok = copy_in(w->rb->wr, "rm_accounts_shadow", b);
@@ -902,26 +708,26 @@ static int by_currency(const void *a, const void *b)
 /* The totals body (t sorted by currency) into Redis, with the checkpoint token. */
 static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const char *token)
 {
-	struct buf b = { 0 };
-	char k[64], sum[48];
-	bool ok = reserve(&b, 32 + n * 160);
+	char k[64], sum[48], *body = malloc(32 + n * 160); /* a currency's member < 160 */
+	size_t len = 0;
+	bool ok = body != NULL;
 
 	if (ok)
-		b.len = (size_t)sprintf(b.p, "{\"currencies\":[");
+		len = (size_t)sprintf(body, "{\"currencies\":[");
 	for (size_t i = 0; ok && i < n; i++) {
 		readmodel_int128_text(t[i]->sum, sum);
-		b.len += (size_t)sprintf(b.p + b.len,
-					 "%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
-					 "\"balance_sum\":%s}",
-					 i ? "," : "", t[i]->currency, t[i]->accounts, t[i]->open, sum);
+		len += (size_t)sprintf(body + len,
+				       "%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
+				       "\"balance_sum\":%s}",
+				       i ? "," : "", t[i]->currency, t[i]->accounts, t[i]->open, sum);
 	}
 	if (ok) {
-		const char *argv[6] = { "HSET", k, "p", token, "j", b.p };
-		sprintf(b.p + b.len, "]}");
+		const char *argv[6] = { "HSET", k, "p", token, "j", body };
+		sprintf(body + len, "]}");
 		rkey(rb, k, sizeof(k), "totals", NULL);
 		ok = redis_send(rb, 6, argv);
 	}
-	free(b.p);
+	free(body);
 	return ok;
 }
 
@@ -947,7 +753,7 @@ static bool delete_accounts(struct rebuild *rb, struct evbuffer *ids)
  * the tail changed in the switch. Their statement items for Redis are finished too. */
 static bool write_accounts(struct rebuild *rb, bool rewrite)
 {
-	struct buf rows = { 0 };
+	struct copy_buf rows = { 0 };
 	struct account_walk w = { rb, &rows, NULL, 0, true };
 	bool ok;
 
