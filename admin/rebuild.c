@@ -72,6 +72,14 @@ struct total {
 	__int128 sum;
 };
 
+/* Redis switches inside the SQL transaction, so that no projector batch lands in
+ * between; if that transaction then does not commit, Redis's live generation is put
+ * back as it was. */
+struct live_before {
+	bool read, present;
+	char gen[32];
+};
+
 struct rebuild {
 	struct admin_ctx *ctx;
 	PGconn *pg;        /* reads the log; its next read runs while the writer works */
@@ -81,6 +89,7 @@ struct rebuild {
 	redisContext *redis;
 	bool sql, want_redis;
 	long long gen;
+	struct live_before live_before; /* dbk:live as the switch found it */
 	char txid[24];      /* the checkpoint: the last event applied in reader order */
 	long long position;
 	uint64_t cp_txid;   /* the same, as a number */
@@ -886,14 +895,6 @@ static bool lock_for_switch(struct rebuild *rb)
 	return false;
 }
 
-/* Redis switches inside the SQL transaction, so that no projector batch lands in
- * between; if that transaction then does not commit, Redis's live generation is put
- * back as it was. */
-struct live_before {
-	bool read, present;
-	char gen[32];
-};
-
 static bool get_live(struct rebuild *rb, struct live_before *old)
 {
 	redisReply *r = redisCommand(rb->redis, "GET dbk:live");
@@ -956,7 +957,7 @@ static bool switch_over(struct rebuild *rb)
 {
 	char token[48], gen[24];
 	const char *live[3] = { "SET", "dbk:live", gen };
-	struct live_before old = { 0 };
+	struct live_before *old = &rb->live_before;
 	long long sql_gen = 0;
 	int n = 1;
 	bool ok = true;
@@ -994,17 +995,17 @@ static bool switch_over(struct rebuild *rb)
 		rkey(rb, k, sizeof(k), "checkpoint", NULL);
 		snprintf(gen, sizeof(gen), "%lld", rb->gen);
 		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
-		ok = redis_drain(rb) && get_live(rb, &old) && redis_send(rb, 3, cp) &&
+		ok = redis_drain(rb) && get_live(rb, old) && redis_send(rb, 3, cp) &&
 		     redis_send(rb, 3, live) && redis_send(rb, 3, pub) && redis_drain(rb);
 	}
 	if (!ok) {
-		put_back_live(rb, &old);
+		put_back_live(rb, old);
 		exec_ok(rb->wr, "ROLLBACK");
 		return false;
 	}
 	if (exec_ok(rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
 		return true;
-	put_back_live(rb, &old);
+	put_back_live(rb, old);
 	return false;
 }
 
@@ -1040,6 +1041,23 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 		free(argv);
 		freeReplyObject(r);
 	} while (strcmp(cursor, "0") != 0);
+}
+
+/* The generation that was live before the switch is garbage now, and so is any
+ * between it and ours (a rebuild that failed, a resync that never went live): each
+ * is looked for by its own pattern, so that SCAN does not hand ours back page by
+ * page. Past a few, or with no live generation before, one sweep of all others. */
+static void cleanup_after_switch(struct rebuild *rb)
+{
+	const struct live_before *old = &rb->live_before;
+	long long from = old->present ? atoll(old->gen) : 0;
+
+	if (from <= 0 || from >= rb->gen || rb->gen - from > 8) {
+		redis_cleanup(rb, rb->gen, 0);
+		return;
+	}
+	for (long long g = from; g < rb->gen; g++)
+		redis_cleanup(rb, 0, g);
 }
 
 /* --- the command ---------------------------------------------------------------------- */
@@ -1229,7 +1247,7 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 		return interrupted ? 130 : 1;
 	}
 	if (rb.redis)
-		redis_cleanup(&rb, rb.gen, 0);
+		cleanup_after_switch(&rb);
 	secs = now() - rb.started;
 	printf("rebuilt %s from %lld events in %.2f s (%.0f events/s; load %.2f s, index %.2f s, "
 	       "switch %.2f s, cleanup %.2f s); checkpoint %s.%lld\n",

@@ -192,8 +192,17 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	read_progress(fd, &json_lines);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	struct redisContext *rc = harness_redis(redis_url);
-	redisReply *rebuilt_gen = redisCommand(rc, "GET dbk:generation");
+	redisReply *rebuilt_gen = redisCommand(rc, "GET dbk:generation"), *keys;
 	cr_assert(rebuilt_gen && rebuilt_gen->type == REDIS_REPLY_STRING);
+	/* The generation live before the switch is gone with it. */
+	keys = redisCommand(rc, "KEYS dbk:g:*");
+	for (size_t i = 0; i < keys->elements; i++) {
+		char prefix[64];
+		snprintf(prefix, sizeof(prefix), "dbk:g:%s:", rebuilt_gen->str);
+		cr_assert(strncmp(keys->element[i]->str, prefix, strlen(prefix)) == 0,
+			  "key %s of another generation left behind", keys->element[i]->str);
+	}
+	freeReplyObject(keys);
 	usleep(500000);
 	atomic_store(&t.stop, true);
 	for (int i = 0; i < 2; i++)
