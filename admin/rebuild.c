@@ -1163,6 +1163,10 @@ static bool prepare(struct rebuild *rb)
 	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free) ||
 	    !send_count(rb))
 		return false;
+	/* An autovacuum of a live table gives way to a lock request only after
+	 * deadlock_timeout; the switch's attempts wait less than the default 1 s, so it is
+	 * shortened (a superuser setting: without it, the switch waits for autovacuum). */
+	PQclear(PQexec(rb->wr, "SET deadlock_timeout = '100ms'"));
 	if (!exec_ok(rb->wr, "SET client_min_messages = warning") ||
 	    !exec_ok(rb->wr, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
 	    !exec_ok(rb->wr, "SET maintenance_work_mem = '256MB'") || /* the keys sort in memory */
