@@ -38,7 +38,8 @@ struct acct {
 	char name[LEDGER_NAME_MAX + 1];
 	int32_t entries;
 	int64_t opened_at, updated_at; /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
-	int32_t expected;  /* statement items the log had when the rebuild began */
+	int32_t expected;  /* statement items the log had when counted (a lower bound) */
+	int32_t at_cp;     /* items folded at or below the hints' checkpoint */
 	int32_t sent;      /* statement items sent to Redis */
 	int32_t written;   /* the version last written to the shadow models (0: none) */
 	bool listed;       /* in rb->holders */
@@ -97,6 +98,9 @@ struct rebuild {
 	long long bulk_blocks, bulk_next;
 	bool bulk_read;     /* the pending read is one of the bulk */
 	long long stashed;  /* events waiting for their predecessors */
+	bool hinted;        /* expected comes from the live models, checked by at_cp */
+	uint64_t hint_txid; /* the live models' checkpoint */
+	long long hint_pos;
 	struct strmap *accounts, *totals;
 	struct ledger_event_buf data; /* the decoded event's strings */
 	struct copy_buf entries, transfers; /* binary COPY data of the chunk */
@@ -404,6 +408,9 @@ static bool apply(struct rebuild *rb, const char *id, struct acct *a, const stru
 	}
 	if (ok && readmodel_entry_type(e->type)) {
 		a->entries++;
+		if (rb->hinted && (e->txid < rb->hint_txid ||
+				   (e->txid == rb->hint_txid && e->position <= rb->hint_pos)))
+			a->at_cp++;
 		ok = emit_entry(rb, a, &ev, a->acc.version, e->at);
 	}
 	if (ok && e->type == LEDGER_TRANSFER_SENT)
@@ -824,6 +831,77 @@ static bool load(struct rebuild *rb)
 	return copier_stop(&rb->copier) && ok && !interrupted;
 }
 
+/* Accounts whose live count was too high (more than the fold found at the live
+ * checkpoint): their newest items were not all sent. */
+static void find_short(void *arg, const char *id, void *value)
+{
+	struct evbuffer *ids = arg;
+	const struct acct *a = value;
+
+	if (a->expected > a->at_cp)
+		pg_array_append(ids, id, evbuffer_get_length(ids) == 1);
+}
+
+#define REPAIR_ITEMS                                                                        \
+	"SELECT e.account_id, e.version, e.type, e.amount, e.balance_after, e.transfer_id, "     \
+	"e.counterparty, e.reference, "                                                          \
+	"to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                \
+	"FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE "          \
+	"x.account_id = id ORDER BY x.version DESC LIMIT 50) e ORDER BY e.account_id, e.version"
+
+/* Their statements again, from the indexed shadow table: everything the load folded. */
+static bool repair_items(struct rebuild *rb)
+{
+	struct evbuffer *ids = evbuffer_new();
+	const char *params[1];
+	PGresult *r = NULL;
+	bool ok = ids && evbuffer_add(ids, "{", 1) == 0;
+	int repaired = 0;
+
+	if (ok)
+		strmap_foreach(rb->accounts, find_short, ids);
+	if (ok && evbuffer_get_length(ids) > 1) {
+		evbuffer_add(ids, "}", 2);
+		params[0] = (const char *)evbuffer_pullup(ids, -1);
+		r = PQexecParams(rb->wr, REPAIR_ITEMS, 1, NULL, params, NULL, NULL, 0);
+		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+		if (!ok)
+			fprintf(stderr, "daybook-admin: repairing statements: %s", PQresultErrorMessage(r));
+	}
+	for (int row = 0; ok && r && row < PQntuples(r); row++) {
+		const char *id = PQgetvalue(r, row, 0);
+		struct acct *a = strmap_get(rb->accounts, id);
+		char k[LEDGER_ID_MAX + 48];
+		const char *del[2] = { "DEL", k };
+		struct readmodel_entry e = {
+			.version = atoi(PQgetvalue(r, row, 1)), .type = PQgetvalue(r, row, 2),
+			.amount = atoll(PQgetvalue(r, row, 3)), .balance_after = atoll(PQgetvalue(r, row, 4)),
+			.transfer_id = PQgetisnull(r, row, 5) ? NULL : PQgetvalue(r, row, 5),
+			.counterparty = PQgetisnull(r, row, 6) ? NULL : PQgetvalue(r, row, 6),
+			.reference = PQgetisnull(r, row, 7) ? NULL : PQgetvalue(r, row, 7),
+			.at = PQgetvalue(r, row, 8),
+		};
+		if (!a)
+			continue;
+		if (a->expected > a->at_cp) { /* its first row: start the statement afresh */
+			rkey(rb, k, sizeof(k), "entries", id);
+			ok = send_items(rb, a) && redis_send(rb, 2, del);
+			a->expected = 0; /* every later item counts */
+			a->sent = 0;
+			repaired++;
+		}
+		ok = ok && hold_item(rb, a, e.version, readmodel_entry_json(&e));
+	}
+	ok = ok && send_held(rb);
+	if (repaired)
+		fprintf(stderr, "daybook-admin: the live count of %d account%s statement items was "
+				"too high; their items were sent again\n", repaired, repaired == 1 ? "'s" : "s'");
+	PQclear(r);
+	if (ids)
+		evbuffer_free(ids);
+	return ok;
+}
+
 /* After the load: the accounts go in, then PostgreSQL builds the shadow tables' keys
  * while Redis takes the accounts and the statement items still held, so that little
  * is left for the switch. */
@@ -846,7 +924,7 @@ static bool index_and_send(struct rebuild *rb)
 		}
 		PQclear(r);
 	}
-	return ok;
+	return ok && (!rb->hinted || repair_items(rb));
 }
 
 /* One attempt at the switch's locks: false with *busy set when one was not granted
@@ -1087,20 +1165,50 @@ static bool connect_redis(struct rebuild *rb)
 	return true;
 }
 
-/* The first pass over the log, sent while the rest is set up: for Redis, how many
- * statement items each account has now (so that Redis is sent only the items that
- * will be among its newest) and how many events; otherwise the events alone. The
- * events counted are the progress total. Only events below the snapshot xmin count,
- * as the fold will have applied at least those: too high a count would leave an
- * account's newest items short, too low only sends Redis a few that the end trims. */
+#define COUNT_FROM_LOG                                                                  \
+	"SELECT substr(stream, 9), count(*) FILTER (WHERE type IN ('FundsDeposited', "   \
+	"'FundsWithdrawn', 'TransferSent', 'TransferReceived')), count(*) FROM events " \
+	"WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) GROUP BY stream"
+#define COUNT_FROM_LIVE                                                                  \
+	"SELECT a.account_id, a.entries, (SELECT greatest(reltuples, 0)::bigint FROM pg_class " \
+	"WHERE oid = 'events'::regclass), c.txid::text, c.position FROM rm_accounts a, "   \
+	"projection_checkpoints c WHERE c.projection = 'sql'"
+
+/* What Redis needs before the load, sent while the rest is set up: each account's
+ * statement items, so that Redis is sent only the items that will be among its
+ * newest. A count too high would leave the newest items short; too low only sends a
+ * few more, which the end trims.
+ * - Both models rebuilt: the live models' counts (rm_accounts.entries at their
+ *   checkpoint; one small table rather than a pass over the log), each checked by the
+ *   fold (at_cp): an account whose count was too high gets its items again from the
+ *   shadow table once that is indexed (repair_items).
+ * - Redis alone: the log counted below the snapshot xmin, which the fold will have
+ *   applied at least.
+ * - SQL alone: nothing.
+ * The progress total is the planner's estimate of the log's size, or the count. */
+/* The live models are worth taking counts from only if they are nearly current: if
+ * more than a tenth of the log is past their checkpoint, the log is counted instead
+ * (otherwise Redis would be sent every item of that tenth). */
+static void choose_count(struct rebuild *rb)
+{
+	PGresult *r;
+
+	if (!rb->hinted)
+		return;
+	r = PQexec(rb->pg, "SELECT (SELECT position FROM projection_checkpoints WHERE projection = "
+			   "'sql'), (SELECT coalesce(max(position), 0) FROM events)");
+	rb->hinted = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+		     !PQgetisnull(r, 0, 0) &&
+		     (atoll(PQgetvalue(r, 0, 1)) - atoll(PQgetvalue(r, 0, 0))) * 10 <=
+			     atoll(PQgetvalue(r, 0, 1));
+	PQclear(r);
+}
+
 static bool send_count(struct rebuild *rb)
 {
-	bool ok = PQsendQuery(rb->pg, rb->want_redis
-				      ? "SELECT substr(stream, 9), count(*) FILTER (WHERE type IN "
-					"('FundsDeposited', 'FundsWithdrawn', 'TransferSent', "
-					"'TransferReceived')), count(*) FROM events "
-					"WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) GROUP BY stream"
-				      : "SELECT NULL, 0, count(*) FROM events");
+	bool ok = PQsendQuery(rb->pg, rb->hinted ? COUNT_FROM_LIVE : rb->want_redis ? COUNT_FROM_LOG :
+				      "SELECT NULL, 0, greatest(reltuples, 0)::bigint FROM pg_class "
+				      "WHERE oid = 'events'::regclass");
 
 	if (!ok)
 		fprintf(stderr, "daybook-admin: counting the log: %s", PQerrorMessage(rb->pg));
@@ -1115,8 +1223,14 @@ static bool take_count(struct rebuild *rb)
 
 	while ((extra = PQgetResult(rb->pg)))
 		PQclear(extra);
+	if (ok && rb->hinted) { /* a row per live account, each with the checkpoint */
+		rb->hint_txid = PQntuples(r) ? strtoull(PQgetvalue(r, 0, 3), NULL, 10) : 0;
+		rb->hint_pos = PQntuples(r) ? atoll(PQgetvalue(r, 0, 4)) : 0;
+		rb->total = PQntuples(r) ? atoll(PQgetvalue(r, 0, 2)) : 0;
+	}
 	for (int row = 0; ok && row < PQntuples(r); row++) {
-		rb->total += atoll(PQgetvalue(r, row, 2));
+		if (!rb->hinted)
+			rb->total += atoll(PQgetvalue(r, row, 2));
 		if (!rb->want_redis)
 			continue;
 		struct acct *a = calloc(1, sizeof(*a));
@@ -1160,8 +1274,10 @@ static bool prepare(struct rebuild *rb)
 			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
-	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free) ||
-	    !send_count(rb))
+	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free))
+		return false;
+	choose_count(rb);
+	if (!send_count(rb))
 		return false;
 	/* An autovacuum of a live table gives way to a lock request only after
 	 * deadlock_timeout; the switch's attempts wait less than the default 1 s, so it is
@@ -1214,6 +1330,7 @@ static int parse_target(int argc, char **argv, struct rebuild *rb)
 	}
 	rb->sql = strcmp(t, "redis") != 0;
 	rb->want_redis = strcmp(t, "sql") != 0;
+	rb->hinted = rb->sql && rb->want_redis;
 	const char *held = getenv("DAYBOOK_REBUILD_HELD_MAX");
 	char *end = NULL;
 	rb->held_max = held && *held ? strtoll(held, &end, 10) : HELD_MAX;

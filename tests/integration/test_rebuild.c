@@ -171,6 +171,11 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 			"'FundsDeposited' END, CASE WHEN i < 500 THEN jsonb_build_object('account_id', "
 			"'h' || (i % 500), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
 			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 49999) i ORDER BY i"));
+	harness_wait_caught_up(db, redis_url, 60);
+	/* The rebuild takes each account's statement size from the live models and checks
+	 * it: one too high (whose newest items it would not all send) and one too low. */
+	PQclear(sql(db, "UPDATE rm_accounts SET entries = entries + 30 WHERE account_id = 'h7'; "
+			"UPDATE rm_accounts SET entries = entries - 30 WHERE account_id = 'h8'"));
 	/* The heap need not hold a stream's events in version order (free space is reused):
 	 * move two accounts' first events behind the rest of their streams. */
 	PQclear(sql(db, "SET session_replication_role = replica; UPDATE events SET data = data "
