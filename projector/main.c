@@ -181,6 +181,18 @@ static bool all_ok(PGresult *const *results, size_t n, char *why, size_t whylen)
 
 /* --- write -------------------------------------------------------------------------- */
 
+/* The batch's compare-and-set on the checkpoint found it elsewhere: move_checkpoint
+ * divides by the rows it moved. */
+static bool checkpoint_moved(PGresult *const *results, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(pg_sqlstate(results[i]), "22012") == 0) /* division_by_zero */
+			return true;
+	return false;
+}
+
+static void load_checkpoint(struct projector_ctx *ctx);
+
 static void write_done(void *arg, PGresult *const *results, size_t n, const char *error)
 {
 	struct projector_ctx *ctx = arg;
@@ -193,9 +205,22 @@ static void write_done(void *arg, PGresult *const *results, size_t n, const char
 		return;
 	}
 	if (!all_ok(results, n, why, sizeof(why))) {
+		if (checkpoint_moved(results, n) && !ctx->cp_reloaded) {
+			/* A rebuild swapped the tables (a new generation): nothing is wrong, so
+			 * start again from its checkpoint now, not after the fault pause. */
+			log_info(&ctx->log, "the SQL checkpoint moved under the batch (a rebuild's "
+					    "switch); reloading it");
+			ctx->cp_reloaded = true;
+			free_events(ctx);
+			projector_forget(ctx);
+			ctx->step = STEP_IDLE;
+			load_checkpoint(ctx);
+			return;
+		}
 		recover(ctx, why);
 		return;
 	}
+	ctx->cp_reloaded = false;
 	projector_rows_committed(ctx);
 	snprintf(ctx->batch_from, sizeof(ctx->batch_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", last->txid);

@@ -86,6 +86,7 @@ struct projector_ctx {
 	long long gen_moved; /* a rebuild made this generation live under the batch */
 	bool gen_lost;       /* no usable live generation seen during the batch */
 	bool live_suspect;   /* the periodic check saw another live generation mid-batch */
+	bool cp_reloaded;    /* the last batch found the checkpoint moved and reloaded it */
 	unsigned polls;      /* poll ticks, for the slower Redis check */
 	unsigned next_sync;  /* no resync before this tick (after a failed one) */
 	struct sync_state *sync;

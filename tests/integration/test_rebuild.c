@@ -138,6 +138,8 @@ static void *writer(void *arg)
 	return NULL;
 }
 
+#define PROJECTOR_ERRORS "daybook_projection_errors_total{projection=\"sql\"}"
+
 static const char *const ids[] = { "r-0", "r-1", "r-2", "r-3", "r-4", "r-5", "r-6", "r-7" };
 
 Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
@@ -189,6 +191,8 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	for (int i = 0; i < 2; i++)
 		pthread_create(&w[i], NULL, writer, &t);
 	usleep(300000);
+	double errors_before = harness_metric(&projector, PROJECTOR_ERRORS);
+	cr_assert_geq(errors_before, 0, "no %s in the projector's metrics", PROJECTOR_ERRORS);
 	/* The history's 500 accounts are interleaved: a small bound makes the rebuild send
 	 * what it holds for Redis many times before the accounts' last items. */
 	setenv("DAYBOOK_REBUILD_HELD_MAX", "1000", 1);
@@ -221,9 +225,12 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	cr_assert_gt(atomic_load(&t.writes), 0);
 	harness_assert_samples_true(db, samples, nsamples);
 	free(samples);
-	/* The live projector carries on from the rebuilt models. */
+	/* The live projector carries on from the rebuilt models, taking the switch as
+	 * expected (its next batch finds the checkpoint moved), not as a fault. */
 	must("/accounts/r-0/deposits", "{\"amount\":1}");
 	harness_wait_caught_up(db, redis_url, 30);
+	cr_assert_eq(harness_metric(&projector, PROJECTOR_ERRORS), errors_before,
+		     "the projector counted the rebuild's switch as an error");
 	harness_assert_models_match_log(db);
 	harness_assert_redis_matches_sql(db, redis_url);
 	/* The projector followed the rebuild's generation rather than copying SQL into a
