@@ -64,6 +64,8 @@ static void cp_token(const struct projector_ctx *ctx, char out[48])
 
 /* --- replies ------------------------------------------------------------------------ */
 
+static void start_cleanup(struct projector_ctx *ctx);
+
 static void step_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
@@ -84,9 +86,12 @@ static void step_reply(void *arg, const redisReply *reply)
 		ctx->rsync = RS_UNSYNCED; /* a later resync repairs what this batch missed */
 	} else if (ctx->gen_moved) {
 		/* A rebuild switched generations under us; its generation reached at least
-		 * where this batch started, and every write is guarded: send it again. */
+		 * where this batch started, and every write is guarded: send it again. What
+		 * this batch wrote to the old generation may outlive the rebuild's deletion
+		 * of it, so the old generations are swept once more. */
 		log_info(&ctx->log, "following redis generation %lld", ctx->gen_moved);
 		ctx->gen = ctx->gen_moved;
+		start_cleanup(ctx);
 		if (projector_redis_batch(ctx))
 			return;
 	}
@@ -513,20 +518,21 @@ static void generation_reply(void *arg, const redisReply *reply)
 	query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
 }
 
-/* Remove the keys of every generation but the live one, a SCAN page at a time. */
+/* Remove the keys of every generation older than the live one, a SCAN page at a time.
+ * Newer ones are left alone: a rebuild may be filling one. */
 static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
-	char prefix[48];
 	const char *scan[6] = { "SCAN", NULL, "MATCH", "dbk:g:*", "COUNT", "1000" };
 
 	if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2)
 		return;
-	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", ctx->gen);
 	for (size_t i = 0; i < reply->element[1]->elements; i++) {
 		const char *k = reply->element[1]->element[i]->str;
 		const char *unlink[2] = { "UNLINK", k };
-		if (strncmp(k, prefix, strlen(prefix)) != 0 &&
+		char *end;
+		long long gen = strtoll(k + strlen("dbk:g:"), &end, 10);
+		if (*end == ':' && gen < ctx->gen &&
 		    !redis_command(ctx->redis, 2, unlink, NULL, NULL, NULL))
 			return;
 	}

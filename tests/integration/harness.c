@@ -46,6 +46,11 @@ static double now(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+double harness_now(void)
+{
+	return now();
+}
+
 void harness_conninfo(const char *db, const char *role, char *out, size_t len)
 {
 	PQconninfoOption *opts = PQconninfoParse(env_or_skip("DAYBOOK_TEST_PG"), NULL);

@@ -50,6 +50,8 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 struct redisContext *harness_redis(const char *url);
 /* The value of metric `name` (with labels, e.g. `x{a="b"}`) from svc's /metrics; -1 if absent. */
 double harness_metric(const struct service *svc, const char *name);
+/* Seconds on the monotonic clock. */
+double harness_now(void);
 
 /* The log head and the SQL checkpoint as position tokens. */
 void harness_log_head(const char *db, char *out, size_t len);
