@@ -24,6 +24,7 @@
 #define CHUNK 20000        /* events per read in reader order, and per committed chunk */
 #define BULK_BLOCKS 500    /* heap blocks per read of the bulk (some 20,000 events) */
 #define ACCOUNT_ROWS_MAX (8 << 20) /* bytes of account rows buffered before a COPY */
+#define XFER_IDS_MAX (64 << 20)    /* bytes of transfer ids kept to delete the old keys by */
 #define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
 #define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
@@ -104,6 +105,8 @@ struct rebuild {
 	struct strmap *accounts, *totals;
 	struct ledger_event_buf data; /* the decoded event's strings */
 	struct copy_buf entries, transfers; /* binary COPY data of the chunk */
+	struct copy_buf xfer_ids; /* every transfer id folded, NUL-separated; p NULL past the cap */
+	bool xfer_ids_full;
 	long long held, held_max; /* statement items held for Redis, all accounts */
 	struct acct **holders;    /* accounts that have held items since the last send_held */
 	size_t nholders, holders_cap;
@@ -348,6 +351,32 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 	return ok;
 }
 
+/* Transfer ids, so that the old generation's transfer keys can be deleted by name
+ * after the switch; past XFER_IDS_MAX bytes (about three million transfers) the
+ * cleanup scans for them instead. */
+static void keep_xfer_id(struct rebuild *rb, const char *id)
+{
+	struct copy_buf *b = &rb->xfer_ids;
+	size_t n = strlen(id) + 1;
+
+	if (rb->xfer_ids_full)
+		return;
+	if (b->len + n > b->cap) {
+		size_t cap = b->cap ? 2 * b->cap : 1 << 16;
+		char *p = cap <= XFER_IDS_MAX ? realloc(b->p, cap) : NULL;
+		if (!p) {
+			free(b->p);
+			*b = (struct copy_buf){ 0 };
+			rb->xfer_ids_full = true;
+			return;
+		}
+		b->p = p;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, id, n);
+	b->len += n;
+}
+
 static bool emit_transfer(struct rebuild *rb, const struct acct *from, const struct ledger_event *ev,
 			  int64_t at)
 {
@@ -371,6 +400,7 @@ static bool emit_transfer(struct rebuild *rb, const struct acct *from, const str
 		rkey(rb, k, sizeof(k), "xfer", ev->transfer_id);
 		ok = json && redis_send(rb, 3, argv);
 		free(json);
+		keep_xfer_id(rb, ev->transfer_id);
 	}
 	return ok;
 }
@@ -1122,9 +1152,72 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 }
 
 /* The generation that was live before the switch is garbage now, and so is any
- * between it and ours (a rebuild that failed, a resync that never went live): each
- * is looked for by its own pattern, so that SCAN does not hand ours back page by
- * page. Past a few, or with no live generation before, one sweep of all others. */
+ * between it and ours (a rebuild that failed, a resync that never went live). The one
+ * just before ours is deleted by name; others are looked for by their own pattern, so
+ * that SCAN does not hand ours back page by page; past a few, or with no live
+ * generation before, one sweep takes every other generation. */
+#define UNLINK_BATCH 1000
+#define KEY_LEN (LEDGER_ID_MAX + 48)
+
+struct unlinks {
+	struct rebuild *rb;
+	long long gen;
+	char (*keys)[KEY_LEN];
+	const char *argv[1 + UNLINK_BATCH];
+	int n;
+	bool ok;
+};
+
+static void unlink_flush(struct unlinks *u)
+{
+	u->argv[0] = "UNLINK";
+	if (u->n > 0 && u->ok)
+		u->ok = redis_send(u->rb, 1 + u->n, u->argv); /* hiredis copies the keys */
+	u->n = 0;
+}
+
+static void unlink_key(struct unlinks *u, const char *kind, const char *id)
+{
+	snprintf(u->keys[u->n], KEY_LEN, "dbk:g:%lld:%s%s%s", u->gen, kind, id ? ":" : "",
+		 id ? id : "");
+	u->argv[1 + u->n] = u->keys[u->n];
+	if (++u->n == UNLINK_BATCH)
+		unlink_flush(u);
+}
+
+static void unlink_account(void *arg, const char *id, void *value)
+{
+	(void)value;
+	unlink_key(arg, "acct", id);
+	unlink_key(arg, "entries", id);
+}
+
+/* The old generation is a fold of the same log, up to its own checkpoint: its keys
+ * are those of the accounts and transfers folded here, so they are deleted by name
+ * without scanning the keyspace. A key nothing here accounts for (an orphan) is left
+ * to the projector's sweep of older generations. */
+static void delete_by_name(struct rebuild *rb, long long gen)
+{
+	struct unlinks *u = calloc(1, sizeof(*u));
+
+	if (!u || !(u->keys = malloc(UNLINK_BATCH * sizeof(*u->keys)))) {
+		free(u);
+		redis_cleanup(rb, 0, gen);
+		return;
+	}
+	*u = (struct unlinks){ .rb = rb, .gen = gen, .keys = u->keys, .ok = redis_drain(rb) };
+	strmap_foreach(rb->accounts, unlink_account, u);
+	for (size_t at = 0; at < rb->xfer_ids.len; at += strlen(rb->xfer_ids.p + at) + 1)
+		unlink_key(u, "xfer", rb->xfer_ids.p + at);
+	unlink_key(u, "totals", NULL);
+	unlink_key(u, "checkpoint", NULL);
+	unlink_flush(u);
+	if (u->ok)
+		(void)!redis_drain(rb);
+	free(u->keys);
+	free(u);
+}
+
 static void cleanup_after_switch(struct rebuild *rb)
 {
 	const struct live_before *old = &rb->live_before;
@@ -1132,6 +1225,10 @@ static void cleanup_after_switch(struct rebuild *rb)
 
 	if (from <= 0 || from >= rb->gen || rb->gen - from > 8) {
 		redis_cleanup(rb, rb->gen, 0);
+		return;
+	}
+	if (from == rb->gen - 1 && !rb->xfer_ids_full) {
+		delete_by_name(rb, from);
 		return;
 	}
 	for (long long g = from; g < rb->gen; g++)
@@ -1311,6 +1408,7 @@ static void finish(struct rebuild *rb)
 	free(rb->copier.entries.p);
 	free(rb->copier.transfers.p);
 	ledger_event_buf_free(&rb->data);
+	free(rb->xfer_ids.p);
 	free(rb->holders);
 	strmap_close(&rb->accounts);
 	strmap_close(&rb->totals);

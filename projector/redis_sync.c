@@ -635,7 +635,10 @@ static void status_reply(void *arg, const redisReply *reply)
 	    readmodel_position_parse(token, &ours) &&
 	    readmodel_position_parse(reply->element[1]->str, &live) &&
 	    readmodel_position_cmp(&live, &ours) >= 0) {
-		ctx->gen = strtoll(reply->element[0]->str, NULL, 10);
+		long long gen = strtoll(reply->element[0]->str, NULL, 10);
+		if (ctx->gen && gen > ctx->gen)
+			start_cleanup(ctx); /* a rebuild's switch: sweep what is older, as above */
+		ctx->gen = gen;
 		ctx->rsync = RS_LIVE;
 		log_info(&ctx->log, "redis generation %lld is current (at %s)", ctx->gen,
 			 reply->element[1]->str);
