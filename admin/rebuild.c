@@ -92,9 +92,8 @@ struct rebuild {
 	bool sql, want_redis;
 	long long gen;
 	struct live_before live_before; /* dbk:live as the switch found it */
-	char txid[24];      /* the checkpoint: the last event applied in reader order */
+	uint64_t cp_txid;   /* the checkpoint: the last event applied in reader order */
 	long long position;
-	uint64_t cp_txid;   /* the same, as a number */
 	char bulk_xmin[24]; /* the bulk is every event below this, read in heap order */
 	long long bulk_blocks, bulk_next;
 	bool bulk_read;     /* the pending read is one of the bulk */
@@ -589,7 +588,7 @@ static bool send_read(struct rebuild *rb)
 			READ_COLUMNS "FROM events WHERE ctid >= $1::tid AND ctid < $2::tid AND txid < $3::xid8",
 			3, NULL, params, NULL, NULL, 1);
 	} else {
-		snprintf(a, sizeof(a), "%s", rb->txid);
+		snprintf(a, sizeof(a), "%llu", (unsigned long long)rb->cp_txid);
 		snprintf(b, sizeof(b), "%lld", rb->position);
 		snprintf(limit, sizeof(limit), "%d", CHUNK);
 		rb->read_pending = PQsendQueryParams(
@@ -641,13 +640,11 @@ static bool fold_chunk(struct rebuild *rb, int *n)
 	if (!bulk && *n > 0) {
 		rb->cp_txid = be(PQgetvalue(r, *n - 1, 1), 8);
 		rb->position = (long long)be(PQgetvalue(r, *n - 1, 0), 8);
-		snprintf(rb->txid, sizeof(rb->txid), "%llu", (unsigned long long)rb->cp_txid);
 	}
 	if (bulk ? rb->bulk_next < rb->bulk_blocks : *n == CHUNK)
 		ok = send_read(rb);
 	for (int row = 0; ok && row < *n; row++)
 		ok = fold_row(rb, r, row);
-	snprintf(rb->txid, sizeof(rb->txid), "%llu", (unsigned long long)rb->cp_txid);
 	PQclear(r);
 	return ok && flush_chunk(rb);
 }
@@ -1084,11 +1081,12 @@ static bool switch_over(struct rebuild *rb)
 				"does not have\n", rb->stashed);
 		ok = false;
 	}
-	snprintf(token, sizeof(token), "%s.%lld", rb->txid, rb->position);
+	snprintf(token, sizeof(token), "%llu.%lld", (unsigned long long)rb->cp_txid, rb->position);
 	ok = ok && write_end_state(rb, token);
 	if (ok && rb->sql) {
-		char pos[24];
-		const char *params[2] = { rb->txid, pos };
+		char txid[24], pos[24];
+		const char *params[2] = { txid, pos };
+		snprintf(txid, sizeof(txid), "%llu", (unsigned long long)rb->cp_txid);
 		snprintf(pos, sizeof(pos), "%lld", rb->position);
 		PGresult *r = PQexecParams(rb->wr, "SELECT rm_shadow_swap($1::xid8, $2::bigint)", 2,
 					   NULL, params, NULL, NULL, 0);
@@ -1387,7 +1385,6 @@ static bool prepare(struct rebuild *rb)
 		return false;
 	if ((rb->want_redis && !connect_redis(rb)) || !take_count(rb) || !bulk_bounds(rb))
 		return false;
-	snprintf(rb->txid, sizeof(rb->txid), "0");
 	return true;
 }
 
@@ -1469,10 +1466,11 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 		cleanup_after_switch(&rb);
 	secs = now() - rb.started;
 	printf("rebuilt %s from %lld events in %.2f s (%.0f events/s; load %.2f s, index %.2f s, "
-	       "switch %.2f s, cleanup %.2f s); checkpoint %s.%lld\n",
+	       "switch %.2f s, cleanup %.2f s); checkpoint %llu.%lld\n",
 	       rb.sql && rb.redis ? "sql and redis" : rb.sql ? "sql" : "redis", rb.done, secs,
 	       rb.done / (secs + 1e-9), rb.loaded - rb.started, rb.indexed - rb.loaded,
-	       rb.switched - rb.indexed, now() - rb.switched, rb.txid, rb.position);
+	       rb.switched - rb.indexed, now() - rb.switched, (unsigned long long)rb.cp_txid,
+	       rb.position);
 	finish(&rb);
 	return 0;
 }
