@@ -31,13 +31,6 @@ struct proc {
 	char *stdout_text, *stderr_text;
 };
 
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static const char *env_required(const char *name)
 {
 	const char *v = getenv(name);
@@ -100,16 +93,16 @@ static char *slurp_fd(FILE *f)
 /* Wait up to timeout_s for the process to exit; past it, SIGTERM (then SIGKILL). */
 static void proc_wait(struct proc *p, double timeout_s)
 {
-	double end = now() + timeout_s;
+	double end = harness_now() + timeout_s;
 	int ws = 0;
 	pid_t r;
 
-	while ((r = waitpid(p->pid, &ws, WNOHANG)) == 0 && now() < end)
+	while ((r = waitpid(p->pid, &ws, WNOHANG)) == 0 && harness_now() < end)
 		usleep(5000);
 	if (r == 0) {
 		p->timed_out = true;
 		kill(p->pid, SIGTERM);
-		for (end = now() + 10; (r = waitpid(p->pid, &ws, WNOHANG)) == 0 && now() < end;)
+		for (end = harness_now() + 10; (r = waitpid(p->pid, &ws, WNOHANG)) == 0 && harness_now() < end;)
 			usleep(5000);
 		if (r == 0) {
 			kill(p->pid, SIGKILL);
@@ -177,7 +170,7 @@ static void tokens_file(char *path, size_t len, const char *extra)
 	sha256("cli-secret", 10, d);
 	sha256_hex(d, hex);
 	snprintf(path, len, "/tmp/daybook-test-cli-tokens-%d-%ld.txt", (int)getpid(),
-		 (long)(now() * 1e6) % 1000000);
+		 (long)(harness_now() * 1e6) % 1000000);
 	snprintf(text, sizeof(text), "# cli test\nops %s write,read\n%s", hex, extra);
 	write_file(path, text, "w");
 }
@@ -408,7 +401,7 @@ static void create_empty_db(char *db, size_t len)
 	PGresult *r;
 
 	cr_assert(PQstatus(conn) == CONNECTION_OK, "DAYBOOK_TEST_PG: %s", PQerrorMessage(conn));
-	snprintf(db, len, "cli_%d_%d_%ld", (int)getpid(), counter++, (long)(now() * 1000) % 100000);
+	snprintf(db, len, "cli_%d_%d_%ld", (int)getpid(), counter++, (long)(harness_now() * 1000) % 100000);
 	snprintf(cmd, sizeof(cmd), "CREATE DATABASE %s", db);
 	r = PQexec(conn, cmd);
 	cr_assert(PQresultStatus(r) == PGRES_COMMAND_OK, "%s: %s", cmd, PQresultErrorMessage(r));

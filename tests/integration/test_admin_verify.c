@@ -39,14 +39,6 @@ static void teardown(void)
 
 TestSuite(admin_verify, .init = setup, .fini = teardown, .timeout = 120);
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* --- the workload ---------------------------------------------------------------------- */
 
 static void must(const char *path, const char *body)
@@ -123,7 +115,7 @@ static void redis_get(char *out, size_t len, const char *fmt, ...)
 static void wait_caught_up(void)
 {
 	char head[64], cp[64], gen[32], rcp[64] = "";
-	double end = now() + 30;
+	double end = harness_now() + 30;
 
 	for (;;) {
 		log_head(head, sizeof(head));
@@ -133,7 +125,7 @@ static void wait_caught_up(void)
 			redis_get(rcp, sizeof(rcp), "GET dbk:g:%s:checkpoint", gen);
 		if (strcmp(head, cp) == 0 && gen[0] && strcmp(rcp, cp) == 0)
 			return;
-		cr_assert(now() < end, "not caught up: log %s, sql %s, redis %s", head, cp, rcp);
+		cr_assert(harness_now() < end, "not caught up: log %s, sql %s, redis %s", head, cp, rcp);
 		usleep(20000);
 	}
 }
@@ -331,7 +323,7 @@ Test(admin_verify, names_corrupted_sql_rows)
 	PQclear(sql(db, "DELETE FROM rm_entries WHERE account_id = 'v-bob' AND version = 3"));
 	PQclear(sql(db, "UPDATE rm_entries SET reference = 'x' WHERE account_id = 'v-carol' AND version = 2"));
 	PQclear(sql(db, "UPDATE rm_transfers SET amount = 1 WHERE transfer_id = 't3'"));
-	PQclear(sql(db, "INSERT INTO rm_transfers VALUES ('ghost', 'v-alice', 'v-bob', 5, 'EUR', NULL, now())"));
+	PQclear(sql(db, "INSERT INTO rm_transfers VALUES ('ghost', 'v-alice', 'v-bob', 5, 'EUR', NULL, harness_now())"));
 	PQclear(sql(db, "UPDATE rm_totals SET open_accounts = open_accounts + 1 WHERE currency = 'USD'"));
 	PQclear(sql(db, "DELETE FROM rm_accounts WHERE account_id = 'v-dave'"));
 	snprintf(line, sizeof(line), "DIFF sql account:v-alice balance: expected %s, found %lld\n",

@@ -32,13 +32,6 @@ static void teardown(void)
 
 TestSuite(projector, .init = setup, .fini = teardown, .timeout = 180);
 
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static void must(const char *path, const char *body)
 {
 	struct response r = post(&command, path, body, NULL);
@@ -206,10 +199,10 @@ Test(projector, a_standby_takes_over_within_5_s)
 	start_load(&l, t, 2);
 	usleep(500000);
 	harness_kill(&a);
-	killed = now();
+	killed = harness_now();
 	end = killed + 5;
 	while (harness_metric(&b, "daybook_projector_leader") != 1) {
-		cr_assert(now() < end, "the standby did not take over within 5 s");
+		cr_assert(harness_now() < end, "the standby did not take over within 5 s");
 		usleep(50000);
 	}
 	usleep(500000);
@@ -280,8 +273,8 @@ Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	/* The check runs every second: a few seconds is plenty, but the next event, which
 	 * might never come, must not be what it takes. */
-	for (double end = now() + 5; !harness_redis_live(c, &gen, cp, sizeof(cp)); usleep(50000))
-		cr_assert(now() < end, "Redis was not repopulated while the log was quiet");
+	for (double end = harness_now() + 5; !harness_redis_live(c, &gen, cp, sizeof(cp)); usleep(50000))
+		cr_assert(harness_now() < end, "Redis was not repopulated while the log was quiet");
 	redisFree(c);
 	harness_wait_caught_up(db, redis_url, 20);
 	harness_assert_redis_matches_sql(db, redis_url);
@@ -303,12 +296,12 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 	for (int i = 0; i < 10; i++)
 		must("/accounts/p-1/deposits", "{\"amount\":3}");
 	/* SQL keeps up without Redis. */
-	for (double end = now() + 10;; usleep(20000)) {
+	for (double end = harness_now() + 10;; usleep(20000)) {
 		harness_sql_checkpoint(db, cp, sizeof(cp));
 		harness_log_head(db, head, sizeof(head));
 		if (strcmp(cp, head) == 0)
 			break;
-		cr_assert(now() < end, "the SQL projection stalled while Redis was down");
+		cr_assert(harness_now() < end, "the SQL projection stalled while Redis was down");
 	}
 	cr_assert_eq(sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"), 12);
 	harness_start_redis(&redis, true, redis_url, sizeof(redis_url));

@@ -40,14 +40,6 @@ static const char totals[] =
 	"\"balance_sum\":1000},{\"currency\":\"USD\",\"accounts\":1,\"open_accounts\":0,"
 	"\"balance_sum\":0}]}";
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static void exec_sql(const char *q)
 {
 	PQclear(sql(db, q));
@@ -588,10 +580,10 @@ Test(query, both_models_behind_is_503_projection_behind_after_wait_ms)
 	fill_sql();
 	fill_redis();
 	go_live();
-	t0 = now();
+	t0 = harness_now();
 	r = get("/accounts/a1?min_position=8.0&wait_ms=300");
 	expect_problem(&r, 503, "projection_behind");
-	cr_assert_geq(now() - t0, 0.29);
+	cr_assert_geq(harness_now() - t0, 0.29);
 	response_free(&r);
 	r = get("/accounts/a1?min_position=8.0&wait_ms=0");
 	expect_problem(&r, 503, "projection_behind");
@@ -608,10 +600,10 @@ struct background {
 static void *background_get(void *arg)
 {
 	struct background *bg = arg;
-	double t0 = now();
+	double t0 = harness_now();
 
 	bg->r = get(bg->path);
-	bg->elapsed = now() - t0;
+	bg->elapsed = harness_now() - t0;
 	return NULL;
 }
 
@@ -675,10 +667,10 @@ Test(query, redis_unreachable_from_the_start_reads_come_from_sql, .init = setup_
 
 static void wait_for_position(const char *path, const char *pos)
 {
-	double end = now() + 10;
+	double end = harness_now() + 10;
 	char h[64] = "";
 
-	while (now() < end) {
+	while (harness_now() < end) {
 		struct response r = get(path);
 		bool done = r.status == 200 && response_header(&r, "X-Daybook-Position", h, sizeof(h)) &&
 			    strcmp(h, pos) == 0;
@@ -717,10 +709,10 @@ Test(query, hung_redis_never_holds_a_read)
 	go_live();
 	check("/accounts/a1", acct_a1, REDIS_POS);
 	kill(redis_svc.pid, SIGSTOP);
-	t0 = now();
+	t0 = harness_now();
 	check("/accounts/a1", acct_a1, SQL_POS);
 	/* Dropped after 250 ms; the bound only says "not forever" on a busy machine. */
-	cr_assert_lt(now() - t0, 5.0, "a hung Redis held the read %.2f s", now() - t0);
+	cr_assert_lt(harness_now() - t0, 5.0, "a hung Redis held the read %.2f s", harness_now() - t0);
 	check("/transfers/t1", xfer_t1, SQL_POS);
 	kill(redis_svc.pid, SIGCONT);
 	wait_for_position("/accounts/a1", REDIS_POS);
