@@ -323,7 +323,7 @@ Test(admin_verify, names_corrupted_sql_rows)
 	PQclear(sql(db, "DELETE FROM rm_entries WHERE account_id = 'v-bob' AND version = 3"));
 	PQclear(sql(db, "UPDATE rm_entries SET reference = 'x' WHERE account_id = 'v-carol' AND version = 2"));
 	PQclear(sql(db, "UPDATE rm_transfers SET amount = 1 WHERE transfer_id = 't3'"));
-	PQclear(sql(db, "INSERT INTO rm_transfers VALUES ('ghost', 'v-alice', 'v-bob', 5, 'EUR', NULL, harness_now())"));
+	PQclear(sql(db, "INSERT INTO rm_transfers VALUES ('ghost', 'v-alice', 'v-bob', 5, 'EUR', NULL, now())"));
 	PQclear(sql(db, "UPDATE rm_totals SET open_accounts = open_accounts + 1 WHERE currency = 'USD'"));
 	PQclear(sql(db, "DELETE FROM rm_accounts WHERE account_id = 'v-dave'"));
 	snprintf(line, sizeof(line), "DIFF sql account:v-alice balance: expected %s, found %lld\n",
