@@ -11,7 +11,7 @@
 
 static const char copy_header[19] = "PGCOPY\n\377\r\n\0"; /* then flags and extension: 0 */
 
-static bool reserve(struct copy_buf *b, size_t more)
+bool copy_reserve(struct copy_buf *b, size_t more)
 {
 	if (b->len + more <= b->cap)
 		return true;
@@ -35,7 +35,7 @@ static void put_be(struct copy_buf *b, uint64_t v, int bytes)
 /* A row of n fields; the first row of a COPY gets the header. */
 bool copy_row(struct copy_buf *b, int n)
 {
-	if (!reserve(b, sizeof(copy_header) + 2))
+	if (!copy_reserve(b, sizeof(copy_header) + 2))
 		return false;
 	if (b->len == 0) {
 		memcpy(b->p, copy_header, sizeof(copy_header));
@@ -50,7 +50,7 @@ bool copy_text(struct copy_buf *b, const char *v)
 {
 	size_t n = v ? strlen(v) : 0;
 
-	if (!reserve(b, 4 + n))
+	if (!copy_reserve(b, 4 + n))
 		return false;
 	put_be(b, v ? (uint64_t)n : 0xffffffffu, 4);
 	memcpy(b->p + b->len, v ? v : "", n);
@@ -61,7 +61,7 @@ bool copy_text(struct copy_buf *b, const char *v)
 /* An integer field of 4 or 8 bytes; timestamptz is an 8-byte integer too. */
 bool copy_int(struct copy_buf *b, int64_t v, int bytes)
 {
-	if (!reserve(b, 4 + (size_t)bytes))
+	if (!copy_reserve(b, 4 + (size_t)bytes))
 		return false;
 	put_be(b, (uint64_t)bytes, 4);
 	put_be(b, (uint64_t)v, bytes);
@@ -76,7 +76,7 @@ bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
 
 	if (b->len == 0)
 		return true;
-	if (!reserve(b, 2))
+	if (!copy_reserve(b, 2))
 		return false;
 	put_be(b, 0xffff, 2); /* the trailer */
 	snprintf(sql, sizeof(sql), "COPY %s FROM STDIN (FORMAT binary)", table);

@@ -20,6 +20,9 @@ struct copy_buf {
  * (NULL is SQL NULL), or an integer of 4 or 8 bytes (a timestamptz is microseconds
  * since 2000-01-01 UTC, 8 bytes). False when out of memory. */
 bool copy_row(struct copy_buf *b, int n) __attribute__((warn_unused_result));
+/* Room for more bytes after len, for a caller that writes them itself (the buffer
+ * serves as a plain growable one too). */
+bool copy_reserve(struct copy_buf *b, size_t more) __attribute__((warn_unused_result));
 bool copy_text(struct copy_buf *b, const char *v) __attribute__((warn_unused_result));
 bool copy_int(struct copy_buf *b, int64_t v, int bytes) __attribute__((warn_unused_result));
 

@@ -27,6 +27,7 @@
 #define XFER_IDS_MAX (64 << 20)    /* bytes of transfer ids kept to delete the old keys by */
 #define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
+#define RESP_WRITE (256 << 10) /* bytes of commands buffered before they are written */
 #define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
 #define SWITCH_LOCK_WAIT "200ms" /* longest wait for a switch lock in one attempt */
 #define SWITCH_RETRY_US 500000   /* pause between attempts */
@@ -109,6 +110,7 @@ struct rebuild {
 	long long held, held_max; /* statement items held for Redis, all accounts */
 	struct acct **holders;    /* accounts that have held items since the last send_held */
 	size_t nholders, holders_cap;
+	struct copy_buf resp; /* commands not written to Redis yet, in RESP */
 	size_t redis_queued; /* commands sent whose replies are not read yet */
 	size_t redis_prev;   /* of those, the ones sent before the current chunk */
 	long long done, total;
@@ -153,29 +155,78 @@ static bool redis_drain_n(struct rebuild *rb, size_t n)
 	return ok;
 }
 
+static bool redis_write_out(struct rebuild *rb);
+
 static bool redis_drain(struct rebuild *rb)
 {
 	rb->redis_prev = 0;
-	return redis_drain_n(rb, rb->redis_queued);
+	return redis_write_out(rb) && redis_drain_n(rb, rb->redis_queued);
 }
 
 /* Write the buffered commands out without waiting for their replies: Redis works on
  * them while the next chunk is read from PostgreSQL. */
 static bool redis_write_out(struct rebuild *rb)
 {
-	int done = 0;
+	struct copy_buf *b = &rb->resp;
 
-	while (!done)
-		if (redisBufferWrite(rb->redis, &done) != REDIS_OK)
+	for (size_t at = 0; at < b->len;) {
+		ssize_t n = write(rb->redis->fd, b->p + at, b->len - at);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			fprintf(stderr, "daybook-admin: redis: writing: %s\n",
+				n < 0 ? strerror(errno) : "nothing written");
 			return false;
+		}
+		at += (size_t)n;
+	}
+	b->len = 0;
 	return true;
 }
 
+static char *put_len(char *p, char kind, size_t n)
+{
+	char digits[24];
+	int d = 0;
+
+	*p++ = kind;
+	do
+		digits[d++] = (char)('0' + n % 10);
+	while ((n /= 10) > 0);
+	while (d > 0)
+		*p++ = digits[--d];
+	*p++ = '\r';
+	*p++ = '\n';
+	return p;
+}
+
+/* Commands are put in RESP into one buffer that is kept and reused, and written out
+ * once it holds RESP_WRITE bytes; hiredis's own output buffer would be freed each
+ * time it empties and grown again, page by fresh page. Replies are read by hiredis. */
 static bool redis_send(struct rebuild *rb, int argc, const char **argv)
 {
-	if (redisAppendCommandArgv(rb->redis, argc, argv, NULL) != REDIS_OK)
+	struct copy_buf *b = &rb->resp;
+	size_t need = 24;
+	char *p;
+
+	for (int i = 0; i < argc; i++)
+		need += strlen(argv[i]) + 24;
+	if (!copy_reserve(b, need))
 		return false;
-	return ++rb->redis_queued < 4 * REDIS_FLUSH || redis_drain(rb);
+	p = put_len(b->p + b->len, '*', (size_t)argc);
+	for (int i = 0; i < argc; i++) {
+		size_t n = strlen(argv[i]);
+		p = put_len(p, '$', n);
+		memcpy(p, argv[i], n);
+		p += n;
+		*p++ = '\r';
+		*p++ = '\n';
+	}
+	b->len = (size_t)(p - b->p);
+	rb->redis_queued++;
+	if (b->len >= RESP_WRITE && !redis_write_out(rb))
+		return false;
+	return rb->redis_queued < 4 * REDIS_FLUSH || redis_drain(rb);
 }
 
 static void rkey(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
@@ -1406,6 +1457,7 @@ static void finish(struct rebuild *rb)
 	free(rb->copier.transfers.p);
 	ledger_event_buf_free(&rb->data);
 	free(rb->xfer_ids.p);
+	free(rb->resp.p);
 	free(rb->holders);
 	strmap_close(&rb->accounts);
 	strmap_close(&rb->totals);
