@@ -25,7 +25,6 @@
 #define BULK_BLOCKS 500    /* heap blocks per read of the bulk (some 20,000 events) */
 #define ACCOUNT_ROWS_MAX (8 << 20) /* bytes of account rows buffered before a COPY */
 #define XFER_IDS_MAX (64 << 20)    /* bytes of transfer ids kept to delete the old keys by */
-#define ENTRIES_KEPT 50    /* statement items kept per account in Redis */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
 #define RESP_WRITE (256 << 10) /* bytes of commands buffered before they are written */
 #define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
@@ -46,9 +45,8 @@ struct acct {
 	int32_t written;   /* the version last written to the shadow models (0: none) */
 	bool listed;       /* in rb->holders */
 	struct stashed *stash; /* events read before their predecessor, by version */
-	int32_t npending;  /* items waiting to go in one ZADD with the account's next ones */
-	char **pending;    /* their JSON (owned), ENTRIES_KEPT slots once needed */
-	char (*scores)[12];
+	int32_t npending;  /* items waiting to go in one LPUSH with the account's next ones */
+	char **pending;    /* their JSON (owned), READMODEL_ITEMS_KEPT slots once needed */
 };
 
 /* An event as a read of the log gives it; data is its JSON text, not NUL-terminated. */
@@ -287,28 +285,22 @@ static void count_total(struct total *t, const struct ledger_event *ev)
 	}
 }
 
-/* Send an account's held statement items in one ZADD. */
+/* Send an account's held statement items, oldest first, in one LPUSH: the statement
+ * list has the newest first. */
 static bool send_items(struct rebuild *rb, struct acct *a)
 {
 	char k[LEDGER_ID_MAX + 48];
-	const char **argv = malloc((2 + 2 * (size_t)a->npending) * sizeof(*argv));
-	bool ok = argv != NULL;
+	const char *argv[2 + READMODEL_ITEMS_KEPT];
+	bool ok;
 
-	if (a->npending == 0) {
-		free(argv);
+	if (a->npending == 0)
 		return true;
-	}
-	rkey(rb, k, sizeof(k), "entries", a->acc.id);
-	if (ok) {
-		argv[0] = "ZADD";
-		argv[1] = k;
-		for (int32_t i = 0; i < a->npending; i++) {
-			argv[2 + 2 * i] = a->scores[i];
-			argv[3 + 2 * i] = a->pending[i];
-		}
-		ok = redis_send(rb, 2 + 2 * a->npending, argv);
-	}
-	free(argv);
+	rkey(rb, k, sizeof(k), "stmt", a->acc.id);
+	argv[0] = "LPUSH";
+	argv[1] = k;
+	for (int32_t i = 0; i < a->npending; i++)
+		argv[2 + i] = a->pending[i];
+	ok = redis_send(rb, 2 + a->npending, argv);
 	for (int32_t i = 0; i < a->npending; i++)
 		free(a->pending[i]);
 	a->sent += a->npending;
@@ -322,14 +314,13 @@ static bool send_held(struct rebuild *rb);
 /* Hold a statement item (json is taken over) until the account has a full ZADD; at
  * most held_max in all (accounts whose items are spread thinly over a long log would
  * otherwise hold theirs to the end): beyond that, every held item is sent. */
-static bool hold_item(struct rebuild *rb, struct acct *a, int32_t version, char *json)
+static bool hold_item(struct rebuild *rb, struct acct *a, char *json)
 {
 	if (!json)
 		return false;
 	if (!a->pending) {
-		a->pending = calloc(ENTRIES_KEPT, sizeof(*a->pending));
-		a->scores = calloc(ENTRIES_KEPT, sizeof(*a->scores));
-		if (!a->pending || !a->scores) {
+		a->pending = calloc(READMODEL_ITEMS_KEPT, sizeof(*a->pending));
+		if (!a->pending) {
 			free(json);
 			return false;
 		}
@@ -348,10 +339,9 @@ static bool hold_item(struct rebuild *rb, struct acct *a, int32_t version, char 
 		rb->holders[rb->nholders++] = a;
 		a->listed = true;
 	}
-	snprintf(a->scores[a->npending], sizeof(a->scores[0]), "%d", version);
 	a->pending[a->npending++] = json;
 	rb->held++;
-	if (a->npending == ENTRIES_KEPT && !send_items(rb, a))
+	if (a->npending == READMODEL_ITEMS_KEPT && !send_items(rb, a))
 		return false;
 	return rb->held <= rb->held_max || send_held(rb);
 }
@@ -364,7 +354,6 @@ static void acct_free(void *value)
 		free(a->pending[i]);
 	if (a) {
 		free(a->pending);
-		free(a->scores);
 		while (a->stash) {
 			struct stashed *s = a->stash;
 			a->stash = s->next;
@@ -387,8 +376,8 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 		     copy_int(b, a->acc.balance, 8) && copy_text(b, ev->transfer_id) &&
 		     copy_text(b, ev->counterparty) && copy_text(b, ev->reference) && copy_int(b, at, 8);
 	/* Redis keeps the newest items only: skip those certain to be trimmed, and send
-	 * the rest as one ZADD per account rather than a command per item. */
-	if (ok && rb->redis && a->entries > a->expected - ENTRIES_KEPT) {
+	 * the rest as one LPUSH per account rather than a command per item. */
+	if (ok && rb->redis && a->entries > a->expected - READMODEL_ITEMS_KEPT) {
 		char at_text[READMODEL_TIME_LEN];
 		struct readmodel_entry e = {
 			.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
@@ -396,7 +385,7 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 			.counterparty = ev->counterparty, .reference = ev->reference, .at = at_text,
 		};
 		readmodel_time_text(at, at_text);
-		ok = hold_item(rb, a, version, readmodel_entry_json(&e));
+		ok = hold_item(rb, a, readmodel_entry_json(&e));
 	}
 	return ok;
 }
@@ -573,14 +562,14 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int i)
 static bool finish_items(struct rebuild *rb, struct acct *a)
 {
 	char k[LEDGER_ID_MAX + 48], stop[16];
-	const char *argv[4] = { "ZREMRANGEBYRANK", k, "0", stop };
+	const char *argv[4] = { "LTRIM", k, "0", stop };
 
 	if (!send_items(rb, a))
 		return false;
-	if (a->sent <= ENTRIES_KEPT)
+	if (a->sent <= READMODEL_ITEMS_KEPT)
 		return true;
-	rkey(rb, k, sizeof(k), "entries", a->acc.id);
-	snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
+	rkey(rb, k, sizeof(k), "stmt", a->acc.id);
+	snprintf(stop, sizeof(stop), "%d", READMODEL_ITEMS_KEPT - 1);
 	return redis_send(rb, 4, argv);
 }
 
@@ -962,13 +951,13 @@ static bool repair_items(struct rebuild *rb)
 		if (!a)
 			continue;
 		if (a->expected > a->at_cp) { /* its first row: start the statement afresh */
-			rkey(rb, k, sizeof(k), "entries", id);
+			rkey(rb, k, sizeof(k), "stmt", id);
 			ok = send_items(rb, a) && redis_send(rb, 2, del);
 			a->expected = 0; /* every later item counts */
 			a->sent = 0;
 			repaired++;
 		}
-		ok = ok && hold_item(rb, a, e.version, readmodel_entry_json(&e));
+		ok = ok && hold_item(rb, a, readmodel_entry_json(&e));
 	}
 	ok = ok && send_held(rb);
 	if (repaired)
@@ -1147,12 +1136,15 @@ static bool switch_over(struct rebuild *rb)
 		PQclear(r);
 	}
 	if (ok && rb->redis) {
-		char k[64], msg[96];
+		char k[64], lk[64], msg[96];
 		const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
+		const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
 		rkey(rb, k, sizeof(k), "checkpoint", NULL);
+		rkey(rb, lk, sizeof(lk), "layout", NULL);
 		snprintf(gen, sizeof(gen), "%lld", rb->gen);
 		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
-		ok = redis_drain(rb) && get_live(rb, old) && redis_send(rb, 3, cp) &&
+		ok = redis_drain(rb) && get_live(rb, old) && redis_send(rb, 3, layout) &&
+		     redis_send(rb, 3, cp) &&
 		     redis_send(rb, 3, live) && redis_send(rb, 3, pub) && redis_drain(rb);
 	}
 	if (!ok) {
@@ -1211,6 +1203,7 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 struct unlinks {
 	struct rebuild *rb;
 	long long gen;
+	const char *stmt; /* the statements' key kind in that generation's layout */
 	char (*keys)[KEY_LEN];
 	const char *argv[1 + UNLINK_BATCH];
 	int n;
@@ -1237,8 +1230,20 @@ static void unlink_key(struct unlinks *u, const char *kind, const char *id)
 static void unlink_account(void *arg, const char *id, void *value)
 {
 	(void)value;
-	unlink_key(arg, "acct", id);
-	unlink_key(arg, "entries", id);
+	struct unlinks *u = arg;
+
+	unlink_key(u, "acct", id);
+	unlink_key(u, u->stmt, id);
+}
+
+/* Was generation gen written in this code's layout? */
+static bool same_layout(struct rebuild *rb, long long gen)
+{
+	redisReply *r = redisCommand(rb->redis, "GET dbk:g:%lld:layout", gen);
+	bool same = r && r->type == REDIS_REPLY_STRING && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0;
+
+	freeReplyObject(r);
+	return same;
 }
 
 /* The old generation is a fold of the same log, up to its own checkpoint: its keys
@@ -1255,11 +1260,13 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 		return;
 	}
 	*u = (struct unlinks){ .rb = rb, .gen = gen, .keys = u->keys, .ok = redis_drain(rb) };
+	u->stmt = u->ok && !same_layout(rb, gen) ? "entries" : "stmt"; /* layout 1: sorted sets */
 	strmap_foreach(rb->accounts, unlink_account, u);
 	for (size_t at = 0; at < rb->xfer_ids.len; at += strlen(rb->xfer_ids.p + at) + 1)
 		unlink_key(u, "xfer", rb->xfer_ids.p + at);
 	unlink_key(u, "totals", NULL);
 	unlink_key(u, "checkpoint", NULL);
+	unlink_key(u, "layout", NULL);
 	unlink_flush(u);
 	if (u->ok)
 		(void)!redis_drain(rb);

@@ -22,7 +22,6 @@
 #include "readmodel.h"
 
 #define FETCH_ROWS 5000
-#define ENTRIES_KEPT 50        /* statement items Redis keeps per account */
 #define REDIS_CHUNK 256        /* checks per pipelined round trip */
 #define DIFFS_PRINTED 1000
 #define REDIS_WAIT_SECONDS 5.0 /* for Redis to reach the snapshot's checkpoint */
@@ -41,8 +40,8 @@ struct pending {
 	char id[LEDGER_ID_MAX + 1];
 	int32_t version, entries;
 	char *json;
-	char *items[ENTRIES_KEPT]; /* statement items, oldest first */
-	int32_t item_versions[ENTRIES_KEPT];
+	char *items[READMODEL_ITEMS_KEPT]; /* statement items, oldest first */
+	int32_t item_versions[READMODEL_ITEMS_KEPT];
 	size_t nitems;
 };
 
@@ -68,8 +67,8 @@ struct folded {
 	int32_t entries;
 	char opened_at[32], updated_at[32];
 	bool broken; /* an event did not apply: the rest of the stream is not folded */
-	char *ring[ENTRIES_KEPT]; /* the newest statement items as JSON (Redis check) */
-	int32_t ring_version[ENTRIES_KEPT];
+	char *ring[READMODEL_ITEMS_KEPT]; /* the newest statement items as JSON (Redis check) */
+	int32_t ring_version[READMODEL_ITEMS_KEPT];
 	size_t pushed;
 };
 
@@ -243,22 +242,22 @@ static void pending_free(struct pending *p)
 	memset(p, 0, sizeof(*p));
 }
 
-/* The account's statement items in Redis against the newest folded ones, by version. */
-static void check_redis_items(struct verify *v, const struct pending *p, const redisReply *z)
+/* The account's statement items in Redis (a list, newest first) against the newest
+ * folded ones, by version. */
+static void check_redis_items(struct verify *v, const struct pending *p, const redisReply *l)
 {
-	size_t i = 0, j = 0, nz = z && z->type == REDIS_REPLY_ARRAY ? z->elements / 2 : 0;
+	size_t i = 0, j = 0, nl = l && l->type == REDIS_REPLY_ARRAY ? l->elements : 0;
 	char entity[128];
 
-	if (nz == 0 && p->nitems > 0) { /* the whole key is gone: one difference */
-		snprintf(entity, sizeof(entity), "entries:%s", p->id);
+	if (nl == 0 && p->nitems > 0) { /* the whole key is gone: one difference */
+		snprintf(entity, sizeof(entity), "stmt:%s", p->id);
 		diff(v, "redis", entity, "key", "present", "absent");
 		return;
 	}
-	while (i < p->nitems || j < nz) {
+	while (i < p->nitems || j < nl) { /* both oldest first */
 		long long want = i < p->nitems ? p->item_versions[i] : LLONG_MAX;
-		const char *score = j < nz ? reply_str(z->element[2 * j + 1]) : NULL;
-		long long got = j < nz ? (score ? atoll(score) : 0) : LLONG_MAX;
-		const char *member = j < nz ? reply_str(z->element[2 * j]) : NULL;
+		const char *member = j < nl ? reply_str(l->element[nl - 1 - j]) : NULL;
+		long long got = j < nl ? readmodel_item_version(member) : LLONG_MAX;
 		const char *want_text, *got_text;
 
 		snprintf(entity, sizeof(entity), "entry:%s/%lld", p->id, want < got ? want : got);
@@ -272,7 +271,7 @@ static void check_redis_items(struct verify *v, const struct pending *p, const r
 	}
 }
 
-/* HMGET acct v n j and ZRANGE entries WITHSCORES against the folded account. */
+/* HMGET acct v n j and LRANGE stmt against the folded account. */
 static void check_redis_account(struct verify *v, const struct pending *p, const redisReply *h,
 				const redisReply *z)
 {
@@ -320,7 +319,7 @@ static bool append_checks(struct verify *v)
 		int rc = p->transfer ? redisAppendCommand(v->redis, "GET dbk:g:%s:xfer:%s", v->gen, p->id)
 			 : redisAppendCommand(v->redis, "HMGET dbk:g:%s:acct:%s v n j", v->gen, p->id);
 		if (rc == REDIS_OK && !p->transfer)
-			rc = redisAppendCommand(v->redis, "ZRANGE dbk:g:%s:entries:%s 0 -1 WITHSCORES",
+			rc = redisAppendCommand(v->redis, "LRANGE dbk:g:%s:stmt:%s 0 -1",
 						v->gen, p->id);
 		if (rc != REDIS_OK)
 			return false;
@@ -365,7 +364,7 @@ static struct pending *pending_add(struct verify *v)
 
 static void ring_push(struct folded *f, int32_t version, char *json)
 {
-	size_t slot = f->pushed++ % ENTRIES_KEPT;
+	size_t slot = f->pushed++ % READMODEL_ITEMS_KEPT;
 
 	free(f->ring[slot]);
 	f->ring[slot] = json;
@@ -374,7 +373,7 @@ static void ring_push(struct folded *f, int32_t version, char *json)
 
 static void ring_free(struct folded *f)
 {
-	for (size_t i = 0; i < ENTRIES_KEPT; i++)
+	for (size_t i = 0; i < READMODEL_ITEMS_KEPT; i++)
 		free(f->ring[i]);
 }
 
@@ -542,14 +541,14 @@ static void queue_account_check(struct verify *v, struct folded *f)
 		.opened_at = f->opened_at, .updated_at = f->updated_at,
 	};
 	struct pending *p = pending_add(v);
-	size_t n = f->pushed < ENTRIES_KEPT ? f->pushed : ENTRIES_KEPT;
+	size_t n = f->pushed < READMODEL_ITEMS_KEPT ? f->pushed : READMODEL_ITEMS_KEPT;
 
 	snprintf(p->id, sizeof(p->id), "%s", f->id);
 	p->version = f->acc.version;
 	p->entries = f->entries;
 	p->json = readmodel_account_json(&body);
 	for (size_t i = 0; i < n; i++) {
-		size_t slot = (f->pushed - n + i) % ENTRIES_KEPT;
+		size_t slot = (f->pushed - n + i) % READMODEL_ITEMS_KEPT;
 		p->items[i] = f->ring[slot];
 		p->item_versions[i] = f->ring_version[slot];
 		f->ring[slot] = NULL;
@@ -899,6 +898,11 @@ static void redis_prepare(struct verify *v)
 	}
 	snprintf(v->gen, sizeof(v->gen), "%s", r->str);
 	freeReplyObject(r);
+	r = redisCommand(v->redis, "GET dbk:g:%s:layout", v->gen);
+	if (r && !(reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
+		diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
+		     reply_str(r) ? r->str : "absent");
+	freeReplyObject(r);
 	for (int i = 0; i < (int)(REDIS_WAIT_SECONDS * 20) && redis_checkpoint_cmp(v) < 0; i++)
 		nanosleep(&pause, NULL);
 	if (redis_checkpoint_cmp(v) < 0)
@@ -974,10 +978,11 @@ static void orphans_of(struct verify *v, const struct orphan_page *page, const c
  * event could carry included). */
 static void classify(struct verify *v, struct orphan_page *page, char *key, size_t prefix)
 {
-	static const char *const kinds[] = { "acct", "entries", "xfer" };
+	static const char *const kinds[] = { "acct", "stmt", "xfer" };
 	char *rest = key + prefix, *colon = strchr(rest, ':');
 
-	if (strcmp(rest, "totals") == 0 || strcmp(rest, "checkpoint") == 0)
+	if (strcmp(rest, "totals") == 0 || strcmp(rest, "checkpoint") == 0 ||
+	    strcmp(rest, "layout") == 0)
 		return;
 	for (size_t k = 0; colon && k < sizeof(kinds) / sizeof(kinds[0]); k++) {
 		if ((size_t)(colon - rest) == strlen(kinds[k]) &&
@@ -1020,7 +1025,7 @@ static void pass_redis_orphans(struct verify *v)
 			for (; i < r->element[1]->elements && page.n < ORPHAN_PAGE; i++)
 				classify(v, &page, r->element[1]->element[i]->str, prefix);
 			orphans_of(v, &page, "acct", ACCOUNT_MISSING);
-			orphans_of(v, &page, "entries", ACCOUNT_MISSING);
+			orphans_of(v, &page, "stmt", ACCOUNT_MISSING);
 			orphans_of(v, &page, "xfer", "SELECT id FROM unnest($1::text[]) id WHERE NOT "
 						     "EXISTS (SELECT 1 FROM events WHERE type = 'TransferSent' "
 						     "AND data->>'transfer_id' = id)");

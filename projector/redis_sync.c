@@ -10,10 +10,12 @@
 
 #define SYNC_ACCOUNTS_PAGE "200"
 #define SYNC_TRANSFERS_PAGE "1000"
-#define ENTRIES_KEPT 50
 #define CHECK_EVERY_POLLS 10 /* the poll timer ticks every 100 ms */
 
-enum script { PUT_ACCOUNT, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS };
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
+enum script { PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS };
 
 /* newer(a, b): is position token a after b? Lua numbers are doubles: exact to 2^53. */
 #define LUA_NEWER                                                                          \
@@ -29,14 +31,41 @@ static const char *const scripts[] = {
 			"if v and tonumber(v) >= tonumber(ARGV[1]) then return 0 end "
 			"redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ARGV[2], 'j', ARGV[3]) "
 			"return 1",
+	/* ARGV: the items' versions and JSON, oldest first. The statement (newest first)
+	 * is a set of items by version, as a sorted set would be: items newer than its
+	 * newest go in front; any other (a replay, or a resync over a generation that a
+	 * stale batch wrote to) is merged in by version, each version once. Then the
+	 * newest READMODEL_ITEMS_KEPT stay. */
+	[PUT_ITEMS] = "local function ver(s) "
+		      "return tonumber(string.match(s, '^{\"version\":(%d+),')) or 0 end "
+		      "local top = redis.call('LINDEX', KEYS[1], 0) "
+		      "if not top or tonumber(ARGV[1]) > ver(top) then "
+		      "for i = 1, #ARGV, 2 do redis.call('LPUSH', KEYS[1], ARGV[i + 1]) end "
+		      "else "
+		      "local by, vs = {}, {} "
+		      "for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do "
+		      "local v = ver(item) "
+		      "if not by[v] then by[v] = item; vs[#vs + 1] = v end end "
+		      "for i = 1, #ARGV, 2 do "
+		      "local v = tonumber(ARGV[i]) "
+		      "if not by[v] then by[v] = ARGV[i + 1]; vs[#vs + 1] = v end end "
+		      "table.sort(vs, function(x, y) return x > y end) "
+		      "redis.call('DEL', KEYS[1]) "
+		      "for i = 1, math.min(#vs, " STR(READMODEL_ITEMS_KEPT) ") do "
+		      "redis.call('RPUSH', KEYS[1], by[vs[i]]) end "
+		      "end "
+		      "redis.call('LTRIM', KEYS[1], 0, " STR(READMODEL_ITEMS_KEPT) " - 1) return 1",
 	[PUT_CHECKPOINT] = LUA_NEWER "local cur = redis.call('GET', KEYS[1]) "
 				     "if cur and not newer(ARGV[1], cur) then return 0 end "
 				     "redis.call('SET', KEYS[1], ARGV[1]) return 1",
 	[PUT_TOTALS] = LUA_NEWER "local cur = redis.call('HGET', KEYS[1], 'p') "
 				 "if cur and not newer(ARGV[1], cur) then return 0 end "
 				 "redis.call('HSET', KEYS[1], 'p', ARGV[1], 'j', ARGV[2]) return 1",
+	/* A live generation of another layout counts as none: it is replaced. */
 	[LIVE_STATUS] = "local g = redis.call('GET', 'dbk:live') "
 			"if not g then return false end "
+			"if redis.call('GET', 'dbk:g:' .. g .. ':layout') ~= '" READMODEL_REDIS_LAYOUT "' "
+			"then return false end "
 			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
 };
 
@@ -138,29 +167,26 @@ static void put_transfer(struct projector_ctx *ctx, long long gen, const char *i
 	send(ctx, 3, argv);
 }
 
-/* ZADD the account's items (score = version), then keep only the newest. */
+/* The account's items, oldest first, into its statement (newest first), by version
+ * so that a replay adds nothing. */
 static void put_entries(struct projector_ctx *ctx, long long gen, const char *id,
 			const char *const *versions, const char *const *jsons, size_t n)
 {
-	char k[LEDGER_ID_MAX + 48], stop[16];
-	const char **argv = malloc((2 + 2 * n) * sizeof(*argv));
-	const char *trim[4] = { "ZREMRANGEBYRANK", k, "0", stop };
+	char k[LEDGER_ID_MAX + 48];
+	const char **argv = malloc((1 + 2 * n) * sizeof(*argv));
 
 	if (!argv) {
 		ctx->rfailed = true;
 		return;
 	}
-	key(k, sizeof(k), gen, "entries", id);
-	argv[0] = "ZADD";
-	argv[1] = k;
+	key(k, sizeof(k), gen, "stmt", id);
+	argv[0] = k;
 	for (size_t i = 0; i < n; i++) {
-		argv[2 + 2 * i] = versions[i];
-		argv[3 + 2 * i] = jsons[i];
+		argv[1 + 2 * i] = versions[i];
+		argv[2 + 2 * i] = jsons[i];
 	}
-	send(ctx, (int)(2 + 2 * n), argv);
+	eval(ctx, PUT_ITEMS, 1, (int)(1 + 2 * n), argv);
 	free(argv);
-	snprintf(stop, sizeof(stop), "%d", -ENTRIES_KEPT - 1);
-	send(ctx, 4, trim);
 }
 
 struct totals_text {
@@ -273,7 +299,7 @@ static void send_items(struct projector_ctx *ctx, const struct projector_item *i
 			i++;
 			continue;
 		}
-		/* A run of one account's items goes in one ZADD. */
+		/* A run of one account's items goes in one script call. */
 		for (; i < n && items[i].version > 0 && strcmp(items[i].id, items[start].id) == 0; i++) {
 			snprintf(vtext[m], sizeof(vtext[m]), "%d", items[i].version);
 			versions[m] = vtext[m];
@@ -396,8 +422,8 @@ static void accounts_page_done(void *arg, PGresult *const *results, size_t n, co
 			.status = PQgetvalue(r, row, 5), .version = atoi(PQgetvalue(r, row, 6)),
 			.opened_at = PQgetvalue(r, row, 8), .updated_at = PQgetvalue(r, row, 9),
 		};
-		char *json = readmodel_account_json(&a), *items[ENTRIES_KEPT];
-		const char *versions[ENTRIES_KEPT];
+		char *json = readmodel_account_json(&a), *items[READMODEL_ITEMS_KEPT];
+		const char *versions[READMODEL_ITEMS_KEPT];
 		size_t m = 0;
 
 		if (json)
@@ -409,7 +435,7 @@ static void accounts_page_done(void *arg, PGresult *const *results, size_t n, co
 		for (int first = row; row < rows && strcmp(PQgetvalue(r, row, 0), id) == 0; row++) {
 			struct readmodel_entry e;
 			(void)first;
-			if (PQgetisnull(r, row, 10) || m == ENTRIES_KEPT)
+			if (PQgetisnull(r, row, 10) || m == READMODEL_ITEMS_KEPT)
 				continue;
 			e = (struct readmodel_entry){
 				.version = atoi(PQgetvalue(r, row, 10)), .type = PQgetvalue(r, row, 11),
@@ -555,7 +581,9 @@ static void sync_next(struct projector_ctx *ctx)
 {
 	struct sync_state *s = ctx->sync;
 	char gen[24];
+	char layout_key[48];
 	const char *live[3] = { "SET", "dbk:live", gen };
+	const char *layout[3] = { "SET", layout_key, READMODEL_REDIS_LAYOUT };
 
 	if (ctx->rfailed) {
 		sync_abort(ctx, "a redis write failed");
@@ -584,6 +612,8 @@ static void sync_next(struct projector_ctx *ctx)
 		/* Everything up to s->cp is in the new generation: let readers have it. */
 		begin_sends(ctx);
 		snprintf(gen, sizeof(gen), "%lld", s->gen);
+		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
+		send(ctx, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp);
 		send(ctx, 3, live);
 		s->phase = SY_CHECK; /* reused as "switched" */

@@ -189,6 +189,22 @@ char *readmodel_entry_json(const struct readmodel_entry *e)
 	return done(&o);
 }
 
+long long readmodel_item_version(const char *json)
+{
+	static const char prefix[] = "{\"version\":";
+	long long v = 0;
+	const char *p;
+
+	if (!json || strncmp(json, prefix, sizeof(prefix) - 1) != 0)
+		return -1;
+	p = json + sizeof(prefix) - 1;
+	if (*p < '0' || *p > '9')
+		return -1;
+	for (; *p >= '0' && *p <= '9' && v < 1000000000000LL; p++)
+		v = 10 * v + (*p - '0');
+	return *p == ',' ? v : -1;
+}
+
 char *readmodel_transfer_json(const struct readmodel_transfer *t)
 {
 	struct out o = { 0 };

@@ -35,6 +35,17 @@ struct readmodel_transfer {
  * exclusively, so no batch commits while read models are swapped. */
 #define READMODEL_SWITCH_LOCK "1685551459"
 
+/* The Redis layout a generation was written in, kept in its `layout` key: readers and
+ * writers of this code use no generation of another (older) layout. 2: statements
+ * are lists (`stmt:<id>`, newest first); 1 (no key) had sorted sets. */
+#define READMODEL_REDIS_LAYOUT "2"
+/* Statement items kept per account in Redis: the newest ones. */
+#define READMODEL_ITEMS_KEPT 50
+
+/* The version a statement item's JSON starts with ({"version":N,...}); -1 when the
+ * text does not start so. Lua scripts match the same prefix. */
+long long readmodel_item_version(const char *json);
+
 /* Each returns a new compact JSON text (caller frees with free()), or NULL when out
  * of memory. Keys come in the documented order. */
 char *readmodel_account_json(const struct readmodel_account *a);

@@ -620,7 +620,7 @@ void harness_assert_redis_matches_sql(const char *db, const char *redis_url)
 		};
 		char *want = readmodel_account_json(&a);
 		redisReply *j = redisCommand(c, "HGET dbk:g:%lld:acct:%s j", gen, a.account_id);
-		redisReply *n = redisCommand(c, "ZCARD dbk:g:%lld:entries:%s", gen, a.account_id);
+		redisReply *n = redisCommand(c, "LLEN dbk:g:%lld:stmt:%s", gen, a.account_id);
 		long long entries = atoll(PQgetvalue(r, i, 7));
 
 		cr_assert(j && j->type == REDIS_REPLY_STRING, "account %s missing in redis", a.account_id);

@@ -350,7 +350,7 @@ Test(admin_verify, names_corrupted_redis_keys)
 	redis_get(line, sizeof(line), "HSET dbk:g:%s:acct:v-bob j {\"corrupt\":true}", gen);
 	redis_get(line, sizeof(line), "DEL dbk:g:%s:xfer:t2", gen);
 	/* The oldest of alice's newest 50 items goes missing. */
-	redis_get(line, sizeof(line), "ZREMRANGEBYRANK dbk:g:%s:entries:v-alice 0 0", gen);
+	redis_get(line, sizeof(line), "RPOP dbk:g:%s:stmt:v-alice", gen); /* newest first */
 	snprintf(line, sizeof(line), "DIFF redis account:v-bob body: expected %s, found {\"corrupt\":true}\n",
 		 body);
 	const char *const lines[] = {
@@ -368,7 +368,7 @@ Test(admin_verify, names_redis_keys_that_nothing_in_the_log_accounts_for)
 	projected_workload();
 	redis_get(gen, sizeof(gen), "GET dbk:live");
 	redis_get(line, sizeof(line), "HSET dbk:g:%s:acct:ghost v 1 n 0 j {}", gen);
-	redis_get(line, sizeof(line), "ZADD dbk:g:%s:entries:ghost-2 1 {}", gen);
+	redis_get(line, sizeof(line), "LPUSH dbk:g:%s:stmt:ghost-2 {}", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:xfer:t-ghost {}", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:stray 1", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:acct:\xff\xfe 1", gen); /* no event has such an id */
@@ -376,7 +376,7 @@ Test(admin_verify, names_redis_keys_that_nothing_in_the_log_accounts_for)
 	redis_get(line, sizeof(line), "SET dbk:g:999999:acct:elsewhere 1");
 	const char *const lines[] = {
 		"DIFF redis account:ghost key: expected absent, found present\n",
-		"DIFF redis entries:ghost-2 key: expected absent, found present\n",
+		"DIFF redis stmt:ghost-2 key: expected absent, found present\n",
 		"DIFF redis transfer:t-ghost key: expected absent, found present\n",
 		"DIFF redis key:dbk:g:", /* the stray key, named in full */
 		":acct:\xff\xfe key: expected absent, found present\n",

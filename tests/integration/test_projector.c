@@ -281,6 +281,39 @@ Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
 	harness_stop(&proj);
 }
 
+/* An upgrade from the layout with sorted-set statements: the projector finds a live
+ * generation without the current layout mark and replaces it by itself. */
+Test(projector, a_live_generation_of_an_older_layout_is_replaced)
+{
+	struct service proj;
+	redisContext *c;
+	long long old = 0, gen = 0;
+	char cp[64];
+
+	open_accounts(3);
+	must("/accounts/p-1/deposits", "{\"amount\":3}");
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_stop(&proj);
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &old, cp, sizeof(cp)));
+	freeReplyObject(redisCommand(c, "DEL dbk:g:%lld:layout", old));
+	freeReplyObject(redisCommand(c, "RENAME dbk:g:%lld:stmt:p-1 dbk:g:%lld:entries:p-1", old, old));
+	harness_start_projector(&proj, db, redis_url);
+	for (double end = harness_now() + 5;; usleep(50000)) {
+		if (harness_redis_live(c, &gen, cp, sizeof(cp)) && gen != old)
+			break;
+		cr_assert(harness_now() < end, "the older generation %lld stayed live", old);
+	}
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_redis_matches_sql(db, redis_url);
+	redisReply *r = redisCommand(c, "GET dbk:g:%lld:layout", gen);
+	cr_assert(r && r->type == REDIS_REPLY_STRING && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0);
+	freeReplyObject(r);
+	redisFree(c);
+	harness_stop(&proj);
+}
+
 Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 {
 	struct service proj, query;

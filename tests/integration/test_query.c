@@ -110,7 +110,7 @@ static void fill_redis(void)
 {
 	redis("SET dbk:g:1:checkpoint %s", REDIS_POS);
 	redis("HSET dbk:g:1:acct:a1 v 3 n 2 j %s", acct_a1);
-	redis("ZADD dbk:g:1:entries:a1 2 %s 3 %s", item_a1_2, item_a1_3);
+	redis("LPUSH dbk:g:1:stmt:a1 %s %s", item_a1_2, item_a1_3); /* newest first */
 	redis("SET dbk:g:1:xfer:t1 %s", xfer_t1);
 	redis("HSET dbk:g:1:totals p %s j %s", REDIS_POS, totals);
 }
@@ -299,7 +299,7 @@ static void fill_long_statement(void)
 	redis("HSET dbk:g:1:acct:c1 v 61 n 60 j {}");
 	for (int v = 12; v <= 61; v++) {
 		item_c1(item, sizeof(item), v);
-		redis("ZADD dbk:g:1:entries:c1 %d %s", v, item);
+		redis("LPUSH dbk:g:1:stmt:c1 %s", item);
 	}
 }
 

@@ -1007,3 +1007,22 @@ Test(readmodel, bodies_match_jansson_with_and_without_optional_members)
 	json_decref(ja);
 	json_decref(jt);
 }
+
+Test(readmodel, item_version_is_read_from_the_items_own_prefix)
+{
+	struct readmodel_entry e = { .version = 2147483647, .type = "deposit", .amount = 5,
+				     .balance_after = 5, .at = "2026-01-01T00:00:00.000000Z" };
+	char *json = readmodel_entry_json(&e);
+
+	cr_assert_eq(readmodel_item_version(json), 2147483647);
+	free(json);
+	cr_assert_eq(readmodel_item_version("{\"version\":7,\"type\":\"x\"}"), 7);
+	cr_assert_eq(readmodel_item_version("{\"version\":7}"), -1);
+	cr_assert_eq(readmodel_item_version("{\"version\":,"), -1);
+	cr_assert_eq(readmodel_item_version("{\"version\":-3,"), -1);
+	cr_assert_eq(readmodel_item_version("{\"type\":\"x\",\"version\":7,"), -1);
+	cr_assert_eq(readmodel_item_version("{}"), -1);
+	cr_assert_eq(readmodel_item_version(""), -1);
+	cr_assert_eq(readmodel_item_version(NULL), -1);
+	cr_assert_eq(readmodel_item_version("{\"version\":99999999999999999999,"), -1);
+}
