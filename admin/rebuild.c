@@ -815,7 +815,7 @@ static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const c
 }
 
 /* The switch's rewrite drops the rows it replaces first. */
-static bool delete_accounts(struct rebuild *rb, struct evbuffer *ids)
+static bool delete_accounts(PGconn *pg, struct evbuffer *ids)
 {
 	const char *params[1];
 	PGresult *r;
@@ -823,7 +823,7 @@ static bool delete_accounts(struct rebuild *rb, struct evbuffer *ids)
 
 	evbuffer_add(ids, "}", 2); /* with the NUL */
 	params[0] = (const char *)evbuffer_pullup(ids, -1);
-	r = PQexecParams(rb->wr, "DELETE FROM rm_accounts_shadow WHERE account_id = ANY($1::text[])",
+	r = PQexecParams(pg, "DELETE FROM rm_accounts_shadow WHERE account_id = ANY($1::text[])",
 			 1, NULL, params, NULL, NULL, 0);
 	ok = params[0] && PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
@@ -834,7 +834,7 @@ static bool delete_accounts(struct rebuild *rb, struct evbuffer *ids)
 
 /* Every account not written yet or changed since: all of them after the load, those
  * the tail changed in the switch. Their statement items for Redis are finished too. */
-static bool write_accounts(struct rebuild *rb, bool rewrite)
+static bool write_accounts(struct rebuild *rb, PGconn *pg, bool rewrite)
 {
 	struct copy_buf rows = { 0 };
 	struct account_walk w = { rb, &rows, NULL, 0, true };
@@ -844,8 +844,8 @@ static bool write_accounts(struct rebuild *rb, bool rewrite)
 		w.ok = false;
 	if (w.ok)
 		strmap_foreach(rb->accounts, put_account, &w);
-	ok = w.ok && (!w.ids || w.n == 0 || delete_accounts(rb, w.ids)) &&
-	     (!rb->sql || copy_in(rb->wr, "rm_accounts_shadow", &rows));
+	ok = w.ok && (!w.ids || w.n == 0 || delete_accounts(pg, w.ids)) &&
+	     (!rb->sql || copy_in(pg, "rm_accounts_shadow", &rows));
 	if (w.ids)
 		evbuffer_free(w.ids);
 	free(rows.p);
@@ -855,7 +855,7 @@ static bool write_accounts(struct rebuild *rb, bool rewrite)
 static bool write_end_state(struct rebuild *rb, const char *token)
 {
 	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0 };
-	bool ok = write_accounts(rb, true) && tw.sorted;
+	bool ok = write_accounts(rb, rb->wr, true) && tw.sorted;
 
 	if (ok) {
 		strmap_foreach(rb->totals, collect_total, &tw);
@@ -969,28 +969,43 @@ static bool repair_items(struct rebuild *rb)
 	return ok;
 }
 
-/* After the load: the accounts go in, then PostgreSQL builds the shadow tables' keys
- * while Redis takes the accounts and the statement items still held, so that little
- * is left for the switch. */
-static bool index_and_send(struct rebuild *rb)
+/* Collect the results of a query sent on pg; false (printed) if any failed. */
+static bool sent_ok(PGconn *pg, const char *what)
 {
 	PGresult *r;
-	bool ok;
+	bool ok = true;
 
-	rb->phase = "index";
-	report(rb, true);
-	ok = write_accounts(rb, false) &&
-	     (!rb->sql || PQsendQuery(rb->wr, "SELECT rm_shadow_index()"));
-	if (ok && rb->redis)
-		ok = redis_drain(rb);
-	while (rb->sql && (r = PQgetResult(rb->wr))) {
-		if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-			fprintf(stderr, "daybook-admin: indexing the shadow tables: %s",
-				PQresultErrorMessage(r));
+	while ((r = PQgetResult(pg))) {
+		if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK) {
+			fprintf(stderr, "daybook-admin: %s: %s", what, PQresultErrorMessage(r));
 			ok = false;
 		}
 		PQclear(r);
 	}
+	return ok;
+}
+
+/* After the load, PostgreSQL builds rm_entries_shadow's key on the writer's
+ * connection while the reader's, idle until the switch reads the tail, takes the
+ * accounts and builds the small tables' keys, and Redis takes the accounts and the
+ * statement items still held: little is left for the switch. */
+static bool index_and_send(struct rebuild *rb)
+{
+	bool ok, big = false, small = false;
+
+	rb->phase = "index";
+	report(rb, true);
+	ok = !rb->sql || (big = PQsendQuery(rb->wr, "SELECT rm_shadow_key('rm_entries')"));
+	ok = ok && write_accounts(rb, rb->pg, false);
+	ok = ok && (!rb->sql || (small = PQsendQuery(rb->pg, "SELECT rm_shadow_key('rm_accounts'), "
+							     "rm_shadow_key('rm_transfers'), "
+							     "rm_shadow_key('rm_totals')")));
+	if (ok && rb->redis)
+		ok = redis_drain(rb);
+	if (small)
+		ok = sent_ok(rb->pg, "indexing the shadow tables") && ok;
+	if (big)
+		ok = sent_ok(rb->wr, "indexing the shadow tables") && ok;
 	return ok && (!rb->hinted || repair_items(rb));
 }
 
