@@ -90,6 +90,7 @@ struct rebuild {
 	redisContext *redis;
 	bool sql, want_redis;
 	long long gen;
+	char key_prefix[32]; /* "dbk:g:<gen>:" */
 	struct live_before live_before; /* dbk:live as the switch found it */
 	uint64_t cp_txid;   /* the checkpoint: the last event applied in reader order */
 	long long position;
@@ -227,9 +228,22 @@ static bool redis_send(struct rebuild *rb, int argc, const char **argv)
 	return rb->redis_queued < 4 * REDIS_FLUSH || redis_drain(rb);
 }
 
+/* A key of our generation: "dbk:g:<gen>:<kind>[:<id>]", truncated to len - 1 bytes.
+ * Made for every item sent, so without printf. */
 static void rkey(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
 {
-	snprintf(out, len, "dbk:g:%lld:%s%s%s", rb->gen, kind, id ? ":" : "", id ? id : "");
+	const char *parts[4] = { rb->key_prefix, kind, id ? ":" : "", id ? id : "" };
+	size_t at = 0;
+
+	for (int i = 0; i < 4 && len > 0; i++) {
+		size_t n = strlen(parts[i]);
+		if (n > len - 1 - at)
+			n = len - 1 - at;
+		memcpy(out + at, parts[i], n);
+		at += n;
+	}
+	if (len > 0)
+		out[at] = '\0';
 }
 
 /* --- progress --------------------------------------------------------------------------- */
@@ -1329,6 +1343,7 @@ static bool connect_redis(struct rebuild *rb)
 		return false;
 	}
 	rb->gen = r->integer;
+	snprintf(rb->key_prefix, sizeof(rb->key_prefix), "dbk:g:%lld:", rb->gen);
 	freeReplyObject(r);
 	return true;
 }
