@@ -20,6 +20,7 @@
 #include "ledger_json.h"
 #include "pg.h"
 #include "readmodel.h"
+#include "strmap.h"
 
 #define FETCH_ROWS 5000
 #define REDIS_CHUNK 256        /* checks per pipelined round trip */
@@ -57,6 +58,7 @@ struct verify {
 	size_t ntotals, tcap;
 	struct pending pending[REDIS_CHUNK];
 	size_t npending;
+	struct strmap *orphans; /* orphan keys reported (see orphan_diff) */
 };
 
 /* The state of one account, folded from its stream. */
@@ -928,6 +930,20 @@ static void redis_recheck_live(struct verify *v)
 
 #define ORPHAN_PAGE 1000
 
+#define ORPHANS_REMEMBERED 100000
+
+/* SCAN may return a key more than once (while Redis rehashes): each orphan is
+ * reported once, for the first ORPHANS_REMEMBERED of them. */
+static void orphan_diff(struct verify *v, const char *entity)
+{
+	if (v->orphans && strmap_get(v->orphans, entity))
+		return;
+	if (v->orphans && strmap_count(v->orphans) < ORPHANS_REMEMBERED &&
+	    !strmap_put(v->orphans, entity, v->orphans))
+		fail(v, "out of memory\n");
+	diff(v, "redis", entity, "key", "absent", "present");
+}
+
 /* Keys of the live generation to look up: each key's kind and id. */
 struct orphan_page {
 	const char *kind[ORPHAN_PAGE], *id[ORPHAN_PAGE];
@@ -966,7 +982,7 @@ static void orphans_of(struct verify *v, const struct orphan_page *page, const c
 			snprintf(entity, sizeof(entity), "%s:%s",
 				 strcmp(kind, "xfer") == 0 ? "transfer" :
 				 strcmp(kind, "acct") == 0 ? "account" : kind, page->id[i]);
-			diff(v, "redis", entity, "key", "absent", "present");
+			orphan_diff(v, entity);
 		}
 	}
 	PQclear(r);
@@ -994,7 +1010,7 @@ static void classify(struct verify *v, struct orphan_page *page, char *key, size
 	}
 	char entity[600];
 	snprintf(entity, sizeof(entity), "key:%s", key);
-	diff(v, "redis", entity, "key", "absent", "present");
+	orphan_diff(v, entity);
 }
 
 #define ACCOUNT_MISSING \
@@ -1009,6 +1025,10 @@ static void pass_redis_orphans(struct verify *v)
 
 	snprintf(match, sizeof(match), "dbk:g:%s:*", v->gen);
 	prefix = strlen(match) - 1;
+	if (strmap_open(&v->orphans, NULL) != 0) {
+		fail(v, "out of memory\n");
+		return;
+	}
 	do {
 		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH %s COUNT %d", cursor, match,
 					     ORPHAN_PAGE);
@@ -1017,7 +1037,7 @@ static void pass_redis_orphans(struct verify *v)
 		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
 			freeReplyObject(r);
 			redis_lost(v);
-			return;
+			break;
 		}
 		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
 		while (i < r->element[1]->elements) { /* SCAN may return more than COUNT */
@@ -1032,6 +1052,7 @@ static void pass_redis_orphans(struct verify *v)
 		}
 		freeReplyObject(r);
 	} while (!v->failed && strcmp(cursor, "0") != 0);
+	strmap_close(&v->orphans);
 }
 
 static double seconds_since(const struct timespec *start)
