@@ -1232,7 +1232,7 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 struct unlinks {
 	struct rebuild *rb;
 	long long gen;
-	const char *stmt; /* the statements' key kind in that generation's layout */
+	bool old_layout; /* that generation is of layout 1 (no `layout` key) */
 	char (*keys)[KEY_LEN];
 	const char *argv[1 + UNLINK_BATCH];
 	int n;
@@ -1262,7 +1262,9 @@ static void unlink_account(void *arg, const char *id, void *value)
 	struct unlinks *u = arg;
 
 	unlink_key(u, "acct", id);
-	unlink_key(u, u->stmt, id);
+	unlink_key(u, "stmt", id);
+	if (u->old_layout)
+		unlink_key(u, "entries", id); /* layout 1's statements */
 }
 
 /* Was generation gen written in this code's layout? */
@@ -1289,7 +1291,7 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 		return;
 	}
 	*u = (struct unlinks){ .rb = rb, .gen = gen, .keys = u->keys, .ok = redis_drain(rb) };
-	u->stmt = u->ok && !same_layout(rb, gen) ? "entries" : "stmt"; /* layout 1: sorted sets */
+	u->old_layout = u->ok && !same_layout(rb, gen);
 	strmap_foreach(rb->accounts, unlink_account, u);
 	for (size_t at = 0; at < rb->xfer_ids.len; at += strlen(rb->xfer_ids.p + at) + 1)
 		unlink_key(u, "xfer", rb->xfer_ids.p + at);

@@ -313,8 +313,17 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 
 	/* Run to the end, twice, with no projector to sweep after it: the rebuild itself
 	 * deletes the generation that was live (the first time past the interrupted one's
-	 * number, by SCAN; the second, right after its own, by name). */
+	 * number, by SCAN; the second, right after its own, by name, that generation
+	 * made to look like one of layout 1, whose statements were `entries:` keys). */
 	for (int run = 0; run < 2; run++) {
+		if (run == 1) {
+			cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+			freeReplyObject(redisCommand(c, "DEL dbk:g:%lld:layout", live_gen));
+			keys = redisCommand(c, "RENAME dbk:g:%lld:stmt:keep-1 dbk:g:%lld:entries:keep-1",
+					    live_gen, live_gen);
+			cr_assert(keys && keys->type == REDIS_REPLY_STATUS, "no statement to rename");
+			freeReplyObject(keys);
+		}
 		pid = start_rebuild("all", &fd);
 		f = fdopen(fd, "r");
 		while (fgets(line, sizeof(line), f))
