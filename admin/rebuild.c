@@ -5,6 +5,7 @@
 #include <event2/buffer.h>
 #include <hiredis/hiredis.h>
 #include <libpq-fe.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -983,13 +984,35 @@ static bool repair_items(struct rebuild *rb)
 	return ok;
 }
 
+/* Wait until pg's pending query has its answer. Ctrl-C or SIGTERM cancels it: a key
+ * build or a count over a large log can take minutes, and the caller then fails and
+ * removes the shadow. */
+static void await_answer(PGconn *pg)
+{
+	bool cancelled = false;
+
+	while (PQisBusy(pg)) {
+		struct pollfd p = { .fd = PQsocket(pg), .events = POLLIN };
+		if (interrupted && !cancelled) {
+			PGcancel *c = PQgetCancel(pg);
+			char err[256];
+			if (c && !PQcancel(c, err, sizeof(err)))
+				fprintf(stderr, "daybook-admin: cancelling: %s\n", err);
+			PQfreeCancel(c);
+			cancelled = true;
+		}
+		if ((poll(&p, 1, 100) < 0 && errno != EINTR) || !PQconsumeInput(pg))
+			return; /* PQgetResult reports the broken connection */
+	}
+}
+
 /* Collect the results of a query sent on pg; false (printed) if any failed. */
 static bool sent_ok(PGconn *pg, const char *what)
 {
 	PGresult *r;
 	bool ok = true;
 
-	while ((r = PQgetResult(pg))) {
+	while (await_answer(pg), (r = PQgetResult(pg))) {
 		if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK) {
 			fprintf(stderr, "daybook-admin: %s: %s", what, PQresultErrorMessage(r));
 			ok = false;
@@ -1403,7 +1426,10 @@ static bool send_count(struct rebuild *rb)
 /* Its answer; for Redis, the accounts are created here, unopened. */
 static bool take_count(struct rebuild *rb)
 {
-	PGresult *r = PQgetResult(rb->pg), *extra;
+	PGresult *r, *extra;
+
+	await_answer(rb->pg);
+	r = PQgetResult(rb->pg);
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 
 	while ((extra = PQgetResult(rb->pg)))

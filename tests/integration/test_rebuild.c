@@ -344,6 +344,56 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
 }
 
+/* Ctrl-C while PostgreSQL builds the shadow tables' keys cancels the build rather
+ * than waiting for it (minutes, on a large log). An event trigger holds every ALTER
+ * TABLE on an advisory lock that the test holds, so the build is sure to be waiting. */
+Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
+{
+	const char waiting[] = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+			       "'%rm_shadow_key%' AND state = 'active' AND pid <> pg_backend_pid()";
+	char pg[512], line[512];
+	long long gen_before;
+	PGconn *hold;
+	int fd, status;
+	FILE *f;
+	pid_t pid;
+
+	must("/accounts", "{\"id\":\"c-1\",\"name\":\"C\",\"currency\":\"EUR\"}");
+	must("/accounts/c-1/deposits", "{\"amount\":5}");
+	harness_wait_caught_up(db, redis_url, 30);
+	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	PQclear(sql(db, "CREATE FUNCTION hold_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ "
+			"BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); END $$"));
+	PQclear(sql(db, "CREATE EVENT TRIGGER hold_keys ON ddl_command_start WHEN TAG IN "
+			"('ALTER TABLE') EXECUTE FUNCTION hold_ddl()"));
+	harness_conninfo(db, NULL, pg, sizeof(pg));
+	hold = PQconnectdb(pg);
+	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock(4242)"));
+
+	pid = start_rebuild("all", &fd);
+	f = fdopen(fd, "r");
+	do
+		cr_assert(fgets(line, sizeof(line), f), "the rebuild ended before its key build");
+	while (!strstr(line, "\"phase\":\"index\""));
+	for (double end = harness_now() + 20; sql_int(db, waiting) == 0; usleep(20000))
+		cr_assert(harness_now() < end, "the key build never started");
+	kill(pid, SIGINT);
+	for (double end = harness_now() + 20; sql_int(db, waiting) > 0; usleep(50000))
+		cr_assert(harness_now() < end, "the key build was not cancelled");
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock(4242)"));
+	PQfinish(hold);
+	while (fgets(line, sizeof(line), f))
+		;
+	fclose(f);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 130, "exit status %d", status);
+	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
+		     "the shadow tables are removed");
+	PQclear(sql(db, "DROP EVENT TRIGGER hold_keys"));
+}
+
 /* Progress lines read as they come, with a deadline (stdio would buffer past it). */
 struct lines {
 	int fd;
