@@ -92,7 +92,7 @@ struct rebuild {
 	bool sql, want_redis;
 	long long gen;
 	char key_prefix[32]; /* "dbk:g:<gen>:" */
-	struct live_before live_before; /* dbk:live as the switch found it */
+	struct live_before live_before; /* the live pointer as the switch found it */
 	uint64_t cp_txid;   /* the checkpoint: the last event applied in reader order */
 	long long position;
 	char bulk_xmin[24]; /* the bulk is every event below this, read in heap order */
@@ -326,7 +326,7 @@ static bool send_items(struct rebuild *rb, struct acct *a)
 
 static bool send_held(struct rebuild *rb);
 
-/* Hold a statement item (json is taken over) until the account has a full ZADD; at
+/* Hold a statement item (json is taken over) until the account has a full LPUSH; at
  * most held_max in all (accounts whose items are spread thinly over a long log would
  * otherwise hold theirs to the end): beyond that, every held item is sent. */
 static bool hold_item(struct rebuild *rb, struct acct *a, char *json)
@@ -1094,13 +1094,13 @@ static bool lock_for_switch(struct rebuild *rb)
 
 static bool get_live(struct rebuild *rb, struct live_before *old)
 {
-	redisReply *r = redisCommand(rb->redis, "GET dbk:live");
+	redisReply *r = redisCommand(rb->redis, "GET " READMODEL_LIVE_KEY);
 
 	old->read = r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_NIL);
 	old->present = old->read && r->type == REDIS_REPLY_STRING;
 	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->str : "");
 	if (!old->read)
-		fprintf(stderr, "daybook-admin: redis GET dbk:live failed\n");
+		fprintf(stderr, "daybook-admin: redis GET " READMODEL_LIVE_KEY " failed\n");
 	freeReplyObject(r);
 	return old->read;
 }
@@ -1112,10 +1112,10 @@ static void put_back_live(struct rebuild *rb, const struct live_before *old)
 	if (!rb->redis || !old->read)
 		return;
 	(void)!redis_drain(rb);
-	r = old->present ? redisCommand(rb->redis, "SET dbk:live %s", old->gen)
-			 : redisCommand(rb->redis, "DEL dbk:live");
+	r = old->present ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
+			 : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
 	if (!r || r->type == REDIS_REPLY_ERROR)
-		fprintf(stderr, "daybook-admin: could not put dbk:live back to %s: set it by hand\n",
+		fprintf(stderr, "daybook-admin: could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
 			old->present ? old->gen : "(none)");
 	freeReplyObject(r);
 }
@@ -1153,7 +1153,7 @@ static bool sql_generation(struct rebuild *rb, long long *gen)
 static bool switch_over(struct rebuild *rb)
 {
 	char token[48], gen[24];
-	const char *live[3] = { "SET", "dbk:live", gen };
+	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
 	struct live_before *old = &rb->live_before;
 	long long sql_gen = 0;
 	int n = 1;

@@ -127,7 +127,7 @@ static void read_redis(struct admin_ctx *ctx, struct status *s)
 
 	if (!c)
 		return;
-	g = redisCommand(c, "GET dbk:live");
+	g = redisCommand(c, "GET " READMODEL_LIVE_KEY);
 	if (g && g->type == REDIS_REPLY_STRING) {
 		s->redis_live = true;
 		s->generation = atoll(g->str);

@@ -884,7 +884,7 @@ static int redis_checkpoint_cmp(struct verify *v)
  * snapshot, since it writes Redis just after committing SQL. */
 static void redis_prepare(struct verify *v)
 {
-	redisReply *r = redisCommand(v->redis, "GET dbk:live");
+	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 	struct timespec pause = { 0, 50 * 1000 * 1000 };
 
 	if (!r) {
@@ -916,7 +916,7 @@ static void redis_prepare(struct verify *v)
  * differences that a second run would not find. */
 static void redis_recheck_live(struct verify *v)
 {
-	redisReply *r = redisCommand(v->redis, "GET dbk:live");
+	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 
 	if (r && !(reply_str(r) && strcmp(r->str, v->gen) == 0))
 		fprintf(stderr, "daybook-admin verify: note: the live generation changed from %s to %s "

@@ -62,7 +62,7 @@ static const char *const scripts[] = {
 				 "if cur and not newer(ARGV[1], cur) then return 0 end "
 				 "redis.call('HSET', KEYS[1], 'p', ARGV[1], 'j', ARGV[2]) return 1",
 	/* A live generation of another layout counts as none: it is replaced. */
-	[LIVE_STATUS] = "local g = redis.call('GET', 'dbk:live') "
+	[LIVE_STATUS] = "local g = redis.call('GET', '" READMODEL_LIVE_KEY "') "
 			"if not g then return false end "
 			"if redis.call('GET', 'dbk:g:' .. g .. ':layout') ~= '" READMODEL_REDIS_LAYOUT "' "
 			"then return false end "
@@ -582,7 +582,7 @@ static void sync_next(struct projector_ctx *ctx)
 	struct sync_state *s = ctx->sync;
 	char gen[24];
 	char layout_key[48];
-	const char *live[3] = { "SET", "dbk:live", gen };
+	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
 	const char *layout[3] = { "SET", layout_key, READMODEL_REDIS_LAYOUT };
 
 	if (ctx->rfailed) {
@@ -719,7 +719,7 @@ static void live_reply(void *arg, const redisReply *reply)
 
 void projector_redis_tick(struct projector_ctx *ctx)
 {
-	const char *get[2] = { "GET", "dbk:live" };
+	const char *get[2] = { "GET", READMODEL_LIVE_KEY };
 
 	if (++ctx->polls % CHECK_EVERY_POLLS != 0 || ctx->role != ROLE_LEADER)
 		return;

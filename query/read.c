@@ -20,10 +20,10 @@ enum script {
 
 /* Every script first finds the live generation and its checkpoint. It answers {} when
  * Redis holds no usable model, {checkpoint} on a miss, {checkpoint, ...} on a hit. The
- * keys are derived inside the script from dbk:live, so the read is one round trip and
+ * keys are derived inside the script from the live pointer, so the read is one round trip and
  * sees one consistent state (scripts run atomically). */
 #define LIVE_PREFIX \
-	"local g = redis.call('GET', 'dbk:live')\n" \
+	"local g = redis.call('GET', '" READMODEL_LIVE_KEY "')\n" \
 	"if not g then return {} end\n" \
 	"local p = 'dbk:g:' .. g .. ':'\n" \
 	"local cp = redis.call('GET', p .. 'checkpoint')\n" \

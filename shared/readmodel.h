@@ -35,10 +35,12 @@ struct readmodel_transfer {
  * exclusively, so no batch commits while read models are swapped. */
 #define READMODEL_SWITCH_LOCK "1685551459"
 
-/* The Redis layout a generation was written in, kept in its `layout` key: readers and
- * writers of this code use no generation of another (older) layout. 2: statements
- * are lists (`stmt:<id>`, newest first); 1 (no key) had sorted sets. */
+/* The Redis layout a generation was written in, kept in its `layout` key. 2: statements
+ * are lists (`stmt:<id>`, newest first); 1 (no key) had sorted sets. Each layout has
+ * its own pointer to its live generation, so that binaries of different layouts, in
+ * a rolling upgrade, never read or write each other's generations. */
 #define READMODEL_REDIS_LAYOUT "2"
+#define READMODEL_LIVE_KEY "dbk:live:2"
 /* Statement items kept per account in Redis: the newest ones. */
 #define READMODEL_ITEMS_KEPT 50
 

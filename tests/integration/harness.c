@@ -524,7 +524,7 @@ void harness_log_head(const char *db, char *out, size_t len)
 
 bool harness_redis_live(struct redisContext *c, long long *gen, char *cp, size_t len)
 {
-	redisReply *g = redisCommand(c, "GET dbk:live"), *p;
+	redisReply *g = redisCommand(c, "GET " READMODEL_LIVE_KEY), *p;
 	bool ok = g && g->type == REDIS_REPLY_STRING;
 
 	if (ok) {

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "readmodel.h"
 
 static char db[64], redis_url[128];
 static struct service command, projector, redis_svc;
@@ -120,7 +121,7 @@ static void wait_caught_up(void)
 	for (;;) {
 		log_head(head, sizeof(head));
 		sql_checkpoint(cp, sizeof(cp));
-		redis_get(gen, sizeof(gen), "GET dbk:live");
+		redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 		if (gen[0])
 			redis_get(rcp, sizeof(rcp), "GET dbk:g:%s:checkpoint", gen);
 		if (strcmp(head, cp) == 0 && gen[0] && strcmp(rcp, cp) == 0)
@@ -301,7 +302,7 @@ Test(admin_verify, without_redis_checks_sql_only)
 
 	projected_workload();
 	/* A broken Redis model is not looked at when Redis is skipped. */
-	redis_get(ignored, sizeof(ignored), "DEL dbk:live");
+	redis_get(ignored, sizeof(ignored), "DEL " READMODEL_LIVE_KEY);
 	r = admin(redis_url, args);
 	cr_assert_eq(r.status, 0, "verify --no-redis exited %d\n%s%s", r.status, r.out, r.err);
 	cr_assert(strstr(r.out, "redis not checked"), "%s", r.out);
@@ -345,15 +346,17 @@ Test(admin_verify, names_corrupted_redis_keys)
 	char gen[32], body[1024], line[1200];
 
 	projected_workload();
-	redis_get(gen, sizeof(gen), "GET dbk:live");
+	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 	redis_get(body, sizeof(body), "HGET dbk:g:%s:acct:v-bob j", gen);
 	redis_get(line, sizeof(line), "HSET dbk:g:%s:acct:v-bob j {\"corrupt\":true}", gen);
 	redis_get(line, sizeof(line), "DEL dbk:g:%s:xfer:t2", gen);
 	/* The oldest of alice's newest 50 items goes missing. */
 	redis_get(line, sizeof(line), "RPOP dbk:g:%s:stmt:v-alice", gen); /* newest first */
+	redis_get(line, sizeof(line), "SET dbk:g:%s:layout 1", gen);
 	snprintf(line, sizeof(line), "DIFF redis account:v-bob body: expected %s, found {\"corrupt\":true}\n",
 		 body);
 	const char *const lines[] = {
+		"DIFF redis live layout: expected 2, found 1\n",
 		line,
 		"DIFF redis transfer:t2 key: expected present, found absent\n",
 		"DIFF redis entry:v-alice/", /* its version depends on the workload's order */
@@ -366,7 +369,7 @@ Test(admin_verify, names_redis_keys_that_nothing_in_the_log_accounts_for)
 	char gen[32], line[256];
 
 	projected_workload();
-	redis_get(gen, sizeof(gen), "GET dbk:live");
+	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 	redis_get(line, sizeof(line), "HSET dbk:g:%s:acct:ghost v 1 n 0 j {}", gen);
 	redis_get(line, sizeof(line), "LPUSH dbk:g:%s:stmt:ghost-2 {}", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:xfer:t-ghost {}", gen);
@@ -390,7 +393,7 @@ Test(admin_verify, redis_ahead_of_the_snapshot_is_not_a_difference)
 	struct run r;
 
 	projected_workload();
-	redis_get(gen, sizeof(gen), "GET dbk:live");
+	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 	/* As if the projector had applied a later batch to Redis after verify's snapshot. */
 	redis_get(ignored, sizeof(ignored), "HSET dbk:g:%s:acct:v-carol v 99 j {}", gen);
 	r = admin(redis_url, verify_args);
@@ -408,7 +411,7 @@ Test(admin_verify, no_live_generation_is_one_difference)
 	char ignored[16];
 
 	projected_workload();
-	redis_get(ignored, sizeof(ignored), "DEL dbk:live");
+	redis_get(ignored, sizeof(ignored), "DEL " READMODEL_LIVE_KEY);
 	const char *const lines[] = { "DIFF redis live generation: expected present, found absent\n" };
 	expect_diffs(lines, 1);
 }
@@ -485,7 +488,7 @@ Test(admin_verify, status_json_reports_lag)
 
 	projected_workload();
 	log_head(head, sizeof(head));
-	redis_get(gen, sizeof(gen), "GET dbk:live");
+	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 	/* The projector is stopped: two more events are not applied. */
 	must("/accounts/v-alice/deposits", "{\"amount\":5}");
 	must("/accounts/v-bob/deposits", "{\"amount\":5}");

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "readmodel.h"
 
 #define SQL_POS "5.10"
 #define REDIS_POS "7.20"
@@ -117,7 +118,7 @@ static void fill_redis(void)
 
 static void go_live(void)
 {
-	redis("SET dbk:live 1");
+	redis("SET " READMODEL_LIVE_KEY " 1");
 }
 
 static struct response get_as(const char *token, const char *path, const char *extra_header)

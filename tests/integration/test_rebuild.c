@@ -505,7 +505,7 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d", status);
 	cr_assert(harness_redis_live(c, &live_after, cp, sizeof(cp)));
-	cr_assert_eq(live_after, live_before, "dbk:live was not put back");
+	cr_assert_eq(live_after, live_before, "the live pointer was not put back");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0);
 	must("/accounts/f-1/deposits", "{\"amount\":1}");
