@@ -311,6 +311,13 @@ static bool send_items(struct rebuild *rb, struct acct *a)
 	if (a->npending == 0)
 		return true;
 	rkey(rb, k, sizeof(k), "stmt", a->acc.id);
+	/* The generation is new, but its number may not be: Redis that lost its data
+	 * counts generations from 1 again, and a projector batch in flight then may have
+	 * left keys under it. A statement is pushed onto, so it starts empty. */
+	argv[0] = "DEL";
+	argv[1] = k;
+	if (a->sent == 0 && !redis_send(rb, 2, argv))
+		return false;
 	argv[0] = "LPUSH";
 	argv[1] = k;
 	for (int32_t i = 0; i < a->npending; i++)

@@ -323,6 +323,14 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 					    live_gen, live_gen);
 			cr_assert(keys && keys->type == REDIS_REPLY_STATUS, "no statement to rename");
 			freeReplyObject(keys);
+			/* And a stale statement item where this rebuild will write: generation
+			 * numbers start again after Redis loses its data. verify, below, finds
+			 * it if it survives. */
+			keys = redisCommand(c, "GET dbk:generation");
+			cr_assert(keys && keys->type == REDIS_REPLY_STRING);
+			freeReplyObject(redisCommand(c, "LPUSH dbk:g:%lld:stmt:keep-1 {\"version\":1,\"stale\":1}",
+						     atoll(keys->str) + 1));
+			freeReplyObject(keys);
 		}
 		pid = start_rebuild("all", &fd);
 		f = fdopen(fd, "r");
