@@ -213,6 +213,20 @@ static void poll_connect(struct pg *pg)
 	}
 }
 
+/* A migration that changes a column's type or collation makes every statement
+ * prepared before it that returns the column fail for good ("cached plan must not
+ * change result type", SQLSTATE 0A000): the statements must be prepared again, which
+ * a new connection does. The message is not matched (it is translated with
+ * lc_messages); no other 0A000 comes from these statements in practice, and a
+ * needless reconnection costs little. */
+static bool stale_plan(const struct pg *pg)
+{
+	for (size_t i = 0; i < pg->queued; i++)
+		if (pg->results[i] && strcmp(pg_sqlstate(pg->results[i]), "0A000") == 0)
+			return true;
+	return false;
+}
+
 /* Collect pipeline results until the sync (or until libpq needs more input). */
 static void read_results(struct pg *pg)
 {
@@ -226,8 +240,12 @@ static void read_results(struct pg *pg)
 			continue;
 		}
 		if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+			bool stale = stale_plan(pg);
 			PQclear(r);
 			complete_run(pg, NULL);
+			if (stale && pg->conn)
+				lose_connection(pg, "a prepared statement's result type changed (a "
+						    "migration): connecting again to prepare them anew");
 			break;
 		}
 		if (pg->current < pg->queued && !pg->current_has_result) {

@@ -214,6 +214,30 @@ Test(query, account_from_sql_when_redis_has_no_live_generation)
 	cr_assert_geq(fallbacks("no_live"), 1);
 }
 
+/* A migration that changes a column the statements return (006 made the keys
+ * COLLATE "C") makes PostgreSQL refuse the statements prepared before it: the service
+ * prepares them again and answers, without a restart. */
+Test(query, a_migration_that_changes_a_returned_column_needs_no_restart)
+{
+	struct response r;
+	double end = harness_now() + 10;
+
+	fill_sql();
+	r = get("/accounts/a1");
+	expect_ok(&r, acct_a1, SQL_POS);
+	response_free(&r);
+	exec_sql("ALTER TABLE rm_accounts ALTER COLUMN name TYPE text COLLATE \"POSIX\"");
+	for (;; usleep(50000)) {
+		r = get("/accounts/a1");
+		if (r.status == 200)
+			break;
+		cr_assert(harness_now() < end, "still %d after the migration", r.status);
+		response_free(&r);
+	}
+	expect_ok(&r, acct_a1, SQL_POS);
+	response_free(&r);
+}
+
 Test(query, account_from_redis_with_etag_and_its_checkpoint)
 {
 	struct response r;
