@@ -1,4 +1,5 @@
 /* daybook-admin: migrate the schema, rebuild, verify and inspect the read models. */
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -45,6 +46,9 @@ int main(int argc, char **argv)
 	struct admin_ctx ctx = { .log = { .service = "admin", .level = LOG_INFO } };
 	char err[512];
 
+	/* A lost Redis or PostgreSQL connection is an error to report and clean up
+	 * after, not a signal that ends the process mid-way. */
+	signal(SIGPIPE, SIG_IGN);
 	if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
 		fputs(usage, argc < 2 ? stderr : stdout);
 		return argc < 2 ? 2 : 0;

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -169,13 +170,20 @@ static bool redis_write_out(struct rebuild *rb)
 {
 	struct copy_buf *b = &rb->resp;
 
+	if (rb->redis->err)
+		return false;
 	for (size_t at = 0; at < b->len;) {
-		ssize_t n = write(rb->redis->fd, b->p + at, b->len - at);
+		ssize_t n = send(rb->redis->fd, b->p + at, b->len - at, MSG_NOSIGNAL);
 		if (n < 0 && errno == EINTR)
 			continue;
-		if (n <= 0) {
-			fprintf(stderr, "daybook-admin: redis: writing: %s\n",
-				n < 0 ? strerror(errno) : "nothing written");
+		if (n <= 0) { /* EAGAIN: the command timeout passed */
+			/* Part of a command may have gone: the connection is unusable, and
+			 * hiredis is told so, so that nothing else is sent on it. */
+			rb->redis->err = REDIS_ERR_IO;
+			snprintf(rb->redis->errstr, sizeof(rb->redis->errstr), "writing: %s",
+				 n < 0 ? strerror(errno) : "nothing written");
+			fprintf(stderr, "daybook-admin: redis: %s\n", rb->redis->errstr);
+			b->len = 0;
 			return false;
 		}
 		at += (size_t)n;
@@ -717,6 +725,7 @@ static bool fold_chunk(struct rebuild *rb, int *n)
  * switch lock; the switch then rewrites only those that its tail of the log changed. */
 struct account_walk {
 	struct rebuild *rb;
+	PGconn *pg; /* where the rows go */
 	struct copy_buf *rows;
 	struct evbuffer *ids; /* the switch's: accounts written again, as a text[] literal */
 	size_t n;
@@ -747,7 +756,7 @@ static void put_account(void *arg, const char *id, void *value)
 			copy_int(b, a->opened_at, 8) && copy_int(b, a->updated_at, 8);
 	/* The first pass COPYs as it goes; the switch's rewrite deletes the old rows first. */
 	if (w->ok && w->rb->sql && !w->ids && b->len > ACCOUNT_ROWS_MAX)
-		w->ok = copy_in(w->rb->wr, "rm_accounts_shadow", b);
+		w->ok = copy_in(w->pg, "rm_accounts_shadow", b);
 	if (w->ok && w->rb->redis) {
 		char opened[READMODEL_TIME_LEN], updated[READMODEL_TIME_LEN];
 		struct readmodel_account body = {
@@ -859,7 +868,7 @@ static bool delete_accounts(PGconn *pg, struct evbuffer *ids)
 static bool write_accounts(struct rebuild *rb, PGconn *pg, bool rewrite)
 {
 	struct copy_buf rows = { 0 };
-	struct account_walk w = { rb, &rows, NULL, 0, true };
+	struct account_walk w = { rb, pg, &rows, NULL, 0, true };
 	bool ok;
 
 	if (rewrite && rb->sql && (!(w.ids = evbuffer_new()) || evbuffer_add(w.ids, "{", 1)))
@@ -991,16 +1000,16 @@ static bool repair_items(struct rebuild *rb)
 	return ok;
 }
 
-/* Wait until pg's pending query has its answer. Ctrl-C or SIGTERM cancels it: a key
- * build or a count over a large log can take minutes, and the caller then fails and
- * removes the shadow. */
-static void await_answer(PGconn *pg)
+/* Wait until pg's pending query has its answer. Ctrl-C or SIGTERM, or a failure
+ * elsewhere (abort), cancels it: a key build or a count over a large log can take
+ * minutes, and the caller then fails and removes the shadow. */
+static void await_answer(PGconn *pg, bool abort)
 {
 	bool cancelled = false;
 
 	while (PQisBusy(pg)) {
 		struct pollfd p = { .fd = PQsocket(pg), .events = POLLIN };
-		if (interrupted && !cancelled) {
+		if ((interrupted || abort) && !cancelled) {
 			PGcancel *c = PQgetCancel(pg);
 			char err[256];
 			if (c && !PQcancel(c, err, sizeof(err)))
@@ -1013,20 +1022,22 @@ static void await_answer(PGconn *pg)
 	}
 }
 
-/* Collect the results of a query sent on pg; false (printed) if any failed. */
-static bool sent_ok(PGconn *pg, const char *what)
+/* Collect the results of a query sent on pg; false (printed) if any failed. With
+ * abort, the query is cancelled: its outcome no longer matters. */
+static bool sent_ok(PGconn *pg, const char *what, bool abort)
 {
 	PGresult *r;
 	bool ok = true;
 
-	while (await_answer(pg), (r = PQgetResult(pg))) {
-		if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK) {
+	while (await_answer(pg, abort), (r = PQgetResult(pg))) {
+		bool failed = PQresultStatus(r) != PGRES_TUPLES_OK &&
+			      PQresultStatus(r) != PGRES_COMMAND_OK;
+		if (failed && !abort) /* when aborting, the failure that led here is said */
 			fprintf(stderr, "daybook-admin: %s: %s", what, PQresultErrorMessage(r));
-			ok = false;
-		}
+		ok = ok && !failed;
 		PQclear(r);
 	}
-	return ok;
+	return ok && !abort;
 }
 
 /* After the load, PostgreSQL builds rm_entries_shadow's key on the writer's
@@ -1047,9 +1058,9 @@ static bool index_and_send(struct rebuild *rb)
 	if (ok && rb->redis)
 		ok = redis_drain(rb);
 	if (small)
-		ok = sent_ok(rb->pg, "indexing the shadow tables") && ok;
+		ok = sent_ok(rb->pg, "indexing the shadow tables", !ok) && ok;
 	if (big)
-		ok = sent_ok(rb->wr, "indexing the shadow tables") && ok;
+		ok = sent_ok(rb->wr, "indexing the shadow tables", !ok) && ok;
 	return ok && (!rb->hinted || repair_items(rb));
 }
 
@@ -1112,15 +1123,32 @@ static bool get_live(struct rebuild *rb, struct live_before *old)
 	return old->read;
 }
 
+/* After a failure on the Redis connection, a new one (false if none can be had). */
+static bool redis_usable(struct rebuild *rb)
+{
+	char err[256];
+
+	if (!rb->redis->err)
+		return true;
+	redisFree(rb->redis);
+	rb->resp.len = 0;
+	rb->redis_queued = rb->redis_prev = 0;
+	rb->redis = admin_redis_connect(&rb->ctx->cfg.redis, err, sizeof(err));
+	if (!rb->redis)
+		fprintf(stderr, "daybook-admin: cannot reconnect to redis: %s\n", err);
+	return rb->redis != NULL;
+}
+
 static void put_back_live(struct rebuild *rb, const struct live_before *old)
 {
-	redisReply *r;
+	redisReply *r = NULL;
 
 	if (!rb->redis || !old->read)
 		return;
 	(void)!redis_drain(rb);
-	r = old->present ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
-			 : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
+	if (redis_usable(rb))
+		r = old->present ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
+				 : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
 	if (!r || r->type == REDIS_REPLY_ERROR)
 		fprintf(stderr, "daybook-admin: could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
 			old->present ? old->gen : "(none)");
@@ -1435,7 +1463,7 @@ static bool take_count(struct rebuild *rb)
 {
 	PGresult *r, *extra;
 
-	await_answer(rb->pg);
+	await_answer(rb->pg, false);
 	r = PQgetResult(rb->pg);
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 
@@ -1494,6 +1522,14 @@ static bool prepare(struct rebuild *rb)
 	}
 	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free))
 		return false;
+	/* Both sessions write shadow tables and build keys. */
+	for (int i = 0; i < 2; i++) {
+		PGconn *c = i ? rb->wr : rb->pg;
+		if (!exec_ok(c, "SET client_min_messages = warning") ||
+		    !exec_ok(c, "SET synchronous_commit = off") || /* the swap commits durably */
+		    !exec_ok(c, "SET maintenance_work_mem = '256MB'")) /* keys sort in memory */
+			return false;
+	}
 	choose_count(rb);
 	if (!send_count(rb))
 		return false;
@@ -1501,10 +1537,7 @@ static bool prepare(struct rebuild *rb)
 	 * deadlock_timeout; the switch's attempts wait less than the default 1 s, so it is
 	 * shortened (a superuser setting: without it, the switch waits for autovacuum). */
 	PQclear(PQexec(rb->wr, "SET deadlock_timeout = '100ms'"));
-	if (!exec_ok(rb->wr, "SET client_min_messages = warning") ||
-	    !exec_ok(rb->wr, "SET synchronous_commit = off") || /* chunks: the swap commits durably */
-	    !exec_ok(rb->wr, "SET maintenance_work_mem = '256MB'") || /* the keys sort in memory */
-	    (rb->sql && !exec_ok(rb->wr, "SELECT rm_shadow_reset()")))
+	if (rb->sql && !exec_ok(rb->wr, "SELECT rm_shadow_reset()"))
 		return false;
 	if ((rb->want_redis && !connect_redis(rb)) || !take_count(rb) || !bulk_bounds(rb))
 		return false;
@@ -1515,7 +1548,7 @@ static void abandon(struct rebuild *rb)
 {
 	if (rb->sql && rb->wr && PQstatus(rb->wr) == CONNECTION_OK)
 		exec_ok(rb->wr, "SELECT rm_shadow_drop()");
-	if (rb->redis && rb->gen)
+	if (rb->redis && rb->gen && redis_usable(rb))
 		redis_cleanup(rb, 0, rb->gen);
 	fprintf(stderr, "daybook-admin: rebuild %s; the live read models are untouched\n",
 		interrupted ? "interrupted" : "failed");

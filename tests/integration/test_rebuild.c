@@ -402,6 +402,53 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
 	PQclear(sql(db, "DROP EVENT TRIGGER hold_keys"));
 }
 
+/* Redis dies in the middle of a rebuild: the rebuild fails (no SIGPIPE kills it
+ * before it cleans up), and the live SQL models and the shadow tables are as an
+ * interrupted rebuild leaves them. */
+Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
+{
+	const char fingerprint[] =
+		"SELECT md5(string_agg(account_id || ':' || balance || ':' || version, ',' ORDER BY "
+		"account_id)) FROM rm_accounts";
+	char before[64], line[512];
+	long long gen_before;
+	PGresult *r;
+	int fd, status;
+	FILE *f;
+	pid_t pid;
+
+	must("/accounts", "{\"id\":\"d-1\",\"name\":\"D\",\"currency\":\"EUR\"}");
+	must("/accounts/d-1/deposits", "{\"amount\":7}");
+	harness_wait_caught_up(db, redis_url, 30);
+	cr_assert_eq(harness_stop(&projector), 0);
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
+			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
+			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
+			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
+			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
+	r = sql(db, fingerprint);
+	snprintf(before, sizeof(before), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+
+	pid = start_rebuild("all", &fd);
+	f = fdopen(fd, "r");
+	cr_assert(fgets(line, sizeof(line), f), "no progress before Redis goes");
+	harness_kill(&redis);
+	while (fgets(line, sizeof(line), f))
+		;
+	fclose(f);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "status %d (signal %d)", status,
+		  WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+	r = sql(db, fingerprint);
+	cr_assert_str_eq(PQgetvalue(r, 0, 0), before, "the live SQL models changed");
+	PQclear(r);
+	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
+		     "the shadow tables are removed");
+}
+
 /* Progress lines read as they come, with a deadline (stdio would buffer past it). */
 struct lines {
 	int fd;
