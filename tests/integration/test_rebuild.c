@@ -140,6 +140,28 @@ static void *writer(void *arg)
 
 #define PROJECTOR_ERRORS "daybook_projection_errors_total{projection=\"sql\"}"
 
+/* 150,000 events for 1,000 new accounts, written straight into the log (the live
+ * models do not see them while the projector is stopped): a log long enough for a
+ * rebuild to be caught in the middle. */
+static void add_long_log(void)
+{
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
+			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
+			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
+			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
+			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
+}
+
+/* A digest of the live SQL accounts. */
+static void live_fingerprint(char out[64])
+{
+	PGresult *r = sql(db, "SELECT md5(string_agg(account_id || ':' || balance || ':' || version, "
+			      "',' ORDER BY account_id)) FROM rm_accounts");
+
+	snprintf(out, 64, "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+}
+
 static const char *const ids[] = { "r-0", "r-1", "r-2", "r-3", "r-4", "r-5", "r-6", "r-7" };
 
 Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
@@ -252,14 +274,10 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 
 Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 {
-	const char fingerprint[] =
-		"SELECT md5(string_agg(account_id || ':' || balance || ':' || version, ',' ORDER BY "
-		"account_id)) FROM rm_accounts";
 	redisContext *c;
 	redisReply *keys;
-	char before[64], live_before[64], cp[64], line[512];
+	char before[64], now[64], live_before[64], cp[64], line[512];
 	long long gen_before, live_gen;
-	PGresult *r;
 	int fd, status;
 	FILE *f;
 
@@ -270,14 +288,8 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	/* The live models stay as they are (the projector is stopped) while the rebuild
 	 * has a long log to fold: time enough to interrupt it. */
 	cr_assert_eq(harness_stop(&projector), 0);
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
-			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
-			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
-			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
-			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
-	r = sql(db, fingerprint);
-	snprintf(before, sizeof(before), "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
+	add_long_log();
+	live_fingerprint(before);
 	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
 	c = harness_redis(redis_url);
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
@@ -293,9 +305,8 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 130, "exit status %d", status);
 
-	r = sql(db, fingerprint);
-	cr_assert_str_eq(PQgetvalue(r, 0, 0), before, "the live SQL models changed");
-	PQclear(r);
+	live_fingerprint(now);
+	cr_assert_str_eq(now, before, "the live SQL models changed");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
 		     "the shadow tables are removed");
@@ -407,12 +418,8 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
  * interrupted rebuild leaves them. */
 Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 {
-	const char fingerprint[] =
-		"SELECT md5(string_agg(account_id || ':' || balance || ':' || version, ',' ORDER BY "
-		"account_id)) FROM rm_accounts";
-	char before[64], line[512];
+	char before[64], now[64], line[512];
 	long long gen_before;
-	PGresult *r;
 	int fd, status;
 	FILE *f;
 	pid_t pid;
@@ -421,14 +428,8 @@ Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 	must("/accounts/d-1/deposits", "{\"amount\":7}");
 	harness_wait_caught_up(db, redis_url, 30);
 	cr_assert_eq(harness_stop(&projector), 0);
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
-			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
-			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
-			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
-			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
-	r = sql(db, fingerprint);
-	snprintf(before, sizeof(before), "%s", PQgetvalue(r, 0, 0));
-	PQclear(r);
+	add_long_log();
+	live_fingerprint(before);
 	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
 
 	pid = start_rebuild("all", &fd);
@@ -441,9 +442,8 @@ Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "status %d (signal %d)", status,
 		  WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-	r = sql(db, fingerprint);
-	cr_assert_str_eq(PQgetvalue(r, 0, 0), before, "the live SQL models changed");
-	PQclear(r);
+	live_fingerprint(now);
+	cr_assert_str_eq(now, before, "the live SQL models changed");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
 		     "the shadow tables are removed");
