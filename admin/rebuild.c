@@ -393,7 +393,7 @@ static void acct_free(void *value)
 	free(a);
 }
 
-/* The statement item: a COPY row for SQL, held for one ZADD per account for Redis. */
+/* The statement item: a COPY row for SQL, held for one LPUSH per account for Redis. */
 static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
 		       int32_t version, int64_t at)
 {
