@@ -174,7 +174,7 @@ int harness_free_port(void)
 	return port;
 }
 
-static void print_log(const struct service *svc)
+void harness_print_log(const struct service *svc)
 {
 	char line[2048];
 	FILE *f = fopen(svc->log_path, "r");
@@ -216,7 +216,7 @@ static void start_service(struct service *svc, const char *name, const char *bin
 		_exit(127);
 	}
 	if (!harness_wait_status(svc, "/readyz", 200, 20)) {
-		print_log(svc);
+		harness_print_log(svc);
 		harness_kill(svc);
 		cr_assert_fail("%s did not become ready", name);
 	}

@@ -85,6 +85,9 @@ void harness_assert_samples_true(const char *db, const struct read_sample *s, si
 int harness_stop(struct service *svc);
 /* SIGKILL and reap. */
 void harness_kill(struct service *svc);
+/* Copy a service's log (debug level) to stderr: for a failure to be diagnosed from the
+ * test output alone, since the logs go with the test's temporary directory. */
+void harness_print_log(const struct service *svc);
 /* Wait until GET path answers `status` (timeout in seconds); false on timeout. */
 bool harness_wait_status(const struct service *svc, const char *path, int status, double timeout);
 

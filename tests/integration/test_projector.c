@@ -338,7 +338,10 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 		harness_log_head(db, head, sizeof(head));
 		if (strcmp(cp, head) == 0)
 			break;
-		cr_assert(harness_now() < end, "the SQL projection stalled while Redis was down");
+		if (harness_now() >= end)
+			harness_print_log(&proj);
+		cr_assert(harness_now() < end, "the SQL projection stalled while Redis was down "
+						"(at %s, the log at %s)", cp, head);
 	}
 	cr_assert_eq(sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"), 12);
 	harness_start_redis(&redis, true, redis_url, sizeof(redis_url));
