@@ -174,6 +174,22 @@ int harness_free_port(void)
 	return port;
 }
 
+void harness_print_xid_holders(void)
+{
+	PGconn *conn = PQconnectdb(env_or_skip("DAYBOOK_TEST_PG"));
+	PGresult *r = PQexec(conn, "SELECT pid, datname, backend_xid, now() - xact_start, state, "
+				   "left(query, 100) FROM pg_stat_activity WHERE backend_xid IS NOT "
+				   "NULL ORDER BY xact_start");
+
+	fprintf(stderr, "---- transactions holding an xid (xmin %s) ----\n",
+		PQresultStatus(r) == PGRES_TUPLES_OK ? "below" : PQresultErrorMessage(r));
+	for (int i = 0; PQresultStatus(r) == PGRES_TUPLES_OK && i < PQntuples(r); i++)
+		fprintf(stderr, "%s %s xid %s for %s, %s: %s\n", PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
+			PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), PQgetvalue(r, i, 4), PQgetvalue(r, i, 5));
+	PQclear(r);
+	PQfinish(conn);
+}
+
 void harness_print_log(const struct service *svc)
 {
 	char line[2048];

@@ -88,6 +88,9 @@ void harness_kill(struct service *svc);
 /* Copy a service's log (debug level) to stderr: for a failure to be diagnosed from the
  * test output alone, since the logs go with the test's temporary directory. */
 void harness_print_log(const struct service *svc);
+/* The cluster's transactions that hold a transaction id, oldest first, to stderr: any
+ * of them holds back pg_snapshot_xmin, below which projectors read. */
+void harness_print_xid_holders(void);
 /* Wait until GET path answers `status` (timeout in seconds); false on timeout. */
 bool harness_wait_status(const struct service *svc, const char *path, int status, double timeout);
 

@@ -338,8 +338,10 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 		harness_log_head(db, head, sizeof(head));
 		if (strcmp(cp, head) == 0)
 			break;
-		if (harness_now() >= end)
+		if (harness_now() >= end) {
 			harness_print_log(&proj);
+			harness_print_xid_holders();
+		}
 		cr_assert(harness_now() < end, "the SQL projection stalled while Redis was down "
 						"(at %s, the log at %s)", cp, head);
 	}
