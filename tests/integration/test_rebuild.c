@@ -145,7 +145,11 @@ static void *writer(void *arg)
  * rebuild to be caught in the middle. */
 static void add_long_log(void)
 {
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
+	/* As generated the rows are valid; the per-row gap check would only make this
+	 * transaction (which holds back the cluster's xmin, and other tests' projectors
+	 * with it) longer. */
+	PQclear(sql(db, "SET session_replication_role = replica; "
+			"INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
 			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
 			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
 			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
