@@ -240,12 +240,14 @@ static void read_results(struct pg *pg)
 			continue;
 		}
 		if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
-			bool stale = stale_plan(pg);
 			PQclear(r);
-			complete_run(pg, NULL);
-			if (stale && pg->conn)
+			/* Dropped before the caller hears of it, so that nothing more is sent
+			 * on this connection: the run fails as a lost connection would. */
+			if (stale_plan(pg))
 				lose_connection(pg, "a prepared statement's result type changed (a "
 						    "migration): connecting again to prepare them anew");
+			else
+				complete_run(pg, NULL);
 			break;
 		}
 		if (pg->current < pg->queued && !pg->current_has_result) {
