@@ -314,6 +314,19 @@ Test(projector, a_live_generation_of_an_older_layout_is_replaced)
 	redisReply *r = redisCommand(c, "GET dbk:g:%lld:layout", gen);
 	cr_assert(r && r->type == REDIS_REPLY_STRING && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0);
 	freeReplyObject(r);
+	/* And a live generation under this layout's pointer that lacks the mark is not
+	 * trusted either. */
+	harness_stop(&proj);
+	old = gen;
+	freeReplyObject(redisCommand(c, "DEL dbk:g:%lld:layout", old));
+	harness_start_projector(&proj, db, redis_url);
+	for (double end = harness_now() + 5;; usleep(50000)) {
+		if (harness_redis_live(c, &gen, cp, sizeof(cp)) && gen != old)
+			break;
+		cr_assert(harness_now() < end, "generation %lld, without its layout mark, stayed live", old);
+	}
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_redis_matches_sql(db, redis_url);
 	redisFree(c);
 	harness_stop(&proj);
 }
