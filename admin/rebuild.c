@@ -29,6 +29,7 @@
 #define XFER_IDS_MAX (64 << 20)    /* bytes of transfer ids kept to delete the old keys by */
 #define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
 #define RESP_WRITE (256 << 10) /* bytes of commands buffered before they are written */
+#define RUN_ID_LEN 48          /* a Redis run_id (40 hex digits) and a NUL */
 #define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
 #define SWITCH_LOCK_WAIT "200ms" /* longest wait for a switch lock in one attempt */
 #define SWITCH_RETRY_US 500000   /* pause between attempts */
@@ -93,6 +94,7 @@ struct rebuild {
 	bool sql, want_redis;
 	long long gen;
 	char key_prefix[32]; /* "dbk:g:<gen>:" */
+	char redis_run_id[RUN_ID_LEN]; /* the server's, to know it again after a reconnect */
 	struct live_before live_before; /* the live pointer as the switch found it */
 	uint64_t cp_txid;   /* the checkpoint: the last event applied in reader order */
 	long long position;
@@ -1123,10 +1125,29 @@ static bool get_live(struct rebuild *rb, struct live_before *old)
 	return old->read;
 }
 
-/* After a failure on the Redis connection, a new one (false if none can be had). */
+/* The server's run_id (INFO server), which changes with every start. */
+static bool redis_run_id(redisContext *c, char out[RUN_ID_LEN])
+{
+	redisReply *r = redisCommand(c, "INFO server");
+	const char *at = r && r->type == REDIS_REPLY_STRING ? strstr(r->str, "run_id:") : NULL;
+	size_t n = at ? strcspn(at + 7, "\r\n") : 0;
+	bool ok = n > 0 && n < RUN_ID_LEN;
+
+	if (ok)
+		snprintf(out, RUN_ID_LEN, "%.*s", (int)n, at + 7);
+	else
+		fprintf(stderr, "daybook-admin: redis INFO server failed\n");
+	freeReplyObject(r);
+	return ok;
+}
+
+/* After a failure on the Redis connection, a new one (false if none can be had). It
+ * must reach the same server, still running: a restarted Redis has a new run_id (and,
+ * without persistence, nothing of ours), and a server that took the port of one that
+ * died is someone else's. */
 static bool redis_usable(struct rebuild *rb)
 {
-	char err[256];
+	char err[256], run_id[RUN_ID_LEN];
 
 	if (!rb->redis->err)
 		return true;
@@ -1134,9 +1155,18 @@ static bool redis_usable(struct rebuild *rb)
 	rb->resp.len = 0;
 	rb->redis_queued = rb->redis_prev = 0;
 	rb->redis = admin_redis_connect(&rb->ctx->cfg.redis, err, sizeof(err));
-	if (!rb->redis)
+	if (!rb->redis) {
 		fprintf(stderr, "daybook-admin: cannot reconnect to redis: %s\n", err);
-	return rb->redis != NULL;
+		return false;
+	}
+	if (!redis_run_id(rb->redis, run_id) || strcmp(run_id, rb->redis_run_id) != 0) {
+		fprintf(stderr, "daybook-admin: redis is not the server the rebuild began with "
+				"(restarted?): leaving it alone\n");
+		redisFree(rb->redis);
+		rb->redis = NULL;
+		return false;
+	}
+	return true;
 }
 
 static void put_back_live(struct rebuild *rb, const struct live_before *old)
@@ -1405,7 +1435,7 @@ static bool connect_redis(struct rebuild *rb)
 	rb->gen = r->integer;
 	snprintf(rb->key_prefix, sizeof(rb->key_prefix), "dbk:g:%lld:", rb->gen);
 	freeReplyObject(r);
-	return true;
+	return redis_run_id(rb->redis, rb->redis_run_id);
 }
 
 #define COUNT_FROM_LOG                                                                  \
