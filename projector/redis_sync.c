@@ -36,15 +36,14 @@ static const char *const scripts[] = {
 	 * newest go in front; any other (a replay, or a resync over a generation that a
 	 * stale batch wrote to) is merged in by version, each version once. Then the
 	 * newest READMODEL_ITEMS_KEPT stay. */
-	[PUT_ITEMS] = "local function ver(s) "
-		      "return tonumber(string.match(s, '^{\"version\":(%d+),')) or 0 end "
+	[PUT_ITEMS] = READMODEL_LUA_ITEM_VERSION
 		      "local top = redis.call('LINDEX', KEYS[1], 0) "
-		      "if not top or tonumber(ARGV[1]) > ver(top) then "
+		      "if not top or tonumber(ARGV[1]) > item_version(top) then "
 		      "for i = 1, #ARGV, 2 do redis.call('LPUSH', KEYS[1], ARGV[i + 1]) end "
 		      "else "
 		      "local by, vs = {}, {} "
 		      "for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do "
-		      "local v = ver(item) "
+		      "local v = item_version(item) "
 		      "if not by[v] then by[v] = item; vs[#vs + 1] = v end end "
 		      "for i = 1, #ARGV, 2 do "
 		      "local v = tonumber(ARGV[i]) "

@@ -44,13 +44,11 @@ static const char *const scripts[] = {
 		"if n > 50 and (before > 0 or limit > 50) then return {cp, 'n'} end\n"
 		"local key = p .. 'stmt:' .. ARGV[1]\n"
 		"if redis.call('LLEN', key) ~= math.min(n, 50) then return {cp, 'm'} end\n"
-		"local function version(item)\n"
-		"  return tonumber(string.match(item, '^{\"version\":(%d+),')) or 0\n"
-		"end\n"
+		READMODEL_LUA_ITEM_VERSION
 		"local r, more\n"
 		"if before > 0 then\n" /* the whole statement is here (n <= 50), newest first */
 		"  local all, s = redis.call('LRANGE', key, 0, -1), 1\n"
-		"  while s <= #all and version(all[s]) >= before do s = s + 1 end\n"
+		"  while s <= #all and item_version(all[s]) >= before do s = s + 1 end\n"
 		"  r = {}\n"
 		"  for i = s, math.min(#all, s + limit - 1) do r[#r + 1] = all[i] end\n"
 		"  more = #all >= s + limit\n"
@@ -58,7 +56,7 @@ static const char *const scripts[] = {
 		"  r = redis.call('LRANGE', key, 0, limit - 1)\n"
 		"  more = n > limit\n"
 		"end\n"
-		"local out = {cp, 'h', more and #r > 0 and tostring(version(r[#r])) or ''}\n"
+		"local out = {cp, 'h', more and #r > 0 and tostring(item_version(r[#r])) or ''}\n"
 		"for i = 1, #r do out[#out + 1] = r[i] end\n"
 		"return out\n",
 	[SCRIPT_TRANSFER] = LIVE_PREFIX

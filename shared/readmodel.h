@@ -47,6 +47,10 @@ struct readmodel_transfer {
 /* The version a statement item's JSON starts with ({"version":N,...}); -1 when the
  * text does not start so. Lua scripts match the same prefix. */
 long long readmodel_item_version(const char *json);
+/* The same in Lua, for the scripts: item_version(s), 0 when s does not start so. */
+#define READMODEL_LUA_ITEM_VERSION                                                         \
+	"local function item_version(s) "                                                  \
+	"return tonumber(string.match(s, '^{\"version\":(%d+),')) or 0 end\n"
 
 /* Each returns a new compact JSON text (caller frees with free()), or NULL when out
  * of memory. Keys come in the documented order. */

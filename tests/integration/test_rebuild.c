@@ -166,6 +166,18 @@ static void live_fingerprint(char out[64])
 	PQclear(r);
 }
 
+/* Once the live models have caught up, stop the projector, so that they stay as they
+ * are while the rebuild has a long log to fold (time enough to catch it in the
+ * middle): their fingerprint goes in before; returns their generation. */
+static long long long_log_behind_live(char before[64])
+{
+	harness_wait_caught_up(db, redis_url, 30);
+	cr_assert_eq(harness_stop(&projector), 0);
+	add_long_log();
+	live_fingerprint(before);
+	return sql_int(db, "SELECT generation FROM projection_checkpoints");
+}
+
 static const char *const ids[] = { "r-0", "r-1", "r-2", "r-3", "r-4", "r-5", "r-6", "r-7" };
 
 Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
@@ -288,13 +300,7 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	must("/accounts", "{\"id\":\"keep-1\",\"name\":\"K\",\"currency\":\"EUR\"}");
 	must("/accounts", "{\"id\":\"keep-2\",\"name\":\"K\",\"currency\":\"EUR\"}");
 	must("/accounts/keep-1/deposits", "{\"amount\":12345}");
-	harness_wait_caught_up(db, redis_url, 30);
-	/* The live models stay as they are (the projector is stopped) while the rebuild
-	 * has a long log to fold: time enough to interrupt it. */
-	cr_assert_eq(harness_stop(&projector), 0);
-	add_long_log();
-	live_fingerprint(before);
-	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	gen_before = long_log_behind_live(before);
 	c = harness_redis(redis_url);
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	snprintf(live_before, sizeof(live_before), "%lld", live_gen);
@@ -430,11 +436,7 @@ Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 
 	must("/accounts", "{\"id\":\"d-1\",\"name\":\"D\",\"currency\":\"EUR\"}");
 	must("/accounts/d-1/deposits", "{\"amount\":7}");
-	harness_wait_caught_up(db, redis_url, 30);
-	cr_assert_eq(harness_stop(&projector), 0);
-	add_long_log();
-	live_fingerprint(before);
-	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	gen_before = long_log_behind_live(before);
 
 	pid = start_rebuild("all", &fd);
 	f = fdopen(fd, "r");
