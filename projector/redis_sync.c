@@ -188,33 +188,17 @@ static void put_entries(struct projector_ctx *ctx, long long gen, const char *id
 	free(argv);
 }
 
-struct totals_text {
-	char currency[4], accounts[24], open[24], sum[48];
-};
-
 static int by_currency(const void *a, const void *b)
 {
-	return strcmp(((const struct totals_text *)a)->currency, ((const struct totals_text *)b)->currency);
+	return strcmp(((const struct readmodel_total *)a)->currency,
+		      ((const struct readmodel_total *)b)->currency);
 }
 
 /* GET /totals's body; rows sorted here. Caller frees. */
-static char *totals_json(struct totals_text *rows, size_t n)
+static char *totals_json(struct readmodel_total *rows, size_t n)
 {
-	size_t cap = 32 + n * 160, len;
-	char *out = malloc(cap);
-
-	if (!out)
-		return NULL;
 	qsort(rows, n, sizeof(*rows), by_currency);
-	len = (size_t)snprintf(out, cap, "{\"currencies\":[");
-	for (size_t i = 0; i < n; i++)
-		len += (size_t)snprintf(out + len, cap - len,
-					"%s{\"currency\":\"%s\",\"accounts\":%s,\"open_accounts\":%s,"
-					"\"balance_sum\":%s}",
-					i ? "," : "", rows[i].currency, rows[i].accounts, rows[i].open,
-					rows[i].sum);
-	snprintf(out + len, cap - len, "]}");
-	return out;
+	return readmodel_totals_json(rows, n);
 }
 
 static void put_totals(struct projector_ctx *ctx, long long gen, const char *token, char *json)
@@ -245,8 +229,14 @@ static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char 
 
 /* --- each batch ------------------------------------------------------------------------- */
 
+/* The cached totals as text: int64 counts and an int128 sum, bounded by their types. */
+struct totals_text {
+	char accounts[24], open[24], sum[48];
+};
+
 struct totals_collect {
-	struct totals_text *rows;
+	struct readmodel_total *rows;
+	struct totals_text *text;
 	size_t n, cap;
 };
 
@@ -254,28 +244,31 @@ static void collect_total(void *arg, const char *currency, void *value)
 {
 	struct totals_collect *c = arg;
 	const struct rm_total *t = value;
+	struct totals_text *x = &c->text[c->n];
 
 	(void)currency;
 	if (c->n == c->cap)
 		return;
-	snprintf(c->rows[c->n].currency, sizeof(c->rows[c->n].currency), "%s", t->currency);
-	snprintf(c->rows[c->n].accounts, sizeof(c->rows[c->n].accounts), "%lld", (long long)t->accounts);
-	snprintf(c->rows[c->n].open, sizeof(c->rows[c->n].open), "%lld", (long long)t->open_accounts);
-	readmodel_int128_text(t->balance_sum, c->rows[c->n].sum);
-	c->n++;
+	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->accounts);
+	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->open_accounts);
+	readmodel_int128_text(t->balance_sum, x->sum);
+	c->rows[c->n++] = (struct readmodel_total){ .currency = t->currency, .accounts = x->accounts,
+						    .open_accounts = x->open, .balance_sum = x->sum };
 }
 
 static char *cached_totals_json(struct projector_ctx *ctx)
 {
 	struct totals_collect c = { .cap = strmap_count(ctx->totals) };
-	char *json;
+	char *json = NULL;
 
 	c.rows = calloc(c.cap ? c.cap : 1, sizeof(*c.rows));
-	if (!c.rows)
-		return NULL;
-	strmap_foreach(ctx->totals, collect_total, &c);
-	json = totals_json(c.rows, c.n);
+	c.text = calloc(c.cap ? c.cap : 1, sizeof(*c.text));
+	if (c.rows && c.text) {
+		strmap_foreach(ctx->totals, collect_total, &c);
+		json = totals_json(c.rows, c.n);
+	}
 	free(c.rows);
+	free(c.text);
 	return json;
 }
 
@@ -304,7 +297,13 @@ static void send_items(struct projector_ctx *ctx, const struct projector_item *i
 			versions[m] = vtext[m];
 			jsons[m++] = items[i].json;
 		}
-		put_entries(ctx, ctx->gen, items[start].id, versions, jsons, m);
+		/* Only the newest READMODEL_ITEMS_KEPT can stay in the statement: a stream
+		 * with thousands of events in one batch sends no more than those. */
+		if (m > READMODEL_ITEMS_KEPT)
+			put_entries(ctx, ctx->gen, items[start].id, versions + (m - READMODEL_ITEMS_KEPT),
+				    jsons + (m - READMODEL_ITEMS_KEPT), READMODEL_ITEMS_KEPT);
+		else
+			put_entries(ctx, ctx->gen, items[start].id, versions, jsons, m);
 	}
 done:
 	free(versions);
@@ -499,19 +498,19 @@ static void totals_done(void *arg, PGresult *const *results, size_t n, const cha
 	struct sync_state *s = ctx->sync;
 	PGresult *r = results && n ? results[0] : NULL;
 	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
-	struct totals_text *t;
+	struct readmodel_total *t;
 
 	if (rows < 0) {
 		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
 		return;
 	}
+	/* The texts stay in the result: no copy into buffers of a guessed size. */
 	t = calloc((size_t)rows + 1, sizeof(*t));
-	for (int row = 0; t && row < rows; row++) {
-		snprintf(t[row].currency, sizeof(t[row].currency), "%s", PQgetvalue(r, row, 0));
-		snprintf(t[row].accounts, sizeof(t[row].accounts), "%s", PQgetvalue(r, row, 1));
-		snprintf(t[row].open, sizeof(t[row].open), "%s", PQgetvalue(r, row, 2));
-		snprintf(t[row].sum, sizeof(t[row].sum), "%s", PQgetvalue(r, row, 3));
-	}
+	for (int row = 0; t && row < rows; row++)
+		t[row] = (struct readmodel_total){ .currency = PQgetvalue(r, row, 0),
+						   .accounts = PQgetvalue(r, row, 1),
+						   .open_accounts = PQgetvalue(r, row, 2),
+						   .balance_sum = PQgetvalue(r, row, 3) };
 	begin_sends(ctx);
 	s->phase = SY_SWITCH;
 	put_totals(ctx, s->gen, s->cp, t ? totals_json(t, (size_t)rows) : NULL);
