@@ -68,7 +68,7 @@ static const char *const scripts[] = {
 			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
 };
 
-enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH };
+enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH, SY_LIVE };
 
 struct sync_state {
 	enum sync_phase phase;
@@ -94,15 +94,31 @@ static void cp_token(const struct projector_ctx *ctx, char out[48])
 
 static void start_cleanup(struct projector_ctx *ctx);
 
+/* A Redis step failed: say so, count it, and leave Redis to a resync from SQL after
+ * a pause (a persistent error, Redis out of memory say, does not spin). */
+static void report_failure(struct projector_ctx *ctx, const char *what)
+{
+	metric_add(ctx->m_redis_failures, 1);
+	log_warn(&ctx->log, "%s: %zu redis write(s) failed; the generation's checkpoint stays at "
+			    "its last complete batch, and redis is copied from SQL after a pause",
+		 what, ctx->rerrors);
+	ctx->rsync = RS_UNSYNCED;
+	ctx->next_sync = ctx->polls + CHECK_EVERY_POLLS;
+}
+
+static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token);
+
 static void step_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
+	char token[48];
 
 	if (!reply || reply->type == REDIS_REPLY_ERROR) {
 		if (!ctx->rfailed)
 			log_warn(&ctx->log, "redis write failed: %s",
 				 reply ? reply->str : redis_last_error(ctx->redis));
 		ctx->rfailed = true;
+		ctx->rerrors++;
 	}
 	if (--ctx->rpending > 0)
 		return;
@@ -110,8 +126,20 @@ static void step_reply(void *arg, const redisReply *reply)
 		sync_next(ctx);
 		return;
 	}
-	if (ctx->rfailed || ctx->gen_lost) {
+	if (ctx->rfailed) {
+		report_failure(ctx, "a batch's redis writes failed");
+	} else if (ctx->gen_lost) {
 		ctx->rsync = RS_UNSYNCED; /* a later resync repairs what this batch missed */
+	} else if (!ctx->gen_moved && !ctx->rcheckpoint) {
+		/* Every reply of the batch was checked: only now may the generation's
+		 * checkpoint move past its events (a refused write, an OOM or a WRONGTYPE
+		 * say, must not be covered by a later checkpoint). */
+		ctx->rcheckpoint = true;
+		ctx->rpending = 1; /* held until sent */
+		cp_token(ctx, token);
+		put_checkpoint(ctx, ctx->gen, token);
+		step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS });
+		return;
 	} else if (ctx->gen_moved) {
 		/* A rebuild switched generations under us; its generation reached at least
 		 * where this batch started, and every write is guarded: send it again. What
@@ -128,19 +156,23 @@ static void step_reply(void *arg, const redisReply *reply)
 
 static void send(struct projector_ctx *ctx, int argc, const char *const *argv)
 {
-	if (redis_command(ctx->redis, argc, argv, NULL, step_reply, ctx))
+	if (redis_command(ctx->redis, argc, argv, NULL, step_reply, ctx)) {
 		ctx->rpending++;
-	else
+	} else {
 		ctx->rfailed = true;
+		ctx->rerrors++;
+	}
 }
 
 static void eval(struct projector_ctx *ctx, enum script s, int nkeys, int argc,
 		 const char *const *argv)
 {
-	if (redis_eval(ctx->redis, s, nkeys, argc, argv, NULL, step_reply, ctx))
+	if (redis_eval(ctx->redis, s, nkeys, argc, argv, NULL, step_reply, ctx)) {
 		ctx->rpending++;
-	else
+	} else {
 		ctx->rfailed = true;
+		ctx->rerrors++;
+	}
 }
 
 /* --- the pieces of a generation ------------------------------------------------------- */
@@ -346,7 +378,8 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 		return false;
 	}
 	ctx->rpending = 1; /* held until everything is sent */
-	ctx->rfailed = ctx->gen_lost = false;
+	ctx->rfailed = ctx->gen_lost = ctx->rcheckpoint = false;
+	ctx->rerrors = 0;
 	ctx->gen_moved = 0;
 	cp_token(ctx, token);
 	if (redis_eval(ctx->redis, LIVE_STATUS, 0, 0, NULL, NULL, batch_live_reply, ctx))
@@ -365,7 +398,7 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 	}
 	send_items(ctx, items, ni);
 	put_totals(ctx, ctx->gen, token, cached_totals_json(ctx));
-	put_checkpoint(ctx, ctx->gen, token);
+	/* The checkpoint follows once every reply is in (step_reply). */
 	step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS }); /* release the hold */
 	return true;
 }
@@ -375,6 +408,7 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 static void sync_abort(struct projector_ctx *ctx, const char *why)
 {
 	log_warn(&ctx->log, "redis resync abandoned: %s", why);
+	metric_add(ctx->m_redis_failures, 1);
 	free(ctx->sync);
 	ctx->sync = NULL;
 	ctx->rsync = RS_UNSYNCED;
@@ -607,12 +641,19 @@ static void sync_next(struct projector_ctx *ctx)
 		query(ctx, "load_totals", NULL, totals_done);
 		return;
 	case SY_SWITCH:
-		/* Everything up to s->cp is in the new generation: let readers have it. */
+		/* Everything up to s->cp is in the new generation (every reply so far was
+		 * checked): mark it complete... */
 		begin_sends(ctx);
-		snprintf(gen, sizeof(gen), "%lld", s->gen);
 		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
 		send(ctx, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp);
+		s->phase = SY_LIVE;
+		end_sends(ctx);
+		return;
+	case SY_LIVE:
+		/* ...and once that is in too, let readers have it. */
+		begin_sends(ctx);
+		snprintf(gen, sizeof(gen), "%lld", s->gen);
 		send(ctx, 3, live);
 		s->phase = SY_CHECK; /* reused as "switched" */
 		end_sends(ctx);
@@ -642,6 +683,7 @@ static void start_sync(struct projector_ctx *ctx)
 	ctx->sync->phase = SY_GENERATION;
 	cp_token(ctx, ctx->sync->cp);
 	ctx->rfailed = false;
+	ctx->rerrors = 0;
 	ctx->step = STEP_SYNCING;
 	if (!redis_command(ctx->redis, 2, incr, NULL, generation_reply, ctx))
 		sync_abort(ctx, "redis is not connected");
@@ -743,5 +785,11 @@ int projector_redis_open(struct projector_ctx *ctx)
 		.log = &ctx->log, .scripts = scripts, .nscripts = sizeof(scripts) / sizeof(scripts[0]),
 		.command_timeout = 5, .on_ready = on_redis_ready, .arg = ctx,
 	};
+
+	ctx->m_redis_failures = metrics_get(
+		ctx->metrics, METRIC_COUNTER, "daybook_projection_redis_failures_total",
+		"Redis batches and resyncs abandoned on a failed write; Redis is then copied from "
+		"SQL after a pause.",
+		"projection=\"redis\"", NULL, 0);
 	return redis_open(&ctx->redis, &rc);
 }
