@@ -276,11 +276,12 @@ static void collect_total(void *arg, const char *currency, void *value)
 {
 	struct totals_collect *c = arg;
 	const struct rm_total *t = value;
-	struct totals_text *x = &c->text[c->n];
+	struct totals_text *x;
 
 	(void)currency;
 	if (c->n == c->cap)
 		return;
+	x = &c->text[c->n];
 	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->accounts);
 	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->open_accounts);
 	readmodel_int128_text(t->balance_sum, x->sum);
