@@ -11,6 +11,7 @@
 #define SYNC_ACCOUNTS_PAGE "200"
 #define SYNC_TRANSFERS_PAGE "1000"
 #define CHECK_EVERY_POLLS 10 /* the poll timer ticks every 100 ms */
+#define RETRY_POLLS_MAX 100  /* the longest pause before a resync after failures: 10 s */
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -94,6 +95,18 @@ static void cp_token(const struct projector_ctx *ctx, char out[48])
 
 static void start_cleanup(struct projector_ctx *ctx);
 
+/* No resync before a pause: a second after one failure, doubling with each failure in
+ * a row up to RETRY_POLLS_MAX, so that a persistent fault costs little. */
+static void pause_resync(struct projector_ctx *ctx)
+{
+	unsigned polls = CHECK_EVERY_POLLS;
+
+	for (unsigned i = 0; i < ctx->rfail_streak && polls < RETRY_POLLS_MAX; i++)
+		polls *= 2;
+	ctx->next_sync = ctx->polls + (polls < RETRY_POLLS_MAX ? polls : RETRY_POLLS_MAX);
+	ctx->rfail_streak++;
+}
+
 /* A Redis step failed: say so, count it, and leave Redis to a resync from SQL after
  * a pause (a persistent error, Redis out of memory say, does not spin). */
 static void report_failure(struct projector_ctx *ctx, const char *what)
@@ -103,7 +116,7 @@ static void report_failure(struct projector_ctx *ctx, const char *what)
 			    "its last complete batch, and redis is copied from SQL after a pause",
 		 what, ctx->rerrors);
 	ctx->rsync = RS_UNSYNCED;
-	ctx->next_sync = ctx->polls + CHECK_EVERY_POLLS;
+	pause_resync(ctx);
 }
 
 static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token);
@@ -150,6 +163,8 @@ static void step_reply(void *arg, const redisReply *reply)
 		start_cleanup(ctx);
 		if (projector_redis_batch(ctx))
 			return;
+	} else {
+		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
 	}
 	projector_step_done(ctx);
 }
@@ -413,7 +428,7 @@ static void sync_abort(struct projector_ctx *ctx, const char *why)
 	free(ctx->sync);
 	ctx->sync = NULL;
 	ctx->rsync = RS_UNSYNCED;
-	ctx->next_sync = ctx->polls + CHECK_EVERY_POLLS; /* not before a second has passed */
+	pause_resync(ctx);
 	projector_step_done(ctx);
 }
 
@@ -661,6 +676,7 @@ static void sync_next(struct projector_ctx *ctx)
 		return;
 	case SY_CHECK:
 		log_info(&ctx->log, "redis generation %lld is live at %s", s->gen, s->cp);
+		ctx->rfail_streak = 0;
 		ctx->gen = s->gen;
 		ctx->rsync = RS_LIVE;
 		free(ctx->sync);
