@@ -824,25 +824,29 @@ static int by_currency(const void *a, const void *b)
 /* The totals body (t sorted by currency) into Redis, with the checkpoint token. */
 static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const char *token)
 {
-	char k[64], sum[48], *body = malloc(32 + n * 160); /* a currency's member < 160 */
-	size_t len = 0;
-	bool ok = body != NULL;
+	struct readmodel_total *rows = malloc((n ? n : 1) * sizeof(*rows));
+	char (*text)[3][48] = malloc((n ? n : 1) * sizeof(*text));
+	char k[64], *body = NULL;
+	bool ok = false;
 
-	if (ok)
-		len = (size_t)sprintf(body, "{\"currencies\":[");
-	for (size_t i = 0; ok && i < n; i++) {
-		readmodel_int128_text(t[i]->sum, sum);
-		len += (size_t)sprintf(body + len,
-				       "%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
-				       "\"balance_sum\":%s}",
-				       i ? "," : "", t[i]->currency, t[i]->accounts, t[i]->open, sum);
+	if (!rows || !text)
+		goto done;
+	for (size_t i = 0; i < n; i++) {
+		snprintf(text[i][0], sizeof(text[i][0]), "%lld", t[i]->accounts);
+		snprintf(text[i][1], sizeof(text[i][1]), "%lld", t[i]->open);
+		readmodel_int128_text(t[i]->sum, text[i][2]);
+		rows[i] = (struct readmodel_total){ .currency = t[i]->currency, .accounts = text[i][0],
+						    .open_accounts = text[i][1], .balance_sum = text[i][2] };
 	}
-	if (ok) {
+	body = readmodel_totals_json(rows, n);
+	if (body) {
 		const char *argv[6] = { "HSET", k, "p", token, "j", body };
-		sprintf(body + len, "]}");
 		rkey(rb, k, sizeof(k), "totals", NULL);
 		ok = redis_send(rb, 6, argv);
 	}
+done:
+	free(rows);
+	free(text);
 	free(body);
 	return ok;
 }

@@ -783,25 +783,28 @@ static void check_sql_totals(struct verify *v)
 	PQclear(r);
 }
 
-/* GET /totals's body, as the projector writes it. Caller frees. */
+/* GET /totals's body, as the projector writes it (v->totals sorted). Caller frees. */
 static char *totals_json(const struct verify *v)
 {
-	size_t cap = 32 + v->ntotals * 160, len;
-	char *out = malloc(cap), sum[48];
+	struct readmodel_total *rows = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*rows));
+	char (*text)[3][48] = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*text));
+	char *json = NULL;
 
-	if (!out)
-		return NULL;
-	len = (size_t)snprintf(out, cap, "{\"currencies\":[");
-	for (size_t i = 0; i < v->ntotals; i++) {
-		const struct total *t = &v->totals[i];
-		readmodel_int128_text(t->sum, sum);
-		len += (size_t)snprintf(out + len, cap - len,
-					"%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
-					"\"balance_sum\":%s}",
-					i ? "," : "", t->currency, t->accounts, t->open, sum);
+	if (rows && text) {
+		for (size_t i = 0; i < v->ntotals; i++) {
+			const struct total *t = &v->totals[i];
+			snprintf(text[i][0], sizeof(text[i][0]), "%lld", t->accounts);
+			snprintf(text[i][1], sizeof(text[i][1]), "%lld", t->open);
+			readmodel_int128_text(t->sum, text[i][2]);
+			rows[i] = (struct readmodel_total){ .currency = t->currency, .accounts = text[i][0],
+							    .open_accounts = text[i][1],
+							    .balance_sum = text[i][2] };
+		}
+		json = readmodel_totals_json(rows, v->ntotals);
 	}
-	snprintf(out + len, cap - len, "]}");
-	return out;
+	free(rows);
+	free(text);
+	return json;
 }
 
 static void check_redis_totals(struct verify *v, const char *token, const char *found)

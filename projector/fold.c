@@ -100,8 +100,8 @@ struct fold_rows {
 	struct table entries, transfers;
 	struct rm_account **accounts; /* touched, each once */
 	size_t naccounts, cap;
-	struct rm_total *totals[64];  /* touched currencies */
-	size_t ntotals;
+	struct rm_total **totals;     /* touched currencies, each once */
+	size_t ntotals, tcap;
 	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
 	size_t nitems, icap;
 };
@@ -183,8 +183,15 @@ static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r,
 	if (!t)
 		return false;
 	if (!t->touched) {
-		if (r->ntotals == sizeof(r->totals) / sizeof(r->totals[0]))
-			return false; /* more currencies in one batch than we track: shrink it */
+		/* A batch may touch any number of currencies (up to every one there is). */
+		if (r->ntotals == r->tcap) {
+			size_t cap = r->tcap ? 2 * r->tcap : 16;
+			struct rm_total **grown = realloc(r->totals, cap * sizeof(*grown));
+			if (!grown)
+				return false;
+			r->totals = grown;
+			r->tcap = cap;
+		}
 		r->totals[r->ntotals++] = t;
 		t->touched = true;
 	}
@@ -279,6 +286,7 @@ void projector_rows_free(struct fold_rows **rp)
 		free(r->items[i].json);
 	free(r->items);
 	free(r->accounts);
+	free(r->totals);
 	free(r);
 	*rp = NULL;
 }

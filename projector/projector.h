@@ -83,6 +83,10 @@ struct projector_ctx {
 	long long gen;       /* the Redis generation this projector writes */
 	size_t rpending;     /* Redis replies still to come for the current step */
 	bool rfailed;        /* a reply of the current step failed */
+	size_t rerrors;      /* error replies of the current step */
+	bool rcheckpoint;    /* the batch's writes all succeeded: its checkpoint is in flight */
+	struct metric *m_redis_failures; /* Redis steps abandoned on an error reply */
+	unsigned rfail_streak; /* Redis steps failed in a row: the pause before a resync grows */
 	long long gen_moved; /* a rebuild made this generation live under the batch */
 	bool gen_lost;       /* no usable live generation seen during the batch */
 	bool live_suspect;   /* the periodic check saw another live generation mid-batch */

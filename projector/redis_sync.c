@@ -11,6 +11,7 @@
 #define SYNC_ACCOUNTS_PAGE "200"
 #define SYNC_TRANSFERS_PAGE "1000"
 #define CHECK_EVERY_POLLS 10 /* the poll timer ticks every 100 ms */
+#define RETRY_POLLS_MAX 100  /* the longest pause before a resync after failures: 10 s */
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -68,7 +69,7 @@ static const char *const scripts[] = {
 			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
 };
 
-enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH };
+enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH, SY_LIVE };
 
 struct sync_state {
 	enum sync_phase phase;
@@ -94,15 +95,43 @@ static void cp_token(const struct projector_ctx *ctx, char out[48])
 
 static void start_cleanup(struct projector_ctx *ctx);
 
+/* No resync before a pause: a second after one failure, doubling with each failure in
+ * a row up to RETRY_POLLS_MAX, so that a persistent fault costs little. */
+static void pause_resync(struct projector_ctx *ctx)
+{
+	unsigned polls = CHECK_EVERY_POLLS;
+
+	for (unsigned i = 0; i < ctx->rfail_streak && polls < RETRY_POLLS_MAX; i++)
+		polls *= 2;
+	ctx->next_sync = ctx->polls + (polls < RETRY_POLLS_MAX ? polls : RETRY_POLLS_MAX);
+	ctx->rfail_streak++;
+}
+
+/* A Redis step failed: say so, count it, and leave Redis to a resync from SQL after
+ * a pause (a persistent error, Redis out of memory say, does not spin). */
+static void report_failure(struct projector_ctx *ctx, const char *what)
+{
+	metric_add(ctx->m_redis_failures, 1);
+	log_warn(&ctx->log, "%s: %zu redis write(s) failed; the generation's checkpoint stays at "
+			    "its last complete batch, and redis is copied from SQL after a pause",
+		 what, ctx->rerrors);
+	ctx->rsync = RS_UNSYNCED;
+	pause_resync(ctx);
+}
+
+static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token);
+
 static void step_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
+	char token[48];
 
 	if (!reply || reply->type == REDIS_REPLY_ERROR) {
 		if (!ctx->rfailed)
 			log_warn(&ctx->log, "redis write failed: %s",
 				 reply ? reply->str : redis_last_error(ctx->redis));
 		ctx->rfailed = true;
+		ctx->rerrors++;
 	}
 	if (--ctx->rpending > 0)
 		return;
@@ -110,8 +139,20 @@ static void step_reply(void *arg, const redisReply *reply)
 		sync_next(ctx);
 		return;
 	}
-	if (ctx->rfailed || ctx->gen_lost) {
+	if (ctx->rfailed) {
+		report_failure(ctx, "a batch's redis writes failed");
+	} else if (ctx->gen_lost) {
 		ctx->rsync = RS_UNSYNCED; /* a later resync repairs what this batch missed */
+	} else if (!ctx->gen_moved && !ctx->rcheckpoint) {
+		/* Every reply of the batch was checked: only now may the generation's
+		 * checkpoint move past its events (a refused write, an OOM or a WRONGTYPE
+		 * say, must not be covered by a later checkpoint). */
+		ctx->rcheckpoint = true;
+		ctx->rpending = 1; /* held until sent */
+		cp_token(ctx, token);
+		put_checkpoint(ctx, ctx->gen, token);
+		step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS });
+		return;
 	} else if (ctx->gen_moved) {
 		/* A rebuild switched generations under us; its generation reached at least
 		 * where this batch started, and every write is guarded: send it again. What
@@ -122,25 +163,31 @@ static void step_reply(void *arg, const redisReply *reply)
 		start_cleanup(ctx);
 		if (projector_redis_batch(ctx))
 			return;
+	} else {
+		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
 	}
 	projector_step_done(ctx);
 }
 
 static void send(struct projector_ctx *ctx, int argc, const char *const *argv)
 {
-	if (redis_command(ctx->redis, argc, argv, NULL, step_reply, ctx))
+	if (redis_command(ctx->redis, argc, argv, NULL, step_reply, ctx)) {
 		ctx->rpending++;
-	else
+	} else {
 		ctx->rfailed = true;
+		ctx->rerrors++;
+	}
 }
 
 static void eval(struct projector_ctx *ctx, enum script s, int nkeys, int argc,
 		 const char *const *argv)
 {
-	if (redis_eval(ctx->redis, s, nkeys, argc, argv, NULL, step_reply, ctx))
+	if (redis_eval(ctx->redis, s, nkeys, argc, argv, NULL, step_reply, ctx)) {
 		ctx->rpending++;
-	else
+	} else {
 		ctx->rfailed = true;
+		ctx->rerrors++;
+	}
 }
 
 /* --- the pieces of a generation ------------------------------------------------------- */
@@ -188,33 +235,17 @@ static void put_entries(struct projector_ctx *ctx, long long gen, const char *id
 	free(argv);
 }
 
-struct totals_text {
-	char currency[4], accounts[24], open[24], sum[48];
-};
-
 static int by_currency(const void *a, const void *b)
 {
-	return strcmp(((const struct totals_text *)a)->currency, ((const struct totals_text *)b)->currency);
+	return strcmp(((const struct readmodel_total *)a)->currency,
+		      ((const struct readmodel_total *)b)->currency);
 }
 
 /* GET /totals's body; rows sorted here. Caller frees. */
-static char *totals_json(struct totals_text *rows, size_t n)
+static char *totals_json(struct readmodel_total *rows, size_t n)
 {
-	size_t cap = 32 + n * 160, len;
-	char *out = malloc(cap);
-
-	if (!out)
-		return NULL;
 	qsort(rows, n, sizeof(*rows), by_currency);
-	len = (size_t)snprintf(out, cap, "{\"currencies\":[");
-	for (size_t i = 0; i < n; i++)
-		len += (size_t)snprintf(out + len, cap - len,
-					"%s{\"currency\":\"%s\",\"accounts\":%s,\"open_accounts\":%s,"
-					"\"balance_sum\":%s}",
-					i ? "," : "", rows[i].currency, rows[i].accounts, rows[i].open,
-					rows[i].sum);
-	snprintf(out + len, cap - len, "]}");
-	return out;
+	return readmodel_totals_json(rows, n);
 }
 
 static void put_totals(struct projector_ctx *ctx, long long gen, const char *token, char *json)
@@ -245,8 +276,14 @@ static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char 
 
 /* --- each batch ------------------------------------------------------------------------- */
 
+/* The cached totals as text: int64 counts and an int128 sum, bounded by their types. */
+struct totals_text {
+	char accounts[24], open[24], sum[48];
+};
+
 struct totals_collect {
-	struct totals_text *rows;
+	struct readmodel_total *rows;
+	struct totals_text *text;
 	size_t n, cap;
 };
 
@@ -254,28 +291,32 @@ static void collect_total(void *arg, const char *currency, void *value)
 {
 	struct totals_collect *c = arg;
 	const struct rm_total *t = value;
+	struct totals_text *x;
 
 	(void)currency;
 	if (c->n == c->cap)
 		return;
-	snprintf(c->rows[c->n].currency, sizeof(c->rows[c->n].currency), "%s", t->currency);
-	snprintf(c->rows[c->n].accounts, sizeof(c->rows[c->n].accounts), "%lld", (long long)t->accounts);
-	snprintf(c->rows[c->n].open, sizeof(c->rows[c->n].open), "%lld", (long long)t->open_accounts);
-	readmodel_int128_text(t->balance_sum, c->rows[c->n].sum);
-	c->n++;
+	x = &c->text[c->n];
+	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->accounts);
+	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->open_accounts);
+	readmodel_int128_text(t->balance_sum, x->sum);
+	c->rows[c->n++] = (struct readmodel_total){ .currency = t->currency, .accounts = x->accounts,
+						    .open_accounts = x->open, .balance_sum = x->sum };
 }
 
 static char *cached_totals_json(struct projector_ctx *ctx)
 {
 	struct totals_collect c = { .cap = strmap_count(ctx->totals) };
-	char *json;
+	char *json = NULL;
 
 	c.rows = calloc(c.cap ? c.cap : 1, sizeof(*c.rows));
-	if (!c.rows)
-		return NULL;
-	strmap_foreach(ctx->totals, collect_total, &c);
-	json = totals_json(c.rows, c.n);
+	c.text = calloc(c.cap ? c.cap : 1, sizeof(*c.text));
+	if (c.rows && c.text) {
+		strmap_foreach(ctx->totals, collect_total, &c);
+		json = totals_json(c.rows, c.n);
+	}
 	free(c.rows);
+	free(c.text);
 	return json;
 }
 
@@ -304,7 +345,13 @@ static void send_items(struct projector_ctx *ctx, const struct projector_item *i
 			versions[m] = vtext[m];
 			jsons[m++] = items[i].json;
 		}
-		put_entries(ctx, ctx->gen, items[start].id, versions, jsons, m);
+		/* Only the newest READMODEL_ITEMS_KEPT can stay in the statement: a stream
+		 * with thousands of events in one batch sends no more than those. */
+		if (m > READMODEL_ITEMS_KEPT)
+			put_entries(ctx, ctx->gen, items[start].id, versions + (m - READMODEL_ITEMS_KEPT),
+				    jsons + (m - READMODEL_ITEMS_KEPT), READMODEL_ITEMS_KEPT);
+		else
+			put_entries(ctx, ctx->gen, items[start].id, versions, jsons, m);
 	}
 done:
 	free(versions);
@@ -347,7 +394,8 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 		return false;
 	}
 	ctx->rpending = 1; /* held until everything is sent */
-	ctx->rfailed = ctx->gen_lost = false;
+	ctx->rfailed = ctx->gen_lost = ctx->rcheckpoint = false;
+	ctx->rerrors = 0;
 	ctx->gen_moved = 0;
 	cp_token(ctx, token);
 	if (redis_eval(ctx->redis, LIVE_STATUS, 0, 0, NULL, NULL, batch_live_reply, ctx))
@@ -366,7 +414,7 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 	}
 	send_items(ctx, items, ni);
 	put_totals(ctx, ctx->gen, token, cached_totals_json(ctx));
-	put_checkpoint(ctx, ctx->gen, token);
+	/* The checkpoint follows once every reply is in (step_reply). */
 	step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS }); /* release the hold */
 	return true;
 }
@@ -376,10 +424,11 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 static void sync_abort(struct projector_ctx *ctx, const char *why)
 {
 	log_warn(&ctx->log, "redis resync abandoned: %s", why);
+	metric_add(ctx->m_redis_failures, 1);
 	free(ctx->sync);
 	ctx->sync = NULL;
 	ctx->rsync = RS_UNSYNCED;
-	ctx->next_sync = ctx->polls + CHECK_EVERY_POLLS; /* not before a second has passed */
+	pause_resync(ctx);
 	projector_step_done(ctx);
 }
 
@@ -499,19 +548,19 @@ static void totals_done(void *arg, PGresult *const *results, size_t n, const cha
 	struct sync_state *s = ctx->sync;
 	PGresult *r = results && n ? results[0] : NULL;
 	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
-	struct totals_text *t;
+	struct readmodel_total *t;
 
 	if (rows < 0) {
 		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
 		return;
 	}
+	/* The texts stay in the result: no copy into buffers of a guessed size. */
 	t = calloc((size_t)rows + 1, sizeof(*t));
-	for (int row = 0; t && row < rows; row++) {
-		snprintf(t[row].currency, sizeof(t[row].currency), "%s", PQgetvalue(r, row, 0));
-		snprintf(t[row].accounts, sizeof(t[row].accounts), "%s", PQgetvalue(r, row, 1));
-		snprintf(t[row].open, sizeof(t[row].open), "%s", PQgetvalue(r, row, 2));
-		snprintf(t[row].sum, sizeof(t[row].sum), "%s", PQgetvalue(r, row, 3));
-	}
+	for (int row = 0; t && row < rows; row++)
+		t[row] = (struct readmodel_total){ .currency = PQgetvalue(r, row, 0),
+						   .accounts = PQgetvalue(r, row, 1),
+						   .open_accounts = PQgetvalue(r, row, 2),
+						   .balance_sum = PQgetvalue(r, row, 3) };
 	begin_sends(ctx);
 	s->phase = SY_SWITCH;
 	put_totals(ctx, s->gen, s->cp, t ? totals_json(t, (size_t)rows) : NULL);
@@ -608,18 +657,26 @@ static void sync_next(struct projector_ctx *ctx)
 		query(ctx, "load_totals", NULL, totals_done);
 		return;
 	case SY_SWITCH:
-		/* Everything up to s->cp is in the new generation: let readers have it. */
+		/* Everything up to s->cp is in the new generation (every reply so far was
+		 * checked): mark it complete... */
 		begin_sends(ctx);
-		snprintf(gen, sizeof(gen), "%lld", s->gen);
 		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
 		send(ctx, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp);
+		s->phase = SY_LIVE;
+		end_sends(ctx);
+		return;
+	case SY_LIVE:
+		/* ...and once that is in too, let readers have it. */
+		begin_sends(ctx);
+		snprintf(gen, sizeof(gen), "%lld", s->gen);
 		send(ctx, 3, live);
 		s->phase = SY_CHECK; /* reused as "switched" */
 		end_sends(ctx);
 		return;
 	case SY_CHECK:
 		log_info(&ctx->log, "redis generation %lld is live at %s", s->gen, s->cp);
+		ctx->rfail_streak = 0;
 		ctx->gen = s->gen;
 		ctx->rsync = RS_LIVE;
 		free(ctx->sync);
@@ -643,6 +700,7 @@ static void start_sync(struct projector_ctx *ctx)
 	ctx->sync->phase = SY_GENERATION;
 	cp_token(ctx, ctx->sync->cp);
 	ctx->rfailed = false;
+	ctx->rerrors = 0;
 	ctx->step = STEP_SYNCING;
 	if (!redis_command(ctx->redis, 2, incr, NULL, generation_reply, ctx))
 		sync_abort(ctx, "redis is not connected");
@@ -744,5 +802,11 @@ int projector_redis_open(struct projector_ctx *ctx)
 		.log = &ctx->log, .scripts = scripts, .nscripts = sizeof(scripts) / sizeof(scripts[0]),
 		.command_timeout = 5, .on_ready = on_redis_ready, .arg = ctx,
 	};
+
+	ctx->m_redis_failures = metrics_get(
+		ctx->metrics, METRIC_COUNTER, "daybook_projection_redis_failures_total",
+		"Redis batches and resyncs abandoned on a failed write; Redis is then copied from "
+		"SQL after a pause.",
+		"projection=\"redis\"", NULL, 0);
 	return redis_open(&ctx->redis, &rc);
 }

@@ -362,45 +362,26 @@ static bool render_transfer(const PGresult *res, struct answer *ans)
 	return take(readmodel_transfer_json(&t), ans);
 }
 
-static bool is_integer_text(const char *s)
-{
-	if (*s == '-')
-		s++;
-	if (!*s)
-		return false;
-	for (; *s; s++)
-		if (*s < '0' || *s > '9')
-			return false;
-	return true;
-}
-
-/* balance_sum is numeric (a sum of int64 can exceed int64), so the body is spliced
- * by hand, as the projector does: jansson has no integers beyond int64. Currencies
- * are three capital letters, which need no escaping. */
+/* balance_sum is numeric (a sum of int64 can exceed int64): the texts go into the
+ * body as they are, through the one rendering the projector uses too. */
 static bool render_totals(const PGresult *res, struct answer *ans)
 {
-	int rows = PQntuples(res);
-	size_t cap = 32 + (size_t)rows * 160, len;
-	char *body = malloc(cap);
+	int rows = PQntuples(res), n = 0;
+	struct readmodel_total *t = malloc((size_t)(rows ? rows : 1) * sizeof(*t));
+	char *body;
 
+	if (!t)
+		return false;
+	for (; n < rows && val(res, n, 2); n++)
+		t[n] = (struct readmodel_total){ .currency = val(res, n, 2), .accounts = val(res, n, 3),
+						 .open_accounts = val(res, n, 4),
+						 .balance_sum = val(res, n, 5) };
+	body = readmodel_totals_json(t, (size_t)n);
+	free(t);
 	if (!body)
 		return false;
-	len = (size_t)snprintf(body, cap, "{\"currencies\":[");
-	for (int i = 0; i < rows && val(res, i, 2); i++) {
-		const char *cur = val(res, i, 2), *sum = val(res, i, 5);
-		if (!ledger_valid_currency(cur) || strlen(sum) > 60 || !is_integer_text(sum)) {
-			free(body);
-			return false;
-		}
-		len += (size_t)snprintf(body + len, cap - len,
-					"%s{\"currency\":\"%s\",\"accounts\":%lld,\"open_accounts\":%lld,"
-					"\"balance_sum\":%s}",
-					i ? "," : "", cur, (long long)int_of(res, i, 3),
-					(long long)int_of(res, i, 4), sum);
-	}
-	len += (size_t)snprintf(body + len, cap - len, "]}");
 	ans->body = body;
-	ans->len = len;
+	ans->len = strlen(body);
 	ans->status = 200;
 	return true;
 }

@@ -219,6 +219,50 @@ char *readmodel_transfer_json(const struct readmodel_transfer *t)
 	return done(&o);
 }
 
+/* An optional minus sign and at least one digit, nothing else. */
+static bool integer_text(const char *s)
+{
+	if (*s == '-')
+		s++;
+	if (!*s)
+		return false;
+	for (; *s; s++)
+		if (*s < '0' || *s > '9')
+			return false;
+	return true;
+}
+
+/* The members are spliced as text (jansson has no integers beyond int64); the buffer
+ * grows with the rows, whatever their number and the numbers' lengths. */
+char *readmodel_totals_json(const struct readmodel_total *rows, size_t n)
+{
+	static const char *const names[] = { "\"currency\":", ",\"accounts\":",
+					     ",\"open_accounts\":", ",\"balance_sum\":" };
+	struct out o = { 0 };
+
+	raw(&o, "{\"currencies\":[", 15);
+	for (size_t i = 0; i < n && !o.failed; i++) {
+		const char *v[4] = { rows[i].currency, rows[i].accounts, rows[i].open_accounts,
+				     rows[i].balance_sum };
+		if (!v[0] || !ledger_valid_currency(v[0]))
+			o.failed = true;
+		raw(&o, i ? ",{" : "{", i ? 2 : 1);
+		for (size_t k = 0; k < 4 && !o.failed; k++) {
+			raw(&o, names[k], strlen(names[k]));
+			if (k == 0) {
+				str(&o, v[0]);
+			} else if (v[k] && integer_text(v[k])) {
+				raw(&o, v[k], strlen(v[k]));
+			} else {
+				o.failed = true;
+			}
+		}
+		raw(&o, "}", 1);
+	}
+	raw(&o, "]", 1);
+	return done(&o);
+}
+
 /* Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm). */
 static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
 {

@@ -58,6 +58,18 @@ char *readmodel_account_json(const struct readmodel_account *a);
 char *readmodel_entry_json(const struct readmodel_entry *e);
 char *readmodel_transfer_json(const struct readmodel_transfer *t);
 
+/* One currency's member of GET /totals; the numbers are decimal integer texts (the
+ * sum of balances may exceed int64). Strings are borrowed. */
+struct readmodel_total {
+	const char *currency, *accounts, *open_accounts, *balance_sum;
+};
+/* GET /totals's body for n rows (any number), in the order given: callers sort them
+ * by currency, bytewise. The one rendering of totals, shared by the projector,
+ * daybook-admin and the query service's SQL path, so that their bodies are
+ * byte-identical. Caller frees; NULL when out of memory or when a currency is not
+ * of ISO 4217 shape or a number is not an integer text. */
+char *readmodel_totals_json(const struct readmodel_total *rows, size_t n);
+
 /* The statement item type of a money event ("deposit", "withdrawal", "transfer_in",
  * "transfer_out"); NULL for events that make no statement item. */
 const char *readmodel_entry_type(enum ledger_event_type type);

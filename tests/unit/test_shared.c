@@ -1026,3 +1026,46 @@ Test(readmodel, item_version_is_read_from_the_items_own_prefix)
 	cr_assert_eq(readmodel_item_version(NULL), -1);
 	cr_assert_eq(readmodel_item_version("{\"version\":99999999999999999999,"), -1);
 }
+
+/* GET /totals: every currency there can be, each with the longest numbers its types
+ * allow, renders whole (no buffer sized by a guess), and the text is what jansson
+ * reads back. */
+Test(readmodel, totals_of_every_currency_with_the_longest_numbers_render_whole)
+{
+	enum { N = 26 * 26 * 26 };
+	static struct readmodel_total rows[N];
+	static char cur[N][4];
+	char sum[48], first[256], *json;
+	json_t *doc, *list;
+
+	readmodel_int128_text(-((__int128)INT64_MAX * INT64_MAX), sum);
+	for (int i = 0; i < N; i++) {
+		snprintf(cur[i], sizeof(cur[i]), "%c%c%c", 'A' + i / 676, 'A' + i / 26 % 26, 'A' + i % 26);
+		rows[i] = (struct readmodel_total){ .currency = cur[i], .accounts = "9223372036854775807",
+						    .open_accounts = "-9223372036854775808",
+						    .balance_sum = sum };
+	}
+	json = readmodel_totals_json(rows, N);
+	cr_assert_not_null(json);
+	snprintf(first, sizeof(first),
+		 "{\"currencies\":[{\"currency\":\"AAA\",\"accounts\":9223372036854775807,"
+		 "\"open_accounts\":-9223372036854775808,\"balance_sum\":%s},{", sum);
+	cr_assert(strncmp(json, first, strlen(first)) == 0, "%.300s", json);
+	cr_assert(strstr(json, "{\"currency\":\"ZZZ\",") && strcmp(json + strlen(json) - 3, "}]}") == 0);
+	doc = json_loads(json, JSON_DECODE_INT_AS_REAL, NULL);
+	cr_assert_not_null(doc, "not JSON");
+	list = json_object_get(doc, "currencies");
+	cr_assert_eq(json_array_size(list), N);
+	cr_assert_str_eq(json_string_value(json_object_get(json_array_get(list, N - 1), "currency")), "ZZZ");
+	json_decref(doc);
+	free(json);
+	json = readmodel_totals_json(NULL, 0);
+	cr_assert_str_eq(json, "{\"currencies\":[]}");
+	free(json);
+	/* What is not a currency or an integer is refused, not spliced in. */
+	rows[0].balance_sum = "1e3";
+	cr_assert_null(readmodel_totals_json(rows, 1));
+	rows[0].balance_sum = "12";
+	rows[0].currency = "EU\"";
+	cr_assert_null(readmodel_totals_json(rows, 1));
+}
