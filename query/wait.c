@@ -185,8 +185,9 @@ static void arm_expiry(struct waitset *ws)
 		return;
 	d = first - now();
 	d = d < 0 ? 0 : d;
+	d += 1e-6; /* never early */
 	tv.tv_sec = (time_t)d;
-	tv.tv_usec = (suseconds_t)((d - (double)tv.tv_sec) * 1e6) + 1; /* never early */
+	tv.tv_usec = (suseconds_t)((d - (double)tv.tv_sec) * 1e6);
 	ws->expiry_at = first;
 	evtimer_add(ws->expiry, &tv);
 }
@@ -248,11 +249,13 @@ static void on_safety(evutil_socket_t fd, short what, void *arg)
 
 uint64_t waitset_seq(const struct waitset *ws)
 {
-	return ws->seq;
+	return ws ? ws->seq : 0;
 }
 
 enum wait_add waitset_add(struct waitset *ws, struct waiter *w, uint64_t seen)
 {
+	if (!ws)
+		return WAIT_FULL;
 	if (seen != ws->seq && satisfied(ws, w))
 		return WAIT_AGAIN;
 	if (!w->counted) {

@@ -62,13 +62,13 @@ struct waitset_config {
 
 enum wait_add {
 	WAIT_ADDED, /* woken later through w->wake */
-	WAIT_FULL,  /* the cap is reached: answer 503 too_many_waiters */
+	WAIT_FULL,  /* the cap is reached (or out of memory, or closed): answer 503 */
 	WAIT_AGAIN, /* a position that satisfies it arrived since `seen`: look again now */
 };
 
 /* The config's pointers must outlive the set. Close with waitset_close, which wakes
- * every waiter left as expired. The calls below accept a closed (NULL) set and then
- * do nothing, except waitset_add and waitset_seq. */
+ * every waiter left as expired. The calls below accept a closed (NULL) set: then
+ * nothing waits (waitset_add says WAIT_FULL). */
 int waitset_open(struct waitset **out, const struct waitset_config *cfg)
 	__attribute__((warn_unused_result));
 void waitset_close(struct waitset **ws);
