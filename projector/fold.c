@@ -354,6 +354,16 @@ static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
 	return ok;
 }
 
+/* NOTIFY the batch's new checkpoint, in its transaction (delivered on commit only). */
+static bool queue_position_notice(struct projector_ctx *ctx, const struct log_event *last)
+{
+	char token[64];
+	const char *param = token;
+
+	snprintf(token, sizeof(token), "%s.%lld", last->txid, last->position);
+	return pg_queue(ctx->pg, "notify_position", 1, &param);
+}
+
 bool projector_queue_writes(struct projector_ctx *ctx)
 {
 	const struct log_event *last = &ctx->events[ctx->nevents - 1];
@@ -369,7 +379,7 @@ bool projector_queue_writes(struct projector_ctx *ctx)
 	       pg_queue(ctx->pg, "move_checkpoint", 5, cas) && queue_accounts(ctx, ctx->rows) &&
 	       queue_table(ctx, &ctx->rows->entries, "insert_entries") &&
 	       queue_table(ctx, &ctx->rows->transfers, "insert_transfers") &&
-	       queue_totals(ctx, ctx->rows);
+	       queue_totals(ctx, ctx->rows) && queue_position_notice(ctx, last);
 }
 
 void projector_rows_committed(struct projector_ctx *ctx)

@@ -90,6 +90,10 @@ static const struct pg_statement statements[] = {
 	  "UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, open_accounts = "
 	  "rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = rm_totals.balance_sum + "
 	  "EXCLUDED.balance_sum" },
+	/* In the batch's transaction, so it is delivered only if the checkpoint commits:
+	 * wakes the query service's reads waiting for this position (the payload is the
+	 * new checkpoint token). */
+	{ "notify_position", "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $1)" },
 };
 
 const struct pg_statement *projector_statements(size_t *n)

@@ -15,6 +15,8 @@
 #define REDIS_COMMAND_TIMEOUT 0.25
 #define REDIS_CONNECT_TIMEOUT 1.0
 #define MAX_WORKERS 8
+#define MAX_WAITERS_DEFAULT 10000
+#define WAIT_PROBE_MS_DEFAULT 200
 
 static const char usage[] =
 	"usage: daybook-query [--help]\n"
@@ -29,6 +31,8 @@ static const char usage[] =
 	"  DAYBOOK_TOKENS_FILE  API tokens: '<id> <sha256 hex> <scopes>' lines (required)\n"
 	"  DAYBOOK_LISTEN       host:port to listen on (default 127.0.0.1:8082)\n"
 	"  DAYBOOK_QUERY_WORKERS  event-loop threads sharing the port (default: CPUs, up to 4)\n"
+	"  DAYBOOK_MAX_WAITERS  reads that may wait for min_position at once (default 10000)\n"
+	"  DAYBOOK_WAIT_PROBE_MS  safety probe of the checkpoints while reads wait (default 200)\n"
 	"  DAYBOOK_LOG_LEVEL    debug|info|warn|error (default info)\n";
 
 /* Ready when SQL can answer, in every worker (any of them may get the next request);
@@ -71,13 +75,15 @@ static void on_position(void *arg, const char *msg, size_t len)
 	struct readmodel_position at;
 
 	if (space && query_position_parse_n(space + 1, len - (size_t)(space + 1 - msg), &at))
-		read_wake(ctx, &at);
+		waitset_reached(ctx->waits, WAIT_FROM_REDIS, &at);
 }
 
-/* After a (re)subscription messages may have been missed: look again. */
+/* After a (re)subscription messages may have been missed: look again, once. */
 static void on_subscribed(void *arg)
 {
-	read_wake(arg, NULL);
+	struct query_ctx *ctx = arg;
+
+	waitset_poke(ctx->waits, WAIT_FROM_REDIS);
 }
 
 static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
@@ -213,6 +219,24 @@ static void *run_worker(void *arg)
 	return NULL;
 }
 
+/* An optional integer setting in [min, max]; false after saying what is wrong. */
+static bool env_int(const char *name, long min, long max, long *out)
+{
+	const char *v = getenv(name);
+	char *end = NULL;
+	long n;
+
+	if (!v || !*v)
+		return true;
+	n = strtol(v, &end, 10);
+	if (*end || n < min || n > max) {
+		fprintf(stderr, "daybook-query: %s must be a number from %ld to %ld\n", name, min, max);
+		return false;
+	}
+	*out = n;
+	return true;
+}
+
 static int worker_count(void)
 {
 	const char *v = getenv("DAYBOOK_QUERY_WORKERS");
@@ -251,6 +275,8 @@ int main(int argc, char **argv)
 {
 	static struct query_ctx w[MAX_WORKERS];
 	pthread_t threads[MAX_WORKERS];
+	atomic_size_t waiters = 0;
+	long max_waiters = MAX_WAITERS_DEFAULT, probe_ms = WAIT_PROBE_MS_DEFAULT;
 	struct config cfg;
 	struct tokens *tokens = NULL;
 	struct metrics *metrics = NULL;
@@ -262,6 +288,9 @@ int main(int argc, char **argv)
 
 	if (rc >= 0)
 		return rc;
+	if (!env_int("DAYBOOK_MAX_WAITERS", 1, 10000000, &max_waiters) ||
+	    !env_int("DAYBOOK_WAIT_PROBE_MS", 10, 600000, &probe_ms))
+		return 2;
 	if (tokens_open(&tokens, cfg.tokens_file, err, sizeof(err))) {
 		fprintf(stderr, "daybook-query: DAYBOOK_TOKENS_FILE: %s\n", err);
 		return 2;
@@ -274,7 +303,9 @@ int main(int argc, char **argv)
 	for (int i = 0; i < n; i++)
 		w[i] = (struct query_ctx){ .cfg = cfg, .log = { "query", cfg.log_level },
 					   .tokens = tokens, .metrics = metrics, .workers = w,
-					   .nworkers = n };
+					   .nworkers = n, .waiters = &waiters,
+					   .max_waiters = (size_t)max_waiters,
+					   .probe_interval = (double)probe_ms / 1e3 };
 	rc = start_all(w, n, threads, &started);
 	if (rc == 0)
 		rc = event_base_dispatch(w[0].base) < 0 ? 1 : 0;

@@ -16,6 +16,7 @@
 #include "readmodel.h"
 #include "redis.h"
 #include "tokens.h"
+#include "wait.h"
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
 #define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
@@ -48,9 +49,10 @@ struct query_ctx {
 	struct redis *redis;      /* the read connection */
 	struct redis *subscriber; /* dbk:position, to wake waiting reads */
 	struct sqlpool *sql;
-	struct read *waiting;     /* reads waiting for a projection to reach min_position */
-	struct event *wait_timer;
-	bool probing_sql, probing_redis; /* checkpoint probes in flight */
+	struct waitset *waits;    /* reads waiting for a projection to reach min_position */
+	size_t max_waiters;       /* DAYBOOK_MAX_WAITERS, for all workers together */
+	atomic_size_t *waiters;   /* how many wait now, in all workers (main's) */
+	double probe_interval;    /* DAYBOOK_WAIT_PROBE_MS, in seconds */
 	struct metric *fallbacks[FALLBACK_COUNT];
 	struct metric *served_redis, *served_sql;
 	struct event *sigterm, *sigint, *drain_timer;
@@ -69,12 +71,12 @@ enum read_kind {
 	READ_TRANSFER,
 	READ_TOTALS,
 	READ_EVENTS,
-	READ_PROBE, /* internal: the SQL checkpoint, for waiting reads */
+	READ_PROBE, /* internal: the SQL checkpoint and the log head, for waiting reads */
 };
 
 /* One read request, from its parsed parameters to its reply. */
 struct read {
-	struct read *next; /* in the SQL queue, an SQL batch, or the wait list */
+	struct read *next; /* in the SQL queue or an SQL batch */
 	struct query_ctx *ctx;
 	struct http_request *req; /* NULL for the internal checkpoint probe */
 	enum read_kind kind;
@@ -86,6 +88,9 @@ struct read {
 	struct readmodel_position min;
 	double deadline;   /* monotonic seconds: stop waiting for min_position */
 	int sql_attempts;
+	struct waiter wait;   /* while waiting for min_position */
+	uint64_t wait_seq;    /* waitset_seq when the read last started */
+	bool redis_cannot;    /* Redis reached min_position but cannot answer this read */
 };
 
 /* The SQL side: a small pool of pipelined connections (sql.c). */
@@ -116,6 +121,10 @@ struct answer {
 bool sql_render(const struct read *rd, const PGresult *res, struct answer *ans)
 	__attribute__((warn_unused_result));
 
+/* The log head in a READ_PROBE result (its columns 2 and 3); false when malformed. */
+bool sql_probe_head(const PGresult *res, struct readmodel_position *head)
+	__attribute__((warn_unused_result));
+
 /* read.c: the read flow. */
 /* {"items":[<items>],"next_before":<next>|null}, malloc'd (caller frees), or NULL when
  * out of memory. Both models' statement pages go through it, so they match. */
@@ -126,11 +135,9 @@ char *transactions_body(const char *const *items, const size_t *lens, size_t n,
 void read_start(struct read *rd);
 void read_sql_done(struct read *rd, const PGresult *res);
 void read_sql_failed(struct read *rd, const char *why, bool retry);
-/* A projection may have moved (dbk:position message, reconnect): re-check waiters. */
-void read_wake(struct query_ctx *ctx, const struct readmodel_position *reached);
 /* The Lua scripts the read connection loads. */
 const char *const *read_scripts(size_t *n);
-/* Set up the wait timer and fallback counters. */
+/* Set up the waiting room (ctx->waits) and the fallback counters. */
 int read_init(struct query_ctx *ctx) __attribute__((warn_unused_result));
 void read_fini(struct query_ctx *ctx);
 

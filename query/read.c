@@ -1,14 +1,13 @@
 /* daybook-query's read flow: Redis first (one EVALSHA), SQL on a miss or outage,
  * and waiting for a projection to reach the caller's min_position. */
 #include <event2/event.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "query.h"
-
-#define WAIT_TICK 0.005 /* seconds between checkpoint probes while reads wait */
 
 enum script {
 	SCRIPT_ACCOUNT,
@@ -128,6 +127,13 @@ char *transactions_body(const char *const *items, const size_t *lens, size_t n,
 
 /* --- replies ---------------------------------------------------------------------- */
 
+/* A read is finished: give back its place among the waiters too. */
+static void read_free(struct read *rd)
+{
+	waitset_done(rd->ctx->waits, &rd->wait);
+	free(rd);
+}
+
 static void set_position(struct read *rd, const struct readmodel_position *at)
 {
 	char text[QUERY_POSITION_MAX];
@@ -147,7 +153,7 @@ static void reply_body(struct read *rd, const struct readmodel_position *at, con
 		http_set_header(rd->req, "ETag", quoted);
 	}
 	http_reply_raw(rd->req, 200, "application/json", body, len);
-	free(rd);
+	read_free(rd);
 }
 
 static void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code)
@@ -157,85 +163,69 @@ static void reply_not_found(struct read *rd, const struct readmodel_position *at
 	set_position(rd, at);
 	http_reply_problem(rd->req, 404, code, account ? "Account not found" : "Transfer not found",
 			   "no %s '%s'", account ? "account" : "transfer", rd->id);
-	free(rd);
+	read_free(rd);
 }
 
 static void reply_unavailable(struct read *rd, const char *why)
 {
 	http_reply_problem(rd->req, 503, "unavailable", "Service unavailable",
 			   "the read models cannot be reached: %s", why);
-	free(rd);
+	read_free(rd);
 }
 
 /* --- waiting for min_position ------------------------------------------------------ */
-
-static void arm_tick(struct query_ctx *ctx)
-{
-	struct timeval tv = { 0, (suseconds_t)(WAIT_TICK * 1e6) };
-
-	if (!evtimer_pending(ctx->wait_timer, NULL))
-		evtimer_add(ctx->wait_timer, &tv);
-}
 
 static void reply_behind(struct read *rd)
 {
 	http_reply_problem(rd->req, 503, "projection_behind", "Projection behind",
 			   "the read models did not reach position %llu.%llu in time",
 			   (unsigned long long)rd->min.txid, (unsigned long long)rd->min.position);
-	free(rd);
+	read_free(rd);
 }
 
-/* Neither model has reached min_position yet: wait, or give up at the deadline. */
+static void reply_too_many(struct read *rd)
+{
+	http_reply_problem(rd->req, 503, "too_many_waiters", "Too many waiting reads",
+			   "%zu reads already wait for the read models to reach their "
+			   "min_position; retry later",
+			   rd->ctx->max_waiters);
+	read_free(rd);
+}
+
+static void on_wake(struct waiter *w, bool expired)
+{
+	struct read *rd = (struct read *)(void *)((char *)w - offsetof(struct read, wait));
+
+	if (expired)
+		reply_behind(rd);
+	else
+		read_start(rd);
+}
+
+/* Neither model has reached min_position yet: wait for the one that can answer (woken
+ * by the waiting room in position order), or give up at the deadline. */
 static void wait_for(struct read *rd)
 {
 	struct query_ctx *ctx = rd->ctx;
 
-	if (now() >= rd->deadline) {
+	if (now() >= rd->deadline || !ctx->waits) { /* no waiting room once shut down */
 		reply_behind(rd);
 		return;
 	}
-	rd->next = ctx->waiting;
-	ctx->waiting = rd;
-	arm_tick(ctx);
-}
-
-/* Take the waiters `pick` selects off the list, then restart them. */
-static void restart_waiters(struct query_ctx *ctx, bool (*pick)(const struct read *, const void *),
-			    const void *arg)
-{
-	struct read **link = &ctx->waiting, *go = NULL, *rd;
-
-	while ((rd = *link)) {
-		if (pick(rd, arg)) {
-			*link = rd->next;
-			rd->next = go;
-			go = rd;
-		} else {
-			link = &rd->next;
-		}
-	}
-	while ((rd = go)) {
-		go = rd->next;
-		rd->next = NULL;
+	rd->wait.min = rd->min;
+	rd->wait.deadline = rd->deadline;
+	rd->wait.model = rd->kind == READ_EVENTS ? WAIT_LOG : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
+	rd->wait.wake = on_wake;
+	switch (waitset_add(ctx->waits, &rd->wait, rd->wait_seq)) {
+	case WAIT_ADDED:
+		break;
+	case WAIT_FULL:
+		reply_too_many(rd);
+		break;
+	case WAIT_AGAIN:
 		read_start(rd);
+		break;
 	}
-}
-
-static bool reached(const struct read *rd, const void *arg)
-{
-	return !arg || readmodel_position_cmp(&rd->min, arg) <= 0;
-}
-
-void read_wake(struct query_ctx *ctx, const struct readmodel_position *at)
-{
-	restart_waiters(ctx, reached, at);
-}
-
-/* Reads to look at again on every tick: the expired (for one last look before their
- * 503), and those on the event store, which has no checkpoint to probe. */
-static bool due(const struct read *rd, const void *arg)
-{
-	return rd->kind == READ_EVENTS || *(const double *)arg >= rd->deadline;
 }
 
 static void on_redis_probe(void *arg, const redisReply *rep)
@@ -243,41 +233,49 @@ static void on_redis_probe(void *arg, const redisReply *rep)
 	struct query_ctx *ctx = arg;
 	struct readmodel_position at;
 
-	ctx->probing_redis = false;
 	if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 &&
 	    rep->element[0]->type == REDIS_REPLY_STRING &&
 	    query_position_parse_n(rep->element[0]->str, rep->element[0]->len, &at))
-		read_wake(ctx, &at);
+		waitset_reached(ctx->waits, WAIT_FROM_REDIS, &at);
+	waitset_probed(ctx->waits, false);
 }
 
-static void probe(struct query_ctx *ctx)
-{
-	struct read *rd;
-
-	if (!ctx->probing_redis && redis_connected(ctx->redis) &&
-	    redis_eval(ctx->redis, SCRIPT_CHECKPOINT, 0, 0, NULL, NULL, on_redis_probe, ctx))
-		ctx->probing_redis = true;
-	if (!ctx->probing_sql && (rd = calloc(1, sizeof(*rd)))) {
-		rd->ctx = ctx;
-		rd->kind = READ_PROBE;
-		ctx->probing_sql = sqlpool_submit(ctx->sql, rd);
-		if (!ctx->probing_sql)
-			free(rd);
-	}
-}
-
-static void on_tick(evutil_socket_t fd, short what, void *arg)
+/* The waiting room's probes: the live Redis checkpoint, and in one SQL statement the
+ * SQL checkpoint with the log head. */
+static bool probe_redis(void *arg)
 {
 	struct query_ctx *ctx = arg;
-	double t = now();
 
-	(void)fd;
-	(void)what;
-	restart_waiters(ctx, due, &t);
-	if (ctx->waiting) {
-		probe(ctx);
-		arm_tick(ctx);
+	return redis_connected(ctx->redis) &&
+	       redis_eval(ctx->redis, SCRIPT_CHECKPOINT, 0, 0, NULL, NULL, on_redis_probe, ctx);
+}
+
+static bool probe_sql(void *arg)
+{
+	struct query_ctx *ctx = arg;
+	struct read *rd = calloc(1, sizeof(*rd));
+
+	if (!rd)
+		return false;
+	rd->ctx = ctx;
+	rd->kind = READ_PROBE;
+	if (sqlpool_submit(ctx->sql, rd))
+		return true;
+	free(rd);
+	return false;
+}
+
+static void sql_probe_done(struct query_ctx *ctx, const struct read *rd, const PGresult *res)
+{
+	struct answer ans = { 0 };
+	struct readmodel_position head;
+
+	if (sql_render(rd, res, &ans)) {
+		waitset_reached(ctx->waits, WAIT_FROM_SQL, &ans.at);
+		if (sql_probe_head(res, &head))
+			waitset_reached(ctx->waits, WAIT_FROM_LOG, &head);
 	}
+	free(ans.body);
 }
 
 /* --- the flow -------------------------------------------------------------------- */
@@ -369,6 +367,11 @@ static void on_redis_reply(void *arg, const redisReply *rep)
 	} else if (serve_redis(rd, rep, &at, &why)) {
 		return;
 	}
+	/* Redis is at min_position yet lacks the answer: should the read have to wait,
+	 * only the SQL model can end it. */
+	if ((why == FALLBACK_MISS || why == FALLBACK_NOT_CACHED) && rd->has_min &&
+	    readmodel_position_cmp(&at, &rd->min) >= 0)
+		rd->redis_cannot = true;
 	fallback(rd, why);
 }
 
@@ -380,6 +383,7 @@ void read_start(struct read *rd)
 	int argc = 1;
 	enum script script;
 
+	rd->wait_seq = waitset_seq(ctx->waits);
 	switch (rd->kind) {
 	case READ_ACCOUNT:
 		script = SCRIPT_ACCOUNT;
@@ -415,10 +419,9 @@ void read_sql_done(struct read *rd, const PGresult *res)
 	struct answer ans = { 0 };
 
 	if (rd->kind == READ_PROBE) {
-		ctx->probing_sql = false;
-		if (sql_render(rd, res, &ans))
-			read_wake(ctx, &ans.at);
+		sql_probe_done(ctx, rd, res);
 		free(rd);
+		waitset_probed(ctx->waits, true);
 		return;
 	}
 	if (!sql_render(rd, res, &ans)) {
@@ -426,7 +429,7 @@ void read_sql_done(struct read *rd, const PGresult *res)
 			  http_path(rd->req));
 		http_reply_problem(rd->req, 500, "internal", "Internal error",
 				   "the SQL read model gave an unexpected answer");
-		free(rd);
+		read_free(rd);
 	} else if (rd->has_min && readmodel_position_cmp(&ans.at, &rd->min) < 0) {
 		wait_for(rd);
 	} else {
@@ -444,8 +447,8 @@ void read_sql_failed(struct read *rd, const char *why, bool retry)
 	struct query_ctx *ctx = rd->ctx;
 
 	if (rd->kind == READ_PROBE) {
-		ctx->probing_sql = false;
 		free(rd);
+		waitset_probed(ctx->waits, true);
 		return;
 	}
 	if (retry && ++rd->sql_attempts < 3 && sqlpool_submit(ctx->sql, rd))
@@ -456,15 +459,19 @@ void read_sql_failed(struct read *rd, const char *why, bool retry)
 	}
 	log_error(&ctx->log, "SQL read failed for %s: %s", http_path(rd->req), why);
 	http_reply_problem(rd->req, 500, "internal", "Internal error", "the SQL read failed");
-	free(rd);
+	read_free(rd);
 }
 
 int read_init(struct query_ctx *ctx)
 {
 	char labels[64];
+	struct waitset_config wc = {
+		.base = ctx->base, .metrics = ctx->metrics, .max = ctx->max_waiters,
+		.total = ctx->waiters, .probe_interval = ctx->probe_interval,
+		.probe_sql = probe_sql, .probe_redis = probe_redis, .arg = ctx,
+	};
 
-	ctx->wait_timer = evtimer_new(ctx->base, on_tick, ctx);
-	if (!ctx->wait_timer)
+	if (waitset_open(&ctx->waits, &wc))
 		return -1;
 	for (size_t i = 0; i < FALLBACK_COUNT; i++) {
 		snprintf(labels, sizeof(labels), "reason=\"%s\"", fallback_names[i]);
@@ -484,13 +491,5 @@ int read_init(struct query_ctx *ctx)
 
 void read_fini(struct query_ctx *ctx)
 {
-	struct read *rd;
-
-	while ((rd = ctx->waiting)) {
-		ctx->waiting = rd->next;
-		reply_behind(rd);
-	}
-	if (ctx->wait_timer)
-		event_free(ctx->wait_timer);
-	ctx->wait_timer = NULL;
+	waitset_close(&ctx->waits);
 }

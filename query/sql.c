@@ -8,7 +8,7 @@
 
 #include "query.h"
 
-#define POOL_SIZE 2
+#define POOL_SIZE 2 /* at least 2: each of the first two LISTENs on a channel */
 #define BATCH_MAX 128
 #define QUEUE_MAX 20000 /* beyond this, new reads get 503 rather than memory */
 #define RUN_TIMEOUT 5.0
@@ -18,6 +18,13 @@
  * snapshot: the position reported is exactly the state served. */
 #define CHECKPOINT "projection_checkpoints c"
 #define CHECKPOINT_WHERE " WHERE c.projection = 'sql'"
+#define LOG_HEAD \
+	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
+	" ORDER BY txid DESC, position DESC LIMIT 1"
+/* The channels the pool's connections LISTEN on (slot 0, slot 1): the projector's
+ * NOTIFY in the transaction that moves the SQL checkpoint, and the event store's on
+ * append. Each wakes the waiting room's one shared probe. */
+#define EVENTS_CHANNEL "daybook_events"
 
 static const struct pg_statement statements[] = {
 	[READ_ACCOUNT] = { "account",
@@ -45,9 +52,7 @@ static const struct pg_statement statements[] = {
 	/* The event store is its own model: its position is the last event below the
 	 * snapshot's xmin, since everything up to there is committed and visible. */
 	[READ_EVENTS] = { "events",
-		"WITH head AS (SELECT txid, position FROM events"
-		" WHERE txid < pg_snapshot_xmin(pg_current_snapshot())"
-		" ORDER BY txid DESC, position DESC LIMIT 1)"
+		"WITH head AS (" LOG_HEAD ")"
 		" SELECT coalesce((SELECT txid::text FROM head), '0'),"
 		" coalesce((SELECT position FROM head), 0),"
 		" EXISTS (SELECT 1 FROM events WHERE stream = $1 AND version = 1),"
@@ -55,8 +60,10 @@ static const struct pg_statement statements[] = {
 		" FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT version, type, data, metadata, recorded_at"
 		" FROM events WHERE stream = $1 AND version > $2::integer ORDER BY version"
 		" LIMIT $3::integer) e ON true ORDER BY e.version" },
+	/* Both positions a waiter may need, in one statement however many wait. */
 	[READ_PROBE] = { "checkpoint",
-		"SELECT c.txid::text, c.position FROM " CHECKPOINT CHECKPOINT_WHERE },
+		"SELECT c.txid::text, c.position, coalesce(h.txid::text, '0'), coalesce(h.position, 0)"
+		" FROM " CHECKPOINT " LEFT JOIN LATERAL (" LOG_HEAD ") h ON true" CHECKPOINT_WHERE },
 };
 
 struct slot {
@@ -184,6 +191,16 @@ static void on_connect(void *arg)
 	struct slot *slot = arg;
 
 	kick(slot->pool);
+	/* Notifications may have been missed while it was down: look once. */
+	waitset_poke(slot->pool->ctx->waits, WAIT_FROM_SQL);
+}
+
+static void on_notify(void *arg)
+{
+	struct slot *slot = arg;
+	bool position = slot == &slot->pool->slots[0];
+
+	waitset_poke(slot->pool->ctx->waits, position ? WAIT_FROM_SQL : WAIT_FROM_LOG);
 }
 
 bool sqlpool_submit(struct sqlpool *pool, struct read *rd)
@@ -235,7 +252,9 @@ int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx)
 			.conninfo = ctx->cfg.pg, .application_name = "daybook-query", .base = ctx->base,
 			.log = &ctx->log, .statements = statements,
 			.nstatements = sizeof(statements) / sizeof(statements[0]),
-			.run_timeout = RUN_TIMEOUT, .on_connect = on_connect, .arg = &pool->slots[i],
+			.run_timeout = RUN_TIMEOUT, .on_connect = on_connect, .on_notify = on_notify,
+			.listen_channel = i == 0 ? READMODEL_POSITION_CHANNEL : EVENTS_CHANNEL,
+			.arg = &pool->slots[i],
 		};
 		pool->slots[i].pool = pool;
 		if (pg_open(&pool->slots[i].pg, &pc)) {
@@ -260,6 +279,17 @@ void sqlpool_close(struct sqlpool **poolp)
 }
 
 /* --- rendering ------------------------------------------------------------------ */
+
+bool sql_probe_head(const PGresult *res, struct readmodel_position *head)
+{
+	char text[QUERY_POSITION_MAX];
+
+	if (PQntuples(res) < 1 || PQnfields(res) < 4 || PQgetisnull(res, 0, 2) ||
+	    PQgetisnull(res, 0, 3))
+		return false;
+	snprintf(text, sizeof(text), "%s.%s", PQgetvalue(res, 0, 2), PQgetvalue(res, 0, 3));
+	return readmodel_position_parse(text, head);
+}
 
 static const char *val(const PGresult *res, int row, int col)
 {

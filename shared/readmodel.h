@@ -35,6 +35,10 @@ struct readmodel_transfer {
  * exclusively, so no batch commits while read models are swapped. */
 #define READMODEL_SWITCH_LOCK "1685551459"
 
+/* PostgreSQL channel: the projector NOTIFYs the SQL checkpoint's new token in each
+ * batch's transaction; the query service LISTENs to wake reads waiting for it. */
+#define READMODEL_POSITION_CHANNEL "daybook_position"
+
 /* The Redis layout a generation was written in, kept in its `layout` key. 2: statements
  * are lists (`stmt:<id>`, newest first); 1 (no key) had sorted sets. Each layout has
  * its own pointer to its live generation, so that binaries of different layouts, in

@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -620,6 +621,7 @@ struct background {
 	const char *path;
 	struct response r;
 	double elapsed;
+	atomic_bool done;
 };
 
 static void *background_get(void *arg)
@@ -629,12 +631,14 @@ static void *background_get(void *arg)
 
 	bg->r = get(bg->path);
 	bg->elapsed = harness_now() - t0;
+	atomic_store(&bg->done, true);
 	return NULL;
 }
 
 static void start_background(struct background *bg, const char *path)
 {
 	bg->path = path;
+	atomic_init(&bg->done, false);
 	cr_assert_eq(pthread_create(&bg->thread, NULL, background_get, bg), 0);
 }
 
@@ -671,6 +675,150 @@ Test(query, waits_for_redis_then_answers_from_it)
 	join_background(&bg);
 	expect_ok(&bg.r, xfer_t1, "8.0");
 	cr_assert_geq(bg.elapsed, 0.29);
+	response_free(&bg.r);
+}
+
+/* --- the waiting room: woken by messages, one probe, a cap ---------------------------- */
+
+/* Wait (deadline 20 s) until `n` reads wait in svc's waiting room. */
+static void wait_for_waiters(const struct service *s, double n)
+{
+	double end = harness_now() + 20, v = -1;
+
+	while (harness_now() < end) {
+		v = harness_metric(s, "daybook_query_waiting_reads");
+		if (v == n)
+			return;
+		usleep(20000);
+	}
+	cr_assert_fail("%g reads wait, expected %g", v, n);
+}
+
+/* The SQL checkpoint moves to `pos` as the projector moves it: with its NOTIFY in
+ * the same transaction (or, with `notify` false, a notification that was lost). */
+static void move_sql_checkpoint(const char *txid, const char *position, bool notify)
+{
+	char q[512];
+	int n = snprintf(q, sizeof(q),
+			 "BEGIN; UPDATE projection_checkpoints SET txid = '%s', position = %s"
+			 " WHERE projection = 'sql';",
+			 txid, position);
+
+	if (notify)
+		n += snprintf(q + n, sizeof(q) - (size_t)n,
+			      " SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', '%s.%s');", txid,
+			      position);
+	snprintf(q + n, sizeof(q) - (size_t)n, " COMMIT");
+	exec_sql(q);
+}
+
+Test(query, waiting_reads_beyond_the_cap_get_503_too_many_waiters_at_once,
+     .init = setup_without_query)
+{
+	struct background bg[3];
+	struct response r;
+	double t0;
+
+	setenv("DAYBOOK_MAX_WAITERS", "3", 1);
+	harness_start_query(&svc, db, redis_url);
+	fill_sql();
+	for (int i = 0; i < 3; i++)
+		start_background(&bg[i], "/accounts/a1?min_position=6.0&wait_ms=10000");
+	wait_for_waiters(&svc, 3);
+	t0 = harness_now();
+	r = get("/accounts/a1?min_position=6.0&wait_ms=10000");
+	expect_problem(&r, 503, "too_many_waiters");
+	/* At once: long before the 10 s the waiters were willing to wait. */
+	cr_assert_lt(harness_now() - t0, 5.0, "the read over the cap waited");
+	response_free(&r);
+	check("/accounts/a1", acct_a1, SQL_POS); /* reads that need not wait still pass */
+	move_sql_checkpoint("6", "0", true);
+	for (int i = 0; i < 3; i++) {
+		join_background(&bg[i]);
+		expect_ok(&bg[i].r, acct_a1, "6.0");
+		response_free(&bg[i].r);
+	}
+	/* Their places are given back. */
+	start_background(&bg[0], "/accounts/a1?min_position=7.0&wait_ms=10000");
+	wait_for_waiters(&svc, 1);
+	move_sql_checkpoint("7", "0", true);
+	join_background(&bg[0]);
+	expect_ok(&bg[0].r, acct_a1, "7.0");
+	response_free(&bg[0].r);
+}
+
+Test(query, a_notification_wakes_waiting_reads_without_any_polling, .init = setup_without_query)
+{
+	struct background acct, events;
+	char head[64], path[256];
+	unsigned long long txid;
+
+	setenv("DAYBOOK_WAIT_PROBE_MS", "600000", 1); /* no safety probe within the test */
+	harness_start_query(&svc, db, redis_url);
+	fill_sql();
+	harness_log_head(db, head, sizeof(head));
+	txid = strtoull(head, NULL, 10);
+	/* Any transaction that appends from now on has a larger txid. */
+	snprintf(path, sizeof(path), "/accounts/e1/events?min_position=%llu.0&wait_ms=10000", txid + 1);
+	start_background(&acct, "/accounts/a1?min_position=6.0&wait_ms=10000");
+	start_background(&events, path);
+	wait_for_waiters(&svc, 2);
+	move_sql_checkpoint("6", "0", true);
+	join_background(&acct);
+	expect_ok(&acct.r, acct_a1, "6.0");
+	response_free(&acct.r);
+	append_events(); /* the event store's NOTIFY on append */
+	/* The log head is the last event below every running transaction's xid: other
+	 * tests' transactions may hold it back past the append's own notification, so the
+	 * hint is repeated (as the next append would) until the read is answered. */
+	while (!atomic_load(&events.done)) {
+		exec_sql("NOTIFY daybook_events");
+		usleep(100000);
+	}
+	join_background(&events);
+	cr_assert_eq(events.r.status, 200, "%d %s", events.r.status, events.r.body);
+	cr_assert_eq(json_array_size(json_object_get(events.r.json, "events")), 3, "%s", events.r.body);
+	response_free(&events.r);
+}
+
+Test(query, a_lost_notification_is_made_up_for_when_postgresql_reconnects,
+     .init = setup_without_query)
+{
+	struct background bg;
+	char q[256];
+
+	setenv("DAYBOOK_WAIT_PROBE_MS", "600000", 1);
+	harness_start_query(&svc, db, redis_url);
+	fill_sql();
+	start_background(&bg, "/accounts/a1?min_position=6.0&wait_ms=10000");
+	wait_for_waiters(&svc, 1);
+	move_sql_checkpoint("6", "0", false);
+	snprintf(q, sizeof(q),
+		 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '%s'"
+		 " AND usename = 'daybook_query'",
+		 db);
+	exec_sql(q);
+	join_background(&bg);
+	expect_ok(&bg.r, acct_a1, "6.0");
+	response_free(&bg.r);
+}
+
+Test(query, a_lost_redis_message_is_made_up_for_when_the_subscriber_reconnects,
+     .init = setup_without_query)
+{
+	struct background bg;
+
+	setenv("DAYBOOK_WAIT_PROBE_MS", "600000", 1);
+	harness_start_query(&svc, db, redis_url);
+	fill_sql();
+	fill_redis();
+	go_live();
+	start_background(&bg, "/transfers/t1?min_position=8.0&wait_ms=10000");
+	wait_for_waiters(&svc, 1);
+	redis("SET dbk:g:1:checkpoint 8.0"); /* and no message */
+	redis("CLIENT KILL TYPE pubsub");
+	join_background(&bg);
+	expect_ok(&bg.r, xfer_t1, "8.0");
 	response_free(&bg.r);
 }
 
@@ -878,4 +1026,118 @@ Test(query_e2e, a_write_is_readable_at_its_position_and_both_models_agree)
 	}
 	cr_assert_geq(harness_metric(&svc, "daybook_query_reads_total{model=\"redis\"}"), 5,
 		      "the projector's Redis model should have answered");
+}
+
+/* The reads of `paths` on s, each on its own thread and connection. */
+struct waiting_read {
+	pthread_t thread;
+	const struct service *svc;
+	char path[256];
+	struct response r;
+};
+
+static void *waiting_get(void *arg)
+{
+	struct waiting_read *w = arg;
+
+	w->r = get_from(w->svc, w->path);
+	return NULL;
+}
+
+static void wait_for_waiters_e2e(const struct service *s, double n)
+{
+	double end = harness_now() + 20, v = -1;
+
+	while (harness_now() < end) {
+		v = harness_metric(s, "daybook_query_waiting_reads");
+		if (v == n)
+			return;
+		usleep(20000);
+	}
+	cr_assert_fail("%g reads wait, expected %g", v, n);
+}
+
+/* Half account reads, half event-store reads, all for the next write's position. */
+static void start_waiting_reads(struct waiting_read *w, size_t n, const struct service *s,
+				const char *account, const char *min)
+{
+	for (size_t i = 0; i < n; i++) {
+		w[i].svc = s;
+		snprintf(w[i].path, sizeof(w[i].path), "/accounts/%s%s?min_position=%s&wait_ms=10000",
+			 account, i % 2 ? "/events" : "", min);
+		cr_assert_eq(pthread_create(&w[i].thread, NULL, waiting_get, &w[i]), 0);
+	}
+}
+
+/* Each read got the deposit of 700 made after the account was opened. */
+static void expect_deposit_seen(struct waiting_read *w, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		pthread_join(w[i].thread, NULL);
+		cr_assert_eq(w[i].r.status, 200, "%s: %d %s", w[i].path, w[i].r.status, w[i].r.body);
+		if (i % 2)
+			cr_assert_eq(json_array_size(json_object_get(w[i].r.json, "events")), 2, "%s: %s",
+				     w[i].path, w[i].r.body);
+		else
+			cr_assert_eq(json_integer_value(json_object_get(w[i].r.json, "balance")), 700,
+				     "%s: %s", w[i].path, w[i].r.body);
+		response_free(&w[i].r);
+	}
+}
+
+/* The position just past every event so far: the next write's transaction has a
+ * larger txid, so it reaches it, and nothing reaches it before. */
+static void next_position(const char *pos, char *min, size_t len)
+{
+	snprintf(min, len, "%llu.0", strtoull(pos, NULL, 10) + 1);
+}
+
+Test(query_e2e, hundreds_of_waiting_reads_cost_a_bounded_number_of_probes_then_all_get_the_write)
+{
+	enum { N = 300 };
+	struct waiting_read *w = calloc(N, sizeof(*w));
+	char pos[64], min[64];
+	double p0, p1, t0, elapsed;
+
+	cr_assert(w);
+	command_post("/accounts", "{\"id\":\"w\",\"name\":\"W\",\"currency\":\"EUR\"}", pos,
+		     sizeof(pos));
+	next_position(pos, min, sizeof(min));
+	start_waiting_reads(w, N, &svc, "w", min);
+	wait_for_waiters_e2e(&svc, N);
+	p0 = harness_metric(&svc, "daybook_query_position_probes_total{model=\"sql\"}");
+	t0 = harness_now();
+	usleep(1000000); /* the window in which the probes are counted */
+	p1 = harness_metric(&svc, "daybook_query_position_probes_total{model=\"sql\"}");
+	elapsed = harness_now() - t0;
+	cr_assert_geq(p0, 0, "no probe counter");
+	cr_log_info("%g SQL probes in %.2f s for %d waiting reads", p1 - p0, elapsed, N);
+	/* Polling made about 200 statements per waiter and second; one shared probe makes
+	 * a handful per worker and second, however many wait. */
+	cr_assert_lt(p1 - p0, 50 * elapsed, "%g SQL probes in %.2f s for %d waiting reads", p1 - p0,
+		     elapsed, N);
+	command_post("/accounts/w/deposits", "{\"amount\":700}", pos, sizeof(pos));
+	expect_deposit_seen(w, N);
+	free(w);
+}
+
+Test(query_e2e, the_projectors_commit_wakes_waiting_reads_without_any_polling)
+{
+	struct waiting_read w[2] = { 0 };
+	struct service quiet;
+	char pos[64], min[64];
+
+	/* SQL only (its Redis is gone), and no safety probe within the test: only the
+	 * projector's NOTIFY can end the wait in time. */
+	setenv("DAYBOOK_WAIT_PROBE_MS", "600000", 1);
+	harness_start_query(&quiet, db, dead_redis_url);
+	unsetenv("DAYBOOK_WAIT_PROBE_MS");
+	command_post("/accounts", "{\"id\":\"q\",\"name\":\"Q\",\"currency\":\"EUR\"}", pos,
+		     sizeof(pos));
+	next_position(pos, min, sizeof(min));
+	start_waiting_reads(w, 2, &quiet, "q", min);
+	wait_for_waiters_e2e(&quiet, 2);
+	command_post("/accounts/q/deposits", "{\"amount\":700}", pos, sizeof(pos));
+	expect_deposit_seen(w, 2);
+	cr_assert_eq(harness_stop(&quiet), 0);
 }
