@@ -551,8 +551,6 @@ static void on_lease_change(void *arg, long long epoch, const char *why)
 	ctx->epoch = epoch;
 	metric_set(ctx->m_leader, 1);
 	metric_set(ctx->m_epoch, (double)epoch);
-	if (!ctx->sync)
-		ctx->rsync = RS_UNKNOWN; /* another leader may have switched generations since */
 	projector_redis_fence(ctx);
 	/* Whatever we knew of the read models is stale: reload the checkpoint, with empty
 	 * caches, now if idle, else once the step in flight (which points into the caches)
