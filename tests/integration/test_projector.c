@@ -188,10 +188,12 @@ Test(projector, a_standby_takes_over_within_5_s)
 	struct load l = { .accounts = 8 };
 	pthread_t t[2];
 	double killed, end;
+	long long e1;
 
 	open_accounts(8);
 	harness_start_projector(&a, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
+	e1 = sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
 	harness_start_projector(&b, db, redis_url);
 	usleep(1500000);
 	cr_assert_eq(harness_metric(&a, "daybook_projector_leader"), 1);
@@ -205,6 +207,8 @@ Test(projector, a_standby_takes_over_within_5_s)
 		cr_assert(harness_now() < end, "the standby did not take over within 5 s");
 		usleep(50000);
 	}
+	cr_assert_gt(sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'"), e1,
+		     "a takeover raises the epoch");
 	usleep(500000);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
@@ -500,6 +504,59 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	cr_assert_eq(harness_stop(&b), 0);
 }
 
+static PGconn *connect_as(const char *role);
+
+Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_again)
+{
+	struct service a;
+	PGconn *thief = connect_as(NULL); /* the superuser */
+	PGresult *r;
+	long long e1, stolen, e3, steal_seq;
+	double deadline;
+	char q[256];
+
+	open_accounts(4);
+	record_checkpoint_moves();
+	harness_start_projector(&a, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	e1 = lease_epoch();
+	/* Another holder takes the lease (it expired, say, while we were cut off); its
+	 * session stays open, so the lease stays taken. */
+	r = PQexec(thief, "UPDATE projector_leases SET expires_at = '-infinity'; "
+			  "SELECT projector_lease_claim('sql', 'thief', 0, 3600, 0)");
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(thief));
+	stolen = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	cr_assert_gt(stolen, e1);
+	steal_seq = sql_int(db, "SELECT coalesce(max(seq), 0) FROM test_cp_moves");
+	/* New events: the projector's next batch is fenced, or its next claim refused. */
+	must("/accounts/p-0/deposits", "{\"amount\":7}");
+	must("/accounts/p-1/deposits", "{\"amount\":8}");
+	deadline = harness_now() + 10;
+	while (!log_says(&a, "deposed")) {
+		cr_assert(harness_now() < deadline, "the leader did not notice it lost the lease");
+		usleep(50000);
+	}
+	wait_metric(&a, "daybook_projector_leader", 0, harness_now() + 5, "a deposed leader leads");
+	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "a deposed leader says ready");
+	/* The other holder goes away: the projector leads again with a higher epoch and
+	 * applies what was written meanwhile. */
+	PQfinish(thief);
+	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 5,
+		    "the lease of a closed session was not taken back within 5 s");
+	harness_wait_caught_up(db, redis_url, 20);
+	e3 = lease_epoch();
+	cr_assert_gt(e3, stolen);
+	/* Between the theft and the new term, nothing committed. */
+	snprintf(q, sizeof(q), "SELECT count(*) FROM test_cp_moves WHERE seq > %lld AND epoch <> %lld",
+		 steal_seq, e3);
+	cr_assert_eq(sql_int(db, q), 0, "a leader without the lease committed a batch");
+	cr_assert_gt(sql_int(db, "SELECT count(*) FROM test_cp_moves"), steal_seq);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(harness_stop(&a), 0);
+}
+
 static PGconn *connect_as(const char *role)
 {
 	char conninfo[512];
@@ -507,7 +564,8 @@ static PGconn *connect_as(const char *role)
 
 	harness_conninfo(db, role, conninfo, sizeof(conninfo));
 	conn = PQconnectdb(conninfo);
-	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role, PQerrorMessage(conn));
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
+		  PQerrorMessage(conn));
 	return conn;
 }
 
