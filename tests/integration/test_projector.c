@@ -568,43 +568,42 @@ static PGconn *connect_as(const char *role)
 	return conn;
 }
 
-/* Run one statement; returns its SQLSTATE ("" on success) and its first value in out. */
-static const char *run_sql(PGconn *conn, const char *query, char *out, size_t len)
+/* Run one statement; its SQLSTATE ("" for success) goes into code, returned. */
+static const char *sqlstate_of(PGconn *conn, const char *query, char code[6])
 {
-	static __thread char state[8];
 	PGresult *r = PQexec(conn, query);
 	ExecStatusType st = PQresultStatus(r);
+	const char *c = PQresultErrorField(r, PG_DIAG_SQLSTATE);
 
-	snprintf(state, sizeof(state), "%s",
-		 st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK
-			 ? ""
-			 : (PQresultErrorField(r, PG_DIAG_SQLSTATE) ? PQresultErrorField(r, PG_DIAG_SQLSTATE)
-								     : "?????"));
-	if (out)
-		snprintf(out, len, "%s", st == PGRES_TUPLES_OK && PQntuples(r) ? PQgetvalue(r, 0, 0) : "");
+	snprintf(code, 6, "%s", st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? "" : c ? c : "?????");
 	PQclear(r);
-	return state;
+	return code;
 }
 
 static long long claim(PGconn *conn, const char *holder, long long epoch, int writer_pid)
 {
-	char q[256], v[32];
-	const char *state;
+	char q[256];
+	PGresult *r;
+	long long got;
 
 	snprintf(q, sizeof(q), "SELECT projector_lease_claim('sql', '%s', %lld, 30, %d)", holder, epoch,
 		 writer_pid);
-	state = run_sql(conn, q, v, sizeof(v));
-	cr_assert_str_empty(state, "claiming failed: %s", PQerrorMessage(conn));
-	return atoll(v);
+	r = PQexec(conn, q);
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "claiming failed: %s", PQerrorMessage(conn));
+	got = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return got;
 }
 
-static const char *move_checkpoint(PGconn *conn, long long epoch, const char *from, const char *to)
+/* The checkpoint's compare-and-set from (txid = position = from) to (to, to). */
+static const char *move_checkpoint(PGconn *conn, long long epoch, const char *from, const char *to,
+				   char code[6])
 {
 	char q[256];
 
 	snprintf(q, sizeof(q), "SELECT projector_checkpoint_move('sql', %lld, '%s', %s, 0, '%s', %s)",
 		 epoch, from, from, to, to);
-	return run_sql(conn, q, NULL, 0);
+	return sqlstate_of(conn, q, code);
 }
 
 Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_named_condition)
@@ -613,6 +612,7 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 	PGconn *old = connect_as("daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
+	char code[6];
 
 	e1 = claim(x, "x", 0, 0);
 	cr_assert_gt(e1, 0);
@@ -628,15 +628,15 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 	cr_assert_gt(e2, e1);
 
 	/* The old leader's transaction, sent after it woke up: refused, by name. */
-	cr_assert_str_empty(run_sql(old, "BEGIN", NULL, 0));
-	cr_assert_str_eq(move_checkpoint(old, e1, "0", "1"), "DBF01", "%s", PQerrorMessage(old));
+	cr_assert_str_empty(sqlstate_of(old, "BEGIN", code));
+	cr_assert_str_eq(move_checkpoint(old, e1, "0", "1", code), "DBF01", "%s", PQerrorMessage(old));
 	cr_assert(strstr(PQerrorMessage(old), "projector_fenced"), "%s", PQerrorMessage(old));
-	cr_assert_str_empty(run_sql(old, "ROLLBACK", NULL, 0));
+	cr_assert_str_empty(sqlstate_of(old, "ROLLBACK", code));
 	cr_assert_eq(sql_int(db, "SELECT position FROM projection_checkpoints WHERE projection = 'sql'"), 0);
 	/* The holder's epoch passes; a checkpoint elsewhere is a named condition too. */
-	cr_assert_str_eq(move_checkpoint(y, e2, "5", "6"), "DBC01", "%s", PQerrorMessage(y));
+	cr_assert_str_eq(move_checkpoint(y, e2, "5", "6", code), "DBC01", "%s", PQerrorMessage(y));
 	cr_assert(strstr(PQerrorMessage(y), "checkpoint_moved"), "%s", PQerrorMessage(y));
-	cr_assert_str_empty(move_checkpoint(y, e2, "0", "1"), "%s", PQerrorMessage(y));
+	cr_assert_str_empty(move_checkpoint(y, e2, "0", "1", code), "%s", PQerrorMessage(y));
 	cr_assert_eq(sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'"), e2);
 	/* The old leader's renewal is refused: it learns it was deposed. */
 	cr_assert_eq(claim(old, "x", e1, 0), 0);
@@ -650,12 +650,13 @@ Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 	PGconn *next = connect_as("daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
+	char code[6];
 
 	/* The leader froze half-way through sending a batch: its transaction holds the
 	 * lease row and the checkpoint row. */
 	e1 = claim(holder, "frozen", 0, PQbackendPID(writer));
-	cr_assert_str_empty(run_sql(writer, "BEGIN", NULL, 0));
-	cr_assert_str_empty(move_checkpoint(writer, e1, "0", "1"), "%s", PQerrorMessage(writer));
+	cr_assert_str_empty(sqlstate_of(writer, "BEGIN", code));
+	cr_assert_str_empty(move_checkpoint(writer, e1, "0", "1", code), "%s", PQerrorMessage(writer));
 	PQfinish(holder); /* its lease session is gone, its writing session lives on */
 	deadline = harness_now() + 5;
 	while ((e2 = claim(next, "next", 0, 0)) == 0) {
@@ -665,8 +666,8 @@ Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 	cr_assert_gt(e2, e1);
 	/* The frozen transaction was ended: it commits nothing, and the successor's batch
 	 * is not blocked behind it. */
-	cr_assert_neq(run_sql(writer, "COMMIT", NULL, 0)[0], '\0', "the frozen transaction committed");
-	cr_assert_str_empty(move_checkpoint(next, e2, "0", "1"), "%s", PQerrorMessage(next));
+	cr_assert_str_not_empty(sqlstate_of(writer, "COMMIT", code), "the frozen transaction committed");
+	cr_assert_str_empty(move_checkpoint(next, e2, "0", "1", code), "%s", PQerrorMessage(next));
 	PQfinish(writer);
 	PQfinish(next);
 }
@@ -674,16 +675,17 @@ Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 Test(projector, only_the_projector_role_may_read_or_claim_the_lease)
 {
 	const char *roles[] = { "daybook_query", "daybook_command" };
+	char code[6];
 
 	for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
 		PGconn *c = connect_as(roles[i]);
-		cr_assert_str_eq(run_sql(c, "SELECT epoch FROM projector_leases", NULL, 0), "42501",
+		cr_assert_str_eq(sqlstate_of(c, "SELECT epoch FROM projector_leases", code), "42501",
 				 "%s read the lease", roles[i]);
-		cr_assert_str_eq(run_sql(c, "SELECT projector_lease_claim('sql', 'intruder', 0, 30, 0)",
-					 NULL, 0),
+		cr_assert_str_eq(sqlstate_of(c, "SELECT projector_lease_claim('sql', 'intruder', 0, 30, 0)",
+					     code),
 				 "42501", "%s claimed the lease", roles[i]);
-		cr_assert_str_eq(run_sql(c, "SELECT projector_checkpoint_move('sql', 1, '0', 0, 0, '1', 1)",
-					 NULL, 0),
+		cr_assert_str_eq(sqlstate_of(c, "SELECT projector_checkpoint_move('sql', 1, '0', 0, 0, '1', 1)",
+					     code),
 				 "42501", "%s moved the checkpoint", roles[i]);
 		PQfinish(c);
 	}
