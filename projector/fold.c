@@ -367,16 +367,17 @@ static bool queue_position_notice(struct projector_ctx *ctx, const struct log_ev
 bool projector_queue_writes(struct projector_ctx *ctx)
 {
 	const struct log_event *last = &ctx->events[ctx->nevents - 1];
-	char pos[24], newpos[24];
-	const char *cas[5] = { ctx->cp_txid, pos, last->txid, newpos, ctx->cp_gen };
+	char epoch[24], pos[24], newpos[24];
+	const char *cas[6] = { epoch, ctx->cp_txid, pos, ctx->cp_gen, last->txid, newpos };
 
+	snprintf(epoch, sizeof(epoch), "%lld", ctx->epoch);
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	snprintf(newpos, sizeof(newpos), "%lld", last->position);
-	/* The checkpoint moves first: if another projector moved it, or a rebuild swapped
-	 * the tables (a new generation), the whole transaction fails and nothing is
-	 * applied twice or to the wrong tables. */
+	/* The checkpoint moves first: if another projector took the lease (our epoch is
+	 * stale) or moved it, or a rebuild swapped the tables (a new generation), the
+	 * whole transaction fails and nothing is applied twice or to the wrong tables. */
 	return pg_queue(ctx->pg, "switch_guard", 0, NULL) &&
-	       pg_queue(ctx->pg, "move_checkpoint", 5, cas) && queue_accounts(ctx, ctx->rows) &&
+	       pg_queue(ctx->pg, "move_checkpoint", 6, cas) && queue_accounts(ctx, ctx->rows) &&
 	       queue_table(ctx, &ctx->rows->entries, "insert_entries") &&
 	       queue_table(ctx, &ctx->rows->transfers, "insert_transfers") &&
 	       queue_totals(ctx, ctx->rows) && queue_position_notice(ctx, last);

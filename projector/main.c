@@ -1,5 +1,5 @@
 /* daybook-projector: follows the event store and maintains the read models. One
- * instance leads (PostgreSQL advisory lock); others wait as hot standbys. */
+ * instance leads (a lease with fencing, lease.c); others wait as hot standbys. */
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <signal.h>
@@ -11,9 +11,8 @@
 #include "projector.h"
 #include "service.h"
 
-#define LEADER_LOCK_KEY "1685551458" /* any constant shared by all projectors */
-#define POLL_INTERVAL_US 100000      /* polling is the guarantee; NOTIFY only a hint */
-#define ELECT_INTERVAL_S 1
+#define POLL_INTERVAL_US 100000 /* polling is the guarantee; NOTIFY only a hint */
+#define RETRY_INTERVAL_S 1      /* a blocked step is retried this often */
 #define READY_LAG_SECONDS 10.0
 #define ACCOUNT_CACHE_MAX 50000 /* cached read-model rows, about 25 MB */
 
@@ -21,7 +20,8 @@ static const char usage[] =
 	"usage: daybook-projector [--help]\n"
 	"\n"
 	"Follows the Daybook event store and maintains the SQL and Redis read models.\n"
-	"One instance leads; others wait as hot standbys and take over when it dies.\n"
+	"One instance leads, by a lease in PostgreSQL; others wait as hot standbys and take\n"
+	"over within about a second when it dies, about 6 s when it hangs.\n"
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG         libpq connection string or URI (required; role daybook_projector)\n"
@@ -30,10 +30,9 @@ static const char usage[] =
 	"  DAYBOOK_LOG_LEVEL  debug|info|warn|error (default info)\n";
 
 static const struct pg_statement statements[] = {
-	{ "try_lead", "SELECT pg_try_advisory_lock(" LEADER_LOCK_KEY ")" },
 	{ "load_checkpoint",
 	  "SELECT txid::text, position, generation FROM projection_checkpoints "
-	  "WHERE projection = 'sql'" },
+	  "WHERE projection = '" PROJECTOR_PROJECTION "'" },
 	/* A rebuild's switch takes this lock exclusively: writes wait while it swaps. */
 	{ "switch_guard", "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK ")" },
 	{ "read_events",
@@ -63,10 +62,11 @@ static const struct pg_statement statements[] = {
 	  "SELECT transfer_id, from_account, to_account, amount, currency, reference, "
 	  "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM rm_transfers "
 	  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
+	/* ($1 epoch, $2 $3 from, $4 generation, $5 $6 to): fails with SQLSTATE
+	 * PROJECTOR_SQLSTATE_FENCED or PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
 	{ "move_checkpoint",
-	  "WITH moved AS (UPDATE projection_checkpoints SET txid = $3::xid8, position = $4, "
-	  "updated_at = now() WHERE projection = 'sql' AND txid = $1::xid8 AND position = $2 "
-	  "AND generation = $5 RETURNING 1) SELECT 1 / count(*)::int FROM moved" },
+	  "SELECT projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
+	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint)" },
 	{ "upsert_accounts",
 	  "INSERT INTO rm_accounts (account_id, name, currency, balance, overdraft_limit, status, "
 	  "version, entries, opened_at, updated_at) SELECT * FROM unnest($1::text[], $2::text[], "
@@ -103,6 +103,7 @@ const struct pg_statement *projector_statements(size_t *n)
 }
 
 static void read_batch(struct projector_ctx *ctx);
+static void load_checkpoint(struct projector_ctx *ctx);
 
 static void free_events(struct projector_ctx *ctx)
 {
@@ -132,6 +133,17 @@ static void go_idle(struct projector_ctx *ctx)
 		event_base_loopexit(ctx->base, NULL);
 		return;
 	}
+	/* Leadership changed during the step; the caches could only be dropped now that
+	 * the step's rows, which point into them, are gone. */
+	if (ctx->role != ROLE_LEADER) {
+		projector_forget(ctx); /* a standby writes nothing */
+		return;
+	}
+	if (ctx->cp_stale) {
+		projector_forget(ctx);
+		load_checkpoint(ctx);
+		return;
+	}
 	if (projector_redis_maintain(ctx))
 		return; /* Redis first needs checking or copying; batches resume after */
 	if (ctx->again) {
@@ -148,7 +160,8 @@ static void recover(struct projector_ctx *ctx, const char *what)
 	log_warn(&ctx->log, "%s; reloading the checkpoint", what);
 	free_events(ctx);
 	projector_forget(ctx);
-	/* The election timer resumes within a second: a persistent fault does not spin. */
+	/* The retry timer resumes within a second: a persistent fault does not spin. */
+	ctx->cp_stale = true;
 	ctx->step = STEP_BLOCKED;
 	if (ctx->stopping)
 		event_base_loopexit(ctx->base, NULL);
@@ -165,6 +178,10 @@ void projector_wake(struct projector_ctx *ctx)
 		return;
 	if (ctx->step != STEP_IDLE || !pg_ready(ctx->pg)) {
 		ctx->again = true;
+		return;
+	}
+	if (ctx->cp_stale) {
+		load_checkpoint(ctx);
 		return;
 	}
 	read_batch(ctx);
@@ -185,17 +202,16 @@ static bool all_ok(PGresult *const *results, size_t n, char *why, size_t whylen)
 
 /* --- write -------------------------------------------------------------------------- */
 
-/* The batch's compare-and-set on the checkpoint found it elsewhere: move_checkpoint
- * divides by the rows it moved. */
-static bool checkpoint_moved(PGresult *const *results, size_t n)
+/* Did move_checkpoint fail with this named condition (a PROJECTOR_SQLSTATE_*)? */
+static bool failed_with(PGresult *const *results, size_t n, const char *sqlstate)
 {
 	for (size_t i = 0; i < n; i++)
-		if (strcmp(pg_sqlstate(results[i]), "22012") == 0) /* division_by_zero */
+		if (strcmp(pg_sqlstate(results[i]), sqlstate) == 0)
 			return true;
 	return false;
 }
 
-static void load_checkpoint(struct projector_ctx *ctx);
+static void step_down(struct projector_ctx *ctx, const char *why);
 
 static void write_done(void *arg, PGresult *const *results, size_t n, const char *error)
 {
@@ -209,7 +225,22 @@ static void write_done(void *arg, PGresult *const *results, size_t n, const char
 		return;
 	}
 	if (!all_ok(results, n, why, sizeof(why))) {
-		if (checkpoint_moved(results, n) && !ctx->cp_reloaded) {
+		if (failed_with(results, n, PROJECTOR_SQLSTATE_FENCED)) {
+			/* Our epoch is stale: a standby took the lease while we were frozen or cut
+			 * off. The transaction rolled back; write nothing more. */
+			free_events(ctx);
+			projector_forget(ctx);
+			ctx->step = STEP_IDLE;
+			if (ctx->role == ROLE_LEADER && ctx->epoch != ctx->write_epoch) {
+				load_checkpoint(ctx); /* queued in an earlier term of ours */
+				return;
+			}
+			lease_lost(ctx->lease);
+			step_down(ctx, "the batch's epoch check failed (another projector took the "
+				       "lease); nothing was committed");
+			return;
+		}
+		if (failed_with(results, n, PROJECTOR_SQLSTATE_CHECKPOINT_MOVED) && !ctx->cp_reloaded) {
 			/* A rebuild swapped the tables (a new generation): nothing is wrong, so
 			 * start again from its checkpoint now, not after the fault pause. */
 			log_info(&ctx->log, "the SQL checkpoint moved under the batch (a rebuild's "
@@ -243,10 +274,15 @@ static void write_done(void *arg, PGresult *const *results, size_t n, const char
 
 static void fold_and_write(struct projector_ctx *ctx)
 {
+	if (ctx->role != ROLE_LEADER) {
+		go_idle(ctx);
+		return;
+	}
 	if (!projector_fold(ctx)) {
 		recover(ctx, "a batch could not be folded");
 		return;
 	}
+	ctx->write_epoch = ctx->epoch;
 	if (!projector_queue_writes(ctx) || !pg_run(ctx->pg, write_done, ctx)) {
 		recover(ctx, "queueing the batch's writes failed");
 		return;
@@ -457,12 +493,14 @@ static void checkpoint_done(void *arg, PGresult *const *results, size_t n, const
 	struct projector_ctx *ctx = arg;
 
 	ctx->step = STEP_IDLE;
+	if (ctx->role != ROLE_LEADER)
+		return;
 	if (error || n != 1 || PQresultStatus(results[0]) != PGRES_TUPLES_OK ||
 	    PQntuples(results[0]) != 1) {
 		if (!error)
 			log_error(&ctx->log, "cannot read the projection checkpoint: %s",
 				  n ? PQresultErrorMessage(results[0]) : "no result");
-		ctx->step = STEP_BLOCKED; /* retried by the election timer */
+		ctx->step = STEP_BLOCKED; /* retried by the retry timer */
 		return;
 	}
 	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", PQgetvalue(results[0], 0, 0));
@@ -473,74 +511,93 @@ static void checkpoint_done(void *arg, PGresult *const *results, size_t n, const
 	read_batch(ctx);
 }
 
+/* Only between steps: nothing may point into the caches. */
 static void load_checkpoint(struct projector_ctx *ctx)
 {
+	projector_forget(ctx);
+	ctx->cp_stale = false;
 	if (pg_queue(ctx->pg, "load_checkpoint", 0, NULL) && pg_run(ctx->pg, checkpoint_done, ctx))
 		ctx->step = STEP_LOADING;
+	else
+		ctx->cp_stale = true; /* not connected: on_pg_connect loads it */
 }
 
-static void arm_election(struct projector_ctx *ctx)
+/* Stand by: write nothing until the lease names us again. */
+static void step_down(struct projector_ctx *ctx, const char *why)
 {
-	struct timeval tv = { ELECT_INTERVAL_S, 0 };
-	evtimer_add(ctx->elect_timer, &tv);
+	if (ctx->role == ROLE_LEADER)
+		log_warn(&ctx->log, "deposed: %s; standing by", why);
+	else if (ctx->role == ROLE_ELECTING)
+		log_info(&ctx->log, "%s; standing by", why);
+	ctx->role = ROLE_STANDBY;
+	ctx->again = false;
+	ctx->cp_stale = true;
+	metric_set(ctx->m_leader, 0);
+	metric_set(ctx->m_epoch, 0);
+	if (ctx->step == STEP_IDLE || ctx->step == STEP_BLOCKED) {
+		ctx->step = STEP_IDLE;
+		projector_forget(ctx);
+	}
+	/* A step in flight finishes on its own: its writes carry the term's epoch (kept in
+	 * ctx->epoch), which PostgreSQL and Redis refuse once a successor has taken the
+	 * lease; none is started after this. */
 }
 
-static void elect_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void on_lease_change(void *arg, long long epoch, const char *why)
 {
 	struct projector_ctx *ctx = arg;
-	bool won = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
-		   strcmp(PQgetvalue(results[0], 0, 0), "t") == 0;
 
-	ctx->step = STEP_IDLE;
-	if (error)
-		return; /* on_connect elects again */
-	if (!won) {
-		if (ctx->role != ROLE_STANDBY)
-			log_info(&ctx->log, "another projector leads; standing by");
-		ctx->role = ROLE_STANDBY;
-		metric_set(ctx->m_leader, 0);
-		arm_election(ctx);
+	if (epoch == 0) {
+		step_down(ctx, why);
 		return;
 	}
-	log_info(&ctx->log, "leading the projection");
+	log_info(&ctx->log, "leading the projection (epoch %lld)", epoch);
 	ctx->role = ROLE_LEADER;
+	ctx->epoch = epoch;
 	metric_set(ctx->m_leader, 1);
-	projector_forget(ctx); /* the standby's view, if any, is stale */
-	load_checkpoint(ctx);
+	metric_set(ctx->m_epoch, (double)epoch);
+	projector_redis_fence(ctx);
+	/* Whatever we knew of the read models is stale: reload the checkpoint, with empty
+	 * caches, now if idle, else once the step in flight (which points into the caches)
+	 * is over, or on connecting. */
+	ctx->cp_stale = true;
+	if ((ctx->step == STEP_IDLE || ctx->step == STEP_BLOCKED) && pg_ready(ctx->pg)) {
+		ctx->step = STEP_IDLE;
+		projector_forget(ctx);
+		load_checkpoint(ctx);
+	}
 }
 
-static void elect(struct projector_ctx *ctx)
+static int writer_pid(void *arg)
 {
-	if (ctx->stopping || !pg_ready(ctx->pg))
-		return;
-	if (pg_queue(ctx->pg, "try_lead", 0, NULL) && pg_run(ctx->pg, elect_done, ctx))
-		ctx->step = STEP_LOADING;
+	struct projector_ctx *ctx = arg;
+
+	return pg_backend_pid(ctx->pg);
 }
 
-static void on_elect_timer(evutil_socket_t fd, short what, void *arg)
+static void on_retry_timer(evutil_socket_t fd, short what, void *arg)
 {
 	struct projector_ctx *ctx = arg;
 
 	(void)fd;
 	(void)what;
-	if (ctx->role == ROLE_LEADER && ctx->step == STEP_BLOCKED) {
+	if (ctx->step == STEP_BLOCKED)
 		ctx->step = STEP_IDLE;
+	if (ctx->role == ROLE_LEADER && ctx->step == STEP_IDLE && ctx->cp_stale && pg_ready(ctx->pg))
 		load_checkpoint(ctx);
-	} else if (ctx->role != ROLE_LEADER && ctx->step == STEP_IDLE) {
-		elect(ctx);
-	}
 }
 
 static void on_pg_connect(void *arg)
 {
 	struct projector_ctx *ctx = arg;
 
-	/* A new session holds no lock: whoever we were, we must win it again. */
-	ctx->role = ROLE_ELECTING;
+	/* Leadership is the lease's, not this session's: a leader resumes from the
+	 * checkpoint with empty caches. */
 	ctx->step = STEP_IDLE;
-	metric_set(ctx->m_leader, 0);
 	free_events(ctx);
-	elect(ctx);
+	projector_forget(ctx);
+	if (ctx->role == ROLE_LEADER)
+		load_checkpoint(ctx);
 }
 
 static void on_notify(void *arg)
@@ -568,7 +625,12 @@ static bool ready(void *arg, char *why, size_t whylen)
 		snprintf(why, whylen, "postgresql: %s", pg_last_error(ctx->pg));
 		return false;
 	}
-	if (ctx->role == ROLE_LEADER && ctx->lag_seconds > READY_LAG_SECONDS) {
+	if (ctx->role != ROLE_LEADER) {
+		snprintf(why, whylen, "%s", ctx->role == ROLE_STANDBY ? "standby: another projector leads"
+								   : "electing: waiting for the lease");
+		return false;
+	}
+	if (ctx->lag_seconds > READY_LAG_SECONDS) {
 		snprintf(why, whylen, "projection lags %.0f s behind the log", ctx->lag_seconds);
 		return false;
 	}
@@ -609,6 +671,8 @@ static void make_metrics(struct projector_ctx *ctx)
 				    "Batches abandoned and retried.", sql, NULL, 0);
 	ctx->m_leader = metrics_get(m, METRIC_GAUGE, "daybook_projector_leader",
 				    "1 while this instance leads.", "", NULL, 0);
+	ctx->m_epoch = metrics_get(m, METRIC_GAUGE, "daybook_projector_epoch",
+				   "The lease epoch this instance leads with; 0 on standby.", "", NULL, 0);
 }
 
 static int start(struct projector_ctx *ctx)
@@ -626,15 +690,19 @@ static int start(struct projector_ctx *ctx)
 		.async_commit = true,
 		.on_notify = on_notify, .arg = ctx,
 	};
+	struct lease_config lc = {
+		.conninfo = ctx->cfg.pg, .projection = PROJECTOR_PROJECTION, .base = ctx->base,
+		.log = &ctx->log, .writer_pid = writer_pid, .on_change = on_lease_change, .arg = ctx,
+	};
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .ready = ready, .arg = ctx,
 	};
-	struct timeval poll = { 0, POLL_INTERVAL_US };
+	struct timeval poll = { 0, POLL_INTERVAL_US }, retry = { RETRY_INTERVAL_S, 0 };
 
 	make_metrics(ctx);
 	ctx->events = calloc(PROJECTOR_BATCH_MAX, sizeof(*ctx->events));
 	if (!ctx->events || strmap_open(&ctx->accounts, free) || strmap_open(&ctx->totals, free) ||
-	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx)) {
+	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx) || lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-projector: out of memory\n");
 		return 1;
 	}
@@ -644,15 +712,15 @@ static int start(struct projector_ctx *ctx)
 		return 1;
 	}
 	ctx->poll_timer = event_new(ctx->base, -1, EV_PERSIST, on_poll, ctx);
-	ctx->elect_timer = event_new(ctx->base, -1, EV_PERSIST, on_elect_timer, ctx);
+	ctx->retry_timer = event_new(ctx->base, -1, EV_PERSIST, on_retry_timer, ctx);
 	ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
 	ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
-	if (!ctx->poll_timer || !ctx->elect_timer || !ctx->sigterm || !ctx->sigint) {
+	if (!ctx->poll_timer || !ctx->retry_timer || !ctx->sigterm || !ctx->sigint) {
 		fprintf(stderr, "daybook-projector: out of memory\n");
 		return 1;
 	}
 	evtimer_add(ctx->poll_timer, &poll);
-	arm_election(ctx);
+	evtimer_add(ctx->retry_timer, &retry);
 	evsignal_add(ctx->sigterm, NULL);
 	evsignal_add(ctx->sigint, NULL);
 	log_info(&ctx->log, "metrics on %s:%u", ctx->cfg.listen_host, ctx->cfg.listen_port);
@@ -661,7 +729,7 @@ static int start(struct projector_ctx *ctx)
 
 static void stop(struct projector_ctx *ctx)
 {
-	struct event *evs[] = { ctx->poll_timer, ctx->elect_timer, ctx->sigterm, ctx->sigint };
+	struct event *evs[] = { ctx->poll_timer, ctx->retry_timer, ctx->sigterm, ctx->sigint };
 
 	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
 		if (evs[i])
@@ -669,6 +737,7 @@ static void stop(struct projector_ctx *ctx)
 	free_events(ctx);
 	free(ctx->events);
 	http_server_close(&ctx->http);
+	lease_close(&ctx->lease);
 	redis_close(&ctx->redis);
 	pg_close(&ctx->pg);
 	strmap_close(&ctx->accounts);

@@ -18,6 +18,12 @@
 #include "strmap.h"
 
 #define PROJECTOR_BATCH_MAX 2000
+/* The projection this process maintains: its checkpoint row and its lease row. */
+#define PROJECTOR_PROJECTION "sql"
+/* Named conditions of projector_checkpoint_move (sql/010): another process took the
+ * lease (this one is deposed), or the checkpoint is not where the batch started. */
+#define PROJECTOR_SQLSTATE_FENCED "DBF01"
+#define PROJECTOR_SQLSTATE_CHECKPOINT_MOVED "DBC01"
 
 struct fold_rows;
 
@@ -68,7 +74,7 @@ enum projector_step {
 	STEP_WRITING,
 	STEP_REDIS,   /* the batch's Redis writes are in flight */
 	STEP_SYNCING, /* copying the SQL read models into a new Redis generation */
-	STEP_BLOCKED, /* waiting for the election timer to retry */
+	STEP_BLOCKED, /* waiting for the retry timer */
 };
 
 struct projector_ctx {
@@ -94,8 +100,12 @@ struct projector_ctx {
 	unsigned polls;      /* poll ticks, for the slower Redis check */
 	unsigned next_sync;  /* no resync before this tick (after a failed one) */
 	struct sync_state *sync;
-	struct event *poll_timer, *elect_timer, *sigterm, *sigint;
+	struct event *poll_timer, *retry_timer, *sigterm, *sigint;
+	struct lease *lease;
 	enum projector_role role;
+	long long epoch;       /* the epoch of our current (or last) term: fences every write */
+	long long write_epoch; /* the epoch the batch in progress was written with */
+	bool cp_stale;   /* leadership changed mid-step: reload the checkpoint when idle */
 	enum projector_step step;
 	bool again;    /* woken while busy: read again when done */
 	bool stopping;
@@ -114,7 +124,7 @@ struct projector_ctx {
 	size_t nevents;
 	struct fold_rows *rows;
 	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,
-		*m_applied;
+		*m_applied, *m_epoch;
 };
 
 /* Begin a step if idle and leading; otherwise remember to. */
@@ -146,6 +156,33 @@ bool projector_redis_maintain(struct projector_ctx *ctx);
 /* Called by the step machine when the Redis step or a sync finished. */
 void projector_step_done(struct projector_ctx *ctx);
 void projector_redis_tick(struct projector_ctx *ctx);
+/* A new term: raise Redis's leader epoch to ours before anything else is written (the
+ * write scripts raise it too, and refuse writes of an older epoch). */
+void projector_redis_fence(struct projector_ctx *ctx);
+
+/* Leadership (lease.c): the projection's lease row in PostgreSQL (sql/010), claimed
+ * and renewed every LEASE_RENEW_S on a connection of the lease's own, so that neither
+ * a long batch nor a resync delays a renewal. */
+#define LEASE_SECONDS 5.0 /* a frozen leader is replaced this long after its last renewal */
+#define LEASE_RENEW_S 1   /* the holder renews, and standbys try, this often */
+struct lease;
+struct lease_config {
+	const char *conninfo;
+	const char *projection;
+	struct event_base *base;
+	const struct log *log;
+	/* The backend pid of the caller's writing session (0: none): a successor ends it. */
+	int (*writer_pid)(void *arg);
+	/* A new term began (epoch > 0), or the lease was lost (epoch 0; why says how). */
+	void (*on_change)(void *arg, long long epoch, const char *why);
+	void *arg;
+};
+/* Start claiming at once; the config's pointers must outlive the lease. */
+int lease_open(struct lease **out, const struct lease_config *cfg) __attribute__((warn_unused_result));
+void lease_close(struct lease **l);
+/* The caller found its epoch stale (a fenced write): stand down now, as if a renewal
+ * had failed; on_change is not called. */
+void lease_lost(struct lease *l);
 
 
 

@@ -16,7 +16,7 @@
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
-enum script { PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS };
+enum script { PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS, PUT_FENCED, RAISE_FENCE };
 
 /* newer(a, b): is position token a after b? Lua numbers are doubles: exact to 2^53. */
 #define LUA_NEWER                                                                          \
@@ -27,8 +27,9 @@ enum script { PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS };
 	"at, ap, bt, bp = tonumber(at), tonumber(ap), tonumber(bt), tonumber(bp) "         \
 	"return at > bt or (at == bt and ap > bp) end "
 
+/* The write scripts take the writer's leader epoch first (READMODEL_LUA_FENCE). */
 static const char *const scripts[] = {
-	[PUT_ACCOUNT] = "local v = redis.call('HGET', KEYS[1], 'v') "
+	[PUT_ACCOUNT] = READMODEL_LUA_FENCE "local v = redis.call('HGET', KEYS[1], 'v') "
 			"if v and tonumber(v) >= tonumber(ARGV[1]) then return 0 end "
 			"redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ARGV[2], 'j', ARGV[3]) "
 			"return 1",
@@ -37,7 +38,7 @@ static const char *const scripts[] = {
 	 * newest go in front; any other (a replay, or a resync over a generation that a
 	 * stale batch wrote to) is merged in by version, each version once. Then the
 	 * newest READMODEL_ITEMS_KEPT stay. */
-	[PUT_ITEMS] = READMODEL_LUA_ITEM_VERSION
+	[PUT_ITEMS] = READMODEL_LUA_FENCE READMODEL_LUA_ITEM_VERSION
 		      "local top = redis.call('LINDEX', KEYS[1], 0) "
 		      "if not top or tonumber(ARGV[1]) > item_version(top) then "
 		      "for i = 1, #ARGV, 2 do redis.call('LPUSH', KEYS[1], ARGV[i + 1]) end "
@@ -55,10 +56,10 @@ static const char *const scripts[] = {
 		      "redis.call('RPUSH', KEYS[1], by[vs[i]]) end "
 		      "end "
 		      "redis.call('LTRIM', KEYS[1], 0, " STR(READMODEL_ITEMS_KEPT) " - 1) return 1",
-	[PUT_CHECKPOINT] = LUA_NEWER "local cur = redis.call('GET', KEYS[1]) "
+	[PUT_CHECKPOINT] = READMODEL_LUA_FENCE LUA_NEWER "local cur = redis.call('GET', KEYS[1]) "
 				     "if cur and not newer(ARGV[1], cur) then return 0 end "
 				     "redis.call('SET', KEYS[1], ARGV[1]) return 1",
-	[PUT_TOTALS] = LUA_NEWER "local cur = redis.call('HGET', KEYS[1], 'p') "
+	[PUT_TOTALS] = READMODEL_LUA_FENCE LUA_NEWER "local cur = redis.call('HGET', KEYS[1], 'p') "
 				 "if cur and not newer(ARGV[1], cur) then return 0 end "
 				 "redis.call('HSET', KEYS[1], 'p', ARGV[1], 'j', ARGV[2]) return 1",
 	/* A live generation of another layout counts as none: it is replaced. */
@@ -67,6 +68,9 @@ static const char *const scripts[] = {
 			"if redis.call('GET', 'dbk:g:' .. g .. ':layout') ~= '" READMODEL_REDIS_LAYOUT "' "
 			"then return false end "
 			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
+	/* SET KEYS[1] ARGV[1]: transfers, a generation's layout mark, the live pointer. */
+	[PUT_FENCED] = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1",
+	[RAISE_FENCE] = READMODEL_LUA_FENCE "return 1",
 };
 
 enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH, SY_LIVE };
@@ -195,22 +199,24 @@ static void eval(struct projector_ctx *ctx, enum script s, int nkeys, int argc,
 static void put_account(struct projector_ctx *ctx, long long gen, const char *id, int32_t version,
 			int32_t entries, const char *json)
 {
-	char k[LEDGER_ID_MAX + 48], v[16], n[16];
-	const char *argv[4] = { k, v, n, json };
+	char k[LEDGER_ID_MAX + 48], e[24], v[16], n[16];
+	const char *argv[5] = { k, e, v, n, json };
 
 	key(k, sizeof(k), gen, "acct", id);
+	snprintf(e, sizeof(e), "%lld", ctx->epoch);
 	snprintf(v, sizeof(v), "%d", version);
 	snprintf(n, sizeof(n), "%d", entries);
-	eval(ctx, PUT_ACCOUNT, 1, 4, argv);
+	eval(ctx, PUT_ACCOUNT, 1, 5, argv);
 }
 
 static void put_transfer(struct projector_ctx *ctx, long long gen, const char *id, const char *json)
 {
-	char k[LEDGER_ID_MAX + 48];
-	const char *argv[3] = { "SET", k, json };
+	char k[LEDGER_ID_MAX + 48], e[24];
+	const char *argv[3] = { k, e, json };
 
 	key(k, sizeof(k), gen, "xfer", id);
-	send(ctx, 3, argv);
+	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	eval(ctx, PUT_FENCED, 1, 3, argv);
 }
 
 /* The account's items, oldest first, into its statement (newest first), by version
@@ -218,20 +224,22 @@ static void put_transfer(struct projector_ctx *ctx, long long gen, const char *i
 static void put_entries(struct projector_ctx *ctx, long long gen, const char *id,
 			const char *const *versions, const char *const *jsons, size_t n)
 {
-	char k[LEDGER_ID_MAX + 48];
-	const char **argv = malloc((1 + 2 * n) * sizeof(*argv));
+	char k[LEDGER_ID_MAX + 48], e[24];
+	const char **argv = malloc((2 + 2 * n) * sizeof(*argv));
 
 	if (!argv) {
 		ctx->rfailed = true;
 		return;
 	}
 	key(k, sizeof(k), gen, "stmt", id);
+	snprintf(e, sizeof(e), "%lld", ctx->epoch);
 	argv[0] = k;
+	argv[1] = e;
 	for (size_t i = 0; i < n; i++) {
-		argv[1 + 2 * i] = versions[i];
-		argv[2 + 2 * i] = jsons[i];
+		argv[2 + 2 * i] = versions[i];
+		argv[3 + 2 * i] = jsons[i];
 	}
-	eval(ctx, PUT_ITEMS, 1, (int)(1 + 2 * n), argv);
+	eval(ctx, PUT_ITEMS, 1, (int)(2 + 2 * n), argv);
 	free(argv);
 }
 
@@ -250,26 +258,28 @@ static char *totals_json(struct readmodel_total *rows, size_t n)
 
 static void put_totals(struct projector_ctx *ctx, long long gen, const char *token, char *json)
 {
-	char k[64];
-	const char *argv[3] = { k, token, json };
+	char k[64], e[24];
+	const char *argv[4] = { k, e, token, json };
 
 	if (!json) {
 		ctx->rfailed = true;
 		return;
 	}
 	key(k, sizeof(k), gen, "totals", NULL);
-	eval(ctx, PUT_TOTALS, 1, 3, argv);
+	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	eval(ctx, PUT_TOTALS, 1, 4, argv);
 	free(json);
 }
 
 static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token)
 {
-	char k[64], msg[96];
-	const char *argv[2] = { k, token };
+	char k[64], e[24], msg[96];
+	const char *argv[3] = { k, e, token };
 	const char *pub[3] = { "PUBLISH", "dbk:position", msg };
 
 	key(k, sizeof(k), gen, "checkpoint", NULL);
-	eval(ctx, PUT_CHECKPOINT, 1, 2, argv);
+	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	eval(ctx, PUT_CHECKPOINT, 1, 3, argv);
 	snprintf(msg, sizeof(msg), "%lld %s", gen, token);
 	send(ctx, 3, pub);
 }
@@ -628,10 +638,10 @@ static void start_cleanup(struct projector_ctx *ctx)
 static void sync_next(struct projector_ctx *ctx)
 {
 	struct sync_state *s = ctx->sync;
-	char gen[24];
+	char gen[24], epoch[24];
 	char layout_key[48];
-	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
-	const char *layout[3] = { "SET", layout_key, READMODEL_REDIS_LAYOUT };
+	const char *live[3] = { READMODEL_LIVE_KEY, epoch, gen };
+	const char *layout[3] = { layout_key, epoch, READMODEL_REDIS_LAYOUT };
 
 	if (ctx->rfailed) {
 		sync_abort(ctx, "a redis write failed");
@@ -660,8 +670,9 @@ static void sync_next(struct projector_ctx *ctx)
 		/* Everything up to s->cp is in the new generation (every reply so far was
 		 * checked): mark it complete... */
 		begin_sends(ctx);
+		snprintf(epoch, sizeof(epoch), "%lld", ctx->epoch);
 		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
-		send(ctx, 3, layout);
+		eval(ctx, PUT_FENCED, 1, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp);
 		s->phase = SY_LIVE;
 		end_sends(ctx);
@@ -670,7 +681,8 @@ static void sync_next(struct projector_ctx *ctx)
 		/* ...and once that is in too, let readers have it. */
 		begin_sends(ctx);
 		snprintf(gen, sizeof(gen), "%lld", s->gen);
-		send(ctx, 3, live);
+		snprintf(epoch, sizeof(epoch), "%lld", ctx->epoch);
+		eval(ctx, PUT_FENCED, 1, 3, live);
 		s->phase = SY_CHECK; /* reused as "switched" */
 		end_sends(ctx);
 		return;
@@ -786,12 +798,31 @@ void projector_redis_tick(struct projector_ctx *ctx)
 		projector_wake(ctx);
 }
 
+static void fence_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (reply && reply->type == REDIS_REPLY_ERROR)
+		log_warn(&ctx->log, "redis refused leader epoch %lld: %s", ctx->epoch, reply->str);
+}
+
+void projector_redis_fence(struct projector_ctx *ctx)
+{
+	char e[24];
+	const char *argv[1] = { e };
+
+	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	if (ctx->role == ROLE_LEADER && redis_connected(ctx->redis))
+		(void)!redis_eval(ctx->redis, RAISE_FENCE, 0, 1, argv, NULL, fence_reply, ctx);
+}
+
 static void on_redis_ready(void *arg)
 {
 	struct projector_ctx *ctx = arg;
 
 	/* Whatever happened while we were apart, find out before writing again. */
 	ctx->rsync = RS_UNKNOWN;
+	projector_redis_fence(ctx);
 	projector_wake(ctx);
 }
 

@@ -393,6 +393,11 @@ const char *pg_last_error(const struct pg *pg)
 	return pg->error;
 }
 
+int pg_backend_pid(const struct pg *pg)
+{
+	return pg->conn && pg->state >= PG_IDLE ? PQbackendPID(pg->conn) : 0;
+}
+
 static bool queued(struct pg *pg, int ok)
 {
 	if (!ok) {

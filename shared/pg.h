@@ -46,6 +46,8 @@ bool pg_ready(const struct pg *pg);
 bool pg_connected(const struct pg *pg);
 /* The last connection error, for /readyz and logs ("" when none). */
 const char *pg_last_error(const struct pg *pg);
+/* The server process id of the current session (0 while not connected). */
+int pg_backend_pid(const struct pg *pg);
 
 /* Called once per run. `error` is non-NULL when the connection failed or timed out
  * before every result arrived: then the outcome of the run is unknown (a COMMIT may or

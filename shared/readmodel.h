@@ -45,6 +45,20 @@ struct readmodel_transfer {
  * a rolling upgrade, never read or write each other's generations. */
 #define READMODEL_REDIS_LAYOUT "2"
 #define READMODEL_LIVE_KEY "dbk:live:2"
+/* Fencing of the projector's Redis writes (docs/architecture.md, "Leadership"): the
+ * highest leader epoch that has written, global to the Redis. Every projector write
+ * script starts with READMODEL_LUA_FENCE and takes the writer's epoch as ARGV[1] (the
+ * prefix removes it, so the rest of the script sees its own arguments from ARGV[1]):
+ * an epoch below the key's is refused with an error reply starting "FENCED"; a higher
+ * one raises the key first. */
+#define READMODEL_LEADER_KEY "dbk:leader_epoch"
+#define READMODEL_LUA_FENCE                                                                \
+	"local epoch_text = table.remove(ARGV, 1) local epoch = tonumber(epoch_text) "     \
+	"local fence = tonumber(redis.call('GET', '" READMODEL_LEADER_KEY "') or '0') "    \
+	"if not epoch or epoch < 1 or epoch < fence then "                                 \
+	"return redis.error_reply('FENCED epoch ' .. tostring(epoch) .. "                  \
+	"' is older than the leader epoch ' .. fence) end "                                \
+	"if epoch > fence then redis.call('SET', '" READMODEL_LEADER_KEY "', epoch_text) end\n"
 /* Statement items kept per account in Redis: the newest ones. */
 #define READMODEL_ITEMS_KEPT 50
 

@@ -203,6 +203,24 @@ void harness_print_log(const struct service *svc)
 	fclose(f);
 }
 
+/* /readyz says ready, or (a projector) that the instance stands by for another. */
+static bool wait_ready(const struct service *svc, double timeout)
+{
+	double end = now() + timeout;
+
+	while (now() < end) {
+		struct response r = http_request(svc->port, "GET", "/readyz", NULL, NULL, 2);
+		bool ok = r.status == 200 || (r.status == 503 && r.body && strstr(r.body, "standby"));
+		response_free(&r);
+		if (ok)
+			return true;
+		if (svc->pid > 0 && waitpid(svc->pid, NULL, WNOHANG) == svc->pid)
+			return false;
+		usleep(20000);
+	}
+	return false;
+}
+
 static void start_service(struct service *svc, const char *name, const char *binvar,
 			  const char *pg, const char *const *extra_env)
 {
@@ -231,7 +249,7 @@ static void start_service(struct service *svc, const char *name, const char *bin
 		execl(bin, bin, (char *)NULL);
 		_exit(127);
 	}
-	if (!harness_wait_status(svc, "/readyz", 200, 20)) {
+	if (!wait_ready(svc, 20)) {
 		harness_print_log(svc);
 		harness_kill(svc);
 		cr_assert_fail("%s did not become ready", name);

@@ -188,10 +188,12 @@ Test(projector, a_standby_takes_over_within_5_s)
 	struct load l = { .accounts = 8 };
 	pthread_t t[2];
 	double killed, end;
+	long long e1;
 
 	open_accounts(8);
 	harness_start_projector(&a, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
+	e1 = sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
 	harness_start_projector(&b, db, redis_url);
 	usleep(1500000);
 	cr_assert_eq(harness_metric(&a, "daybook_projector_leader"), 1);
@@ -205,6 +207,8 @@ Test(projector, a_standby_takes_over_within_5_s)
 		cr_assert(harness_now() < end, "the standby did not take over within 5 s");
 		usleep(50000);
 	}
+	cr_assert_gt(sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'"), e1,
+		     "a takeover raises the epoch");
 	usleep(500000);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
@@ -385,4 +389,326 @@ Test(projector, reads_the_log_in_transaction_id_order_not_text_order)
 	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'digits'"), 42);
 	harness_assert_models_match_log(db);
 	harness_stop(&proj);
+}
+
+/* --- leadership: a lease with fencing (sql/010) ------------------------------------------ */
+
+static long long lease_epoch(void)
+{
+	return sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
+}
+
+/* Did the service's log say `what`? */
+static bool log_says(const struct service *svc, const char *what)
+{
+	char line[4096];
+	bool found = false;
+	FILE *f = fopen(svc->log_path, "r"); /* the service's log, to read what it said */
+
+	if (!f)
+		return false;
+	while (!found && fgets(line, sizeof(line), f))
+		found = strstr(line, what) != NULL;
+	fclose(f);
+	return found;
+}
+
+static void wait_metric(const struct service *svc, const char *name, double value, double deadline,
+			const char *why)
+{
+	while (harness_metric(svc, name) != value) {
+		if (harness_now() >= deadline) {
+			harness_print_log(svc);
+			cr_assert_fail("%s", why);
+		}
+		usleep(50000);
+	}
+}
+
+/* Every move of the checkpoint, with the epoch that made it, in commit order. */
+static void record_checkpoint_moves(void)
+{
+	PQclear(sql(db, "CREATE TABLE test_cp_moves (seq bigserial PRIMARY KEY, epoch bigint)"));
+	PQclear(sql(db, "CREATE FUNCTION test_cp_moved() RETURNS trigger LANGUAGE plpgsql "
+			"SECURITY DEFINER SET search_path = public AS $$ BEGIN "
+			"INSERT INTO test_cp_moves (epoch) VALUES (NEW.epoch); RETURN NULL; END $$"));
+	PQclear(sql(db, "CREATE TRIGGER test_cp_moved AFTER UPDATE ON projection_checkpoints "
+			"FOR EACH ROW EXECUTE FUNCTION test_cp_moved()"));
+}
+
+Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when_it_wakes)
+{
+	struct service a, b;
+	struct load l = { .accounts = 8 };
+	pthread_t t[2];
+	long long e1, e2;
+	double stopped;
+	char q[256];
+	redisContext *c;
+	redisReply *fence;
+
+	open_accounts(8);
+	record_checkpoint_moves();
+	harness_start_projector(&a, db, redis_url);
+	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 10, "nobody leads");
+	harness_wait_caught_up(db, redis_url, 20);
+	e1 = lease_epoch();
+	harness_start_projector(&b, db, redis_url);
+	cr_assert(harness_wait_status(&b, "/readyz", 503, 10), "a standby must not say ready");
+	start_load(&l, t, 2);
+	usleep(300000);
+
+	kill(a.pid, SIGSTOP);
+	stopped = harness_now();
+	wait_metric(&b, "daybook_projector_leader", 1, stopped + 10,
+		    "the standby did not take over within 10 s of the leader freezing");
+	e2 = lease_epoch();
+	cr_assert_gt(e2, e1, "a takeover raises the epoch");
+	/* The new leader applies new writes under its epoch. */
+	while (sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'") != e2) {
+		cr_assert(harness_now() < stopped + 20, "the new leader committed nothing");
+		usleep(50000);
+	}
+
+	/* The old leader wakes up while writes go on: it finds out and stands by. */
+	kill(a.pid, SIGCONT);
+	while (!log_says(&a, "deposed")) {
+		if (harness_now() >= stopped + 30) {
+			harness_print_log(&a);
+			cr_assert_fail("the old leader did not notice it was deposed");
+		}
+		usleep(50000);
+	}
+	wait_metric(&a, "daybook_projector_leader", 0, harness_now() + 10, "the old leader still leads");
+	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "the deposed leader says ready");
+	usleep(500000);
+	stop_load(&l, t, 2);
+	harness_wait_caught_up(db, redis_url, 20);
+
+	/* Since the first commit of the new epoch, no batch of an older one committed. */
+	snprintf(q, sizeof(q),
+		 "SELECT count(*) FROM test_cp_moves WHERE epoch < %lld AND seq > "
+		 "(SELECT min(seq) FROM test_cp_moves WHERE epoch = %lld)", e2, e2);
+	cr_assert_eq(sql_int(db, q), 0, "a deposed leader committed a batch");
+	cr_assert_geq(lease_epoch(), e2);
+	c = harness_redis(redis_url);
+	fence = redisCommand(c, "GET %s", READMODEL_LEADER_KEY);
+	cr_assert(fence && fence->type == REDIS_REPLY_STRING && atoll(fence->str) >= e2,
+		  "Redis's leader epoch is below the new leader's");
+	freeReplyObject(fence);
+	redisFree(c);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(harness_stop(&a), 0);
+	cr_assert_eq(harness_stop(&b), 0);
+}
+
+static PGconn *connect_as(const char *role);
+
+Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_again)
+{
+	struct service a;
+	PGconn *thief = connect_as(NULL); /* the superuser */
+	PGresult *r;
+	long long e1, stolen, e3, steal_seq;
+	double deadline;
+	char q[256];
+
+	open_accounts(4);
+	record_checkpoint_moves();
+	harness_start_projector(&a, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	e1 = lease_epoch();
+	/* Another holder takes the lease (it expired, say, while we were cut off); its
+	 * session stays open, so the lease stays taken. */
+	r = PQexec(thief, "UPDATE projector_leases SET expires_at = '-infinity'; "
+			  "SELECT projector_lease_claim('sql', 'thief', 0, 3600, 0)");
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(thief));
+	stolen = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	cr_assert_gt(stolen, e1);
+	steal_seq = sql_int(db, "SELECT coalesce(max(seq), 0) FROM test_cp_moves");
+	/* New events: the projector's next batch is fenced, or its next claim refused. */
+	must("/accounts/p-0/deposits", "{\"amount\":7}");
+	must("/accounts/p-1/deposits", "{\"amount\":8}");
+	deadline = harness_now() + 10;
+	while (!log_says(&a, "deposed")) {
+		cr_assert(harness_now() < deadline, "the leader did not notice it lost the lease");
+		usleep(50000);
+	}
+	wait_metric(&a, "daybook_projector_leader", 0, harness_now() + 5, "a deposed leader leads");
+	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "a deposed leader says ready");
+	/* The other holder goes away: the projector leads again with a higher epoch and
+	 * applies what was written meanwhile. */
+	PQfinish(thief);
+	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 5,
+		    "the lease of a closed session was not taken back within 5 s");
+	harness_wait_caught_up(db, redis_url, 20);
+	e3 = lease_epoch();
+	cr_assert_gt(e3, stolen);
+	/* Between the theft and the new term, nothing committed. */
+	snprintf(q, sizeof(q), "SELECT count(*) FROM test_cp_moves WHERE seq > %lld AND epoch <= %lld",
+		 steal_seq, stolen);
+	cr_assert_eq(sql_int(db, q), 0, "a leader without the lease committed a batch");
+	cr_assert_gt(sql_int(db, "SELECT count(*) FROM test_cp_moves"), steal_seq);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(harness_stop(&a), 0);
+}
+
+static PGconn *connect_as(const char *role)
+{
+	char conninfo[512];
+	PGconn *conn;
+
+	harness_conninfo(db, role, conninfo, sizeof(conninfo));
+	conn = PQconnectdb(conninfo);
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
+		  PQerrorMessage(conn));
+	return conn;
+}
+
+/* Run one statement; its SQLSTATE ("" for success) goes into code, returned. */
+static const char *sqlstate_of(PGconn *conn, const char *query, char code[6])
+{
+	PGresult *r = PQexec(conn, query);
+	ExecStatusType st = PQresultStatus(r);
+	const char *c = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+
+	snprintf(code, 6, "%s", st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? "" : c ? c : "?????");
+	PQclear(r);
+	return code;
+}
+
+static long long claim(PGconn *conn, const char *holder, long long epoch, int writer_pid)
+{
+	char q[256];
+	PGresult *r;
+	long long got;
+
+	snprintf(q, sizeof(q), "SELECT projector_lease_claim('sql', '%s', %lld, 30, %d)", holder, epoch,
+		 writer_pid);
+	r = PQexec(conn, q);
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "claiming failed: %s", PQerrorMessage(conn));
+	got = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return got;
+}
+
+/* The checkpoint's compare-and-set from (txid = position = from) to (to, to). */
+static const char *move_checkpoint(PGconn *conn, long long epoch, const char *from, const char *to,
+				   char code[6])
+{
+	char q[256];
+
+	snprintf(q, sizeof(q), "SELECT projector_checkpoint_move('sql', %lld, '%s', %s, 0, '%s', %s)",
+		 epoch, from, from, to, to);
+	return sqlstate_of(conn, q, code);
+}
+
+Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_named_condition)
+{
+	PGconn *x = connect_as("daybook_projector"), *y = connect_as("daybook_projector");
+	PGconn *old = connect_as("daybook_projector");
+	long long e1, e2 = 0;
+	double deadline;
+	char code[6];
+
+	e1 = claim(x, "x", 0, 0);
+	cr_assert_gt(e1, 0);
+	cr_assert_eq(claim(y, "y", 0, 0), 0, "a live lease was taken");
+	cr_assert_eq(claim(x, "x", e1, 0), e1, "a renewal changed the epoch");
+	/* The holder's session ends (its process died): no need to wait for the expiry. */
+	PQfinish(x);
+	deadline = harness_now() + 5;
+	while ((e2 = claim(y, "y", 0, 0)) == 0) {
+		cr_assert(harness_now() < deadline, "a dead holder's lease was not taken within 5 s");
+		usleep(100000);
+	}
+	cr_assert_gt(e2, e1);
+
+	/* The old leader's transaction, sent after it woke up: refused, by name. */
+	cr_assert_str_empty(sqlstate_of(old, "BEGIN", code));
+	cr_assert_str_eq(move_checkpoint(old, e1, "0", "1", code), "DBF01", "%s", PQerrorMessage(old));
+	cr_assert(strstr(PQerrorMessage(old), "projector_fenced"), "%s", PQerrorMessage(old));
+	cr_assert_str_empty(sqlstate_of(old, "ROLLBACK", code));
+	cr_assert_eq(sql_int(db, "SELECT position FROM projection_checkpoints WHERE projection = 'sql'"), 0);
+	/* The holder's epoch passes; a checkpoint elsewhere is a named condition too. */
+	cr_assert_str_eq(move_checkpoint(y, e2, "5", "6", code), "DBC01", "%s", PQerrorMessage(y));
+	cr_assert(strstr(PQerrorMessage(y), "checkpoint_moved"), "%s", PQerrorMessage(y));
+	cr_assert_str_empty(move_checkpoint(y, e2, "0", "1", code), "%s", PQerrorMessage(y));
+	cr_assert_eq(sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'"), e2);
+	/* The old leader's renewal is refused: it learns it was deposed. */
+	cr_assert_eq(claim(old, "x", e1, 0), 0);
+	PQfinish(old);
+	PQfinish(y);
+}
+
+Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
+{
+	PGconn *holder = connect_as("daybook_projector"), *writer = connect_as("daybook_projector");
+	PGconn *next = connect_as("daybook_projector");
+	long long e1, e2 = 0;
+	double deadline;
+	char code[6];
+
+	/* The leader froze half-way through sending a batch: its transaction holds the
+	 * lease row and the checkpoint row. */
+	e1 = claim(holder, "frozen", 0, PQbackendPID(writer));
+	cr_assert_str_empty(sqlstate_of(writer, "BEGIN", code));
+	cr_assert_str_empty(move_checkpoint(writer, e1, "0", "1", code), "%s", PQerrorMessage(writer));
+	PQfinish(holder); /* its lease session is gone, its writing session lives on */
+	deadline = harness_now() + 5;
+	while ((e2 = claim(next, "next", 0, 0)) == 0) {
+		cr_assert(harness_now() < deadline, "the lease was not taken within 5 s");
+		usleep(100000);
+	}
+	cr_assert_gt(e2, e1);
+	/* The frozen transaction was ended: it commits nothing, and the successor's batch
+	 * is not blocked behind it. */
+	cr_assert_str_not_empty(sqlstate_of(writer, "COMMIT", code), "the frozen transaction committed");
+	cr_assert_str_empty(move_checkpoint(next, e2, "0", "1", code), "%s", PQerrorMessage(next));
+	PQfinish(writer);
+	PQfinish(next);
+}
+
+Test(projector, only_the_projector_role_may_read_or_claim_the_lease)
+{
+	const char *roles[] = { "daybook_query", "daybook_command" };
+	char code[6];
+
+	for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
+		PGconn *c = connect_as(roles[i]);
+		cr_assert_str_eq(sqlstate_of(c, "SELECT epoch FROM projector_leases", code), "42501",
+				 "%s read the lease", roles[i]);
+		cr_assert_str_eq(sqlstate_of(c, "SELECT projector_lease_claim('sql', 'intruder', 0, 30, 0)",
+					     code),
+				 "42501", "%s claimed the lease", roles[i]);
+		cr_assert_str_eq(sqlstate_of(c, "SELECT projector_checkpoint_move('sql', 1, '0', 0, 0, '1', 1)",
+					     code),
+				 "42501", "%s moved the checkpoint", roles[i]);
+		PQfinish(c);
+	}
+}
+
+Test(projector, redis_refuses_writes_of_an_older_leader_epoch)
+{
+	redisContext *c = harness_redis(redis_url);
+	const char *script = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1";
+	redisReply *r;
+
+	r = redisCommand(c, "EVAL %s 1 k 1700000000002 new", script);
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER, "the current leader's write was refused");
+	freeReplyObject(r);
+	r = redisCommand(c, "EVAL %s 1 k 1700000000001 old", script);
+	cr_assert(r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "FENCED", 6) == 0,
+		  "an older epoch's write was not refused by name");
+	freeReplyObject(r);
+	r = redisCommand(c, "GET k");
+	cr_assert_str_eq(r->str, "new");
+	freeReplyObject(r);
+	r = redisCommand(c, "GET %s", READMODEL_LEADER_KEY);
+	cr_assert_str_eq(r->str, "1700000000002");
+	freeReplyObject(r);
+	redisFree(c);
 }
