@@ -81,7 +81,7 @@ struct batcher {
 	struct cmd *head, *tail; /* commands waiting for the next batch */
 	size_t npending;
 	struct strmap *cache;    /* account id -> struct ledger_account, committed state */
-	struct strmap *inflight; /* "token\x1fkey" of keyed commands not yet answered */
+	struct strmap *inflight; /* "token\x1fkey" -> the keyed command that owns it, until answered */
 	enum batch_state state;
 	/* The batch in flight. */
 	struct slot slots[BATCH_MAX];
@@ -172,7 +172,10 @@ static void answer(struct batcher *b, struct cmd *cmd, int status, json_t *body,
 	if (cmd->idem_key[0]) {
 		char key[400];
 		inflight_key(cmd, key, sizeof(key));
-		strmap_remove(b->inflight, key);
+		/* Only the command that holds the marker releases it: a repeat answered 409
+		 * must leave the first request's marker in place. */
+		if (strmap_get(b->inflight, key) == cmd)
+			strmap_remove(b->inflight, key);
 	}
 	json_object_foreach(headers, name, value)
 		if (json_is_string(value))
@@ -220,11 +223,14 @@ void batcher_submit(struct batcher *b, struct cmd *cmd)
 		char key[400];
 		inflight_key(cmd, key, sizeof(key));
 		if (strmap_get(b->inflight, key)) {
-			answer_problem(b, cmd, 409, "request_in_progress", "Request in progress",
-				       "a request with this Idempotency-Key is still being processed");
+			answer(b, cmd, 409,
+			       http_problem_json(409, "request_in_progress", "Request in progress",
+						 "a request with this Idempotency-Key is still being processed"),
+			       json_pack("{s:s}", "Retry-After", "1"), false);
 			return;
 		}
-		if (!strmap_put(b->inflight, key, b)) {
+		/* The marker's value is its owner: see answer(). */
+		if (!strmap_put(b->inflight, key, cmd)) {
 			answer_unavailable(b, cmd, "out of memory");
 			return;
 		}
