@@ -193,15 +193,20 @@ static bool checkpoint_moved(PGresult *const *results, size_t n)
 
 static void load_checkpoint(struct projector_ctx *ctx);
 
-static void write_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void write_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	const struct log_event *last = &ctx->events[ctx->nevents - 1];
 	char why[256];
 	bool full = ctx->nevents == PROJECTOR_BATCH_MAX;
 
 	if (error) {
-		recover(ctx, "the connection failed while writing a batch");
+		recover(ctx, out->status == PG_RUN_COMMIT_FAILED ? error
+								 : "the connection failed while writing a batch");
 		return;
 	}
 	if (!all_ok(results, n, why, sizeof(why))) {
@@ -299,9 +304,13 @@ static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
 	return true;
 }
 
-static void load_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void load_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	char why[256];
 
 	if (error) {
@@ -403,9 +412,13 @@ static void update_lag(struct projector_ctx *ctx, PGresult *head, size_t got)
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
 }
 
-static void read_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void read_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	char why[256];
 	PGresult *r;
 
@@ -448,9 +461,13 @@ static void read_batch(struct projector_ctx *ctx)
 
 /* --- leadership ------------------------------------------------------------------------ */
 
-static void checkpoint_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void checkpoint_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 
 	ctx->step = STEP_IDLE;
 	if (error || n != 1 || PQresultStatus(results[0]) != PGRES_TUPLES_OK ||
@@ -481,14 +498,18 @@ static void arm_election(struct projector_ctx *ctx)
 	evtimer_add(ctx->elect_timer, &tv);
 }
 
-static void elect_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void elect_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	bool won = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
 		   strcmp(PQgetvalue(results[0], 0, 0), "t") == 0;
 
 	ctx->step = STEP_IDLE;
-	if (error)
+	if (out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN)
 		return; /* on_connect elects again */
 	if (!won) {
 		if (ctx->role != ROLE_STANDBY)

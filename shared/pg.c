@@ -8,11 +8,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 2.0
 #define CONNECT_TIMEOUT 5.0
-#define MAX_QUEUED 4096
 
 enum pg_state {
 	PG_DOWN,       /* waiting to reconnect */
@@ -30,10 +30,13 @@ struct pg {
 	struct event *timer;   /* reconnect backoff, connect and run timeouts */
 	double backoff;
 	bool want_write;
-	/* The current run. */
-	PGresult *results[MAX_QUEUED];
-	size_t queued, current;
+	/* The current run: one result slot per queued statement, grown on demand (a
+	 * caller may queue any number of statements). */
+	PGresult **results;
+	size_t cap, queued, current;
 	bool current_has_result;
+	PGresult *commit_error; /* a result after every statement's: COMMIT failed */
+	bool sync_sent;         /* the run's sync has left our output buffer */
 	pg_done_cb done;
 	void *done_arg;
 	char error[256];
@@ -71,37 +74,73 @@ static void clear_results(struct pg *pg)
 		PQclear(pg->results[i]);
 		pg->results[i] = NULL;
 	}
+	PQclear(pg->commit_error);
+	pg->commit_error = NULL;
 	pg->queued = pg->current = 0;
 	pg->current_has_result = false;
 }
 
-/* Hand the run's results to its callback, then free them. The connection is idle (or
- * down) before the callback runs, so the callback may start the next run at once. */
+/* Hand the run's outcome to its callback, then free the results. The connection is
+ * idle (or down) before the callback runs, so the callback may start the next run at
+ * once. `error` is non-NULL when the connection was lost or the run timed out. */
 static void complete_run(struct pg *pg, const char *error)
 {
 	pg_done_cb done = pg->done;
 	void *arg = pg->done_arg;
+	struct pg_outcome out = { .status = PG_RUN_DONE };
 	size_t n = pg->queued;
-	PGresult **results = malloc((n ? n : 1) * sizeof(*results));
+	PGresult **results = pg->results;
+	PGresult *commit_error = pg->commit_error;
+	char why[512];
 
-	if (results)
-		memcpy(results, pg->results, n * sizeof(*results));
-	else
-		clear_results(pg); /* out of memory: the callback sees no results */
-	pg->queued = pg->current = 0;
+	/* The callback may queue the next run into fresh slots. */
+	pg->results = NULL;
+	pg->cap = pg->queued = pg->current = 0;
 	pg->current_has_result = false;
-	memset(pg->results, 0, n * sizeof(*results));
+	pg->commit_error = NULL;
 	pg->done = NULL;
-	if (!error) {
+	if (error) {
+		out.status = pg->sync_sent ? PG_RUN_UNKNOWN : PG_RUN_NOT_SENT;
+		out.error = error;
+	} else {
 		evtimer_del(pg->timer);
 		pg->state = PG_IDLE;
+		out.results = results;
+		out.n = n;
+		if (commit_error) {
+			snprintf(why, sizeof(why), "the transaction failed at commit: %s",
+				 PQresultErrorMessage(commit_error));
+			why[strcspn(why, "\n")] = '\0';
+			out.status = PG_RUN_COMMIT_FAILED;
+			out.commit_error = commit_error;
+			out.error = why;
+		}
 	}
+	pg->sync_sent = false;
 	if (done)
-		done(arg, results ? results : pg->results, results ? n : 0,
-		     results ? error : "out of memory");
-	for (size_t i = 0; results && i < n; i++)
+		done(arg, &out);
+	for (size_t i = 0; i < n; i++)
 		PQclear(results[i]);
 	free(results);
+	PQclear(commit_error);
+}
+
+bool pg_outcome_ok(const struct pg_outcome *out, char *why, size_t whylen)
+{
+	if (out->status != PG_RUN_DONE) {
+		snprintf(why, whylen, "%s", out->error ? out->error : "the run failed");
+		return false;
+	}
+	for (size_t i = 0; i < out->n; i++) {
+		ExecStatusType st = PQresultStatus(out->results[i]);
+		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+			snprintf(why, whylen, "%s", out->results[i] ? PQresultErrorMessage(out->results[i])
+								    : "no result");
+			why[strcspn(why, "\n")] = '\0';
+			return false;
+		}
+	}
+	return true;
 }
 
 static void lose_connection(struct pg *pg, const char *why)
@@ -117,6 +156,12 @@ static void lose_connection(struct pg *pg, const char *why)
 	event_del(pg->io);
 	evtimer_del(pg->timer);
 	if (pg->conn) {
+		/* PQfinish flushes what libpq still buffers before its goodbye: if that is
+		 * a run's sync, the run could commit after all. Shut our sending side first
+		 * so that nothing more leaves; PostgreSQL then sees the end of the stream
+		 * before any sync and rolls the transaction back. */
+		if (pg->done && !pg->sync_sent)
+			shutdown(PQsocket(pg->conn), SHUT_WR);
 		PQfinish(pg->conn);
 		pg->conn = NULL;
 	}
@@ -133,28 +178,31 @@ static void flush(struct pg *pg)
 {
 	int rc = PQflush(pg->conn);
 
-	if (rc < 0)
+	if (rc < 0) {
 		lose_connection(pg, PQerrorMessage(pg->conn));
-	else if ((rc == 1) != pg->want_write)
+		return;
+	}
+	/* Once the whole output (the sync last) has left, PostgreSQL may commit the run:
+	 * before that it cannot, whatever happens to the connection. */
+	if (rc == 0 && pg->done)
+		pg->sync_sent = true;
+	if ((rc == 1) != pg->want_write)
 		watch(pg, true, rc == 1);
 }
 
-static void setup_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void setup_done(void *arg, const struct pg_outcome *out)
 {
 	struct pg *pg = arg;
+	char why[512];
 
-	if (error)
+	if (out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN)
 		return;
-	for (size_t i = 0; i < n; i++) {
-		ExecStatusType st = PQresultStatus(results[i]);
-		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-			log_error(pg->cfg.log, "postgresql setup failed: %s",
-				  PQresultErrorMessage(results[i]));
-			/* Treat like a lost connection: retry with backoff. */
-			pg->state = PG_SETUP;
-			lose_connection(pg, PQresultErrorMessage(results[i]));
-			return;
-		}
+	if (!pg_outcome_ok(out, why, sizeof(why))) {
+		log_error(pg->cfg.log, "postgresql setup failed: %s", why);
+		/* Treat like a lost connection: retry with backoff. */
+		pg->state = PG_SETUP;
+		lose_connection(pg, why);
+		return;
 	}
 	pg->backoff = BACKOFF_MIN;
 	pg->error[0] = '\0';
@@ -162,6 +210,8 @@ static void setup_done(void *arg, PGresult *const *results, size_t n, const char
 	if (pg->cfg.on_connect)
 		pg->cfg.on_connect(pg->cfg.arg);
 }
+
+static bool reserve_slot(struct pg *pg);
 
 static bool begin_setup(struct pg *pg)
 {
@@ -177,7 +227,7 @@ static bool begin_setup(struct pg *pg)
 		return false;
 	for (size_t i = 0; i < pg->cfg.nstatements; i++) {
 		const struct pg_statement *s = &pg->cfg.statements[i];
-		if (!PQsendPrepare(pg->conn, s->name, s->sql, 0, NULL))
+		if (!reserve_slot(pg) || !PQsendPrepare(pg->conn, s->name, s->sql, 0, NULL))
 			return false;
 		pg->results[pg->queued++] = NULL;
 	}
@@ -227,17 +277,26 @@ static bool stale_plan(const struct pg *pg)
 	return false;
 }
 
-/* Collect pipeline results until the sync (or until libpq needs more input). */
+/* Collect pipeline results until the sync (or until libpq needs more input). Each
+ * statement yields its result and a NULL; a result after every statement's is the
+ * verdict of the implicit COMMIT at the sync (its own result, then a NULL). */
 static void read_results(struct pg *pg)
 {
+	bool commit_null = false;
+
 	while (pg->conn && !PQisBusy(pg->conn)) {
 		PGresult *r = PQgetResult(pg->conn);
 		if (!r) {
-			if (!pg->current_has_result)
-				break;
-			pg->current++;
-			pg->current_has_result = false;
-			continue;
+			if (pg->current_has_result) {
+				pg->current++;
+				pg->current_has_result = false;
+				continue;
+			}
+			if (pg->current >= pg->queued && pg->commit_error && !commit_null) {
+				commit_null = true; /* the sync follows the commit's error */
+				continue;
+			}
+			break;
 		}
 		if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
 			PQclear(r);
@@ -253,8 +312,11 @@ static void read_results(struct pg *pg)
 		if (pg->current < pg->queued && !pg->current_has_result) {
 			pg->results[pg->current] = r;
 			pg->current_has_result = true;
+		} else if (pg->current >= pg->queued && !pg->commit_error &&
+			   PQresultStatus(r) == PGRES_FATAL_ERROR) {
+			pg->commit_error = r;
 		} else {
-			PQclear(r); /* COPY or multi-result leftovers: the first result counts */
+			PQclear(r); /* a statement's further results: the first one counts */
 		}
 	}
 }
@@ -372,6 +434,7 @@ void pg_close(struct pg **pgp)
 	if (pg->timer)
 		event_free(pg->timer);
 	clear_results(pg);
+	free(pg->results);
 	if (pg->conn)
 		PQfinish(pg->conn);
 	free(pg);
@@ -393,6 +456,22 @@ const char *pg_last_error(const struct pg *pg)
 	return pg->error;
 }
 
+/* Room for one more result; false when memory ran out. */
+static bool reserve_slot(struct pg *pg)
+{
+	size_t cap = pg->cap ? 2 * pg->cap : 64;
+	PGresult **grown;
+
+	if (pg->queued < pg->cap)
+		return true;
+	grown = realloc(pg->results, cap * sizeof(*grown));
+	if (!grown)
+		return false;
+	pg->results = grown;
+	pg->cap = cap;
+	return true;
+}
+
 static bool queued(struct pg *pg, int ok)
 {
 	if (!ok) {
@@ -403,17 +482,29 @@ static bool queued(struct pg *pg, int ok)
 	return true;
 }
 
+/* Out of memory for a result slot: the statements already queued cannot be taken
+ * back out of libpq's buffer, so the connection is reset (its caller hears false). */
+static bool no_slot(struct pg *pg)
+{
+	lose_connection(pg, "out of memory queueing a statement");
+	return false;
+}
+
 bool pg_queue(struct pg *pg, const char *statement, int nparams, const char *const *values)
 {
-	if (pg->state != PG_IDLE || pg->queued == MAX_QUEUED)
+	if (pg->state != PG_IDLE)
 		return false;
+	if (!reserve_slot(pg))
+		return no_slot(pg);
 	return queued(pg, PQsendQueryPrepared(pg->conn, statement, nparams, values, NULL, NULL, 0));
 }
 
 bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const *values)
 {
-	if (pg->state != PG_IDLE || pg->queued == MAX_QUEUED)
+	if (pg->state != PG_IDLE)
 		return false;
+	if (!reserve_slot(pg))
+		return no_slot(pg);
 	return queued(pg, PQsendQueryParams(pg->conn, sql, nparams, NULL, values, NULL, NULL, 0));
 }
 
@@ -430,6 +521,7 @@ bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
 	pg->done_arg = arg;
 	pg->current = 0;
 	pg->current_has_result = false;
+	pg->sync_sent = false;
 	arm_timer(pg, pg->cfg.run_timeout);
 	flush(pg);
 	return pg->conn != NULL;

@@ -102,6 +102,16 @@ static void wait_backends(const char *condition, long long n)
 	}
 }
 
+static void wait_in_flight(double n)
+{
+	double deadline = harness_now() + 30;
+
+	while (harness_metric(&svc, "daybook_http_requests_in_flight") < n) {
+		cr_assert(harness_now() < deadline, "fewer than %.0f requests in flight", n);
+		usleep(20000);
+	}
+}
+
 /* --- requests sent from threads --------------------------------------------------------- */
 
 struct call {
@@ -129,6 +139,81 @@ static void start_call(struct call *c)
 static void join_call(struct call *c)
 {
 	pthread_join(c->thread, NULL);
+}
+
+/* Hold INSERTs into events while a first request blocks on the lock, send `calls`,
+ * wait until the service holds all of them, then release: they form one batch. */
+static void send_as_one_batch(struct call *calls, size_t n)
+{
+	PGconn *lock = lock_events("EXCLUSIVE");
+	struct call starter = { .path = "/accounts/starter/deposits", .body = "{\"amount\":1}" };
+
+	start_call(&starter);
+	wait_backends("wait_event_type = 'Lock'", 1);
+	for (size_t i = 0; i < n; i++)
+		start_call(&calls[i]);
+	wait_in_flight((double)n + 1);
+	unlock_events(lock);
+	join_call(&starter);
+	cr_assert_eq(starter.r.status, 201, "%s", starter.r.body);
+	response_free(&starter.r);
+	for (size_t i = 0; i < n; i++)
+		join_call(&calls[i]);
+}
+
+/* --- 1. refusals at COMMIT ---------------------------------------------------------------- */
+
+#define POISON 3
+#define CLEAN 6
+
+Test(outcomes, a_write_refused_at_commit_is_never_201_and_the_rest_of_its_batch_commits_once)
+{
+	struct call calls[POISON + CLEAN];
+	char q[256];
+	struct response after;
+
+	/* Checked only at COMMIT: every statement of the batch succeeds first. */
+	PQclear(sql(db, "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ "
+			"BEGIN IF NEW.data->>'reference' = 'poison' THEN "
+			"RAISE EXCEPTION 'poison refused at commit'; END IF; RETURN NULL; END $$"));
+	PQclear(sql(db, "CREATE CONSTRAINT TRIGGER refuse_poison AFTER INSERT ON events "
+			"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()"));
+	start_command("30000", "20000");
+	open_account("starter");
+	open_account("p");
+	post_ok("/accounts/p/deposits", "{\"amount\":5}"); /* p is now in the command's cache */
+	memset(calls, 0, sizeof(calls));
+	for (int i = 0; i < POISON + CLEAN; i++) {
+		bool poison = i < POISON;
+		snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/p/deposits");
+		snprintf(calls[i].body, sizeof(calls[i].body), "{\"amount\":%d,\"reference\":\"%s%d\"}",
+			 poison ? 1000 : 10, poison ? "poison" : "clean-", i);
+		if (poison) /* exactly "poison" */
+			snprintf(calls[i].body, sizeof(calls[i].body),
+				 "{\"amount\":1000,\"reference\":\"poison\"}");
+	}
+	send_as_one_batch(calls, POISON + CLEAN);
+
+	for (int i = 0; i < POISON + CLEAN; i++) {
+		if (i < POISON) {
+			cr_expect_neq(calls[i].r.status, 201, "a refused write was acknowledged: %s",
+				      calls[i].r.body);
+			cr_expect_eq(calls[i].r.status, 500, "%d %s", calls[i].r.status, calls[i].r.body);
+		} else {
+			cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status, calls[i].r.body);
+			snprintf(q, sizeof(q), "SELECT count(*) FROM events WHERE stream = 'account-p' "
+					       "AND data->>'reference' = 'clean-%d'", i);
+			cr_expect_eq(sql_int(db, q), 1, "clean-%d is in the log exactly once", i);
+		}
+		response_free(&calls[i].r);
+	}
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'poison'"), 0);
+	/* The command's cache kept nothing of the refused writes. */
+	after = post(&svc, "/accounts/p/deposits", "{\"amount\":1}", NULL);
+	cr_assert_eq(after.status, 201, "%s", after.body);
+	cr_assert_eq(json_integer_value(json_object_get(after.json, "balance")), 5 + CLEAN * 10 + 1,
+		     "%s", after.body);
+	response_free(&after);
 }
 
 static void keyed_deposit(const char *key, int amount, struct response *out)
@@ -178,4 +263,49 @@ Test(outcomes, every_repeat_during_the_first_requests_flight_gets_409_with_retry
 	cr_assert_eq(first.r.status, 201, "%s", first.r.body);
 	cr_assert_eq(events_with_key("fly-1"), 1);
 	response_free(&first.r);
+}
+
+/* --- 4. a stream that cannot be folded ------------------------------------------------------ */
+
+#define HEALTHY 6
+#define BROKEN 3
+
+Test(outcomes, an_account_whose_stream_cannot_be_folded_fails_only_its_own_commands)
+{
+	struct call calls[HEALTHY + BROKEN];
+	char q[256];
+
+	start_command("30000", "20000");
+	open_account("starter");
+	for (int i = 0; i < HEALTHY; i++) {
+		char id[16];
+		snprintf(id, sizeof(id), "h-%d", i);
+		open_account(id);
+	}
+	/* An event the domain cannot read (written behind the service's back). */
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			"('account-broken', 1, 'AccountOpened', '{\"unreadable\":true}', '{}')"));
+	memset(calls, 0, sizeof(calls));
+	for (int i = 0; i < HEALTHY + BROKEN; i++) {
+		if (i < HEALTHY)
+			snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/h-%d/deposits", i);
+		else
+			snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/broken/deposits");
+		snprintf(calls[i].body, sizeof(calls[i].body), "{\"amount\":%d}", 10 + i);
+	}
+	send_as_one_batch(calls, HEALTHY + BROKEN);
+
+	for (int i = 0; i < HEALTHY + BROKEN; i++) {
+		if (i < HEALTHY) {
+			cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status, calls[i].r.body);
+			snprintf(q, sizeof(q), "SELECT count(*) FROM events WHERE stream = 'account-h-%d' "
+					       "AND type = 'FundsDeposited'", i);
+			cr_expect_eq(sql_int(db, q), 1);
+		} else {
+			cr_expect_eq(calls[i].r.status, 500, "%d %s", calls[i].r.status, calls[i].r.body);
+			cr_expect_null(strstr(calls[i].r.body ? calls[i].r.body : "", "unreadable"));
+		}
+		response_free(&calls[i].r);
+	}
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-broken'"), 1);
 }
