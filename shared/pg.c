@@ -5,14 +5,18 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 2.0
 #define CONNECT_TIMEOUT 5.0
+#define CANCEL_TIMEOUT 2.0 /* seconds to wait for a cancel request to be delivered */
 
 enum pg_state {
 	PG_DOWN,       /* waiting to reconnect */
@@ -20,6 +24,7 @@ enum pg_state {
 	PG_SETUP,      /* running the setup pipeline (SET, PREPARE, LISTEN) */
 	PG_IDLE,       /* ready for a run */
 	PG_RUNNING,    /* a run awaits its results */
+	PG_CANCELLING, /* a run timed out: its cancel request is on its way */
 };
 
 struct pg {
@@ -39,11 +44,15 @@ struct pg {
 	bool sync_sent;         /* the run's sync has left our output buffer */
 	pg_done_cb done;
 	void *done_arg;
+	/* A timed-out run's cancel request, sent from a thread (below). */
+	int cancel_fd;
+	struct event *cancel_ev;
 	char error[256];
 };
 
 static void on_io(evutil_socket_t fd, short what, void *arg);
 static void start_connect(struct pg *pg);
+static void stop_cancel_wait(struct pg *pg);
 
 static struct timeval tv_of(double secs)
 {
@@ -155,6 +164,7 @@ static void lose_connection(struct pg *pg, const char *why)
 		log_warn(pg->cfg.log, "postgresql connection lost: %s", pg->error);
 	event_del(pg->io);
 	evtimer_del(pg->timer);
+	stop_cancel_wait(pg);
 	if (pg->conn) {
 		/* PQfinish flushes what libpq still buffers before its goodbye: if that is
 		 * a run's sync, the run could commit after all. Shut our sending side first
@@ -213,6 +223,27 @@ static void setup_done(void *arg, const struct pg_outcome *out)
 
 static bool reserve_slot(struct pg *pg);
 
+/* Queue the session's server-side deadlines, so that PostgreSQL gives up before the
+ * client does: each statement, a transaction left idle by a stalled client, and (from
+ * PostgreSQL 17, which has it) the whole transaction end at statement_timeout_ms. On
+ * older servers the whole run is bounded by run_timeout and its cancel. */
+static bool queue_deadlines(struct pg *pg)
+{
+	char ms[24];
+	const char *v[1] = { ms };
+
+	if (pg->cfg.statement_timeout_ms <= 0)
+		return true;
+	snprintf(ms, sizeof(ms), "%d", pg->cfg.statement_timeout_ms);
+	if (!pg_queue_sql(pg, "SELECT set_config('statement_timeout', $1, false), "
+			      "set_config('idle_in_transaction_session_timeout', $1, false)",
+			  1, v))
+		return false;
+	if (PQserverVersion(pg->conn) >= 170000)
+		return pg_queue_sql(pg, "SELECT set_config('transaction_timeout', $1, false)", 1, v);
+	return true;
+}
+
 static bool begin_setup(struct pg *pg)
 {
 	char sql[128];
@@ -224,6 +255,8 @@ static bool begin_setup(struct pg *pg)
 	if (!pg_queue_sql(pg, pg->cfg.async_commit ? "SET synchronous_commit = off"
 						   : "SET synchronous_commit = on",
 			  0, NULL))
+		return false;
+	if (!queue_deadlines(pg))
 		return false;
 	for (size_t i = 0; i < pg->cfg.nstatements; i++) {
 		const struct pg_statement *s = &pg->cfg.statements[i];
@@ -359,6 +392,122 @@ static void on_io(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
+/* --- cancelling a timed-out run ---------------------------------------------------------
+ *
+ * Dropping the connection alone does not stop a run: a backend waiting for a lock
+ * reads nothing until it is through, and would then reach the sync and commit. So the
+ * run is cancelled first (the backend gives up the statement, the sync rolls back) and
+ * the connection dropped once PostgreSQL has taken the request. libpq 15 offers only
+ * the blocking PQcancel (it connects to the server, without a timeout of its own), so
+ * it runs on a short-lived detached thread that owns its PGcancel and reports back
+ * through a socket pair; the loop never blocks, and gives up waiting after
+ * CANCEL_TIMEOUT (the thread then finishes on its own and frees what it owns). */
+
+struct cancel_job {
+	PGcancel *cancel;
+	int fd; /* the thread's end of the socket pair */
+};
+
+static void *cancel_thread(void *arg)
+{
+	struct cancel_job *job = arg;
+	char msg[256] = "";
+
+	if (PQcancel(job->cancel, msg, sizeof(msg)))
+		msg[0] = '\0';
+	else if (!msg[0])
+		snprintf(msg, sizeof(msg), "cancel request failed");
+	/* The loop may have stopped listening: never raise SIGPIPE. */
+	if (send(job->fd, msg, strlen(msg) + 1, MSG_NOSIGNAL) < 0) {
+		/* nobody waits for the answer any more */
+	}
+	close(job->fd);
+	PQfreeCancel(job->cancel);
+	free(job);
+	return NULL;
+}
+
+static void stop_cancel_wait(struct pg *pg)
+{
+	if (pg->cancel_ev) {
+		event_free(pg->cancel_ev);
+		pg->cancel_ev = NULL;
+	}
+	if (pg->cancel_fd >= 0) {
+		close(pg->cancel_fd);
+		pg->cancel_fd = -1;
+	}
+}
+
+static void on_cancel_sent(evutil_socket_t fd, short what, void *arg)
+{
+	struct pg *pg = arg;
+	char msg[256] = "";
+	ssize_t n = recv(fd, msg, sizeof(msg) - 1, 0);
+
+	(void)what;
+	msg[n > 0 ? n : 0] = '\0';
+	stop_cancel_wait(pg);
+	if (pg->state != PG_CANCELLING)
+		return;
+	if (msg[0])
+		log_warn(pg->cfg.log, "cancelling a timed-out run: %s", msg);
+	lose_connection(pg, msg[0] ? "timed out; the cancel request failed"
+				   : "timed out; the run was cancelled");
+}
+
+/* Start a background cancel of the run in flight; false when it cannot be started. */
+static bool spawn_cancel(struct pg *pg)
+{
+	struct cancel_job *job = calloc(1, sizeof(*job));
+	int fds[2] = { -1, -1 };
+	pthread_attr_t attr;
+	pthread_t thread;
+	sigset_t all, old;
+	bool ok = false;
+
+	if (!job || !(job->cancel = PQgetCancel(pg->conn)) ||
+	    socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+		goto fail;
+	job->fd = fds[1];
+	pg->cancel_fd = fds[0];
+	pg->cancel_ev = event_new(pg->cfg.base, fds[0], EV_READ, on_cancel_sent, pg);
+	if (!pg->cancel_ev || event_add(pg->cancel_ev, NULL) != 0 || pthread_attr_init(&attr) != 0)
+		goto fail;
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	/* Signals stay with the loop's thread. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	ok = pthread_create(&thread, &attr, cancel_thread, job) == 0;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&attr);
+	if (ok)
+		return true;
+fail:
+	stop_cancel_wait(pg);
+	if (fds[1] >= 0)
+		close(fds[1]);
+	if (job && job->cancel)
+		PQfreeCancel(job->cancel);
+	free(job);
+	return false;
+}
+
+/* A run outlived run_timeout: cancel it, then drop the connection (on_cancel_sent). */
+static void start_cancel(struct pg *pg)
+{
+	log_warn(pg->cfg.log, "a run took longer than %.1f s: cancelling it", pg->cfg.run_timeout);
+	if (!pg->sync_sent || !spawn_cancel(pg)) {
+		lose_connection(pg, "timed out waiting for results");
+		return;
+	}
+	/* Nothing more is read from the connection: the outcome is reported as unknown
+	 * even if the run's answer comes meanwhile, and the connection is dropped. */
+	event_del(pg->io);
+	pg->state = PG_CANCELLING;
+	arm_timer(pg, CANCEL_TIMEOUT);
+}
+
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
 	struct pg *pg = arg;
@@ -373,8 +522,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 		lose_connection(pg, "timed out connecting");
 		break;
 	case PG_SETUP:
-	case PG_RUNNING:
 		lose_connection(pg, "timed out waiting for results");
+		break;
+	case PG_RUNNING:
+		start_cancel(pg);
+		break;
+	case PG_CANCELLING:
+		lose_connection(pg, "timed out; the cancel request was not confirmed in time");
 		break;
 	case PG_IDLE:
 		break;
@@ -411,6 +565,7 @@ int pg_open(struct pg **out, const struct pg_config *cfg)
 	if (pg->cfg.run_timeout <= 0)
 		pg->cfg.run_timeout = 10;
 	pg->backoff = BACKOFF_MIN;
+	pg->cancel_fd = -1;
 	pg->io = event_new(cfg->base, -1, 0, on_io, pg);
 	pg->timer = evtimer_new(cfg->base, on_timer, pg);
 	if (!pg->io || !pg->timer) {
@@ -433,6 +588,7 @@ void pg_close(struct pg **pgp)
 		event_free(pg->io);
 	if (pg->timer)
 		event_free(pg->timer);
+	stop_cancel_wait(pg);
 	clear_results(pg);
 	free(pg->results);
 	if (pg->conn)

@@ -28,6 +28,11 @@ struct pg_config {
 	size_t nstatements;
 	const char *listen_channel; /* LISTEN on it after connecting; NULL for none */
 	double run_timeout;         /* seconds before a pipeline run counts as lost; 0: 10 s */
+	/* Server-side deadlines set on every connection (statement_timeout and
+	 * idle_in_transaction_session_timeout), in milliseconds; 0 leaves the server's.
+	 * Keep it below run_timeout, so that PostgreSQL itself ends a slow run (and
+	 * reports it) before the client gives up on it. */
+	int statement_timeout_ms;
 	/* Commit without waiting for the WAL flush. Only for derived data that a crash may
 	 * roll back consistently (the projector): never for acknowledged writes. */
 	bool async_commit;
@@ -59,7 +64,8 @@ enum pg_run_status {
 	 * have committed. */
 	PG_RUN_NOT_SENT,
 	/* The connection failed, or the run outlived run_timeout, after the sync was
-	 * sent: it may or may not have committed. */
+	 * sent: it may or may not have committed. A timed-out run is cancelled and its
+	 * connection dropped before the callback runs, so it cannot commit later. */
 	PG_RUN_UNKNOWN,
 };
 

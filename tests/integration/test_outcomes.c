@@ -216,6 +216,8 @@ Test(outcomes, a_write_refused_at_commit_is_never_201_and_the_rest_of_its_batch_
 	response_free(&after);
 }
 
+/* --- 2. deadlines -------------------------------------------------------------------------- */
+
 static void keyed_deposit(const char *key, int amount, struct response *out)
 {
 	char header[128], body[64];
@@ -233,6 +235,67 @@ static long long events_with_key(const char *key)
 	snprintf(q, sizeof(q), "SELECT count(*) FROM events WHERE metadata->>'idempotency_key' = '%s'",
 		 key);
 	return sql_int(db, q);
+}
+
+/* After the lock is gone and the service has reconnected: the write did not commit,
+ * and a retry with its key applies it once. */
+static void assert_not_committed_then_retry_applies_once(const char *key)
+{
+	struct response retry;
+	char replayed[16] = "";
+
+	cr_assert(harness_wait_status(&svc, "/readyz", 200, 30));
+	/* Whatever the old session was doing is over: only the new connection is left. */
+	wait_backends("true", 1);
+	wait_backends("state = 'active'", 0);
+	cr_assert_eq(events_with_key(key), 0, "the abandoned write committed after all");
+	keyed_deposit(key, 7, &retry);
+	cr_assert_eq(retry.status, 201, "%s", retry.body);
+	cr_assert_not(response_header(&retry, "Idempotent-Replayed", replayed, sizeof(replayed)),
+		      "the retry was a replay: the first attempt had committed");
+	cr_assert_eq(json_integer_value(json_object_get(retry.json, "balance")), 5 + 7);
+	cr_assert_eq(events_with_key(key), 1);
+	response_free(&retry);
+}
+
+Test(outcomes, a_batch_past_the_service_deadline_is_cancelled_and_answered_outcome_unknown)
+{
+	struct response r;
+	char retry_after[16] = "";
+	PGconn *lock;
+
+	/* No server-side deadline here: the service's own deadline and cancel must act. */
+	start_command("1500", "0");
+	open_account("u");
+	post_ok("/accounts/u/deposits", "{\"amount\":5}");
+	lock = lock_events("ACCESS EXCLUSIVE");
+	keyed_deposit("late-1", 7, &r);
+	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
+	cr_assert_str_eq(code_of(&r), "outcome_unknown", "%s", r.body);
+	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
+	response_free(&r);
+	unlock_events(lock);
+	assert_not_committed_then_retry_applies_once("late-1");
+}
+
+Test(outcomes, postgresql_ends_a_slow_batch_itself_before_the_service_deadline_and_nothing_commits)
+{
+	struct response r;
+	char retry_after[16] = "";
+	PGconn *lock;
+
+	start_command("20000", "500");
+	open_account("u");
+	post_ok("/accounts/u/deposits", "{\"amount\":5}");
+	lock = lock_events("ACCESS EXCLUSIVE");
+	keyed_deposit("slow-1", 7, &r);
+	/* PostgreSQL cancelled the statement and said so: a definite, transient failure. */
+	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
+	cr_assert_str_eq(code_of(&r), "unavailable", "%s", r.body);
+	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
+	response_free(&r);
+	unlock_events(lock);
+	assert_not_committed_then_retry_applies_once("slow-1");
 }
 
 /* --- 3. keyed repeats in flight ------------------------------------------------------------- */
