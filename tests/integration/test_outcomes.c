@@ -372,3 +372,62 @@ Test(outcomes, an_account_whose_stream_cannot_be_folded_fails_only_its_own_comma
 	}
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-broken'"), 1);
 }
+
+/* --- transient failures are 503, never 500 ---------------------------------------------------- */
+
+Test(outcomes, a_write_that_keeps_losing_races_is_503_with_retry_after_and_the_others_commit)
+{
+	struct call calls[4];
+	char retry_after[16] = "";
+
+	/* Every attempt at a 'race' deposit fails as a serialization failure would. */
+	PQclear(sql(db, "CREATE FUNCTION lose_race() RETURNS trigger LANGUAGE plpgsql AS $$ "
+			"BEGIN IF NEW.data->>'reference' = 'race' THEN RAISE EXCEPTION 'lost a race' "
+			"USING ERRCODE = 'serialization_failure'; END IF; RETURN NEW; END $$"));
+	PQclear(sql(db, "CREATE TRIGGER lose_race BEFORE INSERT ON events "
+			"FOR EACH ROW EXECUTE FUNCTION lose_race()"));
+	start_command("30000", "20000");
+	open_account("starter");
+	open_account("r");
+	memset(calls, 0, sizeof(calls));
+	for (int i = 0; i < 4; i++) {
+		snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/r/deposits");
+		snprintf(calls[i].body, sizeof(calls[i].body), "{\"amount\":10,\"reference\":\"%s\"}",
+			 i == 0 ? "race" : "calm");
+	}
+	send_as_one_batch(calls, 4);
+
+	cr_expect_eq(calls[0].r.status, 503, "%d %s", calls[0].r.status, calls[0].r.body);
+	cr_expect_str_eq(code_of(&calls[0].r), "unavailable", "%s", calls[0].r.body);
+	cr_expect(response_header(&calls[0].r, "Retry-After", retry_after, sizeof(retry_after)));
+	for (int i = 1; i < 4; i++)
+		cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status, calls[i].r.body);
+	for (int i = 0; i < 4; i++)
+		response_free(&calls[i].r);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'race'"), 0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'calm'"), 3);
+}
+
+Test(outcomes, a_load_that_postgresql_ends_at_its_deadline_is_503_with_retry_after)
+{
+	struct response r;
+	char retry_after[16] = "";
+	PGconn *lock;
+
+	start_command("20000", "500");
+	open_account("cold");
+	/* A new process: "cold" is not in its cache, so the deposit must load it. */
+	harness_stop(&svc);
+	harness_start_command(&svc, db);
+	lock = lock_events("ACCESS EXCLUSIVE");
+	r = post(&svc, "/accounts/cold/deposits", "{\"amount\":3}", NULL);
+	unlock_events(lock);
+	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
+	cr_assert_str_eq(code_of(&r), "unavailable", "%s", r.body);
+	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
+	response_free(&r);
+	r = post(&svc, "/accounts/cold/deposits", "{\"amount\":3}", NULL);
+	cr_assert_eq(r.status, 201, "%d %s", r.status, r.body);
+	response_free(&r);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-cold'"), 2);
+}
