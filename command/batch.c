@@ -679,17 +679,17 @@ static void requeue_solo(struct batcher *b, enum failure f, const char *why)
 		++cmd->attempts;
 		if (alone && f == FAIL_REFUSED) {
 			log_msg(&b->ctx->log, LOG_ERROR, cmd->request_id,
-				"the event store refused this command on its own: %s", why);
+				"this command failed on its own, nothing written: %s", why);
 			answer_problem(b, cmd, 500, "internal", "Internal error",
-				       "the event store refused this write and nothing was written; "
-				       "see the service log");
+				       "this write cannot be applied and nothing was written; see the "
+				       "service log");
 			continue;
 		}
 		if (cmd->attempts >= MAX_ATTEMPTS) {
 			log_msg(&b->ctx->log, LOG_WARN, cmd->request_id, "append failed %d times: %s",
 				cmd->attempts, why);
-			answer_unavailable(b, cmd, "concurrent writes kept this one from committing; "
-						   "nothing was written, retry shortly");
+			answer_unavailable(b, cmd, "the event store rolled this write back repeatedly "
+						   "(concurrent writes); nothing was written, retry shortly");
 			continue;
 		}
 		cmd->solo = true;
