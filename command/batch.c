@@ -721,7 +721,8 @@ static void batch_rolled_back(struct batcher *b, const PGresult *res, const char
 	snprintf(why, sizeof(why), "%s", res ? PQresultErrorMessage(res) : "no result");
 	why[strcspn(why, "\n")] = '\0';
 	log_warn(&b->ctx->log, "batch of %zu rolled back %s (%s): %s", b->nslots, when, state, why);
-	metric_add(b->conflicts, 1);
+	if (f == FAIL_CONFLICT)
+		metric_add(b->conflicts, 1);
 	if (f == FAIL_TRANSIENT)
 		fail_batch(b, 503, "the event store could not take the write just now; nothing was "
 				   "written, retry shortly");

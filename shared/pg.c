@@ -669,6 +669,8 @@ bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
 	if (pg->state != PG_IDLE)
 		return false;
 	if (!PQpipelineSync(pg->conn)) {
+		/* Whatever it buffered must not leave with PQfinish: see lose_connection. */
+		shutdown(PQsocket(pg->conn), SHUT_WR);
 		lose_connection(pg, PQerrorMessage(pg->conn));
 		return false;
 	}
