@@ -2,6 +2,7 @@
  * deadlines, cancelled batches, keyed repeats in flight, and a stream that cannot be
  * folded each get the answer their outcome deserves, and never a false 201. */
 #include <criterion/criterion.h>
+#include <event2/event.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "pg.h"
 
 static char db[64];
 static struct service svc;
@@ -430,4 +432,117 @@ Test(outcomes, a_load_that_postgresql_ends_at_its_deadline_is_503_with_retry_aft
 	cr_assert_eq(r.status, 201, "%d %s", r.status, r.body);
 	response_free(&r);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-cold'"), 2);
+}
+
+/* --- the PostgreSQL client itself ------------------------------------------------------------ */
+
+struct pg_probe {
+	struct event_base *base;
+	bool connected, finished;
+	enum pg_run_status status;
+	size_t n, ok;
+	char sqlstate[8];
+};
+
+static void probe_connected(void *arg)
+{
+	struct pg_probe *p = arg;
+
+	p->connected = true;
+	event_base_loopbreak(p->base);
+}
+
+static void probe_done(void *arg, const struct pg_outcome *out)
+{
+	struct pg_probe *p = arg;
+
+	p->finished = true;
+	p->status = out->status;
+	p->n = out->n;
+	for (size_t i = 0; i < out->n; i++)
+		p->ok += PQresultStatus(out->results[i]) == PGRES_TUPLES_OK ||
+			 PQresultStatus(out->results[i]) == PGRES_COMMAND_OK;
+	snprintf(p->sqlstate, sizeof(p->sqlstate), "%s", pg_sqlstate(out->commit_error));
+	event_base_loopbreak(p->base);
+}
+
+/* Run until `flag` is set, for at most 30 s. */
+static void probe_wait(struct pg_probe *p, const bool *flag)
+{
+	struct timeval tick = { 0, 100000 };
+	double deadline = harness_now() + 30;
+
+	while (!*flag) {
+		cr_assert(harness_now() < deadline, "the PostgreSQL client did not finish in time");
+		event_base_loopexit(p->base, &tick);
+		event_base_dispatch(p->base);
+	}
+}
+
+static struct pg *probe_open(struct pg_probe *p, const struct log *lg)
+{
+	char conninfo[512];
+	struct pg *pg;
+	struct pg_config cfg = { .application_name = "probe", .log = lg, .on_connect = probe_connected,
+				 .arg = p };
+
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	cfg.conninfo = conninfo;
+	p->base = event_base_new();
+	cfg.base = p->base;
+	cr_assert_eq(pg_open(&pg, &cfg), 0);
+	probe_wait(p, &p->connected);
+	return pg;
+}
+
+Test(outcomes, a_run_may_queue_more_statements_than_any_fixed_array_would_hold)
+{
+	struct log lg = { .service = "test", .level = LOG_ERROR };
+	struct pg_probe p = { 0 };
+	struct pg *pg = probe_open(&p, &lg);
+	size_t n = 10000;
+
+	for (size_t i = 0; i < n; i++)
+		cr_assert(pg_queue_sql(pg, "SELECT 1", 0, NULL), "statement %zu refused", i);
+	cr_assert(pg_run(pg, probe_done, &p));
+	probe_wait(&p, &p.finished);
+	cr_assert_eq(p.status, PG_RUN_DONE);
+	cr_assert_eq(p.n, n);
+	cr_assert_eq(p.ok, n);
+	pg_close(&pg);
+	event_base_free(p.base);
+}
+
+Test(outcomes, a_failure_at_commit_reaches_the_caller_as_commit_failed)
+{
+	struct log lg = { .service = "test", .level = LOG_ERROR };
+	struct pg_probe p = { 0 };
+	struct pg *pg;
+
+	PQclear(sql(db, "CREATE TABLE probe (a int)"));
+	PQclear(sql(db, "CREATE FUNCTION probe_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+			"BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'check_violation'; "
+			"END $$"));
+	PQclear(sql(db, "CREATE CONSTRAINT TRIGGER probe_refuse AFTER INSERT ON probe "
+			"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION probe_refuse()"));
+	pg = probe_open(&p, &lg);
+	cr_assert(pg_queue_sql(pg, "INSERT INTO probe VALUES (1)", 0, NULL));
+	cr_assert(pg_queue_sql(pg, "INSERT INTO probe VALUES (2)", 0, NULL));
+	cr_assert(pg_run(pg, probe_done, &p));
+	probe_wait(&p, &p.finished);
+	cr_assert_eq(p.status, PG_RUN_COMMIT_FAILED);
+	cr_assert_eq(p.ok, 2, "every statement succeeded before the COMMIT");
+	cr_assert_str_eq(p.sqlstate, "23514");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM probe"), 0);
+	/* The connection stays usable. */
+	p.finished = false;
+	p.ok = 0;
+	cr_assert(pg_ready(pg));
+	cr_assert(pg_queue_sql(pg, "SELECT 1", 0, NULL));
+	cr_assert(pg_run(pg, probe_done, &p));
+	probe_wait(&p, &p.finished);
+	cr_assert_eq(p.status, PG_RUN_DONE);
+	cr_assert_eq(p.ok, 1);
+	pg_close(&pg);
+	event_base_free(p.base);
 }
