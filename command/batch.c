@@ -81,7 +81,7 @@ struct batcher {
 	struct cmd *head, *tail; /* commands waiting for the next batch */
 	size_t npending;
 	struct strmap *cache;    /* account id -> struct ledger_account, committed state */
-	struct strmap *inflight; /* "token\x1fkey" of keyed commands not yet answered */
+	struct strmap *inflight; /* "token\x1fkey" -> the keyed command that owns it, until answered */
 	enum batch_state state;
 	/* The batch in flight. */
 	struct slot slots[BATCH_MAX];
@@ -172,7 +172,10 @@ static void answer(struct batcher *b, struct cmd *cmd, int status, json_t *body,
 	if (cmd->idem_key[0]) {
 		char key[400];
 		inflight_key(cmd, key, sizeof(key));
-		strmap_remove(b->inflight, key);
+		/* Only the command that holds the marker releases it: a repeat answered 409
+		 * must leave the first request's marker in place. */
+		if (strmap_get(b->inflight, key) == cmd)
+			strmap_remove(b->inflight, key);
 	}
 	json_object_foreach(headers, name, value)
 		if (json_is_string(value))
@@ -220,11 +223,14 @@ void batcher_submit(struct batcher *b, struct cmd *cmd)
 		char key[400];
 		inflight_key(cmd, key, sizeof(key));
 		if (strmap_get(b->inflight, key)) {
-			answer_problem(b, cmd, 409, "request_in_progress", "Request in progress",
-				       "a request with this Idempotency-Key is still being processed");
+			answer(b, cmd, 409,
+			       http_problem_json(409, "request_in_progress", "Request in progress",
+						 "a request with this Idempotency-Key is still being processed"),
+			       json_pack("{s:s}", "Retry-After", "1"), false);
 			return;
 		}
-		if (!strmap_put(b->inflight, key, b)) {
+		/* The marker's value is its owner: see answer(). */
+		if (!strmap_put(b->inflight, key, cmd)) {
 			answer_unavailable(b, cmd, "out of memory");
 			return;
 		}
@@ -304,6 +310,24 @@ static void fail_batch(struct batcher *b, int status, const char *why)
 			answer_unavailable(b, b->slots[i].cmd, why);
 		else
 			answer_problem(b, b->slots[i].cmd, status, "internal", "Internal error", why);
+		b->slots[i].cmd = NULL;
+	}
+	reset_batch(b);
+}
+
+/* The batch was sent and then the connection died or its deadline passed: whether it
+ * committed is unknown. Its clients get 503 outcome_unknown; a retry with the same
+ * Idempotency-Key then applies each exactly once (the key commits with the events). */
+static void fail_batch_unknown(struct batcher *b, const char *why)
+{
+	log_warn(&b->ctx->log, "the outcome of a batch of %zu is unknown: %s", b->nslots, why);
+	invalidate(b);
+	for (size_t i = 0; i < b->nslots; i++) {
+		metric_add(b->unavailable, 1);
+		answer_problem(b, b->slots[i].cmd, 503, "outcome_unknown", "Outcome unknown",
+			       "the event store did not confirm the write in time; it may or may not "
+			       "have been applied: retry with the same Idempotency-Key to apply it "
+			       "exactly once");
 		b->slots[i].cmd = NULL;
 	}
 	reset_batch(b);
@@ -610,21 +634,62 @@ static void commit_overlay(struct batcher *b)
 	}
 }
 
-/* After a rollback: put the batch's commands back at the head of the queue, each to
- * be retried alone from fresh state. */
-static void requeue_solo(struct batcher *b, const char *why)
+/* What a failure PostgreSQL reported for a batch means for its commands. */
+enum failure {
+	/* Lost a race with another writer (a version or transfer id taken, a
+	 * serialization failure, a deadlock): retried alone, from fresh state. */
+	FAIL_CONFLICT,
+	/* The database cannot take writes just now (overloaded, a deadline passed, shutting
+	 * down, its NOTIFY queue full): 503 at once, nothing was written. */
+	FAIL_TRANSIENT,
+	/* PostgreSQL refused the data itself (a constraint or trigger, deferred or not):
+	 * the batch is split so that the others are decided as if alone, and the command
+	 * refused alone gets 500. Retrying it would be refused again: not transient. */
+	FAIL_REFUSED,
+};
+
+static enum failure classify(const char *sqlstate)
+{
+	static const char *const conflicts[] = { "23505", "40", NULL };
+	static const char *const transient[] = { "08", "53", "54000", "55P03", "57", "58", "25P03",
+						 NULL };
+
+	for (size_t i = 0; conflicts[i]; i++)
+		if (strncmp(sqlstate, conflicts[i], strlen(conflicts[i])) == 0)
+			return FAIL_CONFLICT;
+	for (size_t i = 0; transient[i]; i++)
+		if (strncmp(sqlstate, transient[i], strlen(transient[i])) == 0)
+			return FAIL_TRANSIENT;
+	return FAIL_REFUSED;
+}
+
+/* After a rollback (nothing was written): put the batch's commands back at the head of
+ * the queue, each to be retried alone from fresh state. A command that already ran
+ * alone is answered instead when retrying cannot help: refused data gets 500 at once,
+ * a conflict that kept recurring 503. */
+static void requeue_solo(struct batcher *b, enum failure f, const char *why)
 {
 	struct cmd *first = NULL, *last = NULL;
+	bool alone = b->nslots == 1;
 
 	invalidate(b);
 	for (size_t i = 0; i < b->nslots; i++) {
 		struct cmd *cmd = b->slots[i].cmd;
 		b->slots[i].cmd = NULL;
-		if (++cmd->attempts >= MAX_ATTEMPTS) {
-			log_msg(&b->ctx->log, LOG_ERROR, cmd->request_id, "append failed %d times: %s",
-				cmd->attempts, why);
+		++cmd->attempts;
+		if (alone && f == FAIL_REFUSED) {
+			log_msg(&b->ctx->log, LOG_ERROR, cmd->request_id,
+				"this command failed on its own, nothing written: %s", why);
 			answer_problem(b, cmd, 500, "internal", "Internal error",
-				       "the event store refused the append; see the service log");
+				       "this write cannot be applied and nothing was written; see the "
+				       "service log");
+			continue;
+		}
+		if (cmd->attempts >= MAX_ATTEMPTS) {
+			log_msg(&b->ctx->log, LOG_WARN, cmd->request_id, "append failed %d times: %s",
+				cmd->attempts, why);
+			answer_unavailable(b, cmd, "the event store rolled this write back repeatedly "
+						   "(concurrent writes); nothing was written, retry shortly");
 			continue;
 		}
 		cmd->solo = true;
@@ -645,33 +710,57 @@ static void requeue_solo(struct batcher *b, const char *why)
 	reset_batch(b);
 }
 
-static void write_done(void *arg, PGresult *const *results, size_t n, const char *error)
+/* PostgreSQL rolled the batch back, with `res` saying why (at a statement, or at
+ * COMMIT): nothing was written, and the cache must forget the batch's effects. */
+static void batch_rolled_back(struct batcher *b, const PGresult *res, const char *when)
+{
+	const char *state = pg_sqlstate(res);
+	enum failure f = classify(state);
+	char why[256];
+
+	snprintf(why, sizeof(why), "%s", res ? PQresultErrorMessage(res) : "no result");
+	why[strcspn(why, "\n")] = '\0';
+	log_warn(&b->ctx->log, "batch of %zu rolled back %s (%s): %s", b->nslots, when, state, why);
+	if (f == FAIL_CONFLICT)
+		metric_add(b->conflicts, 1);
+	if (f == FAIL_TRANSIENT)
+		fail_batch(b, 503, "the event store could not take the write just now; nothing was "
+				   "written, retry shortly");
+	else
+		requeue_solo(b, f, why);
+	start_batch(b);
+}
+
+static void write_done(void *arg, const struct pg_outcome *out)
 {
 	struct batcher *b = arg;
 
-	if (error) {
-		/* The commit may or may not have happened: the clients get 503 and retry,
-		 * with their Idempotency-Key if they want exactly-once. */
-		fail_batch(b, 503, "the event store became unreachable; the outcome is unknown, retry with the same Idempotency-Key");
+	switch (out->status) {
+	case PG_RUN_NOT_SENT:
+		fail_batch(b, 503, "the event store became unreachable; nothing was written, retry shortly");
 		fail_pending(b, "the event store is unreachable; retry shortly");
 		return;
+	case PG_RUN_UNKNOWN:
+		fail_batch_unknown(b, out->error);
+		fail_pending(b, "the event store is unreachable; retry shortly");
+		return;
+	case PG_RUN_COMMIT_FAILED:
+		/* Every statement succeeded, yet the transaction did not commit. */
+		batch_rolled_back(b, out->commit_error, "at commit");
+		return;
+	case PG_RUN_DONE:
+		break;
 	}
-	for (size_t i = 0; i < n; i++) {
-		ExecStatusType st = PQresultStatus(results[i]);
-		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
-			if (st == PGRES_FATAL_ERROR) {
-				log_warn(&b->ctx->log, "batch of %zu rolled back (%s): %s", b->nslots,
-					 pg_sqlstate(results[i]), PQresultErrorMessage(results[i]));
-				metric_add(b->conflicts, 1);
-				requeue_solo(b, PQresultErrorMessage(results[i]));
-				start_batch(b);
-				return;
-			}
+	for (size_t i = 0; i < out->n; i++) {
+		if (PQresultStatus(out->results[i]) == PGRES_FATAL_ERROR) {
+			batch_rolled_back(b, out->results[i], "at a statement");
+			return;
 		}
 	}
+	/* PostgreSQL has confirmed the COMMIT: only now is anything answered 201. */
 	metric_add(b->events_total, (double)b->nevents);
 	commit_overlay(b);
-	answer_all(b, results);
+	answer_all(b, out->results);
 	reset_batch(b);
 	start_batch(b);
 }
@@ -783,27 +872,54 @@ static void decide_all(struct batcher *b)
 	write_batch(b);
 }
 
-static void load_done(void *arg, PGresult *const *results, size_t n, const char *error)
+/* A load failed with PostgreSQL's reason `res`: nothing was decided yet. */
+static void load_failed(struct batcher *b, const PGresult *res, const char *why)
+{
+	bool transient = classify(pg_sqlstate(res)) != FAIL_REFUSED;
+
+	log_error(&b->ctx->log, "loading state for a batch of %zu failed (%s): %s", b->nslots,
+		  pg_sqlstate(res), why);
+	/* A timeout, a cancel, an overload: the client may retry. Anything else is a
+	 * defect of this service or of the database's set-up, which a retry will not cure. */
+	if (transient)
+		fail_batch(b, 503, "loading account state failed; nothing was written, retry shortly");
+	else
+		fail_batch(b, 500, "loading account state failed; see the service log");
+	start_batch(b);
+}
+
+/* An account's stream cannot be folded (an event the domain cannot read or apply):
+ * only the commands that touch it may fail. Every other command of the batch is
+ * retried alone, which decides it without that account; the command that touches it,
+ * alone, gets 500 (the log names the stream). */
+static void fold_failed(struct batcher *b)
+{
+	requeue_solo(b, FAIL_REFUSED, "an account's stream cannot be folded (see the log line "
+				      "naming the stream)");
+	start_batch(b);
+}
+
+static void load_done(void *arg, const struct pg_outcome *out)
 {
 	struct batcher *b = arg;
+	PGresult *const *results = out->results;
+	char why[256];
 
-	(void)n;
-	if (error) {
-		fail_batch(b, 503, "the event store became unreachable; retry shortly");
+	if (out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN) {
+		fail_batch(b, 503, "the event store became unreachable; nothing was written, retry shortly");
 		fail_pending(b, "the event store is unreachable; retry shortly");
 		return;
 	}
-	for (size_t i = 0; i < n; i++) {
-		if (PQresultStatus(results[i]) != PGRES_TUPLES_OK) {
-			log_error(&b->ctx->log, "loading state failed: %s", PQresultErrorMessage(results[i]));
-			fail_batch(b, 500, "loading account state failed; see the service log");
-			start_batch(b);
-			return;
-		}
+	if (!pg_outcome_ok(out, why, sizeof(why))) {
+		const PGresult *res = out->commit_error;
+		for (size_t i = 0; !res && i < out->n; i++)
+			if (PQresultStatus(results[i]) == PGRES_FATAL_ERROR)
+				res = results[i];
+		load_failed(b, res, why);
+		return;
 	}
 	if (b->q_streams >= 0 && !fold_streams(b, results[b->q_streams])) {
-		fail_batch(b, 500, "an account's stream cannot be folded; see the service log");
-		start_batch(b);
+		fold_failed(b);
 		return;
 	}
 	if (b->q_idem >= 0)
@@ -922,15 +1038,18 @@ static void start_batch(struct batcher *b)
 
 /* --- expiry ---------------------------------------------------------------------- */
 
-static void sweep_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void sweep_done(void *arg, const struct pg_outcome *out)
 {
 	struct batcher *b = arg;
+	const char *error = out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN
+				    ? out->error : NULL;
+	char why[256];
 
 	b->state = B_IDLE;
-	if (!error && n == 1 && PQresultStatus(results[0]) == PGRES_COMMAND_OK)
-		log_debug(&b->ctx->log, "expired %s idempotency records", PQcmdTuples(results[0]));
-	else if (!error && n == 1)
-		log_warn(&b->ctx->log, "idempotency sweep failed: %s", PQresultErrorMessage(results[0]));
+	if (pg_outcome_ok(out, why, sizeof(why)) && out->n == 1)
+		log_debug(&b->ctx->log, "expired %s idempotency records", PQcmdTuples(out->results[0]));
+	else if (!error)
+		log_warn(&b->ctx->log, "idempotency sweep failed: %s", why);
 	if (error)
 		fail_pending(b, "the event store is unreachable; retry shortly");
 	else

@@ -1,4 +1,5 @@
 /* daybook-command: the HTTP write API. Validates commands, decides events, appends them. */
+#include <errno.h>
 #include <event2/event.h>
 #include <signal.h>
 #include <stdio.h>
@@ -9,6 +10,8 @@
 #include "service.h"
 
 #define SWEEP_INTERVAL 600 /* seconds between idempotency expiry sweeps */
+#define WRITE_TIMEOUT_MS 10000    /* default: a batch's deadline on this side */
+#define STATEMENT_TIMEOUT_MS 5000 /* default: PostgreSQL's own deadline, below it */
 
 static const char usage[] =
 	"usage: daybook-command [--help]\n"
@@ -20,7 +23,52 @@ static const char usage[] =
 	"  DAYBOOK_PG           libpq connection string or URI (required)\n"
 	"  DAYBOOK_TOKENS_FILE  API tokens: '<id> <sha256 hex> <scopes>' lines (required)\n"
 	"  DAYBOOK_LISTEN       host:port to listen on (default 127.0.0.1:8081)\n"
-	"  DAYBOOK_LOG_LEVEL    debug|info|warn|error (default info)\n";
+	"  DAYBOOK_LOG_LEVEL    debug|info|warn|error (default info)\n"
+	"  DAYBOOK_WRITE_TIMEOUT_MS\n"
+	"                       a batch's deadline: past it the batch is cancelled and its\n"
+	"                       requests get 503 outcome_unknown (default 10000)\n"
+	"  DAYBOOK_STATEMENT_TIMEOUT_MS\n"
+	"                       PostgreSQL's deadline for a batch, below the write timeout\n"
+	"                       (default 5000; 0 leaves the server's setting)\n";
+
+/* A millisecond setting from the environment (def when unset) within [min, max]; false
+ * after printing one line naming the variable when it is malformed. */
+static bool env_ms(const char *name, long def, long min, long max, long *out)
+{
+	const char *v = getenv(name);
+	char *end;
+
+	*out = def;
+	if (!v || !*v)
+		return true;
+	errno = 0;
+	*out = strtol(v, &end, 10);
+	if (errno || *end || end == v || *out < min || *out > max) {
+		fprintf(stderr, "daybook-command: %s must be a whole number of milliseconds from "
+				"%ld to %ld (got '%s')\n", name, min, max, v);
+		return false;
+	}
+	return true;
+}
+
+/* The write path's deadlines: PostgreSQL's (statement_timeout) stays below ours, so
+ * that the database gives up, and says so, before this service stops waiting. */
+static bool load_timeouts(struct pg_config *pgc)
+{
+	long write_ms, statement_ms;
+
+	if (!env_ms("DAYBOOK_WRITE_TIMEOUT_MS", WRITE_TIMEOUT_MS, 100, 600000, &write_ms) ||
+	    !env_ms("DAYBOOK_STATEMENT_TIMEOUT_MS", STATEMENT_TIMEOUT_MS, 0, 600000, &statement_ms))
+		return false;
+	if (statement_ms >= write_ms) {
+		fprintf(stderr, "daybook-command: DAYBOOK_STATEMENT_TIMEOUT_MS (%ld) must be below "
+				"DAYBOOK_WRITE_TIMEOUT_MS (%ld), or 0\n", statement_ms, write_ms);
+		return false;
+	}
+	pgc->run_timeout = (double)write_ms / 1000.0;
+	pgc->statement_timeout_ms = (int)statement_ms;
+	return true;
+}
 
 static bool ready(void *arg, char *why, size_t whylen)
 {
@@ -100,6 +148,8 @@ static int start(struct command_ctx *ctx)
 	};
 	struct timeval sweep = { SWEEP_INTERVAL, 0 };
 
+	if (!load_timeouts(&pgc))
+		return 2;
 	if (tokens_open(&ctx->tokens, ctx->cfg.tokens_file, err, sizeof(err))) {
 		fprintf(stderr, "daybook-command: DAYBOOK_TOKENS_FILE: %s\n", err);
 		return 2;

@@ -47,9 +47,13 @@ void lease_lost(struct lease *l)
 	l->epoch = 0;
 }
 
-static void claim_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void claim_done(void *arg, const struct pg_outcome *out)
 {
 	struct lease *l = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure: a claim refused at COMMIT did not happen. */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	long long got;
 
 	l->claiming = false;

@@ -213,15 +213,20 @@ static bool failed_with(PGresult *const *results, size_t n, const char *sqlstate
 
 static void step_down(struct projector_ctx *ctx, const char *why);
 
-static void write_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void write_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	const struct log_event *last = &ctx->events[ctx->nevents - 1];
 	char why[256];
 	bool full = ctx->nevents == PROJECTOR_BATCH_MAX;
 
 	if (error) {
-		recover(ctx, "the connection failed while writing a batch");
+		recover(ctx, out->status == PG_RUN_COMMIT_FAILED ? error
+								 : "the connection failed while writing a batch");
 		return;
 	}
 	if (!all_ok(results, n, why, sizeof(why))) {
@@ -339,9 +344,13 @@ static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
 	return true;
 }
 
-static void load_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void load_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	char why[256];
 
 	if (error) {
@@ -443,9 +452,13 @@ static void update_lag(struct projector_ctx *ctx, PGresult *head, size_t got)
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
 }
 
-static void read_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void read_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	char why[256];
 	PGresult *r;
 
@@ -488,9 +501,13 @@ static void read_batch(struct projector_ctx *ctx)
 
 /* --- leadership ------------------------------------------------------------------------ */
 
-static void checkpoint_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void checkpoint_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 
 	ctx->step = STEP_IDLE;
 	if (ctx->role != ROLE_LEADER)

@@ -458,9 +458,13 @@ static bool sql_ok(PGresult *const *results, size_t n, const char *error)
 	return !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK;
 }
 
-static void accounts_page_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void accounts_page_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct sync_state *s = ctx->sync;
 	PGresult *r = results && n ? results[0] : NULL;
 	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
@@ -520,9 +524,13 @@ static void accounts_page_done(void *arg, PGresult *const *results, size_t n, co
 	end_sends(ctx);
 }
 
-static void transfers_page_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void transfers_page_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct sync_state *s = ctx->sync;
 	PGresult *r = results && n ? results[0] : NULL;
 	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
@@ -552,9 +560,13 @@ static void transfers_page_done(void *arg, PGresult *const *results, size_t n, c
 	end_sends(ctx);
 }
 
-static void totals_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void totals_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct sync_state *s = ctx->sync;
 	PGresult *r = results && n ? results[0] : NULL;
 	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;

@@ -98,9 +98,13 @@ static void requeue_front(struct sqlpool *pool, struct read *list)
 		pool->tail = last;
 }
 
-static void on_run_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void on_run_done(void *arg, const struct pg_outcome *out)
 {
 	struct slot *slot = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct read *rd = slot->batch, *next;
 	size_t i = 0;
 

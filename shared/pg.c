@@ -5,14 +5,18 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 2.0
 #define CONNECT_TIMEOUT 5.0
-#define MAX_QUEUED 4096
+#define CANCEL_TIMEOUT 2.0 /* seconds to wait for a cancel request to be delivered */
 
 enum pg_state {
 	PG_DOWN,       /* waiting to reconnect */
@@ -20,6 +24,7 @@ enum pg_state {
 	PG_SETUP,      /* running the setup pipeline (SET, PREPARE, LISTEN) */
 	PG_IDLE,       /* ready for a run */
 	PG_RUNNING,    /* a run awaits its results */
+	PG_CANCELLING, /* a run timed out: its cancel request is on its way */
 };
 
 struct pg {
@@ -30,17 +35,24 @@ struct pg {
 	struct event *timer;   /* reconnect backoff, connect and run timeouts */
 	double backoff;
 	bool want_write;
-	/* The current run. */
-	PGresult *results[MAX_QUEUED];
-	size_t queued, current;
+	/* The current run: one result slot per queued statement, grown on demand (a
+	 * caller may queue any number of statements). */
+	PGresult **results;
+	size_t cap, queued, current;
 	bool current_has_result;
+	PGresult *commit_error; /* a result after every statement's: COMMIT failed */
+	bool sync_sent;         /* the run's sync has left our output buffer */
 	pg_done_cb done;
 	void *done_arg;
+	/* A timed-out run's cancel request, sent from a thread (below). */
+	int cancel_fd;
+	struct event *cancel_ev;
 	char error[256];
 };
 
 static void on_io(evutil_socket_t fd, short what, void *arg);
 static void start_connect(struct pg *pg);
+static void stop_cancel_wait(struct pg *pg);
 
 static struct timeval tv_of(double secs)
 {
@@ -71,37 +83,73 @@ static void clear_results(struct pg *pg)
 		PQclear(pg->results[i]);
 		pg->results[i] = NULL;
 	}
+	PQclear(pg->commit_error);
+	pg->commit_error = NULL;
 	pg->queued = pg->current = 0;
 	pg->current_has_result = false;
 }
 
-/* Hand the run's results to its callback, then free them. The connection is idle (or
- * down) before the callback runs, so the callback may start the next run at once. */
+/* Hand the run's outcome to its callback, then free the results. The connection is
+ * idle (or down) before the callback runs, so the callback may start the next run at
+ * once. `error` is non-NULL when the connection was lost or the run timed out. */
 static void complete_run(struct pg *pg, const char *error)
 {
 	pg_done_cb done = pg->done;
 	void *arg = pg->done_arg;
+	struct pg_outcome out = { .status = PG_RUN_DONE };
 	size_t n = pg->queued;
-	PGresult **results = malloc((n ? n : 1) * sizeof(*results));
+	PGresult **results = pg->results;
+	PGresult *commit_error = pg->commit_error;
+	char why[512];
 
-	if (results)
-		memcpy(results, pg->results, n * sizeof(*results));
-	else
-		clear_results(pg); /* out of memory: the callback sees no results */
-	pg->queued = pg->current = 0;
+	/* The callback may queue the next run into fresh slots. */
+	pg->results = NULL;
+	pg->cap = pg->queued = pg->current = 0;
 	pg->current_has_result = false;
-	memset(pg->results, 0, n * sizeof(*results));
+	pg->commit_error = NULL;
 	pg->done = NULL;
-	if (!error) {
+	if (error) {
+		out.status = pg->sync_sent ? PG_RUN_UNKNOWN : PG_RUN_NOT_SENT;
+		out.error = error;
+	} else {
 		evtimer_del(pg->timer);
 		pg->state = PG_IDLE;
+		out.results = results;
+		out.n = n;
+		if (commit_error) {
+			snprintf(why, sizeof(why), "the transaction failed at commit: %s",
+				 PQresultErrorMessage(commit_error));
+			why[strcspn(why, "\n")] = '\0';
+			out.status = PG_RUN_COMMIT_FAILED;
+			out.commit_error = commit_error;
+			out.error = why;
+		}
 	}
+	pg->sync_sent = false;
 	if (done)
-		done(arg, results ? results : pg->results, results ? n : 0,
-		     results ? error : "out of memory");
-	for (size_t i = 0; results && i < n; i++)
+		done(arg, &out);
+	for (size_t i = 0; i < n; i++)
 		PQclear(results[i]);
 	free(results);
+	PQclear(commit_error);
+}
+
+bool pg_outcome_ok(const struct pg_outcome *out, char *why, size_t whylen)
+{
+	if (out->status != PG_RUN_DONE) {
+		snprintf(why, whylen, "%s", out->error ? out->error : "the run failed");
+		return false;
+	}
+	for (size_t i = 0; i < out->n; i++) {
+		ExecStatusType st = PQresultStatus(out->results[i]);
+		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+			snprintf(why, whylen, "%s", out->results[i] ? PQresultErrorMessage(out->results[i])
+								    : "no result");
+			why[strcspn(why, "\n")] = '\0';
+			return false;
+		}
+	}
+	return true;
 }
 
 static void lose_connection(struct pg *pg, const char *why)
@@ -116,7 +164,14 @@ static void lose_connection(struct pg *pg, const char *why)
 		log_warn(pg->cfg.log, "postgresql connection lost: %s", pg->error);
 	event_del(pg->io);
 	evtimer_del(pg->timer);
+	stop_cancel_wait(pg);
 	if (pg->conn) {
+		/* PQfinish flushes what libpq still buffers before its goodbye: if that is
+		 * a run's sync, the run could commit after all. Shut our sending side first
+		 * so that nothing more leaves; PostgreSQL then sees the end of the stream
+		 * before any sync and rolls the transaction back. */
+		if (pg->done && !pg->sync_sent)
+			shutdown(PQsocket(pg->conn), SHUT_WR);
 		PQfinish(pg->conn);
 		pg->conn = NULL;
 	}
@@ -133,34 +188,60 @@ static void flush(struct pg *pg)
 {
 	int rc = PQflush(pg->conn);
 
-	if (rc < 0)
+	if (rc < 0) {
 		lose_connection(pg, PQerrorMessage(pg->conn));
-	else if ((rc == 1) != pg->want_write)
+		return;
+	}
+	/* Once the whole output (the sync last) has left, PostgreSQL may commit the run:
+	 * before that it cannot, whatever happens to the connection. */
+	if (rc == 0 && pg->done)
+		pg->sync_sent = true;
+	if ((rc == 1) != pg->want_write)
 		watch(pg, true, rc == 1);
 }
 
-static void setup_done(void *arg, PGresult *const *results, size_t n, const char *error)
+static void setup_done(void *arg, const struct pg_outcome *out)
 {
 	struct pg *pg = arg;
+	char why[512];
 
-	if (error)
+	if (out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN)
 		return;
-	for (size_t i = 0; i < n; i++) {
-		ExecStatusType st = PQresultStatus(results[i]);
-		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-			log_error(pg->cfg.log, "postgresql setup failed: %s",
-				  PQresultErrorMessage(results[i]));
-			/* Treat like a lost connection: retry with backoff. */
-			pg->state = PG_SETUP;
-			lose_connection(pg, PQresultErrorMessage(results[i]));
-			return;
-		}
+	if (!pg_outcome_ok(out, why, sizeof(why))) {
+		log_error(pg->cfg.log, "postgresql setup failed: %s", why);
+		/* Treat like a lost connection: retry with backoff. */
+		pg->state = PG_SETUP;
+		lose_connection(pg, why);
+		return;
 	}
 	pg->backoff = BACKOFF_MIN;
 	pg->error[0] = '\0';
 	log_info(pg->cfg.log, "postgresql connected");
 	if (pg->cfg.on_connect)
 		pg->cfg.on_connect(pg->cfg.arg);
+}
+
+static bool reserve_slot(struct pg *pg);
+
+/* Queue the session's server-side deadlines, so that PostgreSQL gives up before the
+ * client does: each statement, a transaction left idle by a stalled client, and (from
+ * PostgreSQL 17, which has it) the whole transaction end at statement_timeout_ms. On
+ * older servers the whole run is bounded by run_timeout and its cancel. */
+static bool queue_deadlines(struct pg *pg)
+{
+	char ms[24];
+	const char *v[1] = { ms };
+
+	if (pg->cfg.statement_timeout_ms <= 0)
+		return true;
+	snprintf(ms, sizeof(ms), "%d", pg->cfg.statement_timeout_ms);
+	if (!pg_queue_sql(pg, "SELECT set_config('statement_timeout', $1, false), "
+			      "set_config('idle_in_transaction_session_timeout', $1, false)",
+			  1, v))
+		return false;
+	if (PQserverVersion(pg->conn) >= 170000)
+		return pg_queue_sql(pg, "SELECT set_config('transaction_timeout', $1, false)", 1, v);
+	return true;
 }
 
 static bool begin_setup(struct pg *pg)
@@ -175,9 +256,11 @@ static bool begin_setup(struct pg *pg)
 						   : "SET synchronous_commit = on",
 			  0, NULL))
 		return false;
+	if (!queue_deadlines(pg))
+		return false;
 	for (size_t i = 0; i < pg->cfg.nstatements; i++) {
 		const struct pg_statement *s = &pg->cfg.statements[i];
-		if (!PQsendPrepare(pg->conn, s->name, s->sql, 0, NULL))
+		if (!reserve_slot(pg) || !PQsendPrepare(pg->conn, s->name, s->sql, 0, NULL))
 			return false;
 		pg->results[pg->queued++] = NULL;
 	}
@@ -227,17 +310,26 @@ static bool stale_plan(const struct pg *pg)
 	return false;
 }
 
-/* Collect pipeline results until the sync (or until libpq needs more input). */
+/* Collect pipeline results until the sync (or until libpq needs more input). Each
+ * statement yields its result and a NULL; a result after every statement's is the
+ * verdict of the implicit COMMIT at the sync (its own result, then a NULL). */
 static void read_results(struct pg *pg)
 {
+	bool commit_null = false;
+
 	while (pg->conn && !PQisBusy(pg->conn)) {
 		PGresult *r = PQgetResult(pg->conn);
 		if (!r) {
-			if (!pg->current_has_result)
-				break;
-			pg->current++;
-			pg->current_has_result = false;
-			continue;
+			if (pg->current_has_result) {
+				pg->current++;
+				pg->current_has_result = false;
+				continue;
+			}
+			if (pg->current >= pg->queued && pg->commit_error && !commit_null) {
+				commit_null = true; /* the sync follows the commit's error */
+				continue;
+			}
+			break;
 		}
 		if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
 			PQclear(r);
@@ -253,8 +345,11 @@ static void read_results(struct pg *pg)
 		if (pg->current < pg->queued && !pg->current_has_result) {
 			pg->results[pg->current] = r;
 			pg->current_has_result = true;
+		} else if (pg->current >= pg->queued && !pg->commit_error &&
+			   PQresultStatus(r) == PGRES_FATAL_ERROR) {
+			pg->commit_error = r;
 		} else {
-			PQclear(r); /* COPY or multi-result leftovers: the first result counts */
+			PQclear(r); /* a statement's further results: the first one counts */
 		}
 	}
 }
@@ -297,6 +392,122 @@ static void on_io(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
+/* --- cancelling a timed-out run ---------------------------------------------------------
+ *
+ * Dropping the connection alone does not stop a run: a backend waiting for a lock
+ * reads nothing until it is through, and would then reach the sync and commit. So the
+ * run is cancelled first (the backend gives up the statement, the sync rolls back) and
+ * the connection dropped once PostgreSQL has taken the request. libpq 15 offers only
+ * the blocking PQcancel (it connects to the server, without a timeout of its own), so
+ * it runs on a short-lived detached thread that owns its PGcancel and reports back
+ * through a socket pair; the loop never blocks, and gives up waiting after
+ * CANCEL_TIMEOUT (the thread then finishes on its own and frees what it owns). */
+
+struct cancel_job {
+	PGcancel *cancel;
+	int fd; /* the thread's end of the socket pair */
+};
+
+static void *cancel_thread(void *arg)
+{
+	struct cancel_job *job = arg;
+	char msg[256] = "";
+
+	if (PQcancel(job->cancel, msg, sizeof(msg)))
+		msg[0] = '\0';
+	else if (!msg[0])
+		snprintf(msg, sizeof(msg), "cancel request failed");
+	/* The loop may have stopped listening: never raise SIGPIPE. */
+	if (send(job->fd, msg, strlen(msg) + 1, MSG_NOSIGNAL) < 0) {
+		/* nobody waits for the answer any more */
+	}
+	close(job->fd);
+	PQfreeCancel(job->cancel);
+	free(job);
+	return NULL;
+}
+
+static void stop_cancel_wait(struct pg *pg)
+{
+	if (pg->cancel_ev) {
+		event_free(pg->cancel_ev);
+		pg->cancel_ev = NULL;
+	}
+	if (pg->cancel_fd >= 0) {
+		close(pg->cancel_fd);
+		pg->cancel_fd = -1;
+	}
+}
+
+static void on_cancel_sent(evutil_socket_t fd, short what, void *arg)
+{
+	struct pg *pg = arg;
+	char msg[256] = "";
+	ssize_t n = recv(fd, msg, sizeof(msg) - 1, 0);
+
+	(void)what;
+	msg[n > 0 ? n : 0] = '\0';
+	stop_cancel_wait(pg);
+	if (pg->state != PG_CANCELLING)
+		return;
+	if (msg[0])
+		log_warn(pg->cfg.log, "cancelling a timed-out run: %s", msg);
+	lose_connection(pg, msg[0] ? "timed out; the cancel request failed"
+				   : "timed out; the run was cancelled");
+}
+
+/* Start a background cancel of the run in flight; false when it cannot be started. */
+static bool spawn_cancel(struct pg *pg)
+{
+	struct cancel_job *job = calloc(1, sizeof(*job));
+	int fds[2] = { -1, -1 };
+	pthread_attr_t attr;
+	pthread_t thread;
+	sigset_t all, old;
+	bool ok = false;
+
+	if (!job || !(job->cancel = PQgetCancel(pg->conn)) ||
+	    socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+		goto fail;
+	job->fd = fds[1];
+	pg->cancel_fd = fds[0];
+	pg->cancel_ev = event_new(pg->cfg.base, fds[0], EV_READ, on_cancel_sent, pg);
+	if (!pg->cancel_ev || event_add(pg->cancel_ev, NULL) != 0 || pthread_attr_init(&attr) != 0)
+		goto fail;
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	/* Signals stay with the loop's thread. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	ok = pthread_create(&thread, &attr, cancel_thread, job) == 0;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&attr);
+	if (ok)
+		return true;
+fail:
+	stop_cancel_wait(pg);
+	if (fds[1] >= 0)
+		close(fds[1]);
+	if (job && job->cancel)
+		PQfreeCancel(job->cancel);
+	free(job);
+	return false;
+}
+
+/* A run outlived run_timeout: cancel it, then drop the connection (on_cancel_sent). */
+static void start_cancel(struct pg *pg)
+{
+	log_warn(pg->cfg.log, "a run took longer than %.1f s: cancelling it", pg->cfg.run_timeout);
+	if (!pg->sync_sent || !spawn_cancel(pg)) {
+		lose_connection(pg, "timed out waiting for results");
+		return;
+	}
+	/* Nothing more is read from the connection: the outcome is reported as unknown
+	 * even if the run's answer comes meanwhile, and the connection is dropped. */
+	event_del(pg->io);
+	pg->state = PG_CANCELLING;
+	arm_timer(pg, CANCEL_TIMEOUT);
+}
+
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
 	struct pg *pg = arg;
@@ -311,8 +522,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 		lose_connection(pg, "timed out connecting");
 		break;
 	case PG_SETUP:
-	case PG_RUNNING:
 		lose_connection(pg, "timed out waiting for results");
+		break;
+	case PG_RUNNING:
+		start_cancel(pg);
+		break;
+	case PG_CANCELLING:
+		lose_connection(pg, "timed out; the cancel request was not confirmed in time");
 		break;
 	case PG_IDLE:
 		break;
@@ -349,6 +565,7 @@ int pg_open(struct pg **out, const struct pg_config *cfg)
 	if (pg->cfg.run_timeout <= 0)
 		pg->cfg.run_timeout = 10;
 	pg->backoff = BACKOFF_MIN;
+	pg->cancel_fd = -1;
 	pg->io = event_new(cfg->base, -1, 0, on_io, pg);
 	pg->timer = evtimer_new(cfg->base, on_timer, pg);
 	if (!pg->io || !pg->timer) {
@@ -371,7 +588,9 @@ void pg_close(struct pg **pgp)
 		event_free(pg->io);
 	if (pg->timer)
 		event_free(pg->timer);
+	stop_cancel_wait(pg);
 	clear_results(pg);
+	free(pg->results);
 	if (pg->conn)
 		PQfinish(pg->conn);
 	free(pg);
@@ -395,7 +614,23 @@ const char *pg_last_error(const struct pg *pg)
 
 int pg_backend_pid(const struct pg *pg)
 {
-	return pg->conn && pg->state >= PG_IDLE ? PQbackendPID(pg->conn) : 0;
+	return pg->conn && (pg->state == PG_IDLE || pg->state == PG_RUNNING) ? PQbackendPID(pg->conn) : 0;
+}
+
+/* Room for one more result; false when memory ran out. */
+static bool reserve_slot(struct pg *pg)
+{
+	size_t cap = pg->cap ? 2 * pg->cap : 64;
+	PGresult **grown;
+
+	if (pg->queued < pg->cap)
+		return true;
+	grown = realloc(pg->results, cap * sizeof(*grown));
+	if (!grown)
+		return false;
+	pg->results = grown;
+	pg->cap = cap;
+	return true;
 }
 
 static bool queued(struct pg *pg, int ok)
@@ -408,17 +643,29 @@ static bool queued(struct pg *pg, int ok)
 	return true;
 }
 
+/* Out of memory for a result slot: the statements already queued cannot be taken
+ * back out of libpq's buffer, so the connection is reset (its caller hears false). */
+static bool no_slot(struct pg *pg)
+{
+	lose_connection(pg, "out of memory queueing a statement");
+	return false;
+}
+
 bool pg_queue(struct pg *pg, const char *statement, int nparams, const char *const *values)
 {
-	if (pg->state != PG_IDLE || pg->queued == MAX_QUEUED)
+	if (pg->state != PG_IDLE)
 		return false;
+	if (!reserve_slot(pg))
+		return no_slot(pg);
 	return queued(pg, PQsendQueryPrepared(pg->conn, statement, nparams, values, NULL, NULL, 0));
 }
 
 bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const *values)
 {
-	if (pg->state != PG_IDLE || pg->queued == MAX_QUEUED)
+	if (pg->state != PG_IDLE)
 		return false;
+	if (!reserve_slot(pg))
+		return no_slot(pg);
 	return queued(pg, PQsendQueryParams(pg->conn, sql, nparams, NULL, values, NULL, NULL, 0));
 }
 
@@ -427,6 +674,8 @@ bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
 	if (pg->state != PG_IDLE)
 		return false;
 	if (!PQpipelineSync(pg->conn)) {
+		/* Whatever it buffered must not leave with PQfinish: see lose_connection. */
+		shutdown(PQsocket(pg->conn), SHUT_WR);
 		lose_connection(pg, PQerrorMessage(pg->conn));
 		return false;
 	}
@@ -435,6 +684,7 @@ bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
 	pg->done_arg = arg;
 	pg->current = 0;
 	pg->current_has_result = false;
+	pg->sync_sent = false;
 	arm_timer(pg, pg->cfg.run_timeout);
 	flush(pg);
 	return pg->conn != NULL;

@@ -28,6 +28,11 @@ struct pg_config {
 	size_t nstatements;
 	const char *listen_channel; /* LISTEN on it after connecting; NULL for none */
 	double run_timeout;         /* seconds before a pipeline run counts as lost; 0: 10 s */
+	/* Server-side deadlines set on every connection (statement_timeout and
+	 * idle_in_transaction_session_timeout), in milliseconds; 0 leaves the server's.
+	 * Keep it below run_timeout, so that PostgreSQL itself ends a slow run (and
+	 * reports it) before the client gives up on it. */
+	int statement_timeout_ms;
 	/* Commit without waiting for the WAL flush. Only for derived data that a crash may
 	 * roll back consistently (the projector): never for acknowledged writes. */
 	bool async_commit;
@@ -49,13 +54,45 @@ const char *pg_last_error(const struct pg *pg);
 /* The server process id of the current session (0 while not connected). */
 int pg_backend_pid(const struct pg *pg);
 
-/* Called once per run. `error` is non-NULL when the connection failed or timed out
- * before every result arrived: then the outcome of the run is unknown (a COMMIT may or
- * may not have happened). Otherwise results[i] is the result of the i-th queued
- * statement: PGRES_COMMAND_OK / PGRES_TUPLES_OK, PGRES_FATAL_ERROR, or
- * PGRES_PIPELINE_ABORTED for those after a failed one. Results are valid only during
- * the callback. */
-typedef void (*pg_done_cb)(void *arg, PGresult *const *results, size_t n, const char *error);
+/* How a run ended, as far as PostgreSQL's verdict on its transaction is known. */
+enum pg_run_status {
+	/* The sync's answer arrived and the implicit COMMIT succeeded, unless a statement
+	 * failed (then everything was rolled back): check each result. */
+	PG_RUN_DONE,
+	/* Every statement succeeded, but the transaction failed at COMMIT (a deferred
+	 * constraint, a serialization failure, a full NOTIFY queue): nothing committed. */
+	PG_RUN_COMMIT_FAILED,
+	/* The connection failed before the run's sync left this process: nothing can
+	 * have committed. */
+	PG_RUN_NOT_SENT,
+	/* The connection failed, or the run outlived run_timeout, after the sync was
+	 * sent: it may or may not have committed. A timed-out run is cancelled and its
+	 * connection dropped before the callback runs, so it cannot commit later. */
+	PG_RUN_UNKNOWN,
+};
+
+/* What a run's callback receives; everything in it is valid only during the call. */
+struct pg_outcome {
+	enum pg_run_status status;
+	/* results[i] is the result of the i-th queued statement: PGRES_COMMAND_OK /
+	 * PGRES_TUPLES_OK, PGRES_FATAL_ERROR, or PGRES_PIPELINE_ABORTED for those after a
+	 * failed one. n is 0 when the run did not complete (NOT_SENT, UNKNOWN). */
+	PGresult *const *results;
+	size_t n;
+	/* The error PostgreSQL raised at COMMIT (COMMIT_FAILED only), else NULL. */
+	const PGresult *commit_error;
+	/* Why the run failed (every status but DONE), else NULL. */
+	const char *error;
+};
+
+/* Called once per run. Callers must treat every status but PG_RUN_DONE as failure,
+ * and check the results' statuses on PG_RUN_DONE too (pg_outcome_ok does both). */
+typedef void (*pg_done_cb)(void *arg, const struct pg_outcome *out);
+
+/* True when the run committed (or, for reads, answered) with every statement
+ * successful; otherwise false with a one-line reason in why. */
+bool pg_outcome_ok(const struct pg_outcome *out, char *why, size_t whylen)
+	__attribute__((warn_unused_result));
 
 /* Queue a prepared statement (by name) or SQL text with text parameters. Only while
  * pg_ready (or while queueing a run that has not been started). False when libpq
