@@ -532,6 +532,7 @@ static void on_pg_connect(void *arg)
 	struct projector_ctx *ctx = arg;
 
 	/* A new session holds no lock: whoever we were, we must win it again. */
+	projector_redis_session(ctx);
 	ctx->role = ROLE_ELECTING;
 	ctx->step = STEP_IDLE;
 	metric_set(ctx->m_leader, 0);
