@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "admin.h"
+#include "readmodel.h"
 #include "sha256.h"
 
 #ifndef DAYBOOK_SQL_DIR
@@ -235,12 +236,39 @@ static int run(PGconn *conn, struct migration *m, size_t n)
 	return rc;
 }
 
+/* Give the store a new deployment id, hence a new identity: after a physical restore
+ * (a base backup or a point-in-time recovery keeps the cluster's system identifier,
+ * the database's OID and the deployment id), so that no Redis generation built before
+ * is adopted or served (docs/operations.md). */
+static int new_identity(PGconn *conn)
+{
+	PGresult *r = PQexec(conn, "UPDATE deployment_identity SET deployment_id = "
+				   "gen_random_uuid(), created_at = now()");
+	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK && strcmp(PQcmdTuples(r), "1") == 0;
+
+	if (ok) {
+		PQclear(r);
+		r = PQexec(conn, READMODEL_IDENTITY_SQL);
+		ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+	}
+
+	if (ok)
+		printf("the event store's identity is now %s\n", PQgetvalue(r, 0, 0));
+	else
+		fprintf(stderr, "daybook-admin: giving the event store a new identity: %s",
+			PQresultStatus(r) == PGRES_COMMAND_OK ? "no deployment_identity row\n"
+							      : PQresultErrorMessage(r));
+	PQclear(r);
+	return ok ? 0 : 1;
+}
+
 int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 {
 	const char *dir = getenv("DAYBOOK_MIGRATIONS");
 	struct migration *m = NULL;
 	size_t n = 0;
 	PGconn *conn;
+	bool renew = false;
 	int rc;
 
 	if (!dir || !*dir)
@@ -248,6 +276,8 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc) {
 			dir = argv[++i];
+		} else if (strcmp(argv[i], "--new-identity") == 0) {
+			renew = true;
 		} else {
 			fprintf(stderr, "daybook-admin migrate: unexpected argument '%s'\n", argv[i]);
 			return 2;
@@ -267,6 +297,8 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 			     exec_ok(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "locking")
 		     ? run(conn, m, n)
 		     : 1;
+	if (rc == 0 && renew)
+		rc = new_identity(conn);
 	PQfinish(conn);
 	free_migrations(m, n);
 	return rc;

@@ -94,6 +94,7 @@ struct rebuild {
 	bool sql, want_redis;
 	long long gen;
 	char key_prefix[32]; /* "dbk:g:<gen>:" */
+	char identity[READMODEL_IDENTITY_MAX]; /* the store's, which our generation records */
 	char redis_run_id[RUN_ID_LEN]; /* the server's, to know it again after a reconnect */
 	struct live_before live_before; /* the live pointer as the switch found it */
 	uint64_t cp_txid;   /* the checkpoint: the last event applied in reader order */
@@ -1259,12 +1260,17 @@ static bool switch_over(struct rebuild *rb)
 	if (ok && rb->redis) {
 		char k[64], lk[64], msg[96];
 		const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
+		char ik[64];
 		const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
+		const char *identity[3] = { "SET", ik, rb->identity };
 		rkey(rb, k, sizeof(k), "checkpoint", NULL);
 		rkey(rb, lk, sizeof(lk), "layout", NULL);
+		rkey(rb, ik, sizeof(ik), "identity", NULL);
 		snprintf(gen, sizeof(gen), "%lld", rb->gen);
 		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
-		ok = redis_drain(rb) && get_live(rb, old) && redis_send(rb, 3, layout) &&
+		/* The identity again: Redis may have lost what was written at the start. */
+		ok = redis_drain(rb) && get_live(rb, old) && redis_send(rb, 3, identity) &&
+		     redis_send(rb, 3, layout) &&
 		     redis_send(rb, 3, cp) &&
 		     redis_send(rb, 3, live) && redis_send(rb, 3, pub) && redis_drain(rb);
 	}
@@ -1279,10 +1285,63 @@ static bool switch_over(struct rebuild *rb)
 	return false;
 }
 
-/* Delete every key of the generations other than `keep` (0: delete generation `drop`). */
+/* May generation gen be deleted: was it built from this store, or from none (written
+ * before generations recorded one)? Another store's may be another deployment's live
+ * models (one Redis database shared by mistake): it is left to an operator. */
+static bool ours_to_delete(struct rebuild *rb, long long gen)
+{
+	redisReply *r = redisCommand(rb->redis, "GET dbk:g:%lld:identity", gen);
+	bool ours = r && (r->type == REDIS_REPLY_NIL ||
+			  (r->type == REDIS_REPLY_STRING && strcmp(r->str, rb->identity) == 0));
+
+	if (r && !ours && r->type == REDIS_REPLY_STRING)
+		fprintf(stderr, "daybook-admin: note: redis generation %lld was built from another "
+				"event store (identity %s): left in place\n", gen, r->str);
+	freeReplyObject(r);
+	return ours;
+}
+
+/* The verdicts of ours_to_delete, by generation, for one sweep. */
+struct verdicts {
+	long long *gen;
+	bool *ours;
+	size_t n, cap;
+};
+
+static bool sweep_key(struct rebuild *rb, struct verdicts *v, const char *k)
+{
+	char *end = NULL;
+	long long gen = strncmp(k, "dbk:g:", 6) == 0 ? strtoll(k + 6, &end, 10) : 0;
+	bool ours;
+
+	if (!end || *end != ':')
+		return false;
+	for (size_t i = 0; i < v->n; i++)
+		if (v->gen[i] == gen)
+			return v->ours[i];
+	ours = ours_to_delete(rb, gen);
+	if (v->n == v->cap) {
+		size_t cap = v->cap ? 2 * v->cap : 16;
+		long long *g = realloc(v->gen, cap * sizeof(*g));
+		bool *o = g ? realloc(v->ours, cap * sizeof(*o)) : NULL;
+		if (g)
+			v->gen = g;
+		if (!o)
+			return false; /* not remembered: not deleted */
+		v->ours = o;
+		v->cap = cap;
+	}
+	v->gen[v->n] = gen;
+	v->ours[v->n++] = ours;
+	return ours;
+}
+
+/* Delete every key of the generations other than `keep` (0: delete generation `drop`)
+ * that are ours to delete. */
 static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 {
 	char cursor[32] = "0", match[48], prefix[48];
+	struct verdicts verdicts = { 0 };
 
 	/* Replies of pipelined commands come first: read them before talking again. */
 	if (!redis_drain(rb))
@@ -1303,7 +1362,8 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 		argv[0] = "UNLINK"; /* one command for the page's keys */
 		for (size_t i = 0; i < r->element[1]->elements; i++) {
 			const char *k = r->element[1]->element[i]->str;
-			if (!keep || strncmp(k, prefix, strlen(prefix)) != 0)
+			if ((!keep || strncmp(k, prefix, strlen(prefix)) != 0) &&
+			    sweep_key(rb, &verdicts, k))
 				argv[argc++] = k;
 		}
 		if (argc > 1)
@@ -1311,6 +1371,8 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 		free(argv);
 		freeReplyObject(r);
 	} while (strcmp(cursor, "0") != 0);
+	free(verdicts.gen);
+	free(verdicts.ours);
 }
 
 /* The generation that was live before the switch is garbage now, and so is any
@@ -1390,6 +1452,7 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 	unlink_key(u, "totals", NULL);
 	unlink_key(u, "checkpoint", NULL);
 	unlink_key(u, "layout", NULL);
+	unlink_key(u, "identity", NULL);
 	unlink_flush(u);
 	if (u->ok)
 		(void)!redis_drain(rb);
@@ -1406,7 +1469,8 @@ static void cleanup_after_switch(struct rebuild *rb)
 		redis_cleanup(rb, rb->gen, 0);
 		return;
 	}
-	if (from == rb->gen - 1 && !rb->xfer_ids_full) {
+	if (from == rb->gen - 1 && !rb->xfer_ids_full && redis_drain(rb) &&
+	    ours_to_delete(rb, from)) {
 		delete_by_name(rb, from);
 		return;
 	}
@@ -1420,11 +1484,22 @@ static bool connect_redis(struct rebuild *rb)
 {
 	char err[256];
 	redisReply *r;
+	PGresult *r0;
 
 	if (!rb->ctx->cfg.redis_url) {
 		fprintf(stderr, "daybook-admin: DAYBOOK_REDIS is not set: rebuilding redis needs it\n");
 		return false;
 	}
+	r0 = PQexec(rb->wr, READMODEL_IDENTITY_SQL);
+	if (PQresultStatus(r0) != PGRES_TUPLES_OK || PQntuples(r0) != 1 || PQgetisnull(r0, 0, 0) ||
+	    PQgetlength(r0, 0, 0) == 0 || PQgetlength(r0, 0, 0) >= (int)sizeof(rb->identity)) {
+		fprintf(stderr, "daybook-admin: reading the event store's identity (is the database "
+				"migrated?): %s", PQresultErrorMessage(r0));
+		PQclear(r0);
+		return false;
+	}
+	snprintf(rb->identity, sizeof(rb->identity), "%s", PQgetvalue(r0, 0, 0));
+	PQclear(r0);
 	rb->redis = admin_redis_connect(&rb->ctx->cfg.redis, err, sizeof(err));
 	if (!rb->redis) {
 		fprintf(stderr, "daybook-admin: cannot connect to redis: %s\n", err);
@@ -1438,6 +1513,15 @@ static bool connect_redis(struct rebuild *rb)
 	}
 	rb->gen = r->integer;
 	snprintf(rb->key_prefix, sizeof(rb->key_prefix), "dbk:g:%lld:", rb->gen);
+	freeReplyObject(r);
+	/* Which store the generation is built from, before anything else goes in it: no
+	 * projector's sweep then takes its keys for garbage of no store. */
+	r = redisCommand(rb->redis, "SET %sidentity %s", rb->key_prefix, rb->identity);
+	if (!r || r->type == REDIS_REPLY_ERROR) {
+		fprintf(stderr, "daybook-admin: redis SET %sidentity failed\n", rb->key_prefix);
+		freeReplyObject(r);
+		return false;
+	}
 	freeReplyObject(r);
 	return redis_run_id(rb->redis, rb->redis_run_id);
 }

@@ -119,6 +119,20 @@ static bool read_projections(struct status *s)
 	return ok;
 }
 
+/* Was generation gen built from this event store (its identity)? True when that
+ * cannot be told: then the generation is shown as before identities. */
+static bool live_is_ours(struct status *s, redisContext *c, const char *gen)
+{
+	PGresult *q = query(s, READMODEL_IDENTITY_SQL, 0, NULL);
+	redisReply *id = q ? redisCommand(c, "GET dbk:g:%s:identity", gen) : NULL;
+	bool ours = !q || !id || id->type == REDIS_REPLY_ERROR ||
+		    (id->type == REDIS_REPLY_STRING && strcmp(id->str, PQgetvalue(q, 0, 0)) == 0);
+
+	freeReplyObject(id);
+	PQclear(q);
+	return ours;
+}
+
 /* The live generation and its checkpoint; a Redis failure is reported, not fatal. */
 static void read_redis(struct admin_ctx *ctx, struct status *s)
 {
@@ -128,7 +142,11 @@ static void read_redis(struct admin_ctx *ctx, struct status *s)
 	if (!c)
 		return;
 	g = redisCommand(c, "GET " READMODEL_LIVE_KEY);
-	if (g && g->type == REDIS_REPLY_STRING) {
+	if (g && g->type == REDIS_REPLY_STRING && !live_is_ours(s, c, g->str)) {
+		/* Readers do not use it: for them Redis holds no live model. */
+		fprintf(stderr, "daybook-admin status: note: redis generation %s was not built "
+				"from this event store: it is not used\n", g->str);
+	} else if (g && g->type == REDIS_REPLY_STRING) {
 		s->redis_live = true;
 		s->generation = atoll(g->str);
 		cp = redisCommand(c, "GET dbk:g:%s:checkpoint", g->str);

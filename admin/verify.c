@@ -50,6 +50,7 @@ struct verify {
 	PGconn *pg;
 	redisContext *redis; /* NULL: Redis is not checked (or no longer) */
 	char gen[32];        /* the live generation */
+	char foreign[32];    /* the live generation, when another store's (not checked) */
 	char cp_txid[24], cp_pos[24], cp_token[48];
 	struct readmodel_position cp;
 	unsigned long long events, accounts, entries, transfers, newer, diffs;
@@ -883,6 +884,75 @@ static int redis_checkpoint_cmp(struct verify *v)
 	return c;
 }
 
+/* Name (on stderr) every generation built from another event store, other than the
+ * live one: nothing of ours uses them, and nothing of ours deletes them, since they
+ * may be another deployment's (docs/operations.md). */
+static void note_foreign_generations(struct verify *v, const char *ours)
+{
+	char cursor[32] = "0";
+
+	do {
+		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH dbk:g:*:identity COUNT 1000",
+					     cursor);
+		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+			freeReplyObject(r);
+			return; /* the checks that follow report a lost connection */
+		}
+		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		for (size_t i = 0; i < r->element[1]->elements; i++) {
+			const char *k = r->element[1]->element[i]->str;
+			long long gen = atoll(k + strlen("dbk:g:"));
+			redisReply *id = redisCommand(v->redis, "GET %s", k);
+			if (id && reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
+				fprintf(stderr, "daybook-admin verify: note: redis generation %lld was "
+						"built from another event store (identity %s): unused here, "
+						"and left in place\n", gen, id->str);
+			freeReplyObject(id);
+		}
+		freeReplyObject(r);
+	} while (strcmp(cursor, "0") != 0);
+}
+
+/* Was the live generation built from this event store? One that was not (another
+ * deployment's, or one of an earlier life of this database) is never served nor
+ * adopted: it is one difference, and its content is not compared. */
+static bool redis_identity_ours(struct verify *v)
+{
+	PGresult *q = PQexec(v->pg, READMODEL_IDENTITY_SQL);
+	redisReply *r;
+	bool ok = PQresultStatus(q) == PGRES_TUPLES_OK && PQntuples(q) == 1 &&
+		  !PQgetisnull(q, 0, 0);
+
+	if (!ok) {
+		fail(v, "reading the event store's identity (is the database migrated?): %s",
+		     PQresultErrorMessage(q));
+		PQclear(q);
+		return false;
+	}
+	note_foreign_generations(v, PQgetvalue(q, 0, 0));
+	r = redisCommand(v->redis, "GET dbk:g:%s:identity", v->gen);
+	if (!r) {
+		PQclear(q);
+		redis_lost(v);
+		return false;
+	}
+	ok = reply_str(r) && strcmp(r->str, PQgetvalue(q, 0, 0)) == 0;
+	if (!ok) {
+		diff(v, "redis", "live", "identity", PQgetvalue(q, 0, 0),
+		     reply_str(r) ? r->str : "absent");
+		fprintf(stderr, "daybook-admin verify: note: redis generation %s was not built from "
+				"this event store: it is not served, and its content is not checked\n",
+			v->gen);
+		snprintf(v->foreign, sizeof(v->foreign), "%s", v->gen);
+		v->gen[0] = '\0';
+		redisFree(v->redis);
+		v->redis = NULL;
+	}
+	freeReplyObject(r);
+	PQclear(q);
+	return ok;
+}
+
 /* Find the live generation; give the projector a moment to bring Redis up to the
  * snapshot, since it writes Redis just after committing SQL. */
 static void redis_prepare(struct verify *v)
@@ -903,6 +973,8 @@ static void redis_prepare(struct verify *v)
 	}
 	snprintf(v->gen, sizeof(v->gen), "%s", r->str);
 	freeReplyObject(r);
+	if (!redis_identity_ours(v))
+		return;
 	r = redisCommand(v->redis, "GET dbk:g:%s:layout", v->gen);
 	if (r && !(reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
 		diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
@@ -1001,7 +1073,7 @@ static void classify(struct verify *v, struct orphan_page *page, char *key, size
 	char *rest = key + prefix, *colon = strchr(rest, ':');
 
 	if (strcmp(rest, "totals") == 0 || strcmp(rest, "checkpoint") == 0 ||
-	    strcmp(rest, "layout") == 0)
+	    strcmp(rest, "layout") == 0 || strcmp(rest, "identity") == 0)
 		return;
 	for (size_t k = 0; colon && k < sizeof(kinds) / sizeof(kinds[0]); k++) {
 		if ((size_t)(colon - rest) == strlen(kinds[k]) &&
@@ -1073,6 +1145,8 @@ static void summary(const struct verify *v, bool redis, const struct timespec *s
 	       v->events, v->cp_token, v->accounts, v->entries, v->transfers, v->ntotals);
 	if (v->gen[0])
 		printf("; redis generation %s: %llu newer than the snapshot", v->gen, v->newer);
+	else if (v->foreign[0])
+		printf("; redis generation %s is another event store's", v->foreign);
 	else
 		printf("; redis %s", redis ? "has no live generation" : "not checked");
 	printf("; %llu difference%s", v->diffs, v->diffs == 1 ? "" : "s");

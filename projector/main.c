@@ -609,7 +609,9 @@ static void on_pg_connect(void *arg)
 	struct projector_ctx *ctx = arg;
 
 	/* Leadership is the lease's, not this session's: a leader resumes from the
-	 * checkpoint with empty caches. */
+	 * checkpoint with empty caches. The database may be another one now: its identity
+	 * is read again before Redis is written. */
+	projector_redis_session(ctx);
 	ctx->step = STEP_IDLE;
 	free_events(ctx);
 	projector_forget(ctx);

@@ -100,6 +100,16 @@ struct projector_ctx {
 	unsigned polls;      /* poll ticks, for the slower Redis check */
 	unsigned next_sync;  /* no resync before this tick (after a failed one) */
 	struct sync_state *sync;
+	/* The event store's identity (READMODEL_IDENTITY_SQL), "" until read. Read again
+	 * before Redis is checked or copied, and after every new PostgreSQL session
+	 * (identity_stale) before a batch writes Redis: the database may be another. */
+	char identity[READMODEL_IDENTITY_MAX];
+	bool identity_stale;
+	int identity_next;       /* what the identity read leads to (redis_sync.c) */
+	/* The last other store whose live generation our switch replaced, and whether it
+	 * has since made its own live again (two deployments on one Redis database). */
+	char foreign_last[READMODEL_IDENTITY_MAX];
+	bool foreign_fight;
 	struct event *poll_timer, *retry_timer, *sigterm, *sigint;
 	struct lease *lease;
 	enum projector_role role;
@@ -183,6 +193,8 @@ void lease_close(struct lease **l);
 /* The caller found its epoch stale (a fenced write): stand down now, as if a renewal
  * had failed; on_change is not called. */
 void lease_lost(struct lease *l);
+/* A new PostgreSQL session: the store's identity is read again before Redis is written. */
+void projector_redis_session(struct projector_ctx *ctx);
 
 
 

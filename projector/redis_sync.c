@@ -12,11 +12,20 @@
 #define SYNC_TRANSFERS_PAGE "1000"
 #define CHECK_EVERY_POLLS 10 /* the poll timer ticks every 100 ms */
 #define RETRY_POLLS_MAX 100  /* the longest pause before a resync after failures: 10 s */
+/* Resyncs wait this long once another deployment is seen taking the live pointer
+ * again and again (one Redis database shared by two: unsupported, see docs). */
+#define SHARED_REDIS_BACKOFF_POLLS 600
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
-enum script { PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS, PUT_FENCED, RAISE_FENCE };
+enum script {
+	PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS, PUT_FENCED, RAISE_FENCE,
+	SWITCH_LIVE, CLEAN_OLD
+};
+
+/* What reading the store's identity leads to. */
+enum identity_next { ID_THEN_STATUS, ID_THEN_SYNC, ID_THEN_BATCH };
 
 /* newer(a, b): is position token a after b? Lua numbers are doubles: exact to 2^53. */
 #define LUA_NEWER                                                                          \
@@ -62,15 +71,35 @@ static const char *const scripts[] = {
 	[PUT_TOTALS] = READMODEL_LUA_FENCE LUA_NEWER "local cur = redis.call('HGET', KEYS[1], 'p') "
 				 "if cur and not newer(ARGV[1], cur) then return 0 end "
 				 "redis.call('HSET', KEYS[1], 'p', ARGV[1], 'j', ARGV[2]) return 1",
-	/* A live generation of another layout counts as none: it is replaced. */
+	/* A live generation of another layout, or built from another event store (its
+	 * identity is not ARGV[1]), counts as none: it is replaced. */
 	[LIVE_STATUS] = "local g = redis.call('GET', '" READMODEL_LIVE_KEY "') "
 			"if not g then return false end "
 			"if redis.call('GET', 'dbk:g:' .. g .. ':layout') ~= '" READMODEL_REDIS_LAYOUT "' "
 			"then return false end "
+			"if redis.call('GET', 'dbk:g:' .. g .. ':identity') ~= ARGV[1] then return false end "
 			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
-	/* SET KEYS[1] ARGV[1]: transfers, a generation's layout mark, the live pointer. */
+	/* SET KEYS[1] ARGV[1]: transfers, a generation's layout and identity marks. */
 	[PUT_FENCED] = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1",
 	[RAISE_FENCE] = READMODEL_LUA_FENCE "return 1",
+	/* Make generation ARGV[1] live; the identity of the one it replaces when that is
+	 * not ARGV[2] (another store's), else "". */
+	[SWITCH_LIVE] = READMODEL_LUA_FENCE "local old = redis.call('GET', '" READMODEL_LIVE_KEY "') "
+			"local theirs = old and redis.call('GET', 'dbk:g:' .. old .. ':identity') "
+			"redis.call('SET', '" READMODEL_LIVE_KEY "', ARGV[1]) "
+			"if theirs and theirs ~= ARGV[2] then return theirs end return ''",
+	/* Unlink the keys ARGV[3..] of generations older than ARGV[2] that are ours
+	 * (identity ARGV[1]) or of no store (written before identities): another store's
+	 * generations may be another deployment's live models, and are left alone. */
+	[CLEAN_OLD] = "local ours = {} "
+		      "for i = 3, #ARGV do "
+		      "local g = string.match(ARGV[i], '^dbk:g:(%d+):') "
+		      "if g and tonumber(g) < tonumber(ARGV[2]) then "
+		      "if ours[g] == nil then "
+		      "local id = redis.call('GET', 'dbk:g:' .. g .. ':identity') "
+		      "ours[g] = not id or id == ARGV[1] end "
+		      "if ours[g] then redis.call('UNLINK', ARGV[i]) end end end "
+		      "return 0",
 };
 
 enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH, SY_LIVE };
@@ -389,12 +418,15 @@ static void batch_live_reply(void *arg, const redisReply *reply)
 	step_reply(arg, reply);
 }
 
+static bool read_identity(struct projector_ctx *ctx, enum identity_next next);
+
 bool projector_redis_batch(struct projector_ctx *ctx)
 {
 	struct rm_account *const *accounts;
 	const struct projector_item *items;
 	size_t na = projector_rows_accounts(ctx->rows, &accounts);
 	size_t ni = projector_rows_items(ctx->rows, &items);
+	const char *identity[1] = { ctx->identity };
 	char token[48];
 
 	if (ctx->rsync != RS_LIVE)
@@ -403,12 +435,14 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 		ctx->rsync = RS_UNSYNCED;
 		return false;
 	}
+	if (ctx->identity_stale) /* a new session: is the store still the one we wrote for? */
+		return read_identity(ctx, ID_THEN_BATCH);
 	ctx->rpending = 1; /* held until everything is sent */
 	ctx->rfailed = ctx->gen_lost = ctx->rcheckpoint = false;
 	ctx->rerrors = 0;
 	ctx->gen_moved = 0;
 	cp_token(ctx, token);
-	if (redis_eval(ctx->redis, LIVE_STATUS, 0, 0, NULL, NULL, batch_live_reply, ctx))
+	if (redis_eval(ctx->redis, LIVE_STATUS, 0, 1, identity, NULL, batch_live_reply, ctx))
 		ctx->rpending++;
 	else
 		ctx->rfailed = true;
@@ -603,6 +637,8 @@ static void query(struct projector_ctx *ctx, const char *statement, const char *
 static void generation_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
+	char identity_key[48];
+	const char *set_identity[3] = { "SET", identity_key, ctx->identity };
 
 	if (!reply || reply->type != REDIS_REPLY_INTEGER) {
 		sync_abort(ctx, reply && reply->str ? reply->str : "INCR dbk:generation failed");
@@ -610,6 +646,11 @@ static void generation_reply(void *arg, const redisReply *reply)
 	}
 	ctx->sync->gen = reply->integer;
 	ctx->sync->phase = SY_ACCOUNTS;
+	/* Which store the generation is built from comes first, so that no sweep of
+	 * another deployment's projector takes the keys that follow for its own garbage;
+	 * the switch writes it again, checked. */
+	key(identity_key, sizeof(identity_key), ctx->sync->gen, "identity", NULL);
+	(void)!redis_command(ctx->redis, 3, set_identity, NULL, NULL, NULL);
 	log_info(&ctx->log, "copying the read models into redis generation %lld", ctx->sync->gen);
 	query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
 }
@@ -620,17 +661,26 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
 	const char *scan[6] = { "SCAN", NULL, "MATCH", "dbk:g:*", "COUNT", "1000" };
+	const char **argv;
+	char below[24];
+	size_t n;
 
 	if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2)
 		return;
-	for (size_t i = 0; i < reply->element[1]->elements; i++) {
-		const char *k = reply->element[1]->element[i]->str;
-		const char *unlink[2] = { "UNLINK", k };
-		char *end;
-		long long gen = strtoll(k + strlen("dbk:g:"), &end, 10);
-		if (*end == ':' && gen < ctx->gen &&
-		    !redis_command(ctx->redis, 2, unlink, NULL, NULL, NULL))
+	n = reply->element[1]->elements;
+	if (n && ctx->identity[0]) {
+		if (!(argv = malloc((n + 2) * sizeof(*argv))))
 			return;
+		snprintf(below, sizeof(below), "%lld", ctx->gen);
+		argv[0] = ctx->identity;
+		argv[1] = below;
+		for (size_t i = 0; i < n; i++)
+			argv[2 + i] = reply->element[1]->element[i]->str;
+		if (!redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(n + 2), argv, NULL, NULL, NULL)) {
+			free(argv);
+			return;
+		}
+		free(argv);
 	}
 	if (strcmp(reply->element[0]->str, "0") == 0)
 		return;
@@ -647,13 +697,42 @@ static void start_cleanup(struct projector_ctx *ctx)
 		log_warn(&ctx->log, "cannot clean old redis generations now");
 }
 
+/* The switch's reply: did our generation replace another store's? */
+static void switch_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (reply && reply->type == REDIS_REPLY_STRING && reply->len == 0) {
+		ctx->foreign_fight = false;
+	} else if (reply && reply->type == REDIS_REPLY_STRING) {
+		/* The first time, an earlier life of the database, say; the same store again
+		 * means it is alive and writing to this Redis database too. */
+		ctx->foreign_fight = strcmp(reply->str, ctx->foreign_last) == 0;
+		if (ctx->foreign_fight)
+			log_error(&ctx->log, "another event store (identity %s) keeps making its "
+					     "generation live in this redis database: two deployments "
+					     "share it, which is unsupported (give each its own redis "
+					     "database); resyncs now wait %d s",
+				  reply->str, SHARED_REDIS_BACKOFF_POLLS / 10);
+		else
+			log_warn(&ctx->log, "the live redis generation was built from another event "
+					    "store (identity %s), not this one (%s): replaced by ours and "
+					    "left in place",
+				 reply->str, ctx->identity);
+		snprintf(ctx->foreign_last, sizeof(ctx->foreign_last), "%.*s",
+			 (int)(sizeof(ctx->foreign_last) - 1), reply->str);
+	}
+	step_reply(arg, reply);
+}
+
 static void sync_next(struct projector_ctx *ctx)
 {
 	struct sync_state *s = ctx->sync;
 	char gen[24], epoch[24];
-	char layout_key[48];
-	const char *live[3] = { READMODEL_LIVE_KEY, epoch, gen };
+	char layout_key[48], identity_key[48];
+	const char *live[3] = { epoch, gen, ctx->identity };
 	const char *layout[3] = { layout_key, epoch, READMODEL_REDIS_LAYOUT };
+	const char *identity[3] = { identity_key, epoch, ctx->identity };
 
 	if (ctx->rfailed) {
 		sync_abort(ctx, "a redis write failed");
@@ -684,6 +763,8 @@ static void sync_next(struct projector_ctx *ctx)
 		begin_sends(ctx);
 		snprintf(epoch, sizeof(epoch), "%lld", ctx->epoch);
 		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
+		key(identity_key, sizeof(identity_key), s->gen, "identity", NULL);
+		eval(ctx, PUT_FENCED, 1, 3, identity);
 		eval(ctx, PUT_FENCED, 1, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp);
 		s->phase = SY_LIVE;
@@ -694,7 +775,10 @@ static void sync_next(struct projector_ctx *ctx)
 		begin_sends(ctx);
 		snprintf(gen, sizeof(gen), "%lld", s->gen);
 		snprintf(epoch, sizeof(epoch), "%lld", ctx->epoch);
-		eval(ctx, PUT_FENCED, 1, 3, live);
+		if (redis_eval(ctx->redis, SWITCH_LIVE, 0, 3, live, NULL, switch_reply, ctx))
+			ctx->rpending++;
+		else
+			ctx->rfailed = true;
 		s->phase = SY_CHECK; /* reused as "switched" */
 		end_sends(ctx);
 		return;
@@ -706,6 +790,8 @@ static void sync_next(struct projector_ctx *ctx)
 		free(ctx->sync);
 		ctx->sync = NULL;
 		start_cleanup(ctx);
+		if (ctx->foreign_fight) /* two deployments fight over the pointer */
+			ctx->next_sync = ctx->polls + SHARED_REDIS_BACKOFF_POLLS;
 		projector_step_done(ctx);
 		return;
 	default:
@@ -719,8 +805,10 @@ static void start_sync(struct projector_ctx *ctx)
 	const char *incr[2] = { "INCR", "dbk:generation" };
 
 	ctx->sync = calloc(1, sizeof(*ctx->sync));
-	if (!ctx->sync)
+	if (!ctx->sync) {
+		sync_abort(ctx, "out of memory");
 		return;
+	}
 	ctx->sync->phase = SY_GENERATION;
 	cp_token(ctx, ctx->sync->cp);
 	ctx->rfailed = false;
@@ -754,9 +842,83 @@ static void status_reply(void *arg, const redisReply *reply)
 		log_info(&ctx->log, "redis generation %lld is current (at %s)", ctx->gen,
 			 reply->element[1]->str);
 	} else {
+		if (reply && reply->type != REDIS_REPLY_ARRAY)
+			log_info(&ctx->log, "redis holds no live generation of this event store "
+					    "(identity %s)", ctx->identity);
 		ctx->rsync = reply ? RS_UNSYNCED : RS_UNKNOWN;
 	}
 	projector_step_done(ctx);
+}
+
+/* The identity read: go on with what it was read for. */
+static void identity_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	const char *got = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
+				  PQntuples(results[0]) == 1 && !PQgetisnull(results[0], 0, 0)
+			  ? PQgetvalue(results[0], 0, 0)
+			  : NULL;
+	const char *argv[1] = { ctx->identity };
+	bool changed;
+
+	if (!got || !*got || strlen(got) >= sizeof(ctx->identity)) {
+		if (!error)
+			log_error(&ctx->log, "cannot read the event store's identity (is the database "
+					     "migrated?): %s",
+				  n ? PQresultErrorMessage(results[0]) : "no result");
+		/* Nothing is written to Redis without it; tried again after a pause. */
+		ctx->rsync = RS_UNSYNCED;
+		pause_resync(ctx);
+		projector_step_done(ctx);
+		return;
+	}
+	changed = ctx->identity[0] && strcmp(ctx->identity, got) != 0;
+	if (changed)
+		log_warn(&ctx->log, "the event store's identity changed from %s to %s (the database "
+				    "was re-created or restored): its redis generation is not ours",
+			 ctx->identity, got);
+	snprintf(ctx->identity, sizeof(ctx->identity), "%s", got);
+	ctx->identity_stale = false;
+	switch ((enum identity_next)ctx->identity_next) {
+	case ID_THEN_BATCH:
+		if (changed)
+			ctx->rsync = RS_UNSYNCED; /* a resync builds this store's generation */
+		if (changed || !projector_redis_batch(ctx))
+			projector_step_done(ctx);
+		return;
+	case ID_THEN_SYNC:
+		start_sync(ctx); /* it ends the step itself, also when it fails */
+		return;
+	case ID_THEN_STATUS:
+		if (redis_eval(ctx->redis, LIVE_STATUS, 0, 1, argv, NULL, status_reply, ctx))
+			return;
+		ctx->rsync = RS_UNSYNCED;
+		pause_resync(ctx);
+		projector_step_done(ctx);
+		return;
+	}
+}
+
+/* Read the store's identity, then go on as `next` says; false when it cannot be read
+ * now (nothing started). */
+static bool read_identity(struct projector_ctx *ctx, enum identity_next next)
+{
+	if (!pg_ready(ctx->pg) || !pg_queue_sql(ctx->pg, READMODEL_IDENTITY_SQL, 0, NULL) ||
+	    !pg_run(ctx->pg, identity_done, ctx)) {
+		if (next == ID_THEN_BATCH)
+			ctx->rsync = RS_UNKNOWN; /* checked (and resynced if behind) later */
+		return false;
+	}
+	ctx->identity_next = next;
+	return true;
+}
+
+void projector_redis_session(struct projector_ctx *ctx)
+{
+	ctx->identity_stale = true;
 }
 
 bool projector_redis_maintain(struct projector_ctx *ctx)
@@ -768,15 +930,19 @@ bool projector_redis_maintain(struct projector_ctx *ctx)
 		if (ctx->rsync == RS_LIVE)
 			ctx->rsync = RS_UNKNOWN; /* adopted below if at or past our checkpoint */
 	}
+	/* The identity is read afresh each time: what Redis holds is compared with the
+	 * store as it is now. */
 	if (ctx->rsync == RS_UNKNOWN) {
-		if (!redis_eval(ctx->redis, LIVE_STATUS, 0, 0, NULL, NULL, status_reply, ctx))
+		if (!read_identity(ctx, ID_THEN_STATUS))
 			return false;
 		ctx->step = STEP_SYNCING;
 		return true;
 	}
 	if (ctx->rsync == RS_UNSYNCED && ctx->polls >= ctx->next_sync) {
-		start_sync(ctx);
-		return ctx->sync != NULL;
+		if (!read_identity(ctx, ID_THEN_SYNC))
+			return false;
+		ctx->step = STEP_SYNCING;
+		return true;
 	}
 	return false;
 }

@@ -104,6 +104,11 @@ const char *sqlpool_last_error(const struct sqlpool *pool);
 bool sqlpool_submit(struct sqlpool *pool, struct read *rd) __attribute__((warn_unused_result));
 /* Nothing queued or running. */
 bool sqlpool_idle(const struct sqlpool *pool);
+/* The event store's identity as read on a connection that is up; with no connection
+ * up, the last one read (PostgreSQL unreachable: Redis hits are still served); ""
+ * when a connection is up but has not read it yet, or none ever did: then no Redis
+ * generation is ours. Borrowed, valid until the next event-loop turn. */
+const char *sqlpool_identity(const struct sqlpool *pool);
 
 /* A rendered answer: status, body and the model's position. */
 struct answer {

@@ -20,11 +20,13 @@ enum script {
 /* Every script first finds the live generation and its checkpoint. It answers {} when
  * Redis holds no usable model, {checkpoint} on a miss, {checkpoint, ...} on a hit. The
  * keys are derived inside the script from the live pointer, so the read is one round trip and
- * sees one consistent state (scripts run atomically). */
+ * sees one consistent state (scripts run atomically). The last argument is the event
+ * store's identity: a generation built from another store is no usable model. */
 #define LIVE_PREFIX \
 	"local g = redis.call('GET', '" READMODEL_LIVE_KEY "')\n" \
 	"if not g then return {} end\n" \
 	"local p = 'dbk:g:' .. g .. ':'\n" \
+	"if redis.call('GET', p .. 'identity') ~= ARGV[#ARGV] then return {} end\n" \
 	"local cp = redis.call('GET', p .. 'checkpoint')\n" \
 	"if not cp then return {} end\n"
 
@@ -245,9 +247,10 @@ static void on_redis_probe(void *arg, const redisReply *rep)
 static bool probe_redis(void *arg)
 {
 	struct query_ctx *ctx = arg;
+	const char *identity[1] = { sqlpool_identity(ctx->sql) };
 
 	return redis_connected(ctx->redis) &&
-	       redis_eval(ctx->redis, SCRIPT_CHECKPOINT, 0, 0, NULL, NULL, on_redis_probe, ctx);
+	       redis_eval(ctx->redis, SCRIPT_CHECKPOINT, 0, 1, identity, NULL, on_redis_probe, ctx);
 }
 
 static bool probe_sql(void *arg)
@@ -378,7 +381,7 @@ static void on_redis_reply(void *arg, const redisReply *rep)
 void read_start(struct read *rd)
 {
 	struct query_ctx *ctx = rd->ctx;
-	const char *argv[3];
+	const char *argv[4];
 	char limit[16], before[16];
 	int argc = 1;
 	enum script script;
@@ -409,6 +412,7 @@ void read_start(struct read *rd)
 		return;
 	}
 	argv[0] = rd->id;
+	argv[argc++] = sqlpool_identity(ctx->sql); /* the store whose generation may answer */
 	if (!redis_eval(ctx->redis, script, 0, argc, argv, NULL, on_redis_reply, rd))
 		fallback(rd, FALLBACK_UNAVAILABLE);
 }

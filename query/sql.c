@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "query.h"
 
@@ -70,6 +71,11 @@ struct slot {
 	struct sqlpool *pool;
 	struct pg *pg;
 	struct read *batch; /* the reads of the run in flight, in statement order */
+	/* The identity of the store this connection reaches, read on each connection
+	 * (the database may have been re-created or restored since the last). */
+	char identity[READMODEL_IDENTITY_MAX];
+	bool identified;
+	time_t identify_after; /* a failed read (not migrated yet?) is retried from then */
 };
 
 struct sqlpool {
@@ -77,6 +83,7 @@ struct sqlpool {
 	struct slot slots[POOL_SIZE];
 	struct read *head, *tail; /* queued, not yet sent */
 	size_t queued;
+	char last_identity[READMODEL_IDENTITY_MAX]; /* the last one read, "" before any */
 };
 
 static void kick(struct sqlpool *pool);
@@ -97,6 +104,8 @@ static void requeue_front(struct sqlpool *pool, struct read *list)
 	if (!pool->tail)
 		pool->tail = last;
 }
+
+static bool identify(struct slot *slot);
 
 static void on_run_done(void *arg, const struct pg_outcome *out)
 {
@@ -121,6 +130,8 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 		else
 			read_sql_failed(rd, PQresultErrorMessage(results[i]), false);
 	}
+	if (!slot->identified && time(NULL) >= slot->identify_after && identify(slot))
+		return; /* kicks when done */
 	kick(slot->pool);
 }
 
@@ -190,10 +201,55 @@ static void kick(struct sqlpool *pool)
 			run_batch(&pool->slots[i]);
 }
 
+static void identity_done(void *arg, const struct pg_outcome *out)
+{
+	struct slot *slot = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	const char *got = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
+				  PQntuples(results[0]) == 1 && !PQgetisnull(results[0], 0, 0)
+			  ? PQgetvalue(results[0], 0, 0)
+			  : NULL;
+
+	if (got && *got && strlen(got) < sizeof(slot->identity)) {
+		snprintf(slot->identity, sizeof(slot->identity), "%s", got);
+		slot->identified = true;
+		if (strcmp(slot->pool->last_identity, got) != 0) {
+			if (slot->pool->last_identity[0])
+				log_warn(&slot->pool->ctx->log, "the event store's identity changed from "
+								"%s to %s (re-created or restored): Redis "
+								"generations of the old one are not served",
+					 slot->pool->last_identity, got);
+			snprintf(slot->pool->last_identity, sizeof(slot->pool->last_identity), "%s",
+				 got);
+		}
+	} else if (!error) {
+		log_error(&slot->pool->ctx->log, "cannot read the event store's identity (is the "
+						 "database migrated?): Redis is not used: %s",
+			  n ? PQresultErrorMessage(results[0]) : "no result");
+		slot->identify_after = time(NULL) + 1;
+	}
+	kick(slot->pool);
+	/* Notifications may have been missed while it was down: look once. */
+	waitset_poke(slot->pool->ctx->waits, WAIT_FROM_SQL);
+}
+
+/* Read the store's identity on the slot's connection; false when it cannot be sent. */
+static bool identify(struct slot *slot)
+{
+	return pg_queue_sql(slot->pg, READMODEL_IDENTITY_SQL, 0, NULL) &&
+	       pg_run(slot->pg, identity_done, slot);
+}
+
 static void on_connect(void *arg)
 {
 	struct slot *slot = arg;
 
+	/* Reads may use Redis only once the store's identity is known (sqlpool_identity). */
+	slot->identified = false;
+	if (identify(slot))
+		return;
 	kick(slot->pool);
 	/* Notifications may have been missed while it was down: look once. */
 	waitset_poke(slot->pool->ctx->waits, WAIT_FROM_SQL);
@@ -205,6 +261,23 @@ static void on_notify(void *arg)
 	bool position = slot == &slot->pool->slots[0];
 
 	waitset_poke(slot->pool->ctx->waits, position ? WAIT_FROM_SQL : WAIT_FROM_LOG);
+}
+
+const char *sqlpool_identity(const struct sqlpool *pool)
+{
+	bool connected = false;
+
+	for (size_t i = 0; i < POOL_SIZE; i++) {
+		if (!pg_connected(pool->slots[i].pg))
+			continue;
+		if (pool->slots[i].identified)
+			return pool->slots[i].identity;
+		connected = true;
+	}
+	/* A connection that is up but has not told the identity yet (just made, or the
+	 * database is not migrated): no generation is ours until it does. With none up
+	 * (PostgreSQL unreachable), the store last seen: its Redis hits are still served. */
+	return connected ? "" : pool->last_identity;
 }
 
 bool sqlpool_submit(struct sqlpool *pool, struct read *rd)

@@ -59,6 +59,13 @@ struct readmodel_transfer {
 	"return redis.error_reply('FENCED epoch ' .. tostring(epoch) .. "                  \
 	"' is older than the leader epoch ' .. fence) end "                                \
 	"if epoch > fence then redis.call('SET', '" READMODEL_LEADER_KEY "', epoch_text) end\n"
+/* The identity of the event store a Redis generation was built from, kept in its
+ * `identity` key: "<system identifier>-<database oid>-<deployment id>", read from SQL
+ * with READMODEL_IDENTITY_SQL (sql/009). A generation of another identity (another
+ * deployment, or an earlier life of the database) counts as none: the projector
+ * builds its own, readers use SQL meanwhile (docs/read-models.md). */
+#define READMODEL_IDENTITY_SQL "SELECT daybook_store_identity()"
+#define READMODEL_IDENTITY_MAX 128 /* with its NUL; the text is about 60 bytes */
 /* Statement items kept per account in Redis: the newest ones. */
 #define READMODEL_ITEMS_KEPT 50
 

@@ -117,8 +117,13 @@ static void fill_redis(void)
 	redis("HSET dbk:g:1:totals p %s j %s", REDIS_POS, totals);
 }
 
+/* Live, as the projector would make it: built from this event store (its identity). */
 static void go_live(void)
 {
+	PGresult *r = sql(db, READMODEL_IDENTITY_SQL);
+
+	redis("SET dbk:g:1:identity %s", PQgetvalue(r, 0, 0));
+	PQclear(r);
 	redis("SET " READMODEL_LIVE_KEY " 1");
 }
 
