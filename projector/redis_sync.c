@@ -223,16 +223,22 @@ static void eval(struct projector_ctx *ctx, enum script s, int nkeys, int argc,
 	}
 }
 
+/* The fence argument of the write scripts: our term's epoch, for our event store. */
+static void fence_arg(const struct projector_ctx *ctx, char *out, size_t len)
+{
+	snprintf(out, len, "%lld:%s", ctx->epoch, ctx->identity);
+}
+
 /* --- the pieces of a generation ------------------------------------------------------- */
 
 static void put_account(struct projector_ctx *ctx, long long gen, const char *id, int32_t version,
 			int32_t entries, const char *json)
 {
-	char k[LEDGER_ID_MAX + 48], e[24], v[16], n[16];
+	char k[LEDGER_ID_MAX + 48], e[READMODEL_FENCE_ARG_MAX], v[16], n[16];
 	const char *argv[5] = { k, e, v, n, json };
 
 	key(k, sizeof(k), gen, "acct", id);
-	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	fence_arg(ctx, e, sizeof(e));
 	snprintf(v, sizeof(v), "%d", version);
 	snprintf(n, sizeof(n), "%d", entries);
 	eval(ctx, PUT_ACCOUNT, 1, 5, argv);
@@ -240,11 +246,11 @@ static void put_account(struct projector_ctx *ctx, long long gen, const char *id
 
 static void put_transfer(struct projector_ctx *ctx, long long gen, const char *id, const char *json)
 {
-	char k[LEDGER_ID_MAX + 48], e[24];
+	char k[LEDGER_ID_MAX + 48], e[READMODEL_FENCE_ARG_MAX];
 	const char *argv[3] = { k, e, json };
 
 	key(k, sizeof(k), gen, "xfer", id);
-	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_FENCED, 1, 3, argv);
 }
 
@@ -253,7 +259,7 @@ static void put_transfer(struct projector_ctx *ctx, long long gen, const char *i
 static void put_entries(struct projector_ctx *ctx, long long gen, const char *id,
 			const char *const *versions, const char *const *jsons, size_t n)
 {
-	char k[LEDGER_ID_MAX + 48], e[24];
+	char k[LEDGER_ID_MAX + 48], e[READMODEL_FENCE_ARG_MAX];
 	const char **argv = malloc((2 + 2 * n) * sizeof(*argv));
 
 	if (!argv) {
@@ -261,7 +267,7 @@ static void put_entries(struct projector_ctx *ctx, long long gen, const char *id
 		return;
 	}
 	key(k, sizeof(k), gen, "stmt", id);
-	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	fence_arg(ctx, e, sizeof(e));
 	argv[0] = k;
 	argv[1] = e;
 	for (size_t i = 0; i < n; i++) {
@@ -287,7 +293,7 @@ static char *totals_json(struct readmodel_total *rows, size_t n)
 
 static void put_totals(struct projector_ctx *ctx, long long gen, const char *token, char *json)
 {
-	char k[64], e[24];
+	char k[64], e[READMODEL_FENCE_ARG_MAX];
 	const char *argv[4] = { k, e, token, json };
 
 	if (!json) {
@@ -295,19 +301,19 @@ static void put_totals(struct projector_ctx *ctx, long long gen, const char *tok
 		return;
 	}
 	key(k, sizeof(k), gen, "totals", NULL);
-	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_TOTALS, 1, 4, argv);
 	free(json);
 }
 
 static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token)
 {
-	char k[64], e[24], msg[96];
+	char k[64], e[READMODEL_FENCE_ARG_MAX], msg[96];
 	const char *argv[3] = { k, e, token };
 	const char *pub[3] = { "PUBLISH", "dbk:position", msg };
 
 	key(k, sizeof(k), gen, "checkpoint", NULL);
-	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_CHECKPOINT, 1, 3, argv);
 	snprintf(msg, sizeof(msg), "%lld %s", gen, token);
 	send(ctx, 3, pub);
@@ -728,7 +734,7 @@ static void switch_reply(void *arg, const redisReply *reply)
 static void sync_next(struct projector_ctx *ctx)
 {
 	struct sync_state *s = ctx->sync;
-	char gen[24], epoch[24];
+	char gen[24], epoch[READMODEL_FENCE_ARG_MAX];
 	char layout_key[48], identity_key[48];
 	const char *live[3] = { epoch, gen, ctx->identity };
 	const char *layout[3] = { layout_key, epoch, READMODEL_REDIS_LAYOUT };
@@ -761,7 +767,7 @@ static void sync_next(struct projector_ctx *ctx)
 		/* Everything up to s->cp is in the new generation (every reply so far was
 		 * checked): mark it complete... */
 		begin_sends(ctx);
-		snprintf(epoch, sizeof(epoch), "%lld", ctx->epoch);
+		fence_arg(ctx, epoch, sizeof(epoch));
 		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
 		key(identity_key, sizeof(identity_key), s->gen, "identity", NULL);
 		eval(ctx, PUT_FENCED, 1, 3, identity);
@@ -774,7 +780,7 @@ static void sync_next(struct projector_ctx *ctx)
 		/* ...and once that is in too, let readers have it. */
 		begin_sends(ctx);
 		snprintf(gen, sizeof(gen), "%lld", s->gen);
-		snprintf(epoch, sizeof(epoch), "%lld", ctx->epoch);
+		fence_arg(ctx, epoch, sizeof(epoch));
 		if (redis_eval(ctx->redis, SWITCH_LIVE, 0, 3, live, NULL, switch_reply, ctx))
 			ctx->rpending++;
 		else
@@ -882,6 +888,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 			 ctx->identity, got);
 	snprintf(ctx->identity, sizeof(ctx->identity), "%s", got);
 	ctx->identity_stale = false;
+	projector_redis_fence(ctx); /* a leader's fence is per store: raise ours */
 	switch ((enum identity_next)ctx->identity_next) {
 	case ID_THEN_BATCH:
 		if (changed)
@@ -986,10 +993,14 @@ static void fence_reply(void *arg, const redisReply *reply)
 
 void projector_redis_fence(struct projector_ctx *ctx)
 {
-	char e[24];
+	char e[READMODEL_FENCE_ARG_MAX];
 	const char *argv[1] = { e };
 
-	snprintf(e, sizeof(e), "%lld", ctx->epoch);
+	/* The fence is per event store: until its identity is read, the first write after
+	 * reading it raises the fence (identity_done calls this again). */
+	if (!ctx->identity[0])
+		return;
+	fence_arg(ctx, e, sizeof(e));
 	if (ctx->role == ROLE_LEADER && redis_connected(ctx->redis))
 		(void)!redis_eval(ctx->redis, RAISE_FENCE, 0, 1, argv, NULL, fence_reply, ctx);
 }

@@ -46,19 +46,24 @@ struct readmodel_transfer {
 #define READMODEL_REDIS_LAYOUT "2"
 #define READMODEL_LIVE_KEY "dbk:live:2"
 /* Fencing of the projector's Redis writes (docs/architecture.md, "Leadership"): the
- * highest leader epoch that has written, global to the Redis. Every projector write
- * script starts with READMODEL_LUA_FENCE and takes the writer's epoch as ARGV[1] (the
- * prefix removes it, so the rest of the script sees its own arguments from ARGV[1]):
- * an epoch below the key's is refused with an error reply starting "FENCED"; a higher
- * one raises the key first. */
-#define READMODEL_LEADER_KEY "dbk:leader_epoch"
+ * highest leader epoch that has written, one key per event store identity
+ * (READMODEL_LEADER_KEY + identity), so that deployments never fence each other. Every
+ * projector write script starts with READMODEL_LUA_FENCE and takes the fence argument
+ * "<epoch>:<identity>" as ARGV[1] (the prefix removes it, so the rest of the script sees
+ * its own arguments from ARGV[1]): an epoch below the key's is refused with an error
+ * reply starting "FENCED"; a higher one raises the key first. */
+#define READMODEL_LEADER_KEY "dbk:leader_epoch:"
+#define READMODEL_FENCE_ARG_MAX (24 + READMODEL_IDENTITY_MAX)
 #define READMODEL_LUA_FENCE                                                                \
-	"local epoch_text = table.remove(ARGV, 1) local epoch = tonumber(epoch_text) "     \
-	"local fence = tonumber(redis.call('GET', '" READMODEL_LEADER_KEY "') or '0') "    \
+	"local fence_arg = table.remove(ARGV, 1) "                                         \
+	"local epoch_text, fence_of = string.match(fence_arg, '^(%d+):(.*)$') "            \
+	"local epoch = tonumber(epoch_text) "                                              \
+	"local fence_key = '" READMODEL_LEADER_KEY "' .. (fence_of or '') "                \
+	"local fence = tonumber(redis.call('GET', fence_key) or '0') "                     \
 	"if not epoch or epoch < 1 or epoch < fence then "                                 \
 	"return redis.error_reply('FENCED epoch ' .. tostring(epoch) .. "                  \
 	"' is older than the leader epoch ' .. fence) end "                                \
-	"if epoch > fence then redis.call('SET', '" READMODEL_LEADER_KEY "', epoch_text) end\n"
+	"if epoch > fence then redis.call('SET', fence_key, epoch_text) end\n"
 /* The identity of the event store a Redis generation was built from, kept in its
  * `identity` key: "<system identifier>-<database oid>-<deployment id>", read from SQL
  * with READMODEL_IDENTITY_SQL (sql/009). A generation of another identity (another

@@ -436,6 +436,18 @@ static void record_checkpoint_moves(void)
 			"FOR EACH ROW EXECUTE FUNCTION test_cp_moved()"));
 }
 
+/* The event store's identity, which names its Redis fence (a static buffer). */
+static const char *store_identity(void)
+{
+	static char out[READMODEL_IDENTITY_MAX];
+	PGresult *r = sql(db, READMODEL_IDENTITY_SQL);
+
+	cr_assert(PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1, "no identity");
+	snprintf(out, sizeof(out), "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return out;
+}
+
 Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when_it_wakes)
 {
 	struct service a, b;
@@ -492,7 +504,7 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	cr_assert_eq(sql_int(db, q), 0, "a deposed leader committed a batch");
 	cr_assert_geq(lease_epoch(), e2);
 	c = harness_redis(redis_url);
-	fence = redisCommand(c, "GET %s", READMODEL_LEADER_KEY);
+	fence = redisCommand(c, "GET %s%s", READMODEL_LEADER_KEY, store_identity());
 	cr_assert(fence && fence->type == REDIS_REPLY_STRING && atoll(fence->str) >= e2,
 		  "Redis's leader epoch is below the new leader's");
 	freeReplyObject(fence);
@@ -697,18 +709,22 @@ Test(projector, redis_refuses_writes_of_an_older_leader_epoch)
 	const char *script = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1";
 	redisReply *r;
 
-	r = redisCommand(c, "EVAL %s 1 k 1700000000002 new", script);
+	r = redisCommand(c, "EVAL %s 1 k 1700000000002:store-a new", script);
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER, "the current leader's write was refused");
 	freeReplyObject(r);
-	r = redisCommand(c, "EVAL %s 1 k 1700000000001 old", script);
+	r = redisCommand(c, "EVAL %s 1 k 1700000000001:store-a old", script);
 	cr_assert(r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "FENCED", 6) == 0,
 		  "an older epoch's write was not refused by name");
 	freeReplyObject(r);
 	r = redisCommand(c, "GET k");
 	cr_assert_str_eq(r->str, "new");
 	freeReplyObject(r);
-	r = redisCommand(c, "GET %s", READMODEL_LEADER_KEY);
+	r = redisCommand(c, "GET %sstore-a", READMODEL_LEADER_KEY);
 	cr_assert_str_eq(r->str, "1700000000002");
+	freeReplyObject(r);
+	/* Another event store's projector has a fence of its own. */
+	r = redisCommand(c, "EVAL %s 1 k2 1700000000001:store-b other", script);
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER, "another store's leader was fenced by ours");
 	freeReplyObject(r);
 	redisFree(c);
 }
