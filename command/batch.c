@@ -51,8 +51,6 @@ static const struct pg_statement statements[] = {
 	  "VALUES ($1, $2, decode($3, 'hex'), $4, $5, replace($6, '\"position\":\"" POSITION_PLACEHOLDER
 	  "\"', coalesce((SELECT '\"position\":\"' || txid::text || '.' || position::text || '\"' "
 	  "FROM events WHERE stream = $7 AND version = $8::integer), '')))" },
-	{ "idem_sweep",
-	  "DELETE FROM idempotency_keys WHERE created_at < now() - interval '25 hours'" },
 };
 
 /* A command's outcome within the batch. */
@@ -74,7 +72,7 @@ struct pending_event {
 	int slot;
 };
 
-enum batch_state { B_IDLE, B_LOADING, B_WRITING, B_SWEEPING };
+enum batch_state { B_IDLE, B_LOADING, B_WRITING };
 
 struct batcher {
 	struct command_ctx *ctx;
@@ -918,29 +916,4 @@ static void start_batch(struct batcher *b)
 	}
 	if (!sent)
 		decide_all(b);
-}
-
-/* --- expiry ---------------------------------------------------------------------- */
-
-static void sweep_done(void *arg, PGresult *const *results, size_t n, const char *error)
-{
-	struct batcher *b = arg;
-
-	b->state = B_IDLE;
-	if (!error && n == 1 && PQresultStatus(results[0]) == PGRES_COMMAND_OK)
-		log_debug(&b->ctx->log, "expired %s idempotency records", PQcmdTuples(results[0]));
-	else if (!error && n == 1)
-		log_warn(&b->ctx->log, "idempotency sweep failed: %s", PQresultErrorMessage(results[0]));
-	if (error)
-		fail_pending(b, "the event store is unreachable; retry shortly");
-	else
-		start_batch(b);
-}
-
-void batcher_sweep(struct batcher *b)
-{
-	if (b->state != B_IDLE || b->head || !pg_ready(b->ctx->pg))
-		return; /* busy: the next tick will do */
-	if (pg_queue(b->ctx->pg, "idem_sweep", 0, NULL) && pg_run(b->ctx->pg, sweep_done, b))
-		b->state = B_SWEEPING;
 }
