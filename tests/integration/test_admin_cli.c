@@ -618,6 +618,58 @@ Test(admin_cli, a_failing_migration_leaves_nothing_behind)
 	remove_dir(dir);
 }
 
+Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
+{
+	char db[64], dir[64], names[64][256], path[600], *later[64] = { NULL };
+	size_t n = 0;
+	struct service command;
+	struct response r;
+	struct proc p;
+
+	/* A database as it stood before 008, with an account's history in it. */
+	n = copy_sql_dir(dir, sizeof(dir), names, 64);
+	for (size_t i = 0; i < n; i++) {
+		if (strcmp(names[i], "008") < 0)
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		later[i] = read_file(path);
+		unlink(path);
+	}
+	create_empty_db(db, sizeof(db));
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	proc_free(&p);
+	cr_assert_not(table_exists(db, "account_snapshots"));
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			"('account-old', 1, 'AccountOpened', '{\"account_id\":\"old\",\"name\":\"O\","
+			"\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
+			"('account-old', 2, 'FundsDeposited', '{\"amount\":30}', '{}')"));
+
+	/* The new binaries' migrate: 008 applies; the service loads the old history. */
+	for (size_t i = 0; i < n; i++) {
+		if (!later[i])
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		write_file(path, later[i], "w");
+		free(later[i]);
+	}
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stdout_text, "applied 008_account_snapshots.sql\n"), "%s",
+			   p.stdout_text);
+	proc_free(&p);
+	cr_assert(table_exists(db, "account_snapshots"));
+	harness_start_command(&command, db);
+	r = post(&command, "/accounts/old/deposits", "{\"amount\":12}", NULL);
+	cr_assert_eq(r.status, 201, "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), 42, "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 3, "%s", r.body);
+	response_free(&r);
+	harness_stop(&command);
+	drop_db(db);
+	remove_dir(dir);
+}
+
 Test(admin_cli, two_databases_both_migrate_and_get_the_grants)
 {
 	const char *dir = env_required("DAYBOOK_SQL_DIR");
