@@ -113,6 +113,8 @@ struct batcher {
 	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
 	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
 	struct strmap *refold;    /* account ids whose snapshot was refused: load them in full */
+	struct strmap *catchup;   /* account id -> struct ledger_account loaded from more than
+				   * SNAPSHOT_EVERY events: snapshot it with this batch's write */
 	int q_streams, q_idem, q_transfers; /* result index of each load query, -1: not sent */
 	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable;
 };
@@ -138,7 +140,7 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx)
 	*out = NULL;
 	if (!b || strmap_open(&b->cache, free) || strmap_open(&b->inflight, NULL) ||
 	    strmap_open(&b->overlay, free) || strmap_open(&b->transfers, NULL) ||
-	    strmap_open(&b->refold, NULL)) {
+	    strmap_open(&b->refold, NULL) || strmap_open(&b->catchup, free)) {
 		batcher_close(&b);
 		return -1;
 	}
@@ -173,6 +175,7 @@ void batcher_close(struct batcher **bp)
 	strmap_close(&b->overlay);
 	strmap_close(&b->transfers);
 	strmap_close(&b->refold);
+	strmap_close(&b->catchup);
 	free(b);
 	*bp = NULL;
 }
@@ -293,6 +296,7 @@ static void reset_batch(struct batcher *b)
 	strmap_clear(b->overlay);
 	strmap_clear(b->transfers);
 	strmap_clear(b->refold);
+	strmap_clear(b->catchup);
 	b->state = B_IDLE;
 }
 
@@ -592,16 +596,47 @@ static bool queue_event(struct batcher *b, const struct pending_event *pe)
 	return pg_queue(b->ctx->pg, "append", 5, v);
 }
 
-/* Snapshots go after every event and record, so that result i stays event i's. */
+static bool queue_snapshot(struct batcher *b, const char *stream, const char *version,
+			   const char *state)
+{
+	const char *v[3] = { stream, version, state };
+	return pg_queue(b->ctx->pg, "snapshot_put", 3, v);
+}
+
+struct catchup_queue {
+	struct batcher *b;
+	bool ok;
+};
+
+/* The committed state of an account that lacked a recent snapshot. */
+static void queue_catchup(void *arg, const char *id, void *value)
+{
+	struct catchup_queue *q = arg;
+	const struct ledger_account *acc = value;
+	char stream[LEDGER_ID_MAX + 16], version[12], *state;
+
+	if (!q->ok)
+		return;
+	snprintf(stream, sizeof(stream), "account-%s", id);
+	snprintf(version, sizeof(version), "%" PRId32, acc->version);
+	state = state_text(acc);
+	q->ok = state && queue_snapshot(q->b, stream, version, state);
+	free(state);
+}
+
+/* Snapshots go after every event and record, so that result i stays event i's: those
+ * the batch's events are due, then those its loads found missing. */
 static bool queue_snapshots(struct batcher *b)
 {
+	struct catchup_queue q = { b, true };
+
 	for (size_t i = 0; i < b->nevents; i++) {
 		const struct pending_event *pe = &b->events[i];
-		const char *v[3] = { pe->stream, pe->version, pe->snapshot };
-		if (pe->snapshot && !pg_queue(b->ctx->pg, "snapshot_put", 3, v))
+		if (pe->snapshot && !queue_snapshot(b, pe->stream, pe->version, pe->snapshot))
 			return false;
 	}
-	return true;
+	strmap_foreach(b->catchup, queue_catchup, &q);
+	return q.ok;
 }
 
 /* Decided outcomes worth replaying: successes and business refusals. */
@@ -743,7 +778,8 @@ static void write_batch(struct batcher *b)
 			nrecords++;
 		}
 	}
-	ok = ok && queue_snapshots(b);
+	if (ok && (b->nevents || nrecords))
+		ok = queue_snapshots(b);
 	if (ok && b->nevents == 0 && nrecords == 0) {
 		/* Nothing to write: every answer rests on committed state. */
 		answer_all(b, NULL);
@@ -807,6 +843,26 @@ static bool fold_event(PGresult *r, int row, struct ledger_account *acc)
 	return ok;
 }
 
+/* An account folded from more events than snapshots should leave (none was written:
+ * an older binary wrote them, or its snapshot was refused) gets one with the batch's
+ * write, so that its next load is short again. */
+static bool note_catchup(struct batcher *b, const struct ledger_account *acc, int folded)
+{
+	struct ledger_account *copy;
+
+	if (!acc || folded < SNAPSHOT_EVERY)
+		return true;
+	copy = malloc(sizeof(*copy));
+	if (!copy)
+		return false;
+	*copy = *acc;
+	if (!strmap_put(b->catchup, acc->id, copy)) {
+		free(copy);
+		return false;
+	}
+	return true;
+}
+
 /* Fold the loaded rows into the cache: per stream, its snapshot if any, then its events
  * in version order. A refused snapshot only costs time: its stream is noted in
  * b->refold, to be folded from its first event, and its rows here are skipped. */
@@ -814,6 +870,7 @@ static bool fold_streams(struct batcher *b, PGresult *r)
 {
 	struct ledger_account *acc = NULL;
 	const char *skip = NULL; /* the stream whose snapshot was refused */
+	int folded = 0;          /* events folded into acc */
 	char why[256];
 
 	for (int row = 0; row < PQntuples(r); row++) {
@@ -822,6 +879,9 @@ static bool fold_streams(struct batcher *b, PGresult *r)
 		if (skip && strcmp(skip, stream) == 0)
 			continue;
 		if (!acc || strcmp(acc->id, id) != 0) {
+			if (!note_catchup(b, acc, folded))
+				return false;
+			folded = 0;
 			acc = account_new(id);
 			if (!acc || !strmap_put(b->cache, id, acc)) {
 				free(acc);
@@ -845,8 +905,9 @@ static bool fold_streams(struct batcher *b, PGresult *r)
 			strmap_remove(b->cache, id);
 			return false;
 		}
+		folded++;
 	}
-	return true;
+	return note_catchup(b, acc, folded);
 }
 
 static struct slot *slot_of(struct batcher *b, const char *token_id, const char *key)

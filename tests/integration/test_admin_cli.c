@@ -618,6 +618,62 @@ Test(admin_cli, a_failing_migration_leaves_nothing_behind)
 	remove_dir(dir);
 }
 
+/* Version v of account-long (v >= 2): the kind of each event by v % 4. */
+static long long long_effect(int v)
+{
+	switch (v % 4) {
+	case 0: return v;  /* FundsDeposited */
+	case 1: return -1; /* FundsWithdrawn */
+	case 2: return 2;  /* TransferReceived */
+	default: return -3; /* TransferSent */
+	}
+}
+
+/* account-long's balance after version v, folded here in C. */
+static long long long_balance(int v)
+{
+	long long balance = 0;
+
+	for (int i = 2; i <= v; i++)
+		balance += long_effect(i);
+	return balance;
+}
+
+/* Two long histories of the kinds of events a snapshot folds: account-long (USD, limit
+ * 50, 2,345 events of every money kind) and account-shut (EUR, closed at version
+ * 1000). Their snapshots, from 008, must be what the C fold says. */
+static void add_long_history_to(const char *db)
+{
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) "
+			"SELECT 'account-long', 1, 'AccountOpened', '{\"account_id\":\"long\",\"name\":"
+			"\"L\",\"currency\":\"USD\",\"overdraft_limit\":50}'::jsonb, '{}'::jsonb UNION ALL "
+			"SELECT 'account-long', v, CASE v % 4 WHEN 0 THEN 'FundsDeposited' WHEN 1 THEN "
+			"'FundsWithdrawn' WHEN 2 THEN 'TransferReceived' ELSE 'TransferSent' END, "
+			"CASE v % 4 WHEN 0 THEN jsonb_build_object('amount', v) WHEN 1 THEN "
+			"'{\"amount\":1}' WHEN 2 THEN jsonb_build_object('transfer_id', 'r' || v, "
+			"'from', 'x', 'amount', 2) ELSE jsonb_build_object('transfer_id', 's' || v, "
+			"'to', 'x', 'amount', 3) END, '{}' FROM generate_series(2, 2345) v ORDER BY 2"));
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) "
+			"SELECT 'account-shut', 1, 'AccountOpened', '{\"account_id\":\"shut\",\"name\":"
+			"\"S\",\"currency\":\"EUR\",\"overdraft_limit\":0}'::jsonb, '{}'::jsonb UNION ALL "
+			"SELECT 'account-shut', v, CASE v % 2 WHEN 0 THEN 'FundsDeposited' ELSE "
+			"'FundsWithdrawn' END, '{\"amount\":1}', '{}' FROM generate_series(2, 999) v "
+			"UNION ALL SELECT 'account-shut', 1000, 'AccountClosed', '{}', '{}' ORDER BY 2"));
+}
+
+static void assert_backfilled(const char *db, const char *id, int version, const char *currency,
+			      long long balance, long long limit, bool closed)
+{
+	char q[1024];
+
+	snprintf(q, sizeof(q), "SELECT count(*) FROM account_snapshots WHERE stream = 'account-%s' "
+		 "AND version = %d AND state = jsonb_build_object('account_id', '%s', 'currency', "
+		 "'%s', 'balance', %lld, 'overdraft_limit', %lld, 'version', %d, 'closed', %s)",
+		 id, version, id, currency, balance, limit, version, closed ? "true" : "false");
+	cr_assert_eq(sql_int(db, q), 1, "account-%s: no snapshot at %d with balance %lld", id, version,
+		     balance);
+}
+
 Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
 {
 	char db[64], dir[64], names[64][256], path[600], *later[64] = { NULL };
@@ -644,6 +700,7 @@ Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
 			"('account-old', 1, 'AccountOpened', '{\"account_id\":\"old\",\"name\":\"O\","
 			"\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
 			"('account-old', 2, 'FundsDeposited', '{\"amount\":30}', '{}')"));
+	add_long_history_to(db);
 
 	/* The new binaries' migrate: 008 applies; the service loads the old history. */
 	for (size_t i = 0; i < n; i++) {
@@ -659,11 +716,24 @@ Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
 			   p.stdout_text);
 	proc_free(&p);
 	cr_assert(table_exists(db, "account_snapshots"));
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 2,
+		     "only the long histories get a snapshot");
+	assert_backfilled(db, "long", 2000, "USD", long_balance(2000), 50, false);
+	assert_backfilled(db, "shut", 1000, "EUR", 0, 0, true);
 	harness_start_command(&command, db);
 	r = post(&command, "/accounts/old/deposits", "{\"amount\":12}", NULL);
 	cr_assert_eq(r.status, 201, "%s", r.body);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), 42, "%s", r.body);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 3, "%s", r.body);
+	response_free(&r);
+	r = post(&command, "/accounts/long/deposits", "{\"amount\":12}", NULL);
+	cr_assert_eq(r.status, 201, "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), long_balance(2345) + 12,
+		     "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 2346, "%s", r.body);
+	response_free(&r);
+	r = post(&command, "/accounts/shut/deposits", "{\"amount\":12}", NULL);
+	cr_assert_eq(r.status, 422, "%s", r.body);
 	response_free(&r);
 	harness_stop(&command);
 	drop_db(db);

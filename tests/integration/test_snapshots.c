@@ -285,3 +285,23 @@ Test(snapshots, the_command_role_only_adds_snapshots_and_readers_only_read_them)
 	}
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 1);
 }
+
+Test(snapshots, an_account_loaded_from_a_long_unsnapshotted_history_gets_a_snapshot)
+{
+	/* 1,500 events that no snapshot covers (as an older binary would leave them). */
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) "
+			"SELECT 'account-old', 1, 'AccountOpened', '{\"account_id\":\"old\",\"name\":\"O\","
+			"\"currency\":\"EUR\",\"overdraft_limit\":0}'::jsonb, '{}'::jsonb UNION ALL "
+			"SELECT 'account-old', v, 'FundsDeposited', '{\"amount\":2}', '{}' "
+			"FROM generate_series(2, 1500) v ORDER BY 2"));
+	assert_deposit_gives("old", 1, 1501, 2999);
+	/* The state it loaded, at version 1500, is now a snapshot: the next load is short. */
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots WHERE stream = 'account-old' "
+				 "AND version = 1500 AND state = '{\"account_id\":\"old\",\"currency\":\"EUR\","
+				 "\"balance\":2998,\"overdraft_limit\":0,\"version\":1500,\"closed\":false}'"), 1);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 1);
+	restart();
+	assert_deposit_gives("old", 1, 1502, 3000);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 1,
+		     "a load from a recent snapshot needs no other");
+}
