@@ -276,6 +276,36 @@ Test(admin_cli, command_with_unknown_log_level_exits_2)
 	unlink(e.tokens_path);
 }
 
+Test(admin_cli, command_with_a_bad_idempotency_retention_or_sweep_interval_exits_2)
+{
+	/* Keys are kept at least 24 hours (SPEC §3): a shorter retention is refused. */
+	const char *bad[][2] = {
+		{ "DAYBOOK_IDEMPOTENCY_RETENTION_S", "3600" },
+		{ "DAYBOOK_IDEMPOTENCY_RETENTION_S", "86399" },
+		{ "DAYBOOK_IDEMPOTENCY_RETENTION_S", "25h" },
+		{ "DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S", "0" },
+		{ "DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S", "-5" },
+	};
+	struct command_env e;
+
+	command_env_valid(&e);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		struct proc p;
+		/* In the log level's place: that one then takes its default. */
+		snprintf(e.level, sizeof(e.level), "%s=%s", bad[i][0], bad[i][1]);
+		p = run_command(&e, NULL, 10);
+		assert_refused_naming(&p, bad[i][0]);
+		proc_free(&p);
+	}
+	snprintf(e.level, sizeof(e.level), "DAYBOOK_IDEMPOTENCY_RETENTION_S=86400");
+	{
+		struct proc p = run_command(&e, NULL, 1.5);
+		cr_assert(p.timed_out, "24 hours is allowed; exited %d: %s", p.status, p.stderr_text);
+		proc_free(&p);
+	}
+	unlink(e.tokens_path);
+}
+
 Test(admin_cli, command_with_a_bad_tokens_line_exits_2)
 {
 	struct command_env e;
