@@ -833,7 +833,7 @@ static bool fold_event(PGresult *r, int row, struct ledger_account *acc)
 	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 2));
 	json_t *data = json_loads(PQgetvalue(r, row, 3), 0, NULL);
 	struct ledger_event ev;
-	bool ok = data && type && atoi(PQgetvalue(r, row, 1)) == acc->version + 1 &&
+	bool ok = data && type && atol(PQgetvalue(r, row, 1)) == (long)acc->version + 1 &&
 		  ledger_event_from_json(type, data, &ev);
 
 	if (ok && type == LEDGER_ACCOUNT_OPENED)

@@ -83,7 +83,8 @@ static void batch_done(void *arg, PGresult *const *results, size_t n, const char
 	}
 	deleted = strtol(PQcmdTuples(results[0]), NULL, 10);
 	metric_add(s->swept, (double)deleted);
-	metric_add(s->batches, 1);
+	if (deleted > 0)
+		metric_add(s->batches, 1);
 	if (deleted >= SWEEP_BATCH) {
 		sweep(s); /* more may be left: the next batch, in a new transaction */
 		return;
@@ -134,7 +135,7 @@ int sweeper_open(struct sweeper **out, struct command_ctx *ctx)
 	s->swept = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_idempotency_swept_total",
 			       "Expired idempotency records deleted.", "", NULL, 0);
 	s->batches = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_idempotency_sweep_batches_total",
-				 "Idempotency expiry transactions committed (each deletes at most 1000).",
+				 "Idempotency expiry transactions that deleted records (at most 1000 each).",
 				 "", NULL, 0);
 	s->failures = metrics_get(ctx->metrics, METRIC_COUNTER,
 				  "daybook_idempotency_sweep_failures_total",
