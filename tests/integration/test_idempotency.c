@@ -305,6 +305,9 @@ Test(idempotency, expired_keys_are_swept_in_small_batches_under_continuous_write
 		     "records younger than the retention were swept");
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'load-%'"),
 		     writes_ok(w, 2), "the writers' own records must stay");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+				 "current_database() AND application_name = 'daybook-command-sweep'"), 1,
+		     "the sweep has a connection of its own");
 	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_swept_total"), 5500);
 	/* At most a thousand rows per transaction: for 5,500, at least six that deleted. */
 	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_sweep_batches_total"), 6);
