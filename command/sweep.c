@@ -1,6 +1,7 @@
-/* Expiry of idempotency records: small batches, each its own short transaction, on a
- * connection of its own, so that neither the write path nor the cluster's xmin horizon
- * (which the projectors read below) ever waits on a long DELETE. */
+/* Expiry of idempotency records, in small batches on a connection of its own.
+ *
+ * Each batch is its own short transaction, so that neither the write path nor the
+ * cluster's xmin horizon (which the projectors read below) ever waits on a long DELETE. */
 #include <errno.h>
 #include <event2/event.h>
 #include <stdio.h>
