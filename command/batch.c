@@ -26,14 +26,31 @@
 #define CACHE_MAX 200000
 #define MAX_ATTEMPTS 3
 #define POSITION_PLACEHOLDER "?"
+/* An account's state is snapshotted at every multiple of this version, so that
+ * loading it reads at most this many events after its newest snapshot. */
+#define SNAPSHOT_EVERY 1000
 /* Not a refusal: memory ran out mid-decision, and the batch's overlay can no longer be
  * trusted; the whole batch is answered 503 and nothing is written. */
 #define OUT_OF_MEMORY ((enum ledger_error)-1)
 
 static const struct pg_statement statements[] = {
+	/* Per stream: its newest snapshot (type NULL; `logged`: the event at its version is
+	 * in the log), then the events after it; a stream without one from its first event.
+	 * Rows: stream, version, type, data, logged. */
 	{ "load_streams",
-	  "SELECT stream, type, data FROM events WHERE stream = ANY($1::text[]) "
-	  "ORDER BY stream, version" },
+	  "WITH s AS (SELECT w.stream, n.version, n.state FROM unnest($1::text[]) AS w(stream) "
+	  "LEFT JOIN LATERAL (SELECT a.version, a.state FROM account_snapshots a "
+	  "WHERE a.stream = w.stream ORDER BY a.version DESC LIMIT 1) n ON true) "
+	  "SELECT s.stream, s.version, NULL::text, s.state::text, EXISTS (SELECT 1 FROM events e "
+	  "WHERE e.stream = s.stream AND e.version = s.version) FROM s WHERE s.version IS NOT NULL "
+	  "UNION ALL "
+	  "SELECT e.stream, e.version, e.type, e.data::text, true FROM s JOIN events e "
+	  "ON e.stream = s.stream AND e.version > coalesce(s.version, 0) "
+	  "ORDER BY 1, 2" },
+	/* The same rows without snapshots: for streams whose snapshot was refused. */
+	{ "load_streams_full",
+	  "SELECT stream, version, type, data::text, true FROM events "
+	  "WHERE stream = ANY($1::text[]) ORDER BY stream, version" },
 	{ "load_idem",
 	  "SELECT token_id, key, encode(request_hash, 'hex'), status, headers::text, body "
 	  "FROM idempotency_keys WHERE (token_id, key) IN "
@@ -51,8 +68,12 @@ static const struct pg_statement statements[] = {
 	  "VALUES ($1, $2, decode($3, 'hex'), $4, $5, replace($6, '\"position\":\"" POSITION_PLACEHOLDER
 	  "\"', coalesce((SELECT '\"position\":\"' || txid::text || '.' || position::text || '\"' "
 	  "FROM events WHERE stream = $7 AND version = $8::integer), '')))" },
-	{ "idem_sweep",
-	  "DELETE FROM idempotency_keys WHERE created_at < now() - interval '25 hours'" },
+	/* A snapshot commits with the event at its version. An existing one (which only
+	 * someone other than this service could have put there) is left alone: the load
+	 * checks snapshots before using them. */
+	{ "snapshot_put",
+	  "INSERT INTO account_snapshots (stream, version, state) VALUES ($1, $2::integer, $3::jsonb) "
+	  "ON CONFLICT DO NOTHING" },
 };
 
 /* A command's outcome within the batch. */
@@ -71,10 +92,11 @@ struct pending_event {
 	char version[12];
 	const char *type;
 	char *data, *metadata; /* owned */
+	char *snapshot;        /* the account's state after this event, or NULL; owned */
 	int slot;
 };
 
-enum batch_state { B_IDLE, B_LOADING, B_WRITING, B_SWEEPING };
+enum batch_state { B_IDLE, B_LOADING, B_WRITING };
 
 struct batcher {
 	struct command_ctx *ctx;
@@ -90,11 +112,16 @@ struct batcher {
 	size_t nevents;
 	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
 	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
+	struct strmap *refold;    /* account ids whose snapshot was refused: load them in full */
+	struct strmap *catchup;   /* account id -> struct ledger_account loaded from more than
+				   * SNAPSHOT_EVERY events: snapshot it with this batch's write */
 	int q_streams, q_idem, q_transfers; /* result index of each load query, -1: not sent */
 	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable;
 };
 
 static void start_batch(struct batcher *b);
+static void decide_or_refold(struct batcher *b);
+static bool queue_lookup(struct batcher *b, const char *stmt, int nparams, char **params);
 
 static struct ledger_account *account_new(const char *id)
 {
@@ -112,7 +139,8 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx)
 
 	*out = NULL;
 	if (!b || strmap_open(&b->cache, free) || strmap_open(&b->inflight, NULL) ||
-	    strmap_open(&b->overlay, free) || strmap_open(&b->transfers, NULL)) {
+	    strmap_open(&b->overlay, free) || strmap_open(&b->transfers, NULL) ||
+	    strmap_open(&b->refold, NULL) || strmap_open(&b->catchup, free)) {
 		batcher_close(&b);
 		return -1;
 	}
@@ -146,6 +174,8 @@ void batcher_close(struct batcher **bp)
 	strmap_close(&b->inflight);
 	strmap_close(&b->overlay);
 	strmap_close(&b->transfers);
+	strmap_close(&b->refold);
+	strmap_close(&b->catchup);
 	free(b);
 	*bp = NULL;
 }
@@ -261,6 +291,7 @@ static void reset_batch(struct batcher *b)
 	for (size_t i = 0; i < b->nevents; i++) {
 		free(b->events[i].data);
 		free(b->events[i].metadata);
+		free(b->events[i].snapshot);
 	}
 	for (size_t i = 0; i < b->nslots; i++) {
 		json_decref(b->slots[i].body);
@@ -270,6 +301,8 @@ static void reset_batch(struct batcher *b)
 	b->nslots = b->nevents = 0;
 	strmap_clear(b->overlay);
 	strmap_clear(b->transfers);
+	strmap_clear(b->refold);
+	strmap_clear(b->catchup);
 	b->state = B_IDLE;
 }
 
@@ -401,7 +434,18 @@ static json_t *metadata_json(const struct cmd *cmd)
 	return m;
 }
 
-/* Record an event for the write pipeline and fold it into the overlay. */
+/* An account's state as a snapshot stores it; caller frees. NULL when out of memory. */
+static char *state_text(const struct ledger_account *acc)
+{
+	json_t *state = ledger_account_to_json(acc);
+	char *text = state ? json_dumps(state, JSON_COMPACT) : NULL;
+
+	json_decref(state);
+	return text;
+}
+
+/* Record an event for the write pipeline and fold it into the overlay; an event that
+ * brings its account to a multiple of SNAPSHOT_EVERY carries a snapshot. */
 static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
 		      const struct ledger_event *ev)
 {
@@ -414,11 +458,13 @@ static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
 	meta = metadata_json(b->slots[slot].cmd);
 	pe->data = data ? json_dumps(data, JSON_COMPACT) : NULL;
 	pe->metadata = meta ? json_dumps(meta, JSON_COMPACT) : NULL;
+	pe->snapshot = acc->version % SNAPSHOT_EVERY == 0 ? state_text(acc) : NULL;
 	json_decref(data);
 	json_decref(meta);
-	if (!pe->data || !pe->metadata) {
+	if (!pe->data || !pe->metadata || (acc->version % SNAPSHOT_EVERY == 0 && !pe->snapshot)) {
 		free(pe->data);
 		free(pe->metadata);
+		free(pe->snapshot);
 		return false;
 	}
 	snprintf(pe->stream, sizeof(pe->stream), "account-%s", acc->id);
@@ -572,6 +618,49 @@ static bool queue_event(struct batcher *b, const struct pending_event *pe)
 {
 	const char *v[5] = { pe->stream, pe->version, pe->type, pe->data, pe->metadata };
 	return pg_queue(b->ctx->pg, "append", 5, v);
+}
+
+static bool queue_snapshot(struct batcher *b, const char *stream, const char *version,
+			   const char *state)
+{
+	const char *v[3] = { stream, version, state };
+	return pg_queue(b->ctx->pg, "snapshot_put", 3, v);
+}
+
+struct catchup_queue {
+	struct batcher *b;
+	bool ok;
+};
+
+/* The committed state of an account that lacked a recent snapshot. */
+static void queue_catchup(void *arg, const char *id, void *value)
+{
+	struct catchup_queue *q = arg;
+	const struct ledger_account *acc = value;
+	char stream[LEDGER_ID_MAX + 16], version[12], *state;
+
+	if (!q->ok)
+		return;
+	snprintf(stream, sizeof(stream), "account-%s", id);
+	snprintf(version, sizeof(version), "%" PRId32, acc->version);
+	state = state_text(acc);
+	q->ok = state && queue_snapshot(q->b, stream, version, state);
+	free(state);
+}
+
+/* Snapshots go after every event and record, so that result i stays event i's: those
+ * the batch's events are due, then those its loads found missing. */
+static bool queue_snapshots(struct batcher *b)
+{
+	struct catchup_queue q = { b, true };
+
+	for (size_t i = 0; i < b->nevents; i++) {
+		const struct pending_event *pe = &b->events[i];
+		if (pe->snapshot && !queue_snapshot(b, pe->stream, pe->version, pe->snapshot))
+			return false;
+	}
+	strmap_foreach(b->catchup, queue_catchup, &q);
+	return q.ok;
 }
 
 /* Decided outcomes worth replaying: successes and business refusals. */
@@ -778,6 +867,8 @@ static void write_batch(struct batcher *b)
 			nrecords++;
 		}
 	}
+	if (ok && (b->nevents || nrecords))
+		ok = queue_snapshots(b);
 	if (ok && b->nevents == 0 && nrecords == 0) {
 		/* Nothing to write: every answer rests on committed state. */
 		answer_all(b, NULL);
@@ -794,38 +885,118 @@ static void write_batch(struct batcher *b)
 
 /* --- loading ------------------------------------------------------------------- */
 
-/* Fold the loaded streams into the cache. */
+/* Start acc from a loaded snapshot row, after checking it: its event is in the log,
+ * its state decodes into a plausible account of this stream at this version. False
+ * (with the reason in why) when it cannot be used. */
+static bool restore_snapshot(PGresult *r, int row, struct ledger_account *acc, char *why,
+			     size_t whylen)
+{
+	json_t *state = json_loads(PQgetvalue(r, row, 3), 0, NULL);
+	struct ledger_account snap;
+	bool ok = false;
+
+	if (strcmp(PQgetvalue(r, row, 4), "t") != 0) {
+		snprintf(why, whylen, "the log has no event at its version");
+		goto done;
+	}
+	if (!ledger_account_from_json(state, &snap, why, whylen))
+		goto done;
+	if (strcmp(snap.id, acc->id) != 0) {
+		snprintf(why, whylen, "it is the state of account '%s'", snap.id);
+		goto done;
+	}
+	if (snap.version != atoi(PQgetvalue(r, row, 1))) {
+		snprintf(why, whylen, "its state is at version %" PRId32, snap.version);
+		goto done;
+	}
+	*acc = snap;
+	ok = true;
+done:
+	json_decref(state);
+	return ok;
+}
+
+/* Fold one event row into acc; its version must be the next one. */
+static bool fold_event(PGresult *r, int row, struct ledger_account *acc)
+{
+	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 2));
+	json_t *data = json_loads(PQgetvalue(r, row, 3), 0, NULL);
+	struct ledger_event ev;
+	bool ok = data && type && atol(PQgetvalue(r, row, 1)) == (long)acc->version + 1 &&
+		  ledger_event_from_json(type, data, &ev);
+
+	if (ok && type == LEDGER_ACCOUNT_OPENED)
+		ev.account_id = acc->id;
+	ok = ok && ledger_evolve(acc, &ev);
+	json_decref(data);
+	return ok;
+}
+
+/* An account folded from more events than snapshots should leave (none was written:
+ * an older binary wrote them, or its snapshot was refused) gets one with the batch's
+ * write, so that its next load is short again. */
+static bool note_catchup(struct batcher *b, const struct ledger_account *acc, int folded)
+{
+	struct ledger_account *copy;
+
+	if (!acc || folded < SNAPSHOT_EVERY)
+		return true;
+	copy = malloc(sizeof(*copy));
+	if (!copy)
+		return false;
+	*copy = *acc;
+	if (!strmap_put(b->catchup, acc->id, copy)) {
+		free(copy);
+		return false;
+	}
+	return true;
+}
+
+/* Fold the loaded rows into the cache: per stream, its snapshot if any, then its events
+ * in version order. A refused snapshot only costs time: its stream is noted in
+ * b->refold, to be folded from its first event, and its rows here are skipped. */
 static bool fold_streams(struct batcher *b, PGresult *r)
 {
 	struct ledger_account *acc = NULL;
+	const char *skip = NULL; /* the stream whose snapshot was refused */
+	int folded = 0;          /* events folded into acc */
+	char why[256];
 
 	for (int row = 0; row < PQntuples(r); row++) {
-		const char *id = PQgetvalue(r, row, 0) + strlen("account-");
-		enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 1));
-		json_t *data = json_loads(PQgetvalue(r, row, 2), 0, NULL);
-		struct ledger_event ev;
-		bool ok;
+		const char *stream = PQgetvalue(r, row, 0), *id = stream + strlen("account-");
 
+		if (skip && strcmp(skip, stream) == 0)
+			continue;
 		if (!acc || strcmp(acc->id, id) != 0) {
+			if (!note_catchup(b, acc, folded))
+				return false;
+			folded = 0;
 			acc = account_new(id);
 			if (!acc || !strmap_put(b->cache, id, acc)) {
 				free(acc);
-				json_decref(data);
 				return false;
 			}
 		}
-		ok = data && type && ledger_event_from_json(type, data, &ev);
-		if (ok && type == LEDGER_ACCOUNT_OPENED)
-			ev.account_id = id;
-		ok = ok && ledger_evolve(acc, &ev);
-		json_decref(data);
-		if (!ok) {
-			log_error(&b->ctx->log, "cannot fold stream %s at row %d", PQgetvalue(r, row, 0), row);
+		if (PQgetisnull(r, row, 2)) {
+			if (restore_snapshot(r, row, acc, why, sizeof(why)))
+				continue;
+			log_warn(&b->ctx->log, "ignoring the snapshot of %s at version %s (%s); folding "
+				 "the stream from its first event", stream, PQgetvalue(r, row, 1), why);
+			strmap_remove(b->cache, id);
+			acc = NULL;
+			skip = stream;
+			if (!strmap_put(b->refold, id, b))
+				return false;
+			continue;
+		}
+		if (!fold_event(r, row, acc)) {
+			log_error(&b->ctx->log, "cannot fold stream %s at row %d", stream, row);
 			strmap_remove(b->cache, id);
 			return false;
 		}
+		folded++;
 	}
-	return true;
+	return note_catchup(b, acc, folded);
 }
 
 static struct slot *slot_of(struct batcher *b, const char *token_id, const char *key)
@@ -928,7 +1099,46 @@ static void load_done(void *arg, const struct pg_outcome *out)
 		for (int row = 0; row < PQntuples(results[b->q_transfers]); row++)
 			if (!strmap_put(b->transfers, PQgetvalue(results[b->q_transfers], row, 0), b))
 				log_warn(&b->ctx->log, "out of memory noting transfer ids");
-	decide_all(b);
+	decide_or_refold(b);
+}
+
+static void add_refold(void *arg, const char *id, void *value)
+{
+	char stream[LEDGER_ID_MAX + 16];
+
+	(void)value;
+	snprintf(stream, sizeof(stream), "account-%s", id);
+	pg_array_append(arg, stream, evbuffer_get_length(arg) == 1);
+}
+
+/* Decide, once the streams whose snapshot was refused are folded from their first
+ * event: one more load round, whose rows load_done folds like the first. */
+static void decide_or_refold(struct batcher *b)
+{
+	struct evbuffer *buf;
+	char *p[1] = { NULL };
+	size_t len;
+
+	if (strmap_count(b->refold) == 0) {
+		decide_all(b);
+		return;
+	}
+	buf = evbuffer_new();
+	if (buf && evbuffer_add(buf, "{", 1) == 0) {
+		strmap_foreach(b->refold, add_refold, buf);
+		evbuffer_add(buf, "}", 2); /* with the NUL */
+		len = evbuffer_get_length(buf);
+		p[0] = malloc(len);
+		if (p[0])
+			evbuffer_remove(buf, p[0], len);
+	}
+	if (buf)
+		evbuffer_free(buf);
+	strmap_clear(b->refold);
+	b->q_streams = 0;
+	b->q_idem = b->q_transfers = -1;
+	if (!queue_lookup(b, "load_streams_full", 1, p) || !pg_run(b->ctx->pg, load_done, b))
+		fail_batch(b, 503, "the event store became unreachable; retry shortly");
 }
 
 /* Collect what the batch needs from the log; false when out of memory. */
@@ -1034,32 +1244,4 @@ static void start_batch(struct batcher *b)
 	}
 	if (!sent)
 		decide_all(b);
-}
-
-/* --- expiry ---------------------------------------------------------------------- */
-
-static void sweep_done(void *arg, const struct pg_outcome *out)
-{
-	struct batcher *b = arg;
-	const char *error = out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN
-				    ? out->error : NULL;
-	char why[256];
-
-	b->state = B_IDLE;
-	if (pg_outcome_ok(out, why, sizeof(why)) && out->n == 1)
-		log_debug(&b->ctx->log, "expired %s idempotency records", PQcmdTuples(out->results[0]));
-	else if (!error)
-		log_warn(&b->ctx->log, "idempotency sweep failed: %s", why);
-	if (error)
-		fail_pending(b, "the event store is unreachable; retry shortly");
-	else
-		start_batch(b);
-}
-
-void batcher_sweep(struct batcher *b)
-{
-	if (b->state != B_IDLE || b->head || !pg_ready(b->ctx->pg))
-		return; /* busy: the next tick will do */
-	if (pg_queue(b->ctx->pg, "idem_sweep", 0, NULL) && pg_run(b->ctx->pg, sweep_done, b))
-		b->state = B_SWEEPING;
 }

@@ -18,6 +18,13 @@
 #include "tokens.h"
 
 struct batcher;
+struct sweeper;
+
+/* Idempotency record expiry (command/sweep.c). */
+struct sweep_settings {
+	long retention_s; /* DAYBOOK_IDEMPOTENCY_RETENTION_S: records older than this go */
+	long interval_s;  /* DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S: between sweeps */
+};
 
 struct command_ctx {
 	struct config cfg;
@@ -28,7 +35,9 @@ struct command_ctx {
 	struct http_server *http;
 	struct pg *pg;
 	struct batcher *batcher;
-	struct event *sigterm, *sigint, *drain_timer, *sweep_timer;
+	struct sweeper *sweeper;
+	struct sweep_settings sweep;
+	struct event *sigterm, *sigint, *drain_timer;
 	bool stopping;
 };
 
@@ -66,8 +75,16 @@ void batcher_submit(struct batcher *b, struct cmd *cmd);
 void batcher_kick(struct batcher *b);
 /* Nothing queued or in flight. */
 bool batcher_idle(const struct batcher *b);
-/* Delete idempotency records past their retention (runs on a timer). */
-void batcher_sweep(struct batcher *b);
+
+/* Read the sweep's settings from the environment. False with one line naming the
+ * variable in err (the binary then exits 2). */
+bool sweep_settings_load(struct sweep_settings *out, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+/* Expire idempotency records past ctx->sweep.retention_s, a small batch per short
+ * transaction, on a PostgreSQL connection of its own (never the write path's): at
+ * once when it connects, then every ctx->sweep.interval_s. Close with sweeper_close. */
+int sweeper_open(struct sweeper **out, struct command_ctx *ctx) __attribute__((warn_unused_result));
+void sweeper_close(struct sweeper **s);
 
 /* The statements the batcher prepares on each connection. */
 const struct pg_statement *command_statements(size_t *n);

@@ -9,7 +9,6 @@
 #include "command.h"
 #include "service.h"
 
-#define SWEEP_INTERVAL 600 /* seconds between idempotency expiry sweeps */
 #define WRITE_TIMEOUT_MS 10000    /* default: a batch's deadline on this side */
 #define STATEMENT_TIMEOUT_MS 5000 /* default: PostgreSQL's own deadline, below it */
 
@@ -29,7 +28,13 @@ static const char usage[] =
 	"                       requests get 503 outcome_unknown (default 10000)\n"
 	"  DAYBOOK_STATEMENT_TIMEOUT_MS\n"
 	"                       PostgreSQL's deadline for a batch, below the write timeout\n"
-	"                       (default 5000; 0 leaves the server's setting)\n";
+	"                       (default 5000; 0 leaves the server's setting)\n"
+	"  DAYBOOK_IDEMPOTENCY_RETENTION_S\n"
+	"                       seconds an idempotency record is kept (default 90000,\n"
+	"                       at least 86400)\n"
+	"  DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S\n"
+	"                       seconds between expiry sweeps (default 60)\n";
+
 
 /* A millisecond setting from the environment (def when unset) within [min, max]; false
  * after printing one line naming the variable when it is malformed. */
@@ -89,8 +94,6 @@ static void on_pg_connect(void *arg)
 {
 	struct command_ctx *ctx = arg;
 
-	/* Expire old idempotency records first (and on a timer afterwards). */
-	batcher_sweep(ctx->batcher);
 	batcher_kick(ctx->batcher);
 }
 
@@ -123,15 +126,6 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 	on_drain_tick(-1, 0, ctx);
 }
 
-static void on_sweep(evutil_socket_t fd, short what, void *arg)
-{
-	struct command_ctx *ctx = arg;
-
-	(void)fd;
-	(void)what;
-	batcher_sweep(ctx->batcher);
-}
-
 static int start(struct command_ctx *ctx)
 {
 	char err[512];
@@ -146,7 +140,6 @@ static int start(struct command_ctx *ctx)
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = command_routes, .nroutes = command_nroutes, .ready = ready, .arg = ctx,
 	};
-	struct timeval sweep = { SWEEP_INTERVAL, 0 };
 
 	if (!load_timeouts(&pgc))
 		return 2;
@@ -155,7 +148,8 @@ static int start(struct command_ctx *ctx)
 		return 2;
 	}
 	hc.tokens = ctx->tokens;
-	if (batcher_open(&ctx->batcher, ctx) || pg_open(&ctx->pg, &pgc)) {
+	if (batcher_open(&ctx->batcher, ctx) || pg_open(&ctx->pg, &pgc) ||
+	    sweeper_open(&ctx->sweeper, ctx)) {
 		fprintf(stderr, "daybook-command: out of memory\n");
 		return 1;
 	}
@@ -167,14 +161,12 @@ static int start(struct command_ctx *ctx)
 	ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
 	ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
 	ctx->drain_timer = evtimer_new(ctx->base, on_drain_tick, ctx);
-	ctx->sweep_timer = event_new(ctx->base, -1, EV_PERSIST, on_sweep, ctx);
-	if (!ctx->sigterm || !ctx->sigint || !ctx->drain_timer || !ctx->sweep_timer) {
+	if (!ctx->sigterm || !ctx->sigint || !ctx->drain_timer) {
 		fprintf(stderr, "daybook-command: out of memory\n");
 		return 1;
 	}
 	evsignal_add(ctx->sigterm, NULL);
 	evsignal_add(ctx->sigint, NULL);
-	evtimer_add(ctx->sweep_timer, &sweep);
 	log_info(&ctx->log, "listening on %s:%u", ctx->cfg.listen_host, ctx->cfg.listen_port);
 	return 0;
 }
@@ -187,9 +179,8 @@ static void stop(struct command_ctx *ctx)
 		event_free(ctx->sigint);
 	if (ctx->drain_timer)
 		event_free(ctx->drain_timer);
-	if (ctx->sweep_timer)
-		event_free(ctx->sweep_timer);
 	http_server_close(&ctx->http);
+	sweeper_close(&ctx->sweeper);
 	batcher_close(&ctx->batcher);
 	pg_close(&ctx->pg);
 	tokens_close(&ctx->tokens);
@@ -204,8 +195,14 @@ int main(int argc, char **argv)
 	int rc = service_init(argc, argv, "daybook-command", usage,
 			      CONFIG_NEED_PG | CONFIG_NEED_TOKENS, "127.0.0.1:8081", &ctx.cfg);
 
+	char err[256];
+
 	if (rc >= 0)
 		return rc;
+	if (!sweep_settings_load(&ctx.sweep, err, sizeof(err))) {
+		fprintf(stderr, "daybook-command: %s\n", err);
+		return 2;
+	}
 	ctx.log.level = ctx.cfg.log_level;
 	ctx.base = event_base_new();
 	if (!ctx.base || metrics_open(&ctx.metrics)) {

@@ -445,3 +445,48 @@ bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct le
 	*out = ev;
 	return true;
 }
+
+/* Account state, as snapshots store it */
+
+json_t *ledger_account_to_json(const struct ledger_account *acc)
+{
+	if (!acc)
+		return NULL;
+	return json_pack("{s:s, s:s, s:I, s:I, s:I, s:b}", "account_id", acc->id, "currency",
+			 acc->currency, "balance", (json_int_t)acc->balance, "overdraft_limit",
+			 (json_int_t)acc->overdraft_limit, "version", (json_int_t)acc->version,
+			 "closed", acc->closed);
+}
+
+bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *err, size_t errlen)
+{
+	static const char *const fields[] = { "account_id", "currency", "balance",
+					      "overdraft_limit", "version", "closed", NULL };
+	struct ledger_account acc = { .version = 0 };
+	const char *id = NULL, *currency = NULL;
+	int64_t version = 0;
+	json_t *closed;
+
+	if (!check_object(state, fields, err, errlen) ||
+	    !get_id(state, "account_id", &id, err, errlen) ||
+	    !get_currency(state, "currency", &currency, err, errlen) ||
+	    !get_integer(state, "overdraft_limit", true, 0, INT64_MAX, &acc.overdraft_limit, err,
+			 errlen) ||
+	    !get_integer(state, "balance", true, INT64_MIN, INT64_MAX, &acc.balance, err, errlen) ||
+	    !get_integer(state, "version", true, 1, INT32_MAX, &version, err, errlen) ||
+	    !lookup(state, "closed", true, &closed, err, errlen))
+		return false;
+	if (!json_is_boolean(closed))
+		return refuse(err, errlen, "field 'closed' must be a boolean");
+	if (acc.balance < -acc.overdraft_limit)
+		return refuse(err, errlen, "balance %" PRId64 " is below the overdraft limit %" PRId64,
+			      acc.balance, acc.overdraft_limit);
+	if (json_is_true(closed) && acc.balance != 0)
+		return refuse(err, errlen, "a closed account has balance %" PRId64, acc.balance);
+	snprintf(acc.id, sizeof(acc.id), "%s", id);
+	snprintf(acc.currency, sizeof(acc.currency), "%s", currency);
+	acc.version = (int32_t)version;
+	acc.closed = json_is_true(closed);
+	*out = acc;
+	return true;
+}

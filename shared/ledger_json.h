@@ -53,6 +53,18 @@ json_t *ledger_event_to_json(const struct ledger_event *ev);
 bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct ledger_event *out)
 	__attribute__((warn_unused_result));
 
+/* An account's state as a snapshot stores it: {"account_id","currency","balance",
+ * "overdraft_limit","version","closed"}. New reference: caller must json_decref. */
+json_t *ledger_account_to_json(const struct ledger_account *acc);
+
+/* The inverse, for state read back from storage, which is checked, never trusted:
+ * every field present with its type, no other field, an id and currency of the right
+ * shape, version >= 1, overdraft_limit >= 0, a balance not below -overdraft_limit and
+ * 0 when closed. On a refusal returns false, leaves *out untouched and writes the
+ * reason into err (size errlen). */
+bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *err,
+			      size_t errlen) __attribute__((warn_unused_result));
+
 /* The same decoding from the data's JSON text, several times faster for the usual
  * flat objects of plain strings and integers (anything else goes through jansson,
  * with the same result). Strings in *out live in buf until its next use; reuse one

@@ -264,6 +264,14 @@ void harness_start_command(struct service *svc, const char *db)
 	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, NULL);
 }
 
+void harness_start_command_env(struct service *svc, const char *db, const char *const *env)
+{
+	char pg[512];
+
+	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
+	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, env);
+}
+
 void harness_start_query(struct service *svc, const char *db, const char *redis_url)
 {
 	const char *env[] = { "DAYBOOK_REDIS", redis_url, NULL };

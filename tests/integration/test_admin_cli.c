@@ -276,6 +276,36 @@ Test(admin_cli, command_with_unknown_log_level_exits_2)
 	unlink(e.tokens_path);
 }
 
+Test(admin_cli, command_with_a_bad_idempotency_retention_or_sweep_interval_exits_2)
+{
+	/* Keys are kept at least 24 hours (SPEC §3): a shorter retention is refused. */
+	const char *bad[][2] = {
+		{ "DAYBOOK_IDEMPOTENCY_RETENTION_S", "3600" },
+		{ "DAYBOOK_IDEMPOTENCY_RETENTION_S", "86399" },
+		{ "DAYBOOK_IDEMPOTENCY_RETENTION_S", "25h" },
+		{ "DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S", "0" },
+		{ "DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S", "-5" },
+	};
+	struct command_env e;
+
+	command_env_valid(&e);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		struct proc p;
+		/* In the log level's place: that one then takes its default. */
+		snprintf(e.level, sizeof(e.level), "%s=%s", bad[i][0], bad[i][1]);
+		p = run_command(&e, NULL, 10);
+		assert_refused_naming(&p, bad[i][0]);
+		proc_free(&p);
+	}
+	snprintf(e.level, sizeof(e.level), "DAYBOOK_IDEMPOTENCY_RETENTION_S=86400");
+	{
+		struct proc p = run_command(&e, NULL, 1.5);
+		cr_assert(p.timed_out, "24 hours is allowed; exited %d: %s", p.status, p.stderr_text);
+		proc_free(&p);
+	}
+	unlink(e.tokens_path);
+}
+
 Test(admin_cli, command_with_a_bad_tokens_line_exits_2)
 {
 	struct command_env e;
@@ -614,6 +644,128 @@ Test(admin_cli, a_failing_migration_leaves_nothing_behind)
 	cr_assert_str_eq(p.stdout_text, "applied 500_broken.sql\n");
 	proc_free(&p);
 	cr_assert(table_exists(db, "half"));
+	drop_db(db);
+	remove_dir(dir);
+}
+
+/* Version v of account-long (v >= 2): the kind of each event by v % 4. */
+static long long long_effect(int v)
+{
+	switch (v % 4) {
+	case 0: return v;  /* FundsDeposited */
+	case 1: return -1; /* FundsWithdrawn */
+	case 2: return 2;  /* TransferReceived */
+	default: return -3; /* TransferSent */
+	}
+}
+
+/* account-long's balance after version v, folded here in C. */
+static long long long_balance(int v)
+{
+	long long balance = 0;
+
+	for (int i = 2; i <= v; i++)
+		balance += long_effect(i);
+	return balance;
+}
+
+/* Two long histories of the kinds of events a snapshot folds: account-long (USD, limit
+ * 50, 2,345 events of every money kind) and account-shut (EUR, closed at version
+ * 1000). Their snapshots, from 008, must be what the C fold says. */
+static void add_long_history_to(const char *db)
+{
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) "
+			"SELECT 'account-long', 1, 'AccountOpened', '{\"account_id\":\"long\",\"name\":"
+			"\"L\",\"currency\":\"USD\",\"overdraft_limit\":50}'::jsonb, '{}'::jsonb UNION ALL "
+			"SELECT 'account-long', v, CASE v % 4 WHEN 0 THEN 'FundsDeposited' WHEN 1 THEN "
+			"'FundsWithdrawn' WHEN 2 THEN 'TransferReceived' ELSE 'TransferSent' END, "
+			"CASE v % 4 WHEN 0 THEN jsonb_build_object('amount', v) WHEN 1 THEN "
+			"'{\"amount\":1}' WHEN 2 THEN jsonb_build_object('transfer_id', 'r' || v, "
+			"'from', 'x', 'amount', 2) ELSE jsonb_build_object('transfer_id', 's' || v, "
+			"'to', 'x', 'amount', 3) END, '{}' FROM generate_series(2, 2345) v ORDER BY 2"));
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) "
+			"SELECT 'account-shut', 1, 'AccountOpened', '{\"account_id\":\"shut\",\"name\":"
+			"\"S\",\"currency\":\"EUR\",\"overdraft_limit\":0}'::jsonb, '{}'::jsonb UNION ALL "
+			"SELECT 'account-shut', v, CASE v % 2 WHEN 0 THEN 'FundsDeposited' ELSE "
+			"'FundsWithdrawn' END, '{\"amount\":1}', '{}' FROM generate_series(2, 999) v "
+			"UNION ALL SELECT 'account-shut', 1000, 'AccountClosed', '{}', '{}' ORDER BY 2"));
+}
+
+static void assert_backfilled(const char *db, const char *id, int version, const char *currency,
+			      long long balance, long long limit, bool closed)
+{
+	char q[1024];
+
+	snprintf(q, sizeof(q), "SELECT count(*) FROM account_snapshots WHERE stream = 'account-%s' "
+		 "AND version = %d AND state = jsonb_build_object('account_id', '%s', 'currency', "
+		 "'%s', 'balance', %lld, 'overdraft_limit', %lld, 'version', %d, 'closed', %s)",
+		 id, version, id, currency, balance, limit, version, closed ? "true" : "false");
+	cr_assert_eq(sql_int(db, q), 1, "account-%s: no snapshot at %d with balance %lld", id, version,
+		     balance);
+}
+
+Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
+{
+	char db[64], dir[64], names[64][256], path[600], *later[64] = { NULL };
+	size_t n = 0;
+	struct service command;
+	struct response r;
+	struct proc p;
+
+	/* A database as it stood before 008, with an account's history in it. */
+	n = copy_sql_dir(dir, sizeof(dir), names, 64);
+	for (size_t i = 0; i < n; i++) {
+		if (strcmp(names[i], "008") < 0)
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		later[i] = read_file(path);
+		unlink(path);
+	}
+	create_empty_db(db, sizeof(db));
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	proc_free(&p);
+	cr_assert_not(table_exists(db, "account_snapshots"));
+	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			"('account-old', 1, 'AccountOpened', '{\"account_id\":\"old\",\"name\":\"O\","
+			"\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
+			"('account-old', 2, 'FundsDeposited', '{\"amount\":30}', '{}')"));
+	add_long_history_to(db);
+
+	/* The new binaries' migrate: 008 applies; the service loads the old history. */
+	for (size_t i = 0; i < n; i++) {
+		if (!later[i])
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		write_file(path, later[i], "w");
+		free(later[i]);
+	}
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stdout_text, "applied 008_account_snapshots.sql\n"), "%s",
+			   p.stdout_text);
+	proc_free(&p);
+	cr_assert(table_exists(db, "account_snapshots"));
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 2,
+		     "only the long histories get a snapshot");
+	assert_backfilled(db, "long", 2000, "USD", long_balance(2000), 50, false);
+	assert_backfilled(db, "shut", 1000, "EUR", 0, 0, true);
+	harness_start_command(&command, db);
+	r = post(&command, "/accounts/old/deposits", "{\"amount\":12}", NULL);
+	cr_assert_eq(r.status, 201, "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), 42, "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 3, "%s", r.body);
+	response_free(&r);
+	r = post(&command, "/accounts/long/deposits", "{\"amount\":12}", NULL);
+	cr_assert_eq(r.status, 201, "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), long_balance(2345) + 12,
+		     "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 2346, "%s", r.body);
+	response_free(&r);
+	r = post(&command, "/accounts/shut/deposits", "{\"amount\":12}", NULL);
+	cr_assert_eq(r.status, 422, "%s", r.body);
+	response_free(&r);
+	harness_stop(&command);
 	drop_db(db);
 	remove_dir(dir);
 }

@@ -206,9 +206,14 @@ Test(idempotency, keys_are_kept_24_hours_and_expire_after)
 			"WHERE key = 'young'"));
 	PQclear(sql(db, "UPDATE idempotency_keys SET created_at = now() - interval '26 hours' "
 			"WHERE key = 'old'"));
-	/* The service sweeps expired records when it (re)connects. */
+	/* The service sweeps expired records when it (re)connects, on a connection of
+	 * its own: wait for that. */
 	cr_assert_eq(harness_stop(&svc), 0);
 	harness_start_command(&svc, db);
+	for (double end = harness_now() + 30;
+	     sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key = 'old'") > 0;
+	     usleep(20000))
+		cr_assert_lt(harness_now(), end, "the expired key was never swept");
 	y2 = post(&svc, "/accounts/idem/deposits", "{\"amount\":1}", young);
 	assert_replay_of(&y1, &y2);
 	o2 = post(&svc, "/accounts/idem/deposits", "{\"amount\":2}", old);
@@ -219,4 +224,91 @@ Test(idempotency, keys_are_kept_24_hours_and_expire_after)
 	response_free(&y2);
 	response_free(&o1);
 	response_free(&o2);
+}
+
+struct writer {
+	int port, id;
+	volatile bool *stop;
+	int ok, failed;
+};
+
+/* Deposits, each with a key of its own, until told to stop. */
+static void *write_continuously(void *arg)
+{
+	struct writer *w = arg;
+	char key[64];
+	const char *h[] = { "Authorization: Bearer " TOKEN_WRITE, "Content-Type: application/json",
+			    key, NULL };
+
+	for (int i = 0; !*w->stop; i++) {
+		snprintf(key, sizeof(key), "Idempotency-Key: load-%d-%d", w->id, i);
+		struct response r = http_request(w->port, "POST", "/accounts/idem/deposits", h,
+						 "{\"amount\":1}", 30);
+		if (r.status == 201)
+			__atomic_add_fetch(&w->ok, 1, __ATOMIC_SEQ_CST);
+		else
+			__atomic_add_fetch(&w->failed, 1, __ATOMIC_SEQ_CST);
+		response_free(&r);
+	}
+	return NULL;
+}
+
+static int writes_ok(const struct writer *w, size_t n)
+{
+	int ok = 0;
+
+	for (size_t i = 0; i < n; i++)
+		ok += __atomic_load_n(&w[i].ok, __ATOMIC_SEQ_CST);
+	return ok;
+}
+
+Test(idempotency, expired_keys_are_swept_in_small_batches_under_continuous_writes)
+{
+	const char *env[] = { "DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S", "1", NULL };
+	volatile bool stop = false;
+	struct writer w[2];
+	pthread_t t[2];
+	int before, during;
+
+	cr_assert_eq(harness_stop(&svc), 0);
+	harness_start_command_env(&svc, db, env);
+	for (int i = 0; i < 2; i++) {
+		w[i] = (struct writer){ .port = svc.port, .id = i, .stop = &stop };
+		pthread_create(&t[i], NULL, write_continuously, &w[i]);
+	}
+	for (double end = harness_now() + 15; writes_ok(w, 2) < 20; usleep(10000))
+		cr_assert_lt(harness_now(), end, "the writers made no progress");
+	/* Expired records (more than one batch's worth), and some just young enough. */
+	PQclear(sql(db, "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
+			"body, created_at) SELECT 'old-token', 'expired-' || i, '\\x00', 201, '{}', '{}', "
+			"now() - interval '26 hours' - i * interval '1 second' "
+			"FROM generate_series(1, 5500) i"));
+	PQclear(sql(db, "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
+			"body, created_at) SELECT 'old-token', 'young-' || i, '\\x00', 201, '{}', '{}', "
+			"now() - interval '23 hours 59 minutes' FROM generate_series(1, 300) i"));
+	before = writes_ok(w, 2);
+	for (double end = harness_now() + 25;
+	     sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'") > 0;
+	     usleep(20000))
+		cr_assert_lt(harness_now(), end, "expired records are still there under load (%lld left)",
+			     sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'"));
+	/* The writes went on meanwhile and still do. */
+	during = writes_ok(w, 2);
+	for (double end = harness_now() + 15; writes_ok(w, 2) < during + 20; usleep(10000))
+		cr_assert_lt(harness_now(), end, "writes stalled after the sweep");
+	stop = true;
+	for (int i = 0; i < 2; i++)
+		pthread_join(t[i], NULL);
+	cr_assert_eq(w[0].failed + w[1].failed, 0, "writes failed while the sweep ran");
+	cr_assert_gt(writes_ok(w, 2), before);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'young-%'"), 300,
+		     "records younger than the retention were swept");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'load-%'"),
+		     writes_ok(w, 2), "the writers' own records must stay");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+				 "current_database() AND application_name = 'daybook-command-sweep'"), 1,
+		     "the sweep has a connection of its own");
+	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_swept_total"), 5500);
+	/* At most a thousand rows per transaction: for 5,500, at least six that deleted. */
+	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_sweep_batches_total"), 6);
 }

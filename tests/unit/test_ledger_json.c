@@ -815,3 +815,89 @@ Test(event_from_text, agrees_with_jansson_on_random_texts)
 		assert_text_like_json(text);
 	}
 }
+
+/* Account state as snapshots store it */
+
+static void assert_state_round_trips(const struct ledger_account *acc)
+{
+	json_t *j = ledger_account_to_json(acc);
+	char *text = json_dumps(j, JSON_COMPACT);
+	json_t *back = json_loads(text, 0, NULL);
+	struct ledger_account out;
+	char err[256] = "";
+
+	cr_assert_not_null(back);
+	memset(&out, 0x5a, sizeof(out));
+	cr_assert(ledger_account_from_json(back, &out, err, sizeof(err)), "%s: %s", text, err);
+	cr_assert_str_eq(out.id, acc->id);
+	cr_assert_str_eq(out.currency, acc->currency);
+	cr_assert_eq(out.balance, acc->balance);
+	cr_assert_eq(out.overdraft_limit, acc->overdraft_limit);
+	cr_assert_eq(out.version, acc->version);
+	cr_assert_eq(out.closed, acc->closed);
+	json_decref(j);
+	json_decref(back);
+	free(text);
+}
+
+Test(account_state, round_trips_through_its_json_text)
+{
+	struct ledger_account a = { .id = "acc-1", .currency = "EUR", .balance = 12345,
+				    .overdraft_limit = 0, .version = 1000 };
+	struct ledger_account overdrawn = { .id = "x.y:z-9", .currency = "JPY", .balance = -500,
+					    .overdraft_limit = 500, .version = 1 };
+	struct ledger_account big = { .currency = "USD", .balance = INT64_MAX,
+				      .overdraft_limit = INT64_MAX, .version = INT32_MAX };
+	struct ledger_account closed = { .id = "gone", .currency = "GBP", .version = 7, .closed = true };
+
+	memset(big.id, 'b', LEDGER_ID_MAX);
+	assert_state_round_trips(&a);
+	assert_state_round_trips(&overdrawn);
+	assert_state_round_trips(&big);
+	assert_state_round_trips(&closed);
+}
+
+static void assert_state_refused(const char *text, const char *why)
+{
+	json_t *j = json_loads(text, 0, NULL);
+	struct ledger_account out = { .id = "untouched", .version = 42 };
+	char err[256] = "";
+
+	cr_assert(!ledger_account_from_json(j, &out, err, sizeof(err)), "accepted %s", text);
+	cr_assert(strstr(err, why), "%s: '%s' does not say '%s'", text, err, why);
+	cr_assert_str_eq(out.id, "untouched");
+	cr_assert_eq(out.version, 42);
+	json_decref(j);
+}
+
+Test(account_state, implausible_or_malformed_state_is_refused)
+{
+	const char *good_rest = "\"currency\":\"EUR\",\"overdraft_limit\":0,\"version\":3,\"closed\":false";
+	char text[256];
+
+	assert_state_refused("[1]", "object");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
+			     "\"version\":3,\"closed\":false,\"extra\":1}", "unknown field 'extra'");
+	assert_state_refused("{\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,\"version\":3,"
+			     "\"closed\":false}", "account_id");
+	snprintf(text, sizeof(text), "{\"account_id\":\"bad id\",\"balance\":1,%s}", good_rest);
+	assert_state_refused(text, "account_id");
+	snprintf(text, sizeof(text), "{\"account_id\":\"a\",\"balance\":1.5,%s}", good_rest);
+	assert_state_refused(text, "balance");
+	snprintf(text, sizeof(text), "{\"account_id\":\"a\",\"balance\":\"1\",%s}", good_rest);
+	assert_state_refused(text, "balance");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"eur\",\"balance\":1,\"overdraft_limit\":0,"
+			     "\"version\":3,\"closed\":false}", "currency");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":-1,"
+			     "\"version\":3,\"closed\":false}", "overdraft_limit");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
+			     "\"version\":0,\"closed\":false}", "version");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
+			     "\"version\":2147483648,\"closed\":false}", "version");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
+			     "\"version\":3,\"closed\":0}", "closed");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":-11,\"overdraft_limit\":10,"
+			     "\"version\":3,\"closed\":false}", "below the overdraft limit");
+	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":5,\"overdraft_limit\":0,"
+			     "\"version\":3,\"closed\":true}", "closed account");
+}
