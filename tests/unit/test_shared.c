@@ -584,6 +584,43 @@ Test(strmap, grows_past_many_entries)
 	strmap_close(&m);
 }
 
+Test(strmap, siphash_matches_the_published_test_vectors)
+{
+	unsigned char msg[15];
+
+	for (size_t i = 0; i < sizeof(msg); i++)
+		msg[i] = (unsigned char)i;
+	/* SipHash-2-4, key 00 01 .. 0f: the reference implementation's vectors.h. */
+	cr_assert_eq(strmap_siphash(0x0706050403020100ULL, 0x0f0e0d0c0b0a0908ULL, msg, 0, 2, 4),
+		     0x726fdb47dd0e0e31ULL);
+	cr_assert_eq(strmap_siphash(0x0706050403020100ULL, 0x0f0e0d0c0b0a0908ULL, msg, 15, 2, 4),
+		     0xa129ca6149be45e5ULL);
+}
+
+Test(strmap, the_hash_of_a_key_depends_on_the_map_s_random_seed)
+{
+	static const char *const keys[] = { "", "alice", "account-1", "a-much-longer-account-id" };
+	struct strmap *a = NULL, *b = NULL;
+
+	cr_assert_eq(strmap_open(&a, NULL), 0);
+	cr_assert_eq(strmap_open(&b, NULL), 0);
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		/* Stable within a map, different across maps (equal with odds of 2^-64). */
+		cr_assert_eq(strmap_hash(a, keys[i]), strmap_hash(a, keys[i]));
+		cr_assert_neq(strmap_hash(a, keys[i]), strmap_hash(b, keys[i]),
+			      "'%s' hashes alike in two maps: the hash is not seeded", keys[i]);
+		cr_assert(strmap_put(a, keys[i], (void *)keys[i]));
+		cr_assert(strmap_put(b, keys[i], (void *)keys[i]));
+	}
+	/* Behaviour is the same whatever the seed. */
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		cr_assert_eq(strmap_get(a, keys[i]), keys[i]);
+		cr_assert_eq(strmap_get(b, keys[i]), keys[i]);
+	}
+	strmap_close(&a);
+	strmap_close(&b);
+}
+
 /* --- metrics ----------------------------------------------------------------------- */
 
 /* The rendered registry as a string; caller frees. */
