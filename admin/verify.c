@@ -1123,9 +1123,12 @@ static bool connect_all(struct admin_ctx *ctx, struct verify *v, bool use_redis)
 		return true;
 	}
 	v->redis = admin_redis_connect(&ctx->cfg.redis, err, sizeof(err));
-	if (!v->redis)
-		fprintf(stderr, "daybook-admin verify: cannot connect to Redis at %s: %s\n",
-			ctx->cfg.redis_url, err);
+	if (!v->redis) {
+		char where[600];
+		config_redis_describe(&ctx->cfg.redis, where, sizeof(where));
+		fprintf(stderr, "daybook-admin verify: cannot connect to Redis at %s: %s\n", where,
+			err);
+	}
 	return v->redis != NULL;
 }
 

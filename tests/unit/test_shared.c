@@ -277,7 +277,8 @@ Test(tokens, a_missing_file_is_an_error_naming_it)
 static void clear_config_env(void)
 {
 	static const char *const vars[] = { "DAYBOOK_PG", "DAYBOOK_REDIS", "DAYBOOK_LISTEN",
-					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL" };
+					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL",
+					    "DAYBOOK_REDIS_PASSWORD_FILE" };
 
 	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
 		unsetenv(vars[i]);
@@ -452,6 +453,70 @@ Test(config, malformed_settings_are_named)
 	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_LOG_LEVEL");
 	setenv("DAYBOOK_LOG_LEVEL", "INFO", 1);
 	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_LOG_LEVEL");
+}
+
+Test(config, parse_redis_with_user_and_password)
+{
+	struct config_redis r;
+	char shown[600];
+
+	cr_assert(config_parse_redis("redis://daybook-query:s3cr%40t%2F@127.0.0.1:6379/2", &r));
+	cr_assert_str_eq(r.user, "daybook-query");
+	cr_assert_str_eq(r.password, "s3cr@t/", "percent-decoded");
+	cr_assert_str_eq(r.host, "127.0.0.1");
+	cr_assert_eq(r.port, 6379);
+	cr_assert_eq(r.db, 2);
+
+	cr_assert(config_parse_redis("redis://:only-a-password@cache:6380", &r));
+	cr_assert_str_eq(r.user, "");
+	cr_assert_str_eq(r.password, "only-a-password");
+	cr_assert_str_eq(r.host, "cache");
+
+	cr_assert(config_parse_redis("redis://daybook-projector@cache:6380", &r));
+	cr_assert_str_eq(r.user, "daybook-projector");
+	cr_assert_str_eq(r.password, "");
+
+	cr_assert(config_parse_redis("unix://daybook-admin:pw@/run/redis.sock?db=1", &r));
+	cr_assert_str_eq(r.user, "daybook-admin");
+	cr_assert_str_eq(r.password, "pw");
+	cr_assert_str_eq(r.path, "/run/redis.sock");
+	cr_assert_eq(r.db, 1);
+
+	/* What logs show: the server and the user, never the password. */
+	cr_assert(config_parse_redis("redis://daybook-query:hunter2@127.0.0.1:6379/2", &r));
+	config_redis_describe(&r, shown, sizeof(shown));
+	cr_assert_str_eq(shown, "127.0.0.1:6379/2 as daybook-query");
+	cr_assert_null(strstr(shown, "hunter2"));
+
+	cr_assert_not(config_parse_redis("redis://user:bad%4@127.0.0.1:6379", &r));
+	cr_assert_not(config_parse_redis("redis://user:nul%00@127.0.0.1:6379", &r));
+}
+
+Test(config, redis_password_from_a_file)
+{
+	struct config cfg;
+	char err[512] = "", path[64];
+
+	clear_config_env();
+	setenv("DAYBOOK_PG", "dbname=x", 1);
+	write_temp(path, sizeof(path), "from-the-file\n");
+	setenv("DAYBOOK_REDIS", "redis://daybook-query@127.0.0.1:6379", 1);
+	setenv("DAYBOOK_REDIS_PASSWORD_FILE", path, 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS, NULL, err, sizeof(err)),
+		  "%s", err);
+	cr_assert_str_eq(cfg.redis.user, "daybook-query");
+	cr_assert_str_eq(cfg.redis.password, "from-the-file");
+
+	/* A password in both places is ambiguous. */
+	setenv("DAYBOOK_REDIS", "redis://daybook-query:other@127.0.0.1:6379", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
+	setenv("DAYBOOK_REDIS", "redis://daybook-query@127.0.0.1:6379", 1);
+	unlink(path);
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
+	write_temp(path, sizeof(path), "\n");
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
+	unlink(path);
+	clear_config_env();
 }
 
 /* --- strmap ------------------------------------------------------------------------ */

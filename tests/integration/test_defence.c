@@ -1,0 +1,217 @@
+/* Defence in depth (SPEC §7): Redis ACL users (the query service only reads), and
+ * credentials that never reach the logs. */
+#include <criterion/criterion.h>
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+
+static char db[64], redis_url[HARNESS_REDIS_URL_MAX];
+static struct service redis_svc;
+
+static void setup(void)
+{
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+}
+
+static void teardown(void)
+{
+	harness_kill(&redis_svc);
+}
+
+TestSuite(defence, .init = setup, .fini = teardown, .timeout = 120);
+
+/* The reply to one command (argv form), for inspection; caller frees. */
+static redisReply *run(redisContext *c, int argc, const char **argv)
+{
+	redisReply *r = redisCommandArgv(c, argc, argv, NULL);
+
+	cr_assert(r, "no reply: %s", c->errstr);
+	return r;
+}
+
+static void assert_noperm(redisContext *c, int argc, const char **argv)
+{
+	redisReply *r = run(c, argc, argv);
+
+	cr_assert(r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOPERM", 6) == 0,
+		  "%s was not refused with NOPERM (reply type %d: %s)", argv[0], r->type,
+		  r->type == REDIS_REPLY_ERROR || r->type == REDIS_REPLY_STATUS ? r->str : "");
+	freeReplyObject(r);
+}
+
+static void assert_ok(redisContext *c, int argc, const char **argv)
+{
+	redisReply *r = run(c, argc, argv);
+
+	cr_assert(r->type != REDIS_REPLY_ERROR, "%s failed: %s", argv[0], r->str);
+	freeReplyObject(r);
+}
+
+Test(defence, the_query_service_s_redis_user_cannot_write)
+{
+	redisContext *q = harness_redis_as(redis_url, "daybook-query");
+	const char *set[] = { "SET", "dbk:live", "666" };
+	const char *hset[] = { "HSET", "dbk:g:1:acct:a1", "j", "{\"balance\":1000000}" };
+	const char *del[] = { "DEL", "dbk:live" };
+	const char *flush[] = { "FLUSHALL" };
+	const char *eval[] = { "EVAL", "return redis.call('SET', 'dbk:live', '666')", "0" };
+	const char *eval_ro_write[] = { "EVAL_RO", "return redis.call('SET', 'dbk:live', '666')",
+					"0" };
+	const char *load[] = { "SCRIPT", "LOAD", "return redis.call('SET', 'dbk:live', '666')" };
+	const char *get[] = { "GET", "dbk:live" };
+	const char *eval_ro_read[] = { "EVAL_RO", "return redis.call('GET', 'dbk:live')", "0" };
+	const char *publish[] = { "PUBLISH", "dbk:position", "999.999" };
+	const char *acl_set[] = { "ACL", "SETUSER", "daybook-query", "+@all" };
+	redisContext *admin = harness_redis(redis_url);
+	redisReply *r;
+
+	assert_ok(admin, 3, (const char *[]){ "SET", "dbk:live", "1" });
+	redisFree(admin);
+
+	assert_noperm(q, 3, set);
+	assert_noperm(q, 4, hset);
+	assert_noperm(q, 2, del);
+	assert_noperm(q, 1, flush);
+	assert_noperm(q, 3, eval);
+	assert_noperm(q, 3, publish);
+	assert_noperm(q, 4, acl_set);
+	/* A read-only script may not write, whatever it asks for. */
+	r = run(q, 3, eval_ro_write);
+	cr_assert_eq(r->type, REDIS_REPLY_ERROR, "EVAL_RO wrote");
+	freeReplyObject(r);
+	/* Loading a script runs nothing; running it needs EVALSHA (refused) or
+	 * EVALSHA_RO (where the write fails). */
+	r = run(q, 3, load);
+	cr_assert_eq(r->type, REDIS_REPLY_STRING, "SCRIPT LOAD: %s", r->str);
+	assert_noperm(q, 3, (const char *[]){ "EVALSHA", r->str, "0" });
+	{
+		redisReply *e = run(q, 3, (const char *[]){ "EVALSHA_RO", r->str, "0" });
+		cr_assert_eq(e->type, REDIS_REPLY_ERROR, "EVALSHA_RO ran a write");
+		freeReplyObject(e);
+	}
+	freeReplyObject(r);
+
+	/* Reads work, and the value is untouched. */
+	r = run(q, 2, get);
+	cr_assert(r->type == REDIS_REPLY_STRING && strcmp(r->str, "1") == 0, "dbk:live changed");
+	freeReplyObject(r);
+	r = run(q, 3, eval_ro_read);
+	cr_assert(r->type == REDIS_REPLY_STRING && strcmp(r->str, "1") == 0);
+	freeReplyObject(r);
+	redisFree(q);
+}
+
+Test(defence, redis_refuses_clients_without_a_user_and_the_projector_cannot_flush)
+{
+	struct service p = { .port = redis_svc.port };
+	redisContext *anon = redisConnect("127.0.0.1", p.port), *proj;
+	redisReply *r = redisCommand(anon, "GET dbk:live");
+
+	cr_assert(r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOAUTH", 6) == 0,
+		  "an unauthenticated client was served");
+	freeReplyObject(r);
+	r = redisCommand(anon, "AUTH default nothing");
+	cr_assert(r && r->type == REDIS_REPLY_ERROR, "the default user is enabled");
+	freeReplyObject(r);
+	redisFree(anon);
+
+	proj = harness_redis_as(redis_url, "daybook-projector");
+	assert_ok(proj, 3, (const char *[]){ "SET", "dbk:live", "2" });
+	assert_noperm(proj, 1, (const char *[]){ "FLUSHALL" });
+	assert_noperm(proj, 3, (const char *[]){ "CONFIG", "GET", "requirepass" });
+	assert_noperm(proj, 3, (const char *[]){ "SET", "not-daybook", "x" });
+	redisFree(proj);
+}
+
+/* True when the file holds `needle`. */
+static bool file_holds(const char *path, const char *needle)
+{
+	FILE *f = fopen(path, "r");
+	char line[8192];
+	bool found = false;
+
+	cr_assert(f, "cannot read %s", path);
+	while (!found && fgets(line, sizeof(line), f))
+		found = strstr(line, needle) != NULL;
+	fclose(f);
+	return found;
+}
+
+/* CLIENT LIST shows a connection named `name` authenticated as `user`, and none named
+ * `name` as another user. */
+static bool client_is(const char *list, const char *name, const char *user)
+{
+	char want_name[128], want_user[128];
+	bool seen = false;
+
+	snprintf(want_name, sizeof(want_name), " name=%s ", name);
+	snprintf(want_user, sizeof(want_user), " user=%s ", user);
+	for (const char *line = list; line && *line; line = strchr(line, '\n')) {
+		const char *end;
+		if (*line == '\n')
+			line++;
+		end = strchr(line, '\n');
+		const char *n = strstr(line, want_name), *u = strstr(line, want_user);
+		if (!n || (end && n > end))
+			continue;
+		if (!u || (end && u > end))
+			return false;
+		seen = true;
+	}
+	return seen;
+}
+
+Test(defence, services_use_their_own_redis_users_and_never_log_passwords)
+{
+	struct service projector, query;
+	redisContext *ops = harness_redis(redis_url);
+	redisReply *r;
+	const char *const secrets[] = { "test-projector-password", "test-query-password",
+					"test-admin-password", "test-ops-password" };
+
+	harness_start_projector(&projector, db, redis_url);
+	harness_start_query(&query, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 30);
+	r = redisCommand(ops, "CLIENT LIST");
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	cr_assert(client_is(r->str, "daybook-query", "daybook-query"), "%s", r->str);
+	cr_assert(client_is(r->str, "daybook-projector", "daybook-projector"), "%s", r->str);
+	freeReplyObject(r);
+	redisFree(ops);
+	harness_stop(&query);
+	harness_stop(&projector);
+
+	for (size_t i = 0; i < sizeof(secrets) / sizeof(secrets[0]); i++) {
+		cr_assert_not(file_holds(projector.log_path, secrets[i]), "the projector logged %s",
+			      secrets[i]);
+		cr_assert_not(file_holds(query.log_path, secrets[i]), "the query service logged %s",
+			      secrets[i]);
+	}
+}
+
+Test(defence, a_refused_redis_password_is_reported_without_the_password)
+{
+	char pg[512], cmd[2048], out[8192] = "";
+	const char *at = strchr(redis_url, '@');
+	size_t n = 0;
+	FILE *p;
+	int status;
+
+	harness_conninfo(db, NULL, pg, sizeof(pg));
+	snprintf(cmd, sizeof(cmd),
+		 "DAYBOOK_PG='%s' DAYBOOK_REDIS='redis://daybook-admin:not-the-password-4711%s' "
+		 "'%s' verify 2>&1",
+		 pg, at, getenv("DAYBOOK_ADMIN_BIN"));
+	p = popen(cmd, "r");
+	cr_assert(p);
+	while (n < sizeof(out) - 1 && fgets(out + n, (int)(sizeof(out) - n), p))
+		n = strlen(out);
+	status = pclose(p);
+	cr_assert_neq(status, 0, "verify succeeded with a wrong password: %s", out);
+	cr_assert_not_null(strstr(out, "WRONGPASS"), "the refusal is not named: %s", out);
+	cr_assert_null(strstr(out, "not-the-password-4711"), "the password was printed: %s", out);
+}
