@@ -215,3 +215,27 @@ Test(defence, a_refused_redis_password_is_reported_without_the_password)
 	cr_assert_not_null(strstr(out, "WRONGPASS"), "the refusal is not named: %s", out);
 	cr_assert_null(strstr(out, "not-the-password-4711"), "the password was printed: %s", out);
 }
+
+Test(defence, postgresql_asks_every_connection_for_a_password)
+{
+	static const char *const roles[] = { NULL, "daybook_command", "daybook_projector",
+					     "daybook_query" };
+
+	for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
+		char conninfo[600];
+		size_t n;
+		PGconn *conn;
+
+		harness_conninfo(db, roles[i], conninfo, sizeof(conninfo));
+		n = strlen(conninfo);
+		/* With its password (from PGPASSFILE) the role gets in ... */
+		conn = PQconnectdb(conninfo);
+		cr_assert(PQstatus(conn) == CONNECTION_OK, "%s: %s", conninfo, PQerrorMessage(conn));
+		PQfinish(conn);
+		/* ... without one it does not: no `trust` anywhere. */
+		snprintf(conninfo + n, sizeof(conninfo) - n, " passfile=/dev/null password=''");
+		conn = PQconnectdb(conninfo);
+		cr_assert(PQstatus(conn) != CONNECTION_OK, "%s got in without a password", conninfo);
+		PQfinish(conn);
+	}
+}
