@@ -4,6 +4,17 @@
 
 #include "admin.h"
 #include "config.h"
+#include "eventstore.h"
+
+bool admin_event_store_usable(PGconn *conn, const char *command)
+{
+	char msg[1024];
+
+	if (eventstore_check_txids(conn, msg, sizeof(msg)) != EVENTSTORE_TXIDS_AHEAD)
+		return true; /* an unmigrated database is the subcommand's to report */
+	fprintf(stderr, "daybook-admin %s: %s\n", command, msg);
+	return false;
+}
 
 /* A blocking hiredis connection, authenticated, with the db SELECTed (see admin.h). */
 redisContext *admin_redis_connect(const struct config_redis *server, char *err, size_t errlen)

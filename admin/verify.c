@@ -1151,8 +1151,13 @@ int admin_verify(struct admin_ctx *ctx, int argc, char **argv)
 		fprintf(stderr, "daybook-admin verify: out of memory\n");
 		goto done;
 	}
-	if (connect_all(ctx, v, use_redis))
-		rc = run(v);
+	if (!connect_all(ctx, v, use_redis))
+		goto done;
+	if (!admin_event_store_usable(v->pg, "verify")) {
+		rc = EVENTSTORE_EXIT_UNUSABLE;
+		goto done;
+	}
+	rc = run(v);
 done:
 	if (v) {
 		for (size_t i = 0; i < v->npending; i++)

@@ -1,6 +1,9 @@
 /* What every service binary does first: --help, its configuration, SIGPIPE. */
 #include "service.h"
 
+#include "eventstore.h"
+#include "log.h"
+
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -21,5 +24,22 @@ int service_init(int argc, char **argv, const char *name, const char *usage, uns
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
+	return -1;
+}
+
+int service_check_event_store(const char *name, const struct config *cfg, const struct log *log)
+{
+	char msg[1024];
+
+	switch (eventstore_check_txids_at(cfg->pg, msg, sizeof(msg))) {
+	case EVENTSTORE_TXIDS_AHEAD:
+		fprintf(stderr, "%s: %s\n", name, msg);
+		return EVENTSTORE_EXIT_UNUSABLE;
+	case EVENTSTORE_UNCHECKED:
+		log_warn(log, "%s", msg);
+		break;
+	case EVENTSTORE_OK:
+		break;
+	}
 	return -1;
 }

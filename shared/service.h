@@ -11,4 +11,12 @@
 int service_init(int argc, char **argv, const char *name, const char *usage, unsigned need,
 		 const char *default_listen, struct config *cfg) __attribute__((warn_unused_result));
 
+struct log;
+/* At start: refuse an event store whose txids this cluster has not reached (restored
+ * from a logical dump into another cluster, see eventstore.h), with one line on stderr
+ * ("<name>: ..."): returns EVENTSTORE_EXIT_UNUSABLE for main to return. When the check
+ * cannot run (PostgreSQL not reachable yet), logs a warning and returns -1: go on. */
+int service_check_event_store(const char *name, const struct config *cfg,
+			      const struct log *log) __attribute__((warn_unused_result));
+
 #endif

@@ -1,10 +1,12 @@
-/* Defence in depth (SPEC §7): Redis ACL users (the query service only reads), and
- * credentials that never reach the logs. */
+/* Defence in depth (SPEC §7): Redis ACL users (the query service only reads),
+ * credentials that never reach the logs, password authentication, and an event store
+ * whose txids the cluster has not reached (a logical restore) refused at start. */
 #include <criterion/criterion.h>
 #include <hiredis/hiredis.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "harness.h"
 
@@ -238,4 +240,78 @@ Test(defence, postgresql_asks_every_connection_for_a_password)
 		cr_assert(PQstatus(conn) != CONNECTION_OK, "%s got in without a password", conninfo);
 		PQfinish(conn);
 	}
+}
+
+/* Run `cmd` (a shell command line) with stderr into out; its exit status, or -1. */
+static int run_capture(const char *cmd, char *out, size_t len)
+{
+	char line[2048];
+	FILE *p = popen(cmd, "r");
+	size_t n = 0;
+	int status;
+
+	cr_assert(p, "popen %s", cmd);
+	out[0] = '\0';
+	while (fgets(line, sizeof(line), p))
+		if (n + strlen(line) < len) {
+			memcpy(out + n, line, strlen(line) + 1);
+			n += strlen(line);
+		}
+	status = pclose(p);
+	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* The binary in environment variable `binvar`, as `role`, with `args`: its exit status
+ * within 30 s (124 when it was still running) and its stderr. */
+static int run_service(const char *binvar, const char *role, const char *args, char *out,
+		       size_t len)
+{
+	char pg[512], cmd[4096], url[HARNESS_REDIS_URL_MAX], tokens[512];
+	FILE *f;
+
+	/* A valid tokens file: the services read it before they check the store. */
+	snprintf(tokens, sizeof(tokens), "%s/daybook-test-defence-tokens-%d.txt",
+		 getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+	f = fopen(tokens, "w");
+	cr_assert(f, "cannot write %s", tokens);
+	fprintf(f, "t %064d write\n", 0);
+	fclose(f);
+	harness_conninfo(db, role, pg, sizeof(pg));
+	harness_redis_url_as(redis_url, "daybook-projector", url, sizeof(url));
+	snprintf(cmd, sizeof(cmd),
+		 "DAYBOOK_PG='%s' DAYBOOK_REDIS='%s' DAYBOOK_LISTEN=127.0.0.1:%d "
+		 "DAYBOOK_TOKENS_FILE='%s' timeout 30 '%s' %s 2>&1 >/dev/null",
+		 pg, role && strcmp(role, "daybook_projector") == 0 ? url : redis_url,
+		 harness_free_port(), tokens, getenv(binvar), args);
+	return run_capture(cmd, out, len);
+}
+
+Test(defence, a_log_with_txids_ahead_of_the_cluster_is_refused_at_start)
+{
+	char out[8192];
+	int status;
+
+	/* As a logical restore into a younger cluster leaves it: an event whose txid this
+	 * cluster has not reached (the superuser may set it; the command role may not). */
+	PQclear(sql(db, "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
+			"((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
+			"'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
+			"\"overdraft_limit\":0}', '{}')"));
+
+	status = run_service("DAYBOOK_PROJECTOR_BIN", "daybook_projector", "", out, sizeof(out));
+	cr_assert_eq(status, 3, "the projector: exit %d, %s", status, out);
+	cr_assert_not_null(strstr(out, "docs/operations.md"), "%s", out);
+	cr_assert_not_null(strstr(out, "daybook-projector: the event store holds txid"), "%s", out);
+
+	status = run_service("DAYBOOK_COMMAND_BIN", "daybook_command", "", out, sizeof(out));
+	cr_assert_eq(status, 3, "the command service: exit %d, %s", status, out);
+	cr_assert_not_null(strstr(out, "docs/operations.md"), "%s", out);
+
+	status = run_service("DAYBOOK_ADMIN_BIN", NULL, "status", out, sizeof(out));
+	cr_assert_eq(status, 3, "admin status: exit %d, %s", status, out);
+	cr_assert_not_null(strstr(out, "docs/operations.md"), "%s", out);
+
+	status = run_service("DAYBOOK_ADMIN_BIN", NULL, "verify", out, sizeof(out));
+	cr_assert_eq(status, 3, "admin verify: exit %d, %s", status, out);
+	cr_assert_not_null(strstr(out, "docs/operations.md"), "%s", out);
 }
