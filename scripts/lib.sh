@@ -460,12 +460,13 @@ dbk_redis_url() {
 }
 
 # dbk_redis_cli PORT ARGS... -- redis-cli on 127.0.0.1:PORT; as daybook-ops
-# when DBK_REDIS_SECRETS names the secrets directory of a Redis with ACL users.
+# when the secrets directory DBK_REDIS_SECRETS holds its password file.
 dbk_redis_cli() {
   local port=$1
   shift
-  if [[ -n ${DBK_REDIS_SECRETS:-} ]]; then
-    REDISCLI_AUTH=$(dbk_secret "$DBK_REDIS_SECRETS" redis-daybook-ops) \
+  local file=${DBK_REDIS_SECRETS:-/nonexistent}/redis-daybook-ops.password
+  if [[ -r $file ]]; then
+    REDISCLI_AUTH=$(head -n 1 "$file") \
       redis-cli --no-auth-warning --user daybook-ops -h 127.0.0.1 -p "$port" "$@"
   else
     redis-cli -h 127.0.0.1 -p "$port" "$@"
