@@ -154,8 +154,8 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg)
 	arm(r->deadline, r->cfg.command_timeout - age);
 }
 
-/* The command name and the script's SHA1 or source: EVAL_RO and EVALSHA_RO for a
- * read-only client. */
+/* The command that runs a script by its SHA1 (sha) or by its source: the _RO forms
+ * for a read-only client, whose ACL user may run nothing else. */
 static const char *eval_name(const struct redis *r, bool sha)
 {
 	if (r->cfg.read_only)
@@ -171,8 +171,8 @@ static const char *skip_bulk(const char *p)
 	return strstr(p, "\r\n") + 2 + len + 2;
 }
 
-/* Resend an EVALSHA that met NOSCRIPT as EVAL with the script's source, for the same
- * pending entry. */
+/* Resend an EVALSHA (EVALSHA_RO) that met NOSCRIPT as EVAL (EVAL_RO) with the script's
+ * source, for the same pending entry. */
 static bool retry_as_eval(struct redis *r, struct pending *p)
 {
 	const char *src = r->cfg.scripts[p->script], *name = eval_name(r, false);
@@ -181,7 +181,8 @@ static bool retry_as_eval(struct redis *r, struct pending *p)
 	char *cmd;
 	int rc;
 
-	/* "*N\r\n" "$7\r\nEVALSHA\r\n" "$40\r\n<sha>\r\n" <keys and arguments> */
+	/* "*N\r\n" "$7\r\nEVALSHA\r\n" "$40\r\n<sha>\r\n" <keys and arguments>: the
+	 * same head, the name and the source instead of the first two bulk strings. */
 	head = (size_t)(strstr(p->cmd, "\r\n") - p->cmd) + 2;
 	rest = skip_bulk(skip_bulk(p->cmd + head));
 	n = p->cmdlen - (size_t)(rest - p->cmd);
