@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "harness.h"
 
@@ -314,4 +315,64 @@ Test(defence, a_log_with_txids_ahead_of_the_cluster_is_refused_at_start)
 	status = run_service("DAYBOOK_ADMIN_BIN", NULL, "verify", out, sizeof(out));
 	cr_assert_eq(status, 3, "admin verify: exit %d, %s", status, out);
 	cr_assert_not_null(strstr(out, "docs/operations.md"), "%s", out);
+}
+
+Test(defence, a_service_started_before_postgresql_answers_checks_once_it_does)
+{
+	char pg[512], url[HARNESS_REDIS_URL_MAX], listen[32], log_path[512], q[512];
+	struct service proj = { .name = "projector" };
+	FILE *logf;
+	int status = -1;
+	double end;
+	pid_t pid;
+
+	PQclear(sql(db, "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
+			"((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
+			"'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
+			"\"overdraft_limit\":0}', '{}')"));
+	/* PostgreSQL turns the projector away at its start ... */
+	snprintf(q, sizeof(q), "REVOKE CONNECT ON DATABASE %s FROM PUBLIC, daybook_projector", db);
+	PQclear(sql(db, q));
+	harness_conninfo(db, "daybook_projector", pg, sizeof(pg));
+	harness_redis_url_as(redis_url, "daybook-projector", url, sizeof(url));
+	snprintf(listen, sizeof(listen), "127.0.0.1:%d", harness_free_port());
+	snprintf(log_path, sizeof(log_path), "%s/daybook-test-%d-deferred-check.log",
+		 getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+	snprintf(proj.log_path, sizeof(proj.log_path), "%s", log_path);
+	/* The projector's log: there before the child writes to it. */
+	logf = fopen(log_path, "w");
+	cr_assert(logf, "cannot write %s", log_path);
+	fclose(logf);
+	pid = fork();
+	cr_assert(pid >= 0);
+	if (pid == 0) {
+		/* The projector's log, read back by the test. */
+		FILE *f = freopen(log_path, "a", stderr);
+		(void)f;
+		setenv("DAYBOOK_PG", pg, 1);
+		setenv("DAYBOOK_REDIS", url, 1);
+		setenv("DAYBOOK_LISTEN", listen, 1);
+		execl(getenv("DAYBOOK_PROJECTOR_BIN"), "daybook-projector", (char *)NULL);
+		_exit(127);
+	}
+	proj.pid = pid;
+	for (end = harness_now() + 30; !file_holds(log_path, "checking again"); usleep(50000)) {
+		if (harness_now() > end) {
+			harness_print_log(&proj);
+			harness_kill(&proj);
+			cr_assert_fail("the projector did not say it would check again");
+		}
+	}
+	/* ... and answers a moment later: the check runs then, and refuses. */
+	snprintf(q, sizeof(q), "GRANT CONNECT ON DATABASE %s TO PUBLIC, daybook_projector", db);
+	PQclear(sql(db, q));
+	for (end = harness_now() + 30; harness_now() < end; usleep(50000))
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			break;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 3) {
+		harness_print_log(&proj);
+		harness_kill(&proj);
+		cr_assert_fail("the projector did not stop with status 3");
+	}
+	cr_assert(file_holds(log_path, "daybook-projector: the event store holds txid"));
 }
