@@ -2,7 +2,11 @@
 #ifndef DAYBOOK_ADMIN_H
 #define DAYBOOK_ADMIN_H
 
+#include <libpq-fe.h>
+#include <stdbool.h>
+
 #include "config.h"
+#include "eventstore.h"
 #include "log.h"
 
 struct admin_ctx {
@@ -14,10 +18,16 @@ struct admin_ctx {
 int admin_migrate(struct admin_ctx *ctx, int argc, char **argv);
 int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv);
 /* verify: 0 the read models equal a fresh fold of the log, 1 differences, 2 usage or
- * the verification could not run (no connection, a failed query). */
+ * the verification could not run (no connection, a failed query), 3
+ * (EVENTSTORE_EXIT_UNUSABLE) the log holds txids this cluster has not reached. */
 int admin_verify(struct admin_ctx *ctx, int argc, char **argv);
-/* status: 0 printed, 1 PostgreSQL unreachable, 2 usage. */
+/* status: 0 printed, 1 PostgreSQL unreachable, 2 usage, 3 as for verify. */
 int admin_status(struct admin_ctx *ctx, int argc, char **argv);
+
+/* False, with one line on stderr ("daybook-admin <command>: ..."), when the event
+ * store holds txids this cluster has not reached (eventstore_check_txids). */
+bool admin_event_store_usable(PGconn *conn, const char *command)
+	__attribute__((warn_unused_result));
 
 struct redisContext;
 struct config_redis;

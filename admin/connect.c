@@ -4,8 +4,19 @@
 
 #include "admin.h"
 #include "config.h"
+#include "eventstore.h"
 
-/* A blocking hiredis connection with the db SELECTed (see admin.h). */
+bool admin_event_store_usable(PGconn *conn, const char *command)
+{
+	char msg[1024];
+
+	if (eventstore_check_txids(conn, msg, sizeof(msg)) != EVENTSTORE_TXIDS_AHEAD)
+		return true; /* an unmigrated database is the subcommand's to report */
+	fprintf(stderr, "daybook-admin %s: %s\n", command, msg);
+	return false;
+}
+
+/* A blocking hiredis connection, authenticated, with the db SELECTed (see admin.h). */
 redisContext *admin_redis_connect(const struct config_redis *server, char *err, size_t errlen)
 {
 	struct timeval connect_tv = { 2, 0 }, command_tv = { 30, 0 };
@@ -19,6 +30,17 @@ redisContext *admin_redis_connect(const struct config_redis *server, char *err, 
 		goto fail;
 	}
 	redisSetTimeout(c, command_tv);
+	if (server->password[0]) {
+		r = server->user[0] ? redisCommand(c, "AUTH %s %s", server->user, server->password)
+				    : redisCommand(c, "AUTH %s", server->password);
+		if (!r || r->type == REDIS_REPLY_ERROR) {
+			snprintf(err, errlen, "AUTH%s%s: %s", server->user[0] ? " as " : "",
+				 server->user, r ? r->str : c->errstr);
+			goto fail;
+		}
+		freeReplyObject(r);
+		r = NULL;
+	}
 	if (server->db) {
 		r = redisCommand(c, "SELECT %d", server->db);
 		if (!r || r->type == REDIS_REPLY_ERROR) {

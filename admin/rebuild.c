@@ -1638,6 +1638,8 @@ static bool prepare(struct rebuild *rb)
 			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
+	if (!admin_event_store_usable(rb->pg, "rebuild"))
+		return false;
 	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free))
 		return false;
 	/* Both sessions write shadow tables and build keys. */

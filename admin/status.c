@@ -302,6 +302,10 @@ int admin_status(struct admin_ctx *ctx, int argc, char **argv)
 			PQerrorMessage(s.pg));
 		goto done;
 	}
+	if (!admin_event_store_usable(s.pg, "status")) {
+		rc = EVENTSTORE_EXIT_UNUSABLE;
+		goto done;
+	}
 	if (!read_all(ctx, &s))
 		goto done;
 	if (json) {

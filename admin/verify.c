@@ -1200,9 +1200,12 @@ static bool connect_all(struct admin_ctx *ctx, struct verify *v, bool use_redis)
 		return true;
 	}
 	v->redis = admin_redis_connect(&ctx->cfg.redis, err, sizeof(err));
-	if (!v->redis)
-		fprintf(stderr, "daybook-admin verify: cannot connect to Redis at %s: %s\n",
-			ctx->cfg.redis_url, err);
+	if (!v->redis) {
+		char where[600];
+		config_redis_describe(&ctx->cfg.redis, where, sizeof(where));
+		fprintf(stderr, "daybook-admin verify: cannot connect to Redis at %s: %s\n", where,
+			err);
+	}
 	return v->redis != NULL;
 }
 
@@ -1225,8 +1228,13 @@ int admin_verify(struct admin_ctx *ctx, int argc, char **argv)
 		fprintf(stderr, "daybook-admin verify: out of memory\n");
 		goto done;
 	}
-	if (connect_all(ctx, v, use_redis))
-		rc = run(v);
+	if (!connect_all(ctx, v, use_redis))
+		goto done;
+	if (!admin_event_store_usable(v->pg, "verify")) {
+		rc = EVENTSTORE_EXIT_UNUSABLE;
+		goto done;
+	}
+	rc = run(v);
 done:
 	if (v) {
 		for (size_t i = 0; i < v->npending; i++)

@@ -210,7 +210,10 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	rc = start(&ctx);
+	/* After every setting is checked (a bad one is the single line on stderr). */
 	if (rc == 0)
+		rc = service_check_event_store("daybook-command", &ctx.cfg, &ctx.log);
+	if (rc < 0)
 		rc = event_base_dispatch(ctx.base) < 0 ? 1 : 0;
 	stop(&ctx);
 	return rc;

@@ -25,7 +25,9 @@ static const char usage[] =
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG         libpq connection string or URI (required; role daybook_projector)\n"
-	"  DAYBOOK_REDIS      redis://host:port[/db] or unix:///path (required)\n"
+	"  DAYBOOK_REDIS      redis://[user[:password]@]host:port[/db] or unix:///path\n"
+	"                     (required; ACL user daybook-projector)\n"
+	"  DAYBOOK_REDIS_PASSWORD_FILE  the Redis password, instead of in DAYBOOK_REDIS\n"
 	"  DAYBOOK_LISTEN     host:port for /metrics, /healthz, /readyz (default 127.0.0.1:8083)\n"
 	"  DAYBOOK_LOG_LEVEL  debug|info|warn|error (default info)\n";
 
@@ -781,7 +783,10 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	rc = start(&ctx);
+	/* After every setting is checked (a bad one is the single line on stderr). */
 	if (rc == 0)
+		rc = service_check_event_store("daybook-projector", &ctx.cfg, &ctx.log);
+	if (rc < 0)
 		rc = event_base_dispatch(ctx.base) < 0 ? 1 : 0;
 	stop(&ctx);
 	return rc;

@@ -27,7 +27,9 @@ static const char usage[] =
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG           libpq connection string or URI, role daybook_query (required)\n"
-	"  DAYBOOK_REDIS        redis://host:port[/db] or unix:///path[?db=N] (required)\n"
+	"  DAYBOOK_REDIS        redis://[user[:password]@]host:port[/db] or unix:///path[?db=N]\n"
+	"                       (required; ACL user daybook-query: read-only scripts and reads)\n"
+	"  DAYBOOK_REDIS_PASSWORD_FILE  the Redis password, instead of in DAYBOOK_REDIS\n"
 	"  DAYBOOK_TOKENS_FILE  API tokens: '<id> <sha256 hex> <scopes>' lines (required)\n"
 	"  DAYBOOK_LISTEN       host:port to listen on (default 127.0.0.1:8082)\n"
 	"  DAYBOOK_QUERY_WORKERS  event-loop threads sharing the port (default: CPUs, up to 4)\n"
@@ -138,7 +140,7 @@ static int open_redis(struct query_ctx *ctx)
 	const char *const *scripts = read_scripts(&nscripts);
 	struct redis_config rc = {
 		.server = &ctx->cfg.redis, .name = "daybook-query", .base = ctx->base,
-		.log = &ctx->log, .scripts = scripts, .nscripts = nscripts,
+		.log = &ctx->log, .scripts = scripts, .nscripts = nscripts, .read_only = true,
 		.command_timeout = REDIS_COMMAND_TIMEOUT, .connect_timeout = REDIS_CONNECT_TIMEOUT,
 		.arg = ctx,
 	};

@@ -42,6 +42,30 @@ dbk_is_root() { ((EUID == 0)); }
 # dbk_short_hash STRING -- 12 hex digits identifying STRING.
 dbk_short_hash() { printf '%s' "$1" | sha256sum | cut -c1-12; }
 
+# --------------------------------------------------------------- secrets --
+#
+# Passwords are generated once into a secrets directory (mode 700), one file
+# per account (mode 600): redis-<user>.password, pg-<role>.password. Hex only,
+# so they need no quoting in URLs, ACL files or pgpass lines.
+
+# dbk_secret DIR NAME -- print the secret DIR/NAME.password, generating it once.
+dbk_secret() {
+  local dir=$1 file="$1/$2.password"
+  if [[ ! -d $dir ]]; then
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+  fi
+  if [[ ! -s $file ]]; then
+    (
+      umask 077
+      head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$file.tmp"
+      printf '\n' >>"$file.tmp"
+      mv "$file.tmp" "$file"
+    )
+  fi
+  head -n 1 "$file"
+}
+
 # ---------------------------------------------------------------- packages --
 
 dbk_package_installed() {
@@ -260,17 +284,27 @@ dbk_pg_prepare_home() {
 
 dbk_pg_uri() { printf 'postgresql://%s@127.0.0.1:%s/%s\n' "${3:-postgres}" "$1" "$2"; }
 
-# dbk_pg_initdb HOME [test] -- create the cluster in HOME/data once.
+# dbk_pg_initdb HOME [test] [PASSWORD] -- create the cluster in HOME/data once.
+# With PASSWORD, the superuser `postgres` gets it and every connection needs a
+# password (scram-sha-256); without, the cluster trusts loopback connections.
 dbk_pg_initdb() {
-  local home=$1 profile=${2:-dev} extra=()
+  local home=$1 profile=${2:-dev} password=${3:-} extra=() auth=trust
   [[ -f $home/data/PG_VERSION ]] && return 0
   [[ $profile == test ]] && extra=(--nosync)
+  if [[ -n $password ]]; then
+    # Readable by the PostgreSQL OS user, and only for the length of initdb.
+    printf '%s\n' "$password" | dbk_as_pg sh -c 'umask 077 && cat >"$1"' sh "$home/pwfile"
+    auth=scram-sha-256
+    extra+=("--pwfile=$home/pwfile")
+  fi
   dbk_say "initialising PostgreSQL cluster in $home/data"
-  dbk_as_pg "$DBK_PG_BIN/initdb" -D "$home/data" -U postgres --auth=trust \
+  dbk_as_pg "$DBK_PG_BIN/initdb" -D "$home/data" -U postgres "--auth=$auth" \
     -E UTF8 --locale=C.UTF-8 --no-instructions "${extra[@]}" >"$home/initdb.log" 2>&1 || {
+    dbk_as_pg rm -f "$home/pwfile"
     dbk_tail "$home/initdb.log"
     dbk_die "initdb failed"
   }
+  dbk_as_pg rm -f "$home/pwfile"
   printf "\n# Daybook: listener and test settings, rewritten by scripts/dev\ninclude_if_exists = 'daybook.conf'\n" |
     dbk_as_pg tee -a "$home/data/postgresql.conf" >/dev/null
 }
@@ -336,11 +370,112 @@ dbk_pg_ensure_db() {
   fi
 }
 
+# dbk_pg_passfile FILE PORT SECRETS_DIR ROLE... -- write a libpq password file
+# (mode 600) for 127.0.0.1:PORT with the password of each role (generated
+# once in SECRETS_DIR as pg-<role>.password). Point PGPASSFILE at it.
+dbk_pg_passfile() {
+  local file=$1 port=$2 dir=$3 role
+  shift 3
+  dbk_secret "$dir" pg-postgres >/dev/null # creates the directory
+  (
+    umask 077
+    for role in "$@"; do
+      printf '127.0.0.1:%s:*:%s:%s\n' "$port" "$role" "$(dbk_secret "$dir" "pg-$role")"
+    done >"$file.tmp"
+    mv "$file.tmp" "$file"
+  )
+}
+
+# dbk_pg_require_passwords HOME PORT SECRETS_DIR -- make the cluster ask every
+# connection for a password (scram-sha-256): give `postgres` its password
+# (through PGPASSFILE, which must hold it: this also converts a cluster that
+# an older scripts/dev created with trust), then rewrite pg_hba.conf and
+# reload when it changed.
+dbk_pg_require_passwords() {
+  local home=$1 port=$2 dir=$3 hba want uri pw
+  uri=$(dbk_pg_uri "$port" postgres)
+  hba=$(dbk_as_pg cat "$home/data/pg_hba.conf")
+  want=$(printf '%s\n' '# Written by scripts/dev: a password (scram-sha-256) for every connection.' \
+    'local all all scram-sha-256' 'host all all 127.0.0.1/32 scram-sha-256' \
+    'host all all ::1/128 scram-sha-256')
+  [[ $hba == "$want" ]] && return 0
+  dbk_say "switching PostgreSQL to password authentication"
+  # The password goes through stdin, not the command line (visible in ps).
+  pw=$(dbk_secret "$dir" pg-postgres)
+  PGCONNECT_TIMEOUT=10 "$DBK_PG_BIN/psql" "$uri" -XqA -v ON_ERROR_STOP=1 >/dev/null <<SQL ||
+SET password_encryption = 'scram-sha-256';
+ALTER ROLE postgres PASSWORD '$pw';
+SQL
+    dbk_die "setting the password of role postgres failed"
+  printf '%s\n' "$want" | dbk_as_pg tee "$home/data/pg_hba.conf" >/dev/null
+  dbk_as_pg "$DBK_PG_BIN/pg_ctl" reload -D "$home/data" -s >/dev/null ||
+    dbk_die "pg_ctl reload failed"
+}
+
+# dbk_pg_role_passwords PORT SECRETS_DIR ROLE... -- create each login role if
+# it does not exist yet (sql/003 would create it without a password) and give
+# it its password. Roles are cluster-wide, so this is not a migration's job.
+dbk_pg_role_passwords() {
+  local port=$1 dir=$2 role uri pw
+  shift 2
+  uri=$(dbk_pg_uri "$port" postgres)
+  for role in "$@"; do
+    [[ $role =~ ^[a-z_][a-z0-9_]*$ ]] || dbk_die "bad role name '$role'"
+    # The password goes through stdin, not the command line (visible in ps).
+    pw=$(dbk_secret "$dir" "pg-$role")
+    PGCONNECT_TIMEOUT=10 "$DBK_PG_BIN/psql" "$uri" -XqA -v ON_ERROR_STOP=1 >/dev/null <<SQL ||
+SELECT 'CREATE ROLE $role LOGIN' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$role') \\gexec
+SET password_encryption = 'scram-sha-256';
+ALTER ROLE $role PASSWORD '$pw';
+SQL
+      dbk_die "setting the password of role $role failed"
+  done
+}
+
 # ------------------------------------------------------------------- redis --
+
+# The Redis ACL users (deploy/redis-users.acl) and the template's place.
+DBK_REDIS_USERS=(daybook-projector daybook-query daybook-admin daybook-ops)
+DBK_REDIS_ACL_TEMPLATE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)/deploy/redis-users.acl
+
+# dbk_redis_render_acl SECRETS_DIR OUT -- render the ACL template into OUT
+# (mode 600) with the hashes of the users' passwords (generated once in
+# SECRETS_DIR as redis-<user>.password).
+dbk_redis_render_acl() {
+  local dir=$1 out=$2 user hash subst=()
+  for user in "${DBK_REDIS_USERS[@]}"; do
+    hash=$(printf '%s' "$(dbk_secret "$dir" "redis-$user")" | sha256sum | cut -d' ' -f1)
+    subst+=(-e "s/@$user@/$hash/g")
+  done
+  (
+    umask 077
+    sed -e '/^#/d' -e '/^[[:space:]]*$/d' "${subst[@]}" "$DBK_REDIS_ACL_TEMPLATE" >"$out.tmp"
+    mv "$out.tmp" "$out"
+  )
+}
+
+# dbk_redis_url PORT USER SECRETS_DIR -- redis:// URL with USER's password.
+dbk_redis_url() {
+  printf 'redis://%s:%s@127.0.0.1:%s\n' "$2" "$(dbk_secret "$3" "redis-$2")" "$1"
+}
+
+# dbk_redis_cli PORT ARGS... -- redis-cli on 127.0.0.1:PORT; as daybook-ops
+# when the secrets directory DBK_REDIS_SECRETS holds its password file.
+dbk_redis_cli() {
+  local port=$1
+  shift
+  local file=${DBK_REDIS_SECRETS:-/nonexistent}/redis-daybook-ops.password
+  if [[ -r $file ]]; then
+    REDISCLI_AUTH=$(head -n 1 "$file") \
+      redis-cli --no-auth-warning --user daybook-ops -h 127.0.0.1 -p "$port" "$@"
+  else
+    redis-cli -h 127.0.0.1 -p "$port" "$@"
+  fi
+}
 
 # dbk_redis_ping PORT -- true when Redis answers PONG.
 dbk_redis_ping() {
-  [[ $(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null) == PONG ]]
+  [[ $(dbk_redis_cli "$1" ping 2>/dev/null) == PONG ]]
 }
 
 # dbk_redis_running PORT PIDFILE -- true when our Redis runs and answers.
@@ -350,12 +485,15 @@ dbk_redis_running() {
   dbk_pid_running "$pid" && dbk_redis_ping "$1"
 }
 
-# dbk_redis_start PORT DIR PIDFILE LOGFILE [test] -- start a daemonized Redis
-# on 127.0.0.1:PORT with its working directory DIR, and wait for PONG. The
-# test profile keeps nothing on disk, so a restart starts empty.
+# dbk_redis_start PORT DIR PIDFILE LOGFILE [test|dev] [ACLFILE] -- start a
+# daemonized Redis on 127.0.0.1:PORT with its working directory DIR, and wait
+# for PONG. The test profile keeps nothing on disk, so a restart starts empty.
+# With ACLFILE (see dbk_redis_render_acl; set DBK_REDIS_SECRETS too), Redis
+# knows only those users and the default user is disabled.
 dbk_redis_start() {
-  local port=$1 dir=$2 pidfile=$3 logfile=$4 profile=${5:-dev} persist=()
+  local port=$1 dir=$2 pidfile=$3 logfile=$4 profile=${5:-dev} acl=${6:-} persist=()
   [[ $profile == test ]] && persist=(--save '' --appendonly no)
+  [[ -n $acl ]] && persist+=(--aclfile "$acl")
   mkdir -p "$dir"
   rm -f "$pidfile"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$port" \
@@ -379,7 +517,13 @@ dbk_redis_stop() {
     rm -f "$pidfile"
     return 0
   }
-  redis-cli -h 127.0.0.1 -p "$port" shutdown ${save:+"$save"} >/dev/null 2>&1 || true
-  dbk_wait_pid_gone "$pid" 10 || dbk_stop_pid "$pid" redis 5
+  local out
+  out=$(dbk_redis_cli "$port" shutdown ${save:+"$save"} 2>&1) || true
+  if [[ $out == *NOAUTH* || $out == *WRONGPASS* || $out == *NOPERM* ]]; then
+    # Started with other users (an older scripts/dev): SIGTERM shuts down as well.
+    dbk_stop_pid "$pid" redis 10
+  else
+    dbk_wait_pid_gone "$pid" 10 || dbk_stop_pid "$pid" redis 5
+  fi
   rm -f "$pidfile"
 }

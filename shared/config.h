@@ -20,6 +20,10 @@ struct config_redis {
 	uint16_t port;
 	char path[256];  /* unix socket path, empty for TCP */
 	int db;
+	/* AUTH: the ACL user (empty: AUTH with the password alone, as the `default` user)
+	 * and the password (empty: no AUTH). Never logged: see config_redis_describe. */
+	char user[128];
+	char password[512];
 };
 
 /* Strings point into the environment and live as long as the process. */
@@ -39,10 +43,19 @@ struct config {
 bool config_load(struct config *cfg, unsigned need, const char *default_listen, char *err,
 		 size_t errlen) __attribute__((warn_unused_result));
 
+/* The Redis server for logs and messages: "host:port/db" or "unix:/path/db", with the
+ * user when there is one ("as daybook-query") and never the password. */
+void config_redis_describe(const struct config_redis *server, char *out, size_t len);
+/* The password from a file (DAYBOOK_REDIS_PASSWORD_FILE): the first line, without its
+ * newline. False with one line in err when unreadable, empty or too long. */
+bool config_read_redis_password(const char *path, struct config_redis *server, char *err,
+				size_t errlen) __attribute__((warn_unused_result));
+
 /* "host:port" → parts; false when malformed or the port is not 1-65535. */
 bool config_parse_hostport(const char *text, char *host, size_t hostlen, uint16_t *port)
 	__attribute__((warn_unused_result));
-/* redis://host:port[/db] or unix:///path[?db=N]; false when malformed. */
+/* redis://[[user][:password]@]host:port[/db] or unix://[[user][:password]@]/path[?db=N]
+ * (user and password percent-decoded); false when malformed. */
 bool config_parse_redis(const char *url, struct config_redis *out) __attribute__((warn_unused_result));
 
 #endif

@@ -154,25 +154,44 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg)
 	arm(r->deadline, r->cfg.command_timeout - age);
 }
 
-/* Resend an EVALSHA that met NOSCRIPT as EVAL with the script's source, for the same
- * pending entry. */
+/* The command that runs a script by its SHA1 (sha) or by its source: the _RO forms
+ * for a read-only client, whose ACL user may run nothing else. */
+static const char *eval_name(const struct redis *r, bool sha)
+{
+	if (r->cfg.read_only)
+		return sha ? "EVALSHA_RO" : "EVAL_RO";
+	return sha ? "EVALSHA" : "EVAL";
+}
+
+/* Past one bulk string ("$<len>\r\n<bytes>\r\n") of a formatted command. */
+static const char *skip_bulk(const char *p)
+{
+	size_t len = (size_t)strtoul(p + 1, NULL, 10);
+
+	return strstr(p, "\r\n") + 2 + len + 2;
+}
+
+/* Resend an EVALSHA (EVALSHA_RO) that met NOSCRIPT as EVAL (EVAL_RO) with the script's
+ * source, for the same pending entry. */
 static bool retry_as_eval(struct redis *r, struct pending *p)
 {
-	const char *src = r->cfg.scripts[p->script];
+	const char *src = r->cfg.scripts[p->script], *name = eval_name(r, false);
 	size_t srclen = strlen(src), head, n, len;
 	const char *rest;
 	char *cmd;
 	int rc;
 
-	/* "*N\r\n" "$7\r\nEVALSHA\r\n" "$40\r\n<sha>\r\n" <keys and arguments> */
+	/* "*N\r\n" "$7\r\nEVALSHA\r\n" "$40\r\n<sha>\r\n" <keys and arguments>: the
+	 * same head, the name and the source instead of the first two bulk strings. */
 	head = (size_t)(strstr(p->cmd, "\r\n") - p->cmd) + 2;
-	rest = p->cmd + head + 13 + 5 + SHA1_HEX + 2;
+	rest = skip_bulk(skip_bulk(p->cmd + head));
 	n = p->cmdlen - (size_t)(rest - p->cmd);
-	cmd = malloc(head + 32 + srclen + n);
+	cmd = malloc(head + 48 + srclen + n);
 	if (!cmd)
 		return false;
 	memcpy(cmd, p->cmd, head);
-	len = head + (size_t)sprintf(cmd + head, "$4\r\nEVAL\r\n$%zu\r\n", srclen);
+	len = head + (size_t)sprintf(cmd + head, "$%zu\r\n%s\r\n$%zu\r\n", strlen(name), name,
+				     srclen);
 	memcpy(cmd + len, src, srclen);
 	memcpy(cmd + len + srclen, "\r\n", 2);
 	memcpy(cmd + len + srclen + 2, rest, n);
@@ -311,6 +330,17 @@ static bool send_setup(struct redis *r)
 	int ok = REDIS_OK;
 
 	r->setup_left = 0;
+	/* First of all, so that the other commands run as the ACL user. */
+	if (r->server.password[0]) {
+		const char *argv[3] = { "AUTH", r->server.user, r->server.password };
+		int argc = 3;
+		if (!r->server.user[0]) { /* the `default` user */
+			argv[1] = r->server.password;
+			argc = 2;
+		}
+		ok |= redisAsyncCommandArgv(ac, on_setup_reply, r, argc, argv, NULL);
+		r->setup_left++;
+	}
 	if (r->cfg.name) {
 		const char *argv[] = { "CLIENT", "SETNAME", r->cfg.name };
 		ok |= redisAsyncCommandArgv(ac, on_setup_reply, r, 3, argv, NULL);
@@ -437,6 +467,7 @@ void redis_close(struct redis **rp)
 	if (r->deadline)
 		event_free(r->deadline);
 	free(r->scripts);
+	explicit_bzero(r->server.password, sizeof(r->server.password));
 	free(r);
 	*rp = NULL;
 }
@@ -504,7 +535,7 @@ bool redis_eval(struct redis *r, size_t script, int nkeys, int argc, const char 
 			goto done;
 	}
 	snprintf(nk, sizeof(nk), "%d", nkeys);
-	all[0] = "EVALSHA";
+	all[0] = eval_name(r, true);
 	all[1] = r->scripts[script].sha;
 	all[2] = nk;
 	for (int i = 0; i < 3; i++)

@@ -25,7 +25,9 @@ typedef void (*redis_reply_cb)(void *arg, const redisReply *reply);
 typedef void (*redis_message_cb)(void *arg, const char *msg, size_t len);
 
 struct redis_config {
-	const struct config_redis *server; /* TCP host:port or unix socket, and the db */
+	/* TCP host:port or unix socket, the db, and the ACL user and password: when there
+	 * is a password, every (re)connection starts with AUTH. */
+	const struct config_redis *server;
 	const char *name;                  /* CLIENT SETNAME, e.g. "daybook-query"; may be NULL */
 	struct event_base *base;
 	const struct log *log;
@@ -33,6 +35,10 @@ struct redis_config {
 	 * with redis_eval. The strings must outlive the connection. */
 	const char *const *scripts;
 	size_t nscripts;
+	/* Run the scripts with EVALSHA_RO (EVAL_RO after NOSCRIPT), Redis 7: for a client
+	 * whose ACL user may only read, such as the query service's. A script that writes
+	 * then fails instead of running. */
+	bool read_only;
 	/* Subscriber mode: when set, the connection SUBSCRIBEs to this channel after
 	 * every (re)connection and delivers its messages to on_message; it then runs no
 	 * other commands (redis_command and redis_eval refuse). Having no replies to
@@ -75,7 +81,7 @@ size_t redis_pending(const struct redis *r);
 bool redis_command(struct redis *r, int argc, const char *const *argv, const size_t *argvlen,
 		   redis_reply_cb cb, void *arg) __attribute__((warn_unused_result));
 
-/* EVALSHA of scripts[script] with `nkeys` keys followed by the other arguments
+/* EVALSHA (EVALSHA_RO when the config says read_only) of scripts[script] with `nkeys` keys followed by the other arguments
  * (argc in all). If Redis answers NOSCRIPT (its script cache was flushed), the
  * command is sent once more as EVAL with the source, transparently; note that it
  * then runs after whatever was sent meanwhile. Same contract as redis_command. */

@@ -11,4 +11,15 @@
 int service_init(int argc, char **argv, const char *name, const char *usage, unsigned need,
 		 const char *default_listen, struct config *cfg) __attribute__((warn_unused_result));
 
+struct log;
+/* At start: refuse an event store whose txids this cluster has not reached (restored
+ * from a logical dump into another cluster, see eventstore.h), with one line on stderr
+ * ("<name>: ..."): returns EVENTSTORE_EXIT_UNUSABLE for main to return, else -1: go on.
+ * When the check cannot run (PostgreSQL not reachable yet), logs a warning, returns -1,
+ * and a background thread repeats the check every second until it gets an answer: on
+ * a refusal it prints the same line and ends the process with that status. `name` and
+ * cfg->pg must live as long as the process. */
+int service_check_event_store(const char *name, const struct config *cfg,
+			      const struct log *log) __attribute__((warn_unused_result));
+
 #endif

@@ -1,10 +1,11 @@
-/* A string-keyed hash map (open hashing, FNV-1a), for caches and small sets. */
+/* A string-keyed hash map (open hashing, SipHash-1-3 keyed per map), for caches and sets. */
 #include "strmap.h"
 
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 struct entry {
 	struct entry *next;
@@ -18,24 +19,111 @@ struct strmap {
 	size_t nbuckets; /* a power of two */
 	size_t count;
 	void (*free_value)(void *);
+	uint64_t k0, k1; /* the SipHash key: random, the map's own */
 };
 
-static uint64_t fnv1a(const char *s)
-{
-	uint64_t h = 0xcbf29ce484222325ULL;
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
 
-	for (; *s; s++)
-		h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
-	return h;
+static void sipround(uint64_t v[4])
+{
+	v[0] += v[1];
+	v[1] = ROTL(v[1], 13);
+	v[1] ^= v[0];
+	v[0] = ROTL(v[0], 32);
+	v[2] += v[3];
+	v[3] = ROTL(v[3], 16);
+	v[3] ^= v[2];
+	v[0] += v[3];
+	v[3] = ROTL(v[3], 21);
+	v[3] ^= v[0];
+	v[2] += v[1];
+	v[1] = ROTL(v[1], 17);
+	v[1] ^= v[2];
+	v[2] = ROTL(v[2], 32);
+}
+
+static uint64_t load_le(const unsigned char *p, size_t n)
+{
+	uint64_t w = 0;
+
+	for (size_t i = 0; i < n; i++)
+		w |= (uint64_t)p[i] << (8 * i);
+	return w;
+}
+
+uint64_t strmap_siphash(uint64_t k0, uint64_t k1, const void *data, size_t len, int crounds,
+			int drounds)
+{
+	const unsigned char *p = data;
+	uint64_t v[4] = { k0 ^ 0x736f6d6570736575ULL, k1 ^ 0x646f72616e646f6dULL,
+			  k0 ^ 0x6c7967656e657261ULL, k1 ^ 0x7465646279746573ULL };
+	uint64_t m;
+	size_t i;
+
+	for (i = 0; i + 8 <= len; i += 8) {
+		m = load_le(p + i, 8);
+		v[3] ^= m;
+		for (int r = 0; r < crounds; r++)
+			sipround(v);
+		v[0] ^= m;
+	}
+	m = load_le(p + i, len - i) | ((uint64_t)(len & 0xff) << 56);
+	v[3] ^= m;
+	for (int r = 0; r < crounds; r++)
+		sipround(v);
+	v[0] ^= m;
+	v[2] ^= 0xff;
+	for (int r = 0; r < drounds; r++)
+		sipround(v);
+	return v[0] ^ v[1] ^ v[2] ^ v[3];
+}
+
+/* Keys are chosen by clients (account ids, idempotency keys): with a public hash
+ * function they could send keys that all share a bucket and turn every lookup into a
+ * list walk. A random key per map makes the buckets unpredictable. */
+static uint64_t hash(const struct strmap *m, const char *key)
+{
+	return strmap_siphash(m->k0, m->k1, key, strlen(key), 1, 3);
+}
+
+uint64_t strmap_hash(const struct strmap *m, const char *key)
+{
+	return hash(m, key);
+}
+
+/* 16 random bytes for the map's key; getrandom blocks only before the kernel's pool
+ * is first initialised, long before any service starts. */
+static int seed(struct strmap *m)
+{
+	unsigned char b[16];
+	size_t got = 0;
+
+	while (got < sizeof(b)) {
+		ssize_t n = getrandom(b + got, sizeof(b) - got, 0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		got += (size_t)n;
+	}
+	m->k0 = load_le(b, 8);
+	m->k1 = load_le(b + 8, 8);
+	return 0;
 }
 
 int strmap_open(struct strmap **out, void (*free_value)(void *))
 {
 	struct strmap *m = calloc(1, sizeof(*m));
+	int rc;
 
 	*out = NULL;
 	if (!m)
 		return -ENOMEM;
+	rc = seed(m);
+	if (rc) {
+		free(m);
+		return rc;
+	}
 	m->nbuckets = 64;
 	m->buckets = calloc(m->nbuckets, sizeof(*m->buckets));
 	if (!m->buckets) {
@@ -87,7 +175,7 @@ static struct entry **find(const struct strmap *m, const char *key, uint64_t h)
 
 void *strmap_get(const struct strmap *m, const char *key)
 {
-	struct entry *e = *find(m, key, fnv1a(key));
+	struct entry *e = *find(m, key, hash(m, key));
 	return e ? e->value : NULL;
 }
 
@@ -113,7 +201,7 @@ static void grow(struct strmap *m)
 
 bool strmap_put(struct strmap *m, const char *key, void *value)
 {
-	uint64_t h = fnv1a(key);
+	uint64_t h = hash(m, key);
 	struct entry **p = find(m, key, h), *e;
 	size_t len;
 
@@ -139,7 +227,7 @@ bool strmap_put(struct strmap *m, const char *key, void *value)
 
 bool strmap_remove(struct strmap *m, const char *key)
 {
-	struct entry **p = find(m, key, fnv1a(key)), *e = *p;
+	struct entry **p = find(m, key, hash(m, key)), *e = *p;
 
 	if (!e)
 		return false;

@@ -1,13 +1,17 @@
-/* A string-keyed hash map (open hashing, FNV-1a), for caches and small sets. */
+/* A string-keyed hash map (open hashing, SipHash-1-3 keyed per map), for caches and sets.
+ * Each map draws its own random hash key (getrandom) when opened, so clients that
+ * choose the keys (account ids, idempotency keys) cannot aim them at one bucket. */
 #ifndef DAYBOOK_STRMAP_H
 #define DAYBOOK_STRMAP_H
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 struct strmap;
 
-/* `free_value` (may be NULL) releases values on removal, clear and close. */
+/* `free_value` (may be NULL) releases values on removal, clear and close. Fails with a
+ * negative errno when out of memory or when no random hash key can be had. */
 int strmap_open(struct strmap **out, void (*free_value)(void *)) __attribute__((warn_unused_result));
 void strmap_close(struct strmap **map);
 
@@ -23,5 +27,13 @@ size_t strmap_count(const struct strmap *map);
 /* Call fn for every entry, in no particular order; fn must not change the map. */
 void strmap_foreach(const struct strmap *map, void (*fn)(void *arg, const char *key, void *value),
 		    void *arg);
+
+
+/* The bucket hash of key in this map (for tests: it depends on the map's random key). */
+uint64_t strmap_hash(const struct strmap *map, const char *key);
+/* SipHash with key (k0, k1), little-endian, and the given numbers of compression and
+ * finalisation rounds: 1 and 3 for the maps, 2 and 4 for the published test vectors. */
+uint64_t strmap_siphash(uint64_t k0, uint64_t k1, const void *data, size_t len, int crounds,
+			int drounds);
 
 #endif

@@ -274,32 +274,119 @@ void harness_start_command_env(struct service *svc, const char *db, const char *
 
 void harness_start_query(struct service *svc, const char *db, const char *redis_url)
 {
-	const char *env[] = { "DAYBOOK_REDIS", redis_url, NULL };
-	char pg[512];
+	char pg[512], url[HARNESS_REDIS_URL_MAX];
+	const char *env[] = { "DAYBOOK_REDIS", url, NULL };
 
+	harness_redis_url_as(redis_url, "daybook-query", url, sizeof(url));
 	harness_conninfo(db, "daybook_query", pg, sizeof(pg));
 	start_service(svc, "query", "DAYBOOK_QUERY_BIN", pg, env);
 }
 
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url)
 {
-	char pg[512];
-	const char *env[] = { "DAYBOOK_REDIS", redis_url, NULL };
+	char pg[512], url[HARNESS_REDIS_URL_MAX];
+	const char *env[] = { "DAYBOOK_REDIS", url, NULL };
 
+	harness_redis_url_as(redis_url, "daybook-projector", url, sizeof(url));
 	harness_conninfo(db, "daybook_projector", pg, sizeof(pg));
 	start_service(svc, "projector", "DAYBOOK_PROJECTOR_BIN", pg, env);
+}
+
+/* The test Redis servers' ACL users and their passwords (fixed: the servers are
+ * private to the test run). The rules come from deploy/redis-users.acl. */
+static const char *const redis_users[][2] = {
+	{ "daybook-projector", "test-projector-password" },
+	{ "daybook-query", "test-query-password" },
+	{ "daybook-admin", "test-admin-password" },
+	{ "daybook-ops", "test-ops-password" },
+};
+
+static const char *redis_password(const char *user)
+{
+	for (size_t i = 0; i < sizeof(redis_users) / sizeof(redis_users[0]); i++)
+		if (strcmp(redis_users[i][0], user) == 0)
+			return redis_users[i][1];
+	cr_assert_fail("no test Redis user %s", user);
+	return NULL;
+}
+
+/* One line of the ACL template with each @user@ replaced by the hash of its password. */
+static void render_acl_line(FILE *out, const char *line)
+{
+	for (const char *p = line; *p; ) {
+		const char *end = *p == '@' ? strchr(p + 1, '@') : NULL;
+		bool known = false;
+		if (end) {
+			for (size_t i = 0; i < sizeof(redis_users) / sizeof(redis_users[0]); i++) {
+				const char *u = redis_users[i][0];
+				if (strlen(u) != (size_t)(end - p - 1) || strncmp(u, p + 1, strlen(u)))
+					continue;
+				uint8_t d[SHA256_DIGEST_LEN];
+				char hex[2 * SHA256_DIGEST_LEN + 1];
+				sha256(redis_users[i][1], strlen(redis_users[i][1]), d);
+				sha256_hex(d, hex);
+				fputs(hex, out);
+				known = true;
+			}
+		}
+		if (known) {
+			p = end + 1;
+		} else {
+			fputc(*p, out);
+			p++;
+		}
+	}
+}
+
+/* The rendered ACL file for test Redis servers (written once per test process). */
+static const char *redis_acl_file(void)
+{
+	static char path[256];
+	char line[4096];
+	FILE *in, *out;
+
+	if (path[0])
+		return path;
+	snprintf(path, sizeof(path), "%s/daybook-test-redis-%d.acl", tmpdir(), (int)getpid());
+	/* The ACL template (comments dropped) and the test ACL file it becomes. */
+	in = fopen(env_or_skip("DAYBOOK_TEST_REDIS_ACL"), "r");
+	out = fopen(path, "w");
+	cr_assert(in && out, "cannot render %s into %s", getenv("DAYBOOK_TEST_REDIS_ACL"), path);
+	while (fgets(line, sizeof(line), in))
+		if (line[0] != '#' && line[0] != '\n')
+			render_acl_line(out, line);
+	fclose(in);
+	fclose(out);
+	return path;
+}
+
+void harness_redis_url_as(const char *url, const char *user, char *out, size_t len)
+{
+	struct config_redis addr;
+
+	cr_assert(config_parse_redis(url, &addr), "bad redis url %s", url);
+	if (!addr.password[0] || addr.path[0]) {
+		snprintf(out, len, "%s", url); /* a server without users: as it is */
+		return;
+	}
+	cr_assert_lt((size_t)snprintf(out, len, "redis://%s:%s@%s:%u/%d", user, redis_password(user),
+				      addr.host, (unsigned)addr.port, addr.db),
+		     len);
 }
 
 void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len)
 {
 	char port[16];
 	int p = reuse_port ? svc->port : harness_free_port();
+	const char *acl = redis_acl_file();
 
 	memset(svc, 0, sizeof(*svc));
 	svc->port = p;
 	snprintf(svc->name, sizeof(svc->name), "redis");
 	snprintf(port, sizeof(port), "%d", p);
-	snprintf(url, len, "redis://127.0.0.1:%d", p);
+	cr_assert_lt((size_t)snprintf(url, len, "redis://daybook-admin:%s@127.0.0.1:%d",
+				      redis_password("daybook-admin"), p),
+		     len);
 	svc->pid = fork();
 	cr_assert(svc->pid >= 0);
 	if (svc->pid == 0) {
@@ -308,7 +395,8 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 		if (fd >= 0)
 			dup2(fd, 1);
 		execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1",
-		       "--save", "", "--appendonly", "no", "--protected-mode", "no", (char *)NULL);
+		       "--save", "", "--appendonly", "no", "--protected-mode", "no", "--aclfile", acl,
+		       (char *)NULL);
 		_exit(127);
 	}
 	for (int i = 0; i < 200; i++) {
@@ -323,19 +411,32 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 	cr_assert_fail("redis-server on port %d did not start", p);
 }
 
-struct redisContext *harness_redis(const char *url)
+struct redisContext *harness_redis_as(const char *url, const char *user)
 {
 	struct config_redis addr;
+	char as[HARNESS_REDIS_URL_MAX];
 	redisContext *c;
 
-	cr_assert(config_parse_redis(url, &addr), "bad redis url %s", url);
+	harness_redis_url_as(url, user, as, sizeof(as));
+	cr_assert(config_parse_redis(as, &addr), "bad redis url %s", url);
 	c = addr.path[0] ? redisConnectUnix(addr.path) : redisConnect(addr.host, addr.port);
 	cr_assert(c && !c->err, "connecting to %s: %s", url, c ? c->errstr : "out of memory");
+	if (addr.password[0]) {
+		redisReply *r = redisCommand(c, "AUTH %s %s", addr.user, addr.password);
+		cr_assert(r && r->type == REDIS_REPLY_STATUS, "AUTH as %s: %s", addr.user,
+			  r && r->type == REDIS_REPLY_ERROR ? r->str : c->errstr);
+		freeReplyObject(r);
+	}
 	if (addr.db) {
 		redisReply *r = redisCommand(c, "SELECT %d", addr.db);
 		freeReplyObject(r);
 	}
 	return c;
+}
+
+struct redisContext *harness_redis(const char *url)
+{
+	return harness_redis_as(url, "daybook-ops");
 }
 
 double harness_metric(const struct service *svc, const char *name)

@@ -45,11 +45,21 @@ void harness_start_command_env(struct service *svc, const char *db, const char *
 void harness_start_query(struct service *svc, const char *db, const char *redis_url);
 /* Start daybook-projector against db and redis_url (its metrics port is svc->port). */
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url);
-/* Start a private redis-server on a free port (or on svc->port when `reuse_port`);
- * writes redis://127.0.0.1:<port> into url. Stop it with harness_kill. */
+/* Start a private redis-server on a free port (or on svc->port when `reuse_port`), with
+ * the ACL users of deploy/redis-users.acl (the `default` user disabled); writes
+ * redis://daybook-admin:<password>@127.0.0.1:<port> into url (at most
+ * HARNESS_REDIS_URL_MAX bytes): what daybook-admin uses. harness_start_query and
+ * harness_start_projector give their service its own user. Stop it with harness_kill. */
 void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len);
-/* A blocking connection to a redis:// URL (for checks); the test fails if it cannot. */
+#define HARNESS_REDIS_URL_MAX 128
+/* url (of harness_start_redis) with the credentials of ACL user `user` instead; a URL
+ * without a password (a server without users) is copied as it is. */
+void harness_redis_url_as(const char *url, const char *user, char *out, size_t len);
+/* A blocking connection to a redis:// URL for checks, as daybook-ops (every right);
+ * the test fails if it cannot. */
 struct redisContext *harness_redis(const char *url);
+/* The same as ACL user `user` (of deploy/redis-users.acl). */
+struct redisContext *harness_redis_as(const char *url, const char *user);
 /* The value of metric `name` (with labels, e.g. `x{a="b"}`) from svc's /metrics; -1 if absent. */
 double harness_metric(const struct service *svc, const char *name);
 /* Seconds on the monotonic clock. */

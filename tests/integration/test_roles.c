@@ -198,3 +198,55 @@ Test(roles, a_transfer_id_is_used_once)
 		     2);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'TransferSent'"), 1);
 }
+
+Test(roles, command_cannot_choose_txid_position_or_recorded_at)
+{
+	static const char *const forged[] = {
+		"INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
+		"('1'::xid8, 'account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{}')",
+		"INSERT INTO events (position, stream, version, type, data, metadata) OVERRIDING "
+		"SYSTEM VALUE VALUES (1000000, 'account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{}')",
+		"INSERT INTO events (recorded_at, stream, version, type, data, metadata) VALUES "
+		"('2000-01-01', 'account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{}')",
+	};
+
+	for (size_t i = 0; i < sizeof(forged) / sizeof(forged[0]); i++)
+		assert_refused("daybook_command", forged[i], PERMISSION_DENIED);
+	assert_log_untouched();
+	/* The columns it decides are still its own. */
+	assert_allowed("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{}')");
+}
+
+Test(roles, no_service_role_can_create_temporary_tables_or_objects)
+{
+	static const char *const creations[] = {
+		"CREATE TEMP TABLE events (x int)",
+		"CREATE TABLE public.sneaky (x int)",
+		"CREATE FUNCTION public.sneaky() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+		"CREATE SCHEMA sneaky",
+	};
+
+	for (size_t r = 0; r < sizeof(service_roles) / sizeof(service_roles[0]); r++)
+		for (size_t c = 0; c < sizeof(creations) / sizeof(creations[0]); c++)
+			assert_refused(service_roles[r], creations[c], PERMISSION_DENIED);
+}
+
+Test(roles, every_function_pins_its_search_path)
+{
+	PGresult *r = sql(db, "SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON "
+			      "n.oid = p.pronamespace WHERE n.nspname = 'public' AND NOT EXISTS "
+			      "(SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%')");
+
+	for (int i = 0; i < PQntuples(r); i++)
+		fprintf(stderr, "function without a pinned search_path: %s\n", PQgetvalue(r, i, 0));
+	cr_assert_eq(PQntuples(r), 0, "%d function(s) without a pinned search_path", PQntuples(r));
+	PQclear(r);
+	/* Trigger functions above all, and they exist (the check above is not vacuous). */
+	cr_assert_geq(sql_int(db, "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = "
+				  "p.pronamespace WHERE n.nspname = 'public' AND p.prorettype = "
+				  "'trigger'::regtype AND 'search_path=public, pg_temp' = "
+				  "ANY (p.proconfig)"),
+		      3);
+}

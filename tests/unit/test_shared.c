@@ -277,7 +277,8 @@ Test(tokens, a_missing_file_is_an_error_naming_it)
 static void clear_config_env(void)
 {
 	static const char *const vars[] = { "DAYBOOK_PG", "DAYBOOK_REDIS", "DAYBOOK_LISTEN",
-					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL" };
+					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL",
+					    "DAYBOOK_REDIS_PASSWORD_FILE" };
 
 	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
 		unsetenv(vars[i]);
@@ -454,6 +455,70 @@ Test(config, malformed_settings_are_named)
 	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_LOG_LEVEL");
 }
 
+Test(config, parse_redis_with_user_and_password)
+{
+	struct config_redis r;
+	char shown[600];
+
+	cr_assert(config_parse_redis("redis://daybook-query:s3cr%40t%2F@127.0.0.1:6379/2", &r));
+	cr_assert_str_eq(r.user, "daybook-query");
+	cr_assert_str_eq(r.password, "s3cr@t/", "percent-decoded");
+	cr_assert_str_eq(r.host, "127.0.0.1");
+	cr_assert_eq(r.port, 6379);
+	cr_assert_eq(r.db, 2);
+
+	cr_assert(config_parse_redis("redis://:only-a-password@cache:6380", &r));
+	cr_assert_str_eq(r.user, "");
+	cr_assert_str_eq(r.password, "only-a-password");
+	cr_assert_str_eq(r.host, "cache");
+
+	cr_assert(config_parse_redis("redis://daybook-projector@cache:6380", &r));
+	cr_assert_str_eq(r.user, "daybook-projector");
+	cr_assert_str_eq(r.password, "");
+
+	cr_assert(config_parse_redis("unix://daybook-admin:pw@/run/redis.sock?db=1", &r));
+	cr_assert_str_eq(r.user, "daybook-admin");
+	cr_assert_str_eq(r.password, "pw");
+	cr_assert_str_eq(r.path, "/run/redis.sock");
+	cr_assert_eq(r.db, 1);
+
+	/* What logs show: the server and the user, never the password. */
+	cr_assert(config_parse_redis("redis://daybook-query:hunter2@127.0.0.1:6379/2", &r));
+	config_redis_describe(&r, shown, sizeof(shown));
+	cr_assert_str_eq(shown, "127.0.0.1:6379/2 as daybook-query");
+	cr_assert_null(strstr(shown, "hunter2"));
+
+	cr_assert_not(config_parse_redis("redis://user:bad%4@127.0.0.1:6379", &r));
+	cr_assert_not(config_parse_redis("redis://user:nul%00@127.0.0.1:6379", &r));
+}
+
+Test(config, redis_password_from_a_file)
+{
+	struct config cfg;
+	char err[512] = "", path[64];
+
+	clear_config_env();
+	setenv("DAYBOOK_PG", "dbname=x", 1);
+	write_temp(path, sizeof(path), "from-the-file\n");
+	setenv("DAYBOOK_REDIS", "redis://daybook-query@127.0.0.1:6379", 1);
+	setenv("DAYBOOK_REDIS_PASSWORD_FILE", path, 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG | CONFIG_NEED_REDIS, NULL, err, sizeof(err)),
+		  "%s", err);
+	cr_assert_str_eq(cfg.redis.user, "daybook-query");
+	cr_assert_str_eq(cfg.redis.password, "from-the-file");
+
+	/* A password in both places is ambiguous. */
+	setenv("DAYBOOK_REDIS", "redis://daybook-query:other@127.0.0.1:6379", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
+	setenv("DAYBOOK_REDIS", "redis://daybook-query@127.0.0.1:6379", 1);
+	unlink(path);
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
+	write_temp(path, sizeof(path), "\n");
+	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
+	unlink(path);
+	clear_config_env();
+}
+
 /* --- strmap ------------------------------------------------------------------------ */
 
 /* A value that counts its own release. */
@@ -582,6 +647,43 @@ Test(strmap, grows_past_many_entries)
 			cr_assert_eq((intptr_t)strmap_get(m, key), i + 1);
 	}
 	strmap_close(&m);
+}
+
+Test(strmap, siphash_matches_the_published_test_vectors)
+{
+	unsigned char msg[15];
+
+	for (size_t i = 0; i < sizeof(msg); i++)
+		msg[i] = (unsigned char)i;
+	/* SipHash-2-4, key 00 01 .. 0f: the reference implementation's vectors.h. */
+	cr_assert_eq(strmap_siphash(0x0706050403020100ULL, 0x0f0e0d0c0b0a0908ULL, msg, 0, 2, 4),
+		     0x726fdb47dd0e0e31ULL);
+	cr_assert_eq(strmap_siphash(0x0706050403020100ULL, 0x0f0e0d0c0b0a0908ULL, msg, 15, 2, 4),
+		     0xa129ca6149be45e5ULL);
+}
+
+Test(strmap, the_hash_of_a_key_depends_on_the_map_s_random_seed)
+{
+	static const char *const keys[] = { "", "alice", "account-1", "a-much-longer-account-id" };
+	struct strmap *a = NULL, *b = NULL;
+
+	cr_assert_eq(strmap_open(&a, NULL), 0);
+	cr_assert_eq(strmap_open(&b, NULL), 0);
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		/* Stable within a map, different across maps (equal with odds of 2^-64). */
+		cr_assert_eq(strmap_hash(a, keys[i]), strmap_hash(a, keys[i]));
+		cr_assert_neq(strmap_hash(a, keys[i]), strmap_hash(b, keys[i]),
+			      "'%s' hashes alike in two maps: the hash is not seeded", keys[i]);
+		cr_assert(strmap_put(a, keys[i], (void *)keys[i]));
+		cr_assert(strmap_put(b, keys[i], (void *)keys[i]));
+	}
+	/* Behaviour is the same whatever the seed. */
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		cr_assert_eq(strmap_get(a, keys[i]), keys[i]);
+		cr_assert_eq(strmap_get(b, keys[i]), keys[i]);
+	}
+	strmap_close(&a);
+	strmap_close(&b);
 }
 
 /* --- metrics ----------------------------------------------------------------------- */
