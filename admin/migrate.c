@@ -8,7 +8,7 @@
 
 #include "admin.h"
 #include "readmodel.h"
-#include "sha256.h"
+#include "digest.h"
 
 #ifndef DAYBOOK_SQL_DIR
 #define DAYBOOK_SQL_DIR "sql"
@@ -20,7 +20,7 @@
 struct migration {
 	int version;
 	char name[256];
-	char checksum[2 * SHA256_DIGEST_LEN + 1];
+	char checksum[DIGEST_SHA256_HEX_LEN + 1];
 	char *sql; /* owned */
 };
 
@@ -104,9 +104,13 @@ static int load_dir(const char *dir, struct migration **out, size_t *count)
 			n++;
 			goto fail;
 		}
-		uint8_t digest[SHA256_DIGEST_LEN];
-		sha256(m[n].sql, strlen(m[n].sql), digest);
-		sha256_hex(digest, m[n].checksum);
+		unsigned char digest[DIGEST_SHA256_LEN];
+		if (!digest_sha256(m[n].sql, strlen(m[n].sql), digest)) {
+			fprintf(stderr, "daybook-admin: cannot checksum %s: out of memory\n", path);
+			n++;
+			goto fail;
+		}
+		digest_hex(digest, DIGEST_SHA256_LEN, m[n].checksum);
 		n++;
 	}
 	closedir(d);

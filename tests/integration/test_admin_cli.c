@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 #include "harness.h"
-#include "sha256.h"
+#include "digest.h"
 
 TestSuite(admin_cli, .timeout = 120);
 
@@ -164,11 +164,11 @@ static void write_file(const char *path, const char *text, const char *mode)
 /* A tokens file with one valid line (and whatever `extra` adds); path gets its name. */
 static void tokens_file(char *path, size_t len, const char *extra)
 {
-	uint8_t d[SHA256_DIGEST_LEN];
+	unsigned char d[DIGEST_SHA256_LEN];
 	char hex[65], text[512];
 
-	sha256("cli-secret", 10, d);
-	sha256_hex(d, hex);
+	cr_assert(digest_sha256("cli-secret", 10, d));
+	digest_hex(d, DIGEST_SHA256_LEN, hex);
 	snprintf(path, len, "/tmp/daybook-test-cli-tokens-%d-%ld.txt", (int)getpid(),
 		 (long)(harness_now() * 1e6) % 1000000);
 	snprintf(text, sizeof(text), "# cli test\nops %s write,read\n%s", hex, extra);
@@ -599,9 +599,9 @@ Test(admin_cli, migrate_applies_once_refuses_a_changed_file_and_applies_new_ones
 	cr_assert(table_exists(db, "extra"));
 	{
 		char *text = read_file(extra), hex[65], q[256];
-		uint8_t d[SHA256_DIGEST_LEN];
-		sha256(text, strlen(text), d);
-		sha256_hex(d, hex);
+		unsigned char d[DIGEST_SHA256_LEN];
+		cr_assert(digest_sha256(text, strlen(text), d));
+		digest_hex(d, DIGEST_SHA256_LEN, hex);
 		free(text);
 		snprintf(q, sizeof(q),
 			 "SELECT count(*) FROM schema_migrations WHERE version = 999 AND "

@@ -1,4 +1,4 @@
-/* Unit tests of the shared library's small modules: sha256, tokens, config, strmap,
+/* Unit tests of the shared library's small modules: digest, tokens, config, strmap,
  * metrics, log, the pg text[] literal helper and the read models' time text. */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -12,106 +12,49 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "digest.h"
 #include "log.h"
 #include "metrics.h"
 #include "pg.h"
 #include "readmodel.h"
-#include "sha256.h"
 #include "strmap.h"
 #include "tokens.h"
 
-/* --- sha256 ------------------------------------------------------------------------ */
+/* --- digest (libcrypto) ------------------------------------------------------------ */
 
 static void assert_digest(const void *data, size_t len, const char *expected)
 {
-	uint8_t d[SHA256_DIGEST_LEN];
-	char hex[2 * SHA256_DIGEST_LEN + 1];
+	unsigned char d[DIGEST_SHA256_LEN];
+	char hex[DIGEST_SHA256_HEX_LEN + 1];
 
-	sha256(data, len, d);
-	sha256_hex(d, hex);
+	cr_assert(digest_sha256(data, len, d));
+	digest_hex(d, DIGEST_SHA256_LEN, hex);
 	cr_assert_str_eq(hex, expected, "SHA-256 of %zu bytes", len);
 }
 
-Test(sha256, fips_180_4_short_messages)
+Test(digest, sha256_gives_the_published_digests)
 {
 	assert_digest("", 0, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
 	assert_digest("abc", 3, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
 
-Test(sha256, fips_180_4_448_and_896_bit_messages)
+Test(digest, parts_hash_like_their_concatenation)
 {
-	const char *m448 = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-	const char *m896 = "abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmno"
-			   "ijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu";
+	const void *parts[] = { "ab", "", "c" };
+	const size_t lens[] = { 2, 0, 1 };
+	unsigned char whole[DIGEST_SHA256_LEN], parted[DIGEST_SHA256_LEN];
 
-	cr_assert_eq(strlen(m448) * 8, 448);
-	cr_assert_eq(strlen(m896) * 8, 896);
-	assert_digest(m448, strlen(m448),
-		      "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
-	assert_digest(m896, strlen(m896),
-		      "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1");
+	cr_assert(digest_sha256("abc", 3, whole));
+	cr_assert(digest_sha256_parts(3, parts, lens, parted));
+	cr_assert_arr_eq(whole, parted, sizeof(whole));
 }
 
-/* The padding has edge cases where the length field does or does not fit the block. */
-Test(sha256, lengths_around_the_block_boundary)
+Test(digest, equal_compares_every_byte)
 {
-	static const struct {
-		size_t n;
-		const char *hex;
-	} cases[] = {
-		{ 55, "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318" },
-		{ 56, "b35439a4ac6f0948b6d6f9e3c6af0f5f590ce20f1bde7090ef7970686ec6738a" },
-		{ 63, "7d3e74a05d7db15bce4ad9ec0658ea98e3f06eeecf16b4c6fff2da457ddc2f34" },
-		{ 64, "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb" },
-		{ 65, "635361c48bb9eab14198e76ea8ab7f1a41685d6ad62aa9146d301d4f17eb0ae0" },
-		{ 119, "31eba51c313a5c08226adf18d4a359cfdfd8d2e816b13f4af952f7ea6584dcfb" },
-		{ 120, "2f3d335432c70b580af0e8e1b3674a7c020d683aa5f73aaaedfdc55af904c21c" },
-	};
-	char a[128];
-
-	memset(a, 'a', sizeof(a));
-	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-		assert_digest(a, cases[i].n, cases[i].hex);
-}
-
-Test(sha256, one_million_a_in_odd_sized_updates)
-{
-	static const size_t sizes[] = { 1, 3, 7, 13, 55, 63, 65, 127, 129, 1001 };
-	char chunk[1001];
-	struct sha256 ctx;
-	uint8_t d[SHA256_DIGEST_LEN];
-	char hex[2 * SHA256_DIGEST_LEN + 1];
-	size_t done = 0;
-
-	memset(chunk, 'a', sizeof(chunk));
-	sha256_init(&ctx);
-	for (size_t i = 0; done < 1000000; i++) {
-		size_t n = sizes[i % (sizeof(sizes) / sizeof(sizes[0]))];
-		if (n > 1000000 - done)
-			n = 1000000 - done;
-		sha256_update(&ctx, chunk, n);
-		done += n;
-	}
-	sha256_final(&ctx, d);
-	sha256_hex(d, hex);
-	cr_assert_str_eq(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
-}
-
-Test(sha256, a_context_is_reusable_after_init)
-{
-	struct sha256 ctx;
-	uint8_t d1[SHA256_DIGEST_LEN], d2[SHA256_DIGEST_LEN];
-
-	sha256_init(&ctx);
-	sha256_update(&ctx, "something else entirely", 23);
-	sha256_final(&ctx, d1);
-	sha256_init(&ctx);
-	sha256_update(&ctx, "ab", 2);
-	sha256_update(&ctx, "", 0);
-	sha256_update(&ctx, "c", 1);
-	sha256_final(&ctx, d2);
-	sha256("abc", 3, d1);
-	cr_assert_arr_eq(d1, d2, sizeof(d1));
+	cr_assert(digest_equal("abcd", "abcd", 4));
+	cr_assert_not(digest_equal("abcd", "abce", 4));
+	cr_assert_not(digest_equal("xbcd", "abcd", 4));
+	cr_assert(digest_equal("ab", "ac", 1), "only len bytes count");
 }
 
 /* --- tokens ------------------------------------------------------------------------ */
@@ -128,12 +71,12 @@ static void write_temp(char *path, size_t len, const char *text)
 	close(fd);
 }
 
-static void hash_hex(const char *secret, char hex[2 * SHA256_DIGEST_LEN + 1])
+static void hash_hex(const char *secret, char hex[DIGEST_SHA256_HEX_LEN + 1])
 {
-	uint8_t d[SHA256_DIGEST_LEN];
+	unsigned char d[DIGEST_SHA256_LEN];
 
-	sha256(secret, strlen(secret), d);
-	sha256_hex(d, hex);
+	cr_assert(digest_sha256(secret, strlen(secret), d));
+	digest_hex(d, DIGEST_SHA256_LEN, hex);
 }
 
 Test(tokens, a_valid_file_with_comments_and_blank_lines)
