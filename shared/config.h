@@ -16,7 +16,7 @@ enum config_need {
 };
 
 struct config_redis {
-	char host[256];  /* empty for a unix socket */
+	char host[256];  /* empty for a unix socket; IPv6 without brackets */
 	uint16_t port;
 	char path[256];  /* unix socket path, empty for TCP */
 	int db;
@@ -55,7 +55,9 @@ bool config_read_redis_password(const char *path, struct config_redis *server, c
 bool config_parse_hostport(const char *text, char *host, size_t hostlen, uint16_t *port)
 	__attribute__((warn_unused_result));
 /* redis://[[user][:password]@]host:port[/db] or unix://[[user][:password]@]/path[?db=N]
- * (user and password percent-decoded); false when malformed. */
+ * (parsed by libevent's evhttp_uri_parse; user and password percent-decoded; host a
+ * name, IPv4 or a bracketed IPv6 address, stored without the brackets); false when
+ * malformed. */
 bool config_parse_redis(const char *url, struct config_redis *out) __attribute__((warn_unused_result));
 
 #endif

@@ -435,6 +435,46 @@ Test(config, parse_redis_with_user_and_password)
 	cr_assert_not(config_parse_redis("redis://user:nul%00@127.0.0.1:6379", &r));
 }
 
+Test(config, parse_redis_ipv6_hosts)
+{
+	struct config_redis r;
+	char shown[600];
+
+	cr_assert(config_parse_redis("redis://[::1]:6379/0", &r));
+	cr_assert_str_eq(r.host, "::1", "the brackets are the URL's, not the address's");
+	cr_assert_eq(r.port, 6379);
+	cr_assert_eq(r.db, 0);
+	config_redis_describe(&r, shown, sizeof(shown));
+	cr_assert_str_eq(shown, "[::1]:6379/0");
+
+	cr_assert(config_parse_redis("redis://daybook-query:p%3Aw@[2001:db8::7]:6380/4", &r));
+	cr_assert_str_eq(r.host, "2001:db8::7");
+	cr_assert_str_eq(r.user, "daybook-query");
+	cr_assert_str_eq(r.password, "p:w");
+	cr_assert_eq(r.port, 6380);
+	cr_assert_eq(r.db, 4);
+
+	cr_assert_not(config_parse_redis("redis://[::1]/0", &r), "a port is required");
+	cr_assert_not(config_parse_redis("redis://[::1:6379", &r));
+	cr_assert_not(config_parse_redis("redis://::1:6379", &r), "IPv6 needs brackets");
+	cr_assert_not(config_parse_redis("redis://[not-an-address]:6379", &r));
+}
+
+Test(config, parse_redis_refuses_what_redis_urls_do_not_have)
+{
+	const char *bad[] = { "redis://host:70000", "redis://host:6379?db=1",
+			      "redis://host:6379#frag", "redis://host:6379/1/2",
+			      "unix://host/tmp/r.sock", "unix:///tmp/r.sock?x=1",
+			      "unix://:6379/tmp/r.sock", "redis://us er@host:6379",
+			      "redis://u:p@ss@host:6379" };
+	struct config_redis r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		cr_assert_not(config_parse_redis(bad[i], &r), "'%s' was accepted", bad[i]);
+		cr_assert_str_eq(r.password, "", "nothing half-parsed is left");
+	}
+}
+
 Test(config, redis_password_from_a_file)
 {
 	struct config cfg;
