@@ -913,7 +913,7 @@ Test(log, lines_are_json_with_escaping_and_level_filtering)
 	cr_assert_str_eq(json_string_value(json_object_get(first, "level")), "warn");
 	cr_assert_str_eq(json_string_value(json_object_get(first, "service")), "command");
 	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")),
-			 "quote \" backslash \\ newline \n tab \t end 42");
+			 "quote \" backslash \\ newline tab \t end 42", "one line: %s", text);
 	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")), "req-\"7\"");
 	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
 		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
@@ -921,6 +921,43 @@ Test(log, lines_are_json_with_escaping_and_level_filtering)
 	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
 	cr_assert_str_eq(json_string_value(json_object_get(second, "msg")), "second");
 	cr_assert_null(json_object_get(second, "request_id"));
+	json_decref(first);
+	json_decref(second);
+	free(text);
+}
+
+static void log_hostile_lines(void)
+{
+	const struct log lg = { .service = "query", .level = LOG_INFO };
+	json_t *fields = json_object();
+
+	json_object_set_new(fields, "path", log_textn("/a\x01\"b\\\xff\xc3(\0z\x7f", 12));
+	json_object_set_new(fields, "n", json_integer(7));
+	log_fields(&lg, LOG_INFO, "id\xfe\n", "bad \xe2\x82 utf-8", fields);
+	/* libpq's errors end in a newline and may add DETAIL or HINT lines. */
+	log_warn(&lg, "postgresql: %s", "ERROR:  relation \"x\" does not exist\nLINE 1: SELECT\n"
+					"        ^\n");
+}
+
+Test(log, every_line_is_json_whatever_the_bytes_and_errors_are_one_line)
+{
+	char *text = capture_stderr(log_hostile_lines), *nl = strchr(text, '\n');
+	json_error_t error;
+	json_t *first, *second;
+
+	cr_assert_eq(occurrences(text, "\n"), 2, "%s", text);
+	first = json_loadb(text, (size_t)(nl - text), 0, &error);
+	cr_assert_not_null(first, "not JSON: %s (%s)", text, error.text);
+	cr_assert_str_eq(json_string_value(json_object_get(first, "path")),
+			 "/a\x01\"b\\\xef\xbf\xbd\xef\xbf\xbd(\xef\xbf\xbdz\x7f");
+	cr_assert_eq(json_integer_value(json_object_get(first, "n")), 7);
+	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")),
+			 "bad \xef\xbf\xbd\xef\xbf\xbd utf-8");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")), "id\xef\xbf\xbd");
+	second = json_loads(nl + 1, 0, &error);
+	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	cr_assert_str_eq(json_string_value(json_object_get(second, "msg")),
+			 "postgresql: ERROR:  relation \"x\" does not exist LINE 1: SELECT ^");
 	json_decref(first);
 	json_decref(second);
 	free(text);
