@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -745,6 +746,54 @@ Test(metrics, counters_and_gauges_render_by_family)
 	free(text);
 	metrics_close(&m);
 	cr_assert_null(m);
+}
+
+struct lookup_worker {
+	struct metrics *m;
+	struct metric *got[64];
+};
+
+static void *look_up_all(void *arg)
+{
+	struct lookup_worker *w = arg;
+	char labels[64];
+
+	for (int round = 0; round < 50; round++) {
+		for (int i = 0; i < 64; i++) {
+			snprintf(labels, sizeof(labels), "route=\"/r%d\"", i);
+			w->got[i] = metrics_get(w->m, METRIC_COUNTER, "hits_total", "Hits.", labels,
+						NULL, 0);
+			metric_add(w->got[i], 1);
+		}
+	}
+	return NULL;
+}
+
+Test(metrics, lookups_from_many_threads_share_one_series_per_labels)
+{
+	struct metrics *m;
+	struct lookup_worker w[4];
+	pthread_t tid[4];
+	char *text, line[128];
+
+	cr_assert_eq(metrics_open(&m), 0);
+	for (int t = 0; t < 4; t++) {
+		w[t].m = m;
+		cr_assert_eq(pthread_create(&tid[t], NULL, look_up_all, &w[t]), 0);
+	}
+	for (int t = 0; t < 4; t++)
+		pthread_join(tid[t], NULL);
+	for (int i = 0; i < 64; i++)
+		for (int t = 1; t < 4; t++)
+			cr_assert_eq(w[t].got[i], w[0].got[i], "one series for route /r%d", i);
+	text = render(m);
+	cr_assert_eq(occurrences(text, "# TYPE hits_total counter\n"), 1);
+	for (int i = 0; i < 64; i++) {
+		snprintf(line, sizeof(line), "hits_total{route=\"/r%d\"} 200\n", i);
+		cr_assert_eq(occurrences(text, line), 1, "%s in:\n%s", line, text);
+	}
+	free(text);
+	metrics_close(&m);
 }
 
 /* The value on the line of `series` (name plus labels as rendered, or a bare name that
