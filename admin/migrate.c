@@ -8,6 +8,7 @@
 
 #include "admin.h"
 #include "readmodel.h"
+#include "cli.h"
 #include "digest.h"
 
 #ifndef DAYBOOK_SQL_DIR
@@ -273,28 +274,46 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 	size_t n = 0;
 	PGconn *conn;
 	bool renew = false;
+	char line[1024];
 	int rc;
+
+	static const struct option options[] = {
+		{ "dir", required_argument, NULL, 'd' },
+		{ "new-identity", no_argument, NULL, 'N' },
+		CLI_COMMON_OPTIONS,
+		{ NULL, 0, NULL, 0 },
+	};
+	int c;
 
 	if (!dir || !*dir)
 		dir = DAYBOOK_SQL_DIR;
-	for (int i = 1; i < argc; i++) {
-		if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc) {
-			dir = argv[++i];
-		} else if (strcmp(argv[i], "--new-identity") == 0) {
+	while ((c = getopt_long(argc, argv, "+:d:h", options, NULL)) != -1) {
+		switch (c) {
+		case 'd':
+			dir = optarg;
+			break;
+		case 'N':
 			renew = true;
-		} else {
-			fprintf(stderr, "daybook-admin migrate: unexpected argument '%s'\n", argv[i]);
-			return 2;
+			break;
+		case 'h':
+			return admin_help("migrate");
+		default:
+			return admin_getopt_error("migrate", argc, argv, c);
 		}
 	}
+	if (optind < argc)
+		return admin_usage_error("migrate", "unexpected argument '%s'", argv[optind]);
+	if (!admin_configure(ctx, "migrate"))
+		return CLI_EXIT_USAGE;
 	if (load_dir(dir, &m, &n))
-		return 1;
+		return CLI_EXIT_PROBLEM;
 	conn = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(conn) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin: cannot connect to PostgreSQL: %s", PQerrorMessage(conn));
+		fprintf(stderr, "daybook-admin migrate: cannot connect to PostgreSQL: %s\n",
+			log_oneline(PQerrorMessage(conn), line, sizeof(line)));
 		PQfinish(conn);
 		free_migrations(m, n);
-		return 1;
+		return CLI_EXIT_UNAVAILABLE;
 	}
 	/* Concurrent migrates queue up instead of racing; the lock ends with the session. */
 	rc = exec_ok(conn, "SET client_min_messages = warning", "settings") &&

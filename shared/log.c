@@ -88,6 +88,30 @@ json_t *log_textn(const char *text, size_t n)
 	return str;
 }
 
+const char *log_oneline(const char *text, char *out, size_t len)
+{
+	size_t o = 0;
+
+	if (len == 0)
+		return out;
+	for (const char *s = text ? text : ""; *s && o + 1 < len;) {
+		if (*s == '\r' || *s == '\n') {
+			while (o > 0 && (out[o - 1] == ' ' || out[o - 1] == '\t'))
+				o--;
+			while (*s == '\r' || *s == '\n' || *s == ' ' || *s == '\t')
+				s++;
+			if (o > 0 && *s)
+				out[o++] = ' ';
+			continue;
+		}
+		out[o++] = *s++;
+	}
+	while (o > 0 && (out[o - 1] == ' ' || out[o - 1] == '\t'))
+		o--;
+	out[o] = '\0';
+	return out;
+}
+
 json_t *log_text(const char *text)
 {
 	return log_textn(text ? text : "", text ? strlen(text) : 0);

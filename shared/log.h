@@ -44,6 +44,11 @@ json_t *log_text(const char *text);
 /* The same for the first len bytes of text (which may hold NULs: they become U+FFFD). */
 json_t *log_textn(const char *text, size_t len);
 
+/* text folded onto one line as log_text does (line breaks and the blanks around them
+ * become one space, trailing ones dropped), into out (cut to len - 1 bytes); returns
+ * out. For plain-text messages on stderr, e.g. a libpq error after "...: ". */
+const char *log_oneline(const char *text, char *out, size_t len);
+
 #define log_debug(l, ...) log_msg((l), LOG_DEBUG, NULL, __VA_ARGS__)
 #define log_info(l, ...) log_msg((l), LOG_INFO, NULL, __VA_ARGS__)
 #define log_warn(l, ...) log_msg((l), LOG_WARN, NULL, __VA_ARGS__)
