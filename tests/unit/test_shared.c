@@ -278,7 +278,8 @@ static void clear_config_env(void)
 {
 	static const char *const vars[] = { "DAYBOOK_PG", "DAYBOOK_REDIS", "DAYBOOK_LISTEN",
 					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL",
-					    "DAYBOOK_REDIS_PASSWORD_FILE" };
+					    "DAYBOOK_REDIS_PASSWORD_FILE", "DAYBOOK_MAX_CONNECTIONS",
+					    "DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "DAYBOOK_HTTP_IDLE_TIMEOUT_MS" };
 
 	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
 		unsetenv(vars[i]);
@@ -517,6 +518,41 @@ Test(config, redis_password_from_a_file)
 	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
 	unlink(path);
 	clear_config_env();
+}
+
+Test(config, http_limits_have_defaults_and_are_read_and_checked)
+{
+	struct config cfg;
+	char err[512] = "";
+
+	clear_config_env();
+	setenv("DAYBOOK_PG", "dbname=x", 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
+	cr_assert_eq(cfg.http.max_connections, 1024);
+	cr_assert_eq(cfg.http.header_timeout_ms, 10000);
+	cr_assert_eq(cfg.http.idle_timeout_ms, 60000);
+
+	setenv("DAYBOOK_MAX_CONNECTIONS", "100", 1);
+	setenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "1500", 1);
+	setenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", "2500", 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
+	cr_assert_eq(cfg.http.max_connections, 100);
+	cr_assert_eq(cfg.http.header_timeout_ms, 1500);
+	cr_assert_eq(cfg.http.idle_timeout_ms, 2500);
+
+	const char *const bad[] = { "0", "-1", "10x", "", " 5", "99999999999999999999" };
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		if (!*bad[i])
+			continue; /* empty is unset */
+		setenv("DAYBOOK_MAX_CONNECTIONS", bad[i], 1);
+		assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_MAX_CONNECTIONS");
+	}
+	unsetenv("DAYBOOK_MAX_CONNECTIONS");
+	setenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "10", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_HTTP_HEADER_TIMEOUT_MS");
+	unsetenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS");
+	setenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", "soon", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_HTTP_IDLE_TIMEOUT_MS");
 }
 
 /* --- strmap ------------------------------------------------------------------------ */
