@@ -387,6 +387,19 @@ static size_t cap(const struct http_server_config *cfg)
 	return max;
 }
 
+/* Every connection's deadline is one of two durations: libevent keeps such "common"
+ * timeouts in a queue, O(1) to re-arm, instead of its heap. */
+static int common_timeout(struct conns *cs, unsigned ms, unsigned dflt, struct timeval *out)
+{
+	struct timeval tv = ms_to_tv(ms ? ms : dflt);
+	const struct timeval *common = event_base_init_common_timeout(cs->base, &tv);
+
+	if (!common)
+		return -ENOMEM;
+	*out = *common;
+	return 0;
+}
+
 static void make_metrics(struct conns *cs, struct metrics *m)
 {
 	const char *help = "Client connections closed by the server, by reason.";
@@ -413,11 +426,11 @@ int conns_open(struct conns **out, struct http_server *srv)
 	cs->srv = srv;
 	cs->base = cfg->base;
 	cs->max = cap(cfg);
-	cs->header_timeout = ms_to_tv(cfg->limits.header_timeout_ms
-					      ? cfg->limits.header_timeout_ms
-					      : CONFIG_HEADER_TIMEOUT_MS_DEFAULT);
-	cs->idle_timeout = ms_to_tv(cfg->limits.idle_timeout_ms ? cfg->limits.idle_timeout_ms
-								: CONFIG_IDLE_TIMEOUT_MS_DEFAULT);
+	if (common_timeout(cs, cfg->limits.header_timeout_ms, CONFIG_HEADER_TIMEOUT_MS_DEFAULT,
+			   &cs->header_timeout) != 0 ||
+	    common_timeout(cs, cfg->limits.idle_timeout_ms, CONFIG_IDLE_TIMEOUT_MS_DEFAULT,
+			   &cs->idle_timeout) != 0)
+		goto fail;
 	make_metrics(cs, cfg->metrics);
 	cs->adopt = event_new(cfg->base, -1, 0, on_adopt, cs);
 	cs->resume = event_new(cfg->base, -1, EV_PERSIST, on_resume, cs);
