@@ -158,13 +158,10 @@ static int start(struct query_ctx *ctx, bool signals)
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = query_routes, .nroutes = query_nroutes, .ready = ready, .arg = ctx,
-		.reuse_port = true, .limits = ctx->cfg.http,
+		.reuse_port = true, .limits = ctx->cfg.http, .workers = (unsigned)ctx->nworkers,
 	};
 	struct timeval tick = { 0, 100000 };
 
-	/* The cap is the process's: each worker keeps its share. */
-	hc.limits.max_connections =
-		(ctx->cfg.http.max_connections + (unsigned)ctx->nworkers - 1) / (unsigned)ctx->nworkers;
 	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx) || open_redis(ctx)) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;

@@ -33,7 +33,9 @@ struct config_http {
 	unsigned idle_timeout_ms;   /* DAYBOOK_HTTP_IDLE_TIMEOUT_MS: keep-alive between requests */
 };
 
-#define CONFIG_MAX_CONNECTIONS_DEFAULT 1024
+/* An idle connection costs a few KiB, one receiving a request up to 80 KiB (16 KiB of
+ * headers, 64 KiB of body): 512 keeps the worst case within about 40 MiB. */
+#define CONFIG_MAX_CONNECTIONS_DEFAULT 512
 #define CONFIG_HEADER_TIMEOUT_MS_DEFAULT 10000
 #define CONFIG_IDLE_TIMEOUT_MS_DEFAULT 60000
 

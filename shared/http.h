@@ -63,9 +63,11 @@ struct http_server_config {
 	void (*ready)(void *arg, struct http_ready *r);
 	void *arg; /* passed to handlers and to ready */
 	bool reuse_port; /* SO_REUSEPORT: several workers serve one port */
-	/* The connection cap and deadlines of this server; zero fields take the defaults
-	 * (CONFIG_*_DEFAULT). Workers sharing a port each take their share of the cap. */
+	/* The process's connection cap and deadlines; zero fields take the defaults
+	 * (CONFIG_*_DEFAULT). */
 	struct config_http limits;
+	/* Servers (workers) of the process sharing the cap: each keeps its share (0: 1). */
+	unsigned workers;
 };
 
 /* Bind host:port and serve. The config's pointers must outlive the server.

@@ -370,21 +370,25 @@ static void on_resume(evutil_socket_t fd, short what, void *arg)
 		evconnlistener_enable(evhttp_bound_socket_get_listener(cs->srv->bound));
 }
 
-/* The cap, within what the descriptor limit allows. */
+/* This server's share of the process's cap, within what the descriptor limit allows. */
 static size_t cap(const struct http_server_config *cfg)
 {
 	size_t max = cfg->limits.max_connections ? cfg->limits.max_connections
 						 : CONFIG_MAX_CONNECTIONS_DEFAULT;
+	size_t workers = cfg->workers ? cfg->workers : 1;
 	struct rlimit rl;
 
-	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-	    rl.rlim_cur > FD_HEADROOM && max > rl.rlim_cur - FD_HEADROOM) {
-		log_msg(cfg->log, LOG_WARN, NULL,
-			"at most %zu connections: the descriptor limit (ulimit -n) is %llu",
-			(size_t)(rl.rlim_cur - FD_HEADROOM), (unsigned long long)rl.rlim_cur);
-		max = rl.rlim_cur - FD_HEADROOM;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+		size_t room = rl.rlim_cur > 2 * FD_HEADROOM ? (size_t)rl.rlim_cur - FD_HEADROOM
+							    : (size_t)rl.rlim_cur / 2;
+		if (max > room) {
+			log_msg(cfg->log, LOG_WARN, NULL,
+				"at most %zu connections: the descriptor limit (ulimit -n) is %llu",
+				room, (unsigned long long)rl.rlim_cur);
+			max = room;
+		}
 	}
-	return max;
+	return (max + workers - 1) / workers;
 }
 
 /* Every connection's deadline is one of two durations: libevent keeps such "common"

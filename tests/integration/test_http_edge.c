@@ -358,6 +358,25 @@ Test(http_edge, thousands_of_idle_connections_do_not_lock_out_a_real_client)
 	release(fds, IDLE);
 }
 
+Test(http_edge, the_query_services_workers_share_the_cap_and_still_serve)
+{
+	enum { IDLE = 500 };
+	int fds[IDLE];
+	char redis_url[128];
+	struct service redis_svc;
+
+	raise_nofile(256);
+	setenv("DAYBOOK_MAX_CONNECTIONS", "20", 1);
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	raise_nofile(IDLE + 256);
+	cr_assert_gt(hoard(svc.port, fds, IDLE), 400);
+	cr_assert(answers(10), "a real client got no 200 from the query service");
+	release(fds, IDLE);
+	harness_kill(&redis_svc);
+}
+
 Test(http_edge, running_out_of_descriptors_pauses_accepting_instead_of_spinning)
 {
 	enum { IDLE = 400 };

@@ -528,7 +528,7 @@ Test(config, http_limits_have_defaults_and_are_read_and_checked)
 	clear_config_env();
 	setenv("DAYBOOK_PG", "dbname=x", 1);
 	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
-	cr_assert_eq(cfg.http.max_connections, 1024);
+	cr_assert_eq(cfg.http.max_connections, 512);
 	cr_assert_eq(cfg.http.header_timeout_ms, 10000);
 	cr_assert_eq(cfg.http.idle_timeout_ms, 60000);
 
