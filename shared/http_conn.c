@@ -297,10 +297,11 @@ static void make_room(struct conns *cs, struct conn *c)
 {
 	while (cs->count > cs->max) {
 		struct conn *v = victim(cs, c);
+		bool itself = v == c;
 
-		metric_add(v == c ? cs->m_refused : cs->m_evicted, 1);
+		metric_add(itself ? cs->m_refused : cs->m_evicted, 1);
 		evhttp_connection_free(v->evcon); /* on_close frees v */
-		if (v == c)
+		if (itself)
 			return;
 	}
 }

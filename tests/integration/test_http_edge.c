@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -373,6 +374,44 @@ Test(http_edge, the_query_services_workers_share_the_cap_and_still_serve)
 	raise_nofile(IDLE + 256);
 	cr_assert_gt(hoard(svc.port, fds, IDLE), 400);
 	cr_assert(answers(10), "a real client got no 200 from the query service");
+	release(fds, IDLE);
+	harness_kill(&redis_svc);
+}
+
+/* A read that waits (a min_position far ahead): its connection is busy throughout. */
+static void *waiting_read(void *arg)
+{
+	const char *auth[] = { AUTH_READ, NULL };
+	struct response r = http_request(svc.port, "GET", "/totals?min_position=999999.1&wait_ms=3000",
+					 auth, NULL, 20);
+
+	*(int *)arg = r.status;
+	response_free(&r);
+	return NULL;
+}
+
+Test(http_edge, connections_serving_a_request_are_never_closed_to_make_room)
+{
+	enum { WAITING = 4, IDLE = 300 };
+	pthread_t t[WAITING];
+	int status[WAITING], fds[IDLE];
+	char redis_url[128];
+	struct service redis_svc;
+
+	setenv("DAYBOOK_MAX_CONNECTIONS", "12", 1);
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	for (int i = 0; i < WAITING; i++)
+		cr_assert(pthread_create(&t[i], NULL, waiting_read, &status[i]) == 0);
+	usleep(500000); /* the reads are waiting */
+	raise_nofile(IDLE + 256);
+	hoard(svc.port, fds, IDLE);
+	for (int i = 0; i < WAITING; i++) {
+		pthread_join(t[i], NULL);
+		cr_assert_eq(status[i], 503, "a waiting read lost its connection (status %d)",
+			     status[i]);
+	}
 	release(fds, IDLE);
 	harness_kill(&redis_svc);
 }
