@@ -20,13 +20,7 @@
 #include <time.h>
 
 #define PARAM_MAX 256
-#define STRINGIFY_(x) #x
-#define STRINGIFY(x) STRINGIFY_(x)
 #define REQUEST_ID_MAX 128
-
-struct query_param {
-	const char *name, *value; /* decoded, into the same allocation */
-};
 
 struct http_request {
 	struct evhttp_request *ev;
@@ -38,7 +32,7 @@ struct http_request {
 	char path[1024];
 	char params[HTTP_MAX_PARAMS][PARAM_MAX + 1];
 	char request_id[REQUEST_ID_MAX + 1];
-	struct query_param *query; /* one allocation with the decoded text; NULL: none */
+	struct http_query_param *query; /* see http_query_parse; NULL: none */
 	size_t nquery;
 };
 
@@ -268,12 +262,20 @@ const char *http_header(const struct http_request *req, const char *name)
 	return evhttp_find_header(evhttp_request_get_input_headers(req->ev), name);
 }
 
+static const struct http_query_param *find_param(const struct http_query_param *p, size_t n,
+						 const char *name)
+{
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(p[i].name, name) == 0)
+			return &p[i];
+	return NULL;
+}
+
 const char *http_query(struct http_request *req, const char *name)
 {
-	for (size_t i = 0; i < req->nquery; i++)
-		if (strcmp(req->query[i].name, name) == 0)
-			return req->query[i].value;
-	return NULL;
+	const struct http_query_param *p = find_param(req->query, req->nquery, name);
+
+	return p ? p->value : NULL;
 }
 
 const struct token *http_token(const struct http_request *req)
@@ -394,31 +396,40 @@ static bool listed(const char *list, const char *name)
 	return false;
 }
 
-/* Split and decode the query string into req->query, checking it against `allowed`
- * (see struct http_route); false after replying 400. Empty pairs ("a=1&&b=2") are
- * skipped; a pair without '=' is malformed. */
-static bool parse_query(struct http_request *req, const char *allowed)
+/* `name` for a message: at most 64 characters, each not printable ASCII as '?'. */
+static const char *printable(const char *name, char out[65])
 {
-	const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req->ev));
-	size_t n = 1, len;
-	char *text, *p;
+	size_t i = 0;
 
+	for (; name[i] && i < 64; i++)
+		out[i] = name[i] >= 0x20 && name[i] < 0x7f ? name[i] : '?';
+	out[i] = '\0';
+	return out;
+}
+
+int http_query_parse(const char *q, const char *allowed, struct http_query_param **out,
+		     size_t *nout, char *err, size_t errlen)
+{
+	struct http_query_param *params;
+	size_t n = 1, len, np = 0;
+	char *text, *p, shown[65];
+
+	*out = NULL;
+	*nout = 0;
 	if (!q || !*q)
-		return true;
+		return 0;
 	for (const char *c = q; *c; c++)
 		n += *c == '&';
 	if (n > HTTP_QUERY_PARAMS_MAX) {
-		http_reply_invalid(req, "the query string has more than " 
-				   STRINGIFY(HTTP_QUERY_PARAMS_MAX) " parameters");
-		return false;
+		snprintf(err, errlen, "the query string has more than %d parameters",
+			 HTTP_QUERY_PARAMS_MAX);
+		return -EINVAL;
 	}
 	len = strlen(q);
-	req->query = malloc(n * sizeof(*req->query) + len + 1);
-	if (!req->query) {
-		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
-		return false;
-	}
-	text = memcpy((char *)(req->query + n), q, len + 1);
+	params = malloc(n * sizeof(*params) + len + 1);
+	if (!params)
+		return -ENOMEM;
+	text = memcpy((char *)(params + n), q, len + 1);
 	for (p = text; p;) {
 		char *pair = strsep(&p, "&"), *value;
 
@@ -426,31 +437,50 @@ static bool parse_query(struct http_request *req, const char *allowed)
 			continue;
 		value = strchr(pair, '=');
 		if (!value) {
-			http_reply_problem(req, 400, "invalid_request", "Invalid request",
-					   "the query string is malformed: '%.64s' has no '=value'", pair);
-			return false;
+			snprintf(err, errlen, "the query string is malformed: '%s' has no '=value'",
+				 printable(pair, shown));
+			goto fail;
 		}
 		*value++ = '\0';
 		if (!decode_component(pair) || !decode_component(value)) {
-			http_reply_invalid(req, "the query string is malformed: a '%' must be followed "
-						"by two hexadecimal digits (and not encode NUL)");
-			return false;
+			snprintf(err, errlen, "the query string is malformed: a '%%' must be followed "
+					      "by two hexadecimal digits (and not encode NUL)");
+			goto fail;
 		}
-		if (http_query(req, pair)) {
-			http_reply_problem(req, 400, "invalid_request", "Invalid request",
-					   "query parameter '%.64s' is given more than once", pair);
-			return false;
+		if (find_param(params, np, pair)) {
+			snprintf(err, errlen, "query parameter '%s' is given more than once",
+				 printable(pair, shown));
+			goto fail;
 		}
 		if (allowed && !listed(allowed, pair)) {
-			http_reply_problem(req, 400, "invalid_request", "Invalid request",
-					   "unknown query parameter '%.64s'; this route accepts %s",
-					   pair, *allowed ? allowed : "none");
-			return false;
+			snprintf(err, errlen, "unknown query parameter '%s'; this route accepts %s",
+				 printable(pair, shown), *allowed ? allowed : "none");
+			goto fail;
 		}
-		req->query[req->nquery].name = pair;
-		req->query[req->nquery++].value = value;
+		params[np].name = pair;
+		params[np++].value = value;
 	}
-	return true;
+	*out = params;
+	*nout = np;
+	return 0;
+fail:
+	free(params);
+	return -EINVAL;
+}
+
+/* Parse the request's query string into req->query (see http_query_parse); false after
+ * replying 400 (or 503). */
+static bool parse_query(struct http_request *req, const char *allowed)
+{
+	const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req->ev));
+	char err[256];
+	int rc = http_query_parse(q, allowed, &req->query, &req->nquery, err, sizeof(err));
+
+	if (rc == -ENOMEM)
+		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+	else if (rc != 0)
+		http_reply_invalid(req, err);
+	return rc == 0;
 }
 
 /* Match `path` against a pattern; '*' segments are captured into params. */

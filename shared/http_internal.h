@@ -29,6 +29,18 @@ void conns_request_began(struct conns *cs, struct evhttp_request *ev);
 /* Send ev's reply (evhttp_send_reply); its connection then idles until the next request. */
 void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, const char *reason,
 		      struct evbuffer *body);
+struct http_query_param {
+	const char *name, *value; /* percent-decoded */
+};
+
+/* Split and decode the query string q (NULL or "": none), checking it against `allowed`
+ * (see struct http_route). Empty pairs ("a=1&&b=2") are skipped; a pair without '=', a
+ * bad escape, %00, a repeated or unlisted name, or more than HTTP_QUERY_PARAMS_MAX pairs
+ * is -EINVAL with the problem (naming it, printable) in err; -ENOMEM. On success *out
+ * is one allocation holding the *n pairs and their text (caller frees; NULL if none). */
+int http_query_parse(const char *q, const char *allowed, struct http_query_param **out, size_t *n,
+		     char *err, size_t errlen) __attribute__((warn_unused_result));
+
 /* A problem-details page as one raw HTTP/1.1 response with Connection: close, for the
  * answers evhttp gives itself (a malformed request, headers or body too large). */
 void http_problem_page(struct evbuffer *out, int status, size_t received);
