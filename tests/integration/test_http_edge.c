@@ -572,3 +572,51 @@ Test(http_edge, readyz_names_dependencies_but_reveals_no_error_text)
 	cr_assert_null(strcasestr(r.body, "127.0.0.1"), "a host leaked: %s", r.body);
 	response_free(&r);
 }
+
+Test(http_edge, the_projector_and_query_edges_have_the_same_limits_and_a_quiet_readyz)
+{
+	char redis_url[128], *req, *answer;
+	struct service redis_svc, query;
+	struct response r;
+	size_t n, body = 100 * 1024;
+
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_projector(&svc, db, redis_url);
+	harness_start_query(&query, db, redis_url);
+	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 10);
+	cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
+	json_t *checks = json_object_get(r.json, "checks");
+	cr_assert_str_eq(json_string_value(json_object_get(checks, "postgresql")), "ok", "%s", r.body);
+	cr_assert_str_eq(json_string_value(json_object_get(checks, "projection")), "ok", "%s", r.body);
+	response_free(&r);
+
+	req = malloc(body + 512);
+	cr_assert(req);
+	for (int i = 0; i < 2; i++) {
+		int port = i == 0 ? svc.port : query.port;
+
+		n = (size_t)snprintf(req, 512,
+				     "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n",
+				     body);
+		memset(req + n, 'x', body);
+		answer = exchange(port, req, n + body);
+		assert_problem(answer, 413, "payload_too_large");
+		free(answer);
+		free(req);
+		req = request_with_headers(17 * 1024, &n);
+		answer = exchange(port, req, n);
+		assert_problem(answer, 431, "headers_too_large");
+		free(answer);
+		free(req);
+		req = malloc(body + 512);
+		cr_assert(req);
+		r = http_request(port, "HEAD", "/healthz", NULL, NULL, 10);
+		cr_assert_eq(r.status, 200);
+		cr_assert_str_eq(r.body, "");
+		response_free(&r);
+	}
+	free(req);
+	harness_kill(&query);
+	harness_kill(&redis_svc);
+}
