@@ -464,9 +464,13 @@ void conns_close(struct conns **csp)
 		conn_free(c);
 		bufferevent_decref(bev);
 	}
+	/* None is left (evhttp_free reported every close), but if one were, its bufferevent
+	 * would be gone: forget it without touching that. */
 	for (int s = CONN_IDLE; s <= CONN_BUSY; s++)
-		while ((c = cs->lists[s].head))
+		while ((c = cs->lists[s].head)) {
+			c->in_cb = c->out_cb = NULL;
 			conn_free(c);
+		}
 	if (cs->adopt)
 		event_free(cs->adopt);
 	if (cs->resume)
