@@ -620,3 +620,21 @@ Test(http_edge, the_projector_and_query_edges_have_the_same_limits_and_a_quiet_r
 	harness_kill(&query);
 	harness_kill(&redis_svc);
 }
+
+Test(http_edge, sigterm_with_idle_connections_open_exits_cleanly)
+{
+	enum { IDLE = 50 };
+	const char *get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+	int fds[IDLE], keep;
+	char buf[512];
+
+	start_command();
+	hoard(svc.port, fds, IDLE);
+	keep = connect_to(svc.port);
+	cr_assert(keep >= 0 && send_all(keep, get, strlen(get)));
+	cr_assert(recv(keep, buf, sizeof(buf), 0) > 0, "no answer");
+	usleep(200000);
+	cr_assert_eq(harness_stop(&svc), 0, "the service did not exit 0 on SIGTERM");
+	close(keep);
+	release(fds, IDLE);
+}
