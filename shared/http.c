@@ -460,6 +460,10 @@ int http_query_parse(const char *q, const char *allowed, struct http_query_param
 		params[np].name = pair;
 		params[np++].value = value;
 	}
+	if (np == 0) { /* only empty pairs: "&&" */
+		free(params);
+		params = NULL;
+	}
 	*out = params;
 	*nout = np;
 	return 0;
