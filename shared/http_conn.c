@@ -51,6 +51,7 @@ struct conn {
 	size_t received;  /* bytes of the request in progress */
 	size_t error_at;  /* where evhttp's own error page starts in the output */
 	bool error_page;  /* evhttp wrote one: rewrite it before it is sent */
+	bool receiving_deadline; /* the timer runs the header deadline (else the idle one) */
 	bool rewriting;
 	struct conn *prev, *next;
 };
@@ -131,6 +132,14 @@ static void become_idle(struct conn *c)
 	c->received = 0;
 	set_state(c, CONN_IDLE);
 	evtimer_add(c->timer, &c->owner->idle_timeout);
+	c->receiving_deadline = false;
+}
+
+/* The request must have arrived whole by the header deadline. */
+static void start_header_deadline(struct conn *c)
+{
+	evtimer_add(c->timer, &c->owner->header_timeout);
+	c->receiving_deadline = true;
 }
 
 static void on_close(struct evhttp_connection *evcon, void *arg)
@@ -148,10 +157,12 @@ static void on_input(struct evbuffer *buf, const struct evbuffer_cb_info *info, 
 	if (info->n_added == 0)
 		return;
 	c->received += info->n_added;
-	if (c->state == CONN_IDLE) {
-		set_state(c, CONN_RECEIVING);
-		evtimer_add(c->timer, &c->owner->header_timeout);
-	}
+	if (c->state != CONN_IDLE)
+		return;
+	set_state(c, CONN_RECEIVING);
+	/* A new connection's deadline already runs, since its accept. */
+	if (!c->receiving_deadline)
+		start_header_deadline(c);
 }
 
 /* Output we did not write: evhttp answering by itself (or a 100 Continue). It is
@@ -191,7 +202,7 @@ static void rewrite_error_page(struct conn *c)
 
 	c->error_page = false;
 	if (status < 400) {
-		evtimer_add(c->timer, &c->owner->header_timeout);
+		start_header_deadline(c); /* a 100 Continue: the body is still to come */
 		return;
 	}
 	c->rewriting = true;
@@ -282,8 +293,8 @@ static bool adopt(struct conn *c)
 		goto fail;
 	evhttp_connection_set_closecb(evcon, on_close, c);
 	become_idle(c);
-	/* A new connection has the header deadline to send its first request. */
-	evtimer_add(c->timer, &c->owner->header_timeout);
+	/* A new connection has the header deadline to send its first request whole. */
+	start_header_deadline(c);
 	bufferevent_decref(bev);
 	return true;
 fail:
