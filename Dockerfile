@@ -27,6 +27,7 @@ RUN meson setup /build --buildtype=release -Dtests=disabled \
 # through bash (daybook-healthcheck), the entrypoint turns *_FILE secrets into
 # a libpq password file.
 FROM ${DEBIAN_IMAGE}
+ARG DEBIAN_IMAGE
 ARG VERSION=dev
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="daybook" \
