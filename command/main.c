@@ -87,7 +87,7 @@ static void on_pg_connect(void *arg)
 {
 	struct command_ctx *ctx = arg;
 
-	batcher_kick(ctx->batcher);
+	batcher_reconnected(ctx->batcher);
 }
 
 /* Exit once every accepted request is answered and nothing is left to commit. */
