@@ -18,6 +18,9 @@ static const char usage[] =
 	"                        then switch atomically\n"
 	"  verify [--no-redis]   compare the read models with a fresh fold of the event log\n"
 	"  status [--json]       the log's head, each projection's checkpoint and its lag\n"
+	"  token new --id ID --scopes SCOPE[,SCOPE...]\n"
+	"                        print a new API token and its line for DAYBOOK_TOKENS_FILE\n"
+	"                        (scopes: write, read, admin); needs no database\n"
 	"\n"
 	"Exit status: 0 done; 1 found a problem (verify: differences) or failed (migrate,\n"
 	"rebuild: nothing half done); 2 usage or configuration; 3 PostgreSQL or Redis\n"
@@ -25,7 +28,7 @@ static const char usage[] =
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG            libpq connection string or URI of a role that may run DDL\n"
-	"                        (required)\n"
+	"                        (required, except by token)\n"
 	"  DAYBOOK_REDIS         redis://[user[:password]@]host:port[/db] or unix:///path, ACL\n"
 	"                        user daybook-admin (rebuild redis|all; verify and status\n"
 	"                        check Redis only when it is set)\n"
@@ -93,6 +96,18 @@ static const struct {
 	  "\n"
 	  "Exit status: 0 printed; 2 usage or configuration; 3 PostgreSQL unreachable, or the\n"
 	  "event store not usable here.\n" },
+	{ "token", admin_token,
+	  "usage: daybook-admin token new --id ID --scopes SCOPE[,SCOPE...]\n"
+	  "\n"
+	  "Print a new API token (line 1) and its line for DAYBOOK_TOKENS_FILE (line 2):\n"
+	  "'<id> <sha256 hex> <scopes>'. The token itself is stored nowhere: give it to the\n"
+	  "client now. Needs no database and no configuration.\n"
+	  "\n"
+	  "  -i, --id ID          the token's id: 1-64 characters of [A-Za-z0-9._:-]\n"
+	  "  -s, --scopes LIST    write, read, admin, comma-separated, each at most once\n"
+	  "  -h, --help           this text\n"
+	  "\n"
+	  "Exit status: 0 printed; 1 no random bytes or stdout failed; 2 usage.\n" },
 };
 
 static const char *help_of(const char *command)

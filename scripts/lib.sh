@@ -12,7 +12,7 @@ DBK_PG_BIN=${DAYBOOK_PG_BIN:-/usr/lib/postgresql/15/bin}
 DBK_PACKAGES=(
   build-essential pkg-config meson ninja-build
   libpq-dev libhiredis-dev libevent-dev libjansson-dev libssl-dev libcriterion-dev
-  postgresql-15 redis-server curl
+  postgresql-15 redis-server curl python3
 )
 
 # ---------------------------------------------------------------- messages --
