@@ -221,8 +221,44 @@ static bool load_http(struct config_http *h, char *err, size_t errlen)
 	if (!env_uint("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", 100, 600000, &h->header_timeout_ms, err,
 		      errlen))
 		return false;
-	return env_uint("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", 100, 3600000, &h->idle_timeout_ms, err,
-			errlen);
+	if (!env_uint("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", 100, 3600000, &h->idle_timeout_ms, err,
+		      errlen))
+		return false;
+	h->cors_origins = env("DAYBOOK_CORS_ORIGINS");
+	if (h->cors_origins && !config_cors_origins_valid(h->cors_origins)) {
+		snprintf(err, errlen, "DAYBOOK_CORS_ORIGINS is malformed: expected origins such as "
+			 "https://app.example.com (scheme, host, optional port; no path) or *, "
+			 "separated by commas or spaces");
+		return false;
+	}
+	return true;
+}
+
+bool config_cors_origins_valid(const char *list)
+{
+	size_t n = 0;
+
+	for (const char *p = list; *p;) {
+		size_t len = strcspn(p, ", "), scheme;
+		const char *host;
+
+		if (len > 0) {
+			n++;
+			if (len == 1 && *p == '*')
+				goto next;
+			scheme = strncmp(p, "https://", 8) == 0 ? 8 : strncmp(p, "http://", 7) == 0 ? 7 : 0;
+			if (scheme == 0 || len == scheme)
+				return false;
+			for (host = p + scheme; host < p + len; host++)
+				if (!((*host >= 'a' && *host <= 'z') || (*host >= 'A' && *host <= 'Z') ||
+				      (*host >= '0' && *host <= '9') || strchr(".-:[]", *host)))
+					return false; /* a path, a query, userinfo, a control byte */
+		}
+next:
+		p += len;
+		p += strspn(p, ", ");
+	}
+	return n > 0;
 }
 
 bool config_load(struct config *cfg, unsigned need, const char *default_listen, char *err,

@@ -31,6 +31,9 @@ struct config_http {
 	unsigned max_connections;   /* DAYBOOK_MAX_CONNECTIONS: open client connections */
 	unsigned header_timeout_ms; /* DAYBOOK_HTTP_HEADER_TIMEOUT_MS: to receive a request */
 	unsigned idle_timeout_ms;   /* DAYBOOK_HTTP_IDLE_TIMEOUT_MS: keep-alive between requests */
+	/* DAYBOOK_CORS_ORIGINS: origins ("https://app.example" or "*") separated by commas
+	 * and/or spaces, checked by config_cors_origins_valid; NULL (unset): CORS off. */
+	const char *cors_origins;
 };
 
 /* An idle connection costs a few KiB, one receiving a request up to 80 KiB (16 KiB of
@@ -64,6 +67,10 @@ void config_redis_describe(const struct config_redis *server, char *out, size_t 
  * newline. False with one line in err when unreadable, empty or too long. */
 bool config_read_redis_password(const char *path, struct config_redis *server, char *err,
 				size_t errlen) __attribute__((warn_unused_result));
+
+/* A DAYBOOK_CORS_ORIGINS value: one or more of "*" or scheme://host[:port] (http or
+ * https, no path), separated by commas and/or spaces. */
+bool config_cors_origins_valid(const char *list) __attribute__((warn_unused_result));
 
 /* "host:port" → parts; false when malformed or the port is not 1-65535. */
 bool config_parse_hostport(const char *text, char *host, size_t hostlen, uint16_t *port)

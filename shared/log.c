@@ -141,7 +141,7 @@ void log_fields(const struct log *log, enum log_level level, const char *request
 	    (request_id && json_object_set_new(line, "request_id", log_text(request_id))) ||
 	    (fields && json_object_update(line, fields)))
 		goto done;
-	text = json_dumps(line, JSON_COMPACT | JSON_PRESERVE_ORDER);
+	text = json_dumps(line, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(6));
 	if (!text)
 		goto done;
 	len = strlen(text);
