@@ -479,6 +479,20 @@ Test(config, parse_redis_refuses_what_redis_urls_do_not_have)
 	}
 }
 
+Test(config, cors_origins_are_checked_and_off_when_unset)
+{
+	const char *good[] = { "*", "https://app.example.com", "http://localhost:3000",
+			       "https://a.example, https://b.example", "https://[::1]:8443 *" };
+	const char *bad[] = { "", " , ", "app.example.com", "https://", "ftp://x.example",
+			      "https://app.example.com/path", "https://user@app.example",
+			      "https://a.example?x=1", "https://a\x01.example" };
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+		cr_assert(config_cors_origins_valid(good[i]), "'%s' was refused", good[i]);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert_not(config_cors_origins_valid(bad[i]), "'%s' was accepted", bad[i]);
+}
+
 Test(config, redis_password_from_a_file)
 {
 	struct config cfg;
