@@ -160,5 +160,7 @@ const struct http_route query_routes[] = {
 	{ "GET", "/accounts/*/events", "/accounts/{id}/events", SCOPE_READ, get_events },
 	{ "GET", "/transfers/*", "/transfers/{id}", SCOPE_READ, get_transfer },
 	{ "GET", "/totals", "/totals", SCOPE_READ, get_totals },
+	{ "GET", "/events", "/events", SCOPE_READ, feed_get_events },
+	{ "GET", "/events/stream", "/events/stream", SCOPE_READ, feed_get_stream },
 };
 const size_t query_nroutes = sizeof(query_routes) / sizeof(query_routes[0]);
