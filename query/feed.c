@@ -551,21 +551,26 @@ static void stream_cut(struct stream *s)
 }
 
 /* Send the batch's frames (s->out); false when the stream was cut off for being
- * too slow (s may be freed then). */
+ * too slow (s may be freed then): when what it was sent before is still unsent
+ * beyond the bound. (Not counting this batch: one large batch after a pause is not
+ * the consumer's fault; failing to take the last one in time is.) */
 static bool stream_flush(struct stream *s, void (*drained)(struct evhttp_connection *, void *))
 {
 	struct feed *feed = s->feed;
+	size_t backlog = unsent(s);
 
+	if (backlog > feed->ctx->stream_buffer_max) {
+		log_info(&feed->ctx->log, "a stream is too slow (%zu bytes unsent): disconnected at "
+					  "%llu.%llu",
+			 backlog, (unsigned long long)s->pos.txid, (unsigned long long)s->pos.position);
+		metric_add(feed->m_slow, 1);
+		stream_cut(s);
+		return false;
+	}
 	if (evbuffer_get_length(s->out) == 0 && !drained)
 		return true;
 	evhttp_send_reply_chunk_with_cb(s->ev, s->out, drained, drained ? s : NULL);
-	if (unsent(s) <= feed->ctx->stream_buffer_max)
-		return true;
-	log_info(&feed->ctx->log, "a stream is too slow (%zu bytes unsent): disconnected at %llu.%llu",
-		 unsent(s), (unsigned long long)s->pos.txid, (unsigned long long)s->pos.position);
-	metric_add(feed->m_slow, 1);
-	stream_cut(s);
-	return false;
+	return true;
 }
 
 static void add_frame(struct evbuffer *out, const PGresult *res, int row)
