@@ -872,6 +872,16 @@ static void on_connect(void *arg)
 	kick(arg);
 }
 
+bool feed_connected(const struct feed *feed)
+{
+	return feed && pg_connected(feed->pg);
+}
+
+const char *feed_last_error(const struct feed *feed)
+{
+	return feed ? pg_last_error(feed->pg) : "not started";
+}
+
 size_t feed_streams(const struct feed *feed)
 {
 	return feed ? feed->nstreams : 0;

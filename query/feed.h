@@ -21,6 +21,9 @@ int feed_open(struct feed **out, struct query_ctx *ctx) __attribute__((warn_unus
 /* Shutting down: answer every waiting long-poll now and end every stream. */
 void feed_stop(struct feed *feed);
 void feed_close(struct feed **feed);
+/* The feed's PostgreSQL connection is up (for /readyz), and its last error. */
+bool feed_connected(const struct feed *feed);
+const char *feed_last_error(const struct feed *feed);
 /* Open streams in this worker. */
 size_t feed_streams(const struct feed *feed);
 

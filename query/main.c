@@ -56,6 +56,10 @@ static bool ready(void *arg, char *why, size_t whylen)
 		snprintf(why, whylen, "postgresql: %s", sqlpool_last_error(ctx->sql));
 		return false;
 	}
+	if (!feed_connected(ctx->feed)) {
+		snprintf(why, whylen, "postgresql (event feed): %s", feed_last_error(ctx->feed));
+		return false;
+	}
 	for (int i = 0; i < ctx->nworkers; i++) {
 		if (!atomic_load(&ctx->workers[i].up)) {
 			snprintf(why, whylen, "worker %d is not connected to postgresql yet", i);
@@ -71,7 +75,8 @@ static void on_ready_timer(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	atomic_store(&ctx->up, !ctx->stopping && sqlpool_connected(ctx->sql));
+	atomic_store(&ctx->up, !ctx->stopping && sqlpool_connected(ctx->sql) &&
+				   feed_connected(ctx->feed));
 }
 
 /* "<generation> <token>" on dbk:position: a projection moved. */
