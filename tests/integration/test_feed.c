@@ -919,12 +919,24 @@ static void wait_printed(const char *out, struct seen *s, size_t n)
 	cr_assert_geq(s->n, n, "the follower printed %zu of %zu", s->n, n);
 }
 
+/* Until the last line printed is the event `last`. */
+static void wait_printed_through(const char *out, struct seen *s, const char *last)
+{
+	double end = harness_now() + 60;
+
+	while (harness_now() < end && (printed(out, s) == 0 || strcmp(s->v[s->n - 1], last) != 0))
+		usleep(20000);
+	cr_assert(s->n > 0 && strcmp(s->v[s->n - 1], last) == 0,
+		  "the follower did not print through %s", last);
+}
+
 Test(feed, the_example_follower_resumes_after_sigkill_with_no_gap_and_in_order)
 {
 	char dir[] = "/tmp/daybook-follower-XXXXXX", posfile[128], out[128];
 	struct seen s = { 0 };
 	char **log;
 	size_t n, j = 0, repeats = 0;
+	struct writer w[1];
 	pid_t pid;
 	int status;
 
@@ -935,19 +947,19 @@ Test(feed, the_example_follower_resumes_after_sigkill_with_no_gap_and_in_order)
 	for (int i = 0; i < 30; i++)
 		deposit("a", i + 1);
 	pid = follower_start(posfile, out);
-	wait_printed(out, &s, 10);
+	writers_start(w, 1, 100, 0); /* events keep coming while it is killed */
+	wait_printed(out, &s, 40);
 	kill(pid, SIGKILL); /* mid-stream */
 	waitpid(pid, &status, 0);
-	for (int i = 0; i < 30; i++)
-		deposit("a", 100 + i);
 	pid = follower_start(posfile, out);
+	writers_join(w, 1);
 	n = log_tokens(&log);
-	wait_printed(out, &s, n);
+	wait_printed_through(out, &s, log[n - 1]);
 	/* And it follows live, too. */
 	deposit("a", 1000);
 	free_tokens(log, n);
 	n = log_tokens(&log);
-	wait_printed(out, &s, n);
+	wait_printed_through(out, &s, log[n - 1]);
 	kill(pid, SIGTERM);
 	waitpid(pid, &status, 0);
 	/* Every event, in order; a repeat only where it restarted (printed, not saved). */
