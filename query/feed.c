@@ -177,6 +177,8 @@ static bool valid_stream(const char *s)
 {
 	size_t i = 0, n;
 
+	if (strlen(s) >= STREAM_NAME_MAX)
+		return false;
 	while (s[i] >= 'a' && s[i] <= 'z')
 		i++;
 	if (i == 0 || s[i] != '-')

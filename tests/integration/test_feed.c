@@ -803,6 +803,8 @@ Test(feed, malformed_parameters_are_400_naming_them)
 		{ "/events?type=", "'type'" },
 		{ "/events?type=FundsDeposited,", "'type'" },
 		{ "/events?stream=nodash", "'stream'" },
+		{ "/events?stream=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x",
+		  "'stream'" },
 		{ "/events/stream?after=x", "'after'" },
 		{ "/events/stream?type=fundsdeposited", "'type'" },
 	};
