@@ -282,6 +282,22 @@ void harness_start_query(struct service *svc, const char *db, const char *redis_
 	start_service(svc, "query", "DAYBOOK_QUERY_BIN", pg, env);
 }
 
+void harness_start_query_env(struct service *svc, const char *db, const char *redis_url,
+			     const char *const *env)
+{
+	char pg[512], url[HARNESS_REDIS_URL_MAX];
+	const char *all[32] = { "DAYBOOK_REDIS", url };
+	size_t n = 2;
+
+	for (size_t i = 0; env && env[i] && n + 2 < sizeof(all) / sizeof(all[0]); i += 2) {
+		all[n++] = env[i];
+		all[n++] = env[i + 1];
+	}
+	harness_redis_url_as(redis_url, "daybook-query", url, sizeof(url));
+	harness_conninfo(db, "daybook_query", pg, sizeof(pg));
+	start_service(svc, "query", "DAYBOOK_QUERY_BIN", pg, all);
+}
+
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url)
 {
 	char pg[512], url[HARNESS_REDIS_URL_MAX];

@@ -43,6 +43,9 @@ void harness_start_command_env(struct service *svc, const char *db, const char *
 /* Start daybook-query against db (as role daybook_query) and Redis at redis_url
  * (redis://host:port/db), and wait until /readyz says ready. */
 void harness_start_query(struct service *svc, const char *db, const char *redis_url);
+/* The same with extra environment: NULL-terminated name, value pairs. */
+void harness_start_query_env(struct service *svc, const char *db, const char *redis_url,
+			     const char *const *env);
 /* Start daybook-projector against db and redis_url (its metrics port is svc->port). */
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url);
 /* Start a private redis-server on a free port (or on svc->port when `reuse_port`), with
