@@ -13,7 +13,12 @@ CREATE TABLE command_leases (
 	holder_pid   integer,                               -- the holder's lease session
 	holder_start timestamptz,                           -- that session's start (pids are reused)
 	writer_pid   integer,                               -- the holder's writing session
-	expires_at   timestamptz NOT NULL DEFAULT '-infinity'
+	expires_at   timestamptz NOT NULL DEFAULT '-infinity',
+	-- Makes the epoch a key column for row locks: a takeover (which changes the epoch)
+	-- takes the row FOR UPDATE and so waits for every batch holding it FOR KEY SHARE
+	-- (the fence, below), while a renewal (which does not) neither waits for a batch
+	-- nor makes one wait.
+	UNIQUE (name, epoch)
 );
 INSERT INTO command_leases (name) VALUES ('command');
 
@@ -94,15 +99,17 @@ END $$;
 
 -- The fence: the last statement of every write batch's transaction. It fails with
 -- SQLSTATE DBF01 (command_fenced) unless p_epoch is the write lease's epoch, so the
--- whole batch rolls back. The FOR SHARE row lock it takes lasts until the batch's
--- COMMIT: a takeover's UPDATE of the row waits for it, so no batch of the deposed
--- leader can commit after the takeover. (FOR KEY SHARE would not: an UPDATE of
--- non-key columns does not conflict with it.) Run once per batch, not per event.
+-- whole batch rolls back. The FOR KEY SHARE row lock it takes lasts until the batch's
+-- COMMIT: a takeover's UPDATE, which changes the epoch (a key column, see the UNIQUE
+-- above) and so locks the row FOR UPDATE, waits for it, and no batch of the deposed
+-- leader can commit after the takeover; a fence that comes after a takeover waits for
+-- it and then sees the new epoch. Renewals, which leave the epoch alone, do not
+-- conflict with it. Run once per batch, not per event.
 CREATE FUNCTION command_fence(p_epoch bigint) RETURNS void
 LANGUAGE plpgsql SET search_path = public, pg_temp AS $$
 BEGIN
 	PERFORM 1 FROM command_leases WHERE name = 'command' AND epoch = p_epoch AND p_epoch > 0
-		FOR SHARE;
+		FOR KEY SHARE;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'command_fenced: epoch % is not the write lease''s: another command instance leads',
 			p_epoch USING ERRCODE = 'DBF01';
@@ -113,7 +120,7 @@ REVOKE ALL ON command_leases FROM PUBLIC;
 REVOKE ALL ON FUNCTION command_session_alive(integer, timestamptz),
 	command_lease_claim(text, text, bigint, double precision, integer),
 	command_fence(bigint) FROM PUBLIC;
--- UPDATE for the claim, SELECT for it and for the fence's row lock (FOR SHARE needs
+-- UPDATE for the claim, SELECT for it and for the fence's row lock (FOR KEY SHARE needs
 -- UPDATE too, which the role has).
 GRANT SELECT, UPDATE ON command_leases TO daybook_command;
 GRANT EXECUTE ON FUNCTION command_session_alive(integer, timestamptz),

@@ -319,8 +319,12 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	must(&a, "/accounts", "{\"id\":\"load\",\"name\":\"Load\",\"currency\":\"EUR\"}");
 	must(&a, "/accounts", "{\"id\":\"held\",\"name\":\"Held\",\"currency\":\"EUR\"}");
 	e1 = sql_int(db, "SELECT epoch FROM command_leases");
-	writer = sql_int(db, "SELECT writer_pid FROM command_leases");
-	cr_assert_gt(writer, 0);
+	/* The lease learns A's writing session with a renewal once A has connected. */
+	deadline = harness_now() + 10;
+	while ((writer = sql_int(db, "SELECT writer_pid FROM command_leases")) <= 0) {
+		cr_assert(harness_now() < deadline, "the lease never named A's writing session");
+		usleep(50000);
+	}
 	c.svc[0] = &a;
 	c.svc[1] = &b;
 	client_start(&c);
