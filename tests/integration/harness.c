@@ -256,15 +256,36 @@ static void start_service(struct service *svc, const char *name, const char *bin
 	}
 }
 
+/* Started and leading: a command restarted at once after a kill may first see its
+ * predecessor's lease session still alive, and stand by for a moment. */
+static void wait_leading(struct service *svc)
+{
+	if (!harness_wait_status(svc, "/readyz", 200, 20)) {
+		harness_print_log(svc);
+		harness_kill(svc);
+		cr_assert_fail("%s did not lead (ready) within 20 s", svc->name);
+	}
+}
+
 void harness_start_command(struct service *svc, const char *db)
 {
 	char pg[512];
 
 	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
 	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, NULL);
+	wait_leading(svc);
 }
 
 void harness_start_command_env(struct service *svc, const char *db, const char *const *env)
+{
+	char pg[512];
+
+	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
+	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, env);
+	wait_leading(svc);
+}
+
+void harness_start_command_standby(struct service *svc, const char *db, const char *const *env)
 {
 	char pg[512];
 
