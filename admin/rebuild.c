@@ -142,24 +142,41 @@ static void json_line(json_t *obj)
 	json_decref(obj);
 }
 
-/* An error: on a terminal "daybook-admin rebuild: ..." on stderr, otherwise a JSON line
- * {"phase":"error","error":"..."} on stdout; one line either way. The first is kept
- * for the final line. */
-__attribute__((format(printf, 2, 3))) static void rb_error(struct rebuild *rb, const char *fmt, ...)
+/* A message: on a terminal "daybook-admin rebuild: ..." on stderr, otherwise a JSON
+ * line {"phase":"error","error":"..."} (or "note") on stdout; one line either way. */
+static void rb_say(struct rebuild *rb, bool error, const char *fmt, va_list ap)
 {
 	char msg[2048], line[2048];
-	va_list ap;
+	const char *kind = error ? "error" : "note";
 
-	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
 	log_oneline(msg, line, sizeof(line));
-	if (!rb->error[0])
+	if (error && !rb->error[0])
 		snprintf(rb->error, sizeof(rb->error), "%s", line);
 	if (rb->tty)
 		fprintf(stderr, "daybook-admin rebuild: %s\n", line);
 	else
-		json_line(json_pack("{s:s, s:o}", "phase", "error", "error", log_text(line)));
+		json_line(json_pack("{s:s, s:o}", "phase", kind, kind, log_text(line)));
+}
+
+/* An error; the first is kept for the final line. */
+__attribute__((format(printf, 2, 3))) static void rb_error(struct rebuild *rb, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	rb_say(rb, true, fmt, ap);
+	va_end(ap);
+}
+
+/* Something the operator should know that does not stop the rebuild. */
+__attribute__((format(printf, 2, 3))) static void rb_note(struct rebuild *rb, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	rb_say(rb, false, fmt, ap);
+	va_end(ap);
 }
 
 static double now(void)
@@ -1037,7 +1054,7 @@ static bool repair_items(struct rebuild *rb)
 	}
 	ok = ok && send_held(rb);
 	if (repaired)
-		rb_error(rb, "the live count of %d account%s statement items was "
+		rb_note(rb, "the live count of %d account%s statement items was "
 				"too high; their items were sent again\n", repaired, repaired == 1 ? "'s" : "s'");
 	PQclear(r);
 	if (ids)
@@ -1146,7 +1163,7 @@ static bool lock_for_switch(struct rebuild *rb)
 		if (strcmp(rb->phase, "wait") != 0) {
 			rb->phase = "wait";
 			report(rb, true);
-			rb_error(rb, "waiting for the read-model tables: a "
+			rb_note(rb, "waiting for the read-model tables: a "
 					"transaction is reading them (a verify?)\n");
 		}
 		report(rb, false);
@@ -1333,7 +1350,7 @@ static bool ours_to_delete(struct rebuild *rb, long long gen)
 			  (r->type == REDIS_REPLY_STRING && strcmp(r->str, rb->identity) == 0));
 
 	if (r && !ours && r->type == REDIS_REPLY_STRING)
-		rb_error(rb, "note: redis generation %lld was built from another "
+		rb_note(rb, "redis generation %lld was built from another "
 				"event store (identity %s): left in place\n", gen, r->str);
 	freeReplyObject(r);
 	return ours;

@@ -91,6 +91,12 @@ static int read_progress(int fd, int *json_lines)
 		j = json_loads(line, 0, NULL);
 		cr_assert(json_is_object(j), "output line is not JSON: %s", line);
 		cr_assert(json_is_string(json_object_get(j, "phase")), "%s", line);
+		/* A note (e.g. waiting for a verify's transaction) is a line of its own. */
+		if (strcmp(json_string_value(json_object_get(j, "phase")), "note") == 0) {
+			cr_assert(json_is_string(json_object_get(j, "note")), "%s", line);
+			json_decref(j);
+			continue;
+		}
 		if (strcmp(json_string_value(json_object_get(j, "phase")), "done") == 0) {
 			summary = true;
 			cr_assert(json_is_string(json_object_get(j, "checkpoint")), "%s", line);

@@ -505,7 +505,7 @@ Test(write_api, cors_is_off_by_default_and_answers_allowed_origins_when_set)
 	const char *from_app[] = { "Origin: https://app.example", NULL };
 	struct service cors;
 	struct response r;
-	char v[256];
+	char v[256], cors_db[64];
 
 	/* Off: OPTIONS is a method like any other (405), no CORS header anywhere. */
 	r = http_request(svc.port, "OPTIONS", "/accounts/x/deposits", preflight, NULL, 20);
@@ -513,7 +513,9 @@ Test(write_api, cors_is_off_by_default_and_answers_allowed_origins_when_set)
 	cr_assert_not(response_header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
 	response_free(&r);
 
-	harness_start_command_env(&cors, db, env);
+	/* A database of its own: one command service leads a database's writes. */
+	harness_db_create(cors_db, sizeof(cors_db));
+	harness_start_command_env(&cors, cors_db, env);
 	r = http_request(cors.port, "OPTIONS", "/accounts/x/deposits", preflight, NULL, 20);
 	cr_assert_eq(r.status, 204, "%s", r.body);
 	cr_assert(response_header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
