@@ -135,11 +135,13 @@ fail:
 
 static bool exec_ok(PGconn *conn, const char *sql, const char *what)
 {
+	char pqline[1024];
 	PGresult *r = PQexec(conn, sql);
 	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
 
 	if (!ok)
-		fprintf(stderr, "daybook-admin: %s: %s", what, PQresultErrorMessage(r));
+		fprintf(stderr, "daybook-admin: %s: %s\n", what,
+			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return ok;
 }
@@ -147,6 +149,7 @@ static bool exec_ok(PGconn *conn, const char *sql, const char *what)
 /* Apply one migration and record it, in one transaction. */
 static bool apply(PGconn *conn, const struct migration *m)
 {
+	char pqline[1024];
 	char version[16];
 	const char *params[3] = { version, m->name, m->checksum };
 	PGresult *r;
@@ -164,7 +167,8 @@ static bool apply(PGconn *conn, const struct migration *m)
 			 3, NULL, params, NULL, NULL, 0);
 	ok = PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
-		fprintf(stderr, "daybook-admin: recording %s: %s", m->name, PQresultErrorMessage(r));
+		fprintf(stderr, "daybook-admin: recording %s: %s\n", m->name,
+			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	if (!ok) {
 		exec_ok(conn, "ROLLBACK", "ROLLBACK");
@@ -213,11 +217,13 @@ static bool unchanged(PGresult *applied, const struct migration *m, size_t n)
 
 static int run(PGconn *conn, struct migration *m, size_t n)
 {
+	char pqline[1024];
 	PGresult *applied = applied_migrations(conn);
 	int done = 0, rc = 0;
 
 	if (PQresultStatus(applied) != PGRES_TUPLES_OK) {
-		fprintf(stderr, "daybook-admin: reading schema_migrations: %s", PQresultErrorMessage(applied));
+		fprintf(stderr, "daybook-admin: reading schema_migrations: %s\n",
+			log_oneline(PQresultErrorMessage(applied), pqline, sizeof(pqline)));
 		PQclear(applied);
 		return 1;
 	}

@@ -39,11 +39,13 @@ struct status {
 
 static PGresult *query(struct status *s, const char *sql, int nparams, const char *const *params)
 {
+	char pqline[1024];
 	PGresult *r = PQexecParams(s->pg, sql, nparams, NULL, params, NULL, NULL, 0);
 
 	if (PQresultStatus(r) == PGRES_TUPLES_OK)
 		return r;
-	fprintf(stderr, "daybook-admin status: %s", PQresultErrorMessage(r));
+	fprintf(stderr, "daybook-admin status: %s\n",
+		log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return NULL;
 }

@@ -85,14 +85,17 @@ struct cursor {
 	bool end; /* the last FETCH came back short */
 };
 
+/* One line on stderr (libpq's multi-line errors folded); the verification has no
+ * verdict. */
 __attribute__((format(printf, 2, 3))) static void fail(struct verify *v, const char *fmt, ...)
 {
+	char msg[2048], line[2048];
 	va_list ap;
 
-	fputs("daybook-admin verify: ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	fprintf(stderr, "daybook-admin verify: %s\n", log_oneline(msg, line, sizeof(line)));
 	v->failed = true;
 }
 

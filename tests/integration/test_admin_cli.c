@@ -1059,3 +1059,23 @@ Test(admin_cli, token_new_refuses_a_bad_id_or_bad_scopes_and_prints_no_token)
 	cr_assert_str_eq(p.stdout_text, "");
 	proc_free(&p);
 }
+
+/* PostgreSQL's error for a bad migration spans lines (ERROR, LINE, a caret): the admin
+ * tool reports it on one. */
+Test(admin_cli, a_migration_error_is_reported_on_one_line)
+{
+	char db[64], dir[64], names[64][256], path[600];
+	struct proc p;
+
+	copy_sql_dir(dir, sizeof(dir), names, 64);
+	snprintf(path, sizeof(path), "%s/500_typo.sql", dir);
+	write_file(path, "SELECT 1;\nSELEC 2;\n", "w");
+	create_empty_db(db, sizeof(db));
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 1, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "syntax error"), "%s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "LINE 2"), "%s", p.stderr_text);
+	cr_assert_eq(count_lines(p.stderr_text), 1, "one line: %s", p.stderr_text);
+	proc_free(&p);
+	remove_dir(dir);
+}
