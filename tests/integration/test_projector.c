@@ -732,7 +732,7 @@ Test(projector, redis_refuses_writes_of_an_older_leader_epoch)
 /* r1-review: a leader that leads again after another leader projected into SQL only
  * (its Redis unreachable, then killed) must not move Redis's checkpoint past the
  * batches that Redis never got. */
-Test(projector, r1_a_leader_leading_again_never_checkpoints_redis_past_missed_batches)
+Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batches)
 {
 	struct service a, b;
 	char dead[128], key[128];
