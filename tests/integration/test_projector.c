@@ -729,7 +729,7 @@ Test(projector, redis_refuses_writes_of_an_older_leader_epoch)
 	redisFree(c);
 }
 
-/* r1-review: a leader that leads again after another leader projected into SQL only
+/* a leader that leads again after another leader projected into SQL only
  * (its Redis unreachable, then killed) must not move Redis's checkpoint past the
  * batches that Redis never got. */
 Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batches)

@@ -585,7 +585,7 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 	redisFree(c);
 }
 
-/* r1-review: `rebuild sql` under load. The switch folds the events the live projector
+/* `rebuild sql` under load. The switch folds the events the live projector
  * had not applied yet into the new tables; the projector then resumes from the new
  * checkpoint, so those events never reach Redis by way of a batch. */
 Test(rebuild, a_sql_rebuild_under_load_leaves_redis_whole)
