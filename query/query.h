@@ -39,6 +39,17 @@ enum fallback {
 struct sqlpool;
 struct read;
 
+/* A time-travel read's point and progress (timetravel.c). */
+struct timetravel {
+	bool statement;                 /* the statement (transactions), not the account */
+	struct readmodel_position as_of; /* READ_TT_AS_OF */
+	char at[40];      /* READ_TT_AT: the time as UTC text for SQL, microseconds */
+	char inflight[24]; /* READ_TT_AT: the newest transaction that may still hold an event
+			    * recorded at or before `at` ("0" until known) */
+	bool full_fold;   /* a snapshot was refused: fold from the first event */
+	int poll_ms;      /* READ_TT_AT: the next look while it is not yet stable */
+};
+
 struct query_ctx {
 	struct config cfg;
 	struct log log;
@@ -72,6 +83,8 @@ enum read_kind {
 	READ_TOTALS,
 	READ_EVENTS,
 	READ_PROBE, /* internal: the SQL checkpoint and the log head, for waiting reads */
+	READ_TT_AS_OF, /* an account or its statement as of a position token (timetravel.c) */
+	READ_TT_AT,    /* the same at a time */
 };
 
 /* One read request, from its parsed parameters to its reply. */
@@ -91,6 +104,7 @@ struct read {
 	struct waiter wait;   /* while waiting for min_position */
 	uint64_t wait_seq;    /* waitset_seq when the read last started */
 	bool redis_cannot;    /* Redis reached min_position but cannot answer this read */
+	struct timetravel tt; /* READ_TT_*: the point, folded from the event store */
 };
 
 /* The SQL side: a small pool of pipelined connections (sql.c). */
@@ -145,6 +159,27 @@ const char *const *read_scripts(size_t *n);
 /* Set up the waiting room (ctx->waits) and the fallback counters. */
 int read_init(struct query_ctx *ctx) __attribute__((warn_unused_result));
 void read_fini(struct query_ctx *ctx);
+
+/* read.c's answers, for the reads of timetravel.c. Each finishes the read. */
+void read_free(struct read *rd);
+void reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		size_t len, const char *etag);
+void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code);
+/* Wait for rd->min (the event store's readable head for READ_TT_AS_OF), then start
+ * the read again; 503 projection_behind at its deadline. */
+void wait_for(struct read *rd);
+
+/* timetravel.c: as_of and at on account reads (SPEC §4.2). */
+/* Read `as_of` and `at` into a READ_ACCOUNT or READ_TRANSACTIONS read, making it a
+ * READ_TT_* read: 1 when it now is one, 0 when neither is given, -1 after replying 400. */
+int timetravel_params(struct http_request *req, struct read *rd) __attribute__((warn_unused_result));
+/* The statements of READ_TT_AS_OF and READ_TT_AT, and their parameters (up to
+ * TIMETRAVEL_PARAMS, as text in buf). */
+#define TIMETRAVEL_PARAMS 6
+extern const char timetravel_sql_as_of[], timetravel_sql_at[];
+int timetravel_sql_params(const struct read *rd, char buf[][80], const char **values);
+/* A READ_TT_* read's SQL result: answer, wait or look again. */
+void timetravel_done(struct read *rd, const PGresult *res);
 
 /* The HTTP routes of the read API (routes.c). */
 extern const struct http_route query_routes[];

@@ -130,7 +130,7 @@ char *transactions_body(const char *const *items, const size_t *lens, size_t n,
 /* --- replies ---------------------------------------------------------------------- */
 
 /* A read is finished: give back its place among the waiters too. */
-static void read_free(struct read *rd)
+void read_free(struct read *rd)
 {
 	waitset_done(rd->ctx->waits, &rd->wait);
 	free(rd);
@@ -145,8 +145,8 @@ static void set_position(struct read *rd, const struct readmodel_position *at)
 	http_set_header(rd->req, "X-Daybook-Position", text);
 }
 
-static void reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
-		       size_t len, const char *etag)
+void reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		size_t len, const char *etag)
 {
 	set_position(rd, at);
 	if (etag) {
@@ -158,7 +158,7 @@ static void reply_body(struct read *rd, const struct readmodel_position *at, con
 	read_free(rd);
 }
 
-static void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code)
+void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code)
 {
 	bool account = strcmp(code, "account_not_found") == 0;
 
@@ -206,7 +206,7 @@ static void on_wake(struct waiter *w, bool expired)
 
 /* Neither model has reached min_position yet: wait for the one that can answer (woken
  * by the waiting room in position order), or give up at the deadline. */
-static void wait_for(struct read *rd)
+void wait_for(struct read *rd)
 {
 	struct query_ctx *ctx = rd->ctx;
 
@@ -216,7 +216,7 @@ static void wait_for(struct read *rd)
 	}
 	rd->wait.min = rd->min;
 	rd->wait.deadline = rd->deadline;
-	rd->wait.model = rd->kind == READ_EVENTS ? WAIT_LOG : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
+	rd->wait.model = rd->kind == READ_EVENTS || rd->kind == READ_TT_AS_OF ? WAIT_LOG : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
 	rd->wait.wake = on_wake;
 	switch (waitset_add(ctx->waits, &rd->wait, rd->wait_seq)) {
 	case WAIT_ADDED:
@@ -345,6 +345,8 @@ static bool serve_redis(struct read *rd, const redisReply *rep, const struct rea
 	}
 	case READ_EVENTS:
 	case READ_PROBE:
+	case READ_TT_AS_OF:
+	case READ_TT_AT:
 		break;
 	}
 	*why = FALLBACK_MISS;
@@ -426,6 +428,10 @@ void read_sql_done(struct read *rd, const PGresult *res)
 		sql_probe_done(ctx, rd, res);
 		free(rd);
 		waitset_probed(ctx->waits, true);
+		return;
+	}
+	if (rd->kind == READ_TT_AS_OF || rd->kind == READ_TT_AT) {
+		timetravel_done(rd, res);
 		return;
 	}
 	if (!sql_render(rd, res, &ans)) {
