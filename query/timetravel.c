@@ -34,42 +34,37 @@
  * and the transaction that must have ended, '0' until known), $4 the statement's limit
  * (0: the account), $5 before (0: none), $6 whether snapshots may be used.
  *
- * The snapshots are search bounds too: the point's version v lies between the newest
- * snapshot whose event is at or before the point (sp) and the oldest one after it (bp),
- * so finding v reads at most the events between two snapshots. Those bounds use only
- * the events table's own columns at the snapshots' versions, never their states. The
- * fold then starts from the newest snapshot at or below `lo` (s), whose state the
- * caller checks: just below v for the account (its last event gives updated_at),
- * below the page's oldest possible item for
- * a statement page (a page of `limit` items plus one to tell whether there is a next
- * page spans at most limit + 3 versions: only AccountOpened and AccountClosed make no
- * item).
+ * The point's version v is found by a binary search over the stream's versions (b:
+ * lo is at or before the point, or 0, everything above hi is after it), one index
+ * probe per step: about 20 for a stream of 1,000,000 events. It relies on what the
+ * projector relies on too: within a stream, reader order is version order, and
+ * recorded_at grows with the version. The fold then starts from the newest snapshot at
+ * or below `lo` (s), whose state the caller checks: just below v for the account (its
+ * last event gives updated_at), below the page's oldest possible item for a statement
+ * page (a page of `limit` items plus one to tell whether there is a next page spans at
+ * most limit + 3 versions: only AccountOpened and AccountClosed make no item).
  *
  * Columns: 0, 1 the log head; 2 readable; 3 the point has passed; 4 the newest running
  * transaction; 5 v (NULL: no account at the point); 6 top (the newest version the page
  * may show); 7, 8 the snapshot's version and state; 9 name; 10 opened_at; 11-14 the
  * events after the snapshot up to top (version, type, data, recorded_at), one a row. */
 #define TT_SQL(POINT, READABLE, PASSED) \
-	"WITH x AS (SELECT pg_current_snapshot() AS snap, statement_timestamp() AS now)," \
+	"WITH RECURSIVE x AS (SELECT pg_current_snapshot() AS snap, statement_timestamp() AS now)," \
 	" r AS (SELECT " READABLE " AS ok, " PASSED " AS passed," \
 	" (SELECT i FROM pg_snapshot_xip(x.snap) i ORDER BY i DESC LIMIT 1) AS inflight FROM x)," \
-	" sp AS (SELECT a.version FROM r, account_snapshots a JOIN events e" \
-	" ON e.stream = a.stream AND e.version = a.version" \
-	" WHERE r.ok AND a.stream = $1 AND " POINT("e") " ORDER BY a.version DESC LIMIT 1)," \
-	" bp AS (SELECT a.version FROM r, account_snapshots a JOIN events e" \
-	" ON e.stream = a.stream AND e.version = a.version" \
-	" WHERE r.ok AND a.stream = $1 AND a.version > coalesce((SELECT version FROM sp), 0)" \
-	" AND NOT " POINT("e") " ORDER BY a.version LIMIT 1)," \
-	" v AS (SELECT CASE WHEN r.ok THEN coalesce((SELECT max(e.version) FROM events e" \
-	" WHERE e.stream = $1 AND e.version > coalesce((SELECT version FROM sp), 0)" \
-	" AND e.version < coalesce((SELECT version FROM bp), 2147483647) AND " POINT("e") ")," \
-	" (SELECT version FROM sp)) END AS v FROM r)," \
+	" b AS (SELECT 0::bigint AS lo, CASE WHEN r.ok THEN coalesce((SELECT max(version)" \
+	" FROM events WHERE stream = $1), 0) ELSE 0 END::bigint AS hi FROM r" \
+	" UNION ALL SELECT CASE WHEN c.ok THEN c.mid ELSE b.lo END," \
+	" CASE WHEN c.ok THEN b.hi ELSE c.mid - 1 END FROM b CROSS JOIN LATERAL" \
+	" (SELECT (b.lo + b.hi + 1) / 2 AS mid, EXISTS (SELECT FROM events e WHERE e.stream = $1" \
+	" AND e.version = (b.lo + b.hi + 1) / 2 AND " POINT("e") ") AS ok) c WHERE b.lo < b.hi)," \
+	" v AS (SELECT nullif(b.lo, 0) AS v FROM b WHERE b.lo >= b.hi)," \
 	" t AS (SELECT v.v, CASE WHEN $5::integer > 0 THEN least(v.v, $5::integer - 1)" \
 	" ELSE v.v END AS top FROM v)," \
 	" l AS (SELECT t.v, t.top, CASE WHEN $4::integer = 0 THEN t.top - 1" \
 	" ELSE t.top - $4::integer - 4 END AS lo FROM t)," \
-	" s AS (SELECT a.version, a.state::text AS state FROM l, account_snapshots a" \
-	" WHERE $6::boolean AND a.stream = $1 AND a.version <= l.lo" \
+	" s AS (SELECT a.version, a.state::text AS state FROM account_snapshots a" \
+	" WHERE $6::boolean AND a.stream = $1 AND a.version <= (SELECT lo FROM l)" \
 	" ORDER BY a.version DESC LIMIT 1)" \
 	" SELECT coalesce(h.txid::text, '0'), coalesce(h.position, 0), r.ok, r.passed," \
 	" r.inflight::text, l.v, l.top, s.version, s.state, o.data ->> 'name'," \
