@@ -577,10 +577,11 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 	}
 	PQclear(sql(db, "DELETE FROM account_snapshots WHERE stream = 'account-long' AND version = 1500"));
 
-	/* Snapshots that cannot be used: another account's, a state at another version, one
-	 * that does not decode. Every answer is still the fold's. */
-	r = sql(db, "UPDATE account_snapshots SET state = jsonb_set(state, '{account_id}', '\"other\"') "
-		    "WHERE stream = 'account-long' AND version = 1000");
+	/* Snapshots that cannot be used: another account's (with a balance that would show
+	 * if it were used), a state at another version, one that does not decode. Every
+	 * answer is still the fold's. */
+	r = sql(db, "UPDATE account_snapshots SET state = jsonb_set(jsonb_set(state, '{account_id}', "
+		    "'\"other\"'), '{balance}', '1') WHERE stream = 'account-long' AND version = 1000");
 	PQclear(r);
 	r = sql(db, "UPDATE account_snapshots SET state = jsonb_set(state, '{version}', '7') "
 		    "WHERE stream = 'account-long' AND version = 2000");
