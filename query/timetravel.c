@@ -47,7 +47,8 @@
  * Columns: 0, 1 the log head; 2 readable; 3 the point has passed; 4 the newest running
  * transaction; 5 v (NULL: no account at the point); 6 top (the newest version the page
  * may show); 7, 8 the snapshot's version and state; 9 name; 10 opened_at; 11-14 the
- * events after the snapshot up to top (version, type, data, recorded_at), one a row. */
+ * events after the snapshot up to top (version, type, data, recorded_at), one a row;
+ * recorded_at only above lo, where it is used (the account's last event, the page). */
 #define TT_SQL(POINT, READABLE, PASSED) \
 	"WITH RECURSIVE x AS (SELECT pg_current_snapshot() AS snap, statement_timestamp() AS now)," \
 	" r AS (SELECT " READABLE " AS ok, " PASSED " AS passed," \
@@ -68,10 +69,11 @@
 	" ORDER BY a.version DESC LIMIT 1)" \
 	" SELECT coalesce(h.txid::text, '0'), coalesce(h.position, 0), r.ok, r.passed," \
 	" r.inflight::text, l.v, l.top, s.version, s.state, o.data ->> 'name'," \
-	" " UTC_TEXT("o.recorded_at") ", e.version, e.type, e.data::text, " UTC_TEXT("e.recorded_at") \
+	" " UTC_TEXT("o.recorded_at") ", e.version, e.type, e.data::text, e.at" \
 	" FROM r CROSS JOIN l LEFT JOIN LATERAL (" LOG_HEAD ") h ON true LEFT JOIN s ON true" \
 	" LEFT JOIN events o ON l.v IS NOT NULL AND o.stream = $1 AND o.version = 1" \
-	" LEFT JOIN LATERAL (SELECT version, type, data, recorded_at FROM events" \
+	" LEFT JOIN LATERAL (SELECT version, type, data, CASE WHEN version > l.lo THEN" \
+	" " UTC_TEXT("recorded_at") " END AS at FROM events" \
 	" WHERE stream = $1 AND version > coalesce(s.version, 0) AND version <= l.top" \
 	" ORDER BY version) e ON true ORDER BY e.version"
 
