@@ -14,14 +14,12 @@
 #define QUEUE_MAX 20000 /* beyond this, new reads get 503 rather than memory */
 #define RUN_TIMEOUT 5.0
 
-#define UTC_TEXT(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define UTC_TEXT(col) QUERY_SQL_UTC_TEXT(col)
 /* Every statement reads its data and the checkpoint in one statement, hence one
  * snapshot: the position reported is exactly the state served. */
 #define CHECKPOINT "projection_checkpoints c"
 #define CHECKPOINT_WHERE " WHERE c.projection = 'sql'"
-#define LOG_HEAD \
-	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
-	" ORDER BY txid DESC, position DESC LIMIT 1"
+#define LOG_HEAD QUERY_SQL_LOG_HEAD
 /* The channels the pool's connections LISTEN on (slot 0, slot 1): the projector's
  * NOTIFY in the transaction that moves the SQL checkpoint, and the event store's on
  * append. Each wakes the waiting room's one shared probe. */

@@ -23,10 +23,8 @@
 #include "ledger_json.h"
 #include "query.h"
 
-#define UTC_TEXT(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-#define LOG_HEAD \
-	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
-	" ORDER BY txid DESC, position DESC LIMIT 1"
+#define UTC_TEXT(col) QUERY_SQL_UTC_TEXT(col)
+#define LOG_HEAD QUERY_SQL_LOG_HEAD
 #define POLL_FIRST_MS 2
 #define POLL_MAX_MS 50
 
@@ -365,26 +363,42 @@ done:
 	return ok;
 }
 
-/* Fold the rows' events into f; false when an event does not follow or apply. */
+/* Fold one event row into f (and its statement item, above lo); false when it does
+ * not follow or does not apply. */
+static bool fold_row(const struct read *rd, const PGresult *res, int row, int32_t lo,
+		     struct ledger_event_buf *buf, struct fold *f)
+{
+	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(res, row, C_E_TYPE));
+	int32_t version = (int32_t)atol(PQgetvalue(res, row, C_E_VERSION));
+	const char *at = PQgetvalue(res, row, C_E_AT); /* "" at or below lo */
+	struct ledger_event ev;
+
+	if (!type || version != f->acc.version + 1)
+		return false;
+	if (!ledger_event_from_text(type, PQgetvalue(res, row, C_E_DATA),
+				    (size_t)PQgetlength(res, row, C_E_DATA), buf, &ev))
+		return false;
+	if (type == LEDGER_ACCOUNT_OPENED)
+		ev.account_id = rd->id;
+	if (!ledger_evolve(&f->acc, &ev))
+		return false;
+	f->updated_at = at;
+	if (rd->tt.statement && version > lo && readmodel_entry_type(type))
+		return add_item(f, &ev, version, at);
+	return true;
+}
+
+/* Fold the rows' events into f; false when one does not follow or apply. */
 static bool fold_events(const struct read *rd, const PGresult *res, int32_t lo, struct fold *f)
 {
 	struct ledger_event_buf buf = { 0 };
 	bool ok = true;
 
-	for (int row = 0; ok && row < PQntuples(res) && !PQgetisnull(res, row, C_E_VERSION); row++) {
-		enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(res, row, C_E_TYPE));
-		int32_t version = (int32_t)atol(PQgetvalue(res, row, C_E_VERSION));
-		struct ledger_event ev;
-
-		ok = type && version == f->acc.version + 1 &&
-		     ledger_event_from_text(type, PQgetvalue(res, row, C_E_DATA),
-					    (size_t)PQgetlength(res, row, C_E_DATA), &buf, &ev);
-		if (ok && type == LEDGER_ACCOUNT_OPENED)
-			ev.account_id = rd->id;
-		ok = ok && ledger_evolve(&f->acc, &ev);
-		f->updated_at = PQgetvalue(res, row, C_E_AT);
-		if (ok && rd->tt.statement && version > lo && readmodel_entry_type(type))
-			ok = add_item(f, &ev, version, PQgetvalue(res, row, C_E_AT));
+	for (int row = 0; row < PQntuples(res) && !PQgetisnull(res, row, C_E_VERSION); row++) {
+		if (!fold_row(rd, res, row, lo, &buf, f)) {
+			ok = false;
+			break;
+		}
 	}
 	ledger_event_buf_free(&buf);
 	return ok;
@@ -398,12 +412,50 @@ static void reply_fold_failed(struct read *rd, const char *what)
 	read_free(rd);
 }
 
+/* The account's body at the point; NULL when out of memory. Caller frees. */
+static char *account_body(const PGresult *res, const struct read *rd, const struct fold *f)
+{
+	struct readmodel_account a = {
+		.account_id = rd->id, .name = PQgetvalue(res, 0, C_NAME),
+		.currency = f->acc.currency, .status = f->acc.closed ? "closed" : "open",
+		.balance = f->acc.balance, .overdraft_limit = f->acc.overdraft_limit,
+		.version = f->acc.version, .opened_at = PQgetvalue(res, 0, C_OPENED_AT),
+		.updated_at = f->updated_at,
+	};
+
+	return readmodel_account_json(&a);
+}
+
+/* The statement page: the newest `limit` items, newest first, and the next page when
+ * there are more. NULL when out of memory; caller frees. */
+static char *statement_body(const struct read *rd, const struct fold *f, size_t *len)
+{
+	size_t n = f->n < (size_t)rd->limit ? f->n : (size_t)rd->limit;
+	const char **items = malloc((n ? n : 1) * sizeof(*items));
+	size_t *lens = malloc((n ? n : 1) * sizeof(*lens));
+	char next[24], *body = NULL;
+
+	if (!items || !lens)
+		goto done;
+	for (size_t i = 0; i < n; i++) {
+		items[i] = f->items[f->n - 1 - i];
+		lens[i] = f->lens[f->n - 1 - i];
+	}
+	if (n && f->n > n)
+		snprintf(next, sizeof(next), "%lld", readmodel_item_version(f->items[f->n - n]));
+	body = transactions_body(items, lens, n, n && f->n > n ? next : NULL, len);
+done:
+	free(items);
+	free(lens);
+	return body;
+}
+
 static void answer(struct read *rd, const PGresult *res, const struct readmodel_position *head)
 {
 	int32_t top = (int32_t)atol(PQgetvalue(res, 0, C_TOP));
-	int32_t lo = rd->tt.statement ? top - rd->limit - 4 : top;
+	int32_t lo = rd->tt.statement ? top - rd->limit - 4 : top - 1; /* as in TT_SQL */
 	struct fold f = { 0 };
-	char why[256], etag[16], *body = NULL, next[16];
+	char why[256], etag[16], *body;
 	size_t len = 0;
 
 	if (!PQgetisnull(res, 0, C_SNAP_VERSION) && !restore(rd, res, &f.acc, why, sizeof(why))) {
@@ -418,44 +470,19 @@ static void answer(struct read *rd, const PGresult *res, const struct readmodel_
 		reply_fold_failed(rd, "an event does not follow or does not apply");
 		goto done;
 	}
-	if (!rd->tt.statement) {
-		struct readmodel_account a = {
-			.account_id = rd->id, .name = PQgetvalue(res, 0, C_NAME),
-			.currency = f.acc.currency, .status = f.acc.closed ? "closed" : "open",
-			.balance = f.acc.balance, .overdraft_limit = f.acc.overdraft_limit,
-			.version = f.acc.version, .opened_at = PQgetvalue(res, 0, C_OPENED_AT),
-			.updated_at = f.updated_at,
-		};
-		if (f.acc.version != top || !f.updated_at) {
-			reply_fold_failed(rd, "the fold ended before the point's version");
-			goto done;
-		}
-		snprintf(etag, sizeof(etag), "%" PRId32, f.acc.version);
-		body = readmodel_account_json(&a);
-		len = body ? strlen(body) : 0;
-	} else {
-		/* Newest first, `limit` of them, and the next page when there are more. */
-		size_t n = f.n < (size_t)rd->limit ? f.n : (size_t)rd->limit;
-		const char **items = malloc((n ? n : 1) * sizeof(*items));
-		size_t *lens = malloc((n ? n : 1) * sizeof(*lens));
-		for (size_t i = 0; items && lens && i < n; i++) {
-			items[i] = f.items[f.n - 1 - i];
-			lens[i] = f.lens[f.n - 1 - i];
-		}
-		if (n && f.n > n)
-			snprintf(next, sizeof(next), "%lld",
-				 readmodel_item_version(f.items[f.n - n]));
-		body = items && lens ? transactions_body(items, lens, n, n && f.n > n ? next : NULL,
-							&len)
-				     : NULL;
-		free(items);
-		free(lens);
+	if (!rd->tt.statement && (f.acc.version != top || !f.updated_at)) {
+		reply_fold_failed(rd, "the fold ended before the point's version");
+		goto done;
 	}
+	snprintf(etag, sizeof(etag), "%" PRId32, f.acc.version);
+	body = rd->tt.statement ? statement_body(rd, &f, &len) : account_body(res, rd, &f);
 	if (!body) {
 		http_reply_problem(rd->req, 503, "unavailable", "Service unavailable", "out of memory");
 		read_free(rd);
 		goto done;
 	}
+	if (!rd->tt.statement)
+		len = strlen(body);
 	reply_body(rd, head, body, len, rd->tt.statement ? NULL : etag);
 	free(body);
 done:
