@@ -52,7 +52,7 @@ struct read;
 struct timetravel {
 	bool statement;                 /* the statement (transactions), not the account */
 	struct readmodel_position as_of; /* READ_TT_AS_OF */
-	char at[40];      /* READ_TT_AT: the time as UTC text for SQL, microseconds */
+	char at[READMODEL_TIME_LEN]; /* READ_TT_AT: the time, as the read models write times */
 	char inflight[24]; /* READ_TT_AT: the newest transaction that may still hold an event
 			    * recorded at or before `at` ("0" until known) */
 	bool full_fold;   /* a snapshot was refused: fold from the first event */

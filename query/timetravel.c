@@ -101,94 +101,10 @@ static double now(void)
 
 /* --- parameters ------------------------------------------------------------------ */
 
-static bool digits(const char *s, int n, int *out)
-{
-	int v = 0;
-
-	for (int i = 0; i < n; i++) {
-		if (s[i] < '0' || s[i] > '9')
-			return false;
-		v = v * 10 + (s[i] - '0');
-	}
-	*out = v;
-	return true;
-}
-
-static bool leap(int y)
-{
-	return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-}
-
-/* Days since 1970-01-01 of a proleptic Gregorian date. */
-static int64_t days_from_civil(int y, int m, int d)
-{
-	int64_t era, yoe, doy, doe;
-
-	y -= m <= 2;
-	era = (y >= 0 ? y : y - 399) / 400;
-	yoe = y - era * 400;
-	doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-	doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-	return era * 146097 + doe - 719468;
-}
-
-/* An RFC 3339 date-time ("2026-01-31T23:59:59Z", "...T12:00:00.5+01:00"; 't', 'z'
- * and a space for 'T' accepted, and a space for the offset's '+', which an unencoded
- * '+' in a query string decodes to) as UTC text with microseconds (digits beyond are
- * cut: events are recorded to the microsecond, so the comparison stays exact). */
-static bool parse_rfc3339(const char *s, char out[40])
-{
-	int y, mo, d, h, mi, sec, oh = 0, om = 0, sign = 1;
-	int micros = 0;
-	int64_t t;
-	char text[96];
-	size_t i = 19, nfrac = 0;
-	static const int mdays[] = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
-	time_t tt;
-	struct tm tm;
-
-	if (strlen(s) < 20 || !digits(s, 4, &y) || s[4] != '-' || !digits(s + 5, 2, &mo) ||
-	    s[7] != '-' || !digits(s + 8, 2, &d) || !strchr("Tt ", s[10]) ||
-	    !digits(s + 11, 2, &h) || s[13] != ':' || !digits(s + 14, 2, &mi) || s[16] != ':' ||
-	    !digits(s + 17, 2, &sec))
-		return false;
-	if (y < 1 || mo < 1 || mo > 12 || d < 1 ||
-	    d > mdays[mo - 1] + (mo == 2 && leap(y)) || h > 23 || mi > 59 || sec > 59)
-		return false;
-	if (s[i] == '.') {
-		for (i++; s[i] >= '0' && s[i] <= '9'; i++, nfrac++)
-			if (nfrac < 6)
-				micros = micros * 10 + (s[i] - '0');
-		if (nfrac == 0)
-			return false;
-		for (size_t k = nfrac; k < 6; k++)
-			micros *= 10;
-	}
-	if ((s[i] == 'Z' || s[i] == 'z') && s[i + 1] == '\0') {
-		/* UTC */
-	} else if (strchr("+- ", s[i]) && s[i] != '\0' && strlen(s + i) == 6 &&
-		   digits(s + i + 1, 2, &oh) && s[i + 3] == ':' && digits(s + i + 4, 2, &om) &&
-		   oh <= 23 && om <= 59) {
-		sign = s[i] == '-' ? -1 : 1;
-	} else {
-		return false;
-	}
-	t = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec -
-	    sign * (int64_t)(oh * 3600 + om * 60);
-	tt = (time_t)t;
-	if (!gmtime_r(&tt, &tm) || tm.tm_year + 1900 < 1 || tm.tm_year + 1900 > 9999)
-		return false;
-	snprintf(text, sizeof(text), "%04d-%02d-%02d %02d:%02d:%02d.%06d+00", tm.tm_year + 1900,
-		 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, micros);
-	if (strlen(text) >= 40)
-		return false;
-	memcpy(out, text, strlen(text) + 1);
-	return true;
-}
-
 int timetravel_params(struct http_request *req, struct read *rd)
 {
 	const char *as_of = http_query(req, "as_of"), *at = http_query(req, "at");
+	int64_t micros;
 
 	if (!as_of && !at)
 		return 0;
@@ -218,11 +134,12 @@ int timetravel_params(struct http_request *req, struct read *rd)
 		rd->min = rd->tt.as_of; /* what a wait waits for */
 		return 1;
 	}
-	if (!parse_rfc3339(at, rd->tt.at)) {
+	if (!readmodel_time_parse(at, &micros)) {
 		http_reply_invalid(req, "query parameter 'at' must be an RFC 3339 date-time, e.g. "
 					"2026-01-31T23:59:59Z (encode '+' as %2B)");
 		return -1;
 	}
+	readmodel_time_text(micros, rd->tt.at); /* PostgreSQL reads it as a timestamptz */
 	rd->kind = READ_TT_AT;
 	return 1;
 }
