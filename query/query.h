@@ -55,7 +55,7 @@ struct timetravel {
 	char at[READMODEL_TIME_LEN]; /* READ_TT_AT: the time, as the read models write times */
 	char inflight[24]; /* READ_TT_AT: the newest transaction that may still hold an event
 			    * recorded at or before `at` ("0" until known) */
-	bool full_fold;   /* a snapshot was refused: fold from the first event */
+	int32_t snapshots_below; /* use snapshots up to this version (a newer one was refused) */
 	int poll_ms;      /* READ_TT_AT: the next look while it is not yet stable */
 };
 

@@ -30,7 +30,8 @@
 
 /* Parameters: $1 the stream, $2 and $3 the point (as_of: txid, position; at: the time,
  * and the transaction that must have ended, '0' until known), $4 the statement's limit
- * (0: the account), $5 before (0: none), $6 whether snapshots may be used.
+ * (0: the account), $5 before (0: none), $6 the highest snapshot version that may be
+ * used (below a refused one).
  *
  * The point's version v is found by a binary search over the stream's versions (b:
  * lo is at or before the point, or 0, everything above hi is after it), one index
@@ -63,7 +64,7 @@
 	" l AS (SELECT t.v, t.top, CASE WHEN $4::integer = 0 THEN t.top - 1" \
 	" ELSE t.top - $4::integer - 4 END AS lo FROM t)," \
 	" s AS (SELECT a.version, a.state::text AS state FROM account_snapshots a" \
-	" WHERE $6::boolean AND a.stream = $1 AND a.version <= (SELECT lo FROM l)" \
+	" WHERE a.stream = $1 AND a.version <= least((SELECT lo FROM l), $6::integer)" \
 	" ORDER BY a.version DESC LIMIT 1)" \
 	" SELECT coalesce(h.txid::text, '0'), coalesce(h.position, 0), r.ok, r.passed," \
 	" r.inflight::text, l.v, l.top, s.version, s.state, o.data ->> 'name'," \
@@ -124,6 +125,7 @@ int timetravel_params(struct http_request *req, struct read *rd)
 	rd->tt.statement = rd->kind == READ_TRANSACTIONS;
 	snprintf(rd->tt.inflight, sizeof(rd->tt.inflight), "0");
 	rd->tt.poll_ms = POLL_FIRST_MS;
+	rd->tt.snapshots_below = INT32_MAX;
 	if (as_of) {
 		if (!readmodel_position_parse(as_of, &rd->tt.as_of)) {
 			http_reply_invalid(req, "query parameter 'as_of' must be a position token "
@@ -156,7 +158,7 @@ int timetravel_sql_params(const struct read *rd, char buf[][80], const char **va
 	}
 	snprintf(buf[3], 80, "%d", rd->tt.statement ? rd->limit : 0);
 	snprintf(buf[4], 80, "%d", rd->tt.statement ? rd->before : 0);
-	snprintf(buf[5], 80, "%s", rd->tt.full_fold ? "false" : "true");
+	snprintf(buf[5], 80, "%" PRId32, rd->tt.snapshots_below);
 	for (int i = 0; i < TIMETRAVEL_PARAMS; i++)
 		values[i] = buf[i];
 	return TIMETRAVEL_PARAMS;
@@ -377,9 +379,9 @@ static void answer(struct read *rd, const PGresult *res, const struct readmodel_
 
 	if (!PQgetisnull(res, 0, C_SNAP_VERSION) && !restore(rd, res, &f.acc, why, sizeof(why))) {
 		log_warn(&rd->ctx->log, "ignoring the snapshot of account-%s at version %s (%s); "
-			 "folding the stream from its first event", rd->id,
+			 "folding from an older one, or from the first event", rd->id,
 			 PQgetvalue(res, 0, C_SNAP_VERSION), why);
-		rd->tt.full_fold = true;
+		rd->tt.snapshots_below = (int32_t)atol(PQgetvalue(res, 0, C_SNAP_VERSION)) - 1;
 		read_start(rd);
 		return;
 	}
