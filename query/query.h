@@ -50,13 +50,14 @@ struct read;
 
 /* A time-travel read's point and progress (timetravel.c). */
 struct timetravel {
-	bool statement;                 /* the statement (transactions), not the account */
+	bool statement;                  /* the statement (transactions), not the account */
 	struct readmodel_position as_of; /* READ_TT_AS_OF */
-	char at[READMODEL_TIME_LEN]; /* READ_TT_AT: the time, as the read models write times */
-	char inflight[24]; /* READ_TT_AT: the newest transaction that may still hold an event
-			    * recorded at or before `at` ("0" until known) */
+	char at[READMODEL_TIME_LEN];     /* READ_TT_AT: the time, as the read models write it */
+	/* READ_TT_AT: the newest transaction that may still hold an event recorded at or
+	 * before `at` ("0" until known). */
+	char inflight[24];
 	int32_t snapshots_below; /* use snapshots up to this version (a newer one was refused) */
-	int poll_ms;      /* READ_TT_AT: the next look while it is not yet stable */
+	int poll_ms;             /* READ_TT_AT: the next look while it is not yet stable */
 };
 
 struct query_ctx {
@@ -169,14 +170,17 @@ const char *const *read_scripts(size_t *n);
 int read_init(struct query_ctx *ctx) __attribute__((warn_unused_result));
 void read_fini(struct query_ctx *ctx);
 
-/* read.c's answers, for the reads of timetravel.c. Each finishes the read. */
-void read_free(struct read *rd);
-void reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
-		size_t len, const char *etag);
-void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code);
-/* Wait for rd->min (the event store's readable head for READ_TT_AS_OF), then start
+/* read.c's endings of a read, for the reads of timetravel.c; each takes the read. */
+/* Free it (after the caller replied). */
+void read_finish(struct read *rd);
+/* 200 with body (copied), X-Daybook-Position `at`, and ETag when etag is not NULL. */
+void read_reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		     size_t len, const char *etag);
+/* 404 account_not_found, X-Daybook-Position `at`. */
+void read_reply_not_found(struct read *rd, const struct readmodel_position *at);
+/* Wait for rd->min (the event store's readable head, for READ_TT_AS_OF), then start
  * the read again; 503 projection_behind at its deadline. */
-void wait_for(struct read *rd);
+void read_wait(struct read *rd);
 
 /* timetravel.c: as_of and at on account reads (SPEC §4.2). */
 /* Read `as_of` and `at` into a READ_ACCOUNT or READ_TRANSACTIONS read, making it a

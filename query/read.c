@@ -130,7 +130,7 @@ char *transactions_body(const char *const *items, const size_t *lens, size_t n,
 /* --- replies ---------------------------------------------------------------------- */
 
 /* A read is finished: give back its place among the waiters too. */
-void read_free(struct read *rd)
+static void read_free(struct read *rd)
 {
 	waitset_done(rd->ctx->waits, &rd->wait);
 	free(rd);
@@ -145,8 +145,8 @@ static void set_position(struct read *rd, const struct readmodel_position *at)
 	http_set_header(rd->req, "X-Daybook-Position", text);
 }
 
-void reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
-		size_t len, const char *etag)
+static void reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		       size_t len, const char *etag)
 {
 	set_position(rd, at);
 	if (etag) {
@@ -158,7 +158,7 @@ void reply_body(struct read *rd, const struct readmodel_position *at, const char
 	read_free(rd);
 }
 
-void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code)
+static void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code)
 {
 	bool account = strcmp(code, "account_not_found") == 0;
 
@@ -206,7 +206,7 @@ static void on_wake(struct waiter *w, bool expired)
 
 /* Neither model has reached min_position yet: wait for the one that can answer (woken
  * by the waiting room in position order), or give up at the deadline. */
-void wait_for(struct read *rd)
+static void wait_for(struct read *rd)
 {
 	struct query_ctx *ctx = rd->ctx;
 
@@ -216,7 +216,8 @@ void wait_for(struct read *rd)
 	}
 	rd->wait.min = rd->min;
 	rd->wait.deadline = rd->deadline;
-	rd->wait.model = rd->kind == READ_EVENTS || rd->kind == READ_TT_AS_OF ? WAIT_LOG : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
+	rd->wait.model = rd->kind == READ_EVENTS || rd->kind == READ_TT_AS_OF ? WAIT_LOG
+			 : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
 	rd->wait.wake = on_wake;
 	switch (waitset_add(ctx->waits, &rd->wait, rd->wait_seq)) {
 	case WAIT_ADDED:
@@ -502,4 +503,27 @@ int read_init(struct query_ctx *ctx)
 void read_fini(struct query_ctx *ctx)
 {
 	waitset_close(&ctx->waits);
+}
+
+/* --- for the reads of timetravel.c ------------------------------------------------ */
+
+void read_finish(struct read *rd)
+{
+	read_free(rd);
+}
+
+void read_reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		     size_t len, const char *etag)
+{
+	reply_body(rd, at, body, len, etag);
+}
+
+void read_reply_not_found(struct read *rd, const struct readmodel_position *at)
+{
+	reply_not_found(rd, at, "account_not_found");
+}
+
+void read_wait(struct read *rd)
+{
+	wait_for(rd);
 }

@@ -172,7 +172,7 @@ static void reply_not_stable(struct read *rd)
 			   "not every event recorded at or before %s is readable yet (the time "
 			   "has not passed, or a write that may hold one is still running)",
 			   rd->tt.at);
-	read_free(rd);
+	read_finish(rd);
 }
 
 static void on_poll(evutil_socket_t fd, short what, void *arg)
@@ -188,7 +188,7 @@ static void not_yet(struct read *rd, const PGresult *res)
 	struct timeval tv;
 
 	if (rd->kind == READ_TT_AS_OF) {
-		wait_for(rd); /* the waiting room: the log's head reaching the token */
+		read_wait(rd); /* the waiting room: the log's head reaching the token */
 		return;
 	}
 	/* The first look after the time has passed names the transactions that must end. */
@@ -328,7 +328,7 @@ static void reply_fold_failed(struct read *rd, const char *what)
 	log_error(&rd->ctx->log, "time travel: cannot fold account-%s: %s", rd->id, what);
 	http_reply_problem(rd->req, 500, "internal", "Internal error",
 			   "the event store's events of this account could not be folded");
-	read_free(rd);
+	read_finish(rd);
 }
 
 /* The account's body at the point; NULL when out of memory. Caller frees. */
@@ -397,12 +397,12 @@ static void answer(struct read *rd, const PGresult *res, const struct readmodel_
 	body = rd->tt.statement ? statement_body(rd, &f, &len) : account_body(res, rd, &f);
 	if (!body) {
 		http_reply_problem(rd->req, 503, "unavailable", "Service unavailable", "out of memory");
-		read_free(rd);
+		read_finish(rd);
 		goto done;
 	}
 	if (!rd->tt.statement)
 		len = strlen(body);
-	reply_body(rd, head, body, len, rd->tt.statement ? NULL : etag);
+	read_reply_body(rd, head, body, len, rd->tt.statement ? NULL : etag);
 	free(body);
 done:
 	fold_free(&f);
@@ -428,7 +428,7 @@ void timetravel_done(struct read *rd, const PGresult *res)
 		return;
 	}
 	if (PQgetisnull(res, 0, C_V)) {
-		reply_not_found(rd, &head, "account_not_found");
+		read_reply_not_found(rd, &head);
 		return;
 	}
 	answer(rd, res, &head);
