@@ -478,7 +478,12 @@ Test(timetravel, a_point_beyond_the_readable_horizon_waits_then_answers_or_gives
 	/* A waiting read answers as soon as the horizon passes the point. */
 	snprintf(p.path, sizeof(p.path), "/accounts/w?as_of=%s&wait_ms=10000", pos);
 	cr_assert_eq(pthread_create(&t, NULL, get_in_thread, &p), 0);
-	usleep(100 * 1000); /* not a condition: only lets the read start waiting first */
+	{ /* the read waits in the waiting room before the horizon moves */
+		double end = harness_now() + 20;
+		while (harness_metric(&qry, "daybook_query_waiting_reads") < 1 && harness_now() < end)
+			usleep(10000);
+		cr_assert_geq(harness_metric(&qry, "daybook_query_waiting_reads"), 1);
+	}
 	release(&h);
 	pthread_join(t, NULL);
 	cr_assert_eq(p.r.status, 200, "%s: %d %s", p.path, p.r.status, p.r.body);
