@@ -22,6 +22,15 @@
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
 #define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
 
+/* SQL fragments the statements share (sql.c, timetravel.c): a timestamptz as the read
+ * models write times, and the event store's readable head (the last event below the
+ * snapshot's xmin: everything up to it is committed and visible). */
+#define QUERY_SQL_UTC_TEXT(col) \
+	"to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define QUERY_SQL_LOG_HEAD \
+	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
+	" ORDER BY txid DESC, position DESC LIMIT 1"
+
 /* A position token of `len` bytes (not NUL-terminated), as readmodel_position_parse
  * reads a string; false when malformed. */
 bool query_position_parse_n(const char *text, size_t len, struct readmodel_position *out)
@@ -39,6 +48,18 @@ enum fallback {
 
 struct sqlpool;
 struct read;
+
+/* A time-travel read's point and progress (timetravel.c). */
+struct timetravel {
+	bool statement;                  /* the statement (transactions), not the account */
+	struct readmodel_position as_of; /* READ_TT_AS_OF */
+	char at[READMODEL_TIME_LEN];     /* READ_TT_AT: the time, as the read models write it */
+	/* READ_TT_AT: the newest transaction that may still hold an event recorded at or
+	 * before `at` ("0" until known). */
+	char inflight[24];
+	int32_t snapshots_below; /* use snapshots up to this version (a newer one was refused) */
+	int poll_ms;             /* READ_TT_AT: the next look while it is not yet stable */
+};
 
 struct query_ctx {
 	struct config cfg;
@@ -79,6 +100,8 @@ enum read_kind {
 	READ_TOTALS,
 	READ_EVENTS,
 	READ_PROBE, /* internal: the SQL checkpoint and the log head, for waiting reads */
+	READ_TT_AS_OF, /* an account or its statement as of a position token (timetravel.c) */
+	READ_TT_AT,    /* the same at a time */
 };
 
 /* One read request, from its parsed parameters to its reply. */
@@ -98,6 +121,7 @@ struct read {
 	struct waiter wait;   /* while waiting for min_position */
 	uint64_t wait_seq;    /* waitset_seq when the read last started */
 	bool redis_cannot;    /* Redis reached min_position but cannot answer this read */
+	struct timetravel tt; /* READ_TT_*: the point, folded from the event store */
 };
 
 /* The SQL side: a small pool of pipelined connections (sql.c). */
@@ -152,6 +176,30 @@ const char *const *read_scripts(size_t *n);
 /* Set up the waiting room (ctx->waits) and the fallback counters. */
 int read_init(struct query_ctx *ctx) __attribute__((warn_unused_result));
 void read_fini(struct query_ctx *ctx);
+
+/* read.c's endings of a read, for the reads of timetravel.c; each takes the read. */
+/* Free it (after the caller replied). */
+void read_finish(struct read *rd);
+/* 200 with body (copied), X-Daybook-Position `at`, and ETag when etag is not NULL. */
+void read_reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		     size_t len, const char *etag);
+/* 404 account_not_found, X-Daybook-Position `at`. */
+void read_reply_not_found(struct read *rd, const struct readmodel_position *at);
+/* Wait for rd->min (the event store's readable head, for READ_TT_AS_OF), then start
+ * the read again; 503 projection_behind at its deadline. */
+void read_wait(struct read *rd);
+
+/* timetravel.c: as_of and at on account reads (SPEC §4.2). */
+/* Read `as_of` and `at` into a READ_ACCOUNT or READ_TRANSACTIONS read, making it a
+ * READ_TT_* read: 1 when it now is one, 0 when neither is given, -1 after replying 400. */
+int timetravel_params(struct http_request *req, struct read *rd) __attribute__((warn_unused_result));
+/* The statements of READ_TT_AS_OF and READ_TT_AT, and their parameters (up to
+ * TIMETRAVEL_PARAMS, as text in buf). */
+#define TIMETRAVEL_PARAMS 6
+extern const char timetravel_sql_as_of[], timetravel_sql_at[];
+int timetravel_sql_params(const struct read *rd, char buf[][80], const char **values);
+/* A READ_TT_* read's SQL result: answer, wait or look again. */
+void timetravel_done(struct read *rd, const PGresult *res);
 
 /* The HTTP routes of the read API (routes.c). */
 extern const struct http_route query_routes[];

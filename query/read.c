@@ -216,7 +216,8 @@ static void wait_for(struct read *rd)
 	}
 	rd->wait.min = rd->min;
 	rd->wait.deadline = rd->deadline;
-	rd->wait.model = rd->kind == READ_EVENTS ? WAIT_LOG : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
+	rd->wait.model = rd->kind == READ_EVENTS || rd->kind == READ_TT_AS_OF ? WAIT_LOG
+			 : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
 	rd->wait.wake = on_wake;
 	switch (waitset_add(ctx->waits, &rd->wait, rd->wait_seq)) {
 	case WAIT_ADDED:
@@ -345,6 +346,8 @@ static bool serve_redis(struct read *rd, const redisReply *rep, const struct rea
 	}
 	case READ_EVENTS:
 	case READ_PROBE:
+	case READ_TT_AS_OF:
+	case READ_TT_AT:
 		break;
 	}
 	*why = FALLBACK_MISS;
@@ -428,6 +431,10 @@ void read_sql_done(struct read *rd, const PGresult *res)
 		waitset_probed(ctx->waits, true);
 		return;
 	}
+	if (rd->kind == READ_TT_AS_OF || rd->kind == READ_TT_AT) {
+		timetravel_done(rd, res);
+		return;
+	}
 	if (!sql_render(rd, res, &ans)) {
 		log_error(&ctx->log, "cannot render the SQL read model's answer for %s",
 			  http_path(rd->req));
@@ -496,4 +503,27 @@ int read_init(struct query_ctx *ctx)
 void read_fini(struct query_ctx *ctx)
 {
 	waitset_close(&ctx->waits);
+}
+
+/* --- for the reads of timetravel.c ------------------------------------------------ */
+
+void read_finish(struct read *rd)
+{
+	read_free(rd);
+}
+
+void read_reply_body(struct read *rd, const struct readmodel_position *at, const char *body,
+		     size_t len, const char *etag)
+{
+	reply_body(rd, at, body, len, etag);
+}
+
+void read_reply_not_found(struct read *rd, const struct readmodel_position *at)
+{
+	reply_not_found(rd, at, "account_not_found");
+}
+
+void read_wait(struct read *rd)
+{
+	wait_for(rd);
 }

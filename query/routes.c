@@ -103,8 +103,13 @@ static void get_account(struct http_request *req, void *arg)
 {
 	struct read *rd = read_new(req, arg, READ_ACCOUNT, true);
 
-	if (rd)
-		read_start(rd);
+	if (!rd)
+		return;
+	if (timetravel_params(req, rd) < 0) { /* as_of or at: folded from the log */
+		free(rd);
+		return;
+	}
+	read_start(rd);
 }
 
 static void get_transactions(struct http_request *req, void *arg)
@@ -115,7 +120,8 @@ static void get_transactions(struct http_request *req, void *arg)
 		return;
 	rd->limit = 50;
 	if (!int_param(req, "limit", 1, 500, &rd->limit) ||
-	    !int_param(req, "before", 1, 2147483647, &rd->before)) {
+	    !int_param(req, "before", 1, 2147483647, &rd->before) ||
+	    timetravel_params(req, rd) < 0) {
 		free(rd);
 		return;
 	}
@@ -157,9 +163,9 @@ static void get_events(struct http_request *req, void *arg)
 #define CONSISTENCY "min_position wait_ms"
 
 const struct http_route query_routes[] = {
-	{ "GET", "/accounts/*", "/accounts/{id}", SCOPE_READ, get_account, CONSISTENCY },
+	{ "GET", "/accounts/*", "/accounts/{id}", SCOPE_READ, get_account, CONSISTENCY " as_of at" },
 	{ "GET", "/accounts/*/transactions", "/accounts/{id}/transactions", SCOPE_READ,
-	  get_transactions, CONSISTENCY " limit before" },
+	  get_transactions, CONSISTENCY " limit before as_of at" },
 	{ "GET", "/accounts/*/events", "/accounts/{id}/events", SCOPE_READ, get_events,
 	  CONSISTENCY " after_version limit" },
 	{ "GET", "/transfers/*", "/transfers/{id}", SCOPE_READ, get_transfer, CONSISTENCY },

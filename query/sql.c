@@ -14,14 +14,12 @@
 #define QUEUE_MAX 20000 /* beyond this, new reads get 503 rather than memory */
 #define RUN_TIMEOUT 5.0
 
-#define UTC_TEXT(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define UTC_TEXT(col) QUERY_SQL_UTC_TEXT(col)
 /* Every statement reads its data and the checkpoint in one statement, hence one
  * snapshot: the position reported is exactly the state served. */
 #define CHECKPOINT "projection_checkpoints c"
 #define CHECKPOINT_WHERE " WHERE c.projection = 'sql'"
-#define LOG_HEAD \
-	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
-	" ORDER BY txid DESC, position DESC LIMIT 1"
+#define LOG_HEAD QUERY_SQL_LOG_HEAD
 /* The channels the pool's connections LISTEN on (slot 0, slot 1): the projector's
  * NOTIFY in the transaction that moves the SQL checkpoint, and the event store's on
  * append. Each wakes the waiting room's one shared probe. */
@@ -65,6 +63,9 @@ static const struct pg_statement statements[] = {
 	[READ_PROBE] = { "checkpoint",
 		"SELECT c.txid::text, c.position, coalesce(h.txid::text, '0'), coalesce(h.position, 0)"
 		" FROM " CHECKPOINT " LEFT JOIN LATERAL (" LOG_HEAD ") h ON true" CHECKPOINT_WHERE },
+	/* Time travel: folded from the event store (timetravel.c). */
+	[READ_TT_AS_OF] = { "tt_as_of", timetravel_sql_as_of },
+	[READ_TT_AT] = { "tt_at", timetravel_sql_at },
 };
 
 struct slot {
@@ -136,7 +137,7 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 }
 
 /* The statement parameters of a read, as text. */
-static int params(const struct read *rd, char buf[3][80], const char *values[3])
+static int params(const struct read *rd, char buf[][80], const char **values)
 {
 	switch (rd->kind) {
 	case READ_ACCOUNT:
@@ -161,6 +162,9 @@ static int params(const struct read *rd, char buf[3][80], const char *values[3])
 	case READ_TOTALS:
 	case READ_PROBE:
 		return 0;
+	case READ_TT_AS_OF:
+	case READ_TT_AT:
+		return timetravel_sql_params(rd, buf, values);
 	}
 	return 0;
 }
@@ -173,8 +177,8 @@ static void run_batch(struct slot *slot)
 	size_t n = 0;
 
 	for (rd = first; rd && n < BATCH_MAX; last = rd, rd = rd->next, n++) {
-		char buf[3][80];
-		const char *values[3];
+		char buf[TIMETRAVEL_PARAMS][80];
+		const char *values[TIMETRAVEL_PARAMS];
 		int np = params(rd, buf, values);
 		if (!pg_queue(slot->pg, statements[rd->kind].name, np, values))
 			return; /* the connection is being reset; the reads stay queued */
@@ -540,6 +544,9 @@ bool sql_render(const struct read *rd, const PGresult *res, struct answer *ans)
 		return render_events(res, ans);
 	case READ_PROBE:
 		return true;
+	case READ_TT_AS_OF:
+	case READ_TT_AT:
+		break; /* timetravel_done renders them */
 	}
 	return false;
 }

@@ -314,6 +314,87 @@ void readmodel_time_text(int64_t pg_micros, char out[READMODEL_TIME_LEN])
 	out[27] = '\0';
 }
 
+/* The inverse of civil_from_days: days since 1970-01-01 of a proleptic Gregorian date. */
+static int64_t days_from_civil(int64_t y, unsigned m, unsigned d)
+{
+	int64_t era, yoe, doy, doe;
+
+	y -= m <= 2;
+	era = (y >= 0 ? y : y - 399) / 400;
+	yoe = y - era * 400;
+	doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
+	doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+	return era * 146097 + doe - 719468;
+}
+
+/* n decimal digits at s; false when one is not a digit. */
+static bool fixed_digits(const char *s, int n, unsigned *out)
+{
+	unsigned v = 0;
+
+	for (int i = 0; i < n; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return false;
+		v = v * 10 + (unsigned)(s[i] - '0');
+	}
+	*out = v;
+	return true;
+}
+
+/* The offset at s ("Z", "z", "+hh:mm", "-hh:mm", or " hh:mm" for an unencoded '+'),
+ * which must end the text, in seconds east of UTC; false when malformed. */
+static bool parse_offset(const char *s, int64_t *out)
+{
+	unsigned h, m;
+
+	if ((s[0] == 'Z' || s[0] == 'z') && s[1] == '\0') {
+		*out = 0;
+		return true;
+	}
+	if (!s[0] || !strchr("+- ", s[0]) || strlen(s) != 6 || !fixed_digits(s + 1, 2, &h) ||
+	    s[3] != ':' || !fixed_digits(s + 4, 2, &m) || h > 23 || m > 59)
+		return false;
+	*out = (s[0] == '-' ? -1 : 1) * (int64_t)(h * 3600 + m * 60);
+	return true;
+}
+
+bool readmodel_time_parse(const char *text, int64_t *pg_micros)
+{
+	static const unsigned mdays[] = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
+	/* Days since 1970-01-01 of 2000-01-01, 0001-01-01 and 9999-12-31. */
+	const int64_t unix_days = 10957, min_days = -719162, max_days = 2932896;
+	unsigned y, mo, d, h, mi, sec;
+	int64_t micros = 0, offset, t;
+	size_t i = 19;
+	int nfrac = 0;
+
+	if (strlen(text) < 20 || !fixed_digits(text, 4, &y) || text[4] != '-' ||
+	    !fixed_digits(text + 5, 2, &mo) || text[7] != '-' || !fixed_digits(text + 8, 2, &d) ||
+	    !strchr("Tt ", text[10]) || !fixed_digits(text + 11, 2, &h) || text[13] != ':' ||
+	    !fixed_digits(text + 14, 2, &mi) || text[16] != ':' || !fixed_digits(text + 17, 2, &sec))
+		return false;
+	if (y < 1 || mo < 1 || mo > 12 || d < 1 ||
+	    d > mdays[mo - 1] + (mo == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0)) ||
+	    h > 23 || mi > 59 || sec > 59)
+		return false;
+	if (text[i] == '.') {
+		for (i++; text[i] >= '0' && text[i] <= '9'; i++, nfrac++)
+			if (nfrac < 6)
+				micros = micros * 10 + (text[i] - '0');
+		if (nfrac == 0)
+			return false;
+		for (int k = nfrac; k < 6; k++)
+			micros *= 10;
+	}
+	if (!parse_offset(text + i, &offset))
+		return false;
+	t = (days_from_civil(y, mo, d) - unix_days) * 86400 + h * 3600 + mi * 60 + sec - offset;
+	if (t < (min_days - unix_days) * 86400 || t >= (max_days - unix_days + 1) * 86400)
+		return false;
+	*pg_micros = t * 1000000 + micros;
+	return true;
+}
+
 static bool parse_u64(const char *s, size_t n, uint64_t *out)
 {
 	uint64_t v = 0;

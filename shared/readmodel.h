@@ -108,6 +108,11 @@ const char *readmodel_entry_type(enum ledger_event_type type);
  * to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') for years 1-9999. */
 #define READMODEL_TIME_LEN 28
 void readmodel_time_text(int64_t pg_micros, char out[READMODEL_TIME_LEN]);
+/* An RFC 3339 date-time ("2026-01-31T23:59:59Z", "2026-01-31T12:00:00.5+01:00"; 't',
+ * 'z', a space for 'T', and a space for the offset's '+', which an unencoded '+' in a
+ * query string decodes to, are accepted) in the same binary form; digits beyond the
+ * microsecond are cut. False when malformed, or outside the years 1-9999 in UTC. */
+bool readmodel_time_parse(const char *text, int64_t *pg_micros) __attribute__((warn_unused_result));
 /* Decimal text of a 128-bit integer: a sum of int64 balances can exceed int64. */
 void readmodel_int128_text(__int128 v, char out[48]);
 

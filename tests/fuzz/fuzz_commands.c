@@ -1,8 +1,9 @@
-/* Fuzz harness for the JSON command-body parsers and the event-data decoders.
+/* Fuzz harness for the JSON command-body parsers and the event-data decoders, and for
+ * time travel's RFC 3339 times (readmodel_time_parse).
  *
  * As a libFuzzer target (clang; the flag drops the corpus runner's main below):
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -DDAYBOOK_LIBFUZZER -D_GNU_SOURCE \
- *     -Ishared tests/fuzz/fuzz_commands.c shared/ledger.c shared/ledger_json.c \
+ *     -Ishared tests/fuzz/fuzz_commands.c shared/ledger.c shared/ledger_json.c shared/readmodel.c \
  *     $(pkg-config --cflags --libs jansson) -o /tmp/fuzz_commands
  *   mkdir -p /tmp/fuzz-corpus && /tmp/fuzz_commands -max_len=4096 /tmp/fuzz-corpus tests/fuzz/corpus
  * The corpus regression under sanitizers, from meson:
@@ -22,6 +23,7 @@
 
 #include "ledger.h"
 #include "ledger_json.h"
+#include "readmodel.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -124,6 +126,23 @@ static void decode_event(enum ledger_event_type type, json_t *data)
 	json_decref(encoded);
 }
 
+/* The input as a query parameter's text: a time that is accepted reads back, through
+ * the read models' format, as the same instant. */
+static void parse_time(const uint8_t *data, size_t size)
+{
+	char *text = malloc(size + 1), again[READMODEL_TIME_LEN];
+	int64_t us, us2;
+
+	CHECK(text);
+	memcpy(text, data, size);
+	text[size] = '\0';
+	if (readmodel_time_parse(text, &us)) {
+		readmodel_time_text(us, again);
+		CHECK(readmodel_time_parse(again, &us2) && us2 == us);
+	}
+	free(text);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static const enum ledger_event_type types[] = {
@@ -132,6 +151,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	};
 	json_t *body = json_loadb((const char *)data, size, JSON_REJECT_DUPLICATES, NULL);
 	char err[64] = "";
+
+	parse_time(data, size);
 
 	/* An empty body reaches the close parser as NULL, and closes. */
 	if (size == 0)

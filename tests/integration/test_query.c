@@ -1177,3 +1177,64 @@ Test(query_e2e, the_projectors_commit_wakes_waiting_reads_without_any_polling)
 	expect_deposit_seen(w, 2);
 	cr_assert_eq(harness_stop(&quiet), 0);
 }
+
+/* Position messages of another deployment (its own Redis database on the
+ * same server: PUBLISH is not per database) wake every waiting read, each of which
+ * then reads Redis and SQL again. */
+static char foreign_db[64], foreign_redis_url[128];
+static struct service foreign_query, foreign_redis;
+static atomic_int foreign_answered;
+static char foreign_path[256];
+
+static void *foreign_waiter(void *arg)
+{
+	const char *h[] = { "Authorization: Bearer " TOKEN_READ, NULL };
+	struct response r;
+
+	(void)arg;
+	r = http_request(foreign_query.port, "GET", foreign_path, h, NULL, 20);
+	atomic_fetch_add(&foreign_answered, 1);
+	response_free(&r);
+	return NULL;
+}
+
+static double foreign_round(bool foreign)
+{
+	pthread_t t[20];
+	redisContext *c = harness_redis(foreign_redis_url);
+	double before = harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
+			harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
+	double after;
+
+	atomic_store(&foreign_answered, 0);
+	for (int i = 0; i < 20; i++)
+		pthread_create(&t[i], NULL, foreign_waiter, NULL);
+	for (int i = 0; i < 100; i++) {
+		usleep(20000);
+		if (foreign)
+			freeReplyObject(redisCommand(c, "PUBLISH dbk:position %s", "7 900000000.1"));
+	}
+	for (int i = 0; i < 20; i++)
+		pthread_join(t[i], NULL);
+	after = harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
+		harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
+	redisFree(c);
+	return after - before;
+}
+
+Test(query_positions, position_messages_of_another_deployment_do_not_make_waiters_read_sql_again, .timeout = 120)
+{
+	double quiet, foreign;
+
+	harness_db_create(foreign_db, sizeof(foreign_db));
+	harness_start_redis(&foreign_redis, false, foreign_redis_url, sizeof(foreign_redis_url));
+	harness_start_query(&foreign_query, foreign_db, foreign_redis_url);
+	snprintf(foreign_path, sizeof(foreign_path), "/accounts/nobody?min_position=800000000.1&wait_ms=3000");
+	quiet = foreign_round(false);
+	foreign = foreign_round(true);
+	fprintf(stderr, "r1: SQL fallbacks by 20 waiting reads over 2 s: %.0f without messages, "
+			"%.0f with 100 foreign position messages\n", quiet, foreign);
+	cr_expect_lt(foreign, 2 * quiet + 40, "foreign messages made waiting reads poll SQL");
+	harness_stop(&foreign_query);
+	harness_kill(&foreign_redis);
+}

@@ -1355,3 +1355,46 @@ Test(http_query, malformed_repeated_unlisted_and_too_many_are_refused_naming_the
 	cr_assert_eq(http_query_parse(many, NULL, &p, &n, err, sizeof(err)), -EINVAL);
 	cr_assert_not_null(strstr(err, "more than 32 parameters"), "%s", err);
 }
+
+/* RFC 3339 times as time travel's `at` takes them, back in the read models' format. */
+static void assert_parsed(const char *in, const char *want)
+{
+	int64_t us;
+	char out[READMODEL_TIME_LEN];
+
+	cr_assert(readmodel_time_parse(in, &us), "refused %s", in);
+	readmodel_time_text(us, out);
+	cr_assert_str_eq(out, want, "%s", in);
+}
+
+Test(readmodel_time, rfc3339_times_read_as_utc_to_the_microsecond)
+{
+	assert_parsed("2026-01-31T23:59:59Z", "2026-01-31T23:59:59.000000Z");
+	assert_parsed("2026-01-31t23:59:59.5z", "2026-01-31T23:59:59.500000Z");
+	assert_parsed("2026-01-31 23:59:59.123456789Z", "2026-01-31T23:59:59.123456Z");
+	assert_parsed("2026-03-01T00:30:00+01:00", "2026-02-28T23:30:00.000000Z");
+	assert_parsed("2026-03-01T00:30:00 01:00", "2026-02-28T23:30:00.000000Z"); /* '+' unencoded */
+	assert_parsed("2024-02-28T23:00:00-01:30", "2024-02-29T00:30:00.000000Z");
+	assert_parsed("2000-01-01T00:00:00Z", "2000-01-01T00:00:00.000000Z");
+	assert_parsed("1999-12-31T23:59:59.999999Z", "1999-12-31T23:59:59.999999Z");
+	assert_parsed("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000000Z");
+	assert_parsed("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999999Z");
+}
+
+Test(readmodel_time, malformed_or_out_of_range_times_are_refused)
+{
+	static const char *const bad[] = {
+		"", "2026", "2026-01-31", "2026-01-31T23:59:59", "2026-01-31T23:59Z",
+		"2026-01-31T23:59:59.Z", "2026-01-31T23:59:59ZZ", "2026-13-01T00:00:00Z",
+		"2026-00-01T00:00:00Z", "2026-02-29T00:00:00Z", "2100-02-29T00:00:00Z",
+		"2026-04-31T00:00:00Z", "2026-01-31T24:00:00Z", "2026-01-31T23:60:00Z",
+		"2026-01-31T23:59:60Z", "2026-01-31X23:59:59Z", "2026-01-31T23:59:59+1:00",
+		"2026-01-31T23:59:59+24:00", "2026-01-31T23:59:59+01:60", "2026-01-31T23:59:59+0100",
+		"0000-12-31T23:59:59Z", "0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01",
+		"+2026-01-31T23:59:59Z", "2026-01-31T23:59:59Z ", "２026-01-31T23:59:59Z",
+	};
+	int64_t us;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert(!readmodel_time_parse(bad[i], &us), "accepted '%s'", bad[i]);
+}
