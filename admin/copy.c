@@ -1,6 +1,7 @@
 /* Rows for PostgreSQL in COPY's binary format, and a thread that COPYs them while the
  * caller works on the next ones: daybook-admin rebuild's writer. */
 #include "copy.h"
+#include "log.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -95,8 +96,11 @@ bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
 		if (st == PGRES_COPY_IN) /* the end could not be sent: the connection is lost */
 			break;
 	}
-	if (!ok)
-		fprintf(stderr, "daybook-admin: COPY %s: %s", table, PQerrorMessage(pg));
+	if (!ok) {
+		char pqline[1024];
+		fprintf(stderr, "daybook-admin: COPY %s: %s\n", table,
+			log_oneline(PQerrorMessage(pg), pqline, sizeof(pqline)));
+	}
 	b->len = 0;
 	return ok;
 }

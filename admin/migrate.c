@@ -8,7 +8,8 @@
 
 #include "admin.h"
 #include "readmodel.h"
-#include "sha256.h"
+#include "cli.h"
+#include "digest.h"
 
 #ifndef DAYBOOK_SQL_DIR
 #define DAYBOOK_SQL_DIR "sql"
@@ -20,7 +21,7 @@
 struct migration {
 	int version;
 	char name[256];
-	char checksum[2 * SHA256_DIGEST_LEN + 1];
+	char checksum[DIGEST_SHA256_HEX_LEN + 1];
 	char *sql; /* owned */
 };
 
@@ -104,9 +105,13 @@ static int load_dir(const char *dir, struct migration **out, size_t *count)
 			n++;
 			goto fail;
 		}
-		uint8_t digest[SHA256_DIGEST_LEN];
-		sha256(m[n].sql, strlen(m[n].sql), digest);
-		sha256_hex(digest, m[n].checksum);
+		unsigned char digest[DIGEST_SHA256_LEN];
+		if (!digest_sha256(m[n].sql, strlen(m[n].sql), digest)) {
+			fprintf(stderr, "daybook-admin: cannot checksum %s: out of memory\n", path);
+			n++;
+			goto fail;
+		}
+		digest_hex(digest, DIGEST_SHA256_LEN, m[n].checksum);
 		n++;
 	}
 	closedir(d);
@@ -130,11 +135,13 @@ fail:
 
 static bool exec_ok(PGconn *conn, const char *sql, const char *what)
 {
+	char pqline[1024];
 	PGresult *r = PQexec(conn, sql);
 	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
 
 	if (!ok)
-		fprintf(stderr, "daybook-admin: %s: %s", what, PQresultErrorMessage(r));
+		fprintf(stderr, "daybook-admin: %s: %s\n", what,
+			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return ok;
 }
@@ -142,6 +149,7 @@ static bool exec_ok(PGconn *conn, const char *sql, const char *what)
 /* Apply one migration and record it, in one transaction. */
 static bool apply(PGconn *conn, const struct migration *m)
 {
+	char pqline[1024];
 	char version[16];
 	const char *params[3] = { version, m->name, m->checksum };
 	PGresult *r;
@@ -159,7 +167,8 @@ static bool apply(PGconn *conn, const struct migration *m)
 			 3, NULL, params, NULL, NULL, 0);
 	ok = PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
-		fprintf(stderr, "daybook-admin: recording %s: %s", m->name, PQresultErrorMessage(r));
+		fprintf(stderr, "daybook-admin: recording %s: %s\n", m->name,
+			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	if (!ok) {
 		exec_ok(conn, "ROLLBACK", "ROLLBACK");
@@ -208,11 +217,13 @@ static bool unchanged(PGresult *applied, const struct migration *m, size_t n)
 
 static int run(PGconn *conn, struct migration *m, size_t n)
 {
+	char pqline[1024];
 	PGresult *applied = applied_migrations(conn);
 	int done = 0, rc = 0;
 
 	if (PQresultStatus(applied) != PGRES_TUPLES_OK) {
-		fprintf(stderr, "daybook-admin: reading schema_migrations: %s", PQresultErrorMessage(applied));
+		fprintf(stderr, "daybook-admin: reading schema_migrations: %s\n",
+			log_oneline(PQresultErrorMessage(applied), pqline, sizeof(pqline)));
 		PQclear(applied);
 		return 1;
 	}
@@ -269,28 +280,46 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 	size_t n = 0;
 	PGconn *conn;
 	bool renew = false;
+	char line[1024];
 	int rc;
+
+	static const struct option options[] = {
+		{ "dir", required_argument, NULL, 'd' },
+		{ "new-identity", no_argument, NULL, 'N' },
+		CLI_COMMON_OPTIONS,
+		{ NULL, 0, NULL, 0 },
+	};
+	int c;
 
 	if (!dir || !*dir)
 		dir = DAYBOOK_SQL_DIR;
-	for (int i = 1; i < argc; i++) {
-		if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc) {
-			dir = argv[++i];
-		} else if (strcmp(argv[i], "--new-identity") == 0) {
+	while ((c = getopt_long(argc, argv, "+:d:h", options, NULL)) != -1) {
+		switch (c) {
+		case 'd':
+			dir = optarg;
+			break;
+		case 'N':
 			renew = true;
-		} else {
-			fprintf(stderr, "daybook-admin migrate: unexpected argument '%s'\n", argv[i]);
-			return 2;
+			break;
+		case 'h':
+			return admin_help("migrate");
+		default:
+			return admin_getopt_error("migrate", argc, argv, c);
 		}
 	}
+	if (optind < argc)
+		return admin_usage_error("migrate", "unexpected argument '%s'", argv[optind]);
+	if (!admin_configure(ctx, "migrate"))
+		return CLI_EXIT_USAGE;
 	if (load_dir(dir, &m, &n))
-		return 1;
+		return CLI_EXIT_PROBLEM;
 	conn = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(conn) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin: cannot connect to PostgreSQL: %s", PQerrorMessage(conn));
+		fprintf(stderr, "daybook-admin migrate: cannot connect to PostgreSQL: %s\n",
+			log_oneline(PQerrorMessage(conn), line, sizeof(line)));
 		PQfinish(conn);
 		free_migrations(m, n);
-		return 1;
+		return CLI_EXIT_UNAVAILABLE;
 	}
 	/* Concurrent migrates queue up instead of racing; the lock ends with the session. */
 	rc = exec_ok(conn, "SET client_min_messages = warning", "settings") &&

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <hiredis/hiredis.h>
+#include <jansson.h>
 #include <libpq-fe.h>
 #include <poll.h>
 #include <signal.h>
@@ -16,6 +17,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "cli.h"
 #include "copy.h"
 #include "ledger.h"
 #include "ledger_json.h"
@@ -120,9 +122,62 @@ struct rebuild {
 	long long done, total;
 	double started, last_report;
 	double loaded, indexed, switched; /* when each phase ended, for the summary */
-	bool tty;
+	bool tty;          /* stderr is a terminal: a progress bar and text; else JSON lines */
 	const char *phase;
+	char error[2048];  /* the first error, for the final line */
+	int failure;       /* the exit status if it fails: CLI_EXIT_PROBLEM unless a
+			    * dependency was unavailable (CLI_EXIT_UNAVAILABLE) */
 };
+
+/* One JSON object as a line on stdout (stolen). */
+static void json_line(json_t *obj)
+{
+	char *text = obj ? json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+
+	if (text) {
+		puts(text);
+		fflush(stdout);
+	}
+	free(text);
+	json_decref(obj);
+}
+
+/* A message: on a terminal "daybook-admin rebuild: ..." on stderr, otherwise a JSON
+ * line {"phase":"error","error":"..."} (or "note") on stdout; one line either way. */
+static void rb_say(struct rebuild *rb, bool error, const char *fmt, va_list ap)
+{
+	char msg[2048], line[2048];
+	const char *kind = error ? "error" : "note";
+
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	log_oneline(msg, line, sizeof(line));
+	if (error && !rb->error[0])
+		snprintf(rb->error, sizeof(rb->error), "%s", line);
+	if (rb->tty)
+		fprintf(stderr, "daybook-admin rebuild: %s\n", line);
+	else
+		json_line(json_pack("{s:s, s:o}", "phase", kind, kind, log_text(line)));
+}
+
+/* An error; the first is kept for the final line. */
+__attribute__((format(printf, 2, 3))) static void rb_error(struct rebuild *rb, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	rb_say(rb, true, fmt, ap);
+	va_end(ap);
+}
+
+/* Something the operator should know that does not stop the rebuild. */
+__attribute__((format(printf, 2, 3))) static void rb_note(struct rebuild *rb, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	rb_say(rb, false, fmt, ap);
+	va_end(ap);
+}
 
 static double now(void)
 {
@@ -147,11 +202,11 @@ static bool redis_drain_n(struct rebuild *rb, size_t n)
 	for (; n > 0; n--, rb->redis_queued--) {
 		redisReply *reply = NULL;
 		if (redisGetReply(rb->redis, (void **)&reply) != REDIS_OK) {
-			fprintf(stderr, "daybook-admin: redis: %s\n", rb->redis->errstr);
+			rb_error(rb, "redis: %s\n", rb->redis->errstr);
 			return false;
 		}
 		if (reply->type == REDIS_REPLY_ERROR) {
-			fprintf(stderr, "daybook-admin: redis: %s\n", reply->str);
+			rb_error(rb, "redis: %s\n", reply->str);
 			ok = false;
 		}
 		freeReplyObject(reply);
@@ -185,7 +240,7 @@ static bool redis_write_out(struct rebuild *rb)
 			rb->redis->err = REDIS_ERR_IO;
 			snprintf(rb->redis->errstr, sizeof(rb->redis->errstr), "writing: %s",
 				 n < 0 ? strerror(errno) : "nothing written");
-			fprintf(stderr, "daybook-admin: redis: %s\n", rb->redis->errstr);
+			rb_error(rb, "redis: %s\n", rb->redis->errstr);
 			b->len = 0;
 			return false;
 		}
@@ -522,7 +577,7 @@ static bool apply(struct rebuild *rb, const char *id, struct acct *a, const stru
 		rb->position = e->position;
 	}
 	if (!ok)
-		fprintf(stderr, "daybook-admin: cannot fold event %lld (account-%s v%d)\n",
+		rb_error(rb, "cannot fold event %lld (account-%s v%d)\n",
 			(long long)e->position, id, e->version);
 	return ok;
 }
@@ -540,7 +595,7 @@ static bool stash(struct rebuild *rb, const char *id, struct acct *a, const stru
 	while (*at && (*at)->ev.version < e->version)
 		at = &(*at)->next;
 	if (*at && (*at)->ev.version == e->version) {
-		fprintf(stderr, "daybook-admin: account-%s has two events of version %d\n", id,
+		rb_error(rb, "account-%s has two events of version %d\n", id,
 			e->version);
 		free(s);
 		return false;
@@ -569,7 +624,7 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int i)
 	bool ok;
 
 	if (len < 1 || data[0] != 1) {
-		fprintf(stderr, "daybook-admin: event %lld: unexpected jsonb format\n",
+		rb_error(rb, "event %lld: unexpected jsonb format\n",
 			(long long)e.position);
 		return false;
 	}
@@ -672,7 +727,7 @@ static bool send_read(struct rebuild *rb)
 			3, NULL, params, NULL, NULL, 1);
 	}
 	if (!rb->read_pending)
-		fprintf(stderr, "daybook-admin: reading the log: %s", PQerrorMessage(rb->pg));
+		rb_error(rb, "reading the log: %s", PQerrorMessage(rb->pg));
 	return rb->read_pending;
 }
 
@@ -687,7 +742,7 @@ static PGresult *take_read(struct rebuild *rb)
 			continue;
 		}
 		if (PQresultStatus(r) != PGRES_TUPLES_OK)
-			fprintf(stderr, "daybook-admin: reading the log: %s", PQresultErrorMessage(r));
+			rb_error(rb, "reading the log: %s", PQresultErrorMessage(r));
 		PQclear(r);
 	}
 	rb->read_pending = false;
@@ -811,7 +866,7 @@ static bool sql_totals(struct rebuild *rb, struct total **t, size_t n)
 				 NULL, params, NULL, NULL, 0);
 		ok = PQresultStatus(r) == PGRES_COMMAND_OK;
 		if (!ok)
-			fprintf(stderr, "daybook-admin: writing the totals: %s", PQresultErrorMessage(r));
+			rb_error(rb, "writing the totals: %s", PQresultErrorMessage(r));
 		PQclear(r);
 	}
 	return ok;
@@ -853,7 +908,7 @@ done:
 }
 
 /* The switch's rewrite drops the rows it replaces first. */
-static bool delete_accounts(PGconn *pg, struct evbuffer *ids)
+static bool delete_accounts(struct rebuild *rb, PGconn *pg, struct evbuffer *ids)
 {
 	const char *params[1];
 	PGresult *r;
@@ -865,7 +920,7 @@ static bool delete_accounts(PGconn *pg, struct evbuffer *ids)
 			 1, NULL, params, NULL, NULL, 0);
 	ok = params[0] && PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
-		fprintf(stderr, "daybook-admin: rewriting accounts: %s", PQresultErrorMessage(r));
+		rb_error(rb, "rewriting accounts: %s", PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
@@ -882,7 +937,7 @@ static bool write_accounts(struct rebuild *rb, PGconn *pg, bool rewrite)
 		w.ok = false;
 	if (w.ok)
 		strmap_foreach(rb->accounts, put_account, &w);
-	ok = w.ok && (!w.ids || w.n == 0 || delete_accounts(pg, w.ids)) &&
+	ok = w.ok && (!w.ids || w.n == 0 || delete_accounts(rb, pg, w.ids)) &&
 	     (!rb->sql || copy_in(pg, "rm_accounts_shadow", &rows));
 	if (w.ids)
 		evbuffer_free(w.ids);
@@ -907,13 +962,13 @@ static bool write_end_state(struct rebuild *rb, const char *token)
 
 /* --- phases ------------------------------------------------------------------------------- */
 
-static bool exec_ok(PGconn *pg, const char *sql)
+static bool exec_ok(struct rebuild *rb, PGconn *pg, const char *sql)
 {
 	PGresult *r = PQexec(pg, sql);
 	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
 
 	if (!ok)
-		fprintf(stderr, "daybook-admin: %s: %s", sql, PQresultErrorMessage(r));
+		rb_error(rb, "%s: %s", sql, PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
@@ -971,7 +1026,7 @@ static bool repair_items(struct rebuild *rb)
 		r = PQexecParams(rb->wr, REPAIR_ITEMS, 1, NULL, params, NULL, NULL, 0);
 		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 		if (!ok)
-			fprintf(stderr, "daybook-admin: repairing statements: %s", PQresultErrorMessage(r));
+			rb_error(rb, "repairing statements: %s", PQresultErrorMessage(r));
 	}
 	for (int row = 0; ok && r && row < PQntuples(r); row++) {
 		const char *id = PQgetvalue(r, row, 0);
@@ -999,7 +1054,7 @@ static bool repair_items(struct rebuild *rb)
 	}
 	ok = ok && send_held(rb);
 	if (repaired)
-		fprintf(stderr, "daybook-admin: the live count of %d account%s statement items was "
+		rb_note(rb, "the live count of %d account%s statement items was "
 				"too high; their items were sent again\n", repaired, repaired == 1 ? "'s" : "s'");
 	PQclear(r);
 	if (ids)
@@ -1010,7 +1065,7 @@ static bool repair_items(struct rebuild *rb)
 /* Wait until pg's pending query has its answer. Ctrl-C or SIGTERM, or a failure
  * elsewhere (abort), cancels it: a key build or a count over a large log can take
  * minutes, and the caller then fails and removes the shadow. */
-static void await_answer(PGconn *pg, bool abort)
+static void await_answer(struct rebuild *rb, PGconn *pg, bool abort)
 {
 	bool cancelled = false;
 
@@ -1020,7 +1075,7 @@ static void await_answer(PGconn *pg, bool abort)
 			PGcancel *c = PQgetCancel(pg);
 			char err[256];
 			if (c && !PQcancel(c, err, sizeof(err)))
-				fprintf(stderr, "daybook-admin: cancelling: %s\n", err);
+				rb_error(rb, "cancelling: %s\n", err);
 			PQfreeCancel(c);
 			cancelled = true;
 		}
@@ -1031,16 +1086,16 @@ static void await_answer(PGconn *pg, bool abort)
 
 /* Collect the results of a query sent on pg; false (printed) if any failed. With
  * abort, the query is cancelled: its outcome no longer matters. */
-static bool sent_ok(PGconn *pg, const char *what, bool abort)
+static bool sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort)
 {
 	PGresult *r;
 	bool ok = true;
 
-	while (await_answer(pg, abort), (r = PQgetResult(pg))) {
+	while (await_answer(rb, pg, abort), (r = PQgetResult(pg))) {
 		bool failed = PQresultStatus(r) != PGRES_TUPLES_OK &&
 			      PQresultStatus(r) != PGRES_COMMAND_OK;
 		if (failed && !abort) /* when aborting, the failure that led here is said */
-			fprintf(stderr, "daybook-admin: %s: %s", what, PQresultErrorMessage(r));
+			rb_error(rb, "%s: %s", what, PQresultErrorMessage(r));
 		ok = ok && !failed;
 		PQclear(r);
 	}
@@ -1065,9 +1120,9 @@ static bool index_and_send(struct rebuild *rb)
 	if (ok && rb->redis)
 		ok = redis_drain(rb);
 	if (small)
-		ok = sent_ok(rb->pg, "indexing the shadow tables", !ok) && ok;
+		ok = sent_ok(rb, rb->pg, "indexing the shadow tables", !ok) && ok;
 	if (big)
-		ok = sent_ok(rb->wr, "indexing the shadow tables", !ok) && ok;
+		ok = sent_ok(rb, rb->wr, "indexing the shadow tables", !ok) && ok;
 	return ok && (!rb->hinted || repair_items(rb));
 }
 
@@ -1080,7 +1135,7 @@ static bool try_lock(struct rebuild *rb, const char *sql, bool *busy)
 
 	*busy = !ok && strcmp(pg_sqlstate(r), "55P03") == 0; /* lock_not_available */
 	if (!ok && !*busy)
-		fprintf(stderr, "daybook-admin: %s: %s", sql, PQresultErrorMessage(r));
+		rb_error(rb, "%s: %s", sql, PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
@@ -1093,22 +1148,22 @@ static bool lock_for_switch(struct rebuild *rb)
 {
 	while (!interrupted) {
 		bool busy = false;
-		bool ok = exec_ok(rb->wr, "BEGIN") &&
-			  exec_ok(rb->wr, "SET LOCAL synchronous_commit = on") &&
-			  exec_ok(rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'") &&
+		bool ok = exec_ok(rb, rb->wr, "BEGIN") &&
+			  exec_ok(rb, rb->wr, "SET LOCAL synchronous_commit = on") &&
+			  exec_ok(rb, rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'") &&
 			  try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", &busy) &&
 			  (!rb->sql || try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
 						    "rm_totals IN ACCESS EXCLUSIVE MODE", &busy)) &&
-			  exec_ok(rb->wr, "SET LOCAL lock_timeout = 0");
+			  exec_ok(rb, rb->wr, "SET LOCAL lock_timeout = 0");
 		if (ok)
 			return true;
-		exec_ok(rb->wr, "ROLLBACK");
+		exec_ok(rb, rb->wr, "ROLLBACK");
 		if (!busy)
 			return false;
 		if (strcmp(rb->phase, "wait") != 0) {
 			rb->phase = "wait";
 			report(rb, true);
-			fprintf(stderr, "daybook-admin: waiting for the read-model tables: a "
+			rb_note(rb, "waiting for the read-model tables: a "
 					"transaction is reading them (a verify?)\n");
 		}
 		report(rb, false);
@@ -1125,13 +1180,13 @@ static bool get_live(struct rebuild *rb, struct live_before *old)
 	old->present = old->read && r->type == REDIS_REPLY_STRING;
 	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->str : "");
 	if (!old->read)
-		fprintf(stderr, "daybook-admin: redis GET " READMODEL_LIVE_KEY " failed\n");
+		rb_error(rb, "redis GET " READMODEL_LIVE_KEY " failed\n");
 	freeReplyObject(r);
 	return old->read;
 }
 
 /* The server's run_id (INFO server), which changes with every start. */
-static bool redis_run_id(redisContext *c, char out[RUN_ID_LEN])
+static bool redis_run_id(struct rebuild *rb, redisContext *c, char out[RUN_ID_LEN])
 {
 	redisReply *r = redisCommand(c, "INFO server");
 	const char *at = r && r->type == REDIS_REPLY_STRING ? strstr(r->str, "run_id:") : NULL;
@@ -1141,7 +1196,7 @@ static bool redis_run_id(redisContext *c, char out[RUN_ID_LEN])
 	if (ok)
 		snprintf(out, RUN_ID_LEN, "%.*s", (int)n, at + 7);
 	else
-		fprintf(stderr, "daybook-admin: redis INFO server failed\n");
+		rb_error(rb, "redis INFO server failed\n");
 	freeReplyObject(r);
 	return ok;
 }
@@ -1161,11 +1216,11 @@ static bool redis_usable(struct rebuild *rb)
 	rb->redis_queued = rb->redis_prev = 0;
 	rb->redis = admin_redis_connect(&rb->ctx->cfg.redis, err, sizeof(err));
 	if (!rb->redis) {
-		fprintf(stderr, "daybook-admin: cannot reconnect to redis: %s\n", err);
+		rb_error(rb, "cannot reconnect to redis: %s\n", err);
 		return false;
 	}
-	if (!redis_run_id(rb->redis, run_id) || strcmp(run_id, rb->redis_run_id) != 0) {
-		fprintf(stderr, "daybook-admin: redis is not the server the rebuild began with "
+	if (!redis_run_id(rb, rb->redis, run_id) || strcmp(run_id, rb->redis_run_id) != 0) {
+		rb_error(rb, "redis is not the server the rebuild began with "
 				"(restarted?): leaving it alone\n");
 		redisFree(rb->redis);
 		rb->redis = NULL;
@@ -1185,7 +1240,7 @@ static void put_back_live(struct rebuild *rb, const struct live_before *old)
 		r = old->present ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
 				 : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
 	if (!r || r->type == REDIS_REPLY_ERROR)
-		fprintf(stderr, "daybook-admin: could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
+		rb_error(rb, "could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
 			old->present ? old->gen : "(none)");
 	freeReplyObject(r);
 }
@@ -1200,7 +1255,7 @@ static bool committed_anyway(struct rebuild *rb, long long expected_gen)
 
 	PQclear(r);
 	if (landed)
-		fprintf(stderr, "daybook-admin: the switch committed although COMMIT failed\n");
+		rb_error(rb, "the switch committed although COMMIT failed\n");
 	return landed;
 }
 
@@ -1213,7 +1268,7 @@ static bool sql_generation(struct rebuild *rb, long long *gen)
 
 	*gen = ok ? atoll(PQgetvalue(r, 0, 0)) : 0;
 	if (!ok)
-		fprintf(stderr, "daybook-admin: reading the checkpoint: %s", PQresultErrorMessage(r));
+		rb_error(rb, "reading the checkpoint: %s", PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
@@ -1232,14 +1287,14 @@ static bool switch_over(struct rebuild *rb)
 	if (!lock_for_switch(rb))
 		return false;
 	if (rb->sql && !sql_generation(rb, &sql_gen)) {
-		exec_ok(rb->wr, "ROLLBACK");
+		exec_ok(rb, rb->wr, "ROLLBACK");
 		return false;
 	}
 	rb->phase = "switch";
 	while (ok && n > 0)
 		ok = fold_chunk(rb, &n);
 	if (ok && rb->stashed) {
-		fprintf(stderr, "daybook-admin: %lld events wait for earlier versions that the log "
+		rb_error(rb, "%lld events wait for earlier versions that the log "
 				"does not have\n", rb->stashed);
 		ok = false;
 	}
@@ -1254,7 +1309,7 @@ static bool switch_over(struct rebuild *rb)
 					   NULL, params, NULL, NULL, 0);
 		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 		if (!ok)
-			fprintf(stderr, "daybook-admin: swapping the tables: %s", PQresultErrorMessage(r));
+			rb_error(rb, "swapping the tables: %s", PQresultErrorMessage(r));
 		PQclear(r);
 	}
 	if (ok && rb->redis) {
@@ -1276,10 +1331,10 @@ static bool switch_over(struct rebuild *rb)
 	}
 	if (!ok) {
 		put_back_live(rb, old);
-		exec_ok(rb->wr, "ROLLBACK");
+		exec_ok(rb, rb->wr, "ROLLBACK");
 		return false;
 	}
-	if (exec_ok(rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
+	if (exec_ok(rb, rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
 		return true;
 	put_back_live(rb, old);
 	return false;
@@ -1295,7 +1350,7 @@ static bool ours_to_delete(struct rebuild *rb, long long gen)
 			  (r->type == REDIS_REPLY_STRING && strcmp(r->str, rb->identity) == 0));
 
 	if (r && !ours && r->type == REDIS_REPLY_STRING)
-		fprintf(stderr, "daybook-admin: note: redis generation %lld was built from another "
+		rb_note(rb, "redis generation %lld was built from another "
 				"event store (identity %s): left in place\n", gen, r->str);
 	freeReplyObject(r);
 	return ours;
@@ -1487,13 +1542,14 @@ static bool connect_redis(struct rebuild *rb)
 	PGresult *r0;
 
 	if (!rb->ctx->cfg.redis_url) {
-		fprintf(stderr, "daybook-admin: DAYBOOK_REDIS is not set: rebuilding redis needs it\n");
+		rb->failure = CLI_EXIT_USAGE;
+		rb_error(rb, "DAYBOOK_REDIS is not set: rebuilding redis needs it\n");
 		return false;
 	}
 	r0 = PQexec(rb->wr, READMODEL_IDENTITY_SQL);
 	if (PQresultStatus(r0) != PGRES_TUPLES_OK || PQntuples(r0) != 1 || PQgetisnull(r0, 0, 0) ||
 	    PQgetlength(r0, 0, 0) == 0 || PQgetlength(r0, 0, 0) >= (int)sizeof(rb->identity)) {
-		fprintf(stderr, "daybook-admin: reading the event store's identity (is the database "
+		rb_error(rb, "reading the event store's identity (is the database "
 				"migrated?): %s", PQresultErrorMessage(r0));
 		PQclear(r0);
 		return false;
@@ -1502,12 +1558,13 @@ static bool connect_redis(struct rebuild *rb)
 	PQclear(r0);
 	rb->redis = admin_redis_connect(&rb->ctx->cfg.redis, err, sizeof(err));
 	if (!rb->redis) {
-		fprintf(stderr, "daybook-admin: cannot connect to redis: %s\n", err);
+		rb->failure = CLI_EXIT_UNAVAILABLE;
+		rb_error(rb, "cannot connect to redis: %s\n", err);
 		return false;
 	}
 	r = redisCommand(rb->redis, "INCR dbk:generation");
 	if (!r || r->type != REDIS_REPLY_INTEGER) {
-		fprintf(stderr, "daybook-admin: redis INCR dbk:generation failed\n");
+		rb_error(rb, "redis INCR dbk:generation failed\n");
 		freeReplyObject(r);
 		return false;
 	}
@@ -1518,12 +1575,12 @@ static bool connect_redis(struct rebuild *rb)
 	 * projector's sweep then takes its keys for garbage of no store. */
 	r = redisCommand(rb->redis, "SET %sidentity %s", rb->key_prefix, rb->identity);
 	if (!r || r->type == REDIS_REPLY_ERROR) {
-		fprintf(stderr, "daybook-admin: redis SET %sidentity failed\n", rb->key_prefix);
+		rb_error(rb, "redis SET %sidentity failed\n", rb->key_prefix);
 		freeReplyObject(r);
 		return false;
 	}
 	freeReplyObject(r);
-	return redis_run_id(rb->redis, rb->redis_run_id);
+	return redis_run_id(rb, rb->redis, rb->redis_run_id);
 }
 
 #define COUNT_FROM_LOG                                                                  \
@@ -1572,7 +1629,7 @@ static bool send_count(struct rebuild *rb)
 				      "WHERE oid = 'events'::regclass");
 
 	if (!ok)
-		fprintf(stderr, "daybook-admin: counting the log: %s", PQerrorMessage(rb->pg));
+		rb_error(rb, "counting the log: %s", PQerrorMessage(rb->pg));
 	return ok;
 }
 
@@ -1581,7 +1638,7 @@ static bool take_count(struct rebuild *rb)
 {
 	PGresult *r, *extra;
 
-	await_answer(rb->pg, false);
+	await_answer(rb, rb->pg, false);
 	r = PQgetResult(rb->pg);
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 
@@ -1606,7 +1663,7 @@ static bool take_count(struct rebuild *rb)
 		a->expected = atoi(PQgetvalue(r, row, 1));
 	}
 	if (!ok)
-		fprintf(stderr, "daybook-admin: counting the log: %s", PQresultErrorMessage(r));
+		rb_error(rb, "counting the log: %s", PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
@@ -1623,7 +1680,7 @@ static bool bulk_bounds(struct rebuild *rb)
 		snprintf(rb->bulk_xmin, sizeof(rb->bulk_xmin), "%s", PQgetvalue(r, 0, 0));
 		rb->bulk_blocks = atoll(PQgetvalue(r, 0, 1));
 	} else {
-		fprintf(stderr, "daybook-admin: sizing the log: %s", PQresultErrorMessage(r));
+		rb_error(rb, "sizing the log: %s", PQresultErrorMessage(r));
 	}
 	PQclear(r);
 	return ok;
@@ -1634,20 +1691,23 @@ static bool prepare(struct rebuild *rb)
 	rb->pg = PQconnectdb(rb->ctx->cfg.pg);
 	rb->wr = PQconnectdb(rb->ctx->cfg.pg);
 	if (PQstatus(rb->pg) != CONNECTION_OK || PQstatus(rb->wr) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin: cannot connect to PostgreSQL: %s",
+		rb->failure = CLI_EXIT_UNAVAILABLE;
+		rb_error(rb, "cannot connect to PostgreSQL: %s",
 			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
-	if (!admin_event_store_usable(rb->pg, "rebuild"))
+	if (!admin_event_store_usable(rb->pg, "rebuild")) {
+		rb->failure = EVENTSTORE_EXIT_UNUSABLE;
 		return false;
+	}
 	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free))
 		return false;
 	/* Both sessions write shadow tables and build keys. */
 	for (int i = 0; i < 2; i++) {
 		PGconn *c = i ? rb->wr : rb->pg;
-		if (!exec_ok(c, "SET client_min_messages = warning") ||
-		    !exec_ok(c, "SET synchronous_commit = off") || /* the swap commits durably */
-		    !exec_ok(c, "SET maintenance_work_mem = '256MB'")) /* keys sort in memory */
+		if (!exec_ok(rb, c, "SET client_min_messages = warning") ||
+		    !exec_ok(rb, c, "SET synchronous_commit = off") || /* the swap commits durably */
+		    !exec_ok(rb, c, "SET maintenance_work_mem = '256MB'")) /* keys sort in memory */
 			return false;
 	}
 	choose_count(rb);
@@ -1657,7 +1717,7 @@ static bool prepare(struct rebuild *rb)
 	 * deadlock_timeout; the switch's attempts wait less than the default 1 s, so it is
 	 * shortened (a superuser setting: without it, the switch waits for autovacuum). */
 	PQclear(PQexec(rb->wr, "SET deadlock_timeout = '100ms'"));
-	if (rb->sql && !exec_ok(rb->wr, "SELECT rm_shadow_reset()"))
+	if (rb->sql && !exec_ok(rb, rb->wr, "SELECT rm_shadow_reset()"))
 		return false;
 	if ((rb->want_redis && !connect_redis(rb)) || !take_count(rb) || !bulk_bounds(rb))
 		return false;
@@ -1667,11 +1727,20 @@ static bool prepare(struct rebuild *rb)
 static void abandon(struct rebuild *rb)
 {
 	if (rb->sql && rb->wr && PQstatus(rb->wr) == CONNECTION_OK)
-		exec_ok(rb->wr, "SELECT rm_shadow_drop()");
+		exec_ok(rb, rb->wr, "SELECT rm_shadow_drop()");
 	if (rb->redis && rb->gen && redis_usable(rb))
 		redis_cleanup(rb, 0, rb->gen);
-	fprintf(stderr, "daybook-admin: rebuild %s; the live read models are untouched\n",
-		interrupted ? "interrupted" : "failed");
+	if (rb->tty) {
+		fprintf(stderr, "daybook-admin: rebuild %s; the live read models are untouched\n",
+			interrupted ? "interrupted" : "failed");
+		return;
+	}
+	json_line(json_pack("{s:s, s:I, s:I, s:o, s:b}", "phase",
+			    interrupted ? "interrupted" : "failed", "done", (json_int_t)rb->done,
+			    "total", (json_int_t)rb->total,
+			    "error", log_text(rb->error[0] ? rb->error : interrupted ? "interrupted"
+										     : "failed"),
+			    "live_untouched", 1));
 }
 
 static void finish(struct rebuild *rb)
@@ -1692,14 +1761,28 @@ static void finish(struct rebuild *rb)
 	PQfinish(rb->wr);
 }
 
-static int parse_target(int argc, char **argv, struct rebuild *rb)
+/* The arguments: CLI_EXIT_OK to go on, else the exit status (--help: CLI_EXIT_OK with
+ * *done set). */
+static int parse_target(int argc, char **argv, struct rebuild *rb, bool *done)
 {
-	const char *t = argc > 1 ? argv[1] : "all";
+	static const struct option options[] = { CLI_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+	const char *t;
+	int c;
 
-	if (argc > 2 || (strcmp(t, "all") && strcmp(t, "sql") && strcmp(t, "redis"))) {
-		fprintf(stderr, "usage: daybook-admin rebuild [redis|sql|all]\n");
-		return 2;
+	while ((c = getopt_long(argc, argv, "+:h", options, NULL)) != -1) {
+		if (c == 'h') {
+			*done = true;
+			return admin_help("rebuild");
+		}
+		return admin_getopt_error("rebuild", argc, argv, c);
 	}
+	t = optind < argc ? argv[optind] : "all";
+	if (optind + 1 < argc)
+		return admin_usage_error("rebuild", "unexpected argument '%s'", argv[optind + 1]);
+	if (strcmp(t, "all") && strcmp(t, "sql") && strcmp(t, "redis"))
+		return admin_usage_error("rebuild", "unknown target '%s': redis, sql or all", t);
+	if (!admin_configure(rb->ctx, "rebuild"))
+		return CLI_EXIT_USAGE;
 	rb->sql = strcmp(t, "redis") != 0;
 	rb->want_redis = strcmp(t, "sql") != 0;
 	rb->hinted = rb->sql && rb->want_redis;
@@ -1707,22 +1790,25 @@ static int parse_target(int argc, char **argv, struct rebuild *rb)
 	char *end = NULL;
 	rb->held_max = held && *held ? strtoll(held, &end, 10) : HELD_MAX;
 	if ((end && *end) || rb->held_max < 1 || rb->held_max > 100000000) {
-		fprintf(stderr, "daybook-admin: DAYBOOK_REBUILD_HELD_MAX must be a number from 1 to "
-				"100000000\n");
-		return 2;
+		fprintf(stderr, "daybook-admin rebuild: DAYBOOK_REBUILD_HELD_MAX must be a number "
+				"from 1 to 100000000\n");
+		return CLI_EXIT_USAGE;
 	}
 	return 0;
 }
 
 int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 {
-	struct rebuild rb = { .ctx = ctx, .phase = "load" };
+	struct rebuild rb = { .ctx = ctx, .phase = "load", .failure = CLI_EXIT_PROBLEM };
 	struct sigaction sa = { .sa_handler = on_signal };
-	bool ok;
+	char checkpoint[64];
+	const char *what;
+	bool ok, done = false;
 	double secs;
+	int rc = parse_target(argc, argv, &rb, &done);
 
-	if (parse_target(argc, argv, &rb))
-		return 2;
+	if (rc != CLI_EXIT_OK || done)
+		return rc;
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	rb.tty = isatty(STDERR_FILENO);
@@ -1737,17 +1823,28 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	if (!ok) {
 		abandon(&rb);
 		finish(&rb);
-		return interrupted ? 130 : 1;
+		return interrupted ? 130 : rb.failure;
 	}
 	if (rb.redis)
 		cleanup_after_switch(&rb);
 	secs = now() - rb.started;
-	printf("rebuilt %s from %lld events in %.2f s (%.0f events/s; load %.2f s, index %.2f s, "
-	       "switch %.2f s, cleanup %.2f s); checkpoint %llu.%lld\n",
-	       rb.sql && rb.redis ? "sql and redis" : rb.sql ? "sql" : "redis", rb.done, secs,
-	       rb.done / (secs + 1e-9), rb.loaded - rb.started, rb.indexed - rb.loaded,
-	       rb.switched - rb.indexed, now() - rb.switched, (unsigned long long)rb.cp_txid,
-	       rb.position);
+	what = rb.sql && rb.redis ? "sql and redis" : rb.sql ? "sql" : "redis";
+	snprintf(checkpoint, sizeof(checkpoint), "%llu.%lld", (unsigned long long)rb.cp_txid,
+		 rb.position);
+	if (rb.tty)
+		printf("rebuilt %s from %lld events in %.2f s (%.0f events/s; load %.2f s, index "
+		       "%.2f s, switch %.2f s, cleanup %.2f s); checkpoint %s\n",
+		       what, rb.done, secs, rb.done / (secs + 1e-9), rb.loaded - rb.started,
+		       rb.indexed - rb.loaded, rb.switched - rb.indexed, now() - rb.switched,
+		       checkpoint);
+	else
+		json_line(json_pack("{s:s, s:I, s:I, s:f, s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:s}",
+				    "phase", "done", "done", (json_int_t)rb.done, "total",
+				    (json_int_t)rb.total, "events_per_s", rb.done / (secs + 1e-9),
+				    "eta_s", 0.0, "rebuilt", what, "seconds", secs, "load_s",
+				    rb.loaded - rb.started, "index_s", rb.indexed - rb.loaded,
+				    "switch_s", rb.switched - rb.indexed, "cleanup_s",
+				    now() - rb.switched, "checkpoint", checkpoint));
 	finish(&rb);
-	return 0;
+	return CLI_EXIT_OK;
 }

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "admin.h"
+#include "cli.h"
 #include "readmodel.h"
 
 /* Below this many events (by the planner's estimate) the log is counted exactly. */
@@ -38,11 +39,13 @@ struct status {
 
 static PGresult *query(struct status *s, const char *sql, int nparams, const char *const *params)
 {
+	char pqline[1024];
 	PGresult *r = PQexecParams(s->pg, sql, nparams, NULL, params, NULL, NULL, 0);
 
 	if (PQresultStatus(r) == PGRES_TUPLES_OK)
 		return r;
-	fprintf(stderr, "daybook-admin status: %s", PQresultErrorMessage(r));
+	fprintf(stderr, "daybook-admin status: %s\n",
+		log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return NULL;
 }
@@ -284,22 +287,36 @@ static bool read_all(struct admin_ctx *ctx, struct status *s)
 
 int admin_status(struct admin_ctx *ctx, int argc, char **argv)
 {
-	struct status s = { .redis_configured = ctx->cfg.redis_url != NULL };
+	static const struct option options[] = {
+		{ "json", no_argument, NULL, 'j' },
+		CLI_COMMON_OPTIONS,
+		{ NULL, 0, NULL, 0 },
+	};
+	struct status s = { 0 };
 	bool json = false;
-	int rc = 1;
+	char line[1024];
+	int rc = CLI_EXIT_UNAVAILABLE, c;
 
-	for (int i = 1; i < argc; i++) {
-		if (strcmp(argv[i], "--json") != 0) {
-			fprintf(stderr, "daybook-admin status: unexpected argument '%s'\n"
-					"usage: daybook-admin status [--json]\n", argv[i]);
-			return 2;
+	while ((c = getopt_long(argc, argv, "+:h", options, NULL)) != -1) {
+		switch (c) {
+		case 'j':
+			json = true;
+			break;
+		case 'h':
+			return admin_help("status");
+		default:
+			return admin_getopt_error("status", argc, argv, c);
 		}
-		json = true;
 	}
+	if (optind < argc)
+		return admin_usage_error("status", "unexpected argument '%s'", argv[optind]);
+	if (!admin_configure(ctx, "status"))
+		return CLI_EXIT_USAGE;
+	s.redis_configured = ctx->cfg.redis_url != NULL;
 	s.pg = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(s.pg) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin status: cannot connect to PostgreSQL: %s",
-			PQerrorMessage(s.pg));
+		fprintf(stderr, "daybook-admin status: cannot connect to PostgreSQL: %s\n",
+			log_oneline(PQerrorMessage(s.pg), line, sizeof(line)));
 		goto done;
 	}
 	if (!admin_event_store_usable(s.pg, "status")) {

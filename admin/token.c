@@ -6,16 +6,10 @@
 
 #include "admin.h"
 #include "ledger.h"
-#include "sha256.h"
+#include "cli.h"
+#include "digest.h"
 
 #define TOKEN_BYTES 32 /* 256 bits of randomness */
-_Static_assert(TOKEN_BYTES == SHA256_DIGEST_LEN, "the token is written with sha256_hex");
-
-static const char token_usage[] =
-	"usage: daybook-admin token new --id ID --scopes SCOPE[,SCOPE...]\n"
-	"  Prints a new API token (line 1) and its line for DAYBOOK_TOKENS_FILE (line 2):\n"
-	"  '<id> <sha256 hex> <scopes>'. The token itself is stored nowhere: give it to\n"
-	"  the client now. SCOPE is write, read or admin. Needs no database.\n";
 
 /* True when list is a comma-separated list of write, read, admin, each at most
  * once (the form shared/tokens.c accepts). */
@@ -60,54 +54,70 @@ static bool fill_random(unsigned char *buf, size_t len)
 
 int admin_token(struct admin_ctx *ctx, int argc, char **argv)
 {
+	static const struct option options[] = {
+		{ "id", required_argument, NULL, 'i' },
+		{ "scopes", required_argument, NULL, 's' },
+		CLI_COMMON_OPTIONS,
+		{ NULL, 0, NULL, 0 },
+	};
 	const char *id = NULL, *scopes = NULL;
-	unsigned char raw[TOKEN_BYTES], digest[SHA256_DIGEST_LEN];
-	char token[4 + 2 * TOKEN_BYTES + 1], hex[2 * SHA256_DIGEST_LEN + 1];
+	unsigned char raw[TOKEN_BYTES], digest[DIGEST_SHA256_LEN];
+	char token[4 + 2 * TOKEN_BYTES + 1], hex[DIGEST_SHA256_HEX_LEN + 1];
+	int c;
 
 	(void)ctx;
-	if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
-		fputs(token_usage, stdout);
-		return 0;
-	}
+	/* "token new --id ...": the word "new" first, then its options. */
+	if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0))
+		return admin_help("token");
 	if (argc < 2 || strcmp(argv[1], "new") != 0)
-		goto usage;
-	for (int i = 2; i < argc; i++) {
-		if (strcmp(argv[i], "--id") == 0 && i + 1 < argc)
-			id = argv[++i];
-		else if (strcmp(argv[i], "--scopes") == 0 && i + 1 < argc)
-			scopes = argv[++i];
-		else
-			goto usage;
+		return admin_usage_error("token", "expected 'new'");
+	argc--;
+	argv++;
+	while ((c = getopt_long(argc, argv, "+:i:s:h", options, NULL)) != -1) {
+		switch (c) {
+		case 'i':
+			id = optarg;
+			break;
+		case 's':
+			scopes = optarg;
+			break;
+		case 'h':
+			return admin_help("token");
+		default:
+			return admin_getopt_error("token", argc, argv, c);
+		}
 	}
+	if (optind < argc)
+		return admin_usage_error("token", "unexpected argument '%s'", argv[optind]);
 	if (!id || !scopes)
-		goto usage;
+		return admin_usage_error("token", "both --id and --scopes are needed");
 	if (!ledger_valid_id(id)) {
 		fprintf(stderr, "daybook-admin token: --id must be 1-64 characters of "
 				"[A-Za-z0-9._:-]\n");
-		return 2;
+		return CLI_EXIT_USAGE;
 	}
 	if (!valid_scopes(scopes)) {
 		fprintf(stderr, "daybook-admin token: --scopes must be a comma-separated list "
 				"of write, read, admin (each once)\n");
-		return 2;
+		return CLI_EXIT_USAGE;
 	}
 	if (!fill_random(raw, sizeof(raw))) {
 		fprintf(stderr, "daybook-admin token: no random bytes: %s\n", strerror(errno));
-		return 1;
+		return CLI_EXIT_PROBLEM;
 	}
 	memcpy(token, "dbk_", 4);
-	sha256_hex(raw, token + 4);
-	sha256(token, strlen(token), digest);
-	sha256_hex(digest, hex);
+	digest_hex(raw, sizeof(raw), token + 4);
+	if (!digest_sha256(token, strlen(token), digest)) {
+		fprintf(stderr, "daybook-admin token: cannot hash the token (out of memory)\n");
+		return CLI_EXIT_PROBLEM;
+	}
+	digest_hex(digest, DIGEST_SHA256_LEN, hex);
 	printf("%s\n%s %s %s\n", token, id, hex, scopes);
 	if (fflush(stdout) != 0 || ferror(stdout)) {
 		fprintf(stderr, "daybook-admin token: writing the token failed\n");
-		return 1;
+		return CLI_EXIT_PROBLEM;
 	}
 	fprintf(stderr, "daybook-admin token: line 1 is the token, shown only now; add line 2 "
 			"to DAYBOOK_TOKENS_FILE and restart command and query\n");
-	return 0;
-usage:
-	fputs(token_usage, stderr);
-	return 2;
+	return CLI_EXIT_OK;
 }

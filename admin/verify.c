@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "cli.h"
 #include "ledger.h"
 #include "ledger_json.h"
 #include "pg.h"
@@ -84,14 +85,17 @@ struct cursor {
 	bool end; /* the last FETCH came back short */
 };
 
+/* One line on stderr (libpq's multi-line errors folded); the verification has no
+ * verdict. */
 __attribute__((format(printf, 2, 3))) static void fail(struct verify *v, const char *fmt, ...)
 {
+	char msg[2048], line[2048];
 	va_list ap;
 
-	fputs("daybook-admin verify: ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	fprintf(stderr, "daybook-admin verify: %s\n", log_oneline(msg, line, sizeof(line)));
 	v->failed = true;
 }
 
@@ -1179,7 +1183,7 @@ static int run(struct verify *v)
 		pass_redis_orphans(v);
 	fflush(stdout);
 	if (v->failed)
-		return 2;
+		return CLI_EXIT_UNAVAILABLE; /* a query or Redis failed: no verdict */
 	summary(v, redis, &start);
 	return v->diffs ? 1 : 0;
 }
@@ -1190,8 +1194,9 @@ static bool connect_all(struct admin_ctx *ctx, struct verify *v, bool use_redis)
 
 	v->pg = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(v->pg) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin verify: cannot connect to PostgreSQL: %s",
-			PQerrorMessage(v->pg));
+		char line[1024];
+		fprintf(stderr, "daybook-admin verify: cannot connect to PostgreSQL: %s\n",
+			log_oneline(PQerrorMessage(v->pg), line, sizeof(line)));
 		return false;
 	}
 	if (!use_redis) {
@@ -1211,19 +1216,36 @@ static bool connect_all(struct admin_ctx *ctx, struct verify *v, bool use_redis)
 
 int admin_verify(struct admin_ctx *ctx, int argc, char **argv)
 {
+	static const struct option options[] = {
+		{ "no-redis", no_argument, NULL, 'R' },
+		CLI_COMMON_OPTIONS,
+		{ NULL, 0, NULL, 0 },
+	};
 	struct verify *v = calloc(1, sizeof(*v));
-	bool use_redis = ctx->cfg.redis_url != NULL;
-	int rc = 2;
+	bool use_redis, no_redis = false;
+	int rc = CLI_EXIT_USAGE, c;
 
-	for (int i = 1; i < argc; i++) {
-		if (strcmp(argv[i], "--no-redis") == 0) {
-			use_redis = false;
-		} else {
-			fprintf(stderr, "daybook-admin verify: unexpected argument '%s'\n"
-					"usage: daybook-admin verify [--no-redis]\n", argv[i]);
+	while ((c = getopt_long(argc, argv, "+:h", options, NULL)) != -1) {
+		switch (c) {
+		case 'R':
+			no_redis = true;
+			break;
+		case 'h':
+			rc = admin_help("verify");
+			goto done;
+		default:
+			rc = admin_getopt_error("verify", argc, argv, c);
 			goto done;
 		}
 	}
+	if (optind < argc) {
+		rc = admin_usage_error("verify", "unexpected argument '%s'", argv[optind]);
+		goto done;
+	}
+	if (!admin_configure(ctx, "verify"))
+		goto done;
+	use_redis = ctx->cfg.redis_url != NULL && !no_redis;
+	rc = CLI_EXIT_UNAVAILABLE;
 	if (!v) {
 		fprintf(stderr, "daybook-admin verify: out of memory\n");
 		goto done;

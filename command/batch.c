@@ -589,6 +589,7 @@ static enum ledger_error decide_transfer(struct batcher *b, int i, struct ledger
 	struct ledger_account *from = view(b, t->from), *to = view(b, t->to);
 	struct ledger_event ev[2];
 	enum ledger_error err;
+	char location[LEDGER_ID_MAX + 16];
 
 	if (!from || !to)
 		return OUT_OF_MEMORY;
@@ -601,6 +602,9 @@ static enum ledger_error decide_transfer(struct batcher *b, int i, struct ledger
 	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
 	    !strmap_put(b->transfers, t->id, b))
 		return OUT_OF_MEMORY;
+	/* The transfer as the query API serves it (ids are [A-Za-z0-9._:-]: no escaping). */
+	snprintf(location, sizeof(location), "/transfers/%s", t->id);
+	json_object_set_new(b->slots[i].headers, "Location", json_string(location));
 	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
 				     (json_int_t)from->version, "to_version", (json_int_t)to->version,
 				     "position", POSITION_PLACEHOLDER);
@@ -753,8 +757,14 @@ static bool queue_record(struct batcher *b, const struct slot *s)
 {
 	const struct cmd *cmd = s->cmd;
 	const struct pending_event *last = s->last_event >= 0 ? &b->events[s->last_event] : NULL;
-	char status[8], *headers = json_dumps(s->headers, JSON_COMPACT),
-			*body = json_dumps(s->body, JSON_COMPACT);
+	char status[8], *headers, *body;
+
+	/* A refusal names the request it answered; its replays return the same body, so
+	 * they name that first request too. */
+	if (s->status >= 400 && json_is_object(s->body) && !json_object_get(s->body, "instance"))
+		json_object_set_new(s->body, "instance", json_string(http_request_id(cmd->req)));
+	headers = json_dumps(s->headers, JSON_COMPACT);
+	body = json_dumps(s->body, JSON_COMPACT);
 	const char *v[8] = { cmd->token_id, cmd->idem_key, cmd->idem_hash, status, headers, body,
 			     last ? last->stream : NULL, last ? last->version : NULL };
 	bool ok = headers && body;

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "digest.h"
 #include "http.h"
 #include "lease.h"
 #include "ledger.h"
@@ -14,7 +15,6 @@
 #include "log.h"
 #include "metrics.h"
 #include "pg.h"
-#include "sha256.h"
 #include "strmap.h"
 #include "tokens.h"
 
@@ -78,7 +78,7 @@ struct cmd {
 	const char *token_id;
 	char request_id[129];
 	char idem_key[256];              /* "" when the request has none */
-	char idem_hash[2 * SHA256_DIGEST_LEN + 1];
+	char idem_hash[DIGEST_SHA256_HEX_LEN + 1];
 	char time[32];                   /* ISO 8601 UTC, for event metadata */
 	int attempts;                    /* write attempts after conflicts */
 	bool solo;                       /* retry alone after a batch conflict */

@@ -15,7 +15,7 @@
 #define STATEMENT_TIMEOUT_MS 5000 /* default: PostgreSQL's own deadline, below it */
 
 static const char usage[] =
-	"usage: daybook-command [--help]\n"
+	"usage: daybook-command [--help] [--version]\n"
 	"\n"
 	"The Daybook write API: POST /accounts, /accounts/{id}/deposits, /withdrawals,\n"
 	"/close and /transfers, with group commit into the PostgreSQL event store.\n"

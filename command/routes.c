@@ -39,20 +39,18 @@ static bool parse_if_match(const char *h, int32_t *out)
 
 /* Fingerprint of what makes two keyed requests "the same": method, path and the
  * canonical form of the body (key order and whitespace do not matter). */
-static void fingerprint(struct http_request *req, json_t *body, char out[65])
+static bool fingerprint(struct http_request *req, json_t *body, char out[65])
 {
-	uint8_t digest[SHA256_DIGEST_LEN];
-	struct sha256 h;
+	unsigned char digest[DIGEST_SHA256_LEN];
 	char *canon = body ? json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+	const void *parts[3] = { http_method(req), http_path(req), canon ? canon : "" };
+	size_t lens[3] = { strlen(http_method(req)) + 1, strlen(http_path(req)) + 1,
+			   canon ? strlen(canon) : 0 };
+	bool ok = (!body || canon) && digest_sha256_parts(3, parts, lens, digest);
 
-	sha256_init(&h);
-	sha256_update(&h, http_method(req), strlen(http_method(req)) + 1);
-	sha256_update(&h, http_path(req), strlen(http_path(req)) + 1);
-	if (canon)
-		sha256_update(&h, canon, strlen(canon));
-	sha256_final(&h, digest);
-	sha256_hex(digest, out);
+	digest_hex(digest, DIGEST_SHA256_LEN, out);
 	free(canon);
+	return ok;
 }
 
 static void now_iso(char out[32])
@@ -142,8 +140,12 @@ static void handle(struct http_request *req, void *arg, enum cmd_kind kind, bool
 		cmd_free(cmd);
 		return;
 	}
-	if (cmd->idem_key[0])
-		fingerprint(req, cmd->body, cmd->idem_hash);
+	if (cmd->idem_key[0] && !fingerprint(req, cmd->body, cmd->idem_hash)) {
+		http_reply_problem(req, 500, "internal", "Internal error",
+				   "cannot fingerprint the request (out of memory)");
+		cmd_free(cmd);
+		return;
+	}
 	batcher_submit(ctx->batcher, cmd);
 }
 

@@ -17,7 +17,7 @@
 #define ACCOUNT_CACHE_MAX 50000 /* cached read-model rows, about 25 MB */
 
 static const char usage[] =
-	"usage: daybook-projector [--help]\n"
+	"usage: daybook-projector [--help] [--version]\n"
 	"\n"
 	"Follows the Daybook event store and maintains the SQL and Redis read models.\n"
 	"One instance leads, by a lease in PostgreSQL; others wait as hot standbys and take\n"

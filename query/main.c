@@ -19,7 +19,7 @@
 #define WAIT_PROBE_MS_DEFAULT 200
 
 static const char usage[] =
-	"usage: daybook-query [--help]\n"
+	"usage: daybook-query [--help] [--version]\n"
 	"\n"
 	"The Daybook read API: GET /accounts/{id}, /accounts/{id}/transactions,\n"
 	"/accounts/{id}/events, /transfers/{id} and /totals, served from the Redis read\n"

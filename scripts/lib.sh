@@ -11,7 +11,7 @@ DBK_PG_BIN=${DAYBOOK_PG_BIN:-/usr/lib/postgresql/15/bin}
 # Debian packages the build, the tests and `scripts/dev up` need.
 DBK_PACKAGES=(
   build-essential pkg-config meson ninja-build
-  libpq-dev libhiredis-dev libevent-dev libjansson-dev libcriterion-dev
+  libpq-dev libhiredis-dev libevent-dev libjansson-dev libssl-dev libcriterion-dev
   postgresql-15 redis-server curl python3
 )
 

@@ -2,9 +2,11 @@
 #include "config.h"
 
 #include <errno.h>
+#include <event2/http.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 static bool parse_port(const char *text, uint16_t *port)
 {
@@ -49,111 +51,104 @@ static bool parse_db(const char *text, int *db)
 	return true;
 }
 
-static int hex_digit(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-/* Percent-decode text[0, n) into out (outlen bytes with the NUL); false when malformed
- * or too long. */
+/* Percent-decode text (the user or the password of a URL that evhttp_uri_parse has
+ * checked, so every '%' starts a valid escape) into out, a buffer of outlen bytes with
+ * the NUL; false when it decodes to a NUL byte or does not fit. */
 static bool decode(const char *text, size_t n, char *out, size_t outlen)
 {
-	size_t o = 0;
+	char *copy = strndup(text, n), *plain = NULL;
+	size_t len = 0;
+	bool ok = false;
 
-	for (size_t i = 0; i < n; i++) {
-		int c = (unsigned char)text[i];
-		if (c == '%') {
-			int hi, lo;
-			if (i + 2 >= n)
-				return false;
-			hi = hex_digit(text[i + 1]);
-			lo = hex_digit(text[i + 2]);
-			if (hi < 0 || lo < 0)
-				return false;
-			c = hi * 16 + lo;
-			i += 2;
-		}
-		if (c == 0 || o + 1 >= outlen)
-			return false;
-		out[o++] = (char)c;
-	}
-	out[o] = '\0';
-	return true;
+	if (!copy)
+		goto done;
+	plain = evhttp_uridecode(copy, 0, &len);
+	if (!plain || len != strlen(plain) || len >= outlen)
+		goto done;
+	memcpy(out, plain, len + 1);
+	ok = true;
+done:
+	free(plain);
+	free(copy);
+	return ok;
 }
 
-/* "[user][:password]@" at the start of *rest, if any: decoded into out, and *rest moved
- * past it. The userinfo ends at the last '@' before the first '/'. */
-static bool parse_userinfo(const char **rest, struct config_redis *out)
+/* "user[:password]" from the URL's userinfo, percent-decoded. */
+static bool parse_userinfo(const char *userinfo, struct config_redis *out)
 {
-	const char *p = *rest, *slash = strchr(p, '/'), *at = NULL, *colon;
+	const char *colon = strchr(userinfo, ':');
 
-	for (const char *q = p; *q && (!slash || q < slash); q++)
-		if (*q == '@')
-			at = q;
-	if (!at)
-		return true;
-	colon = memchr(p, ':', (size_t)(at - p));
-	if (!decode(p, (size_t)((colon ? colon : at) - p), out->user, sizeof(out->user)))
+	if (!decode(userinfo, colon ? (size_t)(colon - userinfo) : strlen(userinfo), out->user,
+		    sizeof(out->user)))
 		return false;
-	if (colon && !decode(colon + 1, (size_t)(at - colon - 1), out->password,
-			     sizeof(out->password)))
-		return false;
-	*rest = at + 1;
-	return true;
+	return !colon || decode(colon + 1, strlen(colon + 1), out->password, sizeof(out->password));
 }
 
+/* The URL is parsed by libevent (RFC 3986: userinfo, bracketed IPv6 hosts, ports);
+ * this checks what Redis URLs allow on top of that. */
 bool config_parse_redis(const char *url, struct config_redis *out)
 {
-	char hostport[300];
-	const char *rest, *slash, *q;
+	struct evhttp_uri *uri = evhttp_uri_parse(url);
+	const char *scheme, *userinfo, *host, *path, *query;
 	size_t n;
+	bool ok = false;
 
 	memset(out, 0, sizeof(*out));
-	if (strncmp(url, "unix://", 7) == 0) {
-		rest = url + 7;
-		if (*rest != '/' && !parse_userinfo(&rest, out))
-			return false;
-		q = strstr(rest, "?db=");
-		n = q ? (size_t)(q - rest) : strlen(rest);
-		if (n == 0 || n >= sizeof(out->path) || rest[0] != '/')
-			return false;
-		memcpy(out->path, rest, n);
-		return !q || parse_db(q + 4, &out->db);
+	if (!uri)
+		goto done;
+	scheme = evhttp_uri_get_scheme(uri);
+	userinfo = evhttp_uri_get_userinfo(uri);
+	host = evhttp_uri_get_host(uri);
+	path = evhttp_uri_get_path(uri);
+	query = evhttp_uri_get_query(uri);
+	if (!scheme || !host || !path || evhttp_uri_get_fragment(uri))
+		goto done;
+	if (userinfo && !parse_userinfo(userinfo, out))
+		goto done;
+	if (strcasecmp(scheme, "unix") == 0) {
+		/* unix://[user[:password]@]/path[?db=N]: no host, no port, an absolute path */
+		n = strlen(path);
+		if (host[0] || evhttp_uri_get_port(uri) != -1 || path[0] != '/' ||
+		    n >= sizeof(out->path))
+			goto done;
+		memcpy(out->path, path, n + 1);
+		ok = !query || (strncmp(query, "db=", 3) == 0 && parse_db(query + 3, &out->db));
+		goto done;
 	}
-	if (strncmp(url, "redis://", 8) != 0)
-		return false;
-	rest = url + 8;
-	if (!parse_userinfo(&rest, out))
-		return false;
-	slash = strchr(rest, '/');
-	if (slash) {
-		if ((size_t)(slash - rest) >= sizeof(hostport) || !parse_db(slash + 1, &out->db))
-			return false;
-		memcpy(hostport, rest, (size_t)(slash - rest));
-		hostport[slash - rest] = '\0';
-	} else {
-		if (strlen(rest) >= sizeof(hostport))
-			return false;
-		strcpy(hostport, rest);
+	/* redis://[user[:password]@]host:port[/db], host a name, IPv4 or [IPv6] */
+	if (strcasecmp(scheme, "redis") != 0 || query || evhttp_uri_get_port(uri) < 1 ||
+	    evhttp_uri_get_port(uri) > 65535)
+		goto done;
+	n = strlen(host);
+	if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+		host++;
+		n -= 2;
 	}
-	return config_parse_hostport(hostport, out->host, sizeof(out->host), &out->port);
+	if (n == 0 || n >= sizeof(out->host))
+		goto done;
+	memcpy(out->host, host, n);
+	out->host[n] = '\0';
+	out->port = (uint16_t)evhttp_uri_get_port(uri);
+	ok = path[0] == '\0' || (path[0] == '/' && parse_db(path + 1, &out->db));
+done:
+	if (uri)
+		evhttp_uri_free(uri);
+	if (!ok)
+		memset(out, 0, sizeof(*out)); /* no half-parsed password left behind */
+	return ok;
 }
 
 void config_redis_describe(const struct config_redis *server, char *out, size_t len)
 {
 	const char *as = server->user[0] ? " as " : "";
 
+	bool ipv6 = strchr(server->host, ':') != NULL;
+
 	if (server->path[0])
 		snprintf(out, len, "unix:%s/%d%s%s", server->path, server->db, as, server->user);
 	else
-		snprintf(out, len, "%s:%u/%d%s%s", server->host, (unsigned)server->port, server->db,
-			 as, server->user);
+		snprintf(out, len, "%s%s%s:%u/%d%s%s", ipv6 ? "[" : "", server->host,
+			 ipv6 ? "]" : "", (unsigned)server->port, server->db, as, server->user);
 }
 
 bool config_read_redis_password(const char *path, struct config_redis *server, char *err,
@@ -226,8 +221,44 @@ static bool load_http(struct config_http *h, char *err, size_t errlen)
 	if (!env_uint("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", 100, 600000, &h->header_timeout_ms, err,
 		      errlen))
 		return false;
-	return env_uint("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", 100, 3600000, &h->idle_timeout_ms, err,
-			errlen);
+	if (!env_uint("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", 100, 3600000, &h->idle_timeout_ms, err,
+		      errlen))
+		return false;
+	h->cors_origins = env("DAYBOOK_CORS_ORIGINS");
+	if (h->cors_origins && !config_cors_origins_valid(h->cors_origins)) {
+		snprintf(err, errlen, "DAYBOOK_CORS_ORIGINS is malformed: expected origins such as "
+			 "https://app.example.com (scheme, host, optional port; no path) or *, "
+			 "separated by commas or spaces");
+		return false;
+	}
+	return true;
+}
+
+bool config_cors_origins_valid(const char *list)
+{
+	size_t n = 0;
+
+	for (const char *p = list; *p;) {
+		size_t len = strcspn(p, ", "), scheme;
+		const char *host;
+
+		if (len > 0) {
+			n++;
+			if (len == 1 && *p == '*')
+				goto next;
+			scheme = strncmp(p, "https://", 8) == 0 ? 8 : strncmp(p, "http://", 7) == 0 ? 7 : 0;
+			if (scheme == 0 || len == scheme)
+				return false;
+			for (host = p + scheme; host < p + len; host++)
+				if (!((*host >= 'a' && *host <= 'z') || (*host >= 'A' && *host <= 'Z') ||
+				      (*host >= '0' && *host <= '9') || strchr(".-:[]", *host)))
+					return false; /* a path, a query, userinfo, a control byte */
+		}
+next:
+		p += len;
+		p += strspn(p, ", ");
+	}
+	return n > 0;
 }
 
 bool config_load(struct config *cfg, unsigned need, const char *default_listen, char *err,

@@ -16,7 +16,7 @@ enum config_need {
 };
 
 struct config_redis {
-	char host[256];  /* empty for a unix socket */
+	char host[256];  /* empty for a unix socket; IPv6 without brackets */
 	uint16_t port;
 	char path[256];  /* unix socket path, empty for TCP */
 	int db;
@@ -31,6 +31,9 @@ struct config_http {
 	unsigned max_connections;   /* DAYBOOK_MAX_CONNECTIONS: open client connections */
 	unsigned header_timeout_ms; /* DAYBOOK_HTTP_HEADER_TIMEOUT_MS: to receive a request */
 	unsigned idle_timeout_ms;   /* DAYBOOK_HTTP_IDLE_TIMEOUT_MS: keep-alive between requests */
+	/* DAYBOOK_CORS_ORIGINS: origins ("https://app.example" or "*") separated by commas
+	 * and/or spaces, checked by config_cors_origins_valid; NULL (unset): CORS off. */
+	const char *cors_origins;
 };
 
 /* An idle connection costs a few KiB, one receiving a request up to 80 KiB (16 KiB of
@@ -65,11 +68,17 @@ void config_redis_describe(const struct config_redis *server, char *out, size_t 
 bool config_read_redis_password(const char *path, struct config_redis *server, char *err,
 				size_t errlen) __attribute__((warn_unused_result));
 
+/* A DAYBOOK_CORS_ORIGINS value: one or more of "*" or scheme://host[:port] (http or
+ * https, no path), separated by commas and/or spaces. */
+bool config_cors_origins_valid(const char *list) __attribute__((warn_unused_result));
+
 /* "host:port" → parts; false when malformed or the port is not 1-65535. */
 bool config_parse_hostport(const char *text, char *host, size_t hostlen, uint16_t *port)
 	__attribute__((warn_unused_result));
 /* redis://[[user][:password]@]host:port[/db] or unix://[[user][:password]@]/path[?db=N]
- * (user and password percent-decoded); false when malformed. */
+ * (parsed by libevent's evhttp_uri_parse; user and password percent-decoded; host a
+ * name, IPv4 or a bracketed IPv6 address, stored without the brackets); false when
+ * malformed. */
 bool config_parse_redis(const char *url, struct config_redis *out) __attribute__((warn_unused_result));
 
 #endif

@@ -41,6 +41,8 @@ const char *http_status_reason(int status)
 	switch (status) {
 	case 200: return "OK";
 	case 201: return "Created";
+	case 204: return "No Content";
+	case 304: return "Not Modified";
 	case 400: return "Bad Request";
 	case 401: return "Unauthorized";
 	case 403: return "Forbidden";
@@ -82,7 +84,26 @@ static double elapsed(const struct timespec *start)
 	return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) / 1e9;
 }
 
-static void record(struct http_request *req, int status)
+/* The access line: one per request, at info (warn for 5xx), built only when it is
+ * written. Every field goes through jansson (log_text for what the client chose), so
+ * the line is valid JSON whatever bytes the path or the request id held. */
+static void access_log(struct http_request *req, int status, size_t bytes, double secs)
+{
+	const struct log *log = req->srv->cfg.log;
+	enum log_level level = status >= 500 ? LOG_WARN : LOG_INFO;
+	json_t *fields;
+
+	if (!log_enabled(log, level))
+		return;
+	fields = json_pack("{s:s, s:s, s:o, s:i, s:f, s:o, s:I}", "method", req->method,
+			   "route", req->route_name, "path", log_text(req->path), "status", status,
+			   "duration_ms", secs * 1e3, "token_id",
+			   req->token ? json_string(req->token->id) : json_null(), "bytes",
+			   (json_int_t)bytes);
+	log_fields(log, level, req->request_id, "request", fields);
+}
+
+static void record(struct http_request *req, int status, size_t bytes)
 {
 	struct metrics *m = req->srv->cfg.metrics;
 	char labels[300];
@@ -98,21 +119,89 @@ static void record(struct http_request *req, int status)
 				   "Time from request to response, by route.", labels,
 				   metrics_latency_buckets, metrics_latency_buckets_len),
 		       secs);
-	if (status >= 500)
-		log_msg(req->srv->cfg.log, LOG_WARN, req->request_id, "%s %s -> %d (%.3f ms)",
-			req->method, req->path, status, secs * 1e3);
-	else
-		log_msg(req->srv->cfg.log, LOG_DEBUG, req->request_id, "%s %s -> %d (%.3f ms)",
-			req->method, req->path, status, secs * 1e3);
+	access_log(req, status, bytes, secs);
+}
+
+/* Is the entity tag `etag` ("5" or W/"5") one of If-None-Match's list (or is it "*")?
+ * Weak comparison (RFC 9110, 13.1.2). */
+static bool none_match(const char *list, const char *etag)
+{
+	size_t n;
+
+	if (strncmp(etag, "W/", 2) == 0)
+		etag += 2;
+	n = strlen(etag);
+	for (const char *p = list; *p;) {
+		size_t len;
+		p += strspn(p, " \t,");
+		if (*p == '*')
+			return true;
+		if (strncmp(p, "W/", 2) == 0)
+			p += 2;
+		len = strcspn(p, " \t,");
+		if (len == n && strncmp(p, etag, n) == 0)
+			return true;
+		p += len;
+	}
+	return false;
+}
+
+/* Is `origin` one of the configured CORS origins (or is "*" one of them)? */
+static bool cors_allowed(const struct http_server *srv, const char *origin)
+{
+	const char *list = srv->cfg.limits.cors_origins;
+	size_t n;
+
+	if (!list || !origin)
+		return false;
+	n = strlen(origin);
+	for (const char *p = list; *p;) {
+		size_t len;
+		p += strspn(p, ", ");
+		len = strcspn(p, ", ");
+		if ((len == 1 && *p == '*') || (len == n && len > 0 && strncasecmp(p, origin, n) == 0))
+			return true;
+		p += len;
+	}
+	return false;
+}
+
+/* The CORS headers of an actual response to an allowed origin. */
+static void cors_headers(struct http_request *req)
+{
+	const char *origin = http_header(req, "Origin");
+
+	if (!req->srv->cfg.limits.cors_origins)
+		return;
+	http_set_header(req, "Vary", "Origin");
+	if (!cors_allowed(req->srv, origin))
+		return;
+	http_set_header(req, "Access-Control-Allow-Origin", origin);
+	http_set_header(req, "Access-Control-Expose-Headers",
+			"ETag, Location, Retry-After, X-Request-Id, X-Daybook-Position, "
+			"Idempotent-Replayed");
 }
 
 static void finish(struct http_request *req, int status, struct evbuffer *body)
 {
 	struct http_server *srv = req->srv;
+	enum evhttp_cmd_type cmd = evhttp_request_get_command(req->ev);
+	struct evkeyvalq *out = evhttp_request_get_output_headers(req->ev);
 
-	record(req, status);
+	/* A conditional read whose representation has not changed: 304, no body. */
+	if (status == 200 && (cmd == EVHTTP_REQ_GET || cmd == EVHTTP_REQ_HEAD)) {
+		const char *etag = evhttp_find_header(out, "ETag");
+		const char *inm = http_header(req, "If-None-Match");
+		if (etag && inm && none_match(inm, etag)) {
+			status = 304;
+			body = NULL;
+			evhttp_remove_header(out, "Content-Type");
+		}
+	}
+	record(req, status, body ? evbuffer_get_length(body) : 0);
 	http_set_header(req, "X-Request-Id", req->request_id);
-	if (evhttp_request_get_command(req->ev) == EVHTTP_REQ_HEAD) {
+	cors_headers(req);
+	if (cmd == EVHTTP_REQ_HEAD && status != 304) {
 		/* GET's headers, with the length of the body it would have had. */
 		char len[24];
 		snprintf(len, sizeof(len), "%zu", body ? evbuffer_get_length(body) : 0);
@@ -134,13 +223,37 @@ void http_set_header(struct http_request *req, const char *name, const char *val
 	evhttp_add_header(h, name, value);
 }
 
+/* A problem-details body with "instance" (the request id) added when it has none; NULL
+ * when body is not a JSON object (it is then sent as it is). Caller frees. */
+static char *with_instance(const struct http_request *req, const char *body, size_t len)
+{
+	json_t *obj = json_loadb(body, len, 0, NULL);
+	char *text = NULL;
+
+	if (json_is_object(obj) && !json_object_get(obj, "instance") &&
+	    json_object_set_new(obj, "instance", log_text(req->request_id)) == 0)
+		text = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER);
+	json_decref(obj);
+	return text;
+}
+
 void http_reply_raw(struct http_request *req, int status, const char *content_type,
 		    const char *body, size_t len)
 {
 	struct evbuffer *buf = evbuffer_new();
+	/* Every problem answered to a request names it (RFC 9457 "instance"), whoever built
+	 * the body (this file, a handler, an idempotent replay). */
+	char *problem = strcmp(content_type, "application/problem+json") == 0
+				? with_instance(req, body, len)
+				: NULL;
 
+	if (problem) {
+		body = problem;
+		len = strlen(problem);
+	}
 	if (buf)
 		evbuffer_add(buf, body, len);
+	free(problem);
 	http_set_header(req, "Content-Type", content_type);
 	finish(req, status, buf);
 	if (buf)
@@ -153,8 +266,9 @@ struct evhttp_request *http_reply_stream(struct http_request *req, int status,
 	struct http_server *srv = req->srv;
 	struct evhttp_request *ev = req->ev;
 
-	record(req, status);
+	record(req, status, 0); /* the access line when the stream starts: bytes 0 */
 	http_set_header(req, "X-Request-Id", req->request_id);
+	cors_headers(req);
 	http_set_header(req, "Content-Type", content_type);
 	evhttp_send_reply_start(ev, status, http_status_reason(status));
 	free(req->query);
@@ -202,7 +316,8 @@ static void reply_problem_json(struct http_request *req, int status, json_t *bod
 	}
 }
 
-void http_problem_page(struct evbuffer *out, int status, size_t received)
+void http_problem_page(struct evbuffer *out, int status, size_t received,
+		       const char *request_id)
 {
 	const char *code = "invalid_request", *title = "Invalid request";
 	char detail[160];
@@ -228,12 +343,14 @@ void http_problem_page(struct evbuffer *out, int status, size_t received)
 		snprintf(detail, sizeof(detail), "the request could not be served");
 	}
 	body = http_problem_json(status, code, title, detail);
+	if (body)
+		json_object_set_new(body, "instance", json_string(request_id));
 	text = body ? json_dumps(body, JSON_COMPACT) : NULL;
 	json_decref(body);
 	evbuffer_add_printf(out,
 			    "HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
-			    "Content-Length: %zu\r\n%sConnection: close\r\n\r\n%s",
-			    status, http_status_reason(status), text ? strlen(text) : 2,
+			    "Content-Length: %zu\r\nX-Request-Id: %s\r\n%sConnection: close\r\n\r\n%s",
+			    status, http_status_reason(status), text ? strlen(text) : 2, request_id,
 			    status == 503 ? "Retry-After: 1\r\n" : "", text ? text : "{}");
 	free(text);
 }
@@ -538,22 +655,27 @@ static bool valid_request_id(const char *id)
 	return n > 0;
 }
 
+void http_new_request_id(struct http_server *srv, char out[HTTP_REQUEST_ID_NEW_LEN])
+{
+	uint64_t x = srv->rng;
+
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	srv->rng = x;
+	snprintf(out, HTTP_REQUEST_ID_NEW_LEN, "%016llx",
+		 (unsigned long long)(x * 0x2545F4914F6CDD1DULL));
+}
+
 static void set_request_id(struct http_request *req)
 {
 	const char *given = http_header(req, "X-Request-Id");
-	uint64_t x;
 
 	if (given && valid_request_id(given)) {
 		strcpy(req->request_id, given);
 		return;
 	}
-	x = req->srv->rng;
-	x ^= x >> 12;
-	x ^= x << 25;
-	x ^= x >> 27;
-	req->srv->rng = x;
-	snprintf(req->request_id, sizeof(req->request_id), "%016llx",
-		 (unsigned long long)(x * 0x2545F4914F6CDD1DULL));
+	http_new_request_id(req->srv, req->request_id);
 }
 
 /* Authenticate; false after replying 401/403. */
@@ -685,6 +807,38 @@ static bool dispatch_builtin(struct http_request *req)
 	return false;
 }
 
+/* A CORS preflight (OPTIONS with Origin and Access-Control-Request-Method) from an
+ * allowed origin, for a path some route serves: 204 with what may be sent. False
+ * (nothing answered) otherwise: the router then answers OPTIONS as any other method. */
+static bool cors_preflight(struct http_request *req)
+{
+	const struct http_server_config *cfg = &req->srv->cfg;
+	char params[HTTP_MAX_PARAMS][PARAM_MAX + 1];
+	char methods[64] = "";
+
+	if (!cors_allowed(req->srv, http_header(req, "Origin")) ||
+	    !http_header(req, "Access-Control-Request-Method"))
+		return false;
+	for (size_t i = 0; i < cfg->nroutes; i++) {
+		const struct http_route *r = &cfg->routes[i];
+		if (!match(r->pattern, req->path, params) || strstr(methods, r->method))
+			continue;
+		snprintf(methods + strlen(methods), sizeof(methods) - strlen(methods), "%s%s%s",
+			 methods[0] ? ", " : "", r->method,
+			 strcmp(r->method, "GET") == 0 ? ", HEAD" : "");
+		req->route_name = r->name;
+	}
+	if (!methods[0])
+		return false;
+	http_set_header(req, "Access-Control-Allow-Methods", methods);
+	http_set_header(req, "Access-Control-Allow-Headers",
+			"Authorization, Content-Type, Idempotency-Key, If-Match, If-None-Match, "
+			"X-Request-Id, X-Daybook-Min-Position");
+	http_set_header(req, "Access-Control-Max-Age", "600");
+	finish(req, 204, NULL);
+	return true;
+}
+
 static void dispatch(struct http_request *req)
 {
 	const struct http_server_config *cfg = &req->srv->cfg;
@@ -693,6 +847,8 @@ static void dispatch(struct http_request *req)
 	char allow[64] = "";
 
 	if (dispatch_builtin(req))
+		return;
+	if (strcmp(req->method, "OPTIONS") == 0 && cors_preflight(req))
 		return;
 	for (size_t i = 0; i < cfg->nroutes; i++) {
 		const struct http_route *r = &cfg->routes[i];

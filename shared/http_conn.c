@@ -199,6 +199,7 @@ static void rewrite_error_page(struct conn *c)
 {
 	struct evbuffer *out = bufferevent_get_output(c->bev), *keep = NULL;
 	int status = status_at(out, c->error_at);
+	char request_id[HTTP_REQUEST_ID_NEW_LEN];
 
 	c->error_page = false;
 	if (status < 400) {
@@ -212,7 +213,8 @@ static void rewrite_error_page(struct conn *c)
 	evbuffer_drain(out, evbuffer_get_length(out));
 	if (keep)
 		evbuffer_add_buffer(out, keep);
-	http_problem_page(out, status, c->received);
+	http_new_request_id(c->owner->srv, request_id);
+	http_problem_page(out, status, c->received, request_id);
 	c->rewriting = false;
 	if (keep)
 		evbuffer_free(keep);

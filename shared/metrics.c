@@ -2,10 +2,13 @@
 #include "metrics.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <event2/buffer.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "strmap.h"
 
 const double metrics_latency_buckets[] = { 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
 					   0.005,   0.01,   0.025,   0.05,   0.1,   0.25,
@@ -26,19 +29,33 @@ struct metric {
 	const double *bounds;
 	size_t nbounds;
 	unsigned long long *buckets; /* non-cumulative counts, nbounds + 1 */
+	bool index_missed; /* not in the index (out of memory when created) */
 };
 
 struct metrics {
 	struct metric *head, *tail; /* creation order keeps families together when rendered */
-	pthread_mutex_t lock;       /* workers of one process share the registry */
+	pthread_mutex_t lock;       /* the list and the values: workers share the registry */
+	/* "name\x1flabels" -> series, so that a lookup is one hash probe under a read lock
+	 * (shared by every worker), not a locked walk of every series. */
+	struct strmap *index;
+	pthread_rwlock_t index_lock;
 };
 
 int metrics_open(struct metrics **out)
 {
+	int rc;
+
 	*out = calloc(1, sizeof(**out));
 	if (!*out)
 		return -ENOMEM;
+	rc = strmap_open(&(*out)->index, NULL);
+	if (rc) {
+		free(*out);
+		*out = NULL;
+		return rc;
+	}
 	pthread_mutex_init(&(*out)->lock, NULL);
+	pthread_rwlock_init(&(*out)->index_lock, NULL);
 	return 0;
 }
 
@@ -52,21 +69,20 @@ void metrics_close(struct metrics **m)
 		free(s->buckets);
 		free(s);
 	}
+	strmap_close(&(*m)->index);
+	pthread_rwlock_destroy(&(*m)->index_lock);
 	pthread_mutex_destroy(&(*m)->lock);
 	free(*m);
 	*m = NULL;
 }
 
-static struct metric *get_locked(struct metrics *m, enum metric_type type, const char *name,
-				 const char *help, const char *labels, const double *buckets,
-				 size_t nbuckets)
+/* A new series in the list (m->lock held). */
+static struct metric *create_locked(struct metrics *m, enum metric_type type, const char *name,
+				    const char *help, const char *labels, const double *buckets,
+				    size_t nbuckets)
 {
-	struct metric *s;
+	struct metric *s = calloc(1, sizeof(*s));
 
-	for (s = m->head; s; s = s->next)
-		if (strcmp(s->name, name) == 0 && strcmp(s->labels, labels) == 0)
-			return s;
-	s = calloc(1, sizeof(*s));
 	if (!s)
 		return NULL;
 	s->owner = m;
@@ -108,11 +124,35 @@ struct metric *metrics_get(struct metrics *m, enum metric_type type, const char 
 			   const char *help, const char *labels, const double *buckets,
 			   size_t nbuckets)
 {
+	char small[256], *key = small;
+	size_t nlen = strlen(name), llen = strlen(labels);
 	struct metric *s;
 
-	pthread_mutex_lock(&m->lock);
-	s = get_locked(m, type, name, help, labels, buckets, nbuckets);
-	pthread_mutex_unlock(&m->lock);
+	if (nlen + llen + 2 > sizeof(small) && !(key = malloc(nlen + llen + 2)))
+		return NULL;
+	memcpy(key, name, nlen);
+	key[nlen] = '\x1f';
+	memcpy(key + nlen + 1, labels, llen + 1);
+	pthread_rwlock_rdlock(&m->index_lock);
+	s = strmap_get(m->index, key);
+	pthread_rwlock_unlock(&m->index_lock);
+	if (s)
+		goto done;
+	pthread_rwlock_wrlock(&m->index_lock);
+	s = strmap_get(m->index, key); /* another worker may have created it meanwhile */
+	if (!s) {
+		pthread_mutex_lock(&m->lock);
+		s = create_locked(m, type, name, help, labels, buckets, nbuckets);
+		pthread_mutex_unlock(&m->lock);
+		/* Out of memory for the index: this caller still gets the series; a later
+		 * lookup would add a twin (only ever under memory exhaustion). */
+		if (s && !strmap_put(m->index, key, s))
+			s->index_missed = true;
+	}
+	pthread_rwlock_unlock(&m->index_lock);
+done:
+	if (key != small)
+		free(key);
 	return s;
 }
 

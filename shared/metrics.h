@@ -20,7 +20,9 @@ extern const size_t metrics_size_buckets_len;
 int metrics_open(struct metrics **out) __attribute__((warn_unused_result));
 void metrics_close(struct metrics **m);
 
-/* The series `name{labels}`, created on first use. `labels` is the inside of the braces
+/* The series `name{labels}`, created on first use. A lookup is one hash probe under a
+ * read lock, but still a string build and hash: take handles once (at start) where the
+ * labels are known, and keep them. `labels` is the inside of the braces
  * (`route="/x",status="200"`) or "" for none; it is copied. `help` and `buckets` must be
  * static. For histograms the bounds are ascending, +Inf is implicit. The series lives as
  * long as the registry; NULL only when out of memory (the metric calls accept NULL). */

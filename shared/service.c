@@ -1,6 +1,7 @@
-/* What every service binary does first: --help, its configuration, SIGPIPE. */
+/* What every service binary does first: --help, --version, its configuration, SIGPIPE. */
 #include "service.h"
 
+#include "cli.h"
 #include "eventstore.h"
 #include "log.h"
 
@@ -15,16 +16,32 @@
 int service_init(int argc, char **argv, const char *name, const char *usage, unsigned need,
 		 const char *default_listen, struct config *cfg)
 {
+	static const struct option options[] = { CLI_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
 	char err[512];
+	int c;
 
-	if (argc > 1) {
-		bool help = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0;
-		fputs(usage, help ? stdout : stderr);
-		return help ? 0 : 2;
+	opterr = 0; /* our own message, then the usage */
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "hV", options, NULL)) != -1) {
+		switch (c) {
+		case 'h':
+			fputs(usage, stdout);
+			return CLI_EXIT_OK;
+		case 'V':
+			cli_print_version(name);
+			return CLI_EXIT_OK;
+		default:
+			fprintf(stderr, "%s: unknown option '%s'\n\n%s", name, argv[optind - 1], usage);
+			return CLI_EXIT_USAGE;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "%s: unexpected argument '%s'\n\n%s", name, argv[optind], usage);
+		return CLI_EXIT_USAGE;
 	}
 	if (!config_load(cfg, need, default_listen, err, sizeof(err))) {
 		fprintf(stderr, "%s: %s\n", name, err);
-		return 2;
+		return CLI_EXIT_USAGE;
 	}
 	signal(SIGPIPE, SIG_IGN);
 	return -1;

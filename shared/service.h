@@ -1,10 +1,12 @@
-/* What every service binary does first: --help, its configuration, SIGPIPE. */
+/* What every service binary does first: --help, --version, its configuration, SIGPIPE. */
 #ifndef DAYBOOK_SERVICE_H
 #define DAYBOOK_SERVICE_H
 
 #include "config.h"
 
-/* Print `usage` for --help (exit 0) or any argument (exit 2); load the configuration
+/* Parse the command line (getopt_long): --help/-h prints `usage` on stdout, --version/-V
+ * the version (both exit 0, whatever the configuration); any other argument prints
+ * `usage` on stderr (exit 2). Then load the configuration
  * (`need`, `default_listen` as for config_load), reporting a bad setting on stderr as
  * "<name>: ..." (exit 2); ignore SIGPIPE. Returns -1 when the service should go on,
  * else the exit status to return from main. */

@@ -26,11 +26,11 @@ static int hexval(char c)
 	return -1;
 }
 
-static bool parse_hash(const char *hex, unsigned char out[SHA256_DIGEST_LEN])
+static bool parse_hash(const char *hex, unsigned char out[DIGEST_SHA256_LEN])
 {
-	if (strlen(hex) != 2 * SHA256_DIGEST_LEN)
+	if (strlen(hex) != 2 * DIGEST_SHA256_LEN)
 		return false;
-	for (int i = 0; i < SHA256_DIGEST_LEN; i++) {
+	for (int i = 0; i < DIGEST_SHA256_LEN; i++) {
 		int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
 		if (hi < 0 || lo < 0)
 			return false;
@@ -143,18 +143,15 @@ void tokens_close(struct tokens **tokens)
 
 const struct token *tokens_find(const struct tokens *tokens, const char *secret, size_t len)
 {
-	unsigned char digest[SHA256_DIGEST_LEN];
+	unsigned char digest[DIGEST_SHA256_LEN];
 	const struct token *found = NULL;
 
 	/* Hashing first means the comparison never depends on the secret's bytes, and
 	 * walking every entry means timing does not tell which one matched. */
-	sha256(secret, len, digest);
-	for (size_t i = 0; i < tokens->count; i++) {
-		unsigned char diff = 0;
-		for (int j = 0; j < SHA256_DIGEST_LEN; j++)
-			diff |= (unsigned char)(digest[j] ^ tokens->items[i].hash[j]);
-		if (diff == 0)
+	if (!digest_sha256(secret, len, digest))
+		return NULL;
+	for (size_t i = 0; i < tokens->count; i++)
+		if (digest_equal(digest, tokens->items[i].hash, DIGEST_SHA256_LEN))
 			found = &tokens->items[i];
-	}
 	return found;
 }

@@ -5,7 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "sha256.h"
+#include "digest.h"
 
 enum token_scope {
 	SCOPE_WRITE = 1 << 0,
@@ -15,7 +15,7 @@ enum token_scope {
 
 struct token {
 	char id[65];
-	unsigned char hash[SHA256_DIGEST_LEN];
+	unsigned char hash[DIGEST_SHA256_LEN];
 	unsigned scopes;
 };
 

@@ -4,8 +4,8 @@
  * As a libFuzzer target (clang; the flag drops the corpus runner's main below):
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -DDAYBOOK_LIBFUZZER -D_GNU_SOURCE \
  *     -Ishared tests/fuzz/fuzz_query.c shared/http.c shared/http_conn.c shared/metrics.c \
- *     shared/log.c shared/tokens.c shared/sha256.c \
- *     $(pkg-config --cflags --libs jansson libevent) -o /tmp/fuzz_query
+ *     shared/log.c shared/tokens.c shared/digest.c \
+ *     $(pkg-config --cflags --libs jansson libevent libcrypto) -o /tmp/fuzz_query
  *   mkdir -p /tmp/fuzz-query && /tmp/fuzz_query -max_len=2048 /tmp/fuzz-query tests/fuzz/query_corpus
  *
  * Built normally, main() runs every file (or every file in every directory) named on

@@ -26,7 +26,7 @@
 
 #include "config.h"
 #include "readmodel.h"
-#include "sha256.h"
+#include "digest.h"
 
 static const char *env_or_skip(const char *name)
 {
@@ -150,10 +150,10 @@ static const char *tokens_file(void)
 	cr_assert(f, "cannot write %s", path);
 	fprintf(f, "# test tokens\n");
 	for (size_t i = 0; i < 3; i++) {
-		uint8_t d[SHA256_DIGEST_LEN];
+		unsigned char d[DIGEST_SHA256_LEN];
 		char hex[65];
-		sha256(toks[i][1], strlen(toks[i][1]), d);
-		sha256_hex(d, hex);
+		cr_assert(digest_sha256(toks[i][1], strlen(toks[i][1]), d));
+		digest_hex(d, DIGEST_SHA256_LEN, hex);
 		fprintf(f, "%s %s %s\n", toks[i][0], hex, toks[i][2]);
 	}
 	fclose(f);
@@ -358,10 +358,10 @@ static void render_acl_line(FILE *out, const char *line)
 				const char *u = redis_users[i][0];
 				if (strlen(u) != (size_t)(end - p - 1) || strncmp(u, p + 1, strlen(u)))
 					continue;
-				uint8_t d[SHA256_DIGEST_LEN];
-				char hex[2 * SHA256_DIGEST_LEN + 1];
-				sha256(redis_users[i][1], strlen(redis_users[i][1]), d);
-				sha256_hex(d, hex);
+				unsigned char d[DIGEST_SHA256_LEN];
+				char hex[DIGEST_SHA256_HEX_LEN + 1];
+				cr_assert(digest_sha256(redis_users[i][1], strlen(redis_users[i][1]), d));
+				digest_hex(d, DIGEST_SHA256_LEN, hex);
 				fputs(hex, out);
 				known = true;
 			}

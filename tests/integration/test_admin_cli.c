@@ -1,6 +1,7 @@
 /* The binaries as an operator meets them: configuration errors at start (exit 2, one
  * line naming the variable), --help, and `daybook-admin migrate` on real databases. */
 #include <criterion/criterion.h>
+#include <jansson.h>
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
@@ -17,7 +18,7 @@
 #include <unistd.h>
 
 #include "harness.h"
-#include "sha256.h"
+#include "digest.h"
 #include "tokens.h"
 
 TestSuite(admin_cli, .timeout = 120);
@@ -165,11 +166,11 @@ static void write_file(const char *path, const char *text, const char *mode)
 /* A tokens file with one valid line (and whatever `extra` adds); path gets its name. */
 static void tokens_file(char *path, size_t len, const char *extra)
 {
-	uint8_t d[SHA256_DIGEST_LEN];
+	unsigned char d[DIGEST_SHA256_LEN];
 	char hex[65], text[512];
 
-	sha256("cli-secret", 10, d);
-	sha256_hex(d, hex);
+	cr_assert(digest_sha256("cli-secret", 10, d));
+	digest_hex(d, DIGEST_SHA256_LEN, hex);
 	snprintf(path, len, "/tmp/daybook-test-cli-tokens-%d-%ld.txt", (int)getpid(),
 		 (long)(harness_now() * 1e6) % 1000000);
 	snprintf(text, sizeof(text), "# cli test\nops %s write,read\n%s", hex, extra);
@@ -600,9 +601,9 @@ Test(admin_cli, migrate_applies_once_refuses_a_changed_file_and_applies_new_ones
 	cr_assert(table_exists(db, "extra"));
 	{
 		char *text = read_file(extra), hex[65], q[256];
-		uint8_t d[SHA256_DIGEST_LEN];
-		sha256(text, strlen(text), d);
-		sha256_hex(d, hex);
+		unsigned char d[DIGEST_SHA256_LEN];
+		cr_assert(digest_sha256(text, strlen(text), d));
+		digest_hex(d, DIGEST_SHA256_LEN, hex);
 		free(text);
 		snprintf(q, sizeof(q),
 			 "SELECT count(*) FROM schema_migrations WHERE version = 999 AND "
@@ -832,6 +833,140 @@ Test(admin_cli, concurrent_migrates_of_one_database_apply_each_file_once)
 	remove_dir(dir);
 }
 
+/* --- command lines: --help, --version, exit codes (docs/cli.md) ----------------------- */
+
+Test(admin_cli, every_binary_answers_help_and_version_without_any_configuration)
+{
+	static const char *const bins[][2] = { { "DAYBOOK_COMMAND_BIN", "daybook-command" },
+					       { "DAYBOOK_QUERY_BIN", "daybook-query" },
+					       { "DAYBOOK_PROJECTOR_BIN", "daybook-projector" },
+					       { "DAYBOOK_ADMIN_BIN", "daybook-admin" } };
+	static const char *const flags[][2] = { { "--help", "usage: " }, { "-h", "usage: " },
+						{ "--version", "" }, { "-V", "" } };
+
+	for (size_t b = 0; b < sizeof(bins) / sizeof(bins[0]); b++) {
+		for (size_t f = 0; f < sizeof(flags) / sizeof(flags[0]); f++) {
+			const char *argv[] = { env_required(bins[b][0]), flags[f][0], NULL };
+			struct proc p = run(argv, NULL, 10); /* no DAYBOOK_* at all */
+			char prefix[64], name[64];
+			int major = -1, minor = -1, patch = -1;
+
+			cr_assert_eq(p.status, 0, "%s %s: %d, stderr: %s", bins[b][1], flags[f][0],
+				     p.status, p.stderr_text);
+			cr_assert_str_eq(p.stderr_text, "", "%s %s", bins[b][1], flags[f][0]);
+			snprintf(prefix, sizeof(prefix), "%s%s", flags[f][1], bins[b][1]);
+			cr_assert_eq(strncmp(p.stdout_text, prefix, strlen(prefix)), 0, "%s %s: %s",
+				     bins[b][1], flags[f][0], p.stdout_text);
+			if (flags[f][1][0] == '\0') {
+				/* "daybook-x 0.1.0 (commit)" or "daybook-x 0.1.0": one line */
+				cr_assert_eq(sscanf(p.stdout_text, "%63s %d.%d.%d", name, &major,
+						    &minor, &patch), 4, "%s", p.stdout_text);
+				cr_assert_str_eq(name, bins[b][1]);
+				cr_assert_eq(count_lines(p.stdout_text), 1, "%s", p.stdout_text);
+			}
+			proc_free(&p);
+		}
+	}
+}
+
+Test(admin_cli, each_admin_command_has_its_own_help_without_a_database)
+{
+	static const char *const commands[] = { "migrate", "rebuild", "verify", "status", "token" };
+	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
+
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		const char *forms[] = { "--help", "-h" };
+		for (size_t k = 0; k < 2; k++) {
+			const char *argv[] = { bin, commands[i], forms[k], NULL };
+			struct proc p = run(argv, NULL, 10);
+			char head[64];
+
+			snprintf(head, sizeof(head), "usage: daybook-admin %s", commands[i]);
+			cr_assert_eq(p.status, 0, "%s %s: %d %s", commands[i], forms[k], p.status,
+				     p.stderr_text);
+			cr_assert_eq(strncmp(p.stdout_text, head, strlen(head)), 0, "%s", p.stdout_text);
+			cr_assert_not_null(strstr(p.stdout_text, "Exit status"), "%s", p.stdout_text);
+			cr_assert_str_eq(p.stderr_text, "");
+			proc_free(&p);
+		}
+	}
+}
+
+Test(admin_cli, admin_usage_errors_exit_2_naming_the_argument)
+{
+	static const char *const cases[][4] = {
+		{ "migrate", "--dir", NULL, "needs a value" },
+		{ "migrate", "--frobnicate", NULL, "--frobnicate" },
+		{ "migrate", "extra", NULL, "extra" },
+		{ "rebuild", "everything", NULL, "everything" },
+		{ "rebuild", "sql", "more", "more" },
+		{ "verify", "--json", NULL, "--json" },
+		{ "status", "--no-redis", NULL, "--no-redis" },
+	};
+	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
+	const char *env[] = { "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1",
+			      NULL };
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		const char *argv[] = { bin, cases[i][0], cases[i][1], cases[i][2], NULL };
+		struct proc p = run(argv, env, 10);
+
+		cr_assert_eq(p.status, 2, "%s %s: %d %s", cases[i][0], cases[i][1], p.status,
+			     p.stderr_text);
+		cr_assert_not_null(strstr(p.stderr_text, cases[i][3]), "%s", p.stderr_text);
+		cr_assert_str_eq(p.stdout_text, "");
+		proc_free(&p);
+	}
+}
+
+Test(admin_cli, an_unreachable_postgresql_exits_3_from_every_admin_command)
+{
+	static const char *const commands[][2] = { { "migrate", NULL }, { "rebuild", "sql" },
+						   { "verify", "--no-redis" }, { "status", NULL } };
+	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
+	const char *env[] = { "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1",
+			      NULL };
+
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		const char *argv[] = { bin, commands[i][0], commands[i][1], NULL };
+		struct proc p = run(argv, env, 30);
+
+		cr_assert_eq(p.status, 3, "%s: %d, stdout: %s stderr: %s", commands[i][0], p.status,
+			     p.stdout_text, p.stderr_text);
+		proc_free(&p);
+	}
+}
+
+/* Off a terminal (stdout and stderr are files here) rebuild writes JSON lines to the end,
+ * its errors and its final line included; a libpq error stays on one line. */
+Test(admin_cli, rebuild_off_a_terminal_writes_json_lines_to_the_end_even_when_it_fails)
+{
+	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "rebuild", "sql", NULL };
+	const char *env[] = { "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1",
+			      NULL };
+	struct proc p = run(argv, env, 30);
+	json_t *last = NULL;
+	size_t lines = 0;
+
+	cr_assert_eq(p.status, 3, "%d %s", p.status, p.stderr_text);
+	for (char *line = p.stdout_text, *nl; *line; line = nl + 1) {
+		json_error_t error;
+		nl = strchr(line, '\n');
+		cr_assert_not_null(nl, "an unterminated line: %s", line);
+		json_decref(last);
+		last = json_loadb(line, (size_t)(nl - line), 0, &error);
+		cr_assert(json_is_object(last), "not a JSON line: %.*s", (int)(nl - line), line);
+		lines++;
+	}
+	cr_assert_geq(lines, 2, "%s", p.stdout_text);
+	cr_assert_str_eq(json_string_value(json_object_get(last, "phase")), "failed");
+	cr_assert_not_null(strstr(json_string_value(json_object_get(last, "error")),
+				  "cannot connect to PostgreSQL"), "%s", p.stdout_text);
+	cr_assert_null(strchr(json_string_value(json_object_get(last, "error")), '\n'));
+	json_decref(last);
+	proc_free(&p);
+}
+
 /* --- daybook-admin token new: the token bootstrap ------------------------------------- */
 
 /* Run `daybook-admin token new --id id --scopes scopes` with no configuration at all
@@ -848,8 +983,8 @@ Test(admin_cli, token_new_prints_a_token_and_a_tokens_file_line_that_accepts_it)
 {
 	struct proc p = token_new("ci-writer", "write,read");
 	char token[256], line[512], path[] = "/tmp/daybook-tokens-XXXXXX", err[256];
-	unsigned char digest[SHA256_DIGEST_LEN];
-	char hex[2 * SHA256_DIGEST_LEN + 1], want[512];
+	unsigned char digest[DIGEST_SHA256_LEN];
+	char hex[DIGEST_SHA256_HEX_LEN + 1], want[512];
 	struct tokens *tokens = NULL;
 	const struct token *found;
 	FILE *f;
@@ -859,8 +994,8 @@ Test(admin_cli, token_new_prints_a_token_and_a_tokens_file_line_that_accepts_it)
 	cr_assert_eq(count_lines(p.stdout_text), 2, "%s", p.stdout_text);
 	cr_assert_eq(sscanf(p.stdout_text, "%255[^\n]\n%511[^\n]", token, line), 2);
 	cr_assert(strncmp(token, "dbk_", 4) == 0 && strlen(token) == 4 + 64, "%s", token);
-	sha256(token, strlen(token), digest);
-	sha256_hex(digest, hex);
+	cr_assert(digest_sha256(token, strlen(token), digest));
+	digest_hex(digest, DIGEST_SHA256_LEN, hex);
 	snprintf(want, sizeof(want), "ci-writer %s write,read", hex);
 	cr_assert_str_eq(line, want);
 	cr_assert_null(strstr(p.stderr_text, token), "the token is printed once, on stdout");
@@ -923,4 +1058,24 @@ Test(admin_cli, token_new_refuses_a_bad_id_or_bad_scopes_and_prints_no_token)
 	cr_assert_eq(p.status, 2);
 	cr_assert_str_eq(p.stdout_text, "");
 	proc_free(&p);
+}
+
+/* PostgreSQL's error for a bad migration spans lines (ERROR, LINE, a caret): the admin
+ * tool reports it on one. */
+Test(admin_cli, a_migration_error_is_reported_on_one_line)
+{
+	char db[64], dir[64], names[64][256], path[600];
+	struct proc p;
+
+	copy_sql_dir(dir, sizeof(dir), names, 64);
+	snprintf(path, sizeof(path), "%s/500_typo.sql", dir);
+	write_file(path, "SELECT 1;\nSELEC 2;\n", "w");
+	create_empty_db(db, sizeof(db));
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 1, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "syntax error"), "%s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "LINE 2"), "%s", p.stderr_text);
+	cr_assert_eq(count_lines(p.stderr_text), 1, "one line: %s", p.stderr_text);
+	proc_free(&p);
+	remove_dir(dir);
 }

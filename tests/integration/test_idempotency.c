@@ -170,6 +170,9 @@ Test(idempotency, a_repeat_while_the_first_is_in_flight_is_409)
 
 	cr_assert_eq(during.status, 409, "%s", during.body);
 	cr_assert_str_eq(json_string_value(json_object_get(during.json, "code")), "request_in_progress");
+	char retry[16] = "";
+	cr_assert(response_header(&during, "Retry-After", retry, sizeof(retry)), "%s", during.headers);
+	cr_assert_str_eq(retry, "1");
 	cr_assert_eq(first.r.status, 201, "%s", first.r.body);
 	assert_replay_of(&first.r, &after);
 	cr_assert_eq(deposits(), 1);

@@ -263,6 +263,33 @@ Test(query, account_from_redis_with_etag_and_its_checkpoint)
 	cr_assert_eq(harness_metric(&svc, "daybook_query_reads_total{model=\"redis\"}"), 3);
 }
 
+/* A read with an ETag answers a conditional GET (or HEAD) whose tag still matches with
+ * 304 and no body, from either model. */
+Test(query, if_none_match_with_the_current_etag_is_304_without_a_body)
+{
+	static const char *const matching[] = { "If-None-Match: \"3\"", "If-None-Match: W/\"3\"",
+						"If-None-Match: \"1\", \"3\"", "If-None-Match: *" };
+	struct response r;
+
+	fill_sql();
+	for (int model = 0; model < 2; model++) {
+		if (model == 1) {
+			fill_redis();
+			go_live();
+		}
+		for (size_t i = 0; i < sizeof(matching) / sizeof(matching[0]); i++) {
+			r = get_as(TOKEN_READ, "/accounts/a1", matching[i]);
+			cr_assert_eq(r.status, 304, "%s: %d %s", matching[i], r.status, r.body);
+			cr_assert(r.body == NULL || r.body[0] == '\0', "a 304 has no body: %s", r.body);
+			expect_header(&r, "ETag", "\"3\"");
+			response_free(&r);
+		}
+		r = get_as(TOKEN_READ, "/accounts/a1", "If-None-Match: \"2\"");
+		expect_ok(&r, acct_a1, model == 0 ? SQL_POS : REDIS_POS);
+		response_free(&r);
+	}
+}
+
 Test(query, both_models_serve_byte_identical_bodies)
 {
 	static const char *const paths[] = {

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "harness.h"
 
@@ -38,6 +39,11 @@ static void expect(struct response *r, int status, const char *code)
 		cr_assert(json_is_string(json_object_get(r->json, "type")));
 		cr_assert(json_is_string(json_object_get(r->json, "title")));
 		cr_assert(json_is_string(json_object_get(r->json, "detail")));
+		/* Every problem names the request it answers (RFC 9457 "instance"). */
+		char id[160] = "";
+		cr_assert(response_header(r, "X-Request-Id", id, sizeof(id)));
+		cr_assert_str_eq(json_string_value(json_object_get(r->json, "instance")), id,
+				 "body: %s", r->body);
 	} else {
 		cr_assert_str_eq(ct, "application/json");
 	}
@@ -213,6 +219,10 @@ Test(write_api, transfers_move_money_atomically)
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "from_version")), 3);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "to_version")), 2);
 	cr_assert(json_is_string(json_object_get(r.json, "position")));
+	/* Where the query API serves the transfer. */
+	char location[128] = "";
+	cr_assert(response_header(&r, "Location", location, sizeof(location)));
+	cr_assert_str_eq(location, "/transfers/tx-1");
 	response_free(&r);
 
 	/* Both sides committed in one transaction. */
@@ -399,4 +409,138 @@ Test(write_api, versions_are_gap_free_and_sigterm_exits_zero)
 				 "AND f.position <= e.position)"),
 		     0);
 	cr_assert_eq(harness_stop(&svc), 0);
+}
+
+/* Every line of svc's log as JSON (the test fails on a line that is not); caller
+ * json_decrefs the array. */
+static json_t *log_lines(void)
+{
+	/* The service's log (the harness sends its stderr there). */
+	FILE *f = fopen(svc.log_path, "r");
+	json_t *lines = json_array();
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n;
+
+	cr_assert_not_null(f, "%s", svc.log_path);
+	while ((n = getline(&line, &cap, f)) > 0) {
+		json_error_t error;
+		json_t *j = json_loadb(line, (size_t)n, 0, &error);
+		cr_assert(json_is_object(j), "a log line that is not JSON (%s): %s", error.text, line);
+		json_array_append_new(lines, j);
+	}
+	free(line);
+	fclose(f);
+	return lines;
+}
+
+/* The access line of the request with this id; NULL when absent. */
+static json_t *access_line(json_t *lines, const char *request_id)
+{
+	size_t i;
+	json_t *j;
+
+	json_array_foreach(lines, i, j) {
+		const char *id = json_string_value(json_object_get(j, "request_id"));
+		const char *msg = json_string_value(json_object_get(j, "msg"));
+		if (id && msg && strcmp(id, request_id) == 0 && strcmp(msg, "request") == 0)
+			return j;
+	}
+	return NULL;
+}
+
+Test(write_api, each_request_leaves_one_json_access_line_whatever_its_bytes)
+{
+	const char *ok_hdr[] = { "X-Request-Id: acc-\"q\"\\1", NULL };
+	const char *bad_hdr[] = { "X-Request-Id: acc-2", "Authorization: Bearer " TOKEN_WRITE,
+				  "Content-Type: application/json", NULL };
+	struct response r;
+	json_t *lines, *line;
+	double deadline;
+
+	open_account("log-a", "EUR", 0);
+	r = post(&svc, "/accounts/log-a/deposits", "{\"amount\":5}", ok_hdr);
+	expect(&r, 201, NULL);
+	response_free(&r);
+	/* Quotes, a backslash, a control byte and invalid UTF-8 in the path. */
+	r = http_request(svc.port, "POST", "/accounts/a\"b\\c\x01\xff\xfe/deposits", bad_hdr,
+			 "{\"amount\":5}", 20);
+	cr_assert(r.status == 400 || r.status == 404, "%d %s", r.status, r.body);
+	response_free(&r);
+
+	/* The lines are written as the requests are answered: wait for the second. */
+	for (deadline = harness_now() + 10;; usleep(20000)) {
+		lines = log_lines();
+		if (access_line(lines, "acc-2") || harness_now() > deadline)
+			break;
+		json_decref(lines);
+	}
+	line = access_line(lines, "acc-\"q\"\\1");
+	cr_assert_not_null(line, "no access line for the deposit");
+	cr_assert_str_eq(json_string_value(json_object_get(line, "level")), "info");
+	cr_assert_str_eq(json_string_value(json_object_get(line, "method")), "POST");
+	cr_assert_str_eq(json_string_value(json_object_get(line, "route")), "/accounts/{id}/deposits");
+	cr_assert_str_eq(json_string_value(json_object_get(line, "path")), "/accounts/log-a/deposits");
+	cr_assert_eq(json_integer_value(json_object_get(line, "status")), 201);
+	cr_assert_str_eq(json_string_value(json_object_get(line, "token_id")), "test-write");
+	cr_assert_gt(json_integer_value(json_object_get(line, "bytes")), 0);
+	cr_assert(json_is_real(json_object_get(line, "duration_ms")));
+	cr_assert_geq(json_real_value(json_object_get(line, "duration_ms")), 0);
+
+	line = access_line(lines, "acc-2");
+	cr_assert_not_null(line, "no access line for the request with a hostile path");
+	cr_assert_str_eq(json_string_value(json_object_get(line, "path")),
+			 "/accounts/a\"b\\c\x01\xef\xbf\xbd\xef\xbf\xbd/deposits");
+	json_decref(lines);
+}
+
+Test(write_api, cors_is_off_by_default_and_answers_allowed_origins_when_set)
+{
+	const char *preflight[] = { "Origin: https://app.example", "Access-Control-Request-Method: POST",
+				    "Access-Control-Request-Headers: authorization, idempotency-key",
+				    NULL };
+	const char *other[] = { "Origin: https://evil.example", "Access-Control-Request-Method: POST",
+				NULL };
+	const char *env[] = { "DAYBOOK_CORS_ORIGINS", "https://app.example, https://b.example", NULL };
+	const char *from_app[] = { "Origin: https://app.example", NULL };
+	struct service cors;
+	struct response r;
+	char v[256], cors_db[64];
+
+	/* Off: OPTIONS is a method like any other (405), no CORS header anywhere. */
+	r = http_request(svc.port, "OPTIONS", "/accounts/x/deposits", preflight, NULL, 20);
+	cr_assert_eq(r.status, 405, "%s", r.body);
+	cr_assert_not(response_header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+	response_free(&r);
+
+	/* A database of its own: one command service leads a database's writes. */
+	harness_db_create(cors_db, sizeof(cors_db));
+	harness_start_command_env(&cors, cors_db, env);
+	r = http_request(cors.port, "OPTIONS", "/accounts/x/deposits", preflight, NULL, 20);
+	cr_assert_eq(r.status, 204, "%s", r.body);
+	cr_assert(response_header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+	cr_assert_str_eq(v, "https://app.example");
+	cr_assert(response_header(&r, "Access-Control-Allow-Methods", v, sizeof(v)));
+	cr_assert_not_null(strstr(v, "POST"), "%s", v);
+	cr_assert(response_header(&r, "Access-Control-Allow-Headers", v, sizeof(v)));
+	cr_assert_not_null(strstr(v, "Idempotency-Key"), "%s", v);
+	cr_assert_not_null(strstr(v, "Authorization"), "%s", v);
+	response_free(&r);
+
+	/* An origin not on the list gets no CORS header (the browser then refuses). */
+	r = http_request(cors.port, "OPTIONS", "/accounts/x/deposits", other, NULL, 20);
+	cr_assert_not(response_header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+	response_free(&r);
+
+	/* An actual request from the allowed origin may read the headers it needs. */
+	r = post(&cors, "/accounts", "{\"id\":\"cors-a\",\"name\":\"A\",\"currency\":\"EUR\"}",
+		 from_app);
+	cr_assert_eq(r.status, 201, "%s", r.body);
+	cr_assert(response_header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+	cr_assert_str_eq(v, "https://app.example");
+	cr_assert(response_header(&r, "Access-Control-Expose-Headers", v, sizeof(v)));
+	cr_assert_not_null(strstr(v, "Location"), "%s", v);
+	cr_assert(response_header(&r, "Vary", v, sizeof(v)));
+	response_free(&r);
+	harness_stop(&cors);
 }

@@ -1,10 +1,11 @@
-/* Unit tests of the shared library's small modules: sha256, tokens, config, strmap,
+/* Unit tests of the shared library's small modules: digest, tokens, config, strmap,
  * metrics, log, the pg text[] literal helper, the read models' time text and the HTTP
  * query-string parser. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <event2/buffer.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,107 +14,50 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "digest.h"
 #include "http_internal.h"
 #include "log.h"
 #include "metrics.h"
 #include "pg.h"
 #include "readmodel.h"
-#include "sha256.h"
 #include "strmap.h"
 #include "tokens.h"
 
-/* --- sha256 ------------------------------------------------------------------------ */
+/* --- digest (libcrypto) ------------------------------------------------------------ */
 
 static void assert_digest(const void *data, size_t len, const char *expected)
 {
-	uint8_t d[SHA256_DIGEST_LEN];
-	char hex[2 * SHA256_DIGEST_LEN + 1];
+	unsigned char d[DIGEST_SHA256_LEN];
+	char hex[DIGEST_SHA256_HEX_LEN + 1];
 
-	sha256(data, len, d);
-	sha256_hex(d, hex);
+	cr_assert(digest_sha256(data, len, d));
+	digest_hex(d, DIGEST_SHA256_LEN, hex);
 	cr_assert_str_eq(hex, expected, "SHA-256 of %zu bytes", len);
 }
 
-Test(sha256, fips_180_4_short_messages)
+Test(digest, sha256_gives_the_published_digests)
 {
 	assert_digest("", 0, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
 	assert_digest("abc", 3, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
 
-Test(sha256, fips_180_4_448_and_896_bit_messages)
+Test(digest, parts_hash_like_their_concatenation)
 {
-	const char *m448 = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-	const char *m896 = "abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmno"
-			   "ijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu";
+	const void *parts[] = { "ab", "", "c" };
+	const size_t lens[] = { 2, 0, 1 };
+	unsigned char whole[DIGEST_SHA256_LEN], parted[DIGEST_SHA256_LEN];
 
-	cr_assert_eq(strlen(m448) * 8, 448);
-	cr_assert_eq(strlen(m896) * 8, 896);
-	assert_digest(m448, strlen(m448),
-		      "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
-	assert_digest(m896, strlen(m896),
-		      "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1");
+	cr_assert(digest_sha256("abc", 3, whole));
+	cr_assert(digest_sha256_parts(3, parts, lens, parted));
+	cr_assert_arr_eq(whole, parted, sizeof(whole));
 }
 
-/* The padding has edge cases where the length field does or does not fit the block. */
-Test(sha256, lengths_around_the_block_boundary)
+Test(digest, equal_compares_every_byte)
 {
-	static const struct {
-		size_t n;
-		const char *hex;
-	} cases[] = {
-		{ 55, "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318" },
-		{ 56, "b35439a4ac6f0948b6d6f9e3c6af0f5f590ce20f1bde7090ef7970686ec6738a" },
-		{ 63, "7d3e74a05d7db15bce4ad9ec0658ea98e3f06eeecf16b4c6fff2da457ddc2f34" },
-		{ 64, "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb" },
-		{ 65, "635361c48bb9eab14198e76ea8ab7f1a41685d6ad62aa9146d301d4f17eb0ae0" },
-		{ 119, "31eba51c313a5c08226adf18d4a359cfdfd8d2e816b13f4af952f7ea6584dcfb" },
-		{ 120, "2f3d335432c70b580af0e8e1b3674a7c020d683aa5f73aaaedfdc55af904c21c" },
-	};
-	char a[128];
-
-	memset(a, 'a', sizeof(a));
-	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-		assert_digest(a, cases[i].n, cases[i].hex);
-}
-
-Test(sha256, one_million_a_in_odd_sized_updates)
-{
-	static const size_t sizes[] = { 1, 3, 7, 13, 55, 63, 65, 127, 129, 1001 };
-	char chunk[1001];
-	struct sha256 ctx;
-	uint8_t d[SHA256_DIGEST_LEN];
-	char hex[2 * SHA256_DIGEST_LEN + 1];
-	size_t done = 0;
-
-	memset(chunk, 'a', sizeof(chunk));
-	sha256_init(&ctx);
-	for (size_t i = 0; done < 1000000; i++) {
-		size_t n = sizes[i % (sizeof(sizes) / sizeof(sizes[0]))];
-		if (n > 1000000 - done)
-			n = 1000000 - done;
-		sha256_update(&ctx, chunk, n);
-		done += n;
-	}
-	sha256_final(&ctx, d);
-	sha256_hex(d, hex);
-	cr_assert_str_eq(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
-}
-
-Test(sha256, a_context_is_reusable_after_init)
-{
-	struct sha256 ctx;
-	uint8_t d1[SHA256_DIGEST_LEN], d2[SHA256_DIGEST_LEN];
-
-	sha256_init(&ctx);
-	sha256_update(&ctx, "something else entirely", 23);
-	sha256_final(&ctx, d1);
-	sha256_init(&ctx);
-	sha256_update(&ctx, "ab", 2);
-	sha256_update(&ctx, "", 0);
-	sha256_update(&ctx, "c", 1);
-	sha256_final(&ctx, d2);
-	sha256("abc", 3, d1);
-	cr_assert_arr_eq(d1, d2, sizeof(d1));
+	cr_assert(digest_equal("abcd", "abcd", 4));
+	cr_assert_not(digest_equal("abcd", "abce", 4));
+	cr_assert_not(digest_equal("xbcd", "abcd", 4));
+	cr_assert(digest_equal("ab", "ac", 1), "only len bytes count");
 }
 
 /* --- tokens ------------------------------------------------------------------------ */
@@ -130,12 +74,12 @@ static void write_temp(char *path, size_t len, const char *text)
 	close(fd);
 }
 
-static void hash_hex(const char *secret, char hex[2 * SHA256_DIGEST_LEN + 1])
+static void hash_hex(const char *secret, char hex[DIGEST_SHA256_HEX_LEN + 1])
 {
-	uint8_t d[SHA256_DIGEST_LEN];
+	unsigned char d[DIGEST_SHA256_LEN];
 
-	sha256(secret, strlen(secret), d);
-	sha256_hex(d, hex);
+	cr_assert(digest_sha256(secret, strlen(secret), d));
+	digest_hex(d, DIGEST_SHA256_LEN, hex);
 }
 
 Test(tokens, a_valid_file_with_comments_and_blank_lines)
@@ -495,6 +439,60 @@ Test(config, parse_redis_with_user_and_password)
 	cr_assert_not(config_parse_redis("redis://user:nul%00@127.0.0.1:6379", &r));
 }
 
+Test(config, parse_redis_ipv6_hosts)
+{
+	struct config_redis r;
+	char shown[600];
+
+	cr_assert(config_parse_redis("redis://[::1]:6379/0", &r));
+	cr_assert_str_eq(r.host, "::1", "the brackets are the URL's, not the address's");
+	cr_assert_eq(r.port, 6379);
+	cr_assert_eq(r.db, 0);
+	config_redis_describe(&r, shown, sizeof(shown));
+	cr_assert_str_eq(shown, "[::1]:6379/0");
+
+	cr_assert(config_parse_redis("redis://daybook-query:p%3Aw@[2001:db8::7]:6380/4", &r));
+	cr_assert_str_eq(r.host, "2001:db8::7");
+	cr_assert_str_eq(r.user, "daybook-query");
+	cr_assert_str_eq(r.password, "p:w");
+	cr_assert_eq(r.port, 6380);
+	cr_assert_eq(r.db, 4);
+
+	cr_assert_not(config_parse_redis("redis://[::1]/0", &r), "a port is required");
+	cr_assert_not(config_parse_redis("redis://[::1:6379", &r));
+	cr_assert_not(config_parse_redis("redis://::1:6379", &r), "IPv6 needs brackets");
+	cr_assert_not(config_parse_redis("redis://[not-an-address]:6379", &r));
+}
+
+Test(config, parse_redis_refuses_what_redis_urls_do_not_have)
+{
+	const char *bad[] = { "redis://host:70000", "redis://host:6379?db=1",
+			      "redis://host:6379#frag", "redis://host:6379/1/2",
+			      "unix://host/tmp/r.sock", "unix:///tmp/r.sock?x=1",
+			      "unix://:6379/tmp/r.sock", "redis://us er@host:6379",
+			      "redis://u:p@ss@host:6379" };
+	struct config_redis r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		cr_assert_not(config_parse_redis(bad[i], &r), "'%s' was accepted", bad[i]);
+		cr_assert_str_eq(r.password, "", "nothing half-parsed is left");
+	}
+}
+
+Test(config, cors_origins_are_checked_and_off_when_unset)
+{
+	const char *good[] = { "*", "https://app.example.com", "http://localhost:3000",
+			       "https://a.example, https://b.example", "https://[::1]:8443 *" };
+	const char *bad[] = { "", " , ", "app.example.com", "https://", "ftp://x.example",
+			      "https://app.example.com/path", "https://user@app.example",
+			      "https://a.example?x=1", "https://a\x01.example" };
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+		cr_assert(config_cors_origins_valid(good[i]), "'%s' was refused", good[i]);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert_not(config_cors_origins_valid(bad[i]), "'%s' was accepted", bad[i]);
+}
+
 Test(config, redis_password_from_a_file)
 {
 	struct config cfg;
@@ -802,6 +800,54 @@ Test(metrics, counters_and_gauges_render_by_family)
 	cr_assert_null(m);
 }
 
+struct lookup_worker {
+	struct metrics *m;
+	struct metric *got[64];
+};
+
+static void *look_up_all(void *arg)
+{
+	struct lookup_worker *w = arg;
+	char labels[64];
+
+	for (int round = 0; round < 50; round++) {
+		for (int i = 0; i < 64; i++) {
+			snprintf(labels, sizeof(labels), "route=\"/r%d\"", i);
+			w->got[i] = metrics_get(w->m, METRIC_COUNTER, "hits_total", "Hits.", labels,
+						NULL, 0);
+			metric_add(w->got[i], 1);
+		}
+	}
+	return NULL;
+}
+
+Test(metrics, lookups_from_many_threads_share_one_series_per_labels)
+{
+	struct metrics *m;
+	struct lookup_worker w[4];
+	pthread_t tid[4];
+	char *text, line[128];
+
+	cr_assert_eq(metrics_open(&m), 0);
+	for (int t = 0; t < 4; t++) {
+		w[t].m = m;
+		cr_assert_eq(pthread_create(&tid[t], NULL, look_up_all, &w[t]), 0);
+	}
+	for (int t = 0; t < 4; t++)
+		pthread_join(tid[t], NULL);
+	for (int i = 0; i < 64; i++)
+		for (int t = 1; t < 4; t++)
+			cr_assert_eq(w[t].got[i], w[0].got[i], "one series for route /r%d", i);
+	text = render(m);
+	cr_assert_eq(occurrences(text, "# TYPE hits_total counter\n"), 1);
+	for (int i = 0; i < 64; i++) {
+		snprintf(line, sizeof(line), "hits_total{route=\"/r%d\"} 200\n", i);
+		cr_assert_eq(occurrences(text, line), 1, "%s in:\n%s", line, text);
+	}
+	free(text);
+	metrics_close(&m);
+}
+
 /* The value on the line of `series` (name plus labels as rendered, or a bare name that
  * may be followed by "{}"); fails when the line is absent. */
 static double series_value(const char *text, const char *series)
@@ -968,7 +1014,7 @@ Test(log, lines_are_json_with_escaping_and_level_filtering)
 	cr_assert_str_eq(json_string_value(json_object_get(first, "level")), "warn");
 	cr_assert_str_eq(json_string_value(json_object_get(first, "service")), "command");
 	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")),
-			 "quote \" backslash \\ newline \n tab \t end 42");
+			 "quote \" backslash \\ newline tab \t end 42", "one line: %s", text);
 	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")), "req-\"7\"");
 	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
 		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
@@ -976,6 +1022,43 @@ Test(log, lines_are_json_with_escaping_and_level_filtering)
 	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
 	cr_assert_str_eq(json_string_value(json_object_get(second, "msg")), "second");
 	cr_assert_null(json_object_get(second, "request_id"));
+	json_decref(first);
+	json_decref(second);
+	free(text);
+}
+
+static void log_hostile_lines(void)
+{
+	const struct log lg = { .service = "query", .level = LOG_INFO };
+	json_t *fields = json_object();
+
+	json_object_set_new(fields, "path", log_textn("/a\x01\"b\\\xff\xc3(\0z\x7f", 12));
+	json_object_set_new(fields, "n", json_integer(7));
+	log_fields(&lg, LOG_INFO, "id\xfe\n", "bad \xe2\x82 utf-8", fields);
+	/* libpq's errors end in a newline and may add DETAIL or HINT lines. */
+	log_warn(&lg, "postgresql: %s", "ERROR:  relation \"x\" does not exist\nLINE 1: SELECT\n"
+					"        ^\n");
+}
+
+Test(log, every_line_is_json_whatever_the_bytes_and_errors_are_one_line)
+{
+	char *text = capture_stderr(log_hostile_lines), *nl = strchr(text, '\n');
+	json_error_t error;
+	json_t *first, *second;
+
+	cr_assert_eq(occurrences(text, "\n"), 2, "%s", text);
+	first = json_loadb(text, (size_t)(nl - text), 0, &error);
+	cr_assert_not_null(first, "not JSON: %s (%s)", text, error.text);
+	cr_assert_str_eq(json_string_value(json_object_get(first, "path")),
+			 "/a\x01\"b\\\xef\xbf\xbd\xef\xbf\xbd(\xef\xbf\xbdz\x7f");
+	cr_assert_eq(json_integer_value(json_object_get(first, "n")), 7);
+	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")),
+			 "bad \xef\xbf\xbd\xef\xbf\xbd utf-8");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")), "id\xef\xbf\xbd");
+	second = json_loads(nl + 1, 0, &error);
+	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	cr_assert_str_eq(json_string_value(json_object_get(second, "msg")),
+			 "postgresql: ERROR:  relation \"x\" does not exist LINE 1: SELECT ^");
 	json_decref(first);
 	json_decref(second);
 	free(text);
