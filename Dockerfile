@@ -11,18 +11,20 @@ FROM ${DEBIAN_IMAGE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       gcc libc6-dev pkg-config meson ninja-build \
-      libpq-dev libhiredis-dev libevent-dev libjansson-dev \
+      libpq-dev libhiredis-dev libevent-dev libjansson-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
+ARG REVISION=
 WORKDIR /src
 COPY . .
-RUN meson setup /build --buildtype=release -Dtests=disabled \
+RUN meson setup /build --buildtype=release -Dtests=disabled -Dgit_commit="${REVISION}" \
  && ninja -C /build \
  && install -d /out \
  && install -m 755 /build/command/daybook-command /build/query/daybook-query \
       /build/projector/daybook-projector /build/admin/daybook-admin /out/
 
 # ---- runtime: the binaries and exactly the shared libraries they link
-# (libpq, hiredis, libevent with its pthreads part for daybook-query, jansson).
+# (libpq, hiredis, libevent with its pthreads part for daybook-query, jansson,
+# libcrypto for SHA-256).
 # No shell tools beyond Debian's essential set: the health check speaks HTTP
 # through bash (daybook-healthcheck), the entrypoint turns *_FILE secrets into
 # a libpq password file.
@@ -38,7 +40,7 @@ LABEL org.opencontainers.image.title="daybook" \
       org.opencontainers.image.base.name="${DEBIAN_IMAGE}"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      libpq5 libhiredis0.14 libevent-2.1-7 libevent-pthreads-2.1-7 libjansson4 \
+      libpq5 libhiredis0.14 libevent-2.1-7 libevent-pthreads-2.1-7 libjansson4 libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 daybook \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
