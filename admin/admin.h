@@ -21,6 +21,9 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv);
  * the verification could not run (no connection, a failed query), 3
  * (EVENTSTORE_EXIT_UNUSABLE) the log holds txids this cluster has not reached. */
 int admin_verify(struct admin_ctx *ctx, int argc, char **argv);
+/* token new: 0 printed a token and its tokens-file line, 1 failed, 2 usage. Reads no
+ * configuration (ctx->cfg is not loaded). */
+int admin_token(struct admin_ctx *ctx, int argc, char **argv);
 /* status: 0 printed, 1 PostgreSQL unreachable, 2 usage, 3 as for verify. */
 int admin_status(struct admin_ctx *ctx, int argc, char **argv);
 

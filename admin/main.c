@@ -23,10 +23,13 @@ static const char usage[] =
 	"                        read models and Redis's live generation, field by field;\n"
 	"                        prints one DIFF line per difference, exit 1 on any\n"
 	"  status [--json]       the log's head, each projection's checkpoint and its lag\n"
+	"  token new --id ID --scopes SCOPE[,SCOPE...]\n"
+	"                        print a new API token and its line for DAYBOOK_TOKENS_FILE\n"
+	"                        (scopes: write, read, admin); needs no database\n"
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG            libpq connection string or URI of a role that may run DDL\n"
-	"                        (required)\n"
+	"                        (required, except by token)\n"
 	"  DAYBOOK_REDIS         redis://[user[:password]@]host:port[/db] or unix:///path, ACL\n"
 	"                        user daybook-admin (rebuild redis|all; verify and status\n"
 	"                        check Redis only when it is set)\n"
@@ -40,11 +43,13 @@ static const char usage[] =
 static const struct {
 	const char *name;
 	int (*run)(struct admin_ctx *ctx, int argc, char **argv);
+	bool needs_config; /* reads DAYBOOK_PG and the rest of the environment */
 } commands[] = {
-	{ "migrate", admin_migrate },
-	{ "rebuild", admin_rebuild },
-	{ "verify", admin_verify },
-	{ "status", admin_status },
+	{ "migrate", admin_migrate, true },
+	{ "rebuild", admin_rebuild, true },
+	{ "verify", admin_verify, true },
+	{ "status", admin_status, true },
+	{ "token", admin_token, false },
 };
 
 int main(int argc, char **argv)
@@ -62,6 +67,8 @@ int main(int argc, char **argv)
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
 		if (strcmp(argv[1], commands[i].name) != 0)
 			continue;
+		if (!commands[i].needs_config)
+			return commands[i].run(&ctx, argc - 1, argv + 1);
 		if (!config_load(&ctx.cfg, CONFIG_NEED_PG, NULL, err, sizeof(err))) {
 			fprintf(stderr, "daybook-admin: %s\n", err);
 			return 2;

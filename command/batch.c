@@ -290,6 +290,15 @@ void batcher_kick(struct batcher *b)
 	start_batch(b);
 }
 
+void batcher_reconnected(struct batcher *b)
+{
+	/* The new session may be another database (re-created, restored, a failover to a
+	 * standby that lacks the last commits): only the log is the truth. Nothing points
+	 * into the cache between batches, and a lost connection ended the batch. */
+	strmap_clear(b->cache);
+	start_batch(b);
+}
+
 bool batcher_idle(const struct batcher *b)
 {
 	return b->state == B_IDLE && b->head == NULL;

@@ -73,6 +73,9 @@ void batcher_close(struct batcher **b);
 void batcher_submit(struct batcher *b, struct cmd *cmd);
 /* PostgreSQL became ready: resume. */
 void batcher_kick(struct batcher *b);
+/* A new PostgreSQL session: forget the account cache (the database may be another
+ * one now), then resume. */
+void batcher_reconnected(struct batcher *b);
 /* Nothing queued or in flight. */
 bool batcher_idle(const struct batcher *b);
 

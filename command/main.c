@@ -75,26 +75,19 @@ static bool load_timeouts(struct pg_config *pgc)
 	return true;
 }
 
-static bool ready(void *arg, char *why, size_t whylen)
+static void ready(void *arg, struct http_ready *r)
 {
 	struct command_ctx *ctx = arg;
 
-	if (ctx->stopping) {
-		snprintf(why, whylen, "shutting down");
-		return false;
-	}
-	if (!pg_connected(ctx->pg)) {
-		snprintf(why, whylen, "postgresql: %s", pg_last_error(ctx->pg));
-		return false;
-	}
-	return true;
+	http_ready_check(r, "accepting", !ctx->stopping, "shutting down");
+	http_ready_check(r, "postgresql", pg_connected(ctx->pg), "%s", pg_last_error(ctx->pg));
 }
 
 static void on_pg_connect(void *arg)
 {
 	struct command_ctx *ctx = arg;
 
-	batcher_kick(ctx->batcher);
+	batcher_reconnected(ctx->batcher);
 }
 
 /* Exit once every accepted request is answered and nothing is left to commit. */
@@ -139,6 +132,7 @@ static int start(struct command_ctx *ctx)
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = command_routes, .nroutes = command_nroutes, .ready = ready, .arg = ctx,
+		.limits = ctx->cfg.http,
 	};
 
 	if (!load_timeouts(&pgc))

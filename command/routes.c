@@ -173,11 +173,11 @@ static void close_account(struct http_request *req, void *arg)
 }
 
 const struct http_route command_routes[] = {
-	{ "POST", "/accounts", "/accounts", SCOPE_WRITE, open_account },
-	{ "POST", "/accounts/*/deposits", "/accounts/{id}/deposits", SCOPE_WRITE, deposit },
-	{ "POST", "/accounts/*/withdrawals", "/accounts/{id}/withdrawals", SCOPE_WRITE, withdraw },
-	{ "POST", "/accounts/*/close", "/accounts/{id}/close", SCOPE_WRITE, close_account },
-	{ "POST", "/transfers", "/transfers", SCOPE_WRITE, transfer },
+	{ "POST", "/accounts", "/accounts", SCOPE_WRITE, open_account, "" },
+	{ "POST", "/accounts/*/deposits", "/accounts/{id}/deposits", SCOPE_WRITE, deposit, "" },
+	{ "POST", "/accounts/*/withdrawals", "/accounts/{id}/withdrawals", SCOPE_WRITE, withdraw, "" },
+	{ "POST", "/accounts/*/close", "/accounts/{id}/close", SCOPE_WRITE, close_account, "" },
+	{ "POST", "/transfers", "/transfers", SCOPE_WRITE, transfer, "" },
 };
 const size_t command_nroutes = sizeof(command_routes) / sizeof(command_routes[0]);
 

@@ -664,24 +664,20 @@ static void on_poll(evutil_socket_t fd, short what, void *arg)
 	projector_wake(ctx);
 }
 
-static bool ready(void *arg, char *why, size_t whylen)
+static void ready(void *arg, struct http_ready *r)
 {
 	struct projector_ctx *ctx = arg;
 
-	if (!pg_connected(ctx->pg)) {
-		snprintf(why, whylen, "postgresql: %s", pg_last_error(ctx->pg));
-		return false;
-	}
-	if (ctx->role != ROLE_LEADER) {
-		snprintf(why, whylen, "%s", ctx->role == ROLE_STANDBY ? "standby: another projector leads"
-								   : "electing: waiting for the lease");
-		return false;
-	}
-	if (ctx->lag_seconds > READY_LAG_SECONDS) {
-		snprintf(why, whylen, "projection lags %.0f s behind the log", ctx->lag_seconds);
-		return false;
-	}
-	return true;
+	http_ready_check(r, "postgresql", pg_connected(ctx->pg), "%s", pg_last_error(ctx->pg));
+	http_ready_check(r, "leadership", ctx->role == ROLE_LEADER, "%s",
+			 ctx->role == ROLE_STANDBY ? "another projector leads"
+						   : "waiting for the lease");
+	/* A healthy standby says so: monitoring counts "exactly one projector ready". */
+	if (pg_connected(ctx->pg) && ctx->role != ROLE_LEADER)
+		http_ready_state(r, ctx->role == ROLE_STANDBY ? "standby" : "electing");
+	http_ready_check(r, "projection",
+			 ctx->role != ROLE_LEADER || ctx->lag_seconds <= READY_LAG_SECONDS,
+			 "the projection lags %.0f s behind the log", ctx->lag_seconds);
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
@@ -747,6 +743,7 @@ static int start(struct projector_ctx *ctx)
 	};
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .ready = ready, .arg = ctx,
+		.limits = ctx->cfg.http,
 	};
 	struct timeval poll = { 0, POLL_INTERVAL_US }, retry = { RETRY_INTERVAL_S, 0 };
 

@@ -39,25 +39,20 @@ static const char usage[] =
 
 /* Ready when SQL can answer, in every worker (any of them may get the next request);
  * Redis down only degrades (reads fall back to SQL). */
-static bool ready(void *arg, char *why, size_t whylen)
+static void ready(void *arg, struct http_ready *r)
 {
 	struct query_ctx *ctx = arg;
+	int down = -1;
 
-	if (ctx->stopping) {
-		snprintf(why, whylen, "shutting down");
-		return false;
-	}
-	if (!sqlpool_connected(ctx->sql)) {
-		snprintf(why, whylen, "postgresql: %s", sqlpool_last_error(ctx->sql));
-		return false;
-	}
-	for (int i = 0; i < ctx->nworkers; i++) {
-		if (!atomic_load(&ctx->workers[i].up)) {
-			snprintf(why, whylen, "worker %d is not connected to postgresql yet", i);
-			return false;
-		}
-	}
-	return true;
+	http_ready_check(r, "accepting", !ctx->stopping, "shutting down");
+	for (int i = 0; i < ctx->nworkers && down < 0; i++)
+		if (!atomic_load(&ctx->workers[i].up))
+			down = i;
+	if (!sqlpool_connected(ctx->sql))
+		http_ready_check(r, "postgresql", false, "%s", sqlpool_last_error(ctx->sql));
+	else
+		http_ready_check(r, "postgresql", down < 0,
+				 "worker %d is not connected to postgresql yet", down);
 }
 
 static void on_ready_timer(evutil_socket_t fd, short what, void *arg)
@@ -163,7 +158,7 @@ static int start(struct query_ctx *ctx, bool signals)
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = query_routes, .nroutes = query_nroutes, .ready = ready, .arg = ctx,
-		.reuse_port = true,
+		.reuse_port = true, .limits = ctx->cfg.http, .workers = (unsigned)ctx->nworkers,
 	};
 	struct timeval tick = { 0, 100000 };
 

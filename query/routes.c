@@ -153,12 +153,16 @@ static void get_events(struct http_request *req, void *arg)
 	read_start(rd);
 }
 
+/* Every read takes min_position and wait_ms (consistency_params). */
+#define CONSISTENCY "min_position wait_ms"
+
 const struct http_route query_routes[] = {
-	{ "GET", "/accounts/*", "/accounts/{id}", SCOPE_READ, get_account },
+	{ "GET", "/accounts/*", "/accounts/{id}", SCOPE_READ, get_account, CONSISTENCY },
 	{ "GET", "/accounts/*/transactions", "/accounts/{id}/transactions", SCOPE_READ,
-	  get_transactions },
-	{ "GET", "/accounts/*/events", "/accounts/{id}/events", SCOPE_READ, get_events },
-	{ "GET", "/transfers/*", "/transfers/{id}", SCOPE_READ, get_transfer },
-	{ "GET", "/totals", "/totals", SCOPE_READ, get_totals },
+	  get_transactions, CONSISTENCY " limit before" },
+	{ "GET", "/accounts/*/events", "/accounts/{id}/events", SCOPE_READ, get_events,
+	  CONSISTENCY " after_version limit" },
+	{ "GET", "/transfers/*", "/transfers/{id}", SCOPE_READ, get_transfer, CONSISTENCY },
+	{ "GET", "/totals", "/totals", SCOPE_READ, get_totals, CONSISTENCY },
 };
 const size_t query_nroutes = sizeof(query_routes) / sizeof(query_routes[0]);

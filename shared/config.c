@@ -194,6 +194,42 @@ static const char *env(const char *name)
 	return v && *v ? v : NULL;
 }
 
+/* An optional unsigned setting in [min, max]; false (with err) when malformed. */
+static bool env_uint(const char *name, unsigned min, unsigned max, unsigned *out, char *err,
+		     size_t errlen)
+{
+	const char *v = env(name);
+	unsigned long n = 0;
+	size_t i = 0;
+
+	if (!v)
+		return true;
+	for (; v[i] >= '0' && v[i] <= '9' && n <= max; i++)
+		n = n * 10 + (unsigned long)(v[i] - '0');
+	if (i == 0 || v[i] != '\0' || n < min || n > max) {
+		snprintf(err, errlen, "%s is malformed: expected an integer from %u to %u", name, min,
+			 max);
+		return false;
+	}
+	*out = (unsigned)n;
+	return true;
+}
+
+/* The HTTP edge's limits, defaults where unset. */
+static bool load_http(struct config_http *h, char *err, size_t errlen)
+{
+	h->max_connections = CONFIG_MAX_CONNECTIONS_DEFAULT;
+	h->header_timeout_ms = CONFIG_HEADER_TIMEOUT_MS_DEFAULT;
+	h->idle_timeout_ms = CONFIG_IDLE_TIMEOUT_MS_DEFAULT;
+	if (!env_uint("DAYBOOK_MAX_CONNECTIONS", 1, 1000000, &h->max_connections, err, errlen))
+		return false;
+	if (!env_uint("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", 100, 600000, &h->header_timeout_ms, err,
+		      errlen))
+		return false;
+	return env_uint("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", 100, 3600000, &h->idle_timeout_ms, err,
+			errlen);
+}
+
 bool config_load(struct config *cfg, unsigned need, const char *default_listen, char *err,
 		 size_t errlen)
 {
@@ -242,5 +278,5 @@ bool config_load(struct config *cfg, unsigned need, const char *default_listen, 
 		snprintf(err, errlen, "DAYBOOK_LISTEN is malformed: expected host:port");
 		return false;
 	}
-	return true;
+	return load_http(&cfg->http, err, errlen);
 }

@@ -26,6 +26,19 @@ struct config_redis {
 	char password[512];
 };
 
+/* The HTTP edge's limits, per process (see docs/configuration.md). */
+struct config_http {
+	unsigned max_connections;   /* DAYBOOK_MAX_CONNECTIONS: open client connections */
+	unsigned header_timeout_ms; /* DAYBOOK_HTTP_HEADER_TIMEOUT_MS: to receive a request */
+	unsigned idle_timeout_ms;   /* DAYBOOK_HTTP_IDLE_TIMEOUT_MS: keep-alive between requests */
+};
+
+/* An idle connection costs a few KiB, one receiving a request up to 80 KiB (16 KiB of
+ * headers, 64 KiB of body): 512 keeps the worst case within about 40 MiB. */
+#define CONFIG_MAX_CONNECTIONS_DEFAULT 512
+#define CONFIG_HEADER_TIMEOUT_MS_DEFAULT 10000
+#define CONFIG_IDLE_TIMEOUT_MS_DEFAULT 60000
+
 /* Strings point into the environment and live as long as the process. */
 struct config {
 	const char *pg;          /* DAYBOOK_PG, libpq conninfo or URI */
@@ -35,6 +48,7 @@ struct config {
 	uint16_t listen_port;
 	const char *tokens_file; /* DAYBOOK_TOKENS_FILE, NULL when unset */
 	enum log_level log_level;
+	struct config_http http;
 };
 
 /* Read and check every DAYBOOK_* setting. `default_listen` is "host:port" or NULL for

@@ -1,6 +1,7 @@
 /* HTTP server plumbing on libevent's evhttp: routing, auth, request ids, problem
- * details, body limits, metrics, and the /healthz /readyz /metrics routes. */
-#include "http.h"
+ * details, body limits, query strings, metrics, and the /healthz /readyz /metrics
+ * routes. The connections themselves (cap, deadlines) are http_conn.c's. */
+#include "http_internal.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -18,20 +19,8 @@
 #include <unistd.h>
 #include <time.h>
 
-/* evhttp's own limit only guards memory; bodies between HTTP_BODY_MAX and this get
- * our problem-details 413, larger ones evhttp's plain 413. */
-#define EVHTTP_BODY_LIMIT (1024 * 1024)
 #define PARAM_MAX 256
 #define REQUEST_ID_MAX 128
-
-struct http_server {
-	struct http_server_config cfg;
-	struct evhttp *evhttp;
-	struct evhttp_bound_socket *bound;
-	size_t inflight;
-	uint64_t rng; /* request id generator state (xorshift64*) */
-	struct metric *inflight_gauge;
-};
 
 struct http_request {
 	struct evhttp_request *ev;
@@ -43,11 +32,11 @@ struct http_request {
 	char path[1024];
 	char params[HTTP_MAX_PARAMS][PARAM_MAX + 1];
 	char request_id[REQUEST_ID_MAX + 1];
-	struct evkeyvalq query;
-	bool query_parsed;
+	struct http_query_param *query; /* see http_query_parse; NULL: none */
+	size_t nquery;
 };
 
-static const char *status_reason(int status)
+const char *http_status_reason(int status)
 {
 	switch (status) {
 	case 200: return "OK";
@@ -61,6 +50,7 @@ static const char *status_reason(int status)
 	case 412: return "Precondition Failed";
 	case 413: return "Content Too Large";
 	case 415: return "Unsupported Media Type";
+	case 431: return "Request Header Fields Too Large";
 	case 422: return "Unprocessable Content";
 	case 500: return "Internal Server Error";
 	case 503: return "Service Unavailable";
@@ -121,9 +111,15 @@ static void finish(struct http_request *req, int status, struct evbuffer *body)
 
 	record(req, status);
 	http_set_header(req, "X-Request-Id", req->request_id);
-	evhttp_send_reply(req->ev, status, status_reason(status), body);
-	if (req->query_parsed)
-		evhttp_clear_headers(&req->query);
+	if (evhttp_request_get_command(req->ev) == EVHTTP_REQ_HEAD) {
+		/* GET's headers, with the length of the body it would have had. */
+		char len[24];
+		snprintf(len, sizeof(len), "%zu", body ? evbuffer_get_length(body) : 0);
+		http_set_header(req, "Content-Length", len);
+		body = NULL;
+	}
+	conns_send_reply(srv->conns, req->ev, status, http_status_reason(status), body);
+	free(req->query);
 	free(req);
 	srv->inflight--;
 	metric_add(srv->inflight_gauge, -1); /* shared by a process's workers: add, never set */
@@ -174,28 +170,70 @@ json_t *http_problem_json(int status, const char *code, const char *title, const
 			 "detail", detail, "code", code);
 }
 
-void http_reply_problem(struct http_request *req, int status, const char *code, const char *title,
-			const char *detail_fmt, ...)
+/* Send a problem-details object (stolen). */
+static void reply_problem_json(struct http_request *req, int status, json_t *body)
 {
-	char detail[1024];
-	va_list ap;
-	json_t *body;
-	char *text;
+	char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
 
-	va_start(ap, detail_fmt);
-	vsnprintf(detail, sizeof(detail), detail_fmt, ap);
-	va_end(ap);
-	body = http_problem_json(status, code, title, detail);
-	text = body ? json_dumps(body, JSON_COMPACT) : NULL;
 	json_decref(body);
-	if (status == 503)
-		http_set_header(req, "Retry-After", "1");
 	if (text) {
 		http_reply_raw(req, status, "application/problem+json", text, strlen(text));
 		free(text);
 	} else {
 		http_reply_raw(req, status, "application/problem+json", "{}", 2);
 	}
+}
+
+void http_problem_page(struct evbuffer *out, int status, size_t received)
+{
+	const char *code = "invalid_request", *title = "Invalid request";
+	char detail[160];
+	json_t *body;
+	char *text;
+
+	snprintf(detail, sizeof(detail), "the request is malformed");
+	if (status == 400 && received > HTTP_HEADERS_MAX) {
+		status = 431;
+		code = "headers_too_large";
+		title = "Request header fields too large";
+		snprintf(detail, sizeof(detail), "the request line and headers exceed %d bytes",
+			 HTTP_HEADERS_MAX);
+	} else if (status == 413) {
+		code = "payload_too_large";
+		title = "Request body too large";
+		snprintf(detail, sizeof(detail),
+			 "the body exceeds %d bytes (or its chunked encoding is malformed)",
+			 HTTP_BODY_MAX);
+	} else if (status != 400) {
+		code = status >= 500 ? "unavailable" : "invalid_request";
+		title = http_status_reason(status);
+		snprintf(detail, sizeof(detail), "the request could not be served");
+	}
+	body = http_problem_json(status, code, title, detail);
+	text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+	json_decref(body);
+	evbuffer_add_printf(out,
+			    "HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
+			    "Content-Length: %zu\r\n%sConnection: close\r\n\r\n%s",
+			    status, http_status_reason(status), text ? strlen(text) : 2,
+			    status == 503 ? "Retry-After: 1\r\n" : "", text ? text : "{}");
+	free(text);
+}
+
+void http_reply_problem(struct http_request *req, int status, const char *code, const char *title,
+			const char *detail_fmt, ...)
+{
+	char detail[1024];
+	va_list ap;
+	json_t *body;
+
+	va_start(ap, detail_fmt);
+	vsnprintf(detail, sizeof(detail), detail_fmt, ap);
+	va_end(ap);
+	body = http_problem_json(status, code, title, detail);
+	if (status == 503)
+		http_set_header(req, "Retry-After", "1");
+	reply_problem_json(req, status, body);
 }
 
 void http_reply_invalid(struct http_request *req, const char *detail)
@@ -223,17 +261,20 @@ const char *http_header(const struct http_request *req, const char *name)
 	return evhttp_find_header(evhttp_request_get_input_headers(req->ev), name);
 }
 
+static const struct http_query_param *find_param(const struct http_query_param *p, size_t n,
+						 const char *name)
+{
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(p[i].name, name) == 0)
+			return &p[i];
+	return NULL;
+}
+
 const char *http_query(struct http_request *req, const char *name)
 {
-	if (!req->query_parsed) {
-		const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req->ev));
-		req->query.tqh_first = NULL;
-		req->query.tqh_last = &req->query.tqh_first;
-		if (q && evhttp_parse_query_str(q, &req->query) != 0)
-			evhttp_clear_headers(&req->query);
-		req->query_parsed = true;
-	}
-	return evhttp_find_header(&req->query, name);
+	const struct http_query_param *p = find_param(req->query, req->nquery, name);
+
+	return p ? p->value : NULL;
 }
 
 const struct token *http_token(const struct http_request *req)
@@ -298,6 +339,151 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 		return false;
 	}
 	return true;
+}
+
+static int hex_digit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* Percent-decode s in place ('+' is a space); false on a malformed escape or an
+ * escaped NUL. */
+static bool decode_component(char *s)
+{
+	char *w = s;
+
+	for (const char *r = s; *r; r++) {
+		int hi, lo;
+
+		if (*r == '+') {
+			*w++ = ' ';
+			continue;
+		}
+		if (*r != '%') {
+			*w++ = *r;
+			continue;
+		}
+		hi = hex_digit(r[1]);
+		lo = hi < 0 ? -1 : hex_digit(r[2]);
+		if (lo < 0 || (hi == 0 && lo == 0))
+			return false;
+		*w++ = (char)(hi * 16 + lo);
+		r += 2;
+	}
+	*w = '\0';
+	return true;
+}
+
+/* Is `name` a word of the space-separated list? */
+static bool listed(const char *list, const char *name)
+{
+	size_t n = strlen(name);
+
+	for (const char *p = list; *p;) {
+		size_t len = strcspn(p, " ");
+		if (len == n && strncmp(p, name, n) == 0)
+			return true;
+		p += len;
+		p += strspn(p, " ");
+	}
+	return false;
+}
+
+/* `name` for a message: at most 64 characters, each not printable ASCII as '?'. */
+static const char *printable(const char *name, char out[65])
+{
+	size_t i = 0;
+
+	for (; name[i] && i < 64; i++)
+		out[i] = name[i] >= 0x20 && name[i] < 0x7f ? name[i] : '?';
+	out[i] = '\0';
+	return out;
+}
+
+int http_query_parse(const char *q, const char *allowed, struct http_query_param **out,
+		     size_t *nout, char *err, size_t errlen)
+{
+	struct http_query_param *params;
+	size_t n = 1, len, np = 0;
+	char *text, *p, shown[65];
+
+	*out = NULL;
+	*nout = 0;
+	if (!q || !*q)
+		return 0;
+	for (const char *c = q; *c; c++)
+		n += *c == '&';
+	if (n > HTTP_QUERY_PARAMS_MAX) {
+		snprintf(err, errlen, "the query string has more than %d parameters",
+			 HTTP_QUERY_PARAMS_MAX);
+		return -EINVAL;
+	}
+	len = strlen(q);
+	params = malloc(n * sizeof(*params) + len + 1);
+	if (!params)
+		return -ENOMEM;
+	text = memcpy((char *)(params + n), q, len + 1);
+	for (p = text; p;) {
+		char *pair = strsep(&p, "&"), *value;
+
+		if (!*pair)
+			continue;
+		value = strchr(pair, '=');
+		if (!value) {
+			snprintf(err, errlen, "the query string is malformed: '%s' has no '=value'",
+				 printable(pair, shown));
+			goto fail;
+		}
+		*value++ = '\0';
+		if (!decode_component(pair) || !decode_component(value)) {
+			snprintf(err, errlen, "the query string is malformed: a '%%' must be followed "
+					      "by two hexadecimal digits (and not encode NUL)");
+			goto fail;
+		}
+		if (find_param(params, np, pair)) {
+			snprintf(err, errlen, "query parameter '%s' is given more than once",
+				 printable(pair, shown));
+			goto fail;
+		}
+		if (allowed && !listed(allowed, pair)) {
+			snprintf(err, errlen, "unknown query parameter '%s'; this route accepts %s",
+				 printable(pair, shown), *allowed ? allowed : "none");
+			goto fail;
+		}
+		params[np].name = pair;
+		params[np++].value = value;
+	}
+	if (np == 0) { /* only empty pairs: "&&" */
+		free(params);
+		params = NULL;
+	}
+	*out = params;
+	*nout = np;
+	return 0;
+fail:
+	free(params);
+	return -EINVAL;
+}
+
+/* Parse the request's query string into req->query (see http_query_parse); false after
+ * replying 400 (or 503). */
+static bool parse_query(struct http_request *req, const char *allowed)
+{
+	const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req->ev));
+	char err[256];
+	int rc = http_query_parse(q, allowed, &req->query, &req->nquery, err, sizeof(err));
+
+	if (rc == -ENOMEM)
+		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+	else if (rc != 0)
+		http_reply_invalid(req, err);
+	return rc == 0;
 }
 
 /* Match `path` against a pattern; '*' segments are captured into params. */
@@ -387,15 +573,59 @@ static void serve_healthz(struct http_request *req)
 	http_reply_raw(req, 200, "application/json", "{\"status\":\"ok\"}", 15);
 }
 
+struct http_ready {
+	struct http_request *req;
+	json_t *checks;    /* name -> "ok" | "unavailable" */
+	const char *state; /* see http_ready_state; NULL: none */
+	bool ok;
+};
+
+void http_ready_check(struct http_ready *r, const char *name, bool ok, const char *why_fmt, ...)
+{
+	char why[512];
+	va_list ap;
+
+	json_object_set_new(r->checks, name, json_string(ok ? "ok" : "unavailable"));
+	if (ok)
+		return;
+	r->ok = false;
+	va_start(ap, why_fmt);
+	vsnprintf(why, sizeof(why), why_fmt, ap);
+	va_end(ap);
+	log_msg(r->req->srv->cfg.log, LOG_INFO, r->req->request_id, "not ready: %s: %s", name, why);
+}
+
+void http_ready_state(struct http_ready *r, const char *state)
+{
+	r->state = state;
+	r->ok = false;
+}
+
+/* /readyz is public: it names each dependency and says "ok" or "unavailable", never why
+ * (host names, roles and error texts go to the log). */
 static void serve_readyz(struct http_request *req)
 {
-	char why[256] = "";
 	struct http_server *srv = req->srv;
+	struct http_ready r = { .req = req, .checks = json_object(), .ok = true };
+	json_t *body;
 
-	if (!srv->cfg.ready || srv->cfg.ready(srv->cfg.arg, why, sizeof(why)))
-		http_reply_raw(req, 200, "application/json", "{\"status\":\"ready\"}", 18);
-	else
-		http_reply_problem(req, 503, "unavailable", "Not ready", "%s", why);
+	if (!r.checks) {
+		http_reply_problem(req, 503, "unavailable", "Not ready", "out of memory");
+		return;
+	}
+	if (srv->cfg.ready)
+		srv->cfg.ready(srv->cfg.arg, &r);
+	if (r.ok) {
+		http_reply_json(req, 200, json_pack("{s:s, s:o}", "status", "ready", "checks", r.checks));
+		return;
+	}
+	body = http_problem_json(503, "unavailable", "Not ready",
+				 r.state ? r.state : "a dependency is unavailable; see checks");
+	json_object_set_new(body, "checks", r.checks);
+	if (r.state)
+		json_object_set_new(body, "state", json_string(r.state));
+	http_set_header(req, "Retry-After", "1");
+	reply_problem_json(req, 503, body);
 }
 
 static void serve_metrics(struct http_request *req)
@@ -427,10 +657,10 @@ static bool dispatch_builtin(struct http_request *req)
 		if (strcmp(req->path, builtins[i].path) != 0)
 			continue;
 		req->route_name = builtins[i].path;
-		if (strcmp(req->method, "GET") != 0) {
-			http_set_header(req, "Allow", "GET");
+		if (strcmp(req->method, "GET") != 0 && strcmp(req->method, "HEAD") != 0) {
+			http_set_header(req, "Allow", "GET, HEAD");
 			http_reply_problem(req, 405, "method_not_allowed", "Method not allowed",
-					   "%s supports GET", req->path);
+					   "%s supports GET, HEAD", req->path);
 		} else {
 			builtins[i].serve(req);
 		}
@@ -442,6 +672,8 @@ static bool dispatch_builtin(struct http_request *req)
 static void dispatch(struct http_request *req)
 {
 	const struct http_server_config *cfg = &req->srv->cfg;
+	/* HEAD is served by the GET route; finish() leaves the body out. */
+	const char *method = strcmp(req->method, "HEAD") == 0 ? "GET" : req->method;
 	char allow[64] = "";
 
 	if (dispatch_builtin(req))
@@ -450,14 +682,17 @@ static void dispatch(struct http_request *req)
 		const struct http_route *r = &cfg->routes[i];
 		if (!match(r->pattern, req->path, req->params))
 			continue;
-		if (strcmp(r->method, req->method) != 0) {
-			snprintf(allow + strlen(allow), sizeof(allow) - strlen(allow), "%s%s",
-				 allow[0] ? ", " : "", r->method);
+		if (strcmp(r->method, method) != 0) {
+			snprintf(allow + strlen(allow), sizeof(allow) - strlen(allow), "%s%s%s",
+				 allow[0] ? ", " : "", r->method,
+				 strcmp(r->method, "GET") == 0 ? ", HEAD" : "");
 			req->route_name = r->name;
 			continue;
 		}
 		req->route_name = r->name;
 		if (r->scope && !authorize(req, r->scope))
+			return;
+		if (!parse_query(req, r->query))
 			return;
 		r->handler(req, cfg->arg);
 		return;
@@ -480,9 +715,11 @@ static void on_request(struct evhttp_request *ev, void *arg)
 	const char *path;
 
 	if (!req) {
+		/* Rewritten into problem details by http_conn.c, as evhttp's own errors are. */
 		evhttp_send_error(ev, 503, "Service Unavailable");
 		return;
 	}
+	conns_request_began(srv->conns, ev);
 	clock_gettime(CLOCK_MONOTONIC, &req->start);
 	req->ev = ev;
 	req->srv = srv;
@@ -546,8 +783,17 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 		free(srv);
 		return -ENOMEM;
 	}
-	evhttp_set_max_body_size(srv->evhttp, EVHTTP_BODY_LIMIT);
-	evhttp_set_timeout(srv->evhttp, 60);
+	/* Over these evhttp answers by itself (400, 413), closing the connection; http_conn.c
+	 * rewrites those answers into problem details (431 for the headers). Lingering close
+	 * reads a refused body's declared length first, so the client sees the answer. */
+	evhttp_set_max_headers_size(srv->evhttp, HTTP_HEADERS_MAX);
+	evhttp_set_max_body_size(srv->evhttp, HTTP_BODY_MAX);
+	evhttp_set_flags(srv->evhttp, EVHTTP_SERVER_LINGERING_CLOSE);
+	/* Backstop for a response that cannot be written; http_conn.c keeps the deadlines
+	 * for receiving requests and idling. */
+	evhttp_set_timeout(srv->evhttp, (int)((cfg->limits.idle_timeout_ms
+						? cfg->limits.idle_timeout_ms
+						: CONFIG_IDLE_TIMEOUT_MS_DEFAULT) + 999) / 1000);
 	/* Every method reaches the router, so unknown ones get our 405 with Allow. */
 	evhttp_set_allowed_methods(srv->evhttp, 0x1ff);
 	evhttp_set_gencb(srv->evhttp, on_request, srv);
@@ -561,6 +807,12 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 		evhttp_free(srv->evhttp);
 		free(srv);
 		return -EADDRINUSE;
+	}
+	if (conns_open(&srv->conns, srv) != 0) {
+		snprintf(err, errlen, "out of memory");
+		evhttp_free(srv->evhttp);
+		free(srv);
+		return -ENOMEM;
 	}
 	*out = srv;
 	return 0;
@@ -583,7 +835,8 @@ void http_server_close(struct http_server **srv)
 {
 	if (!*srv)
 		return;
-	evhttp_free((*srv)->evhttp);
+	evhttp_free((*srv)->evhttp); /* closes the connections first */
+	conns_close(&(*srv)->conns);
 	free(*srv);
 	*srv = NULL;
 }

@@ -1,5 +1,6 @@
 /* HTTP server plumbing on libevent's evhttp: routing, auth, request ids, problem
- * details, body limits, metrics, and the /healthz /readyz /metrics routes. */
+ * details, the edge's limits (header and body sizes, deadlines, a connection cap),
+ * metrics, and the /healthz /readyz /metrics routes. */
 #ifndef DAYBOOK_HTTP_H
 #define DAYBOOK_HTTP_H
 
@@ -8,11 +9,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "config.h"
 #include "log.h"
 #include "metrics.h"
 #include "tokens.h"
 
 #define HTTP_BODY_MAX (64 * 1024)
+/* Request line plus header lines, in all. */
+#define HTTP_HEADERS_MAX (16 * 1024)
+/* Query parameters in one request. */
+#define HTTP_QUERY_PARAMS_MAX 32
 #define HTTP_MAX_PARAMS 2
 
 struct event_base;
@@ -25,12 +31,26 @@ struct http_request;
 typedef void (*http_handler)(struct http_request *req, void *arg);
 
 struct http_route {
-	const char *method;  /* "GET", "POST" */
+	const char *method;  /* "GET" (which also serves HEAD), "POST" */
 	const char *pattern; /* a "*" segment matches one path segment, as in /accounts/{id} */
 	const char *name;    /* metrics label, e.g. "/accounts/{id}/deposits" */
 	unsigned scope;      /* SCOPE_* the token needs; 0: public */
 	http_handler handler;
+	/* The query parameters the route accepts, space-separated ("" for none); any other,
+	 * a repeated one or a malformed query string is 400 before the handler runs.
+	 * NULL: any parameter (still well-formed and not repeated). */
+	const char *query;
 };
+
+/* What /readyz reports; valid only during the ready callback. */
+struct http_ready;
+/* Record dependency `name` (a fixed word such as "postgresql") as usable or not. /readyz
+ * answers only "ok" or "unavailable" per name: `why_fmt`, the details, goes to the log. */
+void http_ready_check(struct http_ready *r, const char *name, bool ok, const char *why_fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+/* A fixed word (e.g. "standby") for why a healthy service is not ready; /readyz answers
+ * it as "state". Makes the service not ready. */
+void http_ready_state(struct http_ready *r, const char *state);
 
 struct http_server_config {
 	const struct log *log;
@@ -39,10 +59,15 @@ struct http_server_config {
 	const struct tokens *tokens; /* may be NULL only when no route needs a scope */
 	const struct http_route *routes;
 	size_t nroutes;
-	/* /readyz: true when dependencies are reachable; otherwise writes why. */
-	bool (*ready)(void *arg, char *why, size_t whylen);
+	/* /readyz: one http_ready_check per dependency; ready when all are ok. */
+	void (*ready)(void *arg, struct http_ready *r);
 	void *arg; /* passed to handlers and to ready */
 	bool reuse_port; /* SO_REUSEPORT: several workers serve one port */
+	/* The process's connection cap and deadlines; zero fields take the defaults
+	 * (CONFIG_*_DEFAULT). */
+	struct config_http limits;
+	/* Servers (workers) of the process sharing the cap: each keeps its share (0: 1). */
+	unsigned workers;
 };
 
 /* Bind host:port and serve. The config's pointers must outlive the server.
@@ -61,7 +86,8 @@ const char *http_param(const struct http_request *req, size_t i); /* i-th '*' se
 const char *http_method(const struct http_request *req);
 const char *http_path(const struct http_request *req);
 const char *http_header(const struct http_request *req, const char *name);
-/* Query parameter by name, percent-decoded; NULL when absent. */
+/* Query parameter by name, percent-decoded; NULL when absent. The router has already
+ * refused a malformed query string, unknown or repeated parameters (400). */
 const char *http_query(struct http_request *req, const char *name);
 const struct token *http_token(const struct http_request *req); /* NULL on public routes */
 const char *http_request_id(const struct http_request *req);

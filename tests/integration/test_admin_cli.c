@@ -18,6 +18,7 @@
 
 #include "harness.h"
 #include "sha256.h"
+#include "tokens.h"
 
 TestSuite(admin_cli, .timeout = 120);
 
@@ -829,4 +830,97 @@ Test(admin_cli, concurrent_migrates_of_one_database_apply_each_file_once)
 	proc_free(&b);
 	drop_db(db);
 	remove_dir(dir);
+}
+
+/* --- daybook-admin token new: the token bootstrap ------------------------------------- */
+
+/* Run `daybook-admin token new --id id --scopes scopes` with no configuration at all
+ * (no DAYBOOK_PG): it needs none. */
+static struct proc token_new(const char *id, const char *scopes)
+{
+	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "token", "new", "--id", id,
+			       "--scopes", scopes, NULL };
+
+	return run(argv, NULL, 10);
+}
+
+Test(admin_cli, token_new_prints_a_token_and_a_tokens_file_line_that_accepts_it)
+{
+	struct proc p = token_new("ci-writer", "write,read");
+	char token[256], line[512], path[] = "/tmp/daybook-tokens-XXXXXX", err[256];
+	unsigned char digest[SHA256_DIGEST_LEN];
+	char hex[2 * SHA256_DIGEST_LEN + 1], want[512];
+	struct tokens *tokens = NULL;
+	const struct token *found;
+	FILE *f;
+	int fd;
+
+	cr_assert_eq(p.status, 0, "%s", p.stderr_text);
+	cr_assert_eq(count_lines(p.stdout_text), 2, "%s", p.stdout_text);
+	cr_assert_eq(sscanf(p.stdout_text, "%255[^\n]\n%511[^\n]", token, line), 2);
+	cr_assert(strncmp(token, "dbk_", 4) == 0 && strlen(token) == 4 + 64, "%s", token);
+	sha256(token, strlen(token), digest);
+	sha256_hex(digest, hex);
+	snprintf(want, sizeof(want), "ci-writer %s write,read", hex);
+	cr_assert_str_eq(line, want);
+	cr_assert_null(strstr(p.stderr_text, token), "the token is printed once, on stdout");
+
+	/* The line, as the services load it, accepts the token with its scopes. */
+	fd = mkstemp(path);
+	cr_assert(fd >= 0);
+	f = fdopen(fd, "w"); /* the tokens file under test */
+	cr_assert_not_null(f);
+	fprintf(f, "%s\n", line);
+	cr_assert_eq(fclose(f), 0);
+	cr_assert_eq(tokens_open(&tokens, path, err, sizeof(err)), 0, "%s", err);
+	found = tokens_find(tokens, token, strlen(token));
+	cr_assert_not_null(found);
+	cr_assert_str_eq(found->id, "ci-writer");
+	cr_assert_eq(found->scopes, SCOPE_WRITE | SCOPE_READ);
+	cr_assert_null(tokens_find(tokens, "dbk_guess", 9));
+	tokens_close(&tokens);
+	unlink(path);
+	proc_free(&p);
+}
+
+Test(admin_cli, token_new_makes_a_different_token_each_time)
+{
+	struct proc a = token_new("reader", "read"), b = token_new("reader", "read");
+
+	cr_assert_eq(a.status, 0, "%s", a.stderr_text);
+	cr_assert_eq(b.status, 0, "%s", b.stderr_text);
+	cr_assert_str_neq(a.stdout_text, b.stdout_text);
+	proc_free(&a);
+	proc_free(&b);
+}
+
+Test(admin_cli, token_new_refuses_a_bad_id_or_bad_scopes_and_prints_no_token)
+{
+	static const char *const bad[][2] = {
+		{ "has space", "read" },  { "", "read" },	     { "ok", "" },
+		{ "ok", "reed" },	  { "ok", "read,,write" },   { "ok", "read," },
+		{ "ok", "read,read" },	  { "ok", "write read" },
+	};
+	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
+	const char *missing[] = { bin, "token", "new", "--id", "x", NULL },
+		   *unknown[] = { bin, "token", "old", NULL };
+	struct proc p;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		p = token_new(bad[i][0], bad[i][1]);
+		cr_assert_eq(p.status, 2, "--id '%s' --scopes '%s': %d", bad[i][0], bad[i][1],
+			     p.status);
+		cr_assert_str_eq(p.stdout_text, "");
+		cr_assert_neq(strlen(p.stderr_text), 0);
+		proc_free(&p);
+	}
+	p = run(missing, NULL, 10);
+	cr_assert_eq(p.status, 2);
+	cr_assert_not_null(strstr(p.stderr_text, "--scopes"), "%s", p.stderr_text);
+	cr_assert_str_eq(p.stdout_text, "");
+	proc_free(&p);
+	p = run(unknown, NULL, 10);
+	cr_assert_eq(p.status, 2);
+	cr_assert_str_eq(p.stdout_text, "");
+	proc_free(&p);
 }

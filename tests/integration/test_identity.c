@@ -171,6 +171,30 @@ Test(identity, a_recreated_database_never_serves_the_old_databases_redis_models)
 	harness_assert_models_match_log(db);
 }
 
+/* The command service's account cache is state of one database: a new session may be
+ * another one (re-created here), whose log alone decides. */
+Test(identity, the_command_service_forgets_its_accounts_when_the_database_is_recreated_under_it)
+{
+	char drop[128], create[128];
+	struct response r;
+
+	must("/accounts", "{\"id\":\"alice\",\"name\":\"Old Alice\",\"currency\":\"EUR\"}");
+	must("/accounts/alice/deposits", "{\"amount\":8000}");
+	snprintf(drop, sizeof(drop), "DROP DATABASE %s WITH (FORCE)", db);
+	snprintf(create, sizeof(create), "CREATE DATABASE %s", db);
+	admin_sql(drop);
+	admin_sql(create);
+	migrate(db);
+	/* Kept running: it reconnects to the new database, where alice does not exist. */
+	must("/accounts", "{\"id\":\"alice\",\"name\":\"New Alice\",\"currency\":\"EUR\"}");
+	r = post(&command, "/accounts/alice/deposits", "{\"amount\":300}", NULL);
+	cr_assert_eq(r.status, 201, "%d %s", r.status, r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), 300,
+		     "the old database's balance leaked into the new one: %s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 2, "%s", r.body);
+	response_free(&r);
+}
+
 Test(identity, a_database_restored_from_an_older_dump_never_serves_the_newer_redis_models)
 {
 	const char *bin = getenv("DAYBOOK_PG_BIN");

@@ -301,8 +301,10 @@ Test(query, transactions_newest_first_with_optional_keys_and_next_before)
 	snprintf(body, sizeof(body), "{\"items\":[%s],\"next_before\":null}", item_a1_2);
 	check("/accounts/a1/transactions?limit=1&before=3", body, SQL_POS);
 	check("/accounts/a1/transactions?before=2", "{\"items\":[],\"next_before\":null}", SQL_POS);
-	/* Unknown query parameters are ignored. */
-	check("/accounts/a1/transactions?limit=1&before=3&colour=red", body, SQL_POS);
+	/* Unknown query parameters are refused, never ignored (test_http_edge.c). */
+	struct response r = get("/accounts/a1/transactions?limit=1&before=3&colour=red");
+	expect_problem(&r, 400, "invalid_request");
+	response_free(&r);
 }
 
 /* Statement item of account c1 at version v (entries v = 2..61, see fill_long_statement). */
@@ -561,7 +563,7 @@ Test(query, wrong_method_is_405)
 
 	expect_problem(&r, 405, "method_not_allowed");
 	cr_assert(response_header(&r, "Allow", allow, sizeof(allow)));
-	cr_assert_str_eq(allow, "GET");
+	cr_assert_str_eq(allow, "GET, HEAD");
 	response_free(&r);
 }
 

@@ -1,5 +1,6 @@
 /* Unit tests of the shared library's small modules: sha256, tokens, config, strmap,
- * metrics, log, the pg text[] literal helper and the read models' time text. */
+ * metrics, log, the pg text[] literal helper, the read models' time text and the HTTP
+ * query-string parser. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <event2/buffer.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "http_internal.h"
 #include "log.h"
 #include "metrics.h"
 #include "pg.h"
@@ -278,7 +280,8 @@ static void clear_config_env(void)
 {
 	static const char *const vars[] = { "DAYBOOK_PG", "DAYBOOK_REDIS", "DAYBOOK_LISTEN",
 					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL",
-					    "DAYBOOK_REDIS_PASSWORD_FILE" };
+					    "DAYBOOK_REDIS_PASSWORD_FILE", "DAYBOOK_MAX_CONNECTIONS",
+					    "DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "DAYBOOK_HTTP_IDLE_TIMEOUT_MS" };
 
 	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
 		unsetenv(vars[i]);
@@ -517,6 +520,41 @@ Test(config, redis_password_from_a_file)
 	assert_load_fails_naming(CONFIG_NEED_PG | CONFIG_NEED_REDIS, "DAYBOOK_REDIS_PASSWORD_FILE");
 	unlink(path);
 	clear_config_env();
+}
+
+Test(config, http_limits_have_defaults_and_are_read_and_checked)
+{
+	struct config cfg;
+	char err[512] = "";
+
+	clear_config_env();
+	setenv("DAYBOOK_PG", "dbname=x", 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
+	cr_assert_eq(cfg.http.max_connections, 512);
+	cr_assert_eq(cfg.http.header_timeout_ms, 10000);
+	cr_assert_eq(cfg.http.idle_timeout_ms, 60000);
+
+	setenv("DAYBOOK_MAX_CONNECTIONS", "100", 1);
+	setenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "1500", 1);
+	setenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", "2500", 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
+	cr_assert_eq(cfg.http.max_connections, 100);
+	cr_assert_eq(cfg.http.header_timeout_ms, 1500);
+	cr_assert_eq(cfg.http.idle_timeout_ms, 2500);
+
+	const char *const bad[] = { "0", "-1", "10x", "", " 5", "99999999999999999999" };
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		if (!*bad[i])
+			continue; /* empty is unset */
+		setenv("DAYBOOK_MAX_CONNECTIONS", bad[i], 1);
+		assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_MAX_CONNECTIONS");
+	}
+	unsetenv("DAYBOOK_MAX_CONNECTIONS");
+	setenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "10", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_HTTP_HEADER_TIMEOUT_MS");
+	unsetenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS");
+	setenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", "soon", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_HTTP_IDLE_TIMEOUT_MS");
 }
 
 /* --- strmap ------------------------------------------------------------------------ */
@@ -1224,4 +1262,67 @@ Test(readmodel, totals_of_every_currency_with_the_longest_numbers_render_whole)
 	rows[0].balance_sum = "12";
 	rows[0].currency = "EU\"";
 	cr_assert_null(readmodel_totals_json(rows, 1));
+}
+
+/* --- http query strings ------------------------------------------------------------- */
+
+Test(http_query, pairs_are_split_and_percent_decoded)
+{
+	struct http_query_param *p;
+	size_t n;
+	char err[256] = "";
+
+	cr_assert_eq(http_query_parse("a=1&&b=x%2Fy+z&c=&d=%C3%BC", NULL, &p, &n, err, sizeof(err)),
+		     0, "%s", err);
+	cr_assert_eq(n, 4);
+	cr_assert_str_eq(p[0].name, "a");
+	cr_assert_str_eq(p[0].value, "1");
+	cr_assert_str_eq(p[1].value, "x/y z");
+	cr_assert_str_eq(p[2].name, "c");
+	cr_assert_str_eq(p[2].value, "");
+	cr_assert_str_eq(p[3].value, "\xc3\xbc");
+	free(p);
+	cr_assert_eq(http_query_parse(NULL, "", &p, &n, err, sizeof(err)), 0);
+	cr_assert_null(p);
+	cr_assert_eq(http_query_parse("", "", &p, &n, err, sizeof(err)), 0);
+	cr_assert_eq(n, 0);
+	cr_assert_eq(http_query_parse("wait_ms=5&min_position=1.2", "min_position wait_ms", &p, &n,
+				      err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(n, 2);
+	free(p);
+}
+
+Test(http_query, malformed_repeated_unlisted_and_too_many_are_refused_naming_the_problem)
+{
+	static const struct {
+		const char *q, *allowed, *says;
+	} bad[] = {
+		{ "a=%zz", NULL, "'%' must be followed" },
+		{ "a=1%", NULL, "'%' must be followed" },
+		{ "a=%4", NULL, "'%' must be followed" },
+		{ "a=%00", NULL, "not encode NUL" },
+		{ "%zz=1", NULL, "'%' must be followed" },
+		{ "a=1&stale", NULL, "'stale' has no '=value'" },
+		{ "a=1&a=2", NULL, "'a' is given more than once" },
+		{ "a=1&%61=2", NULL, "'a' is given more than once" },
+		{ "limit=1&colour=red", "limit before", "unknown query parameter 'colour'" },
+		{ "x=1", "", "accepts none" },
+		{ "%01%ff=1", "a", "unknown query parameter '?" "?'" },
+	};
+	struct http_query_param *p;
+	size_t n;
+	char err[256], many[512] = "a0=0";
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		err[0] = '\0';
+		cr_assert_eq(http_query_parse(bad[i].q, bad[i].allowed, &p, &n, err, sizeof(err)),
+			     -EINVAL, "'%s' was accepted", bad[i].q);
+		cr_assert_null(p);
+		cr_assert_not_null(strstr(err, bad[i].says), "'%s': '%s' should say '%s'", bad[i].q,
+				   err, bad[i].says);
+	}
+	for (int i = 1; i <= HTTP_QUERY_PARAMS_MAX; i++)
+		snprintf(many + strlen(many), sizeof(many) - strlen(many), "&a%d=%d", i, i);
+	cr_assert_eq(http_query_parse(many, NULL, &p, &n, err, sizeof(err)), -EINVAL);
+	cr_assert_not_null(strstr(err, "more than 32 parameters"), "%s", err);
 }

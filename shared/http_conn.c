@@ -1,0 +1,531 @@
+/* The connections of an HTTP server: a cap on how many are open (idle ones are closed
+ * first to make room), a deadline for receiving a request and another for idling
+ * between requests, problem details in place of evhttp's own error pages, and a
+ * listener that pauses instead of spinning when the process runs out of descriptors.
+ *
+ * evhttp (libevent 2.1) has no hook for an accepted connection but the bufferevent
+ * callback: that is where a connection is counted. Its evhttp_connection is learnt at
+ * the end of the same loop turn ("adoption"), from the bufferevent's callback argument,
+ * which evhttp sets to the connection (checked against evhttp_connection_get_bufferevent);
+ * from then on evhttp tells us of its end through the close callback. Every connection is
+ * in exactly one list: fresh (not adopted yet), idle, receiving or busy. */
+#include "http_internal.h"
+
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/listener.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+/* A listener paused by EMFILE is re-armed this often. */
+#define RESUME_MS 250
+/* Descriptors kept for everything but client connections (PostgreSQL, Redis, files). */
+#define FD_HEADROOM 64
+
+enum conn_state {
+	CONN_FRESH,     /* accepted this turn, not adopted yet */
+	CONN_IDLE,      /* no request in progress */
+	CONN_RECEIVING, /* a request is arriving: the header deadline runs */
+	CONN_BUSY,      /* a handler has the request: no deadline, never evicted */
+};
+
+struct conn;
+
+struct conn_list {
+	struct conn *head, *tail; /* oldest first */
+};
+
+struct conn {
+	struct conns *owner;
+	struct bufferevent *bev;
+	struct evhttp_connection *evcon; /* NULL until adopted */
+	struct event *timer;             /* the deadline; also runs the error-page rewrite */
+	struct evbuffer_cb_entry *in_cb, *out_cb;
+	enum conn_state state;
+	evutil_socket_t fd;
+	size_t received;  /* bytes of the request in progress */
+	size_t error_at;  /* where evhttp's own error page starts in the output */
+	bool error_page;  /* evhttp wrote one: rewrite it before it is sent */
+	bool receiving_deadline; /* the timer runs the header deadline (else the idle one) */
+	bool rewriting;
+	struct conn *prev, *next;
+};
+
+struct conns {
+	struct http_server *srv;
+	struct event_base *base;
+	struct event *adopt;  /* end of an accepting turn */
+	struct event *resume; /* re-arms a listener that EMFILE paused */
+	struct conn_list lists[4]; /* by enum conn_state */
+	size_t count;
+	size_t max;
+	struct timeval header_timeout, idle_timeout;
+	struct conn **by_fd; /* adopted connections by descriptor */
+	size_t nby_fd;
+	bool replying;       /* our own reply is being written: not an error page */
+	struct metric *m_open, *m_evicted, *m_timed_out, *m_refused;
+};
+
+static void list_push(struct conn_list *l, struct conn *c)
+{
+	c->next = NULL;
+	c->prev = l->tail;
+	if (l->tail)
+		l->tail->next = c;
+	else
+		l->head = c;
+	l->tail = c;
+}
+
+static void list_remove(struct conn_list *l, struct conn *c)
+{
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		l->head = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	else
+		l->tail = c->prev;
+	c->prev = c->next = NULL;
+}
+
+static void set_state(struct conn *c, enum conn_state state)
+{
+	list_remove(&c->owner->lists[c->state], c);
+	c->state = state;
+	list_push(&c->owner->lists[state], c);
+}
+
+static struct timeval ms_to_tv(unsigned ms)
+{
+	struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000 };
+	return tv;
+}
+
+/* Forget c: it is closed, or will be served untracked. */
+static void conn_free(struct conn *c)
+{
+	struct conns *cs = c->owner;
+
+	list_remove(&cs->lists[c->state], c);
+	if (c->fd >= 0 && (size_t)c->fd < cs->nby_fd && cs->by_fd[c->fd] == c)
+		cs->by_fd[c->fd] = NULL;
+	if (c->in_cb)
+		evbuffer_remove_cb_entry(bufferevent_get_input(c->bev), c->in_cb);
+	if (c->out_cb)
+		evbuffer_remove_cb_entry(bufferevent_get_output(c->bev), c->out_cb);
+	if (c->timer)
+		event_free(c->timer);
+	cs->count--;
+	metric_add(cs->m_open, -1);
+	free(c);
+}
+
+static void become_idle(struct conn *c)
+{
+	c->received = 0;
+	set_state(c, CONN_IDLE);
+	evtimer_add(c->timer, &c->owner->idle_timeout);
+	c->receiving_deadline = false;
+}
+
+/* The request must have arrived whole by the header deadline. */
+static void start_header_deadline(struct conn *c)
+{
+	evtimer_add(c->timer, &c->owner->header_timeout);
+	c->receiving_deadline = true;
+}
+
+static void on_close(struct evhttp_connection *evcon, void *arg)
+{
+	(void)evcon;
+	conn_free(arg);
+}
+
+/* Bytes arrived: the first of a request starts its deadline. */
+static void on_input(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+	struct conn *c = arg;
+
+	(void)buf;
+	if (info->n_added == 0)
+		return;
+	c->received += info->n_added;
+	if (c->state != CONN_IDLE)
+		return;
+	set_state(c, CONN_RECEIVING);
+	/* A new connection's deadline already runs, since its accept. */
+	if (!c->receiving_deadline)
+		start_header_deadline(c);
+}
+
+/* Output we did not write: evhttp answering by itself (or a 100 Continue). It is
+ * rewritten before the loop turns to writing sockets. */
+static void on_output(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+	struct conn *c = arg;
+
+	(void)buf;
+	if (info->n_added == 0 || c->state == CONN_BUSY || c->state == CONN_FRESH ||
+	    c->owner->replying || c->rewriting || c->error_page)
+		return;
+	c->error_page = true;
+	c->error_at = info->orig_size;
+	event_active(c->timer, EV_TIMEOUT, 0);
+}
+
+/* The status of the response that starts at `at` in out; 0 if unreadable. */
+static int status_at(struct evbuffer *out, size_t at)
+{
+	char line[13];
+	struct evbuffer_ptr pos;
+
+	if (evbuffer_ptr_set(out, &pos, at, EVBUFFER_PTR_SET) != 0 ||
+	    evbuffer_copyout_from(out, &pos, line, sizeof(line) - 1) != (ev_ssize_t)sizeof(line) - 1)
+		return 0;
+	line[sizeof(line) - 1] = '\0';
+	if (strncmp(line, "HTTP/1.", 7) != 0 || line[8] != ' ')
+		return 0;
+	return atoi(line + 9);
+}
+
+static void rewrite_error_page(struct conn *c)
+{
+	struct evbuffer *out = bufferevent_get_output(c->bev), *keep = NULL;
+	int status = status_at(out, c->error_at);
+
+	c->error_page = false;
+	if (status < 400) {
+		start_header_deadline(c); /* a 100 Continue: the body is still to come */
+		return;
+	}
+	c->rewriting = true;
+	keep = evbuffer_new();
+	if (keep && c->error_at > 0)
+		evbuffer_remove_buffer(out, keep, c->error_at);
+	evbuffer_drain(out, evbuffer_get_length(out));
+	if (keep)
+		evbuffer_add_buffer(out, keep);
+	http_problem_page(out, status, c->received);
+	c->rewriting = false;
+	if (keep)
+		evbuffer_free(keep);
+	/* evhttp closes the connection once this is written; the deadline is a backstop. */
+	evtimer_add(c->timer, &c->owner->idle_timeout);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+	struct conns *cs = c->owner;
+
+	(void)fd;
+	(void)what;
+	if (c->error_page) {
+		rewrite_error_page(c);
+		return;
+	}
+	if (c->state == CONN_BUSY || c->state == CONN_FRESH)
+		return;
+	if (c->state == CONN_IDLE && evbuffer_get_length(bufferevent_get_output(c->bev)) > 0) {
+		/* Still writing a response: evhttp's write timeout guards that. */
+		evtimer_add(c->timer, &cs->idle_timeout);
+		return;
+	}
+	log_msg(cs->srv->cfg.log, LOG_DEBUG, NULL, "closing a connection %s",
+		c->state == CONN_RECEIVING ? "that did not send its request in time" : "idle too long");
+	metric_add(cs->m_timed_out, 1);
+	evhttp_connection_free(c->evcon); /* on_close frees c */
+}
+
+/* The connection to close to make room: the oldest idle one other than `except`, else
+ * the oldest still receiving its request, else `except` itself. Never a busy one. */
+static struct conn *victim(struct conns *cs, struct conn *except)
+{
+	for (struct conn *c = cs->lists[CONN_IDLE].head; c; c = c->next)
+		if (c != except && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+			return c;
+	if (cs->lists[CONN_RECEIVING].head)
+		return cs->lists[CONN_RECEIVING].head;
+	return except;
+}
+
+static int index_fd(struct conns *cs, struct conn *c)
+{
+	if ((size_t)c->fd >= cs->nby_fd) {
+		size_t n = cs->nby_fd ? cs->nby_fd : 64;
+		struct conn **grown;
+
+		while (n <= (size_t)c->fd)
+			n *= 2;
+		grown = realloc(cs->by_fd, n * sizeof(*grown));
+		if (!grown)
+			return -ENOMEM;
+		memset(grown + cs->nby_fd, 0, (n - cs->nby_fd) * sizeof(*grown));
+		cs->by_fd = grown;
+		cs->nby_fd = n;
+	}
+	cs->by_fd[c->fd] = c;
+	return 0;
+}
+
+/* Learn c's evhttp_connection; false when c is gone or cannot be tracked (then freed). */
+static bool adopt(struct conn *c)
+{
+	bufferevent_data_cb readcb = NULL;
+	void *cbarg = NULL;
+	struct evhttp_connection *evcon;
+	struct bufferevent *bev = c->bev;
+
+	bufferevent_getcb(bev, &readcb, NULL, NULL, &cbarg);
+	evcon = cbarg;
+	if (!readcb || !evcon || evhttp_connection_get_bufferevent(evcon) != bev)
+		goto fail;
+	c->evcon = evcon;
+	c->fd = bufferevent_getfd(bev);
+	if (c->fd < 0 || index_fd(c->owner, c) != 0)
+		goto fail;
+	evhttp_connection_set_closecb(evcon, on_close, c);
+	become_idle(c);
+	/* A new connection has the header deadline to send its first request whole. */
+	start_header_deadline(c);
+	bufferevent_decref(bev);
+	return true;
+fail:
+	c->fd = -1;
+	conn_free(c);
+	bufferevent_decref(bev); /* frees it if evhttp already let go */
+	return false;
+}
+
+static void make_room(struct conns *cs, struct conn *c)
+{
+	while (cs->count > cs->max) {
+		struct conn *v = victim(cs, c);
+		bool itself = v == c;
+
+		metric_add(itself ? cs->m_refused : cs->m_evicted, 1);
+		evhttp_connection_free(v->evcon); /* on_close frees v */
+		if (itself)
+			return;
+	}
+}
+
+static void on_adopt(evutil_socket_t fd, short what, void *arg)
+{
+	struct conns *cs = arg;
+	struct conn *c;
+
+	(void)fd;
+	(void)what;
+	while ((c = cs->lists[CONN_FRESH].head))
+		if (adopt(c))
+			make_room(cs, c);
+}
+
+/* evhttp's bufferevent callback: a connection was just accepted. */
+static struct bufferevent *new_connection(struct event_base *base, void *arg)
+{
+	struct conns *cs = arg;
+	struct conn *c = calloc(1, sizeof(*c));
+	struct bufferevent *bev = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+
+	if (!c || !bev)
+		goto fail;
+	c->timer = evtimer_new(base, on_timer, c);
+	c->in_cb = evbuffer_add_cb(bufferevent_get_input(bev), on_input, c);
+	c->out_cb = evbuffer_add_cb(bufferevent_get_output(bev), on_output, c);
+	if (!c->timer || !c->in_cb || !c->out_cb)
+		goto fail;
+	c->owner = cs;
+	c->bev = bev;
+	c->fd = -1;
+	c->state = CONN_FRESH;
+	list_push(&cs->lists[CONN_FRESH], c);
+	cs->count++;
+	metric_add(cs->m_open, 1);
+	bufferevent_incref(bev); /* until adopted, in case evhttp gives up on it first */
+	event_active(cs->adopt, EV_TIMEOUT, 0);
+	return bev;
+fail:
+	/* Served, but not counted; evhttp makes its own bufferevent. */
+	if (c && c->timer)
+		event_free(c->timer);
+	free(c);
+	if (bev)
+		bufferevent_free(bev);
+	return NULL;
+}
+
+/* accept() failed for a reason other than a transient one: most likely EMFILE or
+ * ENFILE. The listening socket stays readable, so pause it instead of spinning; the
+ * resume timer re-arms it. */
+static void on_accept_error(struct evconnlistener *lev, void *arg)
+{
+	(void)arg;
+	evconnlistener_disable(lev);
+}
+
+static void on_resume(evutil_socket_t fd, short what, void *arg)
+{
+	struct conns *cs = arg;
+
+	(void)fd;
+	(void)what;
+	if (cs->srv->bound)
+		evconnlistener_enable(evhttp_bound_socket_get_listener(cs->srv->bound));
+}
+
+/* This server's share of the process's cap, within what the descriptor limit allows. */
+static size_t cap(const struct http_server_config *cfg)
+{
+	size_t max = cfg->limits.max_connections ? cfg->limits.max_connections
+						 : CONFIG_MAX_CONNECTIONS_DEFAULT;
+	size_t workers = cfg->workers ? cfg->workers : 1;
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+		size_t room = rl.rlim_cur > 2 * FD_HEADROOM ? (size_t)rl.rlim_cur - FD_HEADROOM
+							    : (size_t)rl.rlim_cur / 2;
+		if (max > room) {
+			log_msg(cfg->log, LOG_WARN, NULL,
+				"at most %zu connections: the descriptor limit (ulimit -n) is %llu",
+				room, (unsigned long long)rl.rlim_cur);
+			max = room;
+		}
+	}
+	return (max + workers - 1) / workers;
+}
+
+/* Every connection's deadline is one of two durations: libevent keeps such "common"
+ * timeouts in a queue, O(1) to re-arm, instead of its heap. */
+static int common_timeout(struct conns *cs, unsigned ms, unsigned dflt, struct timeval *out)
+{
+	struct timeval tv = ms_to_tv(ms ? ms : dflt);
+	const struct timeval *common = event_base_init_common_timeout(cs->base, &tv);
+
+	if (!common)
+		return -ENOMEM;
+	*out = *common;
+	return 0;
+}
+
+static void make_metrics(struct conns *cs, struct metrics *m)
+{
+	const char *help = "Client connections closed by the server, by reason.";
+
+	cs->m_open = metrics_get(m, METRIC_GAUGE, "daybook_http_connections_open",
+				 "Client connections open.", "", NULL, 0);
+	cs->m_evicted = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total", help,
+				    "reason=\"evicted\"", NULL, 0);
+	cs->m_refused = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total", help,
+				    "reason=\"refused\"", NULL, 0);
+	cs->m_timed_out = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total",
+				      help, "reason=\"deadline\"", NULL, 0);
+}
+
+int conns_open(struct conns **out, struct http_server *srv)
+{
+	const struct http_server_config *cfg = &srv->cfg;
+	struct conns *cs = calloc(1, sizeof(*cs));
+	struct timeval every = ms_to_tv(RESUME_MS);
+
+	*out = NULL;
+	if (!cs)
+		return -ENOMEM;
+	cs->srv = srv;
+	cs->base = cfg->base;
+	cs->max = cap(cfg);
+	if (common_timeout(cs, cfg->limits.header_timeout_ms, CONFIG_HEADER_TIMEOUT_MS_DEFAULT,
+			   &cs->header_timeout) != 0 ||
+	    common_timeout(cs, cfg->limits.idle_timeout_ms, CONFIG_IDLE_TIMEOUT_MS_DEFAULT,
+			   &cs->idle_timeout) != 0)
+		goto fail;
+	make_metrics(cs, cfg->metrics);
+	cs->adopt = event_new(cfg->base, -1, 0, on_adopt, cs);
+	cs->resume = event_new(cfg->base, -1, EV_PERSIST, on_resume, cs);
+	if (!cs->adopt || !cs->resume)
+		goto fail;
+	evtimer_add(cs->resume, &every);
+	evhttp_set_bevcb(srv->evhttp, new_connection, cs);
+	evconnlistener_set_error_cb(evhttp_bound_socket_get_listener(srv->bound), on_accept_error);
+	*out = cs;
+	return 0;
+fail:
+	conns_close(&cs);
+	return -ENOMEM;
+}
+
+void conns_close(struct conns **csp)
+{
+	struct conns *cs = *csp;
+	struct conn *c;
+
+	if (!cs)
+		return;
+	/* evhttp_free closed the adopted ones; the fresh ones hold a reference. */
+	while ((c = cs->lists[CONN_FRESH].head)) {
+		struct bufferevent *bev = c->bev;
+		conn_free(c);
+		bufferevent_decref(bev);
+	}
+	/* None is left (evhttp_free reported every close), but if one were, its bufferevent
+	 * would be gone: forget it without touching that. */
+	for (int s = CONN_IDLE; s <= CONN_BUSY; s++)
+		while ((c = cs->lists[s].head)) {
+			c->in_cb = c->out_cb = NULL;
+			conn_free(c);
+		}
+	if (cs->adopt)
+		event_free(cs->adopt);
+	if (cs->resume)
+		event_free(cs->resume);
+	free(cs->by_fd);
+	free(cs);
+	*csp = NULL;
+}
+
+static struct conn *find(struct conns *cs, struct evhttp_request *ev)
+{
+	struct evhttp_connection *evcon = evhttp_request_get_connection(ev);
+	struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+	evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+	struct conn *c;
+
+	if (fd < 0 || (size_t)fd >= cs->nby_fd)
+		return NULL;
+	c = cs->by_fd[fd];
+	return c && c->evcon == evcon ? c : NULL;
+}
+
+void conns_request_began(struct conns *cs, struct evhttp_request *ev)
+{
+	struct conn *c = find(cs, ev);
+
+	if (!c)
+		return;
+	evtimer_del(c->timer);
+	set_state(c, CONN_BUSY);
+}
+
+void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, const char *reason,
+		      struct evbuffer *body)
+{
+	struct conn *c = find(cs, ev);
+	struct evhttp_connection *evcon = c ? c->evcon : NULL;
+	evutil_socket_t fd = c ? c->fd : -1;
+
+	cs->replying = true;
+	evhttp_send_reply(ev, status, reason, body);
+	cs->replying = false;
+	/* Looked up again: sending may have ended the connection. */
+	c = fd >= 0 && (size_t)fd < cs->nby_fd ? cs->by_fd[fd] : NULL;
+	if (c && c->evcon == evcon && c->state == CONN_BUSY)
+		become_idle(c);
+}

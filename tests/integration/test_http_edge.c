@@ -1,0 +1,640 @@
+/* The HTTP edge's limits on every service (SPEC §7): header and body sizes answered
+ * with problem details, deadlines for slow and idle clients, a connection cap that
+ * idle sockets cannot turn into a lock-out, no busy loop when descriptors run out,
+ * HEAD, strict query strings, and a /readyz that reveals nothing. */
+#include <arpa/inet.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+#define AUTH_READ "Authorization: Bearer " TOKEN_READ
+#define AUTH_WRITE "Authorization: Bearer " TOKEN_WRITE
+
+static char db[64];
+static struct service svc;
+
+static void teardown(void)
+{
+	if (svc.pid > 0)
+		harness_kill(&svc);
+	unsetenv("DAYBOOK_MAX_CONNECTIONS");
+	unsetenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS");
+	unsetenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS");
+}
+
+static void start_command(void)
+{
+	harness_db_create(db, sizeof(db));
+	harness_start_command(&svc, db);
+}
+
+static int connect_to(int port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+		close(fd);
+		fd = -1;
+	}
+	return fd;
+}
+
+static bool send_all(int fd, const char *p, size_t n)
+{
+	while (n > 0) {
+		ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return false;
+		p += w;
+		n -= (size_t)w;
+	}
+	return true;
+}
+
+/* Everything the server sends until it closes (or `timeout` passes: then NULL). */
+static char *read_until_close(int fd, double timeout)
+{
+	double deadline = harness_now() + timeout;
+	size_t cap = 65536, n = 0;
+	char *buf = malloc(cap);
+
+	cr_assert(buf);
+	for (;;) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		int left = (int)((deadline - harness_now()) * 1000);
+		ssize_t r;
+
+		if (left <= 0 || poll(&p, 1, left) <= 0) {
+			free(buf);
+			return NULL;
+		}
+		if (n + 1 >= cap)
+			cr_assert(buf = realloc(buf, cap *= 2));
+		r = recv(fd, buf + n, cap - n - 1, 0);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 && errno == ECONNRESET && n > 0)
+			r = 0;
+		if (r <= 0)
+			break;
+		n += (size_t)r;
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
+/* Send raw bytes on a new connection and read the answer up to the server's close. */
+static char *exchange(int port, const char *req, size_t len)
+{
+	int fd = connect_to(port);
+	char *answer;
+
+	cr_assert(fd >= 0, "cannot connect: %s", strerror(errno));
+	cr_assert(send_all(fd, req, len), "send: %s", strerror(errno));
+	answer = read_until_close(fd, 20);
+	close(fd);
+	cr_assert(answer, "no answer, or the connection stayed open");
+	return answer;
+}
+
+static int status_of(const char *answer)
+{
+	int status = 0;
+
+	return sscanf(answer, "HTTP/1.%*d %d", &status) == 1 ? status : 0;
+}
+
+/* A problem-details answer with `status` and `code`. */
+static void assert_problem(const char *answer, int status, const char *code)
+{
+	const char *body = strstr(answer, "\r\n\r\n");
+	json_t *j;
+
+	cr_assert_eq(status_of(answer), status, "expected %d, got: %.300s", status, answer);
+	cr_assert(strcasestr(answer, "\r\nContent-Type: application/problem+json"),
+		  "not problem+json: %.300s", answer);
+	cr_assert(body);
+	j = json_loads(body + 4, 0, NULL);
+	cr_assert(j, "the body is not JSON: %.300s", body + 4);
+	cr_assert_str_eq(json_string_value(json_object_get(j, "code")), code);
+	cr_assert_eq(json_integer_value(json_object_get(j, "status")), status);
+	json_decref(j);
+}
+
+/* "GET /healthz" with `header_bytes` of extra header lines. */
+static char *request_with_headers(size_t header_bytes, size_t *len)
+{
+	size_t cap = header_bytes + 256, n;
+	char *req = malloc(cap);
+
+	cr_assert(req);
+	n = (size_t)snprintf(req, cap, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+	for (int i = 0; n + 100 < header_bytes + 60; i++)
+		n += (size_t)snprintf(req + n, cap - n, "X-Filler-%05d: %070d\r\n", i, 0);
+	n += (size_t)snprintf(req + n, cap - n, "\r\n");
+	*len = n;
+	return req;
+}
+
+TestSuite(http_edge, .fini = teardown, .timeout = 120);
+
+Test(http_edge, request_headers_over_16_kib_in_all_are_refused_with_431_problem_details)
+{
+	size_t len;
+	char *req, *answer;
+
+	start_command();
+	req = request_with_headers(15 * 1024, &len);
+	answer = exchange(svc.port, req, len);
+	cr_assert_eq(status_of(answer), 200, "15 KiB of headers must pass: %.200s", answer);
+	free(answer);
+	free(req);
+
+	req = request_with_headers(17 * 1024, &len);
+	answer = exchange(svc.port, req, len);
+	assert_problem(answer, 431, "headers_too_large");
+	free(answer);
+	free(req);
+
+	/* A request line alone over the limit. */
+	req = malloc(20 * 1024);
+	cr_assert(req);
+	len = (size_t)snprintf(req, 20 * 1024, "GET /healthz?%0*d HTTP/1.1\r\nHost: x\r\n\r\n",
+			       17 * 1024, 0);
+	answer = exchange(svc.port, req, len);
+	assert_problem(answer, 431, "headers_too_large");
+	free(answer);
+	free(req);
+}
+
+Test(http_edge, bodies_over_64_kib_get_413_problem_details_even_when_huge_or_chunked)
+{
+	size_t big = 2 * 1024 * 1024, n;
+	char *req = malloc(big + 512), *answer;
+
+	cr_assert(req);
+	start_command();
+	/* Declared length far over the limit. */
+	n = (size_t)snprintf(req, 512,
+			     "POST /accounts HTTP/1.1\r\nHost: x\r\n%s\r\n"
+			     "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
+			     AUTH_WRITE, big);
+	memset(req + n, ' ', big);
+	answer = exchange(svc.port, req, n + big);
+	assert_problem(answer, 413, "payload_too_large");
+	free(answer);
+
+	/* Chunked: 70 KiB in 1 KiB chunks, then the client waits for the answer. */
+	n = (size_t)snprintf(req, 512,
+			     "POST /accounts HTTP/1.1\r\nHost: x\r\n%s\r\n"
+			     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+			     AUTH_WRITE);
+	for (int i = 0; i < 70; i++) {
+		n += (size_t)snprintf(req + n, 16, "400\r\n");
+		memset(req + n, ' ', 1024);
+		n += 1024;
+		memcpy(req + n, "\r\n", 2);
+		n += 2;
+	}
+	answer = exchange(svc.port, req, n);
+	assert_problem(answer, 413, "payload_too_large");
+	free(answer);
+	free(req);
+}
+
+Test(http_edge, a_client_sending_its_headers_a_byte_at_a_time_is_cut_off)
+{
+	const char *start = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+	double t0;
+	int fd;
+	bool closed = false;
+
+	setenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "1000", 1);
+	start_command();
+	fd = connect_to(svc.port);
+	cr_assert(fd >= 0);
+	t0 = harness_now();
+	cr_assert(send_all(fd, start, strlen(start)));
+	/* One byte every 100 ms: each resets a plain read timeout, never the deadline. */
+	while (harness_now() - t0 < 15) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		char c;
+
+		if (poll(&p, 1, 100) > 0 && recv(fd, &c, 1, 0) <= 0) {
+			closed = true;
+			break;
+		}
+		if (!send_all(fd, "a", 1)) {
+			closed = true;
+			break;
+		}
+	}
+	close(fd);
+	cr_assert(closed, "a slow client held its connection for 15 s with a 1 s header deadline");
+}
+
+Test(http_edge, an_idle_keep_alive_connection_is_closed_after_the_idle_timeout)
+{
+	const char *get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+	char buf[4096] = "", *rest;
+	ssize_t r;
+	size_t n = 0;
+	int fd;
+	double t0;
+
+	setenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", "1000", 1);
+	start_command();
+	fd = connect_to(svc.port);
+	cr_assert(fd >= 0);
+	cr_assert(send_all(fd, get, strlen(get)));
+	/* The answer, then the connection stays open (keep-alive) until the idle timeout. */
+	while (!strstr(buf, "{\"status\":\"ok\"}")) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		cr_assert(poll(&p, 1, 10000) > 0, "no answer");
+		r = recv(fd, buf + n, sizeof(buf) - n - 1, 0);
+		cr_assert(r > 0, "closed before answering");
+		n += (size_t)r;
+		buf[n] = '\0';
+	}
+	t0 = harness_now();
+	rest = read_until_close(fd, 15);
+	cr_assert(rest, "the idle connection was never closed");
+	free(rest);
+	cr_assert(harness_now() - t0 > 0.5, "closed too early for a 1 s idle timeout");
+	close(fd);
+}
+
+/* Seconds a process's main thread has been runnable (on a CPU or waiting for one): a
+ * loop that spins is runnable all the time, however busy the machine is. */
+static double runnable_seconds(pid_t pid)
+{
+	char path[64];
+	unsigned long long on_cpu = 0, waiting = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/schedstat", (int)pid);
+	f = fopen(path, "r"); /* the service's scheduler counters */
+	cr_assert(f);
+	cr_assert(fscanf(f, "%llu %llu", &on_cpu, &waiting) == 2);
+	fclose(f);
+	return (double)(on_cpu + waiting) / 1e9;
+}
+
+/* Open up to n idle connections (a client that never sends); returns how many. */
+static int hoard(int port, int *fds, int n)
+{
+	int opened = 0;
+
+	for (int i = 0; i < n; i++) {
+		fds[i] = connect_to(port);
+		opened += fds[i] >= 0;
+	}
+	return opened;
+}
+
+static void release(int *fds, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+}
+
+static void raise_nofile(rlim_t want)
+{
+	struct rlimit rl;
+
+	cr_assert(getrlimit(RLIMIT_NOFILE, &rl) == 0);
+	rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
+	cr_assert(setrlimit(RLIMIT_NOFILE, &rl) == 0);
+}
+
+/* The service answers /healthz 200 within `timeout`, on a new connection. */
+static bool answers(double timeout)
+{
+	double deadline = harness_now() + timeout;
+
+	while (harness_now() < deadline) {
+		struct response r = http_request(svc.port, "GET", "/healthz", NULL, NULL, 2);
+		int status = r.status;
+
+		response_free(&r);
+		if (status == 200)
+			return true;
+	}
+	return false;
+}
+
+Test(http_edge, thousands_of_idle_connections_do_not_lock_out_a_real_client)
+{
+	enum { IDLE = 2000 };
+	int fds[IDLE], opened;
+	double busy0;
+
+	/* The service gets a modest descriptor limit, the test as many as it may have. */
+	raise_nofile(512);
+	setenv("DAYBOOK_MAX_CONNECTIONS", "100", 1);
+	start_command();
+	raise_nofile(IDLE + 256);
+	opened = hoard(svc.port, fds, IDLE);
+	cr_assert_gt(opened, 1000, "could open only %d sockets", opened);
+	cr_assert(answers(10), "a real client got no 200 while %d idle sockets were held", opened);
+	busy0 = runnable_seconds(svc.pid);
+	usleep(1000000);
+	cr_assert_lt(runnable_seconds(svc.pid) - busy0, 0.5, "the service is spinning");
+	cr_assert(answers(10));
+	release(fds, IDLE);
+}
+
+Test(http_edge, the_query_services_workers_share_the_cap_and_still_serve)
+{
+	enum { IDLE = 500 };
+	int fds[IDLE];
+	char redis_url[128];
+	struct service redis_svc;
+
+	raise_nofile(256);
+	setenv("DAYBOOK_MAX_CONNECTIONS", "20", 1);
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	raise_nofile(IDLE + 256);
+	cr_assert_gt(hoard(svc.port, fds, IDLE), 400);
+	cr_assert(answers(10), "a real client got no 200 from the query service");
+	release(fds, IDLE);
+	harness_kill(&redis_svc);
+}
+
+/* A read that waits (a min_position far ahead): its connection is busy throughout. */
+static void *waiting_read(void *arg)
+{
+	const char *auth[] = { AUTH_READ, NULL };
+	struct response r = http_request(svc.port, "GET", "/totals?min_position=999999.1&wait_ms=3000",
+					 auth, NULL, 20);
+
+	*(int *)arg = r.status;
+	response_free(&r);
+	return NULL;
+}
+
+Test(http_edge, connections_serving_a_request_are_never_closed_to_make_room)
+{
+	enum { WAITING = 4, IDLE = 300 };
+	pthread_t t[WAITING];
+	int status[WAITING], fds[IDLE];
+	char redis_url[128];
+	struct service redis_svc;
+
+	setenv("DAYBOOK_MAX_CONNECTIONS", "12", 1);
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	for (int i = 0; i < WAITING; i++)
+		cr_assert(pthread_create(&t[i], NULL, waiting_read, &status[i]) == 0);
+	usleep(500000); /* the reads are waiting */
+	raise_nofile(IDLE + 256);
+	hoard(svc.port, fds, IDLE);
+	for (int i = 0; i < WAITING; i++) {
+		pthread_join(t[i], NULL);
+		cr_assert_eq(status[i], 503, "a waiting read lost its connection (status %d)",
+			     status[i]);
+	}
+	release(fds, IDLE);
+	harness_kill(&redis_svc);
+}
+
+Test(http_edge, running_out_of_descriptors_pauses_accepting_instead_of_spinning)
+{
+	enum { IDLE = 400 };
+	int fds[IDLE];
+	struct rlimit low = { 128, 128 };
+	double busy0;
+
+	setenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "2000", 1);
+	start_command();
+	raise_nofile(IDLE + 256);
+	/* Below the connection cap, so that accept() itself fails with EMFILE. */
+	cr_assert(prlimit(svc.pid, RLIMIT_NOFILE, &low, NULL) == 0, "prlimit: %s", strerror(errno));
+	hoard(svc.port, fds, IDLE);
+	usleep(300000);
+	busy0 = runnable_seconds(svc.pid);
+	usleep(1000000);
+	cr_assert_lt(runnable_seconds(svc.pid) - busy0, 0.5, "the accept loop spins on EMFILE");
+	/* The idle sockets meet their deadline; then the service accepts again. */
+	cr_assert(answers(20), "the service never accepted again");
+	release(fds, IDLE);
+}
+
+Test(http_edge, head_is_served_wherever_get_is_with_the_same_headers_and_no_body)
+{
+	const char *auth[] = { AUTH_READ, NULL };
+	struct response get, head;
+	char glen[32], hlen[32];
+
+	start_command();
+	const char *paths[] = { "/healthz", "/readyz", "/metrics" };
+	for (size_t i = 0; i < 3; i++) {
+		get = http_request(svc.port, "GET", paths[i], auth, NULL, 10);
+		head = http_request(svc.port, "HEAD", paths[i], auth, NULL, 10);
+		cr_assert_eq(head.status, get.status, "HEAD %s: %d", paths[i], head.status);
+		cr_assert(response_header(&head, "Content-Length", hlen, sizeof(hlen)));
+		if (strcmp(paths[i], "/metrics") != 0) {
+			cr_assert(response_header(&get, "Content-Length", glen, sizeof(glen)));
+			cr_assert_str_eq(hlen, glen);
+		}
+		cr_assert_str_eq(head.body, "", "HEAD %s has a body", paths[i]);
+		response_free(&get);
+		response_free(&head);
+	}
+	/* A POST-only route lists its methods; a GET route would list HEAD too. */
+	head = http_request(svc.port, "HEAD", "/accounts", auth, NULL, 10);
+	cr_assert_eq(head.status, 405);
+	cr_assert(response_header(&head, "Allow", hlen, sizeof(hlen)));
+	cr_assert_str_eq(hlen, "POST");
+	response_free(&head);
+	get = http_request(svc.port, "DELETE", "/healthz", auth, NULL, 10);
+	cr_assert_eq(get.status, 405);
+	cr_assert(response_header(&get, "Allow", glen, sizeof(glen)));
+	cr_assert_str_eq(glen, "GET, HEAD");
+	cr_assert_str_eq(json_string_value(json_object_get(get.json, "code")), "method_not_allowed");
+	response_free(&get);
+}
+
+Test(http_edge, query_head_matches_get_on_a_read_route)
+{
+	const char *auth[] = { AUTH_READ, NULL };
+	char redis_url[128], glen[32], hlen[32];
+	struct service redis_svc;
+	struct response get, head;
+
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	get = http_request(svc.port, "GET", "/totals", auth, NULL, 10);
+	head = http_request(svc.port, "HEAD", "/totals", auth, NULL, 10);
+	cr_assert_eq(get.status, 200, "%d %s", get.status, get.body);
+	cr_assert_eq(head.status, 200, "HEAD /totals: %d", head.status);
+	cr_assert(response_header(&get, "Content-Length", glen, sizeof(glen)));
+	cr_assert(response_header(&head, "Content-Length", hlen, sizeof(hlen)));
+	cr_assert_str_eq(hlen, glen);
+	cr_assert(response_header(&head, "X-Daybook-Position", hlen, sizeof(hlen)));
+	cr_assert_str_eq(head.body, "");
+	response_free(&get);
+	response_free(&head);
+	harness_kill(&redis_svc);
+}
+
+Test(http_edge, a_malformed_query_string_is_400_and_never_ignored)
+{
+	const char *auth[] = { AUTH_READ, NULL };
+	const char *bad[] = {
+		/* evhttp used to drop every parameter here, serving a stale read with 200 */
+		"/totals?min_position=999999.1&stale",
+		"/totals?min_position=%zz",               /* bad percent-encoding */
+		"/totals?min_position=1.1%",              /* truncated escape */
+		"/totals?min_position=%00",               /* an escaped NUL */
+		"/totals?min_position=1.1&min_position=2.2", /* repeated */
+		"/totals?min_positon=1.1",                /* unknown (a typo) */
+		"/accounts/a1/transactions?limit=5&limit=6",
+	};
+	char redis_url[128];
+	struct service redis_svc;
+	struct response r;
+
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		r = http_request(svc.port, "GET", bad[i], auth, NULL, 10);
+		cr_assert_eq(r.status, 400, "GET %s: %d %s", bad[i], r.status, r.body);
+		cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "invalid_request");
+		cr_assert(strstr(json_string_value(json_object_get(r.json, "detail")), "query"),
+			  "the detail should name the problem: %s", r.body);
+		response_free(&r);
+	}
+	/* Well-formed ones still work, encoded or not. */
+	r = http_request(svc.port, "GET", "/totals?wait_ms=%31%30", auth, NULL, 10);
+	cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
+	response_free(&r);
+	harness_kill(&redis_svc);
+}
+
+Test(http_edge, the_write_api_refuses_query_parameters_it_does_not_take)
+{
+	struct response r;
+
+	start_command();
+	r = post(&svc, "/accounts?dry_run=1", "{\"id\":\"q1\",\"name\":\"Q\",\"currency\":\"EUR\"}",
+		 NULL);
+	cr_assert_eq(r.status, 400, "%d %s", r.status, r.body);
+	cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "invalid_request");
+	response_free(&r);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 0, "nothing may be written");
+}
+
+Test(http_edge, readyz_names_dependencies_but_reveals_no_error_text)
+{
+	struct response r;
+	char drop[160];
+
+	start_command();
+	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 10);
+	cr_assert_eq(r.status, 200);
+	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(r.json, "checks"),
+							   "postgresql")), "ok", "%s", r.body);
+	response_free(&r);
+	/* The database goes away: the reconnection fails with a text naming it. */
+	snprintf(drop, sizeof(drop), "DROP DATABASE %s WITH (FORCE)", db);
+	PQclear(sql("postgres", drop));
+	cr_assert(harness_wait_status(&svc, "/readyz", 503, 20));
+	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 10);
+	cr_assert_eq(r.status, 503);
+	cr_assert(strcasestr(r.headers, "Content-Type: application/problem+json"));
+	cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "unavailable");
+	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(r.json, "checks"),
+							   "postgresql")), "unavailable", "%s", r.body);
+	cr_assert_null(strstr(r.body, db), "the database name leaked: %s", r.body);
+	cr_assert_null(strcasestr(r.body, "daybook_command"), "the role leaked: %s", r.body);
+	cr_assert_null(strcasestr(r.body, "FATAL"), "an error text leaked: %s", r.body);
+	cr_assert_null(strcasestr(r.body, "127.0.0.1"), "a host leaked: %s", r.body);
+	response_free(&r);
+}
+
+Test(http_edge, the_projector_and_query_edges_have_the_same_limits_and_a_quiet_readyz)
+{
+	char redis_url[128], *req, *answer;
+	struct service redis_svc, query;
+	struct response r;
+	size_t n, body = 100 * 1024;
+
+	harness_db_create(db, sizeof(db));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_projector(&svc, db, redis_url);
+	harness_start_query(&query, db, redis_url);
+	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 10);
+	cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
+	json_t *checks = json_object_get(r.json, "checks");
+	cr_assert_str_eq(json_string_value(json_object_get(checks, "postgresql")), "ok", "%s", r.body);
+	cr_assert_str_eq(json_string_value(json_object_get(checks, "projection")), "ok", "%s", r.body);
+	response_free(&r);
+
+	req = malloc(body + 512);
+	cr_assert(req);
+	for (int i = 0; i < 2; i++) {
+		int port = i == 0 ? svc.port : query.port;
+
+		n = (size_t)snprintf(req, 512,
+				     "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n",
+				     body);
+		memset(req + n, 'x', body);
+		answer = exchange(port, req, n + body);
+		assert_problem(answer, 413, "payload_too_large");
+		free(answer);
+		free(req);
+		req = request_with_headers(17 * 1024, &n);
+		answer = exchange(port, req, n);
+		assert_problem(answer, 431, "headers_too_large");
+		free(answer);
+		free(req);
+		req = malloc(body + 512);
+		cr_assert(req);
+		r = http_request(port, "HEAD", "/healthz", NULL, NULL, 10);
+		cr_assert_eq(r.status, 200);
+		cr_assert_str_eq(r.body, "");
+		response_free(&r);
+	}
+	free(req);
+	harness_kill(&query);
+	harness_kill(&redis_svc);
+}
+
+Test(http_edge, sigterm_with_idle_connections_open_exits_cleanly)
+{
+	enum { IDLE = 50 };
+	const char *get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+	int fds[IDLE], keep;
+	char buf[512];
+
+	start_command();
+	hoard(svc.port, fds, IDLE);
+	keep = connect_to(svc.port);
+	cr_assert(keep >= 0 && send_all(keep, get, strlen(get)));
+	cr_assert(recv(keep, buf, sizeof(buf), 0) > 0, "no answer");
+	usleep(200000);
+	cr_assert_eq(harness_stop(&svc), 0, "the service did not exit 0 on SIGTERM");
+	close(keep);
+	release(fds, IDLE);
+}
