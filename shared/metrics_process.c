@@ -11,7 +11,8 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include "build_info.h"
+#include "daybook_commit.h"  /* generated at build time: DAYBOOK_GIT_COMMIT */
+#include "daybook_version.h" /* generated at build time: DAYBOOK_VERSION */
 
 /* utime, stime and starttime of /proc/self/stat, in clock ticks; false when unreadable. */
 static bool read_stat(unsigned long long *utime, unsigned long long *stime,
@@ -105,7 +106,7 @@ void metrics_render_process(struct evbuffer *out)
 	family(out, "daybook_build_info", "gauge",
 	       "Always 1; the labels say which version and commit this process runs.");
 	evbuffer_add_printf(out, "daybook_build_info{version=\"%s\",commit=\"%s\"} 1\n",
-			    DAYBOOK_VERSION, DAYBOOK_COMMIT);
+			    DAYBOOK_VERSION, DAYBOOK_GIT_COMMIT[0] ? DAYBOOK_GIT_COMMIT : "unknown");
 	if (ticks > 0 && read_stat(&utime, &stime, &start)) {
 		family(out, "process_cpu_seconds_total", "counter",
 		       "User and system CPU time spent, in seconds.");
