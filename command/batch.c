@@ -11,7 +11,13 @@
  * command that a rule refuses refuses only itself. Should the write fail anyway (a
  * concurrent writer elsewhere took a version or a transfer id), nothing was written:
  * the batch's commands are retried one by one from fresh state, so one command's
- * conflict never fails another. */
+ * conflict never fails another.
+ *
+ * Only the leader writes (command_leadership, sql/012): a batch takes the epoch of the
+ * term it starts in, and its write pipeline ends with command_fence(epoch), so a batch
+ * of a deposed leader rolls back (SQLSTATE DBF01) instead of committing; its commands
+ * get 503 not_leader, and the instance stands by. A batch whose term ended while it
+ * was in flight puts nothing into the cache. */
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <inttypes.h>
@@ -75,6 +81,8 @@ static const struct pg_statement statements[] = {
 	{ "snapshot_put",
 	  "INSERT INTO account_snapshots (stream, version, state) VALUES ($1, $2::integer, $3::jsonb) "
 	  "ON CONFLICT DO NOTHING" },
+	/* Last in every write pipeline: fails with DBF01 unless $1 is the lease's epoch. */
+	{ "fence", "SELECT command_fence($1::bigint)" },
 };
 
 /* A command's outcome within the batch. */
@@ -107,6 +115,7 @@ struct batcher {
 	struct strmap *inflight; /* "token\x1fkey" -> the keyed command that owns it, until answered */
 	enum batch_state state;
 	/* The batch in flight. */
+	long long epoch;          /* the term it was started in: its fence */
 	struct slot slots[BATCH_MAX];
 	size_t nslots;
 	struct pending_event events[2 * BATCH_MAX];
@@ -117,7 +126,8 @@ struct batcher {
 	struct strmap *catchup;   /* account id -> struct ledger_account loaded from more than
 				   * SNAPSHOT_EVERY events: snapshot it with this batch's write */
 	int q_streams, q_idem, q_transfers; /* result index of each load query, -1: not sent */
-	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable;
+	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable, *fenced,
+		*not_leader;
 	struct metric *commit_seconds, *batch_events;
 	struct timespec write_start; /* when the batch's write transaction was sent */
 };
@@ -159,6 +169,11 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx)
 				   "Batches rolled back by a conflict and retried one by one.", "", NULL, 0);
 	b->unavailable = metrics_get(m, METRIC_COUNTER, "daybook_append_unavailable_total",
 				     "Commands refused because PostgreSQL was unreachable.", "", NULL, 0);
+	b->fenced = metrics_get(m, METRIC_COUNTER, "daybook_append_fenced_total",
+				"Batches rolled back because another instance took the write lease.",
+				"", NULL, 0);
+	b->not_leader = metrics_get(m, METRIC_COUNTER, "daybook_append_not_leader_total",
+				    "Commands refused because this instance does not lead.", "", NULL, 0);
 	b->commit_seconds = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_commit_seconds",
 					"Time from sending a batch's write transaction to PostgreSQL's "
 					"verdict on its COMMIT, whatever the verdict.",
@@ -249,10 +264,22 @@ static void answer_unavailable(struct batcher *b, struct cmd *cmd, const char *w
 	answer_problem(b, cmd, 503, "unavailable", "Service unavailable", why);
 }
 
+static void answer_not_leader(struct batcher *b, struct cmd *cmd)
+{
+	metric_add(b->not_leader, 1);
+	answer_problem(b, cmd, 503, "not_leader", "Not the leader",
+		       "this instance stands by for another that leads; nothing was written, "
+		       "retry shortly");
+}
+
 void batcher_submit(struct batcher *b, struct cmd *cmd)
 {
 	if (b->ctx->stopping || !pg_connected(b->ctx->pg)) {
 		answer_unavailable(b, cmd, "the event store is unreachable; retry shortly");
+		return;
+	}
+	if (!lease_epoch(b->ctx->lease)) {
+		answer_not_leader(b, cmd);
 		return;
 	}
 	if (b->npending >= PENDING_MAX) {
@@ -395,6 +422,37 @@ static void fail_pending(struct batcher *b, const char *why)
 	}
 	b->tail = NULL;
 	b->npending = 0;
+}
+
+/* Answer every queued command with 503 not_leader. */
+static void fail_pending_not_leader(struct batcher *b)
+{
+	while (b->head) {
+		struct cmd *cmd = b->head;
+		b->head = cmd->next;
+		answer_not_leader(b, cmd);
+	}
+	b->tail = NULL;
+	b->npending = 0;
+}
+
+/* The batch's term is over (fenced, or ended while it was loading): nothing was
+ * written; forget what it loaded and answer its commands 503 not_leader. */
+static void fail_batch_not_leader(struct batcher *b)
+{
+	invalidate(b);
+	for (size_t i = 0; i < b->nslots; i++) {
+		answer_not_leader(b, b->slots[i].cmd);
+		b->slots[i].cmd = NULL;
+	}
+	reset_batch(b);
+}
+
+void batcher_leadership(struct batcher *b, bool leading)
+{
+	strmap_clear(b->cache);
+	if (!leading)
+		fail_pending_not_leader(b);
 }
 
 /* Build a text[] literal of ids with a prefix ("account-"), or of plain strings. */
@@ -682,6 +740,18 @@ static bool queue_snapshots(struct batcher *b)
 	return q.ok;
 }
 
+/* Last: the fence (see the top of this file and sql/012). Its row lock lasts only from
+ * here to COMMIT, so a batch waiting on a lock (another writer's row, say) does not
+ * hold up the lease's renewal. */
+static bool queue_fence(struct batcher *b)
+{
+	char epoch[24];
+	const char *v[1] = { epoch };
+
+	snprintf(epoch, sizeof(epoch), "%lld", b->epoch);
+	return pg_queue(b->ctx->pg, "fence", 1, v);
+}
+
 /* Decided outcomes worth replaying: successes and business refusals. */
 static bool keeps_record(const struct slot *s)
 {
@@ -829,6 +899,21 @@ static void batch_rolled_back(struct batcher *b, const PGresult *res, const char
 	snprintf(why, sizeof(why), "%s", res ? PQresultErrorMessage(res) : "no result");
 	why[strcspn(why, "\n")] = '\0';
 	log_warn(&b->ctx->log, "batch of %zu rolled back %s (%s): %s", b->nslots, when, state, why);
+	if (strcmp(state, COMMAND_SQLSTATE_FENCED) == 0) {
+		/* Another instance took the lease while we were frozen or cut off: nothing of
+		 * the batch was written. Stand by at once (unless the batch was of an earlier
+		 * term of ours, which already ended). */
+		bool current = b->epoch == b->ctx->epoch;
+		metric_add(b->fenced, 1);
+		fail_batch_not_leader(b);
+		if (current && b->ctx->epoch) {
+			lease_lost(b->ctx->lease);
+			command_leadership(b->ctx, 0, "the batch's fence failed (another instance took "
+						      "the write lease); nothing was committed");
+		}
+		start_batch(b);
+		return;
+	}
 	if (f == FAIL_CONFLICT)
 		metric_add(b->conflicts, 1);
 	if (f == FAIL_TRANSIENT)
@@ -874,9 +959,14 @@ static void write_done(void *arg, const struct pg_outcome *out)
 			return;
 		}
 	}
-	/* PostgreSQL has confirmed the COMMIT: only now is anything answered 201. */
+	/* PostgreSQL has confirmed the COMMIT: only now is anything answered 201. The
+	 * fence passed, so the batch committed before any takeover; but if our term has
+	 * ended since, another leader may have written after it: cache nothing. */
 	metric_add(b->events_total, (double)b->nevents);
-	commit_overlay(b);
+	if (b->epoch == b->ctx->epoch)
+		commit_overlay(b);
+	else
+		invalidate(b);
 	answer_all(b, out->results);
 	reset_batch(b);
 	start_batch(b);
@@ -896,7 +986,7 @@ static void write_batch(struct batcher *b)
 		}
 	}
 	if (ok && (b->nevents || nrecords))
-		ok = queue_snapshots(b);
+		ok = queue_snapshots(b) && queue_fence(b);
 	if (ok && b->nevents == 0 && nrecords == 0) {
 		/* Nothing to write: every answer rests on committed state. */
 		answer_all(b, NULL);
@@ -1111,6 +1201,12 @@ static void load_done(void *arg, const struct pg_outcome *out)
 		fail_pending(b, "the event store is unreachable; retry shortly");
 		return;
 	}
+	if (b->epoch != b->ctx->epoch) {
+		/* Loaded in a term that has ended: what it read may be stale already. */
+		fail_batch_not_leader(b);
+		start_batch(b);
+		return;
+	}
 	if (!pg_outcome_ok(out, why, sizeof(why))) {
 		const PGresult *res = out->commit_error;
 		for (size_t i = 0; !res && i < out->n; i++)
@@ -1255,6 +1351,13 @@ static void start_batch(struct batcher *b)
 
 	if (b->state != B_IDLE || !b->head || !pg_ready(b->ctx->pg))
 		return;
+	/* Leading by our own clock too: a term whose renewal is overdue (we were frozen)
+	 * ends here, answering the queue, before anything is sent. */
+	b->epoch = lease_epoch(b->ctx->lease);
+	if (!b->epoch) {
+		fail_pending_not_leader(b);
+		return;
+	}
 	/* A command retried after a conflict goes alone; otherwise take what waits. */
 	while (b->head && b->nslots < BATCH_MAX && (b->nslots == 0 || !b->head->solo)) {
 		struct cmd *cmd = b->head;

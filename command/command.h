@@ -8,6 +8,7 @@
 
 #include "config.h"
 #include "http.h"
+#include "lease.h"
 #include "ledger.h"
 #include "ledger_json.h"
 #include "log.h"
@@ -39,7 +40,24 @@ struct command_ctx {
 	struct sweep_settings sweep;
 	struct event *sigterm, *sigint, *drain_timer;
 	bool stopping;
+	/* Leadership of the write side (shared/lease.h, sql/012): only the holder of the
+	 * write lease appends; every batch is fenced by the epoch of its term. */
+	struct lease *lease;
+	long long epoch;   /* the epoch of our current term, 0 when not leading */
+	bool standing_by;  /* the lease answered: another instance holds it */
+	struct metric *m_leader, *m_epoch;
 };
+
+/* The write lease's name (its row in command_leases) and the fence's named condition:
+ * command_fence (sql/012) raises it when a batch's epoch is no longer the lease's. */
+#define COMMAND_LEASE_NAME "command"
+#define COMMAND_SQLSTATE_FENCED "DBF01"
+
+/* A new term (epoch > 0) or its end (epoch 0, why says how): called by the lease, and
+ * by the batcher when a batch finds itself fenced. Either way every cached account
+ * state is dropped (another leader may have written), and on a term's end every
+ * queued command is answered 503 not_leader. */
+void command_leadership(struct command_ctx *ctx, long long epoch, const char *why);
 
 enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
 
@@ -78,6 +96,10 @@ void batcher_kick(struct batcher *b);
 void batcher_reconnected(struct batcher *b);
 /* Nothing queued or in flight. */
 bool batcher_idle(const struct batcher *b);
+/* Leadership changed: forget every cached account state (the next batch reads the log);
+ * when leading no more, answer every queued command 503 not_leader. A batch in flight
+ * finishes on its own: its fence decides whether it commits. */
+void batcher_leadership(struct batcher *b, bool leading);
 
 /* Read the sweep's settings from the environment. False with one line naming the
  * variable in err (the binary then exits 2). */

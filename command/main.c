@@ -1,4 +1,6 @@
-/* daybook-command: the HTTP write API. Validates commands, decides events, appends them. */
+/* daybook-command: the HTTP write API. Validates commands, decides events, appends them.
+ * Any number of instances may run against one database: the holder of the write lease
+ * (shared/lease.c, sql/012) leads and appends; the others stand by, not ready. */
 #include <errno.h>
 #include <event2/event.h>
 #include <signal.h>
@@ -17,6 +19,9 @@ static const char usage[] =
 	"\n"
 	"The Daybook write API: POST /accounts, /accounts/{id}/deposits, /withdrawals,\n"
 	"/close and /transfers, with group commit into the PostgreSQL event store.\n"
+	"Any number of instances may run: one leads (a lease in PostgreSQL) and writes; the\n"
+	"others stand by (/readyz 503 \"standby\", writes 503 not_leader) and take over\n"
+	"within seconds when it dies or hangs.\n"
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG           libpq connection string or URI (required)\n"
@@ -81,6 +86,46 @@ static void ready(void *arg, struct http_ready *r)
 
 	http_ready_check(r, "accepting", !ctx->stopping, "shutting down");
 	http_ready_check(r, "postgresql", pg_connected(ctx->pg), "%s", pg_last_error(ctx->pg));
+	/* Fixed words: a load balancer needs only the status. */
+	if (lease_epoch(ctx->lease) == 0)
+		http_ready_state(r, ctx->standing_by ? "standby" : "electing");
+}
+
+void command_leadership(struct command_ctx *ctx, long long epoch, const char *why)
+{
+	if (epoch == 0) {
+		if (ctx->epoch)
+			log_warn(&ctx->log, "deposed: %s; standing by", why);
+		else if (!ctx->standing_by)
+			log_info(&ctx->log, "%s; standing by", why);
+		ctx->epoch = 0;
+		ctx->standing_by = true;
+		metric_set(ctx->m_leader, 0);
+		metric_set(ctx->m_epoch, 0);
+		batcher_leadership(ctx->batcher, false);
+		return;
+	}
+	/* Whatever this process knew of the accounts may be stale (another leader may have
+	 * written since): the new term starts from the log. */
+	log_info(&ctx->log, "leading the write side (epoch %lld)", epoch);
+	ctx->epoch = epoch;
+	ctx->standing_by = false;
+	metric_set(ctx->m_leader, 1);
+	metric_set(ctx->m_epoch, (double)epoch);
+	batcher_leadership(ctx->batcher, true);
+	batcher_kick(ctx->batcher);
+}
+
+static void on_lease_change(void *arg, long long epoch, const char *why)
+{
+	command_leadership(arg, epoch, why);
+}
+
+static int writer_pid(void *arg)
+{
+	struct command_ctx *ctx = arg;
+
+	return pg_backend_pid(ctx->pg);
 }
 
 static void on_pg_connect(void *arg)
@@ -129,6 +174,13 @@ static int start(struct command_ctx *ctx)
 		.log = &ctx->log, .statements = statements, .nstatements = nstatements,
 		.on_connect = on_pg_connect, .arg = ctx,
 	};
+	struct lease_config lc = {
+		.conninfo = ctx->cfg.pg, .name = COMMAND_LEASE_NAME,
+		.claim_sql = "SELECT command_lease_claim($1, $2, $3::bigint, $4::float8, $5::int)",
+		.application_name = "daybook-command lease", .who = "command instance",
+		.base = ctx->base, .log = &ctx->log, .writer_pid = writer_pid,
+		.on_change = on_lease_change, .arg = ctx,
+	};
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = command_routes, .nroutes = command_nroutes, .ready = ready, .arg = ctx,
@@ -142,8 +194,13 @@ static int start(struct command_ctx *ctx)
 		return 2;
 	}
 	hc.tokens = ctx->tokens;
+	ctx->m_leader = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_leader",
+				    "1 while this instance leads the write side, else 0.", "", NULL, 0);
+	ctx->m_epoch = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_epoch",
+				   "The write lease's epoch this instance leads with; 0 on standby.",
+				   "", NULL, 0);
 	if (batcher_open(&ctx->batcher, ctx) || pg_open(&ctx->pg, &pgc) ||
-	    sweeper_open(&ctx->sweeper, ctx)) {
+	    sweeper_open(&ctx->sweeper, ctx) || lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-command: out of memory\n");
 		return 1;
 	}
@@ -175,6 +232,7 @@ static void stop(struct command_ctx *ctx)
 		event_free(ctx->drain_timer);
 	http_server_close(&ctx->http);
 	sweeper_close(&ctx->sweeper);
+	lease_close(&ctx->lease);
 	batcher_close(&ctx->batcher);
 	pg_close(&ctx->pg);
 	tokens_close(&ctx->tokens);

@@ -1,5 +1,5 @@
 /* daybook-projector: follows the event store and maintains the read models. One
- * instance leads (a lease with fencing, lease.c); others wait as hot standbys. */
+ * instance leads (a lease with fencing, shared/lease.c); others wait as hot standbys. */
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <signal.h>
@@ -738,7 +738,9 @@ static int start(struct projector_ctx *ctx)
 		.on_notify = on_notify, .arg = ctx,
 	};
 	struct lease_config lc = {
-		.conninfo = ctx->cfg.pg, .projection = PROJECTOR_PROJECTION, .base = ctx->base,
+		.conninfo = ctx->cfg.pg, .name = PROJECTOR_PROJECTION,
+		.claim_sql = "SELECT projector_lease_claim($1, $2, $3::bigint, $4::float8, $5::int)",
+		.application_name = "daybook-projector lease", .who = "projector", .base = ctx->base,
 		.log = &ctx->log, .writer_pid = writer_pid, .on_change = on_lease_change, .arg = ctx,
 	};
 	struct http_server_config hc = {

@@ -9,6 +9,7 @@
 
 #include "config.h"
 #include "http.h"
+#include "lease.h"
 #include "ledger.h"
 #include "ledger_json.h"
 #include "log.h"
@@ -179,29 +180,9 @@ void projector_redis_tick(struct projector_ctx *ctx);
  * write scripts raise it too, and refuse writes of an older epoch). */
 void projector_redis_fence(struct projector_ctx *ctx);
 
-/* Leadership (lease.c): the projection's lease row in PostgreSQL (sql/010), claimed
- * and renewed every LEASE_RENEW_S on a connection of the lease's own, so that neither
- * a long batch nor a resync delays a renewal. */
-#define LEASE_SECONDS 5.0 /* a frozen leader is replaced this long after its last renewal */
-#define LEASE_RENEW_S 1   /* the holder renews, and standbys try, this often */
-struct lease;
-struct lease_config {
-	const char *conninfo;
-	const char *projection;
-	struct event_base *base;
-	const struct log *log;
-	/* The backend pid of the caller's writing session (0: none): a successor ends it. */
-	int (*writer_pid)(void *arg);
-	/* A new term began (epoch > 0), or the lease was lost (epoch 0; why says how). */
-	void (*on_change)(void *arg, long long epoch, const char *why);
-	void *arg;
-};
-/* Start claiming at once; the config's pointers must outlive the lease. */
-int lease_open(struct lease **out, const struct lease_config *cfg) __attribute__((warn_unused_result));
-void lease_close(struct lease **l);
-/* The caller found its epoch stale (a fenced write): stand down now, as if a renewal
- * had failed; on_change is not called. */
-void lease_lost(struct lease *l);
+/* Leadership: the projection's lease (shared/lease.h, sql/010), claimed and renewed on
+ * a connection of the lease's own, so that neither a long batch nor a resync delays a
+ * renewal. */
 /* A new PostgreSQL session: the store's identity is read again before Redis is written. */
 void projector_redis_session(struct projector_ctx *ctx);
 

@@ -23,7 +23,8 @@ static const char usage[] =
 	"\n"
 	"The Daybook read API: GET /accounts/{id}, /accounts/{id}/transactions,\n"
 	"/accounts/{id}/events, /transfers/{id} and /totals, served from the Redis read\n"
-	"model, falling back to the SQL read model, with read-your-writes (min_position).\n"
+	"model, falling back to the SQL read model, with read-your-writes (min_position);\n"
+	"and the event feed of the whole log: GET /events and GET /events/stream (SSE).\n"
 	"\n"
 	"Environment:\n"
 	"  DAYBOOK_PG           libpq connection string or URI, role daybook_query (required)\n"
@@ -35,6 +36,10 @@ static const char usage[] =
 	"  DAYBOOK_QUERY_WORKERS  event-loop threads sharing the port (default: CPUs, up to 4)\n"
 	"  DAYBOOK_MAX_WAITERS  reads that may wait for min_position at once (default 10000)\n"
 	"  DAYBOOK_WAIT_PROBE_MS  safety probe of the checkpoints while reads wait (default 200)\n"
+	"  DAYBOOK_MAX_STREAMS  open event streams (GET /events/stream) at once (default 1000)\n"
+	"  DAYBOOK_STREAM_BUFFER_MAX  unsent bytes after which a slow stream is cut off\n"
+	"                       (default 1048576)\n"
+	"  DAYBOOK_STREAM_KEEPALIVE_MS  keepalive comment interval on streams (default 10000)\n"
 	"  DAYBOOK_LOG_LEVEL    debug|info|warn|error (default info)\n";
 
 /* Ready when SQL can answer, in every worker (any of them may get the next request);
@@ -50,6 +55,8 @@ static void ready(void *arg, struct http_ready *r)
 			down = i;
 	if (!sqlpool_connected(ctx->sql))
 		http_ready_check(r, "postgresql", false, "%s", sqlpool_last_error(ctx->sql));
+	else if (!feed_connected(ctx->feed))
+		http_ready_check(r, "postgresql", false, "event feed: %s", feed_last_error(ctx->feed));
 	else
 		http_ready_check(r, "postgresql", down < 0,
 				 "worker %d is not connected to postgresql yet", down);
@@ -61,7 +68,8 @@ static void on_ready_timer(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	atomic_store(&ctx->up, !ctx->stopping && sqlpool_connected(ctx->sql));
+	atomic_store(&ctx->up, !ctx->stopping && sqlpool_connected(ctx->sql) &&
+				   feed_connected(ctx->feed));
 }
 
 /* "<generation> <token>" on dbk:position: a projection moved. */
@@ -105,6 +113,7 @@ static void begin_stop(struct query_ctx *ctx)
 	ctx->stopping = true;
 	atomic_store(&ctx->up, false);
 	http_server_stop_accepting(ctx->http);
+	feed_stop(ctx->feed);
 	on_drain_tick(-1, 0, ctx);
 }
 
@@ -162,7 +171,8 @@ static int start(struct query_ctx *ctx, bool signals)
 	};
 	struct timeval tick = { 0, 100000 };
 
-	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx) || open_redis(ctx)) {
+	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx) || open_redis(ctx) ||
+	    feed_open(&ctx->feed, ctx)) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;
 	}
@@ -199,7 +209,8 @@ static void stop(struct query_ctx *ctx)
 	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
 		if (evs[i])
 			event_free(evs[i]);
-	read_fini(ctx);
+	read_fini(ctx); /* wakes the feed's waiters: before feed_close */
+	feed_close(&ctx->feed);
 	http_server_close(&ctx->http);
 	redis_close(&ctx->subscriber);
 	redis_close(&ctx->redis);
@@ -272,8 +283,10 @@ int main(int argc, char **argv)
 {
 	static struct query_ctx w[MAX_WORKERS];
 	pthread_t threads[MAX_WORKERS];
-	atomic_size_t waiters = 0;
+	atomic_size_t waiters = 0, streams = 0;
 	long max_waiters = MAX_WAITERS_DEFAULT, probe_ms = WAIT_PROBE_MS_DEFAULT;
+	long max_streams = FEED_MAX_STREAMS_DEFAULT, stream_buffer = FEED_STREAM_BUFFER_DEFAULT;
+	long keepalive_ms = FEED_KEEPALIVE_MS_DEFAULT;
 	struct config cfg;
 	struct tokens *tokens = NULL;
 	struct metrics *metrics = NULL;
@@ -286,7 +299,10 @@ int main(int argc, char **argv)
 	if (rc >= 0)
 		return rc;
 	if (!env_int("DAYBOOK_MAX_WAITERS", 1, 10000000, &max_waiters) ||
-	    !env_int("DAYBOOK_WAIT_PROBE_MS", 10, 600000, &probe_ms))
+	    !env_int("DAYBOOK_WAIT_PROBE_MS", 10, 600000, &probe_ms) ||
+	    !env_int("DAYBOOK_MAX_STREAMS", 0, 1000000, &max_streams) ||
+	    !env_int("DAYBOOK_STREAM_BUFFER_MAX", 4096, 1073741824, &stream_buffer) ||
+	    !env_int("DAYBOOK_STREAM_KEEPALIVE_MS", 100, 15000, &keepalive_ms))
 		return 2;
 	if (tokens_open(&tokens, cfg.tokens_file, err, sizeof(err))) {
 		fprintf(stderr, "daybook-query: DAYBOOK_TOKENS_FILE: %s\n", err);
@@ -302,7 +318,10 @@ int main(int argc, char **argv)
 					   .tokens = tokens, .metrics = metrics, .workers = w,
 					   .nworkers = n, .waiters = &waiters,
 					   .max_waiters = (size_t)max_waiters,
-					   .probe_interval = (double)probe_ms / 1e3 };
+					   .probe_interval = (double)probe_ms / 1e3,
+					   .streams = &streams, .max_streams = (size_t)max_streams,
+					   .stream_buffer_max = (size_t)stream_buffer,
+					   .stream_keepalive = (double)keepalive_ms / 1e3 };
 	rc = start_all(w, n, threads, &started);
 	if (rc == 0)
 		rc = event_base_dispatch(w[0].base) < 0 ? 1 : 0;

@@ -17,6 +17,7 @@
 #include "redis.h"
 #include "tokens.h"
 #include "wait.h"
+#include "feed.h"
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
 #define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
@@ -63,6 +64,12 @@ struct query_ctx {
 	atomic_bool up;            /* SQL reachable and not stopping */
 	const struct query_ctx *workers; /* all of them (ctx of worker i at workers + i) */
 	int nworkers;
+	/* The event feed (feed.c): this worker's reader and streams. */
+	struct feed *feed;
+	size_t max_streams;        /* DAYBOOK_MAX_STREAMS, for all workers together */
+	atomic_size_t *streams;    /* how many are open now, in all workers (main's) */
+	size_t stream_buffer_max;  /* DAYBOOK_STREAM_BUFFER_MAX: unsent bytes before a cut */
+	double stream_keepalive;   /* DAYBOOK_STREAM_KEEPALIVE_MS, in seconds */
 };
 
 enum read_kind {

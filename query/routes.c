@@ -164,5 +164,7 @@ const struct http_route query_routes[] = {
 	  CONSISTENCY " after_version limit" },
 	{ "GET", "/transfers/*", "/transfers/{id}", SCOPE_READ, get_transfer, CONSISTENCY },
 	{ "GET", "/totals", "/totals", SCOPE_READ, get_totals, CONSISTENCY },
+	{ "GET", "/events", "/events", SCOPE_READ, feed_get_events, "after limit wait_ms type stream" },
+	{ "GET", "/events/stream", "/events/stream", SCOPE_READ, feed_get_stream, "after type stream" },
 };
 const size_t query_nroutes = sizeof(query_routes) / sizeof(query_routes[0]);

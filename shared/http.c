@@ -146,6 +146,23 @@ void http_reply_raw(struct http_request *req, int status, const char *content_ty
 		evbuffer_free(buf);
 }
 
+struct evhttp_request *http_reply_stream(struct http_request *req, int status,
+					 const char *content_type)
+{
+	struct http_server *srv = req->srv;
+	struct evhttp_request *ev = req->ev;
+
+	record(req, status);
+	http_set_header(req, "X-Request-Id", req->request_id);
+	http_set_header(req, "Content-Type", content_type);
+	evhttp_send_reply_start(ev, status, http_status_reason(status));
+	free(req->query);
+	free(req);
+	srv->inflight--;
+	metric_add(srv->inflight_gauge, -1);
+	return ev;
+}
+
 void http_reply_json(struct http_request *req, int status, json_t *body)
 {
 	char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;

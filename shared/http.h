@@ -110,6 +110,15 @@ json_t *http_problem_json(int status, const char *code, const char *title, const
 /* 400 invalid_request with `detail`. */
 void http_reply_invalid(struct http_request *req, const char *detail);
 
+/* Start a streamed (chunked) reply and take the connection over, for a long-lived
+ * response such as Server-Sent Events: the status line and headers are sent, the
+ * request counts as answered for the server (metrics, in flight, draining), and the
+ * caller owns the returned evhttp request: it sends with evhttp_send_reply_chunk and
+ * ends with evhttp_send_reply_end, or frees the connection, and learns of the peer
+ * closing through evhttp_connection_set_closecb. req is freed. */
+struct evhttp_request *http_reply_stream(struct http_request *req, int status,
+					 const char *content_type);
+
 /* Parse the JSON body of a POST: false after replying 400/413/415 itself. An empty
  * body gives *out NULL when allow_empty, else 400. Caller must json_decref *out. */
 bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)

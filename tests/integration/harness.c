@@ -256,15 +256,36 @@ static void start_service(struct service *svc, const char *name, const char *bin
 	}
 }
 
+/* Started and leading: a command restarted at once after a kill may first see its
+ * predecessor's lease session still alive, and stand by for a moment. */
+static void wait_leading(struct service *svc)
+{
+	if (!harness_wait_status(svc, "/readyz", 200, 20)) {
+		harness_print_log(svc);
+		harness_kill(svc);
+		cr_assert_fail("%s did not lead (ready) within 20 s", svc->name);
+	}
+}
+
 void harness_start_command(struct service *svc, const char *db)
 {
 	char pg[512];
 
 	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
 	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, NULL);
+	wait_leading(svc);
 }
 
 void harness_start_command_env(struct service *svc, const char *db, const char *const *env)
+{
+	char pg[512];
+
+	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
+	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, env);
+	wait_leading(svc);
+}
+
+void harness_start_command_standby(struct service *svc, const char *db, const char *const *env)
 {
 	char pg[512];
 
@@ -280,6 +301,22 @@ void harness_start_query(struct service *svc, const char *db, const char *redis_
 	harness_redis_url_as(redis_url, "daybook-query", url, sizeof(url));
 	harness_conninfo(db, "daybook_query", pg, sizeof(pg));
 	start_service(svc, "query", "DAYBOOK_QUERY_BIN", pg, env);
+}
+
+void harness_start_query_env(struct service *svc, const char *db, const char *redis_url,
+			     const char *const *env)
+{
+	char pg[512], url[HARNESS_REDIS_URL_MAX];
+	const char *all[32] = { "DAYBOOK_REDIS", url };
+	size_t n = 2;
+
+	for (size_t i = 0; env && env[i] && n + 2 < sizeof(all) / sizeof(all[0]); i += 2) {
+		all[n++] = env[i];
+		all[n++] = env[i + 1];
+	}
+	harness_redis_url_as(redis_url, "daybook-query", url, sizeof(url));
+	harness_conninfo(db, "daybook_query", pg, sizeof(pg));
+	start_service(svc, "query", "DAYBOOK_QUERY_BIN", pg, all);
 }
 
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url)

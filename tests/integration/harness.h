@@ -36,13 +36,19 @@ void harness_db_create(char *db, size_t len);
 /* A conninfo for db as role (NULL: the superuser), into out. */
 void harness_conninfo(const char *db, const char *role, char *out, size_t len);
 
-/* Start daybook-command against db and wait until /readyz says ready. */
+/* Start daybook-command against db and wait until /readyz says ready (it leads). */
 void harness_start_command(struct service *svc, const char *db);
 /* The same with extra environment: NULL-terminated name, value pairs. */
 void harness_start_command_env(struct service *svc, const char *db, const char *const *env);
+/* Start another daybook-command (env may be NULL) and wait until it is ready or stands
+ * by for the one that leads (/readyz 503 "standby"). */
+void harness_start_command_standby(struct service *svc, const char *db, const char *const *env);
 /* Start daybook-query against db (as role daybook_query) and Redis at redis_url
  * (redis://host:port/db), and wait until /readyz says ready. */
 void harness_start_query(struct service *svc, const char *db, const char *redis_url);
+/* The same with extra environment: NULL-terminated name, value pairs. */
+void harness_start_query_env(struct service *svc, const char *db, const char *redis_url,
+			     const char *const *env);
 /* Start daybook-projector against db and redis_url (its metrics port is svc->port). */
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url);
 /* Start a private redis-server on a free port (or on svc->port when `reuse_port`), with

@@ -1,5 +1,5 @@
-/* daybook-projector's leadership: claims and renews the projection's lease in
- * PostgreSQL (sql/010) and reports each new term, or its loss, to the caller. */
+/* Leadership by a lease in PostgreSQL (lease.h): claims and renews a lease row and
+ * reports each new term, or its loss, to the caller. */
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,10 +7,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "projector.h"
+#include "lease.h"
+#include "pg.h"
 
 struct lease {
 	struct lease_config cfg;
+	struct pg_statement statement; /* the claim */
 	struct pg *pg;
 	struct event *timer;
 	char holder[160];   /* this process, as the lease row names it */
@@ -20,10 +22,6 @@ struct lease {
 	bool claiming;
 	bool answered;      /* a claim has been answered since we started */
 	bool warned;        /* a failed claim was logged; quiet until one succeeds */
-};
-
-static const struct pg_statement statements[] = {
-	{ "claim", "SELECT projector_lease_claim($1, $2, $3::bigint, $4::float8, $5::int)" },
 };
 
 static double now(void)
@@ -47,6 +45,13 @@ void lease_lost(struct lease *l)
 	l->epoch = 0;
 }
 
+long long lease_epoch(struct lease *l)
+{
+	if (l->epoch && now() >= l->valid_until)
+		lose(l, "the lease was not renewed in time");
+	return l->epoch;
+}
+
 static void claim_done(void *arg, const struct pg_outcome *out)
 {
 	struct lease *l = arg;
@@ -61,7 +66,7 @@ static void claim_done(void *arg, const struct pg_outcome *out)
 	    PQntuples(results[0]) != 1) {
 		/* Not an answer: the lease may still be ours until valid_until. */
 		if (!l->warned && !error && n == 1)
-			log_warn(l->cfg.log, "claiming the projection lease failed: %s",
+			log_warn(l->cfg.log, "claiming the %s lease failed: %s", l->cfg.name,
 				 PQresultErrorMessage(results[0]));
 		l->warned = true;
 		return;
@@ -72,8 +77,10 @@ static void claim_done(void *arg, const struct pg_outcome *out)
 		/* Reported when a term ends, and once at the start so the caller stands by. */
 		if (l->epoch || !l->answered) {
 			l->epoch = 0;
-			l->cfg.on_change(l->cfg.arg, 0, l->answered ? "another projector took the lease"
-								  : "another projector holds the lease");
+			char why[96];
+			snprintf(why, sizeof(why), "another %s %s the lease", l->cfg.who,
+				 l->answered ? "took" : "holds");
+			l->cfg.on_change(l->cfg.arg, 0, why);
 		}
 		l->answered = true;
 		return;
@@ -90,7 +97,7 @@ static void claim_done(void *arg, const struct pg_outcome *out)
 static void claim(struct lease *l)
 {
 	char epoch[24], secs[16], writer[16];
-	const char *params[5] = { l->cfg.projection, l->holder, epoch, secs, writer };
+	const char *params[5] = { l->cfg.name, l->holder, epoch, secs, writer };
 
 	if (l->claiming || !pg_ready(l->pg))
 		return;
@@ -131,9 +138,8 @@ int lease_open(struct lease **out, const struct lease_config *cfg)
 	struct timespec ts;
 	struct timeval every = { LEASE_RENEW_S, 0 };
 	struct pg_config pgc = {
-		.conninfo = cfg->conninfo, .application_name = "daybook-projector lease",
-		.base = cfg->base, .log = cfg->log, .statements = statements,
-		.nstatements = sizeof(statements) / sizeof(statements[0]),
+		.conninfo = cfg->conninfo, .application_name = cfg->application_name,
+		.base = cfg->base, .log = cfg->log, .nstatements = 1,
 		/* A claim slower than the lease is worthless: connect again. */
 		.run_timeout = LEASE_SECONDS, .on_connect = on_connect,
 	};
@@ -142,6 +148,9 @@ int lease_open(struct lease **out, const struct lease_config *cfg)
 	if (!l)
 		return -1;
 	l->cfg = *cfg;
+	l->statement.name = "claim";
+	l->statement.sql = cfg->claim_sql;
+	pgc.statements = &l->statement;
 	pgc.arg = l;
 	/* Unique per process and per start, also across hosts and pid reuse. */
 	gethostname(host, sizeof(host) - 1);

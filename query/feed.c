@@ -1,0 +1,959 @@
+/* daybook-query's event feed: pages of the whole log in reader order (GET /events,
+ * with long-poll) and Server-Sent Events (GET /events/stream) fed by one live reader
+ * per worker, on a PostgreSQL connection of the feed's own.
+ *
+ * Reader order is the projector's: (txid, position), reading only below
+ * pg_snapshot_xmin(pg_current_snapshot()), so that a transaction that commits late is
+ * never skipped and nothing is read twice. Each page's statement also reads the
+ * readable horizon (the last event below that xmin) in the same snapshot: a page
+ * shorter than its limit has read everything up to the horizon, so next_after may
+ * move there even when the filters dropped every event on the way.
+ *
+ * Streams: a new stream first catches up by itself, a page at a time, each page sent
+ * only once the previous one has left the process. Once it has reached the live
+ * reader's position it is live: one unfiltered read per wake-up (a waiter of the
+ * waiting room, model WAIT_LOG, woken by NOTIFY daybook_events through the shared
+ * probe) serves every live stream, each getting the events past its own position
+ * that pass its filters. A live stream whose unsent output passes the bound is cut
+ * off; it resumes by Last-Event-ID. */
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "feed.h"
+#include "query.h"
+
+#define PAGE_MAX 1000
+#define RUN_BATCH 64       /* pages in one pipelined run */
+#define QUEUE_MAX 20000    /* queued long-polls beyond this get 503 */
+#define RUN_TIMEOUT 10.0
+#define LIVE_WAIT 60.0     /* the live reader's waiter deadline (it is re-armed) */
+#define RETRY_SECONDS 0.5  /* a failed live or catch-up read is tried again after this */
+#define WAIT_MS_MAX 30000
+
+#define UTC_TEXT(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+/* One page: the horizon in every row (columns 0, 1), then per event its txid,
+ * position, type, stream and the event object as JSON text, built by PostgreSQL
+ * (one row with NULL events when none). $4 (text[]) and $5 filter when not NULL.
+ * Stream names and types need no escaping: the event store's CHECKs allow no quote. */
+static const struct pg_statement statements[] = {
+	{ "feed_page",
+	  "WITH x AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),"
+	  " head AS (SELECT e.txid, e.position FROM events e, x WHERE e.txid < x.xmin"
+	  " ORDER BY e.txid DESC, e.position DESC LIMIT 1)"
+	  " SELECT coalesce((SELECT txid::text FROM head), '0'),"
+	  " coalesce((SELECT position FROM head), 0),"
+	  " p.txid::text, p.position, p.type, p.stream, p.j"
+	  " FROM (SELECT 1) one LEFT JOIN LATERAL ("
+	  "SELECT e.txid, e.position, e.type, e.stream,"
+	  " '{\"position\":\"' || e.txid::text || '.' || e.position || '\",\"stream\":\"' || e.stream"
+	  " || '\",\"version\":' || e.version || ',\"type\":\"' || e.type || '\",\"data\":' || e.data::text"
+	  " || ',\"metadata\":' || e.metadata::text || ',\"recorded_at\":\"' || "
+	  UTC_TEXT("e.recorded_at") " || '\"}' AS j"
+	  " FROM events e, x WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"
+	  " AND e.txid < x.xmin"
+	  " AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"
+	  " AND ($5::text IS NULL OR e.stream = $5::text)"
+	  " ORDER BY e.txid, e.position LIMIT $3::integer) p ON true"
+	  " ORDER BY p.txid, p.position" },
+};
+
+static const char *const type_names[] = {
+	"AccountOpened", "FundsDeposited", "FundsWithdrawn", "TransferSent", "TransferReceived",
+	"AccountClosed",
+};
+#define NTYPES (sizeof(type_names) / sizeof(type_names[0]))
+#define STREAM_NAME_MAX 80
+
+struct filter {
+	unsigned types;                /* bit i: type_names[i]; 0: every type */
+	char stream[STREAM_NAME_MAX];  /* "" for every stream */
+};
+
+enum page_kind {
+	PAGE_POLL,    /* GET /events */
+	PAGE_LIVE,    /* the live reader */
+	PAGE_CATCHUP, /* a stream behind the live reader */
+};
+
+struct stream;
+
+struct page {
+	struct page *next; /* in the queue or the run in flight */
+	struct feed *feed;
+	enum page_kind kind;
+	struct readmodel_position after;
+	int limit;
+	struct filter filter;
+	uint64_t wait_seq;        /* waitset_seq when the page was queued */
+	struct waiter wait;       /* POLL and LIVE */
+	struct http_request *req; /* POLL */
+	double deadline;          /* POLL */
+	int attempts;             /* POLL */
+	struct stream *stream;    /* CATCHUP */
+};
+
+struct stream {
+	struct stream *prev, *next; /* in feed->streams */
+	struct feed *feed;
+	struct evhttp_request *ev;  /* NULL once the connection is gone */
+	struct evbuffer *out;       /* frames of the batch being delivered */
+	struct filter filter;
+	struct readmodel_position pos; /* everything up to here is sent (or filtered out) */
+	bool live;
+	bool busy;     /* its catch-up page is queued or in flight */
+	bool draining; /* waits for its output to leave before the next catch-up page */
+	struct page catchup;
+};
+
+struct feed {
+	struct query_ctx *ctx;
+	struct pg *pg;
+	struct page *head, *tail; /* queued, not yet sent */
+	size_t queued;
+	struct page *batch;       /* the run in flight */
+	struct stream *streams;
+	size_t nstreams;
+	size_t nlive;
+	struct readmodel_position at; /* the live reader has read up to here */
+	struct page live;
+	bool live_busy, live_waiting;
+	struct event *keepalive, *retry;
+	bool stopping;
+	struct metric *m_streams, *m_slow, *m_live_reads, *m_pages;
+};
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void kick(struct feed *feed);
+static void live_start(struct feed *feed);
+static void stream_catchup(struct stream *s);
+static void stream_gone(struct stream *s);
+
+/* --- parameters ----------------------------------------------------------------- */
+
+/* A token that the statement can take: the position is a bigint. */
+static bool parse_token(const char *text, struct readmodel_position *out)
+{
+	return readmodel_position_parse(text, out) && out->position <= (uint64_t)INT64_MAX;
+}
+
+static bool parse_types(const char *text, unsigned *out)
+{
+	const char *p = text;
+
+	*out = 0;
+	for (;;) {
+		const char *comma = strchr(p, ',');
+		size_t len = comma ? (size_t)(comma - p) : strlen(p);
+		size_t i;
+		for (i = 0; i < NTYPES; i++)
+			if (strlen(type_names[i]) == len && memcmp(type_names[i], p, len) == 0)
+				break;
+		if (i == NTYPES)
+			return false;
+		*out |= 1u << i;
+		if (!comma)
+			return true;
+		p = comma + 1;
+	}
+}
+
+/* A stream name as the event store allows it: ^[a-z]+-[A-Za-z0-9._:-]{1,64}$. */
+static bool valid_stream(const char *s)
+{
+	size_t i = 0, n;
+
+	if (strlen(s) >= STREAM_NAME_MAX)
+		return false;
+	while (s[i] >= 'a' && s[i] <= 'z')
+		i++;
+	if (i == 0 || s[i] != '-')
+		return false;
+	n = strlen(s + i + 1);
+	return n >= 1 && n <= 64 && ledger_valid_id(s + i + 1);
+}
+
+static bool int_param(struct http_request *req, const char *name, long min, long max, int *out)
+{
+	const char *v = http_query(req, name);
+	long n = 0;
+	size_t i = 0;
+
+	if (!v)
+		return true;
+	for (; v[i] >= '0' && v[i] <= '9' && i < 10; i++)
+		n = n * 10 + (v[i] - '0');
+	if (i > 0 && v[i] == '\0' && n >= min && n <= max) {
+		*out = (int)n;
+		return true;
+	}
+	http_reply_problem(req, 400, "invalid_request", "Invalid request",
+			   "query parameter '%s' must be an integer from %ld to %ld", name, min, max);
+	return false;
+}
+
+/* after (or, for streams, Last-Event-ID, which wins), type and stream; false after
+ * replying 400. */
+static bool feed_params(struct http_request *req, bool sse, struct readmodel_position *after,
+			struct filter *f)
+{
+	const char *last = sse ? http_header(req, "Last-Event-ID") : NULL;
+	const char *a = last && *last ? last : http_query(req, "after");
+	const char *types = http_query(req, "type");
+	const char *stream = http_query(req, "stream");
+
+	*after = (struct readmodel_position){ 0, 0 };
+	memset(f, 0, sizeof(*f));
+	if (a && !parse_token(a, after)) {
+		http_reply_problem(req, 400, "invalid_request", "Invalid request",
+				   "%s must be a position token \"<txid>.<position>\" as returned by a "
+				   "write or the feed",
+				   a == last ? "header 'Last-Event-ID'" : "query parameter 'after'");
+		return false;
+	}
+	if (types && !parse_types(types, &f->types)) {
+		http_reply_problem(req, 400, "invalid_request", "Invalid request",
+				   "query parameter 'type' must be a comma list of event types "
+				   "(AccountOpened, FundsDeposited, FundsWithdrawn, TransferSent, "
+				   "TransferReceived, AccountClosed)");
+		return false;
+	}
+	if (stream && !valid_stream(stream)) {
+		http_reply_problem(req, 400, "invalid_request", "Invalid request",
+				   "query parameter 'stream' must be a stream name such as "
+				   "account-<id>");
+		return false;
+	}
+	if (stream)
+		snprintf(f->stream, sizeof(f->stream), "%s", stream);
+	return true;
+}
+
+static bool matches(const struct filter *f, const char *type, const char *stream)
+{
+	if (f->types) {
+		size_t i;
+		for (i = 0; i < NTYPES; i++)
+			if ((f->types & (1u << i)) && strcmp(type_names[i], type) == 0)
+				break;
+		if (i == NTYPES)
+			return false;
+	}
+	return !f->stream[0] || strcmp(f->stream, stream) == 0;
+}
+
+/* --- the connection and its queue ---------------------------------------------- */
+
+static void submit(struct feed *feed, struct page *page)
+{
+	page->next = NULL;
+	page->wait_seq = waitset_seq(feed->ctx->waits);
+	if (feed->tail)
+		feed->tail->next = page;
+	else
+		feed->head = page;
+	feed->tail = page;
+	feed->queued++;
+	kick(feed);
+}
+
+static void types_literal(unsigned types, char *buf, size_t len)
+{
+	size_t at = 0;
+
+	buf[at++] = '{';
+	for (size_t i = 0; i < NTYPES; i++)
+		if (types & (1u << i))
+			at += (size_t)snprintf(buf + at, len - at, "%s%s", at > 1 ? "," : "",
+					       type_names[i]);
+	snprintf(buf + at, len - at, "}");
+}
+
+static bool queue_page(struct feed *feed, const struct page *page)
+{
+	char txid[24], pos[24], limit[16], types[128];
+	const char *values[5] = { txid, pos, limit, NULL, NULL };
+
+	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)page->after.txid);
+	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)page->after.position);
+	snprintf(limit, sizeof(limit), "%d", page->limit);
+	if (page->filter.types) {
+		types_literal(page->filter.types, types, sizeof(types));
+		values[3] = types;
+	}
+	if (page->filter.stream[0])
+		values[4] = page->filter.stream;
+	return pg_queue(feed->pg, "feed_page", 5, values);
+}
+
+static void on_run_done(void *arg, const struct pg_outcome *out);
+
+static void kick(struct feed *feed)
+{
+	struct page *first = feed->head, *last = NULL, *p;
+	size_t n = 0;
+
+	if (feed->batch || !first || !pg_ready(feed->pg))
+		return;
+	for (p = first; p && n < RUN_BATCH; last = p, p = p->next, n++)
+		if (!queue_page(feed, p))
+			return; /* the connection is being reset; the pages stay queued */
+	last->next = NULL;
+	feed->head = p;
+	if (!p)
+		feed->tail = NULL;
+	feed->queued -= n;
+	feed->batch = first;
+	if (!pg_run(feed->pg, on_run_done, feed) && feed->batch) {
+		/* Nothing was sent: put them back in front. */
+		last->next = feed->head;
+		feed->head = first;
+		if (!feed->tail)
+			feed->tail = last;
+		feed->queued += n;
+		feed->batch = NULL;
+	}
+}
+
+/* --- results ---------------------------------------------------------------------- */
+
+struct rows {
+	const PGresult *res;
+	int n;                             /* events */
+	struct readmodel_position horizon; /* the last readable event */
+};
+
+static uint64_t u64(const PGresult *res, int row, int col)
+{
+	return strtoull(PQgetvalue(res, row, col), NULL, 10);
+}
+
+static struct readmodel_position row_position(const PGresult *res, int row)
+{
+	return (struct readmodel_position){ u64(res, row, 2), u64(res, row, 3) };
+}
+
+static bool read_rows(const PGresult *res, struct rows *r)
+{
+	if (PQntuples(res) < 1 || PQnfields(res) != 7)
+		return false;
+	r->res = res;
+	r->horizon = (struct readmodel_position){ u64(res, 0, 0), u64(res, 0, 1) };
+	r->n = PQgetisnull(res, 0, 2) ? 0 : PQntuples(res);
+	return true;
+}
+
+/* Where the next page starts: after the last event of a full page; otherwise
+ * everything up to the horizon has been read (and never before `after`). */
+static struct readmodel_position next_after(const struct page *page, const struct rows *r)
+{
+	if (r->n > 0 && r->n >= page->limit)
+		return row_position(r->res, r->n - 1);
+	return readmodel_position_cmp(&r->horizon, &page->after) > 0 ? r->horizon : page->after;
+}
+
+static void token(const struct readmodel_position *p, char *buf, size_t len)
+{
+	snprintf(buf, len, "%llu.%llu", (unsigned long long)p->txid, (unsigned long long)p->position);
+}
+
+/* --- GET /events ---------------------------------------------------------------- */
+
+static void poll_free(struct page *page)
+{
+	waitset_done(page->feed->ctx->waits, &page->wait);
+	free(page);
+}
+
+static void poll_reply(struct page *page, const struct rows *r, const struct readmodel_position *next)
+{
+	static const char head[] = "{\"events\":[", mid[] = "],\"next_after\":\"", tail[] = "\"}";
+	char after[QUERY_POSITION_MAX];
+	size_t len = sizeof(head) + sizeof(mid) + sizeof(tail) + sizeof(after), at = 0;
+	char *body;
+
+	token(next, after, sizeof(after));
+	for (int i = 0; r && i < r->n; i++)
+		len += (size_t)PQgetlength(r->res, i, 6) + 1;
+	if (!(body = malloc(len))) {
+		http_reply_problem(page->req, 503, "unavailable", "Service unavailable", "out of memory");
+		poll_free(page);
+		return;
+	}
+	memcpy(body, head, sizeof(head) - 1);
+	at = sizeof(head) - 1;
+	for (int i = 0; r && i < r->n; i++) {
+		size_t n = (size_t)PQgetlength(r->res, i, 6);
+		if (i)
+			body[at++] = ',';
+		memcpy(body + at, PQgetvalue(r->res, i, 6), n);
+		at += n;
+	}
+	at += (size_t)snprintf(body + at, len - at, "%s%s%s", mid, after, tail);
+	http_set_header(page->req, "X-Daybook-Position", after);
+	http_reply_raw(page->req, 200, "application/json", body, at);
+	free(body);
+	poll_free(page);
+}
+
+static void poll_wake(struct waiter *w, bool expired)
+{
+	struct page *page = (struct page *)(void *)((char *)w - offsetof(struct page, wait));
+
+	if (expired || page->feed->stopping)
+		poll_reply(page, NULL, &page->after);
+	else
+		submit(page->feed, page);
+}
+
+static void poll_done(struct page *page, const struct rows *r)
+{
+	struct feed *feed = page->feed;
+	struct readmodel_position next = next_after(page, r);
+
+	if (r->n > 0 || now() >= page->deadline || feed->stopping) {
+		poll_reply(page, r, &next);
+		return;
+	}
+	/* Nothing yet: wait for the log to pass what was read. */
+	page->after = next;
+	page->wait.min = (struct readmodel_position){ next.txid, next.position + 1 };
+	page->wait.deadline = page->deadline;
+	page->wait.model = WAIT_LOG;
+	page->wait.wake = poll_wake;
+	switch (waitset_add(feed->ctx->waits, &page->wait, page->wait_seq)) {
+	case WAIT_ADDED:
+		break;
+	case WAIT_AGAIN:
+		submit(feed, page);
+		break;
+	case WAIT_FULL:
+		http_set_header(page->req, "Retry-After", "1");
+		http_reply_problem(page->req, 503, "too_many_waiters", "Too many waiting reads",
+				   "%zu reads already wait; retry later", feed->ctx->max_waiters);
+		poll_free(page);
+		break;
+	}
+}
+
+static void poll_failed(struct page *page, const char *why, bool retry)
+{
+	struct feed *feed = page->feed;
+
+	if (retry && ++page->attempts < 3 && pg_connected(feed->pg)) {
+		submit(feed, page);
+		return;
+	}
+	log_warn(&feed->ctx->log, "feed read failed: %s", why);
+	http_reply_problem(page->req, retry ? 503 : 500, retry ? "unavailable" : "internal",
+			   retry ? "Service unavailable" : "Internal error",
+			   "the event store cannot be read: %s", retry ? why : "the read failed");
+	poll_free(page);
+}
+
+void feed_get_events(struct http_request *req, void *arg)
+{
+	struct query_ctx *ctx = arg;
+	struct feed *feed = ctx->feed;
+	struct page *page;
+	int limit = 100, wait_ms = 0;
+	struct readmodel_position after;
+	struct filter f;
+
+	if (!feed_params(req, false, &after, &f) || !int_param(req, "limit", 1, PAGE_MAX, &limit) ||
+	    !int_param(req, "wait_ms", 0, WAIT_MS_MAX, &wait_ms))
+		return;
+	if (!pg_connected(feed->pg) || feed->queued >= QUEUE_MAX) {
+		http_reply_problem(req, 503, "unavailable", "Service unavailable",
+				   "the event store cannot be reached: %s", pg_last_error(feed->pg));
+		return;
+	}
+	if (!(page = calloc(1, sizeof(*page)))) {
+		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		return;
+	}
+	*page = (struct page){ .feed = feed, .kind = PAGE_POLL, .after = after, .limit = limit,
+			       .filter = f, .req = req, .deadline = now() + wait_ms / 1e3 };
+	metric_add(feed->m_pages, 1);
+	submit(feed, page);
+}
+
+/* --- streams -------------------------------------------------------------------- */
+
+static struct bufferevent *stream_bev(const struct stream *s)
+{
+	return evhttp_connection_get_bufferevent(evhttp_request_get_connection(s->ev));
+}
+
+static size_t unsent(const struct stream *s)
+{
+	return evbuffer_get_length(bufferevent_get_output(stream_bev(s)));
+}
+
+static void stream_free(struct stream *s)
+{
+	if (s->out)
+		evbuffer_free(s->out);
+	free(s);
+}
+
+/* The connection is gone (closed by the peer, cut off, or shut down): leave the
+ * feed; the memory goes once no page of its own is in flight. */
+static void stream_gone(struct stream *s)
+{
+	struct feed *feed = s->feed;
+
+	if (!s->ev)
+		return;
+	s->ev = NULL;
+	if (s->live)
+		feed->nlive--;
+	s->live = false;
+	if (s->prev)
+		s->prev->next = s->next;
+	else
+		feed->streams = s->next;
+	if (s->next)
+		s->next->prev = s->prev;
+	feed->nstreams--;
+	atomic_fetch_sub(feed->ctx->streams, 1);
+	metric_add(feed->m_streams, -1);
+	if (!s->busy)
+		stream_free(s);
+}
+
+static void on_stream_close(struct evhttp_connection *evcon, void *arg)
+{
+	(void)evcon;
+	stream_gone(arg);
+}
+
+/* Drop the connection now (too slow, or shutting down); s may be freed. */
+static void stream_cut(struct stream *s)
+{
+	struct evhttp_connection *evcon = evhttp_request_get_connection(s->ev);
+
+	evhttp_connection_set_closecb(evcon, NULL, NULL);
+	stream_gone(s);
+	evhttp_connection_free(evcon);
+}
+
+/* Send the batch's frames (s->out); false when the stream was cut off for being
+ * too slow (s may be freed then): when what it was sent before is still unsent
+ * beyond the bound. (Not counting this batch: one large batch after a pause is not
+ * the consumer's fault; failing to take the last one in time is.) */
+static bool stream_flush(struct stream *s, void (*drained)(struct evhttp_connection *, void *))
+{
+	struct feed *feed = s->feed;
+	size_t backlog = unsent(s);
+
+	if (backlog > feed->ctx->stream_buffer_max) {
+		log_info(&feed->ctx->log, "a stream is too slow (%zu bytes unsent): disconnected at "
+					  "%llu.%llu",
+			 backlog, (unsigned long long)s->pos.txid, (unsigned long long)s->pos.position);
+		metric_add(feed->m_slow, 1);
+		stream_cut(s);
+		return false;
+	}
+	if (evbuffer_get_length(s->out) == 0 && !drained)
+		return true;
+	evhttp_send_reply_chunk_with_cb(s->ev, s->out, drained, drained ? s : NULL);
+	return true;
+}
+
+static void add_frame(struct evbuffer *out, const PGresult *res, int row)
+{
+	evbuffer_add_printf(out, "id: %s.%s\nevent: %s\ndata: ", PQgetvalue(res, row, 2),
+			    PQgetvalue(res, row, 3), PQgetvalue(res, row, 4));
+	evbuffer_add(out, PQgetvalue(res, row, 6), (size_t)PQgetlength(res, row, 6));
+	evbuffer_add(out, "\n\n", 2);
+}
+
+static void stream_live(struct stream *s)
+{
+	struct feed *feed = s->feed;
+
+	s->live = true;
+	feed->nlive++;
+	live_start(feed);
+}
+
+static void on_drained(struct evhttp_connection *evcon, void *arg)
+{
+	struct stream *s = arg;
+
+	(void)evcon;
+	if (!s->draining)
+		return;
+	s->draining = false;
+	stream_catchup(s);
+}
+
+static void catchup_done(struct stream *s, const struct rows *r)
+{
+	struct feed *feed = s->feed;
+	bool full = r->n >= s->catchup.limit;
+
+	s->busy = false;
+	if (!s->ev) {
+		stream_free(s);
+		return;
+	}
+	for (int i = 0; i < r->n; i++)
+		add_frame(s->out, r->res, i);
+	s->pos = next_after(&s->catchup, r);
+	if (full) {
+		/* The next page once this one has left the process. */
+		s->draining = true;
+		stream_flush(s, on_drained);
+		return;
+	}
+	if (!stream_flush(s, NULL))
+		return;
+	/* Caught up: live if the live reader is not ahead of it (when no stream is live
+	 * and no live read is in flight, the reader starts from here). */
+	if (feed->nlive == 0 && !feed->live_busy)
+		feed->at = s->pos;
+	if (readmodel_position_cmp(&s->pos, &feed->at) >= 0)
+		stream_live(s);
+	else
+		stream_catchup(s);
+}
+
+static void stream_catchup(struct stream *s)
+{
+	struct page *page = &s->catchup;
+
+	*page = (struct page){ .feed = s->feed, .kind = PAGE_CATCHUP, .after = s->pos,
+			       .limit = PAGE_MAX, .filter = s->filter, .stream = s };
+	s->busy = true;
+	submit(s->feed, page);
+}
+
+void feed_get_stream(struct http_request *req, void *arg)
+{
+	struct query_ctx *ctx = arg;
+	struct feed *feed = ctx->feed;
+	struct stream *s;
+	struct readmodel_position after;
+	struct filter f;
+
+	if (!feed_params(req, true, &after, &f))
+		return;
+	if (feed->stopping || !pg_connected(feed->pg)) {
+		http_set_header(req, "Retry-After", "1");
+		http_reply_problem(req, 503, "unavailable", "Service unavailable",
+				   "the event store cannot be reached: %s",
+				   feed->stopping ? "shutting down" : pg_last_error(feed->pg));
+		return;
+	}
+	if (atomic_fetch_add(ctx->streams, 1) >= ctx->max_streams) {
+		atomic_fetch_sub(ctx->streams, 1);
+		http_set_header(req, "Retry-After", "5");
+		http_reply_problem(req, 503, "too_many_streams", "Too many streams",
+				   "%zu event streams are open, the most this service keeps "
+				   "(DAYBOOK_MAX_STREAMS); retry later",
+				   ctx->max_streams);
+		return;
+	}
+	s = calloc(1, sizeof(*s));
+	if (!s || !(s->out = evbuffer_new())) {
+		free(s);
+		atomic_fetch_sub(ctx->streams, 1);
+		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
+		return;
+	}
+	s->feed = feed;
+	s->filter = f;
+	s->pos = after;
+	http_set_header(req, "Cache-Control", "no-cache");
+	s->ev = http_reply_stream(req, 200, "text/event-stream");
+	/* A stream outlives the server's idle timeout: the keepalive comments write. */
+	evhttp_connection_set_timeout(evhttp_request_get_connection(s->ev), 24 * 3600);
+	evhttp_connection_set_closecb(evhttp_request_get_connection(s->ev), on_stream_close, s);
+	s->next = feed->streams;
+	if (s->next)
+		s->next->prev = s;
+	feed->streams = s;
+	feed->nstreams++;
+	metric_add(feed->m_streams, 1);
+	evbuffer_add_printf(s->out, ": daybook feed\nretry: 1000\n\n");
+	if (!stream_flush(s, NULL))
+		return;
+	stream_catchup(s);
+}
+
+/* --- the live reader --------------------------------------------------------------- */
+
+static void live_wake(struct waiter *w, bool expired)
+{
+	struct feed *feed = (struct feed *)(void *)((char *)w - offsetof(struct feed, live.wait));
+
+	(void)expired;
+	feed->live_waiting = false;
+	live_start(feed);
+}
+
+static void live_start(struct feed *feed)
+{
+	if (feed->live_busy || feed->live_waiting || feed->nlive == 0 || feed->stopping)
+		return;
+	feed->live = (struct page){ .feed = feed, .kind = PAGE_LIVE, .after = feed->at,
+				    .limit = PAGE_MAX, .wait = feed->live.wait };
+	feed->live_busy = true;
+	metric_add(feed->m_live_reads, 1);
+	submit(feed, &feed->live);
+}
+
+static void live_wait(struct feed *feed)
+{
+	struct page *page = &feed->live;
+
+	if (feed->nlive == 0 || feed->stopping)
+		return;
+	page->wait.min = (struct readmodel_position){ feed->at.txid, feed->at.position + 1 };
+	page->wait.deadline = now() + LIVE_WAIT;
+	page->wait.model = WAIT_LOG;
+	page->wait.wake = live_wake;
+	switch (waitset_add(feed->ctx->waits, &page->wait, page->wait_seq)) {
+	case WAIT_ADDED:
+		feed->live_waiting = true;
+		break;
+	case WAIT_AGAIN:
+		live_start(feed);
+		break;
+	case WAIT_FULL: {
+		struct timeval later = { 0, (suseconds_t)(RETRY_SECONDS * 1e6) };
+		evtimer_add(feed->retry, &later);
+		break;
+	}
+	}
+}
+
+static void live_done(struct feed *feed, const struct rows *r)
+{
+	struct readmodel_position next = next_after(&feed->live, r);
+	bool full = r->n >= feed->live.limit;
+	struct stream *s, *following;
+
+	feed->live_busy = false;
+	for (int i = 0; i < r->n; i++) {
+		struct readmodel_position p = row_position(r->res, i);
+		const char *type = PQgetvalue(r->res, i, 4), *stream = PQgetvalue(r->res, i, 5);
+		for (s = feed->streams; s; s = s->next)
+			if (s->live && readmodel_position_cmp(&p, &s->pos) > 0 &&
+			    matches(&s->filter, type, stream))
+				add_frame(s->out, r->res, i);
+	}
+	for (s = feed->streams; s; s = following) {
+		following = s->next;
+		if (!s->live)
+			continue;
+		if (readmodel_position_cmp(&next, &s->pos) > 0)
+			s->pos = next;
+		stream_flush(s, NULL); /* may cut it off */
+	}
+	feed->at = next;
+	if (full)
+		live_start(feed);
+	else
+		live_wait(feed);
+}
+
+static void on_retry(evutil_socket_t fd, short what, void *arg)
+{
+	struct feed *feed = arg;
+
+	(void)fd;
+	(void)what;
+	live_start(feed);
+	for (struct stream *s = feed->streams; s; s = s->next)
+		if (!s->live && !s->busy && !s->draining)
+			stream_catchup(s);
+}
+
+static void page_failed(struct page *page, const char *why, bool retry)
+{
+	struct feed *feed = page->feed;
+	struct timeval later = { 0, (suseconds_t)(RETRY_SECONDS * 1e6) };
+
+	switch (page->kind) {
+	case PAGE_POLL:
+		poll_failed(page, why, retry);
+		return;
+	case PAGE_LIVE:
+		feed->live_busy = false;
+		break;
+	case PAGE_CATCHUP:
+		page->stream->busy = false;
+		if (!page->stream->ev) {
+			stream_free(page->stream);
+			return;
+		}
+		break;
+	}
+	log_warn(&feed->ctx->log, "feed read failed (tried again): %s", why);
+	evtimer_add(feed->retry, &later);
+}
+
+static void on_run_done(void *arg, const struct pg_outcome *out)
+{
+	struct feed *feed = arg;
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	struct page *page = feed->batch, *next;
+	size_t i = 0;
+
+	feed->batch = NULL;
+	for (; page; page = next, i++) {
+		struct rows r;
+		next = page->next;
+		page->next = NULL;
+		if (error || i >= out->n) {
+			page_failed(page, error ? error : "no result", true);
+			continue;
+		}
+		if (PQresultStatus(out->results[i]) != PGRES_TUPLES_OK) {
+			bool aborted = PQresultStatus(out->results[i]) == PGRES_PIPELINE_ABORTED;
+			page_failed(page, aborted ? "pipeline aborted" : PQresultErrorMessage(out->results[i]),
+				    aborted);
+			continue;
+		}
+		if (!read_rows(out->results[i], &r)) {
+			page_failed(page, "malformed result", false);
+			continue;
+		}
+		switch (page->kind) {
+		case PAGE_POLL:
+			poll_done(page, &r);
+			break;
+		case PAGE_LIVE:
+			live_done(feed, &r);
+			break;
+		case PAGE_CATCHUP:
+			catchup_done(page->stream, &r);
+			break;
+		}
+	}
+	kick(feed);
+}
+
+/* --- keepalive, life cycle ------------------------------------------------------- */
+
+static void on_keepalive(evutil_socket_t fd, short what, void *arg)
+{
+	struct feed *feed = arg;
+	struct stream *s, *following;
+
+	(void)fd;
+	(void)what;
+	for (s = feed->streams; s; s = following) {
+		following = s->next;
+		if (s->draining)
+			continue; /* its catch-up is on the way (and the callback is its own) */
+		evbuffer_add(s->out, ": keepalive\n\n", 13);
+		stream_flush(s, NULL);
+	}
+}
+
+static void on_connect(void *arg)
+{
+	kick(arg);
+}
+
+bool feed_connected(const struct feed *feed)
+{
+	return feed && pg_connected(feed->pg);
+}
+
+const char *feed_last_error(const struct feed *feed)
+{
+	return feed ? pg_last_error(feed->pg) : "not started";
+}
+
+size_t feed_streams(const struct feed *feed)
+{
+	return feed ? feed->nstreams : 0;
+}
+
+int feed_open(struct feed **out, struct query_ctx *ctx)
+{
+	struct feed *feed = calloc(1, sizeof(*feed));
+	double ka = ctx->stream_keepalive;
+	struct timeval tv = { (time_t)ka, (suseconds_t)((ka - (double)(time_t)ka) * 1e6) };
+	struct pg_config pc = {
+		.conninfo = ctx->cfg.pg, .application_name = "daybook-query-feed", .base = ctx->base,
+		.log = &ctx->log, .statements = statements,
+		.nstatements = sizeof(statements) / sizeof(statements[0]), .run_timeout = RUN_TIMEOUT,
+		.on_connect = on_connect, .arg = feed,
+	};
+
+	*out = NULL;
+	if (!feed)
+		return -1;
+	feed->ctx = ctx;
+	feed->keepalive = event_new(ctx->base, -1, EV_PERSIST, on_keepalive, feed);
+	feed->retry = evtimer_new(ctx->base, on_retry, feed);
+	if (!feed->keepalive || !feed->retry || pg_open(&feed->pg, &pc)) {
+		feed_close(&feed);
+		return -1;
+	}
+	evtimer_add(feed->keepalive, &tv);
+	feed->m_streams = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_query_feed_streams",
+				      "Open event streams (GET /events/stream).", "", NULL, 0);
+	feed->m_slow = metrics_get(ctx->metrics, METRIC_COUNTER,
+				   "daybook_query_feed_slow_disconnects_total",
+				   "Event streams cut off because their unsent output passed the bound.",
+				   "", NULL, 0);
+	feed->m_live_reads = metrics_get(ctx->metrics, METRIC_COUNTER,
+					 "daybook_query_feed_live_reads_total",
+					 "Reads of the shared live reader that serves every live stream.",
+					 "", NULL, 0);
+	feed->m_pages = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_pages_total",
+				    "GET /events requests.", "", NULL, 0);
+	*out = feed;
+	return 0;
+}
+
+void feed_stop(struct feed *feed)
+{
+	if (!feed || feed->stopping)
+		return;
+	feed->stopping = true;
+	while (feed->streams) {
+		struct stream *s = feed->streams;
+		struct evhttp_request *ev = s->ev;
+		evhttp_connection_set_closecb(evhttp_request_get_connection(ev), NULL, NULL);
+		stream_gone(s);
+		evhttp_send_reply_end(ev);
+	}
+}
+
+void feed_close(struct feed **feedp)
+{
+	struct feed *feed = *feedp;
+
+	if (!feed)
+		return;
+	feed_stop(feed);
+	if (feed->keepalive)
+		event_free(feed->keepalive);
+	if (feed->retry)
+		event_free(feed->retry);
+	pg_close(&feed->pg);
+	free(feed);
+	*feedp = NULL;
+}
