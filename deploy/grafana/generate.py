@@ -57,6 +57,7 @@ panel("5xx ratio", [(f'sum by (job) (rate(daybook_http_requests_total{FIVEXX}[$_
 panel("Latency p99 by route and status", [(f'histogram_quantile(0.99, sum by (job, route, status, le) (rate(daybook_http_request_duration_seconds_bucket{sel(API)}[$__rate_interval])))', "{{job}} {{route}} {{status}}")], "s")
 panel("Latency p50 by route", [(f'histogram_quantile(0.5, sum by (job, route, le) (rate(daybook_http_request_duration_seconds_bucket{sel(API)}[$__rate_interval])))', "{{job}} {{route}}")], "s")
 panel("Requests in flight", [(f'sum by (job, instance) (daybook_http_requests_in_flight{J})', "{{job}} {{instance}}")])
+panel("Connections", [(f'sum by (job, instance) (daybook_http_connections_open{J})', "open {{job}} {{instance}}"), (f'sum by (job, reason) (rate(daybook_http_connections_closed_total{J}[$__rate_interval]))', "closed {{job}} {{reason}}")])
 panel("/readyz answers", [(f'sum by (job, instance, status) (rate(daybook_http_requests_total{READYZ}[$__rate_interval]))', "{{job}} {{instance}} {{status}}")], "reqps")
 
 newrow("Writes (daybook-command)")
@@ -64,6 +65,7 @@ panel("Events appended", [(f'sum by (instance) (rate(daybook_events_appended_tot
 panel("Commit latency", [(f'histogram_quantile(0.5, sum by (le) (rate(daybook_append_commit_seconds_bucket{J}[$__rate_interval])))', "p50"), (f'histogram_quantile(0.99, sum by (le) (rate(daybook_append_commit_seconds_bucket{J}[$__rate_interval])))', "p99")], "s")
 panel("Batch sizes", [(f'sum(rate(daybook_append_batch_size_sum{J}[$__rate_interval])) / sum(rate(daybook_append_batch_size_count{J}[$__rate_interval]))', "commands per batch (mean)"), (f'sum(rate(daybook_append_batch_events_sum{J}[$__rate_interval])) / sum(rate(daybook_append_batch_events_count{J}[$__rate_interval]))', "events per transaction (mean)"), (f'histogram_quantile(0.99, sum by (le) (rate(daybook_append_batch_size_bucket{J}[$__rate_interval])))', "commands per batch p99")])
 panel("Replays, conflicts, refusals", [(f'sum(rate(daybook_idempotent_replays_total{J}[$__rate_interval]))', "idempotent replays"), (f'sum(rate(daybook_append_conflicts_total{J}[$__rate_interval]))', "conflicted batches"), (f'sum(rate(daybook_append_unavailable_total{J}[$__rate_interval]))', "refused: PostgreSQL unreachable")], "ops")
+panel("Write leadership", [(f'daybook_command_leader{J}', "leader {{instance}}"), (f'sum(rate(daybook_append_fenced_total{J}[$__rate_interval]))', "fenced batches"), (f'sum(rate(daybook_append_not_leader_total{J}[$__rate_interval]))', "refused: not the leader")])
 panel("Idempotency records", [(f'sum by (instance) (daybook_idempotency_records{J})', "{{instance}}")])
 panel("Idempotency sweep", [(f'sum(rate(daybook_idempotency_swept_total{J}[$__rate_interval]))', "swept"), (f'sum(rate(daybook_idempotency_sweep_failures_total{J}[$__rate_interval]))', "failures")], "ops")
 
@@ -82,6 +84,7 @@ newrow("Reads (daybook-query)")
 panel("Reads by model", [(f'sum by (model) (rate(daybook_query_reads_total{J}[$__rate_interval]))', "{{model}}")], "reqps")
 panel("Redis fallbacks by reason", [(f'sum by (reason) (rate(daybook_query_redis_fallbacks_total{J}[$__rate_interval]))', "{{reason}}")], "reqps")
 panel("Waiting reads and probes", [(f'sum(daybook_query_waiting_reads{J})', "waiting reads"), (f'sum by (model) (rate(daybook_query_position_probes_total{J}[$__rate_interval]))', "probes/s {{model}}")])
+panel("Event feed", [(f'sum(daybook_query_feed_streams{J})', "open streams"), (f'sum(rate(daybook_query_feed_pages_total{J}[$__rate_interval]))', "pages/s"), (f'sum(rate(daybook_query_feed_slow_disconnects_total{J}[$__rate_interval]))', "slow consumers cut off/s")])
 
 newrow("Processes")
 panel("CPU", [(f'rate(process_cpu_seconds_total{J}[$__rate_interval])', "{{job}} {{instance}}")], "percentunit")
