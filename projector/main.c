@@ -640,6 +640,13 @@ static void on_pg_connect(void *arg)
 	 * checkpoint with empty caches. The database may be another one now: its identity
 	 * is read again before Redis is written. */
 	projector_redis_session(ctx);
+	/* A step still in flight now waits for Redis (a run on the lost connection has
+	 * already failed): its replies end it, and go_idle then reloads the checkpoint.
+	 * Resetting it here would let those replies end (and free) another step. */
+	if (ctx->step == STEP_REDIS || ctx->step == STEP_SYNCING) {
+		ctx->cp_stale = true;
+		return;
+	}
 	ctx->step = STEP_IDLE;
 	free_events(ctx);
 	projector_forget(ctx);

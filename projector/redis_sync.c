@@ -65,7 +65,13 @@ static const char *const scripts[] = {
 		      "redis.call('RPUSH', KEYS[1], by[vs[i]]) end "
 		      "end "
 		      "redis.call('LTRIM', KEYS[1], 0, " STR(READMODEL_ITEMS_KEPT) " - 1) return 1",
+	/* ARGV[2], when given, is where the batch started: the generation must already
+	 * hold everything up to there, or the checkpoint would cover batches it never got
+	 * (another leader's, or one of ours whose SQL outcome was unknown). */
 	[PUT_CHECKPOINT] = READMODEL_LUA_FENCE LUA_NEWER "local cur = redis.call('GET', KEYS[1]) "
+				     "if ARGV[2] and (not cur or newer(ARGV[2], cur)) then "
+				     "return redis.error_reply('GAP the generation is at ' .. tostring(cur) .. "
+				     "', the batch starts at ' .. ARGV[2]) end "
 				     "if cur and not newer(ARGV[1], cur) then return 0 end "
 				     "redis.call('SET', KEYS[1], ARGV[1]) return 1",
 	[PUT_TOTALS] = READMODEL_LUA_FENCE LUA_NEWER "local cur = redis.call('HGET', KEYS[1], 'p') "
@@ -175,7 +181,8 @@ static void report_failure(struct projector_ctx *ctx, const char *what)
 	pause_resync(ctx);
 }
 
-static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token);
+static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token,
+			   const char *from);
 
 static void step_reply(void *arg, const redisReply *reply)
 {
@@ -206,7 +213,7 @@ static void step_reply(void *arg, const redisReply *reply)
 		ctx->rcheckpoint = true;
 		ctx->rpending = 1; /* held until sent */
 		cp_token(ctx, token);
-		put_checkpoint(ctx, ctx->gen, token);
+		put_checkpoint(ctx, ctx->gen, token, ctx->batch_from);
 		step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS });
 		return;
 	} else if (ctx->gen_moved) {
@@ -330,15 +337,16 @@ static void put_totals(struct projector_ctx *ctx, long long gen, const char *tok
 	free(json);
 }
 
-static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token)
+static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token,
+			   const char *from)
 {
 	char k[64], e[READMODEL_FENCE_ARG_MAX], msg[96];
-	const char *argv[3] = { k, e, token };
+	const char *argv[4] = { k, e, token, from };
 	const char *pub[3] = { "PUBLISH", "dbk:position", msg };
 
 	key(k, sizeof(k), gen, "checkpoint", NULL);
 	fence_arg(ctx, e, sizeof(e));
-	eval(ctx, PUT_CHECKPOINT, 1, 3, argv);
+	eval(ctx, PUT_CHECKPOINT, 1, from ? 4 : 3, argv);
 	snprintf(msg, sizeof(msg), "%lld %s", gen, token);
 	send(ctx, 3, pub);
 }
@@ -796,7 +804,7 @@ static void sync_next(struct projector_ctx *ctx)
 		key(identity_key, sizeof(identity_key), s->gen, "identity", NULL);
 		eval(ctx, PUT_FENCED, 1, 3, identity);
 		eval(ctx, PUT_FENCED, 1, 3, layout);
-		put_checkpoint(ctx, s->gen, s->cp);
+		put_checkpoint(ctx, s->gen, s->cp, NULL);
 		s->phase = SY_LIVE;
 		end_sends(ctx);
 		return;

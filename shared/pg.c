@@ -383,8 +383,19 @@ static void on_io(evutil_socket_t fd, short what, void *arg)
 	}
 	if (what & EV_READ) {
 		if (!PQconsumeInput(pg->conn)) {
+			/* PQconsumeInput first flushes what libpq still buffers: the sync may
+			 * have left in this very call, so the outcome is unknown. */
+			if (pg->done)
+				pg->sync_sent = true;
 			lose_connection(pg, PQerrorMessage(pg->conn));
 			return;
+		}
+		/* ...and it may have sent the rest of the run, sync included, without our
+		 * knowing: record it before a deadline could take the run for unsent. */
+		if (pg->done && !pg->sync_sent && pg->want_write) {
+			flush(pg);
+			if (!pg->conn)
+				return;
 		}
 		read_results(pg);
 		if (pg->conn)

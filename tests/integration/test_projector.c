@@ -790,3 +790,61 @@ Test(projector, redis_refuses_writes_of_an_older_leader_epoch)
 	freeReplyObject(r);
 	redisFree(c);
 }
+
+/* r1-review: a leader that leads again after another leader projected into SQL only
+ * (its Redis unreachable, then killed) must not move Redis's checkpoint past the
+ * batches that Redis never got. */
+Test(projector, r1_a_leader_leading_again_never_checkpoints_redis_past_missed_batches)
+{
+	struct service a, b;
+	char dead[128], key[128];
+	long long e1, e2, gen;
+	double t0;
+	char cp[64];
+	redisContext *c;
+	redisReply *v;
+
+	open_accounts(2);
+	harness_start_projector(&a, db, redis_url);
+	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 10, "nobody leads");
+	harness_wait_caught_up(db, redis_url, 20);
+	e1 = lease_epoch();
+
+	kill(a.pid, SIGSTOP);
+	snprintf(dead, sizeof(dead), "redis://127.0.0.1:%d", harness_free_port());
+	harness_start_projector(&b, db, dead);
+	t0 = harness_now();
+	while (lease_epoch() == e1) {
+		cr_assert(harness_now() < t0 + 15, "B did not take over");
+		usleep(50000);
+	}
+	e2 = lease_epoch();
+	must("/accounts/p-0/deposits", "{\"amount\":7,\"reference\":\"missed by redis\"}");
+	while (sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-0'") != 3) {
+		cr_assert(harness_now() < t0 + 30, "B did not project into SQL");
+		usleep(50000);
+	}
+	harness_kill(&b);
+	kill(a.pid, SIGCONT);
+	t0 = harness_now();
+	while (lease_epoch() <= e2 ||
+	       harness_metric(&a, "daybook_projector_leader") != 1) {
+		cr_assert(harness_now() < t0 + 20, "A did not lead again");
+		usleep(50000);
+	}
+	usleep(1500000);
+	must("/accounts/p-1/deposits", "{\"amount\":1,\"reference\":\"moves the checkpoint\"}");
+	harness_wait_caught_up(db, redis_url, 20);
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
+	snprintf(key, sizeof(key), "dbk:g:%lld:acct:p-0", gen);
+	v = redisCommand(c, "HGET %s v", key);
+	fprintf(stderr, "r1: live gen %lld at %s, p-0 version in redis: %s (SQL: 3)\n", gen, cp,
+		v && v->type == REDIS_REPLY_STRING ? v->str : "(none)");
+	cr_expect(v && v->type == REDIS_REPLY_STRING && atoi(v->str) == 3,
+		  "Redis's live generation claims %s but serves p-0 at an older version", cp);
+	freeReplyObject(v);
+	redisFree(c);
+	harness_print_log(&a);
+	harness_stop(&a);
+}

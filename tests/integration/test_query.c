@@ -1150,3 +1150,64 @@ Test(query_e2e, the_projectors_commit_wakes_waiting_reads_without_any_polling)
 	expect_deposit_seen(w, 2);
 	cr_assert_eq(harness_stop(&quiet), 0);
 }
+
+/* r1-review: position messages of another deployment (its own Redis database on the
+ * same server: PUBLISH is not per database) wake every waiting read, each of which
+ * then reads Redis and SQL again. */
+static char r1_db[64], r1_redis_url[128];
+static struct service r1_query, r1_redis;
+static atomic_int r1_answered;
+static char r1_path[256];
+
+static void *r1_waiter(void *arg)
+{
+	const char *h[] = { "Authorization: Bearer " TOKEN_READ, NULL };
+	struct response r;
+
+	(void)arg;
+	r = http_request(r1_query.port, "GET", r1_path, h, NULL, 20);
+	atomic_fetch_add(&r1_answered, 1);
+	response_free(&r);
+	return NULL;
+}
+
+static double r1_round(bool foreign)
+{
+	pthread_t t[20];
+	redisContext *c = harness_redis(r1_redis_url);
+	double before = harness_metric(&r1_query, "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
+			harness_metric(&r1_query, "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
+	double after;
+
+	atomic_store(&r1_answered, 0);
+	for (int i = 0; i < 20; i++)
+		pthread_create(&t[i], NULL, r1_waiter, NULL);
+	for (int i = 0; i < 100; i++) {
+		usleep(20000);
+		if (foreign)
+			freeReplyObject(redisCommand(c, "PUBLISH dbk:position %s", "7 900000000.1"));
+	}
+	for (int i = 0; i < 20; i++)
+		pthread_join(t[i], NULL);
+	after = harness_metric(&r1_query, "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
+		harness_metric(&r1_query, "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
+	redisFree(c);
+	return after - before;
+}
+
+Test(r1, foreign_position_messages_make_every_waiter_read_sql_again, .timeout = 120)
+{
+	double quiet, foreign;
+
+	harness_db_create(r1_db, sizeof(r1_db));
+	harness_start_redis(&r1_redis, false, r1_redis_url, sizeof(r1_redis_url));
+	harness_start_query(&r1_query, r1_db, r1_redis_url);
+	snprintf(r1_path, sizeof(r1_path), "/accounts/nobody?min_position=800000000.1&wait_ms=3000");
+	quiet = r1_round(false);
+	foreign = r1_round(true);
+	fprintf(stderr, "r1: SQL fallbacks by 20 waiting reads over 2 s: %.0f without messages, "
+			"%.0f with 100 foreign position messages\n", quiet, foreign);
+	cr_expect_lt(foreign, 2 * quiet + 40, "foreign messages made waiting reads poll SQL");
+	harness_stop(&r1_query);
+	harness_kill(&r1_redis);
+}
