@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "command.h"
 
@@ -127,6 +128,8 @@ struct batcher {
 	int q_streams, q_idem, q_transfers; /* result index of each load query, -1: not sent */
 	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable, *fenced,
 		*not_leader;
+	struct metric *commit_seconds, *batch_events;
+	struct timespec write_start; /* when the batch's write transaction was sent */
 };
 
 static void start_batch(struct batcher *b);
@@ -171,6 +174,13 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx)
 				"", NULL, 0);
 	b->not_leader = metrics_get(m, METRIC_COUNTER, "daybook_append_not_leader_total",
 				    "Commands refused because this instance does not lead.", "", NULL, 0);
+	b->commit_seconds = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_commit_seconds",
+					"Time from sending a batch's write transaction to PostgreSQL's "
+					"verdict on its COMMIT, whatever the verdict.",
+					"", metrics_latency_buckets, metrics_latency_buckets_len);
+	b->batch_events = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_batch_events",
+				      "Events per write transaction.", "", metrics_size_buckets,
+				      metrics_size_buckets_len);
 	*out = b;
 	return 0;
 }
@@ -924,10 +934,19 @@ static void batch_rolled_back(struct batcher *b, const PGresult *res, const char
 	start_batch(b);
 }
 
+static double seconds_since(const struct timespec *start)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) / 1e9;
+}
+
 static void write_done(void *arg, const struct pg_outcome *out)
 {
 	struct batcher *b = arg;
 
+	metric_observe(b->commit_seconds, seconds_since(&b->write_start));
 	switch (out->status) {
 	case PG_RUN_NOT_SENT:
 		fail_batch(b, 503, "the event store became unreachable; nothing was written, retry shortly");
@@ -985,10 +1004,12 @@ static void write_batch(struct batcher *b)
 		start_batch(b);
 		return;
 	}
+	clock_gettime(CLOCK_MONOTONIC, &b->write_start);
 	if (!ok || !pg_run(b->ctx->pg, write_done, b)) {
 		fail_batch(b, 503, "the event store became unreachable; retry shortly");
 		return;
 	}
+	metric_observe(b->batch_events, (double)b->nevents);
 	b->state = B_WRITING;
 }
 

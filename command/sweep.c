@@ -25,6 +25,12 @@ static const struct pg_statement statements[] = {
 	  "DELETE FROM idempotency_keys WHERE (token_id, key) IN (SELECT token_id, key "
 	  "FROM idempotency_keys WHERE created_at < now() - $1::bigint * interval '1 second' "
 	  "ORDER BY created_at LIMIT $2::integer)" },
+	/* The table's size for daybook_idempotency_records: the planner's estimate (kept
+	 * by autovacuum's ANALYZE), counted only while the table was never analysed. */
+	{ "records_estimate",
+	  "SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint "
+	  "ELSE (SELECT count(*) FROM idempotency_keys) END "
+	  "FROM pg_catalog.pg_class c WHERE c.oid = 'idempotency_keys'::regclass" },
 };
 
 struct sweeper {
@@ -33,7 +39,7 @@ struct sweeper {
 	struct event *timer;
 	bool running; /* a batch is in flight */
 	char retention[24], batch[16];
-	struct metric *swept, *batches, *failures;
+	struct metric *swept, *batches, *failures, *records;
 };
 
 /* A whole number in [min, max] from the environment, or def when unset or empty. */
@@ -69,6 +75,29 @@ bool sweep_settings_load(struct sweep_settings *out, char *err, size_t errlen)
 
 static void sweep(struct sweeper *s);
 
+static void estimate_done(void *arg, const struct pg_outcome *out)
+{
+	struct sweeper *s = arg;
+	char why[256];
+
+	s->running = false;
+	if (!pg_outcome_ok(out, why, sizeof(why)) || out->n != 1 ||
+	    PQresultStatus(out->results[0]) != PGRES_TUPLES_OK || PQntuples(out->results[0]) != 1) {
+		log_debug(&s->ctx->log, "idempotency records estimate failed: %s", why);
+		return;
+	}
+	metric_set(s->records, strtod(PQgetvalue(out->results[0], 0, 0), NULL));
+}
+
+/* After a sweep, how many records the table holds (an estimate: cheap at any size). */
+static void estimate(struct sweeper *s)
+{
+	if (s->running || !pg_ready(s->pg) || s->ctx->stopping)
+		return;
+	if (pg_queue(s->pg, "records_estimate", 0, NULL) && pg_run(s->pg, estimate_done, s))
+		s->running = true;
+}
+
 static void batch_done(void *arg, const struct pg_outcome *out)
 {
 	struct sweeper *s = arg;
@@ -91,6 +120,7 @@ static void batch_done(void *arg, const struct pg_outcome *out)
 		return;
 	}
 	log_debug(&s->ctx->log, "idempotency sweep done (%ld in its last batch)", deleted);
+	estimate(s);
 }
 
 /* Start a batch, unless one is in flight or the connection is down (then the next
@@ -142,6 +172,9 @@ int sweeper_open(struct sweeper **out, struct command_ctx *ctx)
 				  "daybook_idempotency_sweep_failures_total",
 				  "Idempotency expiry transactions that failed (retried at the next tick).",
 				  "", NULL, 0);
+	s->records = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_idempotency_records",
+				 "Idempotency records kept (the planner's estimate, read after each sweep).",
+				 "", NULL, 0);
 	s->timer = event_new(ctx->base, -1, EV_PERSIST, on_tick, s);
 	pgc.arg = s;
 	if (!s->timer || event_add(s->timer, &tick) || pg_open(&s->pg, &pgc)) {

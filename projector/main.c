@@ -222,10 +222,15 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	size_t n = out->n;
 	/* Every status but DONE is a failure (a commit-time one included). */
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	struct timespec now;
 	const struct log_event *last = &ctx->events[ctx->nevents - 1];
 	char why[256];
 	bool full = ctx->nevents == PROJECTOR_BATCH_MAX;
 
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	metric_observe(ctx->m_commit_seconds,
+		       (double)(now.tv_sec - ctx->write_start.tv_sec) +
+			       (double)(now.tv_nsec - ctx->write_start.tv_nsec) / 1e9);
 	if (error) {
 		recover(ctx, out->status == PG_RUN_COMMIT_FAILED ? error
 								 : "the connection failed while writing a batch");
@@ -290,6 +295,7 @@ static void fold_and_write(struct projector_ctx *ctx)
 		return;
 	}
 	ctx->write_epoch = ctx->epoch;
+	clock_gettime(CLOCK_MONOTONIC, &ctx->write_start);
 	if (!projector_queue_writes(ctx) || !pg_run(ctx->pg, write_done, ctx)) {
 		recover(ctx, "queueing the batch's writes failed");
 		return;
@@ -437,6 +443,25 @@ static bool copy_event(struct log_event *e, PGresult *r, int row)
 	return e->type && e->data;
 }
 
+/* The Redis model trails the log by what SQL trails it plus what Redis trails SQL: in
+ * events, from the positions; in seconds, the SQL lag plus how long Redis has trailed
+ * the SQL checkpoint (both estimates, like the SQL ones). */
+static void update_redis_lag(struct projector_ctx *ctx, long long head_pos)
+{
+	time_t now = time(NULL);
+	double behind = 0;
+
+	if (ctx->redis_pos >= ctx->cp_pos && ctx->rsync == RS_LIVE)
+		ctx->redis_behind_since = 0;
+	else if (!ctx->redis_behind_since)
+		ctx->redis_behind_since = now;
+	else
+		behind = difftime(now, ctx->redis_behind_since);
+	metric_set(ctx->m_redis_lag_events,
+		   head_pos > ctx->redis_pos ? (double)(head_pos - ctx->redis_pos) : 0);
+	metric_set(ctx->m_redis_lag_seconds, (ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds) + behind);
+}
+
 static void update_lag(struct projector_ctx *ctx, PGresult *head, size_t got)
 {
 	long long head_pos = PQntuples(head) ? strtoll(PQgetvalue(head, 0, 0), NULL, 10) : 0;
@@ -452,6 +477,7 @@ static void update_lag(struct projector_ctx *ctx, PGresult *head, size_t got)
 			ctx->lag_seconds = difftime(time(NULL), timegm(&tm));
 	}
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
+	update_redis_lag(ctx, got == 0 || head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);
 }
 
 static void read_done(void *arg, const struct pg_outcome *out)
@@ -691,6 +717,10 @@ static void make_metrics(struct projector_ctx *ctx)
 				   metrics_size_buckets_len);
 	ctx->m_applied = metrics_get(m, METRIC_COUNTER, "daybook_projection_events_total",
 				     "Events applied.", sql, NULL, 0);
+	ctx->m_commit_seconds = metrics_get(m, METRIC_HISTOGRAM, "daybook_projection_commit_seconds",
+					    "Time from sending a batch's SQL transaction to its commit "
+					    "(or failure).",
+					    sql, metrics_latency_buckets, metrics_latency_buckets_len);
 	ctx->m_errors = metrics_get(m, METRIC_COUNTER, "daybook_projection_errors_total",
 				    "Batches abandoned and retried.", sql, NULL, 0);
 	ctx->m_leader = metrics_get(m, METRIC_GAUGE, "daybook_projector_leader",

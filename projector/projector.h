@@ -5,6 +5,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "config.h"
 #include "http.h"
@@ -93,6 +94,14 @@ struct projector_ctx {
 	size_t rerrors;      /* error replies of the current step */
 	bool rcheckpoint;    /* the batch's writes all succeeded: its checkpoint is in flight */
 	struct metric *m_redis_failures; /* Redis steps abandoned on an error reply */
+	/* What the live Redis generation has reached, and since when it trails the SQL
+	 * checkpoint (wall clock; 0: it does not), for the Redis lag metrics. */
+	long long redis_pos;
+	time_t redis_behind_since;
+	const char *resync_reason; /* why Redis is unsynced (a static label), for the resync count */
+	struct metric *m_redis_position, *m_redis_lag_events, *m_redis_lag_seconds;
+	struct metric *m_commit_seconds; /* the SQL batch's transaction, sent to committed */
+	struct timespec write_start;
 	unsigned rfail_streak; /* Redis steps failed in a row: the pause before a resync grows */
 	long long gen_moved; /* a rebuild made this generation live under the batch */
 	bool gen_lost;       /* no usable live generation seen during the batch */

@@ -130,6 +130,29 @@ static void cp_token(const struct projector_ctx *ctx, char out[48])
 	snprintf(out, 48, "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 }
 
+/* Redis is to be copied from SQL; `reason` labels the resync it leads to
+ * (daybook_projection_redis_resyncs_total). Static string. */
+static void unsynced(struct projector_ctx *ctx, const char *reason)
+{
+	ctx->rsync = RS_UNSYNCED;
+	ctx->resync_reason = reason;
+}
+
+/* The live generation has reached `pos`: what the Redis lag metrics measure from. */
+static void redis_reached(struct projector_ctx *ctx, long long pos)
+{
+	ctx->redis_pos = pos;
+	metric_set(ctx->m_redis_position, (double)pos);
+}
+
+static void redis_reached_token(struct projector_ctx *ctx, const char *token)
+{
+	struct readmodel_position p;
+
+	if (readmodel_position_parse(token, &p))
+		redis_reached(ctx, (long long)p.position);
+}
+
 /* --- replies ------------------------------------------------------------------------ */
 
 static void start_cleanup(struct projector_ctx *ctx);
@@ -154,7 +177,7 @@ static void report_failure(struct projector_ctx *ctx, const char *what)
 	log_warn(&ctx->log, "%s: %zu redis write(s) failed; the generation's checkpoint stays at "
 			    "its last complete batch, and redis is copied from SQL after a pause",
 		 what, ctx->rerrors);
-	ctx->rsync = RS_UNSYNCED;
+	unsynced(ctx, "write_failed");
 	pause_resync(ctx);
 }
 
@@ -182,7 +205,7 @@ static void step_reply(void *arg, const redisReply *reply)
 	if (ctx->rfailed) {
 		report_failure(ctx, "a batch's redis writes failed");
 	} else if (ctx->gen_lost) {
-		ctx->rsync = RS_UNSYNCED; /* a later resync repairs what this batch missed */
+		unsynced(ctx, "generation_lost"); /* a later resync repairs what this batch missed */
 	} else if (!ctx->gen_moved && !ctx->rcheckpoint) {
 		/* Every reply of the batch was checked: only now may the generation's
 		 * checkpoint move past its events (a refused write, an OOM or a WRONGTYPE
@@ -205,6 +228,7 @@ static void step_reply(void *arg, const redisReply *reply)
 			return;
 	} else {
 		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
+		redis_reached(ctx, ctx->cp_pos);
 	}
 	projector_step_done(ctx);
 }
@@ -446,7 +470,7 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 	if (ctx->rsync != RS_LIVE)
 		return false;
 	if (!redis_connected(ctx->redis)) {
-		ctx->rsync = RS_UNSYNCED;
+		unsynced(ctx, "disconnected");
 		return false;
 	}
 	if (ctx->identity_stale) /* a new session: is the store still the one we wrote for? */
@@ -485,7 +509,7 @@ static void sync_abort(struct projector_ctx *ctx, const char *why)
 	metric_add(ctx->m_redis_failures, 1);
 	free(ctx->sync);
 	ctx->sync = NULL;
-	ctx->rsync = RS_UNSYNCED;
+	unsynced(ctx, "resync_failed");
 	pause_resync(ctx);
 	projector_step_done(ctx);
 }
@@ -798,6 +822,7 @@ static void sync_next(struct projector_ctx *ctx)
 		return;
 	case SY_CHECK:
 		log_info(&ctx->log, "redis generation %lld is live at %s", s->gen, s->cp);
+		redis_reached_token(ctx, s->cp);
 		ctx->rfail_streak = 0;
 		ctx->gen = s->gen;
 		ctx->rsync = RS_LIVE;
@@ -817,6 +842,7 @@ static void sync_next(struct projector_ctx *ctx)
 static void start_sync(struct projector_ctx *ctx)
 {
 	const char *incr[2] = { "INCR", "dbk:generation" };
+	char labels[96];
 
 	ctx->sync = calloc(1, sizeof(*ctx->sync));
 	if (!ctx->sync) {
@@ -824,6 +850,13 @@ static void start_sync(struct projector_ctx *ctx)
 		return;
 	}
 	ctx->sync->phase = SY_GENERATION;
+	snprintf(labels, sizeof(labels), "projection=\"redis\",reason=\"%s\"",
+		 ctx->resync_reason ? ctx->resync_reason : "unknown");
+	metric_add(metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_projection_redis_resyncs_total",
+			       "Copies of the SQL read models into a new Redis generation, started, "
+			       "by the reason Redis needed one.",
+			       labels, NULL, 0),
+		   1);
 	cp_token(ctx, ctx->sync->cp);
 	ctx->rfailed = false;
 	ctx->rerrors = 0;
@@ -853,13 +886,17 @@ static void status_reply(void *arg, const redisReply *reply)
 			start_cleanup(ctx); /* a rebuild's switch: sweep what is older, as above */
 		ctx->gen = gen;
 		ctx->rsync = RS_LIVE;
+		redis_reached_token(ctx, reply->element[1]->str);
 		log_info(&ctx->log, "redis generation %lld is current (at %s)", ctx->gen,
 			 reply->element[1]->str);
 	} else {
 		if (reply && reply->type != REDIS_REPLY_ARRAY)
 			log_info(&ctx->log, "redis holds no live generation of this event store "
 					    "(identity %s)", ctx->identity);
-		ctx->rsync = reply ? RS_UNSYNCED : RS_UNKNOWN;
+		if (reply)
+			unsynced(ctx, "no_live_generation");
+		else
+			ctx->rsync = RS_UNKNOWN;
 	}
 	projector_step_done(ctx);
 }
@@ -884,7 +921,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 					     "migrated?): %s",
 				  n ? PQresultErrorMessage(results[0]) : "no result");
 		/* Nothing is written to Redis without it; tried again after a pause. */
-		ctx->rsync = RS_UNSYNCED;
+		unsynced(ctx, "identity_unreadable");
 		pause_resync(ctx);
 		projector_step_done(ctx);
 		return;
@@ -900,7 +937,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	switch ((enum identity_next)ctx->identity_next) {
 	case ID_THEN_BATCH:
 		if (changed)
-			ctx->rsync = RS_UNSYNCED; /* a resync builds this store's generation */
+			unsynced(ctx, "identity_changed"); /* a resync builds this store's generation */
 		if (changed || !projector_redis_batch(ctx))
 			projector_step_done(ctx);
 		return;
@@ -910,7 +947,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	case ID_THEN_STATUS:
 		if (redis_eval(ctx->redis, LIVE_STATUS, 0, 1, argv, NULL, status_reply, ctx))
 			return;
-		ctx->rsync = RS_UNSYNCED;
+		unsynced(ctx, "redis_error");
 		pause_resync(ctx);
 		projector_step_done(ctx);
 		return;
@@ -1036,5 +1073,16 @@ int projector_redis_open(struct projector_ctx *ctx)
 		"Redis batches and resyncs abandoned on a failed write; Redis is then copied from "
 		"SQL after a pause.",
 		"projection=\"redis\"", NULL, 0);
+	ctx->m_redis_position = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_projection_position",
+					    "Log position of the last applied event.",
+					    "projection=\"redis\"", NULL, 0);
+	ctx->m_redis_lag_events = metrics_get(ctx->metrics, METRIC_GAUGE,
+					      "daybook_projection_lag_events",
+					      "Events in the log beyond the checkpoint (estimate).",
+					      "projection=\"redis\"", NULL, 0);
+	ctx->m_redis_lag_seconds = metrics_get(ctx->metrics, METRIC_GAUGE,
+					       "daybook_projection_lag_seconds",
+					       "Age of the oldest event not yet applied.",
+					       "projection=\"redis\"", NULL, 0);
 	return redis_open(&ctx->redis, &rc);
 }

@@ -114,9 +114,8 @@ static void record(struct http_request *req, int status, size_t bytes)
 	metric_add(metrics_get(m, METRIC_COUNTER, "daybook_http_requests_total",
 			       "HTTP requests answered, by route and status.", labels, NULL, 0),
 		   1);
-	snprintf(labels, sizeof(labels), "method=\"%s\",route=\"%s\"", req->method, req->route_name);
 	metric_observe(metrics_get(m, METRIC_HISTOGRAM, "daybook_http_request_duration_seconds",
-				   "Time from request to response, by route.", labels,
+				   "Time from request to response, by route and status.", labels,
 				   metrics_latency_buckets, metrics_latency_buckets_len),
 		       secs);
 	access_log(req, status, bytes, secs);
@@ -772,8 +771,10 @@ static void serve_metrics(struct http_request *req)
 {
 	struct evbuffer *buf = evbuffer_new();
 
-	if (buf)
+	if (buf) {
 		metrics_render(req->srv->cfg.metrics, buf);
+		metrics_render_process(buf);
+	}
 	http_set_header(req, "Content-Type", "text/plain; version=0.0.4");
 	finish(req, 200, buf);
 	if (buf)

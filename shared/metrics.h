@@ -37,4 +37,9 @@ void metric_observe(struct metric *s, double v); /* histograms */
 /* The whole registry in Prometheus text exposition format 0.0.4. */
 void metrics_render(struct metrics *m, struct evbuffer *out);
 
+/* daybook_build_info{version,commit} and process_* (CPU, memory, file descriptors,
+ * start time), read from /proc/self now (shared/metrics_process.c); /metrics renders
+ * them after the registry. */
+void metrics_render_process(struct evbuffer *out);
+
 #endif

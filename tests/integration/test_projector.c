@@ -285,6 +285,68 @@ Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
 	harness_stop(&proj);
 }
 
+/* Resyncs started, whatever the reason (docs/metrics.md lists them). */
+static double resyncs_total(const struct service *proj)
+{
+	static const char *const reasons[] = { "no_live_generation", "write_failed",
+					       "generation_lost", "disconnected", "resync_failed",
+					       "identity_changed", "identity_unreadable", "redis_error",
+					       "unknown" };
+	char name[160];
+	double sum = 0, v;
+
+	for (size_t i = 0; i < sizeof(reasons) / sizeof(reasons[0]); i++) {
+		snprintf(name, sizeof(name),
+			 "daybook_projection_redis_resyncs_total{projection=\"redis\",reason=\"%s\"}",
+			 reasons[i]);
+		if ((v = harness_metric(proj, name)) > 0)
+			sum += v;
+	}
+	return sum;
+}
+
+/* docs/metrics.md: Redis's position and lag beside SQL's, resyncs counted by reason. */
+Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
+{
+	static const char *resyncs =
+		"daybook_projection_redis_resyncs_total{projection=\"redis\",reason=\"no_live_generation\"}";
+	static const char *sql_pos = "daybook_projection_position{projection=\"sql\"}";
+	static const char *redis_pos = "daybook_projection_position{projection=\"redis\"}";
+	struct service proj;
+	redisContext *c;
+	double before, end;
+
+	open_accounts(3);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	/* A fresh Redis holds no generation: the first copy is counted under that reason. */
+	for (end = harness_now() + 10; harness_metric(&proj, resyncs) < 1; usleep(50000))
+		cr_assert(harness_now() < end, "no resync counted for the empty Redis");
+	for (end = harness_now() + 10;
+	     harness_metric(&proj, redis_pos) != harness_metric(&proj, sql_pos) ||
+	     harness_metric(&proj, sql_pos) <= 0 ||
+	     harness_metric(&proj, "daybook_projection_lag_events{projection=\"redis\"}") != 0;
+	     usleep(50000))
+		cr_assert(harness_now() < end, "redis position %f, sql position %f",
+			  harness_metric(&proj, redis_pos), harness_metric(&proj, sql_pos));
+	cr_assert_geq(harness_metric(&proj, "daybook_projection_lag_seconds{projection=\"redis\"}"), 0);
+
+	before = resyncs_total(&proj);
+	c = harness_redis(redis_url);
+	freeReplyObject(redisCommand(c, "FLUSHALL"));
+	redisFree(c);
+	must("/accounts/p-1/deposits", "{\"amount\":5}");
+	/* Found by the batch (generation_lost) or the periodic check (no_live_generation). */
+	for (end = harness_now() + 10; resyncs_total(&proj) < before + 1; usleep(50000))
+		cr_assert(harness_now() < end, "the flushed Redis's resync was not counted");
+	harness_wait_caught_up(db, redis_url, 20);
+	for (end = harness_now() + 10; harness_metric(&proj, redis_pos) != harness_metric(&proj, sql_pos);
+	     usleep(50000))
+		cr_assert(harness_now() < end, "redis position %f, sql position %f after the resync",
+			  harness_metric(&proj, redis_pos), harness_metric(&proj, sql_pos));
+	harness_stop(&proj);
+}
+
 /* An upgrade from the layout with sorted-set statements: the projector finds a live
  * generation without the current layout mark and replaces it by itself. */
 Test(projector, a_live_generation_of_an_older_layout_is_replaced)

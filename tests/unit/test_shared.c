@@ -941,6 +941,60 @@ Test(metrics, bucket_tables_are_ascending_as_documented)
 		cr_assert_eq(metrics_size_buckets[i], 2 * metrics_size_buckets[i - 1]);
 }
 
+/* The value of the unlabelled sample `name` in `text`; -1 when absent. */
+static double sample(const char *text, const char *name)
+{
+	size_t n = strlen(name);
+
+	for (const char *p = text; (p = strstr(p, name)); p += n)
+		if ((p == text || p[-1] == '\n') && p[n] == ' ')
+			return strtod(p + n + 1, NULL);
+	return -1;
+}
+
+Test(metrics, process_metrics_and_build_info_are_read_at_scrape_time)
+{
+	struct evbuffer *buf = evbuffer_new();
+	size_t n;
+	char *text;
+	int fds[2];
+	double before, after, start;
+
+	cr_assert_not_null(buf);
+	metrics_render_process(buf);
+	n = evbuffer_get_length(buf);
+	text = calloc(1, n + 1);
+	cr_assert_not_null(text);
+	evbuffer_remove(buf, text, n);
+	cr_assert(strstr(text, "# TYPE daybook_build_info gauge\n"));
+	cr_assert(strstr(text, "daybook_build_info{version=\"" ), "%s", text);
+	cr_assert(strstr(text, "\",commit=\""), "%s", text);
+	cr_assert(strstr(text, "# TYPE process_cpu_seconds_total counter\n"), "%s", text);
+	cr_assert_geq(sample(text, "process_cpu_seconds_total"), 0);
+	cr_assert_gt(sample(text, "process_resident_memory_bytes"), 1024 * 1024, "%s", text);
+	cr_assert_gt(sample(text, "process_virtual_memory_bytes"), 0);
+	start = sample(text, "process_start_time_seconds");
+	cr_assert(start > (double)time(NULL) - 3600 && start <= (double)time(NULL) + 1,
+		  "start time %f", start);
+	before = sample(text, "process_open_fds");
+	cr_assert_geq(before, 3);
+	free(text);
+
+	/* Two more descriptors show at the next scrape. */
+	cr_assert_eq(pipe(fds), 0);
+	metrics_render_process(buf);
+	n = evbuffer_get_length(buf);
+	text = calloc(1, n + 1);
+	cr_assert_not_null(text);
+	evbuffer_remove(buf, text, n);
+	after = sample(text, "process_open_fds");
+	cr_assert_eq(after, before + 2, "open fds %f then %f", before, after);
+	close(fds[0]);
+	close(fds[1]);
+	free(text);
+	evbuffer_free(buf);
+}
+
 /* --- log --------------------------------------------------------------------------- */
 
 Test(log, level_parse)
