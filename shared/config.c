@@ -1,6 +1,7 @@
 /* Configuration from the environment (DAYBOOK_*), checked once at start. */
 #include "config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -108,6 +109,57 @@ static bool parse_userinfo(const char **rest, struct config_redis *out)
 	return true;
 }
 
+/* The Sentinels' "host:port[,host:port...]" of length n: each one well-formed. */
+static bool sentinels_ok(const char *list, size_t n)
+{
+	char one[300], host[256];
+	uint16_t port;
+	const char *p = list, *end = list + n, *comma;
+
+	if (n == 0)
+		return false;
+	while (p <= end) {
+		comma = memchr(p, ',', (size_t)(end - p));
+		if (!comma)
+			comma = end;
+		if ((size_t)(comma - p) >= sizeof(one))
+			return false;
+		memcpy(one, p, (size_t)(comma - p));
+		one[comma - p] = '\0';
+		if (!config_parse_hostport(one, host, sizeof(host), &port))
+			return false;
+		p = comma + 1;
+	}
+	return true;
+}
+
+/* After "redis-sentinel://": [userinfo@]sentinels/master[/db]. */
+static bool parse_sentinel(const char *rest, struct config_redis *out)
+{
+	const char *slash, *name, *dbslash;
+	size_t n;
+
+	if (!parse_userinfo(&rest, out))
+		return false;
+	slash = strchr(rest, '/');
+	if (!slash)
+		return false;
+	n = (size_t)(slash - rest);
+	if (n >= sizeof(out->sentinels) || !sentinels_ok(rest, n))
+		return false;
+	memcpy(out->sentinels, rest, n);
+	name = slash + 1;
+	dbslash = strchr(name, '/');
+	n = dbslash ? (size_t)(dbslash - name) : strlen(name);
+	if (n == 0 || n >= sizeof(out->master))
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (!(isalnum((unsigned char)name[i]) || strchr("-_.", name[i])))
+			return false;
+	memcpy(out->master, name, n);
+	return !dbslash || parse_db(dbslash + 1, &out->db);
+}
+
 bool config_parse_redis(const char *url, struct config_redis *out)
 {
 	char hostport[300];
@@ -126,6 +178,8 @@ bool config_parse_redis(const char *url, struct config_redis *out)
 		memcpy(out->path, rest, n);
 		return !q || parse_db(q + 4, &out->db);
 	}
+	if (strncmp(url, "redis-sentinel://", 17) == 0)
+		return parse_sentinel(url + 17, out);
 	if (strncmp(url, "redis://", 8) != 0)
 		return false;
 	rest = url + 8;
@@ -149,7 +203,10 @@ void config_redis_describe(const struct config_redis *server, char *out, size_t 
 {
 	const char *as = server->user[0] ? " as " : "";
 
-	if (server->path[0])
+	if (server->master[0])
+		snprintf(out, len, "primary %s of Sentinels %s/%d%s%s", server->master,
+			 server->sentinels, server->db, as, server->user);
+	else if (server->path[0])
 		snprintf(out, len, "unix:%s/%d%s%s", server->path, server->db, as, server->user);
 	else
 		snprintf(out, len, "%s:%u/%d%s%s", server->host, (unsigned)server->port, server->db,
@@ -215,7 +272,8 @@ bool config_load(struct config *cfg, unsigned need, const char *default_listen, 
 	}
 	if (cfg->redis_url && !config_parse_redis(cfg->redis_url, &cfg->redis)) {
 		snprintf(err, errlen, "DAYBOOK_REDIS is malformed: expected "
-			 "redis://[user[:password]@]host:port[/db] or unix:///path");
+			 "redis://[user[:password]@]host:port[/db], unix:///path or "
+			 "redis-sentinel://[user[:password]@]host:port[,host:port...]/master[/db]");
 		return false;
 	}
 	if (password_file && cfg->redis_url) {
