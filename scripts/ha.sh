@@ -361,8 +361,14 @@ ha_ensure_redis() {
     fi
     ha_require_free "$port" "redis-$n"
     ha_redis_conf "$n"
-    dbk_say "starting redis-$n on 127.0.0.1:$port"
-    redis-server "$DEV_DIR/redis-$n/redis.conf" || dbk_die "redis-$n failed to start"
+    # A node that comes back after a failover rejoins as the replica of the primary
+    # the Sentinels name, instead of serving its old data as a second primary.
+    local extra=() primary
+    if primary=$(ha_redis_primary_port 2>/dev/null) && [[ $primary != "$port" ]]; then
+      extra=(--replicaof 127.0.0.1 "$primary")
+    fi
+    dbk_say "starting redis-$n on 127.0.0.1:$port${extra[*]:+ (replica of :$primary)}"
+    redis-server "$DEV_DIR/redis-$n/redis.conf" "${extra[@]}" || dbk_die "redis-$n failed to start"
     ha_wait "redis-$n" 20 dbk_redis_ping "$port" || {
       dbk_tail "$LOG_DIR/redis-$n.log"
       dbk_die "redis-$n did not answer"
@@ -675,6 +681,13 @@ cmd_down_ha() {
 # input for the python formatter below).
 status_row() { printf '%s\t%s\t%s\t%s\t%s\n' "$@"; }
 
+# ha_metric_nonzero NAME -- true when the Prometheus text on stdin has NAME with a
+# value other than 0.
+ha_metric_nonzero() {
+  awk -v name="$1" '$1 == name || index($1, name "{") == 1 { if ($2 + 0 != 0) found = 1 }
+    END { exit !found }'
+}
+
 # A service's role from its /readyz and /metrics: command and projector lead or
 # stand by, query serves.
 ha_service_role() {
@@ -683,7 +696,7 @@ ha_service_role() {
     query) echo serving ;;
     projector)
       metrics=$(curl -s --max-time 2 "http://127.0.0.1:$port/metrics" 2>/dev/null) || true
-      if printf '%s\n' "$metrics" | grep -Eq '^daybook_projector_leader(\{[^}]*\})? 1'; then
+      if ha_metric_nonzero daybook_projector_leader <<<"$metrics"; then
         echo leader
       else
         echo standby
@@ -692,7 +705,8 @@ ha_service_role() {
     command)
       metrics=$(curl -s --max-time 2 "http://127.0.0.1:$port/metrics" 2>/dev/null) || true
       if printf '%s\n' "$metrics" | grep -Eq '^daybook_command_leader(\{[^}]*\})? '; then
-        if printf '%s\n' "$metrics" | grep -Eq '^daybook_command_leader(\{[^}]*\})? 1'; then
+        # Its value is the lease epoch it leads with, 0 on standby.
+        if ha_metric_nonzero daybook_command_leader <<<"$metrics"; then
           echo leader
         else
           echo standby
@@ -789,4 +803,58 @@ for line in sys.stdin.read().splitlines():
     procs.append({"name": name, "instance": instance, "pid": int(pid) if pid.isdigit() else None,
                   "url": url, "role": role})
 print(json.dumps({"processes": procs}))'
+}
+
+# ------------------------------------------------------------------ tests --
+
+# test --ha: a private HA stack (own directory, ports from DAYBOOK_DEV_PORT_BASE + 50
+# or DAYBOOK_HA_TEST_PORT_BASE), the `ha` suite against it, then down and removed.
+HA_TEST_DIR=""
+ha_test_cleanup() {
+  [[ -n $HA_TEST_DIR ]] || return 0
+  DAYBOOK_DEV_DIR=$HA_TEST_DIR DAYBOOK_DEV_PORT_BASE=$HA_TEST_BASE "$REPO_TOP/scripts/dev" down || true
+  local link=$HA_TEST_DIR/postgres
+  if [[ -L $link ]]; then rm -rf -- "$(readlink -m "$link")"; fi
+  rm -rf -- "$HA_TEST_DIR"
+  HA_TEST_DIR=""
+}
+
+cmd_test_ha() {
+  DBK_PACKAGES+=("${DBK_HA_PACKAGES[@]}")
+  dbk_ensure_packages
+  dbk_build "$REPO_TOP" "$BUILD_DIR"
+  HA_TEST_BASE=${DAYBOOK_HA_TEST_PORT_BASE:-$((PORT_BASE + 50))}
+  HA_TEST_DIR=$(mktemp -d "${TMPDIR:-/tmp}/daybook-ha-test.XXXXXX")
+  chmod 711 "$HA_TEST_DIR"
+  trap ha_test_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  dbk_say "starting a private HA stack in $HA_TEST_DIR (ports from $HA_TEST_BASE)"
+  DAYBOOK_DEV_DIR=$HA_TEST_DIR DAYBOOK_DEV_PORT_BASE=$HA_TEST_BASE "$REPO_TOP/scripts/dev" up --ha >/dev/null
+  export DAYBOOK_HA_DEV_DIR=$HA_TEST_DIR DAYBOOK_HA_PORT_BASE=$HA_TEST_BASE
+  local testlog=$BUILD_DIR/meson-logs/testlog.json status=0 started=$SECONDS
+  rm -f "$testlog"
+  dbk_say "running the failover tests"
+  meson test -C "$BUILD_DIR" --suite ha --print-errorlogs --num-processes 1 "$@" </dev/null &
+  TEST_RUNNER_PID=$!
+  wait "$TEST_RUNNER_PID" || status=$?
+  TEST_RUNNER_PID=""
+  if ((status != 0)); then
+    local log
+    for log in "$HA_TEST_DIR"/logs/*.log; do dbk_tail "$log" 15; done
+  fi
+  python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    t = json.loads(line)
+    for l in (t.get("stdout") or "").splitlines():
+        if "takeover" in l or "FAILED" in l or "SKIP" in l:
+            print(t["name"] + ": " + l)' "$testlog" 2>/dev/null || true
+  ha_test_cleanup
+  trap - EXIT
+  local summary
+  if ! summary=$(count_results "$testlog") && ((status == 0)); then
+    status=1
+  fi
+  printf 'ha tests: %s (%d s)\n' "$summary" $((SECONDS - started))
+  return "$status"
 }
