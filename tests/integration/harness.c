@@ -365,6 +365,13 @@ void harness_redis_url_as(const char *url, const char *user, char *out, size_t l
 	struct config_redis addr;
 
 	cr_assert(config_parse_redis(url, &addr), "bad redis url %s", url);
+	if (addr.master[0]) { /* harness_start_sentinel's URL */
+		cr_assert_lt((size_t)snprintf(out, len, "redis-sentinel://%s:%s@%s/%s/%d", user,
+					      redis_password(user), addr.sentinels, addr.master,
+					      addr.db),
+			     len);
+		return;
+	}
 	if (!addr.password[0] || addr.path[0]) {
 		snprintf(out, len, "%s", url); /* a server without users: as it is */
 		return;
@@ -409,6 +416,55 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 		usleep(10000);
 	}
 	cr_assert_fail("redis-server on port %d did not start", p);
+}
+
+void harness_start_sentinel(struct service *svc, int redis_port, char *url, size_t len)
+{
+	char conf[512], port[16];
+	int p = harness_free_port();
+	FILE *f;
+
+	memset(svc, 0, sizeof(*svc));
+	svc->port = p;
+	snprintf(svc->name, sizeof(svc->name), "sentinel");
+	snprintf(port, sizeof(port), "%d", p);
+	/* The Sentinel's configuration, which it rewrites as it learns. */
+	snprintf(conf, sizeof(conf), "%s/daybook-test-sentinel-%d-%d.conf", tmpdir(), (int)getpid(), p);
+	f = fopen(conf, "w");
+	cr_assert(f, "cannot write %s", conf);
+	fprintf(f, "bind 127.0.0.1\nport %d\nsentinel resolve-hostnames no\n"
+		   "sentinel monitor daybook 127.0.0.1 %d 1\n"
+		   "sentinel auth-user daybook daybook-ops\nsentinel auth-pass daybook %s\n"
+		   "sentinel down-after-milliseconds daybook 1000\n",
+		p, redis_port, redis_password("daybook-ops"));
+	fclose(f);
+	cr_assert_lt((size_t)snprintf(url, len, "redis-sentinel://daybook-admin:%s@127.0.0.1:%d/daybook",
+				      redis_password("daybook-admin"), p),
+		     len);
+	svc->pid = fork();
+	cr_assert(svc->pid >= 0);
+	if (svc->pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		int fd = open("/dev/null", O_WRONLY);
+		if (fd >= 0)
+			dup2(fd, 1);
+		execlp("redis-server", "redis-server", conf, "--sentinel", (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 500; i++) {
+		redisContext *c = redisConnect("127.0.0.1", p);
+		redisReply *r = c && !c->err ? redisCommand(c, "SENTINEL get-master-addr-by-name daybook")
+					     : NULL;
+		bool up = r && r->type == REDIS_REPLY_ARRAY && r->elements == 2;
+		if (r)
+			freeReplyObject(r);
+		if (c)
+			redisFree(c);
+		if (up)
+			return;
+		usleep(10000);
+	}
+	cr_assert_fail("redis-sentinel on port %d did not start", p);
 }
 
 struct redisContext *harness_redis_as(const char *url, const char *user)
