@@ -36,8 +36,6 @@ ha_load_config() {
   HA_COMMAND_PORTS=($((PORT_BASE + 10)) $((PORT_BASE + 11)))
   HA_QUERY_PORTS=($((PORT_BASE + 12)) $((PORT_BASE + 13)))
   HA_PROJECTOR_PORTS=($((PORT_BASE + 3)) $((PORT_BASE + 14)))
-  HA_PG_HOSTS=127.0.0.1,127.0.0.1
-  HA_PG_PORTLIST=${HA_PG_PORTS[0]},${HA_PG_PORTS[1]}
 }
 
 # The stack DEV_DIR holds: "ha", "plain" or "" (nothing yet).
@@ -207,6 +205,7 @@ EOF
   )
   dbk_as_pg mkdir -p "$home"
   dbk_as_pg chmod 700 "$home"
+  # shellcheck disable=SC2016 # $1 is expanded by that sh
   printf '%s\n' "$conf" | dbk_as_pg sh -c 'umask 077 && cat >"$1"' sh "$home/patroni.yml"
 }
 
@@ -435,7 +434,7 @@ ha_service_start() {
   esac
   dbk_say "starting $name-$n on 127.0.0.1:$port (log: $log)"
   (
-    cd "$REPO_TOP"
+    cd "$REPO_TOP" || exit 1
     exec env DAYBOOK_PG="$(ha_pg_uri "daybook_$name")" "${env[@]}" \
       DAYBOOK_LISTEN="127.0.0.1:$port" DAYBOOK_TOKENS_FILE="$TOKENS_FILE" \
       DAYBOOK_INSTANCE="$name-$n" \
@@ -604,6 +603,7 @@ cmd_up_ha() {
   ha_ensure_etcd
   ha_ensure_patroni
   ha_ensure_redis
+  # shellcheck disable=SC2034 # read by scripts/dev's migrate
   PG_URI=$(ha_pg_uri postgres)
   migrate
   ensure_tokens
@@ -613,8 +613,8 @@ cmd_up_ha() {
   ha_ensure_haproxy
   ha_wait "HAProxy -> command" 30 curl -sf --max-time 2 "http://127.0.0.1:$HA_PROXY_COMMAND/readyz" ||
     dbk_die "no command instance is ready behind HAProxy"
-  COMMAND_PORT=$HA_PROXY_COMMAND
-  QUERY_PORT=$HA_PROXY_QUERY
+  # shellcheck disable=SC2034 # read by scripts/dev's seed_demo (through HAProxy)
+  COMMAND_PORT=$HA_PROXY_COMMAND QUERY_PORT=$HA_PROXY_QUERY
   seed_demo
   ha_print_summary
 }
