@@ -513,13 +513,19 @@ frontend query
   bind 127.0.0.1:$HA_PROXY_QUERY
   default_backend query
 
+# A query instance is not ready while PostgreSQL is away (a failover), yet it still
+# answers most reads from Redis: when no instance is ready, the unchecked backup
+# entries (the same processes) take the reads rather than HAProxy answering 503.
 backend query
   balance roundrobin
   option httpchk GET /readyz
   http-check expect status 200
   retry-on conn-failure empty-response
+  option allbackups
   server query-1 127.0.0.1:${HA_QUERY_PORTS[0]} check
   server query-2 127.0.0.1:${HA_QUERY_PORTS[1]} check
+  server query-1-last-resort 127.0.0.1:${HA_QUERY_PORTS[0]} backup
+  server query-2-last-resort 127.0.0.1:${HA_QUERY_PORTS[1]} backup
 
 listen stats
   bind 127.0.0.1:$HA_PROXY_STATS

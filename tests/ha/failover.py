@@ -285,6 +285,8 @@ class Load:
                 status, doc = None, repr(e)
             if isinstance(doc, dict):
                 doc = doc.get("code") or doc.get("type") or doc.get("title")
+            elif status is not None and doc is None:
+                doc = "(no JSON: from HAProxy)"
             with self.lock:
                 if status == 200:
                     self.reads_ok += 1
