@@ -421,8 +421,19 @@ def command_freeze(stack, load):
     for s in senders:
         s.start()
     try:
-        wait_for("another command leader", 15,
-                 lambda: (p := stack.one("command", "leader")) and p["pid"] != leader["pid"])
+        others = [urllib.parse.urlsplit(p["url"]).port for p in stack.processes()
+                  if p["name"] == "command" and p["pid"] != leader["pid"]]
+
+        def another_ready():
+            for other in others:
+                conn = http.client.HTTPConnection("127.0.0.1", other, timeout=0.5)
+                conn.request("GET", "/readyz")
+                status = conn.getresponse().status
+                conn.close()
+                if status == 200:
+                    return True
+            return False
+        wait_for("another command leader", 15, another_ready, 0.05)
         took = time.monotonic() - t0
         say(f"takeover: {took:.2f} s until a standby led")
         if took > 10:
