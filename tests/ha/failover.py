@@ -397,6 +397,8 @@ def command_freeze(stack, load):
         return SKIP
     leader = stack.one("command", "leader")
     port = urllib.parse.urlsplit(leader["url"]).port
+    others = [urllib.parse.urlsplit(p["url"]).port for p in stack.processes()
+              if p["name"] == "command" and p["pid"] != leader["pid"]]
     say(f"SIGSTOP command leader {leader['instance']} (pid {leader['pid']}) for 20 s")
     t0 = time.monotonic()
     os.kill(leader["pid"], signal.SIGSTOP)
@@ -421,8 +423,6 @@ def command_freeze(stack, load):
     for s in senders:
         s.start()
     try:
-        others = [urllib.parse.urlsplit(p["url"]).port for p in stack.processes()
-                  if p["name"] == "command" and p["pid"] != leader["pid"]]
 
         def another_ready():
             for other in others:
