@@ -383,7 +383,7 @@ void harness_redis_url_as(const char *url, const char *user, char *out, size_t l
 
 void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len)
 {
-	char port[16];
+	char port[16], rdb[64];
 	int p = reuse_port ? svc->port : harness_free_port();
 	const char *acl = redis_acl_file();
 
@@ -391,6 +391,16 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 	svc->port = p;
 	snprintf(svc->name, sizeof(svc->name), "redis");
 	snprintf(port, sizeof(port), "%d", p);
+	/* Its RDB file, in the run's TMPDIR: a test server saves nothing by itself, but one
+	 * that becomes a replica (test_sentinel) writes what it receives, and a file in the
+	 * shared working directory would be loaded by every later test server. Removed
+	 * first, so that each start is empty. */
+	snprintf(rdb, sizeof(rdb), "daybook-test-redis-%d.rdb", p);
+	{
+		char path[512];
+		snprintf(path, sizeof(path), "%s/%s", tmpdir(), rdb);
+		unlink(path);
+	}
 	cr_assert_lt((size_t)snprintf(url, len, "redis://daybook-admin:%s@127.0.0.1:%d",
 				      redis_password("daybook-admin"), p),
 		     len);
@@ -403,7 +413,7 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 			dup2(fd, 1);
 		execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1",
 		       "--save", "", "--appendonly", "no", "--protected-mode", "no", "--aclfile", acl,
-		       (char *)NULL);
+		       "--dir", tmpdir(), "--dbfilename", rdb, (char *)NULL);
 		_exit(127);
 	}
 	for (int i = 0; i < 200; i++) {
