@@ -1,10 +1,12 @@
 /* daybook-admin: connections shared by the subcommands. */
 #include <hiredis/hiredis.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "admin.h"
 #include "config.h"
 #include "eventstore.h"
+#include "redis.h"
 
 bool admin_event_store_usable(PGconn *conn, const char *command)
 {
@@ -17,14 +19,19 @@ bool admin_event_store_usable(PGconn *conn, const char *command)
 }
 
 /* A blocking hiredis connection, authenticated, with the db SELECTed (see admin.h). */
-redisContext *admin_redis_connect(const struct config_redis *server, char *err, size_t errlen)
+redisContext *admin_redis_connect(const struct config_redis *given, char *err, size_t errlen)
 {
 	struct timeval connect_tv = { 2, 0 }, command_tv = { 30, 0 };
-	redisContext *c = server->path[0]
-				  ? redisConnectUnixWithTimeout(server->path, connect_tv)
-				  : redisConnectWithTimeout(server->host, server->port, connect_tv);
+	struct config_redis resolved = *given;
+	const struct config_redis *server = &resolved;
+	redisContext *c = NULL;
 	redisReply *r = NULL;
 
+	/* redis-sentinel://: the primary the Sentinels name now. */
+	if (resolved.master[0] && !redis_sentinel_resolve(&resolved, 1.0, err, errlen))
+		goto fail;
+	c = server->path[0] ? redisConnectUnixWithTimeout(server->path, connect_tv)
+			    : redisConnectWithTimeout(server->host, server->port, connect_tv);
 	if (!c || c->err) {
 		snprintf(err, errlen, "%s", c ? c->errstr : "out of memory");
 		goto fail;
@@ -48,9 +55,12 @@ redisContext *admin_redis_connect(const struct config_redis *server, char *err, 
 			goto fail;
 		}
 		freeReplyObject(r);
+		r = NULL;
 	}
+	explicit_bzero(resolved.password, sizeof(resolved.password));
 	return c;
 fail:
+	explicit_bzero(resolved.password, sizeof(resolved.password));
 	if (r)
 		freeReplyObject(r);
 	if (c)

@@ -1,6 +1,7 @@
 /* Configuration from the environment (DAYBOOK_*), checked once at start. */
 #include "config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <event2/http.h>
 #include <stdio.h>
@@ -84,6 +85,73 @@ static bool parse_userinfo(const char *userinfo, struct config_redis *out)
 	return !colon || decode(colon + 1, strlen(colon + 1), out->password, sizeof(out->password));
 }
 
+/* The Sentinels' "host:port[,host:port...]" of length n: each one well-formed. */
+static bool sentinels_ok(const char *list, size_t n)
+{
+	char one[300], host[256];
+	uint16_t port;
+	const char *p = list, *end = list + n, *comma;
+
+	if (n == 0)
+		return false;
+	while (p <= end) {
+		comma = memchr(p, ',', (size_t)(end - p));
+		if (!comma)
+			comma = end;
+		if ((size_t)(comma - p) >= sizeof(one))
+			return false;
+		memcpy(one, p, (size_t)(comma - p));
+		one[comma - p] = '\0';
+		if (!config_parse_hostport(one, host, sizeof(host), &port))
+			return false;
+		p = comma + 1;
+	}
+	return true;
+}
+
+/* After "redis-sentinel://": [userinfo@]sentinels/master[/db]. A list of hosts is no
+ * URI authority, so libevent's parser cannot take it: the userinfo ends at the last '@'
+ * before the first '/', and is decoded like any URL's. */
+static bool parse_sentinel(const char *rest, struct config_redis *out)
+{
+	const char *slash = strchr(rest, '/'), *at = NULL, *name, *dbslash;
+	char userinfo[sizeof(out->user) * 3 + sizeof(out->password) * 3 + 2];
+	size_t n;
+
+	if (!slash)
+		return false;
+	for (const char *q = rest; q < slash; q++)
+		if (*q == '@')
+			at = q;
+	if (at) {
+		n = (size_t)(at - rest);
+		if (n >= sizeof(userinfo))
+			return false;
+		memcpy(userinfo, rest, n);
+		userinfo[n] = '\0';
+		for (const char *q = userinfo; (q = strchr(q, '%')); q++)
+			if (!isxdigit((unsigned char)q[1]) || !isxdigit((unsigned char)q[2]))
+				return false;
+		if (!parse_userinfo(userinfo, out))
+			return false;
+		rest = at + 1;
+	}
+	n = (size_t)(slash - rest);
+	if (n >= sizeof(out->sentinels) || !sentinels_ok(rest, n))
+		return false;
+	memcpy(out->sentinels, rest, n);
+	name = slash + 1;
+	dbslash = strchr(name, '/');
+	n = dbslash ? (size_t)(dbslash - name) : strlen(name);
+	if (n == 0 || n >= sizeof(out->master))
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (!(isalnum((unsigned char)name[i]) || strchr("-_.", name[i])))
+			return false;
+	memcpy(out->master, name, n);
+	return !dbslash || parse_db(dbslash + 1, &out->db);
+}
+
 /* The URL is parsed by libevent (RFC 3986: userinfo, bracketed IPv6 hosts, ports);
  * this checks what Redis URLs allow on top of that. */
 bool config_parse_redis(const char *url, struct config_redis *out)
@@ -94,6 +162,10 @@ bool config_parse_redis(const char *url, struct config_redis *out)
 	bool ok = false;
 
 	memset(out, 0, sizeof(*out));
+	if (strncmp(url, "redis-sentinel://", 17) == 0) {
+		ok = parse_sentinel(url + 17, out);
+		goto done;
+	}
 	if (!uri)
 		goto done;
 	scheme = evhttp_uri_get_scheme(uri);
@@ -144,7 +216,10 @@ void config_redis_describe(const struct config_redis *server, char *out, size_t 
 
 	bool ipv6 = strchr(server->host, ':') != NULL;
 
-	if (server->path[0])
+	if (server->master[0])
+		snprintf(out, len, "primary %s of Sentinels %s/%d%s%s", server->master,
+			 server->sentinels, server->db, as, server->user);
+	else if (server->path[0])
 		snprintf(out, len, "unix:%s/%d%s%s", server->path, server->db, as, server->user);
 	else
 		snprintf(out, len, "%s%s%s:%u/%d%s%s", ipv6 ? "[" : "", server->host,
@@ -282,7 +357,8 @@ bool config_load(struct config *cfg, unsigned need, const char *default_listen, 
 	}
 	if (cfg->redis_url && !config_parse_redis(cfg->redis_url, &cfg->redis)) {
 		snprintf(err, errlen, "DAYBOOK_REDIS is malformed: expected "
-			 "redis://[user[:password]@]host:port[/db] or unix:///path");
+			 "redis://[user[:password]@]host:port[/db], unix:///path or "
+			 "redis-sentinel://[user[:password]@]host:port[,host:port...]/master[/db]");
 		return false;
 	}
 	if (password_file && cfg->redis_url) {

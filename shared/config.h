@@ -24,6 +24,11 @@ struct config_redis {
 	 * and the password (empty: no AUTH). Never logged: see config_redis_describe. */
 	char user[128];
 	char password[512];
+	/* Sentinel discovery (redis-sentinel://): the Sentinels, "host:port[,host:port...]",
+	 * and the name they know the primary by; both empty for a fixed server. host and
+	 * port then hold the primary found last (see redis_sentinel_resolve). */
+	char sentinels[512];
+	char master[128];
 };
 
 /* The HTTP edge's limits, per process (see docs/configuration.md). */
@@ -77,8 +82,9 @@ bool config_parse_hostport(const char *text, char *host, size_t hostlen, uint16_
 	__attribute__((warn_unused_result));
 /* redis://[[user][:password]@]host:port[/db] or unix://[[user][:password]@]/path[?db=N]
  * (parsed by libevent's evhttp_uri_parse; user and password percent-decoded; host a
- * name, IPv4 or a bracketed IPv6 address, stored without the brackets); false when
- * malformed. */
+ * name, IPv4 or a bracketed IPv6 address, stored without the brackets), or
+ * redis-sentinel://[[user][:password]@]host:port[,host:port...]/master[/db] (the user
+ * and password are the Redis server's, the Sentinels take none); false when malformed. */
 bool config_parse_redis(const char *url, struct config_redis *out) __attribute__((warn_unused_result));
 
 #endif

@@ -15,6 +15,7 @@
 #define BACKOFF_MAX 2.0
 #define SHA1_HEX 40
 #define EVAL_ARGV_STACK 16
+#define SENTINEL_TIMEOUT 0.3
 
 enum redis_state {
 	REDIS_DOWN,       /* waiting to reconnect */
@@ -225,6 +226,11 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 		p->cb(p->arg, rep);
 	redisFreeCommand(p->cmd);
 	free(p);
+	/* Sentinel demoted this server to a replica while we were connected: find the
+	 * new primary. */
+	if (rep && rep->type == REDIS_REPLY_ERROR && r->server.master[0] && ac == r->ac &&
+	    strncmp(rep->str, "READONLY", 8) == 0)
+		lose(r, "the server is no longer the primary (READONLY)", true);
 }
 
 static void setup_step_done(struct redis *r)
@@ -257,6 +263,30 @@ static bool setup_reply_ok(struct redis *r, redisAsyncContext *ac, const redisRe
 	return true;
 }
 
+static bool is_str(const redisReply *rep, const char *s)
+{
+	return (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_STATUS) &&
+	       rep->len == strlen(s) && memcmp(rep->str, s, rep->len) == 0;
+}
+
+/* ROLE's answer, with Sentinel discovery: the server must be the primary. */
+static void on_role(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct redis *r = privdata;
+	const redisReply *rep = reply;
+
+	if (!setup_reply_ok(r, ac, rep))
+		return;
+	if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 1 ||
+	    !is_str(rep->element[0], "master")) {
+		log_warn(r->cfg.log, "redis (%s): %s:%u is not the primary; asking the Sentinels again",
+			 label(r), r->server.host, (unsigned)r->server.port);
+		lose(r, "the server the Sentinels named is not a primary", true);
+		return;
+	}
+	setup_step_done(r);
+}
+
 static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
 	struct redis *r = privdata;
@@ -282,11 +312,6 @@ static void on_script_loaded(redisAsyncContext *ac, void *reply, void *privdata)
 	setup_step_done(r);
 }
 
-static bool is_str(const redisReply *rep, const char *s)
-{
-	return rep->type == REDIS_REPLY_STRING && rep->len == strlen(s) &&
-	       memcmp(rep->str, s, rep->len) == 0;
-}
 
 static void on_subscription(redisAsyncContext *ac, void *reply, void *privdata)
 {
@@ -341,6 +366,11 @@ static bool send_setup(struct redis *r)
 		ok |= redisAsyncCommandArgv(ac, on_setup_reply, r, argc, argv, NULL);
 		r->setup_left++;
 	}
+	if (r->server.master[0]) {
+		const char *argv[] = { "ROLE" };
+		ok |= redisAsyncCommandArgv(ac, on_role, r, 1, argv, NULL);
+		r->setup_left++;
+	}
 	if (r->cfg.name) {
 		const char *argv[] = { "CLIENT", "SETNAME", r->cfg.name };
 		ok |= redisAsyncCommandArgv(ac, on_setup_reply, r, 3, argv, NULL);
@@ -371,10 +401,93 @@ static bool send_setup(struct redis *r)
 	return ok == REDIS_OK;
 }
 
+/* Ask one Sentinel ("host:port") for the primary's address. */
+static bool ask_sentinel(const char *hostport, const char *master, double timeout, char *host,
+			 size_t hostlen, uint16_t *port, char *err, size_t errlen)
+{
+	struct timeval tv = { (time_t)timeout, (suseconds_t)((timeout - (double)(time_t)timeout) * 1e6) };
+	char shost[256];
+	uint16_t sport;
+	redisContext *c = NULL;
+	redisReply *rep = NULL;
+	long p;
+	bool ok = false;
+
+	if (!config_parse_hostport(hostport, shost, sizeof(shost), &sport)) {
+		snprintf(err, errlen, "bad Sentinel address %s", hostport);
+		goto done;
+	}
+	c = redisConnectWithTimeout(shost, sport, tv);
+	if (!c || c->err) {
+		snprintf(err, errlen, "Sentinel %s: %s", hostport, c ? c->errstr : "out of memory");
+		goto done;
+	}
+	redisSetTimeout(c, tv);
+	rep = redisCommand(c, "SENTINEL get-master-addr-by-name %s", master);
+	if (!rep) {
+		snprintf(err, errlen, "Sentinel %s: %s", hostport, c->errstr);
+		goto done;
+	}
+	if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 ||
+	    rep->element[0]->type != REDIS_REPLY_STRING || rep->element[1]->type != REDIS_REPLY_STRING ||
+	    rep->element[0]->len >= hostlen) {
+		snprintf(err, errlen, "Sentinel %s knows no primary named %s", hostport, master);
+		goto done;
+	}
+	p = strtol(rep->element[1]->str, NULL, 10);
+	if (p < 1 || p > 65535) {
+		snprintf(err, errlen, "Sentinel %s gave a bad port", hostport);
+		goto done;
+	}
+	memcpy(host, rep->element[0]->str, rep->element[0]->len);
+	host[rep->element[0]->len] = '\0';
+	*port = (uint16_t)p;
+	ok = true;
+done:
+	if (rep)
+		freeReplyObject(rep);
+	if (c)
+		redisFree(c);
+	return ok;
+}
+
+bool redis_sentinel_resolve(struct config_redis *server, double timeout, char *err, size_t errlen)
+{
+	const char *p = server->sentinels;
+	char one[300];
+	size_t n;
+
+	snprintf(err, errlen, "no Sentinel given");
+	while (*p) {
+		n = strcspn(p, ",");
+		if (n < sizeof(one)) {
+			memcpy(one, p, n);
+			one[n] = '\0';
+			if (ask_sentinel(one, server->master, timeout, server->host, sizeof(server->host),
+					 &server->port, err, errlen))
+				return true;
+		}
+		p += n;
+		if (*p == ',')
+			p++;
+	}
+	return false;
+}
+
 static void start_connect(struct redis *r)
 {
 	redisAsyncContext *ac;
 
+	if (r->server.master[0] &&
+	    !redis_sentinel_resolve(&r->server, SENTINEL_TIMEOUT, r->error, sizeof(r->error))) {
+		if (r->backoff >= BACKOFF_MAX)
+			log_warn(r->cfg.log, "redis (%s): no primary from the Sentinels: %s", label(r),
+				 r->error);
+		r->state = REDIS_DOWN;
+		arm(r->timer, r->backoff);
+		r->backoff = r->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : r->backoff * 2;
+		return;
+	}
 	if (r->server.path[0])
 		ac = redisAsyncConnectUnix(r->server.path);
 	else

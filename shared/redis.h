@@ -56,10 +56,22 @@ struct redis_config {
 	void *arg; /* passed to on_message and on_ready */
 };
 
+/* Sentinel discovery, for a server given as redis-sentinel:// (server->master set): ask
+ * the Sentinels in turn (SENTINEL get-master-addr-by-name; blocking, at most `timeout`
+ * seconds per Sentinel) and write the primary's address into server->host and port.
+ * The Sentinels are asked without AUTH. False, with the reason in err, when none
+ * answers with an address. */
+bool redis_sentinel_resolve(struct config_redis *server, double timeout, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+
 /* Start connecting in the background; reconnects with backoff (50 ms doubling to
  * 2 s) whenever the connection is lost. The config's pointers must outlive the
  * connection. Note: a host name is resolved with a blocking getaddrinfo on each
  * (re)connection; use an address or a unix socket where that matters.
+ * With Sentinel discovery (server->master set), each (re)connection first asks the
+ * Sentinels for the primary (blocking, 300 ms at most per Sentinel), then checks with
+ * ROLE that the server it reached is a primary; a READONLY error reply (the primary
+ * was demoted under us) drops the connection, and the next one asks again.
  * Caller closes with redis_close. */
 int redis_open(struct redis **out, const struct redis_config *cfg)
 	__attribute__((warn_unused_result));

@@ -402,6 +402,13 @@ void harness_redis_url_as(const char *url, const char *user, char *out, size_t l
 	struct config_redis addr;
 
 	cr_assert(config_parse_redis(url, &addr), "bad redis url %s", url);
+	if (addr.master[0]) { /* harness_start_sentinel's URL */
+		cr_assert_lt((size_t)snprintf(out, len, "redis-sentinel://%s:%s@%s/%s/%d", user,
+					      redis_password(user), addr.sentinels, addr.master,
+					      addr.db),
+			     len);
+		return;
+	}
 	if (!addr.password[0] || addr.path[0]) {
 		snprintf(out, len, "%s", url); /* a server without users: as it is */
 		return;
@@ -413,7 +420,7 @@ void harness_redis_url_as(const char *url, const char *user, char *out, size_t l
 
 void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len)
 {
-	char port[16];
+	char port[16], rdb[64];
 	int p = reuse_port ? svc->port : harness_free_port();
 	const char *acl = redis_acl_file();
 
@@ -421,6 +428,16 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 	svc->port = p;
 	snprintf(svc->name, sizeof(svc->name), "redis");
 	snprintf(port, sizeof(port), "%d", p);
+	/* Its RDB file, in the run's TMPDIR: a test server saves nothing by itself, but one
+	 * that becomes a replica (test_sentinel) writes what it receives, and a file in the
+	 * shared working directory would be loaded by every later test server. Removed
+	 * first, so that each start is empty. */
+	snprintf(rdb, sizeof(rdb), "daybook-test-redis-%d.rdb", p);
+	{
+		char path[512];
+		snprintf(path, sizeof(path), "%s/%s", tmpdir(), rdb);
+		unlink(path);
+	}
 	cr_assert_lt((size_t)snprintf(url, len, "redis://daybook-admin:%s@127.0.0.1:%d",
 				      redis_password("daybook-admin"), p),
 		     len);
@@ -433,7 +450,7 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 			dup2(fd, 1);
 		execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1",
 		       "--save", "", "--appendonly", "no", "--protected-mode", "no", "--aclfile", acl,
-		       (char *)NULL);
+		       "--dir", tmpdir(), "--dbfilename", rdb, (char *)NULL);
 		_exit(127);
 	}
 	for (int i = 0; i < 200; i++) {
@@ -446,6 +463,55 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 		usleep(10000);
 	}
 	cr_assert_fail("redis-server on port %d did not start", p);
+}
+
+void harness_start_sentinel(struct service *svc, int redis_port, char *url, size_t len)
+{
+	char conf[512], port[16];
+	int p = harness_free_port();
+	FILE *f;
+
+	memset(svc, 0, sizeof(*svc));
+	svc->port = p;
+	snprintf(svc->name, sizeof(svc->name), "sentinel");
+	snprintf(port, sizeof(port), "%d", p);
+	/* The Sentinel's configuration, which it rewrites as it learns. */
+	snprintf(conf, sizeof(conf), "%s/daybook-test-sentinel-%d-%d.conf", tmpdir(), (int)getpid(), p);
+	f = fopen(conf, "w");
+	cr_assert(f, "cannot write %s", conf);
+	fprintf(f, "bind 127.0.0.1\nport %d\nsentinel resolve-hostnames no\n"
+		   "sentinel monitor daybook 127.0.0.1 %d 1\n"
+		   "sentinel auth-user daybook daybook-ops\nsentinel auth-pass daybook %s\n"
+		   "sentinel down-after-milliseconds daybook 1000\n",
+		p, redis_port, redis_password("daybook-ops"));
+	fclose(f);
+	cr_assert_lt((size_t)snprintf(url, len, "redis-sentinel://daybook-admin:%s@127.0.0.1:%d/daybook",
+				      redis_password("daybook-admin"), p),
+		     len);
+	svc->pid = fork();
+	cr_assert(svc->pid >= 0);
+	if (svc->pid == 0) {
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		int fd = open("/dev/null", O_WRONLY);
+		if (fd >= 0)
+			dup2(fd, 1);
+		execlp("redis-server", "redis-server", conf, "--sentinel", (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 500; i++) {
+		redisContext *c = redisConnect("127.0.0.1", p);
+		redisReply *r = c && !c->err ? redisCommand(c, "SENTINEL get-master-addr-by-name daybook")
+					     : NULL;
+		bool up = r && r->type == REDIS_REPLY_ARRAY && r->elements == 2;
+		if (r)
+			freeReplyObject(r);
+		if (c)
+			redisFree(c);
+		if (up)
+			return;
+		usleep(10000);
+	}
+	cr_assert_fail("redis-sentinel on port %d did not start", p);
 }
 
 struct redisContext *harness_redis_as(const char *url, const char *user)

@@ -57,7 +57,13 @@ void harness_start_projector(struct service *svc, const char *db, const char *re
  * HARNESS_REDIS_URL_MAX bytes): what daybook-admin uses. harness_start_query and
  * harness_start_projector give their service its own user. Stop it with harness_kill. */
 void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len);
-#define HARNESS_REDIS_URL_MAX 128
+#define HARNESS_REDIS_URL_MAX 160
+/* Start a redis-sentinel on a free port that monitors the Redis on redis_port as
+ * "daybook" (quorum 1, as daybook-ops); writes
+ * redis-sentinel://daybook-admin:<password>@127.0.0.1:<port>/daybook into url (at most
+ * HARNESS_REDIS_URL_MAX bytes), which harness_start_query and harness_start_projector
+ * accept (redis-server --sentinel). Stop it with harness_kill. */
+void harness_start_sentinel(struct service *svc, int redis_port, char *url, size_t len);
 /* url (of harness_start_redis) with the credentials of ACL user `user` instead; a URL
  * without a password (a server without users) is copied as it is. */
 void harness_redis_url_as(const char *url, const char *user, char *out, size_t len);

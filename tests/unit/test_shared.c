@@ -491,6 +491,50 @@ Test(config, cors_origins_are_checked_and_off_when_unset)
 		cr_assert(config_cors_origins_valid(good[i]), "'%s' was refused", good[i]);
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		cr_assert_not(config_cors_origins_valid(bad[i]), "'%s' was accepted", bad[i]);
+Test(config, parse_redis_sentinel_urls_name_every_sentinel_and_the_primary)
+{
+	struct config_redis r;
+	char shown[1400];
+
+	cr_assert(config_parse_redis("redis-sentinel://daybook-query:pw%40x@127.0.0.1:26379,"
+				     "sentinel-b:26380/daybook/2", &r));
+	cr_assert_str_eq(r.sentinels, "127.0.0.1:26379,sentinel-b:26380");
+	cr_assert_str_eq(r.master, "daybook");
+	cr_assert_eq(r.db, 2);
+	cr_assert_str_eq(r.user, "daybook-query");
+	cr_assert_str_eq(r.password, "pw@x");
+	cr_assert_str_eq(r.host, "", "the primary is found at connection time");
+	config_redis_describe(&r, shown, sizeof(shown));
+	cr_assert_str_eq(shown, "primary daybook of Sentinels 127.0.0.1:26379,sentinel-b:26380/2 "
+				"as daybook-query");
+
+	cr_assert(config_parse_redis("redis-sentinel://127.0.0.1:26379/my_primary.1", &r));
+	cr_assert_str_eq(r.sentinels, "127.0.0.1:26379");
+	cr_assert_str_eq(r.master, "my_primary.1");
+	cr_assert_eq(r.db, 0);
+
+	cr_assert(config_parse_redis("redis://127.0.0.1:6379", &r));
+	cr_assert_str_eq(r.master, "", "a fixed server has no Sentinels");
+	cr_assert_str_eq(r.sentinels, "");
+}
+
+Test(config, parse_redis_sentinel_urls_refuse_malformed_ones)
+{
+	const char *bad[] = { "redis-sentinel://",
+			      "redis-sentinel://127.0.0.1:26379",
+			      "redis-sentinel://127.0.0.1:26379/",
+			      "redis-sentinel:///daybook",
+			      "redis-sentinel://127.0.0.1/daybook",
+			      "redis-sentinel://127.0.0.1:26379,/daybook",
+			      "redis-sentinel://127.0.0.1:26379,,h:1/daybook",
+			      "redis-sentinel://127.0.0.1:0/daybook",
+			      "redis-sentinel://127.0.0.1:26379/day book",
+			      "redis-sentinel://127.0.0.1:26379/daybook/x",
+			      "redis-sentinel://u:bad%4@127.0.0.1:26379/daybook" };
+	struct config_redis r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		cr_assert_not(config_parse_redis(bad[i], &r), "'%s' was accepted", bad[i]);
 }
 
 Test(config, redis_password_from_a_file)
