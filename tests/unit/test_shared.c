@@ -491,6 +491,8 @@ Test(config, cors_origins_are_checked_and_off_when_unset)
 		cr_assert(config_cors_origins_valid(good[i]), "'%s' was refused", good[i]);
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		cr_assert_not(config_cors_origins_valid(bad[i]), "'%s' was accepted", bad[i]);
+}
+
 Test(config, parse_redis_sentinel_urls_name_every_sentinel_and_the_primary)
 {
 	struct config_redis r;
