@@ -1587,3 +1587,24 @@ Test(redis, sentinel_discovery_does_not_block_the_event_loop)
 	for (int i = 0; i < 3; i++)
 		close(fds[i]);
 }
+
+/* The hand-merged Sentinel parser takes the userinfo by the same rules as redis://
+ * (which refuses "redis://u:p@ss@host:6379"): a raw '@' or space is not silently made
+ * part of the password. */
+Test(config, sentinel_urls_refuse_the_userinfo_redis_urls_refuse)
+{
+	const char *bad[] = { "redis-sentinel://u:p@ss@127.0.0.1:26379/daybook",
+			      "redis-sentinel://us er:pw@127.0.0.1:26379/daybook",
+			      "redis-sentinel://u:p#w@127.0.0.1:26379/daybook" };
+	struct config_redis r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char plain[256];
+		snprintf(plain, sizeof(plain), "redis://%s", strchr(bad[i], '/') + 2);
+		*strrchr(plain, '/') = '\0';
+		cr_assert_not(config_parse_redis(plain, &r), "'%s' was accepted", plain);
+		cr_expect_not(config_parse_redis(bad[i], &r), "'%s' was accepted", bad[i]);
+	}
+	cr_assert(config_parse_redis("redis-sentinel://u:p%40ss@127.0.0.1:26379/daybook", &r));
+	cr_assert_str_eq(r.password, "p@ss");
+}
