@@ -127,7 +127,11 @@ int timetravel_params(struct http_request *req, struct read *rd)
 	rd->tt.poll_ms = POLL_FIRST_MS;
 	rd->tt.snapshots_below = INT32_MAX;
 	if (as_of) {
-		if (!readmodel_position_parse(as_of, &rd->tt.as_of)) {
+		/* The position is a bigint in the statement (as in the feed's tokens): one
+		 * beyond it would fail the statement, and with it the reads pipelined
+		 * behind it in the same batch. */
+		if (!readmodel_position_parse(as_of, &rd->tt.as_of) ||
+		    rd->tt.as_of.position > (uint64_t)INT64_MAX) {
 			http_reply_invalid(req, "query parameter 'as_of' must be a position token "
 						"\"<txid>.<position>\" as returned by a write");
 			return -1;

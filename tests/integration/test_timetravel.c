@@ -542,6 +542,26 @@ Test(timetravel, malformed_or_conflicting_parameters_are_refused_naming_them)
 	}
 }
 
+/* A token's position is a bigint in the event store: one past it is a malformed as_of
+ * (400), not a statement that fails (a 500, which in the SQL pool's pipeline also
+ * aborts the reads queued behind it in the same batch). */
+Test(timetravel, an_as_of_position_beyond_a_bigint_is_refused_as_malformed)
+{
+	const char *bad[] = { "/accounts/a?as_of=1.9223372036854775808",
+			      "/accounts/a/transactions?as_of=1.9999999999999999999" };
+	struct response r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		r = get(bad[i]);
+		cr_assert_eq(r.status, 400, "%s: %d %s", bad[i], r.status, r.body);
+		cr_assert(strstr(jstr(r.json, "detail"), "'as_of'"), "%s: %s", bad[i], r.body);
+		response_free(&r);
+	}
+	r = get("/accounts/a?as_of=1.9223372036854775807");
+	cr_assert_eq(r.status, 404, "%d %s", r.status, r.body);
+	response_free(&r);
+}
+
 /* A long stream: more than two snapshots' worth of events. */
 static void long_history(int n)
 {
