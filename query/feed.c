@@ -654,6 +654,13 @@ void feed_get_stream(struct http_request *req, void *arg)
 
 	if (!feed_params(req, true, &after, &f))
 		return;
+	if (strcmp(http_method(req), "HEAD") == 0) {
+		/* evhttp sends no body for HEAD: a stream would never send, drain or end,
+		 * and would hold its place under the cap. The headers a stream starts with. */
+		http_set_header(req, "Cache-Control", "no-cache");
+		http_reply_raw(req, 200, "text/event-stream", "", 0);
+		return;
+	}
 	if (feed->stopping || !pg_connected(feed->pg)) {
 		http_set_header(req, "Retry-After", "1");
 		http_reply_problem(req, 503, "unavailable", "Service unavailable",

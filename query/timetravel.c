@@ -27,6 +27,8 @@
 #define LOG_HEAD QUERY_SQL_LOG_HEAD
 #define POLL_FIRST_MS 2
 #define POLL_MAX_MS 50
+#define AT_CLOCK_SLACK_S 1.0
+#define PG_EPOCH_UNIX 946684800.0 /* 2000-01-01T00:00:00Z, PostgreSQL's epoch */
 
 /* Parameters: $1 the stream, $2 and $3 the point (as_of: txid, position; at: the time,
  * and the transaction that must have ended, '0' until known), $4 the statement's limit
@@ -127,7 +129,11 @@ int timetravel_params(struct http_request *req, struct read *rd)
 	rd->tt.poll_ms = POLL_FIRST_MS;
 	rd->tt.snapshots_below = INT32_MAX;
 	if (as_of) {
-		if (!readmodel_position_parse(as_of, &rd->tt.as_of)) {
+		/* The position is a bigint in the statement (as in the feed's tokens): one
+		 * beyond it would fail the statement, and with it the reads pipelined
+		 * behind it in the same batch. */
+		if (!readmodel_position_parse(as_of, &rd->tt.as_of) ||
+		    rd->tt.as_of.position > (uint64_t)INT64_MAX) {
 			http_reply_invalid(req, "query parameter 'as_of' must be a position token "
 						"\"<txid>.<position>\" as returned by a write");
 			return -1;
@@ -142,6 +148,29 @@ int timetravel_params(struct http_request *req, struct read *rd)
 		return -1;
 	}
 	readmodel_time_text(micros, rd->tt.at); /* PostgreSQL reads it as a timestamptz */
+	/* A time further ahead than the read may wait cannot become stable in time: 503
+	 * now, rather than a look at the event store every POLL_MAX_MS until the deadline
+	 * (which many such reads would turn into a load on the SQL pool that every
+	 * fallback read shares). AT_CLOCK_SLACK_S allows for this host's clock being
+	 * ahead of PostgreSQL's, whose clock decides. */
+	{
+		struct timespec rt;
+		double ahead;
+
+		clock_gettime(CLOCK_REALTIME, &rt);
+		ahead = (double)micros / 1e6 + PG_EPOCH_UNIX -
+			((double)rt.tv_sec + (double)rt.tv_nsec / 1e9);
+		if (ahead > rd->deadline - now() + AT_CLOCK_SLACK_S) {
+			char retry[24];
+			snprintf(retry, sizeof(retry), "%.0f", ahead < 1 ? 1 : ahead + 0.5);
+			http_set_header(req, "Retry-After", retry);
+			http_reply_problem(req, 503, "projection_behind", "Projection behind",
+					   "%s is %.0f s ahead: not every event recorded at or "
+					   "before it can be readable within wait_ms", rd->tt.at,
+					   ahead);
+			return -1;
+		}
+	}
 	rd->kind = READ_TT_AT;
 	return 1;
 }

@@ -85,6 +85,26 @@ static bool parse_userinfo(const char *userinfo, struct config_redis *out)
 	return !colon || decode(colon + 1, strlen(colon + 1), out->password, sizeof(out->password));
 }
 
+/* Is `userinfo` what a URL's userinfo may be? Checked by libevent's own parser, as
+ * for redis:// URLs. */
+static bool userinfo_ok(const char *userinfo)
+{
+	char probe[sizeof(((struct config_redis *)0)->user) * 3 +
+		   sizeof(((struct config_redis *)0)->password) * 3 + 32];
+	struct evhttp_uri *uri;
+	const char *got;
+	bool ok;
+
+	if ((size_t)snprintf(probe, sizeof(probe), "redis://%s@h:1", userinfo) >= sizeof(probe))
+		return false;
+	uri = evhttp_uri_parse(probe);
+	got = uri ? evhttp_uri_get_userinfo(uri) : NULL;
+	ok = got && strcmp(got, userinfo) == 0;
+	if (uri)
+		evhttp_uri_free(uri);
+	return ok;
+}
+
 /* The Sentinels' "host:port[,host:port...]" of length n: each one well-formed. */
 static bool sentinels_ok(const char *list, size_t n)
 {
@@ -129,10 +149,9 @@ static bool parse_sentinel(const char *rest, struct config_redis *out)
 			return false;
 		memcpy(userinfo, rest, n);
 		userinfo[n] = '\0';
-		for (const char *q = userinfo; (q = strchr(q, '%')); q++)
-			if (!isxdigit((unsigned char)q[1]) || !isxdigit((unsigned char)q[2]))
-				return false;
-		if (!parse_userinfo(userinfo, out))
+		/* The same userinfo rules as redis:// (RFC 3986, through libevent): a raw '@',
+		 * a space or a stray '%' is refused here too, not taken as part of a password. */
+		if (!userinfo_ok(userinfo) || !parse_userinfo(userinfo, out))
 			return false;
 		rest = at + 1;
 	}

@@ -18,8 +18,9 @@
 #define SENTINEL_TIMEOUT 0.3
 
 enum redis_state {
-	REDIS_DOWN,       /* waiting to reconnect */
-	REDIS_CONNECTING, /* connecting and running the setup commands */
+	REDIS_DOWN,        /* waiting to reconnect */
+	REDIS_DISCOVERING, /* asking a Sentinel for the primary (r->sac) */
+	REDIS_CONNECTING,  /* connecting and running the setup commands */
 	REDIS_READY,
 	REDIS_CLOSING,
 };
@@ -46,6 +47,8 @@ struct redis {
 	struct redis_config cfg;
 	struct config_redis server;
 	redisAsyncContext *ac; /* NULL while down */
+	redisAsyncContext *sac; /* the Sentinel being asked, while REDIS_DISCOVERING */
+	size_t sentinel_at;     /* offset in server.sentinels of the next one to ask */
 	enum redis_state state;
 	struct event *timer;    /* reconnect backoff; connect timeout */
 	struct event *deadline; /* the oldest pending reply's deadline */
@@ -474,20 +477,10 @@ bool redis_sentinel_resolve(struct config_redis *server, double timeout, char *e
 	return false;
 }
 
-static void start_connect(struct redis *r)
+static void connect_primary(struct redis *r)
 {
 	redisAsyncContext *ac;
 
-	if (r->server.master[0] &&
-	    !redis_sentinel_resolve(&r->server, SENTINEL_TIMEOUT, r->error, sizeof(r->error))) {
-		if (r->backoff >= BACKOFF_MAX)
-			log_warn(r->cfg.log, "redis (%s): no primary from the Sentinels: %s", label(r),
-				 r->error);
-		r->state = REDIS_DOWN;
-		arm(r->timer, r->backoff);
-		r->backoff = r->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : r->backoff * 2;
-		return;
-	}
 	if (r->server.path[0])
 		ac = redisAsyncConnectUnix(r->server.path);
 	else
@@ -518,6 +511,144 @@ static void start_connect(struct redis *r)
 	arm(r->timer, r->cfg.connect_timeout);
 }
 
+/* --- Sentinel discovery on the event loop ----------------------------------------
+ * Each (re)connection asks the Sentinels in turn, without blocking the loop: one
+ * async connection at a time (r->sac), SENTINEL_TIMEOUT for it to connect and answer,
+ * then the next one; the primary it names is then connected to as a fixed server. */
+
+static void ask_next_sentinel(struct redis *r);
+
+/* Forget the Sentinel connection (freed here unless hiredis is freeing it). */
+static void sentinel_drop(struct redis *r, bool free_sac)
+{
+	redisAsyncContext *sac = r->sac;
+
+	r->sac = NULL;
+	evtimer_del(r->timer);
+	if (sac && free_sac)
+		redisAsyncFree(sac); /* its callbacks see sac != r->sac and do nothing */
+}
+
+static void sentinel_failed(struct redis *r, const char *hostport, const char *why,
+			    bool free_sac)
+{
+	snprintf(r->error, sizeof(r->error), "Sentinel %.120s: %.120s", hostport, why);
+	sentinel_drop(r, free_sac);
+	ask_next_sentinel(r);
+}
+
+static void on_sentinel_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct redis *r = privdata;
+	const redisReply *rep = reply;
+	char hostport[300];
+	long port;
+
+	if (ac != r->sac)
+		return; /* dropped (timed out, closed): nothing to do */
+	snprintf(hostport, sizeof(hostport), "%s:%d", ac->c.tcp.host ? ac->c.tcp.host : "?",
+		 ac->c.tcp.port);
+	if (!rep) {
+		sentinel_failed(r, hostport, ac_error(ac), false);
+		return;
+	}
+	if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 ||
+	    rep->element[0]->type != REDIS_REPLY_STRING ||
+	    rep->element[1]->type != REDIS_REPLY_STRING ||
+	    rep->element[0]->len == 0 || rep->element[0]->len >= sizeof(r->server.host) ||
+	    (port = strtol(rep->element[1]->str, NULL, 10)) < 1 || port > 65535) {
+		sentinel_failed(r, hostport, rep->type == REDIS_REPLY_ERROR ? rep->str
+					     : "knows no primary by that name", true);
+		return;
+	}
+	memcpy(r->server.host, rep->element[0]->str, rep->element[0]->len);
+	r->server.host[rep->element[0]->len] = '\0';
+	r->server.port = (uint16_t)port;
+	sentinel_drop(r, true); /* inside its callback: hiredis frees it on return */
+	connect_primary(r);
+}
+
+static void on_sentinel_connect(const redisAsyncContext *ac, int status)
+{
+	struct redis *r = ac->data;
+
+	/* On failure hiredis frees the context after this returns. */
+	if (status != REDIS_OK && ac == r->sac)
+		sentinel_failed(r, ac->c.tcp.host ? ac->c.tcp.host : "?", ac_error(ac), false);
+}
+
+static void on_sentinel_disconnect(const redisAsyncContext *ac, int status)
+{
+	struct redis *r = ac->data;
+
+	(void)status;
+	if (ac == r->sac)
+		sentinel_failed(r, ac->c.tcp.host ? ac->c.tcp.host : "?", ac_error(ac), false);
+}
+
+/* Ask the next Sentinel of the list; after the last one, wait and start again. */
+static void ask_next_sentinel(struct redis *r)
+{
+	const char *list = r->server.sentinels;
+	char one[300], host[256];
+	uint16_t port;
+	redisAsyncContext *sac;
+
+	while (list[r->sentinel_at]) {
+		size_t n = strcspn(list + r->sentinel_at, ",");
+		const char *p = list + r->sentinel_at;
+
+		r->sentinel_at += n + (list[r->sentinel_at + n] == ',');
+		if (n >= sizeof(one))
+			continue;
+		memcpy(one, p, n);
+		one[n] = '\0';
+		if (!config_parse_hostport(one, host, sizeof(host), &port)) {
+			snprintf(r->error, sizeof(r->error), "bad Sentinel address %.200s", one);
+			continue;
+		}
+		sac = redisAsyncConnect(host, port);
+		if (!sac || sac->err) {
+			snprintf(r->error, sizeof(r->error), "Sentinel %.200s: %.40s", one,
+				 sac ? sac->errstr : "out of memory");
+			if (sac)
+				redisAsyncFree(sac);
+			continue;
+		}
+		sac->data = r;
+		if (redisLibeventAttach(sac, r->cfg.base) != REDIS_OK ||
+		    redisAsyncSetConnectCallback(sac, on_sentinel_connect) != REDIS_OK ||
+		    redisAsyncSetDisconnectCallback(sac, on_sentinel_disconnect) != REDIS_OK ||
+		    redisAsyncCommand(sac, on_sentinel_reply, r, "SENTINEL get-master-addr-by-name %s",
+				      r->server.master) != REDIS_OK) {
+			snprintf(r->error, sizeof(r->error), "Sentinel %.200s: cannot set up the connection",
+				 one);
+			redisAsyncFree(sac);
+			continue;
+		}
+		r->sac = sac;
+		r->state = REDIS_DISCOVERING;
+		arm(r->timer, SENTINEL_TIMEOUT);
+		return;
+	}
+	if (r->backoff >= BACKOFF_MAX)
+		log_warn(r->cfg.log, "redis (%s): no primary from the Sentinels: %s", label(r),
+			 r->error);
+	r->state = REDIS_DOWN;
+	arm(r->timer, r->backoff);
+	r->backoff = r->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : r->backoff * 2;
+}
+
+static void start_connect(struct redis *r)
+{
+	if (r->server.master[0]) {
+		r->sentinel_at = 0;
+		ask_next_sentinel(r);
+		return;
+	}
+	connect_primary(r);
+}
+
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
 	struct redis *r = arg;
@@ -526,6 +657,9 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	if (r->state == REDIS_DOWN)
 		start_connect(r);
+	else if (r->state == REDIS_DISCOVERING)
+		sentinel_failed(r, r->sac && r->sac->c.tcp.host ? r->sac->c.tcp.host : "?",
+				"no answer in time", true);
 	else if (r->state == REDIS_CONNECTING)
 		lose(r, "timed out connecting", true);
 }
@@ -575,6 +709,10 @@ void redis_close(struct redis **rp)
 	r->ac = NULL;
 	if (ac)
 		redisAsyncFree(ac); /* pending callbacks run with NULL */
+	ac = r->sac;
+	r->sac = NULL;
+	if (ac)
+		redisAsyncFree(ac); /* a Sentinel being asked */
 	if (r->timer)
 		event_free(r->timer);
 	if (r->deadline)

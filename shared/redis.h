@@ -69,7 +69,8 @@ bool redis_sentinel_resolve(struct config_redis *server, double timeout, char *e
  * connection. Note: a host name is resolved with a blocking getaddrinfo on each
  * (re)connection; use an address or a unix socket where that matters.
  * With Sentinel discovery (server->master set), each (re)connection first asks the
- * Sentinels for the primary (blocking, 300 ms at most per Sentinel), then checks with
+ * Sentinels for the primary, in turn, on the event loop (300 ms at most per Sentinel;
+ * the loop is never blocked waiting for one), then checks with
  * ROLE that the server it reached is a primary; a READONLY error reply (the primary
  * was demoted under us) drops the connection, and the next one asks again.
  * Caller closes with redis_close. */

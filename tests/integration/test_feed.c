@@ -804,6 +804,48 @@ Test(feed, streams_beyond_the_cap_get_503_with_retry_after, .init = setup_cap)
 	sse_close(&b);
 }
 
+/* HEAD is served by the GET route, but evhttp sends no body for HEAD: a stream opened
+ * for it would never send, drain or end, and would keep its place under the cap (and
+ * a page of events in memory) for as long as the client stays. HEAD gets the stream's
+ * headers and an empty body, and takes no place. */
+Test(feed, a_head_request_for_the_stream_is_answered_and_takes_no_place, .init = setup_cap)
+{
+	char req[512], buf[2048];
+	struct sse a, b;
+	ssize_t n = 0, got;
+	double end = harness_now() + 10;
+	int fds[2];
+
+	for (int i = 0; i < 2; i++) {
+		fds[i] = connect_to(query.port, 0);
+		snprintf(req, sizeof(req),
+			 "HEAD /events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+			 "%s\r\nAccept: text/event-stream\r\n\r\n", TOKEN_READ);
+		cr_assert_eq(send(fds[i], req, strlen(req), MSG_NOSIGNAL), (ssize_t)strlen(req));
+		n = 0;
+		while (harness_now() < end && !(n > 0 && memmem(buf, (size_t)n, "\r\n\r\n", 4))) {
+			struct pollfd p = { fds[i], POLLIN, 0 };
+			if (poll(&p, 1, 100) > 0) {
+				got = recv(fds[i], buf + n, sizeof(buf) - 1 - (size_t)n, 0);
+				if (got <= 0)
+					break;
+				n += got;
+			}
+		}
+		buf[n > 0 ? n : 0] = '\0';
+		cr_assert(strncmp(buf, "HTTP/1.1 200", 12) == 0, "HEAD: %s", buf);
+	}
+	/* Both HEAD connections are still open: the cap of 2 must still have room. */
+	sse_open(&a, NULL, NULL, 0);
+	sse_open(&b, NULL, NULL, 0);
+	cr_expect_eq(a.status, 200, "%s", a.raw);
+	cr_expect_eq(b.status, 200, "%s", b.raw);
+	sse_close(&a);
+	sse_close(&b);
+	close(fds[0]);
+	close(fds[1]);
+}
+
 Test(feed, malformed_parameters_are_400_naming_them)
 {
 	static const char *const cases[][2] = {

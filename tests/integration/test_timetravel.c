@@ -542,6 +542,48 @@ Test(timetravel, malformed_or_conflicting_parameters_are_refused_naming_them)
 	}
 }
 
+/* A token's position is a bigint in the event store: one past it is a malformed as_of
+ * (400), not a statement that fails (a 500, which in the SQL pool's pipeline also
+ * aborts the reads queued behind it in the same batch). */
+Test(timetravel, an_as_of_position_beyond_a_bigint_is_refused_as_malformed)
+{
+	const char *bad[] = { "/accounts/a?as_of=1.9223372036854775808",
+			      "/accounts/a/transactions?as_of=1.9999999999999999999" };
+	struct response r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		r = get(bad[i]);
+		cr_assert_eq(r.status, 400, "%s: %d %s", bad[i], r.status, r.body);
+		cr_assert(strstr(jstr(r.json, "detail"), "'as_of'"), "%s: %s", bad[i], r.body);
+		response_free(&r);
+	}
+	r = get("/accounts/a?as_of=1.9223372036854775807");
+	cr_assert_eq(r.status, 404, "%d %s", r.status, r.body);
+	response_free(&r);
+}
+
+/* A time further ahead than wait_ms cannot become stable in time: 503 at once, not
+ * after wait_ms of looking at the event store every 50 ms (200 statements for one read
+ * with wait_ms=10000, on the SQL pool that every fallback read shares). */
+Test(timetravel, a_time_beyond_the_wait_is_refused_at_once)
+{
+	char path[160], at[40];
+	time_t later = time(NULL) + 3600;
+	struct tm tm;
+	double t0;
+	struct response r;
+
+	gmtime_r(&later, &tm);
+	strftime(at, sizeof(at), "%Y-%m-%dT%H:%M:%SZ", &tm);
+	snprintf(path, sizeof(path), "/accounts/a?at=%s&wait_ms=10000", at);
+	t0 = harness_now();
+	r = get(path);
+	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
+	cr_assert_str_eq(jstr(r.json, "code"), "projection_behind");
+	cr_assert(harness_now() - t0 < 2.0, "answered after %.1f s", harness_now() - t0);
+	response_free(&r);
+}
+
 /* A long stream: more than two snapshots' worth of events. */
 static void long_history(int n)
 {

@@ -1,9 +1,13 @@
 /* Unit tests of the shared library's small modules: digest, tokens, config, strmap,
  * metrics, log, the pg text[] literal helper, the read models' time text and the HTTP
  * query-string parser. */
+#include <arpa/inet.h>
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <event2/buffer.h>
+#include <event2/event.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <jansson.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -20,6 +24,7 @@
 #include "metrics.h"
 #include "pg.h"
 #include "readmodel.h"
+#include "redis.h"
 #include "strmap.h"
 #include "tokens.h"
 
@@ -1497,4 +1502,109 @@ Test(readmodel_time, malformed_or_out_of_range_times_are_refused)
 
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		cr_assert(!readmodel_time_parse(bad[i], &us), "accepted '%s'", bad[i]);
+}
+
+/* --- Sentinel discovery does not block the event loop ---------------------------- */
+
+struct loop_probe {
+	struct event_base *base;
+	struct event *tick;
+	double last, worst;
+	int ticks;
+};
+
+static double mono(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void probe_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct loop_probe *p = arg;
+	double t = mono();
+
+	(void)fd;
+	(void)what;
+	if (t - p->last > p->worst)
+		p->worst = t - p->last;
+	p->last = t;
+	if (++p->ticks >= 60) /* about 1.2 s of 20 ms ticks */
+		event_base_loopbreak(p->base);
+}
+
+/* Sentinels that accept connections but never answer (a frozen Sentinel: its kernel
+ * still completes the handshake): the query service's and the projector's loops must
+ * keep running while the Redis connection looks for its primary. */
+Test(redis, sentinel_discovery_does_not_block_the_event_loop)
+{
+	int fds[3];
+	char url[256] = "redis-sentinel://";
+	struct config_redis server;
+	struct log log = { .service = "test", .level = LOG_ERROR };
+	struct loop_probe p = { 0 };
+	struct redis *r = NULL;
+	struct redis_config rc = { 0 };
+	struct timeval tv = { 0, 20000 };
+	double t0, opened;
+
+	for (int i = 0; i < 3; i++) {
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+		socklen_t len = sizeof(a);
+		fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+		cr_assert(fds[i] >= 0);
+		cr_assert(bind(fds[i], (struct sockaddr *)&a, sizeof(a)) == 0);
+		cr_assert(listen(fds[i], 64) == 0); /* never accepted, never answered */
+		cr_assert(getsockname(fds[i], (struct sockaddr *)&a, &len) == 0);
+		snprintf(url + strlen(url), sizeof(url) - strlen(url), "%s127.0.0.1:%u",
+			 i ? "," : "", (unsigned)ntohs(a.sin_port));
+	}
+	strcat(url, "/mymaster");
+	cr_assert(config_parse_redis(url, &server));
+	p.base = event_base_new();
+	cr_assert(p.base);
+	rc.server = &server;
+	rc.base = p.base;
+	rc.log = &log;
+	t0 = mono();
+	cr_assert(redis_open(&r, &rc) == 0);
+	opened = mono() - t0;
+	cr_expect(opened < 0.1, "redis_open blocked for %.3f s asking silent Sentinels", opened);
+	p.tick = event_new(p.base, -1, EV_PERSIST, probe_tick, &p);
+	p.last = mono();
+	evtimer_add(p.tick, &tv);
+	event_base_dispatch(p.base);
+	cr_expect(p.worst < 0.15, "the loop stalled for %.3f s while the Sentinels were asked",
+		  p.worst);
+	cr_expect(!redis_connected(r));
+	cr_expect(strstr(redis_last_error(r), "Sentinel") != NULL, "error: %s",
+		  redis_last_error(r));
+	redis_close(&r);
+	event_free(p.tick);
+	event_base_free(p.base);
+	for (int i = 0; i < 3; i++)
+		close(fds[i]);
+}
+
+/* The hand-merged Sentinel parser takes the userinfo by the same rules as redis://
+ * (which refuses "redis://u:p@ss@host:6379"): a raw '@' or space is not silently made
+ * part of the password. */
+Test(config, sentinel_urls_refuse_the_userinfo_redis_urls_refuse)
+{
+	const char *bad[] = { "redis-sentinel://u:p@ss@127.0.0.1:26379/daybook",
+			      "redis-sentinel://us er:pw@127.0.0.1:26379/daybook",
+			      "redis-sentinel://u:p#w@127.0.0.1:26379/daybook" };
+	struct config_redis r;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char plain[256];
+		snprintf(plain, sizeof(plain), "redis://%s", strchr(bad[i], '/') + 2);
+		*strrchr(plain, '/') = '\0';
+		cr_assert_not(config_parse_redis(plain, &r), "'%s' was accepted", plain);
+		cr_expect_not(config_parse_redis(bad[i], &r), "'%s' was accepted", bad[i]);
+	}
+	cr_assert(config_parse_redis("redis-sentinel://u:p%40ss@127.0.0.1:26379/daybook", &r));
+	cr_assert_str_eq(r.password, "p@ss");
 }
