@@ -1,36 +1,26 @@
 /* Fuzz harness for the HTTP query-string parser (http_query_parse), which every route
  * runs on what a client sends before its handler sees anything.
  *
- * As a libFuzzer target (clang; the flag drops the corpus runner's main below):
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -DDAYBOOK_LIBFUZZER -D_GNU_SOURCE \
- *     -Ishared tests/fuzz/fuzz_query.c shared/http.c shared/http_conn.c shared/metrics.c \
+ * As a libFuzzer target (clang; libFuzzer brings main, so without corpus_runner.c):
+ *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE \
+ *     -Ishared -Itests/fuzz tests/fuzz/fuzz_query.c shared/http.c shared/http_conn.c \
+ *     shared/metrics.c \
  *     shared/log.c shared/tokens.c shared/digest.c \
  *     $(pkg-config --cflags --libs jansson libevent libcrypto) -o /tmp/fuzz_query
  *   mkdir -p /tmp/fuzz-query && /tmp/fuzz_query -max_len=2048 /tmp/fuzz-query tests/fuzz/query_corpus
  *
- * Built normally, main() runs every file (or every file in every directory) named on
+ * Linked with tests/fuzz/corpus_runner.c, main() runs every file (or every file in every directory) named on
  * the command line, and every prefix of each, through the same checks: the meson test
  * `fuzz_query_corpus` does so for tests/fuzz/query_corpus. A broken invariant aborts.
  */
-#include <dirent.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
+#include "fuzz.h"
 #include "http_internal.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(cond)                                                                        \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			fprintf(stderr, "%s:%d: invariant broken: %s\n", __FILE__, __LINE__, #cond); \
-			abort();                                                           \
-		}                                                                          \
-	} while (0)
 
 static bool listed(const char *list, const char *name)
 {
@@ -92,87 +82,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	free(q);
 	return 0;
 }
-
-#ifndef DAYBOOK_LIBFUZZER
-
-/* Runs one input whole and every prefix of it (cut-off escapes come for free). */
-static int run_file(const char *path)
-{
-	FILE *f = fopen(path, "rb"); /* one corpus input */
-	uint8_t *buf;
-	long len;
-
-	if (!f) {
-		perror(path);
-		return -1;
-	}
-	if (fseek(f, 0, SEEK_END) != 0 || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0 ||
-	    !(buf = malloc((size_t)len + 1)) || fread(buf, 1, (size_t)len, f) != (size_t)len) {
-		fprintf(stderr, "%s: cannot read\n", path);
-		fclose(f);
-		return -1;
-	}
-	fclose(f);
-	for (size_t n = 0; n <= (size_t)len; n++)
-		LLVMFuzzerTestOneInput(buf, n);
-	free(buf);
-	return 0;
-}
-
-/* Runs every regular file of dir; returns how many, or -1 on an error. */
-static int run_dir(const char *dir)
-{
-	DIR *d = opendir(dir);
-	struct dirent *e;
-	int count = 0;
-
-	if (!d) {
-		perror(dir);
-		return -1;
-	}
-	while ((e = readdir(d))) {
-		char path[4096];
-		if (e->d_name[0] == '.')
-			continue;
-		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-		if (run_file(path) != 0) {
-			count = -1;
-			break;
-		}
-		count++;
-	}
-	closedir(d);
-	return count;
-}
-
-int main(int argc, char **argv)
-{
-	int total = 0;
-
-	if (argc < 2) {
-		fprintf(stderr, "usage: %s FILE-OR-DIR...\n", argv[0]);
-		return 2;
-	}
-	for (int i = 1; i < argc; i++) {
-		struct stat st;
-		int n;
-
-		if (stat(argv[i], &st) != 0) {
-			perror(argv[i]);
-			return 1;
-		}
-		n = S_ISDIR(st.st_mode) ? run_dir(argv[i]) : run_file(argv[i]) == 0 ? 1 : -1;
-		if (n < 0)
-			return 1;
-		total += n;
-	}
-	/* An empty run proves nothing: treat a missing corpus as a failure. */
-	if (total == 0) {
-		fprintf(stderr, "no inputs found\n");
-		return 1;
-	}
-	printf("%d inputs ran clean\n", total);
-	return 0;
-}
-
-#endif
