@@ -95,6 +95,29 @@ PGresult *sql(const char *db, const char *query)
 	return r;
 }
 
+PGconn *harness_connect_as(const char *db, const char *role)
+{
+	char conninfo[512];
+	PGconn *conn;
+
+	harness_conninfo(db, role, conninfo, sizeof(conninfo));
+	conn = PQconnectdb(conninfo);
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
+		  PQerrorMessage(conn));
+	return conn;
+}
+
+const char *harness_sqlstate(PGconn *conn, const char *query, char code[6])
+{
+	PGresult *r = PQexec(conn, query);
+	ExecStatusType st = PQresultStatus(r);
+	const char *c = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+
+	snprintf(code, 6, "%s", st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? "" : c ? c : "?????");
+	PQclear(r);
+	return code;
+}
+
 long long sql_int(const char *db, const char *query)
 {
 	PGresult *r = sql(db, query);

@@ -135,6 +135,11 @@ struct response post(const struct service *svc, const char *path, const char *bo
 PGresult *sql(const char *db, const char *query);
 /* The first column of the first row as a 64-bit integer. */
 long long sql_int(const char *db, const char *query);
+/* A blocking connection to db as role (NULL: the superuser); the test fails if it cannot
+ * connect. Caller PQfinish()es. */
+PGconn *harness_connect_as(const char *db, const char *role);
+/* Run one statement on conn; its SQLSTATE ("" for success) goes into code, returned. */
+const char *harness_sqlstate(PGconn *conn, const char *query, char code[6]);
 
 /* Run a shell command from the environment variable `var` (e.g. DAYBOOK_TEST_PG_STOP). */
 void harness_run_env_command(const char *var);

@@ -22,30 +22,6 @@ static void setup(void)
 
 TestSuite(command_lead, .init = setup, .timeout = 180);
 
-static PGconn *connect_as(const char *role)
-{
-	char conninfo[512];
-	PGconn *conn;
-
-	harness_conninfo(db, role, conninfo, sizeof(conninfo));
-	conn = PQconnectdb(conninfo);
-	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
-		  PQerrorMessage(conn));
-	return conn;
-}
-
-/* Run one statement; its SQLSTATE ("" for success) goes into code, returned. */
-static const char *sqlstate_of(PGconn *conn, const char *query, char code[6])
-{
-	PGresult *r = PQexec(conn, query);
-	ExecStatusType st = PQresultStatus(r);
-	const char *c = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-
-	snprintf(code, 6, "%s", st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? "" : c ? c : "?????");
-	PQclear(r);
-	return code;
-}
-
 /* POST with a request id (tagging the instance it went to) and an optional key. */
 static struct response send_write(const struct service *svc, const char *path, const char *body,
 				  const char *request_id, const char *key, double timeout)
@@ -326,7 +302,7 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	struct service a, b;
 	struct client c = { .tag = { "A", "B" } };
 	struct held held = { 0 };
-	PGconn *blocker = connect_as(NULL);
+	PGconn *blocker = harness_connect_as(db, NULL);
 	struct response r;
 	double t0, took, deadline;
 	long long writer, e1;
@@ -353,7 +329,7 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	 * table lock (which, unlike a row written, holds no transaction id, so the readers'
 	 * horizon of the cluster, which other tests share, is not held back). Reads of the
 	 * log go on; B's writes wait until it is released. */
-	cr_assert_str_eq(sqlstate_of(blocker, "BEGIN; LOCK TABLE events IN SHARE MODE", code), "",
+	cr_assert_str_eq(harness_sqlstate(blocker, "BEGIN; LOCK TABLE events IN SHARE MODE", code), "",
 			 "%s", PQerrorMessage(blocker));
 	held.svc = &a;
 	cr_assert_eq(pthread_create(&held.thread, NULL, send_held, &held), 0);
@@ -375,7 +351,7 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	fprintf(stderr, "SIGSTOP of the leader: the standby led after %.2f s\n", took);
 	cr_assert_gt(sql_int(db, "SELECT epoch FROM command_leases"), e1);
 	/* Let A's batch go on: it reaches its fence, which fails, while A is still frozen. */
-	cr_assert_str_eq(sqlstate_of(blocker, "ROLLBACK", code), "");
+	cr_assert_str_eq(harness_sqlstate(blocker, "ROLLBACK", code), "");
 	deadline = harness_now() + 20;
 	for (backend_state(writer, state, sizeof(state)); strncmp(state, "active", 6) == 0;
 	     backend_state(writer, state, sizeof(state))) {
@@ -420,7 +396,7 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 Test(command_lead, a_leader_whose_lease_is_taken_stands_by_and_starts_from_the_log_when_it_leads_again)
 {
 	struct service a;
-	PGconn *thief = connect_as(NULL);
+	PGconn *thief = harness_connect_as(db, NULL);
 	PGresult *res;
 	struct response r;
 	long long e1, stolen;
@@ -466,8 +442,8 @@ Test(command_lead, a_leader_whose_lease_is_taken_stands_by_and_starts_from_the_l
 
 Test(command_lead, a_batch_with_a_stale_epoch_fails_with_dbf01_and_writes_nothing)
 {
-	PGconn *cmd = connect_as("daybook_command");
-	PGconn *su = connect_as(NULL);
+	PGconn *cmd = harness_connect_as(db, "daybook_command");
+	PGconn *su = harness_connect_as(db, NULL);
 	PGresult *res;
 	long long e1, e2;
 	char q[512], code[6];
@@ -482,7 +458,7 @@ Test(command_lead, a_batch_with_a_stale_epoch_fails_with_dbf01_and_writes_nothin
 			       "('account-f', 1, 'AccountOpened', '{\"account_id\":\"f\",\"name\":\"F\","
 			       "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'); "
 			       "SELECT command_fence(%lld); COMMIT", e1);
-	cr_assert_str_eq(sqlstate_of(cmd, q, code), "", "%s", PQerrorMessage(cmd));
+	cr_assert_str_eq(harness_sqlstate(cmd, q, code), "", "%s", PQerrorMessage(cmd));
 	/* Another instance takes over (the lease expired). */
 	res = PQexec(su, "UPDATE command_leases SET expires_at = '-infinity'; "
 			 "SELECT command_lease_claim('command', 'y', 0, 30, 0)");
@@ -494,22 +470,22 @@ Test(command_lead, a_batch_with_a_stale_epoch_fails_with_dbf01_and_writes_nothin
 	snprintf(q, sizeof(q), "BEGIN; INSERT INTO events (stream, version, type, data, metadata) VALUES "
 			       "('account-f', 2, 'FundsDeposited', '{\"amount\":5}', '{}'); "
 			       "SELECT command_fence(%lld)", e1);
-	cr_assert_str_eq(sqlstate_of(cmd, q, code), "DBF01", "%s", PQerrorMessage(cmd));
+	cr_assert_str_eq(harness_sqlstate(cmd, q, code), "DBF01", "%s", PQerrorMessage(cmd));
 	cr_assert(strstr(PQerrorMessage(cmd), "command_fenced"), "%s", PQerrorMessage(cmd));
-	cr_assert_str_eq(sqlstate_of(cmd, "COMMIT", code), "");
+	cr_assert_str_eq(harness_sqlstate(cmd, "COMMIT", code), "");
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-f'"), 1);
 	/* No epoch at all is no lease either; the lease's own epoch passes. */
-	cr_assert_str_eq(sqlstate_of(cmd, "SELECT command_fence(0)", code), "DBF01");
+	cr_assert_str_eq(harness_sqlstate(cmd, "SELECT command_fence(0)", code), "DBF01");
 	snprintf(q, sizeof(q), "SELECT command_fence(%lld)", e2);
-	cr_assert_str_eq(sqlstate_of(cmd, q, code), "", "%s", PQerrorMessage(cmd));
+	cr_assert_str_eq(harness_sqlstate(cmd, q, code), "", "%s", PQerrorMessage(cmd));
 	/* The other service roles may neither read nor claim the write lease. */
 	for (size_t i = 0; i < 2; i++) {
-		PGconn *c = connect_as(roles[i]);
-		cr_assert_str_eq(sqlstate_of(c, "SELECT epoch FROM command_leases", code), "42501",
+		PGconn *c = harness_connect_as(db, roles[i]);
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT epoch FROM command_leases", code), "42501",
 				 "%s read the lease", roles[i]);
-		cr_assert_str_eq(sqlstate_of(c, "SELECT command_lease_claim('command', 'i', 0, 30, 0)",
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT command_lease_claim('command', 'i', 0, 30, 0)",
 					     code), "42501", "%s claimed the lease", roles[i]);
-		cr_assert_str_eq(sqlstate_of(c, "SELECT command_fence(1)", code), "42501");
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT command_fence(1)", code), "42501");
 		PQfinish(c);
 	}
 	PQfinish(su);

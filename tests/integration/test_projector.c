@@ -577,12 +577,10 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	cr_assert_eq(harness_stop(&b), 0);
 }
 
-static PGconn *connect_as(const char *role);
-
 Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_again)
 {
 	struct service a;
-	PGconn *thief = connect_as(NULL); /* the superuser */
+	PGconn *thief = harness_connect_as(db, NULL); /* the superuser */
 	PGresult *r;
 	long long e1, stolen, e3, steal_seq;
 	double deadline;
@@ -630,30 +628,6 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 	cr_assert_eq(harness_stop(&a), 0);
 }
 
-static PGconn *connect_as(const char *role)
-{
-	char conninfo[512];
-	PGconn *conn;
-
-	harness_conninfo(db, role, conninfo, sizeof(conninfo));
-	conn = PQconnectdb(conninfo);
-	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
-		  PQerrorMessage(conn));
-	return conn;
-}
-
-/* Run one statement; its SQLSTATE ("" for success) goes into code, returned. */
-static const char *sqlstate_of(PGconn *conn, const char *query, char code[6])
-{
-	PGresult *r = PQexec(conn, query);
-	ExecStatusType st = PQresultStatus(r);
-	const char *c = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-
-	snprintf(code, 6, "%s", st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? "" : c ? c : "?????");
-	PQclear(r);
-	return code;
-}
-
 static long long claim(PGconn *conn, const char *holder, long long epoch, int writer_pid)
 {
 	char q[256];
@@ -677,13 +651,13 @@ static const char *move_checkpoint(PGconn *conn, long long epoch, const char *fr
 
 	snprintf(q, sizeof(q), "SELECT projector_checkpoint_move('sql', %lld, '%s', %s, 0, '%s', %s)",
 		 epoch, from, from, to, to);
-	return sqlstate_of(conn, q, code);
+	return harness_sqlstate(conn, q, code);
 }
 
 Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_named_condition)
 {
-	PGconn *x = connect_as("daybook_projector"), *y = connect_as("daybook_projector");
-	PGconn *old = connect_as("daybook_projector");
+	PGconn *x = harness_connect_as(db, "daybook_projector"), *y = harness_connect_as(db, "daybook_projector");
+	PGconn *old = harness_connect_as(db, "daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
 	char code[6];
@@ -702,10 +676,10 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 	cr_assert_gt(e2, e1);
 
 	/* The old leader's transaction, sent after it woke up: refused, by name. */
-	cr_assert_str_empty(sqlstate_of(old, "BEGIN", code));
+	cr_assert_str_empty(harness_sqlstate(old, "BEGIN", code));
 	cr_assert_str_eq(move_checkpoint(old, e1, "0", "1", code), "DBF01", "%s", PQerrorMessage(old));
 	cr_assert(strstr(PQerrorMessage(old), "projector_fenced"), "%s", PQerrorMessage(old));
-	cr_assert_str_empty(sqlstate_of(old, "ROLLBACK", code));
+	cr_assert_str_empty(harness_sqlstate(old, "ROLLBACK", code));
 	cr_assert_eq(sql_int(db, "SELECT position FROM projection_checkpoints WHERE projection = 'sql'"), 0);
 	/* The holder's epoch passes; a checkpoint elsewhere is a named condition too. */
 	cr_assert_str_eq(move_checkpoint(y, e2, "5", "6", code), "DBC01", "%s", PQerrorMessage(y));
@@ -720,8 +694,8 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 
 Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 {
-	PGconn *holder = connect_as("daybook_projector"), *writer = connect_as("daybook_projector");
-	PGconn *next = connect_as("daybook_projector");
+	PGconn *holder = harness_connect_as(db, "daybook_projector"), *writer = harness_connect_as(db, "daybook_projector");
+	PGconn *next = harness_connect_as(db, "daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
 	char code[6];
@@ -729,7 +703,7 @@ Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 	/* The leader froze half-way through sending a batch: its transaction holds the
 	 * lease row and the checkpoint row. */
 	e1 = claim(holder, "frozen", 0, PQbackendPID(writer));
-	cr_assert_str_empty(sqlstate_of(writer, "BEGIN", code));
+	cr_assert_str_empty(harness_sqlstate(writer, "BEGIN", code));
 	cr_assert_str_empty(move_checkpoint(writer, e1, "0", "1", code), "%s", PQerrorMessage(writer));
 	PQfinish(holder); /* its lease session is gone, its writing session lives on */
 	deadline = harness_now() + 5;
@@ -740,7 +714,7 @@ Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 	cr_assert_gt(e2, e1);
 	/* The frozen transaction was ended: it commits nothing, and the successor's batch
 	 * is not blocked behind it. */
-	cr_assert_str_not_empty(sqlstate_of(writer, "COMMIT", code), "the frozen transaction committed");
+	cr_assert_str_not_empty(harness_sqlstate(writer, "COMMIT", code), "the frozen transaction committed");
 	cr_assert_str_empty(move_checkpoint(next, e2, "0", "1", code), "%s", PQerrorMessage(next));
 	PQfinish(writer);
 	PQfinish(next);
@@ -752,13 +726,13 @@ Test(projector, only_the_projector_role_may_read_or_claim_the_lease)
 	char code[6];
 
 	for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
-		PGconn *c = connect_as(roles[i]);
-		cr_assert_str_eq(sqlstate_of(c, "SELECT epoch FROM projector_leases", code), "42501",
+		PGconn *c = harness_connect_as(db, roles[i]);
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT epoch FROM projector_leases", code), "42501",
 				 "%s read the lease", roles[i]);
-		cr_assert_str_eq(sqlstate_of(c, "SELECT projector_lease_claim('sql', 'intruder', 0, 30, 0)",
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT projector_lease_claim('sql', 'intruder', 0, 30, 0)",
 					     code),
 				 "42501", "%s claimed the lease", roles[i]);
-		cr_assert_str_eq(sqlstate_of(c, "SELECT projector_checkpoint_move('sql', 1, '0', 0, 0, '1', 1)",
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT projector_checkpoint_move('sql', 1, '0', 0, 0, '1', 1)",
 					     code),
 				 "42501", "%s moved the checkpoint", roles[i]);
 		PQfinish(c);
