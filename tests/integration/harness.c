@@ -441,6 +441,24 @@ void harness_redis_url_as(const char *url, const char *user, char *out, size_t l
 		     len);
 }
 
+/* Start redis-server with argv (argv[0] "redis-server"), its stdout discarded; it dies
+ * with the test process. */
+static pid_t spawn_redis_server(char *const argv[])
+{
+	pid_t pid = fork();
+
+	cr_assert(pid >= 0);
+	if (pid == 0) {
+		int fd = open("/dev/null", O_WRONLY);
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (fd >= 0)
+			dup2(fd, 1);
+		execvp("redis-server", argv);
+		_exit(127);
+	}
+	return pid;
+}
+
 void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t len)
 {
 	char port[16], rdb[64];
@@ -464,17 +482,12 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 	cr_assert_lt((size_t)snprintf(url, len, "redis://daybook-admin:%s@127.0.0.1:%d",
 				      redis_password("daybook-admin"), p),
 		     len);
-	svc->pid = fork();
-	cr_assert(svc->pid >= 0);
-	if (svc->pid == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		int fd = open("/dev/null", O_WRONLY);
-		if (fd >= 0)
-			dup2(fd, 1);
-		execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1",
-		       "--save", "", "--appendonly", "no", "--protected-mode", "no", "--aclfile", acl,
-		       "--dir", tmpdir(), "--dbfilename", rdb, (char *)NULL);
-		_exit(127);
+	{
+		char *const argv[] = { "redis-server", "--port", port, "--bind", "127.0.0.1",
+				       "--save", "", "--appendonly", "no", "--protected-mode", "no",
+				       "--aclfile", (char *)acl, "--dir", (char *)tmpdir(),
+				       "--dbfilename", rdb, NULL };
+		svc->pid = spawn_redis_server(argv);
 	}
 	for (int i = 0; i < 200; i++) {
 		redisContext *c = redisConnect("127.0.0.1", p);
@@ -511,15 +524,9 @@ void harness_start_sentinel(struct service *svc, int redis_port, char *url, size
 	cr_assert_lt((size_t)snprintf(url, len, "redis-sentinel://daybook-admin:%s@127.0.0.1:%d/daybook",
 				      redis_password("daybook-admin"), p),
 		     len);
-	svc->pid = fork();
-	cr_assert(svc->pid >= 0);
-	if (svc->pid == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		int fd = open("/dev/null", O_WRONLY);
-		if (fd >= 0)
-			dup2(fd, 1);
-		execlp("redis-server", "redis-server", conf, "--sentinel", (char *)NULL);
-		_exit(127);
+	{
+		char *const argv[] = { "redis-server", conf, "--sentinel", NULL };
+		svc->pid = spawn_redis_server(argv);
 	}
 	for (int i = 0; i < 500; i++) {
 		redisContext *c = redisConnect("127.0.0.1", p);
