@@ -40,9 +40,7 @@
 static volatile sig_atomic_t interrupted;
 
 struct acct {
-	struct ledger_account acc;
-	char name[LEDGER_NAME_MAX + 1];
-	int32_t entries;
+	struct readmodel_row row; /* the shared fold's */
 	int64_t opened_at, updated_at; /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
 	int32_t expected;  /* statement items the log had when counted (a lower bound) */
 	int32_t at_cp;     /* items folded at or below the hints' checkpoint */
@@ -72,12 +70,6 @@ struct stashed {
 	char text[]; /* ev.data */
 };
 
-struct total {
-	char currency[4];
-	long long accounts, open;
-	__int128 sum;
-};
-
 /* Redis switches inside the SQL transaction, so that no projector batch lands in
  * between; if that transaction then does not commit, Redis's live generation is put
  * back as it was. */
@@ -95,7 +87,6 @@ struct rebuild {
 	redisContext *redis;
 	bool sql, want_redis;
 	long long gen;
-	char key_prefix[32]; /* "dbk:g:<gen>:" */
 	char identity[READMODEL_IDENTITY_MAX]; /* the store's, which our generation records */
 	char redis_run_id[RUN_ID_LEN]; /* the server's, to know it again after a reconnect */
 	struct live_before live_before; /* the live pointer as the switch found it */
@@ -295,22 +286,10 @@ static bool redis_send(struct rebuild *rb, int argc, const char **argv)
 	return rb->redis_queued < 4 * REDIS_FLUSH || redis_drain(rb);
 }
 
-/* A key of our generation: "dbk:g:<gen>:<kind>[:<id>]", truncated to len - 1 bytes.
- * Made for every item sent, so without printf. */
+/* A key of our generation (readmodel_key), truncated to len - 1 bytes. */
 static void rkey(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
 {
-	const char *parts[4] = { rb->key_prefix, kind, id ? ":" : "", id ? id : "" };
-	size_t at = 0;
-
-	for (int i = 0; i < 4 && len > 0; i++) {
-		size_t n = strlen(parts[i]);
-		if (n > len - 1 - at)
-			n = len - 1 - at;
-		memcpy(out + at, parts[i], n);
-		at += n;
-	}
-	if (len > 0)
-		out[at] = '\0';
+	readmodel_key(out, len, rb->gen, kind, id);
 }
 
 /* --- progress --------------------------------------------------------------------------- */
@@ -340,9 +319,9 @@ static void report(struct rebuild *rb, bool final)
 
 /* --- folding -------------------------------------------------------------------------- */
 
-static struct total *total_of(struct rebuild *rb, const char *currency)
+static struct readmodel_totals *total_of(struct rebuild *rb, const char *currency)
 {
-	struct total *t = strmap_get(rb->totals, currency);
+	struct readmodel_totals *t = strmap_get(rb->totals, currency);
 
 	if (!t && (t = calloc(1, sizeof(*t)))) {
 		snprintf(t->currency, sizeof(t->currency), "%s", currency);
@@ -352,18 +331,6 @@ static struct total *total_of(struct rebuild *rb, const char *currency)
 		}
 	}
 	return t;
-}
-
-static void count_total(struct total *t, const struct ledger_event *ev)
-{
-	switch (ev->type) {
-	case LEDGER_ACCOUNT_OPENED: t->accounts++, t->open++; break;
-	case LEDGER_ACCOUNT_CLOSED_EVENT: t->open--; break;
-	case LEDGER_FUNDS_DEPOSITED:
-	case LEDGER_TRANSFER_RECEIVED: t->sum += ev->amount; break;
-	case LEDGER_FUNDS_WITHDRAWN:
-	case LEDGER_TRANSFER_SENT: t->sum -= ev->amount; break;
-	}
 }
 
 /* Send an account's held statement items, oldest first, in one LPUSH: the statement
@@ -376,7 +343,7 @@ static bool send_items(struct rebuild *rb, struct acct *a)
 
 	if (a->npending == 0)
 		return true;
-	rkey(rb, k, sizeof(k), "stmt", a->acc.id);
+	rkey(rb, k, sizeof(k), READMODEL_KIND_STATEMENT, a->row.acc.id);
 	/* The generation is new, but its number may not be: Redis that lost its data
 	 * counts generations from 1 again, and a projector batch in flight then may have
 	 * left keys under it. A statement is pushed onto, so it starts empty. */
@@ -452,26 +419,21 @@ static void acct_free(void *value)
 }
 
 /* The statement item: a COPY row for SQL, held for one LPUSH per account for Redis. */
-static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
-		       int32_t version, int64_t at)
+static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev, int64_t at)
 {
 	struct copy_buf *b = &rb->entries;
+	char at_text[READMODEL_TIME_LEN];
+	struct readmodel_entry e = readmodel_entry_of(&a->row, ev, at_text);
 	bool ok = true;
 
 	if (rb->sql)
-		ok = copy_row(b, 9) && copy_text(b, a->acc.id) && copy_int(b, version, 4) &&
-		     copy_text(b, readmodel_entry_type(ev->type)) && copy_int(b, ev->amount, 8) &&
-		     copy_int(b, a->acc.balance, 8) && copy_text(b, ev->transfer_id) &&
-		     copy_text(b, ev->counterparty) && copy_text(b, ev->reference) && copy_int(b, at, 8);
+		ok = copy_row(b, 9) && copy_text(b, a->row.acc.id) && copy_int(b, e.version, 4) &&
+		     copy_text(b, e.type) && copy_int(b, e.amount, 8) &&
+		     copy_int(b, e.balance_after, 8) && copy_text(b, e.transfer_id) &&
+		     copy_text(b, e.counterparty) && copy_text(b, e.reference) && copy_int(b, at, 8);
 	/* Redis keeps the newest items only: skip those certain to be trimmed, and send
 	 * the rest as one LPUSH per account rather than a command per item. */
-	if (ok && rb->redis && a->entries > a->expected - READMODEL_ITEMS_KEPT) {
-		char at_text[READMODEL_TIME_LEN];
-		struct readmodel_entry e = {
-			.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
-			.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
-			.counterparty = ev->counterparty, .reference = ev->reference, .at = at_text,
-		};
+	if (ok && rb->redis && a->row.entries > a->expected - READMODEL_ITEMS_KEPT) {
 		readmodel_time_text(at, at_text);
 		ok = hold_item(rb, a, readmodel_entry_json(&e));
 	}
@@ -508,26 +470,23 @@ static bool emit_transfer(struct rebuild *rb, const struct acct *from, const str
 			  int64_t at)
 {
 	struct copy_buf *b = &rb->transfers;
+	char at_text[READMODEL_TIME_LEN];
+	struct readmodel_transfer t = readmodel_transfer_of(&from->row, ev, at_text);
 	bool ok = true;
 
 	if (rb->sql)
-		ok = copy_row(b, 7) && copy_text(b, ev->transfer_id) && copy_text(b, from->acc.id) &&
-		     copy_text(b, ev->counterparty) && copy_int(b, ev->amount, 8) &&
-		     copy_text(b, from->acc.currency) && copy_text(b, ev->reference) && copy_int(b, at, 8);
+		ok = copy_row(b, 7) && copy_text(b, t.transfer_id) && copy_text(b, t.from) &&
+		     copy_text(b, t.to) && copy_int(b, t.amount, 8) &&
+		     copy_text(b, t.currency) && copy_text(b, t.reference) && copy_int(b, at, 8);
 	if (ok && rb->redis) {
-		char at_text[READMODEL_TIME_LEN], k[LEDGER_ID_MAX + 48], *json;
-		struct readmodel_transfer t = {
-			.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
-			.currency = from->acc.currency, .reference = ev->reference, .at = at_text,
-			.amount = ev->amount,
-		};
+		char k[READMODEL_KEY_MAX], *json;
 		readmodel_time_text(at, at_text);
 		json = readmodel_transfer_json(&t);
 		const char *argv[3] = { "SET", k, json };
-		rkey(rb, k, sizeof(k), "xfer", ev->transfer_id);
+		rkey(rb, k, sizeof(k), READMODEL_KIND_TRANSFER, t.transfer_id);
 		ok = json && redis_send(rb, 3, argv);
 		free(json);
-		keep_xfer_id(rb, ev->transfer_id);
+		keep_xfer_id(rb, t.transfer_id);
 	}
 	return ok;
 }
@@ -542,35 +501,31 @@ static uint64_t be(const char *p, int bytes)
 	return v;
 }
 
-/* Apply one event to its account, in version order. */
+/* Apply one event to its account, in version order (the shared fold). */
 static bool apply(struct rebuild *rb, const char *id, struct acct *a, const struct logged *e)
 {
 	struct ledger_event ev;
-	struct total *t;
-	bool ok = e->type && e->version == a->acc.version + 1 &&
-		  ledger_event_from_text(e->type, e->data, e->len, &rb->data, &ev);
+	struct readmodel_change change;
+	struct readmodel_totals *t;
+	bool ok = e->type && e->version == a->row.acc.version + 1 &&
+		  ledger_event_from_text(e->type, e->data, e->len, &rb->data, &ev) &&
+		  readmodel_fold(&a->row, id, e->version, &ev, &change);
 
-	if (ok && e->type == LEDGER_ACCOUNT_OPENED)
-		ev.account_id = id;
-	ok = ok && ledger_evolve(&a->acc, &ev);
-	if (ok && e->type == LEDGER_ACCOUNT_OPENED) {
-		snprintf(a->name, sizeof(a->name), "%s", ev.name);
+	if (ok && change.opened)
 		a->opened_at = e->at;
-	}
 	if (ok) {
 		a->updated_at = e->at;
-		ok = (t = total_of(rb, a->acc.currency)) != NULL;
+		ok = (t = total_of(rb, a->row.acc.currency)) != NULL;
 		if (ok)
-			count_total(t, &ev);
+			readmodel_count_add(&t->count, &change.totals);
 	}
-	if (ok && readmodel_entry_type(e->type)) {
-		a->entries++;
+	if (ok && change.entry_type) {
 		if (rb->hinted && (e->txid < rb->hint_txid ||
 				   (e->txid == rb->hint_txid && e->position <= rb->hint_pos)))
 			a->at_cp++;
-		ok = emit_entry(rb, a, &ev, a->acc.version, e->at);
+		ok = emit_entry(rb, a, &ev, e->at);
 	}
-	if (ok && e->type == LEDGER_TRANSFER_SENT)
+	if (ok && change.transfer)
 		ok = emit_transfer(rb, a, &ev, e->at);
 	if (ok && (e->txid > rb->cp_txid || (e->txid == rb->cp_txid && e->position > rb->position))) {
 		rb->cp_txid = e->txid;
@@ -632,10 +587,10 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int i)
 		free(a);
 		return false;
 	}
-	if (e.version > a->acc.version + 1)
+	if (e.version > a->row.acc.version + 1)
 		return stash(rb, id, a, &e);
 	ok = apply(rb, id, a, &e);
-	while (ok && a->stash && a->stash->ev.version == a->acc.version + 1) {
+	while (ok && a->stash && a->stash->ev.version == a->row.acc.version + 1) {
 		struct stashed *s = a->stash;
 		a->stash = s->next;
 		rb->stashed--;
@@ -649,14 +604,14 @@ static bool fold_row(struct rebuild *rb, PGresult *r, int i)
  * more than Redis keeps (items appended while the rebuild ran). */
 static bool finish_items(struct rebuild *rb, struct acct *a)
 {
-	char k[LEDGER_ID_MAX + 48], stop[16];
+	char k[READMODEL_KEY_MAX], stop[16];
 	const char *argv[4] = { "LTRIM", k, "0", stop };
 
 	if (!send_items(rb, a))
 		return false;
 	if (a->sent <= READMODEL_ITEMS_KEPT)
 		return true;
-	rkey(rb, k, sizeof(k), "stmt", a->acc.id);
+	rkey(rb, k, sizeof(k), READMODEL_KIND_STATEMENT, a->row.acc.id);
 	snprintf(stop, sizeof(stop), "%d", READMODEL_ITEMS_KEPT - 1);
 	return redis_send(rb, 4, argv);
 }
@@ -795,48 +750,44 @@ static void put_account(void *arg, const char *id, void *value)
 	struct account_walk *w = arg;
 	struct acct *a = value;
 	struct copy_buf *b = w->rows;
-	const char *status = a->acc.closed ? "closed" : "open";
+	const char *status = readmodel_status(&a->row.acc);
 
 	/* Counted before the rebuild began but never opened: nothing to write. */
-	if (!w->ok || !ledger_account_exists(&a->acc) || a->written == a->acc.version)
+	if (!w->ok || !ledger_account_exists(&a->row.acc) || a->written == a->row.acc.version)
 		return;
-	a->written = a->acc.version;
+	a->written = a->row.acc.version;
 	if (w->ids)
 		pg_array_append(w->ids, id, w->n == 0);
 	w->n++;
 	if (w->rb->redis)
 		w->ok = finish_items(w->rb, a);
 	if (w->ok && w->rb->sql)
-		w->ok = copy_row(b, 10) && copy_text(b, id) && copy_text(b, a->name) &&
-			copy_text(b, a->acc.currency) && copy_int(b, a->acc.balance, 8) &&
-			copy_int(b, a->acc.overdraft_limit, 8) && copy_text(b, status) &&
-			copy_int(b, a->acc.version, 4) && copy_int(b, a->entries, 4) &&
+		w->ok = copy_row(b, 10) && copy_text(b, id) && copy_text(b, a->row.name) &&
+			copy_text(b, a->row.acc.currency) && copy_int(b, a->row.acc.balance, 8) &&
+			copy_int(b, a->row.acc.overdraft_limit, 8) && copy_text(b, status) &&
+			copy_int(b, a->row.acc.version, 4) && copy_int(b, a->row.entries, 4) &&
 			copy_int(b, a->opened_at, 8) && copy_int(b, a->updated_at, 8);
 	/* The first pass COPYs as it goes; the switch's rewrite deletes the old rows first. */
 	if (w->ok && w->rb->sql && !w->ids && b->len > ACCOUNT_ROWS_MAX)
 		w->ok = copy_in(w->pg, "rm_accounts_shadow", b);
 	if (w->ok && w->rb->redis) {
 		char opened[READMODEL_TIME_LEN], updated[READMODEL_TIME_LEN];
-		struct readmodel_account body = {
-			.account_id = id, .name = a->name, .currency = a->acc.currency, .status = status,
-			.balance = a->acc.balance, .overdraft_limit = a->acc.overdraft_limit,
-			.version = a->acc.version, .opened_at = opened, .updated_at = updated,
-		};
-		char k[LEDGER_ID_MAX + 48], v[16], n[16], *json;
+		struct readmodel_account body = readmodel_account_of(&a->row, opened, updated);
+		char k[READMODEL_KEY_MAX], v[16], n[16], *json;
 		readmodel_time_text(a->opened_at, opened);
 		readmodel_time_text(a->updated_at, updated);
 		json = readmodel_account_json(&body);
 		const char *argv[8] = { "HSET", k, "v", v, "n", n, "j", json };
-		rkey(w->rb, k, sizeof(k), "acct", id);
-		snprintf(v, sizeof(v), "%d", a->acc.version);
-		snprintf(n, sizeof(n), "%d", a->entries);
+		rkey(w->rb, k, sizeof(k), READMODEL_KIND_ACCOUNT, id);
+		snprintf(v, sizeof(v), "%d", a->row.acc.version);
+		snprintf(n, sizeof(n), "%d", a->row.entries);
 		w->ok = json && redis_send(w->rb, 8, argv);
 		free(json);
 	}
 }
 
 struct totals_walk {
-	struct total **sorted;
+	struct readmodel_totals **sorted;
 	size_t n;
 };
 
@@ -850,7 +801,7 @@ static void collect_total(void *arg, const char *currency, void *value)
 
 /* The few totals rows: a plain INSERT each (balance_sum is numeric, whose binary
  * form is not worth writing for a row per currency). */
-static bool sql_totals(struct rebuild *rb, struct total **t, size_t n)
+static bool sql_totals(struct rebuild *rb, struct readmodel_totals **t, size_t n)
 {
 	bool ok = true;
 
@@ -859,9 +810,9 @@ static bool sql_totals(struct rebuild *rb, struct total **t, size_t n)
 		const char *params[4] = { t[i]->currency, accounts, open, sum };
 		PGresult *r;
 
-		snprintf(accounts, sizeof(accounts), "%lld", t[i]->accounts);
-		snprintf(open, sizeof(open), "%lld", t[i]->open);
-		readmodel_int128_text(t[i]->sum, sum);
+		snprintf(accounts, sizeof(accounts), "%lld", (long long)t[i]->count.accounts);
+		snprintf(open, sizeof(open), "%lld", (long long)t[i]->count.open_accounts);
+		readmodel_int128_text(t[i]->count.balance_sum, sum);
 		r = PQexecParams(rb->wr, "INSERT INTO rm_totals_shadow VALUES ($1, $2, $3, $4)", 4,
 				 NULL, params, NULL, NULL, 0);
 		ok = PQresultStatus(r) == PGRES_COMMAND_OK;
@@ -874,35 +825,21 @@ static bool sql_totals(struct rebuild *rb, struct total **t, size_t n)
 
 static int by_currency(const void *a, const void *b)
 {
-	return strcmp((*(struct total *const *)a)->currency, (*(struct total *const *)b)->currency);
+	return strcmp((*(struct readmodel_totals *const *)a)->currency,
+		      (*(struct readmodel_totals *const *)b)->currency);
 }
 
-/* The totals body (t sorted by currency) into Redis, with the checkpoint token. */
-static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const char *token)
+/* The totals body into Redis, with the checkpoint token. */
+static bool redis_totals(struct rebuild *rb, struct readmodel_totals **t, size_t n, const char *token)
 {
-	struct readmodel_total *rows = malloc((n ? n : 1) * sizeof(*rows));
-	char (*text)[3][48] = malloc((n ? n : 1) * sizeof(*text));
-	char k[64], *body = NULL;
+	char k[READMODEL_KEY_MAX], *body = readmodel_totals_json_of((const struct readmodel_totals *const *)t, n);
 	bool ok = false;
 
-	if (!rows || !text)
-		goto done;
-	for (size_t i = 0; i < n; i++) {
-		snprintf(text[i][0], sizeof(text[i][0]), "%lld", t[i]->accounts);
-		snprintf(text[i][1], sizeof(text[i][1]), "%lld", t[i]->open);
-		readmodel_int128_text(t[i]->sum, text[i][2]);
-		rows[i] = (struct readmodel_total){ .currency = t[i]->currency, .accounts = text[i][0],
-						    .open_accounts = text[i][1], .balance_sum = text[i][2] };
-	}
-	body = readmodel_totals_json(rows, n);
 	if (body) {
 		const char *argv[6] = { "HSET", k, "p", token, "j", body };
-		rkey(rb, k, sizeof(k), "totals", NULL);
+		rkey(rb, k, sizeof(k), READMODEL_KIND_TOTALS, NULL);
 		ok = redis_send(rb, 6, argv);
 	}
-done:
-	free(rows);
-	free(text);
 	free(body);
 	return ok;
 }
@@ -947,7 +884,7 @@ static bool write_accounts(struct rebuild *rb, PGconn *pg, bool rewrite)
 
 static bool write_end_state(struct rebuild *rb, const char *token)
 {
-	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0 };
+	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct readmodel_totals *)), 0 };
 	bool ok = write_accounts(rb, rb->wr, true) && tw.sorted;
 
 	if (ok) {
@@ -1005,9 +942,10 @@ static void find_short(void *arg, const char *id, void *value)
 #define REPAIR_ITEMS                                                                        \
 	"SELECT e.account_id, e.version, e.type, e.amount, e.balance_after, e.transfer_id, "     \
 	"e.counterparty, e.reference, "                                                          \
-	"to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                \
+	READMODEL_SQL_TIME("e.at") " "                                                           \
 	"FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE "          \
-	"x.account_id = id ORDER BY x.version DESC LIMIT 50) e ORDER BY e.account_id, e.version"
+	"x.account_id = id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e "                  \
+	"ORDER BY e.account_id, e.version"
 
 /* Their statements again, from the indexed shadow table: everything the load folded. */
 static bool repair_items(struct rebuild *rb)
@@ -1044,7 +982,7 @@ static bool repair_items(struct rebuild *rb)
 		if (!a)
 			continue;
 		if (a->expected > a->at_cp) { /* its first row: start the statement afresh */
-			rkey(rb, k, sizeof(k), "stmt", id);
+			rkey(rb, k, sizeof(k), READMODEL_KIND_STATEMENT, id);
 			ok = send_items(rb, a) && redis_send(rb, 2, del);
 			a->expected = 0; /* every later item counts */
 			a->sent = 0;
@@ -1314,13 +1252,13 @@ static bool switch_over(struct rebuild *rb)
 	}
 	if (ok && rb->redis) {
 		char k[64], lk[64], msg[96];
-		const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
+		const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 		char ik[64];
 		const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
 		const char *identity[3] = { "SET", ik, rb->identity };
-		rkey(rb, k, sizeof(k), "checkpoint", NULL);
-		rkey(rb, lk, sizeof(lk), "layout", NULL);
-		rkey(rb, ik, sizeof(ik), "identity", NULL);
+		rkey(rb, k, sizeof(k), READMODEL_KIND_CHECKPOINT, NULL);
+		rkey(rb, lk, sizeof(lk), READMODEL_KIND_LAYOUT, NULL);
+		rkey(rb, ik, sizeof(ik), READMODEL_KIND_IDENTITY, NULL);
 		snprintf(gen, sizeof(gen), "%lld", rb->gen);
 		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
 		/* The identity again: Redis may have lost what was written at the start. */
@@ -1340,12 +1278,21 @@ static bool switch_over(struct rebuild *rb)
 	return false;
 }
 
+/* GET generation gen's key of `kind`; caller frees the reply. */
+static redisReply *get_gen_key(struct rebuild *rb, long long gen, const char *kind)
+{
+	char k[64];
+
+	readmodel_key(k, sizeof(k), gen, kind, NULL);
+	return redisCommand(rb->redis, "GET %s", k);
+}
+
 /* May generation gen be deleted: was it built from this store, or from none (written
  * before generations recorded one)? Another store's may be another deployment's live
  * models (one Redis database shared by mistake): it is left to an operator. */
 static bool ours_to_delete(struct rebuild *rb, long long gen)
 {
-	redisReply *r = redisCommand(rb->redis, "GET dbk:g:%lld:identity", gen);
+	redisReply *r = get_gen_key(rb, gen, READMODEL_KIND_IDENTITY);
 	bool ours = r && (r->type == REDIS_REPLY_NIL ||
 			  (r->type == REDIS_REPLY_STRING && strcmp(r->str, rb->identity) == 0));
 
@@ -1365,11 +1312,10 @@ struct verdicts {
 
 static bool sweep_key(struct rebuild *rb, struct verdicts *v, const char *k)
 {
-	char *end = NULL;
-	long long gen = strncmp(k, "dbk:g:", 6) == 0 ? strtoll(k + 6, &end, 10) : 0;
+	long long gen = readmodel_key_generation(k);
 	bool ours;
 
-	if (!end || *end != ':')
+	if (!gen)
 		return false;
 	for (size_t i = 0; i < v->n; i++)
 		if (v->gen[i] == gen)
@@ -1401,8 +1347,11 @@ static void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 	/* Replies of pipelined commands come first: read them before talking again. */
 	if (!redis_drain(rb))
 		return;
-	snprintf(match, sizeof(match), keep ? "dbk:g:*" : "dbk:g:%lld:*", drop);
-	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", keep);
+	if (keep)
+		snprintf(match, sizeof(match), "%s", READMODEL_GEN_MATCH);
+	else
+		readmodel_key_match(match, sizeof(match), drop);
+	readmodel_key(prefix, sizeof(prefix), keep, "", NULL);
 	do {
 		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 10000", cursor, match);
 		const char **argv;
@@ -1458,8 +1407,7 @@ static void unlink_flush(struct unlinks *u)
 
 static void unlink_key(struct unlinks *u, const char *kind, const char *id)
 {
-	snprintf(u->keys[u->n], KEY_LEN, "dbk:g:%lld:%s%s%s", u->gen, kind, id ? ":" : "",
-		 id ? id : "");
+	readmodel_key(u->keys[u->n], KEY_LEN, u->gen, kind, id);
 	u->argv[1 + u->n] = u->keys[u->n];
 	if (++u->n == UNLINK_BATCH)
 		unlink_flush(u);
@@ -1470,16 +1418,16 @@ static void unlink_account(void *arg, const char *id, void *value)
 	(void)value;
 	struct unlinks *u = arg;
 
-	unlink_key(u, "acct", id);
-	unlink_key(u, "stmt", id);
+	unlink_key(u, READMODEL_KIND_ACCOUNT, id);
+	unlink_key(u, READMODEL_KIND_STATEMENT, id);
 	if (u->old_layout)
-		unlink_key(u, "entries", id); /* layout 1's statements */
+		unlink_key(u, READMODEL_KIND_ENTRIES_V1, id); /* layout 1's statements */
 }
 
 /* Was generation gen written in this code's layout? */
 static bool same_layout(struct rebuild *rb, long long gen)
 {
-	redisReply *r = redisCommand(rb->redis, "GET dbk:g:%lld:layout", gen);
+	redisReply *r = get_gen_key(rb, gen, READMODEL_KIND_LAYOUT);
 	bool same = r && r->type == REDIS_REPLY_STRING && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0;
 
 	freeReplyObject(r);
@@ -1503,11 +1451,11 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 	u->old_layout = u->ok && !same_layout(rb, gen);
 	strmap_foreach(rb->accounts, unlink_account, u);
 	for (size_t at = 0; at < rb->xfer_ids.len; at += strlen(rb->xfer_ids.p + at) + 1)
-		unlink_key(u, "xfer", rb->xfer_ids.p + at);
-	unlink_key(u, "totals", NULL);
-	unlink_key(u, "checkpoint", NULL);
-	unlink_key(u, "layout", NULL);
-	unlink_key(u, "identity", NULL);
+		unlink_key(u, READMODEL_KIND_TRANSFER, rb->xfer_ids.p + at);
+	unlink_key(u, READMODEL_KIND_TOTALS, NULL);
+	unlink_key(u, READMODEL_KIND_CHECKPOINT, NULL);
+	unlink_key(u, READMODEL_KIND_LAYOUT, NULL);
+	unlink_key(u, READMODEL_KIND_IDENTITY, NULL);
 	unlink_flush(u);
 	if (u->ok)
 		(void)!redis_drain(rb);
@@ -1537,7 +1485,7 @@ static void cleanup_after_switch(struct rebuild *rb)
 
 static bool connect_redis(struct rebuild *rb)
 {
-	char err[256];
+	char err[256], k[64];
 	redisReply *r;
 	PGresult *r0;
 
@@ -1562,20 +1510,20 @@ static bool connect_redis(struct rebuild *rb)
 		rb_error(rb, "cannot connect to redis: %s\n", err);
 		return false;
 	}
-	r = redisCommand(rb->redis, "INCR dbk:generation");
+	r = redisCommand(rb->redis, "INCR " READMODEL_GENERATION_KEY);
 	if (!r || r->type != REDIS_REPLY_INTEGER) {
-		rb_error(rb, "redis INCR dbk:generation failed\n");
+		rb_error(rb, "redis INCR " READMODEL_GENERATION_KEY " failed\n");
 		freeReplyObject(r);
 		return false;
 	}
 	rb->gen = r->integer;
-	snprintf(rb->key_prefix, sizeof(rb->key_prefix), "dbk:g:%lld:", rb->gen);
+	rkey(rb, k, sizeof(k), READMODEL_KIND_IDENTITY, NULL);
 	freeReplyObject(r);
 	/* Which store the generation is built from, before anything else goes in it: no
 	 * projector's sweep then takes its keys for garbage of no store. */
-	r = redisCommand(rb->redis, "SET %sidentity %s", rb->key_prefix, rb->identity);
+	r = redisCommand(rb->redis, "SET %s %s", k, rb->identity);
 	if (!r || r->type == REDIS_REPLY_ERROR) {
-		rb_error(rb, "redis SET %sidentity failed\n", rb->key_prefix);
+		rb_error(rb, "redis SET %s failed\n", k);
 		freeReplyObject(r);
 		return false;
 	}

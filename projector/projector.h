@@ -38,11 +38,9 @@ struct projector_item {
 
 enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
 
-/* An account as the SQL read model holds it. */
+/* An account as the SQL read model holds it: the shared fold's row and its times. */
 struct rm_account {
-	struct ledger_account acc;
-	char name[LEDGER_NAME_MAX + 1];
-	int32_t entries;
+	struct readmodel_row row;
 	char opened_at[32], updated_at[32];
 	bool touched; /* changed by the batch in progress */
 };

@@ -81,28 +81,31 @@ static const char *const scripts[] = {
 	 * identity is not ARGV[1]), counts as none: it is replaced. */
 	[LIVE_STATUS] = "local g = redis.call('GET', '" READMODEL_LIVE_KEY "') "
 			"if not g then return false end "
-			"if redis.call('GET', 'dbk:g:' .. g .. ':layout') ~= '" READMODEL_REDIS_LAYOUT "' "
+			READMODEL_LUA_GEN_KEY
+			"if redis.call('GET', gen_key(g, '" READMODEL_KIND_LAYOUT "')) ~= '"
+			READMODEL_REDIS_LAYOUT "' then return false end "
+			"if redis.call('GET', gen_key(g, '" READMODEL_KIND_IDENTITY "')) ~= ARGV[1] "
 			"then return false end "
-			"if redis.call('GET', 'dbk:g:' .. g .. ':identity') ~= ARGV[1] then return false end "
-			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
+			"return {g, redis.call('GET', gen_key(g, '" READMODEL_KIND_CHECKPOINT "')) or ''}",
 	/* SET KEYS[1] ARGV[1]: transfers, a generation's layout and identity marks. */
 	[PUT_FENCED] = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1",
 	[RAISE_FENCE] = READMODEL_LUA_FENCE "return 1",
 	/* Make generation ARGV[1] live; the identity of the one it replaces when that is
 	 * not ARGV[2] (another store's), else "". */
-	[SWITCH_LIVE] = READMODEL_LUA_FENCE "local old = redis.call('GET', '" READMODEL_LIVE_KEY "') "
-			"local theirs = old and redis.call('GET', 'dbk:g:' .. old .. ':identity') "
+	[SWITCH_LIVE] = READMODEL_LUA_FENCE READMODEL_LUA_GEN_KEY
+			"local old = redis.call('GET', '" READMODEL_LIVE_KEY "') "
+			"local theirs = old and redis.call('GET', gen_key(old, '" READMODEL_KIND_IDENTITY "')) "
 			"redis.call('SET', '" READMODEL_LIVE_KEY "', ARGV[1]) "
 			"if theirs and theirs ~= ARGV[2] then return theirs end return ''",
 	/* Unlink the keys ARGV[3..] of generations older than ARGV[2] that are ours
 	 * (identity ARGV[1]) or of no store (written before identities): another store's
 	 * generations may be another deployment's live models, and are left alone. */
-	[CLEAN_OLD] = "local ours = {} "
+	[CLEAN_OLD] = READMODEL_LUA_GEN_KEY "local ours = {} "
 		      "for i = 3, #ARGV do "
-		      "local g = string.match(ARGV[i], '^dbk:g:(%d+):') "
+		      "local g = gen_of(ARGV[i]) "
 		      "if g and tonumber(g) < tonumber(ARGV[2]) then "
 		      "if ours[g] == nil then "
-		      "local id = redis.call('GET', 'dbk:g:' .. g .. ':identity') "
+		      "local id = redis.call('GET', gen_key(g, '" READMODEL_KIND_IDENTITY "')) "
 		      "ours[g] = not id or id == ARGV[1] end "
 		      "if ours[g] then redis.call('UNLINK', ARGV[i]) end end end "
 		      "return 0",
@@ -122,7 +125,7 @@ static void sync_next(struct projector_ctx *ctx);
 
 static void key(char *out, size_t len, long long gen, const char *kind, const char *id)
 {
-	snprintf(out, len, "dbk:g:%lld:%s%s%s", gen, kind, id ? ":" : "", id ? id : "");
+	readmodel_key(out, len, gen, kind, id);
 }
 
 static void cp_token(const struct projector_ctx *ctx, char out[48])
@@ -268,7 +271,7 @@ static void put_account(struct projector_ctx *ctx, long long gen, const char *id
 	char k[LEDGER_ID_MAX + 48], e[READMODEL_FENCE_ARG_MAX], v[16], n[16];
 	const char *argv[5] = { k, e, v, n, json };
 
-	key(k, sizeof(k), gen, "acct", id);
+	key(k, sizeof(k), gen, READMODEL_KIND_ACCOUNT, id);
 	fence_arg(ctx, e, sizeof(e));
 	snprintf(v, sizeof(v), "%d", version);
 	snprintf(n, sizeof(n), "%d", entries);
@@ -280,7 +283,7 @@ static void put_transfer(struct projector_ctx *ctx, long long gen, const char *i
 	char k[LEDGER_ID_MAX + 48], e[READMODEL_FENCE_ARG_MAX];
 	const char *argv[3] = { k, e, json };
 
-	key(k, sizeof(k), gen, "xfer", id);
+	key(k, sizeof(k), gen, READMODEL_KIND_TRANSFER, id);
 	fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_FENCED, 1, 3, argv);
 }
@@ -297,7 +300,7 @@ static void put_entries(struct projector_ctx *ctx, long long gen, const char *id
 		ctx->rfailed = true;
 		return;
 	}
-	key(k, sizeof(k), gen, "stmt", id);
+	key(k, sizeof(k), gen, READMODEL_KIND_STATEMENT, id);
 	fence_arg(ctx, e, sizeof(e));
 	argv[0] = k;
 	argv[1] = e;
@@ -331,7 +334,7 @@ static void put_totals(struct projector_ctx *ctx, long long gen, const char *tok
 		ctx->rfailed = true;
 		return;
 	}
-	key(k, sizeof(k), gen, "totals", NULL);
+	key(k, sizeof(k), gen, READMODEL_KIND_TOTALS, NULL);
 	fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_TOTALS, 1, 4, argv);
 	free(json);
@@ -342,9 +345,9 @@ static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char 
 {
 	char k[64], e[READMODEL_FENCE_ARG_MAX], msg[96];
 	const char *argv[4] = { k, e, token, from };
-	const char *pub[3] = { "PUBLISH", "dbk:position", msg };
+	const char *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 
-	key(k, sizeof(k), gen, "checkpoint", NULL);
+	key(k, sizeof(k), gen, READMODEL_KIND_CHECKPOINT, NULL);
 	fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_CHECKPOINT, 1, from ? 4 : 3, argv);
 	snprintf(msg, sizeof(msg), "%lld %s", gen, token);
@@ -490,8 +493,8 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 			ctx->rfailed = true;
 			continue;
 		}
-		put_account(ctx, ctx->gen, accounts[i]->acc.id, accounts[i]->acc.version,
-			    accounts[i]->entries, json);
+		put_account(ctx, ctx->gen, accounts[i]->row.acc.id, accounts[i]->row.acc.version,
+			    accounts[i]->row.entries, json);
 		free(json);
 	}
 	send_items(ctx, items, ni);
@@ -679,7 +682,7 @@ static void generation_reply(void *arg, const redisReply *reply)
 	const char *set_identity[3] = { "SET", identity_key, ctx->identity };
 
 	if (!reply || reply->type != REDIS_REPLY_INTEGER) {
-		sync_abort(ctx, reply && reply->str ? reply->str : "INCR dbk:generation failed");
+		sync_abort(ctx, reply && reply->str ? reply->str : "INCR " READMODEL_GENERATION_KEY " failed");
 		return;
 	}
 	ctx->sync->gen = reply->integer;
@@ -687,7 +690,7 @@ static void generation_reply(void *arg, const redisReply *reply)
 	/* Which store the generation is built from comes first, so that no sweep of
 	 * another deployment's projector takes the keys that follow for its own garbage;
 	 * the switch writes it again, checked. */
-	key(identity_key, sizeof(identity_key), ctx->sync->gen, "identity", NULL);
+	key(identity_key, sizeof(identity_key), ctx->sync->gen, READMODEL_KIND_IDENTITY, NULL);
 	(void)!redis_command(ctx->redis, 3, set_identity, NULL, NULL, NULL);
 	log_info(&ctx->log, "copying the read models into redis generation %lld", ctx->sync->gen);
 	query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
@@ -698,7 +701,7 @@ static void generation_reply(void *arg, const redisReply *reply)
 static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
-	const char *scan[6] = { "SCAN", NULL, "MATCH", "dbk:g:*", "COUNT", "1000" };
+	const char *scan[6] = { "SCAN", NULL, "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
 	const char **argv;
 	char below[24];
 	size_t n;
@@ -729,7 +732,7 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 
 static void start_cleanup(struct projector_ctx *ctx)
 {
-	const char *scan[6] = { "SCAN", "0", "MATCH", "dbk:g:*", "COUNT", "1000" };
+	const char *scan[6] = { "SCAN", "0", "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
 
 	if (!redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx))
 		log_warn(&ctx->log, "cannot clean old redis generations now");
@@ -800,8 +803,8 @@ static void sync_next(struct projector_ctx *ctx)
 		 * checked): mark it complete... */
 		begin_sends(ctx);
 		fence_arg(ctx, epoch, sizeof(epoch));
-		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
-		key(identity_key, sizeof(identity_key), s->gen, "identity", NULL);
+		key(layout_key, sizeof(layout_key), s->gen, READMODEL_KIND_LAYOUT, NULL);
+		key(identity_key, sizeof(identity_key), s->gen, READMODEL_KIND_IDENTITY, NULL);
 		eval(ctx, PUT_FENCED, 1, 3, identity);
 		eval(ctx, PUT_FENCED, 1, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp, NULL);
@@ -841,7 +844,7 @@ static void sync_next(struct projector_ctx *ctx)
 
 static void start_sync(struct projector_ctx *ctx)
 {
-	const char *incr[2] = { "INCR", "dbk:generation" };
+	const char *incr[2] = { "INCR", READMODEL_GENERATION_KEY };
 	char labels[96];
 
 	ctx->sync = calloc(1, sizeof(*ctx->sync));

@@ -20,13 +20,10 @@
 #include "feed.h"
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
-#define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
 
-/* SQL fragments the statements share (sql.c, timetravel.c): a timestamptz as the read
- * models write times, and the event store's readable head (the last event below the
- * snapshot's xmin: everything up to it is committed and visible). */
-#define QUERY_SQL_UTC_TEXT(col) \
-	"to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+/* SQL the statements share (sql.c, timetravel.c): the event store's readable head (the
+ * last event below the snapshot's xmin: everything up to it is committed and visible).
+ * Times are READMODEL_SQL_TIME. */
 #define QUERY_SQL_LOG_HEAD \
 	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
 	" ORDER BY txid DESC, position DESC LIMIT 1"
@@ -69,7 +66,7 @@ struct query_ctx {
 	struct tokens *tokens;
 	struct http_server *http;
 	struct redis *redis;      /* the read connection */
-	struct redis *subscriber; /* dbk:position, to wake waiting reads */
+	struct redis *subscriber; /* READMODEL_POSITION_TOPIC, to wake waiting reads */
 	struct sqlpool *sql;
 	struct waitset *waits;    /* reads waiting for a projection to reach min_position */
 	size_t max_waiters;       /* DAYBOOK_MAX_WAITERS, for all workers together */

@@ -14,7 +14,7 @@
 #define QUEUE_MAX 20000 /* beyond this, new reads get 503 rather than memory */
 #define RUN_TIMEOUT 5.0
 
-#define UTC_TEXT(col) QUERY_SQL_UTC_TEXT(col)
+#define UTC_TEXT(col) READMODEL_SQL_TIME(col)
 /* Every statement reads its data and the checkpoint in one statement, hence one
  * snapshot: the position reported is exactly the state served. */
 #define CHECKPOINT "projection_checkpoints c"
