@@ -1,7 +1,15 @@
 /* daybook-admin verify: fold the event log independently with the pure domain and
  * compare the result, field by field, with the SQL read models and Redis's live
  * generation. Memory stays bounded: sorted server-side cursors are merge-joined, and
- * only one account's state is held at a time. */
+ * only one account's state is held at a time.
+ *
+ * This fold is independent ON PURPOSE: the projector, rebuild and time travel share
+ * one fold (readmodel_fold, shared/readmodel_fold.c), and verify is the check of that
+ * fold, so it does not call it: it keeps its own bookkeeping of names, times, statement
+ * items and totals (the totals even from the accounts' end states rather than event by
+ * event). It shares only what must be byte-identical to be compared: the Redis key
+ * names (readmodel_key*), the body renderers (readmodel_*_json) and the constants
+ * (READMODEL_ITEMS_KEPT, READMODEL_SQL_TIME). */
 #include <event2/buffer.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
@@ -27,14 +35,8 @@
 #define REDIS_CHUNK 256        /* checks per pipelined round trip */
 #define DIFFS_PRINTED 1000
 #define REDIS_WAIT_SECONDS 5.0 /* for Redis to reach the snapshot's checkpoint */
-#define TEXT_TIME(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define TEXT_TIME(col) READMODEL_SQL_TIME(col)
 #define AT_SNAPSHOT "(txid, position) <= ($1::xid8, $2::bigint)"
-
-struct total {
-	char currency[4];
-	long long accounts, open;
-	__int128 sum;
-};
 
 /* A Redis check waiting for its replies; the expected texts are owned. */
 struct pending {
@@ -56,7 +58,7 @@ struct verify {
 	struct readmodel_position cp;
 	unsigned long long events, accounts, entries, transfers, newer, diffs;
 	bool failed; /* the verification could not complete */
-	struct total *totals;
+	struct readmodel_totals *totals;
 	size_t ntotals, tcap;
 	struct pending pending[REDIS_CHUNK];
 	size_t npending;
@@ -84,6 +86,14 @@ struct cursor {
 	int row;
 	bool end; /* the last FETCH came back short */
 };
+
+/* The live generation's key of `kind` (and id) into k, which it returns. */
+static const char *vkey(const struct verify *v, char k[READMODEL_KEY_MAX], const char *kind,
+			const char *id)
+{
+	readmodel_key_text(k, READMODEL_KEY_MAX, v->gen, kind, id);
+	return k;
+}
 
 /* One line on stderr (libpq's multi-line errors folded); the verification has no
  * verdict. */
@@ -321,13 +331,18 @@ static void check_redis_transfer(struct verify *v, const struct pending *p, cons
 
 static bool append_checks(struct verify *v)
 {
+	char k[READMODEL_KEY_MAX];
+
 	for (size_t i = 0; i < v->npending; i++) {
 		const struct pending *p = &v->pending[i];
-		int rc = p->transfer ? redisAppendCommand(v->redis, "GET dbk:g:%s:xfer:%s", v->gen, p->id)
-			 : redisAppendCommand(v->redis, "HMGET dbk:g:%s:acct:%s v n j", v->gen, p->id);
+		int rc = p->transfer
+			 ? redisAppendCommand(v->redis, "GET %s",
+					      vkey(v, k, READMODEL_KIND_TRANSFER, p->id))
+			 : redisAppendCommand(v->redis, "HMGET %s v n j",
+					      vkey(v, k, READMODEL_KIND_ACCOUNT, p->id));
 		if (rc == REDIS_OK && !p->transfer)
-			rc = redisAppendCommand(v->redis, "LRANGE dbk:g:%s:stmt:%s 0 -1",
-						v->gen, p->id);
+			rc = redisAppendCommand(v->redis, "LRANGE %s 0 -1",
+						vkey(v, k, READMODEL_KIND_STATEMENT, p->id));
 		if (rc != REDIS_OK)
 			return false;
 	}
@@ -491,7 +506,7 @@ static void compare_account(struct verify *v, const struct folded *f, const stru
 	field(v, "sql", entity, "currency", f->acc.currency, col(acc, 2));
 	field_int(v, "sql", entity, "balance", f->acc.balance, col(acc, 3));
 	field_int(v, "sql", entity, "overdraft_limit", f->acc.overdraft_limit, col(acc, 4));
-	field(v, "sql", entity, "status", f->acc.closed ? "closed" : "open", col(acc, 5));
+	field(v, "sql", entity, "status", readmodel_status(&f->acc), col(acc, 5));
 	field_int(v, "sql", entity, "version", f->acc.version, col(acc, 6));
 	field_int(v, "sql", entity, "entries", f->entries, col(acc, 7));
 	field(v, "sql", entity, "opened_at", f->opened_at, col(acc, 8));
@@ -514,7 +529,7 @@ static void check_account_row(struct verify *v, const struct folded *f, struct c
 
 static void add_total(struct verify *v, const struct folded *f)
 {
-	struct total *t = NULL;
+	struct readmodel_totals *t = NULL;
 
 	for (size_t i = 0; i < v->ntotals && !t; i++)
 		if (strcmp(v->totals[i].currency, f->acc.currency) == 0)
@@ -522,7 +537,7 @@ static void add_total(struct verify *v, const struct folded *f)
 	if (!t) {
 		if (v->ntotals == v->tcap) {
 			size_t cap = v->tcap ? 2 * v->tcap : 16;
-			struct total *grown = realloc(v->totals, cap * sizeof(*grown));
+			struct readmodel_totals *grown = realloc(v->totals, cap * sizeof(*grown));
 			if (!grown) {
 				fail(v, "out of memory\n");
 				return;
@@ -533,9 +548,9 @@ static void add_total(struct verify *v, const struct folded *f)
 		t = memset(&v->totals[v->ntotals++], 0, sizeof(*t));
 		snprintf(t->currency, sizeof(t->currency), "%s", f->acc.currency);
 	}
-	t->accounts++;
-	t->open += !f->acc.closed;
-	t->sum += f->acc.balance;
+	t->count.accounts++;
+	t->count.open_accounts += !f->acc.closed;
+	t->count.balance_sum += f->acc.balance;
 }
 
 /* Hand the account's expected Redis state (and its ring) to a pending check. */
@@ -543,7 +558,7 @@ static void queue_account_check(struct verify *v, struct folded *f)
 {
 	struct readmodel_account body = {
 		.account_id = f->id, .name = f->name, .currency = f->acc.currency,
-		.status = f->acc.closed ? "closed" : "open", .balance = f->acc.balance,
+		.status = readmodel_status(&f->acc), .balance = f->acc.balance,
 		.overdraft_limit = f->acc.overdraft_limit, .version = f->acc.version,
 		.opened_at = f->opened_at, .updated_at = f->updated_at,
 	};
@@ -746,17 +761,18 @@ static void pass_transfers(struct verify *v)
 
 static int by_currency(const void *a, const void *b)
 {
-	return strcmp(((const struct total *)a)->currency, ((const struct total *)b)->currency);
+	return strcmp(((const struct readmodel_totals *)a)->currency,
+		      ((const struct readmodel_totals *)b)->currency);
 }
 
-static void compare_total(struct verify *v, const struct total *t, PGresult *r, int row)
+static void compare_total(struct verify *v, const struct readmodel_totals *t, PGresult *r, int row)
 {
 	char entity[32], sum[48];
 
 	snprintf(entity, sizeof(entity), "totals:%s", t->currency);
-	field_int(v, "sql", entity, "accounts", t->accounts, PQgetvalue(r, row, 1));
-	field_int(v, "sql", entity, "open_accounts", t->open, PQgetvalue(r, row, 2));
-	readmodel_int128_text(t->sum, sum);
+	field_int(v, "sql", entity, "accounts", t->count.accounts, PQgetvalue(r, row, 1));
+	field_int(v, "sql", entity, "open_accounts", t->count.open_accounts, PQgetvalue(r, row, 2));
+	readmodel_int128_text(t->count.balance_sum, sum);
 	field(v, "sql", entity, "balance_sum", sum, PQgetvalue(r, row, 3));
 }
 
@@ -788,27 +804,17 @@ static void check_sql_totals(struct verify *v)
 	PQclear(r);
 }
 
-/* GET /totals's body, as the projector writes it (v->totals sorted). Caller frees. */
+/* GET /totals's body, as the projector writes it. Caller frees. */
 static char *totals_json(const struct verify *v)
 {
-	struct readmodel_total *rows = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*rows));
-	char (*text)[3][48] = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*text));
+	const struct readmodel_totals **rows = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*rows));
 	char *json = NULL;
 
-	if (rows && text) {
-		for (size_t i = 0; i < v->ntotals; i++) {
-			const struct total *t = &v->totals[i];
-			snprintf(text[i][0], sizeof(text[i][0]), "%lld", t->accounts);
-			snprintf(text[i][1], sizeof(text[i][1]), "%lld", t->open);
-			readmodel_int128_text(t->sum, text[i][2]);
-			rows[i] = (struct readmodel_total){ .currency = t->currency, .accounts = text[i][0],
-							    .open_accounts = text[i][1],
-							    .balance_sum = text[i][2] };
-		}
-		json = readmodel_totals_json(rows, v->ntotals);
-	}
+	for (size_t i = 0; rows && i < v->ntotals; i++)
+		rows[i] = &v->totals[i];
+	if (rows)
+		json = readmodel_totals_json_of(rows, v->ntotals);
 	free(rows);
-	free(text);
 	return json;
 }
 
@@ -832,6 +838,7 @@ static void check_redis_totals(struct verify *v, const char *token, const char *
 
 static void check_totals(struct verify *v)
 {
+	char k[READMODEL_KEY_MAX];
 	redisReply *r;
 
 	if (v->ntotals)
@@ -839,7 +846,7 @@ static void check_totals(struct verify *v)
 	check_sql_totals(v);
 	if (!v->redis)
 		return;
-	r = redisCommand(v->redis, "HMGET dbk:g:%s:totals p j", v->gen);
+	r = redisCommand(v->redis, "HMGET %s p j", vkey(v, k, READMODEL_KIND_TOTALS, NULL));
 	if (!r)
 		redis_lost(v);
 	else if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
@@ -875,7 +882,8 @@ static bool read_checkpoint(struct verify *v)
 /* The live generation's checkpoint compared with the snapshot's: <0 behind. */
 static int redis_checkpoint_cmp(struct verify *v)
 {
-	redisReply *r = redisCommand(v->redis, "GET dbk:g:%s:checkpoint", v->gen);
+	char k[READMODEL_KEY_MAX];
+	redisReply *r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_CHECKPOINT, NULL));
 	struct readmodel_position p = { 0, 0 };
 	int c;
 
@@ -896,8 +904,8 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 	char cursor[32] = "0";
 
 	do {
-		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH dbk:g:*:identity COUNT 1000",
-					     cursor);
+		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH %s COUNT 1000", cursor,
+					     READMODEL_GEN_PREFIX "*:" READMODEL_KIND_IDENTITY);
 		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
 			freeReplyObject(r);
 			return; /* the checks that follow report a lost connection */
@@ -905,7 +913,7 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
 		for (size_t i = 0; i < r->element[1]->elements; i++) {
 			const char *k = r->element[1]->element[i]->str;
-			long long gen = atoll(k + strlen("dbk:g:"));
+			long long gen = readmodel_key_generation(k);
 			redisReply *id = redisCommand(v->redis, "GET %s", k);
 			if (id && reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
 				fprintf(stderr, "daybook-admin verify: note: redis generation %lld was "
@@ -923,6 +931,7 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 static bool redis_identity_ours(struct verify *v)
 {
 	PGresult *q = PQexec(v->pg, READMODEL_IDENTITY_SQL);
+	char k[READMODEL_KEY_MAX];
 	redisReply *r;
 	bool ok = PQresultStatus(q) == PGRES_TUPLES_OK && PQntuples(q) == 1 &&
 		  !PQgetisnull(q, 0, 0);
@@ -934,7 +943,7 @@ static bool redis_identity_ours(struct verify *v)
 		return false;
 	}
 	note_foreign_generations(v, PQgetvalue(q, 0, 0));
-	r = redisCommand(v->redis, "GET dbk:g:%s:identity", v->gen);
+	r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_IDENTITY, NULL));
 	if (!r) {
 		PQclear(q);
 		redis_lost(v);
@@ -963,6 +972,7 @@ static void redis_prepare(struct verify *v)
 {
 	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 	struct timespec pause = { 0, 50 * 1000 * 1000 };
+	char k[READMODEL_KEY_MAX];
 
 	if (!r) {
 		redis_lost(v);
@@ -979,7 +989,7 @@ static void redis_prepare(struct verify *v)
 	freeReplyObject(r);
 	if (!redis_identity_ours(v))
 		return;
-	r = redisCommand(v->redis, "GET dbk:g:%s:layout", v->gen);
+	r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_LAYOUT, NULL));
 	if (r && !(reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
 		diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
 		     reply_str(r) ? r->str : "absent");
@@ -1102,7 +1112,7 @@ static void pass_redis_orphans(struct verify *v)
 	char cursor[32] = "0", match[48];
 	size_t prefix;
 
-	snprintf(match, sizeof(match), "dbk:g:%s:*", v->gen);
+	readmodel_key_text(match, sizeof(match), v->gen, "*", NULL);
 	prefix = strlen(match) - 1;
 	if (strmap_open(&v->orphans, NULL) != 0) {
 		fail(v, "out of memory\n");

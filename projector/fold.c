@@ -86,7 +86,7 @@ static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency
 	t = calloc(1, sizeof(*t));
 	if (!t)
 		return NULL;
-	snprintf(t->currency, sizeof(t->currency), "%s", currency);
+	snprintf(t->tot.currency, sizeof(t->tot.currency), "%s", currency);
 	if (!strmap_put(ctx->totals, currency, t)) {
 		free(t);
 		return NULL;
@@ -187,9 +187,7 @@ static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r,
 		r->totals[r->ntotals++] = t;
 		t->touched = true;
 	}
-	t->d_accounts += d->accounts;
-	t->d_open += d->open_accounts;
-	t->d_sum += d->balance_sum;
+	readmodel_count_add(&t->delta, d);
 	return true;
 }
 
@@ -249,8 +247,7 @@ void projector_rows_free(struct fold_rows **rp)
 		r->accounts[i]->touched = false;
 	for (size_t i = 0; i < r->ntotals; i++) {
 		r->totals[i]->touched = false;
-		r->totals[i]->d_accounts = r->totals[i]->d_open = 0;
-		r->totals[i]->d_sum = 0;
+		r->totals[i]->delta = (struct readmodel_count){ 0 };
 	}
 	table_free(&r->entries);
 	table_free(&r->transfers);
@@ -314,10 +311,10 @@ static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
 
 	for (size_t i = 0; ok && i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
-		put(&c[0], tot->currency);
-		put_int(&c[1], tot->d_accounts);
-		put_int(&c[2], tot->d_open);
-		readmodel_int128_text(tot->d_sum, sum);
+		put(&c[0], tot->tot.currency);
+		put_int(&c[1], tot->delta.accounts);
+		put_int(&c[2], tot->delta.open_accounts);
+		readmodel_int128_text(tot->delta.balance_sum, sum);
 		put(&c[3], sum);
 		t.rows++;
 	}
@@ -359,11 +356,8 @@ void projector_rows_committed(struct projector_ctx *ctx)
 {
 	struct fold_rows *r = ctx->rows;
 
-	for (size_t i = 0; r && i < r->ntotals; i++) {
-		r->totals[i]->accounts += r->totals[i]->d_accounts;
-		r->totals[i]->open_accounts += r->totals[i]->d_open;
-		r->totals[i]->balance_sum += r->totals[i]->d_sum;
-	}
+	for (size_t i = 0; r && i < r->ntotals; i++)
+		readmodel_count_add(&r->totals[i]->tot.count, &r->totals[i]->delta);
 }
 
 size_t projector_rows_accounts(const struct fold_rows *r, struct rm_account *const **out)

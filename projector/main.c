@@ -337,14 +337,14 @@ static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
 		bool neg = *sum == '-';
 		if (!t)
 			return false;
-		snprintf(t->currency, sizeof(t->currency), "%s", PQgetvalue(r, row, 0));
-		t->accounts = strtoll(PQgetvalue(r, row, 1), NULL, 10);
-		t->open_accounts = strtoll(PQgetvalue(r, row, 2), NULL, 10);
+		snprintf(t->tot.currency, sizeof(t->tot.currency), "%s", PQgetvalue(r, row, 0));
+		t->tot.count.accounts = strtoll(PQgetvalue(r, row, 1), NULL, 10);
+		t->tot.count.open_accounts = strtoll(PQgetvalue(r, row, 2), NULL, 10);
 		for (const char *p = sum + neg; *p >= '0' && *p <= '9'; p++)
-			t->balance_sum = t->balance_sum * 10 + (*p - '0');
+			t->tot.count.balance_sum = t->tot.count.balance_sum * 10 + (*p - '0');
 		if (neg)
-			t->balance_sum = -t->balance_sum;
-		if (!strmap_put(ctx->totals, t->currency, t)) {
+			t->tot.count.balance_sum = -t->tot.count.balance_sum;
+		if (!strmap_put(ctx->totals, t->tot.currency, t)) {
 			free(t);
 			return false;
 		}

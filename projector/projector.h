@@ -45,13 +45,10 @@ struct rm_account {
 	bool touched; /* changed by the batch in progress */
 };
 
-/* One currency's totals; the sum of balances may exceed int64. */
+/* One currency's totals, as committed, and the batch's change of them. */
 struct rm_total {
-	char currency[4];
-	int64_t accounts, open_accounts;
-	__int128 balance_sum;
-	int64_t d_accounts, d_open; /* the batch's deltas */
-	__int128 d_sum;
+	struct readmodel_totals tot;
+	struct readmodel_count delta;
 	bool touched;
 };
 

@@ -1,6 +1,8 @@
-/* The read models' JSON bodies, built one way for every writer and reader: the
- * projector stores them in Redis, the query service builds them from SQL rows, and
- * both must be byte-identical (docs/read-models.md). */
+/* The read models' one owner (docs/read-models.md): the Redis key layout, the JSON
+ * bodies, the constants, the SQL time format and the fold from events to rows, for
+ * every writer and reader: the projector, daybook-admin rebuild, verify and status,
+ * and the query service. readmodel.c: bodies, times, positions; readmodel_keys.c:
+ * keys; readmodel_fold.c: the fold. */
 #ifndef DAYBOOK_READMODEL_H
 #define DAYBOOK_READMODEL_H
 
@@ -191,8 +193,8 @@ struct readmodel_change {
 
 /* Fold event ev (decoded from the log; `version` is its stream version) of account
  * `id` into row. ev->account_id is set for AccountOpened (the log keeps the id in the
- * stream name). False when the event does not follow the row's version or the domain
- * refuses it: the row may then be half-changed, and the caller's fold is broken. */
+ * stream name). False, with the row unchanged, when the event does not follow the
+ * row's version or the domain refuses it (ledger_evolve): the caller's fold is broken. */
 bool readmodel_fold(struct readmodel_row *row, const char *id, int32_t version,
 		    struct ledger_event *ev, struct readmodel_change *out)
 	__attribute__((warn_unused_result));
