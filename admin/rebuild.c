@@ -940,11 +940,9 @@ static void find_short(void *arg, const char *id, void *value)
 }
 
 #define REPAIR_ITEMS                                                                        \
-	"SELECT e.account_id, e.version, e.type, e.amount, e.balance_after, e.transfer_id, "     \
-	"e.counterparty, e.reference, "                                                          \
-	READMODEL_SQL_TIME("e.at") " "                                                           \
-	"FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE "          \
-	"x.account_id = id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e "                  \
+	"SELECT e.account_id, " READMODEL_SQL_ENTRY_COLUMNS("e") " "                        \
+	"FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE "     \
+	"x.account_id = id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e " \
 	"ORDER BY e.account_id, e.version"
 
 /* Their statements again, from the indexed shadow table: everything the load folded. */
@@ -971,14 +969,7 @@ static bool repair_items(struct rebuild *rb)
 		struct acct *a = strmap_get(rb->accounts, id);
 		char k[LEDGER_ID_MAX + 48];
 		const char *del[2] = { "DEL", k };
-		struct readmodel_entry e = {
-			.version = atoi(PQgetvalue(r, row, 1)), .type = PQgetvalue(r, row, 2),
-			.amount = atoll(PQgetvalue(r, row, 3)), .balance_after = atoll(PQgetvalue(r, row, 4)),
-			.transfer_id = PQgetisnull(r, row, 5) ? NULL : PQgetvalue(r, row, 5),
-			.counterparty = PQgetisnull(r, row, 6) ? NULL : PQgetvalue(r, row, 6),
-			.reference = PQgetisnull(r, row, 7) ? NULL : PQgetvalue(r, row, 7),
-			.at = PQgetvalue(r, row, 8),
-		};
+		struct readmodel_entry e = readmodel_entry_from_pg(r, row, 1);
 		if (!a)
 			continue;
 		if (a->expected > a->at_cp) { /* its first row: start the statement afresh */

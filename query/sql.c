@@ -33,16 +33,15 @@ static const struct pg_statement statements[] = {
 		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
 		CHECKPOINT_WHERE },
 	[READ_TRANSACTIONS] = { "transactions",
-		"SELECT c.txid::text, c.position, a.account_id IS NOT NULL, e.version, e.type, e.amount, "
-		"e.balance_after, e.transfer_id, e.counterparty, e.reference, " UTC_TEXT("e.at")
+		"SELECT c.txid::text, c.position, a.account_id IS NOT NULL, "
+		READMODEL_SQL_ENTRY_COLUMNS("e")
 		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
 		" LEFT JOIN LATERAL (SELECT * FROM rm_entries WHERE account_id = a.account_id"
 		" AND version < coalesce($3::integer, 2147483647) ORDER BY version DESC"
 		" LIMIT $2::integer) e ON true" CHECKPOINT_WHERE
 		" ORDER BY e.version DESC NULLS LAST" },
 	[READ_TRANSFER] = { "transfer",
-		"SELECT c.txid::text, c.position, t.transfer_id, t.from_account, t.to_account, t.amount, "
-		"t.currency, t.reference, " UTC_TEXT("t.at")
+		"SELECT c.txid::text, c.position, " READMODEL_SQL_TRANSFER_COLUMNS("t")
 		" FROM " CHECKPOINT " LEFT JOIN rm_transfers t ON t.transfer_id = $1" CHECKPOINT_WHERE },
 	[READ_TOTALS] = { "totals",
 		"SELECT c.txid::text, c.position, t.currency, t.accounts, t.open_accounts, "
@@ -411,16 +410,10 @@ static bool render_account(const PGresult *res, struct answer *ans)
 	return take(readmodel_account_json(&a), ans);
 }
 
-/* One statement item from columns version, type, amount, balance_after, transfer_id,
- * counterparty, reference, at starting at col. Caller frees. */
+/* One statement item from READMODEL_SQL_ENTRY_COLUMNS starting at col. Caller frees. */
 static char *render_item(const PGresult *res, int row, int col)
 {
-	struct readmodel_entry e = {
-		.version = (int32_t)int_of(res, row, col), .type = val(res, row, col + 1),
-		.amount = int_of(res, row, col + 2), .balance_after = int_of(res, row, col + 3),
-		.transfer_id = val(res, row, col + 4), .counterparty = val(res, row, col + 5),
-		.reference = val(res, row, col + 6), .at = val(res, row, col + 7),
-	};
+	struct readmodel_entry e = readmodel_entry_from_pg(res, row, col);
 
 	return readmodel_entry_json(&e);
 }
@@ -465,11 +458,7 @@ static bool render_transfer(const PGresult *res, struct answer *ans)
 		ans->code = "transfer_not_found";
 		return true;
 	}
-	t = (struct readmodel_transfer){
-		.transfer_id = val(res, 0, 2), .from = val(res, 0, 3), .to = val(res, 0, 4),
-		.amount = int_of(res, 0, 5), .currency = val(res, 0, 6), .reference = val(res, 0, 7),
-		.at = val(res, 0, 8),
-	};
+	t = readmodel_transfer_from_pg(res, 0, 2);
 	return take(readmodel_transfer_json(&t), ans);
 }
 

@@ -2,7 +2,7 @@
  * bodies, the constants, the SQL time format and the fold from events to rows, for
  * every writer and reader: the projector, daybook-admin rebuild, verify and status,
  * and the query service. readmodel.c: bodies, times, positions; readmodel_keys.c:
- * keys; readmodel_fold.c: the fold. */
+ * keys; readmodel_sql.c: bodies' fields from SQL rows; readmodel_fold.c: the fold. */
 #ifndef DAYBOOK_READMODEL_H
 #define DAYBOOK_READMODEL_H
 
@@ -162,6 +162,21 @@ void readmodel_time_text(int64_t pg_micros, char out[READMODEL_TIME_LEN]);
 bool readmodel_time_parse(const char *text, int64_t *pg_micros) __attribute__((warn_unused_result));
 /* Decimal text of a 128-bit integer: a sum of int64 balances can exceed int64. */
 void readmodel_int128_text(__int128 v, char out[48]);
+
+/* --- Bodies from SQL rows of the read-model tables (readmodel_sql.c) ------------------
+ * The columns, in this order, of a statement item and of a transfer, for a select
+ * list: `e` and `t` are the qualifier of rm_entries' and rm_transfers' columns ("e",
+ * or the table's name). readmodel_*_from_pg read them from column col on; strings
+ * are borrowed from the result, SQL NULLs are NULL. */
+#define READMODEL_SQL_ENTRY_COLUMNS(e)                                                     \
+	e ".version, " e ".type, " e ".amount, " e ".balance_after, " e ".transfer_id, " e   \
+	".counterparty, " e ".reference, " READMODEL_SQL_TIME(e ".at")
+#define READMODEL_SQL_TRANSFER_COLUMNS(t)                                                  \
+	t ".transfer_id, " t ".from_account, " t ".to_account, " t ".amount, " t ".currency, " \
+	t ".reference, " READMODEL_SQL_TIME(t ".at")
+typedef struct pg_result PGresult;
+struct readmodel_entry readmodel_entry_from_pg(const PGresult *res, int row, int col);
+struct readmodel_transfer readmodel_transfer_from_pg(const PGresult *res, int row, int col);
 
 /* --- The fold from events to read-model rows (readmodel_fold.c) ------------------------
  * The one fold the projector, `daybook-admin rebuild` and the query service's time

@@ -1,6 +1,7 @@
 /* Unit tests of the read model's one owner (shared/readmodel*): the key layout, the
  * constants, and the fold from a known event sequence to its known rows and bodies. */
 #include <criterion/criterion.h>
+#include <libpq-fe.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -224,4 +225,52 @@ Test(readmodel_fold, totals_sums_beyond_int64_render_in_full)
 	body = readmodel_totals_json_of(NULL, 0);
 	cr_assert_str_eq(body, "{\"currencies\":[]}");
 	free(body);
+}
+
+/* A result of text columns as libpq would give them; NULL values are SQL NULLs. */
+static PGresult *result_of(const char *const *values, int n)
+{
+	PGresult *res = PQmakeEmptyPGresult(NULL, PGRES_TUPLES_OK);
+	PGresAttDesc *attrs = calloc((size_t)n, sizeof(*attrs));
+
+	cr_assert(res && attrs);
+	for (int i = 0; i < n; i++)
+		attrs[i].name = "c";
+	cr_assert(PQsetResultAttrs(res, n, attrs));
+	for (int i = 0; i < n; i++)
+		cr_assert(PQsetvalue(res, 0, i, (char *)values[i], values[i] ? (int)strlen(values[i]) : -1));
+	free(attrs);
+	return res;
+}
+
+Test(readmodel_sql, the_columns_and_their_bodies)
+{
+	static const char entry_cols[] = READMODEL_SQL_ENTRY_COLUMNS("e");
+	static const char transfer_cols[] = READMODEL_SQL_TRANSFER_COLUMNS("t");
+	const char *entry[9] = { "skipped", "3", "withdrawal", "200", "300", NULL, NULL, "atm",
+				 "2026-01-02T03:04:05.000006Z" };
+	const char *transfer[7] = { "t-1", "alice", "bob", "100", "EUR", NULL,
+				    "2026-01-02T03:04:05.000006Z" };
+	PGresult *res = result_of(entry, 9);
+	struct readmodel_entry e = readmodel_entry_from_pg(res, 0, 1);
+	struct readmodel_transfer t;
+	char *body = readmodel_entry_json(&e);
+
+	cr_assert_str_eq(entry_cols, "e.version, e.type, e.amount, e.balance_after, e.transfer_id, "
+				     "e.counterparty, e.reference, " READMODEL_SQL_TIME("e.at"));
+	cr_assert_str_eq(transfer_cols, "t.transfer_id, t.from_account, t.to_account, t.amount, "
+					"t.currency, t.reference, " READMODEL_SQL_TIME("t.at"));
+	cr_assert_str_eq(body, "{\"version\":3,\"type\":\"withdrawal\",\"amount\":200,"
+			       "\"balance_after\":300,\"reference\":\"atm\","
+			       "\"at\":\"2026-01-02T03:04:05.000006Z\"}");
+	free(body);
+	PQclear(res);
+	res = result_of(transfer, 7);
+	t = readmodel_transfer_from_pg(res, 0, 0);
+	body = readmodel_transfer_json(&t);
+	cr_assert_str_eq(body, "{\"transfer_id\":\"t-1\",\"from\":\"alice\",\"to\":\"bob\","
+			       "\"amount\":100,\"currency\":\"EUR\",\"reference\":null,"
+			       "\"at\":\"2026-01-02T03:04:05.000006Z\"}");
+	free(body);
+	PQclear(res);
 }
