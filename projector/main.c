@@ -52,10 +52,7 @@ static const struct pg_statement statements[] = {
 	{ "load_totals", "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
 	{ "sync_accounts",
 	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
-	  "LIMIT $2) SELECT p.account_id, p.name, p.currency, p.balance, p.overdraft_limit, "
-	  "p.status, p.version, p.entries, "
-	  READMODEL_SQL_TIME("p.opened_at") ", "
-	  READMODEL_SQL_TIME("p.updated_at") ", "
+	  "LIMIT $2) SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("p") ", p.entries, "
 	  READMODEL_SQL_ENTRY_COLUMNS("e") " "
 	  "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
 	  "p.account_id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e ON true "

@@ -16,9 +16,6 @@
  * again and again (one Redis database shared by two: unsupported, see docs). */
 #define SHARED_REDIS_BACKOFF_POLLS 600
 
-#define STR_(x) #x
-#define STR(x) STR_(x)
-
 enum script {
 	PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS, PUT_FENCED, RAISE_FENCE,
 	SWITCH_LIVE, CLEAN_OLD
@@ -61,10 +58,10 @@ static const char *const scripts[] = {
 		      "if not by[v] then by[v] = ARGV[i + 1]; vs[#vs + 1] = v end end "
 		      "table.sort(vs, function(x, y) return x > y end) "
 		      "redis.call('DEL', KEYS[1]) "
-		      "for i = 1, math.min(#vs, " STR(READMODEL_ITEMS_KEPT) ") do "
+		      "for i = 1, math.min(#vs, " READMODEL_ITEMS_KEPT_TEXT ") do "
 		      "redis.call('RPUSH', KEYS[1], by[vs[i]]) end "
 		      "end "
-		      "redis.call('LTRIM', KEYS[1], 0, " STR(READMODEL_ITEMS_KEPT) " - 1) return 1",
+		      "redis.call('LTRIM', KEYS[1], 0, " READMODEL_ITEMS_KEPT_TEXT " - 1) return 1",
 	/* ARGV[2], when given, is where the batch started: the generation must already
 	 * hold everything up to there, or the checkpoint would cover batches it never got
 	 * (another leader's, or one of ours whose SQL outcome was unknown). */
@@ -537,19 +534,13 @@ static void accounts_page_done(void *arg, const struct pg_outcome *out)
 	begin_sends(ctx);
 	for (int row = 0; row < rows;) {
 		const char *id = PQgetvalue(r, row, 0);
-		struct readmodel_account a = {
-			.account_id = id, .name = PQgetvalue(r, row, 1),
-			.currency = PQgetvalue(r, row, 2), .balance = strtoll(PQgetvalue(r, row, 3), NULL, 10),
-			.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10),
-			.status = PQgetvalue(r, row, 5), .version = atoi(PQgetvalue(r, row, 6)),
-			.opened_at = PQgetvalue(r, row, 8), .updated_at = PQgetvalue(r, row, 9),
-		};
+		struct readmodel_account a = readmodel_account_from_pg(r, row, 0);
 		char *json = readmodel_account_json(&a), *items[READMODEL_ITEMS_KEPT];
 		const char *versions[READMODEL_ITEMS_KEPT];
 		size_t m = 0;
 
 		if (json)
-			put_account(ctx, s->gen, id, a.version, atoi(PQgetvalue(r, row, 7)), json);
+			put_account(ctx, s->gen, id, a.version, atoi(PQgetvalue(r, row, 9)), json);
 		else
 			ctx->rfailed = true;
 		free(json);

@@ -27,9 +27,7 @@
 
 static const struct pg_statement statements[] = {
 	[READ_ACCOUNT] = { "account",
-		"SELECT c.txid::text, c.position, a.account_id, a.name, a.currency, a.balance, "
-		"a.overdraft_limit, a.status, a.version, " UTC_TEXT("a.opened_at") ", "
-		UTC_TEXT("a.updated_at")
+		"SELECT c.txid::text, c.position, " READMODEL_SQL_ACCOUNT_COLUMNS("a")
 		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
 		CHECKPOINT_WHERE },
 	[READ_TRANSACTIONS] = { "transactions",
@@ -400,12 +398,7 @@ static bool render_account(const PGresult *res, struct answer *ans)
 		ans->code = "account_not_found";
 		return true;
 	}
-	a = (struct readmodel_account){
-		.account_id = val(res, 0, 2), .name = val(res, 0, 3), .currency = val(res, 0, 4),
-		.balance = int_of(res, 0, 5), .overdraft_limit = int_of(res, 0, 6),
-		.status = val(res, 0, 7), .version = (int32_t)int_of(res, 0, 8),
-		.opened_at = val(res, 0, 9), .updated_at = val(res, 0, 10),
-	};
+	a = readmodel_account_from_pg(res, 0, 2);
 	snprintf(ans->etag, sizeof(ans->etag), "%d", a.version);
 	return take(readmodel_account_json(&a), ans);
 }

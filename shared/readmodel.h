@@ -164,10 +164,14 @@ bool readmodel_time_parse(const char *text, int64_t *pg_micros) __attribute__((w
 void readmodel_int128_text(__int128 v, char out[48]);
 
 /* --- Bodies from SQL rows of the read-model tables (readmodel_sql.c) ------------------
- * The columns, in this order, of a statement item and of a transfer, for a select
- * list: `e` and `t` are the qualifier of rm_entries' and rm_transfers' columns ("e",
- * or the table's name). readmodel_*_from_pg read them from column col on; strings
- * are borrowed from the result, SQL NULLs are NULL. */
+ * The columns, in this order, of an account, a statement item and a transfer, for a
+ * select list: `a`, `e` and `t` are the qualifier of rm_accounts', rm_entries' and
+ * rm_transfers' columns ("e", or the table's name). readmodel_*_from_pg read them
+ * from column col on; strings are borrowed from the result, SQL NULLs are NULL. */
+#define READMODEL_SQL_ACCOUNT_COLUMNS(a)                                                   \
+	a ".account_id, " a ".name, " a ".currency, " a ".balance, " a ".overdraft_limit, " a \
+	".status, " a ".version, " READMODEL_SQL_TIME(a ".opened_at") ", "                     \
+	READMODEL_SQL_TIME(a ".updated_at")
 #define READMODEL_SQL_ENTRY_COLUMNS(e)                                                     \
 	e ".version, " e ".type, " e ".amount, " e ".balance_after, " e ".transfer_id, " e   \
 	".counterparty, " e ".reference, " READMODEL_SQL_TIME(e ".at")
@@ -175,6 +179,7 @@ void readmodel_int128_text(__int128 v, char out[48]);
 	t ".transfer_id, " t ".from_account, " t ".to_account, " t ".amount, " t ".currency, " \
 	t ".reference, " READMODEL_SQL_TIME(t ".at")
 typedef struct pg_result PGresult;
+struct readmodel_account readmodel_account_from_pg(const PGresult *res, int row, int col);
 struct readmodel_entry readmodel_entry_from_pg(const PGresult *res, int row, int col);
 struct readmodel_transfer readmodel_transfer_from_pg(const PGresult *res, int row, int col);
 

@@ -1,5 +1,6 @@
 /* The bodies' fields from SQL rows of the read-model tables, in the column order of
- * READMODEL_SQL_ENTRY_COLUMNS and READMODEL_SQL_TRANSFER_COLUMNS. */
+ * READMODEL_SQL_ACCOUNT_COLUMNS, READMODEL_SQL_ENTRY_COLUMNS and
+ * READMODEL_SQL_TRANSFER_COLUMNS. */
 #include "readmodel.h"
 
 #include <libpq-fe.h>
@@ -13,6 +14,17 @@ static const char *text_of(const PGresult *res, int row, int col)
 static int64_t int_of(const PGresult *res, int row, int col)
 {
 	return strtoll(PQgetvalue(res, row, col), NULL, 10);
+}
+
+struct readmodel_account readmodel_account_from_pg(const PGresult *res, int row, int col)
+{
+	return (struct readmodel_account){
+		.account_id = text_of(res, row, col), .name = text_of(res, row, col + 1),
+		.currency = text_of(res, row, col + 2), .balance = int_of(res, row, col + 3),
+		.overdraft_limit = int_of(res, row, col + 4), .status = text_of(res, row, col + 5),
+		.version = (int32_t)int_of(res, row, col + 6), .opened_at = text_of(res, row, col + 7),
+		.updated_at = text_of(res, row, col + 8),
+	};
 }
 
 struct readmodel_entry readmodel_entry_from_pg(const PGresult *res, int row, int col)

@@ -245,26 +245,46 @@ static PGresult *result_of(const char *const *values, int n)
 
 Test(readmodel_sql, the_columns_and_their_bodies)
 {
-	static const char entry_cols[] = READMODEL_SQL_ENTRY_COLUMNS("e");
-	static const char transfer_cols[] = READMODEL_SQL_TRANSFER_COLUMNS("t");
+	const char *account[9] = { "alice", "Alice", "EUR", "200", "100", "open", "4", "T1", "T4" };
 	const char *entry[9] = { "skipped", "3", "withdrawal", "200", "300", NULL, NULL, "atm",
 				 "2026-01-02T03:04:05.000006Z" };
 	const char *transfer[7] = { "t-1", "alice", "bob", "100", "EUR", NULL,
 				    "2026-01-02T03:04:05.000006Z" };
-	PGresult *res = result_of(entry, 9);
-	struct readmodel_entry e = readmodel_entry_from_pg(res, 0, 1);
+	struct readmodel_account a;
+	struct readmodel_entry e;
 	struct readmodel_transfer t;
-	char *body = readmodel_entry_json(&e);
+	PGresult *res;
+	char *body;
 
-	cr_assert_str_eq(entry_cols, "e.version, e.type, e.amount, e.balance_after, e.transfer_id, "
-				     "e.counterparty, e.reference, " READMODEL_SQL_TIME("e.at"));
-	cr_assert_str_eq(transfer_cols, "t.transfer_id, t.from_account, t.to_account, t.amount, "
-					"t.currency, t.reference, " READMODEL_SQL_TIME("t.at"));
+	cr_assert_str_eq(READMODEL_SQL_ACCOUNT_COLUMNS("a"),
+			 "a.account_id, a.name, a.currency, a.balance, a.overdraft_limit, a.status, "
+			 "a.version, " READMODEL_SQL_TIME("a.opened_at") ", "
+			 READMODEL_SQL_TIME("a.updated_at"));
+	cr_assert_str_eq(READMODEL_SQL_ENTRY_COLUMNS("e"),
+			 "e.version, e.type, e.amount, e.balance_after, e.transfer_id, "
+			 "e.counterparty, e.reference, " READMODEL_SQL_TIME("e.at"));
+	cr_assert_str_eq(READMODEL_SQL_TRANSFER_COLUMNS("t"),
+			 "t.transfer_id, t.from_account, t.to_account, t.amount, t.currency, "
+			 "t.reference, " READMODEL_SQL_TIME("t.at"));
+
+	res = result_of(account, 9);
+	a = readmodel_account_from_pg(res, 0, 0);
+	body = readmodel_account_json(&a);
+	cr_assert_str_eq(body, "{\"account_id\":\"alice\",\"name\":\"Alice\",\"currency\":"
+			       "\"EUR\",\"balance\":200,\"overdraft_limit\":100,\"status\":"
+			       "\"open\",\"version\":4,\"opened_at\":\"T1\",\"updated_at\":\"T4\"}");
+	free(body);
+	PQclear(res);
+
+	res = result_of(entry, 9);
+	e = readmodel_entry_from_pg(res, 0, 1);
+	body = readmodel_entry_json(&e);
 	cr_assert_str_eq(body, "{\"version\":3,\"type\":\"withdrawal\",\"amount\":200,"
 			       "\"balance_after\":300,\"reference\":\"atm\","
 			       "\"at\":\"2026-01-02T03:04:05.000006Z\"}");
 	free(body);
 	PQclear(res);
+
 	res = result_of(transfer, 7);
 	t = readmodel_transfer_from_pg(res, 0, 0);
 	body = readmodel_transfer_json(&t);
