@@ -102,7 +102,8 @@ char *readmodel_totals_json_of(const struct readmodel_totals *const *totals, siz
 
 	if (!sorted || !rows || !text)
 		goto done;
-	memcpy(sorted, totals, n * sizeof(*sorted));
+	for (size_t i = 0; i < n; i++)
+		sorted[i] = totals[i];
 	qsort(sorted, n, sizeof(*sorted), by_currency);
 	for (size_t i = 0; i < n; i++) {
 		const struct readmodel_count *c = &sorted[i]->count;
