@@ -992,32 +992,34 @@ static void write_done(void *arg, const struct pg_outcome *out)
 static void write_batch(struct batcher *b)
 {
 	size_t nrecords = 0;
-	bool ok = true;
 
-	for (size_t i = 0; ok && i < b->nevents; i++)
-		ok = queue_event(b, &b->events[i]);
-	for (size_t i = 0; ok && i < b->nslots; i++) {
-		if (keeps_record(&b->slots[i])) {
-			ok = queue_record(b, &b->slots[i]);
-			nrecords++;
-		}
+	for (size_t i = 0; i < b->nevents; i++)
+		if (!queue_event(b, &b->events[i]))
+			goto fail;
+	for (size_t i = 0; i < b->nslots; i++) {
+		if (!keeps_record(&b->slots[i]))
+			continue;
+		if (!queue_record(b, &b->slots[i]))
+			goto fail;
+		nrecords++;
 	}
-	if (ok && (b->nevents || nrecords))
-		ok = queue_snapshots(b) && queue_fence(b);
-	if (ok && b->nevents == 0 && nrecords == 0) {
+	if (b->nevents == 0 && nrecords == 0) {
 		/* Nothing to write: every answer rests on committed state. */
 		answer_all(b, NULL);
 		reset_batch(b);
 		start_batch(b);
 		return;
 	}
+	if (!queue_snapshots(b) || !queue_fence(b))
+		goto fail;
 	clock_gettime(CLOCK_MONOTONIC, &b->write_start);
-	if (!ok || !pg_run(b->ctx->pg, write_done, b)) {
-		fail_batch(b, 503, "the event store became unreachable; retry shortly");
-		return;
-	}
+	if (!pg_run(b->ctx->pg, write_done, b))
+		goto fail;
 	metric_observe(b->batch_events, (double)b->nevents);
 	b->state = B_WRITING;
+	return;
+fail:
+	fail_batch(b, 503, "the event store became unreachable; retry shortly");
 }
 
 /* --- loading ------------------------------------------------------------------- */
@@ -1336,34 +1338,38 @@ static bool load(struct batcher *b, bool *sent)
 {
 	struct needs *nd = calloc(1, sizeof(*nd));
 	int queued = 0;
-	bool ok = nd != NULL;
+	bool ok = false;
 
 	*sent = false;
 	b->q_streams = b->q_idem = b->q_transfers = -1;
-	if (!ok)
+	if (!nd)
 		return false;
 	collect_needs(b, nd);
 	if (nd->naccounts) {
 		char *p[1] = { array_literal(nd->accounts, nd->naccounts, "account-") };
-		ok = queue_lookup(b, "load_streams", 1, p);
+		if (!queue_lookup(b, "load_streams", 1, p))
+			goto done;
 		b->q_streams = queued++;
 	}
-	if (ok && nd->nkeys) {
+	if (nd->nkeys) {
 		char *p[2] = { array_literal(nd->tokens, nd->nkeys, ""),
 			       array_literal(nd->keys, nd->nkeys, "") };
-		ok = queue_lookup(b, "load_idem", 2, p);
+		if (!queue_lookup(b, "load_idem", 2, p))
+			goto done;
 		b->q_idem = queued++;
 	}
-	if (ok && nd->ntransfers) {
+	if (nd->ntransfers) {
 		char *p[1] = { array_literal(nd->transfers, nd->ntransfers, "") };
-		ok = queue_lookup(b, "load_transfers", 1, p);
+		if (!queue_lookup(b, "load_transfers", 1, p))
+			goto done;
 		b->q_transfers = queued++;
 	}
+	if (queued && !pg_run(b->ctx->pg, load_done, b))
+		goto done;
+	*sent = queued > 0;
+	ok = true;
+done:
 	free(nd);
-	if (ok && queued) {
-		ok = pg_run(b->ctx->pg, load_done, b);
-		*sent = ok;
-	}
 	return ok;
 }
 
