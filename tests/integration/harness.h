@@ -1,5 +1,7 @@
 /* Integration-test harness: a fresh migrated database per test, the real service
- * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. */
+ * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. Implemented
+ * by harness_*.c, one file per concern (processes, services, pg, redis, http, metrics,
+ * model, readers). */
 #ifndef DAYBOOK_TEST_HARNESS_H
 #define DAYBOOK_TEST_HARNESS_H
 
@@ -9,7 +11,7 @@
 #include <stddef.h>
 #include <sys/types.h>
 
-/* Tokens every test service accepts (see harness.c). */
+/* Tokens every test service accepts (see harness_services.c). */
 #define TOKEN_WRITE "test-write-token"
 #define TOKEN_READ "test-read-token"
 #define TOKEN_ADMIN "test-admin-token"

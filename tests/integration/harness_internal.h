@@ -1,0 +1,14 @@
+/* Integration-test harness: what its files share with one another and not with tests. */
+#ifndef DAYBOOK_TEST_HARNESS_INTERNAL_H
+#define DAYBOOK_TEST_HARNESS_INTERNAL_H
+
+/* The value of environment variable `name`; the test fails when it is unset or empty.
+ * Owned by the environment. (harness_proc.c) */
+const char *env_or_skip(const char *name);
+/* Seconds on the monotonic clock. (harness_proc.c) */
+double now(void);
+/* The directory for test files ($TMPDIR, removed by `scripts/dev test` afterwards, or
+ * /tmp). (harness_proc.c) */
+const char *tmpdir(void);
+
+#endif
