@@ -78,6 +78,11 @@ struct redisContext *harness_redis_as(const char *url, const char *user);
 double harness_metric(const struct service *svc, const char *name);
 /* Seconds on the monotonic clock. */
 double harness_now(void);
+/* Wait on a condition, never a fixed sleep: call cond(arg) until it returns true (then
+ * true) or the monotonic clock passes deadline (a harness_now() value; then false, after
+ * one last call). Polls every HARNESS_POLL_US; cond runs at least once. */
+bool harness_wait_until(bool (*cond)(void *arg), void *arg, double deadline);
+#define HARNESS_POLL_US 20000
 
 /* The log head and the SQL checkpoint as position tokens. */
 void harness_log_head(const char *db, char *out, size_t len);

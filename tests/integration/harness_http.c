@@ -36,7 +36,7 @@ static char *recv_all(int fd, double deadline, size_t *len)
 
 	while (buf) {
 		struct pollfd p = { .fd = fd, .events = POLLIN };
-		int left = (int)((deadline - now()) * 1000);
+		int left = (int)((deadline - harness_now()) * 1000);
 		ssize_t r;
 		if (left <= 0 || poll(&p, 1, left) <= 0)
 			break;
@@ -83,7 +83,7 @@ struct response http_request(int port, const char *method, const char *path,
 	size_t blen = body ? strlen(body) : 0, rlen, n;
 	char head[16384], *raw;
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
-	double deadline = now() + timeout_s;
+	double deadline = harness_now() + timeout_s;
 
 	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0)
 		goto done;

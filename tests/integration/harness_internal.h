@@ -4,11 +4,9 @@
 
 /* The value of environment variable `name`; the test fails when it is unset or empty.
  * Owned by the environment. (harness_proc.c) */
-const char *env_or_skip(const char *name);
-/* Seconds on the monotonic clock. (harness_proc.c) */
-double now(void);
+const char *harness_env(const char *name);
 /* The directory for test files ($TMPDIR, removed by `scripts/dev test` afterwards, or
  * /tmp). (harness_proc.c) */
-const char *tmpdir(void);
+const char *harness_tmpdir(void);
 
 #endif

@@ -54,7 +54,7 @@ void harness_wait_caught_up(const char *db, const char *redis_url, double timeou
 	char head[64], cp[64], rcp[64] = "";
 	long long gen;
 	redisContext *c = harness_redis(redis_url);
-	double end = now() + timeout;
+	double end = harness_now() + timeout;
 
 	for (;;) {
 		harness_log_head(db, head, sizeof(head));
@@ -62,7 +62,7 @@ void harness_wait_caught_up(const char *db, const char *redis_url, double timeou
 		bool live = harness_redis_live(c, &gen, rcp, sizeof(rcp));
 		if (strcmp(head, cp) == 0 && live && strcmp(rcp, cp) == 0)
 			break;
-		cr_assert(now() < end, "not caught up: log %s, sql %s, redis %s", head, cp,
+		cr_assert(harness_now() < end, "not caught up: log %s, sql %s, redis %s", head, cp,
 			  live ? rcp : "(none)");
 		usleep(20000);
 	}

@@ -11,7 +11,7 @@
 
 void harness_conninfo(const char *db, const char *role, char *out, size_t len)
 {
-	PQconninfoOption *opts = PQconninfoParse(env_or_skip("DAYBOOK_TEST_PG"), NULL);
+	PQconninfoOption *opts = PQconninfoParse(harness_env("DAYBOOK_TEST_PG"), NULL);
 	const char *host = "127.0.0.1", *port = "5432", *user = "postgres";
 
 	cr_assert(opts, "DAYBOOK_TEST_PG does not parse");
@@ -94,8 +94,8 @@ void harness_db_create(char *db, size_t len)
 	PGconn *conn;
 	PGresult *r;
 
-	snprintf(db, len, "t_%d_%d_%ld", (int)getpid(), counter++, (long)(now() * 1000) % 100000);
-	conn = PQconnectdb(env_or_skip("DAYBOOK_TEST_PG"));
+	snprintf(db, len, "t_%d_%d_%ld", (int)getpid(), counter++, (long)(harness_now() * 1000) % 100000);
+	conn = PQconnectdb(harness_env("DAYBOOK_TEST_PG"));
 	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting to DAYBOOK_TEST_PG: %s",
 		  PQerrorMessage(conn));
 	snprintf(cmd, sizeof(cmd), "CREATE DATABASE %s", db);
@@ -105,14 +105,14 @@ void harness_db_create(char *db, size_t len)
 	PQfinish(conn);
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	snprintf(cmd, sizeof(cmd), "DAYBOOK_PG='%s' '%s' migrate >/dev/null", conninfo,
-		 env_or_skip("DAYBOOK_ADMIN_BIN"));
+		 harness_env("DAYBOOK_ADMIN_BIN"));
 	cr_assert(system(cmd) == 0, "migrating %s failed", db);
 }
 
 void harness_print_xid_holders(void)
 {
-	PGconn *conn = PQconnectdb(env_or_skip("DAYBOOK_TEST_PG"));
-	PGresult *r = PQexec(conn, "SELECT pid, datname, backend_xid, now() - xact_start, state, "
+	PGconn *conn = PQconnectdb(harness_env("DAYBOOK_TEST_PG"));
+	PGresult *r = PQexec(conn, "SELECT pid, datname, backend_xid, harness_now() - xact_start, state, "
 				   "left(query, 100) FROM pg_stat_activity WHERE backend_xid IS NOT "
 				   "NULL ORDER BY xact_start");
 

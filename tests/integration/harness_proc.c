@@ -15,7 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-const char *env_or_skip(const char *name)
+const char *harness_env(const char *name)
 {
 	const char *v = getenv(name);
 
@@ -26,20 +26,26 @@ const char *env_or_skip(const char *name)
 	return v;
 }
 
-double now(void)
+double harness_now(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-double harness_now(void)
+bool harness_wait_until(bool (*cond)(void *arg), void *arg, double deadline)
 {
-	return now();
+	for (;;) {
+		if (cond(arg))
+			return true;
+		if (harness_now() >= deadline)
+			return false;
+		usleep(HARNESS_POLL_US);
+	}
 }
 
 /* Test files go under $TMPDIR, which `scripts/dev test` removes afterwards. */
-const char *tmpdir(void)
+const char *harness_tmpdir(void)
 {
 	const char *t = getenv("TMPDIR");
 	return t && *t ? t : "/tmp";
@@ -74,9 +80,9 @@ void harness_print_log(const struct service *svc)
 
 bool harness_wait_status(const struct service *svc, const char *path, int status, double timeout)
 {
-	double end = now() + timeout;
+	double end = harness_now() + timeout;
 
-	while (now() < end) {
+	while (harness_now() < end) {
 		struct response r = http_request(svc->port, "GET", path, NULL, NULL, 2);
 		bool ok = r.status == status;
 		response_free(&r);
@@ -92,12 +98,12 @@ bool harness_wait_status(const struct service *svc, const char *path, int status
 int harness_stop(struct service *svc)
 {
 	int status = 0;
-	double end = now() + 15;
+	double end = harness_now() + 15;
 
 	if (svc->pid <= 0)
 		return -1;
 	kill(svc->pid, SIGTERM);
-	while (now() < end) {
+	while (harness_now() < end) {
 		if (waitpid(svc->pid, &status, WNOHANG) == svc->pid) {
 			svc->pid = 0;
 			return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -121,6 +127,6 @@ void harness_run_env_command(const char *var)
 {
 	char cmd[2048];
 
-	snprintf(cmd, sizeof(cmd), "%s >/dev/null 2>&1", env_or_skip(var));
+	snprintf(cmd, sizeof(cmd), "%s >/dev/null 2>&1", harness_env(var));
 	cr_assert(system(cmd) == 0, "%s failed", var);
 }

@@ -72,9 +72,9 @@ static const char *redis_acl_file(void)
 
 	if (path[0])
 		return path;
-	snprintf(path, sizeof(path), "%s/daybook-test-redis-%d.acl", tmpdir(), (int)getpid());
+	snprintf(path, sizeof(path), "%s/daybook-test-redis-%d.acl", harness_tmpdir(), (int)getpid());
 	/* The ACL template (comments dropped) and the test ACL file it becomes. */
-	in = fopen(env_or_skip("DAYBOOK_TEST_REDIS_ACL"), "r");
+	in = fopen(harness_env("DAYBOOK_TEST_REDIS_ACL"), "r");
 	out = fopen(path, "w");
 	cr_assert(in && out, "cannot render %s into %s", getenv("DAYBOOK_TEST_REDIS_ACL"), path);
 	while (fgets(line, sizeof(line), in))
@@ -141,7 +141,7 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 	snprintf(rdb, sizeof(rdb), "daybook-test-redis-%d.rdb", p);
 	{
 		char path[512];
-		snprintf(path, sizeof(path), "%s/%s", tmpdir(), rdb);
+		snprintf(path, sizeof(path), "%s/%s", harness_tmpdir(), rdb);
 		unlink(path);
 	}
 	cr_assert_lt((size_t)snprintf(url, len, "redis://daybook-admin:%s@127.0.0.1:%d",
@@ -150,7 +150,7 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 	{
 		char *const argv[] = { "redis-server", "--port", port, "--bind", "127.0.0.1",
 				       "--save", "", "--appendonly", "no", "--protected-mode", "no",
-				       "--aclfile", (char *)acl, "--dir", (char *)tmpdir(),
+				       "--aclfile", (char *)acl, "--dir", (char *)harness_tmpdir(),
 				       "--dbfilename", rdb, NULL };
 		svc->pid = spawn_redis_server(argv);
 	}
@@ -177,7 +177,7 @@ void harness_start_sentinel(struct service *svc, int redis_port, char *url, size
 	snprintf(svc->name, sizeof(svc->name), "sentinel");
 	snprintf(port, sizeof(port), "%d", p);
 	/* The Sentinel's configuration, which it rewrites as it learns. */
-	snprintf(conf, sizeof(conf), "%s/daybook-test-sentinel-%d-%d.conf", tmpdir(), (int)getpid(), p);
+	snprintf(conf, sizeof(conf), "%s/daybook-test-sentinel-%d-%d.conf", harness_tmpdir(), (int)getpid(), p);
 	f = fopen(conf, "w");
 	cr_assert(f, "cannot write %s", conf);
 	fprintf(f, "bind 127.0.0.1\nport %d\nsentinel resolve-hostnames no\n"

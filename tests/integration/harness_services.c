@@ -25,7 +25,7 @@ static const char *tokens_file(void)
 
 	if (path[0])
 		return path;
-	snprintf(path, sizeof(path), "%s/daybook-test-tokens-%d.txt", tmpdir(), (int)getpid());
+	snprintf(path, sizeof(path), "%s/daybook-test-tokens-%d.txt", harness_tmpdir(), (int)getpid());
 	f = fopen(path, "w");
 	cr_assert(f, "cannot write %s", path);
 	fprintf(f, "# test tokens\n");
@@ -43,9 +43,9 @@ static const char *tokens_file(void)
 /* /readyz says ready, or (a projector) that the instance stands by for another. */
 static bool wait_ready(const struct service *svc, double timeout)
 {
-	double end = now() + timeout;
+	double end = harness_now() + timeout;
 
-	while (now() < end) {
+	while (harness_now() < end) {
 		struct response r = http_request(svc->port, "GET", "/readyz", NULL, NULL, 2);
 		bool ok = r.status == 200 || (r.status == 503 && r.body && strstr(r.body, "standby"));
 		response_free(&r);
@@ -61,14 +61,14 @@ static bool wait_ready(const struct service *svc, double timeout)
 static void start_service(struct service *svc, const char *name, const char *binvar,
 			  const char *pg, const char *const *extra_env)
 {
-	const char *bin = env_or_skip(binvar);
+	const char *bin = harness_env(binvar);
 	char listen[64];
 
 	memset(svc, 0, sizeof(*svc));
 	snprintf(svc->name, sizeof(svc->name), "%s", name);
 	svc->port = harness_free_port();
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", svc->port);
-	snprintf(svc->log_path, sizeof(svc->log_path), "%s/daybook-test-%d-%s-%d.log", tmpdir(),
+	snprintf(svc->log_path, sizeof(svc->log_path), "%s/daybook-test-%d-%s-%d.log", harness_tmpdir(),
 		 (int)getpid(), name, svc->port);
 	svc->pid = fork();
 	cr_assert(svc->pid >= 0);
