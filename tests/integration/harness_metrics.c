@@ -20,3 +20,23 @@ double harness_metric(const struct service *svc, const char *name)
 	response_free(&r);
 	return v;
 }
+
+struct metric_wanted {
+	const struct service *svc;
+	const char *name;
+	double value;
+};
+
+static bool metric_is(void *arg)
+{
+	struct metric_wanted *w = arg;
+	return harness_metric(w->svc, w->name) == w->value;
+}
+
+bool harness_wait_metric(const struct service *svc, const char *name, double value,
+			 double deadline)
+{
+	struct metric_wanted w = { svc, name, value };
+
+	return harness_wait_until(metric_is, &w, deadline);
+}

@@ -49,6 +49,21 @@ bool harness_redis_live(struct redisContext *c, long long *gen, char *cp, size_t
 	return ok;
 }
 
+static bool sql_caught_up(void *arg)
+{
+	const char *db = arg;
+	char head[64], cp[64];
+
+	harness_log_head(db, head, sizeof(head));
+	harness_sql_checkpoint(db, cp, sizeof(cp));
+	return strcmp(head, cp) == 0;
+}
+
+bool harness_wait_sql_caught_up(const char *db, double deadline)
+{
+	return harness_wait_until(sql_caught_up, (void *)db, deadline);
+}
+
 void harness_wait_caught_up(const char *db, const char *redis_url, double timeout)
 {
 	char head[64], cp[64], rcp[64] = "";

@@ -90,7 +90,7 @@ long long sql_int(const char *db, const char *query)
 void harness_db_create(char *db, size_t len)
 {
 	static int counter;
-	char cmd[1024], conninfo[512];
+	char cmd[1024];
 	PGconn *conn;
 	PGresult *r;
 
@@ -103,10 +103,16 @@ void harness_db_create(char *db, size_t len)
 	cr_assert(PQresultStatus(r) == PGRES_COMMAND_OK, "%s: %s", cmd, PQresultErrorMessage(r));
 	PQclear(r);
 	PQfinish(conn);
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
-	snprintf(cmd, sizeof(cmd), "DAYBOOK_PG='%s' '%s' migrate >/dev/null", conninfo,
-		 harness_env("DAYBOOK_ADMIN_BIN"));
-	cr_assert(system(cmd) == 0, "migrating %s failed", db);
+	harness_migrate(db);
+}
+
+void harness_migrate(const char *db)
+{
+	char *out;
+	int status = harness_admin(db, NULL, (const char *const[]){ "migrate", NULL }, &out);
+
+	cr_assert_eq(status, 0, "migrating %s failed (%d):\n%s", db, status, out);
+	free(out);
 }
 
 void harness_print_xid_holders(void)

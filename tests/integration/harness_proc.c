@@ -44,6 +44,24 @@ bool harness_wait_until(bool (*cond)(void *arg), void *arg, double deadline)
 	}
 }
 
+struct count_wanted {
+	atomic_int *counter;
+	int at_least;
+};
+
+static bool count_reached(void *arg)
+{
+	struct count_wanted *w = arg;
+	return atomic_load(w->counter) >= w->at_least;
+}
+
+bool harness_wait_count(atomic_int *counter, int at_least, double deadline)
+{
+	struct count_wanted w = { counter, at_least };
+
+	return harness_wait_until(count_reached, &w, deadline);
+}
+
 /* Test files go under $TMPDIR, which `scripts/dev test` removes afterwards. */
 const char *harness_tmpdir(void)
 {
@@ -76,6 +94,39 @@ void harness_print_log(const struct service *svc)
 	while (fgets(line, sizeof(line), f))
 		fputs(line, stderr);
 	fclose(f);
+}
+
+bool harness_log_says(const struct service *svc, const char *text)
+{
+	FILE *f = fopen(svc->log_path, "r");
+	char *line = NULL;
+	size_t cap = 0;
+	bool found = false;
+
+	cr_assert(f, "cannot read %s's log %s", svc->name, svc->log_path);
+	while (!found && getline(&line, &cap, f) > 0)
+		found = strstr(line, text) != NULL;
+	free(line);
+	fclose(f);
+	return found;
+}
+
+struct log_wanted {
+	const struct service *svc;
+	const char *text;
+};
+
+static bool log_wanted_says(void *arg)
+{
+	struct log_wanted *w = arg;
+	return harness_log_says(w->svc, w->text);
+}
+
+bool harness_wait_log(const struct service *svc, const char *text, double deadline)
+{
+	struct log_wanted w = { svc, text };
+
+	return harness_wait_until(log_wanted_says, &w, deadline);
 }
 
 bool harness_wait_status(const struct service *svc, const char *path, int status, double timeout)
