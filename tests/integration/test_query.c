@@ -1187,8 +1187,10 @@ static double foreign_round(bool foreign)
 	atomic_store(&foreign_answered, 0);
 	for (int i = 0; i < 20; i++)
 		pthread_create(&t[i], NULL, foreign_waiter, NULL);
+	/* Messages before the reads wait would wake nobody, and prove nothing. */
+	wait_for_waiters(&foreign_query, 20);
 	for (int i = 0; i < 100; i++) {
-		usleep(20000);
+		usleep(20000); /* paces the messages over the reads' 3 s wait */
 		if (foreign)
 			freeReplyObject(redisCommand(c, "PUBLISH dbk:position %s", "7 900000000.1"));
 	}
