@@ -354,7 +354,7 @@ Test(http_edge, thousands_of_idle_connections_do_not_lock_out_a_real_client)
 	cr_assert_gt(opened, 1000, "could open only %d sockets", opened);
 	cr_assert(answers(10), "a real client got no 200 while %d idle sockets were held", opened);
 	busy0 = runnable_seconds(svc.pid);
-	usleep(1000000);
+	usleep(1000000); /* the window in which its CPU time is measured */
 	cr_assert_lt(runnable_seconds(svc.pid) - busy0, 0.5, "the service is spinning");
 	cr_assert(answers(10));
 	release(fds, IDLE);
@@ -431,6 +431,8 @@ Test(http_edge, running_out_of_descriptors_pauses_accepting_instead_of_spinning)
 	/* Below the connection cap, so that accept() itself fails with EMFILE. */
 	cr_assert(prlimit(svc.pid, RLIMIT_NOFILE, &low, NULL) == 0, "prlimit: %s", strerror(errno));
 	hoard(svc.port, fds, IDLE);
+	/* The service meets EMFILE in its next accepting turns (nothing observable: /metrics
+	 * cannot be reached then); then the window in which its CPU time is measured. */
 	usleep(300000);
 	busy0 = runnable_seconds(svc.pid);
 	usleep(1000000);

@@ -166,6 +166,8 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 	PQclear(r);
 	for (int i = 0; i < 5; i++)
 		must("/accounts/p-0/deposits", "{\"amount\":7}");
+	/* A deliberate hold, not a wait: time in which the projector must NOT move past the
+	 * open transaction (nothing observable says it has looked and held back). */
 	usleep(500000);
 	/* The projector must not have moved past the open transaction. */
 	harness_sql_checkpoint(db, cp, sizeof(cp));
@@ -808,6 +810,8 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 		cr_assert(harness_now() < t0 + 20, "A did not lead again");
 		usleep(50000);
 	}
+	/* A deliberate hold: the re-elected leader settles its Redis state before the next
+	 * write, the order in which the defect showed. */
 	usleep(1500000);
 	must("/accounts/p-1/deposits", "{\"amount\":1,\"reference\":\"moves the checkpoint\"}");
 	harness_wait_caught_up(db, redis_url, 20);

@@ -529,7 +529,8 @@ Test(rebuild, a_long_reader_delays_the_switch_without_holding_up_other_readers)
 	while (!waited && next_line(&progress, line, sizeof(line), 60))
 		waited = strstr(line, "\"phase\":\"wait\"") != NULL;
 	cr_assert(waited, "the rebuild did not report waiting for the tables");
-	/* Meanwhile other readers and the projector go on. */
+	/* Meanwhile other readers and the projector go on: a deliberate hold, in which the
+	 * rebuild must keep waiting without holding them up. */
 	usleep(700000);
 	r = PQexec(reader, "SET statement_timeout = '20s'");
 	PQclear(r);
