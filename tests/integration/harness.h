@@ -152,6 +152,8 @@ bool response_header(const struct response *r, const char *name, char *out, size
 /* POST JSON with the write token (plus extra headers, NULL-terminated, may be NULL). */
 struct response post(const struct service *svc, const char *path, const char *body,
 		     const char *const *extra);
+/* POST JSON with the write token; the test fails unless the answer is 201. */
+void harness_post_created(const struct service *svc, const char *path, const char *body);
 
 /* Blocking SQL as superuser on db; the test fails on any error. Caller PQclear()s. */
 PGresult *sql(const char *db, const char *query);

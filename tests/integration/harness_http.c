@@ -147,3 +147,11 @@ struct response post(const struct service *svc, const char *path, const char *bo
 	headers[n] = NULL;
 	return http_request(svc->port, "POST", path, headers, body, 30);
 }
+
+void harness_post_created(const struct service *svc, const char *path, const char *body)
+{
+	struct response r = post(svc, path, body, NULL);
+
+	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
+	response_free(&r);
+}

@@ -34,9 +34,7 @@ TestSuite(projector, .init = setup, .fini = teardown, .timeout = 180);
 
 static void must(const char *path, const char *body)
 {
-	struct response r = post(&command, path, body, NULL);
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	response_free(&r);
+	harness_post_created(&command, path, body);
 }
 
 static void open_accounts(int n)

@@ -112,9 +112,7 @@ static int read_progress(int fd, int *json_lines)
 
 static void must(const char *path, const char *body)
 {
-	struct response r = post(&command, path, body, NULL);
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	response_free(&r);
+	harness_post_created(&command, path, body);
 }
 
 struct traffic {
