@@ -27,15 +27,15 @@
 #include "rebuild.h"
 
 /* The one piece of process-wide state: set by the signal handler, read by the loop. */
-volatile sig_atomic_t interrupted;
+volatile sig_atomic_t rb_interrupted;
 
 static void on_signal(int sig)
 {
 	(void)sig;
-	interrupted = 1;
+	rb_interrupted = 1;
 }
 
-bool exec_ok(struct rebuild *rb, PGconn *pg, const char *sql)
+bool rb_exec(struct rebuild *rb, PGconn *pg, const char *sql)
 {
 	PGresult *r = PQexec(pg, sql);
 	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
@@ -49,13 +49,13 @@ bool exec_ok(struct rebuild *rb, PGconn *pg, const char *sql)
 /* Wait until pg's pending query has its answer. Ctrl-C or SIGTERM, or a failure
  * elsewhere (abort), cancels it: a key build or a count over a large log can take
  * minutes, and the caller then fails and removes the shadow. */
-void await_answer(struct rebuild *rb, PGconn *pg, bool abort)
+void rb_await_answer(struct rebuild *rb, PGconn *pg, bool abort)
 {
 	bool cancelled = false;
 
 	while (PQisBusy(pg)) {
 		struct pollfd p = { .fd = PQsocket(pg), .events = POLLIN };
-		if ((interrupted || abort) && !cancelled) {
+		if ((rb_interrupted || abort) && !cancelled) {
 			PGcancel *c = PQgetCancel(pg);
 			char err[256];
 			if (c && !PQcancel(c, err, sizeof(err)))
@@ -70,12 +70,12 @@ void await_answer(struct rebuild *rb, PGconn *pg, bool abort)
 
 /* Collect the results of a query sent on pg; false (printed) if any failed. With
  * abort, the query is cancelled: its outcome no longer matters. */
-bool sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort)
+bool rb_sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort)
 {
 	PGresult *r;
 	bool ok = true;
 
-	while (await_answer(rb, pg, abort), (r = PQgetResult(pg))) {
+	while (rb_await_answer(rb, pg, abort), (r = PQgetResult(pg))) {
 		bool failed = PQresultStatus(r) != PGRES_TUPLES_OK &&
 			      PQresultStatus(r) != PGRES_COMMAND_OK;
 		if (failed && !abort) /* when aborting, the failure that led here is said */
@@ -100,26 +100,26 @@ static bool prepare(struct rebuild *rb)
 		rb->failure = EVENTSTORE_EXIT_UNUSABLE;
 		return false;
 	}
-	if (strmap_open(&rb->accounts, acct_free) || strmap_open(&rb->totals, free))
+	if (strmap_open(&rb->accounts, rb_acct_free) || strmap_open(&rb->totals, free))
 		return false;
 	/* Both sessions write shadow tables and build keys. */
 	for (int i = 0; i < 2; i++) {
 		PGconn *c = i ? rb->wr : rb->pg;
-		if (!exec_ok(rb, c, "SET client_min_messages = warning") ||
-		    !exec_ok(rb, c, "SET synchronous_commit = off") || /* the swap commits durably */
-		    !exec_ok(rb, c, "SET maintenance_work_mem = '256MB'")) /* keys sort in memory */
+		if (!rb_exec(rb, c, "SET client_min_messages = warning") ||
+		    !rb_exec(rb, c, "SET synchronous_commit = off") || /* the swap commits durably */
+		    !rb_exec(rb, c, "SET maintenance_work_mem = '256MB'")) /* keys sort in memory */
 			return false;
 	}
-	choose_count(rb);
-	if (!send_count(rb))
+	rb_choose_count(rb);
+	if (!rb_send_count(rb))
 		return false;
 	/* An autovacuum of a live table gives way to a lock request only after
 	 * deadlock_timeout; the switch's attempts wait less than the default 1 s, so it is
 	 * shortened (a superuser setting: without it, the switch waits for autovacuum). */
 	PQclear(PQexec(rb->wr, "SET deadlock_timeout = '100ms'"));
-	if (rb->sql && !exec_ok(rb, rb->wr, "SELECT rm_shadow_reset()"))
+	if (rb->sql && !rb_exec(rb, rb->wr, "SELECT rm_shadow_reset()"))
 		return false;
-	if ((rb->want_redis && !connect_redis(rb)) || !take_count(rb) || !bulk_bounds(rb))
+	if ((rb->want_redis && !rb_connect_redis(rb)) || !rb_take_count(rb) || !rb_bulk_bounds(rb))
 		return false;
 	return true;
 }
@@ -127,18 +127,18 @@ static bool prepare(struct rebuild *rb)
 static void abandon(struct rebuild *rb)
 {
 	if (rb->sql && rb->wr && PQstatus(rb->wr) == CONNECTION_OK)
-		exec_ok(rb, rb->wr, "SELECT rm_shadow_drop()");
-	if (rb->redis && rb->gen && redis_usable(rb))
-		redis_cleanup(rb, 0, rb->gen);
+		rb_exec(rb, rb->wr, "SELECT rm_shadow_drop()");
+	if (rb->redis && rb->gen && rb_redis_usable(rb))
+		rb_redis_cleanup(rb, 0, rb->gen);
 	if (rb->tty) {
 		fprintf(stderr, "daybook-admin: rebuild %s; the live read models are untouched\n",
-			interrupted ? "interrupted" : "failed");
+			rb_interrupted ? "interrupted" : "failed");
 		return;
 	}
-	json_line(json_pack("{s:s, s:I, s:I, s:o, s:b}", "phase",
-			    interrupted ? "interrupted" : "failed", "done", (json_int_t)rb->done,
+	rb_json_line(json_pack("{s:s, s:I, s:I, s:o, s:b}", "phase",
+			    rb_interrupted ? "interrupted" : "failed", "done", (json_int_t)rb->done,
 			    "total", (json_int_t)rb->total,
-			    "error", log_text(rb->error[0] ? rb->error : interrupted ? "interrupted"
+			    "error", log_text(rb->error[0] ? rb->error : rb_interrupted ? "interrupted"
 										     : "failed"),
 			    "live_untouched", 1));
 }
@@ -212,22 +212,22 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	rb.tty = isatty(STDERR_FILENO);
-	rb.started = now();
-	ok = prepare(&rb) && load(&rb);
-	rb.loaded = now();
-	ok = ok && index_and_send(&rb);
-	rb.indexed = now();
-	ok = ok && !interrupted && switch_over(&rb);
-	rb.switched = now();
-	report(&rb, true);
+	rb.started = rb_now();
+	ok = prepare(&rb) && rb_load(&rb);
+	rb.loaded = rb_now();
+	ok = ok && rb_index_and_send(&rb);
+	rb.indexed = rb_now();
+	ok = ok && !rb_interrupted && rb_switch_over(&rb);
+	rb.switched = rb_now();
+	rb_report(&rb, true);
 	if (!ok) {
 		abandon(&rb);
 		finish(&rb);
-		return interrupted ? 130 : rb.failure;
+		return rb_interrupted ? 130 : rb.failure;
 	}
 	if (rb.redis)
-		cleanup_after_switch(&rb);
-	secs = now() - rb.started;
+		rb_cleanup_after_switch(&rb);
+	secs = rb_now() - rb.started;
 	what = rb.sql && rb.redis ? "sql and redis" : rb.sql ? "sql" : "redis";
 	snprintf(checkpoint, sizeof(checkpoint), "%llu.%lld", (unsigned long long)rb.cp_txid,
 		 rb.position);
@@ -235,16 +235,16 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 		printf("rebuilt %s from %lld events in %.2f s (%.0f events/s; load %.2f s, index "
 		       "%.2f s, switch %.2f s, cleanup %.2f s); checkpoint %s\n",
 		       what, rb.done, secs, rb.done / (secs + 1e-9), rb.loaded - rb.started,
-		       rb.indexed - rb.loaded, rb.switched - rb.indexed, now() - rb.switched,
+		       rb.indexed - rb.loaded, rb.switched - rb.indexed, rb_now() - rb.switched,
 		       checkpoint);
 	else
-		json_line(json_pack("{s:s, s:I, s:I, s:f, s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:s}",
+		rb_json_line(json_pack("{s:s, s:I, s:I, s:f, s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:s}",
 				    "phase", "done", "done", (json_int_t)rb.done, "total",
 				    (json_int_t)rb.total, "events_per_s", rb.done / (secs + 1e-9),
 				    "eta_s", 0.0, "rebuilt", what, "seconds", secs, "load_s",
 				    rb.loaded - rb.started, "index_s", rb.indexed - rb.loaded,
 				    "switch_s", rb.switched - rb.indexed, "cleanup_s",
-				    now() - rb.switched, "checkpoint", checkpoint));
+				    rb_now() - rb.switched, "checkpoint", checkpoint));
 	finish(&rb);
 	return CLI_EXIT_OK;
 }

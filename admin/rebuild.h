@@ -29,7 +29,7 @@
 #define SWITCH_RETRY_US 500000   /* pause between attempts */
 
 /* The one piece of process-wide state: set by the signal handler, read by the loop. */
-extern volatile sig_atomic_t interrupted;
+extern volatile sig_atomic_t rb_interrupted;
 
 struct acct {
 	struct ledger_account acc;
@@ -122,53 +122,53 @@ struct rebuild {
 };
 
 /* the command (rebuild.c): PostgreSQL helpers */
-bool exec_ok(struct rebuild *rb, PGconn *pg, const char *sql);
-void await_answer(struct rebuild *rb, PGconn *pg, bool abort);
-bool sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort);
+bool rb_exec(struct rebuild *rb, PGconn *pg, const char *sql);
+void rb_await_answer(struct rebuild *rb, PGconn *pg, bool abort);
+bool rb_sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort);
 
 /* progress and messages (rebuild_progress.c) */
-void json_line(json_t *obj);
+void rb_json_line(json_t *obj);
 __attribute__((format(printf, 2, 3))) void rb_error(struct rebuild *rb, const char *fmt, ...);
 __attribute__((format(printf, 2, 3))) void rb_note(struct rebuild *rb, const char *fmt, ...);
-double now(void);
-void report(struct rebuild *rb, bool final);
+double rb_now(void);
+void rb_report(struct rebuild *rb, bool final);
 
 /* the Redis pipeline (rebuild_redis.c) */
-bool redis_drain_n(struct rebuild *rb, size_t n);
-bool redis_drain(struct rebuild *rb);
-bool redis_write_out(struct rebuild *rb);
-bool redis_send(struct rebuild *rb, int argc, const char **argv);
-void rkey(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id);
-bool redis_usable(struct rebuild *rb);
-bool connect_redis(struct rebuild *rb);
+bool rb_redis_drain_n(struct rebuild *rb, size_t n);
+bool rb_redis_drain(struct rebuild *rb);
+bool rb_redis_write_out(struct rebuild *rb);
+bool rb_redis_send(struct rebuild *rb, int argc, const char **argv);
+void rb_key(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id);
+bool rb_redis_usable(struct rebuild *rb);
+bool rb_connect_redis(struct rebuild *rb);
 
 /* reading the log in chunks (rebuild_read.c) */
-bool fold_chunk(struct rebuild *rb, int *n);
-bool load(struct rebuild *rb);
-void choose_count(struct rebuild *rb);
-bool send_count(struct rebuild *rb);
-bool take_count(struct rebuild *rb);
-bool bulk_bounds(struct rebuild *rb);
+bool rb_fold_chunk(struct rebuild *rb, int *n);
+bool rb_load(struct rebuild *rb);
+void rb_choose_count(struct rebuild *rb);
+bool rb_send_count(struct rebuild *rb);
+bool rb_take_count(struct rebuild *rb);
+bool rb_bulk_bounds(struct rebuild *rb);
 
 /* the fold (rebuild_fold.c) */
-bool send_items(struct rebuild *rb, struct acct *a);
-bool hold_item(struct rebuild *rb, struct acct *a, char *json);
-void acct_free(void *value);
-uint64_t be(const char *p, int bytes);
-bool fold_row(struct rebuild *rb, PGresult *r, int i);
-bool finish_items(struct rebuild *rb, struct acct *a);
-bool send_held(struct rebuild *rb);
+bool rb_send_items(struct rebuild *rb, struct acct *a);
+bool rb_hold_item(struct rebuild *rb, struct acct *a, char *json);
+void rb_acct_free(void *value);
+uint64_t rb_be(const char *p, int bytes);
+bool rb_fold_row(struct rebuild *rb, PGresult *r, int i);
+bool rb_finish_items(struct rebuild *rb, struct acct *a);
+bool rb_send_held(struct rebuild *rb);
 
 /* the end state: accounts, totals, keys (rebuild_end.c) */
-bool write_end_state(struct rebuild *rb, const char *token);
-bool repair_items(struct rebuild *rb);
-bool index_and_send(struct rebuild *rb);
+bool rb_write_end_state(struct rebuild *rb, const char *token);
+bool rb_repair_items(struct rebuild *rb);
+bool rb_index_and_send(struct rebuild *rb);
 
 /* the switch protocol (rebuild_switch.c) */
-bool switch_over(struct rebuild *rb);
+bool rb_switch_over(struct rebuild *rb);
 
 /* clean-up of old generations (rebuild_gc.c) */
-void redis_cleanup(struct rebuild *rb, long long keep, long long drop);
-void cleanup_after_switch(struct rebuild *rb);
+void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop);
+void rb_cleanup_after_switch(struct rebuild *rb);
 
 #endif

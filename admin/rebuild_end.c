@@ -50,7 +50,7 @@ static void put_account(void *arg, const char *id, void *value)
 		pg_array_append(w->ids, id, w->n == 0);
 	w->n++;
 	if (w->rb->redis)
-		w->ok = finish_items(w->rb, a);
+		w->ok = rb_finish_items(w->rb, a);
 	if (w->ok && w->rb->sql)
 		w->ok = copy_row(b, 10) && copy_text(b, id) && copy_text(b, a->name) &&
 			copy_text(b, a->acc.currency) && copy_int(b, a->acc.balance, 8) &&
@@ -72,10 +72,10 @@ static void put_account(void *arg, const char *id, void *value)
 		readmodel_time_text(a->updated_at, updated);
 		json = readmodel_account_json(&body);
 		const char *argv[8] = { "HSET", k, "v", v, "n", n, "j", json };
-		rkey(w->rb, k, sizeof(k), "acct", id);
+		rb_key(w->rb, k, sizeof(k), "acct", id);
 		snprintf(v, sizeof(v), "%d", a->acc.version);
 		snprintf(n, sizeof(n), "%d", a->entries);
-		w->ok = json && redis_send(w->rb, 8, argv);
+		w->ok = json && rb_redis_send(w->rb, 8, argv);
 		free(json);
 	}
 }
@@ -142,8 +142,8 @@ static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const c
 	body = readmodel_totals_json(rows, n);
 	if (body) {
 		const char *argv[6] = { "HSET", k, "p", token, "j", body };
-		rkey(rb, k, sizeof(k), "totals", NULL);
-		ok = redis_send(rb, 6, argv);
+		rb_key(rb, k, sizeof(k), "totals", NULL);
+		ok = rb_redis_send(rb, 6, argv);
 	}
 done:
 	free(rows);
@@ -190,7 +190,7 @@ static bool write_accounts(struct rebuild *rb, PGconn *pg, bool rewrite)
 	return ok;
 }
 
-bool write_end_state(struct rebuild *rb, const char *token)
+bool rb_write_end_state(struct rebuild *rb, const char *token)
 {
 	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0 };
 	bool ok = write_accounts(rb, rb->wr, true) && tw.sorted;
@@ -202,7 +202,7 @@ bool write_end_state(struct rebuild *rb, const char *token)
 		     (!rb->redis || redis_totals(rb, tw.sorted, tw.n, token));
 	}
 	free(tw.sorted);
-	return ok && (!rb->redis || redis_drain(rb));
+	return ok && (!rb->redis || rb_redis_drain(rb));
 }
 
 /* Accounts whose live count was too high (more than the fold found at the live
@@ -224,7 +224,7 @@ static void find_short(void *arg, const char *id, void *value)
 	"x.account_id = id ORDER BY x.version DESC LIMIT 50) e ORDER BY e.account_id, e.version"
 
 /* Their statements again, from the indexed shadow table: everything the load folded. */
-bool repair_items(struct rebuild *rb)
+bool rb_repair_items(struct rebuild *rb)
 {
 	struct evbuffer *ids = evbuffer_new();
 	const char *params[1];
@@ -258,15 +258,15 @@ bool repair_items(struct rebuild *rb)
 		if (!a)
 			continue;
 		if (a->expected > a->at_cp) { /* its first row: start the statement afresh */
-			rkey(rb, k, sizeof(k), "stmt", id);
-			ok = send_items(rb, a) && redis_send(rb, 2, del);
+			rb_key(rb, k, sizeof(k), "stmt", id);
+			ok = rb_send_items(rb, a) && rb_redis_send(rb, 2, del);
 			a->expected = 0; /* every later item counts */
 			a->sent = 0;
 			repaired++;
 		}
-		ok = ok && hold_item(rb, a, readmodel_entry_json(&e));
+		ok = ok && rb_hold_item(rb, a, readmodel_entry_json(&e));
 	}
-	ok = ok && send_held(rb);
+	ok = ok && rb_send_held(rb);
 	if (repaired)
 		rb_note(rb, "the live count of %d account%s statement items was "
 				"too high; their items were sent again\n", repaired, repaired == 1 ? "'s" : "s'");
@@ -280,22 +280,22 @@ bool repair_items(struct rebuild *rb)
  * connection while the reader's, idle until the switch reads the tail, takes the
  * accounts and builds the small tables' keys, and Redis takes the accounts and the
  * statement items still held: little is left for the switch. */
-bool index_and_send(struct rebuild *rb)
+bool rb_index_and_send(struct rebuild *rb)
 {
 	bool ok, big = false, small = false;
 
 	rb->phase = "index";
-	report(rb, true);
+	rb_report(rb, true);
 	ok = !rb->sql || (big = PQsendQuery(rb->wr, "SELECT rm_shadow_key('rm_entries')"));
 	ok = ok && write_accounts(rb, rb->pg, false);
 	ok = ok && (!rb->sql || (small = PQsendQuery(rb->pg, "SELECT rm_shadow_key('rm_accounts'), "
 							     "rm_shadow_key('rm_transfers'), "
 							     "rm_shadow_key('rm_totals')")));
 	if (ok && rb->redis)
-		ok = redis_drain(rb);
+		ok = rb_redis_drain(rb);
 	if (small)
-		ok = sent_ok(rb, rb->pg, "indexing the shadow tables", !ok) && ok;
+		ok = rb_sent_ok(rb, rb->pg, "indexing the shadow tables", !ok) && ok;
 	if (big)
-		ok = sent_ok(rb, rb->wr, "indexing the shadow tables", !ok) && ok;
-	return ok && (!rb->hinted || repair_items(rb));
+		ok = rb_sent_ok(rb, rb->wr, "indexing the shadow tables", !ok) && ok;
+	return ok && (!rb->hinted || rb_repair_items(rb));
 }

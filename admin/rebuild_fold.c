@@ -52,7 +52,7 @@ static void count_total(struct total *t, const struct ledger_event *ev)
 
 /* Send an account's held statement items, oldest first, in one LPUSH: the statement
  * list has the newest first. */
-bool send_items(struct rebuild *rb, struct acct *a)
+bool rb_send_items(struct rebuild *rb, struct acct *a)
 {
 	char k[LEDGER_ID_MAX + 48];
 	const char *argv[2 + READMODEL_ITEMS_KEPT];
@@ -60,19 +60,19 @@ bool send_items(struct rebuild *rb, struct acct *a)
 
 	if (a->npending == 0)
 		return true;
-	rkey(rb, k, sizeof(k), "stmt", a->acc.id);
+	rb_key(rb, k, sizeof(k), "stmt", a->acc.id);
 	/* The generation is new, but its number may not be: Redis that lost its data
 	 * counts generations from 1 again, and a projector batch in flight then may have
 	 * left keys under it. A statement is pushed onto, so it starts empty. */
 	argv[0] = "DEL";
 	argv[1] = k;
-	if (a->sent == 0 && !redis_send(rb, 2, argv))
+	if (a->sent == 0 && !rb_redis_send(rb, 2, argv))
 		return false;
 	argv[0] = "LPUSH";
 	argv[1] = k;
 	for (int32_t i = 0; i < a->npending; i++)
 		argv[2 + i] = a->pending[i];
-	ok = redis_send(rb, 2 + a->npending, argv);
+	ok = rb_redis_send(rb, 2 + a->npending, argv);
 	for (int32_t i = 0; i < a->npending; i++)
 		free(a->pending[i]);
 	a->sent += a->npending;
@@ -84,7 +84,7 @@ bool send_items(struct rebuild *rb, struct acct *a)
 /* Hold a statement item (json is taken over) until the account has a full LPUSH; at
  * most held_max in all (accounts whose items are spread thinly over a long log would
  * otherwise hold theirs to the end): beyond that, every held item is sent. */
-bool hold_item(struct rebuild *rb, struct acct *a, char *json)
+bool rb_hold_item(struct rebuild *rb, struct acct *a, char *json)
 {
 	if (!json)
 		return false;
@@ -111,12 +111,12 @@ bool hold_item(struct rebuild *rb, struct acct *a, char *json)
 	}
 	a->pending[a->npending++] = json;
 	rb->held++;
-	if (a->npending == READMODEL_ITEMS_KEPT && !send_items(rb, a))
+	if (a->npending == READMODEL_ITEMS_KEPT && !rb_send_items(rb, a))
 		return false;
-	return rb->held <= rb->held_max || send_held(rb);
+	return rb->held <= rb->held_max || rb_send_held(rb);
 }
 
-void acct_free(void *value)
+void rb_acct_free(void *value)
 {
 	struct acct *a = value;
 
@@ -155,7 +155,7 @@ static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_e
 			.counterparty = ev->counterparty, .reference = ev->reference, .at = at_text,
 		};
 		readmodel_time_text(at, at_text);
-		ok = hold_item(rb, a, readmodel_entry_json(&e));
+		ok = rb_hold_item(rb, a, readmodel_entry_json(&e));
 	}
 	return ok;
 }
@@ -206,8 +206,8 @@ static bool emit_transfer(struct rebuild *rb, const struct acct *from, const str
 		readmodel_time_text(at, at_text);
 		json = readmodel_transfer_json(&t);
 		const char *argv[3] = { "SET", k, json };
-		rkey(rb, k, sizeof(k), "xfer", ev->transfer_id);
-		ok = json && redis_send(rb, 3, argv);
+		rb_key(rb, k, sizeof(k), "xfer", ev->transfer_id);
+		ok = json && rb_redis_send(rb, 3, argv);
 		free(json);
 		keep_xfer_id(rb, ev->transfer_id);
 	}
@@ -215,7 +215,7 @@ static bool emit_transfer(struct rebuild *rb, const struct acct *from, const str
 }
 
 /* Big-endian integers of the read query's binary results. */
-uint64_t be(const char *p, int bytes)
+uint64_t rb_be(const char *p, int bytes)
 {
 	uint64_t v = 0;
 
@@ -291,15 +291,15 @@ static bool stash(struct rebuild *rb, const char *id, struct acct *a, const stru
 /* Fold one row of a read (binary): position, txid, account, version, type, data (jsonb:
  * a format version byte, 1, then JSON text), recorded_at. An event ahead of its
  * account waits for the ones before it. */
-bool fold_row(struct rebuild *rb, PGresult *r, int i)
+bool rb_fold_row(struct rebuild *rb, PGresult *r, int i)
 {
 	const char *id = PQgetvalue(r, i, 2), *data = PQgetvalue(r, i, 5);
 	int len = PQgetlength(r, i, 5);
 	struct logged e = {
-		.position = (int64_t)be(PQgetvalue(r, i, 0), 8), .txid = be(PQgetvalue(r, i, 1), 8),
-		.version = (int32_t)be(PQgetvalue(r, i, 3), 4),
+		.position = (int64_t)rb_be(PQgetvalue(r, i, 0), 8), .txid = rb_be(PQgetvalue(r, i, 1), 8),
+		.version = (int32_t)rb_be(PQgetvalue(r, i, 3), 4),
 		.type = ledger_event_type_from_name(PQgetvalue(r, i, 4)),
-		.at = (int64_t)be(PQgetvalue(r, i, 6), 8), .data = data + 1,
+		.at = (int64_t)rb_be(PQgetvalue(r, i, 6), 8), .data = data + 1,
 		.len = len > 0 ? (size_t)len - 1 : 0,
 	};
 	struct acct *a = strmap_get(rb->accounts, id);
@@ -329,26 +329,26 @@ bool fold_row(struct rebuild *rb, PGresult *r, int i)
 
 /* At the end: send what the account still holds, and trim its statement if it got
  * more than Redis keeps (items appended while the rebuild ran). */
-bool finish_items(struct rebuild *rb, struct acct *a)
+bool rb_finish_items(struct rebuild *rb, struct acct *a)
 {
 	char k[LEDGER_ID_MAX + 48], stop[16];
 	const char *argv[4] = { "LTRIM", k, "0", stop };
 
-	if (!send_items(rb, a))
+	if (!rb_send_items(rb, a))
 		return false;
 	if (a->sent <= READMODEL_ITEMS_KEPT)
 		return true;
-	rkey(rb, k, sizeof(k), "stmt", a->acc.id);
+	rb_key(rb, k, sizeof(k), "stmt", a->acc.id);
 	snprintf(stop, sizeof(stop), "%d", READMODEL_ITEMS_KEPT - 1);
-	return redis_send(rb, 4, argv);
+	return rb_redis_send(rb, 4, argv);
 }
 
-bool send_held(struct rebuild *rb)
+bool rb_send_held(struct rebuild *rb)
 {
 	bool ok = true;
 
 	for (size_t i = 0; i < rb->nholders; i++) {
-		ok = ok && send_items(rb, rb->holders[i]);
+		ok = ok && rb_send_items(rb, rb->holders[i]);
 		rb->holders[i]->listed = false;
 	}
 	rb->nholders = 0;

@@ -77,13 +77,13 @@ static bool sweep_key(struct rebuild *rb, struct verdicts *v, const char *k)
 
 /* Delete every key of the generations other than `keep` (0: delete generation `drop`)
  * that are ours to delete. */
-void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
+void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 {
 	char cursor[32] = "0", match[48], prefix[48];
 	struct verdicts verdicts = { 0 };
 
 	/* Replies of pipelined commands come first: read them before talking again. */
-	if (!redis_drain(rb))
+	if (!rb_redis_drain(rb))
 		return;
 	snprintf(match, sizeof(match), keep ? "dbk:g:*" : "dbk:g:%lld:*", drop);
 	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", keep);
@@ -106,7 +106,7 @@ void redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 				argv[argc++] = k;
 		}
 		if (argc > 1)
-			(void)!(redis_send(rb, argc, argv) && redis_drain(rb));
+			(void)!(rb_redis_send(rb, argc, argv) && rb_redis_drain(rb));
 		free(argv);
 		freeReplyObject(r);
 	} while (strcmp(cursor, "0") != 0);
@@ -136,7 +136,7 @@ static void unlink_flush(struct unlinks *u)
 {
 	u->argv[0] = "UNLINK";
 	if (u->n > 0 && u->ok)
-		u->ok = redis_send(u->rb, 1 + u->n, u->argv); /* hiredis copies the keys */
+		u->ok = rb_redis_send(u->rb, 1 + u->n, u->argv); /* hiredis copies the keys */
 	u->n = 0;
 }
 
@@ -180,10 +180,10 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 
 	if (!u || !(u->keys = malloc(UNLINK_BATCH * sizeof(*u->keys)))) {
 		free(u);
-		redis_cleanup(rb, 0, gen);
+		rb_redis_cleanup(rb, 0, gen);
 		return;
 	}
-	*u = (struct unlinks){ .rb = rb, .gen = gen, .keys = u->keys, .ok = redis_drain(rb) };
+	*u = (struct unlinks){ .rb = rb, .gen = gen, .keys = u->keys, .ok = rb_redis_drain(rb) };
 	u->old_layout = u->ok && !same_layout(rb, gen);
 	strmap_foreach(rb->accounts, unlink_account, u);
 	for (size_t at = 0; at < rb->xfer_ids.len; at += strlen(rb->xfer_ids.p + at) + 1)
@@ -194,25 +194,25 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 	unlink_key(u, "identity", NULL);
 	unlink_flush(u);
 	if (u->ok)
-		(void)!redis_drain(rb);
+		(void)!rb_redis_drain(rb);
 	free(u->keys);
 	free(u);
 }
 
-void cleanup_after_switch(struct rebuild *rb)
+void rb_cleanup_after_switch(struct rebuild *rb)
 {
 	const struct live_before *old = &rb->live_before;
 	long long from = old->present ? atoll(old->gen) : 0;
 
 	if (from <= 0 || from >= rb->gen || rb->gen - from > 8) {
-		redis_cleanup(rb, rb->gen, 0);
+		rb_redis_cleanup(rb, rb->gen, 0);
 		return;
 	}
-	if (from == rb->gen - 1 && !rb->xfer_ids_full && redis_drain(rb) &&
+	if (from == rb->gen - 1 && !rb->xfer_ids_full && rb_redis_drain(rb) &&
 	    ours_to_delete(rb, from)) {
 		delete_by_name(rb, from);
 		return;
 	}
 	for (long long g = from; g < rb->gen; g++)
-		redis_cleanup(rb, 0, g);
+		rb_redis_cleanup(rb, 0, g);
 }

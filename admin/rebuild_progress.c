@@ -25,7 +25,7 @@
 #include "rebuild.h"
 
 /* One JSON object as a line on stdout (stolen). */
-void json_line(json_t *obj)
+void rb_json_line(json_t *obj)
 {
 	char *text = obj ? json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
 
@@ -51,7 +51,7 @@ static void rb_say(struct rebuild *rb, bool error, const char *fmt, va_list ap)
 	if (rb->tty)
 		fprintf(stderr, "daybook-admin rebuild: %s\n", line);
 	else
-		json_line(json_pack("{s:s, s:o}", "phase", kind, kind, log_text(line)));
+		rb_json_line(json_pack("{s:s, s:o}", "phase", kind, kind, log_text(line)));
 }
 
 /* An error; the first is kept for the final line. */
@@ -74,16 +74,16 @@ __attribute__((format(printf, 2, 3))) void rb_note(struct rebuild *rb, const cha
 	va_end(ap);
 }
 
-double now(void)
+double rb_now(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-void report(struct rebuild *rb, bool final)
+void rb_report(struct rebuild *rb, bool final)
 {
-	double t = now(), rate = rb->done / (t - rb->started + 1e-9);
+	double t = rb_now(), rate = rb->done / (t - rb->started + 1e-9);
 	double eta = rate > 0 && rb->total > rb->done ? (double)(rb->total - rb->done) / rate : 0;
 
 	if (!final && t - rb->last_report < (rb->tty ? 0.1 : 1.0))

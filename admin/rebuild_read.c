@@ -40,7 +40,7 @@ static bool flush_chunk(struct rebuild *rb)
 	if (!rb->redis)
 		return true;
 	/* The previous chunk's replies are due; this chunk's go out unanswered. */
-	ok = redis_drain_n(rb, rb->redis_prev) && redis_write_out(rb);
+	ok = rb_redis_drain_n(rb, rb->redis_prev) && rb_redis_write_out(rb);
 	rb->redis_prev = rb->redis_queued;
 	return ok;
 }
@@ -104,7 +104,7 @@ static PGresult *take_read(struct rebuild *rb)
  * sent before folding, so PostgreSQL reads while we fold and write: any bulk read
  * left, or, in reader order, the next after a full chunk (its start, the last row
  * here, is known before folding). */
-bool fold_chunk(struct rebuild *rb, int *n)
+bool rb_fold_chunk(struct rebuild *rb, int *n)
 {
 	PGresult *r;
 	bool ok = true, bulk;
@@ -117,33 +117,33 @@ bool fold_chunk(struct rebuild *rb, int *n)
 	*n = PQntuples(r);
 	rb->done += *n;
 	if (!bulk && *n > 0) {
-		rb->cp_txid = be(PQgetvalue(r, *n - 1, 1), 8);
-		rb->position = (long long)be(PQgetvalue(r, *n - 1, 0), 8);
+		rb->cp_txid = rb_be(PQgetvalue(r, *n - 1, 1), 8);
+		rb->position = (long long)rb_be(PQgetvalue(r, *n - 1, 0), 8);
 	}
 	if (bulk ? rb->bulk_next < rb->bulk_blocks : *n == CHUNK)
 		ok = send_read(rb);
 	for (int row = 0; ok && row < *n; row++)
-		ok = fold_row(rb, r, row);
+		ok = rb_fold_row(rb, r, row);
 	PQclear(r);
 	return ok && flush_chunk(rb);
 }
 
 /* Fold until the log is (nearly) exhausted; false on error or interruption. */
-bool load(struct rebuild *rb)
+bool rb_load(struct rebuild *rb)
 {
 	int n = CHUNK;
 	bool ok = !rb->sql || copier_start(&rb->copier, rb->wr);
 
-	while (ok && rb->bulk_next < rb->bulk_blocks && !interrupted) {
-		ok = fold_chunk(rb, &n);
-		report(rb, false);
+	while (ok && rb->bulk_next < rb->bulk_blocks && !rb_interrupted) {
+		ok = rb_fold_chunk(rb, &n);
+		rb_report(rb, false);
 	}
 	n = CHUNK; /* then what was appended meanwhile, in reader order */
-	while (ok && n == CHUNK && !interrupted) {
-		ok = fold_chunk(rb, &n);
-		report(rb, false);
+	while (ok && n == CHUNK && !rb_interrupted) {
+		ok = rb_fold_chunk(rb, &n);
+		rb_report(rb, false);
 	}
-	return copier_stop(&rb->copier) && ok && !interrupted;
+	return copier_stop(&rb->copier) && ok && !rb_interrupted;
 }
 
 #define COUNT_FROM_LOG                                                                  \
@@ -170,7 +170,7 @@ bool load(struct rebuild *rb)
 /* The live models are worth taking counts from only if they are nearly current: if
  * more than a tenth of the log is past their checkpoint, the log is counted instead
  * (otherwise Redis would be sent every item of that tenth). */
-void choose_count(struct rebuild *rb)
+void rb_choose_count(struct rebuild *rb)
 {
 	PGresult *r;
 
@@ -185,7 +185,7 @@ void choose_count(struct rebuild *rb)
 	PQclear(r);
 }
 
-bool send_count(struct rebuild *rb)
+bool rb_send_count(struct rebuild *rb)
 {
 	bool ok = PQsendQuery(rb->pg, rb->hinted ? COUNT_FROM_LIVE : rb->want_redis ? COUNT_FROM_LOG :
 				      "SELECT NULL, 0, greatest(reltuples, 0)::bigint FROM pg_class "
@@ -197,11 +197,11 @@ bool send_count(struct rebuild *rb)
 }
 
 /* Its answer; for Redis, the accounts are created here, unopened. */
-bool take_count(struct rebuild *rb)
+bool rb_take_count(struct rebuild *rb)
 {
 	PGresult *r, *extra;
 
-	await_answer(rb, rb->pg, false);
+	rb_await_answer(rb, rb->pg, false);
 	r = PQgetResult(rb->pg);
 	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
 
@@ -233,7 +233,7 @@ bool take_count(struct rebuild *rb)
 
 /* The bulk: every event of a transaction older than the snapshot xmin now, all
  * finished and so all in the heap's blocks as they are now. */
-bool bulk_bounds(struct rebuild *rb)
+bool rb_bulk_bounds(struct rebuild *rb)
 {
 	PGresult *r = PQexec(rb->wr, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, "
 				     "pg_relation_size('events') / current_setting('block_size')::bigint");

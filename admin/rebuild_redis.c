@@ -25,7 +25,7 @@
 #include "rebuild.h"
 
 /* Read the replies of the n oldest commands. */
-bool redis_drain_n(struct rebuild *rb, size_t n)
+bool rb_redis_drain_n(struct rebuild *rb, size_t n)
 {
 	bool ok = true;
 
@@ -44,15 +44,15 @@ bool redis_drain_n(struct rebuild *rb, size_t n)
 	return ok;
 }
 
-bool redis_drain(struct rebuild *rb)
+bool rb_redis_drain(struct rebuild *rb)
 {
 	rb->redis_prev = 0;
-	return redis_write_out(rb) && redis_drain_n(rb, rb->redis_queued);
+	return rb_redis_write_out(rb) && rb_redis_drain_n(rb, rb->redis_queued);
 }
 
 /* Write the buffered commands out without waiting for their replies: Redis works on
  * them while the next chunk is read from PostgreSQL. */
-bool redis_write_out(struct rebuild *rb)
+bool rb_redis_write_out(struct rebuild *rb)
 {
 	struct copy_buf *b = &rb->resp;
 
@@ -97,7 +97,7 @@ static char *put_len(char *p, char kind, size_t n)
 /* Commands are put in RESP into one buffer that is kept and reused, and written out
  * once it holds RESP_WRITE bytes; hiredis's own output buffer would be freed each
  * time it empties and grown again, page by fresh page. Replies are read by hiredis. */
-bool redis_send(struct rebuild *rb, int argc, const char **argv)
+bool rb_redis_send(struct rebuild *rb, int argc, const char **argv)
 {
 	struct copy_buf *b = &rb->resp;
 	size_t need = 24;
@@ -118,14 +118,14 @@ bool redis_send(struct rebuild *rb, int argc, const char **argv)
 	}
 	b->len = (size_t)(p - b->p);
 	rb->redis_queued++;
-	if (b->len >= RESP_WRITE && !redis_write_out(rb))
+	if (b->len >= RESP_WRITE && !rb_redis_write_out(rb))
 		return false;
-	return rb->redis_queued < 4 * REDIS_FLUSH || redis_drain(rb);
+	return rb->redis_queued < 4 * REDIS_FLUSH || rb_redis_drain(rb);
 }
 
 /* A key of our generation: "dbk:g:<gen>:<kind>[:<id>]", truncated to len - 1 bytes.
  * Made for every item sent, so without printf. */
-void rkey(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
+void rb_key(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
 {
 	const char *parts[4] = { rb->key_prefix, kind, id ? ":" : "", id ? id : "" };
 	size_t at = 0;
@@ -161,7 +161,7 @@ static bool redis_run_id(struct rebuild *rb, redisContext *c, char out[RUN_ID_LE
  * must reach the same server, still running: a restarted Redis has a new run_id (and,
  * without persistence, nothing of ours), and a server that took the port of one that
  * died is someone else's. */
-bool redis_usable(struct rebuild *rb)
+bool rb_redis_usable(struct rebuild *rb)
 {
 	char err[256], run_id[RUN_ID_LEN];
 
@@ -185,7 +185,7 @@ bool redis_usable(struct rebuild *rb)
 	return true;
 }
 
-bool connect_redis(struct rebuild *rb)
+bool rb_connect_redis(struct rebuild *rb)
 {
 	char err[256];
 	redisReply *r;

@@ -44,27 +44,27 @@ static bool try_lock(struct rebuild *rb, const char *sql, bool *busy)
  * attempt waits SWITCH_LOCK_WAIT at most, then everything is let go for a while. */
 static bool lock_for_switch(struct rebuild *rb)
 {
-	while (!interrupted) {
+	while (!rb_interrupted) {
 		bool busy = false;
-		bool ok = exec_ok(rb, rb->wr, "BEGIN") &&
-			  exec_ok(rb, rb->wr, "SET LOCAL synchronous_commit = on") &&
-			  exec_ok(rb, rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'") &&
+		bool ok = rb_exec(rb, rb->wr, "BEGIN") &&
+			  rb_exec(rb, rb->wr, "SET LOCAL synchronous_commit = on") &&
+			  rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'") &&
 			  try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", &busy) &&
 			  (!rb->sql || try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
 						    "rm_totals IN ACCESS EXCLUSIVE MODE", &busy)) &&
-			  exec_ok(rb, rb->wr, "SET LOCAL lock_timeout = 0");
+			  rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = 0");
 		if (ok)
 			return true;
-		exec_ok(rb, rb->wr, "ROLLBACK");
+		rb_exec(rb, rb->wr, "ROLLBACK");
 		if (!busy)
 			return false;
 		if (strcmp(rb->phase, "wait") != 0) {
 			rb->phase = "wait";
-			report(rb, true);
+			rb_report(rb, true);
 			rb_note(rb, "waiting for the read-model tables: a "
 					"transaction is reading them (a verify?)\n");
 		}
-		report(rb, false);
+		rb_report(rb, false);
 		usleep(SWITCH_RETRY_US);
 	}
 	return false;
@@ -89,8 +89,8 @@ static void put_back_live(struct rebuild *rb, const struct live_before *old)
 
 	if (!rb->redis || !old->read)
 		return;
-	(void)!redis_drain(rb);
-	if (redis_usable(rb))
+	(void)!rb_redis_drain(rb);
+	if (rb_redis_usable(rb))
 		r = old->present ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
 				 : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
 	if (!r || r->type == REDIS_REPLY_ERROR)
@@ -129,7 +129,7 @@ static bool sql_generation(struct rebuild *rb, long long *gen)
 
 /* Under the switch lock no projector commits: fold the rest, write the end state and
  * swap, all in one transaction. */
-bool switch_over(struct rebuild *rb)
+bool rb_switch_over(struct rebuild *rb)
 {
 	char token[48], gen[24];
 	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
@@ -141,19 +141,19 @@ bool switch_over(struct rebuild *rb)
 	if (!lock_for_switch(rb))
 		return false;
 	if (rb->sql && !sql_generation(rb, &sql_gen)) {
-		exec_ok(rb, rb->wr, "ROLLBACK");
+		rb_exec(rb, rb->wr, "ROLLBACK");
 		return false;
 	}
 	rb->phase = "switch";
 	while (ok && n > 0)
-		ok = fold_chunk(rb, &n);
+		ok = rb_fold_chunk(rb, &n);
 	if (ok && rb->stashed) {
 		rb_error(rb, "%lld events wait for earlier versions that the log "
 				"does not have\n", rb->stashed);
 		ok = false;
 	}
 	snprintf(token, sizeof(token), "%llu.%lld", (unsigned long long)rb->cp_txid, rb->position);
-	ok = ok && write_end_state(rb, token);
+	ok = ok && rb_write_end_state(rb, token);
 	if (ok && rb->sql) {
 		char txid[24], pos[24];
 		const char *params[2] = { txid, pos };
@@ -172,23 +172,23 @@ bool switch_over(struct rebuild *rb)
 		char ik[64];
 		const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
 		const char *identity[3] = { "SET", ik, rb->identity };
-		rkey(rb, k, sizeof(k), "checkpoint", NULL);
-		rkey(rb, lk, sizeof(lk), "layout", NULL);
-		rkey(rb, ik, sizeof(ik), "identity", NULL);
+		rb_key(rb, k, sizeof(k), "checkpoint", NULL);
+		rb_key(rb, lk, sizeof(lk), "layout", NULL);
+		rb_key(rb, ik, sizeof(ik), "identity", NULL);
 		snprintf(gen, sizeof(gen), "%lld", rb->gen);
 		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
 		/* The identity again: Redis may have lost what was written at the start. */
-		ok = redis_drain(rb) && get_live(rb, old) && redis_send(rb, 3, identity) &&
-		     redis_send(rb, 3, layout) &&
-		     redis_send(rb, 3, cp) &&
-		     redis_send(rb, 3, live) && redis_send(rb, 3, pub) && redis_drain(rb);
+		ok = rb_redis_drain(rb) && get_live(rb, old) && rb_redis_send(rb, 3, identity) &&
+		     rb_redis_send(rb, 3, layout) &&
+		     rb_redis_send(rb, 3, cp) &&
+		     rb_redis_send(rb, 3, live) && rb_redis_send(rb, 3, pub) && rb_redis_drain(rb);
 	}
 	if (!ok) {
 		put_back_live(rb, old);
-		exec_ok(rb, rb->wr, "ROLLBACK");
+		rb_exec(rb, rb->wr, "ROLLBACK");
 		return false;
 	}
-	if (exec_ok(rb, rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
+	if (rb_exec(rb, rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
 		return true;
 	put_back_live(rb, old);
 	return false;

@@ -25,7 +25,7 @@
 
 /* One line on stderr (libpq's multi-line errors folded); the verification has no
  * verdict. */
-__attribute__((format(printf, 2, 3))) void fail(struct verify *v, const char *fmt, ...)
+__attribute__((format(printf, 2, 3))) void verify_fail(struct verify *v, const char *fmt, ...)
 {
 	char msg[2048], line[2048];
 	va_list ap;
@@ -50,7 +50,7 @@ static bool read_checkpoint(struct verify *v)
 		ok = readmodel_position_parse(v->cp_token, &v->cp);
 	}
 	if (!ok)
-		fail(v, "reading the sql checkpoint: %s",
+		verify_fail(v, "reading the sql checkpoint: %s",
 		     PQresultStatus(r) == PGRES_TUPLES_OK ? "no row 'sql' in projection_checkpoints\n"
 							  : PQresultErrorMessage(r));
 	PQclear(r);
@@ -92,18 +92,18 @@ static int run(struct verify *v)
 	    !verify_exec(v, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") || !read_checkpoint(v))
 		return 2;
 	if (v->redis)
-		redis_prepare(v);
-	pass_accounts(v);
+		verify_redis_prepare(v);
+	verify_pass_accounts(v);
 	if (!v->failed)
-		check_totals(v);
+		verify_check_totals(v);
 	if (!v->failed)
-		pass_transfers(v);
+		verify_pass_transfers(v);
 	if (!v->failed && v->redis)
-		redis_recheck_live(v);
+		verify_redis_recheck_live(v);
 	if (!v->failed)
 		verify_exec(v, "COMMIT");
 	if (!v->failed && v->redis && v->gen[0])
-		pass_redis_orphans(v);
+		verify_pass_redis_orphans(v);
 	fflush(stdout);
 	if (v->failed)
 		return CLI_EXIT_UNAVAILABLE; /* a query or Redis failed: no verdict */

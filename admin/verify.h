@@ -77,36 +77,36 @@ struct cursor {
 };
 
 /* the run (verify.c) */
-__attribute__((format(printf, 2, 3))) void fail(struct verify *v, const char *fmt, ...);
+__attribute__((format(printf, 2, 3))) void verify_fail(struct verify *v, const char *fmt, ...);
 
 /* reading PostgreSQL (verify_sql.c) */
 bool verify_exec(struct verify *v, const char *sql);
 bool cursor_open(struct cursor *c, struct verify *v, const char *name, const char *query,
 			bool snapshot);
 void cursor_next(struct cursor *c);
-const char *col(const struct cursor *c, int column);
-const char *head(struct cursor *c);
+const char *cursor_col(const struct cursor *c, int column);
+const char *cursor_head(struct cursor *c);
 void cursor_close(struct cursor *c);
 
 /* reading Redis (verify_redis.c) */
-const char *reply_str(const redisReply *r);
-void redis_lost(struct verify *v);
+const char *verify_reply_str(const redisReply *r);
+void verify_redis_lost(struct verify *v);
 void pending_free(struct pending *p);
-void redis_flush(struct verify *v);
+void verify_redis_flush(struct verify *v);
 struct pending *pending_add(struct verify *v);
-void redis_prepare(struct verify *v);
-void redis_recheck_live(struct verify *v);
-void pass_redis_orphans(struct verify *v);
+void verify_redis_prepare(struct verify *v);
+void verify_redis_recheck_live(struct verify *v);
+void verify_pass_redis_orphans(struct verify *v);
 
 /* the independent fold and the comparison (verify_compare.c) */
-void diff(struct verify *v, const char *model, const char *entity, const char *field,
+void verify_diff(struct verify *v, const char *model, const char *entity, const char *field,
 		 const char *expected, const char *found);
-void field(struct verify *v, const char *model, const char *entity, const char *name,
+void verify_field(struct verify *v, const char *model, const char *entity, const char *name,
 		  const char *expected, const char *found);
-void field_int(struct verify *v, const char *model, const char *entity, const char *name,
+void verify_field_int(struct verify *v, const char *model, const char *entity, const char *name,
 		      long long expected, const char *found);
-void pass_accounts(struct verify *v);
-void pass_transfers(struct verify *v);
-void check_totals(struct verify *v);
+void verify_pass_accounts(struct verify *v);
+void verify_pass_transfers(struct verify *v);
+void verify_check_totals(struct verify *v);
 
 #endif

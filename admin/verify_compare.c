@@ -20,7 +20,7 @@
 #include "readmodel.h"
 #include "verify.h"
 
-void diff(struct verify *v, const char *model, const char *entity, const char *field,
+void verify_diff(struct verify *v, const char *model, const char *entity, const char *field,
 		 const char *expected, const char *found)
 {
 	if (++v->diffs <= DIFFS_PRINTED)
@@ -28,28 +28,28 @@ void diff(struct verify *v, const char *model, const char *entity, const char *f
 }
 
 /* One field: NULL is SQL NULL (or a missing value) and prints as null. */
-void field(struct verify *v, const char *model, const char *entity, const char *name,
+void verify_field(struct verify *v, const char *model, const char *entity, const char *name,
 		  const char *expected, const char *found)
 {
 	if (expected && found ? strcmp(expected, found) == 0 : expected == found)
 		return;
-	diff(v, model, entity, name, expected ? expected : "null", found ? found : "null");
+	verify_diff(v, model, entity, name, expected ? expected : "null", found ? found : "null");
 }
 
-void field_int(struct verify *v, const char *model, const char *entity, const char *name,
+void verify_field_int(struct verify *v, const char *model, const char *entity, const char *name,
 		      long long expected, const char *found)
 {
 	char text[24];
 
 	snprintf(text, sizeof(text), "%lld", expected);
-	field(v, model, entity, name, text, found);
+	verify_field(v, model, entity, name, text, found);
 }
 
 static void presence(struct verify *v, const char *model, const char *entity, bool expected,
 		     bool found)
 {
 	if (expected != found)
-		diff(v, model, entity, "row", expected ? "present" : "absent",
+		verify_diff(v, model, entity, "row", expected ? "present" : "absent",
 		     found ? "present" : "absent");
 }
 
@@ -74,8 +74,8 @@ static void extra_entries(struct verify *v, struct cursor *ent, const char *id, 
 	char entity[128];
 	const char *row;
 
-	while ((row = head(ent)) && strcmp(row, id) == 0 && atoll(col(ent, 1)) < version) {
-		snprintf(entity, sizeof(entity), "entry:%s/%s", id, col(ent, 1));
+	while ((row = cursor_head(ent)) && strcmp(row, id) == 0 && atoll(cursor_col(ent, 1)) < version) {
+		snprintf(entity, sizeof(entity), "entry:%s/%s", id, cursor_col(ent, 1));
 		presence(v, "sql", entity, false, true);
 		cursor_next(ent);
 	}
@@ -86,13 +86,13 @@ static void extra_entries(struct verify *v, struct cursor *ent, const char *id, 
 static void compare_entry(struct verify *v, const struct cursor *ent, const char *entity,
 			  const struct readmodel_entry *e)
 {
-	field(v, "sql", entity, "type", e->type, col(ent, 2));
-	field_int(v, "sql", entity, "amount", e->amount, col(ent, 3));
-	field_int(v, "sql", entity, "balance_after", e->balance_after, col(ent, 4));
-	field(v, "sql", entity, "transfer_id", e->transfer_id, col(ent, 5));
-	field(v, "sql", entity, "counterparty", e->counterparty, col(ent, 6));
-	field(v, "sql", entity, "reference", e->reference, col(ent, 7));
-	field(v, "sql", entity, "at", e->at, col(ent, 8));
+	verify_field(v, "sql", entity, "type", e->type, cursor_col(ent, 2));
+	verify_field_int(v, "sql", entity, "amount", e->amount, cursor_col(ent, 3));
+	verify_field_int(v, "sql", entity, "balance_after", e->balance_after, cursor_col(ent, 4));
+	verify_field(v, "sql", entity, "transfer_id", e->transfer_id, cursor_col(ent, 5));
+	verify_field(v, "sql", entity, "counterparty", e->counterparty, cursor_col(ent, 6));
+	verify_field(v, "sql", entity, "reference", e->reference, cursor_col(ent, 7));
+	verify_field(v, "sql", entity, "at", e->at, cursor_col(ent, 8));
 }
 
 /* A money event's statement item, against rm_entries and kept for Redis. */
@@ -109,8 +109,8 @@ static void expect_entry(struct verify *v, struct folded *f, struct cursor *ent,
 
 	snprintf(entity, sizeof(entity), "entry:%s/%d", f->id, version);
 	extra_entries(v, ent, f->id, version);
-	row = head(ent);
-	if (row && strcmp(row, f->id) == 0 && atoll(col(ent, 1)) == version) {
+	row = cursor_head(ent);
+	if (row && strcmp(row, f->id) == 0 && atoll(cursor_col(ent, 1)) == version) {
 		compare_entry(v, ent, entity, &e);
 		cursor_next(ent);
 	} else {
@@ -129,30 +129,30 @@ static void broken_event(struct verify *v, struct folded *f, int32_t version, co
 	char entity[128];
 
 	snprintf(entity, sizeof(entity), "event:%s/%d", f->id, version);
-	diff(v, "log", entity, why, "an event that folds", found);
+	verify_diff(v, "log", entity, why, "an event that folds", found);
 	f->broken = true;
 }
 
 /* Events cursor columns: stream, version, type, data, at. */
 static void fold_event(struct verify *v, struct folded *f, struct cursor *ev, struct cursor *ent)
 {
-	int32_t version = atoi(col(ev, 1));
-	enum ledger_event_type type = ledger_event_type_from_name(col(ev, 2));
-	json_t *data = json_loads(col(ev, 3), 0, NULL);
-	const char *at = col(ev, 4);
+	int32_t version = atoi(cursor_col(ev, 1));
+	enum ledger_event_type type = ledger_event_type_from_name(cursor_col(ev, 2));
+	json_t *data = json_loads(cursor_col(ev, 3), 0, NULL);
+	const char *at = cursor_col(ev, 4);
 	struct ledger_event e;
 
 	v->events++;
 	if (f->broken)
 		goto done;
 	if (!type || !data || !ledger_event_from_json(type, data, &e)) {
-		broken_event(v, f, version, "data", col(ev, 3));
+		broken_event(v, f, version, "data", cursor_col(ev, 3));
 		goto done;
 	}
 	if (type == LEDGER_ACCOUNT_OPENED)
 		e.account_id = f->id; /* the stream names the account */
 	if (version != f->acc.version + 1 || !ledger_evolve(&f->acc, &e)) {
-		broken_event(v, f, version, "apply", col(ev, 2));
+		broken_event(v, f, version, "apply", cursor_col(ev, 2));
 		goto done;
 	}
 	if (type == LEDGER_ACCOUNT_OPENED) {
@@ -171,20 +171,20 @@ done:
 static void compare_account(struct verify *v, const struct folded *f, const struct cursor *acc,
 			    const char *entity)
 {
-	field(v, "sql", entity, "name", f->name, col(acc, 1));
-	field(v, "sql", entity, "currency", f->acc.currency, col(acc, 2));
-	field_int(v, "sql", entity, "balance", f->acc.balance, col(acc, 3));
-	field_int(v, "sql", entity, "overdraft_limit", f->acc.overdraft_limit, col(acc, 4));
-	field(v, "sql", entity, "status", f->acc.closed ? "closed" : "open", col(acc, 5));
-	field_int(v, "sql", entity, "version", f->acc.version, col(acc, 6));
-	field_int(v, "sql", entity, "entries", f->entries, col(acc, 7));
-	field(v, "sql", entity, "opened_at", f->opened_at, col(acc, 8));
-	field(v, "sql", entity, "updated_at", f->updated_at, col(acc, 9));
+	verify_field(v, "sql", entity, "name", f->name, cursor_col(acc, 1));
+	verify_field(v, "sql", entity, "currency", f->acc.currency, cursor_col(acc, 2));
+	verify_field_int(v, "sql", entity, "balance", f->acc.balance, cursor_col(acc, 3));
+	verify_field_int(v, "sql", entity, "overdraft_limit", f->acc.overdraft_limit, cursor_col(acc, 4));
+	verify_field(v, "sql", entity, "status", f->acc.closed ? "closed" : "open", cursor_col(acc, 5));
+	verify_field_int(v, "sql", entity, "version", f->acc.version, cursor_col(acc, 6));
+	verify_field_int(v, "sql", entity, "entries", f->entries, cursor_col(acc, 7));
+	verify_field(v, "sql", entity, "opened_at", f->opened_at, cursor_col(acc, 8));
+	verify_field(v, "sql", entity, "updated_at", f->updated_at, cursor_col(acc, 9));
 }
 
 static void check_account_row(struct verify *v, const struct folded *f, struct cursor *acc)
 {
-	const char *row = head(acc);
+	const char *row = cursor_head(acc);
 	bool have = row && strcmp(row, f->id) == 0, want = ledger_account_exists(&f->acc);
 	char entity[128];
 
@@ -208,7 +208,7 @@ static void add_total(struct verify *v, const struct folded *f)
 			size_t cap = v->tcap ? 2 * v->tcap : 16;
 			struct total *grown = realloc(v->totals, cap * sizeof(*grown));
 			if (!grown) {
-				fail(v, "out of memory\n");
+				verify_fail(v, "out of memory\n");
 				return;
 			}
 			v->totals = grown;
@@ -246,7 +246,7 @@ static void queue_account_check(struct verify *v, struct folded *f)
 	}
 	p->nitems = n;
 	if (!p->json)
-		fail(v, "out of memory\n");
+		verify_fail(v, "out of memory\n");
 }
 
 /* The account id of the current event; events of other streams are reported. */
@@ -255,9 +255,9 @@ static const char *event_account(struct verify *v, struct cursor *ev)
 	const char *stream;
 	char entity[128];
 
-	while ((stream = head(ev)) && strncmp(stream, "account-", 8) != 0) {
-		snprintf(entity, sizeof(entity), "event:%s/%s", stream, col(ev, 1));
-		diff(v, "log", entity, "stream", "account-<id>", stream);
+	while ((stream = cursor_head(ev)) && strncmp(stream, "account-", 8) != 0) {
+		snprintf(entity, sizeof(entity), "event:%s/%s", stream, cursor_col(ev, 1));
+		verify_diff(v, "log", entity, "stream", "account-<id>", stream);
 		v->events++;
 		cursor_next(ev);
 	}
@@ -294,7 +294,7 @@ static const char *min_key(const char *a, const char *b)
 }
 
 /* Pass 1: the log by stream, merged with rm_accounts and rm_entries by account. */
-void pass_accounts(struct verify *v)
+void verify_pass_accounts(struct verify *v)
 {
 	struct cursor ev, acc, ent;
 
@@ -314,12 +314,12 @@ void pass_accounts(struct verify *v)
 			 false))
 		return;
 	while (!v->failed) {
-		const char *next = min_key(min_key(event_account(v, &ev), head(&acc)), head(&ent));
+		const char *next = min_key(min_key(event_account(v, &ev), cursor_head(&acc)), cursor_head(&ent));
 		char *id;
 		if (!next)
 			break;
 		if (!(id = strdup(next))) {
-			fail(v, "out of memory\n");
+			verify_fail(v, "out of memory\n");
 			break;
 		}
 		verify_account(v, &ev, &acc, &ent, id);
@@ -328,7 +328,7 @@ void pass_accounts(struct verify *v)
 	cursor_close(&ev);
 	cursor_close(&acc);
 	cursor_close(&ent);
-	redis_flush(v);
+	verify_redis_flush(v);
 }
 
 /* rm_transfers columns: transfer_id, from_account, to_account, amount, currency,
@@ -336,12 +336,12 @@ void pass_accounts(struct verify *v)
 static void compare_transfer(struct verify *v, const struct cursor *rt, const char *entity,
 			     const struct readmodel_transfer *t)
 {
-	field(v, "sql", entity, "from_account", t->from, col(rt, 1));
-	field(v, "sql", entity, "to_account", t->to, col(rt, 2));
-	field_int(v, "sql", entity, "amount", t->amount, col(rt, 3));
-	field(v, "sql", entity, "currency", t->currency, col(rt, 4));
-	field(v, "sql", entity, "reference", t->reference, col(rt, 5));
-	field(v, "sql", entity, "at", t->at, col(rt, 6));
+	verify_field(v, "sql", entity, "from_account", t->from, cursor_col(rt, 1));
+	verify_field(v, "sql", entity, "to_account", t->to, cursor_col(rt, 2));
+	verify_field_int(v, "sql", entity, "amount", t->amount, cursor_col(rt, 3));
+	verify_field(v, "sql", entity, "currency", t->currency, cursor_col(rt, 4));
+	verify_field(v, "sql", entity, "reference", t->reference, cursor_col(rt, 5));
+	verify_field(v, "sql", entity, "at", t->at, cursor_col(rt, 6));
 }
 
 static void queue_transfer_check(struct verify *v, const struct readmodel_transfer *t)
@@ -351,15 +351,15 @@ static void queue_transfer_check(struct verify *v, const struct readmodel_transf
 	p->transfer = true;
 	snprintf(p->id, sizeof(p->id), "%s", t->transfer_id);
 	if (!(p->json = readmodel_transfer_json(t)))
-		fail(v, "out of memory\n");
+		verify_fail(v, "out of memory\n");
 }
 
 /* TransferSent cursor columns: transfer_id, data, from account, at, the from account's
  * AccountOpened data (for the currency). rt is NULL when rm_transfers lacks the row. */
 static void expect_transfer(struct verify *v, const struct cursor *xf, const struct cursor *rt)
 {
-	json_t *data = json_loads(col(xf, 1), 0, NULL);
-	json_t *opened = col(xf, 4) ? json_loads(col(xf, 4), 0, NULL) : NULL;
+	json_t *data = json_loads(cursor_col(xf, 1), 0, NULL);
+	json_t *opened = cursor_col(xf, 4) ? json_loads(cursor_col(xf, 4), 0, NULL) : NULL;
 	struct ledger_event sent, open;
 	struct readmodel_transfer t;
 	char entity[128];
@@ -367,12 +367,12 @@ static void expect_transfer(struct verify *v, const struct cursor *xf, const str
 	snprintf(entity, sizeof(entity), "transfer:%s", PQgetvalue(xf->res, xf->row, 0));
 	if (!data || !opened || !ledger_event_from_json(LEDGER_TRANSFER_SENT, data, &sent) ||
 	    !ledger_event_from_json(LEDGER_ACCOUNT_OPENED, opened, &open)) {
-		diff(v, "log", entity, "data", "a TransferSent of an opened account", col(xf, 1));
+		verify_diff(v, "log", entity, "data", "a TransferSent of an opened account", cursor_col(xf, 1));
 		goto done;
 	}
 	t = (struct readmodel_transfer){
-		.transfer_id = sent.transfer_id, .from = col(xf, 2), .to = sent.counterparty,
-		.currency = open.currency, .reference = sent.reference, .at = col(xf, 3),
+		.transfer_id = sent.transfer_id, .from = cursor_col(xf, 2), .to = sent.counterparty,
+		.currency = open.currency, .reference = sent.reference, .at = cursor_col(xf, 3),
 		.amount = sent.amount,
 	};
 	presence(v, "sql", entity, true, rt != NULL);
@@ -387,7 +387,7 @@ done:
 }
 
 /* Pass 2: TransferSent events by transfer id, merged with rm_transfers. */
-void pass_transfers(struct verify *v)
+void verify_pass_transfers(struct verify *v)
 {
 	struct cursor xf, rt;
 
@@ -404,7 +404,7 @@ void pass_transfers(struct verify *v)
 			 false))
 		return;
 	while (!v->failed) {
-		const char *a = head(&xf), *b = head(&rt);
+		const char *a = cursor_head(&xf), *b = cursor_head(&rt);
 		int c = !a ? 1 : !b ? -1 : strcmp(a, b);
 		char entity[128];
 		if (!a && !b)
@@ -421,7 +421,7 @@ void pass_transfers(struct verify *v)
 	}
 	cursor_close(&xf);
 	cursor_close(&rt);
-	redis_flush(v);
+	verify_redis_flush(v);
 }
 
 static int by_currency(const void *a, const void *b)
@@ -434,10 +434,10 @@ static void compare_total(struct verify *v, const struct total *t, PGresult *r, 
 	char entity[32], sum[48];
 
 	snprintf(entity, sizeof(entity), "totals:%s", t->currency);
-	field_int(v, "sql", entity, "accounts", t->accounts, PQgetvalue(r, row, 1));
-	field_int(v, "sql", entity, "open_accounts", t->open, PQgetvalue(r, row, 2));
+	verify_field_int(v, "sql", entity, "accounts", t->accounts, PQgetvalue(r, row, 1));
+	verify_field_int(v, "sql", entity, "open_accounts", t->open, PQgetvalue(r, row, 2));
 	readmodel_int128_text(t->sum, sum);
-	field(v, "sql", entity, "balance_sum", sum, PQgetvalue(r, row, 3));
+	verify_field(v, "sql", entity, "balance_sum", sum, PQgetvalue(r, row, 3));
 }
 
 /* rm_totals is one row per currency: small enough to read at once. */
@@ -450,7 +450,7 @@ static void check_sql_totals(struct verify *v)
 	char entity[96];
 
 	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-		fail(v, "reading rm_totals: %s", PQresultErrorMessage(r));
+		verify_fail(v, "reading rm_totals: %s", PQresultErrorMessage(r));
 		PQclear(r);
 		return;
 	}
@@ -498,19 +498,19 @@ static void check_redis_totals(struct verify *v, const char *token, const char *
 	char *want = totals_json(v);
 
 	if (!want) {
-		fail(v, "out of memory\n");
+		verify_fail(v, "out of memory\n");
 	} else if (!token || !found) {
 		if (v->ntotals)
-			diff(v, "redis", "totals", "key", "present", "absent");
+			verify_diff(v, "redis", "totals", "key", "present", "absent");
 	} else if (readmodel_position_parse(token, &p) && readmodel_position_cmp(&p, &v->cp) > 0) {
 		v->newer++;
 	} else {
-		field(v, "redis", "totals", "body", want, found);
+		verify_field(v, "redis", "totals", "body", want, found);
 	}
 	free(want);
 }
 
-void check_totals(struct verify *v)
+void verify_check_totals(struct verify *v)
 {
 	redisReply *r;
 
@@ -521,11 +521,11 @@ void check_totals(struct verify *v)
 		return;
 	r = redisCommand(v->redis, "HMGET dbk:g:%s:totals p j", v->gen);
 	if (!r)
-		redis_lost(v);
+		verify_redis_lost(v);
 	else if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
-		diff(v, "redis", "totals", "key", "a hash", r->type == REDIS_REPLY_ERROR ? r->str : "?");
+		verify_diff(v, "redis", "totals", "key", "a hash", r->type == REDIS_REPLY_ERROR ? r->str : "?");
 	else
-		check_redis_totals(v, reply_str(r->element[0]), reply_str(r->element[1]));
+		check_redis_totals(v, verify_reply_str(r->element[0]), verify_reply_str(r->element[1]));
 	if (r)
 		freeReplyObject(r);
 }

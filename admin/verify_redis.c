@@ -20,14 +20,14 @@
 #include "readmodel.h"
 #include "verify.h"
 
-const char *reply_str(const redisReply *r)
+const char *verify_reply_str(const redisReply *r)
 {
 	return r && r->type == REDIS_REPLY_STRING ? r->str : NULL;
 }
 
-void redis_lost(struct verify *v)
+void verify_redis_lost(struct verify *v)
 {
-	fail(v, "redis: %s\n", v->redis->errstr[0] ? v->redis->errstr : "unexpected reply");
+	verify_fail(v, "redis: %s\n", v->redis->errstr[0] ? v->redis->errstr : "unexpected reply");
 	redisFree(v->redis);
 	v->redis = NULL;
 }
@@ -49,12 +49,12 @@ static void check_redis_items(struct verify *v, const struct pending *p, const r
 
 	if (nl == 0 && p->nitems > 0) { /* the whole key is gone: one difference */
 		snprintf(entity, sizeof(entity), "stmt:%s", p->id);
-		diff(v, "redis", entity, "key", "present", "absent");
+		verify_diff(v, "redis", entity, "key", "present", "absent");
 		return;
 	}
 	while (i < p->nitems || j < nl) { /* both oldest first */
 		long long want = i < p->nitems ? p->item_versions[i] : LLONG_MAX;
-		const char *member = j < nl ? reply_str(l->element[nl - 1 - j]) : NULL;
+		const char *member = j < nl ? verify_reply_str(l->element[nl - 1 - j]) : NULL;
 		long long got = j < nl ? readmodel_item_version(member) : LLONG_MAX;
 		const char *want_text, *got_text;
 
@@ -62,7 +62,7 @@ static void check_redis_items(struct verify *v, const struct pending *p, const r
 		want_text = want <= got ? p->items[i] : NULL;
 		got_text = got <= want ? (member ? member : "") : NULL;
 		if (!want_text || !got_text || strcmp(want_text, got_text) != 0)
-			diff(v, "redis", entity, "item", want_text ? want_text : "absent",
+			verify_diff(v, "redis", entity, "item", want_text ? want_text : "absent",
 			     got_text ? got_text : "absent");
 		i += want <= got;
 		j += got <= want;
@@ -78,24 +78,24 @@ static void check_redis_account(struct verify *v, const struct pending *p, const
 
 	snprintf(entity, sizeof(entity), "account:%s", p->id);
 	if (!h || h->type != REDIS_REPLY_ARRAY || h->elements != 3) {
-		diff(v, "redis", entity, "key", "a hash",
+		verify_diff(v, "redis", entity, "key", "a hash",
 		     h && h->type == REDIS_REPLY_ERROR ? h->str : "another reply");
 		return;
 	}
-	version = reply_str(h->element[0]);
+	version = verify_reply_str(h->element[0]);
 	if (!version) {
-		diff(v, "redis", entity, "key", "present", "absent");
+		verify_diff(v, "redis", entity, "key", "present", "absent");
 		return;
 	}
 	if (atoll(version) > p->version) {
 		v->newer++; /* the projector moved on since the snapshot */
 		return;
 	}
-	field_int(v, "redis", entity, "version", p->version, version);
+	verify_field_int(v, "redis", entity, "version", p->version, version);
 	if (atoll(version) < p->version)
 		return; /* stale: one difference says it */
-	field_int(v, "redis", entity, "entries", p->entries, reply_str(h->element[1]));
-	field(v, "redis", entity, "body", p->json, reply_str(h->element[2]));
+	verify_field_int(v, "redis", entity, "entries", p->entries, verify_reply_str(h->element[1]));
+	verify_field(v, "redis", entity, "body", p->json, verify_reply_str(h->element[2]));
 	check_redis_items(v, p, z);
 }
 
@@ -104,10 +104,10 @@ static void check_redis_transfer(struct verify *v, const struct pending *p, cons
 	char entity[96];
 
 	snprintf(entity, sizeof(entity), "transfer:%s", p->id);
-	if (!reply_str(r))
-		diff(v, "redis", entity, "key", "present", "absent");
+	if (!verify_reply_str(r))
+		verify_diff(v, "redis", entity, "key", "present", "absent");
 	else
-		field(v, "redis", entity, "body", p->json, r->str);
+		verify_field(v, "redis", entity, "body", p->json, r->str);
 }
 
 static bool append_checks(struct verify *v)
@@ -126,7 +126,7 @@ static bool append_checks(struct verify *v)
 }
 
 /* Send the pending checks in one pipeline, then compare their replies. */
-void redis_flush(struct verify *v)
+void verify_redis_flush(struct verify *v)
 {
 	bool ok = v->redis && append_checks(v);
 
@@ -145,7 +145,7 @@ void redis_flush(struct verify *v)
 			freeReplyObject(b);
 	}
 	if (v->redis && !ok)
-		redis_lost(v);
+		verify_redis_lost(v);
 	for (size_t i = 0; i < v->npending; i++)
 		pending_free(&v->pending[i]);
 	v->npending = 0;
@@ -154,7 +154,7 @@ void redis_flush(struct verify *v)
 struct pending *pending_add(struct verify *v)
 {
 	if (v->npending == REDIS_CHUNK)
-		redis_flush(v);
+		verify_redis_flush(v);
 	return &v->pending[v->npending++];
 }
 
@@ -167,7 +167,7 @@ static int redis_checkpoint_cmp(struct verify *v)
 
 	if (!r)
 		return 0; /* the connection failed: the checks will say so */
-	if (!reply_str(r) || !readmodel_position_parse(r->str, &p))
+	if (!verify_reply_str(r) || !readmodel_position_parse(r->str, &p))
 		p = (struct readmodel_position){ 0, 0 };
 	c = readmodel_position_cmp(&p, &v->cp);
 	freeReplyObject(r);
@@ -193,7 +193,7 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 			const char *k = r->element[1]->element[i]->str;
 			long long gen = atoll(k + strlen("dbk:g:"));
 			redisReply *id = redisCommand(v->redis, "GET %s", k);
-			if (id && reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
+			if (id && verify_reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
 				fprintf(stderr, "daybook-admin verify: note: redis generation %lld was "
 						"built from another event store (identity %s): unused here, "
 						"and left in place\n", gen, id->str);
@@ -214,7 +214,7 @@ static bool redis_identity_ours(struct verify *v)
 		  !PQgetisnull(q, 0, 0);
 
 	if (!ok) {
-		fail(v, "reading the event store's identity (is the database migrated?): %s",
+		verify_fail(v, "reading the event store's identity (is the database migrated?): %s",
 		     PQresultErrorMessage(q));
 		PQclear(q);
 		return false;
@@ -223,13 +223,13 @@ static bool redis_identity_ours(struct verify *v)
 	r = redisCommand(v->redis, "GET dbk:g:%s:identity", v->gen);
 	if (!r) {
 		PQclear(q);
-		redis_lost(v);
+		verify_redis_lost(v);
 		return false;
 	}
-	ok = reply_str(r) && strcmp(r->str, PQgetvalue(q, 0, 0)) == 0;
+	ok = verify_reply_str(r) && strcmp(r->str, PQgetvalue(q, 0, 0)) == 0;
 	if (!ok) {
-		diff(v, "redis", "live", "identity", PQgetvalue(q, 0, 0),
-		     reply_str(r) ? r->str : "absent");
+		verify_diff(v, "redis", "live", "identity", PQgetvalue(q, 0, 0),
+		     verify_reply_str(r) ? r->str : "absent");
 		fprintf(stderr, "daybook-admin verify: note: redis generation %s was not built from "
 				"this event store: it is not served, and its content is not checked\n",
 			v->gen);
@@ -245,17 +245,17 @@ static bool redis_identity_ours(struct verify *v)
 
 /* Find the live generation; give the projector a moment to bring Redis up to the
  * snapshot, since it writes Redis just after committing SQL. */
-void redis_prepare(struct verify *v)
+void verify_redis_prepare(struct verify *v)
 {
 	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 	struct timespec pause = { 0, 50 * 1000 * 1000 };
 
 	if (!r) {
-		redis_lost(v);
+		verify_redis_lost(v);
 		return;
 	}
-	if (!reply_str(r)) {
-		diff(v, "redis", "live", "generation", "present", "absent");
+	if (!verify_reply_str(r)) {
+		verify_diff(v, "redis", "live", "generation", "present", "absent");
 		freeReplyObject(r);
 		redisFree(v->redis);
 		v->redis = NULL;
@@ -266,9 +266,9 @@ void redis_prepare(struct verify *v)
 	if (!redis_identity_ours(v))
 		return;
 	r = redisCommand(v->redis, "GET dbk:g:%s:layout", v->gen);
-	if (r && !(reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
-		diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
-		     reply_str(r) ? r->str : "absent");
+	if (r && !(verify_reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
+		verify_diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
+		     verify_reply_str(r) ? r->str : "absent");
 	freeReplyObject(r);
 	for (int i = 0; i < (int)(REDIS_WAIT_SECONDS * 20) && redis_checkpoint_cmp(v) < 0; i++)
 		nanosleep(&pause, NULL);
@@ -279,14 +279,14 @@ void redis_prepare(struct verify *v)
 
 /* A switch of generation during the run (a rebuild or a resync) explains Redis
  * differences that a second run would not find. */
-void redis_recheck_live(struct verify *v)
+void verify_redis_recheck_live(struct verify *v)
 {
 	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 
-	if (r && !(reply_str(r) && strcmp(r->str, v->gen) == 0))
+	if (r && !(verify_reply_str(r) && strcmp(r->str, v->gen) == 0))
 		fprintf(stderr, "daybook-admin verify: note: the live generation changed from %s to %s "
 				"during the run: Redis differences may come from the switch; run verify "
-				"again\n", v->gen, reply_str(r) ? r->str : "(none)");
+				"again\n", v->gen, verify_reply_str(r) ? r->str : "(none)");
 	if (r)
 		freeReplyObject(r);
 }
@@ -303,8 +303,8 @@ static void orphan_diff(struct verify *v, const char *entity)
 		return;
 	if (v->orphans && strmap_count(v->orphans) < ORPHANS_REMEMBERED &&
 	    !strmap_put(v->orphans, entity, v->orphans))
-		fail(v, "out of memory\n");
-	diff(v, "redis", entity, "key", "absent", "present");
+		verify_fail(v, "out of memory\n");
+	verify_diff(v, "redis", entity, "key", "absent", "present");
 }
 
 /* Keys of the live generation to look up: each key's kind and id. */
@@ -335,7 +335,7 @@ static void orphans_of(struct verify *v, const struct orphan_page *page, const c
 	params[0] = (const char *)evbuffer_pullup(ids, -1);
 	r = n ? PQexecParams(v->pg, query, 1, NULL, params, NULL, NULL, 0) : NULL;
 	if (r && PQresultStatus(r) != PGRES_TUPLES_OK)
-		fail(v, "looking up redis keys: %s", PQresultErrorMessage(r));
+		verify_fail(v, "looking up redis keys: %s", PQresultErrorMessage(r));
 	for (int row = 0; r && PQresultStatus(r) == PGRES_TUPLES_OK && row < PQntuples(r); row++) {
 		for (size_t i = 0; i < page->n; i++) {
 			char entity[LEDGER_ID_MAX + 32];
@@ -381,7 +381,7 @@ static void classify(struct verify *v, struct orphan_page *page, char *key, size
 	"(SELECT 1 FROM events WHERE stream = 'account-' || id)"
 
 /* Every key of the live generation, a SCAN page at a time (memory stays bounded). */
-void pass_redis_orphans(struct verify *v)
+void verify_pass_redis_orphans(struct verify *v)
 {
 	char cursor[32] = "0", match[48];
 	size_t prefix;
@@ -389,7 +389,7 @@ void pass_redis_orphans(struct verify *v)
 	snprintf(match, sizeof(match), "dbk:g:%s:*", v->gen);
 	prefix = strlen(match) - 1;
 	if (strmap_open(&v->orphans, NULL) != 0) {
-		fail(v, "out of memory\n");
+		verify_fail(v, "out of memory\n");
 		return;
 	}
 	do {
@@ -399,7 +399,7 @@ void pass_redis_orphans(struct verify *v)
 
 		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
 			freeReplyObject(r);
-			redis_lost(v);
+			verify_redis_lost(v);
 			break;
 		}
 		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);

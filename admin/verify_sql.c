@@ -26,7 +26,7 @@ bool verify_exec(struct verify *v, const char *sql)
 	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
 
 	if (!ok)
-		fail(v, "%s: %s", sql, PQresultErrorMessage(r));
+		verify_fail(v, "%s: %s", sql, PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
@@ -41,14 +41,14 @@ bool cursor_open(struct cursor *c, struct verify *v, const char *name, const cha
 
 	*c = (struct cursor){ .v = v, .name = name };
 	if (!sql) {
-		fail(v, "out of memory\n");
+		verify_fail(v, "out of memory\n");
 		return false;
 	}
 	sprintf(sql, "DECLARE %s NO SCROLL CURSOR FOR %s", name, query);
 	r = PQexecParams(v->pg, sql, snapshot ? 2 : 0, NULL, snapshot ? params : NULL, NULL, NULL, 0);
 	free(sql);
 	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-		fail(v, "opening cursor %s: %s", name, PQresultErrorMessage(r));
+		verify_fail(v, "opening cursor %s: %s", name, PQresultErrorMessage(r));
 		c->end = true;
 	}
 	PQclear(r);
@@ -67,7 +67,7 @@ static bool cursor_fetch(struct cursor *c)
 	snprintf(q, sizeof(q), "FETCH FORWARD %d FROM %s", FETCH_ROWS, c->name);
 	c->res = PQexec(c->v->pg, q);
 	if (PQresultStatus(c->res) != PGRES_TUPLES_OK) {
-		fail(c->v, "reading cursor %s: %s", c->name, PQresultErrorMessage(c->res));
+		verify_fail(c->v, "reading cursor %s: %s", c->name, PQresultErrorMessage(c->res));
 		PQclear(c->res);
 		c->res = NULL;
 		c->end = true;
@@ -91,13 +91,13 @@ void cursor_next(struct cursor *c)
 }
 
 /* A column of the current row; NULL for SQL NULL. */
-const char *col(const struct cursor *c, int column)
+const char *cursor_col(const struct cursor *c, int column)
 {
 	return PQgetisnull(c->res, c->row, column) ? NULL : PQgetvalue(c->res, c->row, column);
 }
 
 /* The key column of the current row, or NULL at the end. */
-const char *head(struct cursor *c)
+const char *cursor_head(struct cursor *c)
 {
 	return cursor_has(c) ? PQgetvalue(c->res, c->row, 0) : NULL;
 }
