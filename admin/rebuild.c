@@ -151,7 +151,6 @@ static void finish(struct rebuild *rb)
 	free(rb->copier.transfers.p);
 	ledger_event_buf_free(&rb->data);
 	free(rb->xfer_ids.p);
-	free(rb->resp.p);
 	free(rb->holders);
 	strmap_close(&rb->accounts);
 	strmap_close(&rb->totals);

@@ -108,7 +108,7 @@ struct rebuild {
 	long long held, held_max; /* statement items held for Redis, all accounts */
 	struct acct **holders;    /* accounts that have held items since the last send_held */
 	size_t nholders, holders_cap;
-	struct copy_buf resp; /* commands not written to Redis yet, in RESP */
+	size_t redis_unwritten; /* about the bytes of commands hiredis has not written yet */
 	size_t redis_queued; /* commands sent whose replies are not read yet */
 	size_t redis_prev;   /* of those, the ones sent before the current chunk */
 	long long done, total;

@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -51,74 +50,36 @@ bool rb_redis_drain(struct rebuild *rb)
 }
 
 /* Write the buffered commands out without waiting for their replies: Redis works on
- * them while the next chunk is read from PostgreSQL. */
+ * them while the next chunk is read from PostgreSQL. A failed write leaves hiredis's
+ * context in error (part of a command may have gone), so nothing else is sent on it. */
 bool rb_redis_write_out(struct rebuild *rb)
 {
-	struct copy_buf *b = &rb->resp;
+	int done = 0;
 
-	if (rb->redis->err)
+	if (rb->redis->err) /* said when it happened */
 		return false;
-	for (size_t at = 0; at < b->len;) {
-		ssize_t n = send(rb->redis->fd, b->p + at, b->len - at, MSG_NOSIGNAL);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) { /* EAGAIN: the command timeout passed */
-			/* Part of a command may have gone: the connection is unusable, and
-			 * hiredis is told so, so that nothing else is sent on it. */
-			rb->redis->err = REDIS_ERR_IO;
-			snprintf(rb->redis->errstr, sizeof(rb->redis->errstr), "writing: %s",
-				 n < 0 ? strerror(errno) : "nothing written");
-			rb_error(rb, "redis: %s\n", rb->redis->errstr);
-			b->len = 0;
-			return false;
-		}
-		at += (size_t)n;
-	}
-	b->len = 0;
+	while (!done)
+		if (redisBufferWrite(rb->redis, &done) != REDIS_OK)
+			goto fail;
+	rb->redis_unwritten = 0;
 	return true;
+fail:
+	rb_error(rb, "redis: %s\n", rb->redis->errstr);
+	return false;
 }
 
-static char *put_len(char *p, char kind, size_t n)
-{
-	char digits[24];
-	int d = 0;
-
-	*p++ = kind;
-	do
-		digits[d++] = (char)('0' + n % 10);
-	while ((n /= 10) > 0);
-	while (d > 0)
-		*p++ = digits[--d];
-	*p++ = '\r';
-	*p++ = '\n';
-	return p;
-}
-
-/* Commands are put in RESP into one buffer that is kept and reused, and written out
- * once it holds RESP_WRITE bytes; hiredis's own output buffer would be freed each
- * time it empties and grown again, page by fresh page. Replies are read by hiredis. */
+/* Commands go into hiredis's output buffer and are written out once it holds
+ * RESP_WRITE bytes; replies are read every 4 * REDIS_FLUSH commands at the latest. */
 bool rb_redis_send(struct rebuild *rb, int argc, const char **argv)
 {
-	struct copy_buf *b = &rb->resp;
-	size_t need = 24;
-	char *p;
-
 	for (int i = 0; i < argc; i++)
-		need += strlen(argv[i]) + 24;
-	if (!copy_reserve(b, need))
+		rb->redis_unwritten += strlen(argv[i]) + 16;
+	if (redisAppendCommandArgv(rb->redis, argc, argv, NULL) != REDIS_OK) {
+		rb_error(rb, "redis: %s\n", rb->redis->errstr);
 		return false;
-	p = put_len(b->p + b->len, '*', (size_t)argc);
-	for (int i = 0; i < argc; i++) {
-		size_t n = strlen(argv[i]);
-		p = put_len(p, '$', n);
-		memcpy(p, argv[i], n);
-		p += n;
-		*p++ = '\r';
-		*p++ = '\n';
 	}
-	b->len = (size_t)(p - b->p);
 	rb->redis_queued++;
-	if (b->len >= RESP_WRITE && !rb_redis_write_out(rb))
+	if (rb->redis_unwritten >= RESP_WRITE && !rb_redis_write_out(rb))
 		return false;
 	return rb->redis_queued < 4 * REDIS_FLUSH || rb_redis_drain(rb);
 }
@@ -168,7 +129,7 @@ bool rb_redis_usable(struct rebuild *rb)
 	if (!rb->redis->err)
 		return true;
 	redisFree(rb->redis);
-	rb->resp.len = 0;
+	rb->redis_unwritten = 0;
 	rb->redis_queued = rb->redis_prev = 0;
 	rb->redis = admin_redis_connect(&rb->ctx->cfg.redis, err, sizeof(err));
 	if (!rb->redis) {
