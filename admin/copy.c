@@ -84,18 +84,27 @@ bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
 	r = PQexec(pg, sql);
 	ok = PQresultStatus(r) == PGRES_COPY_IN;
 	PQclear(r);
+	if (!ok)
+		goto done;
 	/* In pieces: a buffer can outgrow PQputCopyData's int. */
-	for (size_t at = 0; ok && at < b->len; at += COPY_PIECE)
-		ok = PQputCopyData(pg, b->p + at, (int)(b->len - at < COPY_PIECE ? b->len - at : COPY_PIECE)) == 1;
+	for (size_t at = 0; at < b->len; at += COPY_PIECE) {
+		size_t n = b->len - at < COPY_PIECE ? b->len - at : COPY_PIECE;
+		if (PQputCopyData(pg, b->p + at, (int)n) != 1) {
+			ok = false;
+			break;
+		}
+	}
 	if (PQputCopyEnd(pg, ok ? NULL : "the rebuild could not send its rows") != 1)
 		ok = false;
 	while ((r = PQgetResult(pg))) {
 		ExecStatusType st = PQresultStatus(r);
-		ok = ok && st == PGRES_COMMAND_OK;
+		if (st != PGRES_COMMAND_OK)
+			ok = false;
 		PQclear(r);
 		if (st == PGRES_COPY_IN) /* the end could not be sent: the connection is lost */
 			break;
 	}
+done:
 	if (!ok) {
 		char pqline[1024];
 		fprintf(stderr, "daybook-admin: COPY %s: %s\n", table,
@@ -116,10 +125,11 @@ static void *copier_main(void *arg)
 		if (!c->busy)
 			break;
 		pthread_mutex_unlock(&c->mu);
-		bool ok = copy_in(c->pg, "rm_entries_shadow", &c->entries) &&
-			  copy_in(c->pg, "rm_transfers_shadow", &c->transfers);
+		bool failed = !copy_in(c->pg, "rm_entries_shadow", &c->entries) ||
+			      !copy_in(c->pg, "rm_transfers_shadow", &c->transfers);
 		pthread_mutex_lock(&c->mu);
-		c->failed = c->failed || !ok;
+		if (failed)
+			c->failed = true;
 		c->busy = false;
 		pthread_cond_broadcast(&c->cv);
 	}

@@ -80,7 +80,8 @@ bool rb_sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort)
 			      PQresultStatus(r) != PGRES_COMMAND_OK;
 		if (failed && !abort) /* when aborting, the failure that led here is said */
 			rb_error(rb, "%s: %s", what, PQresultErrorMessage(r));
-		ok = ok && !failed;
+		if (failed)
+			ok = false;
 		PQclear(r);
 	}
 	return ok && !abort;
@@ -202,7 +203,7 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	struct sigaction sa = { .sa_handler = on_signal };
 	char checkpoint[64];
 	const char *what;
-	bool ok, done = false;
+	bool done = false;
 	double secs;
 	int rc = parse_target(argc, argv, &rb, &done);
 
@@ -212,18 +213,16 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	rb.tty = isatty(STDERR_FILENO);
 	rb.started = rb_now();
-	ok = prepare(&rb) && rb_load(&rb);
+	if (!prepare(&rb) || !rb_load(&rb))
+		goto fail;
 	rb.loaded = rb_now();
-	ok = ok && rb_index_and_send(&rb);
+	if (!rb_index_and_send(&rb))
+		goto fail;
 	rb.indexed = rb_now();
-	ok = ok && !rb_interrupted && rb_switch_over(&rb);
+	if (rb_interrupted || !rb_switch_over(&rb))
+		goto fail;
 	rb.switched = rb_now();
 	rb_report(&rb, true);
-	if (!ok) {
-		abandon(&rb);
-		finish(&rb);
-		return rb_interrupted ? 130 : rb.failure;
-	}
 	if (rb.redis)
 		rb_cleanup_after_switch(&rb);
 	secs = rb_now() - rb.started;
@@ -246,4 +245,9 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 				    rb_now() - rb.switched, "checkpoint", checkpoint));
 	finish(&rb);
 	return CLI_EXIT_OK;
+fail:
+	rb_report(&rb, true);
+	abandon(&rb);
+	finish(&rb);
+	return rb_interrupted ? 130 : rb.failure;
 }

@@ -56,7 +56,7 @@ bool rb_send_items(struct rebuild *rb, struct acct *a)
 {
 	char k[LEDGER_ID_MAX + 48];
 	const char *argv[2 + READMODEL_ITEMS_KEPT];
-	bool ok;
+	bool sent;
 
 	if (a->npending == 0)
 		return true;
@@ -72,13 +72,13 @@ bool rb_send_items(struct rebuild *rb, struct acct *a)
 	argv[1] = k;
 	for (int32_t i = 0; i < a->npending; i++)
 		argv[2 + i] = a->pending[i];
-	ok = rb_redis_send(rb, 2 + a->npending, argv);
+	sent = rb_redis_send(rb, 2 + a->npending, argv);
 	for (int32_t i = 0; i < a->npending; i++)
 		free(a->pending[i]);
 	a->sent += a->npending;
 	rb->held -= a->npending;
 	a->npending = 0;
-	return ok;
+	return sent;
 }
 
 /* Hold a statement item (json is taken over) until the account has a full LPUSH; at
@@ -133,31 +133,35 @@ void rb_acct_free(void *value)
 	free(a);
 }
 
+/* An rm_entries_shadow row, in its column order; false when out of memory. */
+static bool entry_row(struct copy_buf *b, const struct acct *a, const struct ledger_event *ev,
+		      int32_t version, int64_t at)
+{
+	return copy_row(b, 9) && copy_text(b, a->acc.id) && copy_int(b, version, 4) &&
+	       copy_text(b, readmodel_entry_type(ev->type)) && copy_int(b, ev->amount, 8) &&
+	       copy_int(b, a->acc.balance, 8) && copy_text(b, ev->transfer_id) &&
+	       copy_text(b, ev->counterparty) && copy_text(b, ev->reference) && copy_int(b, at, 8);
+}
+
 /* The statement item: a COPY row for SQL, held for one LPUSH per account for Redis. */
 static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
 		       int32_t version, int64_t at)
 {
-	struct copy_buf *b = &rb->entries;
-	bool ok = true;
+	char at_text[READMODEL_TIME_LEN];
+	struct readmodel_entry e = {
+		.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
+		.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
+		.counterparty = ev->counterparty, .reference = ev->reference, .at = at_text,
+	};
 
-	if (rb->sql)
-		ok = copy_row(b, 9) && copy_text(b, a->acc.id) && copy_int(b, version, 4) &&
-		     copy_text(b, readmodel_entry_type(ev->type)) && copy_int(b, ev->amount, 8) &&
-		     copy_int(b, a->acc.balance, 8) && copy_text(b, ev->transfer_id) &&
-		     copy_text(b, ev->counterparty) && copy_text(b, ev->reference) && copy_int(b, at, 8);
+	if (rb->sql && !entry_row(&rb->entries, a, ev, version, at))
+		return false;
 	/* Redis keeps the newest items only: skip those certain to be trimmed, and send
 	 * the rest as one LPUSH per account rather than a command per item. */
-	if (ok && rb->redis && a->entries > a->expected - READMODEL_ITEMS_KEPT) {
-		char at_text[READMODEL_TIME_LEN];
-		struct readmodel_entry e = {
-			.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
-			.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
-			.counterparty = ev->counterparty, .reference = ev->reference, .at = at_text,
-		};
-		readmodel_time_text(at, at_text);
-		ok = rb_hold_item(rb, a, readmodel_entry_json(&e));
-	}
-	return ok;
+	if (!rb->redis || a->entries <= a->expected - READMODEL_ITEMS_KEPT)
+		return true;
+	readmodel_time_text(at, at_text);
+	return rb_hold_item(rb, a, readmodel_entry_json(&e));
 }
 
 /* Transfer ids, so that the old generation's transfer keys can be deleted by name
@@ -186,32 +190,43 @@ static void keep_xfer_id(struct rebuild *rb, const char *id)
 	b->len += n;
 }
 
+/* An rm_transfers_shadow row, in its column order; false when out of memory. */
+static bool transfer_row(struct copy_buf *b, const struct acct *from,
+			 const struct ledger_event *ev, int64_t at)
+{
+	return copy_row(b, 7) && copy_text(b, ev->transfer_id) && copy_text(b, from->acc.id) &&
+	       copy_text(b, ev->counterparty) && copy_int(b, ev->amount, 8) &&
+	       copy_text(b, from->acc.currency) && copy_text(b, ev->reference) && copy_int(b, at, 8);
+}
+
 static bool emit_transfer(struct rebuild *rb, const struct acct *from, const struct ledger_event *ev,
 			  int64_t at)
 {
-	struct copy_buf *b = &rb->transfers;
-	bool ok = true;
+	char at_text[READMODEL_TIME_LEN], k[LEDGER_ID_MAX + 48], *json = NULL;
+	struct readmodel_transfer t = {
+		.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
+		.currency = from->acc.currency, .reference = ev->reference, .at = at_text,
+		.amount = ev->amount,
+	};
+	const char *argv[3] = { "SET", k, NULL };
 
-	if (rb->sql)
-		ok = copy_row(b, 7) && copy_text(b, ev->transfer_id) && copy_text(b, from->acc.id) &&
-		     copy_text(b, ev->counterparty) && copy_int(b, ev->amount, 8) &&
-		     copy_text(b, from->acc.currency) && copy_text(b, ev->reference) && copy_int(b, at, 8);
-	if (ok && rb->redis) {
-		char at_text[READMODEL_TIME_LEN], k[LEDGER_ID_MAX + 48], *json;
-		struct readmodel_transfer t = {
-			.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
-			.currency = from->acc.currency, .reference = ev->reference, .at = at_text,
-			.amount = ev->amount,
-		};
-		readmodel_time_text(at, at_text);
-		json = readmodel_transfer_json(&t);
-		const char *argv[3] = { "SET", k, json };
-		rb_key(rb, k, sizeof(k), "xfer", ev->transfer_id);
-		ok = json && rb_redis_send(rb, 3, argv);
-		free(json);
-		keep_xfer_id(rb, ev->transfer_id);
-	}
-	return ok;
+	if (rb->sql && !transfer_row(&rb->transfers, from, ev, at))
+		goto fail;
+	if (!rb->redis)
+		return true;
+	readmodel_time_text(at, at_text);
+	if (!(json = readmodel_transfer_json(&t)))
+		goto fail;
+	argv[2] = json;
+	rb_key(rb, k, sizeof(k), "xfer", ev->transfer_id);
+	if (!rb_redis_send(rb, 3, argv))
+		goto fail;
+	free(json);
+	keep_xfer_id(rb, ev->transfer_id);
+	return true;
+fail:
+	free(json);
+	return false;
 }
 
 /* Big-endian integers of the read query's binary results. */
@@ -229,39 +244,41 @@ static bool apply(struct rebuild *rb, const char *id, struct acct *a, const stru
 {
 	struct ledger_event ev;
 	struct total *t;
-	bool ok = e->type && e->version == a->acc.version + 1 &&
-		  ledger_event_from_text(e->type, e->data, e->len, &rb->data, &ev);
 
-	if (ok && e->type == LEDGER_ACCOUNT_OPENED)
+	if (!e->type || e->version != a->acc.version + 1 ||
+	    !ledger_event_from_text(e->type, e->data, e->len, &rb->data, &ev))
+		goto fail;
+	if (e->type == LEDGER_ACCOUNT_OPENED)
 		ev.account_id = id;
-	ok = ok && ledger_evolve(&a->acc, &ev);
-	if (ok && e->type == LEDGER_ACCOUNT_OPENED) {
+	if (!ledger_evolve(&a->acc, &ev))
+		goto fail;
+	if (e->type == LEDGER_ACCOUNT_OPENED) {
 		snprintf(a->name, sizeof(a->name), "%s", ev.name);
 		a->opened_at = e->at;
 	}
-	if (ok) {
-		a->updated_at = e->at;
-		ok = (t = total_of(rb, a->acc.currency)) != NULL;
-		if (ok)
-			count_total(t, &ev);
-	}
-	if (ok && readmodel_entry_type(e->type)) {
+	a->updated_at = e->at;
+	if (!(t = total_of(rb, a->acc.currency)))
+		goto fail;
+	count_total(t, &ev);
+	if (readmodel_entry_type(e->type)) {
 		a->entries++;
 		if (rb->hinted && (e->txid < rb->hint_txid ||
 				   (e->txid == rb->hint_txid && e->position <= rb->hint_pos)))
 			a->at_cp++;
-		ok = emit_entry(rb, a, &ev, a->acc.version, e->at);
+		if (!emit_entry(rb, a, &ev, a->acc.version, e->at))
+			goto fail;
 	}
-	if (ok && e->type == LEDGER_TRANSFER_SENT)
-		ok = emit_transfer(rb, a, &ev, e->at);
-	if (ok && (e->txid > rb->cp_txid || (e->txid == rb->cp_txid && e->position > rb->position))) {
+	if (e->type == LEDGER_TRANSFER_SENT && !emit_transfer(rb, a, &ev, e->at))
+		goto fail;
+	if (e->txid > rb->cp_txid || (e->txid == rb->cp_txid && e->position > rb->position)) {
 		rb->cp_txid = e->txid;
 		rb->position = e->position;
 	}
-	if (!ok)
-		rb_error(rb, "cannot fold event %lld (account-%s v%d)\n",
-			(long long)e->position, id, e->version);
-	return ok;
+	return true;
+fail:
+	rb_error(rb, "cannot fold event %lld (account-%s v%d)\n", (long long)e->position, id,
+		 e->version);
+	return false;
 }
 
 /* Keep an event that came before its predecessor, in version order. */
@@ -303,7 +320,6 @@ bool rb_fold_row(struct rebuild *rb, PGresult *r, int i)
 		.len = len > 0 ? (size_t)len - 1 : 0,
 	};
 	struct acct *a = strmap_get(rb->accounts, id);
-	bool ok;
 
 	if (len < 1 || data[0] != 1) {
 		rb_error(rb, "event %lld: unexpected jsonb format\n",
@@ -316,15 +332,19 @@ bool rb_fold_row(struct rebuild *rb, PGresult *r, int i)
 	}
 	if (e.version > a->acc.version + 1)
 		return stash(rb, id, a, &e);
-	ok = apply(rb, id, a, &e);
-	while (ok && a->stash && a->stash->ev.version == a->acc.version + 1) {
+	if (!apply(rb, id, a, &e))
+		return false;
+	while (a->stash && a->stash->ev.version == a->acc.version + 1) {
 		struct stashed *s = a->stash;
+		bool applied;
 		a->stash = s->next;
 		rb->stashed--;
-		ok = apply(rb, id, a, &s->ev);
+		applied = apply(rb, id, a, &s->ev);
 		free(s);
+		if (!applied)
+			return false;
 	}
-	return ok;
+	return true;
 }
 
 /* At the end: send what the account still holds, and trim its statement if it got
@@ -345,12 +365,19 @@ bool rb_finish_items(struct rebuild *rb, struct acct *a)
 
 bool rb_send_held(struct rebuild *rb)
 {
-	bool ok = true;
+	size_t i;
 
-	for (size_t i = 0; i < rb->nholders; i++) {
-		ok = ok && rb_send_items(rb, rb->holders[i]);
+	for (i = 0; i < rb->nholders; i++) {
 		rb->holders[i]->listed = false;
+		if (!rb_send_items(rb, rb->holders[i]))
+			goto fail;
 	}
 	rb->nholders = 0;
-	return ok;
+	return true;
+fail:
+	/* Those not sent keep their items (freed with the account); none is listed. */
+	for (; i < rb->nholders; i++)
+		rb->holders[i]->listed = false;
+	rb->nholders = 0;
+	return false;
 }

@@ -105,8 +105,8 @@ void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 			    sweep_key(rb, &verdicts, k))
 				argv[argc++] = k;
 		}
-		if (argc > 1)
-			(void)!(rb_redis_send(rb, argc, argv) && rb_redis_drain(rb));
+		if (argc > 1 && rb_redis_send(rb, argc, argv))
+			(void)!rb_redis_drain(rb);
 		free(argv);
 		freeReplyObject(r);
 	} while (strcmp(cursor, "0") != 0);

@@ -28,7 +28,7 @@
  * and let Redis work on its commands while the next chunk is read. */
 static bool flush_chunk(struct rebuild *rb)
 {
-	bool ok;
+	size_t due = rb->redis_prev;
 
 	if (rb->sql && rb->copier.running &&
 	    !copier_submit(&rb->copier, &rb->entries, &rb->transfers))
@@ -40,9 +40,11 @@ static bool flush_chunk(struct rebuild *rb)
 	if (!rb->redis)
 		return true;
 	/* The previous chunk's replies are due; this chunk's go out unanswered. */
-	ok = rb_redis_drain_n(rb, rb->redis_prev) && rb_redis_write_out(rb);
+	rb->redis_prev = 0;
+	if (!rb_redis_drain_n(rb, due) || !rb_redis_write_out(rb))
+		return false;
 	rb->redis_prev = rb->redis_queued;
-	return ok;
+	return true;
 }
 
 #define READ_COLUMNS "SELECT position, txid, substr(stream, 9), version, type, data, recorded_at "
@@ -106,44 +108,54 @@ static PGresult *take_read(struct rebuild *rb)
  * here, is known before folding). */
 bool rb_fold_chunk(struct rebuild *rb, int *n)
 {
-	PGresult *r;
-	bool ok = true, bulk;
+	PGresult *r = NULL;
+	bool bulk;
 
 	if (!rb->read_pending && !send_read(rb))
-		return false;
+		goto fail;
 	bulk = rb->bulk_read;
 	if (!(r = take_read(rb)))
-		return false;
+		goto fail;
 	*n = PQntuples(r);
 	rb->done += *n;
 	if (!bulk && *n > 0) {
 		rb->cp_txid = rb_be(PQgetvalue(r, *n - 1, 1), 8);
 		rb->position = (long long)rb_be(PQgetvalue(r, *n - 1, 0), 8);
 	}
-	if (bulk ? rb->bulk_next < rb->bulk_blocks : *n == CHUNK)
-		ok = send_read(rb);
-	for (int row = 0; ok && row < *n; row++)
-		ok = rb_fold_row(rb, r, row);
+	if ((bulk ? rb->bulk_next < rb->bulk_blocks : *n == CHUNK) && !send_read(rb))
+		goto fail;
+	for (int row = 0; row < *n; row++)
+		if (!rb_fold_row(rb, r, row))
+			goto fail;
 	PQclear(r);
-	return ok && flush_chunk(rb);
+	return flush_chunk(rb);
+fail:
+	PQclear(r);
+	return false;
 }
 
 /* Fold until the log is (nearly) exhausted; false on error or interruption. */
 bool rb_load(struct rebuild *rb)
 {
 	int n = CHUNK;
-	bool ok = !rb->sql || copier_start(&rb->copier, rb->wr);
 
-	while (ok && rb->bulk_next < rb->bulk_blocks && !rb_interrupted) {
-		ok = rb_fold_chunk(rb, &n);
+	if (rb->sql && !copier_start(&rb->copier, rb->wr))
+		goto fail;
+	while (rb->bulk_next < rb->bulk_blocks && !rb_interrupted) {
+		if (!rb_fold_chunk(rb, &n))
+			goto fail;
 		rb_report(rb, false);
 	}
 	n = CHUNK; /* then what was appended meanwhile, in reader order */
-	while (ok && n == CHUNK && !rb_interrupted) {
-		ok = rb_fold_chunk(rb, &n);
+	while (n == CHUNK && !rb_interrupted) {
+		if (!rb_fold_chunk(rb, &n))
+			goto fail;
 		rb_report(rb, false);
 	}
-	return copier_stop(&rb->copier) && ok && !rb_interrupted;
+	return copier_stop(&rb->copier) && !rb_interrupted;
+fail:
+	(void)copier_stop(&rb->copier);
+	return false;
 }
 
 #define COUNT_FROM_LOG                                                                  \
@@ -187,48 +199,51 @@ void rb_choose_count(struct rebuild *rb)
 
 bool rb_send_count(struct rebuild *rb)
 {
-	bool ok = PQsendQuery(rb->pg, rb->hinted ? COUNT_FROM_LIVE : rb->want_redis ? COUNT_FROM_LOG :
-				      "SELECT NULL, 0, greatest(reltuples, 0)::bigint FROM pg_class "
-				      "WHERE oid = 'events'::regclass");
+	const char *sql = rb->hinted	   ? COUNT_FROM_LIVE
+			  : rb->want_redis ? COUNT_FROM_LOG
+					   : "SELECT NULL, 0, greatest(reltuples, 0)::bigint "
+					     "FROM pg_class WHERE oid = 'events'::regclass";
 
-	if (!ok)
-		rb_error(rb, "counting the log: %s", PQerrorMessage(rb->pg));
-	return ok;
+	if (PQsendQuery(rb->pg, sql))
+		return true;
+	rb_error(rb, "counting the log: %s", PQerrorMessage(rb->pg));
+	return false;
 }
 
 /* Its answer; for Redis, the accounts are created here, unopened. */
 bool rb_take_count(struct rebuild *rb)
 {
 	PGresult *r, *extra;
+	struct acct *a = NULL;
 
 	rb_await_answer(rb, rb->pg, false);
 	r = PQgetResult(rb->pg);
-	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK;
-
 	while ((extra = PQgetResult(rb->pg)))
 		PQclear(extra);
-	if (ok && rb->hinted) { /* a row per live account, each with the checkpoint */
+	if (PQresultStatus(r) != PGRES_TUPLES_OK)
+		goto fail;
+	if (rb->hinted) { /* a row per live account, each with the checkpoint */
 		rb->hint_txid = PQntuples(r) ? strtoull(PQgetvalue(r, 0, 3), NULL, 10) : 0;
 		rb->hint_pos = PQntuples(r) ? atoll(PQgetvalue(r, 0, 4)) : 0;
 		rb->total = PQntuples(r) ? atoll(PQgetvalue(r, 0, 2)) : 0;
 	}
-	for (int row = 0; ok && row < PQntuples(r); row++) {
+	for (int row = 0; row < PQntuples(r); row++) {
 		if (!rb->hinted)
 			rb->total += atoll(PQgetvalue(r, row, 2));
 		if (!rb->want_redis)
 			continue;
-		struct acct *a = calloc(1, sizeof(*a));
-		ok = a && strmap_put(rb->accounts, PQgetvalue(r, row, 0), a);
-		if (!ok) {
-			free(a);
-			break;
-		}
+		if (!(a = calloc(1, sizeof(*a))) || !strmap_put(rb->accounts, PQgetvalue(r, row, 0), a))
+			goto fail;
 		a->expected = atoi(PQgetvalue(r, row, 1));
+		a = NULL;
 	}
-	if (!ok)
-		rb_error(rb, "counting the log: %s", PQresultErrorMessage(r));
 	PQclear(r);
-	return ok;
+	return true;
+fail:
+	free(a);
+	rb_error(rb, "counting the log: %s", PQresultErrorMessage(r));
+	PQclear(r);
+	return false;
 }
 
 /* The bulk: every event of a transaction older than the snapshot xmin now, all
@@ -237,14 +252,14 @@ bool rb_bulk_bounds(struct rebuild *rb)
 {
 	PGresult *r = PQexec(rb->wr, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, "
 				     "pg_relation_size('events') / current_setting('block_size')::bigint");
-	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
 
-	if (ok) {
-		snprintf(rb->bulk_xmin, sizeof(rb->bulk_xmin), "%s", PQgetvalue(r, 0, 0));
-		rb->bulk_blocks = atoll(PQgetvalue(r, 0, 1));
-	} else {
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
 		rb_error(rb, "sizing the log: %s", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
 	}
+	snprintf(rb->bulk_xmin, sizeof(rb->bulk_xmin), "%s", PQgetvalue(r, 0, 0));
+	rb->bulk_blocks = atoll(PQgetvalue(r, 0, 1));
 	PQclear(r);
-	return ok;
+	return true;
 }

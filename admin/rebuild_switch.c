@@ -38,6 +38,21 @@ static bool try_lock(struct rebuild *rb, const char *sql, bool *busy)
 	return ok;
 }
 
+/* One attempt: BEGIN and take the locks, each waiting SWITCH_LOCK_WAIT at most. */
+static bool lock_once(struct rebuild *rb, bool *busy)
+{
+	if (!rb_exec(rb, rb->wr, "BEGIN") ||
+	    !rb_exec(rb, rb->wr, "SET LOCAL synchronous_commit = on") ||
+	    !rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'"))
+		return false;
+	if (!try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", busy))
+		return false;
+	if (rb->sql && !try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
+				     "rm_totals IN ACCESS EXCLUSIVE MODE", busy))
+		return false;
+	return rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = 0");
+}
+
 /* Begin the switch transaction holding the switch lock and, for SQL, the live tables
  * (the swap drops them). A reader of those tables, a long `verify` say, holds the
  * swap up: waiting in the lock queue would hold up every reader after it, so each
@@ -46,14 +61,7 @@ static bool lock_for_switch(struct rebuild *rb)
 {
 	while (!rb_interrupted) {
 		bool busy = false;
-		bool ok = rb_exec(rb, rb->wr, "BEGIN") &&
-			  rb_exec(rb, rb->wr, "SET LOCAL synchronous_commit = on") &&
-			  rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'") &&
-			  try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", &busy) &&
-			  (!rb->sql || try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
-						    "rm_totals IN ACCESS EXCLUSIVE MODE", &busy)) &&
-			  rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = 0");
-		if (ok)
+		if (lock_once(rb, &busy))
 			return true;
 		rb_exec(rb, rb->wr, "ROLLBACK");
 		if (!busy)
@@ -127,16 +135,58 @@ static bool sql_generation(struct rebuild *rb, long long *gen)
 	return ok;
 }
 
+/* The tables swapped in SQL, with the checkpoint the fold reached. */
+static bool swap_tables(struct rebuild *rb)
+{
+	char txid[24], pos[24];
+	const char *params[2] = { txid, pos };
+	PGresult *r;
+
+	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)rb->cp_txid);
+	snprintf(pos, sizeof(pos), "%lld", rb->position);
+	r = PQexecParams(rb->wr, "SELECT rm_shadow_swap($1::xid8, $2::bigint)", 2, NULL, params,
+			 NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		rb_error(rb, "swapping the tables: %s", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	PQclear(r);
+	return true;
+}
+
+/* Our generation made live in Redis (the live pointer as found kept in old), and
+ * announced. */
+static bool switch_redis(struct rebuild *rb, struct live_before *old, const char *token)
+{
+	char k[64], lk[64], ik[64], msg[96], gen[24];
+	const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
+	const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
+	const char *identity[3] = { "SET", ik, rb->identity };
+	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
+
+	rb_key(rb, k, sizeof(k), "checkpoint", NULL);
+	rb_key(rb, lk, sizeof(lk), "layout", NULL);
+	rb_key(rb, ik, sizeof(ik), "identity", NULL);
+	snprintf(gen, sizeof(gen), "%lld", rb->gen);
+	snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
+	if (!rb_redis_drain(rb) || !get_live(rb, old))
+		return false;
+	/* The identity again: Redis may have lost what was written at the start. */
+	if (!rb_redis_send(rb, 3, identity) || !rb_redis_send(rb, 3, layout) ||
+	    !rb_redis_send(rb, 3, cp) || !rb_redis_send(rb, 3, live) || !rb_redis_send(rb, 3, pub))
+		return false;
+	return rb_redis_drain(rb);
+}
+
 /* Under the switch lock no projector commits: fold the rest, write the end state and
  * swap, all in one transaction. */
 bool rb_switch_over(struct rebuild *rb)
 {
-	char token[48], gen[24];
-	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
+	char token[48];
 	struct live_before *old = &rb->live_before;
 	long long sql_gen = 0;
 	int n = 1;
-	bool ok = true;
 
 	if (!lock_for_switch(rb))
 		return false;
@@ -145,51 +195,27 @@ bool rb_switch_over(struct rebuild *rb)
 		return false;
 	}
 	rb->phase = "switch";
-	while (ok && n > 0)
-		ok = rb_fold_chunk(rb, &n);
-	if (ok && rb->stashed) {
+	while (n > 0)
+		if (!rb_fold_chunk(rb, &n))
+			goto fail;
+	if (rb->stashed) {
 		rb_error(rb, "%lld events wait for earlier versions that the log "
 				"does not have\n", rb->stashed);
-		ok = false;
+		goto fail;
 	}
 	snprintf(token, sizeof(token), "%llu.%lld", (unsigned long long)rb->cp_txid, rb->position);
-	ok = ok && rb_write_end_state(rb, token);
-	if (ok && rb->sql) {
-		char txid[24], pos[24];
-		const char *params[2] = { txid, pos };
-		snprintf(txid, sizeof(txid), "%llu", (unsigned long long)rb->cp_txid);
-		snprintf(pos, sizeof(pos), "%lld", rb->position);
-		PGresult *r = PQexecParams(rb->wr, "SELECT rm_shadow_swap($1::xid8, $2::bigint)", 2,
-					   NULL, params, NULL, NULL, 0);
-		ok = PQresultStatus(r) == PGRES_TUPLES_OK;
-		if (!ok)
-			rb_error(rb, "swapping the tables: %s", PQresultErrorMessage(r));
-		PQclear(r);
-	}
-	if (ok && rb->redis) {
-		char k[64], lk[64], msg[96];
-		const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
-		char ik[64];
-		const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
-		const char *identity[3] = { "SET", ik, rb->identity };
-		rb_key(rb, k, sizeof(k), "checkpoint", NULL);
-		rb_key(rb, lk, sizeof(lk), "layout", NULL);
-		rb_key(rb, ik, sizeof(ik), "identity", NULL);
-		snprintf(gen, sizeof(gen), "%lld", rb->gen);
-		snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
-		/* The identity again: Redis may have lost what was written at the start. */
-		ok = rb_redis_drain(rb) && get_live(rb, old) && rb_redis_send(rb, 3, identity) &&
-		     rb_redis_send(rb, 3, layout) &&
-		     rb_redis_send(rb, 3, cp) &&
-		     rb_redis_send(rb, 3, live) && rb_redis_send(rb, 3, pub) && rb_redis_drain(rb);
-	}
-	if (!ok) {
-		put_back_live(rb, old);
-		rb_exec(rb, rb->wr, "ROLLBACK");
-		return false;
-	}
+	if (!rb_write_end_state(rb, token))
+		goto fail;
+	if (rb->sql && !swap_tables(rb))
+		goto fail;
+	if (rb->redis && !switch_redis(rb, old, token))
+		goto fail;
 	if (rb_exec(rb, rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
 		return true;
 	put_back_live(rb, old);
+	return false;
+fail:
+	put_back_live(rb, old);
+	rb_exec(rb, rb->wr, "ROLLBACK");
 	return false;
 }

@@ -110,16 +110,21 @@ static bool read_projections(struct status *s)
 	PGresult *r = query(s, "SELECT projection, txid::text || '.' || position "
 			       "FROM projection_checkpoints ORDER BY projection <> 'sql', projection",
 			    0, NULL);
-	bool ok = r != NULL;
 
-	for (int i = 0; ok && i < PQntuples(r) && s->nrows < ROWS_MAX; i++) {
+	if (!r)
+		return false;
+	for (int i = 0; i < PQntuples(r) && s->nrows < ROWS_MAX; i++) {
 		struct row *row = &s->rows[s->nrows++];
 		snprintf(row->name, sizeof(row->name), "%s", PQgetvalue(r, i, 0));
 		snprintf(row->token, sizeof(row->token), "%s", PQgetvalue(r, i, 1));
-		ok = read_lag(s, row);
+		if (!read_lag(s, row))
+			goto fail;
 	}
 	PQclear(r);
-	return ok;
+	return true;
+fail:
+	PQclear(r);
+	return false;
 }
 
 /* Was generation gen built from this event store (its identity)? True when that
@@ -272,15 +277,20 @@ static void print_table(const struct status *s)
 static bool read_all(struct admin_ctx *ctx, struct status *s)
 {
 	PGresult *r = PQexec(s->pg, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
-	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+	bool ok = false;
 
-	PQclear(r);
-	ok = ok && read_head(s) && read_projections(s);
-	if (ok && s->redis_configured) {
+	if (PQresultStatus(r) != PGRES_COMMAND_OK)
+		goto done;
+	if (!read_head(s) || !read_projections(s))
+		goto done;
+	if (s->redis_configured) {
 		read_redis(ctx, s);
-		if (!s->redis_error[0] && s->redis_live)
-			ok = read_lag(s, &s->redis);
+		if (!s->redis_error[0] && s->redis_live && !read_lag(s, &s->redis))
+			goto done;
 	}
+	ok = true;
+done:
+	PQclear(r);
 	PQclear(PQexec(s->pg, "COMMIT"));
 	return ok;
 }

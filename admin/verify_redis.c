@@ -128,24 +128,30 @@ static bool append_checks(struct verify *v)
 /* Send the pending checks in one pipeline, then compare their replies. */
 void verify_redis_flush(struct verify *v)
 {
-	bool ok = v->redis && append_checks(v);
-
-	for (size_t i = 0; ok && i < v->npending; i++) {
+	if (!v->redis)
+		goto done;
+	if (!append_checks(v))
+		goto fail;
+	for (size_t i = 0; i < v->npending; i++) {
 		struct pending *p = &v->pending[i];
 		void *a = NULL, *b = NULL;
-		ok = redisGetReply(v->redis, &a) == REDIS_OK &&
-		     (p->transfer || redisGetReply(v->redis, &b) == REDIS_OK);
-		if (ok && p->transfer)
+		bool read = redisGetReply(v->redis, &a) == REDIS_OK &&
+			    (p->transfer || redisGetReply(v->redis, &b) == REDIS_OK);
+		if (read && p->transfer)
 			check_redis_transfer(v, p, a);
-		else if (ok)
+		else if (read)
 			check_redis_account(v, p, a, b);
 		if (a)
 			freeReplyObject(a);
 		if (b)
 			freeReplyObject(b);
+		if (!read)
+			goto fail;
 	}
-	if (v->redis && !ok)
-		verify_redis_lost(v);
+	goto done;
+fail:
+	verify_redis_lost(v);
+done:
 	for (size_t i = 0; i < v->npending; i++)
 		pending_free(&v->pending[i]);
 	v->npending = 0;
