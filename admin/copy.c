@@ -69,7 +69,7 @@ bool copy_int(struct copy_buf *b, int64_t v, int bytes)
 	return true;
 }
 
-bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
+bool copy_in(PGconn *pg, const char *table, struct copy_buf *b, const struct log *log)
 {
 	char sql[128];
 	PGresult *r;
@@ -107,7 +107,7 @@ bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
 done:
 	if (!ok) {
 		char pqline[1024];
-		fprintf(stderr, "daybook-admin: COPY %s: %s\n", table,
+		log_error(log, "COPY %s: %s", table,
 			log_oneline(PQerrorMessage(pg), pqline, sizeof(pqline)));
 	}
 	b->len = 0;
@@ -125,8 +125,8 @@ static void *copier_main(void *arg)
 		if (!c->busy)
 			break;
 		pthread_mutex_unlock(&c->mu);
-		bool failed = !copy_in(c->pg, "rm_entries_shadow", &c->entries) ||
-			      !copy_in(c->pg, "rm_transfers_shadow", &c->transfers);
+		bool failed = !copy_in(c->pg, "rm_entries_shadow", &c->entries, c->log) ||
+			      !copy_in(c->pg, "rm_transfers_shadow", &c->transfers, c->log);
 		pthread_mutex_lock(&c->mu);
 		if (failed)
 			c->failed = true;
@@ -151,7 +151,7 @@ bool copier_start(struct copier *c, PGconn *pg)
 	err = pthread_create(&c->thread, NULL, copier_main, c);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (err) {
-		fprintf(stderr, "daybook-admin: cannot start the COPY thread: %s\n", strerror(err));
+		log_error(c->log, "cannot start the COPY thread: %s", strerror(err));
 		return false;
 	}
 	c->running = true;

@@ -97,7 +97,7 @@ static bool prepare(struct rebuild *rb)
 			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
-	if (!admin_event_store_usable(rb->pg, "rebuild")) {
+	if (!admin_event_store_usable(rb->pg, &rb->ctx->log)) {
 		rb->failure = EVENTSTORE_EXIT_UNUSABLE;
 		return false;
 	}
@@ -132,7 +132,7 @@ static void abandon(struct rebuild *rb)
 	if (rb->redis && rb->gen && rb_redis_usable(rb))
 		rb_redis_cleanup(rb, 0, rb->gen);
 	if (rb->tty) {
-		fprintf(stderr, "daybook-admin: rebuild %s; the live read models are untouched\n",
+		log_error(&rb->ctx->log, "%s; the live read models are untouched",
 			rb_interrupted ? "interrupted" : "failed");
 		return;
 	}
@@ -190,8 +190,8 @@ static int parse_target(int argc, char **argv, struct rebuild *rb, bool *done)
 	char *end = NULL;
 	rb->held_max = held && *held ? strtoll(held, &end, 10) : HELD_MAX;
 	if ((end && *end) || rb->held_max < 1 || rb->held_max > 100000000) {
-		fprintf(stderr, "daybook-admin rebuild: DAYBOOK_REBUILD_HELD_MAX must be a number "
-				"from 1 to 100000000\n");
+		log_error(&rb->ctx->log, "DAYBOOK_REBUILD_HELD_MAX must be a number from 1 to "
+					 "100000000");
 		return CLI_EXIT_USAGE;
 	}
 	return 0;

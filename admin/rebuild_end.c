@@ -87,7 +87,7 @@ static bool account_out(struct account_walk *w, const char *id, struct acct *a)
 		return false;
 	/* The first pass COPYs as it goes; the switch's rewrite deletes the old rows first. */
 	if (w->rb->sql && !w->ids && b->len > ACCOUNT_ROWS_MAX &&
-	    !copy_in(w->pg, "rm_accounts_shadow", b))
+	    !copy_in(w->pg, "rm_accounts_shadow", b, &w->rb->ctx->log))
 		return false;
 	return !w->rb->redis || account_hash(w->rb, id, a);
 }
@@ -208,7 +208,7 @@ static bool write_accounts(struct rebuild *rb, PGconn *pg, bool rewrite)
 		goto done;
 	if (w.ids && w.n > 0 && !delete_accounts(rb, pg, w.ids))
 		goto done;
-	if (rb->sql && !copy_in(pg, "rm_accounts_shadow", &rows))
+	if (rb->sql && !copy_in(pg, "rm_accounts_shadow", &rows, &rb->ctx->log))
 		goto done;
 	ok = true;
 done:

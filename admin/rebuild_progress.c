@@ -49,7 +49,7 @@ static void rb_say(struct rebuild *rb, bool error, const char *fmt, va_list ap)
 	if (error && !rb->error[0])
 		snprintf(rb->error, sizeof(rb->error), "%s", line);
 	if (rb->tty)
-		fprintf(stderr, "daybook-admin rebuild: %s\n", line);
+		log_msg(&rb->ctx->log, error ? LOG_ERROR : LOG_WARN, NULL, "%s", line);
 	else
 		rb_json_line(json_pack("{s:s, s:o}", "phase", kind, kind, log_text(line)));
 }

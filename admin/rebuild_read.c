@@ -34,8 +34,8 @@ static bool flush_chunk(struct rebuild *rb)
 	    !copier_submit(&rb->copier, &rb->entries, &rb->transfers))
 		return false;
 	if (rb->sql && !rb->copier.running &&
-	    (!copy_in(rb->wr, "rm_entries_shadow", &rb->entries) ||
-	     !copy_in(rb->wr, "rm_transfers_shadow", &rb->transfers)))
+	    (!copy_in(rb->wr, "rm_entries_shadow", &rb->entries, &rb->ctx->log) ||
+	     !copy_in(rb->wr, "rm_transfers_shadow", &rb->transfers, &rb->ctx->log)))
 		return false;
 	if (!rb->redis)
 		return true;
@@ -139,6 +139,7 @@ bool rb_load(struct rebuild *rb)
 {
 	int n = CHUNK;
 
+	rb->copier.log = &rb->ctx->log;
 	if (rb->sql && !copier_start(&rb->copier, rb->wr))
 		goto fail;
 	while (rb->bulk_next < rb->bulk_blocks && !rb_interrupted) {

@@ -23,7 +23,7 @@
 #include "readmodel.h"
 #include "verify.h"
 
-/* One line on stderr (libpq's multi-line errors folded); the verification has no
+/* One line in the log (libpq's multi-line errors folded); the verification has no
  * verdict. */
 __attribute__((format(printf, 2, 3))) void verify_fail(struct verify *v, const char *fmt, ...)
 {
@@ -33,7 +33,7 @@ __attribute__((format(printf, 2, 3))) void verify_fail(struct verify *v, const c
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	fprintf(stderr, "daybook-admin verify: %s\n", log_oneline(msg, line, sizeof(line)));
+	log_error(v->log, "%s", log_oneline(msg, line, sizeof(line)));
 	v->failed = true;
 }
 
@@ -118,12 +118,12 @@ static bool connect_all(struct admin_ctx *ctx, struct verify *v, bool use_redis)
 	v->pg = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(v->pg) != CONNECTION_OK) {
 		char line[1024];
-		fprintf(stderr, "daybook-admin verify: cannot connect to PostgreSQL: %s\n",
+		log_error(v->log, "cannot connect to PostgreSQL: %s",
 			log_oneline(PQerrorMessage(v->pg), line, sizeof(line)));
 		return false;
 	}
 	if (!use_redis) {
-		fprintf(stderr, "daybook-admin verify: note: %s: Redis is not checked\n",
+		log_warn(v->log, "%s: Redis is not checked",
 			ctx->cfg.redis_url ? "--no-redis" : "DAYBOOK_REDIS is not set");
 		return true;
 	}
@@ -131,7 +131,7 @@ static bool connect_all(struct admin_ctx *ctx, struct verify *v, bool use_redis)
 	if (!v->redis) {
 		char where[600];
 		config_redis_describe(&ctx->cfg.redis, where, sizeof(where));
-		fprintf(stderr, "daybook-admin verify: cannot connect to Redis at %s: %s\n", where,
+		log_error(v->log, "cannot connect to Redis at %s: %s", where,
 			err);
 	}
 	return v->redis != NULL;
@@ -170,12 +170,13 @@ int admin_verify(struct admin_ctx *ctx, int argc, char **argv)
 	use_redis = ctx->cfg.redis_url != NULL && !no_redis;
 	rc = CLI_EXIT_UNAVAILABLE;
 	if (!v) {
-		fprintf(stderr, "daybook-admin verify: out of memory\n");
+		log_error(&ctx->log, "out of memory");
 		goto done;
 	}
+	v->log = &ctx->log;
 	if (!connect_all(ctx, v, use_redis))
 		goto done;
-	if (!admin_event_store_usable(v->pg, "verify")) {
+	if (!admin_event_store_usable(v->pg, v->log)) {
 		rc = EVENTSTORE_EXIT_UNUSABLE;
 		goto done;
 	}

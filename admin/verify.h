@@ -39,6 +39,7 @@ struct pending {
 };
 
 struct verify {
+	const struct log *log; /* the command's (admin_ctx) */
 	PGconn *pg;
 	redisContext *redis; /* NULL: Redis is not checked (or no longer) */
 	char gen[32];        /* the live generation */

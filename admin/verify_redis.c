@@ -200,9 +200,9 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 			long long gen = atoll(k + strlen("dbk:g:"));
 			redisReply *id = redisCommand(v->redis, "GET %s", k);
 			if (id && verify_reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
-				fprintf(stderr, "daybook-admin verify: note: redis generation %lld was "
+				log_warn(v->log, "redis generation %lld was "
 						"built from another event store (identity %s): unused here, "
-						"and left in place\n", gen, id->str);
+						"and left in place", gen, id->str);
 			freeReplyObject(id);
 		}
 		freeReplyObject(r);
@@ -236,8 +236,8 @@ static bool redis_identity_ours(struct verify *v)
 	if (!ok) {
 		verify_diff(v, "redis", "live", "identity", PQgetvalue(q, 0, 0),
 		     verify_reply_str(r) ? r->str : "absent");
-		fprintf(stderr, "daybook-admin verify: note: redis generation %s was not built from "
-				"this event store: it is not served, and its content is not checked\n",
+		log_warn(v->log, "redis generation %s was not built from "
+				"this event store: it is not served, and its content is not checked",
 			v->gen);
 		snprintf(v->foreign, sizeof(v->foreign), "%s", v->gen);
 		v->gen[0] = '\0';
@@ -279,8 +279,8 @@ void verify_redis_prepare(struct verify *v)
 	for (int i = 0; i < (int)(REDIS_WAIT_SECONDS * 20) && redis_checkpoint_cmp(v) < 0; i++)
 		nanosleep(&pause, NULL);
 	if (redis_checkpoint_cmp(v) < 0)
-		fprintf(stderr, "daybook-admin verify: note: redis generation %s is behind the SQL "
-				"checkpoint %s\n", v->gen, v->cp_token);
+		log_warn(v->log, "redis generation %s is behind the SQL "
+				"checkpoint %s", v->gen, v->cp_token);
 }
 
 /* A switch of generation during the run (a rebuild or a resync) explains Redis
@@ -290,9 +290,9 @@ void verify_redis_recheck_live(struct verify *v)
 	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 
 	if (r && !(verify_reply_str(r) && strcmp(r->str, v->gen) == 0))
-		fprintf(stderr, "daybook-admin verify: note: the live generation changed from %s to %s "
+		log_warn(v->log, "the live generation changed from %s to %s "
 				"during the run: Redis differences may come from the switch; run verify "
-				"again\n", v->gen, verify_reply_str(r) ? r->str : "(none)");
+				"again", v->gen, verify_reply_str(r) ? r->str : "(none)");
 	if (r)
 		freeReplyObject(r);
 }
