@@ -46,26 +46,49 @@ bool copy_row(struct copy_buf *b, int n)
 	return true;
 }
 
+/* A field's 4-byte length (or -1 for NULL) and 4- or 8-byte integer, big-endian, at p:
+ * a few stores, as these run for every field of every row. */
+static char *put32(char *p, uint32_t v)
+{
+	v = __builtin_bswap32(v);
+	memcpy(p, &v, 4);
+	return p + 4;
+}
+
+static char *put64(char *p, uint64_t v)
+{
+	v = __builtin_bswap64(v);
+	memcpy(p, &v, 8);
+	return p + 8;
+}
+
 /* A text field; NULL is SQL NULL. */
 bool copy_text(struct copy_buf *b, const char *v)
 {
 	size_t n = v ? strlen(v) : 0;
+	char *p;
 
 	if (!copy_reserve(b, 4 + n))
 		return false;
-	put_be(b, v ? (uint64_t)n : 0xffffffffu, 4);
-	memcpy(b->p + b->len, v ? v : "", n);
-	b->len += n;
+	p = put32(b->p + b->len, v ? (uint32_t)n : 0xffffffffu);
+	memcpy(p, v ? v : "", n);
+	b->len += 4 + n;
 	return true;
 }
 
 /* An integer field of 4 or 8 bytes; timestamptz is an 8-byte integer too. */
 bool copy_int(struct copy_buf *b, int64_t v, int bytes)
 {
+	char *p;
+
 	if (!copy_reserve(b, 4 + (size_t)bytes))
 		return false;
-	put_be(b, (uint64_t)bytes, 4);
-	put_be(b, (uint64_t)v, bytes);
+	p = put32(b->p + b->len, (uint32_t)bytes);
+	if (bytes == 8)
+		put64(p, (uint64_t)v);
+	else
+		put32(p, (uint32_t)v);
+	b->len += 4 + (size_t)bytes;
 	return true;
 }
 

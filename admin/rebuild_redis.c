@@ -72,9 +72,16 @@ fail:
  * RESP_WRITE bytes; replies are read every 4 * REDIS_FLUSH commands at the latest. */
 bool rb_redis_send(struct rebuild *rb, int argc, const char **argv)
 {
-	for (int i = 0; i < argc; i++)
-		rb->redis_unwritten += strlen(argv[i]) + 16;
-	if (redisAppendCommandArgv(rb->redis, argc, argv, NULL) != REDIS_OK) {
+	size_t len[2 + READMODEL_ITEMS_KEPT]; /* the lengths of an LPUSH's and smaller */
+	bool fits = argc <= (int)(sizeof(len) / sizeof(len[0]));
+
+	for (int i = 0; i < argc; i++) {
+		size_t n = strlen(argv[i]);
+		if (fits)
+			len[i] = n;
+		rb->redis_unwritten += n + 16;
+	}
+	if (redisAppendCommandArgv(rb->redis, argc, argv, fits ? len : NULL) != REDIS_OK) {
 		rb_error(rb, "redis: %s\n", rb->redis->errstr);
 		return false;
 	}

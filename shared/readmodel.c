@@ -444,10 +444,14 @@ void readmodel_int128_text(__int128 v, char out[48])
 	size_t n = 0, i = 0;
 	unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
 
-	do {
+	/* 128-bit divisions are library calls: only the digits beyond 64 bits take them
+	 * (every amount and balance of an event fits in 64). */
+	while (u > UINT64_MAX) {
 		tmp[n++] = (char)('0' + (int)(u % 10));
 		u /= 10;
-	} while (u);
+	}
+	for (uint64_t w = (uint64_t)u; n == 0 || w; w /= 10)
+		tmp[n++] = (char)('0' + (int)(w % 10));
 	if (v < 0)
 		out[i++] = '-';
 	while (n)
