@@ -14,6 +14,7 @@
 #include "admin.h"
 #include "copy.h"
 #include "ledger.h"
+#include "ledger_json.h"
 #include "readmodel.h"
 #include "strmap.h"
 

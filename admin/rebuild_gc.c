@@ -1,27 +1,8 @@
 /* daybook-admin rebuild: deleting the Redis generations the switch left behind. */
-#include <errno.h>
-#include <event2/buffer.h>
-#include <hiredis/hiredis.h>
-#include <jansson.h>
-#include <libpq-fe.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "admin.h"
-#include "cli.h"
-#include "copy.h"
-#include "ledger.h"
-#include "ledger_json.h"
-#include "pg.h"
-#include "readmodel.h"
-#include "strmap.h"
 #include "rebuild.h"
 
 /* May generation gen be deleted: was it built from this store, or from none (written

@@ -1,27 +1,10 @@
 /* daybook-admin rebuild: progress lines and messages (a bar on a terminal, else JSON lines). */
-#include <errno.h>
-#include <event2/buffer.h>
-#include <hiredis/hiredis.h>
-#include <jansson.h>
-#include <libpq-fe.h>
-#include <poll.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
-#include "admin.h"
-#include "cli.h"
-#include "copy.h"
-#include "ledger.h"
-#include "ledger_json.h"
-#include "pg.h"
-#include "readmodel.h"
-#include "strmap.h"
+#include "log.h"
 #include "rebuild.h"
 
 /* One JSON object as a line on stdout (stolen). */

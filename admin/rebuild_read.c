@@ -1,27 +1,8 @@
 /* daybook-admin rebuild: reading the log in chunks, and handing each chunk's rows on. */
-#include <errno.h>
-#include <event2/buffer.h>
-#include <hiredis/hiredis.h>
-#include <jansson.h>
-#include <libpq-fe.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "admin.h"
-#include "cli.h"
-#include "copy.h"
-#include "ledger.h"
-#include "ledger_json.h"
-#include "pg.h"
-#include "readmodel.h"
-#include "strmap.h"
 #include "rebuild.h"
 
 /* Write what a chunk produced: COPY the rows (from the copier thread during the load)

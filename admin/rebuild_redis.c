@@ -1,26 +1,8 @@
 /* daybook-admin rebuild: the Redis connection and its pipeline of commands. */
-#include <errno.h>
-#include <event2/buffer.h>
-#include <hiredis/hiredis.h>
-#include <jansson.h>
-#include <libpq-fe.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "admin.h"
 #include "cli.h"
-#include "copy.h"
-#include "ledger.h"
-#include "ledger_json.h"
-#include "pg.h"
-#include "readmodel.h"
-#include "strmap.h"
 #include "rebuild.h"
 
 /* Read the replies of the n oldest commands. */

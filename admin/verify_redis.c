@@ -1,23 +1,13 @@
 /* daybook-admin verify: reading Redis (pipelined checks, the live generation, orphan keys). */
 #include <event2/buffer.h>
-#include <hiredis/hiredis.h>
-#include <inttypes.h>
-#include <jansson.h>
-#include <libpq-fe.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
-#include "admin.h"
-#include "cli.h"
-#include "ledger.h"
-#include "ledger_json.h"
+#include "log.h"
 #include "pg.h"
-#include "readmodel.h"
 #include "verify.h"
 
 const char *verify_reply_str(const redisReply *r)

@@ -1,23 +1,8 @@
 /* daybook-admin verify: reading PostgreSQL through server-side cursors. */
-#include <event2/buffer.h>
-#include <hiredis/hiredis.h>
-#include <inttypes.h>
-#include <jansson.h>
-#include <libpq-fe.h>
-#include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "admin.h"
-#include "cli.h"
-#include "ledger.h"
-#include "ledger_json.h"
-#include "pg.h"
-#include "readmodel.h"
 #include "verify.h"
 
 bool verify_exec(struct verify *v, const char *sql)
