@@ -197,6 +197,9 @@ def redis_table(r, prefix):
         "MEMORY USAGE of %d account hashes" % r["sampled_accounts"], widths=(30, 12, 40))
     row(prefix + "Redis bytes per stmt item", r["bytes_per_statement_item"],
         "over %d statement items" % r["statement_items_sampled"], widths=(30, 12, 40))
+    if r.get("bytes_per_transfer"):
+        row(prefix + "Redis bytes per transfer", r["bytes_per_transfer"],
+            "MEMORY USAGE of %d transfer keys" % r["transfers_sampled"], widths=(30, 12, 40))
     row(prefix + "Redis used_memory", "%.1f MiB" % (r["used_memory"] / 1048576),
         "%d keys" % r["keys"], widths=(30, 12, 40))
 
@@ -272,7 +275,7 @@ def scale(a):
         widths=(36, 12, 12, 12))
     row("cold reads, Redis restarted empty", cr["p50_ms"], cr["p99_ms"], cr["first_ms"],
         widths=(36, 12, 12, 12))
-    row("reads, 64 conns, after", ms(reads["p50_us"]), ms(reads["p99_us"]),
+    row("reads, %s conns, after" % a["connections"], ms(reads["p50_us"]), ms(reads["p99_us"]),
         "%.0f req/s" % wrk_rate(reads), widths=(36, 12, 12, 12))
     pg_per_event = int(a["pg_events_bytes"]) / events
     row("PostgreSQL bytes per event", round(pg_per_event), "(events table with indexes)",
