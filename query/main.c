@@ -174,7 +174,7 @@ static int start(struct query_ctx *ctx, bool signals)
 	};
 	struct timeval tick = { 0, 100000 };
 
-	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx) || open_redis(ctx) ||
+	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx, read_sql_done, read_sql_failed) || open_redis(ctx) ||
 	    feed_open(&ctx->feed, ctx)) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;

@@ -102,31 +102,6 @@ bool query_position_parse_n(const char *text, size_t len, struct readmodel_posit
 	return readmodel_position_parse(buf, out);
 }
 
-char *transactions_body(const char *const *items, const size_t *lens, size_t n,
-			const char *next_before, size_t *len)
-{
-	static const char head[] = "{\"items\":[", mid[] = "],\"next_before\":";
-	const char *next = next_before ? next_before : "null";
-	size_t total = sizeof(head) + sizeof(mid) + strlen(next) + 2 + n, at = 0;
-	char *body;
-
-	for (size_t i = 0; i < n; i++)
-		total += lens[i];
-	if (!(body = malloc(total)))
-		return NULL;
-	memcpy(body, head, sizeof(head) - 1);
-	at = sizeof(head) - 1;
-	for (size_t i = 0; i < n; i++) {
-		if (i)
-			body[at++] = ',';
-		memcpy(body + at, items[i], lens[i]);
-		at += lens[i];
-	}
-	at += (size_t)sprintf(body + at, "%s%s}", mid, next);
-	*len = at;
-	return body;
-}
-
 /* --- replies ---------------------------------------------------------------------- */
 
 /* A read is finished: give back its place among the waiters too. */
