@@ -171,6 +171,7 @@ static int start(struct query_ctx *ctx, bool signals)
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = query_routes, .nroutes = query_nroutes, .ready = ready, .arg = ctx,
 		.reuse_port = true, .limits = ctx->cfg.http, .workers = (unsigned)ctx->nworkers,
+		.quiet_reads = true,
 	};
 	struct timeval tick = { 0, 100000 };
 
