@@ -18,6 +18,7 @@
 #include "tokens.h"
 #include "wait.h"
 #include "feed.h"
+#include "cache.h"
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
 #define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
@@ -70,6 +71,7 @@ struct query_ctx {
 	struct http_server *http;
 	struct redis *redis;      /* the read connection */
 	struct redis *subscriber; /* dbk:position, to wake waiting reads */
+	struct cache *cache;      /* rendered bodies of Redis reads (cache.c) */
 	struct sqlpool *sql;
 	struct waitset *waits;    /* reads waiting for a projection to reach min_position */
 	size_t max_waiters;       /* DAYBOOK_MAX_WAITERS, for all workers together */
@@ -91,6 +93,8 @@ struct query_ctx {
 	atomic_size_t *streams;    /* how many are open now, in all workers (main's) */
 	size_t stream_buffer_max;  /* DAYBOOK_STREAM_BUFFER_MAX: unsent bytes before a cut */
 	double stream_keepalive;   /* DAYBOOK_STREAM_KEEPALIVE_MS, in seconds */
+	size_t cache_bytes;        /* this worker's share of DAYBOOK_QUERY_CACHE_BYTES */
+	double cache_lease;        /* DAYBOOK_QUERY_CACHE_LEASE_MS, in seconds */
 };
 
 enum read_kind {
@@ -121,6 +125,7 @@ struct read {
 	struct waiter wait;   /* while waiting for min_position */
 	uint64_t wait_seq;    /* waitset_seq when the read last started */
 	bool redis_cannot;    /* Redis reached min_position but cannot answer this read */
+	uint64_t cache_ticket; /* cache_ticket before the Redis read, 0: not to be kept */
 	struct timetravel tt; /* READ_TT_*: the point, folded from the event store */
 };
 
@@ -180,8 +185,10 @@ void read_start(struct read *rd);
 /* The SQL pool's callbacks (sqlpool_done_cb, sqlpool_failed_cb), which main wires. */
 void read_sql_done(struct read *rd, const PGresult *res);
 void read_sql_failed(struct read *rd, const char *why, bool retry);
-/* The Lua scripts the read connection loads. */
+/* The Lua scripts the read connection loads, and which of them answers {checkpoint}
+ * (the cache's heartbeat). */
 const char *const *read_scripts(size_t *n);
+size_t read_checkpoint_script(void);
 /* Set up the waiting room (ctx->waits) and the fallback counters. */
 int read_init(struct query_ctx *ctx) __attribute__((warn_unused_result));
 void read_fini(struct query_ctx *ctx);
