@@ -356,3 +356,43 @@ Test(read_cache, a_frozen_redis_stops_the_cache_within_its_lease)
 	deposit("c8", 1, pos, sizeof(pos));
 	wait_balance("c8", 110, pos, 10);
 }
+
+/* The live pointer moved to another generation by hand, the old one left in place
+ * (nothing of it changes): the entry of the old one must go. */
+Test(read_cache, a_switch_of_the_live_generation_drops_the_cache)
+{
+	redisContext *c;
+	redisReply *r;
+	long long gen;
+	char cp[64], body[512], *at;
+
+	start_query(LEASE_FOREVER, NULL);
+	open_account("c9", 100);
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_stop(&projector); /* nothing else writes Redis from here on */
+	warm("c9", 100);
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
+	const char *keys[] = { "identity", "layout", "checkpoint", "acct:c9" };
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		r = redisCommand(c, "COPY dbk:g:%lld:%s dbk:g:%lld:%s", gen, keys[i], gen + 100, keys[i]);
+		cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1, "COPY %s", keys[i]);
+		freeReplyObject(r);
+	}
+	r = redisCommand(c, "HGET dbk:g:%lld:acct:c9 j", gen);
+	cr_assert(r && r->type == REDIS_REPLY_STRING && r->len < sizeof(body) - 8);
+	snprintf(body, sizeof(body), "%s", r->str);
+	freeReplyObject(r);
+	at = strstr(body, "\"balance\":100,");
+	cr_assert_not_null(at, "%s", body);
+	memcpy(at, "\"balance\":777,", 14);
+	r = redisCommand(c, "HSET dbk:g:%lld:acct:c9 j %s", gen + 100, body);
+	cr_assert(r && r->type != REDIS_REPLY_ERROR);
+	freeReplyObject(r);
+	r = redisCommand(c, "SET dbk:live:2 %lld", gen + 100);
+	cr_assert(r && r->type != REDIS_REPLY_ERROR);
+	freeReplyObject(r);
+	redisFree(c);
+	wait_balance("c9", 777, NULL, 10);
+	cr_assert_geq(harness_metric(&query, "daybook_query_cache_drops_total{reason=\"generation\"}"), 1);
+}
