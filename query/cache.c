@@ -64,7 +64,10 @@ struct beat {
 
 struct cache {
 	struct cache_config cfg;
+	/* The invalidation subscriber, on the server the read connection reached last: a
+	 * redirect names a client id of that server (ids are per server). */
 	struct redis *inval;
+	struct config_redis inval_server;
 	struct strmap *map;
 	struct entry *head, *tail;
 	size_t bytes;
@@ -172,10 +175,17 @@ static void evict(struct cache *c)
 	}
 }
 
+static bool same_server(const struct config_redis *a, const struct config_redis *b)
+{
+	return a && b && a->port == b->port && strcmp(a->host, b->host) == 0 &&
+	       strcmp(a->path, b->path) == 0;
+}
+
 static bool coherent(const struct cache *c)
 {
-	return c->map && c->tracking && redis_connected(c->cfg.reads) && redis_connected(c->inval) &&
-	       redis_client_id(c->inval) == c->tracking_to;
+	return c->map && c->tracking && c->inval && redis_connected(c->inval) &&
+	       redis_client_id(c->inval) == c->tracking_to &&
+	       same_server(redis_server(c->cfg.reads), redis_server(c->inval));
 }
 
 /* A lookup or ticket for another event store than the entries': they go. */
@@ -341,7 +351,7 @@ static void restart(struct cache *c)
 
 	drop_all(c, DROP_CONNECTION);
 	c->tracking = false;
-	c->tracking_to = redis_client_id(c->inval);
+	c->tracking_to = c->inval ? redis_client_id(c->inval) : 0;
 	if (!c->tracking_to || !redis_connected(c->cfg.reads))
 		return;
 	snprintf(id, sizeof(id), "%lld", c->tracking_to);
@@ -351,17 +361,42 @@ static void restart(struct cache *c)
 		c->tracking_to = 0;
 }
 
-void cache_reads_ready(struct cache *c)
-{
-	if (c && c->map)
-		restart(c);
-}
-
 static void on_inval_ready(void *arg)
 {
 	struct cache *c = arg;
 
 	c->nbeats = 0; /* the barriers of the lost connection never answer */
+	restart(c);
+}
+
+/* (Re)open the invalidation subscriber on the server the read connection is on now. */
+static int open_inval(struct cache *c, const struct config_redis *server)
+{
+	struct redis_config rc = {
+		.server = &c->inval_server, .name = "daybook-query-invalidations",
+		.base = c->cfg.base, .log = c->cfg.log, .subscribe = INVALIDATE_CHANNEL,
+		.on_payload = on_invalidate, .on_barrier = on_barrier, .client_id = true,
+		.connect_timeout = c->cfg.connect_timeout, .on_ready = on_inval_ready, .arg = c,
+	};
+
+	redis_close(&c->inval);
+	c->nbeats = 0;
+	c->inval_server = *server;
+	c->inval_server.sentinels[0] = '\0'; /* that server itself, found already */
+	c->inval_server.master[0] = '\0';
+	return redis_open(&c->inval, &rc);
+}
+
+void cache_reads_ready(struct cache *c)
+{
+	const struct config_redis *server;
+
+	if (!c || !c->map)
+		return;
+	server = redis_server(c->cfg.reads);
+	if (server && !same_server(server, &c->inval_server) && open_inval(c, server))
+		log_error(c->cfg.log, "redis: cannot open the read cache's connection: reads are "
+				      "not cached");
 	restart(c);
 }
 
@@ -468,12 +503,6 @@ int cache_open(struct cache **out, const struct cache_config *cfg)
 {
 	struct cache *c = calloc(1, sizeof(*c));
 	char labels[48];
-	struct redis_config rc = {
-		.server = cfg->server, .name = "daybook-query-invalidations", .base = cfg->base,
-		.log = cfg->log, .subscribe = INVALIDATE_CHANNEL, .on_payload = on_invalidate,
-		.on_barrier = on_barrier, .client_id = true, .connect_timeout = cfg->connect_timeout,
-		.on_ready = on_inval_ready, .arg = c,
-	};
 
 	*out = NULL;
 	if (!c)
@@ -499,7 +528,9 @@ int cache_open(struct cache **out, const struct cache_config *cfg)
 		*out = c; /* off: every lookup misses, nothing is connected */
 		return 0;
 	}
-	if (strmap_open(&c->map, free_entry) || redis_open(&c->inval, &rc)) {
+	/* With Sentinel discovery it follows the read connection (cache_reads_ready). */
+	if (strmap_open(&c->map, free_entry) ||
+	    (!cfg->server->master[0] && open_inval(c, cfg->server))) {
 		cache_close(&c);
 		return -1;
 	}

@@ -770,6 +770,11 @@ size_t redis_pending(const struct redis *r)
 	return r->npending;
 }
 
+const struct config_redis *redis_server(const struct redis *r)
+{
+	return r->state == REDIS_READY ? &r->server : NULL;
+}
+
 long long redis_client_id(const struct redis *r)
 {
 	return r->state == REDIS_READY ? r->client_id : 0;

@@ -95,6 +95,10 @@ bool redis_connected(const struct redis *r);
 const char *redis_last_error(const struct redis *r);
 /* Commands sent whose replies have not arrived yet. */
 size_t redis_pending(const struct redis *r);
+/* The server of the current connection (with Sentinel discovery, the primary it found:
+ * host and port filled in), while connected; NULL while down. Borrowed, valid until the
+ * connection changes. */
+const struct config_redis *redis_server(const struct redis *r);
 /* With cfg.client_id: the connection's CLIENT ID once connected, 0 while down. A new
  * connection has a new id. */
 long long redis_client_id(const struct redis *r);
