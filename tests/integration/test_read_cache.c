@@ -42,11 +42,14 @@ static void teardown(void)
 TestSuite(read_cache, .init = setup, .fini = teardown, .timeout = 120);
 
 /* One worker, so that one cache sees every read; lease and cap as given (NULL: the
- * defaults). */
+ * default lease, a 16 MiB cap). */
 static void start_query(const char *lease_ms, const char *bytes)
 {
 	const char *env[8] = { "DAYBOOK_QUERY_WORKERS", "1" };
 	size_t n = 2;
+
+	if (!bytes)
+		bytes = "16777216"; /* the cache is off unless given a cap */
 
 	if (lease_ms) {
 		env[n++] = "DAYBOOK_QUERY_CACHE_LEASE_MS";

@@ -168,7 +168,7 @@ Test(sentinel, after_a_failover_the_query_cache_shows_changes_made_on_the_new_pr
 {
 	const char *auth[] = { "Authorization: Bearer " TOKEN_READ, NULL };
 	const char *env[] = { "DAYBOOK_QUERY_WORKERS", "1", "DAYBOOK_QUERY_CACHE_LEASE_MS", "600000",
-			      NULL };
+			      "DAYBOOK_QUERY_CACHE_BYTES", "16777216", NULL };
 	double end;
 	long long balance = 0;
 
