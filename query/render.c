@@ -179,7 +179,7 @@ static bool render_events(const PGresult *res, struct answer *ans)
 {
 	int rows = PQntuples(res);
 	json_t *list, *o;
-	bool ok = true;
+	bool ok = false;
 
 	if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
 		ans->status = 404;
@@ -188,15 +188,19 @@ static bool render_events(const PGresult *res, struct answer *ans)
 	}
 	list = json_array();
 	o = json_pack("{s:o}", "events", list);
-	for (int i = 0; ok && o && i < rows && val(res, i, 3); i++) {
+	if (!o)
+		goto done;
+	for (int i = 0; i < rows && val(res, i, 3); i++) {
 		/* jsonb's text is re-encoded compactly; its objects nest as objects. */
 		json_t *e = json_pack("{s:I, s:s, s:o, s:o, s:s}", "version",
 				      (json_int_t)int_of(res, i, 3), "type", val(res, i, 4), "data",
 				      json_loads(val(res, i, 5), 0, NULL), "metadata",
 				      json_loads(val(res, i, 6), 0, NULL), "recorded_at", val(res, i, 7));
-		ok = e && json_array_append_new(list, e) == 0;
+		if (!e || json_array_append_new(list, e) != 0)
+			goto done;
 	}
-	ok = ok && o && take(json_dumps(o, JSON_COMPACT), ans);
+	ok = take(json_dumps(o, JSON_COMPACT), ans);
+done:
 	json_decref(o);
 	return ok;
 }
