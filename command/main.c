@@ -40,7 +40,6 @@ static const char usage[] =
 	"  DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S\n"
 	"                       seconds between expiry sweeps (default 60)\n";
 
-
 /* A millisecond setting from the environment (def when unset) within [min, max]; false
  * after printing one line naming the variable when it is malformed. */
 static bool env_ms(const char *name, long def, long min, long max, long *out)
@@ -121,6 +120,15 @@ static void on_lease_change(void *arg, long long epoch, const char *why)
 	command_leadership(arg, epoch, why);
 }
 
+/* A batch of the current term was fenced: the lease is lost, stand by at once. */
+static void on_fenced(void *arg, const char *why)
+{
+	struct command_ctx *ctx = arg;
+
+	lease_lost(ctx->lease);
+	command_leadership(ctx, 0, why);
+}
+
 static int writer_pid(void *arg)
 {
 	struct command_ctx *ctx = arg;
@@ -181,6 +189,9 @@ static int start(struct command_ctx *ctx)
 		.base = ctx->base, .log = &ctx->log, .writer_pid = writer_pid,
 		.on_change = on_lease_change, .arg = ctx,
 	};
+	struct batcher_hooks bh = {
+		.settle = cmd_settle, .drop = cmd_drop, .fenced = on_fenced, .arg = ctx,
+	};
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = command_routes, .nroutes = command_nroutes, .ready = ready, .arg = ctx,
@@ -199,7 +210,7 @@ static int start(struct command_ctx *ctx)
 	ctx->m_epoch = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_epoch",
 				   "The write lease's epoch this instance leads with; 0 on standby.",
 				   "", NULL, 0);
-	if (batcher_open(&ctx->batcher, ctx) || pg_open(&ctx->pg, &pgc) ||
+	if (batcher_open(&ctx->batcher, ctx, &bh) || pg_open(&ctx->pg, &pgc) ||
 	    sweeper_open(&ctx->sweeper, ctx) || lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-command: out of memory\n");
 		return 1;
