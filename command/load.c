@@ -11,7 +11,10 @@
 
 /* Per stream: its newest snapshot (type NULL; `logged`: the event at its version is
  * in the log), then the events after it; a stream without one from its first event.
- * Rows: stream, version, type, data, logged. */
+ * Rows: stream, version, type, data, logged. The events come through a LATERAL
+ * subquery (kept apart by its ORDER BY) so that even the prepared statement's generic
+ * plan reads each stream through events_stream_version: a plain join let it hash-join
+ * a sequential scan of the whole log, on every batch that loads an account. */
 const char sql_load_streams[] =
 	"WITH s AS (SELECT w.stream, n.version, n.state FROM unnest($1::text[]) AS w(stream) "
 	"LEFT JOIN LATERAL (SELECT a.version, a.state FROM account_snapshots a "
@@ -19,8 +22,9 @@ const char sql_load_streams[] =
 	"SELECT s.stream, s.version, NULL::text, s.state::text, EXISTS (SELECT 1 FROM events e "
 	"WHERE e.stream = s.stream AND e.version = s.version) FROM s WHERE s.version IS NOT NULL "
 	"UNION ALL "
-	"SELECT e.stream, e.version, e.type, e.data::text, true FROM s JOIN events e "
-	"ON e.stream = s.stream AND e.version > coalesce(s.version, 0) "
+	"SELECT e.stream, e.version, e.type, e.data::text, true FROM s CROSS JOIN LATERAL "
+	"(SELECT f.stream, f.version, f.type, f.data FROM events f WHERE f.stream = s.stream "
+	"AND f.version > coalesce(s.version, 0) ORDER BY f.version) e "
 	"ORDER BY 1, 2";
 /* The same rows without snapshots: for streams whose snapshot was refused. */
 const char sql_load_streams_full[] =
