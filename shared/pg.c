@@ -710,10 +710,16 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 		return;
 	}
 	evbuffer_add(buf, "\"", 1);
-	for (const char *p = value; *p; p++) {
-		if (*p == '"' || *p == '\\')
-			evbuffer_add(buf, "\\", 1);
+	/* Runs without a character to escape go in one piece: JSON values are long. */
+	for (const char *p = value;;) {
+		size_t run = strcspn(p, "\"\\");
+		evbuffer_add(buf, p, run);
+		p += run;
+		if (!*p)
+			break;
+		evbuffer_add(buf, "\\", 1);
 		evbuffer_add(buf, p, 1);
+		p++;
 	}
 	evbuffer_add(buf, "\"", 1);
 }
