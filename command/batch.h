@@ -30,6 +30,8 @@
 
 #include "command.h"
 
+struct evbuffer;
+
 #define BATCH_MAX 256
 #define PENDING_MAX 20000
 #define CACHE_MAX 200000
@@ -120,12 +122,29 @@ void commit_overlay(struct batcher *b);
 
 /* --- append.c: the write pipeline ------------------------------------------------ */
 
-/* Queue the batch's events, its idempotency records (*nrecords of them), its snapshots
- * and its fence. Nothing is queued when there is nothing to write. False when out of
- * memory. */
+/* Queue the batch's events (result 0, when it has any), its idempotency records
+ * (*nrecords of them), its snapshots and its fence. Nothing is queued when there is
+ * nothing to write. False when out of memory. */
 bool append_queue(struct batcher *b, size_t *nrecords) __attribute__((warn_unused_result));
-/* The log position ("txid.position") of event i, from the committed write's results. */
+/* The log position ("txid.position") of event i, from the committed write's results
+ * ("" should the log not have returned it). */
 const char *append_position(struct batcher *b, PGresult *const *results, int i);
+
+/* One column of a set-based statement: a text[] literal being built. */
+struct column {
+	struct evbuffer *buf; /* owned until column_take */
+	size_t n;
+	bool ok;
+};
+#define APPEND_MAX_COLUMNS 8
+void column_open(struct column *c);
+/* Append a value (NULL for SQL NULL); a failure shows in column_take. */
+void column_add(struct column *c, const char *value);
+/* The literal (caller frees), or NULL when memory ran out; closes the column. */
+char *column_take(struct column *c);
+/* Queue `statement` with the n columns as its parameters, closing them. */
+bool queue_columns(struct pg *pg, const char *statement, int n, struct column *cols)
+	__attribute__((warn_unused_result));
 
 /* --- idem.c: idempotency ---------------------------------------------------------- */
 
@@ -138,8 +157,9 @@ void idem_release(struct batcher *b, const struct cmd *cmd);
 void idem_apply(struct batcher *b, PGresult *r);
 /* Decided outcomes worth storing: successes and business refusals. */
 bool idem_keeps_record(const struct slot *s);
-/* Queue the record of slot s with the write; its position comes from the log. */
-bool idem_queue_record(struct batcher *b, struct slot *s) __attribute__((warn_unused_result));
+/* Queue the records of the batch's decided outcomes worth storing (*nrecords of them,
+ * nothing when none) as one statement; their positions come from the log. */
+bool idem_queue_records(struct batcher *b, size_t *nrecords) __attribute__((warn_unused_result));
 
 /* --- statement texts (each room's own; statements.c names them) ----------------- */
 

@@ -260,9 +260,9 @@ static void answer_all(struct batcher *b, PGresult *const *results)
 {
 	for (size_t i = 0; i < b->nslots; i++) {
 		struct slot *s = &b->slots[i];
-		if (s->status == 201 && !s->replay && s->last_event >= 0 && results) {
-			json_object_set_new(s->body, "position", json_string(append_position(b, results, s->last_event)));
-		}
+		if (s->status == 201 && !s->replay && s->last_event >= 0 && results)
+			json_object_set_new(s->body, "position",
+					    json_string(append_position(b, results, s->last_event)));
 		if (s->replay)
 			metric_add(b->replays, 1);
 		answer(b, s->cmd, s->status, s->body, s->headers, s->replay);

@@ -11,13 +11,17 @@ const char sql_load_idem[] =
 	"SELECT token_id, key, encode(request_hash, 'hex'), status, headers::text, body "
 	"FROM idempotency_keys WHERE (token_id, key) IN "
 	"(SELECT * FROM unnest($1::text[], $2::text[]))";
-/* The record commits with the events, before their positions are known to us,
- * so the stored body gets its position from the log in the same statement. */
+/* Every record of the batch in one statement. A record commits with its events,
+ * before their positions are known to us, so each stored body gets its position from
+ * the log in the same statement (its last event's stream and version; NULL for none). */
 const char sql_idem_put[] =
 	"INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, body) "
-	"VALUES ($1, $2, decode($3, 'hex'), $4, $5, replace($6, '\"position\":\"" POSITION_PLACEHOLDER
-	"\"', coalesce((SELECT '\"position\":\"' || txid::text || '.' || position::text || '\"' "
-	"FROM events WHERE stream = $7 AND version = $8::integer), '')))";
+	"SELECT r.token_id, r.key, decode(r.hash, 'hex'), r.status, r.headers::jsonb, "
+	"replace(r.body, '\"position\":\"" POSITION_PLACEHOLDER "\"', "
+	"coalesce((SELECT '\"position\":\"' || e.txid::text || '.' || e.position::text || '\"' "
+	"FROM events e WHERE e.stream = r.stream AND e.version = r.version), '')) "
+	"FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::text[], $6::text[], "
+	"$7::text[], $8::integer[]) AS r(token_id, key, hash, status, headers, body, stream, version)";
 
 static void inflight_key(const struct cmd *cmd, char *out, size_t len)
 {
@@ -88,11 +92,13 @@ bool idem_keeps_record(const struct slot *s)
 	       s->status < 500;
 }
 
-bool idem_queue_record(struct batcher *b, struct slot *s)
+/* Add slot s's record to the columns of the batch's record INSERT. */
+static bool add_record(struct batcher *b, struct slot *s, struct column cols[8])
 {
 	const struct cmd *cmd = s->cmd;
 	const struct pending_event *last = s->last_event >= 0 ? &b->events[s->last_event] : NULL;
 	char status[8], *headers, *body;
+	bool ok;
 
 	/* A refusal names the request it answered; its replays return the same body, so
 	 * they name that first request too. */
@@ -100,13 +106,42 @@ bool idem_queue_record(struct batcher *b, struct slot *s)
 		json_object_set_new(s->body, "instance", json_string(cmd->request_id));
 	headers = json_dumps(s->headers, JSON_COMPACT);
 	body = json_dumps(s->body, JSON_COMPACT);
-	const char *v[8] = { cmd->token_id, cmd->idem_key, cmd->idem_hash, status, headers, body,
-			     last ? last->stream : NULL, last ? last->version : NULL };
-	bool ok = headers && body;
-
+	ok = headers && body;
 	snprintf(status, sizeof(status), "%d", s->status);
-	ok = ok && pg_queue(b->ctx->pg, "idem_put", 8, v);
+	if (ok) {
+		column_add(&cols[0], cmd->token_id);
+		column_add(&cols[1], cmd->idem_key);
+		column_add(&cols[2], cmd->idem_hash);
+		column_add(&cols[3], status);
+		column_add(&cols[4], headers);
+		column_add(&cols[5], body);
+		column_add(&cols[6], last ? last->stream : NULL);
+		column_add(&cols[7], last ? last->version : NULL);
+	}
 	free(headers);
 	free(body);
 	return ok;
+}
+
+bool idem_queue_records(struct batcher *b, size_t *nrecords)
+{
+	struct column cols[8];
+	bool ok = true;
+
+	*nrecords = 0;
+	for (size_t i = 0; i < b->nslots; i++)
+		*nrecords += idem_keeps_record(&b->slots[i]);
+	if (*nrecords == 0)
+		return true;
+	for (int c = 0; c < 8; c++)
+		column_open(&cols[c]);
+	for (size_t i = 0; ok && i < b->nslots; i++)
+		if (idem_keeps_record(&b->slots[i]))
+			ok = add_record(b, &b->slots[i], cols);
+	if (!ok) {
+		for (int c = 0; c < 8; c++)
+			free(column_take(&cols[c]));
+		return false;
+	}
+	return queue_columns(b->ctx->pg, "idem_put", 8, cols);
 }
