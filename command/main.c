@@ -2,6 +2,7 @@
  * Any number of instances may run against one database: the holder of the write lease
  * (shared/lease.c, sql/012) leads and appends; the others stand by, not ready. */
 #include <errno.h>
+#include <malloc.h>
 #include <event2/event.h>
 #include <signal.h>
 #include <stdio.h>
@@ -255,7 +256,17 @@ static void stop(struct command_ctx *ctx)
 int main(int argc, char **argv)
 {
 	struct command_ctx ctx = { .log = { .service = "command", .level = LOG_INFO } };
-	int rc = service_init(argc, argv, "daybook-command", usage,
+	int rc;
+
+#ifdef M_MXFAST
+	/* glibc without fastbins: every request allocates blocks of 1 KiB and more
+	 * (libevent's buffer chains, JSON texts), and each such allocation made glibc
+	 * consolidate its fastbins first, 10-15 % of this process's CPU under load
+	 * (docs/performance.md, "Write path budget"). Small blocks still come from the
+	 * per-thread cache. */
+	mallopt(M_MXFAST, 0);
+#endif
+	rc = service_init(argc, argv, "daybook-command", usage,
 			      CONFIG_NEED_PG | CONFIG_NEED_TOKENS, "127.0.0.1:8081", &ctx.cfg);
 
 	char err[256];
