@@ -1,8 +1,8 @@
 /* The write pipeline of a batch: its events (one set-based INSERT for the whole
  * batch), its idempotency records (another), the snapshots due, and the fence, queued
  * as one transaction on the service's connection. See batch.h. */
-#include <inttypes.h>
 #include <event2/buffer.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,7 +134,7 @@ static bool queue_snapshots(struct batcher *b)
 	return q.ok;
 }
 
-/* Last: the fence (see the top of this file and sql/012). Its row lock lasts only from
+/* Last: the fence (see batch.h and sql/012). Its row lock lasts only from
  * here to COMMIT, so a batch waiting on a lock (another writer's row, say) does not
  * hold up the lease's renewal. */
 static bool queue_fence(struct batcher *b)
