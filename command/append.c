@@ -59,15 +59,17 @@ char *column_take(struct column *c)
 bool queue_columns(struct pg *pg, const char *statement, int n, struct column *cols)
 {
 	char *v[APPEND_MAX_COLUMNS] = { NULL };
-	bool ok = true;
+	bool ok = false;
 
 	if (n > APPEND_MAX_COLUMNS)
 		return false;
-	for (int i = 0; i < n; i++) {
+	for (int i = 0; i < n; i++)
 		v[i] = column_take(&cols[i]);
-		ok = ok && v[i];
-	}
-	ok = ok && pg_queue(pg, statement, n, (const char *const *)v);
+	for (int i = 0; i < n; i++)
+		if (!v[i])
+			goto done;
+	ok = pg_queue(pg, statement, n, (const char *const *)v);
+done:
 	for (int i = 0; i < n; i++)
 		free(v[i]);
 	return ok;

@@ -41,9 +41,6 @@ struct evbuffer;
 /* An account's state is snapshotted at every multiple of this version, so that
  * loading it reads at most this many events after its newest snapshot. */
 #define SNAPSHOT_EVERY 1000
-/* Not a refusal: memory ran out mid-decision, and the batch's overlay can no longer be
- * trusted; the whole batch is answered 503 and nothing is written. */
-#define OUT_OF_MEMORY ((enum ledger_error)-1)
 
 /* A command's outcome within the batch. */
 struct slot {

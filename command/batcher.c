@@ -433,9 +433,10 @@ static void write_done(void *arg, const struct pg_outcome *out)
 static void write_batch(struct batcher *b)
 {
 	size_t nrecords;
-	bool ok = append_queue(b, &nrecords);
 
-	if (ok && b->nevents == 0 && nrecords == 0) {
+	if (!append_queue(b, &nrecords))
+		goto fail;
+	if (b->nevents == 0 && nrecords == 0) {
 		/* Nothing to write: every answer rests on committed state. */
 		answer_all(b, NULL);
 		reset_batch(b);
@@ -443,12 +444,13 @@ static void write_batch(struct batcher *b)
 		return;
 	}
 	clock_gettime(CLOCK_MONOTONIC, &b->write_start);
-	if (!ok || !pg_run(b->ctx->pg, write_done, b)) {
-		fail_batch(b, 503, "the event store became unreachable; retry shortly");
-		return;
-	}
+	if (!pg_run(b->ctx->pg, write_done, b))
+		goto fail;
 	metric_observe(b->batch_events, (double)b->nevents);
 	b->state = B_WRITING;
+	return;
+fail:
+	fail_batch(b, 503, "the event store became unreachable; retry shortly");
 }
 
 static void decide_all(struct batcher *b)

@@ -156,70 +156,77 @@ static void refusal_detail(const struct cmd *cmd, enum ledger_error err,
 	}
 }
 
-static enum ledger_error decide_transfer(struct batcher *b, int i, struct ledger_account **blame)
+/* Decide slot i's transfer: *err is LEDGER_OK or the refusal (naming *blame). False
+ * when memory ran out: the batch's overlay can no longer be trusted. */
+static bool decide_transfer(struct batcher *b, int i, enum ledger_error *err,
+			    struct ledger_account **blame)
 {
 	struct cmd *cmd = b->slots[i].cmd;
 	const struct ledger_transfer_body *t = &cmd->u.transfer;
 	struct ledger_account *from = view(b, t->from), *to = view(b, t->to);
 	struct ledger_event ev[2];
-	enum ledger_error err;
 	char location[LEDGER_ID_MAX + 16];
 
 	if (!from || !to)
-		return OUT_OF_MEMORY;
-	if (strmap_get(b->transfers, t->id))
-		return LEDGER_TRANSFER_EXISTS;
-	err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
-	*blame = !ledger_account_exists(from) || from->closed || err == LEDGER_INSUFFICIENT_FUNDS ? from : to;
-	if (err)
-		return err;
+		return false;
+	if (strmap_get(b->transfers, t->id)) {
+		*err = LEDGER_TRANSFER_EXISTS;
+		return true;
+	}
+	*err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
+	*blame = !ledger_account_exists(from) || from->closed || *err == LEDGER_INSUFFICIENT_FUNDS
+			 ? from : to;
+	if (*err)
+		return true;
 	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
 	    !strmap_put(b->transfers, t->id, b))
-		return OUT_OF_MEMORY;
+		return false;
 	/* The transfer as the query API serves it (ids are [A-Za-z0-9._:-]: no escaping). */
 	snprintf(location, sizeof(location), "/transfers/%s", t->id);
 	json_object_set_new(b->slots[i].headers, "Location", json_string(location));
 	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
 				     (json_int_t)from->version, "to_version", (json_int_t)to->version,
 				     "position", POSITION_PLACEHOLDER);
-	return LEDGER_OK;
+	return true;
 }
 
-static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_account **blame)
+/* Decide slot i's command on one account: as decide_transfer. */
+static bool decide_account(struct batcher *b, int i, enum ledger_error *err,
+			   struct ledger_account **blame)
 {
 	struct cmd *cmd = b->slots[i].cmd;
 	const char *id = cmd->kind == CMD_OPEN ? cmd->u.open.id : cmd->account;
 	struct ledger_account *acc = view(b, id);
 	struct ledger_event ev;
-	enum ledger_error err = LEDGER_OK;
 	char location[LEDGER_ID_MAX + 16];
 
 	*blame = acc;
 	if (!acc)
-		return OUT_OF_MEMORY;
+		return false;
+	*err = LEDGER_OK;
 	switch (cmd->kind) {
 	case CMD_OPEN:
-		err = ledger_decide_open(acc, id, cmd->u.open.name, cmd->u.open.currency,
-					 cmd->u.open.overdraft_limit, &ev);
+		*err = ledger_decide_open(acc, id, cmd->u.open.name, cmd->u.open.currency,
+					  cmd->u.open.overdraft_limit, &ev);
 		break;
 	case CMD_DEPOSIT:
-		err = ledger_decide_deposit(acc, cmd->expected_version, cmd->u.money.amount,
-					    cmd->u.money.reference, &ev);
-		break;
-	case CMD_WITHDRAW:
-		err = ledger_decide_withdraw(acc, cmd->expected_version, cmd->u.money.amount,
+		*err = ledger_decide_deposit(acc, cmd->expected_version, cmd->u.money.amount,
 					     cmd->u.money.reference, &ev);
 		break;
+	case CMD_WITHDRAW:
+		*err = ledger_decide_withdraw(acc, cmd->expected_version, cmd->u.money.amount,
+					      cmd->u.money.reference, &ev);
+		break;
 	case CMD_CLOSE:
-		err = ledger_decide_close(acc, cmd->expected_version, &ev);
+		*err = ledger_decide_close(acc, cmd->expected_version, &ev);
 		break;
 	case CMD_TRANSFER:
 		break;
 	}
-	if (err)
-		return err;
+	if (*err)
+		return true;
 	if (!add_event(b, i, acc, &ev))
-		return OUT_OF_MEMORY;
+		return false;
 	etag(b->slots[i].headers, acc->version);
 	if (cmd->kind == CMD_OPEN) {
 		snprintf(location, sizeof(location), "/accounts/%s", id);
@@ -229,20 +236,20 @@ static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_
 	if (cmd->kind == CMD_DEPOSIT || cmd->kind == CMD_WITHDRAW)
 		json_object_set_new(b->slots[i].body, "balance", json_integer(acc->balance));
 	json_object_set_new(b->slots[i].body, "position", json_string(POSITION_PLACEHOLDER));
-	return LEDGER_OK;
+	return true;
 }
 
 bool decide(struct batcher *b, int i)
 {
 	struct slot *s = &b->slots[i];
 	struct ledger_account *blame = NULL;
-	enum ledger_error err;
+	enum ledger_error err = LEDGER_OK;
 	char detail[256];
 
 	s->last_event = -1;
 	s->headers = json_object();
-	err = s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &blame) : decide_account(b, i, &blame);
-	if (err == OUT_OF_MEMORY)
+	if (!(s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &err, &blame)
+					   : decide_account(b, i, &err, &blame)))
 		return false;
 	if (err == LEDGER_OK) {
 		s->status = 201;

@@ -98,7 +98,7 @@ static bool add_record(struct batcher *b, struct slot *s, struct column cols[8])
 	const struct cmd *cmd = s->cmd;
 	const struct pending_event *last = s->last_event >= 0 ? &b->events[s->last_event] : NULL;
 	char status[8], *headers, *body;
-	bool ok;
+	bool ok = false;
 
 	/* A refusal names the request it answered; its replays return the same body, so
 	 * they name that first request too. */
@@ -106,18 +106,19 @@ static bool add_record(struct batcher *b, struct slot *s, struct column cols[8])
 		json_object_set_new(s->body, "instance", json_string(cmd->request_id));
 	headers = json_dumps(s->headers, JSON_COMPACT);
 	body = json_dumps(s->body, JSON_COMPACT);
-	ok = headers && body;
+	if (!headers || !body)
+		goto done;
 	snprintf(status, sizeof(status), "%d", s->status);
-	if (ok) {
-		column_add(&cols[0], cmd->token_id);
-		column_add(&cols[1], cmd->idem_key);
-		column_add(&cols[2], cmd->idem_hash);
-		column_add(&cols[3], status);
-		column_add(&cols[4], headers);
-		column_add(&cols[5], body);
-		column_add(&cols[6], last ? last->stream : NULL);
-		column_add(&cols[7], last ? last->version : NULL);
-	}
+	column_add(&cols[0], cmd->token_id);
+	column_add(&cols[1], cmd->idem_key);
+	column_add(&cols[2], cmd->idem_hash);
+	column_add(&cols[3], status);
+	column_add(&cols[4], headers);
+	column_add(&cols[5], body);
+	column_add(&cols[6], last ? last->stream : NULL);
+	column_add(&cols[7], last ? last->version : NULL);
+	ok = true;
+done:
 	free(headers);
 	free(body);
 	return ok;
@@ -126,7 +127,6 @@ static bool add_record(struct batcher *b, struct slot *s, struct column cols[8])
 bool idem_queue_records(struct batcher *b, size_t *nrecords)
 {
 	struct column cols[8];
-	bool ok = true;
 
 	*nrecords = 0;
 	for (size_t i = 0; i < b->nslots; i++)
@@ -135,13 +135,12 @@ bool idem_queue_records(struct batcher *b, size_t *nrecords)
 		return true;
 	for (int c = 0; c < 8; c++)
 		column_open(&cols[c]);
-	for (size_t i = 0; ok && i < b->nslots; i++)
-		if (idem_keeps_record(&b->slots[i]))
-			ok = add_record(b, &b->slots[i], cols);
-	if (!ok) {
-		for (int c = 0; c < 8; c++)
-			free(column_take(&cols[c]));
-		return false;
-	}
+	for (size_t i = 0; i < b->nslots; i++)
+		if (idem_keeps_record(&b->slots[i]) && !add_record(b, &b->slots[i], cols))
+			goto fail;
 	return queue_columns(b->ctx->pg, "idem_put", 8, cols);
+fail:
+	for (int c = 0; c < 8; c++)
+		free(column_take(&cols[c]));
+	return false;
 }

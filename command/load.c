@@ -93,12 +93,15 @@ static bool fold_event(PGresult *r, int row, struct ledger_account *acc)
 	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 2));
 	json_t *data = json_loads(PQgetvalue(r, row, 3), 0, NULL);
 	struct ledger_event ev;
-	bool ok = data && type && atol(PQgetvalue(r, row, 1)) == (long)acc->version + 1 &&
-		  ledger_event_from_json(type, data, &ev);
+	bool ok = false;
 
-	if (ok && type == LEDGER_ACCOUNT_OPENED)
+	if (!data || !type || atol(PQgetvalue(r, row, 1)) != (long)acc->version + 1 ||
+	    !ledger_event_from_json(type, data, &ev))
+		goto done;
+	if (type == LEDGER_ACCOUNT_OPENED)
 		ev.account_id = acc->id;
-	ok = ok && ledger_evolve(acc, &ev);
+	ok = ledger_evolve(acc, &ev);
+done:
 	json_decref(data);
 	return ok;
 }
@@ -202,11 +205,13 @@ static void collect_needs(struct batcher *b, struct needs *nd)
 /* Queue a lookup whose parameters were just built (and free them). */
 static bool queue_lookup(struct batcher *b, const char *stmt, int nparams, char **params)
 {
-	bool ok = true;
+	bool ok = false;
 
 	for (int i = 0; i < nparams; i++)
-		ok = ok && params[i];
-	ok = ok && pg_queue(b->ctx->pg, stmt, nparams, (const char *const *)params);
+		if (!params[i])
+			goto done;
+	ok = pg_queue(b->ctx->pg, stmt, nparams, (const char *const *)params);
+done:
 	for (int i = 0; i < nparams; i++)
 		free(params[i]);
 	return ok;
@@ -250,31 +255,36 @@ bool load_queue(struct batcher *b, int *nqueued)
 {
 	struct needs *nd = calloc(1, sizeof(*nd));
 	int queued = 0;
-	bool ok = nd != NULL;
+	bool ok = false;
 
 	*nqueued = 0;
 	b->q_streams = b->q_idem = b->q_transfers = -1;
-	if (!ok)
+	if (!nd)
 		return false;
 	collect_needs(b, nd);
 	if (nd->naccounts) {
 		char *p[1] = { array_literal(nd->accounts, nd->naccounts, "account-") };
-		ok = queue_lookup(b, "load_streams", 1, p);
+		if (!queue_lookup(b, "load_streams", 1, p))
+			goto done;
 		b->q_streams = queued++;
 	}
-	if (ok && nd->nkeys) {
+	if (nd->nkeys) {
 		char *p[2] = { array_literal(nd->tokens, nd->nkeys, ""),
 			       array_literal(nd->keys, nd->nkeys, "") };
-		ok = queue_lookup(b, "load_idem", 2, p);
+		if (!queue_lookup(b, "load_idem", 2, p))
+			goto done;
 		b->q_idem = queued++;
 	}
-	if (ok && nd->ntransfers) {
+	if (nd->ntransfers) {
 		char *p[1] = { array_literal(nd->transfers, nd->ntransfers, "") };
-		ok = queue_lookup(b, "load_transfers", 1, p);
+		if (!queue_lookup(b, "load_transfers", 1, p))
+			goto done;
 		b->q_transfers = queued++;
 	}
-	free(nd);
 	*nqueued = queued;
+	ok = true;
+done:
+	free(nd);
 	return ok;
 }
 

@@ -2,7 +2,6 @@
  * instance leads (a lease with fencing, shared/lease.c); others wait as hot standbys. */
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -352,6 +351,18 @@ static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
 	return true;
 }
 
+/* One lookup's rows into the caches: the totals (4 columns) or accounts; false when
+ * out of memory. */
+static bool cache_result(struct projector_ctx *ctx, PGresult *r)
+{
+	if (PQnfields(r) == 4)
+		return cache_totals(ctx, r);
+	for (int row = 0; row < PQntuples(r); row++)
+		if (!cache_account_row(ctx, r, row))
+			return false;
+	return true;
+}
+
 static void load_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
@@ -370,11 +381,7 @@ static void load_done(void *arg, const struct pg_outcome *out)
 		return;
 	}
 	for (size_t i = 0; i < n; i++) {
-		bool totals = PQnfields(results[i]) == 4;
-		bool ok = totals ? cache_totals(ctx, results[i]) : true;
-		for (int row = 0; ok && !totals && row < PQntuples(results[i]); row++)
-			ok = cache_account_row(ctx, results[i], row);
-		if (!ok) {
+		if (!cache_result(ctx, results[i])) {
 			recover(ctx, "out of memory caching read-model state");
 			return;
 		}
@@ -382,39 +389,49 @@ static void load_done(void *arg, const struct pg_outcome *out)
 	fold_and_write(ctx);
 }
 
-/* Fetch the accounts of the batch that the cache lacks (and the totals once). */
-static void load_missing(struct projector_ctx *ctx)
+/* Queue the lookups of the batch's accounts that the cache lacks (*missing of them)
+ * and of the totals until loaded; false when one could not be queued. */
+static bool queue_lookups(struct projector_ctx *ctx, size_t *missing)
 {
 	struct evbuffer *ids = evbuffer_new();
-	size_t missing = 0;
-	bool ok = ids != NULL;
+	char *param = NULL;
+	bool ok = false;
 
-	if (ok)
-		evbuffer_add(ids, "{", 1);
-	for (size_t i = 0; ok && i < ctx->nevents; i++) {
+	*missing = 0;
+	if (!ids)
+		goto done;
+	evbuffer_add(ids, "{", 1);
+	for (size_t i = 0; i < ctx->nevents; i++) {
 		const char *id = ctx->events[i].account;
 		if (ctx->events[i].type == LEDGER_ACCOUNT_OPENED || strmap_get(ctx->accounts, id))
 			continue;
-		pg_array_append(ids, id, missing++ == 0);
+		pg_array_append(ids, id, (*missing)++ == 0);
 	}
-	if (ok && missing) {
-		char *param;
+	if (*missing) {
 		size_t len;
 		evbuffer_add(ids, "}", 2);
 		len = evbuffer_get_length(ids);
 		param = malloc(len);
-		ok = param != NULL;
-		if (ok) {
-			evbuffer_remove(ids, param, len);
-			ok = pg_queue(ctx->pg, "load_accounts", 1, (const char *const *)&param);
-			free(param);
-		}
+		if (!param)
+			goto done;
+		evbuffer_remove(ids, param, len);
+		if (!pg_queue(ctx->pg, "load_accounts", 1, (const char *const *)&param))
+			goto done;
 	}
+	ok = ctx->totals_loaded || pg_queue(ctx->pg, "load_totals", 0, NULL);
+done:
+	free(param);
 	if (ids)
 		evbuffer_free(ids);
-	if (ok && !ctx->totals_loaded)
-		ok = pg_queue(ctx->pg, "load_totals", 0, NULL);
-	if (!ok) {
+	return ok;
+}
+
+/* Fetch the accounts of the batch that the cache lacks (and the totals once). */
+static void load_missing(struct projector_ctx *ctx)
+{
+	size_t missing;
+
+	if (!queue_lookups(ctx, &missing)) {
 		recover(ctx, "queueing the state lookups failed");
 		return;
 	}
@@ -687,16 +704,11 @@ static void ready(void *arg, struct http_ready *r)
 			 "the projection lags %.0f s behind the log", ctx->lag_seconds);
 }
 
-static void on_signal(evutil_socket_t sig, short what, void *arg)
+/* The first signal: exit now, or when the batch in progress is done (go_idle). */
+static void on_stop(struct service_ctx *svc)
 {
-	struct projector_ctx *ctx = arg;
+	struct projector_ctx *ctx = SERVICE_CTX_OF(struct projector_ctx, svc);
 
-	(void)what;
-	if (ctx->stopping)
-		return;
-	log_info(&ctx->log, "signal %d: finishing the current batch", (int)sig);
-	ctx->stopping = true;
-	http_server_stop_accepting(ctx->http);
 	if (ctx->step == STEP_IDLE || ctx->step == STEP_BLOCKED || ctx->role != ROLE_LEADER)
 		event_base_loopexit(ctx->base, NULL);
 }
@@ -729,8 +741,9 @@ static void make_metrics(struct projector_ctx *ctx)
 				   "The lease epoch this instance leads with; 0 on standby.", "", NULL, 0);
 }
 
-static int start(struct projector_ctx *ctx)
+static int start(struct service_ctx *svc)
 {
+	struct projector_ctx *ctx = SERVICE_CTX_OF(struct projector_ctx, svc);
 	char err[512];
 	size_t nstatements;
 	const struct pg_statement *st = projector_statements(&nstatements);
@@ -770,23 +783,20 @@ static int start(struct projector_ctx *ctx)
 	}
 	ctx->poll_timer = event_new(ctx->base, -1, EV_PERSIST, on_poll, ctx);
 	ctx->retry_timer = event_new(ctx->base, -1, EV_PERSIST, on_retry_timer, ctx);
-	ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
-	ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
-	if (!ctx->poll_timer || !ctx->retry_timer || !ctx->sigterm || !ctx->sigint) {
+	if (!ctx->poll_timer || !ctx->retry_timer) {
 		fprintf(stderr, "daybook-projector: out of memory\n");
 		return 1;
 	}
 	evtimer_add(ctx->poll_timer, &poll);
 	evtimer_add(ctx->retry_timer, &retry);
-	evsignal_add(ctx->sigterm, NULL);
-	evsignal_add(ctx->sigint, NULL);
 	log_info(&ctx->log, "metrics on %s:%u", ctx->cfg.listen_host, ctx->cfg.listen_port);
 	return 0;
 }
 
-static void stop(struct projector_ctx *ctx)
+static void stop(struct service_ctx *svc)
 {
-	struct event *evs[] = { ctx->poll_timer, ctx->retry_timer, ctx->sigterm, ctx->sigint };
+	struct projector_ctx *ctx = SERVICE_CTX_OF(struct projector_ctx, svc);
+	struct event *evs[] = { ctx->poll_timer, ctx->retry_timer };
 
 	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
 		if (evs[i])
@@ -799,31 +809,18 @@ static void stop(struct projector_ctx *ctx)
 	pg_close(&ctx->pg);
 	strmap_close(&ctx->accounts);
 	strmap_close(&ctx->totals);
-	metrics_close(&ctx->metrics);
-	if (ctx->base)
-		event_base_free(ctx->base);
 }
+
+static const struct service_def service = {
+	.name = "daybook-projector", .log_name = "projector", .usage = usage,
+	.need = CONFIG_NEED_PG | CONFIG_NEED_REDIS, .default_listen = "127.0.0.1:8083",
+	.check_event_store = true, .stopping = "finishing the current batch",
+	.start = start, .on_stop = on_stop, .stop = stop,
+};
 
 int main(int argc, char **argv)
 {
-	struct projector_ctx ctx = { .log = { .service = "projector", .level = LOG_INFO } };
-	int rc = service_init(argc, argv, "daybook-projector", usage,
-			      CONFIG_NEED_PG | CONFIG_NEED_REDIS, "127.0.0.1:8083", &ctx.cfg);
+	struct projector_ctx ctx = { 0 };
 
-	if (rc >= 0)
-		return rc;
-	ctx.log.level = ctx.cfg.log_level;
-	ctx.base = event_base_new();
-	if (!ctx.base || metrics_open(&ctx.metrics)) {
-		fprintf(stderr, "daybook-projector: cannot set up the event loop\n");
-		return 1;
-	}
-	rc = start(&ctx);
-	/* After every setting is checked (a bad one is the single line on stderr). */
-	if (rc == 0)
-		rc = service_check_event_store("daybook-projector", &ctx.cfg, &ctx.log);
-	if (rc < 0)
-		rc = event_base_dispatch(ctx.base) < 0 ? 1 : 0;
-	stop(&ctx);
-	return rc;
+	return service_run(argc, argv, &service, &ctx.svc);
 }
