@@ -147,10 +147,19 @@ struct projector_ctx {
 		*m_applied, *m_epoch;
 };
 
+/* The step machine (step.c). */
 /* Begin a step if idle and leading; otherwise remember to. */
 void projector_wake(struct projector_ctx *ctx);
 /* Drop every cache: the next batch reloads what it needs. */
 void projector_forget(struct projector_ctx *ctx);
+/* Free the batch in progress (its events and rows). */
+void projector_free_events(struct projector_ctx *ctx);
+/* The lease named us (epoch > 0) or deposed us (epoch 0): lease_config.on_change. */
+void projector_on_lease_change(void *arg, long long epoch, const char *why);
+/* The retry timer fired: a blocked step may start again. */
+void projector_retry(struct projector_ctx *ctx);
+/* A new PostgreSQL session: pg_config.on_connect. */
+void projector_on_pg_connect(void *arg);
 /* The statements the projector prepares on each connection. */
 const struct pg_statement *projector_statements(size_t *n);
 /* Fold the batch into the caches and queue the SQL writes; false on a corrupt log. */
