@@ -149,7 +149,7 @@ static int start(struct projector_ctx *ctx)
 	make_metrics(ctx);
 	ctx->events = calloc(PROJECTOR_BATCH_MAX, sizeof(*ctx->events));
 	if (!ctx->events || strmap_open(&ctx->accounts, free) || strmap_open(&ctx->totals, free) ||
-	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx) || lease_open(&ctx->lease, &lc)) {
+	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx, projector_redis_reported) || lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-projector: out of memory\n");
 		return 1;
 	}

@@ -38,6 +38,11 @@ struct projector_item {
 
 enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
 
+/* What Redis sync reports to the step machine through its completion callback: the
+ * Redis step or resync it was given is over, or it wants a step (Redis came back, or
+ * its live generation looks changed). */
+enum redis_report { REDIS_STEP_DONE, REDIS_WANTS_STEP };
+
 /* An account as the SQL read model holds it. */
 struct rm_account {
 	struct ledger_account acc;
@@ -110,6 +115,8 @@ struct projector_ctx {
 	unsigned polls;      /* poll ticks, for the slower Redis check */
 	unsigned next_sync;  /* no resync before this tick (after a failed one) */
 	struct sync_state *sync;
+	/* Redis sync's completion callback, set by projector_redis_open. */
+	void (*redis_report)(struct projector_ctx *ctx, enum redis_report what);
 	/* The event store's identity (READMODEL_IDENTITY_SQL), "" until read. Read again
 	 * before Redis is checked or copied, and after every new PostgreSQL session
 	 * (identity_stale) before a batch writes Redis: the database may be another. */
@@ -150,6 +157,9 @@ struct projector_ctx {
 /* The step machine (step.c). */
 /* Begin a step if idle and leading; otherwise remember to. */
 void projector_wake(struct projector_ctx *ctx);
+/* Redis sync's report (projector_redis_open's callback): the Redis step is over, or
+ * it wants a step. */
+void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what);
 /* Drop every cache: the next batch reloads what it needs. */
 void projector_forget(struct projector_ctx *ctx);
 /* Free the batch in progress (its events and rows). */
@@ -175,26 +185,21 @@ size_t projector_rows_items(const struct fold_rows *r, const struct projector_it
 /* GET /accounts/{id}'s body for an account; caller frees. */
 char *projector_account_json(const struct rm_account *a);
 
-/* Redis side (redis_sync.c). */
-int projector_redis_open(struct projector_ctx *ctx) __attribute__((warn_unused_result));
+/* Redis side (redis_sync.c). It reports to the step machine through `report` only. */
+int projector_redis_open(struct projector_ctx *ctx,
+			 void (*report)(struct projector_ctx *ctx, enum redis_report what))
+	__attribute__((warn_unused_result));
 /* Send the committed batch to the live generation; false when there is nothing to
  * wait for (Redis not live: a later resync covers the batch). */
 bool projector_redis_batch(struct projector_ctx *ctx);
 /* When leading and idle: resync Redis if it needs it; true when a resync started. */
 bool projector_redis_maintain(struct projector_ctx *ctx);
-/* Called by the step machine when the Redis step or a sync finished. */
-void projector_step_done(struct projector_ctx *ctx);
 void projector_redis_tick(struct projector_ctx *ctx);
 /* A new term: raise Redis's leader epoch to ours before anything else is written (the
  * write scripts raise it too, and refuse writes of an older epoch). */
 void projector_redis_fence(struct projector_ctx *ctx);
 
-/* Leadership: the projection's lease (shared/lease.h, sql/010), claimed and renewed on
- * a connection of the lease's own, so that neither a long batch nor a resync delays a
- * renewal. */
 /* A new PostgreSQL session: the store's identity is read again before Redis is written. */
 void projector_redis_session(struct projector_ctx *ctx);
-
-
 
 #endif

@@ -230,7 +230,7 @@ static void step_reply(void *arg, const redisReply *reply)
 		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
 		redis_reached(ctx, ctx->cp_pos);
 	}
-	projector_step_done(ctx);
+	ctx->redis_report(ctx, REDIS_STEP_DONE);
 }
 
 static void send(struct projector_ctx *ctx, int argc, const char *const *argv)
@@ -511,7 +511,7 @@ static void sync_abort(struct projector_ctx *ctx, const char *why)
 	ctx->sync = NULL;
 	unsynced(ctx, "resync_failed");
 	pause_resync(ctx);
-	projector_step_done(ctx);
+	ctx->redis_report(ctx, REDIS_STEP_DONE);
 }
 
 /* Hold the step open while a phase sends its commands. */
@@ -831,7 +831,7 @@ static void sync_next(struct projector_ctx *ctx)
 		start_cleanup(ctx);
 		if (ctx->foreign_fight) /* two deployments fight over the pointer */
 			ctx->next_sync = ctx->polls + SHARED_REDIS_BACKOFF_POLLS;
-		projector_step_done(ctx);
+		ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
 	default:
 		sync_abort(ctx, "unexpected sync phase");
@@ -898,7 +898,7 @@ static void status_reply(void *arg, const redisReply *reply)
 		else
 			ctx->rsync = RS_UNKNOWN;
 	}
-	projector_step_done(ctx);
+	ctx->redis_report(ctx, REDIS_STEP_DONE);
 }
 
 /* The identity read: go on with what it was read for. */
@@ -923,7 +923,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 		/* Nothing is written to Redis without it; tried again after a pause. */
 		unsynced(ctx, "identity_unreadable");
 		pause_resync(ctx);
-		projector_step_done(ctx);
+		ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
 	}
 	changed = ctx->identity[0] && strcmp(ctx->identity, got) != 0;
@@ -939,7 +939,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 		if (changed)
 			unsynced(ctx, "identity_changed"); /* a resync builds this store's generation */
 		if (changed || !projector_redis_batch(ctx))
-			projector_step_done(ctx);
+			ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
 	case ID_THEN_SYNC:
 		start_sync(ctx); /* it ends the step itself, also when it fails */
@@ -949,7 +949,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 			return;
 		unsynced(ctx, "redis_error");
 		pause_resync(ctx);
-		projector_step_done(ctx);
+		ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
 	}
 }
@@ -1012,7 +1012,7 @@ static void live_reply(void *arg, const redisReply *reply)
 		 * new generation behind our checkpoint and cost a full resync. So the check
 		 * waits for the step machine to be idle. */
 		ctx->live_suspect = true;
-		projector_wake(ctx);
+		ctx->redis_report(ctx, REDIS_WANTS_STEP);
 	}
 }
 
@@ -1025,7 +1025,7 @@ void projector_redis_tick(struct projector_ctx *ctx)
 	if (ctx->rsync == RS_LIVE && redis_connected(ctx->redis))
 		(void)!redis_command(ctx->redis, 2, get, NULL, live_reply, ctx);
 	else if (ctx->rsync != RS_LIVE)
-		projector_wake(ctx);
+		ctx->redis_report(ctx, REDIS_WANTS_STEP);
 }
 
 static void fence_reply(void *arg, const redisReply *reply)
@@ -1057,10 +1057,11 @@ static void on_redis_ready(void *arg)
 	/* Whatever happened while we were apart, find out before writing again. */
 	ctx->rsync = RS_UNKNOWN;
 	projector_redis_fence(ctx);
-	projector_wake(ctx);
+	ctx->redis_report(ctx, REDIS_WANTS_STEP);
 }
 
-int projector_redis_open(struct projector_ctx *ctx)
+int projector_redis_open(struct projector_ctx *ctx,
+			 void (*report)(struct projector_ctx *ctx, enum redis_report what))
 {
 	struct redis_config rc = {
 		.server = &ctx->cfg.redis, .name = "daybook-projector", .base = ctx->base,
@@ -1068,6 +1069,7 @@ int projector_redis_open(struct projector_ctx *ctx)
 		.command_timeout = 5, .on_ready = on_redis_ready, .arg = ctx,
 	};
 
+	ctx->redis_report = report;
 	ctx->m_redis_failures = metrics_get(
 		ctx->metrics, METRIC_COUNTER, "daybook_projection_redis_failures_total",
 		"Redis batches and resyncs abandoned on a failed write; Redis is then copied from "

@@ -149,9 +149,12 @@ static void recover(struct projector_ctx *ctx, const char *what)
 		event_base_loopexit(ctx->base, NULL);
 }
 
-void projector_step_done(struct projector_ctx *ctx)
+void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what)
 {
-	go_idle(ctx);
+	if (what == REDIS_STEP_DONE)
+		go_idle(ctx);
+	else
+		projector_wake(ctx);
 }
 
 void projector_wake(struct projector_ctx *ctx)
