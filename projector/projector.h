@@ -94,10 +94,9 @@ struct projector_ctx {
 	struct redis *redis;
 	enum redis_sync rsync;
 	long long gen;       /* the Redis generation this projector writes */
-	size_t rpending;     /* Redis replies still to come for the current step */
-	bool rfailed;        /* a reply of the current step failed */
+	size_t rpending;     /* Redis replies still to come for the resync's phase */
+	bool rfailed;        /* a reply of the resync's phase failed */
 	size_t rerrors;      /* error replies of the current step */
-	bool rcheckpoint;    /* the batch's writes all succeeded: its checkpoint is in flight */
 	struct metric *m_redis_failures; /* Redis steps abandoned on an error reply */
 	/* What the live Redis generation has reached, and since when it trails the SQL
 	 * checkpoint (wall clock; 0: it does not), for the Redis lag metrics. */
@@ -108,8 +107,6 @@ struct projector_ctx {
 	struct metric *m_commit_seconds; /* the SQL batch's transaction, sent to committed */
 	struct timespec write_start;
 	unsigned rfail_streak; /* Redis steps failed in a row: the pause before a resync grows */
-	long long gen_moved; /* a rebuild made this generation live under the batch */
-	bool gen_lost;       /* no usable live generation seen during the batch */
 	bool live_suspect;   /* the periodic check saw another live generation mid-batch */
 	bool cp_reloaded;    /* the last batch found the checkpoint moved and reloaded it */
 	unsigned polls;      /* poll ticks, for the slower Redis check */

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "projector.h"
+#include "redis_sync.h"
 
 #define SYNC_ACCOUNTS_PAGE "200"
 #define SYNC_TRANSFERS_PAGE "1000"
@@ -16,97 +16,8 @@
  * again and again (one Redis database shared by two: unsupported, see docs). */
 #define SHARED_REDIS_BACKOFF_POLLS 600
 
-#define STR_(x) #x
-#define STR(x) STR_(x)
-
-enum script {
-	PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS, PUT_FENCED, RAISE_FENCE,
-	SWITCH_LIVE, CLEAN_OLD
-};
-
 /* What reading the store's identity leads to. */
 enum identity_next { ID_THEN_STATUS, ID_THEN_SYNC, ID_THEN_BATCH };
-
-/* newer(a, b): is position token a after b? Lua numbers are doubles: exact to 2^53. */
-#define LUA_NEWER                                                                          \
-	"local function newer(a, b) "                                                      \
-	"local at, ap = string.match(a, '^(%d+)%.(%d+)$') "                                \
-	"local bt, bp = string.match(b, '^(%d+)%.(%d+)$') "                                \
-	"if not bt then return true end "                                                  \
-	"at, ap, bt, bp = tonumber(at), tonumber(ap), tonumber(bt), tonumber(bp) "         \
-	"return at > bt or (at == bt and ap > bp) end "
-
-/* The write scripts take the writer's leader epoch first (READMODEL_LUA_FENCE). */
-static const char *const scripts[] = {
-	[PUT_ACCOUNT] = READMODEL_LUA_FENCE "local v = redis.call('HGET', KEYS[1], 'v') "
-			"if v and tonumber(v) >= tonumber(ARGV[1]) then return 0 end "
-			"redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ARGV[2], 'j', ARGV[3]) "
-			"return 1",
-	/* ARGV: the items' versions and JSON, oldest first. The statement (newest first)
-	 * is a set of items by version, as a sorted set would be: items newer than its
-	 * newest go in front; any other (a replay, or a resync over a generation that a
-	 * stale batch wrote to) is merged in by version, each version once. Then the
-	 * newest READMODEL_ITEMS_KEPT stay. */
-	[PUT_ITEMS] = READMODEL_LUA_FENCE READMODEL_LUA_ITEM_VERSION
-		      "local top = redis.call('LINDEX', KEYS[1], 0) "
-		      "if not top or tonumber(ARGV[1]) > item_version(top) then "
-		      "for i = 1, #ARGV, 2 do redis.call('LPUSH', KEYS[1], ARGV[i + 1]) end "
-		      "else "
-		      "local by, vs = {}, {} "
-		      "for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do "
-		      "local v = item_version(item) "
-		      "if not by[v] then by[v] = item; vs[#vs + 1] = v end end "
-		      "for i = 1, #ARGV, 2 do "
-		      "local v = tonumber(ARGV[i]) "
-		      "if not by[v] then by[v] = ARGV[i + 1]; vs[#vs + 1] = v end end "
-		      "table.sort(vs, function(x, y) return x > y end) "
-		      "redis.call('DEL', KEYS[1]) "
-		      "for i = 1, math.min(#vs, " STR(READMODEL_ITEMS_KEPT) ") do "
-		      "redis.call('RPUSH', KEYS[1], by[vs[i]]) end "
-		      "end "
-		      "redis.call('LTRIM', KEYS[1], 0, " STR(READMODEL_ITEMS_KEPT) " - 1) return 1",
-	/* ARGV[2], when given, is where the batch started: the generation must already
-	 * hold everything up to there, or the checkpoint would cover batches it never got
-	 * (another leader's, or one of ours whose SQL outcome was unknown). */
-	[PUT_CHECKPOINT] = READMODEL_LUA_FENCE LUA_NEWER "local cur = redis.call('GET', KEYS[1]) "
-				     "if ARGV[2] and (not cur or newer(ARGV[2], cur)) then "
-				     "return redis.error_reply('GAP the generation is at ' .. tostring(cur) .. "
-				     "', the batch starts at ' .. ARGV[2]) end "
-				     "if cur and not newer(ARGV[1], cur) then return 0 end "
-				     "redis.call('SET', KEYS[1], ARGV[1]) return 1",
-	[PUT_TOTALS] = READMODEL_LUA_FENCE LUA_NEWER "local cur = redis.call('HGET', KEYS[1], 'p') "
-				 "if cur and not newer(ARGV[1], cur) then return 0 end "
-				 "redis.call('HSET', KEYS[1], 'p', ARGV[1], 'j', ARGV[2]) return 1",
-	/* A live generation of another layout, or built from another event store (its
-	 * identity is not ARGV[1]), counts as none: it is replaced. */
-	[LIVE_STATUS] = "local g = redis.call('GET', '" READMODEL_LIVE_KEY "') "
-			"if not g then return false end "
-			"if redis.call('GET', 'dbk:g:' .. g .. ':layout') ~= '" READMODEL_REDIS_LAYOUT "' "
-			"then return false end "
-			"if redis.call('GET', 'dbk:g:' .. g .. ':identity') ~= ARGV[1] then return false end "
-			"return {g, redis.call('GET', 'dbk:g:' .. g .. ':checkpoint') or ''}",
-	/* SET KEYS[1] ARGV[1]: transfers, a generation's layout and identity marks. */
-	[PUT_FENCED] = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1",
-	[RAISE_FENCE] = READMODEL_LUA_FENCE "return 1",
-	/* Make generation ARGV[1] live; the identity of the one it replaces when that is
-	 * not ARGV[2] (another store's), else "". */
-	[SWITCH_LIVE] = READMODEL_LUA_FENCE "local old = redis.call('GET', '" READMODEL_LIVE_KEY "') "
-			"local theirs = old and redis.call('GET', 'dbk:g:' .. old .. ':identity') "
-			"redis.call('SET', '" READMODEL_LIVE_KEY "', ARGV[1]) "
-			"if theirs and theirs ~= ARGV[2] then return theirs end return ''",
-	/* Unlink the keys ARGV[3..] of generations older than ARGV[2] that are ours
-	 * (identity ARGV[1]) or of no store (written before identities): another store's
-	 * generations may be another deployment's live models, and are left alone. */
-	[CLEAN_OLD] = "local ours = {} "
-		      "for i = 3, #ARGV do "
-		      "local g = string.match(ARGV[i], '^dbk:g:(%d+):') "
-		      "if g and tonumber(g) < tonumber(ARGV[2]) then "
-		      "if ours[g] == nil then "
-		      "local id = redis.call('GET', 'dbk:g:' .. g .. ':identity') "
-		      "ours[g] = not id or id == ARGV[1] end "
-		      "if ours[g] then redis.call('UNLINK', ARGV[i]) end end end "
-		      "return 0",
-};
 
 enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH, SY_LIVE };
 
@@ -125,21 +36,21 @@ static void key(char *out, size_t len, long long gen, const char *kind, const ch
 	snprintf(out, len, "dbk:g:%lld:%s%s%s", gen, kind, id ? ":" : "", id ? id : "");
 }
 
-static void cp_token(const struct projector_ctx *ctx, char out[48])
+void redis_sync_cp_token(const struct projector_ctx *ctx, char out[48])
 {
 	snprintf(out, 48, "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 }
 
 /* Redis is to be copied from SQL; `reason` labels the resync it leads to
  * (daybook_projection_redis_resyncs_total). Static string. */
-static void unsynced(struct projector_ctx *ctx, const char *reason)
+void redis_sync_unsynced(struct projector_ctx *ctx, const char *reason)
 {
 	ctx->rsync = RS_UNSYNCED;
 	ctx->resync_reason = reason;
 }
 
 /* The live generation has reached `pos`: what the Redis lag metrics measure from. */
-static void redis_reached(struct projector_ctx *ctx, long long pos)
+void redis_sync_reached(struct projector_ctx *ctx, long long pos)
 {
 	ctx->redis_pos = pos;
 	metric_set(ctx->m_redis_position, (double)pos);
@@ -150,12 +61,12 @@ static void redis_reached_token(struct projector_ctx *ctx, const char *token)
 	struct readmodel_position p;
 
 	if (readmodel_position_parse(token, &p))
-		redis_reached(ctx, (long long)p.position);
+		redis_sync_reached(ctx, (long long)p.position);
 }
 
 /* --- replies ------------------------------------------------------------------------ */
 
-static void start_cleanup(struct projector_ctx *ctx);
+void redis_sync_start_cleanup(struct projector_ctx *ctx);
 
 /* No resync before a pause: a second after one failure, doubling with each failure in
  * a row up to RETRY_POLLS_MAX, so that a persistent fault costs little. */
@@ -171,23 +82,20 @@ static void pause_resync(struct projector_ctx *ctx)
 
 /* A Redis step failed: say so, count it, and leave Redis to a resync from SQL after
  * a pause (a persistent error, Redis out of memory say, does not spin). */
-static void report_failure(struct projector_ctx *ctx, const char *what)
+void redis_sync_report_failure(struct projector_ctx *ctx, const char *what)
 {
 	metric_add(ctx->m_redis_failures, 1);
 	log_warn(&ctx->log, "%s: %zu redis write(s) failed; the generation's checkpoint stays at "
 			    "its last complete batch, and redis is copied from SQL after a pause",
 		 what, ctx->rerrors);
-	unsynced(ctx, "write_failed");
+	redis_sync_unsynced(ctx, "write_failed");
 	pause_resync(ctx);
 }
 
-static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char *token,
-			   const char *from);
-
+/* A reply of the resync's current phase: once all are in, the next phase. */
 static void step_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
-	char token[48];
 
 	if (!reply || reply->type == REDIS_REPLY_ERROR) {
 		if (!ctx->rfailed)
@@ -198,39 +106,7 @@ static void step_reply(void *arg, const redisReply *reply)
 	}
 	if (--ctx->rpending > 0)
 		return;
-	if (ctx->step == STEP_SYNCING) {
-		sync_next(ctx);
-		return;
-	}
-	if (ctx->rfailed) {
-		report_failure(ctx, "a batch's redis writes failed");
-	} else if (ctx->gen_lost) {
-		unsynced(ctx, "generation_lost"); /* a later resync repairs what this batch missed */
-	} else if (!ctx->gen_moved && !ctx->rcheckpoint) {
-		/* Every reply of the batch was checked: only now may the generation's
-		 * checkpoint move past its events (a refused write, an OOM or a WRONGTYPE
-		 * say, must not be covered by a later checkpoint). */
-		ctx->rcheckpoint = true;
-		ctx->rpending = 1; /* held until sent */
-		cp_token(ctx, token);
-		put_checkpoint(ctx, ctx->gen, token, ctx->batch_from);
-		step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS });
-		return;
-	} else if (ctx->gen_moved) {
-		/* A rebuild switched generations under us; its generation reached at least
-		 * where this batch started, and every write is guarded: send it again. What
-		 * this batch wrote to the old generation may outlive the rebuild's deletion
-		 * of it, so the old generations are swept once more. */
-		log_info(&ctx->log, "following redis generation %lld", ctx->gen_moved);
-		ctx->gen = ctx->gen_moved;
-		start_cleanup(ctx);
-		if (projector_redis_batch(ctx))
-			return;
-	} else {
-		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
-		redis_reached(ctx, ctx->cp_pos);
-	}
-	ctx->redis_report(ctx, REDIS_STEP_DONE);
+	sync_next(ctx);
 }
 
 static void send(struct projector_ctx *ctx, int argc, const char *const *argv)
@@ -243,7 +119,7 @@ static void send(struct projector_ctx *ctx, int argc, const char *const *argv)
 	}
 }
 
-static void eval(struct projector_ctx *ctx, enum script s, int nkeys, int argc,
+static void eval(struct projector_ctx *ctx, enum redis_script s, int nkeys, int argc,
 		 const char *const *argv)
 {
 	if (redis_eval(ctx->redis, s, nkeys, argc, argv, NULL, step_reply, ctx)) {
@@ -255,7 +131,7 @@ static void eval(struct projector_ctx *ctx, enum script s, int nkeys, int argc,
 }
 
 /* The fence argument of the write scripts: our term's epoch, for our event store. */
-static void fence_arg(const struct projector_ctx *ctx, char *out, size_t len)
+void redis_sync_fence_arg(const struct projector_ctx *ctx, char *out, size_t len)
 {
 	snprintf(out, len, "%lld:%s", ctx->epoch, ctx->identity);
 }
@@ -269,7 +145,7 @@ static void put_account(struct projector_ctx *ctx, long long gen, const char *id
 	const char *argv[5] = { k, e, v, n, json };
 
 	key(k, sizeof(k), gen, "acct", id);
-	fence_arg(ctx, e, sizeof(e));
+	redis_sync_fence_arg(ctx, e, sizeof(e));
 	snprintf(v, sizeof(v), "%d", version);
 	snprintf(n, sizeof(n), "%d", entries);
 	eval(ctx, PUT_ACCOUNT, 1, 5, argv);
@@ -281,7 +157,7 @@ static void put_transfer(struct projector_ctx *ctx, long long gen, const char *i
 	const char *argv[3] = { k, e, json };
 
 	key(k, sizeof(k), gen, "xfer", id);
-	fence_arg(ctx, e, sizeof(e));
+	redis_sync_fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_FENCED, 1, 3, argv);
 }
 
@@ -298,7 +174,7 @@ static void put_entries(struct projector_ctx *ctx, long long gen, const char *id
 		return;
 	}
 	key(k, sizeof(k), gen, "stmt", id);
-	fence_arg(ctx, e, sizeof(e));
+	redis_sync_fence_arg(ctx, e, sizeof(e));
 	argv[0] = k;
 	argv[1] = e;
 	for (size_t i = 0; i < n; i++) {
@@ -316,7 +192,7 @@ static int by_currency(const void *a, const void *b)
 }
 
 /* GET /totals's body; rows sorted here. Caller frees. */
-static char *totals_json(struct readmodel_total *rows, size_t n)
+char *redis_sync_totals_json(struct readmodel_total *rows, size_t n)
 {
 	qsort(rows, n, sizeof(*rows), by_currency);
 	return readmodel_totals_json(rows, n);
@@ -332,7 +208,7 @@ static void put_totals(struct projector_ctx *ctx, long long gen, const char *tok
 		return;
 	}
 	key(k, sizeof(k), gen, "totals", NULL);
-	fence_arg(ctx, e, sizeof(e));
+	redis_sync_fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_TOTALS, 1, 4, argv);
 	free(json);
 }
@@ -345,160 +221,10 @@ static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char 
 	const char *pub[3] = { "PUBLISH", "dbk:position", msg };
 
 	key(k, sizeof(k), gen, "checkpoint", NULL);
-	fence_arg(ctx, e, sizeof(e));
+	redis_sync_fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_CHECKPOINT, 1, from ? 4 : 3, argv);
 	snprintf(msg, sizeof(msg), "%lld %s", gen, token);
 	send(ctx, 3, pub);
-}
-
-/* --- each batch ------------------------------------------------------------------------- */
-
-/* The cached totals as text: int64 counts and an int128 sum, bounded by their types. */
-struct totals_text {
-	char accounts[24], open[24], sum[48];
-};
-
-struct totals_collect {
-	struct readmodel_total *rows;
-	struct totals_text *text;
-	size_t n, cap;
-};
-
-static void collect_total(void *arg, const char *currency, void *value)
-{
-	struct totals_collect *c = arg;
-	const struct rm_total *t = value;
-	struct totals_text *x;
-
-	(void)currency;
-	if (c->n == c->cap)
-		return;
-	x = &c->text[c->n];
-	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->accounts);
-	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->open_accounts);
-	readmodel_int128_text(t->balance_sum, x->sum);
-	c->rows[c->n++] = (struct readmodel_total){ .currency = t->currency, .accounts = x->accounts,
-						    .open_accounts = x->open, .balance_sum = x->sum };
-}
-
-static char *cached_totals_json(struct projector_ctx *ctx)
-{
-	struct totals_collect c = { .cap = strmap_count(ctx->totals) };
-	char *json = NULL;
-
-	c.rows = calloc(c.cap ? c.cap : 1, sizeof(*c.rows));
-	c.text = calloc(c.cap ? c.cap : 1, sizeof(*c.text));
-	if (c.rows && c.text) {
-		strmap_foreach(ctx->totals, collect_total, &c);
-		json = totals_json(c.rows, c.n);
-	}
-	free(c.rows);
-	free(c.text);
-	return json;
-}
-
-/* Group the batch's statement items by account, in order, and send them. */
-static void send_items(struct projector_ctx *ctx, const struct projector_item *items, size_t n)
-{
-	const char **versions = malloc((n + 1) * sizeof(*versions));
-	const char **jsons = malloc((n + 1) * sizeof(*jsons));
-	char (*vtext)[16] = malloc((n + 1) * sizeof(*vtext));
-	size_t i = 0;
-
-	if (!versions || !jsons || !vtext) {
-		ctx->rfailed = true;
-		goto done;
-	}
-	while (i < n) {
-		size_t start = i, m = 0;
-		if (items[i].version == 0) {
-			put_transfer(ctx, ctx->gen, items[i].id, items[i].json);
-			i++;
-			continue;
-		}
-		/* A run of one account's items goes in one script call. */
-		for (; i < n && items[i].version > 0 && strcmp(items[i].id, items[start].id) == 0; i++) {
-			snprintf(vtext[m], sizeof(vtext[m]), "%d", items[i].version);
-			versions[m] = vtext[m];
-			jsons[m++] = items[i].json;
-		}
-		/* Only the newest READMODEL_ITEMS_KEPT can stay in the statement: a stream
-		 * with thousands of events in one batch sends no more than those. */
-		if (m > READMODEL_ITEMS_KEPT)
-			put_entries(ctx, ctx->gen, items[start].id, versions + (m - READMODEL_ITEMS_KEPT),
-				    jsons + (m - READMODEL_ITEMS_KEPT), READMODEL_ITEMS_KEPT);
-		else
-			put_entries(ctx, ctx->gen, items[start].id, versions, jsons, m);
-	}
-done:
-	free(versions);
-	free(jsons);
-	free(vtext);
-}
-
-/* The batch's first reply: is our generation still the live one? */
-static void batch_live_reply(void *arg, const redisReply *reply)
-{
-	struct projector_ctx *ctx = arg;
-	struct readmodel_position live, from;
-
-	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
-	    strtoll(reply->element[0]->str, NULL, 10) != ctx->gen) {
-		if (readmodel_position_parse(reply->element[1]->str, &live) &&
-		    readmodel_position_parse(ctx->batch_from, &from) &&
-		    readmodel_position_cmp(&live, &from) >= 0)
-			ctx->gen_moved = strtoll(reply->element[0]->str, NULL, 10);
-		else
-			ctx->gen_lost = true;
-	} else if (reply && reply->type == REDIS_REPLY_NIL) {
-		ctx->gen_lost = true; /* Redis lost its data */
-	}
-	step_reply(arg, reply);
-}
-
-static bool read_identity(struct projector_ctx *ctx, enum identity_next next);
-
-bool projector_redis_batch(struct projector_ctx *ctx)
-{
-	struct rm_account *const *accounts;
-	const struct projector_item *items;
-	size_t na = projector_rows_accounts(ctx->rows, &accounts);
-	size_t ni = projector_rows_items(ctx->rows, &items);
-	const char *identity[1] = { ctx->identity };
-	char token[48];
-
-	if (ctx->rsync != RS_LIVE)
-		return false;
-	if (!redis_connected(ctx->redis)) {
-		unsynced(ctx, "disconnected");
-		return false;
-	}
-	if (ctx->identity_stale) /* a new session: is the store still the one we wrote for? */
-		return read_identity(ctx, ID_THEN_BATCH);
-	ctx->rpending = 1; /* held until everything is sent */
-	ctx->rfailed = ctx->gen_lost = ctx->rcheckpoint = false;
-	ctx->rerrors = 0;
-	ctx->gen_moved = 0;
-	cp_token(ctx, token);
-	if (redis_eval(ctx->redis, LIVE_STATUS, 0, 1, identity, NULL, batch_live_reply, ctx))
-		ctx->rpending++;
-	else
-		ctx->rfailed = true;
-	for (size_t i = 0; i < na; i++) {
-		char *json = projector_account_json(accounts[i]);
-		if (!json) {
-			ctx->rfailed = true;
-			continue;
-		}
-		put_account(ctx, ctx->gen, accounts[i]->acc.id, accounts[i]->acc.version,
-			    accounts[i]->entries, json);
-		free(json);
-	}
-	send_items(ctx, items, ni);
-	put_totals(ctx, ctx->gen, token, cached_totals_json(ctx));
-	/* The checkpoint follows once every reply is in (step_reply). */
-	step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS }); /* release the hold */
-	return true;
 }
 
 /* --- copying SQL into a new generation --------------------------------------------- */
@@ -509,7 +235,7 @@ static void sync_abort(struct projector_ctx *ctx, const char *why)
 	metric_add(ctx->m_redis_failures, 1);
 	free(ctx->sync);
 	ctx->sync = NULL;
-	unsynced(ctx, "resync_failed");
+	redis_sync_unsynced(ctx, "resync_failed");
 	pause_resync(ctx);
 	ctx->redis_report(ctx, REDIS_STEP_DONE);
 }
@@ -657,7 +383,7 @@ static void totals_done(void *arg, const struct pg_outcome *out)
 						   .balance_sum = PQgetvalue(r, row, 3) };
 	begin_sends(ctx);
 	s->phase = SY_SWITCH;
-	put_totals(ctx, s->gen, s->cp, t ? totals_json(t, (size_t)rows) : NULL);
+	put_totals(ctx, s->gen, s->cp, t ? redis_sync_totals_json(t, (size_t)rows) : NULL);
 	free(t);
 	end_sends(ctx);
 }
@@ -727,7 +453,7 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 		return;
 }
 
-static void start_cleanup(struct projector_ctx *ctx)
+void redis_sync_start_cleanup(struct projector_ctx *ctx)
 {
 	const char *scan[6] = { "SCAN", "0", "MATCH", "dbk:g:*", "COUNT", "1000" };
 
@@ -799,7 +525,7 @@ static void sync_next(struct projector_ctx *ctx)
 		/* Everything up to s->cp is in the new generation (every reply so far was
 		 * checked): mark it complete... */
 		begin_sends(ctx);
-		fence_arg(ctx, epoch, sizeof(epoch));
+		redis_sync_fence_arg(ctx, epoch, sizeof(epoch));
 		key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
 		key(identity_key, sizeof(identity_key), s->gen, "identity", NULL);
 		eval(ctx, PUT_FENCED, 1, 3, identity);
@@ -812,7 +538,7 @@ static void sync_next(struct projector_ctx *ctx)
 		/* ...and once that is in too, let readers have it. */
 		begin_sends(ctx);
 		snprintf(gen, sizeof(gen), "%lld", s->gen);
-		fence_arg(ctx, epoch, sizeof(epoch));
+		redis_sync_fence_arg(ctx, epoch, sizeof(epoch));
 		if (redis_eval(ctx->redis, SWITCH_LIVE, 0, 3, live, NULL, switch_reply, ctx))
 			ctx->rpending++;
 		else
@@ -828,7 +554,7 @@ static void sync_next(struct projector_ctx *ctx)
 		ctx->rsync = RS_LIVE;
 		free(ctx->sync);
 		ctx->sync = NULL;
-		start_cleanup(ctx);
+		redis_sync_start_cleanup(ctx);
 		if (ctx->foreign_fight) /* two deployments fight over the pointer */
 			ctx->next_sync = ctx->polls + SHARED_REDIS_BACKOFF_POLLS;
 		ctx->redis_report(ctx, REDIS_STEP_DONE);
@@ -857,7 +583,7 @@ static void start_sync(struct projector_ctx *ctx)
 			       "by the reason Redis needed one.",
 			       labels, NULL, 0),
 		   1);
-	cp_token(ctx, ctx->sync->cp);
+	redis_sync_cp_token(ctx, ctx->sync->cp);
 	ctx->rfailed = false;
 	ctx->rerrors = 0;
 	ctx->step = STEP_SYNCING;
@@ -874,7 +600,7 @@ static void status_reply(void *arg, const redisReply *reply)
 
 	struct readmodel_position ours, live;
 
-	cp_token(ctx, token);
+	redis_sync_cp_token(ctx, token);
 	/* A generation at or beyond our checkpoint is safe to adopt: replaying batches it
 	 * already has is a no-op, every write being guarded. */
 	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
@@ -883,7 +609,7 @@ static void status_reply(void *arg, const redisReply *reply)
 	    readmodel_position_cmp(&live, &ours) >= 0) {
 		long long gen = strtoll(reply->element[0]->str, NULL, 10);
 		if (ctx->gen && gen > ctx->gen)
-			start_cleanup(ctx); /* a rebuild's switch: sweep what is older, as above */
+			redis_sync_start_cleanup(ctx); /* a rebuild's switch: sweep what is older, as above */
 		ctx->gen = gen;
 		ctx->rsync = RS_LIVE;
 		redis_reached_token(ctx, reply->element[1]->str);
@@ -894,7 +620,7 @@ static void status_reply(void *arg, const redisReply *reply)
 			log_info(&ctx->log, "redis holds no live generation of this event store "
 					    "(identity %s)", ctx->identity);
 		if (reply)
-			unsynced(ctx, "no_live_generation");
+			redis_sync_unsynced(ctx, "no_live_generation");
 		else
 			ctx->rsync = RS_UNKNOWN;
 	}
@@ -921,7 +647,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 					     "migrated?): %s",
 				  n ? PQresultErrorMessage(results[0]) : "no result");
 		/* Nothing is written to Redis without it; tried again after a pause. */
-		unsynced(ctx, "identity_unreadable");
+		redis_sync_unsynced(ctx, "identity_unreadable");
 		pause_resync(ctx);
 		ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
@@ -937,7 +663,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	switch ((enum identity_next)ctx->identity_next) {
 	case ID_THEN_BATCH:
 		if (changed)
-			unsynced(ctx, "identity_changed"); /* a resync builds this store's generation */
+			redis_sync_unsynced(ctx, "identity_changed"); /* a resync builds this store's generation */
 		if (changed || !projector_redis_batch(ctx))
 			ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
@@ -947,7 +673,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	case ID_THEN_STATUS:
 		if (redis_eval(ctx->redis, LIVE_STATUS, 0, 1, argv, NULL, status_reply, ctx))
 			return;
-		unsynced(ctx, "redis_error");
+		redis_sync_unsynced(ctx, "redis_error");
 		pause_resync(ctx);
 		ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
@@ -966,6 +692,11 @@ static bool read_identity(struct projector_ctx *ctx, enum identity_next next)
 	}
 	ctx->identity_next = next;
 	return true;
+}
+
+bool redis_sync_identity_then_batch(struct projector_ctx *ctx)
+{
+	return read_identity(ctx, ID_THEN_BATCH);
 }
 
 void projector_redis_session(struct projector_ctx *ctx)
@@ -1045,7 +776,7 @@ void projector_redis_fence(struct projector_ctx *ctx)
 	 * reading it raises the fence (identity_done calls this again). */
 	if (!ctx->identity[0])
 		return;
-	fence_arg(ctx, e, sizeof(e));
+	redis_sync_fence_arg(ctx, e, sizeof(e));
 	if (ctx->role == ROLE_LEADER && redis_connected(ctx->redis))
 		(void)!redis_eval(ctx->redis, RAISE_FENCE, 0, 1, argv, NULL, fence_reply, ctx);
 }
@@ -1063,9 +794,11 @@ static void on_redis_ready(void *arg)
 int projector_redis_open(struct projector_ctx *ctx,
 			 void (*report)(struct projector_ctx *ctx, enum redis_report what))
 {
+	size_t nscripts;
+	const char *const *scripts = projector_redis_scripts(&nscripts);
 	struct redis_config rc = {
 		.server = &ctx->cfg.redis, .name = "daybook-projector", .base = ctx->base,
-		.log = &ctx->log, .scripts = scripts, .nscripts = sizeof(scripts) / sizeof(scripts[0]),
+		.log = &ctx->log, .scripts = scripts, .nscripts = nscripts,
 		.command_timeout = 5, .on_ready = on_redis_ready, .arg = ctx,
 	};
 
