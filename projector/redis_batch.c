@@ -152,15 +152,26 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	return true;
 }
 
+static bool is_gap(const redisReply *reply)
+{
+	return reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "GAP", 3) == 0;
+}
+
 static void batch_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
 	struct readmodel_position live, from;
+	/* Sent while Redis was unknown (just connected, say): this reply is the check. */
+	bool unknown = ctx->rsync == RS_UNKNOWN;
 	const redisReply *r0 = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements >= 1
 				       ? reply->element[0]
 				       : NULL;
 
-	if (!reply || reply->type == REDIS_REPLY_ERROR) {
+	if (unknown && is_gap(reply)) {
+		/* The live generation is behind where this batch starts: copy SQL. */
+		log_info(&ctx->log, "redis generation %lld is behind the batch: %s", ctx->gen, reply->str);
+		redis_sync_unsynced(ctx, "no_live_generation");
+	} else if (!reply || reply->type == REDIS_REPLY_ERROR) {
 		log_warn(&ctx->log, "redis write failed: %s",
 			 reply ? reply->str : redis_last_error(ctx->redis));
 		ctx->rerrors = 1;
@@ -169,20 +180,27 @@ static void batch_reply(void *arg, const redisReply *reply)
 		   reply->elements == 3 && readmodel_position_parse(reply->element[2]->str, &live) &&
 		   readmodel_position_parse(ctx->batch_from, &from) &&
 		   readmodel_position_cmp(&live, &from) >= 0) {
-		/* A rebuild switched generations under us; its generation reached at least
-		 * where this batch started, and every write is guarded: send it there. What
-		 * earlier batches wrote to the old generation may outlive the rebuild's
-		 * deletion of it, so the old generations are swept once more. */
-		ctx->gen = strtoll(reply->element[1]->str, NULL, 10);
+		/* A rebuild switched generations under us (or we did not know the live one
+		 * yet); its generation reached at least where this batch starts, and every
+		 * write is guarded: send it there. What earlier batches wrote to the old
+		 * generation may outlive the rebuild's deletion of it, so the old generations
+		 * are swept once more. */
+		long long gen = strtoll(reply->element[1]->str, NULL, 10);
+		bool sweep = ctx->gen != 0;
+		ctx->gen = gen;
 		log_info(&ctx->log, "following redis generation %lld", ctx->gen);
-		redis_sync_start_cleanup(ctx);
+		if (sweep)
+			redis_sync_start_cleanup(ctx);
 		if (projector_redis_batch(ctx))
 			return;
 	} else if (r0) {
 		/* No usable live generation (Redis lost its data, say), or one behind the
 		 * batch: a later resync repairs what this batch missed. */
-		redis_sync_unsynced(ctx, "generation_lost");
+		redis_sync_unsynced(ctx, unknown ? "no_live_generation" : "generation_lost");
 	} else {
+		if (unknown)
+			log_info(&ctx->log, "redis generation %lld is current", ctx->gen);
+		ctx->rsync = RS_LIVE;
 		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
 		redis_sync_reached(ctx, ctx->cp_pos);
 	}
@@ -195,10 +213,14 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 	char fence[READMODEL_FENCE_ARG_MAX], gen[24], token[48];
 	bool sent = false;
 
-	if (ctx->rsync != RS_LIVE)
+	/* Unknown (just connected, or the live generation looked changed): the script's
+	 * own checks decide, together with the writes, whether the live generation goes
+	 * on where this batch starts; no status check (and no resync) first. */
+	if (ctx->rsync != RS_LIVE && ctx->rsync != RS_UNKNOWN)
 		return false;
 	if (!redis_connected(ctx->redis)) {
-		redis_sync_unsynced(ctx, "disconnected");
+		if (ctx->rsync == RS_LIVE)
+			redis_sync_unsynced(ctx, "disconnected");
 		return false;
 	}
 	if (ctx->identity_stale) /* a new session: is the store still the one we wrote for? */

@@ -347,6 +347,33 @@ Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 	harness_stop(&proj);
 }
 
+/* A projector that starts behind the log (restarted, or a standby taking over) finds the
+ * live generation where its checkpoint is: its first batch goes on in that generation
+ * instead of leaving it behind and copying the whole SQL read model again. */
+Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a_resync)
+{
+	struct service proj;
+	redisContext *c = harness_redis(redis_url);
+	long long gen, after;
+	char cp[64];
+
+	open_accounts(4);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
+	harness_stop(&proj);
+	for (int i = 0; i < 40; i++)
+		must(i % 2 ? "/accounts/p-1/deposits" : "/accounts/p-2/deposits", "{\"amount\":3}");
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
+	cr_assert_eq(after, gen, "the restart copied SQL into generation %lld (was %lld)", after, gen);
+	cr_assert_eq(resyncs_total(&proj), 0, "the restarted projector resynced redis");
+	harness_assert_redis_matches_sql(db, redis_url);
+	harness_stop(&proj);
+	redisFree(c);
+}
+
 /* An upgrade from the layout with sorted-set statements: the projector finds a live
  * generation without the current layout mark and replaces it by itself. */
 Test(projector, a_live_generation_of_an_older_layout_is_replaced)
