@@ -18,7 +18,9 @@
  * the store's identity, the new checkpoint token, where the batch starts, the totals'
  * body, the number of accounts and of transfers; then each account (id, version,
  * entries, body), each transfer (id, body), and each run of one account's statement
- * items (id, count, then version and body of each, oldest first).
+ * items (id, count, then version and body of each, oldest first; at most
+ * READMODEL_ITEMS_KEPT, so they go in with one LPUSH, trimmed only when the list
+ * outgrows the statement).
  * It first checks, as LIVE_STATUS does, that the generation is still the live one of
  * this store ({'LOST'} or {'MOVED', live, its checkpoint} otherwise, nothing written),
  * then that the generation holds everything up to where the batch starts (the GAP
@@ -52,7 +54,10 @@
 	"local k, m, a = g .. 'stmt:' .. ARGV[i], tonumber(ARGV[i + 1]), i + 2 "           \
 	"local top = redis.call('LINDEX', k, 0) "                                          \
 	"if not top or tonumber(ARGV[a]) > item_version(top) then "                        \
-	"for j = 0, m - 1 do redis.call('LPUSH', k, ARGV[a + 2 * j + 1]) end "             \
+	"local vals = {} "                                                                 \
+	"for j = 0, m - 1 do vals[j + 1] = ARGV[a + 2 * j + 1] end "                       \
+	"if redis.call('LPUSH', k, unpack(vals)) > " STR(READMODEL_ITEMS_KEPT) " then "    \
+	"redis.call('LTRIM', k, 0, " STR(READMODEL_ITEMS_KEPT) " - 1) end "                \
 	"else "                                                                            \
 	"local by, vs = {}, {} "                                                           \
 	"for _, item in ipairs(redis.call('LRANGE', k, 0, -1)) do "                        \
@@ -66,7 +71,6 @@
 	"for j = 1, math.min(#vs, " STR(READMODEL_ITEMS_KEPT) ") do "                      \
 	"redis.call('RPUSH', k, by[vs[j]]) end "                                           \
 	"end "                                                                             \
-	"redis.call('LTRIM', k, 0, " STR(READMODEL_ITEMS_KEPT) " - 1) "                    \
 	"i = a + 2 * m end "                                                               \
 	"local tp = redis.call('HGET', g .. 'totals', 'p') "                               \
 	"if not tp or newer(token, tp) then "                                              \
