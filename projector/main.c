@@ -113,6 +113,9 @@ static void make_metrics(struct projector_ctx *ctx)
 					    sql, metrics_latency_buckets, metrics_latency_buckets_len);
 	ctx->m_errors = metrics_get(m, METRIC_COUNTER, "daybook_projection_errors_total",
 				    "Batches abandoned and retried.", sql, NULL, 0);
+	ctx->m_read_ahead = metrics_get(m, METRIC_COUNTER, "daybook_projection_read_ahead_total",
+					"Batches read while the last batch's Redis write was in flight.",
+					sql, NULL, 0);
 	ctx->m_leader = metrics_get(m, METRIC_GAUGE, "daybook_projector_leader",
 				    "1 while this instance leads.", "", NULL, 0);
 	ctx->m_epoch = metrics_get(m, METRIC_GAUGE, "daybook_projector_epoch",
@@ -183,6 +186,9 @@ static void stop(struct projector_ctx *ctx)
 			event_free(evs[i]);
 	projector_free_events(ctx);
 	free(ctx->events);
+	if (ctx->ahead)
+		projector_drop_ahead(ctx);
+	free(ctx->ahead);
 	http_server_close(&ctx->http);
 	lease_close(&ctx->lease);
 	redis_close(&ctx->redis);

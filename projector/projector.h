@@ -82,6 +82,7 @@ enum projector_step {
 	STEP_REDIS,   /* the batch's Redis writes are in flight */
 	STEP_SYNCING, /* copying the SQL read models into a new Redis generation */
 	STEP_BLOCKED, /* waiting for the retry timer */
+	STEP_AHEAD,   /* the step is over; waiting for its read ahead to end */
 };
 
 struct projector_ctx {
@@ -146,9 +147,16 @@ struct projector_ctx {
 	/* The batch in progress. */
 	struct log_event *events;
 	size_t nevents;
+	/* The next batch, read while the last one's Redis leg was in flight (step.c, read
+	 * ahead): from checkpoint ahead_from, the log's head then ahead_head. */
+	struct log_event *ahead; /* PROJECTOR_BATCH_MAX, allocated on first use */
+	size_t nahead;
+	long long ahead_head;
+	char ahead_from[48];
+	bool ahead_running, ahead_ready;
 	struct fold_rows *rows;
 	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,
-		*m_applied, *m_epoch;
+		*m_applied, *m_epoch, *m_read_ahead;
 };
 
 /* The step machine (step.c). */
@@ -161,6 +169,8 @@ void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what)
 void projector_forget(struct projector_ctx *ctx);
 /* Free the batch in progress (its events and rows). */
 void projector_free_events(struct projector_ctx *ctx);
+/* Forget the batch read ahead (its events; the array stays). */
+void projector_drop_ahead(struct projector_ctx *ctx);
 /* The lease named us (epoch > 0) or deposed us (epoch 0): lease_config.on_change. */
 void projector_on_lease_change(void *arg, long long epoch, const char *why);
 /* The retry timer fired: a blocked step may start again. */

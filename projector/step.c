@@ -86,6 +86,8 @@ const struct pg_statement *projector_statements(size_t *n)
 
 static void read_batch(struct projector_ctx *ctx);
 static void load_checkpoint(struct projector_ctx *ctx);
+static void use_ahead(struct projector_ctx *ctx);
+static void read_ahead(struct projector_ctx *ctx);
 
 void projector_free_events(struct projector_ctx *ctx)
 {
@@ -109,6 +111,10 @@ static void go_idle(struct projector_ctx *ctx)
 	/* Between batches nothing points into the cache: bound its memory here. */
 	if (strmap_count(ctx->accounts) > ACCOUNT_CACHE_MAX)
 		strmap_clear(ctx->accounts);
+	if (ctx->ahead_running) {
+		ctx->step = STEP_AHEAD; /* the connection is busy: ahead_done comes back here */
+		return;
+	}
 	ctx->step = STEP_IDLE;
 	if (ctx->stopping) {
 		log_info(&ctx->log, "batch finished; exiting");
@@ -128,7 +134,9 @@ static void go_idle(struct projector_ctx *ctx)
 	}
 	if (projector_redis_maintain(ctx))
 		return; /* Redis first needs checking or copying; batches resume after */
-	if (ctx->again) {
+	if (ctx->ahead_ready) {
+		use_ahead(ctx);
+	} else if (ctx->again) {
 		ctx->again = false;
 		read_batch(ctx);
 	}
@@ -141,6 +149,7 @@ static void recover(struct projector_ctx *ctx, const char *what)
 	metric_add(ctx->m_errors, 1);
 	log_warn(&ctx->log, "%s; reloading the checkpoint", what);
 	projector_free_events(ctx);
+	projector_drop_ahead(ctx);
 	projector_forget(ctx);
 	/* The retry timer resumes within a second: a persistent fault does not spin. */
 	ctx->cp_stale = true;
@@ -163,6 +172,7 @@ void projector_wake(struct projector_ctx *ctx)
 		return;
 	if (ctx->step != STEP_IDLE || !pg_ready(ctx->pg)) {
 		ctx->again = true;
+		read_ahead(ctx);
 		return;
 	}
 	if (ctx->cp_stale) {
@@ -265,6 +275,8 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	ctx->step = STEP_REDIS;
 	if (!projector_redis_batch(ctx))
 		go_idle(ctx);
+	else if (ctx->again)
+		read_ahead(ctx);
 }
 
 static void fold_and_write(struct projector_ctx *ctx)
@@ -445,10 +457,13 @@ static void update_redis_lag(struct projector_ctx *ctx, long long head_pos)
 	metric_set(ctx->m_redis_lag_seconds, (ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds) + behind);
 }
 
-static void update_lag(struct projector_ctx *ctx, PGresult *head, size_t got)
+static long long head_of(PGresult *head)
 {
-	long long head_pos = PQntuples(head) ? strtoll(PQgetvalue(head, 0, 0), NULL, 10) : 0;
+	return PQntuples(head) ? strtoll(PQgetvalue(head, 0, 0), NULL, 10) : 0;
+}
 
+static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
+{
 	/* Positions are not commit order, so this is an estimate; 0 once caught up. */
 	metric_set(ctx->m_lag_events, got == 0 || head_pos < ctx->cp_pos ? 0 : (double)(head_pos - ctx->cp_pos));
 	if (got == 0) {
@@ -461,6 +476,17 @@ static void update_lag(struct projector_ctx *ctx, PGresult *head, size_t got)
 	}
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
 	update_redis_lag(ctx, got == 0 || head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);
+}
+
+/* A batch is read (ctx->events; head_pos: the log's head then): go on with it. */
+static void got_batch(struct projector_ctx *ctx, long long head_pos)
+{
+	update_lag(ctx, head_pos, ctx->nevents);
+	if (ctx->nevents == 0) {
+		go_idle(ctx);
+		return;
+	}
+	load_missing(ctx);
 }
 
 static void read_done(void *arg, const struct pg_outcome *out)
@@ -489,12 +515,7 @@ static void read_done(void *arg, const struct pg_outcome *out)
 			return;
 		}
 	}
-	update_lag(ctx, results[1], ctx->nevents);
-	if (ctx->nevents == 0) {
-		go_idle(ctx);
-		return;
-	}
-	load_missing(ctx);
+	got_batch(ctx, head_of(results[1]));
 }
 
 static void read_batch(struct projector_ctx *ctx)
@@ -508,6 +529,82 @@ static void read_batch(struct projector_ctx *ctx)
 	    !pg_run(ctx->pg, read_done, ctx))
 		return; /* the connection is being reset; on_connect starts over */
 	ctx->step = STEP_READING;
+}
+
+/* --- read ahead ------------------------------------------------------------------------ */
+
+/* While a batch's Redis leg is in flight the connection is free: the next batch is read
+ * from the new checkpoint then (into ctx->ahead), so that the next step does not wait
+ * for the Redis round trip before it can begin. It only reads; it is used only if the
+ * checkpoint is still the one it was read from. */
+
+void projector_drop_ahead(struct projector_ctx *ctx)
+{
+	for (size_t i = 0; i < ctx->nahead; i++)
+		json_decref(ctx->ahead[i].data);
+	ctx->nahead = 0;
+	ctx->ahead_ready = false;
+}
+
+static void ahead_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	char why[256];
+	bool ok = out->status == PG_RUN_DONE && out->n == 2 && all_ok(out->results, 2, why, sizeof(why));
+
+	ctx->ahead_running = false;
+	for (int row = 0; ok && row < PQntuples(out->results[0]); row++)
+		ok = copy_event(&ctx->ahead[ctx->nahead++], out->results[0], row);
+	if (ok) {
+		ctx->ahead_head = head_of(out->results[1]);
+		ctx->ahead_ready = true;
+		metric_add(ctx->m_read_ahead, 1);
+	} else {
+		projector_drop_ahead(ctx);
+		ctx->again = true; /* the ordinary read finds out what is wrong */
+	}
+	if (ctx->step == STEP_AHEAD)
+		go_idle(ctx);
+}
+
+static void read_ahead(struct projector_ctx *ctx)
+{
+	char pos[24], limit[16];
+	const char *params[3] = { ctx->cp_txid, pos, limit };
+
+	if (ctx->step != STEP_REDIS || ctx->ahead_running || ctx->ahead_ready || ctx->cp_stale ||
+	    ctx->role != ROLE_LEADER || ctx->stopping || !pg_ready(ctx->pg))
+		return;
+	if (!ctx->ahead && !(ctx->ahead = calloc(PROJECTOR_BATCH_MAX, sizeof(*ctx->ahead))))
+		return;
+	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
+	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
+	if (!pg_queue(ctx->pg, "read_events", 3, params) || !pg_queue(ctx->pg, "log_head", 0, NULL) ||
+	    !pg_run(ctx->pg, ahead_done, ctx))
+		return; /* the connection is being reset */
+	snprintf(ctx->ahead_from, sizeof(ctx->ahead_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+	ctx->ahead_running = true;
+	ctx->again = false; /* what woke us is in this read */
+}
+
+static void use_ahead(struct projector_ctx *ctx)
+{
+	char from[sizeof(ctx->ahead_from)];
+	struct log_event *read = ctx->ahead;
+
+	snprintf(from, sizeof(from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+	if (strcmp(from, ctx->ahead_from) != 0) { /* the checkpoint was reloaded: read again */
+		projector_drop_ahead(ctx);
+		read_batch(ctx);
+		return;
+	}
+	ctx->ahead = ctx->events;
+	ctx->events = read;
+	ctx->nevents = ctx->nahead;
+	ctx->nahead = 0;
+	ctx->ahead_ready = false;
+	ctx->step = STEP_READING;
+	got_batch(ctx, ctx->ahead_head);
 }
 
 /* --- leadership ------------------------------------------------------------------------ */
