@@ -36,9 +36,6 @@
 /* An account's state is snapshotted at every multiple of this version, so that
  * loading it reads at most this many events after its newest snapshot. */
 #define SNAPSHOT_EVERY 1000
-/* Not a refusal: memory ran out mid-decision, and the batch's overlay can no longer be
- * trusted; the whole batch is answered 503 and nothing is written. */
-#define OUT_OF_MEMORY ((enum ledger_error)-1)
 
 static const struct pg_statement statements[] = {
 	/* Per stream: its newest snapshot (type NULL; `logged`: the event at its version is
@@ -592,70 +589,77 @@ static void refusal_detail(const struct cmd *cmd, enum ledger_error err,
 	}
 }
 
-static enum ledger_error decide_transfer(struct batcher *b, int i, struct ledger_account **blame)
+/* Decide slot i's transfer: *err is LEDGER_OK or the refusal (naming *blame). False
+ * when memory ran out: the batch's overlay can no longer be trusted. */
+static bool decide_transfer(struct batcher *b, int i, enum ledger_error *err,
+			    struct ledger_account **blame)
 {
 	struct cmd *cmd = b->slots[i].cmd;
 	const struct ledger_transfer_body *t = &cmd->u.transfer;
 	struct ledger_account *from = view(b, t->from), *to = view(b, t->to);
 	struct ledger_event ev[2];
-	enum ledger_error err;
 	char location[LEDGER_ID_MAX + 16];
 
 	if (!from || !to)
-		return OUT_OF_MEMORY;
-	if (strmap_get(b->transfers, t->id))
-		return LEDGER_TRANSFER_EXISTS;
-	err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
-	*blame = !ledger_account_exists(from) || from->closed || err == LEDGER_INSUFFICIENT_FUNDS ? from : to;
-	if (err)
-		return err;
+		return false;
+	if (strmap_get(b->transfers, t->id)) {
+		*err = LEDGER_TRANSFER_EXISTS;
+		return true;
+	}
+	*err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
+	*blame = !ledger_account_exists(from) || from->closed || *err == LEDGER_INSUFFICIENT_FUNDS
+			 ? from : to;
+	if (*err)
+		return true;
 	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
 	    !strmap_put(b->transfers, t->id, b))
-		return OUT_OF_MEMORY;
+		return false;
 	/* The transfer as the query API serves it (ids are [A-Za-z0-9._:-]: no escaping). */
 	snprintf(location, sizeof(location), "/transfers/%s", t->id);
 	json_object_set_new(b->slots[i].headers, "Location", json_string(location));
 	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
 				     (json_int_t)from->version, "to_version", (json_int_t)to->version,
 				     "position", POSITION_PLACEHOLDER);
-	return LEDGER_OK;
+	return true;
 }
 
-static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_account **blame)
+/* Decide slot i's command on one account: as decide_transfer. */
+static bool decide_account(struct batcher *b, int i, enum ledger_error *err,
+			   struct ledger_account **blame)
 {
 	struct cmd *cmd = b->slots[i].cmd;
 	const char *id = cmd->kind == CMD_OPEN ? cmd->u.open.id : cmd->account;
 	struct ledger_account *acc = view(b, id);
 	struct ledger_event ev;
-	enum ledger_error err = LEDGER_OK;
 	char location[LEDGER_ID_MAX + 16];
 
 	*blame = acc;
 	if (!acc)
-		return OUT_OF_MEMORY;
+		return false;
+	*err = LEDGER_OK;
 	switch (cmd->kind) {
 	case CMD_OPEN:
-		err = ledger_decide_open(acc, id, cmd->u.open.name, cmd->u.open.currency,
-					 cmd->u.open.overdraft_limit, &ev);
+		*err = ledger_decide_open(acc, id, cmd->u.open.name, cmd->u.open.currency,
+					  cmd->u.open.overdraft_limit, &ev);
 		break;
 	case CMD_DEPOSIT:
-		err = ledger_decide_deposit(acc, cmd->expected_version, cmd->u.money.amount,
-					    cmd->u.money.reference, &ev);
-		break;
-	case CMD_WITHDRAW:
-		err = ledger_decide_withdraw(acc, cmd->expected_version, cmd->u.money.amount,
+		*err = ledger_decide_deposit(acc, cmd->expected_version, cmd->u.money.amount,
 					     cmd->u.money.reference, &ev);
 		break;
+	case CMD_WITHDRAW:
+		*err = ledger_decide_withdraw(acc, cmd->expected_version, cmd->u.money.amount,
+					      cmd->u.money.reference, &ev);
+		break;
 	case CMD_CLOSE:
-		err = ledger_decide_close(acc, cmd->expected_version, &ev);
+		*err = ledger_decide_close(acc, cmd->expected_version, &ev);
 		break;
 	case CMD_TRANSFER:
 		break;
 	}
-	if (err)
-		return err;
+	if (*err)
+		return true;
 	if (!add_event(b, i, acc, &ev))
-		return OUT_OF_MEMORY;
+		return false;
 	etag(b->slots[i].headers, acc->version);
 	if (cmd->kind == CMD_OPEN) {
 		snprintf(location, sizeof(location), "/accounts/%s", id);
@@ -665,7 +669,7 @@ static enum ledger_error decide_account(struct batcher *b, int i, struct ledger_
 	if (cmd->kind == CMD_DEPOSIT || cmd->kind == CMD_WITHDRAW)
 		json_object_set_new(b->slots[i].body, "balance", json_integer(acc->balance));
 	json_object_set_new(b->slots[i].body, "position", json_string(POSITION_PLACEHOLDER));
-	return LEDGER_OK;
+	return true;
 }
 
 /* Decide slot i; false when memory ran out (the batch must be abandoned). */
@@ -673,13 +677,13 @@ static bool decide(struct batcher *b, int i)
 {
 	struct slot *s = &b->slots[i];
 	struct ledger_account *blame = NULL;
-	enum ledger_error err;
+	enum ledger_error err = LEDGER_OK;
 	char detail[256];
 
 	s->last_event = -1;
 	s->headers = json_object();
-	err = s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &blame) : decide_account(b, i, &blame);
-	if (err == OUT_OF_MEMORY)
+	if (!(s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &err, &blame)
+					   : decide_account(b, i, &err, &blame)))
 		return false;
 	if (err == LEDGER_OK) {
 		s->status = 201;
@@ -777,10 +781,13 @@ static bool queue_record(struct batcher *b, const struct slot *s)
 	body = json_dumps(s->body, JSON_COMPACT);
 	const char *v[8] = { cmd->token_id, cmd->idem_key, cmd->idem_hash, status, headers, body,
 			     last ? last->stream : NULL, last ? last->version : NULL };
-	bool ok = headers && body;
+	bool ok = false;
 
+	if (!headers || !body)
+		goto done;
 	snprintf(status, sizeof(status), "%d", s->status);
-	ok = ok && pg_queue(b->ctx->pg, "idem_put", 8, v);
+	ok = pg_queue(b->ctx->pg, "idem_put", 8, v);
+done:
 	free(headers);
 	free(body);
 	return ok;
@@ -985,32 +992,34 @@ static void write_done(void *arg, const struct pg_outcome *out)
 static void write_batch(struct batcher *b)
 {
 	size_t nrecords = 0;
-	bool ok = true;
 
-	for (size_t i = 0; ok && i < b->nevents; i++)
-		ok = queue_event(b, &b->events[i]);
-	for (size_t i = 0; ok && i < b->nslots; i++) {
-		if (keeps_record(&b->slots[i])) {
-			ok = queue_record(b, &b->slots[i]);
-			nrecords++;
-		}
+	for (size_t i = 0; i < b->nevents; i++)
+		if (!queue_event(b, &b->events[i]))
+			goto fail;
+	for (size_t i = 0; i < b->nslots; i++) {
+		if (!keeps_record(&b->slots[i]))
+			continue;
+		if (!queue_record(b, &b->slots[i]))
+			goto fail;
+		nrecords++;
 	}
-	if (ok && (b->nevents || nrecords))
-		ok = queue_snapshots(b) && queue_fence(b);
-	if (ok && b->nevents == 0 && nrecords == 0) {
+	if (b->nevents == 0 && nrecords == 0) {
 		/* Nothing to write: every answer rests on committed state. */
 		answer_all(b, NULL);
 		reset_batch(b);
 		start_batch(b);
 		return;
 	}
+	if (!queue_snapshots(b) || !queue_fence(b))
+		goto fail;
 	clock_gettime(CLOCK_MONOTONIC, &b->write_start);
-	if (!ok || !pg_run(b->ctx->pg, write_done, b)) {
-		fail_batch(b, 503, "the event store became unreachable; retry shortly");
-		return;
-	}
+	if (!pg_run(b->ctx->pg, write_done, b))
+		goto fail;
 	metric_observe(b->batch_events, (double)b->nevents);
 	b->state = B_WRITING;
+	return;
+fail:
+	fail_batch(b, 503, "the event store became unreachable; retry shortly");
 }
 
 /* --- loading ------------------------------------------------------------------- */
@@ -1052,12 +1061,15 @@ static bool fold_event(PGresult *r, int row, struct ledger_account *acc)
 	enum ledger_event_type type = ledger_event_type_from_name(PQgetvalue(r, row, 2));
 	json_t *data = json_loads(PQgetvalue(r, row, 3), 0, NULL);
 	struct ledger_event ev;
-	bool ok = data && type && atol(PQgetvalue(r, row, 1)) == (long)acc->version + 1 &&
-		  ledger_event_from_json(type, data, &ev);
+	bool ok = false;
 
-	if (ok && type == LEDGER_ACCOUNT_OPENED)
+	if (!data || !type || atol(PQgetvalue(r, row, 1)) != (long)acc->version + 1 ||
+	    !ledger_event_from_json(type, data, &ev))
+		goto done;
+	if (type == LEDGER_ACCOUNT_OPENED)
 		ev.account_id = acc->id;
-	ok = ok && ledger_evolve(acc, &ev);
+	ok = ledger_evolve(acc, &ev);
+done:
 	json_decref(data);
 	return ok;
 }
@@ -1309,11 +1321,13 @@ static void collect_needs(struct batcher *b, struct needs *nd)
 /* Queue a lookup whose parameters were just built (and free them). */
 static bool queue_lookup(struct batcher *b, const char *stmt, int nparams, char **params)
 {
-	bool ok = true;
+	bool ok = false;
 
 	for (int i = 0; i < nparams; i++)
-		ok = ok && params[i];
-	ok = ok && pg_queue(b->ctx->pg, stmt, nparams, (const char *const *)params);
+		if (!params[i])
+			goto done;
+	ok = pg_queue(b->ctx->pg, stmt, nparams, (const char *const *)params);
+done:
 	for (int i = 0; i < nparams; i++)
 		free(params[i]);
 	return ok;
@@ -1324,34 +1338,38 @@ static bool load(struct batcher *b, bool *sent)
 {
 	struct needs *nd = calloc(1, sizeof(*nd));
 	int queued = 0;
-	bool ok = nd != NULL;
+	bool ok = false;
 
 	*sent = false;
 	b->q_streams = b->q_idem = b->q_transfers = -1;
-	if (!ok)
+	if (!nd)
 		return false;
 	collect_needs(b, nd);
 	if (nd->naccounts) {
 		char *p[1] = { array_literal(nd->accounts, nd->naccounts, "account-") };
-		ok = queue_lookup(b, "load_streams", 1, p);
+		if (!queue_lookup(b, "load_streams", 1, p))
+			goto done;
 		b->q_streams = queued++;
 	}
-	if (ok && nd->nkeys) {
+	if (nd->nkeys) {
 		char *p[2] = { array_literal(nd->tokens, nd->nkeys, ""),
 			       array_literal(nd->keys, nd->nkeys, "") };
-		ok = queue_lookup(b, "load_idem", 2, p);
+		if (!queue_lookup(b, "load_idem", 2, p))
+			goto done;
 		b->q_idem = queued++;
 	}
-	if (ok && nd->ntransfers) {
+	if (nd->ntransfers) {
 		char *p[1] = { array_literal(nd->transfers, nd->ntransfers, "") };
-		ok = queue_lookup(b, "load_transfers", 1, p);
+		if (!queue_lookup(b, "load_transfers", 1, p))
+			goto done;
 		b->q_transfers = queued++;
 	}
+	if (queued && !pg_run(b->ctx->pg, load_done, b))
+		goto done;
+	*sent = queued > 0;
+	ok = true;
+done:
 	free(nd);
-	if (ok && queued) {
-		ok = pg_run(b->ctx->pg, load_done, b);
-		*sent = ok;
-	}
 	return ok;
 }
 

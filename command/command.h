@@ -15,6 +15,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "pg.h"
+#include "service.h"
 #include "strmap.h"
 #include "tokens.h"
 
@@ -28,18 +29,14 @@ struct sweep_settings {
 };
 
 struct command_ctx {
-	struct config cfg;
-	struct log log;
-	struct event_base *base;
-	struct metrics *metrics;
-	struct tokens *tokens;
-	struct http_server *http;
+	SERVICE_CTX_HEAD; /* cfg, log, base, metrics, tokens, http, stopping (shared/service.h) */
 	struct pg *pg;
 	struct batcher *batcher;
 	struct sweeper *sweeper;
 	struct sweep_settings sweep;
-	struct event *sigterm, *sigint, *drain_timer;
-	bool stopping;
+	double write_timeout;     /* DAYBOOK_WRITE_TIMEOUT_MS, in seconds */
+	int statement_timeout_ms; /* DAYBOOK_STATEMENT_TIMEOUT_MS */
+	struct event *drain_timer;
 	/* Leadership of the write side (shared/lease.h, sql/012): only the holder of the
 	 * write lease appends; every batch is fenced by the epoch of its term. */
 	struct lease *lease;

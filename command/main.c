@@ -3,7 +3,6 @@
  * (shared/lease.c, sql/012) leads and appends; the others stand by, not ready. */
 #include <errno.h>
 #include <event2/event.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,7 +62,7 @@ static bool env_ms(const char *name, long def, long min, long max, long *out)
 
 /* The write path's deadlines: PostgreSQL's (statement_timeout) stays below ours, so
  * that the database gives up, and says so, before this service stops waiting. */
-static bool load_timeouts(struct pg_config *pgc)
+static bool load_timeouts(struct command_ctx *ctx)
 {
 	long write_ms, statement_ms;
 
@@ -75,9 +74,24 @@ static bool load_timeouts(struct pg_config *pgc)
 				"DAYBOOK_WRITE_TIMEOUT_MS (%ld), or 0\n", statement_ms, write_ms);
 		return false;
 	}
-	pgc->run_timeout = (double)write_ms / 1000.0;
-	pgc->statement_timeout_ms = (int)statement_ms;
+	ctx->write_timeout = (double)write_ms / 1000.0;
+	ctx->statement_timeout_ms = (int)statement_ms;
 	return true;
+}
+
+/* The settings of this service alone: the sweep's, then the deadlines. */
+static int configure(struct service_ctx *svc)
+{
+	struct command_ctx *ctx = SERVICE_CTX_OF(struct command_ctx, svc);
+	char err[256];
+
+	if (!sweep_settings_load(&ctx->sweep, err, sizeof(err))) {
+		fprintf(stderr, "daybook-command: %s\n", err);
+		return 2;
+	}
+	if (!load_timeouts(ctx))
+		return 2;
+	return -1;
 }
 
 static void ready(void *arg, struct http_ready *r)
@@ -151,21 +165,15 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	evtimer_add(ctx->drain_timer, &later);
 }
 
-static void on_signal(evutil_socket_t sig, short what, void *arg)
+/* The first signal: answer what was accepted, then exit. */
+static void on_stop(struct service_ctx *svc)
 {
-	struct command_ctx *ctx = arg;
-
-	(void)what;
-	if (ctx->stopping)
-		return;
-	log_info(&ctx->log, "signal %d: no longer accepting; finishing requests in flight", (int)sig);
-	ctx->stopping = true;
-	http_server_stop_accepting(ctx->http);
-	on_drain_tick(-1, 0, ctx);
+	on_drain_tick(-1, 0, SERVICE_CTX_OF(struct command_ctx, svc));
 }
 
-static int start(struct command_ctx *ctx)
+static int start(struct service_ctx *svc)
 {
+	struct command_ctx *ctx = SERVICE_CTX_OF(struct command_ctx, svc);
 	char err[512];
 	size_t nstatements;
 	const struct pg_statement *statements = command_statements(&nstatements);
@@ -173,6 +181,7 @@ static int start(struct command_ctx *ctx)
 		.conninfo = ctx->cfg.pg, .application_name = "daybook-command", .base = ctx->base,
 		.log = &ctx->log, .statements = statements, .nstatements = nstatements,
 		.on_connect = on_pg_connect, .arg = ctx,
+		.run_timeout = ctx->write_timeout, .statement_timeout_ms = ctx->statement_timeout_ms,
 	};
 	struct lease_config lc = {
 		.conninfo = ctx->cfg.pg, .name = COMMAND_LEASE_NAME,
@@ -187,13 +196,6 @@ static int start(struct command_ctx *ctx)
 		.limits = ctx->cfg.http,
 	};
 
-	if (!load_timeouts(&pgc))
-		return 2;
-	if (tokens_open(&ctx->tokens, ctx->cfg.tokens_file, err, sizeof(err))) {
-		fprintf(stderr, "daybook-command: DAYBOOK_TOKENS_FILE: %s\n", err);
-		return 2;
-	}
-	hc.tokens = ctx->tokens;
 	ctx->m_leader = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_leader",
 				    "1 while this instance leads the write side, else 0.", "", NULL, 0);
 	ctx->m_epoch = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_epoch",
@@ -209,25 +211,19 @@ static int start(struct command_ctx *ctx)
 		fprintf(stderr, "daybook-command: %s\n", err);
 		return 1;
 	}
-	ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
-	ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
 	ctx->drain_timer = evtimer_new(ctx->base, on_drain_tick, ctx);
-	if (!ctx->sigterm || !ctx->sigint || !ctx->drain_timer) {
+	if (!ctx->drain_timer) {
 		fprintf(stderr, "daybook-command: out of memory\n");
 		return 1;
 	}
-	evsignal_add(ctx->sigterm, NULL);
-	evsignal_add(ctx->sigint, NULL);
 	log_info(&ctx->log, "listening on %s:%u", ctx->cfg.listen_host, ctx->cfg.listen_port);
 	return 0;
 }
 
-static void stop(struct command_ctx *ctx)
+static void stop(struct service_ctx *svc)
 {
-	if (ctx->sigterm)
-		event_free(ctx->sigterm);
-	if (ctx->sigint)
-		event_free(ctx->sigint);
+	struct command_ctx *ctx = SERVICE_CTX_OF(struct command_ctx, svc);
+
 	if (ctx->drain_timer)
 		event_free(ctx->drain_timer);
 	http_server_close(&ctx->http);
@@ -235,38 +231,19 @@ static void stop(struct command_ctx *ctx)
 	lease_close(&ctx->lease);
 	batcher_close(&ctx->batcher);
 	pg_close(&ctx->pg);
-	tokens_close(&ctx->tokens);
-	metrics_close(&ctx->metrics);
-	if (ctx->base)
-		event_base_free(ctx->base);
 }
+
+static const struct service_def service = {
+	.name = "daybook-command", .log_name = "command", .usage = usage,
+	.need = CONFIG_NEED_PG | CONFIG_NEED_TOKENS, .default_listen = "127.0.0.1:8081",
+	.check_event_store = true,
+	.stopping = "no longer accepting; finishing requests in flight",
+	.configure = configure, .start = start, .on_stop = on_stop, .stop = stop,
+};
 
 int main(int argc, char **argv)
 {
-	struct command_ctx ctx = { .log = { .service = "command", .level = LOG_INFO } };
-	int rc = service_init(argc, argv, "daybook-command", usage,
-			      CONFIG_NEED_PG | CONFIG_NEED_TOKENS, "127.0.0.1:8081", &ctx.cfg);
+	struct command_ctx ctx = { 0 };
 
-	char err[256];
-
-	if (rc >= 0)
-		return rc;
-	if (!sweep_settings_load(&ctx.sweep, err, sizeof(err))) {
-		fprintf(stderr, "daybook-command: %s\n", err);
-		return 2;
-	}
-	ctx.log.level = ctx.cfg.log_level;
-	ctx.base = event_base_new();
-	if (!ctx.base || metrics_open(&ctx.metrics)) {
-		fprintf(stderr, "daybook-command: cannot set up the event loop\n");
-		return 1;
-	}
-	rc = start(&ctx);
-	/* After every setting is checked (a bad one is the single line on stderr). */
-	if (rc == 0)
-		rc = service_check_event_store("daybook-command", &ctx.cfg, &ctx.log);
-	if (rc < 0)
-		rc = event_base_dispatch(ctx.base) < 0 ? 1 : 0;
-	stop(&ctx);
-	return rc;
+	return service_run(argc, argv, &service, &ctx.svc);
 }

@@ -20,14 +20,16 @@ struct table {
 	size_t rows;
 };
 
+/* False when out of memory; table_free either way. */
 static bool table_init(struct table *t, struct column *cols, size_t ncols)
 {
 	t->cols = cols;
 	t->ncols = ncols;
 	t->rows = 0;
+	for (size_t i = 0; i < ncols; i++)
+		cols[i] = (struct column){ .buf = NULL, .n = 0 };
 	for (size_t i = 0; i < ncols; i++) {
 		cols[i].buf = evbuffer_new();
-		cols[i].n = 0;
 		if (!cols[i].buf)
 			return false;
 		evbuffer_add(cols[i].buf, "{", 1);
@@ -57,8 +59,8 @@ static void put_int(struct column *c, long long v)
 /* Queue `sql` with the table's columns as its array parameters (nothing if empty). */
 static bool queue_table(struct projector_ctx *ctx, struct table *t, const char *statement)
 {
-	char *params[12];
-	bool ok = true;
+	char *params[12] = { NULL };
+	bool ok = false;
 
 	if (t->rows == 0)
 		return true;
@@ -67,11 +69,12 @@ static bool queue_table(struct projector_ctx *ctx, struct table *t, const char *
 		evbuffer_add(t->cols[i].buf, "}", 2); /* with the NUL */
 		len = evbuffer_get_length(t->cols[i].buf);
 		params[i] = malloc(len);
-		ok = ok && params[i];
-		if (params[i])
-			evbuffer_remove(t->cols[i].buf, params[i], len);
+		if (!params[i])
+			goto done;
+		evbuffer_remove(t->cols[i].buf, params[i], len);
 	}
-	ok = ok && pg_queue(ctx->pg, statement, (int)t->ncols, (const char *const *)params);
+	ok = pg_queue(ctx->pg, statement, (int)t->ncols, (const char *const *)params);
+done:
 	for (size_t i = 0; i < t->ncols; i++)
 		free(params[i]);
 	return ok;
@@ -312,9 +315,11 @@ static bool queue_accounts(struct projector_ctx *ctx, struct fold_rows *r)
 {
 	struct column c[10];
 	struct table t;
-	bool ok = table_init(&t, c, 10);
+	bool ok = false;
 
-	for (size_t i = 0; ok && i < r->naccounts; i++) {
+	if (!table_init(&t, c, 10))
+		goto done;
+	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
 		put(&c[0], a->acc.id);
 		put(&c[1], a->name);
@@ -328,7 +333,8 @@ static bool queue_accounts(struct projector_ctx *ctx, struct fold_rows *r)
 		put(&c[9], a->updated_at);
 		t.rows++;
 	}
-	ok = ok && queue_table(ctx, &t, "upsert_accounts");
+	ok = queue_table(ctx, &t, "upsert_accounts");
+done:
 	table_free(&t);
 	return ok;
 }
@@ -337,10 +343,12 @@ static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
 {
 	struct column c[4];
 	struct table t;
-	bool ok = table_init(&t, c, 4);
+	bool ok = false;
 	char sum[48];
 
-	for (size_t i = 0; ok && i < r->ntotals; i++) {
+	if (!table_init(&t, c, 4))
+		goto done;
+	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
 		put(&c[0], tot->currency);
 		put_int(&c[1], tot->d_accounts);
@@ -349,7 +357,8 @@ static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
 		put(&c[3], sum);
 		t.rows++;
 	}
-	ok = ok && queue_table(ctx, &t, "upsert_totals");
+	ok = queue_table(ctx, &t, "upsert_totals");
+done:
 	table_free(&t);
 	return ok;
 }

@@ -2,7 +2,6 @@
  * instance leads (a lease with fencing, shared/lease.c); others wait as hot standbys. */
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,16 +76,11 @@ static void ready(void *arg, struct http_ready *r)
 			 "the projection lags %.0f s behind the log", ctx->lag_seconds);
 }
 
-static void on_signal(evutil_socket_t sig, short what, void *arg)
+/* The first signal: exit now, or when the batch in progress is done (go_idle). */
+static void on_stop(struct service_ctx *svc)
 {
-	struct projector_ctx *ctx = arg;
+	struct projector_ctx *ctx = SERVICE_CTX_OF(struct projector_ctx, svc);
 
-	(void)what;
-	if (ctx->stopping)
-		return;
-	log_info(&ctx->log, "signal %d: finishing the current batch", (int)sig);
-	ctx->stopping = true;
-	http_server_stop_accepting(ctx->http);
 	if (ctx->step == STEP_IDLE || ctx->step == STEP_BLOCKED || ctx->role != ROLE_LEADER)
 		event_base_loopexit(ctx->base, NULL);
 }
@@ -122,8 +116,9 @@ static void make_metrics(struct projector_ctx *ctx)
 				   "The lease epoch this instance leads with; 0 on standby.", "", NULL, 0);
 }
 
-static int start(struct projector_ctx *ctx)
+static int start(struct service_ctx *svc)
 {
+	struct projector_ctx *ctx = SERVICE_CTX_OF(struct projector_ctx, svc);
 	char err[512];
 	size_t nstatements;
 	const struct pg_statement *st = projector_statements(&nstatements);
@@ -163,23 +158,20 @@ static int start(struct projector_ctx *ctx)
 	}
 	ctx->poll_timer = event_new(ctx->base, -1, EV_PERSIST, on_poll, ctx);
 	ctx->retry_timer = event_new(ctx->base, -1, EV_PERSIST, on_retry_timer, ctx);
-	ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
-	ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
-	if (!ctx->poll_timer || !ctx->retry_timer || !ctx->sigterm || !ctx->sigint) {
+	if (!ctx->poll_timer || !ctx->retry_timer) {
 		fprintf(stderr, "daybook-projector: out of memory\n");
 		return 1;
 	}
 	evtimer_add(ctx->poll_timer, &poll);
 	evtimer_add(ctx->retry_timer, &retry);
-	evsignal_add(ctx->sigterm, NULL);
-	evsignal_add(ctx->sigint, NULL);
 	log_info(&ctx->log, "metrics on %s:%u", ctx->cfg.listen_host, ctx->cfg.listen_port);
 	return 0;
 }
 
-static void stop(struct projector_ctx *ctx)
+static void stop(struct service_ctx *svc)
 {
-	struct event *evs[] = { ctx->poll_timer, ctx->retry_timer, ctx->sigterm, ctx->sigint };
+	struct projector_ctx *ctx = SERVICE_CTX_OF(struct projector_ctx, svc);
+	struct event *evs[] = { ctx->poll_timer, ctx->retry_timer };
 
 	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
 		if (evs[i])
@@ -195,31 +187,18 @@ static void stop(struct projector_ctx *ctx)
 	pg_close(&ctx->pg);
 	strmap_close(&ctx->accounts);
 	strmap_close(&ctx->totals);
-	metrics_close(&ctx->metrics);
-	if (ctx->base)
-		event_base_free(ctx->base);
 }
+
+static const struct service_def service = {
+	.name = "daybook-projector", .log_name = "projector", .usage = usage,
+	.need = CONFIG_NEED_PG | CONFIG_NEED_REDIS, .default_listen = "127.0.0.1:8083",
+	.check_event_store = true, .stopping = "finishing the current batch",
+	.start = start, .on_stop = on_stop, .stop = stop,
+};
 
 int main(int argc, char **argv)
 {
-	struct projector_ctx ctx = { .log = { .service = "projector", .level = LOG_INFO } };
-	int rc = service_init(argc, argv, "daybook-projector", usage,
-			      CONFIG_NEED_PG | CONFIG_NEED_REDIS, "127.0.0.1:8083", &ctx.cfg);
+	struct projector_ctx ctx = { 0 };
 
-	if (rc >= 0)
-		return rc;
-	ctx.log.level = ctx.cfg.log_level;
-	ctx.base = event_base_new();
-	if (!ctx.base || metrics_open(&ctx.metrics)) {
-		fprintf(stderr, "daybook-projector: cannot set up the event loop\n");
-		return 1;
-	}
-	rc = start(&ctx);
-	/* After every setting is checked (a bad one is the single line on stderr). */
-	if (rc == 0)
-		rc = service_check_event_store("daybook-projector", &ctx.cfg, &ctx.log);
-	if (rc < 0)
-		rc = event_base_dispatch(ctx.base) < 0 ? 1 : 0;
-	stop(&ctx);
-	return rc;
+	return service_run(argc, argv, &service, &ctx.svc);
 }

@@ -17,6 +17,7 @@
 #include "pg.h"
 #include "readmodel.h"
 #include "redis.h"
+#include "service.h"
 #include "strmap.h"
 
 #define PROJECTOR_BATCH_MAX 2000
@@ -86,11 +87,7 @@ enum projector_step {
 };
 
 struct projector_ctx {
-	struct config cfg;
-	struct log log;
-	struct event_base *base;
-	struct metrics *metrics;
-	struct http_server *http;
+	SERVICE_CTX_HEAD; /* cfg, log, base, metrics, http, stopping (shared/service.h) */
 	struct pg *pg;
 	struct redis *redis;
 	enum redis_sync rsync;
@@ -125,7 +122,7 @@ struct projector_ctx {
 	 * has since made its own live again (two deployments on one Redis database). */
 	char foreign_last[READMODEL_IDENTITY_MAX];
 	bool foreign_fight;
-	struct event *poll_timer, *retry_timer, *sigterm, *sigint;
+	struct event *poll_timer, *retry_timer;
 	struct lease *lease;
 	enum projector_role role;
 	long long epoch;       /* the epoch of our current (or last) term: fences every write */
@@ -133,7 +130,6 @@ struct projector_ctx {
 	bool cp_stale;   /* leadership changed mid-step: reload the checkpoint when idle */
 	enum projector_step step;
 	bool again;    /* woken while busy: read again when done */
-	bool stopping;
 	/* Checkpoint of the SQL read models: (txid, position) of the last applied event. */
 	char cp_txid[24];
 	long long cp_pos;

@@ -347,6 +347,18 @@ static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
 	return true;
 }
 
+/* One lookup's rows into the caches: the totals (4 columns) or accounts; false when
+ * out of memory. */
+static bool cache_result(struct projector_ctx *ctx, PGresult *r)
+{
+	if (PQnfields(r) == 4)
+		return cache_totals(ctx, r);
+	for (int row = 0; row < PQntuples(r); row++)
+		if (!cache_account_row(ctx, r, row))
+			return false;
+	return true;
+}
+
 static void load_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
@@ -365,11 +377,7 @@ static void load_done(void *arg, const struct pg_outcome *out)
 		return;
 	}
 	for (size_t i = 0; i < n; i++) {
-		bool totals = PQnfields(results[i]) == 4;
-		bool ok = totals ? cache_totals(ctx, results[i]) : true;
-		for (int row = 0; ok && !totals && row < PQntuples(results[i]); row++)
-			ok = cache_account_row(ctx, results[i], row);
-		if (!ok) {
+		if (!cache_result(ctx, results[i])) {
 			recover(ctx, "out of memory caching read-model state");
 			return;
 		}
@@ -377,39 +385,49 @@ static void load_done(void *arg, const struct pg_outcome *out)
 	fold_and_write(ctx);
 }
 
-/* Fetch the accounts of the batch that the cache lacks (and the totals once). */
-static void load_missing(struct projector_ctx *ctx)
+/* Queue the lookups of the batch's accounts that the cache lacks (*missing of them)
+ * and of the totals until loaded; false when one could not be queued. */
+static bool queue_lookups(struct projector_ctx *ctx, size_t *missing)
 {
 	struct evbuffer *ids = evbuffer_new();
-	size_t missing = 0;
-	bool ok = ids != NULL;
+	char *param = NULL;
+	bool ok = false;
 
-	if (ok)
-		evbuffer_add(ids, "{", 1);
-	for (size_t i = 0; ok && i < ctx->nevents; i++) {
+	*missing = 0;
+	if (!ids)
+		goto done;
+	evbuffer_add(ids, "{", 1);
+	for (size_t i = 0; i < ctx->nevents; i++) {
 		const char *id = ctx->events[i].account;
 		if (ctx->events[i].type == LEDGER_ACCOUNT_OPENED || strmap_get(ctx->accounts, id))
 			continue;
-		pg_array_append(ids, id, missing++ == 0);
+		pg_array_append(ids, id, (*missing)++ == 0);
 	}
-	if (ok && missing) {
-		char *param;
+	if (*missing) {
 		size_t len;
 		evbuffer_add(ids, "}", 2);
 		len = evbuffer_get_length(ids);
 		param = malloc(len);
-		ok = param != NULL;
-		if (ok) {
-			evbuffer_remove(ids, param, len);
-			ok = pg_queue(ctx->pg, "load_accounts", 1, (const char *const *)&param);
-			free(param);
-		}
+		if (!param)
+			goto done;
+		evbuffer_remove(ids, param, len);
+		if (!pg_queue(ctx->pg, "load_accounts", 1, (const char *const *)&param))
+			goto done;
 	}
+	ok = ctx->totals_loaded || pg_queue(ctx->pg, "load_totals", 0, NULL);
+done:
+	free(param);
 	if (ids)
 		evbuffer_free(ids);
-	if (ok && !ctx->totals_loaded)
-		ok = pg_queue(ctx->pg, "load_totals", 0, NULL);
-	if (!ok) {
+	return ok;
+}
+
+/* Fetch the accounts of the batch that the cache lacks (and the totals once). */
+static void load_missing(struct projector_ctx *ctx)
+{
+	size_t missing;
+
+	if (!queue_lookups(ctx, &missing)) {
 		recover(ctx, "queueing the state lookups failed");
 		return;
 	}

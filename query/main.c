@@ -109,13 +109,10 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	evtimer_add(ctx->drain_timer, &later);
 }
 
-static void begin_stop(struct query_ctx *ctx)
+/* Stop serving: reads in flight finish, then the loop exits (on_drain_tick). */
+static void drain(struct query_ctx *ctx)
 {
-	if (ctx->stopping)
-		return;
-	ctx->stopping = true;
 	atomic_store(&ctx->up, false);
-	http_server_stop_accepting(ctx->http);
 	feed_stop(ctx->feed);
 	on_drain_tick(-1, 0, ctx);
 }
@@ -123,22 +120,25 @@ static void begin_stop(struct query_ctx *ctx)
 /* Another worker caught the signal. */
 static void on_stop_event(evutil_socket_t fd, short what, void *arg)
 {
-	(void)fd;
-	(void)what;
-	begin_stop(arg);
-}
-
-static void on_signal(evutil_socket_t sig, short what, void *arg)
-{
 	struct query_ctx *ctx = arg;
 
+	(void)fd;
 	(void)what;
 	if (ctx->stopping)
 		return;
-	log_info(&ctx->log, "signal %d: no longer accepting; finishing requests in flight", (int)sig);
+	ctx->stopping = true;
+	http_server_stop_accepting(ctx->http);
+	drain(ctx);
+}
+
+/* The first signal, in worker 0: every worker drains. */
+static void on_stop(struct service_ctx *svc)
+{
+	struct query_ctx *ctx = SERVICE_CTX_OF(struct query_ctx, svc);
+
 	for (int i = 1; i < ctx->nworkers; i++)
 		event_active(ctx->workers[i].stop_event, EV_READ, 0);
-	begin_stop(ctx);
+	drain(ctx);
 }
 
 static int open_redis(struct query_ctx *ctx)
@@ -162,9 +162,9 @@ static int open_redis(struct query_ctx *ctx)
 	return 0;
 }
 
-/* Set up one worker: its loop, connections and listener. Worker 0 also takes the
- * signals. The config, log, tokens and metrics are shared (read-only or locked). */
-static int start(struct query_ctx *ctx, bool signals)
+/* Set up one worker on its loop: its connections and listener. The config, log,
+ * tokens and metrics are shared (read-only or locked). */
+static int start_worker(struct query_ctx *ctx)
 {
 	char err[512];
 	struct http_server_config hc = {
@@ -187,27 +187,18 @@ static int start(struct query_ctx *ctx, bool signals)
 	ctx->drain_timer = evtimer_new(ctx->base, on_drain_tick, ctx);
 	ctx->stop_event = event_new(ctx->base, -1, 0, on_stop_event, ctx);
 	ctx->ready_timer = event_new(ctx->base, -1, EV_PERSIST, on_ready_timer, ctx);
-	if (signals) {
-		ctx->sigterm = evsignal_new(ctx->base, SIGTERM, on_signal, ctx);
-		ctx->sigint = evsignal_new(ctx->base, SIGINT, on_signal, ctx);
-	}
-	if (!ctx->drain_timer || !ctx->stop_event || !ctx->ready_timer ||
-	    (signals && (!ctx->sigterm || !ctx->sigint))) {
+	if (!ctx->drain_timer || !ctx->stop_event || !ctx->ready_timer) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;
 	}
 	evtimer_add(ctx->ready_timer, &tick);
-	if (signals) {
-		evsignal_add(ctx->sigterm, NULL);
-		evsignal_add(ctx->sigint, NULL);
-	}
 	return 0;
 }
 
-static void stop(struct query_ctx *ctx)
+/* Close what start_worker opened (not the loop). */
+static void stop_worker(struct query_ctx *ctx)
 {
-	struct event *evs[] = { ctx->sigterm, ctx->sigint, ctx->drain_timer, ctx->stop_event,
-				ctx->ready_timer };
+	struct event *evs[] = { ctx->drain_timer, ctx->stop_event, ctx->ready_timer };
 
 	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
 		if (evs[i])
@@ -218,8 +209,6 @@ static void stop(struct query_ctx *ctx)
 	redis_close(&ctx->subscriber);
 	redis_close(&ctx->redis);
 	sqlpool_close(&ctx->sql);
-	if (ctx->base)
-		event_base_free(ctx->base);
 }
 
 static void *run_worker(void *arg)
@@ -256,16 +245,49 @@ static int worker_count(void)
 	return n < 1 ? 1 : n > 4 && !(v && *v) ? 4 : n > MAX_WORKERS ? MAX_WORKERS : (int)n;
 }
 
-/* Start every worker; worker 0 runs on the calling thread afterwards. */
-static int start_all(struct query_ctx *w, int n, pthread_t *threads, int *started)
+/* The settings of this service alone, into worker 0 (the others copy it). */
+static int configure(struct service_ctx *svc)
 {
+	struct query_ctx *ctx = SERVICE_CTX_OF(struct query_ctx, svc);
+	long max_waiters = MAX_WAITERS_DEFAULT, probe_ms = WAIT_PROBE_MS_DEFAULT;
+	long max_streams = FEED_MAX_STREAMS_DEFAULT, stream_buffer = FEED_STREAM_BUFFER_DEFAULT;
+	long keepalive_ms = FEED_KEEPALIVE_MS_DEFAULT;
+
+	if (!env_int("DAYBOOK_MAX_WAITERS", 1, 10000000, &max_waiters) ||
+	    !env_int("DAYBOOK_WAIT_PROBE_MS", 10, 600000, &probe_ms) ||
+	    !env_int("DAYBOOK_MAX_STREAMS", 0, 1000000, &max_streams) ||
+	    !env_int("DAYBOOK_STREAM_BUFFER_MAX", 4096, 1073741824, &stream_buffer) ||
+	    !env_int("DAYBOOK_STREAM_KEEPALIVE_MS", 100, 15000, &keepalive_ms))
+		return 2;
+	ctx->max_waiters = (size_t)max_waiters;
+	ctx->probe_interval = (double)probe_ms / 1e3;
+	ctx->max_streams = (size_t)max_streams;
+	ctx->stream_buffer_max = (size_t)stream_buffer;
+	ctx->stream_keepalive = (double)keepalive_ms / 1e3;
+	ctx->nworkers = worker_count();
+	/* Before the first event base: bases made afterwards lock for other threads. */
+	if (evthread_use_pthreads() != 0) {
+		fprintf(stderr, "daybook-query: cannot set up the event loop\n");
+		return 1;
+	}
+	return -1;
+}
+
+/* Start every worker; worker 0 (svc) runs on the calling thread afterwards. */
+static int start(struct service_ctx *svc)
+{
+	struct query_ctx *w = SERVICE_CTX_OF(struct query_ctx, svc)->workers;
+	int n = w[0].nworkers, started = 1;
 	sigset_t block, old;
 	int rc = 0;
 
-	for (int i = 0; i < n && rc == 0; i++) {
+	/* Each further worker starts as a copy of worker 0's settings, on its own loop. */
+	for (int i = 1; i < n; i++) {
+		w[i] = w[0];
 		w[i].base = event_base_new();
-		rc = w[i].base ? start(&w[i], i == 0) : 1;
 	}
+	for (int i = 0; i < n && rc == 0; i++)
+		rc = w[i].base ? start_worker(&w[i]) : 1;
 	if (rc)
 		return rc;
 	/* Signals belong to worker 0's loop: the other threads never see them. */
@@ -273,69 +295,50 @@ static int start_all(struct query_ctx *w, int n, pthread_t *threads, int *starte
 	sigaddset(&block, SIGTERM);
 	sigaddset(&block, SIGINT);
 	pthread_sigmask(SIG_BLOCK, &block, &old);
-	for (*started = 1; *started < n; (*started)++)
-		if (pthread_create(&threads[*started], NULL, run_worker, &w[*started]) != 0)
+	for (; started < n; started++) {
+		if (pthread_create(&w[started].thread, NULL, run_worker, &w[started]) != 0)
 			break;
+		w[started].threaded = true;
+	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	log_info(&w[0].log, "listening on %s:%u with %d worker(s)", w[0].cfg.listen_host,
-		 w[0].cfg.listen_port, *started);
-	return *started == n ? 0 : 1;
+		 w[0].cfg.listen_port, started);
+	return started == n ? 0 : 1;
 }
+
+/* After worker 0's loop: the other workers end theirs (told to, unless the signal
+ * already did), then every worker closes. */
+static void stop(struct service_ctx *svc)
+{
+	struct query_ctx *w = SERVICE_CTX_OF(struct query_ctx, svc)->workers;
+
+	for (int i = 1; i < w[0].nworkers; i++) {
+		if (!w[i].threaded)
+			continue;
+		if (!w[0].stopping)
+			event_active(w[i].stop_event, EV_READ, 0);
+		pthread_join(w[i].thread, NULL);
+	}
+	for (int i = 0; i < w[0].nworkers; i++) {
+		stop_worker(&w[i]);
+		if (i > 0 && w[i].base)
+			event_base_free(w[i].base);
+	}
+}
+
+static const struct service_def service = {
+	.name = "daybook-query", .log_name = "query", .usage = usage,
+	.need = CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS,
+	.default_listen = "127.0.0.1:8082",
+	.stopping = "no longer accepting; finishing requests in flight",
+	.configure = configure, .start = start, .on_stop = on_stop, .stop = stop,
+};
 
 int main(int argc, char **argv)
 {
 	static struct query_ctx w[MAX_WORKERS];
-	pthread_t threads[MAX_WORKERS];
 	atomic_size_t waiters = 0, streams = 0;
-	long max_waiters = MAX_WAITERS_DEFAULT, probe_ms = WAIT_PROBE_MS_DEFAULT;
-	long max_streams = FEED_MAX_STREAMS_DEFAULT, stream_buffer = FEED_STREAM_BUFFER_DEFAULT;
-	long keepalive_ms = FEED_KEEPALIVE_MS_DEFAULT;
-	struct config cfg;
-	struct tokens *tokens = NULL;
-	struct metrics *metrics = NULL;
-	char err[512];
-	int rc = service_init(argc, argv, "daybook-query", usage,
-			      CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS, "127.0.0.1:8082",
-			      &cfg);
-	int n, started = 1;
 
-	if (rc >= 0)
-		return rc;
-	if (!env_int("DAYBOOK_MAX_WAITERS", 1, 10000000, &max_waiters) ||
-	    !env_int("DAYBOOK_WAIT_PROBE_MS", 10, 600000, &probe_ms) ||
-	    !env_int("DAYBOOK_MAX_STREAMS", 0, 1000000, &max_streams) ||
-	    !env_int("DAYBOOK_STREAM_BUFFER_MAX", 4096, 1073741824, &stream_buffer) ||
-	    !env_int("DAYBOOK_STREAM_KEEPALIVE_MS", 100, 15000, &keepalive_ms))
-		return 2;
-	if (tokens_open(&tokens, cfg.tokens_file, err, sizeof(err))) {
-		fprintf(stderr, "daybook-query: DAYBOOK_TOKENS_FILE: %s\n", err);
-		return 2;
-	}
-	if (evthread_use_pthreads() != 0 || metrics_open(&metrics)) {
-		fprintf(stderr, "daybook-query: cannot set up the event loop\n");
-		return 1;
-	}
-	n = worker_count();
-	for (int i = 0; i < n; i++)
-		w[i] = (struct query_ctx){ .cfg = cfg, .log = { "query", cfg.log_level },
-					   .tokens = tokens, .metrics = metrics, .workers = w,
-					   .nworkers = n, .waiters = &waiters,
-					   .max_waiters = (size_t)max_waiters,
-					   .probe_interval = (double)probe_ms / 1e3,
-					   .streams = &streams, .max_streams = (size_t)max_streams,
-					   .stream_buffer_max = (size_t)stream_buffer,
-					   .stream_keepalive = (double)keepalive_ms / 1e3 };
-	rc = start_all(w, n, threads, &started);
-	if (rc == 0)
-		rc = event_base_dispatch(w[0].base) < 0 ? 1 : 0;
-	for (int i = 1; i < started; i++) {
-		if (rc != 0)
-			event_active(w[i].stop_event, EV_READ, 0);
-		pthread_join(threads[i], NULL);
-	}
-	for (int i = 0; i < n; i++)
-		stop(&w[i]);
-	tokens_close(&tokens);
-	metrics_close(&metrics);
-	return rc;
+	w[0] = (struct query_ctx){ .workers = w, .waiters = &waiters, .streams = &streams };
+	return service_run(argc, argv, &service, &w[0].svc);
 }

@@ -2,6 +2,7 @@
 #ifndef DAYBOOK_QUERY_H
 #define DAYBOOK_QUERY_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -15,6 +16,7 @@
 #include "pg.h"
 #include "readmodel.h"
 #include "redis.h"
+#include "service.h"
 #include "tokens.h"
 #include "wait.h"
 #include "feed.h"
@@ -62,12 +64,9 @@ struct timetravel {
 };
 
 struct query_ctx {
-	struct config cfg;
-	struct log log;
-	struct event_base *base;
-	struct metrics *metrics;
-	struct tokens *tokens;
-	struct http_server *http;
+	/* cfg, log, base, metrics, tokens, http, stopping (shared/service.h): every worker
+	 * has its own loop; the tokens and metrics are worker 0's, shared. */
+	SERVICE_CTX_HEAD;
 	struct redis *redis;      /* the read connection */
 	struct redis *subscriber; /* dbk:position, to wake waiting reads */
 	struct sqlpool *sql;
@@ -77,14 +76,15 @@ struct query_ctx {
 	double probe_interval;    /* DAYBOOK_WAIT_PROBE_MS, in seconds */
 	struct metric *fallbacks[FALLBACK_COUNT];
 	struct metric *served_redis, *served_sql;
-	struct event *sigterm, *sigint, *drain_timer;
-	bool stopping;
+	struct event *drain_timer;
 	/* Workers: each thread runs its own ctx and loop on the shared port. */
 	struct event *stop_event;  /* made active by the signal-handling worker */
 	struct event *ready_timer; /* refreshes `up` for the others' /readyz */
 	atomic_bool up;            /* SQL reachable and not stopping */
-	const struct query_ctx *workers; /* all of them (ctx of worker i at workers + i) */
+	struct query_ctx *workers; /* all of them (ctx of worker i at workers + i) */
 	int nworkers;
+	pthread_t thread;          /* worker i > 0: its thread, when `threaded` */
+	bool threaded;
 	/* The event feed (feed.c): this worker's reader and streams. */
 	struct feed *feed;
 	size_t max_streams;        /* DAYBOOK_MAX_STREAMS, for all workers together */

@@ -431,29 +431,31 @@ static bool render_transactions(const struct read *rd, const PGresult *res, stru
 	char *items[501];
 	size_t lens[501];
 	const char *next = NULL;
-	bool ok = true;
+	bool ok = false;
 
 	if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
 		ans->status = 404;
 		ans->code = "account_not_found";
 		return true;
 	}
-	for (int i = 0; i < rows && n < rd->limit && ok; i++) {
+	for (int i = 0; i < rows && n < rd->limit; i++) {
 		if (!val(res, i, 3))
 			break;
 		items[n] = render_item(res, i, 3);
-		ok = items[n] != NULL;
-		lens[n] = ok ? strlen(items[n]) : 0;
-		n += ok;
+		if (!items[n])
+			goto done;
+		lens[n] = strlen(items[n]);
+		n++;
 	}
-	if (ok && rows > rd->limit && n == rd->limit)
+	if (rows > rd->limit && n == rd->limit)
 		next = PQgetvalue(res, n - 1, 3);
-	if (ok)
-		ans->body = transactions_body((const char *const *)items, lens, (size_t)n, next, &ans->len);
+	ans->body = transactions_body((const char *const *)items, lens, (size_t)n, next, &ans->len);
+	ok = ans->body != NULL;
+done:
 	for (int i = 0; i < n; i++)
 		free(items[i]);
 	ans->status = 200;
-	return ok && ans->body;
+	return ok;
 }
 
 static bool render_transfer(const PGresult *res, struct answer *ans)
@@ -501,7 +503,7 @@ static bool render_events(const PGresult *res, struct answer *ans)
 {
 	int rows = PQntuples(res);
 	json_t *list, *o;
-	bool ok = true;
+	bool ok = false;
 
 	if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
 		ans->status = 404;
@@ -510,15 +512,19 @@ static bool render_events(const PGresult *res, struct answer *ans)
 	}
 	list = json_array();
 	o = json_pack("{s:o}", "events", list);
-	for (int i = 0; ok && o && i < rows && val(res, i, 3); i++) {
+	if (!o)
+		goto done;
+	for (int i = 0; i < rows && val(res, i, 3); i++) {
 		/* jsonb's text is re-encoded compactly; its objects nest as objects. */
 		json_t *e = json_pack("{s:I, s:s, s:o, s:o, s:s}", "version",
 				      (json_int_t)int_of(res, i, 3), "type", val(res, i, 4), "data",
 				      json_loads(val(res, i, 5), 0, NULL), "metadata",
 				      json_loads(val(res, i, 6), 0, NULL), "recorded_at", val(res, i, 7));
-		ok = e && json_array_append_new(list, e) == 0;
+		if (!e || json_array_append_new(list, e) != 0)
+			goto done;
 	}
-	ok = ok && o && take(json_dumps(o, JSON_COMPACT), ans);
+	ok = take(json_dumps(o, JSON_COMPACT), ans);
+done:
 	json_decref(o);
 	return ok;
 }

@@ -1,10 +1,15 @@
-/* What every service binary does first: --help, --version, its configuration, SIGPIPE. */
+/* What every service binary shares: main() from the command line (--help, --version,
+ * its configuration, SIGPIPE) through its loop and signals to the last teardown. */
 #include "service.h"
 
 #include "cli.h"
 #include "eventstore.h"
+#include "http.h"
 #include "log.h"
+#include "metrics.h"
+#include "tokens.h"
 
+#include <event2/event.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -104,4 +109,91 @@ int service_check_event_store(const char *name, const struct config *cfg, const 
 	}
 	pthread_detach(tid);
 	return -1;
+}
+
+/* The first SIGTERM or SIGINT: the same first steps in every service, then its own. */
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct service_ctx *svc = arg;
+
+	(void)what;
+	if (svc->stopping)
+		return;
+	log_info(&svc->log, "signal %d: %s", (int)sig, svc->def->stopping);
+	svc->stopping = true;
+	http_server_stop_accepting(svc->http);
+	svc->def->on_stop(svc);
+}
+
+/* Configuration, tokens, event base and metrics: -1 to go on, else the exit status. */
+static int open_common(int argc, char **argv, const struct service_def *def,
+		       struct service_ctx *svc)
+{
+	char err[512];
+	int rc = service_init(argc, argv, def->name, def->usage, def->need, def->default_listen,
+			      &svc->cfg);
+
+	if (rc >= 0)
+		return rc;
+	svc->def = def;
+	svc->log = (struct log){ .service = def->log_name, .level = svc->cfg.log_level };
+	if (def->configure) {
+		rc = def->configure(svc);
+		if (rc >= 0)
+			return rc;
+	}
+	if ((def->need & CONFIG_NEED_TOKENS) &&
+	    tokens_open(&svc->tokens, svc->cfg.tokens_file, err, sizeof(err))) {
+		fprintf(stderr, "%s: DAYBOOK_TOKENS_FILE: %s\n", def->name, err);
+		return CLI_EXIT_USAGE;
+	}
+	svc->base = event_base_new();
+	if (!svc->base || metrics_open(&svc->metrics)) {
+		fprintf(stderr, "%s: cannot set up the event loop\n", def->name);
+		return 1;
+	}
+	return -1;
+}
+
+/* SIGTERM and SIGINT on svc's loop: 0, or the exit status. */
+static int add_signals(struct service_ctx *svc)
+{
+	svc->sigterm = evsignal_new(svc->base, SIGTERM, on_signal, svc);
+	svc->sigint = evsignal_new(svc->base, SIGINT, on_signal, svc);
+	if (!svc->sigterm || !svc->sigint) {
+		fprintf(stderr, "%s: out of memory\n", svc->def->name);
+		return 1;
+	}
+	evsignal_add(svc->sigterm, NULL);
+	evsignal_add(svc->sigint, NULL);
+	return 0;
+}
+
+int service_run(int argc, char **argv, const struct service_def *def, struct service_ctx *svc)
+{
+	int rc = open_common(argc, argv, def, svc);
+
+	if (rc >= 0)
+		goto done;
+	rc = def->start(svc);
+	if (rc == 0)
+		rc = add_signals(svc);
+	/* After every setting is checked (a bad one is the single line on stderr). */
+	if (rc == 0)
+		rc = def->check_event_store
+			     ? service_check_event_store(def->name, &svc->cfg, &svc->log)
+			     : -1;
+	if (rc < 0)
+		rc = event_base_dispatch(svc->base) < 0 ? 1 : 0;
+	def->stop(svc);
+done:
+	if (svc->sigterm)
+		event_free(svc->sigterm);
+	if (svc->sigint)
+		event_free(svc->sigint);
+	tokens_close(&svc->tokens);
+	metrics_close(&svc->metrics);
+	if (svc->base)
+		event_base_free(svc->base);
+	return rc;
 }
