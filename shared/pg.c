@@ -710,7 +710,7 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 		return;
 	}
 	evbuffer_add(buf, "\"", 1);
-	/* Runs without a character to escape go in one piece: JSON values are long. */
+	/* Runs between the characters to escape go in at once. */
 	for (const char *p = value;;) {
 		size_t run = strcspn(p, "\"\\");
 		evbuffer_add(buf, p, run);
@@ -718,8 +718,7 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 		if (!*p)
 			break;
 		evbuffer_add(buf, "\\", 1);
-		evbuffer_add(buf, p, 1);
-		p++;
+		evbuffer_add(buf, p++, 1);
 	}
 	evbuffer_add(buf, "\"", 1);
 }
