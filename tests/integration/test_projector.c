@@ -134,9 +134,12 @@ Test(projector, follows_the_log_into_sql_and_redis)
 				 "AND type = 'transfer_in'"),
 		     100250);
 	cr_assert_eq(sql_int(db, "SELECT open_accounts FROM rm_totals WHERE currency = 'EUR'"), 4);
-	/* Live follow: a write after start shows up without a restart. */
+	/* Live follow: a write after start shows up without a restart. The deadline is
+	 * generous: the projector reads below the cluster-wide xmin, which another test's
+	 * bulk insert (rebuild's 150,000 events) holds back for 10 s and more on a busy
+	 * machine. */
 	must("/accounts/p-0/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 10);
+	harness_wait_caught_up(db, redis_url, 60);
 	harness_assert_models_match_log(db);
 	harness_assert_redis_matches_sql(db, redis_url);
 	cr_assert_eq(harness_stop(&proj), 0);
@@ -197,8 +200,12 @@ Test(projector, kill_9_mid_batch_loses_and_doubles_nothing)
 		harness_sql_checkpoint(db, before, sizeof(before));
 		harness_start_projector(&proj, db, redis_url);
 		await_writes(&l, 10 * round);
-		cr_assert(harness_wait_until(sql_checkpoint_moved, &m, harness_now() + 20),
-			  "the projector applied nothing in round %d", round);
+		/* Generous: a successor waits out the killed one's lease, and the projector
+		 * reads below the cluster-wide xmin, which other tests' bulk inserts hold back. */
+		if (!harness_wait_until(sql_checkpoint_moved, &m, harness_now() + 60)) {
+			harness_print_log(&proj);
+			cr_assert_fail("the projector applied nothing in round %d", round);
+		}
 		harness_kill(&proj);
 	}
 	stop_load(&l, t, 4);
@@ -276,11 +283,11 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 	harness_start_query(&query, db, redis_url);
 	rd = harness_readers_start(&query, ids, 10, 2);
 	start_load(&l, t, 2);
-	await_writes(&l, 20);
+	await_writes(&l, 10);
 	c = harness_redis(redis_url);
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	redisFree(c);
-	await_writes(&l, 40);
+	await_writes(&l, 20);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
 	check_readers(rd);
