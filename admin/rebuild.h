@@ -33,9 +33,7 @@
 extern volatile sig_atomic_t rb_interrupted;
 
 struct acct {
-	struct ledger_account acc;
-	char name[LEDGER_NAME_MAX + 1];
-	int32_t entries;
+	struct readmodel_row row; /* the shared fold's */
 	int64_t opened_at, updated_at; /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
 	int32_t expected;  /* statement items the log had when counted (a lower bound) */
 	int32_t at_cp;     /* items folded at or below the hints' checkpoint */
@@ -65,12 +63,6 @@ struct stashed {
 	char text[]; /* ev.data */
 };
 
-struct total {
-	char currency[4];
-	long long accounts, open;
-	__int128 sum;
-};
-
 /* Redis switches inside the SQL transaction, so that no projector batch lands in
  * between; if that transaction then does not commit, Redis's live generation is put
  * back as it was. */
@@ -88,7 +80,6 @@ struct rebuild {
 	redisContext *redis;
 	bool sql, want_redis;
 	long long gen;
-	char key_prefix[32]; /* "dbk:g:<gen>:" */
 	char identity[READMODEL_IDENTITY_MAX]; /* the store's, which our generation records */
 	char redis_run_id[RUN_ID_LEN]; /* the server's, to know it again after a reconnect */
 	struct live_before live_before; /* the live pointer as the switch found it */

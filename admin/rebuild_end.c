@@ -21,11 +21,11 @@ struct account_walk {
 /* An rm_accounts_shadow row, in its column order; false when out of memory. */
 static bool account_row(struct copy_buf *b, const char *id, const struct acct *a)
 {
-	return copy_row(b, 10) && copy_text(b, id) && copy_text(b, a->name) &&
-	       copy_text(b, a->acc.currency) && copy_int(b, a->acc.balance, 8) &&
-	       copy_int(b, a->acc.overdraft_limit, 8) &&
-	       copy_text(b, a->acc.closed ? "closed" : "open") && copy_int(b, a->acc.version, 4) &&
-	       copy_int(b, a->entries, 4) && copy_int(b, a->opened_at, 8) &&
+	return copy_row(b, 10) && copy_text(b, id) && copy_text(b, a->row.name) &&
+	       copy_text(b, a->row.acc.currency) && copy_int(b, a->row.acc.balance, 8) &&
+	       copy_int(b, a->row.acc.overdraft_limit, 8) &&
+	       copy_text(b, readmodel_status(&a->row.acc)) && copy_int(b, a->row.acc.version, 4) &&
+	       copy_int(b, a->row.entries, 4) && copy_int(b, a->opened_at, 8) &&
 	       copy_int(b, a->updated_at, 8);
 }
 
@@ -33,24 +33,20 @@ static bool account_row(struct copy_buf *b, const char *id, const struct acct *a
 static bool account_hash(struct rebuild *rb, const char *id, const struct acct *a)
 {
 	char opened[READMODEL_TIME_LEN], updated[READMODEL_TIME_LEN];
-	struct readmodel_account body = {
-		.account_id = id, .name = a->name, .currency = a->acc.currency,
-		.status = a->acc.closed ? "closed" : "open", .balance = a->acc.balance,
-		.overdraft_limit = a->acc.overdraft_limit, .version = a->acc.version,
-		.opened_at = opened, .updated_at = updated,
-	};
-	char k[LEDGER_ID_MAX + 48], v[16], n[16], *json;
+	struct readmodel_account body;
+	char k[READMODEL_KEY_MAX], v[16], n[16], *json;
 	const char *argv[8] = { "HSET", k, "v", v, "n", n, "j", NULL };
 	bool sent;
 
 	readmodel_time_text(a->opened_at, opened);
 	readmodel_time_text(a->updated_at, updated);
+	body = readmodel_account_of(&a->row, opened, updated);
 	if (!(json = readmodel_account_json(&body)))
 		return false;
 	argv[7] = json;
-	rb_key(rb, k, sizeof(k), "acct", id);
-	snprintf(v, sizeof(v), "%d", a->acc.version);
-	snprintf(n, sizeof(n), "%d", a->entries);
+	rb_key(rb, k, sizeof(k), READMODEL_KIND_ACCOUNT, id);
+	snprintf(v, sizeof(v), "%d", a->row.acc.version);
+	snprintf(n, sizeof(n), "%d", a->row.entries);
 	sent = rb_redis_send(rb, 8, argv);
 	free(json);
 	return sent;
@@ -60,7 +56,7 @@ static bool account_out(struct account_walk *w, const char *id, struct acct *a)
 {
 	struct copy_buf *b = w->rows;
 
-	a->written = a->acc.version;
+	a->written = a->row.acc.version;
 	if (w->ids)
 		pg_array_append(w->ids, id, w->n == 0);
 	w->n++;
@@ -81,13 +77,13 @@ static void put_account(void *arg, const char *id, void *value)
 	struct acct *a = value;
 
 	/* Counted before the rebuild began but never opened: nothing to write. */
-	if (!w->ok || !ledger_account_exists(&a->acc) || a->written == a->acc.version)
+	if (!w->ok || !ledger_account_exists(&a->row.acc) || a->written == a->row.acc.version)
 		return;
 	w->ok = account_out(w, id, a);
 }
 
 struct totals_walk {
-	struct total **sorted;
+	struct readmodel_totals **sorted;
 	size_t n;
 };
 
@@ -101,16 +97,16 @@ static void collect_total(void *arg, const char *currency, void *value)
 
 /* The few totals rows: a plain INSERT each (balance_sum is numeric, whose binary
  * form is not worth writing for a row per currency). */
-static bool sql_totals(struct rebuild *rb, struct total **t, size_t n)
+static bool sql_totals(struct rebuild *rb, struct readmodel_totals **t, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
 		char accounts[24], open[24], sum[48];
 		const char *params[4] = { t[i]->currency, accounts, open, sum };
 		PGresult *r;
 
-		snprintf(accounts, sizeof(accounts), "%lld", t[i]->accounts);
-		snprintf(open, sizeof(open), "%lld", t[i]->open);
-		readmodel_int128_text(t[i]->sum, sum);
+		snprintf(accounts, sizeof(accounts), "%lld", (long long)t[i]->count.accounts);
+		snprintf(open, sizeof(open), "%lld", (long long)t[i]->count.open_accounts);
+		readmodel_int128_text(t[i]->count.balance_sum, sum);
 		r = PQexecParams(rb->wr, "INSERT INTO rm_totals_shadow VALUES ($1, $2, $3, $4)", 4,
 				 NULL, params, NULL, NULL, 0);
 		if (PQresultStatus(r) != PGRES_COMMAND_OK) {
@@ -125,34 +121,21 @@ static bool sql_totals(struct rebuild *rb, struct total **t, size_t n)
 
 static int by_currency(const void *a, const void *b)
 {
-	return strcmp((*(struct total *const *)a)->currency, (*(struct total *const *)b)->currency);
+	return strcmp((*(struct readmodel_totals *const *)a)->currency,
+		      (*(struct readmodel_totals *const *)b)->currency);
 }
 
-/* The totals body (t sorted by currency) into Redis, with the checkpoint token. */
-static bool redis_totals(struct rebuild *rb, struct total **t, size_t n, const char *token)
+/* The totals body into Redis, with the checkpoint token. */
+static bool redis_totals(struct rebuild *rb, struct readmodel_totals **t, size_t n, const char *token)
 {
-	struct readmodel_total *rows = malloc((n ? n : 1) * sizeof(*rows));
-	char (*text)[3][48] = malloc((n ? n : 1) * sizeof(*text));
-	char k[64], *body = NULL;
-	bool ok = false;
+	char k[READMODEL_KEY_MAX], *body;
+	bool ok;
 
-	if (!rows || !text)
-		goto done;
-	for (size_t i = 0; i < n; i++) {
-		snprintf(text[i][0], sizeof(text[i][0]), "%lld", t[i]->accounts);
-		snprintf(text[i][1], sizeof(text[i][1]), "%lld", t[i]->open);
-		readmodel_int128_text(t[i]->sum, text[i][2]);
-		rows[i] = (struct readmodel_total){ .currency = t[i]->currency, .accounts = text[i][0],
-						    .open_accounts = text[i][1], .balance_sum = text[i][2] };
-	}
-	if (!(body = readmodel_totals_json(rows, n)))
-		goto done;
+	if (!(body = readmodel_totals_json_of((const struct readmodel_totals *const *)t, n)))
+		return false;
 	const char *argv[6] = { "HSET", k, "p", token, "j", body };
-	rb_key(rb, k, sizeof(k), "totals", NULL);
+	rb_key(rb, k, sizeof(k), READMODEL_KIND_TOTALS, NULL);
 	ok = rb_redis_send(rb, 6, argv);
-done:
-	free(rows);
-	free(text);
 	free(body);
 	return ok;
 }
@@ -203,7 +186,7 @@ done:
 
 bool rb_write_end_state(struct rebuild *rb, const char *token)
 {
-	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct total *)), 0 };
+	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct readmodel_totals *)), 0 };
 
 	if (!write_accounts(rb, rb->wr, true) || !tw.sorted)
 		goto fail;
@@ -232,11 +215,10 @@ static void find_short(void *arg, const char *id, void *value)
 }
 
 #define REPAIR_ITEMS                                                                        \
-	"SELECT e.account_id, e.version, e.type, e.amount, e.balance_after, e.transfer_id, "     \
-	"e.counterparty, e.reference, "                                                          \
-	"to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                \
-	"FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE "          \
-	"x.account_id = id ORDER BY x.version DESC LIMIT 50) e ORDER BY e.account_id, e.version"
+	"SELECT e.account_id, " READMODEL_SQL_ENTRY_COLUMNS("e") " "                        \
+	"FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE "     \
+	"x.account_id = id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e " \
+	"ORDER BY e.account_id, e.version"
 
 /* Their statements again, from the indexed shadow table: everything the load folded. */
 bool rb_repair_items(struct rebuild *rb)
@@ -262,20 +244,13 @@ bool rb_repair_items(struct rebuild *rb)
 	for (int row = 0; r && row < PQntuples(r); row++) {
 		const char *id = PQgetvalue(r, row, 0);
 		struct acct *a = strmap_get(rb->accounts, id);
-		char k[LEDGER_ID_MAX + 48];
+		char k[READMODEL_KEY_MAX];
 		const char *del[2] = { "DEL", k };
-		struct readmodel_entry e = {
-			.version = atoi(PQgetvalue(r, row, 1)), .type = PQgetvalue(r, row, 2),
-			.amount = atoll(PQgetvalue(r, row, 3)), .balance_after = atoll(PQgetvalue(r, row, 4)),
-			.transfer_id = PQgetisnull(r, row, 5) ? NULL : PQgetvalue(r, row, 5),
-			.counterparty = PQgetisnull(r, row, 6) ? NULL : PQgetvalue(r, row, 6),
-			.reference = PQgetisnull(r, row, 7) ? NULL : PQgetvalue(r, row, 7),
-			.at = PQgetvalue(r, row, 8),
-		};
+		struct readmodel_entry e = readmodel_entry_from_pg(r, row, 1);
 		if (!a)
 			continue;
 		if (a->expected > a->at_cp) { /* its first row: start the statement afresh */
-			rb_key(rb, k, sizeof(k), "stmt", id);
+			rb_key(rb, k, sizeof(k), READMODEL_KIND_STATEMENT, id);
 			if (!rb_send_items(rb, a) || !rb_redis_send(rb, 2, del))
 				goto done;
 			a->expected = 0; /* every later item counts */

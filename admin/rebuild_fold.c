@@ -5,9 +5,9 @@
 
 #include "rebuild.h"
 
-static struct total *total_of(struct rebuild *rb, const char *currency)
+static struct readmodel_totals *total_of(struct rebuild *rb, const char *currency)
 {
-	struct total *t = strmap_get(rb->totals, currency);
+	struct readmodel_totals *t = strmap_get(rb->totals, currency);
 
 	if (!t && (t = calloc(1, sizeof(*t)))) {
 		snprintf(t->currency, sizeof(t->currency), "%s", currency);
@@ -19,29 +19,17 @@ static struct total *total_of(struct rebuild *rb, const char *currency)
 	return t;
 }
 
-static void count_total(struct total *t, const struct ledger_event *ev)
-{
-	switch (ev->type) {
-	case LEDGER_ACCOUNT_OPENED: t->accounts++, t->open++; break;
-	case LEDGER_ACCOUNT_CLOSED_EVENT: t->open--; break;
-	case LEDGER_FUNDS_DEPOSITED:
-	case LEDGER_TRANSFER_RECEIVED: t->sum += ev->amount; break;
-	case LEDGER_FUNDS_WITHDRAWN:
-	case LEDGER_TRANSFER_SENT: t->sum -= ev->amount; break;
-	}
-}
-
 /* Send an account's held statement items, oldest first, in one LPUSH: the statement
  * list has the newest first. */
 bool rb_send_items(struct rebuild *rb, struct acct *a)
 {
-	char k[LEDGER_ID_MAX + 48];
+	char k[READMODEL_KEY_MAX];
 	const char *argv[2 + READMODEL_ITEMS_KEPT];
 	bool sent;
 
 	if (a->npending == 0)
 		return true;
-	rb_key(rb, k, sizeof(k), "stmt", a->acc.id);
+	rb_key(rb, k, sizeof(k), READMODEL_KIND_STATEMENT, a->row.acc.id);
 	/* The generation is new, but its number may not be: Redis that lost its data
 	 * counts generations from 1 again, and a projector batch in flight then may have
 	 * left keys under it. A statement is pushed onto, so it starts empty. */
@@ -115,31 +103,26 @@ void rb_acct_free(void *value)
 }
 
 /* An rm_entries_shadow row, in its column order; false when out of memory. */
-static bool entry_row(struct copy_buf *b, const struct acct *a, const struct ledger_event *ev,
-		      int32_t version, int64_t at)
+static bool entry_row(struct copy_buf *b, const struct acct *a, const struct readmodel_entry *e,
+		      int64_t at)
 {
-	return copy_row(b, 9) && copy_text(b, a->acc.id) && copy_int(b, version, 4) &&
-	       copy_text(b, readmodel_entry_type(ev->type)) && copy_int(b, ev->amount, 8) &&
-	       copy_int(b, a->acc.balance, 8) && copy_text(b, ev->transfer_id) &&
-	       copy_text(b, ev->counterparty) && copy_text(b, ev->reference) && copy_int(b, at, 8);
+	return copy_row(b, 9) && copy_text(b, a->row.acc.id) && copy_int(b, e->version, 4) &&
+	       copy_text(b, e->type) && copy_int(b, e->amount, 8) &&
+	       copy_int(b, e->balance_after, 8) && copy_text(b, e->transfer_id) &&
+	       copy_text(b, e->counterparty) && copy_text(b, e->reference) && copy_int(b, at, 8);
 }
 
 /* The statement item: a COPY row for SQL, held for one LPUSH per account for Redis. */
-static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
-		       int32_t version, int64_t at)
+static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev, int64_t at)
 {
 	char at_text[READMODEL_TIME_LEN];
-	struct readmodel_entry e = {
-		.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
-		.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
-		.counterparty = ev->counterparty, .reference = ev->reference, .at = at_text,
-	};
+	struct readmodel_entry e = readmodel_entry_of(&a->row, ev, at_text);
 
-	if (rb->sql && !entry_row(&rb->entries, a, ev, version, at))
+	if (rb->sql && !entry_row(&rb->entries, a, &e, at))
 		return false;
 	/* Redis keeps the newest items only: skip those certain to be trimmed, and send
 	 * the rest as one LPUSH per account rather than a command per item. */
-	if (!rb->redis || a->entries <= a->expected - READMODEL_ITEMS_KEPT)
+	if (!rb->redis || a->row.entries <= a->expected - READMODEL_ITEMS_KEPT)
 		return true;
 	readmodel_time_text(at, at_text);
 	return rb_hold_item(rb, a, readmodel_entry_json(&e));
@@ -172,26 +155,21 @@ static void keep_xfer_id(struct rebuild *rb, const char *id)
 }
 
 /* An rm_transfers_shadow row, in its column order; false when out of memory. */
-static bool transfer_row(struct copy_buf *b, const struct acct *from,
-			 const struct ledger_event *ev, int64_t at)
+static bool transfer_row(struct copy_buf *b, const struct readmodel_transfer *t, int64_t at)
 {
-	return copy_row(b, 7) && copy_text(b, ev->transfer_id) && copy_text(b, from->acc.id) &&
-	       copy_text(b, ev->counterparty) && copy_int(b, ev->amount, 8) &&
-	       copy_text(b, from->acc.currency) && copy_text(b, ev->reference) && copy_int(b, at, 8);
+	return copy_row(b, 7) && copy_text(b, t->transfer_id) && copy_text(b, t->from) &&
+	       copy_text(b, t->to) && copy_int(b, t->amount, 8) &&
+	       copy_text(b, t->currency) && copy_text(b, t->reference) && copy_int(b, at, 8);
 }
 
 static bool emit_transfer(struct rebuild *rb, const struct acct *from, const struct ledger_event *ev,
 			  int64_t at)
 {
-	char at_text[READMODEL_TIME_LEN], k[LEDGER_ID_MAX + 48], *json = NULL;
-	struct readmodel_transfer t = {
-		.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
-		.currency = from->acc.currency, .reference = ev->reference, .at = at_text,
-		.amount = ev->amount,
-	};
+	char at_text[READMODEL_TIME_LEN], k[READMODEL_KEY_MAX], *json = NULL;
+	struct readmodel_transfer t = readmodel_transfer_of(&from->row, ev, at_text);
 	const char *argv[3] = { "SET", k, NULL };
 
-	if (rb->sql && !transfer_row(&rb->transfers, from, ev, at))
+	if (rb->sql && !transfer_row(&rb->transfers, &t, at))
 		goto fail;
 	if (!rb->redis)
 		return true;
@@ -199,7 +177,7 @@ static bool emit_transfer(struct rebuild *rb, const struct acct *from, const str
 	if (!(json = readmodel_transfer_json(&t)))
 		goto fail;
 	argv[2] = json;
-	rb_key(rb, k, sizeof(k), "xfer", ev->transfer_id);
+	rb_key(rb, k, sizeof(k), READMODEL_KIND_TRANSFER, ev->transfer_id);
 	if (!rb_redis_send(rb, 3, argv))
 		goto fail;
 	free(json);
@@ -220,36 +198,31 @@ uint64_t rb_be(const char *p, int bytes)
 	return v;
 }
 
-/* Apply one event to its account, in version order. */
+/* Apply one event to its account, in version order (the shared fold). */
 static bool apply(struct rebuild *rb, const char *id, struct acct *a, const struct logged *e)
 {
 	struct ledger_event ev;
-	struct total *t;
+	struct readmodel_change change;
+	struct readmodel_totals *t;
 
-	if (!e->type || e->version != a->acc.version + 1 ||
-	    !ledger_event_from_text(e->type, e->data, e->len, &rb->data, &ev))
+	if (!e->type || e->version != a->row.acc.version + 1 ||
+	    !ledger_event_from_text(e->type, e->data, e->len, &rb->data, &ev) ||
+	    !readmodel_fold(&a->row, id, e->version, &ev, &change))
 		goto fail;
-	if (e->type == LEDGER_ACCOUNT_OPENED)
-		ev.account_id = id;
-	if (!ledger_evolve(&a->acc, &ev))
-		goto fail;
-	if (e->type == LEDGER_ACCOUNT_OPENED) {
-		snprintf(a->name, sizeof(a->name), "%s", ev.name);
+	if (change.opened)
 		a->opened_at = e->at;
-	}
 	a->updated_at = e->at;
-	if (!(t = total_of(rb, a->acc.currency)))
+	if (!(t = total_of(rb, a->row.acc.currency)))
 		goto fail;
-	count_total(t, &ev);
-	if (readmodel_entry_type(e->type)) {
-		a->entries++;
+	readmodel_count_add(&t->count, &change.totals);
+	if (change.entry_type) {
 		if (rb->hinted && (e->txid < rb->hint_txid ||
 				   (e->txid == rb->hint_txid && e->position <= rb->hint_pos)))
 			a->at_cp++;
-		if (!emit_entry(rb, a, &ev, a->acc.version, e->at))
+		if (!emit_entry(rb, a, &ev, e->at))
 			goto fail;
 	}
-	if (e->type == LEDGER_TRANSFER_SENT && !emit_transfer(rb, a, &ev, e->at))
+	if (change.transfer && !emit_transfer(rb, a, &ev, e->at))
 		goto fail;
 	if (e->txid > rb->cp_txid || (e->txid == rb->cp_txid && e->position > rb->position)) {
 		rb->cp_txid = e->txid;
@@ -311,11 +284,11 @@ bool rb_fold_row(struct rebuild *rb, PGresult *r, int i)
 		free(a);
 		return false;
 	}
-	if (e.version > a->acc.version + 1)
+	if (e.version > a->row.acc.version + 1)
 		return stash(rb, id, a, &e);
 	if (!apply(rb, id, a, &e))
 		return false;
-	while (a->stash && a->stash->ev.version == a->acc.version + 1) {
+	while (a->stash && a->stash->ev.version == a->row.acc.version + 1) {
 		struct stashed *s = a->stash;
 		bool applied;
 		a->stash = s->next;
@@ -332,14 +305,14 @@ bool rb_fold_row(struct rebuild *rb, PGresult *r, int i)
  * more than Redis keeps (items appended while the rebuild ran). */
 bool rb_finish_items(struct rebuild *rb, struct acct *a)
 {
-	char k[LEDGER_ID_MAX + 48], stop[16];
+	char k[READMODEL_KEY_MAX], stop[16];
 	const char *argv[4] = { "LTRIM", k, "0", stop };
 
 	if (!rb_send_items(rb, a))
 		return false;
 	if (a->sent <= READMODEL_ITEMS_KEPT)
 		return true;
-	rb_key(rb, k, sizeof(k), "stmt", a->acc.id);
+	rb_key(rb, k, sizeof(k), READMODEL_KIND_STATEMENT, a->row.acc.id);
 	snprintf(stop, sizeof(stop), "%d", READMODEL_ITEMS_KEPT - 1);
 	return rb_redis_send(rb, 4, argv);
 }

@@ -5,12 +5,21 @@
 
 #include "rebuild.h"
 
+/* GET generation gen's key of `kind`; caller frees the reply. */
+static redisReply *get_gen_key(struct rebuild *rb, long long gen, const char *kind)
+{
+	char k[64];
+
+	readmodel_key(k, sizeof(k), gen, kind, NULL);
+	return redisCommand(rb->redis, "GET %s", k);
+}
+
 /* May generation gen be deleted: was it built from this store, or from none (written
  * before generations recorded one)? Another store's may be another deployment's live
  * models (one Redis database shared by mistake): it is left to an operator. */
 static bool ours_to_delete(struct rebuild *rb, long long gen)
 {
-	redisReply *r = redisCommand(rb->redis, "GET dbk:g:%lld:identity", gen);
+	redisReply *r = get_gen_key(rb, gen, READMODEL_KIND_IDENTITY);
 	bool ours = r && (r->type == REDIS_REPLY_NIL ||
 			  (r->type == REDIS_REPLY_STRING && strcmp(r->str, rb->identity) == 0));
 
@@ -30,11 +39,10 @@ struct verdicts {
 
 static bool sweep_key(struct rebuild *rb, struct verdicts *v, const char *k)
 {
-	char *end = NULL;
-	long long gen = strncmp(k, "dbk:g:", 6) == 0 ? strtoll(k + 6, &end, 10) : 0;
+	long long gen = readmodel_key_generation(k);
 	bool ours;
 
-	if (!end || *end != ':')
+	if (!gen)
 		return false;
 	for (size_t i = 0; i < v->n; i++)
 		if (v->gen[i] == gen)
@@ -66,8 +74,11 @@ void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 	/* Replies of pipelined commands come first: read them before talking again. */
 	if (!rb_redis_drain(rb))
 		return;
-	snprintf(match, sizeof(match), keep ? "dbk:g:*" : "dbk:g:%lld:*", drop);
-	snprintf(prefix, sizeof(prefix), "dbk:g:%lld:", keep);
+	if (keep)
+		snprintf(match, sizeof(match), "%s", READMODEL_GEN_MATCH);
+	else
+		readmodel_key_match(match, sizeof(match), drop);
+	readmodel_key(prefix, sizeof(prefix), keep, "", NULL);
 	do {
 		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 10000", cursor, match);
 		const char **argv;
@@ -123,8 +134,7 @@ static void unlink_flush(struct unlinks *u)
 
 static void unlink_key(struct unlinks *u, const char *kind, const char *id)
 {
-	snprintf(u->keys[u->n], KEY_LEN, "dbk:g:%lld:%s%s%s", u->gen, kind, id ? ":" : "",
-		 id ? id : "");
+	readmodel_key(u->keys[u->n], KEY_LEN, u->gen, kind, id);
 	u->argv[1 + u->n] = u->keys[u->n];
 	if (++u->n == UNLINK_BATCH)
 		unlink_flush(u);
@@ -135,16 +145,16 @@ static void unlink_account(void *arg, const char *id, void *value)
 	(void)value;
 	struct unlinks *u = arg;
 
-	unlink_key(u, "acct", id);
-	unlink_key(u, "stmt", id);
+	unlink_key(u, READMODEL_KIND_ACCOUNT, id);
+	unlink_key(u, READMODEL_KIND_STATEMENT, id);
 	if (u->old_layout)
-		unlink_key(u, "entries", id); /* layout 1's statements */
+		unlink_key(u, READMODEL_KIND_ENTRIES_V1, id); /* layout 1's statements */
 }
 
 /* Was generation gen written in this code's layout? */
 static bool same_layout(struct rebuild *rb, long long gen)
 {
-	redisReply *r = redisCommand(rb->redis, "GET dbk:g:%lld:layout", gen);
+	redisReply *r = get_gen_key(rb, gen, READMODEL_KIND_LAYOUT);
 	bool same = r && r->type == REDIS_REPLY_STRING && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0;
 
 	freeReplyObject(r);
@@ -168,11 +178,11 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 	u->old_layout = u->ok && !same_layout(rb, gen);
 	strmap_foreach(rb->accounts, unlink_account, u);
 	for (size_t at = 0; at < rb->xfer_ids.len; at += strlen(rb->xfer_ids.p + at) + 1)
-		unlink_key(u, "xfer", rb->xfer_ids.p + at);
-	unlink_key(u, "totals", NULL);
-	unlink_key(u, "checkpoint", NULL);
-	unlink_key(u, "layout", NULL);
-	unlink_key(u, "identity", NULL);
+		unlink_key(u, READMODEL_KIND_TRANSFER, rb->xfer_ids.p + at);
+	unlink_key(u, READMODEL_KIND_TOTALS, NULL);
+	unlink_key(u, READMODEL_KIND_CHECKPOINT, NULL);
+	unlink_key(u, READMODEL_KIND_LAYOUT, NULL);
+	unlink_key(u, READMODEL_KIND_IDENTITY, NULL);
 	unlink_flush(u);
 	if (u->ok)
 		(void)!rb_redis_drain(rb);

@@ -73,22 +73,10 @@ bool rb_redis_send(struct rebuild *rb, int argc, const char **argv)
 	return rb->redis_queued < 4 * REDIS_FLUSH || rb_redis_drain(rb);
 }
 
-/* A key of our generation: "dbk:g:<gen>:<kind>[:<id>]", truncated to len - 1 bytes.
- * Made for every item sent, so without printf. */
+/* A key of our generation (readmodel_key), truncated to len - 1 bytes. */
 void rb_key(const struct rebuild *rb, char *out, size_t len, const char *kind, const char *id)
 {
-	const char *parts[4] = { rb->key_prefix, kind, id ? ":" : "", id ? id : "" };
-	size_t at = 0;
-
-	for (int i = 0; i < 4 && len > 0; i++) {
-		size_t n = strlen(parts[i]);
-		if (n > len - 1 - at)
-			n = len - 1 - at;
-		memcpy(out + at, parts[i], n);
-		at += n;
-	}
-	if (len > 0)
-		out[at] = '\0';
+	readmodel_key(out, len, rb->gen, kind, id);
 }
 
 /* The server's run_id (INFO server), which changes with every start. */
@@ -137,7 +125,7 @@ bool rb_redis_usable(struct rebuild *rb)
 
 bool rb_connect_redis(struct rebuild *rb)
 {
-	char err[256];
+	char err[256], k[64];
 	redisReply *r;
 	PGresult *r0;
 
@@ -162,20 +150,20 @@ bool rb_connect_redis(struct rebuild *rb)
 		rb_error(rb, "cannot connect to redis: %s\n", err);
 		return false;
 	}
-	r = redisCommand(rb->redis, "INCR dbk:generation");
+	r = redisCommand(rb->redis, "INCR " READMODEL_GENERATION_KEY);
 	if (!r || r->type != REDIS_REPLY_INTEGER) {
-		rb_error(rb, "redis INCR dbk:generation failed\n");
+		rb_error(rb, "redis INCR " READMODEL_GENERATION_KEY " failed\n");
 		freeReplyObject(r);
 		return false;
 	}
 	rb->gen = r->integer;
-	snprintf(rb->key_prefix, sizeof(rb->key_prefix), "dbk:g:%lld:", rb->gen);
+	rb_key(rb, k, sizeof(k), READMODEL_KIND_IDENTITY, NULL);
 	freeReplyObject(r);
 	/* Which store the generation is built from, before anything else goes in it: no
 	 * projector's sweep then takes its keys for garbage of no store. */
-	r = redisCommand(rb->redis, "SET %sidentity %s", rb->key_prefix, rb->identity);
+	r = redisCommand(rb->redis, "SET %s %s", k, rb->identity);
 	if (!r || r->type == REDIS_REPLY_ERROR) {
-		rb_error(rb, "redis SET %sidentity failed\n", rb->key_prefix);
+		rb_error(rb, "redis SET %s failed\n", k);
 		freeReplyObject(r);
 		return false;
 	}

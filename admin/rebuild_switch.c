@@ -143,14 +143,14 @@ static bool swap_tables(struct rebuild *rb)
 static bool switch_redis(struct rebuild *rb, struct live_before *old, const char *token)
 {
 	char k[64], lk[64], ik[64], msg[96], gen[24];
-	const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
+	const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 	const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
 	const char *identity[3] = { "SET", ik, rb->identity };
 	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
 
-	rb_key(rb, k, sizeof(k), "checkpoint", NULL);
-	rb_key(rb, lk, sizeof(lk), "layout", NULL);
-	rb_key(rb, ik, sizeof(ik), "identity", NULL);
+	rb_key(rb, k, sizeof(k), READMODEL_KIND_CHECKPOINT, NULL);
+	rb_key(rb, lk, sizeof(lk), READMODEL_KIND_LAYOUT, NULL);
+	rb_key(rb, ik, sizeof(ik), READMODEL_KIND_IDENTITY, NULL);
 	snprintf(gen, sizeof(gen), "%lld", rb->gen);
 	snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
 	if (!rb_redis_drain(rb) || !get_live(rb, old))

@@ -133,9 +133,15 @@ fail:
 static bool live_is_ours(struct status *s, redisContext *c, const char *gen)
 {
 	PGresult *q = query(s, READMODEL_IDENTITY_SQL, 0, NULL);
-	redisReply *id = q ? redisCommand(c, "GET dbk:g:%s:identity", gen) : NULL;
-	bool ours = !q || !id || id->type == REDIS_REPLY_ERROR ||
-		    (id->type == REDIS_REPLY_STRING && strcmp(id->str, PQgetvalue(q, 0, 0)) == 0);
+	redisReply *id = NULL;
+	char k[64];
+	bool ours;
+
+	readmodel_key_text(k, sizeof(k), gen, READMODEL_KIND_IDENTITY, NULL);
+	if (q)
+		id = redisCommand(c, "GET %s", k);
+	ours = !q || !id || id->type == REDIS_REPLY_ERROR ||
+	       (id->type == REDIS_REPLY_STRING && strcmp(id->str, PQgetvalue(q, 0, 0)) == 0);
 
 	freeReplyObject(id);
 	PQclear(q);
@@ -158,7 +164,9 @@ static void read_redis(struct admin_ctx *ctx, struct status *s)
 	} else if (g && g->type == REDIS_REPLY_STRING) {
 		s->redis_live = true;
 		s->generation = atoll(g->str);
-		cp = redisCommand(c, "GET dbk:g:%s:checkpoint", g->str);
+		char k[64];
+		readmodel_key_text(k, sizeof(k), g->str, READMODEL_KIND_CHECKPOINT, NULL);
+		cp = redisCommand(c, "GET %s", k);
 	}
 	if (!g || (s->redis_live && !cp))
 		snprintf(s->redis_error, sizeof(s->redis_error), "%s", c->errstr);

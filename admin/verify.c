@@ -1,7 +1,12 @@
 /* daybook-admin verify: fold the event log independently with the pure domain and
  * compare the result, field by field, with the SQL read models and Redis's live
  * generation. Memory stays bounded: sorted server-side cursors are merge-joined, and
- * only one account's state is held at a time. */
+ * only one account's state is held at a time.
+ *
+ * The fold is independent ON PURPOSE (verify_compare.c): it checks the one fold that
+ * the projector, rebuild and time travel share (readmodel_fold), so it does not call
+ * it, and shares only the Redis key names, the body renderers and the constants of
+ * shared/readmodel.h. */
 #include <event2/buffer.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>

@@ -18,14 +18,8 @@
 #define REDIS_CHUNK 256        /* checks per pipelined round trip */
 #define DIFFS_PRINTED 1000
 #define REDIS_WAIT_SECONDS 5.0 /* for Redis to reach the snapshot's checkpoint */
-#define TEXT_TIME(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define TEXT_TIME(col) READMODEL_SQL_TIME(col)
 #define AT_SNAPSHOT "(txid, position) <= ($1::xid8, $2::bigint)"
-
-struct total {
-	char currency[4];
-	long long accounts, open;
-	__int128 sum;
-};
 
 /* A Redis check waiting for its replies; the expected texts are owned. */
 struct pending {
@@ -48,7 +42,7 @@ struct verify {
 	struct readmodel_position cp;
 	unsigned long long events, accounts, entries, transfers, newer, diffs;
 	bool failed; /* the verification could not complete */
-	struct total *totals;
+	struct readmodel_totals *totals;
 	size_t ntotals, tcap;
 	struct pending pending[REDIS_CHUNK];
 	size_t npending;

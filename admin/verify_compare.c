@@ -165,7 +165,7 @@ static void compare_account(struct verify *v, const struct folded *f, const stru
 	verify_field(v, "sql", entity, "currency", f->acc.currency, cursor_col(acc, 2));
 	verify_field_int(v, "sql", entity, "balance", f->acc.balance, cursor_col(acc, 3));
 	verify_field_int(v, "sql", entity, "overdraft_limit", f->acc.overdraft_limit, cursor_col(acc, 4));
-	verify_field(v, "sql", entity, "status", f->acc.closed ? "closed" : "open", cursor_col(acc, 5));
+	verify_field(v, "sql", entity, "status", readmodel_status(&f->acc), cursor_col(acc, 5));
 	verify_field_int(v, "sql", entity, "version", f->acc.version, cursor_col(acc, 6));
 	verify_field_int(v, "sql", entity, "entries", f->entries, cursor_col(acc, 7));
 	verify_field(v, "sql", entity, "opened_at", f->opened_at, cursor_col(acc, 8));
@@ -188,7 +188,7 @@ static void check_account_row(struct verify *v, const struct folded *f, struct c
 
 static void add_total(struct verify *v, const struct folded *f)
 {
-	struct total *t = NULL;
+	struct readmodel_totals *t = NULL;
 
 	for (size_t i = 0; i < v->ntotals && !t; i++)
 		if (strcmp(v->totals[i].currency, f->acc.currency) == 0)
@@ -196,7 +196,7 @@ static void add_total(struct verify *v, const struct folded *f)
 	if (!t) {
 		if (v->ntotals == v->tcap) {
 			size_t cap = v->tcap ? 2 * v->tcap : 16;
-			struct total *grown = realloc(v->totals, cap * sizeof(*grown));
+			struct readmodel_totals *grown = realloc(v->totals, cap * sizeof(*grown));
 			if (!grown) {
 				verify_fail(v, "out of memory\n");
 				return;
@@ -207,9 +207,9 @@ static void add_total(struct verify *v, const struct folded *f)
 		t = memset(&v->totals[v->ntotals++], 0, sizeof(*t));
 		snprintf(t->currency, sizeof(t->currency), "%s", f->acc.currency);
 	}
-	t->accounts++;
-	t->open += !f->acc.closed;
-	t->sum += f->acc.balance;
+	t->count.accounts++;
+	t->count.open_accounts += !f->acc.closed;
+	t->count.balance_sum += f->acc.balance;
 }
 
 /* Hand the account's expected Redis state (and its ring) to a pending check. */
@@ -217,7 +217,7 @@ static void queue_account_check(struct verify *v, struct folded *f)
 {
 	struct readmodel_account body = {
 		.account_id = f->id, .name = f->name, .currency = f->acc.currency,
-		.status = f->acc.closed ? "closed" : "open", .balance = f->acc.balance,
+		.status = readmodel_status(&f->acc), .balance = f->acc.balance,
 		.overdraft_limit = f->acc.overdraft_limit, .version = f->acc.version,
 		.opened_at = f->opened_at, .updated_at = f->updated_at,
 	};
@@ -416,17 +416,18 @@ void verify_pass_transfers(struct verify *v)
 
 static int by_currency(const void *a, const void *b)
 {
-	return strcmp(((const struct total *)a)->currency, ((const struct total *)b)->currency);
+	return strcmp(((const struct readmodel_totals *)a)->currency,
+		      ((const struct readmodel_totals *)b)->currency);
 }
 
-static void compare_total(struct verify *v, const struct total *t, PGresult *r, int row)
+static void compare_total(struct verify *v, const struct readmodel_totals *t, PGresult *r, int row)
 {
 	char entity[32], sum[48];
 
 	snprintf(entity, sizeof(entity), "totals:%s", t->currency);
-	verify_field_int(v, "sql", entity, "accounts", t->accounts, PQgetvalue(r, row, 1));
-	verify_field_int(v, "sql", entity, "open_accounts", t->open, PQgetvalue(r, row, 2));
-	readmodel_int128_text(t->sum, sum);
+	verify_field_int(v, "sql", entity, "accounts", t->count.accounts, PQgetvalue(r, row, 1));
+	verify_field_int(v, "sql", entity, "open_accounts", t->count.open_accounts, PQgetvalue(r, row, 2));
+	readmodel_int128_text(t->count.balance_sum, sum);
 	verify_field(v, "sql", entity, "balance_sum", sum, PQgetvalue(r, row, 3));
 }
 
@@ -458,27 +459,17 @@ static void check_sql_totals(struct verify *v)
 	PQclear(r);
 }
 
-/* GET /totals's body, as the projector writes it (v->totals sorted). Caller frees. */
+/* GET /totals's body, as the projector writes it. Caller frees. */
 static char *totals_json(const struct verify *v)
 {
-	struct readmodel_total *rows = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*rows));
-	char (*text)[3][48] = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*text));
+	const struct readmodel_totals **rows = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*rows));
 	char *json = NULL;
 
-	if (rows && text) {
-		for (size_t i = 0; i < v->ntotals; i++) {
-			const struct total *t = &v->totals[i];
-			snprintf(text[i][0], sizeof(text[i][0]), "%lld", t->accounts);
-			snprintf(text[i][1], sizeof(text[i][1]), "%lld", t->open);
-			readmodel_int128_text(t->sum, text[i][2]);
-			rows[i] = (struct readmodel_total){ .currency = t->currency, .accounts = text[i][0],
-							    .open_accounts = text[i][1],
-							    .balance_sum = text[i][2] };
-		}
-		json = readmodel_totals_json(rows, v->ntotals);
-	}
+	for (size_t i = 0; rows && i < v->ntotals; i++)
+		rows[i] = &v->totals[i];
+	if (rows)
+		json = readmodel_totals_json_of(rows, v->ntotals);
 	free(rows);
-	free(text);
 	return json;
 }
 
@@ -502,6 +493,7 @@ static void check_redis_totals(struct verify *v, const char *token, const char *
 
 void verify_check_totals(struct verify *v)
 {
+	char k[READMODEL_KEY_MAX];
 	redisReply *r;
 
 	if (v->ntotals)
@@ -509,7 +501,8 @@ void verify_check_totals(struct verify *v)
 	check_sql_totals(v);
 	if (!v->redis)
 		return;
-	r = redisCommand(v->redis, "HMGET dbk:g:%s:totals p j", v->gen);
+	readmodel_key_text(k, sizeof(k), v->gen, READMODEL_KIND_TOTALS, NULL);
+	r = redisCommand(v->redis, "HMGET %s p j", k);
 	if (!r)
 		verify_redis_lost(v);
 	else if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)

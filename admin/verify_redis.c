@@ -100,15 +100,28 @@ static void check_redis_transfer(struct verify *v, const struct pending *p, cons
 		verify_field(v, "redis", entity, "body", p->json, r->str);
 }
 
+/* The live generation's key of `kind` (and id) into k, which it returns. */
+static const char *vkey(const struct verify *v, char k[READMODEL_KEY_MAX], const char *kind,
+			const char *id)
+{
+	readmodel_key_text(k, READMODEL_KEY_MAX, v->gen, kind, id);
+	return k;
+}
+
 static bool append_checks(struct verify *v)
 {
+	char k[READMODEL_KEY_MAX];
+
 	for (size_t i = 0; i < v->npending; i++) {
 		const struct pending *p = &v->pending[i];
-		int rc = p->transfer ? redisAppendCommand(v->redis, "GET dbk:g:%s:xfer:%s", v->gen, p->id)
-			 : redisAppendCommand(v->redis, "HMGET dbk:g:%s:acct:%s v n j", v->gen, p->id);
+		int rc = p->transfer
+			 ? redisAppendCommand(v->redis, "GET %s",
+					      vkey(v, k, READMODEL_KIND_TRANSFER, p->id))
+			 : redisAppendCommand(v->redis, "HMGET %s v n j",
+					      vkey(v, k, READMODEL_KIND_ACCOUNT, p->id));
 		if (rc == REDIS_OK && !p->transfer)
-			rc = redisAppendCommand(v->redis, "LRANGE dbk:g:%s:stmt:%s 0 -1",
-						v->gen, p->id);
+			rc = redisAppendCommand(v->redis, "LRANGE %s 0 -1",
+						vkey(v, k, READMODEL_KIND_STATEMENT, p->id));
 		if (rc != REDIS_OK)
 			return false;
 	}
@@ -157,7 +170,8 @@ struct pending *pending_add(struct verify *v)
 /* The live generation's checkpoint compared with the snapshot's: <0 behind. */
 static int redis_checkpoint_cmp(struct verify *v)
 {
-	redisReply *r = redisCommand(v->redis, "GET dbk:g:%s:checkpoint", v->gen);
+	char k[READMODEL_KEY_MAX];
+	redisReply *r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_CHECKPOINT, NULL));
 	struct readmodel_position p = { 0, 0 };
 	int c;
 
@@ -178,8 +192,8 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 	char cursor[32] = "0";
 
 	do {
-		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH dbk:g:*:identity COUNT 1000",
-					     cursor);
+		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH %s COUNT 1000", cursor,
+					     READMODEL_GEN_PREFIX "*:" READMODEL_KIND_IDENTITY);
 		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
 			freeReplyObject(r);
 			return; /* the checks that follow report a lost connection */
@@ -187,7 +201,7 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
 		for (size_t i = 0; i < r->element[1]->elements; i++) {
 			const char *k = r->element[1]->element[i]->str;
-			long long gen = atoll(k + strlen("dbk:g:"));
+			long long gen = readmodel_key_generation(k);
 			redisReply *id = redisCommand(v->redis, "GET %s", k);
 			if (id && verify_reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
 				log_warn(v->log, "redis generation %lld was "
@@ -204,6 +218,7 @@ static void note_foreign_generations(struct verify *v, const char *ours)
  * adopted: it is one difference, and its content is not compared. */
 static bool redis_identity_ours(struct verify *v)
 {
+	char k[READMODEL_KEY_MAX];
 	PGresult *q = PQexec(v->pg, READMODEL_IDENTITY_SQL);
 	redisReply *r;
 	bool ok = PQresultStatus(q) == PGRES_TUPLES_OK && PQntuples(q) == 1 &&
@@ -216,7 +231,7 @@ static bool redis_identity_ours(struct verify *v)
 		return false;
 	}
 	note_foreign_generations(v, PQgetvalue(q, 0, 0));
-	r = redisCommand(v->redis, "GET dbk:g:%s:identity", v->gen);
+	r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_IDENTITY, NULL));
 	if (!r) {
 		PQclear(q);
 		verify_redis_lost(v);
@@ -243,6 +258,7 @@ static bool redis_identity_ours(struct verify *v)
  * snapshot, since it writes Redis just after committing SQL. */
 void verify_redis_prepare(struct verify *v)
 {
+	char k[READMODEL_KEY_MAX];
 	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 	struct timespec pause = { 0, 50 * 1000 * 1000 };
 
@@ -261,7 +277,7 @@ void verify_redis_prepare(struct verify *v)
 	freeReplyObject(r);
 	if (!redis_identity_ours(v))
 		return;
-	r = redisCommand(v->redis, "GET dbk:g:%s:layout", v->gen);
+	r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_LAYOUT, NULL));
 	if (r && !(verify_reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
 		verify_diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
 		     verify_reply_str(r) ? r->str : "absent");
@@ -339,8 +355,8 @@ static void orphans_of(struct verify *v, const struct orphan_page *page, const c
 			    strcmp(page->id[i], PQgetvalue(r, row, 0)) != 0)
 				continue;
 			snprintf(entity, sizeof(entity), "%s:%s",
-				 strcmp(kind, "xfer") == 0 ? "transfer" :
-				 strcmp(kind, "acct") == 0 ? "account" : kind, page->id[i]);
+				 strcmp(kind, READMODEL_KIND_TRANSFER) == 0 ? "transfer" :
+				 strcmp(kind, READMODEL_KIND_ACCOUNT) == 0 ? "account" : kind, page->id[i]);
 			orphan_diff(v, entity);
 		}
 	}
@@ -353,11 +369,12 @@ static void orphans_of(struct verify *v, const struct orphan_page *page, const c
  * event could carry included). */
 static void classify(struct verify *v, struct orphan_page *page, char *key, size_t prefix)
 {
-	static const char *const kinds[] = { "acct", "stmt", "xfer" };
+	static const char *const kinds[] = { READMODEL_KIND_ACCOUNT, READMODEL_KIND_STATEMENT,
+					     READMODEL_KIND_TRANSFER };
 	char *rest = key + prefix, *colon = strchr(rest, ':');
 
-	if (strcmp(rest, "totals") == 0 || strcmp(rest, "checkpoint") == 0 ||
-	    strcmp(rest, "layout") == 0 || strcmp(rest, "identity") == 0)
+	if (strcmp(rest, READMODEL_KIND_TOTALS) == 0 || strcmp(rest, READMODEL_KIND_CHECKPOINT) == 0 ||
+	    strcmp(rest, READMODEL_KIND_LAYOUT) == 0 || strcmp(rest, READMODEL_KIND_IDENTITY) == 0)
 		return;
 	for (size_t k = 0; colon && k < sizeof(kinds) / sizeof(kinds[0]); k++) {
 		if ((size_t)(colon - rest) == strlen(kinds[k]) &&
@@ -382,7 +399,7 @@ void verify_pass_redis_orphans(struct verify *v)
 	char cursor[32] = "0", match[48];
 	size_t prefix;
 
-	snprintf(match, sizeof(match), "dbk:g:%s:*", v->gen);
+	readmodel_key_text(match, sizeof(match), v->gen, "*", NULL);
 	prefix = strlen(match) - 1;
 	if (strmap_open(&v->orphans, NULL) != 0) {
 		verify_fail(v, "out of memory\n");
@@ -403,9 +420,9 @@ void verify_pass_redis_orphans(struct verify *v)
 			struct orphan_page page = { .n = 0 };
 			for (; i < r->element[1]->elements && page.n < ORPHAN_PAGE; i++)
 				classify(v, &page, r->element[1]->element[i]->str, prefix);
-			orphans_of(v, &page, "acct", ACCOUNT_MISSING);
-			orphans_of(v, &page, "stmt", ACCOUNT_MISSING);
-			orphans_of(v, &page, "xfer", "SELECT id FROM unnest($1::text[]) id WHERE NOT "
+			orphans_of(v, &page, READMODEL_KIND_ACCOUNT, ACCOUNT_MISSING);
+			orphans_of(v, &page, READMODEL_KIND_STATEMENT, ACCOUNT_MISSING);
+			orphans_of(v, &page, READMODEL_KIND_TRANSFER, "SELECT id FROM unnest($1::text[]) id WHERE NOT "
 						     "EXISTS (SELECT 1 FROM events WHERE type = 'TransferSent' "
 						     "AND data->>'transfer_id' = id)");
 		}

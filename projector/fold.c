@@ -89,7 +89,7 @@ static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency
 	t = calloc(1, sizeof(*t));
 	if (!t)
 		return NULL;
-	snprintf(t->currency, sizeof(t->currency), "%s", currency);
+	snprintf(t->tot.currency, sizeof(t->tot.currency), "%s", currency);
 	if (!strmap_put(ctx->totals, currency, t)) {
 		free(t);
 		return NULL;
@@ -136,52 +136,44 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 		      const struct ledger_event *ev)
 {
 	struct column *c = r->ecols;
-	struct readmodel_entry item = {
-		.version = e->version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
-		.balance_after = a->acc.balance, .transfer_id = ev->transfer_id,
-		.counterparty = ev->counterparty, .reference = ev->reference, .at = e->at,
-	};
+	struct readmodel_entry item = readmodel_entry_of(&a->row, ev, e->at);
 
-	put(&c[0], a->acc.id);
-	put_int(&c[1], e->version);
-	put(&c[2], readmodel_entry_type(ev->type));
-	put_int(&c[3], ev->amount);
-	put_int(&c[4], a->acc.balance);
-	put(&c[5], ev->transfer_id);
-	put(&c[6], ev->counterparty);
-	put(&c[7], ev->reference);
-	put(&c[8], e->at);
+	put(&c[0], a->row.acc.id);
+	put_int(&c[1], item.version);
+	put(&c[2], item.type);
+	put_int(&c[3], item.amount);
+	put_int(&c[4], item.balance_after);
+	put(&c[5], item.transfer_id);
+	put(&c[6], item.counterparty);
+	put(&c[7], item.reference);
+	put(&c[8], item.at);
 	r->entries.rows++;
-	return add_item(r, a->acc.id, e->version, readmodel_entry_json(&item));
+	return add_item(r, a->row.acc.id, item.version, readmodel_entry_json(&item));
 }
 
 static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 			 const struct log_event *e, const struct ledger_event *ev)
 {
 	struct column *c = r->tcols;
-	struct readmodel_transfer item = {
-		.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
-		.currency = from->acc.currency, .reference = ev->reference, .at = e->at,
-		.amount = ev->amount,
-	};
+	struct readmodel_transfer item = readmodel_transfer_of(&from->row, ev, e->at);
 
-	put(&c[0], ev->transfer_id);
-	put(&c[1], from->acc.id);
-	put(&c[2], ev->counterparty);
-	put_int(&c[3], ev->amount);
-	put(&c[4], from->acc.currency);
-	put(&c[5], ev->reference);
-	put(&c[6], e->at);
+	put(&c[0], item.transfer_id);
+	put(&c[1], item.from);
+	put(&c[2], item.to);
+	put_int(&c[3], item.amount);
+	put(&c[4], item.currency);
+	put(&c[5], item.reference);
+	put(&c[6], item.at);
 	r->transfers.rows++;
 	/* Version 0 marks a transfer among the items. */
-	return add_item(r, ev->transfer_id, 0, readmodel_transfer_json(&item));
+	return add_item(r, item.transfer_id, 0, readmodel_transfer_json(&item));
 }
 
-/* Totals move with every event: count accounts, open accounts, and money. */
+/* Totals move with every event (the fold says by how much). */
 static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r,
-			 const struct rm_account *a, const struct ledger_event *ev)
+			 const struct rm_account *a, const struct readmodel_count *d)
 {
-	struct rm_total *t = total_of(ctx, a->acc.currency);
+	struct rm_total *t = total_of(ctx, a->row.acc.currency);
 
 	if (!t)
 		return false;
@@ -198,23 +190,7 @@ static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r,
 		r->totals[r->ntotals++] = t;
 		t->touched = true;
 	}
-	switch (ev->type) {
-	case LEDGER_ACCOUNT_OPENED:
-		t->d_accounts++;
-		t->d_open++;
-		break;
-	case LEDGER_ACCOUNT_CLOSED_EVENT:
-		t->d_open--;
-		break;
-	case LEDGER_FUNDS_DEPOSITED:
-	case LEDGER_TRANSFER_RECEIVED:
-		t->d_sum += ev->amount;
-		break;
-	case LEDGER_FUNDS_WITHDRAWN:
-	case LEDGER_TRANSFER_SENT:
-		t->d_sum -= ev->amount;
-		break;
-	}
+	readmodel_count_add(&t->delta, d);
 	return true;
 }
 
@@ -223,6 +199,7 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 {
 	struct rm_account *a = strmap_get(ctx->accounts, e->account);
 	struct ledger_event ev;
+	struct readmodel_change change;
 
 	if (!ledger_event_from_json(e->type, e->data, &ev))
 		return false;
@@ -234,19 +211,15 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 			return false;
 		}
 	}
-	if (e->version != a->acc.version + 1) {
+	if (e->version != a->row.acc.version + 1) {
 		log_error(&ctx->log, "account-%s: event version %d follows version %d", e->account,
-			  e->version, a->acc.version);
+			  e->version, a->row.acc.version);
 		return false;
 	}
-	if (e->type == LEDGER_ACCOUNT_OPENED)
-		ev.account_id = e->account;
-	if (!ledger_evolve(&a->acc, &ev))
+	if (!readmodel_fold(&a->row, e->account, e->version, &ev, &change))
 		return false;
-	if (e->type == LEDGER_ACCOUNT_OPENED) {
-		snprintf(a->name, sizeof(a->name), "%s", ev.name);
+	if (change.opened)
 		snprintf(a->opened_at, sizeof(a->opened_at), "%s", e->at);
-	}
 	snprintf(a->updated_at, sizeof(a->updated_at), "%s", e->at);
 	if (!a->touched) {
 		if (r->naccounts == r->cap) {
@@ -260,14 +233,11 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 		r->accounts[r->naccounts++] = a;
 		a->touched = true;
 	}
-	if (readmodel_entry_type(e->type)) {
-		a->entries++;
-		if (!add_entry(r, a, e, &ev))
-			return false;
-	}
-	if (e->type == LEDGER_TRANSFER_SENT && !add_transfer(r, a, e, &ev))
+	if (change.entry_type && !add_entry(r, a, e, &ev))
 		return false;
-	return count_totals(ctx, r, a, &ev);
+	if (change.transfer && !add_transfer(r, a, e, &ev))
+		return false;
+	return count_totals(ctx, r, a, &change.totals);
 }
 
 void projector_rows_free(struct fold_rows **rp)
@@ -280,8 +250,7 @@ void projector_rows_free(struct fold_rows **rp)
 		r->accounts[i]->touched = false;
 	for (size_t i = 0; i < r->ntotals; i++) {
 		r->totals[i]->touched = false;
-		r->totals[i]->d_accounts = r->totals[i]->d_open = 0;
-		r->totals[i]->d_sum = 0;
+		r->totals[i]->delta = (struct readmodel_count){ 0 };
 	}
 	table_free(&r->entries);
 	table_free(&r->transfers);
@@ -321,14 +290,14 @@ static bool queue_accounts(struct projector_ctx *ctx, struct fold_rows *r)
 		goto done;
 	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
-		put(&c[0], a->acc.id);
-		put(&c[1], a->name);
-		put(&c[2], a->acc.currency);
-		put_int(&c[3], a->acc.balance);
-		put_int(&c[4], a->acc.overdraft_limit);
-		put(&c[5], a->acc.closed ? "closed" : "open");
-		put_int(&c[6], a->acc.version);
-		put_int(&c[7], a->entries);
+		put(&c[0], a->row.acc.id);
+		put(&c[1], a->row.name);
+		put(&c[2], a->row.acc.currency);
+		put_int(&c[3], a->row.acc.balance);
+		put_int(&c[4], a->row.acc.overdraft_limit);
+		put(&c[5], readmodel_status(&a->row.acc));
+		put_int(&c[6], a->row.acc.version);
+		put_int(&c[7], a->row.entries);
 		put(&c[8], a->opened_at);
 		put(&c[9], a->updated_at);
 		t.rows++;
@@ -350,10 +319,10 @@ static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
 		goto done;
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
-		put(&c[0], tot->currency);
-		put_int(&c[1], tot->d_accounts);
-		put_int(&c[2], tot->d_open);
-		readmodel_int128_text(tot->d_sum, sum);
+		put(&c[0], tot->tot.currency);
+		put_int(&c[1], tot->delta.accounts);
+		put_int(&c[2], tot->delta.open_accounts);
+		readmodel_int128_text(tot->delta.balance_sum, sum);
 		put(&c[3], sum);
 		t.rows++;
 	}
@@ -396,11 +365,8 @@ void projector_rows_committed(struct projector_ctx *ctx)
 {
 	struct fold_rows *r = ctx->rows;
 
-	for (size_t i = 0; r && i < r->ntotals; i++) {
-		r->totals[i]->accounts += r->totals[i]->d_accounts;
-		r->totals[i]->open_accounts += r->totals[i]->d_open;
-		r->totals[i]->balance_sum += r->totals[i]->d_sum;
-	}
+	for (size_t i = 0; r && i < r->ntotals; i++)
+		readmodel_count_add(&r->totals[i]->tot.count, &r->totals[i]->delta);
 }
 
 size_t projector_rows_accounts(const struct fold_rows *r, struct rm_account *const **out)
@@ -417,11 +383,7 @@ size_t projector_rows_items(const struct fold_rows *r, const struct projector_it
 
 char *projector_account_json(const struct rm_account *a)
 {
-	struct readmodel_account body = {
-		.account_id = a->acc.id, .name = a->name, .currency = a->acc.currency,
-		.status = a->acc.closed ? "closed" : "open", .balance = a->acc.balance,
-		.overdraft_limit = a->acc.overdraft_limit, .version = a->acc.version,
-		.opened_at = a->opened_at, .updated_at = a->updated_at,
-	};
+	struct readmodel_account body = readmodel_account_of(&a->row, a->opened_at, a->updated_at);
+
 	return readmodel_account_json(&body);
 }

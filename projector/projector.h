@@ -44,22 +44,17 @@ enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
  * its live generation looks changed). */
 enum redis_report { REDIS_STEP_DONE, REDIS_WANTS_STEP };
 
-/* An account as the SQL read model holds it. */
+/* An account as the SQL read model holds it: the shared fold's row and its times. */
 struct rm_account {
-	struct ledger_account acc;
-	char name[LEDGER_NAME_MAX + 1];
-	int32_t entries;
+	struct readmodel_row row; /* the shared fold's row, and its times */
 	char opened_at[32], updated_at[32];
 	bool touched; /* changed by the batch in progress */
 };
 
 /* One currency's totals; the sum of balances may exceed int64. */
 struct rm_total {
-	char currency[4];
-	int64_t accounts, open_accounts;
-	__int128 balance_sum;
-	int64_t d_accounts, d_open; /* the batch's deltas */
-	__int128 d_sum;
+	struct readmodel_totals tot;  /* as committed */
+	struct readmodel_count delta; /* the batch's change */
 	bool touched;
 };
 

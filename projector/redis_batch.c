@@ -28,10 +28,10 @@ static void collect_total(void *arg, const char *currency, void *value)
 	if (c->n == c->cap)
 		return;
 	x = &c->text[c->n];
-	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->accounts);
-	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->open_accounts);
-	readmodel_int128_text(t->balance_sum, x->sum);
-	c->rows[c->n++] = (struct readmodel_total){ .currency = t->currency, .accounts = x->accounts,
+	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->tot.count.accounts);
+	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->tot.count.open_accounts);
+	readmodel_int128_text(t->tot.count.balance_sum, x->sum);
+	c->rows[c->n++] = (struct readmodel_total){ .currency = t->tot.currency, .accounts = x->accounts,
 						    .open_accounts = x->open, .balance_sum = x->sum };
 }
 
@@ -115,9 +115,9 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 		if (!json)
 			return false;
 		a->owned[a->nowned++] = json;
-		a->argv[a->argc++] = accounts[k]->acc.id;
-		a->argv[a->argc++] = num(a, accounts[k]->acc.version);
-		a->argv[a->argc++] = num(a, accounts[k]->entries);
+		a->argv[a->argc++] = accounts[k]->row.acc.id;
+		a->argv[a->argc++] = num(a, accounts[k]->row.acc.version);
+		a->argv[a->argc++] = num(a, accounts[k]->row.entries);
 		a->argv[a->argc++] = json;
 	}
 	for (size_t k = 0; k < ni; k++) {

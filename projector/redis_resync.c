@@ -73,7 +73,7 @@ static void put_account(struct projector_ctx *ctx, long long gen, const char *id
 	char k[LEDGER_ID_MAX + 48], e[READMODEL_FENCE_ARG_MAX], v[16], n[16];
 	const char *argv[5] = { k, e, v, n, json };
 
-	redis_sync_key(k, sizeof(k), gen, "acct", id);
+	redis_sync_key(k, sizeof(k), gen, READMODEL_KIND_ACCOUNT, id);
 	redis_sync_fence_arg(ctx, e, sizeof(e));
 	snprintf(v, sizeof(v), "%d", version);
 	snprintf(n, sizeof(n), "%d", entries);
@@ -85,7 +85,7 @@ static void put_transfer(struct projector_ctx *ctx, long long gen, const char *i
 	char k[LEDGER_ID_MAX + 48], e[READMODEL_FENCE_ARG_MAX];
 	const char *argv[3] = { k, e, json };
 
-	redis_sync_key(k, sizeof(k), gen, "xfer", id);
+	redis_sync_key(k, sizeof(k), gen, READMODEL_KIND_TRANSFER, id);
 	redis_sync_fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_FENCED, 1, 3, argv);
 }
@@ -102,7 +102,7 @@ static void put_entries(struct projector_ctx *ctx, long long gen, const char *id
 		ctx->rfailed = true;
 		return;
 	}
-	redis_sync_key(k, sizeof(k), gen, "stmt", id);
+	redis_sync_key(k, sizeof(k), gen, READMODEL_KIND_STATEMENT, id);
 	redis_sync_fence_arg(ctx, e, sizeof(e));
 	argv[0] = k;
 	argv[1] = e;
@@ -123,7 +123,7 @@ static void put_totals(struct projector_ctx *ctx, long long gen, const char *tok
 		ctx->rfailed = true;
 		return;
 	}
-	redis_sync_key(k, sizeof(k), gen, "totals", NULL);
+	redis_sync_key(k, sizeof(k), gen, READMODEL_KIND_TOTALS, NULL);
 	redis_sync_fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_TOTALS, 1, 4, argv);
 	free(json);
@@ -134,9 +134,9 @@ static void put_checkpoint(struct projector_ctx *ctx, long long gen, const char 
 {
 	char k[64], e[READMODEL_FENCE_ARG_MAX], msg[96];
 	const char *argv[4] = { k, e, token, from };
-	const char *pub[3] = { "PUBLISH", "dbk:position", msg };
+	const char *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 
-	redis_sync_key(k, sizeof(k), gen, "checkpoint", NULL);
+	redis_sync_key(k, sizeof(k), gen, READMODEL_KIND_CHECKPOINT, NULL);
 	redis_sync_fence_arg(ctx, e, sizeof(e));
 	eval(ctx, PUT_CHECKPOINT, 1, from ? 4 : 3, argv);
 	snprintf(msg, sizeof(msg), "%lld %s", gen, token);
@@ -321,7 +321,7 @@ static void generation_reply(void *arg, const redisReply *reply)
 	const char *set_identity[3] = { "SET", identity_key, ctx->identity };
 
 	if (!reply || reply->type != REDIS_REPLY_INTEGER) {
-		sync_abort(ctx, reply && reply->str ? reply->str : "INCR dbk:generation failed");
+		sync_abort(ctx, reply && reply->str ? reply->str : "INCR " READMODEL_GENERATION_KEY " failed");
 		return;
 	}
 	ctx->sync->gen = reply->integer;
@@ -329,7 +329,7 @@ static void generation_reply(void *arg, const redisReply *reply)
 	/* Which store the generation is built from comes first, so that no sweep of
 	 * another deployment's projector takes the keys that follow for its own garbage;
 	 * the switch writes it again, checked. */
-	redis_sync_key(identity_key, sizeof(identity_key), ctx->sync->gen, "identity", NULL);
+	redis_sync_key(identity_key, sizeof(identity_key), ctx->sync->gen, READMODEL_KIND_IDENTITY, NULL);
 	(void)!redis_command(ctx->redis, 3, set_identity, NULL, NULL, NULL);
 	log_info(&ctx->log, "copying the read models into redis generation %lld", ctx->sync->gen);
 	query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
@@ -400,8 +400,8 @@ static void sync_next(struct projector_ctx *ctx)
 		 * checked): mark it complete... */
 		begin_sends(ctx);
 		redis_sync_fence_arg(ctx, epoch, sizeof(epoch));
-		redis_sync_key(layout_key, sizeof(layout_key), s->gen, "layout", NULL);
-		redis_sync_key(identity_key, sizeof(identity_key), s->gen, "identity", NULL);
+		redis_sync_key(layout_key, sizeof(layout_key), s->gen, READMODEL_KIND_LAYOUT, NULL);
+		redis_sync_key(identity_key, sizeof(identity_key), s->gen, READMODEL_KIND_IDENTITY, NULL);
 		eval(ctx, PUT_FENCED, 1, 3, identity);
 		eval(ctx, PUT_FENCED, 1, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp, NULL);
@@ -441,7 +441,7 @@ static void sync_next(struct projector_ctx *ctx)
 
 void redis_resync_start(struct projector_ctx *ctx)
 {
-	const char *incr[2] = { "INCR", "dbk:generation" };
+	const char *incr[2] = { "INCR", READMODEL_GENERATION_KEY };
 	char labels[96];
 
 	ctx->sync = calloc(1, sizeof(*ctx->sync));

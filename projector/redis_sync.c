@@ -16,7 +16,7 @@ enum identity_next { ID_THEN_STATUS, ID_THEN_SYNC, ID_THEN_BATCH };
 
 void redis_sync_key(char *out, size_t len, long long gen, const char *kind, const char *id)
 {
-	snprintf(out, len, "dbk:g:%lld:%s%s%s", gen, kind, id ? ":" : "", id ? id : "");
+	readmodel_key(out, len, gen, kind, id);
 }
 
 void redis_sync_cp_token(const struct projector_ctx *ctx, char out[48])
@@ -96,7 +96,7 @@ char *redis_sync_totals_json(struct readmodel_total *rows, size_t n)
 static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
-	const char *scan[6] = { "SCAN", NULL, "MATCH", "dbk:g:*", "COUNT", "1000" };
+	const char *scan[6] = { "SCAN", NULL, "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
 	const char **argv;
 	char below[24];
 	size_t n;
@@ -127,7 +127,7 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 
 void redis_sync_start_cleanup(struct projector_ctx *ctx)
 {
-	const char *scan[6] = { "SCAN", "0", "MATCH", "dbk:g:*", "COUNT", "1000" };
+	const char *scan[6] = { "SCAN", "0", "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
 
 	if (!redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx))
 		log_warn(&ctx->log, "cannot clean old redis generations now");

@@ -19,30 +19,31 @@ static const struct pg_statement statements[] = {
 	{ "switch_guard", "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK ")" },
 	{ "read_events",
 	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
-	  "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  READMODEL_SQL_TIME("recorded_at") " "
 	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
 	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
 	  "ORDER BY events.txid, events.position LIMIT $3" },
 	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
 	{ "load_accounts",
 	  "SELECT account_id, name, currency, balance, overdraft_limit, status, version, entries, "
-	  "to_char(opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
-	  "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  READMODEL_SQL_TIME("opened_at") ", "
+	  READMODEL_SQL_TIME("updated_at") " "
 	  "FROM rm_accounts WHERE account_id = ANY($1::text[])" },
 	{ "load_totals", "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
 	{ "sync_accounts",
 	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
 	  "LIMIT $2) SELECT p.account_id, p.name, p.currency, p.balance, p.overdraft_limit, "
 	  "p.status, p.version, p.entries, "
-	  "to_char(p.opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
-	  "to_char(p.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+	  READMODEL_SQL_TIME("p.opened_at") ", "
+	  READMODEL_SQL_TIME("p.updated_at") ", "
 	  "e.version, e.type, e.amount, e.balance_after, e.transfer_id, e.counterparty, "
-	  "e.reference, to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  "e.reference, " READMODEL_SQL_TIME("e.at") " "
 	  "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
-	  "p.account_id ORDER BY x.version DESC LIMIT 50) e ON true ORDER BY p.account_id, e.version" },
+	  "p.account_id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e ON true "
+	  "ORDER BY p.account_id, e.version" },
 	{ "sync_transfers",
 	  "SELECT transfer_id, from_account, to_account, amount, currency, reference, "
-	  "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM rm_transfers "
+	  READMODEL_SQL_TIME("at") " FROM rm_transfers "
 	  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
 	/* ($1 epoch, $2 $3 from, $4 generation, $5 $6 to): fails with SQLSTATE
 	 * PROJECTOR_SQLSTATE_FENCED or PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
@@ -306,17 +307,17 @@ static bool cache_account_row(struct projector_ctx *ctx, PGresult *r, int row)
 
 	if (!a)
 		return false;
-	snprintf(a->acc.id, sizeof(a->acc.id), "%s", PQgetvalue(r, row, 0));
-	snprintf(a->name, sizeof(a->name), "%s", PQgetvalue(r, row, 1));
-	snprintf(a->acc.currency, sizeof(a->acc.currency), "%s", PQgetvalue(r, row, 2));
-	a->acc.balance = strtoll(PQgetvalue(r, row, 3), NULL, 10);
-	a->acc.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10);
-	a->acc.closed = strcmp(PQgetvalue(r, row, 5), "closed") == 0;
-	a->acc.version = (int32_t)atoi(PQgetvalue(r, row, 6));
-	a->entries = (int32_t)atoi(PQgetvalue(r, row, 7));
+	snprintf(a->row.acc.id, sizeof(a->row.acc.id), "%s", PQgetvalue(r, row, 0));
+	snprintf(a->row.name, sizeof(a->row.name), "%s", PQgetvalue(r, row, 1));
+	snprintf(a->row.acc.currency, sizeof(a->row.acc.currency), "%s", PQgetvalue(r, row, 2));
+	a->row.acc.balance = strtoll(PQgetvalue(r, row, 3), NULL, 10);
+	a->row.acc.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10);
+	a->row.acc.closed = strcmp(PQgetvalue(r, row, 5), "closed") == 0;
+	a->row.acc.version = (int32_t)atoi(PQgetvalue(r, row, 6));
+	a->row.entries = (int32_t)atoi(PQgetvalue(r, row, 7));
 	snprintf(a->opened_at, sizeof(a->opened_at), "%s", PQgetvalue(r, row, 8));
 	snprintf(a->updated_at, sizeof(a->updated_at), "%s", PQgetvalue(r, row, 9));
-	if (!strmap_put(ctx->accounts, a->acc.id, a)) {
+	if (!strmap_put(ctx->accounts, a->row.acc.id, a)) {
 		free(a);
 		return false;
 	}
@@ -331,14 +332,14 @@ static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
 		bool neg = *sum == '-';
 		if (!t)
 			return false;
-		snprintf(t->currency, sizeof(t->currency), "%s", PQgetvalue(r, row, 0));
-		t->accounts = strtoll(PQgetvalue(r, row, 1), NULL, 10);
-		t->open_accounts = strtoll(PQgetvalue(r, row, 2), NULL, 10);
+		snprintf(t->tot.currency, sizeof(t->tot.currency), "%s", PQgetvalue(r, row, 0));
+		t->tot.count.accounts = strtoll(PQgetvalue(r, row, 1), NULL, 10);
+		t->tot.count.open_accounts = strtoll(PQgetvalue(r, row, 2), NULL, 10);
 		for (const char *p = sum + neg; *p >= '0' && *p <= '9'; p++)
-			t->balance_sum = t->balance_sum * 10 + (*p - '0');
+			t->tot.count.balance_sum = t->tot.count.balance_sum * 10 + (*p - '0');
 		if (neg)
-			t->balance_sum = -t->balance_sum;
-		if (!strmap_put(ctx->totals, t->currency, t)) {
+			t->tot.count.balance_sum = -t->tot.count.balance_sum;
+		if (!strmap_put(ctx->totals, t->tot.currency, t)) {
 			free(t);
 			return false;
 		}

@@ -37,7 +37,7 @@
 #define RETRY_SECONDS 0.5  /* a failed live or catch-up read is tried again after this */
 #define WAIT_MS_MAX 30000
 
-#define UTC_TEXT(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define UTC_TEXT(col) READMODEL_SQL_TIME(col)
 
 /* One page: the horizon in every row (columns 0, 1), then per event its txid,
  * position, type, stream and the event object as JSON text, built by PostgreSQL

@@ -78,7 +78,7 @@ static void on_ready_timer(evutil_socket_t fd, short what, void *arg)
 				   feed_connected(ctx->feed));
 }
 
-/* "<generation> <token>" on dbk:position: a projection moved, or so says someone who
+/* "<generation> <token>" on READMODEL_POSITION_TOPIC: a projection moved, or so says someone who
  * may use the channel: Pub/Sub is not per Redis database, so another deployment on
  * the same server (its own database) publishes here too, as does a generation that
  * is not live yet. The message only starts the one shared probe, which reads the live
@@ -168,7 +168,7 @@ static int open_redis(struct query_ctx *ctx)
 	};
 	struct redis_config sc = {
 		.server = &ctx->cfg.redis, .name = "daybook-query-position", .base = ctx->base,
-		.log = &ctx->log, .subscribe = "dbk:position", .on_message = on_position,
+		.log = &ctx->log, .subscribe = READMODEL_POSITION_TOPIC, .on_message = on_position,
 		.connect_timeout = REDIS_CONNECT_TIMEOUT, .on_ready = on_subscribed, .arg = ctx,
 	};
 

@@ -23,13 +23,11 @@
 #include "cache.h"
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
-#define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
 
 /* SQL fragments the statements share (sql.c, timetravel.c): a timestamptz as the read
  * models write times, and the event store's readable head (the last event below the
  * snapshot's xmin: everything up to it is committed and visible). */
-#define QUERY_SQL_UTC_TEXT(col) \
-	"to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define QUERY_SQL_UTC_TEXT(col) READMODEL_SQL_TIME(col)
 #define QUERY_SQL_LOG_HEAD \
 	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
 	" ORDER BY txid DESC, position DESC LIMIT 1"

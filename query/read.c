@@ -25,29 +25,30 @@ enum script {
 #define LIVE_PREFIX \
 	"local g = redis.call('GET', '" READMODEL_LIVE_KEY "')\n" \
 	"if not g then return {} end\n" \
-	"local p = 'dbk:g:' .. g .. ':'\n" \
-	"if redis.call('GET', p .. 'identity') ~= ARGV[#ARGV] then return {} end\n" \
-	"local cp = redis.call('GET', p .. 'checkpoint')\n" \
+	"local p = '" READMODEL_GEN_PREFIX "' .. g .. ':'\n" \
+	"if redis.call('GET', p .. '" READMODEL_KIND_IDENTITY "') ~= ARGV[#ARGV] then return {} end\n" \
+	"local cp = redis.call('GET', p .. '" READMODEL_KIND_CHECKPOINT "')\n" \
 	"if not cp then return {} end\n"
 
 static const char *const scripts[] = {
 	[SCRIPT_ACCOUNT] = LIVE_PREFIX
-		"local a = redis.call('HMGET', p .. 'acct:' .. ARGV[1], 'j', 'v')\n"
+		"local a = redis.call('HMGET', p .. '" READMODEL_KIND_ACCOUNT ":' .. ARGV[1], 'j', 'v')\n"
 		"if not a[1] or not a[2] then return {cp} end\n"
 		"return {cp, a[1], a[2]}\n",
 	/* {cp, 'h', next_before or '', items...}; 'n' when Redis cannot answer this page,
 	 * 'm' when its entries disagree with the account's count. */
 	[SCRIPT_TRANSACTIONS] = LIVE_PREFIX
-		"local n = redis.call('HGET', p .. 'acct:' .. ARGV[1], 'n')\n"
+		"local n = redis.call('HGET', p .. '" READMODEL_KIND_ACCOUNT ":' .. ARGV[1], 'n')\n"
 		"if not n then return {cp} end\n"
 		"n = tonumber(n)\n"
 		"local limit, before = tonumber(ARGV[2]), tonumber(ARGV[3])\n"
-		"if n > 50 and (before > 0 or limit > 50) then return {cp, 'n'} end\n"
-		"local key = p .. 'stmt:' .. ARGV[1]\n"
-		"if redis.call('LLEN', key) ~= math.min(n, 50) then return {cp, 'm'} end\n"
+		"local kept = " READMODEL_ITEMS_KEPT_TEXT "\n"
+		"if n > kept and (before > 0 or limit > kept) then return {cp, 'n'} end\n"
+		"local key = p .. '" READMODEL_KIND_STATEMENT ":' .. ARGV[1]\n"
+		"if redis.call('LLEN', key) ~= math.min(n, kept) then return {cp, 'm'} end\n"
 		READMODEL_LUA_ITEM_VERSION
 		"local r, more\n"
-		"if before > 0 then\n" /* the whole statement is here (n <= 50), newest first */
+		"if before > 0 then\n" /* the whole statement is here (n <= kept), newest first */
 		"  local all, s = redis.call('LRANGE', key, 0, -1), 1\n"
 		"  while s <= #all and item_version(all[s]) >= before do s = s + 1 end\n"
 		"  r = {}\n"
@@ -61,11 +62,11 @@ static const char *const scripts[] = {
 		"for i = 1, #r do out[#out + 1] = r[i] end\n"
 		"return out\n",
 	[SCRIPT_TRANSFER] = LIVE_PREFIX
-		"local x = redis.call('GET', p .. 'xfer:' .. ARGV[1])\n"
+		"local x = redis.call('GET', p .. '" READMODEL_KIND_TRANSFER ":' .. ARGV[1])\n"
 		"if not x then return {cp} end\n"
 		"return {cp, x}\n",
 	[SCRIPT_TOTALS] = LIVE_PREFIX
-		"local t = redis.call('HGET', p .. 'totals', 'j')\n"
+		"local t = redis.call('HGET', p .. '" READMODEL_KIND_TOTALS "', 'j')\n"
 		"if not t then return {cp} end\n"
 		"return {cp, t}\n",
 	[SCRIPT_CHECKPOINT] = LIVE_PREFIX "return {cp, g}\n",

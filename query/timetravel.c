@@ -23,7 +23,7 @@
 #include "ledger_json.h"
 #include "query.h"
 
-#define UTC_TEXT(col) QUERY_SQL_UTC_TEXT(col)
+#define UTC_TEXT(col) READMODEL_SQL_TIME(col)
 #define LOG_HEAD QUERY_SQL_LOG_HEAD
 #define POLL_FIRST_MS 2
 #define POLL_MAX_MS 50
@@ -240,7 +240,7 @@ static void not_yet(struct read *rd, const PGresult *res)
 /* The fold of one result: the account at the point, and the statement items
  * (rendered, oldest first) of the versions above `lo`. */
 struct fold {
-	struct ledger_account acc;
+	struct readmodel_row row; /* the shared fold's; its name is not used (see account_body) */
 	const char *updated_at;
 	char **items;
 	size_t *lens;
@@ -255,14 +255,9 @@ static void fold_free(struct fold *f)
 	free(f->lens);
 }
 
-static bool add_item(struct fold *f, const struct ledger_event *ev, int32_t version,
-		     const char *at)
+static bool add_item(struct fold *f, const struct ledger_event *ev, const char *at)
 {
-	struct readmodel_entry e = {
-		.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
-		.balance_after = f->acc.balance, .transfer_id = ev->transfer_id,
-		.counterparty = ev->counterparty, .reference = ev->reference, .at = at,
-	};
+	struct readmodel_entry e = readmodel_entry_of(&f->row, ev, at);
 	char *json;
 
 	if (f->n == f->cap) {
@@ -320,19 +315,18 @@ static bool fold_row(const struct read *rd, const PGresult *res, int row, int32_
 	int32_t version = (int32_t)atol(PQgetvalue(res, row, C_E_VERSION));
 	const char *at = PQgetvalue(res, row, C_E_AT); /* "" at or below lo */
 	struct ledger_event ev;
+	struct readmodel_change change;
 
-	if (!type || version != f->acc.version + 1)
+	if (!type || version != f->row.acc.version + 1)
 		return false;
 	if (!ledger_event_from_text(type, PQgetvalue(res, row, C_E_DATA),
 				    (size_t)PQgetlength(res, row, C_E_DATA), buf, &ev))
 		return false;
-	if (type == LEDGER_ACCOUNT_OPENED)
-		ev.account_id = rd->id;
-	if (!ledger_evolve(&f->acc, &ev))
+	if (!readmodel_fold(&f->row, rd->id, version, &ev, &change))
 		return false;
 	f->updated_at = at;
-	if (rd->tt.statement && version > lo && readmodel_entry_type(type))
-		return add_item(f, &ev, version, at);
+	if (rd->tt.statement && version > lo && change.entry_type)
+		return add_item(f, &ev, at);
 	return true;
 }
 
@@ -363,13 +357,12 @@ static void reply_fold_failed(struct read *rd, const char *what)
 /* The account's body at the point; NULL when out of memory. Caller frees. */
 static char *account_body(const PGresult *res, const struct read *rd, const struct fold *f)
 {
-	struct readmodel_account a = {
-		.account_id = rd->id, .name = PQgetvalue(res, 0, C_NAME),
-		.currency = f->acc.currency, .status = f->acc.closed ? "closed" : "open",
-		.balance = f->acc.balance, .overdraft_limit = f->acc.overdraft_limit,
-		.version = f->acc.version, .opened_at = PQgetvalue(res, 0, C_OPENED_AT),
-		.updated_at = f->updated_at,
-	};
+	struct readmodel_account a =
+		readmodel_account_of(&f->row, PQgetvalue(res, 0, C_OPENED_AT), f->updated_at);
+
+	/* A fold from a snapshot does not see AccountOpened: the name comes from the log. */
+	a.account_id = rd->id;
+	a.name = PQgetvalue(res, 0, C_NAME);
 
 	return readmodel_account_json(&a);
 }
@@ -406,7 +399,7 @@ static void answer(struct read *rd, const PGresult *res, const struct readmodel_
 	char why[256], etag[16], *body;
 	size_t len = 0;
 
-	if (!PQgetisnull(res, 0, C_SNAP_VERSION) && !restore(rd, res, &f.acc, why, sizeof(why))) {
+	if (!PQgetisnull(res, 0, C_SNAP_VERSION) && !restore(rd, res, &f.row.acc, why, sizeof(why))) {
 		log_warn(&rd->ctx->log, "ignoring the snapshot of account-%s at version %s (%s); "
 			 "folding from an older one, or from the first event", rd->id,
 			 PQgetvalue(res, 0, C_SNAP_VERSION), why);
@@ -418,11 +411,11 @@ static void answer(struct read *rd, const PGresult *res, const struct readmodel_
 		reply_fold_failed(rd, "an event does not follow or does not apply");
 		goto done;
 	}
-	if (!rd->tt.statement && (f.acc.version != top || !f.updated_at)) {
+	if (!rd->tt.statement && (f.row.acc.version != top || !f.updated_at)) {
 		reply_fold_failed(rd, "the fold ended before the point's version");
 		goto done;
 	}
-	snprintf(etag, sizeof(etag), "%" PRId32, f.acc.version);
+	snprintf(etag, sizeof(etag), "%" PRId32, f.row.acc.version);
 	body = rd->tt.statement ? statement_body(rd, &f, &len) : account_body(res, rd, &f);
 	if (!body) {
 		http_reply_problem(rd->req, 503, "unavailable", "Service unavailable", "out of memory");

@@ -1,6 +1,8 @@
-/* The read models' JSON bodies, built one way for every writer and reader: the
- * projector stores them in Redis, the query service builds them from SQL rows, and
- * both must be byte-identical (docs/read-models.md). */
+/* The read models' one owner (docs/read-models.md): the Redis key layout, the JSON
+ * bodies, the constants, the SQL time format and the fold from events to rows, for
+ * every writer and reader: the projector, daybook-admin rebuild, verify and status,
+ * and the query service. readmodel.c: bodies, times, positions; readmodel_keys.c:
+ * keys; readmodel_sql.c: bodies' fields from SQL rows; readmodel_fold.c: the fold. */
 #ifndef DAYBOOK_READMODEL_H
 #define DAYBOOK_READMODEL_H
 
@@ -39,6 +41,44 @@ struct readmodel_transfer {
  * batch's transaction; the query service LISTENs to wake reads waiting for it. */
 #define READMODEL_POSITION_CHANNEL "daybook_position"
 
+/* --- The Redis key layout (docs/read-models.md) -------------------------------------
+ * Every key is named here: C code formats keys with readmodel_key*, Lua scripts are
+ * built from these macros (READMODEL_LUA_GEN_KEY, or the prefix and kinds spliced
+ * into the script text), so that the layout is spelled once. A generation's keys are
+ * READMODEL_GEN_PREFIX "<gen>:<kind>[:<id>]". */
+#define READMODEL_GEN_PREFIX "dbk:g:"
+#define READMODEL_GEN_MATCH READMODEL_GEN_PREFIX "*" /* SCAN MATCH: every generation's keys */
+#define READMODEL_GENERATION_KEY "dbk:generation"    /* INCR gives a new generation number */
+/* Redis channel: "<generation> <token>" is PUBLISHed when a generation's checkpoint
+ * moves (a projector batch, a resync or a rebuild's switch). */
+#define READMODEL_POSITION_TOPIC "dbk:position"
+#define READMODEL_KIND_ACCOUNT "acct"  /* hash: v version, n statement items, j body; :<id> */
+#define READMODEL_KIND_STATEMENT "stmt" /* list of item bodies, newest first; :<id> */
+#define READMODEL_KIND_TRANSFER "xfer"  /* string: the body; :<id> */
+#define READMODEL_KIND_TOTALS "totals"  /* hash: p checkpoint token, j GET /totals's body */
+#define READMODEL_KIND_CHECKPOINT "checkpoint" /* string: the token the generation reached */
+#define READMODEL_KIND_IDENTITY "identity"     /* string: READMODEL_IDENTITY_SQL's text */
+#define READMODEL_KIND_LAYOUT "layout"         /* string: READMODEL_REDIS_LAYOUT */
+#define READMODEL_KIND_ENTRIES_V1 "entries"    /* layout 1's statements (sorted sets) */
+/* Room for any key of an account or transfer, with its NUL. */
+#define READMODEL_KEY_MAX (sizeof(READMODEL_GEN_PREFIX) + 21 + 16 + LEDGER_ID_MAX + 1)
+
+/* The key of generation gen of `kind` and, unless NULL, of entity `id`, into out
+ * (truncated to len - 1 bytes, always terminated when len > 0). Returns the length
+ * the whole key has, as snprintf does. Made for every item written, so cheap. */
+size_t readmodel_key(char *out, size_t len, long long gen, const char *kind, const char *id);
+/* The same with the generation as its decimal text (as Redis replies give it). */
+size_t readmodel_key_text(char *out, size_t len, const char *gen, const char *kind, const char *id);
+/* The SCAN pattern of every key of generation gen ("...:<gen>:*"). */
+size_t readmodel_key_match(char *out, size_t len, long long gen);
+/* The generation a key belongs to; 0 when it is no generation's key. */
+long long readmodel_key_generation(const char *key);
+/* Lua, for the scripts: gen_key(g, kind) is generation g's key of `kind` (kind may
+ * carry ":<id>"); gen_of(key) the generation of a key, as a string, or nil. */
+#define READMODEL_LUA_GEN_KEY                                                              \
+	"local function gen_key(g, kind) return '" READMODEL_GEN_PREFIX "' .. g .. ':' .. kind end " \
+	"local function gen_of(key) return string.match(key, '^" READMODEL_GEN_PREFIX "(%d+):') end\n"
+
 /* The Redis layout a generation was written in, kept in its `layout` key. 2: statements
  * are lists (`stmt:<id>`, newest first); 1 (no key) had sorted sets. Each layout has
  * its own pointer to its live generation, so that binaries of different layouts, in
@@ -71,8 +111,15 @@ struct readmodel_transfer {
  * builds its own, readers use SQL meanwhile (docs/read-models.md). */
 #define READMODEL_IDENTITY_SQL "SELECT daybook_store_identity()"
 #define READMODEL_IDENTITY_MAX 128 /* with its NUL; the text is about 60 bytes */
-/* Statement items kept per account in Redis: the newest ones. */
+/* Statement items kept per account in Redis: the newest ones. READMODEL_ITEMS_KEPT_TEXT
+ * is the same number as text, for SQL (LIMIT) and Lua. */
 #define READMODEL_ITEMS_KEPT 50
+#define READMODEL_TEXT_(x) #x
+#define READMODEL_TEXT(x) READMODEL_TEXT_(x)
+#define READMODEL_ITEMS_KEPT_TEXT READMODEL_TEXT(READMODEL_ITEMS_KEPT)
+
+/* SQL: a timestamptz column as the read models write times (readmodel_time_text). */
+#define READMODEL_SQL_TIME(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 /* The version a statement item's JSON starts with ({"version":N,...}); -1 when the
  * text does not start so. Lua scripts match the same prefix. */
@@ -115,6 +162,84 @@ void readmodel_time_text(int64_t pg_micros, char out[READMODEL_TIME_LEN]);
 bool readmodel_time_parse(const char *text, int64_t *pg_micros) __attribute__((warn_unused_result));
 /* Decimal text of a 128-bit integer: a sum of int64 balances can exceed int64. */
 void readmodel_int128_text(__int128 v, char out[48]);
+
+/* --- Bodies from SQL rows of the read-model tables (readmodel_sql.c) ------------------
+ * The columns, in this order, of an account, a statement item and a transfer, for a
+ * select list: `a`, `e` and `t` are the qualifier of rm_accounts', rm_entries' and
+ * rm_transfers' columns ("e", or the table's name). readmodel_*_from_pg read them
+ * from column col on; strings are borrowed from the result, SQL NULLs are NULL. */
+#define READMODEL_SQL_ACCOUNT_COLUMNS(a)                                                   \
+	a ".account_id, " a ".name, " a ".currency, " a ".balance, " a ".overdraft_limit, " a \
+	".status, " a ".version, " READMODEL_SQL_TIME(a ".opened_at") ", "                     \
+	READMODEL_SQL_TIME(a ".updated_at")
+#define READMODEL_SQL_ENTRY_COLUMNS(e)                                                     \
+	e ".version, " e ".type, " e ".amount, " e ".balance_after, " e ".transfer_id, " e   \
+	".counterparty, " e ".reference, " READMODEL_SQL_TIME(e ".at")
+#define READMODEL_SQL_TRANSFER_COLUMNS(t)                                                  \
+	t ".transfer_id, " t ".from_account, " t ".to_account, " t ".amount, " t ".currency, " \
+	t ".reference, " READMODEL_SQL_TIME(t ".at")
+typedef struct pg_result PGresult;
+struct readmodel_account readmodel_account_from_pg(const PGresult *res, int row, int col);
+struct readmodel_entry readmodel_entry_from_pg(const PGresult *res, int row, int col);
+struct readmodel_transfer readmodel_transfer_from_pg(const PGresult *res, int row, int col);
+
+/* --- The fold from events to read-model rows (readmodel_fold.c) ------------------------
+ * The one fold the projector, `daybook-admin rebuild` and the query service's time
+ * travel apply (`verify` folds on its own on purpose, to check this one). */
+
+/* An account's row as the read models hold it: the domain's state and what the read
+ * models add to it. The times are the caller's to keep, each in its own form (text in
+ * the projector, binary in rebuild): an event's time is the row's updated_at, and its
+ * opened_at when the change says `opened`. A zeroed row is an account not opened. */
+struct readmodel_row {
+	struct ledger_account acc;
+	char name[LEDGER_NAME_MAX + 1];
+	int32_t entries; /* statement items: the money events folded */
+};
+
+/* One currency's totals (GET /totals), or by how much an event moves them. */
+struct readmodel_count {
+	int64_t accounts, open_accounts;
+	__int128 balance_sum; /* a sum of int64 balances may exceed int64 */
+};
+
+/* What one event did to the read models, for the caller's writes. */
+struct readmodel_change {
+	bool opened;            /* AccountOpened: the event's time is the row's opened_at */
+	const char *entry_type; /* a statement item of this type (readmodel_entry_of), or NULL */
+	bool transfer;          /* TransferSent: a transfer row (readmodel_transfer_of) */
+	struct readmodel_count totals; /* the row's currency's totals move by this */
+};
+
+/* Fold event ev (decoded from the log; `version` is its stream version) of account
+ * `id` into row. ev->account_id is set for AccountOpened (the log keeps the id in the
+ * stream name). False, with the row unchanged, when the event does not follow the
+ * row's version or the domain refuses it (ledger_evolve): the caller's fold is broken. */
+bool readmodel_fold(struct readmodel_row *row, const char *id, int32_t version,
+		    struct ledger_event *ev, struct readmodel_change *out)
+	__attribute__((warn_unused_result));
+/* to += d. */
+void readmodel_count_add(struct readmodel_count *to, const struct readmodel_count *d);
+/* "open" or "closed". */
+const char *readmodel_status(const struct ledger_account *acc);
+/* The bodies' fields of a folded row and of the event just folded into it (strings
+ * borrowed from row, ev and the times): the account, the statement item the change
+ * made (at the row's version and balance), the transfer it made (from the row). */
+struct readmodel_account readmodel_account_of(const struct readmodel_row *row,
+					      const char *opened_at, const char *updated_at);
+struct readmodel_entry readmodel_entry_of(const struct readmodel_row *row,
+					  const struct ledger_event *ev, const char *at);
+struct readmodel_transfer readmodel_transfer_of(const struct readmodel_row *from,
+						const struct ledger_event *ev, const char *at);
+/* One currency's totals as the folds keep them. */
+struct readmodel_totals {
+	char currency[4];
+	struct readmodel_count count;
+};
+/* GET /totals's body from n currencies' totals, in any order (sorted here, bytewise by
+ * currency); rows themselves are not reordered. Caller frees; NULL as
+ * readmodel_totals_json. */
+char *readmodel_totals_json_of(const struct readmodel_totals *const *rows, size_t n);
 
 /* Position tokens "<txid>.<position>": parse (false when malformed) and compare. */
 struct readmodel_position {
