@@ -32,18 +32,13 @@ static const struct pg_statement statements[] = {
 	{ "load_totals", "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
 	{ "sync_accounts",
 	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
-	  "LIMIT $2) SELECT p.account_id, p.name, p.currency, p.balance, p.overdraft_limit, "
-	  "p.status, p.version, p.entries, "
-	  READMODEL_SQL_TIME("p.opened_at") ", "
-	  READMODEL_SQL_TIME("p.updated_at") ", "
-	  "e.version, e.type, e.amount, e.balance_after, e.transfer_id, e.counterparty, "
-	  "e.reference, " READMODEL_SQL_TIME("e.at") " "
+	  "LIMIT $2) SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("p") ", p.entries, "
+	  READMODEL_SQL_ENTRY_COLUMNS("e") " "
 	  "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
 	  "p.account_id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e ON true "
 	  "ORDER BY p.account_id, e.version" },
 	{ "sync_transfers",
-	  "SELECT transfer_id, from_account, to_account, amount, currency, reference, "
-	  READMODEL_SQL_TIME("at") " FROM rm_transfers "
+	  "SELECT " READMODEL_SQL_TRANSFER_COLUMNS("rm_transfers") " FROM rm_transfers "
 	  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
 	/* ($1 epoch, $2 $3 from, $4 generation, $5 $6 to): fails with SQLSTATE
 	 * PROJECTOR_SQLSTATE_FENCED or PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
