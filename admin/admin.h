@@ -11,7 +11,8 @@
 
 struct admin_ctx {
 	struct config cfg;
-	struct log log;
+	struct log log; /* plain lines "daybook-admin <command>: ..." on stderr */
+	char service[48]; /* log.service: "daybook-admin <command>" */
 };
 
 /* Each parses its own options (getopt_long from argv[0], the command's name; --help
@@ -42,9 +43,9 @@ int admin_getopt_error(const char *command, int argc, char **argv, int c);
  * the setting (then exit CLI_EXIT_USAGE). */
 bool admin_configure(struct admin_ctx *ctx, const char *command) __attribute__((warn_unused_result));
 
-/* False, with one line on stderr ("daybook-admin <command>: ..."), when the event
- * store holds txids this cluster has not reached (eventstore_check_txids). */
-bool admin_event_store_usable(PGconn *conn, const char *command)
+/* False, with one line in log ("daybook-admin <command>: ..."), when the event store
+ * holds txids this cluster has not reached (eventstore_check_txids). */
+bool admin_event_store_usable(PGconn *conn, const struct log *log)
 	__attribute__((warn_unused_result));
 
 struct redisContext;

@@ -8,13 +8,13 @@
 #include "eventstore.h"
 #include "redis.h"
 
-bool admin_event_store_usable(PGconn *conn, const char *command)
+bool admin_event_store_usable(PGconn *conn, const struct log *log)
 {
 	char msg[1024];
 
 	if (eventstore_check_txids(conn, msg, sizeof(msg)) != EVENTSTORE_TXIDS_AHEAD)
 		return true; /* an unmigrated database is the subcommand's to report */
-	fprintf(stderr, "daybook-admin %s: %s\n", command, msg);
+	log_error(log, "%s", msg);
 	return false;
 }
 

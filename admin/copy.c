@@ -46,30 +46,53 @@ bool copy_row(struct copy_buf *b, int n)
 	return true;
 }
 
+/* A field's 4-byte length (or -1 for NULL) and 4- or 8-byte integer, big-endian, at p:
+ * a few stores, as these run for every field of every row. */
+static char *put32(char *p, uint32_t v)
+{
+	v = __builtin_bswap32(v);
+	memcpy(p, &v, 4);
+	return p + 4;
+}
+
+static char *put64(char *p, uint64_t v)
+{
+	v = __builtin_bswap64(v);
+	memcpy(p, &v, 8);
+	return p + 8;
+}
+
 /* A text field; NULL is SQL NULL. */
 bool copy_text(struct copy_buf *b, const char *v)
 {
 	size_t n = v ? strlen(v) : 0;
+	char *p;
 
 	if (!copy_reserve(b, 4 + n))
 		return false;
-	put_be(b, v ? (uint64_t)n : 0xffffffffu, 4);
-	memcpy(b->p + b->len, v ? v : "", n);
-	b->len += n;
+	p = put32(b->p + b->len, v ? (uint32_t)n : 0xffffffffu);
+	memcpy(p, v ? v : "", n);
+	b->len += 4 + n;
 	return true;
 }
 
 /* An integer field of 4 or 8 bytes; timestamptz is an 8-byte integer too. */
 bool copy_int(struct copy_buf *b, int64_t v, int bytes)
 {
+	char *p;
+
 	if (!copy_reserve(b, 4 + (size_t)bytes))
 		return false;
-	put_be(b, (uint64_t)bytes, 4);
-	put_be(b, (uint64_t)v, bytes);
+	p = put32(b->p + b->len, (uint32_t)bytes);
+	if (bytes == 8)
+		put64(p, (uint64_t)v);
+	else
+		put32(p, (uint32_t)v);
+	b->len += 4 + (size_t)bytes;
 	return true;
 }
 
-bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
+bool copy_in(PGconn *pg, const char *table, struct copy_buf *b, const struct log *log)
 {
 	char sql[128];
 	PGresult *r;
@@ -84,21 +107,30 @@ bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
 	r = PQexec(pg, sql);
 	ok = PQresultStatus(r) == PGRES_COPY_IN;
 	PQclear(r);
+	if (!ok)
+		goto done;
 	/* In pieces: a buffer can outgrow PQputCopyData's int. */
-	for (size_t at = 0; ok && at < b->len; at += COPY_PIECE)
-		ok = PQputCopyData(pg, b->p + at, (int)(b->len - at < COPY_PIECE ? b->len - at : COPY_PIECE)) == 1;
+	for (size_t at = 0; at < b->len; at += COPY_PIECE) {
+		size_t n = b->len - at < COPY_PIECE ? b->len - at : COPY_PIECE;
+		if (PQputCopyData(pg, b->p + at, (int)n) != 1) {
+			ok = false;
+			break;
+		}
+	}
 	if (PQputCopyEnd(pg, ok ? NULL : "the rebuild could not send its rows") != 1)
 		ok = false;
 	while ((r = PQgetResult(pg))) {
 		ExecStatusType st = PQresultStatus(r);
-		ok = ok && st == PGRES_COMMAND_OK;
+		if (st != PGRES_COMMAND_OK)
+			ok = false;
 		PQclear(r);
 		if (st == PGRES_COPY_IN) /* the end could not be sent: the connection is lost */
 			break;
 	}
+done:
 	if (!ok) {
 		char pqline[1024];
-		fprintf(stderr, "daybook-admin: COPY %s: %s\n", table,
+		log_error(log, "COPY %s: %s", table,
 			log_oneline(PQerrorMessage(pg), pqline, sizeof(pqline)));
 	}
 	b->len = 0;
@@ -116,10 +148,11 @@ static void *copier_main(void *arg)
 		if (!c->busy)
 			break;
 		pthread_mutex_unlock(&c->mu);
-		bool ok = copy_in(c->pg, "rm_entries_shadow", &c->entries) &&
-			  copy_in(c->pg, "rm_transfers_shadow", &c->transfers);
+		bool failed = !copy_in(c->pg, "rm_entries_shadow", &c->entries, c->log) ||
+			      !copy_in(c->pg, "rm_transfers_shadow", &c->transfers, c->log);
 		pthread_mutex_lock(&c->mu);
-		c->failed = c->failed || !ok;
+		if (failed)
+			c->failed = true;
 		c->busy = false;
 		pthread_cond_broadcast(&c->cv);
 	}
@@ -141,7 +174,7 @@ bool copier_start(struct copier *c, PGconn *pg)
 	err = pthread_create(&c->thread, NULL, copier_main, c);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (err) {
-		fprintf(stderr, "daybook-admin: cannot start the COPY thread: %s\n", strerror(err));
+		log_error(c->log, "cannot start the COPY thread: %s", strerror(err));
 		return false;
 	}
 	c->running = true;

@@ -10,6 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "log.h"
+
 /* The COPY data of one table; the caller frees p. Zeroed is empty. */
 struct copy_buf {
 	char *p;
@@ -27,8 +29,8 @@ bool copy_text(struct copy_buf *b, const char *v) __attribute__((warn_unused_res
 bool copy_int(struct copy_buf *b, int64_t v, int bytes) __attribute__((warn_unused_result));
 
 /* COPY the rows into table over pg (idle, not in pipeline mode) and empty b; a failure
- * is printed on stderr. Nothing to do for an empty b. */
-bool copy_in(PGconn *pg, const char *table, struct copy_buf *b)
+ * is said in log. Nothing to do for an empty b. */
+bool copy_in(PGconn *pg, const char *table, struct copy_buf *b, const struct log *log)
 	__attribute__((warn_unused_result));
 
 /* A thread that COPYs rm_entries_shadow and rm_transfers_shadow rows over pg, which
@@ -38,6 +40,7 @@ struct copier {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	PGconn *pg;
+	const struct log *log; /* where a failure is said; set before start */
 	struct copy_buf entries, transfers; /* the rows it works on; freed by the caller */
 	bool running, busy, stop, failed;
 };

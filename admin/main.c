@@ -150,8 +150,9 @@ bool admin_configure(struct admin_ctx *ctx, const char *command)
 {
 	char err[512];
 
+	(void)command; /* ctx->log names it already */
 	if (!config_load(&ctx->cfg, CONFIG_NEED_PG, NULL, err, sizeof(err))) {
-		fprintf(stderr, "daybook-admin %s: %s\n", command, err);
+		log_error(&ctx->log, "%s", err);
 		return false;
 	}
 	ctx->log.level = ctx->cfg.log_level;
@@ -161,7 +162,7 @@ bool admin_configure(struct admin_ctx *ctx, const char *command)
 int main(int argc, char **argv)
 {
 	static const struct option options[] = { CLI_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-	struct admin_ctx ctx = { .log = { .service = "admin", .level = LOG_INFO } };
+	struct admin_ctx ctx = { .log = { .service = "daybook-admin", .level = LOG_INFO, .plain = true } };
 	int c;
 
 	/* A lost Redis or PostgreSQL connection is an error to report and clean up
@@ -194,6 +195,8 @@ int main(int argc, char **argv)
 		argc -= optind;
 		argv += optind;
 		optind = 0;
+		snprintf(ctx.service, sizeof(ctx.service), "daybook-admin %s", commands[i].name);
+		ctx.log.service = ctx.service;
 		return commands[i].run(&ctx, argc, argv);
 	}
 	fprintf(stderr, "daybook-admin: unknown command '%s'\n\n%s", argv[optind], usage);

@@ -73,7 +73,7 @@ static void free_migrations(struct migration *m, size_t n)
 }
 
 /* Read every migration in dir, sorted by version. */
-static int load_dir(const char *dir, struct migration **out, size_t *count)
+static int load_dir(const struct log *log, const char *dir, struct migration **out, size_t *count)
 {
 	DIR *d = opendir(dir);
 	struct dirent *e;
@@ -81,7 +81,7 @@ static int load_dir(const char *dir, struct migration **out, size_t *count)
 	size_t n = 0;
 
 	if (!d) {
-		fprintf(stderr, "daybook-admin: cannot open migrations directory %s: %s\n", dir,
+		log_error(log, "cannot open migrations directory %s: %s", dir,
 			strerror(errno));
 		return -1;
 	}
@@ -101,13 +101,13 @@ static int load_dir(const char *dir, struct migration **out, size_t *count)
 		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
 		m[n].sql = read_file(path);
 		if (!m[n].sql) {
-			fprintf(stderr, "daybook-admin: cannot read %s: %s\n", path, strerror(errno));
+			log_error(log, "cannot read %s: %s", path, strerror(errno));
 			n++;
 			goto fail;
 		}
 		unsigned char digest[DIGEST_SHA256_LEN];
 		if (!digest_sha256(m[n].sql, strlen(m[n].sql), digest)) {
-			fprintf(stderr, "daybook-admin: cannot checksum %s: out of memory\n", path);
+			log_error(log, "cannot checksum %s: out of memory", path);
 			n++;
 			goto fail;
 		}
@@ -118,7 +118,7 @@ static int load_dir(const char *dir, struct migration **out, size_t *count)
 	qsort(m, n, sizeof(*m), by_version);
 	for (size_t i = 1; i < n; i++) {
 		if (m[i].version == m[i - 1].version) {
-			fprintf(stderr, "daybook-admin: %s and %s share version %d\n", m[i - 1].name,
+			log_error(log, "%s and %s share version %d", m[i - 1].name,
 				m[i].name, m[i].version);
 			free_migrations(m, n);
 			return -1;
@@ -133,21 +133,21 @@ fail:
 	return -1;
 }
 
-static bool exec_ok(PGconn *conn, const char *sql, const char *what)
+static bool exec_ok(const struct log *log, PGconn *conn, const char *sql, const char *what)
 {
 	char pqline[1024];
 	PGresult *r = PQexec(conn, sql);
 	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
 
 	if (!ok)
-		fprintf(stderr, "daybook-admin: %s: %s\n", what,
+		log_error(log, "%s: %s", what,
 			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return ok;
 }
 
 /* Apply one migration and record it, in one transaction. */
-static bool apply(PGconn *conn, const struct migration *m)
+static bool apply(const struct log *log, PGconn *conn, const struct migration *m)
 {
 	char pqline[1024];
 	char version[16];
@@ -156,10 +156,10 @@ static bool apply(PGconn *conn, const struct migration *m)
 	bool ok;
 
 	snprintf(version, sizeof(version), "%d", m->version);
-	if (!exec_ok(conn, "BEGIN", "BEGIN"))
+	if (!exec_ok(log, conn, "BEGIN", "BEGIN"))
 		return false;
-	if (!exec_ok(conn, m->sql, m->name)) {
-		exec_ok(conn, "ROLLBACK", "ROLLBACK");
+	if (!exec_ok(log, conn, m->sql, m->name)) {
+		exec_ok(log, conn, "ROLLBACK", "ROLLBACK");
 		return false;
 	}
 	r = PQexecParams(conn,
@@ -167,14 +167,14 @@ static bool apply(PGconn *conn, const struct migration *m)
 			 3, NULL, params, NULL, NULL, 0);
 	ok = PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
-		fprintf(stderr, "daybook-admin: recording %s: %s\n", m->name,
+		log_error(log, "recording %s: %s", m->name,
 			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	if (!ok) {
-		exec_ok(conn, "ROLLBACK", "ROLLBACK");
+		exec_ok(log, conn, "ROLLBACK", "ROLLBACK");
 		return false;
 	}
-	return exec_ok(conn, "COMMIT", "COMMIT");
+	return exec_ok(log, conn, "COMMIT", "COMMIT");
 }
 
 /* The checksum recorded for a version, or NULL when it was never applied. */
@@ -198,16 +198,15 @@ static PGresult *applied_migrations(PGconn *conn)
 }
 
 /* Refuse before applying anything if an applied migration's file has changed. */
-static bool unchanged(PGresult *applied, const struct migration *m, size_t n)
+static bool unchanged(const struct log *log, PGresult *applied, const struct migration *m, size_t n)
 {
 	bool ok = true;
 
 	for (size_t i = 0; i < n; i++) {
 		const char *sum = applied_checksum(applied, m[i].version);
 		if (sum && strcmp(sum, m[i].checksum) != 0) {
-			fprintf(stderr,
-				"daybook-admin: migration %s was applied with checksum %s but the file "
-				"now has %s; an applied migration must not change (add a new one)\n",
+			log_error(log, "migration %s was applied with checksum %s but the file "
+				"now has %s; an applied migration must not change (add a new one)",
 				m[i].name, sum, m[i].checksum);
 			ok = false;
 		}
@@ -215,26 +214,26 @@ static bool unchanged(PGresult *applied, const struct migration *m, size_t n)
 	return ok;
 }
 
-static int run(PGconn *conn, struct migration *m, size_t n)
+static int run(const struct log *log, PGconn *conn, struct migration *m, size_t n)
 {
 	char pqline[1024];
 	PGresult *applied = applied_migrations(conn);
 	int done = 0, rc = 0;
 
 	if (PQresultStatus(applied) != PGRES_TUPLES_OK) {
-		fprintf(stderr, "daybook-admin: reading schema_migrations: %s\n",
+		log_error(log, "reading schema_migrations: %s",
 			log_oneline(PQresultErrorMessage(applied), pqline, sizeof(pqline)));
 		PQclear(applied);
 		return 1;
 	}
-	if (!unchanged(applied, m, n)) {
+	if (!unchanged(log, applied, m, n)) {
 		PQclear(applied);
 		return 1;
 	}
 	for (size_t i = 0; i < n && rc == 0; i++) {
 		if (applied_checksum(applied, m[i].version))
 			continue;
-		if (!apply(conn, &m[i])) {
+		if (!apply(log, conn, &m[i])) {
 			rc = 1;
 			break;
 		}
@@ -251,7 +250,7 @@ static int run(PGconn *conn, struct migration *m, size_t n)
  * (a base backup or a point-in-time recovery keeps the cluster's system identifier,
  * the database's OID and the deployment id), so that no Redis generation built before
  * is adopted or served (docs/operations.md). */
-static int new_identity(PGconn *conn)
+static int new_identity(const struct log *log, PGconn *conn)
 {
 	PGresult *r = PQexec(conn, "UPDATE deployment_identity SET deployment_id = "
 				   "gen_random_uuid(), created_at = now()");
@@ -266,8 +265,8 @@ static int new_identity(PGconn *conn)
 	if (ok)
 		printf("the event store's identity is now %s\n", PQgetvalue(r, 0, 0));
 	else
-		fprintf(stderr, "daybook-admin: giving the event store a new identity: %s",
-			PQresultStatus(r) == PGRES_COMMAND_OK ? "no deployment_identity row\n"
+		log_error(log, "giving the event store a new identity: %s",
+			PQresultStatus(r) == PGRES_COMMAND_OK ? "no deployment_identity row"
 							      : PQresultErrorMessage(r));
 	PQclear(r);
 	return ok ? 0 : 1;
@@ -281,6 +280,7 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 	PGconn *conn;
 	bool renew = false;
 	char line[1024];
+	const struct log *log;
 	int rc;
 
 	static const struct option options[] = {
@@ -311,23 +311,25 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 		return admin_usage_error("migrate", "unexpected argument '%s'", argv[optind]);
 	if (!admin_configure(ctx, "migrate"))
 		return CLI_EXIT_USAGE;
-	if (load_dir(dir, &m, &n))
+	log = &ctx->log;
+	if (load_dir(log, dir, &m, &n))
 		return CLI_EXIT_PROBLEM;
 	conn = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(conn) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin migrate: cannot connect to PostgreSQL: %s\n",
+		log_error(log, "cannot connect to PostgreSQL: %s",
 			log_oneline(PQerrorMessage(conn), line, sizeof(line)));
 		PQfinish(conn);
 		free_migrations(m, n);
 		return CLI_EXIT_UNAVAILABLE;
 	}
 	/* Concurrent migrates queue up instead of racing; the lock ends with the session. */
-	rc = exec_ok(conn, "SET client_min_messages = warning", "settings") &&
-			     exec_ok(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "locking")
-		     ? run(conn, m, n)
-		     : 1;
+	if (exec_ok(log, conn, "SET client_min_messages = warning", "settings") &&
+	    exec_ok(log, conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "locking"))
+		rc = run(log, conn, m, n);
+	else
+		rc = 1;
 	if (rc == 0 && renew)
-		rc = new_identity(conn);
+		rc = new_identity(log, conn);
 	PQfinish(conn);
 	free_migrations(m, n);
 	return rc;

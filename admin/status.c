@@ -24,6 +24,7 @@ struct row {
 };
 
 struct status {
+	const struct log *log; /* the command's (admin_ctx) */
 	PGconn *pg;
 	long long events, max_position;
 	bool exact;
@@ -44,7 +45,7 @@ static PGresult *query(struct status *s, const char *sql, int nparams, const cha
 
 	if (PQresultStatus(r) == PGRES_TUPLES_OK)
 		return r;
-	fprintf(stderr, "daybook-admin status: %s\n",
+	log_error(s->log, "%s",
 		log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return NULL;
@@ -87,7 +88,7 @@ static bool read_lag(struct status *s, struct row *row)
 	PGresult *r;
 
 	if (row->token[0] && !readmodel_position_parse(row->token, &p)) {
-		fprintf(stderr, "daybook-admin status: %s: malformed checkpoint '%s'\n", row->name,
+		log_error(s->log, "%s: malformed checkpoint '%s'", row->name,
 			row->token);
 		return false;
 	}
@@ -110,16 +111,21 @@ static bool read_projections(struct status *s)
 	PGresult *r = query(s, "SELECT projection, txid::text || '.' || position "
 			       "FROM projection_checkpoints ORDER BY projection <> 'sql', projection",
 			    0, NULL);
-	bool ok = r != NULL;
 
-	for (int i = 0; ok && i < PQntuples(r) && s->nrows < ROWS_MAX; i++) {
+	if (!r)
+		return false;
+	for (int i = 0; i < PQntuples(r) && s->nrows < ROWS_MAX; i++) {
 		struct row *row = &s->rows[s->nrows++];
 		snprintf(row->name, sizeof(row->name), "%s", PQgetvalue(r, i, 0));
 		snprintf(row->token, sizeof(row->token), "%s", PQgetvalue(r, i, 1));
-		ok = read_lag(s, row);
+		if (!read_lag(s, row))
+			goto fail;
 	}
 	PQclear(r);
-	return ok;
+	return true;
+fail:
+	PQclear(r);
+	return false;
 }
 
 /* Was generation gen built from this event store (its identity)? True when that
@@ -147,8 +153,8 @@ static void read_redis(struct admin_ctx *ctx, struct status *s)
 	g = redisCommand(c, "GET " READMODEL_LIVE_KEY);
 	if (g && g->type == REDIS_REPLY_STRING && !live_is_ours(s, c, g->str)) {
 		/* Readers do not use it: for them Redis holds no live model. */
-		fprintf(stderr, "daybook-admin status: note: redis generation %s was not built "
-				"from this event store: it is not used\n", g->str);
+		log_warn(s->log, "redis generation %s was not built "
+				"from this event store: it is not used", g->str);
 	} else if (g && g->type == REDIS_REPLY_STRING) {
 		s->redis_live = true;
 		s->generation = atoll(g->str);
@@ -272,15 +278,20 @@ static void print_table(const struct status *s)
 static bool read_all(struct admin_ctx *ctx, struct status *s)
 {
 	PGresult *r = PQexec(s->pg, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
-	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+	bool ok = false;
 
-	PQclear(r);
-	ok = ok && read_head(s) && read_projections(s);
-	if (ok && s->redis_configured) {
+	if (PQresultStatus(r) != PGRES_COMMAND_OK)
+		goto done;
+	if (!read_head(s) || !read_projections(s))
+		goto done;
+	if (s->redis_configured) {
 		read_redis(ctx, s);
-		if (!s->redis_error[0] && s->redis_live)
-			ok = read_lag(s, &s->redis);
+		if (!s->redis_error[0] && s->redis_live && !read_lag(s, &s->redis))
+			goto done;
 	}
+	ok = true;
+done:
+	PQclear(r);
 	PQclear(PQexec(s->pg, "COMMIT"));
 	return ok;
 }
@@ -292,7 +303,7 @@ int admin_status(struct admin_ctx *ctx, int argc, char **argv)
 		CLI_COMMON_OPTIONS,
 		{ NULL, 0, NULL, 0 },
 	};
-	struct status s = { 0 };
+	struct status s = { .log = &ctx->log };
 	bool json = false;
 	char line[1024];
 	int rc = CLI_EXIT_UNAVAILABLE, c;
@@ -315,11 +326,11 @@ int admin_status(struct admin_ctx *ctx, int argc, char **argv)
 	s.redis_configured = ctx->cfg.redis_url != NULL;
 	s.pg = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(s.pg) != CONNECTION_OK) {
-		fprintf(stderr, "daybook-admin status: cannot connect to PostgreSQL: %s\n",
+		log_error(s.log, "cannot connect to PostgreSQL: %s",
 			log_oneline(PQerrorMessage(s.pg), line, sizeof(line)));
 		goto done;
 	}
-	if (!admin_event_store_usable(s.pg, "status")) {
+	if (!admin_event_store_usable(s.pg, s.log)) {
 		rc = EVENTSTORE_EXIT_UNUSABLE;
 		goto done;
 	}

@@ -65,7 +65,6 @@ int admin_token(struct admin_ctx *ctx, int argc, char **argv)
 	char token[4 + 2 * TOKEN_BYTES + 1], hex[DIGEST_SHA256_HEX_LEN + 1];
 	int c;
 
-	(void)ctx;
 	/* "token new --id ...": the word "new" first, then its options. */
 	if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0))
 		return admin_help("token");
@@ -92,32 +91,32 @@ int admin_token(struct admin_ctx *ctx, int argc, char **argv)
 	if (!id || !scopes)
 		return admin_usage_error("token", "both --id and --scopes are needed");
 	if (!ledger_valid_id(id)) {
-		fprintf(stderr, "daybook-admin token: --id must be 1-64 characters of "
-				"[A-Za-z0-9._:-]\n");
+		log_error(&ctx->log, "--id must be 1-64 characters of "
+				"[A-Za-z0-9._:-]");
 		return CLI_EXIT_USAGE;
 	}
 	if (!valid_scopes(scopes)) {
-		fprintf(stderr, "daybook-admin token: --scopes must be a comma-separated list "
-				"of write, read, admin (each once)\n");
+		log_error(&ctx->log, "--scopes must be a comma-separated list "
+				"of write, read, admin (each once)");
 		return CLI_EXIT_USAGE;
 	}
 	if (!fill_random(raw, sizeof(raw))) {
-		fprintf(stderr, "daybook-admin token: no random bytes: %s\n", strerror(errno));
+		log_error(&ctx->log, "no random bytes: %s", strerror(errno));
 		return CLI_EXIT_PROBLEM;
 	}
 	memcpy(token, "dbk_", 4);
 	digest_hex(raw, sizeof(raw), token + 4);
 	if (!digest_sha256(token, strlen(token), digest)) {
-		fprintf(stderr, "daybook-admin token: cannot hash the token (out of memory)\n");
+		log_error(&ctx->log, "cannot hash the token (out of memory)");
 		return CLI_EXIT_PROBLEM;
 	}
 	digest_hex(digest, DIGEST_SHA256_LEN, hex);
 	printf("%s\n%s %s %s\n", token, id, hex, scopes);
 	if (fflush(stdout) != 0 || ferror(stdout)) {
-		fprintf(stderr, "daybook-admin token: writing the token failed\n");
+		log_error(&ctx->log, "writing the token failed");
 		return CLI_EXIT_PROBLEM;
 	}
-	fprintf(stderr, "daybook-admin token: line 1 is the token, shown only now; add line 2 "
-			"to DAYBOOK_TOKENS_FILE and restart command and query\n");
+	log_info(&ctx->log, "line 1 is the token, shown only now; add line 2 "
+			"to DAYBOOK_TOKENS_FILE and restart command and query");
 	return CLI_EXIT_OK;
 }

@@ -117,6 +117,25 @@ json_t *log_text(const char *text)
 	return log_textn(text ? text : "", text ? strlen(text) : 0);
 }
 
+/* "<service>: [note: ]<msg>" on one line, written at once. */
+static void plain_line(const struct log *log, enum log_level level, const char *msg)
+{
+	const char *note = level == LOG_WARN ? "note: " : "";
+	size_t room = strlen(log->service) + strlen(note) + strlen(msg) + 4;
+	char *line = malloc(room);
+	int n;
+
+	if (!line)
+		return;
+	n = snprintf(line, room, "%s: %s", log->service, note);
+	log_oneline(msg, line + n, room - (size_t)n - 1);
+	n = (int)strlen(line);
+	line[n] = '\n';
+	fwrite(line, 1, (size_t)n + 1, stderr);
+	fflush(stderr);
+	free(line);
+}
+
 void log_fields(const struct log *log, enum log_level level, const char *request_id,
 		const char *msg, json_t *fields)
 {
@@ -129,6 +148,10 @@ void log_fields(const struct log *log, enum log_level level, const char *request
 
 	if (level < log->level)
 		goto done;
+	if (log->plain) {
+		plain_line(log, level, msg);
+		goto done;
+	}
 	clock_gettime(CLOCK_REALTIME, &ts);
 	gmtime_r(&ts.tv_sec, &tm);
 	strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);

@@ -14,6 +14,10 @@ enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 struct log {
 	const char *service; /* static string, e.g. "command" */
 	enum log_level level;
+	/* A command-line tool's log (daybook-admin): plain lines "<service>: <msg>", warnings
+	 * as "<service>: note: <msg>", for a person at a terminal; no JSON, no time, and
+	 * request ids and fields are left out. */
+	bool plain;
 };
 
 /* Parse "debug|info|warn|error"; false when the text is none of them. */

@@ -80,15 +80,16 @@ static void str(struct out *o, const char *s)
 		char esc[7] = "\\u00";
 		size_t n = 2;
 
+		/* The common case, a run of plain ASCII, in a tight loop. */
+		while (u[i] >= 0x20 && u[i] < 0x80 && u[i] != '"' && u[i] != '\\')
+			i++;
+		if (!(c = u[i]))
+			break;
 		if (c >= 0x80) {
 			size_t len = utf8_len(u + i);
 			if (!len)
 				o->failed = true;
 			i += len;
-			continue;
-		}
-		if (c >= 0x20 && c != '"' && c != '\\') {
-			i++;
 			continue;
 		}
 		raw(o, s + start, i - start);
@@ -123,9 +124,18 @@ static void integer(struct out *o, int64_t v)
 /* ,"key": then the value; the first member opens the object. */
 static void key(struct out *o, const char *k)
 {
-	raw(o, o->len ? "," : "{", 1);
-	str(o, k);
-	raw(o, ":", 1);
+	size_t n = strlen(k);
+	char open = o->len ? ',' : '{';
+
+	/* Keys are this file's constants, plain ASCII: nothing to escape. */
+	if (room(o, n + 4)) {
+		o->p[o->len++] = open;
+		o->p[o->len++] = '"';
+		memcpy(o->p + o->len, k, n);
+		o->len += n;
+		o->p[o->len++] = '"';
+		o->p[o->len++] = ':';
+	}
 }
 
 static void member_str(struct out *o, const char *k, const char *v)
@@ -444,10 +454,14 @@ void readmodel_int128_text(__int128 v, char out[48])
 	size_t n = 0, i = 0;
 	unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
 
-	do {
+	/* 128-bit divisions are library calls: only the digits beyond 64 bits take them
+	 * (every amount and balance of an event fits in 64). */
+	while (u > UINT64_MAX) {
 		tmp[n++] = (char)('0' + (int)(u % 10));
 		u /= 10;
-	} while (u);
+	}
+	for (uint64_t w = (uint64_t)u; n == 0 || w; w /= 10)
+		tmp[n++] = (char)('0' + (int)(w % 10));
 	if (v < 0)
 		out[i++] = '-';
 	while (n)

@@ -522,7 +522,11 @@ def run(ct, env):
     if probe.status == 404:
         read("account at a time before it", "/accounts/{id}",
              f"/accounts/{a_id}?at=2000-01-01T00:00:00Z", expect=404)
-        time.sleep(1.1)  # `now` to the second is then after every write above
+        # `now` to the second must be after every write above: wait for the clock to
+        # enter the next second (a condition on the clock, at most a second away).
+        written = int(time.time())
+        while int(time.time()) <= written:
+            time.sleep(0.05)
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         read("account at now", "/accounts/{id}", f"/accounts/{a_id}?at={now}", expect=200)
         read("account as_of", "/accounts/{id}", f"/accounts/{a_id}?as_of={mp}", expect=200)

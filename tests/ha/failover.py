@@ -354,11 +354,23 @@ class Load:
             raise Failed("; ".join(problems))
 
 
-def steady(load, seconds=2.0):
-    """Let the load run until writes are acknowledged at a steady pace."""
+def more_acks(load, what, n, seconds=60):
+    """Wait until n more writes are acknowledged from now on."""
     t = time.monotonic()
-    wait_for("writes under load", 60, lambda: load.acks_after(t) >= 10)
-    time.sleep(seconds)
+    wait_for(what, seconds, lambda: load.acks_after(t) >= n)
+
+
+def more_reads(load, what, n, seconds=60):
+    """Wait until n more reads are answered 200 from now on."""
+    with load.lock:
+        before = load.reads_ok
+    wait_for(what, seconds, lambda: load.reads_ok >= before + n)
+
+
+def steady(load):
+    """Let the load run until writes are acknowledged at a steady pace."""
+    more_acks(load, "writes under load", 10)
+    more_acks(load, "a steady pace of writes", 40)
 
 
 # ------------------------------------------------------------------ scenarios --
@@ -369,12 +381,23 @@ def command_kill(stack, load):
     t0 = time.monotonic()
     os.kill(leader["pid"], signal.SIGKILL)
     wait_for("writes after the kill", 30, lambda: load.acks_after(t0 + 0.1) >= 5)
-    time.sleep(2)
+    # Writes go on after the takeover: a later stall would show in the pause.
+    more_acks(load, "writes to go on after the takeover", 40)
     pause = load.longest_write_pause(t0)
     say(f"takeover: writes resumed after {pause:.2f} s (longest pause without an "
         "acknowledged write since the kill)")
     if pause > 3.0:
         raise Failed(f"writes paused {pause:.2f} s, more than 3 s")
+
+
+def readyz(port):
+    """The status of a command instance's /readyz."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/readyz")
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 def command_has_leadership(stack):
@@ -445,7 +468,9 @@ def command_freeze(stack, load):
     say("SIGCONT: the old leader wakes")
     for s in senders:
         s.join(70)
-    time.sleep(3)
+    # The woken leader finds out it was deposed and no longer says ready: from then
+    # on it cannot commit what it read while frozen.
+    wait_for("the old leader to step down", 30, lambda: readyz(port) == 503)
     committed = stack.psql(
         "SELECT data->>'transfer_id' FROM events WHERE type = 'TransferSent' AND "
         f"data->>'transfer_id' LIKE 't-{load.run}-frozen-%'")
@@ -467,7 +492,8 @@ def query_kill(stack, load):
              lambda: (stack.haproxy_status(victim["instance"]) or "").startswith("DOWN"), 0.05)
     took = time.monotonic() - t0
     say(f"takeover: HAProxy marked {victim['instance']} down after {took:.2f} s")
-    time.sleep(3)
+    # Reads go on through the other instance: a failure among them would count.
+    more_reads(load, "reads to go on after the takeover", 100)
     with load.lock:
         failed = load.read_failures[failures_before:]
     say(f"reads that failed since the kill: {len(failed)} {failed[:5]}")
@@ -486,7 +512,8 @@ def postgres_kill(stack, load):
     promoted = time.monotonic() - t0
     wait_for("writes after the failover", 60, lambda: load.acks_after(time.monotonic() - 0.5) > 0)
     resumed = time.monotonic() - t0
-    time.sleep(2)
+    # Writes go on after the failover: a later stall would show in the pause.
+    more_acks(load, "writes to go on after the failover", 40)
     pause = load.longest_write_pause(t0)
     say(f"takeover: new primary after {promoted:.2f} s; writes resumed within {resumed:.2f} s "
         f"(longest pause without an acknowledged write: {pause:.2f} s)")
@@ -512,8 +539,10 @@ def redis_kill(stack, load):
         verified.last = (r.stdout + r.stderr).strip().splitlines()[-1:] if r.returncode else None
         return r.returncode == 0
     verified.last = None
-    # Verify with the load stopped: the read models then stand still.
-    time.sleep(3)
+    # Writes and reads go on against the promoted replica; then verify with the load
+    # stopped: the read models then stand still.
+    more_acks(load, "writes after the promotion", 20)
+    more_reads(load, "reads after the promotion", 100)
     load.finish()
     try:
         wait_for("daybook-admin verify to be clean", 90, verified, 2)
@@ -557,7 +586,7 @@ def main():
     try:
         steady(load)
         rc = SCENARIOS[name](stack, load) or 0
-        time.sleep(1)
+        more_acks(load, "writes after the scenario", 10)
     finally:
         load.finish()
     load.check_log()

@@ -1,15 +1,18 @@
 /* Integration-test harness: a fresh migrated database per test, the real service
- * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. */
+ * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. Implemented
+ * by harness_*.c, one file per concern (processes, services, pg, redis, http, metrics,
+ * model, readers). */
 #ifndef DAYBOOK_TEST_HARNESS_H
 #define DAYBOOK_TEST_HARNESS_H
 
 #include <jansson.h>
 #include <libpq-fe.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
 
-/* Tokens every test service accepts (see harness.c). */
+/* Tokens every test service accepts (see harness_services.c). */
 #define TOKEN_WRITE "test-write-token"
 #define TOKEN_READ "test-read-token"
 #define TOKEN_ADMIN "test-admin-token"
@@ -74,14 +77,29 @@ struct redisContext *harness_redis(const char *url);
 struct redisContext *harness_redis_as(const char *url, const char *user);
 /* The value of metric `name` (with labels, e.g. `x{a="b"}`) from svc's /metrics; -1 if absent. */
 double harness_metric(const struct service *svc, const char *name);
+/* Wait until metric `name` of svc equals value; false if it does not by deadline (a
+ * harness_now() value). */
+bool harness_wait_metric(const struct service *svc, const char *name, double value,
+			 double deadline);
 /* Seconds on the monotonic clock. */
 double harness_now(void);
+/* Wait on a condition, never a fixed sleep: call cond(arg) until it returns true (then
+ * true) or the monotonic clock passes deadline (a harness_now() value; then false, after
+ * one last call). Polls every HARNESS_POLL_US; cond runs at least once. */
+bool harness_wait_until(bool (*cond)(void *arg), void *arg, double deadline);
+#define HARNESS_POLL_US 20000
+/* Wait until *counter (bumped by another thread, e.g. a load's writes) reaches at_least;
+ * false if it has not by deadline. */
+bool harness_wait_count(atomic_int *counter, int at_least, double deadline);
 
 /* The log head and the SQL checkpoint as position tokens. */
 void harness_log_head(const char *db, char *out, size_t len);
 void harness_sql_checkpoint(const char *db, char *out, size_t len);
 /* The live Redis generation and its checkpoint; false when there is none. */
 bool harness_redis_live(struct redisContext *c, long long *gen, char *cp, size_t len);
+/* Wait until the SQL read models have applied the whole log (the SQL checkpoint is the
+ * log head); false if they have not by deadline (a harness_now() value). */
+bool harness_wait_sql_caught_up(const char *db, double deadline);
 /* Wait until SQL and Redis read models have applied the whole log (fails on timeout). */
 void harness_wait_caught_up(const char *db, const char *redis_url, double timeout);
 /* The SQL read models equal a fold of the log computed independently in SQL. */
@@ -112,6 +130,10 @@ void harness_kill(struct service *svc);
 /* Copy a service's log (debug level) to stderr: for a failure to be diagnosed from the
  * test output alone, since the logs go with the test's temporary directory. */
 void harness_print_log(const struct service *svc);
+/* Whether a line of svc's log contains text; the test fails if the log cannot be read. */
+bool harness_log_says(const struct service *svc, const char *text);
+/* Wait until svc's log says text; false if it has not by deadline (a harness_now() value). */
+bool harness_wait_log(const struct service *svc, const char *text, double deadline);
 /* The cluster's transactions that hold a transaction id, oldest first, to stderr: any
  * of them holds back pg_snapshot_xmin, below which projectors read. */
 void harness_print_xid_holders(void);
@@ -130,6 +152,8 @@ bool response_header(const struct response *r, const char *name, char *out, size
 /* POST JSON with the write token (plus extra headers, NULL-terminated, may be NULL). */
 struct response post(const struct service *svc, const char *path, const char *body,
 		     const char *const *extra);
+/* POST JSON with the write token; the test fails unless the answer is 201. */
+void harness_post_created(const struct service *svc, const char *path, const char *body);
 
 /* Blocking SQL as superuser on db; the test fails on any error. Caller PQclear()s. */
 PGresult *sql(const char *db, const char *query);
@@ -140,6 +164,15 @@ long long sql_int(const char *db, const char *query);
 PGconn *harness_connect_as(const char *db, const char *role);
 /* Run one statement on conn; its SQLSTATE ("" for success) goes into code, returned. */
 const char *harness_sqlstate(PGconn *conn, const char *query, char code[6]);
+
+/* Run daybook-admin with args (NULL-terminated, after the program's name) against db as
+ * the superuser, with DAYBOOK_REDIS set to redis_url (NULL: unset), to its end; returns
+ * its exit status (-1 if a signal ended it). With out, its stdout and stderr together go
+ * into *out (caller frees); without, both go to the test's stderr (stdout is the test
+ * protocol's). */
+int harness_admin(const char *db, const char *redis_url, const char *const *args, char **out);
+/* Apply every migration to db (daybook-admin migrate); the test fails if it fails. */
+void harness_migrate(const char *db);
 
 /* Run a shell command from the environment variable `var` (e.g. DAYBOOK_TEST_PG_STOP). */
 void harness_run_env_command(const char *var);

@@ -44,10 +44,7 @@ TestSuite(admin_verify, .init = setup, .fini = teardown, .timeout = 120);
 
 static void must(const char *path, const char *body)
 {
-	struct response r = post(&command, path, body, NULL);
-
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	response_free(&r);
+	harness_post_created(&command, path, body);
 }
 
 /* Two currencies, every event type, a closed account, and one account with more
@@ -82,20 +79,6 @@ static void token_of(const char *query, char *out, size_t len)
 	PQclear(r);
 }
 
-static void log_head(char *out, size_t len)
-{
-	token_of("SELECT coalesce((SELECT txid::text || '.' || position FROM events "
-		 "ORDER BY txid DESC, position DESC LIMIT 1), '0.0')",
-		 out, len);
-}
-
-static void sql_checkpoint(char *out, size_t len)
-{
-	token_of("SELECT txid::text || '.' || position FROM projection_checkpoints "
-		 "WHERE projection = 'sql'",
-		 out, len);
-}
-
 /* The reply to a Redis command as a string ("" for nil). */
 static void redis_get(char *out, size_t len, const char *fmt, ...)
 {
@@ -112,30 +95,11 @@ static void redis_get(char *out, size_t len, const char *fmt, ...)
 	redisFree(c);
 }
 
-/* Wait until both read models have applied the whole log. */
-static void wait_caught_up(void)
-{
-	char head[64], cp[64], gen[32], rcp[64] = "";
-	double end = harness_now() + 30;
-
-	for (;;) {
-		log_head(head, sizeof(head));
-		sql_checkpoint(cp, sizeof(cp));
-		redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
-		if (gen[0])
-			redis_get(rcp, sizeof(rcp), "GET dbk:g:%s:checkpoint", gen);
-		if (strcmp(head, cp) == 0 && gen[0] && strcmp(rcp, cp) == 0)
-			return;
-		cr_assert(harness_now() < end, "not caught up: log %s, sql %s, redis %s", head, cp, rcp);
-		usleep(20000);
-	}
-}
-
 /* The workload, projected; then the projector stops so that it repairs nothing. */
 static void projected_workload(void)
 {
 	workload();
-	wait_caught_up();
+	harness_wait_caught_up(db, redis_url, 30);
 	harness_stop(&projector);
 }
 
@@ -255,12 +219,17 @@ Test(admin_verify, clean_after_a_projected_workload)
 }
 
 /* Writers keep depositing and transferring while verify runs. */
+struct writer {
+	atomic_bool stop;
+	atomic_int writes; /* requests answered */
+};
+
 static void *keep_writing(void *arg)
 {
-	atomic_bool *stop = arg;
+	struct writer *w = arg;
 	char body[128];
 
-	for (int i = 0; !atomic_load(stop); i++) {
+	for (int i = 0; !atomic_load(&w->stop); i++) {
 		struct response r;
 		if (i % 2)
 			snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + i % 7);
@@ -271,26 +240,27 @@ static void *keep_writing(void *arg)
 				 body, NULL)
 			  : post(&command, "/transfers", body, NULL);
 		response_free(&r);
+		atomic_fetch_add(&w->writes, 1);
 	}
 	return NULL;
 }
 
 Test(admin_verify, clean_while_the_projector_keeps_applying)
 {
-	atomic_bool stop = false;
+	static struct writer w;
 	pthread_t writer;
 	struct run r;
 
 	workload();
-	wait_caught_up();
-	pthread_create(&writer, NULL, keep_writing, &stop);
-	usleep(200000);
+	harness_wait_caught_up(db, redis_url, 30);
+	pthread_create(&writer, NULL, keep_writing, &w);
+	cr_assert(harness_wait_count(&w.writes, 10, harness_now() + 20), "the writer made no headway");
 	for (int i = 0; i < 3; i++) {
 		r = admin(redis_url, verify_args);
 		cr_assert_eq(r.status, 0, "verify under load exited %d\n%s%s", r.status, r.out, r.err);
 		run_free(&r);
 	}
-	atomic_store(&stop, true);
+	atomic_store(&w.stop, true);
 	pthread_join(writer, NULL);
 }
 
@@ -475,7 +445,7 @@ Test(admin_verify, status_table_shows_head_and_checkpoints)
 	struct run r;
 
 	projected_workload();
-	log_head(head, sizeof(head));
+	harness_log_head(db, head, sizeof(head));
 	r = admin(redis_url, args);
 	cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
 	cr_assert(strstr(r.out, "LAG EVENTS"), "%s", r.out);
@@ -507,7 +477,7 @@ Test(admin_verify, status_json_reports_lag)
 	json_t *o, *sql_row;
 
 	projected_workload();
-	log_head(head, sizeof(head));
+	harness_log_head(db, head, sizeof(head));
 	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 	/* The projector is stopped: two more events are not applied. */
 	must("/accounts/v-alice/deposits", "{\"amount\":5}");

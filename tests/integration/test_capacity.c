@@ -2,15 +2,11 @@
  * with hundreds of currencies in one batch, huge transactions, a stream of thousands
  * of events and many accounts always project, and `daybook-admin verify` is clean. */
 #include <criterion/criterion.h>
-#include <errno.h>
 #include <event2/buffer.h>
 #include <jansson.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -232,33 +228,13 @@ static void random_tx(struct history *h, unsigned n)
 /* daybook-admin <what> on the test database; its exit status, its output into out. */
 static int admin(const char *what, char *out, size_t len)
 {
-	const char *bin = getenv("DAYBOOK_ADMIN_BIN");
-	char conninfo[512];
-	FILE *f = tmpfile();
-	size_t got;
-	int ws;
-	pid_t pid;
+	const char *args[] = { what, what[0] == 'r' ? "all" : NULL, NULL };
+	char *text;
+	int status = harness_admin(db, redis_url, args, &text);
 
-	cr_assert(bin && *bin && f, "DAYBOOK_ADMIN_BIN is not set: run through meson test");
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
-	fflush(NULL);
-	pid = fork();
-	cr_assert(pid >= 0, "fork: %s", strerror(errno));
-	if (pid == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		dup2(fileno(f), 1);
-		dup2(fileno(f), 2);
-		setenv("DAYBOOK_PG", conninfo, 1);
-		setenv("DAYBOOK_REDIS", redis_url, 1);
-		execl(bin, bin, what, what[0] == 'r' ? "all" : (char *)NULL, (char *)NULL);
-		_exit(127);
-	}
-	cr_assert_eq(waitpid(pid, &ws, 0), pid);
-	rewind(f);
-	got = fread(out, 1, len - 1, f);
-	out[got] = '\0';
-	fclose(f);
-	return WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
+	snprintf(out, len, "%s", text);
+	free(text);
+	return status;
 }
 
 /* GET /totals from the query service lists every currency of rm_totals; the body

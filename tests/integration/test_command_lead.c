@@ -360,6 +360,7 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	}
 	cr_assert_neq(state[0], '\0', "A's writing session was ended: the fence was not what "
 				      "stopped its batch");
+	/* A deliberate hold, not a wait: A stays frozen 12 s, well past its lease. */
 	while (harness_now() < t0 + 12)
 		usleep(50000);
 	kill(a.pid, SIGCONT);

@@ -51,9 +51,7 @@ static void run_all(struct job *jobs, size_t n)
 
 static void must(const char *path, const char *body)
 {
-	struct response r = post(&svc, path, body, NULL);
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	response_free(&r);
+	harness_post_created(&svc, path, body);
 }
 
 Test(concurrency, fifty_withdrawals_of_100_from_1000_give_exactly_ten)

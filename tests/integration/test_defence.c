@@ -131,19 +131,6 @@ Test(defence, redis_refuses_clients_without_a_user_and_the_projector_cannot_flus
 }
 
 /* True when the file holds `needle`. */
-static bool file_holds(const char *path, const char *needle)
-{
-	FILE *f = fopen(path, "r");
-	char line[8192];
-	bool found = false;
-
-	cr_assert(f, "cannot read %s", path);
-	while (!found && fgets(line, sizeof(line), f))
-		found = strstr(line, needle) != NULL;
-	fclose(f);
-	return found;
-}
-
 /* CLIENT LIST shows a connection named `name` authenticated as `user`, and none named
  * `name` as another user. */
 static bool client_is(const char *list, const char *name, const char *user)
@@ -196,9 +183,9 @@ Test(defence, services_use_their_own_redis_users_and_never_log_passwords)
 	harness_stop(&projector);
 
 	for (size_t i = 0; i < sizeof(secrets) / sizeof(secrets[0]); i++) {
-		cr_assert_not(file_holds(projector.log_path, secrets[i]), "the projector logged %s",
+		cr_assert_not(harness_log_says(&projector, secrets[i]), "the projector logged %s",
 			      secrets[i]);
-		cr_assert_not(file_holds(query.log_path, secrets[i]), "the query service logged %s",
+		cr_assert_not(harness_log_says(&query, secrets[i]), "the query service logged %s",
 			      secrets[i]);
 	}
 }
@@ -363,12 +350,10 @@ Test(defence, a_service_started_before_postgresql_answers_checks_once_it_does)
 		_exit(127);
 	}
 	proj.pid = pid;
-	for (end = harness_now() + 30; !file_holds(log_path, "checking again"); usleep(50000)) {
-		if (harness_now() > end) {
-			harness_print_log(&proj);
-			harness_kill(&proj);
-			cr_assert_fail("the projector did not say it would check again");
-		}
+	if (!harness_wait_log(&proj, "checking again", harness_now() + 30)) {
+		harness_print_log(&proj);
+		harness_kill(&proj);
+		cr_assert_fail("the projector did not say it would check again");
 	}
 	/* ... and answers a moment later: the check runs then, and refuses. */
 	snprintf(q, sizeof(q), "GRANT CONNECT ON DATABASE %s TO PUBLIC, daybook_projector", db);
@@ -381,5 +366,5 @@ Test(defence, a_service_started_before_postgresql_answers_checks_once_it_does)
 		harness_kill(&proj);
 		cr_assert_fail("the projector did not stop with status 3");
 	}
-	cr_assert(file_holds(log_path, "daybook-projector: the event store holds txid"));
+	cr_assert(harness_log_says(&proj, "daybook-projector: the event store holds txid"));
 }

@@ -100,9 +100,11 @@ Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
 		w[i] = (struct worker){ &l, i };
 		pthread_create(&t[i], NULL, work, &w[i]);
 	}
-	usleep(700000);
+	cr_assert(harness_wait_count(&l.statuses[201], 20, harness_now() + 20),
+		  "the writers made no headway before the outage");
 	harness_run_env_command("DAYBOOK_TEST_PG_STOP");
-	usleep(1500000);
+	cr_assert(harness_wait_count(&l.statuses[503], 1, harness_now() + 20),
+		  "the writers saw no 503 after PostgreSQL stopped");
 	/* Down: writes and readiness say 503, promptly. */
 	r = post(&svc, "/accounts/f-0/deposits", "{\"amount\":1}", NULL);
 	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
@@ -116,7 +118,9 @@ Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
 	harness_run_env_command("DAYBOOK_TEST_PG_START");
 	/* Back: the service reconnects by itself. */
 	cr_assert(harness_wait_status(&svc, "/readyz", 200, 20), "the service did not reconnect");
-	usleep(700000);
+	cr_assert(harness_wait_count(&l.statuses[201], atomic_load(&l.statuses[201]) + 20,
+				     harness_now() + 20),
+		  "the writers made no headway after the recovery");
 	atomic_store(&l.stop, true);
 	for (int i = 0; i < WORKERS; i++)
 		pthread_join(t[i], NULL);
@@ -183,7 +187,8 @@ Test(faults, sigterm_finishes_requests_in_flight_then_exits_zero)
 		usleep(10000);
 	}
 	kill(svc.pid, SIGTERM);
-	usleep(300000);
+	cr_assert(harness_wait_log(&svc, "no longer accepting", harness_now() + 10),
+		  "the service did not take the SIGTERM");
 	PQclear(PQexec(blocker, "COMMIT"));
 	PQfinish(blocker);
 	for (int i = 0; i < 10; i++) {

@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -353,7 +354,7 @@ Test(http_edge, thousands_of_idle_connections_do_not_lock_out_a_real_client)
 	cr_assert_gt(opened, 1000, "could open only %d sockets", opened);
 	cr_assert(answers(10), "a real client got no 200 while %d idle sockets were held", opened);
 	busy0 = runnable_seconds(svc.pid);
-	usleep(1000000);
+	usleep(1000000); /* the window in which its CPU time is measured */
 	cr_assert_lt(runnable_seconds(svc.pid) - busy0, 0.5, "the service is spinning");
 	cr_assert(answers(10));
 	release(fds, IDLE);
@@ -404,7 +405,8 @@ Test(http_edge, connections_serving_a_request_are_never_closed_to_make_room)
 	harness_start_query(&svc, db, redis_url);
 	for (int i = 0; i < WAITING; i++)
 		cr_assert(pthread_create(&t[i], NULL, waiting_read, &status[i]) == 0);
-	usleep(500000); /* the reads are waiting */
+	cr_assert(harness_wait_metric(&svc, "daybook_query_waiting_reads", WAITING, harness_now() + 20),
+		  "the reads are not waiting");
 	raise_nofile(IDLE + 256);
 	hoard(svc.port, fds, IDLE);
 	for (int i = 0; i < WAITING; i++) {
@@ -429,6 +431,8 @@ Test(http_edge, running_out_of_descriptors_pauses_accepting_instead_of_spinning)
 	/* Below the connection cap, so that accept() itself fails with EMFILE. */
 	cr_assert(prlimit(svc.pid, RLIMIT_NOFILE, &low, NULL) == 0, "prlimit: %s", strerror(errno));
 	hoard(svc.port, fds, IDLE);
+	/* The service meets EMFILE in its next accepting turns (nothing observable: /metrics
+	 * cannot be reached then); then the window in which its CPU time is measured. */
 	usleep(300000);
 	busy0 = runnable_seconds(svc.pid);
 	usleep(1000000);
@@ -621,6 +625,12 @@ Test(http_edge, the_projector_and_query_edges_have_the_same_limits_and_a_quiet_r
 	harness_kill(&redis_svc);
 }
 
+/* The command service (svc) holds at least arg connections, that of this check aside. */
+static bool holds_connections(void *arg)
+{
+	return harness_metric(&svc, "daybook_http_connections_open") - 1 >= (double)(intptr_t)arg;
+}
+
 Test(http_edge, sigterm_with_idle_connections_open_exits_cleanly)
 {
 	enum { IDLE = 50 };
@@ -633,7 +643,9 @@ Test(http_edge, sigterm_with_idle_connections_open_exits_cleanly)
 	keep = connect_to(svc.port);
 	cr_assert(keep >= 0 && send_all(keep, get, strlen(get)));
 	cr_assert(recv(keep, buf, sizeof(buf), 0) > 0, "no answer");
-	usleep(200000);
+	cr_assert(harness_wait_until(holds_connections, (void *)(intptr_t)(IDLE + 1),
+				     harness_now() + 20),
+		  "the service did not take the idle connections");
 	cr_assert_eq(harness_stop(&svc), 0, "the service did not exit 0 on SIGTERM");
 	close(keep);
 	release(fds, IDLE);

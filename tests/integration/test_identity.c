@@ -61,16 +61,6 @@ static void admin_sql(const char *statement)
 	PQfinish(c);
 }
 
-static void migrate(const char *name)
-{
-	char cmd[1024], conninfo[512];
-
-	harness_conninfo(name, NULL, conninfo, sizeof(conninfo));
-	snprintf(cmd, sizeof(cmd), "DAYBOOK_PG='%s' '%s' migrate >/dev/null", conninfo,
-		 getenv("DAYBOOK_ADMIN_BIN"));
-	cr_assert(system(cmd) == 0, "migrating %s failed", name);
-}
-
 static void identity_of(const char *name, char *out, size_t len)
 {
 	PGresult *r = sql(name, READMODEL_IDENTITY_SQL);
@@ -159,7 +149,7 @@ Test(identity, a_recreated_database_never_serves_the_old_databases_redis_models)
 	snprintf(create, sizeof(create), "CREATE DATABASE %s", db);
 	admin_sql(drop);
 	admin_sql(create);
-	migrate(db);
+	harness_migrate(db);
 	harness_start_command(&command, db);
 	/* While it cannot reach PostgreSQL at all, the query service serves the Redis hits
 	 * of the store it saw last (docs/query-api.md): from its first connection to the
@@ -184,7 +174,7 @@ Test(identity, the_command_service_forgets_its_accounts_when_the_database_is_rec
 	snprintf(create, sizeof(create), "CREATE DATABASE %s", db);
 	admin_sql(drop);
 	admin_sql(create);
-	migrate(db);
+	harness_migrate(db);
 	/* Kept running: it reconnects to the new database, where alice does not exist. */
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"New Alice\",\"currency\":\"EUR\"}");
 	r = post(&command, "/accounts/alice/deposits", "{\"amount\":300}", NULL);
@@ -229,28 +219,11 @@ Test(identity, a_database_restored_from_an_older_dump_never_serves_the_newer_red
 	reads_never_stale(restored, "alice", "\"balance\":5100,", "\"balance\":100,");
 }
 
-/* daybook-admin <args> on the test database and its Redis; its stdout and stderr
- * together into out (caller frees); returns the exit status. */
-static int admin(const char *args, char **out)
+/* daybook-admin args (NULL-terminated) on the test database and its Redis; its stdout
+ * and stderr together into out (caller frees); returns the exit status. */
+static int admin(const char *const *args, char **out)
 {
-	char cmd[2048], conninfo[512], path[256];
-	FILE *f;
-	long n;
-	int rc;
-
-	snprintf(path, sizeof(path), "%s/%s.admin", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", db);
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
-	snprintf(cmd, sizeof(cmd), "DAYBOOK_PG='%s' DAYBOOK_REDIS='%s' '%s' %s >'%s' 2>&1", conninfo,
-		 redis_url, getenv("DAYBOOK_ADMIN_BIN"), args, path);
-	rc = system(cmd);
-	cr_assert((f = fopen(path, "rb")) != NULL); /* what the command printed */
-	fseek(f, 0, SEEK_END);
-	n = ftell(f);
-	rewind(f);
-	*out = calloc(1, (size_t)n + 1);
-	cr_assert(*out && fread(*out, 1, (size_t)n, f) == (size_t)n);
-	fclose(f);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+	return harness_admin(db, redis_url, args, out);
 }
 
 /* A physical restore (a base backup, a point-in-time recovery) keeps the cluster, the
@@ -277,13 +250,13 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 	freeReplyObject(redisCommand(c, "HSET dbk:g:%s:acct:alice v 99 j {\"balance\":777777}", gen));
 	redisFree(c);
 
-	cr_assert_eq(admin("migrate --new-identity", &out), 0, "%s", out);
+	cr_assert_eq(admin((const char *const[]){ "migrate", "--new-identity", NULL }, &out), 0, "%s", out);
 	identity_of(db, after, sizeof(after));
 	cr_assert_str_neq(before, after);
 	cr_assert(strstr(out, after), "%s", out);
 	free(out);
 	/* For status as for readers, Redis now holds no live model of this store. */
-	cr_assert_eq(admin("status --json", &out), 0, "%s", out);
+	cr_assert_eq(admin((const char *const[]){ "status", "--json", NULL }, &out), 0, "%s", out);
 	cr_assert(strstr(out, "\"redis\":{\"live_generation\":null"), "%s", out);
 	free(out);
 
@@ -291,7 +264,7 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 	harness_start_projector(&projector, db, redis_url);
 	reads_never_stale(db, "alice", "777777", "\"balance\":100,");
 	/* The retired generation is left in place, and verify names it. */
-	cr_assert_eq(admin("verify", &out), 0, "%s", out);
+	cr_assert_eq(admin((const char *const[]){ "verify", NULL }, &out), 0, "%s", out);
 	snprintf(note, sizeof(note), "note: redis generation %s was built from another event store",
 		 gen);
 	cr_assert(strstr(out, note), "%s", out);
@@ -356,7 +329,7 @@ Test(identity, another_stores_generation_is_never_served_nor_deleted)
 	cr_assert(r && r->type == REDIS_REPLY_STRING && strstr(r->str, "Foreign Alice"));
 	freeReplyObject(r);
 
-	cr_assert_eq(admin("rebuild redis", &out), 0, "%s", out);
+	cr_assert_eq(admin((const char *const[]){ "rebuild", "redis", NULL }, &out), 0, "%s", out);
 	free(out);
 	must("/accounts/alice/deposits", "{\"amount\":1}");
 	reads_never_stale(db, "alice", "Foreign Alice", "\"balance\":101,");
@@ -364,36 +337,20 @@ Test(identity, another_stores_generation_is_never_served_nor_deleted)
 	r = redisCommand(c, "HGET dbk:g:%lld:acct:alice j", theirs);
 	cr_assert(r && r->type == REDIS_REPLY_STRING && strstr(r->str, "Foreign Alice"));
 	freeReplyObject(r);
-	cr_assert_eq(admin("verify", &out), 0, "%s", out);
+	cr_assert_eq(admin((const char *const[]){ "verify", NULL }, &out), 0, "%s", out);
 	free(out);
 	redisFree(c);
-}
-
-static bool log_has(const struct service *svc, const char *needle)
-{
-	FILE *f = fopen(svc->log_path, "rb"); /* the service's log, to look for a line */
-	char line[4096];
-	bool found = false;
-
-	while (f && !found && fgets(line, sizeof(line), f))
-		found = strstr(line, needle) != NULL;
-	if (f)
-		fclose(f);
-	return found;
 }
 
 /* Wait until the SQL read models have applied the whole log. */
 static void sql_caught_up(const char *name)
 {
-	char head[64], cp[64] = "";
+	char head[64], cp[64];
 
-	for (double end = harness_now() + 30; harness_now() < end;) {
-		harness_log_head(name, head, sizeof(head));
-		harness_sql_checkpoint(name, cp, sizeof(cp));
-		if (strcmp(head, cp) == 0)
-			return;
-		usleep(50000); /* between polls */
-	}
+	if (harness_wait_sql_caught_up(name, harness_now() + 30))
+		return;
+	harness_log_head(name, head, sizeof(head));
+	harness_sql_checkpoint(name, cp, sizeof(cp));
 	cr_assert_fail("the SQL models of %s did not catch up (%s, log %s)", name, cp, head);
 }
 
@@ -423,8 +380,8 @@ Test(identity, two_deployments_sharing_one_redis_database_never_serve_each_other
 	sql_caught_up(db);
 	sql_caught_up(db2);
 	end = harness_now() + 60;
-	while (!(log_has(&projector, "two deployments share it") ||
-		 log_has(&projector2, "two deployments share it"))) {
+	while (!(harness_log_says(&projector, "two deployments share it") ||
+		 harness_log_says(&projector2, "two deployments share it"))) {
 		struct response a = http_request(query.port, "GET", "/accounts/alice", headers, NULL, 20);
 		struct response b = http_request(query2.port, "GET", "/accounts/alice", headers, NULL, 20);
 		reads++;

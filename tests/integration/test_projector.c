@@ -34,9 +34,7 @@ TestSuite(projector, .init = setup, .fini = teardown, .timeout = 180);
 
 static void must(const char *path, const char *body)
 {
-	struct response r = post(&command, path, body, NULL);
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	response_free(&r);
+	harness_post_created(&command, path, body);
 }
 
 static void open_accounts(int n)
@@ -99,6 +97,27 @@ static void stop_load(struct load *l, pthread_t *t, int threads)
 		pthread_join(t[i], NULL);
 }
 
+/* Wait until the writers have started n more writes, so that what follows happens under
+ * load (the test fails if they stall for 20 s). */
+static void await_writes(struct load *l, int n)
+{
+	cr_assert(harness_wait_count(&l->done, atomic_load(&l->done) + n, harness_now() + 20),
+		  "the writers stalled at %d writes", atomic_load(&l->done));
+}
+
+struct checkpoint_moved {
+	const char *before;
+};
+
+static bool sql_checkpoint_moved(void *arg)
+{
+	struct checkpoint_moved *m = arg;
+	char cp[64];
+
+	harness_sql_checkpoint(db, cp, sizeof(cp));
+	return strcmp(cp, m->before) != 0;
+}
+
 Test(projector, follows_the_log_into_sql_and_redis)
 {
 	struct service proj;
@@ -145,6 +164,8 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 	PQclear(r);
 	for (int i = 0; i < 5; i++)
 		must("/accounts/p-0/deposits", "{\"amount\":7}");
+	/* A deliberate hold, not a wait: time in which the projector must NOT move past the
+	 * open transaction (nothing observable says it has looked and held back). */
 	usleep(500000);
 	/* The projector must not have moved past the open transaction. */
 	harness_sql_checkpoint(db, cp, sizeof(cp));
@@ -169,8 +190,15 @@ Test(projector, kill_9_mid_batch_loses_and_doubles_nothing)
 	open_accounts(12);
 	start_load(&l, t, 4);
 	for (int round = 0; round < 3; round++) {
+		char before[64];
+		struct checkpoint_moved m = { before };
+
+		/* Killed once it is applying batches, a little later each round. */
+		harness_sql_checkpoint(db, before, sizeof(before));
 		harness_start_projector(&proj, db, redis_url);
-		usleep(300000 + 150000 * round);
+		await_writes(&l, 10 * round);
+		cr_assert(harness_wait_until(sql_checkpoint_moved, &m, harness_now() + 20),
+			  "the projector applied nothing in round %d", round);
 		harness_kill(&proj);
 	}
 	stop_load(&l, t, 4);
@@ -195,11 +223,11 @@ Test(projector, a_standby_takes_over_within_5_s)
 	harness_wait_caught_up(db, redis_url, 20);
 	e1 = sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
 	harness_start_projector(&b, db, redis_url);
-	usleep(1500000);
+	cr_assert(harness_wait_status(&b, "/readyz", 503, 10), "a standby must not say ready");
 	cr_assert_eq(harness_metric(&a, "daybook_projector_leader"), 1);
 	cr_assert_eq(harness_metric(&b, "daybook_projector_leader"), 0, "only one leads");
 	start_load(&l, t, 2);
-	usleep(500000);
+	await_writes(&l, 30);
 	harness_kill(&a);
 	killed = harness_now();
 	end = killed + 5;
@@ -209,7 +237,7 @@ Test(projector, a_standby_takes_over_within_5_s)
 	}
 	cr_assert_gt(sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'"), e1,
 		     "a takeover raises the epoch");
-	usleep(500000);
+	await_writes(&l, 30);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
 	harness_assert_models_match_log(db);
@@ -248,11 +276,11 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 	harness_start_query(&query, db, redis_url);
 	rd = harness_readers_start(&query, ids, 10, 2);
 	start_load(&l, t, 2);
-	usleep(300000);
+	await_writes(&l, 20);
 	c = harness_redis(redis_url);
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	redisFree(c);
-	usleep(700000);
+	await_writes(&l, 40);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
 	check_readers(rd);
@@ -414,17 +442,13 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 	/* SQL keeps up without Redis. The deadline is generous: the projector reads below
 	 * the cluster-wide xmin, which other tests' bulk inserts, in other databases of the
 	 * same cluster, hold back for seconds at a time. */
-	for (double end = harness_now() + 30;; usleep(20000)) {
+	if (!harness_wait_sql_caught_up(db, harness_now() + 30)) {
 		harness_sql_checkpoint(db, cp, sizeof(cp));
 		harness_log_head(db, head, sizeof(head));
-		if (strcmp(cp, head) == 0)
-			break;
-		if (harness_now() >= end) {
-			harness_print_log(&proj);
-			harness_print_xid_holders();
-		}
-		cr_assert(harness_now() < end, "the SQL projection stalled while Redis was down "
-						"(at %s, the log at %s)", cp, head);
+		harness_print_log(&proj);
+		harness_print_xid_holders();
+		cr_assert_fail("the SQL projection stalled while Redis was down (at %s, the log at %s)",
+			       cp, head);
 	}
 	cr_assert_eq(sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"), 12);
 	harness_start_redis(&redis, true, redis_url, sizeof(redis_url));
@@ -461,29 +485,12 @@ static long long lease_epoch(void)
 }
 
 /* Did the service's log say `what`? */
-static bool log_says(const struct service *svc, const char *what)
-{
-	char line[4096];
-	bool found = false;
-	FILE *f = fopen(svc->log_path, "r"); /* the service's log, to read what it said */
-
-	if (!f)
-		return false;
-	while (!found && fgets(line, sizeof(line), f))
-		found = strstr(line, what) != NULL;
-	fclose(f);
-	return found;
-}
-
 static void wait_metric(const struct service *svc, const char *name, double value, double deadline,
 			const char *why)
 {
-	while (harness_metric(svc, name) != value) {
-		if (harness_now() >= deadline) {
-			harness_print_log(svc);
-			cr_assert_fail("%s", why);
-		}
-		usleep(50000);
+	if (!harness_wait_metric(svc, name, value, deadline)) {
+		harness_print_log(svc);
+		cr_assert_fail("%s", why);
 	}
 }
 
@@ -530,7 +537,7 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	harness_start_projector(&b, db, redis_url);
 	cr_assert(harness_wait_status(&b, "/readyz", 503, 10), "a standby must not say ready");
 	start_load(&l, t, 2);
-	usleep(300000);
+	await_writes(&l, 20);
 
 	kill(a.pid, SIGSTOP);
 	stopped = harness_now();
@@ -546,16 +553,13 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 
 	/* The old leader wakes up while writes go on: it finds out and stands by. */
 	kill(a.pid, SIGCONT);
-	while (!log_says(&a, "deposed")) {
-		if (harness_now() >= stopped + 30) {
-			harness_print_log(&a);
-			cr_assert_fail("the old leader did not notice it was deposed");
-		}
-		usleep(50000);
+	if (!harness_wait_log(&a, "deposed", stopped + 30)) {
+		harness_print_log(&a);
+		cr_assert_fail("the old leader did not notice it was deposed");
 	}
 	wait_metric(&a, "daybook_projector_leader", 0, harness_now() + 10, "the old leader still leads");
 	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "the deposed leader says ready");
-	usleep(500000);
+	await_writes(&l, 30);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
 
@@ -604,10 +608,8 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 	must("/accounts/p-0/deposits", "{\"amount\":7}");
 	must("/accounts/p-1/deposits", "{\"amount\":8}");
 	deadline = harness_now() + 10;
-	while (!log_says(&a, "deposed")) {
-		cr_assert(harness_now() < deadline, "the leader did not notice it lost the lease");
-		usleep(50000);
-	}
+	cr_assert(harness_wait_log(&a, "deposed", deadline),
+		  "the leader did not notice it lost the lease");
 	wait_metric(&a, "daybook_projector_leader", 0, harness_now() + 5, "a deposed leader leads");
 	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "a deposed leader says ready");
 	/* The other holder goes away: the projector leads again with a higher epoch and
@@ -806,6 +808,8 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 		cr_assert(harness_now() < t0 + 20, "A did not lead again");
 		usleep(50000);
 	}
+	/* A deliberate hold: the re-elected leader settles its Redis state before the next
+	 * write, the order in which the defect showed. */
 	usleep(1500000);
 	must("/accounts/p-1/deposits", "{\"amount\":1,\"reference\":\"moves the checkpoint\"}");
 	harness_wait_caught_up(db, redis_url, 20);

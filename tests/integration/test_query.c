@@ -654,17 +654,14 @@ struct background {
 	pthread_t thread;
 	const char *path;
 	struct response r;
-	double elapsed;
 	atomic_bool done;
 };
 
 static void *background_get(void *arg)
 {
 	struct background *bg = arg;
-	double t0 = harness_now();
 
 	bg->r = get(bg->path);
-	bg->elapsed = harness_now() - t0;
 	atomic_store(&bg->done, true);
 	return NULL;
 }
@@ -681,17 +678,24 @@ static void join_background(struct background *bg)
 	pthread_join(bg->thread, NULL);
 }
 
+/* Wait (deadline 20 s) until `n` reads wait in svc's waiting room. */
+static void wait_for_waiters(const struct service *s, double n)
+{
+	cr_assert(harness_wait_metric(s, "daybook_query_waiting_reads", n, harness_now() + 20),
+		  "%g reads wait, expected %g", harness_metric(s, "daybook_query_waiting_reads"), n);
+}
+
 Test(query, waits_for_the_sql_checkpoint_then_answers)
 {
 	struct background bg;
 
 	fill_sql();
 	start_background(&bg, "/accounts/a1?min_position=6.0&wait_ms=5000");
-	usleep(300000);
+	wait_for_waiters(&svc, 1);
+	cr_assert_not(atomic_load(&bg.done), "answered before the checkpoint reached 6.0");
 	exec_sql("UPDATE projection_checkpoints SET txid = '6', position = 0 WHERE projection = 'sql'");
 	join_background(&bg);
 	expect_ok(&bg.r, acct_a1, "6.0");
-	cr_assert_geq(bg.elapsed, 0.29);
 	response_free(&bg.r);
 }
 
@@ -703,30 +707,16 @@ Test(query, waits_for_redis_then_answers_from_it)
 	fill_redis();
 	go_live();
 	start_background(&bg, "/transfers/t1?min_position=8.0&wait_ms=5000");
-	usleep(300000);
+	wait_for_waiters(&svc, 1);
+	cr_assert_not(atomic_load(&bg.done), "answered before Redis reached 8.0");
 	redis("SET dbk:g:1:checkpoint 8.0");
 	redis("PUBLISH dbk:position %s", "1 8.0");
 	join_background(&bg);
 	expect_ok(&bg.r, xfer_t1, "8.0");
-	cr_assert_geq(bg.elapsed, 0.29);
 	response_free(&bg.r);
 }
 
 /* --- the waiting room: woken by messages, one probe, a cap ---------------------------- */
-
-/* Wait (deadline 20 s) until `n` reads wait in svc's waiting room. */
-static void wait_for_waiters(const struct service *s, double n)
-{
-	double end = harness_now() + 20, v = -1;
-
-	while (harness_now() < end) {
-		v = harness_metric(s, "daybook_query_waiting_reads");
-		if (v == n)
-			return;
-		usleep(20000);
-	}
-	cr_assert_fail("%g reads wait, expected %g", v, n);
-}
 
 /* The SQL checkpoint moves to `pos` as the projector moves it: with its NOTIFY in
  * the same transaction (or, with `notify` false, a notification that was lost). */
@@ -963,9 +953,10 @@ Test(query, sigterm_finishes_a_waiting_read_then_exits_0)
 
 	fill_sql();
 	start_background(&bg, "/accounts/a1?min_position=6.0&wait_ms=5000");
-	usleep(200000);
+	wait_for_waiters(&svc, 1);
 	kill(svc.pid, SIGTERM);
-	usleep(200000);
+	cr_assert(harness_wait_log(&svc, "no longer accepting", harness_now() + 10),
+		  "the service did not take the SIGTERM");
 	exec_sql("UPDATE projection_checkpoints SET txid = '6', position = 0 WHERE projection = 'sql'");
 	join_background(&bg);
 	expect_ok(&bg.r, acct_a1, "6.0");
@@ -1080,19 +1071,6 @@ static void *waiting_get(void *arg)
 	return NULL;
 }
 
-static void wait_for_waiters_e2e(const struct service *s, double n)
-{
-	double end = harness_now() + 20, v = -1;
-
-	while (harness_now() < end) {
-		v = harness_metric(s, "daybook_query_waiting_reads");
-		if (v == n)
-			return;
-		usleep(20000);
-	}
-	cr_assert_fail("%g reads wait, expected %g", v, n);
-}
-
 /* Half account reads, half event-store reads, all for the next write's position. */
 static void start_waiting_reads(struct waiting_read *w, size_t n, const struct service *s,
 				const char *account, const char *min)
@@ -1140,7 +1118,7 @@ Test(query_e2e, hundreds_of_waiting_reads_cost_a_bounded_number_of_probes_then_a
 		     sizeof(pos));
 	next_position(pos, min, sizeof(min));
 	start_waiting_reads(w, N, &svc, "w", min);
-	wait_for_waiters_e2e(&svc, N);
+	wait_for_waiters(&svc, N);
 	p0 = harness_metric(&svc, "daybook_query_position_probes_total{model=\"sql\"}");
 	t0 = harness_now();
 	usleep(1000000); /* the window in which the probes are counted */
@@ -1172,7 +1150,7 @@ Test(query_e2e, the_projectors_commit_wakes_waiting_reads_without_any_polling)
 		     sizeof(pos));
 	next_position(pos, min, sizeof(min));
 	start_waiting_reads(w, 2, &quiet, "q", min);
-	wait_for_waiters_e2e(&quiet, 2);
+	wait_for_waiters(&quiet, 2);
 	command_post("/accounts/q/deposits", "{\"amount\":700}", pos, sizeof(pos));
 	expect_deposit_seen(w, 2);
 	cr_assert_eq(harness_stop(&quiet), 0);
@@ -1209,8 +1187,10 @@ static double foreign_round(bool foreign)
 	atomic_store(&foreign_answered, 0);
 	for (int i = 0; i < 20; i++)
 		pthread_create(&t[i], NULL, foreign_waiter, NULL);
+	/* Messages before the reads wait would wake nobody, and prove nothing. */
+	wait_for_waiters(&foreign_query, 20);
 	for (int i = 0; i < 100; i++) {
-		usleep(20000);
+		usleep(20000); /* paces the messages over the reads' 3 s wait */
 		if (foreign)
 			freeReplyObject(redisCommand(c, "PUBLISH dbk:position %s", "7 900000000.1"));
 	}

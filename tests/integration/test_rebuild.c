@@ -65,13 +65,7 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 /* Run `daybook-admin verify`; its exit status. */
 static int run_verify(void)
 {
-	char pg[512], cmd[2048];
-
-	harness_conninfo(db, NULL, pg, sizeof(pg));
-	snprintf(cmd, sizeof(cmd), "DAYBOOK_PG='%s' DAYBOOK_REDIS='%s' '%s' verify >&2", pg, redis_url,
-		 getenv("DAYBOOK_ADMIN_BIN"));
-	int status = system(cmd);
-	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+	return harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL);
 }
 
 /* Read the child's stdout to the end; every line must be a JSON object, the last one
@@ -118,15 +112,21 @@ static int read_progress(int fd, int *json_lines)
 
 static void must(const char *path, const char *body)
 {
-	struct response r = post(&command, path, body, NULL);
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	response_free(&r);
+	harness_post_created(&command, path, body);
 }
 
 struct traffic {
 	atomic_bool stop;
 	atomic_int writes;
 };
+
+/* Wait until the writers have made n more writes, so that what follows happens under
+ * load (the test fails if they stall for 20 s). */
+static void await_writes(struct traffic *t, int n)
+{
+	cr_assert(harness_wait_count(&t->writes, atomic_load(&t->writes) + n, harness_now() + 20),
+		  "the writers stalled at %d writes", atomic_load(&t->writes));
+}
 
 static void *writer(void *arg)
 {
@@ -243,7 +243,7 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	rd = harness_readers_start(&query, ids, 8, 2);
 	for (int i = 0; i < 2; i++)
 		pthread_create(&w[i], NULL, writer, &t);
-	usleep(300000);
+	await_writes(&t, 20);
 	double errors_before = harness_metric(&projector, PROJECTOR_ERRORS);
 	cr_assert_geq(errors_before, 0, "no %s in the projector's metrics", PROJECTOR_ERRORS);
 	/* The history's 500 accounts are interleaved: a small bound makes the rebuild send
@@ -256,7 +256,7 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	struct redisContext *rc = harness_redis(redis_url);
 	redisReply *rebuilt_gen = redisCommand(rc, "GET dbk:generation");
 	cr_assert(rebuilt_gen && rebuilt_gen->type == REDIS_REPLY_STRING);
-	usleep(500000);
+	await_writes(&t, 30);
 	atomic_store(&t.stop, true);
 	for (int i = 0; i < 2; i++)
 		pthread_join(w[i], NULL);
@@ -527,7 +527,8 @@ Test(rebuild, a_long_reader_delays_the_switch_without_holding_up_other_readers)
 	while (!waited && next_line(&progress, line, sizeof(line), 60))
 		waited = strstr(line, "\"phase\":\"wait\"") != NULL;
 	cr_assert(waited, "the rebuild did not report waiting for the tables");
-	/* Meanwhile other readers and the projector go on. */
+	/* Meanwhile other readers and the projector go on: a deliberate hold, in which the
+	 * rebuild must keep waiting without holding them up. */
 	usleep(700000);
 	r = PQexec(reader, "SET statement_timeout = '20s'");
 	PQclear(r);
@@ -619,7 +620,7 @@ Test(rebuild, a_sql_rebuild_under_load_leaves_redis_whole)
 	harness_wait_caught_up(db, redis_url, 60);
 	for (int i = 0; i < 2; i++)
 		pthread_create(&w[i], NULL, writer, &t);
-	usleep(300000);
+	await_writes(&t, 20);
 	pid_t pid = start_rebuild("sql", &fd);
 	read_progress(fd, &json_lines);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);

@@ -2,14 +2,10 @@
  * past a write that failed, reads stay correct through SQL, the failure is reported,
  * and once Redis accepts writes again the projector completes and verify is clean. */
 #include <criterion/criterion.h>
-#include <errno.h>
 #include <hiredis/hiredis.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -62,26 +58,7 @@ static void command_ok(redisContext *c, const char *fmt, const char *arg)
  * output goes to stderr (stdout is the test protocol's). */
 static int verify(void)
 {
-	const char *bin = getenv("DAYBOOK_ADMIN_BIN");
-	char conninfo[512];
-	int ws;
-	pid_t pid;
-
-	cr_assert(bin && *bin, "DAYBOOK_ADMIN_BIN is not set: run through meson test");
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
-	fflush(NULL);
-	pid = fork();
-	cr_assert(pid >= 0, "fork: %s", strerror(errno));
-	if (pid == 0) {
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		dup2(2, 1);
-		setenv("DAYBOOK_PG", conninfo, 1);
-		setenv("DAYBOOK_REDIS", redis_url, 1);
-		execl(bin, bin, "verify", (char *)NULL);
-		_exit(127);
-	}
-	cr_assert_eq(waitpid(pid, &ws, 0), pid);
-	return WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
+	return harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL);
 }
 
 static int cmp_tokens(const char *a, const char *b)

@@ -77,19 +77,6 @@ static void restart(void)
 	harness_start_command(&svc, db);
 }
 
-static bool log_contains(const char *text)
-{
-	char line[4096];
-	bool found = false;
-	FILE *f = fopen(svc.log_path, "r"); /* the service's log, to find its warnings */
-
-	cr_assert_not_null(f);
-	while (!found && fgets(line, sizeof(line), f))
-		found = strstr(line, text) != NULL;
-	fclose(f);
-	return found;
-}
-
 struct depositor {
 	int port, n, first;
 	int failed;
@@ -168,7 +155,7 @@ Test(snapshots, loading_reads_the_newest_snapshot_and_only_the_events_after_it)
 			"\"overdraft_limit\":0,\"version\":3,\"closed\":false}')"));
 	restart();
 	assert_deposit_gives("snap", 1, 6, 1021);
-	cr_assert(!log_contains("ignoring the snapshot"));
+	cr_assert(!harness_log_says(&svc, "ignoring the snapshot"));
 }
 
 /* State JSON for a snapshot row, from its parts. */
@@ -232,10 +219,10 @@ Test(snapshots, a_snapshot_that_fails_its_checks_is_ignored_and_the_stream_folde
 	for (size_t i = 0; i < nbad; i++) {
 		char text[128];
 		snprintf(text, sizeof(text), "ignoring the snapshot of account-%s", bad[i]);
-		cr_assert(log_contains(text), "no warning for %s", bad[i]);
+		cr_assert(harness_log_says(&svc, text), "no warning for %s", bad[i]);
 	}
-	cr_assert(log_contains("ignoring the snapshot of account-ghost"));
-	cr_assert(!log_contains("ignoring the snapshot of account-good"));
+	cr_assert(harness_log_says(&svc, "ignoring the snapshot of account-ghost"));
+	cr_assert(!harness_log_says(&svc, "ignoring the snapshot of account-good"));
 }
 
 struct outcome {

@@ -648,15 +648,7 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 	}
 	check_statement(&lg, "long", &(struct point){ true, 0, 0, lg.e[2050].at_us }, lg.e[2050].at,
 			500);
-	{
-		char line[4096];
-		bool found = false;
-		FILE *f = fopen(qry.log_path, "r"); /* the query service's log: its warning */
-		cr_assert_not_null(f);
-		while (!found && fgets(line, sizeof(line), f))
-			found = strstr(line, "ignoring the snapshot of account-long") != NULL;
-		fclose(f);
-		cr_assert(found, "the refused snapshot was not reported");
-	}
+	cr_assert(harness_log_says(&qry, "ignoring the snapshot of account-long"),
+		  "the refused snapshot was not reported");
 	free(lg.e);
 }

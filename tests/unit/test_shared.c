@@ -1145,6 +1145,24 @@ static void log_hostile_lines(void)
 					"        ^\n");
 }
 
+static void log_plain_lines(void)
+{
+	const struct log lg = { .service = "daybook-admin verify", .level = LOG_INFO, .plain = true };
+
+	log_debug(&lg, "hidden below the level");
+	log_error(&lg, "cannot connect: %s", "libpq says\nsomething on two lines\n");
+	log_warn(&lg, "redis generation %d is behind", 7);
+}
+
+Test(log, a_plain_log_writes_one_text_line_per_message_named_by_its_service)
+{
+	char *text = capture_stderr(log_plain_lines);
+
+	cr_assert_str_eq(text, "daybook-admin verify: cannot connect: libpq says something on two lines\n"
+			       "daybook-admin verify: note: redis generation 7 is behind\n");
+	free(text);
+}
+
 Test(log, every_line_is_json_whatever_the_bytes_and_errors_are_one_line)
 {
 	char *text = capture_stderr(log_hostile_lines), *nl = strchr(text, '\n');

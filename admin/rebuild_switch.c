@@ -1,0 +1,204 @@
+/* daybook-admin rebuild: the switch from the live read models to the rebuilt ones. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pg.h"
+#include "rebuild.h"
+
+/* One attempt at the switch's locks: false with *busy set when one was not granted
+ * within SWITCH_LOCK_WAIT. */
+static bool try_lock(struct rebuild *rb, const char *sql, bool *busy)
+{
+	PGresult *r = PQexec(rb->wr, sql);
+	bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
+
+	*busy = !ok && strcmp(pg_sqlstate(r), "55P03") == 0; /* lock_not_available */
+	if (!ok && !*busy)
+		rb_error(rb, "%s: %s", sql, PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
+/* One attempt: BEGIN and take the locks, each waiting SWITCH_LOCK_WAIT at most. */
+static bool lock_once(struct rebuild *rb, bool *busy)
+{
+	if (!rb_exec(rb, rb->wr, "BEGIN") ||
+	    !rb_exec(rb, rb->wr, "SET LOCAL synchronous_commit = on") ||
+	    !rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = '" SWITCH_LOCK_WAIT "'"))
+		return false;
+	if (!try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", busy))
+		return false;
+	if (rb->sql && !try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
+				     "rm_totals IN ACCESS EXCLUSIVE MODE", busy))
+		return false;
+	return rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = 0");
+}
+
+/* Begin the switch transaction holding the switch lock and, for SQL, the live tables
+ * (the swap drops them). A reader of those tables, a long `verify` say, holds the
+ * swap up: waiting in the lock queue would hold up every reader after it, so each
+ * attempt waits SWITCH_LOCK_WAIT at most, then everything is let go for a while. */
+static bool lock_for_switch(struct rebuild *rb)
+{
+	while (!rb_interrupted) {
+		bool busy = false;
+		if (lock_once(rb, &busy))
+			return true;
+		rb_exec(rb, rb->wr, "ROLLBACK");
+		if (!busy)
+			return false;
+		if (strcmp(rb->phase, "wait") != 0) {
+			rb->phase = "wait";
+			rb_report(rb, true);
+			rb_note(rb, "waiting for the read-model tables: a "
+					"transaction is reading them (a verify?)\n");
+		}
+		rb_report(rb, false);
+		usleep(SWITCH_RETRY_US);
+	}
+	return false;
+}
+
+static bool get_live(struct rebuild *rb, struct live_before *old)
+{
+	redisReply *r = redisCommand(rb->redis, "GET " READMODEL_LIVE_KEY);
+
+	old->read = r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_NIL);
+	old->present = old->read && r->type == REDIS_REPLY_STRING;
+	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->str : "");
+	if (!old->read)
+		rb_error(rb, "redis GET " READMODEL_LIVE_KEY " failed\n");
+	freeReplyObject(r);
+	return old->read;
+}
+
+static void put_back_live(struct rebuild *rb, const struct live_before *old)
+{
+	redisReply *r = NULL;
+
+	if (!rb->redis || !old->read)
+		return;
+	(void)!rb_redis_drain(rb);
+	if (rb_redis_usable(rb))
+		r = old->present ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
+				 : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
+	if (!r || r->type == REDIS_REPLY_ERROR)
+		rb_error(rb, "could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
+			old->present ? old->gen : "(none)");
+	freeReplyObject(r);
+}
+
+/* COMMIT failed or its outcome is unknown (the connection broke): did the swap land? */
+static bool committed_anyway(struct rebuild *rb, long long expected_gen)
+{
+	PGresult *r = PQexec(rb->pg, "SELECT generation FROM projection_checkpoints "
+				     "WHERE projection = 'sql'");
+	bool landed = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+		      atoll(PQgetvalue(r, 0, 0)) == expected_gen;
+
+	PQclear(r);
+	if (landed)
+		rb_error(rb, "the switch committed although COMMIT failed\n");
+	return landed;
+}
+
+/* The SQL generation before the swap, in the switch transaction. */
+static bool sql_generation(struct rebuild *rb, long long *gen)
+{
+	PGresult *r = PQexec(rb->wr, "SELECT generation FROM projection_checkpoints "
+				     "WHERE projection = 'sql'");
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+
+	*gen = ok ? atoll(PQgetvalue(r, 0, 0)) : 0;
+	if (!ok)
+		rb_error(rb, "reading the checkpoint: %s", PQresultErrorMessage(r));
+	PQclear(r);
+	return ok;
+}
+
+/* The tables swapped in SQL, with the checkpoint the fold reached. */
+static bool swap_tables(struct rebuild *rb)
+{
+	char txid[24], pos[24];
+	const char *params[2] = { txid, pos };
+	PGresult *r;
+
+	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)rb->cp_txid);
+	snprintf(pos, sizeof(pos), "%lld", rb->position);
+	r = PQexecParams(rb->wr, "SELECT rm_shadow_swap($1::xid8, $2::bigint)", 2, NULL, params,
+			 NULL, NULL, 0);
+	if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+		rb_error(rb, "swapping the tables: %s", PQresultErrorMessage(r));
+		PQclear(r);
+		return false;
+	}
+	PQclear(r);
+	return true;
+}
+
+/* Our generation made live in Redis (the live pointer as found kept in old), and
+ * announced. */
+static bool switch_redis(struct rebuild *rb, struct live_before *old, const char *token)
+{
+	char k[64], lk[64], ik[64], msg[96], gen[24];
+	const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", "dbk:position", msg };
+	const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
+	const char *identity[3] = { "SET", ik, rb->identity };
+	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
+
+	rb_key(rb, k, sizeof(k), "checkpoint", NULL);
+	rb_key(rb, lk, sizeof(lk), "layout", NULL);
+	rb_key(rb, ik, sizeof(ik), "identity", NULL);
+	snprintf(gen, sizeof(gen), "%lld", rb->gen);
+	snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
+	if (!rb_redis_drain(rb) || !get_live(rb, old))
+		return false;
+	/* The identity again: Redis may have lost what was written at the start. */
+	if (!rb_redis_send(rb, 3, identity) || !rb_redis_send(rb, 3, layout) ||
+	    !rb_redis_send(rb, 3, cp) || !rb_redis_send(rb, 3, live) || !rb_redis_send(rb, 3, pub))
+		return false;
+	return rb_redis_drain(rb);
+}
+
+/* Under the switch lock no projector commits: fold the rest, write the end state and
+ * swap, all in one transaction. */
+bool rb_switch_over(struct rebuild *rb)
+{
+	char token[48];
+	struct live_before *old = &rb->live_before;
+	long long sql_gen = 0;
+	int n = 1;
+
+	if (!lock_for_switch(rb))
+		return false;
+	if (rb->sql && !sql_generation(rb, &sql_gen)) {
+		rb_exec(rb, rb->wr, "ROLLBACK");
+		return false;
+	}
+	rb->phase = "switch";
+	while (n > 0)
+		if (!rb_fold_chunk(rb, &n))
+			goto fail;
+	if (rb->stashed) {
+		rb_error(rb, "%lld events wait for earlier versions that the log "
+				"does not have\n", rb->stashed);
+		goto fail;
+	}
+	snprintf(token, sizeof(token), "%llu.%lld", (unsigned long long)rb->cp_txid, rb->position);
+	if (!rb_write_end_state(rb, token))
+		goto fail;
+	if (rb->sql && !swap_tables(rb))
+		goto fail;
+	if (rb->redis && !switch_redis(rb, old, token))
+		goto fail;
+	if (rb_exec(rb, rb->wr, "COMMIT") || !rb->sql || committed_anyway(rb, sql_gen + 1))
+		return true;
+	put_back_live(rb, old);
+	return false;
+fail:
+	put_back_live(rb, old);
+	rb_exec(rb, rb->wr, "ROLLBACK");
+	return false;
+}

@@ -1,0 +1,415 @@
+/* daybook-admin verify: reading Redis (pipelined checks, the live generation, orphan keys). */
+#include <event2/buffer.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "pg.h"
+#include "verify.h"
+
+const char *verify_reply_str(const redisReply *r)
+{
+	return r && r->type == REDIS_REPLY_STRING ? r->str : NULL;
+}
+
+void verify_redis_lost(struct verify *v)
+{
+	verify_fail(v, "redis: %s\n", v->redis->errstr[0] ? v->redis->errstr : "unexpected reply");
+	redisFree(v->redis);
+	v->redis = NULL;
+}
+
+void pending_free(struct pending *p)
+{
+	free(p->json);
+	for (size_t i = 0; i < p->nitems; i++)
+		free(p->items[i]);
+	memset(p, 0, sizeof(*p));
+}
+
+/* The account's statement items in Redis (a list, newest first) against the newest
+ * folded ones, by version. */
+static void check_redis_items(struct verify *v, const struct pending *p, const redisReply *l)
+{
+	size_t i = 0, j = 0, nl = l && l->type == REDIS_REPLY_ARRAY ? l->elements : 0;
+	char entity[128];
+
+	if (nl == 0 && p->nitems > 0) { /* the whole key is gone: one difference */
+		snprintf(entity, sizeof(entity), "stmt:%s", p->id);
+		verify_diff(v, "redis", entity, "key", "present", "absent");
+		return;
+	}
+	while (i < p->nitems || j < nl) { /* both oldest first */
+		long long want = i < p->nitems ? p->item_versions[i] : LLONG_MAX;
+		const char *member = j < nl ? verify_reply_str(l->element[nl - 1 - j]) : NULL;
+		long long got = j < nl ? readmodel_item_version(member) : LLONG_MAX;
+		const char *want_text, *got_text;
+
+		snprintf(entity, sizeof(entity), "entry:%s/%lld", p->id, want < got ? want : got);
+		want_text = want <= got ? p->items[i] : NULL;
+		got_text = got <= want ? (member ? member : "") : NULL;
+		if (!want_text || !got_text || strcmp(want_text, got_text) != 0)
+			verify_diff(v, "redis", entity, "item", want_text ? want_text : "absent",
+			     got_text ? got_text : "absent");
+		i += want <= got;
+		j += got <= want;
+	}
+}
+
+/* HMGET acct v n j and LRANGE stmt against the folded account. */
+static void check_redis_account(struct verify *v, const struct pending *p, const redisReply *h,
+				const redisReply *z)
+{
+	char entity[96];
+	const char *version;
+
+	snprintf(entity, sizeof(entity), "account:%s", p->id);
+	if (!h || h->type != REDIS_REPLY_ARRAY || h->elements != 3) {
+		verify_diff(v, "redis", entity, "key", "a hash",
+		     h && h->type == REDIS_REPLY_ERROR ? h->str : "another reply");
+		return;
+	}
+	version = verify_reply_str(h->element[0]);
+	if (!version) {
+		verify_diff(v, "redis", entity, "key", "present", "absent");
+		return;
+	}
+	if (atoll(version) > p->version) {
+		v->newer++; /* the projector moved on since the snapshot */
+		return;
+	}
+	verify_field_int(v, "redis", entity, "version", p->version, version);
+	if (atoll(version) < p->version)
+		return; /* stale: one difference says it */
+	verify_field_int(v, "redis", entity, "entries", p->entries, verify_reply_str(h->element[1]));
+	verify_field(v, "redis", entity, "body", p->json, verify_reply_str(h->element[2]));
+	check_redis_items(v, p, z);
+}
+
+static void check_redis_transfer(struct verify *v, const struct pending *p, const redisReply *r)
+{
+	char entity[96];
+
+	snprintf(entity, sizeof(entity), "transfer:%s", p->id);
+	if (!verify_reply_str(r))
+		verify_diff(v, "redis", entity, "key", "present", "absent");
+	else
+		verify_field(v, "redis", entity, "body", p->json, r->str);
+}
+
+static bool append_checks(struct verify *v)
+{
+	for (size_t i = 0; i < v->npending; i++) {
+		const struct pending *p = &v->pending[i];
+		int rc = p->transfer ? redisAppendCommand(v->redis, "GET dbk:g:%s:xfer:%s", v->gen, p->id)
+			 : redisAppendCommand(v->redis, "HMGET dbk:g:%s:acct:%s v n j", v->gen, p->id);
+		if (rc == REDIS_OK && !p->transfer)
+			rc = redisAppendCommand(v->redis, "LRANGE dbk:g:%s:stmt:%s 0 -1",
+						v->gen, p->id);
+		if (rc != REDIS_OK)
+			return false;
+	}
+	return true;
+}
+
+/* Send the pending checks in one pipeline, then compare their replies. */
+void verify_redis_flush(struct verify *v)
+{
+	if (!v->redis)
+		goto done;
+	if (!append_checks(v))
+		goto fail;
+	for (size_t i = 0; i < v->npending; i++) {
+		struct pending *p = &v->pending[i];
+		void *a = NULL, *b = NULL;
+		bool read = redisGetReply(v->redis, &a) == REDIS_OK &&
+			    (p->transfer || redisGetReply(v->redis, &b) == REDIS_OK);
+		if (read && p->transfer)
+			check_redis_transfer(v, p, a);
+		else if (read)
+			check_redis_account(v, p, a, b);
+		if (a)
+			freeReplyObject(a);
+		if (b)
+			freeReplyObject(b);
+		if (!read)
+			goto fail;
+	}
+	goto done;
+fail:
+	verify_redis_lost(v);
+done:
+	for (size_t i = 0; i < v->npending; i++)
+		pending_free(&v->pending[i]);
+	v->npending = 0;
+}
+
+struct pending *pending_add(struct verify *v)
+{
+	if (v->npending == REDIS_CHUNK)
+		verify_redis_flush(v);
+	return &v->pending[v->npending++];
+}
+
+/* The live generation's checkpoint compared with the snapshot's: <0 behind. */
+static int redis_checkpoint_cmp(struct verify *v)
+{
+	redisReply *r = redisCommand(v->redis, "GET dbk:g:%s:checkpoint", v->gen);
+	struct readmodel_position p = { 0, 0 };
+	int c;
+
+	if (!r)
+		return 0; /* the connection failed: the checks will say so */
+	if (!verify_reply_str(r) || !readmodel_position_parse(r->str, &p))
+		p = (struct readmodel_position){ 0, 0 };
+	c = readmodel_position_cmp(&p, &v->cp);
+	freeReplyObject(r);
+	return c;
+}
+
+/* Name (on stderr) every generation built from another event store, other than the
+ * live one: nothing of ours uses them, and nothing of ours deletes them, since they
+ * may be another deployment's (docs/operations.md). */
+static void note_foreign_generations(struct verify *v, const char *ours)
+{
+	char cursor[32] = "0";
+
+	do {
+		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH dbk:g:*:identity COUNT 1000",
+					     cursor);
+		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+			freeReplyObject(r);
+			return; /* the checks that follow report a lost connection */
+		}
+		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		for (size_t i = 0; i < r->element[1]->elements; i++) {
+			const char *k = r->element[1]->element[i]->str;
+			long long gen = atoll(k + strlen("dbk:g:"));
+			redisReply *id = redisCommand(v->redis, "GET %s", k);
+			if (id && verify_reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
+				log_warn(v->log, "redis generation %lld was "
+						"built from another event store (identity %s): unused here, "
+						"and left in place", gen, id->str);
+			freeReplyObject(id);
+		}
+		freeReplyObject(r);
+	} while (strcmp(cursor, "0") != 0);
+}
+
+/* Was the live generation built from this event store? One that was not (another
+ * deployment's, or one of an earlier life of this database) is never served nor
+ * adopted: it is one difference, and its content is not compared. */
+static bool redis_identity_ours(struct verify *v)
+{
+	PGresult *q = PQexec(v->pg, READMODEL_IDENTITY_SQL);
+	redisReply *r;
+	bool ok = PQresultStatus(q) == PGRES_TUPLES_OK && PQntuples(q) == 1 &&
+		  !PQgetisnull(q, 0, 0);
+
+	if (!ok) {
+		verify_fail(v, "reading the event store's identity (is the database migrated?): %s",
+		     PQresultErrorMessage(q));
+		PQclear(q);
+		return false;
+	}
+	note_foreign_generations(v, PQgetvalue(q, 0, 0));
+	r = redisCommand(v->redis, "GET dbk:g:%s:identity", v->gen);
+	if (!r) {
+		PQclear(q);
+		verify_redis_lost(v);
+		return false;
+	}
+	ok = verify_reply_str(r) && strcmp(r->str, PQgetvalue(q, 0, 0)) == 0;
+	if (!ok) {
+		verify_diff(v, "redis", "live", "identity", PQgetvalue(q, 0, 0),
+		     verify_reply_str(r) ? r->str : "absent");
+		log_warn(v->log, "redis generation %s was not built from "
+				"this event store: it is not served, and its content is not checked",
+			v->gen);
+		snprintf(v->foreign, sizeof(v->foreign), "%s", v->gen);
+		v->gen[0] = '\0';
+		redisFree(v->redis);
+		v->redis = NULL;
+	}
+	freeReplyObject(r);
+	PQclear(q);
+	return ok;
+}
+
+/* Find the live generation; give the projector a moment to bring Redis up to the
+ * snapshot, since it writes Redis just after committing SQL. */
+void verify_redis_prepare(struct verify *v)
+{
+	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
+	struct timespec pause = { 0, 50 * 1000 * 1000 };
+
+	if (!r) {
+		verify_redis_lost(v);
+		return;
+	}
+	if (!verify_reply_str(r)) {
+		verify_diff(v, "redis", "live", "generation", "present", "absent");
+		freeReplyObject(r);
+		redisFree(v->redis);
+		v->redis = NULL;
+		return;
+	}
+	snprintf(v->gen, sizeof(v->gen), "%s", r->str);
+	freeReplyObject(r);
+	if (!redis_identity_ours(v))
+		return;
+	r = redisCommand(v->redis, "GET dbk:g:%s:layout", v->gen);
+	if (r && !(verify_reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
+		verify_diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
+		     verify_reply_str(r) ? r->str : "absent");
+	freeReplyObject(r);
+	for (int i = 0; i < (int)(REDIS_WAIT_SECONDS * 20) && redis_checkpoint_cmp(v) < 0; i++)
+		nanosleep(&pause, NULL);
+	if (redis_checkpoint_cmp(v) < 0)
+		log_warn(v->log, "redis generation %s is behind the SQL "
+				"checkpoint %s", v->gen, v->cp_token);
+}
+
+/* A switch of generation during the run (a rebuild or a resync) explains Redis
+ * differences that a second run would not find. */
+void verify_redis_recheck_live(struct verify *v)
+{
+	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
+
+	if (r && !(verify_reply_str(r) && strcmp(r->str, v->gen) == 0))
+		log_warn(v->log, "the live generation changed from %s to %s "
+				"during the run: Redis differences may come from the switch; run verify "
+				"again", v->gen, verify_reply_str(r) ? r->str : "(none)");
+	if (r)
+		freeReplyObject(r);
+}
+
+#define ORPHAN_PAGE 1000
+
+#define ORPHANS_REMEMBERED 100000
+
+/* SCAN may return a key more than once (while Redis rehashes): each orphan is
+ * reported once, for the first ORPHANS_REMEMBERED of them. */
+static void orphan_diff(struct verify *v, const char *entity)
+{
+	if (v->orphans && strmap_get(v->orphans, entity))
+		return;
+	if (v->orphans && strmap_count(v->orphans) < ORPHANS_REMEMBERED &&
+	    !strmap_put(v->orphans, entity, v->orphans))
+		verify_fail(v, "out of memory\n");
+	verify_diff(v, "redis", entity, "key", "absent", "present");
+}
+
+/* Keys of the live generation to look up: each key's kind and id. */
+struct orphan_page {
+	const char *kind[ORPHAN_PAGE], *id[ORPHAN_PAGE];
+	size_t n;
+};
+
+/* The ids of one kind in the page that the log has no events for, each reported
+ * once per key. The log is read as it is now, not at the snapshot: the projector
+ * writes Redis after the events commit, so a key without its events is an orphan, not
+ * a newcomer. (The SQL models are no reference here: they may be what is broken.) */
+static void orphans_of(struct verify *v, const struct orphan_page *page, const char *kind,
+		       const char *query)
+{
+	struct evbuffer *ids = evbuffer_new();
+	const char *params[1];
+	size_t n = 0;
+	PGresult *r;
+
+	if (!ids)
+		return;
+	evbuffer_add(ids, "{", 1);
+	for (size_t i = 0; i < page->n; i++)
+		if (strcmp(page->kind[i], kind) == 0)
+			pg_array_append(ids, page->id[i], n++ == 0);
+	evbuffer_add(ids, "}", 2);
+	params[0] = (const char *)evbuffer_pullup(ids, -1);
+	r = n ? PQexecParams(v->pg, query, 1, NULL, params, NULL, NULL, 0) : NULL;
+	if (r && PQresultStatus(r) != PGRES_TUPLES_OK)
+		verify_fail(v, "looking up redis keys: %s", PQresultErrorMessage(r));
+	for (int row = 0; r && PQresultStatus(r) == PGRES_TUPLES_OK && row < PQntuples(r); row++) {
+		for (size_t i = 0; i < page->n; i++) {
+			char entity[LEDGER_ID_MAX + 32];
+			if (strcmp(page->kind[i], kind) != 0 ||
+			    strcmp(page->id[i], PQgetvalue(r, row, 0)) != 0)
+				continue;
+			snprintf(entity, sizeof(entity), "%s:%s",
+				 strcmp(kind, "xfer") == 0 ? "transfer" :
+				 strcmp(kind, "acct") == 0 ? "account" : kind, page->id[i]);
+			orphan_diff(v, entity);
+		}
+	}
+	PQclear(r);
+	evbuffer_free(ids);
+}
+
+/* Sort the page's keys: an account's hash or statement, a transfer, the generation's
+ * own keys, or something that has no business in the generation (an id that no
+ * event could carry included). */
+static void classify(struct verify *v, struct orphan_page *page, char *key, size_t prefix)
+{
+	static const char *const kinds[] = { "acct", "stmt", "xfer" };
+	char *rest = key + prefix, *colon = strchr(rest, ':');
+
+	if (strcmp(rest, "totals") == 0 || strcmp(rest, "checkpoint") == 0 ||
+	    strcmp(rest, "layout") == 0 || strcmp(rest, "identity") == 0)
+		return;
+	for (size_t k = 0; colon && k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+		if ((size_t)(colon - rest) == strlen(kinds[k]) &&
+		    strncmp(rest, kinds[k], strlen(kinds[k])) == 0 && ledger_valid_id(colon + 1)) {
+			page->kind[page->n] = kinds[k];
+			page->id[page->n++] = colon + 1;
+			return;
+		}
+	}
+	char entity[600];
+	snprintf(entity, sizeof(entity), "key:%s", key);
+	orphan_diff(v, entity);
+}
+
+#define ACCOUNT_MISSING \
+	"SELECT id FROM unnest($1::text[]) id WHERE NOT EXISTS " \
+	"(SELECT 1 FROM events WHERE stream = 'account-' || id)"
+
+/* Every key of the live generation, a SCAN page at a time (memory stays bounded). */
+void verify_pass_redis_orphans(struct verify *v)
+{
+	char cursor[32] = "0", match[48];
+	size_t prefix;
+
+	snprintf(match, sizeof(match), "dbk:g:%s:*", v->gen);
+	prefix = strlen(match) - 1;
+	if (strmap_open(&v->orphans, NULL) != 0) {
+		verify_fail(v, "out of memory\n");
+		return;
+	}
+	do {
+		redisReply *r = redisCommand(v->redis, "SCAN %s MATCH %s COUNT %d", cursor, match,
+					     ORPHAN_PAGE);
+		size_t i = 0;
+
+		if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+			freeReplyObject(r);
+			verify_redis_lost(v);
+			break;
+		}
+		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		while (i < r->element[1]->elements) { /* SCAN may return more than COUNT */
+			struct orphan_page page = { .n = 0 };
+			for (; i < r->element[1]->elements && page.n < ORPHAN_PAGE; i++)
+				classify(v, &page, r->element[1]->element[i]->str, prefix);
+			orphans_of(v, &page, "acct", ACCOUNT_MISSING);
+			orphans_of(v, &page, "stmt", ACCOUNT_MISSING);
+			orphans_of(v, &page, "xfer", "SELECT id FROM unnest($1::text[]) id WHERE NOT "
+						     "EXISTS (SELECT 1 FROM events WHERE type = 'TransferSent' "
+						     "AND data->>'transfer_id' = id)");
+		}
+		freeReplyObject(r);
+	} while (!v->failed && strcmp(cursor, "0") != 0);
+	strmap_close(&v->orphans);
+}

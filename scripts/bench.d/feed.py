@@ -1,0 +1,105 @@
+"""Feed clients of scripts/bench.
+
+page QUERY_PORT OUT
+    page through GET /events?limit=1000 from the beginning until a page comes
+    back empty, on one keep-alive connection; writes {"seconds","events"}.
+live CMD_PORT QUERY_PORT STREAMS SECONDS INTERVAL_MS OUT
+    open STREAMS SSE streams following account-feedmark from the log head, then
+    every INTERVAL_MS deposit 1 cent into feedmark (a thread) and take, for each
+    stream, the time from the deposit's 201 to its frame. Percentiles to OUT.
+Tokens come from DAYBOOK_BENCH_WRITE_TOKEN and DAYBOOK_BENCH_READ_TOKEN."""
+import http.client, json, os, re, selectors, socket, sys, threading, time
+
+WRITE = {"Authorization": "Bearer " + os.environ["DAYBOOK_BENCH_WRITE_TOKEN"],
+         "Content-Type": "application/json"}
+READ = {"Authorization": "Bearer " + os.environ["DAYBOOK_BENCH_READ_TOKEN"]}
+NEXT = re.compile(rb'"next_after":"([0-9.]+)"}$')
+
+
+def page(port, out):
+    conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=60)
+    after, events, start = "0.0", 0, time.perf_counter()
+    while True:
+        conn.request("GET", "/events?limit=1000&after=" + after, None, READ)
+        r = conn.getresponse()
+        body = r.read()
+        if r.status != 200:
+            sys.exit("page: GET /events answered %d: %r" % (r.status, body[:200]))
+        n = body.count(b'{"position":"')
+        events += n
+        after = NEXT.search(body).group(1).decode()
+        if n == 0:
+            break
+    json.dump({"seconds": time.perf_counter() - start, "events": events}, open(out, "w"))
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * p // 100))
+    return round(sorted_values[int(rank) - 1] * 1000, 3)
+
+
+def live(cmd_port, query_port, streams, seconds, interval_ms, out):
+    command = http.client.HTTPConnection("127.0.0.1", int(cmd_port), timeout=15)
+    command.request("POST", "/accounts", '{"id":"feedmark","name":"M","currency":"EUR"}', WRITE)
+    r = command.getresponse()
+    head = json.loads(r.read()).get("position", "0.0") if r.status == 201 else "0.0"
+    sel = selectors.DefaultSelector()
+    socks = []
+    for i in range(int(streams)):
+        s = socket.create_connection(("127.0.0.1", int(query_port)))
+        s.sendall(("GET /events/stream?stream=account-feedmark HTTP/1.0\r\n"
+                   "Authorization: %s\r\nLast-Event-ID: %s\r\n\r\n"
+                   % (READ["Authorization"], head)).encode())
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, [i, b""])
+        socks.append(s)
+    written, arrived = {}, {}
+    stop = threading.Event()
+
+    def writer():
+        interval = float(interval_ms) / 1000
+        end = time.monotonic() + float(seconds)
+        while time.monotonic() < end:
+            command.request("POST", "/accounts/feedmark/deposits",
+                            '{"amount":1,"reference":"feed"}', WRITE)
+            r = command.getresponse()
+            body = r.read()
+            t = time.perf_counter()
+            if r.status == 201:
+                written[json.loads(body)["position"]] = t
+            time.sleep(interval)
+        time.sleep(1)
+        stop.set()
+
+    th = threading.Thread(target=writer)
+    th.start()
+    while not stop.is_set():
+        for key, _ in sel.select(0.1):
+            t = time.perf_counter()
+            data = key.fileobj.recv(65536)
+            if not data:
+                sel.unregister(key.fileobj)
+                continue
+            buf = key.data[1] + data
+            for m in re.finditer(rb"id: ([0-9.]+)\n", buf):
+                arrived.setdefault(m.group(1).decode(), []).append(t)
+            cut = buf.rfind(b"\n\n")
+            key.data[1] = buf[cut + 2:] if cut >= 0 else buf
+    th.join()
+    lags, missing = [], 0
+    for pos, t0 in written.items():
+        ts = arrived.get(pos, [])
+        missing += int(streams) - len(ts)
+        lags.extend(max(0.0, t - t0) for t in ts)
+    lags.sort()
+    for s in socks:
+        s.close()
+    json.dump({"streams": int(streams), "samples": len(lags), "missing": missing,
+               "p50_ms": percentile(lags, 50), "p99_ms": percentile(lags, 99),
+               "max_ms": percentile(lags, 100)}, open(out, "w"))
+
+
+if __name__ == "__main__":
+    {"page": page, "live": live}[sys.argv[1]](*sys.argv[2:])
