@@ -1,4 +1,5 @@
-/* daybook-command: the process context, commands, and the group-commit batcher. */
+/* daybook-command: the process context, the group-commit batcher's interface, and the
+ * idempotency sweep. */
 #ifndef DAYBOOK_COMMAND_H
 #define DAYBOOK_COMMAND_H
 
@@ -6,6 +7,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "cmd.h"
 #include "config.h"
 #include "digest.h"
 #include "http.h"
@@ -56,35 +58,25 @@ struct command_ctx {
  * queued command is answered 503 not_leader. */
 void command_leadership(struct command_ctx *ctx, long long epoch, const char *why);
 
-enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
-
-/* One write request on its way through the batcher. Strings in `u` borrow from
- * `body`, which the command owns. */
-struct cmd {
-	struct cmd *next;
-	struct http_request *req;
-	enum cmd_kind kind;
-	json_t *body; /* NULL for an empty close body */
-	union {
-		struct ledger_open_body open;
-		struct ledger_money_body money;
-		struct ledger_transfer_body transfer;
-	} u;
-	char account[LEDGER_ID_MAX + 1]; /* the account a path names */
-	int32_t expected_version;        /* If-Match, -1 when absent */
-	const char *token_id;
-	char request_id[129];
-	char idem_key[256];              /* "" when the request has none */
-	char idem_hash[DIGEST_SHA256_HEX_LEN + 1];
-	char time[32];                   /* ISO 8601 UTC, for event metadata */
-	int attempts;                    /* write attempts after conflicts */
-	bool solo;                       /* retry alone after a batch conflict */
+/* How the batcher reports back; it never speaks HTTP itself. */
+struct batcher_hooks {
+	/* A command's outcome: answer it and free it (cmd_settle). Steals out's body
+	 * and headers. */
+	void (*settle)(void *arg, struct cmd *cmd, struct cmd_outcome *out);
+	/* Free a command that will not be answered: the batcher closes (cmd_drop). */
+	void (*drop)(void *arg, struct cmd *cmd);
+	/* A batch of the current term was fenced (sql/012): another instance took the
+	 * write lease, nothing of the batch was written; stand by. */
+	void (*fenced)(void *arg, const char *why);
+	void *arg;
 };
 
-/* Start the batcher on ctx's connection and cache. */
-int batcher_open(struct batcher **out, struct command_ctx *ctx) __attribute__((warn_unused_result));
+/* Start the batcher on ctx's connection and cache, reporting through hooks (copied). */
+int batcher_open(struct batcher **out, struct command_ctx *ctx, const struct batcher_hooks *hooks)
+	__attribute__((warn_unused_result));
 void batcher_close(struct batcher **b);
-/* Take ownership of cmd: it is answered (and freed) when decided and committed. */
+/* Take ownership of cmd: its outcome goes to hooks->settle once decided and committed
+ * (or at once, when it cannot be queued). */
 void batcher_submit(struct batcher *b, struct cmd *cmd);
 /* PostgreSQL became ready: resume. */
 void batcher_kick(struct batcher *b);
@@ -110,12 +102,5 @@ void sweeper_close(struct sweeper **s);
 
 /* The statements the batcher prepares on each connection. */
 const struct pg_statement *command_statements(size_t *n);
-
-/* Free a command (and its body) without answering it. */
-void cmd_free(struct cmd *cmd);
-
-/* The HTTP routes of the write API. */
-extern const struct http_route command_routes[];
-extern const size_t command_nroutes;
 
 #endif

@@ -3,6 +3,7 @@
  * (shared/lease.c, sql/012) leads and appends; the others stand by, not ready. */
 #include <errno.h>
 #include <event2/event.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +39,6 @@ static const char usage[] =
 	"                       at least 86400)\n"
 	"  DAYBOOK_IDEMPOTENCY_SWEEP_INTERVAL_S\n"
 	"                       seconds between expiry sweeps (default 60)\n";
-
 
 /* A millisecond setting from the environment (def when unset) within [min, max]; false
  * after printing one line naming the variable when it is malformed. */
@@ -135,6 +135,15 @@ static void on_lease_change(void *arg, long long epoch, const char *why)
 	command_leadership(arg, epoch, why);
 }
 
+/* A batch of the current term was fenced: the lease is lost, stand by at once. */
+static void on_fenced(void *arg, const char *why)
+{
+	struct command_ctx *ctx = arg;
+
+	lease_lost(ctx->lease);
+	command_leadership(ctx, 0, why);
+}
+
 static int writer_pid(void *arg)
 {
 	struct command_ctx *ctx = arg;
@@ -190,6 +199,9 @@ static int start(struct service_ctx *svc)
 		.base = ctx->base, .log = &ctx->log, .writer_pid = writer_pid,
 		.on_change = on_lease_change, .arg = ctx,
 	};
+	struct batcher_hooks bh = {
+		.settle = cmd_settle, .drop = cmd_drop, .fenced = on_fenced, .arg = ctx,
+	};
 	struct http_server_config hc = {
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = command_routes, .nroutes = command_nroutes, .ready = ready, .arg = ctx,
@@ -201,7 +213,7 @@ static int start(struct service_ctx *svc)
 	ctx->m_epoch = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_epoch",
 				   "The write lease's epoch this instance leads with; 0 on standby.",
 				   "", NULL, 0);
-	if (batcher_open(&ctx->batcher, ctx) || pg_open(&ctx->pg, &pgc) ||
+	if (batcher_open(&ctx->batcher, ctx, &bh) || pg_open(&ctx->pg, &pgc) ||
 	    sweeper_open(&ctx->sweeper, ctx) || lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-command: out of memory\n");
 		return 1;
@@ -244,6 +256,15 @@ static const struct service_def service = {
 int main(int argc, char **argv)
 {
 	struct command_ctx ctx = { 0 };
+
+#ifdef M_MXFAST
+	/* glibc without fastbins: every request allocates blocks of 1 KiB and more
+	 * (libevent's buffer chains, JSON texts), and each such allocation made glibc
+	 * consolidate its fastbins first, 10-15 % of this process's CPU under load
+	 * (docs/performance.md, "Write path budget"). Small blocks still come from the
+	 * per-thread cache. */
+	mallopt(M_MXFAST, 0);
+#endif
 
 	return service_run(argc, argv, &service, &ctx.svc);
 }

@@ -39,6 +39,11 @@ struct projector_item {
 
 enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
 
+/* What Redis sync reports to the step machine through its completion callback: the
+ * Redis step or resync it was given is over, or it wants a step (Redis came back, or
+ * its live generation looks changed). */
+enum redis_report { REDIS_STEP_DONE, REDIS_WANTS_STEP };
+
 /* An account as the SQL read model holds it. */
 struct rm_account {
 	struct ledger_account acc;
@@ -78,6 +83,7 @@ enum projector_step {
 	STEP_REDIS,   /* the batch's Redis writes are in flight */
 	STEP_SYNCING, /* copying the SQL read models into a new Redis generation */
 	STEP_BLOCKED, /* waiting for the retry timer */
+	STEP_AHEAD,   /* the step is over; waiting for its read ahead to end */
 };
 
 struct projector_ctx {
@@ -86,10 +92,9 @@ struct projector_ctx {
 	struct redis *redis;
 	enum redis_sync rsync;
 	long long gen;       /* the Redis generation this projector writes */
-	size_t rpending;     /* Redis replies still to come for the current step */
-	bool rfailed;        /* a reply of the current step failed */
+	size_t rpending;     /* Redis replies still to come for the resync's phase */
+	bool rfailed;        /* a reply of the resync's phase failed */
 	size_t rerrors;      /* error replies of the current step */
-	bool rcheckpoint;    /* the batch's writes all succeeded: its checkpoint is in flight */
 	struct metric *m_redis_failures; /* Redis steps abandoned on an error reply */
 	/* What the live Redis generation has reached, and since when it trails the SQL
 	 * checkpoint (wall clock; 0: it does not), for the Redis lag metrics. */
@@ -100,13 +105,13 @@ struct projector_ctx {
 	struct metric *m_commit_seconds; /* the SQL batch's transaction, sent to committed */
 	struct timespec write_start;
 	unsigned rfail_streak; /* Redis steps failed in a row: the pause before a resync grows */
-	long long gen_moved; /* a rebuild made this generation live under the batch */
-	bool gen_lost;       /* no usable live generation seen during the batch */
 	bool live_suspect;   /* the periodic check saw another live generation mid-batch */
 	bool cp_reloaded;    /* the last batch found the checkpoint moved and reloaded it */
 	unsigned polls;      /* poll ticks, for the slower Redis check */
 	unsigned next_sync;  /* no resync before this tick (after a failed one) */
 	struct sync_state *sync;
+	/* Redis sync's completion callback, set by projector_redis_open. */
+	void (*redis_report)(struct projector_ctx *ctx, enum redis_report what);
 	/* The event store's identity (READMODEL_IDENTITY_SQL), "" until read. Read again
 	 * before Redis is checked or copied, and after every new PostgreSQL session
 	 * (identity_stale) before a batch writes Redis: the database may be another. */
@@ -138,15 +143,36 @@ struct projector_ctx {
 	/* The batch in progress. */
 	struct log_event *events;
 	size_t nevents;
+	/* The next batch, read while the last one's Redis leg was in flight (step.c, read
+	 * ahead): from checkpoint ahead_from, the log's head then ahead_head. */
+	struct log_event *ahead; /* PROJECTOR_BATCH_MAX, allocated on first use */
+	size_t nahead;
+	long long ahead_head;
+	char ahead_from[48];
+	bool ahead_running, ahead_ready;
 	struct fold_rows *rows;
 	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,
-		*m_applied, *m_epoch;
+		*m_applied, *m_epoch, *m_read_ahead;
 };
 
+/* The step machine (step.c). */
 /* Begin a step if idle and leading; otherwise remember to. */
 void projector_wake(struct projector_ctx *ctx);
+/* Redis sync's report (projector_redis_open's callback): the Redis step is over, or
+ * it wants a step. */
+void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what);
 /* Drop every cache: the next batch reloads what it needs. */
 void projector_forget(struct projector_ctx *ctx);
+/* Free the batch in progress (its events and rows). */
+void projector_free_events(struct projector_ctx *ctx);
+/* Forget the batch read ahead (its events; the array stays). */
+void projector_drop_ahead(struct projector_ctx *ctx);
+/* The lease named us (epoch > 0) or deposed us (epoch 0): lease_config.on_change. */
+void projector_on_lease_change(void *arg, long long epoch, const char *why);
+/* The retry timer fired: a blocked step may start again. */
+void projector_retry(struct projector_ctx *ctx);
+/* A new PostgreSQL session: pg_config.on_connect. */
+void projector_on_pg_connect(void *arg);
 /* The statements the projector prepares on each connection. */
 const struct pg_statement *projector_statements(size_t *n);
 /* Fold the batch into the caches and queue the SQL writes; false on a corrupt log. */
@@ -162,26 +188,21 @@ size_t projector_rows_items(const struct fold_rows *r, const struct projector_it
 /* GET /accounts/{id}'s body for an account; caller frees. */
 char *projector_account_json(const struct rm_account *a);
 
-/* Redis side (redis_sync.c). */
-int projector_redis_open(struct projector_ctx *ctx) __attribute__((warn_unused_result));
+/* Redis side (redis_sync.c). It reports to the step machine through `report` only. */
+int projector_redis_open(struct projector_ctx *ctx,
+			 void (*report)(struct projector_ctx *ctx, enum redis_report what))
+	__attribute__((warn_unused_result));
 /* Send the committed batch to the live generation; false when there is nothing to
  * wait for (Redis not live: a later resync covers the batch). */
 bool projector_redis_batch(struct projector_ctx *ctx);
 /* When leading and idle: resync Redis if it needs it; true when a resync started. */
 bool projector_redis_maintain(struct projector_ctx *ctx);
-/* Called by the step machine when the Redis step or a sync finished. */
-void projector_step_done(struct projector_ctx *ctx);
 void projector_redis_tick(struct projector_ctx *ctx);
 /* A new term: raise Redis's leader epoch to ours before anything else is written (the
  * write scripts raise it too, and refuse writes of an older epoch). */
 void projector_redis_fence(struct projector_ctx *ctx);
 
-/* Leadership: the projection's lease (shared/lease.h, sql/010), claimed and renewed on
- * a connection of the lease's own, so that neither a long batch nor a resync delays a
- * renewal. */
 /* A new PostgreSQL session: the store's identity is read again before Redis is written. */
 void projector_redis_session(struct projector_ctx *ctx);
-
-
 
 #endif

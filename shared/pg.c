@@ -710,10 +710,15 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 		return;
 	}
 	evbuffer_add(buf, "\"", 1);
-	for (const char *p = value; *p; p++) {
-		if (*p == '"' || *p == '\\')
-			evbuffer_add(buf, "\\", 1);
-		evbuffer_add(buf, p, 1);
+	/* Runs between the characters to escape go in at once. */
+	for (const char *p = value;;) {
+		size_t run = strcspn(p, "\"\\");
+		evbuffer_add(buf, p, run);
+		p += run;
+		if (!*p)
+			break;
+		evbuffer_add(buf, "\\", 1);
+		evbuffer_add(buf, p++, 1);
 	}
 	evbuffer_add(buf, "\"", 1);
 }

@@ -118,7 +118,7 @@ void harness_migrate(const char *db)
 void harness_print_xid_holders(void)
 {
 	PGconn *conn = PQconnectdb(harness_env("DAYBOOK_TEST_PG"));
-	PGresult *r = PQexec(conn, "SELECT pid, datname, backend_xid, harness_now() - xact_start, state, "
+	PGresult *r = PQexec(conn, "SELECT pid, datname, backend_xid, now() - xact_start, state, "
 				   "left(query, 100) FROM pg_stat_activity WHERE backend_xid IS NOT "
 				   "NULL ORDER BY xact_start");
 

@@ -218,6 +218,97 @@ Test(outcomes, a_write_refused_at_commit_is_never_201_and_the_rest_of_its_batch_
 	response_free(&after);
 }
 
+/* --- 1b. one set-based write per batch ---------------------------------------------------- */
+
+/* The log position of stream's event at version v, as "txid.position". */
+static void log_position(const char *stream, long long v, char *out, size_t len)
+{
+	char q[256];
+	PGresult *r;
+
+	snprintf(q, sizeof(q), "SELECT txid::text || '.' || position::text FROM events "
+			       "WHERE stream = '%s' AND version = %lld", stream, v);
+	r = sql(db, q);
+	cr_assert_eq(PQntuples(r), 1, "no event %s@%lld", stream, v);
+	snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
+	PQclear(r);
+}
+
+#define CHAINED 5
+#define XFERS 4
+#define KEYED 3
+
+/* The batch's events go into the log in one INSERT and its records in another: each
+ * command still gets the position of its own last event (several versions of one
+ * account in one statement, transfers, keyed requests whose stored body has the
+ * position too), and a replay answers the same. */
+Test(outcomes, one_batch_answers_each_command_with_its_own_events_position)
+{
+	struct call calls[CHAINED + XFERS + KEYED];
+	size_t n = 0;
+	char want[64], stream[64];
+
+	start_command("30000", "20000");
+	open_account("starter");
+	open_account("c");
+	open_account("x");
+	open_account("y");
+	post_ok("/accounts/x/deposits", "{\"amount\":1000}");
+	memset(calls, 0, sizeof(calls));
+	for (int i = 0; i < CHAINED; i++, n++) {
+		snprintf(calls[n].path, sizeof(calls[n].path), "/accounts/c/deposits");
+		snprintf(calls[n].body, sizeof(calls[n].body), "{\"amount\":%d}", i + 1);
+	}
+	for (int i = 0; i < XFERS; i++, n++) {
+		snprintf(calls[n].path, sizeof(calls[n].path), "/transfers");
+		snprintf(calls[n].body, sizeof(calls[n].body),
+			 "{\"id\":\"sb-%d\",\"from\":\"%s\",\"to\":\"%s\",\"amount\":1}", i,
+			 i % 2 ? "y" : "x", i % 2 ? "x" : "y");
+	}
+	for (int i = 0; i < KEYED; i++, n++) {
+		snprintf(calls[n].path, sizeof(calls[n].path), "/accounts/y/deposits");
+		snprintf(calls[n].body, sizeof(calls[n].body), "{\"amount\":%d}", 10 + i);
+		snprintf(calls[n].key, sizeof(calls[n].key), "sb-key-%d", i);
+	}
+	send_as_one_batch(calls, n);
+
+	for (size_t i = 0; i < n; i++) {
+		struct response *r = &calls[i].r;
+		const char *got = json_string_value(json_object_get(r->json, "position"));
+		bool xfer = json_object_get(r->json, "transfer_id") != NULL;
+
+		cr_assert_eq(r->status, 201, "%s %s: %d %s", calls[i].path, calls[i].body, r->status, r->body);
+		if (xfer) /* its last event: TransferReceived, on the receiving account */
+			snprintf(stream, sizeof(stream), "account-%s",
+				 strstr(calls[i].body, "\"to\":\"x\"") ? "x" : "y");
+		else
+			snprintf(stream, sizeof(stream), "account-%s",
+				 json_string_value(json_object_get(r->json, "account_id")));
+		log_position(stream,
+			     json_integer_value(json_object_get(r->json, xfer ? "to_version" : "version")),
+			     want, sizeof(want));
+		cr_expect_str_eq(got ? got : "", want, "%s %s: %s", calls[i].path, calls[i].body, r->body);
+	}
+	/* A keyed replay answers from the stored record, whose body has the same position. */
+	for (size_t i = CHAINED + XFERS; i < n; i++) {
+		char header[128];
+		const char *extra[] = { header, NULL };
+		struct response again;
+
+		snprintf(header, sizeof(header), "Idempotency-Key: %s", calls[i].key);
+		again = post(&svc, calls[i].path, calls[i].body, extra);
+		cr_assert_eq(again.status, 201, "%s", again.body);
+		cr_expect_str_eq(json_string_value(json_object_get(again.json, "position")),
+				 json_string_value(json_object_get(calls[i].r.json, "position")), "%s",
+				 again.body);
+		response_free(&again);
+	}
+	for (size_t i = 0; i < n; i++)
+		response_free(&calls[i].r);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'sb-key-%'"),
+		     KEYED);
+}
+
 /* --- 2. deadlines -------------------------------------------------------------------------- */
 
 static void keyed_deposit(const char *key, int amount, struct response *out)

@@ -134,9 +134,12 @@ Test(projector, follows_the_log_into_sql_and_redis)
 				 "AND type = 'transfer_in'"),
 		     100250);
 	cr_assert_eq(sql_int(db, "SELECT open_accounts FROM rm_totals WHERE currency = 'EUR'"), 4);
-	/* Live follow: a write after start shows up without a restart. */
+	/* Live follow: a write after start shows up without a restart. The deadline is
+	 * generous: the projector reads below the cluster-wide xmin, which another test's
+	 * bulk insert (rebuild's 150,000 events) holds back for 10 s and more on a busy
+	 * machine. */
 	must("/accounts/p-0/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 10);
+	harness_wait_caught_up(db, redis_url, 60);
 	harness_assert_models_match_log(db);
 	harness_assert_redis_matches_sql(db, redis_url);
 	cr_assert_eq(harness_stop(&proj), 0);
@@ -197,8 +200,12 @@ Test(projector, kill_9_mid_batch_loses_and_doubles_nothing)
 		harness_sql_checkpoint(db, before, sizeof(before));
 		harness_start_projector(&proj, db, redis_url);
 		await_writes(&l, 10 * round);
-		cr_assert(harness_wait_until(sql_checkpoint_moved, &m, harness_now() + 20),
-			  "the projector applied nothing in round %d", round);
+		/* Generous: a successor waits out the killed one's lease, and the projector
+		 * reads below the cluster-wide xmin, which other tests' bulk inserts hold back. */
+		if (!harness_wait_until(sql_checkpoint_moved, &m, harness_now() + 60)) {
+			harness_print_log(&proj);
+			cr_assert_fail("the projector applied nothing in round %d", round);
+		}
 		harness_kill(&proj);
 	}
 	stop_load(&l, t, 4);
@@ -276,11 +283,11 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 	harness_start_query(&query, db, redis_url);
 	rd = harness_readers_start(&query, ids, 10, 2);
 	start_load(&l, t, 2);
-	await_writes(&l, 20);
+	await_writes(&l, 10);
 	c = harness_redis(redis_url);
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	redisFree(c);
-	await_writes(&l, 40);
+	await_writes(&l, 20);
 	stop_load(&l, t, 2);
 	harness_wait_caught_up(db, redis_url, 20);
 	check_readers(rd);
@@ -373,6 +380,69 @@ Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 		cr_assert(harness_now() < end, "redis position %f, sql position %f after the resync",
 			  harness_metric(&proj, redis_pos), harness_metric(&proj, sql_pos));
 	harness_stop(&proj);
+}
+
+/* A projector that starts behind the log (restarted, or a standby taking over) finds the
+ * live generation where its checkpoint is: its first batch goes on in that generation
+ * instead of leaving it behind and copying the whole SQL read model again. */
+Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a_resync)
+{
+	struct service proj;
+	redisContext *c = harness_redis(redis_url);
+	long long gen, after;
+	char cp[64];
+
+	open_accounts(4);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
+	harness_stop(&proj);
+	for (int i = 0; i < 40; i++)
+		must(i % 2 ? "/accounts/p-1/deposits" : "/accounts/p-2/deposits", "{\"amount\":3}");
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
+	cr_assert_eq(after, gen, "the restart copied SQL into generation %lld (was %lld)", after, gen);
+	cr_assert_eq(resyncs_total(&proj), 0, "the restarted projector resynced redis");
+	harness_assert_redis_matches_sql(db, redis_url);
+	harness_stop(&proj);
+	redisFree(c);
+}
+
+/* The next batch is read while the last one's Redis write is in flight (held here by
+ * CLIENT PAUSE WRITE): it is applied once and in order, and both models end equal to
+ * the log. */
+Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
+{
+	static const char *ahead = "daybook_projection_read_ahead_total{projection=\"sql\"}";
+	struct service proj;
+	redisContext *c = harness_redis(redis_url);
+	char before[64], now[64];
+	double end;
+
+	open_accounts(4);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_sql_checkpoint(db, before, sizeof(before));
+	freeReplyObject(redisCommand(c, "CLIENT PAUSE 4000 WRITE"));
+	must("/accounts/p-1/deposits", "{\"amount\":1}");
+	/* Its SQL leg commits; its Redis leg now waits for the pause. */
+	for (end = harness_now() + 3;; usleep(10000)) {
+		harness_sql_checkpoint(db, now, sizeof(now));
+		if (strcmp(now, before) != 0)
+			break;
+		cr_assert(harness_now() < end, "the SQL checkpoint did not move");
+	}
+	must("/accounts/p-2/deposits", "{\"amount\":2}");
+	must("/accounts/p-1/deposits", "{\"amount\":3}");
+	for (end = harness_now() + 3; harness_metric(&proj, ahead) < 1; usleep(10000))
+		cr_assert(harness_now() < end, "no batch was read during the redis write");
+	freeReplyObject(redisCommand(c, "CLIENT UNPAUSE"));
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	harness_stop(&proj);
+	redisFree(c);
 }
 
 /* An upgrade from the layout with sorted-set statements: the projector finds a live

@@ -163,6 +163,32 @@ Test(roles, a_version_gap_is_refused)
 	assert_log_untouched();
 }
 
+/* The gap-free check runs once per statement (sql/013) over all of its rows: versions
+ * that follow one another within one INSERT pass, as the command's set-based append
+ * needs; a gap anywhere among them, or versions out of order in the log, refuses the
+ * whole statement. */
+Test(roles, versions_are_checked_across_the_rows_of_one_statement)
+{
+	assert_refused("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{}'), "
+		       "('account-x', 4, 'FundsDeposited', '{\"amount\":5}', '{}')",
+		       INTEGRITY_VIOLATION);
+	assert_refused("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) "
+		       "SELECT 'account-x', v, 'FundsDeposited', '{\"amount\":5}', '{}' "
+		       "FROM unnest(ARRAY[3, 2]) AS v",
+		       INTEGRITY_VIOLATION);
+	assert_log_untouched();
+	assert_allowed("daybook_command",
+		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		       "('account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{}'), "
+		       "('account-x', 3, 'FundsDeposited', '{\"amount\":5}', '{}'), "
+		       "('account-z', 1, 'AccountOpened', '{\"account_id\":\"z\"}', '{}'), "
+		       "('account-z', 2, 'FundsDeposited', '{\"amount\":5}', '{}')");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 5);
+}
+
 Test(roles, a_duplicate_stream_version_is_refused)
 {
 	assert_refused("daybook_command",

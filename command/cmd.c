@@ -1,9 +1,11 @@
-/* daybook-command's routes: parse and validate a write request into a command. */
+/* A write command's lifetime: the routes parse and validate a request into a command,
+ * hand it to the batcher, and answer it when the batcher reports its outcome. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "cmd.h"
 #include "command.h"
 
 /* Idempotency-Key: 1-255 printable ASCII characters. */
@@ -189,4 +191,38 @@ void cmd_free(struct cmd *cmd)
 		return;
 	json_decref(cmd->body);
 	free(cmd);
+}
+
+void cmd_drop(void *arg, struct cmd *cmd)
+{
+	(void)arg;
+	cmd_free(cmd);
+}
+
+void cmd_settle(void *arg, struct cmd *cmd, struct cmd_outcome *out)
+{
+	struct http_request *req = cmd->req;
+	const char *name;
+	json_t *value;
+
+	(void)arg;
+	json_object_foreach(out->headers, name, value)
+		if (json_is_string(value))
+			http_set_header(req, name, json_string_value(value));
+	json_decref(out->headers);
+	if (out->replay)
+		http_set_header(req, "Idempotent-Replayed", "true");
+	if (out->status == 503)
+		http_set_header(req, "Retry-After", "1");
+	if (out->status >= 400) {
+		char *text = json_dumps(out->body, JSON_COMPACT);
+		http_reply_raw(req, out->status, "application/problem+json", text ? text : "{}",
+			       text ? strlen(text) : 2);
+		free(text);
+		json_decref(out->body);
+	} else {
+		http_reply_json(req, out->status, out->body);
+	}
+	out->body = out->headers = NULL;
+	cmd_free(cmd);
 }

@@ -1,0 +1,177 @@
+/* The write pipeline of a batch: its events (one set-based INSERT for the whole
+ * batch), its idempotency records (another), the snapshots due, and the fence, queued
+ * as one transaction on the service's connection. See batch.h. */
+#include <event2/buffer.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "batch.h"
+
+/* Every event of the batch in one statement: one executor start, one check of the
+ * constraints' expressions, one statement-level trigger run (sql/013) instead of one
+ * of each per event. Arrays in the batch's event order; rows: stream, version,
+ * "txid.position". Only the columns the role may set (sql/011). */
+const char sql_append[] =
+	"INSERT INTO events (stream, version, type, data, metadata) "
+	"SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[]) "
+	"RETURNING stream, version, txid::text || '.' || position::text";
+/* A snapshot commits with the event at its version. An existing one (which only
+ * someone other than this service could have put there) is left alone: the load
+ * checks snapshots before using them. */
+const char sql_snapshot_put[] =
+	"INSERT INTO account_snapshots (stream, version, state) VALUES ($1, $2::integer, $3::jsonb) "
+	"ON CONFLICT DO NOTHING";
+/* Last in every write pipeline: fails with DBF01 unless $1 is the lease's epoch. */
+const char sql_fence[] = "SELECT command_fence($1::bigint)";
+
+void column_open(struct column *c)
+{
+	c->buf = evbuffer_new();
+	c->n = 0;
+	c->ok = c->buf && evbuffer_add(c->buf, "{", 1) == 0;
+}
+
+void column_add(struct column *c, const char *value)
+{
+	if (c->ok)
+		pg_array_append(c->buf, value, c->n++ == 0);
+}
+
+char *column_take(struct column *c)
+{
+	char *out = NULL;
+	size_t len;
+
+	if (c->ok && evbuffer_add(c->buf, "}", 2) == 0) { /* with the NUL */
+		len = evbuffer_get_length(c->buf);
+		out = malloc(len);
+		if (out)
+			evbuffer_remove(c->buf, out, len);
+	}
+	if (c->buf)
+		evbuffer_free(c->buf);
+	c->buf = NULL;
+	return out;
+}
+
+bool queue_columns(struct pg *pg, const char *statement, int n, struct column *cols)
+{
+	char *v[APPEND_MAX_COLUMNS] = { NULL };
+	bool ok = false;
+
+	if (n > APPEND_MAX_COLUMNS)
+		return false;
+	for (int i = 0; i < n; i++)
+		v[i] = column_take(&cols[i]);
+	for (int i = 0; i < n; i++)
+		if (!v[i])
+			goto done;
+	ok = pg_queue(pg, statement, n, (const char *const *)v);
+done:
+	for (int i = 0; i < n; i++)
+		free(v[i]);
+	return ok;
+}
+
+/* One INSERT of every event; result 0 has their positions (append_position). */
+static bool queue_events(struct batcher *b)
+{
+	struct column cols[5];
+
+	for (int c = 0; c < 5; c++)
+		column_open(&cols[c]);
+	for (size_t i = 0; i < b->nevents; i++) {
+		const struct pending_event *pe = &b->events[i];
+		column_add(&cols[0], pe->stream);
+		column_add(&cols[1], pe->version);
+		column_add(&cols[2], pe->type);
+		column_add(&cols[3], pe->data);
+		column_add(&cols[4], pe->metadata);
+	}
+	return queue_columns(b->ctx->pg, "append", 5, cols);
+}
+
+static bool queue_snapshot(struct batcher *b, const char *stream, const char *version,
+			   const char *state)
+{
+	const char *v[3] = { stream, version, state };
+	return pg_queue(b->ctx->pg, "snapshot_put", 3, v);
+}
+
+struct catchup_queue {
+	struct batcher *b;
+	bool ok;
+};
+
+/* The committed state of an account that lacked a recent snapshot. */
+static void queue_catchup(void *arg, const char *id, void *value)
+{
+	struct catchup_queue *q = arg;
+	const struct ledger_account *acc = value;
+	char stream[LEDGER_ID_MAX + 16], version[12], *state;
+
+	if (!q->ok)
+		return;
+	snprintf(stream, sizeof(stream), "account-%s", id);
+	snprintf(version, sizeof(version), "%" PRId32, acc->version);
+	state = account_state_text(acc);
+	q->ok = state && queue_snapshot(q->b, stream, version, state);
+	free(state);
+}
+
+/* Snapshots (rare: one per SNAPSHOT_EVERY versions of an account) go after the events
+ * and records: those the batch's events are due, then those its loads found missing. */
+static bool queue_snapshots(struct batcher *b)
+{
+	struct catchup_queue q = { b, true };
+
+	for (size_t i = 0; i < b->nevents; i++) {
+		const struct pending_event *pe = &b->events[i];
+		if (pe->snapshot && !queue_snapshot(b, pe->stream, pe->version, pe->snapshot))
+			return false;
+	}
+	strmap_foreach(b->catchup, queue_catchup, &q);
+	return q.ok;
+}
+
+/* Last: the fence (see batch.h and sql/012). Its row lock lasts only from
+ * here to COMMIT, so a batch waiting on a lock (another writer's row, say) does not
+ * hold up the lease's renewal. */
+static bool queue_fence(struct batcher *b)
+{
+	char epoch[24];
+	const char *v[1] = { epoch };
+
+	snprintf(epoch, sizeof(epoch), "%lld", b->epoch);
+	return pg_queue(b->ctx->pg, "fence", 1, v);
+}
+
+bool append_queue(struct batcher *b, size_t *nrecords)
+{
+	*nrecords = 0;
+	if (b->nevents && !queue_events(b))
+		return false;
+	if (!idem_queue_records(b, nrecords))
+		return false;
+	if (b->nevents || *nrecords)
+		return queue_snapshots(b) && queue_fence(b);
+	return true;
+}
+
+const char *append_position(struct batcher *b, PGresult *const *results, int i)
+{
+	PGresult *r = results[0];
+	const struct pending_event *pe = &b->events[i];
+
+	/* Rows come back in the order of the arrays; should they not, look the event up. */
+	if (i < PQntuples(r) && strcmp(PQgetvalue(r, i, 0), pe->stream) == 0 &&
+	    strcmp(PQgetvalue(r, i, 1), pe->version) == 0)
+		return PQgetvalue(r, i, 2);
+	for (int row = 0; row < PQntuples(r); row++)
+		if (strcmp(PQgetvalue(r, row, 0), pe->stream) == 0 &&
+		    strcmp(PQgetvalue(r, row, 1), pe->version) == 0)
+			return PQgetvalue(r, row, 2);
+	return "";
+}

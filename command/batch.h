@@ -1,0 +1,166 @@
+/* The group-commit batcher's rooms share this: the batch in flight, and what each room
+ * (batcher.c, load.c, decide.c, append.c, idem.c) gives the queue in batcher.c. Only
+ * batcher.c calls the others; they call none of each other's stages.
+ *
+ * Group commit: concurrent commands are decided together against one state and
+ * appended in one PostgreSQL transaction (one round trip, one fsync), and each is
+ * answered only once that transaction has committed.
+ *
+ * A batch goes through two pipelines on the service's single connection:
+ *   load  - fold the streams the cache lacks, find stored idempotency records and
+ *           used transfer ids (skipped when nothing is missing)         (load.c, idem.c);
+ *   write - INSERT every event and idempotency record; the pipeline's sync commits
+ *           them as one implicit transaction, or rolls all of them back (append.c).
+ * Decisions run in memory against a batch-local overlay of the account cache, so a
+ * command that a rule refuses refuses only itself (decide.c). Should the write fail
+ * anyway (a concurrent writer elsewhere took a version or a transfer id), nothing was
+ * written: the batch's commands are retried one by one from fresh state, so one
+ * command's conflict never fails another (batcher.c).
+ *
+ * Only the leader writes (command_leadership, sql/012): a batch takes the epoch of the
+ * term it starts in, and its write pipeline ends with command_fence(epoch), so a batch
+ * of a deposed leader rolls back (SQLSTATE DBF01) instead of committing; its commands
+ * get 503 not_leader, and the instance stands by. A batch whose term ended while it
+ * was in flight puts nothing into the cache. */
+#ifndef DAYBOOK_BATCH_H
+#define DAYBOOK_BATCH_H
+
+#include <libpq-fe.h>
+#include <time.h>
+
+#include "command.h"
+
+struct evbuffer;
+
+#define BATCH_MAX 256
+#define PENDING_MAX 20000
+#define CACHE_MAX 200000
+#define MAX_ATTEMPTS 3
+/* Stands for an event's log position in a response body until the log assigns it. */
+#define POSITION_PLACEHOLDER "?"
+/* An account's state is snapshotted at every multiple of this version, so that
+ * loading it reads at most this many events after its newest snapshot. */
+#define SNAPSHOT_EVERY 1000
+
+/* A command's outcome within the batch. */
+struct slot {
+	struct cmd *cmd;
+	int status;       /* 0 while undecided */
+	json_t *body;     /* the response body, owned */
+	json_t *headers;  /* {"ETag": ..., "Location": ...}, owned */
+	bool replay;      /* answered from a stored record */
+	bool unrecorded;  /* an outcome that must not be stored (a key reused) */
+	int last_event;   /* index of its last event in the batch, -1 for none */
+};
+
+struct pending_event {
+	char stream[LEDGER_ID_MAX + 16];
+	char version[12];
+	const char *type;
+	char *data, *metadata; /* owned */
+	char *snapshot;        /* the account's state after this event, or NULL; owned */
+	int slot;
+};
+
+enum batch_state { B_IDLE, B_LOADING, B_WRITING };
+
+struct batcher {
+	struct command_ctx *ctx;
+	struct batcher_hooks hooks;
+	struct cmd *head, *tail; /* commands waiting for the next batch */
+	size_t npending;
+	struct strmap *cache;    /* account id -> struct ledger_account, committed state */
+	struct strmap *inflight; /* "token\x1fkey" -> the keyed command that owns it, until answered */
+	enum batch_state state;
+	/* The batch in flight. */
+	long long epoch;          /* the term it was started in: its fence */
+	struct slot slots[BATCH_MAX];
+	size_t nslots;
+	struct pending_event events[2 * BATCH_MAX];
+	size_t nevents;
+	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
+	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
+	struct strmap *refold;    /* account ids whose snapshot was refused: load them in full */
+	struct strmap *catchup;   /* account id -> struct ledger_account loaded from more than
+				   * SNAPSHOT_EVERY events: snapshot it with this batch's write */
+	int q_streams, q_idem, q_transfers; /* result index of each load query, -1: not sent */
+	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable, *fenced,
+		*not_leader;
+	struct metric *commit_seconds, *batch_events;
+	struct timespec write_start; /* when the batch's write transaction was sent */
+};
+
+/* --- load.c: what the batch needs from the log -------------------------------- */
+
+/* Queue the lookups the batch needs (streams the cache lacks, stored records, used
+ * transfer ids); *queued is how many. False when out of memory. */
+bool load_queue(struct batcher *b, int *queued) __attribute__((warn_unused_result));
+/* Queue the full reload of the streams whose snapshot was refused (b->refold), and
+ * empty b->refold. False when out of memory. */
+bool load_queue_refold(struct batcher *b) __attribute__((warn_unused_result));
+/* Fold a load's results into the cache and the batch (records, transfer ids). False
+ * when a stream cannot be folded (the log names it). */
+bool load_apply(struct batcher *b, PGresult *const *results) __attribute__((warn_unused_result));
+
+/* --- decide.c: the account cache and deciding ----------------------------------- */
+
+/* A zeroed account with this id ("does not exist"); NULL when out of memory. */
+struct ledger_account *account_new(const char *id);
+/* An account's state as a snapshot stores it; caller frees. NULL when out of memory. */
+char *account_state_text(const struct ledger_account *acc);
+/* Every account id a command touches. */
+size_t cmd_accounts(const struct cmd *cmd, const char *ids[2]);
+/* Decide slot i; false when memory ran out (the batch must be abandoned). */
+bool decide(struct batcher *b, int i) __attribute__((warn_unused_result));
+/* Forget cached state the batch may have changed. */
+void invalidate(struct batcher *b);
+/* Move the overlay's accounts into the cache: they are now committed state. */
+void commit_overlay(struct batcher *b);
+
+/* --- append.c: the write pipeline ------------------------------------------------ */
+
+/* Queue the batch's events (result 0, when it has any), its idempotency records
+ * (*nrecords of them), its snapshots and its fence. Nothing is queued when there is
+ * nothing to write. False when out of memory. */
+bool append_queue(struct batcher *b, size_t *nrecords) __attribute__((warn_unused_result));
+/* The log position ("txid.position") of event i, from the committed write's results
+ * ("" should the log not have returned it). */
+const char *append_position(struct batcher *b, PGresult *const *results, int i);
+
+/* One column of a set-based statement: a text[] literal being built. */
+struct column {
+	struct evbuffer *buf; /* owned until column_take */
+	size_t n;
+	bool ok;
+};
+#define APPEND_MAX_COLUMNS 8
+void column_open(struct column *c);
+/* Append a value (NULL for SQL NULL); a failure shows in column_take. */
+void column_add(struct column *c, const char *value);
+/* The literal (caller frees), or NULL when memory ran out; closes the column. */
+char *column_take(struct column *c);
+/* Queue `statement` with the n columns as its parameters, closing them. */
+bool queue_columns(struct pg *pg, const char *statement, int n, struct column *cols)
+	__attribute__((warn_unused_result));
+
+/* --- idem.c: idempotency ---------------------------------------------------------- */
+
+/* Mark cmd's key as in flight; false when another command holds it (*busy) or memory
+ * ran out. */
+bool idem_mark(struct batcher *b, struct cmd *cmd, bool *busy) __attribute__((warn_unused_result));
+/* Release cmd's marker, if cmd holds it. */
+void idem_release(struct batcher *b, const struct cmd *cmd);
+/* Stored idempotency records decide their commands: replay, or refuse a reuse. */
+void idem_apply(struct batcher *b, PGresult *r);
+/* Decided outcomes worth storing: successes and business refusals. */
+bool idem_keeps_record(const struct slot *s);
+/* Queue the records of the batch's decided outcomes worth storing (*nrecords of them,
+ * nothing when none) as one statement; their positions come from the log. */
+bool idem_queue_records(struct batcher *b, size_t *nrecords) __attribute__((warn_unused_result));
+
+/* --- statement texts (each room's own; statements.c names them) ----------------- */
+
+extern const char sql_load_streams[], sql_load_streams_full[], sql_load_transfers[],
+	sql_load_idem[], sql_append[], sql_idem_put[], sql_snapshot_put[], sql_fence[];
+
+#endif

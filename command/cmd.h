@@ -1,0 +1,62 @@
+/* A write command's lifetime: parsed from its HTTP request, decided by the batcher,
+ * answered (and freed) here when the batcher reports its outcome. */
+#ifndef DAYBOOK_CMD_H
+#define DAYBOOK_CMD_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "digest.h"
+#include "http.h"
+#include "ledger.h"
+#include "ledger_json.h"
+
+enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
+
+/* One write request on its way through the batcher. Strings in `u` borrow from
+ * `body`, which the command owns. Only this module touches `req`: the batcher reads
+ * the parsed fields and reports an outcome (struct cmd_outcome). */
+struct cmd {
+	struct cmd *next;
+	struct http_request *req;
+	enum cmd_kind kind;
+	json_t *body; /* NULL for an empty close body */
+	union {
+		struct ledger_open_body open;
+		struct ledger_money_body money;
+		struct ledger_transfer_body transfer;
+	} u;
+	char account[LEDGER_ID_MAX + 1]; /* the account a path names */
+	int32_t expected_version;        /* If-Match, -1 when absent */
+	const char *token_id;
+	char request_id[129];
+	char idem_key[256];              /* "" when the request has none */
+	char idem_hash[DIGEST_SHA256_HEX_LEN + 1];
+	char time[32];                   /* ISO 8601 UTC, for event metadata */
+	int attempts;                    /* write attempts after conflicts */
+	bool solo;                       /* retry alone after a batch conflict */
+};
+
+/* What became of a command: its status, its JSON body (a problem document when
+ * status >= 400) and the headers to send with it ({"ETag": ..., "Location": ...}). */
+struct cmd_outcome {
+	int status;
+	json_t *body;    /* owned; stolen by cmd_settle */
+	json_t *headers; /* owned, may be NULL; stolen by cmd_settle */
+	bool replay;     /* answered from a stored idempotency record */
+};
+
+/* Answer cmd's request with its outcome and free cmd; steals out->body and
+ * out->headers. The signature of struct batcher_hooks' settle (arg is unused). */
+void cmd_settle(void *arg, struct cmd *cmd, struct cmd_outcome *out);
+/* Free a command (and its body) without answering it. */
+void cmd_drop(void *arg, struct cmd *cmd);
+void cmd_free(struct cmd *cmd);
+
+/* The HTTP routes of the write API: each parses its request into a command and
+ * submits it to the batcher of the struct command_ctx given as the routes' arg. */
+extern const struct http_route command_routes[];
+extern const size_t command_nroutes;
+
+#endif

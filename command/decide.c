@@ -1,0 +1,282 @@
+/* Deciding a batch: the account cache (committed state), the batch's overlay of it,
+ * and each command decided by the domain's rules (shared/ledger.h) into events and an
+ * outcome. See batch.h. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "batch.h"
+
+struct ledger_account *account_new(const char *id)
+{
+	struct ledger_account *acc = calloc(1, sizeof(*acc));
+
+	if (acc)
+		snprintf(acc->id, sizeof(acc->id), "%s", id);
+	return acc;
+}
+
+size_t cmd_accounts(const struct cmd *cmd, const char *ids[2])
+{
+	switch (cmd->kind) {
+	case CMD_OPEN:
+		ids[0] = cmd->u.open.id;
+		return 1;
+	case CMD_TRANSFER:
+		ids[0] = cmd->u.transfer.from;
+		ids[1] = cmd->u.transfer.to;
+		return 2;
+	default:
+		ids[0] = cmd->account;
+		return 1;
+	}
+}
+
+/* Forget cached state the batch may have changed: after a failure, what committed is
+ * unknown or was refused, and the log is the only truth. */
+void invalidate(struct batcher *b)
+{
+	for (size_t i = 0; i < b->nslots; i++) {
+		const char *ids[2];
+		size_t n = cmd_accounts(b->slots[i].cmd, ids);
+		for (size_t j = 0; j < n; j++)
+			strmap_remove(b->cache, ids[j]);
+	}
+}
+
+/* This batch's view of an account: the overlay, else a copy of the cache, else
+ * a fresh "does not exist" (the load phase fetched every account the cache lacks). */
+static struct ledger_account *view(struct batcher *b, const char *id)
+{
+	struct ledger_account *acc = strmap_get(b->overlay, id), *cached;
+
+	if (acc)
+		return acc;
+	acc = account_new(id);
+	if (!acc)
+		return NULL;
+	cached = strmap_get(b->cache, id);
+	if (cached)
+		*acc = *cached;
+	if (!strmap_put(b->overlay, id, acc)) {
+		free(acc);
+		return NULL;
+	}
+	return acc;
+}
+
+static json_t *metadata_json(const struct cmd *cmd)
+{
+	json_t *m = json_pack("{s:s, s:s, s:s}", "request_id", cmd->request_id, "token_id",
+			      cmd->token_id, "time", cmd->time);
+
+	if (m && cmd->idem_key[0])
+		json_object_set_new(m, "idempotency_key", json_string(cmd->idem_key));
+	return m;
+}
+
+char *account_state_text(const struct ledger_account *acc)
+{
+	json_t *state = ledger_account_to_json(acc);
+	char *text = state ? json_dumps(state, JSON_COMPACT) : NULL;
+
+	json_decref(state);
+	return text;
+}
+
+/* Record an event for the write pipeline and fold it into the overlay; an event that
+ * brings its account to a multiple of SNAPSHOT_EVERY carries a snapshot. */
+static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
+		      const struct ledger_event *ev)
+{
+	struct pending_event *pe = &b->events[b->nevents];
+	json_t *data, *meta;
+
+	if (!ledger_evolve(acc, ev))
+		return false;
+	data = ledger_event_to_json(ev);
+	meta = metadata_json(b->slots[slot].cmd);
+	pe->data = data ? json_dumps(data, JSON_COMPACT) : NULL;
+	pe->metadata = meta ? json_dumps(meta, JSON_COMPACT) : NULL;
+	pe->snapshot = acc->version % SNAPSHOT_EVERY == 0 ? account_state_text(acc) : NULL;
+	json_decref(data);
+	json_decref(meta);
+	if (!pe->data || !pe->metadata || (acc->version % SNAPSHOT_EVERY == 0 && !pe->snapshot)) {
+		free(pe->data);
+		free(pe->metadata);
+		free(pe->snapshot);
+		return false;
+	}
+	snprintf(pe->stream, sizeof(pe->stream), "account-%s", acc->id);
+	snprintf(pe->version, sizeof(pe->version), "%" PRId32, acc->version);
+	pe->type = ledger_event_name(ev->type);
+	pe->slot = slot;
+	b->slots[slot].last_event = (int)b->nevents++;
+	return true;
+}
+
+static void etag(json_t *headers, int32_t version)
+{
+	char tag[16];
+
+	snprintf(tag, sizeof(tag), "\"%" PRId32 "\"", version);
+	json_object_set_new(headers, "ETag", json_string(tag));
+}
+
+static void set_refusal(struct slot *s, enum ledger_error err, const char *detail)
+{
+	s->status = ledger_error_status(err);
+	s->body = http_problem_json(s->status, ledger_error_code(err), ledger_error_title(err), detail);
+	s->headers = json_object();
+}
+
+/* Human detail for a refusal, naming the entities involved. */
+static void refusal_detail(const struct cmd *cmd, enum ledger_error err,
+			   const struct ledger_account *acc, char *out, size_t len)
+{
+	const char *id = cmd->kind == CMD_OPEN ? cmd->u.open.id : cmd->account;
+
+	switch (err) {
+	case LEDGER_ACCOUNT_NOT_FOUND:
+		snprintf(out, len, "account '%s' does not exist", acc ? acc->id : id);
+		break;
+	case LEDGER_VERSION_MISMATCH:
+		snprintf(out, len, "account '%s' is at version %" PRId32 ", not %" PRId32, id,
+			 acc ? acc->version : 0, cmd->expected_version);
+		break;
+	case LEDGER_TRANSFER_EXISTS:
+		snprintf(out, len, "transfer '%s' already exists", cmd->u.transfer.id);
+		break;
+	default:
+		snprintf(out, len, "%s", ledger_error_title(err));
+		if (acc)
+			snprintf(out, len, "%s (account '%s')", ledger_error_title(err), acc->id);
+		break;
+	}
+}
+
+/* Decide slot i's transfer: *err is LEDGER_OK or the refusal (naming *blame). False
+ * when memory ran out: the batch's overlay can no longer be trusted. */
+static bool decide_transfer(struct batcher *b, int i, enum ledger_error *err,
+			    struct ledger_account **blame)
+{
+	struct cmd *cmd = b->slots[i].cmd;
+	const struct ledger_transfer_body *t = &cmd->u.transfer;
+	struct ledger_account *from = view(b, t->from), *to = view(b, t->to);
+	struct ledger_event ev[2];
+	char location[LEDGER_ID_MAX + 16];
+
+	if (!from || !to)
+		return false;
+	if (strmap_get(b->transfers, t->id)) {
+		*err = LEDGER_TRANSFER_EXISTS;
+		return true;
+	}
+	*err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
+	*blame = !ledger_account_exists(from) || from->closed || *err == LEDGER_INSUFFICIENT_FUNDS
+			 ? from : to;
+	if (*err)
+		return true;
+	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
+	    !strmap_put(b->transfers, t->id, b))
+		return false;
+	/* The transfer as the query API serves it (ids are [A-Za-z0-9._:-]: no escaping). */
+	snprintf(location, sizeof(location), "/transfers/%s", t->id);
+	json_object_set_new(b->slots[i].headers, "Location", json_string(location));
+	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
+				     (json_int_t)from->version, "to_version", (json_int_t)to->version,
+				     "position", POSITION_PLACEHOLDER);
+	return true;
+}
+
+/* Decide slot i's command on one account: as decide_transfer. */
+static bool decide_account(struct batcher *b, int i, enum ledger_error *err,
+			   struct ledger_account **blame)
+{
+	struct cmd *cmd = b->slots[i].cmd;
+	const char *id = cmd->kind == CMD_OPEN ? cmd->u.open.id : cmd->account;
+	struct ledger_account *acc = view(b, id);
+	struct ledger_event ev;
+	char location[LEDGER_ID_MAX + 16];
+
+	*blame = acc;
+	if (!acc)
+		return false;
+	*err = LEDGER_OK;
+	switch (cmd->kind) {
+	case CMD_OPEN:
+		*err = ledger_decide_open(acc, id, cmd->u.open.name, cmd->u.open.currency,
+					  cmd->u.open.overdraft_limit, &ev);
+		break;
+	case CMD_DEPOSIT:
+		*err = ledger_decide_deposit(acc, cmd->expected_version, cmd->u.money.amount,
+					     cmd->u.money.reference, &ev);
+		break;
+	case CMD_WITHDRAW:
+		*err = ledger_decide_withdraw(acc, cmd->expected_version, cmd->u.money.amount,
+					      cmd->u.money.reference, &ev);
+		break;
+	case CMD_CLOSE:
+		*err = ledger_decide_close(acc, cmd->expected_version, &ev);
+		break;
+	case CMD_TRANSFER:
+		break;
+	}
+	if (*err)
+		return true;
+	if (!add_event(b, i, acc, &ev))
+		return false;
+	etag(b->slots[i].headers, acc->version);
+	if (cmd->kind == CMD_OPEN) {
+		snprintf(location, sizeof(location), "/accounts/%s", id);
+		json_object_set_new(b->slots[i].headers, "Location", json_string(location));
+	}
+	b->slots[i].body = json_pack("{s:s, s:I}", "account_id", id, "version", (json_int_t)acc->version);
+	if (cmd->kind == CMD_DEPOSIT || cmd->kind == CMD_WITHDRAW)
+		json_object_set_new(b->slots[i].body, "balance", json_integer(acc->balance));
+	json_object_set_new(b->slots[i].body, "position", json_string(POSITION_PLACEHOLDER));
+	return true;
+}
+
+bool decide(struct batcher *b, int i)
+{
+	struct slot *s = &b->slots[i];
+	struct ledger_account *blame = NULL;
+	enum ledger_error err = LEDGER_OK;
+	char detail[256];
+
+	s->last_event = -1;
+	s->headers = json_object();
+	if (!(s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &err, &blame)
+					   : decide_account(b, i, &err, &blame)))
+		return false;
+	if (err == LEDGER_OK) {
+		s->status = 201;
+		return true;
+	}
+	json_decref(s->headers);
+	json_decref(s->body);
+	s->body = NULL;
+	refusal_detail(s->cmd, err, blame, detail, sizeof(detail));
+	set_refusal(s, err, detail);
+	return true;
+}
+
+void commit_overlay(struct batcher *b)
+{
+	if (strmap_count(b->cache) + strmap_count(b->overlay) > CACHE_MAX)
+		strmap_clear(b->cache); /* crude bound on memory; cold accounts reload */
+	for (size_t i = 0; i < b->nevents; i++) {
+		const char *id = b->events[i].stream + strlen("account-");
+		struct ledger_account *acc = strmap_get(b->overlay, id), *copy;
+		if (!acc || strmap_get(b->cache, id) == acc)
+			continue;
+		copy = malloc(sizeof(*copy));
+		if (!copy)
+			continue;
+		*copy = *acc;
+		if (!strmap_put(b->cache, id, copy))
+			free(copy);
+	}
+}

@@ -1,0 +1,239 @@
+/* The Redis leg of each committed batch: one script call (PUT_BATCH) writes the
+ * batch's accounts, transfers, statement items and totals to the live generation and
+ * then moves its checkpoint, all guarded so that a replay is a no-op. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "redis_sync.h"
+
+/* The cached totals as text: int64 counts and an int128 sum, bounded by their types. */
+struct totals_text {
+	char accounts[24], open[24], sum[48];
+};
+
+struct totals_collect {
+	struct readmodel_total *rows;
+	struct totals_text *text;
+	size_t n, cap;
+};
+
+static void collect_total(void *arg, const char *currency, void *value)
+{
+	struct totals_collect *c = arg;
+	const struct rm_total *t = value;
+	struct totals_text *x;
+
+	(void)currency;
+	if (c->n == c->cap)
+		return;
+	x = &c->text[c->n];
+	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->accounts);
+	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->open_accounts);
+	readmodel_int128_text(t->balance_sum, x->sum);
+	c->rows[c->n++] = (struct readmodel_total){ .currency = t->currency, .accounts = x->accounts,
+						    .open_accounts = x->open, .balance_sum = x->sum };
+}
+
+static char *cached_totals_json(struct projector_ctx *ctx)
+{
+	struct totals_collect c = { .cap = strmap_count(ctx->totals) };
+	char *json = NULL;
+
+	c.rows = calloc(c.cap ? c.cap : 1, sizeof(*c.rows));
+	c.text = calloc(c.cap ? c.cap : 1, sizeof(*c.text));
+	if (c.rows && c.text) {
+		strmap_foreach(ctx->totals, collect_total, &c);
+		json = redis_sync_totals_json(c.rows, c.n);
+	}
+	free(c.rows);
+	free(c.text);
+	return json;
+}
+
+/* The arguments of one PUT_BATCH call; the texts it points to are owned here (the
+ * numbers and the accounts' bodies) or by the batch's rows (ids, items' bodies). */
+struct batch_args {
+	const char **argv;
+	size_t argc;
+	char (*num)[24]; /* number texts */
+	size_t nnum;
+	char **owned; /* accounts' bodies */
+	size_t nowned;
+};
+
+static void args_free(struct batch_args *a)
+{
+	for (size_t i = 0; i < a->nowned; i++)
+		free(a->owned[i]);
+	free(a->owned);
+	free(a->num);
+	free(a->argv);
+}
+
+static const char *num(struct batch_args *a, long long v)
+{
+	snprintf(a->num[a->nnum], sizeof(a->num[0]), "%lld", v);
+	return a->num[a->nnum++];
+}
+
+/* Lay out the arguments (redis_scripts.c, PUT_BATCH) for the batch's rows. */
+static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fence[],
+		       size_t fencelen, char gen[24], char token[48])
+{
+	struct rm_account *const *accounts;
+	const struct projector_item *items;
+	size_t na = projector_rows_accounts(ctx->rows, &accounts);
+	size_t ni = projector_rows_items(ctx->rows, &items);
+	size_t nx = 0, i = 0;
+	char *totals;
+
+	/* At most: 8 heads, 4 per account, and 4 per item (a run of its own). */
+	a->argv = malloc((8 + 4 * na + 4 * ni) * sizeof(*a->argv));
+	a->num = malloc((4 + 2 * na + 2 * ni) * sizeof(*a->num));
+	a->owned = calloc(na + 1, sizeof(*a->owned));
+	if (!a->argv || !a->num || !a->owned)
+		return false;
+	for (size_t k = 0; k < ni; k++)
+		nx += items[k].version == 0;
+	redis_sync_fence_arg(ctx, fence, fencelen);
+	snprintf(gen, 24, "%lld", ctx->gen);
+	redis_sync_cp_token(ctx, token);
+	if (!(totals = cached_totals_json(ctx)))
+		return false;
+	a->owned[a->nowned++] = totals;
+	a->argv[a->argc++] = fence;
+	a->argv[a->argc++] = gen;
+	a->argv[a->argc++] = ctx->identity;
+	a->argv[a->argc++] = token;
+	a->argv[a->argc++] = ctx->batch_from;
+	a->argv[a->argc++] = totals;
+	a->argv[a->argc++] = num(a, (long long)na);
+	a->argv[a->argc++] = num(a, (long long)nx);
+	for (size_t k = 0; k < na; k++) {
+		char *json = projector_account_json(accounts[k]);
+		if (!json)
+			return false;
+		a->owned[a->nowned++] = json;
+		a->argv[a->argc++] = accounts[k]->acc.id;
+		a->argv[a->argc++] = num(a, accounts[k]->acc.version);
+		a->argv[a->argc++] = num(a, accounts[k]->entries);
+		a->argv[a->argc++] = json;
+	}
+	for (size_t k = 0; k < ni; k++) {
+		if (items[k].version != 0)
+			continue;
+		a->argv[a->argc++] = items[k].id;
+		a->argv[a->argc++] = items[k].json;
+	}
+	while (i < ni) {
+		size_t start = i, m;
+		if (items[i].version == 0) {
+			i++;
+			continue;
+		}
+		/* A run of one account's items; only the newest READMODEL_ITEMS_KEPT can stay
+		 * in the statement, so a stream with thousands of events in one batch sends
+		 * no more than those. */
+		while (i < ni && items[i].version > 0 && strcmp(items[i].id, items[start].id) == 0)
+			i++;
+		m = i - start;
+		if (m > READMODEL_ITEMS_KEPT) {
+			start += m - READMODEL_ITEMS_KEPT;
+			m = READMODEL_ITEMS_KEPT;
+		}
+		a->argv[a->argc++] = items[start].id;
+		a->argv[a->argc++] = num(a, (long long)m);
+		for (size_t k = start; k < start + m; k++) {
+			a->argv[a->argc++] = num(a, items[k].version);
+			a->argv[a->argc++] = items[k].json;
+		}
+	}
+	return true;
+}
+
+static bool is_gap(const redisReply *reply)
+{
+	return reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "GAP", 3) == 0;
+}
+
+static void batch_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+	struct readmodel_position live, from;
+	/* Sent while Redis was unknown (just connected, say): this reply is the check. */
+	bool unknown = ctx->rsync == RS_UNKNOWN;
+	const redisReply *r0 = reply && reply->type == REDIS_REPLY_ARRAY && reply->elements >= 1
+				       ? reply->element[0]
+				       : NULL;
+
+	if (unknown && is_gap(reply)) {
+		/* The live generation is behind where this batch starts: copy SQL. */
+		log_info(&ctx->log, "redis generation %lld is behind the batch: %s", ctx->gen, reply->str);
+		redis_sync_unsynced(ctx, "no_live_generation");
+	} else if (!reply || reply->type == REDIS_REPLY_ERROR) {
+		log_warn(&ctx->log, "redis write failed: %s",
+			 reply ? reply->str : redis_last_error(ctx->redis));
+		ctx->rerrors = 1;
+		redis_sync_report_failure(ctx, "a batch's redis writes failed");
+	} else if (r0 && r0->type == REDIS_REPLY_STRING && strcmp(r0->str, "MOVED") == 0 &&
+		   reply->elements == 3 && readmodel_position_parse(reply->element[2]->str, &live) &&
+		   readmodel_position_parse(ctx->batch_from, &from) &&
+		   readmodel_position_cmp(&live, &from) >= 0) {
+		/* A rebuild switched generations under us (or we did not know the live one
+		 * yet); its generation reached at least where this batch starts, and every
+		 * write is guarded: send it there. What earlier batches wrote to the old
+		 * generation may outlive the rebuild's deletion of it, so the old generations
+		 * are swept once more. */
+		long long gen = strtoll(reply->element[1]->str, NULL, 10);
+		bool sweep = ctx->gen != 0;
+		ctx->gen = gen;
+		log_info(&ctx->log, "following redis generation %lld", ctx->gen);
+		if (sweep)
+			redis_sync_start_cleanup(ctx);
+		if (projector_redis_batch(ctx))
+			return;
+	} else if (r0) {
+		/* No usable live generation (Redis lost its data, say), or one behind the
+		 * batch: a later resync repairs what this batch missed. */
+		redis_sync_unsynced(ctx, unknown ? "no_live_generation" : "generation_lost");
+	} else {
+		if (unknown)
+			log_info(&ctx->log, "redis generation %lld is current", ctx->gen);
+		ctx->rsync = RS_LIVE;
+		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
+		redis_sync_reached(ctx, ctx->cp_pos);
+	}
+	ctx->redis_report(ctx, REDIS_STEP_DONE);
+}
+
+bool projector_redis_batch(struct projector_ctx *ctx)
+{
+	struct batch_args a = { 0 };
+	char fence[READMODEL_FENCE_ARG_MAX], gen[24], token[48];
+	bool sent = false;
+
+	/* Unknown (just connected, or the live generation looked changed): the script's
+	 * own checks decide, together with the writes, whether the live generation goes
+	 * on where this batch starts; no status check (and no resync) first. */
+	if (ctx->rsync != RS_LIVE && ctx->rsync != RS_UNKNOWN)
+		return false;
+	if (!redis_connected(ctx->redis)) {
+		if (ctx->rsync == RS_LIVE)
+			redis_sync_unsynced(ctx, "disconnected");
+		return false;
+	}
+	if (ctx->identity_stale) /* a new session: is the store still the one we wrote for? */
+		return redis_sync_identity_then_batch(ctx);
+	ctx->rerrors = 0;
+	if (!args_build(ctx, &a, fence, sizeof(fence), gen, token))
+		goto done;
+	sent = redis_eval(ctx->redis, PUT_BATCH, 0, (int)a.argc, a.argv, NULL, batch_reply, ctx);
+done:
+	args_free(&a);
+	if (!sent) {
+		ctx->rerrors = 1;
+		redis_sync_report_failure(ctx, "a batch's redis writes could not be sent");
+	}
+	return sent;
+}

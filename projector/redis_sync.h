@@ -1,0 +1,45 @@
+/* Inside the projector's Redis side: what its files (redis_sync.c, the generation's
+ * state; redis_batch.c, each batch's write; redis_resync.c, copying SQL into a new
+ * generation; redis_scripts.c, the Lua) share. The step machine uses projector.h only. */
+#ifndef DAYBOOK_PROJECTOR_REDIS_SYNC_H
+#define DAYBOOK_PROJECTOR_REDIS_SYNC_H
+
+#include "projector.h"
+
+/* The scripts, by index (redis_scripts.c). */
+enum redis_script {
+	PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS, PUT_FENCED, RAISE_FENCE,
+	SWITCH_LIVE, CLEAN_OLD, PUT_BATCH
+};
+
+/* The sources, indexed by enum redis_script; static storage. */
+const char *const *projector_redis_scripts(size_t *n);
+
+/* "<txid>.<position>" of the SQL checkpoint. */
+void redis_sync_cp_token(const struct projector_ctx *ctx, char out[48]);
+/* The fence argument of the write scripts: our term's epoch, for our event store. */
+void redis_sync_fence_arg(const struct projector_ctx *ctx, char *out, size_t len);
+/* Redis is to be copied from SQL; `reason` (static) labels the resync it leads to. */
+void redis_sync_unsynced(struct projector_ctx *ctx, const char *reason);
+/* The live generation has reached `pos`: what the Redis lag metrics measure from. */
+void redis_sync_reached(struct projector_ctx *ctx, long long pos);
+/* A Redis step failed: count it and leave Redis to a resync after a pause. */
+void redis_sync_report_failure(struct projector_ctx *ctx, const char *what);
+/* Sweep the keys of generations older than ours (in the background). */
+void redis_sync_start_cleanup(struct projector_ctx *ctx);
+/* GET /totals's body for rows (sorted here); caller frees. NULL when out of memory. */
+char *redis_sync_totals_json(struct readmodel_total *rows, size_t n);
+/* "dbk:g:<gen>:<kind>[:<id>]" into out. */
+void redis_sync_key(char *out, size_t len, long long gen, const char *kind, const char *id);
+/* The live generation has reached the position token `token`. */
+void redis_sync_reached_token(struct projector_ctx *ctx, const char *token);
+/* No resync before a pause that grows with the failures in a row. */
+void redis_sync_pause_resync(struct projector_ctx *ctx);
+/* Copy the SQL read models into a new generation (step STEP_SYNCING); it ends the step
+ * itself, also when it fails. */
+void redis_resync_start(struct projector_ctx *ctx);
+/* A new session: read the store's identity, then send the batch; false when nothing
+ * was started. */
+bool redis_sync_identity_then_batch(struct projector_ctx *ctx);
+
+#endif

@@ -1,0 +1,743 @@
+/* The projector's step machine: read a batch of the log, load what the fold needs, write
+ * the SQL read models with the checkpoint, hand the batch to Redis, and follow the lease. */
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "projector.h"
+
+#define ACCOUNT_CACHE_MAX 50000 /* cached read-model rows, about 25 MB */
+
+static const struct pg_statement statements[] = {
+	{ "load_checkpoint",
+	  "SELECT txid::text, position, generation FROM projection_checkpoints "
+	  "WHERE projection = '" PROJECTOR_PROJECTION "'" },
+	/* A rebuild's switch takes this lock exclusively: writes wait while it swaps. */
+	{ "switch_guard", "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK ")" },
+	{ "read_events",
+	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
+	  "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+	  "ORDER BY events.txid, events.position LIMIT $3" },
+	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
+	{ "load_accounts",
+	  "SELECT account_id, name, currency, balance, overdraft_limit, status, version, entries, "
+	  "to_char(opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+	  "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  "FROM rm_accounts WHERE account_id = ANY($1::text[])" },
+	{ "load_totals", "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
+	{ "sync_accounts",
+	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
+	  "LIMIT $2) SELECT p.account_id, p.name, p.currency, p.balance, p.overdraft_limit, "
+	  "p.status, p.version, p.entries, "
+	  "to_char(p.opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+	  "to_char(p.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+	  "e.version, e.type, e.amount, e.balance_after, e.transfer_id, e.counterparty, "
+	  "e.reference, to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+	  "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
+	  "p.account_id ORDER BY x.version DESC LIMIT 50) e ON true ORDER BY p.account_id, e.version" },
+	{ "sync_transfers",
+	  "SELECT transfer_id, from_account, to_account, amount, currency, reference, "
+	  "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM rm_transfers "
+	  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
+	/* ($1 epoch, $2 $3 from, $4 generation, $5 $6 to): fails with SQLSTATE
+	 * PROJECTOR_SQLSTATE_FENCED or PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
+	{ "move_checkpoint",
+	  "SELECT projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
+	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint)" },
+	{ "upsert_accounts",
+	  "INSERT INTO rm_accounts (account_id, name, currency, balance, overdraft_limit, status, "
+	  "version, entries, opened_at, updated_at) SELECT * FROM unnest($1::text[], $2::text[], "
+	  "$3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::int[], "
+	  "$9::timestamptz[], $10::timestamptz[]) ON CONFLICT (account_id) DO UPDATE SET "
+	  "name = EXCLUDED.name, currency = EXCLUDED.currency, balance = EXCLUDED.balance, "
+	  "overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
+	  "version = EXCLUDED.version, entries = EXCLUDED.entries, opened_at = EXCLUDED.opened_at, "
+	  "updated_at = EXCLUDED.updated_at" },
+	{ "insert_entries",
+	  "INSERT INTO rm_entries (account_id, version, type, amount, balance_after, transfer_id, "
+	  "counterparty, reference, at) SELECT * FROM unnest($1::text[], $2::int[], $3::text[], "
+	  "$4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::timestamptz[])" },
+	{ "insert_transfers",
+	  "INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
+	  "reference, at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
+	  "$5::text[], $6::text[], $7::timestamptz[])" },
+	{ "upsert_totals",
+	  "INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * FROM "
+	  "unnest($1::text[], $2::bigint[], $3::bigint[], $4::numeric[]) ON CONFLICT (currency) DO "
+	  "UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, open_accounts = "
+	  "rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = rm_totals.balance_sum + "
+	  "EXCLUDED.balance_sum" },
+	/* In the batch's transaction, so it is delivered only if the checkpoint commits:
+	 * wakes the query service's reads waiting for this position (the payload is the
+	 * new checkpoint token). */
+	{ "notify_position", "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $1)" },
+};
+
+const struct pg_statement *projector_statements(size_t *n)
+{
+	*n = sizeof(statements) / sizeof(statements[0]);
+	return statements;
+}
+
+static void read_batch(struct projector_ctx *ctx);
+static void load_checkpoint(struct projector_ctx *ctx);
+static void use_ahead(struct projector_ctx *ctx);
+static void read_ahead(struct projector_ctx *ctx);
+
+void projector_free_events(struct projector_ctx *ctx)
+{
+	for (size_t i = 0; i < ctx->nevents; i++)
+		json_decref(ctx->events[i].data);
+	ctx->nevents = 0;
+	projector_rows_free(&ctx->rows);
+}
+
+void projector_forget(struct projector_ctx *ctx)
+{
+	strmap_clear(ctx->accounts);
+	strmap_clear(ctx->totals);
+	ctx->totals_loaded = false;
+}
+
+/* Leave the step machine idle, or exit when asked to stop. */
+static void go_idle(struct projector_ctx *ctx)
+{
+	projector_free_events(ctx);
+	/* Between batches nothing points into the cache: bound its memory here. */
+	if (strmap_count(ctx->accounts) > ACCOUNT_CACHE_MAX)
+		strmap_clear(ctx->accounts);
+	if (ctx->ahead_running) {
+		ctx->step = STEP_AHEAD; /* the connection is busy: ahead_done comes back here */
+		return;
+	}
+	ctx->step = STEP_IDLE;
+	if (ctx->stopping) {
+		log_info(&ctx->log, "batch finished; exiting");
+		event_base_loopexit(ctx->base, NULL);
+		return;
+	}
+	/* Leadership changed during the step; the caches could only be dropped now that
+	 * the step's rows, which point into them, are gone. */
+	if (ctx->role != ROLE_LEADER) {
+		projector_forget(ctx); /* a standby writes nothing */
+		return;
+	}
+	if (ctx->cp_stale) {
+		projector_forget(ctx);
+		load_checkpoint(ctx);
+		return;
+	}
+	if (projector_redis_maintain(ctx))
+		return; /* Redis first needs checking or copying; batches resume after */
+	if (ctx->ahead_ready) {
+		use_ahead(ctx);
+	} else if (ctx->again) {
+		ctx->again = false;
+		read_batch(ctx);
+	}
+}
+
+/* Something went wrong with the read models or the connection: start over from the
+ * checkpoint in PostgreSQL with empty caches. */
+static void recover(struct projector_ctx *ctx, const char *what)
+{
+	metric_add(ctx->m_errors, 1);
+	log_warn(&ctx->log, "%s; reloading the checkpoint", what);
+	projector_free_events(ctx);
+	projector_drop_ahead(ctx);
+	projector_forget(ctx);
+	/* The retry timer resumes within a second: a persistent fault does not spin. */
+	ctx->cp_stale = true;
+	ctx->step = STEP_BLOCKED;
+	if (ctx->stopping)
+		event_base_loopexit(ctx->base, NULL);
+}
+
+void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what)
+{
+	if (what == REDIS_STEP_DONE)
+		go_idle(ctx);
+	else
+		projector_wake(ctx);
+}
+
+void projector_wake(struct projector_ctx *ctx)
+{
+	if (ctx->role != ROLE_LEADER)
+		return;
+	if (ctx->step != STEP_IDLE || !pg_ready(ctx->pg)) {
+		ctx->again = true;
+		read_ahead(ctx);
+		return;
+	}
+	if (ctx->cp_stale) {
+		load_checkpoint(ctx);
+		return;
+	}
+	read_batch(ctx);
+}
+
+static bool all_ok(PGresult *const *results, size_t n, char *why, size_t whylen)
+{
+	for (size_t i = 0; i < n; i++) {
+		ExecStatusType st = PQresultStatus(results[i]);
+		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+			snprintf(why, whylen, "%s", PQresultErrorMessage(results[i]));
+			why[strcspn(why, "\n")] = '\0';
+			return false;
+		}
+	}
+	return true;
+}
+
+/* --- write -------------------------------------------------------------------------- */
+
+/* Did move_checkpoint fail with this named condition (a PROJECTOR_SQLSTATE_*)? */
+static bool failed_with(PGresult *const *results, size_t n, const char *sqlstate)
+{
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(pg_sqlstate(results[i]), sqlstate) == 0)
+			return true;
+	return false;
+}
+
+static void step_down(struct projector_ctx *ctx, const char *why);
+
+static void write_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	struct timespec now;
+	const struct log_event *last = &ctx->events[ctx->nevents - 1];
+	char why[256];
+	bool full = ctx->nevents == PROJECTOR_BATCH_MAX;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	metric_observe(ctx->m_commit_seconds,
+		       (double)(now.tv_sec - ctx->write_start.tv_sec) +
+			       (double)(now.tv_nsec - ctx->write_start.tv_nsec) / 1e9);
+	if (error) {
+		recover(ctx, out->status == PG_RUN_COMMIT_FAILED ? error
+								 : "the connection failed while writing a batch");
+		return;
+	}
+	if (!all_ok(results, n, why, sizeof(why))) {
+		if (failed_with(results, n, PROJECTOR_SQLSTATE_FENCED)) {
+			/* Our epoch is stale: a standby took the lease while we were frozen or cut
+			 * off. The transaction rolled back; write nothing more. */
+			projector_free_events(ctx);
+			projector_forget(ctx);
+			ctx->step = STEP_IDLE;
+			if (ctx->role == ROLE_LEADER && ctx->epoch != ctx->write_epoch) {
+				load_checkpoint(ctx); /* queued in an earlier term of ours */
+				return;
+			}
+			lease_lost(ctx->lease);
+			step_down(ctx, "the batch's epoch check failed (another projector took the "
+				       "lease); nothing was committed");
+			return;
+		}
+		if (failed_with(results, n, PROJECTOR_SQLSTATE_CHECKPOINT_MOVED) && !ctx->cp_reloaded) {
+			/* A rebuild swapped the tables (a new generation): nothing is wrong, so
+			 * start again from its checkpoint now, not after the fault pause. */
+			log_info(&ctx->log, "the SQL checkpoint moved under the batch (a rebuild's "
+					    "switch); reloading it");
+			ctx->cp_reloaded = true;
+			projector_free_events(ctx);
+			projector_forget(ctx);
+			ctx->step = STEP_IDLE;
+			load_checkpoint(ctx);
+			return;
+		}
+		recover(ctx, why);
+		return;
+	}
+	ctx->cp_reloaded = false;
+	projector_rows_committed(ctx);
+	snprintf(ctx->batch_from, sizeof(ctx->batch_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", last->txid);
+	ctx->cp_pos = last->position;
+	metric_set(ctx->m_position, (double)ctx->cp_pos);
+	metric_add(ctx->m_applied, (double)ctx->nevents);
+	metric_observe(ctx->m_batch, (double)ctx->nevents);
+	log_debug(&ctx->log, "applied %zu events up to %s.%lld", ctx->nevents, ctx->cp_txid, ctx->cp_pos);
+	/* A full batch means more is waiting: keep going without waiting for a poll. */
+	if (full)
+		ctx->again = true;
+	ctx->step = STEP_REDIS;
+	if (!projector_redis_batch(ctx))
+		go_idle(ctx);
+	else if (ctx->again)
+		read_ahead(ctx);
+}
+
+static void fold_and_write(struct projector_ctx *ctx)
+{
+	if (ctx->role != ROLE_LEADER) {
+		go_idle(ctx);
+		return;
+	}
+	if (!projector_fold(ctx)) {
+		recover(ctx, "a batch could not be folded");
+		return;
+	}
+	ctx->write_epoch = ctx->epoch;
+	clock_gettime(CLOCK_MONOTONIC, &ctx->write_start);
+	if (!projector_queue_writes(ctx) || !pg_run(ctx->pg, write_done, ctx)) {
+		recover(ctx, "queueing the batch's writes failed");
+		return;
+	}
+	ctx->step = STEP_WRITING;
+}
+
+/* --- load what the fold needs ------------------------------------------------------ */
+
+static bool cache_account_row(struct projector_ctx *ctx, PGresult *r, int row)
+{
+	struct rm_account *a = calloc(1, sizeof(*a));
+
+	if (!a)
+		return false;
+	snprintf(a->acc.id, sizeof(a->acc.id), "%s", PQgetvalue(r, row, 0));
+	snprintf(a->name, sizeof(a->name), "%s", PQgetvalue(r, row, 1));
+	snprintf(a->acc.currency, sizeof(a->acc.currency), "%s", PQgetvalue(r, row, 2));
+	a->acc.balance = strtoll(PQgetvalue(r, row, 3), NULL, 10);
+	a->acc.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10);
+	a->acc.closed = strcmp(PQgetvalue(r, row, 5), "closed") == 0;
+	a->acc.version = (int32_t)atoi(PQgetvalue(r, row, 6));
+	a->entries = (int32_t)atoi(PQgetvalue(r, row, 7));
+	snprintf(a->opened_at, sizeof(a->opened_at), "%s", PQgetvalue(r, row, 8));
+	snprintf(a->updated_at, sizeof(a->updated_at), "%s", PQgetvalue(r, row, 9));
+	if (!strmap_put(ctx->accounts, a->acc.id, a)) {
+		free(a);
+		return false;
+	}
+	return true;
+}
+
+static bool cache_totals(struct projector_ctx *ctx, PGresult *r)
+{
+	for (int row = 0; row < PQntuples(r); row++) {
+		struct rm_total *t = calloc(1, sizeof(*t));
+		const char *sum = PQgetvalue(r, row, 3);
+		bool neg = *sum == '-';
+		if (!t)
+			return false;
+		snprintf(t->currency, sizeof(t->currency), "%s", PQgetvalue(r, row, 0));
+		t->accounts = strtoll(PQgetvalue(r, row, 1), NULL, 10);
+		t->open_accounts = strtoll(PQgetvalue(r, row, 2), NULL, 10);
+		for (const char *p = sum + neg; *p >= '0' && *p <= '9'; p++)
+			t->balance_sum = t->balance_sum * 10 + (*p - '0');
+		if (neg)
+			t->balance_sum = -t->balance_sum;
+		if (!strmap_put(ctx->totals, t->currency, t)) {
+			free(t);
+			return false;
+		}
+	}
+	ctx->totals_loaded = true;
+	return true;
+}
+
+/* One lookup's rows into the caches: the totals (4 columns) or accounts; false when
+ * out of memory. */
+static bool cache_result(struct projector_ctx *ctx, PGresult *r)
+{
+	if (PQnfields(r) == 4)
+		return cache_totals(ctx, r);
+	for (int row = 0; row < PQntuples(r); row++)
+		if (!cache_account_row(ctx, r, row))
+			return false;
+	return true;
+}
+
+static void load_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	char why[256];
+
+	if (error) {
+		recover(ctx, "the connection failed while loading read-model state");
+		return;
+	}
+	if (!all_ok(results, n, why, sizeof(why))) {
+		recover(ctx, why);
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		if (!cache_result(ctx, results[i])) {
+			recover(ctx, "out of memory caching read-model state");
+			return;
+		}
+	}
+	fold_and_write(ctx);
+}
+
+/* Queue the lookups of the batch's accounts that the cache lacks (*missing of them)
+ * and of the totals until loaded; false when one could not be queued. */
+static bool queue_lookups(struct projector_ctx *ctx, size_t *missing)
+{
+	struct evbuffer *ids = evbuffer_new();
+	char *param = NULL;
+	bool ok = false;
+
+	*missing = 0;
+	if (!ids)
+		goto done;
+	evbuffer_add(ids, "{", 1);
+	for (size_t i = 0; i < ctx->nevents; i++) {
+		const char *id = ctx->events[i].account;
+		if (ctx->events[i].type == LEDGER_ACCOUNT_OPENED || strmap_get(ctx->accounts, id))
+			continue;
+		pg_array_append(ids, id, (*missing)++ == 0);
+	}
+	if (*missing) {
+		size_t len;
+		evbuffer_add(ids, "}", 2);
+		len = evbuffer_get_length(ids);
+		param = malloc(len);
+		if (!param)
+			goto done;
+		evbuffer_remove(ids, param, len);
+		if (!pg_queue(ctx->pg, "load_accounts", 1, (const char *const *)&param))
+			goto done;
+	}
+	ok = ctx->totals_loaded || pg_queue(ctx->pg, "load_totals", 0, NULL);
+done:
+	free(param);
+	if (ids)
+		evbuffer_free(ids);
+	return ok;
+}
+
+/* Fetch the accounts of the batch that the cache lacks (and the totals once). */
+static void load_missing(struct projector_ctx *ctx)
+{
+	size_t missing;
+
+	if (!queue_lookups(ctx, &missing)) {
+		recover(ctx, "queueing the state lookups failed");
+		return;
+	}
+	if (missing || !ctx->totals_loaded) {
+		if (!pg_run(ctx->pg, load_done, ctx)) {
+			recover(ctx, "the connection failed");
+			return;
+		}
+		ctx->step = STEP_LOADING;
+		return;
+	}
+	fold_and_write(ctx);
+}
+
+/* --- read ------------------------------------------------------------------------------ */
+
+static bool copy_event(struct log_event *e, PGresult *r, int row)
+{
+	e->position = strtoll(PQgetvalue(r, row, 0), NULL, 10);
+	snprintf(e->txid, sizeof(e->txid), "%s", PQgetvalue(r, row, 1));
+	snprintf(e->account, sizeof(e->account), "%s", PQgetvalue(r, row, 2));
+	e->version = (int32_t)atoi(PQgetvalue(r, row, 3));
+	e->type = ledger_event_type_from_name(PQgetvalue(r, row, 4));
+	e->data = json_loads(PQgetvalue(r, row, 5), 0, NULL);
+	snprintf(e->at, sizeof(e->at), "%s", PQgetvalue(r, row, 6));
+	return e->type && e->data;
+}
+
+/* The Redis model trails the log by what SQL trails it plus what Redis trails SQL: in
+ * events, from the positions; in seconds, the SQL lag plus how long Redis has trailed
+ * the SQL checkpoint (both estimates, like the SQL ones). */
+static void update_redis_lag(struct projector_ctx *ctx, long long head_pos)
+{
+	time_t now = time(NULL);
+	double behind = 0;
+
+	if (ctx->redis_pos >= ctx->cp_pos && ctx->rsync == RS_LIVE)
+		ctx->redis_behind_since = 0;
+	else if (!ctx->redis_behind_since)
+		ctx->redis_behind_since = now;
+	else
+		behind = difftime(now, ctx->redis_behind_since);
+	metric_set(ctx->m_redis_lag_events,
+		   head_pos > ctx->redis_pos ? (double)(head_pos - ctx->redis_pos) : 0);
+	metric_set(ctx->m_redis_lag_seconds, (ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds) + behind);
+}
+
+static long long head_of(PGresult *head)
+{
+	return PQntuples(head) ? strtoll(PQgetvalue(head, 0, 0), NULL, 10) : 0;
+}
+
+static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
+{
+	/* Positions are not commit order, so this is an estimate; 0 once caught up. */
+	metric_set(ctx->m_lag_events, got == 0 || head_pos < ctx->cp_pos ? 0 : (double)(head_pos - ctx->cp_pos));
+	if (got == 0) {
+		ctx->lag_seconds = 0;
+	} else {
+		struct tm tm = { 0 };
+		const char *at = ctx->events[0].at;
+		if (strptime(at, "%Y-%m-%dT%H:%M:%S", &tm))
+			ctx->lag_seconds = difftime(time(NULL), timegm(&tm));
+	}
+	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
+	update_redis_lag(ctx, got == 0 || head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);
+}
+
+/* A batch is read (ctx->events; head_pos: the log's head then): go on with it. */
+static void got_batch(struct projector_ctx *ctx, long long head_pos)
+{
+	update_lag(ctx, head_pos, ctx->nevents);
+	if (ctx->nevents == 0) {
+		go_idle(ctx);
+		return;
+	}
+	load_missing(ctx);
+}
+
+static void read_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	char why[256];
+	PGresult *r;
+
+	if (error) {
+		recover(ctx, "the connection failed while reading the log");
+		return;
+	}
+	if (n != 2 || !all_ok(results, n, why, sizeof(why))) {
+		recover(ctx, n == 2 ? why : "reading the log failed");
+		return;
+	}
+	r = results[0];
+	ctx->nevents = 0;
+	for (int row = 0; row < PQntuples(r); row++) {
+		if (!copy_event(&ctx->events[ctx->nevents++], r, row)) {
+			recover(ctx, "an event in the log cannot be decoded");
+			return;
+		}
+	}
+	got_batch(ctx, head_of(results[1]));
+}
+
+static void read_batch(struct projector_ctx *ctx)
+{
+	char pos[24], limit[16];
+	const char *params[3] = { ctx->cp_txid, pos, limit };
+
+	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
+	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
+	if (!pg_queue(ctx->pg, "read_events", 3, params) || !pg_queue(ctx->pg, "log_head", 0, NULL) ||
+	    !pg_run(ctx->pg, read_done, ctx))
+		return; /* the connection is being reset; on_connect starts over */
+	ctx->step = STEP_READING;
+}
+
+/* --- read ahead ------------------------------------------------------------------------ */
+
+/* While a batch's Redis leg is in flight the connection is free: the next batch is read
+ * from the new checkpoint then (into ctx->ahead), so that the next step does not wait
+ * for the Redis round trip before it can begin. It only reads; it is used only if the
+ * checkpoint is still the one it was read from. */
+
+void projector_drop_ahead(struct projector_ctx *ctx)
+{
+	for (size_t i = 0; i < ctx->nahead; i++)
+		json_decref(ctx->ahead[i].data);
+	ctx->nahead = 0;
+	ctx->ahead_ready = false;
+}
+
+static void ahead_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	char why[256];
+	bool ok = out->status == PG_RUN_DONE && out->n == 2 && all_ok(out->results, 2, why, sizeof(why));
+
+	ctx->ahead_running = false;
+	for (int row = 0; ok && row < PQntuples(out->results[0]); row++)
+		ok = copy_event(&ctx->ahead[ctx->nahead++], out->results[0], row);
+	if (ok) {
+		ctx->ahead_head = head_of(out->results[1]);
+		ctx->ahead_ready = true;
+		metric_add(ctx->m_read_ahead, 1);
+	} else {
+		projector_drop_ahead(ctx);
+		ctx->again = true; /* the ordinary read finds out what is wrong */
+	}
+	if (ctx->step == STEP_AHEAD)
+		go_idle(ctx);
+}
+
+static void read_ahead(struct projector_ctx *ctx)
+{
+	char pos[24], limit[16];
+	const char *params[3] = { ctx->cp_txid, pos, limit };
+
+	if (ctx->step != STEP_REDIS || ctx->ahead_running || ctx->ahead_ready || ctx->cp_stale ||
+	    ctx->role != ROLE_LEADER || ctx->stopping || !pg_ready(ctx->pg))
+		return;
+	if (!ctx->ahead && !(ctx->ahead = calloc(PROJECTOR_BATCH_MAX, sizeof(*ctx->ahead))))
+		return;
+	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
+	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
+	if (!pg_queue(ctx->pg, "read_events", 3, params) || !pg_queue(ctx->pg, "log_head", 0, NULL) ||
+	    !pg_run(ctx->pg, ahead_done, ctx))
+		return; /* the connection is being reset */
+	snprintf(ctx->ahead_from, sizeof(ctx->ahead_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+	ctx->ahead_running = true;
+	ctx->again = false; /* what woke us is in this read */
+}
+
+static void use_ahead(struct projector_ctx *ctx)
+{
+	char from[sizeof(ctx->ahead_from)];
+	struct log_event *read = ctx->ahead;
+
+	snprintf(from, sizeof(from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+	if (strcmp(from, ctx->ahead_from) != 0) { /* the checkpoint was reloaded: read again */
+		projector_drop_ahead(ctx);
+		read_batch(ctx);
+		return;
+	}
+	ctx->ahead = ctx->events;
+	ctx->events = read;
+	ctx->nevents = ctx->nahead;
+	ctx->nahead = 0;
+	ctx->ahead_ready = false;
+	ctx->step = STEP_READING;
+	got_batch(ctx, ctx->ahead_head);
+}
+
+/* --- leadership ------------------------------------------------------------------------ */
+
+static void checkpoint_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	PGresult *const *results = out->results;
+	size_t n = out->n;
+	/* Every status but DONE is a failure (a commit-time one included). */
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+
+	ctx->step = STEP_IDLE;
+	if (ctx->role != ROLE_LEADER)
+		return;
+	if (error || n != 1 || PQresultStatus(results[0]) != PGRES_TUPLES_OK ||
+	    PQntuples(results[0]) != 1) {
+		if (!error)
+			log_error(&ctx->log, "cannot read the projection checkpoint: %s",
+				  n ? PQresultErrorMessage(results[0]) : "no result");
+		ctx->step = STEP_BLOCKED; /* retried by the retry timer */
+		return;
+	}
+	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", PQgetvalue(results[0], 0, 0));
+	ctx->cp_pos = strtoll(PQgetvalue(results[0], 0, 1), NULL, 10);
+	snprintf(ctx->cp_gen, sizeof(ctx->cp_gen), "%s", PQgetvalue(results[0], 0, 2));
+	metric_set(ctx->m_position, (double)ctx->cp_pos);
+	log_info(&ctx->log, "resuming from checkpoint %s.%lld", ctx->cp_txid, ctx->cp_pos);
+	read_batch(ctx);
+}
+
+/* Only between steps: nothing may point into the caches. */
+static void load_checkpoint(struct projector_ctx *ctx)
+{
+	projector_forget(ctx);
+	ctx->cp_stale = false;
+	if (pg_queue(ctx->pg, "load_checkpoint", 0, NULL) && pg_run(ctx->pg, checkpoint_done, ctx))
+		ctx->step = STEP_LOADING;
+	else
+		ctx->cp_stale = true; /* not connected: on_pg_connect loads it */
+}
+
+/* Stand by: write nothing until the lease names us again. */
+static void step_down(struct projector_ctx *ctx, const char *why)
+{
+	if (ctx->role == ROLE_LEADER)
+		log_warn(&ctx->log, "deposed: %s; standing by", why);
+	else if (ctx->role == ROLE_ELECTING)
+		log_info(&ctx->log, "%s; standing by", why);
+	ctx->role = ROLE_STANDBY;
+	ctx->again = false;
+	ctx->cp_stale = true;
+	metric_set(ctx->m_leader, 0);
+	metric_set(ctx->m_epoch, 0);
+	if (ctx->step == STEP_IDLE || ctx->step == STEP_BLOCKED) {
+		ctx->step = STEP_IDLE;
+		projector_forget(ctx);
+	}
+	/* A step in flight finishes on its own: its writes carry the term's epoch (kept in
+	 * ctx->epoch), which PostgreSQL and Redis refuse once a successor has taken the
+	 * lease; none is started after this. */
+}
+
+void projector_on_lease_change(void *arg, long long epoch, const char *why)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (epoch == 0) {
+		step_down(ctx, why);
+		return;
+	}
+	log_info(&ctx->log, "leading the projection (epoch %lld)", epoch);
+	ctx->role = ROLE_LEADER;
+	ctx->epoch = epoch;
+	metric_set(ctx->m_leader, 1);
+	metric_set(ctx->m_epoch, (double)epoch);
+	projector_redis_fence(ctx);
+	/* Whatever we knew of the read models is stale: reload the checkpoint, with empty
+	 * caches, now if idle, else once the step in flight (which points into the caches)
+	 * is over, or on connecting. */
+	ctx->cp_stale = true;
+	if ((ctx->step == STEP_IDLE || ctx->step == STEP_BLOCKED) && pg_ready(ctx->pg)) {
+		ctx->step = STEP_IDLE;
+		projector_forget(ctx);
+		load_checkpoint(ctx);
+	}
+}
+
+void projector_retry(struct projector_ctx *ctx)
+{
+	if (ctx->step == STEP_BLOCKED)
+		ctx->step = STEP_IDLE;
+	if (ctx->role == ROLE_LEADER && ctx->step == STEP_IDLE && ctx->cp_stale && pg_ready(ctx->pg))
+		load_checkpoint(ctx);
+}
+
+void projector_on_pg_connect(void *arg)
+{
+	struct projector_ctx *ctx = arg;
+
+	/* Leadership is the lease's, not this session's: a leader resumes from the
+	 * checkpoint with empty caches. The database may be another one now: its identity
+	 * is read again before Redis is written. */
+	projector_redis_session(ctx);
+	/* A step still in flight now waits for Redis (a run on the lost connection has
+	 * already failed): its replies end it, and go_idle then reloads the checkpoint.
+	 * Resetting it here would let those replies end (and free) another step. */
+	if (ctx->step == STEP_REDIS || ctx->step == STEP_SYNCING) {
+		ctx->cp_stale = true;
+		return;
+	}
+	ctx->step = STEP_IDLE;
+	projector_free_events(ctx);
+	projector_forget(ctx);
+	if (ctx->role == ROLE_LEADER)
+		load_checkpoint(ctx);
+}
+
