@@ -17,6 +17,8 @@
 #define MAX_WORKERS 8
 #define MAX_WAITERS_DEFAULT 10000
 #define WAIT_PROBE_MS_DEFAULT 200
+#define CACHE_BYTES_DEFAULT 0L /* off until it pays: docs/performance.md */
+#define CACHE_LEASE_MS_DEFAULT 5
 
 static const char usage[] =
 	"usage: daybook-query [--help] [--version]\n"
@@ -36,6 +38,10 @@ static const char usage[] =
 	"  DAYBOOK_QUERY_WORKERS  event-loop threads sharing the port (default: CPUs, up to 4)\n"
 	"  DAYBOOK_MAX_WAITERS  reads that may wait for min_position at once (default 10000)\n"
 	"  DAYBOOK_WAIT_PROBE_MS  safety probe of the checkpoints while reads wait (default 200)\n"
+	"  DAYBOOK_QUERY_CACHE_BYTES  the read cache's cap for all workers together, in bytes\n"
+	"                       (default 0: no read cache; 16777216 holds about 25000 accounts)\n"
+	"  DAYBOOK_QUERY_CACHE_LEASE_MS  how long a cached body may be served after Redis\n"
+	"                       last proved the invalidations current (default 5)\n"
 	"  DAYBOOK_MAX_STREAMS  open event streams (GET /events/stream) at once (default 1000)\n"
 	"  DAYBOOK_STREAM_BUFFER_MAX  unsent bytes after which a slow stream is cut off\n"
 	"                       (default 1048576)\n"
@@ -141,6 +147,15 @@ static void on_stop(struct service_ctx *svc)
 	drain(ctx);
 }
 
+/* The read connection is new: what the cache read on the old one is no longer
+ * tracked. */
+static void on_reads_ready(void *arg)
+{
+	struct query_ctx *ctx = arg;
+
+	cache_reads_ready(ctx->cache);
+}
+
 static int open_redis(struct query_ctx *ctx)
 {
 	size_t nscripts;
@@ -149,7 +164,7 @@ static int open_redis(struct query_ctx *ctx)
 		.server = &ctx->cfg.redis, .name = "daybook-query", .base = ctx->base,
 		.log = &ctx->log, .scripts = scripts, .nscripts = nscripts, .read_only = true,
 		.command_timeout = REDIS_COMMAND_TIMEOUT, .connect_timeout = REDIS_CONNECT_TIMEOUT,
-		.arg = ctx,
+		.on_ready = on_reads_ready, .arg = ctx,
 	};
 	struct redis_config sc = {
 		.server = &ctx->cfg.redis, .name = "daybook-query-position", .base = ctx->base,
@@ -157,7 +172,17 @@ static int open_redis(struct query_ctx *ctx)
 		.connect_timeout = REDIS_CONNECT_TIMEOUT, .on_ready = on_subscribed, .arg = ctx,
 	};
 
+	struct cache_config cc = {
+		.max_bytes = ctx->cache_bytes, .lease = ctx->cache_lease,
+		.checkpoint_script = read_checkpoint_script(), .server = &ctx->cfg.redis,
+		.base = ctx->base, .connect_timeout = REDIS_CONNECT_TIMEOUT,
+		.metrics = ctx->metrics, .log = &ctx->log,
+	};
+
 	if (redis_open(&ctx->redis, &rc) || redis_open(&ctx->subscriber, &sc))
+		return -1;
+	cc.reads = ctx->redis;
+	if (cache_open(&ctx->cache, &cc))
 		return -1;
 	return 0;
 }
@@ -171,11 +196,12 @@ static int start_worker(struct query_ctx *ctx)
 		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
 		.routes = query_routes, .nroutes = query_nroutes, .ready = ready, .arg = ctx,
 		.reuse_port = true, .limits = ctx->cfg.http, .workers = (unsigned)ctx->nworkers,
+		.quiet_reads = true,
 	};
 	struct timeval tick = { 0, 100000 };
 
-	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx) || open_redis(ctx) ||
-	    feed_open(&ctx->feed, ctx)) {
+	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx, read_sql_done, read_sql_failed) ||
+	    open_redis(ctx) || feed_open(&ctx->feed, ctx)) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;
 	}
@@ -208,6 +234,7 @@ static void stop_worker(struct query_ctx *ctx)
 	http_server_close(&ctx->http);
 	redis_close(&ctx->subscriber);
 	redis_close(&ctx->redis);
+	cache_close(&ctx->cache); /* after the reads, whose pending heartbeat it is */
 	sqlpool_close(&ctx->sql);
 }
 
@@ -252,12 +279,15 @@ static int configure(struct service_ctx *svc)
 	long max_waiters = MAX_WAITERS_DEFAULT, probe_ms = WAIT_PROBE_MS_DEFAULT;
 	long max_streams = FEED_MAX_STREAMS_DEFAULT, stream_buffer = FEED_STREAM_BUFFER_DEFAULT;
 	long keepalive_ms = FEED_KEEPALIVE_MS_DEFAULT;
+	long cache_bytes = CACHE_BYTES_DEFAULT, cache_lease_ms = CACHE_LEASE_MS_DEFAULT;
 
 	if (!env_int("DAYBOOK_MAX_WAITERS", 1, 10000000, &max_waiters) ||
 	    !env_int("DAYBOOK_WAIT_PROBE_MS", 10, 600000, &probe_ms) ||
 	    !env_int("DAYBOOK_MAX_STREAMS", 0, 1000000, &max_streams) ||
 	    !env_int("DAYBOOK_STREAM_BUFFER_MAX", 4096, 1073741824, &stream_buffer) ||
-	    !env_int("DAYBOOK_STREAM_KEEPALIVE_MS", 100, 15000, &keepalive_ms))
+	    !env_int("DAYBOOK_STREAM_KEEPALIVE_MS", 100, 15000, &keepalive_ms) ||
+	    !env_int("DAYBOOK_QUERY_CACHE_BYTES", 0, 1L << 40, &cache_bytes) ||
+	    !env_int("DAYBOOK_QUERY_CACHE_LEASE_MS", 1, 3600000, &cache_lease_ms))
 		return 2;
 	ctx->max_waiters = (size_t)max_waiters;
 	ctx->probe_interval = (double)probe_ms / 1e3;
@@ -265,6 +295,8 @@ static int configure(struct service_ctx *svc)
 	ctx->stream_buffer_max = (size_t)stream_buffer;
 	ctx->stream_keepalive = (double)keepalive_ms / 1e3;
 	ctx->nworkers = worker_count();
+	ctx->cache_bytes = (size_t)cache_bytes / (size_t)ctx->nworkers; /* each its share */
+	ctx->cache_lease = (double)cache_lease_ms / 1e3;
 	/* Before the first event base: bases made afterwards lock for other threads. */
 	if (evthread_use_pthreads() != 0) {
 		fprintf(stderr, "daybook-query: cannot set up the event loop\n");

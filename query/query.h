@@ -20,6 +20,7 @@
 #include "tokens.h"
 #include "wait.h"
 #include "feed.h"
+#include "cache.h"
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
 #define QUERY_REDIS_ENTRIES 50 /* Redis keeps each account's newest 50 statement items */
@@ -69,6 +70,7 @@ struct query_ctx {
 	SERVICE_CTX_HEAD;
 	struct redis *redis;      /* the read connection */
 	struct redis *subscriber; /* dbk:position, to wake waiting reads */
+	struct cache *cache;      /* rendered bodies of Redis reads (cache.c) */
 	struct sqlpool *sql;
 	struct waitset *waits;    /* reads waiting for a projection to reach min_position */
 	size_t max_waiters;       /* DAYBOOK_MAX_WAITERS, for all workers together */
@@ -91,6 +93,8 @@ struct query_ctx {
 	atomic_size_t *streams;    /* how many are open now, in all workers (main's) */
 	size_t stream_buffer_max;  /* DAYBOOK_STREAM_BUFFER_MAX: unsent bytes before a cut */
 	double stream_keepalive;   /* DAYBOOK_STREAM_KEEPALIVE_MS, in seconds */
+	size_t cache_bytes;        /* this worker's share of DAYBOOK_QUERY_CACHE_BYTES */
+	double cache_lease;        /* DAYBOOK_QUERY_CACHE_LEASE_MS, in seconds */
 };
 
 enum read_kind {
@@ -121,17 +125,25 @@ struct read {
 	struct waiter wait;   /* while waiting for min_position */
 	uint64_t wait_seq;    /* waitset_seq when the read last started */
 	bool redis_cannot;    /* Redis reached min_position but cannot answer this read */
+	uint64_t cache_ticket; /* cache_ticket before the Redis read, 0: not to be kept */
 	struct timetravel tt; /* READ_TT_*: the point, folded from the event store */
 };
 
-/* The SQL side: a small pool of pipelined connections (sql.c). */
-int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx) __attribute__((warn_unused_result));
+/* The SQL side: a small pool of pipelined connections (sql.c). A queued read's
+ * outcome comes back through one of two callbacks, each of which takes the read over:
+ * its result (valid only during the call), or why it failed, with retry set when the
+ * statement did not run to an error of its own (the connection failed, the pipeline
+ * was aborted) so that it may be sent again. */
+typedef void (*sqlpool_done_cb)(struct read *rd, const PGresult *res);
+typedef void (*sqlpool_failed_cb)(struct read *rd, const char *why, bool retry);
+int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb done,
+		 sqlpool_failed_cb failed) __attribute__((warn_unused_result));
 void sqlpool_close(struct sqlpool **pool);
 /* Some connection is up. */
 bool sqlpool_connected(const struct sqlpool *pool);
 const char *sqlpool_last_error(const struct sqlpool *pool);
-/* Queue the read's statement; its outcome comes back through read_sql_done or
- * read_sql_failed. False when no connection is up (nothing queued). */
+/* Queue the read's statement; its outcome comes back through the pool's callbacks.
+ * False when no connection is up (nothing queued). */
 bool sqlpool_submit(struct sqlpool *pool, struct read *rd) __attribute__((warn_unused_result));
 /* Nothing queued or running. */
 bool sqlpool_idle(const struct sqlpool *pool);
@@ -152,6 +164,11 @@ struct answer {
 	struct readmodel_position at;
 };
 
+/* render.c: SQL rows and Redis statement items into response bodies. */
+/* {"items":[<items>],"next_before":<next>|null}, malloc'd (caller frees), or NULL when
+ * out of memory. Both models' statement pages go through it, so they match. */
+char *transactions_body(const char *const *items, const size_t *lens, size_t n,
+			const char *next_before, size_t *len);
 /* Turn the read's SQL result into an answer; false when the result is malformed.
  * The caller frees ans->body. */
 bool sql_render(const struct read *rd, const PGresult *res, struct answer *ans)
@@ -162,17 +179,16 @@ bool sql_probe_head(const PGresult *res, struct readmodel_position *head)
 	__attribute__((warn_unused_result));
 
 /* read.c: the read flow. */
-/* {"items":[<items>],"next_before":<next>|null}, malloc'd (caller frees), or NULL when
- * out of memory. Both models' statement pages go through it, so they match. */
-char *transactions_body(const char *const *items, const size_t *lens, size_t n,
-			const char *next_before, size_t *len);
 /* Start (or restart) a read: Redis first where it can answer, then SQL. Takes
  * ownership of rd: it is answered and freed in the end. */
 void read_start(struct read *rd);
+/* The SQL pool's callbacks (sqlpool_done_cb, sqlpool_failed_cb), which main wires. */
 void read_sql_done(struct read *rd, const PGresult *res);
 void read_sql_failed(struct read *rd, const char *why, bool retry);
-/* The Lua scripts the read connection loads. */
+/* The Lua scripts the read connection loads, and which of them answers {checkpoint}
+ * (the cache's heartbeat). */
 const char *const *read_scripts(size_t *n);
+size_t read_checkpoint_script(void);
 /* Set up the waiting room (ctx->waits) and the fallback counters. */
 int read_init(struct query_ctx *ctx) __attribute__((warn_unused_result));
 void read_fini(struct query_ctx *ctx);

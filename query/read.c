@@ -68,7 +68,7 @@ static const char *const scripts[] = {
 		"local t = redis.call('HGET', p .. 'totals', 'j')\n"
 		"if not t then return {cp} end\n"
 		"return {cp, t}\n",
-	[SCRIPT_CHECKPOINT] = LIVE_PREFIX "return {cp}\n",
+	[SCRIPT_CHECKPOINT] = LIVE_PREFIX "return {cp, g}\n",
 };
 
 static const char *const fallback_names[FALLBACK_COUNT] = {
@@ -81,6 +81,11 @@ const char *const *read_scripts(size_t *n)
 {
 	*n = sizeof(scripts) / sizeof(scripts[0]);
 	return scripts;
+}
+
+size_t read_checkpoint_script(void)
+{
+	return SCRIPT_CHECKPOINT;
 }
 
 static double now(void)
@@ -100,31 +105,6 @@ bool query_position_parse_n(const char *text, size_t len, struct readmodel_posit
 	memcpy(buf, text, len);
 	buf[len] = '\0';
 	return readmodel_position_parse(buf, out);
-}
-
-char *transactions_body(const char *const *items, const size_t *lens, size_t n,
-			const char *next_before, size_t *len)
-{
-	static const char head[] = "{\"items\":[", mid[] = "],\"next_before\":";
-	const char *next = next_before ? next_before : "null";
-	size_t total = sizeof(head) + sizeof(mid) + strlen(next) + 2 + n, at = 0;
-	char *body;
-
-	for (size_t i = 0; i < n; i++)
-		total += lens[i];
-	if (!(body = malloc(total)))
-		return NULL;
-	memcpy(body, head, sizeof(head) - 1);
-	at = sizeof(head) - 1;
-	for (size_t i = 0; i < n; i++) {
-		if (i)
-			body[at++] = ',';
-		memcpy(body + at, items[i], lens[i]);
-		at += lens[i];
-	}
-	at += (size_t)sprintf(body + at, "%s%s}", mid, next);
-	*len = at;
-	return body;
 }
 
 /* --- replies ---------------------------------------------------------------------- */
@@ -156,6 +136,42 @@ static void reply_body(struct read *rd, const struct readmodel_position *at, con
 	}
 	http_reply_raw(rd->req, 200, "application/json", body, len);
 	read_free(rd);
+}
+
+/* The cache's name of the read's Redis key ("acct:<id>", "xfer:<id>", "totals"), or
+ * false for a read the cache does not keep. */
+static bool cache_key(const struct read *rd, char *key, size_t len)
+{
+	switch (rd->kind) {
+	case READ_ACCOUNT:
+		snprintf(key, len, "acct:%s", rd->id);
+		return true;
+	case READ_TRANSFER:
+		snprintf(key, len, "xfer:%s", rd->id);
+		return true;
+	case READ_TOTALS:
+		snprintf(key, len, "totals");
+		return true;
+	default:
+		return false;
+	}
+}
+
+/* Answer from the cache when it may (cache.h); false when the read must go on. */
+static bool reply_cached(struct read *rd, const char *key)
+{
+	struct query_ctx *ctx = rd->ctx;
+	struct cache_hit hit;
+
+	if (!cache_get(ctx->cache, key, sqlpool_identity(ctx->sql), rd->has_min ? &rd->min : NULL,
+		       &hit))
+		return false;
+	http_set_header(rd->req, "X-Daybook-Position", hit.position);
+	if (hit.etag)
+		http_set_header(rd->req, "ETag", hit.etag);
+	http_reply_raw(rd->req, 200, "application/json", hit.body, hit.len);
+	read_free(rd);
+	return true;
 }
 
 static void reply_not_found(struct read *rd, const struct readmodel_position *at, const char *code)
@@ -301,12 +317,17 @@ static bool serve_redis(struct read *rd, const redisReply *rep, const struct rea
 	char *body;
 	size_t len;
 
+	char key[LEDGER_ID_MAX + 8];
+
 	switch (rd->kind) {
 	case READ_ACCOUNT:
 		if (rep->elements != 3 || el[1]->type != REDIS_REPLY_STRING ||
 		    el[2]->type != REDIS_REPLY_STRING || el[2]->len > 10)
 			break;
 		metric_add(rd->ctx->served_redis, 1);
+		if (rd->cache_ticket && cache_key(rd, key, sizeof(key)))
+			cache_fill(rd->ctx->cache, rd->cache_ticket, key, el[1]->str, el[1]->len,
+				   el[2]->str, at);
 		reply_body(rd, at, el[1]->str, el[1]->len, el[2]->str);
 		return true;
 	case READ_TRANSFER:
@@ -314,6 +335,9 @@ static bool serve_redis(struct read *rd, const redisReply *rep, const struct rea
 		if (rep->elements != 2 || el[1]->type != REDIS_REPLY_STRING)
 			break;
 		metric_add(rd->ctx->served_redis, 1);
+		if (rd->cache_ticket && cache_key(rd, key, sizeof(key)))
+			cache_fill(rd->ctx->cache, rd->cache_ticket, key, el[1]->str, el[1]->len, NULL,
+				   at);
 		reply_body(rd, at, el[1]->str, el[1]->len, NULL);
 		return true;
 	case READ_TRANSACTIONS: {
@@ -384,12 +408,30 @@ static void on_redis_reply(void *arg, const redisReply *rep)
 void read_start(struct read *rd)
 {
 	struct query_ctx *ctx = rd->ctx;
-	const char *argv[4];
-	char limit[16], before[16];
-	int argc = 1;
+	const char *argv[7], **args = argv;
+	char limit[16], before[16], key[LEDGER_ID_MAX + 8], keys[2][LEDGER_ID_MAX + 48];
+	const char *gen = NULL;
+	int argc = 1, nkeys = 0;
 	enum script script;
 
 	rd->wait_seq = waitset_seq(ctx->waits);
+	rd->cache_ticket = 0;
+	if (cache_key(rd, key, sizeof(key))) {
+		if (reply_cached(rd, key))
+			return;
+		rd->cache_ticket = cache_ticket(ctx->cache, key, sqlpool_identity(ctx->sql), &gen);
+	}
+	if (rd->cache_ticket) {
+		/* Redis tracks the keys a script call declares (cache.c): the script itself
+		 * still finds them from the live pointer. */
+		snprintf(keys[0], sizeof(keys[0]), "dbk:g:%s:identity", gen);
+		snprintf(keys[1], sizeof(keys[1]), "dbk:g:%s:%s", gen, key);
+		argv[0] = READMODEL_LIVE_KEY;
+		argv[1] = keys[0];
+		argv[2] = keys[1];
+		args = argv + 3;
+		nkeys = 3;
+	}
 	switch (rd->kind) {
 	case READ_ACCOUNT:
 		script = SCRIPT_ACCOUNT;
@@ -398,8 +440,8 @@ void read_start(struct read *rd)
 		script = SCRIPT_TRANSACTIONS;
 		snprintf(limit, sizeof(limit), "%d", rd->limit);
 		snprintf(before, sizeof(before), "%d", rd->before);
-		argv[1] = limit;
-		argv[2] = before;
+		args[1] = limit;
+		args[2] = before;
 		argc = 3;
 		break;
 	case READ_TRANSFER:
@@ -414,9 +456,9 @@ void read_start(struct read *rd)
 			reply_unavailable(rd, sqlpool_last_error(ctx->sql));
 		return;
 	}
-	argv[0] = rd->id;
-	argv[argc++] = sqlpool_identity(ctx->sql); /* the store whose generation may answer */
-	if (!redis_eval(ctx->redis, script, 0, argc, argv, NULL, on_redis_reply, rd))
+	args[0] = rd->id;
+	args[argc++] = sqlpool_identity(ctx->sql); /* the store whose generation may answer */
+	if (!redis_eval(ctx->redis, script, nkeys, nkeys + argc, argv, NULL, on_redis_reply, rd))
 		fallback(rd, FALLBACK_UNAVAILABLE);
 }
 

@@ -1,7 +1,7 @@
 /* daybook-query's SQL side: a small pool of pipelined PostgreSQL connections that
- * batch queued reads, the statements, and rendering SQL rows into response bodies. */
+ * batch queued reads, and the statements; each read's outcome goes back through the
+ * callbacks the pool was opened with (render.c turns the rows into bodies). */
 #include <event2/event.h>
-#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +81,8 @@ struct slot {
 
 struct sqlpool {
 	struct query_ctx *ctx;
+	sqlpool_done_cb done;
+	sqlpool_failed_cb failed;
 	struct slot slots[POOL_SIZE];
 	struct read *head, *tail; /* queued, not yet sent */
 	size_t queued;
@@ -116,6 +118,7 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 	/* Every status but DONE is a failure (a commit-time one included). */
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct read *rd = slot->batch, *next;
+	struct sqlpool *pool = slot->pool;
 	size_t i = 0;
 
 	slot->batch = NULL;
@@ -123,17 +126,17 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 		next = rd->next;
 		rd->next = NULL;
 		if (error || i >= n)
-			read_sql_failed(rd, error ? error : "no result", true);
+			pool->failed(rd, error ? error : "no result", true);
 		else if (PQresultStatus(results[i]) == PGRES_TUPLES_OK)
-			read_sql_done(rd, results[i]);
+			pool->done(rd, results[i]);
 		else if (PQresultStatus(results[i]) == PGRES_PIPELINE_ABORTED)
-			read_sql_failed(rd, "pipeline aborted", true);
+			pool->failed(rd, "pipeline aborted", true);
 		else
-			read_sql_failed(rd, PQresultErrorMessage(results[i]), false);
+			pool->failed(rd, PQresultErrorMessage(results[i]), false);
 	}
 	if (!slot->identified && time(NULL) >= slot->identify_after && identify(slot))
 		return; /* kicks when done */
-	kick(slot->pool);
+	kick(pool);
 }
 
 /* The statement parameters of a read, as text. */
@@ -320,7 +323,8 @@ bool sqlpool_idle(const struct sqlpool *pool)
 	return pool->head == NULL;
 }
 
-int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx)
+int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb done,
+		 sqlpool_failed_cb failed)
 {
 	struct sqlpool *pool = calloc(1, sizeof(*pool));
 
@@ -328,6 +332,8 @@ int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx)
 	if (!pool)
 		return -1;
 	pool->ctx = ctx;
+	pool->done = done;
+	pool->failed = failed;
 	for (size_t i = 0; i < POOL_SIZE; i++) {
 		struct pg_config pc = {
 			.conninfo = ctx->cfg.pg, .application_name = "daybook-query", .base = ctx->base,
@@ -357,202 +363,4 @@ void sqlpool_close(struct sqlpool **poolp)
 		pg_close(&pool->slots[i].pg);
 	free(pool);
 	*poolp = NULL;
-}
-
-/* --- rendering ------------------------------------------------------------------ */
-
-bool sql_probe_head(const PGresult *res, struct readmodel_position *head)
-{
-	char text[QUERY_POSITION_MAX];
-
-	if (PQntuples(res) < 1 || PQnfields(res) < 4 || PQgetisnull(res, 0, 2) ||
-	    PQgetisnull(res, 0, 3))
-		return false;
-	snprintf(text, sizeof(text), "%s.%s", PQgetvalue(res, 0, 2), PQgetvalue(res, 0, 3));
-	return readmodel_position_parse(text, head);
-}
-
-static const char *val(const PGresult *res, int row, int col)
-{
-	return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
-}
-
-static int64_t int_of(const PGresult *res, int row, int col)
-{
-	return strtoll(PQgetvalue(res, row, col), NULL, 10);
-}
-
-static bool take(char *body, struct answer *ans)
-{
-	if (!body)
-		return false;
-	ans->body = body;
-	ans->len = strlen(body);
-	ans->status = 200;
-	return true;
-}
-
-static bool render_account(const PGresult *res, struct answer *ans)
-{
-	struct readmodel_account a;
-
-	if (!val(res, 0, 2)) {
-		ans->status = 404;
-		ans->code = "account_not_found";
-		return true;
-	}
-	a = (struct readmodel_account){
-		.account_id = val(res, 0, 2), .name = val(res, 0, 3), .currency = val(res, 0, 4),
-		.balance = int_of(res, 0, 5), .overdraft_limit = int_of(res, 0, 6),
-		.status = val(res, 0, 7), .version = (int32_t)int_of(res, 0, 8),
-		.opened_at = val(res, 0, 9), .updated_at = val(res, 0, 10),
-	};
-	snprintf(ans->etag, sizeof(ans->etag), "%d", a.version);
-	return take(readmodel_account_json(&a), ans);
-}
-
-/* One statement item from columns version, type, amount, balance_after, transfer_id,
- * counterparty, reference, at starting at col. Caller frees. */
-static char *render_item(const PGresult *res, int row, int col)
-{
-	struct readmodel_entry e = {
-		.version = (int32_t)int_of(res, row, col), .type = val(res, row, col + 1),
-		.amount = int_of(res, row, col + 2), .balance_after = int_of(res, row, col + 3),
-		.transfer_id = val(res, row, col + 4), .counterparty = val(res, row, col + 5),
-		.reference = val(res, row, col + 6), .at = val(res, row, col + 7),
-	};
-
-	return readmodel_entry_json(&e);
-}
-
-static bool render_transactions(const struct read *rd, const PGresult *res, struct answer *ans)
-{
-	int rows = PQntuples(res), n = 0;
-	char *items[501];
-	size_t lens[501];
-	const char *next = NULL;
-	bool ok = false;
-
-	if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
-		ans->status = 404;
-		ans->code = "account_not_found";
-		return true;
-	}
-	for (int i = 0; i < rows && n < rd->limit; i++) {
-		if (!val(res, i, 3))
-			break;
-		items[n] = render_item(res, i, 3);
-		if (!items[n])
-			goto done;
-		lens[n] = strlen(items[n]);
-		n++;
-	}
-	if (rows > rd->limit && n == rd->limit)
-		next = PQgetvalue(res, n - 1, 3);
-	ans->body = transactions_body((const char *const *)items, lens, (size_t)n, next, &ans->len);
-	ok = ans->body != NULL;
-done:
-	for (int i = 0; i < n; i++)
-		free(items[i]);
-	ans->status = 200;
-	return ok;
-}
-
-static bool render_transfer(const PGresult *res, struct answer *ans)
-{
-	struct readmodel_transfer t;
-
-	if (!val(res, 0, 2)) {
-		ans->status = 404;
-		ans->code = "transfer_not_found";
-		return true;
-	}
-	t = (struct readmodel_transfer){
-		.transfer_id = val(res, 0, 2), .from = val(res, 0, 3), .to = val(res, 0, 4),
-		.amount = int_of(res, 0, 5), .currency = val(res, 0, 6), .reference = val(res, 0, 7),
-		.at = val(res, 0, 8),
-	};
-	return take(readmodel_transfer_json(&t), ans);
-}
-
-/* balance_sum is numeric (a sum of int64 can exceed int64): the texts go into the
- * body as they are, through the one rendering the projector uses too. */
-static bool render_totals(const PGresult *res, struct answer *ans)
-{
-	int rows = PQntuples(res), n = 0;
-	struct readmodel_total *t = malloc((size_t)(rows ? rows : 1) * sizeof(*t));
-	char *body;
-
-	if (!t)
-		return false;
-	for (; n < rows && val(res, n, 2); n++)
-		t[n] = (struct readmodel_total){ .currency = val(res, n, 2), .accounts = val(res, n, 3),
-						 .open_accounts = val(res, n, 4),
-						 .balance_sum = val(res, n, 5) };
-	body = readmodel_totals_json(t, (size_t)n);
-	free(t);
-	if (!body)
-		return false;
-	ans->body = body;
-	ans->len = strlen(body);
-	ans->status = 200;
-	return true;
-}
-
-static bool render_events(const PGresult *res, struct answer *ans)
-{
-	int rows = PQntuples(res);
-	json_t *list, *o;
-	bool ok = false;
-
-	if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
-		ans->status = 404;
-		ans->code = "account_not_found";
-		return true;
-	}
-	list = json_array();
-	o = json_pack("{s:o}", "events", list);
-	if (!o)
-		goto done;
-	for (int i = 0; i < rows && val(res, i, 3); i++) {
-		/* jsonb's text is re-encoded compactly; its objects nest as objects. */
-		json_t *e = json_pack("{s:I, s:s, s:o, s:o, s:s}", "version",
-				      (json_int_t)int_of(res, i, 3), "type", val(res, i, 4), "data",
-				      json_loads(val(res, i, 5), 0, NULL), "metadata",
-				      json_loads(val(res, i, 6), 0, NULL), "recorded_at", val(res, i, 7));
-		if (!e || json_array_append_new(list, e) != 0)
-			goto done;
-	}
-	ok = take(json_dumps(o, JSON_COMPACT), ans);
-done:
-	json_decref(o);
-	return ok;
-}
-
-bool sql_render(const struct read *rd, const PGresult *res, struct answer *ans)
-{
-	if (PQntuples(res) < 1 || PQnfields(res) < 2 || PQgetisnull(res, 0, 0))
-		return false; /* no checkpoint row: the read models are not migrated */
-	snprintf(ans->position, sizeof(ans->position), "%s.%s", PQgetvalue(res, 0, 0),
-		 PQgetvalue(res, 0, 1));
-	if (!readmodel_position_parse(ans->position, &ans->at))
-		return false;
-	switch (rd->kind) {
-	case READ_ACCOUNT:
-		return render_account(res, ans);
-	case READ_TRANSACTIONS:
-		return render_transactions(rd, res, ans);
-	case READ_TRANSFER:
-		return render_transfer(res, ans);
-	case READ_TOTALS:
-		return render_totals(res, ans);
-	case READ_EVENTS:
-		return render_events(res, ans);
-	case READ_PROBE:
-		return true;
-	case READ_TT_AS_OF:
-	case READ_TT_AT:
-		break; /* timetravel_done renders them */
-	}
-	return false;
 }

@@ -84,14 +84,19 @@ static double elapsed(const struct timespec *start)
 	return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) / 1e9;
 }
 
-/* The access line: one per request, at info (warn for 5xx), built only when it is
- * written. Every field goes through jansson (log_text for what the client chose), so
- * the line is valid JSON whatever bytes the path or the request id held. */
+/* The access line: one per request, at info (warn for 5xx; debug for a successful
+ * read with quiet_reads), built only when it is written. Every field goes through
+ * jansson (log_text for what the client chose), so the line is valid JSON whatever
+ * bytes the path or the request id held. */
 static void access_log(struct http_request *req, int status, size_t bytes, double secs)
 {
 	const struct log *log = req->srv->cfg.log;
 	enum log_level level = status >= 500 ? LOG_WARN : LOG_INFO;
+	bool read = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
 	json_t *fields;
+
+	if (req->srv->cfg.quiet_reads && read && ((status >= 200 && status < 300) || status == 304))
+		level = LOG_DEBUG;
 
 	if (!log_enabled(log, level))
 		return;

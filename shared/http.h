@@ -68,6 +68,11 @@ struct http_server_config {
 	struct config_http limits;
 	/* Servers (workers) of the process sharing the cap: each keeps its share (0: 1). */
 	unsigned workers;
+	/* Access lines of successful reads (GET or HEAD answered 2xx or 304) at debug
+	 * instead of info: for a read API whose requests cost a few microseconds, of which
+	 * the line would be a third. Errors and every other answer stay at info (warn for
+	 * a 5xx). */
+	bool quiet_reads;
 };
 
 /* Bind host:port and serve. The config's pointers must outlive the server.

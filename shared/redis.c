@@ -54,6 +54,7 @@ struct redis {
 	struct event *deadline; /* the oldest pending reply's deadline */
 	double backoff;
 	int setup_left;         /* setup replies still expected */
+	long long client_id;    /* CLIENT ID of this connection (cfg.client_id), 0 until known */
 	struct script *scripts;
 	struct pending *head, *tail;
 	size_t npending;
@@ -98,6 +99,7 @@ static void lose(struct redis *r, const char *why, bool free_ac)
 		log_warn(r->cfg.log, "redis (%s): connection lost: %s", label(r), r->error);
 	r->ac = NULL;
 	r->state = REDIS_DOWN;
+	r->client_id = 0;
 	evtimer_del(r->deadline);
 	arm(r->timer, r->backoff);
 	r->backoff = r->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : r->backoff * 2;
@@ -325,11 +327,36 @@ static void on_subscription(redisAsyncContext *ac, void *reply, void *privdata)
 		return;
 	if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 3)
 		return;
-	if (is_str(rep->element[0], "subscribe") && r->state == REDIS_CONNECTING)
+	if (is_str(rep->element[0], "subscribe") && r->state == REDIS_CONNECTING) {
 		setup_step_done(r);
-	else if (is_str(rep->element[0], "message") && rep->element[2]->type == REDIS_REPLY_STRING &&
-		 r->cfg.on_message)
+		return;
+	}
+	if (is_str(rep->element[0], "subscribe")) { /* redis_barrier's */
+		if (r->cfg.on_barrier)
+			r->cfg.on_barrier(r->cfg.arg);
+		return;
+	}
+	if (!is_str(rep->element[0], "message"))
+		return;
+	if (r->cfg.on_payload)
+		r->cfg.on_payload(r->cfg.arg, rep->element[2]);
+	if (rep->element[2]->type == REDIS_REPLY_STRING && r->cfg.on_message)
 		r->cfg.on_message(r->cfg.arg, rep->element[2]->str, rep->element[2]->len);
+}
+
+static void on_client_id(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct redis *r = privdata;
+	const redisReply *rep = reply;
+
+	if (!setup_reply_ok(r, ac, rep))
+		return;
+	if (rep->type != REDIS_REPLY_INTEGER || rep->integer <= 0) {
+		lose(r, "CLIENT ID gave no id", true);
+		return;
+	}
+	r->client_id = rep->integer;
+	setup_step_done(r);
 }
 
 static void on_connect(const redisAsyncContext *ac, int status)
@@ -377,6 +404,11 @@ static bool send_setup(struct redis *r)
 	if (r->cfg.name) {
 		const char *argv[] = { "CLIENT", "SETNAME", r->cfg.name };
 		ok |= redisAsyncCommandArgv(ac, on_setup_reply, r, 3, argv, NULL);
+		r->setup_left++;
+	}
+	if (r->cfg.client_id) {
+		const char *argv[] = { "CLIENT", "ID" };
+		ok |= redisAsyncCommandArgv(ac, on_client_id, r, 2, argv, NULL);
 		r->setup_left++;
 	}
 	if (r->cfg.subscribe) {
@@ -736,6 +768,24 @@ const char *redis_last_error(const struct redis *r)
 size_t redis_pending(const struct redis *r)
 {
 	return r->npending;
+}
+
+const struct config_redis *redis_server(const struct redis *r)
+{
+	return r->state == REDIS_READY ? &r->server : NULL;
+}
+
+long long redis_client_id(const struct redis *r)
+{
+	return r->state == REDIS_READY ? r->client_id : 0;
+}
+
+bool redis_barrier(struct redis *r)
+{
+	const char *argv[] = { "SUBSCRIBE", r->cfg.subscribe };
+
+	return r->state == REDIS_READY && r->cfg.subscribe &&
+	       redisAsyncCommandArgv(r->ac, on_subscription, r, 2, argv, NULL) == REDIS_OK;
 }
 
 static struct pending *pending_new(struct redis *r, redis_reply_cb cb, void *arg)

@@ -45,6 +45,15 @@ struct redis_config {
 	 * time, it notices a lost server by TCP keepalive or a closed socket only. */
 	const char *subscribe;
 	redis_message_cb on_message;
+	/* Subscriber mode: every message's payload as hiredis parsed it, whatever its
+	 * type (a tracking invalidation's is an array of keys, or nil after a flush);
+	 * may be NULL. Runs before on_message (which sees string payloads only). */
+	redis_reply_cb on_payload;
+	/* Subscriber mode: called for each answer to redis_barrier, in order. */
+	void (*on_barrier)(void *arg);
+	/* Ask CLIENT ID on every (re)connection, before the setup's other commands
+	 * (redis_client_id), e.g. for a CLIENT TRACKING REDIRECT to this connection. */
+	bool client_id;
 	/* Seconds the oldest outstanding reply may take before the connection counts as
 	 * hung: it is dropped (every pending callback gets NULL) and re-established.
 	 * 0: 1 s. */
@@ -86,6 +95,19 @@ bool redis_connected(const struct redis *r);
 const char *redis_last_error(const struct redis *r);
 /* Commands sent whose replies have not arrived yet. */
 size_t redis_pending(const struct redis *r);
+/* The server of the current connection (with Sentinel discovery, the primary it found:
+ * host and port filled in), while connected; NULL while down. Borrowed, valid until the
+ * connection changes. */
+const struct config_redis *redis_server(const struct redis *r);
+/* With cfg.client_id: the connection's CLIENT ID once connected, 0 while down. A new
+ * connection has a new id. */
+long long redis_client_id(const struct redis *r);
+/* Subscriber mode: subscribe once more to the channel it is subscribed to. Redis answers
+ * after every message it had queued for this connection when the command ran, so the
+ * answer (cfg.on_barrier) is a barrier: each message published, or invalidation sent,
+ * before then has been delivered. False when not connected. No deadline: a connection
+ * that hangs is noticed as any subscriber's is. */
+bool redis_barrier(struct redis *r) __attribute__((warn_unused_result));
 
 /* Send one command in argv form (binary-safe; argvlen NULL means strlen of each).
  * Commands are pipelined: they are written together at the next loop turn and their

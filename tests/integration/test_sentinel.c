@@ -85,14 +85,12 @@ Test(sentinel, the_projector_and_the_query_service_find_the_primary_through_sent
 	response_free(&r);
 }
 
-Test(sentinel, after_a_failover_the_projector_writes_to_the_promoted_replica)
+/* A replica of the primary, both able to replicate as daybook-ops. */
+static void start_replica(void)
 {
 	redisContext *p, *rc;
 	redisReply *rep;
-	double end;
-	bool done = false;
 
-	/* A replica of the primary, both able to replicate as daybook-ops. */
 	harness_start_redis(&replica, false, replica_url, sizeof(replica_url));
 	p = harness_redis(primary_url);
 	rc = harness_redis(replica_url);
@@ -103,14 +101,19 @@ Test(sentinel, after_a_failover_the_projector_writes_to_the_promoted_replica)
 	rep = cmd(rc, "REPLICAOF 127.0.0.1 %d", primary.port);
 	cr_assert_neq(rep->type, REDIS_REPLY_ERROR, "%s", rep->str);
 	freeReplyObject(rep);
+	redisFree(p);
+	redisFree(rc);
+}
 
-	harness_start_projector(&projector, db, sentinel_url);
-	must("/accounts", "{\"id\":\"s-2\",\"name\":\"S\",\"currency\":\"EUR\"}");
-	harness_wait_caught_up(db, primary_url, 30);
+/* Fail over by hand once the Sentinel knows the replica (it learns of it from the
+ * primary's INFO, every few seconds), and wait until the replica is the primary. */
+static void fail_over(void)
+{
+	redisContext *rc, *s = redisConnect("127.0.0.1", sentinel.port);
+	redisReply *rep;
+	double end;
+	bool done = false;
 
-	/* Fail over by hand once the Sentinel knows the replica (it learns of it from the
-	 * primary's INFO, every few seconds). */
-	redisContext *s = redisConnect("127.0.0.1", sentinel.port);
 	cr_assert(s && !s->err);
 	end = harness_now() + 60;
 	while (!done && harness_now() < end) {
@@ -122,8 +125,6 @@ Test(sentinel, after_a_failover_the_projector_writes_to_the_promoted_replica)
 	}
 	cr_assert(done, "the Sentinel did not fail over");
 	redisFree(s);
-	redisFree(p);
-	redisFree(rc);
 	/* The Sentinel closes the clients' connections as it reconfigures the servers:
 	 * a new one for each look. */
 	end = harness_now() + 30;
@@ -140,6 +141,15 @@ Test(sentinel, after_a_failover_the_projector_writes_to_the_promoted_replica)
 		cr_assert_lt(harness_now(), end, "the replica was not promoted");
 		usleep(100000);
 	}
+}
+
+Test(sentinel, after_a_failover_the_projector_writes_to_the_promoted_replica)
+{
+	start_replica();
+	harness_start_projector(&projector, db, sentinel_url);
+	must("/accounts", "{\"id\":\"s-2\",\"name\":\"S\",\"currency\":\"EUR\"}");
+	harness_wait_caught_up(db, primary_url, 30);
+	fail_over();
 
 	/* New events reach the promoted replica: the projector asked the Sentinel again. */
 	must("/accounts/s-2/deposits", "{\"amount\":300}");
@@ -147,4 +157,44 @@ Test(sentinel, after_a_failover_the_projector_writes_to_the_promoted_replica)
 	harness_assert_redis_matches_sql(db, replica_url);
 	cr_assert(has_client(replica_url, "daybook-projector"),
 		  "the projector is not connected to the new primary");
+}
+
+/* The query service's read cache after a failover: its connections follow the new
+ * primary, the cache starts over there, and a change made after it is seen. */
+Test(sentinel, after_a_failover_the_query_cache_shows_changes_made_on_the_new_primary)
+{
+	const char *auth[] = { "Authorization: Bearer " TOKEN_READ, NULL };
+	const char *env[] = { "DAYBOOK_QUERY_WORKERS", "1", "DAYBOOK_QUERY_CACHE_LEASE_MS", "600000",
+			      "DAYBOOK_QUERY_CACHE_BYTES", "16777216", NULL };
+	double end;
+	long long balance = 0;
+
+	start_replica();
+	harness_start_projector(&projector, db, sentinel_url);
+	harness_start_query_env(&query, db, sentinel_url, env);
+	must("/accounts", "{\"id\":\"s-3\",\"name\":\"S\",\"currency\":\"EUR\"}");
+	must("/accounts/s-3/deposits", "{\"amount\":100}");
+	harness_wait_caught_up(db, primary_url, 30);
+	/* Read until an answer comes from the cache. */
+	for (end = harness_now() + 20;; usleep(2000)) {
+		double before = harness_metric(&query, "daybook_query_reads_total{model=\"cache\"}");
+		struct response r = http_request(query.port, "GET", "/accounts/s-3", auth, NULL, 10);
+		cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
+		response_free(&r);
+		if (harness_metric(&query, "daybook_query_reads_total{model=\"cache\"}") > before)
+			break;
+		cr_assert_lt(harness_now(), end, "no read came from the cache");
+	}
+	fail_over();
+	must("/accounts/s-3/deposits", "{\"amount\":50}");
+	for (end = harness_now() + 30; balance != 150; usleep(5000)) {
+		struct response r = http_request(query.port, "GET", "/accounts/s-3", auth, NULL, 10);
+		cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
+		balance = json_integer_value(json_object_get(r.json, "balance"));
+		response_free(&r);
+		cr_assert_lt(harness_now(), end, "the account still shows %lld, not 150", balance);
+	}
+	harness_wait_caught_up(db, replica_url, 60);
+	cr_assert(has_client(replica_url, "daybook-query-invalidations"),
+		  "the read cache's connection did not follow the new primary");
 }
