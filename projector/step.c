@@ -560,17 +560,26 @@ void projector_drop_ahead(struct projector_ctx *ctx)
 	ctx->ahead_ready = false;
 }
 
+/* The read-ahead's events and log head into ctx->ahead; false when it failed. */
+static bool take_ahead(struct projector_ctx *ctx, const struct pg_outcome *out)
+{
+	char why[256];
+
+	if (out->status != PG_RUN_DONE || out->n != 2 || !all_ok(out->results, 2, why, sizeof(why)))
+		return false;
+	for (int row = 0; row < PQntuples(out->results[0]); row++)
+		if (!copy_event(&ctx->ahead[ctx->nahead++], out->results[0], row))
+			return false;
+	ctx->ahead_head = head_of(out->results[1]);
+	return true;
+}
+
 static void ahead_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
-	char why[256];
-	bool ok = out->status == PG_RUN_DONE && out->n == 2 && all_ok(out->results, 2, why, sizeof(why));
 
 	ctx->ahead_running = false;
-	for (int row = 0; ok && row < PQntuples(out->results[0]); row++)
-		ok = copy_event(&ctx->ahead[ctx->nahead++], out->results[0], row);
-	if (ok) {
-		ctx->ahead_head = head_of(out->results[1]);
+	if (take_ahead(ctx, out)) {
 		ctx->ahead_ready = true;
 		metric_add(ctx->m_read_ahead, 1);
 	} else {

@@ -16,8 +16,8 @@ struct tokens;
 struct service_def;
 
 /* The members every service's context starts with. service_run fills in the first
- * five and owns them (and the signal events); `http` is the service's own, closed by
- * its `stop`, but service_run stops it accepting on the first signal. */
+ * five and `def`, and owns them (and the signal events); `http` is the service's own,
+ * closed by its `stop`, but service_run stops it accepting on the first signal. */
 #define SERVICE_CTX_MEMBERS                                                               \
 	struct config cfg;                                                                \
 	struct log log;                                                                   \
