@@ -7,47 +7,32 @@
 
 #include "redis_sync.h"
 
-/* The cached totals as text: int64 counts and an int128 sum, bounded by their types. */
-struct totals_text {
-	char accounts[24], open[24], sum[48];
-};
-
 struct totals_collect {
-	struct readmodel_total *rows;
-	struct totals_text *text;
+	const struct readmodel_totals **rows;
 	size_t n, cap;
 };
 
 static void collect_total(void *arg, const char *currency, void *value)
 {
 	struct totals_collect *c = arg;
-	const struct rm_total *t = value;
-	struct totals_text *x;
 
 	(void)currency;
-	if (c->n == c->cap)
-		return;
-	x = &c->text[c->n];
-	snprintf(x->accounts, sizeof(x->accounts), "%lld", (long long)t->tot.count.accounts);
-	snprintf(x->open, sizeof(x->open), "%lld", (long long)t->tot.count.open_accounts);
-	readmodel_int128_text(t->tot.count.balance_sum, x->sum);
-	c->rows[c->n++] = (struct readmodel_total){ .currency = t->tot.currency, .accounts = x->accounts,
-						    .open_accounts = x->open, .balance_sum = x->sum };
+	if (c->n < c->cap)
+		c->rows[c->n++] = &((const struct rm_total *)value)->tot;
 }
 
+/* GET /totals's body from the cached totals. Caller frees. */
 static char *cached_totals_json(struct projector_ctx *ctx)
 {
 	struct totals_collect c = { .cap = strmap_count(ctx->totals) };
 	char *json = NULL;
 
 	c.rows = calloc(c.cap ? c.cap : 1, sizeof(*c.rows));
-	c.text = calloc(c.cap ? c.cap : 1, sizeof(*c.text));
-	if (c.rows && c.text) {
+	if (c.rows) {
 		strmap_foreach(ctx->totals, collect_total, &c);
-		json = redis_sync_totals_json(c.rows, c.n);
+		json = readmodel_totals_json_of(c.rows, c.n);
 	}
 	free(c.rows);
-	free(c.text);
 	return json;
 }
 

@@ -191,19 +191,14 @@ static void accounts_page_done(void *arg, const struct pg_outcome *out)
 	begin_sends(ctx);
 	for (int row = 0; row < rows;) {
 		const char *id = PQgetvalue(r, row, 0);
-		struct readmodel_account a = {
-			.account_id = id, .name = PQgetvalue(r, row, 1),
-			.currency = PQgetvalue(r, row, 2), .balance = strtoll(PQgetvalue(r, row, 3), NULL, 10),
-			.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10),
-			.status = PQgetvalue(r, row, 5), .version = atoi(PQgetvalue(r, row, 6)),
-			.opened_at = PQgetvalue(r, row, 8), .updated_at = PQgetvalue(r, row, 9),
-		};
+		/* READMODEL_SQL_ACCOUNT_COLUMNS, the entries (9), READMODEL_SQL_ENTRY_COLUMNS */
+		struct readmodel_account a = readmodel_account_from_pg(r, row, 0);
 		char *json = readmodel_account_json(&a), *items[READMODEL_ITEMS_KEPT];
 		const char *versions[READMODEL_ITEMS_KEPT];
 		size_t m = 0;
 
 		if (json)
-			put_account(ctx, s->gen, id, a.version, atoi(PQgetvalue(r, row, 7)), json);
+			put_account(ctx, s->gen, id, a.version, atoi(PQgetvalue(r, row, 9)), json);
 		else
 			ctx->rfailed = true;
 		free(json);
@@ -213,15 +208,7 @@ static void accounts_page_done(void *arg, const struct pg_outcome *out)
 			(void)first;
 			if (PQgetisnull(r, row, 10) || m == READMODEL_ITEMS_KEPT)
 				continue;
-			e = (struct readmodel_entry){
-				.version = atoi(PQgetvalue(r, row, 10)), .type = PQgetvalue(r, row, 11),
-				.amount = strtoll(PQgetvalue(r, row, 12), NULL, 10),
-				.balance_after = strtoll(PQgetvalue(r, row, 13), NULL, 10),
-				.transfer_id = PQgetisnull(r, row, 14) ? NULL : PQgetvalue(r, row, 14),
-				.counterparty = PQgetisnull(r, row, 15) ? NULL : PQgetvalue(r, row, 15),
-				.reference = PQgetisnull(r, row, 16) ? NULL : PQgetvalue(r, row, 16),
-				.at = PQgetvalue(r, row, 17),
-			};
+			e = readmodel_entry_from_pg(r, row, 10);
 			versions[m] = PQgetvalue(r, row, 10);
 			items[m] = readmodel_entry_json(&e);
 			if (items[m])
@@ -255,13 +242,8 @@ static void transfers_page_done(void *arg, const struct pg_outcome *out)
 	}
 	begin_sends(ctx);
 	for (int row = 0; row < rows; row++) {
-		struct readmodel_transfer t = {
-			.transfer_id = PQgetvalue(r, row, 0), .from = PQgetvalue(r, row, 1),
-			.to = PQgetvalue(r, row, 2), .amount = strtoll(PQgetvalue(r, row, 3), NULL, 10),
-			.currency = PQgetvalue(r, row, 4),
-			.reference = PQgetisnull(r, row, 5) ? NULL : PQgetvalue(r, row, 5),
-			.at = PQgetvalue(r, row, 6),
-		};
+		/* READMODEL_SQL_TRANSFER_COLUMNS */
+		struct readmodel_transfer t = readmodel_transfer_from_pg(r, row, 0);
 		char *json = readmodel_transfer_json(&t);
 		if (json)
 			put_transfer(ctx, s->gen, t.transfer_id, json);

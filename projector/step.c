@@ -25,25 +25,18 @@ static const struct pg_statement statements[] = {
 	  "ORDER BY events.txid, events.position LIMIT $3" },
 	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
 	{ "load_accounts",
-	  "SELECT account_id, name, currency, balance, overdraft_limit, status, version, entries, "
-	  READMODEL_SQL_TIME("opened_at") ", "
-	  READMODEL_SQL_TIME("updated_at") " "
+	  "SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("rm_accounts") ", rm_accounts.entries "
 	  "FROM rm_accounts WHERE account_id = ANY($1::text[])" },
 	{ "load_totals", "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
 	{ "sync_accounts",
 	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
-	  "LIMIT $2) SELECT p.account_id, p.name, p.currency, p.balance, p.overdraft_limit, "
-	  "p.status, p.version, p.entries, "
-	  READMODEL_SQL_TIME("p.opened_at") ", "
-	  READMODEL_SQL_TIME("p.updated_at") ", "
-	  "e.version, e.type, e.amount, e.balance_after, e.transfer_id, e.counterparty, "
-	  "e.reference, " READMODEL_SQL_TIME("e.at") " "
+	  "LIMIT $2) SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("p") ", p.entries, "
+	  READMODEL_SQL_ENTRY_COLUMNS("e") " "
 	  "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
 	  "p.account_id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e ON true "
 	  "ORDER BY p.account_id, e.version" },
 	{ "sync_transfers",
-	  "SELECT transfer_id, from_account, to_account, amount, currency, reference, "
-	  READMODEL_SQL_TIME("at") " FROM rm_transfers "
+	  "SELECT " READMODEL_SQL_TRANSFER_COLUMNS("rm_transfers") " FROM rm_transfers "
 	  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
 	/* ($1 epoch, $2 $3 from, $4 generation, $5 $6 to): fails with SQLSTATE
 	 * PROJECTOR_SQLSTATE_FENCED or PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
@@ -303,20 +296,22 @@ static void fold_and_write(struct projector_ctx *ctx)
 
 static bool cache_account_row(struct projector_ctx *ctx, PGresult *r, int row)
 {
+	/* READMODEL_SQL_ACCOUNT_COLUMNS, then the entries count (9) */
+	struct readmodel_account b = readmodel_account_from_pg(r, row, 0);
 	struct rm_account *a = calloc(1, sizeof(*a));
 
 	if (!a)
 		return false;
-	snprintf(a->row.acc.id, sizeof(a->row.acc.id), "%s", PQgetvalue(r, row, 0));
-	snprintf(a->row.name, sizeof(a->row.name), "%s", PQgetvalue(r, row, 1));
-	snprintf(a->row.acc.currency, sizeof(a->row.acc.currency), "%s", PQgetvalue(r, row, 2));
-	a->row.acc.balance = strtoll(PQgetvalue(r, row, 3), NULL, 10);
-	a->row.acc.overdraft_limit = strtoll(PQgetvalue(r, row, 4), NULL, 10);
-	a->row.acc.closed = strcmp(PQgetvalue(r, row, 5), "closed") == 0;
-	a->row.acc.version = (int32_t)atoi(PQgetvalue(r, row, 6));
-	a->row.entries = (int32_t)atoi(PQgetvalue(r, row, 7));
-	snprintf(a->opened_at, sizeof(a->opened_at), "%s", PQgetvalue(r, row, 8));
-	snprintf(a->updated_at, sizeof(a->updated_at), "%s", PQgetvalue(r, row, 9));
+	snprintf(a->row.acc.id, sizeof(a->row.acc.id), "%s", b.account_id);
+	snprintf(a->row.name, sizeof(a->row.name), "%s", b.name);
+	snprintf(a->row.acc.currency, sizeof(a->row.acc.currency), "%s", b.currency);
+	a->row.acc.balance = b.balance;
+	a->row.acc.overdraft_limit = b.overdraft_limit;
+	a->row.acc.closed = strcmp(b.status, "closed") == 0;
+	a->row.acc.version = b.version;
+	a->row.entries = (int32_t)atoi(PQgetvalue(r, row, 9));
+	snprintf(a->opened_at, sizeof(a->opened_at), "%s", b.opened_at);
+	snprintf(a->updated_at, sizeof(a->updated_at), "%s", b.updated_at);
 	if (!strmap_put(ctx->accounts, a->row.acc.id, a)) {
 		free(a);
 		return false;

@@ -38,8 +38,15 @@
 #include "strmap.h"
 
 #define INVALIDATE_CHANNEL "__redis__:invalidate"
-#define GENERATION_PREFIX "dbk:g:"
 #define BEATS_MAX 4 /* heartbeats in flight at once */
+
+/* Is key name `name` ("<kind>:<id>") one of `kind`'s? */
+static bool is_kind(const char *name, const char *kind)
+{
+	size_t n = strlen(kind);
+
+	return strncmp(name, kind, n) == 0 && name[n] == ':';
+}
 
 /* One key's slot: an entry, or a read on its way (body NULL). */
 struct entry {
@@ -239,9 +246,10 @@ static void heartbeat(struct cache *c)
 	if (c->reading || c->nbeats >= BEATS_MAX || !coherent(c))
 		return;
 	if (c->gen[0]) {
-		snprintf(identity_key, sizeof(identity_key), GENERATION_PREFIX "%s:identity", c->gen);
-		snprintf(checkpoint_key, sizeof(checkpoint_key), GENERATION_PREFIX "%s:checkpoint",
-			 c->gen);
+		readmodel_key_text(identity_key, sizeof(identity_key), c->gen,
+				   READMODEL_KIND_IDENTITY, NULL);
+		readmodel_key_text(checkpoint_key, sizeof(checkpoint_key), c->gen,
+				   READMODEL_KIND_CHECKPOINT, NULL);
 	} else {
 		argv[1] = c->identity; /* the live pointer alone until the generation is known */
 		nkeys = 1;
@@ -282,10 +290,10 @@ static void on_barrier(void *arg)
 static void invalidate(struct cache *c, const char *key, size_t len)
 {
 	char name[256];
-	size_t at = sizeof(GENERATION_PREFIX) - 1;
+	size_t at = sizeof(READMODEL_GEN_PREFIX) - 1;
 	struct entry *e;
 
-	if (len < at || memcmp(key, GENERATION_PREFIX, at) != 0) {
+	if (len < at || memcmp(key, READMODEL_GEN_PREFIX, at) != 0) {
 		drop_all(c, DROP_GENERATION); /* dbk:live:2, or a key we never read */
 		return;
 	}
@@ -297,10 +305,10 @@ static void invalidate(struct cache *c, const char *key, size_t len)
 	}
 	memcpy(name, key + at + 1, len - at - 1);
 	name[len - at - 1] = '\0';
-	if (strcmp(name, "checkpoint") == 0 || strncmp(name, "stmt:", 5) == 0)
+	if (strcmp(name, READMODEL_KIND_CHECKPOINT) == 0 || is_kind(name, READMODEL_KIND_STATEMENT))
 		return;
-	if (strncmp(name, "acct:", 5) != 0 && strncmp(name, "xfer:", 5) != 0 &&
-	    strcmp(name, "totals") != 0) {
+	if (!is_kind(name, READMODEL_KIND_ACCOUNT) && !is_kind(name, READMODEL_KIND_TRANSFER) &&
+	    strcmp(name, READMODEL_KIND_TOTALS) != 0) {
 		drop_all(c, DROP_GENERATION); /* identity, layout, ... */
 		return;
 	}

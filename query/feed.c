@@ -37,8 +37,6 @@
 #define RETRY_SECONDS 0.5  /* a failed live or catch-up read is tried again after this */
 #define WAIT_MS_MAX 30000
 
-#define UTC_TEXT(col) READMODEL_SQL_TIME(col)
-
 /* One page: the horizon in every row (columns 0, 1), then per event its txid,
  * position, type, stream and the event object as JSON text, built by PostgreSQL
  * (one row with NULL events when none). $4 (text[]) and $5 filter when not NULL.
@@ -56,7 +54,7 @@ static const struct pg_statement statements[] = {
 	  " '{\"position\":\"' || e.txid::text || '.' || e.position || '\",\"stream\":\"' || e.stream"
 	  " || '\",\"version\":' || e.version || ',\"type\":\"' || e.type || '\",\"data\":' || e.data::text"
 	  " || ',\"metadata\":' || e.metadata::text || ',\"recorded_at\":\"' || "
-	  UTC_TEXT("e.recorded_at") " || '\"}' AS j"
+	  READMODEL_SQL_TIME("e.recorded_at") " || '\"}' AS j"
 	  " FROM events e, x WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"
 	  " AND e.txid < x.xmin"
 	  " AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"

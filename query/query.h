@@ -24,10 +24,9 @@
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
 
-/* SQL fragments the statements share (sql.c, timetravel.c): a timestamptz as the read
- * models write times, and the event store's readable head (the last event below the
- * snapshot's xmin: everything up to it is committed and visible). */
-#define QUERY_SQL_UTC_TEXT(col) READMODEL_SQL_TIME(col)
+/* An SQL fragment the statements share (sql.c, timetravel.c): the event store's
+ * readable head (the last event below the snapshot's xmin: everything up to it is
+ * committed and visible). Times are READMODEL_SQL_TIME (readmodel.h). */
 #define QUERY_SQL_LOG_HEAD \
 	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
 	" ORDER BY txid DESC, position DESC LIMIT 1"

@@ -145,13 +145,13 @@ static bool cache_key(const struct read *rd, char *key, size_t len)
 {
 	switch (rd->kind) {
 	case READ_ACCOUNT:
-		snprintf(key, len, "acct:%s", rd->id);
+		snprintf(key, len, READMODEL_KIND_ACCOUNT ":%s", rd->id);
 		return true;
 	case READ_TRANSFER:
-		snprintf(key, len, "xfer:%s", rd->id);
+		snprintf(key, len, READMODEL_KIND_TRANSFER ":%s", rd->id);
 		return true;
 	case READ_TOTALS:
-		snprintf(key, len, "totals");
+		snprintf(key, len, "%s", READMODEL_KIND_TOTALS);
 		return true;
 	default:
 		return false;
@@ -425,8 +425,8 @@ void read_start(struct read *rd)
 	if (rd->cache_ticket) {
 		/* Redis tracks the keys a script call declares (cache.c): the script itself
 		 * still finds them from the live pointer. */
-		snprintf(keys[0], sizeof(keys[0]), "dbk:g:%s:identity", gen);
-		snprintf(keys[1], sizeof(keys[1]), "dbk:g:%s:%s", gen, key);
+		readmodel_key_text(keys[0], sizeof(keys[0]), gen, READMODEL_KIND_IDENTITY, NULL);
+		readmodel_key_text(keys[1], sizeof(keys[1]), gen, key, NULL); /* key: "<kind>:<id>" */
 		argv[0] = READMODEL_LIVE_KEY;
 		argv[1] = keys[0];
 		argv[2] = keys[1];

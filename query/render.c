@@ -72,26 +72,15 @@ static bool render_account(const PGresult *res, struct answer *ans)
 		ans->code = "account_not_found";
 		return true;
 	}
-	a = (struct readmodel_account){
-		.account_id = val(res, 0, 2), .name = val(res, 0, 3), .currency = val(res, 0, 4),
-		.balance = int_of(res, 0, 5), .overdraft_limit = int_of(res, 0, 6),
-		.status = val(res, 0, 7), .version = (int32_t)int_of(res, 0, 8),
-		.opened_at = val(res, 0, 9), .updated_at = val(res, 0, 10),
-	};
+	a = readmodel_account_from_pg(res, 0, 2);
 	snprintf(ans->etag, sizeof(ans->etag), "%d", a.version);
 	return take(readmodel_account_json(&a), ans);
 }
 
-/* One statement item from columns version, type, amount, balance_after, transfer_id,
- * counterparty, reference, at starting at col. Caller frees. */
+/* One statement item from READMODEL_SQL_ENTRY_COLUMNS starting at col. Caller frees. */
 static char *render_item(const PGresult *res, int row, int col)
 {
-	struct readmodel_entry e = {
-		.version = (int32_t)int_of(res, row, col), .type = val(res, row, col + 1),
-		.amount = int_of(res, row, col + 2), .balance_after = int_of(res, row, col + 3),
-		.transfer_id = val(res, row, col + 4), .counterparty = val(res, row, col + 5),
-		.reference = val(res, row, col + 6), .at = val(res, row, col + 7),
-	};
+	struct readmodel_entry e = readmodel_entry_from_pg(res, row, col);
 
 	return readmodel_entry_json(&e);
 }
@@ -143,11 +132,7 @@ static bool render_transfer(const PGresult *res, struct answer *ans)
 		ans->code = "transfer_not_found";
 		return true;
 	}
-	t = (struct readmodel_transfer){
-		.transfer_id = val(res, 0, 2), .from = val(res, 0, 3), .to = val(res, 0, 4),
-		.amount = int_of(res, 0, 5), .currency = val(res, 0, 6), .reference = val(res, 0, 7),
-		.at = val(res, 0, 8),
-	};
+	t = readmodel_transfer_from_pg(res, 0, 2);
 	return take(readmodel_transfer_json(&t), ans);
 }
 

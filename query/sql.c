@@ -14,7 +14,6 @@
 #define QUEUE_MAX 20000 /* beyond this, new reads get 503 rather than memory */
 #define RUN_TIMEOUT 5.0
 
-#define UTC_TEXT(col) QUERY_SQL_UTC_TEXT(col)
 /* Every statement reads its data and the checkpoint in one statement, hence one
  * snapshot: the position reported is exactly the state served. */
 #define CHECKPOINT "projection_checkpoints c"
@@ -27,22 +26,19 @@
 
 static const struct pg_statement statements[] = {
 	[READ_ACCOUNT] = { "account",
-		"SELECT c.txid::text, c.position, a.account_id, a.name, a.currency, a.balance, "
-		"a.overdraft_limit, a.status, a.version, " UTC_TEXT("a.opened_at") ", "
-		UTC_TEXT("a.updated_at")
+		"SELECT c.txid::text, c.position, " READMODEL_SQL_ACCOUNT_COLUMNS("a")
 		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
 		CHECKPOINT_WHERE },
 	[READ_TRANSACTIONS] = { "transactions",
-		"SELECT c.txid::text, c.position, a.account_id IS NOT NULL, e.version, e.type, e.amount, "
-		"e.balance_after, e.transfer_id, e.counterparty, e.reference, " UTC_TEXT("e.at")
+		"SELECT c.txid::text, c.position, a.account_id IS NOT NULL, "
+		READMODEL_SQL_ENTRY_COLUMNS("e")
 		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
 		" LEFT JOIN LATERAL (SELECT * FROM rm_entries WHERE account_id = a.account_id"
 		" AND version < coalesce($3::integer, 2147483647) ORDER BY version DESC"
 		" LIMIT $2::integer) e ON true" CHECKPOINT_WHERE
 		" ORDER BY e.version DESC NULLS LAST" },
 	[READ_TRANSFER] = { "transfer",
-		"SELECT c.txid::text, c.position, t.transfer_id, t.from_account, t.to_account, t.amount, "
-		"t.currency, t.reference, " UTC_TEXT("t.at")
+		"SELECT c.txid::text, c.position, " READMODEL_SQL_TRANSFER_COLUMNS("t")
 		" FROM " CHECKPOINT " LEFT JOIN rm_transfers t ON t.transfer_id = $1" CHECKPOINT_WHERE },
 	[READ_TOTALS] = { "totals",
 		"SELECT c.txid::text, c.position, t.currency, t.accounts, t.open_accounts, "
@@ -55,7 +51,8 @@ static const struct pg_statement statements[] = {
 		" SELECT coalesce((SELECT txid::text FROM head), '0'),"
 		" coalesce((SELECT position FROM head), 0),"
 		" EXISTS (SELECT 1 FROM events WHERE stream = $1 AND version = 1),"
-		" e.version, e.type, e.data::text, e.metadata::text, " UTC_TEXT("e.recorded_at")
+		" e.version, e.type, e.data::text, e.metadata::text, "
+		READMODEL_SQL_TIME("e.recorded_at")
 		" FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT version, type, data, metadata, recorded_at"
 		" FROM events WHERE stream = $1 AND version > $2::integer ORDER BY version"
 		" LIMIT $3::integer) e ON true ORDER BY e.version" },

@@ -23,7 +23,6 @@
 #include "ledger_json.h"
 #include "query.h"
 
-#define UTC_TEXT(col) READMODEL_SQL_TIME(col)
 #define LOG_HEAD QUERY_SQL_LOG_HEAD
 #define POLL_FIRST_MS 2
 #define POLL_MAX_MS 50
@@ -70,11 +69,11 @@
 	" ORDER BY a.version DESC LIMIT 1)" \
 	" SELECT coalesce(h.txid::text, '0'), coalesce(h.position, 0), r.ok, r.passed," \
 	" r.inflight::text, l.v, l.top, s.version, s.state, o.data ->> 'name'," \
-	" " UTC_TEXT("o.recorded_at") ", e.version, e.type, e.data::text, e.at" \
+	" " READMODEL_SQL_TIME("o.recorded_at") ", e.version, e.type, e.data::text, e.at" \
 	" FROM r CROSS JOIN l LEFT JOIN LATERAL (" LOG_HEAD ") h ON true LEFT JOIN s ON true" \
 	" LEFT JOIN events o ON l.v IS NOT NULL AND o.stream = $1 AND o.version = 1" \
 	" LEFT JOIN LATERAL (SELECT version, type, data, CASE WHEN version > l.lo THEN" \
-	" " UTC_TEXT("recorded_at") " END AS at FROM events" \
+	" " READMODEL_SQL_TIME("recorded_at") " END AS at FROM events" \
 	" WHERE stream = $1 AND version > coalesce(s.version, 0) AND version <= l.top" \
 	" ORDER BY version) e ON true ORDER BY e.version"
 
