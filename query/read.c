@@ -474,10 +474,6 @@ void read_sql_done(struct read *rd, const PGresult *res)
 		waitset_probed(ctx->waits, true);
 		return;
 	}
-	if (rd->kind == READ_TT_AS_OF || rd->kind == READ_TT_AT) {
-		timetravel_done(rd, res);
-		return;
-	}
 	if (!sql_render(rd, res, &ans)) {
 		log_error(&ctx->log, "cannot render the SQL read model's answer for %s",
 			  http_path(rd->req));

@@ -65,6 +65,13 @@ static const struct pg_statement statements[] = {
 	[READ_TT_AT] = { "tt_at", timetravel_sql_at },
 };
 
+/* Who takes a kind's result when it is not the pool's own `done` (read.c): time
+ * travel folds its rows itself, so read.c never calls back into timetravel.c. */
+static void (*const kind_done[READ_TT_AT + 1])(struct read *rd, const PGresult *res) = {
+	[READ_TT_AS_OF] = timetravel_done,
+	[READ_TT_AT] = timetravel_done,
+};
+
 struct slot {
 	struct sqlpool *pool;
 	struct pg *pg;
@@ -125,7 +132,7 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 		if (error || i >= n)
 			pool->failed(rd, error ? error : "no result", true);
 		else if (PQresultStatus(results[i]) == PGRES_TUPLES_OK)
-			pool->done(rd, results[i]);
+			(kind_done[rd->kind] ? kind_done[rd->kind] : pool->done)(rd, results[i]);
 		else if (PQresultStatus(results[i]) == PGRES_PIPELINE_ABORTED)
 			pool->failed(rd, "pipeline aborted", true);
 		else
