@@ -11,7 +11,7 @@
 
 struct admin_ctx {
 	struct config cfg;
-	struct log log; /* plain lines "daybook-admin <command>: ..." on stderr */
+	struct log log;   /* plain lines "daybook-admin <command>: ..." on stderr */
 	char service[48]; /* log.service: "daybook-admin <command>" */
 };
 
@@ -41,7 +41,8 @@ int admin_usage_error(const char *command, const char *fmt, ...)
 int admin_getopt_error(const char *command, int argc, char **argv, int c);
 /* Load the configuration (DAYBOOK_*) into ctx; false after one line on stderr naming
  * the setting (then exit CLI_EXIT_USAGE). */
-bool admin_configure(struct admin_ctx *ctx, const char *command) __attribute__((warn_unused_result));
+bool admin_configure(struct admin_ctx *ctx, const char *command)
+	__attribute__((warn_unused_result));
 
 /* False, with one line in log ("daybook-admin <command>: ..."), when the event store
  * holds txids this cluster has not reached (eventstore_check_txids). */

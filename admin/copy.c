@@ -131,7 +131,7 @@ done:
 	if (!ok) {
 		char pqline[1024];
 		log_error(log, "COPY %s: %s", table,
-			log_oneline(PQerrorMessage(pg), pqline, sizeof(pqline)));
+			  log_oneline(PQerrorMessage(pg), pqline, sizeof(pqline)));
 	}
 	b->len = 0;
 	return ok;
@@ -217,4 +217,3 @@ bool copier_stop(struct copier *c)
 	c->running = false;
 	return !c->failed;
 }
-

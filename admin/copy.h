@@ -40,7 +40,7 @@ struct copier {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	PGconn *pg;
-	const struct log *log; /* where a failure is said; set before start */
+	const struct log *log;              /* where a failure is said; set before start */
 	struct copy_buf entries, transfers; /* the rows it works on; freed by the caller */
 	bool running, busy, stop, failed;
 };

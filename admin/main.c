@@ -162,7 +162,9 @@ bool admin_configure(struct admin_ctx *ctx, const char *command)
 int main(int argc, char **argv)
 {
 	static const struct option options[] = { CLI_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-	struct admin_ctx ctx = { .log = { .service = "daybook-admin", .level = LOG_INFO, .plain = true } };
+	struct admin_ctx ctx = {
+		.log = { .service = "daybook-admin", .level = LOG_INFO, .plain = true }
+	};
 	int c;
 
 	/* A lost Redis or PostgreSQL connection is an error to report and clean up
@@ -179,8 +181,8 @@ int main(int argc, char **argv)
 			cli_print_version("daybook-admin");
 			return CLI_EXIT_OK;
 		default:
-			fprintf(stderr, "daybook-admin: unknown option '%s'\n\n%s", argv[optind - 1],
-				usage);
+			fprintf(stderr, "daybook-admin: unknown option '%s'\n\n%s",
+				argv[optind - 1], usage);
 			return CLI_EXIT_USAGE;
 		}
 	}

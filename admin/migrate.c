@@ -7,9 +7,9 @@
 #include <string.h>
 
 #include "admin.h"
-#include "readmodel.h"
 #include "cli.h"
 #include "digest.h"
+#include "readmodel.h"
 
 #ifndef DAYBOOK_SQL_DIR
 #define DAYBOOK_SQL_DIR "sql"
@@ -81,8 +81,7 @@ static int load_dir(const struct log *log, const char *dir, struct migration **o
 	size_t n = 0;
 
 	if (!d) {
-		log_error(log, "cannot open migrations directory %s: %s", dir,
-			strerror(errno));
+		log_error(log, "cannot open migrations directory %s: %s", dir, strerror(errno));
 		return -1;
 	}
 	while ((e = readdir(d))) {
@@ -118,8 +117,8 @@ static int load_dir(const struct log *log, const char *dir, struct migration **o
 	qsort(m, n, sizeof(*m), by_version);
 	for (size_t i = 1; i < n; i++) {
 		if (m[i].version == m[i - 1].version) {
-			log_error(log, "%s and %s share version %d", m[i - 1].name,
-				m[i].name, m[i].version);
+			log_error(log, "%s and %s share version %d", m[i - 1].name, m[i].name,
+				  m[i].version);
 			free_migrations(m, n);
 			return -1;
 		}
@@ -141,7 +140,7 @@ static bool exec_ok(const struct log *log, PGconn *conn, const char *sql, const 
 
 	if (!ok)
 		log_error(log, "%s: %s", what,
-			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
+			  log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return ok;
 }
@@ -168,7 +167,7 @@ static bool apply(const struct log *log, PGconn *conn, const struct migration *m
 	ok = PQresultStatus(r) == PGRES_COMMAND_OK;
 	if (!ok)
 		log_error(log, "recording %s: %s", m->name,
-			log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
+			  log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	if (!ok) {
 		exec_ok(log, conn, "ROLLBACK", "ROLLBACK");
@@ -205,9 +204,10 @@ static bool unchanged(const struct log *log, PGresult *applied, const struct mig
 	for (size_t i = 0; i < n; i++) {
 		const char *sum = applied_checksum(applied, m[i].version);
 		if (sum && strcmp(sum, m[i].checksum) != 0) {
-			log_error(log, "migration %s was applied with checksum %s but the file "
-				"now has %s; an applied migration must not change (add a new one)",
-				m[i].name, sum, m[i].checksum);
+			log_error(log,
+				  "migration %s was applied with checksum %s but the file "
+				  "now has %s; an applied migration must not change (add a new one)",
+				  m[i].name, sum, m[i].checksum);
 			ok = false;
 		}
 	}
@@ -222,7 +222,7 @@ static int run(const struct log *log, PGconn *conn, struct migration *m, size_t 
 
 	if (PQresultStatus(applied) != PGRES_TUPLES_OK) {
 		log_error(log, "reading schema_migrations: %s",
-			log_oneline(PQresultErrorMessage(applied), pqline, sizeof(pqline)));
+			  log_oneline(PQresultErrorMessage(applied), pqline, sizeof(pqline)));
 		PQclear(applied);
 		return 1;
 	}
@@ -266,8 +266,8 @@ static int new_identity(const struct log *log, PGconn *conn)
 		printf("the event store's identity is now %s\n", PQgetvalue(r, 0, 0));
 	else
 		log_error(log, "giving the event store a new identity: %s",
-			PQresultStatus(r) == PGRES_COMMAND_OK ? "no deployment_identity row"
-							      : PQresultErrorMessage(r));
+			  PQresultStatus(r) == PGRES_COMMAND_OK ? "no deployment_identity row"
+								: PQresultErrorMessage(r));
 	PQclear(r);
 	return ok ? 0 : 1;
 }
@@ -317,7 +317,7 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 	conn = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(conn) != CONNECTION_OK) {
 		log_error(log, "cannot connect to PostgreSQL: %s",
-			log_oneline(PQerrorMessage(conn), line, sizeof(line)));
+			  log_oneline(PQerrorMessage(conn), line, sizeof(line)));
 		PQfinish(conn);
 		free_migrations(m, n);
 		return CLI_EXIT_UNAVAILABLE;

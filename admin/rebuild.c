@@ -23,8 +23,8 @@
 #include "ledger_json.h"
 #include "pg.h"
 #include "readmodel.h"
-#include "strmap.h"
 #include "rebuild.h"
+#include "strmap.h"
 
 /* The one piece of process-wide state: set by the signal handler, read by the loop. */
 volatile sig_atomic_t rb_interrupted;
@@ -94,7 +94,7 @@ static bool prepare(struct rebuild *rb)
 	if (PQstatus(rb->pg) != CONNECTION_OK || PQstatus(rb->wr) != CONNECTION_OK) {
 		rb->failure = CLI_EXIT_UNAVAILABLE;
 		rb_error(rb, "cannot connect to PostgreSQL: %s",
-			PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
+			 PQerrorMessage(PQstatus(rb->pg) != CONNECTION_OK ? rb->pg : rb->wr));
 		return false;
 	}
 	if (!admin_event_store_usable(rb->pg, &rb->ctx->log)) {
@@ -107,7 +107,8 @@ static bool prepare(struct rebuild *rb)
 	for (int i = 0; i < 2; i++) {
 		PGconn *c = i ? rb->wr : rb->pg;
 		if (!rb_exec(rb, c, "SET client_min_messages = warning") ||
-		    !rb_exec(rb, c, "SET synchronous_commit = off") || /* the swap commits durably */
+		    !rb_exec(rb, c,
+			     "SET synchronous_commit = off") || /* the swap commits durably */
 		    !rb_exec(rb, c, "SET maintenance_work_mem = '256MB'")) /* keys sort in memory */
 			return false;
 	}
@@ -133,15 +134,16 @@ static void abandon(struct rebuild *rb)
 		rb_redis_cleanup(rb, 0, rb->gen);
 	if (rb->tty) {
 		log_error(&rb->ctx->log, "%s; the live read models are untouched",
-			rb_interrupted ? "interrupted" : "failed");
+			  rb_interrupted ? "interrupted" : "failed");
 		return;
 	}
 	rb_json_line(json_pack("{s:s, s:I, s:I, s:o, s:b}", "phase",
-			    rb_interrupted ? "interrupted" : "failed", "done", (json_int_t)rb->done,
-			    "total", (json_int_t)rb->total,
-			    "error", log_text(rb->error[0] ? rb->error : rb_interrupted ? "interrupted"
-										     : "failed"),
-			    "live_untouched", 1));
+			       rb_interrupted ? "interrupted" : "failed", "done",
+			       (json_int_t)rb->done, "total", (json_int_t)rb->total, "error",
+			       log_text(rb->error[0]     ? rb->error
+					: rb_interrupted ? "interrupted"
+							 : "failed"),
+			       "live_untouched", 1));
 }
 
 static void finish(struct rebuild *rb)
@@ -236,13 +238,14 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 		       rb.indexed - rb.loaded, rb.switched - rb.indexed, rb_now() - rb.switched,
 		       checkpoint);
 	else
-		rb_json_line(json_pack("{s:s, s:I, s:I, s:f, s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:s}",
-				    "phase", "done", "done", (json_int_t)rb.done, "total",
-				    (json_int_t)rb.total, "events_per_s", rb.done / (secs + 1e-9),
-				    "eta_s", 0.0, "rebuilt", what, "seconds", secs, "load_s",
-				    rb.loaded - rb.started, "index_s", rb.indexed - rb.loaded,
-				    "switch_s", rb.switched - rb.indexed, "cleanup_s",
-				    rb_now() - rb.switched, "checkpoint", checkpoint));
+		rb_json_line(
+			json_pack("{s:s, s:I, s:I, s:f, s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:s}",
+				  "phase", "done", "done", (json_int_t)rb.done, "total",
+				  (json_int_t)rb.total, "events_per_s", rb.done / (secs + 1e-9),
+				  "eta_s", 0.0, "rebuilt", what, "seconds", secs, "load_s",
+				  rb.loaded - rb.started, "index_s", rb.indexed - rb.loaded,
+				  "switch_s", rb.switched - rb.indexed, "cleanup_s",
+				  rb_now() - rb.switched, "checkpoint", checkpoint));
 	finish(&rb);
 	return CLI_EXIT_OK;
 fail:

@@ -18,31 +18,31 @@
 #include "readmodel.h"
 #include "strmap.h"
 
-#define CHUNK 20000        /* events per read in reader order, and per committed chunk */
-#define BULK_BLOCKS 500    /* heap blocks per read of the bulk (some 20,000 events) */
+#define CHUNK 20000                /* events per read in reader order, and per committed chunk */
+#define BULK_BLOCKS 500            /* heap blocks per read of the bulk (some 20,000 events) */
 #define ACCOUNT_ROWS_MAX (8 << 20) /* bytes of account rows buffered before a COPY */
 #define XFER_IDS_MAX (64 << 20)    /* bytes of transfer ids kept to delete the old keys by */
-#define REDIS_FLUSH 20000  /* pipelined Redis commands before reading replies */
-#define RESP_WRITE (256 << 10) /* bytes of commands buffered before they are written */
-#define RUN_ID_LEN 48          /* a Redis run_id (40 hex digits) and a NUL */
-#define HELD_MAX 200000    /* default DAYBOOK_REBUILD_HELD_MAX */
-#define SWITCH_LOCK_WAIT "200ms" /* longest wait for a switch lock in one attempt */
-#define SWITCH_RETRY_US 500000   /* pause between attempts */
+#define REDIS_FLUSH 20000          /* pipelined Redis commands before reading replies */
+#define RESP_WRITE (256 << 10)     /* bytes of commands buffered before they are written */
+#define RUN_ID_LEN 48              /* a Redis run_id (40 hex digits) and a NUL */
+#define HELD_MAX 200000            /* default DAYBOOK_REBUILD_HELD_MAX */
+#define SWITCH_LOCK_WAIT "200ms"   /* longest wait for a switch lock in one attempt */
+#define SWITCH_RETRY_US 500000     /* pause between attempts */
 
 /* The one piece of process-wide state: set by the signal handler, read by the loop. */
 extern volatile sig_atomic_t rb_interrupted;
 
 struct acct {
-	struct readmodel_row row; /* the shared fold's */
+	struct readmodel_row row;      /* the shared fold's */
 	int64_t opened_at, updated_at; /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
-	int32_t expected;  /* statement items the log had when counted (a lower bound) */
-	int32_t at_cp;     /* items folded at or below the hints' checkpoint */
-	int32_t sent;      /* statement items sent to Redis */
-	int32_t written;   /* the version last written to the shadow models (0: none) */
-	bool listed;       /* in rb->holders */
+	int32_t expected;      /* statement items the log had when counted (a lower bound) */
+	int32_t at_cp;         /* items folded at or below the hints' checkpoint */
+	int32_t sent;          /* statement items sent to Redis */
+	int32_t written;       /* the version last written to the shadow models (0: none) */
+	bool listed;           /* in rb->holders */
 	struct stashed *stash; /* events read before their predecessor, by version */
-	int32_t npending;  /* items waiting to go in one LPUSH with the account's next ones */
-	char **pending;    /* their JSON (owned), READMODEL_ITEMS_KEPT slots once needed */
+	int32_t npending;      /* items waiting to go in one LPUSH with the account's next ones */
+	char **pending;        /* their JSON (owned), READMODEL_ITEMS_KEPT slots once needed */
 };
 
 /* An event as a read of the log gives it; data is its JSON text, not NUL-terminated. */
@@ -73,17 +73,17 @@ struct live_before {
 
 struct rebuild {
 	struct admin_ctx *ctx;
-	PGconn *pg;        /* reads the log; its next read runs while the writer works */
-	PGconn *wr;        /* writes the shadow tables and runs the switch */
+	PGconn *pg; /* reads the log; its next read runs while the writer works */
+	PGconn *wr; /* writes the shadow tables and runs the switch */
 	struct copier copier;
 	bool read_pending; /* a read of the next chunk was sent on pg */
 	redisContext *redis;
 	bool sql, want_redis;
 	long long gen;
 	char identity[READMODEL_IDENTITY_MAX]; /* the store's, which our generation records */
-	char redis_run_id[RUN_ID_LEN]; /* the server's, to know it again after a reconnect */
+	char redis_run_id[RUN_ID_LEN];  /* the server's, to know it again after a reconnect */
 	struct live_before live_before; /* the live pointer as the switch found it */
-	uint64_t cp_txid;   /* the checkpoint: the last event applied in reader order */
+	uint64_t cp_txid;               /* the checkpoint: the last event applied in reader order */
 	long long position;
 	char bulk_xmin[24]; /* the bulk is every event below this, read in heap order */
 	long long bulk_blocks, bulk_next;
@@ -93,7 +93,7 @@ struct rebuild {
 	uint64_t hint_txid; /* the live models' checkpoint */
 	long long hint_pos;
 	struct strmap *accounts, *totals;
-	struct ledger_event_buf data; /* the decoded event's strings */
+	struct ledger_event_buf data;       /* the decoded event's strings */
 	struct copy_buf entries, transfers; /* binary COPY data of the chunk */
 	struct copy_buf xfer_ids; /* every transfer id folded, NUL-separated; p NULL past the cap */
 	bool xfer_ids_full;
@@ -101,15 +101,15 @@ struct rebuild {
 	struct acct **holders;    /* accounts that have held items since the last send_held */
 	size_t nholders, holders_cap;
 	size_t redis_unwritten; /* about the bytes of commands hiredis has not written yet */
-	size_t redis_queued; /* commands sent whose replies are not read yet */
-	size_t redis_prev;   /* of those, the ones sent before the current chunk */
+	size_t redis_queued;    /* commands sent whose replies are not read yet */
+	size_t redis_prev;      /* of those, the ones sent before the current chunk */
 	long long done, total;
 	double started, last_report;
 	double loaded, indexed, switched; /* when each phase ended, for the summary */
-	bool tty;          /* stderr is a terminal: a progress bar and text; else JSON lines */
+	bool tty; /* stderr is a terminal: a progress bar and text; else JSON lines */
 	const char *phase;
-	char error[2048];  /* the first error, for the final line */
-	int failure;       /* the exit status if it fails: CLI_EXIT_PROBLEM unless a
+	char error[2048]; /* the first error, for the final line */
+	int failure;      /* the exit status if it fails: CLI_EXIT_PROBLEM unless a
 			    * dependency was unavailable (CLI_EXIT_UNAVAILABLE) */
 };
 

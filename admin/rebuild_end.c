@@ -126,7 +126,8 @@ static int by_currency(const void *a, const void *b)
 }
 
 /* The totals body into Redis, with the checkpoint token. */
-static bool redis_totals(struct rebuild *rb, struct readmodel_totals **t, size_t n, const char *token)
+static bool redis_totals(struct rebuild *rb, struct readmodel_totals **t, size_t n,
+			 const char *token)
 {
 	char k[READMODEL_KEY_MAX], *body;
 	bool ok;
@@ -148,8 +149,8 @@ static bool delete_accounts(struct rebuild *rb, PGconn *pg, struct evbuffer *ids
 
 	evbuffer_add(ids, "}", 2); /* with the NUL */
 	params[0] = (const char *)evbuffer_pullup(ids, -1);
-	r = PQexecParams(pg, "DELETE FROM rm_accounts_shadow WHERE account_id = ANY($1::text[])",
-			 1, NULL, params, NULL, NULL, 0);
+	r = PQexecParams(pg, "DELETE FROM rm_accounts_shadow WHERE account_id = ANY($1::text[])", 1,
+			 NULL, params, NULL, NULL, 0);
 	if (!params[0] || PQresultStatus(r) != PGRES_COMMAND_OK) {
 		rb_error(rb, "rewriting accounts: %s", PQresultErrorMessage(r));
 		PQclear(r);
@@ -186,7 +187,9 @@ done:
 
 bool rb_write_end_state(struct rebuild *rb, const char *token)
 {
-	struct totals_walk tw = { calloc(strmap_count(rb->totals) + 1, sizeof(struct readmodel_totals *)), 0 };
+	struct totals_walk tw = {
+		calloc(strmap_count(rb->totals) + 1, sizeof(struct readmodel_totals *)), 0
+	};
 
 	if (!write_accounts(rb, rb->wr, true) || !tw.sorted)
 		goto fail;
@@ -214,11 +217,13 @@ static void find_short(void *arg, const char *id, void *value)
 		pg_array_append(ids, id, evbuffer_get_length(ids) == 1);
 }
 
-#define REPAIR_ITEMS                                                                        \
-	"SELECT e.account_id, " READMODEL_SQL_ENTRY_COLUMNS("e") " "                        \
-	"FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE "     \
-	"x.account_id = id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e " \
-	"ORDER BY e.account_id, e.version"
+#define REPAIR_ITEMS                                                                                 \
+	"SELECT e.account_id, " READMODEL_SQL_ENTRY_COLUMNS(                                         \
+		"e") " "                                                                             \
+		     "FROM unnest($1::text[]) id, LATERAL (SELECT * FROM rm_entries_shadow x WHERE " \
+		     "x.account_id = id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT    \
+		     ") e "                                                                          \
+		     "ORDER BY e.account_id, e.version"
 
 /* Their statements again, from the indexed shadow table: everything the load folded. */
 bool rb_repair_items(struct rebuild *rb)
@@ -263,8 +268,10 @@ bool rb_repair_items(struct rebuild *rb)
 	ok = rb_send_held(rb);
 done:
 	if (repaired)
-		rb_note(rb, "the live count of %d account%s statement items was "
-				"too high; their items were sent again\n", repaired, repaired == 1 ? "'s" : "s'");
+		rb_note(rb,
+			"the live count of %d account%s statement items was "
+			"too high; their items were sent again\n",
+			repaired, repaired == 1 ? "'s" : "s'");
 	PQclear(r);
 	if (ids)
 		evbuffer_free(ids);
@@ -302,8 +309,8 @@ bool rb_index_and_send(struct rebuild *rb)
 	if (!write_accounts(rb, rb->pg, false))
 		goto fail;
 	if (rb->sql && !(small = PQsendQuery(rb->pg, "SELECT rm_shadow_key('rm_accounts'), "
-						    "rm_shadow_key('rm_transfers'), "
-						    "rm_shadow_key('rm_totals')"))) {
+						     "rm_shadow_key('rm_transfers'), "
+						     "rm_shadow_key('rm_totals')"))) {
 		rb_error(rb, "indexing the shadow tables: %s", PQerrorMessage(rb->pg));
 		goto fail;
 	}

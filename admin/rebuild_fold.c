@@ -113,7 +113,8 @@ static bool entry_row(struct copy_buf *b, const struct acct *a, const struct rea
 }
 
 /* The statement item: a COPY row for SQL, held for one LPUSH per account for Redis. */
-static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev, int64_t at)
+static bool emit_entry(struct rebuild *rb, struct acct *a, const struct ledger_event *ev,
+		       int64_t at)
 {
 	char at_text[READMODEL_TIME_LEN];
 	struct readmodel_entry e = readmodel_entry_of(&a->row, ev, at_text);
@@ -158,12 +159,12 @@ static void keep_xfer_id(struct rebuild *rb, const char *id)
 static bool transfer_row(struct copy_buf *b, const struct readmodel_transfer *t, int64_t at)
 {
 	return copy_row(b, 7) && copy_text(b, t->transfer_id) && copy_text(b, t->from) &&
-	       copy_text(b, t->to) && copy_int(b, t->amount, 8) &&
-	       copy_text(b, t->currency) && copy_text(b, t->reference) && copy_int(b, at, 8);
+	       copy_text(b, t->to) && copy_int(b, t->amount, 8) && copy_text(b, t->currency) &&
+	       copy_text(b, t->reference) && copy_int(b, at, 8);
 }
 
-static bool emit_transfer(struct rebuild *rb, const struct acct *from, const struct ledger_event *ev,
-			  int64_t at)
+static bool emit_transfer(struct rebuild *rb, const struct acct *from,
+			  const struct ledger_event *ev, int64_t at)
 {
 	char at_text[READMODEL_TIME_LEN], k[READMODEL_KEY_MAX], *json = NULL;
 	struct readmodel_transfer t = readmodel_transfer_of(&from->row, ev, at_text);
@@ -248,8 +249,7 @@ static bool stash(struct rebuild *rb, const char *id, struct acct *a, const stru
 	while (*at && (*at)->ev.version < e->version)
 		at = &(*at)->next;
 	if (*at && (*at)->ev.version == e->version) {
-		rb_error(rb, "account-%s has two events of version %d\n", id,
-			e->version);
+		rb_error(rb, "account-%s has two events of version %d\n", id, e->version);
 		free(s);
 		return false;
 	}
@@ -267,17 +267,18 @@ bool rb_fold_row(struct rebuild *rb, PGresult *r, int i)
 	const char *id = PQgetvalue(r, i, 2), *data = PQgetvalue(r, i, 5);
 	int len = PQgetlength(r, i, 5);
 	struct logged e = {
-		.position = (int64_t)rb_be(PQgetvalue(r, i, 0), 8), .txid = rb_be(PQgetvalue(r, i, 1), 8),
+		.position = (int64_t)rb_be(PQgetvalue(r, i, 0), 8),
+		.txid = rb_be(PQgetvalue(r, i, 1), 8),
 		.version = (int32_t)rb_be(PQgetvalue(r, i, 3), 4),
 		.type = ledger_event_type_from_name(PQgetvalue(r, i, 4)),
-		.at = (int64_t)rb_be(PQgetvalue(r, i, 6), 8), .data = data + 1,
+		.at = (int64_t)rb_be(PQgetvalue(r, i, 6), 8),
+		.data = data + 1,
 		.len = len > 0 ? (size_t)len - 1 : 0,
 	};
 	struct acct *a = strmap_get(rb->accounts, id);
 
 	if (len < 1 || data[0] != 1) {
-		rb_error(rb, "event %lld: unexpected jsonb format\n",
-			(long long)e.position);
+		rb_error(rb, "event %lld: unexpected jsonb format\n", (long long)e.position);
 		return false;
 	}
 	if (!a && (!(a = calloc(1, sizeof(*a))) || !strmap_put(rb->accounts, id, a))) {

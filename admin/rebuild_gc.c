@@ -24,8 +24,10 @@ static bool ours_to_delete(struct rebuild *rb, long long gen)
 			  (r->type == REDIS_REPLY_STRING && strcmp(r->str, rb->identity) == 0));
 
 	if (r && !ours && r->type == REDIS_REPLY_STRING)
-		rb_note(rb, "redis generation %lld was built from another "
-				"event store (identity %s): left in place\n", gen, r->str);
+		rb_note(rb,
+			"redis generation %lld was built from another "
+			"event store (identity %s): left in place\n",
+			gen, r->str);
 	freeReplyObject(r);
 	return ours;
 }
@@ -80,7 +82,8 @@ void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 		readmodel_key_match(match, sizeof(match), drop);
 	readmodel_key(prefix, sizeof(prefix), keep, "", NULL);
 	do {
-		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 10000", cursor, match);
+		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 10000", cursor,
+					     match);
 		const char **argv;
 		int argc = 1;
 
@@ -155,7 +158,8 @@ static void unlink_account(void *arg, const char *id, void *value)
 static bool same_layout(struct rebuild *rb, long long gen)
 {
 	redisReply *r = get_gen_key(rb, gen, READMODEL_KIND_LAYOUT);
-	bool same = r && r->type == REDIS_REPLY_STRING && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0;
+	bool same = r && r->type == REDIS_REPLY_STRING &&
+		    strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0;
 
 	freeReplyObject(r);
 	return same;

@@ -73,9 +73,10 @@ void rb_report(struct rebuild *rb, bool final)
 		return;
 	rb->last_report = t;
 	if (rb->tty) {
-		int width = 30, fill = rb->total ? (int)(width * (double)rb->done / (double)rb->total) : width;
-		fprintf(stderr, "\r%-9s [%.*s%*s] %lld/%lld events  %.0f ev/s  ETA %.0fs ", rb->phase,
-			fill > width ? width : fill, "##############################",
+		int width = 30,
+		    fill = rb->total ? (int)(width * (double)rb->done / (double)rb->total) : width;
+		fprintf(stderr, "\r%-9s [%.*s%*s] %lld/%lld events  %.0f ev/s  ETA %.0fs ",
+			rb->phase, fill > width ? width : fill, "##############################",
 			width - (fill > width ? width : fill), "", rb->done, rb->total, rate, eta);
 		if (final)
 			fputc('\n', stderr);

@@ -47,18 +47,20 @@ static bool send_read(struct rebuild *rb)
 		params[2] = rb->bulk_xmin;
 		rb->read_pending = PQsendQueryParams(
 			rb->pg,
-			READ_COLUMNS "FROM events WHERE ctid >= $1::tid AND ctid < $2::tid AND txid < $3::xid8",
+			READ_COLUMNS
+			"FROM events WHERE ctid >= $1::tid AND ctid < $2::tid AND txid < $3::xid8",
 			3, NULL, params, NULL, NULL, 1);
 	} else {
 		snprintf(a, sizeof(a), "%llu", (unsigned long long)rb->cp_txid);
 		snprintf(b, sizeof(b), "%lld", rb->position);
 		snprintf(limit, sizeof(limit), "%d", CHUNK);
-		rb->read_pending = PQsendQueryParams(
-			rb->pg,
-			READ_COLUMNS "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
-			"AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-			"ORDER BY events.txid, events.position LIMIT $3",
-			3, NULL, params, NULL, NULL, 1);
+		rb->read_pending =
+			PQsendQueryParams(rb->pg,
+					  READ_COLUMNS
+					  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+					  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+					  "ORDER BY events.txid, events.position LIMIT $3",
+					  3, NULL, params, NULL, NULL, 1);
 	}
 	if (!rb->read_pending)
 		rb_error(rb, "reading the log: %s", PQerrorMessage(rb->pg));
@@ -140,13 +142,13 @@ fail:
 	return false;
 }
 
-#define COUNT_FROM_LOG                                                                  \
-	"SELECT substr(stream, 9), count(*) FILTER (WHERE type IN ('FundsDeposited', "   \
-	"'FundsWithdrawn', 'TransferSent', 'TransferReceived')), count(*) FROM events " \
+#define COUNT_FROM_LOG                                                                             \
+	"SELECT substr(stream, 9), count(*) FILTER (WHERE type IN ('FundsDeposited', "             \
+	"'FundsWithdrawn', 'TransferSent', 'TransferReceived')), count(*) FROM events "            \
 	"WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) GROUP BY stream"
-#define COUNT_FROM_LIVE                                                                  \
-	"SELECT a.account_id, a.entries, (SELECT greatest(reltuples, 0)::bigint FROM pg_class " \
-	"WHERE oid = 'events'::regclass), c.txid::text, c.position FROM rm_accounts a, "   \
+#define COUNT_FROM_LIVE                                                                            \
+	"SELECT a.account_id, a.entries, (SELECT greatest(reltuples, 0)::bigint FROM pg_class "    \
+	"WHERE oid = 'events'::regclass), c.txid::text, c.position FROM rm_accounts a, "           \
 	"projection_checkpoints c WHERE c.projection = 'sql'"
 
 /* What Redis needs before the load, sent while the rest is set up: each account's
@@ -181,7 +183,7 @@ void rb_choose_count(struct rebuild *rb)
 
 bool rb_send_count(struct rebuild *rb)
 {
-	const char *sql = rb->hinted	   ? COUNT_FROM_LIVE
+	const char *sql = rb->hinted       ? COUNT_FROM_LIVE
 			  : rb->want_redis ? COUNT_FROM_LOG
 					   : "SELECT NULL, 0, greatest(reltuples, 0)::bigint "
 					     "FROM pg_class WHERE oid = 'events'::regclass";
@@ -214,7 +216,8 @@ bool rb_take_count(struct rebuild *rb)
 			rb->total += atoll(PQgetvalue(r, row, 2));
 		if (!rb->want_redis)
 			continue;
-		if (!(a = calloc(1, sizeof(*a))) || !strmap_put(rb->accounts, PQgetvalue(r, row, 0), a))
+		if (!(a = calloc(1, sizeof(*a))) ||
+		    !strmap_put(rb->accounts, PQgetvalue(r, row, 0), a))
 			goto fail;
 		a->expected = atoi(PQgetvalue(r, row, 1));
 		a = NULL;
@@ -232,8 +235,9 @@ fail:
  * finished and so all in the heap's blocks as they are now. */
 bool rb_bulk_bounds(struct rebuild *rb)
 {
-	PGresult *r = PQexec(rb->wr, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, "
-				     "pg_relation_size('events') / current_setting('block_size')::bigint");
+	PGresult *r = PQexec(rb->wr,
+			     "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, "
+			     "pg_relation_size('events') / current_setting('block_size')::bigint");
 
 	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
 		rb_error(rb, "sizing the log: %s", PQresultErrorMessage(r));

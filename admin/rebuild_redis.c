@@ -115,7 +115,7 @@ bool rb_redis_usable(struct rebuild *rb)
 	}
 	if (!redis_run_id(rb, rb->redis, run_id) || strcmp(run_id, rb->redis_run_id) != 0) {
 		rb_error(rb, "redis is not the server the rebuild began with "
-				"(restarted?): leaving it alone\n");
+			     "(restarted?): leaving it alone\n");
 		redisFree(rb->redis);
 		rb->redis = NULL;
 		return false;
@@ -137,8 +137,10 @@ bool rb_connect_redis(struct rebuild *rb)
 	r0 = PQexec(rb->wr, READMODEL_IDENTITY_SQL);
 	if (PQresultStatus(r0) != PGRES_TUPLES_OK || PQntuples(r0) != 1 || PQgetisnull(r0, 0, 0) ||
 	    PQgetlength(r0, 0, 0) == 0 || PQgetlength(r0, 0, 0) >= (int)sizeof(rb->identity)) {
-		rb_error(rb, "reading the event store's identity (is the database "
-				"migrated?): %s", PQresultErrorMessage(r0));
+		rb_error(rb,
+			 "reading the event store's identity (is the database "
+			 "migrated?): %s",
+			 PQresultErrorMessage(r0));
 		PQclear(r0);
 		return false;
 	}

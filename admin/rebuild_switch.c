@@ -30,8 +30,10 @@ static bool lock_once(struct rebuild *rb, bool *busy)
 		return false;
 	if (!try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", busy))
 		return false;
-	if (rb->sql && !try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
-				     "rm_totals IN ACCESS EXCLUSIVE MODE", busy))
+	if (rb->sql && !try_lock(rb,
+				 "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
+				 "rm_totals IN ACCESS EXCLUSIVE MODE",
+				 busy))
 		return false;
 	return rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = 0");
 }
@@ -53,7 +55,7 @@ static bool lock_for_switch(struct rebuild *rb)
 			rb->phase = "wait";
 			rb_report(rb, true);
 			rb_note(rb, "waiting for the read-model tables: a "
-					"transaction is reading them (a verify?)\n");
+				    "transaction is reading them (a verify?)\n");
 		}
 		rb_report(rb, false);
 		usleep(SWITCH_RETRY_US);
@@ -82,11 +84,12 @@ static void put_back_live(struct rebuild *rb, const struct live_before *old)
 		return;
 	(void)!rb_redis_drain(rb);
 	if (rb_redis_usable(rb))
-		r = old->present ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
-				 : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
+		r = old->present
+			    ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
+			    : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
 	if (!r || r->type == REDIS_REPLY_ERROR)
 		rb_error(rb, "could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
-			old->present ? old->gen : "(none)");
+			 old->present ? old->gen : "(none)");
 	freeReplyObject(r);
 }
 
@@ -143,7 +146,8 @@ static bool swap_tables(struct rebuild *rb)
 static bool switch_redis(struct rebuild *rb, struct live_before *old, const char *token)
 {
 	char k[64], lk[64], ik[64], msg[96], gen[24];
-	const char *cp[3] = { "SET", k, token }, *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
+	const char *cp[3] = { "SET", k, token },
+		   *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 	const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
 	const char *identity[3] = { "SET", ik, rb->identity };
 	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
@@ -182,8 +186,10 @@ bool rb_switch_over(struct rebuild *rb)
 		if (!rb_fold_chunk(rb, &n))
 			goto fail;
 	if (rb->stashed) {
-		rb_error(rb, "%lld events wait for earlier versions that the log "
-				"does not have\n", rb->stashed);
+		rb_error(rb,
+			 "%lld events wait for earlier versions that the log "
+			 "does not have\n",
+			 rb->stashed);
 		goto fail;
 	}
 	snprintf(token, sizeof(token), "%llu.%lld", (unsigned long long)rb->cp_txid, rb->position);

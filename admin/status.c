@@ -45,19 +45,19 @@ static PGresult *query(struct status *s, const char *sql, int nparams, const cha
 
 	if (PQresultStatus(r) == PGRES_TUPLES_OK)
 		return r;
-	log_error(s->log, "%s",
-		log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
+	log_error(s->log, "%s", log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
 	PQclear(r);
 	return NULL;
 }
 
 static bool read_head(struct status *s)
 {
-	PGresult *r = query(s,
-			    "SELECT coalesce(max(position), 0), coalesce((SELECT txid::text || '.' || "
-			    "position FROM events ORDER BY txid DESC, position DESC LIMIT 1), '0.0'), "
-			    "(SELECT reltuples FROM pg_class WHERE oid = 'events'::regclass) FROM events",
-			    0, NULL);
+	PGresult *r =
+		query(s,
+		      "SELECT coalesce(max(position), 0), coalesce((SELECT txid::text || '.' || "
+		      "position FROM events ORDER BY txid DESC, position DESC LIMIT 1), '0.0'), "
+		      "(SELECT reltuples FROM pg_class WHERE oid = 'events'::regclass) FROM events",
+		      0, NULL);
 	double estimate;
 
 	if (!r)
@@ -88,15 +88,15 @@ static bool read_lag(struct status *s, struct row *row)
 	PGresult *r;
 
 	if (row->token[0] && !readmodel_position_parse(row->token, &p)) {
-		log_error(s->log, "%s: malformed checkpoint '%s'", row->name,
-			row->token);
+		log_error(s->log, "%s: malformed checkpoint '%s'", row->name, row->token);
 		return false;
 	}
 	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)p.txid);
 	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)p.position);
-	r = query(s, "SELECT count(*), coalesce(greatest(extract(epoch FROM clock_timestamp() - "
-		     "min(recorded_at)), 0), 0)::float8 FROM events "
-		     "WHERE (txid, position) > ($1::xid8, $2::bigint)",
+	r = query(s,
+		  "SELECT count(*), coalesce(greatest(extract(epoch FROM clock_timestamp() - "
+		  "min(recorded_at)), 0), 0)::float8 FROM events "
+		  "WHERE (txid, position) > ($1::xid8, $2::bigint)",
 		  2, params);
 	if (!r)
 		return false;
@@ -108,8 +108,9 @@ static bool read_lag(struct status *s, struct row *row)
 
 static bool read_projections(struct status *s)
 {
-	PGresult *r = query(s, "SELECT projection, txid::text || '.' || position "
-			       "FROM projection_checkpoints ORDER BY projection <> 'sql', projection",
+	PGresult *r = query(s,
+			    "SELECT projection, txid::text || '.' || position "
+			    "FROM projection_checkpoints ORDER BY projection <> 'sql', projection",
 			    0, NULL);
 
 	if (!r)
@@ -151,7 +152,8 @@ static bool live_is_ours(struct status *s, redisContext *c, const char *gen)
 /* The live generation and its checkpoint; a Redis failure is reported, not fatal. */
 static void read_redis(struct admin_ctx *ctx, struct status *s)
 {
-	redisContext *c = admin_redis_connect(&ctx->cfg.redis, s->redis_error, sizeof(s->redis_error));
+	redisContext *c = admin_redis_connect(&ctx->cfg.redis, s->redis_error,
+					      sizeof(s->redis_error));
 	redisReply *g = NULL, *cp = NULL;
 
 	if (!c)
@@ -159,8 +161,10 @@ static void read_redis(struct admin_ctx *ctx, struct status *s)
 	g = redisCommand(c, "GET " READMODEL_LIVE_KEY);
 	if (g && g->type == REDIS_REPLY_STRING && !live_is_ours(s, c, g->str)) {
 		/* Readers do not use it: for them Redis holds no live model. */
-		log_warn(s->log, "redis generation %s was not built "
-				"from this event store: it is not used", g->str);
+		log_warn(s->log,
+			 "redis generation %s was not built "
+			 "from this event store: it is not used",
+			 g->str);
 	} else if (g && g->type == REDIS_REPLY_STRING) {
 		s->redis_live = true;
 		s->generation = atoll(g->str);
@@ -215,10 +219,9 @@ static bool print_json(const struct status *s)
 	for (size_t i = 0; i < s->nrows; i++)
 		json_array_append_new(projections,
 				      row_json("name", json_string(s->rows[i].name), &s->rows[i]));
-	o = json_pack("{s:{s:I, s:b, s:I, s:s}, s:o, s:o}", "log", "events",
-		      (json_int_t)s->events, "events_exact", s->exact, "max_position",
-		      (json_int_t)s->max_position, "head", s->head, "projections", projections,
-		      "redis", redis_json(s));
+	o = json_pack("{s:{s:I, s:b, s:I, s:s}, s:o, s:o}", "log", "events", (json_int_t)s->events,
+		      "events_exact", s->exact, "max_position", (json_int_t)s->max_position, "head",
+		      s->head, "projections", projections, "redis", redis_json(s));
 	/* Lags are measured in microseconds: ten significant digits print them without noise. */
 	text = o ? json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(10)) : NULL;
 	json_decref(o);
@@ -335,7 +338,7 @@ int admin_status(struct admin_ctx *ctx, int argc, char **argv)
 	s.pg = PQconnectdb(ctx->cfg.pg);
 	if (PQstatus(s.pg) != CONNECTION_OK) {
 		log_error(s.log, "cannot connect to PostgreSQL: %s",
-			log_oneline(PQerrorMessage(s.pg), line, sizeof(line)));
+			  log_oneline(PQerrorMessage(s.pg), line, sizeof(line)));
 		goto done;
 	}
 	if (!admin_event_store_usable(s.pg, s.log)) {

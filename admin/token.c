@@ -5,9 +5,9 @@
 #include <sys/random.h>
 
 #include "admin.h"
-#include "ledger.h"
 #include "cli.h"
 #include "digest.h"
+#include "ledger.h"
 
 #define TOKEN_BYTES 32 /* 256 bits of randomness */
 
@@ -92,12 +92,12 @@ int admin_token(struct admin_ctx *ctx, int argc, char **argv)
 		return admin_usage_error("token", "both --id and --scopes are needed");
 	if (!ledger_valid_id(id)) {
 		log_error(&ctx->log, "--id must be 1-64 characters of "
-				"[A-Za-z0-9._:-]");
+				     "[A-Za-z0-9._:-]");
 		return CLI_EXIT_USAGE;
 	}
 	if (!valid_scopes(scopes)) {
 		log_error(&ctx->log, "--scopes must be a comma-separated list "
-				"of write, read, admin (each once)");
+				     "of write, read, admin (each once)");
 		return CLI_EXIT_USAGE;
 	}
 	if (!fill_random(raw, sizeof(raw))) {
@@ -117,6 +117,6 @@ int admin_token(struct admin_ctx *ctx, int argc, char **argv)
 		return CLI_EXIT_PROBLEM;
 	}
 	log_info(&ctx->log, "line 1 is the token, shown only now; add line 2 "
-			"to DAYBOOK_TOKENS_FILE and restart command and query");
+			    "to DAYBOOK_TOKENS_FILE and restart command and query");
 	return CLI_EXIT_OK;
 }

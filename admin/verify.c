@@ -56,8 +56,9 @@ static bool read_checkpoint(struct verify *v)
 	}
 	if (!ok)
 		verify_fail(v, "reading the sql checkpoint: %s",
-		     PQresultStatus(r) == PGRES_TUPLES_OK ? "no row 'sql' in projection_checkpoints\n"
-							  : PQresultErrorMessage(r));
+			    PQresultStatus(r) == PGRES_TUPLES_OK
+				    ? "no row 'sql' in projection_checkpoints\n"
+				    : PQresultErrorMessage(r));
 	PQclear(r);
 	return ok;
 }
@@ -94,7 +95,8 @@ static int run(struct verify *v)
 
 	clock_gettime(CLOCK_MONOTONIC, &start);
 	if (!verify_exec(v, "SET application_name = 'daybook-admin verify'") ||
-	    !verify_exec(v, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") || !read_checkpoint(v))
+	    !verify_exec(v, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") ||
+	    !read_checkpoint(v))
 		return 2;
 	if (v->redis)
 		verify_redis_prepare(v);
@@ -124,20 +126,19 @@ static bool connect_all(struct admin_ctx *ctx, struct verify *v, bool use_redis)
 	if (PQstatus(v->pg) != CONNECTION_OK) {
 		char line[1024];
 		log_error(v->log, "cannot connect to PostgreSQL: %s",
-			log_oneline(PQerrorMessage(v->pg), line, sizeof(line)));
+			  log_oneline(PQerrorMessage(v->pg), line, sizeof(line)));
 		return false;
 	}
 	if (!use_redis) {
 		log_warn(v->log, "%s: Redis is not checked",
-			ctx->cfg.redis_url ? "--no-redis" : "DAYBOOK_REDIS is not set");
+			 ctx->cfg.redis_url ? "--no-redis" : "DAYBOOK_REDIS is not set");
 		return true;
 	}
 	v->redis = admin_redis_connect(&ctx->cfg.redis, err, sizeof(err));
 	if (!v->redis) {
 		char where[600];
 		config_redis_describe(&ctx->cfg.redis, where, sizeof(where));
-		log_error(v->log, "cannot connect to Redis at %s: %s", where,
-			err);
+		log_error(v->log, "cannot connect to Redis at %s: %s", where, err);
 	}
 	return v->redis != NULL;
 }

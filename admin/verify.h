@@ -15,7 +15,7 @@
 #include "strmap.h"
 
 #define FETCH_ROWS 5000
-#define REDIS_CHUNK 256        /* checks per pipelined round trip */
+#define REDIS_CHUNK 256 /* checks per pipelined round trip */
 #define DIFFS_PRINTED 1000
 #define REDIS_WAIT_SECONDS 5.0 /* for Redis to reach the snapshot's checkpoint */
 #define TEXT_TIME(col) READMODEL_SQL_TIME(col)
@@ -77,7 +77,7 @@ __attribute__((format(printf, 2, 3))) void verify_fail(struct verify *v, const c
 /* reading PostgreSQL (verify_sql.c) */
 bool verify_exec(struct verify *v, const char *sql);
 bool cursor_open(struct cursor *c, struct verify *v, const char *name, const char *query,
-			bool snapshot);
+		 bool snapshot);
 void cursor_next(struct cursor *c);
 const char *cursor_col(const struct cursor *c, int column);
 const char *cursor_head(struct cursor *c);

@@ -14,7 +14,8 @@ void verify_diff(struct verify *v, const char *model, const char *entity, const 
 		 const char *expected, const char *found)
 {
 	if (++v->diffs <= DIFFS_PRINTED)
-		printf("DIFF %s %s %s: expected %s, found %s\n", model, entity, field, expected, found);
+		printf("DIFF %s %s %s: expected %s, found %s\n", model, entity, field, expected,
+		       found);
 }
 
 /* One field: NULL is SQL NULL (or a missing value) and prints as null. */
@@ -40,7 +41,7 @@ static void presence(struct verify *v, const char *model, const char *entity, bo
 {
 	if (expected != found)
 		verify_diff(v, model, entity, "row", expected ? "present" : "absent",
-		     found ? "present" : "absent");
+			    found ? "present" : "absent");
 }
 
 static void ring_push(struct folded *f, int32_t version, char *json)
@@ -64,7 +65,8 @@ static void extra_entries(struct verify *v, struct cursor *ent, const char *id, 
 	char entity[128];
 	const char *row;
 
-	while ((row = cursor_head(ent)) && strcmp(row, id) == 0 && atoll(cursor_col(ent, 1)) < version) {
+	while ((row = cursor_head(ent)) && strcmp(row, id) == 0 &&
+	       atoll(cursor_col(ent, 1)) < version) {
 		snprintf(entity, sizeof(entity), "entry:%s/%s", id, cursor_col(ent, 1));
 		presence(v, "sql", entity, false, true);
 		cursor_next(ent);
@@ -90,9 +92,14 @@ static void expect_entry(struct verify *v, struct folded *f, struct cursor *ent,
 			 const struct ledger_event *ev, const char *at)
 {
 	struct readmodel_entry e = {
-		.version = version, .type = readmodel_entry_type(ev->type), .amount = ev->amount,
-		.balance_after = f->acc.balance, .transfer_id = ev->transfer_id,
-		.counterparty = ev->counterparty, .reference = ev->reference, .at = at,
+		.version = version,
+		.type = readmodel_entry_type(ev->type),
+		.amount = ev->amount,
+		.balance_after = f->acc.balance,
+		.transfer_id = ev->transfer_id,
+		.counterparty = ev->counterparty,
+		.reference = ev->reference,
+		.at = at,
 	};
 	char entity[128];
 	const char *row;
@@ -164,7 +171,8 @@ static void compare_account(struct verify *v, const struct folded *f, const stru
 	verify_field(v, "sql", entity, "name", f->name, cursor_col(acc, 1));
 	verify_field(v, "sql", entity, "currency", f->acc.currency, cursor_col(acc, 2));
 	verify_field_int(v, "sql", entity, "balance", f->acc.balance, cursor_col(acc, 3));
-	verify_field_int(v, "sql", entity, "overdraft_limit", f->acc.overdraft_limit, cursor_col(acc, 4));
+	verify_field_int(v, "sql", entity, "overdraft_limit", f->acc.overdraft_limit,
+			 cursor_col(acc, 4));
 	verify_field(v, "sql", entity, "status", readmodel_status(&f->acc), cursor_col(acc, 5));
 	verify_field_int(v, "sql", entity, "version", f->acc.version, cursor_col(acc, 6));
 	verify_field_int(v, "sql", entity, "entries", f->entries, cursor_col(acc, 7));
@@ -216,10 +224,15 @@ static void add_total(struct verify *v, const struct folded *f)
 static void queue_account_check(struct verify *v, struct folded *f)
 {
 	struct readmodel_account body = {
-		.account_id = f->id, .name = f->name, .currency = f->acc.currency,
-		.status = readmodel_status(&f->acc), .balance = f->acc.balance,
-		.overdraft_limit = f->acc.overdraft_limit, .version = f->acc.version,
-		.opened_at = f->opened_at, .updated_at = f->updated_at,
+		.account_id = f->id,
+		.name = f->name,
+		.currency = f->acc.currency,
+		.status = readmodel_status(&f->acc),
+		.balance = f->acc.balance,
+		.overdraft_limit = f->acc.overdraft_limit,
+		.version = f->acc.version,
+		.opened_at = f->opened_at,
+		.updated_at = f->updated_at,
 	};
 	struct pending *p = pending_add(v);
 	size_t n = f->pushed < READMODEL_ITEMS_KEPT ? f->pushed : READMODEL_ITEMS_KEPT;
@@ -289,22 +302,26 @@ void verify_pass_accounts(struct verify *v)
 	struct cursor ev, acc, ent;
 
 	if (!cursor_open(&ev, v, "ev",
-			 "SELECT stream, version, type, data::text, " TEXT_TIME("recorded_at")
-			 " FROM events WHERE " AT_SNAPSHOT " ORDER BY stream COLLATE \"C\", version",
+			 "SELECT stream, version, type, data::text, " TEXT_TIME(
+				 "recorded_at") " FROM events WHERE " AT_SNAPSHOT
+						" ORDER BY stream COLLATE \"C\", version",
 			 true) ||
-	    !cursor_open(&acc, v, "acc",
-			 "SELECT account_id, name, currency, balance, overdraft_limit, status, version, "
-			 "entries, " TEXT_TIME("opened_at") ", " TEXT_TIME("updated_at")
-			 " FROM rm_accounts ORDER BY ('account-' || account_id) COLLATE \"C\"",
-			 false) ||
+	    !cursor_open(
+		    &acc, v, "acc",
+		    "SELECT account_id, name, currency, balance, overdraft_limit, status, version, "
+		    "entries, " TEXT_TIME("opened_at") ", " TEXT_TIME(
+			    "updated_at") " FROM rm_accounts ORDER BY ('account-' || account_id) COLLATE \"C\"",
+		    false) ||
 	    !cursor_open(&ent, v, "ent",
 			 "SELECT account_id, version, type, amount, balance_after, transfer_id, "
-			 "counterparty, reference, " TEXT_TIME("at") " FROM rm_entries "
-			 "ORDER BY ('account-' || account_id) COLLATE \"C\", version",
+			 "counterparty, reference, " TEXT_TIME(
+				 "at") " FROM rm_entries "
+				       "ORDER BY ('account-' || account_id) COLLATE \"C\", version",
 			 false))
 		return;
 	while (!v->failed) {
-		const char *next = min_key(min_key(event_account(v, &ev), cursor_head(&acc)), cursor_head(&ent));
+		const char *next = min_key(min_key(event_account(v, &ev), cursor_head(&acc)),
+					   cursor_head(&ent));
 		char *id;
 		if (!next)
 			break;
@@ -357,12 +374,17 @@ static void expect_transfer(struct verify *v, const struct cursor *xf, const str
 	snprintf(entity, sizeof(entity), "transfer:%s", PQgetvalue(xf->res, xf->row, 0));
 	if (!data || !opened || !ledger_event_from_json(LEDGER_TRANSFER_SENT, data, &sent) ||
 	    !ledger_event_from_json(LEDGER_ACCOUNT_OPENED, opened, &open)) {
-		verify_diff(v, "log", entity, "data", "a TransferSent of an opened account", cursor_col(xf, 1));
+		verify_diff(v, "log", entity, "data", "a TransferSent of an opened account",
+			    cursor_col(xf, 1));
 		goto done;
 	}
 	t = (struct readmodel_transfer){
-		.transfer_id = sent.transfer_id, .from = cursor_col(xf, 2), .to = sent.counterparty,
-		.currency = open.currency, .reference = sent.reference, .at = cursor_col(xf, 3),
+		.transfer_id = sent.transfer_id,
+		.from = cursor_col(xf, 2),
+		.to = sent.counterparty,
+		.currency = open.currency,
+		.reference = sent.reference,
+		.at = cursor_col(xf, 3),
 		.amount = sent.amount,
 	};
 	presence(v, "sql", entity, true, rt != NULL);
@@ -381,17 +403,19 @@ void verify_pass_transfers(struct verify *v)
 {
 	struct cursor xf, rt;
 
-	if (!cursor_open(&xf, v, "xf",
-			 "SELECT coalesce(e.data->>'transfer_id', ''), e.data::text, substr(e.stream, 9), "
-			 TEXT_TIME("e.recorded_at") ", o.data::text FROM events e LEFT JOIN events o "
-			 "ON o.stream = e.stream AND o.version = 1 WHERE e.type = 'TransferSent' AND "
-			 "(e.txid, e.position) <= ($1::xid8, $2::bigint) "
-			 "ORDER BY coalesce(e.data->>'transfer_id', '') COLLATE \"C\"",
-			 true) ||
-	    !cursor_open(&rt, v, "rt",
-			 "SELECT transfer_id, from_account, to_account, amount, currency, reference, "
-			 TEXT_TIME("at") " FROM rm_transfers ORDER BY transfer_id COLLATE \"C\"",
-			 false))
+	if (!cursor_open(
+		    &xf, v, "xf",
+		    "SELECT coalesce(e.data->>'transfer_id', ''), e.data::text, substr(e.stream, 9), " TEXT_TIME(
+			    "e.recorded_at") ", o.data::text FROM events e LEFT JOIN events o "
+					     "ON o.stream = e.stream AND o.version = 1 WHERE e.type = 'TransferSent' AND "
+					     "(e.txid, e.position) <= ($1::xid8, $2::bigint) "
+					     "ORDER BY coalesce(e.data->>'transfer_id', '') COLLATE \"C\"",
+		    true) ||
+	    !cursor_open(
+		    &rt, v, "rt",
+		    "SELECT transfer_id, from_account, to_account, amount, currency, reference, " TEXT_TIME(
+			    "at") " FROM rm_transfers ORDER BY transfer_id COLLATE \"C\"",
+		    false))
 		return;
 	while (!v->failed) {
 		const char *a = cursor_head(&xf), *b = cursor_head(&rt);
@@ -426,7 +450,8 @@ static void compare_total(struct verify *v, const struct readmodel_totals *t, PG
 
 	snprintf(entity, sizeof(entity), "totals:%s", t->currency);
 	verify_field_int(v, "sql", entity, "accounts", t->count.accounts, PQgetvalue(r, row, 1));
-	verify_field_int(v, "sql", entity, "open_accounts", t->count.open_accounts, PQgetvalue(r, row, 2));
+	verify_field_int(v, "sql", entity, "open_accounts", t->count.open_accounts,
+			 PQgetvalue(r, row, 2));
 	readmodel_int128_text(t->count.balance_sum, sum);
 	verify_field(v, "sql", entity, "balance_sum", sum, PQgetvalue(r, row, 3));
 }
@@ -446,8 +471,9 @@ static void check_sql_totals(struct verify *v)
 		return;
 	}
 	while (i < v->ntotals || row < rows) {
-		int c = i == v->ntotals ? 1 : row == rows ? -1
-				    : strcmp(v->totals[i].currency, PQgetvalue(r, row, 0));
+		int c = i == v->ntotals ? 1
+			: row == rows   ? -1
+					: strcmp(v->totals[i].currency, PQgetvalue(r, row, 0));
 		snprintf(entity, sizeof(entity), "totals:%s",
 			 c <= 0 ? v->totals[i].currency : PQgetvalue(r, row, 0));
 		presence(v, "sql", entity, c <= 0, c >= 0);
@@ -462,7 +488,8 @@ static void check_sql_totals(struct verify *v)
 /* GET /totals's body, as the projector writes it. Caller frees. */
 static char *totals_json(const struct verify *v)
 {
-	const struct readmodel_totals **rows = malloc((v->ntotals ? v->ntotals : 1) * sizeof(*rows));
+	const struct readmodel_totals **rows = malloc((v->ntotals ? v->ntotals : 1) *
+						      sizeof(*rows));
 	char *json = NULL;
 
 	for (size_t i = 0; rows && i < v->ntotals; i++)
@@ -506,9 +533,11 @@ void verify_check_totals(struct verify *v)
 	if (!r)
 		verify_redis_lost(v);
 	else if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
-		verify_diff(v, "redis", "totals", "key", "a hash", r->type == REDIS_REPLY_ERROR ? r->str : "?");
+		verify_diff(v, "redis", "totals", "key", "a hash",
+			    r->type == REDIS_REPLY_ERROR ? r->str : "?");
 	else
-		check_redis_totals(v, verify_reply_str(r->element[0]), verify_reply_str(r->element[1]));
+		check_redis_totals(v, verify_reply_str(r->element[0]),
+				   verify_reply_str(r->element[1]));
 	if (r)
 		freeReplyObject(r);
 }

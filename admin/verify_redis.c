@@ -53,7 +53,7 @@ static void check_redis_items(struct verify *v, const struct pending *p, const r
 		got_text = got <= want ? (member ? member : "") : NULL;
 		if (!want_text || !got_text || strcmp(want_text, got_text) != 0)
 			verify_diff(v, "redis", entity, "item", want_text ? want_text : "absent",
-			     got_text ? got_text : "absent");
+				    got_text ? got_text : "absent");
 		i += want <= got;
 		j += got <= want;
 	}
@@ -69,7 +69,7 @@ static void check_redis_account(struct verify *v, const struct pending *p, const
 	snprintf(entity, sizeof(entity), "account:%s", p->id);
 	if (!h || h->type != REDIS_REPLY_ARRAY || h->elements != 3) {
 		verify_diff(v, "redis", entity, "key", "a hash",
-		     h && h->type == REDIS_REPLY_ERROR ? h->str : "another reply");
+			    h && h->type == REDIS_REPLY_ERROR ? h->str : "another reply");
 		return;
 	}
 	version = verify_reply_str(h->element[0]);
@@ -84,7 +84,8 @@ static void check_redis_account(struct verify *v, const struct pending *p, const
 	verify_field_int(v, "redis", entity, "version", p->version, version);
 	if (atoll(version) < p->version)
 		return; /* stale: one difference says it */
-	verify_field_int(v, "redis", entity, "entries", p->entries, verify_reply_str(h->element[1]));
+	verify_field_int(v, "redis", entity, "entries", p->entries,
+			 verify_reply_str(h->element[1]));
 	verify_field(v, "redis", entity, "body", p->json, verify_reply_str(h->element[2]));
 	check_redis_items(v, p, z);
 }
@@ -115,10 +116,10 @@ static bool append_checks(struct verify *v)
 	for (size_t i = 0; i < v->npending; i++) {
 		const struct pending *p = &v->pending[i];
 		int rc = p->transfer
-			 ? redisAppendCommand(v->redis, "GET %s",
-					      vkey(v, k, READMODEL_KIND_TRANSFER, p->id))
-			 : redisAppendCommand(v->redis, "HMGET %s v n j",
-					      vkey(v, k, READMODEL_KIND_ACCOUNT, p->id));
+				 ? redisAppendCommand(v->redis, "GET %s",
+						      vkey(v, k, READMODEL_KIND_TRANSFER, p->id))
+				 : redisAppendCommand(v->redis, "HMGET %s v n j",
+						      vkey(v, k, READMODEL_KIND_ACCOUNT, p->id));
 		if (rc == REDIS_OK && !p->transfer)
 			rc = redisAppendCommand(v->redis, "LRANGE %s 0 -1",
 						vkey(v, k, READMODEL_KIND_STATEMENT, p->id));
@@ -171,7 +172,8 @@ struct pending *pending_add(struct verify *v)
 static int redis_checkpoint_cmp(struct verify *v)
 {
 	char k[READMODEL_KEY_MAX];
-	redisReply *r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_CHECKPOINT, NULL));
+	redisReply *r = redisCommand(v->redis, "GET %s",
+				     vkey(v, k, READMODEL_KIND_CHECKPOINT, NULL));
 	struct readmodel_position p = { 0, 0 };
 	int c;
 
@@ -203,10 +205,13 @@ static void note_foreign_generations(struct verify *v, const char *ours)
 			const char *k = r->element[1]->element[i]->str;
 			long long gen = readmodel_key_generation(k);
 			redisReply *id = redisCommand(v->redis, "GET %s", k);
-			if (id && verify_reply_str(id) && strcmp(id->str, ours) != 0 && gen != atoll(v->gen))
-				log_warn(v->log, "redis generation %lld was "
-						"built from another event store (identity %s): unused here, "
-						"and left in place", gen, id->str);
+			if (id && verify_reply_str(id) && strcmp(id->str, ours) != 0 &&
+			    gen != atoll(v->gen))
+				log_warn(v->log,
+					 "redis generation %lld was "
+					 "built from another event store (identity %s): unused here, "
+					 "and left in place",
+					 gen, id->str);
 			freeReplyObject(id);
 		}
 		freeReplyObject(r);
@@ -226,7 +231,7 @@ static bool redis_identity_ours(struct verify *v)
 
 	if (!ok) {
 		verify_fail(v, "reading the event store's identity (is the database migrated?): %s",
-		     PQresultErrorMessage(q));
+			    PQresultErrorMessage(q));
 		PQclear(q);
 		return false;
 	}
@@ -240,10 +245,11 @@ static bool redis_identity_ours(struct verify *v)
 	ok = verify_reply_str(r) && strcmp(r->str, PQgetvalue(q, 0, 0)) == 0;
 	if (!ok) {
 		verify_diff(v, "redis", "live", "identity", PQgetvalue(q, 0, 0),
-		     verify_reply_str(r) ? r->str : "absent");
-		log_warn(v->log, "redis generation %s was not built from "
-				"this event store: it is not served, and its content is not checked",
-			v->gen);
+			    verify_reply_str(r) ? r->str : "absent");
+		log_warn(v->log,
+			 "redis generation %s was not built from "
+			 "this event store: it is not served, and its content is not checked",
+			 v->gen);
 		snprintf(v->foreign, sizeof(v->foreign), "%s", v->gen);
 		v->gen[0] = '\0';
 		redisFree(v->redis);
@@ -280,13 +286,15 @@ void verify_redis_prepare(struct verify *v)
 	r = redisCommand(v->redis, "GET %s", vkey(v, k, READMODEL_KIND_LAYOUT, NULL));
 	if (r && !(verify_reply_str(r) && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0))
 		verify_diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
-		     verify_reply_str(r) ? r->str : "absent");
+			    verify_reply_str(r) ? r->str : "absent");
 	freeReplyObject(r);
 	for (int i = 0; i < (int)(REDIS_WAIT_SECONDS * 20) && redis_checkpoint_cmp(v) < 0; i++)
 		nanosleep(&pause, NULL);
 	if (redis_checkpoint_cmp(v) < 0)
-		log_warn(v->log, "redis generation %s is behind the SQL "
-				"checkpoint %s", v->gen, v->cp_token);
+		log_warn(v->log,
+			 "redis generation %s is behind the SQL "
+			 "checkpoint %s",
+			 v->gen, v->cp_token);
 }
 
 /* A switch of generation during the run (a rebuild or a resync) explains Redis
@@ -296,9 +304,11 @@ void verify_redis_recheck_live(struct verify *v)
 	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 
 	if (r && !(verify_reply_str(r) && strcmp(r->str, v->gen) == 0))
-		log_warn(v->log, "the live generation changed from %s to %s "
-				"during the run: Redis differences may come from the switch; run verify "
-				"again", v->gen, verify_reply_str(r) ? r->str : "(none)");
+		log_warn(v->log,
+			 "the live generation changed from %s to %s "
+			 "during the run: Redis differences may come from the switch; run verify "
+			 "again",
+			 v->gen, verify_reply_str(r) ? r->str : "(none)");
 	if (r)
 		freeReplyObject(r);
 }
@@ -355,8 +365,10 @@ static void orphans_of(struct verify *v, const struct orphan_page *page, const c
 			    strcmp(page->id[i], PQgetvalue(r, row, 0)) != 0)
 				continue;
 			snprintf(entity, sizeof(entity), "%s:%s",
-				 strcmp(kind, READMODEL_KIND_TRANSFER) == 0 ? "transfer" :
-				 strcmp(kind, READMODEL_KIND_ACCOUNT) == 0 ? "account" : kind, page->id[i]);
+				 strcmp(kind, READMODEL_KIND_TRANSFER) == 0  ? "transfer"
+				 : strcmp(kind, READMODEL_KIND_ACCOUNT) == 0 ? "account"
+									     : kind,
+				 page->id[i]);
 			orphan_diff(v, entity);
 		}
 	}
@@ -373,7 +385,8 @@ static void classify(struct verify *v, struct orphan_page *page, char *key, size
 					     READMODEL_KIND_TRANSFER };
 	char *rest = key + prefix, *colon = strchr(rest, ':');
 
-	if (strcmp(rest, READMODEL_KIND_TOTALS) == 0 || strcmp(rest, READMODEL_KIND_CHECKPOINT) == 0 ||
+	if (strcmp(rest, READMODEL_KIND_TOTALS) == 0 ||
+	    strcmp(rest, READMODEL_KIND_CHECKPOINT) == 0 ||
 	    strcmp(rest, READMODEL_KIND_LAYOUT) == 0 || strcmp(rest, READMODEL_KIND_IDENTITY) == 0)
 		return;
 	for (size_t k = 0; colon && k < sizeof(kinds) / sizeof(kinds[0]); k++) {
@@ -389,8 +402,8 @@ static void classify(struct verify *v, struct orphan_page *page, char *key, size
 	orphan_diff(v, entity);
 }
 
-#define ACCOUNT_MISSING \
-	"SELECT id FROM unnest($1::text[]) id WHERE NOT EXISTS " \
+#define ACCOUNT_MISSING                                                                            \
+	"SELECT id FROM unnest($1::text[]) id WHERE NOT EXISTS "                                   \
 	"(SELECT 1 FROM events WHERE stream = 'account-' || id)"
 
 /* Every key of the live generation, a SCAN page at a time (memory stays bounded). */
@@ -422,9 +435,10 @@ void verify_pass_redis_orphans(struct verify *v)
 				classify(v, &page, r->element[1]->element[i]->str, prefix);
 			orphans_of(v, &page, READMODEL_KIND_ACCOUNT, ACCOUNT_MISSING);
 			orphans_of(v, &page, READMODEL_KIND_STATEMENT, ACCOUNT_MISSING);
-			orphans_of(v, &page, READMODEL_KIND_TRANSFER, "SELECT id FROM unnest($1::text[]) id WHERE NOT "
-						     "EXISTS (SELECT 1 FROM events WHERE type = 'TransferSent' "
-						     "AND data->>'transfer_id' = id)");
+			orphans_of(v, &page, READMODEL_KIND_TRANSFER,
+				   "SELECT id FROM unnest($1::text[]) id WHERE NOT "
+				   "EXISTS (SELECT 1 FROM events WHERE type = 'TransferSent' "
+				   "AND data->>'transfer_id' = id)");
 		}
 		freeReplyObject(r);
 	} while (!v->failed && strcmp(cursor, "0") != 0);

@@ -18,7 +18,7 @@ bool verify_exec(struct verify *v, const char *sql)
 
 /* DECLARE the cursor; `snapshot` passes the checkpoint as $1, $2. */
 bool cursor_open(struct cursor *c, struct verify *v, const char *name, const char *query,
-			bool snapshot)
+		 bool snapshot)
 {
 	const char *params[2] = { v->cp_txid, v->cp_pos };
 	char *sql = malloc(strlen(query) + 64);
@@ -30,7 +30,8 @@ bool cursor_open(struct cursor *c, struct verify *v, const char *name, const cha
 		return false;
 	}
 	sprintf(sql, "DECLARE %s NO SCROLL CURSOR FOR %s", name, query);
-	r = PQexecParams(v->pg, sql, snapshot ? 2 : 0, NULL, snapshot ? params : NULL, NULL, NULL, 0);
+	r = PQexecParams(v->pg, sql, snapshot ? 2 : 0, NULL, snapshot ? params : NULL, NULL, NULL,
+			 0);
 	free(sql);
 	if (PQresultStatus(r) != PGRES_COMMAND_OK) {
 		verify_fail(v, "opening cursor %s: %s", name, PQresultErrorMessage(r));

@@ -45,12 +45,12 @@ struct evbuffer;
 /* A command's outcome within the batch. */
 struct slot {
 	struct cmd *cmd;
-	int status;       /* 0 while undecided */
-	json_t *body;     /* the response body, owned */
-	json_t *headers;  /* {"ETag": ..., "Location": ...}, owned */
-	bool replay;      /* answered from a stored record */
-	bool unrecorded;  /* an outcome that must not be stored (a key reused) */
-	int last_event;   /* index of its last event in the batch, -1 for none */
+	int status;      /* 0 while undecided */
+	json_t *body;    /* the response body, owned */
+	json_t *headers; /* {"ETag": ..., "Location": ...}, owned */
+	bool replay;     /* answered from a stored record */
+	bool unrecorded; /* an outcome that must not be stored (a key reused) */
+	int last_event;  /* index of its last event in the batch, -1 for none */
 };
 
 struct pending_event {
@@ -69,11 +69,12 @@ struct batcher {
 	struct batcher_hooks hooks;
 	struct cmd *head, *tail; /* commands waiting for the next batch */
 	size_t npending;
-	struct strmap *cache;    /* account id -> struct ledger_account, committed state */
-	struct strmap *inflight; /* "token\x1fkey" -> the keyed command that owns it, until answered */
+	struct strmap *cache; /* account id -> struct ledger_account, committed state */
+	struct strmap
+		*inflight; /* "token\x1fkey" -> the keyed command that owns it, until answered */
 	enum batch_state state;
 	/* The batch in flight. */
-	long long epoch;          /* the term it was started in: its fence */
+	long long epoch; /* the term it was started in: its fence */
 	struct slot slots[BATCH_MAX];
 	size_t nslots;
 	struct pending_event events[2 * BATCH_MAX];

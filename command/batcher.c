@@ -29,25 +29,31 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx, const struct bat
 	b->ctx = ctx;
 	b->hooks = *hooks;
 	b->batch_size = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_batch_size",
-				    "Commands per group-commit transaction.", "", metrics_size_buckets,
-				    metrics_size_buckets_len);
+				    "Commands per group-commit transaction.", "",
+				    metrics_size_buckets, metrics_size_buckets_len);
 	b->events_total = metrics_get(m, METRIC_COUNTER, "daybook_events_appended_total",
 				      "Events committed to the event store.", "", NULL, 0);
 	b->replays = metrics_get(m, METRIC_COUNTER, "daybook_idempotent_replays_total",
-				 "Requests answered from a stored idempotency record.", "", NULL, 0);
+				 "Requests answered from a stored idempotency record.", "", NULL,
+				 0);
 	b->conflicts = metrics_get(m, METRIC_COUNTER, "daybook_append_conflicts_total",
-				   "Batches rolled back by a conflict and retried one by one.", "", NULL, 0);
+				   "Batches rolled back by a conflict and retried one by one.", "",
+				   NULL, 0);
 	b->unavailable = metrics_get(m, METRIC_COUNTER, "daybook_append_unavailable_total",
-				     "Commands refused because PostgreSQL was unreachable.", "", NULL, 0);
-	b->fenced = metrics_get(m, METRIC_COUNTER, "daybook_append_fenced_total",
-				"Batches rolled back because another instance took the write lease.",
-				"", NULL, 0);
+				     "Commands refused because PostgreSQL was unreachable.", "",
+				     NULL, 0);
+	b->fenced =
+		metrics_get(m, METRIC_COUNTER, "daybook_append_fenced_total",
+			    "Batches rolled back because another instance took the write lease.",
+			    "", NULL, 0);
 	b->not_leader = metrics_get(m, METRIC_COUNTER, "daybook_append_not_leader_total",
-				    "Commands refused because this instance does not lead.", "", NULL, 0);
-	b->commit_seconds = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_commit_seconds",
-					"Time from sending a batch's write transaction to PostgreSQL's "
-					"verdict on its COMMIT, whatever the verdict.",
-					"", metrics_latency_buckets, metrics_latency_buckets_len);
+				    "Commands refused because this instance does not lead.", "",
+				    NULL, 0);
+	b->commit_seconds =
+		metrics_get(m, METRIC_HISTOGRAM, "daybook_append_commit_seconds",
+			    "Time from sending a batch's write transaction to PostgreSQL's "
+			    "verdict on its COMMIT, whatever the verdict.",
+			    "", metrics_latency_buckets, metrics_latency_buckets_len);
 	b->batch_events = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_batch_events",
 				      "Events per write transaction.", "", metrics_size_buckets,
 				      metrics_size_buckets_len);
@@ -124,8 +130,9 @@ void batcher_submit(struct batcher *b, struct cmd *cmd)
 	if (cmd->idem_key[0] && !idem_mark(b, cmd, &busy)) {
 		if (busy)
 			answer(b, cmd, 409,
-			       http_problem_json(409, "request_in_progress", "Request in progress",
-						 "a request with this Idempotency-Key is still being processed"),
+			       http_problem_json(
+				       409, "request_in_progress", "Request in progress",
+				       "a request with this Idempotency-Key is still being processed"),
 			       json_pack("{s:s}", "Retry-After", "1"), false);
 		else
 			answer_unavailable(b, cmd, "out of memory");
@@ -188,7 +195,8 @@ static void fail_batch(struct batcher *b, int status, const char *why)
 		if (status == 503)
 			answer_unavailable(b, b->slots[i].cmd, why);
 		else
-			answer_problem(b, b->slots[i].cmd, status, "internal", "Internal error", why);
+			answer_problem(b, b->slots[i].cmd, status, "internal", "Internal error",
+				       why);
 		b->slots[i].cmd = NULL;
 	}
 	reset_batch(b);
@@ -262,7 +270,8 @@ static void answer_all(struct batcher *b, PGresult *const *results)
 		struct slot *s = &b->slots[i];
 		if (s->status == 201 && !s->replay && s->last_event >= 0 && results)
 			json_object_set_new(s->body, "position",
-					    json_string(append_position(b, results, s->last_event)));
+					    json_string(
+						    append_position(b, results, s->last_event)));
 		if (s->replay)
 			metric_add(b->replays, 1);
 		answer(b, s->cmd, s->status, s->body, s->headers, s->replay);
@@ -288,8 +297,8 @@ enum failure {
 static enum failure classify(const char *sqlstate)
 {
 	static const char *const conflicts[] = { "23505", "40", NULL };
-	static const char *const transient[] = { "08", "53", "54000", "55P03", "57", "58", "25P03",
-						 NULL };
+	static const char *const transient[] = { "08", "53", "54000", "55P03",
+						 "57", "58", "25P03", NULL };
 
 	for (size_t i = 0; conflicts[i]; i++)
 		if (strncmp(sqlstate, conflicts[i], strlen(conflicts[i])) == 0)
@@ -323,10 +332,11 @@ static void requeue_solo(struct batcher *b, enum failure f, const char *why)
 			continue;
 		}
 		if (cmd->attempts >= MAX_ATTEMPTS) {
-			log_msg(&b->ctx->log, LOG_WARN, cmd->request_id, "append failed %d times: %s",
-				cmd->attempts, why);
-			answer_unavailable(b, cmd, "the event store rolled this write back repeatedly "
-						   "(concurrent writes); nothing was written, retry shortly");
+			log_msg(&b->ctx->log, LOG_WARN, cmd->request_id,
+				"append failed %d times: %s", cmd->attempts, why);
+			answer_unavailable(b, cmd,
+					   "the event store rolled this write back repeatedly "
+					   "(concurrent writes); nothing was written, retry shortly");
 			continue;
 		}
 		cmd->solo = true;
@@ -366,8 +376,9 @@ static void batch_rolled_back(struct batcher *b, const PGresult *res, const char
 		metric_add(b->fenced, 1);
 		fail_batch_not_leader(b);
 		if (current && b->ctx->epoch) {
-			b->hooks.fenced(b->hooks.arg, "the batch's fence failed (another instance "
-							 "took the write lease); nothing was committed");
+			b->hooks.fenced(b->hooks.arg,
+					"the batch's fence failed (another instance "
+					"took the write lease); nothing was committed");
 		}
 		start_batch(b);
 		return;
@@ -375,8 +386,9 @@ static void batch_rolled_back(struct batcher *b, const PGresult *res, const char
 	if (f == FAIL_CONFLICT)
 		metric_add(b->conflicts, 1);
 	if (f == FAIL_TRANSIENT)
-		fail_batch(b, 503, "the event store could not take the write just now; nothing was "
-				   "written, retry shortly");
+		fail_batch(b, 503,
+			   "the event store could not take the write just now; nothing was "
+			   "written, retry shortly");
 	else
 		requeue_solo(b, f, why);
 	start_batch(b);
@@ -397,7 +409,8 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	metric_observe(b->commit_seconds, seconds_since(&b->write_start));
 	switch (out->status) {
 	case PG_RUN_NOT_SENT:
-		fail_batch(b, 503, "the event store became unreachable; nothing was written, retry shortly");
+		fail_batch(b, 503,
+			   "the event store became unreachable; nothing was written, retry shortly");
 		fail_pending(b, "the event store is unreachable; retry shortly");
 		return;
 	case PG_RUN_UNKNOWN:
@@ -475,7 +488,8 @@ static void load_failed(struct batcher *b, const PGresult *res, const char *why)
 	/* A timeout, a cancel, an overload: the client may retry. Anything else is a
 	 * defect of this service or of the database's set-up, which a retry will not cure. */
 	if (transient)
-		fail_batch(b, 503, "loading account state failed; nothing was written, retry shortly");
+		fail_batch(b, 503,
+			   "loading account state failed; nothing was written, retry shortly");
 	else
 		fail_batch(b, 500, "loading account state failed; see the service log");
 	start_batch(b);
@@ -487,8 +501,9 @@ static void load_failed(struct batcher *b, const PGresult *res, const char *why)
  * alone, gets 500 (the log names the stream). */
 static void fold_failed(struct batcher *b)
 {
-	requeue_solo(b, FAIL_REFUSED, "an account's stream cannot be folded (see the log line "
-				      "naming the stream)");
+	requeue_solo(b, FAIL_REFUSED,
+		     "an account's stream cannot be folded (see the log line "
+		     "naming the stream)");
 	start_batch(b);
 }
 
@@ -499,7 +514,8 @@ static void load_done(void *arg, const struct pg_outcome *out)
 	char why[256];
 
 	if (out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN) {
-		fail_batch(b, 503, "the event store became unreachable; nothing was written, retry shortly");
+		fail_batch(b, 503,
+			   "the event store became unreachable; nothing was written, retry shortly");
 		fail_pending(b, "the event store is unreachable; retry shortly");
 		return;
 	}

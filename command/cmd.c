@@ -85,13 +85,15 @@ static struct cmd *cmd_new(struct http_request *req, enum cmd_kind kind, bool ac
 	snprintf(cmd->request_id, sizeof(cmd->request_id), "%s", http_request_id(req));
 	now_iso(cmd->time);
 	if (key && !valid_idem_key(key)) {
-		http_reply_invalid(req, "header 'Idempotency-Key' must be 1-255 printable ASCII characters");
+		http_reply_invalid(req,
+				   "header 'Idempotency-Key' must be 1-255 printable ASCII characters");
 		goto fail;
 	}
 	if (key)
 		strcpy(cmd->idem_key, key);
 	if (if_match && !account_scoped) {
-		http_reply_invalid(req, "header 'If-Match' applies only to an existing account's commands");
+		http_reply_invalid(req,
+				   "header 'If-Match' applies only to an existing account's commands");
 		goto fail;
 	}
 	if (if_match && !parse_if_match(if_match, &cmd->expected_version)) {
@@ -100,7 +102,9 @@ static struct cmd *cmd_new(struct http_request *req, enum cmd_kind kind, bool ac
 	}
 	if (account_scoped) {
 		if (!ledger_valid_id(http_param(req, 0))) {
-			http_reply_invalid(req, "the account id in the path must be 1-64 characters of [A-Za-z0-9._:-]");
+			http_reply_invalid(
+				req,
+				"the account id in the path must be 1-64 characters of [A-Za-z0-9._:-]");
 			goto fail;
 		}
 		strcpy(cmd->account, http_param(req, 0));
@@ -179,7 +183,8 @@ static void close_account(struct http_request *req, void *arg)
 const struct http_route command_routes[] = {
 	{ "POST", "/accounts", "/accounts", SCOPE_WRITE, open_account, "" },
 	{ "POST", "/accounts/*/deposits", "/accounts/{id}/deposits", SCOPE_WRITE, deposit, "" },
-	{ "POST", "/accounts/*/withdrawals", "/accounts/{id}/withdrawals", SCOPE_WRITE, withdraw, "" },
+	{ "POST", "/accounts/*/withdrawals", "/accounts/{id}/withdrawals", SCOPE_WRITE, withdraw,
+	  "" },
 	{ "POST", "/accounts/*/close", "/accounts/{id}/close", SCOPE_WRITE, close_account, "" },
 	{ "POST", "/transfers", "/transfers", SCOPE_WRITE, transfer, "" },
 };
@@ -206,7 +211,7 @@ void cmd_settle(void *arg, struct cmd *cmd, struct cmd_outcome *out)
 	json_t *value;
 
 	(void)arg;
-	json_object_foreach(out->headers, name, value)
+	json_object_foreach (out->headers, name, value)
 		if (json_is_string(value))
 			http_set_header(req, name, json_string_value(value));
 	json_decref(out->headers);

@@ -31,11 +31,11 @@ struct cmd {
 	int32_t expected_version;        /* If-Match, -1 when absent */
 	const char *token_id;
 	char request_id[129];
-	char idem_key[256];              /* "" when the request has none */
+	char idem_key[256]; /* "" when the request has none */
 	char idem_hash[DIGEST_SHA256_HEX_LEN + 1];
-	char time[32];                   /* ISO 8601 UTC, for event metadata */
-	int attempts;                    /* write attempts after conflicts */
-	bool solo;                       /* retry alone after a batch conflict */
+	char time[32]; /* ISO 8601 UTC, for event metadata */
+	int attempts;  /* write attempts after conflicts */
+	bool solo;     /* retry alone after a batch conflict */
 };
 
 /* What became of a command: its status, its JSON body (a problem document when

@@ -42,8 +42,8 @@ struct command_ctx {
 	/* Leadership of the write side (shared/lease.h, sql/012): only the holder of the
 	 * write lease appends; every batch is fenced by the epoch of its term. */
 	struct lease *lease;
-	long long epoch;   /* the epoch of our current term, 0 when not leading */
-	bool standing_by;  /* the lease answered: another instance holds it */
+	long long epoch;  /* the epoch of our current term, 0 when not leading */
+	bool standing_by; /* the lease answered: another instance holds it */
 	struct metric *m_leader, *m_epoch;
 };
 

@@ -127,7 +127,8 @@ static void etag(json_t *headers, int32_t version)
 static void set_refusal(struct slot *s, enum ledger_error err, const char *detail)
 {
 	s->status = ledger_error_status(err);
-	s->body = http_problem_json(s->status, ledger_error_code(err), ledger_error_title(err), detail);
+	s->body = http_problem_json(s->status, ledger_error_code(err), ledger_error_title(err),
+				    detail);
 	s->headers = json_object();
 }
 
@@ -175,7 +176,8 @@ static bool decide_transfer(struct batcher *b, int i, enum ledger_error *err,
 	}
 	*err = ledger_decide_transfer(from, to, t->id, t->amount, t->reference, ev);
 	*blame = !ledger_account_exists(from) || from->closed || *err == LEDGER_INSUFFICIENT_FUNDS
-			 ? from : to;
+			 ? from
+			 : to;
 	if (*err)
 		return true;
 	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
@@ -185,8 +187,8 @@ static bool decide_transfer(struct batcher *b, int i, enum ledger_error *err,
 	snprintf(location, sizeof(location), "/transfers/%s", t->id);
 	json_object_set_new(b->slots[i].headers, "Location", json_string(location));
 	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
-				     (json_int_t)from->version, "to_version", (json_int_t)to->version,
-				     "position", POSITION_PLACEHOLDER);
+				     (json_int_t)from->version, "to_version",
+				     (json_int_t)to->version, "position", POSITION_PLACEHOLDER);
 	return true;
 }
 
@@ -232,7 +234,8 @@ static bool decide_account(struct batcher *b, int i, enum ledger_error *err,
 		snprintf(location, sizeof(location), "/accounts/%s", id);
 		json_object_set_new(b->slots[i].headers, "Location", json_string(location));
 	}
-	b->slots[i].body = json_pack("{s:s, s:I}", "account_id", id, "version", (json_int_t)acc->version);
+	b->slots[i].body = json_pack("{s:s, s:I}", "account_id", id, "version",
+				     (json_int_t)acc->version);
 	if (cmd->kind == CMD_DEPOSIT || cmd->kind == CMD_WITHDRAW)
 		json_object_set_new(b->slots[i].body, "balance", json_integer(acc->balance));
 	json_object_set_new(b->slots[i].body, "position", json_string(POSITION_PLACEHOLDER));

@@ -72,8 +72,9 @@ void idem_apply(struct batcher *b, PGresult *r)
 			continue;
 		if (strcmp(PQgetvalue(r, row, 2), s->cmd->idem_hash) != 0) {
 			s->status = 422;
-			s->body = http_problem_json(422, "idempotency_key_reused", "Idempotency key reused",
-						    "this Idempotency-Key was used with a different request");
+			s->body = http_problem_json(
+				422, "idempotency_key_reused", "Idempotency key reused",
+				"this Idempotency-Key was used with a different request");
 			s->headers = json_object();
 			s->unrecorded = true;
 			continue;

@@ -27,9 +27,8 @@ const char sql_load_streams[] =
 	"AND f.version > coalesce(s.version, 0) ORDER BY f.version) e "
 	"ORDER BY 1, 2";
 /* The same rows without snapshots: for streams whose snapshot was refused. */
-const char sql_load_streams_full[] =
-	"SELECT stream, version, type, data::text, true FROM events "
-	"WHERE stream = ANY($1::text[]) ORDER BY stream, version";
+const char sql_load_streams_full[] = "SELECT stream, version, type, data::text, true FROM events "
+				     "WHERE stream = ANY($1::text[]) ORDER BY stream, version";
 const char sql_load_transfers[] =
 	"SELECT data->>'transfer_id' FROM events "
 	"WHERE type = 'TransferSent' AND data->>'transfer_id' = ANY($1::text[])";
@@ -154,8 +153,10 @@ static bool fold_streams(struct batcher *b, PGresult *r)
 		if (PQgetisnull(r, row, 2)) {
 			if (restore_snapshot(r, row, acc, why, sizeof(why)))
 				continue;
-			log_warn(&b->ctx->log, "ignoring the snapshot of %s at version %s (%s); folding "
-				 "the stream from its first event", stream, PQgetvalue(r, row, 1), why);
+			log_warn(&b->ctx->log,
+				 "ignoring the snapshot of %s at version %s (%s); folding "
+				 "the stream from its first event",
+				 stream, PQgetvalue(r, row, 1), why);
 			strmap_remove(b->cache, id);
 			acc = NULL;
 			skip = stream;
@@ -296,7 +297,8 @@ bool load_apply(struct batcher *b, PGresult *const *results)
 		idem_apply(b, results[b->q_idem]);
 	if (b->q_transfers >= 0)
 		for (int row = 0; row < PQntuples(results[b->q_transfers]); row++)
-			if (!strmap_put(b->transfers, PQgetvalue(results[b->q_transfers], row, 0), b))
+			if (!strmap_put(b->transfers, PQgetvalue(results[b->q_transfers], row, 0),
+					b))
 				log_warn(&b->ctx->log, "out of memory noting transfer ids");
 	return true;
 }

@@ -53,8 +53,10 @@ static bool env_ms(const char *name, long def, long min, long max, long *out)
 	errno = 0;
 	*out = strtol(v, &end, 10);
 	if (errno || *end || end == v || *out < min || *out > max) {
-		fprintf(stderr, "daybook-command: %s must be a whole number of milliseconds from "
-				"%ld to %ld (got '%s')\n", name, min, max, v);
+		fprintf(stderr,
+			"daybook-command: %s must be a whole number of milliseconds from "
+			"%ld to %ld (got '%s')\n",
+			name, min, max, v);
 		return false;
 	}
 	return true;
@@ -70,8 +72,10 @@ static bool load_timeouts(struct command_ctx *ctx)
 	    !env_ms("DAYBOOK_STATEMENT_TIMEOUT_MS", STATEMENT_TIMEOUT_MS, 0, 600000, &statement_ms))
 		return false;
 	if (statement_ms >= write_ms) {
-		fprintf(stderr, "daybook-command: DAYBOOK_STATEMENT_TIMEOUT_MS (%ld) must be below "
-				"DAYBOOK_WRITE_TIMEOUT_MS (%ld), or 0\n", statement_ms, write_ms);
+		fprintf(stderr,
+			"daybook-command: DAYBOOK_STATEMENT_TIMEOUT_MS (%ld) must be below "
+			"DAYBOOK_WRITE_TIMEOUT_MS (%ld), or 0\n",
+			statement_ms, write_ms);
 		return false;
 	}
 	ctx->write_timeout = (double)write_ms / 1000.0;
@@ -187,32 +191,54 @@ static int start(struct service_ctx *svc)
 	size_t nstatements;
 	const struct pg_statement *statements = command_statements(&nstatements);
 	struct pg_config pgc = {
-		.conninfo = ctx->cfg.pg, .application_name = "daybook-command", .base = ctx->base,
-		.log = &ctx->log, .statements = statements, .nstatements = nstatements,
-		.on_connect = on_pg_connect, .arg = ctx,
-		.run_timeout = ctx->write_timeout, .statement_timeout_ms = ctx->statement_timeout_ms,
+		.conninfo = ctx->cfg.pg,
+		.application_name = "daybook-command",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.statements = statements,
+		.nstatements = nstatements,
+		.on_connect = on_pg_connect,
+		.arg = ctx,
+		.run_timeout = ctx->write_timeout,
+		.statement_timeout_ms = ctx->statement_timeout_ms,
 	};
 	struct lease_config lc = {
-		.conninfo = ctx->cfg.pg, .name = COMMAND_LEASE_NAME,
+		.conninfo = ctx->cfg.pg,
+		.name = COMMAND_LEASE_NAME,
 		.claim_sql = "SELECT command_lease_claim($1, $2, $3::bigint, $4::float8, $5::int)",
-		.application_name = "daybook-command lease", .who = "command instance",
-		.base = ctx->base, .log = &ctx->log, .writer_pid = writer_pid,
-		.on_change = on_lease_change, .arg = ctx,
+		.application_name = "daybook-command lease",
+		.who = "command instance",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.writer_pid = writer_pid,
+		.on_change = on_lease_change,
+		.arg = ctx,
 	};
 	struct batcher_hooks bh = {
-		.settle = cmd_settle, .drop = cmd_drop, .fenced = on_fenced, .arg = ctx,
+		.settle = cmd_settle,
+		.drop = cmd_drop,
+		.fenced = on_fenced,
+		.arg = ctx,
 	};
 	struct http_server_config hc = {
-		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
-		.routes = command_routes, .nroutes = command_nroutes, .ready = ready, .arg = ctx,
+		.log = &ctx->log,
+		.base = ctx->base,
+		.metrics = ctx->metrics,
+		.tokens = ctx->tokens,
+		.routes = command_routes,
+		.nroutes = command_nroutes,
+		.ready = ready,
+		.arg = ctx,
 		.limits = ctx->cfg.http,
 	};
 
 	ctx->m_leader = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_leader",
-				    "1 while this instance leads the write side, else 0.", "", NULL, 0);
-	ctx->m_epoch = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_epoch",
-				   "The write lease's epoch this instance leads with; 0 on standby.",
-				   "", NULL, 0);
+				    "1 while this instance leads the write side, else 0.", "", NULL,
+				    0);
+	ctx->m_epoch =
+		metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_command_epoch",
+			    "The write lease's epoch this instance leads with; 0 on standby.", "",
+			    NULL, 0);
 	if (batcher_open(&ctx->batcher, ctx, &bh) || pg_open(&ctx->pg, &pgc) ||
 	    sweeper_open(&ctx->sweeper, ctx) || lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-command: out of memory\n");
@@ -246,11 +272,17 @@ static void stop(struct service_ctx *svc)
 }
 
 static const struct service_def service = {
-	.name = "daybook-command", .log_name = "command", .usage = usage,
-	.need = CONFIG_NEED_PG | CONFIG_NEED_TOKENS, .default_listen = "127.0.0.1:8081",
+	.name = "daybook-command",
+	.log_name = "command",
+	.usage = usage,
+	.need = CONFIG_NEED_PG | CONFIG_NEED_TOKENS,
+	.default_listen = "127.0.0.1:8081",
 	.check_event_store = true,
 	.stopping = "no longer accepting; finishing requests in flight",
-	.configure = configure, .start = start, .on_stop = on_stop, .stop = stop,
+	.configure = configure,
+	.start = start,
+	.on_stop = on_stop,
+	.stop = stop,
 };
 
 int main(int argc, char **argv)

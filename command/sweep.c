@@ -10,10 +10,10 @@
 
 #include "command.h"
 
-#define SWEEP_BATCH 1000           /* rows per transaction */
-#define RETENTION_DEFAULT 90000    /* 25 hours */
-#define RETENTION_MIN 86400        /* SPEC §3: keys are kept at least 24 hours */
-#define RETENTION_MAX 31536000     /* a year */
+#define SWEEP_BATCH 1000        /* rows per transaction */
+#define RETENTION_DEFAULT 90000 /* 25 hours */
+#define RETENTION_MIN 86400     /* SPEC §3: keys are kept at least 24 hours */
+#define RETENTION_MAX 31536000  /* a year */
 #define INTERVAL_DEFAULT 60
 #define INTERVAL_MAX 86400
 
@@ -57,8 +57,9 @@ static bool env_long(const char *name, long def, long min, long max, long *out, 
 	errno = 0;
 	n = strtol(v, &end, 10);
 	if (errno || *end || n < min || n > max) {
-		snprintf(err, errlen, "%s must be a whole number of seconds from %ld to %ld (got '%.32s')",
-			 name, min, max, v);
+		snprintf(err, errlen,
+			 "%s must be a whole number of seconds from %ld to %ld (got '%.32s')", name,
+			 min, max, v);
 		return false;
 	}
 	*out = n;
@@ -151,9 +152,13 @@ int sweeper_open(struct sweeper **out, struct command_ctx *ctx)
 {
 	struct sweeper *s = calloc(1, sizeof(*s));
 	struct pg_config pgc = {
-		.conninfo = ctx->cfg.pg, .application_name = "daybook-command-sweep",
-		.base = ctx->base, .log = &ctx->log, .statements = statements,
-		.nstatements = sizeof(statements) / sizeof(statements[0]), .on_connect = on_connect,
+		.conninfo = ctx->cfg.pg,
+		.application_name = "daybook-command-sweep",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.statements = statements,
+		.nstatements = sizeof(statements) / sizeof(statements[0]),
+		.on_connect = on_connect,
 	};
 	struct timeval tick = { ctx->sweep.interval_s, 0 };
 
@@ -165,16 +170,19 @@ int sweeper_open(struct sweeper **out, struct command_ctx *ctx)
 	snprintf(s->batch, sizeof(s->batch), "%d", SWEEP_BATCH);
 	s->swept = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_idempotency_swept_total",
 			       "Expired idempotency records deleted.", "", NULL, 0);
-	s->batches = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_idempotency_sweep_batches_total",
-				 "Idempotency expiry transactions that deleted records (at most 1000 each).",
-				 "", NULL, 0);
-	s->failures = metrics_get(ctx->metrics, METRIC_COUNTER,
-				  "daybook_idempotency_sweep_failures_total",
-				  "Idempotency expiry transactions that failed (retried at the next tick).",
-				  "", NULL, 0);
-	s->records = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_idempotency_records",
-				 "Idempotency records kept (the planner's estimate, read after each sweep).",
-				 "", NULL, 0);
+	s->batches =
+		metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_idempotency_sweep_batches_total",
+			    "Idempotency expiry transactions that deleted records (at most 1000 each).",
+			    "", NULL, 0);
+	s->failures =
+		metrics_get(ctx->metrics, METRIC_COUNTER,
+			    "daybook_idempotency_sweep_failures_total",
+			    "Idempotency expiry transactions that failed (retried at the next tick).",
+			    "", NULL, 0);
+	s->records =
+		metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_idempotency_records",
+			    "Idempotency records kept (the planner's estimate, read after each sweep).",
+			    "", NULL, 0);
 	s->timer = event_new(ctx->base, -1, EV_PERSIST, on_tick, s);
 	pgc.arg = s;
 	if (!s->timer || event_add(s->timer, &tick) || pg_open(&s->pg, &pgc)) {

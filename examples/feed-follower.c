@@ -38,13 +38,13 @@ struct follower {
 	struct evhttp_uri *uri;
 	const char *host;
 	int port;
-	char target[2048];       /* path and query */
+	char target[2048]; /* path and query */
 	const char *token;
 	const char *posfile;
 	char tmpfile[4096];
 	char position[POSITION_MAX]; /* the last saved position, "" before any */
 	struct evhttp_connection *conn;
-	struct evbuffer *pending;    /* received, not yet a whole event */
+	struct evbuffer *pending; /* received, not yet a whole event */
 	struct event *reconnect, *sigint, *sigterm;
 	double backoff;
 	int exit_code;
@@ -158,8 +158,9 @@ static void on_done(struct evhttp_request *req, void *arg)
 		return;
 	}
 	fprintf(stderr, "feed-follower: %s; reconnecting in %.1f s\n",
-		code == 200 ? "the stream ended" : code ? "the service is unavailable"
-							: "the connection was lost",
+		code == 200 ? "the stream ended"
+		: code      ? "the service is unavailable"
+			    : "the connection was lost",
 		f->backoff);
 	evbuffer_drain(f->pending, evbuffer_get_length(f->pending));
 	schedule_reconnect(f);
@@ -230,8 +231,8 @@ int main(int argc, char **argv)
 	f.port = evhttp_uri_get_port(f.uri) > 0 ? evhttp_uri_get_port(f.uri) : 80;
 	path = evhttp_uri_get_path(f.uri);
 	query = evhttp_uri_get_query(f.uri);
-	snprintf(f.target, sizeof(f.target), "%s%s%s", path && *path ? path : "/",
-		 query ? "?" : "", query ? query : "");
+	snprintf(f.target, sizeof(f.target), "%s%s%s", path && *path ? path : "/", query ? "?" : "",
+		 query ? query : "");
 	load_position(&f);
 	signal(SIGPIPE, SIG_IGN);
 	f.base = event_base_new();

@@ -103,7 +103,7 @@ struct fold_rows {
 	struct table entries, transfers;
 	struct rm_account **accounts; /* touched, each once */
 	size_t naccounts, cap;
-	struct rm_total **totals;     /* touched currencies, each once */
+	struct rm_total **totals; /* touched currencies, each once */
 	size_t ntotals, tcap;
 	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
 	size_t nitems, icap;
@@ -170,8 +170,8 @@ static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 }
 
 /* Totals move with every event (the fold says by how much). */
-static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r,
-			 const struct rm_account *a, const struct readmodel_count *d)
+static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const struct rm_account *a,
+			 const struct readmodel_count *d)
 {
 	struct rm_total *t = total_of(ctx, a->row.acc.currency);
 
@@ -273,7 +273,8 @@ bool projector_fold(struct projector_ctx *ctx)
 	for (size_t i = 0; i < ctx->nevents; i++) {
 		if (!apply(ctx, r, &ctx->events[i])) {
 			log_error(&ctx->log, "cannot apply event %lld (account-%s v%d)",
-				  ctx->events[i].position, ctx->events[i].account, ctx->events[i].version);
+				  ctx->events[i].position, ctx->events[i].account,
+				  ctx->events[i].version);
 			return false;
 		}
 	}

@@ -93,7 +93,8 @@ static void make_metrics(struct projector_ctx *ctx)
 	ctx->m_position = metrics_get(m, METRIC_GAUGE, "daybook_projection_position",
 				      "Log position of the last applied event.", sql, NULL, 0);
 	ctx->m_lag_events = metrics_get(m, METRIC_GAUGE, "daybook_projection_lag_events",
-					"Events in the log beyond the checkpoint (estimate).", sql, NULL, 0);
+					"Events in the log beyond the checkpoint (estimate).", sql,
+					NULL, 0);
 	ctx->m_lag_seconds = metrics_get(m, METRIC_GAUGE, "daybook_projection_lag_seconds",
 					 "Age of the oldest event not yet applied.", sql, NULL, 0);
 	ctx->m_batch = metrics_get(m, METRIC_HISTOGRAM, "daybook_projection_batch_events",
@@ -101,19 +102,22 @@ static void make_metrics(struct projector_ctx *ctx)
 				   metrics_size_buckets_len);
 	ctx->m_applied = metrics_get(m, METRIC_COUNTER, "daybook_projection_events_total",
 				     "Events applied.", sql, NULL, 0);
-	ctx->m_commit_seconds = metrics_get(m, METRIC_HISTOGRAM, "daybook_projection_commit_seconds",
-					    "Time from sending a batch's SQL transaction to its commit "
-					    "(or failure).",
-					    sql, metrics_latency_buckets, metrics_latency_buckets_len);
+	ctx->m_commit_seconds =
+		metrics_get(m, METRIC_HISTOGRAM, "daybook_projection_commit_seconds",
+			    "Time from sending a batch's SQL transaction to its commit "
+			    "(or failure).",
+			    sql, metrics_latency_buckets, metrics_latency_buckets_len);
 	ctx->m_errors = metrics_get(m, METRIC_COUNTER, "daybook_projection_errors_total",
 				    "Batches abandoned and retried.", sql, NULL, 0);
-	ctx->m_read_ahead = metrics_get(m, METRIC_COUNTER, "daybook_projection_read_ahead_total",
-					"Batches read while the last batch's Redis write was in flight.",
-					sql, NULL, 0);
+	ctx->m_read_ahead =
+		metrics_get(m, METRIC_COUNTER, "daybook_projection_read_ahead_total",
+			    "Batches read while the last batch's Redis write was in flight.", sql,
+			    NULL, 0);
 	ctx->m_leader = metrics_get(m, METRIC_GAUGE, "daybook_projector_leader",
 				    "1 while this instance leads.", "", NULL, 0);
 	ctx->m_epoch = metrics_get(m, METRIC_GAUGE, "daybook_projector_epoch",
-				   "The lease epoch this instance leads with; 0 on standby.", "", NULL, 0);
+				   "The lease epoch this instance leads with; 0 on standby.", "",
+				   NULL, 0);
 }
 
 static int start(struct service_ctx *svc)
@@ -123,23 +127,39 @@ static int start(struct service_ctx *svc)
 	size_t nstatements;
 	const struct pg_statement *st = projector_statements(&nstatements);
 	struct pg_config pgc = {
-		.conninfo = ctx->cfg.pg, .application_name = "daybook-projector", .base = ctx->base,
-		.log = &ctx->log, .statements = st, .nstatements = nstatements,
-		.listen_channel = "daybook_events", .on_connect = projector_on_pg_connect,
+		.conninfo = ctx->cfg.pg,
+		.application_name = "daybook-projector",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.statements = st,
+		.nstatements = nstatements,
+		.listen_channel = "daybook_events",
+		.on_connect = projector_on_pg_connect,
 		/* Read models and their checkpoint commit together, so a crash that loses
 		 * the last commits rolls back to an earlier consistent point, replayed from
 		 * the log: the projector need not wait for each WAL flush. */
 		.async_commit = true,
-		.on_notify = on_notify, .arg = ctx,
+		.on_notify = on_notify,
+		.arg = ctx,
 	};
 	struct lease_config lc = {
-		.conninfo = ctx->cfg.pg, .name = PROJECTOR_PROJECTION,
+		.conninfo = ctx->cfg.pg,
+		.name = PROJECTOR_PROJECTION,
 		.claim_sql = "SELECT projector_lease_claim($1, $2, $3::bigint, $4::float8, $5::int)",
-		.application_name = "daybook-projector lease", .who = "projector", .base = ctx->base,
-		.log = &ctx->log, .writer_pid = writer_pid, .on_change = projector_on_lease_change, .arg = ctx,
+		.application_name = "daybook-projector lease",
+		.who = "projector",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.writer_pid = writer_pid,
+		.on_change = projector_on_lease_change,
+		.arg = ctx,
 	};
 	struct http_server_config hc = {
-		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .ready = ready, .arg = ctx,
+		.log = &ctx->log,
+		.base = ctx->base,
+		.metrics = ctx->metrics,
+		.ready = ready,
+		.arg = ctx,
 		.limits = ctx->cfg.http,
 	};
 	struct timeval poll = { 0, POLL_INTERVAL_US }, retry = { RETRY_INTERVAL_S, 0 };
@@ -147,7 +167,8 @@ static int start(struct service_ctx *svc)
 	make_metrics(ctx);
 	ctx->events = calloc(PROJECTOR_BATCH_MAX, sizeof(*ctx->events));
 	if (!ctx->events || strmap_open(&ctx->accounts, free) || strmap_open(&ctx->totals, free) ||
-	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx, projector_redis_reported) || lease_open(&ctx->lease, &lc)) {
+	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx, projector_redis_reported) ||
+	    lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-projector: out of memory\n");
 		return 1;
 	}
@@ -190,10 +211,16 @@ static void stop(struct service_ctx *svc)
 }
 
 static const struct service_def service = {
-	.name = "daybook-projector", .log_name = "projector", .usage = usage,
-	.need = CONFIG_NEED_PG | CONFIG_NEED_REDIS, .default_listen = "127.0.0.1:8083",
-	.check_event_store = true, .stopping = "finishing the current batch",
-	.start = start, .on_stop = on_stop, .stop = stop,
+	.name = "daybook-projector",
+	.log_name = "projector",
+	.usage = usage,
+	.need = CONFIG_NEED_PG | CONFIG_NEED_REDIS,
+	.default_listen = "127.0.0.1:8083",
+	.check_event_store = true,
+	.stopping = "finishing the current batch",
+	.start = start,
+	.on_stop = on_stop,
+	.stop = stop,
 };
 
 int main(int argc, char **argv)

@@ -34,7 +34,7 @@ struct fold_rows;
 struct projector_item {
 	char id[LEDGER_ID_MAX + 1]; /* account id, or transfer id */
 	int32_t version;
-	char *json;                 /* owned */
+	char *json; /* owned */
 };
 
 enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
@@ -86,10 +86,10 @@ struct projector_ctx {
 	struct pg *pg;
 	struct redis *redis;
 	enum redis_sync rsync;
-	long long gen;       /* the Redis generation this projector writes */
-	size_t rpending;     /* Redis replies still to come for the resync's phase */
-	bool rfailed;        /* a reply of the resync's phase failed */
-	size_t rerrors;      /* error replies of the current step */
+	long long gen;                   /* the Redis generation this projector writes */
+	size_t rpending;                 /* Redis replies still to come for the resync's phase */
+	bool rfailed;                    /* a reply of the resync's phase failed */
+	size_t rerrors;                  /* error replies of the current step */
 	struct metric *m_redis_failures; /* Redis steps abandoned on an error reply */
 	/* What the live Redis generation has reached, and since when it trails the SQL
 	 * checkpoint (wall clock; 0: it does not), for the Redis lag metrics. */
@@ -100,10 +100,10 @@ struct projector_ctx {
 	struct metric *m_commit_seconds; /* the SQL batch's transaction, sent to committed */
 	struct timespec write_start;
 	unsigned rfail_streak; /* Redis steps failed in a row: the pause before a resync grows */
-	bool live_suspect;   /* the periodic check saw another live generation mid-batch */
-	bool cp_reloaded;    /* the last batch found the checkpoint moved and reloaded it */
-	unsigned polls;      /* poll ticks, for the slower Redis check */
-	unsigned next_sync;  /* no resync before this tick (after a failed one) */
+	bool live_suspect;     /* the periodic check saw another live generation mid-batch */
+	bool cp_reloaded;      /* the last batch found the checkpoint moved and reloaded it */
+	unsigned polls;        /* poll ticks, for the slower Redis check */
+	unsigned next_sync;    /* no resync before this tick (after a failed one) */
 	struct sync_state *sync;
 	/* Redis sync's completion callback, set by projector_redis_open. */
 	void (*redis_report)(struct projector_ctx *ctx, enum redis_report what);
@@ -112,7 +112,7 @@ struct projector_ctx {
 	 * (identity_stale) before a batch writes Redis: the database may be another. */
 	char identity[READMODEL_IDENTITY_MAX];
 	bool identity_stale;
-	int identity_next;       /* what the identity read leads to (redis_sync.c) */
+	int identity_next; /* what the identity read leads to (redis_sync.c) */
 	/* The last other store whose live generation our switch replaced, and whether it
 	 * has since made its own live again (two deployments on one Redis database). */
 	char foreign_last[READMODEL_IDENTITY_MAX];
@@ -122,13 +122,13 @@ struct projector_ctx {
 	enum projector_role role;
 	long long epoch;       /* the epoch of our current (or last) term: fences every write */
 	long long write_epoch; /* the epoch the batch in progress was written with */
-	bool cp_stale;   /* leadership changed mid-step: reload the checkpoint when idle */
+	bool cp_stale;         /* leadership changed mid-step: reload the checkpoint when idle */
 	enum projector_step step;
-	bool again;    /* woken while busy: read again when done */
+	bool again; /* woken while busy: read again when done */
 	/* Checkpoint of the SQL read models: (txid, position) of the last applied event. */
 	char cp_txid[24];
 	long long cp_pos;
-	char cp_gen[24]; /* the tables' generation: a rebuild's swap bumps it */
+	char cp_gen[24];     /* the tables' generation: a rebuild's swap bumps it */
 	char batch_from[48]; /* the checkpoint token before the batch in progress */
 	double lag_seconds;
 	/* Caches of the SQL read models, valid while leading (cleared on any doubt). */

@@ -154,7 +154,8 @@ static void batch_reply(void *arg, const redisReply *reply)
 
 	if (unknown && is_gap(reply)) {
 		/* The live generation is behind where this batch starts: copy SQL. */
-		log_info(&ctx->log, "redis generation %lld is behind the batch: %s", ctx->gen, reply->str);
+		log_info(&ctx->log, "redis generation %lld is behind the batch: %s", ctx->gen,
+			 reply->str);
 		redis_sync_unsynced(ctx, "no_live_generation");
 	} else if (!reply || reply->type == REDIS_REPLY_ERROR) {
 		log_warn(&ctx->log, "redis write failed: %s",
@@ -162,7 +163,8 @@ static void batch_reply(void *arg, const redisReply *reply)
 		ctx->rerrors = 1;
 		redis_sync_report_failure(ctx, "a batch's redis writes failed");
 	} else if (r0 && r0->type == REDIS_REPLY_STRING && strcmp(r0->str, "MOVED") == 0 &&
-		   reply->elements == 3 && readmodel_position_parse(reply->element[2]->str, &live) &&
+		   reply->elements == 3 &&
+		   readmodel_position_parse(reply->element[2]->str, &live) &&
 		   readmodel_position_parse(ctx->batch_from, &from) &&
 		   readmodel_position_cmp(&live, &from) >= 0) {
 		/* A rebuild switched generations under us (or we did not know the live one

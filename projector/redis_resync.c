@@ -14,7 +14,15 @@
  * again and again (one Redis database shared by two: unsupported, see docs). */
 #define SHARED_REDIS_BACKOFF_POLLS 600
 
-enum sync_phase { SY_CHECK, SY_GENERATION, SY_ACCOUNTS, SY_TRANSFERS, SY_TOTALS, SY_SWITCH, SY_LIVE };
+enum sync_phase {
+	SY_CHECK,
+	SY_GENERATION,
+	SY_ACCOUNTS,
+	SY_TRANSFERS,
+	SY_TOTALS,
+	SY_SWITCH,
+	SY_LIVE
+};
 
 struct sync_state {
 	enum sync_phase phase;
@@ -303,7 +311,8 @@ static void generation_reply(void *arg, const redisReply *reply)
 	const char *set_identity[3] = { "SET", identity_key, ctx->identity };
 
 	if (!reply || reply->type != REDIS_REPLY_INTEGER) {
-		sync_abort(ctx, reply && reply->str ? reply->str : "INCR " READMODEL_GENERATION_KEY " failed");
+		sync_abort(ctx, reply && reply->str ? reply->str
+						    : "INCR " READMODEL_GENERATION_KEY " failed");
 		return;
 	}
 	ctx->sync->gen = reply->integer;
@@ -311,7 +320,8 @@ static void generation_reply(void *arg, const redisReply *reply)
 	/* Which store the generation is built from comes first, so that no sweep of
 	 * another deployment's projector takes the keys that follow for its own garbage;
 	 * the switch writes it again, checked. */
-	redis_sync_key(identity_key, sizeof(identity_key), ctx->sync->gen, READMODEL_KIND_IDENTITY, NULL);
+	redis_sync_key(identity_key, sizeof(identity_key), ctx->sync->gen, READMODEL_KIND_IDENTITY,
+		       NULL);
 	(void)!redis_command(ctx->redis, 3, set_identity, NULL, NULL, NULL);
 	log_info(&ctx->log, "copying the read models into redis generation %lld", ctx->sync->gen);
 	query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
@@ -329,15 +339,17 @@ static void switch_reply(void *arg, const redisReply *reply)
 		 * means it is alive and writing to this Redis database too. */
 		ctx->foreign_fight = strcmp(reply->str, ctx->foreign_last) == 0;
 		if (ctx->foreign_fight)
-			log_error(&ctx->log, "another event store (identity %s) keeps making its "
-					     "generation live in this redis database: two deployments "
-					     "share it, which is unsupported (give each its own redis "
-					     "database); resyncs now wait %d s",
+			log_error(&ctx->log,
+				  "another event store (identity %s) keeps making its "
+				  "generation live in this redis database: two deployments "
+				  "share it, which is unsupported (give each its own redis "
+				  "database); resyncs now wait %d s",
 				  reply->str, SHARED_REDIS_BACKOFF_POLLS / 10);
 		else
-			log_warn(&ctx->log, "the live redis generation was built from another event "
-					    "store (identity %s), not this one (%s): replaced by ours and "
-					    "left in place",
+			log_warn(&ctx->log,
+				 "the live redis generation was built from another event "
+				 "store (identity %s), not this one (%s): replaced by ours and "
+				 "left in place",
 				 reply->str, ctx->identity);
 		snprintf(ctx->foreign_last, sizeof(ctx->foreign_last), "%.*s",
 			 (int)(sizeof(ctx->foreign_last) - 1), reply->str);
@@ -383,7 +395,8 @@ static void sync_next(struct projector_ctx *ctx)
 		begin_sends(ctx);
 		redis_sync_fence_arg(ctx, epoch, sizeof(epoch));
 		redis_sync_key(layout_key, sizeof(layout_key), s->gen, READMODEL_KIND_LAYOUT, NULL);
-		redis_sync_key(identity_key, sizeof(identity_key), s->gen, READMODEL_KIND_IDENTITY, NULL);
+		redis_sync_key(identity_key, sizeof(identity_key), s->gen, READMODEL_KIND_IDENTITY,
+			       NULL);
 		eval(ctx, PUT_FENCED, 1, 3, identity);
 		eval(ctx, PUT_FENCED, 1, 3, layout);
 		put_checkpoint(ctx, s->gen, s->cp, NULL);
@@ -434,7 +447,8 @@ void redis_resync_start(struct projector_ctx *ctx)
 	ctx->sync->phase = SY_GENERATION;
 	snprintf(labels, sizeof(labels), "projection=\"redis\",reason=\"%s\"",
 		 ctx->resync_reason ? ctx->resync_reason : "unknown");
-	metric_add(metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_projection_redis_resyncs_total",
+	metric_add(metrics_get(ctx->metrics, METRIC_COUNTER,
+			       "daybook_projection_redis_resyncs_total",
 			       "Copies of the SQL read models into a new Redis generation, started, "
 			       "by the reason Redis needed one.",
 			       labels, NULL, 0),
@@ -446,4 +460,3 @@ void redis_resync_start(struct projector_ctx *ctx)
 	if (!redis_command(ctx->redis, 2, incr, NULL, generation_reply, ctx))
 		sync_abort(ctx, "redis is not connected");
 }
-

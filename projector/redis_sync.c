@@ -66,8 +66,9 @@ void redis_sync_pause_resync(struct projector_ctx *ctx)
 void redis_sync_report_failure(struct projector_ctx *ctx, const char *what)
 {
 	metric_add(ctx->m_redis_failures, 1);
-	log_warn(&ctx->log, "%s: %zu redis write(s) failed; the generation's checkpoint stays at "
-			    "its last complete batch, and redis is copied from SQL after a pause",
+	log_warn(&ctx->log,
+		 "%s: %zu redis write(s) failed; the generation's checkpoint stays at "
+		 "its last complete batch, and redis is copied from SQL after a pause",
 		 what, ctx->rerrors);
 	redis_sync_unsynced(ctx, "write_failed");
 	redis_sync_pause_resync(ctx);
@@ -151,7 +152,8 @@ static void status_reply(void *arg, const redisReply *reply)
 	    readmodel_position_cmp(&live, &ours) >= 0) {
 		long long gen = strtoll(reply->element[0]->str, NULL, 10);
 		if (ctx->gen && gen > ctx->gen)
-			redis_sync_start_cleanup(ctx); /* a rebuild's switch: sweep what is older, as above */
+			redis_sync_start_cleanup(
+				ctx); /* a rebuild's switch: sweep what is older, as above */
 		ctx->gen = gen;
 		ctx->rsync = RS_LIVE;
 		redis_sync_reached_token(ctx, reply->element[1]->str);
@@ -159,8 +161,10 @@ static void status_reply(void *arg, const redisReply *reply)
 			 reply->element[1]->str);
 	} else {
 		if (reply && reply->type != REDIS_REPLY_ARRAY)
-			log_info(&ctx->log, "redis holds no live generation of this event store "
-					    "(identity %s)", ctx->identity);
+			log_info(&ctx->log,
+				 "redis holds no live generation of this event store "
+				 "(identity %s)",
+				 ctx->identity);
 		if (reply)
 			redis_sync_unsynced(ctx, "no_live_generation");
 		else
@@ -177,16 +181,18 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	size_t n = out->n;
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	const char *got = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
-				  PQntuples(results[0]) == 1 && !PQgetisnull(results[0], 0, 0)
-			  ? PQgetvalue(results[0], 0, 0)
-			  : NULL;
+					  PQntuples(results[0]) == 1 &&
+					  !PQgetisnull(results[0], 0, 0)
+				  ? PQgetvalue(results[0], 0, 0)
+				  : NULL;
 	const char *argv[1] = { ctx->identity };
 	bool changed;
 
 	if (!got || !*got || strlen(got) >= sizeof(ctx->identity)) {
 		if (!error)
-			log_error(&ctx->log, "cannot read the event store's identity (is the database "
-					     "migrated?): %s",
+			log_error(&ctx->log,
+				  "cannot read the event store's identity (is the database "
+				  "migrated?): %s",
 				  n ? PQresultErrorMessage(results[0]) : "no result");
 		/* Nothing is written to Redis without it; tried again after a pause. */
 		redis_sync_unsynced(ctx, "identity_unreadable");
@@ -196,8 +202,9 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	}
 	changed = ctx->identity[0] && strcmp(ctx->identity, got) != 0;
 	if (changed)
-		log_warn(&ctx->log, "the event store's identity changed from %s to %s (the database "
-				    "was re-created or restored): its redis generation is not ours",
+		log_warn(&ctx->log,
+			 "the event store's identity changed from %s to %s (the database "
+			 "was re-created or restored): its redis generation is not ours",
 			 ctx->identity, got);
 	snprintf(ctx->identity, sizeof(ctx->identity), "%s", got);
 	ctx->identity_stale = false;
@@ -205,7 +212,8 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	switch ((enum identity_next)ctx->identity_next) {
 	case ID_THEN_BATCH:
 		if (changed)
-			redis_sync_unsynced(ctx, "identity_changed"); /* a resync builds this store's generation */
+			redis_sync_unsynced(ctx,
+					    "identity_changed"); /* a resync builds this store's generation */
 		if (changed || !projector_redis_batch(ctx))
 			ctx->redis_report(ctx, REDIS_STEP_DONE);
 		return;
@@ -279,7 +287,8 @@ static void live_reply(void *arg, const redisReply *reply)
 	if (!reply || ctx->rsync != RS_LIVE)
 		return;
 	if (reply->type != REDIS_REPLY_STRING || strtoll(reply->str, NULL, 10) != ctx->gen) {
-		log_warn(&ctx->log, "redis no longer holds generation %lld as live: checking", ctx->gen);
+		log_warn(&ctx->log, "redis no longer holds generation %lld as live: checking",
+			 ctx->gen);
 		/* A batch on its way checks the generation itself and follows a rebuild's
 		 * switch; marking Redis unknown under it would make it skip Redis, leave the
 		 * new generation behind our checkpoint and cost a full resync. So the check
@@ -339,9 +348,15 @@ int projector_redis_open(struct projector_ctx *ctx,
 	size_t nscripts;
 	const char *const *scripts = projector_redis_scripts(&nscripts);
 	struct redis_config rc = {
-		.server = &ctx->cfg.redis, .name = "daybook-projector", .base = ctx->base,
-		.log = &ctx->log, .scripts = scripts, .nscripts = nscripts,
-		.command_timeout = 5, .on_ready = on_redis_ready, .arg = ctx,
+		.server = &ctx->cfg.redis,
+		.name = "daybook-projector",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.scripts = scripts,
+		.nscripts = nscripts,
+		.command_timeout = 5,
+		.on_ready = on_redis_ready,
+		.arg = ctx,
 	};
 
 	ctx->redis_report = report;
@@ -350,7 +365,8 @@ int projector_redis_open(struct projector_ctx *ctx,
 		"Redis batches and resyncs abandoned on a failed write; Redis is then copied from "
 		"SQL after a pause.",
 		"projection=\"redis\"", NULL, 0);
-	ctx->m_redis_position = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_projection_position",
+	ctx->m_redis_position = metrics_get(ctx->metrics, METRIC_GAUGE,
+					    "daybook_projection_position",
 					    "Log position of the last applied event.",
 					    "projection=\"redis\"", NULL, 0);
 	ctx->m_redis_lag_events = metrics_get(ctx->metrics, METRIC_GAUGE,

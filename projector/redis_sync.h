@@ -8,8 +8,16 @@
 
 /* The scripts, by index (redis_scripts.c). */
 enum redis_script {
-	PUT_ACCOUNT, PUT_ITEMS, PUT_CHECKPOINT, PUT_TOTALS, LIVE_STATUS, PUT_FENCED, RAISE_FENCE,
-	SWITCH_LIVE, CLEAN_OLD, PUT_BATCH
+	PUT_ACCOUNT,
+	PUT_ITEMS,
+	PUT_CHECKPOINT,
+	PUT_TOTALS,
+	LIVE_STATUS,
+	PUT_FENCED,
+	RAISE_FENCE,
+	SWITCH_LIVE,
+	CLEAN_OLD,
+	PUT_BATCH
 };
 
 /* The sources, indexed by enum redis_script; static storage. */

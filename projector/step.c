@@ -12,32 +12,35 @@
 #define ACCOUNT_CACHE_MAX 50000 /* cached read-model rows, about 25 MB */
 
 static const struct pg_statement statements[] = {
-	{ "load_checkpoint",
-	  "SELECT txid::text, position, generation FROM projection_checkpoints "
-	  "WHERE projection = '" PROJECTOR_PROJECTION "'" },
+	{ "load_checkpoint", "SELECT txid::text, position, generation FROM projection_checkpoints "
+			     "WHERE projection = '" PROJECTOR_PROJECTION "'" },
 	/* A rebuild's switch takes this lock exclusively: writes wait while it swaps. */
 	{ "switch_guard", "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK ")" },
 	{ "read_events",
-	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, "
-	  READMODEL_SQL_TIME("recorded_at") " "
-	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
-	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-	  "ORDER BY events.txid, events.position LIMIT $3" },
+	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, " READMODEL_SQL_TIME(
+		  "recorded_at") " "
+				 "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+				 "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+				 "ORDER BY events.txid, events.position LIMIT $3" },
 	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
 	{ "load_accounts",
-	  "SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("rm_accounts") ", rm_accounts.entries "
-	  "FROM rm_accounts WHERE account_id = ANY($1::text[])" },
-	{ "load_totals", "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
+	  "SELECT " READMODEL_SQL_ACCOUNT_COLUMNS(
+		  "rm_accounts") ", rm_accounts.entries "
+				 "FROM rm_accounts WHERE account_id = ANY($1::text[])" },
+	{ "load_totals",
+	  "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
 	{ "sync_accounts",
 	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
-	  "LIMIT $2) SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("p") ", p.entries, "
-	  READMODEL_SQL_ENTRY_COLUMNS("e") " "
-	  "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
-	  "p.account_id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e ON true "
-	  "ORDER BY p.account_id, e.version" },
+	  "LIMIT $2) SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("p") ", p.entries, " READMODEL_SQL_ENTRY_COLUMNS(
+		  "e") " "
+		       "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
+		       "p.account_id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT
+		       ") e ON true "
+		       "ORDER BY p.account_id, e.version" },
 	{ "sync_transfers",
-	  "SELECT " READMODEL_SQL_TRANSFER_COLUMNS("rm_transfers") " FROM rm_transfers "
-	  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
+	  "SELECT " READMODEL_SQL_TRANSFER_COLUMNS(
+		  "rm_transfers") " FROM rm_transfers "
+				  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
 	/* ($1 epoch, $2 $3 from, $4 generation, $5 $6 to): fails with SQLSTATE
 	 * PROJECTOR_SQLSTATE_FENCED or PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
 	{ "move_checkpoint",
@@ -219,8 +222,9 @@ static void write_done(void *arg, const struct pg_outcome *out)
 		       (double)(now.tv_sec - ctx->write_start.tv_sec) +
 			       (double)(now.tv_nsec - ctx->write_start.tv_nsec) / 1e9);
 	if (error) {
-		recover(ctx, out->status == PG_RUN_COMMIT_FAILED ? error
-								 : "the connection failed while writing a batch");
+		recover(ctx, out->status == PG_RUN_COMMIT_FAILED
+				     ? error
+				     : "the connection failed while writing a batch");
 		return;
 	}
 	if (!all_ok(results, n, why, sizeof(why))) {
@@ -239,7 +243,8 @@ static void write_done(void *arg, const struct pg_outcome *out)
 				       "lease); nothing was committed");
 			return;
 		}
-		if (failed_with(results, n, PROJECTOR_SQLSTATE_CHECKPOINT_MOVED) && !ctx->cp_reloaded) {
+		if (failed_with(results, n, PROJECTOR_SQLSTATE_CHECKPOINT_MOVED) &&
+		    !ctx->cp_reloaded) {
 			/* A rebuild swapped the tables (a new generation): nothing is wrong, so
 			 * start again from its checkpoint now, not after the fault pause. */
 			log_info(&ctx->log, "the SQL checkpoint moved under the batch (a rebuild's "
@@ -262,7 +267,8 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	metric_set(ctx->m_position, (double)ctx->cp_pos);
 	metric_add(ctx->m_applied, (double)ctx->nevents);
 	metric_observe(ctx->m_batch, (double)ctx->nevents);
-	log_debug(&ctx->log, "applied %zu events up to %s.%lld", ctx->nevents, ctx->cp_txid, ctx->cp_pos);
+	log_debug(&ctx->log, "applied %zu events up to %s.%lld", ctx->nevents, ctx->cp_txid,
+		  ctx->cp_pos);
 	/* A full batch means more is waiting: keep going without waiting for a poll. */
 	if (full)
 		ctx->again = true;
@@ -468,7 +474,8 @@ static void update_redis_lag(struct projector_ctx *ctx, long long head_pos)
 		behind = difftime(now, ctx->redis_behind_since);
 	metric_set(ctx->m_redis_lag_events,
 		   head_pos > ctx->redis_pos ? (double)(head_pos - ctx->redis_pos) : 0);
-	metric_set(ctx->m_redis_lag_seconds, (ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds) + behind);
+	metric_set(ctx->m_redis_lag_seconds,
+		   (ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds) + behind);
 }
 
 static long long head_of(PGresult *head)
@@ -479,7 +486,8 @@ static long long head_of(PGresult *head)
 static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
 {
 	/* Positions are not commit order, so this is an estimate; 0 once caught up. */
-	metric_set(ctx->m_lag_events, got == 0 || head_pos < ctx->cp_pos ? 0 : (double)(head_pos - ctx->cp_pos));
+	metric_set(ctx->m_lag_events,
+		   got == 0 || head_pos < ctx->cp_pos ? 0 : (double)(head_pos - ctx->cp_pos));
 	if (got == 0) {
 		ctx->lag_seconds = 0;
 	} else {
@@ -539,8 +547,8 @@ static void read_batch(struct projector_ctx *ctx)
 
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
-	if (!pg_queue(ctx->pg, "read_events", 3, params) || !pg_queue(ctx->pg, "log_head", 0, NULL) ||
-	    !pg_run(ctx->pg, read_done, ctx))
+	if (!pg_queue(ctx->pg, "read_events", 3, params) ||
+	    !pg_queue(ctx->pg, "log_head", 0, NULL) || !pg_run(ctx->pg, read_done, ctx))
 		return; /* the connection is being reset; on_connect starts over */
 	ctx->step = STEP_READING;
 }
@@ -602,8 +610,8 @@ static void read_ahead(struct projector_ctx *ctx)
 		return;
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
-	if (!pg_queue(ctx->pg, "read_events", 3, params) || !pg_queue(ctx->pg, "log_head", 0, NULL) ||
-	    !pg_run(ctx->pg, ahead_done, ctx))
+	if (!pg_queue(ctx->pg, "read_events", 3, params) ||
+	    !pg_queue(ctx->pg, "log_head", 0, NULL) || !pg_run(ctx->pg, ahead_done, ctx))
 		return; /* the connection is being reset */
 	snprintf(ctx->ahead_from, sizeof(ctx->ahead_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 	ctx->ahead_running = true;
@@ -720,7 +728,8 @@ void projector_retry(struct projector_ctx *ctx)
 {
 	if (ctx->step == STEP_BLOCKED)
 		ctx->step = STEP_IDLE;
-	if (ctx->role == ROLE_LEADER && ctx->step == STEP_IDLE && ctx->cp_stale && pg_ready(ctx->pg))
+	if (ctx->role == ROLE_LEADER && ctx->step == STEP_IDLE && ctx->cp_stale &&
+	    pg_ready(ctx->pg))
 		load_checkpoint(ctx);
 }
 
@@ -745,4 +754,3 @@ void projector_on_pg_connect(void *arg)
 	if (ctx->role == ROLE_LEADER)
 		load_checkpoint(ctx);
 }
-

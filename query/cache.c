@@ -63,9 +63,9 @@ struct entry {
 
 /* A heartbeat whose checkpoint has been read, waiting for its barrier. */
 struct beat {
-	double sent;          /* when its checkpoint read was sent */
-	uint64_t drops;       /* c->drops then: a drop since voids it */
-	bool have;            /* `at` was read (else only the lease moves) */
+	double sent;    /* when its checkpoint read was sent */
+	uint64_t drops; /* c->drops then: a drop since voids it */
+	bool have;      /* `at` was read (else only the lease moves) */
 	struct readmodel_position at;
 };
 
@@ -79,9 +79,9 @@ struct cache {
 	struct entry *head, *tail;
 	size_t bytes;
 	uint64_t next_stamp;
-	uint64_t drops;          /* every drop of everything */
+	uint64_t drops; /* every drop of everything */
 	char identity[READMODEL_IDENTITY_MAX];
-	char gen[24];            /* the live generation the entries are of, "" unknown */
+	char gen[24]; /* the live generation the entries are of, "" unknown */
 	/* Tracking: on for the current read connection, redirected to this client id,
 	 * once every CLIENT TRACKING asked has answered. */
 	bool tracking;
@@ -256,8 +256,8 @@ static void heartbeat(struct cache *c)
 	}
 	c->reading_sent = now();
 	c->reading_drops = c->drops;
-	c->reading = redis_eval(c->cfg.reads, c->cfg.checkpoint_script, nkeys, nkeys + 1, argv, NULL,
-				on_heartbeat_read, c);
+	c->reading = redis_eval(c->cfg.reads, c->cfg.checkpoint_script, nkeys, nkeys + 1, argv,
+				NULL, on_heartbeat_read, c);
 }
 
 static void on_barrier(void *arg)
@@ -381,10 +381,17 @@ static void on_inval_ready(void *arg)
 static int open_inval(struct cache *c, const struct config_redis *server)
 {
 	struct redis_config rc = {
-		.server = &c->inval_server, .name = "daybook-query-invalidations",
-		.base = c->cfg.base, .log = c->cfg.log, .subscribe = INVALIDATE_CHANNEL,
-		.on_payload = on_invalidate, .on_barrier = on_barrier, .client_id = true,
-		.connect_timeout = c->cfg.connect_timeout, .on_ready = on_inval_ready, .arg = c,
+		.server = &c->inval_server,
+		.name = "daybook-query-invalidations",
+		.base = c->cfg.base,
+		.log = c->cfg.log,
+		.subscribe = INVALIDATE_CHANNEL,
+		.on_payload = on_invalidate,
+		.on_barrier = on_barrier,
+		.client_id = true,
+		.connect_timeout = c->cfg.connect_timeout,
+		.on_ready = on_inval_ready,
+		.arg = c,
 	};
 
 	redis_close(&c->inval);
@@ -525,10 +532,12 @@ int cache_open(struct cache **out, const struct cache_config *cfg)
 				 "Bytes held by the read caches of all workers.", "", NULL, 0);
 	c->m_evicted = metrics_get(cfg->metrics, METRIC_COUNTER,
 				   "daybook_query_cache_evictions_total",
-				   "Read cache entries evicted to stay within the cap.", "", NULL, 0);
+				   "Read cache entries evicted to stay within the cap.", "", NULL,
+				   0);
 	for (size_t i = 0; i < DROP_COUNT; i++) {
 		snprintf(labels, sizeof(labels), "reason=\"%s\"", drop_names[i]);
-		c->m_drops[i] = metrics_get(cfg->metrics, METRIC_COUNTER, "daybook_query_cache_drops_total",
+		c->m_drops[i] = metrics_get(cfg->metrics, METRIC_COUNTER,
+					    "daybook_query_cache_drops_total",
 					    "Times the read cache dropped every entry, by reason.",
 					    labels, NULL, 0);
 	}

@@ -44,7 +44,8 @@ struct cache_hit {
 
 /* Opens the invalidation subscriber. Caller closes, after closing cfg->reads (whose
  * pending heartbeat reads call back into the cache). */
-int cache_open(struct cache **out, const struct cache_config *cfg) __attribute__((warn_unused_result));
+int cache_open(struct cache **out, const struct cache_config *cfg)
+	__attribute__((warn_unused_result));
 void cache_close(struct cache **c);
 
 /* The answer for `key` (the key's name after "dbk:g:<g>:", e.g. "acct:alice"), if it

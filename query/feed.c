@@ -30,11 +30,11 @@
 #include "query.h"
 
 #define PAGE_MAX 1000
-#define RUN_BATCH 64       /* pages in one pipelined run */
-#define QUEUE_MAX 20000    /* queued long-polls beyond this get 503 */
+#define RUN_BATCH 64    /* pages in one pipelined run */
+#define QUEUE_MAX 20000 /* queued long-polls beyond this get 503 */
 #define RUN_TIMEOUT 10.0
-#define LIVE_WAIT 60.0     /* the live reader's waiter deadline (it is re-armed) */
-#define RETRY_SECONDS 0.5  /* a failed live or catch-up read is tried again after this */
+#define LIVE_WAIT 60.0    /* the live reader's waiter deadline (it is re-armed) */
+#define RETRY_SECONDS 0.5 /* a failed live or catch-up read is tried again after this */
 #define WAIT_MS_MAX 30000
 
 /* One page: the horizon in every row (columns 0, 1), then per event its txid,
@@ -53,26 +53,26 @@ static const struct pg_statement statements[] = {
 	  "SELECT e.txid, e.position, e.type, e.stream,"
 	  " '{\"position\":\"' || e.txid::text || '.' || e.position || '\",\"stream\":\"' || e.stream"
 	  " || '\",\"version\":' || e.version || ',\"type\":\"' || e.type || '\",\"data\":' || e.data::text"
-	  " || ',\"metadata\":' || e.metadata::text || ',\"recorded_at\":\"' || "
-	  READMODEL_SQL_TIME("e.recorded_at") " || '\"}' AS j"
-	  " FROM events e, x WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"
-	  " AND e.txid < x.xmin"
-	  " AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"
-	  " AND ($5::text IS NULL OR e.stream = $5::text)"
-	  " ORDER BY e.txid, e.position LIMIT $3::integer) p ON true"
-	  " ORDER BY p.txid, p.position" },
+	  " || ',\"metadata\":' || e.metadata::text || ',\"recorded_at\":\"' || " READMODEL_SQL_TIME(
+		  "e.recorded_at") " || '\"}' AS j"
+				   " FROM events e, x WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"
+				   " AND e.txid < x.xmin"
+				   " AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"
+				   " AND ($5::text IS NULL OR e.stream = $5::text)"
+				   " ORDER BY e.txid, e.position LIMIT $3::integer) p ON true"
+				   " ORDER BY p.txid, p.position" },
 };
 
 static const char *const type_names[] = {
-	"AccountOpened", "FundsDeposited", "FundsWithdrawn", "TransferSent", "TransferReceived",
-	"AccountClosed",
+	"AccountOpened", "FundsDeposited",   "FundsWithdrawn",
+	"TransferSent",  "TransferReceived", "AccountClosed",
 };
 #define NTYPES (sizeof(type_names) / sizeof(type_names[0]))
 #define STREAM_NAME_MAX 80
 
 struct filter {
-	unsigned types;                /* bit i: type_names[i]; 0: every type */
-	char stream[STREAM_NAME_MAX];  /* "" for every stream */
+	unsigned types;               /* bit i: type_names[i]; 0: every type */
+	char stream[STREAM_NAME_MAX]; /* "" for every stream */
 };
 
 enum page_kind {
@@ -101,8 +101,8 @@ struct page {
 struct stream {
 	struct stream *prev, *next; /* in feed->streams */
 	struct feed *feed;
-	struct evhttp_request *ev;  /* NULL once the connection is gone */
-	struct evbuffer *out;       /* frames of the batch being delivered */
+	struct evhttp_request *ev; /* NULL once the connection is gone */
+	struct evbuffer *out;      /* frames of the batch being delivered */
 	struct filter filter;
 	struct readmodel_position pos; /* everything up to here is sent (or filtered out) */
 	bool live;
@@ -116,7 +116,7 @@ struct feed {
 	struct pg *pg;
 	struct page *head, *tail; /* queued, not yet sent */
 	size_t queued;
-	struct page *batch;       /* the run in flight */
+	struct page *batch; /* the run in flight */
 	struct stream *streams;
 	size_t nstreams;
 	size_t nlive;
@@ -200,7 +200,8 @@ static bool int_param(struct http_request *req, const char *name, long min, long
 		return true;
 	}
 	http_reply_problem(req, 400, "invalid_request", "Invalid request",
-			   "query parameter '%s' must be an integer from %ld to %ld", name, min, max);
+			   "query parameter '%s' must be an integer from %ld to %ld", name, min,
+			   max);
 	return false;
 }
 
@@ -220,7 +221,8 @@ static bool feed_params(struct http_request *req, bool sse, struct readmodel_pos
 		http_reply_problem(req, 400, "invalid_request", "Invalid request",
 				   "%s must be a position token \"<txid>.<position>\" as returned by a "
 				   "write or the feed",
-				   a == last ? "header 'Last-Event-ID'" : "query parameter 'after'");
+				   a == last ? "header 'Last-Event-ID'"
+					     : "query parameter 'after'");
 		return false;
 	}
 	if (types && !parse_types(types, &f->types)) {
@@ -366,7 +368,8 @@ static struct readmodel_position next_after(const struct page *page, const struc
 
 static void token(const struct readmodel_position *p, char *buf, size_t len)
 {
-	snprintf(buf, len, "%llu.%llu", (unsigned long long)p->txid, (unsigned long long)p->position);
+	snprintf(buf, len, "%llu.%llu", (unsigned long long)p->txid,
+		 (unsigned long long)p->position);
 }
 
 /* --- GET /events ---------------------------------------------------------------- */
@@ -377,7 +380,8 @@ static void poll_free(struct page *page)
 	free(page);
 }
 
-static void poll_reply(struct page *page, const struct rows *r, const struct readmodel_position *next)
+static void poll_reply(struct page *page, const struct rows *r,
+		       const struct readmodel_position *next)
 {
 	static const char head[] = "{\"events\":[", mid[] = "],\"next_after\":\"", tail[] = "\"}";
 	char after[QUERY_POSITION_MAX];
@@ -388,7 +392,8 @@ static void poll_reply(struct page *page, const struct rows *r, const struct rea
 	for (int i = 0; r && i < r->n; i++)
 		len += (size_t)PQgetlength(r->res, i, 6) + 1;
 	if (!(body = malloc(len))) {
-		http_reply_problem(page->req, 503, "unavailable", "Service unavailable", "out of memory");
+		http_reply_problem(page->req, 503, "unavailable", "Service unavailable",
+				   "out of memory");
 		poll_free(page);
 		return;
 	}
@@ -477,15 +482,21 @@ void feed_get_events(struct http_request *req, void *arg)
 		return;
 	if (!pg_connected(feed->pg) || feed->queued >= QUEUE_MAX) {
 		http_reply_problem(req, 503, "unavailable", "Service unavailable",
-				   "the event store cannot be reached: %s", pg_last_error(feed->pg));
+				   "the event store cannot be reached: %s",
+				   pg_last_error(feed->pg));
 		return;
 	}
 	if (!(page = calloc(1, sizeof(*page)))) {
 		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
 		return;
 	}
-	*page = (struct page){ .feed = feed, .kind = PAGE_POLL, .after = after, .limit = limit,
-			       .filter = f, .req = req, .deadline = now() + wait_ms / 1e3 };
+	*page = (struct page){ .feed = feed,
+			       .kind = PAGE_POLL,
+			       .after = after,
+			       .limit = limit,
+			       .filter = f,
+			       .req = req,
+			       .deadline = now() + wait_ms / 1e3 };
 	metric_add(feed->m_pages, 1);
 	submit(feed, page);
 }
@@ -560,9 +571,11 @@ static bool stream_flush(struct stream *s, void (*drained)(struct evhttp_connect
 	size_t backlog = unsent(s);
 
 	if (backlog > feed->ctx->stream_buffer_max) {
-		log_info(&feed->ctx->log, "a stream is too slow (%zu bytes unsent): disconnected at "
-					  "%llu.%llu",
-			 backlog, (unsigned long long)s->pos.txid, (unsigned long long)s->pos.position);
+		log_info(&feed->ctx->log,
+			 "a stream is too slow (%zu bytes unsent): disconnected at "
+			 "%llu.%llu",
+			 backlog, (unsigned long long)s->pos.txid,
+			 (unsigned long long)s->pos.position);
 		metric_add(feed->m_slow, 1);
 		stream_cut(s);
 		return false;
@@ -636,8 +649,12 @@ static void stream_catchup(struct stream *s)
 {
 	struct page *page = &s->catchup;
 
-	*page = (struct page){ .feed = s->feed, .kind = PAGE_CATCHUP, .after = s->pos,
-			       .limit = PAGE_MAX, .filter = s->filter, .stream = s };
+	*page = (struct page){ .feed = s->feed,
+			       .kind = PAGE_CATCHUP,
+			       .after = s->pos,
+			       .limit = PAGE_MAX,
+			       .filter = s->filter,
+			       .stream = s };
 	s->busy = true;
 	submit(s->feed, page);
 }
@@ -717,8 +734,11 @@ static void live_start(struct feed *feed)
 {
 	if (feed->live_busy || feed->live_waiting || feed->nlive == 0 || feed->stopping)
 		return;
-	feed->live = (struct page){ .feed = feed, .kind = PAGE_LIVE, .after = feed->at,
-				    .limit = PAGE_MAX, .wait = feed->live.wait };
+	feed->live = (struct page){ .feed = feed,
+				    .kind = PAGE_LIVE,
+				    .after = feed->at,
+				    .limit = PAGE_MAX,
+				    .wait = feed->live.wait };
 	feed->live_busy = true;
 	metric_add(feed->m_live_reads, 1);
 	submit(feed, &feed->live);
@@ -833,7 +853,9 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 		}
 		if (PQresultStatus(out->results[i]) != PGRES_TUPLES_OK) {
 			bool aborted = PQresultStatus(out->results[i]) == PGRES_PIPELINE_ABORTED;
-			page_failed(page, aborted ? "pipeline aborted" : PQresultErrorMessage(out->results[i]),
+			page_failed(page,
+				    aborted ? "pipeline aborted"
+					    : PQresultErrorMessage(out->results[i]),
 				    aborted);
 			continue;
 		}
@@ -900,10 +922,15 @@ int feed_open(struct feed **out, struct query_ctx *ctx)
 	double ka = ctx->stream_keepalive;
 	struct timeval tv = { (time_t)ka, (suseconds_t)((ka - (double)(time_t)ka) * 1e6) };
 	struct pg_config pc = {
-		.conninfo = ctx->cfg.pg, .application_name = "daybook-query-feed", .base = ctx->base,
-		.log = &ctx->log, .statements = statements,
-		.nstatements = sizeof(statements) / sizeof(statements[0]), .run_timeout = RUN_TIMEOUT,
-		.on_connect = on_connect, .arg = feed,
+		.conninfo = ctx->cfg.pg,
+		.application_name = "daybook-query-feed",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.statements = statements,
+		.nstatements = sizeof(statements) / sizeof(statements[0]),
+		.run_timeout = RUN_TIMEOUT,
+		.on_connect = on_connect,
+		.arg = feed,
 	};
 
 	*out = NULL;
@@ -919,14 +946,15 @@ int feed_open(struct feed **out, struct query_ctx *ctx)
 	evtimer_add(feed->keepalive, &tv);
 	feed->m_streams = metrics_get(ctx->metrics, METRIC_GAUGE, "daybook_query_feed_streams",
 				      "Open event streams (GET /events/stream).", "", NULL, 0);
-	feed->m_slow = metrics_get(ctx->metrics, METRIC_COUNTER,
-				   "daybook_query_feed_slow_disconnects_total",
-				   "Event streams cut off because their unsent output passed the bound.",
-				   "", NULL, 0);
-	feed->m_live_reads = metrics_get(ctx->metrics, METRIC_COUNTER,
-					 "daybook_query_feed_live_reads_total",
-					 "Reads of the shared live reader that serves every live stream.",
-					 "", NULL, 0);
+	feed->m_slow =
+		metrics_get(ctx->metrics, METRIC_COUNTER,
+			    "daybook_query_feed_slow_disconnects_total",
+			    "Event streams cut off because their unsent output passed the bound.",
+			    "", NULL, 0);
+	feed->m_live_reads =
+		metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_live_reads_total",
+			    "Reads of the shared live reader that serves every live stream.", "",
+			    NULL, 0);
 	feed->m_pages = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_pages_total",
 				    "GET /events requests.", "", NULL, 0);
 	*out = feed;

@@ -62,7 +62,8 @@ static void ready(void *arg, struct http_ready *r)
 	if (!sqlpool_connected(ctx->sql))
 		http_ready_check(r, "postgresql", false, "%s", sqlpool_last_error(ctx->sql));
 	else if (!feed_connected(ctx->feed))
-		http_ready_check(r, "postgresql", false, "event feed: %s", feed_last_error(ctx->feed));
+		http_ready_check(r, "postgresql", false, "event feed: %s",
+				 feed_last_error(ctx->feed));
 	else
 		http_ready_check(r, "postgresql", down < 0,
 				 "worker %d is not connected to postgresql yet", down);
@@ -74,8 +75,8 @@ static void on_ready_timer(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	atomic_store(&ctx->up, !ctx->stopping && sqlpool_connected(ctx->sql) &&
-				   feed_connected(ctx->feed));
+	atomic_store(&ctx->up,
+		     !ctx->stopping && sqlpool_connected(ctx->sql) && feed_connected(ctx->feed));
 }
 
 /* "<generation> <token>" on READMODEL_POSITION_TOPIC: a projection moved, or so says someone who
@@ -161,22 +162,39 @@ static int open_redis(struct query_ctx *ctx)
 	size_t nscripts;
 	const char *const *scripts = read_scripts(&nscripts);
 	struct redis_config rc = {
-		.server = &ctx->cfg.redis, .name = "daybook-query", .base = ctx->base,
-		.log = &ctx->log, .scripts = scripts, .nscripts = nscripts, .read_only = true,
-		.command_timeout = REDIS_COMMAND_TIMEOUT, .connect_timeout = REDIS_CONNECT_TIMEOUT,
-		.on_ready = on_reads_ready, .arg = ctx,
+		.server = &ctx->cfg.redis,
+		.name = "daybook-query",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.scripts = scripts,
+		.nscripts = nscripts,
+		.read_only = true,
+		.command_timeout = REDIS_COMMAND_TIMEOUT,
+		.connect_timeout = REDIS_CONNECT_TIMEOUT,
+		.on_ready = on_reads_ready,
+		.arg = ctx,
 	};
 	struct redis_config sc = {
-		.server = &ctx->cfg.redis, .name = "daybook-query-position", .base = ctx->base,
-		.log = &ctx->log, .subscribe = READMODEL_POSITION_TOPIC, .on_message = on_position,
-		.connect_timeout = REDIS_CONNECT_TIMEOUT, .on_ready = on_subscribed, .arg = ctx,
+		.server = &ctx->cfg.redis,
+		.name = "daybook-query-position",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.subscribe = READMODEL_POSITION_TOPIC,
+		.on_message = on_position,
+		.connect_timeout = REDIS_CONNECT_TIMEOUT,
+		.on_ready = on_subscribed,
+		.arg = ctx,
 	};
 
 	struct cache_config cc = {
-		.max_bytes = ctx->cache_bytes, .lease = ctx->cache_lease,
-		.checkpoint_script = read_checkpoint_script(), .server = &ctx->cfg.redis,
-		.base = ctx->base, .connect_timeout = REDIS_CONNECT_TIMEOUT,
-		.metrics = ctx->metrics, .log = &ctx->log,
+		.max_bytes = ctx->cache_bytes,
+		.lease = ctx->cache_lease,
+		.checkpoint_script = read_checkpoint_script(),
+		.server = &ctx->cfg.redis,
+		.base = ctx->base,
+		.connect_timeout = REDIS_CONNECT_TIMEOUT,
+		.metrics = ctx->metrics,
+		.log = &ctx->log,
 	};
 
 	if (redis_open(&ctx->redis, &rc) || redis_open(&ctx->subscriber, &sc))
@@ -193,9 +211,17 @@ static int start_worker(struct query_ctx *ctx)
 {
 	char err[512];
 	struct http_server_config hc = {
-		.log = &ctx->log, .base = ctx->base, .metrics = ctx->metrics, .tokens = ctx->tokens,
-		.routes = query_routes, .nroutes = query_nroutes, .ready = ready, .arg = ctx,
-		.reuse_port = true, .limits = ctx->cfg.http, .workers = (unsigned)ctx->nworkers,
+		.log = &ctx->log,
+		.base = ctx->base,
+		.metrics = ctx->metrics,
+		.tokens = ctx->tokens,
+		.routes = query_routes,
+		.nroutes = query_nroutes,
+		.ready = ready,
+		.arg = ctx,
+		.reuse_port = true,
+		.limits = ctx->cfg.http,
+		.workers = (unsigned)ctx->nworkers,
 		.quiet_reads = true,
 	};
 	struct timeval tick = { 0, 100000 };
@@ -257,7 +283,8 @@ static bool env_int(const char *name, long min, long max, long *out)
 		return true;
 	n = strtol(v, &end, 10);
 	if (*end || n < min || n > max) {
-		fprintf(stderr, "daybook-query: %s must be a number from %ld to %ld\n", name, min, max);
+		fprintf(stderr, "daybook-query: %s must be a number from %ld to %ld\n", name, min,
+			max);
 		return false;
 	}
 	*out = n;
@@ -359,11 +386,16 @@ static void stop(struct service_ctx *svc)
 }
 
 static const struct service_def service = {
-	.name = "daybook-query", .log_name = "query", .usage = usage,
+	.name = "daybook-query",
+	.log_name = "query",
+	.usage = usage,
 	.need = CONFIG_NEED_PG | CONFIG_NEED_REDIS | CONFIG_NEED_TOKENS,
 	.default_listen = "127.0.0.1:8082",
 	.stopping = "no longer accepting; finishing requests in flight",
-	.configure = configure, .start = start, .on_stop = on_stop, .stop = stop,
+	.configure = configure,
+	.start = start,
+	.on_stop = on_stop,
+	.stop = stop,
 };
 
 int main(int argc, char **argv)

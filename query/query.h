@@ -8,7 +8,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cache.h"
 #include "config.h"
+#include "feed.h"
 #include "http.h"
 #include "ledger.h"
 #include "log.h"
@@ -19,16 +21,14 @@
 #include "service.h"
 #include "tokens.h"
 #include "wait.h"
-#include "feed.h"
-#include "cache.h"
 
 #define QUERY_POSITION_MAX 48 /* "<txid>.<position>" of two uint64, plus NUL */
 
 /* An SQL fragment the statements share (sql.c, timetravel.c): the event store's
  * readable head (the last event below the snapshot's xmin: everything up to it is
  * committed and visible). Times are READMODEL_SQL_TIME (readmodel.h). */
-#define QUERY_SQL_LOG_HEAD \
-	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())" \
+#define QUERY_SQL_LOG_HEAD                                                                         \
+	"SELECT txid, position FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())"   \
 	" ORDER BY txid DESC, position DESC LIMIT 1"
 
 /* A position token of `len` bytes (not NUL-terminated), as readmodel_position_parse
@@ -69,10 +69,10 @@ struct query_ctx {
 	struct redis *subscriber; /* dbk:position, to wake waiting reads */
 	struct cache *cache;      /* rendered bodies of Redis reads (cache.c) */
 	struct sqlpool *sql;
-	struct waitset *waits;    /* reads waiting for a projection to reach min_position */
-	size_t max_waiters;       /* DAYBOOK_MAX_WAITERS, for all workers together */
-	atomic_size_t *waiters;   /* how many wait now, in all workers (main's) */
-	double probe_interval;    /* DAYBOOK_WAIT_PROBE_MS, in seconds */
+	struct waitset *waits;  /* reads waiting for a projection to reach min_position */
+	size_t max_waiters;     /* DAYBOOK_MAX_WAITERS, for all workers together */
+	atomic_size_t *waiters; /* how many wait now, in all workers (main's) */
+	double probe_interval;  /* DAYBOOK_WAIT_PROBE_MS, in seconds */
 	struct metric *fallbacks[FALLBACK_COUNT];
 	struct metric *served_redis, *served_sql;
 	struct event *drain_timer;
@@ -82,16 +82,16 @@ struct query_ctx {
 	atomic_bool up;            /* SQL reachable and not stopping */
 	struct query_ctx *workers; /* all of them (ctx of worker i at workers + i) */
 	int nworkers;
-	pthread_t thread;          /* worker i > 0: its thread, when `threaded` */
+	pthread_t thread; /* worker i > 0: its thread, when `threaded` */
 	bool threaded;
 	/* The event feed (feed.c): this worker's reader and streams. */
 	struct feed *feed;
-	size_t max_streams;        /* DAYBOOK_MAX_STREAMS, for all workers together */
-	atomic_size_t *streams;    /* how many are open now, in all workers (main's) */
-	size_t stream_buffer_max;  /* DAYBOOK_STREAM_BUFFER_MAX: unsent bytes before a cut */
-	double stream_keepalive;   /* DAYBOOK_STREAM_KEEPALIVE_MS, in seconds */
-	size_t cache_bytes;        /* this worker's share of DAYBOOK_QUERY_CACHE_BYTES */
-	double cache_lease;        /* DAYBOOK_QUERY_CACHE_LEASE_MS, in seconds */
+	size_t max_streams;       /* DAYBOOK_MAX_STREAMS, for all workers together */
+	atomic_size_t *streams;   /* how many are open now, in all workers (main's) */
+	size_t stream_buffer_max; /* DAYBOOK_STREAM_BUFFER_MAX: unsent bytes before a cut */
+	double stream_keepalive;  /* DAYBOOK_STREAM_KEEPALIVE_MS, in seconds */
+	size_t cache_bytes;       /* this worker's share of DAYBOOK_QUERY_CACHE_BYTES */
+	double cache_lease;       /* DAYBOOK_QUERY_CACHE_LEASE_MS, in seconds */
 };
 
 enum read_kind {
@@ -100,7 +100,7 @@ enum read_kind {
 	READ_TRANSFER,
 	READ_TOTALS,
 	READ_EVENTS,
-	READ_PROBE, /* internal: the SQL checkpoint and the log head, for waiting reads */
+	READ_PROBE,    /* internal: the SQL checkpoint and the log head, for waiting reads */
 	READ_TT_AS_OF, /* an account or its statement as of a position token (timetravel.c) */
 	READ_TT_AT,    /* the same at a time */
 };
@@ -117,13 +117,13 @@ struct read {
 	int after_version; /* events */
 	bool has_min;
 	struct readmodel_position min;
-	double deadline;   /* monotonic seconds: stop waiting for min_position */
+	double deadline; /* monotonic seconds: stop waiting for min_position */
 	int sql_attempts;
-	struct waiter wait;   /* while waiting for min_position */
-	uint64_t wait_seq;    /* waitset_seq when the read last started */
-	bool redis_cannot;    /* Redis reached min_position but cannot answer this read */
+	struct waiter wait;    /* while waiting for min_position */
+	uint64_t wait_seq;     /* waitset_seq when the read last started */
+	bool redis_cannot;     /* Redis reached min_position but cannot answer this read */
 	uint64_t cache_ticket; /* cache_ticket before the Redis read, 0: not to be kept */
-	struct timetravel tt; /* READ_TT_*: the point, folded from the event store */
+	struct timetravel tt;  /* READ_TT_*: the point, folded from the event store */
 };
 
 /* The SQL side: a small pool of pipelined connections (sql.c). A queued read's
@@ -152,11 +152,11 @@ const char *sqlpool_identity(const struct sqlpool *pool);
 
 /* A rendered answer: status, body and the model's position. */
 struct answer {
-	int status;           /* 200, or 404 with `code` */
-	const char *code;     /* account_not_found, transfer_not_found */
-	char *body;           /* malloc'd JSON, for 200 */
+	int status;       /* 200, or 404 with `code` */
+	const char *code; /* account_not_found, transfer_not_found */
+	char *body;       /* malloc'd JSON, for 200 */
 	size_t len;
-	char etag[16];        /* the account version, "" when none */
+	char etag[16]; /* the account version, "" when none */
 	char position[QUERY_POSITION_MAX];
 	struct readmodel_position at;
 };
@@ -205,7 +205,8 @@ void read_wait(struct read *rd);
 /* timetravel.c: as_of and at on account reads (SPEC §4.2). */
 /* Read `as_of` and `at` into a READ_ACCOUNT or READ_TRANSACTIONS read, making it a
  * READ_TT_* read: 1 when it now is one, 0 when neither is given, -1 after replying 400. */
-int timetravel_params(struct http_request *req, struct read *rd) __attribute__((warn_unused_result));
+int timetravel_params(struct http_request *req, struct read *rd)
+	__attribute__((warn_unused_result));
 /* The statements of READ_TT_AS_OF and READ_TT_AT, and their parameters (up to
  * TIMETRAVEL_PARAMS, as text in buf). */
 #define TIMETRAVEL_PARAMS 6

@@ -22,59 +22,61 @@ enum script {
  * keys are derived inside the script from the live pointer, so the read is one round trip and
  * sees one consistent state (scripts run atomically). The last argument is the event
  * store's identity: a generation built from another store is no usable model. */
-#define LIVE_PREFIX \
-	"local g = redis.call('GET', '" READMODEL_LIVE_KEY "')\n" \
-	"if not g then return {} end\n" \
-	"local p = '" READMODEL_GEN_PREFIX "' .. g .. ':'\n" \
-	"if redis.call('GET', p .. '" READMODEL_KIND_IDENTITY "') ~= ARGV[#ARGV] then return {} end\n" \
-	"local cp = redis.call('GET', p .. '" READMODEL_KIND_CHECKPOINT "')\n" \
+#define LIVE_PREFIX                                                                                \
+	"local g = redis.call('GET', '" READMODEL_LIVE_KEY "')\n"                                  \
+	"if not g then return {} end\n"                                                            \
+	"local p = '" READMODEL_GEN_PREFIX "' .. g .. ':'\n"                                       \
+	"if redis.call('GET', p .. '" READMODEL_KIND_IDENTITY                                      \
+	"') ~= ARGV[#ARGV] then return {} end\n"                                                   \
+	"local cp = redis.call('GET', p .. '" READMODEL_KIND_CHECKPOINT "')\n"                     \
 	"if not cp then return {} end\n"
 
 static const char *const scripts[] = {
-	[SCRIPT_ACCOUNT] = LIVE_PREFIX
-		"local a = redis.call('HMGET', p .. '" READMODEL_KIND_ACCOUNT ":' .. ARGV[1], 'j', 'v')\n"
-		"if not a[1] or not a[2] then return {cp} end\n"
-		"return {cp, a[1], a[2]}\n",
+	[SCRIPT_ACCOUNT] = LIVE_PREFIX "local a = redis.call('HMGET', p .. '" READMODEL_KIND_ACCOUNT
+				       ":' .. ARGV[1], 'j', 'v')\n"
+				       "if not a[1] or not a[2] then return {cp} end\n"
+				       "return {cp, a[1], a[2]}\n",
 	/* {cp, 'h', next_before or '', items...}; 'n' when Redis cannot answer this page,
 	 * 'm' when its entries disagree with the account's count. */
 	[SCRIPT_TRANSACTIONS] = LIVE_PREFIX
-		"local n = redis.call('HGET', p .. '" READMODEL_KIND_ACCOUNT ":' .. ARGV[1], 'n')\n"
-		"if not n then return {cp} end\n"
-		"n = tonumber(n)\n"
-		"local limit, before = tonumber(ARGV[2]), tonumber(ARGV[3])\n"
-		"local kept = " READMODEL_ITEMS_KEPT_TEXT "\n"
-		"if n > kept and (before > 0 or limit > kept) then return {cp, 'n'} end\n"
-		"local key = p .. '" READMODEL_KIND_STATEMENT ":' .. ARGV[1]\n"
-		"if redis.call('LLEN', key) ~= math.min(n, kept) then return {cp, 'm'} end\n"
-		READMODEL_LUA_ITEM_VERSION
-		"local r, more\n"
-		"if before > 0 then\n" /* the whole statement is here (n <= kept), newest first */
-		"  local all, s = redis.call('LRANGE', key, 0, -1), 1\n"
-		"  while s <= #all and item_version(all[s]) >= before do s = s + 1 end\n"
-		"  r = {}\n"
-		"  for i = s, math.min(#all, s + limit - 1) do r[#r + 1] = all[i] end\n"
-		"  more = #all >= s + limit\n"
-		"else\n"
-		"  r = redis.call('LRANGE', key, 0, limit - 1)\n"
-		"  more = n > limit\n"
-		"end\n"
-		"local out = {cp, 'h', more and #r > 0 and tostring(item_version(r[#r])) or ''}\n"
-		"for i = 1, #r do out[#out + 1] = r[i] end\n"
-		"return out\n",
-	[SCRIPT_TRANSFER] = LIVE_PREFIX
-		"local x = redis.call('GET', p .. '" READMODEL_KIND_TRANSFER ":' .. ARGV[1])\n"
-		"if not x then return {cp} end\n"
-		"return {cp, x}\n",
-	[SCRIPT_TOTALS] = LIVE_PREFIX
-		"local t = redis.call('HGET', p .. '" READMODEL_KIND_TOTALS "', 'j')\n"
-		"if not t then return {cp} end\n"
-		"return {cp, t}\n",
+	"local n = redis.call('HGET', p .. '" READMODEL_KIND_ACCOUNT ":' .. ARGV[1], 'n')\n"
+	"if not n then return {cp} end\n"
+	"n = tonumber(n)\n"
+	"local limit, before = tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+	"local kept = " READMODEL_ITEMS_KEPT_TEXT "\n"
+	"if n > kept and (before > 0 or limit > kept) then return {cp, 'n'} end\n"
+	"local key = p .. '" READMODEL_KIND_STATEMENT ":' .. ARGV[1]\n"
+	"if redis.call('LLEN', key) ~= math.min(n, kept) then return {cp, 'm'} end\n" READMODEL_LUA_ITEM_VERSION
+	"local r, more\n"
+	"if before > 0 then\n" /* the whole statement is here (n <= kept), newest first */
+	"  local all, s = redis.call('LRANGE', key, 0, -1), 1\n"
+	"  while s <= #all and item_version(all[s]) >= before do s = s + 1 end\n"
+	"  r = {}\n"
+	"  for i = s, math.min(#all, s + limit - 1) do r[#r + 1] = all[i] end\n"
+	"  more = #all >= s + limit\n"
+	"else\n"
+	"  r = redis.call('LRANGE', key, 0, limit - 1)\n"
+	"  more = n > limit\n"
+	"end\n"
+	"local out = {cp, 'h', more and #r > 0 and tostring(item_version(r[#r])) or ''}\n"
+	"for i = 1, #r do out[#out + 1] = r[i] end\n"
+	"return out\n",
+	[SCRIPT_TRANSFER] = LIVE_PREFIX "local x = redis.call('GET', p .. '" READMODEL_KIND_TRANSFER
+					":' .. ARGV[1])\n"
+					"if not x then return {cp} end\n"
+					"return {cp, x}\n",
+	[SCRIPT_TOTALS] = LIVE_PREFIX "local t = redis.call('HGET', p .. '" READMODEL_KIND_TOTALS
+				      "', 'j')\n"
+				      "if not t then return {cp} end\n"
+				      "return {cp, t}\n",
 	[SCRIPT_CHECKPOINT] = LIVE_PREFIX "return {cp, g}\n",
 };
 
 static const char *const fallback_names[FALLBACK_COUNT] = {
-	[FALLBACK_UNAVAILABLE] = "unavailable", [FALLBACK_NO_LIVE] = "no_live",
-	[FALLBACK_MISS] = "miss",               [FALLBACK_BEHIND] = "behind",
+	[FALLBACK_UNAVAILABLE] = "unavailable",
+	[FALLBACK_NO_LIVE] = "no_live",
+	[FALLBACK_MISS] = "miss",
+	[FALLBACK_BEHIND] = "behind",
 	[FALLBACK_NOT_CACHED] = "not_cached",
 };
 
@@ -234,7 +236,8 @@ static void wait_for(struct read *rd)
 	rd->wait.min = rd->min;
 	rd->wait.deadline = rd->deadline;
 	rd->wait.model = rd->kind == READ_EVENTS || rd->kind == READ_TT_AS_OF ? WAIT_LOG
-			 : rd->redis_cannot ? WAIT_SQL : WAIT_ANY;
+			 : rd->redis_cannot                                   ? WAIT_SQL
+									      : WAIT_ANY;
 	rd->wait.wake = on_wake;
 	switch (waitset_add(ctx->waits, &rd->wait, rd->wait_seq)) {
 	case WAIT_ADDED:
@@ -337,8 +340,8 @@ static bool serve_redis(struct read *rd, const redisReply *rep, const struct rea
 			break;
 		metric_add(rd->ctx->served_redis, 1);
 		if (rd->cache_ticket && cache_key(rd, key, sizeof(key)))
-			cache_fill(rd->ctx->cache, rd->cache_ticket, key, el[1]->str, el[1]->len, NULL,
-				   at);
+			cache_fill(rd->ctx->cache, rd->cache_ticket, key, el[1]->str, el[1]->len,
+				   NULL, at);
 		reply_body(rd, at, el[1]->str, el[1]->len, NULL);
 		return true;
 	case READ_TRANSACTIONS: {
@@ -358,7 +361,8 @@ static bool serve_redis(struct read *rd, const redisReply *rep, const struct rea
 			lens[i] = el[i + 3]->len;
 		}
 		body = items && lens && el[2]->type == REDIS_REPLY_STRING
-			       ? transactions_body(items, lens, n, el[2]->len ? el[2]->str : NULL, &len)
+			       ? transactions_body(items, lens, n, el[2]->len ? el[2]->str : NULL,
+						   &len)
 			       : NULL;
 		free(items);
 		free(lens);
@@ -426,7 +430,8 @@ void read_start(struct read *rd)
 		/* Redis tracks the keys a script call declares (cache.c): the script itself
 		 * still finds them from the live pointer. */
 		readmodel_key_text(keys[0], sizeof(keys[0]), gen, READMODEL_KIND_IDENTITY, NULL);
-		readmodel_key_text(keys[1], sizeof(keys[1]), gen, key, NULL); /* key: "<kind>:<id>" */
+		readmodel_key_text(keys[1], sizeof(keys[1]), gen, key,
+				   NULL); /* key: "<kind>:<id>" */
 		argv[0] = READMODEL_LIVE_KEY;
 		argv[1] = keys[0];
 		argv[2] = keys[1];
@@ -516,26 +521,32 @@ int read_init(struct query_ctx *ctx)
 {
 	char labels[64];
 	struct waitset_config wc = {
-		.base = ctx->base, .metrics = ctx->metrics, .max = ctx->max_waiters,
-		.total = ctx->waiters, .probe_interval = ctx->probe_interval,
-		.probe_sql = probe_sql, .probe_redis = probe_redis, .arg = ctx,
+		.base = ctx->base,
+		.metrics = ctx->metrics,
+		.max = ctx->max_waiters,
+		.total = ctx->waiters,
+		.probe_interval = ctx->probe_interval,
+		.probe_sql = probe_sql,
+		.probe_redis = probe_redis,
+		.arg = ctx,
 	};
 
 	if (waitset_open(&ctx->waits, &wc))
 		return -1;
 	for (size_t i = 0; i < FALLBACK_COUNT; i++) {
 		snprintf(labels, sizeof(labels), "reason=\"%s\"", fallback_names[i]);
-		ctx->fallbacks[i] = metrics_get(ctx->metrics, METRIC_COUNTER,
-						"daybook_query_redis_fallbacks_total",
-						"Reads Redis could not answer, answered from SQL, by reason.",
-						labels, NULL, 0);
+		ctx->fallbacks[i] =
+			metrics_get(ctx->metrics, METRIC_COUNTER,
+				    "daybook_query_redis_fallbacks_total",
+				    "Reads Redis could not answer, answered from SQL, by reason.",
+				    labels, NULL, 0);
 	}
 	ctx->served_redis = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_reads_total",
 					"Reads answered, by the model that answered.",
 					"model=\"redis\"", NULL, 0);
 	ctx->served_sql = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_reads_total",
-				      "Reads answered, by the model that answered.", "model=\"sql\"",
-				      NULL, 0);
+				      "Reads answered, by the model that answered.",
+				      "model=\"sql\"", NULL, 0);
 	return 0;
 }
 

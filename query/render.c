@@ -147,7 +147,8 @@ static bool render_totals(const PGresult *res, struct answer *ans)
 	if (!t)
 		return false;
 	for (; n < rows && val(res, n, 2); n++)
-		t[n] = (struct readmodel_total){ .currency = val(res, n, 2), .accounts = val(res, n, 3),
+		t[n] = (struct readmodel_total){ .currency = val(res, n, 2),
+						 .accounts = val(res, n, 3),
 						 .open_accounts = val(res, n, 4),
 						 .balance_sum = val(res, n, 5) };
 	body = readmodel_totals_json(t, (size_t)n);
@@ -180,7 +181,8 @@ static bool render_events(const PGresult *res, struct answer *ans)
 		json_t *e = json_pack("{s:I, s:s, s:o, s:o, s:s}", "version",
 				      (json_int_t)int_of(res, i, 3), "type", val(res, i, 4), "data",
 				      json_loads(val(res, i, 5), 0, NULL), "metadata",
-				      json_loads(val(res, i, 6), 0, NULL), "recorded_at", val(res, i, 7));
+				      json_loads(val(res, i, 6), 0, NULL), "recorded_at",
+				      val(res, i, 7));
 		if (!e || json_array_append_new(list, e) != 0)
 			goto done;
 	}

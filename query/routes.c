@@ -35,7 +35,8 @@ static bool int_param(struct http_request *req, const char *name, long min, long
 	if (!v || parse_int(v, min, max, out))
 		return true;
 	http_reply_problem(req, 400, "invalid_request", "Invalid request",
-			   "query parameter '%s' must be an integer from %ld to %ld", name, min, max);
+			   "query parameter '%s' must be an integer from %ld to %ld", name, min,
+			   max);
 	return false;
 }
 
@@ -59,9 +60,10 @@ static bool consistency_params(struct http_request *req, struct read *rd)
 		via = "header 'X-Daybook-Min-Position'";
 	}
 	if (min && !readmodel_position_parse(min, &rd->min)) {
-		http_reply_problem(req, 400, "invalid_request", "Invalid request",
-				   "%s must be a position token \"<txid>.<position>\" as returned by a write",
-				   via);
+		http_reply_problem(
+			req, 400, "invalid_request", "Invalid request",
+			"%s must be a position token \"<txid>.<position>\" as returned by a write",
+			via);
 		return false;
 	}
 	rd->has_min = min != NULL;
@@ -84,9 +86,11 @@ static struct read *read_new(struct http_request *req, void *arg, enum read_kind
 	rd->req = req;
 	rd->kind = kind;
 	if (has_id && !ledger_valid_id(http_param(req, 0))) {
-		http_reply_invalid(req, kind == READ_TRANSFER
-			? "the transfer id in the path must be 1-64 characters of [A-Za-z0-9._:-]"
-			: "the account id in the path must be 1-64 characters of [A-Za-z0-9._:-]");
+		http_reply_invalid(
+			req,
+			kind == READ_TRANSFER
+				? "the transfer id in the path must be 1-64 characters of [A-Za-z0-9._:-]"
+				: "the account id in the path must be 1-64 characters of [A-Za-z0-9._:-]");
 		goto fail;
 	}
 	if (has_id)
@@ -163,14 +167,17 @@ static void get_events(struct http_request *req, void *arg)
 #define CONSISTENCY "min_position wait_ms"
 
 const struct http_route query_routes[] = {
-	{ "GET", "/accounts/*", "/accounts/{id}", SCOPE_READ, get_account, CONSISTENCY " as_of at" },
+	{ "GET", "/accounts/*", "/accounts/{id}", SCOPE_READ, get_account,
+	  CONSISTENCY " as_of at" },
 	{ "GET", "/accounts/*/transactions", "/accounts/{id}/transactions", SCOPE_READ,
 	  get_transactions, CONSISTENCY " limit before as_of at" },
 	{ "GET", "/accounts/*/events", "/accounts/{id}/events", SCOPE_READ, get_events,
 	  CONSISTENCY " after_version limit" },
 	{ "GET", "/transfers/*", "/transfers/{id}", SCOPE_READ, get_transfer, CONSISTENCY },
 	{ "GET", "/totals", "/totals", SCOPE_READ, get_totals, CONSISTENCY },
-	{ "GET", "/events", "/events", SCOPE_READ, feed_get_events, "after limit wait_ms type stream" },
-	{ "GET", "/events/stream", "/events/stream", SCOPE_READ, feed_get_stream, "after type stream" },
+	{ "GET", "/events", "/events", SCOPE_READ, feed_get_events,
+	  "after limit wait_ms type stream" },
+	{ "GET", "/events/stream", "/events/stream", SCOPE_READ, feed_get_stream,
+	  "after type stream" },
 };
 const size_t query_nroutes = sizeof(query_routes) / sizeof(query_routes[0]);

@@ -26,40 +26,42 @@
 
 static const struct pg_statement statements[] = {
 	[READ_ACCOUNT] = { "account",
-		"SELECT c.txid::text, c.position, " READMODEL_SQL_ACCOUNT_COLUMNS("a")
-		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
-		CHECKPOINT_WHERE },
+			   "SELECT c.txid::text, c.position, " READMODEL_SQL_ACCOUNT_COLUMNS(
+				   "a") " FROM " CHECKPOINT
+					" LEFT JOIN rm_accounts a ON a.account_id = $1" CHECKPOINT_WHERE },
 	[READ_TRANSACTIONS] = { "transactions",
-		"SELECT c.txid::text, c.position, a.account_id IS NOT NULL, "
-		READMODEL_SQL_ENTRY_COLUMNS("e")
-		" FROM " CHECKPOINT " LEFT JOIN rm_accounts a ON a.account_id = $1"
-		" LEFT JOIN LATERAL (SELECT * FROM rm_entries WHERE account_id = a.account_id"
-		" AND version < coalesce($3::integer, 2147483647) ORDER BY version DESC"
-		" LIMIT $2::integer) e ON true" CHECKPOINT_WHERE
-		" ORDER BY e.version DESC NULLS LAST" },
+				"SELECT c.txid::text, c.position, a.account_id IS NOT NULL, " READMODEL_SQL_ENTRY_COLUMNS(
+					"e") " FROM " CHECKPOINT
+					     " LEFT JOIN rm_accounts a ON a.account_id = $1"
+					     " LEFT JOIN LATERAL (SELECT * FROM rm_entries WHERE account_id = a.account_id"
+					     " AND version < coalesce($3::integer, 2147483647) ORDER BY version DESC"
+					     " LIMIT $2::integer) e ON true" CHECKPOINT_WHERE
+					     " ORDER BY e.version DESC NULLS LAST" },
 	[READ_TRANSFER] = { "transfer",
-		"SELECT c.txid::text, c.position, " READMODEL_SQL_TRANSFER_COLUMNS("t")
-		" FROM " CHECKPOINT " LEFT JOIN rm_transfers t ON t.transfer_id = $1" CHECKPOINT_WHERE },
+			    "SELECT c.txid::text, c.position, " READMODEL_SQL_TRANSFER_COLUMNS(
+				    "t") " FROM " CHECKPOINT
+					 " LEFT JOIN rm_transfers t ON t.transfer_id = $1" CHECKPOINT_WHERE },
 	[READ_TOTALS] = { "totals",
-		"SELECT c.txid::text, c.position, t.currency, t.accounts, t.open_accounts, "
-		"t.balance_sum::text FROM " CHECKPOINT " LEFT JOIN rm_totals t ON true" CHECKPOINT_WHERE
-		" ORDER BY t.currency COLLATE \"C\"" },
+			  "SELECT c.txid::text, c.position, t.currency, t.accounts, t.open_accounts, "
+			  "t.balance_sum::text FROM " CHECKPOINT
+			  " LEFT JOIN rm_totals t ON true" CHECKPOINT_WHERE
+			  " ORDER BY t.currency COLLATE \"C\"" },
 	/* The event store is its own model: its position is the last event below the
 	 * snapshot's xmin, since everything up to there is committed and visible. */
 	[READ_EVENTS] = { "events",
-		"WITH head AS (" LOG_HEAD ")"
-		" SELECT coalesce((SELECT txid::text FROM head), '0'),"
-		" coalesce((SELECT position FROM head), 0),"
-		" EXISTS (SELECT 1 FROM events WHERE stream = $1 AND version = 1),"
-		" e.version, e.type, e.data::text, e.metadata::text, "
-		READMODEL_SQL_TIME("e.recorded_at")
-		" FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT version, type, data, metadata, recorded_at"
-		" FROM events WHERE stream = $1 AND version > $2::integer ORDER BY version"
-		" LIMIT $3::integer) e ON true ORDER BY e.version" },
+			  "WITH head AS (" LOG_HEAD ")"
+			  " SELECT coalesce((SELECT txid::text FROM head), '0'),"
+			  " coalesce((SELECT position FROM head), 0),"
+			  " EXISTS (SELECT 1 FROM events WHERE stream = $1 AND version = 1),"
+			  " e.version, e.type, e.data::text, e.metadata::text, " READMODEL_SQL_TIME(
+				  "e.recorded_at") " FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT version, type, data, metadata, recorded_at"
+						   " FROM events WHERE stream = $1 AND version > $2::integer ORDER BY version"
+						   " LIMIT $3::integer) e ON true ORDER BY e.version" },
 	/* Both positions a waiter may need, in one statement however many wait. */
 	[READ_PROBE] = { "checkpoint",
-		"SELECT c.txid::text, c.position, coalesce(h.txid::text, '0'), coalesce(h.position, 0)"
-		" FROM " CHECKPOINT " LEFT JOIN LATERAL (" LOG_HEAD ") h ON true" CHECKPOINT_WHERE },
+			 "SELECT c.txid::text, c.position, coalesce(h.txid::text, '0'), coalesce(h.position, 0)"
+			 " FROM " CHECKPOINT " LEFT JOIN LATERAL (" LOG_HEAD
+			 ") h ON true" CHECKPOINT_WHERE },
 	/* Time travel: folded from the event store (timetravel.c). */
 	[READ_TT_AS_OF] = { "tt_as_of", timetravel_sql_as_of },
 	[READ_TT_AT] = { "tt_at", timetravel_sql_at },
@@ -153,7 +155,8 @@ static int params(const struct read *rd, char buf[][80], const char **values)
 		return 1;
 	case READ_TRANSACTIONS:
 		values[0] = rd->id;
-		snprintf(buf[1], sizeof(buf[1]), "%d", rd->limit + 1); /* one more: is there a next page? */
+		snprintf(buf[1], sizeof(buf[1]), "%d",
+			 rd->limit + 1); /* one more: is there a next page? */
 		values[1] = buf[1];
 		snprintf(buf[2], sizeof(buf[2]), "%d", rd->before);
 		values[2] = rd->before > 0 ? buf[2] : NULL;
@@ -219,25 +222,28 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 	size_t n = out->n;
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	const char *got = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
-				  PQntuples(results[0]) == 1 && !PQgetisnull(results[0], 0, 0)
-			  ? PQgetvalue(results[0], 0, 0)
-			  : NULL;
+					  PQntuples(results[0]) == 1 &&
+					  !PQgetisnull(results[0], 0, 0)
+				  ? PQgetvalue(results[0], 0, 0)
+				  : NULL;
 
 	if (got && *got && strlen(got) < sizeof(slot->identity)) {
 		snprintf(slot->identity, sizeof(slot->identity), "%s", got);
 		slot->identified = true;
 		if (strcmp(slot->pool->last_identity, got) != 0) {
 			if (slot->pool->last_identity[0])
-				log_warn(&slot->pool->ctx->log, "the event store's identity changed from "
-								"%s to %s (re-created or restored): Redis "
-								"generations of the old one are not served",
+				log_warn(&slot->pool->ctx->log,
+					 "the event store's identity changed from "
+					 "%s to %s (re-created or restored): Redis "
+					 "generations of the old one are not served",
 					 slot->pool->last_identity, got);
 			snprintf(slot->pool->last_identity, sizeof(slot->pool->last_identity), "%s",
 				 got);
 		}
 	} else if (!error) {
-		log_error(&slot->pool->ctx->log, "cannot read the event store's identity (is the "
-						 "database migrated?): Redis is not used: %s",
+		log_error(&slot->pool->ctx->log,
+			  "cannot read the event store's identity (is the "
+			  "database migrated?): Redis is not used: %s",
 			  n ? PQresultErrorMessage(results[0]) : "no result");
 		slot->identify_after = time(NULL) + 1;
 	}
@@ -340,10 +346,15 @@ int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb do
 	pool->failed = failed;
 	for (size_t i = 0; i < POOL_SIZE; i++) {
 		struct pg_config pc = {
-			.conninfo = ctx->cfg.pg, .application_name = "daybook-query", .base = ctx->base,
-			.log = &ctx->log, .statements = statements,
+			.conninfo = ctx->cfg.pg,
+			.application_name = "daybook-query",
+			.base = ctx->base,
+			.log = &ctx->log,
+			.statements = statements,
 			.nstatements = sizeof(statements) / sizeof(statements[0]),
-			.run_timeout = RUN_TIMEOUT, .on_connect = on_connect, .on_notify = on_notify,
+			.run_timeout = RUN_TIMEOUT,
+			.on_connect = on_connect,
+			.on_notify = on_notify,
 			.listen_channel = i == 0 ? READMODEL_POSITION_CHANNEL : EVENTS_CHANNEL,
 			.arg = &pool->slots[i],
 		};

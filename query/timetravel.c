@@ -49,39 +49,43 @@
  * may show); 7, 8 the snapshot's version and state; 9 name; 10 opened_at; 11-14 the
  * events after the snapshot up to top (version, type, data, recorded_at), one a row;
  * recorded_at only above lo, where it is used (the account's last event, the page). */
-#define TT_SQL(POINT, READABLE, PASSED) \
-	"WITH RECURSIVE x AS (SELECT pg_current_snapshot() AS snap, statement_timestamp() AS now)," \
-	" r AS (SELECT " READABLE " AS ok, " PASSED " AS passed," \
-	" (SELECT i FROM pg_snapshot_xip(x.snap) i ORDER BY i DESC LIMIT 1) AS inflight FROM x)," \
-	" b AS (SELECT 0::bigint AS lo, CASE WHEN r.ok THEN coalesce((SELECT max(version)" \
-	" FROM events WHERE stream = $1), 0) ELSE 0 END::bigint AS hi FROM r" \
-	" UNION ALL SELECT CASE WHEN c.ok THEN c.mid ELSE b.lo END," \
-	" CASE WHEN c.ok THEN b.hi ELSE c.mid - 1 END FROM b CROSS JOIN LATERAL" \
-	" (SELECT (b.lo + b.hi + 1) / 2 AS mid, EXISTS (SELECT FROM events e WHERE e.stream = $1" \
-	" AND e.version = (b.lo + b.hi + 1) / 2 AND " POINT("e") ") AS ok) c WHERE b.lo < b.hi)," \
-	" v AS (SELECT nullif(b.lo, 0) AS v FROM b WHERE b.lo >= b.hi)," \
-	" t AS (SELECT v.v, CASE WHEN $5::integer > 0 THEN least(v.v, $5::integer - 1)" \
-	" ELSE v.v END AS top FROM v)," \
-	" l AS (SELECT t.v, t.top, CASE WHEN $4::integer = 0 THEN t.top - 1" \
-	" ELSE t.top - $4::integer - 4 END AS lo FROM t)," \
-	" s AS (SELECT a.version, a.state::text AS state FROM account_snapshots a" \
-	" WHERE a.stream = $1 AND a.version <= least((SELECT lo FROM l), $6::integer)" \
-	" ORDER BY a.version DESC LIMIT 1)" \
-	" SELECT coalesce(h.txid::text, '0'), coalesce(h.position, 0), r.ok, r.passed," \
-	" r.inflight::text, l.v, l.top, s.version, s.state, o.data ->> 'name'," \
-	" " READMODEL_SQL_TIME("o.recorded_at") ", e.version, e.type, e.data::text, e.at" \
-	" FROM r CROSS JOIN l LEFT JOIN LATERAL (" LOG_HEAD ") h ON true LEFT JOIN s ON true" \
-	" LEFT JOIN events o ON l.v IS NOT NULL AND o.stream = $1 AND o.version = 1" \
-	" LEFT JOIN LATERAL (SELECT version, type, data, CASE WHEN version > l.lo THEN" \
-	" " READMODEL_SQL_TIME("recorded_at") " END AS at FROM events" \
-	" WHERE stream = $1 AND version > coalesce(s.version, 0) AND version <= l.top" \
-	" ORDER BY version) e ON true ORDER BY e.version"
+#define TT_SQL(POINT, READABLE, PASSED)                                                                                                             \
+	"WITH RECURSIVE x AS (SELECT pg_current_snapshot() AS snap, statement_timestamp() AS now),"                                                 \
+	" r AS (SELECT " READABLE " AS ok, " PASSED " AS passed,"                                                                                   \
+	" (SELECT i FROM pg_snapshot_xip(x.snap) i ORDER BY i DESC LIMIT 1) AS inflight FROM x),"                                                   \
+	" b AS (SELECT 0::bigint AS lo, CASE WHEN r.ok THEN coalesce((SELECT max(version)"                                                          \
+	" FROM events WHERE stream = $1), 0) ELSE 0 END::bigint AS hi FROM r"                                                                       \
+	" UNION ALL SELECT CASE WHEN c.ok THEN c.mid ELSE b.lo END,"                                                                                \
+	" CASE WHEN c.ok THEN b.hi ELSE c.mid - 1 END FROM b CROSS JOIN LATERAL"                                                                    \
+	" (SELECT (b.lo + b.hi + 1) / 2 AS mid, EXISTS (SELECT FROM events e WHERE e.stream = $1"                                                   \
+	" AND e.version = (b.lo + b.hi + 1) / 2 AND " POINT(                                                                                        \
+		"e") ") AS ok) c WHERE b.lo < b.hi),"                                                                                               \
+		     " v AS (SELECT nullif(b.lo, 0) AS v FROM b WHERE b.lo >= b.hi),"                                                               \
+		     " t AS (SELECT v.v, CASE WHEN $5::integer > 0 THEN least(v.v, $5::integer - 1)"                                                \
+		     " ELSE v.v END AS top FROM v),"                                                                                                \
+		     " l AS (SELECT t.v, t.top, CASE WHEN $4::integer = 0 THEN t.top - 1"                                                           \
+		     " ELSE t.top - $4::integer - 4 END AS lo FROM t),"                                                                             \
+		     " s AS (SELECT a.version, a.state::text AS state FROM account_snapshots a"                                                     \
+		     " WHERE a.stream = $1 AND a.version <= least((SELECT lo FROM l), $6::integer)"                                                 \
+		     " ORDER BY a.version DESC LIMIT 1)"                                                                                            \
+		     " SELECT coalesce(h.txid::text, '0'), coalesce(h.position, 0), r.ok, r.passed,"                                                \
+		     " r.inflight::text, l.v, l.top, s.version, s.state, o.data ->> 'name',"                                                        \
+		     " " READMODEL_SQL_TIME(                                                                                                        \
+			     "o.recorded_at") ", e.version, e.type, e.data::text, e.at"                                                             \
+					      " FROM r CROSS JOIN l LEFT JOIN LATERAL (" LOG_HEAD                                                   \
+					      ") h ON true LEFT JOIN s ON true"                                                                     \
+					      " LEFT JOIN events o ON l.v IS NOT NULL AND o.stream = $1 AND o.version = 1"                          \
+					      " LEFT JOIN LATERAL (SELECT version, type, data, CASE WHEN version > l.lo THEN"                       \
+					      " " READMODEL_SQL_TIME(                                                                               \
+						      "recorded_at") " END AS at FROM events"                                                       \
+								     " WHERE stream = $1 AND version > coalesce(s.version, 0) AND version <= l.top" \
+								     " ORDER BY version) e ON true ORDER BY e.version"
 
 #define AS_OF_POINT(e) "(" e ".txid, " e ".position) <= ($2::xid8, $3::bigint)"
 #define AT_POINT(e) e ".recorded_at <= $2::timestamptz"
 
-const char timetravel_sql_as_of[] =
-	TT_SQL(AS_OF_POINT, "$2::xid8 < pg_snapshot_xmin(x.snap)", "true");
+const char timetravel_sql_as_of[] = TT_SQL(AS_OF_POINT, "$2::xid8 < pg_snapshot_xmin(x.snap)",
+					   "true");
 const char timetravel_sql_at[] =
 	TT_SQL(AT_POINT,
 	       "$2::timestamptz < x.now AND (NOT EXISTS (SELECT FROM pg_snapshot_xip(x.snap))"
@@ -89,8 +93,22 @@ const char timetravel_sql_at[] =
 	       "$2::timestamptz < x.now");
 
 enum col {
-	C_HEAD_TXID, C_HEAD_POS, C_OK, C_PASSED, C_INFLIGHT, C_V, C_TOP, C_SNAP_VERSION,
-	C_SNAP_STATE, C_NAME, C_OPENED_AT, C_E_VERSION, C_E_TYPE, C_E_DATA, C_E_AT, C_COUNT,
+	C_HEAD_TXID,
+	C_HEAD_POS,
+	C_OK,
+	C_PASSED,
+	C_INFLIGHT,
+	C_V,
+	C_TOP,
+	C_SNAP_VERSION,
+	C_SNAP_STATE,
+	C_NAME,
+	C_OPENED_AT,
+	C_E_VERSION,
+	C_E_TYPE,
+	C_E_DATA,
+	C_E_AT,
+	C_COUNT,
 };
 
 static double now(void)
@@ -116,11 +134,12 @@ int timetravel_params(struct http_request *req, struct read *rd)
 		return -1;
 	}
 	if (rd->has_min) {
-		http_reply_invalid(req, as_of
-			? "query parameter 'as_of' cannot be combined with min_position: an as_of "
-			  "read waits until its own point is readable"
-			: "query parameter 'at' cannot be combined with min_position: an at read "
-			  "waits until every event up to its time is readable");
+		http_reply_invalid(
+			req,
+			as_of ? "query parameter 'as_of' cannot be combined with min_position: an as_of "
+				"read waits until its own point is readable"
+			      : "query parameter 'at' cannot be combined with min_position: an at read "
+				"waits until every event up to its time is readable");
 		return -1;
 	}
 	rd->tt.statement = rd->kind == READ_TRANSACTIONS;
@@ -165,8 +184,8 @@ int timetravel_params(struct http_request *req, struct read *rd)
 			http_set_header(req, "Retry-After", retry);
 			http_reply_problem(req, 503, "projection_behind", "Projection behind",
 					   "%s is %.0f s ahead: not every event recorded at or "
-					   "before it can be readable within wait_ms", rd->tt.at,
-					   ahead);
+					   "before it can be readable within wait_ms",
+					   rd->tt.at, ahead);
 			return -1;
 		}
 	}
@@ -356,8 +375,8 @@ static void reply_fold_failed(struct read *rd, const char *what)
 /* The account's body at the point; NULL when out of memory. Caller frees. */
 static char *account_body(const PGresult *res, const struct read *rd, const struct fold *f)
 {
-	struct readmodel_account a =
-		readmodel_account_of(&f->row, PQgetvalue(res, 0, C_OPENED_AT), f->updated_at);
+	struct readmodel_account a = readmodel_account_of(&f->row, PQgetvalue(res, 0, C_OPENED_AT),
+							  f->updated_at);
 
 	/* A fold from a snapshot does not see AccountOpened: the name comes from the log. */
 	a.account_id = rd->id;
@@ -398,10 +417,12 @@ static void answer(struct read *rd, const PGresult *res, const struct readmodel_
 	char why[256], etag[16], *body;
 	size_t len = 0;
 
-	if (!PQgetisnull(res, 0, C_SNAP_VERSION) && !restore(rd, res, &f.row.acc, why, sizeof(why))) {
-		log_warn(&rd->ctx->log, "ignoring the snapshot of account-%s at version %s (%s); "
-			 "folding from an older one, or from the first event", rd->id,
-			 PQgetvalue(res, 0, C_SNAP_VERSION), why);
+	if (!PQgetisnull(res, 0, C_SNAP_VERSION) &&
+	    !restore(rd, res, &f.row.acc, why, sizeof(why))) {
+		log_warn(&rd->ctx->log,
+			 "ignoring the snapshot of account-%s at version %s (%s); "
+			 "folding from an older one, or from the first event",
+			 rd->id, PQgetvalue(res, 0, C_SNAP_VERSION), why);
 		rd->tt.snapshots_below = (int32_t)atol(PQgetvalue(res, 0, C_SNAP_VERSION)) - 1;
 		read_start(rd);
 		return;
@@ -417,7 +438,8 @@ static void answer(struct read *rd, const PGresult *res, const struct readmodel_
 	snprintf(etag, sizeof(etag), "%" PRId32, f.row.acc.version);
 	body = rd->tt.statement ? statement_body(rd, &f, &len) : account_body(res, rd, &f);
 	if (!body) {
-		http_reply_problem(rd->req, 503, "unavailable", "Service unavailable", "out of memory");
+		http_reply_problem(rd->req, 503, "unavailable", "Service unavailable",
+				   "out of memory");
 		read_finish(rd);
 		goto done;
 	}

@@ -358,9 +358,10 @@ int waitset_open(struct waitset **out, const struct waitset_config *cfg)
 		return -1;
 	}
 	if (cfg->metrics) {
-		ws->waiting = metrics_get(cfg->metrics, METRIC_GAUGE, "daybook_query_waiting_reads",
-					  "Reads waiting for a read model to reach their min_position.",
-					  "", NULL, 0);
+		ws->waiting =
+			metrics_get(cfg->metrics, METRIC_GAUGE, "daybook_query_waiting_reads",
+				    "Reads waiting for a read model to reach their min_position.",
+				    "", NULL, 0);
 		ws->probes[1] = metrics_get(cfg->metrics, METRIC_COUNTER,
 					    "daybook_query_position_probes_total",
 					    "Checkpoint probes made for waiting reads, by model.",

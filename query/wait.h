@@ -48,10 +48,10 @@ struct waiter {
 
 struct waitset_config {
 	struct event_base *base;
-	struct metrics *metrics;    /* may be NULL */
-	size_t max;                 /* waiters in all workers together (DAYBOOK_MAX_WAITERS) */
-	atomic_size_t *total;       /* the count they share; outlives the set */
-	double probe_interval;      /* seconds between safety probes while anyone waits */
+	struct metrics *metrics; /* may be NULL */
+	size_t max;              /* waiters in all workers together (DAYBOOK_MAX_WAITERS) */
+	atomic_size_t *total;    /* the count they share; outlives the set */
+	double probe_interval;   /* seconds between safety probes while anyone waits */
 	/* Start one checkpoint probe (SQL: the SQL checkpoint and the log head; Redis:
 	 * the live checkpoint) and report it with waitset_probed; false when it could not
 	 * start. At most one of each is asked for at a time. */
@@ -86,7 +86,8 @@ void waitset_done(struct waitset *ws, struct waiter *w);
 
 /* A model is at `at` (a message or a probe): wake, in position order, every waiter
  * it satisfies. Cost: O(woken · log n). */
-void waitset_reached(struct waitset *ws, enum wait_source from, const struct readmodel_position *at);
+void waitset_reached(struct waitset *ws, enum wait_source from,
+		     const struct readmodel_position *at);
 /* A probe asked for by the config ended (report its positions with waitset_reached
  * first, if it got any). */
 void waitset_probed(struct waitset *ws, bool sql);

@@ -24,6 +24,10 @@ const char *cli_commit(void);
 
 /* The options every binary takes; end a program's own option list with these two
  * entries' worth of handling ('h' and 'V'). */
-#define CLI_COMMON_OPTIONS { "help", no_argument, NULL, 'h' }, { "version", no_argument, NULL, 'V' }
+#define CLI_COMMON_OPTIONS                                                                         \
+	{ "help", no_argument, NULL, 'h' },                                                        \
+	{                                                                                          \
+		"version", no_argument, NULL, 'V'                                                  \
+	}
 
 #endif

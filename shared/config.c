@@ -262,8 +262,10 @@ bool config_read_redis_password(const char *path, struct config_redis *server, c
 	fclose(f);
 	n = strcspn(server->password, "\r\n");
 	if (server->password[n] == '\0' && n == sizeof(server->password) - 1) {
-		snprintf(err, errlen, "DAYBOOK_REDIS_PASSWORD_FILE: the password in %s is longer "
-			 "than %zu bytes", path, sizeof(server->password) - 2);
+		snprintf(err, errlen,
+			 "DAYBOOK_REDIS_PASSWORD_FILE: the password in %s is longer "
+			 "than %zu bytes",
+			 path, sizeof(server->password) - 2);
 		goto fail;
 	}
 	server->password[n] = '\0';
@@ -296,8 +298,8 @@ static bool env_uint(const char *name, unsigned min, unsigned max, unsigned *out
 	for (; v[i] >= '0' && v[i] <= '9' && n <= max; i++)
 		n = n * 10 + (unsigned long)(v[i] - '0');
 	if (i == 0 || v[i] != '\0' || n < min || n > max) {
-		snprintf(err, errlen, "%s is malformed: expected an integer from %u to %u", name, min,
-			 max);
+		snprintf(err, errlen, "%s is malformed: expected an integer from %u to %u", name,
+			 min, max);
 		return false;
 	}
 	*out = (unsigned)n;
@@ -320,7 +322,8 @@ static bool load_http(struct config_http *h, char *err, size_t errlen)
 		return false;
 	h->cors_origins = env("DAYBOOK_CORS_ORIGINS");
 	if (h->cors_origins && !config_cors_origins_valid(h->cors_origins)) {
-		snprintf(err, errlen, "DAYBOOK_CORS_ORIGINS is malformed: expected origins such as "
+		snprintf(err, errlen,
+			 "DAYBOOK_CORS_ORIGINS is malformed: expected origins such as "
 			 "https://app.example.com (scheme, host, optional port; no path) or *, "
 			 "separated by commas or spaces");
 		return false;
@@ -340,15 +343,18 @@ bool config_cors_origins_valid(const char *list)
 			n++;
 			if (len == 1 && *p == '*')
 				goto next;
-			scheme = strncmp(p, "https://", 8) == 0 ? 8 : strncmp(p, "http://", 7) == 0 ? 7 : 0;
+			scheme = strncmp(p, "https://", 8) == 0  ? 8
+				 : strncmp(p, "http://", 7) == 0 ? 7
+								 : 0;
 			if (scheme == 0 || len == scheme)
 				return false;
 			for (host = p + scheme; host < p + len; host++)
-				if (!((*host >= 'a' && *host <= 'z') || (*host >= 'A' && *host <= 'Z') ||
+				if (!((*host >= 'a' && *host <= 'z') ||
+				      (*host >= 'A' && *host <= 'Z') ||
 				      (*host >= '0' && *host <= '9') || strchr(".-:[]", *host)))
 					return false; /* a path, a query, userinfo, a control byte */
 		}
-next:
+	next:
 		p += len;
 		p += strspn(p, ", ");
 	}
@@ -367,22 +373,26 @@ bool config_load(struct config *cfg, unsigned need, const char *default_listen, 
 	cfg->tokens_file = env("DAYBOOK_TOKENS_FILE");
 	cfg->log_level = LOG_INFO;
 	if ((need & CONFIG_NEED_PG) && !cfg->pg) {
-		snprintf(err, errlen, "DAYBOOK_PG is not set: give a libpq connection string or URI");
+		snprintf(err, errlen,
+			 "DAYBOOK_PG is not set: give a libpq connection string or URI");
 		return false;
 	}
 	if ((need & CONFIG_NEED_REDIS) && !cfg->redis_url) {
-		snprintf(err, errlen, "DAYBOOK_REDIS is not set: give redis://host:port[/db] or unix:///path");
+		snprintf(err, errlen,
+			 "DAYBOOK_REDIS is not set: give redis://host:port[/db] or unix:///path");
 		return false;
 	}
 	if (cfg->redis_url && !config_parse_redis(cfg->redis_url, &cfg->redis)) {
-		snprintf(err, errlen, "DAYBOOK_REDIS is malformed: expected "
+		snprintf(err, errlen,
+			 "DAYBOOK_REDIS is malformed: expected "
 			 "redis://[user[:password]@]host:port[/db], unix:///path or "
 			 "redis-sentinel://[user[:password]@]host:port[,host:port...]/master[/db]");
 		return false;
 	}
 	if (password_file && cfg->redis_url) {
 		if (cfg->redis.password[0]) {
-			snprintf(err, errlen, "DAYBOOK_REDIS_PASSWORD_FILE is set but DAYBOOK_REDIS "
+			snprintf(err, errlen,
+				 "DAYBOOK_REDIS_PASSWORD_FILE is set but DAYBOOK_REDIS "
 				 "holds a password too: give it in one place only");
 			return false;
 		}
@@ -390,11 +400,13 @@ bool config_load(struct config *cfg, unsigned need, const char *default_listen, 
 			return false;
 	}
 	if ((need & CONFIG_NEED_TOKENS) && !cfg->tokens_file) {
-		snprintf(err, errlen, "DAYBOOK_TOKENS_FILE is not set: give the path of the API tokens file");
+		snprintf(err, errlen,
+			 "DAYBOOK_TOKENS_FILE is not set: give the path of the API tokens file");
 		return false;
 	}
 	if (level && !log_level_parse(level, &cfg->log_level)) {
-		snprintf(err, errlen, "DAYBOOK_LOG_LEVEL is malformed: expected debug, info, warn or error");
+		snprintf(err, errlen,
+			 "DAYBOOK_LOG_LEVEL is malformed: expected debug, info, warn or error");
 		return false;
 	}
 	if (!listen)

@@ -16,9 +16,9 @@ enum config_need {
 };
 
 struct config_redis {
-	char host[256];  /* empty for a unix socket; IPv6 without brackets */
+	char host[256]; /* empty for a unix socket; IPv6 without brackets */
 	uint16_t port;
-	char path[256];  /* unix socket path, empty for TCP */
+	char path[256]; /* unix socket path, empty for TCP */
 	int db;
 	/* AUTH: the ACL user (empty: AUTH with the password alone, as the `default` user)
 	 * and the password (empty: no AUTH). Never logged: see config_redis_describe. */
@@ -49,10 +49,10 @@ struct config_http {
 
 /* Strings point into the environment and live as long as the process. */
 struct config {
-	const char *pg;          /* DAYBOOK_PG, libpq conninfo or URI */
-	const char *redis_url;   /* DAYBOOK_REDIS, NULL when unset */
+	const char *pg;        /* DAYBOOK_PG, libpq conninfo or URI */
+	const char *redis_url; /* DAYBOOK_REDIS, NULL when unset */
 	struct config_redis redis;
-	char listen_host[256];   /* DAYBOOK_LISTEN */
+	char listen_host[256]; /* DAYBOOK_LISTEN */
 	uint16_t listen_port;
 	const char *tokens_file; /* DAYBOOK_TOKENS_FILE, NULL when unset */
 	enum log_level log_level;
@@ -85,6 +85,7 @@ bool config_parse_hostport(const char *text, char *host, size_t hostlen, uint16_
  * name, IPv4 or a bracketed IPv6 address, stored without the brackets), or
  * redis-sentinel://[[user][:password]@]host:port[,host:port...]/master[/db] (the user
  * and password are the Redis server's, the Sentinels take none); false when malformed. */
-bool config_parse_redis(const char *url, struct config_redis *out) __attribute__((warn_unused_result));
+bool config_parse_redis(const char *url, struct config_redis *out)
+	__attribute__((warn_unused_result));
 
 #endif

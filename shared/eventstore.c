@@ -48,7 +48,8 @@ enum eventstore_check eventstore_check_txids_at(const char *conninfo, char *msg,
 	enum eventstore_check out;
 
 	if (PQstatus(conn) != CONNECTION_OK) {
-		snprintf(msg, len, "cannot check the event store's txids: %s", PQerrorMessage(conn));
+		snprintf(msg, len, "cannot check the event store's txids: %s",
+			 PQerrorMessage(conn));
 		msg[strcspn(msg, "\n")] = '\0';
 		PQfinish(conn);
 		return EVENTSTORE_UNCHECKED;

@@ -8,16 +8,16 @@
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <netdb.h>
 #include <sys/random.h>
 #include <sys/socket.h>
-#include <unistd.h>
 #include <time.h>
+#include <unistd.h>
 
 #define PARAM_MAX 256
 #define REQUEST_ID_MAX 128
@@ -39,40 +39,68 @@ struct http_request {
 const char *http_status_reason(int status)
 {
 	switch (status) {
-	case 200: return "OK";
-	case 201: return "Created";
-	case 204: return "No Content";
-	case 304: return "Not Modified";
-	case 400: return "Bad Request";
-	case 401: return "Unauthorized";
-	case 403: return "Forbidden";
-	case 404: return "Not Found";
-	case 405: return "Method Not Allowed";
-	case 409: return "Conflict";
-	case 412: return "Precondition Failed";
-	case 413: return "Content Too Large";
-	case 415: return "Unsupported Media Type";
-	case 431: return "Request Header Fields Too Large";
-	case 422: return "Unprocessable Content";
-	case 500: return "Internal Server Error";
-	case 503: return "Service Unavailable";
-	default: return "Status";
+	case 200:
+		return "OK";
+	case 201:
+		return "Created";
+	case 204:
+		return "No Content";
+	case 304:
+		return "Not Modified";
+	case 400:
+		return "Bad Request";
+	case 401:
+		return "Unauthorized";
+	case 403:
+		return "Forbidden";
+	case 404:
+		return "Not Found";
+	case 405:
+		return "Method Not Allowed";
+	case 409:
+		return "Conflict";
+	case 412:
+		return "Precondition Failed";
+	case 413:
+		return "Content Too Large";
+	case 415:
+		return "Unsupported Media Type";
+	case 431:
+		return "Request Header Fields Too Large";
+	case 422:
+		return "Unprocessable Content";
+	case 500:
+		return "Internal Server Error";
+	case 503:
+		return "Service Unavailable";
+	default:
+		return "Status";
 	}
 }
 
 static const char *method_name(enum evhttp_cmd_type cmd)
 {
 	switch (cmd) {
-	case EVHTTP_REQ_GET: return "GET";
-	case EVHTTP_REQ_POST: return "POST";
-	case EVHTTP_REQ_HEAD: return "HEAD";
-	case EVHTTP_REQ_PUT: return "PUT";
-	case EVHTTP_REQ_DELETE: return "DELETE";
-	case EVHTTP_REQ_OPTIONS: return "OPTIONS";
-	case EVHTTP_REQ_TRACE: return "TRACE";
-	case EVHTTP_REQ_CONNECT: return "CONNECT";
-	case EVHTTP_REQ_PATCH: return "PATCH";
-	default: return "UNKNOWN";
+	case EVHTTP_REQ_GET:
+		return "GET";
+	case EVHTTP_REQ_POST:
+		return "POST";
+	case EVHTTP_REQ_HEAD:
+		return "HEAD";
+	case EVHTTP_REQ_PUT:
+		return "PUT";
+	case EVHTTP_REQ_DELETE:
+		return "DELETE";
+	case EVHTTP_REQ_OPTIONS:
+		return "OPTIONS";
+	case EVHTTP_REQ_TRACE:
+		return "TRACE";
+	case EVHTTP_REQ_CONNECT:
+		return "CONNECT";
+	case EVHTTP_REQ_PATCH:
+		return "PATCH";
+	default:
+		return "UNKNOWN";
 	}
 }
 
@@ -100,8 +128,8 @@ static void access_log(struct http_request *req, int status, size_t bytes, doubl
 
 	if (!log_enabled(log, level))
 		return;
-	fields = json_pack("{s:s, s:s, s:o, s:i, s:f, s:o, s:I}", "method", req->method,
-			   "route", req->route_name, "path", log_text(req->path), "status", status,
+	fields = json_pack("{s:s, s:s, s:o, s:i, s:f, s:o, s:I}", "method", req->method, "route",
+			   req->route_name, "path", log_text(req->path), "status", status,
 			   "duration_ms", secs * 1e3, "token_id",
 			   req->token ? json_string(req->token->id) : json_null(), "bytes",
 			   (json_int_t)bytes);
@@ -163,7 +191,8 @@ static bool cors_allowed(const struct http_server *srv, const char *origin)
 		size_t len;
 		p += strspn(p, ", ");
 		len = strcspn(p, ", ");
-		if ((len == 1 && *p == '*') || (len == n && len > 0 && strncasecmp(p, origin, n) == 0))
+		if ((len == 1 && *p == '*') ||
+		    (len == n && len > 0 && strncasecmp(p, origin, n) == 0))
 			return true;
 		p += len;
 	}
@@ -288,8 +317,9 @@ void http_reply_json(struct http_request *req, int status, json_t *body)
 
 	json_decref(body);
 	if (!text) {
-		static const char oom[] = "{\"type\":\"about:blank\",\"title\":\"Internal error\","
-					  "\"status\":500,\"detail\":\"out of memory\",\"code\":\"internal\"}";
+		static const char oom[] =
+			"{\"type\":\"about:blank\",\"title\":\"Internal error\","
+			"\"status\":500,\"detail\":\"out of memory\",\"code\":\"internal\"}";
 		http_reply_raw(req, 500, "application/problem+json", oom, sizeof(oom) - 1);
 		return;
 	}
@@ -302,8 +332,8 @@ json_t *http_problem_json(int status, const char *code, const char *title, const
 	char type[128];
 
 	snprintf(type, sizeof(type), "https://daybook.dev/problems/%s", code);
-	return json_pack("{s:s, s:s, s:i, s:s, s:s}", "type", type, "title", title, "status", status,
-			 "detail", detail, "code", code);
+	return json_pack("{s:s, s:s, s:i, s:s, s:s}", "type", type, "title", title, "status",
+			 status, "detail", detail, "code", code);
 }
 
 /* Send a problem-details object (stolen). */
@@ -320,8 +350,7 @@ static void reply_problem_json(struct http_request *req, int status, json_t *bod
 	}
 }
 
-void http_problem_page(struct evbuffer *out, int status, size_t received,
-		       const char *request_id)
+void http_problem_page(struct evbuffer *out, int status, size_t received, const char *request_id)
 {
 	const char *code = "invalid_request", *title = "Invalid request";
 	char detail[160];
@@ -472,8 +501,8 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 	*out = json_loadb(body, len, JSON_REJECT_DUPLICATES, &error);
 	if (!*out) {
 		char detail[300];
-		snprintf(detail, sizeof(detail), "malformed JSON at line %d, column %d: %s", error.line,
-			 error.column, error.text);
+		snprintf(detail, sizeof(detail), "malformed JSON at line %d, column %d: %s",
+			 error.line, error.column, error.text);
 		http_reply_invalid(req, detail);
 		return false;
 	}
@@ -581,8 +610,9 @@ int http_query_parse(const char *q, const char *allowed, struct http_query_param
 		}
 		*value++ = '\0';
 		if (!decode_component(pair) || !decode_component(value)) {
-			snprintf(err, errlen, "the query string is malformed: a '%%' must be followed "
-					      "by two hexadecimal digits (and not encode NUL)");
+			snprintf(err, errlen,
+				 "the query string is malformed: a '%%' must be followed "
+				 "by two hexadecimal digits (and not encode NUL)");
 			goto fail;
 		}
 		if (find_param(params, np, pair)) {
@@ -760,7 +790,8 @@ static void serve_readyz(struct http_request *req)
 	if (srv->cfg.ready)
 		srv->cfg.ready(srv->cfg.arg, &r);
 	if (r.ok) {
-		http_reply_json(req, 200, json_pack("{s:s, s:o}", "status", "ready", "checks", r.checks));
+		http_reply_json(req, 200,
+				json_pack("{s:s, s:o}", "status", "ready", "checks", r.checks));
 		return;
 	}
 	body = http_problem_json(503, "unavailable", "Not ready",
@@ -913,11 +944,12 @@ static void on_request(struct evhttp_request *ev, void *arg)
 
 /* A listening socket; with reuse_port several workers may listen on the same port and
  * the kernel spreads the connections among them. -1 with err set on failure. */
-static int listen_socket(const char *host, uint16_t port, bool reuse_port, char *err,
-			 size_t errlen)
+static int listen_socket(const char *host, uint16_t port, bool reuse_port, char *err, size_t errlen)
 {
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				  .ai_flags = AI_PASSIVE }, *ai = NULL;
+	struct addrinfo hints = { .ai_family = AF_UNSPEC,
+				  .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_PASSIVE },
+			*ai = NULL;
 	char service[8];
 	int fd = -1, one = 1, rc;
 
@@ -953,7 +985,8 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 	srv->cfg = *cfg;
 	if (getrandom(&srv->rng, sizeof(srv->rng), 0) != sizeof(srv->rng) || srv->rng == 0)
 		srv->rng = (uint64_t)time(NULL) | 1;
-	srv->inflight_gauge = metrics_get(cfg->metrics, METRIC_GAUGE, "daybook_http_requests_in_flight",
+	srv->inflight_gauge = metrics_get(cfg->metrics, METRIC_GAUGE,
+					  "daybook_http_requests_in_flight",
 					  "Requests received and not yet answered.", "", NULL, 0);
 	srv->evhttp = evhttp_new(cfg->base);
 	if (!srv->evhttp) {
@@ -969,9 +1002,11 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 	evhttp_set_flags(srv->evhttp, EVHTTP_SERVER_LINGERING_CLOSE);
 	/* Backstop for a response that cannot be written; http_conn.c keeps the deadlines
 	 * for receiving requests and idling. */
-	evhttp_set_timeout(srv->evhttp, (int)((cfg->limits.idle_timeout_ms
-						? cfg->limits.idle_timeout_ms
-						: CONFIG_IDLE_TIMEOUT_MS_DEFAULT) + 999) / 1000);
+	evhttp_set_timeout(srv->evhttp,
+			   (int)((cfg->limits.idle_timeout_ms ? cfg->limits.idle_timeout_ms
+							      : CONFIG_IDLE_TIMEOUT_MS_DEFAULT) +
+				 999) /
+				   1000);
 	/* Every method reaches the router, so unknown ones get our 405 with Allow. */
 	evhttp_set_allowed_methods(srv->evhttp, 0x1ff);
 	evhttp_set_gencb(srv->evhttp, on_request, srv);

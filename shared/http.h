@@ -61,7 +61,7 @@ struct http_server_config {
 	size_t nroutes;
 	/* /readyz: one http_ready_check per dependency; ready when all are ok. */
 	void (*ready)(void *arg, struct http_ready *r);
-	void *arg; /* passed to handlers and to ready */
+	void *arg;       /* passed to handlers and to ready */
 	bool reuse_port; /* SO_REUSEPORT: several workers serve one port */
 	/* The process's connection cap and deadlines; zero fields take the defaults
 	 * (CONFIG_*_DEFAULT). */

@@ -48,9 +48,9 @@ struct conn {
 	struct evbuffer_cb_entry *in_cb, *out_cb;
 	enum conn_state state;
 	evutil_socket_t fd;
-	size_t received;  /* bytes of the request in progress */
-	size_t error_at;  /* where evhttp's own error page starts in the output */
-	bool error_page;  /* evhttp wrote one: rewrite it before it is sent */
+	size_t received;         /* bytes of the request in progress */
+	size_t error_at;         /* where evhttp's own error page starts in the output */
+	bool error_page;         /* evhttp wrote one: rewrite it before it is sent */
 	bool receiving_deadline; /* the timer runs the header deadline (else the idle one) */
 	bool rewriting;
 	struct conn *prev, *next;
@@ -59,15 +59,15 @@ struct conn {
 struct conns {
 	struct http_server *srv;
 	struct event_base *base;
-	struct event *adopt;  /* end of an accepting turn */
-	struct event *resume; /* re-arms a listener that EMFILE paused */
+	struct event *adopt;       /* end of an accepting turn */
+	struct event *resume;      /* re-arms a listener that EMFILE paused */
 	struct conn_list lists[4]; /* by enum conn_state */
 	size_t count;
 	size_t max;
 	struct timeval header_timeout, idle_timeout;
 	struct conn **by_fd; /* adopted connections by descriptor */
 	size_t nby_fd;
-	bool replying;       /* our own reply is being written: not an error page */
+	bool replying; /* our own reply is being written: not an error page */
 	struct metric *m_open, *m_evicted, *m_timed_out, *m_refused;
 };
 
@@ -187,7 +187,8 @@ static int status_at(struct evbuffer *out, size_t at)
 	struct evbuffer_ptr pos;
 
 	if (evbuffer_ptr_set(out, &pos, at, EVBUFFER_PTR_SET) != 0 ||
-	    evbuffer_copyout_from(out, &pos, line, sizeof(line) - 1) != (ev_ssize_t)sizeof(line) - 1)
+	    evbuffer_copyout_from(out, &pos, line, sizeof(line) - 1) !=
+		    (ev_ssize_t)sizeof(line) - 1)
 		return 0;
 	line[sizeof(line) - 1] = '\0';
 	if (strncmp(line, "HTTP/1.", 7) != 0 || line[8] != ' ')
@@ -241,7 +242,8 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 		return;
 	}
 	log_msg(cs->srv->cfg.log, LOG_DEBUG, NULL, "closing a connection %s",
-		c->state == CONN_RECEIVING ? "that did not send its request in time" : "idle too long");
+		c->state == CONN_RECEIVING ? "that did not send its request in time"
+					   : "idle too long");
 	metric_add(cs->m_timed_out, 1);
 	evhttp_connection_free(c->evcon); /* on_close frees c */
 }
@@ -424,10 +426,10 @@ static void make_metrics(struct conns *cs, struct metrics *m)
 
 	cs->m_open = metrics_get(m, METRIC_GAUGE, "daybook_http_connections_open",
 				 "Client connections open.", "", NULL, 0);
-	cs->m_evicted = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total", help,
-				    "reason=\"evicted\"", NULL, 0);
-	cs->m_refused = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total", help,
-				    "reason=\"refused\"", NULL, 0);
+	cs->m_evicted = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total",
+				    help, "reason=\"evicted\"", NULL, 0);
+	cs->m_refused = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total",
+				    help, "reason=\"refused\"", NULL, 0);
 	cs->m_timed_out = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total",
 				      help, "reason=\"deadline\"", NULL, 0);
 }

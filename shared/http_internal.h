@@ -43,8 +43,7 @@ int http_query_parse(const char *q, const char *allowed, struct http_query_param
 
 /* A problem-details page as one raw HTTP/1.1 response with Connection: close, for the
  * answers evhttp gives itself (a malformed request, headers or body too large). */
-void http_problem_page(struct evbuffer *out, int status, size_t received,
-		       const char *request_id);
+void http_problem_page(struct evbuffer *out, int status, size_t received, const char *request_id);
 /* A new request id (16 hex digits) for a request that brought none, or for an answer
  * the edge gives before there is a request (http_conn.c). */
 #define HTTP_REQUEST_ID_NEW_LEN 17

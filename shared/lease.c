@@ -20,8 +20,8 @@ struct lease {
 	double sent;        /* monotonic time the claim in flight was sent */
 	double valid_until; /* monotonic: the lease is surely ours until then */
 	bool claiming;
-	bool answered;      /* a claim has been answered since we started */
-	bool warned;        /* a failed claim was logged; quiet until one succeeds */
+	bool answered; /* a claim has been answered since we started */
+	bool warned;   /* a failed claim was logged; quiet until one succeeds */
 };
 
 static double now(void)
@@ -138,10 +138,14 @@ int lease_open(struct lease **out, const struct lease_config *cfg)
 	struct timespec ts;
 	struct timeval every = { LEASE_RENEW_S, 0 };
 	struct pg_config pgc = {
-		.conninfo = cfg->conninfo, .application_name = cfg->application_name,
-		.base = cfg->base, .log = cfg->log, .nstatements = 1,
+		.conninfo = cfg->conninfo,
+		.application_name = cfg->application_name,
+		.base = cfg->base,
+		.log = cfg->log,
+		.nstatements = 1,
 		/* A claim slower than the lease is worthless: connect again. */
-		.run_timeout = LEASE_SECONDS, .on_connect = on_connect,
+		.run_timeout = LEASE_SECONDS,
+		.on_connect = on_connect,
 	};
 
 	*out = NULL;

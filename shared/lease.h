@@ -37,7 +37,8 @@ struct lease_config {
 	void *arg;
 };
 /* Start claiming at once; the config's pointers must outlive the lease. */
-int lease_open(struct lease **out, const struct lease_config *cfg) __attribute__((warn_unused_result));
+int lease_open(struct lease **out, const struct lease_config *cfg)
+	__attribute__((warn_unused_result));
 void lease_close(struct lease **l);
 /* The caller found its epoch stale (a fenced write): stand down now, as if a renewal
  * had failed; on_change is not called. */

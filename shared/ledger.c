@@ -10,21 +10,22 @@ struct error_info {
 };
 
 static const struct error_info errors[] = {
-	[LEDGER_OK] = {"ok", 201, "OK"},
-	[LEDGER_ACCOUNT_EXISTS] = {"account_exists", 409, "Account already exists"},
-	[LEDGER_ACCOUNT_NOT_FOUND] = {"account_not_found", 404, "Account not found"},
-	[LEDGER_ACCOUNT_CLOSED] = {"account_closed", 422, "Account is closed"},
-	[LEDGER_OVERFLOW] = {"overflow", 422, "Balance would overflow"},
-	[LEDGER_INSUFFICIENT_FUNDS] = {"insufficient_funds", 422, "Insufficient funds"},
-	[LEDGER_CURRENCY_MISMATCH] = {"currency_mismatch", 422, "Accounts have different currencies"},
-	[LEDGER_SAME_ACCOUNT] = {"same_account", 422, "Cannot transfer to the same account"},
-	[LEDGER_NONZERO_BALANCE] = {"nonzero_balance", 422, "Balance must be zero to close"},
-	[LEDGER_TRANSFER_EXISTS] = {"transfer_exists", 409, "Transfer already exists"},
-	[LEDGER_VERSION_MISMATCH] = {"version_mismatch", 412, "Version does not match If-Match"},
+	[LEDGER_OK] = { "ok", 201, "OK" },
+	[LEDGER_ACCOUNT_EXISTS] = { "account_exists", 409, "Account already exists" },
+	[LEDGER_ACCOUNT_NOT_FOUND] = { "account_not_found", 404, "Account not found" },
+	[LEDGER_ACCOUNT_CLOSED] = { "account_closed", 422, "Account is closed" },
+	[LEDGER_OVERFLOW] = { "overflow", 422, "Balance would overflow" },
+	[LEDGER_INSUFFICIENT_FUNDS] = { "insufficient_funds", 422, "Insufficient funds" },
+	[LEDGER_CURRENCY_MISMATCH] = { "currency_mismatch", 422,
+				       "Accounts have different currencies" },
+	[LEDGER_SAME_ACCOUNT] = { "same_account", 422, "Cannot transfer to the same account" },
+	[LEDGER_NONZERO_BALANCE] = { "nonzero_balance", 422, "Balance must be zero to close" },
+	[LEDGER_TRANSFER_EXISTS] = { "transfer_exists", 409, "Transfer already exists" },
+	[LEDGER_VERSION_MISMATCH] = { "version_mismatch", 412, "Version does not match If-Match" },
 };
 
 /* A value outside the enum is a caller's bug; answer it as a server error, never crash. */
-static const struct error_info unknown_error = {"internal_error", 500, "Internal error"};
+static const struct error_info unknown_error = { "internal_error", 500, "Internal error" };
 
 static const char *const event_names[] = {
 	[LEDGER_ACCOUNT_OPENED] = "AccountOpened",
@@ -215,7 +216,7 @@ static enum ledger_error check_credit(const struct ledger_account *acc, int64_t 
 static struct ledger_event money_event(enum ledger_event_type type, int64_t amount,
 				       const char *reference)
 {
-	return (struct ledger_event){.type = type, .amount = amount, .reference = reference};
+	return (struct ledger_event){ .type = type, .amount = amount, .reference = reference };
 }
 
 enum ledger_error ledger_decide_open(const struct ledger_account *acc, const char *id,
@@ -269,7 +270,7 @@ enum ledger_error ledger_decide_close(const struct ledger_account *acc, int32_t 
 		return err;
 	if (acc->balance != 0)
 		return LEDGER_NONZERO_BALANCE;
-	*out = (struct ledger_event){.type = LEDGER_ACCOUNT_CLOSED_EVENT};
+	*out = (struct ledger_event){ .type = LEDGER_ACCOUNT_CLOSED_EVENT };
 	return LEDGER_OK;
 }
 
@@ -298,9 +299,9 @@ static enum ledger_error check_transfer(const struct ledger_account *from,
 }
 
 enum ledger_error ledger_decide_transfer(const struct ledger_account *from,
-					 const struct ledger_account *to,
-					 const char *transfer_id, int64_t amount,
-					 const char *reference, struct ledger_event out[2])
+					 const struct ledger_account *to, const char *transfer_id,
+					 int64_t amount, const char *reference,
+					 struct ledger_event out[2])
 {
 	enum ledger_error err;
 
@@ -336,7 +337,7 @@ static bool apply_opened(struct ledger_account *acc, const struct ledger_event *
 	if (id_len == 0 || id_len > LEDGER_ID_MAX || strlen(ev->currency) != 3 ||
 	    ev->overdraft_limit < 0)
 		return false;
-	*acc = (struct ledger_account){.overdraft_limit = ev->overdraft_limit};
+	*acc = (struct ledger_account){ .overdraft_limit = ev->overdraft_limit };
 	memcpy(acc->id, ev->account_id, id_len + 1);
 	memcpy(acc->currency, ev->currency, sizeof(acc->currency));
 	return true;

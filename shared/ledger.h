@@ -7,8 +7,8 @@
 #include <stdint.h>
 
 #define LEDGER_ID_MAX 64
-#define LEDGER_NAME_MAX 200      /* bytes of UTF-8 */
-#define LEDGER_REFERENCE_MAX 200 /* bytes of UTF-8 */
+#define LEDGER_NAME_MAX 200                         /* bytes of UTF-8 */
+#define LEDGER_REFERENCE_MAX 200                    /* bytes of UTF-8 */
 #define LEDGER_AMOUNT_MAX INT64_C(1000000000000000) /* 10^15 minor units */
 
 /* Outcome of a decision. Each maps to one HTTP status and problem code. */
@@ -84,11 +84,12 @@ bool ledger_evolve(struct ledger_account *acc, const struct ledger_event *ev)
 	__attribute__((warn_unused_result));
 
 /* Validation of the shapes in SPEC §2. */
-bool ledger_valid_id(const char *s);             /* 1-64 of [A-Za-z0-9._:-] */
-bool ledger_valid_currency(const char *s);       /* three of [A-Z] */
-bool ledger_valid_amount(int64_t amount);        /* [1, 10^15] */
+bool ledger_valid_id(const char *s);              /* 1-64 of [A-Za-z0-9._:-] */
+bool ledger_valid_currency(const char *s);        /* three of [A-Z] */
+bool ledger_valid_amount(int64_t amount);         /* [1, 10^15] */
 bool ledger_valid_overdraft_limit(int64_t limit); /* >= 0 */
-bool ledger_valid_text(const char *s, size_t max_bytes, bool allow_empty); /* valid UTF-8, no control chars */
+bool ledger_valid_text(const char *s, size_t max_bytes,
+		       bool allow_empty); /* valid UTF-8, no control chars */
 
 /* Deciders. Each looks at the current state and the command, and either returns
  * LEDGER_OK and fills `out` with the events to append, or returns the reason for
@@ -109,8 +110,8 @@ enum ledger_error ledger_decide_close(const struct ledger_account *acc, int32_t 
  * TransferReceived for `to`. Whether transfer_id is already used is not the
  * domain's to know: the caller checks the log and reports LEDGER_TRANSFER_EXISTS. */
 enum ledger_error ledger_decide_transfer(const struct ledger_account *from,
-					 const struct ledger_account *to,
-					 const char *transfer_id, int64_t amount,
-					 const char *reference, struct ledger_event out[2]);
+					 const struct ledger_account *to, const char *transfer_id,
+					 int64_t amount, const char *reference,
+					 struct ledger_event out[2]);
 
 #endif

@@ -8,8 +8,8 @@
 #include <string.h>
 
 /* Always false, so that a refusal is one statement: return refuse(err, ...). */
-__attribute__((format(printf, 3, 4)))
-static bool refuse(char *err, size_t errlen, const char *fmt, ...)
+__attribute__((format(printf, 3, 4))) static bool refuse(char *err, size_t errlen, const char *fmt,
+							 ...)
 {
 	va_list ap;
 
@@ -40,7 +40,7 @@ static bool check_object(json_t *body, const char *const *allowed, char *err, si
 
 	if (!json_is_object(body))
 		return refuse(err, errlen, "body must be a JSON object");
-	json_object_foreach(body, key, value) {
+	json_object_foreach (body, key, value) {
 		for (i = 0; allowed[i] && strcmp(key, allowed[i]) != 0; i++)
 			;
 		/* The name is the client's own text: cap it so the detail stays short. */
@@ -88,8 +88,8 @@ static bool get_currency(json_t *body, const char *field, const char **out, char
 
 /* A required text must be non-empty; an optional one may be empty. *out stays NULL
  * when an optional text is absent. */
-static bool get_text(json_t *body, const char *field, bool required, size_t max,
-		     const char **out, char *err, size_t errlen)
+static bool get_text(json_t *body, const char *field, bool required, size_t max, const char **out,
+		     char *err, size_t errlen)
 {
 	json_t *v;
 
@@ -99,7 +99,8 @@ static bool get_text(json_t *body, const char *field, bool required, size_t max,
 		return true;
 	*out = string_of(v);
 	if (!ledger_valid_text(*out, max, !required))
-		return refuse(err, errlen, "field '%s' must be a %sstring of at most %zu bytes of UTF-8 text",
+		return refuse(err, errlen,
+			      "field '%s' must be a %sstring of at most %zu bytes of UTF-8 text",
 			      field, required ? "non-empty " : "", max);
 	return true;
 }
@@ -127,8 +128,8 @@ static bool get_integer(json_t *body, const char *field, bool required, int64_t 
 
 bool ledger_parse_open(json_t *body, struct ledger_open_body *out, char *err, size_t errlen)
 {
-	static const char *const fields[] = {"id", "name", "currency", "overdraft_limit", NULL};
-	struct ledger_open_body b = {0};
+	static const char *const fields[] = { "id", "name", "currency", "overdraft_limit", NULL };
+	struct ledger_open_body b = { 0 };
 
 	if (!check_object(body, fields, err, errlen) || !get_id(body, "id", &b.id, err, errlen) ||
 	    !get_text(body, "name", true, LEDGER_NAME_MAX, &b.name, err, errlen) ||
@@ -142,8 +143,8 @@ bool ledger_parse_open(json_t *body, struct ledger_open_body *out, char *err, si
 
 bool ledger_parse_money(json_t *body, struct ledger_money_body *out, char *err, size_t errlen)
 {
-	static const char *const fields[] = {"amount", "reference", NULL};
-	struct ledger_money_body b = {0};
+	static const char *const fields[] = { "amount", "reference", NULL };
+	struct ledger_money_body b = { 0 };
 
 	if (!check_object(body, fields, err, errlen) ||
 	    !get_integer(body, "amount", true, 1, LEDGER_AMOUNT_MAX, &b.amount, err, errlen) ||
@@ -153,14 +154,14 @@ bool ledger_parse_money(json_t *body, struct ledger_money_body *out, char *err, 
 	return true;
 }
 
-bool ledger_parse_transfer(json_t *body, struct ledger_transfer_body *out, char *err,
-			   size_t errlen)
+bool ledger_parse_transfer(json_t *body, struct ledger_transfer_body *out, char *err, size_t errlen)
 {
-	static const char *const fields[] = {"id", "from", "to", "amount", "reference", NULL};
-	struct ledger_transfer_body b = {0};
+	static const char *const fields[] = { "id", "from", "to", "amount", "reference", NULL };
+	struct ledger_transfer_body b = { 0 };
 
 	if (!check_object(body, fields, err, errlen) || !get_id(body, "id", &b.id, err, errlen) ||
-	    !get_id(body, "from", &b.from, err, errlen) || !get_id(body, "to", &b.to, err, errlen) ||
+	    !get_id(body, "from", &b.from, err, errlen) ||
+	    !get_id(body, "to", &b.to, err, errlen) ||
 	    !get_integer(body, "amount", true, 1, LEDGER_AMOUNT_MAX, &b.amount, err, errlen) ||
 	    !get_text(body, "reference", false, LEDGER_REFERENCE_MAX, &b.reference, err, errlen))
 		return false;
@@ -170,7 +171,7 @@ bool ledger_parse_transfer(json_t *body, struct ledger_transfer_body *out, char 
 
 bool ledger_parse_close(json_t *body, char *err, size_t errlen)
 {
-	static const char *const fields[] = {NULL};
+	static const char *const fields[] = { NULL };
 
 	return !body || check_object(body, fields, err, errlen);
 }
@@ -212,11 +213,21 @@ json_t *ledger_event_to_json(const struct ledger_event *ev)
  * that both follow one set of rules. Decoding is lenient about extra keys, so that a
  * later version may add data to an event without making older readers refuse the
  * log. */
-enum data_key { K_ACCOUNT_ID, K_NAME, K_CURRENCY, K_OVERDRAFT_LIMIT, K_AMOUNT, K_REFERENCE,
-		K_TRANSFER_ID, K_TO, K_FROM, K_COUNT };
+enum data_key {
+	K_ACCOUNT_ID,
+	K_NAME,
+	K_CURRENCY,
+	K_OVERDRAFT_LIMIT,
+	K_AMOUNT,
+	K_REFERENCE,
+	K_TRANSFER_ID,
+	K_TO,
+	K_FROM,
+	K_COUNT
+};
 static const char *const data_keys[K_COUNT] = {
-	"account_id", "name", "currency", "overdraft_limit", "amount", "reference",
-	"transfer_id", "to", "from",
+	"account_id",  "name", "currency", "overdraft_limit", "amount", "reference",
+	"transfer_id", "to",   "from",
 };
 
 enum member_kind { M_ABSENT, M_STRING, M_INTEGER, M_OTHER };
@@ -303,7 +314,8 @@ struct scan {
 
 static void skip_space(struct scan *sc)
 {
-	while (sc->p < sc->end && (*sc->p == ' ' || *sc->p == '\n' || *sc->p == '\t' || *sc->p == '\r'))
+	while (sc->p < sc->end &&
+	       (*sc->p == ' ' || *sc->p == '\n' || *sc->p == '\t' || *sc->p == '\r'))
 		sc->p++;
 }
 
@@ -434,7 +446,7 @@ void ledger_event_buf_free(struct ledger_event_buf *buf)
 
 bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct ledger_event *out)
 {
-	struct ledger_event ev = {.type = type};
+	struct ledger_event ev = { .type = type };
 	struct member m[K_COUNT];
 
 	if (!json_is_object(data))
@@ -460,8 +472,9 @@ json_t *ledger_account_to_json(const struct ledger_account *acc)
 
 bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *err, size_t errlen)
 {
-	static const char *const fields[] = { "account_id", "currency", "balance",
-					      "overdraft_limit", "version", "closed", NULL };
+	static const char *const fields[] = {
+		"account_id", "currency", "balance", "overdraft_limit", "version", "closed", NULL
+	};
 	struct ledger_account acc = { .version = 0 };
 	const char *id = NULL, *currency = NULL;
 	int64_t version = 0;
@@ -479,7 +492,8 @@ bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *e
 	if (!json_is_boolean(closed))
 		return refuse(err, errlen, "field 'closed' must be a boolean");
 	if (acc.balance < -acc.overdraft_limit)
-		return refuse(err, errlen, "balance %" PRId64 " is below the overdraft limit %" PRId64,
+		return refuse(err, errlen,
+			      "balance %" PRId64 " is below the overdraft limit %" PRId64,
 			      acc.balance, acc.overdraft_limit);
 	if (json_is_true(closed) && acc.balance != 0)
 		return refuse(err, errlen, "a closed account has balance %" PRId64, acc.balance);

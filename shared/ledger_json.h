@@ -35,8 +35,8 @@ bool ledger_parse_open(json_t *body, struct ledger_open_body *out, char *err, si
 	__attribute__((warn_unused_result));
 bool ledger_parse_money(json_t *body, struct ledger_money_body *out, char *err, size_t errlen)
 	__attribute__((warn_unused_result));
-bool ledger_parse_transfer(json_t *body, struct ledger_transfer_body *out, char *err,
-			   size_t errlen) __attribute__((warn_unused_result));
+bool ledger_parse_transfer(json_t *body, struct ledger_transfer_body *out, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
 /* Close has no fields: an empty object, or an empty body, which the caller passes as
  * NULL. Anything else is refused. */
 bool ledger_parse_close(json_t *body, char *err, size_t errlen) __attribute__((warn_unused_result));
@@ -62,8 +62,8 @@ json_t *ledger_account_to_json(const struct ledger_account *acc);
  * shape, version >= 1, overdraft_limit >= 0, a balance not below -overdraft_limit and
  * 0 when closed. On a refusal returns false, leaves *out untouched and writes the
  * reason into err (size errlen). */
-bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *err,
-			      size_t errlen) __attribute__((warn_unused_result));
+bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
 
 /* The same decoding from the data's JSON text, several times faster for the usual
  * flat objects of plain strings and integers (anything else goes through jansson,

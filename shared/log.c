@@ -66,7 +66,8 @@ json_t *log_textn(const char *text, size_t n)
 			/* A line break with the blanks around it: one space. */
 			while (o > 0 && (out[o - 1] == ' ' || out[o - 1] == '\t'))
 				o--;
-			while (i < n && (s[i] == '\r' || s[i] == '\n' || s[i] == ' ' || s[i] == '\t'))
+			while (i < n &&
+			       (s[i] == '\r' || s[i] == '\n' || s[i] == ' ' || s[i] == '\t'))
 				i++;
 			if (o > 0 && i < n)
 				out[o++] = ' ';
@@ -178,8 +179,8 @@ done:
 	json_decref(fields);
 }
 
-void log_msg(const struct log *log, enum log_level level, const char *request_id,
-	     const char *fmt, ...)
+void log_msg(const struct log *log, enum log_level level, const char *request_id, const char *fmt,
+	     ...)
 {
 	char small[1024], *msg = small;
 	va_list ap;

@@ -32,8 +32,8 @@ static inline bool log_enabled(const struct log *log, enum log_level level)
 /* Write one line {"time","level","service","msg","request_id"?} to stderr.
  * request_id may be NULL. The message is made one line (see log_text); never pass
  * secrets. */
-void log_msg(const struct log *log, enum log_level level, const char *request_id,
-	     const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+void log_msg(const struct log *log, enum log_level level, const char *request_id, const char *fmt,
+	     ...) __attribute__((format(printf, 4, 5)));
 
 /* The same line with the members of `fields` (a JSON object, may be NULL; stolen)
  * added after the standard ones. */

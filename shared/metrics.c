@@ -2,9 +2,9 @@
 #include "metrics.h"
 
 #include <errno.h>
-#include <stdbool.h>
 #include <event2/buffer.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,10 +13,11 @@
 const double metrics_latency_buckets[] = { 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
 					   0.005,   0.01,   0.025,   0.05,   0.1,   0.25,
 					   0.5,     1,      2.5,     5 };
-const size_t metrics_latency_buckets_len =
-	sizeof(metrics_latency_buckets) / sizeof(metrics_latency_buckets[0]);
+const size_t metrics_latency_buckets_len = sizeof(metrics_latency_buckets) /
+					   sizeof(metrics_latency_buckets[0]);
 const double metrics_size_buckets[] = { 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024 };
-const size_t metrics_size_buckets_len = sizeof(metrics_size_buckets) / sizeof(metrics_size_buckets[0]);
+const size_t metrics_size_buckets_len = sizeof(metrics_size_buckets) /
+					sizeof(metrics_size_buckets[0]);
 
 struct metric {
 	struct metric *next;
@@ -24,12 +25,12 @@ struct metric {
 	const char *name, *help;
 	char *labels;
 	enum metric_type type;
-	double value;          /* counter, gauge; histogram: sum */
+	double value; /* counter, gauge; histogram: sum */
 	unsigned long long count;
 	const double *bounds;
 	size_t nbounds;
 	unsigned long long *buckets; /* non-cumulative counts, nbounds + 1 */
-	bool index_missed; /* not in the index (out of memory when created) */
+	bool index_missed;           /* not in the index (out of memory when created) */
 };
 
 struct metrics {
@@ -202,8 +203,8 @@ static void render_histogram(const struct metric *s, struct evbuffer *out)
 	for (size_t i = 0; i <= s->nbounds; i++) {
 		cum += s->buckets[i];
 		if (i < s->nbounds)
-			evbuffer_add_printf(out, "%s_bucket{%s%sle=\"%g\"} %llu\n", s->name, s->labels,
-					    sep, s->bounds[i], cum);
+			evbuffer_add_printf(out, "%s_bucket{%s%sle=\"%g\"} %llu\n", s->name,
+					    s->labels, sep, s->bounds[i], cum);
 		else
 			evbuffer_add_printf(out, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", s->name,
 					    s->labels, sep, cum);

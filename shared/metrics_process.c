@@ -3,8 +3,8 @@
 #include "metrics.h"
 
 #include <dirent.h>
-#include <stdbool.h>
 #include <event2/buffer.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,8 +33,10 @@ static bool read_stat(unsigned long long *utime, unsigned long long *stime,
 	/* After ")": state(3) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
 	 * cmajflt utime(14) stime(15) cutime cstime priority nice num_threads itrealvalue
 	 * starttime(22). */
-	return p && sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %*d %*d "
-			   "%*d %*d %*d %*d %llu", utime, stime, start) == 3;
+	return p && sscanf(p + 1,
+			   " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %*d %*d "
+			   "%*d %*d %*d %*d %llu",
+			   utime, stime, start) == 3;
 }
 
 /* The boot time in seconds since the epoch (btime of /proc/stat); 0 when unknown. */
@@ -106,7 +108,8 @@ void metrics_render_process(struct evbuffer *out)
 	family(out, "daybook_build_info", "gauge",
 	       "Always 1; the labels say which version and commit this process runs.");
 	evbuffer_add_printf(out, "daybook_build_info{version=\"%s\",commit=\"%s\"} 1\n",
-			    DAYBOOK_VERSION, DAYBOOK_GIT_COMMIT[0] ? DAYBOOK_GIT_COMMIT : "unknown");
+			    DAYBOOK_VERSION,
+			    DAYBOOK_GIT_COMMIT[0] ? DAYBOOK_GIT_COMMIT : "unknown");
 	if (ticks > 0 && read_stat(&utime, &stime, &start)) {
 		family(out, "process_cpu_seconds_total", "counter",
 		       "User and system CPU time spent, in seconds.");
@@ -121,9 +124,11 @@ void metrics_render_process(struct evbuffer *out)
 		}
 	}
 	if (read_statm(&rss, &vsize)) {
-		family(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+		family(out, "process_resident_memory_bytes", "gauge",
+		       "Resident memory size in bytes.");
 		evbuffer_add_printf(out, "process_resident_memory_bytes %.17g\n", rss);
-		family(out, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
+		family(out, "process_virtual_memory_bytes", "gauge",
+		       "Virtual memory size in bytes.");
 		evbuffer_add_printf(out, "process_virtual_memory_bytes %.17g\n", vsize);
 	}
 	if (fds >= 0) {
@@ -132,6 +137,7 @@ void metrics_render_process(struct evbuffer *out)
 	}
 	if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY) {
 		family(out, "process_max_fds", "gauge", "Maximum number of open file descriptors.");
-		evbuffer_add_printf(out, "process_max_fds %llu\n", (unsigned long long)lim.rlim_cur);
+		evbuffer_add_printf(out, "process_max_fds %llu\n",
+				    (unsigned long long)lim.rlim_cur);
 	}
 }

@@ -31,8 +31,8 @@ struct pg {
 	struct pg_config cfg;
 	PGconn *conn;
 	enum pg_state state;
-	struct event *io;      /* socket readiness */
-	struct event *timer;   /* reconnect backoff, connect and run timeouts */
+	struct event *io;    /* socket readiness */
+	struct event *timer; /* reconnect backoff, connect and run timeouts */
 	double backoff;
 	bool want_write;
 	/* The current run: one result slot per queued statement, grown on demand (a
@@ -143,8 +143,9 @@ bool pg_outcome_ok(const struct pg_outcome *out, char *why, size_t whylen)
 	for (size_t i = 0; i < out->n; i++) {
 		ExecStatusType st = PQresultStatus(out->results[i]);
 		if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
-			snprintf(why, whylen, "%s", out->results[i] ? PQresultErrorMessage(out->results[i])
-								    : "no result");
+			snprintf(why, whylen, "%s",
+				 out->results[i] ? PQresultErrorMessage(out->results[i])
+						 : "no result");
 			why[strcspn(why, "\n")] = '\0';
 			return false;
 		}
@@ -235,12 +236,14 @@ static bool queue_deadlines(struct pg *pg)
 	if (pg->cfg.statement_timeout_ms <= 0)
 		return true;
 	snprintf(ms, sizeof(ms), "%d", pg->cfg.statement_timeout_ms);
-	if (!pg_queue_sql(pg, "SELECT set_config('statement_timeout', $1, false), "
-			      "set_config('idle_in_transaction_session_timeout', $1, false)",
+	if (!pg_queue_sql(pg,
+			  "SELECT set_config('statement_timeout', $1, false), "
+			  "set_config('idle_in_transaction_session_timeout', $1, false)",
 			  1, v))
 		return false;
 	if (PQserverVersion(pg->conn) >= 170000)
-		return pg_queue_sql(pg, "SELECT set_config('transaction_timeout', $1, false)", 1, v);
+		return pg_queue_sql(pg, "SELECT set_config('transaction_timeout', $1, false)", 1,
+				    v);
 	return true;
 }
 
@@ -252,8 +255,9 @@ static bool begin_setup(struct pg *pg)
 		return false;
 	pg->state = PG_IDLE;
 	/* Durability is part of the contract whatever the server's default. */
-	if (!pg_queue_sql(pg, pg->cfg.async_commit ? "SET synchronous_commit = off"
-						   : "SET synchronous_commit = on",
+	if (!pg_queue_sql(pg,
+			  pg->cfg.async_commit ? "SET synchronous_commit = off"
+					       : "SET synchronous_commit = on",
 			  0, NULL))
 		return false;
 	if (!queue_deadlines(pg))
@@ -336,8 +340,9 @@ static void read_results(struct pg *pg)
 			/* Dropped before the caller hears of it, so that nothing more is sent
 			 * on this connection: the run fails as a lost connection would. */
 			if (stale_plan(pg))
-				lose_connection(pg, "a prepared statement's result type changed (a "
-						    "migration): connecting again to prepare them anew");
+				lose_connection(pg,
+						"a prepared statement's result type changed (a "
+						"migration): connecting again to prepare them anew");
 			else
 				complete_run(pg, NULL);
 			break;
@@ -548,10 +553,15 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 
 static void start_connect(struct pg *pg)
 {
-	const char *keys[] = { "application_name", "keepalives", "keepalives_idle",
-			       "keepalives_interval", "keepalives_count", "dbname", NULL };
+	const char *keys[] = { "application_name",
+			       "keepalives",
+			       "keepalives_idle",
+			       "keepalives_interval",
+			       "keepalives_count",
+			       "dbname",
+			       NULL };
 	const char *values[] = { pg->cfg.application_name, "1", "10", "5", "3",
-				 pg->cfg.conninfo, NULL };
+				 pg->cfg.conninfo,         NULL };
 
 	/* dbname comes last so that the configured connection string overrides our
 	 * defaults rather than the other way round. */
@@ -625,7 +635,9 @@ const char *pg_last_error(const struct pg *pg)
 
 int pg_backend_pid(const struct pg *pg)
 {
-	return pg->conn && (pg->state == PG_IDLE || pg->state == PG_RUNNING) ? PQbackendPID(pg->conn) : 0;
+	return pg->conn && (pg->state == PG_IDLE || pg->state == PG_RUNNING)
+		       ? PQbackendPID(pg->conn)
+		       : 0;
 }
 
 /* Room for one more result; false when memory ran out. */

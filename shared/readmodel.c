@@ -94,13 +94,27 @@ static void str(struct out *o, const char *s)
 		}
 		raw(o, s + start, i - start);
 		switch (c) {
-		case '"': esc[1] = '"'; break;
-		case '\\': esc[1] = '\\'; break;
-		case '\b': esc[1] = 'b'; break;
-		case '\f': esc[1] = 'f'; break;
-		case '\n': esc[1] = 'n'; break;
-		case '\r': esc[1] = 'r'; break;
-		case '\t': esc[1] = 't'; break;
+		case '"':
+			esc[1] = '"';
+			break;
+		case '\\':
+			esc[1] = '\\';
+			break;
+		case '\b':
+			esc[1] = 'b';
+			break;
+		case '\f':
+			esc[1] = 'f';
+			break;
+		case '\n':
+			esc[1] = 'n';
+			break;
+		case '\r':
+			esc[1] = 'r';
+			break;
+		case '\t':
+			esc[1] = 't';
+			break;
 		default:
 			esc[4] = hex[c >> 4];
 			esc[5] = hex[c & 15];
@@ -381,7 +395,8 @@ bool readmodel_time_parse(const char *text, int64_t *pg_micros)
 	if (strlen(text) < 20 || !fixed_digits(text, 4, &y) || text[4] != '-' ||
 	    !fixed_digits(text + 5, 2, &mo) || text[7] != '-' || !fixed_digits(text + 8, 2, &d) ||
 	    !strchr("Tt ", text[10]) || !fixed_digits(text + 11, 2, &h) || text[13] != ':' ||
-	    !fixed_digits(text + 14, 2, &mi) || text[16] != ':' || !fixed_digits(text + 17, 2, &sec))
+	    !fixed_digits(text + 14, 2, &mi) || text[16] != ':' ||
+	    !fixed_digits(text + 17, 2, &sec))
 		return false;
 	if (y < 1 || mo < 1 || mo > 12 || d < 1 ||
 	    d > mdays[mo - 1] + (mo == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0)) ||
@@ -440,11 +455,16 @@ int readmodel_position_cmp(const struct readmodel_position *a, const struct read
 const char *readmodel_entry_type(enum ledger_event_type type)
 {
 	switch (type) {
-	case LEDGER_FUNDS_DEPOSITED: return "deposit";
-	case LEDGER_FUNDS_WITHDRAWN: return "withdrawal";
-	case LEDGER_TRANSFER_RECEIVED: return "transfer_in";
-	case LEDGER_TRANSFER_SENT: return "transfer_out";
-	default: return NULL;
+	case LEDGER_FUNDS_DEPOSITED:
+		return "deposit";
+	case LEDGER_FUNDS_WITHDRAWN:
+		return "withdrawal";
+	case LEDGER_TRANSFER_RECEIVED:
+		return "transfer_in";
+	case LEDGER_TRANSFER_SENT:
+		return "transfer_out";
+	default:
+		return NULL;
 	}
 }
 

@@ -52,7 +52,7 @@ struct readmodel_transfer {
 /* Redis channel: "<generation> <token>" is PUBLISHed when a generation's checkpoint
  * moves (a projector batch, a resync or a rebuild's switch). */
 #define READMODEL_POSITION_TOPIC "dbk:position"
-#define READMODEL_KIND_ACCOUNT "acct"  /* hash: v version, n statement items, j body; :<id> */
+#define READMODEL_KIND_ACCOUNT "acct"   /* hash: v version, n statement items, j body; :<id> */
 #define READMODEL_KIND_STATEMENT "stmt" /* list of item bodies, newest first; :<id> */
 #define READMODEL_KIND_TRANSFER "xfer"  /* string: the body; :<id> */
 #define READMODEL_KIND_TOTALS "totals"  /* hash: p checkpoint token, j GET /totals's body */
@@ -75,9 +75,11 @@ size_t readmodel_key_match(char *out, size_t len, long long gen);
 long long readmodel_key_generation(const char *key);
 /* Lua, for the scripts: gen_key(g, kind) is generation g's key of `kind` (kind may
  * carry ":<id>"); gen_of(key) the generation of a key, as a string, or nil. */
-#define READMODEL_LUA_GEN_KEY                                                              \
-	"local function gen_key(g, kind) return '" READMODEL_GEN_PREFIX "' .. g .. ':' .. kind end " \
-	"local function gen_of(key) return string.match(key, '^" READMODEL_GEN_PREFIX "(%d+):') end\n"
+#define READMODEL_LUA_GEN_KEY                                                                      \
+	"local function gen_key(g, kind) return '" READMODEL_GEN_PREFIX                            \
+	"' .. g .. ':' .. kind end "                                                               \
+	"local function gen_of(key) return string.match(key, '^" READMODEL_GEN_PREFIX              \
+	"(%d+):') end\n"
 
 /* The Redis layout a generation was written in, kept in its `layout` key. 2: statements
  * are lists (`stmt:<id>`, newest first); 1 (no key) had sorted sets. Each layout has
@@ -94,15 +96,15 @@ long long readmodel_key_generation(const char *key);
  * reply starting "FENCED"; a higher one raises the key first. */
 #define READMODEL_LEADER_KEY "dbk:leader_epoch:"
 #define READMODEL_FENCE_ARG_MAX (24 + READMODEL_IDENTITY_MAX)
-#define READMODEL_LUA_FENCE                                                                \
-	"local fence_arg = table.remove(ARGV, 1) "                                         \
-	"local epoch_text, fence_of = string.match(fence_arg, '^(%d+):(.*)$') "            \
-	"local epoch = tonumber(epoch_text) "                                              \
-	"local fence_key = '" READMODEL_LEADER_KEY "' .. (fence_of or '') "                \
-	"local fence = tonumber(redis.call('GET', fence_key) or '0') "                     \
-	"if not epoch or epoch < 1 or epoch < fence then "                                 \
-	"return redis.error_reply('FENCED epoch ' .. tostring(epoch) .. "                  \
-	"' is older than the leader epoch ' .. fence) end "                                \
+#define READMODEL_LUA_FENCE                                                                        \
+	"local fence_arg = table.remove(ARGV, 1) "                                                 \
+	"local epoch_text, fence_of = string.match(fence_arg, '^(%d+):(.*)$') "                    \
+	"local epoch = tonumber(epoch_text) "                                                      \
+	"local fence_key = '" READMODEL_LEADER_KEY "' .. (fence_of or '') "                        \
+	"local fence = tonumber(redis.call('GET', fence_key) or '0') "                             \
+	"if not epoch or epoch < 1 or epoch < fence then "                                         \
+	"return redis.error_reply('FENCED epoch ' .. tostring(epoch) .. "                          \
+	"' is older than the leader epoch ' .. fence) end "                                        \
 	"if epoch > fence then redis.call('SET', fence_key, epoch_text) end\n"
 /* The identity of the event store a Redis generation was built from, kept in its
  * `identity` key: "<system identifier>-<database oid>-<deployment id>", read from SQL
@@ -119,14 +121,15 @@ long long readmodel_key_generation(const char *key);
 #define READMODEL_ITEMS_KEPT_TEXT READMODEL_TEXT(READMODEL_ITEMS_KEPT)
 
 /* SQL: a timestamptz column as the read models write times (readmodel_time_text). */
-#define READMODEL_SQL_TIME(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+#define READMODEL_SQL_TIME(col)                                                                    \
+	"to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 /* The version a statement item's JSON starts with ({"version":N,...}); -1 when the
  * text does not start so. Lua scripts match the same prefix. */
 long long readmodel_item_version(const char *json);
 /* The same in Lua, for the scripts: item_version(s), 0 when s does not start so. */
-#define READMODEL_LUA_ITEM_VERSION                                                         \
-	"local function item_version(s) "                                                  \
+#define READMODEL_LUA_ITEM_VERSION                                                                 \
+	"local function item_version(s) "                                                          \
 	"return tonumber(string.match(s, '^{\"version\":(%d+),')) or 0 end\n"
 
 /* Each returns a new compact JSON text (caller frees with free()), or NULL when out
@@ -168,16 +171,16 @@ void readmodel_int128_text(__int128 v, char out[48]);
  * select list: `a`, `e` and `t` are the qualifier of rm_accounts', rm_entries' and
  * rm_transfers' columns ("e", or the table's name). readmodel_*_from_pg read them
  * from column col on; strings are borrowed from the result, SQL NULLs are NULL. */
-#define READMODEL_SQL_ACCOUNT_COLUMNS(a)                                                   \
-	a ".account_id, " a ".name, " a ".currency, " a ".balance, " a ".overdraft_limit, " a \
-	".status, " a ".version, " READMODEL_SQL_TIME(a ".opened_at") ", "                     \
-	READMODEL_SQL_TIME(a ".updated_at")
-#define READMODEL_SQL_ENTRY_COLUMNS(e)                                                     \
-	e ".version, " e ".type, " e ".amount, " e ".balance_after, " e ".transfer_id, " e   \
-	".counterparty, " e ".reference, " READMODEL_SQL_TIME(e ".at")
-#define READMODEL_SQL_TRANSFER_COLUMNS(t)                                                  \
-	t ".transfer_id, " t ".from_account, " t ".to_account, " t ".amount, " t ".currency, " \
-	t ".reference, " READMODEL_SQL_TIME(t ".at")
+#define READMODEL_SQL_ACCOUNT_COLUMNS(a)                                                           \
+	a ".account_id, " a ".name, " a ".currency, " a ".balance, " a ".overdraft_limit, " a      \
+	  ".status, " a                                                                            \
+	  ".version, " READMODEL_SQL_TIME(a ".opened_at") ", " READMODEL_SQL_TIME(a ".updated_at")
+#define READMODEL_SQL_ENTRY_COLUMNS(e)                                                             \
+	e ".version, " e ".type, " e ".amount, " e ".balance_after, " e ".transfer_id, " e         \
+	  ".counterparty, " e ".reference, " READMODEL_SQL_TIME(e ".at")
+#define READMODEL_SQL_TRANSFER_COLUMNS(t)                                                          \
+	t ".transfer_id, " t ".from_account, " t ".to_account, " t ".amount, " t ".currency, " t   \
+	  ".reference, " READMODEL_SQL_TIME(t ".at")
 typedef struct pg_result PGresult;
 struct readmodel_account readmodel_account_from_pg(const PGresult *res, int row, int col);
 struct readmodel_entry readmodel_entry_from_pg(const PGresult *res, int row, int col);

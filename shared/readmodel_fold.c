@@ -59,10 +59,15 @@ struct readmodel_account readmodel_account_of(const struct readmodel_row *row,
 					      const char *opened_at, const char *updated_at)
 {
 	return (struct readmodel_account){
-		.account_id = row->acc.id, .name = row->name, .currency = row->acc.currency,
-		.status = readmodel_status(&row->acc), .balance = row->acc.balance,
-		.overdraft_limit = row->acc.overdraft_limit, .version = row->acc.version,
-		.opened_at = opened_at, .updated_at = updated_at,
+		.account_id = row->acc.id,
+		.name = row->name,
+		.currency = row->acc.currency,
+		.status = readmodel_status(&row->acc),
+		.balance = row->acc.balance,
+		.overdraft_limit = row->acc.overdraft_limit,
+		.version = row->acc.version,
+		.opened_at = opened_at,
+		.updated_at = updated_at,
 	};
 }
 
@@ -70,10 +75,14 @@ struct readmodel_entry readmodel_entry_of(const struct readmodel_row *row,
 					  const struct ledger_event *ev, const char *at)
 {
 	return (struct readmodel_entry){
-		.version = row->acc.version, .type = readmodel_entry_type(ev->type),
-		.amount = ev->amount, .balance_after = row->acc.balance,
-		.transfer_id = ev->transfer_id, .counterparty = ev->counterparty,
-		.reference = ev->reference, .at = at,
+		.version = row->acc.version,
+		.type = readmodel_entry_type(ev->type),
+		.amount = ev->amount,
+		.balance_after = row->acc.balance,
+		.transfer_id = ev->transfer_id,
+		.counterparty = ev->counterparty,
+		.reference = ev->reference,
+		.at = at,
 	};
 }
 
@@ -81,8 +90,12 @@ struct readmodel_transfer readmodel_transfer_of(const struct readmodel_row *from
 						const struct ledger_event *ev, const char *at)
 {
 	return (struct readmodel_transfer){
-		.transfer_id = ev->transfer_id, .from = from->acc.id, .to = ev->counterparty,
-		.currency = from->acc.currency, .reference = ev->reference, .at = at,
+		.transfer_id = ev->transfer_id,
+		.from = from->acc.id,
+		.to = ev->counterparty,
+		.currency = from->acc.currency,
+		.reference = ev->reference,
+		.at = at,
 		.amount = ev->amount,
 	};
 }
@@ -97,7 +110,7 @@ char *readmodel_totals_json_of(const struct readmodel_totals *const *totals, siz
 {
 	const struct readmodel_totals **sorted = malloc((n ? n : 1) * sizeof(*sorted));
 	struct readmodel_total *rows = malloc((n ? n : 1) * sizeof(*rows));
-	char (*text)[3][48] = malloc((n ? n : 1) * sizeof(*text));
+	char(*text)[3][48] = malloc((n ? n : 1) * sizeof(*text));
 	char *body = NULL;
 
 	if (!sorted || !rows || !text)

@@ -37,7 +37,7 @@ struct pending {
 	redis_reply_cb cb;
 	void *arg;
 	double sent;
-	char *cmd;      /* redis_eval: the formatted EVALSHA, kept for a NOSCRIPT retry */
+	char *cmd; /* redis_eval: the formatted EVALSHA, kept for a NOSCRIPT retry */
 	size_t cmdlen;
 	size_t script;
 	bool retried;
@@ -46,15 +46,15 @@ struct pending {
 struct redis {
 	struct redis_config cfg;
 	struct config_redis server;
-	redisAsyncContext *ac; /* NULL while down */
+	redisAsyncContext *ac;  /* NULL while down */
 	redisAsyncContext *sac; /* the Sentinel being asked, while REDIS_DISCOVERING */
 	size_t sentinel_at;     /* offset in server.sentinels of the next one to ask */
 	enum redis_state state;
 	struct event *timer;    /* reconnect backoff; connect timeout */
 	struct event *deadline; /* the oldest pending reply's deadline */
 	double backoff;
-	int setup_left;         /* setup replies still expected */
-	long long client_id;    /* CLIENT ID of this connection (cfg.client_id), 0 until known */
+	int setup_left;      /* setup replies still expected */
+	long long client_id; /* CLIENT ID of this connection (cfg.client_id), 0 until known */
 	struct script *scripts;
 	struct pending *head, *tail;
 	size_t npending;
@@ -196,8 +196,8 @@ static bool retry_as_eval(struct redis *r, struct pending *p)
 	if (!cmd)
 		return false;
 	memcpy(cmd, p->cmd, head);
-	len = head + (size_t)sprintf(cmd + head, "$%zu\r\n%s\r\n$%zu\r\n", strlen(name), name,
-				     srclen);
+	len = head +
+	      (size_t)sprintf(cmd + head, "$%zu\r\n%s\r\n$%zu\r\n", strlen(name), name, srclen);
 	memcpy(cmd + len, src, srclen);
 	memcpy(cmd + len + srclen, "\r\n", 2);
 	memcpy(cmd + len + srclen + 2, rest, n);
@@ -284,7 +284,8 @@ static void on_role(redisAsyncContext *ac, void *reply, void *privdata)
 		return;
 	if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 1 ||
 	    !is_str(rep->element[0], "master")) {
-		log_warn(r->cfg.log, "redis (%s): %s:%u is not the primary; asking the Sentinels again",
+		log_warn(r->cfg.log,
+			 "redis (%s): %s:%u is not the primary; asking the Sentinels again",
 			 label(r), r->server.host, (unsigned)r->server.port);
 		lose(r, "the server the Sentinels named is not a primary", true);
 		return;
@@ -316,7 +317,6 @@ static void on_script_loaded(redisAsyncContext *ac, void *reply, void *privdata)
 	s->sha[SHA1_HEX] = '\0';
 	setup_step_done(r);
 }
-
 
 static void on_subscription(redisAsyncContext *ac, void *reply, void *privdata)
 {
@@ -440,7 +440,8 @@ static bool send_setup(struct redis *r)
 static bool ask_sentinel(const char *hostport, const char *master, double timeout, char *host,
 			 size_t hostlen, uint16_t *port, char *err, size_t errlen)
 {
-	struct timeval tv = { (time_t)timeout, (suseconds_t)((timeout - (double)(time_t)timeout) * 1e6) };
+	struct timeval tv = { (time_t)timeout,
+			      (suseconds_t)((timeout - (double)(time_t)timeout) * 1e6) };
 	char shost[256];
 	uint16_t sport;
 	redisContext *c = NULL;
@@ -464,8 +465,8 @@ static bool ask_sentinel(const char *hostport, const char *master, double timeou
 		goto done;
 	}
 	if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 ||
-	    rep->element[0]->type != REDIS_REPLY_STRING || rep->element[1]->type != REDIS_REPLY_STRING ||
-	    rep->element[0]->len >= hostlen) {
+	    rep->element[0]->type != REDIS_REPLY_STRING ||
+	    rep->element[1]->type != REDIS_REPLY_STRING || rep->element[0]->len >= hostlen) {
 		snprintf(err, errlen, "Sentinel %s knows no primary named %s", hostport, master);
 		goto done;
 	}
@@ -498,8 +499,8 @@ bool redis_sentinel_resolve(struct config_redis *server, double timeout, char *e
 		if (n < sizeof(one)) {
 			memcpy(one, p, n);
 			one[n] = '\0';
-			if (ask_sentinel(one, server->master, timeout, server->host, sizeof(server->host),
-					 &server->port, err, errlen))
+			if (ask_sentinel(one, server->master, timeout, server->host,
+					 sizeof(server->host), &server->port, err, errlen))
 				return true;
 		}
 		p += n;
@@ -561,8 +562,7 @@ static void sentinel_drop(struct redis *r, bool free_sac)
 		redisAsyncFree(sac); /* its callbacks see sac != r->sac and do nothing */
 }
 
-static void sentinel_failed(struct redis *r, const char *hostport, const char *why,
-			    bool free_sac)
+static void sentinel_failed(struct redis *r, const char *hostport, const char *why, bool free_sac)
 {
 	snprintf(r->error, sizeof(r->error), "Sentinel %.120s: %.120s", hostport, why);
 	sentinel_drop(r, free_sac);
@@ -586,11 +586,13 @@ static void on_sentinel_reply(redisAsyncContext *ac, void *reply, void *privdata
 	}
 	if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 ||
 	    rep->element[0]->type != REDIS_REPLY_STRING ||
-	    rep->element[1]->type != REDIS_REPLY_STRING ||
-	    rep->element[0]->len == 0 || rep->element[0]->len >= sizeof(r->server.host) ||
+	    rep->element[1]->type != REDIS_REPLY_STRING || rep->element[0]->len == 0 ||
+	    rep->element[0]->len >= sizeof(r->server.host) ||
 	    (port = strtol(rep->element[1]->str, NULL, 10)) < 1 || port > 65535) {
-		sentinel_failed(r, hostport, rep->type == REDIS_REPLY_ERROR ? rep->str
-					     : "knows no primary by that name", true);
+		sentinel_failed(r, hostport,
+				rep->type == REDIS_REPLY_ERROR ? rep->str
+							       : "knows no primary by that name",
+				true);
 		return;
 	}
 	memcpy(r->server.host, rep->element[0]->str, rep->element[0]->len);
@@ -651,10 +653,11 @@ static void ask_next_sentinel(struct redis *r)
 		if (redisLibeventAttach(sac, r->cfg.base) != REDIS_OK ||
 		    redisAsyncSetConnectCallback(sac, on_sentinel_connect) != REDIS_OK ||
 		    redisAsyncSetDisconnectCallback(sac, on_sentinel_disconnect) != REDIS_OK ||
-		    redisAsyncCommand(sac, on_sentinel_reply, r, "SENTINEL get-master-addr-by-name %s",
+		    redisAsyncCommand(sac, on_sentinel_reply, r,
+				      "SENTINEL get-master-addr-by-name %s",
 				      r->server.master) != REDIS_OK) {
-			snprintf(r->error, sizeof(r->error), "Sentinel %.200s: cannot set up the connection",
-				 one);
+			snprintf(r->error, sizeof(r->error),
+				 "Sentinel %.200s: cannot set up the connection", one);
 			redisAsyncFree(sac);
 			continue;
 		}
@@ -807,7 +810,8 @@ bool redis_command(struct redis *r, int argc, const char *const *argv, const siz
 
 	if (r->state != REDIS_READY || r->cfg.subscribe || !(p = pending_new(r, cb, arg)))
 		return false;
-	if (redisAsyncCommandArgv(r->ac, on_reply, p, argc, (const char **)argv, argvlen) != REDIS_OK) {
+	if (redisAsyncCommandArgv(r->ac, on_reply, p, argc, (const char **)argv, argvlen) !=
+	    REDIS_OK) {
 		free(p);
 		return false;
 	}

@@ -28,7 +28,7 @@ struct redis_config {
 	/* TCP host:port or unix socket, the db, and the ACL user and password: when there
 	 * is a password, every (re)connection starts with AUTH. */
 	const struct config_redis *server;
-	const char *name;                  /* CLIENT SETNAME, e.g. "daybook-query"; may be NULL */
+	const char *name; /* CLIENT SETNAME, e.g. "daybook-query"; may be NULL */
 	struct event_base *base;
 	const struct log *log;
 	/* Lua sources, loaded (SCRIPT LOAD) on every (re)connection and run by index

@@ -36,7 +36,8 @@ int service_init(int argc, char **argv, const char *name, const char *usage, uns
 			cli_print_version(name);
 			return CLI_EXIT_OK;
 		default:
-			fprintf(stderr, "%s: unknown option '%s'\n\n%s", name, argv[optind - 1], usage);
+			fprintf(stderr, "%s: unknown option '%s'\n\n%s", name, argv[optind - 1],
+				usage);
 			return CLI_EXIT_USAGE;
 		}
 	}

@@ -18,15 +18,15 @@ struct service_def;
 /* The members every service's context starts with. service_run fills in the first
  * five and `def`, and owns them (and the signal events); `http` is the service's own,
  * closed by its `stop`, but service_run stops it accepting on the first signal. */
-#define SERVICE_CTX_MEMBERS                                                               \
-	struct config cfg;                                                                \
-	struct log log;                                                                   \
-	struct event_base *base;                                                          \
-	struct metrics *metrics;                                                          \
-	struct tokens *tokens; /* with CONFIG_NEED_TOKENS, else NULL */                   \
-	struct http_server *http;                                                         \
-	struct event *sigterm, *sigint;                                                   \
-	bool stopping; /* a signal came: finish what is in flight, take nothing new */   \
+#define SERVICE_CTX_MEMBERS                                                                        \
+	struct config cfg;                                                                         \
+	struct log log;                                                                            \
+	struct event_base *base;                                                                   \
+	struct metrics *metrics;                                                                   \
+	struct tokens *tokens; /* with CONFIG_NEED_TOKENS, else NULL */                            \
+	struct http_server *http;                                                                  \
+	struct event *sigterm, *sigint;                                                            \
+	bool stopping; /* a signal came: finish what is in flight, take nothing new */             \
 	const struct service_def *def;
 
 struct service_ctx {
@@ -37,12 +37,12 @@ struct service_ctx {
  * members by their names (ctx->log, ctx->base, ...) and, over the same bytes, all of
  * them as one struct service_ctx (ctx->svc) to hand to service_run. A callback given
  * a struct service_ctx * converts it back with SERVICE_CTX_OF. */
-#define SERVICE_CTX_HEAD                                                                  \
-	union {                                                                           \
-		struct service_ctx svc;                                                   \
-		struct {                                                                  \
-			SERVICE_CTX_MEMBERS                                               \
-		};                                                                        \
+#define SERVICE_CTX_HEAD                                                                           \
+	union {                                                                                    \
+		struct service_ctx svc;                                                            \
+		struct {                                                                           \
+			SERVICE_CTX_MEMBERS                                                        \
+		};                                                                                 \
 	}
 
 /* The service's context around `svc`, which must be its `svc` member (at offset 0). */
@@ -88,7 +88,8 @@ int service_run(int argc, char **argv, const struct service_def *def, struct ser
  * "<name>: ..." (exit 2); ignore SIGPIPE. Returns -1 when the service should go on,
  * else the exit status to return from main. */
 int service_init(int argc, char **argv, const char *name, const char *usage, unsigned need,
-		 const char *default_listen, struct config *cfg) __attribute__((warn_unused_result));
+		 const char *default_listen, struct config *cfg)
+	__attribute__((warn_unused_result));
 
 /* At start: refuse an event store whose txids this cluster has not reached (restored
  * from a logical dump into another cluster, see eventstore.h), with one line on stderr
@@ -97,7 +98,7 @@ int service_init(int argc, char **argv, const char *name, const char *usage, uns
  * and a background thread repeats the check every second until it gets an answer: on
  * a refusal it prints the same line and ends the process with that status. `name` and
  * cfg->pg must live as long as the process. */
-int service_check_event_store(const char *name, const struct config *cfg,
-			      const struct log *log) __attribute__((warn_unused_result));
+int service_check_event_store(const char *name, const struct config *cfg, const struct log *log)
+	__attribute__((warn_unused_result));
 
 #endif

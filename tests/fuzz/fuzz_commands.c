@@ -26,7 +26,6 @@
 #include "ledger_json.h"
 #include "readmodel.h"
 
-
 /* A refusal always explains itself, within the buffer. */
 static void check_refusal(const char *err, size_t errlen)
 {
@@ -138,8 +137,8 @@ static void parse_time(const uint8_t *data, size_t size)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static const enum ledger_event_type types[] = {
-		LEDGER_ACCOUNT_OPENED,	  LEDGER_FUNDS_DEPOSITED,   LEDGER_FUNDS_WITHDRAWN,
-		LEDGER_TRANSFER_SENT,	  LEDGER_TRANSFER_RECEIVED, LEDGER_ACCOUNT_CLOSED_EVENT,
+		LEDGER_ACCOUNT_OPENED, LEDGER_FUNDS_DEPOSITED,   LEDGER_FUNDS_WITHDRAWN,
+		LEDGER_TRANSFER_SENT,  LEDGER_TRANSFER_RECEIVED, LEDGER_ACCOUNT_CLOSED_EVENT,
 	};
 	json_t *body = json_loadb((const char *)data, size, JSON_REJECT_DUPLICATES, NULL);
 	char err[64] = "";

@@ -28,7 +28,7 @@ struct response {
 	int status;
 	char *headers; /* the raw status line and header block */
 	char *body;
-	json_t *json;  /* parsed body, or NULL */
+	json_t *json; /* parsed body, or NULL */
 };
 
 /* A loopback TCP port that was free a moment ago. */

@@ -2,8 +2,8 @@
 #include "harness.h"
 #include "harness_internal.h"
 
-#include <criterion/criterion.h>
 #include <arpa/inet.h>
+#include <criterion/criterion.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -78,7 +78,8 @@ struct response http_request(int port, const char *method, const char *path,
 			     const char *const *headers, const char *body, double timeout_s)
 {
 	struct response resp = { 0 };
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+	struct sockaddr_in a = { .sin_family = AF_INET,
+				 .sin_port = htons((uint16_t)port),
 				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	size_t blen = body ? strlen(body) : 0, rlen, n;
 	char head[16384], *raw;
@@ -88,7 +89,8 @@ struct response http_request(int port, const char *method, const char *path,
 	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0)
 		goto done;
 	n = (size_t)snprintf(head, sizeof(head),
-			     "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n", method, path);
+			     "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n", method,
+			     path);
 	for (size_t i = 0; headers && headers[i] && n < sizeof(head); i++)
 		n += (size_t)snprintf(head + n, sizeof(head) - n, "%s\r\n", headers[i]);
 	if (body && n < sizeof(head))
@@ -121,7 +123,7 @@ bool response_header(const struct response *r, const char *name, char *out, size
 {
 	size_t n = strlen(name);
 
-	for (const char *p = r->headers; p && (p = strstr(p, "\r\n")); ) {
+	for (const char *p = r->headers; p && (p = strstr(p, "\r\n"));) {
 		p += 2;
 		if (strncasecmp(p, name, n) == 0 && p[n] == ':') {
 			const char *v = p + n + 1, *end;

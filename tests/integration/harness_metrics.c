@@ -33,8 +33,7 @@ static bool metric_is(void *arg)
 	return harness_metric(w->svc, w->name) == w->value;
 }
 
-bool harness_wait_metric(const struct service *svc, const char *name, double value,
-			 double deadline)
+bool harness_wait_metric(const struct service *svc, const char *name, double value, double deadline)
 {
 	struct metric_wanted w = { svc, name, value };
 

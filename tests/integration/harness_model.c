@@ -13,9 +13,8 @@
 
 #include "readmodel.h"
 
-static const char head_sql[] =
-	"SELECT coalesce((SELECT txid::text || '.' || position FROM events "
-	"ORDER BY txid DESC, position DESC LIMIT 1), '0.0')";
+static const char head_sql[] = "SELECT coalesce((SELECT txid::text || '.' || position FROM events "
+			       "ORDER BY txid DESC, position DESC LIMIT 1), '0.0')";
 
 void harness_sql_checkpoint(const char *db, char *out, size_t len)
 {
@@ -114,37 +113,45 @@ void harness_assert_models_match_log(const char *db)
 		 "NULL OR m.id IS NULL OR e.balance_after <> m.bal",
 		 delta, money);
 	cr_assert_eq(sql_int(db, q), 0, "rm_entries differs from the log");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events e FULL JOIN rm_transfers t ON "
-				 "t.transfer_id = e.data->>'transfer_id' WHERE (e.type = 'TransferSent' "
-				 "OR e.type IS NULL) AND (t.transfer_id IS NULL OR e.position IS NULL OR "
-				 "t.amount <> (e.data->>'amount')::bigint)"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM events e FULL JOIN rm_transfers t ON "
+			     "t.transfer_id = e.data->>'transfer_id' WHERE (e.type = 'TransferSent' "
+			     "OR e.type IS NULL) AND (t.transfer_id IS NULL OR e.position IS NULL OR "
+			     "t.amount <> (e.data->>'amount')::bigint)"),
 		     0, "rm_transfers differs from the log");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM (SELECT currency, count(*) a, count(*) FILTER "
-				 "(WHERE status = 'open') o, sum(balance) s FROM rm_accounts GROUP BY "
-				 "currency) x FULL JOIN rm_totals t USING (currency) WHERE t.accounts IS "
-				 "DISTINCT FROM x.a OR t.open_accounts IS DISTINCT FROM x.o OR "
-				 "t.balance_sum IS DISTINCT FROM x.s"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM (SELECT currency, count(*) a, count(*) FILTER "
+			     "(WHERE status = 'open') o, sum(balance) s FROM rm_accounts GROUP BY "
+			     "currency) x FULL JOIN rm_totals t USING (currency) WHERE t.accounts IS "
+			     "DISTINCT FROM x.a OR t.open_accounts IS DISTINCT FROM x.o OR "
+			     "t.balance_sum IS DISTINCT FROM x.s"),
 		     0, "rm_totals differs from the accounts");
 }
 
 void harness_assert_redis_matches_sql(const char *db, const char *redis_url)
 {
 	redisContext *c = harness_redis(redis_url);
-	PGresult *r = sql(db, "SELECT account_id, name, currency, balance, overdraft_limit, status, "
-			      "version, entries, "
-			      "to_char(opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
-			      "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
-			      "FROM rm_accounts");
+	PGresult *r =
+		sql(db,
+		    "SELECT account_id, name, currency, balance, overdraft_limit, status, "
+		    "version, entries, "
+		    "to_char(opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+		    "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+		    "FROM rm_accounts");
 	char cp[64];
 	long long gen;
 
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	for (int i = 0; i < PQntuples(r); i++) {
 		struct readmodel_account a = {
-			.account_id = PQgetvalue(r, i, 0), .name = PQgetvalue(r, i, 1),
-			.currency = PQgetvalue(r, i, 2), .balance = atoll(PQgetvalue(r, i, 3)),
-			.overdraft_limit = atoll(PQgetvalue(r, i, 4)), .status = PQgetvalue(r, i, 5),
-			.version = atoi(PQgetvalue(r, i, 6)), .opened_at = PQgetvalue(r, i, 8),
+			.account_id = PQgetvalue(r, i, 0),
+			.name = PQgetvalue(r, i, 1),
+			.currency = PQgetvalue(r, i, 2),
+			.balance = atoll(PQgetvalue(r, i, 3)),
+			.overdraft_limit = atoll(PQgetvalue(r, i, 4)),
+			.status = PQgetvalue(r, i, 5),
+			.version = atoi(PQgetvalue(r, i, 6)),
+			.opened_at = PQgetvalue(r, i, 8),
 			.updated_at = PQgetvalue(r, i, 9),
 		};
 		char *want = readmodel_account_json(&a);
@@ -152,9 +159,11 @@ void harness_assert_redis_matches_sql(const char *db, const char *redis_url)
 		redisReply *n = redisCommand(c, "LLEN dbk:g:%lld:stmt:%s", gen, a.account_id);
 		long long entries = atoll(PQgetvalue(r, i, 7));
 
-		cr_assert(j && j->type == REDIS_REPLY_STRING, "account %s missing in redis", a.account_id);
+		cr_assert(j && j->type == REDIS_REPLY_STRING, "account %s missing in redis",
+			  a.account_id);
 		cr_assert_str_eq(j->str, want);
-		cr_assert_eq(n->integer, entries < 50 ? entries : 50, "statement of %s", a.account_id);
+		cr_assert_eq(n->integer, entries < 50 ? entries : 50, "statement of %s",
+			     a.account_id);
 		free(want);
 		freeReplyObject(j);
 		freeReplyObject(n);

@@ -37,7 +37,8 @@ static PGconn *connect_db(const char *db)
 
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	conn = PQconnectdb(conninfo);
-	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting to %s: %s", db, PQerrorMessage(conn));
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting to %s: %s", db,
+		  PQerrorMessage(conn));
 	return conn;
 }
 
@@ -60,8 +61,8 @@ PGconn *harness_connect_as(const char *db, const char *role)
 
 	harness_conninfo(db, role, conninfo, sizeof(conninfo));
 	conn = PQconnectdb(conninfo);
-	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
-		  PQerrorMessage(conn));
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s",
+		  role ? role : "superuser", PQerrorMessage(conn));
 	return conn;
 }
 
@@ -71,7 +72,10 @@ const char *harness_sqlstate(PGconn *conn, const char *query, char code[6])
 	ExecStatusType st = PQresultStatus(r);
 	const char *c = PQresultErrorField(r, PG_DIAG_SQLSTATE);
 
-	snprintf(code, 6, "%s", st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? "" : c ? c : "?????");
+	snprintf(code, 6, "%s",
+		 st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? ""
+		 : c                                             ? c
+								 : "?????");
 	PQclear(r);
 	return code;
 }
@@ -94,7 +98,8 @@ void harness_db_create(char *db, size_t len)
 	PGconn *conn;
 	PGresult *r;
 
-	snprintf(db, len, "t_%d_%d_%ld", (int)getpid(), counter++, (long)(harness_now() * 1000) % 100000);
+	snprintf(db, len, "t_%d_%d_%ld", (int)getpid(), counter++,
+		 (long)(harness_now() * 1000) % 100000);
 	conn = PQconnectdb(harness_env("DAYBOOK_TEST_PG"));
 	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting to DAYBOOK_TEST_PG: %s",
 		  PQerrorMessage(conn));
@@ -118,15 +123,17 @@ void harness_migrate(const char *db)
 void harness_print_xid_holders(void)
 {
 	PGconn *conn = PQconnectdb(harness_env("DAYBOOK_TEST_PG"));
-	PGresult *r = PQexec(conn, "SELECT pid, datname, backend_xid, now() - xact_start, state, "
-				   "left(query, 100) FROM pg_stat_activity WHERE backend_xid IS NOT "
-				   "NULL ORDER BY xact_start");
+	PGresult *r = PQexec(conn,
+			     "SELECT pid, datname, backend_xid, now() - xact_start, state, "
+			     "left(query, 100) FROM pg_stat_activity WHERE backend_xid IS NOT "
+			     "NULL ORDER BY xact_start");
 
 	fprintf(stderr, "---- transactions holding an xid (xmin %s) ----\n",
 		PQresultStatus(r) == PGRES_TUPLES_OK ? "below" : PQresultErrorMessage(r));
 	for (int i = 0; PQresultStatus(r) == PGRES_TUPLES_OK && i < PQntuples(r); i++)
-		fprintf(stderr, "%s %s xid %s for %s, %s: %s\n", PQgetvalue(r, i, 0), PQgetvalue(r, i, 1),
-			PQgetvalue(r, i, 2), PQgetvalue(r, i, 3), PQgetvalue(r, i, 4), PQgetvalue(r, i, 5));
+		fprintf(stderr, "%s %s xid %s for %s, %s: %s\n", PQgetvalue(r, i, 0),
+			PQgetvalue(r, i, 1), PQgetvalue(r, i, 2), PQgetvalue(r, i, 3),
+			PQgetvalue(r, i, 4), PQgetvalue(r, i, 5));
 	PQclear(r);
 	PQfinish(conn);
 }

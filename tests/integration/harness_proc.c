@@ -3,8 +3,8 @@
 #include "harness.h"
 #include "harness_internal.h"
 
-#include <criterion/criterion.h>
 #include <arpa/inet.h>
+#include <criterion/criterion.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -21,8 +21,8 @@ const char *harness_env(const char *name)
 
 	if (!v || !*v)
 		cr_assert_fail("%s is not set: run the suite through `scripts/dev test` (or meson test with "
-			 "the DAYBOOK_TEST_* variables)",
-			 name);
+			       "the DAYBOOK_TEST_* variables)",
+			       name);
 	return v;
 }
 

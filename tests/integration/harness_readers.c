@@ -45,8 +45,10 @@ static void *read_loop(void *arg)
 			if (r->n < MAX_SAMPLES) {
 				struct read_sample *s = &r->samples[r->n++];
 				snprintf(s->account, sizeof(s->account), "%s", id);
-				s->version = (int)json_integer_value(json_object_get(resp.json, "version"));
-				s->balance = json_integer_value(json_object_get(resp.json, "balance"));
+				s->version = (int)json_integer_value(
+					json_object_get(resp.json, "version"));
+				s->balance = json_integer_value(
+					json_object_get(resp.json, "balance"));
 			}
 			pthread_mutex_unlock(&r->lock);
 		}
@@ -90,14 +92,15 @@ void harness_readers_stop(struct readers *r, int *reads, int *errors, struct rea
 void harness_assert_samples_true(const char *db, const struct read_sample *s, size_t n)
 {
 	char q[8192];
-	size_t len = (size_t)snprintf(q, sizeof(q),
-				      "SELECT substr(stream, 9), version, sum(CASE type "
-				      "WHEN 'FundsDeposited' THEN (data->>'amount')::bigint "
-				      "WHEN 'TransferReceived' THEN (data->>'amount')::bigint "
-				      "WHEN 'FundsWithdrawn' THEN -(data->>'amount')::bigint "
-				      "WHEN 'TransferSent' THEN -(data->>'amount')::bigint ELSE 0 END) "
-				      "OVER (PARTITION BY stream ORDER BY version) FROM events "
-				      "WHERE stream IN ('-'");
+	size_t len =
+		(size_t)snprintf(q, sizeof(q),
+				 "SELECT substr(stream, 9), version, sum(CASE type "
+				 "WHEN 'FundsDeposited' THEN (data->>'amount')::bigint "
+				 "WHEN 'TransferReceived' THEN (data->>'amount')::bigint "
+				 "WHEN 'FundsWithdrawn' THEN -(data->>'amount')::bigint "
+				 "WHEN 'TransferSent' THEN -(data->>'amount')::bigint ELSE 0 END) "
+				 "OVER (PARTITION BY stream ORDER BY version) FROM events "
+				 "WHERE stream IN ('-'");
 	PGresult *r;
 
 	/* Only the sampled accounts (ids are of a quote-free alphabet). */
@@ -106,7 +109,8 @@ void harness_assert_samples_true(const char *db, const struct read_sample *s, si
 		for (size_t j = 0; j < i && !seen; j++)
 			seen = strcmp(s[j].account, s[i].account) == 0;
 		if (!seen)
-			len += (size_t)snprintf(q + len, sizeof(q) - len, ",'account-%s'", s[i].account);
+			len += (size_t)snprintf(q + len, sizeof(q) - len, ",'account-%s'",
+						s[i].account);
 	}
 	snprintf(q + len, sizeof(q) - len, ")");
 	r = sql(db, q);

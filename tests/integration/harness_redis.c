@@ -38,17 +38,19 @@ static const char *redis_password(const char *user)
 /* One line of the ACL template with each @user@ replaced by the hash of its password. */
 static void render_acl_line(FILE *out, const char *line)
 {
-	for (const char *p = line; *p; ) {
+	for (const char *p = line; *p;) {
 		const char *end = *p == '@' ? strchr(p + 1, '@') : NULL;
 		bool known = false;
 		if (end) {
 			for (size_t i = 0; i < sizeof(redis_users) / sizeof(redis_users[0]); i++) {
 				const char *u = redis_users[i][0];
-				if (strlen(u) != (size_t)(end - p - 1) || strncmp(u, p + 1, strlen(u)))
+				if (strlen(u) != (size_t)(end - p - 1) ||
+				    strncmp(u, p + 1, strlen(u)))
 					continue;
 				unsigned char d[DIGEST_SHA256_LEN];
 				char hex[DIGEST_SHA256_HEX_LEN + 1];
-				cr_assert(digest_sha256(redis_users[i][1], strlen(redis_users[i][1]), d));
+				cr_assert(digest_sha256(redis_users[i][1],
+							strlen(redis_users[i][1]), d));
 				digest_hex(d, DIGEST_SHA256_LEN, hex);
 				fputs(hex, out);
 				known = true;
@@ -72,7 +74,8 @@ static const char *redis_acl_file(void)
 
 	if (path[0])
 		return path;
-	snprintf(path, sizeof(path), "%s/daybook-test-redis-%d.acl", harness_tmpdir(), (int)getpid());
+	snprintf(path, sizeof(path), "%s/daybook-test-redis-%d.acl", harness_tmpdir(),
+		 (int)getpid());
 	/* The ACL template (comments dropped) and the test ACL file it becomes. */
 	in = fopen(harness_env("DAYBOOK_TEST_REDIS_ACL"), "r");
 	out = fopen(path, "w");
@@ -101,8 +104,9 @@ void harness_redis_url_as(const char *url, const char *user, char *out, size_t l
 		snprintf(out, len, "%s", url); /* a server without users: as it is */
 		return;
 	}
-	cr_assert_lt((size_t)snprintf(out, len, "redis://%s:%s@%s:%u/%d", user, redis_password(user),
-				      addr.host, (unsigned)addr.port, addr.db),
+	cr_assert_lt((size_t)snprintf(out, len, "redis://%s:%s@%s:%u/%d", user,
+				      redis_password(user), addr.host, (unsigned)addr.port,
+				      addr.db),
 		     len);
 }
 
@@ -148,10 +152,24 @@ void harness_start_redis(struct service *svc, bool reuse_port, char *url, size_t
 				      redis_password("daybook-admin"), p),
 		     len);
 	{
-		char *const argv[] = { "redis-server", "--port", port, "--bind", "127.0.0.1",
-				       "--save", "", "--appendonly", "no", "--protected-mode", "no",
-				       "--aclfile", (char *)acl, "--dir", (char *)harness_tmpdir(),
-				       "--dbfilename", rdb, NULL };
+		char *const argv[] = { "redis-server",
+				       "--port",
+				       port,
+				       "--bind",
+				       "127.0.0.1",
+				       "--save",
+				       "",
+				       "--appendonly",
+				       "no",
+				       "--protected-mode",
+				       "no",
+				       "--aclfile",
+				       (char *)acl,
+				       "--dir",
+				       (char *)harness_tmpdir(),
+				       "--dbfilename",
+				       rdb,
+				       NULL };
 		svc->pid = spawn_redis_server(argv);
 	}
 	for (int i = 0; i < 200; i++) {
@@ -177,16 +195,19 @@ void harness_start_sentinel(struct service *svc, int redis_port, char *url, size
 	snprintf(svc->name, sizeof(svc->name), "sentinel");
 	snprintf(port, sizeof(port), "%d", p);
 	/* The Sentinel's configuration, which it rewrites as it learns. */
-	snprintf(conf, sizeof(conf), "%s/daybook-test-sentinel-%d-%d.conf", harness_tmpdir(), (int)getpid(), p);
+	snprintf(conf, sizeof(conf), "%s/daybook-test-sentinel-%d-%d.conf", harness_tmpdir(),
+		 (int)getpid(), p);
 	f = fopen(conf, "w");
 	cr_assert(f, "cannot write %s", conf);
-	fprintf(f, "bind 127.0.0.1\nport %d\nsentinel resolve-hostnames no\n"
-		   "sentinel monitor daybook 127.0.0.1 %d 1\n"
-		   "sentinel auth-user daybook daybook-ops\nsentinel auth-pass daybook %s\n"
-		   "sentinel down-after-milliseconds daybook 1000\n",
+	fprintf(f,
+		"bind 127.0.0.1\nport %d\nsentinel resolve-hostnames no\n"
+		"sentinel monitor daybook 127.0.0.1 %d 1\n"
+		"sentinel auth-user daybook daybook-ops\nsentinel auth-pass daybook %s\n"
+		"sentinel down-after-milliseconds daybook 1000\n",
 		p, redis_port, redis_password("daybook-ops"));
 	fclose(f);
-	cr_assert_lt((size_t)snprintf(url, len, "redis-sentinel://daybook-admin:%s@127.0.0.1:%d/daybook",
+	cr_assert_lt((size_t)snprintf(url, len,
+				      "redis-sentinel://daybook-admin:%s@127.0.0.1:%d/daybook",
 				      redis_password("daybook-admin"), p),
 		     len);
 	{
@@ -195,8 +216,10 @@ void harness_start_sentinel(struct service *svc, int redis_port, char *url, size
 	}
 	for (int i = 0; i < 500; i++) {
 		redisContext *c = redisConnect("127.0.0.1", p);
-		redisReply *r = c && !c->err ? redisCommand(c, "SENTINEL get-master-addr-by-name daybook")
-					     : NULL;
+		redisReply *r = c && !c->err
+					? redisCommand(c,
+						       "SENTINEL get-master-addr-by-name daybook")
+					: NULL;
 		bool up = r && r->type == REDIS_REPLY_ARRAY && r->elements == 2;
 		if (r)
 			freeReplyObject(r);

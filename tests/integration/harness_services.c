@@ -25,7 +25,8 @@ static const char *tokens_file(void)
 
 	if (path[0])
 		return path;
-	snprintf(path, sizeof(path), "%s/daybook-test-tokens-%d.txt", harness_tmpdir(), (int)getpid());
+	snprintf(path, sizeof(path), "%s/daybook-test-tokens-%d.txt", harness_tmpdir(),
+		 (int)getpid());
 	f = fopen(path, "w");
 	cr_assert(f, "cannot write %s", path);
 	fprintf(f, "# test tokens\n");
@@ -47,7 +48,8 @@ static bool wait_ready(const struct service *svc, double timeout)
 
 	while (harness_now() < end) {
 		struct response r = http_request(svc->port, "GET", "/readyz", NULL, NULL, 2);
-		bool ok = r.status == 200 || (r.status == 503 && r.body && strstr(r.body, "standby"));
+		bool ok = r.status == 200 ||
+			  (r.status == 503 && r.body && strstr(r.body, "standby"));
 		response_free(&r);
 		if (ok)
 			return true;
@@ -58,8 +60,8 @@ static bool wait_ready(const struct service *svc, double timeout)
 	return false;
 }
 
-static void start_service(struct service *svc, const char *name, const char *binvar,
-			  const char *pg, const char *const *extra_env)
+static void start_service(struct service *svc, const char *name, const char *binvar, const char *pg,
+			  const char *const *extra_env)
 {
 	const char *bin = harness_env(binvar);
 	char listen[64];
@@ -68,8 +70,8 @@ static void start_service(struct service *svc, const char *name, const char *bin
 	snprintf(svc->name, sizeof(svc->name), "%s", name);
 	svc->port = harness_free_port();
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", svc->port);
-	snprintf(svc->log_path, sizeof(svc->log_path), "%s/daybook-test-%d-%s-%d.log", harness_tmpdir(),
-		 (int)getpid(), name, svc->port);
+	snprintf(svc->log_path, sizeof(svc->log_path), "%s/daybook-test-%d-%s-%d.log",
+		 harness_tmpdir(), (int)getpid(), name, svc->port);
 	svc->pid = fork();
 	cr_assert(svc->pid >= 0);
 	if (svc->pid == 0) {

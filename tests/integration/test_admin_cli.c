@@ -1,10 +1,10 @@
 /* The binaries as an operator meets them: configuration errors at start (exit 2, one
  * line naming the variable), --help, and `daybook-admin migrate` on real databases. */
-#include <criterion/criterion.h>
-#include <jansson.h>
 #include <arpa/inet.h>
+#include <criterion/criterion.h>
 #include <dirent.h>
 #include <errno.h>
+#include <jansson.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -17,8 +17,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "harness.h"
 #include "digest.h"
+#include "harness.h"
 #include "tokens.h"
 
 TestSuite(admin_cli, .timeout = 120);
@@ -45,8 +45,9 @@ static const char *env_required(const char *name)
  * lookup may need) plus `vars`, a NULL-terminated list of "NAME=value". */
 static void proc_start(struct proc *p, const char *const *argv, const char *const *vars)
 {
-	static const char *const passed[] = { "PATH", "HOME", "PGPASSWORD", "PGPASSFILE",
-					      "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS" };
+	static const char *const passed[] = { "PATH",        "HOME",         "PGPASSWORD",
+					      "PGPASSFILE",  "ASAN_OPTIONS", "UBSAN_OPTIONS",
+					      "LSAN_OPTIONS" };
 	char *envp[64], inherited[sizeof(passed) / sizeof(passed[0])][4096];
 	size_t n = 0;
 
@@ -104,7 +105,8 @@ static void proc_wait(struct proc *p, double timeout_s)
 	if (r == 0) {
 		p->timed_out = true;
 		kill(p->pid, SIGTERM);
-		for (end = harness_now() + 10; (r = waitpid(p->pid, &ws, WNOHANG)) == 0 && harness_now() < end;)
+		for (end = harness_now() + 10;
+		     (r = waitpid(p->pid, &ws, WNOHANG)) == 0 && harness_now() < end;)
 			usleep(5000);
 		if (r == 0) {
 			kill(p->pid, SIGKILL);
@@ -187,7 +189,8 @@ struct command_env {
 static void command_env_valid(struct command_env *e)
 {
 	tokens_file(e->tokens_path, sizeof(e->tokens_path), "");
-	snprintf(e->pg, sizeof(e->pg), "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1");
+	snprintf(e->pg, sizeof(e->pg),
+		 "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1");
 	snprintf(e->tokens, sizeof(e->tokens), "DAYBOOK_TOKENS_FILE=%s", e->tokens_path);
 	snprintf(e->listen, sizeof(e->listen), "DAYBOOK_LISTEN=127.0.0.1:%d", harness_free_port());
 	snprintf(e->level, sizeof(e->level), "DAYBOOK_LOG_LEVEL=info");
@@ -250,8 +253,8 @@ Test(admin_cli, command_without_tokens_file_exits_2)
 
 Test(admin_cli, command_with_malformed_listen_exits_2)
 {
-	const char *bad[] = { "nonsense", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", ":8081",
-			      "127.0.0.1:http" };
+	const char *bad[] = { "nonsense",        "127.0.0.1", "127.0.0.1:0",
+			      "127.0.0.1:65536", ":8081",     "127.0.0.1:http" };
 	struct command_env e;
 
 	command_env_valid(&e);
@@ -302,7 +305,8 @@ Test(admin_cli, command_with_a_bad_idempotency_retention_or_sweep_interval_exits
 	snprintf(e.level, sizeof(e.level), "DAYBOOK_IDEMPOTENCY_RETENTION_S=86400");
 	{
 		struct proc p = run_command(&e, NULL, 1.5);
-		cr_assert(p.timed_out, "24 hours is allowed; exited %d: %s", p.status, p.stderr_text);
+		cr_assert(p.timed_out, "24 hours is allowed; exited %d: %s", p.status,
+			  p.stderr_text);
 		proc_free(&p);
 	}
 	unlink(e.tokens_path);
@@ -433,7 +437,8 @@ static void create_empty_db(char *db, size_t len)
 	PGresult *r;
 
 	cr_assert(PQstatus(conn) == CONNECTION_OK, "DAYBOOK_TEST_PG: %s", PQerrorMessage(conn));
-	snprintf(db, len, "cli_%d_%d_%ld", (int)getpid(), counter++, (long)(harness_now() * 1000) % 100000);
+	snprintf(db, len, "cli_%d_%d_%ld", (int)getpid(), counter++,
+		 (long)(harness_now() * 1000) % 100000);
 	snprintf(cmd, sizeof(cmd), "CREATE DATABASE %s", db);
 	r = PQexec(conn, cmd);
 	cr_assert(PQresultStatus(r) == PGRES_COMMAND_OK, "%s: %s", cmd, PQresultErrorMessage(r));
@@ -542,8 +547,8 @@ static bool table_exists(const char *db, const char *table)
 {
 	char q[256];
 
-	snprintf(q, sizeof(q), "SELECT count(*) FROM pg_class WHERE relname = '%s' AND relkind = 'r'",
-		 table);
+	snprintf(q, sizeof(q),
+		 "SELECT count(*) FROM pg_class WHERE relname = '%s' AND relkind = 'r'", table);
 	return sql_int(db, q) == 1;
 }
 
@@ -559,7 +564,8 @@ Test(admin_cli, migrate_applies_once_refuses_a_changed_file_and_applies_new_ones
 
 	/* A fresh database: every file, in order, once. */
 	for (size_t i = 0; i < n; i++)
-		len += (size_t)snprintf(expected + len, sizeof(expected) - len, "applied %s\n", names[i]);
+		len += (size_t)snprintf(expected + len, sizeof(expected) - len, "applied %s\n",
+					names[i]);
 	p = migrate(db, dir);
 	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
 	cr_assert_str_eq(p.stdout_text, expected);
@@ -654,10 +660,14 @@ Test(admin_cli, a_failing_migration_leaves_nothing_behind)
 static long long long_effect(int v)
 {
 	switch (v % 4) {
-	case 0: return v;  /* FundsDeposited */
-	case 1: return -1; /* FundsWithdrawn */
-	case 2: return 2;  /* TransferReceived */
-	default: return -3; /* TransferSent */
+	case 0:
+		return v; /* FundsDeposited */
+	case 1:
+		return -1; /* FundsWithdrawn */
+	case 2:
+		return 2; /* TransferReceived */
+	default:
+		return -3; /* TransferSent */
 	}
 }
 
@@ -676,21 +686,23 @@ static long long long_balance(int v)
  * 1000). Their snapshots, from 008, must be what the C fold says. */
 static void add_long_history_to(const char *db)
 {
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) "
-			"SELECT 'account-long', 1, 'AccountOpened', '{\"account_id\":\"long\",\"name\":"
-			"\"L\",\"currency\":\"USD\",\"overdraft_limit\":50}'::jsonb, '{}'::jsonb UNION ALL "
-			"SELECT 'account-long', v, CASE v % 4 WHEN 0 THEN 'FundsDeposited' WHEN 1 THEN "
-			"'FundsWithdrawn' WHEN 2 THEN 'TransferReceived' ELSE 'TransferSent' END, "
-			"CASE v % 4 WHEN 0 THEN jsonb_build_object('amount', v) WHEN 1 THEN "
-			"'{\"amount\":1}' WHEN 2 THEN jsonb_build_object('transfer_id', 'r' || v, "
-			"'from', 'x', 'amount', 2) ELSE jsonb_build_object('transfer_id', 's' || v, "
-			"'to', 'x', 'amount', 3) END, '{}' FROM generate_series(2, 2345) v ORDER BY 2"));
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) "
-			"SELECT 'account-shut', 1, 'AccountOpened', '{\"account_id\":\"shut\",\"name\":"
-			"\"S\",\"currency\":\"EUR\",\"overdraft_limit\":0}'::jsonb, '{}'::jsonb UNION ALL "
-			"SELECT 'account-shut', v, CASE v % 2 WHEN 0 THEN 'FundsDeposited' ELSE "
-			"'FundsWithdrawn' END, '{\"amount\":1}', '{}' FROM generate_series(2, 999) v "
-			"UNION ALL SELECT 'account-shut', 1000, 'AccountClosed', '{}', '{}' ORDER BY 2"));
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) "
+		    "SELECT 'account-long', 1, 'AccountOpened', '{\"account_id\":\"long\",\"name\":"
+		    "\"L\",\"currency\":\"USD\",\"overdraft_limit\":50}'::jsonb, '{}'::jsonb UNION ALL "
+		    "SELECT 'account-long', v, CASE v % 4 WHEN 0 THEN 'FundsDeposited' WHEN 1 THEN "
+		    "'FundsWithdrawn' WHEN 2 THEN 'TransferReceived' ELSE 'TransferSent' END, "
+		    "CASE v % 4 WHEN 0 THEN jsonb_build_object('amount', v) WHEN 1 THEN "
+		    "'{\"amount\":1}' WHEN 2 THEN jsonb_build_object('transfer_id', 'r' || v, "
+		    "'from', 'x', 'amount', 2) ELSE jsonb_build_object('transfer_id', 's' || v, "
+		    "'to', 'x', 'amount', 3) END, '{}' FROM generate_series(2, 2345) v ORDER BY 2"));
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) "
+		    "SELECT 'account-shut', 1, 'AccountOpened', '{\"account_id\":\"shut\",\"name\":"
+		    "\"S\",\"currency\":\"EUR\",\"overdraft_limit\":0}'::jsonb, '{}'::jsonb UNION ALL "
+		    "SELECT 'account-shut', v, CASE v % 2 WHEN 0 THEN 'FundsDeposited' ELSE "
+		    "'FundsWithdrawn' END, '{\"amount\":1}', '{}' FROM generate_series(2, 999) v "
+		    "UNION ALL SELECT 'account-shut', 1000, 'AccountClosed', '{}', '{}' ORDER BY 2"));
 }
 
 static void assert_backfilled(const char *db, const char *id, int version, const char *currency,
@@ -698,12 +710,13 @@ static void assert_backfilled(const char *db, const char *id, int version, const
 {
 	char q[1024];
 
-	snprintf(q, sizeof(q), "SELECT count(*) FROM account_snapshots WHERE stream = 'account-%s' "
+	snprintf(q, sizeof(q),
+		 "SELECT count(*) FROM account_snapshots WHERE stream = 'account-%s' "
 		 "AND version = %d AND state = jsonb_build_object('account_id', '%s', 'currency', "
 		 "'%s', 'balance', %lld, 'overdraft_limit', %lld, 'version', %d, 'closed', %s)",
 		 id, version, id, currency, balance, limit, version, closed ? "true" : "false");
-	cr_assert_eq(sql_int(db, q), 1, "account-%s: no snapshot at %d with balance %lld", id, version,
-		     balance);
+	cr_assert_eq(sql_int(db, q), 1, "account-%s: no snapshot at %d with balance %lld", id,
+		     version, balance);
 }
 
 Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
@@ -728,10 +741,11 @@ Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
 	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
 	proc_free(&p);
 	cr_assert_not(table_exists(db, "account_snapshots"));
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
-			"('account-old', 1, 'AccountOpened', '{\"account_id\":\"old\",\"name\":\"O\","
-			"\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
-			"('account-old', 2, 'FundsDeposited', '{\"amount\":30}', '{}')"));
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		    "('account-old', 1, 'AccountOpened', '{\"account_id\":\"old\",\"name\":\"O\","
+		    "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
+		    "('account-old', 2, 'FundsDeposited', '{\"amount\":30}', '{}')"));
 	add_long_history_to(db);
 
 	/* The new binaries' migrate: 008 applies; the service loads the old history. */
@@ -760,8 +774,8 @@ Test(admin_cli, migrate_adds_account_snapshots_to_a_database_with_history)
 	response_free(&r);
 	r = post(&command, "/accounts/long/deposits", "{\"amount\":12}", NULL);
 	cr_assert_eq(r.status, 201, "%s", r.body);
-	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), long_balance(2345) + 12,
-		     "%s", r.body);
+	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")),
+		     long_balance(2345) + 12, "%s", r.body);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 2346, "%s", r.body);
 	response_free(&r);
 	r = post(&command, "/accounts/shut/deposits", "{\"amount\":12}", NULL);
@@ -789,11 +803,13 @@ Test(admin_cli, two_databases_both_migrate_and_get_the_grants)
 		proc_free(&p);
 		cr_assert_eq(sql_int(dbs[i], "SELECT count(*) FROM events"), 0);
 		/* INSERT on the columns it decides (sql/011), not on txid or position. */
-		cr_assert_eq(sql_int(dbs[i], "SELECT has_column_privilege('daybook_command', 'events', "
-					     "'stream', 'INSERT')::int"),
+		cr_assert_eq(sql_int(dbs[i],
+				     "SELECT has_column_privilege('daybook_command', 'events', "
+				     "'stream', 'INSERT')::int"),
 			     1);
-		cr_assert_eq(sql_int(dbs[i], "SELECT has_table_privilege('daybook_query', 'events', "
-					     "'SELECT')::int"),
+		cr_assert_eq(sql_int(dbs[i],
+				     "SELECT has_table_privilege('daybook_query', 'events', "
+				     "'SELECT')::int"),
 			     1);
 		harness_conninfo(dbs[i], "daybook_command", conninfo, sizeof(conninfo));
 		conn = PQconnectdb(conninfo);
@@ -822,7 +838,8 @@ Test(admin_cli, concurrent_migrates_of_one_database_apply_each_file_once)
 	for (size_t i = 0; i < n; i++) {
 		char line[300];
 		snprintf(line, sizeof(line), "applied %.255s\n", names[i]);
-		applied += (strstr(a.stdout_text, line) != NULL) + (strstr(b.stdout_text, line) != NULL);
+		applied += (strstr(a.stdout_text, line) != NULL) +
+			   (strstr(b.stdout_text, line) != NULL);
 	}
 	cr_assert_eq(applied, n, "each file applied by exactly one of them:\n%s---\n%s",
 		     a.stdout_text, b.stdout_text);
@@ -841,8 +858,9 @@ Test(admin_cli, every_binary_answers_help_and_version_without_any_configuration)
 					       { "DAYBOOK_QUERY_BIN", "daybook-query" },
 					       { "DAYBOOK_PROJECTOR_BIN", "daybook-projector" },
 					       { "DAYBOOK_ADMIN_BIN", "daybook-admin" } };
-	static const char *const flags[][2] = { { "--help", "usage: " }, { "-h", "usage: " },
-						{ "--version", "" }, { "-V", "" } };
+	static const char *const flags[][2] = {
+		{ "--help", "usage: " }, { "-h", "usage: " }, { "--version", "" }, { "-V", "" }
+	};
 
 	for (size_t b = 0; b < sizeof(bins) / sizeof(bins[0]); b++) {
 		for (size_t f = 0; f < sizeof(flags) / sizeof(flags[0]); f++) {
@@ -860,7 +878,8 @@ Test(admin_cli, every_binary_answers_help_and_version_without_any_configuration)
 			if (flags[f][1][0] == '\0') {
 				/* "daybook-x 0.1.0 (commit)" or "daybook-x 0.1.0": one line */
 				cr_assert_eq(sscanf(p.stdout_text, "%63s %d.%d.%d", name, &major,
-						    &minor, &patch), 4, "%s", p.stdout_text);
+						    &minor, &patch),
+					     4, "%s", p.stdout_text);
 				cr_assert_str_eq(name, bins[b][1]);
 				cr_assert_eq(count_lines(p.stdout_text), 1, "%s", p.stdout_text);
 			}
@@ -884,8 +903,10 @@ Test(admin_cli, each_admin_command_has_its_own_help_without_a_database)
 			snprintf(head, sizeof(head), "usage: daybook-admin %s", commands[i]);
 			cr_assert_eq(p.status, 0, "%s %s: %d %s", commands[i], forms[k], p.status,
 				     p.stderr_text);
-			cr_assert_eq(strncmp(p.stdout_text, head, strlen(head)), 0, "%s", p.stdout_text);
-			cr_assert_not_null(strstr(p.stdout_text, "Exit status"), "%s", p.stdout_text);
+			cr_assert_eq(strncmp(p.stdout_text, head, strlen(head)), 0, "%s",
+				     p.stdout_text);
+			cr_assert_not_null(strstr(p.stdout_text, "Exit status"), "%s",
+					   p.stdout_text);
 			cr_assert_str_eq(p.stderr_text, "");
 			proc_free(&p);
 		}
@@ -921,8 +942,10 @@ Test(admin_cli, admin_usage_errors_exit_2_naming_the_argument)
 
 Test(admin_cli, an_unreachable_postgresql_exits_3_from_every_admin_command)
 {
-	static const char *const commands[][2] = { { "migrate", NULL }, { "rebuild", "sql" },
-						   { "verify", "--no-redis" }, { "status", NULL } };
+	static const char *const commands[][2] = { { "migrate", NULL },
+						   { "rebuild", "sql" },
+						   { "verify", "--no-redis" },
+						   { "status", NULL } };
 	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
 	const char *env[] = { "DAYBOOK_PG=host=127.0.0.1 port=1 dbname=none connect_timeout=1",
 			      NULL };
@@ -961,7 +984,8 @@ Test(admin_cli, rebuild_off_a_terminal_writes_json_lines_to_the_end_even_when_it
 	cr_assert_geq(lines, 2, "%s", p.stdout_text);
 	cr_assert_str_eq(json_string_value(json_object_get(last, "phase")), "failed");
 	cr_assert_not_null(strstr(json_string_value(json_object_get(last, "error")),
-				  "cannot connect to PostgreSQL"), "%s", p.stdout_text);
+				  "cannot connect to PostgreSQL"),
+			   "%s", p.stdout_text);
 	cr_assert_null(strchr(json_string_value(json_object_get(last, "error")), '\n'));
 	json_decref(last);
 	proc_free(&p);
@@ -973,8 +997,14 @@ Test(admin_cli, rebuild_off_a_terminal_writes_json_lines_to_the_end_even_when_it
  * (no DAYBOOK_PG): it needs none. */
 static struct proc token_new(const char *id, const char *scopes)
 {
-	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "token", "new", "--id", id,
-			       "--scopes", scopes, NULL };
+	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"),
+			       "token",
+			       "new",
+			       "--id",
+			       id,
+			       "--scopes",
+			       scopes,
+			       NULL };
 
 	return run(argv, NULL, 10);
 }
@@ -1032,9 +1062,9 @@ Test(admin_cli, token_new_makes_a_different_token_each_time)
 Test(admin_cli, token_new_refuses_a_bad_id_or_bad_scopes_and_prints_no_token)
 {
 	static const char *const bad[][2] = {
-		{ "has space", "read" },  { "", "read" },	     { "ok", "" },
-		{ "ok", "reed" },	  { "ok", "read,,write" },   { "ok", "read," },
-		{ "ok", "read,read" },	  { "ok", "write read" },
+		{ "has space", "read" }, { "", "read" },          { "ok", "" },
+		{ "ok", "reed" },        { "ok", "read,,write" }, { "ok", "read," },
+		{ "ok", "read,read" },   { "ok", "write read" },
 	};
 	const char *bin = env_required("DAYBOOK_ADMIN_BIN");
 	const char *missing[] = { bin, "token", "new", "--id", "x", NULL },

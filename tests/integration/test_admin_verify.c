@@ -7,8 +7,8 @@
 #include <jansson.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdatomic.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,7 +52,8 @@ static void must(const char *path, const char *body)
 static void workload(void)
 {
 	must("/accounts", "{\"id\":\"v-alice\",\"name\":\"Alice\",\"currency\":\"EUR\"}");
-	must("/accounts", "{\"id\":\"v-bob\",\"name\":\"Bob\",\"currency\":\"EUR\",\"overdraft_limit\":500}");
+	must("/accounts",
+	     "{\"id\":\"v-bob\",\"name\":\"Bob\",\"currency\":\"EUR\",\"overdraft_limit\":500}");
 	must("/accounts", "{\"id\":\"v-carol\",\"name\":\"Carol\",\"currency\":\"USD\"}");
 	must("/accounts", "{\"id\":\"v-dave\",\"name\":\"Dave\",\"currency\":\"USD\"}");
 	must("/accounts", "{\"id\":\"v-erin\",\"name\":\"Erin\",\"currency\":\"EUR\"}");
@@ -62,13 +63,15 @@ static void workload(void)
 			   "\"reference\":\"lunch\"}");
 	must("/transfers", "{\"id\":\"t2\",\"from\":\"v-bob\",\"to\":\"v-alice\",\"amount\":200}");
 	must("/accounts/v-carol/deposits", "{\"amount\":7000}");
-	must("/transfers", "{\"id\":\"t3\",\"from\":\"v-carol\",\"to\":\"v-dave\",\"amount\":2500}");
+	must("/transfers",
+	     "{\"id\":\"t3\",\"from\":\"v-carol\",\"to\":\"v-dave\",\"amount\":2500}");
 	must("/accounts/v-dave/withdrawals", "{\"amount\":100}");
 	must("/accounts/v-erin/deposits", "{\"amount\":50}");
 	must("/accounts/v-erin/withdrawals", "{\"amount\":50}");
 	must("/accounts/v-erin/close", "{}");
 	for (int i = 0; i < 60; i++)
-		must("/accounts/v-alice/deposits", i % 2 ? "{\"amount\":1}" : "{\"amount\":2,\"reference\":\"r\"}");
+		must("/accounts/v-alice/deposits",
+		     i % 2 ? "{\"amount\":1}" : "{\"amount\":2,\"reference\":\"r\"}");
 }
 
 static void token_of(const char *query, char *out, size_t len)
@@ -235,8 +238,11 @@ static void *keep_writing(void *arg)
 			snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + i % 7);
 		else
 			snprintf(body, sizeof(body),
-				 "{\"id\":\"live-%d\",\"from\":\"v-alice\",\"to\":\"v-bob\",\"amount\":1}", i);
-		r = i % 2 ? post(&command, i % 4 == 1 ? "/accounts/v-bob/deposits" : "/accounts/v-erin/deposits",
+				 "{\"id\":\"live-%d\",\"from\":\"v-alice\",\"to\":\"v-bob\",\"amount\":1}",
+				 i);
+		r = i % 2 ? post(&command,
+				 i % 4 == 1 ? "/accounts/v-bob/deposits"
+					    : "/accounts/v-erin/deposits",
 				 body, NULL)
 			  : post(&command, "/transfers", body, NULL);
 		response_free(&r);
@@ -254,10 +260,12 @@ Test(admin_verify, clean_while_the_projector_keeps_applying)
 	workload();
 	harness_wait_caught_up(db, redis_url, 30);
 	pthread_create(&writer, NULL, keep_writing, &w);
-	cr_assert(harness_wait_count(&w.writes, 10, harness_now() + 20), "the writer made no headway");
+	cr_assert(harness_wait_count(&w.writes, 10, harness_now() + 20),
+		  "the writer made no headway");
 	for (int i = 0; i < 3; i++) {
 		r = admin(redis_url, verify_args);
-		cr_assert_eq(r.status, 0, "verify under load exited %d\n%s%s", r.status, r.out, r.err);
+		cr_assert_eq(r.status, 0, "verify under load exited %d\n%s%s", r.status, r.out,
+			     r.err);
 		run_free(&r);
 	}
 	atomic_store(&w.stop, true);
@@ -279,7 +287,8 @@ Test(admin_verify, without_redis_checks_sql_only)
 	cr_assert(strstr(r.err, "--no-redis"), "no note on stderr: %s", r.err);
 	run_free(&r);
 	r = admin(NULL, verify_args);
-	cr_assert_eq(r.status, 0, "verify without DAYBOOK_REDIS exited %d\n%s%s", r.status, r.out, r.err);
+	cr_assert_eq(r.status, 0, "verify without DAYBOOK_REDIS exited %d\n%s%s", r.status, r.out,
+		     r.err);
 	cr_assert(strstr(r.err, "DAYBOOK_REDIS is not set"), "no note on stderr: %s", r.err);
 	run_free(&r);
 }
@@ -289,13 +298,20 @@ Test(admin_verify, names_corrupted_sql_rows)
 	char balance[32], line[128];
 
 	projected_workload();
-	token_of("SELECT balance FROM rm_accounts WHERE account_id = 'v-alice'", balance, sizeof(balance));
-	PQclear(sql(db, "UPDATE rm_accounts SET balance = balance + 1 WHERE account_id = 'v-alice'"));
+	token_of("SELECT balance FROM rm_accounts WHERE account_id = 'v-alice'", balance,
+		 sizeof(balance));
+	PQclear(sql(db,
+		    "UPDATE rm_accounts SET balance = balance + 1 WHERE account_id = 'v-alice'"));
 	PQclear(sql(db, "DELETE FROM rm_entries WHERE account_id = 'v-bob' AND version = 3"));
-	PQclear(sql(db, "UPDATE rm_entries SET reference = 'x' WHERE account_id = 'v-carol' AND version = 2"));
+	PQclear(sql(
+		db,
+		"UPDATE rm_entries SET reference = 'x' WHERE account_id = 'v-carol' AND version = 2"));
 	PQclear(sql(db, "UPDATE rm_transfers SET amount = 1 WHERE transfer_id = 't3'"));
-	PQclear(sql(db, "INSERT INTO rm_transfers VALUES ('ghost', 'v-alice', 'v-bob', 5, 'EUR', NULL, now())"));
-	PQclear(sql(db, "UPDATE rm_totals SET open_accounts = open_accounts + 1 WHERE currency = 'USD'"));
+	PQclear(sql(
+		db,
+		"INSERT INTO rm_transfers VALUES ('ghost', 'v-alice', 'v-bob', 5, 'EUR', NULL, now())"));
+	PQclear(sql(db,
+		    "UPDATE rm_totals SET open_accounts = open_accounts + 1 WHERE currency = 'USD'"));
 	PQclear(sql(db, "DELETE FROM rm_accounts WHERE account_id = 'v-dave'"));
 	snprintf(line, sizeof(line), "DIFF sql account:v-alice balance: expected %s, found %lld\n",
 		 balance, atoll(balance) + 1);
@@ -323,11 +339,10 @@ Test(admin_verify, names_corrupted_redis_keys)
 	/* The oldest of alice's newest 50 items goes missing. */
 	redis_get(line, sizeof(line), "RPOP dbk:g:%s:stmt:v-alice", gen); /* newest first */
 	redis_get(line, sizeof(line), "SET dbk:g:%s:layout 1", gen);
-	snprintf(line, sizeof(line), "DIFF redis account:v-bob body: expected %s, found {\"corrupt\":true}\n",
-		 body);
+	snprintf(line, sizeof(line),
+		 "DIFF redis account:v-bob body: expected %s, found {\"corrupt\":true}\n", body);
 	const char *const lines[] = {
-		"DIFF redis live layout: expected 2, found 1\n",
-		line,
+		"DIFF redis live layout: expected 2, found 1\n", line,
 		"DIFF redis transfer:t2 key: expected present, found absent\n",
 		"DIFF redis entry:v-alice/", /* its version depends on the workload's order */
 	};
@@ -344,7 +359,8 @@ Test(admin_verify, names_redis_keys_that_nothing_in_the_log_accounts_for)
 	redis_get(line, sizeof(line), "LPUSH dbk:g:%s:stmt:ghost-2 {}", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:xfer:t-ghost {}", gen);
 	redis_get(line, sizeof(line), "SET dbk:g:%s:stray 1", gen);
-	redis_get(line, sizeof(line), "SET dbk:g:%s:acct:\xff\xfe 1", gen); /* no event has such an id */
+	redis_get(line, sizeof(line), "SET dbk:g:%s:acct:\xff\xfe 1",
+		  gen); /* no event has such an id */
 	/* Another generation's keys are not the live models' business. */
 	redis_get(line, sizeof(line), "SET dbk:g:999999:acct:elsewhere 1");
 	const char *const lines[] = {
@@ -382,7 +398,9 @@ Test(admin_verify, no_live_generation_is_one_difference)
 
 	projected_workload();
 	redis_get(ignored, sizeof(ignored), "DEL " READMODEL_LIVE_KEY);
-	const char *const lines[] = { "DIFF redis live generation: expected present, found absent\n" };
+	const char *const lines[] = {
+		"DIFF redis live generation: expected present, found absent\n"
+	};
 	expect_diffs(lines, 1);
 }
 
@@ -493,11 +511,15 @@ Test(admin_verify, status_json_reports_lag)
 	cr_assert_str_eq(json_string_value(json_object_get(sql_row, "checkpoint")), head);
 	cr_assert_eq(json_integer_value(json_object_get(sql_row, "lag_events")), 2);
 	cr_assert_gt(json_real_value(json_object_get(sql_row, "lag_seconds")), 0);
-	cr_assert_eq(json_integer_value(json_object_get(json_object_get(o, "redis"), "live_generation")),
+	cr_assert_eq(json_integer_value(
+			     json_object_get(json_object_get(o, "redis"), "live_generation")),
 		     atoll(gen));
-	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(o, "redis"), "checkpoint")),
+	cr_assert_str_eq(json_string_value(
+				 json_object_get(json_object_get(o, "redis"), "checkpoint")),
 			 head);
-	cr_assert_eq(json_integer_value(json_object_get(json_object_get(o, "redis"), "lag_events")), 2);
-	cr_assert_str_neq(json_string_value(json_object_get(json_object_get(o, "log"), "head")), head);
+	cr_assert_eq(json_integer_value(json_object_get(json_object_get(o, "redis"), "lag_events")),
+		     2);
+	cr_assert_str_neq(json_string_value(json_object_get(json_object_get(o, "log"), "head")),
+			  head);
 	json_decref(o);
 }

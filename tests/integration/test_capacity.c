@@ -76,12 +76,14 @@ static void commit_tx(struct history *h)
 		params[i] = (char *)evbuffer_pullup(h->cols[i], -1);
 	}
 	if (h->nevents) {
-		r = PQexecParams(h->pg, "INSERT INTO events (stream, version, type, data, metadata) "
-					"SELECT s, v, t, d, m FROM unnest($1::text[], $2::int[], $3::text[], "
-					"$4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS x(s, v, t, d, m, i) "
-					"ORDER BY i",
+		r = PQexecParams(h->pg,
+				 "INSERT INTO events (stream, version, type, data, metadata) "
+				 "SELECT s, v, t, d, m FROM unnest($1::text[], $2::int[], $3::text[], "
+				 "$4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS x(s, v, t, d, m, i) "
+				 "ORDER BY i",
 				 5, NULL, (const char *const *)params, NULL, NULL, 0);
-		cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "appending: %s", PQresultErrorMessage(r));
+		cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "appending: %s",
+			     PQresultErrorMessage(r));
 		PQclear(r);
 	}
 	for (int i = 0; i < 5; i++)
@@ -102,7 +104,8 @@ static void emit(struct history *h, struct acct *a, const struct ledger_event *e
 	snprintf(version, sizeof(version), "%d", a->st.version);
 	snprintf(meta, sizeof(meta),
 		 "{\"request_id\":\"prop-%lld\",\"token_id\":\"test-write\",\"time\":"
-		 "\"2026-01-01T00:00:00Z\"}", h->requests);
+		 "\"2026-01-01T00:00:00Z\"}",
+		 h->requests);
 	pg_array_append(h->cols[0], stream, h->nevents == 0);
 	pg_array_append(h->cols[1], version, h->nevents == 0);
 	pg_array_append(h->cols[2], ledger_event_name(ev->type), h->nevents == 0);
@@ -115,7 +118,8 @@ static void emit(struct history *h, struct acct *a, const struct ledger_event *e
 
 static struct acct *open_account(struct history *h, const char *id, const char *currency)
 {
-	static const char *const names[] = { "Ann", "Zo\xc3\xab \"Q\" \\", "caf\xc3\xa9 \xe2\x82\xac", "B" };
+	static const char *const names[] = { "Ann", "Zo\xc3\xab \"Q\" \\",
+					     "caf\xc3\xa9 \xe2\x82\xac", "B" };
 	struct acct *a = &h->accounts[h->naccounts++];
 	struct ledger_event ev;
 
@@ -340,8 +344,9 @@ Test(capacity, random_valid_histories_always_project_and_verify_clean)
 		}
 	}
 	harness_wait_caught_up(db, redis_url, 60);
-	fprintf(stderr, "capacity: seed %u, %zu events, %zu accounts, %lld transfers, stream of %d\n",
-		seed, h.total, h.naccounts, h.transfers, longest->st.version);
+	fprintf(stderr,
+		"capacity: seed %u, %zu events, %zu accounts, %lld transfers, stream of %d\n", seed,
+		h.total, h.naccounts, h.transfers, longest->st.version);
 	harness_assert_models_match_log(db);
 	harness_assert_redis_matches_sql(db, redis_url);
 	status = admin("verify", out, 1 << 16);
@@ -353,7 +358,8 @@ Test(capacity, random_valid_histories_always_project_and_verify_clean)
 	cr_assert_eq(status, 0, "seed %u: rebuild exited %d\n%s", seed, status, out);
 	harness_wait_caught_up(db, redis_url, 60);
 	status = admin("verify", out, 1 << 16);
-	cr_assert_eq(status, 0, "seed %u: verify after the rebuild exited %d\n%s", seed, status, out);
+	cr_assert_eq(status, 0, "seed %u: verify after the rebuild exited %d\n%s", seed, status,
+		     out);
 	assert_totals_agree(&query);
 	harness_stop(&query);
 	cr_assert_eq(harness_stop(&projector), 0);

@@ -63,7 +63,8 @@ static void must(const struct service *svc, const char *path, const char *body)
 }
 
 /* Wait until svc says ready; the time it took from `since`. */
-static double wait_leading(const struct service *svc, double since, double deadline, const char *what)
+static double wait_leading(const struct service *svc, double since, double deadline,
+			   const char *what)
 {
 	while (readyz(svc, NULL, 0) != 200) {
 		cr_assert(harness_now() < deadline, "%s", what);
@@ -76,11 +77,11 @@ static double wait_leading(const struct service *svc, double since, double deadl
 
 struct client {
 	const struct service *svc[2];
-	const char tag[2][4];   /* the request id's prefix per instance */
+	const char tag[2][4]; /* the request id's prefix per instance */
 	atomic_bool stop;
 	atomic_bool pause, paused; /* hold between writes (none in flight) while pause is set */
 	pthread_t thread;
-	char **acked;           /* the keys answered 201 */
+	char **acked; /* the keys answered 201 */
 	size_t nacked, cap;
 	int retries;
 	char unexpected[512]; /* an answer that should not have come, "" if none */
@@ -105,7 +106,8 @@ static void *client_loop(void *arg)
 		for (int attempt = 0; !atomic_load(&c->stop); attempt++) {
 			struct response r;
 			snprintf(rid, sizeof(rid), "%s-%d-%d", c->tag[cur], i, attempt);
-			r = send_write(c->svc[cur], "/accounts/load/deposits", "{\"amount\":1}", rid, key, 2);
+			r = send_write(c->svc[cur], "/accounts/load/deposits", "{\"amount\":1}",
+				       rid, key, 2);
 			if (r.status == 201) {
 				if (c->nacked == c->cap) {
 					c->cap = c->cap ? 2 * c->cap : 256;
@@ -138,7 +140,8 @@ static void client_wait(struct client *c, size_t n)
 
 	while (__atomic_load_n(&c->nacked, __ATOMIC_ACQUIRE) < n) {
 		cr_assert(!atomic_load(&c->stop), "the client stopped: %s", c->unexpected);
-		cr_assert(harness_now() < deadline, "the client got %zu writes acknowledged in 60 s",
+		cr_assert(harness_now() < deadline,
+			  "the client got %zu writes acknowledged in 60 s",
 			  __atomic_load_n(&c->nacked, __ATOMIC_ACQUIRE));
 		usleep(10000);
 	}
@@ -188,7 +191,8 @@ static void client_stop_and_check(struct client *c)
 	q = malloc(len + 512);
 	snprintf(q, len + 512,
 		 "SELECT count(*) FROM unnest('%s'::text[]) k WHERE (SELECT count(*) FROM events e "
-		 "WHERE e.stream = 'account-load' AND e.metadata->>'idempotency_key' = k) <> 1", lit);
+		 "WHERE e.stream = 'account-load' AND e.metadata->>'idempotency_key' = k) <> 1",
+		 lit);
 	cr_assert_eq(sql_int(db, q), 0, "an acknowledged write is not in the log exactly once");
 	r = sql(db, "SELECT metadata->>'idempotency_key' FROM events WHERE stream = 'account-load' "
 		    "AND metadata ? 'idempotency_key' GROUP BY 1 HAVING count(*) > 1");
@@ -220,7 +224,10 @@ Test(command_lead, of_two_instances_exactly_one_is_ready_and_the_standby_refuses
 	cr_assert_str_eq(code_of(&r), "not_leader", "%s", r.body);
 	cr_assert(response_header(&r, "Retry-After", retry, sizeof(retry)), "no Retry-After");
 	response_free(&r);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE metadata->>'request_id' = 'to-standby'"), 0);
+	cr_assert_eq(
+		sql_int(db,
+			"SELECT count(*) FROM events WHERE metadata->>'request_id' = 'to-standby'"),
+		0);
 	cr_assert_eq(harness_metric(&a, "daybook_command_leader"), 1);
 	cr_assert_eq(harness_metric(&b, "daybook_command_leader"), 0);
 	cr_assert_eq(harness_stop(&b), 0);
@@ -252,7 +259,8 @@ Test(command_lead, a_standby_takes_writes_within_3_s_of_the_leader_being_killed)
 			break;
 		cr_assert(r.status == 503 || r.status == 409, "%d %s", r.status, r.body);
 		response_free(&r);
-		cr_assert(harness_now() < t0 + 3, "the standby took no write within 3 s of the kill");
+		cr_assert(harness_now() < t0 + 3,
+			  "the standby took no write within 3 s of the kill");
 		usleep(20000);
 	}
 	took = harness_now() - t0;
@@ -262,7 +270,10 @@ Test(command_lead, a_standby_takes_writes_within_3_s_of_the_leader_being_killed)
 	cr_assert_eq(readyz(&b, NULL, 0), 200);
 	client_wait(&c, 40);
 	client_stop_and_check(&c);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE metadata->>'idempotency_key' = 'probe'"), 1);
+	cr_assert_eq(
+		sql_int(db,
+			"SELECT count(*) FROM events WHERE metadata->>'idempotency_key' = 'probe'"),
+		1);
 	cr_assert_eq(harness_stop(&b), 0);
 }
 
@@ -287,8 +298,10 @@ static void backend_state(long long pid, char *out, size_t len)
 	char q[160];
 	PGresult *r;
 
-	snprintf(q, sizeof(q), "SELECT coalesce(state, '') || '/' || coalesce(wait_event_type, '') "
-			       "FROM pg_stat_activity WHERE pid = %lld", pid);
+	snprintf(q, sizeof(q),
+		 "SELECT coalesce(state, '') || '/' || coalesce(wait_event_type, '') "
+		 "FROM pg_stat_activity WHERE pid = %lld",
+		 pid);
 	r = sql(db, q);
 	snprintf(out, len, "%s", PQntuples(r) ? PQgetvalue(r, 0, 0) : "");
 	PQclear(r);
@@ -329,14 +342,15 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	 * table lock (which, unlike a row written, holds no transaction id, so the readers'
 	 * horizon of the cluster, which other tests share, is not held back). Reads of the
 	 * log go on; B's writes wait until it is released. */
-	cr_assert_str_eq(harness_sqlstate(blocker, "BEGIN; LOCK TABLE events IN SHARE MODE", code), "",
-			 "%s", PQerrorMessage(blocker));
+	cr_assert_str_eq(harness_sqlstate(blocker, "BEGIN; LOCK TABLE events IN SHARE MODE", code),
+			 "", "%s", PQerrorMessage(blocker));
 	held.svc = &a;
 	cr_assert_eq(pthread_create(&held.thread, NULL, send_held, &held), 0);
 	deadline = harness_now() + 20;
 	for (backend_state(writer, state, sizeof(state)); strcmp(state, "active/Lock") != 0;
 	     backend_state(writer, state, sizeof(state))) {
-		cr_assert(harness_now() < deadline, "A's batch did not wait for the lock (%s)", state);
+		cr_assert(harness_now() < deadline, "A's batch did not wait for the lock (%s)",
+			  state);
 		usleep(10000);
 	}
 	kill(a.pid, SIGSTOP);
@@ -355,11 +369,13 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	deadline = harness_now() + 20;
 	for (backend_state(writer, state, sizeof(state)); strncmp(state, "active", 6) == 0;
 	     backend_state(writer, state, sizeof(state))) {
-		cr_assert(harness_now() < deadline, "A's batch did not end after the lock was released");
+		cr_assert(harness_now() < deadline,
+			  "A's batch did not end after the lock was released");
 		usleep(10000);
 	}
-	cr_assert_neq(state[0], '\0', "A's writing session was ended: the fence was not what "
-				      "stopped its batch");
+	cr_assert_neq(state[0], '\0',
+		      "A's writing session was ended: the fence was not what "
+		      "stopped its batch");
 	/* A deliberate hold, not a wait: A stays frozen 12 s, well past its lease. */
 	while (harness_now() < t0 + 12)
 		usleep(50000);
@@ -385,16 +401,18 @@ Test(command_lead, a_frozen_leader_is_replaced_within_10_s_and_its_batch_in_flig
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-held'"), 1,
 		     "a write of the deposed leader committed");
 	/* Nothing sent to A committed after the first commit of the new leader B. */
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events a WHERE a.metadata->>'request_id' LIKE 'A-%' "
-				 "AND a.position > (SELECT min(position) FROM events "
-				 "WHERE metadata->>'request_id' LIKE 'B-%')"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM events a WHERE a.metadata->>'request_id' LIKE 'A-%' "
+			     "AND a.position > (SELECT min(position) FROM events "
+			     "WHERE metadata->>'request_id' LIKE 'B-%')"),
 		     0, "the old leader committed after the new leader's first commit");
 	PQfinish(blocker);
 	cr_assert_eq(harness_stop(&a), 0);
 	cr_assert_eq(harness_stop(&b), 0);
 }
 
-Test(command_lead, a_leader_whose_lease_is_taken_stands_by_and_starts_from_the_log_when_it_leads_again)
+Test(command_lead,
+     a_leader_whose_lease_is_taken_stands_by_and_starts_from_the_log_when_it_leads_again)
 {
 	struct service a;
 	PGconn *thief = harness_connect_as(db, NULL);
@@ -420,7 +438,10 @@ Test(command_lead, a_leader_whose_lease_is_taken_stands_by_and_starts_from_the_l
 	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
 	cr_assert_str_eq(code_of(&r), "not_leader", "%s", r.body);
 	response_free(&r);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE metadata->>'request_id' = 'after-theft'"), 0);
+	cr_assert_eq(
+		sql_int(db,
+			"SELECT count(*) FROM events WHERE metadata->>'request_id' = 'after-theft'"),
+		0);
 	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "a deposed leader says ready");
 	/* The other leader writes; then it goes away. */
 	sql_int(db, "WITH i AS (INSERT INTO events (stream, version, type, data, metadata) VALUES "
@@ -428,7 +449,8 @@ Test(command_lead, a_leader_whose_lease_is_taken_stands_by_and_starts_from_the_l
 		    "RETURNING 1) SELECT count(*) FROM i");
 	PQfinish(thief);
 	deadline = harness_now() + 10;
-	wait_leading(&a, harness_now(), deadline, "the lease of a closed session was not taken back");
+	wait_leading(&a, harness_now(), deadline,
+		     "the lease of a closed session was not taken back");
 	cr_assert_gt(sql_int(db, "SELECT epoch FROM command_leases"), stolen);
 	/* The new term decides on the log, not on what A cached before: no conflict. */
 	r = send_write(&a, "/accounts/x/deposits", "{\"amount\":1}", "again", NULL, 30);
@@ -455,10 +477,12 @@ Test(command_lead, a_batch_with_a_stale_epoch_fails_with_dbf01_and_writes_nothin
 	e1 = atoll(PQgetvalue(res, 0, 0));
 	PQclear(res);
 	cr_assert_gt(e1, 0);
-	snprintf(q, sizeof(q), "BEGIN; INSERT INTO events (stream, version, type, data, metadata) VALUES "
-			       "('account-f', 1, 'AccountOpened', '{\"account_id\":\"f\",\"name\":\"F\","
-			       "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'); "
-			       "SELECT command_fence(%lld); COMMIT", e1);
+	snprintf(q, sizeof(q),
+		 "BEGIN; INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		 "('account-f', 1, 'AccountOpened', '{\"account_id\":\"f\",\"name\":\"F\","
+		 "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'); "
+		 "SELECT command_fence(%lld); COMMIT",
+		 e1);
 	cr_assert_str_eq(harness_sqlstate(cmd, q, code), "", "%s", PQerrorMessage(cmd));
 	/* Another instance takes over (the lease expired). */
 	res = PQexec(su, "UPDATE command_leases SET expires_at = '-infinity'; "
@@ -468,9 +492,11 @@ Test(command_lead, a_batch_with_a_stale_epoch_fails_with_dbf01_and_writes_nothin
 	PQclear(res);
 	cr_assert_gt(e2, e1);
 	/* The deposed holder's next batch rolls back at its fence. */
-	snprintf(q, sizeof(q), "BEGIN; INSERT INTO events (stream, version, type, data, metadata) VALUES "
-			       "('account-f', 2, 'FundsDeposited', '{\"amount\":5}', '{}'); "
-			       "SELECT command_fence(%lld)", e1);
+	snprintf(q, sizeof(q),
+		 "BEGIN; INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		 "('account-f', 2, 'FundsDeposited', '{\"amount\":5}', '{}'); "
+		 "SELECT command_fence(%lld)",
+		 e1);
 	cr_assert_str_eq(harness_sqlstate(cmd, q, code), "DBF01", "%s", PQerrorMessage(cmd));
 	cr_assert(strstr(PQerrorMessage(cmd), "command_fenced"), "%s", PQerrorMessage(cmd));
 	cr_assert_str_eq(harness_sqlstate(cmd, "COMMIT", code), "");
@@ -482,10 +508,12 @@ Test(command_lead, a_batch_with_a_stale_epoch_fails_with_dbf01_and_writes_nothin
 	/* The other service roles may neither read nor claim the write lease. */
 	for (size_t i = 0; i < 2; i++) {
 		PGconn *c = harness_connect_as(db, roles[i]);
-		cr_assert_str_eq(harness_sqlstate(c, "SELECT epoch FROM command_leases", code), "42501",
-				 "%s read the lease", roles[i]);
-		cr_assert_str_eq(harness_sqlstate(c, "SELECT command_lease_claim('command', 'i', 0, 30, 0)",
-					     code), "42501", "%s claimed the lease", roles[i]);
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT epoch FROM command_leases", code),
+				 "42501", "%s read the lease", roles[i]);
+		cr_assert_str_eq(harness_sqlstate(c,
+						  "SELECT command_lease_claim('command', 'i', 0, 30, 0)",
+						  code),
+				 "42501", "%s claimed the lease", roles[i]);
 		cr_assert_str_eq(harness_sqlstate(c, "SELECT command_fence(1)", code), "42501");
 		PQfinish(c);
 	}

@@ -77,12 +77,14 @@ Test(concurrency, fifty_withdrawals_of_100_from_1000_give_exactly_ten)
 	}
 	cr_assert_eq(ok, 10);
 	cr_assert_eq(refused, 40);
-	cr_assert_eq(sql_int(db, "SELECT sum(CASE type WHEN 'FundsDeposited' THEN 1 ELSE -1 END * "
-				 "(data->>'amount')::bigint) FROM events WHERE stream = 'account-pot' "
-				 "AND type <> 'AccountOpened'"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT sum(CASE type WHEN 'FundsDeposited' THEN 1 ELSE -1 END * "
+			     "(data->>'amount')::bigint) FROM events WHERE stream = 'account-pot' "
+			     "AND type <> 'AccountOpened'"),
 		     0);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-pot'"), 12);
-	cr_assert_eq(sql_int(db, "SELECT max(version) FROM events WHERE stream = 'account-pot'"), 12);
+	cr_assert_eq(sql_int(db, "SELECT max(version) FROM events WHERE stream = 'account-pot'"),
+		     12);
 }
 
 /* Each account's running balance, from the log: the lowest it ever was, relative to
@@ -110,8 +112,8 @@ Test(concurrency, five_hundred_random_transfers_conserve_money_and_limits)
 
 	for (int i = 0; i < ACCOUNTS; i++) {
 		snprintf(q, sizeof(q),
-			 "{\"id\":\"acc-%d\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":%d}", i,
-			 (i % 3) * 100);
+			 "{\"id\":\"acc-%d\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":%d}",
+			 i, (i % 3) * 100);
 		must("/accounts", q);
 		snprintf(q, sizeof(q), "/accounts/acc-%d/deposits", i);
 		must(q, "{\"amount\":500}");
@@ -122,14 +124,14 @@ Test(concurrency, five_hundred_random_transfers_conserve_money_and_limits)
 			to = (to + 1) % ACCOUNTS;
 		snprintf(jobs[i].path, sizeof(jobs[i].path), "/transfers");
 		snprintf(jobs[i].body, sizeof(jobs[i].body),
-			 "{\"id\":\"t-%d\",\"from\":\"acc-%d\",\"to\":\"acc-%d\",\"amount\":%d}", i, from,
-			 to, 1 + rand_r(&seed) % 400);
+			 "{\"id\":\"t-%d\",\"from\":\"acc-%d\",\"to\":\"acc-%d\",\"amount\":%d}", i,
+			 from, to, 1 + rand_r(&seed) % 400);
 	}
 	for (int w = 0; w < TRANSFERS; w += WAVE)
 		run_all(jobs + w, WAVE);
 	for (int i = 0; i < TRANSFERS; i++) {
-		cr_assert(jobs[i].r.status == 201 || jobs[i].r.status == 422, "transfer %d: %d %s", i,
-			  jobs[i].r.status, jobs[i].r.body);
+		cr_assert(jobs[i].r.status == 201 || jobs[i].r.status == 422, "transfer %d: %d %s",
+			  i, jobs[i].r.status, jobs[i].r.body);
 		ok += jobs[i].r.status == 201;
 		response_free(&jobs[i].r);
 	}
@@ -137,12 +139,16 @@ Test(concurrency, five_hundred_random_transfers_conserve_money_and_limits)
 	cr_assert_gt(ok, 100, "most transfers should succeed, %d did", ok);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'TransferSent'"), ok);
 	/* Conservation: transfers only move money; the total is what was deposited. */
-	cr_assert_eq(sql_int(db, "SELECT sum((data->>'amount')::bigint) FROM events WHERE type = 'TransferSent'") -
-			     sql_int(db, "SELECT sum((data->>'amount')::bigint) FROM events WHERE type = 'TransferReceived'"),
-		     0);
+	cr_assert_eq(
+		sql_int(db,
+			"SELECT sum((data->>'amount')::bigint) FROM events WHERE type = 'TransferSent'") -
+			sql_int(db,
+				"SELECT sum((data->>'amount')::bigint) FROM events WHERE type = 'TransferReceived'"),
+		0);
 	snprintf(q, sizeof(q), "%s SELECT sum(delta) FROM moves", balances_sql);
 	cr_assert_eq(sql_int(db, q), ACCOUNTS * 500);
-	snprintf(q, sizeof(q), "%s SELECT count(*) FROM running JOIN limits USING (stream) WHERE bal < -lim",
+	snprintf(q, sizeof(q),
+		 "%s SELECT count(*) FROM running JOIN limits USING (stream) WHERE bal < -lim",
 		 balances_sql);
 	cr_assert_eq(sql_int(db, q), 0, "no balance ever went below its overdraft limit");
 	/* Every stream's versions are 1..n without gaps. */
@@ -150,8 +156,9 @@ Test(concurrency, five_hundred_random_transfers_conserve_money_and_limits)
 				 "FROM events GROUP BY stream) s WHERE m <> c"),
 		     0);
 	/* Both sides of every transfer share a transaction. */
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events s JOIN events r ON "
-				 "r.data->>'transfer_id' = s.data->>'transfer_id' AND r.type = "
-				 "'TransferReceived' WHERE s.type = 'TransferSent' AND s.txid <> r.txid"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM events s JOIN events r ON "
+			     "r.data->>'transfer_id' = s.data->>'transfer_id' AND r.type = "
+			     "'TransferReceived' WHERE s.type = 'TransferSent' AND s.txid <> r.txid"),
 		     0);
 }

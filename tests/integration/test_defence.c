@@ -173,8 +173,8 @@ Test(defence, services_use_their_own_redis_users_and_never_log_passwords)
 		if (client_is(r->str, "daybook-query", "daybook-query") &&
 		    client_is(r->str, "daybook-projector", "daybook-projector"))
 			break;
-		cr_assert(harness_now() < end, "not every service is connected as its own user:\n%s",
-			  r->str);
+		cr_assert(harness_now() < end,
+			  "not every service is connected as its own user:\n%s", r->str);
 		freeReplyObject(r);
 	}
 	freeReplyObject(r);
@@ -227,12 +227,14 @@ Test(defence, postgresql_asks_every_connection_for_a_password)
 		n = strlen(conninfo);
 		/* With its password (from PGPASSFILE) the role gets in ... */
 		conn = PQconnectdb(conninfo);
-		cr_assert(PQstatus(conn) == CONNECTION_OK, "%s: %s", conninfo, PQerrorMessage(conn));
+		cr_assert(PQstatus(conn) == CONNECTION_OK, "%s: %s", conninfo,
+			  PQerrorMessage(conn));
 		PQfinish(conn);
 		/* ... without one it does not: no `trust` anywhere. */
 		snprintf(conninfo + n, sizeof(conninfo) - n, " passfile=/dev/null password=''");
 		conn = PQconnectdb(conninfo);
-		cr_assert(PQstatus(conn) != CONNECTION_OK, "%s got in without a password", conninfo);
+		cr_assert(PQstatus(conn) != CONNECTION_OK, "%s got in without a password",
+			  conninfo);
 		PQfinish(conn);
 	}
 }
@@ -288,10 +290,11 @@ Test(defence, a_log_with_txids_ahead_of_the_cluster_is_refused_at_start)
 
 	/* As a logical restore into a younger cluster leaves it: an event whose txid this
 	 * cluster has not reached (the superuser may set it; the command role may not). */
-	PQclear(sql(db, "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
-			"((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
-			"'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
-			"\"overdraft_limit\":0}', '{}')"));
+	PQclear(sql(db,
+		    "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
+		    "((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
+		    "'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
+		    "\"overdraft_limit\":0}', '{}')"));
 
 	status = run_service("DAYBOOK_PROJECTOR_BIN", "daybook_projector", "", out, sizeof(out));
 	cr_assert_eq(status, 3, "the projector: exit %d, %s", status, out);
@@ -320,10 +323,11 @@ Test(defence, a_service_started_before_postgresql_answers_checks_once_it_does)
 	double end;
 	pid_t pid;
 
-	PQclear(sql(db, "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
-			"((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
-			"'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
-			"\"overdraft_limit\":0}', '{}')"));
+	PQclear(sql(db,
+		    "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
+		    "((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
+		    "'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
+		    "\"overdraft_limit\":0}', '{}')"));
 	/* PostgreSQL turns the projector away at its start ... */
 	snprintf(q, sizeof(q), "REVOKE CONNECT ON DATABASE %s FROM PUBLIC, daybook_projector", db);
 	PQclear(sql(db, q));

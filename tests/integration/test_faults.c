@@ -68,7 +68,9 @@ static void *work(void *arg)
 			pthread_mutex_lock(&l->lock);
 			if (l->nacks < MAX_ACKS)
 				l->acks[l->nacks++] = (struct ack){
-					w->id, json_integer_value(json_object_get(r.json, "version")), amount
+					w->id,
+					json_integer_value(json_object_get(r.json, "version")),
+					amount
 				};
 			pthread_mutex_unlock(&l->lock);
 		}
@@ -129,8 +131,9 @@ Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
 	cr_assert_gt(atomic_load(&l.statuses[503]), 0, "the outage should have been seen");
 	cr_assert_gt(l.nacks, 0);
 	/* Every acknowledged deposit is in the log, exactly once, as acknowledged. */
-	PGresult *log = sql(db, "SELECT substr(stream, 11)::int, version, (data->>'amount')::bigint "
-				"FROM events WHERE type = 'FundsDeposited'");
+	PGresult *log = sql(db,
+			    "SELECT substr(stream, 11)::int, version, (data->>'amount')::bigint "
+			    "FROM events WHERE type = 'FundsDeposited'");
 	for (size_t i = 0; i < l.nacks; i++) {
 		int found = 0;
 		for (int row = 0; row < PQntuples(log); row++)
@@ -157,7 +160,8 @@ struct burst {
 static void *slow_write(void *arg)
 {
 	struct burst *b = arg;
-	const char *h[] = { "Authorization: Bearer " TOKEN_WRITE, "Content-Type: application/json", NULL };
+	const char *h[] = { "Authorization: Bearer " TOKEN_WRITE, "Content-Type: application/json",
+			    NULL };
 	b->r = http_request(b->port, "POST", "/accounts/drain/deposits", h, "{\"amount\":1}", 30);
 	return NULL;
 }
@@ -168,7 +172,8 @@ Test(faults, sigterm_finishes_requests_in_flight_then_exits_zero)
 	struct burst b[10];
 	pthread_t t[10];
 	PGconn *blocker;
-	struct response r = post(&svc, "/accounts", "{\"id\":\"drain\",\"name\":\"D\",\"currency\":\"EUR\"}", NULL);
+	struct response r = post(&svc, "/accounts",
+				 "{\"id\":\"drain\",\"name\":\"D\",\"currency\":\"EUR\"}", NULL);
 
 	cr_assert_eq(r.status, 201);
 	response_free(&r);
@@ -193,7 +198,8 @@ Test(faults, sigterm_finishes_requests_in_flight_then_exits_zero)
 	PQfinish(blocker);
 	for (int i = 0; i < 10; i++) {
 		pthread_join(t[i], NULL);
-		cr_assert_eq(b[i].r.status, 201, "in-flight write %d: %d %s", i, b[i].r.status, b[i].r.body);
+		cr_assert_eq(b[i].r.status, 201, "in-flight write %d: %d %s", i, b[i].r.status,
+			     b[i].r.body);
 		response_free(&b[i].r);
 	}
 	cr_assert_eq(harness_stop(&svc), 0);

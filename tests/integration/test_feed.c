@@ -64,7 +64,8 @@ static void open_account(const char *id)
 {
 	char body[160];
 
-	snprintf(body, sizeof(body), "{\"id\":\"%s\",\"name\":\"%s\",\"currency\":\"EUR\"}", id, id);
+	snprintf(body, sizeof(body), "{\"id\":\"%s\",\"name\":\"%s\",\"currency\":\"EUR\"}", id,
+		 id);
 	must_post("/accounts", body, NULL, 0);
 }
 
@@ -87,7 +88,8 @@ static struct response get(const char *path)
 /* Every event's token in reader order, from the event store itself. */
 static size_t log_tokens(char ***out)
 {
-	PGresult *r = sql(db, "SELECT txid::text || '.' || position FROM events ORDER BY txid, position");
+	PGresult *r =
+		sql(db, "SELECT txid::text || '.' || position FROM events ORDER BY txid, position");
 	size_t n = (size_t)PQntuples(r);
 	char **v = calloc(n + 1, sizeof(*v));
 
@@ -128,7 +130,8 @@ static void assert_saw_log(const struct seen *s)
 
 	cr_assert_eq(s->n, n, "the consumer saw %zu events, the log holds %zu", s->n, n);
 	for (size_t i = 0; i < n; i++)
-		cr_assert_str_eq(s->v[i], log[i], "event %zu: saw %s, the log has %s", i, s->v[i], log[i]);
+		cr_assert_str_eq(s->v[i], log[i], "event %zu: saw %s, the log has %s", i, s->v[i],
+				 log[i]);
 	free_tokens(log, n);
 }
 
@@ -152,7 +155,7 @@ static void page(const char *query_string, struct seen *s, char *next, size_t le
 	cr_assert_eq(r.status, 200, "%s: %d %s", path, r.status, r.body);
 	events = json_object_get(r.json, "events");
 	cr_assert(json_is_array(events), "%s", r.body);
-	json_array_foreach(events, i, e)
+	json_array_foreach (events, i, e)
 		seen_add(s, json_string_value(json_object_get(e, "position")));
 	cr_assert(json_is_string(json_object_get(r.json, "next_after")), "%s", r.body);
 	snprintf(next, len, "%s", json_string_value(json_object_get(r.json, "next_after")));
@@ -210,9 +213,10 @@ static PGconn *late_begin(void)
 
 static void late_append_and_commit(PGconn *c)
 {
-	PGresult *r = PQexec(c, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
-				"('account-late', 1, 'AccountOpened', '{\"account_id\":\"late\","
-				"\"name\":\"Late\",\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}')");
+	PGresult *r =
+		PQexec(c, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+			  "('account-late', 1, 'AccountOpened', '{\"account_id\":\"late\","
+			  "\"name\":\"Late\",\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}')");
 
 	cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQerrorMessage(c));
 	PQclear(r);
@@ -234,9 +238,9 @@ struct sse {
 	int status;
 	bool headers_done, need_crlf, eof;
 	size_t chunk_left;
-	char *raw;   /* bytes received, not yet de-chunked */
+	char *raw; /* bytes received, not yet de-chunked */
 	size_t rlen;
-	char *body;  /* the event stream, not yet parsed */
+	char *body; /* the event stream, not yet parsed */
 	size_t blen;
 };
 
@@ -355,14 +359,16 @@ static bool sse_take(struct sse *s, struct sse_event *ev)
 
 static int connect_to(int port, int rcvbuf)
 {
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+	struct sockaddr_in a = { .sin_family = AF_INET,
+				 .sin_port = htons((uint16_t)port),
 				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 
 	cr_assert(fd >= 0);
 	if (rcvbuf)
 		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
-	cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0, "connect: %s", strerror(errno));
+	cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0, "connect: %s",
+		     strerror(errno));
 	return fd;
 }
 
@@ -533,10 +539,12 @@ static void readable_head(char *head, size_t len)
 	double end = harness_now() + 30;
 
 	harness_log_head(db, head, len);
-	snprintf(q, sizeof(q), "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::numeric > %lld)::int",
+	snprintf(q, sizeof(q),
+		 "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::numeric > %lld)::int",
 		 atoll(head));
 	while (sql_int(db, q) != 1) {
-		cr_assert(harness_now() < end, "the readable horizon did not pass %s in 30 s", head);
+		cr_assert(harness_now() < end, "the readable horizon did not pass %s in 30 s",
+			  head);
 		usleep(20000);
 	}
 }
@@ -562,7 +570,8 @@ Test(feed, filters_page_and_next_after_moves_past_filtered_out_events)
 	/* Deposits of a, two at a time. */
 	snprintf(after, sizeof(after), "0.0");
 	for (int i = 0; i < 3; i++) {
-		snprintf(qs, sizeof(qs), "after=%s&limit=2&type=FundsDeposited&stream=account-a", after);
+		snprintf(qs, sizeof(qs), "after=%s&limit=2&type=FundsDeposited&stream=account-a",
+			 after);
 		page(qs, &s, after, sizeof(after));
 	}
 	cr_assert_eq(s.n, 5);
@@ -577,7 +586,10 @@ Test(feed, filters_page_and_next_after_moves_past_filtered_out_events)
 	seen_free(&s);
 	r = get("/events?type=FundsWithdrawn&limit=10");
 	cr_assert_eq(json_array_size(json_object_get(r.json, "events")), 2);
-	cr_assert_str_eq(json_string_value(json_object_get(json_array_get(json_object_get(r.json, "events"), 0), "stream")),
+	cr_assert_str_eq(json_string_value(
+				 json_object_get(json_array_get(json_object_get(r.json, "events"),
+								0),
+						 "stream")),
 			 "account-a");
 	response_free(&r);
 
@@ -600,7 +612,9 @@ Test(feed, filters_page_and_next_after_moves_past_filtered_out_events)
 		cr_assert_str_eq(json_string_value(json_object_get(e, "stream")), "account-a");
 		cr_assert_eq(json_integer_value(json_object_get(e, "version")), 1);
 		cr_assert_str_eq(json_string_value(json_object_get(e, "type")), "AccountOpened");
-		cr_assert_str_eq(json_string_value(json_object_get(json_object_get(e, "data"), "account_id")), "a");
+		cr_assert_str_eq(json_string_value(
+					 json_object_get(json_object_get(e, "data"), "account_id")),
+				 "a");
 		cr_assert(json_is_object(json_object_get(e, "metadata")));
 		cr_assert(json_is_string(json_object_get(e, "recorded_at")));
 	}
@@ -630,7 +644,8 @@ static void wait_for_waiting(double n)
 
 	while (harness_metric(&query, "daybook_query_waiting_reads") < n && harness_now() < end)
 		usleep(10000);
-	cr_assert(harness_metric(&query, "daybook_query_waiting_reads") >= n, "the long-poll never waited");
+	cr_assert(harness_metric(&query, "daybook_query_waiting_reads") >= n,
+		  "the long-poll never waited");
 }
 
 Test(feed, a_long_poll_answers_on_a_matching_commit_and_times_out_empty_otherwise)
@@ -642,7 +657,8 @@ Test(feed, a_long_poll_answers_on_a_matching_commit_and_times_out_empty_otherwis
 	open_account("a");
 	readable_head(head, sizeof(head));
 	/* A matching commit ends the wait (long before its 25 s). */
-	snprintf(b.path, sizeof(b.path), "/events?after=%s&wait_ms=25000&type=FundsDeposited", head);
+	snprintf(b.path, sizeof(b.path), "/events?after=%s&wait_ms=25000&type=FundsDeposited",
+		 head);
 	cr_assert_eq(pthread_create(&b.t, NULL, bg_get, &b), 0);
 	wait_for_waiting(1);
 	open_account("b"); /* filtered out */
@@ -746,11 +762,14 @@ Test(feed, a_slow_consumer_is_cut_off_and_two_hundred_others_get_every_event,
 		}
 	}
 	for (int i = 0; i < CONSUMERS; i++)
-		cr_assert_eq(got[i], (size_t)written, "consumer %d got %zu of %d", i, got[i], written);
+		cr_assert_eq(got[i], (size_t)written, "consumer %d got %zu of %d", i, got[i],
+			     written);
 	/* One shared reader per worker: its reads do not multiply with the consumers. */
-	cr_assert(harness_metric(&query, "daybook_query_feed_live_reads_total") <= 2 * (51 * rounds + 100),
+	cr_assert(harness_metric(&query, "daybook_query_feed_live_reads_total") <=
+			  2 * (51 * rounds + 100),
 		  "%g live reads for %d commits and %d consumers",
-		  harness_metric(&query, "daybook_query_feed_live_reads_total"), 51 * rounds, CONSUMERS);
+		  harness_metric(&query, "daybook_query_feed_live_reads_total"), 51 * rounds,
+		  CONSUMERS);
 	for (int i = 0; i < CONSUMERS; i++)
 		sse_close(&c[i]);
 	sse_close(&slow);
@@ -820,7 +839,8 @@ Test(feed, a_head_request_for_the_stream_is_answered_and_takes_no_place, .init =
 		fds[i] = connect_to(query.port, 0);
 		snprintf(req, sizeof(req),
 			 "HEAD /events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
-			 "%s\r\nAccept: text/event-stream\r\n\r\n", TOKEN_READ);
+			 "%s\r\nAccept: text/event-stream\r\n\r\n",
+			 TOKEN_READ);
 		cr_assert_eq(send(fds[i], req, strlen(req), MSG_NOSIGNAL), (ssize_t)strlen(req));
 		n = 0;
 		while (harness_now() < end && !(n > 0 && memmem(buf, (size_t)n, "\r\n\r\n", 4))) {
@@ -871,13 +891,15 @@ Test(feed, malformed_parameters_are_400_naming_them)
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct response r = get(cases[i][0]);
 		cr_assert_eq(r.status, 400, "%s: %d", cases[i][0], r.status);
-		cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "invalid_request");
+		cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")),
+				 "invalid_request");
 		cr_assert(strstr(json_string_value(json_object_get(r.json, "detail")), cases[i][1]),
 			  "%s: %s", cases[i][0], r.body);
 		response_free(&r);
 	}
 	{
-		const char *h[] = { "Authorization: Bearer " TOKEN_READ, "Last-Event-ID: 12", NULL };
+		const char *h[] = { "Authorization: Bearer " TOKEN_READ, "Last-Event-ID: 12",
+				    NULL };
 		struct response r = http_request(query.port, "GET", "/events/stream", h, NULL, 10);
 		cr_assert_eq(r.status, 400);
 		cr_assert(strstr(r.body, "Last-Event-ID"), "%s", r.body);

@@ -41,7 +41,8 @@ static void start_command(void)
 
 static int connect_to(int port)
 {
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+	struct sockaddr_in a = { .sin_family = AF_INET,
+				 .sin_port = htons((uint16_t)port),
 				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
@@ -383,8 +384,9 @@ Test(http_edge, the_query_services_workers_share_the_cap_and_still_serve)
 static void *waiting_read(void *arg)
 {
 	const char *auth[] = { AUTH_READ, NULL };
-	struct response r = http_request(svc.port, "GET", "/totals?min_position=999999.1&wait_ms=3000",
-					 auth, NULL, 20);
+	struct response r = http_request(svc.port, "GET",
+					 "/totals?min_position=999999.1&wait_ms=3000", auth, NULL,
+					 20);
 
 	*(int *)arg = r.status;
 	response_free(&r);
@@ -405,7 +407,8 @@ Test(http_edge, connections_serving_a_request_are_never_closed_to_make_room)
 	harness_start_query(&svc, db, redis_url);
 	for (int i = 0; i < WAITING; i++)
 		cr_assert(pthread_create(&t[i], NULL, waiting_read, &status[i]) == 0);
-	cr_assert(harness_wait_metric(&svc, "daybook_query_waiting_reads", WAITING, harness_now() + 20),
+	cr_assert(harness_wait_metric(&svc, "daybook_query_waiting_reads", WAITING,
+				      harness_now() + 20),
 		  "the reads are not waiting");
 	raise_nofile(IDLE + 256);
 	hoard(svc.port, fds, IDLE);
@@ -473,7 +476,8 @@ Test(http_edge, head_is_served_wherever_get_is_with_the_same_headers_and_no_body
 	cr_assert_eq(get.status, 405);
 	cr_assert(response_header(&get, "Allow", glen, sizeof(glen)));
 	cr_assert_str_eq(glen, "GET, HEAD");
-	cr_assert_str_eq(json_string_value(json_object_get(get.json, "code")), "method_not_allowed");
+	cr_assert_str_eq(json_string_value(json_object_get(get.json, "code")),
+			 "method_not_allowed");
 	response_free(&get);
 }
 
@@ -507,11 +511,11 @@ Test(http_edge, a_malformed_query_string_is_400_and_never_ignored)
 	const char *bad[] = {
 		/* evhttp used to drop every parameter here, serving a stale read with 200 */
 		"/totals?min_position=999999.1&stale",
-		"/totals?min_position=%zz",               /* bad percent-encoding */
-		"/totals?min_position=1.1%",              /* truncated escape */
-		"/totals?min_position=%00",               /* an escaped NUL */
+		"/totals?min_position=%zz",                  /* bad percent-encoding */
+		"/totals?min_position=1.1%",                 /* truncated escape */
+		"/totals?min_position=%00",                  /* an escaped NUL */
 		"/totals?min_position=1.1&min_position=2.2", /* repeated */
-		"/totals?min_positon=1.1",                /* unknown (a typo) */
+		"/totals?min_positon=1.1",                   /* unknown (a typo) */
 		"/accounts/a1/transactions?limit=5&limit=6",
 	};
 	char redis_url[128];
@@ -524,7 +528,8 @@ Test(http_edge, a_malformed_query_string_is_400_and_never_ignored)
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		r = http_request(svc.port, "GET", bad[i], auth, NULL, 10);
 		cr_assert_eq(r.status, 400, "GET %s: %d %s", bad[i], r.status, r.body);
-		cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "invalid_request");
+		cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")),
+				 "invalid_request");
 		cr_assert(strstr(json_string_value(json_object_get(r.json, "detail")), "query"),
 			  "the detail should name the problem: %s", r.body);
 		response_free(&r);
@@ -557,8 +562,9 @@ Test(http_edge, readyz_names_dependencies_but_reveals_no_error_text)
 	start_command();
 	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 10);
 	cr_assert_eq(r.status, 200);
-	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(r.json, "checks"),
-							   "postgresql")), "ok", "%s", r.body);
+	cr_assert_str_eq(json_string_value(
+				 json_object_get(json_object_get(r.json, "checks"), "postgresql")),
+			 "ok", "%s", r.body);
 	response_free(&r);
 	/* The database goes away: the reconnection fails with a text naming it. */
 	snprintf(drop, sizeof(drop), "DROP DATABASE %s WITH (FORCE)", db);
@@ -568,8 +574,9 @@ Test(http_edge, readyz_names_dependencies_but_reveals_no_error_text)
 	cr_assert_eq(r.status, 503);
 	cr_assert(strcasestr(r.headers, "Content-Type: application/problem+json"));
 	cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "unavailable");
-	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(r.json, "checks"),
-							   "postgresql")), "unavailable", "%s", r.body);
+	cr_assert_str_eq(json_string_value(
+				 json_object_get(json_object_get(r.json, "checks"), "postgresql")),
+			 "unavailable", "%s", r.body);
 	cr_assert_null(strstr(r.body, db), "the database name leaked: %s", r.body);
 	cr_assert_null(strcasestr(r.body, "daybook_command"), "the role leaked: %s", r.body);
 	cr_assert_null(strcasestr(r.body, "FATAL"), "an error text leaked: %s", r.body);
@@ -591,8 +598,10 @@ Test(http_edge, the_projector_and_query_edges_have_the_same_limits_and_a_quiet_r
 	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 10);
 	cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
 	json_t *checks = json_object_get(r.json, "checks");
-	cr_assert_str_eq(json_string_value(json_object_get(checks, "postgresql")), "ok", "%s", r.body);
-	cr_assert_str_eq(json_string_value(json_object_get(checks, "projection")), "ok", "%s", r.body);
+	cr_assert_str_eq(json_string_value(json_object_get(checks, "postgresql")), "ok", "%s",
+			 r.body);
+	cr_assert_str_eq(json_string_value(json_object_get(checks, "projection")), "ok", "%s",
+			 r.body);
 	response_free(&r);
 
 	req = malloc(body + 512);
@@ -600,9 +609,10 @@ Test(http_edge, the_projector_and_query_edges_have_the_same_limits_and_a_quiet_r
 	for (int i = 0; i < 2; i++) {
 		int port = i == 0 ? svc.port : query.port;
 
-		n = (size_t)snprintf(req, 512,
-				     "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n",
-				     body);
+		n = (size_t)
+			snprintf(req, 512,
+				 "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n",
+				 body);
 		memset(req + n, 'x', body);
 		answer = exchange(port, req, n + body);
 		assert_problem(answer, 413, "payload_too_large");

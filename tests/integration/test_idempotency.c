@@ -14,7 +14,8 @@ static void setup(void)
 {
 	harness_db_create(db, sizeof(db));
 	harness_start_command(&svc, db);
-	struct response r = post(&svc, "/accounts", "{\"id\":\"idem\",\"name\":\"I\",\"currency\":\"EUR\"}", NULL);
+	struct response r = post(&svc, "/accounts",
+				 "{\"id\":\"idem\",\"name\":\"I\",\"currency\":\"EUR\"}", NULL);
 	cr_assert_eq(r.status, 201);
 	response_free(&r);
 }
@@ -85,9 +86,11 @@ Test(idempotency, the_same_key_with_another_body_is_422)
 
 	cr_assert_eq(first.status, 201);
 	cr_assert_eq(other.status, 422, "%d %s", other.status, other.body);
-	cr_assert_str_eq(json_string_value(json_object_get(other.json, "code")), "idempotency_key_reused");
+	cr_assert_str_eq(json_string_value(json_object_get(other.json, "code")),
+			 "idempotency_key_reused");
 	cr_assert_eq(path.status, 422);
-	cr_assert_str_eq(json_string_value(json_object_get(path.json, "code")), "idempotency_key_reused");
+	cr_assert_str_eq(json_string_value(json_object_get(path.json, "code")),
+			 "idempotency_key_reused");
 	cr_assert_eq(deposits(), 1);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'FundsWithdrawn'"), 0);
 	response_free(&first);
@@ -98,8 +101,8 @@ Test(idempotency, the_same_key_with_another_body_is_422)
 Test(idempotency, keys_belong_to_their_token)
 {
 	const char *writer[] = { "Idempotency-Key: shared", NULL };
-	const char *admin[] = { "Authorization: Bearer " TOKEN_ADMIN, "Content-Type: application/json",
-				"Idempotency-Key: shared", NULL };
+	const char *admin[] = { "Authorization: Bearer " TOKEN_ADMIN,
+				"Content-Type: application/json", "Idempotency-Key: shared", NULL };
 	struct response a = post(&svc, "/accounts/idem/deposits", "{\"amount\":10}", writer);
 	struct response b = http_request(svc.port, "POST", "/accounts/idem/deposits", admin,
 					 "{\"amount\":10}", 10);
@@ -169,9 +172,11 @@ Test(idempotency, a_repeat_while_the_first_is_in_flight_is_409)
 	after = post(&svc, "/accounts/idem/deposits", "{\"amount\":5}", key);
 
 	cr_assert_eq(during.status, 409, "%s", during.body);
-	cr_assert_str_eq(json_string_value(json_object_get(during.json, "code")), "request_in_progress");
+	cr_assert_str_eq(json_string_value(json_object_get(during.json, "code")),
+			 "request_in_progress");
 	char retry[16] = "";
-	cr_assert(response_header(&during, "Retry-After", retry, sizeof(retry)), "%s", during.headers);
+	cr_assert(response_header(&during, "Retry-After", retry, sizeof(retry)), "%s",
+		  during.headers);
 	cr_assert_str_eq(retry, "1");
 	cr_assert_eq(first.r.status, 201, "%s", first.r.body);
 	assert_replay_of(&first.r, &after);
@@ -184,7 +189,8 @@ Test(idempotency, a_repeat_while_the_first_is_in_flight_is_409)
 Test(idempotency, a_replay_survives_a_restart)
 {
 	const char *key[] = { "Idempotency-Key: restart-1", NULL };
-	struct response first = post(&svc, "/accounts/idem/deposits", "{\"amount\":30}", key), again;
+	struct response first = post(&svc, "/accounts/idem/deposits", "{\"amount\":30}", key),
+			again;
 
 	cr_assert_eq(first.status, 201);
 	cr_assert_eq(harness_stop(&svc), 0);
@@ -205,8 +211,9 @@ Test(idempotency, keys_are_kept_24_hours_and_expire_after)
 
 	cr_assert_eq(y1.status, 201);
 	cr_assert_eq(o1.status, 201);
-	PQclear(sql(db, "UPDATE idempotency_keys SET created_at = now() - interval '23 hours 59 minutes' "
-			"WHERE key = 'young'"));
+	PQclear(sql(db,
+		    "UPDATE idempotency_keys SET created_at = now() - interval '23 hours 59 minutes' "
+		    "WHERE key = 'young'"));
 	PQclear(sql(db, "UPDATE idempotency_keys SET created_at = now() - interval '26 hours' "
 			"WHERE key = 'old'"));
 	/* The service sweeps expired records when it (re)connects, on a connection of
@@ -282,19 +289,24 @@ Test(idempotency, expired_keys_are_swept_in_small_batches_under_continuous_write
 	for (double end = harness_now() + 15; writes_ok(w, 2) < 20; usleep(10000))
 		cr_assert_lt(harness_now(), end, "the writers made no progress");
 	/* Expired records (more than one batch's worth), and some just young enough. */
-	PQclear(sql(db, "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
-			"body, created_at) SELECT 'old-token', 'expired-' || i, '\\x00', 201, '{}', '{}', "
-			"now() - interval '26 hours' - i * interval '1 second' "
-			"FROM generate_series(1, 5500) i"));
-	PQclear(sql(db, "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
-			"body, created_at) SELECT 'old-token', 'young-' || i, '\\x00', 201, '{}', '{}', "
-			"now() - interval '23 hours 59 minutes' FROM generate_series(1, 300) i"));
+	PQclear(sql(db,
+		    "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
+		    "body, created_at) SELECT 'old-token', 'expired-' || i, '\\x00', 201, '{}', '{}', "
+		    "now() - interval '26 hours' - i * interval '1 second' "
+		    "FROM generate_series(1, 5500) i"));
+	PQclear(sql(db,
+		    "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
+		    "body, created_at) SELECT 'old-token', 'young-' || i, '\\x00', 201, '{}', '{}', "
+		    "now() - interval '23 hours 59 minutes' FROM generate_series(1, 300) i"));
 	before = writes_ok(w, 2);
 	for (double end = harness_now() + 25;
 	     sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'") > 0;
 	     usleep(20000))
-		cr_assert_lt(harness_now(), end, "expired records are still there under load (%lld left)",
-			     sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'"));
+		cr_assert_lt(
+			harness_now(), end,
+			"expired records are still there under load (%lld left)",
+			sql_int(db,
+				"SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'"));
 	/* The writes went on meanwhile and still do. */
 	during = writes_ok(w, 2);
 	for (double end = harness_now() + 15; writes_ok(w, 2) < during + 20; usleep(10000))
@@ -304,13 +316,14 @@ Test(idempotency, expired_keys_are_swept_in_small_batches_under_continuous_write
 		pthread_join(t[i], NULL);
 	cr_assert_eq(w[0].failed + w[1].failed, 0, "writes failed while the sweep ran");
 	cr_assert_gt(writes_ok(w, 2), before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'young-%'"), 300,
-		     "records younger than the retention were swept");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'young-%'"),
+		     300, "records younger than the retention were swept");
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'load-%'"),
 		     writes_ok(w, 2), "the writers' own records must stay");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
-				 "current_database() AND application_name = 'daybook-command-sweep'"), 1,
-		     "the sweep has a connection of its own");
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+			     "current_database() AND application_name = 'daybook-command-sweep'"),
+		     1, "the sweep has a connection of its own");
 	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_swept_total"), 5500);
 	/* At most a thousand rows per transaction: for 5,500, at least six that deleted. */
 	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_sweep_batches_total"), 6);

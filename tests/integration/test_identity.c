@@ -119,7 +119,8 @@ static void reads_never_stale(const char *name, const char *account, const char 
 		if (harness_now() > end) {
 			harness_print_log(&projector);
 			cr_assert_fail("the projector did not build a generation of %s in time "
-				       "(%d reads, %d fresh)", identity, reads, fresh_reads);
+				       "(%d reads, %d fresh)",
+				       identity, reads, fresh_reads);
 		}
 	}
 	/* Now from Redis, and still the new data. */
@@ -247,10 +248,12 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 	cr_assert(r && r->type == REDIS_REPLY_STRING);
 	snprintf(gen, sizeof(gen), "%s", r->str);
 	freeReplyObject(r);
-	freeReplyObject(redisCommand(c, "HSET dbk:g:%s:acct:alice v 99 j {\"balance\":777777}", gen));
+	freeReplyObject(
+		redisCommand(c, "HSET dbk:g:%s:acct:alice v 99 j {\"balance\":777777}", gen));
 	redisFree(c);
 
-	cr_assert_eq(admin((const char *const[]){ "migrate", "--new-identity", NULL }, &out), 0, "%s", out);
+	cr_assert_eq(admin((const char *const[]){ "migrate", "--new-identity", NULL }, &out), 0,
+		     "%s", out);
 	identity_of(db, after, sizeof(after));
 	cr_assert_str_neq(before, after);
 	cr_assert(strstr(out, after), "%s", out);
@@ -371,8 +374,10 @@ Test(identity, two_deployments_sharing_one_redis_database_never_serve_each_other
 	harness_start_query(&query2, db2, redis_url);
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Alice One\",\"currency\":\"EUR\"}");
 	{
-		struct response r = post(&command2, "/accounts",
-					 "{\"id\":\"alice\",\"name\":\"Alice Two\",\"currency\":\"EUR\"}", NULL);
+		struct response r =
+			post(&command2, "/accounts",
+			     "{\"id\":\"alice\",\"name\":\"Alice Two\",\"currency\":\"EUR\"}",
+			     NULL);
 		cr_assert_eq(r.status, 201, "%d %s", r.status, r.body);
 		response_free(&r);
 	}
@@ -382,17 +387,22 @@ Test(identity, two_deployments_sharing_one_redis_database_never_serve_each_other
 	end = harness_now() + 60;
 	while (!(harness_log_says(&projector, "two deployments share it") ||
 		 harness_log_says(&projector2, "two deployments share it"))) {
-		struct response a = http_request(query.port, "GET", "/accounts/alice", headers, NULL, 20);
-		struct response b = http_request(query2.port, "GET", "/accounts/alice", headers, NULL, 20);
+		struct response a = http_request(query.port, "GET", "/accounts/alice", headers,
+						 NULL, 20);
+		struct response b = http_request(query2.port, "GET", "/accounts/alice", headers,
+						 NULL, 20);
 		reads++;
-		cr_assert(a.status == 200 && strstr(a.body, "Alice One"), "%d %s", a.status, a.body);
-		cr_assert(b.status == 200 && strstr(b.body, "Alice Two"), "%d %s", b.status, b.body);
+		cr_assert(a.status == 200 && strstr(a.body, "Alice One"), "%d %s", a.status,
+			  a.body);
+		cr_assert(b.status == 200 && strstr(b.body, "Alice Two"), "%d %s", b.status,
+			  b.body);
 		response_free(&a);
 		response_free(&b);
 		if (harness_now() > end) {
 			harness_print_log(&projector);
 			harness_print_log(&projector2);
-			cr_assert_fail("the shared Redis database was not detected (%d reads)", reads);
+			cr_assert_fail("the shared Redis database was not detected (%d reads)",
+				       reads);
 		}
 	}
 	harness_stop(&projector2);

@@ -89,7 +89,8 @@ static long long command_backends(const char *condition)
 
 	snprintf(q, sizeof(q),
 		 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-		 "AND application_name = 'daybook-command' AND %s", condition);
+		 "AND application_name = 'daybook-command' AND %s",
+		 condition);
 	return sql_int(db, q);
 }
 
@@ -99,7 +100,8 @@ static void wait_backends(const char *condition, long long n)
 	double deadline = harness_now() + 30;
 
 	while (command_backends(condition) != n) {
-		cr_assert(harness_now() < deadline, "no %lld command backend(s) with %s", n, condition);
+		cr_assert(harness_now() < deadline, "no %lld command backend(s) with %s", n,
+			  condition);
 		usleep(20000);
 	}
 }
@@ -178,8 +180,9 @@ Test(outcomes, a_write_refused_at_commit_is_never_201_and_the_rest_of_its_batch_
 	PQclear(sql(db, "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ "
 			"BEGIN IF NEW.data->>'reference' = 'poison' THEN "
 			"RAISE EXCEPTION 'poison refused at commit'; END IF; RETURN NULL; END $$"));
-	PQclear(sql(db, "CREATE CONSTRAINT TRIGGER refuse_poison AFTER INSERT ON events "
-			"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()"));
+	PQclear(sql(db,
+		    "CREATE CONSTRAINT TRIGGER refuse_poison AFTER INSERT ON events "
+		    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()"));
 	start_command("30000", "20000");
 	open_account("starter");
 	open_account("p");
@@ -188,8 +191,9 @@ Test(outcomes, a_write_refused_at_commit_is_never_201_and_the_rest_of_its_batch_
 	for (int i = 0; i < POISON + CLEAN; i++) {
 		bool poison = i < POISON;
 		snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/p/deposits");
-		snprintf(calls[i].body, sizeof(calls[i].body), "{\"amount\":%d,\"reference\":\"%s%d\"}",
-			 poison ? 1000 : 10, poison ? "poison" : "clean-", i);
+		snprintf(calls[i].body, sizeof(calls[i].body),
+			 "{\"amount\":%d,\"reference\":\"%s%d\"}", poison ? 1000 : 10,
+			 poison ? "poison" : "clean-", i);
 		if (poison) /* exactly "poison" */
 			snprintf(calls[i].body, sizeof(calls[i].body),
 				 "{\"amount\":1000,\"reference\":\"poison\"}");
@@ -198,18 +202,23 @@ Test(outcomes, a_write_refused_at_commit_is_never_201_and_the_rest_of_its_batch_
 
 	for (int i = 0; i < POISON + CLEAN; i++) {
 		if (i < POISON) {
-			cr_expect_neq(calls[i].r.status, 201, "a refused write was acknowledged: %s",
-				      calls[i].r.body);
-			cr_expect_eq(calls[i].r.status, 500, "%d %s", calls[i].r.status, calls[i].r.body);
+			cr_expect_neq(calls[i].r.status, 201,
+				      "a refused write was acknowledged: %s", calls[i].r.body);
+			cr_expect_eq(calls[i].r.status, 500, "%d %s", calls[i].r.status,
+				     calls[i].r.body);
 		} else {
-			cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status, calls[i].r.body);
-			snprintf(q, sizeof(q), "SELECT count(*) FROM events WHERE stream = 'account-p' "
-					       "AND data->>'reference' = 'clean-%d'", i);
+			cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status,
+				     calls[i].r.body);
+			snprintf(q, sizeof(q),
+				 "SELECT count(*) FROM events WHERE stream = 'account-p' "
+				 "AND data->>'reference' = 'clean-%d'",
+				 i);
 			cr_expect_eq(sql_int(db, q), 1, "clean-%d is in the log exactly once", i);
 		}
 		response_free(&calls[i].r);
 	}
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'poison'"), 0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'poison'"),
+		     0);
 	/* The command's cache kept nothing of the refused writes. */
 	after = post(&svc, "/accounts/p/deposits", "{\"amount\":1}", NULL);
 	cr_assert_eq(after.status, 201, "%s", after.body);
@@ -226,8 +235,10 @@ static void log_position(const char *stream, long long v, char *out, size_t len)
 	char q[256];
 	PGresult *r;
 
-	snprintf(q, sizeof(q), "SELECT txid::text || '.' || position::text FROM events "
-			       "WHERE stream = '%s' AND version = %lld", stream, v);
+	snprintf(q, sizeof(q),
+		 "SELECT txid::text || '.' || position::text FROM events "
+		 "WHERE stream = '%s' AND version = %lld",
+		 stream, v);
 	r = sql(db, q);
 	cr_assert_eq(PQntuples(r), 1, "no event %s@%lld", stream, v);
 	snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
@@ -277,7 +288,8 @@ Test(outcomes, one_batch_answers_each_command_with_its_own_events_position)
 		const char *got = json_string_value(json_object_get(r->json, "position"));
 		bool xfer = json_object_get(r->json, "transfer_id") != NULL;
 
-		cr_assert_eq(r->status, 201, "%s %s: %d %s", calls[i].path, calls[i].body, r->status, r->body);
+		cr_assert_eq(r->status, 201, "%s %s: %d %s", calls[i].path, calls[i].body,
+			     r->status, r->body);
 		if (xfer) /* its last event: TransferReceived, on the receiving account */
 			snprintf(stream, sizeof(stream), "account-%s",
 				 strstr(calls[i].body, "\"to\":\"x\"") ? "x" : "y");
@@ -285,9 +297,11 @@ Test(outcomes, one_batch_answers_each_command_with_its_own_events_position)
 			snprintf(stream, sizeof(stream), "account-%s",
 				 json_string_value(json_object_get(r->json, "account_id")));
 		log_position(stream,
-			     json_integer_value(json_object_get(r->json, xfer ? "to_version" : "version")),
+			     json_integer_value(
+				     json_object_get(r->json, xfer ? "to_version" : "version")),
 			     want, sizeof(want));
-		cr_expect_str_eq(got ? got : "", want, "%s %s: %s", calls[i].path, calls[i].body, r->body);
+		cr_expect_str_eq(got ? got : "", want, "%s %s: %s", calls[i].path, calls[i].body,
+				 r->body);
 	}
 	/* A keyed replay answers from the stored record, whose body has the same position. */
 	for (size_t i = CHAINED + XFERS; i < n; i++) {
@@ -299,8 +313,8 @@ Test(outcomes, one_batch_answers_each_command_with_its_own_events_position)
 		again = post(&svc, calls[i].path, calls[i].body, extra);
 		cr_assert_eq(again.status, 201, "%s", again.body);
 		cr_expect_str_eq(json_string_value(json_object_get(again.json, "position")),
-				 json_string_value(json_object_get(calls[i].r.json, "position")), "%s",
-				 again.body);
+				 json_string_value(json_object_get(calls[i].r.json, "position")),
+				 "%s", again.body);
 		response_free(&again);
 	}
 	for (size_t i = 0; i < n; i++)
@@ -325,8 +339,8 @@ static long long events_with_key(const char *key)
 {
 	char q[256];
 
-	snprintf(q, sizeof(q), "SELECT count(*) FROM events WHERE metadata->>'idempotency_key' = '%s'",
-		 key);
+	snprintf(q, sizeof(q),
+		 "SELECT count(*) FROM events WHERE metadata->>'idempotency_key' = '%s'", key);
 	return sql_int(db, q);
 }
 
@@ -395,7 +409,9 @@ Test(outcomes, postgresql_ends_a_slow_batch_itself_before_the_service_deadline_a
 
 Test(outcomes, every_repeat_during_the_first_requests_flight_gets_409_with_retry_after)
 {
-	struct call first = { .path = "/accounts/u/deposits", .body = "{\"amount\":7}", .key = "fly-1" };
+	struct call first = { .path = "/accounts/u/deposits",
+			      .body = "{\"amount\":7}",
+			      .key = "fly-1" };
 	PGconn *lock;
 
 	start_command("30000", "20000");
@@ -408,7 +424,8 @@ Test(outcomes, every_repeat_during_the_first_requests_flight_gets_409_with_retry
 		struct response again;
 		char retry_after[16] = "";
 		keyed_deposit("fly-1", 7, &again);
-		cr_expect_eq(again.status, 409, "repeat %d: %d %s", i + 1, again.status, again.body);
+		cr_expect_eq(again.status, 409, "repeat %d: %d %s", i + 1, again.status,
+			     again.body);
 		cr_expect_str_eq(code_of(&again), "request_in_progress", "%s", again.body);
 		cr_expect(response_header(&again, "Retry-After", retry_after, sizeof(retry_after)),
 			  "repeat %d has no Retry-After", i + 1);
@@ -444,7 +461,8 @@ Test(outcomes, an_account_whose_stream_cannot_be_folded_fails_only_its_own_comma
 	memset(calls, 0, sizeof(calls));
 	for (int i = 0; i < HEALTHY + BROKEN; i++) {
 		if (i < HEALTHY)
-			snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/h-%d/deposits", i);
+			snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/h-%d/deposits",
+				 i);
 		else
 			snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/broken/deposits");
 		snprintf(calls[i].body, sizeof(calls[i].body), "{\"amount\":%d}", 10 + i);
@@ -453,13 +471,18 @@ Test(outcomes, an_account_whose_stream_cannot_be_folded_fails_only_its_own_comma
 
 	for (int i = 0; i < HEALTHY + BROKEN; i++) {
 		if (i < HEALTHY) {
-			cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status, calls[i].r.body);
-			snprintf(q, sizeof(q), "SELECT count(*) FROM events WHERE stream = 'account-h-%d' "
-					       "AND type = 'FundsDeposited'", i);
+			cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status,
+				     calls[i].r.body);
+			snprintf(q, sizeof(q),
+				 "SELECT count(*) FROM events WHERE stream = 'account-h-%d' "
+				 "AND type = 'FundsDeposited'",
+				 i);
 			cr_expect_eq(sql_int(db, q), 1);
 		} else {
-			cr_expect_eq(calls[i].r.status, 500, "%d %s", calls[i].r.status, calls[i].r.body);
-			cr_expect_null(strstr(calls[i].r.body ? calls[i].r.body : "", "unreadable"));
+			cr_expect_eq(calls[i].r.status, 500, "%d %s", calls[i].r.status,
+				     calls[i].r.body);
+			cr_expect_null(
+				strstr(calls[i].r.body ? calls[i].r.body : "", "unreadable"));
 		}
 		response_free(&calls[i].r);
 	}
@@ -474,9 +497,10 @@ Test(outcomes, a_write_that_keeps_losing_races_is_503_with_retry_after_and_the_o
 	char retry_after[16] = "";
 
 	/* Every attempt at a 'race' deposit fails as a serialization failure would. */
-	PQclear(sql(db, "CREATE FUNCTION lose_race() RETURNS trigger LANGUAGE plpgsql AS $$ "
-			"BEGIN IF NEW.data->>'reference' = 'race' THEN RAISE EXCEPTION 'lost a race' "
-			"USING ERRCODE = 'serialization_failure'; END IF; RETURN NEW; END $$"));
+	PQclear(sql(db,
+		    "CREATE FUNCTION lose_race() RETURNS trigger LANGUAGE plpgsql AS $$ "
+		    "BEGIN IF NEW.data->>'reference' = 'race' THEN RAISE EXCEPTION 'lost a race' "
+		    "USING ERRCODE = 'serialization_failure'; END IF; RETURN NEW; END $$"));
 	PQclear(sql(db, "CREATE TRIGGER lose_race BEFORE INSERT ON events "
 			"FOR EACH ROW EXECUTE FUNCTION lose_race()"));
 	start_command("30000", "20000");
@@ -485,8 +509,8 @@ Test(outcomes, a_write_that_keeps_losing_races_is_503_with_retry_after_and_the_o
 	memset(calls, 0, sizeof(calls));
 	for (int i = 0; i < 4; i++) {
 		snprintf(calls[i].path, sizeof(calls[i].path), "/accounts/r/deposits");
-		snprintf(calls[i].body, sizeof(calls[i].body), "{\"amount\":10,\"reference\":\"%s\"}",
-			 i == 0 ? "race" : "calm");
+		snprintf(calls[i].body, sizeof(calls[i].body),
+			 "{\"amount\":10,\"reference\":\"%s\"}", i == 0 ? "race" : "calm");
 	}
 	send_as_one_batch(calls, 4);
 
@@ -497,8 +521,10 @@ Test(outcomes, a_write_that_keeps_losing_races_is_503_with_retry_after_and_the_o
 		cr_expect_eq(calls[i].r.status, 201, "%d %s", calls[i].r.status, calls[i].r.body);
 	for (int i = 0; i < 4; i++)
 		response_free(&calls[i].r);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'race'"), 0);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'calm'"), 3);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'race'"),
+		     0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'reference' = 'calm'"),
+		     3);
 }
 
 Test(outcomes, a_load_that_postgresql_ends_at_its_deadline_is_503_with_retry_after)
@@ -574,8 +600,9 @@ static struct pg *probe_open(struct pg_probe *p, const struct log *lg)
 {
 	char conninfo[512];
 	struct pg *pg;
-	struct pg_config cfg = { .application_name = "probe", .log = lg, .on_connect = probe_connected,
-				 .arg = p };
+	struct pg_config cfg = {
+		.application_name = "probe", .log = lg, .on_connect = probe_connected, .arg = p
+	};
 
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	cfg.conninfo = conninfo;
@@ -611,11 +638,13 @@ Test(outcomes, a_failure_at_commit_reaches_the_caller_as_commit_failed)
 	struct pg *pg;
 
 	PQclear(sql(db, "CREATE TABLE probe (a int)"));
-	PQclear(sql(db, "CREATE FUNCTION probe_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
-			"BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'check_violation'; "
-			"END $$"));
-	PQclear(sql(db, "CREATE CONSTRAINT TRIGGER probe_refuse AFTER INSERT ON probe "
-			"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION probe_refuse()"));
+	PQclear(sql(db,
+		    "CREATE FUNCTION probe_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+		    "BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'check_violation'; "
+		    "END $$"));
+	PQclear(sql(db,
+		    "CREATE CONSTRAINT TRIGGER probe_refuse AFTER INSERT ON probe "
+		    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION probe_refuse()"));
 	pg = probe_open(&p, &lg);
 	cr_assert(pg_queue_sql(pg, "INSERT INTO probe VALUES (1)", 0, NULL));
 	cr_assert(pg_queue_sql(pg, "INSERT INTO probe VALUES (2)", 0, NULL));

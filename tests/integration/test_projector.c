@@ -42,7 +42,8 @@ static void open_accounts(int n)
 	char body[128];
 
 	for (int i = 0; i < n; i++) {
-		snprintf(body, sizeof(body), "{\"id\":\"p-%d\",\"name\":\"P %d\",\"currency\":\"%s\"}", i, i,
+		snprintf(body, sizeof(body),
+			 "{\"id\":\"p-%d\",\"name\":\"P %d\",\"currency\":\"%s\"}", i, i,
 			 i % 4 == 3 ? "USD" : "EUR");
 		must("/accounts", body);
 		snprintf(body, sizeof(body), "/accounts/p-%d/deposits", i);
@@ -64,19 +65,21 @@ static void *write_load(void *arg)
 	char path[64], body[160];
 
 	while (!atomic_load(&l->stop)) {
-		int a = rand_r(&seed) % l->accounts, b = rand_r(&seed) % l->accounts, op = rand_r(&seed) % 3;
+		int a = rand_r(&seed) % l->accounts, b = rand_r(&seed) % l->accounts,
+		    op = rand_r(&seed) % 3;
 		int n = atomic_fetch_add(&l->done, 1);
 		if (op == 0) {
 			snprintf(path, sizeof(path), "/accounts/p-%d/deposits", a);
 			snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + rand_r(&seed) % 500);
 		} else if (op == 1) {
 			snprintf(path, sizeof(path), "/accounts/p-%d/withdrawals", a);
-			snprintf(body, sizeof(body), "{\"amount\":%d,\"reference\":\"w\"}", 1 + rand_r(&seed) % 500);
+			snprintf(body, sizeof(body), "{\"amount\":%d,\"reference\":\"w\"}",
+				 1 + rand_r(&seed) % 500);
 		} else {
 			snprintf(path, sizeof(path), "/transfers");
 			snprintf(body, sizeof(body),
-				 "{\"id\":\"tx-%d-%u\",\"from\":\"p-%d\",\"to\":\"p-%d\",\"amount\":%d}", n,
-				 seed % 1000, a, b, 1 + rand_r(&seed) % 300);
+				 "{\"id\":\"tx-%d-%u\",\"from\":\"p-%d\",\"to\":\"p-%d\",\"amount\":%d}",
+				 n, seed % 1000, a, b, 1 + rand_r(&seed) % 300);
 		}
 		struct response r = post(&command, path, body, NULL);
 		response_free(&r);
@@ -123,7 +126,8 @@ Test(projector, follows_the_log_into_sql_and_redis)
 	struct service proj;
 
 	open_accounts(6);
-	must("/transfers", "{\"id\":\"t-1\",\"from\":\"p-0\",\"to\":\"p-1\",\"amount\":250,\"reference\":\"rent\"}");
+	must("/transfers",
+	     "{\"id\":\"t-1\",\"from\":\"p-0\",\"to\":\"p-1\",\"amount\":250,\"reference\":\"rent\"}");
 	must("/accounts/p-2/withdrawals", "{\"amount\":100000}");
 	must("/accounts/p-2/close", "{}");
 	harness_start_projector(&proj, db, redis_url);
@@ -159,9 +163,10 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	late = PQconnectdb(conninfo);
 	PQclear(PQexec(late, "BEGIN"));
-	r = PQexec(late, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
-			 "('account-late', 1, 'AccountOpened', '{\"account_id\":\"late\",\"name\":\"L\","
-			 "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}') RETURNING position");
+	r = PQexec(late,
+		   "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		   "('account-late', 1, 'AccountOpened', '{\"account_id\":\"late\",\"name\":\"L\","
+		   "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}') RETURNING position");
 	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
 	long long late_pos = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
@@ -172,7 +177,8 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 	usleep(500000);
 	/* The projector must not have moved past the open transaction. */
 	harness_sql_checkpoint(db, cp, sizeof(cp));
-	cr_assert_lt(atoll(strchr(cp, '.') + 1), late_pos + 1, "checkpoint %s passed the open transaction", cp);
+	cr_assert_lt(atoll(strchr(cp, '.') + 1), late_pos + 1,
+		     "checkpoint %s passed the open transaction", cp);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"), 1);
 	PQclear(PQexec(late, "COMMIT"));
 	PQfinish(late);
@@ -253,7 +259,7 @@ Test(projector, a_standby_takes_over_within_5_s)
 }
 
 static const char *const ids[] = { "p-0", "p-1", "p-2", "p-3", "p-4",
-				    "p-5", "p-6", "p-7", "p-8", "p-9" };
+				   "p-5", "p-6", "p-7", "p-8", "p-9" };
 
 /* Stop readers and check every read was a 200 showing the log's balance. */
 static void check_readers(struct readers *rd)
@@ -312,7 +318,8 @@ Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	/* The check runs every second: a few seconds is plenty, but the next event, which
 	 * might never come, must not be what it takes. */
-	for (double end = harness_now() + 5; !harness_redis_live(c, &gen, cp, sizeof(cp)); usleep(50000))
+	for (double end = harness_now() + 5; !harness_redis_live(c, &gen, cp, sizeof(cp));
+	     usleep(50000))
 		cr_assert(harness_now() < end, "Redis was not repopulated while the log was quiet");
 	redisFree(c);
 	harness_wait_caught_up(db, redis_url, 20);
@@ -323,10 +330,11 @@ Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
 /* Resyncs started, whatever the reason (docs/metrics.md lists them). */
 static double resyncs_total(const struct service *proj)
 {
-	static const char *const reasons[] = { "no_live_generation", "write_failed",
-					       "generation_lost", "disconnected", "resync_failed",
-					       "identity_changed", "identity_unreadable", "redis_error",
-					       "unknown" };
+	static const char *const reasons[] = {
+		"no_live_generation",  "write_failed",  "generation_lost",
+		"disconnected",        "resync_failed", "identity_changed",
+		"identity_unreadable", "redis_error",   "unknown"
+	};
 	char name[160];
 	double sum = 0, v;
 
@@ -364,7 +372,8 @@ Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 	     usleep(50000))
 		cr_assert(harness_now() < end, "redis position %f, sql position %f",
 			  harness_metric(&proj, redis_pos), harness_metric(&proj, sql_pos));
-	cr_assert_geq(harness_metric(&proj, "daybook_projection_lag_seconds{projection=\"redis\"}"), 0);
+	cr_assert_geq(harness_metric(&proj, "daybook_projection_lag_seconds{projection=\"redis\"}"),
+		      0);
 
 	before = resyncs_total(&proj);
 	c = harness_redis(redis_url);
@@ -375,9 +384,10 @@ Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 	for (end = harness_now() + 10; resyncs_total(&proj) < before + 1; usleep(50000))
 		cr_assert(harness_now() < end, "the flushed Redis's resync was not counted");
 	harness_wait_caught_up(db, redis_url, 20);
-	for (end = harness_now() + 10; harness_metric(&proj, redis_pos) != harness_metric(&proj, sql_pos);
-	     usleep(50000))
-		cr_assert(harness_now() < end, "redis position %f, sql position %f after the resync",
+	for (end = harness_now() + 10;
+	     harness_metric(&proj, redis_pos) != harness_metric(&proj, sql_pos); usleep(50000))
+		cr_assert(harness_now() < end,
+			  "redis position %f, sql position %f after the resync",
 			  harness_metric(&proj, redis_pos), harness_metric(&proj, sql_pos));
 	harness_stop(&proj);
 }
@@ -402,7 +412,8 @@ Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a
 	harness_start_projector(&proj, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
 	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
-	cr_assert_eq(after, gen, "the restart copied SQL into generation %lld (was %lld)", after, gen);
+	cr_assert_eq(after, gen, "the restart copied SQL into generation %lld (was %lld)", after,
+		     gen);
 	cr_assert_eq(resyncs_total(&proj), 0, "the restarted projector resynced redis");
 	harness_assert_redis_matches_sql(db, redis_url);
 	harness_stop(&proj);
@@ -464,7 +475,8 @@ Test(projector, a_live_generation_of_an_older_layout_is_replaced)
 	/* What layout 1 left: no layout mark, statements as entries:, and its own
 	 * live pointer. */
 	freeReplyObject(redisCommand(c, "DEL dbk:g:%lld:layout", old));
-	freeReplyObject(redisCommand(c, "RENAME dbk:g:%lld:stmt:p-1 dbk:g:%lld:entries:p-1", old, old));
+	freeReplyObject(
+		redisCommand(c, "RENAME dbk:g:%lld:stmt:p-1 dbk:g:%lld:entries:p-1", old, old));
 	freeReplyObject(redisCommand(c, "RENAME " READMODEL_LIVE_KEY " dbk:live"));
 	harness_start_projector(&proj, db, redis_url);
 	for (double end = harness_now() + 5;; usleep(50000)) {
@@ -476,7 +488,8 @@ Test(projector, a_live_generation_of_an_older_layout_is_replaced)
 	harness_wait_caught_up(db, redis_url, 20);
 	harness_assert_redis_matches_sql(db, redis_url);
 	redisReply *r = redisCommand(c, "GET dbk:g:%lld:layout", gen);
-	cr_assert(r && r->type == REDIS_REPLY_STRING && strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0);
+	cr_assert(r && r->type == REDIS_REPLY_STRING &&
+		  strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0);
 	freeReplyObject(r);
 	/* And a live generation under this layout's pointer that lacks the mark is not
 	 * trusted either. */
@@ -487,7 +500,8 @@ Test(projector, a_live_generation_of_an_older_layout_is_replaced)
 	for (double end = harness_now() + 5;; usleep(50000)) {
 		if (harness_redis_live(c, &gen, cp, sizeof(cp)) && gen != old)
 			break;
-		cr_assert(harness_now() < end, "generation %lld, without its layout mark, stayed live", old);
+		cr_assert(harness_now() < end,
+			  "generation %lld, without its layout mark, stayed live", old);
 	}
 	harness_wait_caught_up(db, redis_url, 20);
 	harness_assert_redis_matches_sql(db, redis_url);
@@ -542,7 +556,8 @@ Test(projector, reads_the_log_in_transaction_id_order_not_text_order)
 			"('100', 'account-digits', 2, 'FundsDeposited', '{\"amount\":42}', '{}')"));
 	harness_start_projector(&proj, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
-	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'digits'"), 42);
+	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'digits'"),
+		     42);
 	harness_assert_models_match_log(db);
 	harness_stop(&proj);
 }
@@ -568,9 +583,10 @@ static void wait_metric(const struct service *svc, const char *name, double valu
 static void record_checkpoint_moves(void)
 {
 	PQclear(sql(db, "CREATE TABLE test_cp_moves (seq bigserial PRIMARY KEY, epoch bigint)"));
-	PQclear(sql(db, "CREATE FUNCTION test_cp_moved() RETURNS trigger LANGUAGE plpgsql "
-			"SECURITY DEFINER SET search_path = public AS $$ BEGIN "
-			"INSERT INTO test_cp_moves (epoch) VALUES (NEW.epoch); RETURN NULL; END $$"));
+	PQclear(sql(db,
+		    "CREATE FUNCTION test_cp_moved() RETURNS trigger LANGUAGE plpgsql "
+		    "SECURITY DEFINER SET search_path = public AS $$ BEGIN "
+		    "INSERT INTO test_cp_moves (epoch) VALUES (NEW.epoch); RETURN NULL; END $$"));
 	PQclear(sql(db, "CREATE TRIGGER test_cp_moved AFTER UPDATE ON projection_checkpoints "
 			"FOR EACH ROW EXECUTE FUNCTION test_cp_moved()"));
 }
@@ -616,7 +632,8 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	e2 = lease_epoch();
 	cr_assert_gt(e2, e1, "a takeover raises the epoch");
 	/* The new leader applies new writes under its epoch. */
-	while (sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'") != e2) {
+	while (sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'") !=
+	       e2) {
 		cr_assert(harness_now() < stopped + 20, "the new leader committed nothing");
 		usleep(50000);
 	}
@@ -627,7 +644,8 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 		harness_print_log(&a);
 		cr_assert_fail("the old leader did not notice it was deposed");
 	}
-	wait_metric(&a, "daybook_projector_leader", 0, harness_now() + 10, "the old leader still leads");
+	wait_metric(&a, "daybook_projector_leader", 0, harness_now() + 10,
+		    "the old leader still leads");
 	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "the deposed leader says ready");
 	await_writes(&l, 30);
 	stop_load(&l, t, 2);
@@ -636,7 +654,8 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	/* Since the first commit of the new epoch, no batch of an older one committed. */
 	snprintf(q, sizeof(q),
 		 "SELECT count(*) FROM test_cp_moves WHERE epoch < %lld AND seq > "
-		 "(SELECT min(seq) FROM test_cp_moves WHERE epoch = %lld)", e2, e2);
+		 "(SELECT min(seq) FROM test_cp_moves WHERE epoch = %lld)",
+		 e2, e2);
 	cr_assert_eq(sql_int(db, q), 0, "a deposed leader committed a batch");
 	cr_assert_geq(lease_epoch(), e2);
 	c = harness_redis(redis_url);
@@ -691,8 +710,9 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 	e3 = lease_epoch();
 	cr_assert_gt(e3, stolen);
 	/* Between the theft and the new term, nothing committed. */
-	snprintf(q, sizeof(q), "SELECT count(*) FROM test_cp_moves WHERE seq > %lld AND epoch <= %lld",
-		 steal_seq, stolen);
+	snprintf(q, sizeof(q),
+		 "SELECT count(*) FROM test_cp_moves WHERE seq > %lld AND epoch <= %lld", steal_seq,
+		 stolen);
 	cr_assert_eq(sql_int(db, q), 0, "a leader without the lease committed a batch");
 	cr_assert_gt(sql_int(db, "SELECT count(*) FROM test_cp_moves"), steal_seq);
 	harness_assert_models_match_log(db);
@@ -706,10 +726,11 @@ static long long claim(PGconn *conn, const char *holder, long long epoch, int wr
 	PGresult *r;
 	long long got;
 
-	snprintf(q, sizeof(q), "SELECT projector_lease_claim('sql', '%s', %lld, 30, %d)", holder, epoch,
-		 writer_pid);
+	snprintf(q, sizeof(q), "SELECT projector_lease_claim('sql', '%s', %lld, 30, %d)", holder,
+		 epoch, writer_pid);
 	r = PQexec(conn, q);
-	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "claiming failed: %s", PQerrorMessage(conn));
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "claiming failed: %s",
+		     PQerrorMessage(conn));
 	got = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
 	return got;
@@ -721,14 +742,16 @@ static const char *move_checkpoint(PGconn *conn, long long epoch, const char *fr
 {
 	char q[256];
 
-	snprintf(q, sizeof(q), "SELECT projector_checkpoint_move('sql', %lld, '%s', %s, 0, '%s', %s)",
-		 epoch, from, from, to, to);
+	snprintf(q, sizeof(q),
+		 "SELECT projector_checkpoint_move('sql', %lld, '%s', %s, 0, '%s', %s)", epoch,
+		 from, from, to, to);
 	return harness_sqlstate(conn, q, code);
 }
 
 Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_named_condition)
 {
-	PGconn *x = harness_connect_as(db, "daybook_projector"), *y = harness_connect_as(db, "daybook_projector");
+	PGconn *x = harness_connect_as(db, "daybook_projector"),
+	       *y = harness_connect_as(db, "daybook_projector");
 	PGconn *old = harness_connect_as(db, "daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
@@ -742,22 +765,28 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 	PQfinish(x);
 	deadline = harness_now() + 5;
 	while ((e2 = claim(y, "y", 0, 0)) == 0) {
-		cr_assert(harness_now() < deadline, "a dead holder's lease was not taken within 5 s");
+		cr_assert(harness_now() < deadline,
+			  "a dead holder's lease was not taken within 5 s");
 		usleep(100000);
 	}
 	cr_assert_gt(e2, e1);
 
 	/* The old leader's transaction, sent after it woke up: refused, by name. */
 	cr_assert_str_empty(harness_sqlstate(old, "BEGIN", code));
-	cr_assert_str_eq(move_checkpoint(old, e1, "0", "1", code), "DBF01", "%s", PQerrorMessage(old));
+	cr_assert_str_eq(move_checkpoint(old, e1, "0", "1", code), "DBF01", "%s",
+			 PQerrorMessage(old));
 	cr_assert(strstr(PQerrorMessage(old), "projector_fenced"), "%s", PQerrorMessage(old));
 	cr_assert_str_empty(harness_sqlstate(old, "ROLLBACK", code));
-	cr_assert_eq(sql_int(db, "SELECT position FROM projection_checkpoints WHERE projection = 'sql'"), 0);
+	cr_assert_eq(sql_int(db,
+			     "SELECT position FROM projection_checkpoints WHERE projection = 'sql'"),
+		     0);
 	/* The holder's epoch passes; a checkpoint elsewhere is a named condition too. */
 	cr_assert_str_eq(move_checkpoint(y, e2, "5", "6", code), "DBC01", "%s", PQerrorMessage(y));
 	cr_assert(strstr(PQerrorMessage(y), "checkpoint_moved"), "%s", PQerrorMessage(y));
 	cr_assert_str_empty(move_checkpoint(y, e2, "0", "1", code), "%s", PQerrorMessage(y));
-	cr_assert_eq(sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'"), e2);
+	cr_assert_eq(sql_int(db,
+			     "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'"),
+		     e2);
 	/* The old leader's renewal is refused: it learns it was deposed. */
 	cr_assert_eq(claim(old, "x", e1, 0), 0);
 	PQfinish(old);
@@ -766,7 +795,8 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 
 Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 {
-	PGconn *holder = harness_connect_as(db, "daybook_projector"), *writer = harness_connect_as(db, "daybook_projector");
+	PGconn *holder = harness_connect_as(db, "daybook_projector"),
+	       *writer = harness_connect_as(db, "daybook_projector");
 	PGconn *next = harness_connect_as(db, "daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
@@ -776,7 +806,8 @@ Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 	 * lease row and the checkpoint row. */
 	e1 = claim(holder, "frozen", 0, PQbackendPID(writer));
 	cr_assert_str_empty(harness_sqlstate(writer, "BEGIN", code));
-	cr_assert_str_empty(move_checkpoint(writer, e1, "0", "1", code), "%s", PQerrorMessage(writer));
+	cr_assert_str_empty(move_checkpoint(writer, e1, "0", "1", code), "%s",
+			    PQerrorMessage(writer));
 	PQfinish(holder); /* its lease session is gone, its writing session lives on */
 	deadline = harness_now() + 5;
 	while ((e2 = claim(next, "next", 0, 0)) == 0) {
@@ -786,7 +817,8 @@ Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 	cr_assert_gt(e2, e1);
 	/* The frozen transaction was ended: it commits nothing, and the successor's batch
 	 * is not blocked behind it. */
-	cr_assert_str_not_empty(harness_sqlstate(writer, "COMMIT", code), "the frozen transaction committed");
+	cr_assert_str_not_empty(harness_sqlstate(writer, "COMMIT", code),
+				"the frozen transaction committed");
 	cr_assert_str_empty(move_checkpoint(next, e2, "0", "1", code), "%s", PQerrorMessage(next));
 	PQfinish(writer);
 	PQfinish(next);
@@ -799,14 +831,18 @@ Test(projector, only_the_projector_role_may_read_or_claim_the_lease)
 
 	for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
 		PGconn *c = harness_connect_as(db, roles[i]);
-		cr_assert_str_eq(harness_sqlstate(c, "SELECT epoch FROM projector_leases", code), "42501",
-				 "%s read the lease", roles[i]);
-		cr_assert_str_eq(harness_sqlstate(c, "SELECT projector_lease_claim('sql', 'intruder', 0, 30, 0)",
-					     code),
-				 "42501", "%s claimed the lease", roles[i]);
-		cr_assert_str_eq(harness_sqlstate(c, "SELECT projector_checkpoint_move('sql', 1, '0', 0, 0, '1', 1)",
-					     code),
-				 "42501", "%s moved the checkpoint", roles[i]);
+		cr_assert_str_eq(harness_sqlstate(c, "SELECT epoch FROM projector_leases", code),
+				 "42501", "%s read the lease", roles[i]);
+		cr_assert_str_eq(
+			harness_sqlstate(c,
+					 "SELECT projector_lease_claim('sql', 'intruder', 0, 30, 0)",
+					 code),
+			"42501", "%s claimed the lease", roles[i]);
+		cr_assert_str_eq(
+			harness_sqlstate(c,
+					 "SELECT projector_checkpoint_move('sql', 1, '0', 0, 0, '1', 1)",
+					 code),
+			"42501", "%s moved the checkpoint", roles[i]);
 		PQfinish(c);
 	}
 }
@@ -873,8 +909,7 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 	harness_kill(&b);
 	kill(a.pid, SIGCONT);
 	t0 = harness_now();
-	while (lease_epoch() <= e2 ||
-	       harness_metric(&a, "daybook_projector_leader") != 1) {
+	while (lease_epoch() <= e2 || harness_metric(&a, "daybook_projector_leader") != 1) {
 		cr_assert(harness_now() < t0 + 20, "A did not lead again");
 		usleep(50000);
 	}

@@ -25,7 +25,8 @@ static struct service svc, redis_svc;
 static redisContext *rc;
 
 static const char acct_a1[] =
-	"{\"account_id\":\"a1\",\"name\":\"Alice \\\"A\\\" \xc3\x9cn\xc3\xaf" "code\",\"currency\":\"EUR\","
+	"{\"account_id\":\"a1\",\"name\":\"Alice \\\"A\\\" \xc3\x9cn\xc3\xaf"
+	"code\",\"currency\":\"EUR\","
 	"\"balance\":1500,\"overdraft_limit\":100,\"status\":\"open\",\"version\":3,"
 	"\"opened_at\":\"2026-01-02T03:04:05.123456Z\",\"updated_at\":\"2026-01-02T03:05:00.000000Z\"}";
 static const char item_a1_3[] =
@@ -94,18 +95,21 @@ TestSuite(query, .init = setup, .fini = teardown, .timeout = 60);
 /* The same state in both models; Redis's generation 1 is not live until go_live(). */
 static void fill_sql(void)
 {
-	exec_sql("INSERT INTO rm_accounts VALUES ('a1', 'Alice \"A\" \xc3\x9cn\xc3\xaf" "code', 'EUR', 1500, "
+	exec_sql("INSERT INTO rm_accounts VALUES ('a1', 'Alice \"A\" \xc3\x9cn\xc3\xaf"
+		 "code', 'EUR', 1500, "
 		 "100, 'open', 3, 2, '2026-01-02 03:04:05.123456+00', '2026-01-02 03:05:00+00'),"
 		 "('b1', 'Bob', 'EUR', -500, 1000, 'open', 2, 1, '2026-01-02 03:00:00+00',"
 		 " '2026-01-02 03:05:00+00')");
-	exec_sql("INSERT INTO rm_entries VALUES"
-		 " ('a1', 2, 'deposit', 1000, 1000, NULL, NULL, 'salary', '2026-01-02 03:04:06+00'),"
-		 " ('a1', 3, 'transfer_in', 500, 1500, 't1', 'b1', NULL, '2026-01-02 03:05:00+00'),"
-		 " ('b1', 2, 'transfer_out', 500, -500, 't1', 'a1', NULL, '2026-01-02 03:05:00+00')");
+	exec_sql(
+		"INSERT INTO rm_entries VALUES"
+		" ('a1', 2, 'deposit', 1000, 1000, NULL, NULL, 'salary', '2026-01-02 03:04:06+00'),"
+		" ('a1', 3, 'transfer_in', 500, 1500, 't1', 'b1', NULL, '2026-01-02 03:05:00+00'),"
+		" ('b1', 2, 'transfer_out', 500, -500, 't1', 'a1', NULL, '2026-01-02 03:05:00+00')");
 	exec_sql("INSERT INTO rm_transfers VALUES ('t1', 'b1', 'a1', 500, 'EUR', NULL,"
 		 " '2026-01-02 03:05:00+00')");
 	exec_sql("INSERT INTO rm_totals VALUES ('USD', 1, 0, 0), ('EUR', 2, 2, 1000)");
-	exec_sql("UPDATE projection_checkpoints SET txid = '5', position = 10 WHERE projection = 'sql'");
+	exec_sql(
+		"UPDATE projection_checkpoints SET txid = '5', position = 10 WHERE projection = 'sql'");
 }
 
 static void fill_redis(void)
@@ -171,7 +175,8 @@ static void expect_problem(const struct response *r, int status, const char *cod
 	cr_assert_eq(json_integer_value(json_object_get(r->json, "status")), status);
 	if (status == 503) {
 		char h[32];
-		cr_assert(response_header(r, "Retry-After", h, sizeof(h)), "503 without Retry-After");
+		cr_assert(response_header(r, "Retry-After", h, sizeof(h)),
+			  "503 without Retry-After");
 	}
 }
 
@@ -192,8 +197,8 @@ static void check_problem(const char *path, int status, const char *code, const 
 	expect_problem(&r, status, code);
 	detail = json_string_value(json_object_get(r.json, "detail"));
 	if (detail_has)
-		cr_assert(detail && strstr(detail, detail_has), "%s: detail '%s' should name '%s'", path,
-			  detail, detail_has);
+		cr_assert(detail && strstr(detail, detail_has), "%s: detail '%s' should name '%s'",
+			  path, detail, detail_has);
 	response_free(&r);
 }
 
@@ -284,7 +289,8 @@ Test(query, if_none_match_with_the_current_etag_is_304_without_a_body)
 		for (size_t i = 0; i < sizeof(matching) / sizeof(matching[0]); i++) {
 			r = get_as(TOKEN_READ, "/accounts/a1", matching[i]);
 			cr_assert_eq(r.status, 304, "%s: %d %s", matching[i], r.status, r.body);
-			cr_assert(r.body == NULL || r.body[0] == '\0', "a 304 has no body: %s", r.body);
+			cr_assert(r.body == NULL || r.body[0] == '\0', "a 304 has no body: %s",
+				  r.body);
 			expect_header(&r, "ETag", "\"3\"");
 			response_free(&r);
 		}
@@ -297,9 +303,13 @@ Test(query, if_none_match_with_the_current_etag_is_304_without_a_body)
 Test(query, both_models_serve_byte_identical_bodies)
 {
 	static const char *const paths[] = {
-		"/accounts/a1", "/accounts/a1/transactions", "/accounts/a1/transactions?limit=1",
-		"/accounts/a1/transactions?limit=1&before=3", "/accounts/a1/transactions?before=2",
-		"/transfers/t1", "/totals",
+		"/accounts/a1",
+		"/accounts/a1/transactions",
+		"/accounts/a1/transactions?limit=1",
+		"/accounts/a1/transactions?limit=1&before=3",
+		"/accounts/a1/transactions?before=2",
+		"/transfers/t1",
+		"/totals",
 	};
 	struct response from_sql[sizeof(paths) / sizeof(paths[0])];
 
@@ -313,8 +323,8 @@ Test(query, both_models_serve_byte_identical_bodies)
 	for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
 		struct response r = get(paths[i]);
 		expect_ok(&r, NULL, REDIS_POS);
-		cr_assert_str_eq(r.body, from_sql[i].body, "%s differs:\nredis %s\nsql   %s", paths[i],
-				 r.body, from_sql[i].body);
+		cr_assert_str_eq(r.body, from_sql[i].body, "%s differs:\nredis %s\nsql   %s",
+				 paths[i], r.body, from_sql[i].body);
 		response_free(&r);
 		response_free(&from_sql[i]);
 	}
@@ -325,7 +335,8 @@ Test(query, transactions_newest_first_with_optional_keys_and_next_before)
 	char body[1024];
 
 	fill_sql();
-	snprintf(body, sizeof(body), "{\"items\":[%s,%s],\"next_before\":null}", item_a1_3, item_a1_2);
+	snprintf(body, sizeof(body), "{\"items\":[%s,%s],\"next_before\":null}", item_a1_3,
+		 item_a1_2);
 	check("/accounts/a1/transactions", body, SQL_POS);
 	snprintf(body, sizeof(body), "{\"items\":[%s],\"next_before\":3}", item_a1_3);
 	check("/accounts/a1/transactions?limit=1", body, SQL_POS);
@@ -355,10 +366,12 @@ static void fill_long_statement(void)
 
 	exec_sql("INSERT INTO rm_accounts VALUES ('c1', 'Carol', 'USD', 600, 0, 'open', 61, 60,"
 		 " '2026-01-01 00:00:00+00', '2026-01-01 00:01:00+00')");
-	exec_sql("INSERT INTO rm_entries SELECT 'c1', s + 1, 'deposit', 10, s * 10, NULL, NULL, NULL,"
-		 " timestamptz '2026-01-01 00:00:00+00' + s * interval '1 second'"
-		 " FROM generate_series(1, 60) s");
-	exec_sql("UPDATE projection_checkpoints SET txid = '5', position = 10 WHERE projection = 'sql'");
+	exec_sql(
+		"INSERT INTO rm_entries SELECT 'c1', s + 1, 'deposit', 10, s * 10, NULL, NULL, NULL,"
+		" timestamptz '2026-01-01 00:00:00+00' + s * interval '1 second'"
+		" FROM generate_series(1, 60) s");
+	exec_sql(
+		"UPDATE projection_checkpoints SET txid = '5', position = 10 WHERE projection = 'sql'");
 	redis("SET dbk:g:1:checkpoint %s", REDIS_POS);
 	redis("HSET dbk:g:1:acct:c1 v 61 n 60 j {}");
 	for (int v = 12; v <= 61; v++) {
@@ -442,13 +455,14 @@ Test(query, redis_miss_falls_back_to_sql)
 
 static void append_events(void)
 {
-	exec_sql("INSERT INTO events (stream, version, type, data, metadata) VALUES"
-		 " ('account-e1', 1, 'AccountOpened', '{\"account_id\":\"e1\",\"name\":\"Eve\","
-		 "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{\"request_id\":\"r1\",\"token_id\":\"w\"}'),"
-		 " ('account-e1', 2, 'FundsDeposited', '{\"amount\":1000000000000000,\"reference\":null}',"
-		 " '{\"request_id\":\"r2\",\"token_id\":\"w\"}'),"
-		 " ('account-e1', 3, 'FundsWithdrawn', '{\"amount\":5,\"reference\":\"atm\"}',"
-		 " '{\"request_id\":\"r3\",\"token_id\":\"w\"}')");
+	exec_sql(
+		"INSERT INTO events (stream, version, type, data, metadata) VALUES"
+		" ('account-e1', 1, 'AccountOpened', '{\"account_id\":\"e1\",\"name\":\"Eve\","
+		"\"currency\":\"EUR\",\"overdraft_limit\":0}', '{\"request_id\":\"r1\",\"token_id\":\"w\"}'),"
+		" ('account-e1', 2, 'FundsDeposited', '{\"amount\":1000000000000000,\"reference\":null}',"
+		" '{\"request_id\":\"r2\",\"token_id\":\"w\"}'),"
+		" ('account-e1', 3, 'FundsWithdrawn', '{\"amount\":5,\"reference\":\"atm\"}',"
+		" '{\"request_id\":\"r3\",\"token_id\":\"w\"}')");
 }
 
 Test(query, events_of_an_account_from_the_event_store)
@@ -459,7 +473,8 @@ Test(query, events_of_an_account_from_the_event_store)
 	PGresult *last;
 
 	append_events();
-	last = sql(db, "SELECT txid::text || '.' || position FROM events ORDER BY position DESC LIMIT 1");
+	last = sql(db,
+		   "SELECT txid::text || '.' || position FROM events ORDER BY position DESC LIMIT 1");
 	snprintf(pos, sizeof(pos), "%s", PQgetvalue(last, 0, 0));
 	PQclear(last);
 	/* The event store's position is its last event below the snapshot's xmin, which
@@ -472,8 +487,10 @@ Test(query, events_of_an_account_from_the_event_store)
 	e = json_array_get(events, 0);
 	cr_assert_eq(json_integer_value(json_object_get(e, "version")), 1);
 	cr_assert_str_eq(json_string_value(json_object_get(e, "type")), "AccountOpened");
-	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(e, "data"), "name")), "Eve");
-	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(e, "metadata"), "request_id")),
+	cr_assert_str_eq(json_string_value(json_object_get(json_object_get(e, "data"), "name")),
+			 "Eve");
+	cr_assert_str_eq(json_string_value(
+				 json_object_get(json_object_get(e, "metadata"), "request_id")),
 			 "r1");
 	cr_assert_eq(strlen(json_string_value(json_object_get(e, "recorded_at"))), 27);
 	e = json_array_get(events, 1);
@@ -482,7 +499,8 @@ Test(query, events_of_an_account_from_the_event_store)
 	cr_assert(json_is_null(json_object_get(json_object_get(e, "data"), "reference")));
 	response_free(&r);
 
-	snprintf(path, sizeof(path), "/accounts/e1/events?after_version=1&limit=1&min_position=%s", pos);
+	snprintf(path, sizeof(path), "/accounts/e1/events?after_version=1&limit=1&min_position=%s",
+		 pos);
 	r = get(path);
 	expect_ok(&r, NULL, pos);
 	events = json_object_get(r.json, "events");
@@ -524,7 +542,8 @@ Test(query, malformed_ids_and_parameters_are_400_naming_them)
 	} cases[] = {
 		{ "/accounts/a%20b", "account id" },
 		{ "/accounts/a!b/transactions", "account id" },
-		{ "/accounts/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "account id" },
+		{ "/accounts/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+		  "account id" },
 		{ "/transfers/t%2F1", "transfer id" },
 		{ "/accounts/a1/transactions?limit=0", "limit" },
 		{ "/accounts/a1/transactions?limit=501", "limit" },
@@ -560,7 +579,8 @@ Test(query, malformed_min_position_header_is_400)
 	struct response r = get_as(TOKEN_READ, "/accounts/a1", "X-Daybook-Min-Position: soon");
 
 	expect_problem(&r, 400, "invalid_request");
-	cr_assert(strstr(json_string_value(json_object_get(r.json, "detail")), "X-Daybook-Min-Position"));
+	cr_assert(strstr(json_string_value(json_object_get(r.json, "detail")),
+			 "X-Daybook-Min-Position"));
 	response_free(&r);
 }
 
@@ -686,7 +706,8 @@ static void join_background(struct background *bg)
 static void wait_for_waiters(const struct service *s, double n)
 {
 	cr_assert(harness_wait_metric(s, "daybook_query_waiting_reads", n, harness_now() + 20),
-		  "%g reads wait, expected %g", harness_metric(s, "daybook_query_waiting_reads"), n);
+		  "%g reads wait, expected %g", harness_metric(s, "daybook_query_waiting_reads"),
+		  n);
 }
 
 Test(query, waits_for_the_sql_checkpoint_then_answers)
@@ -697,7 +718,8 @@ Test(query, waits_for_the_sql_checkpoint_then_answers)
 	start_background(&bg, "/accounts/a1?min_position=6.0&wait_ms=5000");
 	wait_for_waiters(&svc, 1);
 	cr_assert_not(atomic_load(&bg.done), "answered before the checkpoint reached 6.0");
-	exec_sql("UPDATE projection_checkpoints SET txid = '6', position = 0 WHERE projection = 'sql'");
+	exec_sql(
+		"UPDATE projection_checkpoints SET txid = '6', position = 0 WHERE projection = 'sql'");
 	join_background(&bg);
 	expect_ok(&bg.r, acct_a1, "6.0");
 	response_free(&bg.r);
@@ -787,7 +809,8 @@ Test(query, a_notification_wakes_waiting_reads_without_any_polling, .init = setu
 	harness_log_head(db, head, sizeof(head));
 	txid = strtoull(head, NULL, 10);
 	/* Any transaction that appends from now on has a larger txid. */
-	snprintf(path, sizeof(path), "/accounts/e1/events?min_position=%llu.0&wait_ms=10000", txid + 1);
+	snprintf(path, sizeof(path), "/accounts/e1/events?min_position=%llu.0&wait_ms=10000",
+		 txid + 1);
 	start_background(&acct, "/accounts/a1?min_position=6.0&wait_ms=10000");
 	start_background(&events, path);
 	wait_for_waiters(&svc, 2);
@@ -805,7 +828,8 @@ Test(query, a_notification_wakes_waiting_reads_without_any_polling, .init = setu
 	}
 	join_background(&events);
 	cr_assert_eq(events.r.status, 200, "%d %s", events.r.status, events.r.body);
-	cr_assert_eq(json_array_size(json_object_get(events.r.json, "events")), 3, "%s", events.r.body);
+	cr_assert_eq(json_array_size(json_object_get(events.r.json, "events")), 3, "%s",
+		     events.r.body);
 	response_free(&events.r);
 }
 
@@ -862,7 +886,8 @@ Test(query, redis_unreachable_from_the_start_reads_come_from_sql, .init = setup_
 	check("/transfers/t1", xfer_t1, SQL_POS);
 	check("/totals", totals, SQL_POS);
 	check("/accounts/a1?min_position=5.10", acct_a1, SQL_POS);
-	cr_assert(harness_wait_status(&svc, "/readyz", 200, 1), "Redis down must not make /readyz fail");
+	cr_assert(harness_wait_status(&svc, "/readyz", 200, 1),
+		  "Redis down must not make /readyz fail");
 	cr_assert_geq(fallbacks("unavailable"), 5);
 }
 
@@ -873,7 +898,8 @@ static void wait_for_position(const char *path, const char *pos)
 
 	while (harness_now() < end) {
 		struct response r = get(path);
-		bool done = r.status == 200 && response_header(&r, "X-Daybook-Position", h, sizeof(h)) &&
+		bool done = r.status == 200 &&
+			    response_header(&r, "X-Daybook-Position", h, sizeof(h)) &&
 			    strcmp(h, pos) == 0;
 		response_free(&r);
 		if (done)
@@ -913,7 +939,8 @@ Test(query, hung_redis_never_holds_a_read)
 	t0 = harness_now();
 	check("/accounts/a1", acct_a1, SQL_POS);
 	/* Dropped after 250 ms; the bound only says "not forever" on a busy machine. */
-	cr_assert_lt(harness_now() - t0, 5.0, "a hung Redis held the read %.2f s", harness_now() - t0);
+	cr_assert_lt(harness_now() - t0, 5.0, "a hung Redis held the read %.2f s",
+		     harness_now() - t0);
 	check("/transfers/t1", xfer_t1, SQL_POS);
 	kill(redis_svc.pid, SIGCONT);
 	wait_for_position("/accounts/a1", REDIS_POS);
@@ -942,9 +969,10 @@ Test(query, postgresql_unreachable_redis_still_answers_and_the_rest_is_503)
 	fill_redis();
 	go_live();
 	set_pg_access(false);
-	cr_assert(harness_wait_status(&svc, "/readyz", 503, 5), "/readyz should fail without PostgreSQL");
+	cr_assert(harness_wait_status(&svc, "/readyz", 503, 5),
+		  "/readyz should fail without PostgreSQL");
 	check("/accounts/a1", acct_a1, REDIS_POS);
-	check_problem("/accounts/b1", 503, "unavailable", NULL);     /* a Redis miss */
+	check_problem("/accounts/b1", 503, "unavailable", NULL);        /* a Redis miss */
 	check_problem("/accounts/a1/events", 503, "unavailable", NULL); /* SQL only */
 	set_pg_access(true);
 	cr_assert(harness_wait_status(&svc, "/readyz", 200, 10), "no reconnection to PostgreSQL");
@@ -961,7 +989,8 @@ Test(query, sigterm_finishes_a_waiting_read_then_exits_0)
 	kill(svc.pid, SIGTERM);
 	cr_assert(harness_wait_log(&svc, "no longer accepting", harness_now() + 10),
 		  "the service did not take the SIGTERM");
-	exec_sql("UPDATE projection_checkpoints SET txid = '6', position = 0 WHERE projection = 'sql'");
+	exec_sql(
+		"UPDATE projection_checkpoints SET txid = '6', position = 0 WHERE projection = 'sql'");
 	join_background(&bg);
 	expect_ok(&bg.r, acct_a1, "6.0");
 	response_free(&bg.r);
@@ -1016,20 +1045,27 @@ static struct response get_from(const struct service *s, const char *path)
 Test(query_e2e, a_write_is_readable_at_its_position_and_both_models_agree)
 {
 	static const char *const paths[] = {
-		"/accounts/alice", "/accounts/bob", "/accounts/alice/transactions",
-		"/accounts/bob/transactions?limit=1", "/transfers/tx-1", "/totals",
+		"/accounts/alice",
+		"/accounts/bob",
+		"/accounts/alice/transactions",
+		"/accounts/bob/transactions?limit=1",
+		"/transfers/tx-1",
+		"/totals",
 		"/accounts/alice/events",
 	};
 	char pos[64], path[256], h[64];
 	struct response r;
 
-	command_post("/accounts", "{\"id\":\"alice\",\"name\":\"Alice\",\"currency\":\"EUR\"}", pos, sizeof(pos));
-	command_post("/accounts", "{\"id\":\"bob\",\"name\":\"Bob\",\"currency\":\"EUR\",\"overdraft_limit\":50}",
-	      pos, sizeof(pos));
-	command_post("/accounts/alice/deposits", "{\"amount\":1000,\"reference\":\"pay \\u00e9\"}", pos,
-	      sizeof(pos));
-	command_post("/transfers", "{\"id\":\"tx-1\",\"from\":\"alice\",\"to\":\"bob\",\"amount\":300}", pos,
-	      sizeof(pos));
+	command_post("/accounts", "{\"id\":\"alice\",\"name\":\"Alice\",\"currency\":\"EUR\"}", pos,
+		     sizeof(pos));
+	command_post("/accounts",
+		     "{\"id\":\"bob\",\"name\":\"Bob\",\"currency\":\"EUR\",\"overdraft_limit\":50}",
+		     pos, sizeof(pos));
+	command_post("/accounts/alice/deposits", "{\"amount\":1000,\"reference\":\"pay \\u00e9\"}",
+		     pos, sizeof(pos));
+	command_post("/transfers",
+		     "{\"id\":\"tx-1\",\"from\":\"alice\",\"to\":\"bob\",\"amount\":300}", pos,
+		     sizeof(pos));
 
 	/* Read-your-writes: the transfer is visible at once at its position. */
 	snprintf(path, sizeof(path), "/accounts/bob?min_position=%s&wait_ms=5000", pos);
@@ -1050,7 +1086,8 @@ Test(query_e2e, a_write_is_readable_at_its_position_and_both_models_agree)
 		b = get_from(&sql_only, path);
 		cr_assert_eq(a.status, 200, "%s: %d %s", path, a.status, a.body);
 		cr_assert_eq(b.status, 200, "%s: %d %s", path, b.status, b.body);
-		cr_assert_str_eq(a.body, b.body, "%s differs:\nredis %s\nsql   %s", paths[i], a.body, b.body);
+		cr_assert_str_eq(a.body, b.body, "%s differs:\nredis %s\nsql   %s", paths[i],
+				 a.body, b.body);
 		cr_assert(response_header(&a, "X-Daybook-Position", h, sizeof(h)));
 		response_free(&a);
 		response_free(&b);
@@ -1081,8 +1118,9 @@ static void start_waiting_reads(struct waiting_read *w, size_t n, const struct s
 {
 	for (size_t i = 0; i < n; i++) {
 		w[i].svc = s;
-		snprintf(w[i].path, sizeof(w[i].path), "/accounts/%s%s?min_position=%s&wait_ms=10000",
-			 account, i % 2 ? "/events" : "", min);
+		snprintf(w[i].path, sizeof(w[i].path),
+			 "/accounts/%s%s?min_position=%s&wait_ms=10000", account,
+			 i % 2 ? "/events" : "", min);
 		cr_assert_eq(pthread_create(&w[i].thread, NULL, waiting_get, &w[i]), 0);
 	}
 }
@@ -1092,13 +1130,14 @@ static void expect_deposit_seen(struct waiting_read *w, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
 		pthread_join(w[i].thread, NULL);
-		cr_assert_eq(w[i].r.status, 200, "%s: %d %s", w[i].path, w[i].r.status, w[i].r.body);
+		cr_assert_eq(w[i].r.status, 200, "%s: %d %s", w[i].path, w[i].r.status,
+			     w[i].r.body);
 		if (i % 2)
-			cr_assert_eq(json_array_size(json_object_get(w[i].r.json, "events")), 2, "%s: %s",
-				     w[i].path, w[i].r.body);
-		else
-			cr_assert_eq(json_integer_value(json_object_get(w[i].r.json, "balance")), 700,
+			cr_assert_eq(json_array_size(json_object_get(w[i].r.json, "events")), 2,
 				     "%s: %s", w[i].path, w[i].r.body);
+		else
+			cr_assert_eq(json_integer_value(json_object_get(w[i].r.json, "balance")),
+				     700, "%s: %s", w[i].path, w[i].r.body);
 		response_free(&w[i].r);
 	}
 }
@@ -1184,8 +1223,10 @@ static double foreign_round(bool foreign)
 {
 	pthread_t t[20];
 	redisContext *c = harness_redis(foreign_redis_url);
-	double before = harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
-			harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
+	double before = harness_metric(&foreign_query,
+				       "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
+			harness_metric(&foreign_query,
+				       "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
 	double after;
 
 	atomic_store(&foreign_answered, 0);
@@ -1196,28 +1237,35 @@ static double foreign_round(bool foreign)
 	for (int i = 0; i < 100; i++) {
 		usleep(20000); /* paces the messages over the reads' 3 s wait */
 		if (foreign)
-			freeReplyObject(redisCommand(c, "PUBLISH dbk:position %s", "7 900000000.1"));
+			freeReplyObject(
+				redisCommand(c, "PUBLISH dbk:position %s", "7 900000000.1"));
 	}
 	for (int i = 0; i < 20; i++)
 		pthread_join(t[i], NULL);
-	after = harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
-		harness_metric(&foreign_query, "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
+	after = harness_metric(&foreign_query,
+			       "daybook_query_redis_fallbacks_total{reason=\"no_live\"}") +
+		harness_metric(&foreign_query,
+			       "daybook_query_redis_fallbacks_total{reason=\"behind\"}");
 	redisFree(c);
 	return after - before;
 }
 
-Test(query_positions, position_messages_of_another_deployment_do_not_make_waiters_read_sql_again, .timeout = 120)
+Test(query_positions, position_messages_of_another_deployment_do_not_make_waiters_read_sql_again,
+     .timeout = 120)
 {
 	double quiet, foreign;
 
 	harness_db_create(foreign_db, sizeof(foreign_db));
 	harness_start_redis(&foreign_redis, false, foreign_redis_url, sizeof(foreign_redis_url));
 	harness_start_query(&foreign_query, foreign_db, foreign_redis_url);
-	snprintf(foreign_path, sizeof(foreign_path), "/accounts/nobody?min_position=800000000.1&wait_ms=3000");
+	snprintf(foreign_path, sizeof(foreign_path),
+		 "/accounts/nobody?min_position=800000000.1&wait_ms=3000");
 	quiet = foreign_round(false);
 	foreign = foreign_round(true);
-	fprintf(stderr, "r1: SQL fallbacks by 20 waiting reads over 2 s: %.0f without messages, "
-			"%.0f with 100 foreign position messages\n", quiet, foreign);
+	fprintf(stderr,
+		"r1: SQL fallbacks by 20 waiting reads over 2 s: %.0f without messages, "
+		"%.0f with 100 foreign position messages\n",
+		quiet, foreign);
 	cr_expect_lt(foreign, 2 * quiet + 40, "foreign messages made waiting reads poll SQL");
 	harness_stop(&foreign_query);
 	harness_kill(&foreign_redis);

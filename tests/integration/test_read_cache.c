@@ -151,13 +151,13 @@ static void wait_balance(const char *id, long long balance, const char *pos, dou
 		cr_assert(response_header(&r, "X-Daybook-Position", at, sizeof(at)));
 		if (pos)
 			cr_assert(cmp_tokens(at, pos) < 0 || got == balance,
-				  "position %s is at or past %s, yet the balance is %lld, not %lld", at,
-				  pos, got, balance);
+				  "position %s is at or past %s, yet the balance is %lld, not %lld",
+				  at, pos, got, balance);
 		response_free(&r);
 		if (got == balance)
 			return;
-		cr_assert(harness_now() < end, "%s still shows %lld, not %lld, after %.0f s", id, got,
-			  balance, timeout);
+		cr_assert(harness_now() < end, "%s still shows %lld, not %lld, after %.0f s", id,
+			  got, balance, timeout);
 		usleep(5000);
 	}
 }
@@ -286,7 +286,9 @@ Test(read_cache, a_stopped_then_restarted_redis_drops_the_cache)
 	warm("c5", 103);
 	deposit("c5", 4, pos, sizeof(pos));
 	wait_balance("c5", 107, pos, 10);
-	cr_assert_geq(harness_metric(&query, "daybook_query_cache_drops_total{reason=\"connection\"}"), 1);
+	cr_assert_geq(harness_metric(&query,
+				     "daybook_query_cache_drops_total{reason=\"connection\"}"),
+		      1);
 }
 
 Test(read_cache, flushall_drops_the_cache)
@@ -300,7 +302,8 @@ Test(read_cache, flushall_drops_the_cache)
 	redis_ops("FLUSHALL");
 	deposit("c6", 5, pos, sizeof(pos));
 	wait_balance("c6", 105, pos, 10);
-	cr_assert_geq(harness_metric(&query, "daybook_query_cache_drops_total{reason=\"flush\"}"), 1);
+	cr_assert_geq(harness_metric(&query, "daybook_query_cache_drops_total{reason=\"flush\"}"),
+		      1);
 	harness_wait_caught_up(db, redis_url, 30);
 	warm("c6", 105);
 }
@@ -320,7 +323,8 @@ static void rebuild_redis(void)
 		dup2(2, 1);
 		setenv("DAYBOOK_PG", pg, 1);
 		setenv("DAYBOOK_REDIS", redis_url, 1);
-		execl(getenv("DAYBOOK_ADMIN_BIN"), "daybook-admin", "rebuild", "redis", (char *)NULL);
+		execl(getenv("DAYBOOK_ADMIN_BIN"), "daybook-admin", "rebuild", "redis",
+		      (char *)NULL);
 		_exit(127);
 	}
 	cr_assert_eq(waitpid(pid, &ws, 0), pid);
@@ -338,7 +342,9 @@ Test(read_cache, a_rebuild_switching_generations_drops_the_cache)
 	rebuild_redis();
 	deposit("c7", 6, pos, sizeof(pos));
 	wait_balance("c7", 106, pos, 10);
-	cr_assert_geq(harness_metric(&query, "daybook_query_cache_drops_total{reason=\"generation\"}"), 1);
+	cr_assert_geq(harness_metric(&query,
+				     "daybook_query_cache_drops_total{reason=\"generation\"}"),
+		      1);
 	warm("c7", 106);
 }
 
@@ -378,8 +384,10 @@ Test(read_cache, a_switch_of_the_live_generation_drops_the_cache)
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	const char *keys[] = { "identity", "layout", "checkpoint", "acct:c9" };
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
-		r = redisCommand(c, "COPY dbk:g:%lld:%s dbk:g:%lld:%s", gen, keys[i], gen + 100, keys[i]);
-		cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1, "COPY %s", keys[i]);
+		r = redisCommand(c, "COPY dbk:g:%lld:%s dbk:g:%lld:%s", gen, keys[i], gen + 100,
+				 keys[i]);
+		cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1, "COPY %s",
+			  keys[i]);
 		freeReplyObject(r);
 	}
 	r = redisCommand(c, "HGET dbk:g:%lld:acct:c9 j", gen);
@@ -397,5 +405,7 @@ Test(read_cache, a_switch_of_the_live_generation_drops_the_cache)
 	freeReplyObject(r);
 	redisFree(c);
 	wait_balance("c9", 777, NULL, 10);
-	cr_assert_geq(harness_metric(&query, "daybook_query_cache_drops_total{reason=\"generation\"}"), 1);
+	cr_assert_geq(harness_metric(&query,
+				     "daybook_query_cache_drops_total{reason=\"generation\"}"),
+		      1);
 }

@@ -54,7 +54,8 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 		close(pipefd[0]);
 		setenv("DAYBOOK_PG", pg, 1);
 		setenv("DAYBOOK_REDIS", redis_url, 1);
-		execl(getenv("DAYBOOK_ADMIN_BIN"), "daybook-admin", "rebuild", target, (char *)NULL);
+		execl(getenv("DAYBOOK_ADMIN_BIN"), "daybook-admin", "rebuild", target,
+		      (char *)NULL);
 		_exit(127);
 	}
 	close(pipefd[1]);
@@ -163,19 +164,21 @@ static void add_long_log(void)
 	/* As generated the rows are valid; the per-row gap check would only make this
 	 * transaction (which holds back the cluster's xmin, and other tests' projectors
 	 * with it) longer. */
-	PQclear(sql(db, "SET session_replication_role = replica; "
-			"INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
-			"|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
-			"'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
-			"'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
-			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
+	PQclear(sql(db,
+		    "SET session_replication_role = replica; "
+		    "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
+		    "|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
+		    "'FundsDeposited' END, CASE WHEN i < 1000 THEN jsonb_build_object('account_id', "
+		    "'h' || (i % 1000), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
+		    "'{\"amount\": 3}' END, '{}' FROM generate_series(0, 149999) i ORDER BY i"));
 }
 
 /* A digest of the live SQL accounts. */
 static void live_fingerprint(char out[64])
 {
-	PGresult *r = sql(db, "SELECT md5(string_agg(account_id || ':' || balance || ':' || version, "
-			      "',' ORDER BY account_id)) FROM rm_accounts");
+	PGresult *r = sql(db,
+			  "SELECT md5(string_agg(account_id || ':' || balance || ':' || version, "
+			  "',' ORDER BY account_id)) FROM rm_accounts");
 
 	snprintf(out, 64, "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
@@ -207,7 +210,8 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	long long gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
 
 	for (int i = 0; i < 8; i++) {
-		snprintf(body, sizeof(body), "{\"id\":\"r-%d\",\"name\":\"R\",\"currency\":\"EUR\"}", i);
+		snprintf(body, sizeof(body),
+			 "{\"id\":\"r-%d\",\"name\":\"R\",\"currency\":\"EUR\"}", i);
 		must("/accounts", body);
 	}
 	/* Every kind of event and of optional field, with text that needs escaping. */
@@ -221,11 +225,12 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 			  "\"currency\":\"GBP\",\"overdraft_limit\":10}");
 	must("/accounts/r-gone/close", "{}");
 	/* Some history, so the rebuild has work to do. */
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
-			"|| (i % 500), i / 500 + 1, CASE WHEN i < 500 THEN 'AccountOpened' ELSE "
-			"'FundsDeposited' END, CASE WHEN i < 500 THEN jsonb_build_object('account_id', "
-			"'h' || (i % 500), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
-			"'{\"amount\": 3}' END, '{}' FROM generate_series(0, 49999) i ORDER BY i"));
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
+		    "|| (i % 500), i / 500 + 1, CASE WHEN i < 500 THEN 'AccountOpened' ELSE "
+		    "'FundsDeposited' END, CASE WHEN i < 500 THEN jsonb_build_object('account_id', "
+		    "'h' || (i % 500), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
+		    "'{\"amount\": 3}' END, '{}' FROM generate_series(0, 49999) i ORDER BY i"));
 	harness_wait_caught_up(db, redis_url, 60);
 	/* The rebuild takes each account's statement size from the live models and checks
 	 * it: one too high (whose newest items it would not all send) and one too low. */
@@ -235,9 +240,11 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	 * move two accounts' first events behind the rest of their streams. */
 	PQclear(sql(db, "SET session_replication_role = replica; UPDATE events SET data = data "
 			"WHERE stream IN ('account-h1', 'account-h2') AND version <= 2"));
-	cr_assert_gt(sql_int(db, "SELECT count(*) FROM (SELECT version, lag(version) OVER (ORDER BY "
-				 "ctid) prev FROM events WHERE stream = 'account-h1') s "
-				 "WHERE version < prev"), 0, "the heap keeps account-h1 in order");
+	cr_assert_gt(sql_int(db,
+			     "SELECT count(*) FROM (SELECT version, lag(version) OVER (ORDER BY "
+			     "ctid) prev FROM events WHERE stream = 'account-h1') s "
+			     "WHERE version < prev"),
+		     0, "the heap keeps account-h1 in order");
 	harness_wait_caught_up(db, redis_url, 60);
 	harness_start_query(&query, db, redis_url);
 	rd = harness_readers_start(&query, ids, 8, 2);
@@ -282,7 +289,8 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	long long live_gen;
 	char cp[64];
 	cr_assert(harness_redis_live(rc, &live_gen, cp, sizeof(cp)));
-	cr_assert_eq(live_gen, atoll(rebuilt_gen->str), "the projector resynced Redis after the rebuild");
+	cr_assert_eq(live_gen, atoll(rebuilt_gen->str),
+		     "the projector resynced Redis after the rebuild");
 	/* The generation live before the switch goes (the rebuild deletes it, the projector
 	 * sweeps what its last batch there wrote after that). */
 	for (double end = harness_now() + 10;; usleep(50000)) {
@@ -300,7 +308,8 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	freeReplyObject(rebuilt_gen);
 	redisFree(rc);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+		     0);
 }
 
 Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
@@ -333,8 +342,8 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	live_fingerprint(now);
 	cr_assert_str_eq(now, before, "the live SQL models changed");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
-		     "the shadow tables are removed");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+		     0, "the shadow tables are removed");
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	snprintf(line, sizeof(line), "%lld", live_gen);
 	cr_assert_str_eq(line, live_before, "the live Redis generation changed");
@@ -355,17 +364,21 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 		if (run == 1) {
 			cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 			freeReplyObject(redisCommand(c, "DEL dbk:g:%lld:layout", live_gen));
-			keys = redisCommand(c, "RENAME dbk:g:%lld:stmt:keep-1 dbk:g:%lld:entries:keep-1",
+			keys = redisCommand(c,
+					    "RENAME dbk:g:%lld:stmt:keep-1 dbk:g:%lld:entries:keep-1",
 					    live_gen, live_gen);
-			cr_assert(keys && keys->type == REDIS_REPLY_STATUS, "no statement to rename");
+			cr_assert(keys && keys->type == REDIS_REPLY_STATUS,
+				  "no statement to rename");
 			freeReplyObject(keys);
 			/* And a stale statement item where this rebuild will write: generation
 			 * numbers start again after Redis loses its data. verify, below, finds
 			 * it if it survives. */
 			keys = redisCommand(c, "GET dbk:generation");
 			cr_assert(keys && keys->type == REDIS_REPLY_STRING);
-			freeReplyObject(redisCommand(c, "LPUSH dbk:g:%lld:stmt:keep-1 {\"version\":1,\"stale\":1}",
-						     atoll(keys->str) + 1));
+			freeReplyObject(
+				redisCommand(c,
+					     "LPUSH dbk:g:%lld:stmt:keep-1 {\"version\":1,\"stale\":1}",
+					     atoll(keys->str) + 1));
 			freeReplyObject(keys);
 		}
 		pid = start_rebuild("all", &fd);
@@ -374,14 +387,16 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 			;
 		fclose(f);
 		cr_assert_eq(waitpid(pid, &status, 0), pid);
-		cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+		cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d",
+			  status);
 		cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 		snprintf(line, sizeof(line), "dbk:g:%lld:", live_gen);
 		keys = redisCommand(c, "KEYS dbk:g:*");
 		cr_assert_gt(keys->elements, 0);
 		for (size_t i = 0; i < keys->elements; i++)
 			cr_assert(strncmp(keys->element[i]->str, line, strlen(line)) == 0,
-				  "key %s of the old generation left behind", keys->element[i]->str);
+				  "key %s of the old generation left behind",
+				  keys->element[i]->str);
 		freeReplyObject(keys);
 	}
 	redisFree(c);
@@ -406,8 +421,9 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
 	must("/accounts/c-1/deposits", "{\"amount\":5}");
 	harness_wait_caught_up(db, redis_url, 30);
 	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
-	PQclear(sql(db, "CREATE FUNCTION hold_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ "
-			"BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); END $$"));
+	PQclear(sql(db,
+		    "CREATE FUNCTION hold_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ "
+		    "BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); END $$"));
 	PQclear(sql(db, "CREATE EVENT TRIGGER hold_keys ON ddl_command_start WHEN TAG IN "
 			"('ALTER TABLE') EXECUTE FUNCTION hold_ddl()"));
 	harness_conninfo(db, NULL, pg, sizeof(pg));
@@ -433,8 +449,8 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 130, "exit status %d", status);
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
-		     "the shadow tables are removed");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+		     0, "the shadow tables are removed");
 	PQclear(sql(db, "DROP EVENT TRIGGER hold_keys"));
 }
 
@@ -466,8 +482,8 @@ Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 	live_fingerprint(now);
 	cr_assert_str_eq(now, before, "the live SQL models changed");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0,
-		     "the shadow tables are removed");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+		     0, "the shadow tables are removed");
 }
 
 /* Progress lines read as they come, with a deadline (stdio would buffer past it). */
@@ -538,7 +554,8 @@ Test(rebuild, a_long_reader_delays_the_switch_without_holding_up_other_readers)
 	cr_assert_str_eq(PQgetvalue(r, 0, 0), "7");
 	PQclear(r);
 	must("/accounts/w-1/deposits", "{\"amount\":1}");
-	cr_assert_eq(waitpid(pid, &status, WNOHANG), 0, "the rebuild ended while the tables were held");
+	cr_assert_eq(waitpid(pid, &status, WNOHANG), 0,
+		     "the rebuild ended while the tables were held");
 
 	/* Once the long reader is done, the switch goes through. */
 	PQclear(PQexec(holder, "COMMIT"));
@@ -570,10 +587,12 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 	c = harness_redis(redis_url);
 	cr_assert(harness_redis_live(c, &live_before, cp, sizeof(cp)));
 	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
-	PQclear(sql(db, "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-			"RAISE EXCEPTION 'injected at commit'; END $$; CREATE CONSTRAINT TRIGGER "
-			"fail_switch AFTER UPDATE ON projection_checkpoints DEFERRABLE INITIALLY DEFERRED "
-			"FOR EACH ROW WHEN (OLD.generation <> NEW.generation) EXECUTE FUNCTION fail_commit()"));
+	PQclear(sql(
+		db,
+		"CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+		"RAISE EXCEPTION 'injected at commit'; END $$; CREATE CONSTRAINT TRIGGER "
+		"fail_switch AFTER UPDATE ON projection_checkpoints DEFERRABLE INITIALLY DEFERRED "
+		"FOR EACH ROW WHEN (OLD.generation <> NEW.generation) EXECUTE FUNCTION fail_commit()"));
 
 	pid_t pid = start_rebuild("all", &progress.fd);
 	while (next_line(&progress, line, sizeof(line), 120))
@@ -584,7 +603,8 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 	cr_assert(harness_redis_live(c, &live_after, cp, sizeof(cp)));
 	cr_assert_eq(live_after, live_before, "the live pointer was not put back");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"), 0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+		     0);
 	must("/accounts/f-1/deposits", "{\"amount\":1}");
 	harness_wait_caught_up(db, redis_url, 30);
 	harness_assert_redis_matches_sql(db, redis_url);
@@ -612,7 +632,8 @@ Test(rebuild, a_sql_rebuild_under_load_leaves_redis_whole)
 	int fd, json_lines, status;
 
 	for (int i = 0; i < 8; i++) {
-		snprintf(body, sizeof(body), "{\"id\":\"r-%d\",\"name\":\"R\",\"currency\":\"EUR\"}", i);
+		snprintf(body, sizeof(body),
+			 "{\"id\":\"r-%d\",\"name\":\"R\",\"currency\":\"EUR\"}", i);
 		must("/accounts", body);
 		snprintf(body, sizeof(body), "/accounts/r-%d/deposits", i);
 		must(body, "{\"amount\":1000}");

@@ -88,9 +88,11 @@ static void assert_checkpoint_holds(redisContext *c, long long gen, const char *
 			     "generation %lld's checkpoint moved to %s, past the refused write at %s",
 			     gen, cp, failed);
 		harness_sql_checkpoint(db, sql_cp, sizeof(sql_cp));
-		if (harness_metric(&projector, FAILURES) >= failures && cmp_tokens(sql_cp, failed) >= 0)
+		if (harness_metric(&projector, FAILURES) >= failures &&
+		    cmp_tokens(sql_cp, failed) >= 0)
 			break;
-		cr_assert(harness_now() < end, "the projector reported %g failed redis steps (want %g)",
+		cr_assert(harness_now() < end,
+			  "the projector reported %g failed redis steps (want %g)",
 			  harness_metric(&projector, FAILURES), failures);
 		usleep(20000);
 	}

@@ -19,9 +19,10 @@ static char db[64];
 static void setup(void)
 {
 	harness_db_create(db, sizeof(db));
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
-			"('account-x', 1, 'AccountOpened', '{\"account_id\":\"x\",\"name\":\"X\","
-			"\"currency\":\"EUR\",\"overdraft_limit\":0}', '{\"request_id\":\"setup\"}')"));
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		    "('account-x', 1, 'AccountOpened', '{\"account_id\":\"x\",\"name\":\"X\","
+		    "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{\"request_id\":\"setup\"}')"));
 }
 
 TestSuite(roles, .init = setup, .timeout = 60);
@@ -41,8 +42,8 @@ static struct outcome run_as(const char *role, const char *query)
 
 	harness_conninfo(db, role, conninfo, sizeof(conninfo));
 	conn = PQconnectdb(conninfo);
-	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role ? role : "superuser",
-		  PQerrorMessage(conn));
+	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s",
+		  role ? role : "superuser", PQerrorMessage(conn));
 	r = PQexec(conn, query);
 	if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
 		const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
@@ -74,8 +75,9 @@ static void assert_allowed(const char *role, const char *query)
 static void assert_log_untouched(void)
 {
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-x' AND "
-				 "version = 1 AND type = 'AccountOpened' AND data ->> 'name' = 'X'"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM events WHERE stream = 'account-x' AND "
+			     "version = 1 AND type = 'AccountOpened' AND data ->> 'name' = 'X'"),
 		     1);
 }
 
@@ -114,9 +116,10 @@ Test(roles, command_can_append_and_read)
 {
 	PGresult *r;
 
-	assert_allowed("daybook_command",
-		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
-		       "('account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{\"request_id\":\"r\"}')");
+	assert_allowed(
+		"daybook_command",
+		"INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		"('account-x', 2, 'FundsDeposited', '{\"amount\":5}', '{\"request_id\":\"r\"}')");
 	assert_allowed("daybook_command", "SELECT version FROM events WHERE stream = 'account-x'");
 	r = sql(db, "SELECT version, type, data ->> 'amount' FROM events ORDER BY position");
 	cr_assert_eq(PQntuples(r), 2);
@@ -140,8 +143,8 @@ Test(roles, even_the_superuser_cannot_change_the_log)
 {
 	for (size_t c = 0; c < sizeof(changes) / sizeof(changes[0]); c++) {
 		struct outcome o = run_as(NULL, changes[c]);
-		cr_assert_str_eq(o.sqlstate, PERMISSION_DENIED, "%s as superuser: '%s' %s", changes[c],
-				 o.sqlstate, o.message);
+		cr_assert_str_eq(o.sqlstate, PERMISSION_DENIED, "%s as superuser: '%s' %s",
+				 changes[c], o.sqlstate, o.message);
 		cr_assert_not_null(strstr(o.message, "append-only"),
 				   "refused by the trigger, not by a grant: %s", o.message);
 	}
@@ -150,8 +153,9 @@ Test(roles, even_the_superuser_cannot_change_the_log)
 
 Test(roles, a_version_gap_is_refused)
 {
-	struct outcome o = run_as(NULL, "INSERT INTO events (stream, version, type, data, metadata) "
-					"VALUES ('account-x', 3, 'FundsDeposited', '{\"amount\":5}', '{}')");
+	struct outcome o =
+		run_as(NULL, "INSERT INTO events (stream, version, type, data, metadata) "
+			     "VALUES ('account-x', 3, 'FundsDeposited', '{\"amount\":5}', '{}')");
 
 	cr_assert_str_eq(o.sqlstate, INTEGRITY_VIOLATION, "got '%s' %s", o.sqlstate, o.message);
 	assert_log_untouched();
@@ -220,7 +224,8 @@ Test(roles, a_transfer_id_is_used_once)
 		       "INSERT INTO events (stream, version, type, data, metadata) VALUES "
 		       "('account-y', 2, 'TransferReceived', '{\"transfer_id\":\"t-1\",\"from\":"
 		       "\"x\",\"amount\":5}', '{}')");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data ->> 'transfer_id' = 't-1'"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM events WHERE data ->> 'transfer_id' = 't-1'"),
 		     2);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'TransferSent'"), 1);
 }

@@ -164,8 +164,13 @@ Test(sentinel, after_a_failover_the_projector_writes_to_the_promoted_replica)
 Test(sentinel, after_a_failover_the_query_cache_shows_changes_made_on_the_new_primary)
 {
 	const char *auth[] = { "Authorization: Bearer " TOKEN_READ, NULL };
-	const char *env[] = { "DAYBOOK_QUERY_WORKERS", "1", "DAYBOOK_QUERY_CACHE_LEASE_MS", "600000",
-			      "DAYBOOK_QUERY_CACHE_BYTES", "16777216", NULL };
+	const char *env[] = { "DAYBOOK_QUERY_WORKERS",
+			      "1",
+			      "DAYBOOK_QUERY_CACHE_LEASE_MS",
+			      "600000",
+			      "DAYBOOK_QUERY_CACHE_BYTES",
+			      "16777216",
+			      NULL };
 	double end;
 	long long balance = 0;
 
@@ -177,8 +182,10 @@ Test(sentinel, after_a_failover_the_query_cache_shows_changes_made_on_the_new_pr
 	harness_wait_caught_up(db, primary_url, 30);
 	/* Read until an answer comes from the cache. */
 	for (end = harness_now() + 20;; usleep(2000)) {
-		double before = harness_metric(&query, "daybook_query_reads_total{model=\"cache\"}");
-		struct response r = http_request(query.port, "GET", "/accounts/s-3", auth, NULL, 10);
+		double before = harness_metric(&query,
+					       "daybook_query_reads_total{model=\"cache\"}");
+		struct response r = http_request(query.port, "GET", "/accounts/s-3", auth, NULL,
+						 10);
 		cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
 		response_free(&r);
 		if (harness_metric(&query, "daybook_query_reads_total{model=\"cache\"}") > before)
@@ -188,7 +195,8 @@ Test(sentinel, after_a_failover_the_query_cache_shows_changes_made_on_the_new_pr
 	fail_over();
 	must("/accounts/s-3/deposits", "{\"amount\":50}");
 	for (end = harness_now() + 30; balance != 150; usleep(5000)) {
-		struct response r = http_request(query.port, "GET", "/accounts/s-3", auth, NULL, 10);
+		struct response r = http_request(query.port, "GET", "/accounts/s-3", auth, NULL,
+						 10);
 		cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
 		balance = json_integer_value(json_object_get(r.json, "balance"));
 		response_free(&r);

@@ -59,8 +59,10 @@ static void open_account(const char *id, long long overdraft)
 {
 	char body[256];
 
-	snprintf(body, sizeof(body), "{\"id\":\"%s\",\"name\":\"Name of %s\",\"currency\":\"EUR\","
-		 "\"overdraft_limit\":%lld}", id, id, overdraft);
+	snprintf(body, sizeof(body),
+		 "{\"id\":\"%s\",\"name\":\"Name of %s\",\"currency\":\"EUR\","
+		 "\"overdraft_limit\":%lld}",
+		 id, id, overdraft);
 	cr_assert_eq(write_("/accounts", body, NULL, 0), 201, "opening %s", id);
 }
 
@@ -79,9 +81,9 @@ struct ev {
 	char stream[80];
 	int version;
 	unsigned long long txid, position;
-	long long at_us;  /* recorded_at, microseconds since the epoch */
-	char at[32];      /* recorded_at as the API writes it */
-	char before[32];  /* recorded_at minus one microsecond, as RFC 3339 */
+	long long at_us; /* recorded_at, microseconds since the epoch */
+	char at[32];     /* recorded_at as the API writes it */
+	char before[32]; /* recorded_at minus one microsecond, as RFC 3339 */
 	char type[24];
 	long long amount;
 	char counterparty[80];
@@ -94,7 +96,8 @@ struct log {
 
 static void load_log(struct log *lg)
 {
-	PGresult *r = sql(db,
+	PGresult *r = sql(
+		db,
 		"SELECT stream, version, txid::text, position, "
 		"(extract(epoch FROM recorded_at) * 1000000)::bigint, "
 		"to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
@@ -164,7 +167,9 @@ static void fold(const struct log *lg, const char *id, const struct point *p, st
 		long long sign = 0;
 		if (strcmp(e->stream, stream) != 0 || !included(e, p))
 			continue;
-		cr_assert_eq(e->version, s->version + 1, "the log's order within %s: version %d (%llu.%llu) after %d", stream, e->version, e->txid, e->position, s->version);
+		cr_assert_eq(e->version, s->version + 1,
+			     "the log's order within %s: version %d (%llu.%llu) after %d", stream,
+			     e->version, e->txid, e->position, s->version);
 		s->version = e->version;
 		s->updated_at = e->at;
 		if (strcmp(e->type, "AccountOpened") == 0)
@@ -181,9 +186,13 @@ static void fold(const struct log *lg, const char *id, const struct point *p, st
 			type = "transfer_out", sign = -1;
 		s->balance += sign * e->amount;
 		if (type)
-			s->items[s->nitems++] = (struct item){ e->version, type, e->amount, s->balance,
-							       e->counterparty[0] ? e->counterparty : NULL,
-							       e->at };
+			s->items[s->nitems++] =
+				(struct item){ e->version,
+					       type,
+					       e->amount,
+					       s->balance,
+					       e->counterparty[0] ? e->counterparty : NULL,
+					       e->at };
 	}
 }
 
@@ -254,8 +263,9 @@ static void check_statement(const struct log *lg, const char *id, const struct p
 		struct response r;
 		json_t *items;
 		if (next)
-			snprintf(path, sizeof(path), "/accounts/%s/transactions?%s&limit=%d&before=%d", id,
-				 q, limit, next);
+			snprintf(path, sizeof(path),
+				 "/accounts/%s/transactions?%s&limit=%d&before=%d", id, q, limit,
+				 next);
 		else
 			snprintf(path, sizeof(path), "/accounts/%s/transactions?%s&limit=%d", id, q,
 				 limit);
@@ -270,17 +280,20 @@ static void check_statement(const struct log *lg, const char *id, const struct p
 		for (size_t i = 0; i < json_array_size(items); i++, want--) {
 			json_t *it = json_array_get(items, i);
 			cr_assert_geq(want, 0, "%s: more items than the log has: %s", path, r.body);
-			cr_assert_eq(jint(it, "version"), s.items[want].version, "%s: %s", path, r.body);
+			cr_assert_eq(jint(it, "version"), s.items[want].version, "%s: %s", path,
+				     r.body);
 			cr_assert_str_eq(jstr(it, "type"), s.items[want].type, "%s", path);
 			cr_assert_eq(jint(it, "amount"), s.items[want].amount, "%s", path);
-			cr_assert_eq(jint(it, "balance_after"), s.items[want].balance_after, "%s: %s",
-				     path, r.body);
+			cr_assert_eq(jint(it, "balance_after"), s.items[want].balance_after,
+				     "%s: %s", path, r.body);
 			cr_assert_str_eq(jstr(it, "at"), s.items[want].at, "%s", path);
 			if (s.items[want].counterparty)
-				cr_assert_str_eq(jstr(it, "counterparty"), s.items[want].counterparty);
+				cr_assert_str_eq(jstr(it, "counterparty"),
+						 s.items[want].counterparty);
 		}
 		next = (int)jint(r.json, "next_before");
-		cr_assert(json_array_size(items) == (size_t)limit || next == 0, "%s: %s", path, r.body);
+		cr_assert(json_array_size(items) == (size_t)limit || next == 0, "%s: %s", path,
+			  r.body);
 		response_free(&r);
 		pages++;
 	} while (next);
@@ -314,16 +327,21 @@ Test(timetravel, as_of_and_at_equal_a_fold_of_the_log_at_random_points_of_a_rand
 			(void)money(a, "deposits", 1 + rand() % 1000);
 			break;
 		case 1:
-			(void)money(a, "withdrawals", 1 + rand() % 700); /* 422s too: nothing written */
+			(void)money(a, "withdrawals",
+				    1 + rand() % 700); /* 422s too: nothing written */
 			break;
 		default:
-			snprintf(body, sizeof(body), "{\"id\":\"x%d\",\"from\":\"%s\",\"to\":\"%s\","
-				 "\"amount\":%d}", xfer++, a, b, 1 + rand() % 600);
+			snprintf(body, sizeof(body),
+				 "{\"id\":\"x%d\",\"from\":\"%s\",\"to\":\"%s\","
+				 "\"amount\":%d}",
+				 xfer++, a, b, 1 + rand() % 600);
 			(void)write_("/transfers", body, NULL, 0);
 			break;
 		}
 		if (i == 200) { /* tt-c: emptied and closed, later transfers to it are refused */
-			PGresult *r = sql(db, "SELECT balance FROM (SELECT sum(CASE WHEN type IN "
+			PGresult *r = sql(
+				db,
+				"SELECT balance FROM (SELECT sum(CASE WHEN type IN "
 				"('FundsDeposited','TransferReceived') THEN (data->>'amount')::bigint "
 				"WHEN type IN ('FundsWithdrawn','TransferSent') THEN -(data->>'amount')::bigint "
 				"ELSE 0 END) AS balance FROM events WHERE stream = 'account-tt-c') s");
@@ -377,17 +395,21 @@ Test(timetravel, an_account_that_did_not_exist_yet_is_not_found)
 	PGresult *t;
 
 	open_account("early", 0);
-	cr_assert_eq(write_("/accounts/early/deposits", "{\"amount\":5}", before, sizeof(before)), 201);
+	cr_assert_eq(write_("/accounts/early/deposits", "{\"amount\":5}", before, sizeof(before)),
+		     201);
 	open_account("late", 0);
-	t = sql(db, "SELECT to_char((recorded_at - interval '1 microsecond') AT TIME ZONE 'UTC', "
-		    "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM events WHERE stream = 'account-late'");
+	t = sql(db,
+		"SELECT to_char((recorded_at - interval '1 microsecond') AT TIME ZONE 'UTC', "
+		"'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM events WHERE stream = 'account-late'");
 	const char *paths[] = { "/accounts/late?as_of=%s&" WAIT,
 				"/accounts/late/transactions?as_of=%s&" WAIT,
-				"/accounts/late?at=%s&" WAIT, "/accounts/late/transactions?at=%s&" WAIT,
+				"/accounts/late?at=%s&" WAIT,
+				"/accounts/late/transactions?at=%s&" WAIT,
 				"/accounts/nobody?as_of=%s&" WAIT };
 	for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
-		snprintf(path, sizeof(path), paths[i], strstr(paths[i], "at=") && !strstr(paths[i], "as_of")
-			 ? PQgetvalue(t, 0, 0) : before);
+		snprintf(path, sizeof(path), paths[i],
+			 strstr(paths[i], "at=") && !strstr(paths[i], "as_of") ? PQgetvalue(t, 0, 0)
+									       : before);
 		r = get(path);
 		cr_assert_eq(r.status, 404, "%s: %d %s", path, r.status, r.body);
 		cr_assert_str_eq(jstr(r.json, "code"), "account_not_found", "%s", path);
@@ -416,9 +438,10 @@ static void hold(struct held *h)
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	h->pg = PQconnectdb(conninfo);
 	cr_assert_eq(PQstatus(h->pg), CONNECTION_OK, "%s", PQerrorMessage(h->pg));
-	r = PQexec(h->pg, "BEGIN; INSERT INTO events (stream, version, type, data, metadata) VALUES "
-			  "('account-held', 1, 'AccountOpened', '{\"account_id\":\"held\",\"name\":\"H\","
-			  "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}')");
+	r = PQexec(h->pg,
+		   "BEGIN; INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		   "('account-held', 1, 'AccountOpened', '{\"account_id\":\"held\",\"name\":\"H\","
+		   "\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}')");
 	cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQerrorMessage(h->pg));
 	PQclear(r);
 }
@@ -485,7 +508,8 @@ Test(timetravel, a_point_beyond_the_readable_horizon_waits_then_answers_or_gives
 	cr_assert_eq(pthread_create(&t, NULL, get_in_thread, &p), 0);
 	{ /* the read waits in the waiting room before the horizon moves */
 		double end = harness_now() + 20;
-		while (harness_metric(&qry, "daybook_query_waiting_reads") < 1 && harness_now() < end)
+		while (harness_metric(&qry, "daybook_query_waiting_reads") < 1 &&
+		       harness_now() < end)
 			usleep(10000);
 		cr_assert_geq(harness_metric(&qry, "daybook_query_waiting_reads"), 1);
 	}
@@ -589,7 +613,8 @@ static void long_history(int n)
 {
 	open_account("long", 0);
 	for (int i = 1; i < n; i++)
-		cr_assert_eq(money("long", (i % 5 == 4) ? "withdrawals" : "deposits", i % 50 + 1), 201);
+		cr_assert_eq(money("long", (i % 5 == 4) ? "withdrawals" : "deposits", i % 50 + 1),
+			     201);
 }
 
 Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
@@ -599,7 +624,8 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 	PGresult *r;
 
 	long_history(2100);
-	cr_assert_geq(sql_int(db, "SELECT count(*) FROM account_snapshots WHERE stream = 'account-long'"),
+	cr_assert_geq(sql_int(db,
+			      "SELECT count(*) FROM account_snapshots WHERE stream = 'account-long'"),
 		      2);
 	load_log(&lg);
 	cr_assert_eq(lg.n, 2100);
@@ -610,35 +636,40 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 		check_account(&lg, "long", &tok, NULL);
 		check_account(&lg, "long", &at, e->at);
 	}
-	check_statement(&lg, "long", &(struct point){ false, lg.e[1500].txid, lg.e[1500].position, 0 },
-			NULL, 500);
+	check_statement(&lg, "long",
+			&(struct point){ false, lg.e[1500].txid, lg.e[1500].position, 0 }, NULL,
+			500);
 
 	/* A planted snapshot of a plausible shape shows through: the fold starts there. */
 	PQclear(sql(db, "INSERT INTO account_snapshots VALUES ('account-long', 1500, "
-		    "'{\"account_id\":\"long\",\"currency\":\"EUR\",\"balance\":123456789,"
-		    "\"overdraft_limit\":0,\"version\":1500,\"closed\":false}')"));
+			"'{\"account_id\":\"long\",\"currency\":\"EUR\",\"balance\":123456789,"
+			"\"overdraft_limit\":0,\"version\":1500,\"closed\":false}')"));
 	{
 		char path[128];
 		struct response resp;
-		snprintf(path, sizeof(path), "/accounts/long?as_of=%llu.%llu&" WAIT, lg.e[1500].txid,
-			 lg.e[1500].position);
+		snprintf(path, sizeof(path), "/accounts/long?as_of=%llu.%llu&" WAIT,
+			 lg.e[1500].txid, lg.e[1500].position);
 		resp = get(path);
 		cr_assert_eq(resp.status, 200, "%s", resp.body);
-		cr_assert_eq(jint(resp.json, "balance"), 123456789 + lg.e[1500].amount, "%s", resp.body);
+		cr_assert_eq(jint(resp.json, "balance"), 123456789 + lg.e[1500].amount, "%s",
+			     resp.body);
 		response_free(&resp);
 	}
-	PQclear(sql(db, "DELETE FROM account_snapshots WHERE stream = 'account-long' AND version = 1500"));
+	PQclear(sql(db,
+		    "DELETE FROM account_snapshots WHERE stream = 'account-long' AND version = 1500"));
 
 	/* Snapshots that cannot be used: another account's (with a balance that would show
 	 * if it were used), a state at another version, one that does not decode. Every
 	 * answer is still the fold's. */
-	r = sql(db, "UPDATE account_snapshots SET state = jsonb_set(jsonb_set(state, '{account_id}', "
-		    "'\"other\"'), '{balance}', '1') WHERE stream = 'account-long' AND version = 1000");
+	r = sql(db,
+		"UPDATE account_snapshots SET state = jsonb_set(jsonb_set(state, '{account_id}', "
+		"'\"other\"'), '{balance}', '1') WHERE stream = 'account-long' AND version = 1000");
 	PQclear(r);
 	r = sql(db, "UPDATE account_snapshots SET state = jsonb_set(state, '{version}', '7') "
 		    "WHERE stream = 'account-long' AND version = 2000");
 	PQclear(r);
-	PQclear(sql(db, "INSERT INTO account_snapshots VALUES ('account-long', 1700, '{\"balance\":1}')"));
+	PQclear(sql(db,
+		    "INSERT INTO account_snapshots VALUES ('account-long', 1700, '{\"balance\":1}')"));
 	for (size_t k = 0; k < sizeof(idx) / sizeof(idx[0]); k++) {
 		const struct ev *e = &lg.e[idx[k]];
 		struct point tok = { false, e->txid, e->position, 0 };

@@ -33,8 +33,8 @@ static void expect(struct response *r, int status, const char *code)
 	response_header(r, "Content-Type", ct, sizeof(ct));
 	if (code) {
 		cr_assert_str_eq(ct, "application/problem+json");
-		cr_assert_str_eq(json_string_value(json_object_get(r->json, "code")), code, "body: %s",
-				 r->body);
+		cr_assert_str_eq(json_string_value(json_object_get(r->json, "code")), code,
+				 "body: %s", r->body);
 		cr_assert_eq(json_integer_value(json_object_get(r->json, "status")), status);
 		cr_assert(json_is_string(json_object_get(r->json, "type")));
 		cr_assert(json_is_string(json_object_get(r->json, "title")));
@@ -76,7 +76,8 @@ static long long events_of(const char *stream)
 Test(write_api, open_account_answers_201_with_location_etag_and_position)
 {
 	struct response r = post(&svc, "/accounts",
-				 "{\"id\":\"acc-1\",\"name\":\"Alice\",\"currency\":\"EUR\"}", NULL);
+				 "{\"id\":\"acc-1\",\"name\":\"Alice\",\"currency\":\"EUR\"}",
+				 NULL);
 	char h[128];
 
 	expect(&r, 201, NULL);
@@ -89,8 +90,9 @@ Test(write_api, open_account_answers_201_with_location_etag_and_position)
 	cr_assert_str_eq(h, "\"1\"");
 	response_free(&r);
 
-	PGresult *ev = sql(db, "SELECT type, data->>'currency', (data->>'overdraft_limit')::bigint, "
-			       "data->>'name' FROM events WHERE stream = 'account-acc-1'");
+	PGresult *ev = sql(db,
+			   "SELECT type, data->>'currency', (data->>'overdraft_limit')::bigint, "
+			   "data->>'name' FROM events WHERE stream = 'account-acc-1'");
 	cr_assert_eq(PQntuples(ev), 1);
 	cr_assert_str_eq(PQgetvalue(ev, 0, 0), "AccountOpened");
 	cr_assert_str_eq(PQgetvalue(ev, 0, 1), "EUR");
@@ -102,7 +104,8 @@ Test(write_api, open_account_answers_201_with_location_etag_and_position)
 Test(write_api, opening_an_existing_account_is_409)
 {
 	open_account("dup", "EUR", 0);
-	call("/accounts", "{\"id\":\"dup\",\"name\":\"Again\",\"currency\":\"USD\"}", 409, "account_exists");
+	call("/accounts", "{\"id\":\"dup\",\"name\":\"Again\",\"currency\":\"USD\"}", 409,
+	     "account_exists");
 	cr_assert_eq(events_of("account-dup"), 1);
 }
 
@@ -121,8 +124,10 @@ Test(write_api, malformed_and_mistyped_bodies_are_400_naming_the_field)
 		{ "{\"id\":7,\"name\":\"A\",\"currency\":\"EUR\"}", "id" },
 		{ "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"eur\"}", "currency" },
 		{ "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EURO\"}", "currency" },
-		{ "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":-1}", "overdraft_limit" },
-		{ "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":1.5}", "overdraft_limit" },
+		{ "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":-1}",
+		  "overdraft_limit" },
+		{ "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":1.5}",
+		  "overdraft_limit" },
 		{ "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"color\":\"red\"}", "color" },
 		{ "{\"id\":\"a\",\"id\":\"b\",\"name\":\"A\",\"currency\":\"EUR\"}", "duplicate" },
 	};
@@ -141,8 +146,13 @@ Test(write_api, malformed_and_mistyped_bodies_are_400_naming_the_field)
 Test(write_api, amounts_out_of_range_are_400)
 {
 	static const char *const bodies[] = {
-		"{\"amount\":0}", "{\"amount\":-5}", "{\"amount\":1000000000000001}",
-		"{\"amount\":\"100\"}", "{\"amount\":10.0}", "{}", "{\"amount\":5,\"reference\":7}",
+		"{\"amount\":0}",
+		"{\"amount\":-5}",
+		"{\"amount\":1000000000000001}",
+		"{\"amount\":\"100\"}",
+		"{\"amount\":10.0}",
+		"{}",
+		"{\"amount\":5,\"reference\":7}",
 	};
 
 	open_account("amt", "EUR", 0);
@@ -197,8 +207,9 @@ Test(write_api, deposits_that_would_overflow_are_422)
 {
 	/* Reaching the int64 edge over HTTP takes 9,224 deposits; the log can hold it directly. */
 	open_account("big", "EUR", 0);
-	PQclear(sql(db, "INSERT INTO events (stream, version, type, data, metadata) VALUES "
-			"('account-big', 2, 'FundsDeposited', '{\"amount\": 9223372036854775000}', '{}')"));
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		    "('account-big', 2, 'FundsDeposited', '{\"amount\": 9223372036854775000}', '{}')"));
 	call("/accounts/big/deposits", "{\"amount\":808}", 422, "overflow");
 	call("/accounts/big/deposits", "{\"amount\":807}", 201, NULL);
 	call("/accounts/big/deposits", "{\"amount\":1}", 422, "overflow");
@@ -226,8 +237,12 @@ Test(write_api, transfers_move_money_atomically)
 	response_free(&r);
 
 	/* Both sides committed in one transaction. */
-	cr_assert_eq(sql_int(db, "SELECT count(DISTINCT txid) FROM events WHERE data->>'transfer_id' = 'tx-1'"), 1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'transfer_id' = 'tx-1'"), 2);
+	cr_assert_eq(
+		sql_int(db,
+			"SELECT count(DISTINCT txid) FROM events WHERE data->>'transfer_id' = 'tx-1'"),
+		1);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'transfer_id' = 'tx-1'"),
+		     2);
 	cr_assert_eq(sql_int(db, "SELECT (data->>'amount')::bigint FROM events WHERE type = "
 				 "'TransferReceived' AND data->>'from' = 'tf-a'"),
 		     300);
@@ -244,14 +259,22 @@ Test(write_api, transfer_refusals)
 	call("/accounts/r-closed/close", NULL, 201, NULL);
 	call("/accounts/r-eur/deposits", "{\"amount\":100}", 201, NULL);
 
-	call("/transfers", "{\"id\":\"x1\",\"from\":\"r-eur\",\"to\":\"r-eur2\",\"amount\":101}", 422, "insufficient_funds");
-	call("/transfers", "{\"id\":\"x2\",\"from\":\"r-eur\",\"to\":\"r-usd\",\"amount\":1}", 422, "currency_mismatch");
-	call("/transfers", "{\"id\":\"x3\",\"from\":\"r-eur\",\"to\":\"r-eur\",\"amount\":1}", 422, "same_account");
-	call("/transfers", "{\"id\":\"x4\",\"from\":\"r-eur\",\"to\":\"r-closed\",\"amount\":1}", 422, "account_closed");
-	call("/transfers", "{\"id\":\"x5\",\"from\":\"r-eur\",\"to\":\"nobody\",\"amount\":1}", 404, "account_not_found");
-	call("/transfers", "{\"id\":\"x6\",\"from\":\"nobody\",\"to\":\"r-eur\",\"amount\":1}", 404, "account_not_found");
-	call("/transfers", "{\"id\":\"bad id\",\"from\":\"r-eur\",\"to\":\"r-eur2\",\"amount\":1}", 400, "invalid_request");
-	call("/transfers", "{\"id\":\"x7\",\"from\":\"r-eur\",\"to\":\"r-eur2\"}", 400, "invalid_request");
+	call("/transfers", "{\"id\":\"x1\",\"from\":\"r-eur\",\"to\":\"r-eur2\",\"amount\":101}",
+	     422, "insufficient_funds");
+	call("/transfers", "{\"id\":\"x2\",\"from\":\"r-eur\",\"to\":\"r-usd\",\"amount\":1}", 422,
+	     "currency_mismatch");
+	call("/transfers", "{\"id\":\"x3\",\"from\":\"r-eur\",\"to\":\"r-eur\",\"amount\":1}", 422,
+	     "same_account");
+	call("/transfers", "{\"id\":\"x4\",\"from\":\"r-eur\",\"to\":\"r-closed\",\"amount\":1}",
+	     422, "account_closed");
+	call("/transfers", "{\"id\":\"x5\",\"from\":\"r-eur\",\"to\":\"nobody\",\"amount\":1}", 404,
+	     "account_not_found");
+	call("/transfers", "{\"id\":\"x6\",\"from\":\"nobody\",\"to\":\"r-eur\",\"amount\":1}", 404,
+	     "account_not_found");
+	call("/transfers", "{\"id\":\"bad id\",\"from\":\"r-eur\",\"to\":\"r-eur2\",\"amount\":1}",
+	     400, "invalid_request");
+	call("/transfers", "{\"id\":\"x7\",\"from\":\"r-eur\",\"to\":\"r-eur2\"}", 400,
+	     "invalid_request");
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type LIKE 'Transfer%'"), 0);
 }
 
@@ -318,8 +341,10 @@ Test(write_api, bodies_over_64_kib_are_413_and_write_nothing)
 Test(write_api, tokens_are_required_and_scoped)
 {
 	const char *none[] = { "Content-Type: application/json", NULL };
-	const char *unknown[] = { "Authorization: Bearer nope", "Content-Type: application/json", NULL };
-	const char *reader[] = { "Authorization: Bearer " TOKEN_READ, "Content-Type: application/json", NULL };
+	const char *unknown[] = { "Authorization: Bearer nope", "Content-Type: application/json",
+				  NULL };
+	const char *reader[] = { "Authorization: Bearer " TOKEN_READ,
+				 "Content-Type: application/json", NULL };
 	const char *body = "{\"id\":\"auth\",\"name\":\"A\",\"currency\":\"EUR\"}";
 	struct response r;
 
@@ -376,7 +401,8 @@ Test(write_api, wrong_content_type_is_415)
 Test(write_api, request_ids_are_echoed_and_stored_with_the_caller)
 {
 	const char *extra[] = { "X-Request-Id: req-abc-123", "Idempotency-Key: key-1", NULL };
-	struct response r = post(&svc, "/accounts", "{\"id\":\"rid\",\"name\":\"A\",\"currency\":\"EUR\"}", extra);
+	struct response r = post(&svc, "/accounts",
+				 "{\"id\":\"rid\",\"name\":\"A\",\"currency\":\"EUR\"}", extra);
 	char id[64];
 	PGresult *m;
 
@@ -384,8 +410,9 @@ Test(write_api, request_ids_are_echoed_and_stored_with_the_caller)
 	cr_assert(response_header(&r, "X-Request-Id", id, sizeof(id)));
 	cr_assert_str_eq(id, "req-abc-123");
 	response_free(&r);
-	m = sql(db, "SELECT metadata->>'request_id', metadata->>'token_id', "
-		    "metadata->>'idempotency_key', metadata->>'time' FROM events WHERE stream = 'account-rid'");
+	m = sql(db,
+		"SELECT metadata->>'request_id', metadata->>'token_id', "
+		"metadata->>'idempotency_key', metadata->>'time' FROM events WHERE stream = 'account-rid'");
 	cr_assert_str_eq(PQgetvalue(m, 0, 0), "req-abc-123");
 	cr_assert_str_eq(PQgetvalue(m, 0, 1), "test-write");
 	cr_assert_str_eq(PQgetvalue(m, 0, 2), "key-1");
@@ -404,9 +431,10 @@ Test(write_api, versions_are_gap_free_and_sigterm_exits_zero)
 	open_account("gap", "EUR", 0);
 	for (int i = 0; i < 5; i++)
 		call("/accounts/gap/deposits", "{\"amount\":1}", 201, NULL);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events e WHERE stream = 'account-gap' AND "
-				 "version <> (SELECT count(*) FROM events f WHERE f.stream = e.stream "
-				 "AND f.position <= e.position)"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM events e WHERE stream = 'account-gap' AND "
+			     "version <> (SELECT count(*) FROM events f WHERE f.stream = e.stream "
+			     "AND f.position <= e.position)"),
 		     0);
 	cr_assert_eq(harness_stop(&svc), 0);
 }
@@ -426,7 +454,8 @@ static json_t *log_lines(void)
 	while ((n = getline(&line, &cap, f)) > 0) {
 		json_error_t error;
 		json_t *j = json_loadb(line, (size_t)n, 0, &error);
-		cr_assert(json_is_object(j), "a log line that is not JSON (%s): %s", error.text, line);
+		cr_assert(json_is_object(j), "a log line that is not JSON (%s): %s", error.text,
+			  line);
 		json_array_append_new(lines, j);
 	}
 	free(line);
@@ -440,7 +469,7 @@ static json_t *access_line(json_t *lines, const char *request_id)
 	size_t i;
 	json_t *j;
 
-	json_array_foreach(lines, i, j) {
+	json_array_foreach (lines, i, j) {
 		const char *id = json_string_value(json_object_get(j, "request_id"));
 		const char *msg = json_string_value(json_object_get(j, "msg"));
 		if (id && msg && strcmp(id, request_id) == 0 && strcmp(msg, "request") == 0)
@@ -479,8 +508,10 @@ Test(write_api, each_request_leaves_one_json_access_line_whatever_its_bytes)
 	cr_assert_not_null(line, "no access line for the deposit");
 	cr_assert_str_eq(json_string_value(json_object_get(line, "level")), "info");
 	cr_assert_str_eq(json_string_value(json_object_get(line, "method")), "POST");
-	cr_assert_str_eq(json_string_value(json_object_get(line, "route")), "/accounts/{id}/deposits");
-	cr_assert_str_eq(json_string_value(json_object_get(line, "path")), "/accounts/log-a/deposits");
+	cr_assert_str_eq(json_string_value(json_object_get(line, "route")),
+			 "/accounts/{id}/deposits");
+	cr_assert_str_eq(json_string_value(json_object_get(line, "path")),
+			 "/accounts/log-a/deposits");
 	cr_assert_eq(json_integer_value(json_object_get(line, "status")), 201);
 	cr_assert_str_eq(json_string_value(json_object_get(line, "token_id")), "test-write");
 	cr_assert_gt(json_integer_value(json_object_get(line, "bytes")), 0);
@@ -496,12 +527,14 @@ Test(write_api, each_request_leaves_one_json_access_line_whatever_its_bytes)
 
 Test(write_api, cors_is_off_by_default_and_answers_allowed_origins_when_set)
 {
-	const char *preflight[] = { "Origin: https://app.example", "Access-Control-Request-Method: POST",
-				    "Access-Control-Request-Headers: authorization, idempotency-key",
-				    NULL };
-	const char *other[] = { "Origin: https://evil.example", "Access-Control-Request-Method: POST",
-				NULL };
-	const char *env[] = { "DAYBOOK_CORS_ORIGINS", "https://app.example, https://b.example", NULL };
+	const char *preflight[] = {
+		"Origin: https://app.example", "Access-Control-Request-Method: POST",
+		"Access-Control-Request-Headers: authorization, idempotency-key", NULL
+	};
+	const char *other[] = { "Origin: https://evil.example",
+				"Access-Control-Request-Method: POST", NULL };
+	const char *env[] = { "DAYBOOK_CORS_ORIGINS", "https://app.example, https://b.example",
+			      NULL };
 	const char *from_app[] = { "Origin: https://app.example", NULL };
 	struct service cors;
 	struct response r;

@@ -9,8 +9,9 @@
 static struct ledger_account account(const char *id, const char *currency, int64_t balance,
 				     int64_t overdraft_limit)
 {
-	struct ledger_account acc = {.balance = balance, .overdraft_limit = overdraft_limit,
-				     .version = 3};
+	struct ledger_account acc = { .balance = balance,
+				      .overdraft_limit = overdraft_limit,
+				      .version = 3 };
 
 	strcpy(acc.id, id);
 	strcpy(acc.currency, currency);
@@ -26,7 +27,9 @@ static struct ledger_account closed_account(const char *id, int64_t balance)
 }
 
 /* A recognisable event, to show that a refusing decider left `out` alone. */
-static const struct ledger_event sentinel = {.type = 99, .amount = 4242, .reference = "untouched"};
+static const struct ledger_event sentinel = { .type = 99,
+					      .amount = 4242,
+					      .reference = "untouched" };
 
 static void assert_untouched(const struct ledger_event *ev)
 {
@@ -54,17 +57,17 @@ Test(errors, every_code_has_its_status_and_a_title)
 		const char *code;
 		int status;
 	} cases[] = {
-		{LEDGER_OK, "ok", 201},
-		{LEDGER_ACCOUNT_EXISTS, "account_exists", 409},
-		{LEDGER_ACCOUNT_NOT_FOUND, "account_not_found", 404},
-		{LEDGER_ACCOUNT_CLOSED, "account_closed", 422},
-		{LEDGER_OVERFLOW, "overflow", 422},
-		{LEDGER_INSUFFICIENT_FUNDS, "insufficient_funds", 422},
-		{LEDGER_CURRENCY_MISMATCH, "currency_mismatch", 422},
-		{LEDGER_SAME_ACCOUNT, "same_account", 422},
-		{LEDGER_NONZERO_BALANCE, "nonzero_balance", 422},
-		{LEDGER_TRANSFER_EXISTS, "transfer_exists", 409},
-		{LEDGER_VERSION_MISMATCH, "version_mismatch", 412},
+		{ LEDGER_OK, "ok", 201 },
+		{ LEDGER_ACCOUNT_EXISTS, "account_exists", 409 },
+		{ LEDGER_ACCOUNT_NOT_FOUND, "account_not_found", 404 },
+		{ LEDGER_ACCOUNT_CLOSED, "account_closed", 422 },
+		{ LEDGER_OVERFLOW, "overflow", 422 },
+		{ LEDGER_INSUFFICIENT_FUNDS, "insufficient_funds", 422 },
+		{ LEDGER_CURRENCY_MISMATCH, "currency_mismatch", 422 },
+		{ LEDGER_SAME_ACCOUNT, "same_account", 422 },
+		{ LEDGER_NONZERO_BALANCE, "nonzero_balance", 422 },
+		{ LEDGER_TRANSFER_EXISTS, "transfer_exists", 409 },
+		{ LEDGER_VERSION_MISMATCH, "version_mismatch", 412 },
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -99,12 +102,12 @@ Test(events, names_match_the_log_contract_both_ways)
 		enum ledger_event_type type;
 		const char *name;
 	} cases[] = {
-		{LEDGER_ACCOUNT_OPENED, "AccountOpened"},
-		{LEDGER_FUNDS_DEPOSITED, "FundsDeposited"},
-		{LEDGER_FUNDS_WITHDRAWN, "FundsWithdrawn"},
-		{LEDGER_TRANSFER_SENT, "TransferSent"},
-		{LEDGER_TRANSFER_RECEIVED, "TransferReceived"},
-		{LEDGER_ACCOUNT_CLOSED_EVENT, "AccountClosed"},
+		{ LEDGER_ACCOUNT_OPENED, "AccountOpened" },
+		{ LEDGER_FUNDS_DEPOSITED, "FundsDeposited" },
+		{ LEDGER_FUNDS_WITHDRAWN, "FundsWithdrawn" },
+		{ LEDGER_TRANSFER_SENT, "TransferSent" },
+		{ LEDGER_TRANSFER_RECEIVED, "TransferReceived" },
+		{ LEDGER_ACCOUNT_CLOSED_EVENT, "AccountClosed" },
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -117,7 +120,7 @@ Test(events, unknown_names_and_types)
 {
 	cr_assert_null(ledger_event_name((enum ledger_event_type)0));
 	cr_assert_null(ledger_event_name((enum ledger_event_type)7));
-	cr_assert_null(ledger_event_name((enum ledger_event_type)-1));
+	cr_assert_null(ledger_event_name((enum ledger_event_type) - 1));
 	cr_assert_eq(ledger_event_type_from_name("accountopened"), 0);
 	cr_assert_eq(ledger_event_type_from_name("AccountOpened "), 0);
 	cr_assert_eq(ledger_event_type_from_name(""), 0);
@@ -150,8 +153,8 @@ Test(validate, id_length_is_1_to_64)
 
 Test(validate, id_refuses_other_characters)
 {
-	static const char *const bad[] = {"a b", "a/b", "a+b", "a@b", "a#b", "\xc3\xa9",
-					  "a\tb", "a\nb", "a%2F", "a,b", "(a)", "a*"};
+	static const char *const bad[] = { "a b",  "a/b",  "a+b",  "a@b", "a#b", "\xc3\xa9",
+					   "a\tb", "a\nb", "a%2F", "a,b", "(a)", "a*" };
 
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		cr_assert_not(ledger_valid_id(bad[i]), "%s", bad[i]);
@@ -214,21 +217,21 @@ Test(validate, text_accepts_well_formed_utf8_up_to_the_edges)
 
 Test(validate, text_refuses_overlong_forms)
 {
-	cr_assert_not(ledger_valid_text("\xc0\x80", 200, false));         /* NUL in 2 bytes */
-	cr_assert_not(ledger_valid_text("\xc0\xaf", 200, false));         /* '/' in 2 bytes */
+	cr_assert_not(ledger_valid_text("\xc0\x80", 200, false)); /* NUL in 2 bytes */
+	cr_assert_not(ledger_valid_text("\xc0\xaf", 200, false)); /* '/' in 2 bytes */
 	cr_assert_not(ledger_valid_text("\xc1\xbf", 200, false));
 	cr_assert_not(ledger_valid_text("\xe0\x80\xaf", 200, false));
-	cr_assert_not(ledger_valid_text("\xe0\x9f\xbf", 200, false));     /* U+07FF in 3 bytes */
+	cr_assert_not(ledger_valid_text("\xe0\x9f\xbf", 200, false)); /* U+07FF in 3 bytes */
 	cr_assert_not(ledger_valid_text("\xf0\x80\x80\xaf", 200, false));
 	cr_assert_not(ledger_valid_text("\xf0\x8f\xbf\xbf", 200, false)); /* U+FFFF in 4 bytes */
 }
 
 Test(validate, text_refuses_surrogates_and_beyond_unicode)
 {
-	cr_assert_not(ledger_valid_text("\xed\xa0\x80", 200, false)); /* U+D800 */
-	cr_assert_not(ledger_valid_text("\xed\xbf\xbf", 200, false)); /* U+DFFF */
+	cr_assert_not(ledger_valid_text("\xed\xa0\x80", 200, false));             /* U+D800 */
+	cr_assert_not(ledger_valid_text("\xed\xbf\xbf", 200, false));             /* U+DFFF */
 	cr_assert_not(ledger_valid_text("\xed\xa0\xbd\xed\xb8\x80", 200, false)); /* CESU pair */
-	cr_assert_not(ledger_valid_text("\xf4\x90\x80\x80", 200, false)); /* U+110000 */
+	cr_assert_not(ledger_valid_text("\xf4\x90\x80\x80", 200, false));         /* U+110000 */
 	cr_assert_not(ledger_valid_text("\xf5\x80\x80\x80", 200, false));
 	cr_assert_not(ledger_valid_text("\xf7\xbf\xbf\xbf", 200, false));
 	cr_assert_not(ledger_valid_text("\xf8\x88\x80\x80\x80", 200, false));
@@ -238,11 +241,15 @@ Test(validate, text_refuses_surrogates_and_beyond_unicode)
 
 Test(validate, text_refuses_broken_sequences)
 {
-	cr_assert_not(ledger_valid_text("\x80", 200, false));         /* lone continuation */
-	cr_assert_not(ledger_valid_text("a\xbf" "b", 200, false));
-	cr_assert_not(ledger_valid_text("\xc3\x28", 200, false));     /* bad continuation */
-	cr_assert_not(ledger_valid_text("\xe2\x82", 200, false));     /* truncated at end */
-	cr_assert_not(ledger_valid_text("\xe2\x82" "a", 200, false)); /* truncated mid-string */
+	cr_assert_not(ledger_valid_text("\x80", 200, false)); /* lone continuation */
+	cr_assert_not(ledger_valid_text("a\xbf"
+					"b",
+					200, false));
+	cr_assert_not(ledger_valid_text("\xc3\x28", 200, false)); /* bad continuation */
+	cr_assert_not(ledger_valid_text("\xe2\x82", 200, false)); /* truncated at end */
+	cr_assert_not(ledger_valid_text("\xe2\x82"
+					"a",
+					200, false)); /* truncated mid-string */
 	cr_assert_not(ledger_valid_text("a\xc3", 200, false));
 	cr_assert_not(ledger_valid_text("\xf0\x9f\x98", 200, false));
 	cr_assert_not(ledger_valid_text("\xe2\x82\xac\xac", 200, false)); /* extra continuation */
@@ -291,7 +298,7 @@ Test(validate, text_empty_only_when_allowed)
 
 Test(decide_open, new_account_gives_account_opened)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_event ev = sentinel;
 
 	cr_assert_eq(ledger_decide_open(&none, "acc-1", "Alice", "EUR", 500, &ev), LEDGER_OK);
@@ -359,7 +366,7 @@ Test(decide_deposit, absent_reference_stays_null)
 
 Test(decide_deposit, missing_account)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_event ev = sentinel;
 
 	cr_assert_eq(ledger_decide_deposit(&none, -1, 1, NULL, &ev), LEDGER_ACCOUNT_NOT_FOUND);
@@ -398,20 +405,20 @@ Test(decide_deposit, overflow_at_int64_max)
 	cr_assert_eq(ledger_decide_deposit(&acc, -1, 10, NULL, &ev), LEDGER_OK);
 	acc.balance = INT64_MAX;
 	cr_assert_eq(ledger_decide_deposit(&acc, -1, 1, NULL, &ev), LEDGER_OVERFLOW);
-	cr_assert_eq(ledger_decide_deposit(&acc, -1, LEDGER_AMOUNT_MAX, NULL, &ev), LEDGER_OVERFLOW);
+	cr_assert_eq(ledger_decide_deposit(&acc, -1, LEDGER_AMOUNT_MAX, NULL, &ev),
+		     LEDGER_OVERFLOW);
 }
 
 Test(decide_deposit, check_order)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_account closed_full = closed_account("a", INT64_MAX);
 	struct ledger_event ev = sentinel;
 
 	/* not found before version: a missing account has no version to compare */
 	cr_assert_eq(ledger_decide_deposit(&none, 7, 1, NULL, &ev), LEDGER_ACCOUNT_NOT_FOUND);
 	/* version before closed */
-	cr_assert_eq(ledger_decide_deposit(&closed_full, 7, 1, NULL, &ev),
-		     LEDGER_VERSION_MISMATCH);
+	cr_assert_eq(ledger_decide_deposit(&closed_full, 7, 1, NULL, &ev), LEDGER_VERSION_MISMATCH);
 	/* closed before the overflow rule */
 	cr_assert_eq(ledger_decide_deposit(&closed_full, 3, 1, NULL, &ev), LEDGER_ACCOUNT_CLOSED);
 	assert_untouched(&ev);
@@ -454,7 +461,7 @@ Test(decide_withdraw, overdraft_reaches_minus_limit_not_below)
 
 Test(decide_withdraw, missing_mismatched_closed)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_account acc = account("a", "EUR", 100, 0);
 	struct ledger_account closed = closed_account("a", 100);
 	struct ledger_event ev = sentinel;
@@ -467,7 +474,7 @@ Test(decide_withdraw, missing_mismatched_closed)
 
 Test(decide_withdraw, check_order)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_account closed_empty = closed_account("a", 0);
 	struct ledger_event ev = sentinel;
 
@@ -475,8 +482,7 @@ Test(decide_withdraw, check_order)
 	cr_assert_eq(ledger_decide_withdraw(&closed_empty, 9, 5, NULL, &ev),
 		     LEDGER_VERSION_MISMATCH);
 	/* closed before insufficient funds */
-	cr_assert_eq(ledger_decide_withdraw(&closed_empty, 3, 5, NULL, &ev),
-		     LEDGER_ACCOUNT_CLOSED);
+	cr_assert_eq(ledger_decide_withdraw(&closed_empty, 3, 5, NULL, &ev), LEDGER_ACCOUNT_CLOSED);
 	assert_untouched(&ev);
 }
 
@@ -535,7 +541,7 @@ Test(decide_close, nonzero_balance_either_sign)
 
 Test(decide_close, missing_mismatched_already_closed)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_account acc = account("a", "EUR", 0, 0);
 	struct ledger_account closed = closed_account("a", 0);
 	struct ledger_event ev = sentinel;
@@ -548,7 +554,7 @@ Test(decide_close, missing_mismatched_already_closed)
 
 Test(decide_close, check_order)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_account closed_funded = closed_account("a", 10);
 	struct ledger_event ev = sentinel;
 
@@ -564,7 +570,7 @@ Test(decide_transfer, gives_sent_and_received)
 {
 	struct ledger_account from = account("alice", "EUR", 1000, 0);
 	struct ledger_account to = account("bob", "EUR", 5, 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&from, &to, "t-1", 300, "lunch", out), LEDGER_OK);
 	cr_assert_eq(out[0].type, LEDGER_TRANSFER_SENT);
@@ -583,7 +589,7 @@ Test(decide_transfer, same_account_by_id_or_pointer)
 {
 	struct ledger_account a = account("alice", "EUR", 1000, 0);
 	struct ledger_account a_again = a;
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&a, &a_again, "t", 1, NULL, out), LEDGER_SAME_ACCOUNT);
 	cr_assert_eq(ledger_decide_transfer(&a, &a, "t", 1, NULL, out), LEDGER_SAME_ACCOUNT);
@@ -593,10 +599,10 @@ Test(decide_transfer, same_account_by_id_or_pointer)
 
 Test(decide_transfer, same_account_is_checked_first)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 	struct ledger_account closed = closed_account("alice", 0);
 	struct ledger_account closed_again = closed;
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	/* before not found (one struct passed twice) and before closed */
 	cr_assert_eq(ledger_decide_transfer(&none, &none, "t", 1, NULL, out), LEDGER_SAME_ACCOUNT);
@@ -607,8 +613,8 @@ Test(decide_transfer, same_account_is_checked_first)
 
 Test(decide_transfer, two_distinct_missing_accounts_are_not_the_same)
 {
-	struct ledger_account none1 = {0}, none2 = {0};
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_account none1 = { 0 }, none2 = { 0 };
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&none1, &none2, "t", 1, NULL, out),
 		     LEDGER_ACCOUNT_NOT_FOUND);
@@ -617,11 +623,13 @@ Test(decide_transfer, two_distinct_missing_accounts_are_not_the_same)
 Test(decide_transfer, missing_either_side)
 {
 	struct ledger_account a = account("alice", "EUR", 1000, 0);
-	struct ledger_account none = {0};
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_account none = { 0 };
+	struct ledger_event out[2] = { sentinel, sentinel };
 
-	cr_assert_eq(ledger_decide_transfer(&a, &none, "t", 1, NULL, out), LEDGER_ACCOUNT_NOT_FOUND);
-	cr_assert_eq(ledger_decide_transfer(&none, &a, "t", 1, NULL, out), LEDGER_ACCOUNT_NOT_FOUND);
+	cr_assert_eq(ledger_decide_transfer(&a, &none, "t", 1, NULL, out),
+		     LEDGER_ACCOUNT_NOT_FOUND);
+	cr_assert_eq(ledger_decide_transfer(&none, &a, "t", 1, NULL, out),
+		     LEDGER_ACCOUNT_NOT_FOUND);
 	cr_assert_eq(ledger_decide_transfer(&a, NULL, "t", 1, NULL, out), LEDGER_ACCOUNT_NOT_FOUND);
 	cr_assert_eq(ledger_decide_transfer(NULL, &a, "t", 1, NULL, out), LEDGER_ACCOUNT_NOT_FOUND);
 	assert_untouched(&out[0]);
@@ -632,7 +640,7 @@ Test(decide_transfer, closed_either_side)
 {
 	struct ledger_account a = account("alice", "EUR", 1000, 0);
 	struct ledger_account b = closed_account("bob", 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1, NULL, out), LEDGER_ACCOUNT_CLOSED);
 	cr_assert_eq(ledger_decide_transfer(&b, &a, "t", 1, NULL, out), LEDGER_ACCOUNT_CLOSED);
@@ -642,8 +650,8 @@ Test(decide_transfer, closed_either_side)
 Test(decide_transfer, not_found_before_closed)
 {
 	struct ledger_account closed = closed_account("alice", 0);
-	struct ledger_account none = {0};
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_account none = { 0 };
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&closed, &none, "t", 1, NULL, out),
 		     LEDGER_ACCOUNT_NOT_FOUND);
@@ -655,7 +663,7 @@ Test(decide_transfer, currency_mismatch)
 {
 	struct ledger_account a = account("alice", "EUR", 1000, 0);
 	struct ledger_account b = account("bob", "USD", 0, 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1, NULL, out), LEDGER_CURRENCY_MISMATCH);
 	assert_untouched(&out[0]);
@@ -665,7 +673,7 @@ Test(decide_transfer, closed_before_currency_mismatch)
 {
 	struct ledger_account a = account("alice", "EUR", 1000, 0);
 	struct ledger_account b = closed_account("bob", 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	strcpy(b.currency, "USD");
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1, NULL, out), LEDGER_ACCOUNT_CLOSED);
@@ -675,7 +683,7 @@ Test(decide_transfer, sender_overdraft_limit)
 {
 	struct ledger_account a = account("alice", "EUR", 100, 20);
 	struct ledger_account b = account("bob", "EUR", 0, 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 121, NULL, out),
 		     LEDGER_INSUFFICIENT_FUNDS);
@@ -688,7 +696,7 @@ Test(decide_transfer, currency_mismatch_before_insufficient_funds)
 {
 	struct ledger_account a = account("alice", "EUR", 0, 0);
 	struct ledger_account b = account("bob", "GBP", 0, 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1, NULL, out), LEDGER_CURRENCY_MISMATCH);
 }
@@ -697,7 +705,7 @@ Test(decide_transfer, receiver_overflow)
 {
 	struct ledger_account a = account("alice", "EUR", 1000, 0);
 	struct ledger_account b = account("bob", "EUR", INT64_MAX - 999, 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1000, NULL, out), LEDGER_OVERFLOW);
 	assert_untouched(&out[0]);
@@ -709,10 +717,9 @@ Test(decide_transfer, insufficient_funds_before_receiver_overflow)
 {
 	struct ledger_account a = account("alice", "EUR", 10, 0);
 	struct ledger_account b = account("bob", "EUR", INT64_MAX, 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
-	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 11, NULL, out),
-		     LEDGER_INSUFFICIENT_FUNDS);
+	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 11, NULL, out), LEDGER_INSUFFICIENT_FUNDS);
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 10, NULL, out), LEDGER_OVERFLOW);
 }
 
@@ -720,11 +727,10 @@ Test(decide_transfer, sender_underflow)
 {
 	struct ledger_account a = account("alice", "EUR", INT64_MIN + 1, INT64_MAX);
 	struct ledger_account b = account("bob", "EUR", 0, 0);
-	struct ledger_event out[2] = {sentinel, sentinel};
+	struct ledger_event out[2] = { sentinel, sentinel };
 
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 2, NULL, out), LEDGER_OVERFLOW);
-	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1, NULL, out),
-		     LEDGER_INSUFFICIENT_FUNDS);
+	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1, NULL, out), LEDGER_INSUFFICIENT_FUNDS);
 	assert_untouched(&out[0]);
 	a.balance = INT64_MIN + 2;
 	cr_assert_eq(ledger_decide_transfer(&a, &b, "t", 1, NULL, out), LEDGER_OK);
@@ -734,9 +740,12 @@ Test(decide_transfer, sender_underflow)
 
 static struct ledger_account opened(const char *id, const char *currency, int64_t limit)
 {
-	struct ledger_account acc = {0};
-	struct ledger_event ev = {.type = LEDGER_ACCOUNT_OPENED, .account_id = id, .name = "N",
-				  .currency = currency, .overdraft_limit = limit};
+	struct ledger_account acc = { 0 };
+	struct ledger_event ev = { .type = LEDGER_ACCOUNT_OPENED,
+				   .account_id = id,
+				   .name = "N",
+				   .currency = currency,
+				   .overdraft_limit = limit };
 
 	cr_assert(ledger_evolve(&acc, &ev));
 	return acc;
@@ -744,8 +753,9 @@ static struct ledger_account opened(const char *id, const char *currency, int64_
 
 static struct ledger_event money(enum ledger_event_type type, int64_t amount)
 {
-	return (struct ledger_event){.type = type, .amount = amount, .transfer_id = "t",
-				     .counterparty = "other"};
+	return (struct ledger_event){
+		.type = type, .amount = amount, .transfer_id = "t", .counterparty = "other"
+	};
 }
 
 Test(evolve, account_opened_starts_the_account)
@@ -763,7 +773,7 @@ Test(evolve, account_opened_starts_the_account)
 
 Test(evolve, zeroed_state_does_not_exist)
 {
-	struct ledger_account none = {0};
+	struct ledger_account none = { 0 };
 
 	cr_assert_not(ledger_account_exists(&none));
 	cr_assert_not(ledger_account_exists(NULL));
@@ -805,7 +815,7 @@ Test(evolve, each_money_event_moves_the_balance)
 Test(evolve, account_closed_marks_closed)
 {
 	struct ledger_account acc = opened("a", "EUR", 0);
-	struct ledger_event ev = {.type = LEDGER_ACCOUNT_CLOSED_EVENT};
+	struct ledger_event ev = { .type = LEDGER_ACCOUNT_CLOSED_EVENT };
 
 	cr_assert(ledger_evolve(&acc, &ev));
 	cr_assert(acc.closed);
@@ -827,8 +837,11 @@ Test(evolve, second_opening_is_refused_unchanged)
 {
 	struct ledger_account acc = opened("a", "EUR", 5);
 	struct ledger_account before;
-	struct ledger_event again = {.type = LEDGER_ACCOUNT_OPENED, .account_id = "b",
-				     .name = "N", .currency = "USD", .overdraft_limit = 9};
+	struct ledger_event again = { .type = LEDGER_ACCOUNT_OPENED,
+				      .account_id = "b",
+				      .name = "N",
+				      .currency = "USD",
+				      .overdraft_limit = 9 };
 
 	acc.balance = 42;
 	before = acc;
@@ -888,12 +901,12 @@ Test(evolve, unknown_type_is_refused_unchanged)
 Test(evolve, events_before_opening_are_refused)
 {
 	static const enum ledger_event_type types[] = {
-		LEDGER_FUNDS_DEPOSITED, LEDGER_FUNDS_WITHDRAWN, LEDGER_TRANSFER_SENT,
+		LEDGER_FUNDS_DEPOSITED,   LEDGER_FUNDS_WITHDRAWN,      LEDGER_TRANSFER_SENT,
 		LEDGER_TRANSFER_RECEIVED, LEDGER_ACCOUNT_CLOSED_EVENT,
 	};
 
 	for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
-		struct ledger_account none = {0};
+		struct ledger_account none = { 0 };
 		struct ledger_event ev = money(types[i], 5);
 
 		cr_assert_not(ledger_evolve(&none, &ev), "type %d", types[i]);
@@ -905,9 +918,10 @@ Test(evolve, events_before_opening_are_refused)
 Test(evolve, opening_that_does_not_fit_is_refused)
 {
 	char long_id[LEDGER_ID_MAX + 2];
-	struct ledger_account acc = {0};
-	struct ledger_event ev = {.type = LEDGER_ACCOUNT_OPENED, .account_id = long_id,
-				  .name = "N", .currency = "EUR"};
+	struct ledger_account acc = { 0 };
+	struct ledger_event ev = {
+		.type = LEDGER_ACCOUNT_OPENED, .account_id = long_id, .name = "N", .currency = "EUR"
+	};
 
 	memset(long_id, 'x', LEDGER_ID_MAX + 1);
 	long_id[LEDGER_ID_MAX + 1] = '\0';
@@ -943,7 +957,7 @@ Test(evolve, version_overflow_is_refused)
 /* Deciders and evolve together, as the command service uses them. */
 Test(fold, decided_events_fold_into_the_expected_state)
 {
-	struct ledger_account alice = {0}, bob = {0};
+	struct ledger_account alice = { 0 }, bob = { 0 };
 	struct ledger_event ev, pair[2];
 
 	cr_assert_eq(ledger_decide_open(&alice, "alice", "Alice", "EUR", 100, &ev), LEDGER_OK);

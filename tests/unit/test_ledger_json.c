@@ -67,12 +67,9 @@ static json_t *with_field(const char *rest, const char *field, json_t *value)
 
 #define AMOUNT_RANGE "field 'amount' must be an integer between 1 and 1000000000000000"
 #define ID_SHAPE "must be 1-64 characters of [A-Za-z0-9._:-]"
-#define NAME_SHAPE \
-	"field 'name' must be a non-empty string of at most 200 bytes of UTF-8 text"
-#define REFERENCE_SHAPE \
-	"field 'reference' must be a string of at most 200 bytes of UTF-8 text"
-#define LIMIT_RANGE \
-	"field 'overdraft_limit' must be an integer between 0 and 9223372036854775807"
+#define NAME_SHAPE "field 'name' must be a non-empty string of at most 200 bytes of UTF-8 text"
+#define REFERENCE_SHAPE "field 'reference' must be a string of at most 200 bytes of UTF-8 text"
+#define LIMIT_RANGE "field 'overdraft_limit' must be an integer between 0 and 9223372036854775807"
 
 /* Open */
 
@@ -97,7 +94,7 @@ Test(parse_open, full_body)
 Test(parse_open, overdraft_limit_defaults_to_zero)
 {
 	json_t *body = load("{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\"}");
-	struct ledger_open_body b = {.overdraft_limit = 77};
+	struct ledger_open_body b = { .overdraft_limit = 77 };
 	char err[256];
 
 	cr_assert(ledger_parse_open(body, &b, err, sizeof(err)), "%s", err);
@@ -106,7 +103,8 @@ Test(parse_open, overdraft_limit_defaults_to_zero)
 }
 
 /* An open body with a valid id, name and currency, and this overdraft_limit. */
-#define OPEN_WITH_LIMIT(v) "{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":" v "}"
+#define OPEN_WITH_LIMIT(v)                                                                         \
+	"{\"id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":" v "}"
 
 Test(parse_open, overdraft_limit_range_and_type)
 {
@@ -207,7 +205,7 @@ Test(parse_open, name_that_is_not_utf8_is_refused)
 Test(parse_open, refusal_leaves_out_untouched)
 {
 	json_t *body = load("{\"id\":\"a\",\"name\":\"A\",\"currency\":\"eur\"}");
-	struct ledger_open_body b = {.id = "keep", .overdraft_limit = 9};
+	struct ledger_open_body b = { .id = "keep", .overdraft_limit = 9 };
 	char err[256];
 
 	cr_assert_not(ledger_parse_open(body, &b, err, sizeof(err)));
@@ -220,7 +218,7 @@ Test(parse_open, refusal_leaves_out_untouched)
 
 Test(parse_any, body_must_be_an_object)
 {
-	static const char *const bodies[] = {"[]", "\"x\"", "12", "null", "true"};
+	static const char *const bodies[] = { "[]", "\"x\"", "12", "null", "true" };
 
 	for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
 		assert_refused(OPEN, bodies[i], "body must be a JSON object");
@@ -292,7 +290,7 @@ Test(parse_money, reference_absent_is_null_empty_is_empty)
 {
 	json_t *absent = load("{\"amount\":1}");
 	json_t *empty = load("{\"amount\":1,\"reference\":\"\"}");
-	struct ledger_money_body b = {.reference = "stale"};
+	struct ledger_money_body b = { .reference = "stale" };
 	char err[256];
 
 	cr_assert(ledger_parse_money(absent, &b, err, sizeof(err)), "%s", err);
@@ -458,8 +456,11 @@ static void assert_dump(const struct ledger_event *ev, const char *expected)
 
 Test(event_json, account_opened)
 {
-	struct ledger_event ev = {.type = LEDGER_ACCOUNT_OPENED, .account_id = "acc-1",
-				  .name = "Alice", .currency = "EUR", .overdraft_limit = 500};
+	struct ledger_event ev = { .type = LEDGER_ACCOUNT_OPENED,
+				   .account_id = "acc-1",
+				   .name = "Alice",
+				   .currency = "EUR",
+				   .overdraft_limit = 500 };
 
 	assert_dump(&ev, "{\"account_id\":\"acc-1\",\"currency\":\"EUR\",\"name\":\"Alice\","
 			 "\"overdraft_limit\":500}");
@@ -467,7 +468,9 @@ Test(event_json, account_opened)
 
 Test(event_json, deposits_and_withdrawals)
 {
-	struct ledger_event ev = {.type = LEDGER_FUNDS_DEPOSITED, .amount = 100, .reference = "x"};
+	struct ledger_event ev = { .type = LEDGER_FUNDS_DEPOSITED,
+				   .amount = 100,
+				   .reference = "x" };
 
 	assert_dump(&ev, "{\"amount\":100,\"reference\":\"x\"}");
 	ev.type = LEDGER_FUNDS_WITHDRAWN;
@@ -479,10 +482,14 @@ Test(event_json, deposits_and_withdrawals)
 
 Test(event_json, transfers)
 {
-	struct ledger_event ev = {.type = LEDGER_TRANSFER_SENT, .transfer_id = "t-1",
-				  .counterparty = "bob", .amount = 300, .reference = "r"};
+	struct ledger_event ev = { .type = LEDGER_TRANSFER_SENT,
+				   .transfer_id = "t-1",
+				   .counterparty = "bob",
+				   .amount = 300,
+				   .reference = "r" };
 
-	assert_dump(&ev, "{\"amount\":300,\"reference\":\"r\",\"to\":\"bob\",\"transfer_id\":\"t-1\"}");
+	assert_dump(&ev,
+		    "{\"amount\":300,\"reference\":\"r\",\"to\":\"bob\",\"transfer_id\":\"t-1\"}");
 	ev.type = LEDGER_TRANSFER_RECEIVED;
 	ev.counterparty = "alice";
 	ev.reference = NULL;
@@ -491,31 +498,37 @@ Test(event_json, transfers)
 
 Test(event_json, account_closed_is_empty)
 {
-	struct ledger_event ev = {.type = LEDGER_ACCOUNT_CLOSED_EVENT, .amount = 5};
+	struct ledger_event ev = { .type = LEDGER_ACCOUNT_CLOSED_EVENT, .amount = 5 };
 
 	assert_dump(&ev, "{}");
 }
 
 Test(event_json, money_stays_integer_at_the_edges)
 {
-	struct ledger_event ev = {.type = LEDGER_FUNDS_DEPOSITED, .amount = INT64_MAX};
+	struct ledger_event ev = { .type = LEDGER_FUNDS_DEPOSITED, .amount = INT64_MAX };
 	json_t *data = ledger_event_to_json(&ev);
 
 	cr_assert(json_is_integer(json_object_get(data, "amount")));
 	cr_assert_eq(json_integer_value(json_object_get(data, "amount")), INT64_MAX);
 	json_decref(data);
-	ev = (struct ledger_event){.type = LEDGER_ACCOUNT_OPENED, .account_id = "a", .name = "A",
-				   .currency = "EUR", .overdraft_limit = INT64_MAX};
+	ev = (struct ledger_event){ .type = LEDGER_ACCOUNT_OPENED,
+				    .account_id = "a",
+				    .name = "A",
+				    .currency = "EUR",
+				    .overdraft_limit = INT64_MAX };
 	assert_dump(&ev, "{\"account_id\":\"a\",\"currency\":\"EUR\",\"name\":\"A\","
 			 "\"overdraft_limit\":9223372036854775807}");
 }
 
 Test(event_json, unusable_events_give_null)
 {
-	struct ledger_event unknown = {.type = (enum ledger_event_type)0, .amount = 1};
-	struct ledger_event no_name = {.type = LEDGER_ACCOUNT_OPENED, .account_id = "a",
-				       .currency = "EUR"};
-	struct ledger_event no_to = {.type = LEDGER_TRANSFER_SENT, .transfer_id = "t", .amount = 1};
+	struct ledger_event unknown = { .type = (enum ledger_event_type)0, .amount = 1 };
+	struct ledger_event no_name = { .type = LEDGER_ACCOUNT_OPENED,
+					.account_id = "a",
+					.currency = "EUR" };
+	struct ledger_event no_to = { .type = LEDGER_TRANSFER_SENT,
+				      .transfer_id = "t",
+				      .amount = 1 };
 
 	cr_assert_null(ledger_event_to_json(&unknown));
 	cr_assert_null(ledger_event_to_json(&no_name));
@@ -556,18 +569,30 @@ static void assert_round_trip(const struct ledger_event *ev)
 Test(event_json, round_trip_every_type)
 {
 	const struct ledger_event events[] = {
-		{.type = LEDGER_ACCOUNT_OPENED, .account_id = "acc-1", .name = "Ann \xe2\x82\xac",
-		 .currency = "EUR", .overdraft_limit = INT64_MAX},
-		{.type = LEDGER_ACCOUNT_OPENED, .account_id = "acc-2", .name = "B",
-		 .currency = "USD"},
-		{.type = LEDGER_FUNDS_DEPOSITED, .amount = 1000000000000000, .reference = "salary"},
-		{.type = LEDGER_FUNDS_DEPOSITED, .amount = 1},
-		{.type = LEDGER_FUNDS_WITHDRAWN, .amount = 40, .reference = ""},
-		{.type = LEDGER_TRANSFER_SENT, .transfer_id = "t-1", .counterparty = "bob",
-		 .amount = 300, .reference = "lunch"},
-		{.type = LEDGER_TRANSFER_RECEIVED, .transfer_id = "t-1", .counterparty = "alice",
-		 .amount = 300},
-		{.type = LEDGER_ACCOUNT_CLOSED_EVENT},
+		{ .type = LEDGER_ACCOUNT_OPENED,
+		  .account_id = "acc-1",
+		  .name = "Ann \xe2\x82\xac",
+		  .currency = "EUR",
+		  .overdraft_limit = INT64_MAX },
+		{ .type = LEDGER_ACCOUNT_OPENED,
+		  .account_id = "acc-2",
+		  .name = "B",
+		  .currency = "USD" },
+		{ .type = LEDGER_FUNDS_DEPOSITED,
+		  .amount = 1000000000000000,
+		  .reference = "salary" },
+		{ .type = LEDGER_FUNDS_DEPOSITED, .amount = 1 },
+		{ .type = LEDGER_FUNDS_WITHDRAWN, .amount = 40, .reference = "" },
+		{ .type = LEDGER_TRANSFER_SENT,
+		  .transfer_id = "t-1",
+		  .counterparty = "bob",
+		  .amount = 300,
+		  .reference = "lunch" },
+		{ .type = LEDGER_TRANSFER_RECEIVED,
+		  .transfer_id = "t-1",
+		  .counterparty = "alice",
+		  .amount = 300 },
+		{ .type = LEDGER_ACCOUNT_CLOSED_EVENT },
 	};
 
 	for (size_t i = 0; i < sizeof(events) / sizeof(events[0]); i++)
@@ -576,7 +601,7 @@ Test(event_json, round_trip_every_type)
 
 Test(event_json, decided_events_round_trip_and_fold_the_same)
 {
-	struct ledger_account a = {0}, b = {0}, a2 = {0}, b2 = {0};
+	struct ledger_account a = { 0 }, b = { 0 }, a2 = { 0 }, b2 = { 0 };
 	struct ledger_event ev[6];
 
 	cr_assert_eq(ledger_decide_open(&a, "alice", "Alice", "EUR", 10, &ev[0]), LEDGER_OK);
@@ -590,7 +615,7 @@ Test(event_json, decided_events_round_trip_and_fold_the_same)
 	cr_assert(ledger_evolve(&b, &ev[4]));
 
 	/* replay a's stream (0, 2, 3) and b's (1, 4) through JSON */
-	static const int stream_a[] = {0, 2, 3}, stream_b[] = {1, 4};
+	static const int stream_a[] = { 0, 2, 3 }, stream_b[] = { 1, 4 };
 	for (size_t i = 0; i < 3; i++) {
 		json_t *data = ledger_event_to_json(&ev[stream_a[i]]);
 		struct ledger_event back;
@@ -619,7 +644,8 @@ Test(event_json, decided_events_round_trip_and_fold_the_same)
 
 Test(event_from_json, strings_are_borrowed_from_data)
 {
-	json_t *data = load("{\"transfer_id\":\"t\",\"to\":\"bob\",\"amount\":5,\"reference\":\"r\"}");
+	json_t *data = load(
+		"{\"transfer_id\":\"t\",\"to\":\"bob\",\"amount\":5,\"reference\":\"r\"}");
 	struct ledger_event ev;
 
 	cr_assert(ledger_event_from_json(LEDGER_TRANSFER_SENT, data, &ev));
@@ -647,7 +673,7 @@ Test(event_from_json, extra_keys_are_tolerated)
 static void assert_undecodable(enum ledger_event_type type, const char *text)
 {
 	json_t *data = load(text);
-	struct ledger_event ev = {.type = 99, .amount = 4242};
+	struct ledger_event ev = { .type = 99, .amount = 4242 };
 
 	cr_assert_not(ledger_event_from_json(type, data, &ev), "decoded %s", text);
 	cr_assert_eq(ev.type, 99);
@@ -665,8 +691,9 @@ Test(event_from_json, missing_or_mistyped_fields)
 			   "{\"account_id\":\"a\",\"name\":\"A\",\"overdraft_limit\":0}");
 	assert_undecodable(LEDGER_ACCOUNT_OPENED,
 			   "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\"}");
-	assert_undecodable(LEDGER_ACCOUNT_OPENED,
-			   "{\"account_id\":1,\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
+	assert_undecodable(
+		LEDGER_ACCOUNT_OPENED,
+		"{\"account_id\":1,\"name\":\"A\",\"currency\":\"EUR\",\"overdraft_limit\":0}");
 	assert_undecodable(LEDGER_ACCOUNT_OPENED,
 			   "{\"account_id\":\"a\",\"name\":\"A\",\"currency\":\"EUR\","
 			   "\"overdraft_limit\":0.0}");
@@ -676,8 +703,10 @@ Test(event_from_json, missing_or_mistyped_fields)
 	assert_undecodable(LEDGER_FUNDS_WITHDRAWN, "{\"amount\":1,\"reference\":null}");
 	assert_undecodable(LEDGER_FUNDS_WITHDRAWN, "{\"amount\":1,\"reference\":3}");
 	assert_undecodable(LEDGER_TRANSFER_SENT, "{\"transfer_id\":\"t\",\"amount\":1}");
-	assert_undecodable(LEDGER_TRANSFER_SENT, "{\"transfer_id\":\"t\",\"from\":\"a\",\"amount\":1}");
-	assert_undecodable(LEDGER_TRANSFER_RECEIVED, "{\"transfer_id\":\"t\",\"to\":\"b\",\"amount\":1}");
+	assert_undecodable(LEDGER_TRANSFER_SENT,
+			   "{\"transfer_id\":\"t\",\"from\":\"a\",\"amount\":1}");
+	assert_undecodable(LEDGER_TRANSFER_RECEIVED,
+			   "{\"transfer_id\":\"t\",\"to\":\"b\",\"amount\":1}");
 	assert_undecodable(LEDGER_TRANSFER_RECEIVED, "{\"from\":\"a\",\"amount\":1}");
 	assert_undecodable(LEDGER_TRANSFER_RECEIVED, "{\"transfer_id\":\"t\",\"from\":\"a\"}");
 }
@@ -689,7 +718,7 @@ Test(event_from_json, data_must_be_an_object_of_a_known_type)
 	assert_undecodable((enum ledger_event_type)0, "{\"amount\":1}");
 	assert_undecodable((enum ledger_event_type)42, "{}");
 	cr_assert_not(ledger_event_from_json(LEDGER_ACCOUNT_CLOSED_EVENT, NULL,
-					     &(struct ledger_event){0}));
+					     &(struct ledger_event){ 0 }));
 }
 
 /* --- event data from text: the same answers as through jansson ----------------------- */
@@ -704,8 +733,8 @@ static bool same_str(const char *a, const char *b)
 static int assert_text_like_json(const char *text)
 {
 	static const enum ledger_event_type types[] = {
-		LEDGER_ACCOUNT_OPENED, LEDGER_FUNDS_DEPOSITED, LEDGER_FUNDS_WITHDRAWN,
-		LEDGER_TRANSFER_SENT, LEDGER_TRANSFER_RECEIVED, LEDGER_ACCOUNT_CLOSED_EVENT,
+		LEDGER_ACCOUNT_OPENED, LEDGER_FUNDS_DEPOSITED,   LEDGER_FUNDS_WITHDRAWN,
+		LEDGER_TRANSFER_SENT,  LEDGER_TRANSFER_RECEIVED, LEDGER_ACCOUNT_CLOSED_EVENT,
 	};
 	struct ledger_event_buf buf = { 0 };
 	json_t *data = json_loads(text, 0, NULL);
@@ -722,7 +751,8 @@ static int assert_text_like_json(const char *text)
 			continue;
 		accepted++;
 		cr_assert(same_str(a.account_id, b.account_id) && same_str(a.name, b.name) &&
-				  same_str(a.currency, b.currency) && same_str(a.reference, b.reference) &&
+				  same_str(a.currency, b.currency) &&
+				  same_str(a.reference, b.reference) &&
 				  same_str(a.transfer_id, b.transfer_id) &&
 				  same_str(a.counterparty, b.counterparty) &&
 				  a.overdraft_limit == b.overdraft_limit && a.amount == b.amount,
@@ -743,7 +773,9 @@ Test(event_from_text, agrees_with_jansson_on_plain_and_odd_data)
 		"{\"amount\": -9223372036854775808}",
 		"{\"to\": \"b\", \"amount\": 5, \"transfer_id\": \"t-1\"}",
 		"{\"from\": \"a\", \"amount\": 5, \"reference\": \"\", \"transfer_id\": \"t-1\"}",
-		"{}", " { } ", "\t{\r\n\"amount\" :\n1 }\n",
+		"{}",
+		" { } ",
+		"\t{\r\n\"amount\" :\n1 }\n",
 		/* jansson's business: escapes, UTF-8, nesting, other literals */
 		"{\"amount\": 5, \"reference\": \"q\\\"uote \\\\ \\u00e9\\n\"}",
 		"{\"amount\": 5, \"reference\": \"caf\xc3\xa9\"}",
@@ -752,16 +784,34 @@ Test(event_from_text, agrees_with_jansson_on_plain_and_odd_data)
 		"{\"amount\": 5, \"reference\": null}",
 		"{\"amount\": true}",
 		/* numbers at and past the edges */
-		"{\"amount\": 9223372036854775808}", "{\"amount\": -9223372036854775809}",
-		"{\"amount\": 1.0}", "{\"amount\": 1e3}", "{\"amount\": 1E3}", "{\"amount\": 01}",
-		"{\"amount\": -0}", "{\"amount\": -}", "{\"amount\": +1}", "{\"amount\": 0x10}",
+		"{\"amount\": 9223372036854775808}",
+		"{\"amount\": -9223372036854775809}",
+		"{\"amount\": 1.0}",
+		"{\"amount\": 1e3}",
+		"{\"amount\": 1E3}",
+		"{\"amount\": 01}",
+		"{\"amount\": -0}",
+		"{\"amount\": -}",
+		"{\"amount\": +1}",
+		"{\"amount\": 0x10}",
 		/* repeated keys: the last one counts */
-		"{\"amount\": 1, \"amount\": 2}", "{\"amount\": \"x\", \"amount\": 3}",
+		"{\"amount\": 1, \"amount\": 2}",
+		"{\"amount\": \"x\", \"amount\": 3}",
 		"{\"amount\": 3, \"amount\": \"x\"}",
 		/* broken text */
-		"", "{", "}", "[]", "{\"amount\": 1,}", "{\"amount\": 1} x", "{\"amount\" 1}",
-		"{amount: 1}", "{\"amount\": 1, \"reference\": \"open}", "{\"amount\": \"a\tb\"}",
-		"{\"amount\": 5, \"reference\": \"del\x7f\"}", "\"amount\"", "5",
+		"",
+		"{",
+		"}",
+		"[]",
+		"{\"amount\": 1,}",
+		"{\"amount\": 1} x",
+		"{\"amount\" 1}",
+		"{amount: 1}",
+		"{\"amount\": 1, \"reference\": \"open}",
+		"{\"amount\": \"a\tb\"}",
+		"{\"amount\": 5, \"reference\": \"del\x7f\"}",
+		"\"amount\"",
+		"5",
 	};
 	int accepted = 0;
 
@@ -790,10 +840,35 @@ Test(event_from_text, strings_outlive_nothing_but_the_next_use_of_the_buffer)
 Test(event_from_text, agrees_with_jansson_on_random_texts)
 {
 	static const char *const pieces[] = {
-		"{", "}", ",", ":", " ", "\"amount\"", "\"reference\"", "\"transfer_id\"", "\"to\"",
-		"\"from\"", "\"name\"", "\"currency\"", "\"account_id\"", "\"overdraft_limit\"",
-		"\"x\"", "1", "-7", "0", "00", "12345678901234567890", "2.5", "\"EUR\"", "\"a\\\"b\"",
-		"\"caf\xc3\xa9\"", "null", "[1]", "{\"k\": 1}", "\"", "\n",
+		"{",
+		"}",
+		",",
+		":",
+		" ",
+		"\"amount\"",
+		"\"reference\"",
+		"\"transfer_id\"",
+		"\"to\"",
+		"\"from\"",
+		"\"name\"",
+		"\"currency\"",
+		"\"account_id\"",
+		"\"overdraft_limit\"",
+		"\"x\"",
+		"1",
+		"-7",
+		"0",
+		"00",
+		"12345678901234567890",
+		"2.5",
+		"\"EUR\"",
+		"\"a\\\"b\"",
+		"\"caf\xc3\xa9\"",
+		"null",
+		"[1]",
+		"{\"k\": 1}",
+		"\"",
+		"\n",
 	};
 	const size_t n = sizeof(pieces) / sizeof(pieces[0]);
 	unsigned seed = 20261126;
@@ -803,15 +878,21 @@ Test(event_from_text, agrees_with_jansson_on_random_texts)
 		size_t len = 0;
 		int count = 1 + rand_r(&seed) % 14;
 		/* mostly well-formed: { "key": value, ... } with random slips */
-		len += (size_t)snprintf(text + len, sizeof(text) - len, "%s", rand_r(&seed) % 16 ? "{" : pieces[rand_r(&seed) % n]);
+		len += (size_t)snprintf(text + len, sizeof(text) - len, "%s",
+					rand_r(&seed) % 16 ? "{" : pieces[rand_r(&seed) % n]);
 		for (int i = 0; i < count && len < sizeof(text) - 64; i++) {
-			const char *key = pieces[5 + rand_r(&seed) % 9], *value = pieces[14 + rand_r(&seed) % 15];
+			const char *key = pieces[5 + rand_r(&seed) % 9],
+				   *value = pieces[14 + rand_r(&seed) % 15];
 			if (rand_r(&seed) % 10 == 0)
 				key = pieces[rand_r(&seed) % n];
-			len += (size_t)snprintf(text + len, sizeof(text) - len, "%s%s%s%s", i ? "," : "", key,
-						rand_r(&seed) % 20 ? ": " : pieces[rand_r(&seed) % n], value);
+			len += (size_t)snprintf(text + len, sizeof(text) - len, "%s%s%s%s",
+						i ? "," : "", key,
+						rand_r(&seed) % 20 ? ": "
+								   : pieces[rand_r(&seed) % n],
+						value);
 		}
-		snprintf(text + len, sizeof(text) - len, "%s", rand_r(&seed) % 16 ? "}" : pieces[rand_r(&seed) % n]);
+		snprintf(text + len, sizeof(text) - len, "%s",
+			 rand_r(&seed) % 16 ? "}" : pieces[rand_r(&seed) % n]);
 		assert_text_like_json(text);
 	}
 }
@@ -842,13 +923,23 @@ static void assert_state_round_trips(const struct ledger_account *acc)
 
 Test(account_state, round_trips_through_its_json_text)
 {
-	struct ledger_account a = { .id = "acc-1", .currency = "EUR", .balance = 12345,
-				    .overdraft_limit = 0, .version = 1000 };
-	struct ledger_account overdrawn = { .id = "x.y:z-9", .currency = "JPY", .balance = -500,
-					    .overdraft_limit = 500, .version = 1 };
-	struct ledger_account big = { .currency = "USD", .balance = INT64_MAX,
-				      .overdraft_limit = INT64_MAX, .version = INT32_MAX };
-	struct ledger_account closed = { .id = "gone", .currency = "GBP", .version = 7, .closed = true };
+	struct ledger_account a = { .id = "acc-1",
+				    .currency = "EUR",
+				    .balance = 12345,
+				    .overdraft_limit = 0,
+				    .version = 1000 };
+	struct ledger_account overdrawn = { .id = "x.y:z-9",
+					    .currency = "JPY",
+					    .balance = -500,
+					    .overdraft_limit = 500,
+					    .version = 1 };
+	struct ledger_account big = { .currency = "USD",
+				      .balance = INT64_MAX,
+				      .overdraft_limit = INT64_MAX,
+				      .version = INT32_MAX };
+	struct ledger_account closed = {
+		.id = "gone", .currency = "GBP", .version = 7, .closed = true
+	};
 
 	memset(big.id, 'b', LEDGER_ID_MAX);
 	assert_state_round_trips(&a);
@@ -872,14 +963,17 @@ static void assert_state_refused(const char *text, const char *why)
 
 Test(account_state, implausible_or_malformed_state_is_refused)
 {
-	const char *good_rest = "\"currency\":\"EUR\",\"overdraft_limit\":0,\"version\":3,\"closed\":false";
+	const char *good_rest =
+		"\"currency\":\"EUR\",\"overdraft_limit\":0,\"version\":3,\"closed\":false";
 	char text[256];
 
 	assert_state_refused("[1]", "object");
 	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
-			     "\"version\":3,\"closed\":false,\"extra\":1}", "unknown field 'extra'");
+			     "\"version\":3,\"closed\":false,\"extra\":1}",
+			     "unknown field 'extra'");
 	assert_state_refused("{\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,\"version\":3,"
-			     "\"closed\":false}", "account_id");
+			     "\"closed\":false}",
+			     "account_id");
 	snprintf(text, sizeof(text), "{\"account_id\":\"bad id\",\"balance\":1,%s}", good_rest);
 	assert_state_refused(text, "account_id");
 	snprintf(text, sizeof(text), "{\"account_id\":\"a\",\"balance\":1.5,%s}", good_rest);
@@ -887,17 +981,26 @@ Test(account_state, implausible_or_malformed_state_is_refused)
 	snprintf(text, sizeof(text), "{\"account_id\":\"a\",\"balance\":\"1\",%s}", good_rest);
 	assert_state_refused(text, "balance");
 	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"eur\",\"balance\":1,\"overdraft_limit\":0,"
-			     "\"version\":3,\"closed\":false}", "currency");
-	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":-1,"
-			     "\"version\":3,\"closed\":false}", "overdraft_limit");
+			     "\"version\":3,\"closed\":false}",
+			     "currency");
+	assert_state_refused(
+		"{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":-1,"
+		"\"version\":3,\"closed\":false}",
+		"overdraft_limit");
 	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
-			     "\"version\":0,\"closed\":false}", "version");
+			     "\"version\":0,\"closed\":false}",
+			     "version");
 	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
-			     "\"version\":2147483648,\"closed\":false}", "version");
+			     "\"version\":2147483648,\"closed\":false}",
+			     "version");
 	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":1,\"overdraft_limit\":0,"
-			     "\"version\":3,\"closed\":0}", "closed");
-	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":-11,\"overdraft_limit\":10,"
-			     "\"version\":3,\"closed\":false}", "below the overdraft limit");
+			     "\"version\":3,\"closed\":0}",
+			     "closed");
+	assert_state_refused(
+		"{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":-11,\"overdraft_limit\":10,"
+		"\"version\":3,\"closed\":false}",
+		"below the overdraft limit");
 	assert_state_refused("{\"account_id\":\"a\",\"currency\":\"EUR\",\"balance\":5,\"overdraft_limit\":0,"
-			     "\"version\":3,\"closed\":true}", "closed account");
+			     "\"version\":3,\"closed\":true}",
+			     "closed account");
 }

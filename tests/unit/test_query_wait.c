@@ -57,8 +57,12 @@ static struct waitset *open_set(size_t max)
 {
 	struct waitset *ws;
 	struct waitset_config cfg = {
-		.base = base, .max = max, .total = &total, .probe_interval = 600,
-		.probe_sql = probe_sql, .probe_redis = probe_redis,
+		.base = base,
+		.max = max,
+		.total = &total,
+		.probe_interval = 600,
+		.probe_sql = probe_sql,
+		.probe_redis = probe_redis,
 	};
 
 	cr_assert_eq(waitset_open(&ws, &cfg), 0);
@@ -83,7 +87,9 @@ TestSuite(query_wait, .init = setup, .fini = teardown);
 static void prepare(struct sleeper *s, unsigned long long txid, unsigned long long pos,
 		    enum wait_model model, double in)
 {
-	*s = (struct sleeper){ .w = { .min = { txid, pos }, .deadline = now() + in, .model = model,
+	*s = (struct sleeper){ .w = { .min = { txid, pos },
+				      .deadline = now() + in,
+				      .model = model,
 				      .wake = on_wake } };
 }
 
@@ -102,8 +108,8 @@ Test(query_wait, waiters_are_woken_in_position_order_and_only_once_reached)
 
 	srand(7);
 	for (size_t i = 0; i < N; i++) {
-		prepare(&s[i], (unsigned long long)(rand() % 100), (unsigned long long)(rand() % 10),
-			WAIT_ANY, 600);
+		prepare(&s[i], (unsigned long long)(rand() % 100),
+			(unsigned long long)(rand() % 10), WAIT_ANY, 600);
 		s[i].log = log;
 		s[i].nlog = &nlog;
 		below += readmodel_position_cmp(&s[i].w.min, &at) <= 0;
@@ -218,7 +224,8 @@ Test(query_wait, deadlines_expire_in_their_order_and_never_early)
 	cr_assert(log[0] == &s[1] && log[1] == &s[2] && log[2] == &s[0]);
 	for (int i = 0; i < 3; i++) {
 		cr_assert_eq(s[i].expired, 1);
-		cr_assert_geq(s[i].woken_at, s[i].w.deadline, "waiter %d woken before its deadline", i);
+		cr_assert_geq(s[i].woken_at, s[i].w.deadline, "waiter %d woken before its deadline",
+			      i);
 	}
 	cr_assert_eq(s[3].woken, 0);
 	cr_assert_eq(waitset_count(ws, WAIT_ANY), 1);

@@ -73,7 +73,8 @@ Test(readmodel_constants, items_kept_and_the_sql_time_format)
 
 	cr_assert_eq(READMODEL_ITEMS_KEPT, 50);
 	cr_assert_str_eq(READMODEL_ITEMS_KEPT_TEXT, "50");
-	cr_assert_str_eq(sql, "to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+	cr_assert_str_eq(sql,
+			 "to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
 }
 
 /* One event of the known sequence below. */
@@ -83,16 +84,27 @@ struct step {
 };
 
 static const struct step sequence[] = {
-	{ "alice", { .type = LEDGER_ACCOUNT_OPENED, .name = "Alice", .currency = "EUR",
-		     .overdraft_limit = 100 } },
+	{ "alice",
+	  { .type = LEDGER_ACCOUNT_OPENED,
+	    .name = "Alice",
+	    .currency = "EUR",
+	    .overdraft_limit = 100 } },
 	{ "bob", { .type = LEDGER_ACCOUNT_OPENED, .name = "Bob", .currency = "EUR" } },
 	{ "carol", { .type = LEDGER_ACCOUNT_OPENED, .name = "Carol", .currency = "USD" } },
 	{ "alice", { .type = LEDGER_FUNDS_DEPOSITED, .amount = 500 } },
 	{ "alice", { .type = LEDGER_FUNDS_WITHDRAWN, .amount = 200, .reference = "atm" } },
-	{ "alice", { .type = LEDGER_TRANSFER_SENT, .amount = 100, .transfer_id = "t-1",
-		     .counterparty = "bob", .reference = "rent" } },
-	{ "bob", { .type = LEDGER_TRANSFER_RECEIVED, .amount = 100, .transfer_id = "t-1",
-		   .counterparty = "alice", .reference = "rent" } },
+	{ "alice",
+	  { .type = LEDGER_TRANSFER_SENT,
+	    .amount = 100,
+	    .transfer_id = "t-1",
+	    .counterparty = "bob",
+	    .reference = "rent" } },
+	{ "bob",
+	  { .type = LEDGER_TRANSFER_RECEIVED,
+	    .amount = 100,
+	    .transfer_id = "t-1",
+	    .counterparty = "alice",
+	    .reference = "rent" } },
 	{ "carol", { .type = LEDGER_ACCOUNT_CLOSED_EVENT } },
 };
 
@@ -169,9 +181,10 @@ Test(readmodel_fold, a_known_sequence_gives_the_known_rows_bodies_and_totals)
 	{
 		struct readmodel_account a = readmodel_account_of(&rows[0], "T1", "T4");
 		body = readmodel_account_json(&a);
-		cr_assert_str_eq(body, "{\"account_id\":\"alice\",\"name\":\"Alice\",\"currency\":"
-				       "\"EUR\",\"balance\":200,\"overdraft_limit\":100,\"status\":"
-				       "\"open\",\"version\":4,\"opened_at\":\"T1\",\"updated_at\":\"T4\"}");
+		cr_assert_str_eq(body,
+				 "{\"account_id\":\"alice\",\"name\":\"Alice\",\"currency\":"
+				 "\"EUR\",\"balance\":200,\"overdraft_limit\":100,\"status\":"
+				 "\"open\",\"version\":4,\"opened_at\":\"T1\",\"updated_at\":\"T4\"}");
 		free(body);
 		a = readmodel_account_of(&rows[2], "T3", "T8");
 		body = readmodel_account_json(&a);
@@ -238,7 +251,8 @@ static PGresult *result_of(const char *const *values, int n)
 		attrs[i].name = "c";
 	cr_assert(PQsetResultAttrs(res, n, attrs));
 	for (int i = 0; i < n; i++)
-		cr_assert(PQsetvalue(res, 0, i, (char *)values[i], values[i] ? (int)strlen(values[i]) : -1));
+		cr_assert(PQsetvalue(res, 0, i, (char *)values[i],
+				     values[i] ? (int)strlen(values[i]) : -1));
 	free(attrs);
 	return res;
 }
@@ -246,10 +260,12 @@ static PGresult *result_of(const char *const *values, int n)
 Test(readmodel_sql, the_columns_and_their_bodies)
 {
 	const char *account[9] = { "alice", "Alice", "EUR", "200", "100", "open", "4", "T1", "T4" };
-	const char *entry[9] = { "skipped", "3", "withdrawal", "200", "300", NULL, NULL, "atm",
-				 "2026-01-02T03:04:05.000006Z" };
-	const char *transfer[7] = { "t-1", "alice", "bob", "100", "EUR", NULL,
-				    "2026-01-02T03:04:05.000006Z" };
+	const char *entry[9] = { "skipped", "3",   "withdrawal",
+				 "200",     "300", NULL,
+				 NULL,      "atm", "2026-01-02T03:04:05.000006Z" };
+	const char *transfer[7] = {
+		"t-1", "alice", "bob", "100", "EUR", NULL, "2026-01-02T03:04:05.000006Z"
+	};
 	struct readmodel_account a;
 	struct readmodel_entry e;
 	struct readmodel_transfer t;
@@ -258,8 +274,8 @@ Test(readmodel_sql, the_columns_and_their_bodies)
 
 	cr_assert_str_eq(READMODEL_SQL_ACCOUNT_COLUMNS("a"),
 			 "a.account_id, a.name, a.currency, a.balance, a.overdraft_limit, a.status, "
-			 "a.version, " READMODEL_SQL_TIME("a.opened_at") ", "
-			 READMODEL_SQL_TIME("a.updated_at"));
+			 "a.version, " READMODEL_SQL_TIME("a.opened_at") ", " READMODEL_SQL_TIME(
+				 "a.updated_at"));
 	cr_assert_str_eq(READMODEL_SQL_ENTRY_COLUMNS("e"),
 			 "e.version, e.type, e.amount, e.balance_after, e.transfer_id, "
 			 "e.counterparty, e.reference, " READMODEL_SQL_TIME("e.at"));
@@ -270,9 +286,10 @@ Test(readmodel_sql, the_columns_and_their_bodies)
 	res = result_of(account, 9);
 	a = readmodel_account_from_pg(res, 0, 0);
 	body = readmodel_account_json(&a);
-	cr_assert_str_eq(body, "{\"account_id\":\"alice\",\"name\":\"Alice\",\"currency\":"
-			       "\"EUR\",\"balance\":200,\"overdraft_limit\":100,\"status\":"
-			       "\"open\",\"version\":4,\"opened_at\":\"T1\",\"updated_at\":\"T4\"}");
+	cr_assert_str_eq(body,
+			 "{\"account_id\":\"alice\",\"name\":\"Alice\",\"currency\":"
+			 "\"EUR\",\"balance\":200,\"overdraft_limit\":100,\"status\":"
+			 "\"open\",\"version\":4,\"opened_at\":\"T1\",\"updated_at\":\"T4\"}");
 	free(body);
 	PQclear(res);
 

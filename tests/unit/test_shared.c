@@ -6,14 +6,14 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <jansson.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -173,17 +173,17 @@ Test(tokens, each_malformed_line_is_refused_naming_path_and_line)
 	const struct {
 		const char *fmt, *a, *b;
 	} shapes[] = {
-		{ "%s", "dave", NULL },		  /* one field */
-		{ "dave %s", h, NULL },		  /* two fields */
+		{ "%s", "dave", NULL },             /* one field */
+		{ "dave %s", h, NULL },             /* two fields */
 		{ "dave %s read extra", h, NULL },  /* four fields */
-		{ "bad/id %s read", h, NULL },	  /* id of the wrong shape */
-		{ "%s %s read", long_id, h },	  /* id too long */
-		{ "dave %.63s read", h, NULL },	  /* hash too short */
+		{ "bad/id %s read", h, NULL },      /* id of the wrong shape */
+		{ "%s %s read", long_id, h },       /* id too long */
+		{ "dave %.63s read", h, NULL },     /* hash too short */
 		{ "dave %s read", long_hex, NULL }, /* hash too long */
 		{ "dave %s read", bad_hex, NULL },  /* hash not hex */
 		{ "dave %s read,delete", h, NULL }, /* unknown scope */
-		{ "dave %s Read", h, NULL },	  /* scopes are lower-case */
-		{ "dave %s ,", h, NULL },		  /* no scope at all */
+		{ "dave %s Read", h, NULL },        /* scopes are lower-case */
+		{ "dave %s ,", h, NULL },           /* no scope at all */
 	};
 
 	hash_hex("x", h);
@@ -198,7 +198,8 @@ Test(tokens, each_malformed_line_is_refused_naming_path_and_line)
 		int rc;
 
 		snprintf(line, sizeof(line), shapes[i].fmt, shapes[i].a, shapes[i].b);
-		snprintf(text, sizeof(text), "# tokens\nalice %s write\n%s\nbob %s read\n", h, line, h);
+		snprintf(text, sizeof(text), "# tokens\nalice %s write\n%s\nbob %s read\n", h, line,
+			 h);
 		write_temp(path, sizeof(path), text);
 		rc = tokens_open(&t, path, err, sizeof(err));
 		cr_assert_lt(rc, 0, "line '%s' was accepted", line);
@@ -227,10 +228,15 @@ Test(tokens, a_missing_file_is_an_error_naming_it)
 
 static void clear_config_env(void)
 {
-	static const char *const vars[] = { "DAYBOOK_PG", "DAYBOOK_REDIS", "DAYBOOK_LISTEN",
-					    "DAYBOOK_TOKENS_FILE", "DAYBOOK_LOG_LEVEL",
-					    "DAYBOOK_REDIS_PASSWORD_FILE", "DAYBOOK_MAX_CONNECTIONS",
-					    "DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "DAYBOOK_HTTP_IDLE_TIMEOUT_MS" };
+	static const char *const vars[] = { "DAYBOOK_PG",
+					    "DAYBOOK_REDIS",
+					    "DAYBOOK_LISTEN",
+					    "DAYBOOK_TOKENS_FILE",
+					    "DAYBOOK_LOG_LEVEL",
+					    "DAYBOOK_REDIS_PASSWORD_FILE",
+					    "DAYBOOK_MAX_CONNECTIONS",
+					    "DAYBOOK_HTTP_HEADER_TIMEOUT_MS",
+					    "DAYBOOK_HTTP_IDLE_TIMEOUT_MS" };
 
 	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
 		unsetenv(vars[i]);
@@ -254,8 +260,9 @@ Test(config, parse_hostport_good_forms)
 
 Test(config, parse_hostport_bad_forms)
 {
-	const char *bad[] = { "nonsense", "", ":8080",	   "host:",	 "host:0",
-			      "host:65536", "host:80x", "host:-1", "host:99999999999999999999" };
+	const char *bad[] = { "nonsense", "",        ":8080",
+			      "host:",    "host:0",  "host:65536",
+			      "host:80x", "host:-1", "host:99999999999999999999" };
 	char host[256], small[4];
 	uint16_t port;
 
@@ -471,9 +478,9 @@ Test(config, parse_redis_ipv6_hosts)
 
 Test(config, parse_redis_refuses_what_redis_urls_do_not_have)
 {
-	const char *bad[] = { "redis://host:70000", "redis://host:6379?db=1",
-			      "redis://host:6379#frag", "redis://host:6379/1/2",
-			      "unix://host/tmp/r.sock", "unix:///tmp/r.sock?x=1",
+	const char *bad[] = { "redis://host:70000",      "redis://host:6379?db=1",
+			      "redis://host:6379#frag",  "redis://host:6379/1/2",
+			      "unix://host/tmp/r.sock",  "unix:///tmp/r.sock?x=1",
 			      "unix://:6379/tmp/r.sock", "redis://us er@host:6379",
 			      "redis://u:p@ss@host:6379" };
 	struct config_redis r;
@@ -488,9 +495,15 @@ Test(config, cors_origins_are_checked_and_off_when_unset)
 {
 	const char *good[] = { "*", "https://app.example.com", "http://localhost:3000",
 			       "https://a.example, https://b.example", "https://[::1]:8443 *" };
-	const char *bad[] = { "", " , ", "app.example.com", "https://", "ftp://x.example",
-			      "https://app.example.com/path", "https://user@app.example",
-			      "https://a.example?x=1", "https://a\x01.example" };
+	const char *bad[] = { "",
+			      " , ",
+			      "app.example.com",
+			      "https://",
+			      "ftp://x.example",
+			      "https://app.example.com/path",
+			      "https://user@app.example",
+			      "https://a.example?x=1",
+			      "https://a\x01.example" };
 
 	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
 		cr_assert(config_cors_origins_valid(good[i]), "'%s' was refused", good[i]);
@@ -504,7 +517,8 @@ Test(config, parse_redis_sentinel_urls_name_every_sentinel_and_the_primary)
 	char shown[1400];
 
 	cr_assert(config_parse_redis("redis-sentinel://daybook-query:pw%40x@127.0.0.1:26379,"
-				     "sentinel-b:26380/daybook/2", &r));
+				     "sentinel-b:26380/daybook/2",
+				     &r));
 	cr_assert_str_eq(r.sentinels, "127.0.0.1:26379,sentinel-b:26380");
 	cr_assert_str_eq(r.master, "daybook");
 	cr_assert_eq(r.db, 2);
@@ -830,22 +844,21 @@ Test(metrics, counters_and_gauges_render_by_family)
 	metric_observe(h, 0.5);
 	metric_observe(h, 20);
 	text = render(m);
-	cr_assert_str_eq(text,
-			 "# HELP requests_total Requests.\n"
-			 "# TYPE requests_total counter\n"
-			 "requests_total{route=\"/a\"} 2\n"
-			 "requests_total{route=\"/b\"} 1\n"
-			 "# HELP up Up.\n"
-			 "# TYPE up gauge\n"
-			 "up 3\n"
-			 "# HELP latency_seconds Latency.\n"
-			 "# TYPE latency_seconds histogram\n"
-			 "latency_seconds_bucket{route=\"/a\",le=\"0.1\"} 2\n"
-			 "latency_seconds_bucket{route=\"/a\",le=\"1\"} 3\n"
-			 "latency_seconds_bucket{route=\"/a\",le=\"10\"} 3\n"
-			 "latency_seconds_bucket{route=\"/a\",le=\"+Inf\"} 4\n"
-			 "latency_seconds_sum{route=\"/a\"} 20.65\n"
-			 "latency_seconds_count{route=\"/a\"} 4\n");
+	cr_assert_str_eq(text, "# HELP requests_total Requests.\n"
+			       "# TYPE requests_total counter\n"
+			       "requests_total{route=\"/a\"} 2\n"
+			       "requests_total{route=\"/b\"} 1\n"
+			       "# HELP up Up.\n"
+			       "# TYPE up gauge\n"
+			       "up 3\n"
+			       "# HELP latency_seconds Latency.\n"
+			       "# TYPE latency_seconds histogram\n"
+			       "latency_seconds_bucket{route=\"/a\",le=\"0.1\"} 2\n"
+			       "latency_seconds_bucket{route=\"/a\",le=\"1\"} 3\n"
+			       "latency_seconds_bucket{route=\"/a\",le=\"10\"} 3\n"
+			       "latency_seconds_bucket{route=\"/a\",le=\"+Inf\"} 4\n"
+			       "latency_seconds_sum{route=\"/a\"} 20.65\n"
+			       "latency_seconds_count{route=\"/a\"} 4\n");
 	free(text);
 	metrics_close(&m);
 	cr_assert_null(m);
@@ -1018,7 +1031,7 @@ Test(metrics, process_metrics_and_build_info_are_read_at_scrape_time)
 	cr_assert_not_null(text);
 	evbuffer_remove(buf, text, n);
 	cr_assert(strstr(text, "# TYPE daybook_build_info gauge\n"));
-	cr_assert(strstr(text, "daybook_build_info{version=\"" ), "%s", text);
+	cr_assert(strstr(text, "daybook_build_info{version=\""), "%s", text);
 	cr_assert(strstr(text, "\",commit=\""), "%s", text);
 	cr_assert(strstr(text, "# TYPE process_cpu_seconds_total counter\n"), "%s", text);
 	cr_assert_geq(sample(text, "process_cpu_seconds_total"), 0);
@@ -1053,9 +1066,12 @@ Test(log, level_parse)
 	static const struct {
 		const char *text;
 		enum log_level level;
-	} good[] = { { "debug", LOG_DEBUG }, { "info", LOG_INFO }, { "warn", LOG_WARN },
+	} good[] = { { "debug", LOG_DEBUG },
+		     { "info", LOG_INFO },
+		     { "warn", LOG_WARN },
 		     { "error", LOG_ERROR } };
-	const char *bad[] = { "", "loud", "INFO", "Info", "info ", " info", "warning", "err", "debug2" };
+	const char *bad[] = { "",      "loud",    "INFO", "Info",  "info ",
+			      " info", "warning", "err",  "debug2" };
 	enum log_level level;
 
 	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
@@ -1141,13 +1157,16 @@ static void log_hostile_lines(void)
 	json_object_set_new(fields, "n", json_integer(7));
 	log_fields(&lg, LOG_INFO, "id\xfe\n", "bad \xe2\x82 utf-8", fields);
 	/* libpq's errors end in a newline and may add DETAIL or HINT lines. */
-	log_warn(&lg, "postgresql: %s", "ERROR:  relation \"x\" does not exist\nLINE 1: SELECT\n"
-					"        ^\n");
+	log_warn(&lg, "postgresql: %s",
+		 "ERROR:  relation \"x\" does not exist\nLINE 1: SELECT\n"
+		 "        ^\n");
 }
 
 static void log_plain_lines(void)
 {
-	const struct log lg = { .service = "daybook-admin verify", .level = LOG_INFO, .plain = true };
+	const struct log lg = { .service = "daybook-admin verify",
+				.level = LOG_INFO,
+				.plain = true };
 
 	log_debug(&lg, "hidden below the level");
 	log_error(&lg, "cannot connect: %s", "libpq says\nsomething on two lines\n");
@@ -1158,8 +1177,9 @@ Test(log, a_plain_log_writes_one_text_line_per_message_named_by_its_service)
 {
 	char *text = capture_stderr(log_plain_lines);
 
-	cr_assert_str_eq(text, "daybook-admin verify: cannot connect: libpq says something on two lines\n"
-			       "daybook-admin verify: note: redis generation 7 is behind\n");
+	cr_assert_str_eq(text,
+			 "daybook-admin verify: cannot connect: libpq says something on two lines\n"
+			 "daybook-admin verify: note: redis generation 7 is behind\n");
 	free(text);
 }
 
@@ -1191,8 +1211,8 @@ Test(log, every_line_is_json_whatever_the_bytes_and_errors_are_one_line)
 
 Test(pg, array_literal_quotes_and_escapes)
 {
-	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "", "a,b",
-				 "{brace}", "NULL", "sp ace" };
+	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "",
+				 "a,b",   "{brace}",        "NULL",        "sp ace" };
 	struct evbuffer *buf = evbuffer_new();
 	size_t n;
 	char text[256];
@@ -1286,9 +1306,14 @@ static char *jansson_entry(const struct readmodel_entry *e)
 static void assert_entry_like_jansson(const char *reference)
 {
 	struct readmodel_entry e = {
-		.version = 7, .type = "transfer_out", .amount = INT64_MAX,
-		.balance_after = INT64_MIN, .transfer_id = "t-1", .counterparty = "b",
-		.reference = reference, .at = "2026-11-26T15:32:21.123456Z",
+		.version = 7,
+		.type = "transfer_out",
+		.amount = INT64_MAX,
+		.balance_after = INT64_MIN,
+		.transfer_id = "t-1",
+		.counterparty = "b",
+		.reference = reference,
+		.at = "2026-11-26T15:32:21.123456Z",
 	};
 	char *ours = readmodel_entry_json(&e), *theirs = jansson_entry(&e);
 
@@ -1304,9 +1329,17 @@ Test(readmodel, strings_are_escaped_as_jansson_escapes_them)
 {
 	char one[2] = { 0 };
 	const char *texts[] = {
-		"", "plain", "with \"quotes\" and \\ back\\slash", "tab\tnew\nline\rcr\bbs\fff",
+		"",
+		"plain",
+		"with \"quotes\" and \\ back\\slash",
+		"tab\tnew\nline\rcr\bbs\fff",
 		"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xe2\x80\xa8 slash/ del\x7f",
-		"\xff", "\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "ok\xe2\x82",
+		"\xff",
+		"\xc3",
+		"\xc0\xaf",
+		"\xed\xa0\x80",
+		"\xf4\x90\x80\x80",
+		"ok\xe2\x82",
 	};
 
 	for (int c = 1; c < 0x80; c++) {
@@ -1319,20 +1352,34 @@ Test(readmodel, strings_are_escaped_as_jansson_escapes_them)
 
 Test(readmodel, bodies_match_jansson_with_and_without_optional_members)
 {
-	struct readmodel_entry deposit = { .version = 1, .type = "deposit", .amount = 5,
-					   .balance_after = 5, .at = "2000-01-01T00:00:00.000000Z" };
-	struct readmodel_account a = { .account_id = "alice", .name = "Alice \"A\"", .currency = "EUR",
-				       .status = "open", .balance = -3, .overdraft_limit = 100,
-				       .version = 12, .opened_at = "x", .updated_at = "y" };
-	struct readmodel_transfer t = { .transfer_id = "t", .from = "a", .to = "b", .currency = "EUR",
-					.reference = NULL, .at = "z", .amount = 9 };
-	json_t *ja = json_pack("{s:s, s:s, s:s, s:I, s:I, s:s, s:I, s:s, s:s}", "account_id", "alice",
-			       "name", "Alice \"A\"", "currency", "EUR", "balance", (json_int_t)-3,
-			       "overdraft_limit", (json_int_t)100, "status", "open", "version",
-			       (json_int_t)12, "opened_at", "x", "updated_at", "y");
-	json_t *jt = json_pack("{s:s, s:s, s:s, s:I, s:s, s:n, s:s}", "transfer_id", "t", "from", "a",
-			       "to", "b", "amount", (json_int_t)9, "currency", "EUR", "reference",
-			       "at", "z");
+	struct readmodel_entry deposit = { .version = 1,
+					   .type = "deposit",
+					   .amount = 5,
+					   .balance_after = 5,
+					   .at = "2000-01-01T00:00:00.000000Z" };
+	struct readmodel_account a = { .account_id = "alice",
+				       .name = "Alice \"A\"",
+				       .currency = "EUR",
+				       .status = "open",
+				       .balance = -3,
+				       .overdraft_limit = 100,
+				       .version = 12,
+				       .opened_at = "x",
+				       .updated_at = "y" };
+	struct readmodel_transfer t = { .transfer_id = "t",
+					.from = "a",
+					.to = "b",
+					.currency = "EUR",
+					.reference = NULL,
+					.at = "z",
+					.amount = 9 };
+	json_t *ja = json_pack("{s:s, s:s, s:s, s:I, s:I, s:s, s:I, s:s, s:s}", "account_id",
+			       "alice", "name", "Alice \"A\"", "currency", "EUR", "balance",
+			       (json_int_t)-3, "overdraft_limit", (json_int_t)100, "status", "open",
+			       "version", (json_int_t)12, "opened_at", "x", "updated_at", "y");
+	json_t *jt = json_pack("{s:s, s:s, s:s, s:I, s:s, s:n, s:s}", "transfer_id", "t", "from",
+			       "a", "to", "b", "amount", (json_int_t)9, "currency", "EUR",
+			       "reference", "at", "z");
 	char *ours, *theirs;
 
 	ours = readmodel_entry_json(&deposit);
@@ -1356,8 +1403,11 @@ Test(readmodel, bodies_match_jansson_with_and_without_optional_members)
 
 Test(readmodel, item_version_is_read_from_the_items_own_prefix)
 {
-	struct readmodel_entry e = { .version = 2147483647, .type = "deposit", .amount = 5,
-				     .balance_after = 5, .at = "2026-01-01T00:00:00.000000Z" };
+	struct readmodel_entry e = { .version = 2147483647,
+				     .type = "deposit",
+				     .amount = 5,
+				     .balance_after = 5,
+				     .at = "2026-01-01T00:00:00.000000Z" };
 	char *json = readmodel_entry_json(&e);
 
 	cr_assert_eq(readmodel_item_version(json), 2147483647);
@@ -1386,8 +1436,10 @@ Test(readmodel, totals_of_every_currency_with_the_longest_numbers_render_whole)
 
 	readmodel_int128_text(-((__int128)INT64_MAX * INT64_MAX), sum);
 	for (int i = 0; i < N; i++) {
-		snprintf(cur[i], sizeof(cur[i]), "%c%c%c", 'A' + i / 676, 'A' + i / 26 % 26, 'A' + i % 26);
-		rows[i] = (struct readmodel_total){ .currency = cur[i], .accounts = "9223372036854775807",
+		snprintf(cur[i], sizeof(cur[i]), "%c%c%c", 'A' + i / 676, 'A' + i / 26 % 26,
+			 'A' + i % 26);
+		rows[i] = (struct readmodel_total){ .currency = cur[i],
+						    .accounts = "9223372036854775807",
 						    .open_accounts = "-9223372036854775808",
 						    .balance_sum = sum };
 	}
@@ -1395,14 +1447,18 @@ Test(readmodel, totals_of_every_currency_with_the_longest_numbers_render_whole)
 	cr_assert_not_null(json);
 	snprintf(first, sizeof(first),
 		 "{\"currencies\":[{\"currency\":\"AAA\",\"accounts\":9223372036854775807,"
-		 "\"open_accounts\":-9223372036854775808,\"balance_sum\":%s},{", sum);
+		 "\"open_accounts\":-9223372036854775808,\"balance_sum\":%s},{",
+		 sum);
 	cr_assert(strncmp(json, first, strlen(first)) == 0, "%.300s", json);
-	cr_assert(strstr(json, "{\"currency\":\"ZZZ\",") && strcmp(json + strlen(json) - 3, "}]}") == 0);
+	cr_assert(strstr(json, "{\"currency\":\"ZZZ\",") &&
+		  strcmp(json + strlen(json) - 3, "}]}") == 0);
 	doc = json_loads(json, JSON_DECODE_INT_AS_REAL, NULL);
 	cr_assert_not_null(doc, "not JSON");
 	list = json_object_get(doc, "currencies");
 	cr_assert_eq(json_array_size(list), N);
-	cr_assert_str_eq(json_string_value(json_object_get(json_array_get(list, N - 1), "currency")), "ZZZ");
+	cr_assert_str_eq(json_string_value(
+				 json_object_get(json_array_get(list, N - 1), "currency")),
+			 "ZZZ");
 	json_decref(doc);
 	free(json);
 	json = readmodel_totals_json(NULL, 0);
@@ -1439,7 +1495,8 @@ Test(http_query, pairs_are_split_and_percent_decoded)
 	cr_assert_eq(http_query_parse("", "", &p, &n, err, sizeof(err)), 0);
 	cr_assert_eq(n, 0);
 	cr_assert_eq(http_query_parse("wait_ms=5&min_position=1.2", "min_position wait_ms", &p, &n,
-				      err, sizeof(err)), 0, "%s", err);
+				      err, sizeof(err)),
+		     0, "%s", err);
 	cr_assert_eq(n, 2);
 	free(p);
 }
@@ -1459,7 +1516,9 @@ Test(http_query, malformed_repeated_unlisted_and_too_many_are_refused_naming_the
 		{ "a=1&%61=2", NULL, "'a' is given more than once" },
 		{ "limit=1&colour=red", "limit before", "unknown query parameter 'colour'" },
 		{ "x=1", "", "accepts none" },
-		{ "%01%ff=1", "a", "unknown query parameter '?" "?'" },
+		{ "%01%ff=1", "a",
+		  "unknown query parameter '?"
+		  "?'" },
 	};
 	struct http_query_param *p;
 	size_t n;
@@ -1496,7 +1555,8 @@ Test(readmodel_time, rfc3339_times_read_as_utc_to_the_microsecond)
 	assert_parsed("2026-01-31t23:59:59.5z", "2026-01-31T23:59:59.500000Z");
 	assert_parsed("2026-01-31 23:59:59.123456789Z", "2026-01-31T23:59:59.123456Z");
 	assert_parsed("2026-03-01T00:30:00+01:00", "2026-02-28T23:30:00.000000Z");
-	assert_parsed("2026-03-01T00:30:00 01:00", "2026-02-28T23:30:00.000000Z"); /* '+' unencoded */
+	assert_parsed("2026-03-01T00:30:00 01:00",
+		      "2026-02-28T23:30:00.000000Z"); /* '+' unencoded */
 	assert_parsed("2024-02-28T23:00:00-01:30", "2024-02-29T00:30:00.000000Z");
 	assert_parsed("2000-01-01T00:00:00Z", "2000-01-01T00:00:00.000000Z");
 	assert_parsed("1999-12-31T23:59:59.999999Z", "1999-12-31T23:59:59.999999Z");
@@ -1507,14 +1567,32 @@ Test(readmodel_time, rfc3339_times_read_as_utc_to_the_microsecond)
 Test(readmodel_time, malformed_or_out_of_range_times_are_refused)
 {
 	static const char *const bad[] = {
-		"", "2026", "2026-01-31", "2026-01-31T23:59:59", "2026-01-31T23:59Z",
-		"2026-01-31T23:59:59.Z", "2026-01-31T23:59:59ZZ", "2026-13-01T00:00:00Z",
-		"2026-00-01T00:00:00Z", "2026-02-29T00:00:00Z", "2100-02-29T00:00:00Z",
-		"2026-04-31T00:00:00Z", "2026-01-31T24:00:00Z", "2026-01-31T23:60:00Z",
-		"2026-01-31T23:59:60Z", "2026-01-31X23:59:59Z", "2026-01-31T23:59:59+1:00",
-		"2026-01-31T23:59:59+24:00", "2026-01-31T23:59:59+01:60", "2026-01-31T23:59:59+0100",
-		"0000-12-31T23:59:59Z", "0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01",
-		"+2026-01-31T23:59:59Z", "2026-01-31T23:59:59Z ", "２026-01-31T23:59:59Z",
+		"",
+		"2026",
+		"2026-01-31",
+		"2026-01-31T23:59:59",
+		"2026-01-31T23:59Z",
+		"2026-01-31T23:59:59.Z",
+		"2026-01-31T23:59:59ZZ",
+		"2026-13-01T00:00:00Z",
+		"2026-00-01T00:00:00Z",
+		"2026-02-29T00:00:00Z",
+		"2100-02-29T00:00:00Z",
+		"2026-04-31T00:00:00Z",
+		"2026-01-31T24:00:00Z",
+		"2026-01-31T23:60:00Z",
+		"2026-01-31T23:59:60Z",
+		"2026-01-31X23:59:59Z",
+		"2026-01-31T23:59:59+1:00",
+		"2026-01-31T23:59:59+24:00",
+		"2026-01-31T23:59:59+01:60",
+		"2026-01-31T23:59:59+0100",
+		"0000-12-31T23:59:59Z",
+		"0001-01-01T00:00:00+00:01",
+		"9999-12-31T23:59:59-00:01",
+		"+2026-01-31T23:59:59Z",
+		"2026-01-31T23:59:59Z ",
+		"２026-01-31T23:59:59Z",
 	};
 	int64_t us;
 
@@ -1569,7 +1647,8 @@ Test(redis, sentinel_discovery_does_not_block_the_event_loop)
 	double t0, opened;
 
 	for (int i = 0; i < 3; i++) {
-		struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+		struct sockaddr_in a = { .sin_family = AF_INET,
+					 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 		socklen_t len = sizeof(a);
 		fds[i] = socket(AF_INET, SOCK_STREAM, 0);
 		cr_assert(fds[i] >= 0);
