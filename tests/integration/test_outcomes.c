@@ -264,7 +264,10 @@ Test(outcomes, one_batch_answers_each_command_with_its_own_events_position)
 	open_account("c");
 	open_account("x");
 	open_account("y");
+	/* Both sides funded: the threads' requests reach the batch in any order, and a
+	 * transfer out of an empty account would be refused (422), not answered 201. */
 	post_ok("/accounts/x/deposits", "{\"amount\":1000}");
+	post_ok("/accounts/y/deposits", "{\"amount\":1000}");
 	memset(calls, 0, sizeof(calls));
 	for (int i = 0; i < CHAINED; i++, n++) {
 		snprintf(calls[n].path, sizeof(calls[n].path), "/accounts/c/deposits");
