@@ -175,27 +175,29 @@ static void end_sends(struct projector_ctx *ctx)
 	step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS });
 }
 
-static bool sql_ok(PGresult *const *results, size_t n, const char *error)
+/* The one result of a resync page's run, or NULL after abandoning the resync (the
+ * run failed, a commit-time failure included, or did not give one result set). */
+static PGresult *page_result(struct projector_ctx *ctx, const struct pg_outcome *out)
 {
-	return !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK;
+	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
+	PGresult *r = out->results && out->n ? out->results[0] : NULL;
+
+	if (!error && out->n == 1 && PQresultStatus(r) == PGRES_TUPLES_OK)
+		return r;
+	sync_abort(ctx, error ? error : r ? PQresultErrorMessage(r) : "no result");
+	return NULL;
 }
 
 static void accounts_page_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
-	PGresult *const *results = out->results;
-	size_t n = out->n;
-	/* Every status but DONE is a failure (a commit-time one included). */
-	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct sync_state *s = ctx->sync;
-	PGresult *r = results && n ? results[0] : NULL;
-	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
+	PGresult *r = page_result(ctx, out);
+	int rows = r ? PQntuples(r) : -1;
 	int accounts = 0;
 
-	if (rows < 0) {
-		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
+	if (rows < 0)
 		return;
-	}
 	begin_sends(ctx);
 	for (int row = 0; row < rows;) {
 		const char *id = PQgetvalue(r, row, 0);
@@ -236,18 +238,12 @@ static void accounts_page_done(void *arg, const struct pg_outcome *out)
 static void transfers_page_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
-	PGresult *const *results = out->results;
-	size_t n = out->n;
-	/* Every status but DONE is a failure (a commit-time one included). */
-	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct sync_state *s = ctx->sync;
-	PGresult *r = results && n ? results[0] : NULL;
-	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
+	PGresult *r = page_result(ctx, out);
+	int rows = r ? PQntuples(r) : -1;
 
-	if (rows < 0) {
-		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
+	if (rows < 0)
 		return;
-	}
 	begin_sends(ctx);
 	for (int row = 0; row < rows; row++) {
 		/* READMODEL_SQL_TRANSFER_COLUMNS */
@@ -267,19 +263,13 @@ static void transfers_page_done(void *arg, const struct pg_outcome *out)
 static void totals_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
-	PGresult *const *results = out->results;
-	size_t n = out->n;
-	/* Every status but DONE is a failure (a commit-time one included). */
-	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct sync_state *s = ctx->sync;
-	PGresult *r = results && n ? results[0] : NULL;
-	int rows = sql_ok(results, n, error) ? PQntuples(r) : -1;
+	PGresult *r = page_result(ctx, out);
+	int rows = r ? PQntuples(r) : -1;
 	struct readmodel_total *t;
 
-	if (rows < 0) {
-		sync_abort(ctx, error ? error : PQresultErrorMessage(r));
+	if (rows < 0)
 		return;
-	}
 	/* The texts stay in the result: no copy into buffers of a guessed size. */
 	t = calloc((size_t)rows + 1, sizeof(*t));
 	for (int row = 0; t && row < rows; row++)
