@@ -61,29 +61,12 @@ static char *array_literal(const char *const *items, size_t n, const char *prefi
 static bool restore_snapshot(PGresult *r, int row, struct ledger_account *acc, char *why,
 			     size_t whylen)
 {
-	json_t *state = json_loads(PQgetvalue(r, row, 3), 0, NULL);
-	struct ledger_account snap;
-	bool ok = false;
-
 	if (strcmp(PQgetvalue(r, row, 4), "t") != 0) {
 		snprintf(why, whylen, "the log has no event at its version");
-		goto done;
+		return false;
 	}
-	if (!ledger_account_from_json(state, &snap, why, whylen))
-		goto done;
-	if (strcmp(snap.id, acc->id) != 0) {
-		snprintf(why, whylen, "it is the state of account '%s'", snap.id);
-		goto done;
-	}
-	if (snap.version != atoi(PQgetvalue(r, row, 1))) {
-		snprintf(why, whylen, "its state is at version %" PRId32, snap.version);
-		goto done;
-	}
-	*acc = snap;
-	ok = true;
-done:
-	json_decref(state);
-	return ok;
+	return ledger_snapshot_from_text(PQgetvalue(r, row, 3), acc->id,
+					 (int32_t)atoi(PQgetvalue(r, row, 1)), acc, why, whylen);
 }
 
 /* Fold one event row into acc; its version must be the next one. */

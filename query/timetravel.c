@@ -303,25 +303,9 @@ static bool add_item(struct fold *f, const struct ledger_event *ev, const char *
 static bool restore(const struct read *rd, const PGresult *res, struct ledger_account *acc,
 		    char *why, size_t whylen)
 {
-	json_t *state = json_loads(PQgetvalue(res, 0, C_SNAP_STATE), 0, NULL);
-	struct ledger_account snap;
-	bool ok = false;
-
-	if (!ledger_account_from_json(state, &snap, why, whylen))
-		goto done;
-	if (strcmp(snap.id, rd->id) != 0) {
-		snprintf(why, whylen, "it is the state of account '%s'", snap.id);
-		goto done;
-	}
-	if (snap.version != atoi(PQgetvalue(res, 0, C_SNAP_VERSION))) {
-		snprintf(why, whylen, "its state is at version %" PRId32, snap.version);
-		goto done;
-	}
-	*acc = snap;
-	ok = true;
-done:
-	json_decref(state);
-	return ok;
+	return ledger_snapshot_from_text(PQgetvalue(res, 0, C_SNAP_STATE), rd->id,
+					 (int32_t)atoi(PQgetvalue(res, 0, C_SNAP_VERSION)), acc,
+					 why, whylen);
 }
 
 /* Fold one event row into f (and its statement item, above lo); false when it does

@@ -504,3 +504,27 @@ bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *e
 	*out = acc;
 	return true;
 }
+
+bool ledger_snapshot_from_text(const char *state, const char *id, int32_t version,
+			       struct ledger_account *out, char *err, size_t errlen)
+{
+	json_t *json = json_loads(state, 0, NULL);
+	struct ledger_account snap;
+	bool ok = false;
+
+	if (!ledger_account_from_json(json, &snap, err, errlen))
+		goto done;
+	if (strcmp(snap.id, id) != 0) {
+		snprintf(err, errlen, "it is the state of account '%s'", snap.id);
+		goto done;
+	}
+	if (snap.version != version) {
+		snprintf(err, errlen, "its state is at version %" PRId32, snap.version);
+		goto done;
+	}
+	*out = snap;
+	ok = true;
+done:
+	json_decref(json);
+	return ok;
+}

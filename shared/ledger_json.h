@@ -65,6 +65,13 @@ json_t *ledger_account_to_json(const struct ledger_account *acc);
 bool ledger_account_from_json(json_t *state, struct ledger_account *out, char *err, size_t errlen)
 	__attribute__((warn_unused_result));
 
+/* A stored snapshot's state (JSON text) decoded as ledger_account_from_json does, and
+ * checked against what it was stored for: account `id` at `version`. False with the
+ * reason in err when it cannot be used. */
+bool ledger_snapshot_from_text(const char *state, const char *id, int32_t version,
+			       struct ledger_account *out, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
+
 /* The same decoding from the data's JSON text, several times faster for the usual
  * flat objects of plain strings and integers (anything else goes through jansson,
  * with the same result). Strings in *out live in buf until its next use; reuse one

@@ -1004,3 +1004,24 @@ Test(account_state, implausible_or_malformed_state_is_refused)
 			     "\"version\":3,\"closed\":true}",
 			     "closed account");
 }
+
+Test(account_state, a_snapshot_is_used_only_for_its_own_account_at_its_own_version)
+{
+	const char *state = "{\"account_id\":\"acc-1\",\"currency\":\"EUR\",\"balance\":5,"
+			    "\"overdraft_limit\":0,\"version\":1000,\"closed\":false}";
+	struct ledger_account out = { .id = "untouched", .version = 42 };
+	char err[256] = "";
+
+	cr_assert(!ledger_snapshot_from_text(state, "acc-2", 1000, &out, err, sizeof(err)));
+	cr_assert(strstr(err, "state of account 'acc-1'"), "%s", err);
+	cr_assert(!ledger_snapshot_from_text(state, "acc-1", 999, &out, err, sizeof(err)));
+	cr_assert(strstr(err, "at version 1000"), "%s", err);
+	cr_assert(!ledger_snapshot_from_text("not json", "acc-1", 1000, &out, err, sizeof(err)));
+	cr_assert_str_eq(out.id, "untouched");
+	cr_assert_eq(out.version, 42);
+	cr_assert(ledger_snapshot_from_text(state, "acc-1", 1000, &out, err, sizeof(err)), "%s",
+		  err);
+	cr_assert_str_eq(out.id, "acc-1");
+	cr_assert_eq(out.balance, 5);
+	cr_assert_eq(out.version, 1000);
+}
