@@ -112,7 +112,10 @@ struct projector_ctx {
 	 * (identity_stale) before a batch writes Redis: the database may be another. */
 	char identity[READMODEL_IDENTITY_MAX];
 	bool identity_stale;
-	int identity_next; /* what the identity read leads to (redis_sync.c) */
+	int identity_next; /* what the identity read leads to (redis_dispatch.c) */
+	/* Called when a rebuild moved the live generation under the batch on its way: sends
+	 * it again (true) or not; set by redis_batch_send (redis_batch.c). */
+	bool (*batch_moved)(struct projector_ctx *ctx);
 	/* The last other store whose live generation our switch replaced, and whether it
 	 * has since made its own live again (two deployments on one Redis database). */
 	char foreign_last[READMODEL_IDENTITY_MAX];
@@ -183,7 +186,8 @@ size_t projector_rows_items(const struct fold_rows *r, const struct projector_it
 /* GET /accounts/{id}'s body for an account; caller frees. */
 char *projector_account_json(const struct rm_account *a);
 
-/* Redis side (redis_sync.c). It reports to the step machine through `report` only. */
+/* Redis side (redis_dispatch.c: the batch and maintain decisions; redis_sync.c: the
+ * rest). It reports to the step machine through `report` only. */
 int projector_redis_open(struct projector_ctx *ctx,
 			 void (*report)(struct projector_ctx *ctx, enum redis_report what))
 	__attribute__((warn_unused_result));

@@ -178,7 +178,7 @@ static void batch_reply(void *arg, const redisReply *reply)
 		log_info(&ctx->log, "following redis generation %lld", ctx->gen);
 		if (sweep)
 			redis_sync_start_cleanup(ctx);
-		if (projector_redis_batch(ctx))
+		if (ctx->batch_moved(ctx)) /* the dispatcher's: send it again, or not */
 			return;
 	} else if (r0) {
 		/* No usable live generation (Redis lost its data, say), or one behind the
@@ -194,24 +194,13 @@ static void batch_reply(void *arg, const redisReply *reply)
 	ctx->redis_report(ctx, REDIS_STEP_DONE);
 }
 
-bool projector_redis_batch(struct projector_ctx *ctx)
+bool redis_batch_send(struct projector_ctx *ctx, bool (*moved)(struct projector_ctx *ctx))
 {
 	struct batch_args a = { 0 };
 	char fence[READMODEL_FENCE_ARG_MAX], gen[24], token[48];
 	bool sent = false;
 
-	/* Unknown (just connected, or the live generation looked changed): the script's
-	 * own checks decide, together with the writes, whether the live generation goes
-	 * on where this batch starts; no status check (and no resync) first. */
-	if (ctx->rsync != RS_LIVE && ctx->rsync != RS_UNKNOWN)
-		return false;
-	if (!redis_connected(ctx->redis)) {
-		if (ctx->rsync == RS_LIVE)
-			redis_sync_unsynced(ctx, "disconnected");
-		return false;
-	}
-	if (ctx->identity_stale) /* a new session: is the store still the one we wrote for? */
-		return redis_sync_identity_then_batch(ctx);
+	ctx->batch_moved = moved;
 	ctx->rerrors = 0;
 	if (!args_build(ctx, &a, fence, sizeof(fence), gen, token))
 		goto done;

@@ -1,7 +1,8 @@
-/* The state of the Redis read models: is the live generation ours and current (the
- * store's identity, the status check, the periodic check), the leader's fence, the
- * sweep of old generations, and the connection. Each batch's write is redis_batch.c;
- * a resync, redis_resync.c (docs/read-models.md). */
+/* The state of the Redis read models, the base the other Redis rooms use: the live
+ * generation's status check and periodic check, the leader's fence, keys and tokens,
+ * the sweep of old generations, failure reporting, and the connection. It calls no
+ * other Redis room: which step runs next is redis_dispatch.c; each batch's write,
+ * redis_batch.c; a resync, redis_resync.c (docs/read-models.md). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,9 +11,6 @@
 
 #define CHECK_EVERY_POLLS 10 /* the poll timer ticks every 100 ms */
 #define RETRY_POLLS_MAX 100  /* the longest pause before a resync after failures: 10 s */
-
-/* What reading the store's identity leads to. */
-enum identity_next { ID_THEN_STATUS, ID_THEN_SYNC, ID_THEN_BATCH };
 
 void redis_sync_key(char *out, size_t len, long long gen, const char *kind, const char *id)
 {
@@ -173,111 +171,16 @@ static void status_reply(void *arg, const redisReply *reply)
 	ctx->redis_report(ctx, REDIS_STEP_DONE);
 }
 
-/* The identity read: go on with what it was read for. */
-static void identity_done(void *arg, const struct pg_outcome *out)
+bool redis_sync_check_status(struct projector_ctx *ctx)
 {
-	struct projector_ctx *ctx = arg;
-	PGresult *const *results = out->results;
-	size_t n = out->n;
-	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
-	const char *got = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
-					  PQntuples(results[0]) == 1 &&
-					  !PQgetisnull(results[0], 0, 0)
-				  ? PQgetvalue(results[0], 0, 0)
-				  : NULL;
 	const char *argv[1] = { ctx->identity };
-	bool changed;
 
-	if (!got || !*got || strlen(got) >= sizeof(ctx->identity)) {
-		if (!error)
-			log_error(&ctx->log,
-				  "cannot read the event store's identity (is the database "
-				  "migrated?): %s",
-				  n ? PQresultErrorMessage(results[0]) : "no result");
-		/* Nothing is written to Redis without it; tried again after a pause. */
-		redis_sync_unsynced(ctx, "identity_unreadable");
-		redis_sync_pause_resync(ctx);
-		ctx->redis_report(ctx, REDIS_STEP_DONE);
-		return;
-	}
-	changed = ctx->identity[0] && strcmp(ctx->identity, got) != 0;
-	if (changed)
-		log_warn(&ctx->log,
-			 "the event store's identity changed from %s to %s (the database "
-			 "was re-created or restored): its redis generation is not ours",
-			 ctx->identity, got);
-	snprintf(ctx->identity, sizeof(ctx->identity), "%s", got);
-	ctx->identity_stale = false;
-	projector_redis_fence(ctx); /* a leader's fence is per store: raise ours */
-	switch ((enum identity_next)ctx->identity_next) {
-	case ID_THEN_BATCH:
-		if (changed)
-			redis_sync_unsynced(ctx,
-					    "identity_changed"); /* a resync builds this store's generation */
-		if (changed || !projector_redis_batch(ctx))
-			ctx->redis_report(ctx, REDIS_STEP_DONE);
-		return;
-	case ID_THEN_SYNC:
-		redis_resync_start(ctx); /* it ends the step itself, also when it fails */
-		return;
-	case ID_THEN_STATUS:
-		if (redis_eval(ctx->redis, LIVE_STATUS, 0, 1, argv, NULL, status_reply, ctx))
-			return;
-		redis_sync_unsynced(ctx, "redis_error");
-		redis_sync_pause_resync(ctx);
-		ctx->redis_report(ctx, REDIS_STEP_DONE);
-		return;
-	}
-}
-
-/* Read the store's identity, then go on as `next` says; false when it cannot be read
- * now (nothing started). */
-static bool read_identity(struct projector_ctx *ctx, enum identity_next next)
-{
-	if (!pg_ready(ctx->pg) || !pg_queue_sql(ctx->pg, READMODEL_IDENTITY_SQL, 0, NULL) ||
-	    !pg_run(ctx->pg, identity_done, ctx)) {
-		if (next == ID_THEN_BATCH)
-			ctx->rsync = RS_UNKNOWN; /* checked (and resynced if behind) later */
-		return false;
-	}
-	ctx->identity_next = next;
-	return true;
-}
-
-bool redis_sync_identity_then_batch(struct projector_ctx *ctx)
-{
-	return read_identity(ctx, ID_THEN_BATCH);
+	return redis_eval(ctx->redis, LIVE_STATUS, 0, 1, argv, NULL, status_reply, ctx);
 }
 
 void projector_redis_session(struct projector_ctx *ctx)
 {
 	ctx->identity_stale = true;
-}
-
-bool projector_redis_maintain(struct projector_ctx *ctx)
-{
-	if (ctx->role != ROLE_LEADER || !redis_connected(ctx->redis))
-		return false;
-	if (ctx->live_suspect) {
-		ctx->live_suspect = false;
-		if (ctx->rsync == RS_LIVE)
-			ctx->rsync = RS_UNKNOWN; /* adopted below if at or past our checkpoint */
-	}
-	/* The identity is read afresh each time: what Redis holds is compared with the
-	 * store as it is now. */
-	if (ctx->rsync == RS_UNKNOWN) {
-		if (!read_identity(ctx, ID_THEN_STATUS))
-			return false;
-		ctx->step = STEP_SYNCING;
-		return true;
-	}
-	if (ctx->rsync == RS_UNSYNCED && ctx->polls >= ctx->next_sync) {
-		if (!read_identity(ctx, ID_THEN_SYNC))
-			return false;
-		ctx->step = STEP_SYNCING;
-		return true;
-	}
-	return false;
 }
 
 static void live_reply(void *arg, const redisReply *reply)

@@ -1,6 +1,16 @@
-/* Inside the projector's Redis side: what its files (redis_sync.c, the generation's
- * state; redis_batch.c, each batch's write; redis_resync.c, copying SQL into a new
- * generation; redis_scripts.c, the Lua) share. The step machine uses projector.h only. */
+/* Inside the projector's Redis side: what its files share. Calls go one way, down:
+ *   redis_dispatch.c  which Redis step runs next (the identity read and what it leads
+ *                     to, whether a batch goes now); calls the three below
+ *   redis_batch.c     each batch's write     } call redis_sync.c and redis_scripts.c
+ *   redis_resync.c    copying SQL into a     } only, never each other nor
+ *                     new generation         } redis_dispatch.c
+ *   redis_sync.c      the state of Redis: generation, identity, status check, fence,
+ *                     keys, sweep, failure reporting, the connection; calls none of
+ *                     the above
+ *   redis_scripts.c   the Lua; calls nothing
+ * Only redis_batch.c's batch_reply calls back up, through the function pointer
+ * redis_dispatch.c hands redis_batch_send. Every room reports to the step machine
+ * (step.c) through ctx->redis_report only. The step machine uses projector.h only. */
 #ifndef DAYBOOK_PROJECTOR_REDIS_SYNC_H
 #define DAYBOOK_PROJECTOR_REDIS_SYNC_H
 
@@ -43,11 +53,16 @@ void redis_sync_key(char *out, size_t len, long long gen, const char *kind, cons
 void redis_sync_reached_token(struct projector_ctx *ctx, const char *token);
 /* No resync before a pause that grows with the failures in a row. */
 void redis_sync_pause_resync(struct projector_ctx *ctx);
+/* Send LIVE_STATUS's check of the live generation (the identity read): it adopts the
+ * generation or marks Redis unsynced, then ends the step; false when not sent. */
+bool redis_sync_check_status(struct projector_ctx *ctx);
 /* Copy the SQL read models into a new generation (step STEP_SYNCING); it ends the step
- * itself, also when it fails. */
+ * itself, also when it fails (redis_resync.c). */
 void redis_resync_start(struct projector_ctx *ctx);
-/* A new session: read the store's identity, then send the batch; false when nothing
- * was started. */
-bool redis_sync_identity_then_batch(struct projector_ctx *ctx);
+/* Send the committed batch to the live generation (redis_batch.c); false when not sent
+ * (the failure reported). When a rebuild moved the live generation under it, the reply
+ * calls `moved` (kept in ctx->batch_moved): true when that sent the batch again,
+ * otherwise the step ends. */
+bool redis_batch_send(struct projector_ctx *ctx, bool (*moved)(struct projector_ctx *ctx));
 
 #endif
