@@ -29,7 +29,8 @@
 #define SWITCH_LOCK_WAIT "200ms"   /* longest wait for a switch lock in one attempt */
 #define SWITCH_RETRY_US 500000     /* pause between attempts */
 
-/* The one piece of process-wide state: set by the signal handler, read by the loop. */
+/* The one piece of process-wide state: set by the signal handler (rebuild.c), read by
+ * the loop (rebuild_conn.c owns it). */
 extern volatile sig_atomic_t rb_interrupted;
 
 struct acct {
@@ -113,10 +114,18 @@ struct rebuild {
 			    * dependency was unavailable (CLI_EXIT_UNAVAILABLE) */
 };
 
-/* the command (rebuild.c): PostgreSQL helpers */
-bool rb_exec(struct rebuild *rb, PGconn *pg, const char *sql);
-void rb_await_answer(struct rebuild *rb, PGconn *pg, bool abort);
-bool rb_sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort);
+/* The rooms, in layers: a room calls only rooms below it, never one above it or beside it.
+ *   rebuild.c           the command: prepares, loads, indexes, switches, cleans up
+ *   rebuild_switch.c    the switch protocol; uses end and read (to catch up)
+ *   rebuild_read.c      reading the log in chunks; uses fold
+ *   rebuild_end.c       the end state and the keys; uses fold
+ *   rebuild_gc.c        clean-up of old generations
+ *   rebuild_fold.c      the fold; uses the Redis pipeline
+ *   rebuild_redis.c     the Redis pipeline
+ *   rebuild_conn.c      PostgreSQL helpers and the interrupt flag
+ *   rebuild_progress.c  progress and messages; uses none
+ * read, end and gc are one layer: none of them calls another. Every room may call the
+ * rooms below its layer (conn and progress from anywhere but progress). */
 
 /* progress and messages (rebuild_progress.c) */
 void rb_json_line(json_t *obj);
@@ -124,6 +133,11 @@ __attribute__((format(printf, 2, 3))) void rb_error(struct rebuild *rb, const ch
 __attribute__((format(printf, 2, 3))) void rb_note(struct rebuild *rb, const char *fmt, ...);
 double rb_now(void);
 void rb_report(struct rebuild *rb, bool final);
+
+/* PostgreSQL helpers (rebuild_conn.c) */
+bool rb_exec(struct rebuild *rb, PGconn *pg, const char *sql);
+void rb_await_answer(struct rebuild *rb, PGconn *pg, bool abort);
+bool rb_sent_ok(struct rebuild *rb, PGconn *pg, const char *what, bool abort);
 
 /* the Redis pipeline (rebuild_redis.c) */
 bool rb_redis_drain_n(struct rebuild *rb, size_t n);

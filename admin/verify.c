@@ -13,7 +13,6 @@
 #include <jansson.h>
 #include <libpq-fe.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,20 +26,6 @@
 #include "pg.h"
 #include "readmodel.h"
 #include "verify.h"
-
-/* One line in the log (libpq's multi-line errors folded); the verification has no
- * verdict. */
-__attribute__((format(printf, 2, 3))) void verify_fail(struct verify *v, const char *fmt, ...)
-{
-	char msg[2048], line[2048];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	log_error(v->log, "%s", log_oneline(msg, line, sizeof(line)));
-	v->failed = true;
-}
 
 static bool read_checkpoint(struct verify *v)
 {

@@ -71,8 +71,21 @@ struct cursor {
 	bool end; /* the last FETCH came back short */
 };
 
-/* the run (verify.c) */
+/* The rooms, in layers: a room calls only rooms below it, never one above or beside it.
+ *   verify.c          the command: connects, reads the checkpoint, runs the passes
+ *   verify_compare.c  the independent fold and its comparison; uses Redis, SQL, report
+ *   verify_redis.c    reading Redis and checking what it holds; uses report
+ *   verify_sql.c      reading PostgreSQL through cursors; uses report
+ *   verify_report.c   DIFF lines and failures; uses none */
+
+/* reporting (verify_report.c) */
 __attribute__((format(printf, 2, 3))) void verify_fail(struct verify *v, const char *fmt, ...);
+void verify_diff(struct verify *v, const char *model, const char *entity, const char *field,
+		 const char *expected, const char *found);
+void verify_field(struct verify *v, const char *model, const char *entity, const char *name,
+		  const char *expected, const char *found);
+void verify_field_int(struct verify *v, const char *model, const char *entity, const char *name,
+		      long long expected, const char *found);
 
 /* reading PostgreSQL (verify_sql.c) */
 bool verify_exec(struct verify *v, const char *sql);
@@ -94,12 +107,6 @@ void verify_redis_recheck_live(struct verify *v);
 void verify_pass_redis_orphans(struct verify *v);
 
 /* the independent fold and the comparison (verify_compare.c) */
-void verify_diff(struct verify *v, const char *model, const char *entity, const char *field,
-		 const char *expected, const char *found);
-void verify_field(struct verify *v, const char *model, const char *entity, const char *name,
-		  const char *expected, const char *found);
-void verify_field_int(struct verify *v, const char *model, const char *entity, const char *name,
-		      long long expected, const char *found);
 void verify_pass_accounts(struct verify *v);
 void verify_pass_transfers(struct verify *v);
 void verify_check_totals(struct verify *v);

@@ -10,32 +10,6 @@
 #include "ledger_json.h"
 #include "verify.h"
 
-void verify_diff(struct verify *v, const char *model, const char *entity, const char *field,
-		 const char *expected, const char *found)
-{
-	if (++v->diffs <= DIFFS_PRINTED)
-		printf("DIFF %s %s %s: expected %s, found %s\n", model, entity, field, expected,
-		       found);
-}
-
-/* One field: NULL is SQL NULL (or a missing value) and prints as null. */
-void verify_field(struct verify *v, const char *model, const char *entity, const char *name,
-		  const char *expected, const char *found)
-{
-	if (expected && found ? strcmp(expected, found) == 0 : expected == found)
-		return;
-	verify_diff(v, model, entity, name, expected ? expected : "null", found ? found : "null");
-}
-
-void verify_field_int(struct verify *v, const char *model, const char *entity, const char *name,
-		      long long expected, const char *found)
-{
-	char text[24];
-
-	snprintf(text, sizeof(text), "%lld", expected);
-	verify_field(v, model, entity, name, text, found);
-}
-
 static void presence(struct verify *v, const char *model, const char *entity, bool expected,
 		     bool found)
 {
