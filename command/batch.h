@@ -128,7 +128,8 @@ bool append_queue(struct batcher *b, size_t *nrecords) __attribute__((warn_unuse
  * ("" should the log not have returned it). */
 const char *append_position(struct batcher *b, PGresult *const *results, int i);
 
-/* One column of a set-based statement: a text[] literal being built. */
+/* One column of a set-based statement: a text[] literal being built (columns.c, used by
+ * append.c and idem.c). */
 struct column {
 	struct evbuffer *buf; /* owned until column_take */
 	size_t n;

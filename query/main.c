@@ -226,7 +226,9 @@ static int start_worker(struct query_ctx *ctx)
 	};
 	struct timeval tick = { 0, 100000 };
 
-	if (read_init(ctx) || sqlpool_open(&ctx->sql, ctx, read_sql_done, read_sql_failed) ||
+	if (read_init(ctx) ||
+	    sqlpool_open(&ctx->sql, ctx, read_sql_done, read_sql_failed, timetravel_kinds,
+			 TIMETRAVEL_NKINDS) ||
 	    open_redis(ctx) || feed_open(&ctx->feed, ctx)) {
 		fprintf(stderr, "daybook-query: out of memory\n");
 		return 1;

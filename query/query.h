@@ -104,6 +104,7 @@ enum read_kind {
 	READ_TT_AS_OF, /* an account or its statement as of a position token (timetravel.c) */
 	READ_TT_AT,    /* the same at a time */
 };
+#define READ_KINDS (READ_TT_AT + 1)
 
 /* One read request, from its parsed parameters to its reply. */
 struct read {
@@ -133,8 +134,21 @@ struct read {
  * was aborted) so that it may be sent again. */
 typedef void (*sqlpool_done_cb)(struct read *rd, const PGresult *res);
 typedef void (*sqlpool_failed_cb)(struct read *rd, const char *why, bool retry);
+/* A kind of read whose statement the pool does not know itself (time travel's): its
+ * statement, its parameters (at most SQLPOOL_PARAMS_MAX, as text in buf) and who
+ * takes its rows instead of `done`. The pool keeps the pointer: static storage. */
+#define SQLPOOL_PARAMS_MAX 6
+struct sqlpool_kind {
+	enum read_kind kind;
+	struct pg_statement statement;
+	int (*params)(const struct read *rd, char buf[][80], const char **values);
+	sqlpool_done_cb done;
+};
+/* Fails when memory runs out, a connection cannot be set up, or a kind has no
+ * statement (neither the pool's own nor among `kinds`). */
 int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb done,
-		 sqlpool_failed_cb failed) __attribute__((warn_unused_result));
+		 sqlpool_failed_cb failed, const struct sqlpool_kind *kinds, size_t nkinds)
+	__attribute__((warn_unused_result));
 void sqlpool_close(struct sqlpool **pool);
 /* Some connection is up. */
 bool sqlpool_connected(const struct sqlpool *pool);
@@ -207,13 +221,12 @@ void read_wait(struct read *rd);
  * READ_TT_* read: 1 when it now is one, 0 when neither is given, -1 after replying 400. */
 int timetravel_params(struct http_request *req, struct read *rd)
 	__attribute__((warn_unused_result));
-/* The statements of READ_TT_AS_OF and READ_TT_AT, and their parameters (up to
- * TIMETRAVEL_PARAMS, as text in buf). */
+/* The SQL pool's kinds READ_TT_AS_OF and READ_TT_AT: their statements, parameters,
+ * and the fold of their rows (answer, wait or look again). main.c opens the pool with
+ * them, so the pool and read.c never call into timetravel.c. */
 #define TIMETRAVEL_PARAMS 6
-extern const char timetravel_sql_as_of[], timetravel_sql_at[];
-int timetravel_sql_params(const struct read *rd, char buf[][80], const char **values);
-/* A READ_TT_* read's SQL result: answer, wait or look again. */
-void timetravel_done(struct read *rd, const PGresult *res);
+#define TIMETRAVEL_NKINDS 2
+extern const struct sqlpool_kind timetravel_kinds[TIMETRAVEL_NKINDS];
 
 /* The HTTP routes of the read API (routes.c). */
 extern const struct http_route query_routes[];

@@ -24,7 +24,7 @@
  * append. Each wakes the waiting room's one shared probe. */
 #define EVENTS_CHANNEL "daybook_events"
 
-static const struct pg_statement statements[] = {
+static const struct pg_statement statements[READ_KINDS] = {
 	[READ_ACCOUNT] = { "account",
 			   "SELECT c.txid::text, c.position, " READMODEL_SQL_ACCOUNT_COLUMNS(
 				   "a") " FROM " CHECKPOINT
@@ -62,16 +62,7 @@ static const struct pg_statement statements[] = {
 			 "SELECT c.txid::text, c.position, coalesce(h.txid::text, '0'), coalesce(h.position, 0)"
 			 " FROM " CHECKPOINT " LEFT JOIN LATERAL (" LOG_HEAD
 			 ") h ON true" CHECKPOINT_WHERE },
-	/* Time travel: folded from the event store (timetravel.c). */
-	[READ_TT_AS_OF] = { "tt_as_of", timetravel_sql_as_of },
-	[READ_TT_AT] = { "tt_at", timetravel_sql_at },
-};
-
-/* Who takes a kind's result when it is not the pool's own `done` (read.c): time
- * travel folds its rows itself, so read.c never calls back into timetravel.c. */
-static void (*const kind_done[READ_TT_AT + 1])(struct read *rd, const PGresult *res) = {
-	[READ_TT_AS_OF] = timetravel_done,
-	[READ_TT_AT] = timetravel_done,
+	/* The other kinds (time travel's) come with sqlpool_open's `kinds`. */
 };
 
 struct slot {
@@ -89,6 +80,10 @@ struct sqlpool {
 	struct query_ctx *ctx;
 	sqlpool_done_cb done;
 	sqlpool_failed_cb failed;
+	/* Every kind's statement: the pool's own and the ones it was opened with, whose
+	 * parameters and result go through their own functions (`other`). */
+	struct pg_statement statements[READ_KINDS];
+	const struct sqlpool_kind *other[READ_KINDS];
 	struct slot slots[POOL_SIZE];
 	struct read *head, *tail; /* queued, not yet sent */
 	size_t queued;
@@ -134,7 +129,8 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 		if (error || i >= n)
 			pool->failed(rd, error ? error : "no result", true);
 		else if (PQresultStatus(results[i]) == PGRES_TUPLES_OK)
-			(kind_done[rd->kind] ? kind_done[rd->kind] : pool->done)(rd, results[i]);
+			(pool->other[rd->kind] ? pool->other[rd->kind]->done
+					       : pool->done)(rd, results[i]);
 		else if (PQresultStatus(results[i]) == PGRES_PIPELINE_ABORTED)
 			pool->failed(rd, "pipeline aborted", true);
 		else
@@ -146,8 +142,11 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 }
 
 /* The statement parameters of a read, as text. */
-static int params(const struct read *rd, char buf[][80], const char **values)
+static int params(const struct sqlpool *pool, const struct read *rd, char buf[][80],
+		  const char **values)
 {
+	if (pool->other[rd->kind])
+		return pool->other[rd->kind]->params(rd, buf, values);
 	switch (rd->kind) {
 	case READ_ACCOUNT:
 	case READ_TRANSFER:
@@ -171,10 +170,9 @@ static int params(const struct read *rd, char buf[][80], const char **values)
 		return 3;
 	case READ_TOTALS:
 	case READ_PROBE:
-		return 0;
 	case READ_TT_AS_OF:
 	case READ_TT_AT:
-		return timetravel_sql_params(rd, buf, values);
+		return 0;
 	}
 	return 0;
 }
@@ -187,10 +185,10 @@ static void run_batch(struct slot *slot)
 	size_t n = 0;
 
 	for (rd = first; rd && n < BATCH_MAX; last = rd, rd = rd->next, n++) {
-		char buf[TIMETRAVEL_PARAMS][80];
-		const char *values[TIMETRAVEL_PARAMS];
-		int np = params(rd, buf, values);
-		if (!pg_queue(slot->pg, statements[rd->kind].name, np, values))
+		char buf[SQLPOOL_PARAMS_MAX][80];
+		const char *values[SQLPOOL_PARAMS_MAX];
+		int np = params(pool, rd, buf, values);
+		if (!pg_queue(slot->pg, pool->statements[rd->kind].name, np, values))
 			return; /* the connection is being reset; the reads stay queued */
 	}
 	if (!last)
@@ -334,7 +332,7 @@ bool sqlpool_idle(const struct sqlpool *pool)
 }
 
 int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb done,
-		 sqlpool_failed_cb failed)
+		 sqlpool_failed_cb failed, const struct sqlpool_kind *kinds, size_t nkinds)
 {
 	struct sqlpool *pool = calloc(1, sizeof(*pool));
 
@@ -344,14 +342,24 @@ int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb do
 	pool->ctx = ctx;
 	pool->done = done;
 	pool->failed = failed;
+	memcpy(pool->statements, statements, sizeof(statements));
+	for (size_t k = 0; k < nkinds; k++) {
+		pool->statements[kinds[k].kind] = kinds[k].statement;
+		pool->other[kinds[k].kind] = &kinds[k];
+	}
+	for (size_t k = 0; k < READ_KINDS; k++)
+		if (!pool->statements[k].name) { /* a kind nobody gave a statement */
+			free(pool);
+			return -1;
+		}
 	for (size_t i = 0; i < POOL_SIZE; i++) {
 		struct pg_config pc = {
 			.conninfo = ctx->cfg.pg,
 			.application_name = "daybook-query",
 			.base = ctx->base,
 			.log = &ctx->log,
-			.statements = statements,
-			.nstatements = sizeof(statements) / sizeof(statements[0]),
+			.statements = pool->statements,
+			.nstatements = READ_KINDS,
 			.run_timeout = RUN_TIMEOUT,
 			.on_connect = on_connect,
 			.on_notify = on_notify,

@@ -84,9 +84,9 @@
 #define AS_OF_POINT(e) "(" e ".txid, " e ".position) <= ($2::xid8, $3::bigint)"
 #define AT_POINT(e) e ".recorded_at <= $2::timestamptz"
 
-const char timetravel_sql_as_of[] = TT_SQL(AS_OF_POINT, "$2::xid8 < pg_snapshot_xmin(x.snap)",
-					   "true");
-const char timetravel_sql_at[] =
+static const char timetravel_sql_as_of[] = TT_SQL(AS_OF_POINT,
+						  "$2::xid8 < pg_snapshot_xmin(x.snap)", "true");
+static const char timetravel_sql_at[] =
 	TT_SQL(AT_POINT,
 	       "$2::timestamptz < x.now AND (NOT EXISTS (SELECT FROM pg_snapshot_xip(x.snap))"
 	       " OR ($3::xid8 <> '0'::xid8 AND pg_snapshot_xmin(x.snap) > $3::xid8))",
@@ -193,7 +193,7 @@ int timetravel_params(struct http_request *req, struct read *rd)
 	return 1;
 }
 
-int timetravel_sql_params(const struct read *rd, char buf[][80], const char **values)
+static int timetravel_sql_params(const struct read *rd, char buf[][80], const char **values)
 {
 	snprintf(buf[0], 80, "account-%s", rd->id);
 	if (rd->kind == READ_TT_AS_OF) {
@@ -451,7 +451,7 @@ done:
 	fold_free(&f);
 }
 
-void timetravel_done(struct read *rd, const PGresult *res)
+static void timetravel_done(struct read *rd, const PGresult *res)
 {
 	char text[QUERY_POSITION_MAX];
 	struct readmodel_position head;
@@ -476,3 +476,13 @@ void timetravel_done(struct read *rd, const PGresult *res)
 	}
 	answer(rd, res, &head);
 }
+
+_Static_assert(TIMETRAVEL_PARAMS <= SQLPOOL_PARAMS_MAX, "the SQL pool's parameter slots");
+
+const struct sqlpool_kind timetravel_kinds[TIMETRAVEL_NKINDS] = {
+	{ READ_TT_AS_OF,
+	  { "tt_as_of", timetravel_sql_as_of },
+	  timetravel_sql_params,
+	  timetravel_done },
+	{ READ_TT_AT, { "tt_at", timetravel_sql_at }, timetravel_sql_params, timetravel_done },
+};
