@@ -14,7 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -35,48 +34,6 @@ struct http_request {
 	struct http_query_param *query; /* see http_query_parse; NULL: none */
 	size_t nquery;
 };
-
-const char *http_status_reason(int status)
-{
-	switch (status) {
-	case 200:
-		return "OK";
-	case 201:
-		return "Created";
-	case 204:
-		return "No Content";
-	case 304:
-		return "Not Modified";
-	case 400:
-		return "Bad Request";
-	case 401:
-		return "Unauthorized";
-	case 403:
-		return "Forbidden";
-	case 404:
-		return "Not Found";
-	case 405:
-		return "Method Not Allowed";
-	case 409:
-		return "Conflict";
-	case 412:
-		return "Precondition Failed";
-	case 413:
-		return "Content Too Large";
-	case 415:
-		return "Unsupported Media Type";
-	case 431:
-		return "Request Header Fields Too Large";
-	case 422:
-		return "Unprocessable Content";
-	case 500:
-		return "Internal Server Error";
-	case 503:
-		return "Service Unavailable";
-	default:
-		return "Status";
-	}
-}
 
 static const char *method_name(enum evhttp_cmd_type cmd)
 {
@@ -327,15 +284,6 @@ void http_reply_json(struct http_request *req, int status, json_t *body)
 	free(text);
 }
 
-json_t *http_problem_json(int status, const char *code, const char *title, const char *detail)
-{
-	char type[128];
-
-	snprintf(type, sizeof(type), "https://daybook.dev/problems/%s", code);
-	return json_pack("{s:s, s:s, s:i, s:s, s:s}", "type", type, "title", title, "status",
-			 status, "detail", detail, "code", code);
-}
-
 /* Send a problem-details object (stolen). */
 static void reply_problem_json(struct http_request *req, int status, json_t *body)
 {
@@ -348,44 +296,6 @@ static void reply_problem_json(struct http_request *req, int status, json_t *bod
 	} else {
 		http_reply_raw(req, status, "application/problem+json", "{}", 2);
 	}
-}
-
-void http_problem_page(struct evbuffer *out, int status, size_t received, const char *request_id)
-{
-	const char *code = "invalid_request", *title = "Invalid request";
-	char detail[160];
-	json_t *body;
-	char *text;
-
-	snprintf(detail, sizeof(detail), "the request is malformed");
-	if (status == 400 && received > HTTP_HEADERS_MAX) {
-		status = 431;
-		code = "headers_too_large";
-		title = "Request header fields too large";
-		snprintf(detail, sizeof(detail), "the request line and headers exceed %d bytes",
-			 HTTP_HEADERS_MAX);
-	} else if (status == 413) {
-		code = "payload_too_large";
-		title = "Request body too large";
-		snprintf(detail, sizeof(detail),
-			 "the body exceeds %d bytes (or its chunked encoding is malformed)",
-			 HTTP_BODY_MAX);
-	} else if (status != 400) {
-		code = status >= 500 ? "unavailable" : "invalid_request";
-		title = http_status_reason(status);
-		snprintf(detail, sizeof(detail), "the request could not be served");
-	}
-	body = http_problem_json(status, code, title, detail);
-	if (body)
-		json_object_set_new(body, "instance", json_string(request_id));
-	text = body ? json_dumps(body, JSON_COMPACT) : NULL;
-	json_decref(body);
-	evbuffer_add_printf(out,
-			    "HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
-			    "Content-Length: %zu\r\nX-Request-Id: %s\r\n%sConnection: close\r\n\r\n%s",
-			    status, http_status_reason(status), text ? strlen(text) : 2, request_id,
-			    status == 503 ? "Retry-After: 1\r\n" : "", text ? text : "{}");
-	free(text);
 }
 
 void http_reply_problem(struct http_request *req, int status, const char *code, const char *title,
@@ -689,18 +599,6 @@ static bool valid_request_id(const char *id)
 	return n > 0;
 }
 
-void http_new_request_id(struct http_server *srv, char out[HTTP_REQUEST_ID_NEW_LEN])
-{
-	uint64_t x = srv->rng;
-
-	x ^= x >> 12;
-	x ^= x << 25;
-	x ^= x >> 27;
-	srv->rng = x;
-	snprintf(out, HTTP_REQUEST_ID_NEW_LEN, "%016llx",
-		 (unsigned long long)(x * 0x2545F4914F6CDD1DULL));
-}
-
 static void set_request_id(struct http_request *req)
 {
 	const char *given = http_header(req, "X-Request-Id");
@@ -709,7 +607,7 @@ static void set_request_id(struct http_request *req)
 		strcpy(req->request_id, given);
 		return;
 	}
-	http_new_request_id(req->srv, req->request_id);
+	http_new_request_id(&req->srv->ids, req->request_id);
 }
 
 /* Authenticate; false after replying 401/403. */
@@ -983,8 +881,7 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 		return -ENOMEM;
 	}
 	srv->cfg = *cfg;
-	if (getrandom(&srv->rng, sizeof(srv->rng), 0) != sizeof(srv->rng) || srv->rng == 0)
-		srv->rng = (uint64_t)time(NULL) | 1;
+	http_request_ids_init(&srv->ids);
 	srv->inflight_gauge = metrics_get(cfg->metrics, METRIC_GAUGE,
 					  "daybook_http_requests_in_flight",
 					  "Requests received and not yet answered.", "", NULL, 0);
@@ -1021,7 +918,17 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 		free(srv);
 		return -EADDRINUSE;
 	}
-	if (conns_open(&srv->conns, srv) != 0) {
+	struct conns_config ccfg = {
+		.log = cfg->log,
+		.base = cfg->base,
+		.metrics = cfg->metrics,
+		.evhttp = srv->evhttp,
+		.bound = srv->bound,
+		.limits = cfg->limits,
+		.workers = cfg->workers,
+		.ids = &srv->ids,
+	};
+	if (conns_open(&srv->conns, &ccfg) != 0) {
 		snprintf(err, errlen, "out of memory");
 		evhttp_free(srv->evhttp);
 		free(srv);
@@ -1036,6 +943,7 @@ void http_server_stop_accepting(struct http_server *srv)
 	if (srv->bound) {
 		evhttp_del_accept_socket(srv->evhttp, srv->bound);
 		srv->bound = NULL;
+		conns_stop_accepting(srv->conns);
 	}
 }
 

@@ -9,7 +9,7 @@
  * which evhttp sets to the connection (checked against evhttp_connection_get_bufferevent);
  * from then on evhttp tells us of its end through the close callback. Every connection is
  * in exactly one list: fresh (not adopted yet), idle, receiving or busy. */
-#include "http_internal.h"
+#include "http_conn.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -57,8 +57,10 @@ struct conn {
 };
 
 struct conns {
-	struct http_server *srv;
+	const struct log *log;
 	struct event_base *base;
+	struct evhttp_bound_socket *bound; /* NULL once the server stops accepting */
+	struct http_request_ids *ids;
 	struct event *adopt;       /* end of an accepting turn */
 	struct event *resume;      /* re-arms a listener that EMFILE paused */
 	struct conn_list lists[4]; /* by enum conn_state */
@@ -214,7 +216,7 @@ static void rewrite_error_page(struct conn *c)
 	evbuffer_drain(out, evbuffer_get_length(out));
 	if (keep)
 		evbuffer_add_buffer(out, keep);
-	http_new_request_id(c->owner->srv, request_id);
+	http_new_request_id(c->owner->ids, request_id);
 	http_problem_page(out, status, c->received, request_id);
 	c->rewriting = false;
 	if (keep)
@@ -241,7 +243,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 		evtimer_add(c->timer, &cs->idle_timeout);
 		return;
 	}
-	log_msg(cs->srv->cfg.log, LOG_DEBUG, NULL, "closing a connection %s",
+	log_msg(cs->log, LOG_DEBUG, NULL, "closing a connection %s",
 		c->state == CONN_RECEIVING ? "that did not send its request in time"
 					   : "idle too long");
 	metric_add(cs->m_timed_out, 1);
@@ -382,12 +384,12 @@ static void on_resume(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (cs->srv->bound)
-		evconnlistener_enable(evhttp_bound_socket_get_listener(cs->srv->bound));
+	if (cs->bound)
+		evconnlistener_enable(evhttp_bound_socket_get_listener(cs->bound));
 }
 
 /* This server's share of the process's cap, within what the descriptor limit allows. */
-static size_t cap(const struct http_server_config *cfg)
+static size_t cap(const struct conns_config *cfg)
 {
 	size_t max = cfg->limits.max_connections ? cfg->limits.max_connections
 						 : CONFIG_MAX_CONNECTIONS_DEFAULT;
@@ -434,17 +436,18 @@ static void make_metrics(struct conns *cs, struct metrics *m)
 				      help, "reason=\"deadline\"", NULL, 0);
 }
 
-int conns_open(struct conns **out, struct http_server *srv)
+int conns_open(struct conns **out, const struct conns_config *cfg)
 {
-	const struct http_server_config *cfg = &srv->cfg;
 	struct conns *cs = calloc(1, sizeof(*cs));
 	struct timeval every = ms_to_tv(RESUME_MS);
 
 	*out = NULL;
 	if (!cs)
 		return -ENOMEM;
-	cs->srv = srv;
+	cs->log = cfg->log;
 	cs->base = cfg->base;
+	cs->bound = cfg->bound;
+	cs->ids = cfg->ids;
 	cs->max = cap(cfg);
 	if (common_timeout(cs, cfg->limits.header_timeout_ms, CONFIG_HEADER_TIMEOUT_MS_DEFAULT,
 			   &cs->header_timeout) != 0 ||
@@ -457,8 +460,8 @@ int conns_open(struct conns **out, struct http_server *srv)
 	if (!cs->adopt || !cs->resume)
 		goto fail;
 	evtimer_add(cs->resume, &every);
-	evhttp_set_bevcb(srv->evhttp, new_connection, cs);
-	evconnlistener_set_error_cb(evhttp_bound_socket_get_listener(srv->bound), on_accept_error);
+	evhttp_set_bevcb(cfg->evhttp, new_connection, cs);
+	evconnlistener_set_error_cb(evhttp_bound_socket_get_listener(cfg->bound), on_accept_error);
 	*out = cs;
 	return 0;
 fail:
@@ -493,6 +496,11 @@ void conns_close(struct conns **csp)
 	free(cs->by_fd);
 	free(cs);
 	*csp = NULL;
+}
+
+void conns_stop_accepting(struct conns *cs)
+{
+	cs->bound = NULL;
 }
 
 static struct conn *find(struct conns *cs, struct evhttp_request *ev)

@@ -4,6 +4,7 @@
  * As a libFuzzer target (clang; libFuzzer brings main, so without corpus_runner.c):
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE \
  *     -Ishared -Itests/fuzz tests/fuzz/fuzz_query.c shared/http.c shared/http_conn.c \
+ *     shared/http_problem.c \
  *     shared/metrics.c \
  *     shared/log.c shared/tokens.c shared/digest.c \
  *     $(pkg-config --cflags --libs jansson libevent libcrypto) -o /tmp/fuzz_query
