@@ -1,8 +1,8 @@
 /* Problem details and request ids below the HTTP server: the status reasons, the
  * problem-details object, the raw page the edge answers with in place of evhttp's own,
  * and the request id generator. http.c and http_conn.c call this; it calls neither. */
-#include "http.h"
 #include "http_problem.h"
+#include "http.h"
 
 #include <event2/buffer.h>
 #include <jansson.h>
