@@ -15,14 +15,8 @@ enum identity_next { ID_THEN_STATUS, ID_THEN_SYNC, ID_THEN_BATCH };
 static void identity_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
-	PGresult *const *results = out->results;
-	size_t n = out->n;
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
-	const char *got = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
-					  PQntuples(results[0]) == 1 &&
-					  !PQgetisnull(results[0], 0, 0)
-				  ? PQgetvalue(results[0], 0, 0)
-				  : NULL;
+	const char *got = pg_outcome_value(out);
 	bool changed;
 
 	if (!got || !*got || strlen(got) >= sizeof(ctx->identity)) {
@@ -30,7 +24,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 			log_error(&ctx->log,
 				  "cannot read the event store's identity (is the database "
 				  "migrated?): %s",
-				  n ? PQresultErrorMessage(results[0]) : "no result");
+				  out->n ? PQresultErrorMessage(out->results[0]) : "no result");
 		/* Nothing is written to Redis without it; tried again after a pause. */
 		redis_sync_unsynced(ctx, "identity_unreadable");
 		redis_sync_pause_resync(ctx);

@@ -216,14 +216,8 @@ static void kick(struct sqlpool *pool)
 static void identity_done(void *arg, const struct pg_outcome *out)
 {
 	struct slot *slot = arg;
-	PGresult *const *results = out->results;
-	size_t n = out->n;
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
-	const char *got = !error && n == 1 && PQresultStatus(results[0]) == PGRES_TUPLES_OK &&
-					  PQntuples(results[0]) == 1 &&
-					  !PQgetisnull(results[0], 0, 0)
-				  ? PQgetvalue(results[0], 0, 0)
-				  : NULL;
+	const char *got = pg_outcome_value(out);
 
 	if (got && *got && strlen(got) < sizeof(slot->identity)) {
 		snprintf(slot->identity, sizeof(slot->identity), "%s", got);
@@ -242,7 +236,7 @@ static void identity_done(void *arg, const struct pg_outcome *out)
 		log_error(&slot->pool->ctx->log,
 			  "cannot read the event store's identity (is the "
 			  "database migrated?): Redis is not used: %s",
-			  n ? PQresultErrorMessage(results[0]) : "no result");
+			  out->n ? PQresultErrorMessage(out->results[0]) : "no result");
 		slot->identify_after = time(NULL) + 1;
 	}
 	kick(slot->pool);

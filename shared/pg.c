@@ -153,6 +153,15 @@ bool pg_outcome_ok(const struct pg_outcome *out, char *why, size_t whylen)
 	return true;
 }
 
+const char *pg_outcome_value(const struct pg_outcome *out)
+{
+	PGresult *r = out->status == PG_RUN_DONE && out->n == 1 ? out->results[0] : NULL;
+
+	if (!r || PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1 || PQgetisnull(r, 0, 0))
+		return NULL;
+	return PQgetvalue(r, 0, 0);
+}
+
 static void lose_connection(struct pg *pg, const char *why)
 {
 	bool was_up = pg->state >= PG_SETUP;

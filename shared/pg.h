@@ -93,6 +93,10 @@ typedef void (*pg_done_cb)(void *arg, const struct pg_outcome *out);
  * successful; otherwise false with a one-line reason in why. */
 bool pg_outcome_ok(const struct pg_outcome *out, char *why, size_t whylen)
 	__attribute__((warn_unused_result));
+/* The one non-NULL value of a run of one statement that gave one row of one column
+ * (a single lookup such as the store's identity), or NULL for any other outcome. It
+ * lives in the outcome's result. */
+const char *pg_outcome_value(const struct pg_outcome *out);
 
 /* Queue a prepared statement (by name) or SQL text with text parameters. Only while
  * pg_ready (or while queueing a run that has not been started). False when libpq
