@@ -25,8 +25,15 @@
  *    missed is older than S. Entries are served until S + lease, with the position
  *    max(C, the checkpoint they were read at).
  * Entries are served only while both connections are up, tracking is on for the current
- * pair of connections, and the lease runs; a heartbeat starts when a lookup finds a
- * quarter of the lease gone. */
+ * pair of connections, and the lease runs.
+ *
+ * Heartbeats run on a timer, every quarter of the lease, while lookups come (the first
+ * lookup after a quiet second starts it; a tick finding none for KEEP_WARM seconds
+ * stops it), whatever the load: up to READS_MAX checkpoint reads and BEATS_MAX barriers
+ * may be in flight at once, each beat carrying its own send time, so a slow round trip
+ * delays the lease by that round trip only, never by a queue of heartbeats waiting for
+ * each other. Each beat's proof above is its own; a beat only ever moves the lease and
+ * the floor forward. */
 #include "cache.h"
 
 #include <event2/event.h>
@@ -35,10 +42,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "http.h"
 #include "strmap.h"
 
 #define INVALIDATE_CHANNEL "__redis__:invalidate"
-#define BEATS_MAX 4 /* heartbeats in flight at once */
+#define BEATS_MAX 8 /* barriers in flight at once */
+#define READS_MAX 4 /* heartbeat checkpoint reads in flight at once */
+#define KEEP_WARM 1.0 /* seconds without a lookup after which heartbeats stop */
 
 /* Is key name `name` ("<kind>:<id>") one of `kind`'s? */
 static bool is_kind(const char *name, const char *kind)
@@ -69,6 +79,14 @@ struct beat {
 	struct readmodel_position at;
 };
 
+/* A heartbeat's checkpoint read on its way (the callback's argument). */
+struct beat_read {
+	struct cache *c;
+	bool used;
+	double sent;
+	uint64_t drops;
+};
+
 struct cache {
 	struct cache_config cfg;
 	/* The invalidation subscriber, on the server the read connection reached last: a
@@ -92,12 +110,14 @@ struct cache {
 	bool have_floor;
 	struct readmodel_position floor;
 	char floor_text[CACHE_POSITION_MAX];
-	/* Heartbeats: one checkpoint read at a time, then barriers in flight, in order. */
-	bool reading;
-	double reading_sent;
-	uint64_t reading_drops;
+	/* Heartbeats: checkpoint reads in flight, then barriers in flight, in order; the
+	 * timer that sends them while lookups come. */
+	struct beat_read reads[READS_MAX];
+	size_t nreading;
 	struct beat beats[BEATS_MAX];
 	size_t nbeats;
+	struct event *tick;
+	double last_lookup;
 	struct metric *m_hit, *m_miss, *m_bytes, *m_evicted, *m_drops[5];
 };
 
@@ -204,18 +224,28 @@ static void check_identity(struct cache *c, const char *identity)
 	snprintf(c->identity, sizeof(c->identity), "%s", identity);
 }
 
+void cache_position_text(char out[CACHE_POSITION_MAX], const struct readmodel_position *at)
+{
+	size_t n = http_format_u64(out, (unsigned long long)at->txid);
+
+	out[n++] = '.';
+	http_format_u64(out + n, (unsigned long long)at->position);
+}
+
 /* --- heartbeats ------------------------------------------------------------------- */
 
 /* The heartbeat's answer {checkpoint, generation} ({} without a usable model): a new
  * live generation drops the entries of the old one; then the barrier. */
 static void on_heartbeat_read(void *arg, const redisReply *rep)
 {
-	struct cache *c = arg;
-	struct beat b = { .sent = c->reading_sent, .drops = c->reading_drops };
+	struct beat_read *r = arg;
+	struct cache *c = r->c;
+	struct beat b = { .sent = r->sent, .drops = r->drops };
 	const redisReply *cp, *g;
 	char token[CACHE_POSITION_MAX];
 
-	c->reading = false;
+	r->used = false;
+	c->nreading--;
 	if (!rep || rep->type != REDIS_REPLY_ARRAY || c->drops != b.drops)
 		return;
 	if (rep->elements < 2 || (cp = rep->element[0])->type != REDIS_REPLY_STRING ||
@@ -242,8 +272,14 @@ static void heartbeat(struct cache *c)
 	char identity_key[48], checkpoint_key[48];
 	const char *argv[4] = { READMODEL_LIVE_KEY, identity_key, checkpoint_key, c->identity };
 	int nkeys = 3;
+	struct beat_read *r = NULL;
 
-	if (c->reading || c->nbeats >= BEATS_MAX || !coherent(c))
+	if (c->nreading + c->nbeats >= BEATS_MAX || !coherent(c))
+		return;
+	for (size_t i = 0; i < READS_MAX && !r; i++)
+		if (!c->reads[i].used)
+			r = &c->reads[i];
+	if (!r)
 		return;
 	if (c->gen[0]) {
 		readmodel_key_text(identity_key, sizeof(identity_key), c->gen,
@@ -254,10 +290,33 @@ static void heartbeat(struct cache *c)
 		argv[1] = c->identity; /* the live pointer alone until the generation is known */
 		nkeys = 1;
 	}
-	c->reading_sent = now();
-	c->reading_drops = c->drops;
-	c->reading = redis_eval(c->cfg.reads, c->cfg.checkpoint_script, nkeys, nkeys + 1, argv,
-				NULL, on_heartbeat_read, c);
+	*r = (struct beat_read){ .c = c, .sent = now(), .drops = c->drops };
+	if (!redis_eval(c->cfg.reads, c->cfg.checkpoint_script, nkeys, nkeys + 1, argv, NULL,
+			on_heartbeat_read, r))
+		return;
+	r->used = true;
+	c->nreading++;
+}
+
+static void arm_tick(struct cache *c)
+{
+	double s = c->cfg.lease / 4;
+	struct timeval tv = { (time_t)s, (suseconds_t)((s - (double)(time_t)s) * 1e6) };
+
+	evtimer_add(c->tick, &tv);
+}
+
+/* Every quarter of the lease while lookups come: the next heartbeat. */
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct cache *c = arg;
+
+	(void)fd;
+	(void)what;
+	if (now() - c->last_lookup > KEEP_WARM)
+		return; /* quiet: the next lookup starts it again */
+	heartbeat(c);
+	arm_tick(c);
 }
 
 static void on_barrier(void *arg)
@@ -277,8 +336,7 @@ static void on_barrier(void *arg)
 	if (b.have && (!c->have_floor || readmodel_position_cmp(&b.at, &c->floor) > 0)) {
 		c->floor = b.at;
 		c->have_floor = true;
-		snprintf(c->floor_text, sizeof(c->floor_text), "%llu.%llu",
-			 (unsigned long long)b.at.txid, (unsigned long long)b.at.position);
+		cache_position_text(c->floor_text, &b.at);
 	}
 }
 
@@ -431,8 +489,11 @@ bool cache_get(struct cache *c, const char *key, const char *identity,
 		return false;
 	}
 	t = now();
-	if (t - c->lease_from > c->cfg.lease / 4)
+	c->last_lookup = t;
+	if (!evtimer_pending(c->tick, NULL)) { /* the first lookup after a quiet spell */
 		heartbeat(c);
+		arm_tick(c);
+	}
 	e = strmap_get(c->map, key);
 	if (!e || !e->body || t - c->lease_from > c->cfg.lease ||
 	    (min && readmodel_position_cmp(&e->at, min) < 0 &&
@@ -502,8 +563,7 @@ void cache_fill(struct cache *c, uint64_t ticket, const char *key, const char *b
 	e->body = copy;
 	e->len = len;
 	e->at = *at;
-	snprintf(e->position, sizeof(e->position), "%llu.%llu", (unsigned long long)at->txid,
-		 (unsigned long long)at->position);
+	cache_position_text(e->position, at);
 	if (etag)
 		snprintf(e->etag, sizeof(e->etag), "\"%.20s\"", etag);
 	else
@@ -546,7 +606,7 @@ int cache_open(struct cache **out, const struct cache_config *cfg)
 		return 0;
 	}
 	/* With Sentinel discovery it follows the read connection (cache_reads_ready). */
-	if (strmap_open(&c->map, free_entry) ||
+	if (!(c->tick = evtimer_new(cfg->base, on_tick, c)) || strmap_open(&c->map, free_entry) ||
 	    (!cfg->server->master[0] && open_inval(c, cfg->server))) {
 		cache_close(&c);
 		return -1;
@@ -562,6 +622,8 @@ void cache_close(struct cache **cp)
 	if (!c)
 		return;
 	redis_close(&c->inval);
+	if (c->tick)
+		event_free(c->tick);
 	if (c->map) {
 		metric_add(c->m_bytes, -(double)c->bytes);
 		strmap_close(&c->map);
