@@ -46,8 +46,8 @@
 #include "strmap.h"
 
 #define INVALIDATE_CHANNEL "__redis__:invalidate"
-#define BEATS_MAX 8 /* barriers in flight at once */
-#define READS_MAX 4 /* heartbeat checkpoint reads in flight at once */
+#define BEATS_MAX 8   /* barriers in flight at once */
+#define READS_MAX 4   /* heartbeat checkpoint reads in flight at once */
 #define KEEP_WARM 1.0 /* seconds without a lookup after which heartbeats stop */
 
 /* Is key name `name` ("<kind>:<id>") one of `kind`'s? */
