@@ -28,12 +28,13 @@
  * pair of connections, and the lease runs.
  *
  * Heartbeats run on a timer, every quarter of the lease, while lookups come (the first
- * lookup after a quiet second starts it; a tick finding none for KEEP_WARM seconds
- * stops it), whatever the load: up to READS_MAX checkpoint reads and BEATS_MAX barriers
- * may be in flight at once, each beat carrying its own send time, so a slow round trip
- * delays the lease by that round trip only, never by a queue of heartbeats waiting for
- * each other. Each beat's proof above is its own; a beat only ever moves the lease and
- * the floor forward. */
+ * lookup after a quiet spell starts it; a tick finding none for KEEP_WARM leases stops
+ * it, so that a worker with few reads does not pay 4 heartbeats a lease), whatever the
+ * load: up to READS_MAX checkpoint reads and BEATS_MAX barriers may be in flight at
+ * once, each beat carrying its own send time, so a slow round trip delays the lease by
+ * that round trip only, never by a queue of heartbeats waiting for each other. Each
+ * beat's proof above is its own; a beat only ever moves the lease and the floor
+ * forward. */
 #include "cache.h"
 
 #include <event2/event.h>
@@ -46,9 +47,9 @@
 #include "strmap.h"
 
 #define INVALIDATE_CHANNEL "__redis__:invalidate"
-#define BEATS_MAX 8   /* barriers in flight at once */
-#define READS_MAX 4   /* heartbeat checkpoint reads in flight at once */
-#define KEEP_WARM 1.0 /* seconds without a lookup after which heartbeats stop */
+#define BEATS_MAX 8 /* barriers in flight at once */
+#define READS_MAX 4 /* heartbeat checkpoint reads in flight at once */
+#define KEEP_WARM 4 /* leases without a lookup after which heartbeats stop */
 
 /* Is key name `name` ("<kind>:<id>") one of `kind`'s? */
 static bool is_kind(const char *name, const char *kind)
@@ -313,7 +314,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (now() - c->last_lookup > KEEP_WARM)
+	if (now() - c->last_lookup > KEEP_WARM * c->cfg.lease)
 		return; /* quiet: the next lookup starts it again */
 	heartbeat(c);
 	arm_tick(c);

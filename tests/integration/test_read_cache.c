@@ -411,8 +411,8 @@ Test(read_cache, a_switch_of_the_live_generation_drops_the_cache)
 }
 
 /* The lease is renewed by heartbeats on a timer while reads come, not by the reads
- * themselves: reads further apart than the lease (but within a second of each other)
- * are still answered from the cache. Were heartbeats started only by a lookup, every
+ * themselves: reads further apart than the lease (but within four leases of each
+ * other, while the timer runs) are still answered from the cache. Were heartbeats started only by a lookup, every
  * one of these would find the lease run out and go to Redis. */
 Test(read_cache, heartbeats_keep_the_lease_between_reads_further_apart_than_it)
 {
