@@ -182,20 +182,26 @@ size_t http_format_u64(char *out, unsigned long long v)
 	return n;
 }
 
-/* Date (RFC 9110 IMF-fixdate), formatted once a second rather than by evhttp for every
- * response; and Content-Length, which evhttp would otherwise print itself. Neither for
- * a response without a body (1xx, 204, 304), as evhttp. */
+/* Date (RFC 9110 IMF-fixdate, English names whatever the locale), formatted once a
+ * second rather than by evhttp for every response; and Content-Length, which evhttp
+ * would otherwise print itself, but not for a response without a body (1xx, 204, 304),
+ * as evhttp. */
 static void date_and_length(struct http_request *req, int status, size_t len)
 {
+	static const char days[] = "SunMonTueWedThuFriSat", months[] = "JanFebMarAprMayJun"
+								       "JulAugSepOctNovDec";
 	struct http_server *srv = req->srv;
 	time_t t = time(NULL);
 	char text[24];
 
 	if ((long long)t != srv->date_at) {
 		struct tm tm;
-		if (!gmtime_r(&t, &tm) ||
-		    strftime(srv->date, sizeof(srv->date), "%a, %d %b %Y %H:%M:%S GMT", &tm) == 0)
-			srv->date[0] = '\0';
+		srv->date[0] = '\0';
+		if (gmtime_r(&t, &tm) && tm.tm_year + 1900 <= 9999)
+			snprintf(srv->date, sizeof(srv->date),
+				 "%.3s, %02d %.3s %04d %02d:%02d:%02d GMT", days + 3 * tm.tm_wday,
+				 tm.tm_mday, months + 3 * tm.tm_mon, tm.tm_year + 1900, tm.tm_hour,
+				 tm.tm_min, tm.tm_sec);
 		srv->date_at = (long long)t;
 	}
 	if (srv->date[0])
