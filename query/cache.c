@@ -119,7 +119,7 @@ struct cache {
 	size_t nbeats;
 	struct event *tick;
 	double last_lookup;
-	struct metric *m_hit, *m_miss, *m_bytes, *m_evicted, *m_drops[5];
+	struct metric *m_hit, *m_miss, *m_lease_out, *m_bytes, *m_evicted, *m_drops[5];
 };
 
 enum drop_reason { DROP_CONNECTION, DROP_FLUSH, DROP_GENERATION, DROP_IDENTITY, DROP_COUNT };
@@ -496,6 +496,8 @@ bool cache_get(struct cache *c, const char *key, const char *identity,
 		arm_tick(c);
 	}
 	e = strmap_get(c->map, key);
+	if (e && e->body && t - c->lease_from > c->cfg.lease)
+		metric_add(c->m_lease_out, 1); /* held, but the channel not proven lately */
 	if (!e || !e->body || t - c->lease_from > c->cfg.lease ||
 	    (min && readmodel_position_cmp(&e->at, min) < 0 &&
 	     (!c->have_floor || readmodel_position_cmp(&c->floor, min) < 0))) {
@@ -589,6 +591,10 @@ int cache_open(struct cache **out, const struct cache_config *cfg)
 			       NULL, 0);
 	c->m_miss = metrics_get(cfg->metrics, METRIC_COUNTER, "daybook_query_cache_misses_total",
 				"Cacheable reads the read cache could not answer.", "", NULL, 0);
+	c->m_lease_out = metrics_get(cfg->metrics, METRIC_COUNTER,
+				     "daybook_query_cache_lease_expired_total",
+				     "Cache misses of entries held whose lease had run out.", "",
+				     NULL, 0);
 	c->m_bytes = metrics_get(cfg->metrics, METRIC_GAUGE, "daybook_query_cache_bytes",
 				 "Bytes held by the read caches of all workers.", "", NULL, 0);
 	c->m_evicted = metrics_get(cfg->metrics, METRIC_COUNTER,
