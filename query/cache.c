@@ -25,16 +25,8 @@
  *    missed is older than S. Entries are served until S + lease, with the position
  *    max(C, the checkpoint they were read at).
  * Entries are served only while both connections are up, tracking is on for the current
- * pair of connections, and the lease runs.
- *
- * Heartbeats run on a timer, every quarter of the lease, while lookups come (the first
- * lookup after a quiet spell starts it; a tick finding none for KEEP_WARM leases stops
- * it, so that a worker with few reads does not pay 4 heartbeats a lease), whatever the
- * load: up to READS_MAX checkpoint reads and BEATS_MAX barriers may be in flight at
- * once, each beat carrying its own send time, so a slow round trip delays the lease by
- * that round trip only, never by a queue of heartbeats waiting for each other. Each
- * beat's proof above is its own; a beat only ever moves the lease and the floor
- * forward. */
+ * pair of connections, and the lease runs; a heartbeat starts when a lookup finds a
+ * quarter of the lease gone. */
 #include "cache.h"
 
 #include <event2/event.h>
@@ -47,9 +39,7 @@
 #include "strmap.h"
 
 #define INVALIDATE_CHANNEL "__redis__:invalidate"
-#define BEATS_MAX 8 /* barriers in flight at once */
-#define READS_MAX 4 /* heartbeat checkpoint reads in flight at once */
-#define KEEP_WARM 4 /* leases without a lookup after which heartbeats stop */
+#define BEATS_MAX 4 /* heartbeats in flight at once */
 
 /* Is key name `name` ("<kind>:<id>") one of `kind`'s? */
 static bool is_kind(const char *name, const char *kind)
@@ -80,14 +70,6 @@ struct beat {
 	struct readmodel_position at;
 };
 
-/* A heartbeat's checkpoint read on its way (the callback's argument). */
-struct beat_read {
-	struct cache *c;
-	bool used;
-	double sent;
-	uint64_t drops;
-};
-
 struct cache {
 	struct cache_config cfg;
 	/* The invalidation subscriber, on the server the read connection reached last: a
@@ -111,14 +93,12 @@ struct cache {
 	bool have_floor;
 	struct readmodel_position floor;
 	char floor_text[CACHE_POSITION_MAX];
-	/* Heartbeats: checkpoint reads in flight, then barriers in flight, in order; the
-	 * timer that sends them while lookups come. */
-	struct beat_read reads[READS_MAX];
-	size_t nreading;
+	/* Heartbeats: one checkpoint read at a time, then barriers in flight, in order. */
+	bool reading;
+	double reading_sent;
+	uint64_t reading_drops;
 	struct beat beats[BEATS_MAX];
 	size_t nbeats;
-	struct event *tick;
-	double last_lookup;
 	struct metric *m_hit, *m_miss, *m_lease_out, *m_bytes, *m_evicted, *m_drops[5];
 };
 
@@ -239,14 +219,12 @@ void cache_position_text(char out[CACHE_POSITION_MAX], const struct readmodel_po
  * live generation drops the entries of the old one; then the barrier. */
 static void on_heartbeat_read(void *arg, const redisReply *rep)
 {
-	struct beat_read *r = arg;
-	struct cache *c = r->c;
-	struct beat b = { .sent = r->sent, .drops = r->drops };
+	struct cache *c = arg;
+	struct beat b = { .sent = c->reading_sent, .drops = c->reading_drops };
 	const redisReply *cp, *g;
 	char token[CACHE_POSITION_MAX];
 
-	r->used = false;
-	c->nreading--;
+	c->reading = false;
 	if (!rep || rep->type != REDIS_REPLY_ARRAY || c->drops != b.drops)
 		return;
 	if (rep->elements < 2 || (cp = rep->element[0])->type != REDIS_REPLY_STRING ||
@@ -273,14 +251,8 @@ static void heartbeat(struct cache *c)
 	char identity_key[48], checkpoint_key[48];
 	const char *argv[4] = { READMODEL_LIVE_KEY, identity_key, checkpoint_key, c->identity };
 	int nkeys = 3;
-	struct beat_read *r = NULL;
 
-	if (c->nreading + c->nbeats >= BEATS_MAX || !coherent(c))
-		return;
-	for (size_t i = 0; i < READS_MAX && !r; i++)
-		if (!c->reads[i].used)
-			r = &c->reads[i];
-	if (!r)
+	if (c->reading || c->nbeats >= BEATS_MAX || !coherent(c))
 		return;
 	if (c->gen[0]) {
 		readmodel_key_text(identity_key, sizeof(identity_key), c->gen,
@@ -291,33 +263,10 @@ static void heartbeat(struct cache *c)
 		argv[1] = c->identity; /* the live pointer alone until the generation is known */
 		nkeys = 1;
 	}
-	*r = (struct beat_read){ .c = c, .sent = now(), .drops = c->drops };
-	if (!redis_eval(c->cfg.reads, c->cfg.checkpoint_script, nkeys, nkeys + 1, argv, NULL,
-			on_heartbeat_read, r))
-		return;
-	r->used = true;
-	c->nreading++;
-}
-
-static void arm_tick(struct cache *c)
-{
-	double s = c->cfg.lease / 4;
-	struct timeval tv = { (time_t)s, (suseconds_t)((s - (double)(time_t)s) * 1e6) };
-
-	evtimer_add(c->tick, &tv);
-}
-
-/* Every quarter of the lease while lookups come: the next heartbeat. */
-static void on_tick(evutil_socket_t fd, short what, void *arg)
-{
-	struct cache *c = arg;
-
-	(void)fd;
-	(void)what;
-	if (now() - c->last_lookup > KEEP_WARM * c->cfg.lease)
-		return; /* quiet: the next lookup starts it again */
-	heartbeat(c);
-	arm_tick(c);
+	c->reading_sent = now();
+	c->reading_drops = c->drops;
+	c->reading = redis_eval(c->cfg.reads, c->cfg.checkpoint_script, nkeys, nkeys + 1, argv,
+				NULL, on_heartbeat_read, c);
 }
 
 static void on_barrier(void *arg)
@@ -490,11 +439,8 @@ bool cache_get(struct cache *c, const char *key, const char *identity,
 		return false;
 	}
 	t = now();
-	c->last_lookup = t;
-	if (!evtimer_pending(c->tick, NULL)) { /* the first lookup after a quiet spell */
+	if (t - c->lease_from > c->cfg.lease / 4)
 		heartbeat(c);
-		arm_tick(c);
-	}
 	e = strmap_get(c->map, key);
 	if (e && e->body && t - c->lease_from > c->cfg.lease)
 		metric_add(c->m_lease_out, 1); /* held, but the channel not proven lately */
@@ -613,7 +559,7 @@ int cache_open(struct cache **out, const struct cache_config *cfg)
 		return 0;
 	}
 	/* With Sentinel discovery it follows the read connection (cache_reads_ready). */
-	if (!(c->tick = evtimer_new(cfg->base, on_tick, c)) || strmap_open(&c->map, free_entry) ||
+	if (strmap_open(&c->map, free_entry) ||
 	    (!cfg->server->master[0] && open_inval(c, cfg->server))) {
 		cache_close(&c);
 		return -1;
@@ -629,8 +575,6 @@ void cache_close(struct cache **cp)
 	if (!c)
 		return;
 	redis_close(&c->inval);
-	if (c->tick)
-		event_free(c->tick);
 	if (c->map) {
 		metric_add(c->m_bytes, -(double)c->bytes);
 		strmap_close(&c->map);
