@@ -37,30 +37,8 @@
 #define RETRY_SECONDS 0.5 /* a failed live or catch-up read is tried again after this */
 #define WAIT_MS_MAX 30000
 
-/* One page: the horizon in every row (columns 0, 1), then per event its txid,
- * position, type, stream and the event object as JSON text, built by PostgreSQL
- * (one row with NULL events when none). $4 (text[]) and $5 filter when not NULL.
- * Stream names and types need no escaping: the event store's CHECKs allow no quote. */
 static const struct pg_statement statements[] = {
-	{ "feed_page",
-	  "WITH x AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),"
-	  " head AS (SELECT e.txid, e.position FROM events e, x WHERE e.txid < x.xmin"
-	  " ORDER BY e.txid DESC, e.position DESC LIMIT 1)"
-	  " SELECT coalesce((SELECT txid::text FROM head), '0'),"
-	  " coalesce((SELECT position FROM head), 0),"
-	  " p.txid::text, p.position, p.type, p.stream, p.j"
-	  " FROM (SELECT 1) one LEFT JOIN LATERAL ("
-	  "SELECT e.txid, e.position, e.type, e.stream,"
-	  " '{\"position\":\"' || e.txid::text || '.' || e.position || '\",\"stream\":\"' || e.stream"
-	  " || '\",\"version\":' || e.version || ',\"type\":\"' || e.type || '\",\"data\":' || e.data::text"
-	  " || ',\"metadata\":' || e.metadata::text || ',\"recorded_at\":\"' || " READMODEL_SQL_TIME(
-		  "e.recorded_at") " || '\"}' AS j"
-				   " FROM events e, x WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"
-				   " AND e.txid < x.xmin"
-				   " AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"
-				   " AND ($5::text IS NULL OR e.stream = $5::text)"
-				   " ORDER BY e.txid, e.position LIMIT $3::integer) p ON true"
-				   " ORDER BY p.txid, p.position" },
+	{ "feed_page", FEED_SQL_PAGE },
 };
 
 static const char *const type_names[] = {
