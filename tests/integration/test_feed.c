@@ -550,6 +550,47 @@ static void readable_head(char *head, size_t len)
 	}
 }
 
+/* --- the live reader's wake-up ------------------------------------------------------- */
+
+Test(feed, live_streams_are_woken_by_the_feeds_own_listen_without_checkpoint_probes)
+{
+	static const char probes[] = "daybook_query_position_probes_total{model=\"sql\"}";
+	struct sse st;
+	struct sse_event ev;
+	char head[64], want[64];
+	double p0, r0, n0;
+
+	open_account("live");
+	readable_head(head, sizeof(head));
+	sse_open(&st, "stream=account-live", head, 0);
+	/* Live once its first deposit arrives (its catch-up found nothing past head). */
+	must_post("/accounts/live/deposits", "{\"amount\":1}", want, sizeof(want));
+	cr_assert(sse_next(&st, &ev, 20), "the first deposit never arrived");
+	cr_assert_str_eq(ev.id, want);
+	free(ev.data);
+	p0 = harness_metric(&query, probes);
+	r0 = harness_metric(&query, "daybook_query_feed_live_reads_total");
+	n0 = harness_metric(&query, "daybook_query_feed_live_notifications_total");
+	for (int i = 2; i <= 21; i++) {
+		char body[64];
+		snprintf(body, sizeof(body), "{\"amount\":%d}", i);
+		must_post("/accounts/live/deposits", body, want, sizeof(want));
+		cr_assert(sse_next(&st, &ev, 20), "deposit %d never arrived", i);
+		cr_assert_str_eq(ev.id, want);
+		free(ev.data);
+	}
+	/* They came by reads of the live reader, woken by the NOTIFYs on the feed's own
+	 * connection (a commit may reach it only with a later one, or with the safety read,
+	 * while another test's transaction holds the cluster's xmin back), and by no probe
+	 * of the waiting room. */
+	cr_assert_eq(harness_metric(&query, probes), p0, "probes: %.0f before, %.0f after", p0,
+		     harness_metric(&query, probes));
+	cr_assert_geq(harness_metric(&query, "daybook_query_feed_live_reads_total"), r0 + 1);
+	cr_assert_geq(harness_metric(&query, "daybook_query_feed_live_notifications_total"),
+		      n0 + 1);
+	sse_close(&st);
+}
+
 /* --- filters, paging, next_after ---------------------------------------------------- */
 
 Test(feed, filters_page_and_next_after_moves_past_filtered_out_events)
