@@ -57,7 +57,7 @@ struct pending_event {
 	char stream[LEDGER_ID_MAX + 16];
 	char version[12];
 	const char *type;
-	char *data, *metadata; /* owned */
+	size_t data, metadata; /* offsets of their JSON texts (NUL-terminated) in b->text */
 	char *snapshot;        /* the account's state after this event, or NULL; owned */
 	int slot;
 };
@@ -79,6 +79,7 @@ struct batcher {
 	size_t nslots;
 	struct pending_event events[2 * BATCH_MAX];
 	size_t nevents;
+	struct ledger_text text;  /* the events' data and metadata texts, kept between batches */
 	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
 	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
 	struct strmap *refold;    /* account ids whose snapshot was refused: load them in full */

@@ -77,6 +77,7 @@ void batcher_close(struct batcher **bp)
 	strmap_close(&b->transfers);
 	strmap_close(&b->refold);
 	strmap_close(&b->catchup);
+	ledger_text_free(&b->text);
 	free(b);
 	*bp = NULL;
 }
@@ -171,8 +172,6 @@ bool batcher_idle(const struct batcher *b)
 static void reset_batch(struct batcher *b)
 {
 	for (size_t i = 0; i < b->nevents; i++) {
-		free(b->events[i].data);
-		free(b->events[i].metadata);
 		free(b->events[i].snapshot);
 	}
 	for (size_t i = 0; i < b->nslots; i++) {
@@ -180,6 +179,8 @@ static void reset_batch(struct batcher *b)
 		json_decref(b->slots[i].headers);
 	}
 	memset(b->slots, 0, b->nslots * sizeof(b->slots[0]));
+	b->text.len = 0;
+	b->text.failed = false;
 	b->nslots = b->nevents = 0;
 	strmap_clear(b->overlay);
 	strmap_clear(b->transfers);

@@ -66,14 +66,20 @@ static struct ledger_account *view(struct batcher *b, const char *id)
 	return acc;
 }
 
-static json_t *metadata_json(const struct cmd *cmd)
+/* The event's metadata, as JSON text appended to t. */
+static void metadata_text(const struct cmd *cmd, struct ledger_text *t)
 {
-	json_t *m = json_pack("{s:s, s:s, s:s}", "request_id", cmd->request_id, "token_id",
-			      cmd->token_id, "time", cmd->time);
-
-	if (m && cmd->idem_key[0])
-		json_object_set_new(m, "idempotency_key", json_string(cmd->idem_key));
-	return m;
+	ledger_text_raw(t, "{\"request_id\":", 14);
+	ledger_text_string(t, cmd->request_id);
+	ledger_text_raw(t, ",\"token_id\":", 12);
+	ledger_text_string(t, cmd->token_id);
+	ledger_text_raw(t, ",\"time\":", 8);
+	ledger_text_string(t, cmd->time);
+	if (cmd->idem_key[0]) {
+		ledger_text_raw(t, ",\"idempotency_key\":", 19);
+		ledger_text_string(t, cmd->idem_key);
+	}
+	ledger_text_raw(t, "}", 2); /* with the NUL */
 }
 
 char *account_state_text(const struct ledger_account *acc)
@@ -91,20 +97,18 @@ static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
 		      const struct ledger_event *ev)
 {
 	struct pending_event *pe = &b->events[b->nevents];
-	json_t *data, *meta;
 
 	if (!ledger_evolve(acc, ev))
 		return false;
-	data = ledger_event_to_json(ev);
-	meta = metadata_json(b->slots[slot].cmd);
-	pe->data = data ? json_dumps(data, JSON_COMPACT) : NULL;
-	pe->metadata = meta ? json_dumps(meta, JSON_COMPACT) : NULL;
+	/* Both texts go into the batch's one buffer: no allocation per event. */
+	pe->data = b->text.len;
+	if (!ledger_event_data_text(ev, &b->text))
+		return false;
+	ledger_text_raw(&b->text, "", 1);
+	pe->metadata = b->text.len;
+	metadata_text(b->slots[slot].cmd, &b->text);
 	pe->snapshot = acc->version % SNAPSHOT_EVERY == 0 ? account_state_text(acc) : NULL;
-	json_decref(data);
-	json_decref(meta);
-	if (!pe->data || !pe->metadata || (acc->version % SNAPSHOT_EVERY == 0 && !pe->snapshot)) {
-		free(pe->data);
-		free(pe->metadata);
+	if (b->text.failed || (acc->version % SNAPSHOT_EVERY == 0 && !pe->snapshot)) {
 		free(pe->snapshot);
 		return false;
 	}

@@ -208,6 +208,148 @@ json_t *ledger_event_to_json(const struct ledger_event *ev)
 	}
 }
 
+/* Event data as text, built by hand: the same text json_dumps(ledger_event_to_json(ev),
+ * JSON_COMPACT) gives, without the objects. */
+
+static void text_reserve(struct ledger_text *t, size_t n)
+{
+	size_t cap = t->cap ? t->cap : 256;
+	char *p;
+
+	if (t->failed || t->len + n <= t->cap)
+		return;
+	while (cap < t->len + n)
+		cap *= 2;
+	if (!(p = realloc(t->p, cap))) {
+		t->failed = true;
+		return;
+	}
+	t->p = p;
+	t->cap = cap;
+}
+
+void ledger_text_raw(struct ledger_text *t, const char *s, size_t n)
+{
+	text_reserve(t, n);
+	if (t->failed)
+		return;
+	memcpy(t->p + t->len, s, n);
+	t->len += n;
+}
+
+void ledger_text_string(struct ledger_text *t, const char *s)
+{
+	json_t *str;
+	char *dumped;
+
+	if (!s) {
+		t->failed = true;
+		return;
+	}
+	/* Text the domain accepts (UTF-8 without control characters): only the quote
+	 * and the backslash need escaping. Anything else is jansson's to escape (and to
+	 * refuse when it is not UTF-8), as before. */
+	if (!ledger_valid_text(s, SIZE_MAX, true)) {
+		str = json_string(s);
+		dumped = str ? json_dumps(str, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+		if (dumped)
+			ledger_text_raw(t, dumped, strlen(dumped));
+		else
+			t->failed = true;
+		free(dumped);
+		json_decref(str);
+		return;
+	}
+	text_reserve(t, 2 * strlen(s) + 2);
+	if (t->failed)
+		return;
+	t->p[t->len++] = '"';
+	for (; *s; s++) {
+		if (*s == '"' || *s == '\\')
+			t->p[t->len++] = '\\';
+		t->p[t->len++] = *s;
+	}
+	t->p[t->len++] = '"';
+}
+
+void ledger_text_int(struct ledger_text *t, int64_t v)
+{
+	char digits[24];
+	size_t n = 0;
+	uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+
+	do
+		digits[sizeof(digits) - ++n] = (char)('0' + u % 10);
+	while (u /= 10);
+	if (v < 0)
+		digits[sizeof(digits) - ++n] = '-';
+	ledger_text_raw(t, digits + sizeof(digits) - n, n);
+}
+
+/* ,"key":"value" (the first member without its comma) */
+static void member_string(struct ledger_text *t, const char *key, const char *value)
+{
+	ledger_text_raw(t, key, strlen(key));
+	ledger_text_string(t, value);
+}
+
+static void member_int(struct ledger_text *t, const char *key, int64_t value)
+{
+	ledger_text_raw(t, key, strlen(key));
+	ledger_text_int(t, value);
+}
+
+/* amount and reference, the amount's key given with what goes before it */
+static void money_members(struct ledger_text *t, const char *amount_key,
+			  const struct ledger_event *ev)
+{
+	member_int(t, amount_key, ev->amount);
+	if (ev->reference)
+		member_string(t, ",\"reference\":", ev->reference);
+}
+
+bool ledger_event_data_text(const struct ledger_event *ev, struct ledger_text *t)
+{
+	size_t mark = t->len;
+
+	switch (ev ? ev->type : (enum ledger_event_type) - 1) {
+	case LEDGER_ACCOUNT_OPENED:
+		member_string(t, "{\"account_id\":", ev->account_id);
+		member_string(t, ",\"name\":", ev->name);
+		member_string(t, ",\"currency\":", ev->currency);
+		member_int(t, ",\"overdraft_limit\":", ev->overdraft_limit);
+		break;
+	case LEDGER_FUNDS_DEPOSITED:
+	case LEDGER_FUNDS_WITHDRAWN:
+		money_members(t, "{\"amount\":", ev);
+		break;
+	case LEDGER_TRANSFER_SENT:
+	case LEDGER_TRANSFER_RECEIVED:
+		member_string(t, "{\"transfer_id\":", ev->transfer_id);
+		member_string(t, ev->type == LEDGER_TRANSFER_SENT ? ",\"to\":" : ",\"from\":",
+			      ev->counterparty);
+		money_members(t, ",\"amount\":", ev);
+		break;
+	case LEDGER_ACCOUNT_CLOSED_EVENT:
+		ledger_text_raw(t, "{", 1);
+		break;
+	default:
+		return false;
+	}
+	ledger_text_raw(t, "}", 1);
+	if (t->failed) {
+		t->len = mark;
+		return false;
+	}
+	return true;
+}
+
+void ledger_text_free(struct ledger_text *t)
+{
+	free(t->p);
+	*t = (struct ledger_text){ 0 };
+}
+
 /* Decoding reads event data through a table of the members it knows, filled either
  * from a jansson object or straight from the JSON text (ledger_event_from_text), so
  * that both follow one set of rules. Decoding is lenient about extra keys, so that a

@@ -48,6 +48,27 @@ bool ledger_parse_close(json_t *body, char *err, size_t errlen) __attribute__((w
  * "amount","reference"?}; AccountClosed: {}. New reference: caller must json_decref. */
 json_t *ledger_event_to_json(const struct ledger_event *ev);
 
+/* A JSON text being built by hand (event data, an event's metadata), grown as
+ * needed: reuse one for many texts (set len to 0) and free it with
+ * ledger_text_free. A failure (out of memory, a string jansson would refuse) sets
+ * `failed`, which stays set: the text is then unusable. */
+struct ledger_text {
+	char *p; /* not NUL-terminated: add the NUL with ledger_text_raw(t, "", 1) */
+	size_t len, cap;
+	bool failed;
+};
+void ledger_text_raw(struct ledger_text *t, const char *s, size_t n);
+/* s as a JSON string, escaped as json_dumps escapes it; NULL fails. */
+void ledger_text_string(struct ledger_text *t, const char *s);
+void ledger_text_int(struct ledger_text *t, int64_t v);
+void ledger_text_free(struct ledger_text *t);
+
+/* ledger_event_to_json's object as compact JSON text, appended to t: the same bytes
+ * as json_dumps(ledger_event_to_json(ev), JSON_COMPACT). False (t as it was, unless
+ * `failed`) where ledger_event_to_json gives NULL, or when t failed. */
+bool ledger_event_data_text(const struct ledger_event *ev, struct ledger_text *t)
+	__attribute__((warn_unused_result));
+
 /* Decode an event of the given type from its data object. Strings in *out borrow
  * from `data`. False when a field is missing or of the wrong type. */
 bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct ledger_event *out)
