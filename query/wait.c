@@ -2,6 +2,7 @@
  * and by deadline, one timer at the earliest deadline, and one slow safety probe. */
 #include <event2/event.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "metrics.h"
@@ -26,6 +27,11 @@ struct waitset {
 	bool has_known[WAIT_SOURCES];
 	uint64_t seq;
 	struct metric *waiting, *probes[2];
+	/* Who listens for each source's messages only while they could wake someone
+	 * (waitset_watch), and what it was last told. */
+	void (*interest)(void *arg, enum wait_source from, bool on);
+	void *interest_arg;
+	bool interested[WAIT_SOURCES];
 };
 
 static double now(void)
@@ -192,6 +198,34 @@ static void arm_expiry(struct waitset *ws)
 	evtimer_add(ws->expiry, &tv);
 }
 
+/* Could a message from `from` wake anyone now? */
+static bool wakes_someone(const struct waitset *ws, enum wait_source from)
+{
+	switch (from) {
+	case WAIT_FROM_REDIS:
+		return ws->pos[WAIT_ANY].n > 0;
+	case WAIT_FROM_SQL:
+		return waiting(ws) > 0;
+	case WAIT_FROM_LOG:
+		return ws->pos[WAIT_LOG].n > 0;
+	case WAIT_SOURCES:
+		break;
+	}
+	return false;
+}
+
+/* Tell the watcher whose messages became able, or unable, to wake someone. */
+static void notice_interest(struct waitset *ws)
+{
+	for (int s = 0; s < WAIT_SOURCES && ws->interest; s++) {
+		bool on = wakes_someone(ws, (enum wait_source)s);
+		if (on != ws->interested[s]) {
+			ws->interested[s] = on;
+			ws->interest(ws->interest_arg, (enum wait_source)s, on);
+		}
+	}
+}
+
 static void on_expiry(evutil_socket_t fd, short what, void *arg)
 {
 	struct waitset *ws = arg;
@@ -205,11 +239,12 @@ static void on_expiry(evutil_socket_t fd, short what, void *arg)
 		leave(ws, ws->deadlines.v[0], &tail);
 	wake_all(expired, true);
 	arm_expiry(ws);
+	notice_interest(ws);
 }
 
 static bool wanted(const struct waitset *ws, bool sql)
 {
-	return sql ? waiting(ws) > 0 : ws->pos[WAIT_ANY].n > 0;
+	return wakes_someone(ws, sql ? WAIT_FROM_SQL : WAIT_FROM_REDIS);
 }
 
 static void probe(struct waitset *ws, bool sql)
@@ -272,6 +307,7 @@ enum wait_add waitset_add(struct waitset *ws, struct waiter *w, uint64_t seen)
 	metric_add(ws->waiting, 1);
 	arm_expiry(ws);
 	arm_safety(ws);
+	notice_interest(ws);
 	return WAIT_ADDED;
 }
 
@@ -301,6 +337,7 @@ void waitset_reached(struct waitset *ws, enum wait_source from, const struct rea
 			leave(ws, h->v[0], &tail);
 	}
 	wake_all(woken, false);
+	notice_interest(ws);
 }
 
 void waitset_probed(struct waitset *ws, bool sql)
@@ -335,6 +372,17 @@ void waitset_poke(struct waitset *ws, enum wait_source what)
 	case WAIT_SOURCES:
 		break;
 	}
+}
+
+void waitset_watch(struct waitset *ws, void (*interest)(void *arg, enum wait_source from, bool on),
+		   void *arg)
+{
+	if (!ws)
+		return;
+	ws->interest = interest;
+	ws->interest_arg = arg;
+	memset(ws->interested, 0, sizeof(ws->interested));
+	notice_interest(ws);
 }
 
 size_t waitset_count(const struct waitset *ws, enum wait_model model)
