@@ -449,7 +449,8 @@ int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb do
 			return -1;
 		}
 	}
-	waitset_watch(ctx->waits, on_interest, pool);
+	waitset_watch(ctx->waits, WAIT_FROM_SQL, on_interest, pool);
+	waitset_watch(ctx->waits, WAIT_FROM_LOG, on_interest, pool);
 	*out = pool;
 	return 0;
 }
@@ -460,7 +461,8 @@ void sqlpool_close(struct sqlpool **poolp)
 
 	if (!pool)
 		return;
-	waitset_watch(pool->ctx->waits, NULL, NULL);
+	waitset_watch(pool->ctx->waits, WAIT_FROM_SQL, NULL, NULL);
+	waitset_watch(pool->ctx->waits, WAIT_FROM_LOG, NULL, NULL);
 	for (size_t i = 0; i < POOL_SIZE; i++) {
 		pg_close(&pool->slots[i].pg);
 		if (pool->slots[i].linger)

@@ -2,7 +2,6 @@
  * and by deadline, one timer at the earliest deadline, and one slow safety probe. */
 #include <event2/event.h>
 #include <stdlib.h>
-#include <string.h>
 #include <time.h>
 
 #include "metrics.h"
@@ -29,8 +28,8 @@ struct waitset {
 	struct metric *waiting, *probes[2];
 	/* Who listens for each source's messages only while they could wake someone
 	 * (waitset_watch), and what it was last told. */
-	void (*interest)(void *arg, enum wait_source from, bool on);
-	void *interest_arg;
+	waitset_interest_cb interest[WAIT_SOURCES];
+	void *interest_arg[WAIT_SOURCES];
 	bool interested[WAIT_SOURCES];
 };
 
@@ -214,14 +213,14 @@ static bool wakes_someone(const struct waitset *ws, enum wait_source from)
 	return false;
 }
 
-/* Tell the watcher whose messages became able, or unable, to wake someone. */
+/* Tell the watchers whose messages became able, or unable, to wake someone. */
 static void notice_interest(struct waitset *ws)
 {
-	for (int s = 0; s < WAIT_SOURCES && ws->interest; s++) {
+	for (int s = 0; s < WAIT_SOURCES; s++) {
 		bool on = wakes_someone(ws, (enum wait_source)s);
-		if (on != ws->interested[s]) {
+		if (ws->interest[s] && on != ws->interested[s]) {
 			ws->interested[s] = on;
-			ws->interest(ws->interest_arg, (enum wait_source)s, on);
+			ws->interest[s](ws->interest_arg[s], (enum wait_source)s, on);
 		}
 	}
 }
@@ -374,14 +373,14 @@ void waitset_poke(struct waitset *ws, enum wait_source what)
 	}
 }
 
-void waitset_watch(struct waitset *ws, void (*interest)(void *arg, enum wait_source from, bool on),
+void waitset_watch(struct waitset *ws, enum wait_source from, waitset_interest_cb interest,
 		   void *arg)
 {
 	if (!ws)
 		return;
-	ws->interest = interest;
-	ws->interest_arg = arg;
-	memset(ws->interested, 0, sizeof(ws->interested));
+	ws->interest[from] = interest;
+	ws->interest_arg[from] = arg;
+	ws->interested[from] = false;
 	notice_interest(ws);
 }
 

@@ -850,7 +850,19 @@ static int query_sessions_last_running(const char *what)
 	return n;
 }
 
-Test(query, a_worker_listens_only_while_someone_waits_and_again_for_a_later_waiter,
+/* Is the query service's position subscriber connected to Redis? */
+static bool position_subscriber_connected(void)
+{
+	redisReply *r = redisCommand(rc, "CLIENT LIST TYPE pubsub");
+	bool found;
+
+	cr_assert(r && r->type == REDIS_REPLY_STRING, "redis: %s", rc->errstr);
+	found = strstr(r->str, "name=daybook-query-position") != NULL;
+	freeReplyObject(r);
+	return found;
+}
+
+Test(query, a_worker_listens_and_subscribes_only_while_someone_waits_and_again_for_a_later_one,
      .init = setup_without_query)
 {
 	struct background bg;
@@ -870,8 +882,14 @@ Test(query, a_worker_listens_only_while_someone_waits_and_again_for_a_later_wait
 	     query_sessions_last_running("UNLISTEN") == 0 && harness_now() < deadline;)
 		usleep(100000);
 	cr_assert_gt(query_sessions_last_running("UNLISTEN"), 0, "nobody waits, yet it listens");
+	/* Nor is the position subscriber kept, whose every message would wake it. */
+	for (double deadline = harness_now() + 10;
+	     position_subscriber_connected() && harness_now() < deadline;)
+		usleep(100000);
+	cr_assert_not(position_subscriber_connected(), "nobody waits, yet it subscribes");
 	/* A later waiter makes it listen again, and the notification wakes it: once the
-	 * LISTEN and the probe after it are done, only the NOTIFY can. */
+	 * LISTEN and the probe after it are done, only the NOTIFY (or a position message,
+	 * which nobody sends here) can. */
 	start_background(&bg, "/accounts/a1?min_position=7.0&wait_ms=10000");
 	wait_for_waiters(&svc, 1);
 	sleep(1);

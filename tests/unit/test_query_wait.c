@@ -286,7 +286,8 @@ Test(query_wait, the_watcher_hears_when_a_source_could_wake_someone_and_when_no_
 
 	interest_calls = 0;
 	memset(interested, 0, sizeof(interested));
-	waitset_watch(ws, on_interest, NULL);
+	for (int from = 0; from < WAIT_SOURCES; from++)
+		waitset_watch(ws, (enum wait_source)from, on_interest, NULL);
 	cr_assert_eq(interest_calls, 0, "nobody waits: nothing to listen for");
 	prepare(&any, 5, 0, WAIT_ANY, 600);
 	add(ws, &any);
@@ -313,7 +314,8 @@ Test(query_wait, the_watcher_hears_when_a_source_could_wake_someone_and_when_no_
 	/* Watching anew tells at once what is wanted now. */
 	add(ws, &logw);
 	memset(interested, 0, sizeof(interested));
-	waitset_watch(ws, on_interest, NULL);
+	for (int from = 0; from < WAIT_SOURCES; from++)
+		waitset_watch(ws, (enum wait_source)from, on_interest, NULL);
 	cr_assert(interested[WAIT_FROM_LOG] && interested[WAIT_FROM_SQL]);
 	waitset_close(&ws);
 }
