@@ -211,6 +211,15 @@ void cmd_settle(void *arg, struct cmd *cmd, struct cmd_outcome *out)
 	json_t *value;
 
 	(void)arg;
+	if (out->text) {
+		if (out->etag)
+			http_set_header(req, "ETag", out->etag);
+		if (out->location)
+			http_set_header(req, "Location", out->location);
+		http_reply_raw(req, out->status, "application/json", out->text, out->text_len);
+		cmd_free(cmd);
+		return;
+	}
 	json_object_foreach (out->headers, name, value)
 		if (json_is_string(value))
 			http_set_header(req, name, json_string_value(value));

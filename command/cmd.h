@@ -45,6 +45,11 @@ struct cmd_outcome {
 	json_t *body;    /* owned; stolen by cmd_settle */
 	json_t *headers; /* owned, may be NULL; stolen by cmd_settle */
 	bool replay;     /* answered from a stored idempotency record */
+	/* Or a success answered from text (body and headers NULL): the JSON body and
+	 * the ETag and Location headers (NULL when absent), valid during the call. */
+	const char *text;
+	size_t text_len;
+	const char *etag, *location;
 };
 
 /* Answer cmd's request with its outcome and free cmd; steals out->body and
