@@ -15,13 +15,17 @@
 enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
 
 /* One write request on its way through the batcher. Strings in `u` borrow from
- * `body`, which the command owns. Only this module touches `req`: the batcher reads
- * the parsed fields and reports an outcome (struct cmd_outcome). */
+ * `body`, or from `plain` when the body was read without jansson (a plain transfer
+ * without an Idempotency-Key; body NULL then), both the command's. Only this module
+ * touches `req`: the batcher reads the parsed fields and reports an outcome (struct
+ * cmd_outcome). */
 struct cmd {
 	struct cmd *next;
 	struct http_request *req;
 	enum cmd_kind kind;
-	json_t *body; /* NULL for an empty close body */
+	json_t *body; /* NULL for an empty close body, and when read as `plain` */
+	struct ledger_event_buf plain;
+	bool parsed; /* `u` was read from the text (ledger_transfer_from_text) */
 	union {
 		struct ledger_open_body open;
 		struct ledger_money_body money;

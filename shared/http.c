@@ -416,19 +416,15 @@ static bool is_json_type(const char *ct)
 	       (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' ');
 }
 
-bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
+bool http_body_checked(struct http_request *req, bool allow_empty, const char **text, size_t *len)
 {
-	json_error_t error;
-	size_t len;
-	const char *body = http_body(req, &len);
-
-	*out = NULL;
-	if (len > HTTP_BODY_MAX) {
+	*text = http_body(req, len);
+	if (*len > HTTP_BODY_MAX) {
 		http_reply_problem(req, 413, "payload_too_large", "Request body too large",
-				   "the body is %zu bytes; the limit is %d", len, HTTP_BODY_MAX);
+				   "the body is %zu bytes; the limit is %d", *len, HTTP_BODY_MAX);
 		return false;
 	}
-	if (len == 0) {
+	if (*len == 0) {
 		if (allow_empty)
 			return true;
 		http_reply_invalid(req, "a JSON object body is required");
@@ -439,8 +435,15 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 				   "the body must be sent as Content-Type: application/json");
 		return false;
 	}
-	*out = json_loadb(body, len, JSON_REJECT_DUPLICATES, &error);
-	if (!*out) {
+	return true;
+}
+
+bool http_body_parse(struct http_request *req, const char *text, size_t len, json_t **out)
+{
+	json_error_t error;
+
+	*out = len ? json_loadb(text, len, JSON_REJECT_DUPLICATES, &error) : NULL;
+	if (len && !*out) {
 		char detail[300];
 		snprintf(detail, sizeof(detail), "malformed JSON at line %d, column %d: %s",
 			 error.line, error.column, error.text);
@@ -448,6 +451,16 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 		return false;
 	}
 	return true;
+}
+
+bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
+{
+	const char *text;
+	size_t len;
+
+	*out = NULL;
+	return http_body_checked(req, allow_empty, &text, &len) &&
+	       http_body_parse(req, text, len, out);
 }
 
 static int hex_digit(char c)

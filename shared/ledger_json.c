@@ -512,7 +512,12 @@ static bool plain_integer(struct scan *sc, int64_t *out)
 	return true;
 }
 
-static bool plain_members(struct scan *sc, struct member *m)
+/* A flat object's members into m, by the index of their key in keys (nkeys of them).
+ * Lenient (event data): other keys are skipped and a repeated key's last value
+ * counts, as in jansson. Strict (a request body): another key or a repeated one is
+ * left to jansson too (which refuses a repeat, and names an unknown field). */
+static bool plain_members(struct scan *sc, const char *const *keys, int nkeys, bool strict,
+			  struct member *m)
 {
 	if (!take(sc, '{'))
 		return false;
@@ -539,15 +544,66 @@ static bool plain_members(struct scan *sc, struct member *m)
 			if (!plain_integer(sc, &got.i))
 				return false;
 		}
-		for (k = 0; k < K_COUNT; k++)
-			if (strlen(data_keys[k]) == klen && memcmp(data_keys[k], key, klen) == 0)
-				m[k] = got; /* a repeated key: the last one counts, as in jansson */
+		for (k = 0; k < nkeys; k++)
+			if (strlen(keys[k]) == klen && memcmp(keys[k], key, klen) == 0)
+				break;
+		if (strict && (k == nkeys || m[k].kind != M_ABSENT))
+			return false;
+		if (k < nkeys)
+			m[k] = got; /* a repeated key: the last one counts, as in jansson */
 	} while (take(sc, ','));
 	if (!take(sc, '}'))
 		return false;
 end:
 	skip_space(sc);
 	return sc->p == sc->end;
+}
+
+/* Room in buf for the strings of a text of len bytes (each no longer than the text). */
+static bool buf_room(struct ledger_event_buf *buf, size_t len)
+{
+	char *p;
+
+	json_decref(buf->json);
+	buf->json = NULL;
+	if (buf->cap >= len + 1)
+		return true;
+	if (!(p = realloc(buf->text, len + 1)))
+		return false;
+	buf->text = p;
+	buf->cap = len + 1;
+	return true;
+}
+
+bool ledger_transfer_from_text(const char *text, size_t len, struct ledger_event_buf *buf,
+			       struct ledger_transfer_body *out)
+{
+	enum { T_ID, T_FROM, T_TO, T_AMOUNT, T_REFERENCE, T_COUNT };
+	static const char *const keys[T_COUNT] = { "id", "from", "to", "amount", "reference" };
+	struct member m[T_COUNT] = { 0 };
+	struct scan sc = { text, text + len, NULL };
+
+	if (!buf_room(buf, len))
+		return false;
+	sc.out = buf->text;
+	if (!plain_members(&sc, keys, T_COUNT, true, m))
+		return false;
+	/* Only a body ledger_parse_transfer accepts: any refusal is its to explain. */
+	for (int k = T_ID; k <= T_TO; k++)
+		if (m[k].kind != M_STRING || !ledger_valid_id(m[k].s))
+			return false;
+	if (m[T_AMOUNT].kind != M_INTEGER || m[T_AMOUNT].i < 1 || m[T_AMOUNT].i > LEDGER_AMOUNT_MAX)
+		return false;
+	if (m[T_REFERENCE].kind != M_ABSENT &&
+	    (m[T_REFERENCE].kind != M_STRING ||
+	     !ledger_valid_text(m[T_REFERENCE].s, LEDGER_REFERENCE_MAX, true)))
+		return false;
+	*out = (struct ledger_transfer_body){ .id = m[T_ID].s,
+					      .from = m[T_FROM].s,
+					      .to = m[T_TO].s,
+					      .amount = m[T_AMOUNT].i,
+					      .reference = m[T_REFERENCE].s };
+	return true;
 }
 
 bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_t len,
@@ -557,17 +613,10 @@ bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_
 	struct ledger_event ev = { .type = type };
 	struct scan sc = { text, text + len, NULL };
 
-	json_decref(buf->json);
-	buf->json = NULL;
-	if (buf->cap < len + 1) {
-		char *p = realloc(buf->text, len + 1);
-		if (!p)
-			return false;
-		buf->text = p;
-		buf->cap = len + 1;
-	}
+	if (!buf_room(buf, len))
+		return false;
 	sc.out = buf->text;
-	if (!plain_members(&sc, m)) {
+	if (!plain_members(&sc, data_keys, K_COUNT, false, m)) {
 		buf->json = json_loadb(text, len, 0, NULL);
 		if (!json_is_object(buf->json))
 			return false;

@@ -107,4 +107,14 @@ bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_
 	__attribute__((warn_unused_result));
 void ledger_event_buf_free(struct ledger_event_buf *buf);
 
+/* A transfer's body read straight from its JSON text, for the usual plain body: a
+ * flat object of the known fields, each once, strings of printable ASCII without
+ * escapes, and every value valid. True only for a body ledger_parse_transfer would
+ * accept with the same fields; false for anything else, valid or not (then parse it
+ * with jansson and ledger_parse_transfer, which explain a refusal). Strings in *out
+ * live in buf until its next use (ledger_event_buf_free). */
+bool ledger_transfer_from_text(const char *text, size_t len, struct ledger_event_buf *buf,
+			       struct ledger_transfer_body *out)
+	__attribute__((warn_unused_result));
+
 #endif

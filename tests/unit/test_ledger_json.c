@@ -613,6 +613,39 @@ Test(event_json, the_text_of_every_event_is_jansson_s_dump_whatever_its_strings)
 	}
 }
 
+Test(parse_json, a_plain_transfer_is_read_from_its_text_and_anything_else_is_left_to_jansson)
+{
+	static const char *const left[] = {
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"id\":\"u\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"x\":1}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":0}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5.0}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":\"5\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\"}",
+		"{\"id\":\"t u\",\"from\":\"a\",\"to\":\"b\",\"amount\":5}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"reference\":\"\\n\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"reference\":\"caf\xc3\xa9\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5} x",
+		"[\"id\"]",
+	};
+	const char *plain = " {\"id\":\"t-1\", \"from\" : \"a1\",\"to\":\"a2\",\"amount\":100,"
+			    "\"reference\":\"rent\"}\n";
+	struct ledger_event_buf buf = { 0 };
+	struct ledger_transfer_body b;
+
+	cr_assert(ledger_transfer_from_text(plain, strlen(plain), &buf, &b));
+	cr_assert_str_eq(b.id, "t-1");
+	cr_assert_str_eq(b.from, "a1");
+	cr_assert_str_eq(b.to, "a2");
+	cr_assert_eq(b.amount, 100);
+	cr_assert_str_eq(b.reference, "rent");
+	cr_assert(ledger_transfer_from_text(plain, strlen(plain) - 27, &buf, &b) == false);
+	for (size_t i = 0; i < sizeof(left) / sizeof(left[0]); i++)
+		cr_assert_not(ledger_transfer_from_text(left[i], strlen(left[i]), &buf, &b), "%s",
+			      left[i]);
+	ledger_event_buf_free(&buf);
+}
+
 static void assert_str_or_null(const char *a, const char *b)
 {
 	if (!a || !b)
