@@ -43,14 +43,9 @@ static void *connect_writer(void *arg)
 
 static void connect_both(struct rebuild *rb)
 {
-	sigset_t all, old;
 	pthread_t t;
-	int err;
+	int err = copy_spawn(&t, connect_writer, rb);
 
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	err = pthread_create(&t, NULL, connect_writer, rb);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	rb->pg = PQconnectdb(rb->ctx->cfg.pg);
 	if (err)
 		connect_writer(rb);

@@ -1,6 +1,5 @@
 /* daybook-admin rebuild: reading the log in chunks, and handing each chunk's rows on. */
 #include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -294,16 +293,12 @@ static void reader_stop(struct reader *rd)
 /* Start the reader's thread with signals blocked: they are the main thread's. */
 static bool reader_start(struct rebuild *rb, struct reader *rd)
 {
-	sigset_t all, old;
 	int err;
 
 	*rd = (struct reader){ .rb = rb };
 	pthread_mutex_init(&rd->mu, NULL);
 	pthread_cond_init(&rd->cv, NULL);
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	err = pthread_create(&rd->thread, NULL, reader_main, rd);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	err = copy_spawn(&rd->thread, reader_main, rd);
 	if (!err)
 		return true;
 	rb_error(rb, "cannot start the reading thread: %s", strerror(err));
