@@ -1,5 +1,4 @@
 /* daybook-admin rebuild: reading the log in chunks, and handing each chunk's rows on. */
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,106 +30,59 @@ static bool flush_chunk(struct rebuild *rb)
 
 #define READ_COLUMNS "SELECT position, txid, substr(stream, 9), version, type, data, recorded_at "
 
-/* Where a read starts: the bulk's blocks from `block` on (bulk), or, in reader order,
- * what follows (txid, position). */
-struct read_from {
-	bool bulk;
-	long long block;
-	uint64_t txid;
-	long long position;
-};
-
-/* Send a read: the bulk's next blocks while any are left (a TID range scan, which
+/* The next read: the bulk's next blocks while any are left (a TID range scan, which
  * costs a third less than reading in reader order through the index), then what
  * follows the checkpoint in reader order. Results come in binary: no text
  * conversions on the server. */
-static bool send_read_from(PGconn *pg, const char *xmin, const struct read_from *at)
+static bool send_read(struct rebuild *rb)
 {
 	char a[48], b[48], limit[16];
 	const char *params[3] = { a, b, limit };
 
-	if (at->bulk) {
-		snprintf(a, sizeof(a), "(%lld,0)", at->block);
-		snprintf(b, sizeof(b), "(%lld,0)", at->block + BULK_BLOCKS);
-		params[2] = xmin;
-		return PQsendQueryParams(
-			pg,
+	rb->bulk_read = rb->bulk_next < rb->bulk_blocks;
+	if (rb->bulk_read) {
+		snprintf(a, sizeof(a), "(%lld,0)", rb->bulk_next);
+		rb->bulk_next += BULK_BLOCKS;
+		snprintf(b, sizeof(b), "(%lld,0)", rb->bulk_next);
+		params[2] = rb->bulk_xmin;
+		rb->read_pending = PQsendQueryParams(
+			rb->pg,
 			READ_COLUMNS
 			"FROM events WHERE ctid >= $1::tid AND ctid < $2::tid AND txid < $3::xid8",
 			3, NULL, params, NULL, NULL, 1);
+	} else {
+		snprintf(a, sizeof(a), "%llu", (unsigned long long)rb->cp_txid);
+		snprintf(b, sizeof(b), "%lld", rb->position);
+		snprintf(limit, sizeof(limit), "%d", CHUNK);
+		rb->read_pending =
+			PQsendQueryParams(rb->pg,
+					  READ_COLUMNS
+					  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+					  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+					  "ORDER BY events.txid, events.position LIMIT $3",
+					  3, NULL, params, NULL, NULL, 1);
 	}
-	snprintf(a, sizeof(a), "%llu", (unsigned long long)at->txid);
-	snprintf(b, sizeof(b), "%lld", at->position);
-	snprintf(limit, sizeof(limit), "%d", CHUNK);
-	return PQsendQueryParams(pg,
-				 READ_COLUMNS
-				 "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
-				 "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-				 "ORDER BY events.txid, events.position LIMIT $3",
-				 3, NULL, params, NULL, NULL, 1);
-}
-
-static bool send_read(struct rebuild *rb)
-{
-	struct read_from at = { rb->bulk_next < rb->bulk_blocks, rb->bulk_next, rb->cp_txid,
-				rb->position };
-
-	rb->bulk_read = at.bulk;
-	if (at.bulk)
-		rb->bulk_next += BULK_BLOCKS;
-	rb->read_pending = send_read_from(rb->pg, rb->bulk_xmin, &at);
 	if (!rb->read_pending)
 		rb_error(rb, "reading the log: %s", PQerrorMessage(rb->pg));
 	return rb->read_pending;
 }
 
-/* The rows of the read sent on pg, or NULL on failure (the error in err). Caller
- * PQclear()s. */
-static PGresult *take_rows(PGconn *pg, char *err, size_t errlen)
+/* The pending read's rows, or NULL on failure. Caller PQclear()s. */
+static PGresult *take_read(struct rebuild *rb)
 {
 	PGresult *r, *rows = NULL;
 
-	while ((r = PQgetResult(pg))) {
+	while ((r = PQgetResult(rb->pg))) {
 		if (!rows && PQresultStatus(r) == PGRES_TUPLES_OK) {
 			rows = r;
 			continue;
 		}
 		if (PQresultStatus(r) != PGRES_TUPLES_OK)
-			snprintf(err, errlen, "%s", PQresultErrorMessage(r));
+			rb_error(rb, "reading the log: %s", PQresultErrorMessage(r));
 		PQclear(r);
 	}
-	if (!rows && !err[0])
-		snprintf(err, errlen, "%s", PQerrorMessage(pg));
-	return rows;
-}
-
-static PGresult *take_read(struct rebuild *rb)
-{
-	char err[1024] = "";
-	PGresult *rows = take_rows(rb->pg, err, sizeof(err));
-
-	if (err[0])
-		rb_error(rb, "reading the log: %s", err);
 	rb->read_pending = false;
-	if (err[0]) {
-		PQclear(rows);
-		return NULL;
-	}
 	return rows;
-}
-
-/* Fold a read's rows (a chunk) and write what they produced. */
-static bool fold_rows(struct rebuild *rb, PGresult *r, bool bulk, int n)
-{
-	rb->done += n;
-	if (!bulk && n > 0) {
-		rb->cp_txid = rb_be(PQgetvalue(r, n - 1, 1), 8);
-		rb->position = (long long)rb_be(PQgetvalue(r, n - 1, 0), 8);
-	}
-	for (int row = 0; row < n; row++)
-		if (!rb_fold_row(rb, r, row))
-			return false;
-	return flush_chunk(rb);
 }
 
 /* Fold the next chunk of the log; *n gets its size. The read of the chunk after is
@@ -140,203 +92,52 @@ static bool fold_rows(struct rebuild *rb, PGresult *r, bool bulk, int n)
 bool rb_fold_chunk(struct rebuild *rb, int *n)
 {
 	PGresult *r = NULL;
-	bool bulk, ok;
+	bool bulk;
 
 	if (!rb->read_pending && !send_read(rb))
-		return false;
+		goto fail;
 	bulk = rb->bulk_read;
 	if (!(r = take_read(rb)))
-		return false;
+		goto fail;
 	*n = PQntuples(r);
+	rb->done += *n;
 	if (!bulk && *n > 0) {
 		rb->cp_txid = rb_be(PQgetvalue(r, *n - 1, 1), 8);
 		rb->position = (long long)rb_be(PQgetvalue(r, *n - 1, 0), 8);
 	}
-	if ((bulk ? rb->bulk_next < rb->bulk_blocks : *n == CHUNK) && !send_read(rb)) {
-		PQclear(r);
-		return false;
-	}
-	ok = fold_rows(rb, r, bulk, *n);
+	if ((bulk ? rb->bulk_next < rb->bulk_blocks : *n == CHUNK) && !send_read(rb))
+		goto fail;
+	for (int row = 0; row < *n; row++)
+		if (!rb_fold_row(rb, r, row))
+			goto fail;
 	PQclear(r);
-	return ok;
-}
-
-/* During the load, a thread takes the reads' results off the reader's connection
- * while the main thread folds: PostgreSQL sends a chunk as it reads it, and a read
- * sent ahead stalls as soon as the socket's buffers are full unless someone takes
- * its rows. It reads the bulk, then in reader order until a read comes back short,
- * keeping up to READ_AHEAD chunks; where each read starts it knows from the rows it
- * took (the bulk's greatest (txid, position), then each chunk's last row), as the
- * fold does. */
-#define READ_AHEAD 2
-
-struct reader {
-	struct rebuild *rb;
-	pthread_t thread;
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	PGresult *queue[READ_AHEAD];
-	bool bulk[READ_AHEAD];
-	int head, len;
-	bool done, stop;
-	char error[1024]; /* a failed read's, set with done */
-};
-
-/* The greatest (txid, position) of a bulk read's rows. */
-static void bulk_max(PGresult *r, struct read_from *at)
-{
-	for (int i = 0; i < PQntuples(r); i++) {
-		uint64_t txid = rb_be(PQgetvalue(r, i, 1), 8);
-		long long pos = (long long)rb_be(PQgetvalue(r, i, 0), 8);
-		if (txid > at->txid || (txid == at->txid && pos > at->position)) {
-			at->txid = txid;
-			at->position = pos;
-		}
-	}
-}
-
-static void *reader_main(void *arg)
-{
-	struct reader *rd = arg;
-	struct rebuild *rb = rd->rb;
-	struct read_from at = { true, 0, rb->cp_txid, rb->position };
-	char error[sizeof(rd->error)] = "";
-	bool last = false;
-
-	while (!last) {
-		PGresult *r = NULL;
-		bool stop;
-		pthread_mutex_lock(&rd->mu);
-		stop = rd->stop;
-		pthread_mutex_unlock(&rd->mu);
-		if (stop)
-			break;
-		at.bulk = at.block < rb->bulk_blocks;
-		if (!send_read_from(rb->pg, rb->bulk_xmin, &at))
-			snprintf(error, sizeof(error), "%s", PQerrorMessage(rb->pg));
-		else
-			r = take_rows(rb->pg, error, sizeof(error));
-		if (error[0] || !r) {
-			if (!error[0])
-				snprintf(error, sizeof(error), "no rows came back");
-			PQclear(r);
-			break;
-		}
-		if (at.bulk) {
-			bulk_max(r, &at);
-			at.block += BULK_BLOCKS;
-		} else {
-			int n = PQntuples(r);
-			last = n < CHUNK;
-			if (n > 0) {
-				at.txid = rb_be(PQgetvalue(r, n - 1, 1), 8);
-				at.position = (long long)rb_be(PQgetvalue(r, n - 1, 0), 8);
-			}
-		}
-		pthread_mutex_lock(&rd->mu);
-		while (rd->len == READ_AHEAD && !rd->stop)
-			pthread_cond_wait(&rd->cv, &rd->mu);
-		if (rd->stop) {
-			pthread_mutex_unlock(&rd->mu);
-			PQclear(r);
-			break;
-		}
-		rd->queue[(rd->head + rd->len) % READ_AHEAD] = r;
-		rd->bulk[(rd->head + rd->len) % READ_AHEAD] = at.bulk;
-		rd->len++;
-		pthread_cond_broadcast(&rd->cv);
-		pthread_mutex_unlock(&rd->mu);
-	}
-	pthread_mutex_lock(&rd->mu);
-	snprintf(rd->error, sizeof(rd->error), "%s", error);
-	rd->done = true;
-	pthread_cond_broadcast(&rd->cv);
-	pthread_mutex_unlock(&rd->mu);
-	return NULL;
-}
-
-/* The next chunk the thread read, or NULL at the end (*failed said if it failed). */
-static PGresult *reader_next(struct reader *rd, bool *bulk, bool *failed)
-{
-	PGresult *r = NULL;
-
-	pthread_mutex_lock(&rd->mu);
-	while (rd->len == 0 && !rd->done)
-		pthread_cond_wait(&rd->cv, &rd->mu);
-	if (rd->len > 0) {
-		r = rd->queue[rd->head];
-		*bulk = rd->bulk[rd->head];
-		rd->head = (rd->head + 1) % READ_AHEAD;
-		rd->len--;
-		pthread_cond_broadcast(&rd->cv);
-	}
-	*failed = !r && rd->error[0];
-	pthread_mutex_unlock(&rd->mu);
-	return r;
-}
-
-/* Stop the thread (it finishes the read it is taking: the connection is left idle)
- * and drop what it read ahead. */
-static void reader_stop(struct reader *rd)
-{
-	pthread_mutex_lock(&rd->mu);
-	rd->stop = true;
-	pthread_cond_broadcast(&rd->cv);
-	pthread_mutex_unlock(&rd->mu);
-	pthread_join(rd->thread, NULL);
-	for (; rd->len > 0; rd->len--, rd->head = (rd->head + 1) % READ_AHEAD)
-		PQclear(rd->queue[rd->head]);
-	pthread_mutex_destroy(&rd->mu);
-	pthread_cond_destroy(&rd->cv);
-}
-
-/* Start the reader's thread with signals blocked: they are the main thread's. */
-static bool reader_start(struct rebuild *rb, struct reader *rd)
-{
-	int err;
-
-	*rd = (struct reader){ .rb = rb };
-	pthread_mutex_init(&rd->mu, NULL);
-	pthread_cond_init(&rd->cv, NULL);
-	err = copy_spawn(&rd->thread, reader_main, rd);
-	if (!err)
-		return true;
-	rb_error(rb, "cannot start the reading thread: %s", strerror(err));
-	pthread_mutex_destroy(&rd->mu);
-	pthread_cond_destroy(&rd->cv);
+	return flush_chunk(rb);
+fail:
+	PQclear(r);
 	return false;
 }
 
 /* Fold until the log is (nearly) exhausted; false on error or interruption. */
 bool rb_load(struct rebuild *rb)
 {
-	struct reader rd;
-	PGresult *r;
-	bool bulk, failed = false, reading = false;
+	int n = CHUNK;
 
 	rb->copier.log = &rb->ctx->log;
 	if (rb->sql && !copier_start(&rb->copier, rb->wr))
 		goto fail;
-	if (!(reading = reader_start(rb, &rd)))
-		goto fail;
-	while (!rb_interrupted && (r = reader_next(&rd, &bulk, &failed))) {
-		bool ok = fold_rows(rb, r, bulk, PQntuples(r));
-		PQclear(r);
-		if (!ok)
+	while (rb->bulk_next < rb->bulk_blocks && !rb_interrupted) {
+		if (!rb_fold_chunk(rb, &n))
 			goto fail;
 		rb_report(rb, false);
 	}
-	reader_stop(&rd);
-	reading = false;
-	if (failed) {
-		rb_error(rb, "reading the log: %s", rd.error);
-		goto fail;
+	n = CHUNK; /* then what was appended meanwhile, in reader order */
+	while (n == CHUNK && !rb_interrupted) {
+		if (!rb_fold_chunk(rb, &n))
+			goto fail;
+		rb_report(rb, false);
 	}
-	rb->bulk_next = rb->bulk_blocks;
 	return copier_stop(&rb->copier) && !rb_interrupted;
 fail:
-	if (reading)
-		reader_stop(&rd);
 	(void)copier_stop(&rb->copier);
 	return false;
 }
