@@ -39,8 +39,8 @@ static bool queue_events(struct batcher *b, bool records)
 		column_add(&cols[0], pe->stream);
 		column_add(&cols[1], pe->version);
 		column_add(&cols[2], pe->type);
-		column_add(&cols[3], pe->data);
-		column_add(&cols[4], pe->metadata);
+		column_add(&cols[3], b->text.p + pe->data);
+		column_add(&cols[4], b->text.p + pe->metadata);
 	}
 	if (records)
 		return queue_columns(b->ctx->pg, "append_idem", 5 + IDEM_COLUMNS, cols);

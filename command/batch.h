@@ -51,13 +51,20 @@ struct slot {
 	bool replay;     /* answered from a stored record */
 	bool unrecorded; /* an outcome that must not be stored (a key reused) */
 	int last_event;  /* index of its last event in the batch, -1 for none */
+	/* A success decided in this batch is answered from text in b->text instead of
+	 * body and headers (NULL then): its body up to the value of "position" (ok_len
+	 * bytes at ok_body, with room after them for the rest: slot_body), its ETag and
+	 * Location (offsets of NUL-terminated values; 0 when absent, as the text never
+	 * starts with one). */
+	bool text;
+	size_t ok_body, ok_len, etag, location;
 };
 
 struct pending_event {
 	char stream[LEDGER_ID_MAX + 16];
 	char version[12];
 	const char *type;
-	char *data, *metadata; /* owned */
+	size_t data, metadata; /* offsets of their JSON texts (NUL-terminated) in b->text */
 	char *snapshot;        /* the account's state after this event, or NULL; owned */
 	int slot;
 };
@@ -79,6 +86,7 @@ struct batcher {
 	size_t nslots;
 	struct pending_event events[2 * BATCH_MAX];
 	size_t nevents;
+	struct ledger_text text;  /* the events' data and metadata texts, kept between batches */
 	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
 	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
 	struct strmap *refold;    /* account ids whose snapshot was refused: load them in full */
@@ -113,6 +121,10 @@ char *account_state_text(const struct ledger_account *acc);
 size_t cmd_accounts(const struct cmd *cmd, const char *ids[2]);
 /* Decide slot i; false when memory ran out (the batch must be abandoned). */
 bool decide(struct batcher *b, int i) __attribute__((warn_unused_result));
+/* A text slot's body with `position` in place ("position":"?" for the idempotency
+ * record: POSITION_PLACEHOLDER), NUL-terminated, in b->text until the slot's next
+ * slot_body; *len is its length. */
+const char *slot_body(struct batcher *b, const struct slot *s, const char *position, size_t *len);
 /* Forget cached state the batch may have changed. */
 void invalidate(struct batcher *b);
 /* Move the overlay's accounts into the cache: they are now committed state. */

@@ -112,6 +112,40 @@ bool idem_keeps_record(const struct slot *s)
 	       s->status < 500;
 }
 
+/* A text slot's headers as the record stores them: {"ETag":...,"Location":...}, each
+ * when present (the order a JSON slot's object has). Caller frees; NULL when out of
+ * memory. */
+static char *text_headers(struct batcher *b, const struct slot *s)
+{
+	struct ledger_text t = { 0 };
+
+	ledger_text_raw(&t, "{", 1);
+	if (s->etag) {
+		ledger_text_raw(&t, "\"ETag\":", 7);
+		ledger_text_string(&t, b->text.p + s->etag);
+	}
+	if (s->location) {
+		if (s->etag)
+			ledger_text_raw(&t, ",", 1);
+		ledger_text_raw(&t, "\"Location\":", 11);
+		ledger_text_string(&t, b->text.p + s->location);
+	}
+	ledger_text_raw(&t, "}", 2); /* with the NUL */
+	if (t.failed) {
+		ledger_text_free(&t);
+		return NULL;
+	}
+	return t.p;
+}
+
+/* A text slot's body with the position's placeholder (see sql_idem_put). Caller frees. */
+static char *text_body(struct batcher *b, const struct slot *s)
+{
+	size_t len;
+
+	return strdup(slot_body(b, s, POSITION_PLACEHOLDER, &len));
+}
+
 /* Add slot s's record to the columns of the batch's record INSERT. */
 static bool add_record(struct batcher *b, struct slot *s, struct column cols[IDEM_COLUMNS])
 {
@@ -124,8 +158,8 @@ static bool add_record(struct batcher *b, struct slot *s, struct column cols[IDE
 	 * they name that first request too. */
 	if (s->status >= 400 && json_is_object(s->body) && !json_object_get(s->body, "instance"))
 		json_object_set_new(s->body, "instance", json_string(cmd->request_id));
-	headers = json_dumps(s->headers, JSON_COMPACT);
-	body = json_dumps(s->body, JSON_COMPACT);
+	headers = s->text ? text_headers(b, s) : json_dumps(s->headers, JSON_COMPACT);
+	body = s->text ? text_body(b, s) : json_dumps(s->body, JSON_COMPACT);
 	if (!headers || !body)
 		goto done;
 	snprintf(status, sizeof(status), "%d", s->status);
