@@ -1733,12 +1733,15 @@ Test(redis, sentinel_discovery_does_not_block_the_event_loop)
 	t0 = mono();
 	cr_assert(redis_open(&r, &rc) == 0);
 	opened = mono() - t0;
-	cr_expect(opened < 0.1, "redis_open blocked for %.3f s asking silent Sentinels", opened);
+	/* Bounds far from both sides: asking three silent Sentinels in turn blocks for
+	 * about 0.9 s (300 ms each), while a loaded machine can delay a 20 ms tick by a
+	 * tenth of a second or more without anything blocking. */
+	cr_expect(opened < 0.5, "redis_open blocked for %.3f s asking silent Sentinels", opened);
 	p.tick = event_new(p.base, -1, EV_PERSIST, probe_tick, &p);
 	p.last = mono();
 	evtimer_add(p.tick, &tv);
 	event_base_dispatch(p.base);
-	cr_expect(p.worst < 0.15, "the loop stalled for %.3f s while the Sentinels were asked",
+	cr_expect(p.worst < 0.5, "the loop stalled for %.3f s while the Sentinels were asked",
 		  p.worst);
 	cr_expect(!redis_connected(r));
 	cr_expect(strstr(redis_last_error(r), "Sentinel") != NULL, "error: %s",
