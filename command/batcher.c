@@ -77,6 +77,7 @@ void batcher_close(struct batcher **bp)
 	strmap_close(&b->transfers);
 	strmap_close(&b->refold);
 	strmap_close(&b->catchup);
+	ledger_text_free(&b->text);
 	free(b);
 	*bp = NULL;
 }
@@ -85,7 +86,9 @@ void batcher_close(struct batcher **bp)
 static void answer(struct batcher *b, struct cmd *cmd, int status, json_t *body, json_t *headers,
 		   bool replay)
 {
-	struct cmd_outcome out = { status, body, headers, replay };
+	struct cmd_outcome out = {
+		.status = status, .body = body, .headers = headers, .replay = replay
+	};
 
 	idem_release(b, cmd);
 	b->hooks.settle(b->hooks.arg, cmd, &out);
@@ -171,8 +174,6 @@ bool batcher_idle(const struct batcher *b)
 static void reset_batch(struct batcher *b)
 {
 	for (size_t i = 0; i < b->nevents; i++) {
-		free(b->events[i].data);
-		free(b->events[i].metadata);
 		free(b->events[i].snapshot);
 	}
 	for (size_t i = 0; i < b->nslots; i++) {
@@ -180,6 +181,8 @@ static void reset_batch(struct batcher *b)
 		json_decref(b->slots[i].headers);
 	}
 	memset(b->slots, 0, b->nslots * sizeof(b->slots[0]));
+	b->text.len = 0;
+	b->text.failed = false;
 	b->nslots = b->nevents = 0;
 	strmap_clear(b->overlay);
 	strmap_clear(b->transfers);
@@ -268,12 +271,24 @@ static void answer_all(struct batcher *b, PGresult *const *results)
 {
 	for (size_t i = 0; i < b->nslots; i++) {
 		struct slot *s = &b->slots[i];
-		if (s->status == 201 && !s->replay && s->last_event >= 0 && results)
-			json_object_set_new(s->body, "position",
-					    json_string(
-						    append_position(b, results, s->last_event)));
+		const char *position = s->status == 201 && !s->replay && s->last_event >= 0 &&
+						       results
+					       ? append_position(b, results, s->last_event)
+					       : POSITION_PLACEHOLDER;
 		if (s->replay)
 			metric_add(b->replays, 1);
+		if (s->text) {
+			struct cmd_outcome out = { .status = s->status };
+			out.text = slot_body(b, s, position, &out.text_len);
+			out.etag = s->etag ? b->text.p + s->etag : NULL;
+			out.location = s->location ? b->text.p + s->location : NULL;
+			idem_release(b, s->cmd);
+			b->hooks.settle(b->hooks.arg, s->cmd, &out);
+			s->cmd = NULL;
+			continue;
+		}
+		if (s->status == 201 && !s->replay && s->last_event >= 0 && results)
+			json_object_set_new(s->body, "position", json_string(position));
 		answer(b, s->cmd, s->status, s->body, s->headers, s->replay);
 		s->body = s->headers = NULL;
 		s->cmd = NULL;

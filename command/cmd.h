@@ -15,13 +15,17 @@
 enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
 
 /* One write request on its way through the batcher. Strings in `u` borrow from
- * `body`, which the command owns. Only this module touches `req`: the batcher reads
- * the parsed fields and reports an outcome (struct cmd_outcome). */
+ * `body`, or from `plain` when the body was read without jansson (a plain transfer
+ * without an Idempotency-Key; body NULL then), both the command's. Only this module
+ * touches `req`: the batcher reads the parsed fields and reports an outcome (struct
+ * cmd_outcome). */
 struct cmd {
 	struct cmd *next;
 	struct http_request *req;
 	enum cmd_kind kind;
-	json_t *body; /* NULL for an empty close body */
+	json_t *body; /* NULL for an empty close body, and when read as `plain` */
+	struct ledger_event_buf plain;
+	bool parsed; /* `u` was read from the text (ledger_transfer_from_text) */
 	union {
 		struct ledger_open_body open;
 		struct ledger_money_body money;
@@ -45,6 +49,11 @@ struct cmd_outcome {
 	json_t *body;    /* owned; stolen by cmd_settle */
 	json_t *headers; /* owned, may be NULL; stolen by cmd_settle */
 	bool replay;     /* answered from a stored idempotency record */
+	/* Or a success answered from text (body and headers NULL): the JSON body and
+	 * the ETag and Location headers (NULL when absent), valid during the call. */
+	const char *text;
+	size_t text_len;
+	const char *etag, *location;
 };
 
 /* Answer cmd's request with its outcome and free cmd; steals out->body and

@@ -66,14 +66,20 @@ static struct ledger_account *view(struct batcher *b, const char *id)
 	return acc;
 }
 
-static json_t *metadata_json(const struct cmd *cmd)
+/* The event's metadata, as JSON text appended to t. */
+static void metadata_text(const struct cmd *cmd, struct ledger_text *t)
 {
-	json_t *m = json_pack("{s:s, s:s, s:s}", "request_id", cmd->request_id, "token_id",
-			      cmd->token_id, "time", cmd->time);
-
-	if (m && cmd->idem_key[0])
-		json_object_set_new(m, "idempotency_key", json_string(cmd->idem_key));
-	return m;
+	ledger_text_raw(t, "{\"request_id\":", 14);
+	ledger_text_string(t, cmd->request_id);
+	ledger_text_raw(t, ",\"token_id\":", 12);
+	ledger_text_string(t, cmd->token_id);
+	ledger_text_raw(t, ",\"time\":", 8);
+	ledger_text_string(t, cmd->time);
+	if (cmd->idem_key[0]) {
+		ledger_text_raw(t, ",\"idempotency_key\":", 19);
+		ledger_text_string(t, cmd->idem_key);
+	}
+	ledger_text_raw(t, "}", 2); /* with the NUL */
 }
 
 char *account_state_text(const struct ledger_account *acc)
@@ -91,20 +97,18 @@ static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
 		      const struct ledger_event *ev)
 {
 	struct pending_event *pe = &b->events[b->nevents];
-	json_t *data, *meta;
 
 	if (!ledger_evolve(acc, ev))
 		return false;
-	data = ledger_event_to_json(ev);
-	meta = metadata_json(b->slots[slot].cmd);
-	pe->data = data ? json_dumps(data, JSON_COMPACT) : NULL;
-	pe->metadata = meta ? json_dumps(meta, JSON_COMPACT) : NULL;
+	/* Both texts go into the batch's one buffer: no allocation per event. */
+	pe->data = b->text.len;
+	if (!ledger_event_data_text(ev, &b->text))
+		return false;
+	ledger_text_raw(&b->text, "", 1);
+	pe->metadata = b->text.len;
+	metadata_text(b->slots[slot].cmd, &b->text);
 	pe->snapshot = acc->version % SNAPSHOT_EVERY == 0 ? account_state_text(acc) : NULL;
-	json_decref(data);
-	json_decref(meta);
-	if (!pe->data || !pe->metadata || (acc->version % SNAPSHOT_EVERY == 0 && !pe->snapshot)) {
-		free(pe->data);
-		free(pe->metadata);
+	if (b->text.failed || (acc->version % SNAPSHOT_EVERY == 0 && !pe->snapshot)) {
 		free(pe->snapshot);
 		return false;
 	}
@@ -116,12 +120,59 @@ static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
 	return true;
 }
 
-static void etag(json_t *headers, int32_t version)
-{
-	char tag[16];
+/* Room left after a body's text for the rest of it: a position ("txid.position": two
+ * 64-bit numbers and a dot) and the closing "}. */
+#define POSITION_ROOM 48
 
-	snprintf(tag, sizeof(tag), "\"%" PRId32 "\"", version);
-	json_object_set_new(headers, "ETag", json_string(tag));
+/* Start slot i's answer as text (see struct slot): the body's text goes on from here. */
+static void text_begin(struct batcher *b, int i)
+{
+	struct slot *s = &b->slots[i];
+
+	s->text = true;
+	s->etag = s->location = 0;
+	if (b->text.len == 0)
+		ledger_text_raw(&b->text, "", 1); /* so that no value starts at 0 */
+	s->ok_body = b->text.len;
+}
+
+/* End the body's text after "position":" and leave room for the rest. */
+static void text_end(struct batcher *b, int i)
+{
+	static const char room[POSITION_ROOM] = { 0 };
+	struct slot *s = &b->slots[i];
+
+	ledger_text_raw(&b->text, ",\"position\":\"", 13);
+	s->ok_len = b->text.len - s->ok_body;
+	ledger_text_raw(&b->text, room, sizeof(room));
+}
+
+/* A header's value: prefix and the id or version, NUL-terminated; its offset. */
+static size_t header_value(struct batcher *b, const char *prefix, const char *id, int64_t version,
+			   const char *suffix)
+{
+	size_t at = b->text.len;
+
+	ledger_text_raw(&b->text, prefix, strlen(prefix));
+	if (id)
+		ledger_text_raw(&b->text, id, strlen(id));
+	else
+		ledger_text_int(&b->text, version);
+	ledger_text_raw(&b->text, suffix, strlen(suffix) + 1);
+	return at;
+}
+
+const char *slot_body(struct batcher *b, const struct slot *s, const char *position, size_t *len)
+{
+	char *body = b->text.p + s->ok_body, *p = body + s->ok_len;
+	size_t n = strlen(position);
+
+	if (n > POSITION_ROOM - 3)
+		n = 0; /* cannot be: a position is two numbers */
+	memcpy(p, position, n);
+	memcpy(p + n, "\"}", 3);
+	*len = s->ok_len + n + 2;
+	return body;
 }
 
 static void set_refusal(struct slot *s, enum ledger_error err, const char *detail)
@@ -166,7 +217,6 @@ static bool decide_transfer(struct batcher *b, int i, enum ledger_error *err,
 	const struct ledger_transfer_body *t = &cmd->u.transfer;
 	struct ledger_account *from = view(b, t->from), *to = view(b, t->to);
 	struct ledger_event ev[2];
-	char location[LEDGER_ID_MAX + 16];
 
 	if (!from || !to)
 		return false;
@@ -183,13 +233,18 @@ static bool decide_transfer(struct batcher *b, int i, enum ledger_error *err,
 	if (!add_event(b, i, from, &ev[0]) || !add_event(b, i, to, &ev[1]) ||
 	    !strmap_put(b->transfers, t->id, b))
 		return false;
-	/* The transfer as the query API serves it (ids are [A-Za-z0-9._:-]: no escaping). */
-	snprintf(location, sizeof(location), "/transfers/%s", t->id);
-	json_object_set_new(b->slots[i].headers, "Location", json_string(location));
-	b->slots[i].body = json_pack("{s:s, s:I, s:I, s:s}", "transfer_id", t->id, "from_version",
-				     (json_int_t)from->version, "to_version",
-				     (json_int_t)to->version, "position", POSITION_PLACEHOLDER);
-	return true;
+	/* {"transfer_id","from_version","to_version","position"}; the Location is the
+	 * transfer as the query API serves it (ids are [A-Za-z0-9._:-]: no escaping). */
+	text_begin(b, i);
+	ledger_text_raw(&b->text, "{\"transfer_id\":", 15);
+	ledger_text_string(&b->text, t->id);
+	ledger_text_raw(&b->text, ",\"from_version\":", 16);
+	ledger_text_int(&b->text, from->version);
+	ledger_text_raw(&b->text, ",\"to_version\":", 14);
+	ledger_text_int(&b->text, to->version);
+	text_end(b, i);
+	b->slots[i].location = header_value(b, "/transfers/", t->id, 0, "");
+	return !b->text.failed;
 }
 
 /* Decide slot i's command on one account: as decide_transfer. */
@@ -200,7 +255,6 @@ static bool decide_account(struct batcher *b, int i, enum ledger_error *err,
 	const char *id = cmd->kind == CMD_OPEN ? cmd->u.open.id : cmd->account;
 	struct ledger_account *acc = view(b, id);
 	struct ledger_event ev;
-	char location[LEDGER_ID_MAX + 16];
 
 	*blame = acc;
 	if (!acc)
@@ -229,17 +283,21 @@ static bool decide_account(struct batcher *b, int i, enum ledger_error *err,
 		return true;
 	if (!add_event(b, i, acc, &ev))
 		return false;
-	etag(b->slots[i].headers, acc->version);
-	if (cmd->kind == CMD_OPEN) {
-		snprintf(location, sizeof(location), "/accounts/%s", id);
-		json_object_set_new(b->slots[i].headers, "Location", json_string(location));
+	/* {"account_id","version","balance"?,"position"} */
+	text_begin(b, i);
+	ledger_text_raw(&b->text, "{\"account_id\":", 14);
+	ledger_text_string(&b->text, id);
+	ledger_text_raw(&b->text, ",\"version\":", 11);
+	ledger_text_int(&b->text, acc->version);
+	if (cmd->kind == CMD_DEPOSIT || cmd->kind == CMD_WITHDRAW) {
+		ledger_text_raw(&b->text, ",\"balance\":", 11);
+		ledger_text_int(&b->text, acc->balance);
 	}
-	b->slots[i].body = json_pack("{s:s, s:I}", "account_id", id, "version",
-				     (json_int_t)acc->version);
-	if (cmd->kind == CMD_DEPOSIT || cmd->kind == CMD_WITHDRAW)
-		json_object_set_new(b->slots[i].body, "balance", json_integer(acc->balance));
-	json_object_set_new(b->slots[i].body, "position", json_string(POSITION_PLACEHOLDER));
-	return true;
+	text_end(b, i);
+	b->slots[i].etag = header_value(b, "\"", NULL, acc->version, "\"");
+	if (cmd->kind == CMD_OPEN)
+		b->slots[i].location = header_value(b, "/accounts/", id, 0, "");
+	return !b->text.failed;
 }
 
 bool decide(struct batcher *b, int i)
@@ -250,7 +308,7 @@ bool decide(struct batcher *b, int i)
 	char detail[256];
 
 	s->last_event = -1;
-	s->headers = json_object();
+	s->text = false;
 	if (!(s->cmd->kind == CMD_TRANSFER ? decide_transfer(b, i, &err, &blame)
 					   : decide_account(b, i, &err, &blame)))
 		return false;
@@ -258,9 +316,6 @@ bool decide(struct batcher *b, int i)
 		s->status = 201;
 		return true;
 	}
-	json_decref(s->headers);
-	json_decref(s->body);
-	s->body = NULL;
 	refusal_detail(s->cmd, err, blame, detail, sizeof(detail));
 	set_refusal(s, err, detail);
 	return true;

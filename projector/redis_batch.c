@@ -1,6 +1,8 @@
 /* The Redis leg of each committed batch: one script call (PUT_BATCH) writes the
  * batch's accounts, transfers, statement items and totals to the live generation and
- * then moves its checkpoint, all guarded so that a replay is a no-op. */
+ * then moves its checkpoint; a replay is a no-op. The keys and bodies are made here,
+ * each account's items gathered into one run, so that the script does little more
+ * than one command per key. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,14 +39,17 @@ static char *cached_totals_json(struct projector_ctx *ctx)
 }
 
 /* The arguments of one PUT_BATCH call; the texts it points to are owned here (the
- * numbers and the accounts' bodies) or by the batch's rows (ids, items' bodies). */
+ * numbers, keys and the accounts' bodies) or by the batch's rows (items' bodies). */
 struct batch_args {
 	const char **argv;
 	size_t argc;
 	char (*num)[24]; /* number texts */
 	size_t nnum;
+	char (*key)[READMODEL_KEY_MAX]; /* the generation's keys */
+	size_t nkey;
 	char **owned; /* accounts' bodies */
 	size_t nowned;
+	const struct projector_item **stmt; /* the statement items, by account */
 };
 
 static void args_free(struct batch_args *a)
@@ -53,6 +58,8 @@ static void args_free(struct batch_args *a)
 		free(a->owned[i]);
 	free(a->owned);
 	free(a->num);
+	free(a->key);
+	free(a->stmt);
 	free(a->argv);
 }
 
@@ -60,6 +67,22 @@ static const char *num(struct batch_args *a, long long v)
 {
 	snprintf(a->num[a->nnum], sizeof(a->num[0]), "%lld", v);
 	return a->num[a->nnum++];
+}
+
+static const char *key(struct batch_args *a, long long gen, const char *kind, const char *id)
+{
+	readmodel_key(a->key[a->nkey], sizeof(a->key[0]), gen, kind, id);
+	return a->key[a->nkey++];
+}
+
+/* By account, then version: one account's items are one run, oldest first. */
+static int by_account(const void *x, const void *y)
+{
+	const struct projector_item *a = *(const struct projector_item *const *)x;
+	const struct projector_item *b = *(const struct projector_item *const *)y;
+	int c = strcmp(a->id, b->id);
+
+	return c ? c : (a->version > b->version) - (a->version < b->version);
 }
 
 /* Lay out the arguments (redis_scripts.c, PUT_BATCH) for the batch's rows. */
@@ -70,17 +93,28 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	const struct projector_item *items;
 	size_t na = projector_rows_accounts(ctx->rows, &accounts);
 	size_t ni = projector_rows_items(ctx->rows, &items);
-	size_t nx = 0, i = 0;
+	size_t nx = 0, ns = 0, i = 0;
 	char *totals;
 
-	/* At most: 8 heads, 4 per account, and 4 per item (a run of its own). */
-	a->argv = malloc((8 + 4 * na + 4 * ni) * sizeof(*a->argv));
-	a->num = malloc((4 + 2 * na + 2 * ni) * sizeof(*a->num));
+	/* At most: 8 heads, 4 per account, 2 per transfer and 3 per item (a run of its
+	 * own); a key per account and per item. */
+	a->argv = malloc((8 + 4 * na + 3 * ni) * sizeof(*a->argv));
+	a->num = malloc((4 + 2 * na + ni) * sizeof(*a->num));
+	a->key = malloc((na + ni + 1) * sizeof(*a->key));
+	a->stmt = malloc((ni + 1) * sizeof(*a->stmt));
 	a->owned = calloc(na + 1, sizeof(*a->owned));
-	if (!a->argv || !a->num || !a->owned)
+	if (!a->argv || !a->num || !a->key || !a->stmt || !a->owned)
 		return false;
-	for (size_t k = 0; k < ni; k++)
-		nx += items[k].version == 0;
+	for (size_t k = 0; k < ni; k++) {
+		if (items[k].version == 0)
+			nx++;
+		else
+			a->stmt[ns++] = &items[k];
+	}
+	/* The items come in the batch's order; an account's are gathered into one run, so
+	 * that its statement takes one push however its events interleave with others'
+	 * (a hot account has many in a batch). */
+	qsort(a->stmt, ns, sizeof(*a->stmt), by_account);
 	redis_sync_fence_arg(ctx, fence, fencelen);
 	snprintf(gen, 24, "%lld", ctx->gen);
 	redis_sync_cp_token(ctx, token);
@@ -100,7 +134,8 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 		if (!json)
 			return false;
 		a->owned[a->nowned++] = json;
-		a->argv[a->argc++] = accounts[k]->row.acc.id;
+		a->argv[a->argc++] = key(a, ctx->gen, READMODEL_KIND_ACCOUNT,
+					 accounts[k]->row.acc.id);
 		a->argv[a->argc++] = num(a, accounts[k]->row.acc.version);
 		a->argv[a->argc++] = num(a, accounts[k]->row.entries);
 		a->argv[a->argc++] = json;
@@ -108,31 +143,24 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	for (size_t k = 0; k < ni; k++) {
 		if (items[k].version != 0)
 			continue;
-		a->argv[a->argc++] = items[k].id;
+		a->argv[a->argc++] = key(a, ctx->gen, READMODEL_KIND_TRANSFER, items[k].id);
 		a->argv[a->argc++] = items[k].json;
 	}
-	while (i < ni) {
+	while (i < ns) {
 		size_t start = i, m;
-		if (items[i].version == 0) {
+		while (i < ns && strcmp(a->stmt[i]->id, a->stmt[start]->id) == 0)
 			i++;
-			continue;
-		}
-		/* A run of one account's items; only the newest READMODEL_ITEMS_KEPT can stay
-		 * in the statement, so a stream with thousands of events in one batch sends
-		 * no more than those. */
-		while (i < ni && items[i].version > 0 && strcmp(items[i].id, items[start].id) == 0)
-			i++;
+		/* Only the newest READMODEL_ITEMS_KEPT can stay in the statement, so a stream
+		 * with thousands of events in one batch sends no more than those. */
 		m = i - start;
 		if (m > READMODEL_ITEMS_KEPT) {
 			start += m - READMODEL_ITEMS_KEPT;
 			m = READMODEL_ITEMS_KEPT;
 		}
-		a->argv[a->argc++] = items[start].id;
+		a->argv[a->argc++] = key(a, ctx->gen, READMODEL_KIND_STATEMENT, a->stmt[start]->id);
 		a->argv[a->argc++] = num(a, (long long)m);
-		for (size_t k = start; k < start + m; k++) {
-			a->argv[a->argc++] = num(a, items[k].version);
-			a->argv[a->argc++] = items[k].json;
-		}
+		for (size_t k = start; k < start + m; k++)
+			a->argv[a->argc++] = a->stmt[k]->json;
 	}
 	return true;
 }

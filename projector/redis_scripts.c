@@ -11,68 +11,84 @@
 	"at, ap, bt, bp = tonumber(at), tonumber(ap), tonumber(bt), tonumber(bp) "                 \
 	"return at > bt or (at == bt and ap > bp) end "
 
+/* Transfers per MSET of a batch: unpack() and a command's arguments stay small. */
+#define PUT_BATCH_MSET_MAX "500"
+
 /* The batch writer's one call (redis_batch.c). ARGV after the fence: the generation,
  * the store's identity, the new checkpoint token, where the batch starts, the totals'
- * body, the number of accounts and of transfers; then each account (id, version,
- * entries, body), each transfer (id, body), and each run of one account's statement
- * items (id, count, then version and body of each, oldest first; at most
- * READMODEL_ITEMS_KEPT, so they go in with one LPUSH, trimmed only when the list
- * outgrows the statement).
+ * body, the number of accounts and of transfers; then each account (key, version,
+ * entries, body), each transfer (key, body), and each account's statement items (key,
+ * count, then the bodies, oldest first; at most READMODEL_ITEMS_KEPT, so they go in
+ * with one LPUSH, trimmed only when the list outgrows the statement). The keys are
+ * the generation's, made in C (readmodel_key).
  * It first checks, as LIVE_STATUS does, that the generation is still the live one of
  * this store ({'LOST'} or {'MOVED', live, its checkpoint} otherwise, nothing written),
  * then that the generation holds everything up to where the batch starts (the GAP
- * error, nothing written). Every write is guarded as the single-purpose scripts'
- * (a replay is a no-op); the checkpoint is written last, so an error reply from any
- * write (WRONGTYPE, say) ends the script before it. */
+ * error, nothing written). A generation whose checkpoint is exactly where the batch
+ * starts holds the fold up to there and nothing after it (every batch lands whole or
+ * its generation is replaced, see docs/read-models.md), so the batch's versions are
+ * all newer than what it holds: the writes go in unguarded, one command per key and
+ * one MSET for the transfers. A generation already past the start (a replay, or one a
+ * rebuild filled) gets every write guarded as the single-purpose scripts' (a replay
+ * is a no-op). The checkpoint is written last, so an error reply from any write
+ * (WRONGTYPE, say) ends the script before it. */
 #define PUT_BATCH_LUA                                                                              \
 	READMODEL_LUA_FENCE LUA_NEWER READMODEL_LUA_ITEM_VERSION READMODEL_LUA_GEN_KEY             \
 		"local gen, token, from = ARGV[1], ARGV[3], ARGV[4] "                              \
-		"local live = redis.call('GET', '" READMODEL_LIVE_KEY "') "                        \
+		"local g = gen_key(gen, '') "                                                      \
+		"local head = redis.call('MGET', '" READMODEL_LIVE_KEY "', "                       \
+		"g .. '" READMODEL_KIND_LAYOUT "', g .. '" READMODEL_KIND_IDENTITY "', "           \
+		"g .. '" READMODEL_KIND_CHECKPOINT "') "                                           \
+		"local live = head[1] "                                                            \
+		"if live ~= gen then "                                                             \
 		"if not live or redis.call('GET', gen_key(live, '" READMODEL_KIND_LAYOUT           \
 		"')) ~= '" READMODEL_REDIS_LAYOUT "' or "                                          \
 		"redis.call('GET', gen_key(live, '" READMODEL_KIND_IDENTITY "')) "                 \
 		"~= ARGV[2] then return {'LOST'} end "                                             \
-		"if live ~= gen then return {'MOVED', live, "                                      \
+		"return {'MOVED', live, "                                                          \
 		"redis.call('GET', gen_key(live, '" READMODEL_KIND_CHECKPOINT "')) or ''} end "    \
-		"local g = gen_key(gen, '') "                                                      \
-		"local cur = redis.call('GET', g .. '" READMODEL_KIND_CHECKPOINT "') "             \
+		"if head[2] ~= '" READMODEL_REDIS_LAYOUT "' or head[3] ~= ARGV[2] then "           \
+		"return {'LOST'} end "                                                             \
+		"local cur = head[4] or nil "                                                      \
 		"if from ~= '' and (not cur or newer(from, cur)) then "                            \
 		"return redis.error_reply('GAP the generation is at ' .. tostring(cur) .. "        \
 		"', the batch starts at ' .. from) end "                                           \
+		"local exact = from ~= '' and cur == from "                                        \
 		"local i = 8 "                                                                     \
 		"for _ = 1, tonumber(ARGV[6]) do "                                                 \
-		"local k = g .. '" READMODEL_KIND_ACCOUNT ":' .. ARGV[i] "                         \
-		"local v = redis.call('HGET', k, 'v') "                                            \
+		"local k = ARGV[i] "                                                               \
+		"local v = not exact and redis.call('HGET', k, 'v') "                              \
 		"if not v or tonumber(v) < tonumber(ARGV[i + 1]) then "                            \
 		"redis.call('HSET', k, 'v', ARGV[i + 1], 'n', ARGV[i + 2], 'j', ARGV[i + 3]) end " \
 		"i = i + 4 end "                                                                   \
-		"for _ = 1, tonumber(ARGV[7]) do "                                                 \
-		"redis.call('SET', g .. '" READMODEL_KIND_TRANSFER ":' .. ARGV[i], ARGV[i + 1]) "  \
-		"i = i + 2 end "                                                                   \
+		"local nx = tonumber(ARGV[7]) "                                                    \
+		"while nx > 0 do "                                                                 \
+		"local c = math.min(nx, " PUT_BATCH_MSET_MAX ") "                                  \
+		"redis.call('MSET', unpack(ARGV, i, i + 2 * c - 1)) "                              \
+		"i, nx = i + 2 * c, nx - c end "                                                   \
 		"while i <= #ARGV do "                                                             \
-		"local k, m, a = g .. '" READMODEL_KIND_STATEMENT ":' .. ARGV[i], "                \
-		"tonumber(ARGV[i + 1]), i + 2 "                                                    \
-		"local top = redis.call('LINDEX', k, 0) "                                          \
-		"if not top or tonumber(ARGV[a]) > item_version(top) then "                        \
-		"local vals = {} "                                                                 \
-		"for j = 0, m - 1 do vals[j + 1] = ARGV[a + 2 * j + 1] end "                       \
-		"if redis.call('LPUSH', k, unpack(vals)) > " READMODEL_ITEMS_KEPT_TEXT " then "    \
-		"redis.call('LTRIM', k, 0, " READMODEL_ITEMS_KEPT_TEXT " - 1) end "                \
+		"local k, a = ARGV[i], i + 2 "                                                     \
+		"local z = a + tonumber(ARGV[i + 1]) - 1 "                                         \
+		"local top = not exact and redis.call('LINDEX', k, 0) "                            \
+		"if not top or item_version(ARGV[a]) > item_version(top) then "                    \
+		"if redis.call('LPUSH', k, unpack(ARGV, a, z)) > " READMODEL_ITEMS_KEPT_TEXT       \
+		" then redis.call('LTRIM', k, 0, " READMODEL_ITEMS_KEPT_TEXT " - 1) end "          \
 		"else "                                                                            \
 		"local by, vs = {}, {} "                                                           \
 		"for _, item in ipairs(redis.call('LRANGE', k, 0, -1)) do "                        \
 		"local v = item_version(item) "                                                    \
 		"if not by[v] then by[v] = item; vs[#vs + 1] = v end end "                         \
-		"for j = 0, m - 1 do "                                                             \
-		"local v = tonumber(ARGV[a + 2 * j]) "                                             \
-		"if not by[v] then by[v] = ARGV[a + 2 * j + 1]; vs[#vs + 1] = v end end "          \
+		"for j = a, z do "                                                                 \
+		"local v = item_version(ARGV[j]) "                                                 \
+		"if not by[v] then by[v] = ARGV[j]; vs[#vs + 1] = v end end "                      \
 		"table.sort(vs, function(x, y) return x > y end) "                                 \
 		"redis.call('DEL', k) "                                                            \
 		"for j = 1, math.min(#vs, " READMODEL_ITEMS_KEPT_TEXT ") do "                      \
 		"redis.call('RPUSH', k, by[vs[j]]) end "                                           \
 		"end "                                                                             \
-		"i = a + 2 * m end "                                                               \
-		"local tp = redis.call('HGET', g .. '" READMODEL_KIND_TOTALS "', 'p') "            \
+		"i = z + 1 end "                                                                   \
+		"local tp = not exact and redis.call('HGET', g .. '" READMODEL_KIND_TOTALS         \
+		"', 'p') "                                                                         \
 		"if not tp or newer(token, tp) then "                                              \
 		"redis.call('HSET', g .. '" READMODEL_KIND_TOTALS                                  \
 		"', 'p', token, 'j', ARGV[5]) end "                                                \

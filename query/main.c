@@ -157,6 +157,51 @@ static void on_reads_ready(void *arg)
 	cache_reads_ready(ctx->cache);
 }
 
+/* The position subscriber is open only while a waiter could be woken by its messages
+ * (waitset_watch), and SUBSCRIBE_LINGER seconds after: every message wakes the worker
+ * and costs Redis a write, one per projector batch, with nobody waiting. */
+#define SUBSCRIBE_LINGER 2
+
+static int open_subscriber(struct query_ctx *ctx)
+{
+	struct redis_config sc = {
+		.server = &ctx->cfg.redis,
+		.name = "daybook-query-position",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.subscribe = READMODEL_POSITION_TOPIC,
+		.on_message = on_position,
+		.connect_timeout = REDIS_CONNECT_TIMEOUT,
+		.on_ready = on_subscribed,
+		.arg = ctx,
+	};
+
+	return ctx->subscriber ? 0 : redis_open(&ctx->subscriber, &sc);
+}
+
+static void on_subscriber_linger(evutil_socket_t fd, short what, void *arg)
+{
+	struct query_ctx *ctx = arg;
+
+	(void)fd;
+	(void)what;
+	if (!ctx->subscriber_wanted)
+		redis_close(&ctx->subscriber);
+}
+
+static void on_redis_interest(void *arg, enum wait_source from, bool on)
+{
+	struct query_ctx *ctx = arg;
+	struct timeval linger = { SUBSCRIBE_LINGER, 0 };
+
+	(void)from;
+	ctx->subscriber_wanted = on;
+	if (!on)
+		evtimer_add(ctx->subscriber_linger, &linger);
+	else if (open_subscriber(ctx)) /* the safety probe stands in */
+		log_error(&ctx->log, "cannot open the position subscriber: out of memory");
+}
+
 static int open_redis(struct query_ctx *ctx)
 {
 	size_t nscripts;
@@ -174,18 +219,6 @@ static int open_redis(struct query_ctx *ctx)
 		.on_ready = on_reads_ready,
 		.arg = ctx,
 	};
-	struct redis_config sc = {
-		.server = &ctx->cfg.redis,
-		.name = "daybook-query-position",
-		.base = ctx->base,
-		.log = &ctx->log,
-		.subscribe = READMODEL_POSITION_TOPIC,
-		.on_message = on_position,
-		.connect_timeout = REDIS_CONNECT_TIMEOUT,
-		.on_ready = on_subscribed,
-		.arg = ctx,
-	};
-
 	struct cache_config cc = {
 		.max_bytes = ctx->cache_bytes,
 		.lease = ctx->cache_lease,
@@ -197,8 +230,12 @@ static int open_redis(struct query_ctx *ctx)
 		.log = &ctx->log,
 	};
 
-	if (redis_open(&ctx->redis, &rc) || redis_open(&ctx->subscriber, &sc))
+	if (redis_open(&ctx->redis, &rc))
 		return -1;
+	ctx->subscriber_linger = evtimer_new(ctx->base, on_subscriber_linger, ctx);
+	if (!ctx->subscriber_linger)
+		return -1;
+	waitset_watch(ctx->waits, WAIT_FROM_REDIS, on_redis_interest, ctx);
 	cc.reads = ctx->redis;
 	if (cache_open(&ctx->cache, &cc))
 		return -1;
@@ -261,6 +298,8 @@ static void stop_worker(struct query_ctx *ctx)
 	feed_close(&ctx->feed);
 	http_server_close(&ctx->http);
 	redis_close(&ctx->subscriber);
+	if (ctx->subscriber_linger)
+		event_free(ctx->subscriber_linger);
 	redis_close(&ctx->redis);
 	cache_close(&ctx->cache); /* after the reads, whose pending heartbeat it is */
 	sqlpool_close(&ctx->sql);

@@ -66,8 +66,10 @@ struct query_ctx {
 	 * has its own loop; the tokens and metrics are worker 0's, shared. */
 	SERVICE_CTX_HEAD;
 	struct redis *redis;      /* the read connection */
-	struct redis *subscriber; /* dbk:position, to wake waiting reads */
-	struct cache *cache;      /* rendered bodies of Redis reads (cache.c) */
+	struct redis *subscriber; /* dbk:position, to wake waiting reads; open while wanted */
+	bool subscriber_wanted;   /* a waiter could be woken by its messages */
+	struct event *subscriber_linger; /* closes it a moment after it is no longer wanted */
+	struct cache *cache;             /* rendered bodies of Redis reads (cache.c) */
 	struct sqlpool *sql;
 	struct waitset *waits;  /* reads waiting for a projection to reach min_position */
 	size_t max_waiters;     /* DAYBOOK_MAX_WAITERS, for all workers together */

@@ -21,8 +21,13 @@
 #define LOG_HEAD QUERY_SQL_LOG_HEAD
 /* The channels the pool's connections LISTEN on (slot 0, slot 1): the projector's
  * NOTIFY in the transaction that moves the SQL checkpoint, and the event store's on
- * append. Each wakes the waiting room's one shared probe. */
+ * append. Each wakes the waiting room's one shared probe. A slot listens only while
+ * its channel could wake a waiter (waitset_watch), and LISTEN_LINGER seconds after:
+ * a listening backend is woken by every NOTIFY of the database, on any channel, and
+ * so is this process by those of its channel, which under a write load is most of
+ * the query service's work and its backends' when nobody waits. */
 #define EVENTS_CHANNEL "daybook_events"
+#define LISTEN_LINGER 2.0
 
 static const struct pg_statement statements[READ_KINDS] = {
 	[READ_ACCOUNT] = { "account",
@@ -74,6 +79,13 @@ struct slot {
 	char identity[READMODEL_IDENTITY_MAX];
 	bool identified;
 	time_t identify_after; /* a failed read (not migrated yet?) is retried from then */
+	const char *channel;   /* the one it LISTENs on while wanted */
+	enum wait_source from; /* what its notifications tell the waiting room */
+	bool interest;         /* the waiting room has a waiter they could wake */
+	bool listen;           /* it should listen (interest, or lingering after it) */
+	bool listening;        /* a LISTEN is in effect on this session */
+	bool listen_run;       /* a LISTEN or UNLISTEN is in flight */
+	struct event *linger;  /* ends `listen` LISTEN_LINGER after the interest */
 };
 
 struct sqlpool {
@@ -206,11 +218,79 @@ static void run_batch(struct slot *slot)
 	}
 }
 
+static void listen_done(void *arg, const struct pg_outcome *out)
+{
+	struct slot *slot = arg;
+	bool ok = out->status == PG_RUN_DONE && out->n == 1 &&
+		  PQresultStatus(out->results[0]) == PGRES_COMMAND_OK;
+
+	slot->listen_run = false;
+	if (ok)
+		slot->listening = !slot->listening;
+	kick(slot->pool);
+	/* Messages sent before the LISTEN took effect were missed: look once. */
+	if (ok && slot->listening)
+		waitset_poke(slot->pool->ctx->waits, slot->from);
+}
+
+/* Bring an idle slot's LISTEN in line with slot->listen; true when a run went out. */
+static bool sync_listen(struct slot *slot)
+{
+	char sql[64];
+
+	if (slot->listen == slot->listening)
+		return false;
+	snprintf(sql, sizeof(sql), "%s %s", slot->listen ? "LISTEN" : "UNLISTEN", slot->channel);
+	if (!pg_queue_sql(slot->pg, sql, 0, NULL) || !pg_run(slot->pg, listen_done, slot))
+		return false;
+	slot->listen_run = true;
+	return true;
+}
+
 static void kick(struct sqlpool *pool)
 {
-	for (size_t i = 0; i < POOL_SIZE && pool->head; i++)
-		if (!pool->slots[i].batch && pg_ready(pool->slots[i].pg))
-			run_batch(&pool->slots[i]);
+	for (size_t i = 0; i < POOL_SIZE; i++) {
+		struct slot *slot = &pool->slots[i];
+		if (slot->batch || slot->listen_run || !pg_ready(slot->pg) || sync_listen(slot))
+			continue;
+		if (pool->head)
+			run_batch(slot);
+	}
+}
+
+static void on_linger(evutil_socket_t fd, short what, void *arg)
+{
+	struct slot *slot = arg;
+
+	(void)fd;
+	(void)what;
+	if (slot->interest)
+		return;
+	slot->listen = false;
+	kick(slot->pool);
+}
+
+/* The waiting room gained (on) or lost its last waiter that `from`'s notifications
+ * could wake. */
+static void on_interest(void *arg, enum wait_source from, bool on)
+{
+	struct sqlpool *pool = arg;
+	struct timeval linger = { (time_t)LISTEN_LINGER,
+				  (suseconds_t)((LISTEN_LINGER - (double)(time_t)LISTEN_LINGER) *
+						1e6) };
+
+	for (size_t i = 0; i < POOL_SIZE; i++) {
+		struct slot *slot = &pool->slots[i];
+		if (slot->from != from)
+			continue;
+		slot->interest = on;
+		if (on) {
+			slot->listen = true;
+			kick(pool);
+		} else {
+			evtimer_add(slot->linger, &linger);
+		}
+	}
 }
 
 static void identity_done(void *arg, const struct pg_outcome *out)
@@ -257,6 +337,7 @@ static void on_connect(void *arg)
 
 	/* Reads may use Redis only once the store's identity is known (sqlpool_identity). */
 	slot->identified = false;
+	slot->listening = false; /* a new session: kick LISTENs again if wanted */
 	if (identify(slot))
 		return;
 	kick(slot->pool);
@@ -267,9 +348,8 @@ static void on_connect(void *arg)
 static void on_notify(void *arg)
 {
 	struct slot *slot = arg;
-	bool position = slot == &slot->pool->slots[0];
 
-	waitset_poke(slot->pool->ctx->waits, position ? WAIT_FROM_SQL : WAIT_FROM_LOG);
+	waitset_poke(slot->pool->ctx->waits, slot->from);
 }
 
 const char *sqlpool_identity(const struct sqlpool *pool)
@@ -357,15 +437,20 @@ int sqlpool_open(struct sqlpool **out, struct query_ctx *ctx, sqlpool_done_cb do
 			.run_timeout = RUN_TIMEOUT,
 			.on_connect = on_connect,
 			.on_notify = on_notify,
-			.listen_channel = i == 0 ? READMODEL_POSITION_CHANNEL : EVENTS_CHANNEL,
 			.arg = &pool->slots[i],
 		};
-		pool->slots[i].pool = pool;
-		if (pg_open(&pool->slots[i].pg, &pc)) {
+		struct slot *slot = &pool->slots[i];
+		slot->pool = pool;
+		slot->channel = i == 0 ? READMODEL_POSITION_CHANNEL : EVENTS_CHANNEL;
+		slot->from = i == 0 ? WAIT_FROM_SQL : WAIT_FROM_LOG;
+		slot->linger = evtimer_new(ctx->base, on_linger, slot);
+		if (!slot->linger || pg_open(&slot->pg, &pc)) {
 			sqlpool_close(&pool);
 			return -1;
 		}
 	}
+	waitset_watch(ctx->waits, WAIT_FROM_SQL, on_interest, pool);
+	waitset_watch(ctx->waits, WAIT_FROM_LOG, on_interest, pool);
 	*out = pool;
 	return 0;
 }
@@ -376,8 +461,13 @@ void sqlpool_close(struct sqlpool **poolp)
 
 	if (!pool)
 		return;
-	for (size_t i = 0; i < POOL_SIZE; i++)
+	waitset_watch(pool->ctx->waits, WAIT_FROM_SQL, NULL, NULL);
+	waitset_watch(pool->ctx->waits, WAIT_FROM_LOG, NULL, NULL);
+	for (size_t i = 0; i < POOL_SIZE; i++) {
 		pg_close(&pool->slots[i].pg);
+		if (pool->slots[i].linger)
+			event_free(pool->slots[i].linger);
+	}
 	free(pool);
 	*poolp = NULL;
 }

@@ -26,6 +26,11 @@ struct waitset {
 	bool has_known[WAIT_SOURCES];
 	uint64_t seq;
 	struct metric *waiting, *probes[2];
+	/* Who listens for each source's messages only while they could wake someone
+	 * (waitset_watch), and what it was last told. */
+	waitset_interest_cb interest[WAIT_SOURCES];
+	void *interest_arg[WAIT_SOURCES];
+	bool interested[WAIT_SOURCES];
 };
 
 static double now(void)
@@ -192,6 +197,34 @@ static void arm_expiry(struct waitset *ws)
 	evtimer_add(ws->expiry, &tv);
 }
 
+/* Could a message from `from` wake anyone now? */
+static bool wakes_someone(const struct waitset *ws, enum wait_source from)
+{
+	switch (from) {
+	case WAIT_FROM_REDIS:
+		return ws->pos[WAIT_ANY].n > 0;
+	case WAIT_FROM_SQL:
+		return waiting(ws) > 0;
+	case WAIT_FROM_LOG:
+		return ws->pos[WAIT_LOG].n > 0;
+	case WAIT_SOURCES:
+		break;
+	}
+	return false;
+}
+
+/* Tell the watchers whose messages became able, or unable, to wake someone. */
+static void notice_interest(struct waitset *ws)
+{
+	for (int s = 0; s < WAIT_SOURCES; s++) {
+		bool on = wakes_someone(ws, (enum wait_source)s);
+		if (ws->interest[s] && on != ws->interested[s]) {
+			ws->interested[s] = on;
+			ws->interest[s](ws->interest_arg[s], (enum wait_source)s, on);
+		}
+	}
+}
+
 static void on_expiry(evutil_socket_t fd, short what, void *arg)
 {
 	struct waitset *ws = arg;
@@ -205,11 +238,12 @@ static void on_expiry(evutil_socket_t fd, short what, void *arg)
 		leave(ws, ws->deadlines.v[0], &tail);
 	wake_all(expired, true);
 	arm_expiry(ws);
+	notice_interest(ws);
 }
 
 static bool wanted(const struct waitset *ws, bool sql)
 {
-	return sql ? waiting(ws) > 0 : ws->pos[WAIT_ANY].n > 0;
+	return wakes_someone(ws, sql ? WAIT_FROM_SQL : WAIT_FROM_REDIS);
 }
 
 static void probe(struct waitset *ws, bool sql)
@@ -272,6 +306,7 @@ enum wait_add waitset_add(struct waitset *ws, struct waiter *w, uint64_t seen)
 	metric_add(ws->waiting, 1);
 	arm_expiry(ws);
 	arm_safety(ws);
+	notice_interest(ws);
 	return WAIT_ADDED;
 }
 
@@ -301,6 +336,7 @@ void waitset_reached(struct waitset *ws, enum wait_source from, const struct rea
 			leave(ws, h->v[0], &tail);
 	}
 	wake_all(woken, false);
+	notice_interest(ws);
 }
 
 void waitset_probed(struct waitset *ws, bool sql)
@@ -335,6 +371,17 @@ void waitset_poke(struct waitset *ws, enum wait_source what)
 	case WAIT_SOURCES:
 		break;
 	}
+}
+
+void waitset_watch(struct waitset *ws, enum wait_source from, waitset_interest_cb interest,
+		   void *arg)
+{
+	if (!ws)
+		return;
+	ws->interest[from] = interest;
+	ws->interest_arg[from] = arg;
+	ws->interested[from] = false;
+	notice_interest(ws);
 }
 
 size_t waitset_count(const struct waitset *ws, enum wait_model model)

@@ -96,6 +96,15 @@ void waitset_probed(struct waitset *ws, bool sql);
  * WAIT_FROM_SQL and WAIT_FROM_LOG, the Redis one for WAIT_FROM_REDIS — if anyone
  * waits for what it tells. A probe in flight is followed by one more. */
 void waitset_poke(struct waitset *ws, enum wait_source what);
+/* Call interest(arg, from, on) whenever messages from `from` become able (on) or
+ * unable to wake a waiter: WAIT_FROM_SQL, any waiter; WAIT_FROM_LOG, a WAIT_LOG one;
+ * WAIT_FROM_REDIS, a WAIT_ANY one. So whoever delivers them (a LISTEN, a subscriber)
+ * needs to listen only then; once listening it must poke (waitset_poke) for what it
+ * may have missed before. Called at once if they can wake someone now. One watcher
+ * per source; NULL stops watching. */
+typedef void (*waitset_interest_cb)(void *arg, enum wait_source from, bool on);
+void waitset_watch(struct waitset *ws, enum wait_source from, waitset_interest_cb interest,
+		   void *arg);
 /* Waiters in the set for `model`. */
 size_t waitset_count(const struct waitset *ws, enum wait_model model);
 

@@ -69,28 +69,59 @@ static double elapsed(const struct timespec *start)
 	return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) / 1e9;
 }
 
+/* The access lines of one loop iteration leave in one write, once the callbacks that
+ * answered them have run (activated last, this runs after them in the same
+ * iteration). */
+static void flush_access_lines(evutil_socket_t fd, short what, void *arg)
+{
+	struct http_server *srv = arg;
+
+	(void)fd;
+	(void)what;
+	log_buf_flush(&srv->access_lines);
+}
+
 /* The access line: one per request, at info (warn for 5xx; debug for a successful
- * read with quiet_reads), built only when it is written. Every field goes through
- * jansson (log_text for what the client chose), so the line is valid JSON whatever
- * bytes the path or the request id held. */
+ * read with quiet_reads), built only when it is written, by hand into the server's
+ * buffer (log_line_*: escaped and made one line as log_text does, so the line is
+ * valid JSON whatever bytes the path or the request id held). */
 static void access_log(struct http_request *req, int status, size_t bytes, double secs)
 {
-	const struct log *log = req->srv->cfg.log;
+	struct http_server *srv = req->srv;
+	const struct log *log = srv->cfg.log;
 	enum log_level level = status >= 500 ? LOG_WARN : LOG_INFO;
 	bool read = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
-	json_t *fields;
+	const char *token = req->token ? req->token->id : NULL;
+	struct log_line ln;
+	bool first = srv->access_lines.len == 0;
 
-	if (req->srv->cfg.quiet_reads && read && ((status >= 200 && status < 300) || status == 304))
+	if (srv->cfg.quiet_reads && read && ((status >= 200 && status < 300) || status == 304))
 		level = LOG_DEBUG;
 
-	if (!log_enabled(log, level))
+	if (!log_enabled(log, level) ||
+	    !log_line_begin(&ln, log, &srv->access_lines, level, req->request_id, "request",
+			    160 + log_text_room(strlen(req->method)) +
+				    log_text_room(strlen(req->route_name)) +
+				    log_text_room(strlen(req->path)) +
+				    (token ? log_text_room(strlen(token)) : 0)))
 		return;
-	fields = json_pack("{s:s, s:s, s:o, s:i, s:f, s:o, s:I}", "method", req->method, "route",
-			   req->route_name, "path", log_text(req->path), "status", status,
-			   "duration_ms", secs * 1e3, "token_id",
-			   req->token ? json_string(req->token->id) : json_null(), "bytes",
-			   (json_int_t)bytes);
-	log_fields(log, level, req->request_id, "request", fields);
+	log_line_key(&ln, "method");
+	log_line_text(&ln, req->method);
+	log_line_key(&ln, "route");
+	log_line_text(&ln, req->route_name);
+	log_line_key(&ln, "path");
+	log_line_text(&ln, req->path);
+	log_line_key(&ln, "status");
+	log_line_int(&ln, status);
+	log_line_key(&ln, "duration_ms");
+	log_line_millis(&ln, secs);
+	log_line_key(&ln, "token_id");
+	log_line_text(&ln, token);
+	log_line_key(&ln, "bytes");
+	log_line_int(&ln, (long long)bytes);
+	log_line_end(&ln);
+	if (first && srv->access_lines.len > 0)
+		event_active(srv->flush_lines, EV_TIMEOUT, 0);
 }
 
 static void record(struct http_request *req, int status, size_t bytes)
@@ -385,19 +416,15 @@ static bool is_json_type(const char *ct)
 	       (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' ');
 }
 
-bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
+bool http_body_checked(struct http_request *req, bool allow_empty, const char **text, size_t *len)
 {
-	json_error_t error;
-	size_t len;
-	const char *body = http_body(req, &len);
-
-	*out = NULL;
-	if (len > HTTP_BODY_MAX) {
+	*text = http_body(req, len);
+	if (*len > HTTP_BODY_MAX) {
 		http_reply_problem(req, 413, "payload_too_large", "Request body too large",
-				   "the body is %zu bytes; the limit is %d", len, HTTP_BODY_MAX);
+				   "the body is %zu bytes; the limit is %d", *len, HTTP_BODY_MAX);
 		return false;
 	}
-	if (len == 0) {
+	if (*len == 0) {
 		if (allow_empty)
 			return true;
 		http_reply_invalid(req, "a JSON object body is required");
@@ -408,8 +435,15 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 				   "the body must be sent as Content-Type: application/json");
 		return false;
 	}
-	*out = json_loadb(body, len, JSON_REJECT_DUPLICATES, &error);
-	if (!*out) {
+	return true;
+}
+
+bool http_body_parse(struct http_request *req, const char *text, size_t len, json_t **out)
+{
+	json_error_t error;
+
+	*out = len ? json_loadb(text, len, JSON_REJECT_DUPLICATES, &error) : NULL;
+	if (len && !*out) {
 		char detail[300];
 		snprintf(detail, sizeof(detail), "malformed JSON at line %d, column %d: %s",
 			 error.line, error.column, error.text);
@@ -417,6 +451,16 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 		return false;
 	}
 	return true;
+}
+
+bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
+{
+	const char *text;
+	size_t len;
+
+	*out = NULL;
+	return http_body_checked(req, allow_empty, &text, &len) &&
+	       http_body_parse(req, text, len, out);
 }
 
 static int hex_digit(char c)
@@ -886,7 +930,12 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 					  "daybook_http_requests_in_flight",
 					  "Requests received and not yet answered.", "", NULL, 0);
 	srv->evhttp = evhttp_new(cfg->base);
-	if (!srv->evhttp) {
+	srv->flush_lines = event_new(cfg->base, -1, 0, flush_access_lines, srv);
+	if (!srv->evhttp || !srv->flush_lines) {
+		if (srv->evhttp)
+			evhttp_free(srv->evhttp);
+		if (srv->flush_lines)
+			event_free(srv->flush_lines);
 		snprintf(err, errlen, "evhttp_new failed");
 		free(srv);
 		return -ENOMEM;
@@ -915,6 +964,7 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 			close(fd);
 		}
 		evhttp_free(srv->evhttp);
+		event_free(srv->flush_lines);
 		free(srv);
 		return -EADDRINUSE;
 	}
@@ -931,6 +981,7 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 	if (conns_open(&srv->conns, &ccfg) != 0) {
 		snprintf(err, errlen, "out of memory");
 		evhttp_free(srv->evhttp);
+		event_free(srv->flush_lines);
 		free(srv);
 		return -ENOMEM;
 	}
@@ -958,6 +1009,8 @@ void http_server_close(struct http_server **srv)
 		return;
 	evhttp_free((*srv)->evhttp); /* closes the connections first */
 	conns_close(&(*srv)->conns);
+	log_buf_flush(&(*srv)->access_lines);
+	event_free((*srv)->flush_lines);
 	free(*srv);
 	*srv = NULL;
 }

@@ -128,5 +128,13 @@ struct evhttp_request *http_reply_stream(struct http_request *req, int status,
  * body gives *out NULL when allow_empty, else 400. Caller must json_decref *out. */
 bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 	__attribute__((warn_unused_result));
+/* The same in two steps, for a caller that may read the text itself: the checks
+ * (false after replying 400/413/415; *text and *len the body, len 0 for an empty one
+ * when allow_empty), then jansson's parse of it (false after replying 400; *out NULL
+ * for an empty body). */
+bool http_body_checked(struct http_request *req, bool allow_empty, const char **text, size_t *len)
+	__attribute__((warn_unused_result));
+bool http_body_parse(struct http_request *req, const char *text, size_t len, json_t **out)
+	__attribute__((warn_unused_result));
 
 #endif

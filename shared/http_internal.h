@@ -20,6 +20,8 @@ struct http_server {
 	size_t inflight;
 	struct http_request_ids ids;
 	struct metric *inflight_gauge;
+	struct log_buf access_lines; /* this loop's access lines not yet written */
+	struct event *flush_lines;   /* writes them, after the callbacks that answered */
 };
 
 struct http_query_param {

@@ -208,6 +208,148 @@ json_t *ledger_event_to_json(const struct ledger_event *ev)
 	}
 }
 
+/* Event data as text, built by hand: the same text json_dumps(ledger_event_to_json(ev),
+ * JSON_COMPACT) gives, without the objects. */
+
+static void text_reserve(struct ledger_text *t, size_t n)
+{
+	size_t cap = t->cap ? t->cap : 256;
+	char *p;
+
+	if (t->failed || t->len + n <= t->cap)
+		return;
+	while (cap < t->len + n)
+		cap *= 2;
+	if (!(p = realloc(t->p, cap))) {
+		t->failed = true;
+		return;
+	}
+	t->p = p;
+	t->cap = cap;
+}
+
+void ledger_text_raw(struct ledger_text *t, const char *s, size_t n)
+{
+	text_reserve(t, n);
+	if (t->failed)
+		return;
+	memcpy(t->p + t->len, s, n);
+	t->len += n;
+}
+
+void ledger_text_string(struct ledger_text *t, const char *s)
+{
+	json_t *str;
+	char *dumped;
+
+	if (!s) {
+		t->failed = true;
+		return;
+	}
+	/* Text the domain accepts (UTF-8 without control characters): only the quote
+	 * and the backslash need escaping. Anything else is jansson's to escape (and to
+	 * refuse when it is not UTF-8), as before. */
+	if (!ledger_valid_text(s, SIZE_MAX, true)) {
+		str = json_string(s);
+		dumped = str ? json_dumps(str, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+		if (dumped)
+			ledger_text_raw(t, dumped, strlen(dumped));
+		else
+			t->failed = true;
+		free(dumped);
+		json_decref(str);
+		return;
+	}
+	text_reserve(t, 2 * strlen(s) + 2);
+	if (t->failed)
+		return;
+	t->p[t->len++] = '"';
+	for (; *s; s++) {
+		if (*s == '"' || *s == '\\')
+			t->p[t->len++] = '\\';
+		t->p[t->len++] = *s;
+	}
+	t->p[t->len++] = '"';
+}
+
+void ledger_text_int(struct ledger_text *t, int64_t v)
+{
+	char digits[24];
+	size_t n = 0;
+	uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+
+	do
+		digits[sizeof(digits) - ++n] = (char)('0' + u % 10);
+	while (u /= 10);
+	if (v < 0)
+		digits[sizeof(digits) - ++n] = '-';
+	ledger_text_raw(t, digits + sizeof(digits) - n, n);
+}
+
+/* ,"key":"value" (the first member without its comma) */
+static void member_string(struct ledger_text *t, const char *key, const char *value)
+{
+	ledger_text_raw(t, key, strlen(key));
+	ledger_text_string(t, value);
+}
+
+static void member_int(struct ledger_text *t, const char *key, int64_t value)
+{
+	ledger_text_raw(t, key, strlen(key));
+	ledger_text_int(t, value);
+}
+
+/* amount and reference, the amount's key given with what goes before it */
+static void money_members(struct ledger_text *t, const char *amount_key,
+			  const struct ledger_event *ev)
+{
+	member_int(t, amount_key, ev->amount);
+	if (ev->reference)
+		member_string(t, ",\"reference\":", ev->reference);
+}
+
+bool ledger_event_data_text(const struct ledger_event *ev, struct ledger_text *t)
+{
+	size_t mark = t->len;
+
+	switch (ev ? ev->type : (enum ledger_event_type) - 1) {
+	case LEDGER_ACCOUNT_OPENED:
+		member_string(t, "{\"account_id\":", ev->account_id);
+		member_string(t, ",\"name\":", ev->name);
+		member_string(t, ",\"currency\":", ev->currency);
+		member_int(t, ",\"overdraft_limit\":", ev->overdraft_limit);
+		break;
+	case LEDGER_FUNDS_DEPOSITED:
+	case LEDGER_FUNDS_WITHDRAWN:
+		money_members(t, "{\"amount\":", ev);
+		break;
+	case LEDGER_TRANSFER_SENT:
+	case LEDGER_TRANSFER_RECEIVED:
+		member_string(t, "{\"transfer_id\":", ev->transfer_id);
+		member_string(t, ev->type == LEDGER_TRANSFER_SENT ? ",\"to\":" : ",\"from\":",
+			      ev->counterparty);
+		money_members(t, ",\"amount\":", ev);
+		break;
+	case LEDGER_ACCOUNT_CLOSED_EVENT:
+		ledger_text_raw(t, "{", 1);
+		break;
+	default:
+		return false;
+	}
+	ledger_text_raw(t, "}", 1);
+	if (t->failed) {
+		t->len = mark;
+		return false;
+	}
+	return true;
+}
+
+void ledger_text_free(struct ledger_text *t)
+{
+	free(t->p);
+	*t = (struct ledger_text){ 0 };
+}
+
 /* Decoding reads event data through a table of the members it knows, filled either
  * from a jansson object or straight from the JSON text (ledger_event_from_text), so
  * that both follow one set of rules. Decoding is lenient about extra keys, so that a
@@ -370,7 +512,12 @@ static bool plain_integer(struct scan *sc, int64_t *out)
 	return true;
 }
 
-static bool plain_members(struct scan *sc, struct member *m)
+/* A flat object's members into m, by the index of their key in keys (nkeys of them).
+ * Lenient (event data): other keys are skipped and a repeated key's last value
+ * counts, as in jansson. Strict (a request body): another key or a repeated one is
+ * left to jansson too (which refuses a repeat, and names an unknown field). */
+static bool plain_members(struct scan *sc, const char *const *keys, int nkeys, bool strict,
+			  struct member *m)
 {
 	if (!take(sc, '{'))
 		return false;
@@ -397,15 +544,66 @@ static bool plain_members(struct scan *sc, struct member *m)
 			if (!plain_integer(sc, &got.i))
 				return false;
 		}
-		for (k = 0; k < K_COUNT; k++)
-			if (strlen(data_keys[k]) == klen && memcmp(data_keys[k], key, klen) == 0)
-				m[k] = got; /* a repeated key: the last one counts, as in jansson */
+		for (k = 0; k < nkeys; k++)
+			if (strlen(keys[k]) == klen && memcmp(keys[k], key, klen) == 0)
+				break;
+		if (strict && (k == nkeys || m[k].kind != M_ABSENT))
+			return false;
+		if (k < nkeys)
+			m[k] = got; /* a repeated key: the last one counts, as in jansson */
 	} while (take(sc, ','));
 	if (!take(sc, '}'))
 		return false;
 end:
 	skip_space(sc);
 	return sc->p == sc->end;
+}
+
+/* Room in buf for the strings of a text of len bytes (each no longer than the text). */
+static bool buf_room(struct ledger_event_buf *buf, size_t len)
+{
+	char *p;
+
+	json_decref(buf->json);
+	buf->json = NULL;
+	if (buf->cap >= len + 1)
+		return true;
+	if (!(p = realloc(buf->text, len + 1)))
+		return false;
+	buf->text = p;
+	buf->cap = len + 1;
+	return true;
+}
+
+bool ledger_transfer_from_text(const char *text, size_t len, struct ledger_event_buf *buf,
+			       struct ledger_transfer_body *out)
+{
+	enum { T_ID, T_FROM, T_TO, T_AMOUNT, T_REFERENCE, T_COUNT };
+	static const char *const keys[T_COUNT] = { "id", "from", "to", "amount", "reference" };
+	struct member m[T_COUNT] = { 0 };
+	struct scan sc = { text, text + len, NULL };
+
+	if (!buf_room(buf, len))
+		return false;
+	sc.out = buf->text;
+	if (!plain_members(&sc, keys, T_COUNT, true, m))
+		return false;
+	/* Only a body ledger_parse_transfer accepts: any refusal is its to explain. */
+	for (int k = T_ID; k <= T_TO; k++)
+		if (m[k].kind != M_STRING || !ledger_valid_id(m[k].s))
+			return false;
+	if (m[T_AMOUNT].kind != M_INTEGER || m[T_AMOUNT].i < 1 || m[T_AMOUNT].i > LEDGER_AMOUNT_MAX)
+		return false;
+	if (m[T_REFERENCE].kind != M_ABSENT &&
+	    (m[T_REFERENCE].kind != M_STRING ||
+	     !ledger_valid_text(m[T_REFERENCE].s, LEDGER_REFERENCE_MAX, true)))
+		return false;
+	*out = (struct ledger_transfer_body){ .id = m[T_ID].s,
+					      .from = m[T_FROM].s,
+					      .to = m[T_TO].s,
+					      .amount = m[T_AMOUNT].i,
+					      .reference = m[T_REFERENCE].s };
+	return true;
 }
 
 bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_t len,
@@ -415,17 +613,10 @@ bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_
 	struct ledger_event ev = { .type = type };
 	struct scan sc = { text, text + len, NULL };
 
-	json_decref(buf->json);
-	buf->json = NULL;
-	if (buf->cap < len + 1) {
-		char *p = realloc(buf->text, len + 1);
-		if (!p)
-			return false;
-		buf->text = p;
-		buf->cap = len + 1;
-	}
+	if (!buf_room(buf, len))
+		return false;
 	sc.out = buf->text;
-	if (!plain_members(&sc, m)) {
+	if (!plain_members(&sc, data_keys, K_COUNT, false, m)) {
 		buf->json = json_loadb(text, len, 0, NULL);
 		if (!json_is_object(buf->json))
 			return false;

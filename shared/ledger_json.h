@@ -48,6 +48,27 @@ bool ledger_parse_close(json_t *body, char *err, size_t errlen) __attribute__((w
  * "amount","reference"?}; AccountClosed: {}. New reference: caller must json_decref. */
 json_t *ledger_event_to_json(const struct ledger_event *ev);
 
+/* A JSON text being built by hand (event data, an event's metadata), grown as
+ * needed: reuse one for many texts (set len to 0) and free it with
+ * ledger_text_free. A failure (out of memory, a string jansson would refuse) sets
+ * `failed`, which stays set: the text is then unusable. */
+struct ledger_text {
+	char *p; /* not NUL-terminated: add the NUL with ledger_text_raw(t, "", 1) */
+	size_t len, cap;
+	bool failed;
+};
+void ledger_text_raw(struct ledger_text *t, const char *s, size_t n);
+/* s as a JSON string, escaped as json_dumps escapes it; NULL fails. */
+void ledger_text_string(struct ledger_text *t, const char *s);
+void ledger_text_int(struct ledger_text *t, int64_t v);
+void ledger_text_free(struct ledger_text *t);
+
+/* ledger_event_to_json's object as compact JSON text, appended to t: the same bytes
+ * as json_dumps(ledger_event_to_json(ev), JSON_COMPACT). False (t as it was, unless
+ * `failed`) where ledger_event_to_json gives NULL, or when t failed. */
+bool ledger_event_data_text(const struct ledger_event *ev, struct ledger_text *t)
+	__attribute__((warn_unused_result));
+
 /* Decode an event of the given type from its data object. Strings in *out borrow
  * from `data`. False when a field is missing or of the wrong type. */
 bool ledger_event_from_json(enum ledger_event_type type, json_t *data, struct ledger_event *out)
@@ -85,5 +106,15 @@ bool ledger_event_from_text(enum ledger_event_type type, const char *text, size_
 			    struct ledger_event_buf *buf, struct ledger_event *out)
 	__attribute__((warn_unused_result));
 void ledger_event_buf_free(struct ledger_event_buf *buf);
+
+/* A transfer's body read straight from its JSON text, for the usual plain body: a
+ * flat object of the known fields, each once, strings of printable ASCII without
+ * escapes, and every value valid. True only for a body ledger_parse_transfer would
+ * accept with the same fields; false for anything else, valid or not (then parse it
+ * with jansson and ledger_parse_transfer, which explain a refusal). Strings in *out
+ * live in buf until its next use (ledger_event_buf_free). */
+bool ledger_transfer_from_text(const char *text, size_t len, struct ledger_event_buf *buf,
+			       struct ledger_transfer_body *out)
+	__attribute__((warn_unused_result));
 
 #endif

@@ -2,6 +2,7 @@
 #include "log.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,29 +50,38 @@ static size_t utf8_len(const unsigned char *s, size_t n)
 	return len;
 }
 
-json_t *log_textn(const char *text, size_t n)
+/* The bytes of `text` (n of them) as log_text gives them, into out: invalid UTF-8 bytes
+ * become U+FFFD, each line break with the blanks around it one space. With `json`
+ * they are escaped for the inside of a JSON string as jansson escapes them (quote,
+ * backslash, \b \f \n \r \t, other control bytes as \u00XX); then out needs room
+ * for TEXT_ROOM(n) bytes, else for 3 n. Returns the length written. */
+#define TEXT_ROOM(n) (6 * (n))
+static size_t fold_text(char *out, const unsigned char *s, size_t n, bool json)
 {
-	const unsigned char *s = (const unsigned char *)text;
-	char *out;
-	size_t o = 0;
-	json_t *str;
+	static const char hex[] = "0123456789ABCDEF";
+	size_t o = 0, blanks = SIZE_MAX; /* where the trailing run of blanks starts */
 
-	/* Each input byte gives at most 3 output bytes (U+FFFD). */
-	out = malloc(3 * n + 1);
-	if (!out)
-		return NULL;
 	for (size_t i = 0; i < n;) {
 		size_t k;
 		if (s[i] == '\r' || s[i] == '\n') {
 			/* A line break with the blanks around it: one space. */
-			while (o > 0 && (out[o - 1] == ' ' || out[o - 1] == '\t'))
-				o--;
+			if (blanks != SIZE_MAX)
+				o = blanks;
 			while (i < n &&
 			       (s[i] == '\r' || s[i] == '\n' || s[i] == ' ' || s[i] == '\t'))
 				i++;
-			if (o > 0 && i < n)
+			blanks = SIZE_MAX;
+			if (o > 0 && i < n) {
+				blanks = o;
 				out[o++] = ' ';
+			}
 			continue;
+		}
+		if (s[i] == ' ' || s[i] == '\t') {
+			if (blanks == SIZE_MAX)
+				blanks = o;
+		} else {
+			blanks = SIZE_MAX;
 		}
 		k = utf8_len(s + i, n - i);
 		if (k == 0) {
@@ -80,11 +90,42 @@ json_t *log_textn(const char *text, size_t n)
 			i++;
 			continue;
 		}
+		if (json && (s[i] < 0x20 || s[i] == '"' || s[i] == '\\')) {
+			const char *esc = s[i] == '"'    ? "\\\""
+					  : s[i] == '\\' ? "\\\\"
+					  : s[i] == '\b' ? "\\b"
+					  : s[i] == '\f' ? "\\f"
+					  : s[i] == '\t' ? "\\t"
+							 : NULL;
+			if (esc) {
+				memcpy(out + o, esc, 2);
+				o += 2;
+			} else {
+				memcpy(out + o, "\\u00", 4);
+				out[o + 4] = hex[s[i] >> 4];
+				out[o + 5] = hex[s[i] & 0xf];
+				o += 6;
+			}
+			i++;
+			continue;
+		}
 		memcpy(out + o, s + i, k);
 		o += k;
 		i += k;
 	}
-	str = json_stringn_nocheck(out, o); /* checked above: valid UTF-8 */
+	return o;
+}
+
+json_t *log_textn(const char *text, size_t n)
+{
+	/* Each input byte gives at most 3 output bytes (U+FFFD). */
+	char *out = malloc(3 * n + 1);
+	json_t *str;
+
+	if (!out)
+		return NULL;
+	/* checked by fold_text: valid UTF-8 */
+	str = json_stringn_nocheck(out, fold_text(out, (const unsigned char *)text, n, false));
 	free(out);
 	return str;
 }
@@ -137,15 +178,162 @@ static void plain_line(const struct log *log, enum log_level level, const char *
 	free(line);
 }
 
+/* Write len bytes of whole lines at once (one write keeps lines whole when several
+ * processes share a file or a pipe). */
+static void write_lines(const char *text, size_t len)
+{
+	if (len == 0)
+		return;
+	fwrite(text, 1, len, stderr);
+	fflush(stderr);
+}
+
+void log_buf_flush(struct log_buf *buf)
+{
+	write_lines(buf->text, buf->len);
+	buf->len = 0;
+}
+
+static void put(struct log_line *ln, const char *text, size_t n)
+{
+	memcpy(ln->p, text, n);
+	ln->p += n;
+}
+
+static void put_text(struct log_line *ln, const char *text, size_t n)
+{
+	*ln->p++ = '"';
+	ln->p += fold_text(ln->p, (const unsigned char *)text, n, true);
+	*ln->p++ = '"';
+}
+
+size_t log_text_room(size_t n)
+{
+	return TEXT_ROOM(n) + 2;
+}
+
+/* "2026-12-06T18:40:02.113Z" into out (25 bytes with the NUL). */
+static void timestamp(char out[25])
+{
+	struct timespec ts;
+	struct tm tm;
+	long ms;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	gmtime_r(&ts.tv_sec, &tm);
+	strftime(out, 25, "%Y-%m-%dT%H:%M:%S", &tm);
+	ms = ts.tv_nsec / 1000000;
+	out[19] = '.';
+	out[20] = (char)('0' + ms / 100);
+	out[21] = (char)('0' + ms / 10 % 10);
+	out[22] = (char)('0' + ms % 10);
+	out[23] = 'Z';
+	out[24] = '\0';
+}
+
+bool log_line_begin(struct log_line *ln, const struct log *log, struct log_buf *buf,
+		    enum log_level level, const char *request_id, const char *msg, size_t room)
+{
+	size_t need = 96 + log_text_room(strlen(log->service)) + log_text_room(strlen(msg)) +
+		      (request_id ? 16 + log_text_room(strlen(request_id)) : 0) + room;
+	char when[25];
+
+	*ln = (struct log_line){ .buf = buf };
+	if (buf && need > sizeof(buf->text) - buf->len)
+		log_buf_flush(buf);
+	if (buf && need <= sizeof(buf->text)) {
+		ln->start = buf->text + buf->len;
+	} else {
+		ln->heap = malloc(need);
+		if (!ln->heap)
+			return false;
+		ln->start = ln->heap;
+	}
+	ln->p = ln->start;
+	timestamp(when);
+	put(ln, "{\"time\":\"", 9);
+	put(ln, when, 24);
+	put(ln, "\",\"level\":\"", 11);
+	put(ln, level_names[level], strlen(level_names[level]));
+	put(ln, "\",\"service\":", 12);
+	put_text(ln, log->service, strlen(log->service));
+	put(ln, ",\"msg\":", 7);
+	put_text(ln, msg, strlen(msg));
+	if (request_id) {
+		put(ln, ",\"request_id\":", 14);
+		put_text(ln, request_id, strlen(request_id));
+	}
+	return true;
+}
+
+void log_line_key(struct log_line *ln, const char *key)
+{
+	*ln->p++ = ',';
+	put_text(ln, key, strlen(key));
+	*ln->p++ = ':';
+}
+
+void log_line_text(struct log_line *ln, const char *text)
+{
+	if (text)
+		put_text(ln, text, strlen(text));
+	else
+		put(ln, "null", 4);
+}
+
+void log_line_int(struct log_line *ln, long long v)
+{
+	char digits[24];
+	size_t n = 0;
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+
+	do
+		digits[sizeof(digits) - ++n] = (char)('0' + u % 10);
+	while (u /= 10);
+	if (v < 0)
+		digits[sizeof(digits) - ++n] = '-';
+	put(ln, digits + sizeof(digits) - n, n);
+}
+
+void log_line_millis(struct log_line *ln, double secs)
+{
+	long long us = secs > 0 ? (long long)(secs * 1e6 + 0.5) : 0;
+	char frac[4] = { (char)('0' + us / 100 % 10), (char)('0' + us / 10 % 10),
+			 (char)('0' + us % 10), 0 };
+	size_t n = 3;
+
+	log_line_int(ln, us / 1000);
+	while (n > 1 && frac[n - 1] == '0')
+		n--;
+	*ln->p++ = '.';
+	put(ln, frac, n);
+}
+
+void log_line_raw(struct log_line *ln, const char *text, size_t n)
+{
+	put(ln, text, n);
+}
+
+void log_line_end(struct log_line *ln)
+{
+	put(ln, "}\n", 2);
+	if (ln->heap) {
+		if (ln->buf)
+			log_buf_flush(ln->buf); /* what came before goes first */
+		write_lines(ln->heap, (size_t)(ln->p - ln->heap));
+		free(ln->heap);
+	} else if (ln->buf) {
+		ln->buf->len += (size_t)(ln->p - ln->start);
+	}
+	*ln = (struct log_line){ 0 };
+}
+
 void log_fields(const struct log *log, enum log_level level, const char *request_id,
 		const char *msg, json_t *fields)
 {
-	char stamp[40], when[64];
-	struct timespec ts;
-	struct tm tm;
-	json_t *line = NULL;
+	struct log_line ln;
 	char *text = NULL;
-	size_t len;
+	size_t len = 0;
 
 	if (level < log->level)
 		goto done;
@@ -153,29 +341,22 @@ void log_fields(const struct log *log, enum log_level level, const char *request
 		plain_line(log, level, msg);
 		goto done;
 	}
-	clock_gettime(CLOCK_REALTIME, &ts);
-	gmtime_r(&ts.tv_sec, &tm);
-	strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(when, sizeof(when), "%s.%03ldZ", stamp, ts.tv_nsec / 1000000);
-	line = json_object();
-	if (!line || json_object_set_new(line, "time", json_string(when)) ||
-	    json_object_set_new(line, "level", json_string(level_names[level])) ||
-	    json_object_set_new(line, "service", log_text(log->service)) ||
-	    json_object_set_new(line, "msg", log_text(msg)) ||
-	    (request_id && json_object_set_new(line, "request_id", log_text(request_id))) ||
-	    (fields && json_object_update(line, fields)))
+	if (fields) {
+		text = json_dumps(fields,
+				  JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(6));
+		if (!text)
+			goto done;
+		len = strlen(text); /* "{...}": the members go after the standard ones */
+	}
+	if (!log_line_begin(&ln, log, NULL, level, request_id, msg, len))
 		goto done;
-	text = json_dumps(line, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(6));
-	if (!text)
-		goto done;
-	len = strlen(text);
-	text[len] = '\n'; /* replaces the NUL: the line is written with its length */
-	/* One write per line keeps lines whole when several processes share a file. */
-	fwrite(text, 1, len + 1, stderr);
-	fflush(stderr);
+	if (len > 2) {
+		log_line_raw(&ln, ",", 1);
+		log_line_raw(&ln, text + 1, len - 2);
+	}
+	log_line_end(&ln);
 done:
 	free(text);
-	json_decref(line);
 	json_decref(fields);
 }
 

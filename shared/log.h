@@ -1,6 +1,8 @@
 /* JSON-lines logging on stderr: time, level, service, message, request id, and any
- * further fields. Every line is one valid JSON object (written by jansson), whatever
- * bytes the message or the fields hold. */
+ * further fields. Every line is one valid JSON object, whatever bytes the message or
+ * the fields hold: the standard members and a hand-built line's (log_line_*) are
+ * escaped here as jansson escapes, the further fields of log_fields written by
+ * jansson. */
 #ifndef DAYBOOK_LOG_H
 #define DAYBOOK_LOG_H
 
@@ -52,6 +54,47 @@ json_t *log_textn(const char *text, size_t len);
  * become one space, trailing ones dropped), into out (cut to len - 1 bytes); returns
  * out. For plain-text messages on stderr, e.g. a libpq error after "...: ". */
 const char *log_oneline(const char *text, char *out, size_t len);
+
+/* Lines on their way out, kept by one event loop (not shared between threads) so
+ * that the lines of one loop iteration leave in one write: the access lines of a
+ * batch of answers, say. Up to PIPE_BUF bytes, so that a write of whole lines stays
+ * whole on a pipe shared with other processes too. */
+#define LOG_BUF_MAX 4096
+struct log_buf {
+	size_t len;
+	char text[LOG_BUF_MAX];
+};
+/* Write what buf holds (nothing when empty). */
+void log_buf_flush(struct log_buf *buf);
+
+/* A line built by hand, without jansson or printf, for a hot path (the access line):
+ * log_line_begin writes the standard members, the log_line_* calls add members, and
+ * log_line_end closes it. Each string is escaped and made one line as log_text does. */
+struct log_line {
+	struct log_buf *buf;
+	char *start, *p; /* the line so far, in buf or in heap */
+	char *heap;      /* a line too long for buf, or one without buf */
+};
+/* The bytes a string of n bytes may take in a line, quotes included. */
+size_t log_text_room(size_t n);
+/* Start a line at `level` (check log_enabled first) whose further members take at
+ * most `room` bytes (keys, values and punctuation; log_text_room for strings). With
+ * buf the line is left in buf at log_line_end (the caller flushes it, with
+ * log_buf_flush, before its loop sleeps); without, it is written at once. False when
+ * out of memory (nothing to end). */
+bool log_line_begin(struct log_line *ln, const struct log *log, struct log_buf *buf,
+		    enum log_level level, const char *request_id, const char *msg, size_t room)
+	__attribute__((warn_unused_result));
+/* ,"key": (key is escaped too) */
+void log_line_key(struct log_line *ln, const char *key);
+/* A string member's value; NULL gives null. */
+void log_line_text(struct log_line *ln, const char *text);
+void log_line_int(struct log_line *ln, long long v);
+/* Seconds as milliseconds with up to three decimals (a JSON real: "1.84", "2.0"). */
+void log_line_millis(struct log_line *ln, double secs);
+/* Text copied as it is: it must be valid JSON in its place. */
+void log_line_raw(struct log_line *ln, const char *text, size_t n);
+void log_line_end(struct log_line *ln);
 
 #define log_debug(l, ...) log_msg((l), LOG_DEBUG, NULL, __VA_ARGS__)
 #define log_info(l, ...) log_msg((l), LOG_INFO, NULL, __VA_ARGS__)

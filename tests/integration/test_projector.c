@@ -13,6 +13,7 @@
 
 #include "harness.h"
 #include "readmodel.h"
+#include "redis_sync.h"
 
 static char db[64], redis_url[128];
 static struct service command, redis;
@@ -392,14 +393,11 @@ Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 	harness_stop(&proj);
 }
 
-/* A projector that starts behind the log (restarted, or a standby taking over) finds the
- * live generation where its checkpoint is: its first batch goes on in that generation
- * instead of leaving it behind and copying the whole SQL read model again. */
-Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a_resync)
+/* Four accounts projected, then the projector stopped: the live generation it left. */
+static long long projected_then_stopped(redisContext *c)
 {
 	struct service proj;
-	redisContext *c = harness_redis(redis_url);
-	long long gen, after;
+	long long gen;
 	char cp[64];
 
 	open_accounts(4);
@@ -407,6 +405,19 @@ Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a
 	harness_wait_caught_up(db, redis_url, 20);
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	harness_stop(&proj);
+	return gen;
+}
+
+/* A projector that starts behind the log (restarted, or a standby taking over) finds the
+ * live generation where its checkpoint is: its first batch goes on in that generation
+ * instead of leaving it behind and copying the whole SQL read model again. */
+Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a_resync)
+{
+	struct service proj;
+	redisContext *c = harness_redis(redis_url);
+	long long gen = projected_then_stopped(c), after;
+	char cp[64];
+
 	for (int i = 0; i < 40; i++)
 		must(i % 2 ? "/accounts/p-1/deposits" : "/accounts/p-2/deposits", "{\"amount\":3}");
 	harness_start_projector(&proj, db, redis_url);
@@ -416,6 +427,60 @@ Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a
 		     gen);
 	cr_assert_eq(resyncs_total(&proj), 0, "the restarted projector resynced redis");
 	harness_assert_redis_matches_sql(db, redis_url);
+	harness_stop(&proj);
+	redisFree(c);
+}
+
+/* Calls of Redis command `name` since the last CONFIG RESETSTAT (scripts' calls count). */
+static long long command_calls(redisContext *c, const char *name)
+{
+	redisReply *r = redisCommand(c, "INFO commandstats");
+	char field[64];
+	const char *at;
+	long long n = 0;
+
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	snprintf(field, sizeof(field), "cmdstat_%s:calls=", name);
+	if ((at = strstr(r->str, field)))
+		n = atoll(at + strlen(field));
+	freeReplyObject(r);
+	return n;
+}
+
+/* A batch whose accounts' events interleave (a hot spot) writes each statement with one
+ * push, and a batch that starts where the generation's checkpoint is reads no key
+ * before writing it: the items all land, in order (verify compares them one by one). */
+Test(projector, a_batch_pushes_each_statement_once_and_reads_no_key_before_writing)
+{
+	struct service proj;
+	redisContext *c = harness_redis(redis_url);
+	long long gen = projected_then_stopped(c), after, batches;
+	char cp[64];
+
+	/* One batch on restart: p-1's and p-2's items alternate, with transfers between. */
+	for (int i = 0; i < 30; i++) {
+		char body[160];
+		snprintf(body, sizeof(body),
+			 "{\"id\":\"hot-%d\",\"from\":\"p-%d\",\"to\":\"p-%d\",\"amount\":%d}", i,
+			 1 + i % 2, 2 - i % 2, 1 + i);
+		must("/transfers", body);
+	}
+	freeReplyObject(redisCommand(c, "CONFIG RESETSTAT"));
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
+	cr_assert_eq(after, gen, "the restart copied SQL into a new generation");
+	/* Each batch publishes its position once; the backlog is one batch, or a few when
+	 * another test holds the cluster's xmin back while it is written. */
+	batches = command_calls(c, "publish");
+	cr_assert(batches >= 1 && batches <= 5, "%lld batches", batches);
+	cr_assert_leq(command_calls(c, "lpush"), 2 * batches, "a push per item, not per statement");
+	cr_assert_leq(command_calls(c, "mset"), batches, "the transfers went in one SET each");
+	cr_assert_eq(command_calls(c, "lindex"), 0, "the batch read the statements' heads");
+	cr_assert_eq(command_calls(c, "hget"), 0, "the batch read the accounts or the totals");
+	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL), 0,
+		     "daybook-admin verify found a difference");
 	harness_stop(&proj);
 	redisFree(c);
 }
@@ -564,7 +629,7 @@ Test(projector, reads_the_log_in_transaction_id_order_not_text_order)
 
 /* --- leadership: a lease with fencing (sql/010) ------------------------------------------ */
 
-static long long lease_epoch(void)
+static long long sql_lease_epoch(void)
 {
 	return sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
 }
@@ -619,7 +684,7 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	harness_start_projector(&a, db, redis_url);
 	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 10, "nobody leads");
 	harness_wait_caught_up(db, redis_url, 20);
-	e1 = lease_epoch();
+	e1 = sql_lease_epoch();
 	harness_start_projector(&b, db, redis_url);
 	cr_assert(harness_wait_status(&b, "/readyz", 503, 10), "a standby must not say ready");
 	start_load(&l, t, 2);
@@ -629,7 +694,7 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	stopped = harness_now();
 	wait_metric(&b, "daybook_projector_leader", 1, stopped + 10,
 		    "the standby did not take over within 10 s of the leader freezing");
-	e2 = lease_epoch();
+	e2 = sql_lease_epoch();
 	cr_assert_gt(e2, e1, "a takeover raises the epoch");
 	/* The new leader applies new writes under its epoch. */
 	while (sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'") !=
@@ -657,7 +722,7 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 		 "(SELECT min(seq) FROM test_cp_moves WHERE epoch = %lld)",
 		 e2, e2);
 	cr_assert_eq(sql_int(db, q), 0, "a deposed leader committed a batch");
-	cr_assert_geq(lease_epoch(), e2);
+	cr_assert_geq(sql_lease_epoch(), e2);
 	c = harness_redis(redis_url);
 	fence = redisCommand(c, "GET %s%s", READMODEL_LEADER_KEY, store_identity());
 	cr_assert(fence && fence->type == REDIS_REPLY_STRING && atoll(fence->str) >= e2,
@@ -683,7 +748,7 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 	record_checkpoint_moves();
 	harness_start_projector(&a, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
-	e1 = lease_epoch();
+	e1 = sql_lease_epoch();
 	/* Another holder takes the lease (it expired, say, while we were cut off); its
 	 * session stays open, so the lease stays taken. */
 	r = PQexec(thief, "UPDATE projector_leases SET expires_at = '-infinity'; "
@@ -707,7 +772,7 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 5,
 		    "the lease of a closed session was not taken back within 5 s");
 	harness_wait_caught_up(db, redis_url, 20);
-	e3 = lease_epoch();
+	e3 = sql_lease_epoch();
 	cr_assert_gt(e3, stolen);
 	/* Between the theft and the new term, nothing committed. */
 	snprintf(q, sizeof(q),
@@ -890,17 +955,17 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 	harness_start_projector(&a, db, redis_url);
 	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 10, "nobody leads");
 	harness_wait_caught_up(db, redis_url, 20);
-	e1 = lease_epoch();
+	e1 = sql_lease_epoch();
 
 	kill(a.pid, SIGSTOP);
 	snprintf(dead, sizeof(dead), "redis://127.0.0.1:%d", harness_free_port());
 	harness_start_projector(&b, db, dead);
 	t0 = harness_now();
-	while (lease_epoch() == e1) {
+	while (sql_lease_epoch() == e1) {
 		cr_assert(harness_now() < t0 + 15, "B did not take over");
 		usleep(50000);
 	}
-	e2 = lease_epoch();
+	e2 = sql_lease_epoch();
 	must("/accounts/p-0/deposits", "{\"amount\":7,\"reference\":\"missed by redis\"}");
 	while (sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-0'") != 3) {
 		cr_assert(harness_now() < t0 + 30, "B did not project into SQL");
@@ -909,7 +974,7 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 	harness_kill(&b);
 	kill(a.pid, SIGCONT);
 	t0 = harness_now();
-	while (lease_epoch() <= e2 || harness_metric(&a, "daybook_projector_leader") != 1) {
+	while (sql_lease_epoch() <= e2 || harness_metric(&a, "daybook_projector_leader") != 1) {
 		cr_assert(harness_now() < t0 + 20, "A did not lead again");
 		usleep(50000);
 	}
@@ -930,4 +995,109 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 	redisFree(c);
 	harness_print_log(&a);
 	harness_stop(&a);
+}
+
+/* PUT_BATCH (projector/redis_scripts.c) run by hand on generation 7 of store "s": the
+ * arguments of a batch from `from` to `to` with account a1 at version v (its items
+ * first..v) and, when `xfer`, one transfer. */
+static redisReply *put_batch(redisContext *c, const char *from, const char *to, int first, int v,
+			     bool xfer)
+{
+	size_t n;
+	const char *const *scripts = projector_redis_scripts(&n);
+	const char *argv[24 + READMODEL_ITEMS_KEPT] = {
+		"EVAL", scripts[PUT_BATCH],    "0", "1:s",           "7", "s", to,
+		from,   "{\"currencies\":[]}", "1", xfer ? "1" : "0"
+	};
+	char text[3][24], items[READMODEL_ITEMS_KEPT][64];
+	int argc = 11;
+
+	cr_assert_leq(v - first + 1, READMODEL_ITEMS_KEPT);
+	snprintf(text[0], sizeof(text[0]), "%d", v);
+	snprintf(text[1], sizeof(text[1]), "%d", v - 1);
+	snprintf(text[2], sizeof(text[2]), "%d", v - first + 1);
+	argv[argc++] = "dbk:g:7:acct:a1";
+	argv[argc++] = text[0];
+	argv[argc++] = text[1];
+	argv[argc++] = text[0]; /* the body: its version, enough here */
+	if (xfer) {
+		argv[argc++] = "dbk:g:7:xfer:t1";
+		argv[argc++] = "{\"transfer_id\":\"t1\"}";
+	}
+	argv[argc++] = "dbk:g:7:stmt:a1";
+	argv[argc++] = text[2];
+	for (int k = first; k <= v; k++) {
+		snprintf(items[k - first], sizeof(items[0]),
+			 "{\"version\":%d,\"type\":\"deposit\"}", k);
+		argv[argc++] = items[k - first];
+	}
+	return redisCommandArgv(c, argc, argv, NULL);
+}
+
+/* a1's statement: its items' versions, newest first, as "5 4 3". */
+static void statement_versions(redisContext *c, char *out, size_t len)
+{
+	redisReply *r = redisCommand(c, "LRANGE dbk:g:7:stmt:a1 0 -1");
+	size_t at = 0;
+
+	out[0] = '\0';
+	for (size_t i = 0; r && i < r->elements; i++)
+		at += (size_t)snprintf(out + at, len - at, "%s%lld", i ? " " : "",
+				       readmodel_item_version(r->element[i]->str));
+	freeReplyObject(r);
+}
+
+/* A batch that starts at the generation's checkpoint is written without reads; a batch
+ * the generation already has (a replay) or partly has (a rebuild's generation past its
+ * start) goes through the guards: nothing doubles, nothing goes back. */
+Test(projector, a_replayed_or_overlapping_batch_changes_nothing_the_generation_holds)
+{
+	redisContext *c = harness_redis(redis_url);
+	redisReply *r;
+	char versions[512];
+
+	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " 7"));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:layout " READMODEL_REDIS_LAYOUT));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:identity s"));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:checkpoint 10.100"));
+	r = put_batch(c, "10.100", "10.103", 1, 3, true);
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1, "%s",
+		  r && r->type == REDIS_REPLY_ERROR ? r->str : "not 1");
+	freeReplyObject(r);
+	/* The same batch again: the checkpoint stays, nothing doubles. */
+	r = put_batch(c, "10.100", "10.103", 1, 3, true);
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 0);
+	freeReplyObject(r);
+	statement_versions(c, versions, sizeof(versions));
+	cr_assert_str_eq(versions, "3 2 1");
+	/* A batch from an older start than the checkpoint, overlapping it: merged. */
+	r = put_batch(c, "10.100", "10.105", 2, 5, false);
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1);
+	freeReplyObject(r);
+	statement_versions(c, versions, sizeof(versions));
+	cr_assert_str_eq(versions, "5 4 3 2 1");
+	/* An older batch replayed after it leaves the account at its newest version. */
+	r = put_batch(c, "10.100", "10.103", 1, 3, true);
+	freeReplyObject(r);
+	r = redisCommand(c, "HMGET dbk:g:7:acct:a1 v j");
+	cr_assert_str_eq(r->element[0]->str, "5");
+	cr_assert_str_eq(r->element[1]->str, "5");
+	freeReplyObject(r);
+	/* The next batch, at the checkpoint; past the kept items, the oldest go. */
+	r = put_batch(c, "10.105", "10.160", 6, 55, false);
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1);
+	freeReplyObject(r);
+	r = redisCommand(c, "LLEN dbk:g:7:stmt:a1");
+	cr_assert_eq(r->integer, READMODEL_ITEMS_KEPT);
+	freeReplyObject(r);
+	statement_versions(c, versions, sizeof(versions));
+	cr_assert_eq(strncmp(versions, "55 54 53", 8), 0, "%s", versions);
+	cr_assert_str_eq(versions + strlen(versions) - 4, " 7 6", "%s", versions);
+	r = redisCommand(c, "GET dbk:g:7:checkpoint");
+	cr_assert_str_eq(r->str, "10.160");
+	freeReplyObject(r);
+	r = redisCommand(c, "GET dbk:g:7:xfer:t1");
+	cr_assert_str_eq(r->str, "{\"transfer_id\":\"t1\"}");
+	freeReplyObject(r);
+	redisFree(c);
 }

@@ -833,6 +833,73 @@ Test(query, a_notification_wakes_waiting_reads_without_any_polling, .init = setu
 	response_free(&events.r);
 }
 
+/* How many of the query service's sessions last ran a statement starting with `what`. */
+static int query_sessions_last_running(const char *what)
+{
+	char q[512];
+	PGresult *res;
+	int n;
+
+	snprintf(q, sizeof(q),
+		 "SELECT count(*) FROM pg_stat_activity WHERE datname = '%s'"
+		 " AND usename = 'daybook_query' AND query LIKE '%s%%'",
+		 db, what);
+	res = sql(db, q);
+	n = atoi(PQgetvalue(res, 0, 0));
+	PQclear(res);
+	return n;
+}
+
+/* Is the query service's position subscriber connected to Redis? */
+static bool position_subscriber_connected(void)
+{
+	redisReply *r = redisCommand(rc, "CLIENT LIST TYPE pubsub");
+	bool found;
+
+	cr_assert(r && r->type == REDIS_REPLY_STRING, "redis: %s", rc->errstr);
+	found = strstr(r->str, "name=daybook-query-position") != NULL;
+	freeReplyObject(r);
+	return found;
+}
+
+Test(query, a_worker_listens_and_subscribes_only_while_someone_waits_and_again_for_a_later_one,
+     .init = setup_without_query)
+{
+	struct background bg;
+
+	setenv("DAYBOOK_WAIT_PROBE_MS", "600000", 1); /* no safety probe within the test */
+	harness_start_query(&svc, db, redis_url);
+	fill_sql();
+	start_background(&bg, "/accounts/a1?min_position=6.0&wait_ms=10000");
+	wait_for_waiters(&svc, 1);
+	move_sql_checkpoint("6", "0", true);
+	join_background(&bg);
+	expect_ok(&bg.r, acct_a1, "6.0");
+	response_free(&bg.r);
+	/* A moment after its last waiter the worker stops listening: its backends are
+	 * then not woken by every NOTIFY of the database. */
+	for (double deadline = harness_now() + 10;
+	     query_sessions_last_running("UNLISTEN") == 0 && harness_now() < deadline;)
+		usleep(100000);
+	cr_assert_gt(query_sessions_last_running("UNLISTEN"), 0, "nobody waits, yet it listens");
+	/* Nor is the position subscriber kept, whose every message would wake it. */
+	for (double deadline = harness_now() + 10;
+	     position_subscriber_connected() && harness_now() < deadline;)
+		usleep(100000);
+	cr_assert_not(position_subscriber_connected(), "nobody waits, yet it subscribes");
+	/* A later waiter makes it listen again, and the notification wakes it: once the
+	 * LISTEN and the probe after it are done, only the NOTIFY (or a position message,
+	 * which nobody sends here) can. */
+	start_background(&bg, "/accounts/a1?min_position=7.0&wait_ms=10000");
+	wait_for_waiters(&svc, 1);
+	sleep(1);
+	cr_assert_not(atomic_load(&bg.done), "answered before the checkpoint moved");
+	move_sql_checkpoint("7", "0", true);
+	join_background(&bg);
+	expect_ok(&bg.r, acct_a1, "7.0");
+	response_free(&bg.r);
+}
+
 Test(query, a_lost_notification_is_made_up_for_when_postgresql_reconnects,
      .init = setup_without_query)
 {

@@ -530,10 +530,120 @@ Test(event_json, unusable_events_give_null)
 				      .transfer_id = "t",
 				      .amount = 1 };
 
+	struct ledger_event not_utf8 = { .type = LEDGER_FUNDS_DEPOSITED,
+					 .amount = 1,
+					 .reference = "\xff" };
+	struct ledger_text t = { 0 };
+
 	cr_assert_null(ledger_event_to_json(&unknown));
 	cr_assert_null(ledger_event_to_json(&no_name));
 	cr_assert_null(ledger_event_to_json(&no_to));
 	cr_assert_null(ledger_event_to_json(NULL));
+	cr_assert_null(ledger_event_to_json(&not_utf8));
+	/* No text for them either; a string jansson refuses fails the text. */
+	cr_assert_not(ledger_event_data_text(&unknown, &t));
+	cr_assert_not(ledger_event_data_text(NULL, &t));
+	cr_assert_eq(t.len, 0);
+	cr_assert_not(ledger_event_data_text(&no_name, &t));
+	cr_assert(t.failed);
+	t.failed = false;
+	cr_assert_not(ledger_event_data_text(&no_to, &t));
+	t.failed = false;
+	cr_assert_not(ledger_event_data_text(&not_utf8, &t));
+	cr_assert(t.failed);
+	ledger_text_free(&t);
+}
+
+/* The hand-built text is byte for byte what jansson makes of the object. */
+static void assert_text_is_dump(const struct ledger_event *ev)
+{
+	json_t *data = ledger_event_to_json(ev);
+	char *want = data ? json_dumps(data, JSON_COMPACT) : NULL;
+	struct ledger_text t = { 0 };
+
+	ledger_text_raw(&t, "x", 1); /* appended after what t holds */
+	cr_assert_eq(ledger_event_data_text(ev, &t), want != NULL);
+	if (want) {
+		ledger_text_raw(&t, "", 1);
+		cr_assert_str_eq(t.p + 1, want);
+	} else {
+		cr_assert_eq(t.len, 1);
+	}
+	cr_assert_eq(t.p[0], 'x');
+	free(want);
+	json_decref(data);
+	ledger_text_free(&t);
+}
+
+Test(event_json, the_text_of_every_event_is_jansson_s_dump_whatever_its_strings)
+{
+	const char *texts[] = {
+		"plain",     "quote \" back \\ slash",  "caf\xc3\xa9 \xf0\x9f\x98\x80",
+		"tab\there", "nl\nctl\x01\x1f del\x7f", "",
+		"/slash/"
+	};
+	const int64_t amounts[] = { 1, 0, -1, INT64_MAX, INT64_MIN, 1000000000000000 };
+
+	for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+		for (size_t a = 0; a < sizeof(amounts) / sizeof(amounts[0]); a++) {
+			struct ledger_event ev[] = {
+				{ .type = LEDGER_ACCOUNT_OPENED,
+				  .account_id = texts[i],
+				  .name = texts[i],
+				  .currency = "EUR",
+				  .overdraft_limit = amounts[a] },
+				{ .type = LEDGER_FUNDS_DEPOSITED,
+				  .amount = amounts[a],
+				  .reference = texts[i] },
+				{ .type = LEDGER_FUNDS_WITHDRAWN, .amount = amounts[a] },
+				{ .type = LEDGER_TRANSFER_SENT,
+				  .transfer_id = texts[i],
+				  .counterparty = "bob",
+				  .amount = amounts[a],
+				  .reference = texts[i] },
+				{ .type = LEDGER_TRANSFER_RECEIVED,
+				  .transfer_id = "t",
+				  .counterparty = texts[i],
+				  .amount = amounts[a] },
+				{ .type = LEDGER_ACCOUNT_CLOSED_EVENT },
+			};
+			for (size_t e = 0; e < sizeof(ev) / sizeof(ev[0]); e++)
+				assert_text_is_dump(&ev[e]);
+		}
+	}
+}
+
+Test(parse_json, a_plain_transfer_is_read_from_its_text_and_anything_else_is_left_to_jansson)
+{
+	static const char *const left[] = {
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"id\":\"u\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"x\":1}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":0}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5.0}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":\"5\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\"}",
+		"{\"id\":\"t u\",\"from\":\"a\",\"to\":\"b\",\"amount\":5}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"reference\":\"\\n\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5,\"reference\":\"caf\xc3\xa9\"}",
+		"{\"id\":\"t\",\"from\":\"a\",\"to\":\"b\",\"amount\":5} x",
+		"[\"id\"]",
+	};
+	const char *plain = " {\"id\":\"t-1\", \"from\" : \"a1\",\"to\":\"a2\",\"amount\":100,"
+			    "\"reference\":\"rent\"}\n";
+	struct ledger_event_buf buf = { 0 };
+	struct ledger_transfer_body b;
+
+	cr_assert(ledger_transfer_from_text(plain, strlen(plain), &buf, &b));
+	cr_assert_str_eq(b.id, "t-1");
+	cr_assert_str_eq(b.from, "a1");
+	cr_assert_str_eq(b.to, "a2");
+	cr_assert_eq(b.amount, 100);
+	cr_assert_str_eq(b.reference, "rent");
+	cr_assert(ledger_transfer_from_text(plain, strlen(plain) - 27, &buf, &b) == false);
+	for (size_t i = 0; i < sizeof(left) / sizeof(left[0]); i++)
+		cr_assert_not(ledger_transfer_from_text(left[i], strlen(left[i]), &buf, &b), "%s",
+			      left[i]);
+	ledger_event_buf_free(&buf);
 }
 
 static void assert_str_or_null(const char *a, const char *b)

@@ -3,6 +3,7 @@
 #include <criterion/criterion.h>
 #include <event2/event.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "wait.h"
@@ -257,5 +258,64 @@ Test(query_wait, one_probe_at_a_time_with_one_more_after_it_and_none_without_wai
 	add(ws, &s);
 	waitset_poke(ws, WAIT_FROM_REDIS);
 	cr_assert_eq(redis_probes, 1);
+	waitset_close(&ws);
+}
+
+static int interest_calls;
+static bool interested[WAIT_SOURCES];
+
+static void on_interest(void *arg, enum wait_source from, bool on)
+{
+	(void)arg;
+	cr_assert_neq(interested[from], on, "told twice that source %d is %d", from, on);
+	interested[from] = on;
+	interest_calls++;
+}
+
+static void wait_for_expiry(struct sleeper *s)
+{
+	while (!s->woken)
+		event_base_loop(base, EVLOOP_ONCE);
+}
+
+Test(query_wait, the_watcher_hears_when_a_source_could_wake_someone_and_when_no_longer)
+{
+	struct waitset *ws = open_set(10);
+	struct sleeper any, logw, brief;
+	struct readmodel_position at = { 9, 9 };
+
+	interest_calls = 0;
+	memset(interested, 0, sizeof(interested));
+	for (int from = 0; from < WAIT_SOURCES; from++)
+		waitset_watch(ws, (enum wait_source)from, on_interest, NULL);
+	cr_assert_eq(interest_calls, 0, "nobody waits: nothing to listen for");
+	prepare(&any, 5, 0, WAIT_ANY, 600);
+	add(ws, &any);
+	cr_assert(interested[WAIT_FROM_SQL] && interested[WAIT_FROM_REDIS]);
+	cr_assert_not(interested[WAIT_FROM_LOG], "no WAIT_LOG waiter");
+	prepare(&logw, 5, 0, WAIT_LOG, 600);
+	add(ws, &logw);
+	cr_assert(interested[WAIT_FROM_LOG]);
+	cr_assert_eq(interest_calls, 3);
+	/* Redis answers the WAIT_ANY waiter: Redis's messages can wake nobody now. */
+	waitset_reached(ws, WAIT_FROM_REDIS, &at);
+	cr_assert_not(interested[WAIT_FROM_REDIS]);
+	cr_assert(interested[WAIT_FROM_SQL] && interested[WAIT_FROM_LOG]);
+	waitset_reached(ws, WAIT_FROM_LOG, &at);
+	cr_assert_not(interested[WAIT_FROM_SQL] || interested[WAIT_FROM_LOG]);
+	cr_assert_eq(interest_calls, 6);
+	/* A waiter that leaves at its deadline ends the interest too. */
+	prepare(&brief, 5, 0, WAIT_SQL, 0.01);
+	add(ws, &brief);
+	cr_assert(interested[WAIT_FROM_SQL] && !interested[WAIT_FROM_REDIS]);
+	wait_for_expiry(&brief);
+	cr_assert_eq(brief.expired, 1);
+	cr_assert_not(interested[WAIT_FROM_SQL]);
+	/* Watching anew tells at once what is wanted now. */
+	add(ws, &logw);
+	memset(interested, 0, sizeof(interested));
+	for (int from = 0; from < WAIT_SOURCES; from++)
+		waitset_watch(ws, (enum wait_source)from, on_interest, NULL);
+	cr_assert(interested[WAIT_FROM_LOG] && interested[WAIT_FROM_SQL]);
 	waitset_close(&ws);
 }

@@ -1207,6 +1207,71 @@ Test(log, every_line_is_json_whatever_the_bytes_and_errors_are_one_line)
 	free(text);
 }
 
+static void log_built_lines(void)
+{
+	static struct log_buf buf; /* 4 KiB: off the stack */
+	const struct log lg = { .service = "command", .level = LOG_INFO };
+	const char *hostile = "/a\x01\"b\\\xff\xc3(z\x7f\x1f x \t\r\n\t y\\u0041";
+	struct log_line ln;
+
+	buf.len = 0;
+	cr_assert(log_line_begin(&ln, &lg, &buf, LOG_INFO, "id\xfe\"", "request\n", 200));
+	log_line_key(&ln, "path");
+	log_line_text(&ln, hostile);
+	log_line_key(&ln, "n");
+	log_line_int(&ln, -9223372036854775807LL - 1);
+	log_line_key(&ln, "a_ms");
+	log_line_millis(&ln, 0.00184);
+	log_line_key(&ln, "b_ms");
+	log_line_millis(&ln, 2.0);
+	log_line_key(&ln, "none");
+	log_line_text(&ln, NULL);
+	log_line_end(&ln);
+	/* Left in the buffer: nothing written yet. */
+	cr_assert_gt(buf.len, 0);
+	fflush(stderr);
+	cr_assert_eq(lseek(2, 0, SEEK_END), 0, "written before the flush");
+	cr_assert(log_line_begin(&ln, &lg, &buf, LOG_WARN, NULL, "second", 0));
+	log_line_end(&ln);
+	log_buf_flush(&buf);
+	cr_assert_eq(buf.len, 0);
+}
+
+Test(log, a_hand_built_line_escapes_as_jansson_and_waits_for_its_flush)
+{
+	char *text = capture_stderr(log_built_lines), *nl = strchr(text, '\n');
+	const char *hostile = "/a\x01\"b\\\xff\xc3(z\x7f\x1f x \t\r\n\t y\\u0041";
+	json_t *first, *second, *want = log_text(hostile);
+	json_error_t error;
+
+	cr_assert_eq(occurrences(text, "\n"), 2, "%s", text);
+	first = json_loadb(text, (size_t)(nl - text), 0, &error);
+	cr_assert_not_null(first, "not JSON: %s (%s)", text, error.text);
+	cr_assert(json_equal(json_object_get(first, "path"), want), "%s", text);
+	cr_assert_str_eq(json_string_value(json_object_get(first, "path")),
+			 "/a\x01\"b\\\xef\xbf\xbd\xef\xbf\xbd(z\x7f\x1f x y\\u0041");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")),
+			 "id\xef\xbf\xbd\"");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")), "request");
+	cr_assert_str_eq(json_string_value(json_object_get(first, "level")), "info");
+	cr_assert_eq(json_integer_value(json_object_get(first, "n")), INT64_MIN);
+	cr_assert(json_is_real(json_object_get(first, "a_ms")), "%s", text);
+	cr_assert_float_eq(json_real_value(json_object_get(first, "a_ms")), 1.84, 1e-9);
+	cr_assert(json_is_real(json_object_get(first, "b_ms")), "%s", text);
+	cr_assert_float_eq(json_real_value(json_object_get(first, "b_ms")), 2000.0, 1e-9);
+	cr_assert(json_is_null(json_object_get(first, "none")), "%s", text);
+	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
+		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
+	second = json_loads(nl + 1, 0, &error);
+	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	cr_assert_str_eq(json_string_value(json_object_get(second, "level")), "warn");
+	cr_assert_null(json_object_get(second, "request_id"));
+	json_decref(want);
+	json_decref(first);
+	json_decref(second);
+	free(text);
+}
+
 /* --- pg text[] literals -------------------------------------------------------------- */
 
 Test(pg, array_literal_quotes_and_escapes)
