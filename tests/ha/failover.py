@@ -509,6 +509,8 @@ def query_kill(stack, load):
 
 def postgres_kill(stack, load):
     primary = stack.one("postgres", "primary")
+    with load.lock:
+        failures_before = len(load.read_failures)
     say(f"kill -9 PostgreSQL primary {primary['instance']} (postmaster pid {primary['pid']})")
     t0 = time.monotonic()
     os.kill(primary["pid"], signal.SIGKILL)
@@ -524,6 +526,18 @@ def postgres_kill(stack, load):
         f"(longest pause without an acknowledged write: {pause:.2f} s)")
     if pause > 30:
         raise Failed(f"writes paused {pause:.2f} s, more than 30 s")
+    # Reads come from Redis meanwhile. One behind its min_position waits for the
+    # projection and may end as projection_behind when the failover outlasts its
+    # wait_ms; any other failure may only be a read whose SQL statement was in flight
+    # on the killed primary: one per reader.
+    with load.lock:
+        failed = load.read_failures[failures_before:]
+    other = [what for _, what in failed if what != "503 projection_behind"]
+    say(f"reads that failed since the kill: {len(failed)}, {len(other)} of them not "
+        f"projection_behind {other[:5]}")
+    if len(other) > load.readers:
+        raise Failed(f"{len(other)} reads failed otherwise than projection_behind, more "
+                     f"than the {load.readers} in flight")
 
 
 def redis_kill(stack, load):
