@@ -208,7 +208,9 @@ Test(faults, a_read_behind_on_redis_waits_while_postgresql_is_down)
 	locker = PQconnectdb(conninfo);
 	cr_assert_eq(PQstatus(locker), CONNECTION_OK, "%s", PQerrorMessage(locker));
 	PQclear(PQexec(locker, "BEGIN"));
-	PQclear(PQexec(locker, "LOCK TABLE rm_accounts IN ACCESS EXCLUSIVE MODE"));
+	PGresult *lock = PQexec(locker, "LOCK TABLE rm_accounts IN ACCESS EXCLUSIVE MODE");
+	cr_assert_eq(PQresultStatus(lock), PGRES_COMMAND_OK, "%s", PQerrorMessage(locker));
+	PQclear(lock);
 	early.port = inflight.port = query.port;
 	snprintf(inflight.path, sizeof(inflight.path),
 		 "/accounts/w-1?min_position=%s&wait_ms=10000", pos);
