@@ -11,11 +11,20 @@
  *
  * Streams: a new stream first catches up by itself, a page at a time, each page sent
  * only once the previous one has left the process. Once it has reached the live
- * reader's position it is live: one unfiltered read per wake-up (a waiter of the
- * waiting room, model WAIT_LOG, woken by NOTIFY daybook_events through the shared
- * probe) serves every live stream, each getting the events past its own position
- * that pass its filters. A live stream whose unsent output passes the bound is cut
- * off; it resumes by Last-Event-ID. */
+ * reader's position it is live: one unfiltered read per wake-up serves every live
+ * stream, each getting the events past its own position that pass its filters. A
+ * live stream whose unsent output passes the bound is cut off; it resumes by
+ * Last-Event-ID.
+ *
+ * The live reader's wake-up is NOTIFY daybook_events on the feed's own connection,
+ * which LISTENs while any stream of the worker is live: the read starts on the
+ * connection that runs it, with no checkpoint probe in between, and a notification
+ * that arrives while a read is in flight asks for one more read right after it (a
+ * commit during a read is never left for the next one). The read jumps the queue
+ * into a short run (LIVE_BATCH), so it never waits behind a long run of other
+ * consumers' pages, and those still move with every run. A timer
+ * (DAYBOOK_WAIT_PROBE_MS) reads anyway when nothing woke it: events appended without
+ * NOTIFY, or made readable when a transaction without events ended. */
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
@@ -31,36 +40,15 @@
 
 #define PAGE_MAX 1000
 #define RUN_BATCH 64    /* pages in one pipelined run */
+#define LIVE_BATCH 4    /* at most, in a run that carries the live read */
 #define QUEUE_MAX 20000 /* queued long-polls beyond this get 503 */
 #define RUN_TIMEOUT 10.0
-#define LIVE_WAIT 60.0    /* the live reader's waiter deadline (it is re-armed) */
 #define RETRY_SECONDS 0.5 /* a failed live or catch-up read is tried again after this */
 #define WAIT_MS_MAX 30000
+#define EVENTS_CHANNEL "daybook_events" /* the event store's NOTIFY on append */
 
-/* One page: the horizon in every row (columns 0, 1), then per event its txid,
- * position, type, stream and the event object as JSON text, built by PostgreSQL
- * (one row with NULL events when none). $4 (text[]) and $5 filter when not NULL.
- * Stream names and types need no escaping: the event store's CHECKs allow no quote. */
 static const struct pg_statement statements[] = {
-	{ "feed_page",
-	  "WITH x AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),"
-	  " head AS (SELECT e.txid, e.position FROM events e, x WHERE e.txid < x.xmin"
-	  " ORDER BY e.txid DESC, e.position DESC LIMIT 1)"
-	  " SELECT coalesce((SELECT txid::text FROM head), '0'),"
-	  " coalesce((SELECT position FROM head), 0),"
-	  " p.txid::text, p.position, p.type, p.stream, p.j"
-	  " FROM (SELECT 1) one LEFT JOIN LATERAL ("
-	  "SELECT e.txid, e.position, e.type, e.stream,"
-	  " '{\"position\":\"' || e.txid::text || '.' || e.position || '\",\"stream\":\"' || e.stream"
-	  " || '\",\"version\":' || e.version || ',\"type\":\"' || e.type || '\",\"data\":' || e.data::text"
-	  " || ',\"metadata\":' || e.metadata::text || ',\"recorded_at\":\"' || " READMODEL_SQL_TIME(
-		  "e.recorded_at") " || '\"}' AS j"
-				   " FROM events e, x WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"
-				   " AND e.txid < x.xmin"
-				   " AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"
-				   " AND ($5::text IS NULL OR e.stream = $5::text)"
-				   " ORDER BY e.txid, e.position LIMIT $3::integer) p ON true"
-				   " ORDER BY p.txid, p.position" },
+	{ "feed_page", FEED_SQL_PAGE },
 };
 
 static const char *const type_names[] = {
@@ -79,6 +67,7 @@ enum page_kind {
 	PAGE_POLL,    /* GET /events */
 	PAGE_LIVE,    /* the live reader */
 	PAGE_CATCHUP, /* a stream behind the live reader */
+	PAGE_LISTEN,  /* not a page: LISTEN or UNLISTEN for the live reader */
 };
 
 struct stream;
@@ -91,11 +80,12 @@ struct page {
 	int limit;
 	struct filter filter;
 	uint64_t wait_seq;        /* waitset_seq when the page was queued */
-	struct waiter wait;       /* POLL and LIVE */
+	struct waiter wait;       /* POLL */
 	struct http_request *req; /* POLL */
 	double deadline;          /* POLL */
 	int attempts;             /* POLL */
 	struct stream *stream;    /* CATCHUP */
+	bool listen;              /* LISTEN: LISTEN (true) or UNLISTEN */
 };
 
 struct stream {
@@ -122,10 +112,14 @@ struct feed {
 	size_t nlive;
 	struct readmodel_position at; /* the live reader has read up to here */
 	struct page live;
-	bool live_busy, live_waiting;
-	struct event *keepalive, *retry;
+	bool live_busy;  /* its read is queued or in flight */
+	bool live_again; /* notified during that read: read once more right after it */
+	struct page listen;
+	bool listening;   /* this connection LISTENs (the last LISTEN or UNLISTEN) */
+	bool listen_busy; /* a LISTEN or UNLISTEN is queued or in flight */
+	struct event *keepalive, *retry, *live_timer;
 	bool stopping;
-	struct metric *m_streams, *m_slow, *m_live_reads, *m_pages;
+	struct metric *m_streams, *m_slow, *m_live_reads, *m_notified, *m_pages;
 };
 
 static double now(void)
@@ -138,6 +132,7 @@ static double now(void)
 
 static void kick(struct feed *feed);
 static void live_start(struct feed *feed);
+static void listen_sync(struct feed *feed);
 static void stream_catchup(struct stream *s);
 static void stream_gone(struct stream *s);
 
@@ -262,11 +257,18 @@ static void submit(struct feed *feed, struct page *page)
 {
 	page->next = NULL;
 	page->wait_seq = waitset_seq(feed->ctx->waits);
-	if (feed->tail)
-		feed->tail->next = page;
-	else
+	if (page->kind == PAGE_LIVE) {
+		/* First in line: the streams' latency is this read's. */
+		page->next = feed->head;
 		feed->head = page;
-	feed->tail = page;
+		if (!feed->tail)
+			feed->tail = page;
+	} else if (feed->tail) {
+		feed->tail->next = page;
+		feed->tail = page;
+	} else {
+		feed->head = feed->tail = page;
+	}
 	feed->queued++;
 	kick(feed);
 }
@@ -288,6 +290,11 @@ static bool queue_page(struct feed *feed, const struct page *page)
 	char txid[24], pos[24], limit[16], types[128];
 	const char *values[5] = { txid, pos, limit, NULL, NULL };
 
+	if (page->kind == PAGE_LISTEN)
+		return pg_queue_sql(feed->pg,
+				    page->listen ? "LISTEN " EVENTS_CHANNEL
+						 : "UNLISTEN " EVENTS_CHANNEL,
+				    0, NULL);
 	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)page->after.txid);
 	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)page->after.position);
 	snprintf(limit, sizeof(limit), "%d", page->limit);
@@ -305,11 +312,15 @@ static void on_run_done(void *arg, const struct pg_outcome *out);
 static void kick(struct feed *feed)
 {
 	struct page *first = feed->head, *last = NULL, *p;
-	size_t n = 0;
+	size_t n = 0, max;
 
 	if (feed->batch || !first || !pg_ready(feed->pg))
 		return;
-	for (p = first; p && n < RUN_BATCH; last = p, p = p->next, n++)
+	/* A run's results all arrive at its end: the live read goes first in a short
+	 * one. Not alone: the pages behind it move with every run, however often
+	 * notifications come. */
+	max = first->kind == PAGE_LIVE ? LIVE_BATCH : RUN_BATCH;
+	for (p = first; p && n < max; last = p, p = p->next, n++)
 		if (!queue_page(feed, p))
 			return; /* the connection is being reset; the pages stay queued */
 	last->next = NULL;
@@ -543,6 +554,7 @@ static void stream_gone(struct stream *s)
 	metric_add(feed->m_streams, -1);
 	if (!s->busy)
 		stream_free(s);
+	listen_sync(feed);
 }
 
 static void on_stream_close(struct evhttp_connection *evcon, void *arg)
@@ -600,6 +612,7 @@ static void stream_live(struct stream *s)
 
 	s->live = true;
 	feed->nlive++;
+	listen_sync(feed);
 	live_start(feed);
 }
 
@@ -721,52 +734,83 @@ void feed_get_stream(struct http_request *req, void *arg)
 
 /* --- the live reader --------------------------------------------------------------- */
 
-static void live_wake(struct waiter *w, bool expired)
-{
-	struct feed *feed = (struct feed *)(void *)((char *)w - offsetof(struct feed, live.wait));
-
-	(void)expired;
-	feed->live_waiting = false;
-	live_start(feed);
-}
-
 static void live_start(struct feed *feed)
-{
-	if (feed->live_busy || feed->live_waiting || feed->nlive == 0 || feed->stopping)
-		return;
-	feed->live = (struct page){ .feed = feed,
-				    .kind = PAGE_LIVE,
-				    .after = feed->at,
-				    .limit = PAGE_MAX,
-				    .wait = feed->live.wait };
-	feed->live_busy = true;
-	metric_add(feed->m_live_reads, 1);
-	submit(feed, &feed->live);
-}
-
-static void live_wait(struct feed *feed)
 {
 	struct page *page = &feed->live;
 
+	if (feed->live_busy || feed->nlive == 0 || feed->stopping)
+		return;
+	evtimer_del(feed->live_timer);
+	feed->live_again = false;
+	page->feed = feed;
+	page->kind = PAGE_LIVE;
+	page->after = feed->at;
+	page->limit = PAGE_MAX;
+	feed->live_busy = true;
+	metric_add(feed->m_live_reads, 1);
+	submit(feed, page);
+}
+
+/* Something was appended (a NOTIFY), or may have been (LISTEN took effect, the
+ * connection came back): read now, or right after the read in flight. */
+static void live_notified(struct feed *feed)
+{
 	if (feed->nlive == 0 || feed->stopping)
 		return;
-	page->wait.min = (struct readmodel_position){ feed->at.txid, feed->at.position + 1 };
-	page->wait.deadline = now() + LIVE_WAIT;
-	page->wait.model = WAIT_LOG;
-	page->wait.wake = live_wake;
-	switch (waitset_add(feed->ctx->waits, &page->wait, page->wait_seq)) {
-	case WAIT_ADDED:
-		feed->live_waiting = true;
-		break;
-	case WAIT_AGAIN:
+	if (feed->live_busy)
+		feed->live_again = true;
+	else
 		live_start(feed);
-		break;
-	case WAIT_FULL: {
-		struct timeval later = { 0, (suseconds_t)(RETRY_SECONDS * 1e6) };
-		evtimer_add(feed->retry, &later);
-		break;
-	}
-	}
+}
+
+/* Nothing more to read: until a NOTIFY, read again after the probe interval. */
+static void live_wait(struct feed *feed)
+{
+	double d = feed->ctx->probe_interval;
+	struct timeval tv = { (time_t)d, (suseconds_t)((d - (double)(time_t)d) * 1e6) };
+
+	if (feed->nlive == 0 || feed->stopping)
+		return;
+	evtimer_add(feed->live_timer, &tv);
+}
+
+static void on_live_timer(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	live_start(arg);
+}
+
+/* LISTEN while any stream is live, UNLISTEN once none is: one request at a time, each
+ * answer checked against what is wanted by then. */
+static void listen_sync(struct feed *feed)
+{
+	bool want = feed->nlive > 0;
+
+	if (feed->stopping || feed->listen_busy || want == feed->listening)
+		return;
+	feed->listen = (struct page){ .feed = feed, .kind = PAGE_LISTEN, .listen = want };
+	feed->listen_busy = true;
+	submit(feed, &feed->listen);
+}
+
+static void listen_done(struct feed *feed, bool listening)
+{
+	feed->listen_busy = false;
+	feed->listening = listening;
+	/* What committed before LISTEN took effect sent no notification here. */
+	if (listening)
+		live_notified(feed);
+	listen_sync(feed);
+}
+
+static void on_notify(void *arg)
+{
+	struct feed *feed = arg;
+
+	if (feed->nlive > 0)
+		metric_add(feed->m_notified, 1);
+	live_notified(feed);
 }
 
 static void live_done(struct feed *feed, const struct rows *r)
@@ -793,7 +837,7 @@ static void live_done(struct feed *feed, const struct rows *r)
 		stream_flush(s, NULL); /* may cut it off */
 	}
 	feed->at = next;
-	if (full)
+	if (full || feed->live_again)
 		live_start(feed);
 	else
 		live_wait(feed);
@@ -805,6 +849,7 @@ static void on_retry(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
+	listen_sync(feed);
 	live_start(feed);
 	for (struct stream *s = feed->streams; s; s = s->next)
 		if (!s->live && !s->busy && !s->draining)
@@ -822,6 +867,9 @@ static void page_failed(struct page *page, const char *why, bool retry)
 		return;
 	case PAGE_LIVE:
 		feed->live_busy = false;
+		break;
+	case PAGE_LISTEN:
+		feed->listen_busy = false;
 		break;
 	case PAGE_CATCHUP:
 		page->stream->busy = false;
@@ -851,6 +899,13 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 			page_failed(page, error ? error : "no result", true);
 			continue;
 		}
+		if (page->kind == PAGE_LISTEN) {
+			if (PQresultStatus(out->results[i]) == PGRES_COMMAND_OK)
+				listen_done(feed, page->listen);
+			else
+				page_failed(page, PQresultErrorMessage(out->results[i]), true);
+			continue;
+		}
 		if (PQresultStatus(out->results[i]) != PGRES_TUPLES_OK) {
 			bool aborted = PQresultStatus(out->results[i]) == PGRES_PIPELINE_ABORTED;
 			page_failed(page,
@@ -872,6 +927,8 @@ static void on_run_done(void *arg, const struct pg_outcome *out)
 			break;
 		case PAGE_CATCHUP:
 			catchup_done(page->stream, &r);
+			break;
+		case PAGE_LISTEN:
 			break;
 		}
 	}
@@ -898,7 +955,13 @@ static void on_keepalive(evutil_socket_t fd, short what, void *arg)
 
 static void on_connect(void *arg)
 {
-	kick(arg);
+	struct feed *feed = arg;
+
+	/* A new session: it listens to nothing, and notifications may have been lost. */
+	feed->listening = false;
+	listen_sync(feed);
+	live_notified(feed);
+	kick(feed);
 }
 
 bool feed_connected(const struct feed *feed)
@@ -930,6 +993,7 @@ int feed_open(struct feed **out, struct query_ctx *ctx)
 		.nstatements = sizeof(statements) / sizeof(statements[0]),
 		.run_timeout = RUN_TIMEOUT,
 		.on_connect = on_connect,
+		.on_notify = on_notify,
 		.arg = feed,
 	};
 
@@ -939,7 +1003,8 @@ int feed_open(struct feed **out, struct query_ctx *ctx)
 	feed->ctx = ctx;
 	feed->keepalive = event_new(ctx->base, -1, EV_PERSIST, on_keepalive, feed);
 	feed->retry = evtimer_new(ctx->base, on_retry, feed);
-	if (!feed->keepalive || !feed->retry || pg_open(&feed->pg, &pc)) {
+	feed->live_timer = evtimer_new(ctx->base, on_live_timer, feed);
+	if (!feed->keepalive || !feed->retry || !feed->live_timer || pg_open(&feed->pg, &pc)) {
 		feed_close(&feed);
 		return -1;
 	}
@@ -955,6 +1020,10 @@ int feed_open(struct feed **out, struct query_ctx *ctx)
 		metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_live_reads_total",
 			    "Reads of the shared live reader that serves every live stream.", "",
 			    NULL, 0);
+	feed->m_notified = metrics_get(
+		ctx->metrics, METRIC_COUNTER, "daybook_query_feed_live_notifications_total",
+		"NOTIFYs of the event store that woke the live reader (or asked it for one more read).",
+		"", NULL, 0);
 	feed->m_pages = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_pages_total",
 				    "GET /events requests.", "", NULL, 0);
 	*out = feed;
@@ -966,6 +1035,8 @@ void feed_stop(struct feed *feed)
 	if (!feed || feed->stopping)
 		return;
 	feed->stopping = true;
+	if (feed->live_timer)
+		evtimer_del(feed->live_timer);
 	while (feed->streams) {
 		struct stream *s = feed->streams;
 		struct evhttp_request *ev = s->ev;
@@ -986,6 +1057,8 @@ void feed_close(struct feed **feedp)
 		event_free(feed->keepalive);
 	if (feed->retry)
 		event_free(feed->retry);
+	if (feed->live_timer)
+		event_free(feed->live_timer);
 	pg_close(&feed->pg);
 	free(feed);
 	*feedp = NULL;

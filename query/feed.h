@@ -7,6 +7,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "readmodel.h"
+
 struct query_ctx;
 struct http_request;
 struct feed;
@@ -14,6 +16,43 @@ struct feed;
 #define FEED_MAX_STREAMS_DEFAULT 1000
 #define FEED_STREAM_BUFFER_DEFAULT (1024 * 1024)
 #define FEED_KEEPALIVE_MS_DEFAULT 10000
+
+/* One page (prepared as feed_page; here for the plan test): the horizon in every row
+ * (columns 0, 1), then per event its txid, position, type, stream and the event object
+ * as JSON text, built by PostgreSQL (one row with NULL events when none). $1.$2 is the
+ * position after which to read, $3 the limit; $4 (text[]) and $5 filter when not NULL.
+ * Stream names and types need no escaping: the event store's CHECKs allow no quote.
+ *
+ * The xmin is read once (x) and used as a scalar subquery, never joined: then both
+ * bounds, (txid, position) > after and txid < xmin, are index conditions of one scan
+ * of events_txid_position in reader order, and a page reads at most $3 events
+ * whatever the statistics say. Joined to x (as it once was), the bound could reach
+ * the index only through a nested loop with x outside, which loses the order: with
+ * the cursor in a large transaction that ANALYZE saw as the newest, the planner
+ * expected a handful of rows after it, chose that loop and a sort, and every page
+ * read the whole rest of the log (docs/performance.md, "The feed's page plan").
+ * FEED_SQL_EVENT_JSON is the event (alias e) as the feed's JSON object. */
+#define FEED_SQL_EVENT_JSON                                                                        \
+	"'{\"position\":\"' || e.txid::text || '.' || e.position"                                  \
+	" || '\",\"stream\":\"' || e.stream || '\",\"version\":' || e.version"                     \
+	" || ',\"type\":\"' || e.type || '\",\"data\":' || e.data::text"                           \
+	" || ',\"metadata\":' || e.metadata::text"                                                 \
+	" || ',\"recorded_at\":\"' || " READMODEL_SQL_TIME("e.recorded_at") " || '\"}'"
+#define FEED_SQL_PAGE                                                                              \
+	"WITH x AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),"         \
+	" head AS (SELECT e.txid, e.position FROM events e WHERE e.txid < (SELECT xmin FROM x)"    \
+	" ORDER BY e.txid DESC, e.position DESC LIMIT 1)"                                          \
+	" SELECT coalesce((SELECT txid::text FROM head), '0'),"                                    \
+	" coalesce((SELECT position FROM head), 0),"                                               \
+	" p.txid::text, p.position, p.type, p.stream, p.j"                                         \
+	" FROM (SELECT 1) one LEFT JOIN LATERAL ("                                                 \
+	"SELECT e.txid, e.position, e.type, e.stream, " FEED_SQL_EVENT_JSON " AS j"                \
+	" FROM events e WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"                       \
+	" AND e.txid < (SELECT xmin FROM x)"                                                       \
+	" AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"                                   \
+	" AND ($5::text IS NULL OR e.stream = $5::text)"                                           \
+	" ORDER BY e.txid, e.position LIMIT $3::integer) p ON true"                                \
+	" ORDER BY p.txid, p.position"
 
 /* One worker's feed, on ctx's loop and waiting room (ctx->waits must outlive it).
  * Close with feed_close. */
