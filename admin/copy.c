@@ -160,19 +160,27 @@ static void *copier_main(void *arg)
 	return NULL;
 }
 
+int copy_spawn(pthread_t *thread, void *(*fn)(void *), void *arg)
+{
+	sigset_t all, old;
+	int err;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	err = pthread_create(thread, NULL, fn, arg);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return err;
+}
+
 /* Start the thread with signals blocked: they are the main thread's to handle. */
 bool copier_start(struct copier *c, PGconn *pg)
 {
-	sigset_t all, old;
 	int err;
 
 	c->pg = pg;
 	pthread_mutex_init(&c->mu, NULL);
 	pthread_cond_init(&c->cv, NULL);
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	err = pthread_create(&c->thread, NULL, copier_main, c);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	err = copy_spawn(&c->thread, copier_main, c);
 	if (err) {
 		log_error(c->log, "cannot start the COPY thread: %s", strerror(err));
 		return false;

@@ -45,6 +45,11 @@ struct copier {
 	bool running, busy, stop, failed;
 };
 
+/* Start a thread running fn(arg) with every signal blocked: signals are the main
+ * thread's to handle. pthread_create's result (0 when started). */
+int copy_spawn(pthread_t *thread, void *(*fn)(void *), void *arg)
+	__attribute__((warn_unused_result));
+
 /* Start it (with signals blocked: they are the caller's thread's to handle). */
 bool copier_start(struct copier *c, PGconn *pg) __attribute__((warn_unused_result));
 /* Hand a chunk's rows over once the last chunk is done: *entries and *transfers are

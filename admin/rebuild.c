@@ -5,6 +5,7 @@
 #include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <libpq-fe.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -30,10 +31,31 @@ static void on_signal(int sig)
 	rb_interrupted = 1;
 }
 
+/* The writer's connection, made in a thread while the main thread makes the reader's:
+ * a connection costs a few round trips and the password exchange's hashing. */
+static void *connect_writer(void *arg)
+{
+	struct rebuild *rb = arg;
+
+	rb->wr = PQconnectdb(rb->ctx->cfg.pg);
+	return NULL;
+}
+
+static void connect_both(struct rebuild *rb)
+{
+	pthread_t t;
+	int err = copy_spawn(&t, connect_writer, rb);
+
+	rb->pg = PQconnectdb(rb->ctx->cfg.pg);
+	if (err)
+		connect_writer(rb);
+	else
+		pthread_join(t, NULL);
+}
+
 static bool prepare(struct rebuild *rb)
 {
-	rb->pg = PQconnectdb(rb->ctx->cfg.pg);
-	rb->wr = PQconnectdb(rb->ctx->cfg.pg);
+	connect_both(rb);
 	if (PQstatus(rb->pg) != CONNECTION_OK || PQstatus(rb->wr) != CONNECTION_OK) {
 		rb->failure = CLI_EXIT_UNAVAILABLE;
 		rb_error(rb, "cannot connect to PostgreSQL: %s",
@@ -46,15 +68,13 @@ static bool prepare(struct rebuild *rb)
 	}
 	if (strmap_open(&rb->accounts, rb_acct_free) || strmap_open(&rb->totals, free))
 		return false;
-	/* Both sessions write shadow tables and build keys. */
-	for (int i = 0; i < 2; i++) {
-		PGconn *c = i ? rb->wr : rb->pg;
-		if (!rb_exec(rb, c, "SET client_min_messages = warning") ||
-		    !rb_exec(rb, c,
-			     "SET synchronous_commit = off") || /* the swap commits durably */
-		    !rb_exec(rb, c, "SET maintenance_work_mem = '256MB'")) /* keys sort in memory */
+	/* Both sessions write shadow tables and build keys: the swap commits durably, keys
+	 * sort in memory. One round trip each. */
+	for (int i = 0; i < 2; i++)
+		if (!rb_exec(rb, i ? rb->wr : rb->pg,
+			     "SET client_min_messages = warning; SET synchronous_commit = off; "
+			     "SET maintenance_work_mem = '256MB'"))
 			return false;
-	}
 	rb_choose_count(rb);
 	if (!rb_send_count(rb))
 		return false;

@@ -34,8 +34,9 @@
 extern volatile sig_atomic_t rb_interrupted;
 
 struct acct {
-	struct readmodel_row row;      /* the shared fold's */
-	int64_t opened_at, updated_at; /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
+	struct readmodel_row row;       /* the shared fold's */
+	struct readmodel_totals *total; /* its currency's, once looked up (rb->totals owns it) */
+	int64_t opened_at, updated_at;  /* PostgreSQL timestamptz: µs since 2000-01-01 UTC */
 	int32_t expected;      /* statement items the log had when counted (a lower bound) */
 	int32_t at_cp;         /* items folded at or below the hints' checkpoint */
 	int32_t sent;          /* statement items sent to Redis */

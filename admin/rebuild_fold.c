@@ -213,7 +213,10 @@ static bool apply(struct rebuild *rb, const char *id, struct acct *a, const stru
 	if (change.opened)
 		a->opened_at = e->at;
 	a->updated_at = e->at;
-	if (!(t = total_of(rb, a->row.acc.currency)))
+	/* An account keeps its currency: its totals are looked up once, not every event. */
+	if (!a->total || strcmp(a->total->currency, a->row.acc.currency) != 0)
+		a->total = total_of(rb, a->row.acc.currency);
+	if (!(t = a->total))
 		goto fail;
 	readmodel_count_add(&t->count, &change.totals);
 	if (change.entry_type) {

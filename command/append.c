@@ -1,6 +1,6 @@
-/* The write pipeline of a batch: its events (one set-based INSERT for the whole
- * batch), its idempotency records (another), the snapshots due, and the fence, queued
- * as one transaction on the service's connection. See batch.h. */
+/* The write pipeline of a batch: its events and its idempotency records (one
+ * set-based INSERT for the whole batch), the snapshots due, and the fence, queued as
+ * one transaction on the service's connection. See batch.h. */
 #include <event2/buffer.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -12,11 +12,9 @@
 /* Every event of the batch in one statement: one executor start, one check of the
  * constraints' expressions, one statement-level trigger run (sql/013) instead of one
  * of each per event. Arrays in the batch's event order; rows: stream, version,
- * "txid.position". Only the columns the role may set (sql/011). */
-const char sql_append[] =
-	"INSERT INTO events (stream, version, type, data, metadata) "
-	"SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[]) "
-	"RETURNING stream, version, txid::text || '.' || position::text";
+ * "txid.position". Only the columns the role may set (sql/011). With idempotency
+ * records, sql_append_idem (idem.c) inserts them in the same statement. */
+const char sql_append[] = APPEND_EVENTS;
 /* A snapshot commits with the event at its version. An existing one (which only
  * someone other than this service could have put there) is left alone: the load
  * checks snapshots before using them. */
@@ -26,11 +24,14 @@ const char sql_snapshot_put[] =
 /* Last in every write pipeline: fails with DBF01 unless $1 is the lease's epoch. */
 const char sql_fence[] = "SELECT command_fence($1::bigint)";
 
-/* One INSERT of every event; result 0 has their positions (append_position). */
-static bool queue_events(struct batcher *b)
+/* One INSERT of every event, and of every record when `records`; result 0 has the
+ * events' positions (append_position). */
+static bool queue_events(struct batcher *b, bool records)
 {
-	struct column cols[5];
+	struct column cols[5 + IDEM_COLUMNS];
 
+	if (records && !idem_record_columns(b, &cols[5]))
+		return false;
 	for (int c = 0; c < 5; c++)
 		column_open(&cols[c]);
 	for (size_t i = 0; i < b->nevents; i++) {
@@ -41,7 +42,18 @@ static bool queue_events(struct batcher *b)
 		column_add(&cols[3], pe->data);
 		column_add(&cols[4], pe->metadata);
 	}
+	if (records)
+		return queue_columns(b->ctx->pg, "append_idem", 5 + IDEM_COLUMNS, cols);
 	return queue_columns(b->ctx->pg, "append", 5, cols);
+}
+
+/* The records alone, for a batch without events. */
+static bool queue_records(struct batcher *b)
+{
+	struct column cols[IDEM_COLUMNS];
+
+	return idem_record_columns(b, cols) &&
+	       queue_columns(b->ctx->pg, "idem_put", IDEM_COLUMNS, cols);
 }
 
 static bool queue_snapshot(struct batcher *b, const char *stream, const char *version,
@@ -101,10 +113,10 @@ static bool queue_fence(struct batcher *b)
 
 bool append_queue(struct batcher *b, size_t *nrecords)
 {
-	*nrecords = 0;
-	if (b->nevents && !queue_events(b))
+	*nrecords = idem_count_records(b);
+	if (b->nevents && !queue_events(b, *nrecords > 0))
 		return false;
-	if (!idem_queue_records(b, nrecords))
+	if (!b->nevents && *nrecords && !queue_records(b))
 		return false;
 	if (b->nevents || *nrecords)
 		return queue_snapshots(b) && queue_fence(b);

@@ -120,8 +120,16 @@ void commit_overlay(struct batcher *b);
 
 /* --- append.c: the write pipeline ------------------------------------------------ */
 
-/* Queue the batch's events (result 0, when it has any), its idempotency records
- * (*nrecords of them), its snapshots and its fence. Nothing is queued when there is
+/* Every event of the batch in one INSERT: parameters $1-$5, the columns of the events
+ * in the batch's order; rows: stream, version, "txid.position" (sql_append's text). */
+#define APPEND_EVENTS                                                                              \
+	"INSERT INTO events (stream, version, type, data, metadata) "                              \
+	"SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[]) "   \
+	"RETURNING stream, version, txid::text || '.' || position::text"
+
+/* Queue the batch's events (result 0, when it has any) and its idempotency records
+ * (*nrecords of them; in the events' statement when there are events), its snapshots
+ * and its fence. Nothing is queued when there is
  * nothing to write. False when out of memory. */
 bool append_queue(struct batcher *b, size_t *nrecords) __attribute__((warn_unused_result));
 /* The log position ("txid.position") of event i, from the committed write's results
@@ -135,7 +143,7 @@ struct column {
 	size_t n;
 	bool ok;
 };
-#define APPEND_MAX_COLUMNS 8
+#define APPEND_MAX_COLUMNS 13
 void column_open(struct column *c);
 /* Append a value (NULL for SQL NULL); a failure shows in column_take. */
 void column_add(struct column *c, const char *value);
@@ -156,13 +164,19 @@ void idem_release(struct batcher *b, const struct cmd *cmd);
 void idem_apply(struct batcher *b, PGresult *r);
 /* Decided outcomes worth storing: successes and business refusals. */
 bool idem_keeps_record(const struct slot *s);
-/* Queue the records of the batch's decided outcomes worth storing (*nrecords of them,
- * nothing when none) as one statement; their positions come from the log. */
-bool idem_queue_records(struct batcher *b, size_t *nrecords) __attribute__((warn_unused_result));
+/* How many of the batch's decided outcomes are worth storing. */
+size_t idem_count_records(const struct batcher *b);
+/* Open cols and fill them with those records, in the order of the parameters of
+ * sql_idem_put ($1-$8) and of sql_append_idem ($6-$13); false when out of memory
+ * (cols are then closed). */
+#define IDEM_COLUMNS 8
+bool idem_record_columns(struct batcher *b, struct column cols[IDEM_COLUMNS])
+	__attribute__((warn_unused_result));
 
 /* --- statement texts (each room's own; statements.c names them) ----------------- */
 
 extern const char sql_load_streams[], sql_load_streams_full[], sql_load_transfers[],
-	sql_load_idem[], sql_append[], sql_idem_put[], sql_snapshot_put[], sql_fence[];
+	sql_load_idem[], sql_append[], sql_append_idem[], sql_idem_put[], sql_snapshot_put[],
+	sql_fence[];
 
 #endif

@@ -11,17 +11,36 @@ const char sql_load_idem[] =
 	"SELECT token_id, key, encode(request_hash, 'hex'), status, headers::text, body "
 	"FROM idempotency_keys WHERE (token_id, key) IN "
 	"(SELECT * FROM unnest($1::text[], $2::text[]))";
-/* Every record of the batch in one statement. A record commits with its events,
- * before their positions are known to us, so each stored body gets its position from
- * the log in the same statement (its last event's stream and version; NULL for none). */
-const char sql_idem_put[] =
+/* A record's body, its position placeholder replaced by `pos` (a text expression:
+ * "txid.position", or NULL when the record has no event), and the records' arrays. */
+#define IDEM_BODY(pos)                                                                             \
+	"replace(r.body, '\"position\":\"" POSITION_PLACEHOLDER "\"', "                            \
+	"coalesce('\"position\":\"' || " pos " || '\"', ''))"
+#define IDEM_INSERT                                                                                \
 	"INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, body) "
-	"SELECT r.token_id, r.key, decode(r.hash, 'hex'), r.status, r.headers::jsonb, "
-	"replace(r.body, '\"position\":\"" POSITION_PLACEHOLDER "\"', "
-	"coalesce((SELECT '\"position\":\"' || e.txid::text || '.' || e.position::text || '\"' "
-	"FROM events e WHERE e.stream = r.stream AND e.version = r.version), '')) "
-	"FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::text[], $6::text[], "
-	"$7::text[], $8::integer[]) AS r(token_id, key, hash, status, headers, body, stream, version)";
+#define IDEM_VALUES "r.token_id, r.key, decode(r.hash, 'hex'), r.status, r.headers::jsonb, "
+#define IDEM_ROWS(a, b, c, d, e, f, g, h)                                                          \
+	"unnest($" a "::text[], $" b "::text[], $" c "::text[], $" d "::smallint[], $" e           \
+	"::text[], $" f "::text[], $" g "::text[], $" h "::integer[]) "                            \
+	"AS r(token_id, key, hash, status, headers, body, stream, version)"
+
+/* Every record of the batch in one statement, for a batch without events (a record
+ * that names an event takes its position from the log). */
+const char sql_idem_put[] = IDEM_INSERT "SELECT " IDEM_VALUES IDEM_BODY(
+	"(SELECT e.txid::text || '.' || e.position::text FROM events e "
+	"WHERE e.stream = r.stream AND e.version = r.version)") " FROM " IDEM_ROWS("1", "2", "3",
+										   "4", "5", "6",
+										   "7", "8");
+/* The batch's events and records in one statement: a record commits with its events,
+ * before their positions are known to us, so each stored body takes its position from
+ * the rows the INSERT of the events returns (its last event's stream and version).
+ * Rows as sql_append's. */
+const char sql_append_idem[] =
+	"WITH e AS (" APPEND_EVENTS " AS position), k AS (" IDEM_INSERT
+	"SELECT " IDEM_VALUES IDEM_BODY("e.position") " FROM " IDEM_ROWS(
+		"6", "7", "8", "9", "10", "11", "12",
+		"13") " LEFT JOIN e ON e.stream = r.stream AND e.version = r.version) "
+		      "SELECT stream, version, position FROM e";
 
 static void inflight_key(const struct cmd *cmd, char *out, size_t len)
 {
@@ -94,7 +113,7 @@ bool idem_keeps_record(const struct slot *s)
 }
 
 /* Add slot s's record to the columns of the batch's record INSERT. */
-static bool add_record(struct batcher *b, struct slot *s, struct column cols[8])
+static bool add_record(struct batcher *b, struct slot *s, struct column cols[IDEM_COLUMNS])
 {
 	const struct cmd *cmd = s->cmd;
 	const struct pending_event *last = s->last_event >= 0 ? &b->events[s->last_event] : NULL;
@@ -125,23 +144,25 @@ done:
 	return ok;
 }
 
-bool idem_queue_records(struct batcher *b, size_t *nrecords)
+size_t idem_count_records(const struct batcher *b)
 {
-	struct column cols[8];
+	size_t n = 0;
 
-	*nrecords = 0;
 	for (size_t i = 0; i < b->nslots; i++)
-		*nrecords += idem_keeps_record(&b->slots[i]);
-	if (*nrecords == 0)
-		return true;
-	for (int c = 0; c < 8; c++)
+		n += idem_keeps_record(&b->slots[i]);
+	return n;
+}
+
+bool idem_record_columns(struct batcher *b, struct column cols[IDEM_COLUMNS])
+{
+	for (int c = 0; c < IDEM_COLUMNS; c++)
 		column_open(&cols[c]);
 	for (size_t i = 0; i < b->nslots; i++)
 		if (idem_keeps_record(&b->slots[i]) && !add_record(b, &b->slots[i], cols))
 			goto fail;
-	return queue_columns(b->ctx->pg, "idem_put", 8, cols);
+	return true;
 fail:
-	for (int c = 0; c < 8; c++)
+	for (int c = 0; c < IDEM_COLUMNS; c++)
 		free(column_take(&cols[c]));
 	return false;
 }

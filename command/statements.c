@@ -8,6 +8,7 @@ static const struct pg_statement statements[] = {
 	{ "load_idem", sql_load_idem },
 	{ "load_transfers", sql_load_transfers },
 	{ "append", sql_append },
+	{ "append_idem", sql_append_idem },
 	{ "idem_put", sql_idem_put },
 	{ "snapshot_put", sql_snapshot_put },
 	{ "fence", sql_fence },

@@ -142,12 +142,27 @@ def rebuild(a):
     row("COPY events TO STDOUT", round(copy_s, 2), round(int(a["events"]) / copy_s))
     row("ratio", "%.2fx" % ratio if ratio else "n/a", "target <= 2x: %s" % verdict(ok),
         widths=(30, 12, 30))
+    # CPU of each round: COPY's (PostgreSQL and psql), the rebuild's (PostgreSQL,
+    # daybook-admin, Redis); medians of each part.
+    copy_cpu = [int(x) for x in a.get("copy_cpu_ms", "").split()]
+    parts = [[int(p) for p in x.split(",")] for x in a.get("rebuild_cpu_ms", "").split()]
+    cpu = {}
+    if copy_cpu and parts:
+        cpu = {"copy_ms": statistics.median(copy_cpu),
+               "pg_ms": statistics.median(p[0] for p in parts),
+               "admin_ms": statistics.median(p[1] for p in parts),
+               "redis_ms": statistics.median(p[2] for p in parts),
+               "rebuild_ms": statistics.median(sum(p) for p in parts)}
+        cpu["ratio"] = round(cpu["rebuild_ms"] / cpu["copy_ms"], 3) if cpu["copy_ms"] else None
+        print("  CPU ms: COPY %d; rebuild %d (PostgreSQL %d, daybook-admin %d, Redis %d): %s" % (
+            cpu["copy_ms"], cpu["rebuild_ms"], cpu["pg_ms"], cpu["admin_ms"], cpu["redis_ms"],
+            "%.2fx" % cpu["ratio"] if cpu["ratio"] else "n/a"))
     print(json.dumps({
         "bench": "rebuild", "events": int(a["events"]), "rebuild_s": round(rebuild_s, 3),
         "copy_s": round(copy_s, 3), "ratio": round(ratio, 3) if ratio else None,
         "rebuild_runs_s": [round(x, 3) for x in rebuilds],
         "copy_runs_s": [round(x, 3) for x in copies],
-        "target_ratio": 2, "pass": ok}))
+        "cpu_ms": cpu, "target_ratio": 2, "pass": ok}))
 
 
 def feed(a):

@@ -249,7 +249,7 @@ static void log_position(const char *stream, long long v, char *out, size_t len)
 #define XFERS 4
 #define KEYED 3
 
-/* The batch's events go into the log in one INSERT and its records in another: each
+/* The batch's events and its records go into the log in one INSERT: each
  * command still gets the position of its own last event (several versions of one
  * account in one statement, transfers, keyed requests whose stored body has the
  * position too), and a replay answers the same. */
@@ -324,6 +324,51 @@ Test(outcomes, one_batch_answers_each_command_with_its_own_events_position)
 		response_free(&calls[i].r);
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'sb-key-%'"),
 		     KEYED);
+}
+
+/* Keyed refusals and keyed successes of one batch: their records go into the log's
+ * statement together (sql_append_idem); a refusal's record has no event, and stores
+ * no position. Each replays its own first answer. */
+Test(outcomes, one_batch_stores_keyed_refusals_beside_keyed_events)
+{
+	struct call calls[4];
+	static const char *const bodies[] = { "{\"amount\":5}", "{\"amount\":100000}",
+					      "{\"amount\":6}", "{\"amount\":200000}" };
+
+	start_command("30000", "20000");
+	open_account("starter");
+	open_account("m");
+	memset(calls, 0, sizeof(calls));
+	for (int i = 0; i < 4; i++) {
+		snprintf(calls[i].path, sizeof(calls[i].path),
+			 i % 2 ? "/accounts/m/withdrawals" : "/accounts/m/deposits");
+		snprintf(calls[i].body, sizeof(calls[i].body), "%s", bodies[i]);
+		snprintf(calls[i].key, sizeof(calls[i].key), "mixed-key-%d", i);
+	}
+	send_as_one_batch(calls, 4);
+
+	for (int i = 0; i < 4; i++) {
+		char header[128];
+		const char *extra[] = { header, NULL };
+		struct response again;
+
+		cr_assert_eq(calls[i].r.status, i % 2 ? 422 : 201, "%s %s: %d %s", calls[i].path,
+			     calls[i].body, calls[i].r.status, calls[i].r.body);
+		cr_assert_eq(json_object_get(calls[i].r.json, "position") != NULL, i % 2 == 0, "%s",
+			     calls[i].r.body);
+		snprintf(header, sizeof(header), "Idempotency-Key: %s", calls[i].key);
+		again = post(&svc, calls[i].path, calls[i].body, extra);
+		cr_expect_eq(again.status, calls[i].r.status, "%s", again.body);
+		cr_expect(json_equal(again.json, calls[i].r.json), "replay %s, first %s",
+			  again.body, calls[i].r.body);
+		response_free(&again);
+	}
+	for (int i = 0; i < 4; i++)
+		response_free(&calls[i].r);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE "
+				 "'mixed-key-%' AND body NOT LIKE '%\"position\":\"?\"%'"),
+		     4);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-m'"), 3);
 }
 
 /* --- 2. deadlines -------------------------------------------------------------------------- */

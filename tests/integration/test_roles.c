@@ -9,6 +9,7 @@
 #define PERMISSION_DENIED "42501"
 #define UNIQUE_VIOLATION "23505"
 #define INTEGRITY_VIOLATION "23000"
+#define CHECK_VIOLATION "23514"
 
 static const char *const service_roles[] = { "daybook_command", "daybook_projector",
 					     "daybook_query" };
@@ -191,6 +192,62 @@ Test(roles, versions_are_checked_across_the_rows_of_one_statement)
 		       "('account-z', 1, 'AccountOpened', '{\"account_id\":\"z\"}', '{}'), "
 		       "('account-z', 2, 'FundsDeposited', '{\"amount\":5}', '{}')");
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 5);
+}
+
+/* Stream names as the store takes them, in the log and in the snapshots alike:
+ * ^[a-z]+-[A-Za-z0-9._:-]{1,64}$ (sql/001, sql/008; sql/014 checks it without the
+ * counted repetition). Each name is an SQL expression. */
+static const char *const good_streams[] = {
+	"'account-' || repeat('a', 64)",
+	"'account-A'",
+	"'x-' || 'Az09._:-'",
+	"'account--'",
+	"'account-a-b-c'",
+	"'a-' || repeat('-', 64)",
+};
+static const char *const bad_streams[] = {
+	"'account-' || repeat('a', 65)",
+	"'account-'",
+	"'account'",
+	"'-abc'",
+	"'Account-x'",
+	"'acc0unt-x'",
+	"'account-x/y'",
+	"'account-x y'",
+	"'account-x' || chr(10)",
+	"chr(10) || 'account-x'",
+	"'account-' || chr(233)",
+	"'a-' || repeat('-', 65)",
+};
+
+static void check_stream(const char *stream, bool good)
+{
+	char event[512], snapshot[512];
+
+	snprintf(event, sizeof(event),
+		 "INSERT INTO events (stream, version, type, data, metadata) VALUES "
+		 "(%s, 1, 'AccountOpened', '{\"account_id\":\"n\"}', '{}')",
+		 stream);
+	snprintf(snapshot, sizeof(snapshot),
+		 "INSERT INTO account_snapshots (stream, version, state) VALUES (%s, 1, '{}')",
+		 stream);
+	if (good) {
+		assert_allowed("daybook_command", event);
+		assert_allowed("daybook_command", snapshot);
+	} else {
+		assert_refused("daybook_command", event, CHECK_VIOLATION);
+		assert_refused("daybook_command", snapshot, CHECK_VIOLATION);
+	}
+}
+
+Test(roles, stream_names_are_checked_at_their_edges)
+{
+	for (size_t i = 0; i < sizeof(good_streams) / sizeof(good_streams[0]); i++)
+		check_stream(good_streams[i], true);
+	for (size_t i = 0; i < sizeof(bad_streams) / sizeof(bad_streams[0]); i++)
+		check_stream(bad_streams[i], false);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"),
+		     1 + (long long)(sizeof(good_streams) / sizeof(good_streams[0])));
 }
 
 Test(roles, a_duplicate_stream_version_is_refused)
