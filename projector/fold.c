@@ -1,5 +1,6 @@
 /* Fold a batch of log events into the SQL read models: the pure domain's evolve
- * decides every balance, and the batch is written with a few set-based statements. */
+ * decides every balance, and the batch is written with two statements: the
+ * checkpoint's compare-and-set, then every row as arrays in one statement. */
 #include <event2/buffer.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -17,7 +18,6 @@ struct column {
 struct table {
 	struct column *cols;
 	size_t ncols;
-	size_t rows;
 };
 
 /* False when out of memory; table_free either way. */
@@ -25,7 +25,6 @@ static bool table_init(struct table *t, struct column *cols, size_t ncols)
 {
 	t->cols = cols;
 	t->ncols = ncols;
-	t->rows = 0;
 	for (size_t i = 0; i < ncols; i++)
 		cols[i] = (struct column){ .buf = NULL, .n = 0 };
 	for (size_t i = 0; i < ncols; i++) {
@@ -56,28 +55,20 @@ static void put_int(struct column *c, long long v)
 	put(c, s);
 }
 
-/* Queue `sql` with the table's columns as its array parameters (nothing if empty). */
-static bool queue_table(struct projector_ctx *ctx, struct table *t, const char *statement)
+/* The table's columns as text[] literals ("{}" when empty) into params[0 .. ncols),
+ * which the caller frees; false when out of memory. */
+static bool table_take(struct table *t, char **params)
 {
-	char *params[12] = { NULL };
-	bool ok = false;
-
-	if (t->rows == 0)
-		return true;
 	for (size_t i = 0; i < t->ncols; i++) {
 		size_t len;
 		evbuffer_add(t->cols[i].buf, "}", 2); /* with the NUL */
 		len = evbuffer_get_length(t->cols[i].buf);
 		params[i] = malloc(len);
 		if (!params[i])
-			goto done;
+			return false;
 		evbuffer_remove(t->cols[i].buf, params[i], len);
 	}
-	ok = pg_queue(ctx->pg, statement, (int)t->ncols, (const char *const *)params);
-done:
-	for (size_t i = 0; i < t->ncols; i++)
-		free(params[i]);
-	return ok;
+	return true;
 }
 
 static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency)
@@ -147,7 +138,6 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 	put(&c[6], item.counterparty);
 	put(&c[7], item.reference);
 	put(&c[8], item.at);
-	r->entries.rows++;
 	return add_item(r, a->row.acc.id, item.version, readmodel_entry_json(&item));
 }
 
@@ -164,7 +154,6 @@ static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 	put(&c[4], item.currency);
 	put(&c[5], item.reference);
 	put(&c[6], item.at);
-	r->transfers.rows++;
 	/* Version 0 marks a transfer among the items. */
 	return add_item(r, item.transfer_id, 0, readmodel_transfer_json(&item));
 }
@@ -281,13 +270,22 @@ bool projector_fold(struct projector_ctx *ctx)
 	return true;
 }
 
-static bool queue_accounts(struct projector_ctx *ctx, struct fold_rows *r)
+/* write_rows' parameters (step.c): each table's columns, then the NOTIFY token. */
+enum {
+	ACCOUNT_COLS = 10,
+	ENTRY_COLS = 9,    /* fold_rows.ecols */
+	TRANSFER_COLS = 7, /* fold_rows.tcols */
+	TOTAL_COLS = 4,
+	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TRANSFER_COLS + TOTAL_COLS + 1,
+};
+
+static bool take_accounts(const struct fold_rows *r, char **params)
 {
-	struct column c[10];
+	struct column c[ACCOUNT_COLS];
 	struct table t;
 	bool ok = false;
 
-	if (!table_init(&t, c, 10))
+	if (!table_init(&t, c, ACCOUNT_COLS))
 		goto done;
 	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
@@ -301,22 +299,21 @@ static bool queue_accounts(struct projector_ctx *ctx, struct fold_rows *r)
 		put_int(&c[7], a->row.entries);
 		put(&c[8], a->opened_at);
 		put(&c[9], a->updated_at);
-		t.rows++;
 	}
-	ok = queue_table(ctx, &t, "upsert_accounts");
+	ok = table_take(&t, params);
 done:
 	table_free(&t);
 	return ok;
 }
 
-static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
+static bool take_totals(const struct fold_rows *r, char **params)
 {
-	struct column c[4];
+	struct column c[TOTAL_COLS];
 	struct table t;
 	bool ok = false;
 	char sum[48];
 
-	if (!table_init(&t, c, 4))
+	if (!table_init(&t, c, TOTAL_COLS))
 		goto done;
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
@@ -325,22 +322,32 @@ static bool queue_totals(struct projector_ctx *ctx, struct fold_rows *r)
 		put_int(&c[2], tot->delta.open_accounts);
 		readmodel_int128_text(tot->delta.balance_sum, sum);
 		put(&c[3], sum);
-		t.rows++;
 	}
-	ok = queue_table(ctx, &t, "upsert_totals");
+	ok = table_take(&t, params);
 done:
 	table_free(&t);
 	return ok;
 }
 
-/* NOTIFY the batch's new checkpoint, in its transaction (delivered on commit only). */
-static bool queue_position_notice(struct projector_ctx *ctx, const struct log_event *last)
+/* Every row of the batch and the NOTIFY of its checkpoint, in one statement. */
+static bool queue_rows(struct projector_ctx *ctx, const struct log_event *last)
 {
+	struct fold_rows *r = ctx->rows;
+	char *params[ROW_PARAMS] = { NULL };
+	char **p = params;
 	char token[64];
-	const char *param = token;
+	bool ok = false;
 
 	snprintf(token, sizeof(token), "%s.%lld", last->txid, last->position);
-	return pg_queue(ctx->pg, "notify_position", 1, &param);
+	if (!take_accounts(r, p) || !table_take(&r->entries, p += ACCOUNT_COLS) ||
+	    !table_take(&r->transfers, p += ENTRY_COLS) || !take_totals(r, p += TRANSFER_COLS) ||
+	    !(params[ROW_PARAMS - 1] = strdup(token)))
+		goto done;
+	ok = pg_queue(ctx->pg, "write_rows", ROW_PARAMS, (const char *const *)params);
+done:
+	for (size_t i = 0; i < ROW_PARAMS; i++)
+		free(params[i]);
+	return ok;
 }
 
 bool projector_queue_writes(struct projector_ctx *ctx)
@@ -355,11 +362,7 @@ bool projector_queue_writes(struct projector_ctx *ctx)
 	/* The checkpoint moves first: if another projector took the lease (our epoch is
 	 * stale) or moved it, or a rebuild swapped the tables (a new generation), the
 	 * whole transaction fails and nothing is applied twice or to the wrong tables. */
-	return pg_queue(ctx->pg, "switch_guard", 0, NULL) &&
-	       pg_queue(ctx->pg, "move_checkpoint", 6, cas) && queue_accounts(ctx, ctx->rows) &&
-	       queue_table(ctx, &ctx->rows->entries, "insert_entries") &&
-	       queue_table(ctx, &ctx->rows->transfers, "insert_transfers") &&
-	       queue_totals(ctx, ctx->rows) && queue_position_notice(ctx, last);
+	return pg_queue(ctx->pg, "move_checkpoint", 6, cas) && queue_rows(ctx, last);
 }
 
 void projector_rows_committed(struct projector_ctx *ctx)

@@ -14,8 +14,6 @@
 static const struct pg_statement statements[] = {
 	{ "load_checkpoint", "SELECT txid::text, position, generation FROM projection_checkpoints "
 			     "WHERE projection = '" PROJECTOR_PROJECTION "'" },
-	/* A rebuild's switch takes this lock exclusively: writes wait while it swaps. */
-	{ "switch_guard", "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK ")" },
 	{ "read_events",
 	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, " READMODEL_SQL_TIME(
 		  "recorded_at") " "
@@ -41,38 +39,42 @@ static const struct pg_statement statements[] = {
 	  "SELECT " READMODEL_SQL_TRANSFER_COLUMNS(
 		  "rm_transfers") " FROM rm_transfers "
 				  "WHERE transfer_id > $1 ORDER BY transfer_id LIMIT $2" },
-	/* ($1 epoch, $2 $3 from, $4 generation, $5 $6 to): fails with SQLSTATE
-	 * PROJECTOR_SQLSTATE_FENCED or PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
+	/* The batch's first statement: the switch guard (a rebuild's switch takes this lock
+	 * exclusively: writes wait while it swaps), taken before any read-model table is
+	 * locked, then the checkpoint's compare-and-set ($1 epoch, $2 $3 from, $4
+	 * generation, $5 $6 to), which fails with SQLSTATE PROJECTOR_SQLSTATE_FENCED or
+	 * PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
 	{ "move_checkpoint",
-	  "SELECT projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
+	  "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK "), "
+	  "projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
 	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint)" },
-	{ "upsert_accounts",
-	  "INSERT INTO rm_accounts (account_id, name, currency, balance, overdraft_limit, status, "
-	  "version, entries, opened_at, updated_at) SELECT * FROM unnest($1::text[], $2::text[], "
-	  "$3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::int[], $8::int[], "
-	  "$9::timestamptz[], $10::timestamptz[]) ON CONFLICT (account_id) DO UPDATE SET "
-	  "name = EXCLUDED.name, currency = EXCLUDED.currency, balance = EXCLUDED.balance, "
-	  "overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
+	/* The batch's rows, one statement over arrays (one executor start instead of one per
+	 * table): accounts ($1-$10), statement items ($11-$19), transfers ($20-$26), the
+	 * totals' deltas ($27-$30); then the NOTIFY of the new checkpoint ($31), which wakes
+	 * the query service's reads waiting for it and, in the batch's transaction, is
+	 * delivered only if the checkpoint commits. */
+	{ "write_rows",
+	  "WITH a AS (INSERT INTO rm_accounts (account_id, name, currency, balance, "
+	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT * FROM "
+	  "unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], "
+	  "$7::int[], $8::int[], $9::timestamptz[], $10::timestamptz[]) ON CONFLICT (account_id) "
+	  "DO UPDATE SET name = EXCLUDED.name, currency = EXCLUDED.currency, balance = "
+	  "EXCLUDED.balance, overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
 	  "version = EXCLUDED.version, entries = EXCLUDED.entries, opened_at = EXCLUDED.opened_at, "
-	  "updated_at = EXCLUDED.updated_at" },
-	{ "insert_entries",
-	  "INSERT INTO rm_entries (account_id, version, type, amount, balance_after, transfer_id, "
-	  "counterparty, reference, at) SELECT * FROM unnest($1::text[], $2::int[], $3::text[], "
-	  "$4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::timestamptz[])" },
-	{ "insert_transfers",
-	  "INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
-	  "reference, at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
-	  "$5::text[], $6::text[], $7::timestamptz[])" },
-	{ "upsert_totals",
-	  "INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * FROM "
-	  "unnest($1::text[], $2::bigint[], $3::bigint[], $4::numeric[]) ON CONFLICT (currency) DO "
-	  "UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, open_accounts = "
-	  "rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = rm_totals.balance_sum + "
-	  "EXCLUDED.balance_sum" },
-	/* In the batch's transaction, so it is delivered only if the checkpoint commits:
-	 * wakes the query service's reads waiting for this position (the payload is the
-	 * new checkpoint token). */
-	{ "notify_position", "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $1)" },
+	  "updated_at = EXCLUDED.updated_at), "
+	  "e AS (INSERT INTO rm_entries (account_id, version, type, amount, balance_after, "
+	  "transfer_id, counterparty, reference, at) SELECT * FROM unnest($11::text[], $12::int[], "
+	  "$13::text[], $14::bigint[], $15::bigint[], $16::text[], $17::text[], $18::text[], "
+	  "$19::timestamptz[])), "
+	  "t AS (INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
+	  "reference, at) SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::bigint[], "
+	  "$24::text[], $25::text[], $26::timestamptz[])), "
+	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * "
+	  "FROM unnest($27::text[], $28::bigint[], $29::bigint[], $30::numeric[]) ON CONFLICT "
+	  "(currency) DO UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, "
+	  "open_accounts = rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = "
+	  "rm_totals.balance_sum + EXCLUDED.balance_sum) "
+	  "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $31)" },
 };
 
 const struct pg_statement *projector_statements(size_t *n)

@@ -323,7 +323,15 @@ static void fallback(struct read *rd, enum fallback why)
 	struct query_ctx *ctx = rd->ctx;
 
 	metric_add(ctx->fallbacks[why], 1);
-	if (!sqlpool_submit(ctx->sql, rd))
+	rd->redis_behind = why == FALLBACK_BEHIND;
+	if (sqlpool_submit(ctx->sql, rd))
+		return;
+	/* Redis answers but has not reached min_position, and SQL cannot be asked
+	 * (PostgreSQL away, failing over): the read waits for either model to reach it,
+	 * as any read behind does, instead of 503 unavailable at once. */
+	if (rd->redis_behind)
+		wait_for(rd);
+	else
 		reply_unavailable(rd, sqlpool_last_error(ctx->sql));
 }
 
@@ -522,6 +530,11 @@ void read_sql_failed(struct read *rd, const char *why, bool retry)
 	}
 	if (retry && ++rd->sql_attempts < 3 && sqlpool_submit(ctx->sql, rd))
 		return;
+	if (retry && rd->redis_behind) {
+		/* PostgreSQL went away under it: as in fallback, wait for Redis to catch up. */
+		wait_for(rd);
+		return;
+	}
 	if (retry) {
 		reply_unavailable(rd, why);
 		return;

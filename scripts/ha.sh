@@ -813,9 +813,25 @@ print(json.dumps({"processes": procs}))'
 
 # ------------------------------------------------------------------ tests --
 
-# test --ha: a private HA stack (own directory, ports from DAYBOOK_DEV_PORT_BASE + 50
-# or DAYBOOK_HA_TEST_PORT_BASE), the `ha` suite against it, then down and removed.
+# test --ha: a private HA stack (own directory, ports from DAYBOOK_HA_TEST_PORT_BASE or
+# a free range), the `ha` suite against it, then down and removed.
 HA_TEST_DIR=""
+
+# A port base B whose B+1 .. B+23 are all free, from 20000-31999 as dbk_pick_free_port:
+# below the ephemeral range, and away from the fixed bases of `scripts/dev up` stacks,
+# another engineer's `test --ha` among them.
+ha_pick_port_base() {
+  local base off tries
+  for ((tries = 0; tries < 200; tries++)); do
+    base=$((20000 + (RANDOM * 32768 + RANDOM) % 11950 / 50 * 50))
+    for ((off = 1; off <= 23; off++)); do
+      dbk_port_in_use $((base + off)) && continue 2
+    done
+    printf '%s\n' "$base"
+    return 0
+  done
+  dbk_die "could not find 23 free TCP ports in a row"
+}
 ha_test_cleanup() {
   [[ -n $HA_TEST_DIR ]] || return 0
   DAYBOOK_DEV_DIR=$HA_TEST_DIR DAYBOOK_DEV_PORT_BASE=$HA_TEST_BASE "$REPO_TOP/scripts/dev" down || true
@@ -829,7 +845,7 @@ cmd_test_ha() {
   DBK_PACKAGES+=("${DBK_HA_PACKAGES[@]}")
   dbk_ensure_packages
   dbk_build "$REPO_TOP" "$BUILD_DIR"
-  HA_TEST_BASE=${DAYBOOK_HA_TEST_PORT_BASE:-$((PORT_BASE + 50))}
+  HA_TEST_BASE=${DAYBOOK_HA_TEST_PORT_BASE:-$(ha_pick_port_base)}
   HA_TEST_DIR=$(mktemp -d "${TMPDIR:-/tmp}/daybook-ha-test.XXXXXX")
   chmod 711 "$HA_TEST_DIR"
   trap ha_test_cleanup EXIT

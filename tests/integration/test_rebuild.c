@@ -272,6 +272,12 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	cr_assert_gt(json_lines, 0, "non-terminal progress must be JSON lines");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before + 1,
 		     "the tables were swapped");
+	/* The rebuilt tables keep the live ones' storage parameters (sql/015: room on
+	 * rm_accounts' pages for in-place updates). */
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM pg_class WHERE oid = 'rm_accounts'::regclass "
+			     "AND 'fillfactor=70' = ANY(reloptions)"),
+		     1, "the rebuilt rm_accounts lost its fillfactor");
 	cr_assert_eq(read_errors, 0, "%d of %d reads failed", read_errors, reads);
 	cr_assert_gt(atomic_load(&t.writes), 0);
 	harness_assert_samples_true(db, samples, nsamples);
