@@ -35,6 +35,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "http.h"
 #include "strmap.h"
 
 #define INVALIDATE_CHANNEL "__redis__:invalidate"
@@ -98,7 +99,7 @@ struct cache {
 	uint64_t reading_drops;
 	struct beat beats[BEATS_MAX];
 	size_t nbeats;
-	struct metric *m_hit, *m_miss, *m_bytes, *m_evicted, *m_drops[5];
+	struct metric *m_hit, *m_miss, *m_lease_out, *m_bytes, *m_evicted, *m_drops[5];
 };
 
 enum drop_reason { DROP_CONNECTION, DROP_FLUSH, DROP_GENERATION, DROP_IDENTITY, DROP_COUNT };
@@ -204,6 +205,14 @@ static void check_identity(struct cache *c, const char *identity)
 	snprintf(c->identity, sizeof(c->identity), "%s", identity);
 }
 
+void cache_position_text(char out[CACHE_POSITION_MAX], const struct readmodel_position *at)
+{
+	size_t n = http_format_u64(out, (unsigned long long)at->txid);
+
+	out[n++] = '.';
+	http_format_u64(out + n, (unsigned long long)at->position);
+}
+
 /* --- heartbeats ------------------------------------------------------------------- */
 
 /* The heartbeat's answer {checkpoint, generation} ({} without a usable model): a new
@@ -277,8 +286,7 @@ static void on_barrier(void *arg)
 	if (b.have && (!c->have_floor || readmodel_position_cmp(&b.at, &c->floor) > 0)) {
 		c->floor = b.at;
 		c->have_floor = true;
-		snprintf(c->floor_text, sizeof(c->floor_text), "%llu.%llu",
-			 (unsigned long long)b.at.txid, (unsigned long long)b.at.position);
+		cache_position_text(c->floor_text, &b.at);
 	}
 }
 
@@ -434,6 +442,8 @@ bool cache_get(struct cache *c, const char *key, const char *identity,
 	if (t - c->lease_from > c->cfg.lease / 4)
 		heartbeat(c);
 	e = strmap_get(c->map, key);
+	if (e && e->body && t - c->lease_from > c->cfg.lease)
+		metric_add(c->m_lease_out, 1); /* held, but the channel not proven lately */
 	if (!e || !e->body || t - c->lease_from > c->cfg.lease ||
 	    (min && readmodel_position_cmp(&e->at, min) < 0 &&
 	     (!c->have_floor || readmodel_position_cmp(&c->floor, min) < 0))) {
@@ -502,8 +512,7 @@ void cache_fill(struct cache *c, uint64_t ticket, const char *key, const char *b
 	e->body = copy;
 	e->len = len;
 	e->at = *at;
-	snprintf(e->position, sizeof(e->position), "%llu.%llu", (unsigned long long)at->txid,
-		 (unsigned long long)at->position);
+	cache_position_text(e->position, at);
 	if (etag)
 		snprintf(e->etag, sizeof(e->etag), "\"%.20s\"", etag);
 	else
@@ -528,6 +537,10 @@ int cache_open(struct cache **out, const struct cache_config *cfg)
 			       NULL, 0);
 	c->m_miss = metrics_get(cfg->metrics, METRIC_COUNTER, "daybook_query_cache_misses_total",
 				"Cacheable reads the read cache could not answer.", "", NULL, 0);
+	c->m_lease_out = metrics_get(cfg->metrics, METRIC_COUNTER,
+				     "daybook_query_cache_lease_expired_total",
+				     "Cache misses of entries held whose lease had run out.", "",
+				     NULL, 0);
 	c->m_bytes = metrics_get(cfg->metrics, METRIC_GAUGE, "daybook_query_cache_bytes",
 				 "Bytes held by the read caches of all workers.", "", NULL, 0);
 	c->m_evicted = metrics_get(cfg->metrics, METRIC_COUNTER,

@@ -67,6 +67,9 @@ uint64_t cache_ticket(struct cache *c, const char *key, const char *identity, co
 void cache_fill(struct cache *c, uint64_t ticket, const char *key, const char *body, size_t len,
 		const char *etag, const struct readmodel_position *at);
 
+/* "<txid>.<position>" of `at` into out, without printf. */
+void cache_position_text(char out[CACHE_POSITION_MAX], const struct readmodel_position *at);
+
 /* The tracked connection (re)connected: drop every entry and turn tracking on again. */
 void cache_reads_ready(struct cache *c);
 

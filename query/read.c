@@ -121,10 +121,9 @@ static void read_free(struct read *rd)
 
 static void set_position(struct read *rd, const struct readmodel_position *at)
 {
-	char text[QUERY_POSITION_MAX];
+	char text[CACHE_POSITION_MAX];
 
-	snprintf(text, sizeof(text), "%llu.%llu", (unsigned long long)at->txid,
-		 (unsigned long long)at->position);
+	cache_position_text(text, at);
 	http_set_header(rd->req, "X-Daybook-Position", text);
 }
 
@@ -134,7 +133,11 @@ static void reply_body(struct read *rd, const struct readmodel_position *at, con
 	set_position(rd, at);
 	if (etag) {
 		char quoted[24];
-		snprintf(quoted, sizeof(quoted), "\"%s\"", etag);
+		size_t n = strnlen(etag, sizeof(quoted) - 3);
+		quoted[0] = '"';
+		memcpy(quoted + 1, etag, n);
+		quoted[n + 1] = '"';
+		quoted[n + 2] = '\0';
 		http_set_header(rd->req, "ETag", quoted);
 	}
 	http_reply_raw(rd->req, 200, "application/json", body, len);
@@ -145,19 +148,30 @@ static void reply_body(struct read *rd, const struct readmodel_position *at, con
  * false for a read the cache does not keep. */
 static bool cache_key(const struct read *rd, char *key, size_t len)
 {
+	const char *kind;
+	size_t k, n = strlen(rd->id);
+
 	switch (rd->kind) {
 	case READ_ACCOUNT:
-		snprintf(key, len, READMODEL_KIND_ACCOUNT ":%s", rd->id);
-		return true;
+		kind = READMODEL_KIND_ACCOUNT ":";
+		break;
 	case READ_TRANSFER:
-		snprintf(key, len, READMODEL_KIND_TRANSFER ":%s", rd->id);
-		return true;
+		kind = READMODEL_KIND_TRANSFER ":";
+		break;
 	case READ_TOTALS:
-		snprintf(key, len, "%s", READMODEL_KIND_TOTALS);
-		return true;
+		kind = READMODEL_KIND_TOTALS;
+		n = 0;
+		break;
 	default:
 		return false;
 	}
+	k = strlen(kind); /* no printf: every cacheable read comes here */
+	if (k + n >= len)
+		return false;
+	memcpy(key, kind, k);
+	memcpy(key + k, rd->id, n);
+	key[k + n] = '\0';
+	return true;
 }
 
 /* Answer from the cache when it may (cache.h); false when the read must go on. */

@@ -20,6 +20,7 @@
 
 #define PARAM_MAX 256
 #define REQUEST_ID_MAX 128
+#define HTTP_REQUESTS_KEPT 64
 
 struct http_request {
 	struct evhttp_request *ev;
@@ -33,7 +34,34 @@ struct http_request {
 	char request_id[REQUEST_ID_MAX + 1];
 	struct http_query_param *query; /* see http_query_parse; NULL: none */
 	size_t nquery;
+	struct http_request *next_spare;
 };
+
+/* A request's state, reused from an answered one when the server has one; its fields
+ * are set by on_request (params and the texts as they are filled). */
+static struct http_request *request_new(struct http_server *srv)
+{
+	struct http_request *req = srv->spare;
+
+	if (!req)
+		return malloc(sizeof(*req));
+	srv->spare = req->next_spare;
+	srv->nspare--;
+	return req;
+}
+
+/* The request is answered: keep it for the next one, or free it. */
+static void request_done(struct http_server *srv, struct http_request *req)
+{
+	free(req->query);
+	if (srv->nspare >= HTTP_REQUESTS_KEPT) {
+		free(req);
+		return;
+	}
+	req->next_spare = srv->spare;
+	srv->spare = req;
+	srv->nspare++;
+}
 
 static const char *method_name(enum evhttp_cmd_type cmd)
 {
@@ -124,22 +152,95 @@ static void access_log(struct http_request *req, int status, size_t bytes, doubl
 		event_active(srv->flush_lines, EV_TIMEOUT, 0);
 }
 
-static void record(struct http_request *req, int status, size_t bytes)
+/* The series of (method, route, status): remembered for the server's last few
+ * combinations (method and route names are static strings), else looked up. */
+static const struct http_series *series_of(struct http_request *req, int status)
 {
-	struct metrics *m = req->srv->cfg.metrics;
+	struct http_server *srv = req->srv;
+	struct metrics *m = srv->cfg.metrics;
+	struct http_series *s;
 	char labels[300];
-	double secs = elapsed(&req->start);
 
+	for (size_t i = 0; i < srv->nseries; i++) {
+		s = &srv->series[i];
+		if (s->status == status && s->route == req->route_name && s->method == req->method)
+			return s;
+	}
+	if (srv->nseries < HTTP_SERIES_MEMO)
+		s = &srv->series[srv->nseries++];
+	else
+		s = &srv->series[srv->next_series++ % HTTP_SERIES_MEMO];
 	snprintf(labels, sizeof(labels), "method=\"%s\",route=\"%s\",status=\"%d\"", req->method,
 		 req->route_name, status);
-	metric_add(metrics_get(m, METRIC_COUNTER, "daybook_http_requests_total",
-			       "HTTP requests answered, by route and status.", labels, NULL, 0),
-		   1);
-	metric_observe(metrics_get(m, METRIC_HISTOGRAM, "daybook_http_request_duration_seconds",
-				   "Time from request to response, by route and status.", labels,
-				   metrics_latency_buckets, metrics_latency_buckets_len),
-		       secs);
+	*s = (struct http_series){
+		.method = req->method,
+		.route = req->route_name,
+		.status = status,
+		.count = metrics_get(m, METRIC_COUNTER, "daybook_http_requests_total",
+				     "HTTP requests answered, by route and status.", labels, NULL,
+				     0),
+		.duration =
+			metrics_get(m, METRIC_HISTOGRAM, "daybook_http_request_duration_seconds",
+				    "Time from request to response, by route and status.", labels,
+				    metrics_latency_buckets, metrics_latency_buckets_len),
+	};
+	if (!s->count || !s->duration)
+		s->status = -1; /* out of memory: not remembered, looked up again next time */
+	return s;
+}
+
+static void record(struct http_request *req, int status, size_t bytes)
+{
+	const struct http_series *s = series_of(req, status);
+	double secs = elapsed(&req->start);
+
+	metric_add(s->count, 1);
+	metric_observe(s->duration, secs);
 	access_log(req, status, bytes, secs);
+}
+
+size_t http_format_u64(char *out, unsigned long long v)
+{
+	char tmp[20];
+	size_t n = 0;
+
+	do
+		tmp[n++] = (char)('0' + v % 10);
+	while ((v /= 10) != 0);
+	for (size_t i = 0; i < n; i++)
+		out[i] = tmp[n - 1 - i];
+	out[n] = '\0';
+	return n;
+}
+
+/* Date (RFC 9110 IMF-fixdate, English names whatever the locale), formatted once a
+ * second rather than by evhttp for every response; and Content-Length, which evhttp
+ * would otherwise print itself, but not for a response without a body (1xx, 204, 304),
+ * as evhttp. */
+static void date_and_length(struct http_request *req, int status, size_t len)
+{
+	static const char days[] = "SunMonTueWedThuFriSat", months[] = "JanFebMarAprMayJun"
+								       "JulAugSepOctNovDec";
+	struct http_server *srv = req->srv;
+	time_t t = time(NULL);
+	char text[24];
+
+	if ((long long)t != srv->date_at) {
+		struct tm tm;
+		srv->date[0] = '\0';
+		if (gmtime_r(&t, &tm) && tm.tm_year + 1900 <= 9999)
+			snprintf(srv->date, sizeof(srv->date),
+				 "%.3s, %02d %.3s %04d %02d:%02d:%02d GMT", days + 3 * tm.tm_wday,
+				 tm.tm_mday, months + 3 * tm.tm_mon, tm.tm_year + 1900, tm.tm_hour,
+				 tm.tm_min, tm.tm_sec);
+		srv->date_at = (long long)t;
+	}
+	if (srv->date[0])
+		evhttp_add_header(evhttp_request_get_output_headers(req->ev), "Date", srv->date);
+	if (status < 200 || status == 204 || status == 304)
+		return;
+	http_format_u64(text, len);
+	http_set_header(req, "Content-Length", text);
 }
 
 /* Is the entity tag `etag` ("5" or W/"5") one of If-None-Match's list (or is it "*")?
@@ -222,16 +323,12 @@ static void finish(struct http_request *req, int status, struct evbuffer *body)
 	record(req, status, body ? evbuffer_get_length(body) : 0);
 	http_set_header(req, "X-Request-Id", req->request_id);
 	cors_headers(req);
-	if (cmd == EVHTTP_REQ_HEAD && status != 304) {
-		/* GET's headers, with the length of the body it would have had. */
-		char len[24];
-		snprintf(len, sizeof(len), "%zu", body ? evbuffer_get_length(body) : 0);
-		http_set_header(req, "Content-Length", len);
+	/* For HEAD, GET's headers, with the length of the body it would have had. */
+	date_and_length(req, status, body ? evbuffer_get_length(body) : 0);
+	if (cmd == EVHTTP_REQ_HEAD)
 		body = NULL;
-	}
 	conns_send_reply(srv->conns, req->ev, status, http_status_reason(status), body);
-	free(req->query);
-	free(req);
+	request_done(srv, req);
 	srv->inflight--;
 	metric_add(srv->inflight_gauge, -1); /* shared by a process's workers: add, never set */
 }
@@ -292,8 +389,7 @@ struct evhttp_request *http_reply_stream(struct http_request *req, int status,
 	cors_headers(req);
 	http_set_header(req, "Content-Type", content_type);
 	evhttp_send_reply_start(ev, status, http_status_reason(status));
-	free(req->query);
-	free(req);
+	request_done(srv, req);
 	srv->inflight--;
 	metric_add(srv->inflight_gauge, -1);
 	return ev;
@@ -654,6 +750,31 @@ static void set_request_id(struct http_request *req)
 	http_new_request_id(&req->srv->ids, req->request_id);
 }
 
+/* tokens_find, remembering the last secret that matched: a client sends the same
+ * token with every request, and hashing it each time is most of the check's cost.
+ * The comparison with the remembered secret is constant-time (both padded to the
+ * memo's size); a secret that matches no token is never remembered. */
+static const struct token *find_token(struct http_server *srv, const char *secret, size_t len)
+{
+	unsigned char given[HTTP_TOKEN_MEMO_MAX] = { 0 };
+	const struct token *t;
+
+	if (len <= sizeof(given) && srv->token_memo) {
+		memcpy(given, secret, len);
+		if ((int)digest_equal(given, srv->token_secret, sizeof(given)) &
+		    (int)(len == srv->token_len))
+			return srv->token_memo;
+	}
+	t = tokens_find(srv->cfg.tokens, secret, len);
+	if (t && len <= sizeof(given)) {
+		memset(srv->token_secret, 0, sizeof(srv->token_secret));
+		memcpy(srv->token_secret, secret, len);
+		srv->token_len = len;
+		srv->token_memo = t;
+	}
+	return t;
+}
+
 /* Authenticate; false after replying 401/403. */
 static bool authorize(struct http_request *req, unsigned scope)
 {
@@ -669,7 +790,7 @@ static bool authorize(struct http_request *req, unsigned scope)
 	secret = auth + 7;
 	while (*secret == ' ')
 		secret++;
-	req->token = tokens_find(req->srv->cfg.tokens, secret, strlen(secret));
+	req->token = find_token(req->srv, secret, strlen(secret));
 	if (!req->token) {
 		http_set_header(req, "WWW-Authenticate", "Bearer error=\"invalid_token\"");
 		http_reply_problem(req, 401, "unauthorized", "Authentication required",
@@ -862,8 +983,9 @@ static void dispatch(struct http_request *req)
 static void on_request(struct evhttp_request *ev, void *arg)
 {
 	struct http_server *srv = arg;
-	struct http_request *req = calloc(1, sizeof(*req));
+	struct http_request *req = request_new(srv);
 	const char *path;
+	size_t n;
 
 	if (!req) {
 		/* Rewritten into problem details by http_conn.c, as evhttp's own errors are. */
@@ -874,10 +996,20 @@ static void on_request(struct evhttp_request *ev, void *arg)
 	clock_gettime(CLOCK_MONOTONIC, &req->start);
 	req->ev = ev;
 	req->srv = srv;
+	req->token = NULL;
+	req->query = NULL;
+	req->nquery = 0;
+	req->request_id[0] = '\0';
+	for (size_t i = 0; i < HTTP_MAX_PARAMS; i++)
+		req->params[i][0] = '\0';
 	req->route_name = "unmatched";
 	req->method = method_name(evhttp_request_get_command(ev));
 	path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(ev));
-	snprintf(req->path, sizeof(req->path), "%s", path && *path ? path : "/");
+	if (!path || !*path)
+		path = "/";
+	n = strnlen(path, sizeof(req->path) - 1);
+	memcpy(req->path, path, n);
+	req->path[n] = '\0';
 	srv->inflight++;
 	metric_add(srv->inflight_gauge, 1);
 	set_request_id(req);
@@ -1011,6 +1143,11 @@ void http_server_close(struct http_server **srv)
 	conns_close(&(*srv)->conns);
 	log_buf_flush(&(*srv)->access_lines);
 	event_free((*srv)->flush_lines);
+	while ((*srv)->spare) {
+		struct http_request *req = (*srv)->spare;
+		(*srv)->spare = req->next_spare;
+		free(req);
+	}
 	free(*srv);
 	*srv = NULL;
 }

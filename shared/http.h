@@ -85,6 +85,9 @@ void http_server_stop_accepting(struct http_server *srv);
 /* Requests received and not yet answered. */
 size_t http_server_inflight(const struct http_server *srv);
 void http_server_close(struct http_server **srv);
+/* The decimal digits of v into out (at least 21 bytes), NUL-terminated, without printf
+ * (for headers built on every response); their count. */
+size_t http_format_u64(char *out, unsigned long long v);
 
 /* Accessors: strings are valid until the request is answered. */
 const char *http_param(const struct http_request *req, size_t i); /* i-th '*' segment */

@@ -109,12 +109,15 @@ void http_request_ids_init(struct http_request_ids *ids)
 
 void http_new_request_id(struct http_request_ids *ids, char out[HTTP_REQUEST_ID_NEW_LEN])
 {
+	static const char hex[] = "0123456789abcdef";
 	uint64_t x = ids->rng;
 
 	x ^= x >> 12;
 	x ^= x << 25;
 	x ^= x >> 27;
 	ids->rng = x;
-	snprintf(out, HTTP_REQUEST_ID_NEW_LEN, "%016llx",
-		 (unsigned long long)(x * 0x2545F4914F6CDD1DULL));
+	x *= 0x2545F4914F6CDD1DULL;
+	for (int i = 15; i >= 0; i--, x >>= 4) /* "%016llx", without printf (every request) */
+		out[i] = hex[x & 15];
+	out[16] = '\0';
 }

@@ -263,6 +263,15 @@ Test(query, account_from_redis_with_etag_and_its_checkpoint)
 	r = get("/accounts/a1");
 	expect_ok(&r, acct_a1, REDIS_POS);
 	expect_header(&r, "ETag", "\"3\"");
+	{ /* built by http.c, not evhttp: the body's length, and the date (IMF-fixdate) */
+		char h[64], len[24];
+		struct tm tm = { 0 };
+		snprintf(len, sizeof(len), "%zu", strlen(acct_a1));
+		expect_header(&r, "Content-Length", len);
+		cr_assert(response_header(&r, "Date", h, sizeof(h)), "%s", r.headers);
+		cr_assert(strptime(h, "%a, %d %b %Y %H:%M:%S GMT", &tm) && strlen(h) == 29, "%s",
+			  h);
+	}
 	response_free(&r);
 	cr_assert_eq(harness_metric(&svc, "daybook_query_reads_total{model=\"redis\"}"), 1);
 	/* Redis forgot its scripts: the read is retried with EVAL, still from Redis. */
@@ -601,6 +610,18 @@ Test(query, reads_need_a_read_token)
 	r = get_as(TOKEN_ADMIN, "/accounts/a1", NULL); /* admin holds read too */
 	expect_ok(&r, acct_a1, SQL_POS);
 	response_free(&r);
+	/* The server remembers the last secret that matched (http.c): a secret of the same
+	 * length differing in one byte is still unknown, and each token keeps its scopes. */
+	const char *in_turn[] = { TOKEN_READ, "test-read-tokeN", TOKEN_WRITE, TOKEN_READ };
+	for (size_t i = 0; i < sizeof(in_turn) / sizeof(in_turn[0]); i++) {
+		r = get_as(in_turn[i], "/accounts/a1", NULL);
+		if (i == 0 || i == 3)
+			expect_ok(&r, acct_a1, SQL_POS);
+		else
+			expect_problem(&r, i == 1 ? 401 : 403,
+				       i == 1 ? "unauthorized" : "forbidden");
+		response_free(&r);
+	}
 	/* Probes and metrics are public. */
 	cr_assert(harness_wait_status(&svc, "/healthz", 200, 1));
 	cr_assert(harness_wait_status(&svc, "/readyz", 200, 1));

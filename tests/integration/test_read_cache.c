@@ -49,7 +49,7 @@ static void start_query(const char *lease_ms, const char *bytes)
 	size_t n = 2;
 
 	if (!bytes)
-		bytes = "16777216"; /* the cache is off unless given a cap */
+		bytes = "16777216"; /* the default, said here so that the tests keep it */
 
 	if (lease_ms) {
 		env[n++] = "DAYBOOK_QUERY_CACHE_LEASE_MS";
@@ -408,4 +408,40 @@ Test(read_cache, a_switch_of_the_live_generation_drops_the_cache)
 	cr_assert_geq(harness_metric(&query,
 				     "daybook_query_cache_drops_total{reason=\"generation\"}"),
 		      1);
+}
+
+/* Quiet for longer than the lease: the next read, though its entry is held, goes to
+ * Redis (and is counted so), and the one after it is a hit again. */
+Test(read_cache, a_read_after_the_lease_ran_out_goes_to_redis_and_is_counted)
+{
+	double expired, hits;
+
+	start_query("300", NULL);
+	open_account("c10", 100);
+	harness_wait_caught_up(db, redis_url, 20);
+	warm("c10", 100);
+	expired = harness_metric(&query, "daybook_query_cache_lease_expired_total");
+	usleep(600000);
+	hits = harness_metric(&query, FROM_CACHE);
+	{
+		struct response r = get("/accounts/c10", 200);
+		cr_assert_eq(balance_of(&r), 100, "%s", r.body);
+		response_free(&r);
+	}
+	cr_assert_eq(harness_metric(&query, "daybook_query_cache_lease_expired_total") - expired,
+		     1);
+	cr_assert_eq(harness_metric(&query, FROM_CACHE), hits);
+	warm("c10", 100);
+}
+
+/* Neither the cap nor the lease given: the cache is on (16 MiB, 5 ms). */
+Test(read_cache, the_cache_is_on_by_default)
+{
+	const char *env[] = { "DAYBOOK_QUERY_WORKERS", "1", NULL };
+
+	harness_start_query_env(&query, db, redis_url, env);
+	open_account("c11", 100);
+	harness_wait_caught_up(db, redis_url, 20);
+	warm("c11", 100);
+	cr_assert_gt(harness_metric(&query, "daybook_query_cache_bytes"), 0);
 }
