@@ -384,7 +384,7 @@ static int start(struct service_ctx *svc)
 	/* Each further worker starts as a copy of worker 0's settings, on its own loop. */
 	for (int i = 1; i < n; i++) {
 		w[i] = w[0];
-		w[i].base = event_base_new();
+		w[i].base = service_event_base_new();
 	}
 	for (int i = 0; i < n && rc == 0; i++)
 		rc = w[i].base ? start_worker(&w[i]) : 1;

@@ -148,12 +148,25 @@ static int open_common(int argc, char **argv, const struct service_def *def,
 		fprintf(stderr, "%s: DAYBOOK_TOKENS_FILE: %s\n", def->name, err);
 		return CLI_EXIT_USAGE;
 	}
-	svc->base = event_base_new();
+	svc->base = service_event_base_new();
 	if (!svc->base || metrics_open(&svc->metrics)) {
 		fprintf(stderr, "%s: cannot set up the event loop\n", def->name);
 		return 1;
 	}
 	return -1;
+}
+
+struct event_base *service_event_base_new(void)
+{
+	struct event_config *cfg = event_config_new();
+	struct event_base *base;
+
+	if (!cfg)
+		return NULL;
+	event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+	base = event_base_new_with_config(cfg);
+	event_config_free(cfg);
+	return base;
 }
 
 /* SIGTERM and SIGINT on svc's loop: 0, or the exit status. */
