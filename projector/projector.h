@@ -133,6 +133,10 @@ struct projector_ctx {
 	long long cp_pos;
 	char cp_gen[24];     /* the tables' generation: a rebuild's swap bumps it */
 	char batch_from[48]; /* the checkpoint token before the batch in progress */
+	/* The generation this projector's last PUT_BATCH landed in, and the checkpoint it
+	 * wrote there (put_sent: the one the batch in flight writes). */
+	long long put_gen;
+	char put_to[48], put_sent[48];
 	double lag_seconds;
 	/* Caches of the SQL read models, valid while leading (cleared on any doubt). */
 	struct strmap *accounts; /* id -> struct rm_account */

@@ -96,9 +96,9 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	size_t nx = 0, ns = 0, i = 0;
 	char *totals;
 
-	/* At most: 8 heads, 4 per account, 2 per transfer and 3 per item (a run of its
+	/* At most: 9 heads, 4 per account, 2 per transfer and 3 per item (a run of its
 	 * own); a key per account and per item. */
-	a->argv = malloc((8 + 4 * na + 3 * ni) * sizeof(*a->argv));
+	a->argv = malloc((9 + 4 * na + 3 * ni) * sizeof(*a->argv));
 	a->num = malloc((4 + 2 * na + ni) * sizeof(*a->num));
 	a->key = malloc((na + ni + 1) * sizeof(*a->key));
 	a->stmt = malloc((ni + 1) * sizeof(*a->stmt));
@@ -129,6 +129,14 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	a->argv[a->argc++] = totals;
 	a->argv[a->argc++] = num(a, (long long)na);
 	a->argv[a->argc++] = num(a, (long long)nx);
+	/* Unguarded writes only where this projector itself wrote the generation up to the
+	 * batch's start (its previous batch landed there): a generation it followed,
+	 * adopted or found at that checkpoint was written by someone else, who may have
+	 * left more than the checkpoint says (a deposed leader's resync). */
+	a->argv[a->argc++] = ctx->put_gen == ctx->gen && strcmp(ctx->put_to, ctx->batch_from) == 0
+				     ? "1"
+				     : "0";
+	snprintf(ctx->put_sent, sizeof(ctx->put_sent), "%s", token);
 	for (size_t k = 0; k < na; k++) {
 		char *json = projector_account_json(accounts[k]);
 		if (!json)
@@ -196,8 +204,9 @@ static void batch_reply(void *arg, const redisReply *reply)
 		   readmodel_position_parse(ctx->batch_from, &from) &&
 		   readmodel_position_cmp(&live, &from) >= 0) {
 		/* A rebuild switched generations under us (or we did not know the live one
-		 * yet); its generation reached at least where this batch starts, and every
-		 * write is guarded: send it there. What earlier batches wrote to the old
+		 * yet); its generation reached at least where this batch starts, and a batch
+		 * to a generation this projector did not write up to its start is guarded
+		 * (args_build): send it there. What earlier batches wrote to the old
 		 * generation may outlive the rebuild's deletion of it, so the old generations
 		 * are swept once more. */
 		long long gen = strtoll(reply->element[1]->str, NULL, 10);
@@ -217,6 +226,8 @@ static void batch_reply(void *arg, const redisReply *reply)
 			log_info(&ctx->log, "redis generation %lld is current", ctx->gen);
 		ctx->rsync = RS_LIVE;
 		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
+		ctx->put_gen = ctx->gen;
+		memcpy(ctx->put_to, ctx->put_sent, sizeof(ctx->put_to));
 		redis_sync_reached(ctx, ctx->cp_pos);
 	}
 	ctx->redis_report(ctx, REDIS_STEP_DONE);

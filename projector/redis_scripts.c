@@ -24,11 +24,12 @@
  * It first checks, as LIVE_STATUS does, that the generation is still the live one of
  * this store ({'LOST'} or {'MOVED', live, its checkpoint} otherwise, nothing written),
  * then that the generation holds everything up to where the batch starts (the GAP
- * error, nothing written). A generation whose checkpoint is exactly where the batch
- * starts holds the fold up to there and nothing after it (every batch lands whole or
- * its generation is replaced, see docs/read-models.md), so the batch's versions are
- * all newer than what it holds: the writes go in unguarded, one command per key and
- * one MSET for the transfers. A generation already past the start (a replay, or one a
+ * error, nothing written). When the generation's checkpoint is exactly where the batch
+ * starts and the caller says it wrote the generation up to there itself (ARGV[8] "1":
+ * its previous batch landed there), the generation holds that fold and nothing after
+ * it (every batch lands whole or its generation is replaced, see docs/read-models.md),
+ * so the batch's versions are all newer than what it holds: the writes go in
+ * unguarded, one command per key and one MSET for the transfers. A generation already past the start (a replay, or one a
  * rebuild filled) gets every write guarded as the single-purpose scripts' (a replay
  * is a no-op). The checkpoint is written last, so an error reply from any write
  * (WRONGTYPE, say) ends the script before it. */
@@ -53,8 +54,8 @@
 		"if from ~= '' and (not cur or newer(from, cur)) then "                            \
 		"return redis.error_reply('GAP the generation is at ' .. tostring(cur) .. "        \
 		"', the batch starts at ' .. from) end "                                           \
-		"local exact = from ~= '' and cur == from "                                        \
-		"local i = 8 "                                                                     \
+		"local exact = from ~= '' and cur == from and ARGV[8] == '1' "                     \
+		"local i = 9 "                                                                     \
 		"for _ = 1, tonumber(ARGV[6]) do "                                                 \
 		"local k = ARGV[i] "                                                               \
 		"local v = not exact and redis.call('HGET', k, 'v') "                              \

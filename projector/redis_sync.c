@@ -143,7 +143,8 @@ static void status_reply(void *arg, const redisReply *reply)
 
 	redis_sync_cp_token(ctx, token);
 	/* A generation at or beyond our checkpoint is safe to adopt: replaying batches it
-	 * already has is a no-op, every write being guarded. */
+	 * already has is a no-op, since a batch to a generation this projector did not
+	 * write up to the batch's start goes through the guards (redis_batch.c). */
 	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
 	    readmodel_position_parse(token, &ours) &&
 	    readmodel_position_parse(reply->element[1]->str, &live) &&

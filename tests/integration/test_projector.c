@@ -448,8 +448,9 @@ static long long command_calls(redisContext *c, const char *name)
 }
 
 /* A batch whose accounts' events interleave (a hot spot) writes each statement with one
- * push, and a batch that starts where the generation's checkpoint is reads no key
- * before writing it: the items all land, in order (verify compares them one by one). */
+ * push, and a batch that starts where this projector's previous batch left the
+ * generation reads no key before writing it: the items all land, in order (verify
+ * compares them one by one). */
 Test(projector, a_batch_pushes_each_statement_once_and_reads_no_key_before_writing)
 {
 	struct service proj;
@@ -457,7 +458,15 @@ Test(projector, a_batch_pushes_each_statement_once_and_reads_no_key_before_writi
 	long long gen = projected_then_stopped(c), after, batches;
 	char cp[64];
 
-	/* One batch on restart: p-1's and p-2's items alternate, with transfers between. */
+	/* The restarted projector adopts the generation: its first batch there goes through
+	 * the guards (it did not write the generation up to that batch's start). */
+	harness_start_projector(&proj, db, redis_url);
+	must("/accounts/p-1/deposits", "{\"amount\":1}");
+	harness_wait_caught_up(db, redis_url, 20);
+	/* Then a few batches while Redis holds writes back: p-1's and p-2's items
+	 * alternate, with transfers between; the SQL legs go on, the Redis legs wait. */
+	freeReplyObject(redisCommand(c, "CLIENT PAUSE 1500 WRITE"));
+	freeReplyObject(redisCommand(c, "CONFIG RESETSTAT"));
 	for (int i = 0; i < 30; i++) {
 		char body[160];
 		snprintf(body, sizeof(body),
@@ -465,13 +474,11 @@ Test(projector, a_batch_pushes_each_statement_once_and_reads_no_key_before_writi
 			 1 + i % 2, 2 - i % 2, 1 + i);
 		must("/transfers", body);
 	}
-	freeReplyObject(redisCommand(c, "CONFIG RESETSTAT"));
-	harness_start_projector(&proj, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
 	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
 	cr_assert_eq(after, gen, "the restart copied SQL into a new generation");
-	/* Each batch publishes its position once; the backlog is one batch, or a few when
-	 * another test holds the cluster's xmin back while it is written. */
+	/* Each batch publishes its position once: the one held by the pause, the backlog
+	 * read behind it, a few more when another test holds the cluster's xmin back. */
 	batches = command_calls(c, "publish");
 	cr_assert(batches >= 1 && batches <= 5, "%lld batches", batches);
 	cr_assert_leq(command_calls(c, "lpush"), 2 * batches, "a push per item, not per statement");
@@ -1001,16 +1008,24 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
  * arguments of a batch from `from` to `to` with account a1 at version v (its items
  * first..v) and, when `xfer`, one transfer. */
 static redisReply *put_batch(redisContext *c, const char *from, const char *to, int first, int v,
-			     bool xfer)
+			     bool xfer, bool own)
 {
 	size_t n;
 	const char *const *scripts = projector_redis_scripts(&n);
-	const char *argv[24 + READMODEL_ITEMS_KEPT] = {
-		"EVAL", scripts[PUT_BATCH],    "0", "1:s",           "7", "s", to,
-		from,   "{\"currencies\":[]}", "1", xfer ? "1" : "0"
-	};
+	const char *argv[24 + READMODEL_ITEMS_KEPT] = { "EVAL",
+							scripts[PUT_BATCH],
+							"0",
+							"1:s",
+							"7",
+							"s",
+							to,
+							from,
+							"{\"currencies\":[]}",
+							"1",
+							xfer ? "1" : "0",
+							own ? "1" : "0" };
 	char text[3][24], items[READMODEL_ITEMS_KEPT][64];
-	int argc = 11;
+	int argc = 12;
 
 	cr_assert_leq(v - first + 1, READMODEL_ITEMS_KEPT);
 	snprintf(text[0], sizeof(text[0]), "%d", v);
@@ -1060,31 +1075,31 @@ Test(projector, a_replayed_or_overlapping_batch_changes_nothing_the_generation_h
 	freeReplyObject(redisCommand(c, "SET dbk:g:7:layout " READMODEL_REDIS_LAYOUT));
 	freeReplyObject(redisCommand(c, "SET dbk:g:7:identity s"));
 	freeReplyObject(redisCommand(c, "SET dbk:g:7:checkpoint 10.100"));
-	r = put_batch(c, "10.100", "10.103", 1, 3, true);
+	r = put_batch(c, "10.100", "10.103", 1, 3, true, true);
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1, "%s",
 		  r && r->type == REDIS_REPLY_ERROR ? r->str : "not 1");
 	freeReplyObject(r);
 	/* The same batch again: the checkpoint stays, nothing doubles. */
-	r = put_batch(c, "10.100", "10.103", 1, 3, true);
+	r = put_batch(c, "10.100", "10.103", 1, 3, true, true);
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 0);
 	freeReplyObject(r);
 	statement_versions(c, versions, sizeof(versions));
 	cr_assert_str_eq(versions, "3 2 1");
 	/* A batch from an older start than the checkpoint, overlapping it: merged. */
-	r = put_batch(c, "10.100", "10.105", 2, 5, false);
+	r = put_batch(c, "10.100", "10.105", 2, 5, false, true);
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1);
 	freeReplyObject(r);
 	statement_versions(c, versions, sizeof(versions));
 	cr_assert_str_eq(versions, "5 4 3 2 1");
 	/* An older batch replayed after it leaves the account at its newest version. */
-	r = put_batch(c, "10.100", "10.103", 1, 3, true);
+	r = put_batch(c, "10.100", "10.103", 1, 3, true, true);
 	freeReplyObject(r);
 	r = redisCommand(c, "HMGET dbk:g:7:acct:a1 v j");
 	cr_assert_str_eq(r->element[0]->str, "5");
 	cr_assert_str_eq(r->element[1]->str, "5");
 	freeReplyObject(r);
 	/* The next batch, at the checkpoint; past the kept items, the oldest go. */
-	r = put_batch(c, "10.105", "10.160", 6, 55, false);
+	r = put_batch(c, "10.105", "10.160", 6, 55, false, true);
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1);
 	freeReplyObject(r);
 	r = redisCommand(c, "LLEN dbk:g:7:stmt:a1");
@@ -1099,5 +1114,37 @@ Test(projector, a_replayed_or_overlapping_batch_changes_nothing_the_generation_h
 	r = redisCommand(c, "GET dbk:g:7:xfer:t1");
 	cr_assert_str_eq(r->str, "{\"transfer_id\":\"t1\"}");
 	freeReplyObject(r);
+	redisFree(c);
+}
+
+/* A generation found at the batch's start but not written there by this projector (one
+ * it followed or adopted: a deposed leader's resync may have left items past the
+ * checkpoint it wrote) is written through the guards: nothing doubles. The projector
+ * says "own" only for the generation its previous batch landed in, at that batch's end
+ * (redis_batch.c). */
+Test(projector, a_batch_to_a_generation_it_did_not_write_there_goes_through_the_guards)
+{
+	redisContext *c = harness_redis(redis_url);
+	redisReply *r;
+	char versions[512];
+
+	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " 7"));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:layout " READMODEL_REDIS_LAYOUT));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:identity s"));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:checkpoint 10.100"));
+	/* Someone else's writes: a1 up to version 3, checkpoint left at 10.100. */
+	freeReplyObject(redisCommand(c, "HSET dbk:g:7:acct:a1 v 3 n 2 j 3"));
+	for (int k = 1; k <= 3; k++)
+		freeReplyObject(
+			redisCommand(c,
+				     "LPUSH dbk:g:7:stmt:a1 {\"version\":%d,\"type\":\"deposit\"}",
+				     k));
+	r = put_batch(c, "10.100", "10.103", 1, 3, true, false);
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1, "%s",
+		  r && r->type == REDIS_REPLY_ERROR ? r->str : "not 1");
+	freeReplyObject(r);
+	statement_versions(c, versions, sizeof(versions));
+	cr_assert_str_eq(versions, "3 2 1", "a generation not written here by us took doubles: %s",
+			 versions);
 	redisFree(c);
 }
