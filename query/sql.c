@@ -85,6 +85,7 @@ struct slot {
 	bool listen;           /* it should listen (interest, or lingering after it) */
 	bool listening;        /* a LISTEN is in effect on this session */
 	bool listen_run;       /* a LISTEN or UNLISTEN is in flight */
+	time_t listen_after;   /* a failed LISTEN or UNLISTEN is retried from then */
 	struct event *linger;  /* ends `listen` LISTEN_LINGER after the interest */
 };
 
@@ -225,8 +226,18 @@ static void listen_done(void *arg, const struct pg_outcome *out)
 		  PQresultStatus(out->results[0]) == PGRES_COMMAND_OK;
 
 	slot->listen_run = false;
-	if (ok)
+	if (ok) {
 		slot->listening = !slot->listening;
+	} else {
+		/* Refused (a server still in recovery refuses LISTEN, say) or lost: not again
+		 * at once, and reads keep this slot meanwhile; waiters still have the safety
+		 * probe. */
+		log_warn(&slot->pool->ctx->log, "%s %s failed: %s",
+			 slot->listen ? "LISTEN" : "UNLISTEN", slot->channel,
+			 out->n && out->results[0] ? PQresultErrorMessage(out->results[0])
+						   : pg_last_error(slot->pg));
+		slot->listen_after = time(NULL) + 1;
+	}
 	kick(slot->pool);
 	/* Messages sent before the LISTEN took effect were missed: look once. */
 	if (ok && slot->listening)
@@ -238,7 +249,7 @@ static bool sync_listen(struct slot *slot)
 {
 	char sql[64];
 
-	if (slot->listen == slot->listening)
+	if (slot->listen == slot->listening || time(NULL) < slot->listen_after)
 		return false;
 	snprintf(sql, sizeof(sql), "%s %s", slot->listen ? "LISTEN" : "UNLISTEN", slot->channel);
 	if (!pg_queue_sql(slot->pg, sql, 0, NULL) || !pg_run(slot->pg, listen_done, slot))
