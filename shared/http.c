@@ -1148,6 +1148,8 @@ void http_server_close(struct http_server **srv)
 		(*srv)->spare = req->next_spare;
 		free(req);
 	}
+	/* The remembered bearer secret is a working credential: not left in freed heap. */
+	explicit_bzero((*srv)->token_secret, sizeof((*srv)->token_secret));
 	free(*srv);
 	*srv = NULL;
 }
