@@ -1049,6 +1049,15 @@ static redisReply *put_batch(redisContext *c, const char *from, const char *to, 
 	return redisCommandArgv(c, argc, argv, NULL);
 }
 
+/* Generation 7 of store "s", live, at checkpoint 10.100, for put_batch. */
+static void live_generation_at_100(redisContext *c)
+{
+	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " 7"));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:layout " READMODEL_REDIS_LAYOUT));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:identity s"));
+	freeReplyObject(redisCommand(c, "SET dbk:g:7:checkpoint 10.100"));
+}
+
 /* a1's statement: its items' versions, newest first, as "5 4 3". */
 static void statement_versions(redisContext *c, char *out, size_t len)
 {
@@ -1071,10 +1080,7 @@ Test(projector, a_replayed_or_overlapping_batch_changes_nothing_the_generation_h
 	redisReply *r;
 	char versions[512];
 
-	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " 7"));
-	freeReplyObject(redisCommand(c, "SET dbk:g:7:layout " READMODEL_REDIS_LAYOUT));
-	freeReplyObject(redisCommand(c, "SET dbk:g:7:identity s"));
-	freeReplyObject(redisCommand(c, "SET dbk:g:7:checkpoint 10.100"));
+	live_generation_at_100(c);
 	r = put_batch(c, "10.100", "10.103", 1, 3, true, true);
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER && r->integer == 1, "%s",
 		  r && r->type == REDIS_REPLY_ERROR ? r->str : "not 1");
@@ -1128,10 +1134,7 @@ Test(projector, a_batch_to_a_generation_it_did_not_write_there_goes_through_the_
 	redisReply *r;
 	char versions[512];
 
-	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " 7"));
-	freeReplyObject(redisCommand(c, "SET dbk:g:7:layout " READMODEL_REDIS_LAYOUT));
-	freeReplyObject(redisCommand(c, "SET dbk:g:7:identity s"));
-	freeReplyObject(redisCommand(c, "SET dbk:g:7:checkpoint 10.100"));
+	live_generation_at_100(c);
 	/* Someone else's writes: a1 up to version 3, checkpoint left at 10.100. */
 	freeReplyObject(redisCommand(c, "HSET dbk:g:7:acct:a1 v 3 n 2 j 3"));
 	for (int k = 1; k <= 3; k++)
