@@ -21,11 +21,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 
 /* A listener paused by EMFILE is re-armed this often. */
 #define RESUME_MS 250
 /* Descriptors kept for everything but client connections (PostgreSQL, Redis, files). */
 #define FD_HEADROOM 64
+/* A connection is closed to make room only once it has been idle (or sending its
+ * request) this long: a keep-alive client between two requests is not idle in any
+ * useful sense, and closing it only makes it reconnect and close another in turn. */
+#define EVICT_AFTER_MS 1000
 
 enum conn_state {
 	CONN_FRESH,     /* accepted this turn, not adopted yet */
@@ -47,6 +52,7 @@ struct conn {
 	struct event *timer;             /* the deadline; also runs the error-page rewrite */
 	struct evbuffer_cb_entry *in_cb, *out_cb;
 	enum conn_state state;
+	long long since_ms; /* when it entered its state (monotonic) */
 	evutil_socket_t fd;
 	size_t received;         /* bytes of the request in progress */
 	size_t error_at;         /* where evhttp's own error page starts in the output */
@@ -67,6 +73,7 @@ struct conns {
 	size_t count;
 	size_t max;
 	struct timeval header_timeout, idle_timeout;
+	long long evict_after_ms; /* EVICT_AFTER_MS, or less with shorter deadlines */
 	struct conn **by_fd; /* adopted connections by descriptor */
 	size_t nby_fd;
 	bool replying; /* our own reply is being written: not an error page */
@@ -97,11 +104,21 @@ static void list_remove(struct conn_list *l, struct conn *c)
 	c->prev = c->next = NULL;
 }
 
+/* A cheap monotonic clock (the coarse one is a vDSO read): milliseconds. */
+static long long now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void set_state(struct conn *c, enum conn_state state)
 {
 	list_remove(&c->owner->lists[c->state], c);
 	c->state = state;
 	list_push(&c->owner->lists[state], c);
+	c->since_ms = now_ms();
 }
 
 static struct timeval ms_to_tv(unsigned ms)
@@ -250,14 +267,26 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	evhttp_connection_free(c->evcon); /* on_close frees c */
 }
 
-/* The connection to close to make room: the oldest idle one other than `except`, else
- * the oldest still receiving its request, else `except` itself. Never a busy one. */
+/* Whether c has been in its state for at least the eviction floor. */
+static bool evictable(const struct conns *cs, const struct conn *c, long long now)
+{
+	return now - c->since_ms >= cs->evict_after_ms;
+}
+
+/* The connection to close to make room: the oldest idle one other than `except` idle for
+ * at least the floor, else the oldest still receiving its request for that long, else
+ * `except` itself (the newcomer is refused). Never a busy one, nor a keep-alive client
+ * between requests: a flood of newcomers is refused rather than served by closing
+ * active clients one after another. */
 static struct conn *victim(struct conns *cs, struct conn *except)
 {
-	for (struct conn *c = cs->lists[CONN_IDLE].head; c; c = c->next)
+	long long now = now_ms();
+
+	/* Oldest first: once one is too young, so is every one after it. */
+	for (struct conn *c = cs->lists[CONN_IDLE].head; c && evictable(cs, c, now); c = c->next)
 		if (c != except && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
 			return c;
-	if (cs->lists[CONN_RECEIVING].head)
+	if (cs->lists[CONN_RECEIVING].head && evictable(cs, cs->lists[CONN_RECEIVING].head, now))
 		return cs->lists[CONN_RECEIVING].head;
 	return except;
 }
@@ -409,6 +438,18 @@ static size_t cap(const struct conns_config *cfg)
 	return (max + workers - 1) / workers;
 }
 
+/* The eviction floor: EVICT_AFTER_MS, or half the shorter deadline when that is less. */
+static long long evict_after_ms(const struct config_http *limits)
+{
+	long long header = limits->header_timeout_ms ? limits->header_timeout_ms
+						     : CONFIG_HEADER_TIMEOUT_MS_DEFAULT;
+	long long idle = limits->idle_timeout_ms ? limits->idle_timeout_ms
+						 : CONFIG_IDLE_TIMEOUT_MS_DEFAULT;
+	long long shorter = header < idle ? header : idle;
+
+	return shorter / 2 < EVICT_AFTER_MS ? shorter / 2 : EVICT_AFTER_MS;
+}
+
 /* Every connection's deadline is one of two durations: libevent keeps such "common"
  * timeouts in a queue, O(1) to re-arm, instead of its heap. */
 static int common_timeout(struct conns *cs, unsigned ms, unsigned dflt, struct timeval *out)
@@ -454,6 +495,7 @@ int conns_open(struct conns **out, const struct conns_config *cfg)
 	    common_timeout(cs, cfg->limits.idle_timeout_ms, CONFIG_IDLE_TIMEOUT_MS_DEFAULT,
 			   &cs->idle_timeout) != 0)
 		goto fail;
+	cs->evict_after_ms = evict_after_ms(&cfg->limits);
 	make_metrics(cs, cfg->metrics);
 	cs->adopt = event_new(cfg->base, -1, 0, on_adopt, cs);
 	cs->resume = event_new(cfg->base, -1, EV_PERSIST, on_resume, cs);

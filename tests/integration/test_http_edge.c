@@ -380,6 +380,77 @@ Test(http_edge, the_query_services_workers_share_the_cap_and_still_serve)
 	harness_kill(&redis_svc);
 }
 
+/* One GET /healthz on an open keep-alive connection: true when it is answered 200 there. */
+static bool get_on(int fd)
+{
+	const char *get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+	char buf[4096] = "";
+	size_t n = 0;
+
+	if (!send_all(fd, get, strlen(get)))
+		return false;
+	while (!strstr(buf, "{\"status\":\"ok\"}")) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		ssize_t r;
+
+		if (n + 1 >= sizeof(buf) || poll(&p, 1, 10000) <= 0)
+			return false;
+		r = recv(fd, buf + n, sizeof(buf) - n - 1, 0);
+		if (r <= 0)
+			return false;
+		n += (size_t)r;
+		buf[n] = '\0';
+	}
+	return strncmp(buf, "HTTP/1.1 200", 12) == 0;
+}
+
+#define CLOSED_BY(reason) "daybook_http_connections_closed_total{reason=\"" reason "\"}"
+
+Test(http_edge, a_flood_of_newcomers_at_the_cap_never_closes_active_keep_alive_clients)
+{
+	enum { KEEP = 16, ROUNDS = 25, BURST = 16 };
+	int keep[KEEP], burst[BURST];
+	struct response r;
+
+	setenv("DAYBOOK_MAX_CONNECTIONS", "16", 1);
+	start_command();
+	raise_nofile(KEEP + BURST + 256);
+	for (int i = 0; i < KEEP; i++) {
+		keep[i] = connect_to(svc.port);
+		cr_assert(keep[i] >= 0);
+		cr_assert(get_on(keep[i]), "keep-alive client %d was not served", i);
+	}
+	/* Each round: a burst of newcomers sending requests, then every keep-alive client
+	 * asks again on its own connection. They are never idle long enough to be closed. */
+	for (int round = 0; round < ROUNDS; round++) {
+		for (int j = 0; j < BURST; j++) {
+			burst[j] = connect_to(svc.port);
+			if (burst[j] >= 0)
+				send_all(burst[j], "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 35);
+		}
+		for (int i = 0; i < KEEP; i++)
+			cr_assert(get_on(keep[i]),
+				  "round %d: keep-alive client %d lost its connection to a newcomer",
+				  round, i);
+		release(burst, BURST);
+	}
+	close(keep[0]); /* room for the metrics request, which is counted too */
+	cr_assert(harness_wait_metric(&svc, "daybook_http_connections_open", KEEP,
+				      harness_now() + 10));
+	cr_assert_eq(harness_metric(&svc, CLOSED_BY("evicted")), 0);
+	cr_assert_gt(harness_metric(&svc, CLOSED_BY("refused")), 0, "the newcomers were not refused");
+
+	/* Clients quiet for longer than the floor do make room: a newcomer is served at once. */
+	keep[0] = connect_to(svc.port);
+	cr_assert(keep[0] >= 0 && get_on(keep[0]));
+	usleep(1500000);
+	r = http_request(svc.port, "GET", "/healthz", NULL, NULL, 5);
+	cr_assert_eq(r.status, 200, "a newcomer was refused though every connection was quiet");
+	response_free(&r);
+	cr_assert_geq(harness_metric(&svc, CLOSED_BY("evicted")), 1);
+	release(keep, KEEP);
+}
+
 /* A read that waits (a min_position far ahead): its connection is busy throughout. */
 static void *waiting_read(void *arg)
 {
