@@ -199,6 +199,7 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 			free(a);
 			return false;
 		}
+		a->opened = true;
 	}
 	if (e->version != a->row.acc.version + 1) {
 		log_error(&ctx->log, "account-%s: event version %d follows version %d", e->account,
@@ -236,7 +237,7 @@ void projector_rows_free(struct fold_rows **rp)
 	if (!r)
 		return;
 	for (size_t i = 0; i < r->naccounts; i++)
-		r->accounts[i]->touched = false;
+		r->accounts[i]->touched = r->accounts[i]->opened = false;
 	for (size_t i = 0; i < r->ntotals; i++) {
 		r->totals[i]->touched = false;
 		r->totals[i]->delta = (struct readmodel_count){ 0 };
@@ -272,7 +273,7 @@ bool projector_fold(struct projector_ctx *ctx)
 
 /* write_rows' parameters (step.c): each table's columns, then the NOTIFY token. */
 enum {
-	ACCOUNT_COLS = 10,
+	ACCOUNT_COLS = 11, /* the row's ten, then whether the batch opened it */
 	ENTRY_COLS = 9,    /* fold_rows.ecols */
 	TRANSFER_COLS = 7, /* fold_rows.tcols */
 	TOTAL_COLS = 4,
@@ -299,6 +300,7 @@ static bool take_accounts(const struct fold_rows *r, char **params)
 		put_int(&c[7], a->row.entries);
 		put(&c[8], a->opened_at);
 		put(&c[9], a->updated_at);
+		put(&c[10], a->opened ? "t" : "f");
 	}
 	ok = table_take(&t, params);
 done:
