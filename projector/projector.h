@@ -67,7 +67,8 @@ struct log_event {
 	int32_t version;
 	enum ledger_event_type type;
 	json_t *data;
-	char at[32];
+	int64_t at_us; /* recorded_at: microseconds since 2000-01-01 UTC (PostgreSQL's) */
+	char at[32];   /* the same as the read models write it (readmodel_time_text) */
 };
 
 enum projector_role { ROLE_ELECTING, ROLE_STANDBY, ROLE_LEADER };

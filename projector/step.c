@@ -14,13 +14,15 @@
 static const struct pg_statement statements[] = {
 	{ "load_checkpoint", "SELECT txid::text, position, generation FROM projection_checkpoints "
 			     "WHERE projection = '" PROJECTOR_PROJECTION "'" },
+	/* The batch's events in binary (no text output of positions, ids or times on the
+	 * server), each row with the log's head then (an init plan, evaluated once: the
+	 * lag metrics' estimate, which needs no statement of its own). */
 	{ "read_events",
-	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, " READMODEL_SQL_TIME(
-		  "recorded_at") " "
-				 "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
-				 "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-				 "ORDER BY events.txid, events.position LIMIT $3" },
-	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
+	  "SELECT position, txid, substr(stream, 9), version, type, data, recorded_at, "
+	  "(SELECT coalesce(max(position), 0) FROM events) "
+	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+	  "ORDER BY events.txid, events.position LIMIT $3" },
 	{ "load_accounts",
 	  "SELECT " READMODEL_SQL_ACCOUNT_COLUMNS(
 		  "rm_accounts") ", rm_accounts.entries "
@@ -77,7 +79,8 @@ static const struct pg_statement statements[] = {
 	  "reference, at) SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::bigint[], "
 	  "$25::text[], $26::text[], $27::timestamptz[])), "
 	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * "
-	  "FROM unnest($28::text[], $29::bigint[], $30::bigint[], $31::numeric[]) ON CONFLICT "
+	  "FROM unnest($28::text[], $29::bigint[], $30::bigint[], $31::text[]::numeric[]) "
+	  "ON CONFLICT "
 	  "(currency) DO UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, "
 	  "open_accounts = rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = "
 	  "rm_totals.balance_sum + EXCLUDED.balance_sum) "
@@ -455,15 +458,25 @@ static void load_missing(struct projector_ctx *ctx)
 
 /* --- read ------------------------------------------------------------------------------ */
 
+/* A row of read_events (binary) into e; false when it cannot be decoded. */
 static bool copy_event(struct log_event *e, PGresult *r, int row)
 {
-	e->position = strtoll(PQgetvalue(r, row, 0), NULL, 10);
-	snprintf(e->txid, sizeof(e->txid), "%s", PQgetvalue(r, row, 1));
+	const char *data = PQgetvalue(r, row, 5);
+	int len = PQgetlength(r, row, 5);
+
+	if (PQgetlength(r, row, 0) != 8 || PQgetlength(r, row, 1) != 8 ||
+	    PQgetlength(r, row, 3) != 4 || PQgetlength(r, row, 6) != 8)
+		return false;
+	e->position = (long long)pg_bin_uint(PQgetvalue(r, row, 0), 8);
+	snprintf(e->txid, sizeof(e->txid), "%llu",
+		 (unsigned long long)pg_bin_uint(PQgetvalue(r, row, 1), 8));
 	snprintf(e->account, sizeof(e->account), "%s", PQgetvalue(r, row, 2));
-	e->version = (int32_t)atoi(PQgetvalue(r, row, 3));
+	e->version = (int32_t)pg_bin_uint(PQgetvalue(r, row, 3), 4);
 	e->type = ledger_event_type_from_name(PQgetvalue(r, row, 4));
-	e->data = json_loads(PQgetvalue(r, row, 5), 0, NULL);
-	snprintf(e->at, sizeof(e->at), "%s", PQgetvalue(r, row, 6));
+	/* jsonb's binary form: a version byte (1), then the text. */
+	e->data = len >= 1 && data[0] == 1 ? json_loadb(data + 1, (size_t)len - 1, 0, NULL) : NULL;
+	e->at_us = (int64_t)pg_bin_uint(PQgetvalue(r, row, 6), 8);
+	readmodel_time_text(e->at_us, e->at);
 	return e->type && e->data;
 }
 
@@ -487,9 +500,12 @@ static void update_redis_lag(struct projector_ctx *ctx, long long head_pos)
 		   (ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds) + behind);
 }
 
-static long long head_of(PGresult *head)
+/* The log's head from read_events' rows; 0 without rows (then it is not needed). */
+static long long head_of(PGresult *r)
 {
-	return PQntuples(head) ? strtoll(PQgetvalue(head, 0, 0), NULL, 10) : 0;
+	return PQntuples(r) && PQgetlength(r, 0, 7) == 8
+		       ? (long long)pg_bin_uint(PQgetvalue(r, 0, 7), 8)
+		       : 0;
 }
 
 static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
@@ -500,10 +516,9 @@ static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got
 	if (got == 0) {
 		ctx->lag_seconds = 0;
 	} else {
-		struct tm tm = { 0 };
-		const char *at = ctx->events[0].at;
-		if (strptime(at, "%Y-%m-%dT%H:%M:%S", &tm))
-			ctx->lag_seconds = difftime(time(NULL), timegm(&tm));
+		/* recorded_at counts from 2000-01-01, 946,684,800 s after the Unix epoch. */
+		ctx->lag_seconds = difftime(time(NULL), (time_t)(ctx->events[0].at_us / 1000000 +
+								 946684800));
 	}
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
 	update_redis_lag(ctx, got == 0 || head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);
@@ -534,8 +549,8 @@ static void read_done(void *arg, const struct pg_outcome *out)
 		recover(ctx, "the connection failed while reading the log");
 		return;
 	}
-	if (n != 2 || !all_ok(results, n, why, sizeof(why))) {
-		recover(ctx, n == 2 ? why : "reading the log failed");
+	if (n != 1 || !all_ok(results, n, why, sizeof(why))) {
+		recover(ctx, n == 1 ? why : "reading the log failed");
 		return;
 	}
 	r = results[0];
@@ -546,7 +561,7 @@ static void read_done(void *arg, const struct pg_outcome *out)
 			return;
 		}
 	}
-	got_batch(ctx, head_of(results[1]));
+	got_batch(ctx, head_of(r));
 }
 
 static void read_batch(struct projector_ctx *ctx)
@@ -556,8 +571,8 @@ static void read_batch(struct projector_ctx *ctx)
 
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
-	if (!pg_queue(ctx->pg, "read_events", 3, params) ||
-	    !pg_queue(ctx->pg, "log_head", 0, NULL) || !pg_run(ctx->pg, read_done, ctx))
+	if (!pg_queue_params(ctx->pg, "read_events", 3, params, NULL, NULL, true) ||
+	    !pg_run(ctx->pg, read_done, ctx))
 		return; /* the connection is being reset; on_connect starts over */
 	ctx->step = STEP_READING;
 }
@@ -582,12 +597,12 @@ static bool take_ahead(struct projector_ctx *ctx, const struct pg_outcome *out)
 {
 	char why[256];
 
-	if (out->status != PG_RUN_DONE || out->n != 2 || !all_ok(out->results, 2, why, sizeof(why)))
+	if (out->status != PG_RUN_DONE || out->n != 1 || !all_ok(out->results, 1, why, sizeof(why)))
 		return false;
 	for (int row = 0; row < PQntuples(out->results[0]); row++)
 		if (!copy_event(&ctx->ahead[ctx->nahead++], out->results[0], row))
 			return false;
-	ctx->ahead_head = head_of(out->results[1]);
+	ctx->ahead_head = head_of(out->results[0]);
 	return true;
 }
 
@@ -619,8 +634,8 @@ static void read_ahead(struct projector_ctx *ctx)
 		return;
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
-	if (!pg_queue(ctx->pg, "read_events", 3, params) ||
-	    !pg_queue(ctx->pg, "log_head", 0, NULL) || !pg_run(ctx->pg, ahead_done, ctx))
+	if (!pg_queue_params(ctx->pg, "read_events", 3, params, NULL, NULL, true) ||
+	    !pg_run(ctx->pg, ahead_done, ctx))
 		return; /* the connection is being reset */
 	snprintf(ctx->ahead_from, sizeof(ctx->ahead_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 	ctx->ahead_running = true;

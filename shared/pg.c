@@ -701,6 +701,18 @@ bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const
 	return queued(pg, PQsendQueryParams(pg->conn, sql, nparams, NULL, values, NULL, NULL, 0));
 }
 
+bool pg_queue_params(struct pg *pg, const char *statement, int nparams,
+		     const char *const *values, const int *lengths, const int *formats,
+		     bool binary_results)
+{
+	if (pg->state != PG_IDLE)
+		return false;
+	if (!reserve_slot(pg))
+		return no_slot(pg);
+	return queued(pg, PQsendQueryPrepared(pg->conn, statement, nparams, values, lengths,
+					      formats, binary_results ? 1 : 0));
+}
+
 bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
 {
 	if (pg->state != PG_IDLE)
@@ -742,6 +754,100 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 		evbuffer_add(buf, p++, 1);
 	}
 	evbuffer_add(buf, "\"", 1);
+}
+
+bool pg_bin_array_init(struct pg_bin_array *a, enum pg_type_oid type)
+{
+	*a = (struct pg_bin_array){ .elems = evbuffer_new(), .type = type };
+	return a->elems != NULL;
+}
+
+void pg_bin_array_free(struct pg_bin_array *a)
+{
+	if (a->elems)
+		evbuffer_free(a->elems);
+	a->elems = NULL;
+}
+
+static void put_be32(unsigned char *out, uint32_t v)
+{
+	out[0] = (unsigned char)(v >> 24);
+	out[1] = (unsigned char)(v >> 16);
+	out[2] = (unsigned char)(v >> 8);
+	out[3] = (unsigned char)v;
+}
+
+/* One element: its length (-1: NULL), then its bytes. */
+static void bin_element(struct pg_bin_array *a, const void *value, int32_t len)
+{
+	unsigned char head[4];
+
+	put_be32(head, (uint32_t)len);
+	evbuffer_add(a->elems, head, sizeof(head));
+	if (len > 0)
+		evbuffer_add(a->elems, value, (size_t)len);
+	a->n++;
+}
+
+void pg_bin_text(struct pg_bin_array *a, const char *value)
+{
+	if (!value)
+		a->has_null = true;
+	bin_element(a, value, value ? (int32_t)strlen(value) : -1);
+}
+
+void pg_bin_int8(struct pg_bin_array *a, int64_t value)
+{
+	unsigned char b[8];
+
+	put_be32(b, (uint32_t)((uint64_t)value >> 32));
+	put_be32(b + 4, (uint32_t)value);
+	bin_element(a, b, sizeof(b));
+}
+
+void pg_bin_int4(struct pg_bin_array *a, int32_t value)
+{
+	unsigned char b[4];
+
+	put_be32(b, (uint32_t)value);
+	bin_element(a, b, sizeof(b));
+}
+
+void pg_bin_bool(struct pg_bin_array *a, bool value)
+{
+	unsigned char b = value ? 1 : 0;
+
+	bin_element(a, &b, 1);
+}
+
+char *pg_bin_array_take(struct pg_bin_array *a, int *len)
+{
+	/* ndim, has-null flag, element type; for one dimension its length and lower bound
+	 * (an empty array has no dimension). */
+	unsigned char head[20];
+	size_t hlen = a->n ? 20 : 12, elen = evbuffer_get_length(a->elems);
+	char *out;
+
+	put_be32(head, a->n ? 1 : 0);
+	put_be32(head + 4, a->has_null ? 1 : 0);
+	put_be32(head + 8, (uint32_t)a->type);
+	put_be32(head + 12, (uint32_t)a->n);
+	put_be32(head + 16, 1);
+	if (hlen + elen > (size_t)INT32_MAX || !(out = malloc(hlen + elen)))
+		return NULL;
+	memcpy(out, head, hlen);
+	evbuffer_remove(a->elems, out + hlen, elen);
+	*len = (int)(hlen + elen);
+	return out;
+}
+
+uint64_t pg_bin_uint(const char *p, int bytes)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < bytes; i++)
+		v = v << 8 | (unsigned char)p[i];
+	return v;
 }
 
 const char *pg_sqlstate(const PGresult *res)
