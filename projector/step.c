@@ -45,11 +45,24 @@ static const struct pg_statement statements[] = {
 	 * exclusively: writes wait while it swaps), taken before any read-model table is
 	 * locked, then the checkpoint's compare-and-set ($1 epoch, $2 $3 from, $4
 	 * generation, $5 $6 to), which fails with SQLSTATE PROJECTOR_SQLSTATE_FENCED or
-	 * PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
+	 * PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). The compare-and-set is
+	 * projector_checkpoint_move's, in plain SQL and in its order (the guard, the lease
+	 * row FOR SHARE, then the checkpoint's row), so that a batch pays no PL/pgSQL call,
+	 * search_path switch or SPI statements; only when it moved nothing is the function
+	 * called, to raise the condition that holds (it moves the checkpoint itself only if
+	 * the conditions hold by then). */
 	{ "move_checkpoint",
-	  "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK "), "
+	  "WITH guard AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK
+	  ")), "
+	  "lease AS MATERIALIZED (SELECT l.epoch FROM guard, projector_leases l "
+	  "WHERE l.projection = '" PROJECTOR_PROJECTION "' FOR SHARE OF l), "
+	  "moved AS (UPDATE projection_checkpoints c SET txid = $5::xid8, position = $6::bigint, "
+	  "epoch = $1::bigint, updated_at = now() FROM lease WHERE c.projection = '" PROJECTOR_PROJECTION
+	  "' AND lease.epoch = $1::bigint AND $1::bigint > 0 AND c.txid = $2::xid8 "
+	  "AND c.position = $3::bigint AND c.generation = $4::bigint RETURNING 1) "
+	  "SELECT CASE WHEN EXISTS (SELECT FROM moved) THEN NULL ELSE "
 	  "projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
-	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint)" },
+	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint) END FROM guard" },
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
 	 * table): accounts ($1-$11), statement items ($12-$20), transfers ($21-$27), the
 	 * totals' deltas ($28-$31); then the NOTIFY of the new checkpoint ($32), which wakes
