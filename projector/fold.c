@@ -183,7 +183,6 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 			free(a);
 			return false;
 		}
-		a->opened = true;
 	}
 	if (e->version != a->row.acc.version + 1) {
 		log_error(&ctx->log, "account-%s: event version %d follows version %d", e->account,
@@ -221,7 +220,7 @@ void projector_rows_free(struct fold_rows **rp)
 	if (!r)
 		return;
 	for (size_t i = 0; i < r->naccounts; i++)
-		r->accounts[i]->touched = r->accounts[i]->opened = false;
+		r->accounts[i]->touched = false;
 	for (size_t i = 0; i < r->ntotals; i++) {
 		r->totals[i]->touched = false;
 		r->totals[i]->delta = (struct readmodel_count){ 0 };
@@ -261,7 +260,7 @@ bool projector_fold(struct projector_ctx *ctx)
 
 /* write_rows' parameters (step.c): each table's columns, then the NOTIFY token. */
 enum {
-	ACCOUNT_COLS = 11, /* the row's ten, then whether the batch opened it */
+	ACCOUNT_COLS = 10,
 	ENTRY_COLS = 9,    /* fold_rows.ecols */
 	TRANSFER_COLS = 7, /* fold_rows.tcols */
 	TOTAL_COLS = 4,
@@ -270,7 +269,7 @@ enum {
 
 static const enum pg_type_oid account_types[ACCOUNT_COLS] = {
 	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT,	 PG_TYPE_INT8,	       PG_TYPE_INT8, PG_TYPE_TEXT,
-	PG_TYPE_INT4, PG_TYPE_INT4, PG_TYPE_TIMESTAMPTZ, PG_TYPE_TIMESTAMPTZ, PG_TYPE_BOOL,
+	PG_TYPE_INT4, PG_TYPE_INT4, PG_TYPE_TIMESTAMPTZ, PG_TYPE_TIMESTAMPTZ,
 };
 
 static bool take_accounts(const struct fold_rows *r, char **params, int *lengths)
@@ -297,7 +296,6 @@ static bool take_accounts(const struct fold_rows *r, char **params, int *lengths
 		pg_bin_int4(&c[7], a->row.entries);
 		pg_bin_int8(&c[8], opened_at);
 		pg_bin_int8(&c[9], updated_at);
-		pg_bin_bool(&c[10], a->opened);
 	}
 	ok = table_take(&t, params, lengths);
 done:

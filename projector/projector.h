@@ -49,7 +49,6 @@ struct rm_account {
 	struct readmodel_row row; /* the shared fold's row, and its times */
 	char opened_at[32], updated_at[32];
 	bool touched; /* changed by the batch in progress */
-	bool opened;  /* opened by the batch in progress: no row in rm_accounts yet */
 };
 
 /* One currency's totals; the sum of balances may exceed int64. */

@@ -64,40 +64,33 @@ static const struct pg_statement statements[] = {
 	  "projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
 	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint) END FROM guard" },
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
-	 * table): accounts ($1-$11), statement items ($12-$20), transfers ($21-$27), the
-	 * totals' deltas ($28-$31); then the NOTIFY of the new checkpoint ($32), which wakes
+	 * table): accounts ($1-$10), statement items ($11-$19), transfers ($20-$26), the
+	 * totals' deltas ($27-$30); then the NOTIFY of the new checkpoint ($31), which wakes
 	 * the query service's reads waiting for it and, in the batch's transaction, is
-	 * delivered only if the checkpoint commits. An account the cache had from the table
-	 * ($11 false) is updated in place, without INSERT ... ON CONFLICT's speculative
-	 * insertion (a unique check, a tuple lock and its WAL record per row); one the batch
-	 * opened ($11 true), or a cached one whose row is gone, is inserted. */
+	 * delivered only if the checkpoint commits. The arrays come in binary (fold.c). */
 	{ "write_rows",
-	  "WITH x AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
-	  "$5::bigint[], $6::text[], $7::int[], $8::int[], $9::timestamptz[], $10::timestamptz[], "
-	  "$11::bool[]) AS x (account_id, name, currency, balance, overdraft_limit, status, "
-	  "version, entries, opened_at, updated_at, opened)), "
-	  "u AS (UPDATE rm_accounts r SET name = x.name, currency = x.currency, balance = "
-	  "x.balance, overdraft_limit = x.overdraft_limit, status = x.status, version = "
-	  "x.version, entries = x.entries, opened_at = x.opened_at, updated_at = x.updated_at "
-	  "FROM x WHERE NOT x.opened AND r.account_id = x.account_id RETURNING r.account_id), "
-	  "a AS (INSERT INTO rm_accounts (account_id, name, currency, balance, overdraft_limit, "
-	  "status, version, entries, opened_at, updated_at) SELECT account_id, name, currency, "
-	  "balance, overdraft_limit, status, version, entries, opened_at, updated_at FROM x "
-	  "WHERE x.opened OR x.account_id NOT IN (SELECT account_id FROM u)), "
+	  "WITH a AS (INSERT INTO rm_accounts (account_id, name, currency, balance, "
+	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT * FROM "
+	  "unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], "
+	  "$7::int[], $8::int[], $9::timestamptz[], $10::timestamptz[]) ON CONFLICT (account_id) "
+	  "DO UPDATE SET name = EXCLUDED.name, currency = EXCLUDED.currency, balance = "
+	  "EXCLUDED.balance, overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
+	  "version = EXCLUDED.version, entries = EXCLUDED.entries, opened_at = EXCLUDED.opened_at, "
+	  "updated_at = EXCLUDED.updated_at), "
 	  "e AS (INSERT INTO rm_entries (account_id, version, type, amount, balance_after, "
-	  "transfer_id, counterparty, reference, at) SELECT * FROM unnest($12::text[], $13::int[], "
-	  "$14::text[], $15::bigint[], $16::bigint[], $17::text[], $18::text[], $19::text[], "
-	  "$20::timestamptz[])), "
+	  "transfer_id, counterparty, reference, at) SELECT * FROM unnest($11::text[], $12::int[], "
+	  "$13::text[], $14::bigint[], $15::bigint[], $16::text[], $17::text[], $18::text[], "
+	  "$19::timestamptz[])), "
 	  "t AS (INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
-	  "reference, at) SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::bigint[], "
-	  "$25::text[], $26::text[], $27::timestamptz[])), "
+	  "reference, at) SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::bigint[], "
+	  "$24::text[], $25::text[], $26::timestamptz[])), "
 	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * "
-	  "FROM unnest($28::text[], $29::bigint[], $30::bigint[], $31::text[]::numeric[]) "
+	  "FROM unnest($27::text[], $28::bigint[], $29::bigint[], $30::text[]::numeric[]) "
 	  "ON CONFLICT "
 	  "(currency) DO UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, "
 	  "open_accounts = rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = "
 	  "rm_totals.balance_sum + EXCLUDED.balance_sum) "
-	  "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $32)" },
+	  "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $31)" },
 };
 
 const struct pg_statement *projector_statements(size_t *n)
