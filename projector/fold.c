@@ -98,7 +98,7 @@ static bool add_item(struct fold_rows *r, const char *id, int32_t version, char 
 }
 
 static const enum pg_type_oid entry_types[9] = {
-	PG_TYPE_TEXT, PG_TYPE_INT4, PG_TYPE_TEXT, PG_TYPE_INT8,	       PG_TYPE_INT8,
+	PG_TYPE_TEXT, PG_TYPE_INT4, PG_TYPE_TEXT, PG_TYPE_INT8,        PG_TYPE_INT8,
 	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TIMESTAMPTZ,
 };
 
@@ -121,7 +121,7 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 }
 
 static const enum pg_type_oid transfer_types[7] = {
-	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT,	 PG_TYPE_INT8,
+	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT,        PG_TYPE_INT8,
 	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TIMESTAMPTZ,
 };
 
@@ -268,8 +268,8 @@ enum {
 };
 
 static const enum pg_type_oid account_types[ACCOUNT_COLS] = {
-	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT,	 PG_TYPE_INT8,	       PG_TYPE_INT8, PG_TYPE_TEXT,
-	PG_TYPE_INT4, PG_TYPE_INT4, PG_TYPE_TIMESTAMPTZ, PG_TYPE_TIMESTAMPTZ,
+	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_INT8,        PG_TYPE_INT8,
+	PG_TYPE_TEXT, PG_TYPE_INT4, PG_TYPE_INT4, PG_TYPE_TIMESTAMPTZ, PG_TYPE_TIMESTAMPTZ,
 };
 
 static bool take_accounts(const struct fold_rows *r, char **params, int *lengths)
@@ -349,7 +349,8 @@ static bool queue_rows(struct projector_ctx *ctx, const struct log_event *last)
 	for (size_t i = 0; i < ROW_PARAMS; i++)
 		formats[i] = i < ROW_PARAMS - 1;
 	snprintf(token, sizeof(token), "%s.%lld", last->txid, last->position);
-	if (!take_accounts(r, p, l) || !table_take(&r->entries, p += ACCOUNT_COLS, l += ACCOUNT_COLS) ||
+	if (!take_accounts(r, p, l) ||
+	    !table_take(&r->entries, p += ACCOUNT_COLS, l += ACCOUNT_COLS) ||
 	    !table_take(&r->transfers, p += ENTRY_COLS, l += ENTRY_COLS) ||
 	    !take_totals(r, p += TRANSFER_COLS, l += TRANSFER_COLS) ||
 	    !(params[ROW_PARAMS - 1] = strdup(token)))

@@ -523,8 +523,8 @@ static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got
 		ctx->lag_seconds = 0;
 	} else {
 		/* recorded_at counts from 2000-01-01, 946,684,800 s after the Unix epoch. */
-		ctx->lag_seconds = difftime(time(NULL), (time_t)(ctx->events[0].at_us / 1000000 +
-								 946684800));
+		ctx->lag_seconds = difftime(time(NULL),
+					    (time_t)(ctx->events[0].at_us / 1000000 + 946684800));
 	}
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
 	update_redis_lag(ctx, got == 0 || head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);

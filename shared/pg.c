@@ -701,9 +701,8 @@ bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const
 	return queued(pg, PQsendQueryParams(pg->conn, sql, nparams, NULL, values, NULL, NULL, 0));
 }
 
-bool pg_queue_params(struct pg *pg, const char *statement, int nparams,
-		     const char *const *values, const int *lengths, const int *formats,
-		     bool binary_results)
+bool pg_queue_params(struct pg *pg, const char *statement, int nparams, const char *const *values,
+		     const int *lengths, const int *formats, bool binary_results)
 {
 	if (pg->state != PG_IDLE)
 		return false;

@@ -109,9 +109,9 @@ bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const
 /* pg_queue with parameters in either format: formats[i] 1 sends values[i] as
  * lengths[i] bytes of PostgreSQL's binary form (pg_bin_array), 0 as text (lengths and
  * formats may be NULL: all text); binary_results asks for every column in binary. */
-bool pg_queue_params(struct pg *pg, const char *statement, int nparams,
-		     const char *const *values, const int *lengths, const int *formats,
-		     bool binary_results) __attribute__((warn_unused_result));
+bool pg_queue_params(struct pg *pg, const char *statement, int nparams, const char *const *values,
+		     const int *lengths, const int *formats, bool binary_results)
+	__attribute__((warn_unused_result));
 /* Send the queued statements with one sync; `done` gets their results. */
 bool pg_run(struct pg *pg, pg_done_cb done, void *arg) __attribute__((warn_unused_result));
 
@@ -124,11 +124,11 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first);
  * built element by element: no text to parse on the server, and binary elements (an
  * int8, a timestamptz) skip their types' text input too. */
 enum pg_type_oid { /* pg_type's OIDs, fixed for built-in types */
-	PG_TYPE_BOOL = 16,
-	PG_TYPE_INT8 = 20,
-	PG_TYPE_INT4 = 23,
-	PG_TYPE_TEXT = 25,
-	PG_TYPE_TIMESTAMPTZ = 1184, /* int8: microseconds since 2000-01-01 00:00 UTC */
+		   PG_TYPE_BOOL = 16,
+		   PG_TYPE_INT8 = 20,
+		   PG_TYPE_INT4 = 23,
+		   PG_TYPE_TEXT = 25,
+		   PG_TYPE_TIMESTAMPTZ = 1184, /* int8: microseconds since 2000-01-01 00:00 UTC */
 };
 struct pg_bin_array {
 	struct evbuffer *elems;

@@ -694,7 +694,8 @@ Test(projector, a_cached_account_whose_row_is_gone_is_written_again)
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_accounts WHERE account_id = 'p-1' AND "
 				 "version = 3 AND balance = 100007 AND entries = 2"),
 		     1);
-	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'p-0'"), 99993);
+	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'p-0'"),
+		     99993);
 	harness_assert_models_match_log(db);
 	harness_stop(&proj);
 }
