@@ -1277,7 +1277,8 @@ Test(log, a_hand_built_line_escapes_as_jansson_and_waits_for_its_flush)
 Test(pg, array_literal_quotes_and_escapes)
 {
 	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "",
-				 "a,b",   "{brace}",        "NULL",        "sp ace" };
+				 "a,b",   "{brace}",        "NULL",        "sp ace",
+				 NULL,    "\"\\\"",         "end\\" };
 	struct evbuffer *buf = evbuffer_new();
 	size_t n;
 	char text[256];
@@ -1291,8 +1292,9 @@ Test(pg, array_literal_quotes_and_escapes)
 	cr_assert_lt(n, sizeof(text));
 	evbuffer_remove(buf, text, n);
 	text[n] = '\0';
-	cr_assert_str_eq(text, "{\"plain\",\"with \\\"quote\\\"\",\"back\\\\slash\",\"\",\"a,b\","
-			       "\"{brace}\",\"NULL\",\"sp ace\"}");
+	cr_assert_str_eq(text,
+			 "{\"plain\",\"with \\\"quote\\\"\",\"back\\\\slash\",\"\",\"a,b\","
+			 "\"{brace}\",\"NULL\",\"sp ace\",NULL,\"\\\"\\\\\\\"\",\"end\\\\\"}");
 	evbuffer_free(buf);
 }
 
