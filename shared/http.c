@@ -388,6 +388,7 @@ struct evhttp_request *http_reply_stream(struct http_request *req, int status,
 	http_set_header(req, "X-Request-Id", req->request_id);
 	cors_headers(req);
 	http_set_header(req, "Content-Type", content_type);
+	conns_stream_began(srv->conns, ev);
 	evhttp_send_reply_start(ev, status, http_status_reason(status));
 	request_done(srv, req);
 	srv->inflight--;
