@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_struct.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/listener.h>
@@ -28,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/uio.h>
 #include <time.h>
 
 /* A listener paused by EMFILE is re-armed this often. */
@@ -38,6 +40,11 @@
  * request) this long: a keep-alive client between two requests is not idle in any
  * useful sense, and closing it only makes it reconnect and close another in turn. */
 #define EVICT_AFTER_MS 1000
+/* What read_in asks of the socket at most: evbuffer_read's own limit. */
+#define READ_MAX 4096
+/* The first read of a request: room for a usual one in a chunk that, with evbuffer's
+ * header, stays under 1 KiB (malloc serves those from its per-thread cache). */
+#define READ_FIRST 896
 
 enum conn_state {
 	CONN_FRESH,     /* accepted this turn, not adopted yet */
@@ -337,6 +344,76 @@ static void rearm_guard(struct conn *c)
 	}
 }
 
+/* The read of a server connection's bufferevent without evbuffer_read's ioctl(FIONREAD),
+ * a system call before every read that only sizes it: one readv into the room reserved,
+ * then what the bufferevent's own read callback does for a connection without
+ * watermarks or rate limits (evhttp sets neither): the data callback, or the event
+ * callback with EOF, error or timeout after reading stops. arg is the bufferevent. */
+static void read_in(evutil_socket_t fd, short what, void *arg)
+{
+	struct bufferevent *bev = arg;
+	struct evbuffer *in = bufferevent_get_input(bev);
+	struct evbuffer_iovec room[2];
+	struct iovec iov[2];
+	short error = BEV_EVENT_READING;
+	ssize_t n = -1;
+	int nroom;
+
+	bufferevent_incref(bev);
+	if (what == EV_TIMEOUT) {
+		error |= BEV_EVENT_TIMEOUT;
+		goto fail;
+	}
+	/* The socket bufferevent keeps its input's end frozen but while it reads. */
+	evbuffer_unfreeze(in, 0);
+	nroom = evbuffer_reserve_space(in, evbuffer_get_length(in) ? READ_MAX : READ_FIRST, room,
+				       2);
+	if (nroom > 0) {
+		for (int i = 0; i < nroom; i++)
+			iov[i] = (struct iovec){ room[i].iov_base, room[i].iov_len };
+		n = readv(fd, iov, nroom);
+	}
+	if (n > 0) {
+		size_t left = (size_t)n;
+		int used = 0;
+		for (; used < nroom && left > 0; used++) {
+			room[used].iov_len = room[used].iov_len < left ? room[used].iov_len : left;
+			left -= room[used].iov_len;
+		}
+		evbuffer_commit_space(in, room, used);
+	}
+	evbuffer_freeze(in, 0);
+	if (nroom > 0 && n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		goto done;
+	if (n <= 0) {
+		error |= n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR;
+		goto fail;
+	}
+	bufferevent_trigger(bev, EV_READ, 0);
+	goto done;
+fail:
+	bufferevent_disable(bev, EV_READ);
+	bufferevent_trigger_event(bev, error, 0);
+done:
+	bufferevent_decref(bev);
+}
+
+/* Point the bufferevent's read event at read_in. libevent 2.1 has no call for it, but
+ * the event is in struct bufferevent (event2/bufferevent_struct.h); bufferevent_setfd
+ * would point it back at libevent's own callback, which reads as before. */
+static void take_over_reads(struct conn *c)
+{
+	struct bufferevent *bev = c->bev;
+	bool pending = event_pending(&bev->ev_read, EV_READ, NULL);
+
+	event_del(&bev->ev_read);
+	event_assign(&bev->ev_read, c->owner->base, c->fd, EV_READ | EV_PERSIST | EV_FINALIZE,
+		     read_in, bev);
+	if (pending)
+		event_add(&bev->ev_read,
+			  evutil_timerisset(&bev->timeout_read) ? &bev->timeout_read : NULL);
+}
+
 static int index_fd(struct conns *cs, struct conn *c)
 {
 	if ((size_t)c->fd >= cs->nby_fd) {
@@ -373,6 +450,7 @@ static bool adopt(struct conn *c)
 	if (c->fd < 0 || index_fd(c->owner, c) != 0)
 		goto fail;
 	evhttp_connection_set_closecb(evcon, on_close, c);
+	take_over_reads(c);
 	/* Without a guard the connection works as evhttp alone would. */
 	c->guard = event_new(c->owner->base, c->fd, EV_READ | EV_PERSIST, on_guard, c);
 	rearm_guard(c);
