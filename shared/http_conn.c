@@ -325,7 +325,7 @@ static void on_guard(evutil_socket_t fd, short what, void *arg)
 
 	(void)fd;
 	(void)what;
-	if (!(bufferevent_get_enabled(c->bev) & EV_READ))
+	if (!(c->bev->enabled & EV_READ)) /* bufferevent_get_enabled, without its lock */
 		event_del(c->guard);
 }
 
@@ -750,7 +750,8 @@ static struct conn *find(struct conns *cs, struct evhttp_request *ev)
 {
 	struct evhttp_connection *evcon = evhttp_request_get_connection(ev);
 	struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
-	evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+	/* bufferevent_getfd's answer for a socket bufferevent, without its lock and call. */
+	evutil_socket_t fd = bev ? event_get_fd(&bev->ev_read) : -1;
 	struct conn *c;
 
 	if (fd < 0 || (size_t)fd >= cs->nby_fd)
