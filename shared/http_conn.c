@@ -344,20 +344,47 @@ static void rearm_guard(struct conn *c)
 	}
 }
 
+/* One readv of at most `size` bytes into in (its end unfrozen); the bytes read, or -1
+ * with errno. */
+static ssize_t read_some(evutil_socket_t fd, struct evbuffer *in, size_t size)
+{
+	struct evbuffer_iovec room[2];
+	struct iovec iov[2];
+	int nroom = evbuffer_reserve_space(in, (ev_ssize_t)size, room, 2);
+	size_t left;
+	ssize_t n;
+	int used = 0;
+
+	if (nroom <= 0) {
+		errno = ENOMEM;
+		return -1;
+	}
+	for (int i = 0; i < nroom; i++)
+		iov[i] = (struct iovec){ room[i].iov_base, room[i].iov_len };
+	n = readv(fd, iov, nroom);
+	if (n <= 0)
+		return n;
+	for (left = (size_t)n; used < nroom && left > 0; used++) {
+		room[used].iov_len = room[used].iov_len < left ? room[used].iov_len : left;
+		left -= room[used].iov_len;
+	}
+	evbuffer_commit_space(in, room, used);
+	return n;
+}
+
 /* The read of a server connection's bufferevent without evbuffer_read's ioctl(FIONREAD),
- * a system call before every read that only sizes it: one readv into the room reserved,
- * then what the bufferevent's own read callback does for a connection without
- * watermarks or rate limits (evhttp sets neither): the data callback, or the event
- * callback with EOF, error or timeout after reading stops. arg is the bufferevent. */
+ * a system call before every read that only sizes it: a readv into the room reserved
+ * (and one more when that filled it), then what the bufferevent's own read callback does
+ * for a connection without watermarks or rate limits (evhttp sets neither): the data
+ * callback, or the event callback with EOF, error or timeout after reading stops. arg
+ * is the bufferevent. */
 static void read_in(evutil_socket_t fd, short what, void *arg)
 {
 	struct bufferevent *bev = arg;
 	struct evbuffer *in = bufferevent_get_input(bev);
-	struct evbuffer_iovec room[2];
-	struct iovec iov[2];
+	size_t size = evbuffer_get_length(in) ? READ_MAX : READ_FIRST;
 	short error = BEV_EVENT_READING;
-	ssize_t n = -1;
-	int nroom;
+	ssize_t n;
 
 	bufferevent_incref(bev);
 	if (what == EV_TIMEOUT) {
@@ -366,24 +393,13 @@ static void read_in(evutil_socket_t fd, short what, void *arg)
 	}
 	/* The socket bufferevent keeps its input's end frozen but while it reads. */
 	evbuffer_unfreeze(in, 0);
-	nroom = evbuffer_reserve_space(in, evbuffer_get_length(in) ? READ_MAX : READ_FIRST, room,
-				       2);
-	if (nroom > 0) {
-		for (int i = 0; i < nroom; i++)
-			iov[i] = (struct iovec){ room[i].iov_base, room[i].iov_len };
-		n = readv(fd, iov, nroom);
-	}
-	if (n > 0) {
-		size_t left = (size_t)n;
-		int used = 0;
-		for (; used < nroom && left > 0; used++) {
-			room[used].iov_len = room[used].iov_len < left ? room[used].iov_len : left;
-			left -= room[used].iov_len;
-		}
-		evbuffer_commit_space(in, room, used);
-	}
+	n = read_some(fd, in, size);
+	/* A request larger than the first room: its rest now, not a turn later (an end of
+	 * file or error here shows at the next read, after these bytes). */
+	if (n == (ssize_t)size && size == READ_FIRST)
+		(void)read_some(fd, in, READ_MAX);
 	evbuffer_freeze(in, 0);
-	if (nroom > 0 && n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
 		goto done;
 	if (n <= 0) {
 		error |= n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR;
