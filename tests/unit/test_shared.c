@@ -1121,6 +1121,21 @@ static void log_some_lines(void)
 	log_error(&lg, "second");
 }
 
+/* A line's "time": "2024-01-02T03:04:05.678Z", within a few seconds of now. */
+static void assert_line_time_now(const char *t)
+{
+	struct tm tm = { 0 };
+	const char *rest;
+
+	cr_assert_not_null(t);
+	cr_assert_eq(strlen(t), strlen("2024-01-02T03:04:05.678Z"), "time: %s", t);
+	rest = strptime(t, "%Y-%m-%dT%H:%M:%S", &tm);
+	cr_assert(rest && rest[0] == '.' && rest[4] == 'Z', "time: %s", t);
+	for (int i = 1; i <= 3; i++)
+		cr_assert(rest[i] >= '0' && rest[i] <= '9', "time: %s", t);
+	cr_assert_lt(labs((long)(timegm(&tm) - time(NULL))), 5, "time: %s is not now", t);
+}
+
 Test(log, lines_are_json_with_escaping_and_level_filtering)
 {
 	char *text = capture_stderr(log_some_lines);
@@ -1137,10 +1152,10 @@ Test(log, lines_are_json_with_escaping_and_level_filtering)
 	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")),
 			 "quote \" backslash \\ newline tab \t end 42", "one line: %s", text);
 	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")), "req-\"7\"");
-	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
-		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
+	assert_line_time_now(json_string_value(json_object_get(first, "time")));
 	second = json_loads(nl + 1, 0, &error);
 	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	assert_line_time_now(json_string_value(json_object_get(second, "time")));
 	cr_assert_str_eq(json_string_value(json_object_get(second, "msg")), "second");
 	cr_assert_null(json_object_get(second, "request_id"));
 	json_decref(first);
@@ -1260,10 +1275,11 @@ Test(log, a_hand_built_line_escapes_as_jansson_and_waits_for_its_flush)
 	cr_assert(json_is_real(json_object_get(first, "b_ms")), "%s", text);
 	cr_assert_float_eq(json_real_value(json_object_get(first, "b_ms")), 2000.0, 1e-9);
 	cr_assert(json_is_null(json_object_get(first, "none")), "%s", text);
-	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
-		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
+	assert_line_time_now(json_string_value(json_object_get(first, "time")));
 	second = json_loads(nl + 1, 0, &error);
 	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	/* The second line's time comes from the seconds the buffer kept. */
+	assert_line_time_now(json_string_value(json_object_get(second, "time")));
 	cr_assert_str_eq(json_string_value(json_object_get(second, "level")), "warn");
 	cr_assert_null(json_object_get(second, "request_id"));
 	json_decref(want);
@@ -1277,7 +1293,8 @@ Test(log, a_hand_built_line_escapes_as_jansson_and_waits_for_its_flush)
 Test(pg, array_literal_quotes_and_escapes)
 {
 	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "",
-				 "a,b",   "{brace}",        "NULL",        "sp ace" };
+				 "a,b",   "{brace}",        "NULL",        "sp ace",
+				 NULL,    "\"\\\"",         "end\\" };
 	struct evbuffer *buf = evbuffer_new();
 	size_t n;
 	char text[256];
@@ -1291,8 +1308,9 @@ Test(pg, array_literal_quotes_and_escapes)
 	cr_assert_lt(n, sizeof(text));
 	evbuffer_remove(buf, text, n);
 	text[n] = '\0';
-	cr_assert_str_eq(text, "{\"plain\",\"with \\\"quote\\\"\",\"back\\\\slash\",\"\",\"a,b\","
-			       "\"{brace}\",\"NULL\",\"sp ace\"}");
+	cr_assert_str_eq(text,
+			 "{\"plain\",\"with \\\"quote\\\"\",\"back\\\\slash\",\"\",\"a,b\","
+			 "\"{brace}\",\"NULL\",\"sp ace\",NULL,\"\\\"\\\\\\\"\",\"end\\\\\"}");
 	evbuffer_free(buf);
 }
 
