@@ -790,11 +790,13 @@ void conns_stream_began(struct conns *cs, struct evhttp_request *ev)
 {
 	struct conn *c = find(cs, ev);
 
-	/* Its new owner may replace the close callback: the guard must not outlive it. */
-	if (c && c->guard) {
-		event_free(c->guard);
-		c->guard = NULL;
-	}
+	/* A stream is long-lived, has its own cap (the feed's DAYBOOK_MAX_STREAMS) and its
+	 * new owner takes the close callback over: the edge lets the connection go now (no
+	 * deadline, no guard, no longer counted), or its slot would never be given back. */
+	if (!c)
+		return;
+	evhttp_connection_set_closecb(c->evcon, NULL, NULL);
+	conn_free(c);
 }
 
 void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, const char *reason,

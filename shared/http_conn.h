@@ -41,7 +41,8 @@ void conns_stop_accepting(struct conns *cs);
 /* The request's connection is now serving it: no deadline runs, it is never evicted. */
 void conns_request_began(struct conns *cs, struct evhttp_request *ev);
 /* The request's connection now carries a stream (evhttp_send_reply_start) whose owner
- * may take the connection's close callback over. */
+ * takes the connection's close callback over: it leaves the cap (and the open gauge)
+ * here, streams having their own cap. */
 void conns_stream_began(struct conns *cs, struct evhttp_request *ev);
 /* Send ev's reply (evhttp_send_reply); its connection then idles until the next request.
  * The reply is written at the end of this loop turn. */
