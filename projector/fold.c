@@ -1,7 +1,6 @@
 /* Fold a batch of log events into the SQL read models: the pure domain's evolve
  * decides every balance, and the batch is written with two statements: the
  * checkpoint's compare-and-set, then every row as arrays in one statement. */
-#include <event2/buffer.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,10 +8,13 @@
 
 #include "projector.h"
 
-/* One text[]-literal column of a multi-row statement. */
+/* One text[]-literal column of a multi-row statement, written in place: the same
+ * text as pg_array_append's, without a buffer call per piece. */
 struct column {
-	struct evbuffer *buf;
+	char *p;
+	size_t len, cap;
 	size_t n;
+	bool failed; /* out of memory */
 };
 
 struct table {
@@ -20,18 +22,38 @@ struct table {
 	size_t ncols;
 };
 
+/* Room for `more` bytes; false (and failed) when out of memory. */
+static bool col_room(struct column *c, size_t more)
+{
+	size_t cap;
+	char *p;
+
+	if (c->failed)
+		return false;
+	if (c->len + more <= c->cap)
+		return true;
+	for (cap = c->cap ? 2 * c->cap : 1024; cap < c->len + more; cap *= 2)
+		;
+	if (!(p = realloc(c->p, cap))) {
+		c->failed = true;
+		return false;
+	}
+	c->p = p;
+	c->cap = cap;
+	return true;
+}
+
 /* False when out of memory; table_free either way. */
 static bool table_init(struct table *t, struct column *cols, size_t ncols)
 {
 	t->cols = cols;
 	t->ncols = ncols;
 	for (size_t i = 0; i < ncols; i++)
-		cols[i] = (struct column){ .buf = NULL, .n = 0 };
+		cols[i] = (struct column){ 0 };
 	for (size_t i = 0; i < ncols; i++) {
-		cols[i].buf = evbuffer_new();
-		if (!cols[i].buf)
+		if (!col_room(&cols[i], 1))
 			return false;
-		evbuffer_add(cols[i].buf, "{", 1);
+		cols[i].p[cols[i].len++] = '{';
 	}
 	return true;
 }
@@ -39,20 +61,59 @@ static bool table_init(struct table *t, struct column *cols, size_t ncols)
 static void table_free(struct table *t)
 {
 	for (size_t i = 0; i < t->ncols; i++)
-		if (t->cols[i].buf)
-			evbuffer_free(t->cols[i].buf);
+		free(t->cols[i].p);
 }
 
+/* A separator, then NULL, or the value quoted with '"' and '\\' escaped. */
 static void put(struct column *c, const char *value)
 {
-	pg_array_append(c->buf, value, c->n++ == 0);
+	size_t n = value ? strlen(value) : 0;
+	char *o;
+
+	/* At worst: a comma, two quotes and every byte escaped. */
+	if (!col_room(c, 2 * n + 4))
+		return;
+	o = c->p + c->len;
+	if (c->n++ > 0)
+		*o++ = ',';
+	if (!value) {
+		memcpy(o, "NULL", 4);
+		o += 4;
+	} else {
+		*o++ = '"';
+		for (size_t i = 0; i < n; i++) {
+			if (value[i] == '"' || value[i] == '\\')
+				*o++ = '\\';
+			*o++ = value[i];
+		}
+		*o++ = '"';
+	}
+	c->len = (size_t)(o - c->p);
 }
 
 static void put_int(struct column *c, long long v)
 {
 	char s[24];
-	snprintf(s, sizeof(s), "%lld", v);
-	put(c, s);
+	size_t i = sizeof(s);
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+	char *o;
+
+	do
+		s[--i] = (char)('0' + u % 10);
+	while (u /= 10);
+	if (v < 0)
+		s[--i] = '-';
+	if (!col_room(c, sizeof(s) + 3))
+		return;
+	o = c->p + c->len;
+	if (c->n++ > 0)
+		*o++ = ',';
+	/* Quoted, as put() writes every value. */
+	*o++ = '"';
+	memcpy(o, s + i, sizeof(s) - i);
+	o += sizeof(s) - i;
+	*o++ = '"';
+	c->len = (size_t)(o - c->p);
 }
 
 /* The table's columns as text[] literals ("{}" when empty) into params[0 .. ncols),
@@ -60,13 +121,13 @@ static void put_int(struct column *c, long long v)
 static bool table_take(struct table *t, char **params)
 {
 	for (size_t i = 0; i < t->ncols; i++) {
-		size_t len;
-		evbuffer_add(t->cols[i].buf, "}", 2); /* with the NUL */
-		len = evbuffer_get_length(t->cols[i].buf);
-		params[i] = malloc(len);
-		if (!params[i])
+		struct column *c = &t->cols[i];
+		if (!col_room(c, 2))
 			return false;
-		evbuffer_remove(t->cols[i].buf, params[i], len);
+		c->p[c->len++] = '}';
+		c->p[c->len] = '\0';
+		params[i] = c->p;
+		*c = (struct column){ .failed = true }; /* handed over */
 	}
 	return true;
 }
@@ -98,28 +159,32 @@ struct fold_rows {
 	size_t ntotals, tcap;
 	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
 	size_t nitems, icap;
+	struct readmodel_text text; /* the items' JSON, each at its item's json_at */
+	struct ledger_event_buf evbuf; /* the event being applied, read from its data */
 };
 
-static bool add_item(struct fold_rows *r, const char *id, int32_t version, char *json)
+/* An item whose JSON is at json_at in r->text ((size_t)-1: it could not be made). */
+static bool add_item(struct fold_rows *r, const char *id, int32_t version, size_t json_at)
 {
 	struct projector_item *it;
+	size_t idlen = strlen(id);
 
-	if (!json)
+	if (json_at == (size_t)-1 || idlen >= sizeof(it->id))
 		return false;
 	if (r->nitems == r->icap) {
 		size_t cap = r->icap ? 2 * r->icap : 256;
 		struct projector_item *grown = realloc(r->items, cap * sizeof(*grown));
-		if (!grown) {
-			free(json);
+		if (!grown)
 			return false;
-		}
 		r->items = grown;
 		r->icap = cap;
 	}
 	it = &r->items[r->nitems++];
-	snprintf(it->id, sizeof(it->id), "%s", id);
+	memcpy(it->id, id, idlen + 1);
 	it->version = version;
-	it->json = json;
+	it->json_at = json_at;
+	it->json_len = r->text.len - json_at - 1; /* its NUL ends the text */
+	it->json = NULL; /* set once the batch is folded: r->text moves while it grows */
 	return true;
 }
 
@@ -138,7 +203,7 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 	put(&c[6], item.counterparty);
 	put(&c[7], item.reference);
 	put(&c[8], item.at);
-	return add_item(r, a->row.acc.id, item.version, readmodel_entry_json(&item));
+	return add_item(r, a->row.acc.id, item.version, readmodel_entry_json_append(&r->text, &item));
 }
 
 static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
@@ -155,7 +220,7 @@ static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 	put(&c[5], item.reference);
 	put(&c[6], item.at);
 	/* Version 0 marks a transfer among the items. */
-	return add_item(r, item.transfer_id, 0, readmodel_transfer_json(&item));
+	return add_item(r, item.transfer_id, 0, readmodel_transfer_json_append(&r->text, &item));
 }
 
 /* Totals move with every event (the fold says by how much). */
@@ -190,7 +255,7 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 	struct ledger_event ev;
 	struct readmodel_change change;
 
-	if (!ledger_event_from_json(e->type, e->data, &ev))
+	if (!ledger_event_from_text(e->type, e->data, e->data_len, &r->evbuf, &ev))
 		return false;
 	if (!a) {
 		if (e->type != LEDGER_ACCOUNT_OPENED || !(a = calloc(1, sizeof(*a))))
@@ -208,8 +273,8 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 	if (!readmodel_fold(&a->row, e->account, e->version, &ev, &change))
 		return false;
 	if (change.opened)
-		snprintf(a->opened_at, sizeof(a->opened_at), "%s", e->at);
-	snprintf(a->updated_at, sizeof(a->updated_at), "%s", e->at);
+		memcpy(a->opened_at, e->at, sizeof(a->opened_at)); /* both char[32], NUL within */
+	memcpy(a->updated_at, e->at, sizeof(a->updated_at));
 	if (!a->touched) {
 		if (r->naccounts == r->cap) {
 			size_t cap = r->cap ? 2 * r->cap : 256;
@@ -243,8 +308,8 @@ void projector_rows_free(struct fold_rows **rp)
 	}
 	table_free(&r->entries);
 	table_free(&r->transfers);
-	for (size_t i = 0; i < r->nitems; i++)
-		free(r->items[i].json);
+	readmodel_text_free(&r->text);
+	ledger_event_buf_free(&r->evbuf);
 	free(r->items);
 	free(r->accounts);
 	free(r->totals);
@@ -267,6 +332,8 @@ bool projector_fold(struct projector_ctx *ctx)
 			return false;
 		}
 	}
+	for (size_t i = 0; i < r->nitems; i++)
+		r->items[i].json = r->text.p + r->items[i].json_at;
 	return true;
 }
 
@@ -385,9 +452,9 @@ size_t projector_rows_items(const struct fold_rows *r, const struct projector_it
 	return r ? r->nitems : 0;
 }
 
-char *projector_account_json(const struct rm_account *a)
+size_t projector_account_json_append(struct readmodel_text *text, const struct rm_account *a)
 {
 	struct readmodel_account body = readmodel_account_of(&a->row, a->opened_at, a->updated_at);
 
-	return readmodel_account_json(&body);
+	return readmodel_account_json_append(text, &body);
 }
