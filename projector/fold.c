@@ -8,127 +8,43 @@
 
 #include "projector.h"
 
-/* One text[]-literal column of a multi-row statement, written in place: the same
- * text as pg_array_append's, without a buffer call per piece. */
-struct column {
-	char *p;
-	size_t len, cap;
-	size_t n;
-	bool failed; /* out of memory */
-};
-
+/* One text[]-literal column of a multi-row statement. */
 struct table {
-	struct column *cols;
+	struct pg_array *cols;
 	size_t ncols;
 };
 
-/* Room for `more` bytes; false (and failed) when out of memory. */
-static bool col_room(struct column *c, size_t more)
-{
-	size_t cap;
-	char *p;
-
-	if (c->failed)
-		return false;
-	if (c->len + more <= c->cap)
-		return true;
-	for (cap = c->cap ? 2 * c->cap : 1024; cap < c->len + more; cap *= 2)
-		;
-	if (!(p = realloc(c->p, cap))) {
-		c->failed = true;
-		return false;
-	}
-	c->p = p;
-	c->cap = cap;
-	return true;
-}
-
-/* False when out of memory; table_free either way. */
-static bool table_init(struct table *t, struct column *cols, size_t ncols)
+static void table_init(struct table *t, struct pg_array *cols, size_t ncols)
 {
 	t->cols = cols;
 	t->ncols = ncols;
 	for (size_t i = 0; i < ncols; i++)
-		cols[i] = (struct column){ 0 };
-	for (size_t i = 0; i < ncols; i++) {
-		if (!col_room(&cols[i], 1))
-			return false;
-		cols[i].p[cols[i].len++] = '{';
-	}
-	return true;
+		cols[i] = (struct pg_array){ 0 };
 }
 
 static void table_free(struct table *t)
 {
-	for (size_t i = 0; i < t->ncols; i++)
-		free(t->cols[i].p);
+	for (size_t i = 0; t->cols && i < t->ncols; i++)
+		pg_array_free(&t->cols[i]);
 }
 
-/* A separator, then NULL, or the value quoted with '"' and '\\' escaped. */
-static void put(struct column *c, const char *value)
+static void put(struct pg_array *c, const char *value)
 {
-	size_t n = value ? strlen(value) : 0;
-	char *o;
-
-	/* At worst: a comma, two quotes and every byte escaped. */
-	if (!col_room(c, 2 * n + 4))
-		return;
-	o = c->p + c->len;
-	if (c->n++ > 0)
-		*o++ = ',';
-	if (!value) {
-		memcpy(o, "NULL", 4);
-		o += 4;
-	} else {
-		*o++ = '"';
-		for (size_t i = 0; i < n; i++) {
-			if (value[i] == '"' || value[i] == '\\')
-				*o++ = '\\';
-			*o++ = value[i];
-		}
-		*o++ = '"';
-	}
-	c->len = (size_t)(o - c->p);
+	pg_array_put(c, value);
 }
 
-static void put_int(struct column *c, long long v)
+static void put_int(struct pg_array *c, long long v)
 {
-	char s[24];
-	size_t i = sizeof(s);
-	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-	char *o;
-
-	do
-		s[--i] = (char)('0' + u % 10);
-	while (u /= 10);
-	if (v < 0)
-		s[--i] = '-';
-	if (!col_room(c, sizeof(s) + 3))
-		return;
-	o = c->p + c->len;
-	if (c->n++ > 0)
-		*o++ = ',';
-	/* Quoted, as put() writes every value. */
-	*o++ = '"';
-	memcpy(o, s + i, sizeof(s) - i);
-	o += sizeof(s) - i;
-	*o++ = '"';
-	c->len = (size_t)(o - c->p);
+	pg_array_put_int(c, v);
 }
 
 /* The table's columns as text[] literals ("{}" when empty) into params[0 .. ncols),
  * which the caller frees; false when out of memory. */
 static bool table_take(struct table *t, char **params)
 {
-	for (size_t i = 0; i < t->ncols; i++) {
-		struct column *c = &t->cols[i];
-		if (!col_room(c, 2))
+	for (size_t i = 0; i < t->ncols; i++)
+		if (!(params[i] = pg_array_take(&t->cols[i])))
 			return false;
-		c->p[c->len++] = '}';
-		c->p[c->len] = '\0';
-		params[i] = c->p;
-		*c = (struct column){ .failed = true }; /* handed over */
-	}
 	return true;
 }
 
@@ -151,7 +67,7 @@ static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency
 
 /* The batch's rows, built while folding. */
 struct fold_rows {
-	struct column ecols[9], tcols[7];
+	struct pg_array ecols[9], tcols[7];
 	struct table entries, transfers;
 	struct rm_account **accounts; /* touched, each once */
 	size_t naccounts, cap;
@@ -191,7 +107,7 @@ static bool add_item(struct fold_rows *r, const char *id, int32_t version, size_
 static bool add_entry(struct fold_rows *r, const struct rm_account *a, const struct log_event *e,
 		      const struct ledger_event *ev)
 {
-	struct column *c = r->ecols;
+	struct pg_array *c = r->ecols;
 	struct readmodel_entry item = readmodel_entry_of(&a->row, ev, e->at);
 
 	put(&c[0], a->row.acc.id);
@@ -209,7 +125,7 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 			 const struct log_event *e, const struct ledger_event *ev)
 {
-	struct column *c = r->tcols;
+	struct pg_array *c = r->tcols;
 	struct readmodel_transfer item = readmodel_transfer_of(&from->row, ev, e->at);
 
 	put(&c[0], item.transfer_id);
@@ -322,8 +238,10 @@ bool projector_fold(struct projector_ctx *ctx)
 	struct fold_rows *r = calloc(1, sizeof(*r));
 
 	ctx->rows = r;
-	if (!r || !table_init(&r->entries, r->ecols, 9) || !table_init(&r->transfers, r->tcols, 7))
+	if (!r)
 		return false;
+	table_init(&r->entries, r->ecols, 9);
+	table_init(&r->transfers, r->tcols, 7);
 	for (size_t i = 0; i < ctx->nevents; i++) {
 		if (!apply(ctx, r, &ctx->events[i])) {
 			log_error(&ctx->log, "cannot apply event %lld (account-%s v%d)",
@@ -348,12 +266,11 @@ enum {
 
 static bool take_accounts(const struct fold_rows *r, char **params)
 {
-	struct column c[ACCOUNT_COLS];
+	struct pg_array c[ACCOUNT_COLS];
 	struct table t;
 	bool ok = false;
 
-	if (!table_init(&t, c, ACCOUNT_COLS))
-		goto done;
+	table_init(&t, c, ACCOUNT_COLS);
 	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
 		put(&c[0], a->row.acc.id);
@@ -368,20 +285,18 @@ static bool take_accounts(const struct fold_rows *r, char **params)
 		put(&c[9], a->updated_at);
 	}
 	ok = table_take(&t, params);
-done:
 	table_free(&t);
 	return ok;
 }
 
 static bool take_totals(const struct fold_rows *r, char **params)
 {
-	struct column c[TOTAL_COLS];
+	struct pg_array c[TOTAL_COLS];
 	struct table t;
 	bool ok = false;
 	char sum[48];
 
-	if (!table_init(&t, c, TOTAL_COLS))
-		goto done;
+	table_init(&t, c, TOTAL_COLS);
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
 		put(&c[0], tot->tot.currency);
@@ -391,7 +306,6 @@ static bool take_totals(const struct fold_rows *r, char **params)
 		put(&c[3], sum);
 	}
 	ok = table_take(&t, params);
-done:
 	table_free(&t);
 	return ok;
 }
