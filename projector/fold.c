@@ -73,6 +73,7 @@ struct fold_rows {
 	size_t naccounts, cap;
 	struct rm_total **totals; /* touched currencies, each once */
 	size_t ntotals, tcap;
+	struct rm_total *last_total; /* the last event's */
 	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
 	size_t nitems, icap;
 	struct readmodel_text text; /* the items' JSON, each at its item's json_at */
@@ -119,7 +120,8 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 	put(&c[6], item.counterparty);
 	put(&c[7], item.reference);
 	put(&c[8], item.at);
-	return add_item(r, a->row.acc.id, item.version, readmodel_entry_json_append(&r->text, &item));
+	return add_item(r, a->row.acc.id, item.version,
+			readmodel_entry_json_append(&r->text, &item));
 }
 
 static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
@@ -143,10 +145,15 @@ static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const struct rm_account *a,
 			 const struct readmodel_count *d)
 {
-	struct rm_total *t = total_of(ctx, a->row.acc.currency);
+	/* A batch's events are mostly of one currency: the last one's totals first. */
+	struct rm_total *t = r->last_total && strcmp(r->last_total->tot.currency,
+						      a->row.acc.currency) == 0
+				     ? r->last_total
+				     : total_of(ctx, a->row.acc.currency);
 
 	if (!t)
 		return false;
+	r->last_total = t;
 	if (!t->touched) {
 		/* A batch may touch any number of currencies (up to every one there is). */
 		if (r->ntotals == r->tcap) {
@@ -167,7 +174,7 @@ static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const s
 /* Apply one event to its account (creating it on AccountOpened). */
 static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct log_event *e)
 {
-	struct rm_account *a = strmap_get(ctx->accounts, e->account);
+	struct rm_account *a = e->acct ? e->acct : strmap_get(ctx->accounts, e->account);
 	struct ledger_event ev;
 	struct readmodel_change change;
 

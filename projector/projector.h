@@ -70,6 +70,9 @@ struct log_event {
 	size_t data_len;
 	char data_in[200];
 	char at[32];
+	/* Its account in the cache, when the step's lookups found it there (queue_lookups);
+	 * valid for that step only, as the cache is dropped only between steps. */
+	struct rm_account *acct;
 };
 
 enum projector_role { ROLE_ELECTING, ROLE_STANDBY, ROLE_LEADER };

@@ -404,10 +404,13 @@ static bool queue_lookups(struct projector_ctx *ctx, size_t *missing)
 		goto done;
 	evbuffer_add(ids, "{", 1);
 	for (size_t i = 0; i < ctx->nevents; i++) {
-		const char *id = ctx->events[i].account;
-		if (ctx->events[i].type == LEDGER_ACCOUNT_OPENED || strmap_get(ctx->accounts, id))
+		struct log_event *e = &ctx->events[i];
+		/* The fold takes the account found here rather than looking it up again. */
+		if (e->type == LEDGER_ACCOUNT_OPENED)
 			continue;
-		pg_array_append(ids, id, (*missing)++ == 0);
+		if ((e->acct = strmap_get(ctx->accounts, e->account)))
+			continue;
+		pg_array_append(ids, e->account, (*missing)++ == 0);
 	}
 	if (*missing) {
 		size_t len;
@@ -478,6 +481,7 @@ static bool copy_event(struct log_event *e, PGresult *r, int row)
 		e->data_len = len;
 	}
 	copy_text(e->at, sizeof(e->at), r, row, 6);
+	e->acct = NULL;
 	return e->type && e->data;
 }
 
