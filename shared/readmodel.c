@@ -219,30 +219,6 @@ static void transfer_members(struct out *o, const struct readmodel_transfer *t)
 	member_str(o, "at", t->at);
 }
 
-char *readmodel_account_json(const struct readmodel_account *a)
-{
-	struct out o = { 0 };
-
-	account_members(&o, a);
-	return done(&o);
-}
-
-char *readmodel_entry_json(const struct readmodel_entry *e)
-{
-	struct out o = { 0 };
-
-	entry_members(&o, e);
-	return done(&o);
-}
-
-char *readmodel_transfer_json(const struct readmodel_transfer *t)
-{
-	struct out o = { 0 };
-
-	transfer_members(&o, t);
-	return done(&o);
-}
-
 /* The object's text and its NUL at the end of b; where it starts, or (size_t)-1 (b
  * as it was, its memory perhaps grown) when out of memory or a string is not UTF-8. */
 static size_t append_done(struct readmodel_text *b, struct out *o)
@@ -282,6 +258,37 @@ size_t readmodel_transfer_json_append(struct readmodel_text *b, const struct rea
 
 	transfer_members(&o, t);
 	return append_done(b, &o);
+}
+
+/* A body alone: appended to a buffer of its own, which it then is. */
+static char *alone(struct readmodel_text *b, size_t at)
+{
+	if (at == (size_t)-1) {
+		readmodel_text_free(b);
+		return NULL;
+	}
+	return b->p;
+}
+
+char *readmodel_account_json(const struct readmodel_account *a)
+{
+	struct readmodel_text b = { 0 };
+
+	return alone(&b, readmodel_account_json_append(&b, a));
+}
+
+char *readmodel_entry_json(const struct readmodel_entry *e)
+{
+	struct readmodel_text b = { 0 };
+
+	return alone(&b, readmodel_entry_json_append(&b, e));
+}
+
+char *readmodel_transfer_json(const struct readmodel_transfer *t)
+{
+	struct readmodel_text b = { 0 };
+
+	return alone(&b, readmodel_transfer_json_append(&b, t));
 }
 
 void readmodel_text_free(struct readmodel_text *b)
