@@ -86,7 +86,7 @@ static bool add_item(struct fold_rows *r, const char *id, int32_t version, size_
 	struct projector_item *it;
 	size_t idlen = strlen(id);
 
-	if (json_at == (size_t)-1 || idlen >= sizeof(it->id))
+	if (json_at == (size_t)-1)
 		return false;
 	if (r->nitems == r->icap) {
 		size_t cap = r->icap ? 2 * r->icap : 256;
@@ -97,7 +97,10 @@ static bool add_item(struct fold_rows *r, const char *id, int32_t version, size_
 		r->icap = cap;
 	}
 	it = &r->items[r->nitems++];
-	memcpy(it->id, id, idlen + 1);
+	if (idlen >= sizeof(it->id))
+		idlen = sizeof(it->id) - 1; /* cut, as snprintf would */
+	memcpy(it->id, id, idlen);
+	it->id[idlen] = '\0';
 	it->version = version;
 	it->json_at = json_at;
 	it->json_len = r->text.len - json_at - 1; /* its NUL ends the text */
