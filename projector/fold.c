@@ -1,7 +1,6 @@
 /* Fold a batch of log events into the SQL read models: the pure domain's evolve
  * decides every balance, and the batch is written with two statements: the
  * checkpoint's compare-and-set, then every row as arrays in one statement. */
-#include <event2/buffer.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,18 +14,13 @@ struct table {
 	size_t ncols;
 };
 
-/* Columns of the given element types; false when out of memory (table_free either
- * way). */
-static bool table_init(struct table *t, struct pg_bin_array *cols, const enum pg_type_oid *types,
+static void table_init(struct table *t, struct pg_bin_array *cols, const enum pg_type_oid *types,
 		       size_t ncols)
 {
-	bool ok = true;
-
 	t->cols = cols;
 	t->ncols = ncols;
 	for (size_t i = 0; i < ncols; i++)
-		ok = pg_bin_array_init(&cols[i], types[i]) && ok;
-	return ok;
+		cols[i] = (struct pg_bin_array){ .type = types[i] };
 }
 
 static void table_free(struct table *t)
@@ -70,30 +64,38 @@ struct fold_rows {
 	size_t naccounts, cap;
 	struct rm_total **totals; /* touched currencies, each once */
 	size_t ntotals, tcap;
+	struct rm_total *last_total;  /* the last event's */
 	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
 	size_t nitems, icap;
+	struct readmodel_text text;    /* the items' JSON, each at its item's json_at */
+	struct ledger_event_buf evbuf; /* the event being applied, read from its data */
 };
 
-static bool add_item(struct fold_rows *r, const char *id, int32_t version, char *json)
+/* An item whose JSON is at json_at in r->text ((size_t)-1: it could not be made). */
+static bool add_item(struct fold_rows *r, const char *id, int32_t version, size_t json_at)
 {
 	struct projector_item *it;
+	size_t idlen = strlen(id);
 
-	if (!json)
+	if (json_at == (size_t)-1)
 		return false;
 	if (r->nitems == r->icap) {
 		size_t cap = r->icap ? 2 * r->icap : 256;
 		struct projector_item *grown = realloc(r->items, cap * sizeof(*grown));
-		if (!grown) {
-			free(json);
+		if (!grown)
 			return false;
-		}
 		r->items = grown;
 		r->icap = cap;
 	}
 	it = &r->items[r->nitems++];
-	snprintf(it->id, sizeof(it->id), "%s", id);
+	if (idlen >= sizeof(it->id))
+		idlen = sizeof(it->id) - 1; /* cut, as snprintf would */
+	memcpy(it->id, id, idlen);
+	it->id[idlen] = '\0';
 	it->version = version;
-	it->json = json;
+	it->json_at = json_at;
+	it->json_len = r->text.len - json_at - 1; /* its NUL ends the text */
+	it->json = NULL; /* set once the batch is folded: r->text moves while it grows */
 	return true;
 }
 
@@ -117,7 +119,8 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 	pg_bin_text(&c[6], item.counterparty);
 	pg_bin_text(&c[7], item.reference);
 	pg_bin_int8(&c[8], e->at_us);
-	return add_item(r, a->row.acc.id, item.version, readmodel_entry_json(&item));
+	return add_item(r, a->row.acc.id, item.version,
+			readmodel_entry_json_append(&r->text, &item));
 }
 
 static const enum pg_type_oid transfer_types[7] = {
@@ -139,17 +142,22 @@ static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 	pg_bin_text(&c[5], item.reference);
 	pg_bin_int8(&c[6], e->at_us);
 	/* Version 0 marks a transfer among the items. */
-	return add_item(r, item.transfer_id, 0, readmodel_transfer_json(&item));
+	return add_item(r, item.transfer_id, 0, readmodel_transfer_json_append(&r->text, &item));
 }
 
 /* Totals move with every event (the fold says by how much). */
 static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const struct rm_account *a,
 			 const struct readmodel_count *d)
 {
-	struct rm_total *t = total_of(ctx, a->row.acc.currency);
+	/* A batch's events are mostly of one currency: the last one's totals first. */
+	struct rm_total *t = r->last_total && strcmp(r->last_total->tot.currency,
+						     a->row.acc.currency) == 0
+				     ? r->last_total
+				     : total_of(ctx, a->row.acc.currency);
 
 	if (!t)
 		return false;
+	r->last_total = t;
 	if (!t->touched) {
 		/* A batch may touch any number of currencies (up to every one there is). */
 		if (r->ntotals == r->tcap) {
@@ -170,11 +178,11 @@ static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const s
 /* Apply one event to its account (creating it on AccountOpened). */
 static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct log_event *e)
 {
-	struct rm_account *a = strmap_get(ctx->accounts, e->account);
+	struct rm_account *a = e->acct ? e->acct : strmap_get(ctx->accounts, e->account);
 	struct ledger_event ev;
 	struct readmodel_change change;
 
-	if (!ledger_event_from_json(e->type, e->data, &ev))
+	if (!ledger_event_from_text(e->type, e->data, e->data_len, &r->evbuf, &ev))
 		return false;
 	if (!a) {
 		if (e->type != LEDGER_ACCOUNT_OPENED || !(a = calloc(1, sizeof(*a))))
@@ -192,8 +200,8 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 	if (!readmodel_fold(&a->row, e->account, e->version, &ev, &change))
 		return false;
 	if (change.opened)
-		snprintf(a->opened_at, sizeof(a->opened_at), "%s", e->at);
-	snprintf(a->updated_at, sizeof(a->updated_at), "%s", e->at);
+		memcpy(a->opened_at, e->at, sizeof(a->opened_at)); /* both char[32], NUL within */
+	memcpy(a->updated_at, e->at, sizeof(a->updated_at));
 	if (!a->touched) {
 		if (r->naccounts == r->cap) {
 			size_t cap = r->cap ? 2 * r->cap : 256;
@@ -227,8 +235,8 @@ void projector_rows_free(struct fold_rows **rp)
 	}
 	table_free(&r->entries);
 	table_free(&r->transfers);
-	for (size_t i = 0; i < r->nitems; i++)
-		free(r->items[i].json);
+	readmodel_text_free(&r->text);
+	ledger_event_buf_free(&r->evbuf);
 	free(r->items);
 	free(r->accounts);
 	free(r->totals);
@@ -243,10 +251,8 @@ bool projector_fold(struct projector_ctx *ctx)
 	ctx->rows = r;
 	if (!r)
 		return false;
-	/* Both initialised before either can fail: projector_rows_free frees both. */
-	if (!table_init(&r->entries, r->ecols, entry_types, 9) |
-	    !table_init(&r->transfers, r->tcols, transfer_types, 7))
-		return false;
+	table_init(&r->entries, r->ecols, entry_types, 9);
+	table_init(&r->transfers, r->tcols, transfer_types, 7);
 	for (size_t i = 0; i < ctx->nevents; i++) {
 		if (!apply(ctx, r, &ctx->events[i])) {
 			log_error(&ctx->log, "cannot apply event %lld (account-%s v%d)",
@@ -255,6 +261,8 @@ bool projector_fold(struct projector_ctx *ctx)
 			return false;
 		}
 	}
+	for (size_t i = 0; i < r->nitems; i++)
+		r->items[i].json = r->text.p + r->items[i].json_at;
 	return true;
 }
 
@@ -278,8 +286,7 @@ static bool take_accounts(const struct fold_rows *r, char **params, int *lengths
 	struct table t;
 	bool ok = false;
 
-	if (!table_init(&t, c, account_types, ACCOUNT_COLS))
-		goto done;
+	table_init(&t, c, account_types, ACCOUNT_COLS);
 	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
 		int64_t opened_at, updated_at;
@@ -318,8 +325,7 @@ static bool take_totals(const struct fold_rows *r, char **params, int *lengths)
 	bool ok = false;
 	char sum[48];
 
-	if (!table_init(&t, c, total_types, TOTAL_COLS))
-		goto done;
+	table_init(&t, c, total_types, TOTAL_COLS);
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
 		pg_bin_text(&c[0], tot->tot.currency);
@@ -329,7 +335,6 @@ static bool take_totals(const struct fold_rows *r, char **params, int *lengths)
 		pg_bin_text(&c[3], sum);
 	}
 	ok = table_take(&t, params, lengths);
-done:
 	table_free(&t);
 	return ok;
 }
@@ -398,9 +403,9 @@ size_t projector_rows_items(const struct fold_rows *r, const struct projector_it
 	return r ? r->nitems : 0;
 }
 
-char *projector_account_json(const struct rm_account *a)
+size_t projector_account_json_append(struct readmodel_text *text, const struct rm_account *a)
 {
 	struct readmodel_account body = readmodel_account_of(&a->row, a->opened_at, a->updated_at);
 
-	return readmodel_account_json(&body);
+	return readmodel_account_json_append(text, &body);
 }

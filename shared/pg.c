@@ -733,16 +733,33 @@ bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
 	return pg->conn != NULL;
 }
 
-void pg_array_append(struct evbuffer *buf, const char *value, bool first)
+/* Quote and escape value into out (room for 2 * strlen(value) + 2); its length. */
+static size_t array_element(char *out, const char *value)
+{
+	char *p = out;
+
+	*p++ = '"';
+	/* Runs between the characters to escape go in at once. */
+	for (const char *s = value;;) {
+		size_t run = strcspn(s, "\"\\");
+		memcpy(p, s, run);
+		p += run;
+		s += run;
+		if (!*s)
+			break;
+		*p++ = '\\';
+		*p++ = *s++;
+	}
+	*p++ = '"';
+	return (size_t)(p - out);
+}
+
+/* The same piece by piece, when no room for the whole element could be reserved. */
+static void array_append_slowly(struct evbuffer *buf, const char *value, bool first)
 {
 	if (!first)
 		evbuffer_add(buf, ",", 1);
-	if (!value) {
-		evbuffer_add(buf, "NULL", 4);
-		return;
-	}
 	evbuffer_add(buf, "\"", 1);
-	/* Runs between the characters to escape go in at once. */
 	for (const char *p = value;;) {
 		size_t run = strcspn(p, "\"\\");
 		evbuffer_add(buf, p, run);
@@ -755,17 +772,119 @@ void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 	evbuffer_add(buf, "\"", 1);
 }
 
-bool pg_bin_array_init(struct pg_bin_array *a, enum pg_type_oid type)
+void pg_array_append(struct evbuffer *buf, const char *value, bool first)
 {
-	*a = (struct pg_bin_array){ .elems = evbuffer_new(), .type = type };
-	return a->elems != NULL;
+	struct evbuffer_iovec v;
+	size_t len;
+	char *p;
+
+	if (!value) {
+		evbuffer_add(buf, first ? "NULL" : ",NULL", first ? 4 : 5);
+		return;
+	}
+	/* Written in place: one reservation instead of an evbuffer_add per run (every
+	 * event's JSON comes through here, with a quote every few bytes). */
+	len = strlen(value);
+	if (evbuffer_reserve_space(buf, (ev_ssize_t)(2 * len + 3), &v, 1) != 1) {
+		array_append_slowly(buf, value, first);
+		return;
+	}
+	p = v.iov_base;
+	if (!first)
+		*p++ = ',';
+	p += array_element(p, value);
+	v.iov_len = (size_t)(p - (char *)v.iov_base);
+	evbuffer_commit_space(buf, &v, 1);
 }
 
-void pg_bin_array_free(struct pg_bin_array *a)
+/* Room for `more` bytes after the opening brace; false (and failed) when out of memory. */
+static bool array_room(struct pg_array *a, size_t more)
 {
-	if (a->elems)
-		evbuffer_free(a->elems);
-	a->elems = NULL;
+	size_t cap, need;
+	char *p;
+
+	if (a->failed)
+		return false;
+	need = a->len + more + 1 + (a->len == 0);
+	if (need <= a->cap)
+		goto open;
+	for (cap = a->cap ? 2 * a->cap : 1024; cap < need; cap *= 2)
+		;
+	if (!(p = realloc(a->p, cap))) {
+		a->failed = true;
+		return false;
+	}
+	a->p = p;
+	a->cap = cap;
+open:
+	if (a->len == 0)
+		a->p[a->len++] = '{';
+	return true;
+}
+
+void pg_array_put(struct pg_array *a, const char *value)
+{
+	size_t n = value ? strlen(value) : 0;
+	char *o;
+
+	/* At worst: a comma, two quotes and every byte escaped. */
+	if (!array_room(a, 2 * n + 4))
+		return;
+	o = a->p + a->len;
+	if (a->n++ > 0)
+		*o++ = ',';
+	if (!value) {
+		memcpy(o, "NULL", 4);
+		o += 4;
+	} else {
+		o += array_element(o, value);
+	}
+	a->len = (size_t)(o - a->p);
+}
+
+void pg_array_put_int(struct pg_array *a, long long v)
+{
+	char s[24];
+	size_t i = sizeof(s);
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+	char *o;
+
+	do
+		s[--i] = (char)('0' + u % 10);
+	while (u /= 10);
+	if (v < 0)
+		s[--i] = '-';
+	if (!array_room(a, sizeof(s) + 3))
+		return;
+	o = a->p + a->len;
+	if (a->n++ > 0)
+		*o++ = ',';
+	*o++ = '"';
+	memcpy(o, s + i, sizeof(s) - i);
+	o += sizeof(s) - i;
+	*o++ = '"';
+	a->len = (size_t)(o - a->p);
+}
+
+char *pg_array_take(struct pg_array *a)
+{
+	char *text;
+
+	if (!array_room(a, 1)) {
+		pg_array_free(a);
+		return NULL;
+	}
+	a->p[a->len++] = '}';
+	a->p[a->len] = '\0';
+	text = a->p;
+	*a = (struct pg_array){ 0 };
+	return text;
+}
+
+void pg_array_free(struct pg_array *a)
+{
+	free(a->p);
+	*a = (struct pg_array){ 0 };
 }
 
 static void put_be32(unsigned char *out, uint32_t v)
@@ -776,15 +895,35 @@ static void put_be32(unsigned char *out, uint32_t v)
 	out[3] = (unsigned char)v;
 }
 
-/* One element: its length (-1: NULL), then its bytes. */
+/* The array's header: ndim, has-null flag, element type; for one dimension its length
+ * and lower bound (an empty array has no dimension). Written last, into the room left. */
+#define BIN_HEADER 20
+
+/* One element: its length (-1: NULL), then its bytes, in place. */
 static void bin_element(struct pg_bin_array *a, const void *value, int32_t len)
 {
-	unsigned char head[4];
+	size_t more = 4 + (len > 0 ? (size_t)len : 0), cap, need;
+	char *p;
 
-	put_be32(head, (uint32_t)len);
-	evbuffer_add(a->elems, head, sizeof(head));
+	if (a->failed)
+		return;
+	need = (a->len ? a->len : BIN_HEADER) + more;
+	if (need > a->cap) {
+		for (cap = a->cap ? 2 * a->cap : 1024; cap < need; cap *= 2)
+			;
+		if (!(p = realloc(a->p, cap))) {
+			a->failed = true;
+			return;
+		}
+		a->p = p;
+		a->cap = cap;
+	}
+	if (!a->len)
+		a->len = BIN_HEADER;
+	put_be32((unsigned char *)a->p + a->len, (uint32_t)len);
 	if (len > 0)
-		evbuffer_add(a->elems, value, (size_t)len);
+		memcpy(a->p + a->len + 4, value, (size_t)len);
+	a->len += more;
 	a->n++;
 }
 
@@ -821,23 +960,38 @@ void pg_bin_bool(struct pg_bin_array *a, bool value)
 
 char *pg_bin_array_take(struct pg_bin_array *a, int *len)
 {
-	/* ndim, has-null flag, element type; for one dimension its length and lower bound
-	 * (an empty array has no dimension). */
-	unsigned char head[20];
-	size_t hlen = a->n ? 20 : 12, elen = evbuffer_get_length(a->elems);
+	unsigned char *h;
 	char *out;
+	size_t skip = a->n ? 0 : 8; /* an empty array: no dimension */
 
-	put_be32(head, a->n ? 1 : 0);
-	put_be32(head + 4, a->has_null ? 1 : 0);
-	put_be32(head + 8, (uint32_t)a->type);
-	put_be32(head + 12, (uint32_t)a->n);
-	put_be32(head + 16, 1);
-	if (hlen + elen > (size_t)INT32_MAX || !(out = malloc(hlen + elen)))
+	if (!a->len && !a->failed && !(a->p = malloc(a->cap = BIN_HEADER)))
+		a->failed = true;
+	if (!a->len)
+		a->len = BIN_HEADER;
+	if (a->failed || a->len > (size_t)INT32_MAX) {
+		pg_bin_array_free(a);
 		return NULL;
-	memcpy(out, head, hlen);
-	evbuffer_remove(a->elems, out + hlen, elen);
-	*len = (int)(hlen + elen);
+	}
+	h = (unsigned char *)a->p;
+	put_be32(h + skip, a->n ? 1 : 0);
+	put_be32(h + skip + 4, a->has_null ? 1 : 0);
+	put_be32(h + skip + 8, (uint32_t)a->type);
+	if (a->n) {
+		put_be32(h + 12, (uint32_t)a->n);
+		put_be32(h + 16, 1);
+	}
+	if (skip)
+		memmove(a->p, a->p + skip, a->len - skip);
+	*len = (int)(a->len - skip);
+	out = a->p;
+	*a = (struct pg_bin_array){ .type = a->type };
 	return out;
+}
+
+void pg_bin_array_free(struct pg_bin_array *a)
+{
+	free(a->p);
+	*a = (struct pg_bin_array){ .type = a->type };
 }
 
 uint64_t pg_bin_uint(const char *p, int bytes)

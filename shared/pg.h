@@ -120,6 +120,23 @@ bool pg_run(struct pg *pg, pg_done_cb done, void *arg) __attribute__((warn_unuse
  * `first` set for the first element. */
 void pg_array_append(struct evbuffer *buf, const char *value, bool first);
 
+/* The same literal written in place into one growing buffer, without a buffer call
+ * per piece (the projector writes a column of every event of a batch): start with
+ * { 0 }, put the elements, take the literal ("{}" when empty). A failed allocation
+ * sets `failed`, which stays set: the literal is then lost (take gives NULL). */
+struct pg_array {
+	char *p;
+	size_t len, cap;
+	size_t n; /* elements put */
+	bool failed;
+};
+void pg_array_put(struct pg_array *a, const char *value);
+void pg_array_put_int(struct pg_array *a, long long v); /* as its decimal text */
+/* The literal, NUL-terminated, for the caller to free; NULL when it failed. The
+ * array is empty again after (its memory handed over). */
+char *pg_array_take(struct pg_array *a) __attribute__((warn_unused_result));
+void pg_array_free(struct pg_array *a);
+
 /* A one-dimensional array parameter in PostgreSQL's binary form (array_recv's),
  * built element by element: no text to parse on the server, and binary elements (an
  * int8, a timestamptz) skip their types' text input too. */
@@ -130,24 +147,24 @@ enum pg_type_oid { /* pg_type's OIDs, fixed for built-in types */
 		   PG_TYPE_TEXT = 25,
 		   PG_TYPE_TIMESTAMPTZ = 1184, /* int8: microseconds since 2000-01-01 00:00 UTC */
 };
+/* Start with { .type = ... }; a failed allocation sets `failed`, which stays set: the
+ * array is then lost (take gives NULL). */
 struct pg_bin_array {
-	struct evbuffer *elems;
+	char *p; /* room for the header, then the elements */
+	size_t len, cap;
 	enum pg_type_oid type;
 	int32_t n;
-	bool has_null;
+	bool has_null, failed;
 };
-/* False when out of memory; pg_bin_array_free either way. */
-bool pg_bin_array_init(struct pg_bin_array *a, enum pg_type_oid type)
-	__attribute__((warn_unused_result));
-void pg_bin_array_free(struct pg_bin_array *a);
 /* Append an element of the array's type (text: NULL for a NULL element). */
 void pg_bin_text(struct pg_bin_array *a, const char *value);
 void pg_bin_int8(struct pg_bin_array *a, int64_t value);
 void pg_bin_int4(struct pg_bin_array *a, int32_t value);
 void pg_bin_bool(struct pg_bin_array *a, bool value);
-/* The whole array (header and elements) in a new buffer for a binary parameter, its
- * length in *len; NULL when out of memory. Caller frees. */
+/* The whole array (header and elements) for a binary parameter, its length in *len;
+ * NULL when out of memory. Caller frees. The array is empty again after. */
 char *pg_bin_array_take(struct pg_bin_array *a, int *len) __attribute__((warn_unused_result));
+void pg_bin_array_free(struct pg_bin_array *a);
 /* A big-endian integer of `bytes` bytes: a binary result's int2/int4/int8/xid8. */
 uint64_t pg_bin_uint(const char *p, int bytes);
 
