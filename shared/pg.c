@@ -271,6 +271,9 @@ static bool begin_setup(struct pg *pg)
 		return false;
 	if (!queue_deadlines(pg))
 		return false;
+	if (pg->cfg.generic_plans &&
+	    !pg_queue_sql(pg, "SET plan_cache_mode = force_generic_plan", 0, NULL))
+		return false;
 	for (size_t i = 0; i < pg->cfg.nstatements; i++) {
 		const struct pg_statement *s = &pg->cfg.statements[i];
 		if (!reserve_slot(pg) || !PQsendPrepare(pg->conn, s->name, s->sql, 0, NULL))

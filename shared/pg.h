@@ -37,6 +37,10 @@ struct pg_config {
 	/* Commit without waiting for the WAL flush. Only for derived data that a crash may
 	 * roll back consistently (the projector): never for acknowledged writes. */
 	bool async_commit;
+	/* Plan every prepared statement once (plan_cache_mode = force_generic_plan): for a
+	 * session whose statements are run many times with plans that do not depend on
+	 * their parameters' values (the projector's). */
+	bool generic_plans;
 	void (*on_connect)(void *arg);
 	void (*on_notify)(void *arg);
 	void *arg;
