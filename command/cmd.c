@@ -55,20 +55,37 @@ static bool fingerprint(struct http_request *req, json_t *body, char out[65])
 	return ok;
 }
 
-static void now_iso(char out[32])
+/* Now in ISO 8601 UTC to the microsecond ("2026-01-02T03:04:05.678901Z"): the seconds
+ * formatted once a second, the microseconds by hand. */
+static void now_iso(struct command_ctx *ctx, char out[32])
 {
 	struct timespec ts;
-	struct tm tm;
+	unsigned us;
 	size_t n;
 
 	clock_gettime(CLOCK_REALTIME, &ts);
-	gmtime_r(&ts.tv_sec, &tm);
-	n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(out + n, 32 - n, ".%06dZ", (int)(ts.tv_nsec / 1000) % 1000000);
+	if ((long long)ts.tv_sec != ctx->time_at) {
+		struct tm tm;
+		gmtime_r(&ts.tv_sec, &tm);
+		if (strftime(ctx->time_second, sizeof(ctx->time_second), "%Y-%m-%dT%H:%M:%S",
+			     &tm) == 0)
+			ctx->time_second[0] = '\0';
+		ctx->time_at = (long long)ts.tv_sec;
+	}
+	us = (unsigned)(ts.tv_nsec / 1000) % 1000000;
+	n = strlen(ctx->time_second);
+	memcpy(out, ctx->time_second, n);
+	out[n++] = '.';
+	for (int i = 5; i >= 0; i--, us /= 10)
+		out[n + (size_t)i] = (char)('0' + us % 10);
+	n += 6;
+	out[n++] = 'Z';
+	out[n] = '\0';
 }
 
 /* The parts every command shares: headers, body, path account. NULL after replying. */
-static struct cmd *cmd_new(struct http_request *req, enum cmd_kind kind, bool account_scoped)
+static struct cmd *cmd_new(struct command_ctx *ctx, struct http_request *req, enum cmd_kind kind,
+			   bool account_scoped)
 {
 	struct cmd *cmd = calloc(1, sizeof(*cmd));
 	const char *key = http_header(req, "Idempotency-Key");
@@ -85,7 +102,7 @@ static struct cmd *cmd_new(struct http_request *req, enum cmd_kind kind, bool ac
 	cmd->expected_version = -1;
 	cmd->token_id = http_token(req)->id;
 	snprintf(cmd->request_id, sizeof(cmd->request_id), "%s", http_request_id(req));
-	now_iso(cmd->time);
+	now_iso(ctx, cmd->time);
 	if (key && !valid_idem_key(key)) {
 		http_reply_invalid(req,
 				   "header 'Idempotency-Key' must be 1-255 printable ASCII characters");
@@ -149,7 +166,7 @@ static bool parse_body(struct cmd *cmd, char *err, size_t errlen)
 static void handle(struct http_request *req, void *arg, enum cmd_kind kind, bool account_scoped)
 {
 	struct command_ctx *ctx = arg;
-	struct cmd *cmd = cmd_new(req, kind, account_scoped);
+	struct cmd *cmd = cmd_new(ctx, req, kind, account_scoped);
 	char err[256];
 
 	if (!cmd)

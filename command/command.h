@@ -45,6 +45,10 @@ struct command_ctx {
 	long long epoch;  /* the epoch of our current term, 0 when not leading */
 	bool standing_by; /* the lease answered: another instance holds it */
 	struct metric *m_leader, *m_epoch;
+	/* The commands' time of this second, "YYYY-MM-DDTHH:MM:SS", formatted once a
+	 * second (cmd.c). */
+	long long time_at;
+	char time_second[24];
 };
 
 /* The write lease's name (its row in command_leases) and the fence's named condition:

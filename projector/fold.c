@@ -1,7 +1,6 @@
 /* Fold a batch of log events into the SQL read models: the pure domain's evolve
  * decides every balance, and the batch is written with two statements: the
  * checkpoint's compare-and-set, then every row as arrays in one statement. */
-#include <event2/buffer.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,64 +9,42 @@
 #include "projector.h"
 
 /* One text[]-literal column of a multi-row statement. */
-struct column {
-	struct evbuffer *buf;
-	size_t n;
-};
-
 struct table {
-	struct column *cols;
+	struct pg_array *cols;
 	size_t ncols;
 };
 
-/* False when out of memory; table_free either way. */
-static bool table_init(struct table *t, struct column *cols, size_t ncols)
+static void table_init(struct table *t, struct pg_array *cols, size_t ncols)
 {
 	t->cols = cols;
 	t->ncols = ncols;
 	for (size_t i = 0; i < ncols; i++)
-		cols[i] = (struct column){ .buf = NULL, .n = 0 };
-	for (size_t i = 0; i < ncols; i++) {
-		cols[i].buf = evbuffer_new();
-		if (!cols[i].buf)
-			return false;
-		evbuffer_add(cols[i].buf, "{", 1);
-	}
-	return true;
+		cols[i] = (struct pg_array){ 0 };
 }
 
 static void table_free(struct table *t)
 {
-	for (size_t i = 0; i < t->ncols; i++)
-		if (t->cols[i].buf)
-			evbuffer_free(t->cols[i].buf);
+	for (size_t i = 0; t->cols && i < t->ncols; i++)
+		pg_array_free(&t->cols[i]);
 }
 
-static void put(struct column *c, const char *value)
+static void put(struct pg_array *c, const char *value)
 {
-	pg_array_append(c->buf, value, c->n++ == 0);
+	pg_array_put(c, value);
 }
 
-static void put_int(struct column *c, long long v)
+static void put_int(struct pg_array *c, long long v)
 {
-	char s[24];
-	snprintf(s, sizeof(s), "%lld", v);
-	put(c, s);
+	pg_array_put_int(c, v);
 }
 
 /* The table's columns as text[] literals ("{}" when empty) into params[0 .. ncols),
  * which the caller frees; false when out of memory. */
 static bool table_take(struct table *t, char **params)
 {
-	for (size_t i = 0; i < t->ncols; i++) {
-		size_t len;
-		evbuffer_add(t->cols[i].buf, "}", 2); /* with the NUL */
-		len = evbuffer_get_length(t->cols[i].buf);
-		params[i] = malloc(len);
-		if (!params[i])
+	for (size_t i = 0; i < t->ncols; i++)
+		if (!(params[i] = pg_array_take(&t->cols[i])))
 			return false;
-		evbuffer_remove(t->cols[i].buf, params[i], len);
-	}
 	return true;
 }
 
@@ -90,43 +67,51 @@ static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency
 
 /* The batch's rows, built while folding. */
 struct fold_rows {
-	struct column ecols[9], tcols[7];
+	struct pg_array ecols[9], tcols[7];
 	struct table entries, transfers;
 	struct rm_account **accounts; /* touched, each once */
 	size_t naccounts, cap;
 	struct rm_total **totals; /* touched currencies, each once */
 	size_t ntotals, tcap;
+	struct rm_total *last_total; /* the last event's */
 	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
 	size_t nitems, icap;
+	struct readmodel_text text; /* the items' JSON, each at its item's json_at */
+	struct ledger_event_buf evbuf; /* the event being applied, read from its data */
 };
 
-static bool add_item(struct fold_rows *r, const char *id, int32_t version, char *json)
+/* An item whose JSON is at json_at in r->text ((size_t)-1: it could not be made). */
+static bool add_item(struct fold_rows *r, const char *id, int32_t version, size_t json_at)
 {
 	struct projector_item *it;
+	size_t idlen = strlen(id);
 
-	if (!json)
+	if (json_at == (size_t)-1)
 		return false;
 	if (r->nitems == r->icap) {
 		size_t cap = r->icap ? 2 * r->icap : 256;
 		struct projector_item *grown = realloc(r->items, cap * sizeof(*grown));
-		if (!grown) {
-			free(json);
+		if (!grown)
 			return false;
-		}
 		r->items = grown;
 		r->icap = cap;
 	}
 	it = &r->items[r->nitems++];
-	snprintf(it->id, sizeof(it->id), "%s", id);
+	if (idlen >= sizeof(it->id))
+		idlen = sizeof(it->id) - 1; /* cut, as snprintf would */
+	memcpy(it->id, id, idlen);
+	it->id[idlen] = '\0';
 	it->version = version;
-	it->json = json;
+	it->json_at = json_at;
+	it->json_len = r->text.len - json_at - 1; /* its NUL ends the text */
+	it->json = NULL; /* set once the batch is folded: r->text moves while it grows */
 	return true;
 }
 
 static bool add_entry(struct fold_rows *r, const struct rm_account *a, const struct log_event *e,
 		      const struct ledger_event *ev)
 {
-	struct column *c = r->ecols;
+	struct pg_array *c = r->ecols;
 	struct readmodel_entry item = readmodel_entry_of(&a->row, ev, e->at);
 
 	put(&c[0], a->row.acc.id);
@@ -138,13 +123,14 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 	put(&c[6], item.counterparty);
 	put(&c[7], item.reference);
 	put(&c[8], item.at);
-	return add_item(r, a->row.acc.id, item.version, readmodel_entry_json(&item));
+	return add_item(r, a->row.acc.id, item.version,
+			readmodel_entry_json_append(&r->text, &item));
 }
 
 static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 			 const struct log_event *e, const struct ledger_event *ev)
 {
-	struct column *c = r->tcols;
+	struct pg_array *c = r->tcols;
 	struct readmodel_transfer item = readmodel_transfer_of(&from->row, ev, e->at);
 
 	put(&c[0], item.transfer_id);
@@ -155,17 +141,22 @@ static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 	put(&c[5], item.reference);
 	put(&c[6], item.at);
 	/* Version 0 marks a transfer among the items. */
-	return add_item(r, item.transfer_id, 0, readmodel_transfer_json(&item));
+	return add_item(r, item.transfer_id, 0, readmodel_transfer_json_append(&r->text, &item));
 }
 
 /* Totals move with every event (the fold says by how much). */
 static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const struct rm_account *a,
 			 const struct readmodel_count *d)
 {
-	struct rm_total *t = total_of(ctx, a->row.acc.currency);
+	/* A batch's events are mostly of one currency: the last one's totals first. */
+	struct rm_total *t = r->last_total && strcmp(r->last_total->tot.currency,
+						      a->row.acc.currency) == 0
+				     ? r->last_total
+				     : total_of(ctx, a->row.acc.currency);
 
 	if (!t)
 		return false;
+	r->last_total = t;
 	if (!t->touched) {
 		/* A batch may touch any number of currencies (up to every one there is). */
 		if (r->ntotals == r->tcap) {
@@ -186,11 +177,11 @@ static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const s
 /* Apply one event to its account (creating it on AccountOpened). */
 static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct log_event *e)
 {
-	struct rm_account *a = strmap_get(ctx->accounts, e->account);
+	struct rm_account *a = e->acct ? e->acct : strmap_get(ctx->accounts, e->account);
 	struct ledger_event ev;
 	struct readmodel_change change;
 
-	if (!ledger_event_from_json(e->type, e->data, &ev))
+	if (!ledger_event_from_text(e->type, e->data, e->data_len, &r->evbuf, &ev))
 		return false;
 	if (!a) {
 		if (e->type != LEDGER_ACCOUNT_OPENED || !(a = calloc(1, sizeof(*a))))
@@ -208,8 +199,8 @@ static bool apply(struct projector_ctx *ctx, struct fold_rows *r, const struct l
 	if (!readmodel_fold(&a->row, e->account, e->version, &ev, &change))
 		return false;
 	if (change.opened)
-		snprintf(a->opened_at, sizeof(a->opened_at), "%s", e->at);
-	snprintf(a->updated_at, sizeof(a->updated_at), "%s", e->at);
+		memcpy(a->opened_at, e->at, sizeof(a->opened_at)); /* both char[32], NUL within */
+	memcpy(a->updated_at, e->at, sizeof(a->updated_at));
 	if (!a->touched) {
 		if (r->naccounts == r->cap) {
 			size_t cap = r->cap ? 2 * r->cap : 256;
@@ -243,8 +234,8 @@ void projector_rows_free(struct fold_rows **rp)
 	}
 	table_free(&r->entries);
 	table_free(&r->transfers);
-	for (size_t i = 0; i < r->nitems; i++)
-		free(r->items[i].json);
+	readmodel_text_free(&r->text);
+	ledger_event_buf_free(&r->evbuf);
 	free(r->items);
 	free(r->accounts);
 	free(r->totals);
@@ -257,8 +248,10 @@ bool projector_fold(struct projector_ctx *ctx)
 	struct fold_rows *r = calloc(1, sizeof(*r));
 
 	ctx->rows = r;
-	if (!r || !table_init(&r->entries, r->ecols, 9) || !table_init(&r->transfers, r->tcols, 7))
+	if (!r)
 		return false;
+	table_init(&r->entries, r->ecols, 9);
+	table_init(&r->transfers, r->tcols, 7);
 	for (size_t i = 0; i < ctx->nevents; i++) {
 		if (!apply(ctx, r, &ctx->events[i])) {
 			log_error(&ctx->log, "cannot apply event %lld (account-%s v%d)",
@@ -267,6 +260,8 @@ bool projector_fold(struct projector_ctx *ctx)
 			return false;
 		}
 	}
+	for (size_t i = 0; i < r->nitems; i++)
+		r->items[i].json = r->text.p + r->items[i].json_at;
 	return true;
 }
 
@@ -281,12 +276,11 @@ enum {
 
 static bool take_accounts(const struct fold_rows *r, char **params)
 {
-	struct column c[ACCOUNT_COLS];
+	struct pg_array c[ACCOUNT_COLS];
 	struct table t;
 	bool ok = false;
 
-	if (!table_init(&t, c, ACCOUNT_COLS))
-		goto done;
+	table_init(&t, c, ACCOUNT_COLS);
 	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
 		put(&c[0], a->row.acc.id);
@@ -301,20 +295,18 @@ static bool take_accounts(const struct fold_rows *r, char **params)
 		put(&c[9], a->updated_at);
 	}
 	ok = table_take(&t, params);
-done:
 	table_free(&t);
 	return ok;
 }
 
 static bool take_totals(const struct fold_rows *r, char **params)
 {
-	struct column c[TOTAL_COLS];
+	struct pg_array c[TOTAL_COLS];
 	struct table t;
 	bool ok = false;
 	char sum[48];
 
-	if (!table_init(&t, c, TOTAL_COLS))
-		goto done;
+	table_init(&t, c, TOTAL_COLS);
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
 		put(&c[0], tot->tot.currency);
@@ -324,7 +316,6 @@ static bool take_totals(const struct fold_rows *r, char **params)
 		put(&c[3], sum);
 	}
 	ok = table_take(&t, params);
-done:
 	table_free(&t);
 	return ok;
 }
@@ -385,9 +376,9 @@ size_t projector_rows_items(const struct fold_rows *r, const struct projector_it
 	return r ? r->nitems : 0;
 }
 
-char *projector_account_json(const struct rm_account *a)
+size_t projector_account_json_append(struct readmodel_text *text, const struct rm_account *a)
 {
 	struct readmodel_account body = readmodel_account_of(&a->row, a->opened_at, a->updated_at);
 
-	return readmodel_account_json(&body);
+	return readmodel_account_json_append(text, &body);
 }

@@ -34,7 +34,8 @@ struct fold_rows;
 struct projector_item {
 	char id[LEDGER_ID_MAX + 1]; /* account id, or transfer id */
 	int32_t version;
-	char *json; /* owned */
+	size_t json_at, json_len; /* where its JSON is in the batch's text */
+	const char *json; /* the JSON, once the batch is folded (the batch's rows own it) */
 };
 
 enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
@@ -65,8 +66,13 @@ struct log_event {
 	char account[LEDGER_ID_MAX + 1];
 	int32_t version;
 	enum ledger_event_type type;
-	json_t *data;
+	char *data; /* the data's JSON text: data_in, or allocated when longer */
+	size_t data_len;
+	char data_in[200];
 	char at[32];
+	/* Its account in the cache, when the step's lookups found it there (queue_lookups);
+	 * valid for that step only, as the cache is dropped only between steps. */
+	struct rm_account *acct;
 };
 
 enum projector_role { ROLE_ELECTING, ROLE_STANDBY, ROLE_LEADER };
@@ -187,8 +193,9 @@ void projector_rows_free(struct fold_rows **rows);
 /* The batch's touched accounts and Redis items. */
 size_t projector_rows_accounts(const struct fold_rows *r, struct rm_account *const **out);
 size_t projector_rows_items(const struct fold_rows *r, const struct projector_item **out);
-/* GET /accounts/{id}'s body for an account; caller frees. */
-char *projector_account_json(const struct rm_account *a);
+/* GET /accounts/{id}'s body for an account, appended to text: its offset there, or
+ * (size_t)-1 (readmodel_account_json_append). */
+size_t projector_account_json_append(struct readmodel_text *text, const struct rm_account *a);
 
 /* Redis side (redis_dispatch.c: the batch and maintain decisions; redis_sync.c: the
  * rest). It reports to the step machine through `report` only. */

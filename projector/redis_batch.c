@@ -38,41 +38,70 @@ static char *cached_totals_json(struct projector_ctx *ctx)
 	return json;
 }
 
-/* The arguments of one PUT_BATCH call; the texts it points to are owned here (the
- * numbers, keys and the accounts' bodies) or by the batch's rows (items' bodies). */
+/* The arguments of one PUT_BATCH call and their lengths; the texts they point to are
+ * owned here (the numbers, keys and the accounts' bodies) or by the batch's rows
+ * (items' bodies). */
 struct batch_args {
 	const char **argv;
+	size_t *lens;
 	size_t argc;
 	char (*num)[24]; /* number texts */
 	size_t nnum;
 	char (*key)[READMODEL_KEY_MAX]; /* the generation's keys */
 	size_t nkey;
-	char **owned; /* accounts' bodies */
-	size_t nowned;
+	char *totals;
+	struct readmodel_text bodies; /* the accounts' bodies, one after the other */
+	size_t *body_at;              /* where each account's body starts in bodies */
 	const struct projector_item **stmt; /* the statement items, by account */
 };
 
 static void args_free(struct batch_args *a)
 {
-	for (size_t i = 0; i < a->nowned; i++)
-		free(a->owned[i]);
-	free(a->owned);
+	free(a->totals);
+	readmodel_text_free(&a->bodies);
+	free(a->body_at);
 	free(a->num);
 	free(a->key);
 	free(a->stmt);
 	free(a->argv);
+	free(a->lens);
 }
 
-static const char *num(struct batch_args *a, long long v)
+static void arg(struct batch_args *a, const char *s, size_t len)
 {
-	snprintf(a->num[a->nnum], sizeof(a->num[0]), "%lld", v);
-	return a->num[a->nnum++];
+	a->argv[a->argc] = s;
+	a->lens[a->argc++] = len;
 }
 
-static const char *key(struct batch_args *a, long long gen, const char *kind, const char *id)
+static void arg_text(struct batch_args *a, const char *s)
 {
-	readmodel_key(a->key[a->nkey], sizeof(a->key[0]), gen, kind, id);
-	return a->key[a->nkey++];
+	arg(a, s, strlen(s));
+}
+
+/* Decimal text of v, without printf (a few per account of every batch). */
+static void arg_num(struct batch_args *a, long long v)
+{
+	char tmp[24], *out = a->num[a->nnum++];
+	size_t n = 0, i = 0;
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+
+	do
+		tmp[n++] = (char)('0' + (int)(u % 10));
+	while (u /= 10);
+	if (v < 0)
+		out[i++] = '-';
+	while (n)
+		out[i++] = tmp[--n];
+	out[i] = '\0';
+	arg(a, out, i);
+}
+
+static void arg_key(struct batch_args *a, long long gen, const char *kind, const char *id)
+{
+	char *out = a->key[a->nkey++];
+	size_t n = readmodel_key(out, sizeof(a->key[0]), gen, kind, id);
+
+	arg(a, out, n < sizeof(a->key[0]) ? n : sizeof(a->key[0]) - 1);
 }
 
 /* By account, then version: one account's items are one run, oldest first. */
@@ -94,17 +123,24 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	size_t na = projector_rows_accounts(ctx->rows, &accounts);
 	size_t ni = projector_rows_items(ctx->rows, &items);
 	size_t nx = 0, ns = 0, i = 0;
-	char *totals;
-
 	/* At most: 9 heads, 4 per account, 2 per transfer and 3 per item (a run of its
 	 * own); a key per account and per item. */
-	a->argv = malloc((9 + 4 * na + 3 * ni) * sizeof(*a->argv));
+	size_t maxargs = 9 + 4 * na + 3 * ni;
+
+	a->argv = malloc(maxargs * sizeof(*a->argv));
+	a->lens = malloc(maxargs * sizeof(*a->lens));
 	a->num = malloc((4 + 2 * na + ni) * sizeof(*a->num));
 	a->key = malloc((na + ni + 1) * sizeof(*a->key));
 	a->stmt = malloc((ni + 1) * sizeof(*a->stmt));
-	a->owned = calloc(na + 1, sizeof(*a->owned));
-	if (!a->argv || !a->num || !a->key || !a->stmt || !a->owned)
+	a->body_at = malloc((na + 1) * sizeof(*a->body_at));
+	if (!a->argv || !a->lens || !a->num || !a->key || !a->stmt || !a->body_at)
 		return false;
+	/* The accounts' bodies first, into one buffer (it moves while it grows). */
+	for (size_t k = 0; k < na; k++)
+		if ((a->body_at[k] = projector_account_json_append(&a->bodies, accounts[k])) ==
+		    (size_t)-1)
+			return false;
+	a->body_at[na] = a->bodies.len;
 	for (size_t k = 0; k < ni; k++) {
 		if (items[k].version == 0)
 			nx++;
@@ -118,41 +154,34 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	redis_sync_fence_arg(ctx, fence, fencelen);
 	snprintf(gen, 24, "%lld", ctx->gen);
 	redis_sync_cp_token(ctx, token);
-	if (!(totals = cached_totals_json(ctx)))
+	if (!(a->totals = cached_totals_json(ctx)))
 		return false;
-	a->owned[a->nowned++] = totals;
-	a->argv[a->argc++] = fence;
-	a->argv[a->argc++] = gen;
-	a->argv[a->argc++] = ctx->identity;
-	a->argv[a->argc++] = token;
-	a->argv[a->argc++] = ctx->batch_from;
-	a->argv[a->argc++] = totals;
-	a->argv[a->argc++] = num(a, (long long)na);
-	a->argv[a->argc++] = num(a, (long long)nx);
+	arg_text(a, fence);
+	arg_text(a, gen);
+	arg_text(a, ctx->identity);
+	arg_text(a, token);
+	arg_text(a, ctx->batch_from);
+	arg_text(a, a->totals);
+	arg_num(a, (long long)na);
+	arg_num(a, (long long)nx);
 	/* Unguarded writes only where this projector itself wrote the generation up to the
 	 * batch's start (its previous batch landed there): a generation it followed,
 	 * adopted or found at that checkpoint was written by someone else, who may have
 	 * left more than the checkpoint says (a deposed leader's resync). */
-	a->argv[a->argc++] = ctx->put_gen == ctx->gen && strcmp(ctx->put_to, ctx->batch_from) == 0
-				     ? "1"
-				     : "0";
+	arg(a, ctx->put_gen == ctx->gen && strcmp(ctx->put_to, ctx->batch_from) == 0 ? "1" : "0",
+	    1);
 	snprintf(ctx->put_sent, sizeof(ctx->put_sent), "%s", token);
 	for (size_t k = 0; k < na; k++) {
-		char *json = projector_account_json(accounts[k]);
-		if (!json)
-			return false;
-		a->owned[a->nowned++] = json;
-		a->argv[a->argc++] = key(a, ctx->gen, READMODEL_KIND_ACCOUNT,
-					 accounts[k]->row.acc.id);
-		a->argv[a->argc++] = num(a, accounts[k]->row.acc.version);
-		a->argv[a->argc++] = num(a, accounts[k]->row.entries);
-		a->argv[a->argc++] = json;
+		arg_key(a, ctx->gen, READMODEL_KIND_ACCOUNT, accounts[k]->row.acc.id);
+		arg_num(a, accounts[k]->row.acc.version);
+		arg_num(a, accounts[k]->row.entries);
+		arg(a, a->bodies.p + a->body_at[k], a->body_at[k + 1] - a->body_at[k] - 1);
 	}
 	for (size_t k = 0; k < ni; k++) {
 		if (items[k].version != 0)
 			continue;
-		a->argv[a->argc++] = key(a, ctx->gen, READMODEL_KIND_TRANSFER, items[k].id);
-		a->argv[a->argc++] = items[k].json;
+		arg_key(a, ctx->gen, READMODEL_KIND_TRANSFER, items[k].id);
+		arg(a, items[k].json, items[k].json_len);
 	}
 	while (i < ns) {
 		size_t start = i, m;
@@ -165,10 +194,10 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 			start += m - READMODEL_ITEMS_KEPT;
 			m = READMODEL_ITEMS_KEPT;
 		}
-		a->argv[a->argc++] = key(a, ctx->gen, READMODEL_KIND_STATEMENT, a->stmt[start]->id);
-		a->argv[a->argc++] = num(a, (long long)m);
+		arg_key(a, ctx->gen, READMODEL_KIND_STATEMENT, a->stmt[start]->id);
+		arg_num(a, (long long)m);
 		for (size_t k = start; k < start + m; k++)
-			a->argv[a->argc++] = a->stmt[k]->json;
+			arg(a, a->stmt[k]->json, a->stmt[k]->json_len);
 	}
 	return true;
 }
@@ -243,7 +272,7 @@ bool redis_batch_send(struct projector_ctx *ctx, bool (*moved)(struct projector_
 	ctx->rerrors = 0;
 	if (!args_build(ctx, &a, fence, sizeof(fence), gen, token))
 		goto done;
-	sent = redis_eval(ctx->redis, PUT_BATCH, 0, (int)a.argc, a.argv, NULL, batch_reply, ctx);
+	sent = redis_eval(ctx->redis, PUT_BATCH, 0, (int)a.argc, a.argv, a.lens, batch_reply, ctx);
 done:
 	args_free(&a);
 	if (!sent) {

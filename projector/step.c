@@ -88,10 +88,12 @@ static void load_checkpoint(struct projector_ctx *ctx);
 static void use_ahead(struct projector_ctx *ctx);
 static void read_ahead(struct projector_ctx *ctx);
 
+static void free_event_data(struct log_event *e);
+
 void projector_free_events(struct projector_ctx *ctx)
 {
 	for (size_t i = 0; i < ctx->nevents; i++)
-		json_decref(ctx->events[i].data);
+		free_event_data(&ctx->events[i]);
 	ctx->nevents = 0;
 	projector_rows_free(&ctx->rows);
 }
@@ -402,10 +404,13 @@ static bool queue_lookups(struct projector_ctx *ctx, size_t *missing)
 		goto done;
 	evbuffer_add(ids, "{", 1);
 	for (size_t i = 0; i < ctx->nevents; i++) {
-		const char *id = ctx->events[i].account;
-		if (ctx->events[i].type == LEDGER_ACCOUNT_OPENED || strmap_get(ctx->accounts, id))
+		struct log_event *e = &ctx->events[i];
+		/* The fold takes the account found here rather than looking it up again. */
+		if (e->type == LEDGER_ACCOUNT_OPENED)
 			continue;
-		pg_array_append(ids, id, (*missing)++ == 0);
+		if ((e->acct = strmap_get(ctx->accounts, e->account)))
+			continue;
+		pg_array_append(ids, e->account, (*missing)++ == 0);
 	}
 	if (*missing) {
 		size_t len;
@@ -448,16 +453,43 @@ static void load_missing(struct projector_ctx *ctx)
 
 /* --- read ------------------------------------------------------------------------------ */
 
+/* Column col of the row into out (size n), cut as snprintf would. */
+static void copy_text(char *out, size_t n, PGresult *r, int row, int col)
+{
+	size_t len = (size_t)PQgetlength(r, row, col);
+
+	if (len >= n)
+		len = n - 1;
+	memcpy(out, PQgetvalue(r, row, col), len);
+	out[len] = '\0';
+}
+
+/* The event's data stays text until it is folded (fold.c reads it without jansson);
+ * false when it cannot be kept. */
 static bool copy_event(struct log_event *e, PGresult *r, int row)
 {
+	size_t len = (size_t)PQgetlength(r, row, 5);
+
 	e->position = strtoll(PQgetvalue(r, row, 0), NULL, 10);
-	snprintf(e->txid, sizeof(e->txid), "%s", PQgetvalue(r, row, 1));
-	snprintf(e->account, sizeof(e->account), "%s", PQgetvalue(r, row, 2));
+	copy_text(e->txid, sizeof(e->txid), r, row, 1);
+	copy_text(e->account, sizeof(e->account), r, row, 2);
 	e->version = (int32_t)atoi(PQgetvalue(r, row, 3));
 	e->type = ledger_event_type_from_name(PQgetvalue(r, row, 4));
-	e->data = json_loads(PQgetvalue(r, row, 5), 0, NULL);
-	snprintf(e->at, sizeof(e->at), "%s", PQgetvalue(r, row, 6));
+	e->data = len < sizeof(e->data_in) ? e->data_in : malloc(len + 1);
+	if (e->data) {
+		memcpy(e->data, PQgetvalue(r, row, 5), len + 1);
+		e->data_len = len;
+	}
+	copy_text(e->at, sizeof(e->at), r, row, 6);
+	e->acct = NULL;
 	return e->type && e->data;
+}
+
+static void free_event_data(struct log_event *e)
+{
+	if (e->data != e->data_in)
+		free(e->data);
+	e->data = NULL;
 }
 
 /* The Redis model trails the log by what SQL trails it plus what Redis trails SQL: in
@@ -565,7 +597,7 @@ static void read_batch(struct projector_ctx *ctx)
 void projector_drop_ahead(struct projector_ctx *ctx)
 {
 	for (size_t i = 0; i < ctx->nahead; i++)
-		json_decref(ctx->ahead[i].data);
+		free_event_data(&ctx->ahead[i]);
 	ctx->nahead = 0;
 	ctx->ahead_ready = false;
 }

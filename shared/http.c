@@ -291,10 +291,11 @@ static bool cors_allowed(const struct http_server *srv, const char *origin)
 /* The CORS headers of an actual response to an allowed origin. */
 static void cors_headers(struct http_request *req)
 {
-	const char *origin = http_header(req, "Origin");
+	const char *origin;
 
 	if (!req->srv->cfg.limits.cors_origins)
 		return;
+	origin = http_header(req, "Origin");
 	http_set_header(req, "Vary", "Origin");
 	if (!cors_allowed(req->srv, origin))
 		return;
@@ -388,6 +389,7 @@ struct evhttp_request *http_reply_stream(struct http_request *req, int status,
 	http_set_header(req, "X-Request-Id", req->request_id);
 	cors_headers(req);
 	http_set_header(req, "Content-Type", content_type);
+	conns_stream_began(srv->conns, ev);
 	evhttp_send_reply_start(ev, status, http_status_reason(status));
 	request_done(srv, req);
 	srv->inflight--;

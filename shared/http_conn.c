@@ -8,12 +8,20 @@
  * the end of the same loop turn ("adoption"), from the bufferevent's callback argument,
  * which evhttp sets to the connection (checked against evhttp_connection_get_bufferevent);
  * from then on evhttp tells us of its end through the close callback. Every connection is
- * in exactly one list: fresh (not adopted yet), idle, receiving or busy. */
+ * in exactly one list: fresh (not adopted yet), idle, receiving or busy.
+ *
+ * Answers leave at the end of the loop turn that made them (on_flush), not a turn later
+ * when epoll reports the socket writable, and each adopted connection keeps a second
+ * read interest on its descriptor (the guard) while evhttp pauses reading during a
+ * request: the descriptor's epoll registration then stays as it is from one request to
+ * the next, where evhttp alone would remove it at each request and add it back at each
+ * answer (two or three epoll_ctl calls a request). */
 #include "http_conn.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_struct.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/listener.h>
@@ -21,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/uio.h>
 #include <time.h>
 
 /* A listener paused by EMFILE is re-armed this often. */
@@ -31,6 +40,11 @@
  * request) this long: a keep-alive client between two requests is not idle in any
  * useful sense, and closing it only makes it reconnect and close another in turn. */
 #define EVICT_AFTER_MS 1000
+/* What read_in asks of the socket at most: evbuffer_read's own limit. */
+#define READ_MAX 4096
+/* The first read of a request: room for a usual one in a chunk that, with evbuffer's
+ * header, stays under 1 KiB (malloc serves those from its per-thread cache). */
+#define READ_FIRST 896
 
 enum conn_state {
 	CONN_FRESH,     /* accepted this turn, not adopted yet */
@@ -50,6 +64,7 @@ struct conn {
 	struct bufferevent *bev;
 	struct evhttp_connection *evcon; /* NULL until adopted */
 	struct event *timer;             /* the deadline; also runs the error-page rewrite */
+	struct event *guard;             /* read interest kept on fd; see on_guard. NULL: none */
 	struct evbuffer_cb_entry *in_cb, *out_cb;
 	enum conn_state state;
 	long long since_ms; /* when it entered its state (monotonic) */
@@ -59,6 +74,7 @@ struct conn {
 	bool error_page;         /* evhttp wrote one: rewrite it before it is sent */
 	bool receiving_deadline; /* the timer runs the header deadline (else the idle one) */
 	bool rewriting;
+	bool flush_pending; /* an answer waits for the end of the turn (on_flush) */
 	struct conn *prev, *next;
 };
 
@@ -67,14 +83,17 @@ struct conns {
 	struct event_base *base;
 	struct evhttp_bound_socket *bound; /* NULL once the server stops accepting */
 	struct http_request_ids *ids;
-	struct event *adopt;       /* end of an accepting turn */
-	struct event *resume;      /* re-arms a listener that EMFILE paused */
+	struct event *adopt;        /* end of an accepting turn */
+	struct event *resume;       /* re-arms a listener that EMFILE paused */
+	struct event *flush;        /* end of a turn that answered: writes the answers */
+	evutil_socket_t *flush_fds; /* the connections it writes, by descriptor */
+	size_t nflush, flush_cap;
 	struct conn_list lists[4]; /* by enum conn_state */
 	size_t count;
 	size_t max;
 	struct timeval header_timeout, idle_timeout;
 	long long evict_after_ms; /* EVICT_AFTER_MS, or less with shorter deadlines */
-	struct conn **by_fd; /* adopted connections by descriptor */
+	struct conn **by_fd;      /* adopted connections by descriptor */
 	size_t nby_fd;
 	bool replying; /* our own reply is being written: not an error page */
 	struct metric *m_open, *m_evicted, *m_timed_out, *m_refused;
@@ -141,6 +160,8 @@ static void conn_free(struct conn *c)
 		evbuffer_remove_cb_entry(bufferevent_get_output(c->bev), c->out_cb);
 	if (c->timer)
 		event_free(c->timer);
+	if (c->guard)
+		event_free(c->guard);
 	cs->count--;
 	metric_add(cs->m_open, -1);
 	free(c);
@@ -291,6 +312,124 @@ static struct conn *victim(struct conns *cs, struct conn *except)
 	return except;
 }
 
+/* The guard: a second read interest on an adopted connection's descriptor, so that its
+ * epoll registration does not change when evhttp stops reading during a request and
+ * starts again after the answer. Its callback does nothing while the bufferevent reads
+ * (the bytes are the bufferevent's); when it does not (a request is being served) and
+ * the descriptor is readable, more bytes or the peer's close came early: level-triggered
+ * epoll would report them at every turn, so the guard steps back until the answer is
+ * written (rearm_guard). */
+static void on_guard(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	(void)fd;
+	(void)what;
+	if (!(c->bev->enabled & EV_READ)) /* bufferevent_get_enabled, without its lock */
+		event_del(c->guard);
+}
+
+/* Put the guard back, behind nothing: libevent runs a descriptor's events in the order
+ * last added first, and the guard must see the bufferevent still reading (and so do
+ * nothing) before the bufferevent's own callback takes the request in. With the
+ * bufferevent's read interest on, this changes nothing in epoll. */
+static void rearm_guard(struct conn *c)
+{
+	if (!c->guard)
+		return;
+	event_del(c->guard);
+	if (event_add(c->guard, NULL) != 0) {
+		event_free(c->guard);
+		c->guard = NULL;
+	}
+}
+
+/* One readv of at most `size` bytes into in (its end unfrozen); the bytes read, or -1
+ * with errno. */
+static ssize_t read_some(evutil_socket_t fd, struct evbuffer *in, size_t size)
+{
+	struct evbuffer_iovec room[2];
+	struct iovec iov[2];
+	int nroom = evbuffer_reserve_space(in, (ev_ssize_t)size, room, 2);
+	size_t left;
+	ssize_t n;
+	int used = 0;
+
+	if (nroom <= 0) {
+		errno = ENOMEM;
+		return -1;
+	}
+	for (int i = 0; i < nroom; i++)
+		iov[i] = (struct iovec){ room[i].iov_base, room[i].iov_len };
+	n = readv(fd, iov, nroom);
+	if (n <= 0)
+		return n;
+	for (left = (size_t)n; used < nroom && left > 0; used++) {
+		room[used].iov_len = room[used].iov_len < left ? room[used].iov_len : left;
+		left -= room[used].iov_len;
+	}
+	evbuffer_commit_space(in, room, used);
+	return n;
+}
+
+/* The read of a server connection's bufferevent without evbuffer_read's ioctl(FIONREAD),
+ * a system call before every read that only sizes it: a readv into the room reserved
+ * (and one more when that filled it), then what the bufferevent's own read callback does
+ * for a connection without watermarks or rate limits (evhttp sets neither): the data
+ * callback, or the event callback with EOF, error or timeout after reading stops. arg
+ * is the bufferevent. */
+static void read_in(evutil_socket_t fd, short what, void *arg)
+{
+	struct bufferevent *bev = arg;
+	struct evbuffer *in = bufferevent_get_input(bev);
+	size_t size = evbuffer_get_length(in) ? READ_MAX : READ_FIRST;
+	short error = BEV_EVENT_READING;
+	ssize_t n;
+
+	bufferevent_incref(bev);
+	if (what == EV_TIMEOUT) {
+		error |= BEV_EVENT_TIMEOUT;
+		goto fail;
+	}
+	/* The socket bufferevent keeps its input's end frozen but while it reads. */
+	evbuffer_unfreeze(in, 0);
+	n = read_some(fd, in, size);
+	/* A request larger than the first room: its rest now, not a turn later (an end of
+	 * file or error here shows at the next read, after these bytes). */
+	if (n == (ssize_t)size && size == READ_FIRST)
+		(void)read_some(fd, in, READ_MAX);
+	evbuffer_freeze(in, 0);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		goto done;
+	if (n <= 0) {
+		error |= n == 0 ? BEV_EVENT_EOF : BEV_EVENT_ERROR;
+		goto fail;
+	}
+	bufferevent_trigger(bev, EV_READ, 0);
+	goto done;
+fail:
+	bufferevent_disable(bev, EV_READ);
+	bufferevent_trigger_event(bev, error, 0);
+done:
+	bufferevent_decref(bev);
+}
+
+/* Point the bufferevent's read event at read_in. libevent 2.1 has no call for it, but
+ * the event is in struct bufferevent (event2/bufferevent_struct.h); bufferevent_setfd
+ * would point it back at libevent's own callback, which reads as before. */
+static void take_over_reads(struct conn *c)
+{
+	struct bufferevent *bev = c->bev;
+	bool pending = event_pending(&bev->ev_read, EV_READ, NULL);
+
+	event_del(&bev->ev_read);
+	event_assign(&bev->ev_read, c->owner->base, c->fd, EV_READ | EV_PERSIST | EV_FINALIZE,
+		     read_in, bev);
+	if (pending)
+		event_add(&bev->ev_read,
+			  evutil_timerisset(&bev->timeout_read) ? &bev->timeout_read : NULL);
+}
+
 static int index_fd(struct conns *cs, struct conn *c)
 {
 	if ((size_t)c->fd >= cs->nby_fd) {
@@ -327,6 +466,10 @@ static bool adopt(struct conn *c)
 	if (c->fd < 0 || index_fd(c->owner, c) != 0)
 		goto fail;
 	evhttp_connection_set_closecb(evcon, on_close, c);
+	take_over_reads(c);
+	/* Without a guard the connection works as evhttp alone would. */
+	c->guard = event_new(c->owner->base, c->fd, EV_READ | EV_PERSIST, on_guard, c);
+	rearm_guard(c);
 	become_idle(c);
 	/* A new connection has the header deadline to send its first request whole. */
 	start_header_deadline(c);
@@ -396,6 +539,76 @@ fail:
 	if (bev)
 		bufferevent_free(bev);
 	return NULL;
+}
+
+/* The connection on fd, if it is still evcon's. */
+static struct conn *at_fd(struct conns *cs, evutil_socket_t fd, struct evhttp_connection *evcon)
+{
+	struct conn *c = fd >= 0 && (size_t)fd < cs->nby_fd ? cs->by_fd[fd] : NULL;
+
+	return c && c->evcon == evcon ? c : NULL;
+}
+
+/* Write c's answer now. Written whole, evhttp learns it as from the bufferevent's own
+ * write callback (the request ends; the connection reads again, or closes); otherwise
+ * the bufferevent, whose write interest is still on, writes the rest or meets the
+ * error when epoll reports the socket. */
+static void flush_one(struct conns *cs, struct conn *c)
+{
+	struct evbuffer *out = bufferevent_get_output(c->bev);
+	struct evhttp_connection *evcon = c->evcon;
+	evutil_socket_t fd = c->fd;
+	int n;
+
+	/* The socket bufferevent keeps its output's front frozen but while it writes. */
+	evbuffer_unfreeze(out, 1);
+	n = evbuffer_write(out, fd);
+	evbuffer_freeze(out, 1);
+	if (n <= 0 || evbuffer_get_length(out) > 0)
+		return;
+	bufferevent_trigger(c->bev, EV_WRITE, 0);
+	c = at_fd(cs, fd, evcon); /* gone if evhttp closed the connection */
+	if (c)
+		rearm_guard(c);
+}
+
+/* The end of a turn that answered: write each answer (see flush_one). */
+static void on_flush(evutil_socket_t fd, short what, void *arg)
+{
+	struct conns *cs = arg;
+
+	(void)fd;
+	(void)what;
+	for (size_t i = 0; i < cs->nflush; i++) {
+		struct conn *c = (size_t)cs->flush_fds[i] < cs->nby_fd ? cs->by_fd[cs->flush_fds[i]]
+								       : NULL;
+		if (!c || !c->flush_pending)
+			continue;
+		c->flush_pending = false;
+		flush_one(cs, c);
+	}
+	cs->nflush = 0;
+}
+
+/* Have c's answer written at the end of this turn; false if it cannot be (no memory):
+ * the bufferevent then writes it as usual. */
+static bool schedule_flush(struct conns *cs, struct conn *c)
+{
+	if (c->flush_pending)
+		return true;
+	if (cs->nflush == cs->flush_cap) {
+		size_t cap = cs->flush_cap ? 2 * cs->flush_cap : 64;
+		evutil_socket_t *grown = realloc(cs->flush_fds, cap * sizeof(*grown));
+		if (!grown)
+			return false;
+		cs->flush_fds = grown;
+		cs->flush_cap = cap;
+	}
+	if (cs->nflush == 0)
+		event_active(cs->flush, EV_TIMEOUT, 0);
+	cs->flush_fds[cs->nflush++] = c->fd;
+	c->flush_pending = true;
+	return true;
 }
 
 /* accept() failed for a reason other than a transient one: most likely EMFILE or
@@ -499,7 +712,8 @@ int conns_open(struct conns **out, const struct conns_config *cfg)
 	make_metrics(cs, cfg->metrics);
 	cs->adopt = event_new(cfg->base, -1, 0, on_adopt, cs);
 	cs->resume = event_new(cfg->base, -1, EV_PERSIST, on_resume, cs);
-	if (!cs->adopt || !cs->resume)
+	cs->flush = event_new(cfg->base, -1, 0, on_flush, cs);
+	if (!cs->adopt || !cs->resume || !cs->flush)
 		goto fail;
 	evtimer_add(cs->resume, &every);
 	evhttp_set_bevcb(cfg->evhttp, new_connection, cs);
@@ -535,6 +749,9 @@ void conns_close(struct conns **csp)
 		event_free(cs->adopt);
 	if (cs->resume)
 		event_free(cs->resume);
+	if (cs->flush)
+		event_free(cs->flush);
+	free(cs->flush_fds);
 	free(cs->by_fd);
 	free(cs);
 	*csp = NULL;
@@ -549,7 +766,8 @@ static struct conn *find(struct conns *cs, struct evhttp_request *ev)
 {
 	struct evhttp_connection *evcon = evhttp_request_get_connection(ev);
 	struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
-	evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+	/* bufferevent_getfd's answer for a socket bufferevent, without its lock and call. */
+	evutil_socket_t fd = bev ? event_get_fd(&bev->ev_read) : -1;
 	struct conn *c;
 
 	if (fd < 0 || (size_t)fd >= cs->nby_fd)
@@ -568,6 +786,19 @@ void conns_request_began(struct conns *cs, struct evhttp_request *ev)
 	set_state(c, CONN_BUSY);
 }
 
+void conns_stream_began(struct conns *cs, struct evhttp_request *ev)
+{
+	struct conn *c = find(cs, ev);
+
+	/* A stream is long-lived, has its own cap (the feed's DAYBOOK_MAX_STREAMS) and its
+	 * new owner takes the close callback over: the edge lets the connection go now (no
+	 * deadline, no guard, no longer counted), or its slot would never be given back. */
+	if (!c)
+		return;
+	evhttp_connection_set_closecb(c->evcon, NULL, NULL);
+	conn_free(c);
+}
+
 void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, const char *reason,
 		      struct evbuffer *body)
 {
@@ -579,7 +810,9 @@ void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, c
 	evhttp_send_reply(ev, status, reason, body);
 	cs->replying = false;
 	/* Looked up again: sending may have ended the connection. */
-	c = fd >= 0 && (size_t)fd < cs->nby_fd ? cs->by_fd[fd] : NULL;
-	if (c && c->evcon == evcon && c->state == CONN_BUSY)
-		become_idle(c);
+	c = at_fd(cs, fd, evcon);
+	if (!c || c->state != CONN_BUSY)
+		return;
+	become_idle(c);
+	(void)schedule_flush(cs, c);
 }

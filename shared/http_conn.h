@@ -40,7 +40,12 @@ void conns_close(struct conns **cs);
 void conns_stop_accepting(struct conns *cs);
 /* The request's connection is now serving it: no deadline runs, it is never evicted. */
 void conns_request_began(struct conns *cs, struct evhttp_request *ev);
-/* Send ev's reply (evhttp_send_reply); its connection then idles until the next request. */
+/* The request's connection now carries a stream (evhttp_send_reply_start) whose owner
+ * takes the connection's close callback over: it leaves the cap (and the open gauge)
+ * here, streams having their own cap. */
+void conns_stream_began(struct conns *cs, struct evhttp_request *ev);
+/* Send ev's reply (evhttp_send_reply); its connection then idles until the next request.
+ * The reply is written at the end of this loop turn. */
 void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, const char *reason,
 		      struct evbuffer *body);
 

@@ -213,15 +213,26 @@ size_t log_text_room(size_t n)
 }
 
 /* "2026-12-06T18:40:02.113Z" into out (25 bytes with the NUL). */
-static void timestamp(char out[25])
+/* Now, "YYYY-MM-DDTHH:MM:SS.mmmZ"; the seconds formatted once a second when buf (NULL:
+ * none) keeps them. */
+static void timestamp(char out[25], struct log_buf *buf)
 {
 	struct timespec ts;
 	struct tm tm;
 	long ms;
 
 	clock_gettime(CLOCK_REALTIME, &ts);
-	gmtime_r(&ts.tv_sec, &tm);
-	strftime(out, 25, "%Y-%m-%dT%H:%M:%S", &tm);
+	if (!buf || (long long)ts.tv_sec != buf->second || !buf->second_text[0]) {
+		gmtime_r(&ts.tv_sec, &tm);
+		strftime(out, 25, "%Y-%m-%dT%H:%M:%S", &tm);
+		if (buf) {
+			memcpy(buf->second_text, out, 19);
+			buf->second_text[19] = '\0';
+			buf->second = (long long)ts.tv_sec;
+		}
+	} else {
+		memcpy(out, buf->second_text, 19);
+	}
 	ms = ts.tv_nsec / 1000000;
 	out[19] = '.';
 	out[20] = (char)('0' + ms / 100);
@@ -250,7 +261,7 @@ bool log_line_begin(struct log_line *ln, const struct log *log, struct log_buf *
 		ln->start = ln->heap;
 	}
 	ln->p = ln->start;
-	timestamp(when);
+	timestamp(when, buf);
 	put(ln, "{\"time\":\"", 9);
 	put(ln, when, 24);
 	put(ln, "\",\"level\":\"", 11);

@@ -63,6 +63,10 @@ const char *log_oneline(const char *text, char *out, size_t len);
 struct log_buf {
 	size_t len;
 	char text[LOG_BUF_MAX];
+	/* The lines' time of this second, "YYYY-MM-DDTHH:MM:SS", formatted once a second
+	 * (zero-initialise the buffer). */
+	long long second;
+	char second_text[20];
 };
 /* Write what buf holds (nothing when empty). */
 void log_buf_flush(struct log_buf *buf);

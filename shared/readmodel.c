@@ -12,7 +12,8 @@
 struct out {
 	char *p;
 	size_t len, cap;
-	bool failed; /* out of memory, or a string that is not UTF-8 */
+	size_t start; /* where the object being written starts */
+	bool failed;  /* out of memory, or a string that is not UTF-8 */
 };
 
 static bool room(struct out *o, size_t more)
@@ -139,7 +140,7 @@ static void integer(struct out *o, int64_t v)
 static void key(struct out *o, const char *k)
 {
 	size_t n = strlen(k);
-	char open = o->len ? ',' : '{';
+	char open = o->len > o->start ? ',' : '{';
 
 	/* Keys are this file's constants, plain ASCII: nothing to escape. */
 	if (room(o, n + 4)) {
@@ -179,38 +180,121 @@ static char *done(struct out *o)
 	return o->p;
 }
 
+static void account_members(struct out *o, const struct readmodel_account *a)
+{
+	member_str(o, "account_id", a->account_id);
+	member_str(o, "name", a->name);
+	member_str(o, "currency", a->currency);
+	member_int(o, "balance", a->balance);
+	member_int(o, "overdraft_limit", a->overdraft_limit);
+	member_str(o, "status", a->status);
+	member_int(o, "version", a->version);
+	member_str(o, "opened_at", a->opened_at);
+	member_str(o, "updated_at", a->updated_at);
+}
+
+static void entry_members(struct out *o, const struct readmodel_entry *e)
+{
+	member_int(o, "version", e->version);
+	member_str(o, "type", e->type);
+	member_int(o, "amount", e->amount);
+	member_int(o, "balance_after", e->balance_after);
+	if (e->transfer_id)
+		member_str(o, "transfer_id", e->transfer_id);
+	if (e->counterparty)
+		member_str(o, "counterparty", e->counterparty);
+	if (e->reference)
+		member_str(o, "reference", e->reference);
+	member_str(o, "at", e->at);
+}
+
+static void transfer_members(struct out *o, const struct readmodel_transfer *t)
+{
+	member_str(o, "transfer_id", t->transfer_id);
+	member_str(o, "from", t->from);
+	member_str(o, "to", t->to);
+	member_int(o, "amount", t->amount);
+	member_str(o, "currency", t->currency);
+	member_str(o, "reference", t->reference); /* null when absent */
+	member_str(o, "at", t->at);
+}
+
+/* The object's text and its NUL at the end of b; where it starts, or (size_t)-1 (b
+ * as it was, its memory perhaps grown) when out of memory or a string is not UTF-8. */
+static size_t append_done(struct readmodel_text *b, struct out *o)
+{
+	raw(o, "}", 1);
+	if (room(o, 0))
+		o->p[o->len] = '\0';
+	b->p = o->p;
+	b->cap = o->cap;
+	if (o->failed)
+		return (size_t)-1;
+	b->len = o->len + 1;
+	return o->start;
+}
+
+#define APPEND_OPEN(b) { .p = (b)->p, .len = (b)->len, .cap = (b)->cap, .start = (b)->len }
+
+size_t readmodel_account_json_append(struct readmodel_text *b, const struct readmodel_account *a)
+{
+	struct out o = APPEND_OPEN(b);
+
+	account_members(&o, a);
+	return append_done(b, &o);
+}
+
+size_t readmodel_entry_json_append(struct readmodel_text *b, const struct readmodel_entry *e)
+{
+	struct out o = APPEND_OPEN(b);
+
+	entry_members(&o, e);
+	return append_done(b, &o);
+}
+
+size_t readmodel_transfer_json_append(struct readmodel_text *b, const struct readmodel_transfer *t)
+{
+	struct out o = APPEND_OPEN(b);
+
+	transfer_members(&o, t);
+	return append_done(b, &o);
+}
+
+/* A body alone: appended to a buffer of its own, which it then is. */
+static char *alone(struct readmodel_text *b, size_t at)
+{
+	if (at == (size_t)-1) {
+		readmodel_text_free(b);
+		return NULL;
+	}
+	return b->p;
+}
+
 char *readmodel_account_json(const struct readmodel_account *a)
 {
-	struct out o = { 0 };
+	struct readmodel_text b = { 0 };
 
-	member_str(&o, "account_id", a->account_id);
-	member_str(&o, "name", a->name);
-	member_str(&o, "currency", a->currency);
-	member_int(&o, "balance", a->balance);
-	member_int(&o, "overdraft_limit", a->overdraft_limit);
-	member_str(&o, "status", a->status);
-	member_int(&o, "version", a->version);
-	member_str(&o, "opened_at", a->opened_at);
-	member_str(&o, "updated_at", a->updated_at);
-	return done(&o);
+	return alone(&b, readmodel_account_json_append(&b, a));
 }
 
 char *readmodel_entry_json(const struct readmodel_entry *e)
 {
-	struct out o = { 0 };
+	struct readmodel_text b = { 0 };
 
-	member_int(&o, "version", e->version);
-	member_str(&o, "type", e->type);
-	member_int(&o, "amount", e->amount);
-	member_int(&o, "balance_after", e->balance_after);
-	if (e->transfer_id)
-		member_str(&o, "transfer_id", e->transfer_id);
-	if (e->counterparty)
-		member_str(&o, "counterparty", e->counterparty);
-	if (e->reference)
-		member_str(&o, "reference", e->reference);
-	member_str(&o, "at", e->at);
-	return done(&o);
+	return alone(&b, readmodel_entry_json_append(&b, e));
+}
+
+char *readmodel_transfer_json(const struct readmodel_transfer *t)
+{
+	struct readmodel_text b = { 0 };
+
+	return alone(&b, readmodel_transfer_json_append(&b, t));
+}
+
+void readmodel_text_free(struct readmodel_text *b)
+{
+	free(b->p);
+	*b = (struct readmodel_text){ 0 };
 }
 
 long long readmodel_item_version(const char *json)
@@ -229,19 +313,6 @@ long long readmodel_item_version(const char *json)
 	return *p == ',' ? v : -1;
 }
 
-char *readmodel_transfer_json(const struct readmodel_transfer *t)
-{
-	struct out o = { 0 };
-
-	member_str(&o, "transfer_id", t->transfer_id);
-	member_str(&o, "from", t->from);
-	member_str(&o, "to", t->to);
-	member_int(&o, "amount", t->amount);
-	member_str(&o, "currency", t->currency);
-	member_str(&o, "reference", t->reference); /* null when absent */
-	member_str(&o, "at", t->at);
-	return done(&o);
-}
 
 /* An optional minus sign and at least one digit, nothing else. */
 static bool integer_text(const char *s)

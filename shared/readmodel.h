@@ -137,6 +137,19 @@ long long readmodel_item_version(const char *json);
 char *readmodel_account_json(const struct readmodel_account *a);
 char *readmodel_entry_json(const struct readmodel_entry *e);
 char *readmodel_transfer_json(const struct readmodel_transfer *t);
+/* The same bodies appended to one growing buffer, each with its NUL (many bodies, one
+ * allocation): each returns the offset of its body in b->p, or (size_t)-1 when out of
+ * memory or a string is not UTF-8 (b->len is then as it was). The buffer moves as it
+ * grows: keep offsets, not pointers, until the last body is in. Reuse it (len = 0)
+ * and free it with readmodel_text_free. */
+struct readmodel_text {
+	char *p;
+	size_t len, cap;
+};
+size_t readmodel_account_json_append(struct readmodel_text *b, const struct readmodel_account *a);
+size_t readmodel_entry_json_append(struct readmodel_text *b, const struct readmodel_entry *e);
+size_t readmodel_transfer_json_append(struct readmodel_text *b, const struct readmodel_transfer *t);
+void readmodel_text_free(struct readmodel_text *b);
 
 /* One currency's member of GET /totals; the numbers are decimal integer texts (the
  * sum of balances may exceed int64). Strings are borrowed. */

@@ -968,6 +968,37 @@ Test(feed, streams_beyond_the_cap_get_503_with_retry_after, .init = setup_cap)
 	sse_close(&b);
 }
 
+static void setup_small_connection_cap(void)
+{
+	const char *env[] = { "DAYBOOK_MAX_CONNECTIONS", "8", NULL };
+
+	setup_with(env);
+}
+
+/* A stream's connection gives its place under the connection cap back: streams that
+ * came and went, many times the cap, never lock the service out. (They used to stay
+ * counted after they closed: past DAYBOOK_MAX_CONNECTIONS streams in the service's
+ * life, every new connection was refused.) */
+Test(feed, streams_that_ended_never_use_up_the_connection_cap,
+     .init = setup_small_connection_cap)
+{
+	struct sse s;
+	struct response r;
+
+	for (int i = 0; i < 40; i++) {
+		sse_open(&s, NULL, NULL, 0);
+		cr_assert_eq(s.status, 200, "stream %d: %s", i, s.raw);
+		sse_close(&s);
+	}
+	r = http_request(query.port, "GET", "/healthz", NULL, NULL, 5);
+	cr_assert_eq(r.status, 200, "the service refuses connections after 40 streams");
+	response_free(&r);
+	cr_assert(harness_wait_metric(&query, "daybook_http_connections_open", 1,
+				      harness_now() + 10),
+		  "%g connections counted open, only the metrics request is",
+		  harness_metric(&query, "daybook_http_connections_open"));
+}
+
 /* HEAD is served by the GET route, but evhttp sends no body for HEAD: a stream opened
  * for it would never send, drain or end, and would keep its place under the cap (and
  * a page of events in memory) for as long as the client stays. HEAD gets the stream's

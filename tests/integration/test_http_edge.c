@@ -438,7 +438,8 @@ Test(http_edge, a_flood_of_newcomers_at_the_cap_never_closes_active_keep_alive_c
 	cr_assert(harness_wait_metric(&svc, "daybook_http_connections_open", KEEP,
 				      harness_now() + 10));
 	cr_assert_eq(harness_metric(&svc, CLOSED_BY("evicted")), 0);
-	cr_assert_gt(harness_metric(&svc, CLOSED_BY("refused")), 0, "the newcomers were not refused");
+	cr_assert_gt(harness_metric(&svc, CLOSED_BY("refused")), 0,
+		     "the newcomers were not refused");
 
 	/* Clients quiet for longer than the floor do make room: a newcomer is served at once. */
 	keep[0] = connect_to(svc.port);
@@ -514,6 +515,122 @@ Test(http_edge, running_out_of_descriptors_pauses_accepting_instead_of_spinning)
 	/* The idle sockets meet their deadline; then the service accepts again. */
 	cr_assert(answers(20), "the service never accepted again");
 	release(fds, IDLE);
+}
+
+/* A POST /accounts opening `id`, as raw bytes of HTTP/1.1 (keep-alive). */
+static int open_request(char *out, size_t len, const char *id)
+{
+	char body[128];
+	int n = snprintf(body, sizeof(body), "{\"id\":\"%s\",\"name\":\"E\",\"currency\":\"EUR\"}",
+			 id);
+
+	return snprintf(out, len,
+			"POST /accounts HTTP/1.1\r\nHost: x\r\n" AUTH_WRITE "\r\n"
+			"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+			n, body);
+}
+
+/* The statuses of the answers in text, in order (at most max); how many. */
+static int statuses(const char *text, int *out, int max)
+{
+	int n = 0;
+
+	for (const char *p = text; n < max && (p = strstr(p, "HTTP/1.1 ")); p += 9)
+		out[n++] = atoi(p + 9);
+	return n;
+}
+
+/* Answers leave at the end of the loop turn that made them, and the server keeps a
+ * connection's read interest registered while a request is served: neither may change
+ * what a client sees, nor make the loop spin when bytes (the next request, or the
+ * client's close) arrive while the answer is not ready yet. */
+Test(http_edge, bytes_or_a_close_arriving_during_a_request_are_handled_after_its_answer)
+{
+	char conninfo[512], req[512], next[256];
+	int early, closing, st[4];
+	char *a, *b;
+	double busy0;
+	PGconn *blocker;
+
+	start_command();
+	/* Hold the log: the writes stay in flight until the blocker commits. */
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	blocker = PQconnectdb(conninfo);
+	cr_assert_eq(PQstatus(blocker), CONNECTION_OK);
+	PQclear(PQexec(blocker, "BEGIN"));
+	PQclear(PQexec(blocker, "LOCK TABLE events IN EXCLUSIVE MODE"));
+	early = connect_to(svc.port);
+	closing = connect_to(svc.port);
+	cr_assert(early >= 0 && closing >= 0);
+	open_request(req, sizeof(req), "early");
+	cr_assert(send_all(early, req, strlen(req)));
+	open_request(req, sizeof(req), "closing");
+	cr_assert(send_all(closing, req, strlen(req)));
+	/* Both writes in flight (the gauge also counts the /metrics request reading it). */
+	for (int i = 0; harness_metric(&svc, "daybook_http_requests_in_flight") < 3; i++) {
+		cr_assert_lt(i, 1000, "the writes never both arrived");
+		usleep(10000);
+	}
+	/* Then one client sends its next request before the first is answered, and the
+	 * other closes its side. */
+	snprintf(next, sizeof(next),
+		 "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+	cr_assert(send_all(early, next, strlen(next)));
+	cr_assert(shutdown(closing, SHUT_WR) == 0);
+	usleep(100000);
+	busy0 = runnable_seconds(svc.pid);
+	usleep(1000000); /* the window in which its CPU time is measured */
+	cr_assert_lt(runnable_seconds(svc.pid) - busy0, 0.5,
+		     "the loop spins on bytes that arrived during a request");
+	PQclear(PQexec(blocker, "COMMIT"));
+	PQfinish(blocker);
+	a = read_until_close(early, 20);
+	b = read_until_close(closing, 20);
+	cr_assert(a && b, "an answer is missing, or a connection stayed open");
+	cr_assert_eq(statuses(a, st, 4), 2, "expected two answers: %.600s", a);
+	cr_assert_eq(st[0], 201, "%.300s", a);
+	cr_assert_eq(st[1], 200, "%.600s", a);
+	cr_assert_eq(statuses(b, st, 4), 1, "expected one answer: %.600s", b);
+	cr_assert_eq(st[0], 201, "%.300s", b);
+	close(early);
+	close(closing);
+	free(a);
+	free(b);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream IN "
+				 "('account-early', 'account-closing')"),
+		     2);
+}
+
+/* Several requests in one send: each answered whole, in order, on the one connection. */
+Test(http_edge, pipelined_requests_are_answered_in_order)
+{
+	char reqs[2048], opening[512], ids[3][32], *answer;
+	const char *p;
+	int st[8];
+
+	start_command();
+	open_request(opening, sizeof(opening), "piped");
+	snprintf(reqs, sizeof(reqs),
+		 "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: first\r\n\r\n"
+		 "%s"
+		 "GET /nowhere HTTP/1.1\r\nHost: x\r\nX-Request-Id: third\r\n\r\n"
+		 "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: last\r\nConnection: close\r\n\r\n",
+		 opening);
+	answer = exchange(svc.port, reqs, strlen(reqs));
+	cr_assert_eq(statuses(answer, st, 8), 4, "expected four answers: %.2000s", answer);
+	cr_assert_eq(st[0], 200);
+	cr_assert_eq(st[1], 201);
+	cr_assert_eq(st[2], 404);
+	cr_assert_eq(st[3], 200);
+	snprintf(ids[0], sizeof(ids[0]), "X-Request-Id: first\r\n");
+	snprintf(ids[1], sizeof(ids[1]), "X-Request-Id: third\r\n");
+	snprintf(ids[2], sizeof(ids[2]), "X-Request-Id: last\r\n");
+	p = answer;
+	for (int i = 0; i < 3; i++) {
+		p = strstr(p, ids[i]);
+		cr_assert(p, "'%s' missing or out of order: %.2000s", ids[i], answer);
+	}
+	free(answer);
 }
 
 Test(http_edge, head_is_served_wherever_get_is_with_the_same_headers_and_no_body)

@@ -150,6 +150,52 @@ Test(projector, follows_the_log_into_sql_and_redis)
 	cr_assert_eq(harness_stop(&proj), 0);
 }
 
+/* Event data is folded from its text (fold.c): data longer than the event's own buffer,
+ * and data whose strings need escapes (read by jansson), come out as written. */
+Test(projector, long_and_escaped_event_data_is_applied_as_written)
+{
+	/* A name of LEDGER_NAME_MAX bytes: a quote, a backslash and an e-acute, then zeros. */
+	static const char head[] = "Q\"uote\\ caf\xc3\xa9 ";
+	const int pad = LEDGER_NAME_MAX - (int)(sizeof(head) - 1);
+	char body[1024], query[512];
+	struct service proj;
+
+	snprintf(body, sizeof(body),
+		 "{\"id\":\"long-0\",\"name\":\"Q\\\"uote\\\\ caf\xc3\xa9 %0*d\","
+		 "\"currency\":\"EUR\"}",
+		 pad, 0);
+	must("/accounts", body);
+	must("/accounts", "{\"id\":\"long-1\",\"name\":\"L\",\"currency\":\"EUR\"}");
+	snprintf(body, sizeof(body), "{\"amount\":500,\"reference\":\"%0*d\"}",
+		 LEDGER_REFERENCE_MAX, 0);
+	must("/accounts/long-0/deposits", body);
+	snprintf(body, sizeof(body),
+		 "{\"id\":\"t-long\",\"from\":\"long-0\",\"to\":\"long-1\",\"amount\":7,"
+		 "\"reference\":\"%0*d\"}",
+		 LEDGER_REFERENCE_MAX, 1);
+	must("/transfers", body);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	snprintf(query, sizeof(query),
+		 "SELECT (name = 'Q\"uote\\ caf\xc3\xa9 ' || repeat('0', %d))::int "
+		 "FROM rm_accounts WHERE account_id = 'long-0'",
+		 pad);
+	cr_assert_eq(sql_int(db, query), 1);
+	snprintf(query, sizeof(query),
+		 "SELECT count(*) FROM rm_entries WHERE account_id = 'long-0' "
+		 "AND length(reference) = %d",
+		 LEDGER_REFERENCE_MAX);
+	cr_assert_eq(sql_int(db, query), 2);
+	snprintf(query, sizeof(query),
+		 "SELECT count(*) FROM rm_transfers WHERE transfer_id = 't-long' "
+		 "AND reference = repeat('0', %d) || '1'",
+		 LEDGER_REFERENCE_MAX - 1);
+	cr_assert_eq(sql_int(db, query), 1);
+	cr_assert_eq(harness_stop(&proj), 0);
+}
+
 Test(projector, a_late_commit_is_applied_once_not_skipped)
 {
 	struct service proj;

@@ -416,8 +416,23 @@ Test(write_api, request_ids_are_echoed_and_stored_with_the_caller)
 	cr_assert_str_eq(PQgetvalue(m, 0, 0), "req-abc-123");
 	cr_assert_str_eq(PQgetvalue(m, 0, 1), "test-write");
 	cr_assert_str_eq(PQgetvalue(m, 0, 2), "key-1");
-	cr_assert(strlen(PQgetvalue(m, 0, 3)) >= 20, "time: %s", PQgetvalue(m, 0, 3));
+	/* The command's time: UTC to the microsecond, "2026-01-02T03:04:05.678901Z". */
+	const char *t = PQgetvalue(m, 0, 3);
+	cr_assert_eq(strlen(t), 27, "time: %s", t);
+	for (size_t i = 0; i < 27; i++) {
+		const char sep = i == 4 || i == 7     ? '-'
+				 : i == 10            ? 'T'
+				 : i == 13 || i == 16 ? ':'
+				 : i == 19            ? '.'
+				 : i == 26            ? 'Z'
+						      : 0;
+		cr_assert(sep ? t[i] == sep : (t[i] >= '0' && t[i] <= '9'), "time: %s", t);
+	}
 	PQclear(m);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-rid' AND "
+				 "abs(extract(epoch FROM (metadata->>'time')::timestamptz - "
+				 "statement_timestamp())) < 60"),
+		     1, "the time is not now");
 
 	/* Without one, the service makes one up and still echoes it. */
 	r = post(&svc, "/accounts", "{\"id\":\"rid2\",\"name\":\"A\",\"currency\":\"EUR\"}", NULL);

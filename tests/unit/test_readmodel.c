@@ -311,3 +311,60 @@ Test(readmodel_sql, the_columns_and_their_bodies)
 	free(body);
 	PQclear(res);
 }
+
+/* The bodies appended to one buffer are the same bytes as the single ones, each at its
+ * offset with its NUL, however the buffer grows; a body that cannot be made (a name
+ * that is not UTF-8) leaves the buffer's text as it was. */
+Test(readmodel_json, bodies_appended_to_one_buffer_are_the_single_bodies)
+{
+	struct readmodel_text text = { 0 };
+	struct readmodel_account a = { .account_id = "alice",
+				       .name = "Al\"ice\\ \xc3\xa9",
+				       .currency = "EUR",
+				       .status = "open",
+				       .balance = -5,
+				       .overdraft_limit = 10,
+				       .version = 7,
+				       .opened_at = "T1",
+				       .updated_at = "T2" };
+	struct readmodel_entry e = { .version = 7,
+				     .type = "transfer_out",
+				     .amount = 9,
+				     .balance_after = -5,
+				     .transfer_id = "t-1",
+				     .counterparty = "bob",
+				     .at = "T2" };
+	struct readmodel_transfer t = { .transfer_id = "t-1",
+					.from = "alice",
+					.to = "bob",
+					.amount = 9,
+					.currency = "EUR",
+					.at = "T2" };
+	size_t at[300 * 3], len;
+	char *single[3] = { readmodel_account_json(&a), readmodel_entry_json(&e),
+			    readmodel_transfer_json(&t) };
+
+	for (size_t i = 0; i < 300; i++) {
+		at[3 * i] = readmodel_account_json_append(&text, &a);
+		at[3 * i + 1] = readmodel_entry_json_append(&text, &e);
+		at[3 * i + 2] = readmodel_transfer_json_append(&text, &t);
+	}
+	for (size_t i = 0; i < 300 * 3; i++) {
+		cr_assert_neq(at[i], (size_t)-1);
+		cr_assert_str_eq(text.p + at[i], single[i % 3], "body %zu", i);
+		cr_assert_eq(i + 1 < 300 * 3 ? at[i + 1] : text.len,
+			     at[i] + strlen(single[i % 3]) + 1);
+	}
+	len = text.len;
+	a.name = "bad \xff";
+	cr_assert_eq(readmodel_account_json_append(&text, &a), (size_t)-1);
+	cr_assert_eq(text.len, len);
+	cr_assert_str_eq(text.p + at[300 * 3 - 1], single[2]);
+	text.len = 0; /* reused */
+	cr_assert_eq(readmodel_entry_json_append(&text, &e), 0);
+	cr_assert_str_eq(text.p, single[1]);
+	for (int i = 0; i < 3; i++)
+		free(single[i]);
+	readmodel_text_free(&text);
+	cr_assert_null(text.p);
+}

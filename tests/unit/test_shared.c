@@ -1121,6 +1121,21 @@ static void log_some_lines(void)
 	log_error(&lg, "second");
 }
 
+/* A line's "time": "2024-01-02T03:04:05.678Z", within a few seconds of now. */
+static void assert_line_time_now(const char *t)
+{
+	struct tm tm = { 0 };
+	const char *rest;
+
+	cr_assert_not_null(t);
+	cr_assert_eq(strlen(t), strlen("2024-01-02T03:04:05.678Z"), "time: %s", t);
+	rest = strptime(t, "%Y-%m-%dT%H:%M:%S", &tm);
+	cr_assert(rest && rest[0] == '.' && rest[4] == 'Z', "time: %s", t);
+	for (int i = 1; i <= 3; i++)
+		cr_assert(rest[i] >= '0' && rest[i] <= '9', "time: %s", t);
+	cr_assert_lt(labs((long)(timegm(&tm) - time(NULL))), 5, "time: %s is not now", t);
+}
+
 Test(log, lines_are_json_with_escaping_and_level_filtering)
 {
 	char *text = capture_stderr(log_some_lines);
@@ -1137,10 +1152,10 @@ Test(log, lines_are_json_with_escaping_and_level_filtering)
 	cr_assert_str_eq(json_string_value(json_object_get(first, "msg")),
 			 "quote \" backslash \\ newline tab \t end 42", "one line: %s", text);
 	cr_assert_str_eq(json_string_value(json_object_get(first, "request_id")), "req-\"7\"");
-	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
-		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
+	assert_line_time_now(json_string_value(json_object_get(first, "time")));
 	second = json_loads(nl + 1, 0, &error);
 	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	assert_line_time_now(json_string_value(json_object_get(second, "time")));
 	cr_assert_str_eq(json_string_value(json_object_get(second, "msg")), "second");
 	cr_assert_null(json_object_get(second, "request_id"));
 	json_decref(first);
@@ -1260,10 +1275,11 @@ Test(log, a_hand_built_line_escapes_as_jansson_and_waits_for_its_flush)
 	cr_assert(json_is_real(json_object_get(first, "b_ms")), "%s", text);
 	cr_assert_float_eq(json_real_value(json_object_get(first, "b_ms")), 2000.0, 1e-9);
 	cr_assert(json_is_null(json_object_get(first, "none")), "%s", text);
-	cr_assert_eq(strlen(json_string_value(json_object_get(first, "time"))),
-		     strlen("2024-01-02T03:04:05.678Z"), "%s", text);
+	assert_line_time_now(json_string_value(json_object_get(first, "time")));
 	second = json_loads(nl + 1, 0, &error);
 	cr_assert_not_null(second, "not JSON: %s (%s)", nl + 1, error.text);
+	/* The second line's time comes from the seconds the buffer kept. */
+	assert_line_time_now(json_string_value(json_object_get(second, "time")));
 	cr_assert_str_eq(json_string_value(json_object_get(second, "level")), "warn");
 	cr_assert_null(json_object_get(second, "request_id"));
 	json_decref(want);
@@ -1277,7 +1293,8 @@ Test(log, a_hand_built_line_escapes_as_jansson_and_waits_for_its_flush)
 Test(pg, array_literal_quotes_and_escapes)
 {
 	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "",
-				 "a,b",   "{brace}",        "NULL",        "sp ace" };
+				 "a,b",   "{brace}",        "NULL",        "sp ace",
+				 NULL,    "\"\\\"",         "end\\" };
 	struct evbuffer *buf = evbuffer_new();
 	size_t n;
 	char text[256];
@@ -1291,8 +1308,53 @@ Test(pg, array_literal_quotes_and_escapes)
 	cr_assert_lt(n, sizeof(text));
 	evbuffer_remove(buf, text, n);
 	text[n] = '\0';
-	cr_assert_str_eq(text, "{\"plain\",\"with \\\"quote\\\"\",\"back\\\\slash\",\"\",\"a,b\","
-			       "\"{brace}\",\"NULL\",\"sp ace\"}");
+	cr_assert_str_eq(text,
+			 "{\"plain\",\"with \\\"quote\\\"\",\"back\\\\slash\",\"\",\"a,b\","
+			 "\"{brace}\",\"NULL\",\"sp ace\",NULL,\"\\\"\\\\\\\"\",\"end\\\\\"}");
+	evbuffer_free(buf);
+}
+
+/* pg_array writes the same literal as pg_array_append, for any element and however
+ * long the array grows; an empty one is "{}". */
+Test(pg, array_written_in_place_is_the_appended_literal)
+{
+	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "", "a,b",
+				 "{brace}", "NULL", "\\\"\\\"", NULL, "\xc3\xa9 \x01" };
+	const size_t nv = sizeof(values) / sizeof(values[0]);
+	struct pg_array a = { 0 };
+	struct evbuffer *buf = evbuffer_new();
+	char *text, *want;
+	size_t n, k = 0;
+
+	cr_assert_not_null(buf);
+	text = pg_array_take(&a);
+	cr_assert_str_eq(text, "{}");
+	free(text);
+	evbuffer_add(buf, "{", 1);
+	for (size_t i = 0; i < 3000; i++, k++) {
+		char num[24];
+		long long v = (long long)i * 7919 - 1000000 * (long long)(i % 3);
+		if (i % 4 == 3) {
+			snprintf(num, sizeof(num), "%lld", v);
+			pg_array_put_int(&a, v);
+			pg_array_append(buf, num, k == 0);
+		} else {
+			pg_array_put(&a, values[i % nv]);
+			pg_array_append(buf, values[i % nv], k == 0);
+		}
+	}
+	pg_array_put_int(&a, INT64_MIN);
+	pg_array_append(buf, "-9223372036854775808", false);
+	evbuffer_add(buf, "}", 2);
+	n = evbuffer_get_length(buf);
+	want = malloc(n);
+	cr_assert_not_null(want);
+	evbuffer_remove(buf, want, n);
+	text = pg_array_take(&a);
+	cr_assert_str_eq(text, want);
+	cr_assert_null(a.p);
+	free(text);
+	free(want);
 	evbuffer_free(buf);
 }
 
