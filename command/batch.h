@@ -133,10 +133,18 @@ void commit_overlay(struct batcher *b);
 /* --- append.c: the write pipeline ------------------------------------------------ */
 
 /* Every event of the batch in one INSERT: parameters $1-$5, the columns of the events
- * in the batch's order; rows: stream, version, "txid.position" (sql_append's text). */
+ * in the batch's order; rows: stream, version, "txid.position" (sql_append's text).
+ * The arrays are unnested in the select list, which hands the rows to the insert one by
+ * one (unnest in FROM first copies them all into a tuplestore), and data and metadata
+ * come as text[] parsed into jsonb row by row, in memory the executor resets per row:
+ * as jsonb[] parameters every element's parse was kept until the statement's end, and
+ * the backend's memory grew and shrank by that much with every batch
+ * (docs/performance.md, "The append's memory per batch"). */
 #define APPEND_EVENTS                                                                              \
 	"INSERT INTO events (stream, version, type, data, metadata) "                              \
-	"SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[]) "   \
+	"SELECT s, v, t, d::jsonb, m::jsonb FROM (SELECT unnest($1::text[]) AS s, "                \
+	"unnest($2::integer[]) AS v, unnest($3::text[]) AS t, unnest($4::text[]) AS d, "           \
+	"unnest($5::text[]) AS m) AS u "                                                           \
 	"RETURNING stream, version, txid::text || '.' || position::text"
 
 /* Queue the batch's events (result 0, when it has any) and its idempotency records
