@@ -15,6 +15,7 @@
 #include "copy.h"
 #include "ledger.h"
 #include "ledger_json.h"
+#include "pg.h"
 #include "readmodel.h"
 #include "strmap.h"
 
@@ -161,7 +162,6 @@ bool rb_bulk_bounds(struct rebuild *rb);
 bool rb_send_items(struct rebuild *rb, struct acct *a);
 bool rb_hold_item(struct rebuild *rb, struct acct *a, char *json);
 void rb_acct_free(void *value);
-uint64_t rb_be(const char *p, int bytes);
 bool rb_fold_row(struct rebuild *rb, PGresult *r, int i);
 bool rb_finish_items(struct rebuild *rb, struct acct *a);
 bool rb_send_held(struct rebuild *rb);

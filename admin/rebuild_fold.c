@@ -189,16 +189,6 @@ fail:
 	return false;
 }
 
-/* Big-endian integers of the read query's binary results. */
-uint64_t rb_be(const char *p, int bytes)
-{
-	uint64_t v = 0;
-
-	for (int i = 0; i < bytes; i++)
-		v = v << 8 | (unsigned char)p[i];
-	return v;
-}
-
 /* Apply one event to its account, in version order (the shared fold). */
 static bool apply(struct rebuild *rb, const char *id, struct acct *a, const struct logged *e)
 {
@@ -270,11 +260,11 @@ bool rb_fold_row(struct rebuild *rb, PGresult *r, int i)
 	const char *id = PQgetvalue(r, i, 2), *data = PQgetvalue(r, i, 5);
 	int len = PQgetlength(r, i, 5);
 	struct logged e = {
-		.position = (int64_t)rb_be(PQgetvalue(r, i, 0), 8),
-		.txid = rb_be(PQgetvalue(r, i, 1), 8),
-		.version = (int32_t)rb_be(PQgetvalue(r, i, 3), 4),
+		.position = (int64_t)pg_bin_uint(PQgetvalue(r, i, 0), 8),
+		.txid = pg_bin_uint(PQgetvalue(r, i, 1), 8),
+		.version = (int32_t)pg_bin_uint(PQgetvalue(r, i, 3), 4),
 		.type = ledger_event_type_from_name(PQgetvalue(r, i, 4)),
-		.at = (int64_t)rb_be(PQgetvalue(r, i, 6), 8),
+		.at = (int64_t)pg_bin_uint(PQgetvalue(r, i, 6), 8),
 		.data = data + 1,
 		.len = len > 0 ? (size_t)len - 1 : 0,
 	};

@@ -102,8 +102,8 @@ bool rb_fold_chunk(struct rebuild *rb, int *n)
 	*n = PQntuples(r);
 	rb->done += *n;
 	if (!bulk && *n > 0) {
-		rb->cp_txid = rb_be(PQgetvalue(r, *n - 1, 1), 8);
-		rb->position = (long long)rb_be(PQgetvalue(r, *n - 1, 0), 8);
+		rb->cp_txid = pg_bin_uint(PQgetvalue(r, *n - 1, 1), 8);
+		rb->position = (long long)pg_bin_uint(PQgetvalue(r, *n - 1, 0), 8);
 	}
 	if ((bulk ? rb->bulk_next < rb->bulk_blocks : *n == CHUNK) && !send_read(rb))
 		goto fail;

@@ -8,42 +8,33 @@
 
 #include "projector.h"
 
-/* One text[]-literal column of a multi-row statement. */
+/* A multi-row statement's columns: one array parameter each, in binary. */
 struct table {
-	struct pg_array *cols;
+	struct pg_bin_array *cols;
 	size_t ncols;
 };
 
-static void table_init(struct table *t, struct pg_array *cols, size_t ncols)
+static void table_init(struct table *t, struct pg_bin_array *cols, const enum pg_type_oid *types,
+		       size_t ncols)
 {
 	t->cols = cols;
 	t->ncols = ncols;
 	for (size_t i = 0; i < ncols; i++)
-		cols[i] = (struct pg_array){ 0 };
+		cols[i] = (struct pg_bin_array){ .type = types[i] };
 }
 
 static void table_free(struct table *t)
 {
 	for (size_t i = 0; t->cols && i < t->ncols; i++)
-		pg_array_free(&t->cols[i]);
+		pg_bin_array_free(&t->cols[i]);
 }
 
-static void put(struct pg_array *c, const char *value)
-{
-	pg_array_put(c, value);
-}
-
-static void put_int(struct pg_array *c, long long v)
-{
-	pg_array_put_int(c, v);
-}
-
-/* The table's columns as text[] literals ("{}" when empty) into params[0 .. ncols),
- * which the caller frees; false when out of memory. */
-static bool table_take(struct table *t, char **params)
+/* The table's columns as binary array parameters into params[0 .. ncols) and their
+ * lengths, which the caller frees; false when out of memory. */
+static bool table_take(struct table *t, char **params, int *lengths)
 {
 	for (size_t i = 0; i < t->ncols; i++)
-		if (!(params[i] = pg_array_take(&t->cols[i])))
+		if (!(params[i] = pg_bin_array_take(&t->cols[i], &lengths[i])))
 			return false;
 	return true;
 }
@@ -67,16 +58,16 @@ static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency
 
 /* The batch's rows, built while folding. */
 struct fold_rows {
-	struct pg_array ecols[9], tcols[7];
+	struct pg_bin_array ecols[9], tcols[7];
 	struct table entries, transfers;
 	struct rm_account **accounts; /* touched, each once */
 	size_t naccounts, cap;
 	struct rm_total **totals; /* touched currencies, each once */
 	size_t ntotals, tcap;
-	struct rm_total *last_total; /* the last event's */
+	struct rm_total *last_total;  /* the last event's */
 	struct projector_item *items; /* statement items and transfers, as JSON for Redis */
 	size_t nitems, icap;
-	struct readmodel_text text; /* the items' JSON, each at its item's json_at */
+	struct readmodel_text text;    /* the items' JSON, each at its item's json_at */
 	struct ledger_event_buf evbuf; /* the event being applied, read from its data */
 };
 
@@ -108,38 +99,48 @@ static bool add_item(struct fold_rows *r, const char *id, int32_t version, size_
 	return true;
 }
 
+static const enum pg_type_oid entry_types[9] = {
+	PG_TYPE_TEXT, PG_TYPE_INT4, PG_TYPE_TEXT, PG_TYPE_INT8,        PG_TYPE_INT8,
+	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TIMESTAMPTZ,
+};
+
 static bool add_entry(struct fold_rows *r, const struct rm_account *a, const struct log_event *e,
 		      const struct ledger_event *ev)
 {
-	struct pg_array *c = r->ecols;
+	struct pg_bin_array *c = r->ecols;
 	struct readmodel_entry item = readmodel_entry_of(&a->row, ev, e->at);
 
-	put(&c[0], a->row.acc.id);
-	put_int(&c[1], item.version);
-	put(&c[2], item.type);
-	put_int(&c[3], item.amount);
-	put_int(&c[4], item.balance_after);
-	put(&c[5], item.transfer_id);
-	put(&c[6], item.counterparty);
-	put(&c[7], item.reference);
-	put(&c[8], item.at);
+	pg_bin_text(&c[0], a->row.acc.id);
+	pg_bin_int4(&c[1], item.version);
+	pg_bin_text(&c[2], item.type);
+	pg_bin_int8(&c[3], item.amount);
+	pg_bin_int8(&c[4], item.balance_after);
+	pg_bin_text(&c[5], item.transfer_id);
+	pg_bin_text(&c[6], item.counterparty);
+	pg_bin_text(&c[7], item.reference);
+	pg_bin_int8(&c[8], e->at_us);
 	return add_item(r, a->row.acc.id, item.version,
 			readmodel_entry_json_append(&r->text, &item));
 }
 
+static const enum pg_type_oid transfer_types[7] = {
+	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT,        PG_TYPE_INT8,
+	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TIMESTAMPTZ,
+};
+
 static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 			 const struct log_event *e, const struct ledger_event *ev)
 {
-	struct pg_array *c = r->tcols;
+	struct pg_bin_array *c = r->tcols;
 	struct readmodel_transfer item = readmodel_transfer_of(&from->row, ev, e->at);
 
-	put(&c[0], item.transfer_id);
-	put(&c[1], item.from);
-	put(&c[2], item.to);
-	put_int(&c[3], item.amount);
-	put(&c[4], item.currency);
-	put(&c[5], item.reference);
-	put(&c[6], item.at);
+	pg_bin_text(&c[0], item.transfer_id);
+	pg_bin_text(&c[1], item.from);
+	pg_bin_text(&c[2], item.to);
+	pg_bin_int8(&c[3], item.amount);
+	pg_bin_text(&c[4], item.currency);
+	pg_bin_text(&c[5], item.reference);
+	pg_bin_int8(&c[6], e->at_us);
 	/* Version 0 marks a transfer among the items. */
 	return add_item(r, item.transfer_id, 0, readmodel_transfer_json_append(&r->text, &item));
 }
@@ -150,7 +151,7 @@ static bool count_totals(struct projector_ctx *ctx, struct fold_rows *r, const s
 {
 	/* A batch's events are mostly of one currency: the last one's totals first. */
 	struct rm_total *t = r->last_total && strcmp(r->last_total->tot.currency,
-						      a->row.acc.currency) == 0
+						     a->row.acc.currency) == 0
 				     ? r->last_total
 				     : total_of(ctx, a->row.acc.currency);
 
@@ -250,8 +251,8 @@ bool projector_fold(struct projector_ctx *ctx)
 	ctx->rows = r;
 	if (!r)
 		return false;
-	table_init(&r->entries, r->ecols, 9);
-	table_init(&r->transfers, r->tcols, 7);
+	table_init(&r->entries, r->ecols, entry_types, 9);
+	table_init(&r->transfers, r->tcols, transfer_types, 7);
 	for (size_t i = 0; i < ctx->nevents; i++) {
 		if (!apply(ctx, r, &ctx->events[i])) {
 			log_error(&ctx->log, "cannot apply event %lld (account-%s v%d)",
@@ -274,67 +275,93 @@ enum {
 	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TRANSFER_COLS + TOTAL_COLS + 1,
 };
 
-static bool take_accounts(const struct fold_rows *r, char **params)
+static const enum pg_type_oid account_types[ACCOUNT_COLS] = {
+	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_INT8,        PG_TYPE_INT8,
+	PG_TYPE_TEXT, PG_TYPE_INT4, PG_TYPE_INT4, PG_TYPE_TIMESTAMPTZ, PG_TYPE_TIMESTAMPTZ,
+};
+
+static bool take_accounts(const struct fold_rows *r, char **params, int *lengths)
 {
-	struct pg_array c[ACCOUNT_COLS];
+	struct pg_bin_array c[ACCOUNT_COLS];
 	struct table t;
 	bool ok = false;
 
-	table_init(&t, c, ACCOUNT_COLS);
+	table_init(&t, c, account_types, ACCOUNT_COLS);
 	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
-		put(&c[0], a->row.acc.id);
-		put(&c[1], a->row.name);
-		put(&c[2], a->row.acc.currency);
-		put_int(&c[3], a->row.acc.balance);
-		put_int(&c[4], a->row.acc.overdraft_limit);
-		put(&c[5], readmodel_status(&a->row.acc));
-		put_int(&c[6], a->row.acc.version);
-		put_int(&c[7], a->row.entries);
-		put(&c[8], a->opened_at);
-		put(&c[9], a->updated_at);
+		int64_t opened_at, updated_at;
+		if (!readmodel_time_parse(a->opened_at, &opened_at) ||
+		    !readmodel_time_parse(a->updated_at, &updated_at))
+			goto done;
+		pg_bin_text(&c[0], a->row.acc.id);
+		pg_bin_text(&c[1], a->row.name);
+		pg_bin_text(&c[2], a->row.acc.currency);
+		pg_bin_int8(&c[3], a->row.acc.balance);
+		pg_bin_int8(&c[4], a->row.acc.overdraft_limit);
+		pg_bin_text(&c[5], readmodel_status(&a->row.acc));
+		pg_bin_int4(&c[6], a->row.acc.version);
+		pg_bin_int4(&c[7], a->row.entries);
+		pg_bin_int8(&c[8], opened_at);
+		pg_bin_int8(&c[9], updated_at);
 	}
-	ok = table_take(&t, params);
+	ok = table_take(&t, params, lengths);
+done:
 	table_free(&t);
 	return ok;
 }
 
-static bool take_totals(const struct fold_rows *r, char **params)
+/* The sums go as text (numeric's binary form is not worth making): SQL casts them. */
+static const enum pg_type_oid total_types[TOTAL_COLS] = {
+	PG_TYPE_TEXT,
+	PG_TYPE_INT8,
+	PG_TYPE_INT8,
+	PG_TYPE_TEXT,
+};
+
+static bool take_totals(const struct fold_rows *r, char **params, int *lengths)
 {
-	struct pg_array c[TOTAL_COLS];
+	struct pg_bin_array c[TOTAL_COLS];
 	struct table t;
 	bool ok = false;
 	char sum[48];
 
-	table_init(&t, c, TOTAL_COLS);
+	table_init(&t, c, total_types, TOTAL_COLS);
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
-		put(&c[0], tot->tot.currency);
-		put_int(&c[1], tot->delta.accounts);
-		put_int(&c[2], tot->delta.open_accounts);
+		pg_bin_text(&c[0], tot->tot.currency);
+		pg_bin_int8(&c[1], tot->delta.accounts);
+		pg_bin_int8(&c[2], tot->delta.open_accounts);
 		readmodel_int128_text(tot->delta.balance_sum, sum);
-		put(&c[3], sum);
+		pg_bin_text(&c[3], sum);
 	}
-	ok = table_take(&t, params);
+	ok = table_take(&t, params, lengths);
 	table_free(&t);
 	return ok;
 }
 
-/* Every row of the batch and the NOTIFY of its checkpoint, in one statement. */
+/* Every row of the batch and the NOTIFY of its checkpoint, in one statement: the
+ * arrays in binary, the token as text. */
 static bool queue_rows(struct projector_ctx *ctx, const struct log_event *last)
 {
 	struct fold_rows *r = ctx->rows;
 	char *params[ROW_PARAMS] = { NULL };
+	int lengths[ROW_PARAMS] = { 0 }, formats[ROW_PARAMS];
 	char **p = params;
+	int *l = lengths;
 	char token[64];
 	bool ok = false;
 
+	for (size_t i = 0; i < ROW_PARAMS; i++)
+		formats[i] = i < ROW_PARAMS - 1;
 	snprintf(token, sizeof(token), "%s.%lld", last->txid, last->position);
-	if (!take_accounts(r, p) || !table_take(&r->entries, p += ACCOUNT_COLS) ||
-	    !table_take(&r->transfers, p += ENTRY_COLS) || !take_totals(r, p += TRANSFER_COLS) ||
+	if (!take_accounts(r, p, l) ||
+	    !table_take(&r->entries, p += ACCOUNT_COLS, l += ACCOUNT_COLS) ||
+	    !table_take(&r->transfers, p += ENTRY_COLS, l += ENTRY_COLS) ||
+	    !take_totals(r, p += TRANSFER_COLS, l += TRANSFER_COLS) ||
 	    !(params[ROW_PARAMS - 1] = strdup(token)))
 		goto done;
-	ok = pg_queue(ctx->pg, "write_rows", ROW_PARAMS, (const char *const *)params);
+	ok = pg_queue_params(ctx->pg, "write_rows", ROW_PARAMS, (const char *const *)params,
+			     lengths, formats, false);
 done:
 	for (size_t i = 0; i < ROW_PARAMS; i++)
 		free(params[i]);

@@ -35,7 +35,7 @@ struct projector_item {
 	char id[LEDGER_ID_MAX + 1]; /* account id, or transfer id */
 	int32_t version;
 	size_t json_at, json_len; /* where its JSON is in the batch's text */
-	const char *json; /* the JSON, once the batch is folded (the batch's rows own it) */
+	const char *json;         /* the JSON, once the batch is folded (the batch's rows own it) */
 };
 
 enum redis_sync { RS_UNKNOWN, RS_UNSYNCED, RS_SYNCING, RS_LIVE };
@@ -69,7 +69,8 @@ struct log_event {
 	char *data; /* the data's JSON text: data_in, or allocated when longer */
 	size_t data_len;
 	char data_in[200];
-	char at[32];
+	int64_t at_us; /* recorded_at: microseconds since 2000-01-01 UTC (PostgreSQL's) */
+	char at[32];   /* the same as the read models write it (readmodel_time_text) */
 	/* Its account in the cache, when the step's lookups found it there (queue_lookups);
 	 * valid for that step only, as the cache is dropped only between steps. */
 	struct rm_account *acct;

@@ -14,13 +14,15 @@
 static const struct pg_statement statements[] = {
 	{ "load_checkpoint", "SELECT txid::text, position, generation FROM projection_checkpoints "
 			     "WHERE projection = '" PROJECTOR_PROJECTION "'" },
+	/* The batch's events in binary (no text output of positions, ids or times on the
+	 * server), each row with the log's head then (an init plan, evaluated once: the
+	 * lag metrics' estimate, which needs no statement of its own). */
 	{ "read_events",
-	  "SELECT position, txid::text, substr(stream, 9), version, type, data::text, " READMODEL_SQL_TIME(
-		  "recorded_at") " "
-				 "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
-				 "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-				 "ORDER BY events.txid, events.position LIMIT $3" },
-	{ "log_head", "SELECT coalesce(max(position), 0) FROM events" },
+	  "SELECT position, txid, substr(stream, 9), version, type, data, recorded_at, "
+	  "(SELECT coalesce(max(position), 0) FROM events) "
+	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
+	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+	  "ORDER BY events.txid, events.position LIMIT $3" },
 	{ "load_accounts",
 	  "SELECT " READMODEL_SQL_ACCOUNT_COLUMNS(
 		  "rm_accounts") ", rm_accounts.entries "
@@ -43,16 +45,29 @@ static const struct pg_statement statements[] = {
 	 * exclusively: writes wait while it swaps), taken before any read-model table is
 	 * locked, then the checkpoint's compare-and-set ($1 epoch, $2 $3 from, $4
 	 * generation, $5 $6 to), which fails with SQLSTATE PROJECTOR_SQLSTATE_FENCED or
-	 * PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). */
+	 * PROJECTOR_SQLSTATE_CHECKPOINT_MOVED (sql/010). The compare-and-set is
+	 * projector_checkpoint_move's, in plain SQL and in its order (the guard, the lease
+	 * row FOR SHARE, then the checkpoint's row), so that a batch pays no PL/pgSQL call,
+	 * search_path switch or SPI statements; only when it moved nothing is the function
+	 * called, to raise the condition that holds (it moves the checkpoint itself only if
+	 * the conditions hold by then). */
 	{ "move_checkpoint",
-	  "SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK "), "
+	  "WITH guard AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(" READMODEL_SWITCH_LOCK
+	  ")), "
+	  "lease AS MATERIALIZED (SELECT l.epoch FROM guard, projector_leases l "
+	  "WHERE l.projection = '" PROJECTOR_PROJECTION "' FOR SHARE OF l), "
+	  "moved AS (UPDATE projection_checkpoints c SET txid = $5::xid8, position = $6::bigint, "
+	  "epoch = $1::bigint, updated_at = now() FROM lease WHERE c.projection = '" PROJECTOR_PROJECTION
+	  "' AND lease.epoch = $1::bigint AND $1::bigint > 0 AND c.txid = $2::xid8 "
+	  "AND c.position = $3::bigint AND c.generation = $4::bigint RETURNING 1) "
+	  "SELECT CASE WHEN EXISTS (SELECT FROM moved) THEN NULL ELSE "
 	  "projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
-	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint)" },
+	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint) END FROM guard" },
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
 	 * table): accounts ($1-$10), statement items ($11-$19), transfers ($20-$26), the
 	 * totals' deltas ($27-$30); then the NOTIFY of the new checkpoint ($31), which wakes
 	 * the query service's reads waiting for it and, in the batch's transaction, is
-	 * delivered only if the checkpoint commits. */
+	 * delivered only if the checkpoint commits. The arrays come in binary (fold.c). */
 	{ "write_rows",
 	  "WITH a AS (INSERT INTO rm_accounts (account_id, name, currency, balance, "
 	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT * FROM "
@@ -70,7 +85,8 @@ static const struct pg_statement statements[] = {
 	  "reference, at) SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::bigint[], "
 	  "$24::text[], $25::text[], $26::timestamptz[])), "
 	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * "
-	  "FROM unnest($27::text[], $28::bigint[], $29::bigint[], $30::numeric[]) ON CONFLICT "
+	  "FROM unnest($27::text[], $28::bigint[], $29::bigint[], $30::text[]::numeric[]) "
+	  "ON CONFLICT "
 	  "(currency) DO UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, "
 	  "open_accounts = rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = "
 	  "rm_totals.balance_sum + EXCLUDED.balance_sum) "
@@ -464,23 +480,33 @@ static void copy_text(char *out, size_t n, PGresult *r, int row, int col)
 	out[len] = '\0';
 }
 
-/* The event's data stays text until it is folded (fold.c reads it without jansson);
- * false when it cannot be kept. */
+/* A row of read_events (binary) into e; false when it cannot be decoded. The event's
+ * data stays text until it is folded (fold.c reads it without jansson). */
 static bool copy_event(struct log_event *e, PGresult *r, int row)
 {
-	size_t len = (size_t)PQgetlength(r, row, 5);
+	/* jsonb's binary form: a version byte (1), then the text. */
+	const char *data = PQgetvalue(r, row, 5);
+	int dlen = PQgetlength(r, row, 5);
+	size_t len = dlen > 0 ? (size_t)dlen - 1 : 0;
 
-	e->position = strtoll(PQgetvalue(r, row, 0), NULL, 10);
-	copy_text(e->txid, sizeof(e->txid), r, row, 1);
+	e->data = NULL;
+	if (PQgetlength(r, row, 0) != 8 || PQgetlength(r, row, 1) != 8 ||
+	    PQgetlength(r, row, 3) != 4 || PQgetlength(r, row, 6) != 8 || dlen < 1 || data[0] != 1)
+		return false;
+	e->position = (long long)pg_bin_uint(PQgetvalue(r, row, 0), 8);
+	snprintf(e->txid, sizeof(e->txid), "%llu",
+		 (unsigned long long)pg_bin_uint(PQgetvalue(r, row, 1), 8));
 	copy_text(e->account, sizeof(e->account), r, row, 2);
-	e->version = (int32_t)atoi(PQgetvalue(r, row, 3));
+	e->version = (int32_t)pg_bin_uint(PQgetvalue(r, row, 3), 4);
 	e->type = ledger_event_type_from_name(PQgetvalue(r, row, 4));
 	e->data = len < sizeof(e->data_in) ? e->data_in : malloc(len + 1);
 	if (e->data) {
-		memcpy(e->data, PQgetvalue(r, row, 5), len + 1);
+		memcpy(e->data, data + 1, len);
+		e->data[len] = '\0';
 		e->data_len = len;
 	}
-	copy_text(e->at, sizeof(e->at), r, row, 6);
+	e->at_us = (int64_t)pg_bin_uint(PQgetvalue(r, row, 6), 8);
+	readmodel_time_text(e->at_us, e->at);
 	e->acct = NULL;
 	return e->type && e->data;
 }
@@ -512,9 +538,12 @@ static void update_redis_lag(struct projector_ctx *ctx, long long head_pos)
 		   (ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds) + behind);
 }
 
-static long long head_of(PGresult *head)
+/* The log's head from read_events' rows; 0 without rows (then it is not needed). */
+static long long head_of(PGresult *r)
 {
-	return PQntuples(head) ? strtoll(PQgetvalue(head, 0, 0), NULL, 10) : 0;
+	return PQntuples(r) && PQgetlength(r, 0, 7) == 8
+		       ? (long long)pg_bin_uint(PQgetvalue(r, 0, 7), 8)
+		       : 0;
 }
 
 static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
@@ -525,10 +554,9 @@ static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got
 	if (got == 0) {
 		ctx->lag_seconds = 0;
 	} else {
-		struct tm tm = { 0 };
-		const char *at = ctx->events[0].at;
-		if (strptime(at, "%Y-%m-%dT%H:%M:%S", &tm))
-			ctx->lag_seconds = difftime(time(NULL), timegm(&tm));
+		/* recorded_at counts from 2000-01-01, 946,684,800 s after the Unix epoch. */
+		ctx->lag_seconds = difftime(time(NULL),
+					    (time_t)(ctx->events[0].at_us / 1000000 + 946684800));
 	}
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
 	update_redis_lag(ctx, got == 0 || head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);
@@ -559,8 +587,8 @@ static void read_done(void *arg, const struct pg_outcome *out)
 		recover(ctx, "the connection failed while reading the log");
 		return;
 	}
-	if (n != 2 || !all_ok(results, n, why, sizeof(why))) {
-		recover(ctx, n == 2 ? why : "reading the log failed");
+	if (n != 1 || !all_ok(results, n, why, sizeof(why))) {
+		recover(ctx, n == 1 ? why : "reading the log failed");
 		return;
 	}
 	r = results[0];
@@ -571,7 +599,7 @@ static void read_done(void *arg, const struct pg_outcome *out)
 			return;
 		}
 	}
-	got_batch(ctx, head_of(results[1]));
+	got_batch(ctx, head_of(r));
 }
 
 static void read_batch(struct projector_ctx *ctx)
@@ -581,8 +609,8 @@ static void read_batch(struct projector_ctx *ctx)
 
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
-	if (!pg_queue(ctx->pg, "read_events", 3, params) ||
-	    !pg_queue(ctx->pg, "log_head", 0, NULL) || !pg_run(ctx->pg, read_done, ctx))
+	if (!pg_queue_params(ctx->pg, "read_events", 3, params, NULL, NULL, true) ||
+	    !pg_run(ctx->pg, read_done, ctx))
 		return; /* the connection is being reset; on_connect starts over */
 	ctx->step = STEP_READING;
 }
@@ -607,12 +635,12 @@ static bool take_ahead(struct projector_ctx *ctx, const struct pg_outcome *out)
 {
 	char why[256];
 
-	if (out->status != PG_RUN_DONE || out->n != 2 || !all_ok(out->results, 2, why, sizeof(why)))
+	if (out->status != PG_RUN_DONE || out->n != 1 || !all_ok(out->results, 1, why, sizeof(why)))
 		return false;
 	for (int row = 0; row < PQntuples(out->results[0]); row++)
 		if (!copy_event(&ctx->ahead[ctx->nahead++], out->results[0], row))
 			return false;
-	ctx->ahead_head = head_of(out->results[1]);
+	ctx->ahead_head = head_of(out->results[0]);
 	return true;
 }
 
@@ -644,8 +672,8 @@ static void read_ahead(struct projector_ctx *ctx)
 		return;
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	snprintf(limit, sizeof(limit), "%d", PROJECTOR_BATCH_MAX);
-	if (!pg_queue(ctx->pg, "read_events", 3, params) ||
-	    !pg_queue(ctx->pg, "log_head", 0, NULL) || !pg_run(ctx->pg, ahead_done, ctx))
+	if (!pg_queue_params(ctx->pg, "read_events", 3, params, NULL, NULL, true) ||
+	    !pg_run(ctx->pg, ahead_done, ctx))
 		return; /* the connection is being reset */
 	snprintf(ctx->ahead_from, sizeof(ctx->ahead_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 	ctx->ahead_running = true;

@@ -271,6 +271,9 @@ static bool begin_setup(struct pg *pg)
 		return false;
 	if (!queue_deadlines(pg))
 		return false;
+	if (pg->cfg.generic_plans &&
+	    !pg_queue_sql(pg, "SET plan_cache_mode = force_generic_plan", 0, NULL))
+		return false;
 	for (size_t i = 0; i < pg->cfg.nstatements; i++) {
 		const struct pg_statement *s = &pg->cfg.statements[i];
 		if (!reserve_slot(pg) || !PQsendPrepare(pg->conn, s->name, s->sql, 0, NULL))
@@ -701,6 +704,17 @@ bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const
 	return queued(pg, PQsendQueryParams(pg->conn, sql, nparams, NULL, values, NULL, NULL, 0));
 }
 
+bool pg_queue_params(struct pg *pg, const char *statement, int nparams, const char *const *values,
+		     const int *lengths, const int *formats, bool binary_results)
+{
+	if (pg->state != PG_IDLE)
+		return false;
+	if (!reserve_slot(pg))
+		return no_slot(pg);
+	return queued(pg, PQsendQueryPrepared(pg->conn, statement, nparams, values, lengths,
+					      formats, binary_results ? 1 : 0));
+}
+
 bool pg_run(struct pg *pg, pg_done_cb done, void *arg)
 {
 	if (pg->state != PG_IDLE)
@@ -874,6 +888,122 @@ void pg_array_free(struct pg_array *a)
 {
 	free(a->p);
 	*a = (struct pg_array){ 0 };
+}
+
+static void put_be32(unsigned char *out, uint32_t v)
+{
+	out[0] = (unsigned char)(v >> 24);
+	out[1] = (unsigned char)(v >> 16);
+	out[2] = (unsigned char)(v >> 8);
+	out[3] = (unsigned char)v;
+}
+
+/* The array's header: ndim, has-null flag, element type; for one dimension its length
+ * and lower bound (an empty array has no dimension). Written last, into the room left. */
+#define BIN_HEADER 20
+
+/* One element: its length (-1: NULL), then its bytes, in place. */
+static void bin_element(struct pg_bin_array *a, const void *value, int32_t len)
+{
+	size_t more = 4 + (len > 0 ? (size_t)len : 0), cap, need;
+	char *p;
+
+	if (a->failed)
+		return;
+	need = (a->len ? a->len : BIN_HEADER) + more;
+	if (need > a->cap) {
+		for (cap = a->cap ? 2 * a->cap : 1024; cap < need; cap *= 2)
+			;
+		if (!(p = realloc(a->p, cap))) {
+			a->failed = true;
+			return;
+		}
+		a->p = p;
+		a->cap = cap;
+	}
+	if (!a->len)
+		a->len = BIN_HEADER;
+	put_be32((unsigned char *)a->p + a->len, (uint32_t)len);
+	if (len > 0)
+		memcpy(a->p + a->len + 4, value, (size_t)len);
+	a->len += more;
+	a->n++;
+}
+
+void pg_bin_text(struct pg_bin_array *a, const char *value)
+{
+	if (!value)
+		a->has_null = true;
+	bin_element(a, value, value ? (int32_t)strlen(value) : -1);
+}
+
+void pg_bin_int8(struct pg_bin_array *a, int64_t value)
+{
+	unsigned char b[8];
+
+	put_be32(b, (uint32_t)((uint64_t)value >> 32));
+	put_be32(b + 4, (uint32_t)value);
+	bin_element(a, b, sizeof(b));
+}
+
+void pg_bin_int4(struct pg_bin_array *a, int32_t value)
+{
+	unsigned char b[4];
+
+	put_be32(b, (uint32_t)value);
+	bin_element(a, b, sizeof(b));
+}
+
+void pg_bin_bool(struct pg_bin_array *a, bool value)
+{
+	unsigned char b = value ? 1 : 0;
+
+	bin_element(a, &b, 1);
+}
+
+char *pg_bin_array_take(struct pg_bin_array *a, int *len)
+{
+	unsigned char *h;
+	char *out;
+	size_t skip = a->n ? 0 : 8; /* an empty array: no dimension */
+
+	if (!a->len && !a->failed && !(a->p = malloc(a->cap = BIN_HEADER)))
+		a->failed = true;
+	if (!a->len)
+		a->len = BIN_HEADER;
+	if (a->failed || a->len > (size_t)INT32_MAX) {
+		pg_bin_array_free(a);
+		return NULL;
+	}
+	h = (unsigned char *)a->p;
+	put_be32(h + skip, a->n ? 1 : 0);
+	put_be32(h + skip + 4, a->has_null ? 1 : 0);
+	put_be32(h + skip + 8, (uint32_t)a->type);
+	if (a->n) {
+		put_be32(h + 12, (uint32_t)a->n);
+		put_be32(h + 16, 1);
+	}
+	if (skip)
+		memmove(a->p, a->p + skip, a->len - skip);
+	*len = (int)(a->len - skip);
+	out = a->p;
+	*a = (struct pg_bin_array){ .type = a->type };
+	return out;
+}
+
+void pg_bin_array_free(struct pg_bin_array *a)
+{
+	free(a->p);
+	*a = (struct pg_bin_array){ .type = a->type };
+}
+
+uint64_t pg_bin_uint(const char *p, int bytes)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < bytes; i++)
+		v = v << 8 | (unsigned char)p[i];
+	return v;
 }
 
 const char *pg_sqlstate(const PGresult *res)

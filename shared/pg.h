@@ -6,6 +6,7 @@
 #include <libpq-fe.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "log.h"
 
@@ -36,6 +37,10 @@ struct pg_config {
 	/* Commit without waiting for the WAL flush. Only for derived data that a crash may
 	 * roll back consistently (the projector): never for acknowledged writes. */
 	bool async_commit;
+	/* Plan every prepared statement once (plan_cache_mode = force_generic_plan): for a
+	 * session whose statements are run many times with plans that do not depend on
+	 * their parameters' values (the projector's). */
+	bool generic_plans;
 	void (*on_connect)(void *arg);
 	void (*on_notify)(void *arg);
 	void *arg;
@@ -105,6 +110,12 @@ bool pg_queue(struct pg *pg, const char *statement, int nparams, const char *con
 	__attribute__((warn_unused_result));
 bool pg_queue_sql(struct pg *pg, const char *sql, int nparams, const char *const *values)
 	__attribute__((warn_unused_result));
+/* pg_queue with parameters in either format: formats[i] 1 sends values[i] as
+ * lengths[i] bytes of PostgreSQL's binary form (pg_bin_array), 0 as text (lengths and
+ * formats may be NULL: all text); binary_results asks for every column in binary. */
+bool pg_queue_params(struct pg *pg, const char *statement, int nparams, const char *const *values,
+		     const int *lengths, const int *formats, bool binary_results)
+	__attribute__((warn_unused_result));
 /* Send the queued statements with one sync; `done` gets their results. */
 bool pg_run(struct pg *pg, pg_done_cb done, void *arg) __attribute__((warn_unused_result));
 
@@ -129,6 +140,37 @@ void pg_array_put_int(struct pg_array *a, long long v); /* as its decimal text *
  * array is empty again after (its memory handed over). */
 char *pg_array_take(struct pg_array *a) __attribute__((warn_unused_result));
 void pg_array_free(struct pg_array *a);
+
+/* A one-dimensional array parameter in PostgreSQL's binary form (array_recv's),
+ * built element by element: no text to parse on the server, and binary elements (an
+ * int8, a timestamptz) skip their types' text input too. */
+enum pg_type_oid { /* pg_type's OIDs, fixed for built-in types */
+		   PG_TYPE_BOOL = 16,
+		   PG_TYPE_INT8 = 20,
+		   PG_TYPE_INT4 = 23,
+		   PG_TYPE_TEXT = 25,
+		   PG_TYPE_TIMESTAMPTZ = 1184, /* int8: microseconds since 2000-01-01 00:00 UTC */
+};
+/* Start with { .type = ... }; a failed allocation sets `failed`, which stays set: the
+ * array is then lost (take gives NULL). */
+struct pg_bin_array {
+	char *p; /* room for the header, then the elements */
+	size_t len, cap;
+	enum pg_type_oid type;
+	int32_t n;
+	bool has_null, failed;
+};
+/* Append an element of the array's type (text: NULL for a NULL element). */
+void pg_bin_text(struct pg_bin_array *a, const char *value);
+void pg_bin_int8(struct pg_bin_array *a, int64_t value);
+void pg_bin_int4(struct pg_bin_array *a, int32_t value);
+void pg_bin_bool(struct pg_bin_array *a, bool value);
+/* The whole array (header and elements) for a binary parameter, its length in *len;
+ * NULL when out of memory. Caller frees. The array is empty again after. */
+char *pg_bin_array_take(struct pg_bin_array *a, int *len) __attribute__((warn_unused_result));
+void pg_bin_array_free(struct pg_bin_array *a);
+/* A big-endian integer of `bytes` bytes: a binary result's int2/int4/int8/xid8. */
+uint64_t pg_bin_uint(const char *p, int bytes);
 
 /* The SQLSTATE of a result ("23505"), or "" when none. */
 const char *pg_sqlstate(const PGresult *res);

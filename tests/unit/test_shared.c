@@ -1318,8 +1318,8 @@ Test(pg, array_literal_quotes_and_escapes)
  * long the array grows; an empty one is "{}". */
 Test(pg, array_written_in_place_is_the_appended_literal)
 {
-	const char *values[] = { "plain", "with \"quote\"", "back\\slash", "", "a,b",
-				 "{brace}", "NULL", "\\\"\\\"", NULL, "\xc3\xa9 \x01" };
+	const char *values[] = { "plain",   "with \"quote\"", "back\\slash", "",   "a,b",
+				 "{brace}", "NULL",           "\\\"\\\"",    NULL, "\xc3\xa9 \x01" };
 	const size_t nv = sizeof(values) / sizeof(values[0]);
 	struct pg_array a = { 0 };
 	struct evbuffer *buf = evbuffer_new();
@@ -1356,6 +1356,52 @@ Test(pg, array_written_in_place_is_the_appended_literal)
 	free(text);
 	free(want);
 	evbuffer_free(buf);
+}
+
+/* array_recv's layout: ndim, has-null flag, element type, then per dimension its length
+ * and lower bound, then each element's length (-1: NULL) and bytes, all big-endian. */
+Test(pg, binary_arrays_have_array_recvs_layout)
+{
+	static const unsigned char ints[] = {
+		0, 0, 0, 1, 0, 0, 0,    0,    0,    0,    0,    20,   0,    0,    0,
+		2, 0, 0, 0, 1, 0, 0,    0,    8,    0,    0,    0,    0,    0,    0,
+		0, 1, 0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe,
+	};
+	static const unsigned char texts[] = {
+		0, 0, 0, 1, 0, 0, 0, 1,   0,   0,    0,    25,   0,    0, 0, 3, 0,
+		0, 0, 1, 0, 0, 0, 2, 'a', '"', 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+	};
+	static const unsigned char empty[] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x04, 0xa0 };
+	struct pg_bin_array a;
+	char *out;
+	int len;
+
+	a = (struct pg_bin_array){ .type = PG_TYPE_INT8 };
+	pg_bin_int8(&a, 1);
+	pg_bin_int8(&a, -2);
+	cr_assert_not_null(out = pg_bin_array_take(&a, &len));
+	cr_assert_eq(len, (int)sizeof(ints));
+	cr_assert_arr_eq(out, ints, sizeof(ints));
+	free(out);
+	pg_bin_array_free(&a);
+
+	a = (struct pg_bin_array){ .type = PG_TYPE_TEXT };
+	pg_bin_text(&a, "a\"");
+	pg_bin_text(&a, NULL);
+	pg_bin_text(&a, "");
+	cr_assert_not_null(out = pg_bin_array_take(&a, &len));
+	cr_assert_eq(len, (int)sizeof(texts));
+	cr_assert_arr_eq(out, texts, sizeof(texts));
+	free(out);
+	pg_bin_array_free(&a);
+
+	a = (struct pg_bin_array){ .type = PG_TYPE_TIMESTAMPTZ };
+	cr_assert_not_null(out = pg_bin_array_take(&a, &len));
+	cr_assert_eq(len, (int)sizeof(empty));
+	cr_assert_arr_eq(out, empty, sizeof(empty));
+	free(out);
+	pg_bin_array_free(&a);
+	cr_assert_eq(pg_bin_uint("\x01\x02\x03\x04\x05\x06\x07\x08", 8), 0x0102030405060708ULL);
 }
 
 Test(pg, sqlstate_of_no_result_is_empty)
