@@ -124,23 +124,6 @@ bool pg_run(struct pg *pg, pg_done_cb done, void *arg) __attribute__((warn_unuse
  * `first` set for the first element. */
 void pg_array_append(struct evbuffer *buf, const char *value, bool first);
 
-/* The same literal written in place into one growing buffer, without a buffer call
- * per piece (the projector writes a column of every event of a batch): start with
- * { 0 }, put the elements, take the literal ("{}" when empty). A failed allocation
- * sets `failed`, which stays set: the literal is then lost (take gives NULL). */
-struct pg_array {
-	char *p;
-	size_t len, cap;
-	size_t n; /* elements put */
-	bool failed;
-};
-void pg_array_put(struct pg_array *a, const char *value);
-void pg_array_put_int(struct pg_array *a, long long v); /* as its decimal text */
-/* The literal, NUL-terminated, for the caller to free; NULL when it failed. The
- * array is empty again after (its memory handed over). */
-char *pg_array_take(struct pg_array *a) __attribute__((warn_unused_result));
-void pg_array_free(struct pg_array *a);
-
 /* A one-dimensional array parameter in PostgreSQL's binary form (array_recv's),
  * built element by element: no text to parse on the server, and binary elements (an
  * int8, a timestamptz) skip their types' text input too. */

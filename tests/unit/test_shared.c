@@ -1314,50 +1314,6 @@ Test(pg, array_literal_quotes_and_escapes)
 	evbuffer_free(buf);
 }
 
-/* pg_array writes the same literal as pg_array_append, for any element and however
- * long the array grows; an empty one is "{}". */
-Test(pg, array_written_in_place_is_the_appended_literal)
-{
-	const char *values[] = { "plain",   "with \"quote\"", "back\\slash", "",   "a,b",
-				 "{brace}", "NULL",           "\\\"\\\"",    NULL, "\xc3\xa9 \x01" };
-	const size_t nv = sizeof(values) / sizeof(values[0]);
-	struct pg_array a = { 0 };
-	struct evbuffer *buf = evbuffer_new();
-	char *text, *want;
-	size_t n, k = 0;
-
-	cr_assert_not_null(buf);
-	text = pg_array_take(&a);
-	cr_assert_str_eq(text, "{}");
-	free(text);
-	evbuffer_add(buf, "{", 1);
-	for (size_t i = 0; i < 3000; i++, k++) {
-		char num[24];
-		long long v = (long long)i * 7919 - 1000000 * (long long)(i % 3);
-		if (i % 4 == 3) {
-			snprintf(num, sizeof(num), "%lld", v);
-			pg_array_put_int(&a, v);
-			pg_array_append(buf, num, k == 0);
-		} else {
-			pg_array_put(&a, values[i % nv]);
-			pg_array_append(buf, values[i % nv], k == 0);
-		}
-	}
-	pg_array_put_int(&a, INT64_MIN);
-	pg_array_append(buf, "-9223372036854775808", false);
-	evbuffer_add(buf, "}", 2);
-	n = evbuffer_get_length(buf);
-	want = malloc(n);
-	cr_assert_not_null(want);
-	evbuffer_remove(buf, want, n);
-	text = pg_array_take(&a);
-	cr_assert_str_eq(text, want);
-	cr_assert_null(a.p);
-	free(text);
-	free(want);
-	evbuffer_free(buf);
-}
-
 /* array_recv's layout: ndim, has-null flag, element type, then per dimension its length
  * and lower bound, then each element's length (-1: NULL) and bytes, all big-endian. */
 Test(pg, binary_arrays_have_array_recvs_layout)
