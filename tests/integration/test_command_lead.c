@@ -216,7 +216,14 @@ Test(command_lead, of_two_instances_exactly_one_is_ready_and_the_standby_refuses
 	harness_start_command(&a, db);
 	harness_start_command_standby(&b, db, NULL);
 	cr_assert_eq(readyz(&a, NULL, 0), 200);
-	cr_assert_eq(readyz(&b, body, sizeof(body)), 503, "two instances are ready");
+	/* The standby may still be connecting to PostgreSQL (its writes are then 503
+	 * unavailable, not not_leader): wait until its /readyz says PostgreSQL is there. */
+	for (double end = harness_now() + 20;; usleep(20000)) {
+		cr_assert_eq(readyz(&b, body, sizeof(body)), 503, "two instances are ready");
+		if (strstr(body, "\"postgresql\":\"ok\""))
+			break;
+		cr_assert(harness_now() < end, "the standby never reached PostgreSQL: %s", body);
+	}
 	cr_assert(strstr(body, "\"standby\""), "the standby's /readyz says: %s", body);
 	must(&a, "/accounts", "{\"id\":\"one\",\"name\":\"One\",\"currency\":\"EUR\"}");
 	r = send_write(&b, "/accounts/one/deposits", "{\"amount\":5}", "to-standby", NULL, 10);

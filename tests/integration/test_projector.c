@@ -553,10 +553,12 @@ Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
 	harness_start_projector(&proj, db, redis_url);
 	harness_wait_caught_up(db, redis_url, 20);
 	harness_sql_checkpoint(db, before, sizeof(before));
-	freeReplyObject(redisCommand(c, "CLIENT PAUSE 4000 WRITE"));
+	/* Long enough for a loaded machine; unpaused below as soon as the test has seen
+	 * what it needs. */
+	freeReplyObject(redisCommand(c, "CLIENT PAUSE 15000 WRITE"));
 	must("/accounts/p-1/deposits", "{\"amount\":1}");
 	/* Its SQL leg commits; its Redis leg now waits for the pause. */
-	for (end = harness_now() + 3;; usleep(10000)) {
+	for (end = harness_now() + 10;; usleep(10000)) {
 		harness_sql_checkpoint(db, now, sizeof(now));
 		if (strcmp(now, before) != 0)
 			break;
@@ -564,7 +566,7 @@ Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
 	}
 	must("/accounts/p-2/deposits", "{\"amount\":2}");
 	must("/accounts/p-1/deposits", "{\"amount\":3}");
-	for (end = harness_now() + 3; harness_metric(&proj, ahead) < 1; usleep(10000))
+	for (end = harness_now() + 10; harness_metric(&proj, ahead) < 1; usleep(10000))
 		cr_assert(harness_now() < end, "no batch was read during the redis write");
 	freeReplyObject(redisCommand(c, "CLIENT UNPAUSE"));
 	harness_wait_caught_up(db, redis_url, 20);
