@@ -239,23 +239,40 @@ static int status_at(struct evbuffer *out, size_t at)
 static void rewrite_error_page(struct conn *c)
 {
 	struct evbuffer *out = bufferevent_get_output(c->bev), *keep = NULL;
-	int status = status_at(out, c->error_at);
 	char request_id[HTTP_REQUEST_ID_NEW_LEN];
+	int status;
 
 	c->error_page = false;
+	/* The socket bufferevent keeps its output's front frozen after its first write (it
+	 * thaws it only while it writes): on a keep-alive connection that has answered,
+	 * reading the status, removing and draining would all fail, and evhttp's own page
+	 * would go out. Thawed for the rewrite, frozen again after, as libevent leaves it. */
+	evbuffer_unfreeze(out, 1);
+	status = status_at(out, c->error_at);
 	if (status < 400) {
+		evbuffer_freeze(out, 1);
 		start_header_deadline(c); /* a 100 Continue: the body is still to come */
 		return;
 	}
 	c->rewriting = true;
-	keep = evbuffer_new();
-	if (keep && c->error_at > 0)
-		evbuffer_remove_buffer(out, keep, c->error_at);
+	keep = c->error_at > 0 ? evbuffer_new() : NULL;
+	if (c->error_at > 0 && (!keep || evbuffer_remove_buffer(out, keep, c->error_at) !=
+						 (int)c->error_at)) {
+		/* What came before the page cannot be kept apart: cut the connection rather
+		 * than send evhttp's page. */
+		evbuffer_freeze(out, 1);
+		c->rewriting = false;
+		if (keep)
+			evbuffer_free(keep);
+		evhttp_connection_free(c->evcon); /* on_close frees c */
+		return;
+	}
 	evbuffer_drain(out, evbuffer_get_length(out));
 	if (keep)
 		evbuffer_add_buffer(out, keep);
 	http_new_request_id(c->owner->ids, request_id);
 	http_problem_page(out, status, c->received, request_id);
+	evbuffer_freeze(out, 1);
 	c->rewriting = false;
 	if (keep)
 		evbuffer_free(keep);
@@ -368,7 +385,10 @@ static ssize_t read_some(evutil_socket_t fd, struct evbuffer *in, size_t size)
 		room[used].iov_len = room[used].iov_len < left ? room[used].iov_len : left;
 		left -= room[used].iov_len;
 	}
-	evbuffer_commit_space(in, room, used);
+	if (evbuffer_commit_space(in, room, used) != 0) {
+		errno = ENOMEM; /* the bytes are gone from the socket: the connection ends */
+		return -1;
+	}
 	return n;
 }
 

@@ -404,6 +404,40 @@ static bool get_on(int fd)
 	return strncmp(buf, "HTTP/1.1 200", 12) == 0;
 }
 
+/* evhttp's own error pages are replaced by problem details on a keep-alive connection
+ * too, after it has answered: not its HTML page followed by ours. */
+Test(http_edge, an_error_page_after_an_answer_on_the_same_connection_is_problem_details)
+{
+	const char *bad = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Broken header line\r\n\r\n";
+	char *req, *answer;
+	size_t len;
+	int fd;
+
+	start_command();
+	/* A malformed header line (400), then headers over the limit (431). */
+	for (int round = 0; round < 2; round++) {
+		fd = connect_to(svc.port);
+		cr_assert(fd >= 0);
+		cr_assert(get_on(fd), "the first request was not answered");
+		if (round == 0) {
+			cr_assert(send_all(fd, bad, strlen(bad)));
+		} else {
+			req = request_with_headers(17 * 1024, &len);
+			cr_assert(send_all(fd, req, len));
+			free(req);
+		}
+		answer = read_until_close(fd, 20);
+		close(fd);
+		cr_assert(answer, "no answer, or the connection stayed open");
+		cr_assert_null(strcasestr(answer, "<html"), "evhttp's own page was sent: %.400s",
+			       answer);
+		assert_problem(answer, round == 0 ? 400 : 431,
+			       round == 0 ? "invalid_request" : "headers_too_large");
+		cr_assert_null(strstr(answer + 1, "HTTP/1.1 "), "two answers: %.600s", answer);
+		free(answer);
+	}
+}
+
 #define CLOSED_BY(reason) "daybook_http_connections_closed_total{reason=\"" reason "\"}"
 
 Test(http_edge, a_flood_of_newcomers_at_the_cap_never_closes_active_keep_alive_clients)
