@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "query.h"
@@ -340,6 +341,35 @@ static int worker_count(void)
 	return n < 1 ? 1 : n > 4 && !(v && *v) ? 4 : n > MAX_WORKERS ? MAX_WORKERS : (int)n;
 }
 
+/* Descriptors the process keeps for everything but client sockets (PostgreSQL, Redis,
+ * files), as the HTTP edge does (shared/http_conn.c). */
+#define STREAM_FD_HEADROOM 64
+
+/* Event streams leave the HTTP edge's connection cap when they start (they have their
+ * own, DAYBOOK_MAX_STREAMS) but each still holds a descriptor: the streams and the
+ * connections together must fit in the descriptor limit, or a reader opening streams
+ * could leave PostgreSQL and Redis no descriptor to reconnect with. */
+static size_t streams_within_descriptors(struct query_ctx *ctx, size_t want)
+{
+	size_t conns = ctx->cfg.http.max_connections ? ctx->cfg.http.max_connections
+						      : CONFIG_MAX_CONNECTIONS_DEFAULT;
+	size_t room;
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+		return want;
+	room = (size_t)rl.rlim_cur > 2 * STREAM_FD_HEADROOM + conns
+		       ? (size_t)rl.rlim_cur - 2 * STREAM_FD_HEADROOM - conns
+		       : 0;
+	if (want <= room)
+		return want;
+	log_warn(&ctx->log,
+		 "at most %zu event streams: the descriptor limit (ulimit -n) is %llu and %zu "
+		 "connections may be open",
+		 room, (unsigned long long)rl.rlim_cur, conns);
+	return room;
+}
+
 /* The settings of this service alone, into worker 0 (the others copy it). */
 static int configure(struct service_ctx *svc)
 {
@@ -359,7 +389,7 @@ static int configure(struct service_ctx *svc)
 		return 2;
 	ctx->max_waiters = (size_t)max_waiters;
 	ctx->probe_interval = (double)probe_ms / 1e3;
-	ctx->max_streams = (size_t)max_streams;
+	ctx->max_streams = streams_within_descriptors(ctx, (size_t)max_streams);
 	ctx->stream_buffer_max = (size_t)stream_buffer;
 	ctx->stream_keepalive = (double)keepalive_ms / 1e3;
 	ctx->nworkers = worker_count();

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -997,6 +998,48 @@ Test(feed, streams_that_ended_never_use_up_the_connection_cap,
 				      harness_now() + 10),
 		  "%g connections counted open, only the metrics request is",
 		  harness_metric(&query, "daybook_http_connections_open"));
+}
+
+/* The service runs with 256 descriptors and a cap of 100 connections: 256 - 2 * 64
+ * (headroom) - 100 leaves room for 28 streams, not DAYBOOK_MAX_STREAMS' 1000. */
+static void setup_few_descriptors(void)
+{
+	const char *env[] = { "DAYBOOK_MAX_CONNECTIONS", "100", NULL };
+	struct rlimit rl, low;
+
+	cr_assert(getrlimit(RLIMIT_NOFILE, &rl) == 0);
+	low = (struct rlimit){ 256, rl.rlim_max };
+	cr_assert(setrlimit(RLIMIT_NOFILE, &low) == 0);
+	setup_with(env);
+	cr_assert(setrlimit(RLIMIT_NOFILE, &rl) == 0);
+}
+
+/* Streams leave the connection cap when they start, but each holds a descriptor: the
+ * stream cap shrinks to what the descriptor limit leaves after the connections, so a
+ * reader opening streams cannot take the descriptors PostgreSQL and Redis need. */
+Test(feed, the_stream_cap_fits_in_the_descriptor_limit, .init = setup_few_descriptors)
+{
+	enum { TRY = 40 };
+	struct sse s[TRY];
+	int open = 0, refused = 0;
+
+	for (int i = 0; i < TRY; i++) {
+		sse_open(&s[i], NULL, NULL, 0);
+		if (s[i].status == 200)
+			open++;
+		else if (s[i].status == 503 && strstr(s[i].raw, "too_many_streams"))
+			refused++;
+	}
+	cr_assert_eq(open, 28, "%d streams opened with room for 28", open);
+	cr_assert_eq(refused, TRY - 28);
+	cr_assert(harness_log_says(&query, "at most 28 event streams"));
+	for (int i = 0; i < TRY; i++)
+		sse_close(&s[i]);
+	{
+		struct response r = http_request(query.port, "GET", "/healthz", NULL, NULL, 5);
+		cr_assert_eq(r.status, 200);
+		response_free(&r);
+	}
 }
 
 /* HEAD is served by the GET route, but evhttp sends no body for HEAD: a stream opened
