@@ -341,10 +341,6 @@ static int worker_count(void)
 	return n < 1 ? 1 : n > 4 && !(v && *v) ? 4 : n > MAX_WORKERS ? MAX_WORKERS : (int)n;
 }
 
-/* Descriptors the process keeps for everything but client sockets (PostgreSQL, Redis,
- * files), as the HTTP edge does (shared/http_conn.c). */
-#define STREAM_FD_HEADROOM 64
-
 /* Event streams leave the HTTP edge's connection cap when they start (they have their
  * own, DAYBOOK_MAX_STREAMS) but each still holds a descriptor: the streams and the
  * connections together must fit in the descriptor limit, or a reader opening streams
@@ -352,14 +348,14 @@ static int worker_count(void)
 static size_t streams_within_descriptors(struct query_ctx *ctx, size_t want)
 {
 	size_t conns = ctx->cfg.http.max_connections ? ctx->cfg.http.max_connections
-						      : CONFIG_MAX_CONNECTIONS_DEFAULT;
+						     : CONFIG_MAX_CONNECTIONS_DEFAULT;
 	size_t room;
 	struct rlimit rl;
 
 	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
 		return want;
-	room = (size_t)rl.rlim_cur > 2 * STREAM_FD_HEADROOM + conns
-		       ? (size_t)rl.rlim_cur - 2 * STREAM_FD_HEADROOM - conns
+	room = (size_t)rl.rlim_cur > 2 * CONFIG_FD_HEADROOM + conns
+		       ? (size_t)rl.rlim_cur - 2 * CONFIG_FD_HEADROOM - conns
 		       : 0;
 	if (want <= room)
 		return want;

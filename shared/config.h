@@ -46,6 +46,9 @@ struct config_http {
 #define CONFIG_MAX_CONNECTIONS_DEFAULT 512
 #define CONFIG_HEADER_TIMEOUT_MS_DEFAULT 10000
 #define CONFIG_IDLE_TIMEOUT_MS_DEFAULT 60000
+/* Descriptors a service keeps for everything but client sockets (PostgreSQL, Redis,
+ * files): the connection cap (and the query service's stream cap) fit below the rest. */
+#define CONFIG_FD_HEADROOM 64
 
 /* Strings point into the environment and live as long as the process. */
 struct config {

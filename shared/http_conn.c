@@ -34,8 +34,6 @@
 
 /* A listener paused by EMFILE is re-armed this often. */
 #define RESUME_MS 250
-/* Descriptors kept for everything but client connections (PostgreSQL, Redis, files). */
-#define FD_HEADROOM 64
 /* A connection is closed to make room only once it has been idle (or sending its
  * request) this long: a keep-alive client between two requests is not idle in any
  * useful sense, and closing it only makes it reconnect and close another in turn. */
@@ -256,8 +254,8 @@ static void rewrite_error_page(struct conn *c)
 	}
 	c->rewriting = true;
 	keep = c->error_at > 0 ? evbuffer_new() : NULL;
-	if (c->error_at > 0 && (!keep || evbuffer_remove_buffer(out, keep, c->error_at) !=
-						 (int)c->error_at)) {
+	if (c->error_at > 0 &&
+	    (!keep || evbuffer_remove_buffer(out, keep, c->error_at) != (int)c->error_at)) {
 		/* What came before the page cannot be kept apart: cut the connection rather
 		 * than send evhttp's page. */
 		evbuffer_freeze(out, 1);
@@ -659,8 +657,9 @@ static size_t cap(const struct conns_config *cfg)
 	struct rlimit rl;
 
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
-		size_t room = rl.rlim_cur > 2 * FD_HEADROOM ? (size_t)rl.rlim_cur - FD_HEADROOM
-							    : (size_t)rl.rlim_cur / 2;
+		size_t room = rl.rlim_cur > 2 * CONFIG_FD_HEADROOM
+				      ? (size_t)rl.rlim_cur - CONFIG_FD_HEADROOM
+				      : (size_t)rl.rlim_cur / 2;
 		if (max > room) {
 			log_msg(cfg->log, LOG_WARN, NULL,
 				"at most %zu connections: the descriptor limit (ulimit -n) is %llu",
