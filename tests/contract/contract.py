@@ -21,6 +21,7 @@ them). Exit status 0 when every answer matches, 1 otherwise.
 """
 
 import argparse
+import calendar
 import http.client
 import json
 import os
@@ -458,6 +459,8 @@ def run(ct, env):
     mp = urllib.parse.quote(last or "")
     a = read("account", "/accounts/{id}", f"/accounts/{a_id}?min_position={mp}", expect=200)
     etag = a.getheader("ETag")
+    # The database's time of the account's last event (its clock decides `at` below).
+    a_updated = a.json.get("updated_at") if isinstance(a.json, dict) else None
     read("account by header", "/accounts/{id}", f"/accounts/{b_id}",
          headers={"X-Daybook-Min-Position": last or ""}, expect=200)
     read("closed account", "/accounts/{id}", f"/accounts/{d_id}?min_position={mp}", expect=200)
@@ -522,16 +525,21 @@ def run(ct, env):
     if probe.status == 404:
         read("account at a time before it", "/accounts/{id}",
              f"/accounts/{a_id}?at=2000-01-01T00:00:00Z", expect=404)
-        # `now` to the second must be after every write above: wait for the clock to
-        # enter the next second (a condition on the clock, at most a second away).
-        written = int(time.time())
-        while int(time.time()) <= written:
-            time.sleep(0.05)
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        read("account at now", "/accounts/{id}", f"/accounts/{a_id}?at={now}", expect=200)
+        # `now`: the whole second after the account's last event as the database
+        # recorded it (its `updated_at`), not this host's clock, which may have been
+        # stepped since (a fresh virtual machine's clock is). The read waits until the
+        # database's clock has passed it, well within wait_ms.
+        m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", a_updated or "")
+        if not m:
+            ct.fail("account", f"no updated_at to travel to: {a_updated!r}")
+            m = re.match(r"(.*)", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()))
+        last_second = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_second + 1))
+        read("account at now", "/accounts/{id}", f"/accounts/{a_id}?at={now}&wait_ms=5000", expect=200)
         read("account as_of", "/accounts/{id}", f"/accounts/{a_id}?as_of={mp}", expect=200)
         read("account at a bad time", "/accounts/{id}", f"/accounts/{a_id}?at=noon", expect=400)
-        read("transactions at", tx, f"/accounts/{a_id}/transactions?at={now}", expect=200)
+        read("transactions at", tx, f"/accounts/{a_id}/transactions?at={now}&wait_ms=5000",
+             expect=200)
         a = read("account at a time to come", "/accounts/{id}",
                  f"/accounts/{a_id}?at=2999-01-01T00:00:00Z&wait_ms=0", expect=503)
         expect_code("account at a time to come", a, "projection_behind")
