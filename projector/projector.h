@@ -189,6 +189,8 @@ void projector_retry(struct projector_ctx *ctx);
 void projector_on_pg_connect(void *arg);
 /* The notifying connection is new (its pg_config.on_connect): announce what waits. */
 void projector_on_notify_connect(void *arg);
+/* The statement the notifying connection prepares. */
+const struct pg_statement *projector_notify_statements(size_t *n);
 /* The statements the projector prepares on each connection. */
 const struct pg_statement *projector_statements(size_t *n);
 /* Fold the batch into the caches and queue the SQL writes; false on a corrupt log. */

@@ -236,7 +236,15 @@ static void step_down(struct projector_ctx *ctx, const char *why);
  * commit meanwhile are announced together by the next, with the newest checkpoint.
  * A lost one (the connection failed) costs only time: the query service's safety probe
  * and Redis's position messages stand in, as for any lost notification. */
-#define NOTIFY_SQL "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $1)"
+static const struct pg_statement notify_statements[] = {
+	{ "notify_position", "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $1)" },
+};
+
+const struct pg_statement *projector_notify_statements(size_t *n)
+{
+	*n = sizeof(notify_statements) / sizeof(notify_statements[0]);
+	return notify_statements;
+}
 
 static void notify_next(struct projector_ctx *ctx);
 
@@ -257,7 +265,7 @@ static void notify_next(struct projector_ctx *ctx)
 
 	if (ctx->notify_running || !ctx->notify_token[0] || !pg_ready(ctx->notify_pg))
 		return; /* notify_done or the connection's on_connect comes back here */
-	if (!pg_queue_sql(ctx->notify_pg, NOTIFY_SQL, 1, token) ||
+	if (!pg_queue(ctx->notify_pg, "notify_position", 1, token) ||
 	    !pg_run(ctx->notify_pg, notify_done, ctx))
 		return; /* being reset: on_connect sends it */
 	ctx->notify_running = true;

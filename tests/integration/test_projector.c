@@ -605,8 +605,8 @@ Test(projector, the_sql_position_is_announced_by_a_session_that_writes_no_batch)
 	/* The token names a checkpoint already committed. */
 	harness_sql_checkpoint(db, cp, sizeof(cp));
 	cr_assert(readmodel_position_parse(n->extra, &said) && readmodel_position_parse(cp, &held));
-	cr_assert(readmodel_position_cmp(&said, &held) <= 0, "announced %s, the SQL checkpoint is %s",
-		  n->extra, cp);
+	cr_assert(readmodel_position_cmp(&said, &held) <= 0,
+		  "announced %s, the SQL checkpoint is %s", n->extra, cp);
 	PQfreemem(n);
 	r = sql(db, "SELECT pid, application_name FROM pg_stat_activity "
 		    "WHERE usename = 'daybook_projector' ORDER BY application_name");
