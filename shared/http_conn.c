@@ -648,11 +648,25 @@ static void on_resume(evutil_socket_t fd, short what, void *arg)
 		evconnlistener_enable(evhttp_bound_socket_get_listener(cs->bound));
 }
 
-/* This server's share of the process's cap, within what the descriptor limit allows. */
-static size_t cap(const struct conns_config *cfg)
+/* The limits of cfg, with the default for each zero field. */
+static struct config_http limits_of(const struct conns_config *cfg)
 {
-	size_t max = cfg->limits.max_connections ? cfg->limits.max_connections
-						 : CONFIG_MAX_CONNECTIONS_DEFAULT;
+	struct config_http l = cfg->limits;
+
+	if (!l.max_connections)
+		l.max_connections = CONFIG_MAX_CONNECTIONS_DEFAULT;
+	if (!l.header_timeout_ms)
+		l.header_timeout_ms = CONFIG_HEADER_TIMEOUT_MS_DEFAULT;
+	if (!l.idle_timeout_ms)
+		l.idle_timeout_ms = CONFIG_IDLE_TIMEOUT_MS_DEFAULT;
+	return l;
+}
+
+/* This server's share of the process's cap (limits_of's), within what the descriptor
+ * limit allows. */
+static size_t cap(const struct conns_config *cfg, const struct config_http *limits)
+{
+	size_t max = limits->max_connections;
 	size_t workers = cfg->workers ? cfg->workers : 1;
 	struct rlimit rl;
 
@@ -670,13 +684,11 @@ static size_t cap(const struct conns_config *cfg)
 	return (max + workers - 1) / workers;
 }
 
-/* The eviction floor: EVICT_AFTER_MS, or half the shorter deadline when that is less. */
+/* The eviction floor: EVICT_AFTER_MS, or half the shorter deadline (of limits_of's)
+ * when that is less. */
 static long long evict_after_ms(const struct config_http *limits)
 {
-	long long header = limits->header_timeout_ms ? limits->header_timeout_ms
-						     : CONFIG_HEADER_TIMEOUT_MS_DEFAULT;
-	long long idle = limits->idle_timeout_ms ? limits->idle_timeout_ms
-						 : CONFIG_IDLE_TIMEOUT_MS_DEFAULT;
+	long long header = limits->header_timeout_ms, idle = limits->idle_timeout_ms;
 	long long shorter = header < idle ? header : idle;
 
 	return shorter / 2 < EVICT_AFTER_MS ? shorter / 2 : EVICT_AFTER_MS;
@@ -684,9 +696,9 @@ static long long evict_after_ms(const struct config_http *limits)
 
 /* Every connection's deadline is one of two durations: libevent keeps such "common"
  * timeouts in a queue, O(1) to re-arm, instead of its heap. */
-static int common_timeout(struct conns *cs, unsigned ms, unsigned dflt, struct timeval *out)
+static int common_timeout(struct conns *cs, unsigned ms, struct timeval *out)
 {
-	struct timeval tv = ms_to_tv(ms ? ms : dflt);
+	struct timeval tv = ms_to_tv(ms);
 	const struct timeval *common = event_base_init_common_timeout(cs->base, &tv);
 
 	if (!common)
@@ -712,6 +724,7 @@ static void make_metrics(struct conns *cs, struct metrics *m)
 int conns_open(struct conns **out, const struct conns_config *cfg)
 {
 	struct conns *cs = calloc(1, sizeof(*cs));
+	struct config_http limits = limits_of(cfg);
 	struct timeval every = ms_to_tv(RESUME_MS);
 
 	*out = NULL;
@@ -721,13 +734,11 @@ int conns_open(struct conns **out, const struct conns_config *cfg)
 	cs->base = cfg->base;
 	cs->bound = cfg->bound;
 	cs->ids = cfg->ids;
-	cs->max = cap(cfg);
-	if (common_timeout(cs, cfg->limits.header_timeout_ms, CONFIG_HEADER_TIMEOUT_MS_DEFAULT,
-			   &cs->header_timeout) != 0 ||
-	    common_timeout(cs, cfg->limits.idle_timeout_ms, CONFIG_IDLE_TIMEOUT_MS_DEFAULT,
-			   &cs->idle_timeout) != 0)
+	cs->max = cap(cfg, &limits);
+	if (common_timeout(cs, limits.header_timeout_ms, &cs->header_timeout) != 0 ||
+	    common_timeout(cs, limits.idle_timeout_ms, &cs->idle_timeout) != 0)
 		goto fail;
-	cs->evict_after_ms = evict_after_ms(&cfg->limits);
+	cs->evict_after_ms = evict_after_ms(&limits);
 	make_metrics(cs, cfg->metrics);
 	cs->adopt = event_new(cfg->base, -1, 0, on_adopt, cs);
 	cs->resume = event_new(cfg->base, -1, EV_PERSIST, on_resume, cs);
