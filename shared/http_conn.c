@@ -95,6 +95,7 @@ struct conns {
 	size_t nby_fd;
 	bool replying; /* our own reply is being written: not an error page */
 	struct metric *m_open, *m_evicted, *m_timed_out, *m_refused;
+	struct metric *m_written_in_parts, *m_read_paused;
 };
 
 static void list_push(struct conn_list *l, struct conn *c)
@@ -333,15 +334,17 @@ static struct conn *victim(struct conns *cs, struct conn *except)
  * (the bytes are the bufferevent's); when it does not (a request is being served) and
  * the descriptor is readable, more bytes or the peer's close came early: level-triggered
  * epoll would report them at every turn, so the guard steps back until the answer is
- * written (rearm_guard). */
+ * queued (conns_send_reply puts it back). */
 static void on_guard(evutil_socket_t fd, short what, void *arg)
 {
 	struct conn *c = arg;
 
 	(void)fd;
 	(void)what;
-	if (!(c->bev->enabled & EV_READ)) /* bufferevent_get_enabled, without its lock */
+	if (!(c->bev->enabled & EV_READ)) { /* bufferevent_get_enabled, without its lock */
 		event_del(c->guard);
+		metric_add(c->owner->m_read_paused, 1);
+	}
 }
 
 /* Put the guard back, behind nothing: libevent runs a descriptor's events in the order
@@ -574,20 +577,17 @@ static struct conn *at_fd(struct conns *cs, evutil_socket_t fd, struct evhttp_co
 static void flush_one(struct conns *cs, struct conn *c)
 {
 	struct evbuffer *out = bufferevent_get_output(c->bev);
-	struct evhttp_connection *evcon = c->evcon;
-	evutil_socket_t fd = c->fd;
 	int n;
 
 	/* The socket bufferevent keeps its output's front frozen but while it writes. */
 	evbuffer_unfreeze(out, 1);
-	n = evbuffer_write(out, fd);
+	n = evbuffer_write(out, c->fd);
 	evbuffer_freeze(out, 1);
-	if (n <= 0 || evbuffer_get_length(out) > 0)
+	if (n <= 0 || evbuffer_get_length(out) > 0) {
+		metric_add(cs->m_written_in_parts, 1);
 		return;
-	bufferevent_trigger(c->bev, EV_WRITE, 0);
-	c = at_fd(cs, fd, evcon); /* gone if evhttp closed the connection */
-	if (c)
-		rearm_guard(c);
+	}
+	bufferevent_trigger(c->bev, EV_WRITE, 0); /* may end the connection, and c */
 }
 
 /* The end of a turn that answered: write each answer (see flush_one). */
@@ -719,6 +719,16 @@ static void make_metrics(struct conns *cs, struct metrics *m)
 				    help, "reason=\"refused\"", NULL, 0);
 	cs->m_timed_out = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total",
 				      help, "reason=\"deadline\"", NULL, 0);
+	cs->m_written_in_parts = metrics_get(
+		m, METRIC_COUNTER, "daybook_http_answers_written_in_parts_total",
+		"Answers not written whole at the end of the turn that made them (a full socket, or "
+		"more pieces than one writev takes): the rest went as the socket drained.",
+		"", NULL, 0);
+	cs->m_read_paused =
+		metrics_get(m, METRIC_COUNTER, "daybook_http_read_interest_paused_total",
+			    "Requests during which a connection's socket left epoll: bytes or the client's "
+			    "close came before the answer.",
+			    "", NULL, 0);
 }
 
 int conns_open(struct conns **out, const struct conns_config *cfg)
@@ -843,6 +853,11 @@ void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, c
 	c = at_fd(cs, fd, evcon);
 	if (!c || c->state != CONN_BUSY)
 		return;
+	/* evhttp has turned reading on to hear of a close while it writes: its read event is
+	 * back on, added last, in front of the guard. The guard goes back in front here,
+	 * however the answer is then written (whole by on_flush, or in parts by the
+	 * bufferevent), and if it stepped back during the request. */
+	rearm_guard(c);
 	become_idle(c);
 	(void)schedule_flush(cs, c);
 }

@@ -6,6 +6,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -665,6 +666,149 @@ Test(http_edge, pipelined_requests_are_answered_in_order)
 		cr_assert(p, "'%s' missing or out of order: %.2000s", ids[i], answer);
 	}
 	free(answer);
+}
+
+/* One answer on a keep-alive connection, whole: its headers and Content-Length bytes of
+ * body (NUL-terminated; *len is its length), or NULL if the connection closed before
+ * or `timeout` passed. */
+static char *read_answer(int fd, double timeout, size_t *len)
+{
+	double deadline = harness_now() + timeout;
+	size_t cap = 65536, n = 0, whole = 0;
+	char *buf = malloc(cap);
+
+	cr_assert(buf);
+	while (whole == 0 || n < whole) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		int left = (int)((deadline - harness_now()) * 1000);
+		ssize_t r;
+
+		if (left <= 0 || poll(&p, 1, left) <= 0) {
+			free(buf);
+			return NULL;
+		}
+		if (n + 1 >= cap)
+			cr_assert(buf = realloc(buf, cap *= 2));
+		r = recv(fd, buf + n, cap - n - 1, 0);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			free(buf);
+			return NULL;
+		}
+		n += (size_t)r;
+		buf[n] = '\0';
+		if (whole == 0 && strstr(buf, "\r\n\r\n")) {
+			const char *cl = strcasestr(buf, "\r\nContent-Length:");
+			cr_assert(cl, "an answer without Content-Length: %.300s", buf);
+			whole = (size_t)(strstr(buf, "\r\n\r\n") + 4 - buf) +
+				strtoul(cl + strlen("\r\nContent-Length:"), NULL, 10);
+		}
+	}
+	cr_assert_eq(n, whole, "more than one answer: %.600s", buf);
+	*len = n;
+	return buf;
+}
+
+/* Send req on fd and read its answer, whose status must be `status`. */
+static void assert_answers(int fd, const char *req, int status)
+{
+	size_t len;
+	char *answer;
+
+	cr_assert(send_all(fd, req, strlen(req)), "send: %s", strerror(errno));
+	answer = read_answer(fd, 20, &len);
+	cr_assert(answer, "no answer to %.60s", req);
+	cr_assert_eq(status_of(answer), status, "%.60s: %.300s", req, answer);
+	free(answer);
+}
+
+/* A connection to port whose client reads slowly: a small receive window, in small
+ * segments (which also keeps the server's send buffer small), so that the server
+ * cannot write a large answer at once. */
+static int connect_slow_reader(int port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET,
+				 .sin_port = htons((uint16_t)port),
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), small = 4096, mss = 536;
+
+	cr_assert(fd >= 0);
+	cr_assert(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)) == 0);
+	cr_assert(setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof(mss)) == 0);
+	cr_assert(connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0, "connect: %s",
+		  strerror(errno));
+	return fd;
+}
+
+static bool feed_shows_events(void *arg)
+{
+	const char *auth[] = { AUTH_READ, NULL };
+	struct response r = http_request(svc.port, "GET", "/events?limit=1", auth, NULL, 10);
+	bool shown = r.status == 200 && r.body && strstr(r.body, "account-big");
+
+	(void)arg;
+	response_free(&r);
+	return shown;
+}
+
+/* An answer the socket does not take whole goes out in parts, as the client reads: the
+ * connection then serves its next requests, and keeps its read interest registered in
+ * epoll while they are served as after any other answer (the guard, http_conn.c, goes
+ * back in front of evhttp's read event however the answer was written: it used to stay
+ * behind it, and step back at the next request). */
+Test(http_edge, an_answer_written_in_parts_leaves_the_connection_serving_as_before)
+{
+	const char *feed = "GET /events?limit=1000 HTTP/1.1\r\nHost: x\r\n" AUTH_READ "\r\n\r\n";
+	const char *one = "GET /events?limit=1 HTTP/1.1\r\nHost: x\r\n" AUTH_READ "\r\n\r\n";
+	char redis_url[128], *answer, *rest;
+	struct service redis_svc;
+	double paused;
+	size_t len;
+	int fd, st[4];
+
+	harness_db_create(db, sizeof(db));
+	/* A page of the feed of about 1.6 MB. */
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) "
+		    "SELECT 'account-big', v, 'FundsDeposited', jsonb_build_object('amount', v, "
+		    "'pad', repeat('x', 1500)), '{}' FROM generate_series(1, 1000) v ORDER BY 2"));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	/* The feed shows them once no older transaction is open in the cluster (another
+	 * test's may be). */
+	cr_assert(harness_wait_until(feed_shows_events, NULL, harness_now() + 60),
+		  "the feed never showed the events");
+	fd = connect_slow_reader(svc.port);
+	cr_assert(send_all(fd, feed, strlen(feed)));
+	/* The client reads nothing until the server has met the full socket. */
+	cr_assert(harness_wait_metric(&svc, "daybook_http_answers_written_in_parts_total", 1,
+				      harness_now() + 20),
+		  "the answer was written whole: the test needs it written in parts");
+	answer = read_answer(fd, 60, &len);
+	cr_assert(answer, "the answer never came whole");
+	cr_assert_eq(status_of(answer), 200, "%.300s", answer);
+	cr_assert_gt(len, 1000000);
+	free(answer);
+	/* Requests answered a turn later (by PostgreSQL), as the feed's are, are the ones a
+	 * guard left behind evhttp's read event stepped back at. */
+	paused = harness_metric(&svc, "daybook_http_read_interest_paused_total");
+	cr_assert_geq(paused, 0, "no daybook_http_read_interest_paused_total");
+	assert_answers(fd, one, 200);
+	assert_answers(fd, one, 200);
+	cr_assert_eq(harness_metric(&svc, "daybook_http_read_interest_paused_total"), paused,
+		     "the connection's socket left epoll during a request: its guard did not go "
+		     "back in front after the answer written in parts");
+	cr_assert(
+		send_all(fd, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+			 strlen("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")));
+	rest = read_until_close(fd, 20);
+	cr_assert(rest, "no last answer, or the connection stayed open");
+	cr_assert_eq(statuses(rest, st, 4), 1, "%.600s", rest);
+	cr_assert_eq(st[0], 200);
+	free(rest);
+	close(fd);
+	harness_kill(&redis_svc);
 }
 
 Test(http_edge, head_is_served_wherever_get_is_with_the_same_headers_and_no_body)
