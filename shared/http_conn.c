@@ -15,22 +15,45 @@
  * read interest on its descriptor (the guard) while evhttp pauses reading during a
  * request: the descriptor's epoll registration then stays as it is from one request to
  * the next, where evhttp alone would remove it at each request and add it back at each
- * answer (two or three epoll_ctl calls a request). */
+ * answer (two or three epoll_ctl calls a request).
+ *
+ * The read path's shortcuts (our own read, take_over_reads, and the guard) reach into
+ * libevent's struct bufferevent (event2/bufferevent_struct.h) and rely on its evmap
+ * running a descriptor's events in the order last added first: both as libevent 2.1
+ * has them (struct event and struct bufferevent have not changed since 2.1.3-alpha).
+ * They are built only against 2.1 (from 2.1.8-stable, its first stable release), and
+ * used only when the library loaded at run time is one too and a socket bufferevent's
+ * read event is found where the header says, with the callback, argument and flags
+ * libevent gives it (shortcuts_check), and each connection's read event still has
+ * that callback when it is taken over; otherwise, or with DAYBOOK_HTTP_LIBEVENT_READS=1,
+ * connections are read by libevent's own read path as evhttp alone would (one line in
+ * the log says so, once a process). */
 #include "http_conn.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
-#include <event2/bufferevent_struct.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/listener.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
 #include <time.h>
+
+/* The libevent versions (event_get_version_number's form) whose internals the read
+ * path's shortcuts were written for: 2.1, from 2.1.8-stable. */
+#define SHORTCUTS_FROM 0x02010800
+#define SHORTCUTS_UNTIL 0x02020000
+#if LIBEVENT_VERSION_NUMBER >= SHORTCUTS_FROM && LIBEVENT_VERSION_NUMBER < SHORTCUTS_UNTIL
+#define SHORTCUTS_BUILT 1
+#include <event2/bufferevent_struct.h>
+#else
+#define SHORTCUTS_BUILT 0
+#endif
 
 /* A listener paused by EMFILE is re-armed this often. */
 #define RESUME_MS 250
@@ -62,7 +85,9 @@ struct conn {
 	struct bufferevent *bev;
 	struct evhttp_connection *evcon; /* NULL until adopted */
 	struct event *timer;             /* the deadline; also runs the error-page rewrite */
-	struct event *guard;             /* read interest kept on fd; see on_guard. NULL: none */
+	/* Read interest kept on fd; see on_guard. NULL: none (the shortcuts are off, or it
+	 * could not be added) */
+	struct event *guard;
 	struct evbuffer_cb_entry *in_cb, *out_cb;
 	enum conn_state state;
 	long long since_ms; /* when it entered its state (monotonic) */
@@ -94,6 +119,10 @@ struct conns {
 	struct conn **by_fd;      /* adopted connections by descriptor */
 	size_t nby_fd;
 	bool replying; /* our own reply is being written: not an error page */
+	/* New connections take the read path's shortcuts (see the top of this file), whose
+	 * read events have libevent's socket read callback, libevent_readcb. */
+	bool shortcuts;
+	event_callback_fn libevent_readcb;
 	struct metric *m_open, *m_evicted, *m_timed_out, *m_refused;
 	struct metric *m_written_in_parts, *m_read_paused;
 };
@@ -328,6 +357,36 @@ static struct conn *victim(struct conns *cs, struct conn *except)
 	return except;
 }
 
+/* Put the guard back, behind nothing: libevent runs a descriptor's events in the order
+ * last added first, and the guard must see the bufferevent still reading (and so do
+ * nothing) before the bufferevent's own callback takes the request in. With the
+ * bufferevent's read interest on, this changes nothing in epoll. */
+static void rearm_guard(struct conn *c)
+{
+	if (!c->guard)
+		return;
+	event_del(c->guard);
+	if (event_add(c->guard, NULL) != 0) {
+		event_free(c->guard);
+		c->guard = NULL;
+	}
+}
+
+/* The process's connections are read by libevent's own read path from now on (those
+ * already taken over keep theirs): the first time, the log says why. */
+static void shortcuts_off(struct conns *cs, enum log_level level, const char *why)
+{
+	static atomic_bool said;
+
+	cs->shortcuts = false;
+	if (!atomic_exchange(&said, true))
+		log_msg(cs->log, level, NULL,
+			"HTTP connections are read by libevent's own read path (%s): one ioctl and "
+			"up to two epoll_ctl more a request",
+			why);
+}
+
+#if SHORTCUTS_BUILT
 /* The guard: a second read interest on an adopted connection's descriptor, so that its
  * epoll registration does not change when evhttp stops reading during a request and
  * starts again after the answer. Its callback does nothing while the bufferevent reads
@@ -344,21 +403,6 @@ static void on_guard(evutil_socket_t fd, short what, void *arg)
 	if (!(c->bev->enabled & EV_READ)) { /* bufferevent_get_enabled, without its lock */
 		event_del(c->guard);
 		metric_add(c->owner->m_read_paused, 1);
-	}
-}
-
-/* Put the guard back, behind nothing: libevent runs a descriptor's events in the order
- * last added first, and the guard must see the bufferevent still reading (and so do
- * nothing) before the bufferevent's own callback takes the request in. With the
- * bufferevent's read interest on, this changes nothing in epoll. */
-static void rearm_guard(struct conn *c)
-{
-	if (!c->guard)
-		return;
-	event_del(c->guard);
-	if (event_add(c->guard, NULL) != 0) {
-		event_free(c->guard);
-		c->guard = NULL;
 	}
 }
 
@@ -435,20 +479,118 @@ done:
 	bufferevent_decref(bev);
 }
 
-/* Point the bufferevent's read event at read_in. libevent 2.1 has no call for it, but
- * the event is in struct bufferevent (event2/bufferevent_struct.h); bufferevent_setfd
- * would point it back at libevent's own callback, which reads as before. */
-static void take_over_reads(struct conn *c)
+/* Point the bufferevent's read event at read_in and give c its guard; false, with
+ * nothing changed, when the shortcuts are off or the event is not one libevent's socket
+ * read callback would serve c with (the shortcuts are then turned off). libevent 2.1
+ * has no call for it, but the event is in struct bufferevent
+ * (event2/bufferevent_struct.h); bufferevent_setfd would point it back at libevent's
+ * own callback, which reads as before. */
+static bool take_over_reads(struct conn *c)
 {
+	struct conns *cs = c->owner;
 	struct bufferevent *bev = c->bev;
-	bool pending = event_pending(&bev->ev_read, EV_READ, NULL);
+	struct event *ev = &bev->ev_read;
+	bool pending;
 
-	event_del(&bev->ev_read);
-	event_assign(&bev->ev_read, c->owner->base, c->fd, EV_READ | EV_PERSIST | EV_FINALIZE,
-		     read_in, bev);
+	if (!cs->shortcuts)
+		return false;
+	if (event_get_callback(ev) != cs->libevent_readcb || event_get_callback_arg(ev) != bev ||
+	    event_get_fd(ev) != c->fd) {
+		shortcuts_off(cs, LOG_WARN,
+			      "a connection's read event is not libevent's socket read event");
+		return false;
+	}
+	pending = event_pending(ev, EV_READ, NULL);
+	event_del(ev);
+	event_assign(ev, cs->base, c->fd, EV_READ | EV_PERSIST | EV_FINALIZE, read_in, bev);
 	if (pending)
-		event_add(&bev->ev_read,
-			  evutil_timerisset(&bev->timeout_read) ? &bev->timeout_read : NULL);
+		event_add(ev, evutil_timerisset(&bev->timeout_read) ? &bev->timeout_read : NULL);
+	/* Without a guard the connection works as evhttp alone would. */
+	c->guard = event_new(cs->base, c->fd, EV_READ | EV_PERSIST, on_guard, c);
+	rearm_guard(c);
+	return true;
+}
+
+/* Whether the fields of struct bufferevent the shortcuts use (ev_read, ev_write,
+ * enabled, timeout_read) are where event2/bufferevent_struct.h says, holding what
+ * libevent puts there, on a socket bufferevent made for the purpose. If so, its read
+ * event's callback, libevent's socket read callback (a static function), goes into
+ * cs->libevent_readcb for take_over_reads to compare with. */
+static bool layout_as_built(struct conns *cs)
+{
+	struct bufferevent *probe = bufferevent_socket_new(cs->base, -1, 0);
+	struct event *rd, *wr;
+	struct timeval tv = { 7, 0 };
+	bool ok;
+
+	if (!probe)
+		return false;
+	rd = &probe->ev_read;
+	wr = &probe->ev_write;
+	ok = event_get_base(rd) == cs->base && event_get_base(wr) == cs->base &&
+	     event_get_fd(rd) == -1 && event_get_fd(wr) == -1 &&
+	     event_get_callback_arg(rd) == probe && event_get_callback_arg(wr) == probe &&
+	     event_get_events(rd) == (EV_READ | EV_PERSIST | EV_FINALIZE) &&
+	     event_get_events(wr) == (EV_WRITE | EV_PERSIST | EV_FINALIZE) &&
+	     event_get_callback(rd) && event_get_callback(rd) != event_get_callback(wr) &&
+	     probe->enabled == bufferevent_get_enabled(probe) &&
+	     bufferevent_set_timeouts(probe, &tv, NULL) == 0 &&
+	     probe->timeout_read.tv_sec == tv.tv_sec && probe->timeout_read.tv_usec == 0;
+	if (ok)
+		cs->libevent_readcb = event_get_callback(rd);
+	bufferevent_free(probe);
+	return ok;
+}
+
+/* Whether the process may take the shortcuts: set cs->shortcuts (see the top). */
+static void shortcuts_check(struct conns *cs, bool refused)
+{
+	ev_uint32_t loaded = event_get_version_number();
+	char why[160];
+
+	cs->shortcuts = true;
+	if (refused) {
+		shortcuts_off(cs, LOG_INFO, "DAYBOOK_HTTP_LIBEVENT_READS=1");
+	} else if (!conns_libevent_fits(loaded)) {
+		snprintf(why, sizeof(why), "libevent %s is loaded; built for 2.1, against %s",
+			 event_get_version(), LIBEVENT_VERSION);
+		shortcuts_off(cs, LOG_WARN, why);
+	} else if (!layout_as_built(cs)) {
+		shortcuts_off(cs, LOG_WARN,
+			      "a socket bufferevent is not as event2/bufferevent_struct.h says");
+	}
+}
+
+/* The descriptor of c's bufferevent: bufferevent_getfd's answer for a socket
+ * bufferevent, without its lock and call. */
+static evutil_socket_t bev_fd(const struct conns *cs, struct bufferevent *bev)
+{
+	return cs->shortcuts ? event_get_fd(&bev->ev_read) : bufferevent_getfd(bev);
+}
+#else
+static bool take_over_reads(struct conn *c)
+{
+	(void)c;
+	return false;
+}
+
+static void shortcuts_check(struct conns *cs, bool refused)
+{
+	shortcuts_off(cs, refused ? LOG_INFO : LOG_WARN,
+		      refused ? "DAYBOOK_HTTP_LIBEVENT_READS=1"
+			      : "built against libevent " LIBEVENT_VERSION ", not 2.1");
+}
+
+static evutil_socket_t bev_fd(const struct conns *cs, struct bufferevent *bev)
+{
+	(void)cs;
+	return bufferevent_getfd(bev);
+}
+#endif
+
+bool conns_libevent_fits(unsigned long version)
+{
+	return SHORTCUTS_BUILT && version >= SHORTCUTS_FROM && version < SHORTCUTS_UNTIL;
 }
 
 static int index_fd(struct conns *cs, struct conn *c)
@@ -487,10 +629,7 @@ static bool adopt(struct conn *c)
 	if (c->fd < 0 || index_fd(c->owner, c) != 0)
 		goto fail;
 	evhttp_connection_set_closecb(evcon, on_close, c);
-	take_over_reads(c);
-	/* Without a guard the connection works as evhttp alone would. */
-	c->guard = event_new(c->owner->base, c->fd, EV_READ | EV_PERSIST, on_guard, c);
-	rearm_guard(c);
+	(void)take_over_reads(c); /* else read as evhttp alone would */
 	become_idle(c);
 	/* A new connection has the header deadline to send its first request whole. */
 	start_header_deadline(c);
@@ -750,6 +889,7 @@ int conns_open(struct conns **out, const struct conns_config *cfg)
 		goto fail;
 	cs->evict_after_ms = evict_after_ms(&limits);
 	make_metrics(cs, cfg->metrics);
+	shortcuts_check(cs, limits.libevent_reads);
 	cs->adopt = event_new(cfg->base, -1, 0, on_adopt, cs);
 	cs->resume = event_new(cfg->base, -1, EV_PERSIST, on_resume, cs);
 	cs->flush = event_new(cfg->base, -1, 0, on_flush, cs);
@@ -806,8 +946,7 @@ static struct conn *find(struct conns *cs, struct evhttp_request *ev)
 {
 	struct evhttp_connection *evcon = evhttp_request_get_connection(ev);
 	struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
-	/* bufferevent_getfd's answer for a socket bufferevent, without its lock and call. */
-	evutil_socket_t fd = bev ? event_get_fd(&bev->ev_read) : -1;
+	evutil_socket_t fd = bev ? bev_fd(cs, bev) : -1;
 	struct conn *c;
 
 	if (fd < 0 || (size_t)fd >= cs->nby_fd)

@@ -34,6 +34,9 @@ static void teardown(void)
 	unsetenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS");
 }
 
+/* What the edge logs, once, when it reads connections by libevent's own read path. */
+#define LIBEVENT_READS_LINE "HTTP connections are read by libevent's own read path"
+
 static void start_command(void)
 {
 	harness_db_create(db, sizeof(db));
@@ -636,15 +639,15 @@ Test(http_edge, bytes_or_a_close_arriving_during_a_request_are_handled_after_its
 		     2);
 }
 
-/* Several requests in one send: each answered whole, in order, on the one connection. */
-Test(http_edge, pipelined_requests_are_answered_in_order)
+/* Several requests in one send to svc: each answered whole, in order, on the one
+ * connection. `id` names the account the second one opens. */
+static void assert_pipelined_requests_answered_in_order(const char *id)
 {
 	char reqs[2048], opening[512], ids[3][32], *answer;
 	const char *p;
 	int st[8];
 
-	start_command();
-	open_request(opening, sizeof(opening), "piped");
+	open_request(opening, sizeof(opening), id);
 	snprintf(reqs, sizeof(reqs),
 		 "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: first\r\n\r\n"
 		 "%s"
@@ -666,6 +669,15 @@ Test(http_edge, pipelined_requests_are_answered_in_order)
 		cr_assert(p, "'%s' missing or out of order: %.2000s", ids[i], answer);
 	}
 	free(answer);
+}
+
+Test(http_edge, pipelined_requests_are_answered_in_order)
+{
+	start_command();
+	assert_pipelined_requests_answered_in_order("piped");
+	/* And with the read path's shortcuts (this libevent is the one they were written
+	 * for), not libevent's own. */
+	cr_assert_not(harness_log_says(&svc, LIBEVENT_READS_LINE));
 }
 
 /* One answer on a keep-alive connection, whole: its headers and Content-Length bytes of
@@ -723,6 +735,46 @@ static void assert_answers(int fd, const char *req, int status)
 	free(answer);
 }
 
+/* The read path's shortcuts into libevent's internals can be turned off (the edge turns
+ * them off by itself on a libevent it was not written for): connections are then read
+ * by libevent's own read path, and serve keep-alive and pipelined requests the same. */
+Test(http_edge, libevents_own_read_path_serves_keep_alive_and_pipelined_requests)
+{
+	const char *env[] = { "DAYBOOK_HTTP_LIBEVENT_READS", "1", NULL };
+	const char *healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+	char req[512];
+	int fd, st[4];
+	char *rest;
+
+	harness_db_create(db, sizeof(db));
+	harness_start_command_env(&svc, db, env);
+	cr_assert(harness_log_says(&svc, LIBEVENT_READS_LINE " (DAYBOOK_HTTP_LIBEVENT_READS=1)"),
+		  "the edge did not say it reads by libevent's own read path");
+	/* Keep-alive: answers made in the turn their request arrived in (/healthz) and
+	 * later (a write goes to PostgreSQL), one after another on one connection. */
+	fd = connect_to(svc.port);
+	cr_assert(fd >= 0);
+	open_request(req, sizeof(req), "kept-1");
+	assert_answers(fd, req, 201);
+	assert_answers(fd, healthz, 200);
+	open_request(req, sizeof(req), "kept-2");
+	assert_answers(fd, req, 201);
+	assert_answers(fd, healthz, 200);
+	cr_assert(
+		send_all(fd, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+			 strlen("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")));
+	rest = read_until_close(fd, 20);
+	cr_assert(rest, "no last answer, or the connection stayed open");
+	cr_assert_eq(statuses(rest, st, 4), 1, "%.600s", rest);
+	cr_assert_eq(st[0], 200);
+	free(rest);
+	close(fd);
+	assert_pipelined_requests_answered_in_order("piped");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream IN "
+				 "('account-kept-1', 'account-kept-2', 'account-piped')"),
+		     3);
+}
+
 /* A connection to port whose client reads slowly: a small receive window, in small
  * segments (which also keeps the server's send buffer small), so that the server
  * cannot write a large answer at once. */
@@ -775,6 +827,7 @@ Test(http_edge, an_answer_written_in_parts_leaves_the_connection_serving_as_befo
 		    "'pad', repeat('x', 1500)), '{}' FROM generate_series(1, 1000) v ORDER BY 2"));
 	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
 	harness_start_query(&svc, db, redis_url);
+	cr_assert_not(harness_log_says(&svc, LIBEVENT_READS_LINE));
 	/* The feed shows them once no older transaction is open in the cluster (another
 	 * test's may be). */
 	cr_assert(harness_wait_until(feed_shows_events, NULL, harness_now() + 60),
