@@ -71,36 +71,61 @@ static bool send_all(int fd, const char *p, size_t n)
 	return true;
 }
 
-/* Everything the server sends until it closes (or `timeout` passes: then NULL). */
-static char *read_until_close(int fd, double timeout)
-{
-	double deadline = harness_now() + timeout;
-	size_t cap = 65536, n = 0;
-	char *buf = malloc(cap);
+/* What a connection has received so far, NUL-terminated. */
+struct received {
+	char *buf;
+	size_t n, cap;
+};
 
-	cr_assert(buf);
+static struct received received_new(void)
+{
+	struct received in = { malloc(65536), 0, 65536 };
+
+	cr_assert(in.buf);
+	in.buf[0] = '\0';
+	return in;
+}
+
+/* Receive once more into in: the bytes received; 0 at the server's close (or a reset
+ * after some bytes), -1 on an error, -2 when nothing came by `deadline` (a harness_now()
+ * value). */
+static ssize_t receive_some(int fd, double deadline, struct received *in)
+{
 	for (;;) {
 		struct pollfd p = { .fd = fd, .events = POLLIN };
 		int left = (int)((deadline - harness_now()) * 1000);
 		ssize_t r;
 
-		if (left <= 0 || poll(&p, 1, left) <= 0) {
-			free(buf);
-			return NULL;
-		}
-		if (n + 1 >= cap)
-			cr_assert(buf = realloc(buf, cap *= 2));
-		r = recv(fd, buf + n, cap - n - 1, 0);
+		if (left <= 0 || poll(&p, 1, left) <= 0)
+			return -2;
+		if (in->n + 1 >= in->cap)
+			cr_assert(in->buf = realloc(in->buf, in->cap *= 2));
+		r = recv(fd, in->buf + in->n, in->cap - in->n - 1, 0);
 		if (r < 0 && errno == EINTR)
 			continue;
-		if (r < 0 && errno == ECONNRESET && n > 0)
+		if (r < 0 && errno == ECONNRESET && in->n > 0)
 			r = 0;
-		if (r <= 0)
-			break;
-		n += (size_t)r;
+		if (r > 0)
+			in->n += (size_t)r;
+		in->buf[in->n] = '\0';
+		return r;
 	}
-	buf[n] = '\0';
-	return buf;
+}
+
+/* Everything the server sends until it closes (or `timeout` passes: then NULL). */
+static char *read_until_close(int fd, double timeout)
+{
+	double deadline = harness_now() + timeout;
+	struct received in = received_new();
+	ssize_t r;
+
+	while ((r = receive_some(fd, deadline, &in)) > 0)
+		;
+	if (r == -2) {
+		free(in.buf);
+		return NULL;
+	}
+	return in.buf;
 }
 
 /* Send raw bytes on a new connection and read the answer up to the server's close. */
@@ -686,40 +711,27 @@ Test(http_edge, pipelined_requests_are_answered_in_order)
 static char *read_answer(int fd, double timeout, size_t *len)
 {
 	double deadline = harness_now() + timeout;
-	size_t cap = 65536, n = 0, whole = 0;
-	char *buf = malloc(cap);
+	struct received in = received_new();
+	size_t whole = 0;
 
-	cr_assert(buf);
-	while (whole == 0 || n < whole) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-		int left = (int)((deadline - harness_now()) * 1000);
-		ssize_t r;
+	while (whole == 0 || in.n < whole) {
+		const char *end;
 
-		if (left <= 0 || poll(&p, 1, left) <= 0) {
-			free(buf);
+		if (receive_some(fd, deadline, &in) <= 0) {
+			free(in.buf);
 			return NULL;
 		}
-		if (n + 1 >= cap)
-			cr_assert(buf = realloc(buf, cap *= 2));
-		r = recv(fd, buf + n, cap - n - 1, 0);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0) {
-			free(buf);
-			return NULL;
-		}
-		n += (size_t)r;
-		buf[n] = '\0';
-		if (whole == 0 && strstr(buf, "\r\n\r\n")) {
-			const char *cl = strcasestr(buf, "\r\nContent-Length:");
-			cr_assert(cl, "an answer without Content-Length: %.300s", buf);
-			whole = (size_t)(strstr(buf, "\r\n\r\n") + 4 - buf) +
+		end = strstr(in.buf, "\r\n\r\n");
+		if (whole == 0 && end) {
+			const char *cl = strcasestr(in.buf, "\r\nContent-Length:");
+			cr_assert(cl, "an answer without Content-Length: %.300s", in.buf);
+			whole = (size_t)(end + 4 - in.buf) +
 				strtoul(cl + strlen("\r\nContent-Length:"), NULL, 10);
 		}
 	}
-	cr_assert_eq(n, whole, "more than one answer: %.600s", buf);
-	*len = n;
-	return buf;
+	cr_assert_eq(in.n, whole, "more than one answer: %.600s", in.buf);
+	*len = in.n;
+	return in.buf;
 }
 
 /* Send req on fd and read its answer, whose status must be `status`. */
@@ -735,6 +747,23 @@ static void assert_answers(int fd, const char *req, int status)
 	free(answer);
 }
 
+/* A last request on fd, with Connection: close: answered 200, then the server closes;
+ * fd is closed. */
+static void assert_last_answer_closes(int fd)
+{
+	const char *last = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	char *rest;
+	int st[4];
+
+	cr_assert(send_all(fd, last, strlen(last)));
+	rest = read_until_close(fd, 20);
+	cr_assert(rest, "no last answer, or the connection stayed open");
+	cr_assert_eq(statuses(rest, st, 4), 1, "%.600s", rest);
+	cr_assert_eq(st[0], 200);
+	free(rest);
+	close(fd);
+}
+
 /* The read path's shortcuts into libevent's internals can be turned off (the edge turns
  * them off by itself on a libevent it was not written for): connections are then read
  * by libevent's own read path, and serve keep-alive and pipelined requests the same. */
@@ -743,8 +772,7 @@ Test(http_edge, libevents_own_read_path_serves_keep_alive_and_pipelined_requests
 	const char *env[] = { "DAYBOOK_HTTP_LIBEVENT_READS", "1", NULL };
 	const char *healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
 	char req[512];
-	int fd, st[4];
-	char *rest;
+	int fd;
 
 	harness_db_create(db, sizeof(db));
 	harness_start_command_env(&svc, db, env);
@@ -760,15 +788,7 @@ Test(http_edge, libevents_own_read_path_serves_keep_alive_and_pipelined_requests
 	open_request(req, sizeof(req), "kept-2");
 	assert_answers(fd, req, 201);
 	assert_answers(fd, healthz, 200);
-	cr_assert(
-		send_all(fd, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-			 strlen("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")));
-	rest = read_until_close(fd, 20);
-	cr_assert(rest, "no last answer, or the connection stayed open");
-	cr_assert_eq(statuses(rest, st, 4), 1, "%.600s", rest);
-	cr_assert_eq(st[0], 200);
-	free(rest);
-	close(fd);
+	assert_last_answer_closes(fd);
 	assert_pipelined_requests_answered_in_order("piped");
 	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream IN "
 				 "('account-kept-1', 'account-kept-2', 'account-piped')"),
@@ -813,11 +833,11 @@ Test(http_edge, an_answer_written_in_parts_leaves_the_connection_serving_as_befo
 {
 	const char *feed = "GET /events?limit=1000 HTTP/1.1\r\nHost: x\r\n" AUTH_READ "\r\n\r\n";
 	const char *one = "GET /events?limit=1 HTTP/1.1\r\nHost: x\r\n" AUTH_READ "\r\n\r\n";
-	char redis_url[128], *answer, *rest;
+	char redis_url[128], *answer;
 	struct service redis_svc;
 	double paused;
 	size_t len;
-	int fd, st[4];
+	int fd;
 
 	harness_db_create(db, sizeof(db));
 	/* A page of the feed of about 1.6 MB. */
@@ -852,15 +872,7 @@ Test(http_edge, an_answer_written_in_parts_leaves_the_connection_serving_as_befo
 	cr_assert_eq(harness_metric(&svc, "daybook_http_read_interest_paused_total"), paused,
 		     "the connection's socket left epoll during a request: its guard did not go "
 		     "back in front after the answer written in parts");
-	cr_assert(
-		send_all(fd, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-			 strlen("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")));
-	rest = read_until_close(fd, 20);
-	cr_assert(rest, "no last answer, or the connection stayed open");
-	cr_assert_eq(statuses(rest, st, 4), 1, "%.600s", rest);
-	cr_assert_eq(st[0], 200);
-	free(rest);
-	close(fd);
+	assert_last_answer_closes(fd);
 	harness_kill(&redis_svc);
 }
 
