@@ -421,17 +421,20 @@ static void on_redis_reply(void *arg, const redisReply *rep)
 	} else if (rep->elements == 1) {
 		why = FALLBACK_MISS;
 	} else if (rd->has_min && readmodel_position_cmp(&at, &rd->min) < 0) {
-		if (rd->hinted) {
-			/* Woken by a message's claim that Redis has not made good (another
-			 * deployment's, or a generation not live): back to waiting, as the
-			 * probe would have left it; SQL's own NOTIFY wakes it if SQL is
-			 * further. */
-			rd->hinted = false;
-			wait_for(rd);
-			return;
-		}
 		why = FALLBACK_BEHIND; /* prefer SQL if it is further */
 	} else if (serve_redis(rd, rep, &at, &why)) {
+		return;
+	}
+	if (rd->hinted && (why == FALLBACK_UNAVAILABLE || why == FALLBACK_NO_LIVE ||
+			   why == FALLBACK_BEHIND ||
+			   (why == FALLBACK_MISS && rd->has_min &&
+			    readmodel_position_cmp(&at, &rd->min) < 0))) {
+		/* Woken by a message's claim that Redis has not made good (another
+		 * deployment's, a generation not live, or Redis failing): back to waiting,
+		 * as the probe would have left it, not to SQL; SQL's own NOTIFY or the
+		 * probe wakes it when a model really reaches its position. */
+		rd->hinted = false;
+		wait_for(rd);
 		return;
 	}
 	/* Redis is at min_position yet lacks the answer: should the read have to wait,
