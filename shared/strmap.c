@@ -11,8 +11,16 @@ struct entry {
 	struct entry *next;
 	void *value;
 	uint64_t hash;
+	uint32_t room; /* bytes for the key, its NUL included */
 	char key[];
 };
+
+/* Removed entries kept for the next puts: the maps a batch fills and clears each time
+ * (the command's overlay and transfer ids) would otherwise allocate and free an entry per
+ * key per batch, more than malloc's per-thread cache holds. */
+#define SPARE_MAX 1024
+/* Keys get room in steps of this: a spare fits most keys of a similar length. */
+#define KEY_ROOM_STEP 16
 
 struct strmap {
 	struct entry **buckets;
@@ -20,6 +28,8 @@ struct strmap {
 	size_t count;
 	void (*free_value)(void *);
 	uint64_t k0, k1; /* the SipHash key: random, the map's own */
+	struct entry *spare; /* removed entries, for reuse */
+	size_t nspare;
 };
 
 #define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
@@ -139,7 +149,34 @@ static void free_entry(struct strmap *m, struct entry *e)
 {
 	if (m->free_value)
 		m->free_value(e->value);
-	free(e);
+	if (m->nspare >= SPARE_MAX) {
+		free(e);
+		return;
+	}
+	e->next = m->spare;
+	m->spare = e;
+	m->nspare++;
+}
+
+/* An entry with room for a key of len bytes (and its NUL): a spare one if the first fits,
+ * else a new one. NULL when out of memory. */
+static struct entry *new_entry(struct strmap *m, size_t len)
+{
+	struct entry *e = m->spare;
+	size_t room;
+
+	if (e && e->room > len) {
+		m->spare = e->next;
+		m->nspare--;
+		return e;
+	}
+	if (len >= UINT32_MAX - KEY_ROOM_STEP)
+		return NULL;
+	room = (len + KEY_ROOM_STEP) / KEY_ROOM_STEP * KEY_ROOM_STEP;
+	e = malloc(sizeof(*e) + room);
+	if (e)
+		e->room = (uint32_t)room;
+	return e;
 }
 
 void strmap_clear(struct strmap *m)
@@ -159,6 +196,11 @@ void strmap_close(struct strmap **map)
 	if (!*map)
 		return;
 	strmap_clear(*map);
+	while ((*map)->spare) {
+		struct entry *e = (*map)->spare;
+		(*map)->spare = e->next;
+		free(e);
+	}
 	free((*map)->buckets);
 	free(*map);
 	*map = NULL;
@@ -212,7 +254,7 @@ bool strmap_put(struct strmap *m, const char *key, void *value)
 		return true;
 	}
 	len = strlen(key);
-	e = malloc(sizeof(*e) + len + 1);
+	e = new_entry(m, len);
 	if (!e)
 		return false;
 	memcpy(e->key, key, len + 1);

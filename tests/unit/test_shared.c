@@ -719,6 +719,48 @@ Test(strmap, remove_and_clear)
 	cr_assert_eq(freed, 4);
 }
 
+/* A cleared or removed entry is reused by later puts: keys of every length around the
+ * room an entry is made with (16-byte steps) come back whole, and a longer key than a
+ * reused entry holds gets an entry of its own. */
+Test(strmap, entries_reused_after_a_clear_keep_keys_of_any_length)
+{
+	struct strmap *m = NULL;
+	char key[80];
+
+	cr_assert_eq(strmap_open(&m, NULL), 0);
+	for (int round = 0; round < 3; round++) {
+		/* Short keys first in one round, long ones first in the next. */
+		for (int i = 0; i < 70; i++) {
+			int n = round == 1 ? 70 - i : i + 1;
+			memset(key, 'a' + round, (size_t)n);
+			key[n] = '\0';
+			key[0] = (char)('0' + n % 10);
+			cr_assert(strmap_put(m, key, (void *)(intptr_t)(n + 100 * round)));
+		}
+		cr_assert_eq(strmap_count(m), 70);
+		for (int n = 1; n <= 70; n++) {
+			memset(key, 'a' + round, (size_t)n);
+			key[n] = '\0';
+			key[0] = (char)('0' + n % 10);
+			cr_assert_eq((intptr_t)strmap_get(m, key), n + 100 * round, "lost a key of %d", n);
+			key[n - 1] = 'z';
+			cr_assert_null(strmap_get(m, key), "a key of %d with its last byte changed", n);
+		}
+		if (round == 0) {
+			strmap_clear(m);
+		} else {
+			for (int n = 1; n <= 70; n++) {
+				memset(key, 'a' + round, (size_t)n);
+				key[n] = '\0';
+				key[0] = (char)('0' + n % 10);
+				cr_assert(strmap_remove(m, key));
+			}
+		}
+		cr_assert_eq(strmap_count(m), 0);
+	}
+	strmap_close(&m);
+}
+
 Test(strmap, grows_past_many_entries)
 {
 	enum { N = 20000 };
