@@ -22,6 +22,22 @@
 #define REQUEST_ID_MAX 128
 #define HTTP_REQUESTS_KEPT 64
 
+/* The request headers the services read, found in one pass over the request's headers
+ * when it arrives (see scan_headers): each look-up by name walked the whole list with a
+ * case-insensitive compare, five or six walks per write request. */
+static const struct {
+	const char *name;
+	size_t len;
+} known_headers[] = {
+#define KNOWN(name) { name, sizeof(name) - 1 }
+	KNOWN("Authorization"),   KNOWN("X-Request-Id"),  KNOWN("Content-Type"),
+	KNOWN("Idempotency-Key"), KNOWN("If-Match"),      KNOWN("If-None-Match"),
+	KNOWN("Origin"),          KNOWN("Last-Event-ID"), KNOWN("X-Daybook-Min-Position"),
+	KNOWN("Access-Control-Request-Method"),
+#undef KNOWN
+};
+#define NKNOWN (sizeof(known_headers) / sizeof(known_headers[0]))
+
 struct http_request {
 	struct evhttp_request *ev;
 	struct http_server *srv;
@@ -34,6 +50,9 @@ struct http_request {
 	char request_id[REQUEST_ID_MAX + 1];
 	struct http_query_param *query; /* see http_query_parse; NULL: none */
 	size_t nquery;
+	/* The first value of each of known_headers, or NULL: evhttp's strings, valid as
+	 * long as the request. */
+	const char *headers[NKNOWN];
 	struct http_request *next_spare;
 };
 
@@ -356,10 +375,34 @@ static char *with_instance(const struct http_request *req, const char *body, siz
 	return text;
 }
 
+/* An empty buffer for a response body: the server's spare one (evhttp moves the body's
+ * chains out of it when it sends the reply), else a new one. Given back with
+ * body_buffer_put. */
+static struct evbuffer *body_buffer_get(struct http_server *srv)
+{
+	struct evbuffer *buf = srv->spare_body;
+
+	srv->spare_body = NULL;
+	return buf ? buf : evbuffer_new();
+}
+
+static void body_buffer_put(struct http_server *srv, struct evbuffer *buf)
+{
+	if (!buf)
+		return;
+	/* Not sent when the connection was already gone: nothing of it is kept. */
+	evbuffer_drain(buf, evbuffer_get_length(buf));
+	if (srv->spare_body)
+		evbuffer_free(buf);
+	else
+		srv->spare_body = buf;
+}
+
 void http_reply_raw(struct http_request *req, int status, const char *content_type,
 		    const char *body, size_t len)
 {
-	struct evbuffer *buf = evbuffer_new();
+	struct http_server *srv = req->srv;
+	struct evbuffer *buf = body_buffer_get(srv);
 	/* Every problem answered to a request names it (RFC 9457 "instance"), whoever built
 	 * the body (this file, a handler, an idempotent replay). */
 	char *problem = strcmp(content_type, "application/problem+json") == 0
@@ -375,8 +418,7 @@ void http_reply_raw(struct http_request *req, int status, const char *content_ty
 	free(problem);
 	http_set_header(req, "Content-Type", content_type);
 	finish(req, status, buf);
-	if (buf)
-		evbuffer_free(buf);
+	body_buffer_put(srv, buf);
 }
 
 struct evhttp_request *http_reply_stream(struct http_request *req, int status,
@@ -463,8 +505,35 @@ const char *http_path(const struct http_request *req)
 	return req->path;
 }
 
+/* The index of name in known_headers (any case), or -1. */
+static int known_header(const char *name, size_t len)
+{
+	for (size_t i = 0; i < NKNOWN; i++)
+		if (known_headers[i].len == len &&
+		    evutil_ascii_strcasecmp(known_headers[i].name, name) == 0)
+			return (int)i;
+	return -1;
+}
+
+/* Note the first value of each known header, as evhttp_find_header would find it. */
+static void scan_headers(struct http_request *req)
+{
+	const struct evkeyval *h;
+
+	memset(req->headers, 0, sizeof(req->headers));
+	for (h = evhttp_request_get_input_headers(req->ev)->tqh_first; h; h = h->next.tqe_next) {
+		int i = known_header(h->key, strlen(h->key));
+		if (i >= 0 && !req->headers[i])
+			req->headers[i] = h->value;
+	}
+}
+
 const char *http_header(const struct http_request *req, const char *name)
 {
+	int i = known_header(name, strlen(name));
+
+	if (i >= 0)
+		return req->headers[i];
 	return evhttp_find_header(evhttp_request_get_input_headers(req->ev), name);
 }
 
@@ -1014,6 +1083,7 @@ static void on_request(struct evhttp_request *ev, void *arg)
 	req->path[n] = '\0';
 	srv->inflight++;
 	metric_add(srv->inflight_gauge, 1);
+	scan_headers(req);
 	set_request_id(req);
 	dispatch(req);
 }
@@ -1145,6 +1215,8 @@ void http_server_close(struct http_server **srv)
 	conns_close(&(*srv)->conns);
 	log_buf_flush(&(*srv)->access_lines);
 	event_free((*srv)->flush_lines);
+	if ((*srv)->spare_body)
+		evbuffer_free((*srv)->spare_body);
 	while ((*srv)->spare) {
 		struct http_request *req = (*srv)->spare;
 		(*srv)->spare = req->next_spare;
