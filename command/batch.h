@@ -88,6 +88,8 @@ struct batcher {
 	size_t nevents;
 	struct ledger_text text;  /* the events' data and metadata texts, kept between batches */
 	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
+	struct ledger_account overlay_accounts[2 * BATCH_MAX]; /* the overlay's values */
+	size_t noverlay;
 	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
 	struct strmap *refold;    /* account ids whose snapshot was refused: load them in full */
 	struct strmap *catchup;   /* account id -> struct ledger_account loaded from more than

@@ -268,6 +268,7 @@ static void stop(struct service_ctx *svc)
 	sweeper_close(&ctx->sweeper);
 	lease_close(&ctx->lease);
 	batcher_close(&ctx->batcher);
+	cmd_spares_free(ctx);
 	pg_close(&ctx->pg);
 }
 
