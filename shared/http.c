@@ -25,18 +25,39 @@
 /* The request headers the services read, found in one pass over the request's headers
  * when it arrives (see scan_headers): each look-up by name walked the whole list with a
  * case-insensitive compare, five or six walks per write request. */
+enum {
+	H_AUTHORIZATION,
+	H_REQUEST_ID,
+	H_CONTENT_TYPE,
+	H_IDEMPOTENCY_KEY,
+	H_IF_MATCH,
+	H_IF_NONE_MATCH,
+	H_ORIGIN,
+	H_LAST_EVENT_ID,
+	H_MIN_POSITION,
+	H_AC_REQUEST_METHOD,
+	NKNOWN
+};
 static const struct {
 	const char *name;
 	size_t len;
-} known_headers[] = {
-#define KNOWN(name) { name, sizeof(name) - 1 }
-	KNOWN("Authorization"),   KNOWN("X-Request-Id"),  KNOWN("Content-Type"),
-	KNOWN("Idempotency-Key"), KNOWN("If-Match"),      KNOWN("If-None-Match"),
-	KNOWN("Origin"),          KNOWN("Last-Event-ID"), KNOWN("X-Daybook-Min-Position"),
-	KNOWN("Access-Control-Request-Method"),
+} known_headers[NKNOWN] = {
+#define KNOWN(name)                                                                                \
+	{                                                                                          \
+		name, sizeof(name) - 1                                                             \
+	}
+	[H_AUTHORIZATION] = KNOWN("Authorization"),
+	[H_REQUEST_ID] = KNOWN("X-Request-Id"),
+	[H_CONTENT_TYPE] = KNOWN("Content-Type"),
+	[H_IDEMPOTENCY_KEY] = KNOWN("Idempotency-Key"),
+	[H_IF_MATCH] = KNOWN("If-Match"),
+	[H_IF_NONE_MATCH] = KNOWN("If-None-Match"),
+	[H_ORIGIN] = KNOWN("Origin"),
+	[H_LAST_EVENT_ID] = KNOWN("Last-Event-ID"),
+	[H_MIN_POSITION] = KNOWN("X-Daybook-Min-Position"),
+	[H_AC_REQUEST_METHOD] = KNOWN("Access-Control-Request-Method"),
 #undef KNOWN
 };
-#define NKNOWN (sizeof(known_headers) / sizeof(known_headers[0]))
 
 struct http_request {
 	struct evhttp_request *ev;
@@ -314,7 +335,7 @@ static void cors_headers(struct http_request *req)
 
 	if (!req->srv->cfg.limits.cors_origins)
 		return;
-	origin = http_header(req, "Origin");
+	origin = req->headers[H_ORIGIN];
 	http_set_header(req, "Vary", "Origin");
 	if (!cors_allowed(req->srv, origin))
 		return;
@@ -333,7 +354,7 @@ static void finish(struct http_request *req, int status, struct evbuffer *body)
 	/* A conditional read whose representation has not changed: 304, no body. */
 	if (status == 200 && (cmd == EVHTTP_REQ_GET || cmd == EVHTTP_REQ_HEAD)) {
 		const char *etag = evhttp_find_header(out, "ETag");
-		const char *inm = http_header(req, "If-None-Match");
+		const char *inm = req->headers[H_IF_NONE_MATCH];
 		if (etag && inm && none_match(inm, etag)) {
 			status = 304;
 			body = NULL;
@@ -505,12 +526,27 @@ const char *http_path(const struct http_request *req)
 	return req->path;
 }
 
+/* a and b, both len bytes, equal but for the case of ASCII letters (header names are
+ * compared so: evutil_ascii_strcasecmp's rule, without its call per character). */
+static bool same_name(const char *a, const char *b, size_t len)
+{
+	for (size_t i = 0; i < len; i++) {
+		unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
+		if (x >= 'A' && x <= 'Z')
+			x = (unsigned char)(x + ('a' - 'A'));
+		if (y >= 'A' && y <= 'Z')
+			y = (unsigned char)(y + ('a' - 'A'));
+		if (x != y)
+			return false;
+	}
+	return true;
+}
+
 /* The index of name in known_headers (any case), or -1. */
 static int known_header(const char *name, size_t len)
 {
 	for (size_t i = 0; i < NKNOWN; i++)
-		if (known_headers[i].len == len &&
-		    evutil_ascii_strcasecmp(known_headers[i].name, name) == 0)
+		if (known_headers[i].len == len && same_name(known_headers[i].name, name, len))
 			return (int)i;
 	return -1;
 }
@@ -530,8 +566,14 @@ static void scan_headers(struct http_request *req)
 
 const char *http_header(const struct http_request *req, const char *name)
 {
-	int i = known_header(name, strlen(name));
+	int i = -1;
 
+	/* Callers name headers as known_headers spells them: found without folding case. */
+	for (size_t k = 0; k < NKNOWN && i < 0; k++)
+		if (strcmp(known_headers[k].name, name) == 0)
+			i = (int)k;
+	if (i < 0)
+		i = known_header(name, strlen(name));
 	if (i >= 0)
 		return req->headers[i];
 	return evhttp_find_header(evhttp_request_get_input_headers(req->ev), name);
@@ -597,7 +639,7 @@ bool http_body_checked(struct http_request *req, bool allow_empty, const char **
 		http_reply_invalid(req, "a JSON object body is required");
 		return false;
 	}
-	if (!is_json_type(http_header(req, "Content-Type"))) {
+	if (!is_json_type(req->headers[H_CONTENT_TYPE])) {
 		http_reply_problem(req, 415, "unsupported_media_type", "Unsupported media type",
 				   "the body must be sent as Content-Type: application/json");
 		return false;
@@ -812,7 +854,7 @@ static bool valid_request_id(const char *id)
 
 static void set_request_id(struct http_request *req)
 {
-	const char *given = http_header(req, "X-Request-Id");
+	const char *given = req->headers[H_REQUEST_ID];
 
 	if (given && valid_request_id(given)) {
 		strcpy(req->request_id, given);
@@ -849,7 +891,7 @@ static const struct token *find_token(struct http_server *srv, const char *secre
 /* Authenticate; false after replying 401/403. */
 static bool authorize(struct http_request *req, unsigned scope)
 {
-	const char *auth = http_header(req, "Authorization");
+	const char *auth = req->headers[H_AUTHORIZATION];
 	const char *secret;
 
 	if (!auth || strncasecmp(auth, "Bearer ", 7) != 0 || !req->srv->cfg.tokens) {
@@ -987,8 +1029,7 @@ static bool cors_preflight(struct http_request *req)
 	char params[HTTP_MAX_PARAMS][PARAM_MAX + 1];
 	char methods[64] = "";
 
-	if (!cors_allowed(req->srv, http_header(req, "Origin")) ||
-	    !http_header(req, "Access-Control-Request-Method"))
+	if (!cors_allowed(req->srv, req->headers[H_ORIGIN]) || !req->headers[H_AC_REQUEST_METHOD])
 		return false;
 	for (size_t i = 0; i < cfg->nroutes; i++) {
 		const struct http_route *r = &cfg->routes[i];

@@ -27,7 +27,7 @@ struct strmap {
 	size_t nbuckets; /* a power of two */
 	size_t count;
 	void (*free_value)(void *);
-	uint64_t k0, k1; /* the SipHash key: random, the map's own */
+	uint64_t k0, k1;     /* the SipHash key: random, the map's own */
 	struct entry *spare; /* removed entries, for reuse */
 	size_t nspare;
 };

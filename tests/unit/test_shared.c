@@ -742,9 +742,11 @@ Test(strmap, entries_reused_after_a_clear_keep_keys_of_any_length)
 			memset(key, 'a' + round, (size_t)n);
 			key[n] = '\0';
 			key[0] = (char)('0' + n % 10);
-			cr_assert_eq((intptr_t)strmap_get(m, key), n + 100 * round, "lost a key of %d", n);
+			cr_assert_eq((intptr_t)strmap_get(m, key), n + 100 * round,
+				     "lost a key of %d", n);
 			key[n - 1] = 'z';
-			cr_assert_null(strmap_get(m, key), "a key of %d with its last byte changed", n);
+			cr_assert_null(strmap_get(m, key), "a key of %d with its last byte changed",
+				       n);
 		}
 		if (round == 0) {
 			strmap_clear(m);
