@@ -742,12 +742,16 @@ static size_t array_element(char *out, const char *value)
 	char *p = out;
 
 	*p++ = '"';
-	/* Byte by byte: in JSON texts the runs between quotes are a few bytes long, shorter
-	 * than a strcspn and a memcpy per run pay for. */
-	for (const char *s = value; *s; s++) {
-		if (*s == '"' || *s == '\\')
-			*p++ = '\\';
-		*p++ = *s;
+	/* Runs between the characters to escape go in at once. */
+	for (const char *s = value;;) {
+		size_t run = strcspn(s, "\"\\");
+		memcpy(p, s, run);
+		p += run;
+		s += run;
+		if (!*s)
+			break;
+		*p++ = '\\';
+		*p++ = *s++;
 	}
 	*p++ = '"';
 	return (size_t)(p - out);
