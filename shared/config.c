@@ -9,6 +9,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "digest.h"
+
 static bool parse_port(const char *text, uint16_t *port)
 {
 	char *end;
@@ -55,17 +57,6 @@ static bool parse_db(const char *text, int *db)
 /* Percent-decode text (the user or the password of a URL that evhttp_uri_parse has
  * checked, so every '%' starts a valid escape) into out, a buffer of outlen bytes with
  * the NUL; false when it decodes to a NUL byte or does not fit. */
-static int hex_value(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* Decoded here rather than by evhttp_uridecode, whose result is libevent's memory (the
  * command allocates that with evmem.h, which free() must not see); the same rule: a '%'
  * and two hex digits are that byte, anything else (a '+' too) is itself. */
@@ -74,8 +65,8 @@ static bool decode(const char *text, size_t n, char *out, size_t outlen)
 	size_t len = 0;
 
 	for (size_t i = 0; i < n; i++) {
-		int hi = i + 2 < n + 1 && text[i] == '%' ? hex_value(text[i + 1]) : -1;
-		int lo = hi >= 0 && i + 2 < n ? hex_value(text[i + 2]) : -1;
+		int hi = i + 1 < n && text[i] == '%' ? digest_hex_digit(text[i + 1]) : -1;
+		int lo = hi >= 0 && i + 2 < n ? digest_hex_digit(text[i + 2]) : -1;
 		char c = text[i];
 
 		if (hi >= 0 && lo >= 0) {

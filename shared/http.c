@@ -672,17 +672,6 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 	       http_body_parse(req, text, len, out);
 }
 
-static int hex_digit(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* Percent-decode s in place ('+' is a space); false on a malformed escape or an
  * escaped NUL. */
 static bool decode_component(char *s)
@@ -700,8 +689,8 @@ static bool decode_component(char *s)
 			*w++ = *r;
 			continue;
 		}
-		hi = hex_digit(r[1]);
-		lo = hi < 0 ? -1 : hex_digit(r[2]);
+		hi = digest_hex_digit(r[1]);
+		lo = hi < 0 ? -1 : digest_hex_digit(r[2]);
 		if (lo < 0 || (hi == 0 && lo == 0))
 			return false;
 		*w++ = (char)(hi * 16 + lo);
