@@ -483,6 +483,7 @@ fail:
 
 static void decide_all(struct batcher *b)
 {
+	cache_prefetch(b);
 	for (size_t i = 0; i < b->nslots; i++) {
 		if (b->slots[i].status == 0 && !decide(b, (int)i)) {
 			fail_batch(b, 503, "out of memory; retry shortly");

@@ -42,6 +42,18 @@ size_t cmd_accounts(const struct cmd *cmd, const char *ids[2])
 	}
 }
 
+void cache_prefetch(struct batcher *b)
+{
+	for (int stage = 0; stage < 2; stage++) {
+		for (size_t i = 0; i < b->nslots; i++) {
+			const char *ids[2];
+			size_t n = cmd_accounts(b->slots[i].cmd, ids);
+			for (size_t j = 0; j < n; j++)
+				strmap_prefetch(b->cache, ids[j], stage);
+		}
+	}
+}
+
 /* Forget cached state the batch may have changed: after a failure, what committed is
  * unknown or was refused, and the log is the only truth. */
 void invalidate(struct batcher *b)
@@ -337,6 +349,7 @@ void commit_overlay(struct batcher *b)
 {
 	if (strmap_count(b->cache) + strmap_count(b->overlay) > CACHE_MAX)
 		strmap_clear(b->cache); /* crude bound on memory; cold accounts reload */
+	cache_prefetch(b);
 	for (size_t i = 0; i < b->nevents; i++) {
 		const char *id = b->events[i].stream + strlen("account-");
 		struct ledger_account *acc = strmap_get(b->overlay, id), *cached, *copy;

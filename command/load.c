@@ -173,6 +173,7 @@ struct needs {
 
 static void collect_needs(struct batcher *b, struct needs *nd)
 {
+	cache_prefetch(b);
 	for (size_t i = 0; i < b->nslots; i++) {
 		const struct cmd *cmd = b->slots[i].cmd;
 		const char *ids[2];

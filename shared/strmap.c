@@ -221,6 +221,16 @@ static struct entry **find(const struct strmap *m, const char *key, uint64_t h)
 	return p;
 }
 
+void strmap_prefetch(const struct strmap *m, const char *key, int stage)
+{
+	struct entry *const *b = &m->buckets[hash(m, key) & (m->nbuckets - 1)];
+
+	if (stage == 0)
+		__builtin_prefetch(b);
+	else if (*b)
+		__builtin_prefetch(*b);
+}
+
 void *strmap_get(const struct strmap *m, const char *key)
 {
 	struct entry *e = *find(m, key, hash(m, key));
