@@ -44,14 +44,18 @@ size_t cmd_accounts(const struct cmd *cmd, const char *ids[2])
 
 void cache_prefetch(struct batcher *b)
 {
-	for (int stage = 0; stage < 2; stage++) {
-		for (size_t i = 0; i < b->nslots; i++) {
-			const char *ids[2];
-			size_t n = cmd_accounts(b->slots[i].cmd, ids);
-			for (size_t j = 0; j < n; j++)
-				strmap_prefetch(b->cache, ids[j], stage);
-		}
+	uint64_t hashes[2 * BATCH_MAX];
+	size_t n = 0;
+
+	for (size_t i = 0; i < b->nslots; i++) {
+		const char *ids[2];
+		size_t k = cmd_accounts(b->slots[i].cmd, ids);
+		for (size_t j = 0; j < k; j++)
+			hashes[n++] = strmap_hash(b->cache, ids[j]);
 	}
+	for (int stage = 0; stage < 2; stage++)
+		for (size_t i = 0; i < n; i++)
+			strmap_prefetch(b->cache, hashes[i], stage);
 }
 
 /* Forget cached state the batch may have changed: after a failure, what committed is

@@ -221,9 +221,9 @@ static struct entry **find(const struct strmap *m, const char *key, uint64_t h)
 	return p;
 }
 
-void strmap_prefetch(const struct strmap *m, const char *key, int stage)
+void strmap_prefetch(const struct strmap *m, uint64_t key_hash, int stage)
 {
-	struct entry *const *b = &m->buckets[hash(m, key) & (m->nbuckets - 1)];
+	struct entry *const *b = &m->buckets[key_hash & (m->nbuckets - 1)];
 
 	if (stage == 0)
 		__builtin_prefetch(b);
