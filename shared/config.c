@@ -56,10 +56,10 @@ static bool parse_db(const char *text, int *db)
 
 /* Percent-decode text (the user or the password of a URL that evhttp_uri_parse has
  * checked, so every '%' starts a valid escape) into out, a buffer of outlen bytes with
- * the NUL; false when it decodes to a NUL byte or does not fit. */
-/* Decoded here rather than by evhttp_uridecode, whose result is libevent's memory (the
- * command allocates that with evmem.h, which free() must not see); the same rule: a '%'
- * and two hex digits are that byte, anything else (a '+' too) is itself. */
+ * the NUL; false when it decodes to a NUL byte or does not fit. By evhttp_uridecode's
+ * rule (a '%' and two hex digits are that byte, anything else, '+' too, is itself) but
+ * not by it: its result is libevent's memory, which the command allocates with
+ * evmem.h and free() must not see. */
 static bool decode(const char *text, size_t n, char *out, size_t outlen)
 {
 	size_t len = 0;
