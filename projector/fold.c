@@ -266,13 +266,13 @@ bool projector_fold(struct projector_ctx *ctx)
 	return true;
 }
 
-/* write_rows' parameters (step.c): each table's columns, then the NOTIFY token. */
+/* write_rows' parameters (step.c): each table's columns. */
 enum {
 	ACCOUNT_COLS = 10,
 	ENTRY_COLS = 9,    /* fold_rows.ecols */
 	TRANSFER_COLS = 7, /* fold_rows.tcols */
 	TOTAL_COLS = 4,
-	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TRANSFER_COLS + TOTAL_COLS + 1,
+	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TRANSFER_COLS + TOTAL_COLS,
 };
 
 static const enum pg_type_oid account_types[ACCOUNT_COLS] = {
@@ -339,26 +339,22 @@ static bool take_totals(const struct fold_rows *r, char **params, int *lengths)
 	return ok;
 }
 
-/* Every row of the batch and the NOTIFY of its checkpoint, in one statement: the
- * arrays in binary, the token as text. */
-static bool queue_rows(struct projector_ctx *ctx, const struct log_event *last)
+/* Every row of the batch in one statement, the arrays in binary. */
+static bool queue_rows(struct projector_ctx *ctx)
 {
 	struct fold_rows *r = ctx->rows;
 	char *params[ROW_PARAMS] = { NULL };
 	int lengths[ROW_PARAMS] = { 0 }, formats[ROW_PARAMS];
 	char **p = params;
 	int *l = lengths;
-	char token[64];
 	bool ok = false;
 
 	for (size_t i = 0; i < ROW_PARAMS; i++)
-		formats[i] = i < ROW_PARAMS - 1;
-	snprintf(token, sizeof(token), "%s.%lld", last->txid, last->position);
+		formats[i] = 1;
 	if (!take_accounts(r, p, l) ||
 	    !table_take(&r->entries, p += ACCOUNT_COLS, l += ACCOUNT_COLS) ||
 	    !table_take(&r->transfers, p += ENTRY_COLS, l += ENTRY_COLS) ||
-	    !take_totals(r, p += TRANSFER_COLS, l += TRANSFER_COLS) ||
-	    !(params[ROW_PARAMS - 1] = strdup(token)))
+	    !take_totals(r, p += TRANSFER_COLS, l += TRANSFER_COLS))
 		goto done;
 	ok = pg_queue_params(ctx->pg, "write_rows", ROW_PARAMS, (const char *const *)params,
 			     lengths, formats, false);
@@ -380,7 +376,7 @@ bool projector_queue_writes(struct projector_ctx *ctx)
 	/* The checkpoint moves first: if another projector took the lease (our epoch is
 	 * stale) or moved it, or a rebuild swapped the tables (a new generation), the
 	 * whole transaction fails and nothing is applied twice or to the wrong tables. */
-	return pg_queue(ctx->pg, "move_checkpoint", 6, cas) && queue_rows(ctx, last);
+	return pg_queue(ctx->pg, "move_checkpoint", 6, cas) && queue_rows(ctx);
 }
 
 void projector_rows_committed(struct projector_ctx *ctx)

@@ -145,6 +145,21 @@ static int start(struct service_ctx *svc)
 		.on_notify = on_notify,
 		.arg = ctx,
 	};
+	/* The position NOTIFY's own session (step.c, notify): a batch never waits for the
+	 * database's notify lock. It announces derived data only: no WAL flush awaited. */
+	size_t nnotify;
+	const struct pg_statement *notify = projector_notify_statements(&nnotify);
+	struct pg_config nc = {
+		.conninfo = ctx->cfg.pg,
+		.application_name = "daybook-projector notify",
+		.base = ctx->base,
+		.log = &ctx->log,
+		.statements = notify,
+		.nstatements = nnotify,
+		.on_connect = projector_on_notify_connect,
+		.async_commit = true,
+		.arg = ctx,
+	};
 	struct lease_config lc = {
 		.conninfo = ctx->cfg.pg,
 		.name = PROJECTOR_PROJECTION,
@@ -170,8 +185,8 @@ static int start(struct service_ctx *svc)
 	make_metrics(ctx);
 	ctx->events = calloc(PROJECTOR_BATCH_MAX, sizeof(*ctx->events));
 	if (!ctx->events || strmap_open(&ctx->accounts, free) || strmap_open(&ctx->totals, free) ||
-	    pg_open(&ctx->pg, &pgc) || projector_redis_open(ctx, projector_redis_reported) ||
-	    lease_open(&ctx->lease, &lc)) {
+	    pg_open(&ctx->pg, &pgc) || pg_open(&ctx->notify_pg, &nc) ||
+	    projector_redis_open(ctx, projector_redis_reported) || lease_open(&ctx->lease, &lc)) {
 		fprintf(stderr, "daybook-projector: out of memory\n");
 		return 1;
 	}
@@ -209,6 +224,7 @@ static void stop(struct service_ctx *svc)
 	lease_close(&ctx->lease);
 	redis_close(&ctx->redis);
 	pg_close(&ctx->pg);
+	pg_close(&ctx->notify_pg);
 	strmap_close(&ctx->accounts);
 	strmap_close(&ctx->totals);
 }

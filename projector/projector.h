@@ -160,6 +160,11 @@ struct projector_ctx {
 	char ahead_from[48];
 	bool ahead_running, ahead_ready;
 	struct fold_rows *rows;
+	/* The position NOTIFY's own connection (step.c, notify): the newest committed
+	 * checkpoint not yet announced, and whether a NOTIFY is in flight. */
+	struct pg *notify_pg;
+	char notify_token[64];
+	bool notify_running;
 	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,
 		*m_applied, *m_epoch, *m_read_ahead;
 };
@@ -182,6 +187,10 @@ void projector_on_lease_change(void *arg, long long epoch, const char *why);
 void projector_retry(struct projector_ctx *ctx);
 /* A new PostgreSQL session: pg_config.on_connect. */
 void projector_on_pg_connect(void *arg);
+/* The notifying connection is new (its pg_config.on_connect): announce what waits. */
+void projector_on_notify_connect(void *arg);
+/* The statement the notifying connection prepares. */
+const struct pg_statement *projector_notify_statements(size_t *n);
 /* The statements the projector prepares on each connection. */
 const struct pg_statement *projector_statements(size_t *n);
 /* Fold the batch into the caches and queue the SQL writes; false on a corrupt log. */

@@ -83,15 +83,20 @@ static void on_ready_timer(evutil_socket_t fd, short what, void *arg)
 /* "<generation> <token>" on READMODEL_POSITION_TOPIC: a projection moved, or so says someone who
  * may use the channel: Pub/Sub is not per Redis database, so another deployment on
  * the same server (its own database) publishes here too, as does a generation that
- * is not live yet. The message only starts the one shared probe, which reads the live
- * generation of this store. */
+ * is not live yet. So the token is only a claim: it wakes at once the few waiting
+ * reads it would satisfy (at most WAIT_HINT_MAX), each of which reads the live
+ * generation of this store itself and goes back to waiting if it is behind; and it
+ * starts the one shared probe, which reads that checkpoint for everyone else. */
 static void on_position(void *arg, const char *msg, size_t len)
 {
 	struct query_ctx *ctx = arg;
+	const char *token = msg && len ? memchr(msg, ' ', len) : NULL;
+	struct readmodel_position claimed;
 
-	(void)msg;
-	(void)len;
-	waitset_poke(ctx->waits, WAIT_FROM_REDIS);
+	if (token && query_position_parse_n(token + 1, len - (size_t)(token + 1 - msg), &claimed))
+		waitset_hint(ctx->waits, WAIT_FROM_REDIS, &claimed);
+	else
+		waitset_poke(ctx->waits, WAIT_FROM_REDIS);
 }
 
 /* After a (re)subscription messages may have been missed: look again, once. */

@@ -126,6 +126,7 @@ struct read {
 	uint64_t wait_seq;     /* waitset_seq when the read last started */
 	bool redis_cannot;     /* Redis reached min_position but cannot answer this read */
 	bool redis_behind;     /* Redis can answer once it reaches min_position */
+	bool hinted;           /* woken by a position message's unchecked claim */
 	uint64_t cache_ticket; /* cache_ticket before the Redis read, 0: not to be kept */
 	struct timetravel tt;  /* READ_TT_*: the point, folded from the event store */
 };

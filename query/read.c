@@ -231,6 +231,7 @@ static void on_wake(struct waiter *w, bool expired)
 {
 	struct read *rd = (struct read *)(void *)((char *)w - offsetof(struct read, wait));
 
+	rd->hinted = w->hinted;
 	if (expired)
 		reply_behind(rd);
 	else
@@ -420,6 +421,15 @@ static void on_redis_reply(void *arg, const redisReply *rep)
 	} else if (rep->elements == 1) {
 		why = FALLBACK_MISS;
 	} else if (rd->has_min && readmodel_position_cmp(&at, &rd->min) < 0) {
+		if (rd->hinted) {
+			/* Woken by a message's claim that Redis has not made good (another
+			 * deployment's, or a generation not live): back to waiting, as the
+			 * probe would have left it; SQL's own NOTIFY wakes it if SQL is
+			 * further. */
+			rd->hinted = false;
+			wait_for(rd);
+			return;
+		}
 		why = FALLBACK_BEHIND; /* prefer SQL if it is further */
 	} else if (serve_redis(rd, rep, &at, &why)) {
 		return;

@@ -25,7 +25,7 @@ struct waitset {
 	struct readmodel_position known[WAIT_SOURCES];
 	bool has_known[WAIT_SOURCES];
 	uint64_t seq;
-	struct metric *waiting, *probes[2];
+	struct metric *waiting, *probes[2], *hinted;
 	/* Who listens for each source's messages only while they could wake someone
 	 * (waitset_watch), and what it was last told. */
 	waitset_interest_cb interest[WAIT_SOURCES];
@@ -161,6 +161,7 @@ static void leave(struct waitset *ws, struct waiter *w, struct waiter ***tail)
 	heap_remove(&ws->pos[w->model], w);
 	heap_remove(&ws->deadlines, w);
 	metric_add(ws->waiting, -1);
+	w->hinted = false;
 	w->next = NULL;
 	**tail = w;
 	*tail = &w->next;
@@ -339,6 +340,46 @@ void waitset_reached(struct waitset *ws, enum wait_source from, const struct rea
 	notice_interest(ws);
 }
 
+/* Waiters of heap h at or below `at`, counted up to `max` + 1 (the heap's nodes below
+ * a larger one are all larger: O(max) nodes visited). */
+static size_t count_upto(const struct heap *h, size_t i, const struct readmodel_position *at,
+			 size_t max)
+{
+	size_t n;
+
+	if (i >= h->n || readmodel_position_cmp(&h->v[i]->min, at) > 0)
+		return 0;
+	n = 1 + count_upto(h, 2 * i + 1, at, max);
+	return n > max ? n : n + count_upto(h, 2 * i + 2, at, max - n + 1);
+}
+
+void waitset_hint(struct waitset *ws, enum wait_source from,
+		  const struct readmodel_position *claimed)
+{
+	struct heap *h;
+	struct waiter *woken = NULL, **tail = &woken, *w;
+	size_t n;
+
+	if (!ws)
+		return;
+	h = &ws->pos[WAIT_ANY];
+	n = from == WAIT_FROM_REDIS ? count_upto(h, 0, claimed, WAIT_HINT_MAX) : 0;
+	if (n == 0 || n > WAIT_HINT_MAX) {
+		waitset_poke(ws, from);
+		return;
+	}
+	while (h->n && readmodel_position_cmp(&h->v[0]->min, claimed) <= 0)
+		leave(ws, h->v[0], &tail);
+	for (w = woken; w; w = w->next)
+		w->hinted = true;
+	metric_add(ws->hinted, (double)n);
+	wake_all(woken, false);
+	/* A read whose look was in flight when the message came is not in the set: the
+	 * probe's answer (a position seen, hence a new waitset_seq) makes it look again. */
+	probe(ws, false);
+	notice_interest(ws);
+}
+
 void waitset_probed(struct waitset *ws, bool sql)
 {
 	if (!ws)
@@ -413,6 +454,11 @@ int waitset_open(struct waitset **out, const struct waitset_config *cfg)
 					    "daybook_query_position_probes_total",
 					    "Checkpoint probes made for waiting reads, by model.",
 					    "model=\"sql\"", NULL, 0);
+		ws->hinted = metrics_get(cfg->metrics, METRIC_COUNTER,
+					 "daybook_query_hinted_wakes_total",
+					 "Waiting reads woken by a position message's claim, "
+					 "before any probe.",
+					 "", NULL, 0);
 		ws->probes[0] = metrics_get(cfg->metrics, METRIC_COUNTER,
 					    "daybook_query_position_probes_total",
 					    "Checkpoint probes made for waiting reads, by model.",

@@ -40,6 +40,9 @@ struct waiter {
 	 * because its model has reached `min` (look again: a Redis message may come from
 	 * a generation that is not live). The waiter may be added again from here. */
 	void (*wake)(struct waiter *w, bool expired);
+	/* Set while wake runs: woken by a position message's claim (waitset_hint), which
+	 * nobody has checked, rather than by a position a model was seen at. */
+	bool hinted;
 	/* Private to wait.c. */
 	struct waiter *next;
 	size_t at_pos, at_deadline; /* heap slots */
@@ -88,6 +91,14 @@ void waitset_done(struct waitset *ws, struct waiter *w);
  * it satisfies. Cost: O(woken · log n). */
 void waitset_reached(struct waitset *ws, enum wait_source from,
 		     const struct readmodel_position *at);
+/* A position message claims that `from` (WAIT_FROM_REDIS) is at `claimed`; anyone may
+ * publish one, so it is not taken as known. When at most WAIT_HINT_MAX waiters would
+ * be satisfied by it, they are woken at once (hinted), each to look at the model
+ * itself, which saves them the probe's round trip; the probe is made all the same, for
+ * reads whose look was in flight. Otherwise it only pokes, as waitset_poke. */
+#define WAIT_HINT_MAX 8
+void waitset_hint(struct waitset *ws, enum wait_source from,
+		  const struct readmodel_position *claimed);
 /* A probe asked for by the config ended (report its positions with waitset_reached
  * first, if it got any). */
 void waitset_probed(struct waitset *ws, bool sql);

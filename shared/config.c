@@ -318,6 +318,8 @@ static bool env_uint(const char *name, unsigned min, unsigned max, unsigned *out
 /* The HTTP edge's limits, defaults where unset. */
 static bool load_http(struct config_http *h, char *err, size_t errlen)
 {
+	unsigned libevent_reads = 0;
+
 	h->max_connections = CONFIG_MAX_CONNECTIONS_DEFAULT;
 	h->header_timeout_ms = CONFIG_HEADER_TIMEOUT_MS_DEFAULT;
 	h->idle_timeout_ms = CONFIG_IDLE_TIMEOUT_MS_DEFAULT;
@@ -329,6 +331,9 @@ static bool load_http(struct config_http *h, char *err, size_t errlen)
 	if (!env_uint("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", 100, 3600000, &h->idle_timeout_ms, err,
 		      errlen))
 		return false;
+	if (!env_uint("DAYBOOK_HTTP_LIBEVENT_READS", 0, 1, &libevent_reads, err, errlen))
+		return false;
+	h->libevent_reads = libevent_reads == 1;
 	h->cors_origins = env("DAYBOOK_CORS_ORIGINS");
 	if (h->cors_origins && !config_cors_origins_valid(h->cors_origins)) {
 		snprintf(err, errlen,

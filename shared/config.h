@@ -36,6 +36,9 @@ struct config_http {
 	unsigned max_connections;   /* DAYBOOK_MAX_CONNECTIONS: open client connections */
 	unsigned header_timeout_ms; /* DAYBOOK_HTTP_HEADER_TIMEOUT_MS: to receive a request */
 	unsigned idle_timeout_ms;   /* DAYBOOK_HTTP_IDLE_TIMEOUT_MS: keep-alive between requests */
+	/* DAYBOOK_HTTP_LIBEVENT_READS=1: connections are read by libevent's own read path,
+	 * without the edge's shortcuts into libevent's internals (http_conn.c) */
+	bool libevent_reads;
 	/* DAYBOOK_CORS_ORIGINS: origins ("https://app.example" or "*") separated by commas
 	 * and/or spaces, checked by config_cors_origins_valid; NULL (unset): CORS off. */
 	const char *cors_origins;

@@ -15,22 +15,45 @@
  * read interest on its descriptor (the guard) while evhttp pauses reading during a
  * request: the descriptor's epoll registration then stays as it is from one request to
  * the next, where evhttp alone would remove it at each request and add it back at each
- * answer (two or three epoll_ctl calls a request). */
+ * answer (two or three epoll_ctl calls a request).
+ *
+ * The read path's shortcuts (our own read, take_over_reads, and the guard) reach into
+ * libevent's struct bufferevent (event2/bufferevent_struct.h) and rely on its evmap
+ * running a descriptor's events in the order last added first: both as libevent 2.1
+ * has them (struct event and struct bufferevent have not changed since 2.1.3-alpha).
+ * They are built only against 2.1 (from 2.1.8-stable, its first stable release), and
+ * used only when the library loaded at run time is one too and a socket bufferevent's
+ * read event is found where the header says, with the callback, argument and flags
+ * libevent gives it (shortcuts_check), and each connection's read event still has
+ * that callback when it is taken over; otherwise, or with DAYBOOK_HTTP_LIBEVENT_READS=1,
+ * connections are read by libevent's own read path as evhttp alone would (one line in
+ * the log says so, once a process). */
 #include "http_conn.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
-#include <event2/bufferevent_struct.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/listener.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
 #include <time.h>
+
+/* The libevent versions (event_get_version_number's form) whose internals the read
+ * path's shortcuts were written for: 2.1, from 2.1.8-stable. */
+#define SHORTCUTS_FROM 0x02010800
+#define SHORTCUTS_UNTIL 0x02020000
+#if LIBEVENT_VERSION_NUMBER >= SHORTCUTS_FROM && LIBEVENT_VERSION_NUMBER < SHORTCUTS_UNTIL
+#define SHORTCUTS_BUILT 1
+#include <event2/bufferevent_struct.h>
+#else
+#define SHORTCUTS_BUILT 0
+#endif
 
 /* A listener paused by EMFILE is re-armed this often. */
 #define RESUME_MS 250
@@ -62,7 +85,9 @@ struct conn {
 	struct bufferevent *bev;
 	struct evhttp_connection *evcon; /* NULL until adopted */
 	struct event *timer;             /* the deadline; also runs the error-page rewrite */
-	struct event *guard;             /* read interest kept on fd; see on_guard. NULL: none */
+	/* Read interest kept on fd; see on_guard. NULL: none (the shortcuts are off, or it
+	 * could not be added) */
+	struct event *guard;
 	struct evbuffer_cb_entry *in_cb, *out_cb;
 	enum conn_state state;
 	long long since_ms; /* when it entered its state (monotonic) */
@@ -94,7 +119,12 @@ struct conns {
 	struct conn **by_fd;      /* adopted connections by descriptor */
 	size_t nby_fd;
 	bool replying; /* our own reply is being written: not an error page */
+	/* New connections take the read path's shortcuts (see the top of this file), whose
+	 * read events have libevent's socket read callback, libevent_readcb. */
+	bool shortcuts;
+	event_callback_fn libevent_readcb;
 	struct metric *m_open, *m_evicted, *m_timed_out, *m_refused;
+	struct metric *m_written_in_parts, *m_read_paused;
 };
 
 static void list_push(struct conn_list *l, struct conn *c)
@@ -327,23 +357,6 @@ static struct conn *victim(struct conns *cs, struct conn *except)
 	return except;
 }
 
-/* The guard: a second read interest on an adopted connection's descriptor, so that its
- * epoll registration does not change when evhttp stops reading during a request and
- * starts again after the answer. Its callback does nothing while the bufferevent reads
- * (the bytes are the bufferevent's); when it does not (a request is being served) and
- * the descriptor is readable, more bytes or the peer's close came early: level-triggered
- * epoll would report them at every turn, so the guard steps back until the answer is
- * written (rearm_guard). */
-static void on_guard(evutil_socket_t fd, short what, void *arg)
-{
-	struct conn *c = arg;
-
-	(void)fd;
-	(void)what;
-	if (!(c->bev->enabled & EV_READ)) /* bufferevent_get_enabled, without its lock */
-		event_del(c->guard);
-}
-
 /* Put the guard back, behind nothing: libevent runs a descriptor's events in the order
  * last added first, and the guard must see the bufferevent still reading (and so do
  * nothing) before the bufferevent's own callback takes the request in. With the
@@ -356,6 +369,40 @@ static void rearm_guard(struct conn *c)
 	if (event_add(c->guard, NULL) != 0) {
 		event_free(c->guard);
 		c->guard = NULL;
+	}
+}
+
+/* The process's connections are read by libevent's own read path from now on (those
+ * already taken over keep theirs): the first time, the log says why. */
+static void shortcuts_off(struct conns *cs, enum log_level level, const char *why)
+{
+	static atomic_bool said;
+
+	cs->shortcuts = false;
+	if (!atomic_exchange(&said, true))
+		log_msg(cs->log, level, NULL,
+			"HTTP connections are read by libevent's own read path (%s): one ioctl and "
+			"up to two epoll_ctl more a request",
+			why);
+}
+
+#if SHORTCUTS_BUILT
+/* The guard: a second read interest on an adopted connection's descriptor, so that its
+ * epoll registration does not change when evhttp stops reading during a request and
+ * starts again after the answer. Its callback does nothing while the bufferevent reads
+ * (the bytes are the bufferevent's); when it does not (a request is being served) and
+ * the descriptor is readable, more bytes or the peer's close came early: level-triggered
+ * epoll would report them at every turn, so the guard steps back until the answer is
+ * queued (conns_send_reply puts it back). */
+static void on_guard(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	(void)fd;
+	(void)what;
+	if (!(c->bev->enabled & EV_READ)) { /* bufferevent_get_enabled, without its lock */
+		event_del(c->guard);
+		metric_add(c->owner->m_read_paused, 1);
 	}
 }
 
@@ -432,20 +479,118 @@ done:
 	bufferevent_decref(bev);
 }
 
-/* Point the bufferevent's read event at read_in. libevent 2.1 has no call for it, but
- * the event is in struct bufferevent (event2/bufferevent_struct.h); bufferevent_setfd
- * would point it back at libevent's own callback, which reads as before. */
-static void take_over_reads(struct conn *c)
+/* Point the bufferevent's read event at read_in and give c its guard; false, with
+ * nothing changed, when the shortcuts are off or the event is not one libevent's socket
+ * read callback would serve c with (the shortcuts are then turned off). libevent 2.1
+ * has no call for it, but the event is in struct bufferevent
+ * (event2/bufferevent_struct.h); bufferevent_setfd would point it back at libevent's
+ * own callback, which reads as before. */
+static bool take_over_reads(struct conn *c)
 {
+	struct conns *cs = c->owner;
 	struct bufferevent *bev = c->bev;
-	bool pending = event_pending(&bev->ev_read, EV_READ, NULL);
+	struct event *ev = &bev->ev_read;
+	bool pending;
 
-	event_del(&bev->ev_read);
-	event_assign(&bev->ev_read, c->owner->base, c->fd, EV_READ | EV_PERSIST | EV_FINALIZE,
-		     read_in, bev);
+	if (!cs->shortcuts)
+		return false;
+	if (event_get_callback(ev) != cs->libevent_readcb || event_get_callback_arg(ev) != bev ||
+	    event_get_fd(ev) != c->fd) {
+		shortcuts_off(cs, LOG_WARN,
+			      "a connection's read event is not libevent's socket read event");
+		return false;
+	}
+	pending = event_pending(ev, EV_READ, NULL);
+	event_del(ev);
+	event_assign(ev, cs->base, c->fd, EV_READ | EV_PERSIST | EV_FINALIZE, read_in, bev);
 	if (pending)
-		event_add(&bev->ev_read,
-			  evutil_timerisset(&bev->timeout_read) ? &bev->timeout_read : NULL);
+		event_add(ev, evutil_timerisset(&bev->timeout_read) ? &bev->timeout_read : NULL);
+	/* Without a guard the connection works as evhttp alone would. */
+	c->guard = event_new(cs->base, c->fd, EV_READ | EV_PERSIST, on_guard, c);
+	rearm_guard(c);
+	return true;
+}
+
+/* Whether the fields of struct bufferevent the shortcuts use (ev_read, ev_write,
+ * enabled, timeout_read) are where event2/bufferevent_struct.h says, holding what
+ * libevent puts there, on a socket bufferevent made for the purpose. If so, its read
+ * event's callback, libevent's socket read callback (a static function), goes into
+ * cs->libevent_readcb for take_over_reads to compare with. */
+static bool layout_as_built(struct conns *cs)
+{
+	struct bufferevent *probe = bufferevent_socket_new(cs->base, -1, 0);
+	struct event *rd, *wr;
+	struct timeval tv = { 7, 0 };
+	bool ok;
+
+	if (!probe)
+		return false;
+	rd = &probe->ev_read;
+	wr = &probe->ev_write;
+	ok = event_get_base(rd) == cs->base && event_get_base(wr) == cs->base &&
+	     event_get_fd(rd) == -1 && event_get_fd(wr) == -1 &&
+	     event_get_callback_arg(rd) == probe && event_get_callback_arg(wr) == probe &&
+	     event_get_events(rd) == (EV_READ | EV_PERSIST | EV_FINALIZE) &&
+	     event_get_events(wr) == (EV_WRITE | EV_PERSIST | EV_FINALIZE) &&
+	     event_get_callback(rd) && event_get_callback(rd) != event_get_callback(wr) &&
+	     probe->enabled == bufferevent_get_enabled(probe) &&
+	     bufferevent_set_timeouts(probe, &tv, NULL) == 0 &&
+	     probe->timeout_read.tv_sec == tv.tv_sec && probe->timeout_read.tv_usec == 0;
+	if (ok)
+		cs->libevent_readcb = event_get_callback(rd);
+	bufferevent_free(probe);
+	return ok;
+}
+
+/* Whether the process may take the shortcuts: set cs->shortcuts (see the top). */
+static void shortcuts_check(struct conns *cs, bool refused)
+{
+	ev_uint32_t loaded = event_get_version_number();
+	char why[160];
+
+	cs->shortcuts = true;
+	if (refused) {
+		shortcuts_off(cs, LOG_INFO, "DAYBOOK_HTTP_LIBEVENT_READS=1");
+	} else if (!conns_libevent_fits(loaded)) {
+		snprintf(why, sizeof(why), "libevent %s is loaded; built for 2.1, against %s",
+			 event_get_version(), LIBEVENT_VERSION);
+		shortcuts_off(cs, LOG_WARN, why);
+	} else if (!layout_as_built(cs)) {
+		shortcuts_off(cs, LOG_WARN,
+			      "a socket bufferevent is not as event2/bufferevent_struct.h says");
+	}
+}
+
+/* The descriptor of c's bufferevent: bufferevent_getfd's answer for a socket
+ * bufferevent, without its lock and call. */
+static evutil_socket_t bev_fd(const struct conns *cs, struct bufferevent *bev)
+{
+	return cs->shortcuts ? event_get_fd(&bev->ev_read) : bufferevent_getfd(bev);
+}
+#else
+static bool take_over_reads(struct conn *c)
+{
+	(void)c;
+	return false;
+}
+
+static void shortcuts_check(struct conns *cs, bool refused)
+{
+	shortcuts_off(cs, refused ? LOG_INFO : LOG_WARN,
+		      refused ? "DAYBOOK_HTTP_LIBEVENT_READS=1"
+			      : "built against libevent " LIBEVENT_VERSION ", not 2.1");
+}
+
+static evutil_socket_t bev_fd(const struct conns *cs, struct bufferevent *bev)
+{
+	(void)cs;
+	return bufferevent_getfd(bev);
+}
+#endif
+
+bool conns_libevent_fits(unsigned long version)
+{
+	return SHORTCUTS_BUILT && version >= SHORTCUTS_FROM && version < SHORTCUTS_UNTIL;
 }
 
 static int index_fd(struct conns *cs, struct conn *c)
@@ -484,10 +629,7 @@ static bool adopt(struct conn *c)
 	if (c->fd < 0 || index_fd(c->owner, c) != 0)
 		goto fail;
 	evhttp_connection_set_closecb(evcon, on_close, c);
-	take_over_reads(c);
-	/* Without a guard the connection works as evhttp alone would. */
-	c->guard = event_new(c->owner->base, c->fd, EV_READ | EV_PERSIST, on_guard, c);
-	rearm_guard(c);
+	(void)take_over_reads(c); /* else read as evhttp alone would */
 	become_idle(c);
 	/* A new connection has the header deadline to send its first request whole. */
 	start_header_deadline(c);
@@ -574,20 +716,17 @@ static struct conn *at_fd(struct conns *cs, evutil_socket_t fd, struct evhttp_co
 static void flush_one(struct conns *cs, struct conn *c)
 {
 	struct evbuffer *out = bufferevent_get_output(c->bev);
-	struct evhttp_connection *evcon = c->evcon;
-	evutil_socket_t fd = c->fd;
 	int n;
 
 	/* The socket bufferevent keeps its output's front frozen but while it writes. */
 	evbuffer_unfreeze(out, 1);
-	n = evbuffer_write(out, fd);
+	n = evbuffer_write(out, c->fd);
 	evbuffer_freeze(out, 1);
-	if (n <= 0 || evbuffer_get_length(out) > 0)
+	if (n <= 0 || evbuffer_get_length(out) > 0) {
+		metric_add(cs->m_written_in_parts, 1);
 		return;
-	bufferevent_trigger(c->bev, EV_WRITE, 0);
-	c = at_fd(cs, fd, evcon); /* gone if evhttp closed the connection */
-	if (c)
-		rearm_guard(c);
+	}
+	bufferevent_trigger(c->bev, EV_WRITE, 0); /* may end the connection, and c */
 }
 
 /* The end of a turn that answered: write each answer (see flush_one). */
@@ -648,11 +787,25 @@ static void on_resume(evutil_socket_t fd, short what, void *arg)
 		evconnlistener_enable(evhttp_bound_socket_get_listener(cs->bound));
 }
 
-/* This server's share of the process's cap, within what the descriptor limit allows. */
-static size_t cap(const struct conns_config *cfg)
+/* The limits of cfg, with the default for each zero field. */
+static struct config_http limits_of(const struct conns_config *cfg)
 {
-	size_t max = cfg->limits.max_connections ? cfg->limits.max_connections
-						 : CONFIG_MAX_CONNECTIONS_DEFAULT;
+	struct config_http l = cfg->limits;
+
+	if (!l.max_connections)
+		l.max_connections = CONFIG_MAX_CONNECTIONS_DEFAULT;
+	if (!l.header_timeout_ms)
+		l.header_timeout_ms = CONFIG_HEADER_TIMEOUT_MS_DEFAULT;
+	if (!l.idle_timeout_ms)
+		l.idle_timeout_ms = CONFIG_IDLE_TIMEOUT_MS_DEFAULT;
+	return l;
+}
+
+/* This server's share of the process's cap (limits_of's), within what the descriptor
+ * limit allows. */
+static size_t cap(const struct conns_config *cfg, const struct config_http *limits)
+{
+	size_t max = limits->max_connections;
 	size_t workers = cfg->workers ? cfg->workers : 1;
 	struct rlimit rl;
 
@@ -670,13 +823,11 @@ static size_t cap(const struct conns_config *cfg)
 	return (max + workers - 1) / workers;
 }
 
-/* The eviction floor: EVICT_AFTER_MS, or half the shorter deadline when that is less. */
+/* The eviction floor: EVICT_AFTER_MS, or half the shorter deadline (of limits_of's)
+ * when that is less. */
 static long long evict_after_ms(const struct config_http *limits)
 {
-	long long header = limits->header_timeout_ms ? limits->header_timeout_ms
-						     : CONFIG_HEADER_TIMEOUT_MS_DEFAULT;
-	long long idle = limits->idle_timeout_ms ? limits->idle_timeout_ms
-						 : CONFIG_IDLE_TIMEOUT_MS_DEFAULT;
+	long long header = limits->header_timeout_ms, idle = limits->idle_timeout_ms;
 	long long shorter = header < idle ? header : idle;
 
 	return shorter / 2 < EVICT_AFTER_MS ? shorter / 2 : EVICT_AFTER_MS;
@@ -684,9 +835,9 @@ static long long evict_after_ms(const struct config_http *limits)
 
 /* Every connection's deadline is one of two durations: libevent keeps such "common"
  * timeouts in a queue, O(1) to re-arm, instead of its heap. */
-static int common_timeout(struct conns *cs, unsigned ms, unsigned dflt, struct timeval *out)
+static int common_timeout(struct conns *cs, unsigned ms, struct timeval *out)
 {
-	struct timeval tv = ms_to_tv(ms ? ms : dflt);
+	struct timeval tv = ms_to_tv(ms);
 	const struct timeval *common = event_base_init_common_timeout(cs->base, &tv);
 
 	if (!common)
@@ -707,11 +858,22 @@ static void make_metrics(struct conns *cs, struct metrics *m)
 				    help, "reason=\"refused\"", NULL, 0);
 	cs->m_timed_out = metrics_get(m, METRIC_COUNTER, "daybook_http_connections_closed_total",
 				      help, "reason=\"deadline\"", NULL, 0);
+	cs->m_written_in_parts = metrics_get(
+		m, METRIC_COUNTER, "daybook_http_answers_written_in_parts_total",
+		"Answers not written whole at the end of the turn that made them (a full socket, or "
+		"more pieces than one writev takes): the rest went as the socket drained.",
+		"", NULL, 0);
+	cs->m_read_paused =
+		metrics_get(m, METRIC_COUNTER, "daybook_http_read_interest_paused_total",
+			    "Requests during which a connection's socket left epoll: bytes or the client's "
+			    "close came before the answer.",
+			    "", NULL, 0);
 }
 
 int conns_open(struct conns **out, const struct conns_config *cfg)
 {
 	struct conns *cs = calloc(1, sizeof(*cs));
+	struct config_http limits = limits_of(cfg);
 	struct timeval every = ms_to_tv(RESUME_MS);
 
 	*out = NULL;
@@ -721,14 +883,13 @@ int conns_open(struct conns **out, const struct conns_config *cfg)
 	cs->base = cfg->base;
 	cs->bound = cfg->bound;
 	cs->ids = cfg->ids;
-	cs->max = cap(cfg);
-	if (common_timeout(cs, cfg->limits.header_timeout_ms, CONFIG_HEADER_TIMEOUT_MS_DEFAULT,
-			   &cs->header_timeout) != 0 ||
-	    common_timeout(cs, cfg->limits.idle_timeout_ms, CONFIG_IDLE_TIMEOUT_MS_DEFAULT,
-			   &cs->idle_timeout) != 0)
+	cs->max = cap(cfg, &limits);
+	if (common_timeout(cs, limits.header_timeout_ms, &cs->header_timeout) != 0 ||
+	    common_timeout(cs, limits.idle_timeout_ms, &cs->idle_timeout) != 0)
 		goto fail;
-	cs->evict_after_ms = evict_after_ms(&cfg->limits);
+	cs->evict_after_ms = evict_after_ms(&limits);
 	make_metrics(cs, cfg->metrics);
+	shortcuts_check(cs, limits.libevent_reads);
 	cs->adopt = event_new(cfg->base, -1, 0, on_adopt, cs);
 	cs->resume = event_new(cfg->base, -1, EV_PERSIST, on_resume, cs);
 	cs->flush = event_new(cfg->base, -1, 0, on_flush, cs);
@@ -785,8 +946,7 @@ static struct conn *find(struct conns *cs, struct evhttp_request *ev)
 {
 	struct evhttp_connection *evcon = evhttp_request_get_connection(ev);
 	struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
-	/* bufferevent_getfd's answer for a socket bufferevent, without its lock and call. */
-	evutil_socket_t fd = bev ? event_get_fd(&bev->ev_read) : -1;
+	evutil_socket_t fd = bev ? bev_fd(cs, bev) : -1;
 	struct conn *c;
 
 	if (fd < 0 || (size_t)fd >= cs->nby_fd)
@@ -832,6 +992,11 @@ void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, c
 	c = at_fd(cs, fd, evcon);
 	if (!c || c->state != CONN_BUSY)
 		return;
+	/* evhttp has turned reading on to hear of a close while it writes: its read event is
+	 * back on, added last, in front of the guard. The guard goes back in front here,
+	 * however the answer is then written (whole by on_flush, or in parts by the
+	 * bufferevent), and if it stepped back during the request. */
+	rearm_guard(c);
 	become_idle(c);
 	(void)schedule_flush(cs, c);
 }

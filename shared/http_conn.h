@@ -24,7 +24,7 @@ struct conns_config {
 	struct evhttp *evhttp;
 	struct evhttp_bound_socket *bound; /* the listener, already bound */
 	/* The cap and deadlines (max_connections, header_timeout_ms, idle_timeout_ms); zero
-	 * fields take the defaults (CONFIG_*_DEFAULT). */
+	 * fields take the defaults (CONFIG_*_DEFAULT). libevent_reads: no read shortcuts. */
 	struct config_http limits;
 	unsigned workers;             /* servers sharing the cap (0: 1) */
 	struct http_request_ids *ids; /* the server's, for the ids of the edge's own answers */
@@ -48,5 +48,8 @@ void conns_stream_began(struct conns *cs, struct evhttp_request *ev);
  * The reply is written at the end of this loop turn. */
 void conns_send_reply(struct conns *cs, struct evhttp_request *ev, int status, const char *reason,
 		      struct evbuffer *body);
+/* Whether the libevent of `version` (in event_get_version_number's form) is one whose
+ * internals the read path's shortcuts were written for, and they were built in. */
+bool conns_libevent_fits(unsigned long version);
 
 #endif

@@ -6,6 +6,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -32,6 +33,9 @@ static void teardown(void)
 	unsetenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS");
 	unsetenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS");
 }
+
+/* What the edge logs, once, when it reads connections by libevent's own read path. */
+#define LIBEVENT_READS_LINE "HTTP connections are read by libevent's own read path"
 
 static void start_command(void)
 {
@@ -67,36 +71,61 @@ static bool send_all(int fd, const char *p, size_t n)
 	return true;
 }
 
-/* Everything the server sends until it closes (or `timeout` passes: then NULL). */
-static char *read_until_close(int fd, double timeout)
-{
-	double deadline = harness_now() + timeout;
-	size_t cap = 65536, n = 0;
-	char *buf = malloc(cap);
+/* What a connection has received so far, NUL-terminated. */
+struct received {
+	char *buf;
+	size_t n, cap;
+};
 
-	cr_assert(buf);
+static struct received received_new(void)
+{
+	struct received in = { malloc(65536), 0, 65536 };
+
+	cr_assert(in.buf);
+	in.buf[0] = '\0';
+	return in;
+}
+
+/* Receive once more into in: the bytes received; 0 at the server's close (or a reset
+ * after some bytes), -1 on an error, -2 when nothing came by `deadline` (a harness_now()
+ * value). */
+static ssize_t receive_some(int fd, double deadline, struct received *in)
+{
 	for (;;) {
 		struct pollfd p = { .fd = fd, .events = POLLIN };
 		int left = (int)((deadline - harness_now()) * 1000);
 		ssize_t r;
 
-		if (left <= 0 || poll(&p, 1, left) <= 0) {
-			free(buf);
-			return NULL;
-		}
-		if (n + 1 >= cap)
-			cr_assert(buf = realloc(buf, cap *= 2));
-		r = recv(fd, buf + n, cap - n - 1, 0);
+		if (left <= 0 || poll(&p, 1, left) <= 0)
+			return -2;
+		if (in->n + 1 >= in->cap)
+			cr_assert(in->buf = realloc(in->buf, in->cap *= 2));
+		r = recv(fd, in->buf + in->n, in->cap - in->n - 1, 0);
 		if (r < 0 && errno == EINTR)
 			continue;
-		if (r < 0 && errno == ECONNRESET && n > 0)
+		if (r < 0 && errno == ECONNRESET && in->n > 0)
 			r = 0;
-		if (r <= 0)
-			break;
-		n += (size_t)r;
+		if (r > 0)
+			in->n += (size_t)r;
+		in->buf[in->n] = '\0';
+		return r;
 	}
-	buf[n] = '\0';
-	return buf;
+}
+
+/* Everything the server sends until it closes (or `timeout` passes: then NULL). */
+static char *read_until_close(int fd, double timeout)
+{
+	double deadline = harness_now() + timeout;
+	struct received in = received_new();
+	ssize_t r;
+
+	while ((r = receive_some(fd, deadline, &in)) > 0)
+		;
+	if (r == -2) {
+		free(in.buf);
+		return NULL;
+	}
+	return in.buf;
 }
 
 /* Send raw bytes on a new connection and read the answer up to the server's close. */
@@ -635,15 +664,15 @@ Test(http_edge, bytes_or_a_close_arriving_during_a_request_are_handled_after_its
 		     2);
 }
 
-/* Several requests in one send: each answered whole, in order, on the one connection. */
-Test(http_edge, pipelined_requests_are_answered_in_order)
+/* Several requests in one send to svc: each answered whole, in order, on the one
+ * connection. `id` names the account the second one opens. */
+static void assert_pipelined_requests_answered_in_order(const char *id)
 {
 	char reqs[2048], opening[512], ids[3][32], *answer;
 	const char *p;
 	int st[8];
 
-	start_command();
-	open_request(opening, sizeof(opening), "piped");
+	open_request(opening, sizeof(opening), id);
 	snprintf(reqs, sizeof(reqs),
 		 "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: first\r\n\r\n"
 		 "%s"
@@ -665,6 +694,186 @@ Test(http_edge, pipelined_requests_are_answered_in_order)
 		cr_assert(p, "'%s' missing or out of order: %.2000s", ids[i], answer);
 	}
 	free(answer);
+}
+
+Test(http_edge, pipelined_requests_are_answered_in_order)
+{
+	start_command();
+	assert_pipelined_requests_answered_in_order("piped");
+	/* And with the read path's shortcuts (this libevent is the one they were written
+	 * for), not libevent's own. */
+	cr_assert_not(harness_log_says(&svc, LIBEVENT_READS_LINE));
+}
+
+/* One answer on a keep-alive connection, whole: its headers and Content-Length bytes of
+ * body (NUL-terminated; *len is its length), or NULL if the connection closed before
+ * or `timeout` passed. */
+static char *read_answer(int fd, double timeout, size_t *len)
+{
+	double deadline = harness_now() + timeout;
+	struct received in = received_new();
+	size_t whole = 0;
+
+	while (whole == 0 || in.n < whole) {
+		const char *end;
+
+		if (receive_some(fd, deadline, &in) <= 0) {
+			free(in.buf);
+			return NULL;
+		}
+		end = strstr(in.buf, "\r\n\r\n");
+		if (whole == 0 && end) {
+			const char *cl = strcasestr(in.buf, "\r\nContent-Length:");
+			cr_assert(cl, "an answer without Content-Length: %.300s", in.buf);
+			whole = (size_t)(end + 4 - in.buf) +
+				strtoul(cl + strlen("\r\nContent-Length:"), NULL, 10);
+		}
+	}
+	cr_assert_eq(in.n, whole, "more than one answer: %.600s", in.buf);
+	*len = in.n;
+	return in.buf;
+}
+
+/* Send req on fd and read its answer, whose status must be `status`. */
+static void assert_answers(int fd, const char *req, int status)
+{
+	size_t len;
+	char *answer;
+
+	cr_assert(send_all(fd, req, strlen(req)), "send: %s", strerror(errno));
+	answer = read_answer(fd, 20, &len);
+	cr_assert(answer, "no answer to %.60s", req);
+	cr_assert_eq(status_of(answer), status, "%.60s: %.300s", req, answer);
+	free(answer);
+}
+
+/* A last request on fd, with Connection: close: answered 200, then the server closes;
+ * fd is closed. */
+static void assert_last_answer_closes(int fd)
+{
+	const char *last = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	char *rest;
+	int st[4];
+
+	cr_assert(send_all(fd, last, strlen(last)));
+	rest = read_until_close(fd, 20);
+	cr_assert(rest, "no last answer, or the connection stayed open");
+	cr_assert_eq(statuses(rest, st, 4), 1, "%.600s", rest);
+	cr_assert_eq(st[0], 200);
+	free(rest);
+	close(fd);
+}
+
+/* The read path's shortcuts into libevent's internals can be turned off (the edge turns
+ * them off by itself on a libevent it was not written for): connections are then read
+ * by libevent's own read path, and serve keep-alive and pipelined requests the same. */
+Test(http_edge, libevents_own_read_path_serves_keep_alive_and_pipelined_requests)
+{
+	const char *env[] = { "DAYBOOK_HTTP_LIBEVENT_READS", "1", NULL };
+	const char *healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+	char req[512];
+	int fd;
+
+	harness_db_create(db, sizeof(db));
+	harness_start_command_env(&svc, db, env);
+	cr_assert(harness_log_says(&svc, LIBEVENT_READS_LINE " (DAYBOOK_HTTP_LIBEVENT_READS=1)"),
+		  "the edge did not say it reads by libevent's own read path");
+	/* Keep-alive: answers made in the turn their request arrived in (/healthz) and
+	 * later (a write goes to PostgreSQL), one after another on one connection. */
+	fd = connect_to(svc.port);
+	cr_assert(fd >= 0);
+	open_request(req, sizeof(req), "kept-1");
+	assert_answers(fd, req, 201);
+	assert_answers(fd, healthz, 200);
+	open_request(req, sizeof(req), "kept-2");
+	assert_answers(fd, req, 201);
+	assert_answers(fd, healthz, 200);
+	assert_last_answer_closes(fd);
+	assert_pipelined_requests_answered_in_order("piped");
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream IN "
+				 "('account-kept-1', 'account-kept-2', 'account-piped')"),
+		     3);
+}
+
+/* A connection to port whose client reads slowly: a small receive window, in small
+ * segments (which also keeps the server's send buffer small), so that the server
+ * cannot write a large answer at once. */
+static int connect_slow_reader(int port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET,
+				 .sin_port = htons((uint16_t)port),
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), small = 4096, mss = 536;
+
+	cr_assert(fd >= 0);
+	cr_assert(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)) == 0);
+	cr_assert(setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof(mss)) == 0);
+	cr_assert(connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0, "connect: %s",
+		  strerror(errno));
+	return fd;
+}
+
+static bool feed_shows_events(void *arg)
+{
+	const char *auth[] = { AUTH_READ, NULL };
+	struct response r = http_request(svc.port, "GET", "/events?limit=1", auth, NULL, 10);
+	bool shown = r.status == 200 && r.body && strstr(r.body, "account-big");
+
+	(void)arg;
+	response_free(&r);
+	return shown;
+}
+
+/* An answer the socket does not take whole goes out in parts, as the client reads: the
+ * connection then serves its next requests, and keeps its read interest registered in
+ * epoll while they are served as after any other answer (the guard, http_conn.c, goes
+ * back in front of evhttp's read event however the answer was written: it used to stay
+ * behind it, and step back at the next request). */
+Test(http_edge, an_answer_written_in_parts_leaves_the_connection_serving_as_before)
+{
+	const char *feed = "GET /events?limit=1000 HTTP/1.1\r\nHost: x\r\n" AUTH_READ "\r\n\r\n";
+	const char *one = "GET /events?limit=1 HTTP/1.1\r\nHost: x\r\n" AUTH_READ "\r\n\r\n";
+	char redis_url[128], *answer;
+	struct service redis_svc;
+	double paused;
+	size_t len;
+	int fd;
+
+	harness_db_create(db, sizeof(db));
+	/* A page of the feed of about 1.6 MB. */
+	PQclear(sql(db,
+		    "INSERT INTO events (stream, version, type, data, metadata) "
+		    "SELECT 'account-big', v, 'FundsDeposited', jsonb_build_object('amount', v, "
+		    "'pad', repeat('x', 1500)), '{}' FROM generate_series(1, 1000) v ORDER BY 2"));
+	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_start_query(&svc, db, redis_url);
+	cr_assert_not(harness_log_says(&svc, LIBEVENT_READS_LINE));
+	/* The feed shows them once no older transaction is open in the cluster (another
+	 * test's may be). */
+	cr_assert(harness_wait_until(feed_shows_events, NULL, harness_now() + 60),
+		  "the feed never showed the events");
+	fd = connect_slow_reader(svc.port);
+	cr_assert(send_all(fd, feed, strlen(feed)));
+	/* The client reads nothing until the server has met the full socket. */
+	cr_assert(harness_wait_metric(&svc, "daybook_http_answers_written_in_parts_total", 1,
+				      harness_now() + 20),
+		  "the answer was written whole: the test needs it written in parts");
+	answer = read_answer(fd, 60, &len);
+	cr_assert(answer, "the answer never came whole");
+	cr_assert_eq(status_of(answer), 200, "%.300s", answer);
+	cr_assert_gt(len, 1000000);
+	free(answer);
+	/* Requests answered a turn later (by PostgreSQL), as the feed's are, are the ones a
+	 * guard left behind evhttp's read event stepped back at. */
+	paused = harness_metric(&svc, "daybook_http_read_interest_paused_total");
+	cr_assert_geq(paused, 0, "no daybook_http_read_interest_paused_total");
+	assert_answers(fd, one, 200);
+	assert_answers(fd, one, 200);
+	cr_assert_eq(harness_metric(&svc, "daybook_http_read_interest_paused_total"), paused,
+		     "the connection's socket left epoll during a request: its guard did not go "
+		     "back in front after the answer written in parts");
+	assert_last_answer_closes(fd);
+	harness_kill(&redis_svc);
 }
 
 Test(http_edge, head_is_served_wherever_get_is_with_the_same_headers_and_no_body)

@@ -576,6 +576,51 @@ Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
 	redisFree(c);
 }
 
+/* A transaction that notifies holds the database's notify lock from its commit's start
+ * to its end (WAL flush included), so every NOTIFY queues behind every other's commit:
+ * the command's appends notify daybook_events. The SQL position is therefore announced
+ * from a session of its own once the batch has committed, never from the batch's
+ * transaction; and only positions the SQL model holds. */
+Test(projector, the_sql_position_is_announced_by_a_session_that_writes_no_batch)
+{
+	struct service proj;
+	PGconn *listener = harness_connect_as(db, NULL);
+	PGresult *r;
+	PGnotify *n = NULL;
+	struct readmodel_position said, held;
+	char cp[64], app[64] = "";
+	double end;
+	int pid;
+
+	open_accounts(2);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	PQclear(PQexec(listener, "LISTEN " READMODEL_POSITION_CHANNEL));
+	must("/accounts/p-1/deposits", "{\"amount\":5}");
+	for (end = harness_now() + 10; !(n = PQnotifies(listener)); usleep(5000)) {
+		cr_assert(harness_now() < end, "no NOTIFY " READMODEL_POSITION_CHANNEL " arrived");
+		cr_assert(PQconsumeInput(listener));
+	}
+	pid = n->be_pid;
+	/* The token names a checkpoint already committed. */
+	harness_sql_checkpoint(db, cp, sizeof(cp));
+	cr_assert(readmodel_position_parse(n->extra, &said) && readmodel_position_parse(cp, &held));
+	cr_assert(readmodel_position_cmp(&said, &held) <= 0,
+		  "announced %s, the SQL checkpoint is %s", n->extra, cp);
+	PQfreemem(n);
+	r = sql(db, "SELECT pid, application_name FROM pg_stat_activity "
+		    "WHERE usename = 'daybook_projector' ORDER BY application_name");
+	for (int i = 0; i < PQntuples(r); i++)
+		if (atoi(PQgetvalue(r, i, 0)) == pid)
+			snprintf(app, sizeof(app), "%s", PQgetvalue(r, i, 1));
+	PQclear(r);
+	cr_assert_str_eq(app, "daybook-projector notify",
+			 "the position was announced by session %d (%s), not the notifying one",
+			 pid, app[0] ? app : "not the projector's");
+	PQfinish(listener);
+	harness_stop(&proj);
+}
+
 /* An upgrade from the layout with sorted-set statements: the projector finds a live
  * generation without the current layout mark and replaces it by itself. */
 Test(projector, a_live_generation_of_an_older_layout_is_replaced)

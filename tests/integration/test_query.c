@@ -783,6 +783,41 @@ static void move_sql_checkpoint(const char *txid, const char *position, bool not
 	exec_sql(q);
 }
 
+/* A position message wakes the few reads it would satisfy at once, before any probe
+ * (a round trip less between the projector's Redis write and the answer); a claim
+ * that Redis has not made good sends the read back to waiting, with no SQL read. */
+Test(query, a_position_message_wakes_a_lone_waiting_read_before_the_probe)
+{
+	static const char hinted[] = "daybook_query_hinted_wakes_total";
+	static const char behind[] = "daybook_query_redis_fallbacks_total{reason=\"behind\"}";
+	struct background bg;
+	double h0, f0, end;
+
+	fill_sql();
+	fill_redis();
+	go_live();
+	start_background(&bg, "/transfers/t1?min_position=8.0&wait_ms=10000");
+	wait_for_waiters(&svc, 1);
+	h0 = harness_metric(&svc, hinted);
+	f0 = harness_metric(&svc, behind);
+	cr_assert_geq(h0, 0, "no %s", hinted);
+	/* A false claim (another deployment's, say): Redis is still at its checkpoint. */
+	redis("PUBLISH dbk:position %s", "1 9.0");
+	for (end = harness_now() + 10; harness_metric(&svc, hinted) < h0 + 1; usleep(10000))
+		cr_assert(harness_now() < end, "the message woke no waiting read");
+	wait_for_waiters(&svc, 1);
+	cr_assert_not(atomic_load(&bg.done), "answered on a claim Redis had not made good: %d %s",
+		      bg.r.status, bg.r.body ? bg.r.body : "");
+	cr_assert_eq(harness_metric(&svc, behind), f0, "a false claim made the read go to SQL");
+	/* The real move. */
+	redis("SET dbk:g:1:checkpoint 8.0");
+	redis("PUBLISH dbk:position %s", "1 8.0");
+	join_background(&bg);
+	expect_ok(&bg.r, xfer_t1, "8.0");
+	response_free(&bg.r);
+	cr_assert_geq(harness_metric(&svc, hinted), h0 + 2);
+}
+
 Test(query, waiting_reads_beyond_the_cap_get_503_too_many_waiters_at_once,
      .init = setup_without_query)
 {

@@ -1,6 +1,6 @@
 /* Unit tests of the shared library's small modules: digest, tokens, config, strmap,
- * metrics, log, the pg text[] literal helper, the read models' time text and the HTTP
- * query-string parser. */
+ * metrics, log, the pg text[] literal helper, the read models' time text, the HTTP
+ * query-string parser and what the HTTP edge's read path assumes of libevent. */
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -26,6 +26,7 @@
 #include "pg.h"
 #include "readmodel.h"
 #include "redis.h"
+#include "service.h"
 #include "strmap.h"
 #include "tokens.h"
 
@@ -237,7 +238,8 @@ static void clear_config_env(void)
 					    "DAYBOOK_REDIS_PASSWORD_FILE",
 					    "DAYBOOK_MAX_CONNECTIONS",
 					    "DAYBOOK_HTTP_HEADER_TIMEOUT_MS",
-					    "DAYBOOK_HTTP_IDLE_TIMEOUT_MS" };
+					    "DAYBOOK_HTTP_IDLE_TIMEOUT_MS",
+					    "DAYBOOK_HTTP_LIBEVENT_READS" };
 
 	for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
 		unsetenv(vars[i]);
@@ -597,14 +599,25 @@ Test(config, http_limits_have_defaults_and_are_read_and_checked)
 	cr_assert_eq(cfg.http.max_connections, 512);
 	cr_assert_eq(cfg.http.header_timeout_ms, 10000);
 	cr_assert_eq(cfg.http.idle_timeout_ms, 60000);
+	cr_assert_not(cfg.http.libevent_reads);
 
 	setenv("DAYBOOK_MAX_CONNECTIONS", "100", 1);
 	setenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS", "1500", 1);
 	setenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS", "2500", 1);
+	setenv("DAYBOOK_HTTP_LIBEVENT_READS", "1", 1);
 	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
 	cr_assert_eq(cfg.http.max_connections, 100);
 	cr_assert_eq(cfg.http.header_timeout_ms, 1500);
 	cr_assert_eq(cfg.http.idle_timeout_ms, 2500);
+	cr_assert(cfg.http.libevent_reads);
+	setenv("DAYBOOK_HTTP_LIBEVENT_READS", "0", 1);
+	cr_assert(config_load(&cfg, CONFIG_NEED_PG, NULL, err, sizeof(err)), "%s", err);
+	cr_assert_not(cfg.http.libevent_reads);
+	setenv("DAYBOOK_HTTP_LIBEVENT_READS", "yes", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_HTTP_LIBEVENT_READS");
+	setenv("DAYBOOK_HTTP_LIBEVENT_READS", "2", 1);
+	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_HTTP_LIBEVENT_READS");
+	unsetenv("DAYBOOK_HTTP_LIBEVENT_READS");
 
 	const char *const bad[] = { "0", "-1", "10x", "", " 5", "99999999999999999999" };
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
@@ -1840,6 +1853,72 @@ Test(readmodel_time, malformed_or_out_of_range_times_are_refused)
 
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		cr_assert(!readmodel_time_parse(bad[i], &us), "accepted '%s'", bad[i]);
+}
+
+/* --- what the HTTP edge's read path assumes of libevent ------------------------------ */
+
+/* The read path's shortcuts into libevent's internals (http_conn.c) are built and used
+ * on this libevent: were they not, every test would still pass, on libevent's own read
+ * path, and only the system calls per request would tell. */
+Test(http_conn, the_read_shortcuts_are_for_this_libevent_and_no_other)
+{
+	cr_assert(conns_libevent_fits(LIBEVENT_VERSION_NUMBER), "built against %s",
+		  LIBEVENT_VERSION);
+	cr_assert(conns_libevent_fits(event_get_version_number()), "libevent %s loaded",
+		  event_get_version());
+	cr_assert(conns_libevent_fits(0x02010c00)); /* 2.1.12-stable */
+	cr_assert(conns_libevent_fits(0x02010800)); /* 2.1.8-stable */
+	cr_assert_not(conns_libevent_fits(0x02010700));
+	cr_assert_not(conns_libevent_fits(0x02001600)); /* 2.0.22 */
+	cr_assert_not(conns_libevent_fits(0x02020100)); /* 2.2.1-alpha */
+	cr_assert_not(conns_libevent_fits(0x03000000));
+}
+
+/* Where an event's callback ran in a turn: 1 first, 2 second. */
+struct ran_at {
+	int *turn_calls;
+	int at;
+};
+
+static void note_order(evutil_socket_t fd, short what, void *arg)
+{
+	struct ran_at *r = arg;
+
+	(void)fd;
+	(void)what;
+	r->at = ++*r->turn_calls;
+}
+
+/* The guard (http_conn.c) relies on libevent running the events of a descriptor in the
+ * order last added first, as libevent 2.1's evmap does. */
+Test(http_conn, libevent_runs_a_descriptors_last_added_event_first)
+{
+	struct event_base *base = service_event_base_new();
+	int sv[2], calls = 0;
+	struct ran_at ra = { &calls, 0 }, rb = { &calls, 0 };
+	struct event *a, *b;
+
+	cr_assert(base);
+	cr_assert(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	a = event_new(base, sv[0], EV_READ | EV_PERSIST, note_order, &ra);
+	b = event_new(base, sv[0], EV_READ | EV_PERSIST, note_order, &rb);
+	cr_assert(a && b);
+	cr_assert(send(sv[1], "x", 1, 0) == 1); /* never read: readable at every turn */
+	cr_assert(event_add(a, NULL) == 0);
+	cr_assert(event_add(b, NULL) == 0);
+	cr_assert(event_base_loop(base, EVLOOP_ONCE) == 0);
+	cr_assert(rb.at == 1 && ra.at == 2, "b, added last, ran at %d; a at %d", rb.at, ra.at);
+	/* Taken out and added again: a is now the last added. */
+	event_del(a);
+	cr_assert(event_add(a, NULL) == 0);
+	calls = 0;
+	cr_assert(event_base_loop(base, EVLOOP_ONCE) == 0);
+	cr_assert(ra.at == 1 && rb.at == 2, "a, added last, ran at %d; b at %d", ra.at, rb.at);
+	event_free(a);
+	event_free(b);
+	event_base_free(base);
+	close(sv[0]);
+	close(sv[1]);
 }
 
 /* --- Sentinel discovery does not block the event loop ---------------------------- */
