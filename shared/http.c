@@ -852,31 +852,6 @@ static void set_request_id(struct http_request *req)
 	http_new_request_id(&req->srv->ids, req->request_id);
 }
 
-/* tokens_find, remembering the last secret that matched: a client sends the same
- * token with every request, and hashing it each time is most of the check's cost.
- * The comparison with the remembered secret is constant-time (both padded to the
- * memo's size); a secret that matches no token is never remembered. */
-static const struct token *find_token(struct http_server *srv, const char *secret, size_t len)
-{
-	unsigned char given[HTTP_TOKEN_MEMO_MAX] = { 0 };
-	const struct token *t;
-
-	if (len <= sizeof(given) && srv->token_memo) {
-		memcpy(given, secret, len);
-		if ((int)digest_equal(given, srv->token_secret, sizeof(given)) &
-		    (int)(len == srv->token_len))
-			return srv->token_memo;
-	}
-	t = tokens_find(srv->cfg.tokens, secret, len);
-	if (t && len <= sizeof(given)) {
-		memset(srv->token_secret, 0, sizeof(srv->token_secret));
-		memcpy(srv->token_secret, secret, len);
-		srv->token_len = len;
-		srv->token_memo = t;
-	}
-	return t;
-}
-
 /* Authenticate; false after replying 401/403. */
 static bool authorize(struct http_request *req, unsigned scope)
 {
@@ -892,7 +867,8 @@ static bool authorize(struct http_request *req, unsigned scope)
 	secret = auth + 7;
 	while (*secret == ' ')
 		secret++;
-	req->token = find_token(req->srv, secret, strlen(secret));
+	req->token = tokens_find_memo(req->srv->cfg.tokens, &req->srv->token_memo, secret,
+				      strlen(secret));
 	if (!req->token) {
 		http_set_header(req, "WWW-Authenticate", "Bearer error=\"invalid_token\"");
 		http_reply_problem(req, 401, "unauthorized", "Authentication required",
@@ -1160,6 +1136,7 @@ int http_server_open(struct http_server **out, const struct http_server_config *
 	}
 	srv->cfg = *cfg;
 	http_request_ids_init(&srv->ids);
+	tokens_memo_init(&srv->token_memo);
 	srv->inflight_gauge = metrics_get(cfg->metrics, METRIC_GAUGE,
 					  "daybook_http_requests_in_flight",
 					  "Requests received and not yet answered.", "", NULL, 0);
@@ -1252,8 +1229,6 @@ void http_server_close(struct http_server **srv)
 		(*srv)->spare = req->next_spare;
 		free(req);
 	}
-	/* The remembered bearer secret is a working credential: not left in freed heap. */
-	explicit_bzero((*srv)->token_secret, sizeof((*srv)->token_secret));
 	free(*srv);
 	*srv = NULL;
 }

@@ -13,7 +13,6 @@ struct evhttp_bound_socket;
 struct conns;
 
 #define HTTP_SERIES_MEMO 16
-#define HTTP_TOKEN_MEMO_MAX 128
 
 /* The two series a (method, route, status) counts into, looked up once. */
 struct http_series {
@@ -25,15 +24,13 @@ struct http_series {
 struct http_server {
 	struct http_server_config cfg;
 	/* Per-response work done once: the series of the last answers, the Date header of
-	 * this second, and the last bearer secret that matched a token (tokens are loaded
-	 * once for the process's life, so a match stays one). */
+	 * this second, and the last bearer secret that matched a token, by its fingerprint
+	 * (tokens are loaded once for the process's life, so a match stays one). */
 	struct http_series series[HTTP_SERIES_MEMO];
 	size_t nseries, next_series;
 	long long date_at;
 	char date[40];
-	unsigned char token_secret[HTTP_TOKEN_MEMO_MAX];
-	size_t token_len;
-	const struct token *token_memo;
+	struct tokens_memo token_memo;
 	/* Answered requests kept for the next ones (up to HTTP_REQUESTS_KEPT). */
 	struct http_request *spare;
 	size_t nspare;

@@ -7,8 +7,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "ledger.h"
+#include "strmap.h"
 
 struct tokens {
 	struct token *items;
@@ -143,4 +145,47 @@ const struct token *tokens_find(const struct tokens *tokens, const char *secret,
 		if (digest_equal(digest, tokens->items[i].hash, DIGEST_SHA256_LEN))
 			found = &tokens->items[i];
 	return found;
+}
+
+void tokens_memo_init(struct tokens_memo *m)
+{
+	unsigned char *b = (unsigned char *)m->key;
+	size_t got = 0;
+
+	memset(m, 0, sizeof(*m));
+	while (got < sizeof(m->key)) {
+		ssize_t n = getrandom(b + got, sizeof(m->key) - got, 0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return; /* unkeyed: every look-up goes the long way */
+		got += (size_t)n;
+	}
+	m->keyed = true;
+}
+
+static void fingerprint(const struct tokens_memo *m, const char *secret, size_t len,
+			uint64_t out[2])
+{
+	out[0] = strmap_siphash(m->key[0], m->key[1], secret, len, 1, 3);
+	out[1] = strmap_siphash(m->key[2], m->key[3], secret, len, 1, 3);
+}
+
+const struct token *tokens_find_memo(const struct tokens *tokens, struct tokens_memo *m,
+				     const char *secret, size_t len)
+{
+	uint64_t mark[2];
+	const struct token *t;
+
+	if (!m->keyed)
+		return tokens_find(tokens, secret, len);
+	fingerprint(m, secret, len, mark);
+	if (m->token && digest_equal(mark, m->mark, sizeof(mark)))
+		return m->token;
+	t = tokens_find(tokens, secret, len);
+	if (t) {
+		memcpy(m->mark, mark, sizeof(mark));
+		m->token = t;
+	}
+	return t;
 }

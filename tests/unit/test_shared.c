@@ -157,6 +157,44 @@ Test(tokens, find_is_by_the_secret_and_its_exact_length)
 	unlink(path);
 }
 
+/* The memo of the last matching secret holds a fingerprint, never the secret: a dump
+ * of the process's memory must not hand out a working credential. */
+Test(tokens, the_memo_remembers_a_match_by_fingerprint_not_the_secret)
+{
+	char ha[65], hb[65], text[512], path[64], err[256] = "";
+	const char *alice = "secret-alice-0123456789abcdef", *bob = "secret-bob-0123456789abcdef";
+	struct tokens *t = NULL;
+	struct tokens_memo m;
+	const struct token *tok;
+
+	hash_hex(alice, ha);
+	hash_hex(bob, hb);
+	snprintf(text, sizeof(text), "alice %s read\nbob %s write\n", ha, hb);
+	write_temp(path, sizeof(path), text);
+	cr_assert_eq(tokens_open(&t, path, err, sizeof(err)), 0, "%s", err);
+	tokens_memo_init(&m);
+	cr_assert(m.keyed, "the memo has its random keys");
+
+	cr_assert_null(tokens_find_memo(t, &m, "secret-mallory", 14));
+	cr_assert_null(m.token, "a secret that matches no token is not remembered");
+	tok = tokens_find_memo(t, &m, alice, strlen(alice));
+	cr_assert(tok && strcmp(tok->id, "alice") == 0);
+	cr_assert_eq(m.token, tok, "a match is remembered");
+	cr_assert_null(memmem(&m, sizeof(m), alice, 8), "the secret is not in the memo");
+	cr_assert_null(memmem(&m, sizeof(m), alice + 8, 8), "nor any part of it");
+	cr_assert_eq(tokens_find_memo(t, &m, alice, strlen(alice)), tok, "answered by the memo");
+	/* The memo answers only the very secret it remembers. */
+	cr_assert_null(tokens_find_memo(t, &m, alice, strlen(alice) - 1), "a prefix");
+	cr_assert_null(tokens_find_memo(t, &m, "secret-alice-0123456789abcdeF", strlen(alice)));
+	cr_assert_eq(m.token, tok, "a miss leaves the memo as it was");
+	tok = tokens_find_memo(t, &m, bob, strlen(bob));
+	cr_assert(tok && strcmp(tok->id, "bob") == 0 && m.token == tok);
+	cr_assert_eq(tokens_find_memo(t, &m, alice, strlen(alice))->id[0], 'a',
+		     "the other token, the long way again");
+	tokens_close(&t);
+	unlink(path);
+}
+
 Test(tokens, a_file_of_only_comments_holds_no_tokens)
 {
 	char path[64], err[256] = "";
