@@ -86,8 +86,10 @@ struct batcher {
 	size_t nslots;
 	struct pending_event events[2 * BATCH_MAX];
 	size_t nevents;
-	struct ledger_text text;  /* the events' data and metadata texts, kept between batches */
-	struct strmap *overlay;   /* account id -> struct ledger_account, this batch's view */
+	struct ledger_text text; /* the events' data and metadata texts, kept between batches */
+	struct strmap *overlay;  /* account id -> struct ledger_account, this batch's view */
+	struct ledger_account overlay_accounts[2 * BATCH_MAX]; /* the overlay's values */
+	size_t noverlay;
 	struct strmap *transfers; /* transfer ids already in the log or taken in this batch */
 	struct strmap *refold;    /* account ids whose snapshot was refused: load them in full */
 	struct strmap *catchup;   /* account id -> struct ledger_account loaded from more than
@@ -117,6 +119,11 @@ bool load_apply(struct batcher *b, PGresult *const *results) __attribute__((warn
 struct ledger_account *account_new(const char *id);
 /* An account's state as a snapshot stores it; caller frees. NULL when out of memory. */
 char *account_state_text(const struct ledger_account *acc);
+/* Start fetching the cache's entries for the batch's accounts, before a stage looks them
+ * all up: with many accounts they are out of the CPU's caches at each stage (the stages
+ * are a PostgreSQL round trip apart), and each look-up waited for two fetches in turn
+ * (its bucket, then its entry). A hint only (strmap_prefetch). */
+void cache_prefetch(struct batcher *b);
 /* Every account id a command touches. */
 size_t cmd_accounts(const struct cmd *cmd, const char *ids[2]);
 /* Decide slot i; false when memory ran out (the batch must be abandoned). */

@@ -21,7 +21,7 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx, const struct bat
 
 	*out = NULL;
 	if (!b || strmap_open(&b->cache, free) || strmap_open(&b->inflight, NULL) ||
-	    strmap_open(&b->overlay, free) || strmap_open(&b->transfers, NULL) ||
+	    strmap_open(&b->overlay, NULL) || strmap_open(&b->transfers, NULL) ||
 	    strmap_open(&b->refold, NULL) || strmap_open(&b->catchup, free)) {
 		batcher_close(&b);
 		return -1;
@@ -183,7 +183,7 @@ static void reset_batch(struct batcher *b)
 	memset(b->slots, 0, b->nslots * sizeof(b->slots[0]));
 	b->text.len = 0;
 	b->text.failed = false;
-	b->nslots = b->nevents = 0;
+	b->nslots = b->nevents = b->noverlay = 0;
 	strmap_clear(b->overlay);
 	strmap_clear(b->transfers);
 	strmap_clear(b->refold);
@@ -483,6 +483,7 @@ fail:
 
 static void decide_all(struct batcher *b)
 {
+	cache_prefetch(b);
 	for (size_t i = 0; i < b->nslots; i++) {
 		if (b->slots[i].status == 0 && !decide(b, (int)i)) {
 			fail_batch(b, 503, "out of memory; retry shortly");

@@ -83,25 +83,46 @@ static void now_iso(struct command_ctx *ctx, char out[32])
 	out[n] = '\0';
 }
 
+/* A zeroed command: an answered one kept by ctx (with its text buffer), else a new one.
+ * Commands are made and freed a batch at a time, more than malloc's per-thread cache
+ * holds of one size, so each calloc and free took malloc's slower paths. */
+static struct cmd *cmd_alloc(struct command_ctx *ctx)
+{
+	struct cmd *cmd = ctx->spare_cmds;
+	struct ledger_event_buf plain;
+
+	if (!cmd)
+		return calloc(1, sizeof(*cmd));
+	ctx->spare_cmds = cmd->next;
+	ctx->nspare_cmds--;
+	plain = cmd->plain;
+	memset(cmd, 0, sizeof(*cmd));
+	cmd->plain = plain;
+	return cmd;
+}
+
 /* The parts every command shares: headers, body, path account. NULL after replying. */
 static struct cmd *cmd_new(struct command_ctx *ctx, struct http_request *req, enum cmd_kind kind,
 			   bool account_scoped)
 {
-	struct cmd *cmd = calloc(1, sizeof(*cmd));
+	struct cmd *cmd = cmd_alloc(ctx);
 	const char *key = http_header(req, "Idempotency-Key");
 	const char *if_match = http_header(req, "If-Match");
-	const char *text;
+	const char *text, *id = http_request_id(req);
 	size_t len;
 
 	if (!cmd) {
 		http_reply_problem(req, 503, "unavailable", "Service unavailable", "out of memory");
 		return NULL;
 	}
+	cmd->ctx = ctx;
 	cmd->req = req;
 	cmd->kind = kind;
 	cmd->expected_version = -1;
 	cmd->token_id = http_token(req)->id;
-	snprintf(cmd->request_id, sizeof(cmd->request_id), "%s", http_request_id(req));
+	len = strnlen(id, sizeof(cmd->request_id) - 1);
+	memcpy(cmd->request_id, id, len);
+	cmd->request_id[len] = '\0';
 	now_iso(ctx, cmd->time);
 	if (key && !valid_idem_key(key)) {
 		http_reply_invalid(req,
@@ -222,11 +243,35 @@ const size_t command_nroutes = sizeof(command_routes) / sizeof(command_routes[0]
 
 void cmd_free(struct cmd *cmd)
 {
+	struct command_ctx *ctx;
+
 	if (!cmd)
 		return;
+	ctx = cmd->ctx;
 	json_decref(cmd->body);
-	ledger_event_buf_free(&cmd->plain);
-	free(cmd);
+	cmd->body = NULL;
+	if (!ctx || ctx->nspare_cmds >= CMD_SPARE_MAX) {
+		ledger_event_buf_free(&cmd->plain);
+		free(cmd);
+		return;
+	}
+	/* Kept with its text buffer, unless that grew past a usual body's size. */
+	if (cmd->plain.cap > CMD_SPARE_TEXT_MAX || cmd->plain.json)
+		ledger_event_buf_free(&cmd->plain);
+	cmd->next = ctx->spare_cmds;
+	ctx->spare_cmds = cmd;
+	ctx->nspare_cmds++;
+}
+
+void cmd_spares_free(struct command_ctx *ctx)
+{
+	while (ctx->spare_cmds) {
+		struct cmd *cmd = ctx->spare_cmds;
+		ctx->spare_cmds = cmd->next;
+		ledger_event_buf_free(&cmd->plain);
+		free(cmd);
+	}
+	ctx->nspare_cmds = 0;
 }
 
 void cmd_drop(void *arg, struct cmd *cmd)

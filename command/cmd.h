@@ -12,6 +12,8 @@
 #include "ledger.h"
 #include "ledger_json.h"
 
+struct command_ctx;
+
 enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
 
 /* One write request on its way through the batcher. Strings in `u` borrow from
@@ -21,6 +23,7 @@ enum cmd_kind { CMD_OPEN, CMD_DEPOSIT, CMD_WITHDRAW, CMD_TRANSFER, CMD_CLOSE };
  * cmd_outcome). */
 struct cmd {
 	struct cmd *next;
+	struct command_ctx *ctx; /* keeps the command for reuse once it is freed */
 	struct http_request *req;
 	enum cmd_kind kind;
 	json_t *body; /* NULL for an empty close body, and when read as `plain` */
@@ -61,7 +64,14 @@ struct cmd_outcome {
 void cmd_settle(void *arg, struct cmd *cmd, struct cmd_outcome *out);
 /* Free a command (and its body) without answering it. */
 void cmd_drop(void *arg, struct cmd *cmd);
+/* Free a command: kept by its context for the next request (up to CMD_SPARE_MAX). */
 void cmd_free(struct cmd *cmd);
+/* Free the commands the context keeps for reuse (at the service's end). */
+void cmd_spares_free(struct command_ctx *ctx);
+/* How many answered commands a context keeps for reuse, and the largest body text
+ * buffer one keeps with it. */
+#define CMD_SPARE_MAX 256
+#define CMD_SPARE_TEXT_MAX 1024
 
 /* The HTTP routes of the write API: each parses its request into a command and
  * submits it to the batcher of the struct command_ctx given as the routes' arg. */

@@ -49,6 +49,9 @@ struct command_ctx {
 	 * second (cmd.c). */
 	long long time_at;
 	char time_second[24];
+	/* Answered commands kept for the next requests (cmd.c). */
+	struct cmd *spare_cmds;
+	size_t nspare_cmds;
 };
 
 /* The write lease's name (its row in command_leases) and the fence's named condition:

@@ -8,12 +8,21 @@
 
 #include "batch.h"
 
+/* acc zeroed ("does not exist") with this id (cut at LEDGER_ID_MAX, as ids never are). */
+static void account_init(struct ledger_account *acc, const char *id)
+{
+	size_t n = strnlen(id, sizeof(acc->id) - 1);
+
+	memset(acc, 0, sizeof(*acc));
+	memcpy(acc->id, id, n);
+}
+
 struct ledger_account *account_new(const char *id)
 {
-	struct ledger_account *acc = calloc(1, sizeof(*acc));
+	struct ledger_account *acc = malloc(sizeof(*acc));
 
 	if (acc)
-		snprintf(acc->id, sizeof(acc->id), "%s", id);
+		account_init(acc, id);
 	return acc;
 }
 
@@ -33,6 +42,22 @@ size_t cmd_accounts(const struct cmd *cmd, const char *ids[2])
 	}
 }
 
+void cache_prefetch(struct batcher *b)
+{
+	uint64_t hashes[2 * BATCH_MAX];
+	size_t n = 0;
+
+	for (size_t i = 0; i < b->nslots; i++) {
+		const char *ids[2];
+		size_t k = cmd_accounts(b->slots[i].cmd, ids);
+		for (size_t j = 0; j < k; j++)
+			hashes[n++] = strmap_hash(b->cache, ids[j]);
+	}
+	for (int stage = 0; stage < 2; stage++)
+		for (size_t i = 0; i < n; i++)
+			strmap_prefetch(b->cache, hashes[i], stage);
+}
+
 /* Forget cached state the batch may have changed: after a failure, what committed is
  * unknown or was refused, and the log is the only truth. */
 void invalidate(struct batcher *b)
@@ -46,23 +71,25 @@ void invalidate(struct batcher *b)
 }
 
 /* This batch's view of an account: the overlay, else a copy of the cache, else
- * a fresh "does not exist" (the load phase fetched every account the cache lacks). */
+ * a fresh "does not exist" (the load phase fetched every account the cache lacks).
+ * The overlay's accounts are the batch's own array (a command touches at most two). */
 static struct ledger_account *view(struct batcher *b, const char *id)
 {
 	struct ledger_account *acc = strmap_get(b->overlay, id), *cached;
 
 	if (acc)
 		return acc;
-	acc = account_new(id);
-	if (!acc)
-		return NULL;
+	if (b->noverlay == sizeof(b->overlay_accounts) / sizeof(b->overlay_accounts[0]))
+		return NULL; /* cannot be: BATCH_MAX commands of at most two accounts */
+	acc = &b->overlay_accounts[b->noverlay];
 	cached = strmap_get(b->cache, id);
 	if (cached)
 		*acc = *cached;
-	if (!strmap_put(b->overlay, id, acc)) {
-		free(acc);
+	else
+		account_init(acc, id);
+	if (!strmap_put(b->overlay, id, acc))
 		return NULL;
-	}
+	b->noverlay++;
 	return acc;
 }
 
@@ -112,8 +139,9 @@ static bool add_event(struct batcher *b, int slot, struct ledger_account *acc,
 		free(pe->snapshot);
 		return false;
 	}
-	snprintf(pe->stream, sizeof(pe->stream), "account-%s", acc->id);
-	snprintf(pe->version, sizeof(pe->version), "%" PRId32, acc->version);
+	memcpy(pe->stream, "account-", 8);
+	memcpy(pe->stream + 8, acc->id, strlen(acc->id) + 1);
+	http_format_u64(pe->version, (unsigned long long)acc->version); /* >= 1 */
 	pe->type = ledger_event_name(ev->type);
 	pe->slot = slot;
 	b->slots[slot].last_event = (int)b->nevents++;
@@ -325,11 +353,19 @@ void commit_overlay(struct batcher *b)
 {
 	if (strmap_count(b->cache) + strmap_count(b->overlay) > CACHE_MAX)
 		strmap_clear(b->cache); /* crude bound on memory; cold accounts reload */
+	cache_prefetch(b);
 	for (size_t i = 0; i < b->nevents; i++) {
 		const char *id = b->events[i].stream + strlen("account-");
-		struct ledger_account *acc = strmap_get(b->overlay, id), *copy;
-		if (!acc || strmap_get(b->cache, id) == acc)
+		struct ledger_account *acc = strmap_get(b->overlay, id), *cached, *copy;
+		if (!acc)
 			continue;
+		/* The overlay's accounts are copies: an account already cached is updated in
+		 * place (no pointer into the cache outlives a batch). */
+		cached = strmap_get(b->cache, id);
+		if (cached) {
+			*cached = *acc;
+			continue;
+		}
 		copy = malloc(sizeof(*copy));
 		if (!copy)
 			continue;

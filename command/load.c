@@ -43,8 +43,15 @@ static char *array_literal(const char *const *items, size_t n, const char *prefi
 		return NULL;
 	evbuffer_add(buf, "{", 1);
 	for (size_t i = 0; i < n; i++) {
-		snprintf(tmp, sizeof(tmp), "%s%s", prefix, items[i]);
-		pg_array_append(buf, prefix[0] ? tmp : items[i], i == 0);
+		const char *item = items[i];
+		if (prefix[0]) {
+			size_t np = strlen(prefix), ni = strnlen(item, sizeof(tmp) - np - 1);
+			memcpy(tmp, prefix, np);
+			memcpy(tmp + np, item, ni);
+			tmp[np + ni] = '\0';
+			item = tmp;
+		}
+		pg_array_append(buf, item, i == 0);
 	}
 	evbuffer_add(buf, "}", 2); /* with the NUL */
 	len = evbuffer_get_length(buf);
@@ -166,6 +173,7 @@ struct needs {
 
 static void collect_needs(struct batcher *b, struct needs *nd)
 {
+	cache_prefetch(b);
 	for (size_t i = 0; i < b->nslots; i++) {
 		const struct cmd *cmd = b->slots[i].cmd;
 		const char *ids[2];

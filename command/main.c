@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "command.h"
+#include "evmem.h"
 #include "service.h"
 
 #define WRITE_TIMEOUT_MS 10000    /* default: a batch's deadline on this side */
@@ -268,6 +269,7 @@ static void stop(struct service_ctx *svc)
 	sweeper_close(&ctx->sweeper);
 	lease_close(&ctx->lease);
 	batcher_close(&ctx->batcher);
+	cmd_spares_free(ctx);
 	pg_close(&ctx->pg);
 }
 
@@ -297,6 +299,8 @@ int main(int argc, char **argv)
 	 * per-thread cache. */
 	mallopt(M_MXFAST, 0);
 #endif
+	/* Before any libevent call (shared/evmem.h). */
+	evmem_install();
 
 	return service_run(argc, argv, &service, &ctx.svc);
 }

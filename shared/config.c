@@ -9,6 +9,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "digest.h"
+
 static bool parse_port(const char *text, uint16_t *port)
 {
 	char *end;
@@ -54,24 +56,31 @@ static bool parse_db(const char *text, int *db)
 
 /* Percent-decode text (the user or the password of a URL that evhttp_uri_parse has
  * checked, so every '%' starts a valid escape) into out, a buffer of outlen bytes with
- * the NUL; false when it decodes to a NUL byte or does not fit. */
+ * the NUL; false when it decodes to a NUL byte or does not fit. By evhttp_uridecode's
+ * rule (a '%' and two hex digits are that byte, anything else, '+' too, is itself) but
+ * not by it: its result is libevent's memory, which the command allocates with
+ * evmem.h and free() must not see. */
 static bool decode(const char *text, size_t n, char *out, size_t outlen)
 {
-	char *copy = strndup(text, n), *plain = NULL;
 	size_t len = 0;
-	bool ok = false;
 
-	if (!copy)
-		goto done;
-	plain = evhttp_uridecode(copy, 0, &len);
-	if (!plain || len != strlen(plain) || len >= outlen)
-		goto done;
-	memcpy(out, plain, len + 1);
-	ok = true;
-done:
-	free(plain);
-	free(copy);
-	return ok;
+	for (size_t i = 0; i < n; i++) {
+		int hi = i + 1 < n && text[i] == '%' ? digest_hex_digit(text[i + 1]) : -1;
+		int lo = hi >= 0 && i + 2 < n ? digest_hex_digit(text[i + 2]) : -1;
+		char c = text[i];
+
+		if (hi >= 0 && lo >= 0) {
+			c = (char)(hi * 16 + lo);
+			i += 2;
+		}
+		if (c == '\0' || len + 1 >= outlen)
+			return false;
+		out[len++] = c;
+	}
+	if (len >= outlen)
+		return false;
+	out[len] = '\0';
+	return true;
 }
 
 /* "user[:password]" from the URL's userinfo, percent-decoded. */

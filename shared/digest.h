@@ -18,6 +18,8 @@ bool digest_sha256_parts(size_t n, const void *const parts[], const size_t lens[
 			 unsigned char out[DIGEST_SHA256_LEN]) __attribute__((warn_unused_result));
 /* Lower-case hex of len bytes into out (2 * len + 1 bytes with the NUL). */
 void digest_hex(const unsigned char *bytes, size_t len, char *out);
+/* The value of one hex digit, either case; -1 for anything else. */
+int digest_hex_digit(char c);
 /* True when a[0, len) equals b[0, len); the time taken does not depend on the bytes
  * (CRYPTO_memcmp). */
 bool digest_equal(const void *a, const void *b, size_t len);

@@ -22,6 +22,43 @@
 #define REQUEST_ID_MAX 128
 #define HTTP_REQUESTS_KEPT 64
 
+/* The request headers the services read, found in one pass over the request's headers
+ * when it arrives (see scan_headers): each look-up by name walked the whole list with a
+ * case-insensitive compare, five or six walks per write request. */
+enum {
+	H_AUTHORIZATION,
+	H_REQUEST_ID,
+	H_CONTENT_TYPE,
+	H_IDEMPOTENCY_KEY,
+	H_IF_MATCH,
+	H_IF_NONE_MATCH,
+	H_ORIGIN,
+	H_LAST_EVENT_ID,
+	H_MIN_POSITION,
+	H_AC_REQUEST_METHOD,
+	NKNOWN
+};
+static const struct {
+	const char *name;
+	size_t len;
+} known_headers[NKNOWN] = {
+#define KNOWN(name)                                                                                \
+	{                                                                                          \
+		name, sizeof(name) - 1                                                             \
+	}
+	[H_AUTHORIZATION] = KNOWN("Authorization"),
+	[H_REQUEST_ID] = KNOWN("X-Request-Id"),
+	[H_CONTENT_TYPE] = KNOWN("Content-Type"),
+	[H_IDEMPOTENCY_KEY] = KNOWN("Idempotency-Key"),
+	[H_IF_MATCH] = KNOWN("If-Match"),
+	[H_IF_NONE_MATCH] = KNOWN("If-None-Match"),
+	[H_ORIGIN] = KNOWN("Origin"),
+	[H_LAST_EVENT_ID] = KNOWN("Last-Event-ID"),
+	[H_MIN_POSITION] = KNOWN("X-Daybook-Min-Position"),
+	[H_AC_REQUEST_METHOD] = KNOWN("Access-Control-Request-Method"),
+#undef KNOWN
+};
+
 struct http_request {
 	struct evhttp_request *ev;
 	struct http_server *srv;
@@ -34,6 +71,9 @@ struct http_request {
 	char request_id[REQUEST_ID_MAX + 1];
 	struct http_query_param *query; /* see http_query_parse; NULL: none */
 	size_t nquery;
+	/* The first value of each of known_headers, or NULL: evhttp's strings, valid as
+	 * long as the request. */
+	const char *headers[NKNOWN];
 	struct http_request *next_spare;
 };
 
@@ -295,7 +335,7 @@ static void cors_headers(struct http_request *req)
 
 	if (!req->srv->cfg.limits.cors_origins)
 		return;
-	origin = http_header(req, "Origin");
+	origin = req->headers[H_ORIGIN];
 	http_set_header(req, "Vary", "Origin");
 	if (!cors_allowed(req->srv, origin))
 		return;
@@ -314,7 +354,7 @@ static void finish(struct http_request *req, int status, struct evbuffer *body)
 	/* A conditional read whose representation has not changed: 304, no body. */
 	if (status == 200 && (cmd == EVHTTP_REQ_GET || cmd == EVHTTP_REQ_HEAD)) {
 		const char *etag = evhttp_find_header(out, "ETag");
-		const char *inm = http_header(req, "If-None-Match");
+		const char *inm = req->headers[H_IF_NONE_MATCH];
 		if (etag && inm && none_match(inm, etag)) {
 			status = 304;
 			body = NULL;
@@ -356,10 +396,34 @@ static char *with_instance(const struct http_request *req, const char *body, siz
 	return text;
 }
 
+/* An empty buffer for a response body: the server's spare one (evhttp moves the body's
+ * chains out of it when it sends the reply), else a new one. Given back with
+ * body_buffer_put. */
+static struct evbuffer *body_buffer_get(struct http_server *srv)
+{
+	struct evbuffer *buf = srv->spare_body;
+
+	srv->spare_body = NULL;
+	return buf ? buf : evbuffer_new();
+}
+
+static void body_buffer_put(struct http_server *srv, struct evbuffer *buf)
+{
+	if (!buf)
+		return;
+	/* Not sent when the connection was already gone: nothing of it is kept. */
+	evbuffer_drain(buf, evbuffer_get_length(buf));
+	if (srv->spare_body)
+		evbuffer_free(buf);
+	else
+		srv->spare_body = buf;
+}
+
 void http_reply_raw(struct http_request *req, int status, const char *content_type,
 		    const char *body, size_t len)
 {
-	struct evbuffer *buf = evbuffer_new();
+	struct http_server *srv = req->srv;
+	struct evbuffer *buf = body_buffer_get(srv);
 	/* Every problem answered to a request names it (RFC 9457 "instance"), whoever built
 	 * the body (this file, a handler, an idempotent replay). */
 	char *problem = strcmp(content_type, "application/problem+json") == 0
@@ -375,8 +439,7 @@ void http_reply_raw(struct http_request *req, int status, const char *content_ty
 	free(problem);
 	http_set_header(req, "Content-Type", content_type);
 	finish(req, status, buf);
-	if (buf)
-		evbuffer_free(buf);
+	body_buffer_put(srv, buf);
 }
 
 struct evhttp_request *http_reply_stream(struct http_request *req, int status,
@@ -463,8 +526,56 @@ const char *http_path(const struct http_request *req)
 	return req->path;
 }
 
+/* a and b, both len bytes, equal but for the case of ASCII letters (header names are
+ * compared so: evutil_ascii_strcasecmp's rule, without its call per character). */
+static bool same_name(const char *a, const char *b, size_t len)
+{
+	for (size_t i = 0; i < len; i++) {
+		unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
+		if (x >= 'A' && x <= 'Z')
+			x = (unsigned char)(x + ('a' - 'A'));
+		if (y >= 'A' && y <= 'Z')
+			y = (unsigned char)(y + ('a' - 'A'));
+		if (x != y)
+			return false;
+	}
+	return true;
+}
+
+/* The index of name in known_headers (any case), or -1. */
+static int known_header(const char *name, size_t len)
+{
+	for (size_t i = 0; i < NKNOWN; i++)
+		if (known_headers[i].len == len && same_name(known_headers[i].name, name, len))
+			return (int)i;
+	return -1;
+}
+
+/* Note the first value of each known header, as evhttp_find_header would find it. */
+static void scan_headers(struct http_request *req)
+{
+	const struct evkeyval *h;
+
+	memset(req->headers, 0, sizeof(req->headers));
+	for (h = evhttp_request_get_input_headers(req->ev)->tqh_first; h; h = h->next.tqe_next) {
+		int i = known_header(h->key, strlen(h->key));
+		if (i >= 0 && !req->headers[i])
+			req->headers[i] = h->value;
+	}
+}
+
 const char *http_header(const struct http_request *req, const char *name)
 {
+	int i = -1;
+
+	/* Callers name headers as known_headers spells them: found without folding case. */
+	for (size_t k = 0; k < NKNOWN && i < 0; k++)
+		if (strcmp(known_headers[k].name, name) == 0)
+			i = (int)k;
+	if (i < 0)
+		i = known_header(name, strlen(name));
+	if (i >= 0)
+		return req->headers[i];
 	return evhttp_find_header(evhttp_request_get_input_headers(req->ev), name);
 }
 
@@ -528,7 +639,7 @@ bool http_body_checked(struct http_request *req, bool allow_empty, const char **
 		http_reply_invalid(req, "a JSON object body is required");
 		return false;
 	}
-	if (!is_json_type(http_header(req, "Content-Type"))) {
+	if (!is_json_type(req->headers[H_CONTENT_TYPE])) {
 		http_reply_problem(req, 415, "unsupported_media_type", "Unsupported media type",
 				   "the body must be sent as Content-Type: application/json");
 		return false;
@@ -561,17 +672,6 @@ bool http_body_json(struct http_request *req, bool allow_empty, json_t **out)
 	       http_body_parse(req, text, len, out);
 }
 
-static int hex_digit(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* Percent-decode s in place ('+' is a space); false on a malformed escape or an
  * escaped NUL. */
 static bool decode_component(char *s)
@@ -589,8 +689,8 @@ static bool decode_component(char *s)
 			*w++ = *r;
 			continue;
 		}
-		hi = hex_digit(r[1]);
-		lo = hi < 0 ? -1 : hex_digit(r[2]);
+		hi = digest_hex_digit(r[1]);
+		lo = hi < 0 ? -1 : digest_hex_digit(r[2]);
 		if (lo < 0 || (hi == 0 && lo == 0))
 			return false;
 		*w++ = (char)(hi * 16 + lo);
@@ -743,7 +843,7 @@ static bool valid_request_id(const char *id)
 
 static void set_request_id(struct http_request *req)
 {
-	const char *given = http_header(req, "X-Request-Id");
+	const char *given = req->headers[H_REQUEST_ID];
 
 	if (given && valid_request_id(given)) {
 		strcpy(req->request_id, given);
@@ -755,7 +855,7 @@ static void set_request_id(struct http_request *req)
 /* Authenticate; false after replying 401/403. */
 static bool authorize(struct http_request *req, unsigned scope)
 {
-	const char *auth = http_header(req, "Authorization");
+	const char *auth = req->headers[H_AUTHORIZATION];
 	const char *secret;
 
 	if (!auth || strncasecmp(auth, "Bearer ", 7) != 0 || !req->srv->cfg.tokens) {
@@ -894,8 +994,7 @@ static bool cors_preflight(struct http_request *req)
 	char params[HTTP_MAX_PARAMS][PARAM_MAX + 1];
 	char methods[64] = "";
 
-	if (!cors_allowed(req->srv, http_header(req, "Origin")) ||
-	    !http_header(req, "Access-Control-Request-Method"))
+	if (!cors_allowed(req->srv, req->headers[H_ORIGIN]) || !req->headers[H_AC_REQUEST_METHOD])
 		return false;
 	for (size_t i = 0; i < cfg->nroutes; i++) {
 		const struct http_route *r = &cfg->routes[i];
@@ -990,6 +1089,7 @@ static void on_request(struct evhttp_request *ev, void *arg)
 	req->path[n] = '\0';
 	srv->inflight++;
 	metric_add(srv->inflight_gauge, 1);
+	scan_headers(req);
 	set_request_id(req);
 	dispatch(req);
 }
@@ -1122,6 +1222,8 @@ void http_server_close(struct http_server **srv)
 	conns_close(&(*srv)->conns);
 	log_buf_flush(&(*srv)->access_lines);
 	event_free((*srv)->flush_lines);
+	if ((*srv)->spare_body)
+		evbuffer_free((*srv)->spare_body);
 	while ((*srv)->spare) {
 		struct http_request *req = (*srv)->spare;
 		(*srv)->spare = req->next_spare;

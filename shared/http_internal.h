@@ -34,6 +34,7 @@ struct http_server {
 	/* Answered requests kept for the next ones (up to HTTP_REQUESTS_KEPT). */
 	struct http_request *spare;
 	size_t nspare;
+	struct evbuffer *spare_body; /* an empty response body buffer, or NULL */
 	struct evhttp *evhttp;
 	struct evhttp_bound_socket *bound;
 	struct conns *conns;

@@ -159,6 +159,11 @@ bool ledger_valid_text(const char *s, size_t max_bytes, bool allow_empty)
 	if (!s)
 		return false;
 	while (p[len]) {
+		if (p[len] >= 0x20 && p[len] < 0x7F) { /* printable ASCII: most text */
+			if (++len > max_bytes)
+				return false;
+			continue;
+		}
 		if (p[len] < 0x20 || p[len] == 0x7F)
 			return false;
 		n = utf8_sequence(p + len);

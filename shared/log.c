@@ -62,7 +62,19 @@ static size_t fold_text(char *out, const unsigned char *s, size_t n, bool json)
 	size_t o = 0, blanks = SIZE_MAX; /* where the trailing run of blanks starts */
 
 	for (size_t i = 0; i < n;) {
-		size_t k;
+		size_t k, run = 0;
+		/* A run of printable ASCII other than blanks, quote and backslash (most of
+		 * any text): copied as it is. */
+		while (i + run < n && s[i + run] > 0x20 && s[i + run] < 0x7f && s[i + run] != '"' &&
+		       s[i + run] != '\\')
+			run++;
+		if (run > 0) {
+			memcpy(out + o, s + i, run);
+			o += run;
+			i += run;
+			blanks = SIZE_MAX;
+			continue;
+		}
 		if (s[i] == '\r' || s[i] == '\n') {
 			/* A line break with the blanks around it: one space. */
 			if (blanks != SIZE_MAX)

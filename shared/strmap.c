@@ -11,15 +11,25 @@ struct entry {
 	struct entry *next;
 	void *value;
 	uint64_t hash;
+	uint32_t room; /* bytes for the key, its NUL included */
 	char key[];
 };
+
+/* Removed entries kept for the next puts: the maps a batch fills and clears each time
+ * (the command's overlay and transfer ids) would otherwise allocate and free an entry per
+ * key per batch, more than malloc's per-thread cache holds. */
+#define SPARE_MAX 1024
+/* Keys get room in steps of this: a spare fits most keys of a similar length. */
+#define KEY_ROOM_STEP 16
 
 struct strmap {
 	struct entry **buckets;
 	size_t nbuckets; /* a power of two */
 	size_t count;
 	void (*free_value)(void *);
-	uint64_t k0, k1; /* the SipHash key: random, the map's own */
+	uint64_t k0, k1;     /* the SipHash key: random, the map's own */
+	struct entry *spare; /* removed entries, for reuse */
+	size_t nspare;
 };
 
 #define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
@@ -46,6 +56,12 @@ static uint64_t load_le(const unsigned char *p, size_t n)
 {
 	uint64_t w = 0;
 
+	if (n == 8) { /* a whole word: on a little-endian host, one load */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+		memcpy(&w, p, 8);
+		return w;
+#endif
+	}
 	for (size_t i = 0; i < n; i++)
 		w |= (uint64_t)p[i] << (8 * i);
 	return w;
@@ -139,7 +155,34 @@ static void free_entry(struct strmap *m, struct entry *e)
 {
 	if (m->free_value)
 		m->free_value(e->value);
-	free(e);
+	if (m->nspare >= SPARE_MAX) {
+		free(e);
+		return;
+	}
+	e->next = m->spare;
+	m->spare = e;
+	m->nspare++;
+}
+
+/* An entry with room for a key of len bytes (and its NUL): a spare one if the first fits,
+ * else a new one. NULL when out of memory. */
+static struct entry *new_entry(struct strmap *m, size_t len)
+{
+	struct entry *e = m->spare;
+	size_t room;
+
+	if (e && e->room > len) {
+		m->spare = e->next;
+		m->nspare--;
+		return e;
+	}
+	if (len >= UINT32_MAX - KEY_ROOM_STEP)
+		return NULL;
+	room = (len + KEY_ROOM_STEP) / KEY_ROOM_STEP * KEY_ROOM_STEP;
+	e = malloc(sizeof(*e) + room);
+	if (e)
+		e->room = (uint32_t)room;
+	return e;
 }
 
 void strmap_clear(struct strmap *m)
@@ -159,6 +202,11 @@ void strmap_close(struct strmap **map)
 	if (!*map)
 		return;
 	strmap_clear(*map);
+	while ((*map)->spare) {
+		struct entry *e = (*map)->spare;
+		(*map)->spare = e->next;
+		free(e);
+	}
 	free((*map)->buckets);
 	free(*map);
 	*map = NULL;
@@ -171,6 +219,16 @@ static struct entry **find(const struct strmap *m, const char *key, uint64_t h)
 	while (*p && ((*p)->hash != h || strcmp((*p)->key, key) != 0))
 		p = &(*p)->next;
 	return p;
+}
+
+void strmap_prefetch(const struct strmap *m, uint64_t key_hash, int stage)
+{
+	struct entry *const *b = &m->buckets[key_hash & (m->nbuckets - 1)];
+
+	if (stage == 0)
+		__builtin_prefetch(b);
+	else if (*b)
+		__builtin_prefetch(*b);
 }
 
 void *strmap_get(const struct strmap *m, const char *key)
@@ -212,7 +270,7 @@ bool strmap_put(struct strmap *m, const char *key, void *value)
 		return true;
 	}
 	len = strlen(key);
-	e = malloc(sizeof(*e) + len + 1);
+	e = new_entry(m, len);
 	if (!e)
 		return false;
 	memcpy(e->key, key, len + 1);

@@ -30,7 +30,14 @@ size_t strmap_count(const struct strmap *map);
 void strmap_foreach(const struct strmap *map, void (*fn)(void *arg, const char *key, void *value),
 		    void *arg);
 
-/* The bucket hash of key in this map (for tests: it depends on the map's random key). */
+/* Start fetching what a look-up of a key will read, for a caller about to look up many
+ * keys in a large map whose entries are out of the CPU's caches: for each key's
+ * strmap_hash, call it with stage 0, then for each with stage 1 (the bucket, then the
+ * entry it leads to), then look them up; the fetches overlap instead of each look-up
+ * waiting for its own. A hint: it changes nothing. */
+void strmap_prefetch(const struct strmap *map, uint64_t key_hash, int stage);
+
+/* The bucket hash of key in this map (it depends on the map's random key). */
 uint64_t strmap_hash(const struct strmap *map, const char *key);
 /* SipHash with key (k0, k1), little-endian, and the given numbers of compression and
  * finalisation rounds: 1 and 3 for the maps, 2 and 4 for the published test vectors. */

@@ -17,23 +17,12 @@ struct tokens {
 	size_t count;
 };
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 static bool parse_hash(const char *hex, unsigned char out[DIGEST_SHA256_LEN])
 {
 	if (strlen(hex) != 2 * DIGEST_SHA256_LEN)
 		return false;
 	for (int i = 0; i < DIGEST_SHA256_LEN; i++) {
-		int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
+		int hi = digest_hex_digit(hex[2 * i]), lo = digest_hex_digit(hex[2 * i + 1]);
 		if (hi < 0 || lo < 0)
 			return false;
 		out[i] = (unsigned char)(hi << 4 | lo);

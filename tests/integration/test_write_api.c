@@ -441,6 +441,49 @@ Test(write_api, request_ids_are_echoed_and_stored_with_the_caller)
 	response_free(&r);
 }
 
+/* Header names in any case (RFC 9110), and of a header sent twice the first counts, as
+ * evhttp finds it: the headers the service reads are picked out in one pass. */
+Test(write_api, header_names_match_in_any_case_and_the_first_of_a_repeated_one_counts)
+{
+	const char *open_headers[] = { "aUTHORIZATION: Bearer " TOKEN_WRITE,
+				       "content-TYPE: application/json",
+				       "x-request-id: case-1",
+				       "X-Request-Id: case-2",
+				       "IDEMPOTENCY-KEY: case-key",
+				       NULL };
+	const char *stale[] = { "authorization: Bearer " TOKEN_WRITE,
+				"CONTENT-type: application/json", "if-MATCH: \"7\"", NULL };
+	const char *wrong_type[] = { "Authorization: Bearer " TOKEN_WRITE,
+				     "content-type: text/plain", "Content-Type: application/json",
+				     NULL };
+	const char *body = "{\"id\":\"hc\",\"name\":\"A\",\"currency\":\"EUR\"}";
+	struct response r = http_request(svc.port, "POST", "/accounts", open_headers, body, 30);
+	char id[64];
+
+	expect(&r, 201, NULL);
+	cr_assert(response_header(&r, "X-Request-Id", id, sizeof(id)));
+	cr_assert_str_eq(id, "case-1");
+	response_free(&r);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-hc' AND "
+				 "metadata->>'idempotency_key' = 'case-key' AND "
+				 "metadata->>'request_id' = 'case-1'"),
+		     1);
+	/* The same key again: the stored answer, not a second account. */
+	r = http_request(svc.port, "POST", "/accounts", open_headers, body, 30);
+	expect(&r, 201, NULL);
+	cr_assert(response_header(&r, "Idempotent-Replayed", id, sizeof(id)));
+	response_free(&r);
+
+	r = http_request(svc.port, "POST", "/accounts/hc/deposits", stale, "{\"amount\":5}", 30);
+	expect(&r, 412, "version_mismatch");
+	response_free(&r);
+	r = http_request(svc.port, "POST", "/accounts/hc/deposits", wrong_type, "{\"amount\":5}",
+			 30);
+	expect(&r, 415, "unsupported_media_type");
+	response_free(&r);
+	cr_assert_eq(events_of("account-hc"), 1);
+}
+
 Test(write_api, versions_are_gap_free_and_sigterm_exits_zero)
 {
 	open_account("gap", "EUR", 0);

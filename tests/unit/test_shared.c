@@ -19,6 +19,7 @@
 
 #include "config.h"
 #include "digest.h"
+#include "evmem.h"
 #include "http_internal.h"
 #include "log.h"
 #include "metrics.h"
@@ -671,6 +672,74 @@ Test(config, http_limits_have_defaults_and_are_read_and_checked)
 	assert_load_fails_naming(CONFIG_NEED_PG, "DAYBOOK_HTTP_IDLE_TIMEOUT_MS");
 }
 
+/* --- evmem ------------------------------------------------------------------------- */
+
+Test(evmem, a_freed_block_serves_the_next_allocation_of_its_size)
+{
+	char *a = evmem_malloc(100), *b, *c;
+
+	cr_assert_not_null(a);
+	memset(a, 'x', 100);
+	evmem_free(a);
+	cr_assert_eq(evmem_kept(), 112, "kept %zu", evmem_kept());
+	b = evmem_malloc(97); /* the same 16-byte class */
+	cr_assert_eq(b, a);
+	cr_assert_eq(evmem_kept(), 0);
+	c = evmem_malloc(100); /* none kept now: a new block */
+	cr_assert_neq(c, a);
+	cr_assert_eq((uintptr_t)b % 16, 0);
+	cr_assert_eq((uintptr_t)c % 16, 0);
+	evmem_free(b);
+	evmem_free(c);
+	evmem_free(NULL);
+	cr_assert_eq(evmem_kept(), 224);
+	/* Zero bytes is a block too, and every size up to the largest class is kept. */
+	b = evmem_malloc(0);
+	cr_assert_not_null(b);
+	evmem_free(b);
+	b = evmem_malloc(EVMEM_CLASS_MAX);
+	memset(b, 'y', EVMEM_CLASS_MAX);
+	evmem_free(b);
+	cr_assert_eq(evmem_kept(), 224 + 16 + EVMEM_CLASS_MAX);
+	/* Larger blocks go back to malloc. */
+	b = evmem_malloc(EVMEM_CLASS_MAX + 1);
+	memset(b, 'z', EVMEM_CLASS_MAX + 1);
+	evmem_free(b);
+	cr_assert_eq(evmem_kept(), 224 + 16 + EVMEM_CLASS_MAX);
+}
+
+Test(evmem, realloc_keeps_the_bytes_and_grows_only_past_the_room)
+{
+	char *a = evmem_malloc(20), *b, *c;
+
+	memcpy(a, "0123456789abcdefghi", 20);
+	b = evmem_realloc(a, 32); /* within the block's room */
+	cr_assert_eq(b, a);
+	c = evmem_realloc(b, 5000);
+	cr_assert_not_null(c);
+	cr_assert_str_eq(c, "0123456789abcdefghi");
+	memset(c + 20, 'q', 4980);
+	b = evmem_realloc(c, 6000);
+	cr_assert_str_eq(b, "0123456789abcdefghi");
+	cr_assert_eq(b[4999], 'q');
+	evmem_free(b);
+	a = evmem_realloc(NULL, 10);
+	cr_assert_not_null(a);
+	evmem_free(a);
+}
+
+Test(evmem, a_thread_keeps_at_most_its_budget)
+{
+	enum { N = EVMEM_KEEP_BYTES / EVMEM_CLASS_MAX + 8 };
+	void *blocks[N];
+
+	for (int i = 0; i < N; i++)
+		cr_assert_not_null(blocks[i] = evmem_malloc(EVMEM_CLASS_MAX));
+	for (int i = 0; i < N; i++)
+		evmem_free(blocks[i]);
+	cr_assert_eq(evmem_kept(), EVMEM_KEEP_BYTES, "kept %zu", evmem_kept());
+}
+
 /* --- strmap ------------------------------------------------------------------------ */
 
 /* A value that counts its own release. */
@@ -768,6 +837,50 @@ Test(strmap, remove_and_clear)
 	cr_assert_eq(((struct tracked *)strmap_get(m, "a"))->n, 4);
 	strmap_close(&m);
 	cr_assert_eq(freed, 4);
+}
+
+/* A cleared or removed entry is reused by later puts: keys of every length around the
+ * room an entry is made with (16-byte steps) come back whole, and a longer key than a
+ * reused entry holds gets an entry of its own. */
+Test(strmap, entries_reused_after_a_clear_keep_keys_of_any_length)
+{
+	struct strmap *m = NULL;
+	char key[80];
+
+	cr_assert_eq(strmap_open(&m, NULL), 0);
+	for (int round = 0; round < 3; round++) {
+		/* Short keys first in one round, long ones first in the next. */
+		for (int i = 0; i < 70; i++) {
+			int n = round == 1 ? 70 - i : i + 1;
+			memset(key, 'a' + round, (size_t)n);
+			key[n] = '\0';
+			key[0] = (char)('0' + n % 10);
+			cr_assert(strmap_put(m, key, (void *)(intptr_t)(n + 100 * round)));
+		}
+		cr_assert_eq(strmap_count(m), 70);
+		for (int n = 1; n <= 70; n++) {
+			memset(key, 'a' + round, (size_t)n);
+			key[n] = '\0';
+			key[0] = (char)('0' + n % 10);
+			cr_assert_eq((intptr_t)strmap_get(m, key), n + 100 * round,
+				     "lost a key of %d", n);
+			key[n - 1] = 'z';
+			cr_assert_null(strmap_get(m, key), "a key of %d with its last byte changed",
+				       n);
+		}
+		if (round == 0) {
+			strmap_clear(m);
+		} else {
+			for (int n = 1; n <= 70; n++) {
+				memset(key, 'a' + round, (size_t)n);
+				key[n] = '\0';
+				key[0] = (char)('0' + n % 10);
+				cr_assert(strmap_remove(m, key));
+			}
+		}
+		cr_assert_eq(strmap_count(m), 0);
+	}
+	strmap_close(&m);
 }
 
 Test(strmap, grows_past_many_entries)
