@@ -161,9 +161,10 @@ struct projector_ctx {
 	bool ahead_running, ahead_ready;
 	struct fold_rows *rows;
 	/* The position NOTIFY's own connection (step.c, notify): the newest committed
-	 * checkpoint not yet announced, and whether a NOTIFY is in flight. */
+	 * checkpoint not yet announced, the one in flight (sent again if it fails), and whether
+	 * a NOTIFY is in flight. */
 	struct pg *notify_pg;
-	char notify_token[64];
+	char notify_token[64], notify_sent[64];
 	bool notify_running;
 	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,
 		*m_applied, *m_epoch, *m_read_ahead;

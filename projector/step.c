@@ -256,8 +256,18 @@ static void notify_done(void *arg, const struct pg_outcome *out)
 	char why[256];
 
 	ctx->notify_running = false;
-	if (!pg_outcome_ok(out, why, sizeof(why)))
+	if (!pg_outcome_ok(out, why, sizeof(why))) {
 		log_debug(&ctx->log, "the position NOTIFY failed: %s", why);
+		/* Lost with the connection: sent again once it is back (notify_next waits
+		 * for it, on_connect calls it), unless a newer checkpoint goes out
+		 * instead. One the server refused is not sent again (it would be refused
+		 * again and again): the next batch's announcement covers it. */
+		if (out->status == PG_RUN_NOT_SENT || out->status == PG_RUN_UNKNOWN) {
+			if (!ctx->notify_token[0])
+				memcpy(ctx->notify_token, ctx->notify_sent,
+				       sizeof(ctx->notify_token));
+		}
+	}
 	notify_next(ctx);
 }
 
@@ -271,6 +281,7 @@ static void notify_next(struct projector_ctx *ctx)
 	    !pg_run(ctx->notify_pg, notify_done, ctx))
 		return; /* being reset: on_connect sends it */
 	ctx->notify_running = true;
+	memcpy(ctx->notify_sent, ctx->notify_token, sizeof(ctx->notify_sent));
 	ctx->notify_token[0] = '\0';
 }
 

@@ -425,10 +425,9 @@ static void on_redis_reply(void *arg, const redisReply *rep)
 	} else if (serve_redis(rd, rep, &at, &why)) {
 		return;
 	}
-	if (rd->hinted && (why == FALLBACK_UNAVAILABLE || why == FALLBACK_NO_LIVE ||
-			   why == FALLBACK_BEHIND ||
-			   (why == FALLBACK_MISS && rd->has_min &&
-			    readmodel_position_cmp(&at, &rd->min) < 0))) {
+	if (rd->hinted &&
+	    (why == FALLBACK_UNAVAILABLE || why == FALLBACK_NO_LIVE || why == FALLBACK_BEHIND ||
+	     (why == FALLBACK_MISS && rd->has_min && readmodel_position_cmp(&at, &rd->min) < 0))) {
 		/* Woken by a message's claim that Redis has not made good (another
 		 * deployment's, a generation not live, or Redis failing): back to waiting,
 		 * as the probe would have left it, not to SQL; SQL's own NOTIFY or the
@@ -499,8 +498,14 @@ void read_start(struct read *rd)
 	}
 	args[0] = rd->id;
 	args[argc++] = sqlpool_identity(ctx->sql); /* the store whose generation may answer */
-	if (!redis_eval(ctx->redis, script, nkeys, nkeys + argc, argv, NULL, on_redis_reply, rd))
+	if (!redis_eval(ctx->redis, script, nkeys, nkeys + argc, argv, NULL, on_redis_reply, rd)) {
+		if (rd->hinted) { /* an unchecked claim is no reason to read SQL (on_redis_reply) */
+			rd->hinted = false;
+			wait_for(rd);
+			return;
+		}
 		fallback(rd, FALLBACK_UNAVAILABLE);
+	}
 }
 
 void read_sql_done(struct read *rd, const PGresult *res)

@@ -108,9 +108,14 @@ size_t evmem_kept(void)
 
 void evmem_install(void)
 {
+	/* Kept blocks would hide libevent's use of freed memory from the sanitizer (GCC
+	 * says so with __SANITIZE_ADDRESS__, clang with __has_feature). */
 #if defined(__SANITIZE_ADDRESS__)
-	/* Kept blocks would hide libevent's use of freed memory from the sanitizer. */
 	return;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+	return;
+#endif
 #endif
 	event_set_mem_functions(evmem_malloc, evmem_realloc, evmem_free);
 }

@@ -17,8 +17,11 @@
 
 /* Make libevent allocate through evmem_malloc, evmem_realloc and evmem_free. Call it
  * first thing in main, before any libevent call: memory libevent allocated before would
- * be freed wrongly after. Memory libevent returns for the caller to free (evhttp_
- * uridecode and the like) must then be freed with evmem_free. */
+ * be freed wrongly after. The rule that goes with it: a process that installs evmem
+ * never takes ownership of memory libevent allocated (evhttp_uridecode, evbuffer_readln
+ * and the like hand the caller a block to free): neither free() nor evmem_free() is
+ * right for it in every build (under AddressSanitizer evmem is not installed). The
+ * one such call the command had, in config.c, decodes by hand instead. */
 void evmem_install(void);
 
 /* malloc, realloc and free with the kept blocks: each block carries its size class in

@@ -34,9 +34,10 @@ void tokens_close(struct tokens **tokens);
 const struct token *tokens_find(const struct tokens *tokens, const char *secret, size_t len);
 
 /* The last secret that matched a token, remembered by a keyed fingerprint, never as
- * the secret itself (a memory dump or core file must not hand out a working
- * credential): a client sends the same token with every request, and SHA-256 of it
- * each time is most of the check's cost. The fingerprint is 128 bits, two SipHash-1-3
+ * the secret itself (a copy kept for the process's life would be in every memory dump
+ * or core file; the request's own bytes, like any freed memory, last only until the
+ * memory is used again): a client sends the same token with every request, and SHA-256
+ * of it each time is most of the check's cost. The fingerprint is 128 bits, two SipHash-1-3
  * under random keys of the memo's own: nobody without the keys can make another
  * secret that matches it, and nobody with them learns the secret but by guessing it. */
 struct tokens_memo {
