@@ -271,6 +271,13 @@ static bool begin_setup(struct pg *pg)
 		return false;
 	if (!queue_deadlines(pg))
 		return false;
+	/* No JIT compilation: every statement of a service is short and run again and
+	 * again, and compiling one costs far more than it can save. A statement whose
+	 * custom plan guessed a long stream's rows (time travel over an account of
+	 * 1,000,000 events: an estimate of 484 million rows) went over jit_above_cost and
+	 * took 450-570 ms instead of 2 (docs/performance.md, "Time travel"). */
+	if (!pg_queue_sql(pg, "SET jit = off", 0, NULL))
+		return false;
 	if (pg->cfg.generic_plans &&
 	    !pg_queue_sql(pg, "SET plan_cache_mode = force_generic_plan", 0, NULL))
 		return false;

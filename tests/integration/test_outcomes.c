@@ -607,6 +607,7 @@ struct pg_probe {
 	enum pg_run_status status;
 	size_t n, ok;
 	char sqlstate[8];
+	char first[64]; /* the first result's first value, if any */
 };
 
 static void probe_connected(void *arg)
@@ -628,6 +629,9 @@ static void probe_done(void *arg, const struct pg_outcome *out)
 		p->ok += PQresultStatus(out->results[i]) == PGRES_TUPLES_OK ||
 			 PQresultStatus(out->results[i]) == PGRES_COMMAND_OK;
 	snprintf(p->sqlstate, sizeof(p->sqlstate), "%s", pg_sqlstate(out->commit_error));
+	if (out->n > 0 && PQresultStatus(out->results[0]) == PGRES_TUPLES_OK &&
+	    PQntuples(out->results[0]) > 0)
+		snprintf(p->first, sizeof(p->first), "%s", PQgetvalue(out->results[0], 0, 0));
 	event_base_loopbreak(p->base);
 }
 
@@ -675,6 +679,28 @@ Test(outcomes, a_run_may_queue_more_statements_than_any_fixed_array_would_hold)
 	cr_assert_eq(p.status, PG_RUN_DONE);
 	cr_assert_eq(p.n, n);
 	cr_assert_eq(p.ok, n);
+	pg_close(&pg);
+	event_base_free(p.base);
+}
+
+/* Every service session has JIT compilation off, whatever the server's setting: a
+ * time-travel read over a long stream went over jit_above_cost and took 0.5 s. */
+Test(outcomes, service_sessions_never_compile_statements_just_in_time)
+{
+	struct log lg = { .service = "test", .level = LOG_ERROR };
+	struct pg_probe p = { 0 };
+	struct pg *pg;
+	char alter[160];
+
+	/* This test's own database, so that the setting does not reach other tests. */
+	snprintf(alter, sizeof(alter), "ALTER DATABASE \"%s\" SET jit = on", db);
+	PQclear(sql(db, alter));
+	pg = probe_open(&p, &lg);
+	cr_assert(pg_queue_sql(pg, "SELECT current_setting('jit')", 0, NULL));
+	cr_assert(pg_run(pg, probe_done, &p));
+	probe_wait(&p, &p.finished);
+	cr_assert_eq(p.status, PG_RUN_DONE);
+	cr_assert_str_eq(p.first, "off");
 	pg_close(&pg);
 	event_base_free(p.base);
 }
