@@ -498,14 +498,10 @@ void read_start(struct read *rd)
 	}
 	args[0] = rd->id;
 	args[argc++] = sqlpool_identity(ctx->sql); /* the store whose generation may answer */
-	if (!redis_eval(ctx->redis, script, nkeys, nkeys + argc, argv, NULL, on_redis_reply, rd)) {
-		if (rd->hinted) { /* an unchecked claim is no reason to read SQL (on_redis_reply) */
-			rd->hinted = false;
-			wait_for(rd);
-			return;
-		}
-		fallback(rd, FALLBACK_UNAVAILABLE);
-	}
+	/* A call that cannot be made is answered as a failed one: the same fallback, and
+	 * the same return to waiting for a read woken by an unchecked claim. */
+	if (!redis_eval(ctx->redis, script, nkeys, nkeys + argc, argv, NULL, on_redis_reply, rd))
+		on_redis_reply(rd, NULL);
 }
 
 void read_sql_done(struct read *rd, const PGresult *res)
