@@ -11,10 +11,12 @@
  *
  * Streams: a new stream first catches up by itself, a page at a time, each page sent
  * only once the previous one has left the process. Once it has reached the live
- * reader's position it is live: one unfiltered read per wake-up serves every live
- * stream, each getting the events past its own position that pass its filters. A
- * live stream whose unsent output passes the bound is cut off; it resumes by
- * Last-Event-ID.
+ * reader's position it is live: one read per wake-up serves every live stream, each
+ * getting the events past its own position that pass its filters. The read walks every
+ * event but has PostgreSQL build the JSON only of those that pass the union of the
+ * streams' filters; each frame is rendered once, and a stream's frames of one read
+ * leave in one writev on that turn when none of its output waits. A live stream whose
+ * unsent output passes the bound is cut off; it resumes by Last-Event-ID.
  *
  * The live reader's wake-up is NOTIFY daybook_events on the feed's own connection,
  * which LISTENs while any stream of the worker is live: the read starts on the

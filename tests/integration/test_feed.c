@@ -553,22 +553,33 @@ static void readable_head(char *head, size_t len)
 
 /* --- the live reader's wake-up ------------------------------------------------------- */
 
+/* Open a stream (query string qs) at the readable head and make it live: it is once a
+ * deposit into account, which it must follow, arrives (its catch-up found nothing past
+ * the head). */
+static void sse_open_live(struct sse *st, const char *qs, const char *account)
+{
+	struct sse_event ev;
+	char head[64], want[64], path[128];
+
+	readable_head(head, sizeof(head));
+	sse_open(st, qs, head, 0);
+	snprintf(path, sizeof(path), "/accounts/%s/deposits", account);
+	must_post(path, "{\"amount\":1}", want, sizeof(want));
+	cr_assert(sse_next(st, &ev, 20), "the first deposit never arrived");
+	cr_assert_str_eq(ev.id, want);
+	free(ev.data);
+}
+
 Test(feed, live_streams_are_woken_by_the_feeds_own_listen_without_checkpoint_probes)
 {
 	static const char probes[] = "daybook_query_position_probes_total{model=\"sql\"}";
 	struct sse st;
 	struct sse_event ev;
-	char head[64], want[64];
+	char want[64];
 	double p0, r0, n0;
 
 	open_account("live");
-	readable_head(head, sizeof(head));
-	sse_open(&st, "stream=account-live", head, 0);
-	/* Live once its first deposit arrives (its catch-up found nothing past head). */
-	must_post("/accounts/live/deposits", "{\"amount\":1}", want, sizeof(want));
-	cr_assert(sse_next(&st, &ev, 20), "the first deposit never arrived");
-	cr_assert_str_eq(ev.id, want);
-	free(ev.data);
+	sse_open_live(&st, "stream=account-live", "live");
 	p0 = harness_metric(&query, probes);
 	r0 = harness_metric(&query, "daybook_query_feed_live_reads_total");
 	n0 = harness_metric(&query, "daybook_query_feed_live_notifications_total");
@@ -601,19 +612,13 @@ Test(feed, the_live_reader_renders_only_what_its_streams_follow_and_writes_at_on
 	static const char direct[] = "daybook_query_feed_live_writes_total{how=\"direct\"}";
 	struct sse st;
 	struct sse_event ev;
-	char head[64], want[64];
+	char want[64];
 	double r0, d0;
 
 	open_account("fa");
 	open_account("fc");
 	deposit("fa", 50);
-	readable_head(head, sizeof(head));
-	sse_open(&st, "stream=account-fa&type=FundsDeposited", head, 0);
-	/* Live once its first deposit arrives (its catch-up found nothing past head). */
-	must_post("/accounts/fa/deposits", "{\"amount\":1}", want, sizeof(want));
-	cr_assert(sse_next(&st, &ev, 20), "the first deposit never arrived");
-	cr_assert_str_eq(ev.id, want);
-	free(ev.data);
+	sse_open_live(&st, "stream=account-fa&type=FundsDeposited", "fa");
 	r0 = harness_metric(&query, rendered);
 	d0 = harness_metric(&query, direct);
 	for (int i = 0; i < 5; i++)
