@@ -36,6 +36,18 @@ def verdict(ok):
 LAG_TARGET_S = 1
 
 
+def lsn(text):
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def wal_per_op(name, ops):
+    """(WAL bytes per operation, checkpoints started) between wal-NAME-start and -end."""
+    a, b = load("wal-%s-start" % name), load("wal-%s-end" % name)
+    per = round((lsn(b["lsn"]) - lsn(a["lsn"])) / ops) if ops > 0 else None
+    return per, b["checkpoints"] - a["checkpoints"]
+
+
 def writes(a):
     """Uniform (kind writes) or hot-spot (kind hotspot) transfers, the stack up."""
     kind, target = a["kind"], float(a["target"])
@@ -60,6 +72,11 @@ def writes(a):
     row("daybook non-2xx", d["non2xx"], "socket errors %d" % wrk_errors(d), widths=(30, 12, 30))
     row("pgbench failed transactions", p["failed"], "latency avg %.2f ms" % p["latency_ms"],
         widths=(30, 12, 30))
+    wal_d, wal_p = wal_per_op(kind, d["requests"] - d["non2xx"]), \
+        wal_per_op("pgbench-" + kind, p["transactions"])
+    row("WAL bytes per transfer", wal_d[0], "pgbench %s" % wal_p[0], widths=(30, 12, 30))
+    row("checkpoints begun in the run", wal_d[1], "pgbench: %s" % wal_p[1],
+        widths=(30, 12, 30))
     row("daybook-command VmHWM", "%.1f MiB" % (hwm / 1024),
         "target <= 64 MiB: %s" % verdict(hwm <= 65536), widths=(30, 12, 30))
     print(json.dumps({
@@ -73,6 +90,8 @@ def writes(a):
         "daybook_requests": d["requests"], "daybook_non2xx": d["non2xx"],
         "daybook_socket_errors": wrk_errors(d), "pgbench_failed": p["failed"],
         "pgbench_latency_avg_ms": p["latency_ms"], "command_vmhwm_kib": hwm,
+        "daybook_wal_bytes_per_transfer": wal_d[0], "pgbench_wal_bytes_per_transfer": wal_p[0],
+        "daybook_checkpoints": wal_d[1], "pgbench_checkpoints": wal_p[1],
         "fsync": a["fsync"], "synchronous_commit": a["sync_commit"]}))
 
 
@@ -117,6 +136,8 @@ def freshness(a):
         print("  (the background load fell short of its target rate)")
     row("", "p50 ms", "p99 ms", "max ms")
     row("201 -> visible", f["p50_ms"], f["p99_ms"], f["max_ms"])
+    row("  as the sampler saw it", f["sampler_p50_ms"], f["sampler_p99_ms"], None)
+    row("  201 -> the read sent", f["react_p50_ms"], f["react_p99_ms"], None)
     row("the write itself (201)", f["write_p50_ms"], f["write_p99_ms"], None)
     row("p99 target <= 5 ms", verdict(ok), widths=(30, 12))
     if f["errors"]:
@@ -124,6 +145,9 @@ def freshness(a):
     print(json.dumps({
         "bench": "freshness", "samples": f["samples"], "p50_ms": f["p50_ms"],
         "p99_ms": f["p99_ms"], "max_ms": f["max_ms"], "target_p99_ms": 5, "pass": ok,
+        "stamps": "kernel receive times", "sampler_rt": a.get("sampler_rt") == "1",
+        "sampler_p50_ms": f["sampler_p50_ms"], "sampler_p99_ms": f["sampler_p99_ms"],
+        "react_p50_ms": f["react_p50_ms"], "react_p99_ms": f["react_p99_ms"],
         "errors": f["errors"], "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1), "background_non2xx": load_result["non2xx"],
         "query_vmhwm_kib": int(a["query_hwm_kb"]),
@@ -189,6 +213,7 @@ def feed(a):
           % (a["rate"], a["max_rate"], achieved, load_result["non2xx"]))
     row("", "p50 ms", "p99 ms", "max ms")
     row("201 -> SSE frame", live["p50_ms"], live["p99_ms"], live["max_ms"])
+    row("  as the sampler saw it", live["sampler_p50_ms"], live["sampler_p99_ms"], None)
     row("p99 target < 10 ms", verdict(ok_live), "missing frames %d" % live["missing"],
         widths=(30, 12, 30))
     print(json.dumps({
@@ -199,6 +224,8 @@ def feed(a):
         "live_samples": live["samples"], "live_p50_ms": live["p50_ms"],
         "live_p99_ms": live["p99_ms"], "live_max_ms": live["max_ms"],
         "live_missing": live["missing"], "target_live_p99_ms": 10,
+        "live_stamps": "kernel receive times", "live_sampler_p50_ms": live["sampler_p50_ms"],
+        "live_sampler_p99_ms": live["sampler_p99_ms"],
         "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1),
         "query_vmhwm_kib": int(a["query_hwm_kb"]), "pass": ok_rate and ok_live}))
