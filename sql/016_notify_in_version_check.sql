@@ -8,9 +8,11 @@
 -- that inserts no row), and still delivered only if the transaction commits. A failed
 -- check raises before the NOTIFY, as the transaction's rollback discarded it before.
 --
--- Safe on a live database: CREATE OR REPLACE and DROP TRIGGER change only the catalog
--- (the DROP waits for appends in flight, briefly, for its lock on events); both happen
--- in this migration's one transaction, so no append runs with neither or both.
+-- On a live database: both statements change only the catalog (no scan, no rewrite),
+-- in this migration's one transaction, so no append runs with neither NOTIFY or both.
+-- DROP TRIGGER takes events' ACCESS EXCLUSIVE lock, as sql/013's did: it waits for the
+-- transactions then using events (appends, reads) to end and holds new ones off for
+-- that moment; run it when no long read of the log (an export, a rebuild) is going.
 
 CREATE OR REPLACE FUNCTION events_check_versions() RETURNS trigger
 LANGUAGE plpgsql SET search_path = public, pg_temp AS $$
