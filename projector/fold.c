@@ -328,6 +328,11 @@ static bool take_totals(const struct fold_rows *r, char **params, int *lengths)
 	table_init(&t, c, total_types, TOTAL_COLS);
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
+		/* Adding nothing is no write (no probe, row lock, update or WAL): a batch of
+		 * transfers alone moves neither a count nor the balance sum. The row is there
+		 * already: the batch that opened the currency's first account wrote it. */
+		if (!tot->delta.accounts && !tot->delta.open_accounts && !tot->delta.balance_sum)
+			continue;
 		pg_bin_text(&c[0], tot->tot.currency);
 		pg_bin_int8(&c[1], tot->delta.accounts);
 		pg_bin_int8(&c[2], tot->delta.open_accounts);

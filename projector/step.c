@@ -65,29 +65,36 @@ static const struct pg_statement statements[] = {
 	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint) END FROM guard" },
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
 	 * table): accounts ($1-$10), statement items ($11-$19), transfers ($20-$26), the
-	 * totals' deltas ($27-$30). The arrays come in binary (fold.c). No NOTIFY here: a
+	 * totals' deltas ($27-$30). The arrays come in binary (fold.c). Each array is
+	 * unnested in the select list (a ProjectSet, in step with the others: the arrays of a
+	 * table are of one length), not in FROM: unnest(a, b, ...) in FROM is a table
+	 * function whose rows are copied into a tuplestore before the insert reads them
+	 * (docs/performance.md, "Less PostgreSQL work per transfer"). No NOTIFY here: a
 	 * transaction that notifies takes the database's notify lock at commit and holds it
 	 * through its commit, so the batch would wait for every command append committing
 	 * (and its WAL flush) and they for it; the new checkpoint is announced once
 	 * committed, on a connection of its own (notify below). */
 	{ "write_rows",
 	  "WITH a AS (INSERT INTO rm_accounts (account_id, name, currency, balance, "
-	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT * FROM "
-	  "unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], "
-	  "$7::int[], $8::int[], $9::timestamptz[], $10::timestamptz[]) ON CONFLICT (account_id) "
+	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT "
+	  "unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::bigint[]), "
+	  "unnest($5::bigint[]), unnest($6::text[]), unnest($7::int[]), unnest($8::int[]), "
+	  "unnest($9::timestamptz[]), unnest($10::timestamptz[]) ON CONFLICT (account_id) "
 	  "DO UPDATE SET name = EXCLUDED.name, currency = EXCLUDED.currency, balance = "
 	  "EXCLUDED.balance, overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
 	  "version = EXCLUDED.version, entries = EXCLUDED.entries, opened_at = EXCLUDED.opened_at, "
 	  "updated_at = EXCLUDED.updated_at), "
 	  "e AS (INSERT INTO rm_entries (account_id, version, type, amount, balance_after, "
-	  "transfer_id, counterparty, reference, at) SELECT * FROM unnest($11::text[], $12::int[], "
-	  "$13::text[], $14::bigint[], $15::bigint[], $16::text[], $17::text[], $18::text[], "
-	  "$19::timestamptz[])), "
+	  "transfer_id, counterparty, reference, at) SELECT unnest($11::text[]), unnest($12::int[]), "
+	  "unnest($13::text[]), unnest($14::bigint[]), unnest($15::bigint[]), unnest($16::text[]), "
+	  "unnest($17::text[]), unnest($18::text[]), unnest($19::timestamptz[])), "
 	  "t AS (INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
-	  "reference, at) SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::bigint[], "
-	  "$24::text[], $25::text[], $26::timestamptz[])), "
-	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * "
-	  "FROM unnest($27::text[], $28::bigint[], $29::bigint[], $30::text[]::numeric[]) "
+	  "reference, at) SELECT unnest($20::text[]), unnest($21::text[]), unnest($22::text[]), "
+	  "unnest($23::bigint[]), unnest($24::text[]), unnest($25::text[]), "
+	  "unnest($26::timestamptz[])), "
+	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT "
+	  "unnest($27::text[]), unnest($28::bigint[]), unnest($29::bigint[]), "
+	  "unnest($30::text[]::numeric[]) "
 	  "ON CONFLICT "
 	  "(currency) DO UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, "
 	  "open_accounts = rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = "
