@@ -9,9 +9,12 @@ page QUERY_PORT OUT
 live CMD_PORT QUERY_PORT STREAMS SECONDS INTERVAL_MS OUT
     open STREAMS SSE streams following account-feedmark from the log head, then
     every INTERVAL_MS deposit 1 cent into feedmark (a thread) and take, for each
-    stream, the time from the deposit's 201 to its frame. Percentiles to OUT.
+    stream, the time from the kernel's receive time of the deposit's 201 to that
+    of its frame (kstamp.py). Percentiles to OUT.
 Tokens come from DAYBOOK_BENCH_WRITE_TOKEN and DAYBOOK_BENCH_READ_TOKEN."""
 import http.client, json, os, re, selectors, socket, sys, threading, time
+
+from kstamp import Client, recv_stamped, stamping
 
 WRITE = {"Authorization": "Bearer " + os.environ["DAYBOOK_BENCH_WRITE_TOKEN"],
          "Content-Type": "application/json"}
@@ -54,14 +57,20 @@ def percentile(sorted_values, p):
 
 
 def live(cmd_port, query_port, streams, seconds, interval_ms, out):
-    command = http.client.HTTPConnection("127.0.0.1", int(cmd_port), timeout=15)
-    command.request("POST", "/accounts", '{"id":"feedmark","name":"M","currency":"EUR"}', WRITE)
-    r = command.getresponse()
-    head = json.loads(r.read()).get("position", "0.0") if r.status == 201 else "0.0"
+    """Each sample runs from the kernel's receive time of a deposit's 201 to that of the
+    segment holding its frame on one stream (kstamp.py): the writer thread and the
+    selector loop share Python's lock, and their own scheduling is not Daybook's.
+    `sampler_*` is the same span as this process saw it (what this sampler measured
+    before kernel stamps)."""
+    command = Client(int(cmd_port))
+    status, body, _, _ = command.call("POST", "/accounts",
+                                      '{"id":"feedmark","name":"M","currency":"EUR"}', WRITE)
+    head = json.loads(body).get("position", "0.0") if status == 201 else "0.0"
     sel = selectors.DefaultSelector()
     socks = []
     for i in range(int(streams)):
         s = socket.create_connection(("127.0.0.1", int(query_port)))
+        stamping(s)
         s.sendall(("GET /events/stream?stream=account-feedmark HTTP/1.0\r\n"
                    "Authorization: %s\r\nLast-Event-ID: %s\r\n\r\n"
                    % (READ["Authorization"], head)).encode())
@@ -75,13 +84,11 @@ def live(cmd_port, query_port, streams, seconds, interval_ms, out):
         interval = float(interval_ms) / 1000
         end = time.monotonic() + float(seconds)
         while time.monotonic() < end:
-            command.request("POST", "/accounts/feedmark/deposits",
-                            '{"amount":1,"reference":"feed"}', WRITE)
-            r = command.getresponse()
-            body = r.read()
-            t = time.perf_counter()
-            if r.status == 201:
-                written[json.loads(body)["position"]] = t
+            status, body, at, _ = command.call("POST", "/accounts/feedmark/deposits",
+                                               '{"amount":1,"reference":"feed"}', WRITE)
+            seen = time.time_ns()
+            if status == 201:
+                written[json.loads(body)["position"]] = (at, seen)
             time.sleep(interval)
         time.sleep(1)
         stop.set()
@@ -90,28 +97,31 @@ def live(cmd_port, query_port, streams, seconds, interval_ms, out):
     th.start()
     while not stop.is_set():
         for key, _ in sel.select(0.1):
-            t = time.perf_counter()
-            data = key.fileobj.recv(65536)
+            data, at = recv_stamped(key.fileobj)
+            seen = time.time_ns()
             if not data:
                 sel.unregister(key.fileobj)
                 continue
             buf = key.data[1] + data
             for m in re.finditer(rb"id: ([0-9.]+)\n", buf):
-                arrived.setdefault(m.group(1).decode(), []).append(t)
+                arrived.setdefault(m.group(1).decode(), []).append((at, seen))
             cut = buf.rfind(b"\n\n")
             key.data[1] = buf[cut + 2:] if cut >= 0 else buf
     th.join()
-    lags, missing = [], 0
-    for pos, t0 in written.items():
+    lags, seen_lags, missing = [], [], 0
+    for pos, (at0, seen0) in written.items():
         ts = arrived.get(pos, [])
         missing += int(streams) - len(ts)
-        lags.extend(max(0.0, t - t0) for t in ts)
+        lags.extend(max(0, at - at0) / 1e9 for at, _ in ts)
+        seen_lags.extend(max(0, seen - seen0) / 1e9 for _, seen in ts)
     lags.sort()
+    seen_lags.sort()
     for s in socks:
         s.close()
     json.dump({"streams": int(streams), "samples": len(lags), "missing": missing,
                "p50_ms": percentile(lags, 50), "p99_ms": percentile(lags, 99),
-               "max_ms": percentile(lags, 100)}, open(out, "w"))
+               "max_ms": percentile(lags, 100), "sampler_p50_ms": percentile(seen_lags, 50),
+               "sampler_p99_ms": percentile(seen_lags, 99)}, open(out, "w"))
 
 
 if __name__ == "__main__":

@@ -3,78 +3,67 @@
 barrier CMD_PORT QUERY_PORT ACCOUNTS TIMEOUT_S
     deposit 1 cent and wait until the query API shows it (min_position).
 sample CMD_PORT QUERY_PORT ACCOUNTS SECONDS INTERVAL_MS OUT
-    every INTERVAL_MS: deposit 1 cent into a random account, take the time
-    when the 201 has arrived, then GET the account with min_position=<its
-    position>&wait_ms=1000 and take the time when a 200 showing the new
-    version has arrived. Writes percentiles to OUT (JSON). A read that does
+    every INTERVAL_MS: deposit 1 cent into a random account, take the
+    kernel's receive time of its 201, then GET the account with
+    min_position=<its position>&wait_ms=1000 and take the kernel's receive
+    time of the 200 showing the new version (kstamp.py). Writes percentiles
+    to OUT (JSON). A read that does
     not show the write (503 projection_behind after wait_ms, or an older
     version) is counted in errors and enters the percentiles with the time it
     took, a lower bound.
 Tokens come from DAYBOOK_BENCH_WRITE_TOKEN and DAYBOOK_BENCH_READ_TOKEN."""
-import http.client, json, os, random, sys, time
+import json, os, random, sys, time
 from urllib.parse import quote
+
+from kstamp import Client
 
 WRITE = {"Authorization": "Bearer " + os.environ["DAYBOOK_BENCH_WRITE_TOKEN"],
          "Content-Type": "application/json"}
 READ = {"Authorization": "Bearer " + os.environ["DAYBOOK_BENCH_READ_TOKEN"]}
 
 
-class Client:
-    def __init__(self, port):
-        self.port = port
-        self.conn = None
-
-    def call(self, method, path, body=None, headers=None):
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
-            try:
-                self.conn.request(method, path, body, headers or {})
-                response = self.conn.getresponse()
-                return response.status, response.read()
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = None
-                if attempt == 2:
-                    raise
-
-
 def deposit(command, accounts):
+    """(account, version, position, status, the 201's arrival ns, the request's sending ns,
+    the ns when this process had read it)"""
     account = "a%d" % random.randrange(accounts)
-    status, body = command.call("POST", "/accounts/%s/deposits" % account,
-                                '{"amount":1,"reference":"freshness"}', WRITE)
-    stamp = time.perf_counter()
+    status, body, arrived, sent = command.call("POST", "/accounts/%s/deposits" % account,
+                                               '{"amount":1,"reference":"freshness"}', WRITE)
+    seen = time.time_ns()
     if status != 201:
-        return account, None, None, stamp, status
+        return account, None, None, status, arrived, sent, seen
     answer = json.loads(body)
-    return account, answer["version"], answer["position"], stamp, status
+    return account, answer["version"], answer["position"], status, arrived, sent, seen
 
 
 def read_at(query, account, position, wait_ms):
-    status, body = query.call("GET", "/accounts/%s?min_position=%s&wait_ms=%d"
-                              % (account, quote(position, safe=""), wait_ms), None, READ)
-    stamp = time.perf_counter()
+    """(status, version shown, the answer's arrival ns, the request's sending ns, the ns
+    when this process had read it)"""
+    status, body, arrived, sent = query.call(
+        "GET", "/accounts/%s?min_position=%s&wait_ms=%d"
+        % (account, quote(position, safe=""), wait_ms), None, READ)
+    seen = time.time_ns()
     version = json.loads(body).get("version") if status == 200 else None
-    return status, version, stamp
+    return status, version, arrived, sent, seen
 
 
 def percentile(sorted_values, p):
+    """The nearest-rank percentile of nanoseconds, in ms."""
     if not sorted_values:
         return None
-    rank = max(1, -(-len(sorted_values) * p // 100))  # nearest rank
-    return round(sorted_values[int(rank) - 1] * 1000, 3)
+    rank = max(1, -(-len(sorted_values) * p // 100))
+    return round(sorted_values[int(rank) - 1] / 1e6, 3)
 
 
 def barrier(cmd_port, query_port, accounts, timeout_s):
     command, query = Client(int(cmd_port)), Client(int(query_port))
-    account, version, position, _, status = deposit(command, int(accounts))
+    account, version, position, status = deposit(command, int(accounts))[:4]
     if version is None:
         sys.exit("barrier: the deposit answered %s" % status)
     deadline = time.monotonic() + float(timeout_s)
     while time.monotonic() < deadline:
         try:
-            status, seen, _ = read_at(query, account, position, 10000)
-        except (OSError, http.client.HTTPException):
+            status, seen = read_at(query, account, position, 10000)[:2]
+        except (OSError, ValueError):
             status, seen = None, None
             time.sleep(0.5)
         if status == 200 and seen is not None and seen >= version:
@@ -85,37 +74,47 @@ def barrier(cmd_port, query_port, accounts, timeout_s):
 
 
 def sample(cmd_port, query_port, accounts, seconds, interval_ms, out):
+    """Every sample runs from the kernel's receive time of the deposit's 201 to that of
+    the read showing it. Besides: `sampler_*` the same span as this process saw it
+    (after being scheduled and reading; what this sampler measured before kernel
+    stamps), `react_*` how long after the 201's arrival the read was sent (a sample
+    is at least that long), `write_*` the deposit's own round trip."""
     command, query = Client(int(cmd_port)), Client(int(query_port))
     accounts, interval = int(accounts), float(interval_ms) / 1000
-    lags, writes, errors = [], [], {}
+    lags, seen_lags, reacts, writes, errors = [], [], [], [], {}
     end = time.monotonic() + float(seconds)
     next_at = time.monotonic()
     while time.monotonic() < end:
-        before = time.perf_counter()
-        account, version, position, written, status = deposit(command, accounts)
+        account, version, position, status, written, sent, written_seen = \
+            deposit(command, accounts)
         if version is None:
             errors["deposit %s" % status] = errors.get("deposit %s" % status, 0) + 1
         else:
-            writes.append(written - before)
-            status, seen, visible = read_at(query, account, position, 1000)
-            if status == 200 and seen is not None and seen >= version:
-                lags.append(visible - written)
-            else:
+            writes.append(written - sent)
+            status, shown, visible, asked, visible_seen = read_at(query, account, position, 1000)
+            ok = status == 200 and shown is not None and shown >= version
+            if not ok:
                 key = "read %s" % status if status != 200 else "read stale version"
                 errors[key] = errors.get(key, 0) + 1
-                if status in (200, 503):  # not visible within wait_ms: count it, as a lower bound
-                    lags.append(visible - written)
+            # not visible within wait_ms: counted too, as a lower bound
+            if ok or status in (200, 503):
+                lags.append(visible - written)
+                seen_lags.append(visible_seen - written_seen)
+                reacts.append(asked - written)
         next_at += interval
         pause = next_at - time.monotonic()
         if pause > 0:
             time.sleep(pause)
         else:
             next_at = time.monotonic()
-    lags.sort()
-    writes.sort()
+    for values in (lags, seen_lags, reacts, writes):
+        values.sort()
     with open(out, "w") as f:
         json.dump({"samples": len(lags), "p50_ms": percentile(lags, 50),
                    "p99_ms": percentile(lags, 99), "max_ms": percentile(lags, 100),
+                   "sampler_p50_ms": percentile(seen_lags, 50),
+                   "sampler_p99_ms": percentile(seen_lags, 99),
+                   "react_p50_ms": percentile(reacts, 50), "react_p99_ms": percentile(reacts, 99),
                    "write_p50_ms": percentile(writes, 50), "write_p99_ms": percentile(writes, 99),
                    "errors": errors}, f)
 

@@ -117,6 +117,8 @@ def freshness(a):
         print("  (the background load fell short of its target rate)")
     row("", "p50 ms", "p99 ms", "max ms")
     row("201 -> visible", f["p50_ms"], f["p99_ms"], f["max_ms"])
+    row("  as the sampler saw it", f["sampler_p50_ms"], f["sampler_p99_ms"], None)
+    row("  201 -> the read sent", f["react_p50_ms"], f["react_p99_ms"], None)
     row("the write itself (201)", f["write_p50_ms"], f["write_p99_ms"], None)
     row("p99 target <= 5 ms", verdict(ok), widths=(30, 12))
     if f["errors"]:
@@ -124,6 +126,9 @@ def freshness(a):
     print(json.dumps({
         "bench": "freshness", "samples": f["samples"], "p50_ms": f["p50_ms"],
         "p99_ms": f["p99_ms"], "max_ms": f["max_ms"], "target_p99_ms": 5, "pass": ok,
+        "stamps": "kernel receive times", "sampler_rt": a.get("sampler_rt") == "1",
+        "sampler_p50_ms": f["sampler_p50_ms"], "sampler_p99_ms": f["sampler_p99_ms"],
+        "react_p50_ms": f["react_p50_ms"], "react_p99_ms": f["react_p99_ms"],
         "errors": f["errors"], "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1), "background_non2xx": load_result["non2xx"],
         "query_vmhwm_kib": int(a["query_hwm_kb"]),
@@ -189,6 +194,7 @@ def feed(a):
           % (a["rate"], a["max_rate"], achieved, load_result["non2xx"]))
     row("", "p50 ms", "p99 ms", "max ms")
     row("201 -> SSE frame", live["p50_ms"], live["p99_ms"], live["max_ms"])
+    row("  as the sampler saw it", live["sampler_p50_ms"], live["sampler_p99_ms"], None)
     row("p99 target < 10 ms", verdict(ok_live), "missing frames %d" % live["missing"],
         widths=(30, 12, 30))
     print(json.dumps({
@@ -199,6 +205,8 @@ def feed(a):
         "live_samples": live["samples"], "live_p50_ms": live["p50_ms"],
         "live_p99_ms": live["p99_ms"], "live_max_ms": live["max_ms"],
         "live_missing": live["missing"], "target_live_p99_ms": 10,
+        "live_stamps": "kernel receive times", "live_sampler_p50_ms": live["sampler_p50_ms"],
+        "live_sampler_p99_ms": live["sampler_p99_ms"],
         "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1),
         "query_vmhwm_kib": int(a["query_hwm_kb"]), "pass": ok_rate and ok_live}))
