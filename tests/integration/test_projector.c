@@ -686,6 +686,8 @@ static void failed_transaction_after_redis(bool redis_in_flight)
 	cr_assert_eq(sql_int(db, q), 1, "the batch session %d was not ended", pid);
 	if (redis_in_flight) {
 		usleep(300000); /* the failure arrives while the Redis leg waits */
+		cr_assert(!harness_log_says(&proj, "reloading the checkpoint"),
+			  "the step started over with its redis leg in flight");
 		freeReplyObject(redisCommand(c, "CLIENT UNPAUSE"));
 		wait_redis_past(c, gen, before, cp, sizeof(cp));
 	}
