@@ -596,6 +596,7 @@ static int wait_for_blocked_batch(void)
 	for (;; usleep(10000)) {
 		long long pid = sql_int(db, "SELECT coalesce(max(pid), 0) FROM pg_stat_activity "
 					    "WHERE application_name = 'daybook-projector' "
+					    "AND datname = current_database() "
 					    "AND wait_event_type = 'Lock'");
 		if (pid > 0)
 			return (int)pid;
