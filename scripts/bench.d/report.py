@@ -36,6 +36,18 @@ def verdict(ok):
 LAG_TARGET_S = 1
 
 
+def lsn(text):
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def wal_per_op(name, ops):
+    """(WAL bytes per operation, checkpoints started) between wal-NAME-start and -end."""
+    a, b = load("wal-%s-start" % name), load("wal-%s-end" % name)
+    per = round((lsn(b["lsn"]) - lsn(a["lsn"])) / ops) if ops > 0 else None
+    return per, b["checkpoints"] - a["checkpoints"]
+
+
 def writes(a):
     """Uniform (kind writes) or hot-spot (kind hotspot) transfers, the stack up."""
     kind, target = a["kind"], float(a["target"])
@@ -60,6 +72,11 @@ def writes(a):
     row("daybook non-2xx", d["non2xx"], "socket errors %d" % wrk_errors(d), widths=(30, 12, 30))
     row("pgbench failed transactions", p["failed"], "latency avg %.2f ms" % p["latency_ms"],
         widths=(30, 12, 30))
+    wal_d, wal_p = wal_per_op(kind, d["requests"] - d["non2xx"]), \
+        wal_per_op("pgbench-" + kind, p["transactions"])
+    row("WAL bytes per transfer", wal_d[0], "pgbench %s" % wal_p[0], widths=(30, 12, 30))
+    row("checkpoints begun in the run", wal_d[1], "pgbench: %s" % wal_p[1],
+        widths=(30, 12, 30))
     row("daybook-command VmHWM", "%.1f MiB" % (hwm / 1024),
         "target <= 64 MiB: %s" % verdict(hwm <= 65536), widths=(30, 12, 30))
     print(json.dumps({
@@ -73,6 +90,8 @@ def writes(a):
         "daybook_requests": d["requests"], "daybook_non2xx": d["non2xx"],
         "daybook_socket_errors": wrk_errors(d), "pgbench_failed": p["failed"],
         "pgbench_latency_avg_ms": p["latency_ms"], "command_vmhwm_kib": hwm,
+        "daybook_wal_bytes_per_transfer": wal_d[0], "pgbench_wal_bytes_per_transfer": wal_p[0],
+        "daybook_checkpoints": wal_d[1], "pgbench_checkpoints": wal_p[1],
         "fsync": a["fsync"], "synchronous_commit": a["sync_commit"]}))
 
 
