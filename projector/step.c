@@ -451,10 +451,12 @@ static void fold_and_write(struct projector_ctx *ctx)
 	 * batch's visibility in Redis does not wait for the SQL commit, and the step lasts
 	 * the longer of the two legs instead of their sum. Only while the lease is surely
 	 * ours (lease_epoch ends a term not renewed in time, here and now): a successor
-	 * claims it only after that, and raises the Redis fence before it writes Redis, so
-	 * a deposed leader's batch is refused by the fence, as its transaction is by the
-	 * epoch check. Otherwise (and while Redis is unknown, unsynced or its store's
-	 * identity is to be read again) the batch goes after the commit, as before. */
+	 * claims it only after that, and each of its Redis writes raises the fence in the
+	 * same script, so a batch of ours delayed past that (frozen before the socket
+	 * write) lands before any write of the successor's, a whole fold of committed
+	 * events that its guarded first batch takes as it is, or is refused. Otherwise
+	 * (and while Redis is unknown, unsynced or its store's identity is to be read
+	 * again) the batch goes after the commit, as before (docs/read-models.md). */
 	early = !ctx->cp_stale && lease_epoch(ctx->lease) == ctx->epoch;
 	if (ctx->role != ROLE_LEADER) { /* lease_epoch ended the term (step_down) */
 		go_idle(ctx);
