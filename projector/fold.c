@@ -388,8 +388,12 @@ void projector_rows_committed(struct projector_ctx *ctx)
 {
 	struct fold_rows *r = ctx->rows;
 
-	for (size_t i = 0; r && i < r->ntotals; i++)
+	/* The change moves into the committed totals, so that tot + delta (what a PUT_BATCH
+	 * sends, redis_batch.c) is the batch's end both before and after the commit. */
+	for (size_t i = 0; r && i < r->ntotals; i++) {
 		readmodel_count_add(&r->totals[i]->tot.count, &r->totals[i]->delta);
+		r->totals[i]->delta = (struct readmodel_count){ 0 };
+	}
 }
 
 size_t projector_rows_accounts(const struct fold_rows *r, struct rm_account *const **out)
