@@ -261,7 +261,8 @@ static bool redis_identity_ours(struct verify *v)
 }
 
 /* Find the live generation; give the projector a moment to bring Redis up to the
- * snapshot, since it writes Redis just after committing SQL. */
+ * snapshot, since it writes each batch to Redis together with its SQL transaction
+ * (Redis may be a batch ahead of the snapshot, or behind it). */
 void verify_redis_prepare(struct verify *v)
 {
 	char k[READMODEL_KEY_MAX];

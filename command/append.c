@@ -21,8 +21,15 @@ const char sql_append[] = APPEND_EVENTS;
 const char sql_snapshot_put[] =
 	"INSERT INTO account_snapshots (stream, version, state) VALUES ($1, $2::integer, $3::jsonb) "
 	"ON CONFLICT DO NOTHING";
-/* Last in every write pipeline: fails with DBF01 unless $1 is the lease's epoch. */
-const char sql_fence[] = "SELECT command_fence($1::bigint)";
+/* Last in every write pipeline: fails with DBF01 unless $1 is the lease's epoch.
+ * command_fence's lock in plain SQL (the lease row FOR KEY SHARE, held to COMMIT):
+ * no PL/pgSQL call, search_path switch or SPI statement per batch. Only when it
+ * locked nothing is the function called, to raise DBF01 (or to take the lock itself,
+ * should the epoch be the lease's by the time it looks). */
+const char sql_fence[] =
+	"WITH l AS MATERIALIZED (SELECT FROM command_leases WHERE name = 'command' "
+	"AND epoch = $1::bigint AND $1::bigint > 0 FOR KEY SHARE) "
+	"SELECT CASE WHEN EXISTS (SELECT FROM l) THEN NULL ELSE command_fence($1::bigint) END";
 
 /* One INSERT of every event, and of every record when `records`; result 0 has the
  * events' positions (append_position). */

@@ -328,6 +328,11 @@ static bool take_totals(const struct fold_rows *r, char **params, int *lengths)
 	table_init(&t, c, total_types, TOTAL_COLS);
 	for (size_t i = 0; i < r->ntotals; i++) {
 		const struct rm_total *tot = r->totals[i];
+		/* Adding nothing is no write (no probe, row lock, update or WAL): a batch of
+		 * transfers alone moves neither a count nor the balance sum. The row is there
+		 * already: the batch that opened the currency's first account wrote it. */
+		if (!tot->delta.accounts && !tot->delta.open_accounts && !tot->delta.balance_sum)
+			continue;
 		pg_bin_text(&c[0], tot->tot.currency);
 		pg_bin_int8(&c[1], tot->delta.accounts);
 		pg_bin_int8(&c[2], tot->delta.open_accounts);
@@ -383,8 +388,12 @@ void projector_rows_committed(struct projector_ctx *ctx)
 {
 	struct fold_rows *r = ctx->rows;
 
-	for (size_t i = 0; r && i < r->ntotals; i++)
+	/* The change moves into the committed totals, so that tot + delta (what a PUT_BATCH
+	 * sends, redis_batch.c) is the batch's end both before and after the commit. */
+	for (size_t i = 0; r && i < r->ntotals; i++) {
 		readmodel_count_add(&r->totals[i]->tot.count, &r->totals[i]->delta);
+		r->totals[i]->delta = (struct readmodel_count){ 0 };
+	}
 }
 
 size_t projector_rows_accounts(const struct fold_rows *r, struct rm_account *const **out)

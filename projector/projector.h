@@ -140,6 +140,16 @@ struct projector_ctx {
 	long long cp_pos;
 	char cp_gen[24];     /* the tables' generation: a rebuild's swap bumps it */
 	char batch_from[48]; /* the checkpoint token before the batch in progress */
+	char batch_to[48];   /* and after it (its last event), the token its PUT_BATCH writes */
+	long long batch_to_pos;
+	/* The batch's Redis leg: not sent, in flight, or over. It goes out together with the
+	 * SQL transaction when Redis is live and known (step.c, fold_and_write), else after
+	 * the commit; the step ends when both legs have. */
+	enum { REDIS_LEG_NONE, REDIS_LEG_SENT, REDIS_LEG_OVER } redis_leg;
+	/* The SQL transaction failed while the Redis leg was in flight: what to do once it
+	 * is over (step.c, write_failed), and the reason. */
+	int write_held;
+	char write_why[256];
 	/* The generation this projector's last PUT_BATCH landed in, and the checkpoint it
 	 * wrote there (put_sent: the one the batch in flight writes). */
 	long long put_gen;
@@ -216,6 +226,12 @@ int projector_redis_open(struct projector_ctx *ctx,
 /* Send the committed batch to the live generation; false when there is nothing to
  * wait for (Redis not live: a later resync covers the batch). */
 bool projector_redis_batch(struct projector_ctx *ctx);
+/* Send the folded batch before its SQL transaction has committed, when Redis is live,
+ * connected and its store's identity known (then the script's checks are all it needs):
+ * ctx->redis_leg becomes REDIS_LEG_SENT (true; its reply ends the leg with
+ * REDIS_STEP_DONE), or REDIS_LEG_OVER when the send failed (reported). Otherwise nothing
+ * is sent or changed (false, the leg stays REDIS_LEG_NONE): it goes after the commit. */
+bool projector_redis_batch_early(struct projector_ctx *ctx);
 /* When leading and idle: resync Redis if it needs it; true when a resync started. */
 bool projector_redis_maintain(struct projector_ctx *ctx);
 void projector_redis_tick(struct projector_ctx *ctx);

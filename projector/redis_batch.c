@@ -10,31 +10,42 @@
 #include "redis_sync.h"
 
 struct totals_collect {
-	const struct readmodel_totals **rows;
+	struct readmodel_totals *rows;
+	const struct readmodel_totals **ptr;
 	size_t n, cap;
 };
 
+/* A currency's totals as of the batch's end: the committed ones plus the batch's change
+ * (0 once committed, projector_rows_committed), since the batch may go to Redis before
+ * its SQL transaction commits. */
 static void collect_total(void *arg, const char *currency, void *value)
 {
 	struct totals_collect *c = arg;
+	const struct rm_total *t = value;
 
 	(void)currency;
-	if (c->n < c->cap)
-		c->rows[c->n++] = &((const struct rm_total *)value)->tot;
+	if (c->n < c->cap) {
+		c->rows[c->n] = t->tot;
+		readmodel_count_add(&c->rows[c->n].count, &t->delta);
+		c->ptr[c->n] = &c->rows[c->n];
+		c->n++;
+	}
 }
 
-/* GET /totals's body from the cached totals. Caller frees. */
+/* GET /totals's body from the cached totals and the batch's change. Caller frees. */
 static char *cached_totals_json(struct projector_ctx *ctx)
 {
 	struct totals_collect c = { .cap = strmap_count(ctx->totals) };
 	char *json = NULL;
 
 	c.rows = calloc(c.cap ? c.cap : 1, sizeof(*c.rows));
-	if (c.rows) {
+	c.ptr = calloc(c.cap ? c.cap : 1, sizeof(*c.ptr));
+	if (c.rows && c.ptr) {
 		strmap_foreach(ctx->totals, collect_total, &c);
-		json = readmodel_totals_json_of(c.rows, c.n);
+		json = readmodel_totals_json_of(c.ptr, c.n);
 	}
 	free(c.rows);
+	free(c.ptr);
 	return json;
 }
 
@@ -153,7 +164,8 @@ static bool args_build(struct projector_ctx *ctx, struct batch_args *a, char fen
 	qsort(a->stmt, ns, sizeof(*a->stmt), by_account);
 	redis_sync_fence_arg(ctx, fence, fencelen);
 	snprintf(gen, 24, "%lld", ctx->gen);
-	redis_sync_cp_token(ctx, token);
+	/* The batch's end, not the SQL checkpoint: the batch may go before its commit. */
+	snprintf(token, 48, "%s", ctx->batch_to);
 	if (!(a->totals = cached_totals_json(ctx)))
 		return false;
 	arg_text(a, fence);
@@ -257,7 +269,7 @@ static void batch_reply(void *arg, const redisReply *reply)
 		ctx->rfail_streak = 0; /* the batch and its checkpoint landed */
 		ctx->put_gen = ctx->gen;
 		memcpy(ctx->put_to, ctx->put_sent, sizeof(ctx->put_to));
-		redis_sync_reached(ctx, ctx->cp_pos);
+		redis_sync_reached(ctx, ctx->batch_to_pos);
 	}
 	ctx->redis_report(ctx, REDIS_STEP_DONE);
 }

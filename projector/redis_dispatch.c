@@ -117,3 +117,14 @@ bool projector_redis_batch(struct projector_ctx *ctx)
 		return read_identity(ctx, ID_THEN_BATCH);
 	return redis_batch_send(ctx, projector_redis_batch);
 }
+
+bool projector_redis_batch_early(struct projector_ctx *ctx)
+{
+	if (ctx->rsync != RS_LIVE || ctx->identity_stale || !redis_connected(ctx->redis))
+		return false;
+	/* A send that fails is reported (Redis is then unsynced, a resync repairs it) and
+	 * ends the leg: the batch is not sent again after the commit. */
+	ctx->redis_leg = redis_batch_send(ctx, projector_redis_batch) ? REDIS_LEG_SENT
+								      : REDIS_LEG_OVER;
+	return ctx->redis_leg == REDIS_LEG_SENT;
+}

@@ -65,29 +65,36 @@ static const struct pg_statement statements[] = {
 	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint) END FROM guard" },
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
 	 * table): accounts ($1-$10), statement items ($11-$19), transfers ($20-$26), the
-	 * totals' deltas ($27-$30). The arrays come in binary (fold.c). No NOTIFY here: a
+	 * totals' deltas ($27-$30). The arrays come in binary (fold.c). Each array is
+	 * unnested in the select list (a ProjectSet, in step with the others: the arrays of a
+	 * table are of one length), not in FROM: unnest(a, b, ...) in FROM is a table
+	 * function whose rows are copied into a tuplestore before the insert reads them
+	 * (docs/performance.md, "Less PostgreSQL work per transfer"). No NOTIFY here: a
 	 * transaction that notifies takes the database's notify lock at commit and holds it
 	 * through its commit, so the batch would wait for every command append committing
 	 * (and its WAL flush) and they for it; the new checkpoint is announced once
 	 * committed, on a connection of its own (notify below). */
 	{ "write_rows",
 	  "WITH a AS (INSERT INTO rm_accounts (account_id, name, currency, balance, "
-	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT * FROM "
-	  "unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], "
-	  "$7::int[], $8::int[], $9::timestamptz[], $10::timestamptz[]) ON CONFLICT (account_id) "
+	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT "
+	  "unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::bigint[]), "
+	  "unnest($5::bigint[]), unnest($6::text[]), unnest($7::int[]), unnest($8::int[]), "
+	  "unnest($9::timestamptz[]), unnest($10::timestamptz[]) ON CONFLICT (account_id) "
 	  "DO UPDATE SET name = EXCLUDED.name, currency = EXCLUDED.currency, balance = "
 	  "EXCLUDED.balance, overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
 	  "version = EXCLUDED.version, entries = EXCLUDED.entries, opened_at = EXCLUDED.opened_at, "
 	  "updated_at = EXCLUDED.updated_at), "
 	  "e AS (INSERT INTO rm_entries (account_id, version, type, amount, balance_after, "
-	  "transfer_id, counterparty, reference, at) SELECT * FROM unnest($11::text[], $12::int[], "
-	  "$13::text[], $14::bigint[], $15::bigint[], $16::text[], $17::text[], $18::text[], "
-	  "$19::timestamptz[])), "
+	  "transfer_id, counterparty, reference, at) SELECT unnest($11::text[]), unnest($12::int[]), "
+	  "unnest($13::text[]), unnest($14::bigint[]), unnest($15::bigint[]), unnest($16::text[]), "
+	  "unnest($17::text[]), unnest($18::text[]), unnest($19::timestamptz[])), "
 	  "t AS (INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
-	  "reference, at) SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::bigint[], "
-	  "$24::text[], $25::text[], $26::timestamptz[])), "
-	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT * "
-	  "FROM unnest($27::text[], $28::bigint[], $29::bigint[], $30::text[]::numeric[]) "
+	  "reference, at) SELECT unnest($20::text[]), unnest($21::text[]), unnest($22::text[]), "
+	  "unnest($23::bigint[]), unnest($24::text[]), unnest($25::text[]), "
+	  "unnest($26::timestamptz[])), "
+	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT "
+	  "unnest($27::text[]), unnest($28::bigint[]), unnest($29::bigint[]), "
+	  "unnest($30::text[]::numeric[]) "
 	  "ON CONFLICT "
 	  "(currency) DO UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, "
 	  "open_accounts = rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = "
@@ -177,12 +184,28 @@ static void recover(struct projector_ctx *ctx, const char *what)
 		event_base_loopexit(ctx->base, NULL);
 }
 
+static void write_failed_now(struct projector_ctx *ctx, int what, const char *why);
+
 void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what)
 {
-	if (what == REDIS_STEP_DONE)
-		go_idle(ctx);
-	else
+	if (what != REDIS_STEP_DONE) {
 		projector_wake(ctx);
+		return;
+	}
+	if (ctx->redis_leg == REDIS_LEG_SENT) {
+		/* The batch went to Redis with its SQL transaction: the step ends with the
+		 * later of the two. */
+		ctx->redis_leg = REDIS_LEG_OVER;
+		if (ctx->step == STEP_WRITING)
+			return; /* write_done ends it */
+		if (ctx->write_held) {
+			int held = ctx->write_held;
+			ctx->write_held = 0;
+			write_failed_now(ctx, held, ctx->write_why);
+			return;
+		}
+	}
+	go_idle(ctx);
 }
 
 void projector_wake(struct projector_ctx *ctx)
@@ -298,6 +321,63 @@ void projector_on_notify_connect(void *arg)
 	notify_next(arg);
 }
 
+/* What a failed batch transaction leads to (write_failed_now). */
+enum write_failure { WRITE_FAILED = 1, WRITE_FENCED, WRITE_CP_MOVED };
+
+static void write_failed_now(struct projector_ctx *ctx, int what, const char *why)
+{
+	switch ((enum write_failure)what) {
+	case WRITE_FENCED:
+		/* Our epoch is stale: a standby took the lease while we were frozen or cut
+		 * off. The transaction rolled back; write nothing more. */
+		projector_free_events(ctx);
+		projector_forget(ctx);
+		ctx->step = STEP_IDLE;
+		if (ctx->role == ROLE_LEADER && ctx->epoch != ctx->write_epoch) {
+			load_checkpoint(ctx); /* queued in an earlier term of ours */
+			return;
+		}
+		lease_lost(ctx->lease);
+		step_down(ctx, "the batch's epoch check failed (another projector took the "
+			       "lease); nothing was committed");
+		return;
+	case WRITE_CP_MOVED:
+		/* A rebuild swapped the tables (a new generation): nothing is wrong, so start
+		 * again from its checkpoint now, not after the fault pause. */
+		log_info(&ctx->log, "the SQL checkpoint moved under the batch (a rebuild's "
+				    "switch); reloading it");
+		ctx->cp_reloaded = true;
+		projector_free_events(ctx);
+		projector_forget(ctx);
+		ctx->step = STEP_IDLE;
+		load_checkpoint(ctx);
+		return;
+	case WRITE_FAILED:
+		recover(ctx, why);
+		return;
+	}
+}
+
+/* The batch's transaction failed (rolled back, or its outcome unknown). When its Redis
+ * leg is still in flight, the step waits for it (its reply, or a resend after a rebuild's
+ * switch, uses the batch's rows) and handles the failure then: meanwhile nothing is read
+ * ahead (cp_stale) and a new PostgreSQL session leaves the step alone (STEP_REDIS). What
+ * Redis applied of the batch is a fold of committed events up to the batch's end, and
+ * stays: the batch read again from the SQL checkpoint starts before the generation's
+ * checkpoint, so PUT_BATCH writes it through the version guards, a no-op for what it
+ * already holds (docs/read-models.md). */
+static void write_failed(struct projector_ctx *ctx, enum write_failure what, const char *why)
+{
+	if (ctx->redis_leg != REDIS_LEG_SENT) {
+		write_failed_now(ctx, (int)what, why);
+		return;
+	}
+	ctx->write_held = (int)what;
+	snprintf(ctx->write_why, sizeof(ctx->write_why), "%s", why);
+	ctx->cp_stale = true;
+	ctx->step = STEP_REDIS;
+}
+
 static void write_done(void *arg, const struct pg_outcome *out)
 {
 	struct projector_ctx *ctx = arg;
@@ -306,7 +386,6 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	/* Every status but DONE is a failure (a commit-time one included). */
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	struct timespec now;
-	const struct log_event *last = &ctx->events[ctx->nevents - 1];
 	char why[256];
 	bool full = ctx->nevents == PROJECTOR_BATCH_MAX;
 
@@ -315,48 +394,26 @@ static void write_done(void *arg, const struct pg_outcome *out)
 		       (double)(now.tv_sec - ctx->write_start.tv_sec) +
 			       (double)(now.tv_nsec - ctx->write_start.tv_nsec) / 1e9);
 	if (error) {
-		recover(ctx, out->status == PG_RUN_COMMIT_FAILED
+		write_failed(ctx, WRITE_FAILED,
+			     out->status == PG_RUN_COMMIT_FAILED
 				     ? error
 				     : "the connection failed while writing a batch");
 		return;
 	}
 	if (!all_ok(results, n, why, sizeof(why))) {
-		if (failed_with(results, n, PROJECTOR_SQLSTATE_FENCED)) {
-			/* Our epoch is stale: a standby took the lease while we were frozen or cut
-			 * off. The transaction rolled back; write nothing more. */
-			projector_free_events(ctx);
-			projector_forget(ctx);
-			ctx->step = STEP_IDLE;
-			if (ctx->role == ROLE_LEADER && ctx->epoch != ctx->write_epoch) {
-				load_checkpoint(ctx); /* queued in an earlier term of ours */
-				return;
-			}
-			lease_lost(ctx->lease);
-			step_down(ctx, "the batch's epoch check failed (another projector took the "
-				       "lease); nothing was committed");
-			return;
-		}
-		if (failed_with(results, n, PROJECTOR_SQLSTATE_CHECKPOINT_MOVED) &&
-		    !ctx->cp_reloaded) {
-			/* A rebuild swapped the tables (a new generation): nothing is wrong, so
-			 * start again from its checkpoint now, not after the fault pause. */
-			log_info(&ctx->log, "the SQL checkpoint moved under the batch (a rebuild's "
-					    "switch); reloading it");
-			ctx->cp_reloaded = true;
-			projector_free_events(ctx);
-			projector_forget(ctx);
-			ctx->step = STEP_IDLE;
-			load_checkpoint(ctx);
-			return;
-		}
-		recover(ctx, why);
+		if (failed_with(results, n, PROJECTOR_SQLSTATE_FENCED))
+			write_failed(ctx, WRITE_FENCED, why);
+		else if (failed_with(results, n, PROJECTOR_SQLSTATE_CHECKPOINT_MOVED) &&
+			 !ctx->cp_reloaded)
+			write_failed(ctx, WRITE_CP_MOVED, why);
+		else
+			write_failed(ctx, WRITE_FAILED, why);
 		return;
 	}
 	ctx->cp_reloaded = false;
 	projector_rows_committed(ctx);
-	snprintf(ctx->batch_from, sizeof(ctx->batch_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
-	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", last->txid);
-	ctx->cp_pos = last->position;
+	snprintf(ctx->cp_txid, sizeof(ctx->cp_txid), "%s", ctx->events[ctx->nevents - 1].txid);
+	ctx->cp_pos = ctx->batch_to_pos;
 	metric_set(ctx->m_position, (double)ctx->cp_pos);
 	notify_checkpoint(ctx);
 	metric_add(ctx->m_applied, (double)ctx->nevents);
@@ -367,7 +424,11 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	if (full)
 		ctx->again = true;
 	ctx->step = STEP_REDIS;
-	if (!projector_redis_batch(ctx))
+	if (ctx->redis_leg == REDIS_LEG_OVER) { /* sent with the transaction, and answered */
+		go_idle(ctx);
+		return;
+	}
+	if (ctx->redis_leg == REDIS_LEG_NONE && !projector_redis_batch(ctx))
 		go_idle(ctx);
 	else if (ctx->again)
 		read_ahead(ctx);
@@ -375,6 +436,9 @@ static void write_done(void *arg, const struct pg_outcome *out)
 
 static void fold_and_write(struct projector_ctx *ctx)
 {
+	const struct log_event *last;
+	bool early;
+
 	if (ctx->role != ROLE_LEADER) {
 		go_idle(ctx);
 		return;
@@ -383,13 +447,36 @@ static void fold_and_write(struct projector_ctx *ctx)
 		recover(ctx, "a batch could not be folded");
 		return;
 	}
+	last = &ctx->events[ctx->nevents - 1];
+	snprintf(ctx->batch_from, sizeof(ctx->batch_from), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+	snprintf(ctx->batch_to, sizeof(ctx->batch_to), "%s.%lld", last->txid, last->position);
+	ctx->batch_to_pos = last->position;
+	ctx->redis_leg = REDIS_LEG_NONE;
+	ctx->write_held = 0;
 	ctx->write_epoch = ctx->epoch;
+	/* The Redis leg goes out with the transaction, not after its commit, so that the
+	 * batch's visibility in Redis does not wait for the SQL commit, and the step lasts
+	 * the longer of the two legs instead of their sum. Only while the lease is surely
+	 * ours (lease_epoch ends a term not renewed in time, here and now): a successor
+	 * claims it only after that, and each of its Redis writes raises the fence in the
+	 * same script, so a batch of ours delayed past that (frozen before the socket
+	 * write) lands before any write of the successor's, a whole fold of committed
+	 * events that its guarded first batch takes as it is, or is refused. Otherwise
+	 * (and while Redis is unknown, unsynced or its store's identity is to be read
+	 * again) the batch goes after the commit, as before (docs/read-models.md). */
+	early = !ctx->cp_stale && lease_epoch(ctx->lease) == ctx->epoch;
+	if (ctx->role != ROLE_LEADER) { /* lease_epoch ended the term (step_down) */
+		go_idle(ctx);
+		return;
+	}
 	clock_gettime(CLOCK_MONOTONIC, &ctx->write_start);
 	if (!projector_queue_writes(ctx) || !pg_run(ctx->pg, write_done, ctx)) {
 		recover(ctx, "queueing the batch's writes failed");
 		return;
 	}
 	ctx->step = STEP_WRITING;
+	if (early)
+		(void)projector_redis_batch_early(ctx);
 }
 
 /* --- load what the fold needs ------------------------------------------------------ */

@@ -576,6 +576,149 @@ Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
 	redisFree(c);
 }
 
+/* The rebuild's switch lock, held exclusively by `holder`: the projector's batch
+ * transaction (which takes it shared, first) waits until it is let go. */
+static PGconn *hold_batch_transactions(void)
+{
+	PGconn *holder = harness_connect_as(db, NULL);
+	PGresult *r = PQexec(holder, "SELECT pg_advisory_lock(" READMODEL_SWITCH_LOCK ")");
+
+	cr_assert(PQresultStatus(r) == PGRES_TUPLES_OK, "%s", PQerrorMessage(holder));
+	PQclear(r);
+	return holder;
+}
+
+/* The pid of the projector's batch session once it waits for the switch lock. */
+static int wait_for_blocked_batch(void)
+{
+	double end = harness_now() + 10;
+
+	for (;; usleep(10000)) {
+		long long pid = sql_int(db, "SELECT coalesce(max(pid), 0) FROM pg_stat_activity "
+					    "WHERE application_name = 'daybook-projector' "
+					    "AND datname = current_database() "
+					    "AND wait_event_type = 'Lock'");
+		if (pid > 0)
+			return (int)pid;
+		cr_assert(harness_now() < end, "the batch transaction never waited for the lock");
+	}
+}
+
+/* Wait until Redis's live generation (gen) is past `before`; its checkpoint into cp. */
+static void wait_redis_past(redisContext *c, long long gen, const char *before, char *cp,
+			    size_t len)
+{
+	double end = harness_now() + 10;
+	long long g = 0;
+
+	for (;; usleep(10000)) {
+		if (harness_redis_live(c, &g, cp, len) && strcmp(cp, before) != 0)
+			break;
+		cr_assert(harness_now() < end, "redis did not move past %s", before);
+	}
+	cr_assert_eq(g, gen, "redis switched generations");
+}
+
+/* A batch goes to Redis together with its SQL transaction, not after its commit: held
+ * here in the transaction (the switch lock), the batch is visible in Redis meanwhile. */
+Test(projector, a_batch_reaches_redis_while_its_sql_transaction_waits)
+{
+	struct service proj;
+	redisContext *c = harness_redis(redis_url);
+	PGconn *holder;
+	char before[64], cp[64], sqlcp[64];
+	long long gen;
+	redisReply *v;
+
+	open_accounts(2);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &gen, before, sizeof(before)));
+	holder = hold_batch_transactions();
+	must("/accounts/p-1/deposits", "{\"amount\":7}");
+	wait_redis_past(c, gen, before, cp, sizeof(cp));
+	harness_sql_checkpoint(db, sqlcp, sizeof(sqlcp));
+	cr_assert_str_eq(sqlcp, before, "the SQL transaction was not held (checkpoint %s)", sqlcp);
+	v = redisCommand(c, "HGET dbk:g:%lld:acct:p-1 v", gen);
+	cr_assert(v && v->type == REDIS_REPLY_STRING && atoi(v->str) == 3,
+		  "p-1's deposit is not in redis");
+	freeReplyObject(v);
+	PQclear(PQexec(holder, "SELECT pg_advisory_unlock(" READMODEL_SWITCH_LOCK ")"));
+	harness_wait_caught_up(db, redis_url, 20);
+	harness_sql_checkpoint(db, sqlcp, sizeof(sqlcp));
+	cr_assert_str_eq(sqlcp, cp, "SQL ended at %s, redis at %s", sqlcp, cp);
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	PQfinish(holder);
+	harness_stop(&proj);
+	redisFree(c);
+}
+
+/* A batch that Redis applied but whose SQL transaction then failed (its session ended
+ * while it waited) is read again from the SQL checkpoint and sent again: the generation,
+ * already past its start, takes it through the version guards, so nothing is applied
+ * twice and the generation goes on (no resync). With the transaction failing while the
+ * Redis leg is still in flight (held by CLIENT PAUSE WRITE), the step waits for the leg
+ * before it starts over. */
+static void failed_transaction_after_redis(bool redis_in_flight)
+{
+	struct service proj;
+	redisContext *c = harness_redis(redis_url);
+	PGconn *holder;
+	char before[64], cp[64], q[96];
+	long long gen, after, resyncs;
+	int pid;
+
+	open_accounts(3);
+	harness_start_projector(&proj, db, redis_url);
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &gen, before, sizeof(before)));
+	resyncs = (long long)resyncs_total(&proj);
+	holder = hold_batch_transactions();
+	if (redis_in_flight)
+		freeReplyObject(redisCommand(c, "CLIENT PAUSE 15000 WRITE"));
+	must("/accounts/p-1/deposits", "{\"amount\":11}");
+	must("/accounts/p-1/withdrawals", "{\"amount\":4,\"reference\":\"w\"}");
+	must("/transfers", "{\"id\":\"once-1\",\"from\":\"p-1\",\"to\":\"p-2\",\"amount\":3}");
+	pid = wait_for_blocked_batch();
+	if (!redis_in_flight)
+		wait_redis_past(c, gen, before, cp, sizeof(cp));
+	snprintf(q, sizeof(q), "SELECT pg_terminate_backend(%d)::int", pid); /* the batch fails */
+	cr_assert_eq(sql_int(db, q), 1, "the batch session %d was not ended", pid);
+	if (redis_in_flight) {
+		usleep(300000); /* the failure arrives while the Redis leg waits */
+		cr_assert(!harness_log_says(&proj, "reloading the checkpoint"),
+			  "the step started over with its redis leg in flight");
+		freeReplyObject(redisCommand(c, "CLIENT UNPAUSE"));
+		wait_redis_past(c, gen, before, cp, sizeof(cp));
+	}
+	cr_assert(harness_wait_log(&proj, "reloading the checkpoint", harness_now() + 10),
+		  "the failed batch was not noticed");
+	PQclear(PQexec(holder, "SELECT pg_advisory_unlock(" READMODEL_SWITCH_LOCK ")"));
+	must("/accounts/p-2/deposits", "{\"amount\":5}");
+	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
+	cr_assert_eq(after, gen, "redis was copied into a new generation");
+	cr_assert_eq((long long)resyncs_total(&proj), resyncs, "redis was resynced");
+	harness_assert_models_match_log(db);
+	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL), 0,
+		     "daybook-admin verify found a difference");
+	PQfinish(holder);
+	harness_stop(&proj);
+	redisFree(c);
+}
+
+Test(projector, a_batch_redis_applied_before_its_transaction_failed_is_applied_once)
+{
+	failed_transaction_after_redis(false);
+}
+
+Test(projector, a_transaction_failing_while_its_redis_leg_is_in_flight_waits_for_it)
+{
+	failed_transaction_after_redis(true);
+}
+
 /* A transaction that notifies holds the database's notify lock from its commit's start
  * to its end (WAL flush included), so every NOTIFY queues behind every other's commit:
  * the command's appends notify daybook_events. The SQL position is therefore announced
