@@ -11,10 +11,12 @@
  *
  * Streams: a new stream first catches up by itself, a page at a time, each page sent
  * only once the previous one has left the process. Once it has reached the live
- * reader's position it is live: one unfiltered read per wake-up serves every live
- * stream, each getting the events past its own position that pass its filters. A
- * live stream whose unsent output passes the bound is cut off; it resumes by
- * Last-Event-ID.
+ * reader's position it is live: one read per wake-up serves every live stream, each
+ * getting the events past its own position that pass its filters. The read walks every
+ * event but has PostgreSQL build the JSON only of those that pass the union of the
+ * streams' filters; each frame is rendered once, and a stream's frames of one read
+ * leave in one writev on that turn when none of its output waits. A live stream whose
+ * unsent output passes the bound is cut off; it resumes by Last-Event-ID.
  *
  * The live reader's wake-up is NOTIFY daybook_events on the feed's own connection,
  * which LISTENs while any stream of the worker is live: the read starts on the
@@ -25,14 +27,17 @@
  * consumers' pages, and those still move with every run. A timer
  * (DAYBOOK_WAIT_PROBE_MS) reads anyway when nothing woke it: events appended without
  * NOTIFY, or made readable when a transaction without events ended. */
+#include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
+#include <limits.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include "feed.h"
@@ -46,9 +51,11 @@
 #define RETRY_SECONDS 0.5 /* a failed live or catch-up read is tried again after this */
 #define WAIT_MS_MAX 30000
 #define EVENTS_CHANNEL "daybook_events" /* the event store's NOTIFY on append */
+#define LIVE_NAMES_MAX 64 /* distinct stream names the live read filters on, at most */
 
 static const struct pg_statement statements[] = {
 	{ "feed_page", FEED_SQL_PAGE },
+	{ "feed_live", FEED_SQL_LIVE },
 };
 
 static const char *const type_names[] = {
@@ -98,6 +105,8 @@ struct stream {
 	bool live;
 	bool busy;     /* its catch-up page is queued or in flight */
 	bool draining; /* waits for its output to leave before the next catch-up page */
+	bool chunked;  /* HTTP/1.1: every write is a chunk */
+	uint64_t seq;  /* the feed's stream_seq when it opened */
 	struct page catchup;
 };
 
@@ -114,12 +123,27 @@ struct feed {
 	struct page live;
 	bool live_busy;  /* its read is queued or in flight */
 	bool live_again; /* notified during that read: read once more right after it */
+	/* The live read renders the events of the union of the streams' filters: types (0:
+	 * every type) and a text[] of stream names (NULL: every stream), rebuilt when a
+	 * stream opens or goes. A read covers the streams opened up to live_covers. */
+	uint64_t stream_seq;
+	uint64_t live_covers;
+	unsigned live_types;
+	char *live_names;
+	bool live_filter_stale;
+	char *frames; /* the live read's frames, each rendered once */
+	size_t frames_cap;
+	size_t *frame_at; /* frame i: frames[frame_at[i] .. frame_at[i + 1]] */
+	size_t frame_at_cap;
+	struct iovec *iov; /* one stream's frames as one write */
+	size_t iov_cap;
 	struct page listen;
 	bool listening;   /* this connection LISTENs (the last LISTEN or UNLISTEN) */
 	bool listen_busy; /* a LISTEN or UNLISTEN is queued or in flight */
 	struct event *keepalive, *retry, *live_timer;
 	bool stopping;
 	struct metric *m_streams, *m_slow, *m_live_reads, *m_notified, *m_pages;
+	struct metric *m_rendered, *m_written, *m_queued;
 };
 
 static double now(void)
@@ -135,6 +159,7 @@ static void live_start(struct feed *feed);
 static void listen_sync(struct feed *feed);
 static void stream_catchup(struct stream *s);
 static void stream_gone(struct stream *s);
+static void page_failed(struct page *page, const char *why, bool retry);
 
 /* --- parameters ----------------------------------------------------------------- */
 
@@ -285,6 +310,66 @@ static void types_literal(unsigned types, char *buf, size_t len)
 	snprintf(buf + at, len - at, "}");
 }
 
+static int name_cmp(const void *a, const void *b)
+{
+	return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The union of the filters of the worker's streams (live or catching up: one that goes
+ * live while the read is in flight is covered), for the live read. Every type or every
+ * stream when any stream takes them all, when there are more than LIVE_NAMES_MAX names,
+ * or when memory runs out: the read is then as wide as it was before filters. */
+static void live_filter_update(struct feed *feed)
+{
+	const char **names = NULL;
+	size_t n = 0, distinct = 0, len = 3;
+	bool every_type = false, every_stream = false;
+	char *lit, *at;
+
+	if (!feed->live_filter_stale)
+		return;
+	feed->live_filter_stale = false;
+	free(feed->live_names);
+	feed->live_names = NULL;
+	feed->live_types = 0;
+	if (feed->nstreams == 0)
+		return;
+	names = malloc(feed->nstreams * sizeof(*names));
+	if (!names)
+		every_stream = true;
+	for (struct stream *s = feed->streams; s; s = s->next) {
+		every_type |= s->filter.types == 0;
+		feed->live_types |= s->filter.types;
+		if (!s->filter.stream[0])
+			every_stream = true;
+		else if (names)
+			names[n++] = s->filter.stream;
+	}
+	if (every_type)
+		feed->live_types = 0;
+	if (every_stream) {
+		free(names);
+		return;
+	}
+	qsort(names, n, sizeof(*names), name_cmp);
+	for (size_t i = 0; i < n; i++)
+		if (i == 0 || strcmp(names[i], names[i - 1]) != 0) {
+			distinct++;
+			len += strlen(names[i]) + 3;
+		}
+	if (distinct <= LIVE_NAMES_MAX && (lit = malloc(len))) {
+		/* {"a","b"}: names have no quote, comma or brace (valid_stream). */
+		at = lit;
+		*at++ = '{';
+		for (size_t i = 0; i < n; i++)
+			if (i == 0 || strcmp(names[i], names[i - 1]) != 0)
+				at += sprintf(at, "%s\"%s\"", at > lit + 1 ? "," : "", names[i]);
+		strcpy(at, "}");
+		feed->live_names = lit;
+	}
+	free(names);
+}
+
 static bool queue_page(struct feed *feed, const struct page *page)
 {
 	char txid[24], pos[24], limit[16], types[128];
@@ -298,6 +383,17 @@ static bool queue_page(struct feed *feed, const struct page *page)
 	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)page->after.txid);
 	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)page->after.position);
 	snprintf(limit, sizeof(limit), "%d", page->limit);
+	if (page->kind == PAGE_LIVE) {
+		/* Filtered at the time it is sent: every stream open by now is covered. */
+		live_filter_update(feed);
+		feed->live_covers = feed->stream_seq;
+		if (feed->live_types) {
+			types_literal(feed->live_types, types, sizeof(types));
+			values[3] = types;
+		}
+		values[4] = feed->live_names;
+		return pg_queue(feed->pg, "feed_live", 5, values);
+	}
 	if (page->filter.types) {
 		types_literal(page->filter.types, types, sizeof(types));
 		values[3] = types;
@@ -550,6 +646,7 @@ static void stream_gone(struct stream *s)
 	if (s->next)
 		s->next->prev = s->prev;
 	feed->nstreams--;
+	feed->live_filter_stale = true;
 	atomic_fetch_sub(feed->ctx->streams, 1);
 	metric_add(feed->m_streams, -1);
 	if (!s->busy)
@@ -717,6 +814,11 @@ void feed_get_stream(struct http_request *req, void *arg)
 	s->pos = after;
 	http_set_header(req, "Cache-Control", "no-cache");
 	s->ev = http_reply_stream(req, 200, "text/event-stream");
+	{
+		const char *te = evhttp_find_header(evhttp_request_get_output_headers(s->ev),
+						    "Transfer-Encoding");
+		s->chunked = te && evutil_ascii_strcasecmp(te, "chunked") == 0;
+	}
 	/* A stream outlives the server's idle timeout: the keepalive comments write. */
 	evhttp_connection_set_timeout(evhttp_request_get_connection(s->ev), 24 * 3600);
 	evhttp_connection_set_closecb(evhttp_request_get_connection(s->ev), on_stream_close, s);
@@ -725,6 +827,8 @@ void feed_get_stream(struct http_request *req, void *arg)
 		s->next->prev = s;
 	feed->streams = s;
 	feed->nstreams++;
+	s->seq = ++feed->stream_seq;
+	feed->live_filter_stale = true;
 	metric_add(feed->m_streams, 1);
 	evbuffer_add_printf(s->out, ": daybook feed\nretry: 1000\n\n");
 	if (!stream_flush(s, NULL))
@@ -813,28 +917,157 @@ static void on_notify(void *arg)
 	live_notified(feed);
 }
 
+/* Room for n items of size each in *buf (of *cap items); false when out of memory. */
+static bool reserve(void *buf, size_t *cap, size_t n, size_t size)
+{
+	void **p = buf;
+	size_t want = *cap ? *cap : 16;
+	void *grown;
+
+	if (n <= *cap)
+		return true;
+	while (want < n)
+		want *= 2;
+	if (!(grown = realloc(*p, want * size)))
+		return false;
+	*p = grown;
+	*cap = want;
+	return true;
+}
+
+/* Every rendered event of the read as its frame, once for all streams, into
+ * feed->frames (frame i: frame_at[i] .. frame_at[i + 1], empty for an event no stream
+ * follows); false when out of memory. */
+static bool render_frames(struct feed *feed, const struct rows *r)
+{
+	static const char id[] = "id: ", ev[] = "\nevent: ", data[] = "\ndata: ";
+	size_t len = 0, at = 0;
+
+	if (!reserve(&feed->frame_at, &feed->frame_at_cap, (size_t)r->n + 1, sizeof(size_t)))
+		return false;
+	for (int i = 0; i < r->n; i++)
+		if (!PQgetisnull(r->res, i, 6))
+			len += sizeof(id) + sizeof(ev) + sizeof(data) + 1 +
+			       (size_t)PQgetlength(r->res, i, 2) +
+			       (size_t)PQgetlength(r->res, i, 3) +
+			       (size_t)PQgetlength(r->res, i, 4) +
+			       (size_t)PQgetlength(r->res, i, 6);
+	if (!reserve(&feed->frames, &feed->frames_cap, len + 1, 1))
+		return false;
+	for (int i = 0; i < r->n; i++) {
+		feed->frame_at[i] = at;
+		if (PQgetisnull(r->res, i, 6))
+			continue;
+		at += (size_t)sprintf(feed->frames + at, "%s%s.%s%s%s%s", id,
+				      PQgetvalue(r->res, i, 2), PQgetvalue(r->res, i, 3), ev,
+				      PQgetvalue(r->res, i, 4), data);
+		memcpy(feed->frames + at, PQgetvalue(r->res, i, 6),
+		       (size_t)PQgetlength(r->res, i, 6));
+		at += (size_t)PQgetlength(r->res, i, 6);
+		memcpy(feed->frames + at, "\n\n", 2);
+		at += 2;
+	}
+	feed->frame_at[r->n] = at;
+	return true;
+}
+
+/* Send a live stream its frames (iov[1 .. n], total bytes; iov[0] and iov[n + 1] are
+ * free for the chunk's framing). When nothing of its is waiting to leave, one writev()
+ * now, on this turn, with no copy (the socket is non-blocking); what the socket does not
+ * take, or everything when output is waiting, goes to its bufferevent as before, which
+ * then writes it, or meets the connection's error, in its own time. */
+static void stream_send_live(struct stream *s, struct iovec *iov, int n, size_t total)
+{
+	struct feed *feed = s->feed;
+	struct bufferevent *bev = stream_bev(s);
+	char head[24];
+	int first = 1, last = n;
+	ssize_t wrote = -1;
+
+	if (s->chunked) {
+		iov[0].iov_base = head;
+		iov[0].iov_len = (size_t)snprintf(head, sizeof(head), "%zx\r\n", total);
+		iov[n + 1].iov_base = (void *)"\r\n";
+		iov[n + 1].iov_len = 2;
+		first = 0;
+		last = n + 1;
+	}
+	if (unsent(s) == 0 && evbuffer_get_length(s->out) == 0 && last - first + 1 <= IOV_MAX) {
+		do
+			wrote = writev(bufferevent_getfd(bev), iov + first, last - first + 1);
+		while (wrote < 0 && errno == EINTR);
+	}
+	if (wrote < 0)
+		wrote = 0;
+	for (int i = first; i <= last; i++) {
+		size_t skip = (size_t)wrote < iov[i].iov_len ? (size_t)wrote : iov[i].iov_len;
+		wrote -= (ssize_t)skip;
+		if (skip < iov[i].iov_len)
+			bufferevent_write(bev, (char *)iov[i].iov_base + skip,
+					  iov[i].iov_len - skip);
+	}
+	metric_add(unsent(s) ? feed->m_queued : feed->m_written, 1);
+}
+
+/* The frames of the events past the stream's position that pass its filter. */
+static void stream_deliver(struct stream *s, const struct rows *r)
+{
+	struct feed *feed = s->feed;
+	int n = 0;
+	size_t total = 0;
+
+	for (int i = 0; i < r->n; i++) {
+		struct readmodel_position p = row_position(r->res, i);
+		size_t at = feed->frame_at[i], len = feed->frame_at[i + 1] - at;
+		if (len == 0 || readmodel_position_cmp(&p, &s->pos) <= 0 ||
+		    !matches(&s->filter, PQgetvalue(r->res, i, 4), PQgetvalue(r->res, i, 5)))
+			continue;
+		total += len;
+		if (n > 0 &&
+		    (char *)feed->iov[n].iov_base + feed->iov[n].iov_len == feed->frames + at)
+			feed->iov[n].iov_len += len; /* follows the last one: one piece */
+		else
+			feed->iov[++n] = (struct iovec){ feed->frames + at, len };
+	}
+	if (n > 0)
+		stream_send_live(s, feed->iov, n, total);
+}
+
 static void live_done(struct feed *feed, const struct rows *r)
 {
 	struct readmodel_position next = next_after(&feed->live, r);
 	bool full = r->n >= feed->live.limit;
+	bool rendered = render_frames(feed, r) &&
+			reserve(&feed->iov, &feed->iov_cap, (size_t)r->n + 2, sizeof(struct iovec));
 	struct stream *s, *following;
+	int shown = 0;
 
-	feed->live_busy = false;
-	for (int i = 0; i < r->n; i++) {
-		struct readmodel_position p = row_position(r->res, i);
-		const char *type = PQgetvalue(r->res, i, 4), *stream = PQgetvalue(r->res, i, 5);
-		for (s = feed->streams; s; s = s->next)
-			if (s->live && readmodel_position_cmp(&p, &s->pos) > 0 &&
-			    matches(&s->filter, type, stream))
-				add_frame(s->out, r->res, i);
+	if (!rendered) {
+		page_failed(&feed->live, "out of memory", true);
+		return;
 	}
+	feed->live_busy = false;
+	for (int i = 0; i < r->n; i++)
+		shown += !PQgetisnull(r->res, i, 6);
+	metric_add(feed->m_rendered, shown);
 	for (s = feed->streams; s; s = following) {
 		following = s->next;
 		if (!s->live)
 			continue;
+		if (s->seq > feed->live_covers) {
+			/* Opened after the read was sent (cannot be: its catch-up page comes
+			 * after it); its events may not be rendered: it catches up again. */
+			s->live = false;
+			feed->nlive--;
+			stream_catchup(s);
+			continue;
+		}
+		/* The bound, checked on every read: a stream cut off gets nothing more. */
+		if (!stream_flush(s, NULL))
+			continue;
+		stream_deliver(s, r);
 		if (readmodel_position_cmp(&next, &s->pos) > 0)
 			s->pos = next;
-		stream_flush(s, NULL); /* may cut it off */
 	}
 	feed->at = next;
 	if (full || feed->live_again)
@@ -1024,6 +1257,22 @@ int feed_open(struct feed **out, struct query_ctx *ctx)
 		ctx->metrics, METRIC_COUNTER, "daybook_query_feed_live_notifications_total",
 		"NOTIFYs of the event store that woke the live reader (or asked it for one more read).",
 		"", NULL, 0);
+	feed->m_rendered = metrics_get(
+		ctx->metrics, METRIC_COUNTER, "daybook_query_feed_live_events_rendered_total",
+		"Events the live reader had PostgreSQL build as JSON: those that pass the filter of "
+		"some stream of the worker (the others it reads only to move past them).",
+		"", NULL, 0);
+	feed->m_written =
+		metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_live_writes_total",
+			    "Live frames sent to a stream, by how they left: written to its socket at once, "
+			    "or queued (partly or wholly) behind output still waiting.",
+			    "how=\"direct\"", NULL, 0);
+	feed->m_queued = metrics_get(ctx->metrics, METRIC_COUNTER,
+				     "daybook_query_feed_live_writes_total",
+				     "Live frames sent to a stream, by how they left: written to "
+				     "its socket at once, or queued (partly or wholly) behind "
+				     "output still waiting.",
+				     "how=\"queued\"", NULL, 0);
 	feed->m_pages = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_pages_total",
 				    "GET /events requests.", "", NULL, 0);
 	*out = feed;
@@ -1060,6 +1309,10 @@ void feed_close(struct feed **feedp)
 	if (feed->live_timer)
 		event_free(feed->live_timer);
 	pg_close(&feed->pg);
+	free(feed->live_names);
+	free(feed->frames);
+	free(feed->frame_at);
+	free(feed->iov);
 	free(feed);
 	*feedp = NULL;
 }

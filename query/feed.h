@@ -38,7 +38,7 @@ struct feed;
 	" || ',\"type\":\"' || e.type || '\",\"data\":' || e.data::text"                           \
 	" || ',\"metadata\":' || e.metadata::text"                                                 \
 	" || ',\"recorded_at\":\"' || " READMODEL_SQL_TIME("e.recorded_at") " || '\"}'"
-#define FEED_SQL_PAGE                                                                              \
+#define FEED_SQL_PAGE_HEAD_                                                                        \
 	"WITH x AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),"         \
 	" head AS (SELECT e.txid, e.position FROM events e WHERE e.txid < (SELECT xmin FROM x)"    \
 	" ORDER BY e.txid DESC, e.position DESC LIMIT 1)"                                          \
@@ -46,13 +46,29 @@ struct feed;
 	" coalesce((SELECT position FROM head), 0),"                                               \
 	" p.txid::text, p.position, p.type, p.stream, p.j"                                         \
 	" FROM (SELECT 1) one LEFT JOIN LATERAL ("                                                 \
-	"SELECT e.txid, e.position, e.type, e.stream, " FEED_SQL_EVENT_JSON " AS j"                \
+	"SELECT e.txid, e.position, e.type, e.stream, "
+#define FEED_SQL_PAGE_FROM_                                                                        \
 	" FROM events e WHERE (e.txid, e.position) > ($1::xid8, $2::bigint)"                       \
-	" AND e.txid < (SELECT xmin FROM x)"                                                       \
-	" AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"                                   \
-	" AND ($5::text IS NULL OR e.stream = $5::text)"                                           \
-	" ORDER BY e.txid, e.position LIMIT $3::integer) p ON true"                                \
-	" ORDER BY p.txid, p.position"
+	" AND e.txid < (SELECT xmin FROM x)"
+#define FEED_SQL_PAGE_TAIL_                                                                        \
+	" ORDER BY e.txid, e.position LIMIT $3::integer) p ON true ORDER BY p.txid, p.position"
+#define FEED_SQL_PAGE                                                                              \
+	FEED_SQL_PAGE_HEAD_ FEED_SQL_EVENT_JSON                                                    \
+		" AS j" FEED_SQL_PAGE_FROM_                                                        \
+		" AND ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"                           \
+		" AND ($5::text IS NULL OR e.stream = $5::text)" FEED_SQL_PAGE_TAIL_
+
+/* The live reader's read (prepared as feed_live): FEED_SQL_PAGE's rows with no filter
+ * in the scan (the same plan, the same next_after), but PostgreSQL builds the event
+ * object only for events that pass $4 (types) and $5 (a text[] of stream names): the
+ * union of the filters of the worker's streams. The others come back with a NULL
+ * object, which no stream of the worker follows; the JSON, to_char of recorded_at most
+ * of all, is most of a read's cost. */
+#define FEED_SQL_LIVE                                                                                \
+	FEED_SQL_PAGE_HEAD_                                                                          \
+		"CASE WHEN ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"                        \
+		" AND ($5::text[] IS NULL OR e.stream = ANY ($5::text[])) THEN " FEED_SQL_EVENT_JSON \
+		" END AS j" FEED_SQL_PAGE_FROM_ FEED_SQL_PAGE_TAIL_
 
 /* One worker's feed, on ctx's loop and waiting room (ctx->waits must outlive it).
  * Close with feed_close. */

@@ -553,22 +553,33 @@ static void readable_head(char *head, size_t len)
 
 /* --- the live reader's wake-up ------------------------------------------------------- */
 
+/* Open a stream (query string qs) at the readable head and make it live: it is once a
+ * deposit into account, which it must follow, arrives (its catch-up found nothing past
+ * the head). */
+static void sse_open_live(struct sse *st, const char *qs, const char *account)
+{
+	struct sse_event ev;
+	char head[64], want[64], path[128];
+
+	readable_head(head, sizeof(head));
+	sse_open(st, qs, head, 0);
+	snprintf(path, sizeof(path), "/accounts/%s/deposits", account);
+	must_post(path, "{\"amount\":1}", want, sizeof(want));
+	cr_assert(sse_next(st, &ev, 20), "the first deposit never arrived");
+	cr_assert_str_eq(ev.id, want);
+	free(ev.data);
+}
+
 Test(feed, live_streams_are_woken_by_the_feeds_own_listen_without_checkpoint_probes)
 {
 	static const char probes[] = "daybook_query_position_probes_total{model=\"sql\"}";
 	struct sse st;
 	struct sse_event ev;
-	char head[64], want[64];
+	char want[64];
 	double p0, r0, n0;
 
 	open_account("live");
-	readable_head(head, sizeof(head));
-	sse_open(&st, "stream=account-live", head, 0);
-	/* Live once its first deposit arrives (its catch-up found nothing past head). */
-	must_post("/accounts/live/deposits", "{\"amount\":1}", want, sizeof(want));
-	cr_assert(sse_next(&st, &ev, 20), "the first deposit never arrived");
-	cr_assert_str_eq(ev.id, want);
-	free(ev.data);
+	sse_open_live(&st, "stream=account-live", "live");
 	p0 = harness_metric(&query, probes);
 	r0 = harness_metric(&query, "daybook_query_feed_live_reads_total");
 	n0 = harness_metric(&query, "daybook_query_feed_live_notifications_total");
@@ -590,6 +601,126 @@ Test(feed, live_streams_are_woken_by_the_feeds_own_listen_without_checkpoint_pro
 	cr_assert_geq(harness_metric(&query, "daybook_query_feed_live_notifications_total"),
 		      n0 + 1);
 	sse_close(&st);
+}
+
+/* The live reader has PostgreSQL build the event objects of what its streams follow
+ * only (the JSON is most of a read's cost), and each stream's frames leave on the turn
+ * its read is answered, in one write to its socket. */
+Test(feed, the_live_reader_renders_only_what_its_streams_follow_and_writes_at_once)
+{
+	static const char rendered[] = "daybook_query_feed_live_events_rendered_total";
+	static const char direct[] = "daybook_query_feed_live_writes_total{how=\"direct\"}";
+	struct sse st;
+	struct sse_event ev;
+	char want[64];
+	double r0, d0;
+
+	open_account("fa");
+	open_account("fc");
+	deposit("fa", 50);
+	sse_open_live(&st, "stream=account-fa&type=FundsDeposited", "fa");
+	r0 = harness_metric(&query, rendered);
+	d0 = harness_metric(&query, direct);
+	for (int i = 0; i < 5; i++)
+		deposit("fc", 1);
+	must_post("/accounts/fa/withdrawals", "{\"amount\":1}", NULL, 0);
+	must_post("/accounts/fa/deposits", "{\"amount\":2}", want, sizeof(want));
+	cr_assert(sse_next(&st, &ev, 20), "the second deposit never arrived");
+	cr_assert_str_eq(ev.id, want, "the stream got %s (%s), not the deposit %s", ev.id, ev.type,
+			 want);
+	cr_assert_str_eq(ev.type, "FundsDeposited");
+	free(ev.data);
+	/* Read: fc's deposits, fa's withdrawal and fa's deposit; built: the deposit alone. */
+	cr_assert_eq(harness_metric(&query, rendered), r0 + 1, "rendered %.0f, then %.0f", r0,
+		     harness_metric(&query, rendered));
+	cr_assert_geq(harness_metric(&query, direct), d0 + 1);
+	cr_assert_not(sse_next(&st, &ev, 0.3), "an event the stream does not follow: %s", ev.id);
+	sse_close(&st);
+}
+
+/* Each stream's events in reader order, from the event store (type NULL: every type). */
+static size_t stream_tokens(const char *stream, const char *type, char ***out)
+{
+	char q[256];
+	PGresult *r;
+	size_t n;
+	char **v;
+
+	snprintf(q, sizeof(q),
+		 "SELECT txid::text || '.' || position FROM events WHERE stream = '%s'%s%s%s"
+		 " ORDER BY txid, position",
+		 stream, type ? " AND type = '" : "", type ? type : "", type ? "'" : "");
+	r = sql(db, q);
+	n = (size_t)PQntuples(r);
+	v = calloc(n + 1, sizeof(*v));
+	for (size_t i = 0; i < n; i++)
+		v[i] = strdup(PQgetvalue(r, (int)i, 0));
+	PQclear(r);
+	*out = v;
+	return n;
+}
+
+/* The live read builds only the union of the streams' filters, which changes as streams
+ * open and go: streams of different accounts and types, opened while writers run (so
+ * while the live reader reads), each get all their events, once, in reader order. */
+Test(feed, streams_opened_while_the_live_reader_reads_get_every_event_of_their_filter)
+{
+	static const char *const filters[3][2] = { { "w0", NULL },
+						   { "w1", NULL },
+						   { "w2", "FundsDeposited" } };
+	struct writer w[3];
+	struct sse st[3];
+	struct seen s[3] = { { 0 } };
+	struct sse_event ev;
+	char head[64], qs[128], name[32];
+	double end;
+	int opened = 1;
+
+	readable_head(head, sizeof(head));
+	snprintf(qs, sizeof(qs), "stream=account-w0");
+	sse_open(&st[0], qs, head, 0);
+	writers_start(w, 3, 40, 0);
+	end = harness_now() + 60;
+	while (harness_now() < end) {
+		bool more = false;
+		for (int i = 0; i < opened; i++)
+			while (sse_next(&st[i], &ev, 0.02)) {
+				seen_add(&s[i], ev.id);
+				free(ev.data);
+				more = true;
+			}
+		/* The next stream once the first has seen some more of the flow. */
+		if (opened < 3 && s[0].n >= (size_t)(8 * opened)) {
+			snprintf(qs, sizeof(qs), "stream=account-%s%s%s", filters[opened][0],
+				 filters[opened][1] ? "&type=" : "",
+				 filters[opened][1] ? filters[opened][1] : "");
+			sse_open(&st[opened], qs, head, 0);
+			opened++;
+		}
+		if (!more && opened == 3 && s[0].n >= 41 && s[1].n >= 41 && s[2].n >= 40)
+			break;
+	}
+	writers_join(w, 3);
+	for (int i = 0; i < 3; i++)
+		while (sse_next(&st[i], &ev, 0.3)) {
+			seen_add(&s[i], ev.id);
+			free(ev.data);
+		}
+	cr_assert_eq(opened, 3);
+	for (int i = 0; i < 3; i++) {
+		char **want;
+		size_t n;
+		snprintf(name, sizeof(name), "account-%s", filters[i][0]);
+		n = stream_tokens(name, filters[i][1], &want);
+		cr_assert_eq(s[i].n, n, "%s: saw %zu events, the log holds %zu", qs, s[i].n, n);
+		for (size_t k = 0; k < n; k++)
+			cr_assert_str_eq(s[i].v[k], want[k],
+					 "%s, event %zu: saw %s, the log has %s", name, k,
+					 s[i].v[k], want[k]);
+		free_tokens(want, n);
+		seen_free(&s[i]);
+		sse_close(&st[i]);
+	}
 }
 
 /* --- filters, paging, next_after ---------------------------------------------------- */
@@ -980,8 +1111,7 @@ static void setup_small_connection_cap(void)
  * came and went, many times the cap, never lock the service out. (They used to stay
  * counted after they closed: past DAYBOOK_MAX_CONNECTIONS streams in the service's
  * life, every new connection was refused.) */
-Test(feed, streams_that_ended_never_use_up_the_connection_cap,
-     .init = setup_small_connection_cap)
+Test(feed, streams_that_ended_never_use_up_the_connection_cap, .init = setup_small_connection_cap)
 {
 	struct sse s;
 	struct response r;
