@@ -102,11 +102,17 @@ def live(cmd_port, query_port, streams, seconds, interval_ms, out):
             if not data:
                 sel.unregister(key.fileobj)
                 continue
+            # A frame counts once, when its end (the blank line) has arrived: the
+            # segment completing it carries its time; a partial frame waits in the
+            # stream's leftover and is looked at again with the rest.
             buf = key.data[1] + data
-            for m in re.finditer(rb"id: ([0-9.]+)\n", buf):
-                arrived.setdefault(m.group(1).decode(), []).append((at, seen))
             cut = buf.rfind(b"\n\n")
-            key.data[1] = buf[cut + 2:] if cut >= 0 else buf
+            if cut < 0:
+                key.data[1] = buf
+                continue
+            for m in re.finditer(rb"id: ([0-9.]+)\n", buf[:cut + 2]):
+                arrived.setdefault(m.group(1).decode(), []).append((at, seen))
+            key.data[1] = buf[cut + 2:]
     th.join()
     lags, seen_lags, missing = [], [], 0
     for pos, (at0, seen0) in written.items():

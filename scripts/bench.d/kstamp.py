@@ -35,6 +35,10 @@ def recv_stamped(sock, n=65536):
     return data, None
 
 
+class _Closed(OSError):
+    """The connection was closed before any byte of the answer arrived."""
+
+
 class Client:
     def __init__(self, port, timeout=15):
         self.port, self.timeout = int(port), timeout
@@ -51,31 +55,47 @@ class Client:
             self.sock = None
 
     def call(self, method, path, body=None, headers=None):
-        """One request on the kept-alive connection, reconnecting once when the server
-        closed it before answering."""
+        """One request on the kept-alive connection. Sent again (once, on a new
+        connection) only when a connection that had served an earlier request was found
+        closed before any byte of the answer came: never a request the server may
+        have answered (a POST is not repeated after a timeout or a broken answer)."""
         payload = body.encode() if isinstance(body, str) else (body or b"")
         lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1",
                  "Content-Length: %d" % len(payload)]
         lines += ["%s: %s" % kv for kv in (headers or {}).items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
         for attempt in (1, 2):
-            if self.sock is None:
+            reused = self.sock is not None
+            if not reused:
                 self._connect()
             try:
                 sent_ns = time.time_ns()
-                self.sock.sendall(request)
+                try:
+                    self.sock.sendall(request)
+                except (ConnectionResetError, BrokenPipeError):
+                    raise _Closed("the connection was closed before the request went")
                 return self._answer() + (sent_ns,)
+            except _Closed:
+                self.close()
+                if attempt == 2 or not reused:
+                    raise
             except (OSError, ValueError):
                 self.close()
-                if attempt == 2:
-                    raise
+                raise
 
     def _answer(self):
         buf, arrived = b"", None
         while b"\r\n\r\n" not in buf:
-            data, arrived = recv_stamped(self.sock)
+            try:
+                data, arrived = recv_stamped(self.sock)
+            except (ConnectionResetError, BrokenPipeError):
+                if buf:
+                    raise
+                raise _Closed("the connection was reset before the answer")
             if not data:
-                raise OSError("the server closed the connection before answering")
+                if buf:
+                    raise OSError("the server closed the connection inside an answer")
+                raise _Closed("the server closed the connection before answering")
             buf += data
         head, _, rest = buf.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
