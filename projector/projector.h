@@ -88,6 +88,10 @@ enum projector_step {
 	STEP_AHEAD,   /* the step is over; waiting for its read ahead to end */
 };
 
+/* What a failed batch transaction leads to (step.c): none, start over after the fault
+ * pause, step down (fenced), or reload the checkpoint a rebuild's switch moved. */
+enum write_failure { WRITE_OK = 0, WRITE_FAILED, WRITE_FENCED, WRITE_CP_MOVED };
+
 struct projector_ctx {
 	SERVICE_CTX_HEAD; /* cfg, log, base, metrics, http, stopping (shared/service.h) */
 	struct pg *pg;
@@ -148,7 +152,7 @@ struct projector_ctx {
 	enum { REDIS_LEG_NONE, REDIS_LEG_SENT, REDIS_LEG_OVER } redis_leg;
 	/* The SQL transaction failed while the Redis leg was in flight: what to do once it
 	 * is over (step.c, write_failed), and the reason. */
-	int write_held;
+	enum write_failure write_held;
 	char write_why[256];
 	/* The generation this projector's last PUT_BATCH landed in, and the checkpoint it
 	 * wrote there (put_sent: the one the batch in flight writes). */

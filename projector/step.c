@@ -184,7 +184,8 @@ static void recover(struct projector_ctx *ctx, const char *what)
 		event_base_loopexit(ctx->base, NULL);
 }
 
-static void write_failed_now(struct projector_ctx *ctx, int what, const char *why);
+static void write_failed_now(struct projector_ctx *ctx, enum write_failure what,
+			     const char *why);
 
 void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what)
 {
@@ -198,9 +199,9 @@ void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what)
 		ctx->redis_leg = REDIS_LEG_OVER;
 		if (ctx->step == STEP_WRITING)
 			return; /* write_done ends it */
-		if (ctx->write_held) {
-			int held = ctx->write_held;
-			ctx->write_held = 0;
+		if (ctx->write_held != WRITE_OK) {
+			enum write_failure held = ctx->write_held;
+			ctx->write_held = WRITE_OK;
 			write_failed_now(ctx, held, ctx->write_why);
 			return;
 		}
@@ -321,12 +322,12 @@ void projector_on_notify_connect(void *arg)
 	notify_next(arg);
 }
 
-/* What a failed batch transaction leads to (write_failed_now). */
-enum write_failure { WRITE_FAILED = 1, WRITE_FENCED, WRITE_CP_MOVED };
-
-static void write_failed_now(struct projector_ctx *ctx, int what, const char *why)
+static void write_failed_now(struct projector_ctx *ctx, enum write_failure what,
+			     const char *why)
 {
-	switch ((enum write_failure)what) {
+	switch (what) {
+	case WRITE_OK:
+		return;
 	case WRITE_FENCED:
 		/* Our epoch is stale: a standby took the lease while we were frozen or cut
 		 * off. The transaction rolled back; write nothing more. */
@@ -369,10 +370,12 @@ static void write_failed_now(struct projector_ctx *ctx, int what, const char *wh
 static void write_failed(struct projector_ctx *ctx, enum write_failure what, const char *why)
 {
 	if (ctx->redis_leg != REDIS_LEG_SENT) {
-		write_failed_now(ctx, (int)what, why);
+		write_failed_now(ctx, what, why);
 		return;
 	}
-	ctx->write_held = (int)what;
+	log_info(&ctx->log, "the batch's SQL transaction failed (%s) while its Redis leg is "
+			    "in flight: waiting for Redis's answer before starting over", why);
+	ctx->write_held = what;
 	snprintf(ctx->write_why, sizeof(ctx->write_why), "%s", why);
 	ctx->cp_stale = true;
 	ctx->step = STEP_REDIS;
@@ -452,7 +455,7 @@ static void fold_and_write(struct projector_ctx *ctx)
 	snprintf(ctx->batch_to, sizeof(ctx->batch_to), "%s.%lld", last->txid, last->position);
 	ctx->batch_to_pos = last->position;
 	ctx->redis_leg = REDIS_LEG_NONE;
-	ctx->write_held = 0;
+	ctx->write_held = WRITE_OK;
 	ctx->write_epoch = ctx->epoch;
 	/* The Redis leg goes out with the transaction, not after its commit, so that the
 	 * batch's visibility in Redis does not wait for the SQL commit, and the step lasts

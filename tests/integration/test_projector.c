@@ -686,7 +686,9 @@ static void failed_transaction_after_redis(bool redis_in_flight)
 	snprintf(q, sizeof(q), "SELECT pg_terminate_backend(%d)::int", pid); /* the batch fails */
 	cr_assert_eq(sql_int(db, q), 1, "the batch session %d was not ended", pid);
 	if (redis_in_flight) {
-		usleep(300000); /* the failure arrives while the Redis leg waits */
+		cr_assert(harness_wait_log(&proj, "while its Redis leg is in flight",
+					   harness_now() + 10),
+			  "the failure was not held for the Redis leg in flight");
 		cr_assert(!harness_log_says(&proj, "reloading the checkpoint"),
 			  "the step started over with its redis leg in flight");
 		freeReplyObject(redisCommand(c, "CLIENT UNPAUSE"));
