@@ -11,7 +11,7 @@ static const char usage[] =
 	"usage: daybook-admin [--help] [--version] <command> [options]\n"
 	"\n"
 	"Commands (each takes --help, which needs no configuration):\n"
-	"  migrate [--dir DIR] [--new-identity]\n"
+	"  migrate [--dir DIR] [--new-identity] [--lock-timeout MS] [--lock-wait S]\n"
 	"                        apply the SQL migrations in order, each once, with checksums\n"
 	"  rebuild [redis|sql|all]\n"
 	"                        rebuild read models from the event log while services run,\n"
@@ -42,7 +42,8 @@ static const struct {
 	const char *help;
 } commands[] = {
 	{ "migrate", admin_migrate,
-	  "usage: daybook-admin migrate [--dir DIR] [--new-identity]\n"
+	  "usage: daybook-admin migrate [--dir DIR] [--new-identity] [--lock-timeout MS]\n"
+	  "                             [--lock-wait SECONDS]\n"
 	  "\n"
 	  "Apply the SQL migrations in DIR in order, each once, recording each file's SHA-256;\n"
 	  "a changed file that was already applied is refused. Concurrent runs queue.\n"
@@ -50,7 +51,11 @@ static const struct {
 	  "  -d, --dir DIR        the migrations (default: DAYBOOK_MIGRATIONS, else the\n"
 	  "                       project's sql/)\n"
 	  "      --new-identity   then give the event store a new deployment id (after a\n"
-	  "                       physical restore: see docs/operations.md)\n"
+	  "                       physical restore: see docs/operations.md)\n"	  "      --lock-timeout MS  wait at most MS for each lock a migration takes (default\n"
+	  "                       2000): a migration that needs a table's exclusive lock while a\n"
+	  "                       long transaction uses the table would hold every append and\n"
+	  "                       read of it behind itself; it gives way, and is tried again\n"
+	  "      --lock-wait S    keep trying for S seconds in all (default 60), then fail\n"
 	  "  -h, --help           this text\n"
 	  "\n"
 	  "Exit status: 0 applied (or nothing to do); 1 a migration failed or a file changed\n"

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "admin.h"
 #include "cli.h"
@@ -145,21 +146,56 @@ static bool exec_ok(const struct log *log, PGconn *conn, const char *sql, const 
 	return ok;
 }
 
-/* Apply one migration and record it, in one transaction. */
-static bool apply(const struct log *log, PGconn *conn, const struct migration *m)
+/* How long a migration may wait for each lock, and how long migrate keeps trying. */
+struct lock_policy {
+	long timeout_ms;
+	long wait_s;
+};
+
+enum applied { APPLY_FAILED, APPLY_DONE, APPLY_LOCKED };
+
+/* The migration's own SQL: APPLY_LOCKED when a lock was not granted within the
+ * timeout (lock_not_available, 55P03; not logged: the caller tries again). */
+static enum applied exec_migration(const struct log *log, PGconn *conn, const struct migration *m)
 {
 	char pqline[1024];
-	char version[16];
+	PGresult *r = PQexec(conn, m->sql);
+	ExecStatusType st = PQresultStatus(r);
+	const char *code = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+	enum applied a = APPLY_DONE;
+
+	if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+		a = code && strcmp(code, "55P03") == 0 ? APPLY_LOCKED : APPLY_FAILED;
+		if (a == APPLY_FAILED)
+			log_error(log, "%s: %s", m->name,
+				  log_oneline(PQresultErrorMessage(r), pqline, sizeof(pqline)));
+	}
+	PQclear(r);
+	return a;
+}
+
+/* Apply one migration and record it, in one transaction. Each lock it takes is waited
+ * for at most lock_timeout: a migration that needs a table's exclusive lock (ALTER,
+ * DROP TRIGGER) while a long transaction reads the table would otherwise queue every
+ * append and read of that table behind itself for as long as that transaction runs. */
+static enum applied apply(const struct log *log, PGconn *conn, const struct migration *m,
+			  const struct lock_policy *lp)
+{
+	char pqline[1024];
+	char version[16], set[64];
 	const char *params[3] = { version, m->name, m->checksum };
 	PGresult *r;
+	enum applied a = APPLY_FAILED;
 	bool ok;
 
 	snprintf(version, sizeof(version), "%d", m->version);
+	snprintf(set, sizeof(set), "SET LOCAL lock_timeout = %ld", lp->timeout_ms);
 	if (!exec_ok(log, conn, "BEGIN", "BEGIN"))
-		return false;
-	if (!exec_ok(log, conn, m->sql, m->name)) {
+		return APPLY_FAILED;
+	if (!exec_ok(log, conn, set, "settings") ||
+	    (a = exec_migration(log, conn, m)) != APPLY_DONE) {
 		exec_ok(log, conn, "ROLLBACK", "ROLLBACK");
-		return false;
+		return a;
 	}
 	r = PQexecParams(conn,
 			 "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
@@ -171,9 +207,53 @@ static bool apply(const struct log *log, PGconn *conn, const struct migration *m
 	PQclear(r);
 	if (!ok) {
 		exec_ok(log, conn, "ROLLBACK", "ROLLBACK");
-		return false;
+		return APPLY_FAILED;
 	}
-	return exec_ok(log, conn, "COMMIT", "COMMIT");
+	return exec_ok(log, conn, "COMMIT", "COMMIT") ? APPLY_DONE : APPLY_FAILED;
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* apply, again after a pause while a lock is not granted (the pause doubles from 1 s to
+ * 10 s), for at most lp->wait_s seconds. Between two tries the tables are free. */
+static bool apply_waiting(const struct log *log, PGconn *conn, const struct migration *m,
+			  const struct lock_policy *lp)
+{
+	double end = now_s() + (double)lp->wait_s, pause = 1;
+
+	for (;;) {
+		enum applied a = apply(log, conn, m, lp);
+		double left = end - now_s();
+		struct timespec ts;
+
+		if (a != APPLY_LOCKED)
+			return a == APPLY_DONE;
+		if (left <= 0) {
+			log_error(log,
+				  "%s: a lock it needs was held by another transaction (a long read "
+				  "or write of the table) through every try for %ld s; nothing of it "
+				  "is applied: run migrate again when that transaction has ended, or "
+				  "give it longer (--lock-wait)",
+				  m->name, lp->wait_s);
+			return false;
+		}
+		if (pause > left)
+			pause = left;
+		log_warn(log,
+			 "%s: waited %ld ms for a lock another transaction holds; trying again "
+			 "in %.0f s (giving up after %ld s in all)",
+			 m->name, lp->timeout_ms, pause, lp->wait_s);
+		ts.tv_sec = (time_t)pause;
+		ts.tv_nsec = (long)((pause - (double)ts.tv_sec) * 1e9);
+		nanosleep(&ts, NULL);
+		pause = pause * 2 > 10 ? 10 : pause * 2;
+	}
 }
 
 /* The checksum recorded for a version, or NULL when it was never applied. */
@@ -214,7 +294,8 @@ static bool unchanged(const struct log *log, PGresult *applied, const struct mig
 	return ok;
 }
 
-static int run(const struct log *log, PGconn *conn, struct migration *m, size_t n)
+static int run(const struct log *log, PGconn *conn, struct migration *m, size_t n,
+	       const struct lock_policy *lp)
 {
 	char pqline[1024];
 	PGresult *applied = applied_migrations(conn);
@@ -233,7 +314,7 @@ static int run(const struct log *log, PGconn *conn, struct migration *m, size_t 
 	for (size_t i = 0; i < n && rc == 0; i++) {
 		if (applied_checksum(applied, m[i].version))
 			continue;
-		if (!apply(log, conn, &m[i])) {
+		if (!apply_waiting(log, conn, &m[i], lp)) {
 			rc = 1;
 			break;
 		}
@@ -279,13 +360,16 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 	size_t n = 0;
 	PGconn *conn;
 	bool renew = false;
-	char line[1024];
+	struct lock_policy lp = { .timeout_ms = 2000, .wait_s = 60 };
+	char line[1024], *end;
 	const struct log *log;
 	int rc;
 
 	static const struct option options[] = {
 		{ "dir", required_argument, NULL, 'd' },
 		{ "new-identity", no_argument, NULL, 'N' },
+		{ "lock-timeout", required_argument, NULL, 'T' },
+		{ "lock-wait", required_argument, NULL, 'W' },
 		CLI_COMMON_OPTIONS,
 		{ NULL, 0, NULL, 0 },
 	};
@@ -300,6 +384,25 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 			break;
 		case 'N':
 			renew = true;
+			break;
+		case 'T':
+			errno = 0;
+			lp.timeout_ms = strtol(optarg, &end, 10);
+			if (errno || end == optarg || *end || lp.timeout_ms < 1 ||
+			    lp.timeout_ms > 600000)
+				return admin_usage_error("migrate",
+							 "--lock-timeout must be milliseconds, 1 to "
+							 "600000; got '%s'",
+							 optarg);
+			break;
+		case 'W':
+			errno = 0;
+			lp.wait_s = strtol(optarg, &end, 10);
+			if (errno || end == optarg || *end || lp.wait_s < 0 || lp.wait_s > 86400)
+				return admin_usage_error("migrate",
+							 "--lock-wait must be seconds, 0 to 86400; "
+							 "got '%s'",
+							 optarg);
 			break;
 		case 'h':
 			return admin_help("migrate");
@@ -325,7 +428,7 @@ int admin_migrate(struct admin_ctx *ctx, int argc, char **argv)
 	/* Concurrent migrates queue up instead of racing; the lock ends with the session. */
 	if (exec_ok(log, conn, "SET client_min_messages = warning", "settings") &&
 	    exec_ok(log, conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "locking"))
-		rc = run(log, conn, m, n);
+		rc = run(log, conn, m, n, &lp);
 	else
 		rc = 1;
 	if (rc == 0 && renew)

@@ -533,6 +533,20 @@ static void start_migrate(struct proc *p, const char *db, const char *dir)
 	proc_start(p, argv, vars);
 }
 
+/* daybook-admin migrate --dir dir --lock-timeout ms --lock-wait s against db. */
+static void start_migrate_waiting(struct proc *p, const char *db, const char *dir,
+				  const char *ms, const char *s)
+{
+	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "migrate", "--dir", dir,
+			       "--lock-timeout", ms, "--lock-wait", s, NULL };
+	char conninfo[512], pg[600];
+	const char *vars[] = { pg, NULL };
+
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	snprintf(pg, sizeof(pg), "DAYBOOK_PG=%s", conninfo);
+	proc_start(p, argv, vars);
+}
+
 static struct proc migrate(const char *db, const char *dir)
 {
 	struct proc p;
@@ -1107,5 +1121,64 @@ Test(admin_cli, a_migration_error_is_reported_on_one_line)
 	cr_assert_not_null(strstr(p.stderr_text, "LINE 2"), "%s", p.stderr_text);
 	cr_assert_eq(count_lines(p.stderr_text), 1, "one line: %s", p.stderr_text);
 	proc_free(&p);
+	remove_dir(dir);
+}
+
+/* A migration that needs a table's exclusive lock while a long transaction reads the
+ * table gives way: it waits at most --lock-timeout for the lock, so appends and reads
+ * queued behind it wait no longer than that, and tries again until the reader is gone
+ * (or fails after --lock-wait, with nothing of it applied). */
+Test(admin_cli, migrate_gives_way_to_a_long_transaction_and_tries_again)
+{
+	char db[64], dir[64], names[64][256], extra[600];
+	PGconn *reader, *other;
+	struct proc p;
+	char code[6];
+
+	copy_sql_dir(dir, sizeof(dir), names, 64);
+	create_empty_db(db, sizeof(db));
+	p = migrate(db, dir);
+	cr_assert_eq(p.status, 0, "stderr: %s", p.stderr_text);
+	proc_free(&p);
+	snprintf(extra, sizeof(extra), "%s/999_exclusive.sql", dir);
+	write_file(extra,
+		   "-- Needs events' exclusive lock, as DROP TRIGGER or ALTER TABLE do.\n"
+		   "LOCK TABLE events IN ACCESS EXCLUSIVE MODE;\nCREATE TABLE exclusive_done (x int);\n",
+		   "w");
+	reader = harness_connect_as(db, NULL);
+	other = harness_connect_as(db, NULL);
+	PQclear(PQexec(reader, "BEGIN"));
+	PQclear(PQexec(reader, "SELECT count(*) FROM events")); /* its lock lasts to COMMIT */
+
+	/* Never granted within --lock-wait: refused, nothing applied, the reason said. */
+	start_migrate_waiting(&p, db, dir, "200", "1");
+	proc_wait(&p, 60);
+	cr_assert_not(p.timed_out, "migrate hung; stderr: %s", p.stderr_text);
+	cr_assert_eq(p.status, 1, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "999_exclusive.sql"), "%s", p.stderr_text);
+	cr_assert_not_null(strstr(p.stderr_text, "lock"), "%s", p.stderr_text);
+	proc_free(&p);
+	cr_assert_not(table_exists(db, "exclusive_done"));
+
+	/* While it waits, the table's other users are held for a lock timeout at most (a
+	 * read queued behind the waiting exclusive lock would otherwise wait for the
+	 * reader's whole transaction, here beyond its 5 s statement timeout). */
+	start_migrate_waiting(&p, db, dir, "300", "60");
+	PQclear(PQexec(other, "SET statement_timeout = '5s'"));
+	for (int i = 0; i < 10; i++) {
+		cr_assert_str_eq(harness_sqlstate(other, "SELECT count(*) FROM events", code), "",
+				 "a read of events waited behind the migration");
+		usleep(100000);
+	}
+	PQclear(PQexec(reader, "COMMIT"));
+	proc_wait(&p, 60);
+	cr_assert_not(p.timed_out, "migrate hung; stderr: %s", p.stderr_text);
+	cr_assert_eq(p.status, 0, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
+	cr_assert_not_null(strstr(p.stdout_text, "applied 999_exclusive.sql"), "%s", p.stdout_text);
+	cr_assert_not_null(strstr(p.stderr_text, "trying again"), "%s", p.stderr_text);
+	proc_free(&p);
+	cr_assert(table_exists(db, "exclusive_done"));
+	PQfinish(reader);
+	PQfinish(other);
 	remove_dir(dir);
 }
