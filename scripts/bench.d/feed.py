@@ -14,7 +14,7 @@ live CMD_PORT QUERY_PORT STREAMS SECONDS INTERVAL_MS OUT
 Tokens come from DAYBOOK_BENCH_WRITE_TOKEN and DAYBOOK_BENCH_READ_TOKEN."""
 import http.client, json, os, re, selectors, socket, sys, threading, time
 
-from kstamp import Client, recv_stamped, stamping
+from kstamp import UNSTAMPED, Client, recv_stamped, stamping
 
 WRITE = {"Authorization": "Bearer " + os.environ["DAYBOOK_BENCH_WRITE_TOKEN"],
          "Content-Type": "application/json"}
@@ -84,9 +84,10 @@ def live(cmd_port, query_port, streams, seconds, interval_ms, out):
         interval = float(interval_ms) / 1000
         end = time.monotonic() + float(seconds)
         while time.monotonic() < end:
-            status, body, at, _ = command.call("POST", "/accounts/feedmark/deposits",
-                                               '{"amount":1,"reference":"feed"}', WRITE)
+            status, body, at, sent = command.call("POST", "/accounts/feedmark/deposits",
+                                                  '{"amount":1,"reference":"feed"}', WRITE)
             seen = time.time_ns()
+            at = at or sent  # no kernel time: the earliest it can have been
             if status == 201:
                 written[json.loads(body)["position"]] = (at, seen)
             time.sleep(interval)
@@ -99,6 +100,7 @@ def live(cmd_port, query_port, streams, seconds, interval_ms, out):
         for key, _ in sel.select(0.1):
             data, at = recv_stamped(key.fileobj)
             seen = time.time_ns()
+            at = at or seen  # no kernel time: the latest it can have been
             if not data:
                 sel.unregister(key.fileobj)
                 continue
@@ -127,7 +129,8 @@ def live(cmd_port, query_port, streams, seconds, interval_ms, out):
     json.dump({"streams": int(streams), "samples": len(lags), "missing": missing,
                "p50_ms": percentile(lags, 50), "p99_ms": percentile(lags, 99),
                "max_ms": percentile(lags, 100), "sampler_p50_ms": percentile(seen_lags, 50),
-               "sampler_p99_ms": percentile(seen_lags, 99)}, open(out, "w"))
+               "sampler_p99_ms": percentile(seen_lags, 99), "unstamped_reads": UNSTAMPED[0]},
+              open(out, "w"))
 
 
 if __name__ == "__main__":

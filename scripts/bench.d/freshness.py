@@ -15,7 +15,7 @@ Tokens come from DAYBOOK_BENCH_WRITE_TOKEN and DAYBOOK_BENCH_READ_TOKEN."""
 import json, os, random, sys, time
 from urllib.parse import quote
 
-from kstamp import Client
+from kstamp import UNSTAMPED, Client
 
 WRITE = {"Authorization": "Bearer " + os.environ["DAYBOOK_BENCH_WRITE_TOKEN"],
          "Content-Type": "application/json"}
@@ -29,6 +29,7 @@ def deposit(command, accounts):
     status, body, arrived, sent = command.call("POST", "/accounts/%s/deposits" % account,
                                                '{"amount":1,"reference":"freshness"}', WRITE)
     seen = time.time_ns()
+    arrived = arrived or sent  # no kernel time: the earliest it can have been
     if status != 201:
         return account, None, None, status, arrived, sent, seen
     answer = json.loads(body)
@@ -42,6 +43,7 @@ def read_at(query, account, position, wait_ms):
         "GET", "/accounts/%s?min_position=%s&wait_ms=%d"
         % (account, quote(position, safe=""), wait_ms), None, READ)
     seen = time.time_ns()
+    arrived = arrived or seen  # no kernel time: the latest it can have been
     version = json.loads(body).get("version") if status == 200 else None
     return status, version, arrived, sent, seen
 
@@ -116,7 +118,7 @@ def sample(cmd_port, query_port, accounts, seconds, interval_ms, out):
                    "sampler_p99_ms": percentile(seen_lags, 99),
                    "react_p50_ms": percentile(reacts, 50), "react_p99_ms": percentile(reacts, 99),
                    "write_p50_ms": percentile(writes, 50), "write_p99_ms": percentile(writes, 99),
-                   "errors": errors}, f)
+                   "unstamped_reads": UNSTAMPED[0], "errors": errors}, f)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ def freshness(a):
         "stamps": "kernel receive times", "sampler_rt": a.get("sampler_rt") == "1",
         "sampler_p50_ms": f["sampler_p50_ms"], "sampler_p99_ms": f["sampler_p99_ms"],
         "react_p50_ms": f["react_p50_ms"], "react_p99_ms": f["react_p99_ms"],
+        "unstamped_reads": f.get("unstamped_reads", 0),
         "errors": f["errors"], "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1), "background_non2xx": load_result["non2xx"],
         "query_vmhwm_kib": int(a["query_hwm_kb"]),
@@ -226,6 +227,7 @@ def feed(a):
         "live_missing": live["missing"], "target_live_p99_ms": 10,
         "live_stamps": "kernel receive times", "live_sampler_p50_ms": live["sampler_p50_ms"],
         "live_sampler_p99_ms": live["sampler_p99_ms"],
+        "live_unstamped_reads": live.get("unstamped_reads", 0),
         "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1),
         "query_vmhwm_kib": int(a["query_hwm_kb"]), "pass": ok_rate and ok_live}))
