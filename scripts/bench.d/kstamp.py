@@ -10,8 +10,7 @@ to read them.
 Client speaks HTTP/1.1 with keep-alive over a plain socket and answers
 (status, body, arrived_ns, sent_ns): arrived_ns is the kernel's receive time of the
 segment that completed the answer (None when the kernel gave none), sent_ns the wall
-clock just before the request
-was written (time.time_ns(), the same clock)."""
+clock just before the request was written (time.time_ns(), the same clock)."""
 import socket, struct, time
 
 SO_TIMESTAMPNS = 35  # Linux, asm-generic/socket.h (SO_TIMESTAMPNS_OLD = SCM_TIMESTAMPNS)
