@@ -61,8 +61,8 @@ struct batch_args {
 	char (*key)[READMODEL_KEY_MAX]; /* the generation's keys */
 	size_t nkey;
 	char *totals;
-	struct readmodel_text bodies; /* the accounts' bodies, one after the other */
-	size_t *body_at;              /* where each account's body starts in bodies */
+	struct readmodel_text bodies;       /* the accounts' bodies, one after the other */
+	size_t *body_at;                    /* where each account's body starts in bodies */
 	const struct projector_item **stmt; /* the statement items, by account */
 };
 

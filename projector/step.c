@@ -184,8 +184,7 @@ static void recover(struct projector_ctx *ctx, const char *what)
 		event_base_loopexit(ctx->base, NULL);
 }
 
-static void write_failed_now(struct projector_ctx *ctx, enum write_failure what,
-			     const char *why);
+static void write_failed_now(struct projector_ctx *ctx, enum write_failure what, const char *why);
 
 void projector_redis_reported(struct projector_ctx *ctx, enum redis_report what)
 {
@@ -322,8 +321,7 @@ void projector_on_notify_connect(void *arg)
 	notify_next(arg);
 }
 
-static void write_failed_now(struct projector_ctx *ctx, enum write_failure what,
-			     const char *why)
+static void write_failed_now(struct projector_ctx *ctx, enum write_failure what, const char *why)
 {
 	switch (what) {
 	case WRITE_OK:
@@ -373,8 +371,10 @@ static void write_failed(struct projector_ctx *ctx, enum write_failure what, con
 		write_failed_now(ctx, what, why);
 		return;
 	}
-	log_info(&ctx->log, "the batch's SQL transaction failed (%s) while its Redis leg is "
-			    "in flight: waiting for Redis's answer before starting over", why);
+	log_info(&ctx->log,
+		 "the batch's SQL transaction failed (%s) while its Redis leg is "
+		 "in flight: waiting for Redis's answer before starting over",
+		 why);
 	ctx->write_held = what;
 	snprintf(ctx->write_why, sizeof(ctx->write_why), "%s", why);
 	ctx->cp_stale = true;

@@ -64,11 +64,11 @@ struct feed;
  * union of the filters of the worker's streams. The others come back with a NULL
  * object, which no stream of the worker follows; the JSON, to_char of recorded_at most
  * of all, is most of a read's cost. */
-#define FEED_SQL_LIVE                                                                                \
-	FEED_SQL_PAGE_HEAD_                                                                          \
-		"CASE WHEN ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"                        \
-		" AND ($5::text[] IS NULL OR e.stream = ANY ($5::text[])) THEN " FEED_SQL_EVENT_JSON \
-		" END AS j" FEED_SQL_PAGE_FROM_ FEED_SQL_PAGE_TAIL_
+#define FEED_SQL_LIVE                                                                              \
+	FEED_SQL_PAGE_HEAD_                                                                        \
+	"CASE WHEN ($4::text[] IS NULL OR e.type = ANY ($4::text[]))"                              \
+	" AND ($5::text[] IS NULL OR e.stream = ANY ($5::text[])) THEN " FEED_SQL_EVENT_JSON       \
+	" END AS j" FEED_SQL_PAGE_FROM_ FEED_SQL_PAGE_TAIL_
 
 /* One worker's feed, on ctx's loop and waiting room (ctx->waits must outlive it).
  * Close with feed_close. */

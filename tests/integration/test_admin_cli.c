@@ -534,11 +534,18 @@ static void start_migrate(struct proc *p, const char *db, const char *dir)
 }
 
 /* daybook-admin migrate --dir dir --lock-timeout ms --lock-wait s against db. */
-static void start_migrate_waiting(struct proc *p, const char *db, const char *dir,
-				  const char *ms, const char *s)
+static void start_migrate_waiting(struct proc *p, const char *db, const char *dir, const char *ms,
+				  const char *s)
 {
-	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"), "migrate", "--dir", dir,
-			       "--lock-timeout", ms, "--lock-wait", s, NULL };
+	const char *argv[] = { env_required("DAYBOOK_ADMIN_BIN"),
+			       "migrate",
+			       "--dir",
+			       dir,
+			       "--lock-timeout",
+			       ms,
+			       "--lock-wait",
+			       s,
+			       NULL };
 	char conninfo[512], pg[600];
 	const char *vars[] = { pg, NULL };
 

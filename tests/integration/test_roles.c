@@ -242,11 +242,13 @@ Test(roles, an_append_wakes_followers_once_it_commits)
 	/* PostgreSQL folds identical notifications of one transaction into one, so the
 	 * count above cannot tell one NOTIFY from two: that each append runs one statement
 	 * trigger (the version check, which also wakes) is read from the catalog. */
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass "
-				 "AND NOT tgisinternal AND tgenabled <> 'D' AND tgtype & 1 = 0 "
-				 "AND tgtype & 4 <> 0"),
+	cr_assert_eq(sql_int(db,
+			     "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass "
+			     "AND NOT tgisinternal AND tgenabled <> 'D' AND tgtype & 1 = 0 "
+			     "AND tgtype & 4 <> 0"),
 		     1, "an append runs more than one statement trigger");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_proc WHERE proname = 'events_notify'"), 0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_proc WHERE proname = 'events_notify'"),
+		     0);
 	PQfinish(cmd);
 	PQfinish(listener);
 }
