@@ -183,8 +183,12 @@ Test(read_cache, a_cached_account_is_replaced_as_soon_as_the_projector_changes_i
 	for (int i = 1; i <= 5; i++) {
 		deposit("c1", 1, pos, sizeof(pos));
 		wait_balance("c1", 100 + i, pos, 10);
+		/* And the cache serves the new state, not only Redis: whether a read came
+		 * from the cache before the change reached it is timing (the projector may
+		 * be faster than the next read), so the entry's replacement is read back. */
+		warm("c1", 100 + i);
 	}
-	cr_assert_gt(harness_metric(&query, FROM_CACHE), 1);
+	cr_assert_geq(harness_metric(&query, FROM_CACHE), 6);
 }
 
 Test(read_cache, min_position_is_never_answered_from_an_older_entry)
