@@ -9,6 +9,7 @@
 
 #include "admin.h"
 #include "cli.h"
+#include "clock.h"
 #include "digest.h"
 #include "readmodel.h"
 
@@ -212,24 +213,16 @@ static enum applied apply(const struct log *log, PGconn *conn, const struct migr
 	return exec_ok(log, conn, "COMMIT", "COMMIT") ? APPLY_DONE : APPLY_FAILED;
 }
 
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* apply, again after a pause while a lock is not granted (the pause doubles from 1 s to
  * 10 s), for at most lp->wait_s seconds. Between two tries the tables are free. */
 static bool apply_waiting(const struct log *log, PGconn *conn, const struct migration *m,
 			  const struct lock_policy *lp)
 {
-	double end = now_s() + (double)lp->wait_s, pause = 1;
+	double end = mono_now() + (double)lp->wait_s, pause = 1;
 
 	for (;;) {
 		enum applied a = apply(log, conn, m, lp);
-		double left = end - now_s();
+		double left = end - mono_now();
 		struct timespec ts;
 
 		if (a != APPLY_LOCKED)

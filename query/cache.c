@@ -28,6 +28,7 @@
  * pair of connections, and the lease runs; a heartbeat starts when a lookup finds a
  * quarter of the lease gone. */
 #include "cache.h"
+#include "clock.h"
 
 #include <event2/event.h>
 #include <stdio.h>
@@ -104,14 +105,6 @@ struct cache {
 
 enum drop_reason { DROP_CONNECTION, DROP_FLUSH, DROP_GENERATION, DROP_IDENTITY, DROP_COUNT };
 static const char *const drop_names[] = { "connection", "flush", "generation", "identity" };
-
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void unlink_entry(struct cache *c, struct entry *e)
 {
@@ -263,7 +256,7 @@ static void heartbeat(struct cache *c)
 		argv[1] = c->identity; /* the live pointer alone until the generation is known */
 		nkeys = 1;
 	}
-	c->reading_sent = now();
+	c->reading_sent = mono_now();
 	c->reading_drops = c->drops;
 	c->reading = redis_eval(c->cfg.reads, c->cfg.checkpoint_script, nkeys, nkeys + 1, argv,
 				NULL, on_heartbeat_read, c);
@@ -438,7 +431,7 @@ bool cache_get(struct cache *c, const char *key, const char *identity,
 		metric_add(c->m_miss, 1);
 		return false;
 	}
-	t = now();
+	t = mono_now();
 	if (t - c->lease_from > c->cfg.lease / 4)
 		heartbeat(c);
 	e = strmap_get(c->map, key);

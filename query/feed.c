@@ -40,6 +40,7 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include "clock.h"
 #include "feed.h"
 #include "query.h"
 
@@ -145,14 +146,6 @@ struct feed {
 	struct metric *m_streams, *m_slow, *m_live_reads, *m_notified, *m_pages;
 	struct metric *m_rendered, *m_written, *m_queued;
 };
-
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void kick(struct feed *feed);
 static void live_start(struct feed *feed);
@@ -535,7 +528,7 @@ static void poll_done(struct page *page, const struct rows *r)
 	struct feed *feed = page->feed;
 	struct readmodel_position next = next_after(page, r);
 
-	if (r->n > 0 || now() >= page->deadline || feed->stopping) {
+	if (r->n > 0 || mono_now() >= page->deadline || feed->stopping) {
 		poll_reply(page, r, &next);
 		return;
 	}
@@ -603,7 +596,7 @@ void feed_get_events(struct http_request *req, void *arg)
 			       .limit = limit,
 			       .filter = f,
 			       .req = req,
-			       .deadline = now() + wait_ms / 1e3 };
+			       .deadline = mono_now() + wait_ms / 1e3 };
 	metric_add(feed->m_pages, 1);
 	submit(feed, page);
 }
@@ -917,22 +910,21 @@ static void on_notify(void *arg)
 	live_notified(feed);
 }
 
-/* Room for n items of size each in *buf (of *cap items); false when out of memory. */
-static bool reserve(void *buf, size_t *cap, size_t n, size_t size)
+/* p (of *cap items of size each) with room for n items: p itself when it has it, else
+ * grown (*cap updated); NULL when out of memory, p left as it was. */
+static void *reserve(void *p, size_t *cap, size_t n, size_t size)
 {
-	void **p = buf;
 	size_t want = *cap ? *cap : 16;
 	void *grown;
 
 	if (n <= *cap)
-		return true;
+		return p;
 	while (want < n)
 		want *= 2;
-	if (!(grown = realloc(*p, want * size)))
-		return false;
-	*p = grown;
+	if (!(grown = realloc(p, want * size)))
+		return NULL;
 	*cap = want;
-	return true;
+	return grown;
 }
 
 /* Every rendered event of the read as its frame, once for all streams, into
@@ -943,8 +935,13 @@ static bool render_frames(struct feed *feed, const struct rows *r)
 	static const char id[] = "id: ", ev[] = "\nevent: ", data[] = "\ndata: ";
 	size_t len = 0, at = 0;
 
-	if (!reserve(&feed->frame_at, &feed->frame_at_cap, (size_t)r->n + 1, sizeof(size_t)))
+	size_t *frame_at = reserve(feed->frame_at, &feed->frame_at_cap, (size_t)r->n + 1,
+				   sizeof(*frame_at));
+	char *frames;
+
+	if (!frame_at)
 		return false;
+	feed->frame_at = frame_at;
 	for (int i = 0; i < r->n; i++)
 		if (!PQgetisnull(r->res, i, 6))
 			len += sizeof(id) + sizeof(ev) + sizeof(data) + 1 +
@@ -952,8 +949,9 @@ static bool render_frames(struct feed *feed, const struct rows *r)
 			       (size_t)PQgetlength(r->res, i, 3) +
 			       (size_t)PQgetlength(r->res, i, 4) +
 			       (size_t)PQgetlength(r->res, i, 6);
-	if (!reserve(&feed->frames, &feed->frames_cap, len + 1, 1))
+	if (!(frames = reserve(feed->frames, &feed->frames_cap, len + 1, 1)))
 		return false;
+	feed->frames = frames;
 	for (int i = 0; i < r->n; i++) {
 		feed->frame_at[i] = at;
 		if (PQgetisnull(r->res, i, 6))
@@ -1037,15 +1035,17 @@ static void live_done(struct feed *feed, const struct rows *r)
 {
 	struct readmodel_position next = next_after(&feed->live, r);
 	bool full = r->n >= feed->live.limit;
-	bool rendered = render_frames(feed, r) &&
-			reserve(&feed->iov, &feed->iov_cap, (size_t)r->n + 2, sizeof(struct iovec));
+	struct iovec *iov = render_frames(feed, r) ? reserve(feed->iov, &feed->iov_cap,
+							     (size_t)r->n + 2, sizeof(*iov))
+						   : NULL;
 	struct stream *s, *following;
 	int shown = 0;
 
-	if (!rendered) {
+	if (!iov) {
 		page_failed(&feed->live, "out of memory", true);
 		return;
 	}
+	feed->iov = iov;
 	feed->live_busy = false;
 	for (int i = 0; i < r->n; i++)
 		shown += !PQgetisnull(r->res, i, 6);

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "query.h"
 
 enum script {
@@ -89,14 +90,6 @@ const char *const *read_scripts(size_t *n)
 size_t read_checkpoint_script(void)
 {
 	return SCRIPT_CHECKPOINT;
-}
-
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 bool query_position_parse_n(const char *text, size_t len, struct readmodel_position *out)
@@ -244,7 +237,7 @@ static void wait_for(struct read *rd)
 {
 	struct query_ctx *ctx = rd->ctx;
 
-	if (now() >= rd->deadline || !ctx->waits) { /* no waiting room once shut down */
+	if (mono_now() >= rd->deadline || !ctx->waits) { /* no waiting room once shut down */
 		reply_behind(rd);
 		return;
 	}

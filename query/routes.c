@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "query.h"
 
 #define WAIT_MS_DEFAULT 1000
@@ -40,14 +41,6 @@ static bool int_param(struct http_request *req, const char *name, long min, long
 	return false;
 }
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* Read-your-writes: min_position (or X-Daybook-Min-Position) and wait_ms. */
 static bool consistency_params(struct http_request *req, struct read *rd)
 {
@@ -69,7 +62,7 @@ static bool consistency_params(struct http_request *req, struct read *rd)
 	rd->has_min = min != NULL;
 	if (!int_param(req, "wait_ms", 0, WAIT_MS_MAX, &wait_ms))
 		return false;
-	rd->deadline = now() + wait_ms / 1e3;
+	rd->deadline = mono_now() + wait_ms / 1e3;
 	return true;
 }
 

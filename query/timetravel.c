@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "ledger_json.h"
 #include "query.h"
 
@@ -111,14 +112,6 @@ enum col {
 	C_COUNT,
 };
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* --- parameters ------------------------------------------------------------------ */
 
 int timetravel_params(struct http_request *req, struct read *rd)
@@ -178,7 +171,7 @@ int timetravel_params(struct http_request *req, struct read *rd)
 		clock_gettime(CLOCK_REALTIME, &rt);
 		ahead = (double)micros / 1e6 + PG_EPOCH_UNIX -
 			((double)rt.tv_sec + (double)rt.tv_nsec / 1e9);
-		if (ahead > rd->deadline - now() + AT_CLOCK_SLACK_S) {
+		if (ahead > rd->deadline - mono_now() + AT_CLOCK_SLACK_S) {
 			char retry[24];
 			snprintf(retry, sizeof(retry), "%.0f", ahead < 1 ? 1 : ahead + 0.5);
 			http_set_header(req, "Retry-After", retry);
@@ -243,7 +236,7 @@ static void not_yet(struct read *rd, const PGresult *res)
 	    !PQgetisnull(res, 0, C_INFLIGHT))
 		snprintf(rd->tt.inflight, sizeof(rd->tt.inflight), "%s",
 			 PQgetvalue(res, 0, C_INFLIGHT));
-	if (now() + rd->tt.poll_ms / 1e3 >= rd->deadline) {
+	if (mono_now() + rd->tt.poll_ms / 1e3 >= rd->deadline) {
 		reply_not_stable(rd);
 		return;
 	}

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "clock.h"
 #include "metrics.h"
 #include "wait.h"
 
@@ -32,14 +33,6 @@ struct waitset {
 	void *interest_arg[WAIT_SOURCES];
 	bool interested[WAIT_SOURCES];
 };
-
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* --- the heap ------------------------------------------------------------------------ */
 
@@ -189,7 +182,7 @@ static void arm_expiry(struct waitset *ws)
 	first = ws->deadlines.v[0]->deadline;
 	if (first == ws->expiry_at && evtimer_pending(ws->expiry, NULL))
 		return;
-	d = first - now();
+	d = first - mono_now();
 	d = d < 0 ? 0 : d;
 	d += 1e-6; /* never early */
 	tv.tv_sec = (time_t)d;
@@ -230,7 +223,7 @@ static void on_expiry(evutil_socket_t fd, short what, void *arg)
 {
 	struct waitset *ws = arg;
 	struct waiter *expired = NULL, **tail = &expired;
-	double t = now();
+	double t = mono_now();
 
 	(void)fd;
 	(void)what;

@@ -7,6 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "lease.h"
 #include "pg.h"
 
@@ -24,14 +25,6 @@ struct lease {
 	bool warned;   /* a failed claim was logged; quiet until one succeeds */
 };
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static void lose(struct lease *l, const char *why)
 {
 	if (l->epoch == 0)
@@ -47,7 +40,7 @@ void lease_lost(struct lease *l)
 
 long long lease_epoch(struct lease *l)
 {
-	if (l->epoch && now() >= l->valid_until)
+	if (l->epoch && mono_now() >= l->valid_until)
 		lose(l, "the lease was not renewed in time");
 	return l->epoch;
 }
@@ -106,7 +99,7 @@ static void claim(struct lease *l)
 	snprintf(writer, sizeof(writer), "%d", l->cfg.writer_pid(l->cfg.arg));
 	if (!pg_queue(l->pg, "claim", 5, params) || !pg_run(l->pg, claim_done, l))
 		return; /* the connection is being reset: on_connect claims again */
-	l->sent = now();
+	l->sent = mono_now();
 	l->claiming = true;
 }
 
@@ -118,7 +111,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	/* Unrenewed for a whole lease: a standby may lead by now. The fence makes our
 	 * writes fail anyway; stepping down says so and stops trying. */
-	if (l->epoch && now() >= l->valid_until)
+	if (l->epoch && mono_now() >= l->valid_until)
 		lose(l, "the lease was not renewed in time");
 	claim(l);
 }

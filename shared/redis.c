@@ -1,6 +1,7 @@
 /* Redis on the event loop: one hiredis async connection that reconnects by itself,
  * with per-command deadlines, Lua scripts by EVALSHA, and a subscriber mode. */
 #include "redis.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <event2/event.h>
@@ -64,14 +65,6 @@ struct redis {
 static void start_connect(struct redis *r);
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata);
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* Which connection a log line is about. */
 static const char *label(const struct redis *r)
 {
@@ -128,7 +121,7 @@ static void unlink_pending(struct redis *r, struct pending *p)
 
 static void link_pending(struct redis *r, struct pending *p)
 {
-	p->sent = now();
+	p->sent = mono_now();
 	p->prev = r->tail;
 	p->next = NULL;
 	if (r->tail)
@@ -150,7 +143,7 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	if (!r->head || r->state != REDIS_READY)
 		return;
-	age = now() - r->head->sent;
+	age = mono_now() - r->head->sent;
 	if (age >= r->cfg.command_timeout) {
 		char why[96];
 		snprintf(why, sizeof(why), "no reply within %.0f ms", r->cfg.command_timeout * 1e3);

@@ -554,13 +554,19 @@ static void start_migrate_waiting(struct proc *p, const char *db, const char *di
 	proc_start(p, argv, vars);
 }
 
+/* Wait for a started migrate (at most 60 s). */
+static void wait_migrate(struct proc *p)
+{
+	proc_wait(p, 60);
+	cr_assert_not(p->timed_out, "migrate hung; stderr: %s", p->stderr_text);
+}
+
 static struct proc migrate(const char *db, const char *dir)
 {
 	struct proc p;
 
 	start_migrate(&p, db, dir);
-	proc_wait(&p, 60);
-	cr_assert_not(p.timed_out, "migrate hung; stderr: %s", p.stderr_text);
+	wait_migrate(&p);
 	return p;
 }
 
@@ -1163,8 +1169,7 @@ Test(admin_cli, migrate_gives_way_to_a_long_transaction_and_tries_again)
 
 	/* Never granted within --lock-wait: refused, nothing applied, the reason said. */
 	start_migrate_waiting(&p, db, dir, "200", "1");
-	proc_wait(&p, 60);
-	cr_assert_not(p.timed_out, "migrate hung; stderr: %s", p.stderr_text);
+	wait_migrate(&p);
 	cr_assert_eq(p.status, 1, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
 	cr_assert_not_null(strstr(p.stderr_text, "999_exclusive.sql"), "%s", p.stderr_text);
 	cr_assert_not_null(strstr(p.stderr_text, "lock"), "%s", p.stderr_text);
@@ -1182,8 +1187,7 @@ Test(admin_cli, migrate_gives_way_to_a_long_transaction_and_tries_again)
 		usleep(100000);
 	}
 	PQclear(PQexec(reader, "COMMIT"));
-	proc_wait(&p, 60);
-	cr_assert_not(p.timed_out, "migrate hung; stderr: %s", p.stderr_text);
+	wait_migrate(&p);
 	cr_assert_eq(p.status, 0, "stdout: %s stderr: %s", p.stdout_text, p.stderr_text);
 	cr_assert_not_null(strstr(p.stdout_text, "applied 999_exclusive.sql"), "%s", p.stdout_text);
 	cr_assert_not_null(strstr(p.stderr_text, "trying again"), "%s", p.stderr_text);
