@@ -90,8 +90,28 @@ char *redis_sync_totals_json(struct readmodel_total *rows, size_t n)
 	return readmodel_totals_json(rows, n);
 }
 
-/* Remove the keys of every generation older than the live one, a SCAN page at a time.
- * Newer ones are left alone: a rebuild may be filling one. One sweep at a time: one
+static void cleanup_reply(void *arg, const redisReply *reply);
+
+/* The SCAN of a sweep's next page: of every generation's keys, or of the one
+ * generation it looks for. */
+static bool sweep_scan(struct projector_ctx *ctx, const char *cursor)
+{
+	char match[48];
+	const char *scan[6] = { "SCAN", cursor, "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
+
+	if (ctx->sweep_only) {
+		readmodel_key_match(match, sizeof(match), ctx->sweep_only);
+		scan[3] = match;
+	}
+	return redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx);
+}
+
+/* Remove the keys of every generation older than the live one, a SCAN page at a time
+ * (SCAN walks the whole keyspace, so after a switch from the generation last swept
+ * for to the very next one, only that one generation's keys are asked for: every
+ * older one is gone, and no other was drawn in between). The page's keys of older
+ * generations go to CLEAN_OLD, which checks their identity and unlinks them in one
+ * command. Newer ones are left alone: a rebuild may be filling one. One sweep at a time: one
  * asked for while another runs is owed, and the periodic check starts it when that
  * ends (swept_gen is not the live generation). A sweep that does not reach its end (a
  * lost connection, an error) is owed too; so is one after every (re)connection (Redis
@@ -100,10 +120,9 @@ char *redis_sync_totals_json(struct readmodel_total *rows, size_t n)
 static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
-	const char *scan[6] = { "SCAN", NULL, "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
 	const char **argv;
 	char below[24];
-	size_t n;
+	size_t n, old = 0;
 
 	if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2)
 		goto abandoned;
@@ -114,9 +133,14 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 		snprintf(below, sizeof(below), "%lld", ctx->gen);
 		argv[0] = ctx->identity;
 		argv[1] = below;
-		for (size_t i = 0; i < n; i++)
-			argv[2 + i] = reply->element[1]->element[i]->str;
-		if (!redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(n + 2), argv, NULL, NULL, NULL)) {
+		for (size_t i = 0; i < n; i++) {
+			const char *k = reply->element[1]->element[i]->str;
+			long long g = readmodel_key_generation(k);
+			if (g > 0 && g < ctx->gen) /* the live one's and newer stay here */
+				argv[2 + old++] = k;
+		}
+		if (old &&
+		    !redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(old + 2), argv, NULL, NULL, NULL)) {
 			free(argv);
 			goto abandoned;
 		}
@@ -127,8 +151,7 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 		ctx->sweep_gen = 0;
 		return;
 	}
-	scan[1] = reply->element[0]->str;
-	if (redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx))
+	if (sweep_scan(ctx, reply->element[0]->str))
 		return;
 abandoned:
 	ctx->sweep_gen = 0; /* owed: the periodic check starts it again */
@@ -136,11 +159,10 @@ abandoned:
 
 void redis_sync_start_cleanup(struct projector_ctx *ctx)
 {
-	const char *scan[6] = { "SCAN", "0", "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
-
 	if (ctx->sweep_gen || !ctx->gen)
 		return; /* the one in flight ends first; this one is owed */
-	if (!redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx)) {
+	ctx->sweep_only = ctx->swept_gen && ctx->gen == ctx->swept_gen + 1 ? ctx->swept_gen : 0;
+	if (!sweep_scan(ctx, "0")) {
 		log_warn(&ctx->log, "cannot clean old redis generations now");
 		return;
 	}
