@@ -189,12 +189,20 @@ def rebuild(a):
         print("  CPU ms: COPY %d; rebuild %d (PostgreSQL %d, daybook-admin %d, Redis %d): %s" % (
             cpu["copy_ms"], cpu["rebuild_ms"], cpu["pg_ms"], cpu["admin_ms"], cpu["redis_ms"],
             "%.2fx" % cpu["ratio"] if cpu["ratio"] else "n/a"))
+    # After each rebuild returned: how long until the old Redis generation was gone
+    # (the projector's sweep, when one leads) and Redis's CPU meanwhile.
+    sweeps = [float(x) for x in a.get("sweep_after_s", "").split()]
+    sweep_cpu = [int(x) for x in a.get("sweep_redis_cpu_ms", "").split()]
+    if sweeps:
+        print("  old generation gone after the rebuild returned: %s s (Redis CPU ms %s)" % (
+            " ".join("%.2f" % x for x in sweeps), " ".join(str(x) for x in sweep_cpu)))
     print(json.dumps({
         "bench": "rebuild", "events": int(a["events"]), "rebuild_s": round(rebuild_s, 3),
         "copy_s": round(copy_s, 3), "ratio": round(ratio, 3) if ratio else None,
         "rebuild_runs_s": [round(x, 3) for x in rebuilds],
         "copy_runs_s": [round(x, 3) for x in copies],
-        "cpu_ms": cpu, "target_ratio": 2, "pass": ok}))
+        "cpu_ms": cpu, "sweep_after_s": sweeps, "sweep_redis_cpu_ms": sweep_cpu,
+        "target_ratio": 2, "pass": ok}))
 
 
 def feed(a):
