@@ -257,8 +257,7 @@ enum {
 	ACCOUNT_COLS = 10,
 	ENTRY_COLS = 9, /* fold_rows.ecols */
 	TOTAL_COLS = 4,
-	/* new accounts, items, totals, then the accounts that have a row */
-	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TOTAL_COLS + ACCOUNT_COLS,
+	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TOTAL_COLS,
 };
 
 static const enum pg_type_oid account_types[ACCOUNT_COLS] = {
@@ -266,8 +265,7 @@ static const enum pg_type_oid account_types[ACCOUNT_COLS] = {
 	PG_TYPE_TEXT, PG_TYPE_INT4, PG_TYPE_INT4, PG_TYPE_TIMESTAMPTZ, PG_TYPE_TIMESTAMPTZ,
 };
 
-/* The touched accounts whose row is (in_sql) or is not in rm_accounts yet. */
-static bool take_accounts(const struct fold_rows *r, bool in_sql, char **params, int *lengths)
+static bool take_accounts(const struct fold_rows *r, char **params, int *lengths)
 {
 	struct pg_bin_array c[ACCOUNT_COLS];
 	struct table t;
@@ -277,8 +275,6 @@ static bool take_accounts(const struct fold_rows *r, bool in_sql, char **params,
 	for (size_t i = 0; i < r->naccounts; i++) {
 		const struct rm_account *a = r->accounts[i];
 		int64_t opened_at, updated_at;
-		if (a->in_sql != in_sql)
-			continue;
 		if (!readmodel_time_parse(a->opened_at, &opened_at) ||
 		    !readmodel_time_parse(a->updated_at, &updated_at))
 			goto done;
@@ -345,10 +341,9 @@ static bool queue_rows(struct projector_ctx *ctx)
 
 	for (size_t i = 0; i < ROW_PARAMS; i++)
 		formats[i] = 1;
-	if (!take_accounts(r, false, p, l) ||
+	if (!take_accounts(r, p, l) ||
 	    !table_take(&r->entries, p += ACCOUNT_COLS, l += ACCOUNT_COLS) ||
-	    !take_totals(r, p += ENTRY_COLS, l += ENTRY_COLS) ||
-	    !take_accounts(r, true, p += TOTAL_COLS, l += TOTAL_COLS))
+	    !take_totals(r, p += ENTRY_COLS, l += ENTRY_COLS))
 		goto done;
 	ok = pg_queue_params(ctx->pg, "write_rows", ROW_PARAMS, (const char *const *)params,
 			     lengths, formats, false);
@@ -377,9 +372,6 @@ void projector_rows_committed(struct projector_ctx *ctx)
 {
 	struct fold_rows *r = ctx->rows;
 
-	/* Every account the batch wrote has its row now. */
-	for (size_t i = 0; r && i < r->naccounts; i++)
-		r->accounts[i]->in_sql = true;
 	/* The change moves into the committed totals, so that tot + delta (what a PUT_BATCH
 	 * sends, redis_batch.c) is the batch's end both before and after the commit. */
 	for (size_t i = 0; r && i < r->ntotals; i++) {

@@ -50,7 +50,6 @@ struct rm_account {
 	struct readmodel_row row; /* the shared fold's row, and its times */
 	char opened_at[32], updated_at[32];
 	bool touched; /* changed by the batch in progress */
-	bool in_sql;  /* its rm_accounts row was read or committed: written by UPDATE */
 };
 
 /* One currency's totals; the sum of balances may exceed int64. */

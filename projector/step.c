@@ -64,14 +64,8 @@ static const struct pg_statement statements[] = {
 	  "projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
 	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint) END FROM guard" },
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
-	 * table): accounts new to SQL ($1-$10), statement items ($11-$19), the totals' deltas
-	 * ($20-$23), accounts whose row the projector read or committed ($24-$33); transfers
-	 * have no rows, the SQL model reads them from the log (sql/017). The accounts with a
-	 * row are updated in place (no ON CONFLICT: its row lock is a WAL record of its own);
-	 * any of them whose row is gone (deleted by hand) is inserted whole, as the upsert
-	 * did: only when the UPDATE found fewer rows than it was given. The rows are found
-	 * by `= ANY` on the key: a plain join left the generic plan free to pick a hash join
-	 * over a scan of the whole table (a plan made while the table was small).
+	 * table): accounts ($1-$10), statement items ($11-$19), the totals' deltas
+	 * ($20-$23); transfers have no rows, the SQL model reads them from the log (sql/017).
 	 * The arrays come in binary (fold.c). Each array is
 	 * unnested in the select list (a ProjectSet, in step with the others: the arrays of a
 	 * table are of one length), not in FROM: unnest(a, b, ...) in FROM is a table
@@ -86,21 +80,11 @@ static const struct pg_statement statements[] = {
 	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT "
 	  "unnest($1::text[]), unnest($2::text[]), unnest($3::text[]), unnest($4::bigint[]), "
 	  "unnest($5::bigint[]), unnest($6::text[]), unnest($7::int[]), unnest($8::int[]), "
-	  "unnest($9::timestamptz[]), unnest($10::timestamptz[])), "
-	  "u AS (UPDATE rm_accounts r SET name = x.name, currency = x.currency, balance = x.balance, "
-	  "overdraft_limit = x.overdraft_limit, status = x.status, version = x.version, entries = "
-	  "x.entries, opened_at = x.opened_at, updated_at = x.updated_at FROM (SELECT "
-	  "unnest($24::text[]) id, unnest($25::text[]) name, unnest($26::text[]) currency, "
-	  "unnest($27::bigint[]) balance, unnest($28::bigint[]) overdraft_limit, "
-	  "unnest($29::text[]) status, unnest($30::int[]) version, unnest($31::int[]) entries, "
-	  "unnest($32::timestamptz[]) opened_at, unnest($33::timestamptz[]) updated_at) x "
-	  "WHERE r.account_id = ANY($24::text[]) AND r.account_id = x.id RETURNING r.account_id), "
-	  "g AS (INSERT INTO rm_accounts (account_id, name, currency, balance, overdraft_limit, "
-	  "status, version, entries, opened_at, updated_at) SELECT * FROM (SELECT "
-	  "unnest($24::text[]) id, unnest($25::text[]), unnest($26::text[]), unnest($27::bigint[]), "
-	  "unnest($28::bigint[]), unnest($29::text[]), unnest($30::int[]), unnest($31::int[]), "
-	  "unnest($32::timestamptz[]), unnest($33::timestamptz[])) x WHERE (SELECT count(*) FROM u) "
-	  "< cardinality($24::text[]) AND x.id NOT IN (SELECT account_id FROM u)), "
+	  "unnest($9::timestamptz[]), unnest($10::timestamptz[]) ON CONFLICT (account_id) "
+	  "DO UPDATE SET name = EXCLUDED.name, currency = EXCLUDED.currency, balance = "
+	  "EXCLUDED.balance, overdraft_limit = EXCLUDED.overdraft_limit, status = EXCLUDED.status, "
+	  "version = EXCLUDED.version, entries = EXCLUDED.entries, opened_at = EXCLUDED.opened_at, "
+	  "updated_at = EXCLUDED.updated_at), "
 	  "e AS (INSERT INTO rm_entries (account_id, version, type, amount, balance_after, "
 	  "transfer_id, counterparty, reference, at) SELECT unnest($11::text[]), unnest($12::int[]), "
 	  "unnest($13::text[]), unnest($14::bigint[]), unnest($15::bigint[]), unnest($16::text[]), "
@@ -515,7 +499,6 @@ static bool cache_account_row(struct projector_ctx *ctx, PGresult *r, int row)
 	a->row.entries = (int32_t)atoi(PQgetvalue(r, row, 9));
 	snprintf(a->opened_at, sizeof(a->opened_at), "%s", b.opened_at);
 	snprintf(a->updated_at, sizeof(a->updated_at), "%s", b.updated_at);
-	a->in_sql = true;
 	if (!strmap_put(ctx->accounts, a->row.acc.id, a)) {
 		free(a);
 		return false;
