@@ -165,7 +165,7 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 	struct rebuild rb = { .ctx = ctx, .phase = "load", .failure = CLI_EXIT_PROBLEM };
 	struct sigaction sa = { .sa_handler = on_signal };
 	char checkpoint[64];
-	const char *what;
+	const char *what, *cleanup_by;
 	bool done = false;
 	double secs;
 	int rc = parse_target(argc, argv, &rb, &done);
@@ -186,27 +186,31 @@ int admin_rebuild(struct admin_ctx *ctx, int argc, char **argv)
 		goto fail;
 	rb.switched = rb_now();
 	rb_report(&rb, true);
-	if (rb.redis)
-		rb_cleanup_after_switch(&rb);
+	/* The old Redis generation: deleted here unless a leading projector sweeps it. */
+	cleanup_by = !rb.redis ? "none" : rb_cleanup_after_switch(&rb) ? "rebuild" : "projector";
 	secs = rb_now() - rb.started;
 	what = rb.sql && rb.redis ? "sql and redis" : rb.sql ? "sql" : "redis";
 	snprintf(checkpoint, sizeof(checkpoint), "%llu.%lld", (unsigned long long)rb.cp_txid,
 		 rb.position);
 	if (rb.tty)
 		printf("rebuilt %s from %lld events in %.2f s (%.0f events/s; load %.2f s, index "
-		       "%.2f s, switch %.2f s, cleanup %.2f s); checkpoint %s\n",
+		       "%.2f s, switch %.2f s, cleanup %.2f s%s); checkpoint %s\n",
 		       what, rb.done, secs, rb.done / (secs + 1e-9), rb.loaded - rb.started,
 		       rb.indexed - rb.loaded, rb.switched - rb.indexed, rb_now() - rb.switched,
+		       strcmp(cleanup_by, "projector") == 0 ? ", the old generation left to the "
+							      "projector's sweep"
+							    : "",
 		       checkpoint);
 	else
 		rb_json_line(
-			json_pack("{s:s, s:I, s:I, s:f, s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:s}",
+			json_pack("{s:s, s:I, s:I, s:f, s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:s, s:s}",
 				  "phase", "done", "done", (json_int_t)rb.done, "total",
 				  (json_int_t)rb.total, "events_per_s", rb.done / (secs + 1e-9),
 				  "eta_s", 0.0, "rebuilt", what, "seconds", secs, "load_s",
 				  rb.loaded - rb.started, "index_s", rb.indexed - rb.loaded,
 				  "switch_s", rb.switched - rb.indexed, "cleanup_s",
-				  rb_now() - rb.switched, "checkpoint", checkpoint));
+				  rb_now() - rb.switched, "cleanup_by", cleanup_by, "checkpoint",
+				  checkpoint));
 	finish(&rb);
 	return CLI_EXIT_OK;
 fail:

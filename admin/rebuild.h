@@ -176,6 +176,8 @@ bool rb_switch_over(struct rebuild *rb);
 
 /* clean-up of old generations (rebuild_gc.c) */
 void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop);
-void rb_cleanup_after_switch(struct rebuild *rb);
+/* After the switch: the old generations are deleted here (true), or left to the
+ * leading projector's sweep (false). */
+bool rb_cleanup_after_switch(struct rebuild *rb);
 
 #endif

@@ -194,20 +194,48 @@ static void delete_by_name(struct rebuild *rb, long long gen)
 	free(u);
 }
 
-void rb_cleanup_after_switch(struct rebuild *rb)
+/* Does a projector lead that will sweep the old generations? One holds the lease now
+ * (sql/010: unexpired, its session alive) and has raised this store's fence in this
+ * Redis to the lease's epoch: it writes here, and once it sees the switch (its next
+ * batch, or its check of the live generation within a second) it sweeps every
+ * generation older than the live one. A leader that dies before it has finished
+ * leaves the sweep to the next one, which sweeps when it takes over
+ * (projector/redis_sync.c). Any doubt (no leader, a leader that has not reached this
+ * Redis yet, Redis restarted or failed over without the fence, an error): false, and
+ * the rebuild deletes the old generation itself. */
+static bool projector_sweeps(struct rebuild *rb)
+{
+	PGresult *r = PQexec(rb->wr, "SELECT epoch FROM projector_leases WHERE projection = 'sql' "
+				     "AND holder <> '' AND expires_at > clock_timestamp() "
+				     "AND projector_session_alive(holder_pid, holder_start)");
+	redisReply *f = NULL;
+	bool leads = false;
+
+	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && rb_redis_drain(rb) &&
+	    (f = redisCommand(rb->redis, "GET %s%s", READMODEL_LEADER_KEY, rb->identity)))
+		leads = f->type == REDIS_REPLY_STRING && strcmp(f->str, PQgetvalue(r, 0, 0)) == 0;
+	freeReplyObject(f);
+	PQclear(r);
+	return leads;
+}
+
+bool rb_cleanup_after_switch(struct rebuild *rb)
 {
 	const struct live_before *old = &rb->live_before;
 	long long from = old->present ? atoll(old->gen) : 0;
 
+	if (projector_sweeps(rb))
+		return false;
 	if (from <= 0 || from >= rb->gen || rb->gen - from > 8) {
 		rb_redis_cleanup(rb, rb->gen, 0);
-		return;
+		return true;
 	}
 	if (from == rb->gen - 1 && !rb->xfer_ids_full && rb_redis_drain(rb) &&
 	    ours_to_delete(rb, from)) {
 		delete_by_name(rb, from);
-		return;
+		return true;
 	}
 	for (long long g = from; g < rb->gen; g++)
 		rb_redis_cleanup(rb, 0, g);
+	return true;
 }

@@ -97,7 +97,12 @@ struct projector_ctx {
 	struct pg *pg;
 	struct redis *redis;
 	enum redis_sync rsync;
-	long long gen;                   /* the Redis generation this projector writes */
+	long long gen; /* the Redis generation this projector writes */
+	/* The sweep of generations older than the live one (redis_sync.c): the live one
+	 * when the sweep in flight started (0: none in flight), and when the last one that
+	 * ran to the end started (0: none since we took the lead or (re)connected); the one
+	 * generation the sweep in flight looks for (0: every one). */
+	long long sweep_gen, swept_gen, sweep_only;
 	size_t rpending;                 /* Redis replies still to come for the resync's phase */
 	bool rfailed;                    /* a reply of the resync's phase failed */
 	size_t rerrors;                  /* error replies of the current step */

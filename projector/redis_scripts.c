@@ -165,17 +165,20 @@ static const char *const scripts[] = {
 	"if theirs and theirs ~= ARGV[2] then return theirs end return ''",
 	/* Unlink the keys ARGV[3..] of generations older than ARGV[2] that are ours
 	 * (identity ARGV[1]) or of no store (written before identities): another store's
-	 * generations may be another deployment's live models, and are left alone. */
+	 * generations may be another deployment's live models, and are left alone. One
+	 * UNLINK for them all (the caller sends a SCAN page, some 1,000 keys). */
 	[CLEAN_OLD] = READMODEL_LUA_GEN_KEY
-	"local ours = {} "
+	"local ours, gone, below = {}, {}, tonumber(ARGV[2]) "
 	"for i = 3, #ARGV do "
 	"local g = gen_of(ARGV[i]) "
-	"if g and tonumber(g) < tonumber(ARGV[2]) then "
+	"if g and tonumber(g) < below then "
 	"if ours[g] == nil then "
 	"local id = redis.call('GET', gen_key(g, '" READMODEL_KIND_IDENTITY "')) "
 	"ours[g] = not id or id == ARGV[1] end "
-	"if ours[g] then redis.call('UNLINK', ARGV[i]) end end end "
-	"return 0",
+	"if ours[g] then gone[#gone + 1] = ARGV[i] end end end "
+	"for i = 1, #gone, 1000 do "
+	"redis.call('UNLINK', unpack(gone, i, math.min(i + 999, #gone))) end "
+	"return #gone",
 };
 
 const char *const *projector_redis_scripts(size_t *n)

@@ -90,46 +90,92 @@ char *redis_sync_totals_json(struct readmodel_total *rows, size_t n)
 	return readmodel_totals_json(rows, n);
 }
 
-/* Remove the keys of every generation older than the live one, a SCAN page at a time.
- * Newer ones are left alone: a rebuild may be filling one. */
+static void cleanup_reply(void *arg, const redisReply *reply);
+
+/* The SCAN of a sweep's next page: of every generation's keys, or of the one
+ * generation it looks for. */
+static bool sweep_scan(struct projector_ctx *ctx, const char *cursor)
+{
+	char match[48];
+	const char *scan[6] = { "SCAN", cursor, "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
+
+	if (ctx->sweep_only) {
+		readmodel_key_match(match, sizeof(match), ctx->sweep_only);
+		scan[3] = match;
+	}
+	return redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx);
+}
+
+/* Remove the keys of every generation older than the live one, a SCAN page at a time
+ * (SCAN walks the whole keyspace, so after a switch from the generation last swept
+ * for to the very next one, only that one generation's keys are asked for: every
+ * older one is gone, and no other was drawn in between). The page's keys of older
+ * generations go to CLEAN_OLD, which checks their identity and unlinks them in one
+ * command. Newer ones are left alone: a rebuild may be filling one. One sweep at a time: one
+ * asked for while another runs is owed, and the periodic check starts it when that
+ * ends (swept_gen is not the live generation). A sweep that does not reach its end (a
+ * lost connection, an error) is owed too; so is one after every (re)connection (Redis
+ * may be another server now, a replica that missed deletions) and on taking the lead
+ * (the last leader may have died mid-sweep): garbage is reclaimed by whoever leads. */
 static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
-	const char *scan[6] = { "SCAN", NULL, "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
 	const char **argv;
 	char below[24];
-	size_t n;
+	size_t n, old = 0;
 
 	if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2)
-		return;
+		goto abandoned;
 	n = reply->element[1]->elements;
 	if (n && ctx->identity[0]) {
 		if (!(argv = malloc((n + 2) * sizeof(*argv))))
-			return;
+			goto abandoned;
 		snprintf(below, sizeof(below), "%lld", ctx->gen);
 		argv[0] = ctx->identity;
 		argv[1] = below;
-		for (size_t i = 0; i < n; i++)
-			argv[2 + i] = reply->element[1]->element[i]->str;
-		if (!redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(n + 2), argv, NULL, NULL, NULL)) {
+		for (size_t i = 0; i < n; i++) {
+			const char *k = reply->element[1]->element[i]->str;
+			long long g = readmodel_key_generation(k);
+			if (g > 0 && g < ctx->gen) /* the live one's and newer stay here */
+				argv[2 + old++] = k;
+		}
+		if (old &&
+		    !redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(old + 2), argv, NULL, NULL, NULL)) {
 			free(argv);
-			return;
+			goto abandoned;
 		}
 		free(argv);
 	}
-	if (strcmp(reply->element[0]->str, "0") == 0)
+	if (strcmp(reply->element[0]->str, "0") == 0) {
+		ctx->swept_gen = ctx->sweep_gen;
+		ctx->sweep_gen = 0;
 		return;
-	scan[1] = reply->element[0]->str;
-	if (!redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx))
+	}
+	if (sweep_scan(ctx, reply->element[0]->str))
 		return;
+abandoned:
+	ctx->sweep_gen = 0; /* owed: the periodic check starts it again */
 }
 
 void redis_sync_start_cleanup(struct projector_ctx *ctx)
 {
-	const char *scan[6] = { "SCAN", "0", "MATCH", READMODEL_GEN_MATCH, "COUNT", "1000" };
-
-	if (!redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx))
+	if (ctx->sweep_gen || !ctx->gen)
+		return; /* the one in flight ends first; this one is owed */
+	ctx->sweep_only = ctx->swept_gen && ctx->gen == ctx->swept_gen + 1 ? ctx->swept_gen : 0;
+	if (!sweep_scan(ctx, "0")) {
 		log_warn(&ctx->log, "cannot clean old redis generations now");
+		return;
+	}
+	ctx->sweep_gen = ctx->gen;
+}
+
+/* Start the sweep owed, if any: the live generation is ours and no sweep since it went
+ * live has reached its end. */
+static void sweep_if_owed(struct projector_ctx *ctx)
+{
+	if (ctx->rsync == RS_LIVE && ctx->gen && ctx->identity[0] && !ctx->sweep_gen &&
+	    ctx->swept_gen != ctx->gen)
+		redis_sync_start_cleanup(ctx);
 }
 
 /* --- is the live generation ours and current? ------------------------------------------- */
@@ -149,12 +195,9 @@ static void status_reply(void *arg, const redisReply *reply)
 	    readmodel_position_parse(token, &ours) &&
 	    readmodel_position_parse(reply->element[1]->str, &live) &&
 	    readmodel_position_cmp(&live, &ours) >= 0) {
-		long long gen = strtoll(reply->element[0]->str, NULL, 10);
-		if (ctx->gen && gen > ctx->gen)
-			redis_sync_start_cleanup(
-				ctx); /* a rebuild's switch: sweep what is older, as above */
-		ctx->gen = gen;
+		ctx->gen = strtoll(reply->element[0]->str, NULL, 10);
 		ctx->rsync = RS_LIVE;
+		sweep_if_owed(ctx); /* a rebuild's switch, a takeover: sweep what is older */
 		redis_sync_reached_token(ctx, reply->element[1]->str);
 		log_info(&ctx->log, "redis generation %lld is current (at %s)", ctx->gen,
 			 reply->element[1]->str);
@@ -208,9 +251,10 @@ void projector_redis_tick(struct projector_ctx *ctx)
 
 	if (++ctx->polls % CHECK_EVERY_POLLS != 0 || ctx->role != ROLE_LEADER)
 		return;
-	if (ctx->rsync == RS_LIVE && redis_connected(ctx->redis))
+	if (ctx->rsync == RS_LIVE && redis_connected(ctx->redis)) {
 		(void)!redis_command(ctx->redis, 2, get, NULL, live_reply, ctx);
-	else if (ctx->rsync != RS_LIVE)
+		sweep_if_owed(ctx);
+	} else if (ctx->rsync != RS_LIVE)
 		ctx->redis_report(ctx, REDIS_WANTS_STEP);
 }
 
@@ -240,8 +284,11 @@ static void on_redis_ready(void *arg)
 {
 	struct projector_ctx *ctx = arg;
 
-	/* Whatever happened while we were apart, find out before writing again. */
+	/* Whatever happened while we were apart, find out before writing again; and sweep
+	 * again (another server may have taken over without the last sweep's deletions). */
 	ctx->rsync = RS_UNKNOWN;
+	ctx->sweep_gen = 0;
+	ctx->swept_gen = 0;
 	projector_redis_fence(ctx);
 	ctx->redis_report(ctx, REDIS_WANTS_STEP);
 }

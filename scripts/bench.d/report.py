@@ -124,9 +124,15 @@ def reads(a):
         "projector_vmhwm_kib": int(a["projector_hwm_kb"])}))
 
 
+def checkpoints(name):
+    """Checkpoints begun between wal-NAME-start and -end."""
+    return load("wal-%s-end" % name)["checkpoints"] - load("wal-%s-start" % name)["checkpoints"]
+
+
 def freshness(a):
     f, load_result = load("freshness"), load("freshness-load")
     achieved = wrk_rate(load_result)
+    cps = checkpoints("freshness")
     ok = f["p99_ms"] is not None and f["p99_ms"] <= 5
     print("freshness: 201 -> visible in GET /accounts/{id}?min_position (wait_ms=1000), "
           "%s samples" % f["samples"])
@@ -139,7 +145,8 @@ def freshness(a):
     row("  as the sampler saw it", f["sampler_p50_ms"], f["sampler_p99_ms"], None)
     row("  201 -> the read sent", f["react_p50_ms"], f["react_p99_ms"], None)
     row("the write itself (201)", f["write_p50_ms"], f["write_p99_ms"], None)
-    row("p99 target <= 5 ms", verdict(ok), widths=(30, 12))
+    row("p99 target <= 5 ms", verdict(ok), "checkpoints begun while sampling: %d" % cps,
+        widths=(30, 12, 40))
     if f["errors"]:
         row("errors", json.dumps(f["errors"]), widths=(30, 50))
     print(json.dumps({
@@ -148,7 +155,7 @@ def freshness(a):
         "stamps": "kernel receive times", "sampler_rt": a.get("sampler_rt") == "1",
         "sampler_p50_ms": f["sampler_p50_ms"], "sampler_p99_ms": f["sampler_p99_ms"],
         "react_p50_ms": f["react_p50_ms"], "react_p99_ms": f["react_p99_ms"],
-        "unstamped_reads": f.get("unstamped_reads", 0),
+        "unstamped_reads": f.get("unstamped_reads", 0), "checkpoints": cps,
         "errors": f["errors"], "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1), "background_non2xx": load_result["non2xx"],
         "query_vmhwm_kib": int(a["query_hwm_kb"]),
@@ -182,12 +189,20 @@ def rebuild(a):
         print("  CPU ms: COPY %d; rebuild %d (PostgreSQL %d, daybook-admin %d, Redis %d): %s" % (
             cpu["copy_ms"], cpu["rebuild_ms"], cpu["pg_ms"], cpu["admin_ms"], cpu["redis_ms"],
             "%.2fx" % cpu["ratio"] if cpu["ratio"] else "n/a"))
+    # After each rebuild returned: how long until the old Redis generation was gone
+    # (the projector's sweep, when one leads) and Redis's CPU meanwhile.
+    sweeps = [float(x) for x in a.get("sweep_after_s", "").split()]
+    sweep_cpu = [int(x) for x in a.get("sweep_redis_cpu_ms", "").split()]
+    if sweeps:
+        print("  old generation gone after the rebuild returned: %s s (Redis CPU ms %s)" % (
+            " ".join("%.2f" % x for x in sweeps), " ".join(str(x) for x in sweep_cpu)))
     print(json.dumps({
         "bench": "rebuild", "events": int(a["events"]), "rebuild_s": round(rebuild_s, 3),
         "copy_s": round(copy_s, 3), "ratio": round(ratio, 3) if ratio else None,
         "rebuild_runs_s": [round(x, 3) for x in rebuilds],
         "copy_runs_s": [round(x, 3) for x in copies],
-        "cpu_ms": cpu, "target_ratio": 2, "pass": ok}))
+        "cpu_ms": cpu, "sweep_after_s": sweeps, "sweep_redis_cpu_ms": sweep_cpu,
+        "target_ratio": 2, "pass": ok}))
 
 
 def feed(a):
@@ -201,6 +216,7 @@ def feed(a):
     load_result = load("feed-load")
     achieved = wrk_rate(load_result)
     ok_live = live["p99_ms"] is not None and live["p99_ms"] < 10 and not live["missing"]
+    cps = checkpoints("feed-live")
     print("feed: catch-up through GET /events?limit=1000 over %d events, the median of %d "
           "rounds" % (events, len(pages)))
     row("", "seconds", "events/s")
@@ -215,8 +231,8 @@ def feed(a):
     row("", "p50 ms", "p99 ms", "max ms")
     row("201 -> SSE frame", live["p50_ms"], live["p99_ms"], live["max_ms"])
     row("  as the sampler saw it", live["sampler_p50_ms"], live["sampler_p99_ms"], None)
-    row("p99 target < 10 ms", verdict(ok_live), "missing frames %d" % live["missing"],
-        widths=(30, 12, 30))
+    row("p99 target < 10 ms", verdict(ok_live), "missing frames %d, checkpoints begun "
+        "while sampling %d" % (live["missing"], cps), widths=(30, 12, 50))
     print(json.dumps({
         "bench": "feed", "events": events, "page_s": round(page_s, 3),
         "copy_s": round(copy_s, 3), "rate_ratio": round(ratio, 3) if ratio else None,
@@ -227,7 +243,7 @@ def feed(a):
         "live_missing": live["missing"], "target_live_p99_ms": 10,
         "live_stamps": "kernel receive times", "live_sampler_p50_ms": live["sampler_p50_ms"],
         "live_sampler_p99_ms": live["sampler_p99_ms"],
-        "live_unstamped_reads": live.get("unstamped_reads", 0),
+        "live_unstamped_reads": live.get("unstamped_reads", 0), "live_checkpoints": cps,
         "background_target_tps": float(a["rate"]),
         "background_achieved_tps": round(achieved, 1),
         "query_vmhwm_kib": int(a["query_hwm_kb"]), "pass": ok_rate and ok_live}))

@@ -1,6 +1,9 @@
-/* daybook-admin rebuild: a switch under load that readers never notice, a switch that
- * waits for a long reader without holding up the others, an interrupted rebuild (then two that run to the end with no projector) and one
- * whose switch fails to commit, both leaving the live models as they were. */
+/* daybook-admin rebuild: a switch under load that readers never notice (the old Redis
+ * generation left to the projector's sweep), a switch that waits for a long reader
+ * without holding up the others, an interrupted rebuild (then two that run to the end
+ * with no projector, cleaning up themselves) and one whose switch fails to commit, both
+ * leaving the live models as they were; a projector taking the lead sweeps what older
+ * generations still hold. */
 #include <criterion/criterion.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -69,6 +72,10 @@ static int run_verify(void)
 	return harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL);
 }
 
+/* Who deleted the old Redis generation, as the last summary read_progress or
+ * cleanup_of read said: "rebuild", "projector" or "none". */
+static char cleanup_by[16];
+
 /* Read the child's stdout to the end; every line must be a JSON object, the last one
  * the summary ("phase":"done" with the checkpoint). */
 static int read_progress(int fd, int *json_lines)
@@ -96,6 +103,9 @@ static int read_progress(int fd, int *json_lines)
 			summary = true;
 			cr_assert(json_is_string(json_object_get(j, "checkpoint")), "%s", line);
 			cr_assert(json_is_string(json_object_get(j, "rebuilt")), "%s", line);
+			cr_assert(json_is_string(json_object_get(j, "cleanup_by")), "%s", line);
+			snprintf(cleanup_by, sizeof(cleanup_by), "%s",
+				 json_string_value(json_object_get(j, "cleanup_by")));
 		}
 		cr_assert(json_is_object(j), "progress line is not JSON: %s", line);
 		cr_assert(json_is_string(json_object_get(j, "phase")));
@@ -270,6 +280,9 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	harness_readers_stop(rd, &reads, &read_errors, &samples, &nsamples);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
 	cr_assert_gt(json_lines, 0, "non-terminal progress must be JSON lines");
+	/* A projector leads: the rebuild returns after its switch, the old generation left
+	 * to the projector's sweep (checked below). */
+	cr_assert_str_eq(cleanup_by, "projector");
 	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before + 1,
 		     "the tables were swapped");
 	/* The rebuilt tables keep the live ones' storage parameters (sql/015: room on
@@ -297,8 +310,8 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	cr_assert(harness_redis_live(rc, &live_gen, cp, sizeof(cp)));
 	cr_assert_eq(live_gen, atoll(rebuilt_gen->str),
 		     "the projector resynced Redis after the rebuild");
-	/* The generation live before the switch goes (the rebuild deletes it, the projector
-	 * sweeps what its last batch there wrote after that). */
+	/* The generation live before the switch goes: the projector sweeps it once it has
+	 * seen the switch. */
 	for (double end = harness_now() + 10;; usleep(50000)) {
 		redisReply *keys = redisCommand(rc, "KEYS dbk:g:*");
 		char prefix[64];
@@ -395,6 +408,8 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 		cr_assert_eq(waitpid(pid, &status, 0), pid);
 		cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d",
 			  status);
+		cr_assert(strstr(line, "\"cleanup_by\":\"rebuild\""),
+			  "with no projector the rebuild must clean up itself: %s", line);
 		cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 		snprintf(line, sizeof(line), "dbk:g:%lld:", live_gen);
 		keys = redisCommand(c, "KEYS dbk:g:*");
@@ -659,4 +674,65 @@ Test(rebuild, a_sql_rebuild_under_load_leaves_redis_whole)
 	harness_assert_models_match_log(db);
 	cr_expect_eq(run_verify(), 0, "verify found differences between Redis and the log");
 	harness_assert_redis_matches_sql(db, redis_url);
+}
+
+/* A projector that takes the lead sweeps what older generations still hold: the leader
+ * the rebuild left the old generation to may have died before its sweep ended (keys of
+ * that generation, ours, left behind here), or Redis failed over to a replica that had
+ * not seen the deletions. Without it, nothing would ever reclaim them. */
+Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
+{
+	redisContext *c;
+	redisReply *r;
+	long long old_gen, live_gen;
+	char cp[64], identity[256];
+	int fd, json_lines, status;
+
+	must("/accounts", "{\"id\":\"s-1\",\"name\":\"S\",\"currency\":\"EUR\"}");
+	must("/accounts", "{\"id\":\"s-2\",\"name\":\"S\",\"currency\":\"EUR\"}");
+	must("/accounts/s-1/deposits", "{\"amount\":10}");
+	must("/transfers", "{\"id\":\"st-1\",\"from\":\"s-1\",\"to\":\"s-2\",\"amount\":4}");
+	harness_wait_caught_up(db, redis_url, 30);
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
+	r = redisCommand(c, "GET dbk:g:%lld:identity", old_gen);
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	snprintf(identity, sizeof(identity), "%s", r->str);
+	freeReplyObject(r);
+	cr_assert_eq(harness_stop(&projector), 0);
+
+	/* No projector leads: the rebuild deletes the old generation itself. */
+	pid_t pid = start_rebuild("all", &fd);
+	read_progress(fd, &json_lines);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+	cr_assert_str_eq(cleanup_by, "rebuild");
+	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+	cr_assert_gt(live_gen, old_gen);
+	r = redisCommand(c, "KEYS dbk:g:%lld:*", old_gen);
+	cr_assert_eq(r->elements, 0, "the rebuild left %zu keys of the old generation",
+		     r->elements);
+	freeReplyObject(r);
+
+	/* What a sweep cut short leaves: some of the old generation's keys. */
+	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:identity %s", old_gen, identity));
+	freeReplyObject(redisCommand(c, "HSET dbk:g:%lld:acct:s-1 v 1 n 0 j {}", old_gen));
+	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:xfer:st-1 {}", old_gen));
+	harness_start_projector(&projector, db, redis_url);
+	for (double end = harness_now() + 10;; usleep(50000)) {
+		r = redisCommand(c, "KEYS dbk:g:%lld:*", old_gen);
+		size_t left = r->elements;
+		freeReplyObject(r);
+		if (left == 0)
+			break;
+		cr_assert(harness_now() < end,
+			  "%zu keys of generation %lld left behind by the new leader", left,
+			  old_gen);
+	}
+	/* The live generation is untouched. */
+	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+	must("/accounts/s-1/deposits", "{\"amount\":3}");
+	harness_wait_caught_up(db, redis_url, 30);
+	harness_assert_redis_matches_sql(db, redis_url);
+	redisFree(c);
 }
