@@ -148,8 +148,7 @@ static void *copier_main(void *arg)
 		if (!c->busy)
 			break;
 		pthread_mutex_unlock(&c->mu);
-		bool failed = !copy_in(c->pg, "rm_entries_shadow", &c->entries, c->log) ||
-			      !copy_in(c->pg, "rm_transfers_shadow", &c->transfers, c->log);
+		bool failed = !copy_in(c->pg, "rm_entries_shadow", &c->entries, c->log);
 		pthread_mutex_lock(&c->mu);
 		if (failed)
 			c->failed = true;
@@ -189,9 +188,9 @@ bool copier_start(struct copier *c, PGconn *pg)
 	return true;
 }
 
-/* Hand the chunk's rows over (taking back the emptied buffers of the last chunk),
+/* Hand the chunk's rows over (taking back the emptied buffer of the last chunk),
  * once the thread is done with the last chunk. */
-bool copier_submit(struct copier *c, struct copy_buf *entries, struct copy_buf *transfers)
+bool copier_submit(struct copier *c, struct copy_buf *entries)
 {
 	struct copy_buf t;
 	bool ok;
@@ -202,7 +201,6 @@ bool copier_submit(struct copier *c, struct copy_buf *entries, struct copy_buf *
 	ok = !c->failed;
 	if (ok) {
 		t = c->entries, c->entries = *entries, *entries = t;
-		t = c->transfers, c->transfers = *transfers, *transfers = t;
 		c->busy = true;
 		pthread_cond_broadcast(&c->cv);
 	}

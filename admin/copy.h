@@ -33,15 +33,15 @@ bool copy_int(struct copy_buf *b, int64_t v, int bytes) __attribute__((warn_unus
 bool copy_in(PGconn *pg, const char *table, struct copy_buf *b, const struct log *log)
 	__attribute__((warn_unused_result));
 
-/* A thread that COPYs rm_entries_shadow and rm_transfers_shadow rows over pg, which
- * is its own from start to stop. Zeroed before start. */
+/* A thread that COPYs rm_entries_shadow rows over pg, which is its own from start to
+ * stop. Zeroed before start. */
 struct copier {
 	pthread_t thread;
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	PGconn *pg;
-	const struct log *log;              /* where a failure is said; set before start */
-	struct copy_buf entries, transfers; /* the rows it works on; freed by the caller */
+	const struct log *log;   /* where a failure is said; set before start */
+	struct copy_buf entries; /* the rows it works on; freed by the caller */
 	bool running, busy, stop, failed;
 };
 
@@ -52,10 +52,9 @@ int copy_spawn(pthread_t *thread, void *(*fn)(void *), void *arg)
 
 /* Start it (with signals blocked: they are the caller's thread's to handle). */
 bool copier_start(struct copier *c, PGconn *pg) __attribute__((warn_unused_result));
-/* Hand a chunk's rows over once the last chunk is done: *entries and *transfers are
- * swapped with the thread's emptied buffers. False once any COPY has failed. */
-bool copier_submit(struct copier *c, struct copy_buf *entries, struct copy_buf *transfers)
-	__attribute__((warn_unused_result));
+/* Hand a chunk's rows over once the last chunk is done: *entries is swapped with the
+ * thread's emptied buffer. False once any COPY has failed. */
+bool copier_submit(struct copier *c, struct copy_buf *entries) __attribute__((warn_unused_result));
 /* Wait for the last chunk and end the thread; false when any COPY failed. */
 bool copier_stop(struct copier *c);
 

@@ -112,9 +112,7 @@ static void abandon(struct rebuild *rb)
 static void finish(struct rebuild *rb)
 {
 	free(rb->entries.p);
-	free(rb->transfers.p);
 	free(rb->copier.entries.p);
-	free(rb->copier.transfers.p);
 	ledger_event_buf_free(&rb->data);
 	free(rb->xfer_ids.p);
 	free(rb->holders);

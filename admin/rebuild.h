@@ -96,8 +96,8 @@ struct rebuild {
 	uint64_t hint_txid; /* the live models' checkpoint */
 	long long hint_pos;
 	struct strmap *accounts, *totals;
-	struct ledger_event_buf data;       /* the decoded event's strings */
-	struct copy_buf entries, transfers; /* binary COPY data of the chunk */
+	struct ledger_event_buf data; /* the decoded event's strings */
+	struct copy_buf entries;      /* binary COPY data of the chunk */
 	struct copy_buf xfer_ids; /* every transfer id folded, NUL-separated; p NULL past the cap */
 	bool xfer_ids_full;
 	long long held, held_max; /* statement items held for Redis, all accounts */

@@ -309,7 +309,6 @@ bool rb_index_and_send(struct rebuild *rb)
 	if (!write_accounts(rb, rb->pg, false))
 		goto fail;
 	if (rb->sql && !(small = PQsendQuery(rb->pg, "SELECT rm_shadow_key('rm_accounts'), "
-						     "rm_shadow_key('rm_transfers'), "
 						     "rm_shadow_key('rm_totals')"))) {
 		rb_error(rb, "indexing the shadow tables: %s", PQerrorMessage(rb->pg));
 		goto fail;

@@ -155,14 +155,6 @@ static void keep_xfer_id(struct rebuild *rb, const char *id)
 	b->len += n;
 }
 
-/* An rm_transfers_shadow row, in its column order; false when out of memory. */
-static bool transfer_row(struct copy_buf *b, const struct readmodel_transfer *t, int64_t at)
-{
-	return copy_row(b, 7) && copy_text(b, t->transfer_id) && copy_text(b, t->from) &&
-	       copy_text(b, t->to) && copy_int(b, t->amount, 8) && copy_text(b, t->currency) &&
-	       copy_text(b, t->reference) && copy_int(b, at, 8);
-}
-
 static bool emit_transfer(struct rebuild *rb, const struct acct *from,
 			  const struct ledger_event *ev, int64_t at)
 {
@@ -170,8 +162,7 @@ static bool emit_transfer(struct rebuild *rb, const struct acct *from,
 	struct readmodel_transfer t = readmodel_transfer_of(&from->row, ev, at_text);
 	const char *argv[3] = { "SET", k, NULL };
 
-	if (rb->sql && !transfer_row(&rb->transfers, &t, at))
-		goto fail;
+	/* Redis's only: the SQL model of transfers reads the log (sql/017). */
 	if (!rb->redis)
 		return true;
 	readmodel_time_text(at, at_text);

@@ -11,12 +11,10 @@ static bool flush_chunk(struct rebuild *rb)
 {
 	size_t due = rb->redis_prev;
 
-	if (rb->sql && rb->copier.running &&
-	    !copier_submit(&rb->copier, &rb->entries, &rb->transfers))
+	if (rb->sql && rb->copier.running && !copier_submit(&rb->copier, &rb->entries))
 		return false;
 	if (rb->sql && !rb->copier.running &&
-	    (!copy_in(rb->wr, "rm_entries_shadow", &rb->entries, &rb->ctx->log) ||
-	     !copy_in(rb->wr, "rm_transfers_shadow", &rb->transfers, &rb->ctx->log)))
+	    !copy_in(rb->wr, "rm_entries_shadow", &rb->entries, &rb->ctx->log))
 		return false;
 	if (!rb->redis)
 		return true;

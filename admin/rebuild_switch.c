@@ -30,10 +30,9 @@ static bool lock_once(struct rebuild *rb, bool *busy)
 		return false;
 	if (!try_lock(rb, "SELECT pg_advisory_xact_lock(" READMODEL_SWITCH_LOCK ")", busy))
 		return false;
-	if (rb->sql && !try_lock(rb,
-				 "LOCK TABLE rm_accounts, rm_entries, rm_transfers, "
-				 "rm_totals IN ACCESS EXCLUSIVE MODE",
-				 busy))
+	if (rb->sql &&
+	    !try_lock(rb, "LOCK TABLE rm_accounts, rm_entries, rm_totals IN ACCESS EXCLUSIVE MODE",
+		      busy))
 		return false;
 	return rb_exec(rb, rb->wr, "SET LOCAL lock_timeout = 0");
 }

@@ -58,8 +58,8 @@ static struct rm_total *total_of(struct projector_ctx *ctx, const char *currency
 
 /* The batch's rows, built while folding. */
 struct fold_rows {
-	struct pg_bin_array ecols[9], tcols[7];
-	struct table entries, transfers;
+	struct pg_bin_array ecols[9];
+	struct table entries;
 	struct rm_account **accounts; /* touched, each once */
 	size_t naccounts, cap;
 	struct rm_total **totals; /* touched currencies, each once */
@@ -123,24 +123,12 @@ static bool add_entry(struct fold_rows *r, const struct rm_account *a, const str
 			readmodel_entry_json_append(&r->text, &item));
 }
 
-static const enum pg_type_oid transfer_types[7] = {
-	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TEXT,        PG_TYPE_INT8,
-	PG_TYPE_TEXT, PG_TYPE_TEXT, PG_TYPE_TIMESTAMPTZ,
-};
-
+/* A transfer is Redis's only: the SQL model of transfers reads the log (sql/017). */
 static bool add_transfer(struct fold_rows *r, const struct rm_account *from,
 			 const struct log_event *e, const struct ledger_event *ev)
 {
-	struct pg_bin_array *c = r->tcols;
 	struct readmodel_transfer item = readmodel_transfer_of(&from->row, ev, e->at);
 
-	pg_bin_text(&c[0], item.transfer_id);
-	pg_bin_text(&c[1], item.from);
-	pg_bin_text(&c[2], item.to);
-	pg_bin_int8(&c[3], item.amount);
-	pg_bin_text(&c[4], item.currency);
-	pg_bin_text(&c[5], item.reference);
-	pg_bin_int8(&c[6], e->at_us);
 	/* Version 0 marks a transfer among the items. */
 	return add_item(r, item.transfer_id, 0, readmodel_transfer_json_append(&r->text, &item));
 }
@@ -234,7 +222,6 @@ void projector_rows_free(struct fold_rows **rp)
 		r->totals[i]->delta = (struct readmodel_count){ 0 };
 	}
 	table_free(&r->entries);
-	table_free(&r->transfers);
 	readmodel_text_free(&r->text);
 	ledger_event_buf_free(&r->evbuf);
 	free(r->items);
@@ -252,7 +239,6 @@ bool projector_fold(struct projector_ctx *ctx)
 	if (!r)
 		return false;
 	table_init(&r->entries, r->ecols, entry_types, 9);
-	table_init(&r->transfers, r->tcols, transfer_types, 7);
 	for (size_t i = 0; i < ctx->nevents; i++) {
 		if (!apply(ctx, r, &ctx->events[i])) {
 			log_error(&ctx->log, "cannot apply event %lld (account-%s v%d)",
@@ -269,10 +255,9 @@ bool projector_fold(struct projector_ctx *ctx)
 /* write_rows' parameters (step.c): each table's columns. */
 enum {
 	ACCOUNT_COLS = 10,
-	ENTRY_COLS = 9,    /* fold_rows.ecols */
-	TRANSFER_COLS = 7, /* fold_rows.tcols */
+	ENTRY_COLS = 9, /* fold_rows.ecols */
 	TOTAL_COLS = 4,
-	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TRANSFER_COLS + TOTAL_COLS,
+	ROW_PARAMS = ACCOUNT_COLS + ENTRY_COLS + TOTAL_COLS,
 };
 
 static const enum pg_type_oid account_types[ACCOUNT_COLS] = {
@@ -358,8 +343,7 @@ static bool queue_rows(struct projector_ctx *ctx)
 		formats[i] = 1;
 	if (!take_accounts(r, p, l) ||
 	    !table_take(&r->entries, p += ACCOUNT_COLS, l += ACCOUNT_COLS) ||
-	    !table_take(&r->transfers, p += ENTRY_COLS, l += ENTRY_COLS) ||
-	    !take_totals(r, p += TRANSFER_COLS, l += TRANSFER_COLS))
+	    !take_totals(r, p += ENTRY_COLS, l += ENTRY_COLS))
 		goto done;
 	ok = pg_queue_params(ctx->pg, "write_rows", ROW_PARAMS, (const char *const *)params,
 			     lengths, formats, false);

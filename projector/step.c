@@ -64,8 +64,9 @@ static const struct pg_statement statements[] = {
 	  "projector_checkpoint_move('" PROJECTOR_PROJECTION "', $1::bigint, $2::xid8, "
 	  "$3::bigint, $4::bigint, $5::xid8, $6::bigint) END FROM guard" },
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
-	 * table): accounts ($1-$10), statement items ($11-$19), transfers ($20-$26), the
-	 * totals' deltas ($27-$30). The arrays come in binary (fold.c). Each array is
+	 * table): accounts ($1-$10), statement items ($11-$19), the totals' deltas
+	 * ($20-$23); transfers have no rows, the SQL model reads them from the log (sql/017).
+	 * The arrays come in binary (fold.c). Each array is
 	 * unnested in the select list (a ProjectSet, in step with the others: the arrays of a
 	 * table are of one length), not in FROM: unnest(a, b, ...) in FROM is a table
 	 * function whose rows are copied into a tuplestore before the insert reads them
@@ -88,13 +89,9 @@ static const struct pg_statement statements[] = {
 	  "transfer_id, counterparty, reference, at) SELECT unnest($11::text[]), unnest($12::int[]), "
 	  "unnest($13::text[]), unnest($14::bigint[]), unnest($15::bigint[]), unnest($16::text[]), "
 	  "unnest($17::text[]), unnest($18::text[]), unnest($19::timestamptz[])), "
-	  "t AS (INSERT INTO rm_transfers (transfer_id, from_account, to_account, amount, currency, "
-	  "reference, at) SELECT unnest($20::text[]), unnest($21::text[]), unnest($22::text[]), "
-	  "unnest($23::bigint[]), unnest($24::text[]), unnest($25::text[]), "
-	  "unnest($26::timestamptz[])), "
 	  "c AS (INSERT INTO rm_totals (currency, accounts, open_accounts, balance_sum) SELECT "
-	  "unnest($27::text[]), unnest($28::bigint[]), unnest($29::bigint[]), "
-	  "unnest($30::text[]::numeric[]) "
+	  "unnest($20::text[]), unnest($21::bigint[]), unnest($22::bigint[]), "
+	  "unnest($23::text[]::numeric[]) "
 	  "ON CONFLICT "
 	  "(currency) DO UPDATE SET accounts = rm_totals.accounts + EXCLUDED.accounts, "
 	  "open_accounts = rm_totals.open_accounts + EXCLUDED.open_accounts, balance_sum = "

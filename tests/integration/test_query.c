@@ -105,8 +105,14 @@ static void fill_sql(void)
 		" ('a1', 2, 'deposit', 1000, 1000, NULL, NULL, 'salary', '2026-01-02 03:04:06+00'),"
 		" ('a1', 3, 'transfer_in', 500, 1500, 't1', 'b1', NULL, '2026-01-02 03:05:00+00'),"
 		" ('b1', 2, 'transfer_out', 500, -500, 't1', 'a1', NULL, '2026-01-02 03:05:00+00')");
-	exec_sql("INSERT INTO rm_transfers VALUES ('t1', 'b1', 'a1', 500, 'EUR', NULL,"
-		 " '2026-01-02 03:05:00+00')");
+	/* The SQL model of transfers is the log's (sql/017): b1's opening (the currency) and
+	 * its TransferSent, both covered by the checkpoint below. */
+	exec_sql("INSERT INTO events (txid, stream, version, type, data, metadata, recorded_at) "
+		 "VALUES ('3', 'account-b1', 1, 'AccountOpened', '{\"account_id\":\"b1\","
+		 "\"name\":\"Bob\",\"currency\":\"EUR\",\"overdraft_limit\":1000}', '{}', "
+		 "'2026-01-02 03:00:00+00'), ('3', 'account-b1', 2, 'TransferSent', "
+		 "'{\"transfer_id\":\"t1\",\"to\":\"a1\",\"amount\":500}', '{}', "
+		 "'2026-01-02 03:05:00+00')");
 	exec_sql("INSERT INTO rm_totals VALUES ('USD', 1, 0, 0), ('EUR', 2, 2, 1000)");
 	exec_sql(
 		"UPDATE projection_checkpoints SET txid = '5', position = 10 WHERE projection = 'sql'");
@@ -439,6 +445,44 @@ Test(query, transfer_and_totals_from_both_models)
 	go_live();
 	check("/transfers/t1", xfer_t1, REDIS_POS);
 	check("/totals", totals, REDIS_POS);
+}
+
+/* The SQL model of transfers reads the log, but shows a transfer only once the SQL
+ * checkpoint covers its event in reader order ((txid, position)), as when the projector
+ * wrote its row: a read served from SQL never shows what its position does not cover. */
+Test(query, the_sql_model_shows_a_transfer_only_once_its_checkpoint_covers_it)
+{
+	static const char t2[] =
+		"{\"transfer_id\":\"t2\",\"from\":\"b1\",\"to\":\"a1\",\"amount\":7,"
+		"\"currency\":\"EUR\",\"reference\":\"late\",\"at\":\"2026-01-02T04:00:00.000000Z\"}";
+	static const char t3[] =
+		"{\"transfer_id\":\"t3\",\"from\":\"b1\",\"to\":\"a1\",\"amount\":8,"
+		"\"currency\":\"EUR\",\"reference\":null,\"at\":\"2026-01-02T04:01:00.000000Z\"}";
+	struct response r;
+	char pos[64];
+
+	fill_sql(); /* the SQL checkpoint is 5.10; no live Redis: reads come from SQL */
+	/* t2 in the checkpoint's transaction but after it; t3 at a later position of an
+	 * earlier transaction, which reader order puts before the checkpoint. */
+	exec_sql("INSERT INTO events (position, txid, stream, version, type, data, metadata, "
+		 "recorded_at) OVERRIDING SYSTEM VALUE VALUES (1000, '5', 'account-b1', 3, "
+		 "'TransferSent', '{\"transfer_id\":\"t2\",\"to\":\"a1\",\"amount\":7,"
+		 "\"reference\":\"late\"}', '{}', '2026-01-02 04:00:00+00'), (1001, '4', "
+		 "'account-b1', 4, 'TransferSent', '{\"transfer_id\":\"t3\",\"to\":\"a1\","
+		 "\"amount\":8}', '{}', '2026-01-02 04:01:00+00')");
+	r = get("/transfers/t2");
+	expect_problem(&r, 404, "transfer_not_found");
+	expect_header(&r, "X-Daybook-Position", SQL_POS);
+	response_free(&r);
+	check("/transfers/t3", t3, SQL_POS);
+	check("/transfers/t1", xfer_t1, SQL_POS);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_transfers"), 2);
+
+	/* Once the checkpoint reaches its event, it is there. */
+	exec_sql("UPDATE projection_checkpoints SET position = 1000 WHERE projection = 'sql'");
+	snprintf(pos, sizeof(pos), "5.1000");
+	check("/transfers/t2", t2, pos);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_transfers"), 3);
 }
 
 Test(query, totals_beyond_int64_and_empty)

@@ -399,3 +399,23 @@ Test(roles, every_function_pins_its_search_path)
 				  "ANY (p.proconfig)"),
 		      2);
 }
+
+/* sql/017: the SQL model of transfers is a view of the log. A projector of the version
+ * before still inserts its batch's transfer rows, as one data-modifying CTE of its
+ * write_rows: that goes through and changes nothing (the view has them from the log),
+ * so it keeps projecting until it is replaced. No other role may insert. */
+Test(roles, the_previous_projectors_transfer_rows_go_through_and_change_nothing)
+{
+	static const char old_insert[] =
+		"WITH t AS (INSERT INTO rm_transfers (transfer_id, from_account, to_account, "
+		"amount, currency, reference, at) SELECT unnest('{old-t}'::text[]), "
+		"unnest('{x}'::text[]), unnest('{y}'::text[]), unnest('{5}'::bigint[]), "
+		"unnest('{EUR}'::text[]), unnest('{NULL}'::text[]), unnest(ARRAY[now()])) SELECT 1";
+
+	assert_allowed("daybook_projector", old_insert);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_transfers"), 0);
+	assert_log_untouched();
+	assert_refused("daybook_query", old_insert, PERMISSION_DENIED);
+	assert_refused("daybook_command", old_insert, PERMISSION_DENIED);
+	assert_allowed("daybook_query", "SELECT * FROM rm_transfers");
+}
