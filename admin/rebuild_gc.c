@@ -211,8 +211,13 @@ static bool projector_sweeps(struct rebuild *rb)
 	redisReply *f = NULL;
 	bool leads = false;
 
-	if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && rb_redis_drain(rb) &&
-	    (f = redisCommand(rb->redis, "GET %s%s", READMODEL_LEADER_KEY, rb->identity)))
+	if (PQresultStatus(r) != PGRES_TUPLES_OK)
+		rb_note(rb,
+			"cannot read the projector lease (%s): the old redis generation is "
+			"deleted here",
+			PQresultErrorMessage(r));
+	else if (PQntuples(r) == 1 && rb_redis_drain(rb) &&
+		 (f = redisCommand(rb->redis, "GET %s%s", READMODEL_LEADER_KEY, rb->identity)))
 		leads = f->type == REDIS_REPLY_STRING && strcmp(f->str, PQgetvalue(r, 0, 0)) == 0;
 	freeReplyObject(f);
 	PQclear(r);
@@ -224,7 +229,10 @@ bool rb_cleanup_after_switch(struct rebuild *rb)
 	const struct live_before *old = &rb->live_before;
 	long long from = old->present ? atoll(old->gen) : 0;
 
-	if (projector_sweeps(rb))
+	/* Handed over only when the generation replaced is older than ours: one above it
+	 * (a projector's resync during a long rebuild took a higher number) would stay
+	 * for good, since a sweep takes only generations below the live one. */
+	if (from > 0 && from < rb->gen && projector_sweeps(rb))
 		return false;
 	if (from <= 0 || from >= rb->gen || rb->gen - from > 8) {
 		rb_redis_cleanup(rb, rb->gen, 0);

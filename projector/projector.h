@@ -103,6 +103,9 @@ struct projector_ctx {
 	 * ran to the end started (0: none since we took the lead or (re)connected); the one
 	 * generation the sweep in flight looks for (0: every one). */
 	long long sweep_gen, swept_gen, sweep_only;
+	/* A CLEAN_OLD of the sweep in flight failed (it is owed again); the last page's
+	 * CLEAN_OLD is in flight and its reply ends the sweep. */
+	bool sweep_failed, sweep_closing;
 	size_t rpending;                 /* Redis replies still to come for the resync's phase */
 	bool rfailed;                    /* a reply of the resync's phase failed */
 	size_t rerrors;                  /* error replies of the current step */

@@ -117,6 +117,36 @@ static bool sweep_scan(struct projector_ctx *ctx, const char *cursor)
  * lost connection, an error) is owed too; so is one after every (re)connection (Redis
  * may be another server now, a replica that missed deletions) and on taking the lead
  * (the last leader may have died mid-sweep): garbage is reclaimed by whoever leads. */
+static void sweep_end(struct projector_ctx *ctx)
+{
+	if (ctx->sweep_failed) {
+		ctx->sweep_gen = 0; /* owed: the periodic check starts it again */
+		return;
+	}
+	ctx->swept_gen = ctx->sweep_gen;
+	ctx->sweep_gen = 0;
+}
+
+/* A page's CLEAN_OLD answered: an error (a refused write: MISCONF, READONLY, OOM, an
+ * ACL) or a lost connection leaves the sweep owed, so that it is not counted as done
+ * with keys of an old generation left behind. */
+static void clean_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (!reply || reply->type == REDIS_REPLY_ERROR) {
+		if (!ctx->sweep_failed)
+			log_warn(&ctx->log,
+				 "sweeping old redis generations failed (%s); trying again",
+				 reply ? reply->str : "connection lost");
+		ctx->sweep_failed = true;
+	}
+	if (ctx->sweep_closing) {
+		ctx->sweep_closing = false;
+		sweep_end(ctx);
+	}
+}
+
 static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
@@ -139,16 +169,18 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 			if (g > 0 && g < ctx->gen) /* the live one's and newer stay here */
 				argv[2 + old++] = k;
 		}
-		if (old &&
-		    !redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(old + 2), argv, NULL, NULL, NULL)) {
+		if (old && !redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(old + 2), argv, NULL,
+				       clean_reply, ctx)) {
 			free(argv);
 			goto abandoned;
 		}
 		free(argv);
 	}
 	if (strcmp(reply->element[0]->str, "0") == 0) {
-		ctx->swept_gen = ctx->sweep_gen;
-		ctx->sweep_gen = 0;
+		if (old)
+			ctx->sweep_closing = true; /* clean_reply ends it */
+		else
+			sweep_end(ctx);
 		return;
 	}
 	if (sweep_scan(ctx, reply->element[0]->str))
@@ -162,6 +194,8 @@ void redis_sync_start_cleanup(struct projector_ctx *ctx)
 	if (ctx->sweep_gen || !ctx->gen)
 		return; /* the one in flight ends first; this one is owed */
 	ctx->sweep_only = ctx->swept_gen && ctx->gen == ctx->swept_gen + 1 ? ctx->swept_gen : 0;
+	ctx->sweep_failed = false;
+	ctx->sweep_closing = false;
 	if (!sweep_scan(ctx, "0")) {
 		log_warn(&ctx->log, "cannot clean old redis generations now");
 		return;

@@ -935,6 +935,10 @@ void projector_on_lease_change(void *arg, long long epoch, const char *why)
 	ctx->epoch = epoch;
 	metric_set(ctx->m_leader, 1);
 	metric_set(ctx->m_epoch, (double)epoch);
+	/* The last leader may have died mid-sweep, and generation numbers start again
+	 * after a FLUSHALL: sweep the whole key space once, not only the generation after
+	 * the one this process last swept for (redis_sync.c). */
+	ctx->swept_gen = 0;
 	projector_redis_fence(ctx);
 	/* Whatever we knew of the read models is stale: reload the checkpoint, with empty
 	 * caches, now if idle, else once the step in flight (which points into the caches)

@@ -234,7 +234,10 @@ static size_t append_done(struct readmodel_text *b, struct out *o)
 	return o->start;
 }
 
-#define APPEND_OPEN(b) { .p = (b)->p, .len = (b)->len, .cap = (b)->cap, .start = (b)->len }
+#define APPEND_OPEN(b)                                                                             \
+	{                                                                                          \
+		.p = (b)->p, .len = (b)->len, .cap = (b)->cap, .start = (b)->len                   \
+	}
 
 size_t readmodel_account_json_append(struct readmodel_text *b, const struct readmodel_account *a)
 {
@@ -312,7 +315,6 @@ long long readmodel_item_version(const char *json)
 		v = 10 * v + (*p - '0');
 	return *p == ',' ? v : -1;
 }
-
 
 /* An optional minus sign and at least one digit, nothing else. */
 static bool integer_text(const char *s)

@@ -736,3 +736,58 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	harness_assert_redis_matches_sql(db, redis_url);
 	redisFree(c);
 }
+
+/* Keys of generation gen left in Redis. */
+static size_t gen_keys(redisContext *c, long long gen)
+{
+	redisReply *r = redisCommand(c, "KEYS dbk:g:%lld:*", gen);
+	size_t n;
+
+	cr_assert(r && r->type == REDIS_REPLY_ARRAY);
+	n = r->elements;
+	freeReplyObject(r);
+	return n;
+}
+
+/* A sweep whose deletions Redis refuses (an ACL, MISCONF, READONLY, OOM) is not done:
+ * the projector tries it again until the old generation is gone. Since the rebuild
+ * leaves the old generation to a leading projector, the sweep is the only thing that
+ * reclaims it. */
+Test(rebuild, a_sweep_that_redis_refuses_is_tried_again)
+{
+	redisContext *c;
+	long long old_gen, live_gen;
+	char cp[64];
+	int fd, json_lines, status;
+
+	must("/accounts", "{\"id\":\"r-1\",\"name\":\"R\",\"currency\":\"EUR\"}");
+	must("/accounts", "{\"id\":\"r-2\",\"name\":\"R\",\"currency\":\"EUR\"}");
+	must("/accounts/r-1/deposits", "{\"amount\":10}");
+	must("/transfers", "{\"id\":\"rt-1\",\"from\":\"r-1\",\"to\":\"r-2\",\"amount\":4}");
+	harness_wait_caught_up(db, redis_url, 30);
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
+	cr_assert_gt(gen_keys(c, old_gen), 0);
+	freeReplyObject(redisCommand(c, "ACL SETUSER daybook-projector -unlink"));
+
+	pid_t pid = start_rebuild("all", &fd);
+	read_progress(fd, &json_lines);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+	cr_assert_str_eq(cleanup_by, "projector");
+	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+	cr_assert_gt(live_gen, old_gen);
+	/* Refused: the old generation stays while UNLINK is not allowed. */
+	sleep(2);
+	cr_assert_gt(gen_keys(c, old_gen), 0, "the sweep deleted keys it may not delete");
+
+	freeReplyObject(redisCommand(c, "ACL SETUSER daybook-projector +unlink"));
+	for (double end = harness_now() + 10; gen_keys(c, old_gen) > 0; usleep(50000))
+		cr_assert(harness_now() < end,
+			  "%zu keys of generation %lld left behind after a refused sweep",
+			  gen_keys(c, old_gen), old_gen);
+	must("/accounts/r-1/deposits", "{\"amount\":3}");
+	harness_wait_caught_up(db, redis_url, 30);
+	harness_assert_redis_matches_sql(db, redis_url);
+	redisFree(c);
+}
