@@ -106,6 +106,9 @@ struct projector_ctx {
 	/* A CLEAN_OLD of the sweep in flight failed (it is owed again); the last page's
 	 * CLEAN_OLD is in flight and its reply ends the sweep. */
 	bool sweep_failed, sweep_closing;
+	/* The one generation the sweep looks for is ours (or has no identity left): its
+	 * pages go straight to UNLINK, not through CLEAN_OLD. */
+	bool sweep_direct;
 	size_t rpending;                 /* Redis replies still to come for the resync's phase */
 	bool rfailed;                    /* a reply of the resync's phase failed */
 	size_t rerrors;                  /* error replies of the current step */

@@ -158,6 +158,7 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 		goto abandoned;
 	n = reply->element[1]->elements;
 	if (n && ctx->identity[0]) {
+		bool sent;
 		if (!(argv = malloc((n + 2) * sizeof(*argv))))
 			goto abandoned;
 		snprintf(below, sizeof(below), "%lld", ctx->gen);
@@ -169,12 +170,17 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 			if (g > 0 && g < ctx->gen) /* the live one's and newer stay here */
 				argv[2 + old++] = k;
 		}
-		if (old && !redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(old + 2), argv, NULL,
-				       clean_reply, ctx)) {
-			free(argv);
-			goto abandoned;
+		if (ctx->sweep_direct) { /* one generation, known to be ours */
+			argv[1] = "UNLINK";
+			sent = !old || redis_command(ctx->redis, (int)(old + 1), argv + 1, NULL,
+						     clean_reply, ctx);
+		} else {
+			sent = !old || redis_eval(ctx->redis, CLEAN_OLD, 0, (int)(old + 2), argv,
+						  NULL, clean_reply, ctx);
 		}
 		free(argv);
+		if (!sent)
+			goto abandoned;
 	}
 	if (strcmp(reply->element[0]->str, "0") == 0) {
 		if (old)
@@ -189,14 +195,46 @@ abandoned:
 	ctx->sweep_gen = 0; /* owed: the periodic check starts it again */
 }
 
+/* Whose the one generation a sweep looks for is: ours (or no identity left, a sweep
+ * cut short took it) lets its pages go straight to UNLINK, with no script that checks
+ * each key's generation and identity (most of a sweep's Redis CPU, docs/performance.md);
+ * another store's sends the sweep through CLEAN_OLD, over every generation. */
+static void sweep_identity_reply(void *arg, const redisReply *reply)
+{
+	struct projector_ctx *ctx = arg;
+
+	if (!reply || reply->type == REDIS_REPLY_ERROR) {
+		ctx->sweep_gen = 0; /* owed: the periodic check starts it again */
+		return;
+	}
+	ctx->sweep_direct = reply->type == REDIS_REPLY_NIL ||
+			    (reply->type == REDIS_REPLY_STRING &&
+			     strcmp(reply->str, ctx->identity) == 0);
+	if (!ctx->sweep_direct)
+		ctx->sweep_only = 0;
+	if (!sweep_scan(ctx, "0"))
+		ctx->sweep_gen = 0;
+}
+
 void redis_sync_start_cleanup(struct projector_ctx *ctx)
 {
+	char key[READMODEL_KEY_MAX];
+	const char *get[2] = { "GET", key };
+	bool sent;
+
 	if (ctx->sweep_gen || !ctx->gen)
 		return; /* the one in flight ends first; this one is owed */
 	ctx->sweep_only = ctx->swept_gen && ctx->gen == ctx->swept_gen + 1 ? ctx->swept_gen : 0;
 	ctx->sweep_failed = false;
 	ctx->sweep_closing = false;
-	if (!sweep_scan(ctx, "0")) {
+	ctx->sweep_direct = false;
+	if (ctx->sweep_only) {
+		readmodel_key(key, sizeof(key), ctx->sweep_only, READMODEL_KIND_IDENTITY, NULL);
+		sent = redis_command(ctx->redis, 2, get, NULL, sweep_identity_reply, ctx);
+	} else {
+		sent = sweep_scan(ctx, "0");
+	}
+	if (!sent) {
 		log_warn(&ctx->log, "cannot clean old redis generations now");
 		return;
 	}
