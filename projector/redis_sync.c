@@ -106,17 +106,7 @@ static bool sweep_scan(struct projector_ctx *ctx, const char *cursor)
 	return redis_command(ctx->redis, 6, scan, NULL, cleanup_reply, ctx);
 }
 
-/* Remove the keys of every generation older than the live one, a SCAN page at a time
- * (SCAN walks the whole keyspace, so after a switch from the generation last swept
- * for to the very next one, only that one generation's keys are asked for: every
- * older one is gone, and no other was drawn in between). The page's keys of older
- * generations go to CLEAN_OLD, which checks their identity and unlinks them in one
- * command. Newer ones are left alone: a rebuild may be filling one. One sweep at a time: one
- * asked for while another runs is owed, and the periodic check starts it when that
- * ends (swept_gen is not the live generation). A sweep that does not reach its end (a
- * lost connection, an error) is owed too; so is one after every (re)connection (Redis
- * may be another server now, a replica that missed deletions) and on taking the lead
- * (the last leader may have died mid-sweep): garbage is reclaimed by whoever leads. */
+/* A sweep has reached its end: done, unless a deletion of it failed (then owed). */
 static void sweep_end(struct projector_ctx *ctx)
 {
 	if (ctx->sweep_failed) {
@@ -127,9 +117,9 @@ static void sweep_end(struct projector_ctx *ctx)
 	ctx->sweep_gen = 0;
 }
 
-/* A page's CLEAN_OLD answered: an error (a refused write: MISCONF, READONLY, OOM, an
- * ACL) or a lost connection leaves the sweep owed, so that it is not counted as done
- * with keys of an old generation left behind. */
+/* A page's deletion (CLEAN_OLD or UNLINK) answered: an error (a refused write:
+ * MISCONF, READONLY, OOM, an ACL) or a lost connection leaves the sweep owed, so that
+ * it is not counted as done with keys of an old generation left behind. */
 static void clean_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
@@ -147,6 +137,17 @@ static void clean_reply(void *arg, const redisReply *reply)
 	}
 }
 
+/* Remove the keys of every generation older than the live one, a SCAN page at a time
+ * (SCAN walks the whole keyspace, so after a switch from the generation last swept
+ * for to the very next one, only that one generation's keys are asked for: every
+ * older one is gone, and no other was drawn in between). The page's keys of older
+ * generations go to CLEAN_OLD, which checks their identity and unlinks them in one
+ * command (or, for the one generation known to be ours, straight to UNLINK). Newer ones are left alone: a rebuild may be filling one. One sweep at a time: one
+ * asked for while another runs is owed, and the periodic check starts it when that
+ * ends (swept_gen is not the live generation). A sweep that does not reach its end (a
+ * lost connection, an error) is owed too; so is one after every (re)connection (Redis
+ * may be another server now, a replica that missed deletions) and on taking the lead
+ * (the last leader may have died mid-sweep): garbage is reclaimed by whoever leads. */
 static void cleanup_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
