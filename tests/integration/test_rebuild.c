@@ -676,6 +676,37 @@ Test(rebuild, a_sql_rebuild_under_load_leaves_redis_whole)
 	harness_assert_redis_matches_sql(db, redis_url);
 }
 
+/* Accounts <p>-1 and <p>-2, a deposit into the first and transfer <p>t-1 between them,
+ * all applied by the projector. */
+static void two_accounts_and_a_transfer(const char *p)
+{
+	char body[160];
+
+	for (int i = 1; i <= 2; i++) {
+		snprintf(body, sizeof(body),
+			 "{\"id\":\"%s-%d\",\"name\":\"%s\",\"currency\":\"EUR\"}", p, i, p);
+		must("/accounts", body);
+	}
+	snprintf(body, sizeof(body), "/accounts/%s-1/deposits", p);
+	must(body, "{\"amount\":10}");
+	snprintf(body, sizeof(body),
+		 "{\"id\":\"%st-1\",\"from\":\"%s-1\",\"to\":\"%s-2\",\"amount\":4}", p, p, p);
+	must("/transfers", body);
+	harness_wait_caught_up(db, redis_url, 30);
+}
+
+/* rebuild all to its end, with exit status 0; cleanup_by says who took the old
+ * generation. */
+static void rebuild_all(void)
+{
+	int fd, json_lines, status;
+	pid_t pid = start_rebuild("all", &fd);
+
+	read_progress(fd, &json_lines);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+}
+
 /* A projector that takes the lead sweeps what older generations still hold: the leader
  * the rebuild left the old generation to may have died before its sweep ended (keys of
  * that generation, ours, left behind here), or Redis failed over to a replica that had
@@ -686,13 +717,8 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	redisReply *r;
 	long long old_gen, live_gen;
 	char cp[64], identity[256];
-	int fd, json_lines, status;
 
-	must("/accounts", "{\"id\":\"s-1\",\"name\":\"S\",\"currency\":\"EUR\"}");
-	must("/accounts", "{\"id\":\"s-2\",\"name\":\"S\",\"currency\":\"EUR\"}");
-	must("/accounts/s-1/deposits", "{\"amount\":10}");
-	must("/transfers", "{\"id\":\"st-1\",\"from\":\"s-1\",\"to\":\"s-2\",\"amount\":4}");
-	harness_wait_caught_up(db, redis_url, 30);
+	two_accounts_and_a_transfer("s");
 	c = harness_redis(redis_url);
 	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
 	r = redisCommand(c, "GET dbk:g:%lld:identity", old_gen);
@@ -702,10 +728,7 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	cr_assert_eq(harness_stop(&projector), 0);
 
 	/* No projector leads: the rebuild deletes the old generation itself. */
-	pid_t pid = start_rebuild("all", &fd);
-	read_progress(fd, &json_lines);
-	cr_assert_eq(waitpid(pid, &status, 0), pid);
-	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+	rebuild_all();
 	cr_assert_str_eq(cleanup_by, "rebuild");
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	cr_assert_gt(live_gen, old_gen);
@@ -758,22 +781,14 @@ Test(rebuild, a_sweep_that_redis_refuses_is_tried_again)
 	redisContext *c;
 	long long old_gen, live_gen;
 	char cp[64];
-	int fd, json_lines, status;
 
-	must("/accounts", "{\"id\":\"r-1\",\"name\":\"R\",\"currency\":\"EUR\"}");
-	must("/accounts", "{\"id\":\"r-2\",\"name\":\"R\",\"currency\":\"EUR\"}");
-	must("/accounts/r-1/deposits", "{\"amount\":10}");
-	must("/transfers", "{\"id\":\"rt-1\",\"from\":\"r-1\",\"to\":\"r-2\",\"amount\":4}");
-	harness_wait_caught_up(db, redis_url, 30);
+	two_accounts_and_a_transfer("r");
 	c = harness_redis(redis_url);
 	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
 	cr_assert_gt(gen_keys(c, old_gen), 0);
 	freeReplyObject(redisCommand(c, "ACL SETUSER daybook-projector -unlink"));
 
-	pid_t pid = start_rebuild("all", &fd);
-	read_progress(fd, &json_lines);
-	cr_assert_eq(waitpid(pid, &status, 0), pid);
-	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
+	rebuild_all();
 	cr_assert_str_eq(cleanup_by, "projector");
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	cr_assert_gt(live_gen, old_gen);
