@@ -158,6 +158,18 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 	snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
 	if (!rb_redis_drain(rb) || !get_live(rb, old))
 		return false;
+	/* A live generation newer than ours was made while we built: a projector copied
+	 * Redis from SQL (it had lost its data, or failed over), and its sweep takes every
+	 * generation below its own, ours included, keys we had already written among them.
+	 * Ours may have holes: it must not go live (and the newer one is complete). */
+	if (old->present && atoll(old->gen) > rb->gen) {
+		rb_error(rb,
+			 "redis generation %s went live while this rebuild built generation %lld "
+			 "(a projector copied redis from SQL): nothing was switched; run the rebuild "
+			 "again\n",
+			 old->gen, rb->gen);
+		return false;
+	}
 	/* The identity again: Redis may have lost what was written at the start. */
 	if (!rb_redis_send(rb, 3, identity) || !rb_redis_send(rb, 3, layout) ||
 	    !rb_redis_send(rb, 3, cp) || !rb_redis_send(rb, 3, live) || !rb_redis_send(rb, 3, pub))

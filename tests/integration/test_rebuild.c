@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "readmodel.h"
 
 static char db[64], redis_url[128];
 static struct service command, redis, projector, query;
@@ -804,5 +805,67 @@ Test(rebuild, a_sweep_that_redis_refuses_is_tried_again)
 	must("/accounts/r-1/deposits", "{\"amount\":3}");
 	harness_wait_caught_up(db, redis_url, 30);
 	harness_assert_redis_matches_sql(db, redis_url);
+	redisFree(c);
+}
+
+/* A projector that copies Redis from SQL while a rebuild builds (Redis lost its data,
+ * or failed over) makes a generation newer than the rebuild's live, and its sweep takes
+ * every older one, keys the rebuild had already written among them: the rebuild must not
+ * switch to its own, which may have holes. It fails with nothing switched; the live
+ * models stay the projector's, equal to the log. */
+Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
+{
+	const char waiting[] = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+			       "AND NOT granted";
+	char pg[512], line[512], cp[64];
+	long long old_gen, live_gen, gen_before;
+	redisContext *c;
+	PGconn *hold;
+	int fd, status;
+	FILE *f;
+	pid_t pid;
+
+	two_accounts_and_a_transfer("o");
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
+	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	/* The switch takes the switch lock exclusively and waits for this; the projector's
+	 * batches take it shared and go on. */
+	harness_conninfo(db, NULL, pg, sizeof(pg));
+	hold = PQconnectdb(pg);
+	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
+
+	pid = start_rebuild("all", &fd);
+	for (double end = harness_now() + 30; sql_int(db, waiting) == 0; usleep(20000))
+		cr_assert(harness_now() < end, "the rebuild never waited for its switch");
+	/* Redis loses its live generation: the projector copies SQL into a new one. */
+	freeReplyObject(redisCommand(c, "DEL " READMODEL_LIVE_KEY));
+	for (double end = harness_now() + 30;; usleep(50000)) {
+		if (harness_redis_live(c, &live_gen, cp, sizeof(cp)) && live_gen > old_gen)
+			break;
+		cr_assert(harness_now() < end, "the projector did not copy redis from SQL");
+	}
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
+	PQfinish(hold);
+
+	f = fdopen(fd, "r");
+	while (fgets(line, sizeof(line), f))
+		;
+	fclose(f);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1,
+		  "the rebuild must refuse to switch (exit status %d)", status);
+	{
+		long long now_gen;
+		cr_assert(harness_redis_live(c, &now_gen, cp, sizeof(cp)));
+		cr_assert_eq(now_gen, live_gen, "the projector's generation stays live");
+	}
+	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before,
+		     "the SQL tables were not swapped");
+	must("/accounts/o-1/deposits", "{\"amount\":3}");
+	harness_wait_caught_up(db, redis_url, 30);
+	harness_assert_redis_matches_sql(db, redis_url);
+	cr_expect_eq(run_verify(), 0, "verify found differences between Redis and the log");
 	redisFree(c);
 }
