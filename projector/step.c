@@ -66,11 +66,11 @@ static const struct pg_statement statements[] = {
 	/* The batch's rows, one statement over arrays (one executor start instead of one per
 	 * table): accounts ($1-$10), statement items ($11-$19), the totals' deltas
 	 * ($20-$23); transfers have no rows, the SQL model reads them from the log (sql/017).
-	 * The arrays come in binary (fold.c). Each array is
-	 * unnested in the select list (a ProjectSet, in step with the others: the arrays of a
-	 * table are of one length), not in FROM: unnest(a, b, ...) in FROM is a table
-	 * function whose rows are copied into a tuplestore before the insert reads them
-	 * (docs/performance.md, "Less PostgreSQL work per transfer"). No NOTIFY here: a
+	 * The arrays come in binary (fold.c). Each array is unnested in the select list (a
+	 * ProjectSet, in step with the others: the arrays of a table are of one length), not
+	 * in FROM: unnest(a, b, ...) in FROM is a table function whose rows are copied into
+	 * a tuplestore before the insert reads them (docs/performance.md, "Less PostgreSQL
+	 * work per transfer"). No NOTIFY here: a
 	 * transaction that notifies takes the database's notify lock at commit and holds it
 	 * through its commit, so the batch would wait for every command append committing
 	 * (and its WAL flush) and they for it; the new checkpoint is announced once

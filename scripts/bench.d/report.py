@@ -41,11 +41,16 @@ def lsn(text):
     return (int(high, 16) << 32) + int(low, 16)
 
 
+def checkpoints(name):
+    """Checkpoints begun between wal-NAME-start and -end."""
+    return load("wal-%s-end" % name)["checkpoints"] - load("wal-%s-start" % name)["checkpoints"]
+
+
 def wal_per_op(name, ops):
     """(WAL bytes per operation, checkpoints started) between wal-NAME-start and -end."""
     a, b = load("wal-%s-start" % name), load("wal-%s-end" % name)
     per = round((lsn(b["lsn"]) - lsn(a["lsn"])) / ops) if ops > 0 else None
-    return per, b["checkpoints"] - a["checkpoints"]
+    return per, checkpoints(name)
 
 
 def writes(a):
@@ -122,11 +127,6 @@ def reads(a):
         "daybook_non2xx": d["non2xx"], "daybook_socket_errors": wrk_errors(d),
         "nginx_non2xx": n["non2xx"], "query_vmhwm_kib": int(a["query_hwm_kb"]),
         "projector_vmhwm_kib": int(a["projector_hwm_kb"])}))
-
-
-def checkpoints(name):
-    """Checkpoints begun between wal-NAME-start and -end."""
-    return load("wal-%s-end" % name)["checkpoints"] - load("wal-%s-start" % name)["checkpoints"]
 
 
 def freshness(a):
