@@ -189,6 +189,17 @@ static void live_fingerprint(char out[64])
 	PQclear(r);
 }
 
+/* What a rebuild that ended without switching leaves: the SQL models' generation is
+ * still gen_before, and no shadow table. */
+static void assert_not_switched(long long gen_before)
+{
+	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"),
+		     gen_before);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+		     0, "the shadow tables are removed");
+}
+
 /* Once the live models have caught up, stop the projector, so that they stay as they
  * are while the rebuild has a long log to fold (time enough to catch it in the
  * middle): their fingerprint goes in before; returns their generation. */
@@ -358,11 +369,7 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 
 	live_fingerprint(now);
 	cr_assert_str_eq(now, before, "the live SQL models changed");
-	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"),
-		     gen_before);
-	cr_assert_eq(sql_int(stack.db,
-			     "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
-		     0, "the shadow tables are removed");
+	assert_not_switched(gen_before);
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	snprintf(line, sizeof(line), "%lld", live_gen);
 	cr_assert_str_eq(line, live_before, "the live Redis generation changed");
@@ -469,11 +476,7 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
 	fclose(f);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 130, "exit status %d", status);
-	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"),
-		     gen_before);
-	cr_assert_eq(sql_int(stack.db,
-			     "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
-		     0, "the shadow tables are removed");
+	assert_not_switched(gen_before);
 	PQclear(sql(stack.db, "DROP EVENT TRIGGER hold_keys"));
 }
 
@@ -504,11 +507,7 @@ Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 		  WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 	live_fingerprint(now);
 	cr_assert_str_eq(now, before, "the live SQL models changed");
-	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"),
-		     gen_before);
-	cr_assert_eq(sql_int(stack.db,
-			     "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
-		     0, "the shadow tables are removed");
+	assert_not_switched(gen_before);
 }
 
 /* Progress lines read as they come, with a deadline (stdio would buffer past it). */
