@@ -124,14 +124,15 @@ void harness_readers_stop(struct readers *r, int *reads, int *errors, struct rea
 void harness_assert_samples_true(const char *db, const struct read_sample *s, size_t n);
 
 /* A suite's stack: its fresh database and the services on it. A service whose pid is 0
- * is not running (never started, or stopped). */
+ * is not running (never started, or stopped). What a suite starts beyond its fixture
+ * (with harness_start_*) it may start into these too, and harness_stack_stop stops it. */
 struct stack {
 	char db[64];
 	char redis_url[HARNESS_REDIS_URL_MAX]; /* daybook-admin's, as harness_start_redis */
 	struct service redis, command, projector, query;
 };
-/* Fixtures for a suite's .init: each zeroes *s, makes a fresh migrated database (into
- * s->db) and starts, in the order of its name, each waited for until ready: */
+/* Fixtures for a suite's setup: each zeroes *s, makes a fresh migrated database (s->db),
+ * then starts what its name says, in that order, each waited for until ready: */
 /* the command service (s->command); */
 void harness_stack_command(struct stack *s);
 /* Redis (s->redis, its URL into s->redis_url); */
