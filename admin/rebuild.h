@@ -70,7 +70,8 @@ struct stashed {
  * between; if that transaction then does not commit, Redis's live generation is put
  * back as it was. */
 struct live_before {
-	bool read, present;
+	bool switched; /* the switch set the live pointer to our generation */
+	bool present;  /* it replaced one (gen), else there was none */
 	char gen[32];
 };
 

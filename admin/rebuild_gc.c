@@ -200,7 +200,10 @@ static void delete_by_name(struct rebuild *rb, long long gen)
  * batch, or its check of the live generation within a second) it sweeps every
  * generation older than the live one. A leader that dies before it has finished
  * leaves the sweep to the next one, which sweeps when it takes over
- * (projector/redis_sync.c). Any doubt (no leader, a leader that has not reached this
+ * (projector/redis_sync.c). "Its session alive" is the lease's own test, which counts a
+ * session it cannot see (no pid, a start time hidden from this role) as alive: a holder
+ * that is in fact gone has a lease of at most its term left, and the next leader sweeps
+ * when it takes over. Any other doubt (no leader, a leader that has not reached this
  * Redis yet, Redis restarted or failed over without the fence, an error): false, and
  * the rebuild deletes the old generation itself. */
 static bool projector_sweeps(struct rebuild *rb)

@@ -62,32 +62,40 @@ static bool lock_for_switch(struct rebuild *rb)
 	return false;
 }
 
-static bool get_live(struct rebuild *rb, struct live_before *old)
-{
-	redisReply *r = redisCommand(rb->redis, "GET " READMODEL_LIVE_KEY);
+/* The live pointer goes to ARGV[1] unless it names a newer generation: one step in
+ * Redis, so no projector's resync lands between the look and the change. The reply is
+ * {1, the pointer it replaced or false} when switched, {0, the newer pointer} when not. */
+#define SWITCH_LIVE_LUA                                                                            \
+	"local cur = redis.call('GET', KEYS[1]) "                                                  \
+	"if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[1]) then return {0, cur} end " \
+	"redis.call('SET', KEYS[1], ARGV[1]) return {1, cur}"
 
-	old->read = r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_NIL);
-	old->present = old->read && r->type == REDIS_REPLY_STRING;
-	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->str : "");
-	if (!old->read)
-		rb_error(rb, "redis GET " READMODEL_LIVE_KEY " failed\n");
-	freeReplyObject(r);
-	return old->read;
-}
+/* The pointer back to what the switch replaced, only if it is still ours: a projector
+ * that made a newer generation live since keeps it. 1 put back, 0 left alone. */
+#define PUT_BACK_LIVE_LUA                                                                          \
+	"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "                              \
+	"if ARGV[2] == '' then redis.call('DEL', KEYS[1]) "                                        \
+	"else redis.call('SET', KEYS[1], ARGV[2]) end return 1"
 
 static void put_back_live(struct rebuild *rb, const struct live_before *old)
 {
+	char gen[24];
+	const char *argv[6] = { "EVAL", PUT_BACK_LIVE_LUA, "1", READMODEL_LIVE_KEY, gen, old->gen };
 	redisReply *r = NULL;
 
-	if (!rb->redis || !old->read)
+	if (!rb->redis || !old->switched)
 		return;
+	snprintf(gen, sizeof(gen), "%lld", rb->gen);
 	(void)!rb_redis_drain(rb);
 	if (rb_redis_usable(rb))
-		r = old->present
-			    ? redisCommand(rb->redis, "SET " READMODEL_LIVE_KEY " %s", old->gen)
-			    : redisCommand(rb->redis, "DEL " READMODEL_LIVE_KEY);
-	if (!r || r->type == REDIS_REPLY_ERROR)
+		r = redisCommandArgv(rb->redis, 6, argv, NULL);
+	if (!r || r->type != REDIS_REPLY_INTEGER)
 		rb_error(rb, "could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
+			 old->present ? old->gen : "(none)");
+	else if (r->integer == 0)
+		rb_error(rb,
+			 READMODEL_LIVE_KEY " was not put back to %s: another generation "
+					    "went live since the switch\n",
 			 old->present ? old->gen : "(none)");
 	freeReplyObject(r);
 }
@@ -140,8 +148,7 @@ static bool swap_tables(struct rebuild *rb)
 	return true;
 }
 
-/* Our generation made live in Redis (the live pointer as found kept in old), and
- * announced. */
+/* Our generation made live in Redis (what it replaced kept in old), and announced. */
 static bool switch_redis(struct rebuild *rb, struct live_before *old, const char *token)
 {
 	char k[64], lk[64], ik[64], msg[96], gen[24];
@@ -149,20 +156,39 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 		   *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 	const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
 	const char *identity[3] = { "SET", ik, rb->identity };
-	const char *live[3] = { "SET", READMODEL_LIVE_KEY, gen };
+	const char *live[5] = { "EVAL", SWITCH_LIVE_LUA, "1", READMODEL_LIVE_KEY, gen };
+	redisReply *r;
+	bool switched;
 
 	rb_key(rb, k, sizeof(k), READMODEL_KIND_CHECKPOINT, NULL);
 	rb_key(rb, lk, sizeof(lk), READMODEL_KIND_LAYOUT, NULL);
 	rb_key(rb, ik, sizeof(ik), READMODEL_KIND_IDENTITY, NULL);
 	snprintf(gen, sizeof(gen), "%lld", rb->gen);
 	snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
-	if (!rb_redis_drain(rb) || !get_live(rb, old))
+	/* The identity again: Redis may have lost what was written at the start. */
+	if (!rb_redis_send(rb, 3, identity) || !rb_redis_send(rb, 3, layout) ||
+	    !rb_redis_send(rb, 3, cp) || !rb_redis_drain(rb))
 		return false;
+	r = redisCommandArgv(rb->redis, 5, live, NULL);
+	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+	    r->element[0]->type != REDIS_REPLY_INTEGER) {
+		rb_error(rb, "redis: switching " READMODEL_LIVE_KEY " failed: %s\n",
+			 !r                             ? rb->redis->errstr
+			 : r->type == REDIS_REPLY_ERROR ? r->str
+							: "bad reply");
+		freeReplyObject(r);
+		return false;
+	}
+	switched = r->element[0]->integer == 1;
+	old->present = r->element[1]->type == REDIS_REPLY_STRING;
+	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->element[1]->str : "");
+	old->switched = switched;
+	freeReplyObject(r);
 	/* A live generation newer than ours was made while we built: a projector copied
 	 * Redis from SQL (it had lost its data, or failed over), and its sweep takes every
 	 * generation below its own, ours included, keys we had already written among them.
 	 * Ours may have holes: it must not go live (and the newer one is complete). */
-	if (old->present && atoll(old->gen) > rb->gen) {
+	if (!switched) {
 		rb_error(rb,
 			 "redis generation %s went live while this rebuild built generation %lld "
 			 "(a projector copied redis from SQL): nothing was switched; run the rebuild "
@@ -170,11 +196,7 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 			 old->gen, rb->gen);
 		return false;
 	}
-	/* The identity again: Redis may have lost what was written at the start. */
-	if (!rb_redis_send(rb, 3, identity) || !rb_redis_send(rb, 3, layout) ||
-	    !rb_redis_send(rb, 3, cp) || !rb_redis_send(rb, 3, live) || !rb_redis_send(rb, 3, pub))
-		return false;
-	return rb_redis_drain(rb);
+	return rb_redis_send(rb, 3, pub) && rb_redis_drain(rb);
 }
 
 /* Under the switch lock no projector commits: fold the rest, write the end state and

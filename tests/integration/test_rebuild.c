@@ -648,6 +648,63 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 	redisFree(c);
 }
 
+/* The switch's COMMIT fails after Redis switched, and meanwhile another generation
+ * went live (here set by hand, standing in for a projector's copy from SQL): putting
+ * the old pointer back would hide the newer generation behind an older one, so the
+ * pointer stays as it is. */
+Test(rebuild, a_failed_switch_leaves_a_newer_live_generation_alone)
+{
+	redisContext *c;
+	long long live_before, live_now = 0, newer;
+	char cp[64], line[512], cmd[96];
+	struct lines progress = { 0 };
+	int status;
+
+	must("/accounts", "{\"id\":\"n-1\",\"name\":\"N\",\"currency\":\"EUR\"}");
+	must("/accounts/n-1/deposits", "{\"amount\":5}");
+	harness_wait_caught_up(db, redis_url, 30);
+	c = harness_redis(redis_url);
+	cr_assert(harness_redis_live(c, &live_before, cp, sizeof(cp)));
+	PQclear(sql(db,
+		    "CREATE FUNCTION slow_fail_commit() RETURNS trigger LANGUAGE plpgsql AS "
+		    "$$ BEGIN PERFORM pg_sleep(3); RAISE EXCEPTION 'injected at commit'; END $$; "
+		    "CREATE CONSTRAINT TRIGGER fail_switch AFTER UPDATE ON "
+		    "projection_checkpoints DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN "
+		    "(OLD.generation <> NEW.generation) EXECUTE FUNCTION slow_fail_commit()"));
+
+	pid_t pid = start_rebuild("all", &progress.fd);
+	/* The rebuild's generation goes live, then its COMMIT sleeps before failing. */
+	for (double end = harness_now() + 60; live_now <= live_before; usleep(20000)) {
+		cr_assert(harness_now() < end, "the rebuild never switched redis");
+		cr_assert(harness_redis_live(c, &live_now, cp, sizeof(cp)));
+	}
+	newer = live_now + 1000;
+	snprintf(cmd, sizeof(cmd), "SET " READMODEL_LIVE_KEY " %lld", newer);
+	freeReplyObject(redisCommand(c, cmd));
+	while (next_line(&progress, line, sizeof(line), 120))
+		;
+	close(progress.fd);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d", status);
+	/* The newer pointer, or a generation the projector copied since it saw that one
+	 * hold nothing: in no case the one the switch replaced. */
+	{
+		redisReply *g = redisCommand(c, "GET " READMODEL_LIVE_KEY);
+		cr_assert(g && g->type == REDIS_REPLY_STRING);
+		live_now = atoll(g->str);
+		freeReplyObject(g);
+	}
+	cr_assert(live_now == newer || live_now > live_before,
+		  "the rebuild put generation %lld back over the newer %lld", live_now, newer);
+
+	/* The hand-set generation holds nothing: the projector copies SQL anew. */
+	PQclear(sql(db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
+	must("/accounts/n-1/deposits", "{\"amount\":1}");
+	harness_wait_caught_up(db, redis_url, 30);
+	harness_assert_redis_matches_sql(db, redis_url);
+	redisFree(c);
+}
+
 /* `rebuild sql` under load. The switch folds the events the live projector
  * had not applied yet into the new tables; the projector then resumes from the new
  * checkpoint, so those events never reach Redis by way of a batch. */
