@@ -662,10 +662,10 @@ Test(rebuild, a_failed_switch_leaves_a_newer_live_generation_alone)
 
 	must("/accounts", "{\"id\":\"n-1\",\"name\":\"N\",\"currency\":\"EUR\"}");
 	must("/accounts/n-1/deposits", "{\"amount\":5}");
-	harness_wait_caught_up(db, redis_url, 30);
-	c = harness_redis(redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &live_before, cp, sizeof(cp)));
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "CREATE FUNCTION slow_fail_commit() RETURNS trigger LANGUAGE plpgsql AS "
 		    "$$ BEGIN PERFORM pg_sleep(3); RAISE EXCEPTION 'injected at commit'; END $$; "
 		    "CREATE CONSTRAINT TRIGGER fail_switch AFTER UPDATE ON "
@@ -698,10 +698,10 @@ Test(rebuild, a_failed_switch_leaves_a_newer_live_generation_alone)
 		  "the rebuild put generation %lld back over the newer %lld", live_now, newer);
 
 	/* The hand-set generation holds nothing: the projector copies SQL anew. */
-	PQclear(sql(db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
+	PQclear(sql(stack.db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
 	must("/accounts/n-1/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	redisFree(c);
 }
 
