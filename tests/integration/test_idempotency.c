@@ -7,12 +7,14 @@
 
 #include "harness.h"
 
-static struct stack stack;
+static char db[64];
+static struct service svc;
 
 static void setup(void)
 {
-	harness_stack_command(&stack);
-	struct response r = post(&stack.command, "/accounts",
+	harness_db_create(db, sizeof(db));
+	harness_start_command(&svc, db);
+	struct response r = post(&svc, "/accounts",
 				 "{\"id\":\"idem\",\"name\":\"I\",\"currency\":\"EUR\"}", NULL);
 	cr_assert_eq(r.status, 201);
 	response_free(&r);
@@ -20,14 +22,14 @@ static void setup(void)
 
 static void teardown(void)
 {
-	harness_stack_stop(&stack);
+	harness_stop(&svc);
 }
 
 TestSuite(idempotency, .init = setup, .fini = teardown, .timeout = 60);
 
 static long long deposits(void)
 {
-	return sql_int(stack.db, "SELECT count(*) FROM events WHERE type = 'FundsDeposited'");
+	return sql_int(db, "SELECT count(*) FROM events WHERE type = 'FundsDeposited'");
 }
 
 static void assert_replay_of(const struct response *first, const struct response *again)
@@ -43,11 +45,9 @@ static void assert_replay_of(const struct response *first, const struct response
 Test(idempotency, a_repeat_returns_the_first_response_and_writes_nothing)
 {
 	const char *key[] = { "Idempotency-Key: pay-1", NULL };
-	struct response first = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":70}",
-				     key);
+	struct response first = post(&svc, "/accounts/idem/deposits", "{\"amount\":70}", key);
 	/* Same body with other whitespace and key order is the same request. */
-	struct response again = post(&stack.command, "/accounts/idem/deposits",
-				     " { \"amount\" : 70 } ", key);
+	struct response again = post(&svc, "/accounts/idem/deposits", " { \"amount\" : 70 } ", key);
 	char etag1[16], etag2[16];
 
 	cr_assert_eq(first.status, 201, "%s", first.body);
@@ -63,19 +63,15 @@ Test(idempotency, a_repeat_returns_the_first_response_and_writes_nothing)
 Test(idempotency, a_refusal_is_replayed_too)
 {
 	const char *key[] = { "Idempotency-Key: too-much", NULL };
-	struct response first = post(&stack.command, "/accounts/idem/withdrawals", "{\"amount\":5}",
-				     key);
-	struct response dep = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":50}",
-				   NULL);
-	struct response again = post(&stack.command, "/accounts/idem/withdrawals", "{\"amount\":5}",
-				     key);
+	struct response first = post(&svc, "/accounts/idem/withdrawals", "{\"amount\":5}", key);
+	struct response dep = post(&svc, "/accounts/idem/deposits", "{\"amount\":50}", NULL);
+	struct response again = post(&svc, "/accounts/idem/withdrawals", "{\"amount\":5}", key);
 
 	cr_assert_eq(first.status, 422);
 	cr_assert_eq(dep.status, 201);
 	/* Funds arrived in between, yet the key's answer stays the first one. */
 	assert_replay_of(&first, &again);
-	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events WHERE type = 'FundsWithdrawn'"),
-		     0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'FundsWithdrawn'"), 0);
 	response_free(&first);
 	response_free(&dep);
 	response_free(&again);
@@ -84,12 +80,9 @@ Test(idempotency, a_refusal_is_replayed_too)
 Test(idempotency, the_same_key_with_another_body_is_422)
 {
 	const char *key[] = { "Idempotency-Key: k-reuse", NULL };
-	struct response first = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":10}",
-				     key);
-	struct response other = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":11}",
-				     key);
-	struct response path = post(&stack.command, "/accounts/idem/withdrawals", "{\"amount\":10}",
-				    key);
+	struct response first = post(&svc, "/accounts/idem/deposits", "{\"amount\":10}", key);
+	struct response other = post(&svc, "/accounts/idem/deposits", "{\"amount\":11}", key);
+	struct response path = post(&svc, "/accounts/idem/withdrawals", "{\"amount\":10}", key);
 
 	cr_assert_eq(first.status, 201);
 	cr_assert_eq(other.status, 422, "%d %s", other.status, other.body);
@@ -99,8 +92,7 @@ Test(idempotency, the_same_key_with_another_body_is_422)
 	cr_assert_str_eq(json_string_value(json_object_get(path.json, "code")),
 			 "idempotency_key_reused");
 	cr_assert_eq(deposits(), 1);
-	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events WHERE type = 'FundsWithdrawn'"),
-		     0);
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'FundsWithdrawn'"), 0);
 	response_free(&first);
 	response_free(&other);
 	response_free(&path);
@@ -111,10 +103,9 @@ Test(idempotency, keys_belong_to_their_token)
 	const char *writer[] = { "Idempotency-Key: shared", NULL };
 	const char *admin[] = { "Authorization: Bearer " TOKEN_ADMIN,
 				"Content-Type: application/json", "Idempotency-Key: shared", NULL };
-	struct response a = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":10}",
-				 writer);
-	struct response b = http_request(stack.command.port, "POST", "/accounts/idem/deposits",
-					 admin, "{\"amount\":10}", 10);
+	struct response a = post(&svc, "/accounts/idem/deposits", "{\"amount\":10}", writer);
+	struct response b = http_request(svc.port, "POST", "/accounts/idem/deposits", admin,
+					 "{\"amount\":10}", 10);
 
 	cr_assert_eq(a.status, 201);
 	cr_assert_eq(b.status, 201);
@@ -131,7 +122,7 @@ Test(idempotency, keys_must_be_printable_ascii_up_to_255)
 	struct response r;
 
 	memset(longkey + strlen(longkey), 'k', 256);
-	r = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":10}", too_long);
+	r = post(&svc, "/accounts/idem/deposits", "{\"amount\":10}", too_long);
 	cr_assert_eq(r.status, 400);
 	cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "invalid_request");
 	response_free(&r);
@@ -156,13 +147,13 @@ Test(idempotency, a_repeat_while_the_first_is_in_flight_is_409)
 {
 	char conninfo[512];
 	const char *key[] = { "Idempotency-Key: slow", NULL };
-	struct slow_call first = { .port = stack.command.port };
+	struct slow_call first = { .port = svc.port };
 	struct response during, after;
 	pthread_t t;
 	PGconn *blocker;
 
 	/* Hold the event store so the first request stays in flight. */
-	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	blocker = PQconnectdb(conninfo);
 	cr_assert(PQstatus(blocker) == CONNECTION_OK);
 	PQclear(PQexec(blocker, "BEGIN"));
@@ -170,16 +161,15 @@ Test(idempotency, a_repeat_while_the_first_is_in_flight_is_409)
 	pthread_create(&t, NULL, deposit_with_key, &first);
 	/* Only once the first is in flight (blocked on the lock) may the repeat go; the
 	 * gauge counts the /metrics request that reads it too. */
-	for (int i = 0; harness_metric(&stack.command, "daybook_http_requests_in_flight") < 2;
-	     i++) {
+	for (int i = 0; harness_metric(&svc, "daybook_http_requests_in_flight") < 2; i++) {
 		cr_assert_lt(i, 1000, "the first request never arrived");
 		usleep(10000);
 	}
-	during = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":5}", key);
+	during = post(&svc, "/accounts/idem/deposits", "{\"amount\":5}", key);
 	PQclear(PQexec(blocker, "COMMIT"));
 	PQfinish(blocker);
 	pthread_join(t, NULL);
-	after = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":5}", key);
+	after = post(&svc, "/accounts/idem/deposits", "{\"amount\":5}", key);
 
 	cr_assert_eq(during.status, 409, "%s", during.body);
 	cr_assert_str_eq(json_string_value(json_object_get(during.json, "code")),
@@ -199,14 +189,13 @@ Test(idempotency, a_repeat_while_the_first_is_in_flight_is_409)
 Test(idempotency, a_replay_survives_a_restart)
 {
 	const char *key[] = { "Idempotency-Key: restart-1", NULL };
-	struct response first = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":30}",
-				     key),
+	struct response first = post(&svc, "/accounts/idem/deposits", "{\"amount\":30}", key),
 			again;
 
 	cr_assert_eq(first.status, 201);
-	cr_assert_eq(harness_stop(&stack.command), 0);
-	harness_start_command(&stack.command, stack.db);
-	again = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":30}", key);
+	cr_assert_eq(harness_stop(&svc), 0);
+	harness_start_command(&svc, db);
+	again = post(&svc, "/accounts/idem/deposits", "{\"amount\":30}", key);
 	assert_replay_of(&first, &again);
 	cr_assert_eq(deposits(), 1);
 	response_free(&first);
@@ -217,30 +206,27 @@ Test(idempotency, keys_are_kept_24_hours_and_expire_after)
 {
 	const char *young[] = { "Idempotency-Key: young", NULL };
 	const char *old[] = { "Idempotency-Key: old", NULL };
-	struct response y1 = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":1}",
-				  young);
-	struct response o1 = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":2}", old),
-			y2, o2;
+	struct response y1 = post(&svc, "/accounts/idem/deposits", "{\"amount\":1}", young);
+	struct response o1 = post(&svc, "/accounts/idem/deposits", "{\"amount\":2}", old), y2, o2;
 
 	cr_assert_eq(y1.status, 201);
 	cr_assert_eq(o1.status, 201);
-	PQclear(sql(stack.db,
+	PQclear(sql(db,
 		    "UPDATE idempotency_keys SET created_at = now() - interval '23 hours 59 minutes' "
 		    "WHERE key = 'young'"));
-	PQclear(sql(stack.db,
-		    "UPDATE idempotency_keys SET created_at = now() - interval '26 hours' "
-		    "WHERE key = 'old'"));
+	PQclear(sql(db, "UPDATE idempotency_keys SET created_at = now() - interval '26 hours' "
+			"WHERE key = 'old'"));
 	/* The service sweeps expired records when it (re)connects, on a connection of
 	 * its own: wait for that. */
-	cr_assert_eq(harness_stop(&stack.command), 0);
-	harness_start_command(&stack.command, stack.db);
+	cr_assert_eq(harness_stop(&svc), 0);
+	harness_start_command(&svc, db);
 	for (double end = harness_now() + 30;
-	     sql_int(stack.db, "SELECT count(*) FROM idempotency_keys WHERE key = 'old'") > 0;
+	     sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key = 'old'") > 0;
 	     usleep(20000))
 		cr_assert_lt(harness_now(), end, "the expired key was never swept");
-	y2 = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":1}", young);
+	y2 = post(&svc, "/accounts/idem/deposits", "{\"amount\":1}", young);
 	assert_replay_of(&y1, &y2);
-	o2 = post(&stack.command, "/accounts/idem/deposits", "{\"amount\":2}", old);
+	o2 = post(&svc, "/accounts/idem/deposits", "{\"amount\":2}", old);
 	cr_assert_eq(o2.status, 201);
 	cr_assert_str_neq(o2.body, o1.body, "an expired key runs the command again");
 	cr_assert_eq(deposits(), 3);
@@ -294,33 +280,32 @@ Test(idempotency, expired_keys_are_swept_in_small_batches_under_continuous_write
 	pthread_t t[2];
 	int before, during;
 
-	cr_assert_eq(harness_stop(&stack.command), 0);
-	harness_start_command_env(&stack.command, stack.db, env);
+	cr_assert_eq(harness_stop(&svc), 0);
+	harness_start_command_env(&svc, db, env);
 	for (int i = 0; i < 2; i++) {
-		w[i] = (struct writer){ .port = stack.command.port, .id = i, .stop = &stop };
+		w[i] = (struct writer){ .port = svc.port, .id = i, .stop = &stop };
 		pthread_create(&t[i], NULL, write_continuously, &w[i]);
 	}
 	for (double end = harness_now() + 15; writes_ok(w, 2) < 20; usleep(10000))
 		cr_assert_lt(harness_now(), end, "the writers made no progress");
 	/* Expired records (more than one batch's worth), and some just young enough. */
-	PQclear(sql(stack.db,
+	PQclear(sql(db,
 		    "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
 		    "body, created_at) SELECT 'old-token', 'expired-' || i, '\\x00', 201, '{}', '{}', "
 		    "now() - interval '26 hours' - i * interval '1 second' "
 		    "FROM generate_series(1, 5500) i"));
-	PQclear(sql(stack.db,
+	PQclear(sql(db,
 		    "INSERT INTO idempotency_keys (token_id, key, request_hash, status, headers, "
 		    "body, created_at) SELECT 'old-token', 'young-' || i, '\\x00', 201, '{}', '{}', "
 		    "now() - interval '23 hours 59 minutes' FROM generate_series(1, 300) i"));
 	before = writes_ok(w, 2);
 	for (double end = harness_now() + 25;
-	     sql_int(stack.db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'") >
-	     0;
+	     sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'") > 0;
 	     usleep(20000))
 		cr_assert_lt(
 			harness_now(), end,
 			"expired records are still there under load (%lld left)",
-			sql_int(stack.db,
+			sql_int(db,
 				"SELECT count(*) FROM idempotency_keys WHERE key LIKE 'expired-%'"));
 	/* The writes went on meanwhile and still do. */
 	during = writes_ok(w, 2);
@@ -331,17 +316,15 @@ Test(idempotency, expired_keys_are_swept_in_small_batches_under_continuous_write
 		pthread_join(t[i], NULL);
 	cr_assert_eq(w[0].failed + w[1].failed, 0, "writes failed while the sweep ran");
 	cr_assert_gt(writes_ok(w, 2), before);
-	cr_assert_eq(sql_int(stack.db,
-			     "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'young-%'"),
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'young-%'"),
 		     300, "records younger than the retention were swept");
-	cr_assert_eq(sql_int(stack.db,
-			     "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'load-%'"),
+	cr_assert_eq(sql_int(db, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'load-%'"),
 		     writes_ok(w, 2), "the writers' own records must stay");
-	cr_assert_eq(sql_int(stack.db,
+	cr_assert_eq(sql_int(db,
 			     "SELECT count(*) FROM pg_stat_activity WHERE datname = "
 			     "current_database() AND application_name = 'daybook-command-sweep'"),
 		     1, "the sweep has a connection of its own");
-	cr_assert_geq(harness_metric(&stack.command, "daybook_idempotency_swept_total"), 5500);
+	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_swept_total"), 5500);
 	/* At most a thousand rows per transaction: for 5,500, at least six that deleted. */
-	cr_assert_geq(harness_metric(&stack.command, "daybook_idempotency_sweep_batches_total"), 6);
+	cr_assert_geq(harness_metric(&svc, "daybook_idempotency_sweep_batches_total"), 6);
 }
