@@ -1,7 +1,7 @@
 /* Integration-test harness: a fresh migrated database per test, the real service
  * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. Implemented
  * by harness_*.c, one file per concern (processes, services, pg, redis, http, metrics,
- * model, readers). */
+ * model, readers, stack). */
 #ifndef DAYBOOK_TEST_HARNESS_H
 #define DAYBOOK_TEST_HARNESS_H
 
@@ -123,6 +123,27 @@ void harness_readers_stop(struct readers *r, int *reads, int *errors, struct rea
 /* Every sampled balance is the log's balance of that account at that version. */
 void harness_assert_samples_true(const char *db, const struct read_sample *s, size_t n);
 
+/* A suite's stack: its fresh database and the services on it. A service whose pid is 0
+ * is not running (never started, or stopped). What a suite starts beyond its fixture
+ * (with harness_start_*) it may start into these too, and harness_stack_stop stops it. */
+struct stack {
+	char db[64];
+	char redis_url[HARNESS_REDIS_URL_MAX]; /* daybook-admin's, as harness_start_redis */
+	struct service redis, command, projector, query;
+};
+/* Fixtures for a suite's setup: each zeroes *s, makes a fresh migrated database (s->db),
+ * then starts what its name says, in that order, each waited for until ready: */
+/* the command service (s->command); */
+void harness_stack_command(struct stack *s);
+/* Redis (s->redis, its URL into s->redis_url); */
+void harness_stack_redis(struct stack *s);
+/* Redis, the command service and a projector (s->projector). */
+void harness_stack_redis_command_projector(struct stack *s);
+/* The teardown that goes with them: stops (harness_stop) the query service, the
+ * projector and the command service, in that order, then kills Redis; passes over
+ * whatever is not running. */
+void harness_stack_stop(struct stack *s);
+
 /* SIGTERM and wait; returns the exit status (or -1 if it had to be killed). */
 int harness_stop(struct service *svc);
 /* SIGKILL and reap. */
@@ -154,6 +175,9 @@ struct response post(const struct service *svc, const char *path, const char *bo
 		     const char *const *extra);
 /* POST JSON with the write token; the test fails unless the answer is 201. */
 void harness_post_created(const struct service *svc, const char *path, const char *body);
+/* The same, with the answer's position token into pos (len bytes; pos may be NULL). */
+void harness_post_created_at(const struct service *svc, const char *path, const char *body,
+			     char *pos, size_t len);
 
 /* Blocking SQL as superuser on db; the test fails on any error. Caller PQclear()s. */
 PGresult *sql(const char *db, const char *query);

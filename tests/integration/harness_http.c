@@ -152,8 +152,16 @@ struct response post(const struct service *svc, const char *path, const char *bo
 
 void harness_post_created(const struct service *svc, const char *path, const char *body)
 {
+	harness_post_created_at(svc, path, body, NULL, 0);
+}
+
+void harness_post_created_at(const struct service *svc, const char *path, const char *body,
+			     char *pos, size_t len)
+{
 	struct response r = post(svc, path, body, NULL);
 
 	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
+	if (pos)
+		snprintf(pos, len, "%s", json_string_value(json_object_get(r.json, "position")));
 	response_free(&r);
 }

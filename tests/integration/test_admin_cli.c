@@ -211,6 +211,16 @@ static struct proc run_command(const struct command_env *e, const char *arg, dou
 	return run(argv, vars, timeout_s);
 }
 
+/* daybook-command with the settings of e refuses to start, naming var (see
+ * assert_refused_naming). */
+static void assert_command_refuses(const struct command_env *e, const char *var)
+{
+	struct proc p = run_command(e, NULL, 10);
+
+	assert_refused_naming(&p, var);
+	proc_free(&p);
+}
+
 Test(admin_cli, command_starts_with_valid_settings)
 {
 	/* The control for the refusals below: only the one setting they spoil differs. */
@@ -228,26 +238,20 @@ Test(admin_cli, command_starts_with_valid_settings)
 Test(admin_cli, command_without_pg_exits_2)
 {
 	struct command_env e;
-	struct proc p;
 
 	command_env_valid(&e);
 	e.pg[0] = '\0';
-	p = run_command(&e, NULL, 10);
-	assert_refused_naming(&p, "DAYBOOK_PG");
-	proc_free(&p);
+	assert_command_refuses(&e, "DAYBOOK_PG");
 	unlink(e.tokens_path);
 }
 
 Test(admin_cli, command_without_tokens_file_exits_2)
 {
 	struct command_env e;
-	struct proc p;
 
 	command_env_valid(&e);
 	e.tokens[0] = '\0';
-	p = run_command(&e, NULL, 10);
-	assert_refused_naming(&p, "DAYBOOK_TOKENS_FILE");
-	proc_free(&p);
+	assert_command_refuses(&e, "DAYBOOK_TOKENS_FILE");
 	unlink(e.tokens_path);
 }
 
@@ -259,11 +263,8 @@ Test(admin_cli, command_with_malformed_listen_exits_2)
 
 	command_env_valid(&e);
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-		struct proc p;
 		snprintf(e.listen, sizeof(e.listen), "DAYBOOK_LISTEN=%s", bad[i]);
-		p = run_command(&e, NULL, 10);
-		assert_refused_naming(&p, "DAYBOOK_LISTEN");
-		proc_free(&p);
+		assert_command_refuses(&e, "DAYBOOK_LISTEN");
 	}
 	unlink(e.tokens_path);
 }
@@ -271,13 +272,10 @@ Test(admin_cli, command_with_malformed_listen_exits_2)
 Test(admin_cli, command_with_unknown_log_level_exits_2)
 {
 	struct command_env e;
-	struct proc p;
 
 	command_env_valid(&e);
 	snprintf(e.level, sizeof(e.level), "DAYBOOK_LOG_LEVEL=loud");
-	p = run_command(&e, NULL, 10);
-	assert_refused_naming(&p, "DAYBOOK_LOG_LEVEL");
-	proc_free(&p);
+	assert_command_refuses(&e, "DAYBOOK_LOG_LEVEL");
 	unlink(e.tokens_path);
 }
 
@@ -295,12 +293,9 @@ Test(admin_cli, command_with_a_bad_idempotency_retention_or_sweep_interval_exits
 
 	command_env_valid(&e);
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-		struct proc p;
 		/* In the log level's place: that one then takes its default. */
 		snprintf(e.level, sizeof(e.level), "%s=%s", bad[i][0], bad[i][1]);
-		p = run_command(&e, NULL, 10);
-		assert_refused_naming(&p, bad[i][0]);
-		proc_free(&p);
+		assert_command_refuses(&e, bad[i][0]);
 	}
 	snprintf(e.level, sizeof(e.level), "DAYBOOK_IDEMPOTENCY_RETENTION_S=86400");
 	{

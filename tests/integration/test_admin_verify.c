@@ -20,22 +20,18 @@
 #include "harness.h"
 #include "readmodel.h"
 
-static char db[64], redis_url[128];
-static struct service command, projector, redis_svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_command(&command, db);
-	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
-	harness_start_projector(&projector, db, redis_url);
+	harness_stack_command(&stack);
+	harness_start_redis(&stack.redis, false, stack.redis_url, sizeof(stack.redis_url));
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
 }
 
 static void teardown(void)
 {
-	harness_stop(&projector);
-	harness_stop(&command);
-	harness_kill(&redis_svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(admin_verify, .init = setup, .fini = teardown, .timeout = 120);
@@ -44,7 +40,7 @@ TestSuite(admin_verify, .init = setup, .fini = teardown, .timeout = 120);
 
 static void must(const char *path, const char *body)
 {
-	harness_post_created(&command, path, body);
+	harness_post_created(&stack.command, path, body);
 }
 
 /* Two currencies, every event type, a closed account, and one account with more
@@ -76,7 +72,7 @@ static void workload(void)
 
 static void token_of(const char *query, char *out, size_t len)
 {
-	PGresult *r = sql(db, query);
+	PGresult *r = sql(stack.db, query);
 
 	snprintf(out, len, "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
@@ -85,7 +81,7 @@ static void token_of(const char *query, char *out, size_t len)
 /* The reply to a Redis command as a string ("" for nil). */
 static void redis_get(char *out, size_t len, const char *fmt, ...)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	va_list ap;
 	redisReply *r;
 
@@ -102,8 +98,8 @@ static void redis_get(char *out, size_t len, const char *fmt, ...)
 static void projected_workload(void)
 {
 	workload();
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_stop(&projector);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_stop(&stack.projector);
 }
 
 /* --- running daybook-admin ------------------------------------------------------------- */
@@ -144,7 +140,7 @@ static struct run admin_pg(const char *pg, const char *redis, const char *const 
 	cr_assert(out && err);
 	for (size_t i = 0; args[i] && i < 14; i++)
 		argv[i + 1] = args[i];
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
 	fflush(NULL);
 	pid = fork();
 	cr_assert(pid >= 0, "fork: %s", strerror(errno));
@@ -192,7 +188,7 @@ static const char *const verify_args[] = { "verify", NULL };
 /* verify must exit 1 and print exactly the expected DIFF lines (prefix match each). */
 static void expect_diffs(const char *const *lines, int n)
 {
-	struct run r = admin(redis_url, verify_args);
+	struct run r = admin(stack.redis_url, verify_args);
 
 	cr_assert_eq(r.status, 1, "verify exited %d\n%s%s", r.status, r.out, r.err);
 	for (int i = 0; i < n; i++)
@@ -209,11 +205,11 @@ Test(admin_verify, clean_after_a_projected_workload)
 	struct run r;
 
 	projected_workload();
-	r = admin(redis_url, verify_args);
+	r = admin(stack.redis_url, verify_args);
 	cr_assert_eq(r.status, 0, "verify exited %d\n%s%s", r.status, r.out, r.err);
 	cr_assert_eq(count_lines(r.out, "DIFF "), 0, "%s", r.out);
 	snprintf(summary, sizeof(summary), "verify: %lld events folded",
-		 sql_int(db, "SELECT count(*) FROM events"));
+		 sql_int(stack.db, "SELECT count(*) FROM events"));
 	cr_assert(strstr(r.out, summary), "no \"%s\" in:\n%s", summary, r.out);
 	cr_assert(strstr(r.out, " 5 accounts, "), "%s", r.out);
 	cr_assert(strstr(r.out, " 3 transfers, 2 currencies; redis generation "), "%s", r.out);
@@ -240,11 +236,11 @@ static void *keep_writing(void *arg)
 			snprintf(body, sizeof(body),
 				 "{\"id\":\"live-%d\",\"from\":\"v-alice\",\"to\":\"v-bob\",\"amount\":1}",
 				 i);
-		r = i % 2 ? post(&command,
+		r = i % 2 ? post(&stack.command,
 				 i % 4 == 1 ? "/accounts/v-bob/deposits"
 					    : "/accounts/v-erin/deposits",
 				 body, NULL)
-			  : post(&command, "/transfers", body, NULL);
+			  : post(&stack.command, "/transfers", body, NULL);
 		response_free(&r);
 		atomic_fetch_add(&w->writes, 1);
 	}
@@ -258,12 +254,12 @@ Test(admin_verify, clean_while_the_projector_keeps_applying)
 	struct run r;
 
 	workload();
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	pthread_create(&writer, NULL, keep_writing, &w);
 	cr_assert(harness_wait_count(&w.writes, 10, harness_now() + 20),
 		  "the writer made no headway");
 	for (int i = 0; i < 3; i++) {
-		r = admin(redis_url, verify_args);
+		r = admin(stack.redis_url, verify_args);
 		cr_assert_eq(r.status, 0, "verify under load exited %d\n%s%s", r.status, r.out,
 			     r.err);
 		run_free(&r);
@@ -281,7 +277,7 @@ Test(admin_verify, without_redis_checks_sql_only)
 	projected_workload();
 	/* A broken Redis model is not looked at when Redis is skipped. */
 	redis_get(ignored, sizeof(ignored), "DEL " READMODEL_LIVE_KEY);
-	r = admin(redis_url, args);
+	r = admin(stack.redis_url, args);
 	cr_assert_eq(r.status, 0, "verify --no-redis exited %d\n%s%s", r.status, r.out, r.err);
 	cr_assert(strstr(r.out, "redis not checked"), "%s", r.out);
 	cr_assert(strstr(r.err, "--no-redis"), "no note on stderr: %s", r.err);
@@ -300,22 +296,23 @@ Test(admin_verify, names_corrupted_sql_rows)
 	projected_workload();
 	token_of("SELECT balance FROM rm_accounts WHERE account_id = 'v-alice'", balance,
 		 sizeof(balance));
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "UPDATE rm_accounts SET balance = balance + 1 WHERE account_id = 'v-alice'"));
-	PQclear(sql(db, "DELETE FROM rm_entries WHERE account_id = 'v-bob' AND version = 3"));
+	PQclear(sql(stack.db, "DELETE FROM rm_entries WHERE account_id = 'v-bob' AND version = 3"));
 	PQclear(sql(
-		db,
+		stack.db,
 		"UPDATE rm_entries SET reference = 'x' WHERE account_id = 'v-carol' AND version = 2"));
 	/* The SQL model of transfers is a view of the log (sql/017): a view gone wrong (a
 	 * bad migration, say) is what can corrupt it, and verify compares it all the same. */
-	PQclear(sql(db, "ALTER VIEW rm_transfers RENAME TO rm_transfers_of_the_log"));
-	PQclear(sql(db, "CREATE VIEW rm_transfers AS SELECT transfer_id, from_account, to_account, "
-			"CASE WHEN transfer_id = 't3' THEN 1 ELSE amount END AS amount, currency, "
-			"reference, at FROM rm_transfers_of_the_log UNION ALL SELECT 'ghost', "
-			"'v-alice', 'v-bob', 5, 'EUR', NULL, now()"));
-	PQclear(sql(db,
+	PQclear(sql(stack.db, "ALTER VIEW rm_transfers RENAME TO rm_transfers_of_the_log"));
+	PQclear(sql(stack.db,
+		    "CREATE VIEW rm_transfers AS SELECT transfer_id, from_account, to_account, "
+		    "CASE WHEN transfer_id = 't3' THEN 1 ELSE amount END AS amount, currency, "
+		    "reference, at FROM rm_transfers_of_the_log UNION ALL SELECT 'ghost', "
+		    "'v-alice', 'v-bob', 5, 'EUR', NULL, now()"));
+	PQclear(sql(stack.db,
 		    "UPDATE rm_totals SET open_accounts = open_accounts + 1 WHERE currency = 'USD'"));
-	PQclear(sql(db, "DELETE FROM rm_accounts WHERE account_id = 'v-dave'"));
+	PQclear(sql(stack.db, "DELETE FROM rm_accounts WHERE account_id = 'v-dave'"));
 	snprintf(line, sizeof(line), "DIFF sql account:v-alice balance: expected %s, found %lld\n",
 		 balance, atoll(balance) + 1);
 	const char *const lines[] = {
@@ -391,7 +388,7 @@ Test(admin_verify, redis_ahead_of_the_snapshot_is_not_a_difference)
 	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 	/* As if the projector had applied a later batch to Redis after verify's snapshot. */
 	redis_get(ignored, sizeof(ignored), "HSET dbk:g:%s:acct:v-carol v 99 j {}", gen);
-	r = admin(redis_url, verify_args);
+	r = admin(stack.redis_url, verify_args);
 	cr_assert_eq(r.status, 0, "verify exited %d\n%s%s", r.status, r.out, r.err);
 	cr_assert(strstr(r.out, ": 1 newer than the snapshot;"), "%s", r.out);
 	run_free(&r);
@@ -421,7 +418,7 @@ Test(admin_verify, a_live_generation_of_another_event_store_is_one_difference)
 	PGresult *r;
 
 	projected_workload();
-	r = sql(db, READMODEL_IDENTITY_SQL);
+	r = sql(stack.db, READMODEL_IDENTITY_SQL);
 	snprintf(ours, sizeof(ours), "%s", PQgetvalue(r, 0, 0));
 	PQclear(r);
 	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
@@ -440,14 +437,14 @@ Test(admin_verify, usage_and_connection_errors)
 	static const char *const dead_pg = "host=127.0.0.1 port=1 dbname=x connect_timeout=2";
 	struct run r;
 
-	r = admin(redis_url, bad_verify);
+	r = admin(stack.redis_url, bad_verify);
 	cr_assert_eq(r.status, 2, "%s", r.err);
 	run_free(&r);
-	r = admin(redis_url, bad_status);
+	r = admin(stack.redis_url, bad_status);
 	cr_assert_eq(r.status, 2, "%s", r.err);
 	run_free(&r);
 	/* A dependency unavailable: 3 (docs/cli.md). */
-	r = admin_pg(dead_pg, redis_url, verify_args);
+	r = admin_pg(dead_pg, stack.redis_url, verify_args);
 	cr_assert_eq(r.status, 3, "%s", r.err);
 	cr_assert(strstr(r.err, "cannot connect to PostgreSQL"), "%s", r.err);
 	run_free(&r);
@@ -458,7 +455,7 @@ Test(admin_verify, usage_and_connection_errors)
 	cr_assert_eq(r.status, 3, "%s", r.err);
 	cr_assert(strstr(r.err, "cannot connect to Redis"), "%s", r.err);
 	run_free(&r);
-	r = admin_pg(dead_pg, redis_url, status);
+	r = admin_pg(dead_pg, stack.redis_url, status);
 	cr_assert_eq(r.status, 3, "%s", r.err);
 	run_free(&r);
 }
@@ -472,8 +469,8 @@ Test(admin_verify, status_table_shows_head_and_checkpoints)
 	struct run r;
 
 	projected_workload();
-	harness_log_head(db, head, sizeof(head));
-	r = admin(redis_url, args);
+	harness_log_head(stack.db, head, sizeof(head));
+	r = admin(stack.redis_url, args);
 	cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
 	cr_assert(strstr(r.out, "LAG EVENTS"), "%s", r.out);
 	snprintf(row, sizeof(row), "log head          %s", head);
@@ -487,7 +484,7 @@ Test(admin_verify, status_table_shows_head_and_checkpoints)
 static json_t *status_json(void)
 {
 	static const char *const args[] = { "status", "--json", NULL };
-	struct run r = admin(redis_url, args);
+	struct run r = admin(stack.redis_url, args);
 	json_error_t e;
 	json_t *o;
 
@@ -504,17 +501,17 @@ Test(admin_verify, status_json_reports_lag)
 	json_t *o, *sql_row;
 
 	projected_workload();
-	harness_log_head(db, head, sizeof(head));
+	harness_log_head(stack.db, head, sizeof(head));
 	redis_get(gen, sizeof(gen), "GET " READMODEL_LIVE_KEY);
 	/* The projector is stopped: two more events are not applied. */
 	must("/accounts/v-alice/deposits", "{\"amount\":5}");
 	must("/accounts/v-bob/deposits", "{\"amount\":5}");
 	o = status_json();
 	cr_assert_eq(json_integer_value(json_object_get(json_object_get(o, "log"), "events")),
-		     sql_int(db, "SELECT count(*) FROM events"));
+		     sql_int(stack.db, "SELECT count(*) FROM events"));
 	cr_assert(json_is_true(json_object_get(json_object_get(o, "log"), "events_exact")));
 	cr_assert_eq(json_integer_value(json_object_get(json_object_get(o, "log"), "max_position")),
-		     sql_int(db, "SELECT max(position) FROM events"));
+		     sql_int(stack.db, "SELECT max(position) FROM events"));
 	sql_row = json_array_get(json_object_get(o, "projections"), 0);
 	cr_assert_str_eq(json_string_value(json_object_get(sql_row, "name")), "sql");
 	cr_assert_str_eq(json_string_value(json_object_get(sql_row, "checkpoint")), head);

@@ -15,18 +15,16 @@
 #include "ledger_json.h"
 #include "pg.h"
 
-static char db[64], redis_url[128];
-static struct service redis_svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_stack_redis(&stack);
 }
 
 static void teardown(void)
 {
-	harness_kill(&redis_svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(capacity, .init = setup, .fini = teardown, .timeout = 240);
@@ -234,7 +232,7 @@ static int admin(const char *what, char *out, size_t len)
 {
 	const char *args[] = { what, what[0] == 'r' ? "all" : NULL, NULL };
 	char *text;
-	int status = harness_admin(db, redis_url, args, &text);
+	int status = harness_admin(stack.db, stack.redis_url, args, &text);
 
 	snprintf(out, len, "%s", text);
 	free(text);
@@ -247,7 +245,7 @@ static char *assert_totals_served(const struct service *query)
 {
 	const char *h[] = { "Authorization: Bearer " TOKEN_READ, NULL };
 	struct response r = http_request(query->port, "GET", "/totals", h, NULL, 10);
-	long long want = sql_int(db, "SELECT count(*) FROM rm_totals");
+	long long want = sql_int(stack.db, "SELECT count(*) FROM rm_totals");
 	char *body;
 
 	cr_assert_eq(r.status, 200, "GET /totals: %d %s", r.status, r.body ? r.body : "");
@@ -264,7 +262,7 @@ static void assert_totals_agree(const struct service *query)
 	struct service sql_only;
 	char *from_redis = assert_totals_served(query), *from_sql;
 
-	harness_start_query(&sql_only, db, "redis://127.0.0.1:1");
+	harness_start_query(&sql_only, stack.db, "redis://127.0.0.1:1");
 	from_sql = assert_totals_served(&sql_only);
 	harness_stop(&sql_only);
 	cr_assert_str_eq(from_redis, from_sql, "GET /totals differs between Redis and SQL");
@@ -286,7 +284,7 @@ Test(capacity, random_valid_histories_always_project_and_verify_clean)
 
 	fprintf(stderr, "capacity: seed %u (DAYBOOK_TEST_SEED=%u repeats this run)\n", seed, seed);
 	cr_log_info("seed %u", seed);
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
 	h.pg = PQconnectdb(conninfo);
 	cr_assert_eq(PQstatus(h.pg), CONNECTION_OK, "%s", PQerrorMessage(h.pg));
 	h.accounts = calloc(4000, sizeof(*h.accounts));
@@ -331,8 +329,8 @@ Test(capacity, random_valid_histories_always_project_and_verify_clean)
 	for (int i = 0; i < 10; i++)
 		random_tx(&h, 1 + rnd(&h, 600));
 
-	harness_start_projector(&projector, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 60);
+	harness_start_projector(&projector, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 60);
 	/* More while the projector follows live. */
 	for (int i = 0; i < 30; i++) {
 		random_tx(&h, 1 + rnd(&h, 300));
@@ -343,20 +341,20 @@ Test(capacity, random_valid_histories_always_project_and_verify_clean)
 			commit_tx(&h);
 		}
 	}
-	harness_wait_caught_up(db, redis_url, 60);
+	harness_wait_caught_up(stack.db, stack.redis_url, 60);
 	fprintf(stderr,
 		"capacity: seed %u, %zu events, %zu accounts, %lld transfers, stream of %d\n", seed,
 		h.total, h.naccounts, h.transfers, longest->st.version);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	status = admin("verify", out, 1 << 16);
 	cr_assert_eq(status, 0, "seed %u: verify exited %d\n%s", seed, status, out);
-	harness_start_query(&query, db, redis_url);
+	harness_start_query(&query, stack.db, stack.redis_url);
 	assert_totals_agree(&query);
 	/* A rebuild of both models folds the same history into shadows, and verifies. */
 	status = admin("rebuild", out, 1 << 16);
 	cr_assert_eq(status, 0, "seed %u: rebuild exited %d\n%s", seed, status, out);
-	harness_wait_caught_up(db, redis_url, 60);
+	harness_wait_caught_up(stack.db, stack.redis_url, 60);
 	status = admin("verify", out, 1 << 16);
 	cr_assert_eq(status, 0, "seed %u: verify after the rebuild exited %d\n%s", seed, status,
 		     out);

@@ -8,18 +8,16 @@
 
 #include "harness.h"
 
-static char db[64];
-static struct service svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_command(&svc, db);
+	harness_stack_command(&stack);
 }
 
 static void teardown(void)
 {
-	harness_stop(&svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(concurrency, .init = setup, .fini = teardown, .timeout = 120);
@@ -33,7 +31,7 @@ struct job {
 static void *run_job(void *arg)
 {
 	struct job *j = arg;
-	j->r = post(&svc, j->path, j->body, NULL);
+	j->r = post(&stack.command, j->path, j->body, NULL);
 	return NULL;
 }
 
@@ -51,7 +49,7 @@ static void run_all(struct job *jobs, size_t n)
 
 static void must(const char *path, const char *body)
 {
-	harness_post_created(&svc, path, body);
+	harness_post_created(&stack.command, path, body);
 }
 
 Test(concurrency, fifty_withdrawals_of_100_from_1000_give_exactly_ten)
@@ -77,13 +75,15 @@ Test(concurrency, fifty_withdrawals_of_100_from_1000_give_exactly_ten)
 	}
 	cr_assert_eq(ok, 10);
 	cr_assert_eq(refused, 40);
-	cr_assert_eq(sql_int(db,
+	cr_assert_eq(sql_int(stack.db,
 			     "SELECT sum(CASE type WHEN 'FundsDeposited' THEN 1 ELSE -1 END * "
 			     "(data->>'amount')::bigint) FROM events WHERE stream = 'account-pot' "
 			     "AND type <> 'AccountOpened'"),
 		     0);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-pot'"), 12);
-	cr_assert_eq(sql_int(db, "SELECT max(version) FROM events WHERE stream = 'account-pot'"),
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events WHERE stream = 'account-pot'"),
+		     12);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT max(version) FROM events WHERE stream = 'account-pot'"),
 		     12);
 }
 
@@ -137,26 +137,28 @@ Test(concurrency, five_hundred_random_transfers_conserve_money_and_limits)
 	}
 	free(jobs);
 	cr_assert_gt(ok, 100, "most transfers should succeed, %d did", ok);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type = 'TransferSent'"), ok);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events WHERE type = 'TransferSent'"),
+		     ok);
 	/* Conservation: transfers only move money; the total is what was deposited. */
 	cr_assert_eq(
-		sql_int(db,
+		sql_int(stack.db,
 			"SELECT sum((data->>'amount')::bigint) FROM events WHERE type = 'TransferSent'") -
-			sql_int(db,
+			sql_int(stack.db,
 				"SELECT sum((data->>'amount')::bigint) FROM events WHERE type = 'TransferReceived'"),
 		0);
 	snprintf(q, sizeof(q), "%s SELECT sum(delta) FROM moves", balances_sql);
-	cr_assert_eq(sql_int(db, q), ACCOUNTS * 500);
+	cr_assert_eq(sql_int(stack.db, q), ACCOUNTS * 500);
 	snprintf(q, sizeof(q),
 		 "%s SELECT count(*) FROM running JOIN limits USING (stream) WHERE bal < -lim",
 		 balances_sql);
-	cr_assert_eq(sql_int(db, q), 0, "no balance ever went below its overdraft limit");
+	cr_assert_eq(sql_int(stack.db, q), 0, "no balance ever went below its overdraft limit");
 	/* Every stream's versions are 1..n without gaps. */
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM (SELECT stream, max(version) m, count(*) c "
-				 "FROM events GROUP BY stream) s WHERE m <> c"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM (SELECT stream, max(version) m, count(*) c "
+			     "FROM events GROUP BY stream) s WHERE m <> c"),
 		     0);
 	/* Both sides of every transfer share a transaction. */
-	cr_assert_eq(sql_int(db,
+	cr_assert_eq(sql_int(stack.db,
 			     "SELECT count(*) FROM events s JOIN events r ON "
 			     "r.data->>'transfer_id' = s.data->>'transfer_id' AND r.type = "
 			     "'TransferReceived' WHERE s.type = 'TransferSent' AND s.txid <> r.txid"),

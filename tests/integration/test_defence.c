@@ -11,18 +11,16 @@
 
 #include "harness.h"
 
-static char db[64], redis_url[HARNESS_REDIS_URL_MAX];
-static struct service redis_svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
+	harness_stack_redis(&stack);
 }
 
 static void teardown(void)
 {
-	harness_kill(&redis_svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(defence, .init = setup, .fini = teardown, .timeout = 120);
@@ -56,7 +54,7 @@ static void assert_ok(redisContext *c, int argc, const char **argv)
 
 Test(defence, the_query_service_s_redis_user_cannot_write)
 {
-	redisContext *q = harness_redis_as(redis_url, "daybook-query");
+	redisContext *q = harness_redis_as(stack.redis_url, "daybook-query");
 	const char *set[] = { "SET", "dbk:live", "666" };
 	const char *hset[] = { "HSET", "dbk:g:1:acct:a1", "j", "{\"balance\":1000000}" };
 	const char *del[] = { "DEL", "dbk:live" };
@@ -69,7 +67,7 @@ Test(defence, the_query_service_s_redis_user_cannot_write)
 	const char *eval_ro_read[] = { "EVAL_RO", "return redis.call('GET', 'dbk:live')", "0" };
 	const char *publish[] = { "PUBLISH", "dbk:position", "999.999" };
 	const char *acl_set[] = { "ACL", "SETUSER", "daybook-query", "+@all" };
-	redisContext *admin = harness_redis(redis_url);
+	redisContext *admin = harness_redis(stack.redis_url);
 	redisReply *r;
 
 	assert_ok(admin, 3, (const char *[]){ "SET", "dbk:live", "1" });
@@ -110,7 +108,7 @@ Test(defence, the_query_service_s_redis_user_cannot_write)
 
 Test(defence, redis_refuses_clients_without_a_user_and_the_projector_cannot_flush)
 {
-	struct service p = { .port = redis_svc.port };
+	struct service p = { .port = stack.redis.port };
 	redisContext *anon = redisConnect("127.0.0.1", p.port), *proj;
 	redisReply *r = redisCommand(anon, "GET dbk:live");
 
@@ -122,7 +120,7 @@ Test(defence, redis_refuses_clients_without_a_user_and_the_projector_cannot_flus
 	freeReplyObject(r);
 	redisFree(anon);
 
-	proj = harness_redis_as(redis_url, "daybook-projector");
+	proj = harness_redis_as(stack.redis_url, "daybook-projector");
 	assert_ok(proj, 3, (const char *[]){ "SET", "dbk:live", "2" });
 	assert_noperm(proj, 1, (const char *[]){ "FLUSHALL" });
 	assert_noperm(proj, 3, (const char *[]){ "CONFIG", "GET", "requirepass" });
@@ -158,14 +156,14 @@ static bool client_is(const char *list, const char *name, const char *user)
 Test(defence, services_use_their_own_redis_users_and_never_log_passwords)
 {
 	struct service projector, query;
-	redisContext *ops = harness_redis(redis_url);
+	redisContext *ops = harness_redis(stack.redis_url);
 	redisReply *r;
 	const char *const secrets[] = { "test-projector-password", "test-query-password",
 					"test-admin-password", "test-ops-password" };
 
-	harness_start_projector(&projector, db, redis_url);
-	harness_start_query(&query, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_start_projector(&projector, stack.db, stack.redis_url);
+	harness_start_query(&query, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	/* The query service is ready on SQL alone: its Redis connections may come later. */
 	for (double end = harness_now() + 20;; usleep(50000)) {
 		r = redisCommand(ops, "CLIENT LIST");
@@ -193,12 +191,12 @@ Test(defence, services_use_their_own_redis_users_and_never_log_passwords)
 Test(defence, a_refused_redis_password_is_reported_without_the_password)
 {
 	char pg[512], cmd[2048], out[8192] = "";
-	const char *at = strchr(redis_url, '@');
+	const char *at = strchr(stack.redis_url, '@');
 	size_t n = 0;
 	FILE *p;
 	int status;
 
-	harness_conninfo(db, NULL, pg, sizeof(pg));
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
 	snprintf(cmd, sizeof(cmd),
 		 "DAYBOOK_PG='%s' DAYBOOK_REDIS='redis://daybook-admin:not-the-password-4711%s' "
 		 "'%s' verify 2>&1",
@@ -223,7 +221,7 @@ Test(defence, postgresql_asks_every_connection_for_a_password)
 		size_t n;
 		PGconn *conn;
 
-		harness_conninfo(db, roles[i], conninfo, sizeof(conninfo));
+		harness_conninfo(stack.db, roles[i], conninfo, sizeof(conninfo));
 		n = strlen(conninfo);
 		/* With its password (from PGPASSFILE) the role gets in ... */
 		conn = PQconnectdb(conninfo);
@@ -273,12 +271,12 @@ static int run_service(const char *binvar, const char *role, const char *args, c
 	cr_assert(f, "cannot write %s", tokens);
 	fprintf(f, "t %064d write\n", 0);
 	fclose(f);
-	harness_conninfo(db, role, pg, sizeof(pg));
-	harness_redis_url_as(redis_url, "daybook-projector", url, sizeof(url));
+	harness_conninfo(stack.db, role, pg, sizeof(pg));
+	harness_redis_url_as(stack.redis_url, "daybook-projector", url, sizeof(url));
 	snprintf(cmd, sizeof(cmd),
 		 "DAYBOOK_PG='%s' DAYBOOK_REDIS='%s' DAYBOOK_LISTEN=127.0.0.1:%d "
 		 "DAYBOOK_TOKENS_FILE='%s' timeout 30 '%s' %s 2>&1 >/dev/null",
-		 pg, role && strcmp(role, "daybook_projector") == 0 ? url : redis_url,
+		 pg, role && strcmp(role, "daybook_projector") == 0 ? url : stack.redis_url,
 		 harness_free_port(), tokens, getenv(binvar), args);
 	return run_capture(cmd, out, len);
 }
@@ -290,7 +288,7 @@ Test(defence, a_log_with_txids_ahead_of_the_cluster_is_refused_at_start)
 
 	/* As a logical restore into a younger cluster leaves it: an event whose txid this
 	 * cluster has not reached (the superuser may set it; the command role may not). */
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
 		    "((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
 		    "'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
@@ -323,16 +321,17 @@ Test(defence, a_service_started_before_postgresql_answers_checks_once_it_does)
 	double end;
 	pid_t pid;
 
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
 		    "((pg_current_xact_id()::text::bigint + 1000000)::text::xid8, 'account-r', 1, "
 		    "'AccountOpened', '{\"account_id\":\"r\",\"name\":\"R\",\"currency\":\"EUR\","
 		    "\"overdraft_limit\":0}', '{}')"));
 	/* PostgreSQL turns the projector away at its start ... */
-	snprintf(q, sizeof(q), "REVOKE CONNECT ON DATABASE %s FROM PUBLIC, daybook_projector", db);
-	PQclear(sql(db, q));
-	harness_conninfo(db, "daybook_projector", pg, sizeof(pg));
-	harness_redis_url_as(redis_url, "daybook-projector", url, sizeof(url));
+	snprintf(q, sizeof(q), "REVOKE CONNECT ON DATABASE %s FROM PUBLIC, daybook_projector",
+		 stack.db);
+	PQclear(sql(stack.db, q));
+	harness_conninfo(stack.db, "daybook_projector", pg, sizeof(pg));
+	harness_redis_url_as(stack.redis_url, "daybook-projector", url, sizeof(url));
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", harness_free_port());
 	snprintf(log_path, sizeof(log_path), "%s/daybook-test-%d-deferred-check.log",
 		 getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
@@ -360,8 +359,9 @@ Test(defence, a_service_started_before_postgresql_answers_checks_once_it_does)
 		cr_assert_fail("the projector did not say it would check again");
 	}
 	/* ... and answers a moment later: the check runs then, and refuses. */
-	snprintf(q, sizeof(q), "GRANT CONNECT ON DATABASE %s TO PUBLIC, daybook_projector", db);
-	PQclear(sql(db, q));
+	snprintf(q, sizeof(q), "GRANT CONNECT ON DATABASE %s TO PUBLIC, daybook_projector",
+		 stack.db);
+	PQclear(sql(stack.db, q));
 	for (end = harness_now() + 30; harness_now() < end; usleep(50000))
 		if (waitpid(pid, &status, WNOHANG) == pid)
 			break;

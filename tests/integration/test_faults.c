@@ -17,18 +17,16 @@
 #define WORKERS 8
 #define MAX_ACKS 20000
 
-static char db[64];
-static struct service svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_command(&svc, db);
+	harness_stack_command(&stack);
 }
 
 static void teardown(void)
 {
-	harness_stop(&svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(faults, .init = setup, .fini = teardown, .timeout = 180);
@@ -64,7 +62,7 @@ static void *work(void *arg)
 	while (!atomic_load(&l->stop)) {
 		long long amount = 1 + rand_r(&seed) % 1000;
 		snprintf(body, sizeof(body), "{\"amount\":%lld}", amount);
-		struct response r = post(&svc, path, body, NULL);
+		struct response r = post(&stack.command, path, body, NULL);
 		if (r.status == 201) {
 			pthread_mutex_lock(&l->lock);
 			if (l->nacks < MAX_ACKS)
@@ -97,7 +95,7 @@ Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
 	pthread_mutex_init(&l.lock, NULL);
 	for (int i = 0; i < WORKERS; i++) {
 		snprintf(q, sizeof(q), "{\"id\":\"f-%d\",\"name\":\"F\",\"currency\":\"EUR\"}", i);
-		r = post(&svc, "/accounts", q, NULL);
+		r = post(&stack.command, "/accounts", q, NULL);
 		cr_assert_eq(r.status, 201);
 		response_free(&r);
 		w[i] = (struct worker){ &l, i };
@@ -109,18 +107,19 @@ Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
 	cr_assert(harness_wait_count(&l.statuses[503], 1, harness_now() + 20),
 		  "the writers saw no 503 after PostgreSQL stopped");
 	/* Down: writes and readiness say 503, promptly. */
-	r = post(&svc, "/accounts/f-0/deposits", "{\"amount\":1}", NULL);
+	r = post(&stack.command, "/accounts/f-0/deposits", "{\"amount\":1}", NULL);
 	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
 	cr_assert_str_eq(json_string_value(json_object_get(r.json, "code")), "unavailable");
 	char retry[16];
 	cr_assert(response_header(&r, "Retry-After", retry, sizeof(retry)));
 	response_free(&r);
-	r = http_request(svc.port, "GET", "/readyz", NULL, NULL, 5);
+	r = http_request(stack.command.port, "GET", "/readyz", NULL, NULL, 5);
 	cr_assert_eq(r.status, 503);
 	response_free(&r);
 	harness_run_env_command("DAYBOOK_TEST_PG_START");
 	/* Back: the service reconnects by itself. */
-	cr_assert(harness_wait_status(&svc, "/readyz", 200, 20), "the service did not reconnect");
+	cr_assert(harness_wait_status(&stack.command, "/readyz", 200, 20),
+		  "the service did not reconnect");
 	cr_assert(harness_wait_count(&l.statuses[201], atomic_load(&l.statuses[201]) + 20,
 				     harness_now() + 20),
 		  "the writers made no headway after the recovery");
@@ -132,7 +131,7 @@ Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
 	cr_assert_gt(atomic_load(&l.statuses[503]), 0, "the outage should have been seen");
 	cr_assert_gt(l.nacks, 0);
 	/* Every acknowledged deposit is in the log, exactly once, as acknowledged. */
-	PGresult *log = sql(db,
+	PGresult *log = sql(stack.db,
 			    "SELECT substr(stream, 11)::int, version, (data->>'amount')::bigint "
 			    "FROM events WHERE type = 'FundsDeposited'");
 	for (size_t i = 0; i < l.nacks; i++) {
@@ -145,10 +144,11 @@ Test(faults, postgresql_stopping_mid_load_gives_503_then_recovery_without_loss)
 			     l.acks[i].account, l.acks[i].version, l.acks[i].amount, found);
 	}
 	PQclear(log);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM (SELECT stream, max(version) m, count(*) c "
-				 "FROM events GROUP BY stream) s WHERE m <> c"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM (SELECT stream, max(version) m, count(*) c "
+			     "FROM events GROUP BY stream) s WHERE m <> c"),
 		     0);
-	r = post(&svc, "/accounts/f-1/deposits", "{\"amount\":1}", NULL);
+	r = post(&stack.command, "/accounts/f-1/deposits", "{\"amount\":1}", NULL);
 	cr_assert_eq(r.status, 201, "%s", r.body);
 	response_free(&r);
 }
@@ -191,20 +191,20 @@ Test(faults, a_read_behind_on_redis_waits_while_postgresql_is_down)
 	PGconn *locker;
 
 	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
-	harness_start_projector(&projector, db, redis_url);
-	harness_start_query(&query, db, redis_url);
-	harness_post_created(&svc, "/accounts",
+	harness_start_projector(&projector, stack.db, redis_url);
+	harness_start_query(&query, stack.db, redis_url);
+	harness_post_created(&stack.command, "/accounts",
 			     "{\"id\":\"w-1\",\"name\":\"W\",\"currency\":\"EUR\"}");
-	harness_wait_caught_up(db, redis_url, 60);
+	harness_wait_caught_up(stack.db, redis_url, 60);
 	/* The projector stops: the next write stays ahead of the live Redis generation. */
 	harness_stop(&projector);
-	r = post(&svc, "/accounts/w-1/deposits", "{\"amount\":5}", NULL);
+	r = post(&stack.command, "/accounts/w-1/deposits", "{\"amount\":5}", NULL);
 	cr_assert_eq(r.status, 201, "%d %s", r.status, r.body);
 	snprintf(pos, sizeof(pos), "%s", json_string_value(json_object_get(r.json, "position")));
 	response_free(&r);
 
 	/* One read goes to SQL (Redis is behind) and waits there on a lock... */
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
 	locker = PQconnectdb(conninfo);
 	cr_assert_eq(PQstatus(locker), CONNECTION_OK, "%s", PQerrorMessage(locker));
 	PQclear(PQexec(locker, "BEGIN"));
@@ -215,7 +215,7 @@ Test(faults, a_read_behind_on_redis_waits_while_postgresql_is_down)
 	snprintf(inflight.path, sizeof(inflight.path),
 		 "/accounts/w-1?min_position=%s&wait_ms=10000", pos);
 	pthread_create(&t, NULL, read_call, &inflight);
-	cr_assert(harness_wait_until(lock_waited, db, harness_now() + 30),
+	cr_assert(harness_wait_until(lock_waited, stack.db, harness_now() + 30),
 		  "the read did not reach SQL");
 	/* ...when PostgreSQL stops under it. */
 	harness_run_env_command("DAYBOOK_TEST_PG_STOP");
@@ -225,7 +225,7 @@ Test(faults, a_read_behind_on_redis_waits_while_postgresql_is_down)
 	read_call(&early);
 	/* PostgreSQL back before any assertion: the other tests share the cluster. */
 	harness_run_env_command("DAYBOOK_TEST_PG_START");
-	harness_start_projector(&projector, db, redis_url);
+	harness_start_projector(&projector, stack.db, redis_url);
 	pthread_join(t, NULL);
 	harness_stop(&projector);
 	harness_stop(&query);
@@ -260,27 +260,28 @@ Test(faults, sigterm_finishes_requests_in_flight_then_exits_zero)
 	struct burst b[10];
 	pthread_t t[10];
 	PGconn *blocker;
-	struct response r = post(&svc, "/accounts",
+	struct response r = post(&stack.command, "/accounts",
 				 "{\"id\":\"drain\",\"name\":\"D\",\"currency\":\"EUR\"}", NULL);
 
 	cr_assert_eq(r.status, 201);
 	response_free(&r);
 	/* Hold the log so that the writes are in flight when SIGTERM arrives. */
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
 	blocker = PQconnectdb(conninfo);
 	PQclear(PQexec(blocker, "BEGIN"));
 	PQclear(PQexec(blocker, "LOCK TABLE events IN EXCLUSIVE MODE"));
 	for (int i = 0; i < 10; i++) {
-		b[i].port = svc.port;
+		b[i].port = stack.command.port;
 		pthread_create(&t[i], NULL, slow_write, &b[i]);
 	}
 	/* All ten in flight (the gauge also counts the /metrics request reading it). */
-	for (int i = 0; harness_metric(&svc, "daybook_http_requests_in_flight") < 11; i++) {
+	for (int i = 0; harness_metric(&stack.command, "daybook_http_requests_in_flight") < 11;
+	     i++) {
 		cr_assert_lt(i, 1000, "the writes never all arrived");
 		usleep(10000);
 	}
-	kill(svc.pid, SIGTERM);
-	cr_assert(harness_wait_log(&svc, "no longer accepting", harness_now() + 10),
+	kill(stack.command.pid, SIGTERM);
+	cr_assert(harness_wait_log(&stack.command, "no longer accepting", harness_now() + 10),
 		  "the service did not take the SIGTERM");
 	PQclear(PQexec(blocker, "COMMIT"));
 	PQfinish(blocker);
@@ -290,6 +291,8 @@ Test(faults, sigterm_finishes_requests_in_flight_then_exits_zero)
 			     b[i].r.body);
 		response_free(&b[i].r);
 	}
-	cr_assert_eq(harness_stop(&svc), 0);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-drain'"), 11);
+	cr_assert_eq(harness_stop(&stack.command), 0);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM events WHERE stream = 'account-drain'"),
+		     11);
 }

@@ -12,23 +12,16 @@
 #include "harness.h"
 #include "readmodel.h"
 
-static char db[64], redis_url[128];
-static struct service command, projector, query, redis_svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
-	harness_start_command(&command, db);
-	harness_start_projector(&projector, db, redis_url);
+	harness_stack_redis_command_projector(&stack);
 }
 
 static void teardown(void)
 {
-	harness_stop(&query);
-	harness_stop(&projector);
-	harness_stop(&command);
-	harness_kill(&redis_svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(identity, .init = setup, .fini = teardown, .timeout = 180);
@@ -40,11 +33,11 @@ static void must(const char *path, const char *body)
 	struct response r;
 
 	for (;;) {
-		r = post(&command, path, body, NULL);
+		r = post(&stack.command, path, body, NULL);
 		if (r.status == 201 || harness_now() > end)
 			break;
 		response_free(&r);
-		harness_wait_status(&command, "/readyz", 200, 1);
+		harness_wait_status(&stack.command, "/readyz", 200, 1);
 	}
 	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
 	response_free(&r);
@@ -72,7 +65,7 @@ static void identity_of(const char *name, char *out, size_t len)
 /* The live generation is the store's (its identity) and holds the account's body. */
 static bool redis_serves(const char *identity, const char *account, const char *needle)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	redisReply *g = redisCommand(c, "GET " READMODEL_LIVE_KEY), *i = NULL, *j = NULL;
 	bool ok = g && g->type == REDIS_REPLY_STRING;
 
@@ -103,7 +96,7 @@ static void reads_never_stale(const char *name, const char *account, const char 
 	snprintf(path, sizeof(path), "/accounts/%s", account);
 	for (;;) {
 		bool caught_up = redis_serves(identity, account, fresh);
-		struct response r = http_request(query.port, "GET", path, headers, NULL, 20);
+		struct response r = http_request(stack.query.port, "GET", path, headers, NULL, 20);
 		reads++;
 		cr_assert(!(r.body && strstr(r.body, stale)), "read %d served the old data: %d %s",
 			  reads, r.status, r.body);
@@ -117,7 +110,7 @@ static void reads_never_stale(const char *name, const char *account, const char 
 			break;
 		usleep(10000); /* between polls */
 		if (harness_now() > end) {
-			harness_print_log(&projector);
+			harness_print_log(&stack.projector);
 			cr_assert_fail("the projector did not build a generation of %s in time "
 				       "(%d reads, %d fresh)",
 				       identity, reads, fresh_reads);
@@ -125,7 +118,7 @@ static void reads_never_stale(const char *name, const char *account, const char 
 	}
 	/* Now from Redis, and still the new data. */
 	for (int k = 0; k < 20; k++) {
-		struct response r = http_request(query.port, "GET", path, headers, NULL, 20);
+		struct response r = http_request(stack.query.port, "GET", path, headers, NULL, 20);
 		cr_assert(r.status == 200 && strstr(r.body, fresh) && !strstr(r.body, stale),
 			  "%d %s", r.status, r.body);
 		response_free(&r);
@@ -136,30 +129,30 @@ Test(identity, a_recreated_database_never_serves_the_old_databases_redis_models)
 {
 	char drop[128], create[128];
 
-	harness_start_query(&query, db, redis_url);
+	harness_start_query(&stack.query, stack.db, stack.redis_url);
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Old Alice\",\"currency\":\"EUR\"}");
 	for (int i = 0; i < 8; i++)
 		must("/accounts/alice/deposits", "{\"amount\":1000}");
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 
 	/* Same name, new life; the projector and the query service keep running and
 	 * reconnect. (The command service is restarted: its account cache is not what is
 	 * tested here.) */
-	harness_stop(&command);
-	snprintf(drop, sizeof(drop), "DROP DATABASE %s WITH (FORCE)", db);
-	snprintf(create, sizeof(create), "CREATE DATABASE %s", db);
+	harness_stop(&stack.command);
+	snprintf(drop, sizeof(drop), "DROP DATABASE %s WITH (FORCE)", stack.db);
+	snprintf(create, sizeof(create), "CREATE DATABASE %s", stack.db);
 	admin_sql(drop);
 	admin_sql(create);
-	harness_migrate(db);
-	harness_start_command(&command, db);
+	harness_migrate(stack.db);
+	harness_start_command(&stack.command, stack.db);
 	/* While it cannot reach PostgreSQL at all, the query service serves the Redis hits
 	 * of the store it saw last (docs/query-api.md): from its first connection to the
 	 * new database on, never again. */
-	cr_assert(harness_wait_status(&query, "/readyz", 200, 30));
+	cr_assert(harness_wait_status(&stack.query, "/readyz", 200, 30));
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"New Alice\",\"currency\":\"EUR\"}");
 	must("/accounts/alice/deposits", "{\"amount\":300}");
-	reads_never_stale(db, "alice", "Old Alice", "\"balance\":300,");
-	harness_assert_models_match_log(db);
+	reads_never_stale(stack.db, "alice", "Old Alice", "\"balance\":300,");
+	harness_assert_models_match_log(stack.db);
 }
 
 /* The command service's account cache is state of one database: a new session may be
@@ -171,14 +164,14 @@ Test(identity, the_command_service_forgets_its_accounts_when_the_database_is_rec
 
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Old Alice\",\"currency\":\"EUR\"}");
 	must("/accounts/alice/deposits", "{\"amount\":8000}");
-	snprintf(drop, sizeof(drop), "DROP DATABASE %s WITH (FORCE)", db);
-	snprintf(create, sizeof(create), "CREATE DATABASE %s", db);
+	snprintf(drop, sizeof(drop), "DROP DATABASE %s WITH (FORCE)", stack.db);
+	snprintf(create, sizeof(create), "CREATE DATABASE %s", stack.db);
 	admin_sql(drop);
 	admin_sql(create);
-	harness_migrate(db);
+	harness_migrate(stack.db);
 	/* Kept running: it reconnects to the new database, where alice does not exist. */
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"New Alice\",\"currency\":\"EUR\"}");
-	r = post(&command, "/accounts/alice/deposits", "{\"amount\":300}", NULL);
+	r = post(&stack.command, "/accounts/alice/deposits", "{\"amount\":300}", NULL);
 	cr_assert_eq(r.status, 201, "%d %s", r.status, r.body);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), 300,
 		     "the old database's balance leaked into the new one: %s", r.body);
@@ -193,30 +186,31 @@ Test(identity, a_database_restored_from_an_older_dump_never_serves_the_newer_red
 
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Alice\",\"currency\":\"EUR\"}");
 	must("/accounts/alice/deposits", "{\"amount\":100}");
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 
 	/* The backup, then life goes on: Redis holds the later state. */
-	snprintf(dump, sizeof(dump), "%s/%s.sql", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", db);
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	snprintf(dump, sizeof(dump), "%s/%s.sql", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
+		 stack.db);
+	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
 	snprintf(cmd, sizeof(cmd), "'%s/pg_dump' -d '%s' -f '%s'",
 		 bin && *bin ? bin : "/usr/lib/postgresql/15/bin", conninfo, dump);
 	cr_assert(system(cmd) == 0, "%s failed", cmd);
 	must("/accounts/alice/deposits", "{\"amount\":5000}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_stop(&projector);
-	harness_stop(&command);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_stop(&stack.projector);
+	harness_stop(&stack.command);
 
 	/* Restored beside it (same cluster, so the log's txids stay in order), on the
 	 * same Redis. */
-	snprintf(restored, sizeof(restored), "%s_r", db);
+	snprintf(restored, sizeof(restored), "%s_r", stack.db);
 	snprintf(create, sizeof(create), "CREATE DATABASE %s", restored);
 	admin_sql(create);
 	harness_conninfo(restored, NULL, conninfo, sizeof(conninfo));
 	snprintf(cmd, sizeof(cmd), "'%s/psql' -X -q -v ON_ERROR_STOP=1 -d '%s' -f '%s' >/dev/null",
 		 bin && *bin ? bin : "/usr/lib/postgresql/15/bin", conninfo, dump);
 	cr_assert(system(cmd) == 0, "%s failed", cmd);
-	harness_start_query(&query, restored, redis_url);
-	harness_start_projector(&projector, restored, redis_url);
+	harness_start_query(&stack.query, restored, stack.redis_url);
+	harness_start_projector(&stack.projector, restored, stack.redis_url);
 	reads_never_stale(restored, "alice", "\"balance\":5100,", "\"balance\":100,");
 }
 
@@ -224,7 +218,7 @@ Test(identity, a_database_restored_from_an_older_dump_never_serves_the_newer_red
  * and stderr together into out (caller frees); returns the exit status. */
 static int admin(const char *const *args, char **out)
 {
-	return harness_admin(db, redis_url, args, out);
+	return harness_admin(stack.db, stack.redis_url, args, out);
 }
 
 /* A physical restore (a base backup, a point-in-time recovery) keeps the cluster, the
@@ -240,10 +234,10 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Alice\",\"currency\":\"EUR\"}");
 	must("/accounts/alice/deposits", "{\"amount\":100}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_stop(&projector);
-	identity_of(db, before, sizeof(before));
-	c = harness_redis(redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_stop(&stack.projector);
+	identity_of(stack.db, before, sizeof(before));
+	c = harness_redis(stack.redis_url);
 	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
 	cr_assert(r && r->type == REDIS_REPLY_STRING);
 	snprintf(gen, sizeof(gen), "%s", r->str);
@@ -254,7 +248,7 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 
 	cr_assert_eq(admin((const char *const[]){ "migrate", "--new-identity", NULL }, &out), 0,
 		     "%s", out);
-	identity_of(db, after, sizeof(after));
+	identity_of(stack.db, after, sizeof(after));
 	cr_assert_str_neq(before, after);
 	cr_assert(strstr(out, after), "%s", out);
 	free(out);
@@ -263,9 +257,9 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 	cr_assert(strstr(out, "\"redis\":{\"live_generation\":null"), "%s", out);
 	free(out);
 
-	harness_start_query(&query, db, redis_url);
-	harness_start_projector(&projector, db, redis_url);
-	reads_never_stale(db, "alice", "777777", "\"balance\":100,");
+	harness_start_query(&stack.query, stack.db, stack.redis_url);
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
+	reads_never_stale(stack.db, "alice", "777777", "\"balance\":100,");
 	/* The retired generation is left in place, and verify names it. */
 	cr_assert_eq(admin((const char *const[]){ "verify", NULL }, &out), 0, "%s", out);
 	snprintf(note, sizeof(note), "note: redis generation %s was built from another event store",
@@ -298,11 +292,11 @@ Test(identity, another_stores_generation_is_never_served_nor_deleted)
 	long long ours, theirs;
 	char *out;
 
-	harness_start_query(&query, db, redis_url);
+	harness_start_query(&stack.query, stack.db, stack.redis_url);
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Alice\",\"currency\":\"EUR\"}");
 	must("/accounts/alice/deposits", "{\"amount\":100}");
-	harness_wait_caught_up(db, redis_url, 30);
-	c = harness_redis(redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	c = harness_redis(stack.redis_url);
 	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
 	cr_assert(r && r->type == REDIS_REPLY_STRING);
 	ours = atoll(r->str);
@@ -319,7 +313,7 @@ Test(identity, another_stores_generation_is_never_served_nor_deleted)
 	freeReplyObject(r);
 	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " %lld", theirs));
 
-	reads_never_stale(db, "alice", "Foreign Alice", "\"balance\":100,");
+	reads_never_stale(stack.db, "alice", "Foreign Alice", "\"balance\":100,");
 	/* Our older generation is swept (its keys go soon after the switch); theirs stays. */
 	for (double end = harness_now() + 30; harness_now() < end;) {
 		char pattern[64];
@@ -335,7 +329,7 @@ Test(identity, another_stores_generation_is_never_served_nor_deleted)
 	cr_assert_eq(admin((const char *const[]){ "rebuild", "redis", NULL }, &out), 0, "%s", out);
 	free(out);
 	must("/accounts/alice/deposits", "{\"amount\":1}");
-	reads_never_stale(db, "alice", "Foreign Alice", "\"balance\":101,");
+	reads_never_stale(stack.db, "alice", "Foreign Alice", "\"balance\":101,");
 	/* The rebuild's and theirs: the generation it replaced may be left to the
 	 * projector's sweep, which follows within seconds. */
 	for (int i = 0; i < 200 && key_count(c, "dbk:g:*:identity") > 2; i++)
@@ -374,8 +368,8 @@ Test(identity, two_deployments_sharing_one_redis_database_never_serve_each_other
 
 	harness_db_create(db2, sizeof(db2));
 	harness_start_command(&command2, db2);
-	harness_start_query(&query, db, redis_url);
-	harness_start_query(&query2, db2, redis_url);
+	harness_start_query(&stack.query, stack.db, stack.redis_url);
+	harness_start_query(&query2, db2, stack.redis_url);
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Alice One\",\"currency\":\"EUR\"}");
 	{
 		struct response r =
@@ -385,14 +379,14 @@ Test(identity, two_deployments_sharing_one_redis_database_never_serve_each_other
 		cr_assert_eq(r.status, 201, "%d %s", r.status, r.body);
 		response_free(&r);
 	}
-	harness_start_projector(&projector2, db2, redis_url);
-	sql_caught_up(db);
+	harness_start_projector(&projector2, db2, stack.redis_url);
+	sql_caught_up(stack.db);
 	sql_caught_up(db2);
 	end = harness_now() + 60;
-	while (!(harness_log_says(&projector, "two deployments share it") ||
+	while (!(harness_log_says(&stack.projector, "two deployments share it") ||
 		 harness_log_says(&projector2, "two deployments share it"))) {
-		struct response a = http_request(query.port, "GET", "/accounts/alice", headers,
-						 NULL, 20);
+		struct response a = http_request(stack.query.port, "GET", "/accounts/alice",
+						 headers, NULL, 20);
 		struct response b = http_request(query2.port, "GET", "/accounts/alice", headers,
 						 NULL, 20);
 		reads++;
@@ -403,7 +397,7 @@ Test(identity, two_deployments_sharing_one_redis_database_never_serve_each_other
 		response_free(&a);
 		response_free(&b);
 		if (harness_now() > end) {
-			harness_print_log(&projector);
+			harness_print_log(&stack.projector);
 			harness_print_log(&projector2);
 			cr_assert_fail("the shared Redis database was not detected (%d reads)",
 				       reads);

@@ -15,27 +15,24 @@
 #include "readmodel.h"
 #include "redis_sync.h"
 
-static char db[64], redis_url[128];
-static struct service command, redis;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_command(&command, db);
-	harness_start_redis(&redis, false, redis_url, sizeof(redis_url));
+	harness_stack_command(&stack);
+	harness_start_redis(&stack.redis, false, stack.redis_url, sizeof(stack.redis_url));
 }
 
 static void teardown(void)
 {
-	harness_stop(&command);
-	harness_kill(&redis);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(projector, .init = setup, .fini = teardown, .timeout = 180);
 
 static void must(const char *path, const char *body)
 {
-	harness_post_created(&command, path, body);
+	harness_post_created(&stack.command, path, body);
 }
 
 static void open_accounts(int n)
@@ -82,7 +79,7 @@ static void *write_load(void *arg)
 				 "{\"id\":\"tx-%d-%u\",\"from\":\"p-%d\",\"to\":\"p-%d\",\"amount\":%d}",
 				 n, seed % 1000, a, b, 1 + rand_r(&seed) % 300);
 		}
-		struct response r = post(&command, path, body, NULL);
+		struct response r = post(&stack.command, path, body, NULL);
 		response_free(&r);
 	}
 	return NULL;
@@ -118,7 +115,7 @@ static bool sql_checkpoint_moved(void *arg)
 	struct checkpoint_moved *m = arg;
 	char cp[64];
 
-	harness_sql_checkpoint(db, cp, sizeof(cp));
+	harness_sql_checkpoint(stack.db, cp, sizeof(cp));
 	return strcmp(cp, m->before) != 0;
 }
 
@@ -131,22 +128,25 @@ Test(projector, follows_the_log_into_sql_and_redis)
 	     "{\"id\":\"t-1\",\"from\":\"p-0\",\"to\":\"p-1\",\"amount\":250,\"reference\":\"rent\"}");
 	must("/accounts/p-2/withdrawals", "{\"amount\":100000}");
 	must("/accounts/p-2/close", "{}");
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
-	cr_assert_eq(sql_int(db, "SELECT balance_after FROM rm_entries WHERE account_id = 'p-1' "
-				 "AND type = 'transfer_in'"),
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT balance_after FROM rm_entries WHERE account_id = 'p-1' "
+			     "AND type = 'transfer_in'"),
 		     100250);
-	cr_assert_eq(sql_int(db, "SELECT open_accounts FROM rm_totals WHERE currency = 'EUR'"), 4);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT open_accounts FROM rm_totals WHERE currency = 'EUR'"),
+		     4);
 	/* Live follow: a write after start shows up without a restart. The deadline is
 	 * generous: the projector reads below the cluster-wide xmin, which another test's
 	 * bulk insert (rebuild's 150,000 events) holds back for 10 s and more on a busy
 	 * machine. */
 	must("/accounts/p-0/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 60);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 60);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_assert_eq(harness_stop(&proj), 0);
 }
 
@@ -174,25 +174,25 @@ Test(projector, long_and_escaped_event_data_is_applied_as_written)
 		 "\"reference\":\"%0*d\"}",
 		 LEDGER_REFERENCE_MAX, 1);
 	must("/transfers", body);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	snprintf(query, sizeof(query),
 		 "SELECT (name = 'Q\"uote\\ caf\xc3\xa9 ' || repeat('0', %d))::int "
 		 "FROM rm_accounts WHERE account_id = 'long-0'",
 		 pad);
-	cr_assert_eq(sql_int(db, query), 1);
+	cr_assert_eq(sql_int(stack.db, query), 1);
 	snprintf(query, sizeof(query),
 		 "SELECT count(*) FROM rm_entries WHERE account_id = 'long-0' "
 		 "AND length(reference) = %d",
 		 LEDGER_REFERENCE_MAX);
-	cr_assert_eq(sql_int(db, query), 2);
+	cr_assert_eq(sql_int(stack.db, query), 2);
 	snprintf(query, sizeof(query),
 		 "SELECT count(*) FROM rm_transfers WHERE transfer_id = 't-long' "
 		 "AND reference = repeat('0', %d) || '1'",
 		 LEDGER_REFERENCE_MAX - 1);
-	cr_assert_eq(sql_int(db, query), 1);
+	cr_assert_eq(sql_int(stack.db, query), 1);
 	cr_assert_eq(harness_stop(&proj), 0);
 }
 
@@ -204,10 +204,10 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 	PGresult *r;
 
 	open_accounts(2);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	/* A transaction takes its position now and commits after later appends. */
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
 	late = PQconnectdb(conninfo);
 	PQclear(PQexec(late, "BEGIN"));
 	r = PQexec(late,
@@ -223,17 +223,21 @@ Test(projector, a_late_commit_is_applied_once_not_skipped)
 	 * open transaction (nothing observable says it has looked and held back). */
 	usleep(500000);
 	/* The projector must not have moved past the open transaction. */
-	harness_sql_checkpoint(db, cp, sizeof(cp));
+	harness_sql_checkpoint(stack.db, cp, sizeof(cp));
 	cr_assert_lt(atoll(strchr(cp, '.') + 1), late_pos + 1,
 		     "checkpoint %s passed the open transaction", cp);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"), 1);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"),
+		     1);
 	PQclear(PQexec(late, "COMMIT"));
 	PQfinish(late);
-	harness_wait_caught_up(db, redis_url, 20);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_accounts WHERE account_id = 'late'"), 1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"), 6);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_accounts WHERE account_id = 'late'"),
+		     1);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM rm_entries WHERE account_id = 'p-0'"),
+		     6);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 }
 
@@ -250,8 +254,8 @@ Test(projector, kill_9_mid_batch_loses_and_doubles_nothing)
 		struct checkpoint_moved m = { before };
 
 		/* Killed once it is applying batches, a little later each round. */
-		harness_sql_checkpoint(db, before, sizeof(before));
-		harness_start_projector(&proj, db, redis_url);
+		harness_sql_checkpoint(stack.db, before, sizeof(before));
+		harness_start_projector(&proj, stack.db, stack.redis_url);
 		await_writes(&l, 10 * round);
 		/* Generous: a successor waits out the killed one's lease, and the projector
 		 * reads below the cluster-wide xmin, which other tests' bulk inserts hold back. */
@@ -262,11 +266,11 @@ Test(projector, kill_9_mid_batch_loses_and_doubles_nothing)
 		harness_kill(&proj);
 	}
 	stop_load(&l, t, 4);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	cr_assert_gt(atomic_load(&l.done), 50);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 }
 
@@ -279,10 +283,10 @@ Test(projector, a_standby_takes_over_within_5_s)
 	long long e1;
 
 	open_accounts(8);
-	harness_start_projector(&a, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	e1 = sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
-	harness_start_projector(&b, db, redis_url);
+	harness_start_projector(&a, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	e1 = sql_int(stack.db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
+	harness_start_projector(&b, stack.db, stack.redis_url);
 	cr_assert(harness_wait_status(&b, "/readyz", 503, 10), "a standby must not say ready");
 	cr_assert_eq(harness_metric(&a, "daybook_projector_leader"), 1);
 	cr_assert_eq(harness_metric(&b, "daybook_projector_leader"), 0, "only one leads");
@@ -295,13 +299,14 @@ Test(projector, a_standby_takes_over_within_5_s)
 		cr_assert(harness_now() < end, "the standby did not take over within 5 s");
 		usleep(50000);
 	}
-	cr_assert_gt(sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'"), e1,
-		     "a takeover raises the epoch");
+	cr_assert_gt(sql_int(stack.db,
+			     "SELECT epoch FROM projector_leases WHERE projection = 'sql'"),
+		     e1, "a takeover raises the epoch");
 	await_writes(&l, 30);
 	stop_load(&l, t, 2);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&b);
 }
 
@@ -318,7 +323,7 @@ static void check_readers(struct readers *rd)
 	harness_readers_stop(rd, &reads, &errors, &samples, &n);
 	cr_assert_eq(errors, 0, "%d of %d reads failed", errors, reads);
 	cr_assert_gt(reads, 10);
-	harness_assert_samples_true(db, samples, n);
+	harness_assert_samples_true(stack.db, samples, n);
 	free(samples);
 }
 
@@ -331,22 +336,22 @@ Test(projector, lost_redis_data_is_repopulated_under_load)
 	struct readers *rd;
 
 	open_accounts(10);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_start_query(&query, db, redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_start_query(&query, stack.db, stack.redis_url);
 	rd = harness_readers_start(&query, ids, 10, 2);
 	start_load(&l, t, 2);
 	await_writes(&l, 10);
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	redisFree(c);
 	await_writes(&l, 20);
 	stop_load(&l, t, 2);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	check_readers(rd);
 	harness_stop(&query);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 }
 
@@ -359,9 +364,9 @@ Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
 	char cp[64];
 
 	open_accounts(3);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	c = harness_redis(redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	c = harness_redis(stack.redis_url);
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	/* The check runs every second: a few seconds is plenty, but the next event, which
 	 * might never come, must not be what it takes. */
@@ -369,8 +374,8 @@ Test(projector, lost_redis_data_is_repopulated_when_the_log_is_quiet)
 	     usleep(50000))
 		cr_assert(harness_now() < end, "Redis was not repopulated while the log was quiet");
 	redisFree(c);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 }
 
@@ -407,8 +412,8 @@ Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 	double before, end;
 
 	open_accounts(3);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	/* A fresh Redis holds no generation: the first copy is counted under that reason. */
 	for (end = harness_now() + 10; harness_metric(&proj, resyncs) < 1; usleep(50000))
 		cr_assert(harness_now() < end, "no resync counted for the empty Redis");
@@ -423,14 +428,14 @@ Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 		      0);
 
 	before = resyncs_total(&proj);
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	freeReplyObject(redisCommand(c, "FLUSHALL"));
 	redisFree(c);
 	must("/accounts/p-1/deposits", "{\"amount\":5}");
 	/* Found by the batch (generation_lost) or the periodic check (no_live_generation). */
 	for (end = harness_now() + 10; resyncs_total(&proj) < before + 1; usleep(50000))
 		cr_assert(harness_now() < end, "the flushed Redis's resync was not counted");
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	for (end = harness_now() + 10;
 	     harness_metric(&proj, redis_pos) != harness_metric(&proj, sql_pos); usleep(50000))
 		cr_assert(harness_now() < end,
@@ -447,8 +452,8 @@ static long long projected_then_stopped(redisContext *c)
 	char cp[64];
 
 	open_accounts(4);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	harness_stop(&proj);
 	return gen;
@@ -460,19 +465,19 @@ static long long projected_then_stopped(redisContext *c)
 Test(projector, a_restart_with_a_backlog_continues_the_live_generation_without_a_resync)
 {
 	struct service proj;
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	long long gen = projected_then_stopped(c), after;
 	char cp[64];
 
 	for (int i = 0; i < 40; i++)
 		must(i % 2 ? "/accounts/p-1/deposits" : "/accounts/p-2/deposits", "{\"amount\":3}");
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
 	cr_assert_eq(after, gen, "the restart copied SQL into generation %lld (was %lld)", after,
 		     gen);
 	cr_assert_eq(resyncs_total(&proj), 0, "the restarted projector resynced redis");
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 	redisFree(c);
 }
@@ -500,15 +505,15 @@ static long long command_calls(redisContext *c, const char *name)
 Test(projector, a_batch_pushes_each_statement_once_and_reads_no_key_before_writing)
 {
 	struct service proj;
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	long long gen = projected_then_stopped(c), after, batches;
 	char cp[64];
 
 	/* The restarted projector adopts the generation: its first batch there goes through
 	 * the guards (it did not write the generation up to that batch's start). */
-	harness_start_projector(&proj, db, redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
 	must("/accounts/p-1/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	/* Then a few batches while Redis holds writes back: p-1's and p-2's items
 	 * alternate, with transfers between; the SQL legs go on, the Redis legs wait. */
 	freeReplyObject(redisCommand(c, "CLIENT PAUSE 1500 WRITE"));
@@ -520,7 +525,7 @@ Test(projector, a_batch_pushes_each_statement_once_and_reads_no_key_before_writi
 			 1 + i % 2, 2 - i % 2, 1 + i);
 		must("/transfers", body);
 	}
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
 	cr_assert_eq(after, gen, "the restart copied SQL into a new generation");
 	/* Each batch publishes its position once: the one held by the pause, the backlog
@@ -531,9 +536,10 @@ Test(projector, a_batch_pushes_each_statement_once_and_reads_no_key_before_writi
 	cr_assert_leq(command_calls(c, "mset"), batches, "the transfers went in one SET each");
 	cr_assert_eq(command_calls(c, "lindex"), 0, "the batch read the statements' heads");
 	cr_assert_eq(command_calls(c, "hget"), 0, "the batch read the accounts or the totals");
-	harness_assert_redis_matches_sql(db, redis_url);
-	cr_assert_eq(harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL), 0,
-		     "daybook-admin verify found a difference");
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
+	cr_assert_eq(harness_admin(stack.db, stack.redis_url,
+				   (const char *const[]){ "verify", NULL }, NULL),
+		     0, "daybook-admin verify found a difference");
 	harness_stop(&proj);
 	redisFree(c);
 }
@@ -545,21 +551,21 @@ Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
 {
 	static const char *ahead = "daybook_projection_read_ahead_total{projection=\"sql\"}";
 	struct service proj;
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	char before[64], now[64];
 	double end;
 
 	open_accounts(4);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_sql_checkpoint(db, before, sizeof(before));
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_sql_checkpoint(stack.db, before, sizeof(before));
 	/* Long enough for a loaded machine; unpaused below as soon as the test has seen
 	 * what it needs. */
 	freeReplyObject(redisCommand(c, "CLIENT PAUSE 15000 WRITE"));
 	must("/accounts/p-1/deposits", "{\"amount\":1}");
 	/* Its SQL leg commits; its Redis leg now waits for the pause. */
 	for (end = harness_now() + 10;; usleep(10000)) {
-		harness_sql_checkpoint(db, now, sizeof(now));
+		harness_sql_checkpoint(stack.db, now, sizeof(now));
 		if (strcmp(now, before) != 0)
 			break;
 		cr_assert(harness_now() < end, "the SQL checkpoint did not move");
@@ -569,9 +575,9 @@ Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
 	for (end = harness_now() + 10; harness_metric(&proj, ahead) < 1; usleep(10000))
 		cr_assert(harness_now() < end, "no batch was read during the redis write");
 	freeReplyObject(redisCommand(c, "CLIENT UNPAUSE"));
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 	redisFree(c);
 }
@@ -580,7 +586,7 @@ Test(projector, a_batch_read_while_redis_is_written_is_applied_once)
  * transaction (which takes it shared, first) waits until it is let go. */
 static PGconn *hold_batch_transactions(void)
 {
-	PGconn *holder = harness_connect_as(db, NULL);
+	PGconn *holder = harness_connect_as(stack.db, NULL);
 	PGresult *r = PQexec(holder, "SELECT pg_advisory_lock(" READMODEL_SWITCH_LOCK ")");
 
 	cr_assert(PQresultStatus(r) == PGRES_TUPLES_OK, "%s", PQerrorMessage(holder));
@@ -594,10 +600,11 @@ static int wait_for_blocked_batch(void)
 	double end = harness_now() + 10;
 
 	for (;; usleep(10000)) {
-		long long pid = sql_int(db, "SELECT coalesce(max(pid), 0) FROM pg_stat_activity "
-					    "WHERE application_name = 'daybook-projector' "
-					    "AND datname = current_database() "
-					    "AND wait_event_type = 'Lock'");
+		long long pid = sql_int(stack.db,
+					"SELECT coalesce(max(pid), 0) FROM pg_stat_activity "
+					"WHERE application_name = 'daybook-projector' "
+					"AND datname = current_database() "
+					"AND wait_event_type = 'Lock'");
 		if (pid > 0)
 			return (int)pid;
 		cr_assert(harness_now() < end, "the batch transaction never waited for the lock");
@@ -624,31 +631,31 @@ static void wait_redis_past(redisContext *c, long long gen, const char *before, 
 Test(projector, a_batch_reaches_redis_while_its_sql_transaction_waits)
 {
 	struct service proj;
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	PGconn *holder;
 	char before[64], cp[64], sqlcp[64];
 	long long gen;
 	redisReply *v;
 
 	open_accounts(2);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &gen, before, sizeof(before)));
 	holder = hold_batch_transactions();
 	must("/accounts/p-1/deposits", "{\"amount\":7}");
 	wait_redis_past(c, gen, before, cp, sizeof(cp));
-	harness_sql_checkpoint(db, sqlcp, sizeof(sqlcp));
+	harness_sql_checkpoint(stack.db, sqlcp, sizeof(sqlcp));
 	cr_assert_str_eq(sqlcp, before, "the SQL transaction was not held (checkpoint %s)", sqlcp);
 	v = redisCommand(c, "HGET dbk:g:%lld:acct:p-1 v", gen);
 	cr_assert(v && v->type == REDIS_REPLY_STRING && atoi(v->str) == 3,
 		  "p-1's deposit is not in redis");
 	freeReplyObject(v);
 	PQclear(PQexec(holder, "SELECT pg_advisory_unlock(" READMODEL_SWITCH_LOCK ")"));
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_sql_checkpoint(db, sqlcp, sizeof(sqlcp));
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_sql_checkpoint(stack.db, sqlcp, sizeof(sqlcp));
 	cr_assert_str_eq(sqlcp, cp, "SQL ended at %s, redis at %s", sqlcp, cp);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	PQfinish(holder);
 	harness_stop(&proj);
 	redisFree(c);
@@ -663,15 +670,15 @@ Test(projector, a_batch_reaches_redis_while_its_sql_transaction_waits)
 static void failed_transaction_after_redis(bool redis_in_flight)
 {
 	struct service proj;
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	PGconn *holder;
 	char before[64], cp[64], q[96];
 	long long gen, after, resyncs;
 	int pid;
 
 	open_accounts(3);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &gen, before, sizeof(before)));
 	resyncs = (long long)resyncs_total(&proj);
 	holder = hold_batch_transactions();
@@ -684,7 +691,7 @@ static void failed_transaction_after_redis(bool redis_in_flight)
 	if (!redis_in_flight)
 		wait_redis_past(c, gen, before, cp, sizeof(cp));
 	snprintf(q, sizeof(q), "SELECT pg_terminate_backend(%d)::int", pid); /* the batch fails */
-	cr_assert_eq(sql_int(db, q), 1, "the batch session %d was not ended", pid);
+	cr_assert_eq(sql_int(stack.db, q), 1, "the batch session %d was not ended", pid);
 	if (redis_in_flight) {
 		cr_assert(harness_wait_log(&proj, "while its Redis leg is in flight",
 					   harness_now() + 10),
@@ -698,14 +705,15 @@ static void failed_transaction_after_redis(bool redis_in_flight)
 		  "the failed batch was not noticed");
 	PQclear(PQexec(holder, "SELECT pg_advisory_unlock(" READMODEL_SWITCH_LOCK ")"));
 	must("/accounts/p-2/deposits", "{\"amount\":5}");
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &after, cp, sizeof(cp)));
 	cr_assert_eq(after, gen, "redis was copied into a new generation");
 	cr_assert_eq((long long)resyncs_total(&proj), resyncs, "redis was resynced");
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
-	cr_assert_eq(harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL), 0,
-		     "daybook-admin verify found a difference");
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
+	cr_assert_eq(harness_admin(stack.db, stack.redis_url,
+				   (const char *const[]){ "verify", NULL }, NULL),
+		     0, "daybook-admin verify found a difference");
 	PQfinish(holder);
 	harness_stop(&proj);
 	redisFree(c);
@@ -729,7 +737,7 @@ Test(projector, a_transaction_failing_while_its_redis_leg_is_in_flight_waits_for
 Test(projector, the_sql_position_is_announced_by_a_session_that_writes_no_batch)
 {
 	struct service proj;
-	PGconn *listener = harness_connect_as(db, NULL);
+	PGconn *listener = harness_connect_as(stack.db, NULL);
 	PGresult *r;
 	PGnotify *n = NULL;
 	struct readmodel_position said, held;
@@ -738,8 +746,8 @@ Test(projector, the_sql_position_is_announced_by_a_session_that_writes_no_batch)
 	int pid;
 
 	open_accounts(2);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	PQclear(PQexec(listener, "LISTEN " READMODEL_POSITION_CHANNEL));
 	must("/accounts/p-1/deposits", "{\"amount\":5}");
 	for (end = harness_now() + 10; !(n = PQnotifies(listener)); usleep(5000)) {
@@ -748,13 +756,13 @@ Test(projector, the_sql_position_is_announced_by_a_session_that_writes_no_batch)
 	}
 	pid = n->be_pid;
 	/* The token names a checkpoint already committed. */
-	harness_sql_checkpoint(db, cp, sizeof(cp));
+	harness_sql_checkpoint(stack.db, cp, sizeof(cp));
 	cr_assert(readmodel_position_parse(n->extra, &said) && readmodel_position_parse(cp, &held));
 	cr_assert(readmodel_position_cmp(&said, &held) <= 0,
 		  "announced %s, the SQL checkpoint is %s", n->extra, cp);
 	PQfreemem(n);
-	r = sql(db, "SELECT pid, application_name FROM pg_stat_activity "
-		    "WHERE usename = 'daybook_projector' ORDER BY application_name");
+	r = sql(stack.db, "SELECT pid, application_name FROM pg_stat_activity "
+			  "WHERE usename = 'daybook_projector' ORDER BY application_name");
 	for (int i = 0; i < PQntuples(r); i++)
 		if (atoi(PQgetvalue(r, i, 0)) == pid)
 			snprintf(app, sizeof(app), "%s", PQgetvalue(r, i, 1));
@@ -777,10 +785,10 @@ Test(projector, a_live_generation_of_an_older_layout_is_replaced)
 
 	open_accounts(3);
 	must("/accounts/p-1/deposits", "{\"amount\":3}");
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	harness_stop(&proj);
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &old, cp, sizeof(cp)));
 	/* What layout 1 left: no layout mark, statements as entries:, and its own
 	 * live pointer. */
@@ -788,15 +796,15 @@ Test(projector, a_live_generation_of_an_older_layout_is_replaced)
 	freeReplyObject(
 		redisCommand(c, "RENAME dbk:g:%lld:stmt:p-1 dbk:g:%lld:entries:p-1", old, old));
 	freeReplyObject(redisCommand(c, "RENAME " READMODEL_LIVE_KEY " dbk:live"));
-	harness_start_projector(&proj, db, redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
 	for (double end = harness_now() + 5;; usleep(50000)) {
 		if (harness_redis_live(c, &gen, cp, sizeof(cp)))
 			break;
 		cr_assert(harness_now() < end, "the older generation %lld stayed live", old);
 	}
 	cr_assert_gt(gen, old);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	redisReply *r = redisCommand(c, "GET dbk:g:%lld:layout", gen);
 	cr_assert(r && r->type == REDIS_REPLY_STRING &&
 		  strcmp(r->str, READMODEL_REDIS_LAYOUT) == 0);
@@ -806,15 +814,15 @@ Test(projector, a_live_generation_of_an_older_layout_is_replaced)
 	harness_stop(&proj);
 	old = gen;
 	freeReplyObject(redisCommand(c, "DEL dbk:g:%lld:layout", old));
-	harness_start_projector(&proj, db, redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
 	for (double end = harness_now() + 5;; usleep(50000)) {
 		if (harness_redis_live(c, &gen, cp, sizeof(cp)) && gen != old)
 			break;
 		cr_assert(harness_now() < end,
 			  "generation %lld, without its layout mark, stayed live", old);
 	}
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	redisFree(c);
 	harness_stop(&proj);
 }
@@ -826,31 +834,32 @@ Test(projector, redis_down_keeps_sql_going_and_catches_up_after)
 	struct readers *rd;
 
 	open_accounts(4);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_start_query(&query, db, redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_start_query(&query, stack.db, stack.redis_url);
 	rd = harness_readers_start(&query, ids, 4, 2);
-	harness_kill(&redis);
+	harness_kill(&stack.redis);
 	for (int i = 0; i < 10; i++)
 		must("/accounts/p-1/deposits", "{\"amount\":3}");
 	/* SQL keeps up without Redis. The deadline is generous: the projector reads below
 	 * the cluster-wide xmin, which other tests' bulk inserts, in other databases of the
 	 * same cluster, hold back for seconds at a time. */
-	if (!harness_wait_sql_caught_up(db, harness_now() + 30)) {
-		harness_sql_checkpoint(db, cp, sizeof(cp));
-		harness_log_head(db, head, sizeof(head));
+	if (!harness_wait_sql_caught_up(stack.db, harness_now() + 30)) {
+		harness_sql_checkpoint(stack.db, cp, sizeof(cp));
+		harness_log_head(stack.db, head, sizeof(head));
 		harness_print_log(&proj);
 		harness_print_xid_holders();
 		cr_assert_fail("the SQL projection stalled while Redis was down (at %s, the log at %s)",
 			       cp, head);
 	}
-	cr_assert_eq(sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"), 12);
-	harness_start_redis(&redis, true, redis_url, sizeof(redis_url));
-	harness_wait_caught_up(db, redis_url, 20);
+	cr_assert_eq(sql_int(stack.db, "SELECT version FROM rm_accounts WHERE account_id = 'p-1'"),
+		     12);
+	harness_start_redis(&stack.redis, true, stack.redis_url, sizeof(stack.redis_url));
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	check_readers(rd);
 	harness_stop(&query);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 }
 
@@ -860,15 +869,17 @@ Test(projector, reads_the_log_in_transaction_id_order_not_text_order)
 
 	/* As text "100" sorts before "99"; as xid8 it follows it. A projector that sorted
 	 * by the text would fold the deposit before the opening and stall. */
-	PQclear(sql(db, "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
-			"('99', 'account-digits', 1, 'AccountOpened', '{\"account_id\":\"digits\","
-			"\"name\":\"D\",\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
-			"('100', 'account-digits', 2, 'FundsDeposited', '{\"amount\":42}', '{}')"));
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'digits'"),
+	PQclear(sql(stack.db,
+		    "INSERT INTO events (txid, stream, version, type, data, metadata) VALUES "
+		    "('99', 'account-digits', 1, 'AccountOpened', '{\"account_id\":\"digits\","
+		    "\"name\":\"D\",\"currency\":\"EUR\",\"overdraft_limit\":0}', '{}'), "
+		    "('100', 'account-digits', 2, 'FundsDeposited', '{\"amount\":42}', '{}')"));
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT balance FROM rm_accounts WHERE account_id = 'digits'"),
 		     42);
-	harness_assert_models_match_log(db);
+	harness_assert_models_match_log(stack.db);
 	harness_stop(&proj);
 }
 
@@ -879,40 +890,46 @@ Test(projector, odd_texts_and_times_reach_the_sql_models_unchanged)
 {
 	struct service proj;
 
-	harness_start_projector(&proj, db, redis_url);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
 	/* The name {"N\,é} and the reference q"u{o},t\e NULL é€, in JSON. */
 	must("/accounts", "{\"id\":\"odd\",\"name\":\"{\\\"N\\\\,\\u00e9}\",\"currency\":\"EUR\"}");
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	must("/accounts/odd/deposits",
 	     "{\"amount\":5,\"reference\":\"q\\\"u{o},t\\\\e NULL \u00e9\u20ac\"}");
 	must("/accounts/odd/withdrawals", "{\"amount\":2}");
 	open_accounts(1);
 	must("/transfers", "{\"id\":\"odd-t1\",\"from\":\"odd\",\"to\":\"p-0\",\"amount\":1,"
 			   "\"reference\":\"x\\\"y\"}");
-	harness_wait_caught_up(db, redis_url, 20);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_accounts WHERE account_id = 'odd' AND "
-				 "name = '{\"N\\,\u00e9}' AND balance = 2 AND version = 4"),
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_accounts WHERE account_id = 'odd' AND "
+			     "name = '{\"N\\,\u00e9}' AND balance = 2 AND version = 4"),
 		     1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'odd' AND "
-				 "version = 2 AND reference = 'q\"u{o},t\\e NULL \u00e9\u20ac'"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_entries WHERE account_id = 'odd' AND "
+			     "version = 2 AND reference = 'q\"u{o},t\\e NULL \u00e9\u20ac'"),
 		     1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries WHERE account_id = 'odd' AND "
-				 "version = 3 AND reference IS NULL AND transfer_id IS NULL"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_entries WHERE account_id = 'odd' AND "
+			     "version = 3 AND reference IS NULL AND transfer_id IS NULL"),
 		     1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_transfers WHERE transfer_id = 'odd-t1' "
-				 "AND reference = 'x\"y' AND from_account = 'odd'"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_transfers WHERE transfer_id = 'odd-t1' "
+			     "AND reference = 'x\"y' AND from_account = 'odd'"),
 		     1);
 	/* Every time is the event's recorded_at, to the microsecond. */
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_entries x JOIN events e ON e.stream = "
-				 "'account-' || x.account_id AND e.version = x.version "
-				 "WHERE x.at <> e.recorded_at"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_entries x JOIN events e ON e.stream = "
+			     "'account-' || x.account_id AND e.version = x.version "
+			     "WHERE x.at <> e.recorded_at"),
 		     0);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_accounts a JOIN events e ON e.stream = "
-				 "'account-' || a.account_id AND e.version = a.version "
-				 "WHERE a.updated_at <> e.recorded_at"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_accounts a JOIN events e ON e.stream = "
+			     "'account-' || a.account_id AND e.version = a.version "
+			     "WHERE a.updated_at <> e.recorded_at"),
 		     0);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	harness_stop(&proj);
 }
 
@@ -924,17 +941,18 @@ Test(projector, a_cached_account_whose_row_is_gone_is_written_again)
 	struct service proj;
 
 	open_accounts(2);
-	harness_start_projector(&proj, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
-	PQclear(sql(db, "DELETE FROM rm_accounts WHERE account_id = 'p-1'"));
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	PQclear(sql(stack.db, "DELETE FROM rm_accounts WHERE account_id = 'p-1'"));
 	must("/transfers", "{\"id\":\"gone-1\",\"from\":\"p-0\",\"to\":\"p-1\",\"amount\":7}");
-	harness_wait_caught_up(db, redis_url, 20);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM rm_accounts WHERE account_id = 'p-1' AND "
-				 "version = 3 AND balance = 100007 AND entries = 2"),
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM rm_accounts WHERE account_id = 'p-1' AND "
+			     "version = 3 AND balance = 100007 AND entries = 2"),
 		     1);
-	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'p-0'"),
+	cr_assert_eq(sql_int(stack.db, "SELECT balance FROM rm_accounts WHERE account_id = 'p-0'"),
 		     99993);
-	harness_assert_models_match_log(db);
+	harness_assert_models_match_log(stack.db);
 	harness_stop(&proj);
 }
 
@@ -942,7 +960,7 @@ Test(projector, a_cached_account_whose_row_is_gone_is_written_again)
 
 static long long sql_lease_epoch(void)
 {
-	return sql_int(db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
+	return sql_int(stack.db, "SELECT epoch FROM projector_leases WHERE projection = 'sql'");
 }
 
 /* Did the service's log say `what`? */
@@ -958,20 +976,21 @@ static void wait_metric(const struct service *svc, const char *name, double valu
 /* Every move of the checkpoint, with the epoch that made it, in commit order. */
 static void record_checkpoint_moves(void)
 {
-	PQclear(sql(db, "CREATE TABLE test_cp_moves (seq bigserial PRIMARY KEY, epoch bigint)"));
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
+		    "CREATE TABLE test_cp_moves (seq bigserial PRIMARY KEY, epoch bigint)"));
+	PQclear(sql(stack.db,
 		    "CREATE FUNCTION test_cp_moved() RETURNS trigger LANGUAGE plpgsql "
 		    "SECURITY DEFINER SET search_path = public AS $$ BEGIN "
 		    "INSERT INTO test_cp_moves (epoch) VALUES (NEW.epoch); RETURN NULL; END $$"));
-	PQclear(sql(db, "CREATE TRIGGER test_cp_moved AFTER UPDATE ON projection_checkpoints "
-			"FOR EACH ROW EXECUTE FUNCTION test_cp_moved()"));
+	PQclear(sql(stack.db, "CREATE TRIGGER test_cp_moved AFTER UPDATE ON projection_checkpoints "
+			      "FOR EACH ROW EXECUTE FUNCTION test_cp_moved()"));
 }
 
 /* The event store's identity, which names its Redis fence (a static buffer). */
 static const char *store_identity(void)
 {
 	static char out[READMODEL_IDENTITY_MAX];
-	PGresult *r = sql(db, READMODEL_IDENTITY_SQL);
+	PGresult *r = sql(stack.db, READMODEL_IDENTITY_SQL);
 
 	cr_assert(PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1, "no identity");
 	snprintf(out, sizeof(out), "%s", PQgetvalue(r, 0, 0));
@@ -992,11 +1011,11 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 
 	open_accounts(8);
 	record_checkpoint_moves();
-	harness_start_projector(&a, db, redis_url);
+	harness_start_projector(&a, stack.db, stack.redis_url);
 	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 10, "nobody leads");
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	e1 = sql_lease_epoch();
-	harness_start_projector(&b, db, redis_url);
+	harness_start_projector(&b, stack.db, stack.redis_url);
 	cr_assert(harness_wait_status(&b, "/readyz", 503, 10), "a standby must not say ready");
 	start_load(&l, t, 2);
 	await_writes(&l, 20);
@@ -1008,8 +1027,8 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	e2 = sql_lease_epoch();
 	cr_assert_gt(e2, e1, "a takeover raises the epoch");
 	/* The new leader applies new writes under its epoch. */
-	while (sql_int(db, "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'") !=
-	       e2) {
+	while (sql_int(stack.db,
+		       "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'") != e2) {
 		cr_assert(harness_now() < stopped + 20, "the new leader committed nothing");
 		usleep(50000);
 	}
@@ -1025,23 +1044,23 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 	cr_assert(harness_wait_status(&a, "/readyz", 503, 5), "the deposed leader says ready");
 	await_writes(&l, 30);
 	stop_load(&l, t, 2);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 
 	/* Since the first commit of the new epoch, no batch of an older one committed. */
 	snprintf(q, sizeof(q),
 		 "SELECT count(*) FROM test_cp_moves WHERE epoch < %lld AND seq > "
 		 "(SELECT min(seq) FROM test_cp_moves WHERE epoch = %lld)",
 		 e2, e2);
-	cr_assert_eq(sql_int(db, q), 0, "a deposed leader committed a batch");
+	cr_assert_eq(sql_int(stack.db, q), 0, "a deposed leader committed a batch");
 	cr_assert_geq(sql_lease_epoch(), e2);
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	fence = redisCommand(c, "GET %s%s", READMODEL_LEADER_KEY, store_identity());
 	cr_assert(fence && fence->type == REDIS_REPLY_STRING && atoll(fence->str) >= e2,
 		  "Redis's leader epoch is below the new leader's");
 	freeReplyObject(fence);
 	redisFree(c);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_assert_eq(harness_stop(&a), 0);
 	cr_assert_eq(harness_stop(&b), 0);
 }
@@ -1049,7 +1068,7 @@ Test(projector, a_frozen_leader_is_replaced_within_10_s_and_commits_nothing_when
 Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_again)
 {
 	struct service a;
-	PGconn *thief = harness_connect_as(db, NULL); /* the superuser */
+	PGconn *thief = harness_connect_as(stack.db, NULL); /* the superuser */
 	PGresult *r;
 	long long e1, stolen, e3, steal_seq;
 	double deadline;
@@ -1057,8 +1076,8 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 
 	open_accounts(4);
 	record_checkpoint_moves();
-	harness_start_projector(&a, db, redis_url);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_start_projector(&a, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	e1 = sql_lease_epoch();
 	/* Another holder takes the lease (it expired, say, while we were cut off); its
 	 * session stays open, so the lease stays taken. */
@@ -1068,7 +1087,7 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 	stolen = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
 	cr_assert_gt(stolen, e1);
-	steal_seq = sql_int(db, "SELECT coalesce(max(seq), 0) FROM test_cp_moves");
+	steal_seq = sql_int(stack.db, "SELECT coalesce(max(seq), 0) FROM test_cp_moves");
 	/* New events: the projector's next batch is fenced, or its next claim refused. */
 	must("/accounts/p-0/deposits", "{\"amount\":7}");
 	must("/accounts/p-1/deposits", "{\"amount\":8}");
@@ -1082,17 +1101,17 @@ Test(projector, a_leader_whose_lease_is_taken_writes_nothing_until_it_leads_agai
 	PQfinish(thief);
 	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 5,
 		    "the lease of a closed session was not taken back within 5 s");
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	e3 = sql_lease_epoch();
 	cr_assert_gt(e3, stolen);
 	/* Between the theft and the new term, nothing committed. */
 	snprintf(q, sizeof(q),
 		 "SELECT count(*) FROM test_cp_moves WHERE seq > %lld AND epoch <= %lld", steal_seq,
 		 stolen);
-	cr_assert_eq(sql_int(db, q), 0, "a leader without the lease committed a batch");
-	cr_assert_gt(sql_int(db, "SELECT count(*) FROM test_cp_moves"), steal_seq);
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	cr_assert_eq(sql_int(stack.db, q), 0, "a leader without the lease committed a batch");
+	cr_assert_gt(sql_int(stack.db, "SELECT count(*) FROM test_cp_moves"), steal_seq);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_assert_eq(harness_stop(&a), 0);
 }
 
@@ -1126,9 +1145,9 @@ static const char *move_checkpoint(PGconn *conn, long long epoch, const char *fr
 
 Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_named_condition)
 {
-	PGconn *x = harness_connect_as(db, "daybook_projector"),
-	       *y = harness_connect_as(db, "daybook_projector");
-	PGconn *old = harness_connect_as(db, "daybook_projector");
+	PGconn *x = harness_connect_as(stack.db, "daybook_projector"),
+	       *y = harness_connect_as(stack.db, "daybook_projector");
+	PGconn *old = harness_connect_as(stack.db, "daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
 	char code[6];
@@ -1153,14 +1172,14 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 			 PQerrorMessage(old));
 	cr_assert(strstr(PQerrorMessage(old), "projector_fenced"), "%s", PQerrorMessage(old));
 	cr_assert_str_empty(harness_sqlstate(old, "ROLLBACK", code));
-	cr_assert_eq(sql_int(db,
+	cr_assert_eq(sql_int(stack.db,
 			     "SELECT position FROM projection_checkpoints WHERE projection = 'sql'"),
 		     0);
 	/* The holder's epoch passes; a checkpoint elsewhere is a named condition too. */
 	cr_assert_str_eq(move_checkpoint(y, e2, "5", "6", code), "DBC01", "%s", PQerrorMessage(y));
 	cr_assert(strstr(PQerrorMessage(y), "checkpoint_moved"), "%s", PQerrorMessage(y));
 	cr_assert_str_empty(move_checkpoint(y, e2, "0", "1", code), "%s", PQerrorMessage(y));
-	cr_assert_eq(sql_int(db,
+	cr_assert_eq(sql_int(stack.db,
 			     "SELECT epoch FROM projection_checkpoints WHERE projection = 'sql'"),
 		     e2);
 	/* The old leader's renewal is refused: it learns it was deposed. */
@@ -1171,9 +1190,9 @@ Test(projector, a_batch_with_a_stale_epoch_commits_nothing_and_fails_with_a_name
 
 Test(projector, a_successor_ends_the_frozen_leaders_open_transaction)
 {
-	PGconn *holder = harness_connect_as(db, "daybook_projector"),
-	       *writer = harness_connect_as(db, "daybook_projector");
-	PGconn *next = harness_connect_as(db, "daybook_projector");
+	PGconn *holder = harness_connect_as(stack.db, "daybook_projector"),
+	       *writer = harness_connect_as(stack.db, "daybook_projector");
+	PGconn *next = harness_connect_as(stack.db, "daybook_projector");
 	long long e1, e2 = 0;
 	double deadline;
 	char code[6];
@@ -1206,7 +1225,7 @@ Test(projector, only_the_projector_role_may_read_or_claim_the_lease)
 	char code[6];
 
 	for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
-		PGconn *c = harness_connect_as(db, roles[i]);
+		PGconn *c = harness_connect_as(stack.db, roles[i]);
 		cr_assert_str_eq(harness_sqlstate(c, "SELECT epoch FROM projector_leases", code),
 				 "42501", "%s read the lease", roles[i]);
 		cr_assert_str_eq(
@@ -1225,7 +1244,7 @@ Test(projector, only_the_projector_role_may_read_or_claim_the_lease)
 
 Test(projector, redis_refuses_writes_of_an_older_leader_epoch)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	const char *script = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1";
 	redisReply *r;
 
@@ -1263,14 +1282,14 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 	redisReply *v;
 
 	open_accounts(2);
-	harness_start_projector(&a, db, redis_url);
+	harness_start_projector(&a, stack.db, stack.redis_url);
 	wait_metric(&a, "daybook_projector_leader", 1, harness_now() + 10, "nobody leads");
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	e1 = sql_lease_epoch();
 
 	kill(a.pid, SIGSTOP);
 	snprintf(dead, sizeof(dead), "redis://127.0.0.1:%d", harness_free_port());
-	harness_start_projector(&b, db, dead);
+	harness_start_projector(&b, stack.db, dead);
 	t0 = harness_now();
 	while (sql_lease_epoch() == e1) {
 		cr_assert(harness_now() < t0 + 15, "B did not take over");
@@ -1278,7 +1297,7 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 	}
 	e2 = sql_lease_epoch();
 	must("/accounts/p-0/deposits", "{\"amount\":7,\"reference\":\"missed by redis\"}");
-	while (sql_int(db, "SELECT version FROM rm_accounts WHERE account_id = 'p-0'") != 3) {
+	while (sql_int(stack.db, "SELECT version FROM rm_accounts WHERE account_id = 'p-0'") != 3) {
 		cr_assert(harness_now() < t0 + 30, "B did not project into SQL");
 		usleep(50000);
 	}
@@ -1293,8 +1312,8 @@ Test(projector, a_leader_leading_again_never_checkpoints_redis_past_missed_batch
 	 * write, the order in which the defect showed. */
 	usleep(1500000);
 	must("/accounts/p-1/deposits", "{\"amount\":1,\"reference\":\"moves the checkpoint\"}");
-	harness_wait_caught_up(db, redis_url, 20);
-	c = harness_redis(redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	snprintf(key, sizeof(key), "dbk:g:%lld:acct:p-0", gen);
 	v = redisCommand(c, "HGET %s v", key);
@@ -1380,7 +1399,7 @@ static void statement_versions(redisContext *c, char *out, size_t len)
  * start) goes through the guards: nothing doubles, nothing goes back. */
 Test(projector, a_replayed_or_overlapping_batch_changes_nothing_the_generation_holds)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	redisReply *r;
 	char versions[512];
 
@@ -1434,7 +1453,7 @@ Test(projector, a_replayed_or_overlapping_batch_changes_nothing_the_generation_h
  * (redis_batch.c). */
 Test(projector, a_batch_to_a_generation_it_did_not_write_there_goes_through_the_guards)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	redisReply *r;
 	char versions[512];
 

@@ -20,23 +20,16 @@
 /* Long enough that only the mechanism under test can stop an entry being served. */
 #define LEASE_FOREVER "600000"
 
-static char db[64], redis_url[HARNESS_REDIS_URL_MAX];
-static struct service command, projector, query, redis_svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
-	harness_start_command(&command, db);
-	harness_start_projector(&projector, db, redis_url);
+	harness_stack_redis_command_projector(&stack);
 }
 
 static void teardown(void)
 {
-	harness_stop(&query);
-	harness_stop(&projector);
-	harness_stop(&command);
-	harness_kill(&redis_svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(read_cache, .init = setup, .fini = teardown, .timeout = 120);
@@ -59,18 +52,13 @@ static void start_query(const char *lease_ms, const char *bytes)
 		env[n++] = "DAYBOOK_QUERY_CACHE_BYTES";
 		env[n++] = bytes;
 	}
-	harness_start_query_env(&query, db, redis_url, env);
+	harness_start_query_env(&stack.query, stack.db, stack.redis_url, env);
 }
 
 /* POST that must succeed; its position token into pos (may be NULL). */
 static void must(const char *path, const char *body, char *pos, size_t len)
 {
-	struct response r = post(&command, path, body, NULL);
-
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	if (pos)
-		snprintf(pos, len, "%s", json_string_value(json_object_get(r.json, "position")));
-	response_free(&r);
+	harness_post_created_at(&stack.command, path, body, pos, len);
 }
 
 static void open_account(const char *id, long long deposit)
@@ -97,7 +85,7 @@ static void deposit(const char *id, long long amount, char *pos, size_t len)
 static struct response get(const char *path, int status)
 {
 	const char *hdr[] = { "Authorization: Bearer " TOKEN_READ, NULL };
-	struct response r = http_request(query.port, "GET", path, hdr, NULL, 10);
+	struct response r = http_request(stack.query.port, "GET", path, hdr, NULL, 10);
 
 	cr_assert_eq(r.status, status, "GET %s: %d %s", path, r.status, r.body ? r.body : "");
 	return r;
@@ -126,11 +114,11 @@ static void warm(const char *id, long long balance)
 
 	snprintf(path, sizeof(path), "/accounts/%s", id);
 	for (;;) {
-		double before = harness_metric(&query, FROM_CACHE);
+		double before = harness_metric(&stack.query, FROM_CACHE);
 		struct response r = get(path, 200);
 		cr_assert_eq(balance_of(&r), balance, "%s", r.body);
 		response_free(&r);
-		if (harness_metric(&query, FROM_CACHE) > before)
+		if (harness_metric(&stack.query, FROM_CACHE) > before)
 			return;
 		cr_assert(harness_now() < end, "no read of %s came from the cache", id);
 		usleep(2000);
@@ -164,7 +152,7 @@ static void wait_balance(const char *id, long long balance, const char *pos, dou
 
 static void redis_ops(const char *cmd)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	redisReply *r = redisCommand(c, cmd);
 
 	cr_assert(r && r->type != REDIS_REPLY_ERROR, "%s: %s", cmd, r ? r->str : c->errstr);
@@ -178,7 +166,7 @@ Test(read_cache, a_cached_account_is_replaced_as_soon_as_the_projector_changes_i
 
 	start_query(LEASE_FOREVER, NULL);
 	open_account("c1", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c1", 100);
 	for (int i = 1; i <= 5; i++) {
 		deposit("c1", 1, pos, sizeof(pos));
@@ -188,7 +176,7 @@ Test(read_cache, a_cached_account_is_replaced_as_soon_as_the_projector_changes_i
 		 * be faster than the next read), so the entry's replacement is read back. */
 		warm("c1", 100 + i);
 	}
-	cr_assert_geq(harness_metric(&query, FROM_CACHE), 6);
+	cr_assert_geq(harness_metric(&stack.query, FROM_CACHE), 6);
 }
 
 Test(read_cache, min_position_is_never_answered_from_an_older_entry)
@@ -198,10 +186,10 @@ Test(read_cache, min_position_is_never_answered_from_an_older_entry)
 
 	start_query(LEASE_FOREVER, NULL);
 	open_account("c2", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c2", 100);
 	/* No projector: the deposit is in the log only, and the entry stays. */
-	harness_stop(&projector);
+	harness_stop(&stack.projector);
 	deposit("c2", 7, pos, sizeof(pos));
 	snprintf(path, sizeof(path), "/accounts/c2?min_position=%s&wait_ms=300", pos);
 	r = get(path, 503);
@@ -209,7 +197,7 @@ Test(read_cache, min_position_is_never_answered_from_an_older_entry)
 	response_free(&r);
 	/* Without min_position the entry is still what the models hold. */
 	warm("c2", 100);
-	harness_start_projector(&projector, db, redis_url);
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
 	snprintf(path, sizeof(path), "/accounts/c2?min_position=%s&wait_ms=10000", pos);
 	r = get(path, 200);
 	cr_assert_eq(balance_of(&r), 107, "%s", r.body);
@@ -224,19 +212,19 @@ Test(read_cache, the_position_of_a_cached_answer_covers_what_it_shows)
 	start_query(LEASE_FOREVER, NULL);
 	open_account("c3", 100);
 	open_account("c4", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c3", 100);
 	/* Other accounts move the models on; c3's entry stays and its position follows
 	 * them (a heartbeat's checkpoint), never past what Redis has applied. */
 	for (int i = 0; i < 20; i++)
 		deposit("c4", 1, pos, sizeof(pos));
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c3", 100);
 	r = get("/accounts/c3", 200);
 	cr_assert(response_header(&r, "X-Daybook-Position", at, sizeof(at)));
 	response_free(&r);
 	{
-		redisContext *c = harness_redis(redis_url);
+		redisContext *c = harness_redis(stack.redis_url);
 		long long gen;
 		char cp[64];
 		cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
@@ -258,7 +246,7 @@ Test(read_cache, the_cache_stays_within_its_cap_and_evicts)
 		snprintf(id, sizeof(id), "cap-%d", i);
 		open_account(id, 1000 + i);
 	}
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	for (int round = 0; round < 2; round++)
 		for (int i = 0; i < n; i++) {
 			struct response r;
@@ -266,10 +254,11 @@ Test(read_cache, the_cache_stays_within_its_cap_and_evicts)
 			r = get(path, 200);
 			cr_assert_eq(balance_of(&r), 1000 + i, "%s", r.body);
 			response_free(&r);
-			cr_assert_leq(harness_metric(&query, "daybook_query_cache_bytes"), 16384);
+			cr_assert_leq(harness_metric(&stack.query, "daybook_query_cache_bytes"),
+				      16384);
 		}
-	cr_assert_gt(harness_metric(&query, "daybook_query_cache_evictions_total"), 0);
-	cr_assert_gt(harness_metric(&query, "daybook_query_cache_bytes"), 0);
+	cr_assert_gt(harness_metric(&stack.query, "daybook_query_cache_evictions_total"), 0);
+	cr_assert_gt(harness_metric(&stack.query, "daybook_query_cache_bytes"), 0);
 }
 
 Test(read_cache, a_stopped_then_restarted_redis_drops_the_cache)
@@ -278,19 +267,19 @@ Test(read_cache, a_stopped_then_restarted_redis_drops_the_cache)
 
 	start_query(LEASE_FOREVER, NULL);
 	open_account("c5", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c5", 100);
 	/* Redis gone: the change reaches SQL only, and the reads must show it. */
-	harness_kill(&redis_svc);
+	harness_kill(&stack.redis);
 	deposit("c5", 3, pos, sizeof(pos));
 	wait_balance("c5", 103, pos, 10);
 	/* Back, empty: the projector fills it again, the cache starts over. */
-	harness_start_redis(&redis_svc, true, redis_url, sizeof(redis_url));
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_start_redis(&stack.redis, true, stack.redis_url, sizeof(stack.redis_url));
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	warm("c5", 103);
 	deposit("c5", 4, pos, sizeof(pos));
 	wait_balance("c5", 107, pos, 10);
-	cr_assert_geq(harness_metric(&query,
+	cr_assert_geq(harness_metric(&stack.query,
 				     "daybook_query_cache_drops_total{reason=\"connection\"}"),
 		      1);
 }
@@ -301,14 +290,15 @@ Test(read_cache, flushall_drops_the_cache)
 
 	start_query(LEASE_FOREVER, NULL);
 	open_account("c6", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c6", 100);
 	redis_ops("FLUSHALL");
 	deposit("c6", 5, pos, sizeof(pos));
 	wait_balance("c6", 105, pos, 10);
-	cr_assert_geq(harness_metric(&query, "daybook_query_cache_drops_total{reason=\"flush\"}"),
+	cr_assert_geq(harness_metric(&stack.query,
+				     "daybook_query_cache_drops_total{reason=\"flush\"}"),
 		      1);
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	warm("c6", 105);
 }
 
@@ -319,14 +309,14 @@ static void rebuild_redis(void)
 	int ws;
 	pid_t pid;
 
-	harness_conninfo(db, NULL, pg, sizeof(pg));
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
 	fflush(NULL);
 	pid = fork();
 	cr_assert(pid >= 0, "fork: %s", strerror(errno));
 	if (pid == 0) {
 		dup2(2, 1);
 		setenv("DAYBOOK_PG", pg, 1);
-		setenv("DAYBOOK_REDIS", redis_url, 1);
+		setenv("DAYBOOK_REDIS", stack.redis_url, 1);
 		execl(getenv("DAYBOOK_ADMIN_BIN"), "daybook-admin", "rebuild", "redis",
 		      (char *)NULL);
 		_exit(127);
@@ -341,12 +331,12 @@ Test(read_cache, a_rebuild_switching_generations_drops_the_cache)
 
 	start_query(LEASE_FOREVER, NULL);
 	open_account("c7", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c7", 100);
 	rebuild_redis();
 	deposit("c7", 6, pos, sizeof(pos));
 	wait_balance("c7", 106, pos, 10);
-	cr_assert_geq(harness_metric(&query,
+	cr_assert_geq(harness_metric(&stack.query,
 				     "daybook_query_cache_drops_total{reason=\"generation\"}"),
 		      1);
 	warm("c7", 106);
@@ -358,14 +348,14 @@ Test(read_cache, a_frozen_redis_stops_the_cache_within_its_lease)
 
 	start_query("200", NULL);
 	open_account("c8", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c8", 100);
 	/* Frozen, connections open: no invalidation can come, SQL moves on. */
-	cr_assert_eq(kill(redis_svc.pid, SIGSTOP), 0);
+	cr_assert_eq(kill(stack.redis.pid, SIGSTOP), 0);
 	deposit("c8", 9, pos, sizeof(pos));
 	wait_balance("c8", 109, pos, 10);
-	cr_assert_eq(kill(redis_svc.pid, SIGCONT), 0);
-	harness_wait_caught_up(db, redis_url, 30);
+	cr_assert_eq(kill(stack.redis.pid, SIGCONT), 0);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	deposit("c8", 1, pos, sizeof(pos));
 	wait_balance("c8", 110, pos, 10);
 }
@@ -381,10 +371,10 @@ Test(read_cache, a_switch_of_the_live_generation_drops_the_cache)
 
 	start_query(LEASE_FOREVER, NULL);
 	open_account("c9", 100);
-	harness_wait_caught_up(db, redis_url, 20);
-	harness_stop(&projector); /* nothing else writes Redis from here on */
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	harness_stop(&stack.projector); /* nothing else writes Redis from here on */
 	warm("c9", 100);
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	const char *keys[] = { "identity", "layout", "checkpoint", "acct:c9" };
 	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
@@ -409,7 +399,7 @@ Test(read_cache, a_switch_of_the_live_generation_drops_the_cache)
 	freeReplyObject(r);
 	redisFree(c);
 	wait_balance("c9", 777, NULL, 10);
-	cr_assert_geq(harness_metric(&query,
+	cr_assert_geq(harness_metric(&stack.query,
 				     "daybook_query_cache_drops_total{reason=\"generation\"}"),
 		      1);
 }
@@ -422,19 +412,20 @@ Test(read_cache, a_read_after_the_lease_ran_out_goes_to_redis_and_is_counted)
 
 	start_query("300", NULL);
 	open_account("c10", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c10", 100);
-	expired = harness_metric(&query, "daybook_query_cache_lease_expired_total");
+	expired = harness_metric(&stack.query, "daybook_query_cache_lease_expired_total");
 	usleep(600000);
-	hits = harness_metric(&query, FROM_CACHE);
+	hits = harness_metric(&stack.query, FROM_CACHE);
 	{
 		struct response r = get("/accounts/c10", 200);
 		cr_assert_eq(balance_of(&r), 100, "%s", r.body);
 		response_free(&r);
 	}
-	cr_assert_eq(harness_metric(&query, "daybook_query_cache_lease_expired_total") - expired,
+	cr_assert_eq(harness_metric(&stack.query, "daybook_query_cache_lease_expired_total") -
+			     expired,
 		     1);
-	cr_assert_eq(harness_metric(&query, FROM_CACHE), hits);
+	cr_assert_eq(harness_metric(&stack.query, FROM_CACHE), hits);
 	warm("c10", 100);
 }
 
@@ -443,9 +434,9 @@ Test(read_cache, the_cache_is_on_by_default)
 {
 	const char *env[] = { "DAYBOOK_QUERY_WORKERS", "1", NULL };
 
-	harness_start_query_env(&query, db, redis_url, env);
+	harness_start_query_env(&stack.query, stack.db, stack.redis_url, env);
 	open_account("c11", 100);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	warm("c11", 100);
-	cr_assert_gt(harness_metric(&query, "daybook_query_cache_bytes"), 0);
+	cr_assert_gt(harness_metric(&stack.query, "daybook_query_cache_bytes"), 0);
 }

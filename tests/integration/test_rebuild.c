@@ -20,23 +20,16 @@
 #include "harness.h"
 #include "readmodel.h"
 
-static char db[64], redis_url[128];
-static struct service command, redis, projector, query;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_redis(&redis, false, redis_url, sizeof(redis_url));
-	harness_start_command(&command, db);
-	harness_start_projector(&projector, db, redis_url);
+	harness_stack_redis_command_projector(&stack);
 }
 
 static void teardown(void)
 {
-	harness_stop(&query);
-	harness_stop(&projector);
-	harness_stop(&command);
-	harness_kill(&redis);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(rebuild, .init = setup, .fini = teardown, .timeout = 240);
@@ -49,7 +42,7 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 	char pg[512];
 	pid_t pid;
 
-	harness_conninfo(db, NULL, pg, sizeof(pg));
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
 	cr_assert_eq(pipe(pipefd), 0);
 	pid = fork();
 	cr_assert(pid >= 0);
@@ -57,7 +50,7 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 		dup2(pipefd[1], 1);
 		close(pipefd[0]);
 		setenv("DAYBOOK_PG", pg, 1);
-		setenv("DAYBOOK_REDIS", redis_url, 1);
+		setenv("DAYBOOK_REDIS", stack.redis_url, 1);
 		execl(getenv("DAYBOOK_ADMIN_BIN"), "daybook-admin", "rebuild", target,
 		      (char *)NULL);
 		_exit(127);
@@ -70,7 +63,8 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 /* Run `daybook-admin verify`; its exit status. */
 static int run_verify(void)
 {
-	return harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL);
+	return harness_admin(stack.db, stack.redis_url, (const char *const[]){ "verify", NULL },
+			     NULL);
 }
 
 /* Who deleted the old Redis generation, as the last summary read_progress or
@@ -124,7 +118,7 @@ static int read_progress(int fd, int *json_lines)
 
 static void must(const char *path, const char *body)
 {
-	harness_post_created(&command, path, body);
+	harness_post_created(&stack.command, path, body);
 }
 
 struct traffic {
@@ -157,7 +151,7 @@ static void *writer(void *arg)
 			snprintf(path, sizeof(path), "/accounts/r-%d/deposits", a);
 			snprintf(body, sizeof(body), "{\"amount\":%d}", 1 + rand_r(&seed) % 100);
 		}
-		struct response r = post(&command, path, body, NULL);
+		struct response r = post(&stack.command, path, body, NULL);
 		if (r.status == 201)
 			atomic_fetch_add(&t->writes, 1);
 		response_free(&r);
@@ -175,7 +169,7 @@ static void add_long_log(void)
 	/* As generated the rows are valid; the per-row gap check would only make this
 	 * transaction (which holds back the cluster's xmin, and other tests' projectors
 	 * with it) longer. */
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "SET session_replication_role = replica; "
 		    "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
 		    "|| (i % 1000), i / 1000 + 1, CASE WHEN i < 1000 THEN 'AccountOpened' ELSE "
@@ -187,7 +181,7 @@ static void add_long_log(void)
 /* A digest of the live SQL accounts. */
 static void live_fingerprint(char out[64])
 {
-	PGresult *r = sql(db,
+	PGresult *r = sql(stack.db,
 			  "SELECT md5(string_agg(account_id || ':' || balance || ':' || version, "
 			  "',' ORDER BY account_id)) FROM rm_accounts");
 
@@ -195,16 +189,27 @@ static void live_fingerprint(char out[64])
 	PQclear(r);
 }
 
+/* What a rebuild that ended without switching leaves: the SQL models' generation is
+ * still gen_before, and no shadow table. */
+static void assert_not_switched(long long gen_before)
+{
+	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"),
+		     gen_before);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+		     0, "the shadow tables are removed");
+}
+
 /* Once the live models have caught up, stop the projector, so that they stay as they
  * are while the rebuild has a long log to fold (time enough to catch it in the
  * middle): their fingerprint goes in before; returns their generation. */
 static long long long_log_behind_live(char before[64])
 {
-	harness_wait_caught_up(db, redis_url, 30);
-	cr_assert_eq(harness_stop(&projector), 0);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	cr_assert_eq(harness_stop(&stack.projector), 0);
 	add_long_log();
 	live_fingerprint(before);
-	return sql_int(db, "SELECT generation FROM projection_checkpoints");
+	return sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
 }
 
 static const char *const ids[] = { "r-0", "r-1", "r-2", "r-3", "r-4", "r-5", "r-6", "r-7" };
@@ -218,7 +223,7 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	size_t nsamples;
 	char body[128];
 	int fd, json_lines, status, reads, read_errors;
-	long long gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	long long gen_before = sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
 
 	for (int i = 0; i < 8; i++) {
 		snprintf(body, sizeof(body),
@@ -236,33 +241,35 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 			  "\"currency\":\"GBP\",\"overdraft_limit\":10}");
 	must("/accounts/r-gone/close", "{}");
 	/* Some history, so the rebuild has work to do. */
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "INSERT INTO events (stream, version, type, data, metadata) SELECT 'account-h' "
 		    "|| (i % 500), i / 500 + 1, CASE WHEN i < 500 THEN 'AccountOpened' ELSE "
 		    "'FundsDeposited' END, CASE WHEN i < 500 THEN jsonb_build_object('account_id', "
 		    "'h' || (i % 500), 'name', 'H', 'currency', 'USD', 'overdraft_limit', 0) ELSE "
 		    "'{\"amount\": 3}' END, '{}' FROM generate_series(0, 49999) i ORDER BY i"));
-	harness_wait_caught_up(db, redis_url, 60);
+	harness_wait_caught_up(stack.db, stack.redis_url, 60);
 	/* The rebuild takes each account's statement size from the live models and checks
 	 * it: one too high (whose newest items it would not all send) and one too low. */
-	PQclear(sql(db, "UPDATE rm_accounts SET entries = entries + 30 WHERE account_id = 'h7'; "
-			"UPDATE rm_accounts SET entries = entries - 30 WHERE account_id = 'h8'"));
+	PQclear(sql(stack.db,
+		    "UPDATE rm_accounts SET entries = entries + 30 WHERE account_id = 'h7'; "
+		    "UPDATE rm_accounts SET entries = entries - 30 WHERE account_id = 'h8'"));
 	/* The heap need not hold a stream's events in version order (free space is reused):
 	 * move two accounts' first events behind the rest of their streams. */
-	PQclear(sql(db, "SET session_replication_role = replica; UPDATE events SET data = data "
-			"WHERE stream IN ('account-h1', 'account-h2') AND version <= 2"));
-	cr_assert_gt(sql_int(db,
+	PQclear(sql(stack.db,
+		    "SET session_replication_role = replica; UPDATE events SET data = data "
+		    "WHERE stream IN ('account-h1', 'account-h2') AND version <= 2"));
+	cr_assert_gt(sql_int(stack.db,
 			     "SELECT count(*) FROM (SELECT version, lag(version) OVER (ORDER BY "
 			     "ctid) prev FROM events WHERE stream = 'account-h1') s "
 			     "WHERE version < prev"),
 		     0, "the heap keeps account-h1 in order");
-	harness_wait_caught_up(db, redis_url, 60);
-	harness_start_query(&query, db, redis_url);
-	rd = harness_readers_start(&query, ids, 8, 2);
+	harness_wait_caught_up(stack.db, stack.redis_url, 60);
+	harness_start_query(&stack.query, stack.db, stack.redis_url);
+	rd = harness_readers_start(&stack.query, ids, 8, 2);
 	for (int i = 0; i < 2; i++)
 		pthread_create(&w[i], NULL, writer, &t);
 	await_writes(&t, 20);
-	double errors_before = harness_metric(&projector, PROJECTOR_ERRORS);
+	double errors_before = harness_metric(&stack.projector, PROJECTOR_ERRORS);
 	cr_assert_geq(errors_before, 0, "no %s in the projector's metrics", PROJECTOR_ERRORS);
 	/* The history's 500 accounts are interleaved: a small bound makes the rebuild send
 	 * what it holds for Redis many times before the accounts' last items. */
@@ -271,7 +278,7 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	unsetenv("DAYBOOK_REBUILD_HELD_MAX");
 	read_progress(fd, &json_lines);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
-	struct redisContext *rc = harness_redis(redis_url);
+	struct redisContext *rc = harness_redis(stack.redis_url);
 	redisReply *rebuilt_gen = redisCommand(rc, "GET dbk:generation");
 	cr_assert(rebuilt_gen && rebuilt_gen->type == REDIS_REPLY_STRING);
 	await_writes(&t, 30);
@@ -284,26 +291,26 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	/* A projector leads: the rebuild returns after its switch, the old generation left
 	 * to the projector's sweep (checked below). */
 	cr_assert_str_eq(cleanup_by, "projector");
-	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before + 1,
-		     "the tables were swapped");
+	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"),
+		     gen_before + 1, "the tables were swapped");
 	/* The rebuilt tables keep the live ones' storage parameters (sql/015: room on
 	 * rm_accounts' pages for in-place updates). */
-	cr_assert_eq(sql_int(db,
+	cr_assert_eq(sql_int(stack.db,
 			     "SELECT count(*) FROM pg_class WHERE oid = 'rm_accounts'::regclass "
 			     "AND 'fillfactor=70' = ANY(reloptions)"),
 		     1, "the rebuilt rm_accounts lost its fillfactor");
 	cr_assert_eq(read_errors, 0, "%d of %d reads failed", read_errors, reads);
 	cr_assert_gt(atomic_load(&t.writes), 0);
-	harness_assert_samples_true(db, samples, nsamples);
+	harness_assert_samples_true(stack.db, samples, nsamples);
 	free(samples);
 	/* The live projector carries on from the rebuilt models, taking the switch as
 	 * expected (its next batch finds the checkpoint moved), not as a fault. */
 	must("/accounts/r-0/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 30);
-	cr_assert_eq(harness_metric(&projector, PROJECTOR_ERRORS), errors_before,
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	cr_assert_eq(harness_metric(&stack.projector, PROJECTOR_ERRORS), errors_before,
 		     "the projector counted the rebuild's switch as an error");
-	harness_assert_models_match_log(db);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_models_match_log(stack.db);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	/* The projector followed the rebuild's generation rather than copying SQL into a
 	 * new one, so verify below checks what the rebuild wrote to Redis. */
 	long long live_gen;
@@ -328,7 +335,8 @@ Test(rebuild, a_rebuild_under_load_switches_without_read_errors)
 	freeReplyObject(rebuilt_gen);
 	redisFree(rc);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
 		     0);
 }
 
@@ -345,7 +353,7 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 	must("/accounts", "{\"id\":\"keep-2\",\"name\":\"K\",\"currency\":\"EUR\"}");
 	must("/accounts/keep-1/deposits", "{\"amount\":12345}");
 	gen_before = long_log_behind_live(before);
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	snprintf(live_before, sizeof(live_before), "%lld", live_gen);
 
@@ -361,9 +369,7 @@ Test(rebuild, an_interrupted_rebuild_leaves_the_live_models_untouched)
 
 	live_fingerprint(now);
 	cr_assert_str_eq(now, before, "the live SQL models changed");
-	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
-		     0, "the shadow tables are removed");
+	assert_not_switched(gen_before);
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	snprintf(line, sizeof(line), "%lld", live_gen);
 	cr_assert_str_eq(line, live_before, "the live Redis generation changed");
@@ -441,14 +447,14 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
 
 	must("/accounts", "{\"id\":\"c-1\",\"name\":\"C\",\"currency\":\"EUR\"}");
 	must("/accounts/c-1/deposits", "{\"amount\":5}");
-	harness_wait_caught_up(db, redis_url, 30);
-	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
-	PQclear(sql(db,
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	gen_before = sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
+	PQclear(sql(stack.db,
 		    "CREATE FUNCTION hold_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ "
 		    "BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); END $$"));
-	PQclear(sql(db, "CREATE EVENT TRIGGER hold_keys ON ddl_command_start WHEN TAG IN "
-			"('ALTER TABLE') EXECUTE FUNCTION hold_ddl()"));
-	harness_conninfo(db, NULL, pg, sizeof(pg));
+	PQclear(sql(stack.db, "CREATE EVENT TRIGGER hold_keys ON ddl_command_start WHEN TAG IN "
+			      "('ALTER TABLE') EXECUTE FUNCTION hold_ddl()"));
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
 	hold = PQconnectdb(pg);
 	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
 	PQclear(PQexec(hold, "SELECT pg_advisory_lock(4242)"));
@@ -458,10 +464,10 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
 	do
 		cr_assert(fgets(line, sizeof(line), f), "the rebuild ended before its key build");
 	while (!strstr(line, "\"phase\":\"index\""));
-	for (double end = harness_now() + 20; sql_int(db, waiting) == 0; usleep(20000))
+	for (double end = harness_now() + 20; sql_int(stack.db, waiting) == 0; usleep(20000))
 		cr_assert(harness_now() < end, "the key build never started");
 	kill(pid, SIGINT);
-	for (double end = harness_now() + 20; sql_int(db, waiting) > 0; usleep(50000))
+	for (double end = harness_now() + 20; sql_int(stack.db, waiting) > 0; usleep(50000))
 		cr_assert(harness_now() < end, "the key build was not cancelled");
 	PQclear(PQexec(hold, "SELECT pg_advisory_unlock(4242)"));
 	PQfinish(hold);
@@ -470,10 +476,8 @@ Test(rebuild, an_interrupt_during_the_key_build_cancels_it)
 	fclose(f);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 130, "exit status %d", status);
-	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
-		     0, "the shadow tables are removed");
-	PQclear(sql(db, "DROP EVENT TRIGGER hold_keys"));
+	assert_not_switched(gen_before);
+	PQclear(sql(stack.db, "DROP EVENT TRIGGER hold_keys"));
 }
 
 /* Redis dies in the middle of a rebuild: the rebuild fails (no SIGPIPE kills it
@@ -494,7 +498,7 @@ Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 	pid = start_rebuild("all", &fd);
 	f = fdopen(fd, "r");
 	cr_assert(fgets(line, sizeof(line), f), "no progress before Redis goes");
-	harness_kill(&redis);
+	harness_kill(&stack.redis);
 	while (fgets(line, sizeof(line), f))
 		;
 	fclose(f);
@@ -503,9 +507,7 @@ Test(rebuild, redis_lost_mid_rebuild_fails_cleanly)
 		  WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 	live_fingerprint(now);
 	cr_assert_str_eq(now, before, "the live SQL models changed");
-	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
-		     0, "the shadow tables are removed");
+	assert_not_switched(gen_before);
 }
 
 /* Progress lines read as they come, with a deadline (stdio would buffer past it). */
@@ -550,9 +552,9 @@ Test(rebuild, a_long_reader_delays_the_switch_without_holding_up_other_readers)
 
 	must("/accounts", "{\"id\":\"w-1\",\"name\":\"W\",\"currency\":\"EUR\"}");
 	must("/accounts/w-1/deposits", "{\"amount\":7}");
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	/* A long reader of the live tables, as a verify is: the swap must wait for it. */
-	harness_conninfo(db, NULL, pg, sizeof(pg));
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
 	holder = PQconnectdb(pg);
 	reader = PQconnectdb(pg);
 	cr_assert(PQstatus(holder) == CONNECTION_OK && PQstatus(reader) == CONNECTION_OK);
@@ -588,8 +590,9 @@ Test(rebuild, a_long_reader_delays_the_switch_without_holding_up_other_readers)
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
 	PQfinish(holder);
 	PQfinish(reader);
-	harness_wait_caught_up(db, redis_url, 30);
-	cr_assert_eq(sql_int(db, "SELECT balance FROM rm_accounts WHERE account_id = 'w-1'"), 8);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	cr_assert_eq(sql_int(stack.db, "SELECT balance FROM rm_accounts WHERE account_id = 'w-1'"),
+		     8);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
 }
 
@@ -605,12 +608,12 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 
 	must("/accounts", "{\"id\":\"f-1\",\"name\":\"F\",\"currency\":\"EUR\"}");
 	must("/accounts/f-1/deposits", "{\"amount\":5}");
-	harness_wait_caught_up(db, redis_url, 30);
-	c = harness_redis(redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &live_before, cp, sizeof(cp)));
-	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	gen_before = sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
 	PQclear(sql(
-		db,
+		stack.db,
 		"CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
 		"RAISE EXCEPTION 'injected at commit'; END $$; CREATE CONSTRAINT TRIGGER "
 		"fail_switch AFTER UPDATE ON projection_checkpoints DEFERRABLE INITIALLY DEFERRED "
@@ -624,21 +627,23 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d", status);
 	cr_assert(harness_redis_live(c, &live_after, cp, sizeof(cp)));
 	cr_assert_eq(live_after, live_before, "the live pointer was not put back");
-	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
+	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"),
+		     gen_before);
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%_shadow'"),
 		     0);
 	must("/accounts/f-1/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 
-	PQclear(sql(db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
+	PQclear(sql(stack.db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
 	pid = start_rebuild("all", &progress.fd);
 	while (next_line(&progress, line, sizeof(line), 120))
 		;
 	close(progress.fd);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the rebuild");
 	redisFree(c);
 }
@@ -657,10 +662,10 @@ Test(rebuild, a_failed_switch_leaves_a_newer_live_generation_alone)
 
 	must("/accounts", "{\"id\":\"n-1\",\"name\":\"N\",\"currency\":\"EUR\"}");
 	must("/accounts/n-1/deposits", "{\"amount\":5}");
-	harness_wait_caught_up(db, redis_url, 30);
-	c = harness_redis(redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &live_before, cp, sizeof(cp)));
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "CREATE FUNCTION slow_fail_commit() RETURNS trigger LANGUAGE plpgsql AS "
 		    "$$ BEGIN PERFORM pg_sleep(3); RAISE EXCEPTION 'injected at commit'; END $$; "
 		    "CREATE CONSTRAINT TRIGGER fail_switch AFTER UPDATE ON "
@@ -693,10 +698,10 @@ Test(rebuild, a_failed_switch_leaves_a_newer_live_generation_alone)
 		  "the rebuild put generation %lld back over the newer %lld", live_now, newer);
 
 	/* The hand-set generation holds nothing: the projector copies SQL anew. */
-	PQclear(sql(db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
+	PQclear(sql(stack.db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
 	must("/accounts/n-1/deposits", "{\"amount\":1}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	redisFree(c);
 }
 
@@ -717,7 +722,7 @@ Test(rebuild, a_sql_rebuild_under_load_leaves_redis_whole)
 		snprintf(body, sizeof(body), "/accounts/r-%d/deposits", i);
 		must(body, "{\"amount\":1000}");
 	}
-	harness_wait_caught_up(db, redis_url, 60);
+	harness_wait_caught_up(stack.db, stack.redis_url, 60);
 	for (int i = 0; i < 2; i++)
 		pthread_create(&w[i], NULL, writer, &t);
 	await_writes(&t, 20);
@@ -728,10 +733,10 @@ Test(rebuild, a_sql_rebuild_under_load_leaves_redis_whole)
 	for (int i = 0; i < 2; i++)
 		pthread_join(w[i], NULL);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_models_match_log(db);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_models_match_log(stack.db);
 	cr_expect_eq(run_verify(), 0, "verify found differences between Redis and the log");
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 }
 
 /* Accounts <p>-1 and <p>-2, a deposit into the first and transfer <p>t-1 between them,
@@ -750,7 +755,7 @@ static void two_accounts_and_a_transfer(const char *p)
 	snprintf(body, sizeof(body),
 		 "{\"id\":\"%st-1\",\"from\":\"%s-1\",\"to\":\"%s-2\",\"amount\":4}", p, p, p);
 	must("/transfers", body);
-	harness_wait_caught_up(db, redis_url, 30);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 }
 
 /* rebuild all to its end, with exit status 0; cleanup_by says who took the old
@@ -777,13 +782,13 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	char cp[64], identity[256];
 
 	two_accounts_and_a_transfer("s");
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
 	r = redisCommand(c, "GET dbk:g:%lld:identity", old_gen);
 	cr_assert(r && r->type == REDIS_REPLY_STRING);
 	snprintf(identity, sizeof(identity), "%s", r->str);
 	freeReplyObject(r);
-	cr_assert_eq(harness_stop(&projector), 0);
+	cr_assert_eq(harness_stop(&stack.projector), 0);
 
 	/* No projector leads: the rebuild deletes the old generation itself. */
 	rebuild_all();
@@ -799,7 +804,7 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:identity %s", old_gen, identity));
 	freeReplyObject(redisCommand(c, "HSET dbk:g:%lld:acct:s-1 v 1 n 0 j {}", old_gen));
 	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:xfer:st-1 {}", old_gen));
-	harness_start_projector(&projector, db, redis_url);
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
 	for (double end = harness_now() + 10;; usleep(50000)) {
 		r = redisCommand(c, "KEYS dbk:g:%lld:*", old_gen);
 		size_t left = r->elements;
@@ -813,8 +818,8 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	/* The live generation is untouched. */
 	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
 	must("/accounts/s-1/deposits", "{\"amount\":3}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	redisFree(c);
 }
 
@@ -841,7 +846,7 @@ Test(rebuild, a_sweep_that_redis_refuses_is_tried_again)
 	char cp[64];
 
 	two_accounts_and_a_transfer("r");
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
 	cr_assert_gt(gen_keys(c, old_gen), 0);
 	freeReplyObject(redisCommand(c, "ACL SETUSER daybook-projector -unlink"));
@@ -860,8 +865,8 @@ Test(rebuild, a_sweep_that_redis_refuses_is_tried_again)
 			  "%zu keys of generation %lld left behind after a refused sweep",
 			  gen_keys(c, old_gen), old_gen);
 	must("/accounts/r-1/deposits", "{\"amount\":3}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	redisFree(c);
 }
 
@@ -883,18 +888,18 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 	pid_t pid;
 
 	two_accounts_and_a_transfer("o");
-	c = harness_redis(redis_url);
+	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
-	gen_before = sql_int(db, "SELECT generation FROM projection_checkpoints");
+	gen_before = sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
 	/* The switch takes the switch lock exclusively and waits for this; the projector's
 	 * batches take it shared and go on. */
-	harness_conninfo(db, NULL, pg, sizeof(pg));
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
 	hold = PQconnectdb(pg);
 	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
 	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
 
 	pid = start_rebuild("all", &fd);
-	for (double end = harness_now() + 30; sql_int(db, waiting) == 0; usleep(20000))
+	for (double end = harness_now() + 30; sql_int(stack.db, waiting) == 0; usleep(20000))
 		cr_assert(harness_now() < end, "the rebuild never waited for its switch");
 	/* Redis loses its live generation: the projector copies SQL into a new one. */
 	freeReplyObject(redisCommand(c, "DEL " READMODEL_LIVE_KEY));
@@ -918,11 +923,11 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 		cr_assert(harness_redis_live(c, &now_gen, cp, sizeof(cp)));
 		cr_assert_eq(now_gen, live_gen, "the projector's generation stays live");
 	}
-	cr_assert_eq(sql_int(db, "SELECT generation FROM projection_checkpoints"), gen_before,
+	cr_assert_eq(sql_int(stack.db, "SELECT generation FROM projection_checkpoints"), gen_before,
 		     "the SQL tables were not swapped");
 	must("/accounts/o-1/deposits", "{\"amount\":3}");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_expect_eq(run_verify(), 0, "verify found differences between Redis and the log");
 	redisFree(c);
 }

@@ -14,23 +14,19 @@
 #define FAILURES "daybook_projection_redis_failures_total{projection=\"redis\"}"
 #define PLANTED 40 /* generations a resync may draw while the fault lasts */
 
-static char db[64], redis_url[128];
-static struct service command, projector, redis_svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_command(&command, db);
+	harness_stack_command(&stack);
 	/* A private Redis: the test makes it refuse writes. */
-	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
-	harness_start_projector(&projector, db, redis_url);
+	harness_start_redis(&stack.redis, false, stack.redis_url, sizeof(stack.redis_url));
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
 }
 
 static void teardown(void)
 {
-	harness_stop(&projector);
-	harness_stop(&command);
-	harness_kill(&redis_svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(redis_faults, .init = setup, .fini = teardown, .timeout = 120);
@@ -38,12 +34,7 @@ TestSuite(redis_faults, .init = setup, .fini = teardown, .timeout = 120);
 /* POST that must succeed; its position token into pos (may be NULL). */
 static void must(const char *path, const char *body, char *pos, size_t len)
 {
-	struct response r = post(&command, path, body, NULL);
-
-	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	if (pos)
-		snprintf(pos, len, "%s", json_string_value(json_object_get(r.json, "position")));
-	response_free(&r);
+	harness_post_created_at(&stack.command, path, body, pos, len);
 }
 
 static void command_ok(redisContext *c, const char *fmt, const char *arg)
@@ -58,7 +49,8 @@ static void command_ok(redisContext *c, const char *fmt, const char *arg)
  * output goes to stderr (stdout is the test protocol's). */
 static int verify(void)
 {
-	return harness_admin(db, redis_url, (const char *const[]){ "verify", NULL }, NULL);
+	return harness_admin(stack.db, stack.redis_url, (const char *const[]){ "verify", NULL },
+			     NULL);
 }
 
 static int cmp_tokens(const char *a, const char *b)
@@ -87,13 +79,13 @@ static void assert_checkpoint_holds(redisContext *c, long long gen, const char *
 		cr_assert_lt(cmp_tokens(cp, failed), 0,
 			     "generation %lld's checkpoint moved to %s, past the refused write at %s",
 			     gen, cp, failed);
-		harness_sql_checkpoint(db, sql_cp, sizeof(sql_cp));
-		if (harness_metric(&projector, FAILURES) >= failures &&
+		harness_sql_checkpoint(stack.db, sql_cp, sizeof(sql_cp));
+		if (harness_metric(&stack.projector, FAILURES) >= failures &&
 		    cmp_tokens(sql_cp, failed) >= 0)
 			break;
 		cr_assert(harness_now() < end,
 			  "the projector reported %g failed redis steps (want %g)",
-			  harness_metric(&projector, FAILURES), failures);
+			  harness_metric(&stack.projector, FAILURES), failures);
 		usleep(20000);
 	}
 }
@@ -103,7 +95,7 @@ static void assert_checkpoint_holds(redisContext *c, long long gen, const char *
  * WRONGTYPE while the rest of the batch, its totals included, is accepted. */
 Test(redis_faults, a_wrongtype_reply_keeps_the_checkpoint_before_the_refused_write)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	char cp[64], key[128], failed[64], path[128];
 	long long gen, next;
 	struct service query;
@@ -111,7 +103,7 @@ Test(redis_faults, a_wrongtype_reply_keeps_the_checkpoint_before_the_refused_wri
 	must("/accounts", "{\"id\":\"w-1\",\"name\":\"W\",\"currency\":\"EUR\"}", NULL, 0);
 	must("/accounts", "{\"id\":\"w-2\",\"name\":\"W\",\"currency\":\"EUR\"}", NULL, 0);
 	must("/accounts/w-1/deposits", "{\"amount\":100}", NULL, 0);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	redisReply *r = redisCommand(c, "GET dbk:generation");
 	cr_assert(r && r->type == REDIS_REPLY_STRING);
@@ -128,7 +120,7 @@ Test(redis_faults, a_wrongtype_reply_keeps_the_checkpoint_before_the_refused_wri
 	must("/accounts/w-2/deposits", "{\"amount\":7}", NULL, 0);
 	assert_checkpoint_holds(c, gen, failed, 3);
 	/* Reads that ask for the refused write get it from SQL. */
-	harness_start_query(&query, db, redis_url);
+	harness_start_query(&query, stack.db, stack.redis_url);
 	snprintf(path, sizeof(path), "/accounts/w-1?min_position=%s", failed);
 	{
 		const char *h[] = { "Authorization: Bearer " TOKEN_READ, NULL };
@@ -145,8 +137,8 @@ Test(redis_faults, a_wrongtype_reply_keeps_the_checkpoint_before_the_refused_wri
 		snprintf(key, sizeof(key), "dbk:g:%lld:stmt:w-1", g);
 		command_ok(c, "DEL %s", key);
 	}
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_assert_eq(verify(), 0, "verify found differences after the fault");
 	redisFree(c);
 }
@@ -154,13 +146,13 @@ Test(redis_faults, a_wrongtype_reply_keeps_the_checkpoint_before_the_refused_wri
 /* Redis out of memory (maxmemory, noeviction) refuses every write for a while. */
 Test(redis_faults, out_of_memory_refusals_hold_the_checkpoint_until_redis_recovers)
 {
-	redisContext *c = harness_redis(redis_url);
+	redisContext *c = harness_redis(stack.redis_url);
 	char cp[64], failed[64];
 	long long gen;
 
 	must("/accounts", "{\"id\":\"o-1\",\"name\":\"O\",\"currency\":\"EUR\"}", NULL, 0);
 	must("/accounts/o-1/deposits", "{\"amount\":100}", NULL, 0);
-	harness_wait_caught_up(db, redis_url, 20);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
 	cr_assert(harness_redis_live(c, &gen, cp, sizeof(cp)));
 	command_ok(c, "CONFIG SET maxmemory-policy %s", "noeviction");
 	command_ok(c, "CONFIG SET maxmemory %s", "1");
@@ -168,8 +160,8 @@ Test(redis_faults, out_of_memory_refusals_hold_the_checkpoint_until_redis_recove
 	must("/accounts", "{\"id\":\"o-2\",\"name\":\"O\",\"currency\":\"USD\"}", NULL, 0);
 	assert_checkpoint_holds(c, gen, failed, 3);
 	command_ok(c, "CONFIG SET maxmemory %s", "0");
-	harness_wait_caught_up(db, redis_url, 30);
-	harness_assert_redis_matches_sql(db, redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_assert_eq(verify(), 0, "verify found differences after the fault");
 	redisFree(c);
 }

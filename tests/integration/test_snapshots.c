@@ -10,18 +10,16 @@
 
 #define PERMISSION_DENIED "42501"
 
-static char db[64];
-static struct service svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_command(&svc, db);
+	harness_stack_command(&stack);
 }
 
 static void teardown(void)
 {
-	harness_stop(&svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(snapshots, .init = setup, .fini = teardown, .timeout = 240);
@@ -35,7 +33,7 @@ static void open_account(const char *id, long long overdraft)
 		 "{\"id\":\"%s\",\"name\":\"S\",\"currency\":\"EUR\","
 		 "\"overdraft_limit\":%lld}",
 		 id, overdraft);
-	r = post(&svc, "/accounts", body, NULL);
+	r = post(&stack.command, "/accounts", body, NULL);
 	cr_assert_eq(r.status, 201, "opening %s: %d %s", id, r.status, r.body);
 	response_free(&r);
 }
@@ -47,7 +45,7 @@ static struct response deposit(const char *id, long long amount)
 
 	snprintf(path, sizeof(path), "/accounts/%s/deposits", id);
 	snprintf(body, sizeof(body), "{\"amount\":%lld}", amount);
-	return post(&svc, path, body, NULL);
+	return post(&stack.command, path, body, NULL);
 }
 
 static void deposit_ok(const char *id, long long amount)
@@ -75,8 +73,8 @@ static void assert_deposit_gives(const char *id, long long amount, long long ver
 /* Restart the command service: its account cache starts cold. */
 static void restart(void)
 {
-	cr_assert_eq(harness_stop(&svc), 0);
-	harness_start_command(&svc, db);
+	cr_assert_eq(harness_stop(&stack.command), 0);
+	harness_start_command(&stack.command, stack.db);
 }
 
 struct depositor {
@@ -113,7 +111,7 @@ Test(snapshots, a_long_stream_gets_a_snapshot_every_thousand_versions_and_loads_
 	/* Concurrent deposits: a batch often holds several of the account's events, and a
 	 * thousandth version may fall anywhere in it. */
 	for (int i = 0; i < 4; i++) {
-		d[i] = (struct depositor){ .port = svc.port,
+		d[i] = (struct depositor){ .port = stack.command.port,
 					   .n = i < 3 ? 625 : 624,
 					   .first = i * 625 };
 		pthread_create(&t[i], NULL, deposit_many, &d[i]);
@@ -122,11 +120,12 @@ Test(snapshots, a_long_stream_gets_a_snapshot_every_thousand_versions_and_loads_
 		pthread_join(t[i], NULL);
 		cr_assert_eq(d[i].failed, 0);
 	}
-	cr_assert_eq(sql_int(db, "SELECT max(version) FROM events WHERE stream = 'account-long'"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT max(version) FROM events WHERE stream = 'account-long'"),
 		     2500);
 
 	/* Exactly the thousandth versions, each the fold of the log up to it. */
-	r = sql(db,
+	r = sql(stack.db,
 		"SELECT s.version, s.state = jsonb_build_object('account_id', 'long', 'currency', "
 		"'EUR', 'balance', (SELECT sum((e.data->>'amount')::bigint) FROM events e WHERE "
 		"e.stream = s.stream AND e.version <= s.version AND e.type = 'FundsDeposited'), "
@@ -142,8 +141,8 @@ Test(snapshots, a_long_stream_gets_a_snapshot_every_thousand_versions_and_loads_
 	PQclear(r);
 
 	/* A cold service loads snapshot 2000 and events 2001-2500, and decides right. */
-	total = sql_int(db, "SELECT sum((data->>'amount')::bigint) FROM events "
-			    "WHERE stream = 'account-long' AND type = 'FundsDeposited'");
+	total = sql_int(stack.db, "SELECT sum((data->>'amount')::bigint) FROM events "
+				  "WHERE stream = 'account-long' AND type = 'FundsDeposited'");
 	restart();
 	assert_deposit_gives("long", 5, 2501, total + 5);
 }
@@ -157,7 +156,7 @@ Test(snapshots, loading_reads_the_newest_snapshot_and_only_the_events_after_it)
 	 * (the log: 20) passes every check: if the load used the whole log, the answer
 	 * would be 41; from the snapshot and events 4 and 5 it is 1021. An older one at
 	 * version 2 (saying 7) must lose to the newer. */
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "INSERT INTO account_snapshots (stream, version, state) VALUES "
 		    "('account-snap', 2, '{\"account_id\":\"snap\",\"currency\":\"EUR\",\"balance\":7,"
 		    "\"overdraft_limit\":0,\"version\":2,\"closed\":false}'), "
@@ -165,7 +164,7 @@ Test(snapshots, loading_reads_the_newest_snapshot_and_only_the_events_after_it)
 		    "\"overdraft_limit\":0,\"version\":3,\"closed\":false}')"));
 	restart();
 	assert_deposit_gives("snap", 1, 6, 1021);
-	cr_assert(!harness_log_says(&svc, "ignoring the snapshot"));
+	cr_assert(!harness_log_says(&stack.command, "ignoring the snapshot"));
 }
 
 /* State JSON for a snapshot row, from its parts. */
@@ -177,7 +176,7 @@ static void insert_snapshot(const char *stream, int version, const char *state)
 		 "INSERT INTO account_snapshots "
 		 "(stream, version, state) VALUES ('%s', %d, '%s')",
 		 stream, version, state);
-	PQclear(sql(db, q));
+	PQclear(sql(stack.db, q));
 }
 
 Test(snapshots, a_snapshot_that_fails_its_checks_is_ignored_and_the_stream_folded_from_the_start)
@@ -225,7 +224,7 @@ Test(snapshots, a_snapshot_that_fails_its_checks_is_ignored_and_the_stream_folde
 	insert_snapshot("account-good", 2, state);
 	restart();
 
-	r = post(&svc, "/transfers",
+	r = post(&stack.command, "/transfers",
 		 "{\"id\":\"t1\",\"from\":\"good\",\"to\":\"other-id\",\"amount\":4}", NULL);
 	cr_assert_eq(r.status, 201, "%s", r.body);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "from_version")), 3);
@@ -241,10 +240,10 @@ Test(snapshots, a_snapshot_that_fails_its_checks_is_ignored_and_the_stream_folde
 	for (size_t i = 0; i < nbad; i++) {
 		char text[128];
 		snprintf(text, sizeof(text), "ignoring the snapshot of account-%s", bad[i]);
-		cr_assert(harness_log_says(&svc, text), "no warning for %s", bad[i]);
+		cr_assert(harness_log_says(&stack.command, text), "no warning for %s", bad[i]);
 	}
-	cr_assert(harness_log_says(&svc, "ignoring the snapshot of account-ghost"));
-	cr_assert(!harness_log_says(&svc, "ignoring the snapshot of account-good"));
+	cr_assert(harness_log_says(&stack.command, "ignoring the snapshot of account-ghost"));
+	cr_assert(!harness_log_says(&stack.command, "ignoring the snapshot of account-good"));
 }
 
 struct outcome {
@@ -258,7 +257,7 @@ static struct outcome run_as(const char *role, const char *query)
 	PGconn *conn;
 	PGresult *r;
 
-	harness_conninfo(db, role, conninfo, sizeof(conninfo));
+	harness_conninfo(stack.db, role, conninfo, sizeof(conninfo));
 	conn = PQconnectdb(conninfo);
 	cr_assert(PQstatus(conn) == CONNECTION_OK, "connecting as %s: %s", role,
 		  PQerrorMessage(conn));
@@ -295,13 +294,13 @@ Test(snapshots, the_command_role_only_adds_snapshots_and_readers_only_read_them)
 		cr_assert_str_eq(run_as(readers[i], "DELETE FROM account_snapshots").sqlstate,
 				 PERMISSION_DENIED);
 	}
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 1);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM account_snapshots"), 1);
 }
 
 Test(snapshots, an_account_loaded_from_a_long_unsnapshotted_history_gets_a_snapshot)
 {
 	/* 1,500 events that no snapshot covers (as an older binary would leave them). */
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "INSERT INTO events (stream, version, type, data, metadata) "
 		    "SELECT 'account-old', 1, 'AccountOpened', '{\"account_id\":\"old\",\"name\":\"O\","
 		    "\"currency\":\"EUR\",\"overdraft_limit\":0}'::jsonb, '{}'::jsonb UNION ALL "
@@ -310,14 +309,14 @@ Test(snapshots, an_account_loaded_from_a_long_unsnapshotted_history_gets_a_snaps
 	assert_deposit_gives("old", 1, 1501, 2999);
 	/* The state it loaded, at version 1500, is now a snapshot: the next load is short. */
 	cr_assert_eq(
-		sql_int(db,
+		sql_int(stack.db,
 			"SELECT count(*) FROM account_snapshots WHERE stream = 'account-old' "
 			"AND version = 1500 AND state = '{\"account_id\":\"old\",\"currency\":\"EUR\","
 			"\"balance\":2998,\"overdraft_limit\":0,\"version\":1500,\"closed\":false}'"),
 		1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 1);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM account_snapshots"), 1);
 	restart();
 	assert_deposit_gives("old", 1, 1502, 3000);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM account_snapshots"), 1,
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM account_snapshots"), 1,
 		     "a load from a recent snapshot needs no other");
 }

@@ -11,23 +11,18 @@
 
 #include "harness.h"
 
-static char db[64];
-static char redis_url[128];
-static struct service cmd, qry, redis_svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_redis(&redis_svc, false, redis_url, sizeof(redis_url));
-	harness_start_command(&cmd, db);
-	harness_start_query(&qry, db, redis_url);
+	harness_stack_redis(&stack);
+	harness_start_command(&stack.command, stack.db);
+	harness_start_query(&stack.query, stack.db, stack.redis_url);
 }
 
 static void teardown(void)
 {
-	harness_stop(&qry);
-	harness_stop(&cmd);
-	harness_kill(&redis_svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(timetravel, .init = setup, .fini = teardown, .timeout = 240);
@@ -40,13 +35,13 @@ static struct response get(const char *path)
 {
 	const char *h[] = { "Authorization: Bearer " TOKEN_READ, NULL };
 
-	return http_request(qry.port, "GET", path, h, NULL, 30);
+	return http_request(stack.query.port, "GET", path, h, NULL, 30);
 }
 
 /* POST and return its status; the position token of a 201 goes into pos (if given). */
 static int write_(const char *path, const char *body, char *pos, size_t len)
 {
-	struct response r = post(&cmd, path, body, NULL);
+	struct response r = post(&stack.command, path, body, NULL);
 	int status = r.status;
 
 	if (pos && status == 201)
@@ -97,7 +92,7 @@ struct log {
 static void load_log(struct log *lg)
 {
 	PGresult *r = sql(
-		db,
+		stack.db,
 		"SELECT stream, version, txid::text, position, "
 		"(extract(epoch FROM recorded_at) * 1000000)::bigint, "
 		"to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
@@ -340,7 +335,7 @@ Test(timetravel, as_of_and_at_equal_a_fold_of_the_log_at_random_points_of_a_rand
 		}
 		if (i == 200) { /* tt-c: emptied and closed, later transfers to it are refused */
 			PGresult *r = sql(
-				db,
+				stack.db,
 				"SELECT balance FROM (SELECT sum(CASE WHEN type IN "
 				"('FundsDeposited','TransferReceived') THEN (data->>'amount')::bigint "
 				"WHEN type IN ('FundsWithdrawn','TransferSent') THEN -(data->>'amount')::bigint "
@@ -398,7 +393,7 @@ Test(timetravel, an_account_that_did_not_exist_yet_is_not_found)
 	cr_assert_eq(write_("/accounts/early/deposits", "{\"amount\":5}", before, sizeof(before)),
 		     201);
 	open_account("late", 0);
-	t = sql(db,
+	t = sql(stack.db,
 		"SELECT to_char((recorded_at - interval '1 microsecond') AT TIME ZONE 'UTC', "
 		"'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM events WHERE stream = 'account-late'");
 	const char *paths[] = { "/accounts/late?as_of=%s&" WAIT,
@@ -435,7 +430,7 @@ static void hold(struct held *h)
 	char conninfo[512];
 	PGresult *r;
 
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	harness_conninfo(stack.db, NULL, conninfo, sizeof(conninfo));
 	h->pg = PQconnectdb(conninfo);
 	cr_assert_eq(PQstatus(h->pg), CONNECTION_OK, "%s", PQerrorMessage(h->pg));
 	r = PQexec(h->pg,
@@ -480,9 +475,10 @@ Test(timetravel, a_point_beyond_the_readable_horizon_waits_then_answers_or_gives
 	open_account("w", 0);
 	hold(&h);
 	cr_assert_eq(write_("/accounts/w/deposits", "{\"amount\":7}", pos, sizeof(pos)), 201);
-	now = sql(db, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
-		      "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), to_char((clock_timestamp() + interval "
-		      "'1 day') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+	now = sql(stack.db,
+		  "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+		  "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), to_char((clock_timestamp() + interval "
+		  "'1 day') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
 
 	/* The deposit committed, but a transaction below it is still running: neither its
 	 * token nor the present time is stable yet. */
@@ -508,10 +504,10 @@ Test(timetravel, a_point_beyond_the_readable_horizon_waits_then_answers_or_gives
 	cr_assert_eq(pthread_create(&t, NULL, get_in_thread, &p), 0);
 	{ /* the read waits in the waiting room before the horizon moves */
 		double end = harness_now() + 20;
-		while (harness_metric(&qry, "daybook_query_waiting_reads") < 1 &&
+		while (harness_metric(&stack.query, "daybook_query_waiting_reads") < 1 &&
 		       harness_now() < end)
 			usleep(10000);
-		cr_assert_geq(harness_metric(&qry, "daybook_query_waiting_reads"), 1);
+		cr_assert_geq(harness_metric(&stack.query, "daybook_query_waiting_reads"), 1);
 	}
 	release(&h);
 	pthread_join(t, NULL);
@@ -624,7 +620,7 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 	PGresult *r;
 
 	long_history(2100);
-	cr_assert_geq(sql_int(db,
+	cr_assert_geq(sql_int(stack.db,
 			      "SELECT count(*) FROM account_snapshots WHERE stream = 'account-long'"),
 		      2);
 	load_log(&lg);
@@ -641,9 +637,10 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 			500);
 
 	/* A planted snapshot of a plausible shape shows through: the fold starts there. */
-	PQclear(sql(db, "INSERT INTO account_snapshots VALUES ('account-long', 1500, "
-			"'{\"account_id\":\"long\",\"currency\":\"EUR\",\"balance\":123456789,"
-			"\"overdraft_limit\":0,\"version\":1500,\"closed\":false}')"));
+	PQclear(sql(stack.db,
+		    "INSERT INTO account_snapshots VALUES ('account-long', 1500, "
+		    "'{\"account_id\":\"long\",\"currency\":\"EUR\",\"balance\":123456789,"
+		    "\"overdraft_limit\":0,\"version\":1500,\"closed\":false}')"));
 	{
 		char path[128];
 		struct response resp;
@@ -655,20 +652,20 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 			     resp.body);
 		response_free(&resp);
 	}
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "DELETE FROM account_snapshots WHERE stream = 'account-long' AND version = 1500"));
 
 	/* Snapshots that cannot be used: another account's (with a balance that would show
 	 * if it were used), a state at another version, one that does not decode. Every
 	 * answer is still the fold's. */
-	r = sql(db,
+	r = sql(stack.db,
 		"UPDATE account_snapshots SET state = jsonb_set(jsonb_set(state, '{account_id}', "
 		"'\"other\"'), '{balance}', '1') WHERE stream = 'account-long' AND version = 1000");
 	PQclear(r);
-	r = sql(db, "UPDATE account_snapshots SET state = jsonb_set(state, '{version}', '7') "
-		    "WHERE stream = 'account-long' AND version = 2000");
+	r = sql(stack.db, "UPDATE account_snapshots SET state = jsonb_set(state, '{version}', '7') "
+			  "WHERE stream = 'account-long' AND version = 2000");
 	PQclear(r);
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "INSERT INTO account_snapshots VALUES ('account-long', 1700, '{\"balance\":1}')"));
 	for (size_t k = 0; k < sizeof(idx) / sizeof(idx[0]); k++) {
 		const struct ev *e = &lg.e[idx[k]];
@@ -679,7 +676,7 @@ Test(timetravel, snapshots_bound_the_fold_and_a_refused_one_only_costs_time)
 	}
 	check_statement(&lg, "long", &(struct point){ true, 0, 0, lg.e[2050].at_us }, lg.e[2050].at,
 			500);
-	cr_assert(harness_log_says(&qry, "ignoring the snapshot of account-long"),
+	cr_assert(harness_log_says(&stack.query, "ignoring the snapshot of account-long"),
 		  "the refused snapshot was not reported");
 	free(lg.e);
 }

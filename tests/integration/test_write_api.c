@@ -7,18 +7,16 @@
 
 #include "harness.h"
 
-static char db[64];
-static struct service svc;
+static struct stack stack;
 
 static void setup(void)
 {
-	harness_db_create(db, sizeof(db));
-	harness_start_command(&svc, db);
+	harness_stack_command(&stack);
 }
 
 static void teardown(void)
 {
-	harness_stop(&svc);
+	harness_stack_stop(&stack);
 }
 
 TestSuite(write_api, .init = setup, .fini = teardown, .timeout = 60);
@@ -51,7 +49,7 @@ static void expect(struct response *r, int status, const char *code)
 
 static void call(const char *path, const char *body, int status, const char *code)
 {
-	struct response r = post(&svc, path, body, NULL);
+	struct response r = post(&stack.command, path, body, NULL);
 	expect(&r, status, code);
 	response_free(&r);
 }
@@ -70,12 +68,12 @@ static long long events_of(const char *stream)
 {
 	char q[256];
 	snprintf(q, sizeof(q), "SELECT count(*) FROM events WHERE stream = '%s'", stream);
-	return sql_int(db, q);
+	return sql_int(stack.db, q);
 }
 
 Test(write_api, open_account_answers_201_with_location_etag_and_position)
 {
-	struct response r = post(&svc, "/accounts",
+	struct response r = post(&stack.command, "/accounts",
 				 "{\"id\":\"acc-1\",\"name\":\"Alice\",\"currency\":\"EUR\"}",
 				 NULL);
 	char h[128];
@@ -90,7 +88,7 @@ Test(write_api, open_account_answers_201_with_location_etag_and_position)
 	cr_assert_str_eq(h, "\"1\"");
 	response_free(&r);
 
-	PGresult *ev = sql(db,
+	PGresult *ev = sql(stack.db,
 			   "SELECT type, data->>'currency', (data->>'overdraft_limit')::bigint, "
 			   "data->>'name' FROM events WHERE stream = 'account-acc-1'");
 	cr_assert_eq(PQntuples(ev), 1);
@@ -133,14 +131,14 @@ Test(write_api, malformed_and_mistyped_bodies_are_400_naming_the_field)
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-		struct response r = post(&svc, "/accounts", cases[i].body, NULL);
+		struct response r = post(&stack.command, "/accounts", cases[i].body, NULL);
 		expect(&r, 400, "invalid_request");
 		const char *detail = json_string_value(json_object_get(r.json, "detail"));
 		cr_assert(strstr(detail, cases[i].field), "detail '%s' should name '%s' (body %s)",
 			  detail, cases[i].field, cases[i].body);
 		response_free(&r);
 	}
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 0, "nothing may be written");
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events"), 0, "nothing may be written");
 }
 
 Test(write_api, amounts_out_of_range_are_400)
@@ -169,20 +167,22 @@ Test(write_api, deposit_and_withdrawal_report_version_and_balance)
 	struct response r;
 
 	open_account("dw", "EUR", 0);
-	r = post(&svc, "/accounts/dw/deposits", "{\"amount\":1000,\"reference\":\"salary\"}", NULL);
+	r = post(&stack.command, "/accounts/dw/deposits",
+		 "{\"amount\":1000,\"reference\":\"salary\"}", NULL);
 	expect(&r, 201, NULL);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 2);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), 1000);
 	cr_assert_str_eq(json_string_value(json_object_get(r.json, "account_id")), "dw");
 	cr_assert(json_is_string(json_object_get(r.json, "position")));
 	response_free(&r);
-	r = post(&svc, "/accounts/dw/withdrawals", "{\"amount\":400}", NULL);
+	r = post(&stack.command, "/accounts/dw/withdrawals", "{\"amount\":400}", NULL);
 	expect(&r, 201, NULL);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 3);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "balance")), 600);
 	response_free(&r);
-	cr_assert_eq(sql_int(db, "SELECT (data->>'amount')::bigint FROM events WHERE stream = "
-				 "'account-dw' AND type = 'FundsWithdrawn'"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT (data->>'amount')::bigint FROM events WHERE stream = "
+			     "'account-dw' AND type = 'FundsWithdrawn'"),
 		     400);
 }
 
@@ -207,7 +207,7 @@ Test(write_api, deposits_that_would_overflow_are_422)
 {
 	/* Reaching the int64 edge over HTTP takes 9,224 deposits; the log can hold it directly. */
 	open_account("big", "EUR", 0);
-	PQclear(sql(db,
+	PQclear(sql(stack.db,
 		    "INSERT INTO events (stream, version, type, data, metadata) VALUES "
 		    "('account-big', 2, 'FundsDeposited', '{\"amount\": 9223372036854775000}', '{}')"));
 	call("/accounts/big/deposits", "{\"amount\":808}", 422, "overflow");
@@ -222,7 +222,7 @@ Test(write_api, transfers_move_money_atomically)
 	open_account("tf-a", "EUR", 0);
 	open_account("tf-b", "EUR", 0);
 	call("/accounts/tf-a/deposits", "{\"amount\":1000}", 201, NULL);
-	r = post(&svc, "/transfers",
+	r = post(&stack.command, "/transfers",
 		 "{\"id\":\"tx-1\",\"from\":\"tf-a\",\"to\":\"tf-b\",\"amount\":300,\"reference\":\"rent\"}",
 		 NULL);
 	expect(&r, 201, NULL);
@@ -238,13 +238,14 @@ Test(write_api, transfers_move_money_atomically)
 
 	/* Both sides committed in one transaction. */
 	cr_assert_eq(
-		sql_int(db,
+		sql_int(stack.db,
 			"SELECT count(DISTINCT txid) FROM events WHERE data->>'transfer_id' = 'tx-1'"),
 		1);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE data->>'transfer_id' = 'tx-1'"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM events WHERE data->>'transfer_id' = 'tx-1'"),
 		     2);
-	cr_assert_eq(sql_int(db, "SELECT (data->>'amount')::bigint FROM events WHERE type = "
-				 "'TransferReceived' AND data->>'from' = 'tf-a'"),
+	cr_assert_eq(sql_int(stack.db, "SELECT (data->>'amount')::bigint FROM events WHERE type = "
+				       "'TransferReceived' AND data->>'from' = 'tf-a'"),
 		     300);
 	call("/transfers", "{\"id\":\"tx-1\",\"from\":\"tf-a\",\"to\":\"tf-b\",\"amount\":1}", 409,
 	     "transfer_exists");
@@ -275,7 +276,8 @@ Test(write_api, transfer_refusals)
 	     400, "invalid_request");
 	call("/transfers", "{\"id\":\"x7\",\"from\":\"r-eur\",\"to\":\"r-eur2\"}", 400,
 	     "invalid_request");
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE type LIKE 'Transfer%'"), 0);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events WHERE type LIKE 'Transfer%'"),
+		     0);
 }
 
 Test(write_api, closing_needs_a_zero_balance_and_stops_everything)
@@ -286,7 +288,7 @@ Test(write_api, closing_needs_a_zero_balance_and_stops_everything)
 	call("/accounts/cl/deposits", "{\"amount\":5}", 201, NULL);
 	call("/accounts/cl/close", NULL, 422, "nonzero_balance");
 	call("/accounts/cl/withdrawals", "{\"amount\":5}", 201, NULL);
-	r = post(&svc, "/accounts/cl/close", "{}", NULL);
+	r = post(&stack.command, "/accounts/cl/close", "{}", NULL);
 	expect(&r, 201, NULL);
 	cr_assert_eq(json_integer_value(json_object_get(r.json, "version")), 4);
 	response_free(&r);
@@ -307,18 +309,18 @@ Test(write_api, if_match_guards_the_version)
 
 	open_account("im", "EUR", 0);
 	call("/accounts/im/deposits", "{\"amount\":10}", 201, NULL);
-	r = post(&svc, "/accounts/im/deposits", "{\"amount\":10}", stale);
+	r = post(&stack.command, "/accounts/im/deposits", "{\"amount\":10}", stale);
 	expect(&r, 412, "version_mismatch");
 	response_free(&r);
-	r = post(&svc, "/accounts/im/withdrawals", "{\"amount\":10}", junk);
+	r = post(&stack.command, "/accounts/im/withdrawals", "{\"amount\":10}", junk);
 	expect(&r, 400, "invalid_request");
 	response_free(&r);
-	r = post(&svc, "/accounts/im/withdrawals", "{\"amount\":10}", fresh);
+	r = post(&stack.command, "/accounts/im/withdrawals", "{\"amount\":10}", fresh);
 	expect(&r, 201, NULL);
 	cr_assert(response_header(&r, "ETag", etag, sizeof(etag)));
 	cr_assert_str_eq(etag, "\"3\"");
 	response_free(&r);
-	r = post(&svc, "/accounts/im/close", NULL, fresh);
+	r = post(&stack.command, "/accounts/im/close", NULL, fresh);
 	expect(&r, 412, "version_mismatch");
 	response_free(&r);
 	cr_assert_eq(events_of("account-im"), 3);
@@ -335,7 +337,7 @@ Test(write_api, bodies_over_64_kib_are_413_and_write_nothing)
 	strcpy(body + n, "\"}");
 	call("/accounts", body, 413, "payload_too_large");
 	free(body);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 0);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events"), 0);
 }
 
 Test(write_api, tokens_are_required_and_scoped)
@@ -348,21 +350,21 @@ Test(write_api, tokens_are_required_and_scoped)
 	const char *body = "{\"id\":\"auth\",\"name\":\"A\",\"currency\":\"EUR\"}";
 	struct response r;
 
-	r = http_request(svc.port, "POST", "/accounts", none, body, 10);
+	r = http_request(stack.command.port, "POST", "/accounts", none, body, 10);
 	expect(&r, 401, "unauthorized");
 	response_free(&r);
-	r = http_request(svc.port, "POST", "/accounts", unknown, body, 10);
+	r = http_request(stack.command.port, "POST", "/accounts", unknown, body, 10);
 	expect(&r, 401, "unauthorized");
 	response_free(&r);
-	r = http_request(svc.port, "POST", "/accounts", reader, body, 10);
+	r = http_request(stack.command.port, "POST", "/accounts", reader, body, 10);
 	expect(&r, 403, "forbidden");
 	response_free(&r);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events"), 0);
+	cr_assert_eq(sql_int(stack.db, "SELECT count(*) FROM events"), 0);
 	/* The probes need no token. */
-	r = http_request(svc.port, "GET", "/healthz", NULL, NULL, 10);
+	r = http_request(stack.command.port, "GET", "/healthz", NULL, NULL, 10);
 	cr_assert_eq(r.status, 200);
 	response_free(&r);
-	r = http_request(svc.port, "GET", "/metrics", NULL, NULL, 10);
+	r = http_request(stack.command.port, "GET", "/metrics", NULL, NULL, 10);
 	cr_assert_eq(r.status, 200);
 	cr_assert(strstr(r.body, "daybook_http_requests_total"));
 	response_free(&r);
@@ -374,15 +376,15 @@ Test(write_api, unknown_routes_and_methods)
 	struct response r;
 	char allow[64];
 
-	r = http_request(svc.port, "GET", "/nowhere", auth, NULL, 10);
+	r = http_request(stack.command.port, "GET", "/nowhere", auth, NULL, 10);
 	expect(&r, 404, "not_found");
 	response_free(&r);
-	r = http_request(svc.port, "GET", "/accounts", auth, NULL, 10);
+	r = http_request(stack.command.port, "GET", "/accounts", auth, NULL, 10);
 	expect(&r, 405, "method_not_allowed");
 	cr_assert(response_header(&r, "Allow", allow, sizeof(allow)));
 	cr_assert_str_eq(allow, "POST");
 	response_free(&r);
-	r = http_request(svc.port, "DELETE", "/accounts/x/deposits", auth, NULL, 10);
+	r = http_request(stack.command.port, "DELETE", "/accounts/x/deposits", auth, NULL, 10);
 	expect(&r, 405, "method_not_allowed");
 	response_free(&r);
 }
@@ -391,7 +393,7 @@ Test(write_api, wrong_content_type_is_415)
 {
 	const char *form[] = { "Authorization: Bearer " TOKEN_WRITE,
 			       "Content-Type: application/x-www-form-urlencoded", NULL };
-	struct response r = http_request(svc.port, "POST", "/accounts", form,
+	struct response r = http_request(stack.command.port, "POST", "/accounts", form,
 					 "{\"id\":\"ct\",\"name\":\"A\",\"currency\":\"EUR\"}", 10);
 
 	expect(&r, 415, "unsupported_media_type");
@@ -401,7 +403,7 @@ Test(write_api, wrong_content_type_is_415)
 Test(write_api, request_ids_are_echoed_and_stored_with_the_caller)
 {
 	const char *extra[] = { "X-Request-Id: req-abc-123", "Idempotency-Key: key-1", NULL };
-	struct response r = post(&svc, "/accounts",
+	struct response r = post(&stack.command, "/accounts",
 				 "{\"id\":\"rid\",\"name\":\"A\",\"currency\":\"EUR\"}", extra);
 	char id[64];
 	PGresult *m;
@@ -410,7 +412,7 @@ Test(write_api, request_ids_are_echoed_and_stored_with_the_caller)
 	cr_assert(response_header(&r, "X-Request-Id", id, sizeof(id)));
 	cr_assert_str_eq(id, "req-abc-123");
 	response_free(&r);
-	m = sql(db,
+	m = sql(stack.db,
 		"SELECT metadata->>'request_id', metadata->>'token_id', "
 		"metadata->>'idempotency_key', metadata->>'time' FROM events WHERE stream = 'account-rid'");
 	cr_assert_str_eq(PQgetvalue(m, 0, 0), "req-abc-123");
@@ -429,13 +431,15 @@ Test(write_api, request_ids_are_echoed_and_stored_with_the_caller)
 		cr_assert(sep ? t[i] == sep : (t[i] >= '0' && t[i] <= '9'), "time: %s", t);
 	}
 	PQclear(m);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-rid' AND "
-				 "abs(extract(epoch FROM (metadata->>'time')::timestamptz - "
-				 "statement_timestamp())) < 60"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM events WHERE stream = 'account-rid' AND "
+			     "abs(extract(epoch FROM (metadata->>'time')::timestamptz - "
+			     "statement_timestamp())) < 60"),
 		     1, "the time is not now");
 
 	/* Without one, the service makes one up and still echoes it. */
-	r = post(&svc, "/accounts", "{\"id\":\"rid2\",\"name\":\"A\",\"currency\":\"EUR\"}", NULL);
+	r = post(&stack.command, "/accounts",
+		 "{\"id\":\"rid2\",\"name\":\"A\",\"currency\":\"EUR\"}", NULL);
 	cr_assert(response_header(&r, "X-Request-Id", id, sizeof(id)));
 	cr_assert(strlen(id) >= 8);
 	response_free(&r);
@@ -457,28 +461,31 @@ Test(write_api, header_names_match_in_any_case_and_the_first_of_a_repeated_one_c
 				     "content-type: text/plain", "Content-Type: application/json",
 				     NULL };
 	const char *body = "{\"id\":\"hc\",\"name\":\"A\",\"currency\":\"EUR\"}";
-	struct response r = http_request(svc.port, "POST", "/accounts", open_headers, body, 30);
+	struct response r = http_request(stack.command.port, "POST", "/accounts", open_headers,
+					 body, 30);
 	char id[64];
 
 	expect(&r, 201, NULL);
 	cr_assert(response_header(&r, "X-Request-Id", id, sizeof(id)));
 	cr_assert_str_eq(id, "case-1");
 	response_free(&r);
-	cr_assert_eq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-hc' AND "
-				 "metadata->>'idempotency_key' = 'case-key' AND "
-				 "metadata->>'request_id' = 'case-1'"),
+	cr_assert_eq(sql_int(stack.db,
+			     "SELECT count(*) FROM events WHERE stream = 'account-hc' AND "
+			     "metadata->>'idempotency_key' = 'case-key' AND "
+			     "metadata->>'request_id' = 'case-1'"),
 		     1);
 	/* The same key again: the stored answer, not a second account. */
-	r = http_request(svc.port, "POST", "/accounts", open_headers, body, 30);
+	r = http_request(stack.command.port, "POST", "/accounts", open_headers, body, 30);
 	expect(&r, 201, NULL);
 	cr_assert(response_header(&r, "Idempotent-Replayed", id, sizeof(id)));
 	response_free(&r);
 
-	r = http_request(svc.port, "POST", "/accounts/hc/deposits", stale, "{\"amount\":5}", 30);
+	r = http_request(stack.command.port, "POST", "/accounts/hc/deposits", stale,
+			 "{\"amount\":5}", 30);
 	expect(&r, 412, "version_mismatch");
 	response_free(&r);
-	r = http_request(svc.port, "POST", "/accounts/hc/deposits", wrong_type, "{\"amount\":5}",
-			 30);
+	r = http_request(stack.command.port, "POST", "/accounts/hc/deposits", wrong_type,
+			 "{\"amount\":5}", 30);
 	expect(&r, 415, "unsupported_media_type");
 	response_free(&r);
 	cr_assert_eq(events_of("account-hc"), 1);
@@ -489,26 +496,26 @@ Test(write_api, versions_are_gap_free_and_sigterm_exits_zero)
 	open_account("gap", "EUR", 0);
 	for (int i = 0; i < 5; i++)
 		call("/accounts/gap/deposits", "{\"amount\":1}", 201, NULL);
-	cr_assert_eq(sql_int(db,
+	cr_assert_eq(sql_int(stack.db,
 			     "SELECT count(*) FROM events e WHERE stream = 'account-gap' AND "
 			     "version <> (SELECT count(*) FROM events f WHERE f.stream = e.stream "
 			     "AND f.position <= e.position)"),
 		     0);
-	cr_assert_eq(harness_stop(&svc), 0);
+	cr_assert_eq(harness_stop(&stack.command), 0);
 }
 
-/* Every line of svc's log as JSON (the test fails on a line that is not); caller
- * json_decrefs the array. */
+/* Every line of the command service's log as JSON (the test fails on a line that is
+ * not); caller json_decrefs the array. */
 static json_t *log_lines(void)
 {
 	/* The service's log (the harness sends its stderr there). */
-	FILE *f = fopen(svc.log_path, "r");
+	FILE *f = fopen(stack.command.log_path, "r");
 	json_t *lines = json_array();
 	char *line = NULL;
 	size_t cap = 0;
 	ssize_t n;
 
-	cr_assert_not_null(f, "%s", svc.log_path);
+	cr_assert_not_null(f, "%s", stack.command.log_path);
 	while ((n = getline(&line, &cap, f)) > 0) {
 		json_error_t error;
 		json_t *j = json_loadb(line, (size_t)n, 0, &error);
@@ -546,12 +553,12 @@ Test(write_api, each_request_leaves_one_json_access_line_whatever_its_bytes)
 	double deadline;
 
 	open_account("log-a", "EUR", 0);
-	r = post(&svc, "/accounts/log-a/deposits", "{\"amount\":5}", ok_hdr);
+	r = post(&stack.command, "/accounts/log-a/deposits", "{\"amount\":5}", ok_hdr);
 	expect(&r, 201, NULL);
 	response_free(&r);
 	/* Quotes, a backslash, a control byte and invalid UTF-8 in the path. */
-	r = http_request(svc.port, "POST", "/accounts/a\"b\\c\x01\xff\xfe/deposits", bad_hdr,
-			 "{\"amount\":5}", 20);
+	r = http_request(stack.command.port, "POST", "/accounts/a\"b\\c\x01\xff\xfe/deposits",
+			 bad_hdr, "{\"amount\":5}", 20);
 	cr_assert(r.status == 400 || r.status == 404, "%d %s", r.status, r.body);
 	response_free(&r);
 
@@ -599,7 +606,8 @@ Test(write_api, cors_is_off_by_default_and_answers_allowed_origins_when_set)
 	char v[256], cors_db[64];
 
 	/* Off: OPTIONS is a method like any other (405), no CORS header anywhere. */
-	r = http_request(svc.port, "OPTIONS", "/accounts/x/deposits", preflight, NULL, 20);
+	r = http_request(stack.command.port, "OPTIONS", "/accounts/x/deposits", preflight, NULL,
+			 20);
 	cr_assert_eq(r.status, 405, "%s", r.body);
 	cr_assert_not(response_header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
 	response_free(&r);
