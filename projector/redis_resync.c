@@ -8,8 +8,6 @@
 
 #include "redis_sync.h"
 
-#define SYNC_ACCOUNTS_PAGE "200"
-#define SYNC_TRANSFERS_PAGE "1000"
 /* Resyncs wait this long once another deployment is seen taking the live pointer
  * again and again (one Redis database shared by two: unsupported, see docs). */
 #define SHARED_REDIS_BACKOFF_POLLS 600
@@ -231,7 +229,7 @@ static void accounts_page_done(void *arg, const struct pg_outcome *out)
 		snprintf(s->after, sizeof(s->after), "%s", id);
 		accounts++;
 	}
-	s->last_page = accounts < atoi(SYNC_ACCOUNTS_PAGE);
+	s->last_page = accounts < PROJECTOR_SYNC_ACCOUNTS_PAGE;
 	end_sends(ctx);
 }
 
@@ -256,7 +254,7 @@ static void transfers_page_done(void *arg, const struct pg_outcome *out)
 		free(json);
 		snprintf(s->after, sizeof(s->after), "%s", t.transfer_id);
 	}
-	s->last_page = rows < atoi(SYNC_TRANSFERS_PAGE);
+	s->last_page = rows < PROJECTOR_SYNC_TRANSFERS_PAGE;
 	end_sends(ctx);
 }
 
@@ -284,13 +282,13 @@ static void totals_done(void *arg, const struct pg_outcome *out)
 	end_sends(ctx);
 }
 
-static void query(struct projector_ctx *ctx, const char *statement, const char *page,
-		  pg_done_cb done)
+/* A page after the phase's cursor (the page size is the statement's), or with paged
+ * false a statement without parameters. */
+static void query(struct projector_ctx *ctx, const char *statement, bool paged, pg_done_cb done)
 {
-	const char *params[2] = { ctx->sync->after, page };
-	int nparams = page ? 2 : 0;
+	const char *params[1] = { ctx->sync->after };
 
-	if (!pg_queue(ctx->pg, statement, nparams, params) || !pg_run(ctx->pg, done, ctx))
+	if (!pg_queue(ctx->pg, statement, paged ? 1 : 0, params) || !pg_run(ctx->pg, done, ctx))
 		sync_abort(ctx, "postgresql connection lost");
 }
 
@@ -314,7 +312,7 @@ static void generation_reply(void *arg, const redisReply *reply)
 		       NULL);
 	(void)!redis_command(ctx->redis, 3, set_identity, NULL, NULL, NULL);
 	log_info(&ctx->log, "copying the read models into redis generation %lld", ctx->sync->gen);
-	query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
+	query(ctx, "sync_accounts", true, accounts_page_done);
 }
 
 /* The switch's reply: did our generation replace another store's? */
@@ -363,21 +361,21 @@ static void sync_next(struct projector_ctx *ctx)
 	switch (s->phase) {
 	case SY_ACCOUNTS:
 		if (!s->last_page) {
-			query(ctx, "sync_accounts", SYNC_ACCOUNTS_PAGE, accounts_page_done);
+			query(ctx, "sync_accounts", true, accounts_page_done);
 			return;
 		}
 		s->phase = SY_TRANSFERS;
 		s->after[0] = '\0';
 		s->last_page = false;
-		query(ctx, "sync_transfers", SYNC_TRANSFERS_PAGE, transfers_page_done);
+		query(ctx, "sync_transfers", true, transfers_page_done);
 		return;
 	case SY_TRANSFERS:
 		if (!s->last_page) {
-			query(ctx, "sync_transfers", SYNC_TRANSFERS_PAGE, transfers_page_done);
+			query(ctx, "sync_transfers", true, transfers_page_done);
 			return;
 		}
 		s->phase = SY_TOTALS;
-		query(ctx, "load_totals", NULL, totals_done);
+		query(ctx, "load_totals", false, totals_done);
 		return;
 	case SY_SWITCH:
 		/* Everything up to s->cp is in the new generation (every reply so far was
