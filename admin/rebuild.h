@@ -67,11 +67,16 @@ struct stashed {
 };
 
 /* Redis switches inside the SQL transaction, so that no projector batch lands in
- * between; if that transaction then does not commit, Redis's live generation is put
- * back as it was. */
+ * between; if that transaction then does not commit, Redis's live pointer is put back
+ * as it was, if it still names our generation (rebuild_switch.c). */
+enum live_switch {
+	LIVE_UNTOUCHED, /* the switch was not sent, or refused */
+	LIVE_SWITCHED,  /* the pointer went to our generation */
+	LIVE_UNKNOWN,   /* sent, but its reply was lost */
+};
 struct live_before {
-	bool switched; /* the switch set the live pointer to our generation */
-	bool present;  /* it replaced one (gen), else there was none */
+	enum live_switch state;
+	bool present; /* the switch replaced a pointer (gen), else there was none */
 	char gen[32];
 };
 

@@ -70,20 +70,27 @@ static bool lock_for_switch(struct rebuild *rb)
 	"if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[1]) then return {0, cur} end " \
 	"redis.call('SET', KEYS[1], ARGV[1]) return {1, cur}"
 
-/* The pointer back to what the switch replaced, only if it is still ours: a projector
- * that made a newer generation live since keeps it. 1 put back, 0 left alone. */
+/* The pointer back to ARGV[2] ("": none), only if it still names our generation
+ * (ARGV[1]): a projector that made a newer generation live since keeps it. 1 put back,
+ * 0 left alone (another generation is live), -1 there is no pointer. */
 #define PUT_BACK_LIVE_LUA                                                                          \
-	"if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "                              \
+	"local cur = redis.call('GET', KEYS[1]) "                                                  \
+	"if not cur then return -1 end "                                                           \
+	"if cur ~= ARGV[1] then return 0 end "                                                     \
 	"if ARGV[2] == '' then redis.call('DEL', KEYS[1]) "                                        \
 	"else redis.call('SET', KEYS[1], ARGV[2]) end return 1"
 
+/* After a switch that did not commit. When the switch's reply was lost, what it replaced
+ * is unknown: a pointer still naming our generation is removed, and the projector
+ * copies the read models from SQL into a new one (docs/read-models.md). */
 static void put_back_live(struct rebuild *rb, const struct live_before *old)
 {
 	char gen[24];
-	const char *argv[6] = { "EVAL", PUT_BACK_LIVE_LUA, "1", READMODEL_LIVE_KEY, gen, old->gen };
+	const char *back = old->state == LIVE_SWITCHED && old->present ? old->gen : "";
+	const char *argv[6] = { "EVAL", PUT_BACK_LIVE_LUA, "1", READMODEL_LIVE_KEY, gen, back };
 	redisReply *r = NULL;
 
-	if (!rb->redis || !old->switched)
+	if (!rb->redis || old->state == LIVE_UNTOUCHED)
 		return;
 	snprintf(gen, sizeof(gen), "%lld", rb->gen);
 	(void)!rb_redis_drain(rb);
@@ -91,12 +98,13 @@ static void put_back_live(struct rebuild *rb, const struct live_before *old)
 		r = redisCommandArgv(rb->redis, 6, argv, NULL);
 	if (!r || r->type != REDIS_REPLY_INTEGER)
 		rb_error(rb, "could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
-			 old->present ? old->gen : "(none)");
-	else if (r->integer == 0)
-		rb_error(rb,
-			 READMODEL_LIVE_KEY " was not put back to %s: another generation "
-					    "went live since the switch\n",
-			 old->present ? old->gen : "(none)");
+			 back[0] ? back : "(none)");
+	else if (r->integer == 0 && old->state == LIVE_SWITCHED)
+		rb_error(rb, READMODEL_LIVE_KEY " left as it is: another generation went live "
+						"since the switch\n");
+	else if (r->integer == 1 && old->state == LIVE_UNKNOWN)
+		rb_error(rb, "the switch's reply was lost: " READMODEL_LIVE_KEY " removed, the "
+			     "projector copies the read models from SQL\n");
 	freeReplyObject(r);
 }
 
@@ -169,6 +177,8 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 	if (!rb_redis_send(rb, 3, identity) || !rb_redis_send(rb, 3, layout) ||
 	    !rb_redis_send(rb, 3, cp) || !rb_redis_drain(rb))
 		return false;
+	/* Sent: whatever happens to the reply, a failure from here puts the pointer back. */
+	old->state = LIVE_UNKNOWN;
 	r = redisCommandArgv(rb->redis, 5, live, NULL);
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER) {
@@ -182,7 +192,7 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 	switched = r->element[0]->integer == 1;
 	old->present = r->element[1]->type == REDIS_REPLY_STRING;
 	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->element[1]->str : "");
-	old->switched = switched;
+	old->state = switched ? LIVE_SWITCHED : LIVE_UNTOUCHED;
 	freeReplyObject(r);
 	/* A live generation newer than ours was made while we built: a projector copied
 	 * Redis from SQL (it had lost its data, or failed over), and its sweep takes every

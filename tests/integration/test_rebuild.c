@@ -649,16 +649,21 @@ Test(rebuild, a_switch_whose_commit_fails_puts_redis_back)
 }
 
 /* The switch's COMMIT fails after Redis switched, and meanwhile another generation
- * went live (here set by hand, standing in for a projector's copy from SQL): putting
- * the old pointer back would hide the newer generation behind an older one, so the
- * pointer stays as it is. */
+ * went live (made by hand here, its layout, identity and checkpoint copied from the
+ * rebuild's, standing in for a projector's copy from SQL): putting the old pointer
+ * back would hide the newer generation behind an older one, so the pointer stays. The
+ * COMMIT waits in a deferred trigger for a lock the test holds, then fails. */
 Test(rebuild, a_failed_switch_leaves_a_newer_live_generation_alone)
 {
+	static const char *const kinds[] = { READMODEL_KIND_LAYOUT, READMODEL_KIND_IDENTITY,
+					     READMODEL_KIND_CHECKPOINT };
 	redisContext *c;
-	long long live_before, live_now = 0, newer;
-	char cp[64], line[512], cmd[96];
+	redisReply *g;
+	long long live_before, ours = 0, newer, live_now;
+	char cp[64], line[512];
 	struct lines progress = { 0 };
 	int status;
+	PGconn *hold;
 
 	must("/accounts", "{\"id\":\"n-1\",\"name\":\"N\",\"currency\":\"EUR\"}");
 	must("/accounts/n-1/deposits", "{\"amount\":5}");
@@ -666,39 +671,46 @@ Test(rebuild, a_failed_switch_leaves_a_newer_live_generation_alone)
 	c = harness_redis(stack.redis_url);
 	cr_assert(harness_redis_live(c, &live_before, cp, sizeof(cp)));
 	PQclear(sql(stack.db,
-		    "CREATE FUNCTION slow_fail_commit() RETURNS trigger LANGUAGE plpgsql AS "
-		    "$$ BEGIN PERFORM pg_sleep(3); RAISE EXCEPTION 'injected at commit'; END $$; "
-		    "CREATE CONSTRAINT TRIGGER fail_switch AFTER UPDATE ON "
+		    "CREATE FUNCTION held_fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+		    "BEGIN PERFORM pg_advisory_lock(4243); RAISE EXCEPTION 'injected at commit'; "
+		    "END $$; CREATE CONSTRAINT TRIGGER fail_switch AFTER UPDATE ON "
 		    "projection_checkpoints DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN "
-		    "(OLD.generation <> NEW.generation) EXECUTE FUNCTION slow_fail_commit()"));
+		    "(OLD.generation <> NEW.generation) EXECUTE FUNCTION held_fail_commit()"));
+	hold = harness_connect_as(stack.db, NULL);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock(4243)"));
 
 	pid_t pid = start_rebuild("all", &progress.fd);
-	/* The rebuild's generation goes live, then its COMMIT sleeps before failing. */
-	for (double end = harness_now() + 60; live_now <= live_before; usleep(20000)) {
+	/* The rebuild's generation goes live; its COMMIT then waits for the lock. */
+	for (double end = harness_now() + 60; ours <= live_before; usleep(20000)) {
 		cr_assert(harness_now() < end, "the rebuild never switched redis");
-		cr_assert(harness_redis_live(c, &live_now, cp, sizeof(cp)));
+		cr_assert(harness_redis_live(c, &ours, cp, sizeof(cp)));
 	}
-	newer = live_now + 1000;
-	snprintf(cmd, sizeof(cmd), "SET " READMODEL_LIVE_KEY " %lld", newer);
-	freeReplyObject(redisCommand(c, cmd));
+	newer = ours + 1000;
+	for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+		g = redisCommand(c, "GET dbk:g:%lld:%s", ours, kinds[k]);
+		cr_assert(g && g->type == REDIS_REPLY_STRING, "%s", kinds[k]);
+		freeReplyObject(redisCommand(c, "SET dbk:g:%lld:%s %s", newer, kinds[k], g->str));
+		freeReplyObject(g);
+	}
+	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " %lld", newer));
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock(4243)"));
+	PQfinish(hold);
+
 	while (next_line(&progress, line, sizeof(line), 120))
 		;
 	close(progress.fd);
 	cr_assert_eq(waitpid(pid, &status, 0), pid);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d", status);
-	/* The newer pointer, or a generation the projector copied since it saw that one
-	 * hold nothing: in no case the one the switch replaced. */
-	{
-		redisReply *g = redisCommand(c, "GET " READMODEL_LIVE_KEY);
-		cr_assert(g && g->type == REDIS_REPLY_STRING);
-		live_now = atoll(g->str);
-		freeReplyObject(g);
-	}
-	cr_assert(live_now == newer || live_now > live_before,
-		  "the rebuild put generation %lld back over the newer %lld", live_now, newer);
+	cr_assert(harness_redis_live(c, &live_now, cp, sizeof(cp)));
+	cr_assert_eq(live_now, newer,
+		     "the live pointer is %lld, not the newer %lld (before the rebuild: %lld, the "
+		     "rebuild's: %lld)",
+		     live_now, newer, live_before, ours);
 
-	/* The hand-set generation holds nothing: the projector copies SQL anew. */
+	/* The hand-made generation holds nothing: without a live pointer the projector
+	 * copies SQL into a new one. */
 	PQclear(sql(stack.db, "DROP TRIGGER fail_switch ON projection_checkpoints"));
+	freeReplyObject(redisCommand(c, "DEL " READMODEL_LIVE_KEY));
 	must("/accounts/n-1/deposits", "{\"amount\":1}");
 	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
