@@ -7,6 +7,13 @@
  * (test projector/the_statements_plan_page_reads_by_index). */
 #include "projector.h"
 
+#define READ_EVENTS_LIMIT PROJECTOR_TEXT(PROJECTOR_BATCH_MAX)
+#define SYNC_ACCOUNTS_LIMIT PROJECTOR_TEXT(PROJECTOR_SYNC_ACCOUNTS_PAGE)
+#define SYNC_TRANSFERS_LIMIT PROJECTOR_TEXT(PROJECTOR_SYNC_TRANSFERS_PAGE)
+#define SYNC_ACCOUNT_COLUMNS                                                                       \
+	READMODEL_SQL_ACCOUNT_COLUMNS("p") ", p.entries, " READMODEL_SQL_ENTRY_COLUMNS("e")
+#define SYNC_TRANSFER_COLUMNS READMODEL_SQL_TRANSFER_COLUMNS("rm_transfers")
+
 static const struct pg_statement statements[] = {
 	{ "load_checkpoint", "SELECT txid::text, position, generation FROM projection_checkpoints "
 			     "WHERE projection = '" PROJECTOR_PROJECTION "'" },
@@ -18,7 +25,7 @@ static const struct pg_statement statements[] = {
 	  "(SELECT coalesce(max(position), 0) FROM events) "
 	  "FROM events WHERE (txid, position) > ($1::xid8, $2::bigint) "
 	  "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
-	  "ORDER BY events.txid, events.position LIMIT " PROJECTOR_TEXT(PROJECTOR_BATCH_MAX) },
+	  "ORDER BY events.txid, events.position LIMIT " READ_EVENTS_LIMIT },
 	{ "load_accounts",
 	  "SELECT " READMODEL_SQL_ACCOUNT_COLUMNS(
 		  "rm_accounts") ", rm_accounts.entries "
@@ -27,17 +34,13 @@ static const struct pg_statement statements[] = {
 	  "SELECT currency, accounts, open_accounts, balance_sum::text FROM rm_totals" },
 	{ "sync_accounts",
 	  "WITH page AS (SELECT * FROM rm_accounts WHERE account_id > $1 ORDER BY account_id "
-	  "LIMIT " PROJECTOR_TEXT(PROJECTOR_SYNC_ACCOUNTS_PAGE) ") SELECT " READMODEL_SQL_ACCOUNT_COLUMNS("p") ", p.entries, " READMODEL_SQL_ENTRY_COLUMNS(
-		  "e") " "
-		       "FROM page p LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = "
-		       "p.account_id ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT
-		       ") e ON true "
-		       "ORDER BY p.account_id, e.version" },
+	  "LIMIT " SYNC_ACCOUNTS_LIMIT ") SELECT " SYNC_ACCOUNT_COLUMNS " FROM page p "
+	  "LEFT JOIN LATERAL (SELECT * FROM rm_entries x WHERE x.account_id = p.account_id "
+	  "ORDER BY x.version DESC LIMIT " READMODEL_ITEMS_KEPT_TEXT ") e ON true "
+	  "ORDER BY p.account_id, e.version" },
 	{ "sync_transfers",
-	  "SELECT " READMODEL_SQL_TRANSFER_COLUMNS(
-		  "rm_transfers") " FROM rm_transfers "
-				  "WHERE transfer_id > $1 ORDER BY transfer_id "
-				  "LIMIT " PROJECTOR_TEXT(PROJECTOR_SYNC_TRANSFERS_PAGE) },
+	  "SELECT " SYNC_TRANSFER_COLUMNS " FROM rm_transfers WHERE transfer_id > $1 "
+	  "ORDER BY transfer_id LIMIT " SYNC_TRANSFERS_LIMIT },
 	/* The batch's first statement: the switch guard (a rebuild's switch takes this lock
 	 * exclusively: writes wait while it swaps), taken before any read-model table is
 	 * locked, then the checkpoint's compare-and-set ($1 epoch, $2 $3 from, $4
@@ -71,7 +74,7 @@ static const struct pg_statement statements[] = {
 	 * transaction that notifies takes the database's notify lock at commit and holds it
 	 * through its commit, so the batch would wait for every command append committing
 	 * (and its WAL flush) and they for it; the new checkpoint is announced once
-	 * committed, on a connection of its own (notify below). */
+	 * committed, on a connection of its own (step.c, notify_position). */
 	{ "write_rows",
 	  "WITH a AS (INSERT INTO rm_accounts (account_id, name, currency, balance, "
 	  "overdraft_limit, status, version, entries, opened_at, updated_at) SELECT "

@@ -161,7 +161,10 @@ void harness_post_created_at(const struct service *svc, const char *path, const 
 	struct response r = post(svc, path, body, NULL);
 
 	cr_assert_eq(r.status, 201, "%s %s: %d %s", path, body, r.status, r.body);
-	if (pos)
-		snprintf(pos, len, "%s", json_string_value(json_object_get(r.json, "position")));
+	if (pos) {
+		const char *at = json_string_value(json_object_get(r.json, "position"));
+		cr_assert_not_null(at, "%s %s: no position in %s", path, body, r.body);
+		snprintf(pos, len, "%s", at);
+	}
 	response_free(&r);
 }
