@@ -320,7 +320,14 @@ static void switch_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
 
-	if (reply && reply->type == REDIS_REPLY_STRING && reply->len == 0) {
+	if (reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "NEWER", 5) == 0) {
+		/* A rebuild switched to a generation numbered after ours: the copy is given
+		 * up (and the rebuild's clean-up takes it), the status check follows the
+		 * rebuild's. */
+		log_info(&ctx->log, "redis generation %lld not made live: %s", ctx->sync->gen,
+			 reply->str);
+		ctx->rfailed = true; /* abandoned without the warning of a failed write */
+	} else if (reply && reply->type == REDIS_REPLY_STRING && reply->len == 0) {
 		ctx->foreign_fight = false;
 	} else if (reply && reply->type == REDIS_REPLY_STRING) {
 		/* The first time, an earlier life of the database, say; the same store again

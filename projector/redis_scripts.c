@@ -157,10 +157,16 @@ static const char *const scripts[] = {
 	[PUT_FENCED] = READMODEL_LUA_FENCE "redis.call('SET', KEYS[1], ARGV[1]) return 1",
 	[RAISE_FENCE] = READMODEL_LUA_FENCE "return 1",
 	/* Make generation ARGV[1] live; the identity of the one it replaces when that is
-	 * not ARGV[2] (another store's), else "". */
+	 * not ARGV[2] (another store's), else "". Not over a newer generation of this
+	 * store (the NEWER error, nothing switched): a rebuild that took its number after
+	 * this copy began switched to it meanwhile (after a FLUSHALL or a restart the
+	 * numbers start again, so the copy's may be the lower), and its clean-up takes
+	 * the older ones, this copy among them. */
 	[SWITCH_LIVE] = READMODEL_LUA_FENCE READMODEL_LUA_GEN_KEY
 	"local old = redis.call('GET', '" READMODEL_LIVE_KEY "') "
 	"local theirs = old and redis.call('GET', gen_key(old, '" READMODEL_KIND_IDENTITY "')) "
+	"if theirs == ARGV[2] and tonumber(old) and tonumber(old) > tonumber(ARGV[1]) then "
+	"return redis.error_reply('NEWER generation ' .. old .. ' of this store is live') end "
 	"redis.call('SET', '" READMODEL_LIVE_KEY "', ARGV[1]) "
 	"if theirs and theirs ~= ARGV[2] then return theirs end return ''",
 	/* Unlink the keys ARGV[3..] of generations older than ARGV[2] that are ours

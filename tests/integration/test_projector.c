@@ -1541,3 +1541,41 @@ Test(projector, the_statements_plan_page_reads_by_index)
 	}
 	PQfinish(c);
 }
+
+/* A resync's copy makes its generation live only if no newer generation of this store
+ * is: a rebuild that took its number after the copy began (after a FLUSHALL or a
+ * restart the numbers start again, so the copy's may be the lower) may have switched
+ * meanwhile, and its clean-up takes the older generations, this copy among them. A
+ * newer generation of another store (a second deployment sharing the database,
+ * unsupported) is replaced as before, its identity returned. */
+Test(projector, a_copy_never_goes_live_over_a_newer_generation_of_its_store)
+{
+	size_t n;
+	const char *const *scripts = projector_redis_scripts(&n);
+	redisContext *c = harness_redis(stack.redis_url);
+	redisReply *r;
+
+	freeReplyObject(redisCommand(c, "SET dbk:g:5:identity store-s"));
+	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " 5"));
+	r = redisCommand(c, "EVAL %s 0 1:s 3 store-s", scripts[SWITCH_LIVE]);
+	cr_assert(r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NEWER", 5) == 0, "%s",
+		  r && r->type == REDIS_REPLY_ERROR ? r->str : "switched over generation 5");
+	freeReplyObject(r);
+	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
+	cr_assert(r && r->type == REDIS_REPLY_STRING && strcmp(r->str, "5") == 0);
+	freeReplyObject(r);
+
+	/* An older one of this store is replaced ("" back), a newer one of another's too. */
+	r = redisCommand(c, "EVAL %s 0 1:s 6 store-s", scripts[SWITCH_LIVE]);
+	cr_assert(r && r->type == REDIS_REPLY_STRING && r->len == 0);
+	freeReplyObject(r);
+	freeReplyObject(redisCommand(c, "SET dbk:g:9:identity store-t"));
+	freeReplyObject(redisCommand(c, "SET " READMODEL_LIVE_KEY " 9"));
+	r = redisCommand(c, "EVAL %s 0 1:s 7 store-s", scripts[SWITCH_LIVE]);
+	cr_assert(r && r->type == REDIS_REPLY_STRING && strcmp(r->str, "store-t") == 0);
+	freeReplyObject(r);
+	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
+	cr_assert(r && r->type == REDIS_REPLY_STRING && strcmp(r->str, "7") == 0);
+	freeReplyObject(r);
+	redisFree(c);
+}
