@@ -157,18 +157,27 @@ static void cleanup_reply(void *arg, const redisReply *reply)
 
 	if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2)
 		goto abandoned;
+	/* The sweep is for the generation live when it began (sweep_gen). Once that is not
+	 * the live one we write to, it deletes nothing more: after a FLUSHALL or a restart
+	 * Redis is copied from SQL into a new generation whose number starts again from 1,
+	 * below sweep_gen, and this SCAN would find the copy's keys as they are written.
+	 * What is sent on this connection before the copy's writes goes before them, so
+	 * deletions already sent cannot reach the copy. The periodic check starts a sweep
+	 * for the new generation. */
+	if (ctx->rsync != RS_LIVE || ctx->gen != ctx->sweep_gen)
+		goto abandoned;
 	n = reply->element[1]->elements;
 	if (n && ctx->identity[0]) {
 		bool sent;
 		if (!(argv = malloc((n + 2) * sizeof(*argv))))
 			goto abandoned;
-		snprintf(below, sizeof(below), "%lld", ctx->gen);
+		snprintf(below, sizeof(below), "%lld", ctx->sweep_gen);
 		argv[0] = ctx->identity;
 		argv[1] = below;
 		for (size_t i = 0; i < n; i++) {
 			const char *k = reply->element[1]->element[i]->str;
 			long long g = readmodel_key_generation(k);
-			if (g > 0 && g < ctx->gen) /* the live one's and newer stay here */
+			if (g > 0 && g < ctx->sweep_gen) /* the live one's and newer stay here */
 				argv[2 + old++] = k;
 		}
 		if (ctx->sweep_direct) { /* one generation, known to be ours */
