@@ -200,9 +200,22 @@ def send(url, method, path, body=None, headers=None, raw=None, timeout=15):
 
 # --- the stack ---------------------------------------------------------------------
 
+def ephemeral_low():
+    """The lowest port the kernel hands out for port 0 and outgoing connections: a
+    stack's ports stay below it, or a port freed by a killed service may go to another
+    test's client or server meanwhile, and the restart finds it taken (as lib.sh's
+    dbk_pick_free_port keeps below it too)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return min(low, 32768) if low > 20100 else 32768
+
+
 def free_port_base():
     for _ in range(200):
-        base = random.randrange(20000, 40000, 10)
+        base = random.randrange(20000, ephemeral_low() - 10, 10)
         ok = True
         for off in range(1, 7):
             with socket.socket() as s:
