@@ -173,15 +173,24 @@ static void end_sends(struct projector_ctx *ctx)
 	step_reply(ctx, &(redisReply){ .type = REDIS_REPLY_STATUS });
 }
 
+/* Redis reconnected since the copy began (on_redis_ready marks Redis unknown): the
+ * server may be a restarted or promoted one that lost what was copied so far, so
+ * the copy is given up before anything more is written, and starts again. */
+#define RECONNECTED "redis reconnected during the copy (the server may have lost its keys)"
+
 /* The one result of a resync page's run, or NULL after abandoning the resync (the
- * run failed, a commit-time failure included, or did not give one result set). */
+ * run failed, a commit-time failure included, or did not give one result set; or
+ * Redis reconnected meanwhile). */
 static PGresult *page_result(struct projector_ctx *ctx, const struct pg_outcome *out)
 {
 	const char *error = out->status == PG_RUN_DONE ? NULL : out->error;
 	PGresult *r = out->results && out->n ? out->results[0] : NULL;
 
-	if (!error && out->n == 1 && PQresultStatus(r) == PGRES_TUPLES_OK)
-		return r;
+	if (!error && out->n == 1 && PQresultStatus(r) == PGRES_TUPLES_OK) {
+		if (ctx->rsync == RS_SYNCING)
+			return r;
+		error = RECONNECTED;
+	}
 	sync_abort(ctx, error ? error : r ? PQresultErrorMessage(r) : "no result");
 	return NULL;
 }
@@ -365,6 +374,10 @@ static void sync_next(struct projector_ctx *ctx)
 		sync_abort(ctx, "a redis write failed");
 		return;
 	}
+	if (ctx->rsync != RS_SYNCING) {
+		sync_abort(ctx, RECONNECTED);
+		return;
+	}
 	switch (s->phase) {
 	case SY_ACCOUNTS:
 		if (!s->last_page) {
@@ -449,6 +462,7 @@ void redis_resync_start(struct projector_ctx *ctx)
 			       labels, NULL, 0),
 		   1);
 	redis_sync_cp_token(ctx, ctx->sync->cp);
+	ctx->rsync = RS_SYNCING;
 	ctx->rfailed = false;
 	ctx->rerrors = 0;
 	ctx->step = STEP_SYNCING;
