@@ -21,13 +21,10 @@
 #include "strmap.h"
 
 /* Events a batch reads at most, and the pages of a Redis resync (accounts with their
- * statements; transfers). Literals in the statements (statements.c). */
+ * statements; transfers). Literals in the statements (statements.c, READMODEL_TEXT). */
 #define PROJECTOR_BATCH_MAX 2000
 #define PROJECTOR_SYNC_ACCOUNTS_PAGE 200
 #define PROJECTOR_SYNC_TRANSFERS_PAGE 1000
-/* A number macro as a string literal: PROJECTOR_TEXT(PROJECTOR_BATCH_MAX) is "2000". */
-#define PROJECTOR_TEXT_(x) #x
-#define PROJECTOR_TEXT(x) PROJECTOR_TEXT_(x)
 /* The projection this process maintains: its checkpoint row and its lease row. */
 #define PROJECTOR_PROJECTION "sql"
 /* Named conditions of projector_checkpoint_move (sql/010): another process took the
