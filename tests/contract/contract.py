@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEV = os.path.join(REPO, "scripts", "dev")
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from devports import free_port_base  # noqa: E402
 
 
 def say(msg):
@@ -199,35 +200,6 @@ def send(url, method, path, body=None, headers=None, raw=None, timeout=15):
 
 
 # --- the stack ---------------------------------------------------------------------
-
-def ephemeral_low():
-    """The lowest port the kernel hands out for port 0 and outgoing connections: a
-    stack's ports stay below it, or a port freed by a killed service may go to another
-    test's client or server meanwhile, and the restart finds it taken (as lib.sh's
-    dbk_pick_free_port keeps below it too)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return min(low, 32768) if low > 20100 else 32768
-
-
-def free_port_base():
-    for _ in range(200):
-        base = random.randrange(20000, ephemeral_low() - 10, 10)
-        ok = True
-        for off in range(1, 7):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", base + off))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise SystemExit("contract: no free port range found")
-
 
 def read_env(path):
     out = {}
