@@ -27,8 +27,8 @@ struct relay {
 
 /* One client connection and the proxy's own connection to Redis for it. */
 struct link {
-	int client, server; /* -1: the slot is free */
-	struct relay up, down; /* client to server, server to client */
+	int client, server;          /* -1: the slot is free */
+	struct relay up, down;       /* client to server, server to client */
 	char tail[PROXY_NEEDLE_MAX]; /* the end of what went up, for a needle split across reads */
 	size_t tail_len;
 	bool losing; /* the armed command went up: its reply is dropped, the link closed */
@@ -179,14 +179,13 @@ static void *proxy_run(void *arg)
 		for (size_t i = 0; i < PROXY_LINKS; i++) {
 			struct link *l = &p->links[i];
 			bool live = l->client >= 0;
-			fds[n++] = (struct pollfd){
-				.fd = live ? l->client : -1,
-				.events = (short)((l->up.len ? 0 : POLLIN) | (l->down.len ? POLLOUT : 0))
-			};
-			fds[n++] = (struct pollfd){
-				.fd = live ? l->server : -1,
-				.events = (short)((l->down.len ? 0 : POLLIN) | (l->up.len ? POLLOUT : 0))
-			};
+			fds[n++] =
+				(struct pollfd){ .fd = live ? l->client : -1,
+						 .events = (short)((l->up.len ? 0 : POLLIN) |
+								   (l->down.len ? POLLOUT : 0)) };
+			fds[n++] = (struct pollfd){ .fd = live ? l->server : -1,
+						    .events = (short)((l->down.len ? 0 : POLLIN) |
+								      (l->up.len ? POLLOUT : 0)) };
 		}
 		if (poll(fds, n, -1) < 0 && errno != EINTR) {
 			fprintf(stderr, "redis proxy: poll: %s\n", strerror(errno));
@@ -220,8 +219,8 @@ void harness_proxy_open(struct redis_proxy **out, int target_port)
 	pthread_mutex_init(&p->lock, NULL);
 	p->listener = socket(AF_INET, SOCK_STREAM, 0);
 	cr_assert_geq(p->listener, 0, "proxy socket: %s", strerror(errno));
-	cr_assert_eq(bind(p->listener, (struct sockaddr *)&addr, sizeof(addr)), 0,
-		     "proxy bind: %s", strerror(errno));
+	cr_assert_eq(bind(p->listener, (struct sockaddr *)&addr, sizeof(addr)), 0, "proxy bind: %s",
+		     strerror(errno));
 	cr_assert_eq(listen(p->listener, 16), 0, "proxy listen: %s", strerror(errno));
 	cr_assert_eq(getsockname(p->listener, (struct sockaddr *)&addr, &len), 0);
 	p->port = ntohs(addr.sin_port);
@@ -242,7 +241,8 @@ void harness_proxy_url(const struct redis_proxy *p, const char *url, char *out, 
 					      addr.password, p->port, addr.db),
 			     len);
 	else
-		cr_assert_lt((size_t)snprintf(out, len, "redis://127.0.0.1:%d/%d", p->port, addr.db),
+		cr_assert_lt((size_t)snprintf(out, len, "redis://127.0.0.1:%d/%d", p->port,
+					      addr.db),
 			     len);
 }
 
