@@ -79,6 +79,9 @@ static void put_back_live(struct rebuild *rb, const struct live_before *old)
 	(void)!rb_redis_drain(rb);
 	if (rb_redis_usable(rb))
 		r = redisCommandArgv(rb->redis, 6, argv, NULL);
+	/* Not as found: unknown (no answer), or removed after a lost reply. */
+	rb->live_touched = !r || r->type != REDIS_REPLY_INTEGER ||
+			   (r->integer == 1 && old->state == LIVE_UNKNOWN);
 	if (!r || r->type != REDIS_REPLY_INTEGER)
 		rb_error(rb, "could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
 			 back[0] ? back : "(none)");

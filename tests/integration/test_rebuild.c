@@ -1033,6 +1033,8 @@ Test(rebuild, a_lost_switch_reply_leaves_no_live_pointer_on_the_rebuilds_generat
 	freeReplyObject(r);
 	cr_assert_eq(gen_keys(c, ours), 0, "the failed rebuild left its generation's keys");
 	cr_assert(strstr(out, "the switch's reply was lost"), "exit status %d:\n%s", status, out);
+	/* Its last line does not claim it left the live models alone. */
+	cr_assert(strstr(out, "\"live_untouched\":false"), "%s", out);
 	free(out);
 
 	/* No live pointer: the projector copies SQL into a new generation and makes it live. */
