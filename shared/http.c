@@ -981,7 +981,7 @@ static bool dispatch_builtin(struct http_request *req)
 			http_set_header(req, "Allow", "GET, HEAD");
 			http_reply_problem(req, 405, "method_not_allowed", "Method not allowed",
 					   "%s supports GET, HEAD", req->path);
-		} else {
+		} else if (parse_query(req, "")) { /* they take no parameters, as SPEC §7 asks */
 			builtins[i].serve(req);
 		}
 		return true;

@@ -1107,6 +1107,37 @@ Test(http_edge, an_unknown_field_with_a_long_multibyte_name_gets_a_whole_problem
 	response_free(&r);
 }
 
+Test(http_edge, healthz_readyz_and_metrics_refuse_a_malformed_or_unknown_query_string)
+{
+	static const char *const builtin[] = { "/healthz", "/readyz", "/metrics" };
+	char path[64];
+	int ports[2];
+	struct response r;
+
+	start_command_and_query(ports);
+	for (int i = 0; i < 2; i++) {
+		for (size_t b = 0; b < sizeof(builtin) / sizeof(builtin[0]); b++) {
+			snprintf(path, sizeof(path), "%s?%%zz", builtin[b]);
+			r = http_request(ports[i], "GET", path, NULL, NULL, 10);
+			assert_whole_problem(&r, 400, "invalid_request",
+					     "the query string is malformed", false);
+			response_free(&r);
+			r = http_request(ports[i], "HEAD", path, NULL, NULL, 10);
+			cr_assert_eq(r.status, 400, "HEAD %s: %d", path, r.status);
+			response_free(&r);
+			/* Well-formed, but they take no parameters (as the routes refuse theirs). */
+			snprintf(path, sizeof(path), "%s?verbose=1", builtin[b]);
+			r = http_request(ports[i], "GET", path, NULL, NULL, 10);
+			assert_whole_problem(&r, 400, "invalid_request",
+					     "unknown query parameter 'verbose'", false);
+			response_free(&r);
+			r = http_request(ports[i], "GET", builtin[b], NULL, NULL, 10);
+			cr_assert_eq(r.status, 200, "GET %s: %d %s", builtin[b], r.status, r.body);
+			response_free(&r);
+		}
+	}
+}
+
 Test(http_edge, the_write_api_refuses_query_parameters_it_does_not_take)
 {
 	struct response r;
