@@ -143,7 +143,7 @@ struct feed {
 	bool listen_busy; /* a LISTEN or UNLISTEN is queued or in flight */
 	struct event *keepalive, *retry, *live_timer;
 	bool stopping;
-	struct metric *m_streams, *m_slow, *m_live_reads, *m_notified, *m_pages;
+	struct metric *m_streams, *m_slow, *m_live_reads, *m_notified, *m_pages, *m_catchup;
 	struct metric *m_rendered, *m_written, *m_queued;
 };
 
@@ -738,10 +738,15 @@ static void catchup_done(struct stream *s, const struct rows *r)
 	}
 	if (!stream_flush(s, NULL))
 		return;
-	/* Caught up: live if the live reader is not ahead of it (when no stream is live
-	 * and no live read is in flight, the reader starts from here). */
+	/* Caught up: live if the live reader is not ahead of it. When no stream is live
+	 * and no live read is in flight, the reader starts from this page's horizon: a
+	 * position the log has reached, never the client's own, which may lie beyond the
+	 * log (a Last-Event-ID from before a restore, say). From there every later stream
+	 * would catch up short of the reader and page again, forever. A stream ahead of
+	 * the horizon goes live and waits at its position: stream_deliver passes over
+	 * what is not after it. */
 	if (feed->nlive == 0 && !feed->live_busy)
-		feed->at = s->pos;
+		feed->at = r->horizon;
 	if (readmodel_position_cmp(&s->pos, &feed->at) >= 0)
 		stream_live(s);
 	else
@@ -759,6 +764,7 @@ static void stream_catchup(struct stream *s)
 			       .filter = s->filter,
 			       .stream = s };
 	s->busy = true;
+	metric_add(s->feed->m_catchup, 1);
 	submit(s->feed, page);
 }
 
@@ -1275,6 +1281,10 @@ int feed_open(struct feed **out, struct query_ctx *ctx)
 				     "how=\"queued\"", NULL, 0);
 	feed->m_pages = metrics_get(ctx->metrics, METRIC_COUNTER, "daybook_query_feed_pages_total",
 				    "GET /events requests.", "", NULL, 0);
+	feed->m_catchup = metrics_get(ctx->metrics, METRIC_COUNTER,
+				      "daybook_query_feed_catchup_pages_total",
+				      "Pages of the log read for event streams catching up.", "",
+				      NULL, 0);
 	*out = feed;
 	return 0;
 }

@@ -84,7 +84,7 @@ newrow("Reads (daybook-query)")
 panel("Reads by model", [(f'sum by (model) (rate(daybook_query_reads_total{J}[$__rate_interval]))', "{{model}}")], "reqps")
 panel("Redis fallbacks by reason", [(f'sum by (reason) (rate(daybook_query_redis_fallbacks_total{J}[$__rate_interval]))', "{{reason}}")], "reqps")
 panel("Waiting reads and probes", [(f'sum(daybook_query_waiting_reads{J})', "waiting reads"), (f'sum by (model) (rate(daybook_query_position_probes_total{J}[$__rate_interval]))', "probes/s {{model}}")])
-panel("Event feed", [(f'sum(daybook_query_feed_streams{J})', "open streams"), (f'sum(rate(daybook_query_feed_pages_total{J}[$__rate_interval]))', "pages/s"), (f'sum(rate(daybook_query_feed_slow_disconnects_total{J}[$__rate_interval]))', "slow consumers cut off/s")])
+panel("Event feed", [(f'sum(daybook_query_feed_streams{J})', "open streams"), (f'sum(rate(daybook_query_feed_pages_total{J}[$__rate_interval]))', "pages/s"), (f'sum(rate(daybook_query_feed_catchup_pages_total{J}[$__rate_interval]))', "stream catch-up pages/s"), (f'sum(rate(daybook_query_feed_slow_disconnects_total{J}[$__rate_interval]))', "slow consumers cut off/s")])
 
 newrow("Processes")
 panel("CPU", [(f'rate(process_cpu_seconds_total{J}[$__rate_interval])', "{{job}} {{instance}}")], "percentunit")

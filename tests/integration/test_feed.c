@@ -638,6 +638,61 @@ Test(feed, the_live_reader_renders_only_what_its_streams_follow_and_writes_at_on
 	sse_close(&st);
 }
 
+static void setup_one_worker(void)
+{
+	const char *env[] = { "DAYBOOK_QUERY_WORKERS", "1", NULL };
+
+	setup_with(env);
+}
+
+/* A stream's position is its client's own: one beyond the log (a Last-Event-ID from
+ * before a restore, a typo) waits there, live, and a stream opened after it in the same
+ * worker still goes live where the log is. The live reader once took the first stream's
+ * position as its own; every later stream then caught up short of it and read the log
+ * again, page after page, for as long as the first stayed open. */
+Test(feed, a_stream_resumed_beyond_the_log_leaves_the_live_reader_where_the_log_is,
+     .init = setup_one_worker)
+{
+	static const char pages[] = "daybook_query_feed_catchup_pages_total";
+	static const char reads[] = "daybook_query_feed_live_reads_total";
+	struct sse ahead, st;
+	struct sse_event ev;
+	char want[64];
+	double end, p0, p1, r0;
+
+	open_account("far");
+	open_account("near");
+	sse_open(&ahead, "stream=account-far", "999999999999999.0", 0);
+	cr_assert_eq(ahead.status, 200);
+	/* Live once its catch-up page is answered: the live reader's first read. */
+	end = harness_now() + 20;
+	while (harness_metric(&query, reads) < 1) {
+		cr_assert(harness_now() < end, "the stream from beyond the log never went live");
+		usleep(20000);
+	}
+	sse_open_live(&st, "stream=account-near", "near");
+	/* Idle: neither stream pages the log (with the reader beyond the log, the second
+	 * read a page every round trip). */
+	p0 = harness_metric(&query, pages);
+	usleep(1000000);
+	p1 = harness_metric(&query, pages);
+	cr_assert_leq(p1 - p0, 2, "%.0f catch-up pages in an idle second", p1 - p0);
+	/* The next deposit comes by the live reader. */
+	r0 = harness_metric(&query, reads);
+	must_post("/accounts/near/deposits", "{\"amount\":2}", want, sizeof(want));
+	cr_assert(sse_next(&st, &ev, 20), "the deposit never arrived");
+	cr_assert_str_eq(ev.id, want);
+	free(ev.data);
+	cr_assert_geq(harness_metric(&query, reads), r0 + 1);
+	cr_assert_leq(harness_metric(&query, pages) - p1, 2);
+	/* The stream beyond the log gets nothing before its position. */
+	deposit("far", 1);
+	cr_assert_not(sse_next(&ahead, &ev, 0.3), "an event before the stream's position: %s",
+		      ev.id);
+	sse_close(&st);
+	sse_close(&ahead);
+}
+
 /* Each stream's events in reader order, from the event store (type NULL: every type). */
 static size_t stream_tokens(const char *stream, const char *type, char ***out)
 {
