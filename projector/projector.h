@@ -174,6 +174,10 @@ struct projector_ctx {
 	long long put_gen;
 	char put_to[48], put_sent[48];
 	double lag_seconds;
+	/* A live Redis generation ahead of SQL, while its checkpoint is looked up in the
+	 * log (redis_sync.c, status_reply). */
+	long long ahead_gen;
+	char ahead_token[48];
 	/* Caches of the SQL read models, valid while leading (cleared on any doubt). */
 	struct strmap *accounts; /* id -> struct rm_account */
 	struct strmap *totals;   /* currency -> struct rm_total */
