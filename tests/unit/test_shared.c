@@ -1563,6 +1563,16 @@ static const char *param(const char *const *keys, const char *const *values, con
 static const char *const defaults[] = { "application_name", "keepalives", NULL };
 static const char *const defaults_values[] = { "test", "1", NULL };
 
+/* An attempt that starts at host `first` lists the hosts and ports so. */
+static void assert_rotated(struct pg_hosts *h, size_t first, const char *hosts, const char *ports)
+{
+	const char *const *k, *const *v;
+
+	cr_assert(pg_hosts_params(h, first, defaults, defaults_values, &k, &v));
+	cr_assert_str_eq(param(k, v, "host"), hosts, "from %zu", first);
+	cr_assert_str_eq(param(k, v, "port"), ports, "from %zu", first);
+}
+
 Test(pg_hosts, hosts_and_ports_rotate_alike_and_every_other_setting_stays)
 {
 	struct pg_hosts *h = pg_hosts_parse(
@@ -1572,15 +1582,10 @@ Test(pg_hosts, hosts_and_ports_rotate_alike_and_every_other_setting_stays)
 
 	cr_assert_not_null(h);
 	cr_assert_eq(pg_hosts_count(h), 3);
-	cr_assert(pg_hosts_params(h, 0, defaults, defaults_values, &k, &v));
-	cr_assert_str_eq(param(k, v, "host"), "a,b,c");
-	cr_assert_str_eq(param(k, v, "port"), "1,2,3");
-	cr_assert(pg_hosts_params(h, 1, defaults, defaults_values, &k, &v));
-	cr_assert_str_eq(param(k, v, "host"), "b,c,a");
-	cr_assert_str_eq(param(k, v, "port"), "2,3,1");
+	assert_rotated(h, 0, "a,b,c", "1,2,3");
+	assert_rotated(h, 1, "b,c,a", "2,3,1");
+	assert_rotated(h, 2, "c,a,b", "3,1,2");
 	cr_assert(pg_hosts_params(h, 2, defaults, defaults_values, &k, &v));
-	cr_assert_str_eq(param(k, v, "host"), "c,a,b");
-	cr_assert_str_eq(param(k, v, "port"), "3,1,2");
 	cr_assert_str_eq(param(k, v, "dbname"), "db");
 	cr_assert_str_eq(param(k, v, "user"), "u");
 	cr_assert_str_eq(param(k, v, "target_session_attrs"), "read-write");
@@ -1601,9 +1606,8 @@ Test(pg_hosts, uris_with_one_port_each_or_one_for_all_and_hostaddrs)
 
 	cr_assert_not_null(h);
 	cr_assert_eq(pg_hosts_count(h), 2);
+	assert_rotated(h, 1, "::1,10.0.0.1", "5434,5433");
 	cr_assert(pg_hosts_params(h, 1, defaults, defaults_values, &k, &v));
-	cr_assert_str_eq(param(k, v, "host"), "::1,10.0.0.1");
-	cr_assert_str_eq(param(k, v, "port"), "5434,5433");
 	cr_assert_str_eq(param(k, v, "password"), "p@ss");
 	cr_assert_str_eq(param(k, v, "dbname"), "db");
 	cr_assert_str_eq(param(k, v, "connect_timeout"), "3");
