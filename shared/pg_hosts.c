@@ -163,8 +163,8 @@ double pg_hosts_timeout(const struct pg_hosts *h, double fallback)
 static bool matches(const struct pg_hosts *h, size_t i, const char *host, const char *port)
 {
 	const char *name = h->host.n && h->host.item[i][0] ? h->host.item[i]
-			   : h->hostaddr.n			? h->hostaddr.item[i]
-								: "";
+			   : h->hostaddr.n                 ? h->hostaddr.item[i]
+							   : "";
 	const char *p = h->port.n ? h->port.item[h->port.n == 1 ? 0 : i] : "";
 
 	return (!name[0] || strcmp(name, host ? host : "") == 0) &&

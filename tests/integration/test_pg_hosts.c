@@ -147,11 +147,25 @@ Test(pg_hosts, a_hung_first_host_leaves_the_command_service_writing_through_the_
 	cr_assert_geq(sql_int(db, "SELECT count(*) FROM events WHERE stream = 'account-h1'"), 3);
 }
 
+/* GET path from the query service with the read token: the answer must be 200 (else the
+ * projector's and the query service's logs are printed). Caller frees. */
+static struct response get_ok(const char *path)
+{
+	const char *auth[] = { "Authorization: Bearer " TOKEN_READ, NULL };
+	struct response r = http_request(query.port, "GET", path, auth, NULL, 20);
+
+	if (r.status != 200) {
+		harness_print_log(&projector);
+		harness_print_log(&query);
+		cr_assert_fail("%s: %d %s", path, r.status, r.body);
+	}
+	return r;
+}
+
 /* The same for the projector (its own connections and its lease's) and the query
  * service (its workers' SQL pools and the event feed's reader), from a URI. */
 Test(pg_hosts, a_hung_first_host_in_a_uri_leaves_the_projector_and_the_query_service_serving)
 {
-	const char *auth[] = { "Authorization: Bearer " TOKEN_READ, NULL };
 	char url[HARNESS_REDIS_URL_MAX], pg[512], pos[64], path[256];
 	struct response r;
 
@@ -167,17 +181,14 @@ Test(pg_hosts, a_hung_first_host_in_a_uri_leaves_the_projector_and_the_query_ser
 
 	/* Projected (the projector is through), then read from the read models. */
 	snprintf(path, sizeof(path), "/accounts/h2?min_position=%s&wait_ms=10000", pos);
-	r = http_request(query.port, "GET", path, auth, NULL, 20);
-	cr_assert_eq(r.status, 200, "%s: %d %s", path, r.status, r.body);
+	r = get_ok(path);
 	response_free(&r);
 	/* Read from the event store through the query service's own connections. */
 	snprintf(path, sizeof(path), "/accounts/h2/events?min_position=%s&wait_ms=10000", pos);
-	r = http_request(query.port, "GET", path, auth, NULL, 20);
-	cr_assert_eq(r.status, 200, "%s: %d %s", path, r.status, r.body);
+	r = get_ok(path);
 	cr_assert_eq(json_array_size(json_object_get(r.json, "events")), 1, "%s", r.body);
 	response_free(&r);
-	r = http_request(query.port, "GET", "/events?limit=10", auth, NULL, 20);
-	cr_assert_eq(r.status, 200, "/events: %d %s", r.status, r.body);
+	r = get_ok("/events?limit=10");
 	cr_assert(strstr(r.body, "account-h2"), "%s", r.body);
 	response_free(&r);
 	assert_log_names_the_hung_host(&projector);
