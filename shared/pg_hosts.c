@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <libpq-fe.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -153,7 +154,7 @@ double pg_hosts_timeout(const struct pg_hosts *h, double fallback)
 		errno = 0;
 		secs = strtol(o->val, &end, 10);
 		end += strspn(end, " \t\n\r\f\v");
-		if (errno || end == o->val || *end || secs <= 0 || secs > 86400)
+		if (errno || end == o->val || *end || secs <= 0 || secs > INT_MAX)
 			return fallback;
 		return secs < 2 ? 2 : (double)secs;
 	}
