@@ -468,10 +468,10 @@ ha_service_wait() {
 
 # ---------------------------------------------------------------- haproxy --
 
-ha_haproxy_conf() {
-  local conf=$DEV_DIR/haproxy.cfg
-  {
-    cat <<EOF
+# ha_haproxy_conf_text -- print HAProxy's configuration for the ports of
+# ha_load_config, its pid file in PID_DIR and its admin socket in DEV_DIR.
+ha_haproxy_conf_text() {
+  cat <<EOF
 # Written by scripts/dev up --ha on every start.
 global
   maxconn 1024
@@ -533,7 +533,11 @@ listen stats
   stats uri /
   stats refresh 2s
 EOF
-  } >"$conf"
+}
+
+ha_haproxy_conf() {
+  local conf=$DEV_DIR/haproxy.cfg
+  ha_haproxy_conf_text >"$conf"
   haproxy -c -q -f "$conf" || dbk_die "haproxy rejects $conf"
 }
 
