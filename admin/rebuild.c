@@ -96,8 +96,9 @@ static void abandon(struct rebuild *rb)
 	if (rb->redis && rb->gen && rb_redis_usable(rb))
 		rb_redis_cleanup(rb, 0, rb->gen);
 	if (rb->tty) {
-		log_error(&rb->ctx->log, "%s; the live read models are untouched",
-			  rb_interrupted ? "interrupted" : "failed");
+		log_error(&rb->ctx->log, "%s; %s", rb_interrupted ? "interrupted" : "failed",
+			  rb->live_touched ? "the live redis pointer was changed (said above)"
+					   : "the live read models are untouched");
 		return;
 	}
 	rb_json_line(json_pack("{s:s, s:I, s:I, s:o, s:b}", "phase",
@@ -106,7 +107,7 @@ static void abandon(struct rebuild *rb)
 			       log_text(rb->error[0]     ? rb->error
 					: rb_interrupted ? "interrupted"
 							 : "failed"),
-			       "live_untouched", 1));
+			       "live_untouched", !rb->live_touched));
 }
 
 static void finish(struct rebuild *rb)

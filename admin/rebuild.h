@@ -92,7 +92,8 @@ struct rebuild {
 	char identity[READMODEL_IDENTITY_MAX]; /* the store's, which our generation records */
 	char redis_run_id[RUN_ID_LEN];  /* the server's, to know it again after a reconnect */
 	struct live_before live_before; /* the live pointer as the switch found it */
-	uint64_t cp_txid;               /* the checkpoint: the last event applied in reader order */
+	bool live_touched; /* a failed switch left the live pointer other than it found it */
+	uint64_t cp_txid;  /* the checkpoint: the last event applied in reader order */
 	long long position;
 	char bulk_xmin[24]; /* the bulk is every event below this, read in heap order */
 	long long bulk_blocks, bulk_next;

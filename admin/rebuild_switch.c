@@ -6,6 +6,7 @@
 
 #include "pg.h"
 #include "rebuild.h"
+#include "rebuild_scripts.h"
 
 /* One attempt at the switch's locks: false with *busy set when one was not granted
  * within SWITCH_LOCK_WAIT. */
@@ -62,24 +63,6 @@ static bool lock_for_switch(struct rebuild *rb)
 	return false;
 }
 
-/* The live pointer goes to ARGV[1] unless it names a newer generation: one step in
- * Redis, so no projector's resync lands between the look and the change. The reply is
- * {1, the pointer it replaced or false} when switched, {0, the newer pointer} when not. */
-#define SWITCH_LIVE_LUA                                                                            \
-	"local cur = redis.call('GET', KEYS[1]) "                                                  \
-	"if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[1]) then return {0, cur} end " \
-	"redis.call('SET', KEYS[1], ARGV[1]) return {1, cur}"
-
-/* The pointer back to ARGV[2] ("": none), only if it still names our generation
- * (ARGV[1]): a projector that made a newer generation live since keeps it. 1 put back,
- * 0 left alone (another generation is live), -1 there is no pointer. */
-#define PUT_BACK_LIVE_LUA                                                                          \
-	"local cur = redis.call('GET', KEYS[1]) "                                                  \
-	"if not cur then return -1 end "                                                           \
-	"if cur ~= ARGV[1] then return 0 end "                                                     \
-	"if ARGV[2] == '' then redis.call('DEL', KEYS[1]) "                                        \
-	"else redis.call('SET', KEYS[1], ARGV[2]) end return 1"
-
 /* After a switch that did not commit. When the switch's reply was lost, what it replaced
  * is unknown: a pointer still naming our generation is removed, and the projector
  * copies the read models from SQL into a new one (docs/read-models.md). */
@@ -96,6 +79,9 @@ static void put_back_live(struct rebuild *rb, const struct live_before *old)
 	(void)!rb_redis_drain(rb);
 	if (rb_redis_usable(rb))
 		r = redisCommandArgv(rb->redis, 6, argv, NULL);
+	/* Not as found: unknown (no answer), or removed after a lost reply. */
+	rb->live_touched = !r || r->type != REDIS_REPLY_INTEGER ||
+			   (r->integer == 1 && old->state == LIVE_UNKNOWN);
 	if (!r || r->type != REDIS_REPLY_INTEGER)
 		rb_error(rb, "could not put " READMODEL_LIVE_KEY " back to %s: set it by hand\n",
 			 back[0] ? back : "(none)");

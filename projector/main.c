@@ -55,6 +55,7 @@ static void on_poll(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	projector_redis_tick(ctx);
+	projector_look_beyond(ctx);
 	if (ctx->role == ROLE_LEADER && ctx->step == STEP_BLOCKED)
 		return;
 	projector_wake(ctx);

@@ -195,6 +195,14 @@ struct projector_ctx {
 	struct pg *notify_pg;
 	char notify_token[64], notify_sent[64];
 	bool notify_running;
+	/* The lag past the reader's horizon (step.c, lag beyond): whether the last read
+	 * found nothing; the look past the horizon in flight on the notify connection, and
+	 * when the last one went out; what it found after checkpoint beyond_cp: the oldest
+	 * committed event's recorded_at (Unix µs; 0 for none) and the log's head. */
+	bool read_empty, beyond_running;
+	time_t beyond_sent;
+	char beyond_cp[48];
+	long long beyond_at_us, beyond_head;
 	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,
 		*m_applied, *m_epoch, *m_read_ahead;
 };
@@ -211,6 +219,8 @@ void projector_forget(struct projector_ctx *ctx);
 void projector_free_events(struct projector_ctx *ctx);
 /* Forget the batch read ahead (its events; the array stays). */
 void projector_drop_ahead(struct projector_ctx *ctx);
+/* While reads find nothing, look past the reader's horizon now and then (on_poll). */
+void projector_look_beyond(struct projector_ctx *ctx);
 /* The lease named us (epoch > 0) or deposed us (epoch 0): lease_config.on_change. */
 void projector_on_lease_change(void *arg, long long epoch, const char *why);
 /* The retry timer fired: a blocked step may start again. */

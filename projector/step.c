@@ -166,6 +166,12 @@ static void step_down(struct projector_ctx *ctx, const char *why);
  * the listening backends): about 50 µs of PostgreSQL CPU, docs/performance.md. */
 static const struct pg_statement notify_statements[] = {
 	{ "notify_position", "SELECT pg_notify('" READMODEL_POSITION_CHANNEL "', $1)" },
+	/* The oldest committed event after the checkpoint, below the horizon or not, and
+	 * the log's head (lag beyond, below). */
+	{ "look_beyond", "SELECT (extract(epoch FROM recorded_at) * 1000000)::bigint, "
+			 "(SELECT coalesce(max(position), 0) FROM events) FROM events "
+			 "WHERE (txid, position) > ($1::xid8, $2::bigint) "
+			 "ORDER BY txid, position LIMIT 1" },
 };
 
 const struct pg_statement *projector_notify_statements(size_t *n)
@@ -201,8 +207,9 @@ static void notify_next(struct projector_ctx *ctx)
 {
 	const char *token[1] = { ctx->notify_token };
 
-	if (ctx->notify_running || !ctx->notify_token[0] || !pg_ready(ctx->notify_pg))
-		return; /* notify_done or the connection's on_connect comes back here */
+	if (ctx->notify_running || ctx->beyond_running || !ctx->notify_token[0] ||
+	    !pg_ready(ctx->notify_pg))
+		return; /* notify_done, beyond_done or on_connect comes back here */
 	if (!pg_queue(ctx->notify_pg, "notify_position", 1, token) ||
 	    !pg_run(ctx->notify_pg, notify_done, ctx))
 		return; /* being reset: on_connect sends it */
@@ -222,6 +229,54 @@ static void notify_checkpoint(struct projector_ctx *ctx)
 void projector_on_notify_connect(void *arg)
 {
 	notify_next(arg);
+}
+
+/* --- the lag beyond the horizon --------------------------------------------------------
+ *
+ * read_events reads only below the cluster's xmin horizon, so one transaction that holds
+ * an xid (a long migration step, an operator's open BEGIN; UPDATE, in any database of the
+ * cluster) hides every event committed after it began: the reads come back empty while
+ * the log grows, and the lag would read 0. So while the reads find nothing, the notify
+ * connection looks past the horizon once a second: the age of the oldest committed
+ * event after the checkpoint is the lag (and /readyz says so) until the reads see it. */
+
+#define LOOK_BEYOND_EVERY_S 1
+
+static void beyond_done(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	char why[256];
+
+	ctx->beyond_running = false;
+	if (!pg_outcome_ok(out, why, sizeof(why)) || out->n != 1) {
+		log_debug(&ctx->log, "looking past the horizon failed: %s", why);
+		ctx->beyond_at_us = 0;
+	} else {
+		PGresult *r = out->results[0];
+		bool found = PQntuples(r) == 1;
+		ctx->beyond_at_us = found ? atoll(PQgetvalue(r, 0, 0)) : 0;
+		ctx->beyond_head = found ? atoll(PQgetvalue(r, 0, 1)) : 0;
+	}
+	notify_next(ctx);
+}
+
+void projector_look_beyond(struct projector_ctx *ctx)
+{
+	char pos[24];
+	const char *params[2] = { ctx->cp_txid, pos };
+	time_t now = time(NULL);
+
+	if (ctx->role != ROLE_LEADER || !ctx->read_empty || ctx->beyond_running ||
+	    ctx->notify_running || ctx->notify_token[0] || !ctx->cp_txid[0] ||
+	    difftime(now, ctx->beyond_sent) < LOOK_BEYOND_EVERY_S || !pg_ready(ctx->notify_pg))
+		return;
+	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
+	if (!pg_queue(ctx->notify_pg, "look_beyond", 2, params) ||
+	    !pg_run(ctx->notify_pg, beyond_done, ctx))
+		return;
+	ctx->beyond_running = true;
+	ctx->beyond_sent = now;
+	snprintf(ctx->beyond_cp, sizeof(ctx->beyond_cp), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
 }
 
 static void write_failed_now(struct projector_ctx *ctx, enum write_failure what, const char *why)
@@ -615,18 +670,28 @@ static long long head_of(PGresult *r)
 
 static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
 {
-	/* Positions are not commit order, so this is an estimate; 0 once caught up. */
-	metric_set(ctx->m_lag_events,
-		   got == 0 || head_pos < ctx->cp_pos ? 0 : (double)(head_pos - ctx->cp_pos));
+	char cp[48];
+	bool hidden;
+
+	ctx->read_empty = got == 0;
 	if (got == 0) {
-		ctx->lag_seconds = 0;
+		/* Caught up, unless the last look past the horizon, from this checkpoint,
+		 * found an event the reads cannot see yet. */
+		snprintf(cp, sizeof(cp), "%s.%lld", ctx->cp_txid, ctx->cp_pos);
+		hidden = ctx->beyond_at_us > 0 && strcmp(cp, ctx->beyond_cp) == 0;
+		head_pos = hidden ? ctx->beyond_head : 0;
+		ctx->lag_seconds =
+			hidden ? difftime(time(NULL), (time_t)(ctx->beyond_at_us / 1000000)) : 0;
 	} else {
 		/* recorded_at counts from 2000-01-01, 946,684,800 s after the Unix epoch. */
 		ctx->lag_seconds = difftime(time(NULL),
 					    (time_t)(ctx->events[0].at_us / 1000000 + 946684800));
 	}
+	/* Positions are not commit order, so this is an estimate; 0 once caught up. */
+	metric_set(ctx->m_lag_events,
+		   head_pos > ctx->cp_pos ? (double)(head_pos - ctx->cp_pos) : 0);
 	metric_set(ctx->m_lag_seconds, ctx->lag_seconds < 0 ? 0 : ctx->lag_seconds);
-	update_redis_lag(ctx, got == 0 || head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);
+	update_redis_lag(ctx, head_pos < ctx->cp_pos ? ctx->cp_pos : head_pos);
 }
 
 /* A batch is read (ctx->events; head_pos: the log's head then): go on with it. */

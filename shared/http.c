@@ -496,10 +496,14 @@ void http_reply_problem(struct http_request *req, int status, const char *code, 
 	char detail[1024];
 	va_list ap;
 	json_t *body;
+	int n;
 
 	va_start(ap, detail_fmt);
-	vsnprintf(detail, sizeof(detail), detail_fmt, ap);
+	n = vsnprintf(detail, sizeof(detail), detail_fmt, ap);
 	va_end(ap);
+	/* A long detail (a client's long path) is cut between characters, not inside one. */
+	if (n >= (int)sizeof(detail))
+		detail[log_text_cut(detail, sizeof(detail) - 1)] = '\0';
 	body = http_problem_json(status, code, title, detail);
 	if (status == 503)
 		http_set_header(req, "Retry-After", "1");
@@ -977,7 +981,7 @@ static bool dispatch_builtin(struct http_request *req)
 			http_set_header(req, "Allow", "GET, HEAD");
 			http_reply_problem(req, 405, "method_not_allowed", "Method not allowed",
 					   "%s supports GET, HEAD", req->path);
-		} else {
+		} else if (parse_query(req, "")) { /* they take no parameters, as SPEC §7 asks */
 			builtins[i].serve(req);
 		}
 		return true;
@@ -1085,6 +1089,8 @@ static void on_request(struct evhttp_request *ev, void *arg)
 	if (!path || !*path)
 		path = "/";
 	n = strnlen(path, sizeof(req->path) - 1);
+	if (path[n]) /* longer: cut between characters (the log and problems show it) */
+		n = log_text_cut(path, n);
 	memcpy(req->path, path, n);
 	req->path[n] = '\0';
 	srv->inflight++;

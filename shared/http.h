@@ -109,11 +109,15 @@ void http_set_header(struct http_request *req, const char *name, const char *val
 void http_reply_json(struct http_request *req, int status, json_t *body);
 void http_reply_raw(struct http_request *req, int status, const char *content_type,
 		    const char *body, size_t len);
-/* RFC 9457 problem details: {"type","title","status","detail","code"}. */
+/* RFC 9457 problem details: {"type","title","status","detail","code"} (built by
+ * http_problem_json); the detail is formatted into at most 1023 bytes, cut between
+ * characters. */
 void http_reply_problem(struct http_request *req, int status, const char *code, const char *title,
 			const char *detail_fmt, ...) __attribute__((format(printf, 5, 6)));
-/* The problem-details object, for callers that keep a response to replay it.
- * New reference: caller must json_decref. */
+/* The problem-details object, for callers that keep a response to replay it. title and
+ * detail may hold any bytes: they are made valid UTF-8 as log_text does (each invalid
+ * byte U+FFFD, line breaks one space). New reference (NULL when out of memory): caller
+ * must json_decref. */
 json_t *http_problem_json(int status, const char *code, const char *title, const char *detail);
 /* 400 invalid_request with `detail`. */
 void http_reply_invalid(struct http_request *req, const char *detail);

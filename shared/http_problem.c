@@ -3,6 +3,7 @@
  * and the request id generator. http.c and http_conn.c call this; it calls neither. */
 #include "http_problem.h"
 #include "http.h"
+#include "log.h"
 
 #include <event2/buffer.h>
 #include <jansson.h>
@@ -56,11 +57,20 @@ const char *http_status_reason(int status)
 
 json_t *http_problem_json(int status, const char *code, const char *title, const char *detail)
 {
+	/* Every problem body is built here, and its texts may hold a client's bytes (a
+	 * path, a field name): made valid UTF-8 here (each invalid byte U+FFFD), which
+	 * jansson requires; a refused string would leave the body without its members. */
+	json_t *title_text = log_text(title), *detail_text = log_text(detail);
 	char type[128];
 
+	if (!title_text || !detail_text) {
+		json_decref(title_text);
+		json_decref(detail_text);
+		return NULL;
+	}
 	snprintf(type, sizeof(type), "https://daybook.dev/problems/%s", code);
-	return json_pack("{s:s, s:s, s:i, s:s, s:s}", "type", type, "title", title, "status",
-			 status, "detail", detail, "code", code);
+	return json_pack("{s:s, s:o, s:i, s:o, s:s}", "type", type, "title", title_text, "status",
+			 status, "detail", detail_text, "code", code);
 }
 
 void http_problem_page(struct evbuffer *out, int status, size_t received, const char *request_id)

@@ -1,5 +1,6 @@
 /* JSON shapes of the ledger: checking command bodies and coding event data for the log. */
 #include "ledger_json.h"
+#include "log.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -43,9 +44,11 @@ static bool check_object(json_t *body, const char *const *allowed, char *err, si
 	json_object_foreach (body, key, value) {
 		for (i = 0; allowed[i] && strcmp(key, allowed[i]) != 0; i++)
 			;
-		/* The name is the client's own text: cap it so the detail stays short. */
+		/* The name is the client's own text: cap it so the detail stays short,
+		 * between characters. */
 		if (!allowed[i])
-			return refuse(err, errlen, "unknown field '%.64s'", key);
+			return refuse(err, errlen, "unknown field '%.*s'",
+				      (int)log_text_cut(key, strnlen(key, 64)), key);
 	}
 	return true;
 }

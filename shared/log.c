@@ -50,6 +50,24 @@ static size_t utf8_len(const unsigned char *s, size_t n)
 	return len;
 }
 
+size_t log_text_cut(const char *text, size_t n)
+{
+	const unsigned char *s = (const unsigned char *)text;
+	size_t lead = n, len;
+
+	/* Back over the continuation bytes at the end (a character has at most three). */
+	while (lead > 0 && n - lead < 3 && (s[lead - 1] & 0xc0) == 0x80)
+		lead--;
+	if (lead == 0)
+		return n;
+	lead--;
+	len = s[lead] >= 0xc2 && s[lead] <= 0xdf   ? 2
+	      : s[lead] >= 0xe0 && s[lead] <= 0xef ? 3
+	      : s[lead] >= 0xf0 && s[lead] <= 0xf4 ? 4
+						   : 0;
+	return len > n - lead ? lead : n;
+}
+
 /* The bytes of `text` (n of them) as log_text gives them, into out: invalid UTF-8 bytes
  * become U+FFFD, each line break with the blanks around it one space. With `json`
  * they are escaped for the inside of a JSON string as jansson escapes them (quote,

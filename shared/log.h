@@ -50,6 +50,12 @@ json_t *log_text(const char *text);
 /* The same for the first len bytes of text (which may hold NULs: they become U+FFFD). */
 json_t *log_textn(const char *text, size_t len);
 
+/* Where to cut a text that is longer than n bytes so that no character is split: n, less
+ * the incomplete UTF-8 sequence (a lead byte short of its continuation bytes) that the
+ * first n bytes of text end with, if any. Bytes that are not UTF-8 are left alone
+ * (log_text makes each one U+FFFD). */
+size_t log_text_cut(const char *text, size_t n);
+
 /* text folded onto one line as log_text does (line breaks and the blanks around them
  * become one space, trailing ones dropped), into out (cut to len - 1 bytes); returns
  * out. For plain-text messages on stderr, e.g. a libpq error after "...: ". */

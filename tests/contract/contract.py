@@ -283,6 +283,10 @@ def run(ct, env):
         for route in ("/healthz", "/readyz", "/metrics"):
             a = send(url, "GET", route)
             ct.check(f"{name} GET {route}", a, route, "GET")
+            # They take no query parameters: a malformed query string is refused.
+            a = send(url, "GET", route + "?%zz")
+            ct.check(f"{name} GET {route}?%zz", a, route, "GET")
+            expect_code(f"{name} GET {route}?%zz", a, "invalid_request")
         a = send(url, "POST", "/healthz", raw=b"")
         ct.check(f"{name} POST /healthz", a, "/healthz", "POST", component="MethodNotAllowed")
         expect_code(f"{name} POST /healthz", a, "method_not_allowed")

@@ -1,7 +1,7 @@
 /* Integration-test harness: a fresh migrated database per test, the real service
  * binaries on free loopback ports, a blocking HTTP client, and SQL helpers. Implemented
  * by harness_*.c, one file per concern (processes, services, pg, redis, http, metrics,
- * model, readers, stack). */
+ * model, readers, stack, proxy). */
 #ifndef DAYBOOK_TEST_HARNESS_H
 #define DAYBOOK_TEST_HARNESS_H
 
@@ -70,6 +70,23 @@ void harness_start_sentinel(struct service *svc, int redis_port, char *url, size
 /* url (of harness_start_redis) with the credentials of ACL user `user` instead; a URL
  * without a password (a server without users) is copied as it is. */
 void harness_redis_url_as(const char *url, const char *user, char *out, size_t len);
+/* A TCP proxy on a free loopback port in front of the Redis on target_port: every
+ * connection to it is relayed both ways to its own connection to Redis, by a thread of
+ * its own. Caller closes it with harness_proxy_close. */
+struct redis_proxy;
+void harness_proxy_open(struct redis_proxy **out, int target_port);
+/* url (a redis://host:port URL, as harness_start_redis writes) with the proxy's address
+ * instead of the server's, into out. */
+void harness_proxy_url(const struct redis_proxy *p, const char *url, char *out, size_t len);
+/* Arm the proxy (one shot): the first chunk a client sends from now on that contains
+ * needle (at most 1024 bytes; a match may span two reads) goes to Redis; once Redis's
+ * answer arrives it is dropped and both sockets of that connection are closed. Later
+ * connections are relayed as before. */
+void harness_proxy_lose_reply_to(struct redis_proxy *p, const char *needle);
+/* Whether the armed answer was dropped. */
+bool harness_proxy_lost_reply(struct redis_proxy *p);
+/* Stop the thread, close every connection, free *p and NULL it; NULL is ignored. */
+void harness_proxy_close(struct redis_proxy **p);
 /* A blocking connection to a redis:// URL for checks, as daybook-ops (every right);
  * the test fails if it cannot. */
 struct redisContext *harness_redis(const char *url);

@@ -24,11 +24,17 @@
 
 static char db[64];
 static struct service svc;
+/* A query service and its Redis, for the tests that ask both client-facing edges. */
+static struct service edge_query, edge_redis;
 
 static void teardown(void)
 {
 	if (svc.pid > 0)
 		harness_kill(&svc);
+	if (edge_query.pid > 0)
+		harness_kill(&edge_query);
+	if (edge_redis.pid > 0)
+		harness_kill(&edge_redis);
 	unsetenv("DAYBOOK_MAX_CONNECTIONS");
 	unsetenv("DAYBOOK_HTTP_HEADER_TIMEOUT_MS");
 	unsetenv("DAYBOOK_HTTP_IDLE_TIMEOUT_MS");
@@ -977,6 +983,159 @@ Test(http_edge, a_malformed_query_string_is_400_and_never_ignored)
 	cr_assert_eq(r.status, 200, "%d %s", r.status, r.body);
 	response_free(&r);
 	harness_kill(&redis_svc);
+}
+
+/* The command service (svc) and a query service (edge_query) on one database: their
+ * ports into ports. */
+static void start_command_and_query(int ports[2])
+{
+	char redis_url[128];
+
+	start_command();
+	harness_start_redis(&edge_redis, false, redis_url, sizeof(redis_url));
+	harness_start_query(&edge_query, db, redis_url);
+	ports[0] = svc.port;
+	ports[1] = edge_query.port;
+}
+
+/* A problem with every member (SPEC §3, and instance) for `status` and `code`, valid
+ * UTF-8 (jansson reads nothing else), whose detail starts with `starts` and holds
+ * U+FFFD only when `replaced` (bytes of the request that are not UTF-8). */
+static void assert_whole_problem(const struct response *r, int status, const char *code,
+				 const char *starts, bool replaced)
+{
+	const char *type, *title, *detail, *instance;
+	char want_type[128];
+
+	cr_assert_eq(r->status, status, "expected %d, got %d: %s", status, r->status, r->body);
+	cr_assert(strcasestr(r->headers, "Content-Type: application/problem+json"), "%s",
+		  r->headers);
+	cr_assert_not_null(r->json, "the body is not JSON in UTF-8: %s", r->body);
+	type = json_string_value(json_object_get(r->json, "type"));
+	title = json_string_value(json_object_get(r->json, "title"));
+	detail = json_string_value(json_object_get(r->json, "detail"));
+	instance = json_string_value(json_object_get(r->json, "instance"));
+	cr_assert(type && title && detail && instance, "the problem lost members: %s", r->body);
+	snprintf(want_type, sizeof(want_type), "https://daybook.dev/problems/%s", code);
+	cr_assert_str_eq(type, want_type);
+	cr_assert_str_eq(json_string_value(json_object_get(r->json, "code")), code);
+	cr_assert_eq(json_integer_value(json_object_get(r->json, "status")), status, "%s", r->body);
+	cr_assert(title[0] && instance[0], "%s", r->body);
+	cr_assert_eq(strncmp(detail, starts, strlen(starts)), 0, "detail '%s' should start '%s'",
+		     detail, starts);
+	if (replaced)
+		cr_assert(strstr(detail, "\xef\xbf\xbd"), "no U+FFFD for bytes not UTF-8: %s",
+			  detail);
+	else
+		cr_assert_null(strstr(detail, "\xef\xbf\xbd"), "a character was split: %s", detail);
+}
+
+Test(http_edge, a_path_that_is_not_utf8_gets_a_whole_problem_with_u_fffd_for_its_bytes)
+{
+	int ports[2];
+	struct response r;
+
+	start_command_and_query(ports);
+	for (int i = 0; i < 2; i++) {
+		r = http_request(ports[i], "GET", "/\xff\xfe", NULL, NULL, 10);
+		assert_whole_problem(&r, 404, "not_found",
+				     "no route for GET /\xef\xbf\xbd\xef\xbf\xbd", true);
+		response_free(&r);
+	}
+	/* A route's path, by a method it does not take. */
+	r = http_request(svc.port, "GET", "/accounts/\xc3(\xff/deposits", NULL, NULL, 10);
+	assert_whole_problem(&r, 405, "method_not_allowed",
+			     "/accounts/\xef\xbf\xbd(\xef\xbf\xbd/deposits supports POST", true);
+	response_free(&r);
+	r = http_request(edge_query.port, "DELETE", "/transfers/\xe2\x82", NULL, NULL, 10);
+	assert_whole_problem(&r, 405, "method_not_allowed",
+			     "/transfers/\xef\xbf\xbd\xef\xbf\xbd supports GET, HEAD", true);
+	response_free(&r);
+}
+
+Test(http_edge, a_long_path_of_multibyte_characters_is_cut_between_characters)
+{
+	char path[2][1200];
+	int ports[2];
+	struct response r;
+
+	start_command_and_query(ports);
+	/* 1,101 and 1,102 bytes: the edge keeps 1,023 of a path, the detail 1,023 bytes,
+	 * and one or the other falls inside an e-acute (2 bytes). */
+	strcpy(path[0], "/");
+	strcpy(path[1], "/a");
+	for (int i = 0; i < 550; i++) {
+		strcat(path[0], "\xc3\xa9");
+		strcat(path[1], "\xc3\xa9");
+	}
+	for (int i = 0; i < 2; i++) {
+		for (int p = 0; p < 2; p++) {
+			r = http_request(ports[i], "GET", path[p], NULL, NULL, 10);
+			assert_whole_problem(&r, 404, "not_found",
+					     p == 0 ? "no route for GET /\xc3\xa9\xc3\xa9"
+						    : "no route for GET /a\xc3\xa9\xc3\xa9",
+					     false);
+			response_free(&r);
+		}
+	}
+	/* The path the access line shows is cut between characters too. */
+	for (int i = 0; i < 2; i++) {
+		const struct service *s = i == 0 ? &svc : &edge_query;
+		cr_assert(harness_wait_log(s, "\"path\":\"/a\xc3\xa9\xc3\xa9", harness_now() + 10),
+			  "no access line for the long path");
+		cr_assert_not(harness_log_says(s, "\xef\xbf\xbd"),
+			      "the access line's path ends in a split character");
+	}
+}
+
+Test(http_edge, an_unknown_field_with_a_long_multibyte_name_gets_a_whole_problem)
+{
+	char body[256] = "{\"", detail[128] = "unknown field '";
+	struct response r;
+
+	start_command();
+	/* 30 euro signs (3 bytes each); the detail names the first 64 bytes' whole ones. */
+	for (int i = 0; i < 30; i++) {
+		strcat(body, "\xe2\x82\xac");
+		if (i < 21)
+			strcat(detail, "\xe2\x82\xac");
+	}
+	strcat(body, "\":1,\"id\":\"u1\",\"name\":\"U\",\"currency\":\"EUR\"}");
+	strcat(detail, "'");
+	r = post(&svc, "/accounts", body, NULL);
+	assert_whole_problem(&r, 400, "invalid_request", detail, false);
+	response_free(&r);
+}
+
+Test(http_edge, healthz_readyz_and_metrics_refuse_a_malformed_or_unknown_query_string)
+{
+	static const char *const builtin[] = { "/healthz", "/readyz", "/metrics" };
+	char path[64];
+	int ports[2];
+	struct response r;
+
+	start_command_and_query(ports);
+	for (int i = 0; i < 2; i++) {
+		for (size_t b = 0; b < sizeof(builtin) / sizeof(builtin[0]); b++) {
+			snprintf(path, sizeof(path), "%s?%%zz", builtin[b]);
+			r = http_request(ports[i], "GET", path, NULL, NULL, 10);
+			assert_whole_problem(&r, 400, "invalid_request",
+					     "the query string is malformed", false);
+			response_free(&r);
+			r = http_request(ports[i], "HEAD", path, NULL, NULL, 10);
+			cr_assert_eq(r.status, 400, "HEAD %s: %d", path, r.status);
+			response_free(&r);
+			/* Well-formed, but they take no parameters (as the routes refuse theirs). */
+			snprintf(path, sizeof(path), "%s?verbose=1", builtin[b]);
+			r = http_request(ports[i], "GET", path, NULL, NULL, 10);
+			assert_whole_problem(&r, 400, "invalid_request",
+					     "unknown query parameter 'verbose'", false);
+			response_free(&r);
+			r = http_request(ports[i], "GET", builtin[b], NULL, NULL, 10);
+			cr_assert_eq(r.status, 200, "GET %s: %d %s", builtin[b], r.status, r.body);
+			response_free(&r);
+		}
+	}
 }
 
 Test(http_edge, the_write_api_refuses_query_parameters_it_does_not_take)

@@ -400,6 +400,45 @@ static double resyncs_total(const struct service *proj)
 	return sum;
 }
 
+/* The reads take only what is below the cluster's xmin horizon: a transaction that holds
+ * an xid (a long migration step, an operator's open BEGIN) hides every event committed
+ * after it began. The lag and /readyz say so, instead of reading 0 while the log grows
+ * (docs/metrics.md: the age of the oldest event not yet applied). */
+Test(projector, a_held_back_horizon_shows_in_the_lag_and_in_readiness)
+{
+	static const char *lag = "daybook_projection_lag_seconds{projection=\"sql\"}";
+	static const char *lag_events = "daybook_projection_lag_events{projection=\"sql\"}";
+	struct service proj;
+	PGconn *hold;
+	char code[6];
+	double end;
+
+	open_accounts(1);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	cr_assert(harness_wait_status(&proj, "/readyz", 200, 10));
+	hold = harness_connect_as(stack.db, NULL);
+	cr_assert_str_eq(harness_sqlstate(hold, "BEGIN", code), "");
+	cr_assert_str_eq(harness_sqlstate(hold, "SELECT pg_current_xact_id()", code), "");
+	must("/accounts/p-0/deposits", "{\"amount\":5}");
+	/* Past /readyz's bound (10 s) while the deposit stays out of reach. */
+	for (end = harness_now() + 40; harness_metric(&proj, lag) <= 11; usleep(200000))
+		cr_assert(harness_now() < end, "the lag reads %.1f s while the horizon is held",
+			  harness_metric(&proj, lag));
+	cr_assert_geq(harness_metric(&proj, lag_events), 1);
+	cr_assert(harness_wait_status(&proj, "/readyz", 503, 5),
+		  "the projector says ready while it cannot read the log");
+	cr_assert_str_eq(harness_sqlstate(hold, "ROLLBACK", code), "");
+	PQfinish(hold);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	for (end = harness_now() + 10; harness_metric(&proj, lag) > 0; usleep(100000))
+		cr_assert(harness_now() < end, "the lag stays at %.1f s once caught up",
+			  harness_metric(&proj, lag));
+	cr_assert_eq(harness_metric(&proj, lag_events), 0);
+	cr_assert(harness_wait_status(&proj, "/readyz", 200, 10));
+	cr_assert_eq(harness_stop(&proj), 0);
+}
+
 /* docs/metrics.md: Redis's position and lag beside SQL's, resyncs counted by reason. */
 Test(projector, redis_position_lag_and_resyncs_by_reason_are_in_the_metrics)
 {

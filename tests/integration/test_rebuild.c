@@ -2,7 +2,8 @@
  * generation left to the projector's sweep), a switch that waits for a long reader
  * without holding up the others, an interrupted rebuild (then two that run to the end
  * with no projector, cleaning up themselves) and one whose switch fails to commit, both
- * leaving the live models as they were; a projector taking the lead sweeps what older
+ * leaving the live models as they were; one whose switch's reply is lost, which leaves
+ * no live pointer on its own generation; a projector taking the lead sweeps what older
  * generations still hold. */
 #include <criterion/criterion.h>
 #include <fcntl.h>
@@ -19,6 +20,7 @@
 
 #include "harness.h"
 #include "readmodel.h"
+#include "rebuild_scripts.h"
 
 static struct stack stack;
 
@@ -941,5 +943,110 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_expect_eq(run_verify(), 0, "verify found differences between Redis and the log");
+	redisFree(c);
+}
+
+/* A generation after `after` is live and has its layout key: the projector's copy. */
+struct copied {
+	redisContext *c;
+	long long after, live;
+};
+
+static bool copied_live(void *arg)
+{
+	struct copied *w = arg;
+	redisReply *g = redisCommand(w->c, "GET " READMODEL_LIVE_KEY), *l = NULL;
+
+	w->live = g && g->type == REDIS_REPLY_STRING ? atoll(g->str) : 0;
+	if (w->live > w->after)
+		l = redisCommand(w->c, "EXISTS dbk:g:%lld:" READMODEL_KIND_LAYOUT, w->live);
+	freeReplyObject(g);
+	bool whole = l && l->type == REDIS_REPLY_INTEGER && l->integer == 1;
+	freeReplyObject(l);
+	return whole;
+}
+
+/* Account id's balance as the live Redis generation has it. */
+static long long redis_balance(redisContext *c, const char *id)
+{
+	char cp[64];
+	long long live, balance;
+	redisReply *r;
+	json_t *j;
+
+	cr_assert(harness_redis_live(c, &live, cp, sizeof(cp)), "no live generation");
+	r = redisCommand(c, "HGET dbk:g:%lld:" READMODEL_KIND_ACCOUNT ":%s j", live, id);
+	cr_assert(r && r->type == REDIS_REPLY_STRING, "account %s is not in generation %lld", id,
+		  live);
+	j = json_loads(r->str, 0, NULL);
+	cr_assert(json_is_integer(json_object_get(j, "balance")), "%s", r->str);
+	balance = json_integer_value(json_object_get(j, "balance"));
+	json_decref(j);
+	freeReplyObject(r);
+	return balance;
+}
+
+/* The reply to the switch's script is lost: a proxy between the rebuild and Redis lets
+ * the script run, then drops its answer and the connection. The pointer may name the
+ * rebuild's generation, and what it replaced is unknown, so the rebuild removes it
+ * (through a new connection), rolls the SQL swap back and deletes its generation. Left
+ * on that generation, the pointer would name deleted keys: live reads would find
+ * nothing. The projector is stopped meanwhile, so that what the rebuild leaves is seen
+ * before a projector copies SQL into a new generation, which it does once started. */
+Test(rebuild, a_lost_switch_reply_leaves_no_live_pointer_on_the_rebuilds_generation)
+{
+	struct redis_proxy *proxy;
+	struct copied copy;
+	char url[HARNESS_REDIS_URL_MAX], cp[64], *out;
+	long long gen_before, old_gen, ours;
+	redisContext *c;
+	redisReply *r;
+	int status;
+
+	two_accounts_and_a_transfer("l");
+	c = harness_redis(stack.redis_url);
+	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
+	gen_before = sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
+	cr_assert_eq(harness_stop(&stack.projector), 0);
+
+	harness_proxy_open(&proxy, stack.redis.port);
+	harness_proxy_url(proxy, stack.redis_url, url, sizeof(url));
+	harness_proxy_lose_reply_to(proxy, SWITCH_LIVE_LUA);
+	status = harness_admin(stack.db, url, (const char *const[]){ "rebuild", "all", NULL },
+			       &out);
+	cr_assert(harness_proxy_lost_reply(proxy),
+		  "the switch's reply was not dropped (exit status %d):\n%s", status, out);
+	harness_proxy_close(&proxy);
+	cr_assert_neq(status, 0, "the rebuild reported success:\n%s", out);
+	assert_not_switched(gen_before);
+	r = redisCommand(c, "GET " READMODEL_GENERATION_KEY);
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	ours = atoll(r->str);
+	freeReplyObject(r);
+	cr_assert_gt(ours, old_gen);
+	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
+	cr_assert(r && r->type == REDIS_REPLY_NIL,
+		  "the live pointer names generation %s (the failed rebuild's was %lld and has "
+		  "%zu keys left; the one before it, %lld); the rebuild said:\n%s",
+		  r && r->type == REDIS_REPLY_STRING ? r->str : "?", ours, gen_keys(c, ours),
+		  old_gen, out);
+	freeReplyObject(r);
+	cr_assert_eq(gen_keys(c, ours), 0, "the failed rebuild left its generation's keys");
+	cr_assert(strstr(out, "the switch's reply was lost"), "exit status %d:\n%s", status, out);
+	/* Its last line does not claim it left the live models alone. */
+	cr_assert(strstr(out, "\"live_untouched\":false"), "%s", out);
+	free(out);
+
+	/* No live pointer: the projector copies SQL into a new generation and makes it live. */
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
+	copy = (struct copied){ .c = c, .after = ours };
+	cr_assert(harness_wait_until(copied_live, &copy, harness_now() + 30),
+		  "no whole generation after %lld went live (live: %lld)", ours, copy.live);
+	cr_assert_gt(gen_keys(c, copy.live), 0);
+	must("/accounts/l-1/deposits", "{\"amount\":3}");
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	cr_assert_eq(redis_balance(c, "l-1"), 10 - 4 + 3);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
+	cr_assert_eq(run_verify(), 0, "verify found differences after the lost reply");
 	redisFree(c);
 }

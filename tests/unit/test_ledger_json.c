@@ -253,6 +253,18 @@ Test(parse_any, long_unknown_field_name_is_cut_short)
 	assert_refused(MONEY, text, detail);
 }
 
+Test(parse_any, long_unknown_field_name_is_cut_between_characters)
+{
+	char name[100] = "", text[200], detail[100];
+
+	/* 30 euro signs, 3 bytes each: 64 bytes would end inside the 22nd */
+	for (int i = 0; i < 30; i++)
+		strcat(name, "\xe2\x82\xac");
+	snprintf(text, sizeof(text), "{\"%s\":1}", name);
+	snprintf(detail, sizeof(detail), "unknown field '%.63s'", name);
+	assert_refused(MONEY, text, detail);
+}
+
 Test(parse_any, detail_is_truncated_to_errlen)
 {
 	json_t *body = load("[]");

@@ -1452,6 +1452,21 @@ Test(log, a_hand_built_line_escapes_as_jansson_and_waits_for_its_flush)
 	free(text);
 }
 
+Test(log, a_text_cut_at_n_bytes_never_splits_a_character)
+{
+	/* "a", e-acute (2 bytes), euro sign (3), U+1F600 (4) */
+	const char *text = "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80";
+	static const size_t want[] = { 0, 1, 1, 3, 3, 3, 6, 6, 6, 6, 10 };
+
+	for (size_t n = 0; n <= 10; n++)
+		cr_assert_eq(log_text_cut(text, n), want[n], "cut at %zu: %zu", n,
+			     log_text_cut(text, n));
+	/* Bytes that are not UTF-8 are no character to keep whole: cut where asked. */
+	cr_assert_eq(log_text_cut("a\xff\xfe", 2), 2);
+	cr_assert_eq(log_text_cut("a\x80\x80\x80\x80", 4), 4);
+	cr_assert_eq(log_text_cut("\xc0\x80", 1), 1);
+}
+
 /* --- pg text[] literals -------------------------------------------------------------- */
 
 Test(pg, array_literal_quotes_and_escapes)
@@ -1829,6 +1844,22 @@ Test(http_query, malformed_repeated_unlisted_and_too_many_are_refused_naming_the
 		snprintf(many + strlen(many), sizeof(many) - strlen(many), "&a%d=%d", i, i);
 	cr_assert_eq(http_query_parse(many, NULL, &p, &n, err, sizeof(err)), -EINVAL);
 	cr_assert_not_null(strstr(err, "more than 32 parameters"), "%s", err);
+}
+
+/* --- http problem details --------------------------------------------------------- */
+
+Test(http_problem, every_member_survives_texts_that_are_not_utf8)
+{
+	json_t *p = http_problem_json(404, "not_found", "Not \xc3", "no route for GET /\xff\xfe\n");
+	char *text = p ? json_dumps(p, JSON_COMPACT) : NULL;
+
+	cr_assert_not_null(text, "no problem object for a detail that is not UTF-8");
+	cr_assert_str_eq(text, "{\"type\":\"https://daybook.dev/problems/not_found\","
+			       "\"title\":\"Not \xef\xbf\xbd\",\"status\":404,"
+			       "\"detail\":\"no route for GET /\xef\xbf\xbd\xef\xbf\xbd\","
+			       "\"code\":\"not_found\"}");
+	free(text);
+	json_decref(p);
 }
 
 /* RFC 3339 times as time travel's `at` takes them, back in the read models' format. */
