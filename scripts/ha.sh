@@ -517,6 +517,15 @@ backend command
   # (command-2 is a backup) without heeding Retry-After. Clients retry their 503s
   # themselves, with their Idempotency-Key.
   retry-on conn-failure
+  # A write that reached an instance and got no answer (502: the connection closed;
+  # 504: none within 'timeout server') may have committed: the client gets what the
+  # service answers when it cannot tell, 503 outcome_unknown (SPEC 3), not HAProxy's
+  # HTML page. No instance to take it (HAProxy's own 503) means nothing was written:
+  # the service's 503 unavailable. Problem bodies as the service writes them.
+  http-error status 502 content-type application/problem+json string '{"type":"https://daybook.dev/problems/outcome_unknown","title":"Outcome unknown","status":503,"detail":"the command instance closed the connection before it answered; the write may or may not have been applied: retry with the same Idempotency-Key to apply it exactly once","code":"outcome_unknown"}'
+  http-error status 504 content-type application/problem+json string '{"type":"https://daybook.dev/problems/outcome_unknown","title":"Outcome unknown","status":503,"detail":"the command instance did not answer in time; the write may or may not have been applied: retry with the same Idempotency-Key to apply it exactly once","code":"outcome_unknown"}'
+  http-error status 503 content-type application/problem+json hdr Retry-After 1 string '{"type":"https://daybook.dev/problems/unavailable","title":"Service unavailable","status":503,"detail":"no command instance can take writes now; nothing was written: retry shortly","code":"unavailable"}'
+  http-after-response set-status 503 if { status 502 } || { status 504 }
   server command-1 127.0.0.1:${HA_COMMAND_PORTS[0]} check
   server command-2 127.0.0.1:${HA_COMMAND_PORTS[1]} check backup
 
