@@ -70,7 +70,7 @@ static bool version_of(const char *text, long long *out)
 	return errno == 0 && end != text && *end == '\0';
 }
 
-/* HMGET acct v n j and LRANGE stmt against the folded account. A
+/* HMGET acct v n j and LRANGE stmt (read in one step) against the folded account. A
  * version past the folded one is the projector's since the snapshot: it is left to
  * confirm_ahead, which looks it up in the log as it is now. */
 static void check_redis_account(struct verify *v, struct pending *p, const redisReply *h,
@@ -123,6 +123,22 @@ static const char *vkey(const struct verify *v, char k[READMODEL_KEY_MAX], const
 	return k;
 }
 
+/* An account's hash and statement are read in one MULTI/EXEC: the projector writes
+ * both in one script, and two separate reads could see its version from before a batch
+ * and an item from after it (a false difference). */
+static int append_account(struct verify *v, const char *id)
+{
+	char k[READMODEL_KEY_MAX];
+
+	if (redisAppendCommand(v->redis, "MULTI") != REDIS_OK ||
+	    redisAppendCommand(v->redis, "HMGET %s v n j",
+			       vkey(v, k, READMODEL_KIND_ACCOUNT, id)) != REDIS_OK ||
+	    redisAppendCommand(v->redis, "LRANGE %s 0 -1",
+			       vkey(v, k, READMODEL_KIND_STATEMENT, id)) != REDIS_OK)
+		return REDIS_ERR;
+	return redisAppendCommand(v->redis, "EXEC");
+}
+
 static bool append_checks(struct verify *v)
 {
 	char k[READMODEL_KEY_MAX];
@@ -132,13 +148,25 @@ static bool append_checks(struct verify *v)
 		int rc = p->transfer
 				 ? redisAppendCommand(v->redis, "GET %s",
 						      vkey(v, k, READMODEL_KIND_TRANSFER, p->id))
-				 : redisAppendCommand(v->redis, "HMGET %s v n j",
-						      vkey(v, k, READMODEL_KIND_ACCOUNT, p->id));
-		if (rc == REDIS_OK && !p->transfer)
-			rc = redisAppendCommand(v->redis, "LRANGE %s 0 -1",
-						vkey(v, k, READMODEL_KIND_STATEMENT, p->id));
+				 : append_account(v, p->id);
 		if (rc != REDIS_OK)
 			return false;
+	}
+	return true;
+}
+
+/* The replies of append_account: MULTI's, two QUEUED, then EXEC's (the hash and the
+ * list, or an error). *exec is the reply to free. */
+static bool read_account(struct verify *v, redisReply **exec)
+{
+	for (int i = 0; i < 4; i++) {
+		void *r = NULL;
+		if (redisGetReply(v->redis, &r) != REDIS_OK)
+			return false;
+		if (i < 3)
+			freeReplyObject(r);
+		else
+			*exec = r;
 	}
 	return true;
 }
@@ -209,17 +237,17 @@ void verify_redis_flush(struct verify *v)
 		goto fail;
 	for (size_t i = 0; i < v->npending; i++) {
 		struct pending *p = &v->pending[i];
-		void *a = NULL, *b = NULL;
-		bool read = redisGetReply(v->redis, &a) == REDIS_OK &&
-			    (p->transfer || redisGetReply(v->redis, &b) == REDIS_OK);
+		redisReply *a = NULL;
+		bool read = p->transfer ? redisGetReply(v->redis, (void **)&a) == REDIS_OK
+					: read_account(v, &a);
+		bool pair = a && a->type == REDIS_REPLY_ARRAY && a->elements == 2;
 		if (read && p->transfer)
 			check_redis_transfer(v, p, a);
-		else if (read)
-			check_redis_account(v, p, a, b);
+		else if (read) /* EXEC's error (EXECABORT) stands in for the hash */
+			check_redis_account(v, p, pair ? a->element[0] : a,
+					    pair ? a->element[1] : NULL);
 		if (a)
 			freeReplyObject(a);
-		if (b)
-			freeReplyObject(b);
 		if (!read)
 			goto fail;
 	}

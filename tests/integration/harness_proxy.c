@@ -280,16 +280,22 @@ void harness_proxy_url(const struct redis_proxy *p, const char *url, char *out, 
 			     len);
 }
 
-void harness_proxy_lose_reply_to(struct redis_proxy *p, const char *needle)
+/* Copy needle into an arming's slot and its length, under the lock; *flag is reset. */
+static void arm(struct redis_proxy *p, char *slot, size_t *len, bool *flag, const char *needle)
 {
 	size_t n = strlen(needle);
 
 	cr_assert(n > 0 && n <= PROXY_NEEDLE_MAX, "a needle of %zu bytes", n);
 	pthread_mutex_lock(&p->lock);
-	memcpy(p->needle, needle, n);
-	p->needle_len = n;
-	p->fired = false;
+	memcpy(slot, needle, n);
+	*len = n;
+	*flag = false;
 	pthread_mutex_unlock(&p->lock);
+}
+
+void harness_proxy_lose_reply_to(struct redis_proxy *p, const char *needle)
+{
+	arm(p, p->needle, &p->needle_len, &p->fired, needle);
 }
 
 bool harness_proxy_lost_reply(struct redis_proxy *p)
@@ -304,14 +310,7 @@ bool harness_proxy_lost_reply(struct redis_proxy *p)
 
 void harness_proxy_hold_at(struct redis_proxy *p, const char *needle)
 {
-	size_t n = strlen(needle);
-
-	cr_assert(n > 0 && n <= PROXY_NEEDLE_MAX, "a needle of %zu bytes", n);
-	pthread_mutex_lock(&p->lock);
-	memcpy(p->hold, needle, n);
-	p->hold_len = n;
-	p->holding = false;
-	pthread_mutex_unlock(&p->lock);
+	arm(p, p->hold, &p->hold_len, &p->holding, needle);
 }
 
 bool harness_proxy_wait_held(struct redis_proxy *p, double deadline)
