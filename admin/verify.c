@@ -165,6 +165,7 @@ int admin_verify(struct admin_ctx *ctx, int argc, char **argv)
 		goto done;
 	}
 	v->log = &ctx->log;
+	v->conninfo = ctx->cfg.pg;
 	if (!connect_all(ctx, v, use_redis))
 		goto done;
 	if (!admin_event_store_usable(v->pg, v->log)) {
@@ -179,6 +180,7 @@ done:
 		if (v->redis)
 			redisFree(v->redis);
 		PQfinish(v->pg);
+		PQfinish(v->now);
 		free(v->totals);
 	}
 	free(v);

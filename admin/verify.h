@@ -27,6 +27,7 @@ struct pending {
 	char id[LEDGER_ID_MAX + 1];
 	int32_t version, entries;
 	char *json;
+	long long ahead; /* an account: Redis's version, when past the folded one (else 0) */
 	char *items[READMODEL_ITEMS_KEPT]; /* statement items, oldest first */
 	int32_t item_versions[READMODEL_ITEMS_KEPT];
 	size_t nitems;
@@ -35,9 +36,11 @@ struct pending {
 struct verify {
 	const struct log *log; /* the command's (admin_ctx) */
 	PGconn *pg;
-	redisContext *redis; /* NULL: Redis is not checked (or no longer) */
-	char gen[32];        /* the live generation */
-	char foreign[32];    /* the live generation, when another store's (not checked) */
+	const char *conninfo; /* the command's (admin_ctx) */
+	PGconn *now;          /* the log as it is now, not at the snapshot: opened on need */
+	redisContext *redis;  /* NULL: Redis is not checked (or no longer) */
+	char gen[32];         /* the live generation */
+	char foreign[32];     /* the live generation, when another store's (not checked) */
 	char cp_txid[24], cp_pos[24], cp_token[48];
 	struct readmodel_position cp;
 	unsigned long long events, accounts, entries, transfers, newer, diffs;
@@ -74,7 +77,7 @@ struct cursor {
 /* The rooms, in layers: a room calls only rooms below it, never one above or beside it.
  *   verify.c          the command: connects, reads the checkpoint, runs the passes
  *   verify_compare.c  the independent fold and its comparison; uses Redis, SQL, report
- *   verify_redis.c    reading Redis and checking what it holds; uses report
+ *   verify_redis.c    reading Redis and checking what it holds; uses SQL, report
  *   verify_sql.c      reading PostgreSQL through cursors; uses report
  *   verify_report.c   DIFF lines and failures; uses none */
 
@@ -95,6 +98,12 @@ void cursor_next(struct cursor *c);
 const char *cursor_col(const struct cursor *c, int column);
 const char *cursor_head(struct cursor *c);
 void cursor_close(struct cursor *c);
+/* Is the position token an event of the log as it is now (outside the snapshot)? false
+ * also when the look-up failed (then v->failed is set). */
+bool verify_event_in_log(struct verify *v, const char *token);
+/* query with params on the log as it is now; NULL (and v->failed) when it failed.
+ * Caller PQclears. */
+PGresult *verify_now(struct verify *v, const char *query, int nparams, const char *const *params);
 
 /* reading Redis (verify_redis.c) */
 const char *verify_reply_str(const redisReply *r);

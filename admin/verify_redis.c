@@ -1,4 +1,5 @@
 /* daybook-admin verify: reading Redis (pipelined checks, the live generation, orphan keys). */
+#include <errno.h>
 #include <event2/buffer.h>
 #include <limits.h>
 #include <stdio.h>
@@ -59,12 +60,25 @@ static void check_redis_items(struct verify *v, const struct pending *p, const r
 	}
 }
 
-/* HMGET acct v n j and LRANGE stmt against the folded account. */
-static void check_redis_account(struct verify *v, const struct pending *p, const redisReply *h,
+/* A version as Redis holds it: false unless it is a decimal number and nothing else. */
+static bool version_of(const char *text, long long *out)
+{
+	char *end;
+
+	errno = 0;
+	*out = strtoll(text, &end, 10);
+	return errno == 0 && end != text && *end == '\0';
+}
+
+/* HMGET acct v n j and LRANGE stmt (read in one step) against the folded account. A
+ * version past the folded one is the projector's since the snapshot: it is left to
+ * confirm_ahead, which looks it up in the log as it is now. */
+static void check_redis_account(struct verify *v, struct pending *p, const redisReply *h,
 				const redisReply *z)
 {
 	char entity[96];
 	const char *version;
+	long long found;
 
 	snprintf(entity, sizeof(entity), "account:%s", p->id);
 	if (!h || h->type != REDIS_REPLY_ARRAY || h->elements != 3) {
@@ -77,8 +91,8 @@ static void check_redis_account(struct verify *v, const struct pending *p, const
 		verify_diff(v, "redis", entity, "key", "present", "absent");
 		return;
 	}
-	if (atoll(version) > p->version) {
-		v->newer++; /* the projector moved on since the snapshot */
+	if (version_of(version, &found) && found > p->version) {
+		p->ahead = found;
 		return;
 	}
 	verify_field_int(v, "redis", entity, "version", p->version, version);
@@ -109,6 +123,22 @@ static const char *vkey(const struct verify *v, char k[READMODEL_KEY_MAX], const
 	return k;
 }
 
+/* An account's hash and statement are read in one MULTI/EXEC: the projector writes
+ * both in one script, and two separate reads could see its version from before a batch
+ * and an item from after it (a false difference). */
+static int append_account(struct verify *v, const char *id)
+{
+	char k[READMODEL_KEY_MAX];
+
+	if (redisAppendCommand(v->redis, "MULTI") != REDIS_OK ||
+	    redisAppendCommand(v->redis, "HMGET %s v n j",
+			       vkey(v, k, READMODEL_KIND_ACCOUNT, id)) != REDIS_OK ||
+	    redisAppendCommand(v->redis, "LRANGE %s 0 -1",
+			       vkey(v, k, READMODEL_KIND_STATEMENT, id)) != REDIS_OK)
+		return REDIS_ERR;
+	return redisAppendCommand(v->redis, "EXEC");
+}
+
 static bool append_checks(struct verify *v)
 {
 	char k[READMODEL_KEY_MAX];
@@ -118,15 +148,84 @@ static bool append_checks(struct verify *v)
 		int rc = p->transfer
 				 ? redisAppendCommand(v->redis, "GET %s",
 						      vkey(v, k, READMODEL_KIND_TRANSFER, p->id))
-				 : redisAppendCommand(v->redis, "HMGET %s v n j",
-						      vkey(v, k, READMODEL_KIND_ACCOUNT, p->id));
-		if (rc == REDIS_OK && !p->transfer)
-			rc = redisAppendCommand(v->redis, "LRANGE %s 0 -1",
-						vkey(v, k, READMODEL_KIND_STATEMENT, p->id));
+				 : append_account(v, p->id);
 		if (rc != REDIS_OK)
 			return false;
 	}
 	return true;
+}
+
+/* The replies of append_account: MULTI's, two QUEUED, then EXEC's (the hash and the
+ * list, or an error). *exec is the reply to free. */
+static bool read_account(struct verify *v, redisReply **exec)
+{
+	for (int i = 0; i < 4; i++) {
+		void *r = NULL;
+		if (redisGetReply(v->redis, &r) != REDIS_OK)
+			return false;
+		if (i < 3)
+			freeReplyObject(r);
+		else
+			*exec = r;
+	}
+	return true;
+}
+
+#define VERSION_MISSING                                                                            \
+	"SELECT n.id FROM unnest($1::text[], $2::bigint[]) n(id, v) WHERE NOT EXISTS "             \
+	"(SELECT 1 FROM events e WHERE e.stream = 'account-' || n.id AND e.version = n.v)"
+
+/* The accounts of the chunk that Redis holds at a version past the snapshot's: each
+ * version must be one of the log as it is now (one query for the chunk), since the
+ * projector writes Redis only after the events commit. One the log does not have
+ * (Redis restored, or written, from another history) is a difference. */
+static void confirm_ahead(struct verify *v)
+{
+	struct evbuffer *ids = evbuffer_new(), *versions = evbuffer_new();
+	const char *params[2];
+	char version[24], entity[96], want[48];
+	size_t n = 0;
+	PGresult *r = NULL;
+
+	if (!ids || !versions) {
+		verify_fail(v, "out of memory\n");
+		goto done;
+	}
+	evbuffer_add(ids, "{", 1);
+	evbuffer_add(versions, "{", 1);
+	for (size_t i = 0; i < v->npending; i++) {
+		if (!v->pending[i].ahead)
+			continue;
+		snprintf(version, sizeof(version), "%lld", v->pending[i].ahead);
+		pg_array_append(ids, v->pending[i].id, n == 0);
+		pg_array_append(versions, version, n++ == 0);
+	}
+	if (n == 0)
+		goto done;
+	evbuffer_add(ids, "}", 2);
+	evbuffer_add(versions, "}", 2);
+	params[0] = (const char *)evbuffer_pullup(ids, -1);
+	params[1] = (const char *)evbuffer_pullup(versions, -1);
+	r = verify_now(v, VERSION_MISSING, 2, params);
+	v->newer += n - (r ? (size_t)PQntuples(r) : 0);
+	for (int row = 0; r && row < PQntuples(r); row++) {
+		for (size_t i = 0; i < v->npending; i++) {
+			const struct pending *p = &v->pending[i];
+			if (!p->ahead || strcmp(p->id, PQgetvalue(r, row, 0)) != 0)
+				continue;
+			snprintf(entity, sizeof(entity), "account:%s", p->id);
+			snprintf(want, sizeof(want), "%d or a later version in the log",
+				 p->version);
+			snprintf(version, sizeof(version), "%lld", p->ahead);
+			verify_diff(v, "redis", entity, "version", want, version);
+		}
+	}
+done:
+	PQclear(r);
+	if (ids)
+		evbuffer_free(ids);
+	if (versions)
+		evbuffer_free(versions);
 }
 
 /* Send the pending checks in one pipeline, then compare their replies. */
@@ -138,20 +237,21 @@ void verify_redis_flush(struct verify *v)
 		goto fail;
 	for (size_t i = 0; i < v->npending; i++) {
 		struct pending *p = &v->pending[i];
-		void *a = NULL, *b = NULL;
-		bool read = redisGetReply(v->redis, &a) == REDIS_OK &&
-			    (p->transfer || redisGetReply(v->redis, &b) == REDIS_OK);
+		redisReply *a = NULL;
+		bool read = p->transfer ? redisGetReply(v->redis, (void **)&a) == REDIS_OK
+					: read_account(v, &a);
+		bool pair = a && a->type == REDIS_REPLY_ARRAY && a->elements == 2;
 		if (read && p->transfer)
 			check_redis_transfer(v, p, a);
-		else if (read)
-			check_redis_account(v, p, a, b);
+		else if (read) /* EXEC's error (EXECABORT) stands in for the hash */
+			check_redis_account(v, p, pair ? a->element[0] : a,
+					    pair ? a->element[1] : NULL);
 		if (a)
 			freeReplyObject(a);
-		if (b)
-			freeReplyObject(b);
 		if (!read)
 			goto fail;
 	}
+	confirm_ahead(v);
 	goto done;
 fail:
 	verify_redis_lost(v);
@@ -168,8 +268,9 @@ struct pending *pending_add(struct verify *v)
 	return &v->pending[v->npending++];
 }
 
-/* The live generation's checkpoint compared with the snapshot's: <0 behind. */
-static int redis_checkpoint_cmp(struct verify *v)
+/* The live generation's checkpoint compared with the snapshot's: <0 behind. The
+ * checkpoint's text goes into token ("" when there is none). */
+static int redis_checkpoint_cmp(struct verify *v, char token[48])
 {
 	char k[READMODEL_KEY_MAX];
 	redisReply *r = redisCommand(v->redis, "GET %s",
@@ -177,13 +278,29 @@ static int redis_checkpoint_cmp(struct verify *v)
 	struct readmodel_position p = { 0, 0 };
 	int c;
 
+	token[0] = '\0';
 	if (!r)
 		return 0; /* the connection failed: the checks will say so */
 	if (!verify_reply_str(r) || !readmodel_position_parse(r->str, &p))
 		p = (struct readmodel_position){ 0, 0 };
+	else
+		snprintf(token, 48, "%s", r->str);
 	c = readmodel_position_cmp(&p, &v->cp);
 	freeReplyObject(r);
 	return c;
+}
+
+/* A checkpoint past the snapshot's is the projector's since then, if it is an event
+ * of the log as it is now; one that is not (Redis restored, or written, from another
+ * history) is a difference. */
+static void check_checkpoint_ahead(struct verify *v, const char *token)
+{
+	char want[96];
+
+	if (verify_event_in_log(v, token) || v->failed)
+		return;
+	snprintf(want, sizeof(want), "%s or a later event in the log", v->cp_token);
+	verify_diff(v, "redis", "live", "checkpoint", want, token);
 }
 
 /* Name (on stderr) every generation built from another event store, other than the
@@ -265,7 +382,8 @@ static bool redis_identity_ours(struct verify *v)
  * (Redis may be a batch ahead of the snapshot, or behind it). */
 void verify_redis_prepare(struct verify *v)
 {
-	char k[READMODEL_KEY_MAX];
+	char k[READMODEL_KEY_MAX], token[48];
+	int c;
 	redisReply *r = redisCommand(v->redis, "GET " READMODEL_LIVE_KEY);
 	struct timespec pause = { 0, 50 * 1000 * 1000 };
 
@@ -289,13 +407,17 @@ void verify_redis_prepare(struct verify *v)
 		verify_diff(v, "redis", "live", "layout", READMODEL_REDIS_LAYOUT,
 			    verify_reply_str(r) ? r->str : "absent");
 	freeReplyObject(r);
-	for (int i = 0; i < (int)(REDIS_WAIT_SECONDS * 20) && redis_checkpoint_cmp(v) < 0; i++)
+	for (int i = 0; i < (int)(REDIS_WAIT_SECONDS * 20) && redis_checkpoint_cmp(v, token) < 0;
+	     i++)
 		nanosleep(&pause, NULL);
-	if (redis_checkpoint_cmp(v) < 0)
+	c = redis_checkpoint_cmp(v, token);
+	if (c < 0)
 		log_warn(v->log,
 			 "redis generation %s is behind the SQL "
 			 "checkpoint %s",
 			 v->gen, v->cp_token);
+	else if (c > 0)
+		check_checkpoint_ahead(v, token);
 }
 
 /* A switch of generation during the run (a rebuild or a resync) explains Redis

@@ -98,3 +98,43 @@ void cursor_close(struct cursor *c)
 	if (!c->v->failed)
 		verify_exec(c->v, q);
 }
+
+/* A second session, in autocommit: what the projector wrote to Redis after verify's
+ * snapshot is checked against the log as it is now (the snapshot cannot see it). */
+PGresult *verify_now(struct verify *v, const char *query, int nparams, const char *const *params)
+{
+	PGresult *r;
+
+	if (!v->now) {
+		v->now = PQconnectdb(v->conninfo);
+		if (PQstatus(v->now) != CONNECTION_OK) {
+			verify_fail(v, "connecting to PostgreSQL: %s", PQerrorMessage(v->now));
+			return NULL;
+		}
+		PQclear(PQexec(v->now, "SET application_name = 'daybook-admin verify'"));
+	}
+	r = PQexecParams(v->now, query, nparams, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(r) == PGRES_TUPLES_OK)
+		return r;
+	verify_fail(v, "reading the log: %s", PQresultErrorMessage(r));
+	PQclear(r);
+	return NULL;
+}
+
+bool verify_event_in_log(struct verify *v, const char *token)
+{
+	struct readmodel_position p;
+	char txid[24], pos[24];
+	const char *params[2] = { txid, pos };
+	PGresult *r;
+	bool found;
+
+	if (!readmodel_position_parse(token, &p))
+		return false;
+	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)p.txid);
+	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)p.position);
+	r = verify_now(v, READMODEL_EVENT_AT_SQL, 2, params);
+	found = r && PQntuples(r) == 1;
+	PQclear(r);
+	return found;
+}

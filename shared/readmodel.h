@@ -113,6 +113,12 @@ long long readmodel_key_generation(const char *key);
  * builds its own, readers use SQL meanwhile (docs/read-models.md). */
 #define READMODEL_IDENTITY_SQL "SELECT daybook_store_identity()"
 #define READMODEL_IDENTITY_MAX 128 /* with its NUL; the text is about 60 bytes */
+/* Is the position token ($1 its txid, $2 its position) an event of this log? A Redis
+ * generation ahead of the SQL checkpoint names one as its checkpoint; a physical restore
+ * to an earlier point leaves Redis with tokens the log does not have (the projector's
+ * adoption check, verify). */
+#define READMODEL_EVENT_AT_SQL                                                                     \
+	"SELECT 1 FROM events WHERE txid = $1::xid8 AND position = $2::bigint"
 /* Statement items kept per account in Redis: the newest ones. READMODEL_ITEMS_KEPT_TEXT
  * is the same number as text, for SQL (LIMIT) and Lua. */
 #define READMODEL_ITEMS_KEPT 50

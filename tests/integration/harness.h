@@ -90,6 +90,15 @@ void harness_proxy_url(const struct redis_proxy *p, const char *url, char *out, 
 void harness_proxy_lose_reply_to(struct redis_proxy *p, const char *needle);
 /* Whether the armed answer was dropped. */
 bool harness_proxy_lost_reply(struct redis_proxy *p);
+/* Arm the proxy (one shot): in the first read from a client from now on that contains
+ * needle (whole, in that one read), the bytes before the needle go to Redis and the
+ * rest of that connection's commands wait until harness_proxy_release. Redis runs the
+ * commands before the needle and waits for the rest of the one the needle is in. */
+void harness_proxy_hold_at(struct redis_proxy *p, const char *needle);
+/* Wait until the armed hold holds; false if it does not by deadline (harness_now()). */
+bool harness_proxy_wait_held(struct redis_proxy *p, double deadline);
+/* Let the held commands go on. */
+void harness_proxy_release(struct redis_proxy *p);
 /* Stop the thread, close every connection, free *p and NULL it; NULL is ignored. */
 void harness_proxy_close(struct redis_proxy **p);
 /* A blocking connection to a redis:// URL for checks, as daybook-ops (every right);

@@ -1,5 +1,6 @@
 /* Integration-test harness: a TCP proxy in front of a test Redis that can lose the reply
- * to one command (the command runs, its client never hears so). */
+ * to one command (the command runs, its client never hears so), or hold a client's
+ * commands back from a given point until the test lets them go. */
 #include "harness.h"
 
 #include <criterion/criterion.h>
@@ -32,6 +33,8 @@ struct link {
 	char tail[PROXY_NEEDLE_MAX]; /* the end of what went up, for a needle split across reads */
 	size_t tail_len;
 	bool losing; /* the armed command went up: its reply is dropped, the link closed */
+	bool held;   /* up's bytes from hold_at on wait for harness_proxy_release */
+	size_t hold_at;
 };
 
 struct redis_proxy {
@@ -43,6 +46,9 @@ struct redis_proxy {
 	char needle[PROXY_NEEDLE_MAX];
 	size_t needle_len; /* 0: not armed */
 	bool fired;
+	char hold[PROXY_NEEDLE_MAX];
+	size_t hold_len; /* 0: not armed */
+	bool holding, released;
 };
 
 static bool set_nonblocking(int fd)
@@ -109,6 +115,22 @@ static bool armed_needle_in(struct redis_proxy *p, struct link *l, const char *c
 	return found;
 }
 
+/* Where the armed hold's needle begins in chunk, if it is there (one shot: the proxy
+ * disarms and holds). */
+static bool hold_needle_in(struct redis_proxy *p, const char *chunk, size_t n, size_t *at)
+{
+	const char *found = NULL;
+
+	pthread_mutex_lock(&p->lock);
+	if (p->hold_len && (found = memmem(chunk, n, p->hold, p->hold_len))) {
+		*at = (size_t)(found - chunk);
+		p->hold_len = 0;
+		p->holding = true;
+	}
+	pthread_mutex_unlock(&p->lock);
+	return found != NULL;
+}
+
 /* Read what from has into an empty relay; false when the link is to be closed. */
 static bool relay_read(int from, struct relay *r)
 {
@@ -123,10 +145,11 @@ static bool relay_read(int from, struct relay *r)
 	return true;
 }
 
-/* Write what the relay holds to to, as much as it takes; false on an error. */
-static bool relay_write(int to, struct relay *r)
+/* Write what the relay holds, up to end, to to, as much as it takes; false on an
+ * error. */
+static bool relay_write(int to, struct relay *r, size_t end)
 {
-	ssize_t n = send(to, r->buf + r->off, r->len - r->off, MSG_NOSIGNAL);
+	ssize_t n = r->off < end ? send(to, r->buf + r->off, end - r->off, MSG_NOSIGNAL) : 0;
 
 	if (n < 0)
 		return errno == EAGAIN || errno == EINTR;
@@ -142,10 +165,13 @@ static bool link_serve(struct redis_proxy *p, struct link *l, short client_ev, s
 	if ((client_ev & (POLLIN | POLLHUP | POLLERR)) && !l->up.len) {
 		if (!relay_read(l->client, &l->up))
 			return false;
+		if (l->up.len && hold_needle_in(p, l->up.buf, l->up.len, &l->hold_at))
+			l->held = true;
 		if (l->up.len && armed_needle_in(p, l, l->up.buf, l->up.len))
 			l->losing = true;
 	}
-	if ((server_ev & POLLOUT) && l->up.len && !relay_write(l->server, &l->up))
+	if ((server_ev & POLLOUT) && l->up.len &&
+	    !relay_write(l->server, &l->up, l->held ? l->hold_at : l->up.len))
 		return false;
 	if ((server_ev & (POLLIN | POLLHUP | POLLERR)) && !l->down.len) {
 		if (!relay_read(l->server, &l->down))
@@ -158,7 +184,7 @@ static bool link_serve(struct redis_proxy *p, struct link *l, short client_ev, s
 			return false;
 		}
 	}
-	if ((client_ev & POLLOUT) && l->down.len && !relay_write(l->client, &l->down))
+	if ((client_ev & POLLOUT) && l->down.len && !relay_write(l->client, &l->down, l->down.len))
 		return false;
 	return true;
 }
@@ -174,24 +200,32 @@ static void *proxy_run(void *arg)
 
 	for (;;) {
 		nfds_t n = 2;
+		char wake = 0;
+		pthread_mutex_lock(&p->lock);
+		for (size_t i = 0; i < PROXY_LINKS && p->released; i++)
+			p->links[i].held = false;
+		p->released = false;
+		pthread_mutex_unlock(&p->lock);
 		fds[0] = (struct pollfd){ .fd = p->wake[0], .events = POLLIN };
 		fds[1] = (struct pollfd){ .fd = p->listener, .events = POLLIN };
 		for (size_t i = 0; i < PROXY_LINKS; i++) {
 			struct link *l = &p->links[i];
 			bool live = l->client >= 0;
+			/* a held link has nothing to write up until it is released */
+			bool up = l->up.len && !(l->held && l->up.off >= l->hold_at);
 			fds[n++] =
 				(struct pollfd){ .fd = live ? l->client : -1,
 						 .events = (short)((l->up.len ? 0 : POLLIN) |
 								   (l->down.len ? POLLOUT : 0)) };
 			fds[n++] = (struct pollfd){ .fd = live ? l->server : -1,
 						    .events = (short)((l->down.len ? 0 : POLLIN) |
-								      (l->up.len ? POLLOUT : 0)) };
+								      (up ? POLLOUT : 0)) };
 		}
 		if (poll(fds, n, -1) < 0 && errno != EINTR) {
 			fprintf(stderr, "redis proxy: poll: %s\n", strerror(errno));
 			break;
 		}
-		if (fds[0].revents)
+		if (fds[0].revents && (read(p->wake[0], &wake, 1) != 1 || wake == 'x'))
 			break;
 		if (fds[1].revents & POLLIN)
 			link_accept(p);
@@ -246,16 +280,22 @@ void harness_proxy_url(const struct redis_proxy *p, const char *url, char *out, 
 			     len);
 }
 
-void harness_proxy_lose_reply_to(struct redis_proxy *p, const char *needle)
+/* Copy needle into an arming's slot and its length, under the lock; *flag is reset. */
+static void arm(struct redis_proxy *p, char *slot, size_t *len, bool *flag, const char *needle)
 {
 	size_t n = strlen(needle);
 
 	cr_assert(n > 0 && n <= PROXY_NEEDLE_MAX, "a needle of %zu bytes", n);
 	pthread_mutex_lock(&p->lock);
-	memcpy(p->needle, needle, n);
-	p->needle_len = n;
-	p->fired = false;
+	memcpy(slot, needle, n);
+	*len = n;
+	*flag = false;
 	pthread_mutex_unlock(&p->lock);
+}
+
+void harness_proxy_lose_reply_to(struct redis_proxy *p, const char *needle)
+{
+	arm(p, p->needle, &p->needle_len, &p->fired, needle);
 }
 
 bool harness_proxy_lost_reply(struct redis_proxy *p)
@@ -266,6 +306,34 @@ bool harness_proxy_lost_reply(struct redis_proxy *p)
 	fired = p->fired;
 	pthread_mutex_unlock(&p->lock);
 	return fired;
+}
+
+void harness_proxy_hold_at(struct redis_proxy *p, const char *needle)
+{
+	arm(p, p->hold, &p->hold_len, &p->holding, needle);
+}
+
+bool harness_proxy_wait_held(struct redis_proxy *p, double deadline)
+{
+	bool holding = false;
+
+	while (!holding && harness_now() < deadline) {
+		pthread_mutex_lock(&p->lock);
+		holding = p->holding;
+		pthread_mutex_unlock(&p->lock);
+		if (!holding)
+			usleep(10 * 1000);
+	}
+	return holding;
+}
+
+void harness_proxy_release(struct redis_proxy *p)
+{
+	pthread_mutex_lock(&p->lock);
+	p->holding = false;
+	p->released = true;
+	pthread_mutex_unlock(&p->lock);
+	cr_assert_eq(write(p->wake[1], "r", 1), 1);
 }
 
 void harness_proxy_close(struct redis_proxy **pp)
