@@ -221,6 +221,21 @@ static int admin(const char *const *args, char **out)
 	return harness_admin(stack.db, stack.redis_url, args, out);
 }
 
+/* Alice as a later life of the database left her in the live generation (its number
+ * into gen): version 99, balance 777777. Returns the connection (caller frees). */
+static redisContext *alice_in_the_future(char *gen, size_t len)
+{
+	redisContext *c = harness_redis(stack.redis_url);
+	redisReply *r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
+
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	snprintf(gen, len, "%s", r->str);
+	freeReplyObject(r);
+	freeReplyObject(
+		redisCommand(c, "HSET dbk:g:%s:acct:alice v 99 j {\"balance\":777777}", gen));
+	return c;
+}
+
 /* A physical restore (a base backup, a point-in-time recovery) keeps the cluster, the
  * database and the deployment id, so Redis may hold models from after the restored
  * point: `migrate --new-identity` retires them. Here Redis is made to hold a "future"
@@ -229,7 +244,6 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 {
 	char before[READMODEL_IDENTITY_MAX], after[READMODEL_IDENTITY_MAX], gen[32], note[128];
 	redisContext *c;
-	redisReply *r;
 	char *out;
 
 	must("/accounts", "{\"id\":\"alice\",\"name\":\"Alice\",\"currency\":\"EUR\"}");
@@ -237,13 +251,7 @@ Test(identity, a_new_identity_after_a_physical_restore_retires_the_generations_b
 	harness_wait_caught_up(stack.db, stack.redis_url, 30);
 	harness_stop(&stack.projector);
 	identity_of(stack.db, before, sizeof(before));
-	c = harness_redis(stack.redis_url);
-	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
-	cr_assert(r && r->type == REDIS_REPLY_STRING);
-	snprintf(gen, sizeof(gen), "%s", r->str);
-	freeReplyObject(r);
-	freeReplyObject(
-		redisCommand(c, "HSET dbk:g:%s:acct:alice v 99 j {\"balance\":777777}", gen));
+	c = alice_in_the_future(gen, sizeof(gen));
 	redisFree(c);
 
 	cr_assert_eq(admin((const char *const[]){ "migrate", "--new-identity", NULL }, &out), 0,
@@ -295,13 +303,7 @@ static void restored_behind_redis(bool backlog)
 	snprintf(future, sizeof(future), "%lld.%lld", atoll(PQgetvalue(head, 0, 0)) + 40,
 		 atoll(PQgetvalue(head, 0, 1)) + 60);
 	PQclear(head);
-	c = harness_redis(stack.redis_url);
-	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
-	cr_assert(r && r->type == REDIS_REPLY_STRING);
-	snprintf(gen, sizeof(gen), "%s", r->str);
-	freeReplyObject(r);
-	freeReplyObject(
-		redisCommand(c, "HSET dbk:g:%s:acct:alice v 99 j {\"balance\":777777}", gen));
+	c = alice_in_the_future(gen, sizeof(gen));
 	freeReplyObject(redisCommand(c, "SET dbk:g:%s:checkpoint %s", gen, future));
 	if (backlog)
 		must("/accounts/alice/deposits", "{\"amount\":1}");

@@ -1619,31 +1619,40 @@ Test(projector, a_copy_never_goes_live_over_a_newer_generation_of_its_store)
 	redisFree(c);
 }
 
+/* FLUSHALL, and the projector's copy of SQL into Redis held at its last read (the
+ * totals) on a lock of the returned session: COMMIT lets it go on. */
+static PGconn *copy_held_at_totals(void)
+{
+	static const char waiting[] =
+		"SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+		"'daybook-projector' AND wait_event_type = 'Lock'";
+	PGconn *hold = harness_connect_as(stack.db, NULL);
+	redisContext *c;
+
+	PQclear(PQexec(hold, "BEGIN"));
+	PQclear(PQexec(hold, "LOCK TABLE rm_totals IN ACCESS EXCLUSIVE MODE"));
+	c = harness_redis(stack.redis_url);
+	freeReplyObject(redisCommand(c, "FLUSHALL"));
+	redisFree(c);
+	for (double end = harness_now() + 20; sql_int(stack.db, waiting) == 0; usleep(20000))
+		cr_assert(harness_now() < end, "the copy never reached the totals");
+	return hold;
+}
+
 /* A copy of SQL into Redis holds the step machine, and the SQL model waits for it
  * (docs/read-models.md): the lag says so while it lasts, instead of keeping the value it
  * had before the copy. */
 Test(projector, the_lag_grows_while_a_copy_into_redis_holds_the_projection)
 {
-	static const char waiting[] =
-		"SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-		"'daybook-projector' AND wait_event_type = 'Lock'";
 	static const char *lag = "daybook_projection_lag_seconds{projection=\"sql\"}";
 	struct service proj;
-	redisContext *c;
 	PGconn *hold;
 	double end;
 
 	open_accounts(3);
 	harness_start_projector(&proj, stack.db, stack.redis_url);
 	harness_wait_caught_up(stack.db, stack.redis_url, 20);
-	hold = harness_connect_as(stack.db, NULL);
-	PQclear(PQexec(hold, "BEGIN"));
-	PQclear(PQexec(hold, "LOCK TABLE rm_totals IN ACCESS EXCLUSIVE MODE"));
-	c = harness_redis(stack.redis_url);
-	freeReplyObject(redisCommand(c, "FLUSHALL"));
-	redisFree(c);
-	for (end = harness_now() + 20; sql_int(stack.db, waiting) == 0; usleep(20000))
-		cr_assert(harness_now() < end, "the copy never reached the totals");
+	hold = copy_held_at_totals();
 	must("/accounts/p-1/deposits", "{\"amount\":5}");
 	for (end = harness_now() + 20; harness_metric(&proj, lag) < 2; usleep(100000))
 		cr_assert(harness_now() < end,
@@ -1668,9 +1677,6 @@ Test(projector, the_lag_grows_while_a_copy_into_redis_holds_the_projection)
  * missing.) */
 Test(projector, a_copy_across_a_redis_restart_starts_again)
 {
-	static const char waiting[] =
-		"SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-		"'daybook-projector' AND wait_event_type = 'Lock'";
 	struct service proj;
 	redisContext *c;
 	PGconn *hold;
@@ -1678,14 +1684,7 @@ Test(projector, a_copy_across_a_redis_restart_starts_again)
 	open_accounts(3);
 	harness_start_projector(&proj, stack.db, stack.redis_url);
 	harness_wait_caught_up(stack.db, stack.redis_url, 20);
-	hold = harness_connect_as(stack.db, NULL);
-	PQclear(PQexec(hold, "BEGIN"));
-	PQclear(PQexec(hold, "LOCK TABLE rm_totals IN ACCESS EXCLUSIVE MODE"));
-	c = harness_redis(stack.redis_url);
-	freeReplyObject(redisCommand(c, "FLUSHALL"));
-	redisFree(c);
-	for (double end = harness_now() + 20; sql_int(stack.db, waiting) == 0; usleep(20000))
-		cr_assert(harness_now() < end, "the copy never reached the totals");
+	hold = copy_held_at_totals();
 	harness_kill(&stack.redis);
 	harness_start_redis(&stack.redis, true, stack.redis_url, sizeof(stack.redis_url));
 	/* The projector's connection finds the new server before the lock goes. */
