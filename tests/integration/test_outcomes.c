@@ -4,6 +4,7 @@
 #include <criterion/criterion.h>
 #include <event2/event.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,6 +123,7 @@ struct call {
 	char path[96], body[160], key[80];
 	struct response r;
 	pthread_t thread;
+	atomic_bool answered;
 };
 
 static void *send_call(void *arg)
@@ -132,6 +134,7 @@ static void *send_call(void *arg)
 
 	snprintf(header, sizeof(header), "Idempotency-Key: %s", c->key);
 	c->r = post(&svc, c->path, c->body, c->key[0] ? extra : NULL);
+	atomic_store(&c->answered, true);
 	return NULL;
 }
 
@@ -451,6 +454,68 @@ Test(outcomes, postgresql_ends_a_slow_batch_itself_before_the_service_deadline_a
 	response_free(&r);
 	unlock_events(lock);
 	assert_not_committed_then_retry_applies_once("slow-1");
+}
+
+/* --- a replay waits for a commit of its own --------------------------------------------- */
+
+/* Hold the write lease's row FOR UPDATE, which a fence (FOR KEY SHARE) waits for. Only
+ * briefly: the lease's renewal waits for it too. */
+static PGconn *lock_lease_row(void)
+{
+	char conninfo[512];
+	PGconn *c;
+	PGresult *r;
+
+	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
+	c = PQconnectdb(conninfo);
+	cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
+	r = PQexec(c, "BEGIN; SELECT FROM command_leases WHERE name = 'command' FOR UPDATE");
+	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+	PQclear(r);
+	return c;
+}
+
+/* A stored record may be a write whose COMMIT's wait for the synchronous standby was cut
+ * short (the deadline's cancel): a replay answered from it at once would acknowledge a
+ * write the standby may lack. So a batch of replays alone commits a transaction that
+ * waits for the standby like a write (its fence, a WAL-logged row lock under an xid)
+ * before it answers. Shown without a standby: with the lease's row locked, the replay's
+ * batch waits on that lock, and its 201 comes only once the lock is gone. */
+Test(outcomes, a_batch_of_replays_alone_commits_its_fence_before_it_answers)
+{
+	struct call again = { .path = "/accounts/u/deposits", .body = "{\"amount\":7}",
+			      .key = "replay-1" };
+	struct response first;
+	char replayed[16] = "";
+	double deadline;
+	PGconn *lock;
+
+	start_command("20000", "10000");
+	open_account("u");
+	post_ok("/accounts/u/deposits", "{\"amount\":5}");
+	keyed_deposit("replay-1", 7, &first);
+	cr_assert_eq(first.status, 201, "%s", first.body);
+	lock = lock_lease_row();
+	start_call(&again);
+	deadline = harness_now() + 30;
+	while (!atomic_load(&again.answered) &&
+	       command_backends("wait_event_type = 'Lock' AND query LIKE '%command_leases%'") == 0) {
+		cr_assert(harness_now() < deadline, "the replay neither waited nor was answered");
+		usleep(20000);
+	}
+	cr_assert_not(atomic_load(&again.answered),
+		      "the replay was answered without a commit of its own: %d %s",
+		      again.r.status, again.r.body);
+	PQclear(PQexec(lock, "COMMIT"));
+	PQfinish(lock);
+	join_call(&again);
+	cr_assert_eq(again.r.status, 201, "%s", again.r.body);
+	cr_assert_str_eq(again.r.body, first.body);
+	cr_assert(response_header(&again.r, "Idempotent-Replayed", replayed, sizeof(replayed)));
+	cr_assert_eq(events_with_key("replay-1"), 1);
+	cr_assert_eq(harness_metric(&svc, "daybook_replay_barriers_total"), 1);
+	response_free(&first);
+	response_free(&again.r);
 }
 
 /* --- 3. keyed repeats in flight ------------------------------------------------------------- */
