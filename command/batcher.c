@@ -57,11 +57,11 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx, const struct bat
 	b->batch_events = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_batch_events",
 				      "Events per write transaction.", "", metrics_size_buckets,
 				      metrics_size_buckets_len);
-	b->replay_barriers = metrics_get(
-		m, METRIC_COUNTER, "daybook_replay_barriers_total",
-		"Transactions committed for batches that only replayed stored answers, so that "
-		"each replay waits for the synchronous standby as a write would.",
-		"", NULL, 0);
+	b->replay_barriers =
+		metrics_get(m, METRIC_COUNTER, "daybook_replay_barriers_total",
+			    "Transactions committed for batches that only replayed stored answers, so that "
+			    "each replay waits for the synchronous standby as a write would.",
+			    "", NULL, 0);
 	*out = b;
 	return 0;
 }

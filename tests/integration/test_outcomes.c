@@ -483,7 +483,8 @@ static PGconn *lock_lease_row(void)
  * batch waits on that lock, and its 201 comes only once the lock is gone. */
 Test(outcomes, a_batch_of_replays_alone_commits_its_fence_before_it_answers)
 {
-	struct call again = { .path = "/accounts/u/deposits", .body = "{\"amount\":7}",
+	struct call again = { .path = "/accounts/u/deposits",
+			      .body = "{\"amount\":7}",
 			      .key = "replay-1" };
 	struct response first;
 	char replayed[16] = "";
@@ -499,13 +500,14 @@ Test(outcomes, a_batch_of_replays_alone_commits_its_fence_before_it_answers)
 	start_call(&again);
 	deadline = harness_now() + 30;
 	while (!atomic_load(&again.answered) &&
-	       command_backends("wait_event_type = 'Lock' AND query LIKE '%command_leases%'") == 0) {
+	       command_backends("wait_event_type = 'Lock' AND query LIKE '%command_leases%'") ==
+		       0) {
 		cr_assert(harness_now() < deadline, "the replay neither waited nor was answered");
 		usleep(20000);
 	}
 	cr_assert_not(atomic_load(&again.answered),
-		      "the replay was answered without a commit of its own: %d %s",
-		      again.r.status, again.r.body);
+		      "the replay was answered without a commit of its own: %d %s", again.r.status,
+		      again.r.body);
 	PQclear(PQexec(lock, "COMMIT"));
 	PQfinish(lock);
 	join_call(&again);
