@@ -174,6 +174,12 @@ struct projector_ctx {
 	long long put_gen;
 	char put_to[48], put_sent[48];
 	double lag_seconds;
+	/* A live Redis generation ahead of SQL, whose checkpoint is looked up in the log
+	 * before it is adopted (redis_sync.c, status_reply) or, when a batch followed it,
+	 * before the next batch (ahead_unverified; redis_batch.c, redis_dispatch.c). */
+	long long ahead_gen;
+	char ahead_token[48];
+	bool ahead_adopt, ahead_unverified;
 	/* Caches of the SQL read models, valid while leading (cleared on any doubt). */
 	struct strmap *accounts; /* id -> struct rm_account */
 	struct strmap *totals;   /* currency -> struct rm_total */

@@ -254,6 +254,15 @@ static void batch_reply(void *arg, const redisReply *reply)
 		bool sweep = ctx->gen != 0;
 		ctx->gen = gen;
 		log_info(&ctx->log, "following redis generation %lld", ctx->gen);
+		/* Past where we are, its checkpoint must be an event of this log: looked up
+		 * before the next batch (redis_dispatch.c; a physical restore, see
+		 * redis_sync.c's status_reply). */
+		if (readmodel_position_cmp(&live, &from) > 0) {
+			ctx->ahead_unverified = true;
+			ctx->ahead_gen = gen;
+			snprintf(ctx->ahead_token, sizeof(ctx->ahead_token), "%s",
+				 reply->element[2]->str);
+		}
 		if (sweep)
 			redis_sync_start_cleanup(ctx);
 		if (ctx->batch_moved(ctx)) /* the dispatcher's: send it again, or not */

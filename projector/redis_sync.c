@@ -27,6 +27,7 @@ void redis_sync_cp_token(const struct projector_ctx *ctx, char out[48])
 void redis_sync_unsynced(struct projector_ctx *ctx, const char *reason)
 {
 	ctx->rsync = RS_UNSYNCED;
+	ctx->ahead_unverified = false; /* the copy replaces it */
 	ctx->resync_reason = reason;
 }
 
@@ -262,27 +263,87 @@ static void sweep_if_owed(struct projector_ctx *ctx)
 
 /* --- is the live generation ours and current? ------------------------------------------- */
 
+/* The live generation `gen` is adopted: Redis goes on from its checkpoint `token`. */
+static void adopt(struct projector_ctx *ctx, long long gen, const char *token)
+{
+	ctx->gen = gen;
+	ctx->rsync = RS_LIVE;
+	sweep_if_owed(ctx); /* a rebuild's switch, a takeover: sweep what is older */
+	redis_sync_reached_token(ctx, token);
+	log_info(&ctx->log, "redis generation %lld is current (at %s)", ctx->gen, token);
+}
+
+/* Whether the event a generation ahead of SQL names as its checkpoint is in the log. */
+static void ahead_checked(void *arg, const struct pg_outcome *out)
+{
+	struct projector_ctx *ctx = arg;
+	char why[256];
+
+	if (!pg_outcome_ok(out, why, sizeof(why)) || out->n != 1) {
+		log_warn(&ctx->log,
+			 "cannot look up redis generation %lld's checkpoint %s in the "
+			 "log: %s",
+			 ctx->ahead_gen, ctx->ahead_token, why);
+		if (ctx->ahead_adopt)
+			ctx->rsync = RS_UNKNOWN; /* checked again at the next idle step */
+	} else if (PQntuples(out->results[0]) == 1) {
+		ctx->ahead_unverified = false;
+		if (ctx->ahead_adopt)
+			adopt(ctx, ctx->ahead_gen, ctx->ahead_token);
+	} else {
+		log_warn(&ctx->log,
+			 "redis generation %lld is at %s, an event this log does not have (the "
+			 "database restored to an earlier point?): not %s; copying the read "
+			 "models from SQL",
+			 ctx->ahead_gen, ctx->ahead_token,
+			 ctx->ahead_adopt ? "adopted" : "followed any further");
+		redis_sync_unsynced(ctx, "ahead_of_log");
+	}
+	ctx->redis_report(ctx, REDIS_STEP_DONE);
+}
+
+bool redis_sync_check_ahead(struct projector_ctx *ctx, long long gen, const char *token, bool adopt)
+{
+	struct readmodel_position at;
+	char txid[24], pos[24];
+	const char *params[2] = { txid, pos };
+
+	if (!readmodel_position_parse(token, &at))
+		return false;
+	ctx->ahead_gen = gen;
+	ctx->ahead_adopt = adopt;
+	snprintf(ctx->ahead_token, sizeof(ctx->ahead_token), "%s", token);
+	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)at.txid);
+	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)at.position);
+	return pg_queue(ctx->pg, "event_at", 2, params) && pg_run(ctx->pg, ahead_checked, ctx);
+}
+
 static void status_reply(void *arg, const redisReply *reply)
 {
 	struct projector_ctx *ctx = arg;
 	char token[48];
-
 	struct readmodel_position ours, live;
 
 	redis_sync_cp_token(ctx, token);
 	/* A generation at or beyond our checkpoint is safe to adopt: replaying batches it
 	 * already has is a no-op, since a batch to a generation this projector did not
-	 * write up to the batch's start goes through the guards (redis_batch.c). */
+	 * write up to the batch's start goes through the guards (redis_batch.c). One beyond
+	 * it must name an event of this log, though: a database restored from a physical
+	 * backup keeps its identity, and Redis may hold models of events the restored log
+	 * no longer has, whose positions new events would take again (their writes would
+	 * then be skipped as replays). A batch that follows such a generation (MOVED) has
+	 * it checked the same way before the next (redis_batch.c). */
 	if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
 	    readmodel_position_parse(token, &ours) &&
 	    readmodel_position_parse(reply->element[1]->str, &live) &&
 	    readmodel_position_cmp(&live, &ours) >= 0) {
-		ctx->gen = strtoll(reply->element[0]->str, NULL, 10);
-		ctx->rsync = RS_LIVE;
-		sweep_if_owed(ctx); /* a rebuild's switch, a takeover: sweep what is older */
-		redis_sync_reached_token(ctx, reply->element[1]->str);
-		log_info(&ctx->log, "redis generation %lld is current (at %s)", ctx->gen,
-			 reply->element[1]->str);
+		long long gen = strtoll(reply->element[0]->str, NULL, 10);
+		if (readmodel_position_cmp(&live, &ours) == 0)
+			adopt(ctx, gen, reply->element[1]->str);
+		else if (redis_sync_check_ahead(ctx, gen, reply->element[1]->str, true))
+			return; /* ahead_checked ends the step */
+		else
+			ctx->rsync = RS_UNKNOWN; /* the connection is being reset */
 	} else {
 		if (reply && reply->type != REDIS_REPLY_ARRAY)
 			log_info(&ctx->log,

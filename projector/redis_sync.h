@@ -53,6 +53,12 @@ void redis_sync_key(char *out, size_t len, long long gen, const char *kind, cons
 void redis_sync_reached_token(struct projector_ctx *ctx, const char *token);
 /* No resync before a pause that grows with the failures in a row. */
 void redis_sync_pause_resync(struct projector_ctx *ctx);
+/* Look up in the log the event that generation gen, ahead of SQL, names as its
+ * checkpoint `token`; with `adopt` (the status check) adopt it when found, else (a batch
+ * followed it) only confirm it. Missing: Redis is copied from SQL (ahead_of_log). It
+ * ends the step; false when not sent. */
+bool redis_sync_check_ahead(struct projector_ctx *ctx, long long gen, const char *token,
+			    bool adopt);
 /* Send LIVE_STATUS's check of the live generation (the identity read): it adopts the
  * generation or marks Redis unsynced, then ends the step; false when not sent. */
 bool redis_sync_check_status(struct projector_ctx *ctx);

@@ -15,6 +15,9 @@
 #define SYNC_TRANSFER_COLUMNS READMODEL_SQL_TRANSFER_COLUMNS("rm_transfers")
 
 static const struct pg_statement statements[] = {
+	/* Is (txid, position) an event of this log? (a Redis generation ahead of SQL names
+	 * one as its checkpoint: redis_sync.c) */
+	{ "event_at", "SELECT 1 FROM events WHERE txid = $1::xid8 AND position = $2::bigint" },
 	{ "load_checkpoint", "SELECT txid::text, position, generation FROM projection_checkpoints "
 			     "WHERE projection = '" PROJECTOR_PROJECTION "'" },
 	/* The batch's events in binary (no text output of positions, ids or times on the

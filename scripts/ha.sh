@@ -468,10 +468,11 @@ ha_service_wait() {
 
 # ---------------------------------------------------------------- haproxy --
 
-ha_haproxy_conf() {
-  local conf=$DEV_DIR/haproxy.cfg
-  {
-    cat <<EOF
+# ha_haproxy_conf_text -- print HAProxy's configuration for the ports of
+# ha_load_config, its pid file in PID_DIR and its admin socket in DEV_DIR. The
+# proxy test (tests/ha/proxy_retry.py) runs HAProxy with this very text.
+ha_haproxy_conf_text() {
+  cat <<EOF
 # Written by scripts/dev up --ha on every start.
 global
   maxconn 1024
@@ -503,9 +504,28 @@ frontend command
 backend command
   option httpchk GET /readyz
   http-check expect status 200
-  # Connection failures are retried on the other server (nothing was sent);
-  # requests are idempotent by key, so a 503 from a standby is retried too.
-  retry-on conn-failure empty-response 503
+  # A write is sent again only when it cannot have reached a server: a connection
+  # that could not be made ('retries 2' and 'option redispatch 1' above; the check
+  # takes a dead instance out meanwhile). Never after it was sent: HAProxy resends
+  # without looking at the request, and the client gets only the last answer. So no
+  # 'empty-response' (an instance killed after COMMIT, before its reply) and no
+  # '503' (an outcome_unknown): an unkeyed write would be applied twice, and the
+  # client would see the resend's 201, or its 503 unavailable ("nothing was
+  # written"), instead of outcome_unknown (SPEC 3). Not even for a keyed write: its
+  # key keeps the resend from writing twice, but the resend's answer still hides the
+  # unknown outcome, and it helps nothing: it goes at once to the same instance
+  # (command-2 is a backup) without heeding Retry-After. Clients retry their 503s
+  # themselves, with their Idempotency-Key.
+  retry-on conn-failure
+  # A write that reached an instance and got no answer (502: the connection closed;
+  # 504: none within 'timeout server') may have committed: the client gets what the
+  # service answers when it cannot tell, 503 outcome_unknown (SPEC 3), not HAProxy's
+  # HTML page. No instance to take it (HAProxy's own 503) means nothing was written:
+  # the service's 503 unavailable. Problem bodies as the service writes them.
+  http-error status 502 content-type application/problem+json string '{"type":"https://daybook.dev/problems/outcome_unknown","title":"Outcome unknown","status":503,"detail":"the command instance closed the connection before it answered; the write may or may not have been applied: retry with the same Idempotency-Key to apply it exactly once","code":"outcome_unknown"}'
+  http-error status 504 content-type application/problem+json string '{"type":"https://daybook.dev/problems/outcome_unknown","title":"Outcome unknown","status":503,"detail":"the command instance did not answer in time; the write may or may not have been applied: retry with the same Idempotency-Key to apply it exactly once","code":"outcome_unknown"}'
+  http-error status 503 content-type application/problem+json hdr Retry-After 1 string '{"type":"https://daybook.dev/problems/unavailable","title":"Service unavailable","status":503,"detail":"no command instance can take writes now; nothing was written: retry shortly","code":"unavailable"}'
+  http-after-response set-status 503 if { status 502 } || { status 504 }
   server command-1 127.0.0.1:${HA_COMMAND_PORTS[0]} check
   server command-2 127.0.0.1:${HA_COMMAND_PORTS[1]} check backup
 
@@ -520,6 +540,8 @@ backend query
   balance roundrobin
   option httpchk GET /readyz
   http-check expect status 200
+  # Reads (GET, HEAD) change nothing: one that met a closed connection before any
+  # answer (an instance killed under it) is sent again, to the other instance.
   retry-on conn-failure empty-response
   option allbackups
   server query-1 127.0.0.1:${HA_QUERY_PORTS[0]} check
@@ -533,7 +555,11 @@ listen stats
   stats uri /
   stats refresh 2s
 EOF
-  } >"$conf"
+}
+
+ha_haproxy_conf() {
+  local conf=$DEV_DIR/haproxy.cfg
+  ha_haproxy_conf_text >"$conf"
   haproxy -c -q -f "$conf" || dbk_die "haproxy rejects $conf"
 }
 

@@ -16,13 +16,13 @@ DBK_PACKAGES=(
 )
 
 # dbk_add_test_packages -- the Debian packages `scripts/dev test` adds for its
-# contract and lint tests: the YAML parser and JSON-Schema validator of
-# tests/contract/contract.py, promtool (in Debian's prometheus package, about 20 MB
-# to download) for the alert rules and the /metrics scrapes, and nodejs and npm for
-# the OpenAPI lint unless an npm is already installed (another node's npm would
-# conflict with Debian's).
+# contract, proxy and lint tests: the YAML parser and JSON-Schema validator of
+# tests/contract/contract.py, haproxy for tests/ha/proxy_retry.py (about 2 MB),
+# promtool (in Debian's prometheus package, about 20 MB to download) for the alert
+# rules and the /metrics scrapes, and nodejs and npm for the OpenAPI lint unless an
+# npm is already installed (another node's npm would conflict with Debian's).
 dbk_add_test_packages() {
-  DBK_PACKAGES+=(python3-yaml python3-jsonschema prometheus)
+  DBK_PACKAGES+=(python3-yaml python3-jsonschema haproxy prometheus)
   command -v npm >/dev/null 2>&1 || DBK_PACKAGES+=(nodejs npm)
 }
 
