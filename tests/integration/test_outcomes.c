@@ -62,23 +62,32 @@ static const char *code_of(const struct response *r)
 
 /* --- a lock on the events table, held by the test ------------------------------------ */
 
-static PGconn *lock_events(const char *mode)
+/* A session of the superuser that ran `sql` (which begins a transaction and takes a
+ * lock), its last result `want`; release() ends it. */
+static PGconn *hold(const char *sql, ExecStatusType want)
 {
-	char conninfo[512], q[128];
+	char conninfo[512];
 	PGconn *c;
 	PGresult *r;
 
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	c = PQconnectdb(conninfo);
 	cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
-	snprintf(q, sizeof(q), "BEGIN; LOCK TABLE events IN %s MODE", mode);
-	r = PQexec(c, q);
-	cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQresultErrorMessage(r));
+	r = PQexec(c, sql);
+	cr_assert_eq(PQresultStatus(r), want, "%s", PQresultErrorMessage(r));
 	PQclear(r);
 	return c;
 }
 
-static void unlock_events(PGconn *c)
+static PGconn *lock_events(const char *mode)
+{
+	char q[128];
+
+	snprintf(q, sizeof(q), "BEGIN; LOCK TABLE events IN %s MODE", mode);
+	return hold(q, PGRES_COMMAND_OK);
+}
+
+static void release(PGconn *c)
 {
 	PQclear(PQexec(c, "COMMIT"));
 	PQfinish(c);
@@ -160,7 +169,7 @@ static void send_as_one_batch(struct call *calls, size_t n)
 	for (size_t i = 0; i < n; i++)
 		start_call(&calls[i]);
 	wait_in_flight((double)n + 1);
-	unlock_events(lock);
+	release(lock);
 	join_call(&starter);
 	cr_assert_eq(starter.r.status, 201, "%s", starter.r.body);
 	response_free(&starter.r);
@@ -432,7 +441,7 @@ Test(outcomes, a_batch_past_the_service_deadline_is_cancelled_and_answered_outco
 	cr_assert_str_eq(code_of(&r), "outcome_unknown", "%s", r.body);
 	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
 	response_free(&r);
-	unlock_events(lock);
+	release(lock);
 	assert_not_committed_then_retry_applies_once("late-1");
 }
 
@@ -452,7 +461,7 @@ Test(outcomes, postgresql_ends_a_slow_batch_itself_before_the_service_deadline_a
 	cr_assert_str_eq(code_of(&r), "unavailable", "%s", r.body);
 	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
 	response_free(&r);
-	unlock_events(lock);
+	release(lock);
 	assert_not_committed_then_retry_applies_once("slow-1");
 }
 
@@ -462,17 +471,8 @@ Test(outcomes, postgresql_ends_a_slow_batch_itself_before_the_service_deadline_a
  * briefly: the lease's renewal waits for it too. */
 static PGconn *lock_lease_row(void)
 {
-	char conninfo[512];
-	PGconn *c;
-	PGresult *r;
-
-	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
-	c = PQconnectdb(conninfo);
-	cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
-	r = PQexec(c, "BEGIN; SELECT FROM command_leases WHERE name = 'command' FOR UPDATE");
-	cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
-	PQclear(r);
-	return c;
+	return hold("BEGIN; SELECT FROM command_leases WHERE name = 'command' FOR UPDATE",
+		    PGRES_TUPLES_OK);
 }
 
 /* A stored record may be a write whose COMMIT's wait for the synchronous standby was cut
@@ -508,8 +508,7 @@ Test(outcomes, a_batch_of_replays_alone_commits_its_fence_before_it_answers)
 	cr_assert_not(atomic_load(&again.answered),
 		      "the replay was answered without a commit of its own: %d %s", again.r.status,
 		      again.r.body);
-	PQclear(PQexec(lock, "COMMIT"));
-	PQfinish(lock);
+	release(lock);
 	join_call(&again);
 	cr_assert_eq(again.r.status, 201, "%s", again.r.body);
 	cr_assert_str_eq(again.r.body, first.body);
@@ -546,7 +545,7 @@ Test(outcomes, every_repeat_during_the_first_requests_flight_gets_409_with_retry
 			  "repeat %d has no Retry-After", i + 1);
 		response_free(&again);
 	}
-	unlock_events(lock);
+	release(lock);
 	join_call(&first);
 	cr_assert_eq(first.r.status, 201, "%s", first.r.body);
 	cr_assert_eq(events_with_key("fly-1"), 1);
@@ -655,7 +654,7 @@ Test(outcomes, a_load_that_postgresql_ends_at_its_deadline_is_503_with_retry_aft
 	harness_start_command(&svc, db);
 	lock = lock_events("ACCESS EXCLUSIVE");
 	r = post(&svc, "/accounts/cold/deposits", "{\"amount\":3}", NULL);
-	unlock_events(lock);
+	release(lock);
 	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
 	cr_assert_str_eq(code_of(&r), "unavailable", "%s", r.body);
 	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
