@@ -201,12 +201,12 @@ struct projector_ctx {
 	struct pg *notify_pg;
 	char notify_token[64], notify_sent[64];
 	bool notify_running;
-	/* The lag past the reader's horizon (step.c, lag beyond): whether the last read
-	 * found nothing; the look past the horizon in flight on the notify connection, and
-	 * when the last one went out; what it found after checkpoint beyond_cp: the oldest
+	/* The lag past the reader's horizon, or while no read comes back (step.c, lag
+	 * beyond): whether the last read found nothing; the look past the horizon in flight
+	 * on the notify connection; what it found after checkpoint beyond_cp: the oldest
 	 * committed event's recorded_at (Unix µs; 0 for none) and the log's head. */
 	bool read_empty, beyond_running;
-	time_t beyond_sent;
+	time_t read_at, beyond_sent; /* when the last read came back; the last look went out */
 	char beyond_cp[48];
 	long long beyond_at_us, beyond_head;
 	struct metric *m_position, *m_lag_events, *m_lag_seconds, *m_batch, *m_errors, *m_leader,

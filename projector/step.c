@@ -238,9 +238,20 @@ void projector_on_notify_connect(void *arg)
  * cluster) hides every event committed after it began: the reads come back empty while
  * the log grows, and the lag would read 0. So while the reads find nothing, the notify
  * connection looks past the horizon once a second: the age of the oldest committed
- * event after the checkpoint is the lag (and /readyz says so) until the reads see it. */
+ * event after the checkpoint is the lag (and /readyz says so) until the reads see it.
+ * The same while no read comes back at all (a step that lasts: a copy of SQL into
+ * Redis holds the step machine, and with it the SQL model, for as long as it runs):
+ * then the look's answer is the lag at once. */
 
 #define LOOK_BEYOND_EVERY_S 1
+#define READS_STALLED_S 2
+
+static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got);
+
+static bool reads_stalled(const struct projector_ctx *ctx, time_t now)
+{
+	return ctx->read_at && difftime(now, ctx->read_at) >= READS_STALLED_S;
+}
 
 static void beyond_done(void *arg, const struct pg_outcome *out)
 {
@@ -257,6 +268,8 @@ static void beyond_done(void *arg, const struct pg_outcome *out)
 		ctx->beyond_at_us = found ? atoll(PQgetvalue(r, 0, 0)) : 0;
 		ctx->beyond_head = found ? atoll(PQgetvalue(r, 0, 1)) : 0;
 	}
+	if (reads_stalled(ctx, time(NULL)))
+		update_lag(ctx, 0, 0); /* no read will: the lag as the look found it */
 	notify_next(ctx);
 }
 
@@ -266,9 +279,10 @@ void projector_look_beyond(struct projector_ctx *ctx)
 	const char *params[2] = { ctx->cp_txid, pos };
 	time_t now = time(NULL);
 
-	if (ctx->role != ROLE_LEADER || !ctx->read_empty || ctx->beyond_running ||
-	    ctx->notify_running || ctx->notify_token[0] || !ctx->cp_txid[0] ||
-	    difftime(now, ctx->beyond_sent) < LOOK_BEYOND_EVERY_S || !pg_ready(ctx->notify_pg))
+	if (ctx->role != ROLE_LEADER || !(ctx->read_empty || reads_stalled(ctx, now)) ||
+	    ctx->beyond_running || ctx->notify_running || ctx->notify_token[0] ||
+	    !ctx->cp_txid[0] || difftime(now, ctx->beyond_sent) < LOOK_BEYOND_EVERY_S ||
+	    !pg_ready(ctx->notify_pg))
 		return;
 	snprintf(pos, sizeof(pos), "%lld", ctx->cp_pos);
 	if (!pg_queue(ctx->notify_pg, "look_beyond", 2, params) ||
@@ -674,6 +688,7 @@ static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got
 	bool hidden;
 
 	ctx->read_empty = got == 0;
+	ctx->read_at = time(NULL);
 	if (got == 0) {
 		/* Caught up, unless the last look past the horizon, from this checkpoint,
 		 * found an event the reads cannot see yet. */

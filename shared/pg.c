@@ -13,9 +13,16 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "pg_internal.h"
+
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 2.0
 #define CONNECT_TIMEOUT 5.0
+/* With several hosts, each gets its own deadline (libpq ignores connect_timeout in
+ * non-blocking connects): the string's connect_timeout, else this. Half the single
+ * host's, so that a primary and its standby (Patroni's pair) are both tried within the
+ * time one attempt took before; far above a healthy connection's few milliseconds. */
+#define HOST_CONNECT_TIMEOUT (CONNECT_TIMEOUT / 2)
 #define CANCEL_TIMEOUT 2.0 /* seconds to wait for a cancel request to be delivered */
 
 enum pg_state {
@@ -47,6 +54,15 @@ struct pg {
 	/* A timed-out run's cancel request, sent from a thread (below). */
 	int cancel_fd;
 	struct event *cancel_ev;
+	/* A connection string that names several hosts (NULL: one host, or a string left
+	 * to libpq as it is). An attempt lists them from host `first` on; a host that does
+	 * not answer within host_timeout is moved last and the next attempt starts at once,
+	 * until every host of the round (round_left more) has had its turn. */
+	struct pg_hosts *hosts;
+	double host_timeout;
+	size_t first, round_left;
+	size_t at;     /* the position in this attempt's list of the host libpq is on */
+	char addr[64]; /* and the address it tries (an IP address is at most 45 chars) */
 	char error[256];
 };
 
@@ -226,7 +242,7 @@ static void setup_done(void *arg, const struct pg_outcome *out)
 	}
 	pg->backoff = BACKOFF_MIN;
 	pg->error[0] = '\0';
-	log_info(pg->cfg.log, "postgresql connected");
+	log_info(pg->cfg.log, "postgresql connected to %s:%s", PQhost(pg->conn), PQport(pg->conn));
 	if (pg->cfg.on_connect)
 		pg->cfg.on_connect(pg->cfg.arg);
 }
@@ -298,13 +314,34 @@ static bool begin_setup(struct pg *pg)
 	return true;
 }
 
+/* Give the host libpq is on its own deadline whenever it moves on to another host (or
+ * to another address of one, as libpq's connect_timeout restarts in blocking connects). */
+static void note_host(struct pg *pg)
+{
+	const char *addr = PQhostaddr(pg->conn);
+	size_t at;
+
+	if (!pg->hosts)
+		return;
+	at = pg_hosts_find(pg->hosts, pg->first, pg->at, PQhost(pg->conn), PQport(pg->conn));
+	if (at == pg_hosts_count(pg->hosts))
+		at = pg->at;
+	if (at == pg->at && strncmp(pg->addr, addr, sizeof(pg->addr) - 1) == 0)
+		return;
+	pg->at = at;
+	snprintf(pg->addr, sizeof(pg->addr), "%s", addr);
+	arm_timer(pg, pg->host_timeout);
+}
+
 static void poll_connect(struct pg *pg)
 {
 	switch (PQconnectPoll(pg->conn)) {
 	case PGRES_POLLING_READING:
+		note_host(pg);
 		watch(pg, true, false);
 		break;
 	case PGRES_POLLING_WRITING:
+		note_host(pg);
 		watch(pg, false, true);
 		break;
 	case PGRES_POLLING_OK:
@@ -543,6 +580,38 @@ static void start_cancel(struct pg *pg)
 	arm_timer(pg, CANCEL_TIMEOUT);
 }
 
+static void connect_attempt(struct pg *pg);
+
+/* The host libpq is on did not answer in time. With several hosts, the attempt is
+ * dropped and the next one starts at once at the host after it (which goes last), until
+ * every host of the round has had its turn: only then is the connection lost, and the
+ * backoff applies as after any failed attempt. */
+static void connect_timed_out(struct pg *pg)
+{
+	char why[512];
+	bool more;
+
+	snprintf(why, sizeof(why), "timed out connecting to %s:%s", PQhost(pg->conn),
+		 PQport(pg->conn));
+	if (!pg->hosts) {
+		lose_connection(pg, why);
+		return;
+	}
+	more = pg->at + 1 < pg->round_left;
+	pg->round_left = more ? pg->round_left - pg->at - 1 : 0;
+	pg->first = (pg->first + pg->at + 1) % pg_hosts_count(pg->hosts);
+	if (!more) {
+		lose_connection(pg, why);
+		return;
+	}
+	log_warn(pg->cfg.log, "postgresql %s:%s did not answer within %.1f s: trying the next host",
+		 PQhost(pg->conn), PQport(pg->conn), pg->host_timeout);
+	event_del(pg->io);
+	PQfinish(pg->conn);
+	pg->conn = NULL;
+	connect_attempt(pg);
+}
+
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
 	struct pg *pg = arg;
@@ -554,7 +623,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 		start_connect(pg);
 		break;
 	case PG_CONNECTING:
-		lose_connection(pg, "timed out connecting");
+		connect_timed_out(pg);
 		break;
 	case PG_SETUP:
 		lose_connection(pg, "timed out waiting for results");
@@ -570,28 +639,43 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
-static void start_connect(struct pg *pg)
+static void connect_attempt(struct pg *pg)
 {
-	const char *keys[] = { "application_name",
-			       "keepalives",
-			       "keepalives_idle",
-			       "keepalives_interval",
-			       "keepalives_count",
-			       "dbname",
-			       NULL };
-	const char *values[] = { pg->cfg.application_name, "1", "10", "5", "3",
-				 pg->cfg.conninfo,         NULL };
+	const char *const keys[] = { "application_name",
+				     "keepalives",
+				     "keepalives_idle",
+				     "keepalives_interval",
+				     "keepalives_count",
+				     "dbname",
+				     NULL };
+	const char *const values[] = { pg->cfg.application_name, "1", "10", "5", "3",
+				       pg->cfg.conninfo,         NULL };
+	const char *const *hkeys, *const *hvalues;
 
 	/* dbname comes last so that the configured connection string overrides our
-	 * defaults rather than the other way round. */
-	pg->conn = PQconnectStartParams(keys, values, 1);
+	 * defaults rather than the other way round; a list of hosts is the string's
+	 * settings one by one instead, after the same defaults. */
+	if (!pg->hosts)
+		pg->conn = PQconnectStartParams(keys, values, 1);
+	else if (pg_hosts_params(pg->hosts, pg->first, keys, values, &hkeys, &hvalues))
+		pg->conn = PQconnectStartParams(hkeys, hvalues, 0);
 	if (!pg->conn || PQstatus(pg->conn) == CONNECTION_BAD) {
 		lose_connection(pg, pg->conn ? PQerrorMessage(pg->conn) : "out of memory");
 		return;
 	}
 	pg->state = PG_CONNECTING;
-	arm_timer(pg, CONNECT_TIMEOUT);
+	pg->at = 0;
+	pg->addr[0] = '\0';
+	arm_timer(pg, pg->hosts ? pg->host_timeout : CONNECT_TIMEOUT);
+	note_host(pg);
 	watch(pg, false, true);
+}
+
+/* A round of attempts: every host gets its turn, from `first` on. */
+static void start_connect(struct pg *pg)
+{
+	pg->round_left = pg->hosts ? pg_hosts_count(pg->hosts) : 1;
+	connect_attempt(pg);
 }
 
 int pg_open(struct pg **out, const struct pg_config *cfg)
@@ -606,6 +690,9 @@ int pg_open(struct pg **out, const struct pg_config *cfg)
 		pg->cfg.run_timeout = 10;
 	pg->backoff = BACKOFF_MIN;
 	pg->cancel_fd = -1;
+	pg->hosts = pg_hosts_parse(cfg->conninfo);
+	if (pg->hosts)
+		pg->host_timeout = pg_hosts_timeout(pg->hosts, HOST_CONNECT_TIMEOUT);
 	pg->io = event_new(cfg->base, -1, 0, on_io, pg);
 	pg->timer = evtimer_new(cfg->base, on_timer, pg);
 	if (!pg->io || !pg->timer) {
@@ -633,6 +720,7 @@ void pg_close(struct pg **pgp)
 	free(pg->results);
 	if (pg->conn)
 		PQfinish(pg->conn);
+	pg_hosts_free(&pg->hosts);
 	free(pg);
 	*pgp = NULL;
 }

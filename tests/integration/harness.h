@@ -54,6 +54,11 @@ void harness_start_query_env(struct service *svc, const char *db, const char *re
 			     const char *const *env);
 /* Start daybook-projector against db and redis_url (its metrics port is svc->port). */
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url);
+/* The same three with DAYBOOK_PG set to conninfo as it is (a list of hosts, say): the
+ * command service waited for until it leads, the others until ready. */
+void harness_start_command_pg(struct service *svc, const char *conninfo, const char *const *env);
+void harness_start_query_pg(struct service *svc, const char *conninfo, const char *redis_url);
+void harness_start_projector_pg(struct service *svc, const char *conninfo, const char *redis_url);
 /* Start a private redis-server on a free port (or on svc->port when `reuse_port`), with
  * the ACL users of deploy/redis-users.acl (the `default` user disabled); writes
  * redis://daybook-admin:<password>@127.0.0.1:<port> into url (at most

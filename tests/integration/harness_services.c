@@ -120,7 +120,12 @@ void harness_start_command_env(struct service *svc, const char *db, const char *
 	char pg[512];
 
 	harness_conninfo(db, "daybook_command", pg, sizeof(pg));
-	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", pg, env);
+	harness_start_command_pg(svc, pg, env);
+}
+
+void harness_start_command_pg(struct service *svc, const char *conninfo, const char *const *env)
+{
+	start_service(svc, "command", "DAYBOOK_COMMAND_BIN", conninfo, env);
 	wait_leading(svc);
 }
 
@@ -134,12 +139,19 @@ void harness_start_command_standby(struct service *svc, const char *db, const ch
 
 void harness_start_query(struct service *svc, const char *db, const char *redis_url)
 {
-	char pg[512], url[HARNESS_REDIS_URL_MAX];
+	char pg[512];
+
+	harness_conninfo(db, "daybook_query", pg, sizeof(pg));
+	harness_start_query_pg(svc, pg, redis_url);
+}
+
+void harness_start_query_pg(struct service *svc, const char *conninfo, const char *redis_url)
+{
+	char url[HARNESS_REDIS_URL_MAX];
 	const char *env[] = { "DAYBOOK_REDIS", url, NULL };
 
 	harness_redis_url_as(redis_url, "daybook-query", url, sizeof(url));
-	harness_conninfo(db, "daybook_query", pg, sizeof(pg));
-	start_service(svc, "query", "DAYBOOK_QUERY_BIN", pg, env);
+	start_service(svc, "query", "DAYBOOK_QUERY_BIN", conninfo, env);
 }
 
 void harness_start_query_env(struct service *svc, const char *db, const char *redis_url,
@@ -160,10 +172,17 @@ void harness_start_query_env(struct service *svc, const char *db, const char *re
 
 void harness_start_projector(struct service *svc, const char *db, const char *redis_url)
 {
-	char pg[512], url[HARNESS_REDIS_URL_MAX];
+	char pg[512];
+
+	harness_conninfo(db, "daybook_projector", pg, sizeof(pg));
+	harness_start_projector_pg(svc, pg, redis_url);
+}
+
+void harness_start_projector_pg(struct service *svc, const char *conninfo, const char *redis_url)
+{
+	char url[HARNESS_REDIS_URL_MAX];
 	const char *env[] = { "DAYBOOK_REDIS", url, NULL };
 
 	harness_redis_url_as(redis_url, "daybook-projector", url, sizeof(url));
-	harness_conninfo(db, "daybook_projector", pg, sizeof(pg));
-	start_service(svc, "projector", "DAYBOOK_PROJECTOR_BIN", pg, env);
+	start_service(svc, "projector", "DAYBOOK_PROJECTOR_BIN", conninfo, env);
 }

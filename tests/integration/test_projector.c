@@ -1619,6 +1619,47 @@ Test(projector, a_copy_never_goes_live_over_a_newer_generation_of_its_store)
 	redisFree(c);
 }
 
+/* A copy of SQL into Redis holds the step machine, and the SQL model waits for it
+ * (docs/read-models.md): the lag says so while it lasts, instead of keeping the value it
+ * had before the copy. */
+Test(projector, the_lag_grows_while_a_copy_into_redis_holds_the_projection)
+{
+	static const char waiting[] =
+		"SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+		"'daybook-projector' AND wait_event_type = 'Lock'";
+	static const char *lag = "daybook_projection_lag_seconds{projection=\"sql\"}";
+	struct service proj;
+	redisContext *c;
+	PGconn *hold;
+	double end;
+
+	open_accounts(3);
+	harness_start_projector(&proj, stack.db, stack.redis_url);
+	harness_wait_caught_up(stack.db, stack.redis_url, 20);
+	hold = harness_connect_as(stack.db, NULL);
+	PQclear(PQexec(hold, "BEGIN"));
+	PQclear(PQexec(hold, "LOCK TABLE rm_totals IN ACCESS EXCLUSIVE MODE"));
+	c = harness_redis(stack.redis_url);
+	freeReplyObject(redisCommand(c, "FLUSHALL"));
+	redisFree(c);
+	for (end = harness_now() + 20; sql_int(stack.db, waiting) == 0; usleep(20000))
+		cr_assert(harness_now() < end, "the copy never reached the totals");
+	must("/accounts/p-1/deposits", "{\"amount\":5}");
+	for (end = harness_now() + 20; harness_metric(&proj, lag) < 2; usleep(100000))
+		cr_assert(harness_now() < end,
+			  "the lag reads %.1f s while the copy holds the "
+			  "projection",
+			  harness_metric(&proj, lag));
+	PQclear(PQexec(hold, "COMMIT"));
+	PQfinish(hold);
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	for (end = harness_now() + 10; harness_metric(&proj, lag) > 0; usleep(100000))
+		cr_assert(harness_now() < end, "the lag stays at %.1f s once caught up",
+			  harness_metric(&proj, lag));
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
+	harness_stop(&proj);
+}
+
 /* A copy of SQL into Redis whose Redis restarts in the middle (empty: what was copied
  * is gone) is given up and started again, not made live with the rest only. The copy's
  * last read, the totals, waits for a lock the test holds on rm_totals, after the

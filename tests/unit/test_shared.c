@@ -1,6 +1,7 @@
 /* Unit tests of the shared library's small modules: digest, tokens, config, strmap,
- * metrics, log, the pg text[] literal helper, the read models' time text, the HTTP
- * query-string parser and what the HTTP edge's read path assumes of libevent. */
+ * metrics, log, the pg text[] literal helper and host lists, the read models' time
+ * text, the HTTP query-string parser and what the HTTP edge's read path assumes of
+ * libevent. */
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -24,6 +25,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "pg.h"
+#include "pg_internal.h"
 #include "readmodel.h"
 #include "redis.h"
 #include "service.h"
@@ -1542,6 +1544,164 @@ Test(pg, binary_arrays_have_array_recvs_layout)
 Test(pg, sqlstate_of_no_result_is_empty)
 {
 	cr_assert_str_eq(pg_sqlstate(NULL), "");
+}
+
+/* --- pg host lists ------------------------------------------------------------------ */
+
+/* The value of `key` in NULL-terminated keyword/value arrays (the last one: libpq keeps
+ * the last), or NULL. */
+static const char *param(const char *const *keys, const char *const *values, const char *key)
+{
+	const char *found = NULL;
+
+	for (size_t i = 0; keys[i]; i++)
+		if (strcmp(keys[i], key) == 0)
+			found = values[i];
+	return found;
+}
+
+static const char *const defaults[] = { "application_name", "keepalives", NULL };
+static const char *const defaults_values[] = { "test", "1", NULL };
+
+/* An attempt that starts at host `first` lists the hosts and ports so. */
+static void assert_rotated(struct pg_hosts *h, size_t first, const char *hosts, const char *ports)
+{
+	const char *const *k, *const *v;
+
+	cr_assert(pg_hosts_params(h, first, defaults, defaults_values, &k, &v));
+	cr_assert_str_eq(param(k, v, "host"), hosts, "from %zu", first);
+	cr_assert_str_eq(param(k, v, "port"), ports, "from %zu", first);
+}
+
+Test(pg_hosts, hosts_and_ports_rotate_alike_and_every_other_setting_stays)
+{
+	struct pg_hosts *h = pg_hosts_parse(
+		"host=a,b,c port=1,2,3 dbname=db user=u "
+		"target_session_attrs=read-write application_name=mine");
+	const char *const *k, *const *v;
+
+	cr_assert_not_null(h);
+	cr_assert_eq(pg_hosts_count(h), 3);
+	assert_rotated(h, 0, "a,b,c", "1,2,3");
+	assert_rotated(h, 1, "b,c,a", "2,3,1");
+	assert_rotated(h, 2, "c,a,b", "3,1,2");
+	cr_assert(pg_hosts_params(h, 2, defaults, defaults_values, &k, &v));
+	cr_assert_str_eq(param(k, v, "dbname"), "db");
+	cr_assert_str_eq(param(k, v, "user"), "u");
+	cr_assert_str_eq(param(k, v, "target_session_attrs"), "read-write");
+	/* The string's own settings come after the defaults, so they win. */
+	cr_assert_str_eq(param(k, v, "application_name"), "mine");
+	cr_assert_str_eq(param(k, v, "keepalives"), "1");
+	cr_assert_null(param(k, v, "hostaddr"));
+	pg_hosts_free(&h);
+	cr_assert_null(h);
+}
+
+Test(pg_hosts, uris_with_one_port_each_or_one_for_all_and_hostaddrs)
+{
+	struct pg_hosts *h = pg_hosts_parse(
+		"postgresql://u:p%40ss@10.0.0.1:5433,[::1]:5434/db?target_session_attrs=read-write"
+		"&connect_timeout=3");
+	const char *const *k, *const *v;
+
+	cr_assert_not_null(h);
+	cr_assert_eq(pg_hosts_count(h), 2);
+	assert_rotated(h, 1, "::1,10.0.0.1", "5434,5433");
+	cr_assert(pg_hosts_params(h, 1, defaults, defaults_values, &k, &v));
+	cr_assert_str_eq(param(k, v, "password"), "p@ss");
+	cr_assert_str_eq(param(k, v, "dbname"), "db");
+	cr_assert_str_eq(param(k, v, "connect_timeout"), "3");
+	cr_assert_float_eq(pg_hosts_timeout(h, 9), 3, 1e-9);
+	pg_hosts_free(&h);
+
+	h = pg_hosts_parse("host=a,b hostaddr=10.0.0.1,10.0.0.2 port=6000");
+	cr_assert_not_null(h);
+	cr_assert(pg_hosts_params(h, 1, defaults, defaults_values, &k, &v));
+	cr_assert_str_eq(param(k, v, "host"), "b,a");
+	cr_assert_str_eq(param(k, v, "hostaddr"), "10.0.0.2,10.0.0.1");
+	cr_assert_str_eq(param(k, v, "port"), "6000");
+	cr_assert_float_eq(pg_hosts_timeout(h, 9), 9, 1e-9);
+	pg_hosts_free(&h);
+
+	h = pg_hosts_parse("hostaddr=10.0.0.1,,10.0.0.3 dbname=x");
+	cr_assert_not_null(h);
+	cr_assert_eq(pg_hosts_count(h), 3);
+	cr_assert(pg_hosts_params(h, 2, defaults, defaults_values, &k, &v));
+	cr_assert_str_eq(param(k, v, "hostaddr"), "10.0.0.3,10.0.0.1,");
+	pg_hosts_free(&h);
+}
+
+Test(pg_hosts, one_host_or_a_string_libpq_would_refuse_is_left_to_libpq)
+{
+	const char *const alone[] = {
+		"host=a port=1 dbname=x",
+		"postgresql://u@a:1/db",
+		"dbname=x",
+		"daybook",                          /* a plain database name */
+		"host=a,b port=1,2,3",              /* libpq: more ports than hosts */
+		"host=a,b hostaddr=10.0.0.1",       /* libpq: fewer hostaddrs than hosts */
+		"host=a,b port=1 dbname='unclosed", /* does not parse */
+	};
+
+	for (size_t i = 0; i < sizeof(alone) / sizeof(alone[0]); i++)
+		cr_assert_null(pg_hosts_parse(alone[i]), "%s", alone[i]);
+}
+
+Test(pg_hosts, the_host_timeout_is_connect_timeout_as_libpq_reads_it)
+{
+	const struct {
+		const char *conninfo;
+		double timeout;
+	} cases[] = {
+		{ "host=a,b connect_timeout=7", 7 },
+		{ "host=a,b connect_timeout=1", 2 },
+		{ "host=a,b connect_timeout=0", 2.5 },
+		{ "host=a,b connect_timeout=-3", 2.5 },
+		{ "host=a,b connect_timeout=x", 2.5 },
+		{ "host=a,b connect_timeout='4 '", 4 },
+		{ "host=a,b", 2.5 },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct pg_hosts *h = pg_hosts_parse(cases[i].conninfo);
+		cr_assert_not_null(h, "%s", cases[i].conninfo);
+		cr_assert_float_eq(pg_hosts_timeout(h, 2.5), cases[i].timeout, 1e-9, "%s",
+				   cases[i].conninfo);
+		pg_hosts_free(&h);
+	}
+}
+
+Test(pg_hosts, find_names_the_position_of_the_host_libpq_is_on)
+{
+	struct pg_hosts *h = pg_hosts_parse("host=a,b,a,,c port=1,2,3,4,5");
+
+	cr_assert_not_null(h);
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "a", "1"), 0);
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "b", "2"), 1);
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "a", "3"), 2);
+	/* An empty host is libpq's default (a socket directory): any name matches it. */
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "/run/postgresql", "4"), 3);
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "c", "5"), 4);
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "c", "6"), 5, "no such host");
+	/* Positions count in the rotated order, from `from` on. */
+	cr_assert_eq(pg_hosts_find(h, 1, 0, "b", "2"), 0);
+	cr_assert_eq(pg_hosts_find(h, 1, 0, "a", "1"), 4);
+	cr_assert_eq(pg_hosts_find(h, 4, 0, "a", "1"), 1);
+	cr_assert_eq(pg_hosts_find(h, 4, 2, "a", "1"), 5, "already behind");
+	pg_hosts_free(&h);
+
+	h = pg_hosts_parse("host=a,a port=7");
+	cr_assert_not_null(h);
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "a", "7"), 0);
+	cr_assert_eq(pg_hosts_find(h, 0, 1, "a", "7"), 1, "the same host listed twice");
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "a", "8"), 2);
+	pg_hosts_free(&h);
+
+	/* No port in the string: libpq's default, whatever it is, matches. */
+	h = pg_hosts_parse("hostaddr=10.0.0.1,10.0.0.2");
+	cr_assert_not_null(h);
+	cr_assert_eq(pg_hosts_find(h, 0, 0, "10.0.0.2", "5432"), 1);
+	pg_hosts_free(&h);
 }
 
 /* --- readmodel time text ----------------------------------------------------------- */
