@@ -130,6 +130,11 @@ bool append_queue(struct batcher *b, size_t *nrecords)
 	return true;
 }
 
+bool append_queue_barrier(struct batcher *b)
+{
+	return queue_fence(b);
+}
+
 const char *append_position(struct batcher *b, PGresult *const *results, int i)
 {
 	PGresult *r = results[0];

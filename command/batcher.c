@@ -57,6 +57,11 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx, const struct bat
 	b->batch_events = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_batch_events",
 				      "Events per write transaction.", "", metrics_size_buckets,
 				      metrics_size_buckets_len);
+	b->replay_barriers =
+		metrics_get(m, METRIC_COUNTER, "daybook_replay_barriers_total",
+			    "Transactions committed for batches that only replayed stored answers, so that "
+			    "each replay waits for the synchronous standby as a write would.",
+			    "", NULL, 0);
 	*out = b;
 	return 0;
 }
@@ -445,9 +450,11 @@ static void write_done(void *arg, const struct pg_outcome *out)
 			return;
 		}
 	}
-	/* PostgreSQL has confirmed the COMMIT: only now is anything answered 201. The
-	 * fence passed, so the batch committed before any takeover; but if our term has
-	 * ended since, another leader may have written after it: cache nothing. */
+	/* PostgreSQL has confirmed the COMMIT (with a synchronous standby: the standby has
+	 * it, and every record the batch replays, which came before it): only now is
+	 * anything answered 201. The fence passed, so the batch committed before any
+	 * takeover; but if our term has ended since, another leader may have written after
+	 * it: cache nothing. */
 	metric_add(b->events_total, (double)b->nevents);
 	if (b->epoch == b->ctx->epoch)
 		commit_overlay(b);
@@ -458,23 +465,52 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	start_batch(b);
 }
 
+static bool any_replay(const struct batcher *b)
+{
+	for (size_t i = 0; i < b->nslots; i++)
+		if (b->slots[i].replay)
+			return true;
+	return false;
+}
+
 static void write_batch(struct batcher *b)
 {
 	size_t nrecords;
+	bool barrier = false;
 
 	if (!append_queue(b, &nrecords))
 		goto fail;
 	if (b->nevents == 0 && nrecords == 0) {
-		/* Nothing to write: every answer rests on committed state. */
-		answer_all(b, NULL);
-		reset_batch(b);
-		start_batch(b);
-		return;
+		if (!any_replay(b)) {
+			/* Refusals only, decided on what the log holds: nothing to write. */
+			answer_all(b, NULL);
+			reset_batch(b);
+			start_batch(b);
+			return;
+		}
+		/* A stored record is committed, but it may be a write whose COMMIT's wait for
+		 * the synchronous standby was cut short (our deadline's cancel, a takeover's
+		 * pg_terminate_backend: "canceling wait for synchronous replication"), and so
+		 * be missing on the standby that a failover would promote. A replay answered
+		 * from it at once would acknowledge a write that may be lost (SPEC §3). So the
+		 * batch still commits a transaction: its fence alone, whose row lock takes an
+		 * xid and is WAL-logged, so that its COMMIT comes after the record in the WAL
+		 * and waits for the standby to have both (a transaction with an xid and no WAL
+		 * of its own, such as SELECT pg_current_xact_id(), would not wait: PostgreSQL
+		 * waits only for one that wrote WAL before its commit record). Its verdict
+		 * answers the batch as a write's does: 503 outcome_unknown when it is lost. A
+		 * batch that writes covers its replays with its own COMMIT. */
+		if (!append_queue_barrier(b))
+			goto fail;
+		barrier = true;
 	}
 	clock_gettime(CLOCK_MONOTONIC, &b->write_start);
 	if (!pg_run(b->ctx->pg, write_done, b))
 		goto fail;
-	metric_observe(b->batch_events, (double)b->nevents);
+	if (barrier)
+		metric_add(b->replay_barriers, 1);
+	else
+		metric_observe(b->batch_events, (double)b->nevents);
 	b->state = B_WRITING;
 	return;
 fail:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Failover tests of the HA stack (scripts/dev up --ha), one scenario per run.
 
-    failover.py command-kill | command-freeze | query-kill | postgres-kill | redis-kill
+    failover.py command-kill | command-freeze | query-kill | postgres-kill | redis-kill |
+                standby-stall
 
 Run by `scripts/dev test --ha` (meson suite `ha`), which brings up a private HA stack
 and sets DAYBOOK_HA_DEV_DIR and DAYBOOK_HA_PORT_BASE; without them every scenario
@@ -54,9 +55,9 @@ class Stack:
         self.port_base = port_base
         self.vars = {}
 
-    def dev(self, *args, timeout=600):
-        r = subprocess.run([DEV, *args], env=self.env, capture_output=True, text=True,
-                           timeout=timeout)
+    def dev(self, *args, timeout=600, env=None):
+        r = subprocess.run([DEV, *args], env=dict(self.env, **(env or {})), capture_output=True,
+                           text=True, timeout=timeout)
         if r.returncode != 0:
             sys.stderr.write(r.stdout + r.stderr)
             raise Failed(f"scripts/dev {' '.join(args)} failed ({r.returncode})")
@@ -576,12 +577,129 @@ def redis_kill(stack, load):
         raise Failed(f"{len(failed)} reads failed while Redis failed over")
 
 
+def walreceiver(postmaster):
+    """The pid of the walreceiver among a PostgreSQL postmaster's children, or None."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == postmaster and b"walreceiver" in cmdline:
+            return int(entry)
+    return None
+
+
+def restart_commands(stack, env=None):
+    """Stop both command instances and start them again with `env` added."""
+    pids = [p["pid"] for p in stack.processes() if p["name"] == "command"]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+
+    def gone():
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                return False
+            except ProcessLookupError:
+                pass
+        return True
+    wait_for("the command instances to stop", 30, gone)
+    stack.dev("up", "--ha", env=env)
+    wait_for("a command leader", 60, lambda: stack.one("command", "leader"))
+
+
+def standby_stall(stack, load):
+    """A write whose COMMIT committed on the primary but whose wait for the synchronous
+    standby was cut short (the write deadline's cancel: PostgreSQL's "canceling wait for
+    synchronous replication") is 503 outcome_unknown; its retry finds the stored record
+    and must not be acknowledged before the standby has it: the promotion of a standby
+    that lacks it would lose an acknowledged write. With the standby's walreceiver
+    stopped, the retry must not be 201; once it runs again, it is.
+
+    The lease's renewals wait for the standby too, so a leader steps down about 5 s into
+    a stall (then the retry meets not_leader whatever the replay does): the command
+    instances run here with a 2 s write deadline, under the lease, so that the retry
+    reaches a leader that still leads."""
+    load.finish()  # only this scenario's requests from here on
+    restart_commands(stack, {"DAYBOOK_WRITE_TIMEOUT_MS": "2000",
+                             "DAYBOOK_STATEMENT_TIMEOUT_MS": "1000"})
+    try:
+        stall_and_retry(stack, load)
+    finally:
+        restart_commands(stack)
+
+
+def stall_and_retry(stack, load):
+    leader = stack.one("command", "leader")
+    api = Api(leader["url"], stack.vars["DAYBOOK_WRITE_TOKEN"], timeout=30)
+    tid = f"t-{load.run}-stall"
+    body = {"id": tid, "from": load.accounts[0], "to": load.accounts[1], "amount": 1}
+    key = {"Idempotency-Key": tid}
+    # A write first, so that the leader's batch path is warm (connected, account cached).
+    s, doc = api.call("POST", f"/accounts/{load.accounts[0]}/deposits", {"amount": 1})
+    if s != 201:
+        raise Failed(f"a deposit before the stall: {s} {doc}")
+    standby = stack.one("postgres", "replica")
+    pid = walreceiver(standby["pid"]) if standby else None
+    if pid is None:
+        raise Failed(f"no walreceiver under the standby {standby}")
+    say(f"SIGSTOP the walreceiver of the synchronous standby {standby['instance']} (pid {pid})")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        s, doc = api.call("POST", "/transfers", body, key)
+        code = doc.get("code") if isinstance(doc, dict) else doc
+        say(f"the transfer, sent to {leader['instance']}: {s} {code} after "
+            f"{time.monotonic() - t0:.2f} s")
+        if s != 503 or code != "outcome_unknown":
+            raise Failed(f"the transfer with the standby stalled answered {s} {code}, not "
+                         "503 outcome_unknown")
+        stored = stack.psql(f"SELECT count(*) FROM idempotency_keys WHERE key = '{tid}'")
+        if stored != [["1"]]:
+            raise Failed("the transfer did not commit on the primary: nothing to replay")
+        # The cancelled batch's connection was dropped: retry once the leader has its
+        # new one (before that, a retry is 503 unavailable without reaching a batch).
+        port = urllib.parse.urlsplit(leader["url"]).port
+        wait_for("the leader to connect again", 10, lambda: readyz(port) == 200, 0.02)
+        t1 = time.monotonic()
+        s, doc = api.call("POST", "/transfers", body, key)
+        code = doc.get("code") if isinstance(doc, dict) else doc
+        say(f"its retry, the standby still stalled: {s} {code or ''} after "
+            f"{time.monotonic() - t1:.2f} s ({time.monotonic() - t0:.2f} s into the stall)")
+        if s == 201:
+            raise Failed("the retry was acknowledged (201, a replay) while the synchronous "
+                         "standby lacked the write")
+        if s != 503 or code != "outcome_unknown":
+            # not_leader: the lease ran out first (its renewals wait for the standby too),
+            # and the retry never reached a batch: nothing was shown.
+            raise Failed(f"the retry answered {s} {code}, not the replay's 503 "
+                         "outcome_unknown: inconclusive")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        api.close()
+    say("SIGCONT: the standby catches up")
+    api = load.writer_api()
+    s, doc = load.keyed(api, "/transfers", body, tid, 60)
+    api.close()
+    say(f"the retry once the standby runs: {s}")
+    if s != 201:
+        raise Failed(f"the retry after the stall answered {s} {doc}")
+    with load.lock:
+        load.acked[tid] = (body["from"], body["to"], body["amount"])
+
+
 SCENARIOS = {
     "command-kill": command_kill,
     "command-freeze": command_freeze,
     "query-kill": query_kill,
     "postgres-kill": postgres_kill,
     "redis-kill": redis_kill,
+    "standby-stall": standby_stall,
 }
 
 

@@ -4,6 +4,7 @@
 #include <criterion/criterion.h>
 #include <event2/event.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,23 +62,32 @@ static const char *code_of(const struct response *r)
 
 /* --- a lock on the events table, held by the test ------------------------------------ */
 
-static PGconn *lock_events(const char *mode)
+/* A session of the superuser that ran `sql` (which begins a transaction and takes a
+ * lock), its last result `want`; release() ends it. */
+static PGconn *hold(const char *sql, ExecStatusType want)
 {
-	char conninfo[512], q[128];
+	char conninfo[512];
 	PGconn *c;
 	PGresult *r;
 
 	harness_conninfo(db, NULL, conninfo, sizeof(conninfo));
 	c = PQconnectdb(conninfo);
 	cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
-	snprintf(q, sizeof(q), "BEGIN; LOCK TABLE events IN %s MODE", mode);
-	r = PQexec(c, q);
-	cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQresultErrorMessage(r));
+	r = PQexec(c, sql);
+	cr_assert_eq(PQresultStatus(r), want, "%s", PQresultErrorMessage(r));
 	PQclear(r);
 	return c;
 }
 
-static void unlock_events(PGconn *c)
+static PGconn *lock_events(const char *mode)
+{
+	char q[128];
+
+	snprintf(q, sizeof(q), "BEGIN; LOCK TABLE events IN %s MODE", mode);
+	return hold(q, PGRES_COMMAND_OK);
+}
+
+static void release(PGconn *c)
 {
 	PQclear(PQexec(c, "COMMIT"));
 	PQfinish(c);
@@ -122,6 +132,7 @@ struct call {
 	char path[96], body[160], key[80];
 	struct response r;
 	pthread_t thread;
+	atomic_bool answered;
 };
 
 static void *send_call(void *arg)
@@ -132,6 +143,7 @@ static void *send_call(void *arg)
 
 	snprintf(header, sizeof(header), "Idempotency-Key: %s", c->key);
 	c->r = post(&svc, c->path, c->body, c->key[0] ? extra : NULL);
+	atomic_store(&c->answered, true);
 	return NULL;
 }
 
@@ -157,7 +169,7 @@ static void send_as_one_batch(struct call *calls, size_t n)
 	for (size_t i = 0; i < n; i++)
 		start_call(&calls[i]);
 	wait_in_flight((double)n + 1);
-	unlock_events(lock);
+	release(lock);
 	join_call(&starter);
 	cr_assert_eq(starter.r.status, 201, "%s", starter.r.body);
 	response_free(&starter.r);
@@ -429,7 +441,7 @@ Test(outcomes, a_batch_past_the_service_deadline_is_cancelled_and_answered_outco
 	cr_assert_str_eq(code_of(&r), "outcome_unknown", "%s", r.body);
 	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
 	response_free(&r);
-	unlock_events(lock);
+	release(lock);
 	assert_not_committed_then_retry_applies_once("late-1");
 }
 
@@ -449,8 +461,62 @@ Test(outcomes, postgresql_ends_a_slow_batch_itself_before_the_service_deadline_a
 	cr_assert_str_eq(code_of(&r), "unavailable", "%s", r.body);
 	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
 	response_free(&r);
-	unlock_events(lock);
+	release(lock);
 	assert_not_committed_then_retry_applies_once("slow-1");
+}
+
+/* --- a replay waits for a commit of its own --------------------------------------------- */
+
+/* Hold the write lease's row FOR UPDATE, which a fence (FOR KEY SHARE) waits for. Only
+ * briefly: the lease's renewal waits for it too. */
+static PGconn *lock_lease_row(void)
+{
+	return hold("BEGIN; SELECT FROM command_leases WHERE name = 'command' FOR UPDATE",
+		    PGRES_TUPLES_OK);
+}
+
+/* A stored record may be a write whose COMMIT's wait for the synchronous standby was cut
+ * short (the deadline's cancel): a replay answered from it at once would acknowledge a
+ * write the standby may lack. So a batch of replays alone commits a transaction that
+ * waits for the standby like a write (its fence, a WAL-logged row lock under an xid)
+ * before it answers. Shown without a standby: with the lease's row locked, the replay's
+ * batch waits on that lock, and its 201 comes only once the lock is gone. */
+Test(outcomes, a_batch_of_replays_alone_commits_its_fence_before_it_answers)
+{
+	struct call again = { .path = "/accounts/u/deposits",
+			      .body = "{\"amount\":7}",
+			      .key = "replay-1" };
+	struct response first;
+	char replayed[16] = "";
+	double deadline;
+	PGconn *lock;
+
+	start_command("20000", "10000");
+	open_account("u");
+	post_ok("/accounts/u/deposits", "{\"amount\":5}");
+	keyed_deposit("replay-1", 7, &first);
+	cr_assert_eq(first.status, 201, "%s", first.body);
+	lock = lock_lease_row();
+	start_call(&again);
+	deadline = harness_now() + 30;
+	while (!atomic_load(&again.answered) &&
+	       command_backends("wait_event_type = 'Lock' AND query LIKE '%command_leases%'") ==
+		       0) {
+		cr_assert(harness_now() < deadline, "the replay neither waited nor was answered");
+		usleep(20000);
+	}
+	cr_assert_not(atomic_load(&again.answered),
+		      "the replay was answered without a commit of its own: %d %s", again.r.status,
+		      again.r.body);
+	release(lock);
+	join_call(&again);
+	cr_assert_eq(again.r.status, 201, "%s", again.r.body);
+	cr_assert_str_eq(again.r.body, first.body);
+	cr_assert(response_header(&again.r, "Idempotent-Replayed", replayed, sizeof(replayed)));
+	cr_assert_eq(events_with_key("replay-1"), 1);
+	cr_assert_eq(harness_metric(&svc, "daybook_replay_barriers_total"), 1);
+	response_free(&first);
+	response_free(&again.r);
 }
 
 /* --- 3. keyed repeats in flight ------------------------------------------------------------- */
@@ -479,7 +545,7 @@ Test(outcomes, every_repeat_during_the_first_requests_flight_gets_409_with_retry
 			  "repeat %d has no Retry-After", i + 1);
 		response_free(&again);
 	}
-	unlock_events(lock);
+	release(lock);
 	join_call(&first);
 	cr_assert_eq(first.r.status, 201, "%s", first.r.body);
 	cr_assert_eq(events_with_key("fly-1"), 1);
@@ -588,7 +654,7 @@ Test(outcomes, a_load_that_postgresql_ends_at_its_deadline_is_503_with_retry_aft
 	harness_start_command(&svc, db);
 	lock = lock_events("ACCESS EXCLUSIVE");
 	r = post(&svc, "/accounts/cold/deposits", "{\"amount\":3}", NULL);
-	unlock_events(lock);
+	release(lock);
 	cr_assert_eq(r.status, 503, "%d %s", r.status, r.body);
 	cr_assert_str_eq(code_of(&r), "unavailable", "%s", r.body);
 	cr_assert(response_header(&r, "Retry-After", retry_after, sizeof(retry_after)));
