@@ -641,6 +641,11 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 
 static void connect_attempt(struct pg *pg)
 {
+	/* Our defaults, then dbname: the configured string, which expand_dbname reads as a
+	 * connection string that overrides them rather than the other way round. A list of
+	 * hosts is the string's settings one by one instead, after the same defaults up to
+	 * (without) that dbname: taken literally it would name a database when the string
+	 * names none. */
 	const char *const keys[] = { "application_name",
 				     "keepalives",
 				     "keepalives_idle",
@@ -650,14 +655,12 @@ static void connect_attempt(struct pg *pg)
 				     NULL };
 	const char *const values[] = { pg->cfg.application_name, "1", "10", "5", "3",
 				       pg->cfg.conninfo,         NULL };
+	const char *const hkeys_defaults[] = { keys[0], keys[1], keys[2], keys[3], keys[4], NULL };
 	const char *const *hkeys, *const *hvalues;
 
-	/* dbname comes last so that the configured connection string overrides our
-	 * defaults rather than the other way round; a list of hosts is the string's
-	 * settings one by one instead, after the same defaults. */
 	if (!pg->hosts)
 		pg->conn = PQconnectStartParams(keys, values, 1);
-	else if (pg_hosts_params(pg->hosts, pg->first, keys, values, &hkeys, &hvalues))
+	else if (pg_hosts_params(pg->hosts, pg->first, hkeys_defaults, values, &hkeys, &hvalues))
 		pg->conn = PQconnectStartParams(hkeys, hvalues, 0);
 	if (!pg->conn || PQstatus(pg->conn) == CONNECTION_BAD) {
 		lose_connection(pg, pg->conn ? PQerrorMessage(pg->conn) : "out of memory");

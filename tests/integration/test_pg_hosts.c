@@ -202,3 +202,31 @@ Test(pg_hosts, a_hung_first_host_in_a_uri_leaves_the_projector_and_the_query_ser
 	assert_log_names_the_hung_host(&projector);
 	assert_log_names_the_hung_host(&query);
 }
+
+/* A list of hosts that names no database connects to libpq's default one (here
+ * PGDATABASE), as a single host does: the services' own defaults once also sent the
+ * whole string as the database's name. */
+Test(pg_hosts, a_list_of_hosts_without_a_database_takes_libpqs_default)
+{
+	char plain[512], pg[512], env_db[80];
+	const char *host = NULL, *port = NULL;
+	PQconninfoOption *opts;
+
+	harness_conninfo(db, "daybook_command", plain, sizeof(plain));
+	opts = PQconninfoParse(plain, NULL);
+	cr_assert_not_null(opts);
+	for (PQconninfoOption *o = opts; o->keyword; o++) {
+		if (strcmp(o->keyword, "host") == 0)
+			host = o->val;
+		else if (strcmp(o->keyword, "port") == 0)
+			port = o->val;
+	}
+	cr_assert(host && port, "%s", plain);
+	snprintf(pg, sizeof(pg), "host=%s,%s port=%s,%s user=daybook_command", host, host, port,
+		 port);
+	PQconninfoFree(opts);
+	snprintf(env_db, sizeof(env_db), "%s", db);
+	harness_start_command_pg(&command, pg, (const char *const[]){ "PGDATABASE", env_db, NULL });
+	harness_post_created(&command, "/accounts",
+			     "{\"id\":\"h3\",\"name\":\"H\",\"currency\":\"EUR\"}");
+}
