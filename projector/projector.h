@@ -179,7 +179,9 @@ struct projector_ctx {
 	 * before the next batch (ahead_unverified; redis_batch.c, redis_dispatch.c). */
 	long long ahead_gen;
 	char ahead_token[48];
-	bool ahead_adopt, ahead_unverified;
+	bool ahead_adopt, ahead_unverified, ahead_checking;
+	/* Redis sessions so far (each on_ready), and the one a check of the log began in. */
+	unsigned long redis_sessions, ahead_session;
 	/* Caches of the SQL read models, valid while leading (cleared on any doubt). */
 	struct strmap *accounts; /* id -> struct rm_account */
 	struct strmap *totals;   /* currency -> struct rm_total */

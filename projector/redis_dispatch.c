@@ -80,10 +80,12 @@ bool projector_redis_maintain(struct projector_ctx *ctx)
 	if (ctx->role != ROLE_LEADER || !redis_connected(ctx->redis))
 		return false;
 	if (ctx->ahead_unverified && ctx->rsync == RS_LIVE) {
-		if (!redis_sync_check_ahead(ctx, ctx->ahead_gen, ctx->ahead_token, false))
-			return false;
-		ctx->step = STEP_SYNCING;
-		return true;
+		enum projector_step was = ctx->step;
+		ctx->step = STEP_SYNCING; /* first: the check may end the step at once */
+		if (redis_sync_check_ahead(ctx, ctx->ahead_gen, ctx->ahead_token, false))
+			return true;
+		ctx->step = was;
+		return false;
 	}
 	if (ctx->live_suspect) {
 		ctx->live_suspect = false;

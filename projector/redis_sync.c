@@ -279,7 +279,13 @@ static void ahead_checked(void *arg, const struct pg_outcome *out)
 	struct projector_ctx *ctx = arg;
 	char why[256];
 
-	if (!pg_outcome_ok(out, why, sizeof(why)) || out->n != 1) {
+	ctx->ahead_checking = false;
+	if (ctx->redis_sessions != ctx->ahead_session || ctx->role != ROLE_LEADER) {
+		/* Redis reconnected (another server, perhaps) or the lease went while the log
+		 * was asked: what was checked is not what is there now. */
+		ctx->ahead_unverified = false;
+		ctx->rsync = RS_UNKNOWN;
+	} else if (!pg_outcome_ok(out, why, sizeof(why)) || out->n != 1) {
 		log_warn(&ctx->log,
 			 "cannot look up redis generation %lld's checkpoint %s in the "
 			 "log: %s",
@@ -312,10 +318,19 @@ bool redis_sync_check_ahead(struct projector_ctx *ctx, long long gen, const char
 		return false;
 	ctx->ahead_gen = gen;
 	ctx->ahead_adopt = adopt;
+	ctx->ahead_session = ctx->redis_sessions;
 	snprintf(ctx->ahead_token, sizeof(ctx->ahead_token), "%s", token);
 	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)at.txid);
 	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)at.position);
-	return pg_queue(ctx->pg, "event_at", 2, params) && pg_run(ctx->pg, ahead_checked, ctx);
+	ctx->ahead_checking = true;
+	if (pg_queue(ctx->pg, "event_at", 2, params) && pg_run(ctx->pg, ahead_checked, ctx))
+		return true;
+	/* pg_run can fail after its callback ran (the connection broke as it sent): the
+	 * step has then ended already. */
+	if (!ctx->ahead_checking)
+		return true;
+	ctx->ahead_checking = false;
+	return false;
 }
 
 static void status_reply(void *arg, const redisReply *reply)
@@ -432,6 +447,7 @@ static void on_redis_ready(void *arg)
 	ctx->rsync = RS_UNKNOWN;
 	ctx->sweep_gen = 0;
 	ctx->swept_gen = 0;
+	ctx->redis_sessions++; /* a check of the last server's generation is void */
 	projector_redis_fence(ctx);
 	ctx->redis_report(ctx, REDIS_WANTS_STEP);
 }

@@ -246,7 +246,7 @@ void projector_on_notify_connect(void *arg)
 #define LOOK_BEYOND_EVERY_S 1
 #define READS_STALLED_S 2
 
-static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got);
+static void set_lag(struct projector_ctx *ctx, long long head_pos, size_t got);
 
 static bool reads_stalled(const struct projector_ctx *ctx, time_t now)
 {
@@ -269,7 +269,7 @@ static void beyond_done(void *arg, const struct pg_outcome *out)
 		ctx->beyond_head = found ? atoll(PQgetvalue(r, 0, 1)) : 0;
 	}
 	if (reads_stalled(ctx, time(NULL)))
-		update_lag(ctx, 0, 0); /* no read will: the lag as the look found it */
+		set_lag(ctx, 0, 0); /* no read will: the lag as the look found it */
 	notify_next(ctx);
 }
 
@@ -684,11 +684,18 @@ static long long head_of(PGresult *r)
 
 static void update_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
 {
+	ctx->read_empty = got == 0;
+	ctx->read_at = time(NULL);
+	set_lag(ctx, head_pos, got);
+}
+
+/* The lag metrics (and /readyz's lag) from a read of `got` events (head_pos: the log's
+ * head then) or, with none, from the last look past the checkpoint. */
+static void set_lag(struct projector_ctx *ctx, long long head_pos, size_t got)
+{
 	char cp[48];
 	bool hidden;
 
-	ctx->read_empty = got == 0;
-	ctx->read_at = time(NULL);
 	if (got == 0) {
 		/* Caught up, unless the last look past the horizon, from this checkpoint,
 		 * found an event the reads cannot see yet. */
