@@ -11,9 +11,9 @@
  *           used transfer ids (skipped when nothing is missing)         (load.c, idem.c);
  *   write - INSERT every event and idempotency record; the pipeline's sync commits
  *           them as one implicit transaction, or rolls all of them back (append.c).
- *           A batch that writes nothing but replays stored answers still commits
- *           one (its fence alone), so that no replay is answered before the
- *           synchronous standby has its record (batcher.c, write_batch).
+ *           A batch that writes nothing (replays, refusals) still commits one (its
+ *           fence alone), so that no answer rests on a record the synchronous
+ *           standby may lack (batcher.c, write_batch).
  * Decisions run in memory against a batch-local overlay of the account cache, so a
  * command that a rule refuses refuses only itself (decide.c). Should the write fail
  * anyway (a concurrent writer elsewhere took a version or a transfer id), nothing was
@@ -100,7 +100,7 @@ struct batcher {
 	int q_streams, q_idem, q_transfers; /* result index of each load query, -1: not sent */
 	struct metric *batch_size, *events_total, *replays, *conflicts, *unavailable, *fenced,
 		*not_leader;
-	struct metric *commit_seconds, *batch_events, *replay_barriers;
+	struct metric *commit_seconds, *batch_events, *barriers;
 	struct timespec write_start; /* when the batch's write transaction was sent */
 };
 

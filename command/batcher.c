@@ -57,10 +57,11 @@ int batcher_open(struct batcher **out, struct command_ctx *ctx, const struct bat
 	b->batch_events = metrics_get(m, METRIC_HISTOGRAM, "daybook_append_batch_events",
 				      "Events per write transaction.", "", metrics_size_buckets,
 				      metrics_size_buckets_len);
-	b->replay_barriers =
-		metrics_get(m, METRIC_COUNTER, "daybook_replay_barriers_total",
-			    "Transactions committed for batches that only replayed stored answers, so that "
-			    "each replay waits for the synchronous standby as a write would.",
+	b->barriers =
+		metrics_get(m, METRIC_COUNTER, "daybook_append_barriers_total",
+			    "Transactions committed for batches that wrote nothing (replays, "
+			    "refusals), so that each answer waits for the synchronous standby as "
+			    "a write's would.",
 			    "", NULL, 0);
 	*out = b;
 	return 0;
@@ -465,14 +466,6 @@ static void write_done(void *arg, const struct pg_outcome *out)
 	start_batch(b);
 }
 
-static bool any_replay(const struct batcher *b)
-{
-	for (size_t i = 0; i < b->nslots; i++)
-		if (b->slots[i].replay)
-			return true;
-	return false;
-}
-
 static void write_batch(struct batcher *b)
 {
 	size_t nrecords;
@@ -481,18 +474,13 @@ static void write_batch(struct batcher *b)
 	if (!append_queue(b, &nrecords))
 		goto fail;
 	if (b->nevents == 0 && nrecords == 0) {
-		if (!any_replay(b)) {
-			/* Refusals only, decided on what the log holds: nothing to write. */
-			answer_all(b, NULL);
-			reset_batch(b);
-			start_batch(b);
-			return;
-		}
-		/* A stored record is committed, but it may be a write whose COMMIT's wait for
-		 * the synchronous standby was cut short (our deadline's cancel, a takeover's
-		 * pg_terminate_backend: "canceling wait for synchronous replication"), and so
-		 * be missing on the standby that a failover would promote. A replay answered
-		 * from it at once would acknowledge a write that may be lost (SPEC §3). So the
+		/* Nothing to write: every answer rests on what the log holds. That may be a
+		 * write whose COMMIT's wait for the synchronous standby was cut short (our
+		 * deadline's cancel, a takeover's pg_terminate_backend: "canceling wait for
+		 * synchronous replication"), and so be missing on the standby that a failover
+		 * would promote. A replay answered from it at once would acknowledge a write
+		 * that may be lost (SPEC §3), and so would a refusal that names it (409
+		 * transfer_exists after an outcome_unknown, 422 idempotency_key_reused). So the
 		 * batch still commits a transaction: its fence alone, whose row lock takes an
 		 * xid and is WAL-logged, so that its COMMIT comes after the record in the WAL
 		 * and waits for the standby to have both (a transaction with an xid and no WAL
@@ -508,7 +496,7 @@ static void write_batch(struct batcher *b)
 	if (!pg_run(b->ctx->pg, write_done, b))
 		goto fail;
 	if (barrier)
-		metric_add(b->replay_barriers, 1);
+		metric_add(b->barriers, 1);
 	else
 		metric_observe(b->batch_events, (double)b->nevents);
 	b->state = B_WRITING;

@@ -481,6 +481,26 @@ static PGconn *lock_lease_row(void)
  * waits for the standby like a write (its fence, a WAL-logged row lock under an xid)
  * before it answers. Shown without a standby: with the lease's row locked, the replay's
  * batch waits on that lock, and its 201 comes only once the lock is gone. */
+/* Send c while the lease's row is locked: its batch must wait on that lock (its fence)
+ * and be answered only once the lock is gone. */
+static void answered_after_a_fence(struct call *c)
+{
+	double deadline = harness_now() + 30;
+	PGconn *lock = lock_lease_row();
+
+	start_call(c);
+	while (!atomic_load(&c->answered) &&
+	       command_backends("wait_event_type = 'Lock' AND query LIKE '%command_leases%'") ==
+		       0) {
+		cr_assert(harness_now() < deadline, "the request neither waited nor was answered");
+		usleep(20000);
+	}
+	cr_assert_not(atomic_load(&c->answered), "answered without a commit of its own: %d %s",
+		      c->r.status, c->r.body);
+	release(lock);
+	join_call(c);
+}
+
 Test(outcomes, a_batch_of_replays_alone_commits_its_fence_before_it_answers)
 {
 	struct call again = { .path = "/accounts/u/deposits",
@@ -488,35 +508,41 @@ Test(outcomes, a_batch_of_replays_alone_commits_its_fence_before_it_answers)
 			      .key = "replay-1" };
 	struct response first;
 	char replayed[16] = "";
-	double deadline;
-	PGconn *lock;
 
 	start_command("20000", "10000");
 	open_account("u");
 	post_ok("/accounts/u/deposits", "{\"amount\":5}");
 	keyed_deposit("replay-1", 7, &first);
 	cr_assert_eq(first.status, 201, "%s", first.body);
-	lock = lock_lease_row();
-	start_call(&again);
-	deadline = harness_now() + 30;
-	while (!atomic_load(&again.answered) &&
-	       command_backends("wait_event_type = 'Lock' AND query LIKE '%command_leases%'") ==
-		       0) {
-		cr_assert(harness_now() < deadline, "the replay neither waited nor was answered");
-		usleep(20000);
-	}
-	cr_assert_not(atomic_load(&again.answered),
-		      "the replay was answered without a commit of its own: %d %s", again.r.status,
-		      again.r.body);
-	release(lock);
-	join_call(&again);
+	answered_after_a_fence(&again);
 	cr_assert_eq(again.r.status, 201, "%s", again.r.body);
 	cr_assert_str_eq(again.r.body, first.body);
 	cr_assert(response_header(&again.r, "Idempotent-Replayed", replayed, sizeof(replayed)));
 	cr_assert_eq(events_with_key("replay-1"), 1);
-	cr_assert_eq(harness_metric(&svc, "daybook_replay_barriers_total"), 1);
+	cr_assert_eq(harness_metric(&svc, "daybook_append_barriers_total"), 1);
 	response_free(&first);
 	response_free(&again.r);
+}
+
+/* A refusal may name a write the standby lacks just as a replay may: a transfer resent
+ * without a key after an outcome_unknown gets 409 transfer_exists, its client's only
+ * word that it was applied. So a batch of refusals alone commits its fence too. */
+Test(outcomes, a_batch_of_refusals_alone_commits_its_fence_before_it_answers)
+{
+#define FENCED_TRANSFER "{\"id\":\"t-fence\",\"from\":\"u\",\"to\":\"v\",\"amount\":1}"
+	struct call again = { .path = "/transfers", .body = FENCED_TRANSFER };
+
+	start_command("20000", "10000");
+	open_account("u");
+	open_account("v");
+	post_ok("/accounts/u/deposits", "{\"amount\":5}");
+	post_ok("/transfers", FENCED_TRANSFER);
+	answered_after_a_fence(&again);
+	cr_assert_eq(again.r.status, 409, "%s", again.r.body);
+	cr_assert(strstr(again.r.body, "transfer_exists"), "%s", again.r.body);
+	cr_assert_eq(harness_metric(&svc, "daybook_append_barriers_total"), 1);
+	response_free(&again.r);
+#undef FENCED_TRANSFER
 }
 
 /* --- 3. keyed repeats in flight ------------------------------------------------------------- */
