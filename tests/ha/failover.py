@@ -671,8 +671,11 @@ def postgres_freeze(stack, load):
                 and all(m.get("state") in ("running", "streaming") for m in members))
     settled.last = None
     node = old.rsplit("-", 1)[1]
+    unsettled = None
     try:
-        wait_for("Patroni to settle on a leader and a synchronous standby", 150, settled, 0.5)
+        wait_for("Patroni to settle on a leader and a synchronous standby", 90, settled, 0.5)
+    except Failed as e:
+        unsettled = e
     finally:
         for line in log_tail(stack, f"patroni-{node}", lines=60):
             if "WARNING" in line or "ERROR" in line or "promot" in line or "timeline" in line:
@@ -682,10 +685,11 @@ def postgres_freeze(stack, load):
             if ("promot" in line or "timeline" in line or "shutdown" in line
                     or "Request failed" in line):
                 say(f"  patroni-{peer} log: {line[:200]}")
-    leader = next(m for m in settled.last if m.get("role") == "leader")
-    say(f"settled {time.monotonic() - t1:.2f} s after SIGCONT: leader {leader['name']} "
-        f"(timeline {leader.get('timeline')}), members {settled.last}")
-    if leader["name"] == member:
+    leader = next((m for m in settled.last or [] if m and m.get("role") == "leader"), {})
+    say(f"{'not settled' if unsettled else 'settled'} {time.monotonic() - t1:.2f} s after "
+        f"SIGCONT: leader {leader.get('name')} (timeline {leader.get('timeline')}), "
+        f"members {settled.last}")
+    if leader.get("name") == member:
         # The woken node's Patroni finished the HA cycle the freeze had interrupted, with
         # its view of the cluster from before: it renewed "its" leader key, which etcd3
         # had expired and the promoted standby had taken, by an unconditional put
@@ -701,6 +705,8 @@ def postgres_freeze(stack, load):
                          f"by the promoted standby were lost: {e}")
         raise Failed(f"the woken {old} took the leader key back from the promoted standby "
                      f"(Patroni {patroni_version(stack)}); the log check found no loss")
+    if unsettled:
+        raise unsettled
     say(f"{old} rejoined as a replica of {leader['name']}")
     # Writes go on once the old primary is back (the services left it for good).
     more_acks(load, "writes after the old primary rejoined", 20)
