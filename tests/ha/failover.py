@@ -100,18 +100,24 @@ class Stack:
         return subprocess.run([admin, *args], env=env, capture_output=True, text=True,
                               timeout=timeout, cwd=REPO)
 
+    def patroni_get(self, n, path, timeout):
+        """GET `path` of Patroni node n's REST API (1 or 2): its JSON, or None."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port_base + 15 + n,
+                                              timeout=timeout)
+            conn.request("GET", path)
+            doc = json.loads(conn.getresponse().read())
+            conn.close()
+            return doc
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+
     def patroni_primary(self):
         """The Patroni member that is primary now, asked directly (fast), or None."""
-        for i, port in enumerate((self.port_base + 16, self.port_base + 17)):
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
-                conn.request("GET", "/patroni")
-                doc = json.loads(conn.getresponse().read())
-                conn.close()
-            except (OSError, ValueError, http.client.HTTPException):
-                continue
-            if doc.get("role") in ("master", "primary") and doc.get("state") == "running":
-                return f"postgres-{i + 1}"
+        for n in (1, 2):
+            doc = self.patroni_get(n, "/patroni", 0.5)
+            if doc and doc.get("role") in ("master", "primary") and doc.get("state") == "running":
+                return f"postgres-{n}"
         return None
 
     def sentinel_primary_port(self):
@@ -586,15 +592,9 @@ def thaw(pids):
 
 def patroni_member(stack, name):
     """The member `name` (pg1, pg2) of Patroni's /cluster, asked of either node."""
-    for port in (stack.port_base + 16, stack.port_base + 17):
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/cluster")
-            doc = json.loads(conn.getresponse().read())
-            conn.close()
-        except (OSError, ValueError, http.client.HTTPException):
-            continue
-        for m in doc.get("members", []):
+    for n in (1, 2):
+        doc = stack.patroni_get(n, "/cluster", 1)
+        for m in (doc or {}).get("members", []):
             if m.get("name") == name:
                 return m
     return None
@@ -611,15 +611,10 @@ def log_tail(stack, name, lines=12):
 
 
 def patroni_version(stack):
-    for port in (stack.port_base + 16, stack.port_base + 17):
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/patroni")
-            doc = json.loads(conn.getresponse().read())
-            conn.close()
+    for n in (1, 2):
+        doc = stack.patroni_get(n, "/patroni", 1)
+        if doc:
             return doc.get("patroni", {}).get("version", "?")
-        except (OSError, ValueError, http.client.HTTPException):
-            continue
     return "?"
 
 
@@ -757,18 +752,13 @@ def redis_kill(stack, load):
 
 def walreceiver(postmaster):
     """The pid of the walreceiver among a PostgreSQL postmaster's children, or None."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in children(postmaster):
         try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"walreceiver" in f.read():
+                    return pid
+        except OSError:
             continue
-        if ppid == postmaster and b"walreceiver" in cmdline:
-            return int(entry)
     return None
 
 
