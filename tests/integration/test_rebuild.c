@@ -4,7 +4,7 @@
  * with no projector, cleaning up themselves) and one whose switch fails to commit, both
  * leaving the live models as they were; one whose switch's reply is lost, which leaves
  * no live pointer on its own generation; a projector taking the lead sweeps what older
- * generations still hold. */
+ * generations still hold; a rebuild across a FLUSHALL switches nothing. */
 #include <criterion/criterion.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -1048,5 +1048,73 @@ Test(rebuild, a_lost_switch_reply_leaves_no_live_pointer_on_the_rebuilds_generat
 	cr_assert_eq(redis_balance(c, "l-1"), 10 - 4 + 3);
 	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the lost reply");
+	redisFree(c);
+}
+
+/* A FLUSHALL in the middle of the load: the rebuild's connection survives it and goes
+ * on writing its generation, whose keys written before are gone for good. The switch's
+ * script finds the generation's identity key (written when its number was taken, never
+ * again) gone and refuses: nothing is switched, the SQL swap is rolled back, and the
+ * projector copies SQL into a new generation, which verify finds whole. The switch lock
+ * held shared keeps the rebuild from its switch until after the FLUSHALL. */
+Test(rebuild, a_flushall_mid_rebuild_switches_nothing)
+{
+	char before[64], now[64], pg[512], line[1024], cp[64], out[8192] = "";
+	long long gen_before, ours;
+	struct lines progress = { 0 };
+	struct copied copy;
+	redisContext *c;
+	redisReply *r;
+	PGconn *hold;
+	int status;
+	bool loading = false;
+
+	two_accounts_and_a_transfer("x");
+	gen_before = long_log_behind_live(before);
+	c = harness_redis(stack.redis_url);
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
+	hold = PQconnectdb(pg);
+	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
+
+	pid_t pid = start_rebuild("all", &progress.fd);
+	while (!loading && next_line(&progress, line, sizeof(line), 60))
+		loading = strstr(line, "\"phase\":\"load\"") != NULL;
+	cr_assert(loading, "the rebuild reported no load phase (%s)", line);
+	r = redisCommand(c, "GET " READMODEL_GENERATION_KEY);
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	ours = atoll(r->str);
+	freeReplyObject(r);
+	freeReplyObject(redisCommand(c, "FLUSHALL"));
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
+	PQfinish(hold);
+
+	while (next_line(&progress, line, sizeof(line), 120))
+		snprintf(out + strlen(out), sizeof(out) - strlen(out), "%s\n", line);
+	close(progress.fd);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1,
+		  "the rebuild must fail (exit status %d):\n%s", status, out);
+	cr_assert(strstr(out, "lost generation"), "%s", out);
+	live_fingerprint(now);
+	cr_assert_str_eq(now, before, "the live SQL models changed");
+	assert_not_switched(gen_before);
+	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
+	cr_assert(r && (r->type == REDIS_REPLY_NIL ||
+			(r->type == REDIS_REPLY_STRING && atoll(r->str) != ours)),
+		  "the live pointer names the rebuild's generation %lld", ours);
+	freeReplyObject(r);
+	cr_assert_eq(gen_keys(c, ours), 0, "the failed rebuild left its generation's keys");
+
+	/* The projector copies SQL into a new generation and folds the log on. */
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
+	copy = (struct copied){ .c = c, .after = 0 };
+	cr_assert(harness_wait_until(copied_live, &copy, harness_now() + 30),
+		  "no whole generation went live (live: %lld)", copy.live);
+	harness_wait_caught_up(stack.db, stack.redis_url, 180);
+	cr_assert(harness_redis_live(c, &copy.live, cp, sizeof(cp)));
+	cr_assert_neq(copy.live, ours);
+	cr_assert_eq(redis_balance(c, "x-1"), 10 - 4);
+	cr_assert_eq(run_verify(), 0, "verify found differences after the FLUSHALL");
 	redisFree(c);
 }
