@@ -149,8 +149,8 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 	const char *cp[3] = { "SET", k, token },
 		   *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 	const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
-	const char *live[7] = { "EVAL", SWITCH_LIVE_LUA, "2", READMODEL_LIVE_KEY, ik, gen,
-				rb->identity };
+	const char *id = rb->identity; /* the sentinel's value, checked by the script */
+	const char *live[7] = { "EVAL", SWITCH_LIVE_LUA, "2", READMODEL_LIVE_KEY, ik, gen, id };
 	redisReply *r;
 	long long switched;
 
