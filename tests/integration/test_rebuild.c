@@ -4,7 +4,8 @@
  * with no projector, cleaning up themselves) and one whose switch fails to commit, both
  * leaving the live models as they were; one whose switch's reply is lost, which leaves
  * no live pointer on its own generation; a projector taking the lead sweeps what older
- * generations still hold; a rebuild across a FLUSHALL switches nothing. */
+ * generations still hold; a rebuild across a FLUSHALL switches nothing; the rebuild's
+ * clean-up spares a newer generation. */
 #include <criterion/criterion.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -1116,5 +1117,40 @@ Test(rebuild, a_flushall_mid_rebuild_switches_nothing)
 	cr_assert_neq(copy.live, ours);
 	cr_assert_eq(redis_balance(c, "x-1"), 10 - 4);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the FLUSHALL");
+	redisFree(c);
+}
+
+/* The rebuild's clean-up of every other generation (here: more than 8 between the one
+ * it replaced and its own) takes only those below its own: a newer one (standing in
+ * for another rebuild filling it) is left alone, as the projector's sweep leaves it. */
+Test(rebuild, the_rebuilds_cleanup_spares_a_newer_generation)
+{
+	redisContext *c;
+	redisReply *r;
+	long long old_gen, live_gen, newer;
+	char cp[64], identity[256];
+
+	two_accounts_and_a_transfer("g");
+	c = harness_redis(stack.redis_url);
+	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
+	r = redisCommand(c, "GET dbk:g:%lld:identity", old_gen);
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	snprintf(identity, sizeof(identity), "%s", r->str);
+	freeReplyObject(r);
+	cr_assert_eq(harness_stop(&stack.projector), 0);
+	/* Numbers taken by failed attempts: the rebuild's is more than 8 past the live one. */
+	r = redisCommand(c, "INCRBY " READMODEL_GENERATION_KEY " 10");
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER);
+	newer = r->integer + 1000;
+	freeReplyObject(r);
+	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:identity %s", newer, identity));
+	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:xfer:gt-1 {}", newer));
+
+	rebuild_all();
+	cr_assert_str_eq(cleanup_by, "rebuild");
+	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+	cr_assert(live_gen > old_gen && live_gen < newer, "live %lld", live_gen);
+	cr_assert_eq(gen_keys(c, old_gen), 0, "the old generation was not deleted");
+	cr_assert_eq(gen_keys(c, newer), 2, "the rebuild deleted a newer generation's keys");
 	redisFree(c);
 }
