@@ -785,6 +785,26 @@ static void rebuild_all(void)
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
 }
 
+/* two_accounts_and_a_transfer(p), then the projector stopped: a connection to Redis,
+ * the live generation in *gen and its identity (IDENTITY_MAX bytes at most). */
+#define IDENTITY_MAX 256
+static redisContext *stopped_after_a_transfer(const char *p, long long *gen, char *identity)
+{
+	redisContext *c;
+	redisReply *r;
+	char cp[64];
+
+	two_accounts_and_a_transfer(p);
+	c = harness_redis(stack.redis_url);
+	cr_assert(harness_redis_live(c, gen, cp, sizeof(cp)));
+	r = redisCommand(c, "GET dbk:g:%lld:identity", *gen);
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	snprintf(identity, IDENTITY_MAX, "%s", r->str);
+	freeReplyObject(r);
+	cr_assert_eq(harness_stop(&stack.projector), 0);
+	return c;
+}
+
 /* A projector that takes the lead sweeps what older generations still hold: the leader
  * the rebuild left the old generation to may have died before its sweep ended (keys of
  * that generation, ours, left behind here), or Redis failed over to a replica that had
@@ -794,16 +814,9 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	redisContext *c;
 	redisReply *r;
 	long long old_gen, live_gen;
-	char cp[64], identity[256];
+	char cp[64], identity[IDENTITY_MAX];
 
-	two_accounts_and_a_transfer("s");
-	c = harness_redis(stack.redis_url);
-	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
-	r = redisCommand(c, "GET dbk:g:%lld:identity", old_gen);
-	cr_assert(r && r->type == REDIS_REPLY_STRING);
-	snprintf(identity, sizeof(identity), "%s", r->str);
-	freeReplyObject(r);
-	cr_assert_eq(harness_stop(&stack.projector), 0);
+	c = stopped_after_a_transfer("s", &old_gen, identity);
 
 	/* No projector leads: the rebuild deletes the old generation itself. */
 	rebuild_all();
@@ -1128,16 +1141,9 @@ Test(rebuild, the_rebuilds_cleanup_spares_a_newer_generation)
 	redisContext *c;
 	redisReply *r;
 	long long old_gen, live_gen, newer;
-	char cp[64], identity[256];
+	char cp[64], identity[IDENTITY_MAX];
 
-	two_accounts_and_a_transfer("g");
-	c = harness_redis(stack.redis_url);
-	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
-	r = redisCommand(c, "GET dbk:g:%lld:identity", old_gen);
-	cr_assert(r && r->type == REDIS_REPLY_STRING);
-	snprintf(identity, sizeof(identity), "%s", r->str);
-	freeReplyObject(r);
-	cr_assert_eq(harness_stop(&stack.projector), 0);
+	c = stopped_after_a_transfer("g", &old_gen, identity);
 	/* Numbers taken by failed attempts: the rebuild's is more than 8 past the live one. */
 	r = redisCommand(c, "INCRBY " READMODEL_GENERATION_KEY " 10");
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER);
