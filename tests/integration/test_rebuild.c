@@ -960,6 +960,64 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 	redisFree(c);
 }
 
+/* One rebuild of a database at a time: a second one refuses before it touches anything,
+ * and the first goes on to a clean switch. Two shared the shadow tables (each reset and
+ * dropped the other's; one could swap in a mix of both) and deleted each other's Redis
+ * generations. */
+Test(rebuild, a_second_rebuild_refuses_while_one_runs)
+{
+	const char waiting[] = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+			       "AND NOT granted";
+	char pg[512], line[512], said[2048] = "";
+	int fd_a, fd_b, status;
+	PGconn *hold;
+	pid_t a, b, w;
+	FILE *f;
+
+	two_accounts_and_a_transfer("w");
+	/* The first rebuild waits at its switch for this shared hold of the switch lock. */
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
+	hold = PQconnectdb(pg);
+	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
+	a = start_rebuild("all", &fd_a);
+	for (double end = harness_now() + 30; sql_int(stack.db, waiting) == 0; usleep(20000))
+		cr_assert(harness_now() < end, "the first rebuild never waited for its switch");
+
+	b = start_rebuild("all", &fd_b);
+	for (double end = harness_now() + 20; (w = waitpid(b, &status, WNOHANG)) != b;
+	     usleep(20000)) {
+		if (harness_now() > end) {
+			kill(b, SIGKILL);
+			waitpid(b, &status, 0);
+			cr_assert_fail(
+				"the second rebuild did not refuse: it ran beside the first");
+		}
+	}
+	f = fdopen(fd_b, "r");
+	while (fgets(line, sizeof(line), f))
+		strncat(said, line, sizeof(said) - strlen(said) - 1);
+	fclose(f);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d: %s", status,
+		  said);
+	cr_assert(strstr(said, "another daybook-admin rebuild of this database is running"), "%s",
+		  said);
+
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
+	PQfinish(hold);
+	f = fdopen(fd_a, "r");
+	while (fgets(line, sizeof(line), f))
+		;
+	fclose(f);
+	cr_assert_eq(waitpid(a, &status, 0), a);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		  "the first rebuild failed (exit status %d)", status);
+	must("/accounts/w-1/deposits", "{\"amount\":3}");
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
+	cr_expect_eq(run_verify(), 0, "verify found differences between the models and the log");
+}
+
 /* A generation after `after` is live and has its layout key: the projector's copy. */
 struct copied {
 	redisContext *c;
