@@ -63,6 +63,50 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 	return pid;
 }
 
+/* A shared hold of the switch lock: a rebuild's switch waits for it (the projector's
+ * batches, which take it shared too, go on). */
+static PGconn *hold_switch_lock(void)
+{
+	char pg[512];
+	PGconn *hold;
+
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
+	hold = PQconnectdb(pg);
+	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
+	return hold;
+}
+
+static void release_switch_lock(PGconn *hold)
+{
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
+	PQfinish(hold);
+}
+
+/* Until some session waits for an advisory lock (a rebuild at its switch). */
+static void wait_for_the_switch(void)
+{
+	static const char waiting[] = "SELECT count(*) FROM pg_locks WHERE locktype = "
+				      "'advisory' AND NOT granted";
+
+	for (double end = harness_now() + 30; sql_int(stack.db, waiting) == 0; usleep(20000))
+		cr_assert(harness_now() < end, "the rebuild never waited for its switch");
+}
+
+/* Read a started rebuild's output to its end and wait for it: its wait status. */
+static int finish_rebuild(pid_t pid, int fd)
+{
+	char line[512];
+	FILE *f = fdopen(fd, "r");
+	int status;
+
+	while (fgets(line, sizeof(line), f))
+		;
+	fclose(f);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	return status;
+}
+
 /* Run `daybook-admin verify`; its exit status. */
 static int run_verify(void)
 {
@@ -905,14 +949,11 @@ Test(rebuild, a_sweep_that_redis_refuses_is_tried_again)
  * models stay the projector's, equal to the log. */
 Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 {
-	const char waiting[] = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-			       "AND NOT granted";
-	char pg[512], line[512], cp[64];
+	char cp[64];
 	long long old_gen, live_gen, gen_before;
 	redisContext *c;
 	PGconn *hold;
 	int fd, status;
-	FILE *f;
 	pid_t pid;
 
 	two_accounts_and_a_transfer("o");
@@ -921,14 +962,9 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 	gen_before = sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
 	/* The switch takes the switch lock exclusively and waits for this; the projector's
 	 * batches take it shared and go on. */
-	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
-	hold = PQconnectdb(pg);
-	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
-	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
-
+	hold = hold_switch_lock();
 	pid = start_rebuild("all", &fd);
-	for (double end = harness_now() + 30; sql_int(stack.db, waiting) == 0; usleep(20000))
-		cr_assert(harness_now() < end, "the rebuild never waited for its switch");
+	wait_for_the_switch();
 	/* Redis loses its live generation: the projector copies SQL into a new one. */
 	freeReplyObject(redisCommand(c, "DEL " READMODEL_LIVE_KEY));
 	for (double end = harness_now() + 30;; usleep(50000)) {
@@ -936,14 +972,8 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 			break;
 		cr_assert(harness_now() < end, "the projector did not copy redis from SQL");
 	}
-	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
-	PQfinish(hold);
-
-	f = fdopen(fd, "r");
-	while (fgets(line, sizeof(line), f))
-		;
-	fclose(f);
-	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	release_switch_lock(hold);
+	status = finish_rebuild(pid, fd);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1,
 		  "the rebuild must refuse to switch (exit status %d)", status);
 	{
@@ -966,27 +996,19 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
  * generations. */
 Test(rebuild, a_second_rebuild_refuses_while_one_runs)
 {
-	const char waiting[] = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-			       "AND NOT granted";
-	char pg[512], line[512], said[2048] = "";
+	char said[2048];
 	int fd_a, fd_b, status;
 	PGconn *hold;
-	pid_t a, b, w;
-	FILE *f;
+	pid_t a, b;
 
 	two_accounts_and_a_transfer("w");
-	/* The first rebuild waits at its switch for this shared hold of the switch lock. */
-	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
-	hold = PQconnectdb(pg);
-	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
-	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
+	/* The first rebuild waits at its switch. */
+	hold = hold_switch_lock();
 	a = start_rebuild("all", &fd_a);
-	for (double end = harness_now() + 30; sql_int(stack.db, waiting) == 0; usleep(20000))
-		cr_assert(harness_now() < end, "the first rebuild never waited for its switch");
+	wait_for_the_switch();
 
 	b = start_rebuild("all", &fd_b);
-	for (double end = harness_now() + 20; (w = waitpid(b, &status, WNOHANG)) != b;
-	     usleep(20000)) {
+	for (double end = harness_now() + 20; waitpid(b, &status, WNOHANG) != b; usleep(20000)) {
 		if (harness_now() > end) {
 			kill(b, SIGKILL);
 			waitpid(b, &status, 0);
@@ -994,22 +1016,20 @@ Test(rebuild, a_second_rebuild_refuses_while_one_runs)
 				"the second rebuild did not refuse: it ran beside the first");
 		}
 	}
-	f = fdopen(fd_b, "r");
-	while (fgets(line, sizeof(line), f))
-		strncat(said, line, sizeof(said) - strlen(said) - 1);
-	fclose(f);
+	/* Exited: its output is all in the pipe. */
+	{
+		FILE *f = fdopen(fd_b, "r");
+		size_t n = fread(said, 1, sizeof(said) - 1, f);
+		said[n] = '\0';
+		fclose(f);
+	}
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d: %s", status,
 		  said);
 	cr_assert(strstr(said, "another daybook-admin rebuild of this database is running"), "%s",
 		  said);
 
-	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
-	PQfinish(hold);
-	f = fdopen(fd_a, "r");
-	while (fgets(line, sizeof(line), f))
-		;
-	fclose(f);
-	cr_assert_eq(waitpid(a, &status, 0), a);
+	release_switch_lock(hold);
+	status = finish_rebuild(a, fd_a);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
 		  "the first rebuild failed (exit status %d)", status);
 	must("/accounts/w-1/deposits", "{\"amount\":3}");
