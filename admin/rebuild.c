@@ -53,6 +53,24 @@ static void connect_both(struct rebuild *rb)
 		pthread_join(t, NULL);
 }
 
+/* One rebuild of a database at a time: two would share the shadow tables (each
+ * resetting and dropping the other's, one swapping in a mix of both) and delete each
+ * other's Redis generations. The lock is the session's: it goes with the process. */
+static bool take_rebuild_lock(struct rebuild *rb)
+{
+	PGresult *r = PQexec(rb->wr, "SELECT pg_try_advisory_lock(" REBUILD_LOCK ")");
+	bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+
+	rb->locked = ok && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+	if (!ok)
+		rb_error(rb, "taking the rebuild lock: %s", PQresultErrorMessage(r));
+	else if (!rb->locked)
+		rb_error(rb, "another daybook-admin rebuild of this database is running: nothing "
+			     "was done (run this one once it has ended)\n");
+	PQclear(r);
+	return rb->locked;
+}
+
 static bool prepare(struct rebuild *rb)
 {
 	connect_both(rb);
@@ -82,6 +100,8 @@ static bool prepare(struct rebuild *rb)
 	 * deadlock_timeout; the switch's attempts wait less than the default 1 s, so it is
 	 * shortened (a superuser setting: without it, the switch waits for autovacuum). */
 	PQclear(PQexec(rb->wr, "SET deadlock_timeout = '100ms'"));
+	if (!take_rebuild_lock(rb))
+		return false;
 	if (rb->sql && !rb_exec(rb, rb->wr, "SELECT rm_shadow_reset()"))
 		return false;
 	if ((rb->want_redis && !rb_connect_redis(rb)) || !rb_take_count(rb) || !rb_bulk_bounds(rb))
@@ -91,9 +111,11 @@ static bool prepare(struct rebuild *rb)
 
 static void abandon(struct rebuild *rb)
 {
-	if (rb->sql && rb->wr && PQstatus(rb->wr) == CONNECTION_OK)
+	/* Without the rebuild lock nothing is ours to undo (the shadow tables may be
+	 * another rebuild's). */
+	if (rb->locked && rb->sql && rb->wr && PQstatus(rb->wr) == CONNECTION_OK)
 		rb_exec(rb, rb->wr, "SELECT rm_shadow_drop()");
-	if (rb->redis && rb->gen && rb_redis_usable(rb))
+	if (rb->locked && rb->redis && rb->gen && rb_redis_usable(rb))
 		rb_redis_cleanup(rb, 0, rb->gen);
 	if (rb->tty) {
 		log_error(&rb->ctx->log, "%s; %s", rb_interrupted ? "interrupted" : "failed",

@@ -27,8 +27,11 @@
 #define RESP_WRITE (256 << 10)     /* bytes of commands buffered before they are written */
 #define RUN_ID_LEN 48              /* a Redis run_id (40 hex digits) and a NUL */
 #define HELD_MAX 200000            /* default DAYBOOK_REBUILD_HELD_MAX */
-#define SWITCH_LOCK_WAIT "200ms"   /* longest wait for a switch lock in one attempt */
-#define SWITCH_RETRY_US 500000     /* pause between attempts */
+/* Advisory lock key, held at session level by a running rebuild from before it resets
+ * the shadow tables to its end (or its death): one rebuild of a database at a time. */
+#define REBUILD_LOCK "1685551460"
+#define SWITCH_LOCK_WAIT "200ms" /* longest wait for a switch lock in one attempt */
+#define SWITCH_RETRY_US 500000   /* pause between attempts */
 
 /* The one piece of process-wide state: set by the signal handler (rebuild.c), read by
  * the loop (rebuild_conn.c owns it). */
@@ -93,6 +96,7 @@ struct rebuild {
 	char redis_run_id[RUN_ID_LEN];  /* the server's, to know it again after a reconnect */
 	struct live_before live_before; /* the live pointer as the switch found it */
 	bool live_touched; /* a failed switch left the live pointer other than it found it */
+	bool locked;       /* holds REBUILD_LOCK: the shadow tables and generation are ours */
 	uint64_t cp_txid;  /* the checkpoint: the last event applied in reader order */
 	long long position;
 	char bulk_xmin[24]; /* the bulk is every event below this, read in heap order */

@@ -66,11 +66,12 @@ static bool sweep_key(struct rebuild *rb, struct verdicts *v, const char *k)
 	return ours;
 }
 
-/* Delete every key of the generations other than `keep` (0: delete generation `drop`)
- * that are ours to delete. */
+/* Delete every key of the generations below `keep` (0: delete generation `drop`) that
+ * are ours to delete. Newer ones are left alone, as the projector's sweep leaves them:
+ * a rebuild may be filling one. */
 void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 {
-	char cursor[32] = "0", match[48], prefix[48];
+	char cursor[32] = "0", match[48];
 	struct verdicts verdicts = { 0 };
 
 	/* Replies of pipelined commands come first: read them before talking again. */
@@ -80,7 +81,6 @@ void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 		snprintf(match, sizeof(match), "%s", READMODEL_GEN_MATCH);
 	else
 		readmodel_key_match(match, sizeof(match), drop);
-	readmodel_key(prefix, sizeof(prefix), keep, "", NULL);
 	do {
 		redisReply *r = redisCommand(rb->redis, "SCAN %s MATCH %s COUNT 10000", cursor,
 					     match);
@@ -96,7 +96,7 @@ void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
 		argv[0] = "UNLINK"; /* one command for the page's keys */
 		for (size_t i = 0; i < r->element[1]->elements; i++) {
 			const char *k = r->element[1]->element[i]->str;
-			if ((!keep || strncmp(k, prefix, strlen(prefix)) != 0) &&
+			if ((!keep || readmodel_key_generation(k) < keep) &&
 			    sweep_key(rb, &verdicts, k))
 				argv[argc++] = k;
 		}
@@ -113,7 +113,8 @@ void rb_redis_cleanup(struct rebuild *rb, long long keep, long long drop)
  * between it and ours (a rebuild that failed, a resync that never went live). The one
  * just before ours is deleted by name; others are looked for by their own pattern, so
  * that SCAN does not hand ours back page by page; past a few, or with no live
- * generation before, one sweep takes every other generation. */
+ * generation before, one sweep takes every older generation (not newer ones: a rebuild
+ * may be filling one). */
 #define UNLINK_BATCH 1000
 #define KEY_LEN (LEDGER_ID_MAX + 48)
 

@@ -3,12 +3,17 @@
 #ifndef DAYBOOK_ADMIN_REBUILD_SCRIPTS_H
 #define DAYBOOK_ADMIN_REBUILD_SCRIPTS_H
 
-/* The live pointer goes to ARGV[1] unless it names a newer generation: one step in
- * Redis, so no projector's resync lands between the look and the change. The reply is
- * {1, the pointer it replaced or false} when switched, {0, the newer pointer} when not. */
+/* The live pointer (KEYS[1]) goes to generation ARGV[1] unless it names a newer
+ * generation, or the generation's identity key (KEYS[2]), written when its number was
+ * taken and never again, no longer holds the store's identity (ARGV[2]): Redis lost the
+ * generation's keys meanwhile (a FLUSHALL, a restart), those written before among them.
+ * One step in Redis, so no projector's resync lands between the look and the change.
+ * The reply is {1, the pointer it replaced or false} when switched, {0, the newer
+ * pointer} or {-1, the pointer or false} (keys lost) when not. */
 #define SWITCH_LIVE_LUA                                                                            \
 	"local cur = redis.call('GET', KEYS[1]) "                                                  \
 	"if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[1]) then return {0, cur} end " \
+	"if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1, cur} end "                      \
 	"redis.call('SET', KEYS[1], ARGV[1]) return {1, cur}"
 
 /* The pointer back to ARGV[2] ("": none), only if it still names our generation

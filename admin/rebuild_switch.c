@@ -149,23 +149,24 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 	const char *cp[3] = { "SET", k, token },
 		   *pub[3] = { "PUBLISH", READMODEL_POSITION_TOPIC, msg };
 	const char *layout[3] = { "SET", lk, READMODEL_REDIS_LAYOUT };
-	const char *identity[3] = { "SET", ik, rb->identity };
-	const char *live[5] = { "EVAL", SWITCH_LIVE_LUA, "1", READMODEL_LIVE_KEY, gen };
+	const char *id = rb->identity; /* the sentinel's value, checked by the script */
+	const char *live[7] = { "EVAL", SWITCH_LIVE_LUA, "2", READMODEL_LIVE_KEY, ik, gen, id };
 	redisReply *r;
-	bool switched;
+	long long switched;
 
 	rb_key(rb, k, sizeof(k), READMODEL_KIND_CHECKPOINT, NULL);
 	rb_key(rb, lk, sizeof(lk), READMODEL_KIND_LAYOUT, NULL);
 	rb_key(rb, ik, sizeof(ik), READMODEL_KIND_IDENTITY, NULL);
 	snprintf(gen, sizeof(gen), "%lld", rb->gen);
 	snprintf(msg, sizeof(msg), "%lld %s", rb->gen, token);
-	/* The identity again: Redis may have lost what was written at the start. */
-	if (!rb_redis_send(rb, 3, identity) || !rb_redis_send(rb, 3, layout) ||
-	    !rb_redis_send(rb, 3, cp) || !rb_redis_drain(rb))
+	/* Not the identity: written when the number was taken (rb_connect_redis), it is
+	 * the generation's sentinel, which the switch's script checks. Written again, it
+	 * would hide a FLUSHALL that took the keys written before it. */
+	if (!rb_redis_send(rb, 3, layout) || !rb_redis_send(rb, 3, cp) || !rb_redis_drain(rb))
 		return false;
 	/* Sent: whatever happens to the reply, a failure from here puts the pointer back. */
 	old->state = LIVE_UNKNOWN;
-	r = redisCommandArgv(rb->redis, 5, live, NULL);
+	r = redisCommandArgv(rb->redis, 7, live, NULL);
 	if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
 	    r->element[0]->type != REDIS_REPLY_INTEGER) {
 		rb_error(rb, "redis: switching " READMODEL_LIVE_KEY " failed: %s\n",
@@ -175,16 +176,26 @@ static bool switch_redis(struct rebuild *rb, struct live_before *old, const char
 		freeReplyObject(r);
 		return false;
 	}
-	switched = r->element[0]->integer == 1;
+	switched = r->element[0]->integer;
 	old->present = r->element[1]->type == REDIS_REPLY_STRING;
 	snprintf(old->gen, sizeof(old->gen), "%s", old->present ? r->element[1]->str : "");
-	old->state = switched ? LIVE_SWITCHED : LIVE_UNTOUCHED;
+	old->state = switched == 1 ? LIVE_SWITCHED : LIVE_UNTOUCHED;
 	freeReplyObject(r);
+	/* Our identity key is gone: Redis lost the generation's keys while we built (the
+	 * connection survived a FLUSHALL; a restart breaks it, and a new one is refused by
+	 * rb_redis_usable), so it has holes that nothing would ever fill. */
+	if (switched == -1) {
+		rb_error(rb,
+			 "redis lost generation %lld's keys during the rebuild (a FLUSHALL or "
+			 "restart?): nothing switched; run the rebuild again\n",
+			 rb->gen);
+		return false;
+	}
 	/* A live generation newer than ours was made while we built: a projector copied
 	 * Redis from SQL (it had lost its data, or failed over), and its sweep takes every
 	 * generation below its own, ours included, keys we had already written among them.
 	 * Ours may have holes: it must not go live (and the newer one is complete). */
-	if (!switched) {
+	if (switched != 1) {
 		rb_error(rb,
 			 "redis generation %s went live while this rebuild built generation %lld "
 			 "(a projector copied redis from SQL): nothing was switched; run the rebuild "

@@ -110,10 +110,13 @@ dbk_ensure_packages() {
     fi
   fi
   dbk_say "installing missing packages: ${missing[*]}"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 ||
+  # A machine that has just booted may be running unattended-upgrades or cloud-init:
+  # wait for the package locks (up to 10 minutes) rather than fail at once, and try
+  # the index update once more (a mirror's hiccup).
+  local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
+  "${apt[@]}" update -q >&2 || { sleep 5 && "${apt[@]}" update -q >&2; } ||
     dbk_die "apt-get update failed"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+  "${apt[@]}" install -y -q --no-install-recommends "${missing[@]}" >&2 ||
     dbk_die "apt-get install failed for: ${missing[*]}"
 }
 

@@ -22,6 +22,7 @@ them). Exit status 0 when every answer matches, 1 otherwise.
 
 import argparse
 import calendar
+import datetime
 import http.client
 import json
 import os
@@ -100,7 +101,7 @@ class Contract:
         say(f"MISMATCH {what}: {msg}")
 
     def validate(self, schema, value):
-        v = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        v = jsonschema.Draft202012Validator(schema, format_checker=FORMATS)
         return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
                 for e in v.iter_errors(value)]
 
@@ -200,6 +201,32 @@ def send(url, method, path, body=None, headers=None, raw=None, timeout=15):
 
 
 # --- the stack ---------------------------------------------------------------------
+
+# The formats the document uses, checked here rather than by whatever validators the
+# installed jsonschema happens to have (Debian's python3-jsonschema checks neither
+# date-time nor uri; a pip one with rfc3339-validator does): the same checks everywhere.
+FORMATS = jsonschema.FormatChecker(())
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+@FORMATS.checks("date-time", raises=ValueError)
+def is_date_time(value):
+    if not isinstance(value, str):
+        return True
+    if not RFC3339.fullmatch(value):
+        return False
+    datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00")
+                                    .replace("t", "T"))
+    return True
+
+
+@FORMATS.checks("uri")
+def is_uri(value):
+    if not isinstance(value, str):
+        return True
+    u = urllib.parse.urlsplit(value)
+    return bool(u.scheme) and (bool(u.netloc) or u.scheme in ("urn", "mailto"))
+
 
 def read_env(path):
     out = {}

@@ -52,22 +52,31 @@ TestSuite(pg_hosts, .init = setup, .fini = teardown, .timeout = 120);
  * the test cluster second, with target_session_attrs as HA deployments have it: as
  * key=value settings without connect_timeout (each host then gets the service's
  * default), or as a URI with connect_timeout=2. */
-static void hung_first(const char *role, bool uri, char *out, size_t len)
+/* The test cluster's host and port (in the returned options: PQconninfoFree them). */
+static PQconninfoOption *cluster(const char *role, const char **host, const char **port)
 {
 	char plain[512];
-	const char *host = NULL, *port = NULL;
 	PQconninfoOption *opts;
 
 	harness_conninfo(db, role, plain, sizeof(plain));
 	opts = PQconninfoParse(plain, NULL);
 	cr_assert_not_null(opts);
+	*host = *port = NULL;
 	for (PQconninfoOption *o = opts; o->keyword; o++) {
 		if (strcmp(o->keyword, "host") == 0)
-			host = o->val;
+			*host = o->val;
 		else if (strcmp(o->keyword, "port") == 0)
-			port = o->val;
+			*port = o->val;
 	}
-	cr_assert(host && port, "%s", plain);
+	cr_assert(*host && *port, "%s", plain);
+	return opts;
+}
+
+static void hung_first(const char *role, bool uri, char *out, size_t len)
+{
+	const char *host, *port;
+	PQconninfoOption *opts = cluster(role, &host, &port);
+
 	if (uri)
 		snprintf(out, len,
 			 "postgresql://%s@127.0.0.1:%d,%s:%s/%s"
@@ -208,20 +217,10 @@ Test(pg_hosts, a_hung_first_host_in_a_uri_leaves_the_projector_and_the_query_ser
  * whole string as the database's name. */
 Test(pg_hosts, a_list_of_hosts_without_a_database_takes_libpqs_default)
 {
-	char plain[512], pg[512], env_db[80];
-	const char *host = NULL, *port = NULL;
-	PQconninfoOption *opts;
+	char pg[512], env_db[80];
+	const char *host, *port;
+	PQconninfoOption *opts = cluster("daybook_command", &host, &port);
 
-	harness_conninfo(db, "daybook_command", plain, sizeof(plain));
-	opts = PQconninfoParse(plain, NULL);
-	cr_assert_not_null(opts);
-	for (PQconninfoOption *o = opts; o->keyword; o++) {
-		if (strcmp(o->keyword, "host") == 0)
-			host = o->val;
-		else if (strcmp(o->keyword, "port") == 0)
-			port = o->val;
-	}
-	cr_assert(host && port, "%s", plain);
 	snprintf(pg, sizeof(pg), "host=%s,%s port=%s,%s user=daybook_command", host, host, port,
 		 port);
 	PQconninfoFree(opts);

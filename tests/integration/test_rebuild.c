@@ -4,7 +4,8 @@
  * with no projector, cleaning up themselves) and one whose switch fails to commit, both
  * leaving the live models as they were; one whose switch's reply is lost, which leaves
  * no live pointer on its own generation; a projector taking the lead sweeps what older
- * generations still hold. */
+ * generations still hold; a rebuild across a FLUSHALL switches nothing; the rebuild's
+ * clean-up spares a newer generation. */
 #include <criterion/criterion.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -60,6 +61,50 @@ static pid_t start_rebuild(const char *target, int *out_fd)
 	close(pipefd[1]);
 	*out_fd = pipefd[0];
 	return pid;
+}
+
+/* A shared hold of the switch lock: a rebuild's switch waits for it (the projector's
+ * batches, which take it shared too, go on). */
+static PGconn *hold_switch_lock(void)
+{
+	char pg[512];
+	PGconn *hold;
+
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
+	hold = PQconnectdb(pg);
+	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
+	return hold;
+}
+
+static void release_switch_lock(PGconn *hold)
+{
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
+	PQfinish(hold);
+}
+
+/* Until some session waits for an advisory lock (a rebuild at its switch). */
+static void wait_for_the_switch(void)
+{
+	static const char waiting[] = "SELECT count(*) FROM pg_locks WHERE locktype = "
+				      "'advisory' AND NOT granted";
+
+	for (double end = harness_now() + 30; sql_int(stack.db, waiting) == 0; usleep(20000))
+		cr_assert(harness_now() < end, "the rebuild never waited for its switch");
+}
+
+/* Read a started rebuild's output to its end and wait for it: its wait status. */
+static int finish_rebuild(pid_t pid, int fd)
+{
+	char line[512];
+	FILE *f = fdopen(fd, "r");
+	int status;
+
+	while (fgets(line, sizeof(line), f))
+		;
+	fclose(f);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	return status;
 }
 
 /* Run `daybook-admin verify`; its exit status. */
@@ -784,6 +829,26 @@ static void rebuild_all(void)
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rebuild failed: %d", status);
 }
 
+/* two_accounts_and_a_transfer(p), then the projector stopped: a connection to Redis,
+ * the live generation in *gen and its identity (IDENTITY_MAX bytes at most). */
+#define IDENTITY_MAX 256
+static redisContext *stopped_after_a_transfer(const char *p, long long *gen, char *identity)
+{
+	redisContext *c;
+	redisReply *r;
+	char cp[64];
+
+	two_accounts_and_a_transfer(p);
+	c = harness_redis(stack.redis_url);
+	cr_assert(harness_redis_live(c, gen, cp, sizeof(cp)));
+	r = redisCommand(c, "GET dbk:g:%lld:identity", *gen);
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	snprintf(identity, IDENTITY_MAX, "%s", r->str);
+	freeReplyObject(r);
+	cr_assert_eq(harness_stop(&stack.projector), 0);
+	return c;
+}
+
 /* A projector that takes the lead sweeps what older generations still hold: the leader
  * the rebuild left the old generation to may have died before its sweep ended (keys of
  * that generation, ours, left behind here), or Redis failed over to a replica that had
@@ -793,16 +858,9 @@ Test(rebuild, a_projector_taking_the_lead_sweeps_older_generations)
 	redisContext *c;
 	redisReply *r;
 	long long old_gen, live_gen;
-	char cp[64], identity[256];
+	char cp[64], identity[IDENTITY_MAX];
 
-	two_accounts_and_a_transfer("s");
-	c = harness_redis(stack.redis_url);
-	cr_assert(harness_redis_live(c, &old_gen, cp, sizeof(cp)));
-	r = redisCommand(c, "GET dbk:g:%lld:identity", old_gen);
-	cr_assert(r && r->type == REDIS_REPLY_STRING);
-	snprintf(identity, sizeof(identity), "%s", r->str);
-	freeReplyObject(r);
-	cr_assert_eq(harness_stop(&stack.projector), 0);
+	c = stopped_after_a_transfer("s", &old_gen, identity);
 
 	/* No projector leads: the rebuild deletes the old generation itself. */
 	rebuild_all();
@@ -891,14 +949,11 @@ Test(rebuild, a_sweep_that_redis_refuses_is_tried_again)
  * models stay the projector's, equal to the log. */
 Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 {
-	const char waiting[] = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-			       "AND NOT granted";
-	char pg[512], line[512], cp[64];
+	char cp[64];
 	long long old_gen, live_gen, gen_before;
 	redisContext *c;
 	PGconn *hold;
 	int fd, status;
-	FILE *f;
 	pid_t pid;
 
 	two_accounts_and_a_transfer("o");
@@ -907,14 +962,9 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 	gen_before = sql_int(stack.db, "SELECT generation FROM projection_checkpoints");
 	/* The switch takes the switch lock exclusively and waits for this; the projector's
 	 * batches take it shared and go on. */
-	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
-	hold = PQconnectdb(pg);
-	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
-	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
-
+	hold = hold_switch_lock();
 	pid = start_rebuild("all", &fd);
-	for (double end = harness_now() + 30; sql_int(stack.db, waiting) == 0; usleep(20000))
-		cr_assert(harness_now() < end, "the rebuild never waited for its switch");
+	wait_for_the_switch();
 	/* Redis loses its live generation: the projector copies SQL into a new one. */
 	freeReplyObject(redisCommand(c, "DEL " READMODEL_LIVE_KEY));
 	for (double end = harness_now() + 30;; usleep(50000)) {
@@ -922,14 +972,8 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 			break;
 		cr_assert(harness_now() < end, "the projector did not copy redis from SQL");
 	}
-	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
-	PQfinish(hold);
-
-	f = fdopen(fd, "r");
-	while (fgets(line, sizeof(line), f))
-		;
-	fclose(f);
-	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	release_switch_lock(hold);
+	status = finish_rebuild(pid, fd);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1,
 		  "the rebuild must refuse to switch (exit status %d)", status);
 	{
@@ -944,6 +988,54 @@ Test(rebuild, a_rebuild_overtaken_by_a_resync_switches_nothing)
 	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_expect_eq(run_verify(), 0, "verify found differences between Redis and the log");
 	redisFree(c);
+}
+
+/* One rebuild of a database at a time: a second one refuses before it touches anything,
+ * and the first goes on to a clean switch. Two shared the shadow tables (each reset and
+ * dropped the other's; one could swap in a mix of both) and deleted each other's Redis
+ * generations. */
+Test(rebuild, a_second_rebuild_refuses_while_one_runs)
+{
+	char said[2048];
+	int fd_a, fd_b, status;
+	PGconn *hold;
+	pid_t a, b;
+
+	two_accounts_and_a_transfer("w");
+	/* The first rebuild waits at its switch. */
+	hold = hold_switch_lock();
+	a = start_rebuild("all", &fd_a);
+	wait_for_the_switch();
+
+	b = start_rebuild("all", &fd_b);
+	for (double end = harness_now() + 20; waitpid(b, &status, WNOHANG) != b; usleep(20000)) {
+		if (harness_now() > end) {
+			kill(b, SIGKILL);
+			waitpid(b, &status, 0);
+			cr_assert_fail(
+				"the second rebuild did not refuse: it ran beside the first");
+		}
+	}
+	/* Exited: its output is all in the pipe. */
+	{
+		FILE *f = fdopen(fd_b, "r");
+		size_t n = fread(said, 1, sizeof(said) - 1, f);
+		said[n] = '\0';
+		fclose(f);
+	}
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit status %d: %s", status,
+		  said);
+	cr_assert(strstr(said, "another daybook-admin rebuild of this database is running"), "%s",
+		  said);
+
+	release_switch_lock(hold);
+	status = finish_rebuild(a, fd_a);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		  "the first rebuild failed (exit status %d)", status);
+	must("/accounts/w-1/deposits", "{\"amount\":3}");
+	harness_wait_caught_up(stack.db, stack.redis_url, 30);
+	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
+	cr_expect_eq(run_verify(), 0, "verify found differences between the models and the log");
 }
 
 /* A generation after `after` is live and has its layout key: the projector's copy. */
@@ -1048,5 +1140,101 @@ Test(rebuild, a_lost_switch_reply_leaves_no_live_pointer_on_the_rebuilds_generat
 	cr_assert_eq(redis_balance(c, "l-1"), 10 - 4 + 3);
 	harness_assert_redis_matches_sql(stack.db, stack.redis_url);
 	cr_assert_eq(run_verify(), 0, "verify found differences after the lost reply");
+	redisFree(c);
+}
+
+/* A FLUSHALL in the middle of the load: the rebuild's connection survives it and goes
+ * on writing its generation, whose keys written before are gone for good. The switch's
+ * script finds the generation's identity key (written when its number was taken, never
+ * again) gone and refuses: nothing is switched, the SQL swap is rolled back, and the
+ * projector copies SQL into a new generation, which verify finds whole. The switch lock
+ * held shared keeps the rebuild from its switch until after the FLUSHALL. */
+Test(rebuild, a_flushall_mid_rebuild_switches_nothing)
+{
+	char before[64], now[64], pg[512], line[1024], cp[64], out[8192] = "";
+	long long gen_before, ours;
+	struct lines progress = { 0 };
+	struct copied copy;
+	redisContext *c;
+	redisReply *r;
+	PGconn *hold;
+	int status;
+	bool loading = false;
+
+	two_accounts_and_a_transfer("x");
+	gen_before = long_log_behind_live(before);
+	c = harness_redis(stack.redis_url);
+	harness_conninfo(stack.db, NULL, pg, sizeof(pg));
+	hold = PQconnectdb(pg);
+	cr_assert_eq(PQstatus(hold), CONNECTION_OK);
+	PQclear(PQexec(hold, "SELECT pg_advisory_lock_shared(" READMODEL_SWITCH_LOCK ")"));
+
+	pid_t pid = start_rebuild("all", &progress.fd);
+	while (!loading && next_line(&progress, line, sizeof(line), 60))
+		loading = strstr(line, "\"phase\":\"load\"") != NULL;
+	cr_assert(loading, "the rebuild reported no load phase (%s)", line);
+	r = redisCommand(c, "GET " READMODEL_GENERATION_KEY);
+	cr_assert(r && r->type == REDIS_REPLY_STRING);
+	ours = atoll(r->str);
+	freeReplyObject(r);
+	freeReplyObject(redisCommand(c, "FLUSHALL"));
+	PQclear(PQexec(hold, "SELECT pg_advisory_unlock_shared(" READMODEL_SWITCH_LOCK ")"));
+	PQfinish(hold);
+
+	while (next_line(&progress, line, sizeof(line), 120))
+		snprintf(out + strlen(out), sizeof(out) - strlen(out), "%s\n", line);
+	close(progress.fd);
+	cr_assert_eq(waitpid(pid, &status, 0), pid);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1,
+		  "the rebuild must fail (exit status %d):\n%s", status, out);
+	cr_assert(strstr(out, "lost generation"), "%s", out);
+	live_fingerprint(now);
+	cr_assert_str_eq(now, before, "the live SQL models changed");
+	assert_not_switched(gen_before);
+	r = redisCommand(c, "GET " READMODEL_LIVE_KEY);
+	cr_assert(r && (r->type == REDIS_REPLY_NIL ||
+			(r->type == REDIS_REPLY_STRING && atoll(r->str) != ours)),
+		  "the live pointer names the rebuild's generation %lld", ours);
+	freeReplyObject(r);
+	cr_assert_eq(gen_keys(c, ours), 0, "the failed rebuild left its generation's keys");
+
+	/* The projector copies SQL into a new generation and folds the log on. */
+	harness_start_projector(&stack.projector, stack.db, stack.redis_url);
+	copy = (struct copied){ .c = c, .after = 0 };
+	cr_assert(harness_wait_until(copied_live, &copy, harness_now() + 30),
+		  "no whole generation went live (live: %lld)", copy.live);
+	harness_wait_caught_up(stack.db, stack.redis_url, 180);
+	cr_assert(harness_redis_live(c, &copy.live, cp, sizeof(cp)));
+	cr_assert_neq(copy.live, ours);
+	cr_assert_eq(redis_balance(c, "x-1"), 10 - 4);
+	cr_assert_eq(run_verify(), 0, "verify found differences after the FLUSHALL");
+	redisFree(c);
+}
+
+/* The rebuild's clean-up of every other generation (here: more than 8 between the one
+ * it replaced and its own) takes only those below its own: a newer one (standing in
+ * for another rebuild filling it) is left alone, as the projector's sweep leaves it. */
+Test(rebuild, the_rebuilds_cleanup_spares_a_newer_generation)
+{
+	redisContext *c;
+	redisReply *r;
+	long long old_gen, live_gen, newer;
+	char cp[64], identity[IDENTITY_MAX];
+
+	c = stopped_after_a_transfer("g", &old_gen, identity);
+	/* Numbers taken by failed attempts: the rebuild's is more than 8 past the live one. */
+	r = redisCommand(c, "INCRBY " READMODEL_GENERATION_KEY " 10");
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER);
+	newer = r->integer + 1000;
+	freeReplyObject(r);
+	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:identity %s", newer, identity));
+	freeReplyObject(redisCommand(c, "SET dbk:g:%lld:xfer:gt-1 {}", newer));
+
+	rebuild_all();
+	cr_assert_str_eq(cleanup_by, "rebuild");
+	cr_assert(harness_redis_live(c, &live_gen, cp, sizeof(cp)));
+	cr_assert(live_gen > old_gen && live_gen < newer, "live %lld", live_gen);
+	cr_assert_eq(gen_keys(c, old_gen), 0, "the old generation was not deleted");
+	cr_assert_eq(gen_keys(c, newer), 2, "the rebuild deleted a newer generation's keys");
 	redisFree(c);
 }
