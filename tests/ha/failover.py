@@ -625,8 +625,10 @@ def postgres_freeze(stack, load):
     node blocks on its own query of PostgreSQL, so it stops renewing the leader key;
     the key expires after ttl (10 s) and the other node's Patroni promotes its standby.
     The services pass the hung host over after connect_timeout (3 s) and reach the new
-    primary. Then SIGCONT: the old primary's Patroni finds it lost the key and makes
-    it a replica of the new primary (pg_rewind if its timeline diverged)."""
+    primary. Then SIGCONT: the old primary's Patroni must find it lost the key and make
+    its node a replica of the new primary, with no acknowledged write lost. Patroni
+    3.0.2 instead takes the leader key back (see the comment below): the promoted
+    standby is rebuilt from the old primary and its writes are lost, and this fails."""
     primary = stack.one("postgres", "primary")
     old = primary["instance"]              # postgres-1 / postgres-2
     member = "pg" + old.rsplit("-", 1)[1]  # Patroni's name of that node
