@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Failover tests of the HA stack (scripts/dev up --ha), one scenario per run.
 
-    failover.py command-kill | command-freeze | query-kill | postgres-kill | redis-kill |
-                standby-stall
+    failover.py command-kill | command-freeze | query-kill | postgres-kill |
+                postgres-freeze | redis-kill | standby-stall
 
 Run by `scripts/dev test --ha` (meson suite `ha`), which brings up a private HA stack
 and sets DAYBOOK_HA_DEV_DIR and DAYBOOK_HA_PORT_BASE; without them every scenario
@@ -100,18 +100,24 @@ class Stack:
         return subprocess.run([admin, *args], env=env, capture_output=True, text=True,
                               timeout=timeout, cwd=REPO)
 
+    def patroni_get(self, n, path, timeout):
+        """GET `path` of Patroni node n's REST API (1 or 2): its JSON, or None."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port_base + 15 + n,
+                                              timeout=timeout)
+            conn.request("GET", path)
+            doc = json.loads(conn.getresponse().read())
+            conn.close()
+            return doc
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+
     def patroni_primary(self):
         """The Patroni member that is primary now, asked directly (fast), or None."""
-        for i, port in enumerate((self.port_base + 16, self.port_base + 17)):
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
-                conn.request("GET", "/patroni")
-                doc = json.loads(conn.getresponse().read())
-                conn.close()
-            except (OSError, ValueError, http.client.HTTPException):
-                continue
-            if doc.get("role") in ("master", "primary") and doc.get("state") == "running":
-                return f"postgres-{i + 1}"
+        for n in (1, 2):
+            doc = self.patroni_get(n, "/patroni", 0.5)
+            if doc and doc.get("role") in ("master", "primary") and doc.get("state") == "running":
+                return f"postgres-{n}"
         return None
 
     def sentinel_primary_port(self):
@@ -356,6 +362,8 @@ class Load:
         say(f"{len(self.acked)} transfers acknowledged, {len(self.unknown)} unresolved, "
             f"{len(self.refused)} refused; {len(sent)} in the log; {self.reads_ok} reads "
             f"answered 200, {len(self.read_failures)} not {self.failure_kinds()}")
+        if lost or twice:
+            say(f"{len(lost)} acknowledged transfers not in the log once, {len(twice)} twice")
         if problems:
             raise Failed("; ".join(problems))
 
@@ -541,6 +549,173 @@ def postgres_kill(stack, load):
                      f"than the {load.readers} in flight")
 
 
+def children(pid):
+    """The pids of the processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+def freeze_instance(postmaster):
+    """SIGSTOP a PostgreSQL instance: its postmaster first (it forks no more), then
+    every child (backends, walsender, checkpointer, ...), twice over to catch one
+    forked just before the postmaster stopped. Not Patroni, the postmaster's parent."""
+    os.kill(postmaster, signal.SIGSTOP)
+    stopped = [postmaster]
+    for _ in range(2):
+        for pid in children(postmaster):
+            if pid not in stopped:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+                except ProcessLookupError:
+                    pass
+    return stopped
+
+
+def thaw(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def patroni_member(stack, name):
+    """The member `name` (pg1, pg2) of Patroni's /cluster, asked of either node."""
+    for n in (1, 2):
+        doc = stack.patroni_get(n, "/cluster", 1)
+        for m in (doc or {}).get("members", []):
+            if m.get("name") == name:
+                return m
+    return None
+
+
+def log_tail(stack, name, lines=12):
+    path = os.path.join(stack.dev_dir, "logs", f"{name}.log")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rows = f.read().splitlines()
+    except OSError as e:
+        return [f"({path}: {e})"]
+    return rows[-lines:]
+
+
+def patroni_version(stack):
+    for n in (1, 2):
+        doc = stack.patroni_get(n, "/patroni", 1)
+        if doc:
+            return doc.get("patroni", {}).get("version", "?")
+    return "?"
+
+
+def postgres_freeze(stack, load):
+    """The primary's whole PostgreSQL instance hangs (SIGSTOP of the postmaster and of
+    all its children; Patroni itself runs on): connections to it are accepted by the
+    kernel and never answered, statements in flight never end. Patroni's loop on that
+    node blocks on its own query of PostgreSQL, so it stops renewing the leader key;
+    the key expires after ttl (10 s) and the other node's Patroni promotes its standby.
+    The services pass the hung host over after connect_timeout (3 s) and reach the new
+    primary. Then SIGCONT: the old primary's Patroni must find it lost the key and make
+    its node a replica of the new primary, with no acknowledged write lost. Patroni
+    3.0.2 instead takes the leader key back (see the comment below): the promoted
+    standby is rebuilt from the old primary and its writes are lost, and this fails."""
+    primary = stack.one("postgres", "primary")
+    old = primary["instance"]              # postgres-1 / postgres-2
+    member = "pg" + old.rsplit("-", 1)[1]  # Patroni's name of that node
+    with load.lock:
+        failures_before = len(load.read_failures)
+    t0 = time.monotonic()
+    stopped = freeze_instance(primary["pid"])
+    say(f"SIGSTOP PostgreSQL primary {old}: postmaster {primary['pid']} and "
+        f"{len(stopped) - 1} children")
+    try:
+        wait_for("a new PostgreSQL primary", 90,
+                 lambda: stack.patroni_primary() not in (None, old), 0.1)
+        promoted = time.monotonic() - t0
+        say(f"Patroni promoted the standby {promoted:.2f} s into the freeze")
+        wait_for("writes after the promotion", 90,
+                 lambda: load.acks_after(time.monotonic() - 0.5) > 0)
+        resumed = time.monotonic() - t0
+        # Writes and reads at min_position (command, projector, query) go on through
+        # the new primary, the old one still frozen.
+        more_acks(load, "writes to go on with the old primary frozen", 40)
+        more_reads(load, "reads at min_position with the old primary frozen", 40)
+        frozen_for = time.monotonic() - t0
+    finally:
+        thaw(stopped)
+    pause = load.longest_write_pause(t0)
+    say(f"takeover: new primary after {promoted:.2f} s; writes resumed within "
+        f"{resumed:.2f} s (longest pause without an acknowledged write: {pause:.2f} s)")
+    say(f"SIGCONT {old} after {frozen_for:.2f} s frozen")
+    t1 = time.monotonic()
+
+    def settled():
+        """Both members running, one the leader, the other its synchronous standby."""
+        members = [patroni_member(stack, n) for n in ("pg1", "pg2")]
+        settled.last = members
+        roles = sorted(m.get("role", "") for m in members if m)
+        return (len(roles) == 2 and roles == ["leader", "sync_standby"]
+                and all(m.get("state") in ("running", "streaming") for m in members))
+    settled.last = None
+    node = old.rsplit("-", 1)[1]
+    unsettled = None
+    try:
+        wait_for("Patroni to settle on a leader and a synchronous standby", 90, settled, 0.5)
+    except Failed as e:
+        unsettled = e
+    finally:
+        for line in log_tail(stack, f"patroni-{node}", lines=60):
+            if "WARNING" in line or "ERROR" in line or "promot" in line or "timeline" in line:
+                say(f"  patroni-{node} log: {line[:200]}")
+        peer = "2" if node == "1" else "1"
+        for line in log_tail(stack, f"patroni-{peer}", lines=80):
+            if ("promot" in line or "timeline" in line or "shutdown" in line
+                    or "Request failed" in line):
+                say(f"  patroni-{peer} log: {line[:200]}")
+    leader = next((m for m in settled.last or [] if m and m.get("role") == "leader"), {})
+    say(f"{'not settled' if unsettled else 'settled'} {time.monotonic() - t1:.2f} s after "
+        f"SIGCONT: leader {leader.get('name')} (timeline {leader.get('timeline')}), "
+        f"members {settled.last}")
+    if leader.get("name") == member:
+        # The woken node's Patroni finished the HA cycle the freeze had interrupted, with
+        # its view of the cluster from before: it renewed "its" leader key, which etcd3
+        # had expired and the promoted standby had taken, by an unconditional put
+        # (Patroni 3.0.2's Etcd3._update_leader; fixed in 3.0.3, patroni PR #2689). The
+        # promoted standby lost the key, demoted itself, and was rebuilt from the old
+        # primary: whatever it committed on its new timeline is gone.
+        load.finish()
+        try:
+            load.check_log()
+        except Failed as e:
+            raise Failed(f"the woken {old} took the leader key back from the promoted "
+                         f"standby (Patroni {patroni_version(stack)}): writes acknowledged "
+                         f"by the promoted standby were lost: {e}")
+        raise Failed(f"the woken {old} took the leader key back from the promoted standby "
+                     f"(Patroni {patroni_version(stack)}); the log check found no loss")
+    if unsettled:
+        raise unsettled
+    say(f"{old} rejoined as a replica of {leader['name']}")
+    # Writes go on once the old primary is back (the services left it for good).
+    more_acks(load, "writes after the old primary rejoined", 20)
+    with load.lock:
+        failed = load.read_failures[failures_before:]
+    other = [what for _, what in failed if what != "503 projection_behind"]
+    say(f"reads that failed since the freeze: {len(failed)}, {len(other)} of them not "
+        f"projection_behind {other[:5]} {load.failure_kinds()}")
+    if pause > 45:
+        raise Failed(f"writes paused {pause:.2f} s, more than 45 s")
+
+
 def redis_kill(stack, load):
     primary = stack.one("redis", "primary")
     with load.lock:
@@ -579,18 +754,13 @@ def redis_kill(stack, load):
 
 def walreceiver(postmaster):
     """The pid of the walreceiver among a PostgreSQL postmaster's children, or None."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in children(postmaster):
         try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"walreceiver" in f.read():
+                    return pid
+        except OSError:
             continue
-        if ppid == postmaster and b"walreceiver" in cmdline:
-            return int(entry)
     return None
 
 
@@ -698,6 +868,7 @@ SCENARIOS = {
     "command-freeze": command_freeze,
     "query-kill": query_kill,
     "postgres-kill": postgres_kill,
+    "postgres-freeze": postgres_freeze,
     "redis-kill": redis_kill,
     "standby-stall": standby_stall,
 }
