@@ -863,6 +863,14 @@ def stall_and_retry(stack, load):
         load.acked[tid] = (body["from"], body["to"], body["amount"])
 
 
+# Scenarios that fail for a reason outside Daybook, run only on request: they stay in
+# the suite as the reproduction of a known defect (docs/deployment.md).
+KNOWN_BROKEN = {
+    "postgres-freeze": "Debian's Patroni 3.0.2 takes the leader key back when the frozen "
+                       "primary wakes and the promoted standby's acknowledged writes are lost "
+                       "(patroni/patroni#2689, fixed in 3.0.3)",
+}
+
 SCENARIOS = {
     "command-kill": command_kill,
     "command-freeze": command_freeze,
@@ -884,6 +892,9 @@ def main():
         say("SKIP: no HA stack (run: scripts/dev test --ha)")
         return SKIP
     name = sys.argv[1]
+    if name in KNOWN_BROKEN and os.environ.get("DAYBOOK_HA_KNOWN_BROKEN") != "1":
+        say(f"SKIP: {name}: {KNOWN_BROKEN[name]} (DAYBOOK_HA_KNOWN_BROKEN=1 runs it)")
+        return SKIP
     stack = Stack(dev_dir, int(base))
     say(f"{name}: healing the stack")
     stack.heal()
