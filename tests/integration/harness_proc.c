@@ -69,47 +69,18 @@ const char *harness_tmpdir(void)
 	return t && *t ? t : "/tmp";
 }
 
-/* The lowest port the kernel hands out for port 0 and outgoing connections. */
-static int ephemeral_low(void)
-{
-	FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
-	int low = 32768;
-
-	if (f) {
-		if (fscanf(f, "%d", &low) != 1)
-			low = 32768;
-		fclose(f);
-	}
-	return low > 20100 && low < 32768 ? low : 32768;
-}
-
-/* A free loopback port below the kernel's ephemeral range (as scripts/lib.sh's
- * dbk_pick_free_port and scripts/devports.py pick theirs): a service restarted on its
- * port after a kill finds it free, where a port the kernel handed out for port 0 could
- * meanwhile go to another test's outgoing connection. */
 int harness_free_port(void)
 {
-	static unsigned seed;
-	int low = ephemeral_low();
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t alen = sizeof(a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
 
-	if (!seed)
-		seed = (unsigned)getpid() ^ (unsigned)time(NULL);
-	for (int tries = 0; tries < 500; tries++) {
-		struct sockaddr_in a = { .sin_family = AF_INET,
-					 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-		int port = 20000 + (int)(rand_r(&seed) % (unsigned)(low - 20000));
-		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		bool free;
-
-		cr_assert(fd >= 0);
-		a.sin_port = htons((uint16_t)port);
-		free = bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
-		close(fd);
-		if (free)
-			return port;
-	}
-	cr_assert_fail("no free loopback port below %d", low);
-	return -1;
+	cr_assert(fd >= 0);
+	cr_assert(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	cr_assert(getsockname(fd, (struct sockaddr *)&a, &alen) == 0);
+	port = ntohs(a.sin_port);
+	close(fd);
+	return port;
 }
 
 void harness_print_log(const struct service *svc)
