@@ -319,7 +319,8 @@ bool redis_sync_check_ahead(struct projector_ctx *ctx, long long gen, const char
 	ctx->ahead_gen = gen;
 	ctx->ahead_adopt = adopt;
 	ctx->ahead_session = ctx->redis_sessions;
-	snprintf(ctx->ahead_token, sizeof(ctx->ahead_token), "%s", token);
+	if (token != ctx->ahead_token) /* the batch path passes the one it noted */
+		snprintf(ctx->ahead_token, sizeof(ctx->ahead_token), "%s", token);
 	snprintf(txid, sizeof(txid), "%llu", (unsigned long long)at.txid);
 	snprintf(pos, sizeof(pos), "%llu", (unsigned long long)at.position);
 	ctx->ahead_checking = true;
